@@ -1,0 +1,1 @@
+"""The ``pacsvault`` command line: one sub-module per command group."""

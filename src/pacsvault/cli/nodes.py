@@ -1,0 +1,108 @@
+"""``pacsvault node add|list|remove|cert``: the allow-list of DICOM peers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.crypto.tls import issue_client
+from pacsvault.index.nodes import DEFAULT_ROLES, ROLES, check_ae_title, parse_roles
+
+
+def register(sub: Any) -> None:
+    node = sub.add_parser("node", help="register the modalities and workstations allowed in")
+    nsub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+
+    p = nsub.add_parser("add", help="allow a DICOM node (AE title + host)")
+    add_data_args(p)
+    p.add_argument("ae_title")
+    p.add_argument("--host", required=True, help="the node's IP address or host name")
+    p.add_argument("--port", type=int, help="the node's own DICOM port (for retrieval)")
+    p.add_argument("--tls", action="store_true", help="node must use the DICOM TLS port")
+    p.add_argument("--client-cert", action="store_true",
+                   help="node must present a client certificate from this vault's CA")
+    p.add_argument("--roles", default=",".join(DEFAULT_ROLES),
+                   help=f"comma-separated among {', '.join(ROLES)} (default: store)")
+    p.set_defaults(func=cmd_add)
+
+    p = nsub.add_parser("list", help="list registered nodes")
+    add_data_args(p)
+    p.set_defaults(func=cmd_list)
+
+    p = nsub.add_parser("remove", help="remove a node")
+    add_data_args(p)
+    p.add_argument("ae_title")
+    p.set_defaults(func=cmd_remove)
+
+    p = nsub.add_parser("cert", help="issue a TLS client certificate for a node")
+    add_data_args(p)
+    p.add_argument("ae_title")
+    p.add_argument("--out", type=Path, required=True, help="directory to write key and certs")
+    p.set_defaults(func=cmd_cert)
+
+
+def _changed(action: str, ae_title: str, **detail: str | bool) -> AuditEvent:
+    return AuditEvent(action=action, outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
+                      actor_user="local-admin", detail={"node": ae_title, **detail})
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        info = vault.nodes.add(
+            args.ae_title, args.host, args.port, tls=args.tls or args.client_cert,
+            client_cert=args.client_cert, roles=parse_roles(args.roles),
+        )
+        vault.recorder.emit(_changed("node.add", info.ae_title, roles=",".join(info.roles)))
+    finally:
+        vault.close()
+    say(f"Node {info.ae_title} at {info.host} registered with roles {','.join(info.roles)}"
+        + (" (TLS only)" if info.tls else "") + ".")
+    if info.client_cert:
+        say(f"Issue its certificate with 'pacsvault node cert {info.ae_title} --out DIR'.")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        nodes = vault.nodes.all()
+    finally:
+        vault.close()
+    if not nodes:
+        say("No node registered: every DICOM association is refused.")
+        return 0
+    print(f"{'AE title':<16}  {'host':<24} {'port':>5}  {'tls':<3}  {'cert':<4}  roles")
+    for n in nodes:
+        print(f"{n.ae_title:<16}  {n.host:<24} {n.port or '':>5}  {'yes' if n.tls else 'no':<3}"
+              f"  {'yes' if n.client_cert else 'no':<4}  {','.join(n.roles)}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        vault.nodes.remove(args.ae_title)
+        vault.recorder.emit(_changed("node.remove", args.ae_title.strip()))
+    finally:
+        vault.close()
+    say(f"Node {args.ae_title.strip()} removed.")
+    return 0
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    ae_title = check_ae_title(args.ae_title)
+    vault = open_vault(args)
+    try:
+        if vault.nodes.get(ae_title) is None:
+            raise CommandError(f"no node named {ae_title}; add it first")
+        paths = issue_client(vault.layout.tls, vault.tls_password(), ae_title, args.out)
+        vault.recorder.emit(_changed("node.cert", ae_title))
+    finally:
+        vault.close()
+    say("Wrote " + ", ".join(str(p) for p in paths)
+        + ". Install them on the node; the .key file is secret.")
+    return 0

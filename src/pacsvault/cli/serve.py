@@ -1,0 +1,89 @@
+"""``pacsvault serve``: run the listeners until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
+from pacsvault.cli.setup import init_vault
+from pacsvault.dicom.server import DicomService
+from pacsvault.vault import Layout
+
+log = logging.getLogger("pacsvault.serve")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the archive (creates a vault on first run)")
+    add_data_args(p)
+    p.add_argument("--bind", help="address to listen on (overrides pacsvault.toml)")
+    p.add_argument("--dicom-port", type=int, help="plain DICOM port (0 = any free port)")
+    p.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (0 = any free port)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_serve)
+
+
+def _write_state(layout: Layout, state: dict[str, Any]) -> None:
+    tmp = layout.state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state), "utf-8")
+    os.replace(tmp, layout.state)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    root = data_dir(args)
+    if Layout(root).is_empty():
+        say(f"First run: no vault in {root}, creating one.")
+        init_vault(root, args.key_file, "PACSVAULT")
+    vault = open_vault(args)
+    settings = vault.settings
+    leftovers = vault.objects.clean_temporary()
+    if leftovers:
+        log.info("removed %d partial object(s) left by an interrupted run", leftovers)
+    bind = args.bind or settings.server.bind
+    plain = args.dicom_port if args.dicom_port is not None else (
+        settings.dicom.port if settings.dicom.plain_enabled else None
+    )
+    tls_port = args.dicom_tls_port if args.dicom_tls_port is not None else (
+        settings.dicom.tls_port
+    )
+    service = DicomService(vault)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    bound = service.start(bind, plain, tls_port)
+    vault.recorder.emit(
+        AuditEvent(action="application.start", outcome=Outcome.SUCCESS,
+                   code=EventCode.APPLICATION_ACTIVITY, detail=dict(bound))
+    )
+    log.info("AE title %s; DICOM TLS on %s:%s", settings.server.ae_title, bind,
+             bound.get("dicom_tls_port"))
+    if "dicom_port" in bound:
+        log.warning("plain DICOM on %s:%s is not encrypted: use it only for legacy "
+                    "modalities on the practice network", bind, bound["dicom_port"])
+    if not vault.nodes.all():
+        log.warning("no node is registered yet, so every association will be refused; "
+                    "register your modality with 'pacsvault node add'")
+    _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
+    try:
+        stop.wait()
+    finally:
+        vault.layout.state.unlink(missing_ok=True)
+        service.stop()
+        vault.recorder.emit(
+            AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
+                       code=EventCode.APPLICATION_ACTIVITY)
+        )
+        vault.close()
+    return 0

@@ -1,0 +1,149 @@
+"""Vault settings: ``DATA/pacsvault.toml`` read into a validated model.
+
+The toml is written once by ``init`` with every setting present and commented, so the
+practice's IT provider can read what the server does without reading code. It never holds
+a secret: keys live in the key file, whose *path* may be recorded here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+CONFIG_NAME = "pacsvault.toml"
+DEFAULT_TRUSTED = [
+    "127.0.0.0/8", "::1/128",                              # loopback
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",       # RFC 1918
+    "fc00::/7",                                            # RFC 4193 unique local
+    "169.254.0.0/16", "fe80::/10",                         # link-local
+]
+
+
+class ConfigError(Exception):
+    """The settings file is missing or invalid (message is user-facing)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    ae_title: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+    bind: str = "0.0.0.0"
+    key_file: str | None = None
+
+
+class DicomSettings(_Strict):
+    port: int = Field(11112, ge=0, le=65535)
+    tls_port: int = Field(2762, ge=0, le=65535)
+    plain_enabled: bool = True
+    trusted_networks: list[IPNetwork] = Field(
+        default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_TRUSTED]
+    )
+    tls_from_anywhere: bool = False
+    maximum_pdu_size: int = Field(0, ge=0)
+    network_timeout: float = Field(60.0, gt=0)
+
+
+class StorageSettings(_Strict):
+    min_free_mb: int = Field(512, ge=0)
+    duplicate_policy: str = Field("keep-first", pattern="^keep-first$")
+
+
+class Settings(_Strict):
+    server: ServerSettings
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+
+    def is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.dicom.trusted_networks)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PACSVAULT_DATA") or "./pacsvault-data")
+
+
+def load(data_dir: Path) -> Settings:
+    path = data_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no vault at {data_dir} ({CONFIG_NAME} missing); run 'pacsvault init'")\
+            from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(ae_title: str, key_file: Path | None) -> str:
+    """The commented settings file that ``init`` writes."""
+    key_line = (
+        f"key_file = {_toml_str(str(key_file))}"
+        if key_file
+        else "# key_file = \"/media/usb/pacsvault.key\""
+    )
+    trusted = ",\n    ".join(_toml_str(n) for n in DEFAULT_TRUSTED)
+    return f"""\
+# pacsvault settings. Secrets are never stored here.
+# Edit, then restart 'pacsvault serve'. Command-line flags override these values.
+
+[server]
+# DICOM Application Entity title of this archive (what modalities call "called AE").
+ae_title = {_toml_str(ae_title)}
+# Address to listen on. 0.0.0.0 = every interface of this machine; the trusted-network
+# rule below still refuses sources outside the practice network.
+bind = "0.0.0.0"
+# Master key file. Default: under the user's config directory, outside this data dir,
+# so a copy of the data dir alone opens nothing. Keep it on a USB key if you prefer.
+{key_line}
+
+[dicom]
+# Plain (unencrypted) DICOM, for legacy modalities that cannot do TLS.
+port = 11112
+plain_enabled = true
+# DICOM over TLS (TLS 1.2/1.3, forward-secret AEAD suites only).
+tls_port = 2762
+# Source addresses allowed to connect at all. Anything else is refused before any DICOM
+# exchange and raises an "exposure" security event: it means the server is reachable
+# from outside the practice network (port forwarding or DMZ on the internet box).
+trusted_networks = [
+    {trusted},
+]
+# Allow DICOM TLS from outside the trusted networks (e.g. a teleradiology partner).
+# Registered nodes and TLS still apply. Leave false unless you need it.
+tls_from_anywhere = false
+# Largest PDU we accept (bytes); 0 = no limit (fastest with modern modalities).
+maximum_pdu_size = 0
+# Seconds of silence before an association is dropped.
+network_timeout = 60.0
+
+[storage]
+# Refuse new images (status A700 "out of resources") when free disk falls below this.
+min_free_mb = 512
+# A different object received under an existing SOP Instance UID: keep the first one,
+# answer with warning status B006 (elements discarded) and record a security event.
+duplicate_policy = "keep-first"
+"""

@@ -1,0 +1,47 @@
+"""Per-patient data keys, created on first sight of a patient and cached unwrapped in memory."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+from sqlalchemy.orm import Session
+
+from pacsvault.crypto import datakeys
+from pacsvault.index.models import DataKey
+
+
+class KeyDestroyed(Exception):
+    """The data key was crypto-shredded: the objects under it are gone for good."""
+
+
+class Keyring:
+    def __init__(self, kek: bytes) -> None:
+        self._kek = kek
+        self._cache: dict[uuid.UUID, bytes] = {}
+        self._lock = threading.Lock()
+
+    def create(self, session: Session) -> uuid.UUID:
+        """Add a new wrapped data key to the session's transaction."""
+        key_id, key = datakeys.new_data_key()
+        session.add(DataKey(key_id=str(key_id), wrapped=datakeys.wrap(self._kek, key_id, key)))
+        with self._lock:
+            self._cache[key_id] = key
+        return key_id
+
+    def get(self, session: Session, key_id: uuid.UUID) -> bytes:
+        with self._lock:
+            cached = self._cache.get(key_id)
+        if cached is not None:
+            return cached
+        row = session.get(DataKey, str(key_id))
+        if row is None or row.wrapped is None:
+            raise KeyDestroyed(f"data key {key_id} was destroyed")
+        key = datakeys.unwrap(self._kek, key_id, row.wrapped)
+        with self._lock:
+            self._cache[key_id] = key
+        return key
+
+    def forget(self, key_id: uuid.UUID) -> None:
+        with self._lock:
+            self._cache.pop(key_id, None)

@@ -1,0 +1,163 @@
+"""The master key, the keys derived from it, and the recovery code.
+
+The master key is 32 random bytes kept in a key file *outside* the data directory, so that
+a copy of the data directory alone (a stolen disk, a backup) opens nothing. Every other key
+is either derived from it with HKDF under a fixed purpose label, or wrapped by such a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+KEY_FILE_HEADER = "pacsvault-master-key/v1"
+MASTER_KEY_BYTES = 32
+
+# Purposes of derived keys. Changing a label changes the key: never edit, only add.
+PURPOSE_INDEX = "pacsvault/v1/index-db"
+PURPOSE_KEK = "pacsvault/v1/data-key-wrapping"
+PURPOSE_CHECK = "pacsvault/v1/key-check"
+PURPOSE_TLS = "pacsvault/v1/tls-private-keys"
+PURPOSE_EVENTS = "pacsvault/v1/events"
+
+_CHECK_PLAINTEXT = b"pacsvault key check v1"
+_SCRYPT_N = 2**15
+_RECOVERY_GROUPS = 8
+
+
+class VaultKeyError(Exception):
+    """A key is missing, unreadable or does not open this vault (message is user-facing)."""
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """The root secret. Only ``derive`` should ever touch ``raw``."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != MASTER_KEY_BYTES:
+            raise VaultKeyError("the master key must be 32 bytes")
+
+    @classmethod
+    def generate(cls) -> MasterKey:
+        return cls(secrets.token_bytes(MASTER_KEY_BYTES))
+
+    def derive(self, purpose: str, vault_id: str, length: int = 32) -> bytes:
+        """Derive an independent key for one purpose, bound to this vault."""
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=length,
+            salt=vault_id.encode("ascii"),
+            info=purpose.encode("ascii"),
+        ).derive(self.raw)
+
+    def __repr__(self) -> str:  # never print key material by accident
+        return "MasterKey(<redacted>)"
+
+
+def write_key_file(path: Path, key: MasterKey, vault_id: str) -> None:
+    """Create the key file with mode 0600 from the start (never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    body = f"{KEY_FILE_HEADER}\nvault={vault_id}\nkey={base64.b64encode(key.raw).decode()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, body.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_key_file(path: Path) -> tuple[MasterKey, str]:
+    """Read a key file, refusing one that others can read: a leaked key is a leaked vault."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VaultKeyError(
+            f"key file not found: {path}. Insert the key medium, pass --key-file, "
+            "or restore it with 'pacsvault key recover'."
+        ) from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise VaultKeyError(f"key file {path} is readable by other users; run: chmod 600 {path}")
+    fields: dict[str, str] = {}
+    lines = path.read_text("ascii", errors="replace").splitlines()
+    if not lines or lines[0].strip() != KEY_FILE_HEADER:
+        raise VaultKeyError(f"{path} is not a pacsvault key file")
+    for line in lines[1:]:
+        name, _, value = line.partition("=")
+        fields[name.strip()] = value.strip()
+    try:
+        raw = base64.b64decode(fields["key"], validate=True)
+        return MasterKey(raw), fields["vault"]
+    except (KeyError, ValueError, VaultKeyError):
+        raise VaultKeyError(f"{path} is damaged: it holds no valid master key") from None
+
+
+def make_key_check(key: MasterKey, vault_id: str) -> str:
+    """A value stored in the vault to recognise the right master key without storing it."""
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(key.derive(PURPOSE_CHECK, vault_id)).encrypt(
+        nonce, _CHECK_PLAINTEXT, vault_id.encode()
+    )
+    return base64.b64encode(nonce + sealed).decode()
+
+
+def verify_key_check(key: MasterKey, vault_id: str, check: str) -> bool:
+    blob = base64.b64decode(check)
+    try:
+        plain = AESGCM(key.derive(PURPOSE_CHECK, vault_id)).decrypt(
+            blob[:12], blob[12:], vault_id.encode()
+        )
+    except InvalidTag:
+        return False
+    return secrets.compare_digest(plain, _CHECK_PLAINTEXT)
+
+
+# --- recovery code -----------------------------------------------------------------------
+
+
+def new_recovery_code() -> str:
+    """160 random bits as 8 groups of 4 base32 characters: easy to copy by hand onto paper."""
+    text = base64.b32encode(secrets.token_bytes(20)).decode().rstrip("=")
+    return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
+
+
+def _normalise_code(code: str) -> bytes:
+    return "".join(ch for ch in code.upper() if ch.isalnum()).encode("ascii")
+
+
+def _recovery_kek(code: str, salt: bytes) -> bytes:
+    # scrypt although the code has 160 bits: it costs nothing at recovery time and
+    # protects a code that was mistyped into a shorter one on paper.
+    return Scrypt(salt=salt, length=32, n=_SCRYPT_N, r=8, p=1).derive(_normalise_code(code))
+
+
+def wrap_for_recovery(key: MasterKey, code: str, vault_id: str) -> dict[str, str]:
+    salt = secrets.token_bytes(16)
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(_recovery_kek(code, salt)).encrypt(nonce, key.raw, vault_id.encode())
+    return {
+        "kdf": "scrypt-n32768-r8-p1",
+        "salt": base64.b64encode(salt).decode(),
+        "sealed": base64.b64encode(nonce + sealed).decode(),
+    }
+
+
+def unwrap_with_recovery(blob: dict[str, str], code: str, vault_id: str) -> MasterKey:
+    salt = base64.b64decode(blob["salt"])
+    sealed = base64.b64decode(blob["sealed"])
+    try:
+        raw = AESGCM(_recovery_kek(code, salt)).decrypt(sealed[:12], sealed[12:], vault_id.encode())
+    except InvalidTag:
+        raise VaultKeyError("this recovery code does not open this vault") from None
+    return MasterKey(raw)

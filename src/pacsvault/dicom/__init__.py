@@ -1,0 +1,1 @@
+"""The DICOM side: parsing received objects and the network listeners (pynetdicom)."""

@@ -1,0 +1,186 @@
+"""Turn received bytes into a validated record of what the index needs.
+
+Parsing happens in memory on the bytes exactly as received; nothing is transcoded. pydicom's
+own warnings are silenced here because they quote element values (a birth date, a name)
+and would carry patient data into plain logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass
+
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_BULK_THRESHOLD = 1024
+BULK_MARKER = "pacsvault:bulk"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+class UnreadableObject(Exception):
+    """The bytes are not a DICOM dataset we can parse (status C000)."""
+
+
+class InvalidObject(Exception):
+    """A parsable dataset that lacks what an archive needs to file it (status A900)."""
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """Everything the index stores about one received instance."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part: str
+    series_date: str
+    series_time: str
+    performed_start_date: str
+    performed_start_time: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    content_date: str
+    content_time: str
+    metadata_json: str
+    sha256: bytes
+    size: int
+
+    def __repr__(self) -> str:  # keep patient attributes out of tracebacks and logs
+        return f"ParsedInstance(sop_class={self.sop_class_uid}, size={self.size})"
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise InvalidObject(f"missing or invalid {keyword}")
+    return value
+
+
+def _bulk(_elem: DataElement) -> str:
+    return BULK_MARKER
+
+
+def _check_lengths(ds: Dataset) -> None:
+    """pydicom silently accepts an element whose value runs past the end of the stream."""
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+            if elem.value is not None and len(elem.value) != elem.length:
+                raise UnreadableObject("element value shorter than its declared length")
+
+
+def parse(raw: bytes) -> ParsedInstance:
+    """Parse a Part 10 byte stream (preamble + file meta + dataset) completely."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(io.BytesIO(raw), force=False)
+            _check_lengths(ds)
+            # Touch every element so a wrong length or a broken value fails here, while
+            # we can still answer with a failure status, not later in a viewer.
+            for elem in ds.iterall():
+                _ = elem.value
+            meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        except UnreadableObject:
+            raise
+        except Exception as exc:  # pydicom raises a wide range on hostile input
+            raise UnreadableObject(type(exc).__name__) from None
+        if not meta_ts:
+            raise UnreadableObject("no transfer syntax")
+        sop_class = _uid(ds, "SOPClassUID")
+        sop_uid = _uid(ds, "SOPInstanceUID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+        try:
+            meta = ds.to_json_dict(
+                bulk_data_threshold=_BULK_THRESHOLD,
+                bulk_data_element_handler=_bulk,
+                suppress_invalid_tags=True,
+            )
+        except Exception:
+            meta = {}
+    meta.pop("7FE00010", None)
+    return ParsedInstance(
+        sop_class_uid=sop_class,
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax=meta_ts,
+        patient_id=_text(ds, "PatientID"),
+        issuer=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        performed_start_date=_text(ds, "PerformedProcedureStepStartDate"),
+        performed_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+        content_date=_text(ds, "ContentDate"),
+        content_time=_text(ds, "ContentTime"),
+        metadata_json=json.dumps(meta, separators=(",", ":")),
+        sha256=hashlib.sha256(raw).digest(),
+        size=len(raw),
+    )
+
+
+def normalise_name(name: str) -> str:
+    """Case-insensitive person-name matching key (documented default for C-FIND)."""
+    return name.casefold().upper()

@@ -1,0 +1,127 @@
+"""Who may talk to the archive: trusted networks, registered nodes, TLS requirements.
+
+Deny by default. A connection from outside the trusted networks is refused before any
+DICOM byte is read and raises an exposure alert, because the only way such a packet reaches
+a practice server is a port forward or DMZ rule on the internet box. Associations are then
+checked against the node registry (calling AE + source address), the called AE, and the
+node's transport requirements, and rejected with the matching A-ASSOCIATE-RJ reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
+from pacsvault.config import Settings
+from pacsvault.index.nodes import NodeInfo, NodeRegistry
+
+# A-ASSOCIATE-RJ diagnostics, source "service user" (PS3.8 9.3.4)
+REASON_NO_REASON = 0x01
+REASON_CALLING_AE = 0x03
+REASON_CALLED_AE = 0x07
+
+EXPOSURE_MESSAGE = (
+    "EXPOSURE: this server is reachable from outside the practice network. A connection "
+    "to the {port_kind} DICOM port came from {address}, which is not in the trusted "
+    "networks. Check the internet box for port forwarding or a DMZ pointing at this "
+    "server, and remove it. The connection was refused."
+)
+
+
+@dataclass(frozen=True)
+class Peer:
+    address: str
+    port: int
+    tls: bool
+    has_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    node: NodeInfo | None
+    reason: int = 0
+    why: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.node is not None
+
+
+def _host_matches(host: str, address: str) -> bool:
+    """Compare a registered host (address or name) with the peer's source address."""
+    try:
+        peer = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    try:
+        return ipaddress.ip_address(host) == peer
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return any(ipaddress.ip_address(str(info[4][0]).split("%")[0]) == peer for info in infos)
+
+
+class AssociationPolicy:
+    def __init__(self, settings: Settings, nodes: NodeRegistry, recorder: Recorder) -> None:
+        self._settings = settings
+        self._nodes = nodes
+        self._recorder = recorder
+
+    def connection_allowed(self, peer: Peer) -> bool:
+        if self._settings.is_trusted(peer.address):
+            return True
+        if peer.tls and self._settings.dicom.tls_from_anywhere:
+            return True
+        self._recorder.emit(
+            AuditEvent(
+                action="exposure",
+                outcome=Outcome.MAJOR_FAILURE,
+                code=EventCode.SECURITY_ALERT,
+                actor_address=peer.address,
+                message=EXPOSURE_MESSAGE.format(
+                    port_kind="TLS" if peer.tls else "plain", address=peer.address
+                ),
+                detail={"port": "tls" if peer.tls else "plain"},
+            )
+        )
+        return False
+
+    def check_association(self, peer: Peer, calling_ae: str, called_ae: str) -> Decision:
+        calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
+        decision = self._decide(peer, calling_ae, called_ae)
+        if not decision.allowed:
+            self._recorder.emit(
+                AuditEvent(
+                    action="dicom.association.rejected",
+                    outcome=Outcome.MINOR_FAILURE,
+                    code=EventCode.SECURITY_ALERT,
+                    actor_ae=calling_ae,
+                    actor_address=peer.address,
+                    message=decision.why,
+                    detail={"called_ae": called_ae, "tls": peer.tls},
+                )
+            )
+        return decision
+
+    def _decide(self, peer: Peer, calling_ae: str, called_ae: str) -> Decision:
+        if called_ae != self._settings.server.ae_title:
+            return Decision(None, REASON_CALLED_AE, "called AE title is not this server's")
+        node = self._nodes.get(calling_ae)
+        if node is None:
+            return Decision(None, REASON_CALLING_AE, "calling AE title is not a registered node")
+        if not _host_matches(node.host, peer.address):
+            return Decision(
+                None, REASON_CALLING_AE, "source address is not the registered node's host"
+            )
+        if node.tls and not peer.tls:
+            return Decision(None, REASON_NO_REASON, "node is registered for TLS only")
+        if node.client_cert and not peer.has_client_cert:
+            return Decision(None, REASON_NO_REASON, "node must present a client certificate")
+        return Decision(node)

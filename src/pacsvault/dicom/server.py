@@ -1,0 +1,318 @@
+"""The DICOM listeners: a plain port and a TLS port, both behind the association policy.
+
+Built on pynetdicom the way it is meant to be extended: a server class (connection
+filtering, TLS handshake moved off the accept loop), a request handler (per-connection
+peer facts), an ACSE subclass (association policy before negotiation), and event handlers
+for the DIMSE services.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes, UID
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.dicom.parse import InvalidObject, UnreadableObject
+from pacsvault.dicom.policy import AssociationPolicy, Peer
+from pacsvault.index.nodes import NodeInfo
+from pacsvault.storage.archive import StoreStatus
+from pacsvault.storage.objects import DiskFullError
+from pacsvault.vault import Vault
+
+log = logging.getLogger("pacsvault.dicom")
+
+# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
+STATUS_SUCCESS = 0x0000
+STATUS_NOT_AUTHORIZED = 0x0124
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DOES_NOT_MATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_WARNING_DISCARDED = 0xB006
+
+TLS_HANDSHAKE_TIMEOUT = 15.0
+
+
+@dataclass
+class _AssocState:
+    peer: Peer
+    node: NodeInfo | None = None
+    outcomes: Counter[str] = field(default_factory=Counter)
+    studies: set[str] = field(default_factory=set)
+
+
+class DicomService:
+    """Owns the AE, both listeners and the per-association bookkeeping."""
+
+    def __init__(self, vault: Vault) -> None:
+        self.vault = vault
+        self.policy = AssociationPolicy(vault.settings, vault.nodes, vault.recorder)
+        self._states: weakref.WeakKeyDictionary[Association, _AssocState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._servers: list[ThreadedAssociationServer] = []
+        self.ae = self._make_ae()
+
+    # --- setup ------------------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        settings = self.vault.settings
+        ae = AE(ae_title=settings.server.ae_title)
+        syntaxes = [UID(ts) for ts in AllTransferSyntaxes]
+        ae.add_supported_context(Verification, syntaxes)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+        ae.maximum_pdu_size = settings.dicom.maximum_pdu_size
+        ae.network_timeout = settings.dicom.network_timeout
+        ae.acse_timeout = 30
+        ae.dimse_timeout = settings.dicom.network_timeout
+        ae.maximum_associations = 32
+        return ae
+
+    def start(self, bind: str, port: int | None, tls_port: int | None) -> dict[str, int]:
+        """Start the listeners; returns the ports actually bound (port 0 = any free)."""
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+        ]
+        bound: dict[str, int] = {}
+        if tls_port is not None:
+            ctx = self._tls_context()
+            bound["dicom_tls_port"] = self._listen(bind, tls_port, handlers, ctx)
+        if port is not None:
+            bound["dicom_port"] = self._listen(bind, port, handlers, None)
+        return bound
+
+    def _tls_context(self) -> ssl.SSLContext:
+        from pacsvault.crypto.tls import server_context
+
+        return server_context(self.vault.layout.tls, self.vault.tls_password())
+
+    def _listen(
+        self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None
+    ) -> int:
+        service = self
+
+        class Handler(_PolicyRequestHandler):
+            pv_service = service
+            pv_tls = ctx
+
+        server = self.ae.make_server(
+            (bind, port),
+            evt_handlers=handlers,
+            server_class=_PolicyServer,
+            request_handler=Handler,
+        )
+        server.pv_service = self
+        server.pv_tls = ctx is not None
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"dicom-{'tls' if ctx else 'plain'}", daemon=True
+        )
+        thread.start()
+        self._servers.append(server)
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+        self.ae.shutdown()
+
+    # --- per-association state -----------------------------------------------------
+
+    def _register(self, assoc: Association, peer: Peer) -> None:
+        with self._lock:
+            self._states[assoc] = _AssocState(peer)
+
+    def _state(self, assoc: Association) -> _AssocState:
+        with self._lock:
+            return self._states[assoc]
+
+    def decide(self, assoc: Association, calling_ae: str, called_ae: str) -> tuple[bool, int]:
+        state = self._state(assoc)
+        decision = self.policy.check_association(state.peer, calling_ae, called_ae)
+        state.node = decision.node
+        return decision.allowed, decision.reason
+
+    # --- DIMSE handlers --------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        state = self._state(event.assoc)
+        node = state.node
+        if node is None or not node.may("store"):
+            state.outcomes["refused"] += 1
+            self._emit_failure(state, "dicom.store.refused", "node lacks the store role",
+                               EventCode.SECURITY_ALERT)
+            return STATUS_NOT_AUTHORIZED
+        request = event.request
+        try:
+            result = self.vault.archive.store(
+                event.encoded_dataset(include_meta=True),
+                source_ae=node.ae_title,
+                expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
+                expected_sop_class=str(request.AffectedSOPClassUID or ""),
+            )
+        except UnreadableObject as exc:
+            return self._store_failed(state, STATUS_CANNOT_UNDERSTAND, f"unreadable: {exc}")
+        except InvalidObject as exc:
+            return self._store_failed(state, STATUS_DOES_NOT_MATCH, f"invalid: {exc}")
+        except DiskFullError as exc:
+            return self._store_failed(state, STATUS_OUT_OF_RESOURCES, str(exc))
+        except OSError as exc:
+            return self._store_failed(
+                state, STATUS_OUT_OF_RESOURCES, f"storage error {type(exc).__name__}"
+            )
+        except Exception as exc:
+            log.exception("unexpected error while storing (%s)", type(exc).__name__)
+            return self._store_failed(state, STATUS_PROCESSING_FAILURE, type(exc).__name__)
+        state.studies.add(result.study_uid)
+        state.outcomes[result.status.value] += 1
+        if result.status is StoreStatus.CONFLICT:
+            self.vault.recorder.emit(
+                AuditEvent(
+                    action="dicom.store.conflict",
+                    outcome=Outcome.MINOR_FAILURE,
+                    code=EventCode.SECURITY_ALERT,
+                    actor_ae=node.ae_title,
+                    actor_address=state.peer.address,
+                    message="a different object was sent under an existing SOP Instance "
+                    "UID; the first one was kept",
+                    study_uids=(result.study_uid,),
+                    sop_uids=(result.sop_uid,),
+                )
+            )
+            return STATUS_WARNING_DISCARDED
+        return STATUS_SUCCESS
+
+    def _store_failed(self, state: _AssocState, status: int, why: str) -> int:
+        state.outcomes["failed"] += 1
+        self._emit_failure(state, "dicom.store.failed", f"status {status:04X}: {why}",
+                           EventCode.INSTANCES_TRANSFERRED)
+        return status
+
+    def _emit_failure(
+        self, state: _AssocState, action: str, message: str, code: EventCode
+    ) -> None:
+        self.vault.recorder.emit(
+            AuditEvent(
+                action=action,
+                outcome=Outcome.SERIOUS_FAILURE,
+                code=code,
+                actor_ae=state.node.ae_title if state.node else "",
+                actor_address=state.peer.address,
+                message=message,
+            )
+        )
+
+    def _on_end(self, event: evt.Event) -> None:
+        with self._lock:
+            state = self._states.pop(event.assoc, None)
+        if state is None or state.node is None or not state.outcomes:
+            return
+        outcome = Outcome.SUCCESS if not state.outcomes["failed"] else Outcome.MINOR_FAILURE
+        self.vault.recorder.emit(
+            AuditEvent(
+                action="dicom.store.association",
+                outcome=outcome,
+                code=EventCode.INSTANCES_TRANSFERRED,
+                actor_ae=state.node.ae_title,
+                actor_address=state.peer.address,
+                study_uids=tuple(sorted(state.studies)),
+                detail={k: v for k, v in sorted(state.outcomes.items())},
+            )
+        )
+
+
+class _PolicyServer(ThreadedAssociationServer):  # type: ignore[misc]
+    """Filters connections by source address; TLS happens in the connection's thread."""
+
+    pv_service: DicomService
+    pv_tls: bool
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # Not wrapped here: a handshake in the accept loop would let one slow client
+        # stall every other connection.
+        return self.socket.accept()  # type: ignore[no-any-return]
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = Peer(str(client_address[0]), int(client_address[1]), self.pv_tls)
+        return self.pv_service.policy.connection_allowed(peer)
+
+
+class _PolicyRequestHandler(RequestHandler):  # type: ignore[misc]
+    pv_service: DicomService
+    pv_tls: ssl.SSLContext | None = None
+
+    def handle(self) -> None:
+        address, port = str(self.client_address[0]), int(self.client_address[1])
+        has_cert = False
+        if self.pv_tls is not None:
+            raw = self.request
+            raw.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            try:
+                wrapped = self.pv_tls.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                self.pv_service.vault.recorder.emit(
+                    AuditEvent(
+                        action="dicom.tls.handshake_failed",
+                        outcome=Outcome.MINOR_FAILURE,
+                        code=EventCode.SECURITY_ALERT,
+                        actor_address=address,
+                        message=getattr(exc, "reason", None) or type(exc).__name__,
+                    )
+                )
+                raw.close()
+                return
+            wrapped.settimeout(None)
+            has_cert = bool(wrapped.getpeercert())
+            self.request = wrapped
+        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert)
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self.pv_service._register(assoc, self._pv_peer)
+        assoc.acse = _PolicyACSE(assoc, self.pv_service)
+        return assoc
+
+
+class _PolicyACSE(ACSE):  # type: ignore[misc]
+    """Applies the association policy before pynetdicom's own negotiation."""
+
+    def __init__(self, assoc: Association, service: DicomService) -> None:
+        super().__init__(assoc)
+        self._pv_service = service
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        self.requestor.ae_title = rq.calling_ae_title
+        allowed, reason = self._pv_service.decide(
+            self.assoc, str(rq.calling_ae_title), str(rq.called_ae_title)
+        )
+        if not allowed:
+            self.send_reject(0x01, 0x01, reason)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()

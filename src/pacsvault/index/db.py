@@ -1,0 +1,68 @@
+"""Opening the encrypted index.
+
+The SQLCipher key is a raw 256-bit key derived from the master key (``x'..'`` syntax), so
+opening the database costs no password stretching and a wrong master key fails at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlcipher3
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
+
+from pacsvault.index.models import Base
+
+INDEX_NAME = "index.db"
+
+
+class IndexOpenError(Exception):
+    """The index cannot be opened with this key (message is user-facing)."""
+
+
+def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL + synchronous=FULL: a commit is on disk when it returns, readers never block the
+    # writer, and a killed process leaves a database SQLite recovers on next open.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    # Keep SQLite's own temporary files in memory: they would be unencrypted on disk.
+    cur.execute("PRAGMA temp_store=MEMORY")
+    cur.close()
+
+
+def open_index(path: Path, key: bytes, *, create: bool = False) -> Engine:
+    if not create and not path.exists():
+        raise IndexOpenError(f"index database missing: {path}")
+    url = URL.create("sqlite+pysqlcipher", password=f"x'{key.hex()}'", database=str(path))
+    engine = create_engine(
+        url,
+        module=sqlcipher3,
+        poolclass=QueuePool,
+        pool_size=8,
+        max_overflow=8,
+        connect_args={"check_same_thread": False},
+    )
+    event.listen(engine, "connect", _on_connect)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT count(*) FROM sqlite_master"))
+        if create:
+            Base.metadata.create_all(engine)
+    except DatabaseError:
+        engine.dispose()
+        raise IndexOpenError(
+            "the index database does not open with this key (wrong key file?)"
+        ) from None
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,1 @@
+"""Encrypted object files on disk: written atomically and durably, named by random ids."""

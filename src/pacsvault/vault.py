@@ -1,0 +1,239 @@
+"""A vault on disk: its layout, and how it is created and opened.
+
+``DATA/`` holds only ciphertext and non-secret metadata::
+
+    pacsvault.toml   settings (no secrets)
+    vault.json       vault id, format, key check, master key sealed by the recovery code
+    index.db         SQLCipher index (+ -wal/-shm while open)
+    objects/         encrypted objects, objects/ab/cd/<random id>.pvo
+    tls/             CA and server certificates; their private keys PKCS#8-encrypted
+
+The master key file lives elsewhere (user config dir by default).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacsvault import config
+from pacsvault.audit import Recorder
+from pacsvault.audit.events import LogSink
+from pacsvault.audit.store import IndexSink
+from pacsvault.crypto import keys, tls
+from pacsvault.crypto.keyring import Keyring
+from pacsvault.index.db import INDEX_NAME, open_index, session_factory
+from pacsvault.index.nodes import NodeRegistry
+from pacsvault.storage.archive import Archive
+from pacsvault.storage.objects import ObjectStore
+
+VAULT_FORMAT = "pacsvault-vault/1"
+META_NAME = "vault.json"
+
+
+class VaultError(Exception):
+    """The vault cannot be created or opened (message is user-facing)."""
+
+
+def default_key_path(vault_id: str) -> Path:
+    return platformdirs.user_config_path("pacsvault") / "keys" / f"{vault_id}.key"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / config.CONFIG_NAME
+
+    @property
+    def meta(self) -> Path:
+        return self.root / META_NAME
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX_NAME
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def tls(self) -> tls.TlsPaths:
+        return tls.TlsPaths(self.root / "tls")
+
+    @property
+    def state(self) -> Path:
+        """Written by a running server: pid and ports, for status and tests."""
+        return self.root / "serve.json"
+
+    def exists(self) -> bool:
+        return self.meta.exists() or self.config.exists()
+
+    def is_empty(self) -> bool:
+        return not self.root.exists() or not any(self.root.iterdir())
+
+
+def _read_meta(layout: Layout) -> dict[str, object]:
+    try:
+        meta: dict[str, object] = json.loads(layout.meta.read_text("utf-8"))
+    except FileNotFoundError:
+        raise VaultError(f"no vault at {layout.root} ({META_NAME} missing)") from None
+    if meta.get("format") != VAULT_FORMAT:
+        raise VaultError(f"{layout.meta}: unsupported vault format {meta.get('format')!r}")
+    return meta
+
+
+def _write_private_json(path: Path, value: object) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(value, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PACSVAULT") -> str:
+    """Create a vault; returns the recovery code, which must be shown once and never stored."""
+    layout = Layout(data_dir)
+    if layout.exists():
+        raise VaultError(f"a vault already exists at {data_dir}; refusing to overwrite it")
+    config.ServerSettings(ae_title=ae_title)  # validate before touching the disk
+    vault_id = str(uuid.uuid4())
+    key_path = key_file or default_key_path(vault_id)
+    if key_path.exists():
+        raise VaultError(f"key file {key_path} already exists; refusing to overwrite it")
+    if key_path.resolve().is_relative_to(data_dir.resolve()):
+        raise VaultError("the key file must not be inside the data directory")
+    created_dir = not data_dir.exists()
+    try:
+        return _populate(layout, vault_id, key_path, key_file, ae_title)
+    except BaseException:
+        # Leave nothing half-made behind: a partial vault would block a retry.
+        key_path.unlink(missing_ok=True)
+        for part in (layout.meta, layout.config, layout.index):
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{part}{suffix}").unlink(missing_ok=True)
+        shutil.rmtree(layout.root / "tls", ignore_errors=True)
+        shutil.rmtree(layout.objects, ignore_errors=True)
+        if created_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+
+
+def _populate(
+    layout: Layout, vault_id: str, key_path: Path, key_file: Path | None, ae_title: str
+) -> str:
+    data_dir = layout.root
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
+
+    master = keys.MasterKey.generate()
+    recovery_code = keys.new_recovery_code()
+    keys.write_key_file(key_path, master, vault_id)
+    tls.create_authority(layout.tls, _tls_password(master, vault_id), ae_title)
+    ObjectStore(layout.objects).create()
+    engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id), create=True)
+    engine.dispose()
+    layout.config.write_text(
+        config.render(ae_title, key_file.resolve() if key_file else None), "utf-8"
+    )
+    # vault.json last: its presence marks a complete vault.
+    _write_private_json(
+        layout.meta,
+        {
+            "format": VAULT_FORMAT,
+            "vault_id": vault_id,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "key_check": keys.make_key_check(master, vault_id),
+            "recovery": keys.wrap_for_recovery(master, recovery_code, vault_id),
+        },
+    )
+    return recovery_code
+
+
+def _tls_password(master: keys.MasterKey, vault_id: str) -> bytes:
+    return master.derive(keys.PURPOSE_TLS, vault_id).hex().encode("ascii")
+
+
+def resolve_key_path(layout: Layout, settings: config.Settings, override: Path | None) -> Path:
+    if override is not None:
+        return override
+    if settings.server.key_file:
+        return Path(settings.server.key_file)
+    return default_key_path(str(_read_meta(layout)["vault_id"]))
+
+
+def recover(data_dir: Path, code: str, key_file: Path | None = None) -> Path:
+    """Rebuild a lost key file from the recovery code; never overwrites an existing file."""
+    layout = Layout(data_dir)
+    meta = _read_meta(layout)
+    settings = config.load(data_dir)
+    vault_id = str(meta["vault_id"])
+    recovery = meta["recovery"]
+    if not isinstance(recovery, dict):
+        raise VaultError("vault.json has no recovery data")
+    master = keys.unwrap_with_recovery(recovery, code, vault_id)
+    path = resolve_key_path(layout, settings, key_file)
+    if path.exists():
+        raise VaultError(f"{path} exists; move it away first (nothing was overwritten)")
+    keys.write_key_file(path, master, vault_id)
+    return path
+
+
+class Vault:
+    """An open vault: settings, index, archive, node registry and event recorder."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        settings: config.Settings,
+        vault_id: str,
+        master: keys.MasterKey,
+        engine: Engine,
+    ) -> None:
+        self.layout = layout
+        self.settings = settings
+        self.vault_id = vault_id
+        self._master = master
+        self.engine = engine
+        self.sessions: sessionmaker[Session] = session_factory(engine)
+        self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
+        self.archive = Archive(
+            self.sessions, self.objects, Keyring(master.derive(keys.PURPOSE_KEK, vault_id))
+        )
+        self.nodes = NodeRegistry(self.sessions)
+        self.recorder = Recorder([LogSink(), IndexSink(self.sessions)])
+
+    @classmethod
+    def open(cls, data_dir: Path, key_file: Path | None = None) -> Vault:
+        layout = Layout(data_dir)
+        meta = _read_meta(layout)
+        settings = config.load(data_dir)
+        vault_id = str(meta["vault_id"])
+        key_path = resolve_key_path(layout, settings, key_file)
+        master, key_vault_id = keys.read_key_file(key_path)
+        if key_vault_id != vault_id or not keys.verify_key_check(
+            master, vault_id, str(meta["key_check"])
+        ):
+            raise keys.VaultKeyError(
+                f"the key file {key_path} does not open this vault (it belongs to another "
+                "vault or is damaged); nothing was changed"
+            )
+        engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
+        return cls(layout, settings, vault_id, master, engine)
+
+    def tls_password(self) -> bytes:
+        return _tls_password(self._master, self.vault_id)
+
+    def close(self) -> None:
+        self.engine.dispose()
