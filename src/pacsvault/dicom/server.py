@@ -65,7 +65,6 @@ class DicomService:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
-        self._servers: list[ThreadedAssociationServer] = []
         self.ae = self._make_ae()
 
     # --- setup ------------------------------------------------------------------------
@@ -126,14 +125,12 @@ class DicomService:
             target=server.serve_forever, name=f"dicom-{'tls' if ctx else 'plain'}", daemon=True
         )
         thread.start()
-        self._servers.append(server)
+        # Registered like AE.start_server does, so AE.shutdown stops it and aborts its
+        # associations.
+        self.ae._servers.append(server)
         return int(server.server_address[1])
 
     def stop(self) -> None:
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        self._servers.clear()
         self.ae.shutdown()
 
     # --- per-association state -----------------------------------------------------

@@ -1,0 +1,215 @@
+"""Test harness: run the real CLI and server as subprocesses, and the real dcmtk peers.
+
+Everything talks to 127.0.0.1 only. dcmtk binaries are called by absolute path because
+pynetdicom installs Python scripts with the same names (storescu, echoscu …) that may come
+first on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DCMTK = Path("/usr/bin")
+AE = "PACSVAULT"
+
+
+def dcmtk(tool: str) -> str:
+    path = DCMTK / tool
+    if not path.exists():
+        raise RuntimeError(f"{path} missing: install Debian's dcmtk (the test command does)")
+    return str(path)
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Debian's dcmtk leaves Nagle on unless told otherwise: ~80 ms per C-STORE.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pv(*args: str | Path, check: bool = True, input: str | None = None,
+       env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the pacsvault CLI exactly as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacsvault", *map(str, args)],
+        capture_output=True, text=True, input=input, env=env, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"pacsvault {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+@dataclass
+class VaultDir:
+    """A vault created in a test's temporary directory, key file beside it."""
+
+    root: Path
+    key: Path
+    recovery_code: str
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def cli(self, *args: str | Path, **kw: object) -> subprocess.CompletedProcess[str]:
+        return pv(*args, "--data", self.data, "--key-file", self.key, **kw)  # type: ignore[arg-type]
+
+    def add_node(self, ae: str, *flags: str, host: str = "127.0.0.1") -> None:
+        self.cli("node", "add", ae, "--host", host, *flags)
+
+    def open(self):  # type: ignore[no-untyped-def]
+        from pacsvault.vault import Vault
+
+        return Vault.open(self.data, self.key)
+
+    def set_toml(self, section: str, key: str, value: str) -> None:
+        """Replace one setting line in the generated toml (keeps the comments)."""
+        path = self.data / "pacsvault.toml"
+        lines = path.read_text().splitlines()
+        out, current, done = [], "", False
+        skip_array = False
+        for line in lines:
+            stripped = line.strip()
+            if skip_array:
+                if stripped.startswith("]"):
+                    skip_array = False
+                continue
+            if stripped.startswith("[") and stripped.endswith("]"):
+                current = stripped[1:-1]
+            if current == section and stripped.startswith(f"{key} ="):
+                out.append(f"{key} = {value}")
+                skip_array = stripped.endswith("[")
+                done = True
+                continue
+            out.append(line)
+        assert done, f"{section}.{key} not in toml"
+        path.write_text("\n".join(out) + "\n")
+
+
+def make_vault(root: Path, ae_title: str = AE) -> VaultDir:
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / "keys" / "master.key"
+    proc = pv("init", "--data", root / "data", "--key-file", key, "--ae-title", ae_title)
+    return VaultDir(root, key, proc.stdout.strip())
+
+
+@dataclass
+class Server:
+    vault: VaultDir
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    tmpdir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.ports["dicom_port"]
+
+    @property
+    def tls_port(self) -> int:
+        return self.ports["dicom_tls_port"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float = 30) -> Server:
+    """Start ``pacsvault serve`` on free loopback ports and wait until it listens."""
+    state = vault.data / "serve.json"
+    state.unlink(missing_ok=True)
+    log_path = vault.root / log_name
+    tmpdir = vault.root / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pacsvault", "serve", "--data", str(vault.data),
+             "--key-file", str(vault.key), "--bind", "127.0.0.1",
+             "--dicom-port", "0", "--dicom-tls-port", "0"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    server = Server(vault, proc, log_path, tmpdir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}):\n{server.log()}")
+        try:
+            server.ports = {k: v for k, v in json.loads(state.read_text()).items()
+                            if k.endswith("port")}
+            return server
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.05)
+    server.stop()
+    raise AssertionError(f"server did not start in {timeout}s:\n{server.log()}")
+
+
+def events(vault: VaultDir, action: str | None = None) -> list[dict[str, object]]:
+    """Events recorded in the encrypted index (read in-process with the key)."""
+    from sqlalchemy import select
+
+    from pacsvault.index.models import Event
+
+    v = vault.open()
+    try:
+        with v.sessions() as s:
+            stmt = select(Event).order_by(Event.pk)
+            if action:
+                stmt = stmt.where(Event.action == action)
+            return [
+                {"action": e.action, "outcome": e.outcome, "code": e.event_code,
+                 "ae": e.actor_ae, "address": e.actor_address,
+                 **json.loads(e.detail_json)}
+                for e in s.scalars(stmt)
+            ]
+    finally:
+        v.close()
+
+
+def storescu(port: int, files: list[Path], *, calling: str, called: str = AE,
+             tls: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk("storescu"), "-aet", calling, "-aec", called, *tls, *extra,
+         "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
+    )
+
+
+def echoscu(port: int, *, calling: str, called: str = AE, tls: tuple[str, ...] = (),
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk("echoscu"), "-aet", calling, "-aec", called, *tls, "127.0.0.1", str(port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
+    )
