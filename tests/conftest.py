@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import Server, VaultDir, make_vault, start_server  # noqa: E402
+from tests.helpers import Server, VaultDir, make_vault, start_server
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
 )
@@ -114,10 +114,7 @@ def build(out: Path) -> list[CorpusFile]:
     files: list[CorpusFile] = []
     sources: list[tuple[str | None, tuple[str, ...]]] = [*SOURCES.items(), (None, ())]
     for i, (name, proposal) in enumerate(sources):
-        if name is None:
-            ds = _synthetic_cr(out, i)
-        else:
-            ds = dcmread(get_testdata_file(name))
+        ds = _synthetic_cr(out, i) if name is None else dcmread(get_testdata_file(name))
         pname, pid, birth = _label(ds, i, utf8=(i == 1))
         path = out / f"{i:02d}_{name or 'synthetic_cr.dcm'}"
         ds.save_as(path, enforce_file_format=True)

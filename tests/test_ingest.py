@@ -3,6 +3,7 @@ returns every instance intact; nothing about the patients is readable at rest or
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,10 +118,8 @@ def _needles(values: list[str]) -> list[bytes]:
     out: list[bytes] = []
     for v in values:
         for enc in ("utf-8", "latin-1", "utf-16-le", "utf-16-be"):
-            try:
+            with contextlib.suppress(UnicodeEncodeError):
                 out.append(v.encode(enc))
-            except UnicodeEncodeError:
-                pass
     return out
 
 

@@ -36,7 +36,8 @@ class _Strict(BaseModel):
 
 class ServerSettings(_Strict):
     ae_title: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
-    bind: str = "0.0.0.0"
+    # Every interface: modalities are on the LAN. The trusted-network rule filters sources.
+    bind: str = "0.0.0.0"  # noqa: S104
     key_file: str | None = None
 
 

@@ -69,9 +69,7 @@ class LogSink:
 
     def write(self, event: AuditEvent) -> None:
         level = logging.INFO
-        if event.code is EventCode.SECURITY_ALERT:
-            level = logging.WARNING
-        elif event.outcome is not Outcome.SUCCESS:
+        if event.code is EventCode.SECURITY_ALERT or event.outcome is not Outcome.SUCCESS:
             level = logging.WARNING
         who = " ".join(
             p for p in (

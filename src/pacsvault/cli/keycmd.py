@@ -24,10 +24,7 @@ def register(sub: Any) -> None:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     # Never from the command line: arguments are visible to every user in the process list.
-    if sys.stdin.isatty():
-        code = getpass.getpass("Recovery code: ")
-    else:
-        code = sys.stdin.readline()
+    code = getpass.getpass("Recovery code: ") if sys.stdin.isatty() else sys.stdin.readline()
     if not code.strip():
         raise CommandError("no recovery code given")
     path = recover(data_dir(args), code, args.key_file)

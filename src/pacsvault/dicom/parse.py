@@ -18,7 +18,6 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BULK_THRESHOLD = 1024
@@ -108,9 +107,13 @@ def _check_lengths(ds: Dataset) -> None:
     """pydicom silently accepts an element whose value runs past the end of the stream."""
     for tag in list(ds.keys()):
         elem = ds.get_item(tag)
-        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
-            if elem.value is not None and len(elem.value) != elem.length:
-                raise UnreadableObject("element value shorter than its declared length")
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != _UNDEFINED_LENGTH
+            and elem.value is not None
+            and len(elem.value) != elem.length
+        ):
+            raise UnreadableObject("element value shorter than its declared length")
 
 
 def parse(raw: bytes) -> ParsedInstance:

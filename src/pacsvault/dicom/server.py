@@ -17,10 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.uid import AllTransferSyntaxes, UID
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -75,7 +76,8 @@ class DicomService:
         syntaxes = [UID(ts) for ts in AllTransferSyntaxes]
         ae.add_supported_context(Verification, syntaxes)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, syntaxes)
         ae.maximum_pdu_size = settings.dicom.maximum_pdu_size
         ae.network_timeout = settings.dicom.network_timeout
         ae.acse_timeout = 30
@@ -119,6 +121,7 @@ class DicomService:
             server_class=_PolicyServer,
             request_handler=Handler,
         )
+        assert isinstance(server, _PolicyServer)
         server.pv_service = self
         server.pv_tls = ctx is not None
         thread = threading.Thread(
@@ -163,6 +166,8 @@ class DicomService:
                                EventCode.SECURITY_ALERT)
             return STATUS_NOT_AUTHORIZED
         request = event.request
+        if not isinstance(request, C_STORE):
+            return STATUS_PROCESSING_FAILURE
         try:
             result = self.vault.archive.store(
                 event.encoded_dataset(include_meta=True),
@@ -241,7 +246,7 @@ class DicomService:
         )
 
 
-class _PolicyServer(ThreadedAssociationServer):  # type: ignore[misc]
+class _PolicyServer(ThreadedAssociationServer):
     """Filters connections by source address; TLS happens in the connection's thread."""
 
     pv_service: DicomService
@@ -250,14 +255,15 @@ class _PolicyServer(ThreadedAssociationServer):  # type: ignore[misc]
     def get_request(self) -> tuple[socket.socket, Any]:
         # Not wrapped here: a handshake in the accept loop would let one slow client
         # stall every other connection.
-        return self.socket.accept()  # type: ignore[no-any-return]
+        assert self.socket is not None
+        return self.socket.accept()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = Peer(str(client_address[0]), int(client_address[1]), self.pv_tls)
         return self.pv_service.policy.connection_allowed(peer)
 
 
-class _PolicyRequestHandler(RequestHandler):  # type: ignore[misc]
+class _PolicyRequestHandler(RequestHandler):
     pv_service: DicomService
     pv_tls: ssl.SSLContext | None = None
 
@@ -294,7 +300,7 @@ class _PolicyRequestHandler(RequestHandler):  # type: ignore[misc]
         return assoc
 
 
-class _PolicyACSE(ACSE):  # type: ignore[misc]
+class _PolicyACSE(ACSE):
     """Applies the association policy before pynetdicom's own negotiation."""
 
     def __init__(self, assoc: Association, service: DicomService) -> None:
@@ -303,6 +309,9 @@ class _PolicyACSE(ACSE):  # type: ignore[misc]
 
     def _negotiate_as_acceptor(self) -> None:
         rq = self.requestor.primitive
+        if rq is None:  # pynetdicom only calls us with a request; keep its own handling
+            super()._negotiate_as_acceptor()
+            return
         self.requestor.ae_title = rq.calling_ae_title
         allowed, reason = self._pv_service.decide(
             self.assoc, str(rq.calling_ae_title), str(rq.called_ae_title)

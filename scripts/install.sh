@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what pacsvault needs on a Debian machine, as root: Debian packages when missing,
+# then the Python package into ./.venv. Safe to run again: it only adds what is missing.
+#   scripts/install.sh          runtime only
+#   scripts/install.sh --test   also dcmtk (real DICOM peers) and the test/lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+apt_wanted=()
+command -v python3 >/dev/null 2>&1 || apt_wanted+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_wanted+=(python3-venv)
+if [ "$with_tests" = 1 ]; then
+  # dcmtk's own binaries (pynetdicom ships Python scripts with the same names).
+  [ -x /usr/bin/storescu ] || apt_wanted+=(dcmtk)
+  command -v openssl >/dev/null 2>&1 || apt_wanted+=(openssl)
+fi
+if [ ${#apt_wanted[@]} -gt 0 ]; then
+  echo "Installing Debian packages: ${apt_wanted[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_wanted[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"pacsvault needs Python >= 3.11, this is {sys.version.split()[0]}")
+PY
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+if [ "$with_tests" = 1 ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+else
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+fi

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install if needed, then run pacsvault on its embedded defaults (no external service).
+# First run creates the vault in ./pacsvault-data (or $PACSVAULT_DATA) and prints the
+# recovery code once. Extra arguments go to 'pacsvault serve'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+exec .venv/bin/pacsvault serve "$@"
