@@ -12,13 +12,14 @@ import logging
 import socket
 import ssl
 import threading
+import traceback
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -46,6 +47,10 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_WARNING_DISCARDED = 0xB006
 
 TLS_HANDSHAKE_TIMEOUT = 15.0
+
+# Received datasets stay in memory: pynetdicom's chunked mode would spool them, in clear,
+# to a temporary file.
+_config.STORE_RECV_CHUNKED_DATASET = False
 
 
 @dataclass
@@ -186,7 +191,9 @@ class DicomService:
                 state, STATUS_OUT_OF_RESOURCES, f"storage error {type(exc).__name__}"
             )
         except Exception as exc:
-            log.exception("unexpected error while storing (%s)", type(exc).__name__)
+            # Frames only: an exception message may quote a value from the dataset.
+            log.error("unexpected error while storing (%s) at\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)))
             return self._store_failed(state, STATUS_PROCESSING_FAILURE, type(exc).__name__)
         state.studies.add(result.study_uid)
         state.outcomes[result.status.value] += 1

@@ -86,10 +86,10 @@ class Archive:
             raise InvalidObject("SOP Class UID differs from the C-STORE request")
         self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
 
-        known = self._existing(parsed)
-        if known is not None:
-            return known
-        key_id = self._patient_key(parsed)
+        prepared = self._prepare(parsed)
+        if isinstance(prepared, StoreResult):
+            return prepared
+        key_id = prepared
         with self._sessions() as session:
             data_key = self._keyring.get(session, key_id)
         object_id = ObjectStore.new_id()
@@ -110,18 +110,24 @@ class Archive:
 
     def _existing(self, parsed: ParsedInstance) -> StoreResult | None:
         with self._sessions() as session:
-            digest = session.scalar(
-                select(Instance.sha256).where(Instance.sop_uid == parsed.sop_uid)
-            )
+            return self._known(session, parsed)
+
+    @staticmethod
+    def _known(session: Session, parsed: ParsedInstance) -> StoreResult | None:
+        digest = session.scalar(select(Instance.sha256).where(Instance.sop_uid == parsed.sop_uid))
         if digest is None:
             return None
         same = secrets.compare_digest(digest, parsed.sha256)
         status = StoreStatus.DUPLICATE if same else StoreStatus.CONFLICT
         return StoreResult(status, parsed.sop_uid, parsed.study_uid)
 
-    def _patient_key(self, parsed: ParsedInstance) -> uuid.UUID:
-        """The data key of the patient this instance is filed under (created if new)."""
+    def _prepare(self, parsed: ParsedInstance) -> StoreResult | uuid.UUID:
+        """Either the answer for an already stored instance, or the data key to encrypt
+        it under: its patient's (created with the patient on first sight)."""
         with self._write_lock, self._sessions.begin() as session:
+            known = self._known(session, parsed)
+            if known is not None:
+                return known
             study = session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
             if study is not None:
                 return uuid.UUID(study.patient.key_id)
