@@ -239,7 +239,8 @@ class DicomService:
             state = self._states.pop(event.assoc, None)
         if state is None or state.node is None or not state.outcomes:
             return
-        outcome = Outcome.SUCCESS if not state.outcomes["failed"] else Outcome.MINOR_FAILURE
+        refused = state.outcomes["failed"] + state.outcomes["refused"]
+        outcome = Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS
         self.vault.recorder.emit(
             AuditEvent(
                 action="dicom.store.association",
