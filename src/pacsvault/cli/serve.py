@@ -44,9 +44,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         init_vault(root, args.key_file, "PACSVAULT")
     vault = open_vault(args)
     settings = vault.settings
-    leftovers = vault.objects.clean_temporary()
-    if leftovers:
-        log.info("removed %d partial object(s) left by an interrupted run", leftovers)
+    recovery = vault.archive.recover()
+    if recovery.published or recovery.discarded:
+        log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
+                 "write(s) that were never acknowledged removed",
+                 recovery.published, recovery.discarded)
     bind = args.bind or settings.server.bind
     plain = args.dicom_port if args.dicom_port is not None else (
         settings.dicom.port if settings.dicom.plain_enabled else None

@@ -1,9 +1,8 @@
 """The archive: where a received object becomes durable, encrypted and indexed.
 
-Order matters for "nothing lost": parse and validate in memory, encrypt, write the object
-file durably, then commit its index row. Only when ``store`` returns may the caller
-acknowledge success. A crash in between leaves at worst an unreferenced ciphertext file,
-never an index row pointing at nothing.
+Order matters for "nothing lost": parse and validate in memory, encrypt, stage the object
+file durably, commit its index row, publish the file. Only when ``store`` returns may the
+caller acknowledge success. ``ObjectStore.recover`` settles a crash at any point.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicom.parse import InvalidObject, ParsedInstance, normalise_name, parse
 from pacsvault.index.models import Instance, Patient, Series, Study
-from pacsvault.storage.objects import ObjectStore
+from pacsvault.storage.objects import ObjectStore, Recovery
 
 _HEADER_OVERHEAD = 4096
 
@@ -93,19 +92,20 @@ class Archive:
         with self._sessions() as session:
             data_key = self._keyring.get(session, key_id)
         object_id = ObjectStore.new_id()
-        self.objects.write(object_id, objfmt.encrypt(raw, data_key, key_id, parsed.sop_uid))
+        self.objects.stage(object_id, objfmt.encrypt(raw, data_key, key_id, parsed.sop_uid))
         try:
             self._index(parsed, object_id, key_id, source_ae)
         except IntegrityError:
             # Another association stored the same SOP Instance UID meanwhile.
-            self.objects.delete(object_id)
+            self.objects.discard(object_id)
             known = self._existing(parsed)
             if known is None:
                 raise
             return known
         except BaseException:
-            self.objects.delete(object_id)
+            self.objects.discard(object_id)
             raise
+        self.objects.publish(object_id)
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
 
     def _existing(self, parsed: ParsedInstance) -> StoreResult | None:
@@ -260,6 +260,15 @@ class Archive:
         with self._sessions() as session:
             data_key = self._keyring.get(session, item.key_id)
         return objfmt.decrypt(self.objects.read(item.object_id), data_key, item.sop_uid)
+
+    def is_indexed(self, object_id: str) -> bool:
+        with self._sessions() as session:
+            found = session.scalar(select(Instance.pk).where(Instance.object_id == object_id))
+        return found is not None
+
+    def recover(self) -> Recovery:
+        """Settle object writes interrupted by a crash; run before accepting associations."""
+        return self.objects.recover(self.is_indexed)
 
     def counts(self) -> dict[str, int]:
         with self._sessions() as session:
