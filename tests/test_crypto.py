@@ -598,13 +598,6 @@ def test_recovery_code_normalisation(
     assert keys.unwrap_with_recovery(blob, typed, VAULT_ID) == master
 
 
-@pytest.mark.xfail(
-    reason="BUG: keys._normalise_code keeps any str.isalnum() character and then encodes "
-    "to ASCII, so a code with a non-ASCII letter (e.g. 'É' typed on a French keyboard) "
-    "raises UnicodeEncodeError instead of VaultKeyError ('pacsvault key recover' dies "
-    "with a traceback instead of 'this recovery code does not open this vault')",
-    strict=True,
-)
 def test_non_ascii_recovery_code_is_a_wrong_code(
     sealed: tuple[keys.MasterKey, str, dict[str, str]],
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
-from pacsvault.crypto.tls import issue_client
+from pacsvault.crypto.tls import issue_node
 from pacsvault.index.nodes import DEFAULT_ROLES, ROLES, check_ae_title, parse_roles
 
 
@@ -27,6 +27,16 @@ def register(sub: Any) -> None:
     p.add_argument("--roles", default=",".join(DEFAULT_ROLES),
                    help=f"comma-separated among {', '.join(ROLES)} (default: store)")
     p.set_defaults(func=cmd_add)
+
+    p = nsub.add_parser("set", help="change a node's host, port, transport or roles")
+    add_data_args(p)
+    p.add_argument("ae_title")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--client-cert", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--roles", help=f"comma-separated among {', '.join(ROLES)}")
+    p.set_defaults(func=cmd_set)
 
     p = nsub.add_parser("list", help="list registered nodes")
     add_data_args(p)
@@ -66,6 +76,23 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        info = vault.nodes.update(
+            args.ae_title, host=args.host, port=args.port, tls=args.tls,
+            client_cert=args.client_cert,
+            roles=parse_roles(args.roles) if args.roles else None,
+        )
+        vault.recorder.emit(_changed("node.set", info.ae_title, roles=",".join(info.roles),
+                                     tls=info.tls, client_cert=info.client_cert))
+    finally:
+        vault.close()
+    say(f"Node {info.ae_title}: host {info.host}, port {info.port or '-'}, roles "
+        f"{','.join(info.roles)}" + (", TLS only" if info.tls else "") + ".")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
@@ -97,9 +124,10 @@ def cmd_cert(args: argparse.Namespace) -> int:
     ae_title = check_ae_title(args.ae_title)
     vault = open_vault(args)
     try:
-        if vault.nodes.get(ae_title) is None:
+        node = vault.nodes.get(ae_title)
+        if node is None:
             raise CommandError(f"no node named {ae_title}; add it first")
-        paths = issue_client(vault.layout.tls, vault.tls_password(), ae_title, args.out)
+        paths = issue_node(vault.layout.tls, vault.tls_password(), ae_title, node.host, args.out)
         vault.recorder.emit(_changed("node.cert", ae_title))
     finally:
         vault.close()

@@ -133,7 +133,9 @@ def new_recovery_code() -> str:
 
 
 def _normalise_code(code: str) -> bytes:
-    return "".join(ch for ch in code.upper() if ch.isalnum()).encode("ascii")
+    # ASCII letters and digits only: separators, spaces and stray accents typed on a
+    # French keyboard are not part of the code.
+    return "".join(ch for ch in code.upper() if ch.isascii() and ch.isalnum()).encode("ascii")
 
 
 def _recovery_kek(code: str, salt: bytes) -> bytes:

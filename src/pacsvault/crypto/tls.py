@@ -132,7 +132,7 @@ def create_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> 
     names, addrs = local_names()
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     sans += [x509.IPAddress(a) for a in addrs]
-    cert_pem, key_pem = issue(paths, key_password, common_name, sans, server=True)
+    cert_pem, key_pem = issue(paths, key_password, common_name, sans)
     paths.server_cert.write_bytes(cert_pem)
     _write_private(paths.server_key, key_pem)
 
@@ -153,13 +153,15 @@ def issue(
     common_name: str,
     sans: list[x509.GeneralName],
     *,
-    server: bool,
     encrypt_key: bool = True,
 ) -> tuple[bytes, bytes]:
-    """Issue a leaf certificate; returns (certificate PEM, private key PEM)."""
+    """Issue a leaf certificate; returns (certificate PEM, private key PEM).
+
+    Every leaf is good for both TLS roles: the server also calls out (C-MOVE sub-operations)
+    and a node's certificate also serves its own listener (C-MOVE destination).
+    """
     ca_cert, ca_key = _load_ca(paths, key_password)
     key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -169,7 +171,12 @@ def issue(
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
@@ -186,9 +193,20 @@ def issue(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def issue_client(paths: TlsPaths, key_password: bytes, ae_title: str, out_dir: Path) -> list[Path]:
-    """Write a client certificate for a node; its key is plain PEM (the modality must use it)."""
-    cert_pem, key_pem = issue(paths, key_password, ae_title, [], server=False, encrypt_key=False)
+def _host_san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def issue_node(
+    paths: TlsPaths, key_password: bytes, ae_title: str, host: str, out_dir: Path
+) -> list[Path]:
+    """Write a node's certificate (SAN = its host); its key is plain PEM for the device."""
+    cert_pem, key_pem = issue(
+        paths, key_password, ae_title, [_host_san(host)], encrypt_key=False
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, cert_path, ca_path = (
         out_dir / f"{ae_title}.key", out_dir / f"{ae_title}.crt", out_dir / "ca.crt"
@@ -199,6 +217,21 @@ def issue_client(paths: TlsPaths, key_password: bytes, ae_title: str, out_dir: P
     return [key_path, cert_path, ca_path]
 
 
+def _harden(ctx: ssl.SSLContext) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+
+
+def client_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
+    """For outbound associations: verify the peer against the vault CA, present our cert."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.load_verify_locations(cafile=str(paths.ca_cert))
+    ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
+    return ctx
+
+
 def server_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     """TLS 1.2+ only, forward-secret AEAD suites only; client certificates verified if sent.
 
@@ -206,10 +239,8 @@ def server_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     association policy, so one port serves both kinds of node.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    _harden(ctx)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
     ctx.load_verify_locations(cafile=str(paths.ca_cert))
     ctx.verify_mode = ssl.CERT_OPTIONAL

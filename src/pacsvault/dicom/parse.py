@@ -69,7 +69,7 @@ class ParsedInstance:
     number_of_frames: int | None
     content_date: str
     content_time: str
-    metadata_json: str
+    meta_json: str
     sha256: bytes
     size: int
 
@@ -178,12 +178,7 @@ def parse(raw: bytes) -> ParsedInstance:
         number_of_frames=_int(ds, "NumberOfFrames"),
         content_date=_text(ds, "ContentDate"),
         content_time=_text(ds, "ContentTime"),
-        metadata_json=json.dumps(meta, separators=(",", ":")),
+        meta_json=json.dumps(meta, separators=(",", ":")),
         sha256=hashlib.sha256(raw).digest(),
         size=len(raw),
     )
-
-
-def normalise_name(name: str) -> str:
-    """Case-insensitive person-name matching key (documented default for C-FIND)."""
-    return name.casefold().upper()

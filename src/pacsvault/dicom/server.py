@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -30,6 +30,13 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.dicom.parse import InvalidObject, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
+from pacsvault.dicom.qr import (
+    FIND_CLASSES,
+    GET_CLASSES,
+    MOVE_CLASSES,
+    QueryRetrieve,
+    denied_contexts,
+)
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.objects import DiskFullError
@@ -49,8 +56,10 @@ STATUS_WARNING_DISCARDED = 0xB006
 TLS_HANDSHAKE_TIMEOUT = 15.0
 
 # Received datasets stay in memory: pynetdicom's chunked mode would spool them, in clear,
-# to a temporary file.
+# to a temporary file. Query identifiers (names, IDs) must not reach its log either.
 _config.STORE_RECV_CHUNKED_DATASET = False
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 @dataclass
@@ -72,6 +81,7 @@ class DicomService:
         )
         self._lock = threading.Lock()
         self.ae = self._make_ae()
+        self.qr = QueryRetrieve(self)
 
     # --- setup ------------------------------------------------------------------------
 
@@ -82,7 +92,13 @@ class DicomService:
         ae.add_supported_context(Verification, syntaxes)
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, syntaxes)
+                # Both roles: we are the SCP of modalities' C-STORE, and the SCU of the
+                # C-STORE sub-operations of a C-GET (SCP/SCU role selection).
+                ae.add_supported_context(
+                    cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True
+                )
+        for uid in sorted(FIND_CLASSES | MOVE_CLASSES | GET_CLASSES):
+            ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = settings.dicom.maximum_pdu_size
         ae.network_timeout = settings.dicom.network_timeout
         ae.acse_timeout = 30
@@ -95,6 +111,9 @@ class DicomService:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self.qr.on_find),
+            (evt.EVT_C_MOVE, self.qr.on_move),
+            (evt.EVT_C_GET, self.qr.on_get),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
@@ -156,6 +175,31 @@ class DicomService:
         decision = self.policy.check_association(state.peer, calling_ae, called_ae)
         state.node = decision.node
         return decision.allowed, decision.reason
+
+    def restrict_contexts(self, assoc: Association, requested: list[Any]) -> None:
+        """Least privilege: drop the Q/R contexts the node's roles do not grant."""
+        state = self._state(assoc)
+        assert state.node is not None
+        denied = denied_contexts(state.node.roles)
+        if not denied:
+            return
+        assoc.acceptor.supported_contexts = [
+            cx for cx in assoc.acceptor.supported_contexts
+            if str(cx.abstract_syntax) not in denied
+        ]
+        asked = sorted({str(cx.abstract_syntax) for cx in requested} & denied)
+        if asked:
+            self.vault.recorder.emit(
+                AuditEvent(
+                    action="dicom.qr.contexts_refused",
+                    outcome=Outcome.MINOR_FAILURE,
+                    code=EventCode.SECURITY_ALERT,
+                    actor_ae=state.node.ae_title,
+                    actor_address=state.peer.address,
+                    message="query/retrieve contexts refused: the node lacks the role",
+                    detail={"refused": ",".join(asked), "roles": ",".join(state.node.roles)},
+                )
+            )
 
     # --- DIMSE handlers --------------------------------------------------------------
 
@@ -329,4 +373,5 @@ class _PolicyACSE(ACSE):
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return
+        self._pv_service.restrict_contexts(self.assoc, rq.presentation_context_definition_list)
         super()._negotiate_as_acceptor()

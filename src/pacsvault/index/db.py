@@ -35,6 +35,9 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=30000")
     # Keep SQLite's own temporary files in memory: they would be unencrypted on disk.
     cur.execute("PRAGMA temp_store=MEMORY")
+    # DICOM matching is case-sensitive (person names use a case-folded column instead);
+    # this also lets prefix LIKE use the indexes.
+    cur.execute("PRAGMA case_sensitive_like=ON")
     cur.close()
 
 

@@ -1,8 +1,10 @@
 """ORM tables of the index.
 
 Columns hold every attribute that C-FIND (PS3.4 C.6) and QIDO-RS (PS3.18 required matching
-attributes) match on; ``instances.metadata_json`` keeps the whole non-bulk dataset (DICOM
-JSON model) so any requested return key can be answered without decrypting an image.
+attributes) match on, in the normalised form of ``index.matching`` (names case-folded, times
+padded) so the database compares them directly. ``meta_json`` keeps a whole non-bulk
+dataset (DICOM JSON model) at each level, so any requested return key can be answered
+without decrypting an image.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Patient(Base):
     sex: Mapped[str] = mapped_column(String(16), default="")
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"))
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # DICOM JSON of the first instance received: answers return keys without decryption.
+    meta_json: Mapped[str] = mapped_column(Text, default="{}")
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
 
@@ -71,6 +75,7 @@ class Study(Base):
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    meta_json: Mapped[str] = mapped_column(Text, default="{}")
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -89,6 +94,7 @@ class Series(Base):
     performed_start_date: Mapped[str] = mapped_column(String(8), default="")
     performed_start_time: Mapped[str] = mapped_column(String(16), default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    meta_json: Mapped[str] = mapped_column(Text, default="{}")
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
@@ -112,7 +118,7 @@ class Instance(Base):
     sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
     received: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     source_ae: Mapped[str] = mapped_column(String(16), default="")
-    metadata_json: Mapped[str] = mapped_column(Text, default="{}")
+    meta_json: Mapped[str] = mapped_column(Text, default="{}")
     series: Mapped[Series] = relationship(back_populates="instances")
 
 

@@ -84,6 +84,38 @@ class NodeRegistry:
             session.add(row)
             return _info(row)
 
+    def update(
+        self,
+        ae_title: str,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        tls: bool | None = None,
+        client_cert: bool | None = None,
+        roles: tuple[str, ...] | None = None,
+    ) -> NodeInfo:
+        with self._sessions.begin() as session:
+            row = session.scalar(select(Node).where(Node.ae_title == ae_title.strip()))
+            if row is None:
+                raise NodeError(f"no node named {ae_title}")
+            if host is not None:
+                if not host.strip():
+                    raise NodeError("a node needs a host address")
+                row.host = host.strip()
+            if port is not None:
+                if not 0 < port < 65536:
+                    raise NodeError("port must be between 1 and 65535")
+                row.port = port
+            if tls is not None:
+                row.tls = tls
+            if client_cert is not None:
+                row.client_cert = client_cert
+            if roles is not None:
+                row.roles = ",".join(roles)
+            if row.client_cert and not row.tls:
+                raise NodeError("a client certificate requires TLS")
+            return _info(row)
+
     def remove(self, ae_title: str) -> None:
         with self._sessions.begin() as session:
             row = session.scalar(select(Node).where(Node.ae_title == ae_title.strip()))

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
-from pacsvault.dicom.parse import InvalidObject, ParsedInstance, normalise_name, parse
+from pacsvault.dicom.parse import InvalidObject, ParsedInstance, parse
+from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study
 from pacsvault.storage.objects import ObjectStore, Recovery
 
@@ -140,9 +141,10 @@ class Archive:
                     issuer=parsed.issuer,
                     name=parsed.patient_name,
                     name_norm=normalise_name(parsed.patient_name),
-                    birth_date=parsed.birth_date,
+                    birth_date=normalise_date(parsed.birth_date),
                     sex=parsed.sex,
                     key_id=str(key_id),
+                    meta_json=parsed.meta_json,
                 )
                 session.add(patient)
             return uuid.UUID(patient.key_id)
@@ -167,8 +169,8 @@ class Archive:
                 study = Study(
                     patient_pk=patient.pk,
                     study_uid=parsed.study_uid,
-                    study_date=parsed.study_date,
-                    study_time=parsed.study_time,
+                    study_date=normalise_date(parsed.study_date),
+                    study_time=normalise_time(parsed.study_time),
                     accession_number=parsed.accession_number,
                     study_id=parsed.study_id,
                     description=parsed.study_description,
@@ -176,6 +178,7 @@ class Archive:
                     referring_physician_norm=normalise_name(parsed.referring_physician),
                     num_series=0,
                     num_instances=0,
+                    meta_json=parsed.meta_json,
                 )
                 session.add(study)
                 session.flush()
@@ -190,11 +193,12 @@ class Archive:
                     series_number=parsed.series_number,
                     description=parsed.series_description,
                     body_part=parsed.body_part,
-                    series_date=parsed.series_date,
-                    series_time=parsed.series_time,
-                    performed_start_date=parsed.performed_start_date,
-                    performed_start_time=parsed.performed_start_time,
+                    series_date=normalise_date(parsed.series_date),
+                    series_time=normalise_time(parsed.series_time),
+                    performed_start_date=normalise_date(parsed.performed_start_date),
+                    performed_start_time=normalise_time(parsed.performed_start_time),
                     num_instances=0,
+                    meta_json=parsed.meta_json,
                 )
                 session.add(series)
                 session.flush()
@@ -212,14 +216,14 @@ class Archive:
                     rows=parsed.rows,
                     columns=parsed.columns,
                     number_of_frames=parsed.number_of_frames,
-                    content_date=parsed.content_date,
-                    content_time=parsed.content_time,
+                    content_date=normalise_date(parsed.content_date),
+                    content_time=normalise_time(parsed.content_time),
                     object_id=object_id,
                     key_id=str(key_id),
                     size=parsed.size,
                     sha256=parsed.sha256,
                     source_ae=source_ae,
-                    metadata_json=parsed.metadata_json,
+                    meta_json=parsed.meta_json,
                 )
             )
             series.num_instances += 1

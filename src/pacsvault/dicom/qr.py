@@ -1,0 +1,272 @@
+"""Query/Retrieve SCP: C-FIND, C-MOVE and C-GET, each for the roles a node was granted.
+
+Least privilege is enforced twice: the association policy removes the FIND contexts from a
+node without ``query`` and the MOVE/GET contexts from a node without ``retrieve`` (so they
+are rejected at negotiation, result "abstract syntax not supported"), and each handler
+checks again. A C-MOVE destination comes only from the node registry, never from the
+request's address, and must itself hold ``retrieve``: nothing leaves for an unknown peer.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.crypto.objects import ObjectFormatError
+from pacsvault.crypto.tls import client_context
+from pacsvault.index.query import QueryEngine, QueryError
+from pacsvault.storage.archive import StoredInstance
+
+if TYPE_CHECKING:
+    from pacsvault.dicom.server import DicomService, _AssocState
+
+log = logging.getLogger("pacsvault.dicom.qr")
+
+FIND_CLASSES = frozenset({
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(StudyRootQueryRetrieveInformationModelFind),
+})
+MOVE_CLASSES = frozenset({
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(StudyRootQueryRetrieveInformationModelMove),
+})
+GET_CLASSES = frozenset({
+    str(PatientRootQueryRetrieveInformationModelGet),
+    str(StudyRootQueryRetrieveInformationModelGet),
+})
+PATIENT_ROOT = frozenset({
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(PatientRootQueryRetrieveInformationModelGet),
+})
+
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_NOT_AUTHORIZED = 0x0124
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_UNABLE = 0xC000
+# pynetdicom counts a pending result whose "dataset" is not a Dataset as a failed
+# sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
+_FAILED_SUBOP = "unreadable"
+_MAX_CONTEXTS = 120
+
+
+def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
+    """Q/R abstract syntaxes a node with these roles must not negotiate."""
+    denied: set[str] = set()
+    if "query" not in roles:
+        denied |= FIND_CLASSES
+    if "retrieve" not in roles:
+        denied |= MOVE_CLASSES | GET_CLASSES
+    return frozenset(denied)
+
+
+class QueryRetrieve:
+    def __init__(self, service: DicomService) -> None:
+        self._service = service
+        self._vault = service.vault
+        self.engine = QueryEngine(service.vault.sessions, service.vault.settings.server.ae_title)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _refuse(self, state: _AssocState, what: str) -> None:
+        self._vault.recorder.emit(AuditEvent(
+            action=f"dicom.{what}.refused", outcome=Outcome.SERIOUS_FAILURE,
+            code=EventCode.SECURITY_ALERT,
+            actor_ae=state.node.ae_title if state.node else "",
+            actor_address=state.peer.address,
+            message=f"node lacks the role for {what}",
+        ))
+
+    @staticmethod
+    def _root(event: evt.Event) -> str:
+        sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
+        return "PATIENT" if sop_class in PATIENT_ROOT else "STUDY"
+
+    @staticmethod
+    def _identifier(event: evt.Event) -> tuple[Dataset, str]:
+        identifier: Dataset = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        return identifier, level
+
+    # --- C-FIND -----------------------------------------------------------------------
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        state = self._service._state(event.assoc)
+        if state.node is None or not state.node.may("query"):
+            self._refuse(state, "find")
+            yield STATUS_NOT_AUTHORIZED, None
+            return
+        try:
+            identifier, level = self._identifier(event)
+            answers = self.engine.find(level, identifier, root=self._root(event))
+            matches = 0
+            cancelled = False
+            for answer in answers:
+                if event.is_cancelled:
+                    cancelled = True
+                    break
+                matches += 1
+                yield STATUS_PENDING, answer
+        except QueryError as exc:
+            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc))
+            yield STATUS_IDENTIFIER_MISMATCH, None
+            return
+        except Exception as exc:  # decoding errors etc.: never a traceback with values
+            self._record_query(state, "", 0, Outcome.SERIOUS_FAILURE, type(exc).__name__)
+            yield STATUS_UNABLE, None
+            return
+        self._record_query(state, level, matches, Outcome.SUCCESS,
+                           "cancelled by the requester" if cancelled else "")
+        if cancelled:
+            yield STATUS_CANCEL, None
+
+    def _record_query(
+        self, state: _AssocState, level: str, matches: int, outcome: Outcome, note: str
+    ) -> None:
+        self._vault.recorder.emit(AuditEvent(
+            action="dicom.find", outcome=outcome, code=EventCode.QUERY,
+            actor_ae=state.node.ae_title if state.node else "",
+            actor_address=state.peer.address, message=note,
+            detail={"level": level, "matches": matches},
+        ))
+
+    # --- C-MOVE -----------------------------------------------------------------------
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        state = self._service._state(event.assoc)
+        if state.node is None or not state.node.may("retrieve"):
+            self._refuse(state, "move")
+            return  # no destination yielded: pynetdicom answers with a failure status
+        destination_ae = str(event.move_destination or "").strip()
+        dest = self._vault.nodes.get(destination_ae)
+        if dest is None or dest.port is None or not dest.may("retrieve"):
+            self._vault.recorder.emit(AuditEvent(
+                action="dicom.move.unknown_destination", outcome=Outcome.SERIOUS_FAILURE,
+                code=EventCode.SECURITY_ALERT, actor_ae=state.node.ae_title,
+                actor_address=state.peer.address,
+                message="C-MOVE to a destination that is not a registered node with the "
+                        "retrieve role and a port; nothing was sent",
+                detail={"destination": destination_ae},
+            ))
+            yield None, None  # pynetdicom: 0xA801 move destination unknown
+            return
+        identifier, level = self._identifier(event)
+        try:
+            items = self.engine.instances(level, identifier)
+        except QueryError as exc:
+            self._record_retrieve(state, "move", destination_ae, [], 0, Outcome.MINOR_FAILURE,
+                                  str(exc))
+            raise
+        kwargs: dict[str, Any] = {"contexts": _contexts_for(self._sop_syntaxes(items))}
+        if dest.tls:
+            ctx = client_context(self._vault.layout.tls, self._vault.tls_password())
+            kwargs["tls_args"] = (ctx, dest.host)
+        yield dest.host, dest.port, kwargs
+        yield from self._send(event, state, "move", destination_ae, items)
+
+    # --- C-GET ------------------------------------------------------------------------
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        state = self._service._state(event.assoc)
+        if state.node is None or not state.node.may("retrieve"):
+            self._refuse(state, "get")
+            return  # no sub-operation count yielded: pynetdicom answers with a failure
+        identifier, level = self._identifier(event)
+        try:
+            items = self.engine.instances(level, identifier)
+        except QueryError as exc:
+            self._record_retrieve(state, "get", state.node.ae_title, [], 0,
+                                  Outcome.MINOR_FAILURE, str(exc))
+            raise
+        yield from self._send(event, state, "get", state.node.ae_title, items)
+
+    # --- shared -----------------------------------------------------------------------
+
+    def _sop_syntaxes(self, items: list[StoredInstance]) -> set[tuple[str, str]]:
+        from sqlalchemy import select
+
+        from pacsvault.index.models import Instance
+
+        uids = [i.sop_uid for i in items]
+        found: set[tuple[str, str]] = set()
+        with self._vault.sessions() as session:
+            for start in range(0, len(uids), 500):
+                rows = session.execute(
+                    select(Instance.sop_class_uid, Instance.transfer_syntax)
+                    .where(Instance.sop_uid.in_(uids[start:start + 500])).distinct())
+                found |= {(str(a), str(b)) for a, b in rows}
+        return found
+
+    def _send(
+        self, event: evt.Event, state: _AssocState, kind: str, destination: str,
+        items: list[StoredInstance],
+    ) -> Iterator[Any]:
+        yield len(items)
+        studies = sorted({i.study_uid for i in items})
+        self._vault.recorder.emit(AuditEvent(
+            action=f"dicom.{kind}.begin", outcome=Outcome.SUCCESS,
+            code=EventCode.BEGIN_TRANSFERRING,
+            actor_ae=state.node.ae_title if state.node else "",
+            actor_address=state.peer.address, study_uids=tuple(studies),
+            detail={"destination": destination, "instances": len(items)},
+        ))
+        attempted = 0
+        for item in items:
+            if event.is_cancelled:
+                self._record_retrieve(state, kind, destination, studies, attempted,
+                                      Outcome.MINOR_FAILURE, "cancelled by the requester")
+                yield STATUS_CANCEL, None
+                return
+            attempted += 1
+            try:
+                ds = dcmread(io.BytesIO(self._vault.archive.read(item)))
+            except (ObjectFormatError, OSError) as exc:
+                log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
+                yield STATUS_PENDING, _FAILED_SUBOP
+                continue
+            yield STATUS_PENDING, ds
+        self._record_retrieve(state, kind, destination, studies, attempted, Outcome.SUCCESS, "")
+
+    def _record_retrieve(
+        self, state: _AssocState, kind: str, destination: str, studies: list[str],
+        sent: int, outcome: Outcome, note: str,
+    ) -> None:
+        self._vault.recorder.emit(AuditEvent(
+            action=f"dicom.{kind}", outcome=outcome, code=EventCode.INSTANCES_TRANSFERRED,
+            actor_ae=state.node.ae_title if state.node else "",
+            actor_address=state.peer.address, study_uids=tuple(studies), message=note,
+            detail={"destination": destination, "sent": sent},
+        ))
+
+
+def _contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
+    """One context per (SOP class, stored syntax), so nothing has to be transcoded."""
+    contexts: list[PresentationContext] = []
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    for sop_class, syntax in sorted(pairs):
+        stored = UID(syntax)
+        # An uncompressed dataset may be re-encoded if the peer prefers another
+        # uncompressed syntax; a compressed one is offered only as stored.
+        syntaxes: list[str | UID] = [stored]
+        if not stored.is_compressed and not stored.is_deflated:
+            syntaxes += [s for s in uncompressed if s != stored]
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts[:_MAX_CONTEXTS]

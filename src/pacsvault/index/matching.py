@@ -1,0 +1,177 @@
+"""DICOM attribute matching (PS3.4 C.2.2.2), once, for both SQL and in-memory use.
+
+A query value is parsed into a ``Condition``; the same condition can become a SQLAlchemy
+clause on an indexed column (fast path, no decryption of any image) or be evaluated on a
+value taken from stored metadata (any other attribute). Sharing one parser keeps C-FIND and
+QIDO-RS from drifting apart.
+
+Person names match case-insensitively (``normalise_name``): a documented choice, since
+practices type names in every case. Other strings match case-sensitively, as the standard
+requires.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import ColumnElement, and_, false, or_, true
+from sqlalchemy.orm import InstrumentedAttribute
+
+Kind = Literal["str", "pn", "date", "time", "uid", "int"]
+
+_TIME_DIGITS = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?$")
+
+
+def normalise_name(name: str) -> str:
+    """Case-insensitive person-name key; trailing empty components do not count."""
+    groups = [
+        "^".join(part.strip() for part in group.split("^")).rstrip("^")
+        for group in name.split("=")
+    ]
+    return "=".join(groups).rstrip("=").casefold().upper()
+
+
+def normalise_time(value: str, *, upper: bool = False) -> str:
+    """'1015' -> '101500.000000'; as an upper bound '1015' -> '101559.999999'."""
+    digits = value.strip().replace(":", "")
+    m = _TIME_DIGITS.match(digits)
+    if not m:
+        return ""
+    hh, mm, ss, frac = m.groups()
+    fill_mm, fill_ss, fill_frac = ("59", "59", "9") if upper else ("00", "00", "0")
+    if mm is None:
+        return f"{hh}{fill_mm}{fill_ss}.{fill_frac * 6}"
+    if ss is None:
+        return f"{hh}{mm}{fill_ss}.{fill_frac * 6}"
+    frac = (frac or "").ljust(6, fill_frac if frac is None else "0")
+    return f"{hh}{mm}{ss}.{frac}"
+
+
+def normalise_date(value: str) -> str:
+    digits = value.strip().replace(".", "")  # ACR-NEMA "YYYY.MM.DD" still seen in the wild
+    return digits if len(digits) == 8 and digits.isdigit() else ""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A parsed query value. ``op`` is one of: any, equal, wildcard, range, list."""
+
+    op: str
+    kind: Kind
+    value: str = ""
+    low: str = ""
+    high: str = ""
+    items: tuple[str, ...] = ()
+
+    @property
+    def is_universal(self) -> bool:
+        return self.op == "any"
+
+    # --- SQL ---------------------------------------------------------------------------
+
+    def clause(
+        self, column: InstrumentedAttribute[str] | ColumnElement[str]
+    ) -> ColumnElement[bool]:
+        if self.op == "any":
+            return true()
+        if self.op == "equal":
+            return column == self.value
+        if self.op == "list":
+            return column.in_(self.items)
+        if self.op == "wildcard":
+            return column.like(_like_pattern(self.value), escape="\\")
+        return self._range_clause(column)
+
+    def _range_clause(
+        self, column: InstrumentedAttribute[str] | ColumnElement[str]
+    ) -> ColumnElement[bool]:
+        if self.kind == "time" and self.low and self.high and self.low > self.high:
+            # "2300-0100" crosses midnight
+            return and_(column != "", or_(column >= self.low, column <= self.high))
+        parts: list[ColumnElement[bool]] = [column != ""]
+        if self.low:
+            parts.append(column >= self.low)
+        if self.high:
+            parts.append(column <= self.high)
+        return and_(*parts) if len(parts) > 1 else false()
+
+    # --- in memory ---------------------------------------------------------------------
+
+    def matches(self, raw: str) -> bool:
+        if self.op == "any":
+            return True
+        value = normalise(self.kind, raw)
+        if self.op == "equal":
+            return value == self.value
+        if self.op == "list":
+            return value in self.items
+        if self.op == "wildcard":
+            return _wildcard_regex(self.value).fullmatch(value) is not None
+        if not value:
+            return False
+        if self.kind == "time" and self.low and self.high and self.low > self.high:
+            return value >= self.low or value <= self.high
+        return (not self.low or value >= self.low) and (not self.high or value <= self.high)
+
+
+def normalise(kind: Kind, raw: str) -> str:
+    """The comparable form of a stored value (what the index columns hold)."""
+    if kind == "pn":
+        return normalise_name(raw)
+    if kind == "date":
+        return normalise_date(raw)
+    if kind == "time":
+        return normalise_time(raw)
+    return raw.strip()
+
+
+def parse(kind: Kind, raw: str) -> Condition:
+    """Parse one query value according to the attribute's kind."""
+    text = raw.strip()
+    if text in ("", "*"):
+        return Condition("any", kind)
+    if kind == "uid" and "\\" in text:
+        return Condition("list", kind, items=tuple(t.strip() for t in text.split("\\")))
+    if kind in ("date", "time") and "-" in text:
+        low, _, high = text.partition("-")
+        if kind == "date":
+            return Condition("range", kind, low=normalise_date(low) if low else "",
+                             high=normalise_date(high) if high else "")
+        return Condition("range", kind,
+                         low=normalise_time(low) if low else "",
+                         high=normalise_time(high, upper=True) if high else "")
+    if kind in ("str", "pn") and ("*" in text or "?" in text):
+        pattern = normalise_name(text) if kind == "pn" else text
+        return Condition("wildcard", kind, value=pattern)
+    if kind == "time":
+        # A single time of lower precision matches the whole period it names.
+        return Condition("range", kind, low=normalise_time(text),
+                         high=normalise_time(text, upper=True))
+    if kind != "uid" and "\\" in text:
+        # A value list on a non-UID attribute: match any of them (PS3.4 C.2.2.2.8 allows
+        # this for some keys; accepting it everywhere is harmless and convenient).
+        return Condition("list", kind, items=tuple(normalise(kind, t) for t in text.split("\\")))
+    return Condition("equal", kind, value=normalise(kind, text))
+
+
+def _like_pattern(pattern: str) -> str:
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        elif ch in "%_\\":
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _wildcard_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
+        re.DOTALL,
+    )

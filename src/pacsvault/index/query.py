@@ -1,0 +1,390 @@
+"""Hierarchical queries over the encrypted index: C-FIND today, QIDO-RS tomorrow.
+
+Attributes with an index column are matched in SQL; any other attribute with a value is
+matched on the stored DICOM JSON of the record (the first instance received at that level),
+still without opening a single image. Answers take their values from that JSON, so every
+requested return key is filled with what the modality sent.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
+
+from pacsvault.index import matching
+from pacsvault.index.matching import Condition, Kind
+from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.storage.archive import StoredInstance
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_RANK = {level: i for i, level in enumerate(LEVELS)}
+
+
+class QueryError(Exception):
+    """The identifier cannot be processed (status A900/C000 on the DICOM side)."""
+
+
+@dataclass(frozen=True)
+class _Col:
+    level: str
+    column: InstrumentedAttribute[Any]
+    kind: Kind
+
+
+COLUMNS: dict[str, _Col] = {
+    "PatientName": _Col("PATIENT", Patient.name_norm, "pn"),
+    "PatientID": _Col("PATIENT", Patient.patient_id, "str"),
+    "IssuerOfPatientID": _Col("PATIENT", Patient.issuer, "str"),
+    "PatientBirthDate": _Col("PATIENT", Patient.birth_date, "date"),
+    "PatientSex": _Col("PATIENT", Patient.sex, "str"),
+    "StudyInstanceUID": _Col("STUDY", Study.study_uid, "uid"),
+    "StudyDate": _Col("STUDY", Study.study_date, "date"),
+    "StudyTime": _Col("STUDY", Study.study_time, "time"),
+    "AccessionNumber": _Col("STUDY", Study.accession_number, "str"),
+    "StudyID": _Col("STUDY", Study.study_id, "str"),
+    "StudyDescription": _Col("STUDY", Study.description, "str"),
+    "ReferringPhysicianName": _Col("STUDY", Study.referring_physician_norm, "pn"),
+    "SeriesInstanceUID": _Col("SERIES", Series.series_uid, "uid"),
+    "Modality": _Col("SERIES", Series.modality, "str"),
+    "SeriesNumber": _Col("SERIES", Series.series_number, "int"),
+    "SeriesDescription": _Col("SERIES", Series.description, "str"),
+    "BodyPartExamined": _Col("SERIES", Series.body_part, "str"),
+    "SeriesDate": _Col("SERIES", Series.series_date, "date"),
+    "SeriesTime": _Col("SERIES", Series.series_time, "time"),
+    "PerformedProcedureStepStartDate": _Col("SERIES", Series.performed_start_date, "date"),
+    "PerformedProcedureStepStartTime": _Col("SERIES", Series.performed_start_time, "time"),
+    "SOPInstanceUID": _Col("IMAGE", Instance.sop_uid, "uid"),
+    "SOPClassUID": _Col("IMAGE", Instance.sop_class_uid, "uid"),
+    "InstanceNumber": _Col("IMAGE", Instance.instance_number, "int"),
+    "ContentDate": _Col("IMAGE", Instance.content_date, "date"),
+    "ContentTime": _Col("IMAGE", Instance.content_time, "time"),
+}
+
+# Return keys computed from the index rather than copied from an instance.
+_COMPUTED_LEVEL = {
+    "NumberOfPatientRelatedStudies": "PATIENT",
+    "NumberOfPatientRelatedSeries": "PATIENT",
+    "NumberOfPatientRelatedInstances": "PATIENT",
+    "NumberOfStudyRelatedSeries": "STUDY",
+    "NumberOfStudyRelatedInstances": "STUDY",
+    "ModalitiesInStudy": "STUDY",
+    "SOPClassesInStudy": "STUDY",
+    "NumberOfSeriesRelatedInstances": "SERIES",
+}
+_SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
+         "InstanceAvailability"}
+_VR_KIND: dict[str, Kind] = {"PN": "pn", "DA": "date", "TM": "time", "UI": "uid"}
+
+
+def _int_clause(cond: Condition, column: InstrumentedAttribute[Any]) -> ColumnElement[bool]:
+    try:
+        if cond.op == "equal":
+            return column == int(cond.value)
+        if cond.op == "list":
+            return column.in_([int(v) for v in cond.items])
+    except ValueError:
+        raise QueryError("a numeric key has a non-numeric value") from None
+    raise QueryError("wildcards and ranges do not apply to numbers")
+
+
+@dataclass
+class _Filter:
+    sql: list[ColumnElement[bool]]
+    meta: list[tuple[str, Any]]  # (tag hex, Condition | list of item conditions)
+
+
+class QueryEngine:
+    def __init__(self, sessions: sessionmaker[Session], ae_title: str) -> None:
+        self._sessions = sessions
+        self._ae_title = ae_title
+
+    # --- C-FIND / QIDO --------------------------------------------------------------
+
+    def find(
+        self, level: str, identifier: Dataset, *, root: str = "STUDY"
+    ) -> Iterator[Dataset]:
+        """Yield one answer per matching record, streaming from the database."""
+        if level not in LEVELS or (root == "STUDY" and level == "PATIENT"):
+            raise QueryError("unsupported query level for this information model")
+        filt = self._filter(level, identifier)
+        stmt = self._select(level).where(*filt.sql)
+        charset = _answer_charset(identifier)
+        with self._sessions() as session:
+            for row in session.execute(stmt).yield_per(256):
+                record = row[0]
+                meta: dict[str, Any] = json.loads(record.meta_json or "{}")
+                if not all(_meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
+                    continue
+                yield self._answer(session, level, record, meta, identifier, charset)
+
+    def _select(self, level: str) -> Select[Any]:
+        if level == "PATIENT":
+            return select(Patient).order_by(Patient.pk)
+        if level == "STUDY":
+            return select(Study).join(Patient, Study.patient_pk == Patient.pk).order_by(
+                Study.pk)
+        if level == "SERIES":
+            return (select(Series).join(Study, Series.study_pk == Study.pk)
+                    .join(Patient, Study.patient_pk == Patient.pk).order_by(Series.pk))
+        return (select(Instance).join(Series, Instance.series_pk == Series.pk)
+                .join(Study, Series.study_pk == Study.pk)
+                .join(Patient, Study.patient_pk == Patient.pk).order_by(Instance.pk))
+
+    def _filter(self, level: str, identifier: Dataset) -> _Filter:
+        sql: list[ColumnElement[bool]] = []
+        meta: list[tuple[str, Any]] = []
+        for elem in identifier:
+            keyword = elem.keyword
+            if keyword in _SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
+                continue
+            if elem.VR == "SQ":
+                items = _sequence_conditions(elem)
+                if items:
+                    meta.append((f"{elem.tag:08X}", items))
+                continue
+            raw = _text(elem)
+            if keyword == "ModalitiesInStudy":
+                cond = matching.parse("str", raw)
+                if not cond.is_universal and _RANK[level] >= _RANK["STUDY"]:
+                    sql.append(exists().where(Series.study_pk == Study.pk,
+                                              cond.clause(Series.modality)))
+                continue
+            col = COLUMNS.get(keyword)
+            if col is not None:
+                if _RANK[col.level] > _RANK[level]:
+                    continue  # a lower-level key in a higher-level query: not a filter
+                cond = matching.parse(col.kind, raw)
+                if cond.is_universal:
+                    continue
+                sql.append(
+                    _int_clause(cond, col.column) if col.kind == "int"
+                    else cond.clause(col.column)
+                )
+                continue
+            if keyword in _COMPUTED_LEVEL:
+                continue
+            cond = matching.parse(_VR_KIND.get(str(elem.VR), "str"), raw)
+            if not cond.is_universal:
+                meta.append((f"{elem.tag:08X}", cond))
+        return _Filter(sql, meta)
+
+    # --- C-MOVE / C-GET selection ------------------------------------------------------
+
+    def instances(self, level: str, identifier: Dataset) -> list[StoredInstance]:
+        """The instances a retrieve request names by its unique keys.
+
+        The unique key of the requested level must be given, as a value or a list, never a
+        wildcard or empty: "retrieve everything" is how an exposed archive is harvested.
+        """
+        unique = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+                  "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}.get(level)
+        if unique is None:
+            raise QueryError("unsupported retrieve level")
+        stmt = (
+            select(Instance, Series.series_uid, Study.study_uid)
+            .join(Series, Instance.series_pk == Series.pk)
+            .join(Study, Series.study_pk == Study.pk)
+            .join(Patient, Study.patient_pk == Patient.pk)
+            .order_by(Study.pk, Series.pk, Instance.instance_number, Instance.pk)
+        )
+        for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            col = COLUMNS[keyword]
+            if _RANK[col.level] > _RANK[level]:
+                break
+            raw = _text(identifier[keyword]) if keyword in identifier else ""
+            cond = matching.parse("uid", raw)  # exact values and lists only
+            if keyword == unique and (cond.is_universal or "*" in raw or "?" in raw):
+                raise QueryError(f"{unique} must name what to retrieve")
+            if not cond.is_universal:
+                stmt = stmt.where(cond.clause(col.column))
+        with self._sessions() as session:
+            return [
+                StoredInstance(inst.sop_uid, study_uid, series_uid, inst.object_id,
+                               uuid.UUID(inst.key_id), inst.size)
+                for inst, series_uid, study_uid in session.execute(stmt)
+            ]
+
+    # --- answers ----------------------------------------------------------------------
+
+    def _answer(
+        self, session: Session, level: str, record: Any, meta: dict[str, Any],
+        identifier: Dataset, charset: str | None,
+    ) -> Dataset:
+        out: dict[str, Any] = {}
+        computed: list[str] = []
+        for elem in identifier:
+            keyword = elem.keyword
+            if keyword in _SKIP or elem.tag.group == 0x0002:
+                continue
+            tag = f"{elem.tag:08X}"
+            if keyword in _COMPUTED_LEVEL:
+                computed.append(keyword)
+                continue
+            col = COLUMNS.get(keyword)
+            value = meta.get(tag)
+            if value is None or (col is not None and _RANK[col.level] > _RANK[level]):
+                out[tag] = {"vr": elem.VR}
+            elif elem.VR == "SQ":
+                out[tag] = _sequence_answer(value, elem)
+            else:
+                out[tag] = _strip_bulk(value)
+        ds = Dataset.from_json(out)
+        if charset == "ISO_IR 100" and not _fits_latin1(out):
+            charset = "ISO_IR 192"
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.QueryRetrieveLevel = level
+        ds.RetrieveAETitle = self._ae_title
+        if "InstanceAvailability" in identifier:
+            ds.InstanceAvailability = "ONLINE"
+        for keyword in computed:
+            setattr(ds, keyword, self._computed(session, keyword, record))
+        return ds
+
+    @staticmethod
+    def _computed(session: Session, keyword: str, record: Any) -> Any:
+        if keyword == "NumberOfStudyRelatedSeries":
+            return record.num_series
+        if keyword == "NumberOfStudyRelatedInstances":
+            return record.num_instances
+        if keyword == "NumberOfSeriesRelatedInstances":
+            return record.num_instances
+        if keyword == "ModalitiesInStudy":
+            return [m for m in record.modalities.split("\\") if m]
+        if keyword == "SOPClassesInStudy":
+            return sorted(session.scalars(
+                select(Instance.sop_class_uid).distinct()
+                .join(Series, Instance.series_pk == Series.pk)
+                .where(Series.study_pk == record.pk)))
+        studies = select(Study).where(Study.patient_pk == record.pk).subquery()
+        if keyword == "NumberOfPatientRelatedStudies":
+            return session.scalar(select(func.count()).select_from(studies))
+        if keyword == "NumberOfPatientRelatedSeries":
+            return session.scalar(select(func.coalesce(func.sum(studies.c.num_series), 0)))
+        return session.scalar(select(func.coalesce(func.sum(studies.c.num_instances), 0)))
+
+
+# --- helpers on DICOM JSON values --------------------------------------------------------
+
+
+def _text(elem: DataElement) -> str:
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _json_strings(entry: dict[str, Any]) -> list[str]:
+    values = entry.get("Value") or []
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            out.append("=".join(
+                v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
+            ).rstrip("="))
+        else:
+            out.append(str(v))
+    return out or [""]
+
+
+def _meta_matches(entry: dict[str, Any] | None, cond: Any) -> bool:
+    if isinstance(cond, list):  # sequence: some item matches every item condition
+        items = (entry or {}).get("Value") or []
+        return any(
+            all(_meta_matches(item.get(tag), sub) for tag, sub in cond) for item in items
+        )
+    if entry is None:
+        entry = {}
+    return any(cond.matches(v) for v in _json_strings(entry))
+
+
+def _sequence_conditions(elem: DataElement) -> list[tuple[str, Any]]:
+    if not elem.value:
+        return []
+    item: Dataset = elem.value[0]
+    conds: list[tuple[str, Any]] = []
+    for sub in item:
+        if sub.VR == "SQ":
+            nested = _sequence_conditions(sub)
+            if nested:
+                conds.append((f"{sub.tag:08X}", nested))
+            continue
+        cond = matching.parse(_VR_KIND.get(str(sub.VR), "str"), _text(sub))
+        if not cond.is_universal:
+            conds.append((f"{sub.tag:08X}", cond))
+    return conds
+
+
+def _sequence_answer(entry: dict[str, Any], elem: DataElement) -> dict[str, Any]:
+    """Return the stored sequence, restricted to the keys the query asked for."""
+    items = entry.get("Value") or []
+    if not elem.value:
+        return {"vr": "SQ", "Value": [_strip_bulk_item(i) for i in items]}
+    wanted = [f"{sub.tag:08X}" for sub in elem.value[0]]
+    return {
+        "vr": "SQ",
+        "Value": [
+            {t: _strip_bulk(i[t]) if t in i else {"vr": _vr_of(t)} for t in wanted}
+            for i in items
+        ],
+    }
+
+
+def _vr_of(tag_hex: str) -> str:
+    try:
+        return str(dictionary_VR(Tag(int(tag_hex, 16))))
+    except KeyError:
+        return "UN"
+
+
+def _strip_bulk(entry: dict[str, Any]) -> dict[str, Any]:
+    if "BulkDataURI" in entry or "InlineBinary" in entry:
+        return {"vr": entry.get("vr", "UN")}
+    if entry.get("vr") == "SQ":
+        return {"vr": "SQ", "Value": [_strip_bulk_item(i) for i in entry.get("Value") or []]}
+    return entry
+
+
+def _strip_bulk_item(item: dict[str, Any]) -> dict[str, Any]:
+    return {t: _strip_bulk(e) for t, e in item.items()}
+
+
+def _answer_charset(identifier: Dataset) -> str | None:
+    """Answer in UTF-8 unless the query asked for Latin-1: every stored text fits UTF-8."""
+    requested = identifier.get("SpecificCharacterSet")
+    if requested in ("ISO_IR 100", ["ISO_IR 100"]):
+        return "ISO_IR 100"
+    return "ISO_IR 192"
+
+
+def _fits_latin1(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_fits_latin1(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_fits_latin1(v) for v in value)
+    return True
+
+
+def level_of(keyword: str) -> str | None:
+    col = COLUMNS.get(keyword)
+    return col.level if col else _COMPUTED_LEVEL.get(keyword)
+
+
