@@ -176,23 +176,20 @@ def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float
 
 
 def events(vault: VaultDir, action: str | None = None) -> list[dict[str, object]]:
-    """Events recorded in the encrypted index (read in-process with the key)."""
-    from sqlalchemy import select
-
-    from pacsvault.index.models import Event
-
+    """Events recorded in the audit trail (read in-process with the key)."""
     v = vault.open()
     try:
-        with v.sessions() as s:
-            stmt = select(Event).order_by(Event.pk)
-            if action:
-                stmt = stmt.where(Event.action == action)
-            return [
-                {"action": e.action, "outcome": e.outcome, "code": e.event_code,
-                 "ae": e.actor_ae, "address": e.actor_address,
-                 **json.loads(e.detail_json)}
-                for e in s.scalars(stmt)
-            ]
+        return [
+            {"action": r.action, "outcome": r.outcome, "code": r.code, "ae": r.actor_ae,
+             "address": r.actor_address, "user": r.actor_user, "message": r.message,
+             "time": r.time, "seq": r.seq,
+             "study_uids": r.refs.get("study_uids", []),
+             "sop_uids": r.refs.get("sop_uids", []),
+             "patient_ids": r.refs.get("patient_ids", []),
+             **r.detail}
+            for r in v.audit.records()
+            if action is None or r.action == action
+        ]
     finally:
         v.close()
 

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -58,10 +58,28 @@ class StorageSettings(_Strict):
     duplicate_policy: str = Field("keep-first", pattern="^keep-first$")
 
 
+DEFAULT_RETENTION_DAYS = 365
+
+
+class AuditSettings(_Strict):
+    retention_days: int = Field(DEFAULT_RETENTION_DAYS, ge=1)
+    retention_justification: str = ""
+
+    @model_validator(mode="after")
+    def _justified(self) -> AuditSettings:
+        if self.retention_days != DEFAULT_RETENTION_DAYS and not self.retention_justification:
+            raise ValueError(
+                "changing retention_days from the CNIL-recommended 365 needs a "
+                "retention_justification"
+            )
+        return self
+
+
 class Settings(_Strict):
     server: ServerSettings
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
+    audit: AuditSettings = AuditSettings()
 
     def is_trusted(self, address: str) -> bool:
         try:
@@ -147,4 +165,11 @@ min_free_mb = 512
 # A different object received under an existing SOP Instance UID: keep the first one,
 # answer with warning status B006 (elements discarded) and record a security event.
 duplicate_policy = "keep-first"
+
+[audit]
+# Audit records older than this are sealed out of the trail (the chain still verifies).
+# 365 days is what the CNIL recommends for access logs; another value needs a reason,
+# which is recorded in the trail with each purge.
+retention_days = 365
+retention_justification = ""
 """

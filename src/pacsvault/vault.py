@@ -5,6 +5,7 @@
     pacsvault.toml   settings (no secrets)
     vault.json       vault id, format, key check, master key sealed by the recovery code
     index.db         SQLCipher index (+ -wal/-shm while open)
+    audit/           hash-chained, signed audit trail (patient references sealed)
     objects/         encrypted objects, objects/ab/cd/<random id>.pvo
     tls/             CA and server certificates; their private keys PKCS#8-encrypted
 
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsvault import config
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
-from pacsvault.audit.store import IndexSink
+from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
@@ -67,6 +68,10 @@ class Layout:
     @property
     def objects(self) -> Path:
         return self.root / "objects"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
 
     @property
     def tls(self) -> tls.TlsPaths:
@@ -125,6 +130,7 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
                 Path(f"{part}{suffix}").unlink(missing_ok=True)
         shutil.rmtree(layout.root / "tls", ignore_errors=True)
         shutil.rmtree(layout.objects, ignore_errors=True)
+        shutil.rmtree(layout.audit, ignore_errors=True)
         if created_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
         raise
@@ -144,6 +150,7 @@ def _populate(
     ObjectStore(layout.objects).create()
     engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id), create=True)
     engine.dispose()
+    layout.audit.mkdir(mode=0o700)
     layout.config.write_text(
         config.render(ae_title, key_file.resolve() if key_file else None), "utf-8"
     )
@@ -212,7 +219,15 @@ class Vault:
             self.sessions, self.objects, Keyring(master.derive(keys.PURPOSE_KEK, vault_id))
         )
         self.nodes = NodeRegistry(self.sessions)
-        self.recorder = Recorder([LogSink(), IndexSink(self.sessions)])
+        self.audit = AuditTrail(
+            layout.audit,
+            TrailKeys(
+                signing_seed=master.derive(keys.PURPOSE_AUDIT_SIGNING, vault_id),
+                sealing_key=master.derive(keys.PURPOSE_EVENTS, vault_id),
+            ),
+            self.sessions,
+        )
+        self.recorder = Recorder([LogSink(), TrailSink(self.audit)])
 
     @classmethod
     def open(cls, data_dir: Path, key_file: Path | None = None) -> Vault:

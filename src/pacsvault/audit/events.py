@@ -39,9 +39,9 @@ class Outcome(enum.Enum):
 class AuditEvent:
     """One thing that happened.
 
-    ``detail`` must never carry patient data (names, IDs, birth dates): it goes to plain
-    logs. Object references (UIDs) go in ``study_uids``/``sop_uids``, which only the
-    encrypted sinks keep.
+    ``detail`` and ``message`` must never carry patient data (names, IDs, birth dates):
+    they go to plain logs and stay readable in the trail. Object references go in
+    ``study_uids``/``sop_uids``/``patient_ids``, which the trail seals and logs omit.
     """
 
     action: str
@@ -53,6 +53,7 @@ class AuditEvent:
     actor_user: str = ""
     study_uids: tuple[str, ...] = ()
     sop_uids: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
     detail: Mapping[str, str | int | bool] = field(default_factory=dict)
     time: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 

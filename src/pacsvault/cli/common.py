@@ -46,6 +46,7 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,
     )
     # pynetdicom at INFO/DEBUG can dump received datasets: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pacsvault import __version__
-from pacsvault.cli import export, keycmd, nodes, serve, setup
+from pacsvault.cli import audit, export, keycmd, nodes, serve, setup
 from pacsvault.cli.common import USER_ERRORS, CommandError
 
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pacsvault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (setup, serve, nodes, export, keycmd):
+    for module in (setup, serve, nodes, export, keycmd, audit):
         module.register(sub)
     return parser
 
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Commands other than serve print only problems; serve configures its own logging.
+    logging.basicConfig(level=logging.WARNING, format="pacsvault: %(message)s")
     try:
         result: int = args.func(args)
         return result

@@ -12,12 +12,16 @@ from types import FrameType
 from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.cli.audit import purge_expired
 from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
 from pacsvault.cli.setup import init_vault
 from pacsvault.dicom.server import DicomService
-from pacsvault.vault import Layout
+from pacsvault.vault import Layout, Vault
 
 log = logging.getLogger("pacsvault.serve")
+
+RETENTION_CHECK_SECONDS = 6 * 3600
+TAIL_CHECK_RECORDS = 1000
 
 
 def register(sub: Any) -> None:
@@ -34,6 +38,19 @@ def _write_state(layout: Layout, state: dict[str, Any]) -> None:
     tmp = layout.state.with_suffix(".tmp")
     tmp.write_text(json.dumps(state), "utf-8")
     os.replace(tmp, layout.state)
+
+
+def _check_audit_trail(vault: Vault) -> None:
+    """Verify the trail's tail before serving; a break is a Security Alert, not a stop."""
+    verdict = vault.audit.verify(tail=TAIL_CHECK_RECORDS)
+    if not verdict.ok:
+        vault.recorder.emit(AuditEvent(
+            action="audit.verify", outcome=Outcome.MAJOR_FAILURE,
+            code=EventCode.SECURITY_ALERT,
+            message=f"the audit trail does not verify: {verdict.problem}. Run "
+                    "'pacsvault audit verify' and keep a copy of the trail as evidence.",
+        ))
+    purge_expired(vault)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls_port = args.dicom_tls_port if args.dicom_tls_port is not None else (
         settings.dicom.tls_port
     )
+    _check_audit_trail(vault)
     service = DicomService(vault)
     stop = threading.Event()
 
@@ -79,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "register your modality with 'pacsvault node add'")
     _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
     try:
-        stop.wait()
+        while not stop.wait(RETENTION_CHECK_SECONDS):
+            purge_expired(vault)
     finally:
         vault.layout.state.unlink(missing_ok=True)
         service.stop()

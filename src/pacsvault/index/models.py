@@ -136,16 +136,10 @@ class Node(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Event(Base):
-    """Security and activity events; the audit issue turns this into a hash-chained trail."""
+class AuditHead(Base):
+    """The last record written to the audit trail: truncating the trail is detected."""
 
-    __tablename__ = "events"
-    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
-    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    action: Mapped[str] = mapped_column(String(64), index=True)
-    outcome: Mapped[str] = mapped_column(String(16))
-    event_code: Mapped[str] = mapped_column(String(16))
-    actor_ae: Mapped[str] = mapped_column(String(16), default="")
-    actor_address: Mapped[str] = mapped_column(String(64), default="")
-    actor_user: Mapped[str] = mapped_column(String(64), default="")
-    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,173 @@
+"""``pacsvault audit verify|show|purge``: read and check the audit trail."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+from sqlalchemy import select
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.trail import Record
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.index.models import Patient, Study
+from pacsvault.vault import Vault
+
+
+def register(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the tamper-evident audit trail")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    p = asub.add_parser("verify", help="check the whole chain; say where it breaks")
+    add_data_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = asub.add_parser("show", help="who did what, when, from where (filters combine)")
+    add_data_args(p)
+    p.add_argument("--patient", help="Patient ID: every access to this patient's data")
+    p.add_argument("--study", help="Study Instance UID")
+    p.add_argument("--user", help="user name")
+    p.add_argument("--node", help="node AE title")
+    p.add_argument("--action", help="action name or prefix (e.g. dicom.move, exposure)")
+    p.add_argument("--since", type=_when, help="ISO date or date-time (UTC)")
+    p.add_argument("--until", type=_when, help="ISO date or date-time (UTC)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=cmd_show)
+
+    p = asub.add_parser("purge", help="seal records older than the retention window now")
+    add_data_args(p)
+    p.set_defaults(func=cmd_purge)
+
+
+def _when(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date: {text}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        verdict = vault.audit.verify()
+        vault.recorder.emit(AuditEvent(
+            action="audit.verify", outcome=Outcome.SUCCESS if verdict.ok
+            else Outcome.MAJOR_FAILURE,
+            code=EventCode.SECURITY_ALERT if not verdict.ok else EventCode.APPLICATION_ACTIVITY,
+            actor_user="local-admin", message=verdict.problem,
+        ))
+    finally:
+        vault.close()
+    if verdict.ok:
+        print(f"audit trail intact: {verdict.records} records, chain and signatures valid")
+        return 0
+    print(f"AUDIT TRAIL BROKEN: {verdict.problem}")
+    return 1
+
+
+def _study_uids_of(vault: Vault, patient_id: str) -> set[str]:
+    with vault.sessions() as session:
+        return set(session.scalars(
+            select(Study.study_uid).join(Patient, Study.patient_pk == Patient.pk)
+            .where(Patient.patient_id == patient_id)))
+
+
+def _selected(vault: Vault, args: argparse.Namespace) -> list[Record]:
+    studies = _study_uids_of(vault, args.patient) if args.patient else set()
+    since = args.since.astimezone(dt.UTC).isoformat() if args.since else ""
+    until = args.until.astimezone(dt.UTC).isoformat() if args.until else ""
+    out = []
+    for rec in vault.audit.records():
+        refs = rec.refs
+        if args.patient and not (
+            args.patient in refs.get("patient_ids", [])
+            or studies & set(refs.get("study_uids", []))
+        ):
+            continue
+        if args.study and args.study not in refs.get("study_uids", []):
+            continue
+        if args.user and rec.actor_user != args.user:
+            continue
+        if args.node and rec.actor_ae != args.node:
+            continue
+        if args.action and not rec.action.startswith(args.action):
+            continue
+        if since and rec.time < since:
+            continue
+        if until and rec.time > until:
+            continue
+        out.append(rec)
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        records = _selected(vault, args)
+        if args.patient or args.study:
+            # Reading who accessed a patient's data is itself an access worth recording.
+            vault.recorder.emit(AuditEvent(
+                action="audit.show", outcome=Outcome.SUCCESS, code=EventCode.QUERY,
+                actor_user="local-admin", detail={"matches": len(records)},
+                patient_ids=(args.patient,) if args.patient else (),
+                study_uids=(args.study,) if args.study else (),
+            ))
+    finally:
+        vault.close()
+    if args.json:
+        for rec in records:
+            json.dump({
+                "seq": rec.seq, "time": rec.time, "action": rec.action,
+                "outcome": rec.outcome, "event_code": rec.code, "node": rec.actor_ae,
+                "address": rec.actor_address, "user": rec.actor_user,
+                "message": rec.message, "detail": rec.detail, **rec.refs,
+            }, sys.stdout, ensure_ascii=False)
+            sys.stdout.write("\n")
+        return 0
+    if not records:
+        say("No matching audit record.")
+        return 0
+    print(f"{'time (UTC)':<20} {'action':<28} {'outcome':<15} {'who':<28} details")
+    for rec in records:
+        who = rec.actor_user or rec.actor_ae or "-"
+        if rec.actor_address:
+            who += f"@{rec.actor_address}"
+        details = " ".join(f"{k}={v}" for k, v in rec.detail.items())
+        studies = rec.refs.get("study_uids", [])
+        if studies:
+            details += f" studies={len(studies)}"
+        if rec.message:
+            details += f" -- {rec.message}"
+        print(f"{rec.time[:19]:<20} {rec.action:<28} {rec.outcome:<15} {who:<28} {details}")
+    return 0
+
+
+def purge_expired(vault: Vault) -> int:
+    settings = vault.settings.audit
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=settings.retention_days)
+    reason = (f"retention {settings.retention_days} days"
+              + (f": {settings.retention_justification}"
+                 if settings.retention_justification else " (CNIL recommendation)"))
+    count = vault.audit.purge_before(cutoff, reason)
+    if count:
+        vault.recorder.emit(AuditEvent(
+            action="audit.purge", outcome=Outcome.SUCCESS, code=EventCode.APPLICATION_ACTIVITY,
+            message=reason, detail={"sealed_records": count},
+        ))
+    return count
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        count = purge_expired(vault)
+    except OSError as exc:
+        raise CommandError(f"purge failed: {exc.strerror}") from None
+    finally:
+        vault.close()
+    say(f"Sealed {count} record(s) older than the retention window.")
+    return 0
