@@ -35,7 +35,10 @@ class _Strict(BaseModel):
 
 
 class ServerSettings(_Strict):
-    ae_title: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+    # Printable ASCII without backslash (the DICOM value separator), not only spaces.
+    ae_title: Annotated[
+        str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")
+    ]
     # Every interface: modalities are on the LAN. The trusted-network rule filters sources.
     bind: str = "0.0.0.0"  # noqa: S104
     key_file: str | None = None

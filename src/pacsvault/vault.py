@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -112,7 +113,12 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
     layout = Layout(data_dir)
     if layout.exists():
         raise VaultError(f"a vault already exists at {data_dir}; refusing to overwrite it")
-    config.ServerSettings(ae_title=ae_title)  # validate before touching the disk
+    try:
+        config.ServerSettings(ae_title=ae_title)  # validate before touching the disk
+    except ValidationError:
+        raise VaultError(
+            "an AE title is 1 to 16 printable ASCII characters, no backslash"
+        ) from None
     vault_id = str(uuid.uuid4())
     key_path = key_file or default_key_path(vault_id)
     if key_path.exists():

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -97,8 +98,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "register your modality with 'pacsvault node add'")
     _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
     try:
-        while not stop.wait(RETENTION_CHECK_SECONDS):
-            purge_expired(vault)
+        # Short waits: a signal is handled only when the main thread runs Python code,
+        # and the kernel may deliver it to a connection thread instead.
+        next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
+        while not stop.wait(0.5):
+            if time.monotonic() >= next_purge:
+                purge_expired(vault)
+                next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
     finally:
         vault.layout.state.unlink(missing_ok=True)
         service.stop()

@@ -1,0 +1,590 @@
+"""Export of audit events to an ATNA collector: syslog (RFC 5424) over TLS (RFC 5425).
+
+IHE ATNA's Record Audit Event [ITI-20] carries each DICOM audit message (``atna``) as the
+MSG of one RFC 5424 syslog record, over TLS with RFC 5425 octet-counting framing
+(``LEN SP SYSLOG-MSG``). The record's header follows ITI-20: facility 10
+(security/authorization), severity 5 (notice) for a success and 4 (warning) otherwise,
+APP-NAME ``pacsvault``, MSGID ``IHE+RFC-3881``, no structured data, and MSG = UTF-8 BOM +
+the XML (RFC 5424's MSG-UTF8 form: the BOM tells the collector the bytes are UTF-8).
+
+Why a disk queue. A collector is a separate machine that goes down, reboots or is
+unreachable for days; audit events must not be lost meanwhile, and the archive must never
+wait for it (a modality's C-STORE cannot stall because the audit server is rebooting).
+So ``SyslogSink.write`` only appends the framed record to ``DATA/audit/syslog-queue/``
+and returns; a background thread delivers the queue in order.
+
+Queue format. One file per record, named by a 20-digit zero-padded sequence number
+(``00001730000000000001.msg``), so lexical order is delivery order. The number is
+``max(last + 1, now in microseconds)``: strictly increasing, and still increasing across
+restarts (an old file replayed later cannot take a current number). The last number lives
+in ``queue.lock``, which also serialises writers across processes (server and CLI share
+the queue). Each file is a ``pacsvault-obj/1`` object (``crypto.objects``: AES-256-GCM,
+per-file salt) under a key derived for this purpose, with ``pacsvault-syslog-queue/<seq>``
+as associated data: the records hold patient IDs and study UIDs, so they are never on disk
+in clear, and a file renamed to another place in the queue fails authentication instead
+of being delivered out of order. Files are written to a temporary name, fsynced, linked
+into place and the directory fsynced, so a crash leaves either no record or a whole one.
+
+Delivery guarantee: at least once, in order. Syslog has no application-level
+acknowledgement (RELP would; ATNA does not use it), so "delivered" is the strongest thing a
+sender can know: every byte of the batch was *acknowledged by the collector's TCP stack*
+on a connection that was still established (Linux: ``SIOCOUTQ`` reaches 0 and
+``TCP_INFO`` still shows ESTABLISHED/CLOSE_WAIT). Only then are the batch's files deleted.
+A failure anywhere before that keeps the files; after reconnecting the batch is sent again
+from its first record, so the collector may see a few records twice, never a gap and
+never a later record before an earlier one. Before each batch the connection is probed for
+an orderly close by the collector (a syslog receiver never sends data), so records are
+not written into a connection the collector has already dropped. The residual loss window
+is a collector that crashes after its TCP stack acknowledged a record but before it stored
+it, which no syslog sender can close.
+
+One sender per queue: the thread takes ``sender.lock`` (``flock``) first, so when
+``pacsvault serve`` and a CLI command share a vault, only one delivers; the other only
+enqueues.
+
+Bounded: ``queue_limit`` records at most (the disk also holds the images). Beyond it new
+records are not queued and an error is logged; when there is room again, a Security Alert
+saying how many events were not exported is queued first, so the collector sees the gap.
+The signed audit trail still holds every event.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import logging
+import os
+import re
+import select
+import socket
+import ssl
+import termios
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pacsvault.audit.atna import AuditMessageBuilder, event_datetime, severity
+from pacsvault.audit.events import AuditEvent, EventCode, Outcome
+from pacsvault.crypto import objects
+
+log = logging.getLogger("pacsvault.audit.syslog")
+
+FACILITY_SECURITY = 10  # RFC 5424 "security/authorization messages"; ITI-20 requires it
+APP_NAME = "pacsvault"
+MSGID = "IHE+RFC-3881"  # ITI-20 3.20.4.1.2: "shall be set to IHE+RFC-3881"
+BOM = b"\xef\xbb\xbf"
+DEFAULT_PORT = 6514  # RFC 5425's port for syslog over TLS
+
+QUEUE_DIR_NAME = "syslog-queue"
+_QUEUE_KEY_ID = uuid.uuid5(uuid.NAMESPACE_URL, "pacsvault:audit-syslog-queue")
+_IDENTITY = "pacsvault-syslog-queue/{seq}"
+_NAME = re.compile(r"^(\d{20})\.msg$")
+_TCP_ESTABLISHED = 1
+_TCP_CLOSE_WAIT = 8
+
+
+class SyslogConfigError(ValueError):
+    """The export settings cannot work (message is user-facing)."""
+
+
+class SyslogSettings(BaseModel):
+    """``[audit.syslog]``: where audit messages go. No secrets: paths only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    host: str | None = None
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    # Name to check in the collector's certificate when it differs from ``host``
+    # (e.g. ``host`` is an IP address and the certificate names the machine).
+    server_name: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    queue_limit: int = Field(100_000, ge=1)
+    source_id: str | None = None  # AuditSourceID; default: the archive's AE title
+    site_id: str | None = None  # AuditEnterpriseSiteID, e.g. the practice's name
+
+    @model_validator(mode="after")
+    def _complete(self) -> SyslogSettings:
+        if self.enabled and not self.host:
+            raise ValueError("the syslog export is enabled but has no host")
+        if self.enabled and not self.ca_file:
+            raise ValueError("the syslog export needs ca_file, the CA that signed the "
+                             "collector's certificate (the collector is always verified)")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key go together")
+        return self
+
+
+TOML_SECTION = """\
+[audit.syslog]
+# Send every audit event to an audit record repository (IHE ATNA: DICOM audit messages
+# over syslog/TLS, RFC 5424 + 5425). Events wait, encrypted, in audit/syslog-queue/ while
+# the collector is unreachable and are delivered in order when it is back.
+enabled = false
+# host = "audit.example.lan"
+port = 6514
+# CA certificate (PEM) that signed the collector's certificate: the collector is verified.
+# ca_file = "/etc/pacsvault/collector-ca.pem"
+# Name in the collector's certificate, if it is not the host above.
+# server_name = "audit.example.lan"
+# Client certificate and key (PEM, unencrypted key) if the collector requires one.
+# client_cert = "/etc/pacsvault/syslog-client.pem"
+# client_key = "/etc/pacsvault/syslog-client.key"
+# Most events kept while the collector is down (then a gap is reported to it).
+queue_limit = 100000
+# AuditSourceID (default: this archive's AE title) and AuditEnterpriseSiteID.
+# source_id = "PACSVAULT"
+# site_id = "Cabinet de radiologie"
+"""
+
+
+# --- RFC 5424 / 5425 -------------------------------------------------------------------
+
+
+def _header_field(value: str, limit: int) -> str:
+    """PRINTUSASCII (33..126), at most ``limit`` characters, NILVALUE when empty."""
+    clean = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
+    return clean or "-"
+
+
+def format_record(
+    xml: bytes, event: AuditEvent, *, hostname: str, procid: str | None = None
+) -> bytes:
+    """One RFC 5424 SYSLOG-MSG: header, no structured data, MSG = BOM + XML."""
+    pri = FACILITY_SECURITY * 8 + severity(event.outcome)
+    header = " ".join((
+        f"<{pri}>1",
+        event_datetime(event.time),  # RFC 5424 allows up to 6 fraction digits and "Z"
+        _header_field(hostname, 255),
+        _header_field(APP_NAME, 48),
+        _header_field(procid if procid is not None else str(os.getpid()), 128),
+        _header_field(MSGID, 32),
+        "-",
+    ))
+    return header.encode("ascii") + b" " + BOM + xml
+
+
+def frame(record: bytes) -> bytes:
+    """RFC 5425 octet counting: ``MSG-LEN SP SYSLOG-MSG``."""
+    return str(len(record)).encode("ascii") + b" " + record
+
+
+# --- the on-disk queue -----------------------------------------------------------------
+
+
+class SyslogQueue:
+    """Encrypted, ordered, crash-safe queue of syslog records: one file per record."""
+
+    def __init__(self, root: Path, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("the queue key must be 32 bytes")
+        self.root = root
+        self._key = key
+        self._rejected = root / "rejected"
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(root / "queue.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        for stale in root.glob("*.part"):  # a writer died before publishing: never queued
+            stale.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _next_seq(self) -> int:
+        raw = os.pread(self._lock_fd, 20, 0)
+        last = int(raw) if raw.strip().isdigit() else 0
+        if not last:  # lock file new or damaged: never go below what is queued
+            last = max((seq for seq, _ in self.entries()), default=0)
+        seq = max(last + 1, time.time_ns() // 1000)
+        os.pwrite(self._lock_fd, f"{seq:020d}".encode("ascii"), 0)
+        return seq
+
+    def put(self, record: bytes) -> int:
+        """Queue one record durably; returns its sequence number."""
+        with self._exclusive():
+            seq = self._next_seq()
+            blob = b"".join(objects.encrypt(
+                record, self._key, _QUEUE_KEY_ID, _IDENTITY.format(seq=seq)))
+            final = self.root / f"{seq:020d}.msg"
+            part = self.root / f"{seq:020d}.{os.getpid()}.part"
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(part, final)  # unlike rename, never replaces an existing record
+            finally:
+                part.unlink(missing_ok=True)
+            self._sync_dir()
+            return seq
+
+    def entries(self) -> list[tuple[int, Path]]:
+        """Every queued record, oldest first."""
+        found = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                match = _NAME.match(entry.name)
+                if match:
+                    found.append((int(match.group(1)), Path(entry.path)))
+        found.sort()
+        return found
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+    def read(self, seq: int, path: Path) -> bytes:
+        """The record, authenticated against its place in the queue."""
+        blob = path.read_bytes()
+        if objects.read_header(blob).key_id != _QUEUE_KEY_ID:
+            raise objects.ObjectFormatError("not a syslog queue record")
+        return objects.decrypt(blob, self._key, _IDENTITY.format(seq=seq))
+
+    def remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        self._sync_dir()
+
+    def reject(self, path: Path) -> None:
+        """Set aside a record that cannot be read, so it does not block the queue forever."""
+        self._rejected.mkdir(exist_ok=True, mode=0o700)
+        os.replace(path, self._rejected / path.name)
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- the sink --------------------------------------------------------------------------
+
+
+class DeliveryError(Exception):
+    """The collector did not confirm a batch (message names no patient data)."""
+
+
+def _tls_context(settings: SyslogSettings) -> ssl.SSLContext:
+    """Client context: TLS 1.2+, collector verified against ``ca_file`` and by name."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.client_cert and settings.client_key:
+            context.load_cert_chain(settings.client_cert, settings.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SyslogConfigError(f"audit syslog export: cannot load the TLS files: {exc}") \
+            from None
+    return context
+
+
+def _unacked_bytes(sock: socket.socket) -> int | None:
+    """Bytes written but not yet acknowledged by the peer's TCP stack (Linux SIOCOUTQ)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf, True)
+    except OSError:
+        return None
+    return int(buf[0])
+
+
+def _tcp_state(sock: socket.socket) -> int | None:
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, option, 8)[0]
+    except OSError:
+        return None
+
+
+class SyslogSink:
+    """Recorder sink: queue each event as an ATNA syslog record; a thread delivers them.
+
+    ``write`` touches only the local disk (encrypt, fsync) and never the network.
+    ``deliver=False`` makes an enqueue-only sink, for short-lived commands while the
+    server (which delivers) runs; their records wait for the next sender either way.
+    """
+
+    def __init__(
+        self,
+        settings: SyslogSettings,
+        queue_dir: Path,
+        key: bytes,
+        *,
+        archive_ae: str,
+        hostname: str | None = None,
+        deliver: bool = True,
+        batch_size: int = 64,
+        connect_timeout: float = 10.0,
+        ack_timeout: float = 15.0,
+        min_backoff: float = 0.5,
+        max_backoff: float = 60.0,
+        idle_poll: float = 2.0,
+    ) -> None:
+        if not settings.enabled or not settings.host:
+            raise SyslogConfigError("the audit syslog export is not enabled")
+        self.settings = settings
+        self.builder = AuditMessageBuilder(
+            archive_ae, source_id=settings.source_id, hostname=hostname,
+            site_id=settings.site_id,
+        )
+        self._context = _tls_context(settings)
+        self.queue = SyslogQueue(queue_dir, key)
+        self._limit = settings.queue_limit
+        self._approx_count = len(self.queue)
+        self._not_exported = 0
+        self._write_lock = threading.Lock()
+        self._batch = batch_size
+        self._connect_timeout = connect_timeout
+        self._ack_timeout = ack_timeout
+        self._min_backoff, self._max_backoff = min_backoff, max_backoff
+        self._idle_poll = idle_poll
+        self._sock: ssl.SSLSocket | None = None
+        self._sender_fd: int | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.delivered = 0
+        self.last_error = ""
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if deliver:
+            self._thread = threading.Thread(
+                target=self._run, name="pacsvault-syslog-export", daemon=True)
+            self._thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    # --- producer side -------------------------------------------------------------
+
+    def write(self, event: AuditEvent) -> None:
+        """Queue the event (disk only, never the network)."""
+        with self._write_lock:
+            if self._closed:
+                raise RuntimeError("the audit syslog sink is closed")
+            if self._approx_count >= self._limit:
+                self._approx_count = len(self.queue)
+            if self._approx_count >= self._limit:
+                if not self._not_exported:
+                    log.error("audit export queue full (%d records): new events are kept in "
+                              "the audit trail but not sent to %s until it drains",
+                              self._limit, self.target)
+                self._not_exported += 1
+                return
+            if self._not_exported:
+                self._put(self._gap_event(self._not_exported))
+                self._not_exported = 0
+            self._put(event)
+        self._wake.set()
+
+    def _put(self, event: AuditEvent) -> None:
+        record = format_record(self.builder.to_bytes(event), event,
+                               hostname=self.builder.hostname)
+        self.queue.put(record)
+        self._approx_count += 1
+
+    def _gap_event(self, count: int) -> AuditEvent:
+        return AuditEvent(
+            action="audit.export.overflow", outcome=Outcome.MINOR_FAILURE,
+            code=EventCode.SECURITY_ALERT,
+            message="export queue was full: events missing here are in the audit trail",
+            detail={"not_exported": count},
+        )
+
+    def pending(self) -> int:
+        """Records waiting for the collector (all processes' records, read from disk)."""
+        return len(self.queue)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued record is delivered; False on timeout."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.pending():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the sender; undelivered records stay queued for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._write_lock:
+            if not self._closed:
+                self._closed = True
+                self.queue.close()
+        if self._thread is not None and self._thread.is_alive():
+            return  # still in a network call; it stops by itself, the files stay queued
+        self._disconnect()
+        if self._sender_fd is not None:
+            os.close(self._sender_fd)  # releases the flock
+            self._sender_fd = None
+
+    # --- sender side ---------------------------------------------------------------
+
+    def _is_sender(self) -> bool:
+        """Hold ``sender.lock``: one delivering process per queue."""
+        if self._sender_fd is None:
+            self._sender_fd = os.open(self.queue.root / "sender.lock",
+                                      os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._sender_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(self._sender_fd)
+                self._sender_fd = None
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                return False
+        return True
+
+    def _run(self) -> None:
+        backoff = self._min_backoff
+        failing = False
+        while not self._stop.is_set():
+            try:
+                if not self._is_sender():
+                    self._stop.wait(self._idle_poll)
+                    continue
+                self._wake.clear()
+                batch = self.queue.entries()[: self._batch]
+                if not batch:
+                    self._approx_count = 0
+                    self._wake.wait(self._idle_poll)
+                    continue
+                sent = self._deliver(batch)
+                self.delivered += sent
+                if failing:
+                    log.info("audit collector %s reachable again; delivering the queue",
+                             self.target)
+                failing, backoff = False, self._min_backoff
+            except (OSError, ssl.SSLError, DeliveryError) as exc:
+                self._disconnect()
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if not failing:
+                    log.warning("audit collector %s unreachable (%s); events stay queued "
+                                "and will be sent in order", self.target, self.last_error)
+                failing = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+            except Exception as exc:  # the sender must survive anything and retry
+                self._disconnect()
+                self.last_error = type(exc).__name__
+                log.error("audit syslog sender error: %s", type(exc).__name__)
+                self._stop.wait(self._max_backoff)
+
+    def _connect(self) -> ssl.SSLSocket:
+        if self._sock is not None and not self._peer_closed(self._sock):
+            return self._sock
+        self._disconnect()
+        host = str(self.settings.host)
+        raw = socket.create_connection((host, self.settings.port),
+                                       timeout=self._connect_timeout)
+        try:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            tls = self._context.wrap_socket(
+                raw, server_hostname=self.settings.server_name or host)
+        except BaseException:
+            raw.close()
+            raise
+        tls.settimeout(self._ack_timeout)
+        self._sock = tls
+        log.info("audit collector %s connected (%s)", self.target, tls.version())
+        return tls
+
+    @staticmethod
+    def _peer_closed(sock: ssl.SSLSocket) -> bool:
+        """Did the collector close or reset the connection? (It never sends data.)"""
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        if not readable and not sock.pending():
+            return False
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            return sock.recv(4096) == b""  # data would be odd but harmless
+        except ssl.SSLWantReadError:
+            return False  # only TLS housekeeping (e.g. TLS 1.3 session tickets)
+        except (OSError, ssl.SSLError):
+            return True
+        finally:
+            sock.settimeout(timeout)
+
+    def _disconnect(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            sock.settimeout(1.0)
+            sock.unwrap()  # close_notify: an orderly end, not a truncation, for the collector
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        finally:
+            sock.close()
+
+    def _deliver(self, batch: list[tuple[int, Path]]) -> int:
+        """Send the batch in order; delete its files only once the collector has it."""
+        records: list[bytes] = []
+        paths: list[Path] = []
+        for seq, path in batch:
+            try:
+                records.append(self.queue.read(seq, path))
+                paths.append(path)
+            except FileNotFoundError:
+                continue  # delivered meanwhile by a previous sender
+            except objects.ObjectFormatError:
+                log.error("audit export: queued record %s fails authentication (damaged, "
+                          "moved or another key); set aside in rejected/", path.name)
+                self.queue.reject(path)
+        if not records:
+            return 0
+        sock = self._connect()
+        sock.sendall(b"".join(frame(record) for record in records))
+        self._await_ack(sock)
+        self.queue.remove(paths)
+        self._approx_count = max(0, self._approx_count - len(paths))
+        return len(paths)
+
+    def _await_ack(self, sock: ssl.SSLSocket) -> None:
+        """Wait until the collector's TCP stack acknowledged every byte we wrote."""
+        deadline = time.monotonic() + self._ack_timeout
+        pause = 0.001
+        while True:
+            state = _tcp_state(sock)
+            unacked = _unacked_bytes(sock)
+            if state is None or unacked is None:
+                return  # not Linux: a clean sendall is all we can know
+            if state not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
+                raise DeliveryError("the connection closed before the collector acknowledged")
+            if unacked == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise DeliveryError(f"no acknowledgement within {self._ack_timeout:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
