@@ -15,6 +15,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pacsvault.audit.alerts import AlertSettings, render_section
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 CONFIG_NAME = "pacsvault.toml"
@@ -83,6 +85,7 @@ class Settings(_Strict):
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
     audit: AuditSettings = AuditSettings()
+    alerts: AlertSettings = AlertSettings()
 
     def is_trusted(self, address: str) -> bool:
         try:
@@ -175,4 +178,5 @@ duplicate_policy = "keep-first"
 # which is recorded in the trail with each purge.
 retention_days = 365
 retention_justification = ""
-"""
+
+""" + render_section()

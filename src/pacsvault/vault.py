@@ -157,6 +157,7 @@ def _populate(
     engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id), create=True)
     engine.dispose()
     layout.audit.mkdir(mode=0o700)
+    (layout.audit / "trail.jsonl").touch(mode=0o600)
     layout.config.write_text(
         config.render(ae_title, key_file.resolve() if key_file else None), "utf-8"
     )

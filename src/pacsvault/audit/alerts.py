@@ -54,6 +54,7 @@ Study UIDs and patient IDs are kept in memory only to count distinct ones.
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import email.utils
 import enum
 import ipaddress
@@ -66,6 +67,7 @@ import smtplib
 import socket
 import ssl
 import stat
+import textwrap
 import threading
 import time
 import urllib.error
@@ -341,6 +343,7 @@ class _Group:
     window: dt.timedelta
     ends: dt.datetime
     notified: dt.datetime  # time of the last notification (first or follow-up)
+    opening: Finding  # its "where to look" covers the whole episode
     latest: Finding
     suppressed: int = 0
     first_suppressed: dt.datetime | None = None
@@ -523,7 +526,7 @@ class Detector:
             if group is None:
                 self._groups[key] = _Group(
                     window=self._group_window, ends=finding.time + self._group_window,
-                    notified=finding.time, latest=finding,
+                    notified=finding.time, opening=finding, latest=finding,
                 )
                 out.append(self._first(finding))
                 continue
@@ -551,7 +554,7 @@ class Detector:
 
     def _first(self, f: Finding) -> Alert:
         text = (
-            f"{f.what}\n\nWhere to look: {f.look}\n\n"
+            f"{f.what}\n\nWhere to look:\n    {f.look}\n\n"
             f"Repeats within {self.settings.group_minutes} minutes are grouped into one "
             "follow-up message."
         )
@@ -572,12 +575,12 @@ class Detector:
             f"This went on after the notice of {_utc_text(group.notified)}: "
             f"{group.suppressed} more occurrence(s) between {_utc_text(first)} and "
             f"{_utc_text(f.time)}{where}.\n\nThe latest: {f.what}\n\n"
-            f"Where to look: {f.look}\n\n"
+            f"Where to look:\n    {group.opening.look}\n\n"
             "If it continues, the next follow-up comes after a longer interval."
         )
         return Alert(rule=f.rule, severity=f.severity, title=f.title, text=text,
                      subject=f.subject, first_seen=first, last_seen=f.time,
-                     count=group.suppressed, summary=True, look=f.look, ae=f.ae,
+                     count=group.suppressed, summary=True, look=group.opening.look, ae=f.ae,
                      address=f.address, user=f.user,
                      facts={**f.facts, "sources": len(sources)})
 
@@ -839,6 +842,18 @@ def _read_secret(path_text: str, what: str) -> str:
     return value
 
 
+def _wrap(text: str) -> str:
+    """Mail-friendly lines; indented lines (commands) are kept whole so they can be copied."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(" ") or len(line) <= 76:
+            lines.append(line)
+        else:
+            lines.extend(textwrap.wrap(line, 76, break_long_words=False,
+                                       break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def _tls_context(ca_file: str) -> ssl.SSLContext:
     """Verified TLS 1.2+: system CAs, or only the given CA when one is configured."""
     ctx = ssl.create_default_context(cafile=str(Path(ca_file).expanduser()) if ca_file
@@ -888,6 +903,8 @@ class AlertSink:
         queue_size: int = 10_000,
         start: bool = True,
     ) -> None:
+        """``start=False`` builds and checks the sink without a worker (settings checks,
+        ``send_test``, tests); such a sink ignores ``write``."""
         self.settings = settings
         self.detector = Detector(settings, clock=clock, patients_of=patients_of)
         self._recorder = recorder
@@ -959,7 +976,7 @@ class AlertSink:
         alert = Alert(
             rule="test", severity=Severity.WARNING, title="Test alert",
             text=("This is a test of the alerts of the pacsvault archive. Nothing happened. "
-                  "If you can read this, alerts reach you.\n\nWhere to look: "
+                  "If you can read this, alerts reach you.\n\nWhere to look:\n    "
                   "pacsvault audit show --action alert"),
             subject="", first_seen=now, last_seen=now, count=1, summary=False,
             look="pacsvault audit show --action alert",
@@ -1053,7 +1070,8 @@ class AlertSink:
     def build_message(self, alert: Alert) -> EmailMessage:
         """The e-mail: plain text, no attachment, nothing but the alert's own text."""
         s = self.settings
-        msg = EmailMessage()
+        # Long enough that the subject is never folded (some clients show a fold badly).
+        msg = EmailMessage(policy=email.policy.default.clone(max_line_length=200))
         tag = f" (+{alert.count} repeats, grouped)" if alert.summary else ""
         msg["Subject"] = (f"[pacsvault {self._server}] {alert.severity.value.upper()}: "
                           f"{alert.title}{tag}")
@@ -1067,7 +1085,7 @@ class AlertSink:
             f"pacsvault alert from the archive server '{self._server}'\n"
             f"Severity: {alert.severity.value}\n\n"
             f"{alert.title}\n{'=' * len(alert.title)}\n\n"
-            f"{alert.text}\n\n"
+            f"{_wrap(alert.text)}\n\n"
             f"First seen: {_utc_text(alert.first_seen)}\n"
             f"Last seen:  {_utc_text(alert.last_seen)}\n"
             f"Rule: {alert.rule} ({RULES.get(alert.rule, 'test')})\n\n"

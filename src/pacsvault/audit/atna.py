@@ -166,7 +166,9 @@ class AuditMessageBuilder:
             return None, _ROLE_DESTINATION
         return None, None
 
-    def _event_identification(self, root: ET.Element, event: AuditEvent) -> None:
+    def _event_identification(
+        self, root: ET.Element, event: AuditEvent, part: tuple[int, int] | None
+    ) -> None:
         ident = ET.SubElement(root, "EventIdentification", {
             "EventActionCode": self._action_code(event),
             "EventDateTime": event_datetime(event.time),
@@ -177,6 +179,8 @@ class AuditMessageBuilder:
         if event.action:
             _coded(ident, "EventTypeCode", event.action, "pacsvault", event.action)
         description = _describe(event)
+        if part is not None:
+            description = f"{description} (part {part[0]} of {part[1]})".strip()
         if description:
             ET.SubElement(ident, "EventOutcomeDescription").text = _clean(description)
 
@@ -200,6 +204,14 @@ class AuditMessageBuilder:
     def _participants(self, root: ET.Element, event: AuditEvent) -> None:
         remote_role, archive_role = self._roles(event)
         has_actor = bool(event.actor_user or event.actor_ae or event.actor_address)
+        destination = ""
+        if remote_role == _ROLE_DESTINATION:
+            # C-MOVE: the requester is not necessarily where the images went.
+            destination = str(event.detail.get("destination", "")).strip()
+            if destination and destination != event.actor_ae:
+                remote_role = None
+            else:
+                destination = ""
         if event.actor_user:
             # A person (web or CLI user); if a node is also known it is a second
             # participant, as A.5.3 asks ("both the person and the process").
@@ -214,6 +226,9 @@ class AuditMessageBuilder:
                 address=event.actor_address,
                 role=remote_role if not event.actor_user else None,
             )
+        if destination:
+            self._participant(root, destination, requestor=False, ae=destination,
+                              role=_ROLE_DESTINATION)
         self._participant(
             root, self.archive_ae, requestor=not has_actor, ae=self.archive_ae,
             address=self.hostname, user_name="pacsvault", role=archive_role,
@@ -227,9 +242,11 @@ class AuditMessageBuilder:
         ET.SubElement(source, "AuditSourceTypeCode",
                       {"csd-code": _SOURCE_TYPE_APPLICATION_SERVER})
 
-    def _objects(self, root: ET.Element, event: AuditEvent) -> None:
+    def participant_objects(self, event: AuditEvent) -> list[ET.Element]:
+        """One ParticipantObjectIdentification per study, then one per patient."""
+        found: list[ET.Element] = []
         for uid in dict.fromkeys(event.study_uids):
-            study = ET.SubElement(root, "ParticipantObjectIdentification", {
+            study = ET.Element("ParticipantObjectIdentification", {
                 "ParticipantObjectID": _clean(uid),
                 "ParticipantObjectTypeCode": "2",
                 "ParticipantObjectTypeCodeRole": "3",
@@ -242,30 +259,85 @@ class AuditMessageBuilder:
                                           {"NumberOfInstances": str(len(event.sop_uids))})
                 for sop in dict.fromkeys(event.sop_uids):
                     ET.SubElement(sop_class, "Instance", {"UID": _clean(sop)})
+            found.append(study)
         for patient_id in dict.fromkeys(event.patient_ids):
-            patient = ET.SubElement(root, "ParticipantObjectIdentification", {
+            patient = ET.Element("ParticipantObjectIdentification", {
                 "ParticipantObjectID": _clean(patient_id),
                 "ParticipantObjectTypeCode": "1",
                 "ParticipantObjectTypeCodeRole": "1",
             })
             _coded(patient, "ParticipantObjectIDTypeCode", *_PATIENT_ID_TYPE)
+            found.append(patient)
+        return found
 
     # --- the message -----------------------------------------------------------------
 
-    def build(self, event: AuditEvent) -> ET.Element:
-        """The ``AuditMessage`` element, children in the order the schema requires."""
+    def build(
+        self,
+        event: AuditEvent,
+        objects: list[ET.Element] | None = None,
+        part: tuple[int, int] | None = None,
+    ) -> ET.Element:
+        """The ``AuditMessage`` element, children in the order the schema requires.
+
+        ``objects`` replaces the event's participant objects (one part of a split
+        message), ``part`` = (i, n) marks it in the description.
+        """
         root = ET.Element("AuditMessage")
-        self._event_identification(root, event)
+        self._event_identification(root, event, part)
         self._participants(root, event)
         self._source(root)
-        self._objects(root, event)
+        root.extend(self.participant_objects(event) if objects is None else objects)
         return root
 
     def to_bytes(self, event: AuditEvent) -> bytes:
         """UTF-8 XML document (with declaration), on one line: no pretty-printing, so the
         syslog record carries no newline a line-oriented collector could split on."""
-        body = ET.tostring(self.build(event), encoding="unicode")
-        return _DECLARATION + body.encode("utf-8")
+        return _serialize(self.build(event))
+
+    def documents(self, event: AuditEvent, max_bytes: int) -> list[bytes]:
+        """The event as one or more documents of at most ``max_bytes`` each (if possible).
+
+        A collector may refuse or truncate large syslog records (RFC 5425 only obliges it
+        to take 2 KiB, and asks for 8 KiB), and an export of a whole archive names
+        thousands of studies. Such an event becomes several complete AuditMessages with
+        the same event, participants and source, each naming a share of the objects and
+        marked "part i of n", as A.5.3 allows ("the message may be repeated"). An object
+        too big on its own loses its optional Instance list (NumberOfInstances stays).
+        """
+        objects = self.participant_objects(event)
+        whole = _serialize(self.build(event, objects))
+        if len(whole) <= max_bytes or not objects:
+            return [whole]
+        budget = max_bytes - len(_serialize(self.build(event, [], part=(99_999, 99_999))))
+        sized: list[tuple[ET.Element, int]] = []
+        for obj in objects:
+            size = len(_serialize_part(obj))
+            if size > budget:
+                for sop_class in obj.iter("SOPClass"):
+                    for instance in list(sop_class):
+                        sop_class.remove(instance)
+                size = len(_serialize_part(obj))
+            sized.append((obj, size))
+        chunks: list[list[ET.Element]] = [[]]
+        used = 0
+        for obj, size in sized:
+            if chunks[-1] and used + size > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(obj)
+            used += size
+        total = len(chunks)
+        return [_serialize(self.build(event, chunk, part=(i, total)))
+                for i, chunk in enumerate(chunks, start=1)]
+
+
+def _serialize(root: ET.Element) -> bytes:
+    return _DECLARATION + ET.tostring(root, encoding="unicode").encode("utf-8")
+
+
+def _serialize_part(element: ET.Element) -> bytes:
+    return ET.tostring(element, encoding="unicode").encode("utf-8")
 
 
 def _describe(event: AuditEvent) -> str:

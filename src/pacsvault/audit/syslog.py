@@ -108,6 +108,9 @@ class SyslogSettings(BaseModel):
     client_cert: str | None = None
     client_key: str | None = None
     queue_limit: int = Field(100_000, ge=1)
+    # Largest syslog record sent; bigger events are split into several AuditMessages.
+    # RFC 5425 asks every receiver to take 8192 octets; raise it if the collector takes more.
+    max_message_size: int = Field(8192, ge=2048, le=1 << 20)
     source_id: str | None = None  # AuditSourceID; default: the archive's AE title
     site_id: str | None = None  # AuditEnterpriseSiteID, e.g. the practice's name
 
@@ -140,6 +143,8 @@ port = 6514
 # client_key = "/etc/pacsvault/syslog-client.key"
 # Most events kept while the collector is down (then a gap is reported to it).
 queue_limit = 100000
+# Largest record in octets (RFC 5425 receivers take 8192); bigger events are split.
+max_message_size = 8192
 # AuditSourceID (default: this archive's AE title) and AuditEnterpriseSiteID.
 # source_id = "PACSVAULT"
 # site_id = "Cabinet de radiologie"
@@ -401,10 +406,11 @@ class SyslogSink:
         self._wake.set()
 
     def _put(self, event: AuditEvent) -> None:
-        record = format_record(self.builder.to_bytes(event), event,
-                               hostname=self.builder.hostname)
-        self.queue.put(record)
-        self._approx_count += 1
+        hostname = self.builder.hostname
+        room = self.settings.max_message_size - len(format_record(b"", event, hostname=hostname))
+        for xml in self.builder.documents(event, room):
+            self.queue.put(format_record(xml, event, hostname=hostname))
+            self._approx_count += 1
 
     def _gap_event(self, count: int) -> AuditEvent:
         return AuditEvent(
@@ -473,7 +479,8 @@ class SyslogSink:
                 self._wake.clear()
                 batch = self.queue.entries()[: self._batch]
                 if not batch:
-                    self._approx_count = 0
+                    with self._write_lock:
+                        self._approx_count = 0 if self._closed else len(self.queue)
                     self._wake.wait(self._idle_poll)
                     continue
                 sent = self._deliver(batch)
@@ -568,7 +575,8 @@ class SyslogSink:
         sock.sendall(b"".join(frame(record) for record in records))
         self._await_ack(sock)
         self.queue.remove(paths)
-        self._approx_count = max(0, self._approx_count - len(paths))
+        with self._write_lock:
+            self._approx_count = max(0, self._approx_count - len(paths))
         return len(paths)
 
     def _await_ack(self, sock: ssl.SSLSocket) -> None:

@@ -7,13 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
+from pacsvault.audit.alerts import AlertConfigError
 from pacsvault.config import ConfigError, default_data_dir
 from pacsvault.crypto.keys import VaultKeyError
 from pacsvault.index.db import IndexOpenError
 from pacsvault.index.nodes import NodeError
 from pacsvault.vault import Vault, VaultError
 
-USER_ERRORS = (VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError)
+USER_ERRORS = (
+    VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError, AlertConfigError
+)
 
 
 class CommandError(Exception):

@@ -9,14 +9,19 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from sqlalchemy import select
+
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.alerts import AlertSink
 from pacsvault.cli.audit import purge_expired
 from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
 from pacsvault.cli.setup import init_vault
 from pacsvault.dicom.server import DicomService
+from pacsvault.index.models import Study
 from pacsvault.vault import Layout, Vault
 
 log = logging.getLogger("pacsvault.serve")
@@ -39,6 +44,17 @@ def _write_state(layout: Layout, state: dict[str, Any]) -> None:
     tmp = layout.state.with_suffix(".tmp")
     tmp.write_text(json.dumps(state), "utf-8")
     os.replace(tmp, layout.state)
+
+
+def _patients_of(vault: Vault) -> Callable[[Iterable[str]], set[str]]:
+    """Study UIDs -> internal patient keys, so bulk-access counts patients without IDs."""
+
+    def resolve(uids: Iterable[str]) -> set[str]:
+        with vault.sessions() as session:
+            return {str(pk) for pk in session.scalars(
+                select(Study.patient_pk).where(Study.study_uid.in_(list(uids))))}
+
+    return resolve
 
 
 def _check_audit_trail(vault: Vault) -> None:
@@ -74,6 +90,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tls_port = args.dicom_tls_port if args.dicom_tls_port is not None else (
         settings.dicom.tls_port
     )
+    alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
+                       patients_of=_patients_of(vault))
+    vault.recorder.add_sink(alerts)
     _check_audit_trail(vault)
     service = DicomService(vault)
     stop = threading.Event()
@@ -112,5 +131,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
                        code=EventCode.APPLICATION_ACTIVITY)
         )
+        alerts.close()
         vault.close()
     return 0
