@@ -16,6 +16,9 @@ if [ "$with_tests" = 1 ]; then
   # dcmtk's own binaries (pynetdicom ships Python scripts with the same names).
   [ -x /usr/bin/storescu ] || apt_wanted+=(dcmtk)
   command -v openssl >/dev/null 2>&1 || apt_wanted+=(openssl)
+  # a real TLS syslog collector (RFC 5425) for the audit export tests
+  [ -x /usr/sbin/rsyslogd ] || apt_wanted+=(rsyslog)
+  dpkg -s rsyslog-gnutls >/dev/null 2>&1 || apt_wanted+=(rsyslog-gnutls)
 fi
 if [ ${#apt_wanted[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_wanted[*]}" >&2

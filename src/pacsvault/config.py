@@ -16,6 +16,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pacsvault.audit.alerts import AlertSettings, render_section
+from pacsvault.audit.syslog import TOML_SECTION as SYSLOG_SECTION
+from pacsvault.audit.syslog import SyslogSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -69,6 +71,7 @@ DEFAULT_RETENTION_DAYS = 365
 class AuditSettings(_Strict):
     retention_days: int = Field(DEFAULT_RETENTION_DAYS, ge=1)
     retention_justification: str = ""
+    syslog: SyslogSettings = SyslogSettings()
 
     @model_validator(mode="after")
     def _justified(self) -> AuditSettings:
@@ -179,4 +182,4 @@ duplicate_policy = "keep-first"
 retention_days = 365
 retention_justification = ""
 
-""" + render_section()
+""" + SYSLOG_SECTION + "\n" + render_section()

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsvault import config
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
+from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
 from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
 from pacsvault.crypto.keyring import Keyring
@@ -235,6 +236,15 @@ class Vault:
             self.sessions,
         )
         self.recorder = Recorder([LogSink(), TrailSink(self.audit)])
+        self.syslog: SyslogSink | None = None
+        if settings.audit.syslog.enabled:
+            self.syslog = SyslogSink(
+                settings.audit.syslog,
+                layout.audit / QUEUE_DIR_NAME,
+                master.derive(keys.PURPOSE_AUDIT_EXPORT, vault_id),
+                archive_ae=settings.server.ae_title,
+            )
+            self.recorder.add_sink(self.syslog)
 
     @classmethod
     def open(cls, data_dir: Path, key_file: Path | None = None) -> Vault:
@@ -258,4 +268,8 @@ class Vault:
         return _tls_password(self._master, self.vault_id)
 
     def close(self) -> None:
+        if self.syslog is not None:
+            # Give this process's last events a chance to leave; the rest stays queued.
+            self.syslog.flush(2.0)
+            self.syslog.close()
         self.engine.dispose()

@@ -31,16 +31,21 @@ sender can know: every byte of the batch was *acknowledged by the collector's TC
 on a connection that was still established (Linux: ``SIOCOUTQ`` reaches 0 and
 ``TCP_INFO`` still shows ESTABLISHED/CLOSE_WAIT). Only then are the batch's files deleted.
 A failure anywhere before that keeps the files; after reconnecting the batch is sent again
-from its first record, so the collector may see a few records twice, never a gap and
-never a later record before an earlier one. Before each batch the connection is probed for
-an orderly close by the collector (a syslog receiver never sends data), so records are
-not written into a connection the collector has already dropped. The residual loss window
+from its first record, so the collector may see the start of a batch twice
+(``5 6 | 5 6 7``), but never a gap, and records first arrive in queue order. Before each
+batch the connection is probed for an orderly close by the collector (a syslog receiver
+never sends data), so records are not written into a connection the collector has
+already dropped. The residual loss window
 is a collector that crashes after its TCP stack acknowledged a record but before it stored
 it, which no syslog sender can close.
 
 One sender per queue: the thread takes ``sender.lock`` (``flock``) first, so when
 ``pacsvault serve`` and a CLI command share a vault, only one delivers; the other only
 enqueues.
+
+Size: a record is at most ``max_message_size`` octets (RFC 5425 receivers must take
+8192); an event naming more objects than fit (an export of the whole archive) becomes
+several complete AuditMessages, each naming a share of the objects ("part i of n").
 
 Bounded: ``queue_limit`` records at most (the disk also holds the images). Beyond it new
 records are not queued and an error is logged; when there is room again, a Security Alert

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pacsvault.audit.alerts import AlertConfigError
+from pacsvault.audit.syslog import SyslogConfigError
 from pacsvault.config import ConfigError, default_data_dir
 from pacsvault.crypto.keys import VaultKeyError
 from pacsvault.index.db import IndexOpenError
@@ -15,7 +16,8 @@ from pacsvault.index.nodes import NodeError
 from pacsvault.vault import Vault, VaultError
 
 USER_ERRORS = (
-    VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError, AlertConfigError
+    VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError, AlertConfigError,
+    SyslogConfigError,
 )
 
 

@@ -30,6 +30,7 @@ PURPOSE_CHECK = "pacsvault/v1/key-check"
 PURPOSE_TLS = "pacsvault/v1/tls-private-keys"
 PURPOSE_EVENTS = "pacsvault/v1/events"
 PURPOSE_AUDIT_SIGNING = "pacsvault/v1/audit-signing"
+PURPOSE_AUDIT_EXPORT = "pacsvault/v1/audit-export-queue"
 
 _CHECK_PLAINTEXT = b"pacsvault key check v1"
 _SCRYPT_N = 2**15

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -66,6 +68,16 @@ STATUS_UNABLE = 0xC000
 # sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
 _FAILED_SUBOP = "unreadable"
 _MAX_CONTEXTS = 120
+
+
+def store_outcome(message: Any) -> str:
+    """Classify a C-STORE-RSP (sub-operation result) as completed, warning or failed."""
+    status = int(getattr(message.command_set, "Status", 0xC000))
+    if status == 0x0000:
+        return "completed"
+    if status in (0xB000, 0xB006, 0xB007):
+        return "warning"
+    return "failed"
 
 
 def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
@@ -172,15 +184,23 @@ class QueryRetrieve:
         try:
             items = self.engine.instances(level, identifier)
         except QueryError as exc:
-            self._record_retrieve(state, "move", destination_ae, [], 0, Outcome.MINOR_FAILURE,
-                                  str(exc))
+            self._record_retrieve(state, "move", destination_ae, [], 0, Counter(), 0, str(exc))
             raise
-        kwargs: dict[str, Any] = {"contexts": _contexts_for(self._sop_syntaxes(items))}
+        results: Counter[str] = Counter()
+
+        def collect(sub: evt.Event) -> None:
+            if isinstance(sub.message, C_STORE_RSP):
+                results[store_outcome(sub.message)] += 1
+
+        kwargs: dict[str, Any] = {
+            "contexts": _contexts_for(self._sop_syntaxes(items)),
+            "evt_handlers": [(evt.EVT_DIMSE_RECV, collect)],
+        }
         if dest.tls:
             ctx = client_context(self._vault.layout.tls, self._vault.tls_password())
             kwargs["tls_args"] = (ctx, dest.host)
         yield dest.host, dest.port, kwargs
-        yield from self._send(event, state, "move", destination_ae, items)
+        yield from self._send(event, state, "move", destination_ae, items, results)
 
     # --- C-GET ------------------------------------------------------------------------
 
@@ -193,10 +213,11 @@ class QueryRetrieve:
         try:
             items = self.engine.instances(level, identifier)
         except QueryError as exc:
-            self._record_retrieve(state, "get", state.node.ae_title, [], 0,
-                                  Outcome.MINOR_FAILURE, str(exc))
+            self._record_retrieve(state, "get", state.node.ae_title, [], 0, Counter(), 0,
+                                  str(exc))
             raise
-        yield from self._send(event, state, "get", state.node.ae_title, items)
+        state.substores.clear()
+        yield from self._send(event, state, "get", state.node.ae_title, items, state.substores)
 
     # --- shared -----------------------------------------------------------------------
 
@@ -217,8 +238,9 @@ class QueryRetrieve:
 
     def _send(
         self, event: evt.Event, state: _AssocState, kind: str, destination: str,
-        items: list[StoredInstance],
+        items: list[StoredInstance], results: Counter[str],
     ) -> Iterator[Any]:
+        """Yield the sub-operations; ``results`` fills with the peer's C-STORE answers."""
         yield len(items)
         studies = sorted({i.study_uid for i in items})
         self._vault.recorder.emit(AuditEvent(
@@ -228,32 +250,40 @@ class QueryRetrieve:
             actor_address=state.peer.address, study_uids=tuple(studies),
             detail={"destination": destination, "instances": len(items)},
         ))
-        attempted = 0
+        unreadable = 0
         for item in items:
             if event.is_cancelled:
-                self._record_retrieve(state, kind, destination, studies, attempted,
-                                      Outcome.MINOR_FAILURE, "cancelled by the requester")
+                self._record_retrieve(state, kind, destination, studies, len(items), results,
+                                      unreadable, "cancelled by the requester")
                 yield STATUS_CANCEL, None
                 return
-            attempted += 1
             try:
                 ds = dcmread(io.BytesIO(self._vault.archive.read(item)))
             except (ObjectFormatError, OSError) as exc:
                 log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
+                unreadable += 1
                 yield STATUS_PENDING, _FAILED_SUBOP
                 continue
             yield STATUS_PENDING, ds
-        self._record_retrieve(state, kind, destination, studies, attempted, Outcome.SUCCESS, "")
+        self._record_retrieve(state, kind, destination, studies, len(items), results,
+                              unreadable, "")
 
     def _record_retrieve(
         self, state: _AssocState, kind: str, destination: str, studies: list[str],
-        sent: int, outcome: Outcome, note: str,
+        total: int, results: Counter[str], unreadable: int, note: str,
     ) -> None:
+        completed, warning = results["completed"], results["warning"]
+        failed = results["failed"] + unreadable
+        if note or failed or completed + warning < total:
+            outcome = Outcome.MINOR_FAILURE if completed + warning else Outcome.SERIOUS_FAILURE
+        else:
+            outcome = Outcome.SUCCESS
         self._vault.recorder.emit(AuditEvent(
             action=f"dicom.{kind}", outcome=outcome, code=EventCode.INSTANCES_TRANSFERRED,
             actor_ae=state.node.ae_title if state.node else "",
             actor_address=state.peer.address, study_uids=tuple(studies), message=note,
-            detail={"destination": destination, "sent": sent},
+            detail={"destination": destination, "requested": total, "sent": completed,
+                    "warning": warning, "failed": failed},
         ))
 
 

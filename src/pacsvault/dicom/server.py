@@ -22,6 +22,7 @@ from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -36,6 +37,7 @@ from pacsvault.dicom.qr import (
     MOVE_CLASSES,
     QueryRetrieve,
     denied_contexts,
+    store_outcome,
 )
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.storage.archive import StoreStatus
@@ -68,6 +70,8 @@ class _AssocState:
     node: NodeInfo | None = None
     outcomes: Counter[str] = field(default_factory=Counter)
     studies: set[str] = field(default_factory=set)
+    # C-STORE-RSP statuses of C-GET sub-operations (stores we sent on this association)
+    substores: Counter[str] = field(default_factory=Counter)
 
 
 class DicomService:
@@ -114,6 +118,7 @@ class DicomService:
             (evt.EVT_C_FIND, self.qr.on_find),
             (evt.EVT_C_MOVE, self.qr.on_move),
             (evt.EVT_C_GET, self.qr.on_get),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
@@ -177,9 +182,25 @@ class DicomService:
         return decision.allowed, decision.reason
 
     def restrict_contexts(self, assoc: Association, requested: list[Any]) -> None:
-        """Least privilege: drop the Q/R contexts the node's roles do not grant."""
+        """Shape this association's contexts before pynetdicom negotiates them.
+
+        - Transfer syntaxes follow the requestor's order of preference (pynetdicom takes
+          the acceptor's order): a modality's file is received in the syntax it has, and a
+          C-GET client gets an object in its stored syntax when it offers it.
+        - Least privilege: drop the Q/R contexts the node's roles do not grant.
+        """
         state = self._state(assoc)
         assert state.node is not None
+        preferred: dict[str, list[UID]] = {}
+        for cx in requested:
+            order = preferred.setdefault(str(cx.abstract_syntax), [])
+            order += [UID(ts) for ts in cx.transfer_syntax if UID(ts) not in order]
+        for cx in assoc.acceptor.supported_contexts:
+            wanted = preferred.get(str(cx.abstract_syntax))
+            if wanted:
+                ours = list(cx.transfer_syntax)
+                reordered: list[str | bytes | UID] = [t for t in wanted if t in ours]
+                cx.transfer_syntax = reordered + [t for t in ours if t not in wanted]
         denied = denied_contexts(state.node.roles)
         if not denied:
             return
@@ -202,6 +223,13 @@ class DicomService:
             )
 
     # --- DIMSE handlers --------------------------------------------------------------
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        if isinstance(event.message, C_STORE_RSP):
+            with self._lock:
+                state = self._states.get(event.assoc)
+            if state is not None:
+                state.substores[store_outcome(event.message)] += 1
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS

@@ -56,7 +56,11 @@ def normalise_date(value: str) -> str:
 
 @dataclass(frozen=True)
 class Condition:
-    """A parsed query value. ``op`` is one of: any, equal, wildcard, range, list."""
+    """A parsed query value. ``op`` is one of: any, never, equal, wildcard, range, list.
+
+    ``never`` is what a malformed date or time becomes: it matches no record (not the
+    records that have no value, which a naive equality on "" would return).
+    """
 
     op: str
     kind: Kind
@@ -76,6 +80,8 @@ class Condition:
     ) -> ColumnElement[bool]:
         if self.op == "any":
             return true()
+        if self.op == "never":
+            return false()
         if self.op == "equal":
             return column == self.value
         if self.op == "list":
@@ -102,6 +108,8 @@ class Condition:
     def matches(self, raw: str) -> bool:
         if self.op == "any":
             return True
+        if self.op == "never":
+            return False
         value = normalise(self.kind, raw)
         if self.op == "equal":
             return value == self.value
@@ -135,20 +143,25 @@ def parse(kind: Kind, raw: str) -> Condition:
     if kind == "uid" and "\\" in text:
         return Condition("list", kind, items=tuple(t.strip() for t in text.split("\\")))
     if kind in ("date", "time") and "-" in text:
-        low, _, high = text.partition("-")
+        low_text, _, high_text = (part.strip() for part in text.partition("-"))
         if kind == "date":
-            return Condition("range", kind, low=normalise_date(low) if low else "",
-                             high=normalise_date(high) if high else "")
-        return Condition("range", kind,
-                         low=normalise_time(low) if low else "",
-                         high=normalise_time(high, upper=True) if high else "")
+            low, high = normalise_date(low_text), normalise_date(high_text)
+        else:
+            low, high = normalise_time(low_text), normalise_time(high_text, upper=True)
+        if (low_text and not low) or (high_text and not high) or not (low or high):
+            return Condition("never", kind)
+        return Condition("range", kind, low=low, high=high)
     if kind in ("str", "pn") and ("*" in text or "?" in text):
         pattern = normalise_name(text) if kind == "pn" else text
         return Condition("wildcard", kind, value=pattern)
     if kind == "time":
         # A single time of lower precision matches the whole period it names.
-        return Condition("range", kind, low=normalise_time(text),
-                         high=normalise_time(text, upper=True))
+        low, high = normalise_time(text), normalise_time(text, upper=True)
+        if not low:
+            return Condition("never", kind)
+        return Condition("range", kind, low=low, high=high)
+    if kind == "date" and not normalise_date(text):
+        return Condition("never", kind)
     if kind != "uid" and "\\" in text:
         # A value list on a non-UID attribute: match any of them (PS3.4 C.2.2.2.8 allows
         # this for some keys; accepting it everywhere is harmless and convenient).

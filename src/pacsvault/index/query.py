@@ -235,7 +235,7 @@ class QueryEngine:
             if value is None or (col is not None and _RANK[col.level] > _RANK[level]):
                 out[tag] = {"vr": elem.VR}
             elif elem.VR == "SQ":
-                out[tag] = _sequence_answer(value, elem)
+                out[tag] = _sequence_answer(value, elem, _sequence_conditions(elem))
             else:
                 out[tag] = _strip_bulk(value)
         ds = Dataset.from_json(out)
@@ -266,12 +266,23 @@ class QueryEngine:
                 select(Instance.sop_class_uid).distinct()
                 .join(Series, Instance.series_pk == Series.pk)
                 .where(Series.study_pk == record.pk)))
-        studies = select(Study).where(Study.patient_pk == record.pk).subquery()
+        studies = select(Study).where(Study.patient_pk == _patient_pk(record)).subquery()
         if keyword == "NumberOfPatientRelatedStudies":
             return session.scalar(select(func.count()).select_from(studies))
         if keyword == "NumberOfPatientRelatedSeries":
             return session.scalar(select(func.coalesce(func.sum(studies.c.num_series), 0)))
         return session.scalar(select(func.coalesce(func.sum(studies.c.num_instances), 0)))
+
+
+def _patient_pk(record: Any) -> int:
+    """Patient-related counts are return keys at every level of the Study Root too."""
+    if isinstance(record, Patient):
+        return record.pk
+    if isinstance(record, Study):
+        return record.patient_pk
+    if isinstance(record, Series):
+        return record.study.patient_pk
+    return int(record.series.study.patient_pk)
 
 
 # --- helpers on DICOM JSON values --------------------------------------------------------
@@ -327,17 +338,23 @@ def _sequence_conditions(elem: DataElement) -> list[tuple[str, Any]]:
     return conds
 
 
-def _sequence_answer(entry: dict[str, Any], elem: DataElement) -> dict[str, Any]:
-    """Return the stored sequence, restricted to the keys the query asked for."""
+def _sequence_answer(
+    entry: dict[str, Any], elem: DataElement, conds: list[tuple[str, Any]]
+) -> dict[str, Any]:
+    """PS3.4 C.2.2.2.6: the matching items, holding only the requested attributes; a key
+    with no item or one empty item asks for the whole sequence."""
     items = entry.get("Value") or []
-    if not elem.value:
+    wanted = [f"{sub.tag:08X}" for sub in elem.value[0]] if elem.value else []
+    if not wanted:
         return {"vr": "SQ", "Value": [_strip_bulk_item(i) for i in items]}
-    wanted = [f"{sub.tag:08X}" for sub in elem.value[0]]
+    matching_items = [
+        i for i in items if all(_meta_matches(i.get(tag), sub) for tag, sub in conds)
+    ]
     return {
         "vr": "SQ",
         "Value": [
             {t: _strip_bulk(i[t]) if t in i else {"vr": _vr_of(t)} for t in wanted}
-            for i in items
+            for i in matching_items
         ],
     }
 
