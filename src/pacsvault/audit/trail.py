@@ -132,14 +132,38 @@ class AuditTrail:
                 os.close(lock_fd)
 
     def _tail(self) -> tuple[int, str, str]:
-        """(seq, hash, time) of the last record, read from the file itself."""
+        """(seq, hash to chain to, time) of the last record, read from the file itself.
+
+        After a seal the chain continues from the last sealed record's hash. A damaged last
+        line must not silence the trail: the chain goes on from the hash of its raw bytes
+        (verification still reports the damaged line).
+        """
         last = _last_line(self.path)
         if not last:
             return 0, GENESIS, ""
-        body = json.loads(last)
-        sig = body.pop("sig", None)
-        del sig
-        return int(body["seq"]), _hash(body), str(body["time"])
+        try:
+            body = json.loads(last)
+            if not isinstance(body, dict):
+                raise ValueError("not a record")
+            body.pop("sig", None)
+            if body.get("kind") == "seal":
+                return int(body["seq"]), str(body["sealed_last_hash"]), str(body["time"])
+            return int(body["seq"]), _hash(body), str(body["time"])
+        except (ValueError, KeyError, TypeError):
+            anchor = self._anchor()
+            return (anchor[0] if anchor else 0), hashlib.sha256(last).hexdigest(), ""
+
+    def _check_head(self, seq: int, digest: str) -> None:
+        """Compare the file's tail with the anchor before moving it; flag a mismatch."""
+        with self._sessions.begin() as session:
+            head = session.get(AuditHead, 1)
+            if head is None or head.broken:
+                return
+            if seq < head.seq:
+                head.broken = (f"the trail ended at record {seq} when record {head.seq} had "
+                               "been written: records were removed")
+            elif seq == head.seq and digest != head.digest:
+                head.broken = f"record {seq} differs from the one anchored in the index"
 
     def append(self, event: AuditEvent) -> int:
         refs = {
@@ -149,6 +173,7 @@ class AuditTrail:
         }
         with self._exclusive() as fd:
             seq, prev, last_time = self._tail()
+            self._check_head(seq, prev)
             seq += 1
             now = event.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
             time = max(now, last_time) if last_time else now  # monotonic order
@@ -184,6 +209,11 @@ class AuditTrail:
             head = session.get(AuditHead, 1)
             return (head.seq, head.digest) if head else None
 
+    def _broken(self) -> str:
+        with self._sessions() as session:
+            head = session.get(AuditHead, 1)
+            return head.broken if head else ""
+
     def _seal(self, seq: int, refs: dict[str, list[str]]) -> str:
         nonce = secrets.token_bytes(12)
         sealed = AESGCM(self._keys.sealing_key).encrypt(
@@ -211,6 +241,8 @@ class AuditTrail:
                     body = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if not isinstance(body, dict):
+                    continue
                 refs: dict[str, list[str]] = {}
                 if "refs" in body:
                     try:
@@ -234,6 +266,9 @@ class AuditTrail:
         ``tail`` limits the signature checks to the last N records (fast check at start);
         the chain itself is always followed from the beginning (hashing is cheap).
         """
+        broken = self._broken()
+        if broken:
+            return Verdict(False, 0, f"{broken} (detected when the next event was written)")
         if not self.path.exists():
             if self._anchor() is None:
                 return Verdict(True, 0)  # a new vault: nothing written yet
@@ -245,9 +280,11 @@ class AuditTrail:
             number = index + 1
             try:
                 body = json.loads(line)
+                if not isinstance(body, dict):
+                    raise ValueError("not a record")
                 sig = base64.b64decode(body.pop("sig"))
                 seq = int(body["seq"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 return Verdict(False, index, f"line {number} is not a valid record",
                                last_seq + 1, number)
             if body.get("v") != FORMAT:

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.index.query import QueryEngine, QueryError
+from pacsvault.index.query import Accessed, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
 
 if TYPE_CHECKING:
@@ -126,9 +126,11 @@ class QueryRetrieve:
             self._refuse(state, "find")
             yield STATUS_NOT_AUTHORIZED, None
             return
+        accessed = Accessed()
         try:
             identifier, level = self._identifier(event)
-            answers = self.engine.find(level, identifier, root=self._root(event))
+            answers = self.engine.find(level, identifier, root=self._root(event),
+                                       accessed=accessed)
             matches = 0
             cancelled = False
             for answer in answers:
@@ -138,26 +140,31 @@ class QueryRetrieve:
                 matches += 1
                 yield STATUS_PENDING, answer
         except QueryError as exc:
-            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc))
+            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
             yield STATUS_IDENTIFIER_MISMATCH, None
             return
         except Exception as exc:  # decoding errors etc.: never a traceback with values
-            self._record_query(state, "", 0, Outcome.SERIOUS_FAILURE, type(exc).__name__)
+            self._record_query(state, "", 0, Outcome.SERIOUS_FAILURE, type(exc).__name__,
+                               accessed)
             yield STATUS_UNABLE, None
             return
         self._record_query(state, level, matches, Outcome.SUCCESS,
-                           "cancelled by the requester" if cancelled else "")
+                           "cancelled by the requester" if cancelled else "", accessed)
         if cancelled:
             yield STATUS_CANCEL, None
 
     def _record_query(
-        self, state: _AssocState, level: str, matches: int, outcome: Outcome, note: str
+        self, state: _AssocState, level: str, matches: int, outcome: Outcome, note: str,
+        accessed: Accessed,
     ) -> None:
         self._vault.recorder.emit(AuditEvent(
             action="dicom.find", outcome=outcome, code=EventCode.QUERY,
             actor_ae=state.node.ae_title if state.node else "",
             actor_address=state.peer.address, message=note,
-            detail={"level": level, "matches": matches},
+            detail={"level": level, "matches": matches,
+                    "references_truncated": accessed.truncated},
+            patient_ids=tuple(sorted(accessed.patient_ids)),
+            study_uids=tuple(sorted(accessed.study_uids)),
         ))
 
     # --- C-MOVE -----------------------------------------------------------------------

@@ -143,3 +143,6 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(Integer)
     digest: Mapped[str] = mapped_column(String(64))
+    # Set once, never cleared: the file was found shorter or different than anchored when
+    # appending. Later appends continue the file, but verification keeps failing.
+    broken: Mapped[str] = mapped_column(Text, default="")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from sqlalchemy import ColumnElement, Select, exists, func, select
+from sqlalchemy import ColumnElement, Select, exists, func, null, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from pacsvault.index import matching
@@ -98,6 +98,25 @@ def _int_clause(cond: Condition, column: InstrumentedAttribute[Any]) -> ColumnEl
 
 
 @dataclass
+class Accessed:
+    """Patients and studies disclosed by a query (bounded: a trail record stays small)."""
+
+    limit: int = 1000
+    patient_ids: set[str] = field(default_factory=set)
+    study_uids: set[str] = field(default_factory=set)
+    truncated: bool = False
+
+    def add(self, patient_id: str | None, study_uid: str | None) -> None:
+        if len(self.patient_ids) + len(self.study_uids) >= self.limit:
+            self.truncated = True
+            return
+        if patient_id is not None:
+            self.patient_ids.add(patient_id)
+        if study_uid is not None:
+            self.study_uids.add(study_uid)
+
+
+@dataclass
 class _Filter:
     sql: list[ColumnElement[bool]]
     meta: list[tuple[str, Any]]  # (tag hex, Condition | list of item conditions)
@@ -111,32 +130,41 @@ class QueryEngine:
     # --- C-FIND / QIDO --------------------------------------------------------------
 
     def find(
-        self, level: str, identifier: Dataset, *, root: str = "STUDY"
+        self, level: str, identifier: Dataset, *, root: str = "STUDY",
+        accessed: Accessed | None = None,
     ) -> Iterator[Dataset]:
-        """Yield one answer per matching record, streaming from the database."""
+        """Yield one answer per matching record, streaming from the database.
+
+        ``accessed`` collects which patients and studies the answers disclosed, for the
+        audit trail ("who saw this patient's data" includes who listed it).
+        """
         if level not in LEVELS or (root == "STUDY" and level == "PATIENT"):
             raise QueryError("unsupported query level for this information model")
         filt = self._filter(level, identifier)
         stmt = self._select(level).where(*filt.sql)
         charset = _answer_charset(identifier)
         with self._sessions() as session:
-            for row in session.execute(stmt).yield_per(256):
-                record = row[0]
+            for record, study_uid, patient_id in session.execute(stmt).yield_per(256):
                 meta: dict[str, Any] = json.loads(record.meta_json or "{}")
                 if not all(_meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
                     continue
+                if accessed is not None:
+                    accessed.add(patient_id, study_uid)
                 yield self._answer(session, level, record, meta, identifier, charset)
 
-    def _select(self, level: str) -> Select[Any]:
+    def _select(self, level: str) -> Select[Any, Any, Any]:
+        """The level's records, with the study UID and patient ID they belong to."""
         if level == "PATIENT":
-            return select(Patient).order_by(Patient.pk)
+            return select(Patient, null(), Patient.patient_id).order_by(Patient.pk)
         if level == "STUDY":
-            return select(Study).join(Patient, Study.patient_pk == Patient.pk).order_by(
-                Study.pk)
+            return (select(Study, Study.study_uid, Patient.patient_id)
+                    .join(Patient, Study.patient_pk == Patient.pk).order_by(Study.pk))
         if level == "SERIES":
-            return (select(Series).join(Study, Series.study_pk == Study.pk)
+            return (select(Series, Study.study_uid, Patient.patient_id)
+                    .join(Study, Series.study_pk == Study.pk)
                     .join(Patient, Study.patient_pk == Patient.pk).order_by(Series.pk))
-        return (select(Instance).join(Series, Instance.series_pk == Series.pk)
+        return (select(Instance, Study.study_uid, Patient.patient_id)
+                .join(Series, Instance.series_pk == Series.pk)
                 .join(Study, Series.study_pk == Study.pk)
                 .join(Patient, Study.patient_pk == Patient.pk).order_by(Instance.pk))
 
