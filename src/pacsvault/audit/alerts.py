@@ -265,11 +265,18 @@ smtp_username = ""
 smtp_password_file = ""
 # Only if the mail server uses its own certificate authority (default: system CAs).
 smtp_ca_file = ""
+# Seconds to wait for the mail server before retrying later.
+smtp_timeout = 30.0
 mail_from = ""
 mail_to = []            # e.g. ["dr.martin@example.fr", "dpo@example.fr"]
 # Optional: JSON POST to an https:// URL (chat or monitoring). Token in a 0600 file.
 webhook_url = ""
 webhook_token_file = ""
+# Only if the webhook's server uses its own certificate authority (default: system CAs).
+webhook_ca_file = ""
+# Allow http:// for a webhook on this machine (127.0.0.1/::1) only; never for others.
+webhook_allow_http_loopback = false
+webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
 # unusual-hours, audit-broken, disk-full. List here the ones you do not want.
 disabled_rules = []

@@ -7,8 +7,9 @@ import getpass
 import sys
 from typing import Any
 
+from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, say
-from pacsvault.vault import recover
+from pacsvault.vault import Vault, recover
 
 
 def register(sub: Any) -> None:
@@ -28,5 +29,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not code.strip():
         raise CommandError("no recovery code given")
     path = recover(data_dir(args), code, args.key_file)
+    vault = Vault.open(data_dir(args), path)
+    try:
+        vault.recorder.emit(AuditEvent(
+            action="key.recover", outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
+            actor_user="local-admin",
+            message="the master key file was rebuilt from the recovery code",
+        ))
+    finally:
+        vault.close()
     say(f"Master key restored to {path} (mode 0600).")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -201,7 +202,7 @@ class QueryRetrieve:
 
         kwargs: dict[str, Any] = {
             "contexts": _contexts_for(self._sop_syntaxes(items)),
-            "evt_handlers": [(evt.EVT_DIMSE_RECV, collect)],
+            "evt_handlers": [(evt.EVT_DIMSE_RECV, collect), (evt.EVT_CONN_OPEN, _no_delay)],
         }
         if dest.tls:
             ctx = client_context(self._vault.layout.tls, self._vault.tls_password())
@@ -292,6 +293,13 @@ class QueryRetrieve:
             detail={"destination": destination, "requested": total, "sent": completed,
                     "warning": warning, "failed": failed},
         ))
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Outbound sub-associations too: no Nagle delay on each C-STORE request."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:

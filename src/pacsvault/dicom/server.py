@@ -119,6 +119,7 @@ class DicomService:
             (evt.EVT_C_MOVE, self.qr.on_move),
             (evt.EVT_C_GET, self.qr.on_get),
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
@@ -184,15 +185,23 @@ class DicomService:
     def restrict_contexts(self, assoc: Association, requested: list[Any]) -> None:
         """Shape this association's contexts before pynetdicom negotiates them.
 
-        - Transfer syntaxes follow the requestor's order of preference (pynetdicom takes
-          the acceptor's order): a modality's file is received in the syntax it has, and a
-          C-GET client gets an object in its stored syntax when it offers it.
+        - For the storage contexts where the requestor asks to be SCP (C-GET receivers),
+          transfer syntaxes follow the requestor's order of preference (pynetdicom takes the
+          acceptor's), so a client offering an object's stored syntax gets it as stored.
+          Contexts of modalities sending to us keep our order, which has dcmtk's storescu
+          send each file in the syntax it already has.
         - Least privilege: drop the Q/R contexts the node's roles do not grant.
         """
         state = self._state(assoc)
         assert state.node is not None
+        receiver_of = {
+            str(uid) for uid, item in assoc.requestor.role_selection.items()
+            if getattr(item, "scp_role", False)
+        }
         preferred: dict[str, list[UID]] = {}
         for cx in requested:
+            if str(cx.abstract_syntax) not in receiver_of:
+                continue
             order = preferred.setdefault(str(cx.abstract_syntax), [])
             order += [UID(ts) for ts in cx.transfer_syntax if UID(ts) not in order]
         for cx in assoc.acceptor.supported_contexts:
@@ -230,6 +239,22 @@ class DicomService:
                 state = self._states.get(event.assoc)
             if state is not None:
                 state.substores[store_outcome(event.message)] += 1
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            state = self._states.get(event.assoc)
+        if state is None or state.node is None:
+            return
+        self.vault.recorder.emit(
+            AuditEvent(
+                action="dicom.association.accepted",
+                outcome=Outcome.SUCCESS,
+                code=EventCode.USER_AUTHENTICATION,
+                actor_ae=state.node.ae_title,
+                actor_address=state.peer.address,
+                detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert},
+            )
+        )
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -349,6 +374,8 @@ class _PolicyRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         address, port = str(self.client_address[0]), int(self.client_address[1])
+        # DIMSE is request/response: Nagle would hold each small reply ~40 ms.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         has_cert = False
         if self.pv_tls is not None:
             raw = self.request

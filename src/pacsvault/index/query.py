@@ -154,19 +154,21 @@ class QueryEngine:
 
     def _select(self, level: str) -> Select[Any, Any, Any]:
         """The level's records, with the study UID and patient ID they belong to."""
+        # No ORDER BY: C-FIND answers have no order, and sorting would hold every matching
+        # row (with its stored header) in memory before the first answer could stream.
         if level == "PATIENT":
-            return select(Patient, null(), Patient.patient_id).order_by(Patient.pk)
+            return select(Patient, null(), Patient.patient_id)
         if level == "STUDY":
             return (select(Study, Study.study_uid, Patient.patient_id)
-                    .join(Patient, Study.patient_pk == Patient.pk).order_by(Study.pk))
+                    .join(Patient, Study.patient_pk == Patient.pk))
         if level == "SERIES":
             return (select(Series, Study.study_uid, Patient.patient_id)
                     .join(Study, Series.study_pk == Study.pk)
-                    .join(Patient, Study.patient_pk == Patient.pk).order_by(Series.pk))
+                    .join(Patient, Study.patient_pk == Patient.pk))
         return (select(Instance, Study.study_uid, Patient.patient_id)
                 .join(Series, Instance.series_pk == Series.pk)
                 .join(Study, Series.study_pk == Study.pk)
-                .join(Patient, Study.patient_pk == Patient.pk).order_by(Instance.pk))
+                .join(Patient, Study.patient_pk == Patient.pk))
 
     def _filter(self, level: str, identifier: Dataset) -> _Filter:
         sql: list[ColumnElement[bool]] = []
