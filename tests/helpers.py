@@ -124,6 +124,10 @@ class Server:
     def tls_port(self) -> int:
         return self.ports["dicom_tls_port"]
 
+    @property
+    def https_port(self) -> int:
+        return self.ports["https_port"]
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -157,7 +161,7 @@ def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float
         proc = subprocess.Popen(
             [sys.executable, "-m", "pacsvault", "serve", "--data", str(vault.data),
              "--key-file", str(vault.key), "--bind", "127.0.0.1",
-             "--dicom-port", "0", "--dicom-tls-port", "0"],
+             "--dicom-port", "0", "--dicom-tls-port", "0", "--https-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     server = Server(vault, proc, log_path, tmpdir)

@@ -65,6 +65,19 @@ class StorageSettings(_Strict):
     duplicate_policy: str = Field("keep-first", pattern="^keep-first$")
 
 
+class WebSettings(_Strict):
+    enabled: bool = True
+    https_port: int = Field(8443, ge=0, le=65535)
+    # "lan": only the trusted networks may connect; "internet": anyone may reach the sign-in
+    # page (admin functions still refuse outside sources).
+    remote_access: str = Field("lan", pattern="^(lan|internet)$")
+    session_idle_minutes: int = Field(30, ge=1)
+    session_absolute_hours: int = Field(12, ge=1)
+    # A certificate of your own (e.g. from your IT provider); default: the vault's CA.
+    cert_file: str = ""
+    key_file: str = ""
+
+
 DEFAULT_RETENTION_DAYS = 365
 
 
@@ -87,6 +100,7 @@ class Settings(_Strict):
     server: ServerSettings
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
+    web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     alerts: AlertSettings = AlertSettings()
 
@@ -174,6 +188,21 @@ min_free_mb = 512
 # A different object received under an existing SOP Instance UID: keep the first one,
 # answer with warning status B006 (elements discarded) and record a security event.
 duplicate_policy = "keep-first"
+
+[web]
+# HTTPS access for the doctor's browser and for DICOMweb viewers (no plain HTTP, ever).
+enabled = true
+https_port = 8443
+# "lan": only the trusted networks above may connect (recommended). "internet": the
+# sign-in page is reachable from anywhere (password + second factor still required);
+# administration still refuses outside sources.
+remote_access = "lan"
+# Sessions end after this much inactivity, and in any case after the absolute limit.
+session_idle_minutes = 30
+session_absolute_hours = 12
+# Your own certificate and key (PEM), e.g. from your IT provider. Empty: the vault's CA.
+cert_file = ""
+key_file = ""
 
 [audit]
 # Audit records older than this are sealed out of the trail (the chain still verifies).

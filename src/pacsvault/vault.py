@@ -27,7 +27,9 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
 from pacsvault import config
+from pacsvault.accounts.service import Accounts
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
 from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
@@ -263,6 +265,20 @@ class Vault:
             )
         engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
         return cls(layout, settings, vault_id, master, engine)
+
+    _accounts: Accounts | None = None
+
+    @property
+    def accounts(self) -> Accounts:
+        """Users, second factors and tokens (one instance per process: it holds sign-ins
+        in progress)."""
+        if self._accounts is None:
+            self._accounts = Accounts(
+                self.sessions, self.recorder,
+                secret_key=self._master.derive(keys.PURPOSE_ACCOUNTS, self.vault_id),
+                issuer=f"pacsvault {self.settings.server.ae_title}",
+            )
+        return self._accounts
 
     def tls_password(self) -> bytes:
         return _tls_password(self._master, self.vault_id)

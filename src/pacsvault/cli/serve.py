@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,9 +21,12 @@ from pacsvault.audit.alerts import AlertSink
 from pacsvault.cli.audit import purge_expired
 from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
 from pacsvault.cli.setup import init_vault
+from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
 from pacsvault.vault import Layout, Vault
+from pacsvault.web.app import create_app
+from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -36,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("--bind", help="address to listen on (overrides pacsvault.toml)")
     p.add_argument("--dicom-port", type=int, help="plain DICOM port (0 = any free port)")
     p.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (0 = any free port)")
+    p.add_argument("--https-port", type=int, help="HTTPS port (0 = any free port)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_serve)
 
@@ -44,6 +49,14 @@ def _write_state(layout: Layout, state: dict[str, Any]) -> None:
     tmp = layout.state.with_suffix(".tmp")
     tmp.write_text(json.dumps(state), "utf-8")
     os.replace(tmp, layout.state)
+
+
+def _web_tls(vault: Vault) -> ssl.SSLContext:
+    web = vault.settings.web
+    ctx = server_context(vault.layout.tls, vault.tls_password())
+    if web.cert_file:
+        ctx.load_cert_chain(web.cert_file, web.key_file or None)
+    return ctx
 
 
 def _patients_of(vault: Vault) -> Callable[[Iterable[str]], set[str]]:
@@ -103,6 +116,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     bound = service.start(bind, plain, tls_port)
+    web: WebService | None = None
+    if settings.web.enabled:
+        web = WebService(create_app(vault, vault.accounts), _web_tls(vault))
+        https_port = args.https_port if args.https_port is not None else settings.web.https_port
+        bound["https_port"] = web.start(bind, https_port)
     vault.recorder.emit(
         AuditEvent(action="application.start", outcome=Outcome.SUCCESS,
                    code=EventCode.APPLICATION_ACTIVITY, detail=dict(bound))
@@ -126,6 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
     finally:
         vault.layout.state.unlink(missing_ok=True)
+        if web is not None:
+            web.stop()
         service.stop()
         vault.recorder.emit(
             AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,

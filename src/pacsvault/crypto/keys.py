@@ -31,6 +31,7 @@ PURPOSE_TLS = "pacsvault/v1/tls-private-keys"
 PURPOSE_EVENTS = "pacsvault/v1/events"
 PURPOSE_AUDIT_SIGNING = "pacsvault/v1/audit-signing"
 PURPOSE_AUDIT_EXPORT = "pacsvault/v1/audit-export-queue"
+PURPOSE_ACCOUNTS = "pacsvault/v1/account-secrets"
 
 _CHECK_PLAINTEXT = b"pacsvault key check v1"
 _SCRYPT_N = 2**15

@@ -1,0 +1,48 @@
+"""The ASGI application: middlewares in a fixed order, then the routers.
+
+Order matters: the trusted-network gate runs first (an outsider gets nothing, not even a
+login page), then security headers (on every response, errors included), then sessions.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pacsvault.accounts.service import Accounts
+from pacsvault.vault import Vault
+from pacsvault.web import dicomweb, security, ui
+
+
+def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
+    app = FastAPI(
+        title="pacsvault",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served to admins only (see ui), never anonymously
+    )
+    app.state.vault = vault
+    app.state.accounts = accounts
+    app.include_router(dicomweb.router)
+    app.include_router(ui.router)
+    security.install(app)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Generic body: no stack trace, no version banner, nothing about the data.
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse({"error": "invalid request"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    return app
