@@ -219,16 +219,11 @@ class DicomService:
         ]
         asked = sorted({str(cx.abstract_syntax) for cx in requested} & denied)
         if asked:
-            self.vault.recorder.emit(
-                AuditEvent(
-                    action="dicom.qr.contexts_refused",
-                    outcome=Outcome.MINOR_FAILURE,
-                    code=EventCode.SECURITY_ALERT,
-                    actor_ae=state.node.ae_title,
-                    actor_address=state.peer.address,
-                    message="query/retrieve contexts refused: the node lacks the role",
-                    detail={"refused": ",".join(asked), "roles": ",".join(state.node.roles)},
-                )
+            self._emit(
+                state, "dicom.qr.contexts_refused", Outcome.MINOR_FAILURE,
+                EventCode.SECURITY_ALERT,
+                message="query/retrieve contexts refused: the node lacks the role",
+                detail={"refused": ",".join(asked), "roles": ",".join(state.node.roles)},
             )
 
     # --- DIMSE handlers --------------------------------------------------------------
@@ -245,15 +240,10 @@ class DicomService:
             state = self._states.get(event.assoc)
         if state is None or state.node is None:
             return
-        self.vault.recorder.emit(
-            AuditEvent(
-                action="dicom.association.accepted",
-                outcome=Outcome.SUCCESS,
-                code=EventCode.USER_AUTHENTICATION,
-                actor_ae=state.node.ae_title,
-                actor_address=state.peer.address,
-                detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert},
-            )
+        self._emit(
+            state, "dicom.association.accepted", Outcome.SUCCESS,
+            EventCode.USER_AUTHENTICATION,
+            detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert},
         )
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -295,18 +285,11 @@ class DicomService:
         state.studies.add(result.study_uid)
         state.outcomes[result.status.value] += 1
         if result.status is StoreStatus.CONFLICT:
-            self.vault.recorder.emit(
-                AuditEvent(
-                    action="dicom.store.conflict",
-                    outcome=Outcome.MINOR_FAILURE,
-                    code=EventCode.SECURITY_ALERT,
-                    actor_ae=node.ae_title,
-                    actor_address=state.peer.address,
-                    message="a different object was sent under an existing SOP Instance "
-                    "UID; the first one was kept",
-                    study_uids=(result.study_uid,),
-                    sop_uids=(result.sop_uid,),
-                )
+            self._emit(
+                state, "dicom.store.conflict", Outcome.MINOR_FAILURE, EventCode.SECURITY_ALERT,
+                message="a different object was sent under an existing SOP Instance UID; "
+                "the first one was kept",
+                study_uids=(result.study_uid,), sop_uids=(result.sop_uid,),
             )
             return STATUS_WARNING_DISCARDED
         return STATUS_SUCCESS
@@ -317,19 +300,25 @@ class DicomService:
                            EventCode.INSTANCES_TRANSFERRED)
         return status
 
+    def _emit(
+        self, state: _AssocState, action: str, outcome: Outcome, code: EventCode, *,
+        message: str = "", detail: dict[str, str | int | bool] | None = None,
+        study_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = (),
+    ) -> None:
+        """One event about this association's peer (node and address filled in)."""
+        self.vault.recorder.emit(
+            AuditEvent(
+                action=action, outcome=outcome, code=code,
+                actor_ae=state.node.ae_title if state.node else "",
+                actor_address=state.peer.address, message=message, detail=detail or {},
+                study_uids=study_uids, sop_uids=sop_uids,
+            )
+        )
+
     def _emit_failure(
         self, state: _AssocState, action: str, message: str, code: EventCode
     ) -> None:
-        self.vault.recorder.emit(
-            AuditEvent(
-                action=action,
-                outcome=Outcome.SERIOUS_FAILURE,
-                code=code,
-                actor_ae=state.node.ae_title if state.node else "",
-                actor_address=state.peer.address,
-                message=message,
-            )
-        )
+        self._emit(state, action, Outcome.SERIOUS_FAILURE, code, message=message)
 
     def _on_end(self, event: evt.Event) -> None:
         with self._lock:
@@ -338,16 +327,9 @@ class DicomService:
             return
         refused = state.outcomes["failed"] + state.outcomes["refused"]
         outcome = Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS
-        self.vault.recorder.emit(
-            AuditEvent(
-                action="dicom.store.association",
-                outcome=outcome,
-                code=EventCode.INSTANCES_TRANSFERRED,
-                actor_ae=state.node.ae_title,
-                actor_address=state.peer.address,
-                study_uids=tuple(sorted(state.studies)),
-                detail={k: v for k, v in sorted(state.outcomes.items())},
-            )
+        self._emit(
+            state, "dicom.store.association", outcome, EventCode.INSTANCES_TRANSFERRED,
+            study_uids=tuple(sorted(state.studies)), detail=dict(sorted(state.outcomes.items())),
         )
 
 
