@@ -298,7 +298,8 @@ def run_pacsvault(root: Path, tls: bool, nassoc: int, files: list[Path]) -> floa
         run([*pv, "node", "cert", SCU_AE, "--out", str(certs), "--data", str(data)])
         cli_tls = tls_args(certs / f"{SCU_AE}.key", certs / f"{SCU_AE}.crt", data / "tls/ca.crt")
     plain_port, tls_port = free_port(), free_port()
-    ports = ["--dicom-port", str(plain_port), "--dicom-tls-port", str(tls_port)]
+    ports = ["--dicom-port", str(plain_port), "--dicom-tls-port", str(tls_port),
+             "--https-port", "0"]
     cmd = [*pv, "serve", "--data", str(data), "--key-file", str(key), "--bind", "127.0.0.1", *ports]
     port = tls_port if tls else plain_port
     with server(cmd, port, root / "serve.log", ready=data / "serve.json"):

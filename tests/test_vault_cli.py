@@ -40,10 +40,11 @@ from pacsvault import config
 from pacsvault.crypto import keys
 from pacsvault.crypto.tls import TlsPaths, server_context
 from pacsvault.vault import Vault
-from tests.helpers import Server, VaultDir, make_vault, start_server
+from tests.helpers import Server, VaultDir, events, make_vault, start_server
 
 CODE_RE = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){7}$")
-SERVE_PORTS = ("--bind", "127.0.0.1", "--dicom-port", "0", "--dicom-tls-port", "0")
+SERVE_PORTS = ("--bind", "127.0.0.1", "--dicom-port", "0", "--dicom-tls-port", "0",
+               "--https-port", "0")
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -765,7 +766,13 @@ def test_key_recover_restores_key(vault: VaultDir) -> None:
     assert vault.recovery_code not in proc.stdout + proc.stderr
     assert mode(vault.key) == 0o600
     assert vault.key.read_bytes() == original
-    assert snapshot(vault.data) == data_before  # recovery writes only the key file
+    # recovery writes the key file, and records itself in the audit trail (index + trail)
+    def _outside_audit(snap: dict[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+        return {k: v for k, v in snap.items()
+                if "/audit" not in k and "/index.db" not in k}
+
+    assert _outside_audit(snapshot(vault.data)) == _outside_audit(data_before)
+    assert [e["action"] for e in events(vault, "key.recover")] == ["key.recover"]
 
     report = status_json(vault)
     assert report["ae_title"] == "PACSVAULT"
