@@ -19,6 +19,8 @@ if [ "$with_tests" = 1 ]; then
   # a real TLS syslog collector (RFC 5425) for the audit export tests
   [ -x /usr/sbin/rsyslogd ] || apt_wanted+=(rsyslog)
   dpkg -s rsyslog-gnutls >/dev/null 2>&1 || apt_wanted+=(rsyslog-gnutls)
+  # TLS scanner for the HTTPS listener's protocol/suite test
+  command -v sslscan >/dev/null 2>&1 || apt_wanted+=(sslscan)
 fi
 if [ ${#apt_wanted[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_wanted[*]}" >&2

@@ -61,6 +61,7 @@ class VaultDir:
     root: Path
     key: Path
     recovery_code: str
+    admin_password: str = ""  # the first admin's ("admin"), as init printed it
 
     @property
     def data(self) -> Path:
@@ -105,7 +106,9 @@ def make_vault(root: Path, ae_title: str = AE) -> VaultDir:
     root.mkdir(parents=True, exist_ok=True)
     key = root / "keys" / "master.key"
     proc = pv("init", "--data", root / "data", "--key-file", key, "--ae-title", ae_title)
-    return VaultDir(root, key, proc.stdout.strip())
+    # stdout: the recovery code alone on the first line, then "admin password: ...".
+    lines = proc.stdout.splitlines()
+    return VaultDir(root, key, lines[0].strip(), lines[1].partition(": ")[2].strip())
 
 
 @dataclass

@@ -43,6 +43,7 @@ from pacsvault.vault import Vault
 from tests.helpers import Server, VaultDir, events, make_vault, start_server
 
 CODE_RE = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){7}$")
+ADMIN_RE = re.compile(r"^[a-z2-9]{5}(-[a-z2-9]{5}){3}$")  # passwords.generate_password
 SERVE_PORTS = ("--bind", "127.0.0.1", "--dicom-port", "0", "--dicom-tls-port", "0",
                "--https-port", "0")
 
@@ -229,9 +230,14 @@ def test_init_default_key_location(tmp_path: Path, env: dict[str, str]) -> None:
     data = tmp_path / "data"
     proc = ok(run("init", "--data", data, env=env))
 
-    code = proc.stdout.strip()
-    assert CODE_RE.match(code), proc.stdout  # stdout is the code alone: 8 groups of 4
+    # stdout is the recovery code alone on its line (8 groups of 4), then the first admin's
+    # password, shown once; both only there (never on stderr, which may go to a log).
+    code, admin_line = proc.stdout.splitlines()
+    assert CODE_RE.match(code), proc.stdout
     assert "RECOVERY CODE" in proc.stderr and code not in proc.stderr
+    admin_password = admin_line.removeprefix("admin password: ")
+    assert ADMIN_RE.match(admin_password), proc.stdout
+    assert "FIRST ADMINISTRATOR" in proc.stderr and admin_password not in proc.stderr
 
     vid = vault_id(data)
     keyfiles = default_keys(env)
@@ -248,6 +254,7 @@ def test_init_default_key_location(tmp_path: Path, env: dict[str, str]) -> None:
     # Neither the recovery code nor the master key is anywhere in the data directory.
     secrets_forms = {
         code.encode(), code.replace("-", "").encode(), code.lower().encode(),
+        admin_password.encode(),  # stored as an Argon2id hash only
         master.raw, master.raw.hex().encode(),
         key.read_text().splitlines()[2].partition("=")[2].encode(),  # base64 of the key
     }
@@ -275,9 +282,9 @@ def test_init_with_key_file_records_it(tmp_path: Path, env: dict[str, str]) -> N
 
 
 def test_recovery_codes_differ_between_vaults(tmp_path: Path, env: dict[str, str]) -> None:
-    a = ok(run("init", "--data", tmp_path / "a", env=env)).stdout.strip()
-    b = ok(run("init", "--data", tmp_path / "b", env=env)).stdout.strip()
-    assert a != b
+    a = ok(run("init", "--data", tmp_path / "a", env=env)).stdout.splitlines()
+    b = ok(run("init", "--data", tmp_path / "b", env=env)).stdout.splitlines()
+    assert a[0] != b[0] and a[1] != b[1]  # recovery codes, first admin passwords
     assert len(default_keys(env)) == 2
 
 
@@ -553,7 +560,7 @@ def test_data_from_environment(tmp_path: Path, env: dict[str, str]) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {**env, "PACSVAULT_DATA": str(data)}
-    code = ok(run("init", env=env, cwd=cwd)).stdout.strip()
+    code = ok(run("init", env=env, cwd=cwd)).stdout.splitlines()[0]
     assert CODE_RE.match(code)
     assert (data / "vault.json").exists()
     assert list(cwd.iterdir()) == []
@@ -603,6 +610,7 @@ def test_serve_zero_config_first_run(tmp_path: Path, env: dict[str, str],
         # test_serve_stops_on_sigterm_right_after_a_connection.)
         assert _listening(first.proc.pid) == {
             ("127.0.0.1", state["dicom_port"]), ("127.0.0.1", state["dicom_tls_port"]),
+            ("127.0.0.1", state["https_port"]),
         }
     finally:
         rc = first.terminate()
@@ -610,8 +618,9 @@ def test_serve_zero_config_first_run(tmp_path: Path, env: dict[str, str],
     err = first.stderr()
     assert "First run" in err and str(data) in err
     assert "RECOVERY CODE" in err
-    code = first.stdout().strip()
+    code, admin_line = first.stdout().splitlines()
     assert CODE_RE.match(code), first.stdout()
+    assert ADMIN_RE.match(admin_line.removeprefix("admin password: ")), first.stdout()
     assert not (data / "serve.json").exists()
 
     # A complete vault, its key in the user's config dir, opened without any flag.
@@ -810,7 +819,7 @@ def test_key_recover_to_new_location(vault: VaultDir, tmp_path: Path) -> None:
 
 def test_key_recover_default_location(tmp_path: Path, env: dict[str, str]) -> None:
     data = tmp_path / "data"
-    code = ok(run("init", "--data", data, env=env)).stdout.strip()
+    code = ok(run("init", "--data", data, env=env)).stdout.splitlines()[0]
     (key,) = default_keys(env)
     original = key.read_bytes()
     key.unlink()

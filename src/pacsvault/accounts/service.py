@@ -30,13 +30,14 @@ without waiting.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import hashlib
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,7 +58,7 @@ from pacsvault.accounts.throttle import (
     address_key,
     system_clock,
 )
-from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder
+from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder, Sink
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
 TICKET_LIFETIME = dt.timedelta(minutes=10)
@@ -195,6 +196,41 @@ class _Pending:
     expires: dt.datetime = field(compare=False)
 
 
+class _HeldRecorder(Recorder):
+    """A recorder that, inside ``holding()``, queues this thread's events and emits them
+    when the block ends normally (dropped if it raises)."""
+
+    def __init__(self, inner: Recorder) -> None:
+        super().__init__()
+        self._inner = inner
+        self._local = threading.local()
+
+    def add_sink(self, sink: Sink) -> None:
+        self._inner.add_sink(sink)
+
+    def emit(self, event: AuditEvent) -> None:
+        held: list[AuditEvent] | None = getattr(self._local, "held", None)
+        if held is not None:
+            held.append(event)
+        else:
+            self._inner.emit(event)
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        outer: list[AuditEvent] | None = getattr(self._local, "held", None)
+        if outer is not None:  # nested: the outermost block emits
+            yield
+            return
+        held: list[AuditEvent] = []
+        self._local.held = held
+        try:
+            yield
+        finally:
+            self._local.held = None
+        for event in held:
+            self._inner.emit(event)
+
+
 def _outcome_of(decision: Decision) -> AuthOutcome:
     return AuthOutcome.LOCKED if decision.verdict is Verdict.LOCKED else AuthOutcome.DELAY
 
@@ -224,11 +260,11 @@ class Accounts:
         if len(secret_key) != 32:
             raise ValueError("the account secret key must be 32 bytes")
         self._sessions = sessions
-        self._recorder = recorder
+        self._recorder = _HeldRecorder(recorder)
         self._key = secret_key
         self.issuer = issuer
         self._clock = clock
-        self.throttle = Throttle(recorder, throttle_policy, clock)
+        self.throttle = Throttle(self._recorder, throttle_policy, clock)
         self.hasher = hasher or passwords.default_hasher()
         self.recovery_hasher = recovery_hasher or totp_mod.recovery_hasher()
         self._ticket_lifetime = ticket_lifetime
@@ -236,6 +272,18 @@ class Accounts:
         self._lock = threading.Lock()
 
     # --- helpers ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A database transaction whose events are emitted once it has committed.
+
+        The audit trail's sink writes its head anchor into the same SQLite database: an
+        event emitted while this transaction holds the write lock would wait for it (the
+        busy timeout, 30 s) and then fail. Events of a transaction that rolls back are
+        dropped, as what they describe did not happen.
+        """
+        with self._recorder.holding(), self._sessions.begin() as session:
+            yield session
 
     def _now(self) -> dt.datetime:
         return self._clock()
@@ -292,7 +340,7 @@ class Accounts:
         role_list = check_roles(roles)
         encoded = self._accept_password(password, norm)
         now = self._now()
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             if self._user(s, norm) is not None:
                 raise AccountError(f"a user named {norm!r} already exists")
             user = User(name=norm, roles=",".join(role_list), password_hash=encoded,
@@ -319,7 +367,7 @@ class Accounts:
     def set_roles(self, name: str, roles: Iterable[str], *, by: str = "",
                   address: str = "") -> UserInfo:
         role_list = check_roles(roles)
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = self._require(s, name)
             user.roles = ",".join(role_list)
             info = self._info(s, user)
@@ -336,7 +384,7 @@ class Accounts:
         self._set_disabled(name, False, by, address)
 
     def _set_disabled(self, name: str, disabled: bool, by: str, address: str) -> None:
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = self._require(s, name)
             user.disabled = disabled
             norm = user.name
@@ -353,7 +401,7 @@ class Accounts:
         generated = password is None
         new_password = passwords.generate_password() if password is None else password
         encoded = self._accept_password(new_password, norm)
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = self._require(s, norm)
             user.password_hash = encoded
             user.password_changed = self._now()
@@ -371,18 +419,18 @@ class Accounts:
         return new_password
 
     def unlock(self, name: str, *, by: str = "", address: str = "") -> bool:
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             return self.throttle.unlock_account(self._require(s, name), by=by, address=address)
 
     def unlock_address(self, source: str, *, by: str = "") -> bool:
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             return self.throttle.unlock_address(s, source, by=by)
 
     # --- sign-in ------------------------------------------------------------------------
 
     def authenticate(self, name: str, password: str, address: str) -> AuthResult:
         """First factor. See the module docstring for the whole flow."""
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = self._user(s, name)
             decision = self.throttle.check(s, user, address)
             if not decision.allowed:
@@ -402,7 +450,7 @@ class Accounts:
 
     def _first_factor_outcome(self, user_pk: int | None, right: bool, password: str,
                               address: str) -> AuthResult:
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = s.get(User, user_pk) if user_pk is not None else None
             if user is None or not right or user.disabled:
                 reason = ("unknown-user" if user is None else
@@ -459,7 +507,7 @@ class Accounts:
         pending = self._ticket(ticket, address)
         if pending is None:
             raise AccountError("the sign-in has expired; sign in again")
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = s.get(User, pending.user_pk)
             if user is None or user.disabled:
                 raise AccountError("the sign-in has expired; sign in again")
@@ -487,7 +535,7 @@ class Accounts:
 
     def _second_factor(self, pending: _Pending | None, ticket: str, code: str,
                        address: str) -> AuthResult:
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = s.get(User, pending.user_pk) if pending is not None else None
             if pending is None or user is None:
                 decision = self.throttle.check(s, None, address)
@@ -551,7 +599,7 @@ class Accounts:
 
     def new_recovery_codes(self, name: str, *, by: str = "", address: str = "") -> list[str]:
         """Replace a user's recovery codes (the old ones stop working); show them once."""
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             user = self._require(s, name)
             if user.totp is None or not user.totp.confirmed:
                 raise AccountError("this user has no second factor enrolled yet")
@@ -567,7 +615,7 @@ class Accounts:
                      label: str = "", by: str = "", address: str = "") -> tokens.IssuedToken:
         lifetime = tokens.parse_expiry(expires) if isinstance(expires, str) else expires
         try:
-            with self._sessions.begin() as s:
+            with self._transaction() as s:
                 user = self._require(s, name)
                 if user.disabled:
                     raise AccountError(f"user {user.name!r} is disabled")
@@ -589,7 +637,7 @@ class Accounts:
 
     def revoke_token(self, token_id: str, *, by: str = "", address: str = "") -> bool:
         """Revoke by id (or full token). False when no such token; True if now revoked."""
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             row = tokens.revoke_token(s, token_id, self._now())
             if row is None:
                 return False
@@ -609,7 +657,7 @@ class Accounts:
 
     def _check_token(self, token: str, address: str) -> TokenResult:
         now = self._now()
-        with self._sessions.begin() as s:
+        with self._transaction() as s:
             decision = self.throttle.check(s, None, address)
             if not decision.allowed:
                 self.throttle.refused(None, address, decision, factor="token")

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pacsvault import __version__
-from pacsvault.cli import audit, export, keycmd, nodes, serve, setup
+from pacsvault.cli import audit, export, keycmd, nodes, serve, setup, users
 from pacsvault.cli.common import USER_ERRORS, CommandError
 
 
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pacsvault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (setup, serve, nodes, export, keycmd, audit):
+    for module in (setup, serve, nodes, users, export, keycmd, audit):
         module.register(sub)
     return parser
 

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pacsvault.audit import Recorder
 from pacsvault.cli.common import add_data_args, data_dir, open_vault, say
 from pacsvault.crypto.tls import certificate_expiry
-from pacsvault.vault import create
+from pacsvault.vault import Vault, create
 
 
 def register(sub: Any) -> None:
@@ -26,15 +27,38 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
 
+FIRST_ADMIN = "admin"
+
+
 def init_vault(root: Path, key_file: Path | None, ae_title: str) -> None:
     code = create(root, key_file=key_file, ae_title=ae_title)
+    password, https_port = _first_admin(root, key_file)
     say(f"Created a vault in {root}.")
     say("RECOVERY CODE (shown once; write it down and keep it away from this server).")
     say("It restores the master key if the key file is lost:")
-    # The code itself goes to stdout so it can be captured or printed, never to a log.
+    # Secrets go to stdout only, so they can be captured or printed, never to a log:
+    # the recovery code alone on the first line, the first admin's password on the second.
     print(code, flush=True)
+    say(f"FIRST ADMINISTRATOR: user '{FIRST_ADMIN}', password below (shown once). Sign in "
+        f"at https://<this server>:{https_port}/ and set up the second factor; then create one "
+        "account per person with 'pacsvault user add'.")
+    print(f"{FIRST_ADMIN} password: {password}", flush=True)
     say("Next: register your modality with 'pacsvault node add AE_TITLE --host ADDRESS', "
         "then 'pacsvault serve'.")
+
+
+def _first_admin(root: Path, key_file: Path | None) -> tuple[str, int]:
+    """Create the first admin account with a random password: (password, HTTPS port)."""
+    vault = Vault.open(root, key_file)
+    try:
+        # A new vault's trail starts empty (its first record is what the practice does
+        # next), so the account's creation is not recorded as an event.
+        vault.recorder = Recorder([])
+        _info, password = vault.accounts.first_admin(FIRST_ADMIN, by="init")
+        https_port = vault.settings.web.https_port
+    finally:
+        vault.close()
+    return password, https_port
 
 
 def cmd_init(args: argparse.Namespace) -> int:

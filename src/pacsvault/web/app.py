@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pacsvault.accounts.service import Accounts
 from pacsvault.vault import Vault
-from pacsvault.web import dicomweb, security, ui
+from pacsvault.web import dicomweb, pages, security, ui
 
 
 def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
@@ -34,15 +33,18 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # Generic body: no stack trace, no version banner, nothing about the data.
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=exc.headers)
+        if 300 <= exc.status_code < 400:  # e.g. a page's "sign in first" redirect
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return pages.error_response(request.scope, exc.status_code, str(exc.detail),
+                                    exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse({"error": "invalid request"}, status_code=400)
+        return pages.error_response(request.scope, 400, "invalid request")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": "internal error"}, status_code=500)
+        # Runs outside every middleware (Starlette's outermost layer): add the headers here.
+        return pages.error_response(request.scope, 500, "internal error", security.HEADERS)
 
     return app

@@ -1,36 +1,52 @@
 """Route dependencies: authentication and role checks, deny by default.
 
 Every route declares ``Depends(require_role(...))``; the route inventory test proves none
-is left open. A browser session sets ``request.state.principal`` (session middleware);
-a bearer token is looked up here, only where a route allows tokens.
+is left open (it finds the ``RoleRequirement`` in each route's dependencies). A browser
+session sets ``request.state.principal`` (``sessions.SessionMiddleware``); a bearer token
+is looked up here, only where a route allows tokens.
+
+Administration (``require_role("admin")``) answers 403 to any source outside the trusted
+networks, whatever the credentials: with ``remote_access = "internet"`` the sign-in page
+and DICOMweb may be reached from outside, administration never is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
+from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.web.principal import Principal
 
 BEARER = "bearer "
+ADMIN = "admin"
 
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def require_role(
-    role: str, *, allow_token: bool = False
-) -> Callable[[Request], Awaitable[Principal]]:
-    """A dependency that yields the principal or answers 401 (who?) / 403 (not allowed)."""
+class RoleRequirement:
+    """The dependency ``require_role`` returns: yields the principal, or answers 401
+    (who are you?) / 403 (not allowed). ``role`` None = any signed-in user."""
 
-    async def dependency(request: Request) -> Principal:
+    def __init__(self, role: str | None, *, allow_token: bool = False) -> None:
+        self.role = role
+        self.allow_token = allow_token
+
+    def __repr__(self) -> str:
+        return f"RoleRequirement({self.role!r}, allow_token={self.allow_token})"
+
+    async def __call__(self, request: Request) -> Principal:
+        address = client_address(request)
+        if self.role == ADMIN and not request.app.state.vault.settings.is_trusted(address):
+            await run_in_threadpool(_emit_outside, request, address)
+            raise HTTPException(403, "administration is only available from the practice "
+                                "network")
         principal: Principal | None = getattr(request.state, "principal", None)
         header = request.headers.get("authorization", "")
         if principal is None and header.lower().startswith(BEARER):
-            if not allow_token:
+            if not self.allow_token:
                 raise HTTPException(401, "tokens are accepted on DICOMweb routes only")
             principal = await run_in_threadpool(
                 _from_token, request, header[len(BEARER):].strip()
@@ -38,14 +54,17 @@ def require_role(
         if principal is None:
             raise HTTPException(401, "authentication required",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if principal.via_token and not allow_token:
+        if principal.via_token and not self.allow_token:
             raise HTTPException(401, "tokens are accepted on DICOMweb routes only")
-        if not principal.has(role):
+        if self.role is not None and not principal.has(self.role):
             raise HTTPException(403, "not allowed for your role")
         request.state.principal = principal
         return principal
 
-    return dependency
+
+def require_role(role: str | None, *, allow_token: bool = False) -> RoleRequirement:
+    """A dependency that yields the principal or answers 401 / 403 (see ``RoleRequirement``)."""
+    return RoleRequirement(role, allow_token=allow_token)
 
 
 def _from_token(request: Request, token: str) -> Principal | None:
@@ -57,3 +76,15 @@ def _from_token(request: Request, token: str) -> Principal | None:
     identity = result.identity
     return Principal(user=identity.user, roles=frozenset(identity.roles), via_token=True,
                      address=address)
+
+
+def _emit_outside(request: Request, address: str) -> None:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    request.app.state.vault.recorder.emit(AuditEvent(
+        action="web.admin.refused", outcome=Outcome.MINOR_FAILURE,
+        code=EventCode.SECURITY_ALERT, actor_address=address,
+        actor_user=principal.user if principal is not None else "",
+        message=(f"An administration page was requested from {address}, outside the trusted "
+                 "networks; administration is only available from the practice network."),
+        detail={"reason": "outside-trusted-networks"},
+    ))

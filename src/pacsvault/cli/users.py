@@ -1,0 +1,294 @@
+"""``pacsvault user ...`` and ``pacsvault token ...``: web accounts and API tokens.
+
+Secrets never come from the command line (it ends up in shell history and in ``ps``): a
+password is read from a file that only its owner can read (``--password-file``, mode 0600
+or stricter) or typed twice at a prompt; generated passwords and tokens are printed once, on
+stdout alone, with the explanations on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from pacsvault.accounts.models import ROLES
+from pacsvault.accounts.service import AccountError, PasswordRejected, check_name
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.vault import Vault
+
+BY = "local-admin"
+MAX_PASSWORD_FILE = 4096
+
+
+def register(sub: Any) -> None:
+    user = sub.add_parser("user", help="web accounts: add, list, disable, reset, unlock")
+    usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+
+    # allow_abbrev=False: "--password SECRET" must not pass for "--password-file".
+    p = usub.add_parser("add", help="create an account (second factor set up at first "
+                        "sign-in)", allow_abbrev=False)
+    add_data_args(p)
+    p.add_argument("name")
+    _role_arg(p, required=True)
+    _password_arg(p)
+    p.set_defaults(func=cmd_add)
+
+    p = usub.add_parser("list", help="list accounts")
+    add_data_args(p)
+    p.set_defaults(func=cmd_list)
+
+    p = usub.add_parser("roles", help="replace an account's roles")
+    add_data_args(p)
+    p.add_argument("name")
+    _role_arg(p, required=True)
+    p.set_defaults(func=cmd_roles)
+
+    for action, text in (("disable", "stop an account (its sessions and tokens too)"),
+                         ("enable", "allow a disabled account again"),
+                         ("unlock", "lift a lock after too many failed sign-ins")):
+        p = usub.add_parser(action, help=text)
+        add_data_args(p)
+        p.add_argument("name")
+        p.set_defaults(func=cmd_state, action=action)
+
+    p = usub.add_parser("reset", help="new password (random, shown once, unless "
+                        "--password-file); --second-factor for a lost phone",
+                        allow_abbrev=False)
+    add_data_args(p)
+    p.add_argument("name")
+    p.add_argument("--second-factor", action="store_true",
+                   help="also remove the TOTP and recovery codes: the user enrols again")
+    p.add_argument("--password-file", type=Path,
+                   help="read the new password from this file (mode 0600)")
+    p.set_defaults(func=cmd_reset)
+
+    token = sub.add_parser("token", help="API tokens for viewers and scripts (DICOMweb)")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+
+    p = tsub.add_parser("create", help="issue a bearer token (printed once)")
+    add_data_args(p)
+    p.add_argument("--user", required=True, help="the account the token acts for")
+    p.add_argument("--expires", default="30d",
+                   help="lifetime: 90m, 12h, 30d, 2w (at most 366 days; default 30d)")
+    p.add_argument("--label", default="", help="what the token is for (shown in lists)")
+    p.set_defaults(func=cmd_token_create)
+
+    p = tsub.add_parser("list", help="list tokens (never their secret)")
+    add_data_args(p)
+    p.add_argument("--user", help="only this account's tokens")
+    p.set_defaults(func=cmd_token_list)
+
+    p = tsub.add_parser("revoke", help="revoke a token by id")
+    add_data_args(p)
+    p.add_argument("token_id")
+    p.set_defaults(func=cmd_token_revoke)
+
+
+def _role_arg(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--role", dest="roles", action="append", required=required,
+                   choices=ROLES, help="physician (reads images), admin (manages users, "
+                   "nodes, settings), auditor (reads the audit trail); repeat for several")
+
+
+def _password_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--password-file", type=Path,
+                   help="read the password from this file (mode 0600); default: prompt twice")
+
+
+def read_password_file(path: Path) -> str:
+    """The first line of ``path``, which must be readable by its owner only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CommandError(f"{path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise CommandError(
+                f"{path} can be read by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"run 'chmod 600 {path}' first")
+        data = fh.read(MAX_PASSWORD_FILE + 1)
+    if len(data) > MAX_PASSWORD_FILE:
+        raise CommandError(f"{path} is too long to be a password file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError(f"{path} is not UTF-8 text") from None
+    lines = text.splitlines()
+    password = lines[0] if lines else ""
+    if not password:
+        raise CommandError(f"{path} is empty")
+    return password
+
+
+def _prompt_password(vault: Vault, name: str) -> str:
+    if not sys.stdin.isatty():
+        raise CommandError("no terminal to type the password at: use --password-file FILE "
+                           "(mode 0600)")
+    first = getpass.getpass(f"Password for {name}: ")
+    verdict = vault.accounts.check_password(first, name)
+    if not verdict.ok:
+        raise CommandError("password refused: " + "; ".join(verdict.problems))
+    if getpass.getpass("Same password again: ") != first:
+        raise CommandError("the two passwords differ; nothing was changed")
+    return first
+
+
+def _fail(exc: AccountError) -> CommandError:
+    if isinstance(exc, PasswordRejected):
+        return CommandError("password refused: " + "; ".join(exc.problems))
+    return CommandError(str(exc))
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        name = check_name(args.name)
+        if any(u.name == name for u in vault.accounts.list_users()):
+            raise CommandError(f"a user named {name!r} already exists")
+        password = (read_password_file(args.password_file) if args.password_file
+                    else _prompt_password(vault, name))
+        info = vault.accounts.add_user(name, args.roles, password, by=BY)
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    say(f"User {info.name} created with roles {', '.join(info.roles)}. They set up their "
+        "second factor (authenticator app) at their first sign-in.")
+    return 0
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M") if value else "-"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        users = vault.accounts.list_users()
+    finally:
+        vault.close()
+    if not users:
+        say("No user yet: add one with 'pacsvault user add NAME --role ROLE'.")
+        return 0
+    print(f"{'name':<24} {'roles':<26} {'status':<9} {'2nd factor':<10} last sign-in (UTC)")
+    for u in users:
+        status = "disabled" if u.disabled else "locked" if u.locked else "active"
+        factor = "enrolled" if u.totp_enrolled else "pending"
+        print(f"{u.name:<24} {','.join(u.roles):<26} {status:<9} {factor:<10} "
+              f"{_when(u.last_login)}")
+    return 0
+
+
+def cmd_roles(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        info = vault.accounts.set_roles(args.name, args.roles, by=BY)
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    say(f"User {info.name} now has roles {', '.join(info.roles)}.")
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        accounts = vault.accounts
+        if args.action == "disable":
+            accounts.disable(args.name, by=BY)
+            done = ("disabled: they cannot sign in, their open sessions end at their next "
+                    "request and their tokens stop working")
+        elif args.action == "enable":
+            accounts.enable(args.name, by=BY)
+            done = "enabled"
+        else:
+            was_locked = accounts.unlock(args.name, by=BY)
+            done = "unlocked" if was_locked else "was not locked (failure count cleared)"
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    say(f"User {check_name(args.name)} {done}.")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    password = read_password_file(args.password_file) if args.password_file else None
+    vault = open_vault(args)
+    try:
+        new = vault.accounts.reset(args.name, password, second_factor=args.second_factor,
+                                   by=BY)
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    name = check_name(args.name)
+    extra = (" They set up a new second factor at their next sign-in."
+             if args.second_factor else "")
+    if password is None:
+        say(f"New password for {name} (shown once; give it to them in person):")
+        print(new, flush=True)
+    else:
+        say(f"Password of {name} changed.")
+    if extra:
+        say(extra.strip())
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        issued = vault.accounts.create_token(args.user, args.expires, label=args.label,
+                                             by=BY)
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    say(f"Token {issued.token_id} for {issued.user}, valid until "
+        f"{_when(issued.expires)} UTC. Shown once: copy it into the viewer now. It is "
+        "accepted on DICOMweb only, with the user's roles.")
+    print(issued.token, flush=True)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        tokens = vault.accounts.list_tokens(args.user)
+        now = vault.accounts.throttle.now()
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    if not tokens:
+        say("No token.")
+        return 0
+    print(f"{'id':<16}  {'user':<20} {'status':<8} {'expires (UTC)':<16}  "
+          f"{'last used (UTC)':<16}  label")
+    for t in tokens:
+        status = "revoked" if t.revoked else "expired" if t.expires <= now else "active"
+        print(f"{t.token_id:<16}  {t.user:<20} {status:<8} {_when(t.expires):<16}  "
+              f"{_when(t.last_used):<16}  {t.label}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        found = vault.accounts.revoke_token(args.token_id, by=BY)
+    finally:
+        vault.close()
+    if not found:
+        raise CommandError("no such token (give the id shown by 'pacsvault token list')")
+    say("Token revoked: it stops working at once.")
+    return 0

@@ -1,0 +1,305 @@
+"""Browser sessions: server-side, in memory, behind a ``__Host-`` cookie.
+
+A session id is 256 random bits; the store keeps only its SHA-256, so a look at the
+server's memory or a debug dump does not hand out live cookies. The cookie is
+``__Host-pvsession=<id>; Secure; HttpOnly; SameSite=Strict; Path=/`` with no ``Domain``
+(which the ``__Host-`` prefix enforces in browsers) and no expiry (gone with the browser).
+
+A session goes through three stages, and each step to the next one gets a **new id** (the
+old one is dropped), so an id planted in a browser before sign-in is worthless after it:
+
+* ``ANONYMOUS``: made by the sign-in form, holds only the CSRF token the form needs;
+* ``PENDING``: the password was right; holds the ``Accounts`` ticket for the second factor;
+* ``SIGNED_IN``: both factors were right; names the user.
+
+Lifetimes: signed-in sessions end after ``idle`` without a request and in any case
+``absolute`` after sign-in (``[web] session_idle_minutes`` / ``session_absolute_hours``);
+anonymous and pending ones after ``PRE_AUTH_LIFETIME`` (the ticket's own lifetime). At most
+``MAX_PRE_AUTH`` sessions that are not signed in are kept (the oldest go first), so loading
+the sign-in page in a loop cannot fill the memory.
+
+Every signed-in request re-reads the account (disabled? roles? password changed since
+sign-in?): ``pacsvault user disable`` or ``user reset`` in another process takes effect on
+open sessions at the next request. Server restart signs everybody out.
+
+``SessionMiddleware`` resolves the cookie on each request, puts the ``Principal`` in
+``request.state.principal`` (what ``deps.require_role`` reads) and the session in
+``request.state.web_session``, and enforces the CSRF rule of ``csrf``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pacsvault.accounts.models import User
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.vault import Vault
+from pacsvault.web import csrf
+from pacsvault.web.pages import error_response
+from pacsvault.web.principal import Principal
+from pacsvault.web.strings import EN
+
+COOKIE = "__Host-pvsession"
+ID_BYTES = 32
+PRE_AUTH_LIFETIME = dt.timedelta(minutes=10)
+MAX_PRE_AUTH = 10_000
+
+Clock = Callable[[], dt.datetime]
+
+
+class Stage(enum.Enum):
+    ANONYMOUS = "anonymous"
+    PENDING = "pending"
+    SIGNED_IN = "signed-in"
+
+
+@dataclass
+class WebSession:
+    key: bytes = field(repr=False)  # SHA-256 of the id
+    stage: Stage
+    csrf: str = field(repr=False)
+    created: dt.datetime
+    last_seen: dt.datetime
+    address: str
+    user: str = ""
+    ticket: str = field(default="", repr=False)  # PENDING: the Accounts ticket
+    enrolled: bool = False  # PENDING: the user already has a confirmed TOTP
+    password_changed: dt.datetime | None = None  # SIGNED_IN: as it was at sign-in
+
+
+def _key(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).digest()
+
+
+class SessionStore:
+    """Thread-safe (routes run in a thread pool, the middleware on the event loop)."""
+
+    def __init__(self, idle: dt.timedelta, absolute: dt.timedelta, clock: Clock, *,
+                 pre_auth_lifetime: dt.timedelta = PRE_AUTH_LIFETIME,
+                 max_pre_auth: int = MAX_PRE_AUTH) -> None:
+        self.idle = idle
+        self.absolute = absolute
+        self.clock = clock
+        self._pre_auth_lifetime = pre_auth_lifetime
+        self._max_pre_auth = max_pre_auth
+        self._signed: dict[bytes, WebSession] = {}
+        self._pre: OrderedDict[bytes, WebSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _expired(self, session: WebSession, now: dt.datetime) -> str:
+        """"" when alive, else "idle" or "absolute"."""
+        if session.stage is Stage.SIGNED_IN:
+            if now - session.created >= self.absolute:
+                return "absolute"
+            if now - session.last_seen >= self.idle:
+                return "idle"
+            return ""
+        return "absolute" if now - session.created >= self._pre_auth_lifetime else ""
+
+    def create(self, stage: Stage, address: str, *, user: str = "", ticket: str = "",
+               enrolled: bool = False, password_changed: dt.datetime | None = None,
+               ) -> tuple[str, WebSession]:
+        """A new session with a fresh id and CSRF token; returns (cookie value, session)."""
+        session_id = secrets.token_urlsafe(ID_BYTES)
+        now = self.clock()
+        session = WebSession(key=_key(session_id), stage=stage, csrf=csrf.new_token(),
+                             created=now, last_seen=now, address=address, user=user,
+                             ticket=ticket, enrolled=enrolled,
+                             password_changed=password_changed)
+        with self._lock:
+            if stage is Stage.SIGNED_IN:
+                self._signed[session.key] = session
+                if len(self._signed) % 256 == 0:
+                    self._sweep(now)
+            else:
+                self._pre[session.key] = session
+                while len(self._pre) > self._max_pre_auth:
+                    self._pre.popitem(last=False)
+        return session_id, session
+
+    def _sweep(self, now: dt.datetime) -> None:
+        for key in [k for k, s in self._signed.items() if self._expired(s, now)]:
+            del self._signed[key]
+
+    def lookup(self, session_id: str) -> tuple[WebSession | None, WebSession | None]:
+        """(live session, or None; the signed-in session that just expired, or None).
+
+        A live signed-in session's idle timer restarts here.
+        """
+        key = _key(session_id)
+        now = self.clock()
+        with self._lock:
+            session = self._signed.get(key) or self._pre.get(key)
+            if session is None:
+                return None, None
+            if self._expired(session, now):
+                self._remove(session)
+                return None, session if session.stage is Stage.SIGNED_IN else None
+            if session.stage is Stage.SIGNED_IN:
+                session.last_seen = now
+            return session, None
+
+    def expiry_reason(self, session: WebSession) -> str:
+        return self._expired(session, self.clock()) or "idle"
+
+    def _remove(self, session: WebSession) -> None:
+        self._signed.pop(session.key, None)
+        self._pre.pop(session.key, None)
+
+    def drop(self, session: WebSession) -> None:
+        with self._lock:
+            self._remove(session)
+
+    def rotate(self, old: WebSession | None, stage: Stage, address: str, *, user: str = "",
+               ticket: str = "", enrolled: bool = False,
+               password_changed: dt.datetime | None = None) -> tuple[str, WebSession]:
+        """Replace ``old`` (if any) by a new session under a new id."""
+        if old is not None:
+            self.drop(old)
+        return self.create(stage, address, user=user, ticket=ticket, enrolled=enrolled,
+                           password_changed=password_changed)
+
+    def drop_user(self, user: str, *, keep: WebSession | None = None) -> int:
+        """End every signed-in session of ``user`` (except ``keep``); returns how many."""
+        with self._lock:
+            keys = [k for k, s in self._signed.items()
+                    if s.user == user and (keep is None or k != keep.key)]
+            for key in keys:
+                del self._signed[key]
+        return len(keys)
+
+    def signed_in_count(self) -> int:
+        now = self.clock()
+        with self._lock:
+            return sum(1 for s in self._signed.values() if not self._expired(s, now))
+
+
+def cookie_header(session_id: str) -> str:
+    """The Set-Cookie value for a session id (no expiry: a browser-session cookie)."""
+    return f"{COOKIE}={session_id}; Path=/; Secure; HttpOnly; SameSite=Strict"
+
+
+def clear_cookie_header() -> str:
+    return f"{COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Strict"
+
+
+def _cookie(scope: Scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"cookie":
+            found = cookie_parser(bytes(value).decode("latin-1")).get(COOKIE, "")
+            if found:
+                return found
+    return ""
+
+
+@dataclass(frozen=True)
+class AccountState:
+    disabled: bool
+    roles: frozenset[str]
+    password_changed: dt.datetime
+
+
+def account_state(vault: Vault, user: str) -> AccountState | None:
+    """The parts of a user's row that decide whether a session may go on."""
+    with vault.sessions() as s:
+        row = s.execute(select(User.disabled, User.roles, User.password_changed)
+                        .where(User.name == user)).one_or_none()
+    if row is None:
+        return None
+    return AccountState(bool(row[0]), frozenset(r for r in str(row[1]).split(",") if r),
+                        row[2])
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+class SessionMiddleware:
+    """Resolve the session cookie; enforce CSRF on state-changing requests with a session.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so that it can read a form body and hand it on.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        application = scope["app"]
+        store: SessionStore = application.state.web_sessions
+        vault = application.state.vault
+        address = _client(scope)
+        state = scope.setdefault("state", {})
+        session: WebSession | None = None
+        session_id = _cookie(scope)
+        if session_id:
+            session, expired = store.lookup(session_id)
+            if expired is not None:
+                await run_in_threadpool(_emit_end, vault, expired, address,
+                                        store.expiry_reason(expired))
+        if session is not None and session.stage is Stage.SIGNED_IN:
+            account = await run_in_threadpool(account_state, vault, session.user)
+            if (account is None or account.disabled
+                    or account.password_changed != session.password_changed):
+                store.drop(session)
+                await run_in_threadpool(_emit_end, vault, session, address,
+                                        "account-changed")
+                session = None
+            else:
+                state["principal"] = Principal(user=session.user, roles=account.roles,
+                                               via_token=False, address=address)
+        if session is not None:
+            state["web_session"] = session
+            if csrf.is_unsafe(scope):
+                try:
+                    token, receive = await csrf.submitted_token(scope, receive)
+                except csrf.FormTooLarge:
+                    await _refuse(scope, receive, send, 413)
+                    return
+                if not csrf.matches(session.csrf, token):
+                    await run_in_threadpool(_emit_csrf, vault, session, address,
+                                            str(scope.get("path", "")), bool(token))
+                    await _refuse(scope, receive, send, 403, EN["form_expired"])
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int,
+                  message: str = "") -> None:
+    response: Response = error_response(scope, status, message)
+    await response(scope, receive, send)
+
+
+def _emit_end(vault: Vault, session: WebSession, address: str, reason: str) -> None:
+    vault.recorder.emit(AuditEvent(
+        action="auth.session.ended", outcome=Outcome.SUCCESS,
+        code=EventCode.USER_AUTHENTICATION, actor_user=session.user, actor_address=address,
+        detail={"reason": reason},
+    ))
+
+
+def _emit_csrf(vault: Vault, session: WebSession, address: str, path: str,
+               present: bool) -> None:
+    # Only the first path segment: DICOMweb paths carry UIDs, which logs must not.
+    area = path.strip("/").split("/", 1)[0][:40] or "/"
+    vault.recorder.emit(AuditEvent(
+        action="web.csrf.refused", outcome=Outcome.MINOR_FAILURE,
+        code=EventCode.SECURITY_ALERT, actor_user=session.user, actor_address=address,
+        detail={"area": area, "token": "wrong" if present else "missing"},
+    ))
