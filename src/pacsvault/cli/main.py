@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from pacsvault import __version__
-from pacsvault.cli import audit, export, keycmd, nodes, serve, setup, users
-from pacsvault.cli.common import USER_ERRORS, CommandError
+
+# command -> module of pacsvault.cli that registers it. Only the module a command needs is
+# imported (the web stack alone costs most of a second at every CLI call).
+COMMANDS = {
+    "init": "setup", "status": "setup", "serve": "serve", "node": "nodes", "user": "users",
+    "token": "users", "export": "export", "key": "keycmd", "audit": "audit",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsvault",
         description="Secure-by-default medical imaging archive (mini-PACS).",
     )
     parser.add_argument("--version", action="version", version=f"pacsvault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (setup, serve, nodes, users, export, keycmd, audit):
-        module.register(sub)
+    wanted = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in wanted:
+        importlib.import_module(f"pacsvault.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
+    from pacsvault.cli.common import USER_ERRORS, CommandError
+
     # Commands other than serve print only problems; serve configures its own logging.
     logging.basicConfig(level=logging.WARNING, format="pacsvault: %(message)s")
     try:
