@@ -1,0 +1,163 @@
+"""STOW-RS (PS3.18 10.5): store the parts of a multipart/related body through the archive.
+
+Each part goes through ``Archive.store``, the path C-STORE uses: full parse, encryption,
+staged durable write, index commit, publication; the duplicate policy is the archive's
+(identical bytes: success, nothing written; different bytes under a known SOP Instance
+UID: the first one is kept and the part is reported failed, reason 0111 "duplicate SOP
+instance", with a security event).
+
+The body is read completely and checked for its closing boundary *before* anything is
+stored: a truncated upload stores nothing and answers 400. Bodies are held in memory (never
+in a plaintext temporary file) and limited to ``MAX_BODY`` bytes (413 beyond): send large
+studies in several requests.
+
+Answer (PS3.18 10.5.3): 200 all stored, 202 some failed, 409 none stored; the body is the
+store response dataset in DICOM JSON (ReferencedSOPSequence with a RetrieveURL per stored
+instance, FailedSOPSequence with FailureReason), always as ``application/dicom+json``
+(XML answers are not offered). Each part must be ``application/dicom`` (a Part 10 stream
+with its file meta information); the file meta is kept as the client wrote it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from pacsvault.dicom.parse import InvalidObject, UnreadableObject
+from pacsvault.storage.archive import StoreStatus
+from pacsvault.storage.objects import DiskFullError
+from pacsvault.vault import Vault
+from pacsvault.web.multipart import Part
+
+log = logging.getLogger("pacsvault.web.stow")
+
+MAX_BODY = 512 * 1024 * 1024
+MAX_PARTS = 10000
+
+# FailureReason values (PS3.18 10.5.3 / PS3.4 B.2.3)
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP = 0x0111
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class Outcome:
+    referenced: list[Dataset] = field(default_factory=list)
+    failed: list[Dataset] = field(default_factory=list)
+    studies: set[str] = field(default_factory=set)
+    stored_sops: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (study, sop)
+    counts: dict[str, int] = field(default_factory=lambda: {
+        "stored": 0, "duplicate": 0, "conflict": 0, "failed": 0})
+    reasons: dict[str, int] = field(default_factory=dict)  # "C000" -> count
+
+    @property
+    def status(self) -> int:
+        if not self.failed:
+            return 200
+        return 202 if self.referenced else 409
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+
+
+def _header(raw: bytes) -> _Header | None:
+    """The identifying UIDs of a part, read cheaply (the archive parses it fully)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(io.BytesIO(raw), stop_before_pixels=True, specific_tags=[
+                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+            return _Header(*(str(ds.get(k, "") or "").strip() for k in (
+                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")))
+    except Exception:
+        return None
+
+
+def _failed(outcome: Outcome, head: _Header | None, reason: int) -> None:
+    item = Dataset()
+    item.ReferencedSOPClassUID = head.sop_class if head else ""
+    item.ReferencedSOPInstanceUID = head.sop_uid if head else ""
+    item.FailureReason = reason
+    outcome.failed.append(item)
+    key = f"{reason:04X}"
+    outcome.reasons[key] = outcome.reasons.get(key, 0) + 1
+    outcome.counts["conflict" if reason == DUPLICATE_SOP else "failed"] += 1
+
+
+def _part_type_ok(part: Part) -> bool:
+    content_type = part.content_type.split(";", 1)[0].strip().lower()
+    return content_type in ("", "application/dicom")
+
+
+def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str) -> Outcome:
+    """Store every part (blocking: call from a worker thread)."""
+    outcome = Outcome()
+    for part in parts:
+        raw = bytes(part.content)
+        if not _part_type_ok(part):
+            _failed(outcome, None, CANNOT_UNDERSTAND)
+            continue
+        head = _header(raw)
+        if study is not None and head is not None and head.study_uid != study:
+            _failed(outcome, head, DOES_NOT_MATCH)
+            continue
+        try:
+            result = vault.archive.store(raw, source_ae="")
+        except UnreadableObject:
+            _failed(outcome, head, CANNOT_UNDERSTAND)
+            continue
+        except InvalidObject:
+            _failed(outcome, head, DOES_NOT_MATCH)
+            continue
+        except (DiskFullError, OSError):
+            _failed(outcome, head, OUT_OF_RESOURCES)
+            continue
+        except Exception as exc:
+            # Frames only: an exception message may quote a value from the dataset.
+            log.error("unexpected error while storing (%s) at\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)))
+            _failed(outcome, head, PROCESSING_FAILURE)
+            continue
+        if result.status is StoreStatus.CONFLICT:
+            outcome.conflicts.append((result.study_uid, result.sop_uid))
+            _failed(outcome, head, DUPLICATE_SOP)
+            continue
+        outcome.counts[result.status.value] += 1
+        outcome.studies.add(result.study_uid)
+        outcome.stored_sops.append(result.sop_uid)
+        item = Dataset()
+        item.ReferencedSOPClassUID = head.sop_class if head else ""
+        item.ReferencedSOPInstanceUID = result.sop_uid
+        if head is not None:
+            item.RetrieveURL = (f"{base}/studies/{result.study_uid}/series/{head.series_uid}"
+                                f"/instances/{result.sop_uid}")
+        outcome.referenced.append(item)
+    return outcome
+
+
+def response(outcome: Outcome, study: str | None, base: str) -> dict[str, Any]:
+    ds = Dataset()
+    studies = sorted(outcome.studies) if study is None else [study]
+    if len(studies) == 1:
+        ds.RetrieveURL = f"{base}/studies/{studies[0]}"
+    if outcome.referenced:
+        ds.ReferencedSOPSequence = outcome.referenced
+    if outcome.failed:
+        ds.FailedSOPSequence = outcome.failed
+    result: dict[str, Any] = ds.to_json_dict()
+    return result

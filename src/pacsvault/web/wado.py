@@ -1,0 +1,427 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data.
+
+Content negotiation, documented:
+
+- **Instances** (study / series / instance) are ``multipart/related;
+  type="application/dicom"``, each part the Part 10 stream *as stored* (byte for byte)
+  when the Accept names no transfer syntax, ``*``, or the stored one. A named syntax we do
+  not hold is produced only losslessly: Explicit or Implicit VR Little Endian, decoding the
+  pixel data if it is compressed (decoding adds no loss to what was stored). Any other
+  syntax: 406. (PS3.18 makes Explicit VR Little Endian the default when no syntax is
+  named; we send the stored syntax instead so that nothing is ever silently converted,
+  which is what viewers and ``dicomweb-client`` expect.)
+- **Frames**: ``application/octet-stream; transfer-syntax=*`` (OHIF, Cornerstone) gets the
+  stored frame bytes (compressed or not) labelled with the stored syntax;
+  ``application/octet-stream`` without a syntax (or Explicit VR Little Endian) gets
+  uncompressed pixels (decoded if needed); the stored image media type (``image/jpeg``,
+  ``image/jls``, ``image/jp2``, ``image/jpx``, ``image/dicom-rle``) gets the stored
+  compressed frame; ``*/*`` (``dicomweb-client``'s default) gets uncompressed frames as
+  octet-stream and compressed ones in their own media type. Each part's Content-Type names
+  its transfer syntax.
+- **Metadata** comes from the index (no image is decrypted): the stored DICOM JSON of each
+  instance, with ``BulkDataURI`` for bulk elements (``.../instances/{uid}/bulkdata/{tag
+  path}``; pixel data at ``.../bulkdata/7FE00010``) and ``AvailableTransferSyntaxUID``
+  (0008,3002) set to the stored syntax.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from sqlalchemy import select
+
+from pacsvault.index.models import Instance
+from pacsvault.index.query import QueryEngine, QueryError
+from pacsvault.storage.archive import StoredInstance
+from pacsvault.vault import Vault
+from pacsvault.web import render
+from pacsvault.web.multipart import MediaRange
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+BULK_MARKER = "pacsvault:bulk"
+OCTET = "application/octet-stream"
+DICOM = "application/dicom"
+MAX_FRAMES_PER_REQUEST = 10000
+UNCOMPRESSED_TARGETS = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+
+# PS3.18 Table 8.7.3-5: media types of compressed frames.
+FRAME_MEDIA_TYPES: dict[str, str] = {
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+}
+_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
+
+
+class WadoError(Exception):
+    """A request that cannot be answered; ``status`` is the HTTP status (never quotes
+    values from the data)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_uid(value: str) -> str:
+    if len(value) > 64 or not UID_PATTERN.match(value):
+        raise WadoError(400, "invalid UID in the path")
+    return value
+
+
+def is_encapsulated(transfer_syntax: str) -> bool:
+    return bool(UID(transfer_syntax).is_compressed)
+
+
+# --- locating ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Located:
+    stored: StoredInstance
+    sop_class: str
+    transfer_syntax: str
+    frames: int  # 0 when the instance has no pixel data (by its index row)
+    meta_json: str
+
+    @property
+    def sop_uid(self) -> str:
+        return self.stored.sop_uid
+
+
+def locate(
+    vault: Vault, study: str, series: str | None = None, sop: str | None = None, *,
+    with_meta: bool = False,
+) -> list[Located]:
+    """The stored instances a WADO path names (hierarchy checked); 404 if none."""
+    identifier = Dataset()
+    identifier.StudyInstanceUID = check_uid(study)
+    level = "STUDY"
+    if series is not None:
+        identifier.SeriesInstanceUID = check_uid(series)
+        level = "SERIES"
+    if sop is not None:
+        identifier.SOPInstanceUID = check_uid(sop)
+        level = "IMAGE"
+    engine = QueryEngine(vault.sessions, vault.settings.server.ae_title)
+    try:
+        items = engine.instances(level, identifier)
+    except QueryError:
+        raise WadoError(400, "the path does not name what to retrieve") from None
+    if not items:
+        raise WadoError(404, "no such " + {"STUDY": "study", "SERIES": "series",
+                                           "IMAGE": "instance"}[level])
+    facts: dict[str, tuple[str, str, int, str]] = {}
+    uids = [i.sop_uid for i in items]
+    columns: list[Any] = [Instance.sop_uid, Instance.sop_class_uid, Instance.transfer_syntax,
+                          Instance.number_of_frames, Instance.rows]
+    if with_meta:
+        columns.append(Instance.meta_json)
+    with vault.sessions() as session:
+        for start in range(0, len(uids), 500):
+            for row in session.execute(
+                    select(*columns).where(Instance.sop_uid.in_(uids[start:start + 500]))):
+                frames = 0 if row[4] is None else int(row[3] or 1)
+                facts[str(row[0])] = (str(row[1]), str(row[2]), frames,
+                                      str(row[5]) if with_meta else "")
+    return [Located(item, *facts[item.sop_uid]) for item in items if item.sop_uid in facts]
+
+
+def read_dataset(raw: bytes) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dcmread(io.BytesIO(raw))
+
+
+# --- instances -----------------------------------------------------------------------------
+
+
+def can_decode(transfer_syntax: str) -> bool:
+    uid = UID(transfer_syntax)
+    if not uid.is_compressed:
+        return True
+    return bool(render.plugins_for(uid))
+
+
+def choose_syntax(ranges: list[MediaRange], stored: str) -> str | None:
+    """The transfer syntax to send an instance in, or None if nothing acceptable."""
+    for r in ranges:
+        if not r.matches(DICOM):
+            continue
+        ts = r.transfer_syntax
+        if ts in (None, "", "*") or ts == stored:
+            return stored
+        if ts in UNCOMPRESSED_TARGETS and can_decode(stored):
+            return ts
+    return None
+
+
+def encode_as(raw: bytes, target: str) -> bytes:
+    """Re-encode a stored Part 10 stream in an uncompressed syntax (lossless)."""
+    ds = read_dataset(raw)
+    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
+        render.decompress(ds)
+    ds.file_meta.TransferSyntaxUID = UID(target)
+    out = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def instance_bytes(vault: Vault, item: Located, target: str) -> bytes:
+    raw = vault.archive.read(item.stored)
+    if target == item.transfer_syntax:
+        return raw
+    return encode_as(raw, target)
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameForm:
+    """How frames go out: the part media type, the syntax it is labelled with, and whether
+    the stored bytes are decoded to uncompressed pixels first."""
+
+    media_type: str
+    transfer_syntax: str
+    decode: bool
+
+    @property
+    def content_type(self) -> str:
+        return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+
+
+def parse_frames(text: str) -> list[int]:
+    numbers: list[int] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece.isdigit() or int(piece) < 1:
+            raise WadoError(400, "frame numbers are positive integers")
+        numbers.append(int(piece))
+    if not numbers or len(numbers) > MAX_FRAMES_PER_REQUEST:
+        raise WadoError(400, "invalid frame list")
+    return numbers
+
+
+def choose_frame_form(ranges: list[MediaRange], stored: str) -> FrameForm | None:
+    native = not is_encapsulated(stored)
+    image_type = FRAME_MEDIA_TYPES.get(stored)
+    for r in ranges:
+        ts = r.transfer_syntax
+        part = _ALIASES.get(r.part_type, r.part_type)
+        explicit_octet = part == OCTET
+        aliased = MediaRange("multipart/related", {"type": part}) if part != r.part_type else r
+        if native:
+            if r.matches(OCTET) and ts in (None, "", "*", ExplicitVRLittleEndian, stored):
+                return FrameForm(OCTET, ExplicitVRLittleEndian, False)
+            continue
+        if ts in ("*", stored):
+            if image_type and aliased.matches(image_type) and not explicit_octet:
+                return FrameForm(image_type, stored, False)
+            if r.matches(OCTET):
+                return FrameForm(OCTET, stored, False)
+        if ts in (None, ""):
+            if explicit_octet and can_decode(stored):
+                return FrameForm(OCTET, ExplicitVRLittleEndian, True)
+            if image_type and aliased.matches(image_type):
+                return FrameForm(image_type, stored, False)
+        if ts == ExplicitVRLittleEndian and r.matches(OCTET) and can_decode(stored):
+            return FrameForm(OCTET, ExplicitVRLittleEndian, True)
+    return None
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _native_frame(ds: Dataset, index: int) -> bytes:
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    bits = int(ds.get("BitsAllocated", 8))
+    if ts == ExplicitVRBigEndian or bits == 1 or bits % 8:
+        return render.native_frame_bytes(ds, index)
+    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * (bits // 8)
+    data: bytes = ds.PixelData
+    chunk = data[index * size:(index + 1) * size]
+    if len(chunk) != size:
+        raise WadoError(404, "frame not found")
+    return chunk
+
+
+def frames(raw: bytes, numbers: list[int], form: FrameForm) -> list[bytes]:
+    """The requested frames (1-based) of a stored instance, in the negotiated form."""
+    ds = read_dataset(raw)
+    if "PixelData" not in ds:
+        raise WadoError(404, "the instance has no pixel data")
+    count = _frame_count(ds)
+    if any(n > count for n in numbers):
+        raise WadoError(404, "frame not found")
+    out: list[bytes] = []
+    encapsulated = is_encapsulated(str(ds.file_meta.TransferSyntaxUID))
+    offsets: Any = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    for n in numbers:
+        if form.decode:
+            out.append(render.native_frame_bytes(ds, n - 1))
+        elif encapsulated:
+            out.append(get_frame(ds.PixelData, n - 1, number_of_frames=count,
+                                 extended_offsets=offsets))
+        else:
+            out.append(_native_frame(ds, n - 1))
+    return out
+
+
+# --- metadata and bulk data -----------------------------------------------------------------
+
+
+def _with_uris(entry: Any, url: str) -> Any:
+    """Replace the index's bulk markers by BulkDataURIs below ``url`` (a tag path)."""
+    if not isinstance(entry, dict):
+        return entry
+    if entry.get("BulkDataURI") == BULK_MARKER:
+        return {"vr": entry.get("vr", "UN"), "BulkDataURI": url}
+    if entry.get("vr") == "SQ" and entry.get("Value"):
+        return {"vr": "SQ", "Value": [
+            {tag: _with_uris(sub, f"{url}/{n}/{tag}") for tag, sub in item.items()}
+            for n, item in enumerate(entry["Value"])
+        ]}
+    return entry
+
+
+def _bulk_marker(_elem: DataElement) -> str:
+    return BULK_MARKER
+
+
+def _header_of(vault: Vault, item: Located) -> dict[str, Any]:
+    """The instance's header as the index would hold it, read from the object itself
+    (for an instance whose stored header could not be converted at reception)."""
+    ds = read_dataset(vault.archive.read(item.stored))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=1024, bulk_data_element_handler=_bulk_marker,
+            suppress_invalid_tags=True)
+    meta.pop("7FE00010", None)
+    return meta
+
+
+def metadata(vault: Vault, item: Located, instance_url: str) -> dict[str, Any]:
+    """DICOM JSON of one instance from its stored header (bulk data as URIs); blocking."""
+    try:
+        meta = json.loads(item.meta_json or "{}")
+    except ValueError:
+        meta = {}
+    if not isinstance(meta, dict) or not meta:
+        meta = _header_of(vault, item)
+    bulk = f"{instance_url}/bulkdata"
+    out: dict[str, Any] = {tag: _with_uris(entry, f"{bulk}/{tag}") for tag, entry in meta.items()}
+    if item.frames:
+        vr = "OB"
+        if not is_encapsulated(item.transfer_syntax):
+            bits = (out.get("00280100") or {}).get("Value") or [8]
+            vr = "OW" if int(bits[0] or 8) > 8 else "OB"
+        out["7FE00010"] = {"vr": vr, "BulkDataURI": f"{bulk}/7FE00010"}
+    out["00083002"] = {"vr": "UI", "Value": [item.transfer_syntax]}
+    return dict(sorted(out.items()))
+
+
+def _parse_bulk_path(path: str) -> list[int | str]:
+    pieces = [p for p in path.strip("/").split("/") if p]
+    if not pieces or len(pieces) % 2 == 0 or len(pieces) > 9:
+        raise WadoError(404, "no such bulk data")
+    out: list[int | str] = []
+    for n, piece in enumerate(pieces):
+        if n % 2 == 0:
+            if len(piece) != 8 or not all(c in "0123456789abcdefABCDEF" for c in piece):
+                raise WadoError(404, "no such bulk data")
+            out.append(piece.upper())
+        else:
+            if not piece.isdigit():
+                raise WadoError(404, "no such bulk data")
+            out.append(int(piece))
+    return out
+
+
+def is_pixel_path(path: str) -> bool:
+    return path.strip("/").upper() == "7FE00010"
+
+
+def bulk_value(raw: bytes, path: str) -> bytes:
+    """The value bytes of a bulk element named by a tag path (non-pixel)."""
+    steps = _parse_bulk_path(path)
+    ds = read_dataset(raw)
+    elem: DataElement | None = None
+    current: Dataset = ds
+    for n, step in enumerate(steps):
+        if n % 2 == 0:
+            tag = int(str(step), 16)
+            if tag not in current:
+                raise WadoError(404, "no such bulk data")
+            elem = current[tag]
+        else:
+            assert elem is not None
+            items = elem.value if elem.VR == "SQ" else None
+            index = int(step)
+            if not items or index >= len(items):
+                raise WadoError(404, "no such bulk data")
+            current = items[index]
+    assert elem is not None
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, np.ndarray):
+        return value.astype(value.dtype.newbyteorder("<")).tobytes()
+    raise WadoError(404, "no such bulk data")
+
+
+def pixel_bulk(raw: bytes, ranges: list[MediaRange], stored: str) -> tuple[FrameForm, list[bytes]]:
+    """Pixel data through its BulkDataURI: one part per frame (compressed), or the whole
+    uncompressed value as one part."""
+    form = choose_frame_form(ranges, stored)
+    if form is None:
+        raise WadoError(406, "no acceptable media type for this pixel data")
+    ds = read_dataset(raw)
+    if "PixelData" not in ds:
+        raise WadoError(404, "the instance has no pixel data")
+    count = _frame_count(ds)
+    if not is_encapsulated(stored) and not form.decode:
+        if str(ds.file_meta.TransferSyntaxUID) == ExplicitVRBigEndian:
+            return form, [b"".join(render.native_frame_bytes(ds, i) for i in range(count))]
+        return form, [bytes(ds.PixelData)]
+    return form, frames(raw, list(range(1, count + 1)), form)
+
+
+def studies_of(items: Iterable[Located]) -> tuple[str, ...]:
+    return tuple(sorted({i.stored.study_uid for i in items}))
