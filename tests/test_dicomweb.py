@@ -608,6 +608,23 @@ def test_requests_are_recorded_without_patient_data(env: Env) -> None:
     assert not [s for s in secrets if s in log]
 
 
+def test_no_patient_data_at_rest_after_dicomweb(env: Env) -> None:
+    """After searches, retrievals, renderings and stores over DICOMweb: the data dir, the
+    key dir and the server's temp dir hold no name, ID or birth date in any encoding."""
+    needles = [
+        value.encode(enc)
+        for value in corpus.secrets_of(env.files)
+        for enc in ("utf-8", "utf-16-le", "utf-16-be")
+    ]
+    hits = []
+    for root in (env.vault.data, env.vault.key.parent, env.server.tmpdir):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                hits += [f"{path}: {n!r}" for n in needles if n in data]
+    assert not hits, "\n".join(hits)
+
+
 # --- parsing (no server) -------------------------------------------------------------------------
 
 
