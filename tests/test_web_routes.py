@@ -36,6 +36,7 @@ PUBLIC = {
     ("GET", "/login"), ("POST", "/login"),
     ("GET", "/login/second-factor"), ("POST", "/login/second-factor"),
     ("GET", "/login/enrol"), ("POST", "/login/enrol"),
+    ("POST", "/login/passkey/options"), ("POST", "/login/passkey/verify"),
     ("POST", "/logout"),
 }
 # Without credentials, every route answers 401 or 303 → /login, except these.

@@ -173,9 +173,30 @@ class LoginAttempt(Base):
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
+class Passkey(Base):
+    """A WebAuthn credential (a passkey or security key): the alternative second factor.
+
+    Only public data is kept: the credential id and COSE public key the authenticator gave
+    at registration, its signature counter (a clone shows up as a counter that does not
+    increase) and the transports the browser reported (a hint for the next sign-in).
+    The flows are in ``accounts.passkeys``.
+    """
+
+    __tablename__ = "passkeys"
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk"), index=True)
+    credential_id: Mapped[bytes] = mapped_column(LargeBinary(1023), unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    sign_count: Mapped[int] = mapped_column(Integer, default=0)
+    transports: Mapped[str] = mapped_column(String(128), default="")
+    label: Mapped[str] = mapped_column(String(64), default="")
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
 ACCOUNT_TABLES: tuple[Table, ...] = tuple(
     cast(Table, model.__table__)
-    for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt)
+    for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt, Passkey)
 )
 
 

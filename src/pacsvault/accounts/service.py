@@ -48,7 +48,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.accounts import passwords, tokens
 from pacsvault.accounts import totp as totp_mod
-from pacsvault.accounts.models import ROLES, ApiToken, RecoveryCode, TotpSecret, User
+from pacsvault.accounts.models import (
+    ROLES,
+    ApiToken,
+    Passkey,
+    RecoveryCode,
+    TotpSecret,
+    User,
+)
 from pacsvault.accounts.throttle import (
     Clock,
     Decision,
@@ -412,6 +419,8 @@ class Accounts:
                     s.delete(user.totp)
                 for code in list(user.recovery_codes):
                     s.delete(code)
+                for key in s.scalars(select(Passkey).where(Passkey.user_pk == user.pk)):
+                    s.delete(key)
         # A sign-in half done with the old password must not complete after the reset.
         self._drop_pending(norm)
         self._admin_event("user.reset", by, address, {
@@ -596,6 +605,57 @@ class Accounts:
                 detail={"factor": "totp", "recovery_codes": len(codes)}, time=self._now(),
             ))
         return result
+
+    def verify_other_factor(self, ticket: str, address: str, factor: str,
+                            check: Callable[[Session, User], str]) -> AuthResult:
+        """Complete a sign-in with a second factor checked by ``check`` (a passkey, see
+        ``accounts.passkeys``): the same ticket, throttling and ``auth.login`` event as
+        ``verify_second_factor``. ``check`` runs inside the transaction, returns "" when
+        the factor is right or the failure reason (for the trail); it may run twice (a
+        transaction lost a race and is retried whole), so it must only touch ``session``.
+        """
+        pending = self._ticket(ticket, address)
+        return _retry_on_conflict(
+            lambda: self._other_factor(pending, ticket, address, factor, check))
+
+    def _other_factor(self, pending: _Pending | None, ticket: str, address: str, factor: str,
+                      check: Callable[[Session, User], str]) -> AuthResult:
+        with self._transaction() as s:
+            user = s.get(User, pending.user_pk) if pending is not None else None
+            if pending is None or user is None:
+                decision = self.throttle.check(s, None, address)
+                if not decision.allowed:
+                    self.throttle.refused(None, address, decision, factor=factor)
+                    return AuthResult(_outcome_of(decision), decision.retry_after,
+                                      decision=decision)
+                decision = self.throttle.failure(s, None, address, reason="no-pending-login",
+                                                 factor=factor, count_account=False)
+                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
+            decision = self.throttle.check(s, user, address)
+            if not decision.allowed:
+                self.throttle.refused(user, address, decision, factor=factor)
+                if decision.verdict is Verdict.LOCKED:
+                    self.cancel(ticket)
+                return AuthResult(_outcome_of(decision), decision.retry_after,
+                                  decision=decision)
+            reason = "disabled" if user.disabled else check(s, user)
+            if reason:
+                decision = self.throttle.failure(s, user, address, reason=reason,
+                                                 factor=factor)
+                if decision.verdict is Verdict.LOCKED:
+                    self.cancel(ticket)
+                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
+            self.throttle.success(s, user, address, factor=factor)
+            result = AuthResult(AuthOutcome.SUCCESS, user=user.name, roles=user.role_set,
+                                totp_enrolled=bool(user.totp and user.totp.confirmed))
+        self.cancel(ticket)
+        return result
+
+    def pending_user(self, ticket: str, address: str) -> str:
+        """The user name of a live ticket used from its address, or "" (no side effect
+        beyond ``_ticket``'s: a ticket from another address is destroyed)."""
+        pending = self._ticket(ticket, address)
+        return pending.name if pending is not None else ""
 
     def new_recovery_codes(self, name: str, *, by: str = "", address: str = "") -> list[str]:
         """Replace a user's recovery codes (the old ones stop working); show them once."""

@@ -12,9 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pacsvault.accounts.passkeys import Passkeys, certificate_names
 from pacsvault.accounts.service import Accounts
 from pacsvault.vault import Vault
-from pacsvault.web import dicomweb, pages, security, ui
+from pacsvault.web import dicomweb, pages, passkey_routes, security, ui
 
 
 def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
@@ -26,8 +27,12 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     )
     app.state.vault = vault
     app.state.accounts = accounts
+    app.state.passkeys = Passkeys(accounts)
+    # The hosts a passkey may be bound to: the server certificate's names (and loopback).
+    app.state.passkey_hosts = frozenset(certificate_names(vault.layout.tls.server_cert))
     app.include_router(dicomweb.router)
     app.include_router(ui.router)
+    app.include_router(passkey_routes.router)
     security.install(app)
 
     @app.exception_handler(StarletteHTTPException)

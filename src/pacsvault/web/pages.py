@@ -24,7 +24,8 @@ from pacsvault.web.strings import catalogue
 HERE = Path(__file__).resolve().parent
 TEMPLATES = HERE / "templates"
 STATIC = HERE / "static"
-STATIC_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
+                ".js": "text/javascript; charset=utf-8"}
 DICOMWEB_PREFIX = "/dicom-web"
 
 

@@ -116,6 +116,17 @@ EN: Final = MappingProxyType({
     "error_429": "Too many requests. Try again later.",
     "error_500": "Something went wrong. The problem was recorded.",
     "error_other": "The request could not be completed.",
+    # passkeys (WebAuthn)
+    "passkeys": "Passkeys",
+    "passkeys_help": ("A passkey (a security key, or the fingerprint or face unlock of this "
+                      "device) can replace the authenticator app's code when you sign in."),
+    "use_passkey": "Use a passkey",
+    "add_passkey": "Add a passkey",
+    "passkey_label": "Name of the passkey",
+    "no_passkeys": "No passkey registered.",
+    "remove": "Remove",
+    "notice_passkey": "The passkey was removed.",
+    "passkey_refused": "The passkey could not be used.",
 })
 
 Catalogue = MappingProxyType[str, str]

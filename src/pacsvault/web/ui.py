@@ -67,7 +67,8 @@ MAX_NAME = 256
 LOCKED_RETRY_AFTER = 3600  # an admin-only lock has no end; tell clients to come back later
 SIGN_IN_LABELS = {"auth.login": "signed_in", "auth.login.failed": "failed",
                   "auth.account.locked": "locked_out", "auth.logout": "signed_out"}
-NOTICES = {"password": "notice_password", "token": "notice_token"}
+NOTICES = {"password": "notice_password", "token": "notice_token",
+           "passkey": "notice_passkey"}
 TRAIL_WINDOW = 512 * 1024
 
 
@@ -403,9 +404,10 @@ def _account_page(request: Request, principal: Principal, status: int = 200,
         for t in tokens
     }
     sign_ins = recent_sign_ins(_vault(request).audit.path, principal.user)
+    passkeys = request.app.state.passkeys.list_passkeys(principal.user)
     return _page(request, "account.html", status, user=info, tokens=tokens,
                  tok_status=token_status, sign_ins=sign_ins, message=message,
-                 message_kind=message_kind)
+                 message_kind=message_kind, passkeys=passkeys)
 
 
 @router.get("/account")

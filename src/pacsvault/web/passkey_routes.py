@@ -1,0 +1,189 @@
+"""Passkey (WebAuthn) routes: JSON endpoints for ``static/passkey.js``, one form.
+
+Sign-in (the pending session of ``ui``'s password step; like the other sign-in steps these
+need no role, the ticket is the credential):
+
+* ``POST /login/passkey/options``: request options for the ticket's user;
+* ``POST /login/passkey/verify``: the assertion; success moves the browser to a new,
+  signed-in session id exactly as a TOTP code does (``auth.login`` by ``Accounts``).
+
+The signed-in user's own passkeys (``require_role(None)``): ``POST /account/passkeys/options``,
+``POST /account/passkeys/verify`` (JSON), ``POST /account/passkeys/remove`` (a form).
+
+All are POSTs: the CSRF middleware checks the ``X-CSRF-Token`` header the script sends
+(or the form's field). Bodies are read here (at most ``MAX_BODY``), not by FastAPI, so a
+request without a pending session gets a 401 rather than a validation error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from pacsvault.accounts.passkeys import PasskeyError, Passkeys, RelyingParty, relying_party
+from pacsvault.accounts.service import AuthOutcome, AuthResult
+from pacsvault.web import ui
+from pacsvault.web.deps import client_address, require_role
+from pacsvault.web.principal import Principal
+from pacsvault.web.sessions import Stage, WebSession, account_state
+from pacsvault.web.strings import EN
+
+router = APIRouter()
+
+MAX_BODY = 64 * 1024
+SignedInApi = Annotated[Principal, Depends(require_role(None))]
+SignedInPage = Annotated[Principal, Depends(ui.PageRole(None))]
+
+
+def _passkeys(request: Request) -> Passkeys:
+    passkeys: Passkeys = request.app.state.passkeys
+    return passkeys
+
+
+def _rp(request: Request) -> RelyingParty:
+    return relying_party(request.headers.get("host", ""), request.app.state.passkey_hosts)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def _options(text: str) -> Response:
+    return Response(text, media_type="application/json")
+
+
+async def _body(request: Request) -> dict[str, Any] | None:
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY:
+            return None
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _credential(body: dict[str, Any] | None) -> str:
+    value = body.get("credential") if body is not None else None
+    return json.dumps(value) if isinstance(value, dict) else ""
+
+
+def _pending(request: Request) -> WebSession | None:
+    session: WebSession | None = getattr(request.state, "web_session", None)
+    if session is None or session.stage is not Stage.PENDING or not session.ticket:
+        return None
+    return session
+
+
+def _expired() -> JSONResponse:
+    return _error(401, EN["sign_in_expired"], next=ui.LOGIN)
+
+
+# --- sign-in ----------------------------------------------------------------------------
+
+
+@router.post("/login/passkey/options")
+def login_options(request: Request) -> Response:
+    session = _pending(request)
+    if session is None:
+        return _expired()
+    try:
+        rp = _rp(request)
+        return _options(_passkeys(request).authentication_options(
+            session.ticket, client_address(request), rp))
+    except PasskeyError:
+        return _error(400, EN["passkey_refused"])
+
+
+@router.post("/login/passkey/verify")
+async def login_verify(request: Request) -> Response:
+    session = _pending(request)
+    if session is None:
+        return _expired()
+    credential = _credential(await _body(request))
+    return await run_in_threadpool(_login_verify, request, session, credential)
+
+
+def _login_verify(request: Request, session: WebSession, credential: str) -> Response:
+    address = client_address(request)
+    try:
+        rp = _rp(request)
+    except PasskeyError:
+        return _error(400, EN["passkey_refused"])
+    result = _passkeys(request).verify_authentication(session.ticket, address, rp, credential)
+    if result.outcome is AuthOutcome.SUCCESS:
+        return _signed_in(request, session, result)
+    return _refused(result)
+
+
+def _refused(result: AuthResult) -> JSONResponse:
+    if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or ui._locked(result):
+        message, retry = ui._throttle_message(result)
+        extra = {"next": ui.LOGIN} if ui._locked(result) else {}
+        return _error(429, message, {"Retry-After": str(retry)}, **extra)
+    message = EN["login_failed"]
+    headers: dict[str, str] = {}
+    if result.decision is not None and not result.decision.allowed:
+        wait, retry = ui._throttle_message(result)
+        message = f"{message} {wait}"
+        headers["Retry-After"] = str(math.ceil(retry))
+    return _error(401, message, headers)
+
+
+def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:
+    """As ``ui._signed_in``: a new session id for the signed-in session."""
+    address = client_address(request)
+    state = account_state(ui._vault(request), result.user)
+    session_id, _ = ui._store(request).rotate(
+        pending, Stage.SIGNED_IN, address, user=result.user,
+        password_changed=state.password_changed if state else None)
+    response = JSONResponse({"ok": True, "next": ui.HOME})
+    return ui._set_cookie(response, session_id)
+
+
+# --- the signed-in user's passkeys ------------------------------------------------------
+
+
+@router.post("/account/passkeys/options")
+def account_options(request: Request, principal: SignedInApi) -> Response:
+    try:
+        return _options(_passkeys(request).registration_options(principal.user, _rp(request)))
+    except PasskeyError as exc:
+        return _error(400, str(exc))
+
+
+@router.post("/account/passkeys/verify")
+async def account_verify(request: Request, principal: SignedInApi) -> Response:
+    body = await _body(request)
+    label = body.get("label", "") if body is not None else ""
+    credential = _credential(body)
+    return await run_in_threadpool(_account_verify, request, principal, credential,
+                                   label if isinstance(label, str) else "")
+
+
+def _account_verify(request: Request, principal: Principal, credential: str,
+                    label: str) -> Response:
+    try:
+        info = _passkeys(request).verify_registration(
+            principal.user, _rp(request), credential, label,
+            address=client_address(request))
+    except PasskeyError as exc:
+        return _error(400, str(exc))
+    return JSONResponse({"ok": True, "passkey": info.key_id, "next": ui.HOME})
+
+
+@router.post("/account/passkeys/remove")
+def account_remove(request: Request, principal: SignedInPage,
+                   key: Annotated[str, Form(max_length=64)] = "") -> Response:
+    if not _passkeys(request).remove(principal.user, key, address=client_address(request)):
+        return ui._account_page(request, principal, 404, EN["passkey_refused"])
+    return ui._redirect(f"{ui.HOME}?notice=passkey")
