@@ -8,12 +8,10 @@ import json
 import sys
 from typing import Any
 
-from sqlalchemy import select
-
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.query import AuditFilter, select_records
 from pacsvault.audit.trail import Record
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
-from pacsvault.index.models import Patient, Study
 from pacsvault.vault import Vault
 
 
@@ -69,39 +67,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-def _study_uids_of(vault: Vault, patient_id: str) -> set[str]:
-    with vault.sessions() as session:
-        return set(session.scalars(
-            select(Study.study_uid).join(Patient, Study.patient_pk == Patient.pk)
-            .where(Patient.patient_id == patient_id)))
-
-
 def _selected(vault: Vault, args: argparse.Namespace) -> list[Record]:
-    studies = _study_uids_of(vault, args.patient) if args.patient else set()
-    since = args.since.astimezone(dt.UTC).isoformat() if args.since else ""
-    until = args.until.astimezone(dt.UTC).isoformat() if args.until else ""
-    out = []
-    for rec in vault.audit.records():
-        refs = rec.refs
-        if args.patient and not (
-            args.patient in refs.get("patient_ids", [])
-            or studies & set(refs.get("study_uids", []))
-        ):
-            continue
-        if args.study and args.study not in refs.get("study_uids", []):
-            continue
-        if args.user and rec.actor_user != args.user:
-            continue
-        if args.node and rec.actor_ae != args.node:
-            continue
-        if args.action and not rec.action.startswith(args.action):
-            continue
-        if since and rec.time < since:
-            continue
-        if until and rec.time > until:
-            continue
-        out.append(rec)
-    return out
+    return select_records(vault, AuditFilter(
+        patient=args.patient, study=args.study, user=args.user, node=args.node,
+        action=args.action, since=args.since, until=args.until))
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from pacsvault.accounts.passkeys import Passkeys, certificate_names
 from pacsvault.accounts.service import Accounts
 from pacsvault.vault import Vault
-from pacsvault.web import dicomweb, pages, passkey_routes, security, ui
+from pacsvault.web import audit_page, dicomweb, pages, passkey_routes, security, ui
 
 
 def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
@@ -33,6 +33,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(dicomweb.router)
     app.include_router(ui.router)
     app.include_router(passkey_routes.router)
+    app.include_router(audit_page.router)
     security.install(app)
 
     @app.exception_handler(StarletteHTTPException)
