@@ -171,7 +171,9 @@ EXPECTED: dict[str, list[tuple[str, ...]]] = {
     "login": [("auth.login", S, "110114", "", AUD, LOCAL),
               ("auth.second_factor.enrolled", S, "110114", "", AUD, LOCAL)],
     "node_add": [("node.add", S, "110113", "", "local-admin", "")],
-    "user_add": [("user.add", S, "110113", "", "newbie", "")],  # actor: the account made
+    # (the "user" column here is the event's detail "user", the account made; the actor
+    # is local-admin)
+    "user_add": [("user.add", S, "110113", "", "newbie", "")],
     "verify": [("audit.verify", S, "110100", "", "local-admin", "")],
     "audit_page": [("audit.show", S, "110112", "", AUD, LOCAL)],
     "phys": [("auth.login", S, "110114", "", PHYS, LOCAL),
