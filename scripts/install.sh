@@ -21,6 +21,11 @@ if [ "$with_tests" = 1 ]; then
   dpkg -s rsyslog-gnutls >/dev/null 2>&1 || apt_wanted+=(rsyslog-gnutls)
   # TLS scanner for the HTTPS listener's protocol/suite test
   command -v sslscan >/dev/null 2>&1 || apt_wanted+=(sslscan)
+  # a real browser for the web tests (driven by Playwright; no browser download)
+  [ -x /usr/lib/chromium/chromium ] || apt_wanted+=(chromium)
+  # the peer of the side-by-side benchmark (bench --small runs in the suite)
+  command -v Orthanc >/dev/null 2>&1 || apt_wanted+=(orthanc)
+  dpkg -s orthanc-dicomweb >/dev/null 2>&1 || apt_wanted+=(orthanc-dicomweb)
 fi
 if [ ${#apt_wanted[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_wanted[*]}" >&2
@@ -41,3 +46,7 @@ if [ "$with_tests" = 1 ]; then
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
+
+# The OHIF web viewer: a pinned release, checked against its integrity hash, trimmed and
+# cached (nothing of it is in the repository). Kept as is when already there.
+.venv/bin/pacsvault viewer install

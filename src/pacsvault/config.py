@@ -76,6 +76,8 @@ class WebSettings(_Strict):
     # A certificate of your own (e.g. from your IT provider); default: the vault's CA.
     cert_file: str = ""
     key_file: str = ""
+    # Where the OHIF viewer was installed (``pacsvault viewer install``); empty: the cache.
+    viewer_dir: str = ""
 
 
 DEFAULT_RETENTION_DAYS = 365
@@ -203,6 +205,8 @@ session_absolute_hours = 12
 # Your own certificate and key (PEM), e.g. from your IT provider. Empty: the vault's CA.
 cert_file = ""
 key_file = ""
+# Where the OHIF viewer is installed (`pacsvault viewer install`). Empty: the user's cache.
+viewer_dir = ""
 
 [audit]
 # Audit records older than this are sealed out of the trail (the chain still verifies).

@@ -1,0 +1,273 @@
+"""Serve the OHIF viewer same-origin, behind the session.
+
+Why same-origin and behind the session: every request OHIF makes (its code, and above all
+the QIDO/WADO calls for images) then carries the session cookie, so it is authenticated and
+recorded like any other access; no token ever sits in the browser's storage.
+
+OHIF's build expects to live at ``/`` of its origin (absolute asset links), so it does:
+``/`` is its study list, ``/viewer?StudyInstanceUIDs=...`` its viewer, and its files are
+answered by a catch-all route registered after every other one. pacsvault's own pages keep
+their paths (``/login``, ``/account``, ``/admin/...``, ``/audit``, ``/dicom-web``).
+
+The Content-Security-Policy on OHIF's pages is the strictest it runs under (it needs
+``'unsafe-eval'`` for its image-loader worker and two inline scripts, allowed by hash,
+computed from the served file); every other page keeps the strict default.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response
+
+from pacsvault.viewer import ViewerDist, load
+from pacsvault.web import pages
+from pacsvault.web.principal import Principal
+
+router = APIRouter(include_in_schema=False)
+
+READER_ROLE = "physician"
+# Client-side routes of OHIF that must answer its index page (no file extension).
+_CONTENT_HASHED = re.compile(r"[0-9a-f]{16,}")
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
+_MEDIA_TYPES = {
+    ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
+    ".wasm": "application/wasm", ".json": "application/json", ".svg": "image/svg+xml",
+    ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2",
+    ".woff": "font/woff", ".ttf": "font/ttf", ".html": "text/html; charset=utf-8",
+    ".xml": "application/xml", ".txt": "text/plain; charset=utf-8",
+}
+
+
+def viewer_csp(inline_hashes: list[str]) -> str:
+    hashes = " ".join(f"'sha256-{h}'" for h in inline_hashes)
+    return ("default-src 'self'; "
+            f"script-src 'self' 'wasm-unsafe-eval' 'unsafe-eval' {hashes}; "
+            "worker-src 'self' blob:; img-src 'self' data: blob:; "
+            "style-src 'self' 'unsafe-inline'; font-src 'self' data:; "
+            "connect-src 'self' blob: data:; media-src 'self' blob:; object-src 'none'; "
+            "base-uri 'self'; form-action 'self'; frame-ancestors 'none'")
+
+
+class ServedViewer:
+    """The installed distribution plus what is computed once from it."""
+
+    def __init__(self, dist: ViewerDist) -> None:
+        self.dist = dist
+        html = (dist.root / "index.html").read_bytes()
+        # Our name in the tab; the page itself is OHIF's, unchanged.
+        html = html.replace(b"<title>OHIF Viewer</title>", b"<title>pacsvault</title>")
+        self.index = html
+        hashes = [base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode("ascii")
+                  for m in _INLINE_SCRIPT.finditer(html)]
+        self.headers = {
+            "Content-Security-Policy": viewer_csp(hashes),
+            "Cross-Origin-Opener-Policy": "same-origin",
+            # Needed by OHIF for SharedArrayBuffer (multi-threaded decoding).
+            "Cross-Origin-Embedder-Policy": "require-corp",
+            "Cache-Control": "no-store",
+        }
+
+
+@lru_cache(maxsize=4)
+def _served(directory: str) -> ServedViewer | None:
+    dist = load(Path(directory) if directory else None)
+    return ServedViewer(dist) if dist is not None else None
+
+
+def served(request: Request) -> ServedViewer | None:
+    return _served(request.app.state.vault.settings.web.viewer_dir)
+
+
+def app_config(locale: str) -> str:
+    """OHIF's ``window.config``: one data source, pacsvault's DICOMweb, same origin.
+
+    ``httpErrorHandler`` is OHIF's hook for failed DICOMweb calls: an expired session
+    (401) goes to the sign-in page with the current study as ``next``, so nothing is lost.
+    """
+    data_source = {
+        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+        "sourceName": "dicomweb",
+        "configuration": {
+            "friendlyName": "pacsvault",
+            "name": "pacsvault",
+            "wadoUriRoot": "/dicom-web",
+            "qidoRoot": "/dicom-web",
+            "wadoRoot": "/dicom-web",
+            "qidoSupportsIncludeField": True,
+            "supportsReject": False,
+            "supportsStow": False,
+            "dicomUploadEnabled": False,
+            "imageRendering": "wadors",
+            "thumbnailRendering": "wadors",
+            "enableStudyLazyLoad": True,
+            "supportsFuzzyMatching": False,
+            "supportsWildcard": True,
+            "omitQuotationForMultipartRequest": True,
+            "bulkDataURI": {"enabled": True},
+        },
+    }
+    config: dict[str, Any] = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 3,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": True,
+        "showLoadingIndicator": True,
+        "strictZSpacingForVolumeViewport": True,
+        "showErrorDetails": "never",
+        "maxNumRequests": {"interaction": 100, "thumbnail": 75, "prefetch": 25},
+        # The "investigational use" banner: pacsvault's deployment is the practice's call.
+        "investigationalUseDialog": {"option": "never"},
+        # No onboarding tour popping over the first image a doctor opens.
+        "customizationService": {"ohif.tours": {"$set": []}},
+        "defaultDataSourceName": "dicomweb",
+        "dataSources": [data_source],
+    }
+    return (
+        "/* Generated by pacsvault: OHIF configuration for this server. */\n"
+        f"window.config = {json.dumps(config, indent=1)};\n"
+        "window.config.httpErrorHandler = function (error) {\n"
+        "  if (error && error.status === 401) { window.pacsvaultSignIn(); }\n"
+        "};\n"
+        "window.pacsvaultSignIn = function () {\n"
+        "  var here = window.location.pathname + window.location.search;\n"
+        "  window.location.assign('/login?next=' + encodeURIComponent(here));\n"
+        "};\n"
+        "(function () {\n"
+        "  /* Any 401 from our server (the session ended): back to sign-in, then here. */\n"
+        "  var open = XMLHttpRequest.prototype.open;\n"
+        "  XMLHttpRequest.prototype.open = function () {\n"
+        "    this.addEventListener('load', function () {\n"
+        "      if (this.status === 401) { window.pacsvaultSignIn(); }\n"
+        "    });\n"
+        "    return open.apply(this, arguments);\n"
+        "  };\n"
+        "  var fetch0 = window.fetch;\n"
+        "  window.fetch = function () {\n"
+        "    return fetch0.apply(this, arguments).then(function (r) {\n"
+        "      if (r.status === 401) { window.pacsvaultSignIn(); }\n"
+        "      return r;\n"
+        "    });\n"
+        "  };\n"
+        f"  document.documentElement.lang = {json.dumps(locale)};\n"
+        "})();\n"
+    )
+
+
+def _locale(request: Request) -> str:
+    try:
+        from pacsvault.web.i18n import locale_for  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:  # pragma: no cover - until the catalogs land
+        accept = request.headers.get("accept-language", "").lower()
+        return "fr" if accept.startswith("fr") else "en"
+    return str(locale_for(request))
+
+
+def _principal(request: Request) -> Principal | None:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal
+
+
+def _next_url(request: Request) -> str:
+    target = request.url.path
+    if request.url.query:
+        target += "?" + request.url.query
+    return "/login?next=" + quote(target, safe="")
+
+
+def _elsewhere(principal: Principal) -> str:
+    """Where a signed-in user without the reader role belongs."""
+    if principal.has("admin"):
+        return "/admin/health"
+    if principal.has("auditor"):
+        return "/audit"
+    return "/account"
+
+
+def _not_installed(request: Request) -> Response:
+    return pages.error_response(
+        request.scope, 503,
+        "The image viewer is not installed on this server. Your IT provider can install "
+        "it with: pacsvault viewer install",
+    )
+
+
+def _index(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        return RedirectResponse(_next_url(request), status_code=303)
+    if not principal.has(READER_ROLE):
+        return RedirectResponse(_elsewhere(principal), status_code=303)
+    viewer = served(request)
+    if viewer is None:
+        return _not_installed(request)
+    response = Response(viewer.index, media_type="text/html; charset=utf-8",
+                        headers=viewer.headers)
+    # OHIF's language detector reads this cookie first (then the browser's languages).
+    response.set_cookie("i18next", _locale(request), path="/", secure=True,
+                        samesite="strict")
+    return response
+
+
+@router.get("/")
+def study_list(request: Request) -> Response:
+    return _index(request)
+
+
+@router.get("/app-config.js")
+def config_script(request: Request) -> Response:
+    principal = _principal(request)
+    if principal is None:
+        raise HTTPException(401, "authentication required")
+    return Response(app_config(_locale(request)), media_type="text/javascript",
+                    headers={"Cache-Control": "no-store"})
+
+
+def _asset(request: Request, viewer: ServedViewer, path: Path) -> Response:
+    media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
+    cache = ("private, max-age=31536000, immutable" if _CONTENT_HASHED.search(path.name)
+             else "private, max-age=3600")
+    headers = {"Cache-Control": cache, "Vary": "Accept-Encoding",
+               "Cross-Origin-Resource-Policy": "same-origin"}
+    if path.suffix in (".js", ".mjs"):
+        # Workers are documents of their own: they need the viewer's policy too.
+        headers["Content-Security-Policy"] = viewer.headers["Content-Security-Policy"]
+        headers["Cross-Origin-Embedder-Policy"] = "require-corp"
+    packed = path.with_name(path.name + ".gz")
+    if "gzip" in request.headers.get("accept-encoding", "") and packed.is_file():
+        headers["Content-Encoding"] = "gzip"
+        return FileResponse(packed, media_type=media_type, headers=headers)
+    return FileResponse(path, media_type=media_type, headers=headers)
+
+
+@router.get("/{path:path}")
+def viewer_files(request: Request, path: str) -> Response:
+    """OHIF's files, and its client-side routes (``/viewer`` ...). Registered last."""
+    principal = _principal(request)
+    last = path.rsplit("/", 1)[-1]
+    is_route = "." not in last
+    if principal is None:
+        if is_route:
+            return RedirectResponse(_next_url(request), status_code=303)
+        raise HTTPException(401, "authentication required")
+    if is_route:
+        return _index(request)
+    viewer = served(request)
+    if viewer is None:
+        raise HTTPException(404, "not found")
+    found = viewer.dist.file(path)
+    if found is None:
+        raise HTTPException(404, "not found")
+    return _asset(request, viewer, found)
