@@ -1,0 +1,2 @@
+"""pacsvault benchmarks: ``python -m bench compare`` (side by side with Orthanc), plus the
+older single-peer scripts ``bench/ingest.py`` and ``bench/query.py``."""

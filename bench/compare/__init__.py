@@ -1,0 +1,1 @@
+"""pacsvault vs Orthanc, side by side in one run: ``python -m bench compare``."""

@@ -1,0 +1,109 @@
+"""Processes: start/stop servers by PID, RSS sampling, tools, sizes, ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.ingest import dcmtk, free_port
+
+__all__ = ["DCMTK_ENV", "RssSampler", "Service", "dcmtk", "dir_size", "free_port",
+           "wait_port"]
+
+# Debian's dcmtk (and Orthanc, which is built on it) only disable Nagle when asked.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited rc {proc.returncode}; log {log}:\n"
+                               + log.read_text(errors="replace")[-3000:])
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s ({log})")
+
+
+class Service:
+    """A server process in its own session, stopped by its PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("ab") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class RssSampler:
+    """Peak resident memory of a process and its children, sampled every ``period`` s."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.pid, self.period, self.peak = pid, period, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        try:
+            proc = psutil.Process(self.pid)
+            total = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            return int(total)
+        except psutil.Error:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def dir_size(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of every regular file under ``path``."""
+    apparent = allocated = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(dirpath, name))
+                apparent += st.st_size
+                allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

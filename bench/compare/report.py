@@ -1,0 +1,119 @@
+"""Rows of figures -> JSON and a Markdown table (medians, min-max, ratio, share of a limit)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+SERVERS = ("pacsvault", "orthanc")
+LIMIT_LABELS = {
+    "disk_write_fsync_MBps": "disk write+fsync",
+    "loopback_tcp_MBps": "loopback TCP",
+    "small_files_fsync_per_s": "fsync'ed 512 kB files/s",
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+@dataclass
+class Row:
+    workload: str
+    metric: str  # e.g. "images/s", "MB/s", "p95 ms"
+    higher_is_better: bool
+    stat: str = "median"  # median | p50 | p95 | value
+    limit: str | None = None  # key of the limits dict
+    samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+    checks: dict[str, str] = field(default_factory=dict)  # server -> "ok ..." / "MISMATCH ..."
+
+    def value(self, server: str) -> float | None:
+        v = self.samples[server]
+        if not v:
+            return None
+        if self.stat == "p95":
+            return percentile(v, 95)
+        if self.stat == "p50":
+            return percentile(v, 50)
+        return float(statistics.median(v))
+
+    def ratio(self) -> float | None:
+        a, b = self.value("pacsvault"), self.value("orthanc")
+        return a / b if a is not None and b else None
+
+    def ahead(self) -> bool | None:
+        r = self.ratio()
+        if r is None:
+            return None
+        return r >= 1 if self.higher_is_better else r <= 1
+
+    def to_json(self, limits: dict[str, float]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "workload": self.workload, "metric": self.metric, "stat": self.stat,
+            "higher_is_better": self.higher_is_better, "ratio": self.ratio(),
+            "pacsvault_ahead": self.ahead(), "limit": self.limit, "checks": self.checks,
+        }
+        for s in SERVERS:
+            v = self.samples[s]
+            out[s] = {"value": self.value(s), "min": min(v) if v else None,
+                      "max": max(v) if v else None, "n": len(v), "samples": v}
+            if self.limit and self.value(s) is not None and limits.get(self.limit):
+                out[s]["fraction_of_limit"] = self.value(s) / limits[self.limit]  # type: ignore[operator]
+        return out
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _cell(row: Row, server: str) -> str:
+    v = row.samples[server]
+    if not v:
+        return "-"
+    if row.stat == "p95" or len(v) == 1:
+        return _num(row.value(server))
+    return f"{_num(row.value(server))} ({_num(min(v))}–{_num(max(v))})"
+
+
+def markdown(rows: list[Row], limits: dict[str, float]) -> str:
+    lines = [
+        "| workload | metric | pacsvault | Orthanc | ratio pv/Orthanc | pacsvault ahead | "
+        "pacsvault % of limit | Orthanc % of limit | limit |",
+        "|---|---|---:|---:|---:|:---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = r.ratio()
+        ahead = {True: "yes", False: "**no**", None: "-"}[r.ahead()]
+        fr = []
+        for s in SERVERS:
+            val, lim = r.value(s), limits.get(r.limit or "")
+            fr.append(f"{100 * val / lim:.0f} %" if val is not None and lim else "")
+        label = LIMIT_LABELS.get(r.limit or "", "")
+        if r.limit and r.limit in limits:
+            label += f" {_num(limits[r.limit])}"
+        lines.append(
+            f"| {r.workload} | {r.metric} | {_cell(r, 'pacsvault')} | {_cell(r, 'orthanc')} | "
+            f"{_num(ratio) if ratio is not None else '-'} | {ahead} | {fr[0]} | {fr[1]} | "
+            f"{label} |")
+    return "\n".join(lines)
+
+
+def limits_markdown(limits: dict[str, float]) -> str:
+    return "\n".join([
+        "| physical limit (same run) | value |", "|---|---:|",
+        f"| sequential disk write, fsync'ed | {limits['disk_write_fsync_MBps']:.0f} MB/s |",
+        f"| 512 kB files written, fsync'ed, renamed | {limits['small_files_fsync_per_s']:.0f}"
+        " files/s |",
+        f"| AES-256-GCM (`cryptography`, one core) | {limits['aes_256_gcm_1core_MBps']:.0f} MB/s |",
+        f"| loopback TCP, one stream | {limits['loopback_tcp_MBps']:.0f} MB/s |",
+    ])
