@@ -414,6 +414,10 @@ def _finish(
         if count is not None:
             ds.NumberOfSeriesRelatedInstances = count
     out: dict[str, Any] = ds.to_json_dict()
+    if "Value" not in out.get("00080061", {"Value": True}):
+        # A study whose objects carry no Modality: leave the attribute out rather than
+        # send it empty, which OHIF's study list cannot read (the whole list fails).
+        del out["00080061"]
     if query.include_all:
         uid = {"STUDY": study_uid, "SERIES": series_uid, "IMAGE": sop_uid}[query.level]
         for tag_hex, entry in lookups.meta(query.level, uid).items():
