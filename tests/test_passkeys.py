@@ -166,7 +166,7 @@ def test_register_then_sign_in_with_a_passkey(web: LocalWeb) -> None:
         done = json_post(browser, "/login/passkey/verify", csrf,
                          {"credential": key.get(opts, origin_of(web))})
         assert done.status_code == 200, done.text
-        assert done.json() == {"ok": True, "next": "/account"}
+        assert done.json() == {"ok": True, "next": "/"}
         assert session_id(done) != pending  # a new session id once signed in
         account = browser.get("/account")
         assert account.status_code == 200 and "paula" in account.text
@@ -218,7 +218,7 @@ def test_replay_lower_count_and_wrong_origin_are_refused(web: LocalWeb) -> None:
         page = browser.get("/login/second-factor")
         done = browser.post("/login/second-factor", data={"csrf": csrf_of(page.text),
                                                           "code": app.code()})
-        assert done.status_code == 303 and done.headers["location"] == "/account"
+        assert done.status_code == 303 and done.headers["location"] == "/"
 
     failures = [r.detail["reason"] for r in events(web, "quentin", "auth.login.failed")]
     assert failures == ["no-passkey-challenge", "bad-passkey-assertion",

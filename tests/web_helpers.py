@@ -153,7 +153,7 @@ def sign_in(browser: httpx.Client, name: str, password: str,
         page = browser.get("/login/second-factor")
         done = browser.post("/login/second-factor", data={"csrf": csrf_of(page.text),
                                                           "code": authenticator.code()})
-        assert done.status_code == 303 and done.headers["location"] == "/account", \
+        assert done.status_code == 303 and done.headers["location"] == "/", \
             (done.status_code, done.text)
     return SignIn(authenticator, codes, session_id(done))
 

@@ -194,9 +194,22 @@ class Passkey(Base):
     last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
+class UserPreference(Base):
+    """A user's own settings for the web pages (for now the language: "fr", "en"; no row
+    means "as the browser asks"). A table of its own rather than columns on ``users``:
+    vaults have no migrations, and ``create_all`` adds a missing table, never a column."""
+
+    __tablename__ = "user_preferences"
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk"), unique=True)
+    language: Mapped[str] = mapped_column(String(8), default="")
+    updated: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 ACCOUNT_TABLES: tuple[Table, ...] = tuple(
     cast(Table, model.__table__)
-    for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt, Passkey)
+    for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt, Passkey,
+                  UserPreference)
 )
 
 

@@ -26,7 +26,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -49,8 +49,9 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
+from pacsvault.accounts import totp as totp_mod
 from pacsvault.accounts.models import Passkey, User
-from pacsvault.accounts.service import AccountError, Accounts, AuthResult
+from pacsvault.accounts.service import AccountError, Accounts, AuthOutcome, AuthResult
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 
 CHALLENGE_LIFETIME = dt.timedelta(minutes=5)
@@ -176,17 +177,27 @@ class Passkeys:
     def _register_key(user: str) -> bytes:
         return b"register:" + user.encode()
 
+    @staticmethod
+    def _enrol_key(ticket: str) -> bytes:
+        return b"enrol:" + hashlib.sha256(ticket.encode()).digest()
+
     # --- registration (a signed-in user) ------------------------------------------------
 
-    def registration_options(self, user_name: str, rp: RelyingParty) -> str:
-        """``PublicKeyCredentialCreationOptions`` (JSON) for ``navigator.credentials.create``."""
+    def registration_options(self, user_name: str, rp: RelyingParty, *,
+                             ticket: str = "") -> str:
+        """``PublicKeyCredentialCreationOptions`` (JSON) for ``navigator.credentials.create``.
+
+        With ``ticket``: the challenge belongs to that pending sign-in (first-sign-in
+        enrolment, see ``verify_enrolment``) rather than to the signed-in user.
+        """
         with self.accounts._sessions() as s:
             user = self.accounts._require(s, user_name)
             existing = list(s.scalars(select(Passkey).where(Passkey.user_pk == user.pk)))
             if len(existing) >= MAX_PASSKEYS:
                 raise PasskeyError(f"at most {MAX_PASSKEYS} passkeys per account")
             user_pk, name = user.pk, user.name
-        challenge = self._put(self._register_key(name), user_pk, rp)
+        key = self._enrol_key(ticket) if ticket else self._register_key(name)
+        challenge = self._put(key, user_pk, rp)
         options = generate_registration_options(
             rp_id=rp.id, rp_name=self.rp_name, user_name=name, user_display_name=name,
             user_id=hashlib.sha256(b"pacsvault-user:%d" % user_pk).digest(),
@@ -233,6 +244,78 @@ class Passkeys:
             info = PasskeyInfo(_key_id(row.credential_id), row.label, row.created, None)
             self._event("auth.passkey.added", norm, address, info.key_id)
         return info
+
+    # --- enrolment (first sign-in: a passkey instead of the authenticator app) ----------
+
+    def enrolment_options(self, ticket: str, address: str, rp: RelyingParty) -> str:
+        """Registration options for the user of a pending sign-in who has no second factor
+        yet (refused otherwise: a password alone never adds a factor to an enrolled
+        account)."""
+        name = self.accounts.pending_user(ticket, address)
+        if not name:
+            raise PasskeyError("the sign-in has expired; sign in again")
+        with self.accounts._sessions() as s:
+            user = self.accounts._require(s, name)
+            if _has_second_factor(s, user):
+                raise PasskeyError("a second factor is already enrolled for this account")
+        return self.registration_options(name, rp, ticket=ticket)
+
+    def verify_enrolment(self, ticket: str, address: str, rp: RelyingParty, credential: str,
+                         label: str = "") -> AuthResult:
+        """Check the browser's answer to ``enrolment_options``: the passkey becomes the
+        account's second factor, recovery codes are issued (``recovery_codes``, shown once)
+        and the sign-in completes (``auth.login`` with factor ``passkey``), exactly as a
+        first TOTP code does. Failures count like a wrong code (same ticket, throttling)."""
+        found = self._take(self._enrol_key(ticket), rp)
+        verified = None
+        if found is not None:
+            try:
+                verified = verify_registration_response(
+                    credential=credential, expected_challenge=found.challenge,
+                    expected_rp_id=rp.id, expected_origin=rp.origin)
+            except (WebAuthnException, ValueError, KeyError, TypeError):
+                verified = None
+        transports = _registration_transports(credential)
+        label = " ".join(label.split())[:MAX_LABEL] or "passkey"
+        now = self._now()
+        issued: list[str] = []
+        added: list[str] = []
+
+        def check(s: Session, user: User) -> str:
+            issued.clear()
+            added.clear()
+            if found is None or found.user_pk != user.pk:
+                return "no-passkey-challenge"
+            if verified is None:
+                return "bad-passkey-registration"
+            if _has_second_factor(s, user):
+                return "already-enrolled"
+            if s.scalar(select(Passkey).where(
+                    Passkey.credential_id == verified.credential_id)) is not None:
+                return "passkey-already-registered"
+            row = Passkey(user_pk=user.pk, credential_id=verified.credential_id,
+                          public_key=verified.credential_public_key,
+                          sign_count=verified.sign_count, transports=transports,
+                          label=label, created=now, last_used=now)
+            s.add(row)
+            if user.totp is not None:  # the QR code shown but never confirmed
+                s.delete(user.totp)
+            s.flush()
+            added.append(_key_id(row.credential_id))
+            issued.extend(totp_mod.issue_recovery_codes(
+                s, user, self.accounts.recovery_hasher, now))
+            return ""
+
+        result = self.accounts.verify_other_factor(ticket, address, FACTOR, check)
+        if result.outcome is not AuthOutcome.SUCCESS:
+            return result
+        self._event("auth.passkey.added", result.user, address, added[0])
+        self.accounts._recorder.emit(AuditEvent(
+            action="auth.second_factor.enrolled", outcome=Outcome.SUCCESS,
+            code=EventCode.USER_AUTHENTICATION, actor_user=result.user, actor_address=address,
+            detail={"factor": FACTOR, "recovery_codes": len(issued)}, time=self._now(),
+        ))
+        return replace(result, recovery_codes=tuple(issued), passkey_enrolled=True)
 
     def list_passkeys(self, user_name: str) -> list[PasskeyInfo]:
         with self.accounts._sessions() as s:
@@ -322,6 +405,12 @@ class Passkeys:
             return ""
 
         return self.accounts.verify_other_factor(ticket, address, FACTOR, check)
+
+
+def _has_second_factor(s: Session, user: User) -> bool:
+    if user.totp is not None and user.totp.confirmed:
+        return True
+    return s.scalar(select(Passkey.pk).where(Passkey.user_pk == user.pk).limit(1)) is not None
 
 
 def _registration_transports(credential: str) -> str:

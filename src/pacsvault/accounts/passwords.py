@@ -154,6 +154,9 @@ class PasswordCheck:
     bits: float
     required_bits: float
     problems: tuple[str, ...]
+    # One code per problem, in the same order, for callers that word them themselves (the
+    # web pages translate them): too-long, control, weak, common, walk, user-name.
+    codes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -166,23 +169,29 @@ def check_password(password: str, *, user_name: str = "", throttled: bool = True
     pw = normalise(password)
     bits = entropy_bits(pw)
     problems: list[str] = []
+    codes: list[str] = []
+
+    def problem(code: str, text: str) -> None:
+        codes.append(code)
+        problems.append(text)
+
     if len(pw) > MAX_LENGTH:
-        problems.append(f"the password is longer than {MAX_LENGTH} characters")
+        problem("too-long", f"the password is longer than {MAX_LENGTH} characters")
     if any(unicodedata.category(ch) == "Cc" for ch in pw):
-        problems.append("the password contains control characters")
+        problem("control", "the password contains control characters")
     if bits < required:
-        problems.append(
-            f"the password is too weak ({bits:.0f} bits, {required:.0f} needed): make it "
-            "longer; a phrase of several words is easiest to remember"
-        )
+        problem("weak",
+                f"the password is too weak ({bits:.0f} bits, {required:.0f} needed): make it "
+                "longer; a phrase of several words is easiest to remember")
     if is_common(pw):
-        problems.append("the password is one of the most common passwords (or a variant)")
+        problem("common", "the password is one of the most common passwords (or a variant)")
     elif is_walk(pw):
-        problems.append("the password is a keyboard or alphabet sequence")
+        problem("walk", "the password is a keyboard or alphabet sequence")
     name = user_name.casefold()
     if len(name) >= 3 and name in pw.casefold():
-        problems.append("the password contains the user name")
-    return PasswordCheck(bits=bits, required_bits=required, problems=tuple(problems))
+        problem("user-name", "the password contains the user name")
+    return PasswordCheck(bits=bits, required_bits=required, problems=tuple(problems),
+                         codes=tuple(codes))
 
 
 # --- hashing -------------------------------------------------------------------------------

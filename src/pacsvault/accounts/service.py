@@ -143,6 +143,7 @@ class AuthResult:
     retry_after: float = 0.0
     ticket: str = ""
     totp_enrolled: bool = False
+    passkey_enrolled: bool = False  # a passkey is registered (the other second factor)
     user: str = ""
     roles: frozenset[str] = frozenset()
     recovery_codes: tuple[str, ...] = ()  # after enrolment: show once
@@ -168,6 +169,16 @@ class UserInfo:
     created: dt.datetime
     password_changed: dt.datetime
     last_login: dt.datetime | None
+    passkeys: int = 0
+
+    @property
+    def second_factor_enrolled(self) -> bool:
+        return self.totp_enrolled or self.passkeys > 0
+
+
+def _passkey_count(session: Session, user: User) -> int:
+    return session.scalar(select(func.count(Passkey.pk))
+                          .where(Passkey.user_pk == user.pk)) or 0
 
 
 @dataclass(frozen=True)
@@ -337,6 +348,7 @@ class Accounts:
             locked=locked, totp_enrolled=bool(user.totp and user.totp.confirmed),
             recovery_codes_left=left, created=user.created,
             password_changed=user.password_changed, last_login=user.last_login,
+            passkeys=_passkey_count(session, user),
         )
 
     # --- administration -----------------------------------------------------------------
@@ -470,9 +482,10 @@ class Accounts:
             if passwords.needs_rehash(self.hasher, user.password_hash):
                 user.password_hash = passwords.hash_password(self.hasher, password)
             enrolled = bool(user.totp and user.totp.confirmed)
+            passkey = _passkey_count(s, user) > 0
             ticket = self._new_ticket(user, address)
         return AuthResult(AuthOutcome.NEEDS_SECOND_FACTOR, ticket=ticket,
-                          totp_enrolled=enrolled)
+                          totp_enrolled=enrolled, passkey_enrolled=passkey)
 
     def _new_ticket(self, user: User, address: str) -> str:
         ticket = secrets.token_urlsafe(32)
@@ -521,7 +534,7 @@ class Accounts:
             if user is None or user.disabled:
                 raise AccountError("the sign-in has expired; sign in again")
             row = user.totp
-            if row is not None and row.confirmed:
+            if (row is not None and row.confirmed) or _passkey_count(s, user) > 0:
                 raise AccountError("a second factor is already enrolled for this account")
             if row is None or renew:
                 secret = totp_mod.new_secret()
@@ -565,14 +578,19 @@ class Accounts:
             row = user.totp
             now = self._now()
             factor, reason, left = "totp", "", None
+            # Recovery codes stand in for whichever second factor is enrolled (TOTP or a
+            # passkey chosen at enrolment instead).
+            enrolled = bool(row is not None and row.confirmed) or _passkey_count(s, user) > 0
             if user.disabled:
                 reason = "disabled"
-            elif row is None:
-                reason = "not-enrolled"
             elif totp_mod.looks_like_totp(code):
-                check = totp_mod.verify_totp(s, row, self._key, code, now)
-                reason = check.reason
-            elif row.confirmed:
+                if row is None or (not row.confirmed and enrolled):
+                    # a pending QR code never becomes a factor once a passkey is enrolled
+                    reason = "not-enrolled"
+                else:
+                    check = totp_mod.verify_totp(s, row, self._key, code, now)
+                    reason = check.reason
+            elif enrolled:
                 factor = "recovery"
                 if totp_mod.use_recovery_code(s, user, self.recovery_hasher, code, now):
                     left = totp_mod.remaining_recovery_codes(s, user)
@@ -586,10 +604,10 @@ class Accounts:
                 if decision.verdict is Verdict.LOCKED:
                     self.cancel(ticket)
                 return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
-            assert row is not None
             codes: tuple[str, ...] = ()
-            enrolled_now = not row.confirmed
+            enrolled_now = factor == "totp" and row is not None and not row.confirmed
             if enrolled_now:
+                assert row is not None
                 row.confirmed = True
                 codes = tuple(totp_mod.issue_recovery_codes(s, user, self.recovery_hasher, now))
             self.throttle.success(s, user, address, factor=factor)
@@ -661,7 +679,8 @@ class Accounts:
         """Replace a user's recovery codes (the old ones stop working); show them once."""
         with self._transaction() as s:
             user = self._require(s, name)
-            if user.totp is None or not user.totp.confirmed:
+            if not (user.totp is not None and user.totp.confirmed) and \
+                    _passkey_count(s, user) == 0:
                 raise AccountError("this user has no second factor enrolled yet")
             codes = totp_mod.issue_recovery_codes(s, user, self.recovery_hasher, self._now())
             norm = user.name

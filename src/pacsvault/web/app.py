@@ -15,7 +15,17 @@ from starlette.responses import Response
 from pacsvault.accounts.passkeys import Passkeys, certificate_names
 from pacsvault.accounts.service import Accounts
 from pacsvault.vault import Vault
-from pacsvault.web import audit_page, dicomweb, pages, passkey_routes, security, ui, viewer
+from pacsvault.web import (
+    admin_health,
+    admin_nodes,
+    audit_page,
+    dicomweb,
+    pages,
+    passkey_routes,
+    security,
+    ui,
+    viewer,
+)
 
 
 def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
@@ -34,6 +44,8 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(ui.router)
     app.include_router(passkey_routes.router)
     app.include_router(audit_page.router)
+    app.include_router(admin_nodes.router)
+    app.include_router(admin_health.router)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)

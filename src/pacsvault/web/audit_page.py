@@ -18,8 +18,8 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.query import AuditFilter, select_records
 from pacsvault.audit.trail import Record
 from pacsvault.web.deps import client_address
+from pacsvault.web.i18n import gettext
 from pacsvault.web.principal import Principal
-from pacsvault.web.strings import EN
 from pacsvault.web.ui import PageRole, _page, _vault
 
 router = APIRouter()
@@ -51,7 +51,8 @@ def _audit_page(request: Request, values: dict[str, str], records: list[Record],
                 status: int = 200, message: str = "") -> Response:
     rows = [_row(r) for r in reversed(records[-SHOWN:])]
     return _page(request, "audit.html", status, values=values, rows=rows,
-                 total=len(records), shown=len(rows), message=message)
+                 total=len(records), shown=len(rows), message=message, nav="audit",
+                 field_errors={"since": message} if message else {})
 
 
 @router.get("/audit")
@@ -71,7 +72,9 @@ def audit_search(request: Request, principal: AuditorPage, patient: FormField = 
     try:
         start, end = _when(values["since"]), _when(values["until"])
     except ValueError:
-        return _audit_page(request, values, [], 400, EN["audit_bad_date"])
+        _ = gettext(request)
+        return _audit_page(request, values, [], 400, _(
+            "Dates must be ISO dates, such as 2024-01-31 or 2024-01-31T08:00."))
     flt = AuditFilter(patient=values["patient"] or None, study=values["study"] or None,
                       user=values["user"] or None, node=values["node"] or None,
                       action=values["action"] or None, since=start, until=end)

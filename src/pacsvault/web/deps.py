@@ -16,10 +16,12 @@ from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.web.i18n import N_
 from pacsvault.web.principal import Principal
 
 BEARER = "bearer "
 ADMIN = "admin"
+TOKENS_DICOMWEB_ONLY = N_("API tokens are accepted on DICOMweb routes only.")
 
 
 def client_address(request: Request) -> str:
@@ -41,23 +43,23 @@ class RoleRequirement:
         address = client_address(request)
         if self.role == ADMIN and not request.app.state.vault.settings.is_trusted(address):
             await run_in_threadpool(_emit_outside, request, address)
-            raise HTTPException(403, "administration is only available from the practice "
-                                "network")
+            raise HTTPException(403, N_("Administration is only available from the "
+                                   "practice network."))
         principal: Principal | None = getattr(request.state, "principal", None)
         header = request.headers.get("authorization", "")
         if principal is None and header.lower().startswith(BEARER):
             if not self.allow_token:
-                raise HTTPException(401, "tokens are accepted on DICOMweb routes only")
+                raise HTTPException(401, TOKENS_DICOMWEB_ONLY)
             principal = await run_in_threadpool(
                 _from_token, request, header[len(BEARER):].strip()
             )
         if principal is None:
-            raise HTTPException(401, "authentication required",
+            raise HTTPException(401, N_("Please sign in."),
                                 headers={"WWW-Authenticate": "Bearer"})
         if principal.via_token and not self.allow_token:
-            raise HTTPException(401, "tokens are accepted on DICOMweb routes only")
+            raise HTTPException(401, TOKENS_DICOMWEB_ONLY)
         if self.role is not None and not principal.has(self.role):
-            raise HTTPException(403, "not allowed for your role")
+            raise HTTPException(403, N_("Your role does not allow this."))
         request.state.principal = principal
         return principal
 

@@ -5,7 +5,11 @@ need no role, the ticket is the credential):
 
 * ``POST /login/passkey/options``: request options for the ticket's user;
 * ``POST /login/passkey/verify``: the assertion; success moves the browser to a new,
-  signed-in session id exactly as a TOTP code does (``auth.login`` by ``Accounts``).
+  signed-in session id exactly as a TOTP code does (``auth.login`` by ``Accounts``);
+* ``POST /login/enrol/passkey/options`` and ``/verify``: at first sign-in, a passkey
+  instead of the authenticator app (only for an account with no second factor yet); the
+  recovery codes it earns are kept in the new session and shown once by
+  ``GET /login/recovery-codes``, where ``verify`` sends the browser.
 
 The signed-in user's own passkeys (``require_role(None)``): ``POST /account/passkeys/options``,
 ``POST /account/passkeys/verify`` (JSON), ``POST /account/passkeys/remove`` (a form).
@@ -26,13 +30,19 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from pacsvault.accounts.passkeys import PasskeyError, Passkeys, RelyingParty, relying_party
+from pacsvault.accounts.passkeys import (
+    MAX_PASSKEYS,
+    PasskeyError,
+    Passkeys,
+    RelyingParty,
+    relying_party,
+)
 from pacsvault.accounts.service import AuthOutcome, AuthResult
-from pacsvault.web import ui
+from pacsvault.web import i18n, ui
 from pacsvault.web.deps import client_address, require_role
+from pacsvault.web.i18n import N_
 from pacsvault.web.principal import Principal
-from pacsvault.web.sessions import Stage, WebSession, account_state
-from pacsvault.web.strings import EN
+from pacsvault.web.sessions import Stage, WebSession
 
 router = APIRouter()
 
@@ -84,8 +94,27 @@ def _pending(request: Request) -> WebSession | None:
     return session
 
 
-def _expired() -> JSONResponse:
-    return _error(401, EN["sign_in_expired"], next=ui.LOGIN)
+PASSKEY_REFUSED = N_("The passkey could not be used.")
+
+
+def _expired(request: Request) -> JSONResponse:
+    return _error(401, i18n.gettext(request)(ui.SIGN_IN_EXPIRED), next=ui.LOGIN)
+
+
+def _refused_passkey(request: Request, exc: PasskeyError | None = None) -> JSONResponse:
+    """400 with a translated sentence (``PasskeyError`` texts are English)."""
+    _ = i18n.gettext(request)
+    text = str(exc) if exc is not None else ""
+    if "at most" in text:
+        message = _("An account can have at most {count} passkeys.").format(
+            count=MAX_PASSKEYS)
+    elif "expired" in text:
+        message = _("The passkey request has expired: try again.")
+    elif "already registered" in text:
+        message = _("This passkey is already registered.")
+    else:
+        message = _(PASSKEY_REFUSED)
+    return _error(400, message)
 
 
 # --- sign-in ----------------------------------------------------------------------------
@@ -95,20 +124,20 @@ def _expired() -> JSONResponse:
 def login_options(request: Request) -> Response:
     session = _pending(request)
     if session is None:
-        return _expired()
+        return _expired(request)
     try:
         rp = _rp(request)
         return _options(_passkeys(request).authentication_options(
             session.ticket, client_address(request), rp))
     except PasskeyError:
-        return _error(400, EN["passkey_refused"])
+        return _refused_passkey(request)
 
 
 @router.post("/login/passkey/verify")
 async def login_verify(request: Request) -> Response:
     session = _pending(request)
     if session is None:
-        return _expired()
+        return _expired(request)
     credential = _credential(await _body(request))
     return await run_in_threadpool(_login_verify, request, session, credential)
 
@@ -118,36 +147,78 @@ def _login_verify(request: Request, session: WebSession, credential: str) -> Res
     try:
         rp = _rp(request)
     except PasskeyError:
-        return _error(400, EN["passkey_refused"])
+        return _refused_passkey(request)
     result = _passkeys(request).verify_authentication(session.ticket, address, rp, credential)
     if result.outcome is AuthOutcome.SUCCESS:
         return _signed_in(request, session, result)
-    return _refused(result)
+    return _refused(request, result)
 
 
-def _refused(result: AuthResult) -> JSONResponse:
+def _refused(request: Request, result: AuthResult) -> JSONResponse:
+    _ = i18n.gettext(request)
     if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or ui._locked(result):
-        message, retry = ui._throttle_message(result)
+        message, retry = ui._throttle_message(result, _)
         extra = {"next": ui.LOGIN} if ui._locked(result) else {}
         return _error(429, message, {"Retry-After": str(retry)}, **extra)
-    message = EN["login_failed"]
+    message = _(ui.LOGIN_FAILED)
     headers: dict[str, str] = {}
     if result.decision is not None and not result.decision.allowed:
-        wait, retry = ui._throttle_message(result)
+        wait, retry = ui._throttle_message(result, _)
         message = f"{message} {wait}"
         headers["Retry-After"] = str(math.ceil(retry))
     return _error(401, message, headers)
 
 
 def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:
-    """As ``ui._signed_in``: a new session id for the signed-in session."""
-    address = client_address(request)
-    state = account_state(ui._vault(request), result.user)
-    session_id, _ = ui._store(request).rotate(
-        pending, Stage.SIGNED_IN, address, user=result.user,
-        password_changed=state.password_changed if state else None)
-    response = JSONResponse({"ok": True, "next": ui.HOME})
+    """As ``ui._signed_in``: a new session id for the signed-in session; the script goes
+    where the browser was going (or to the recovery codes of a passkey enrolment)."""
+    session_id, session = ui.signed_in_session(request, pending, result)
+    target = session.next or ui.HOME
+    if result.recovery_codes:
+        session.fresh_codes = result.recovery_codes
+        target = "/login/recovery-codes"
+    response = JSONResponse({"ok": True, "next": target})
     return ui._set_cookie(response, session_id)
+
+
+# --- first sign-in: a passkey as the second factor -----------------------------------------
+
+
+@router.post("/login/enrol/passkey/options")
+def enrol_options(request: Request) -> Response:
+    session = _pending(request)
+    if session is None or session.enrolled:
+        return _expired(request)
+    try:
+        rp = _rp(request)
+        return _options(_passkeys(request).enrolment_options(
+            session.ticket, client_address(request), rp))
+    except PasskeyError:
+        return _refused_passkey(request)
+
+
+@router.post("/login/enrol/passkey/verify")
+async def enrol_verify(request: Request) -> Response:
+    session = _pending(request)
+    if session is None or session.enrolled:
+        return _expired(request)
+    body = await _body(request)
+    label = body.get("label", "") if body is not None else ""
+    return await run_in_threadpool(_enrol_verify, request, session, _credential(body),
+                                   label if isinstance(label, str) else "")
+
+
+def _enrol_verify(request: Request, session: WebSession, credential: str,
+                  label: str) -> Response:
+    try:
+        rp = _rp(request)
+    except PasskeyError:
+        return _refused_passkey(request)
+    result = _passkeys(request).verify_enrolment(session.ticket, client_address(request), rp,
+                                                 credential, label)
+    if result.outcome is AuthOutcome.SUCCESS:
+        return _signed_in(request, session, result)
+    return _refused(request, result)
 
 
 # --- the signed-in user's passkeys ------------------------------------------------------
@@ -158,7 +229,7 @@ def account_options(request: Request, principal: SignedInApi) -> Response:
     try:
         return _options(_passkeys(request).registration_options(principal.user, _rp(request)))
     except PasskeyError as exc:
-        return _error(400, str(exc))
+        return _refused_passkey(request, exc)
 
 
 @router.post("/account/passkeys/verify")
@@ -177,13 +248,14 @@ def _account_verify(request: Request, principal: Principal, credential: str,
             principal.user, _rp(request), credential, label,
             address=client_address(request))
     except PasskeyError as exc:
-        return _error(400, str(exc))
-    return JSONResponse({"ok": True, "passkey": info.key_id, "next": ui.HOME})
+        return _refused_passkey(request, exc)
+    return JSONResponse({"ok": True, "passkey": info.key_id, "next": ui.ACCOUNT})
 
 
 @router.post("/account/passkeys/remove")
 def account_remove(request: Request, principal: SignedInPage,
                    key: Annotated[str, Form(max_length=64)] = "") -> Response:
     if not _passkeys(request).remove(principal.user, key, address=client_address(request)):
-        return ui._account_page(request, principal, 404, EN["passkey_refused"])
-    return ui._redirect(f"{ui.HOME}?notice=passkey")
+        return ui._account_page(request, principal, 404,
+                                i18n.gettext(request)(PASSKEY_REFUSED))
+    return ui._redirect(f"{ui.ACCOUNT}?notice=passkey")

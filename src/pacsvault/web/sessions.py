@@ -44,13 +44,14 @@ from starlette.requests import cookie_parser
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pacsvault.accounts.models import User
+from pacsvault.accounts import preferences
+from pacsvault.accounts.models import User, UserPreference
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
 from pacsvault.web import csrf
+from pacsvault.web.i18n import N_
 from pacsvault.web.pages import error_response
 from pacsvault.web.principal import Principal
-from pacsvault.web.strings import EN
 
 COOKIE = "__Host-pvsession"
 ID_BYTES = 32
@@ -58,6 +59,7 @@ PRE_AUTH_LIFETIME = dt.timedelta(minutes=10)
 MAX_PRE_AUTH = 10_000
 
 Clock = Callable[[], dt.datetime]
+FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
 
 
 class Stage(enum.Enum):
@@ -76,8 +78,13 @@ class WebSession:
     address: str
     user: str = ""
     ticket: str = field(default="", repr=False)  # PENDING: the Accounts ticket
-    enrolled: bool = False  # PENDING: the user already has a confirmed TOTP
+    enrolled: bool = False  # PENDING: the user already has a second factor
     password_changed: dt.datetime | None = None  # SIGNED_IN: as it was at sign-in
+    # Where the browser was going when it was sent to sign in (a same-origin path, checked
+    # by ``ui.safe_next``); carried from step to step, used once signed in.
+    next: str = ""
+    # SIGNED_IN, right after a passkey enrolment: the recovery codes to show once.
+    fresh_codes: tuple[str, ...] = field(default=(), repr=False)
 
 
 def _key(session_id: str) -> bytes:
@@ -111,14 +118,14 @@ class SessionStore:
 
     def create(self, stage: Stage, address: str, *, user: str = "", ticket: str = "",
                enrolled: bool = False, password_changed: dt.datetime | None = None,
-               ) -> tuple[str, WebSession]:
+               next: str = "") -> tuple[str, WebSession]:
         """A new session with a fresh id and CSRF token; returns (cookie value, session)."""
         session_id = secrets.token_urlsafe(ID_BYTES)
         now = self.clock()
         session = WebSession(key=_key(session_id), stage=stage, csrf=csrf.new_token(),
                              created=now, last_seen=now, address=address, user=user,
                              ticket=ticket, enrolled=enrolled,
-                             password_changed=password_changed)
+                             password_changed=password_changed, next=next)
         with self._lock:
             if stage is Stage.SIGNED_IN:
                 self._signed[session.key] = session
@@ -166,11 +173,13 @@ class SessionStore:
     def rotate(self, old: WebSession | None, stage: Stage, address: str, *, user: str = "",
                ticket: str = "", enrolled: bool = False,
                password_changed: dt.datetime | None = None) -> tuple[str, WebSession]:
-        """Replace ``old`` (if any) by a new session under a new id."""
+        """Replace ``old`` (if any) by a new session under a new id (keeping where the
+        browser was going)."""
         if old is not None:
             self.drop(old)
         return self.create(stage, address, user=user, ticket=ticket, enrolled=enrolled,
-                           password_changed=password_changed)
+                           password_changed=password_changed,
+                           next=old.next if old is not None else "")
 
     def drop_user(self, user: str, *, keep: WebSession | None = None) -> int:
         """End every signed-in session of ``user`` (except ``keep``); returns how many."""
@@ -210,17 +219,22 @@ class AccountState:
     disabled: bool
     roles: frozenset[str]
     password_changed: dt.datetime
+    language: str = ""  # the user's choice on the account page ("" = the browser's)
 
 
 def account_state(vault: Vault, user: str) -> AccountState | None:
-    """The parts of a user's row that decide whether a session may go on."""
+    """The parts of a user's row that decide whether a session may go on, and the user's
+    language (one query per request)."""
+    preferences.ensure_table(vault.engine)
     with vault.sessions() as s:
-        row = s.execute(select(User.disabled, User.roles, User.password_changed)
+        row = s.execute(select(User.disabled, User.roles, User.password_changed,
+                               UserPreference.language)
+                        .outerjoin(UserPreference, UserPreference.user_pk == User.pk)
                         .where(User.name == user)).one_or_none()
     if row is None:
         return None
     return AccountState(bool(row[0]), frozenset(r for r in str(row[1]).split(",") if r),
-                        row[2])
+                        row[2], str(row[3] or ""))
 
 
 def _client(scope: Scope) -> str:
@@ -264,6 +278,7 @@ class SessionMiddleware:
             else:
                 state["principal"] = Principal(user=session.user, roles=account.roles,
                                                via_token=False, address=address)
+                state["language"] = account.language
         if session is not None:
             state["web_session"] = session
             if csrf.is_unsafe(scope):
@@ -275,7 +290,7 @@ class SessionMiddleware:
                 if not csrf.matches(session.csrf, token):
                     await run_in_threadpool(_emit_csrf, vault, session, address,
                                             str(scope.get("path", "")), bool(token))
-                    await _refuse(scope, receive, send, 403, EN["form_expired"])
+                    await _refuse(scope, receive, send, 403, FORM_EXPIRED)
                     return
         await self.app(scope, receive, send)
 

@@ -4,14 +4,21 @@ Sign-in is the two steps of ``Accounts`` (see its docstring), each behind its ow
 each moving the browser to a new session id (``sessions``):
 
 ``GET /login`` (anonymous session: a CSRF token for the form) → ``POST /login`` (password)
-→ ``/login/enrol`` (first sign-in: QR code, then a code confirms it and the recovery codes
-are shown once) or ``/login/second-factor`` (TOTP or recovery code) → signed in.
+→ ``/login/enrol`` (first sign-in: an authenticator app's QR code, or a passkey; then the
+recovery codes are shown once) or ``/login/second-factor`` (TOTP, passkey or recovery
+code) → signed in, and back where the browser was going: a page that needs a session
+sends a browser to ``/login?next=<path?query>``; ``next`` (a same-origin path only,
+``safe_next``) rides in the session through both steps. The default is ``/``, the study
+list (the viewer, ``web/viewer.py``).
 
 Every refusal is generic ("wrong user name, password or code"; "too many attempts, try
 again in N seconds" with HTTP 429 and ``Retry-After``); the details go to the trail through
 ``Accounts``. Every page and form route declares who may use it (``PageRole``, a
 ``deps.RoleRequirement``); the only routes without one are the sign-in steps themselves,
-``/`` (a redirect) and the style sheet, and the route inventory test lists them.
+the language switch and the static files, and the route inventory test lists them.
+
+Every sentence shown is English in the code, marked for translation (``_``/``N_``, see
+``i18n``) and translated for the request's language.
 
 Routes are plain functions: FastAPI runs them in its thread pool, where the slow password
 hash and the trail's fsync belong.
@@ -24,6 +31,7 @@ import json
 import math
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -31,6 +39,7 @@ from markupsafe import Markup
 from starlette.responses import Response
 
 from pacsvault import __version__
+from pacsvault.accounts import preferences
 from pacsvault.accounts.models import ROLES
 from pacsvault.accounts.passwords import generate_password
 from pacsvault.accounts.service import (
@@ -39,13 +48,15 @@ from pacsvault.accounts.service import (
     AuthOutcome,
     AuthResult,
     PasswordRejected,
+    check_name,
     normalise_name,
 )
 from pacsvault.accounts.throttle import Verdict
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
-from pacsvault.web import pages
+from pacsvault.web import i18n, pages
 from pacsvault.web.deps import RoleRequirement, client_address, require_role
+from pacsvault.web.i18n import N_, Gettext
 from pacsvault.web.principal import Principal
 from pacsvault.web.sessions import (
     SessionStore,
@@ -55,34 +66,71 @@ from pacsvault.web.sessions import (
     clear_cookie_header,
     cookie_header,
 )
-from pacsvault.web.strings import EN
 
 router = APIRouter()
 
 LOGIN = "/login"
-HOME = "/account"
+HOME = "/"  # the study list
+ACCOUNT = "/account"
 # A password or code longer than this is not one (and must not cost a slow hash).
 MAX_SECRET = 1024
 MAX_NAME = 256
+MAX_NEXT = 2048
 LOCKED_RETRY_AFTER = 3600  # an admin-only lock has no end; tell clients to come back later
-SIGN_IN_LABELS = {"auth.login": "signed_in", "auth.login.failed": "failed",
-                  "auth.account.locked": "locked_out", "auth.logout": "signed_out"}
-NOTICES = {"password": "notice_password", "token": "notice_token",
-           "passkey": "notice_passkey"}
+SIGN_IN_LABELS = {"auth.login": N_("signed in"), "auth.login.failed": N_("failed"),
+                  "auth.account.locked": N_("account locked"),
+                  "auth.logout": N_("signed out")}
+NOTICES = {"password": N_("Your password was changed. Your other sessions were signed out."),
+           "token": N_("The token was revoked."),
+           "passkey": N_("The passkey was removed."),
+           "language": N_("Your language was saved.")}
+ROLE_NAMES = {"physician": N_("physician"), "admin": N_("administrator"),
+              "auditor": N_("auditor")}
 TRAIL_WINDOW = 512 * 1024
+LOGIN_FAILED = N_("Wrong user name, password or code.")
+SIGN_IN_EXPIRED = N_("The sign-in has expired: please start again.")
+FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
+
+
+def safe_next(value: str | None) -> str:
+    """``value`` if it is a path of this site (``/...``, no scheme, no host, no
+    backslash, no control character, not a sign-in step), else ""."""
+    if not value or len(value) > MAX_NEXT or not value.startswith("/"):
+        return ""
+    if value.startswith("//") or "\\" in value or any(ord(c) < 0x20 or c == "\x7f"
+                                                      for c in value):
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return ""
+    if parts.path == LOGIN or parts.path.startswith(LOGIN + "/") or parts.path == "/logout":
+        return ""
+    return value
+
+
+def login_url(next_path: str = "") -> str:
+    target = safe_next(next_path)
+    if not target or target == HOME:
+        return LOGIN
+    return f"{LOGIN}?next={quote(target, safe='/')}"
 
 
 class PageRole(RoleRequirement):
     """``RoleRequirement`` for pages: a browser without a session is sent to the sign-in
-    form (303) instead of getting a bare 401; API clients (an Authorization header) still
-    get 401."""
+    form (303, with ``next`` = where it was going, for GETs) instead of getting a bare 401;
+    API clients (an Authorization header) still get 401."""
 
     async def __call__(self, request: Request) -> Principal:
         try:
             return await super().__call__(request)
         except HTTPException as exc:
             if exc.status_code == 401 and "authorization" not in request.headers:
-                raise HTTPException(303, "sign in", headers={"Location": LOGIN}) from None
+                target = ""
+                if request.method == "GET":
+                    target = request.url.path + (f"?{request.url.query}"
+                                                 if request.url.query else "")
+                raise HTTPException(303, "sign in",
+                                    headers={"Location": login_url(target)}) from None
             raise
 
 
@@ -91,6 +139,7 @@ AdminPage = Annotated[Principal, Depends(PageRole("admin"))]
 AdminApi = Annotated[Principal, Depends(require_role("admin"))]
 FormName = Annotated[str, Form(max_length=MAX_NAME)]
 FormSecret = Annotated[str, Form(max_length=MAX_SECRET)]
+FormShort = Annotated[str, Form(max_length=MAX_NEXT)]
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -121,15 +170,19 @@ def _principal(request: Request) -> Principal | None:
     return principal
 
 
+def gettext(request: Request) -> Gettext:
+    return i18n.gettext(request)
+
+
 def _page(request: Request, template: str, status: int = 200, *,
           session: WebSession | None = None, headers: dict[str, str] | None = None,
           **context: Any) -> Response:
     current = session or _session(request)
     values: dict[str, Any] = {"csrf": current.csrf if current else "",
-                              "principal": _principal(request)}
+                              "principal": _principal(request),
+                              "here": request.url.path, "role_names": ROLE_NAMES}
     values.update(context)
-    return pages.render(template, values, status, headers,
-                        request.headers.get("accept-language", ""))
+    return pages.render(template, values, status, headers, i18n.locale_for(request))
 
 
 def _redirect(url: str) -> Response:
@@ -149,40 +202,42 @@ def _emit(request: Request, action: str, user: str, detail: dict[str, str | int 
     ))
 
 
-def _throttle_message(result: AuthResult) -> tuple[str, int]:
-    """(generic sentence, Retry-After seconds) for a refused or throttled attempt."""
-    seconds = math.ceil(result.retry_after)
-    locked = result.outcome is AuthOutcome.LOCKED or (
-        result.decision is not None and result.decision.verdict is Verdict.LOCKED)
-    if locked or seconds <= 0:
-        return EN["locked"], seconds if seconds > 0 else LOCKED_RETRY_AFTER
-    return EN["throttled"].format(seconds=seconds), seconds
-
-
 def _locked(result: AuthResult) -> bool:
     return result.outcome is AuthOutcome.LOCKED or (
         result.decision is not None and result.decision.verdict is Verdict.LOCKED)
 
 
+def _throttle_message(result: AuthResult, _: Gettext) -> tuple[str, int]:
+    """(generic sentence, Retry-After seconds) for a refused or throttled attempt."""
+    seconds = math.ceil(result.retry_after)
+    if _locked(result) or seconds <= 0:
+        return (_("Too many failed attempts: signing in is blocked for now. Try again "
+                  "later, or ask your administrator to unlock the account."),
+                seconds if seconds > 0 else LOCKED_RETRY_AFTER)
+    return _("Too many attempts. Wait {seconds} s before trying again.").format(
+        seconds=seconds), seconds
+
+
 def _login_page(request: Request, status: int, message: str,
-                headers: dict[str, str] | None = None) -> Response:
+                headers: dict[str, str] | None = None, next_path: str = "") -> Response:
     """The sign-in form again, on a fresh anonymous session."""
     old = _session(request)
     if old is not None and old.stage is Stage.PENDING:
         _accounts(request).cancel(old.ticket)
     session_id, session = _store(request).rotate(old, Stage.ANONYMOUS,
                                                  client_address(request))
+    if next_path:
+        session.next = next_path
     response = _page(request, "login.html", status, session=session, headers=headers,
-                     message=message)
+                     message=message, next=session.next)
     return _set_cookie(response, session_id)
 
 
-# --- public: root, style sheet ----------------------------------------------------------
+def _target(session: WebSession | None) -> str:
+    return (session.next if session is not None else "") or HOME
 
 
-@router.get("/", include_in_schema=False)
-def root(request: Request) -> Response:
-    return _redirect(HOME if _principal(request) is not None else LOGIN)
+# --- public: static files, language switch ---------------------------------------------
 
 
 @router.get("/static/{name}", include_in_schema=False)
@@ -194,27 +249,46 @@ def static(name: str) -> Response:
     return Response(content, media_type=media_type)
 
 
+@router.post("/language")
+def choose_language(request: Request, lang: Annotated[str, Form(max_length=8)] = "",
+                    back: FormShort = "") -> Response:
+    """The sign-in pages' language switch: a cookie (no account is known yet). Signed-in
+    users choose on their account page, which wins over this cookie."""
+    response = _redirect(safe_next(back) or LOGIN)
+    language = i18n.normalise(lang)
+    if language:
+        response.headers.append("set-cookie", i18n.cookie_header(language))
+    return response
+
+
 # --- sign-in ----------------------------------------------------------------------------
 
 
 @router.get("/login")
-def login_form(request: Request) -> Response:
+def login_form(request: Request, next: str = "") -> Response:
+    wanted = safe_next(next)
     if _principal(request) is not None:
-        return _redirect(HOME)
+        return _redirect(wanted or HOME)
     session = _session(request)
     if session is not None and session.stage is Stage.ANONYMOUS:
-        return _page(request, "login.html")
-    return _login_page(request, 200, "")
+        if wanted:
+            session.next = wanted
+        return _page(request, "login.html", next=session.next)
+    return _login_page(request, 200, "", next_path=wanted)
 
 
 @router.post("/login")
-def login(request: Request, name: FormName = "", password: FormSecret = "") -> Response:
+def login(request: Request, name: FormName = "", password: FormSecret = "",
+          next: FormShort = "") -> Response:
+    _ = gettext(request)
     if _principal(request) is not None:
-        return _redirect(HOME)
+        return _redirect(safe_next(next) or HOME)
     session = _session(request)
     if session is None:
         # No session, so no CSRF token to check this form against: refuse, offer a new one.
-        return _login_page(request, 403, EN["form_expired"])
+        return _login_page(request, 403, _(FORM_EXPIRED), next_path=safe_next(next))
+    if not session.next:
+        session.next = safe_next(next)
     accounts = _accounts(request)
     address = client_address(request)
     if session.stage is Stage.PENDING:  # signing in again from the start
@@ -222,28 +296,30 @@ def login(request: Request, name: FormName = "", password: FormSecret = "") -> R
         session.stage, session.ticket, session.user = Stage.ANONYMOUS, "", ""
     result = accounts.authenticate(name, password, address)
     if result.outcome is AuthOutcome.NEEDS_SECOND_FACTOR:
-        session_id, _ = _store(request).rotate(
+        enrolled = result.totp_enrolled or result.passkey_enrolled
+        session_id, _pending_session = _store(request).rotate(
             session, Stage.PENDING, address, user=normalise_name(name), ticket=result.ticket,
-            enrolled=result.totp_enrolled)
-        target = "/login/second-factor" if result.totp_enrolled else "/login/enrol"
+            enrolled=enrolled)
+        target = "/login/second-factor" if enrolled else "/login/enrol"
         return _set_cookie(_redirect(target), session_id)
-    return _refused(request, result, "login.html")
+    return _refused(request, result, "login.html", next=session.next)
 
 
 def _refused(request: Request, result: AuthResult, template: str,
              **context: Any) -> Response:
     """The page for a failed, throttled or locked attempt (generic wording)."""
+    _ = gettext(request)
     if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or _locked(result):
-        message, retry = _throttle_message(result)
+        message, retry = _throttle_message(result, _)
         headers = {"Retry-After": str(retry)}
         if template != "login.html" and _locked(result):
             # The pending sign-in is over (Accounts cancelled its ticket): start again.
             return _login_page(request, 429, message, headers)
         return _page(request, template, 429, headers=headers, message=message, **context)
     headers = {}
-    message = EN["login_failed"]
+    message = _(LOGIN_FAILED)
     if result.decision is not None and not result.decision.allowed:
-        wait, retry = _throttle_message(result)
+        wait, retry = _throttle_message(result, _)
         message = f"{message} {wait}"
         headers["Retry-After"] = str(retry)
     return _page(request, template, 401, headers=headers, message=message, **context)
@@ -296,7 +372,7 @@ def enrol_form(request: Request) -> Response:
         return _redirect("/login/second-factor")
     context = _enrol_context(request, session)
     if context is None:
-        return _login_page(request, 401, EN["sign_in_expired"])
+        return _login_page(request, 401, gettext(request)(SIGN_IN_EXPIRED))
     return _page(request, "enrol.html", **context)
 
 
@@ -313,30 +389,49 @@ def enrol(request: Request, code: FormSecret = "") -> Response:
         return _refused(request, result, "enrol.html")  # back to the sign-in form
     context = _enrol_context(request, session)
     if context is None:
-        return _login_page(request, 401, EN["sign_in_expired"])
+        return _login_page(request, 401, gettext(request)(SIGN_IN_EXPIRED))
     return _refused(request, result, "enrol.html", **context)
 
 
-def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:
+def signed_in_session(request: Request, pending: WebSession,
+                      result: AuthResult) -> tuple[str, WebSession]:
     """Both factors right (``auth.login`` is recorded by Accounts): a new session id."""
-    address = client_address(request)
     state = account_state(_vault(request), result.user)
-    session_id, session = _store(request).rotate(
-        pending, Stage.SIGNED_IN, address, user=result.user,
+    return _store(request).rotate(
+        pending, Stage.SIGNED_IN, client_address(request), user=result.user,
         password_changed=state.password_changed if state else None)
+
+
+def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:
+    session_id, session = signed_in_session(request, pending, result)
     principal = Principal(user=result.user, roles=result.roles, via_token=False,
-                          address=address)
+                          address=client_address(request))
+    target = _target(session)
+    _ = gettext(request)
     response: Response
     if result.recovery_codes:
         response = _page(request, "codes.html", session=session, principal=principal,
-                         codes=result.recovery_codes)
+                         codes=result.recovery_codes, next=target)
     elif result.recovery_codes_left is not None:
         response = _page(request, "notice.html", session=session, principal=principal,
-                         heading=EN["sign_in"], secret="", next=HOME,
-                         lines=[EN["recovery_left"].format(left=result.recovery_codes_left)])
+                         heading=_("Sign in"), secret="", next=target,
+                         lines=[_("You signed in with a recovery code; {left} left. Make new "
+                                  "ones on your account page if you are running low.").format(
+                                      left=result.recovery_codes_left)])
     else:
-        response = _redirect(HOME)
+        response = _redirect(target)
     return _set_cookie(response, session_id)
+
+
+@router.get("/login/recovery-codes")
+def fresh_recovery_codes(request: Request, principal: SignedIn) -> Response:
+    """The recovery codes of a passkey enrolment (made by a script's JSON call), shown
+    once: the session forgets them as this page is rendered."""
+    session = _session(request)
+    if session is None or not session.fresh_codes:
+        return _redirect(_target(session))
+    codes, session.fresh_codes = session.fresh_codes, ()
+    return _page(request, "codes.html", codes=codes, next=_target(session))
 
 
 @router.post("/logout")
@@ -362,7 +457,25 @@ def recent_sign_ins(trail: Path, user: str, limit: int = 10,
 
     Only the last ``window`` bytes are read (a page view must not scan a year of trail);
     these lines are shown, not trusted: ``audit verify`` is what checks the trail.
+    ``outcome`` is an English msgid (translated by the page).
     """
+    found: list[dict[str, str]] = []
+    for body in tail_records(trail, window):
+        if body.get("user") != user:
+            continue
+        label = SIGN_IN_LABELS.get(str(body.get("action", "")))
+        if label is None:
+            continue
+        when = str(body.get("time", ""))[:19].replace("T", " ")
+        found.append({"time": f"{when} UTC", "address": str(body.get("address", "")),
+                      "outcome": label})
+        if len(found) >= limit:
+            break
+    return found
+
+
+def tail_records(trail: Path, window: int = TRAIL_WINDOW) -> list[dict[str, Any]]:
+    """The trail's last records (parsed JSON, not verified), newest first."""
     try:
         with open(trail, "rb") as fh:
             size = fh.seek(0, 2)
@@ -374,27 +487,20 @@ def recent_sign_ins(trail: Path, user: str, limit: int = 10,
     lines = data.split(b"\n")
     if start > 0:
         lines = lines[1:]  # the first one is cut
-    found: list[dict[str, str]] = []
+    found: list[dict[str, Any]] = []
     for line in reversed(lines):
         try:
             body = json.loads(line)
         except ValueError:
             continue
-        if not isinstance(body, dict) or body.get("user") != user:
-            continue
-        label = SIGN_IN_LABELS.get(str(body.get("action", "")))
-        if label is None:
-            continue
-        when = str(body.get("time", ""))[:19].replace("T", " ")
-        found.append({"time": f"{when} UTC", "address": str(body.get("address", "")),
-                      "outcome": EN[label]})
-        if len(found) >= limit:
-            break
+        if isinstance(body, dict):
+            found.append(body)
     return found
 
 
 def _account_page(request: Request, principal: Principal, status: int = 200,
-                  message: str = "", message_kind: str = "error") -> Response:
+                  message: str = "", message_kind: str = "error",
+                  field_errors: dict[str, str] | None = None) -> Response:
     accounts = _accounts(request)
     info = accounts.get_user(principal.user)
     tokens = accounts.list_tokens(principal.user)
@@ -405,52 +511,95 @@ def _account_page(request: Request, principal: Principal, status: int = 200,
     }
     sign_ins = recent_sign_ins(_vault(request).audit.path, principal.user)
     passkeys = request.app.state.passkeys.list_passkeys(principal.user)
+    preference = i18n.normalise(getattr(request.state, "language", ""))
     return _page(request, "account.html", status, user=info, tokens=tokens,
                  tok_status=token_status, sign_ins=sign_ins, message=message,
-                 message_kind=message_kind, passkeys=passkeys)
+                 message_kind=message_kind, passkeys=passkeys, preference=preference,
+                 field_errors=field_errors or {}, nav="account")
 
 
 @router.get("/account")
 def account(request: Request, principal: SignedIn, notice: str = "") -> Response:
-    text = EN[NOTICES[notice]] if notice in NOTICES else ""
+    text = gettext(request)(NOTICES[notice]) if notice in NOTICES else ""
     return _account_page(request, principal, message=text, message_kind="ok")
+
+
+def password_problems(codes: tuple[str, ...], bits: float, required: float,
+                      _: Gettext) -> list[str]:
+    """The password policy's verdict (``PasswordCheck.codes``), in the page's language."""
+    texts = {
+        "too-long": _("The password is too long."),
+        "control": _("The password contains control characters."),
+        "weak": _("The password is too weak ({bits} bits, {required} needed): make it "
+                  "longer; a phrase of several words is easiest to remember.").format(
+                      bits=f"{bits:.0f}", required=f"{required:.0f}"),
+        "common": _("The password is one of the most common passwords (or a variant)."),
+        "walk": _("The password is a keyboard or alphabet sequence."),
+        "user-name": _("The password contains the user name."),
+    }
+    return [texts.get(code, _("The password is not accepted.")) for code in codes]
 
 
 @router.post("/account/password")
 def change_password(request: Request, principal: SignedIn, current: FormSecret = "",
                     new: FormSecret = "", repeat: FormSecret = "") -> Response:
+    _ = gettext(request)
     accounts = _accounts(request)
     address = client_address(request)
     if new != repeat:
-        return _account_page(request, principal, 400, EN["password_mismatch"])
+        text = _("The two new passwords differ.")
+        return _account_page(request, principal, 400, text, field_errors={"repeat": text})
     # The current password goes through sign-in's first step: throttled and recorded like
     # any guess, so a borrowed session cannot be used to try passwords.
     check = accounts.authenticate(principal.user, current, address)
     if check.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED):
-        message, retry = _throttle_message(check)
+        message, retry = _throttle_message(check, _)
         response = _account_page(request, principal, 429, message)
         response.headers["Retry-After"] = str(retry)
         return response
     if check.outcome is not AuthOutcome.NEEDS_SECOND_FACTOR:
-        return _account_page(request, principal, 400, EN["password_wrong"])
+        text = _("The current password is wrong.")
+        return _account_page(request, principal, 400, text, field_errors={"current": text})
     accounts.cancel(check.ticket)
+    verdict = accounts.check_password(new, principal.user)
+    if not verdict.ok:
+        text = " ".join(password_problems(verdict.codes, verdict.bits, verdict.required_bits,
+                                          _))
+        return _account_page(request, principal, 400, text, field_errors={"new": text})
     try:
         accounts.reset(principal.user, new, by=principal.user, address=address)
-    except PasswordRejected as exc:
-        return _account_page(request, principal, 400, "; ".join(exc.problems))
+    except PasswordRejected:
+        text = _("The password is not accepted.")
+        return _account_page(request, principal, 400, text, field_errors={"new": text})
     session = _session(request)
     state = account_state(_vault(request), principal.user)
     if session is not None and state is not None:
         session.password_changed = state.password_changed
     _store(request).drop_user(principal.user, keep=session)
-    return _redirect(f"{HOME}?notice=password")
+    return _redirect(f"{ACCOUNT}?notice=password")
+
+
+@router.post("/account/language")
+def change_language(request: Request, principal: SignedIn,
+                    lang: Annotated[str, Form(max_length=8)] = "") -> Response:
+    """The user's language ("" = as the browser asks), kept with the account."""
+    language = i18n.normalise(lang)
+    preferences.set_language(_vault(request).sessions, principal.user, language)
+    response = _redirect(f"{ACCOUNT}?notice=language")
+    if language:  # the sign-in page, after signing out, speaks it too
+        response.headers.append("set-cookie", i18n.cookie_header(language))
+    return response
 
 
 @router.post("/account/recovery-codes")
 def new_recovery_codes(request: Request, principal: SignedIn) -> Response:
-    codes = _accounts(request).new_recovery_codes(principal.user, by=principal.user,
-                                                  address=client_address(request))
-    return _page(request, "codes.html", codes=codes)
+    _ = gettext(request)
+    try:
+        codes = _accounts(request).new_recovery_codes(principal.user, by=principal.user,
+                                                      address=client_address(request))
+    except AccountError:
+        return _account_page(request, principal, 400, _("Set up a second factor first."))
+    return _page(request, "codes.html", codes=codes, next=ACCOUNT)
 
 
 @router.post("/account/tokens/{token_id}/revoke")
@@ -459,15 +608,33 @@ def revoke_own_token(request: Request, principal: SignedIn, token_id: str) -> Re
     if token_id not in {t.token_id for t in accounts.list_tokens(principal.user)}:
         raise HTTPException(404, "not found")
     accounts.revoke_token(token_id, by=principal.user, address=client_address(request))
-    return _redirect(f"{HOME}?notice=token")
+    return _redirect(f"{ACCOUNT}?notice=token")
 
 
-# --- administration ---------------------------------------------------------------------
+# --- administration: users ----------------------------------------------------------------
 
 
-def _users_page(request: Request, status: int = 200, message: str = "") -> Response:
+def _users_page(request: Request, status: int = 200, message: str = "",
+                field_errors: dict[str, str] | None = None,
+                values: dict[str, Any] | None = None) -> Response:
     return _page(request, "admin_users.html", status, users=_accounts(request).list_users(),
-                 roles=ROLES, message=message)
+                 roles=ROLES, message=message, field_errors=field_errors or {},
+                 values=values or {"name": "", "roles": []}, nav="admin", admin_nav="users")
+
+
+def _user_error(request: Request, exc: AccountError, name: str) -> tuple[str, str]:
+    """(field, translated sentence) for a refused user creation."""
+    _ = gettext(request)
+    if isinstance(exc, PasswordRejected):  # a generated password: cannot happen
+        return "name", _("The password is not accepted.")
+    try:
+        norm = check_name(name)
+    except AccountError:
+        return "name", _("A user name is 1 to 64 characters among a-z, 0-9, '.', '_', '-', "
+                         "'@', starting with a letter or a digit.")
+    if "already exists" in str(exc):
+        return "name", _("A user named {name} already exists.").format(name=norm)
+    return "roles", _("Choose at least one role.")
 
 
 @router.get("/admin/users")
@@ -478,14 +645,21 @@ def admin_users(request: Request, principal: AdminPage) -> Response:
 @router.post("/admin/users")
 def admin_add_user(request: Request, principal: AdminPage, name: FormName = "",
                    roles: Annotated[list[str] | None, Form()] = None) -> Response:
+    _ = gettext(request)
     password = generate_password()
+    chosen = [r for r in (roles or []) if r in ROLES]
     try:
-        info = _accounts(request).add_user(name, roles or [], password, by=principal.user,
+        info = _accounts(request).add_user(name, chosen, password, by=principal.user,
                                            address=client_address(request))
     except AccountError as exc:
-        return _users_page(request, 400, str(exc))
-    return _page(request, "notice.html", heading=EN["users"], secret=password,
-                 lines=[EN["user_created"].format(name=info.name)], next="/admin/users")
+        field, text = _user_error(request, exc, name)
+        return _users_page(request, 400, text, {field: text},
+                           {"name": name, "roles": chosen})
+    return _page(request, "notice.html", heading=_("Users"), secret=password,
+                 lines=[_("User {name} was created. Give them this password in person; it "
+                          "is shown only once, and they set up their second factor at first "
+                          "sign-in:").format(name=info.name)],
+                 next="/admin/users", nav="admin")
 
 
 def _admin_action(request: Request, principal: Principal, name: str, action: str) -> Response:
@@ -495,7 +669,8 @@ def _admin_action(request: Request, principal: Principal, name: str, action: str
     try:
         if action == "disable":
             if norm == principal.user:
-                return _users_page(request, 400, EN["cannot_disable_self"])
+                _ = gettext(request)
+                return _users_page(request, 400, _("You cannot disable your own account."))
             accounts.disable(norm, by=principal.user, address=address)
             _store(request).drop_user(norm)
         elif action == "enable":
@@ -522,9 +697,31 @@ def admin_unlock(request: Request, principal: AdminPage, name: str) -> Response:
     return _admin_action(request, principal, name, "unlock")
 
 
+@router.post("/admin/users/{name}/roles")
+def admin_roles(request: Request, principal: AdminPage, name: str,
+                roles: Annotated[list[str] | None, Form()] = None) -> Response:
+    """Change a user's roles (``user.roles`` event, as ``pacsvault user roles``)."""
+    _ = gettext(request)
+    norm = normalise_name(name)
+    chosen = [r for r in (roles or []) if r in ROLES]
+    if norm == principal.user and "admin" not in chosen:
+        return _users_page(request, 400,
+                           _("You cannot remove your own administrator role."))
+    if not chosen:
+        return _users_page(request, 400, _("Choose at least one role."))
+    accounts = _accounts(request)
+    try:
+        accounts.get_user(norm)
+    except AccountError:
+        raise HTTPException(404, "not found") from None
+    accounts.set_roles(norm, chosen, by=principal.user, address=client_address(request))
+    return _redirect("/admin/users")
+
+
 @router.post("/admin/users/{name}/reset")
 def admin_reset(request: Request, principal: AdminPage, name: str,
                 second_factor: Annotated[str, Form(max_length=8)] = "") -> Response:
+    _ = gettext(request)
     norm = normalise_name(name)
     try:
         password = _accounts(request).reset(norm, None, second_factor=bool(second_factor),
@@ -533,11 +730,12 @@ def admin_reset(request: Request, principal: AdminPage, name: str,
     except AccountError:
         raise HTTPException(404, "not found") from None
     _store(request).drop_user(norm)
-    lines = [EN["password_reset"].format(name=norm)]
+    lines = [_("New password for {name}, shown only once. Give it to them in person:")
+             .format(name=norm)]
     if second_factor:
-        lines.append(EN["second_factor_reset"])
-    return _page(request, "notice.html", heading=EN["users"], secret=password, lines=lines,
-                 next="/admin/users")
+        lines.append(_("They will set up a new second factor at their next sign-in."))
+    return _page(request, "notice.html", heading=_("Users"), secret=password, lines=lines,
+                 next="/admin/users", nav="admin")
 
 
 @router.get("/health")
