@@ -320,6 +320,8 @@ class Bench:
         import pydicom
         import pynetdicom
 
+        import pacsvault
+
         lscpu = {k.strip(): v.strip() for k, _, v in
                  (ln.partition(":") for ln in cmd("lscpu").splitlines())}
         return {
@@ -332,7 +334,8 @@ class Bench:
             "orthanc": orthanc_version() + " + " + cmd(
                 "sh", "-c", "dpkg-query -W -f '${Package} ${Version}' orthanc-dicomweb"),
             "dcmtk": cmd(dcmtk("storescu"), "--version").splitlines()[0],
-            "pacsvault": cmd("git", "-C", str(BENCH.parent), "describe", "--always", "--dirty"),
+            "pacsvault": cmd("git", "-C", str(BENCH.parent), "describe", "--always", "--dirty")
+            + f" (imported from {Path(pacsvault.__file__).parent.parent})",
             "pydicom": pydicom.__version__, "pynetdicom": pynetdicom.__version__,
             "cryptography": cryptography.__version__,
         }
