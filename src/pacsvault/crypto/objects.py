@@ -82,7 +82,7 @@ def encrypt(
     count = max(1, -(-len(view) // CHUNK_SIZE))
     for i in range(count):
         chunk = view[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
-        yield cipher.encrypt(_nonce(i, i == count - 1), bytes(chunk), aad)
+        yield cipher.encrypt(_nonce(i, i == count - 1), chunk, aad)
 
 
 def read_header(blob: bytes) -> ObjectHeader:

@@ -23,6 +23,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BULK_THRESHOLD = 1024
 BULK_MARKER = "pacsvault:bulk"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_UID = 0x0020000D
 
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
@@ -103,25 +105,57 @@ def _bulk(_elem: DataElement) -> str:
     return BULK_MARKER
 
 
+def _truncated(elem: DataElement | RawDataElement | None) -> bool:
+    return (
+        isinstance(elem, RawDataElement)
+        and elem.length != _UNDEFINED_LENGTH
+        and elem.value is not None
+        and len(elem.value) != elem.length
+    )
+
+
 def _check_lengths(ds: Dataset) -> None:
     """pydicom silently accepts an element whose value runs past the end of the stream."""
     for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
-        if (
-            isinstance(elem, RawDataElement)
-            and elem.length != _UNDEFINED_LENGTH
-            and elem.value is not None
-            and len(elem.value) != elem.length
-        ):
+        if _truncated(ds.get_item(tag)):
             raise UnreadableObject("element value shorter than its declared length")
+
+
+def read(raw: bytes) -> Dataset:
+    """Read a Part 10 byte stream into a dataset whose values are still raw (cheap)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dcmread(io.BytesIO(raw), force=False)
+        except Exception as exc:  # pydicom raises a wide range on hostile input
+            raise UnreadableObject(type(exc).__name__) from None
+
+
+def identity(ds: Dataset) -> tuple[str, str] | None:
+    """(SOP Instance UID, Study Instance UID) if both are valid, without full parsing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if any(_truncated(ds.get_item(tag)) for tag in (_SOP_INSTANCE_UID, _STUDY_UID)):
+                return None
+            return _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID")
+        except Exception:
+            return None
 
 
 def parse(raw: bytes) -> ParsedInstance:
     """Parse a Part 10 byte stream (preamble + file meta + dataset) completely."""
+    return describe(read(raw), raw)
+
+
+def describe(ds: Dataset, raw: bytes, *, sha256: bytes | None = None) -> ParsedInstance:
+    """Validate every element of ``read``'s dataset and extract what the index needs.
+
+    ``sha256`` of ``raw`` may be given when the caller computed it already (elsewhere).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = dcmread(io.BytesIO(raw), force=False)
             _check_lengths(ds)
             # Touch every element so a wrong length or a broken value fails here, while
             # we can still answer with a failure status, not later in a viewer.
@@ -179,6 +213,6 @@ def parse(raw: bytes) -> ParsedInstance:
         content_date=_text(ds, "ContentDate"),
         content_time=_text(ds, "ContentTime"),
         meta_json=json.dumps(meta, separators=(",", ":")),
-        sha256=hashlib.sha256(raw).digest(),
+        sha256=sha256 if sha256 is not None else hashlib.sha256(raw).digest(),
         size=len(raw),
     )

@@ -3,29 +3,66 @@
 Order matters for "nothing lost": parse and validate in memory, encrypt, stage the object
 file durably, commit its index row, publish the file. Only when ``store`` returns may the
 caller acknowledge success. ``ObjectStore.recover`` settles a crash at any point.
+
+Speed without weakening that order:
+
+- the index is written with SQLAlchemy Core, one write transaction per image, and the
+  study/series primary keys (and the study's data key id) are cached in memory once
+  their rows are *committed* (rows are never deleted; ``forget`` drops the caches);
+- objects are staged into pre-created spare files (``ObjectStore.stage_spare``): one fsync
+  of the object file makes it durable, no directory fsync per object. When the study's
+  data key is already known, encrypting, writing, fsync'ing and hashing run in a worker
+  thread while the calling thread validates the dataset and builds its DICOM JSON;
+- **group commit**: concurrent stores (several associations) hand their staged objects to
+  whichever of them is committing; that one writes every row in one transaction. Each
+  ``store`` still returns only after the commit that holds its own row;
+- publishing (the rename into ``ab/cd/``) is not fsync'ed: a crash leaves the object
+  either published or still staged and named by the index, which reads find and
+  ``recover`` publishes at the next start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import hashlib
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, CursorResult, Engine, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
-from pacsvault.dicom.parse import InvalidObject, ParsedInstance, parse
+from pacsvault.dicom import parse as dicom_parse
+from pacsvault.dicom.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
-from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.storage.objects import ObjectStore, Recovery
 
 _HEADER_OVERHEAD = 4096
+_MAX_BATCH = 64
+
+_instances = cast(Table, Instance.__table__)
+_series = cast(Table, Series.__table__)
+_studies = cast(Table, Study.__table__)
+_patients = cast(Table, Patient.__table__)
+
+_INSERT_INSTANCE = (
+    "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
+    "transfer_syntax, rows, columns, number_of_frames, content_date, content_time, "
+    "object_id, key_id, size, sha256, received, source_ae, meta_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
+_COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
+_KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
 
 
 class StoreStatus(enum.Enum):
@@ -53,16 +90,53 @@ class StoredInstance:
     size: int
 
 
+@dataclass
+class _Pending:
+    """One staged object waiting for the commit of its index rows."""
+
+    parsed: ParsedInstance
+    object_id: str
+    key_id: uuid.UUID
+    source_ae: str
+    done: bool = False
+    result: StoreResult | None = None  # set when the instance turned out to be known
+    error: BaseException | None = None
+    # primary keys learnt while indexing, cached once the transaction has committed
+    learnt: dict[str, Any] = field(default_factory=dict)
+
+
 class Archive:
     def __init__(
         self, sessions: sessionmaker[Session], objects: ObjectStore, keyring: Keyring
     ) -> None:
         self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise TypeError("the archive needs a sessionmaker bound to an engine")
+        self._engine: Engine = bind
         self.objects = objects
         self._keyring = keyring
         # SQLite has one writer at a time anyway; taking the lock here keeps the
-        # get-or-create of patients and studies free of races between associations.
+        # get-or-create of patients, studies and series free of races between associations.
         self._write_lock = threading.Lock()
+        # Committed rows only: study UID -> (study pk, data key id); series UID -> pk.
+        self._study_cache: dict[str, tuple[int, uuid.UUID]] = {}
+        self._series_cache: dict[str, int] = {}
+        self._cache_lock = threading.Lock()
+        # group commit
+        self._queue: list[_Pending] = []
+        self._cond = threading.Condition()
+        self._committing = False
+        # How SQLAlchemy stores a DateTime on this engine, for the driver-level insert.
+        processor = _instances.c.received.type.bind_processor(self._engine.dialect)
+        self._received: Callable[[Any], Any] = processor or (lambda value: value)
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="archive-stage")
+
+    def forget(self) -> None:
+        """Drop the in-memory caches (after rows were removed or changed elsewhere)."""
+        with self._cache_lock:
+            self._study_cache.clear()
+            self._series_cache.clear()
 
     # --- writing --------------------------------------------------------------------
 
@@ -79,43 +153,232 @@ class Archive:
         Raises ``UnreadableObject``/``InvalidObject`` for bad data and ``DiskFullError``
         when the disk reserve is reached; nothing is written in those cases.
         """
-        parsed = parse(raw)
-        if expected_sop_uid and parsed.sop_uid != expected_sop_uid.strip():
-            raise InvalidObject("SOP Instance UID differs from the C-STORE request")
-        if expected_sop_class and parsed.sop_class_uid != expected_sop_class.strip():
-            raise InvalidObject("SOP Class UID differs from the C-STORE request")
-        self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
-
-        prepared = self._prepare(parsed)
-        if isinstance(prepared, StoreResult):
-            return prepared
-        key_id = prepared
-        with self._sessions() as session:
-            data_key = self._keyring.get(session, key_id)
-        object_id = ObjectStore.new_id()
-        self.objects.stage(object_id, objfmt.encrypt(raw, data_key, key_id, parsed.sop_uid))
+        ds = dicom_parse.read(raw)
+        staging: Future[tuple[str, bytes]] | None = None
+        early = dicom_parse.identity(ds)
+        if early is not None:
+            with self._cache_lock:
+                cached = self._study_cache.get(early[1])
+            if cached is not None:
+                # The study's data key is known: encrypt, write and fsync the object (and
+                # hash it) in a worker while this thread validates and describes it.
+                self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
+                staging = self._workers.submit(self._stage, raw, cached[1], early[0])
         try:
-            self._index(parsed, object_id, key_id, source_ae)
+            parsed = dicom_parse.describe(ds, raw, sha256=b"" if staging else None)
+            if expected_sop_uid and parsed.sop_uid != expected_sop_uid.strip():
+                raise InvalidObject("SOP Instance UID differs from the C-STORE request")
+            if expected_sop_class and parsed.sop_class_uid != expected_sop_class.strip():
+                raise InvalidObject("SOP Class UID differs from the C-STORE request")
+        except BaseException:
+            if staging is not None:
+                self._abandon(staging)
+            raise
+        if staging is not None:
+            assert early is not None and cached is not None
+            object_id, digest = staging.result()
+            parsed = dataclasses.replace(parsed, sha256=digest)
+            key_id = cached[1]
+        else:
+            self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
+            prepared = self._prepare(parsed)
+            if isinstance(prepared, StoreResult):
+                return prepared
+            key_id = prepared
+            object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
+        pending = _Pending(parsed, object_id, key_id, source_ae)
+        try:
+            self._commit(pending)
         except IntegrityError:
-            # Another association stored the same SOP Instance UID meanwhile.
+            # Another process stored the same SOP Instance UID meanwhile.
             self.objects.discard(object_id)
-            known = self._existing(parsed)
+            with self._sessions() as session:
+                known = self._known(session, parsed)
             if known is None:
                 raise
             return known
         except BaseException:
             self.objects.discard(object_id)
             raise
-        self.objects.publish(object_id)
+        if pending.result is not None:  # known already (a re-send, or a race)
+            self.objects.discard(object_id)
+            return pending.result
+        self.objects.publish(object_id, durable=False)
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
 
-    def _existing(self, parsed: ParsedInstance) -> StoreResult | None:
-        with self._sessions() as session:
-            return self._known(session, parsed)
+    def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> tuple[str, bytes]:
+        """Encrypt and durably stage an object; (object id, SHA-256 of the plaintext)."""
+        digest = hashlib.sha256(raw).digest()
+        data_key = self.data_key(key_id)
+        return self.objects.stage_spare(objfmt.encrypt(raw, data_key, key_id, sop_uid)), digest
+
+    def _abandon(self, staging: Future[tuple[str, bytes]]) -> None:
+        try:
+            object_id, _ = staging.result()
+        except BaseException:
+            return
+        self.objects.discard(object_id)
+
+    # --- group commit -----------------------------------------------------------------
+
+    def _commit(self, pending: _Pending) -> None:
+        """Return once ``pending``'s rows are committed (or raise its error).
+
+        Whoever finds no commit in progress commits everything queued so far; the others
+        wait for the commit that includes their own rows.
+        """
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._committing:
+                    self._cond.wait()
+                    continue
+                self._committing = True
+                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                self._cond.release()
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self._cond.acquire()
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            with self._write_lock:
+                # Every object of the batch is durable already (``stage_spare``).
+                try:
+                    self._index_batch(batch)
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    # One bad item must not fail the others: index them one by one.
+                    for item in batch:
+                        item.learnt.clear()
+                        item.result = None
+                        try:
+                            self._index_batch([item])
+                        except Exception as exc:
+                            item.error = exc
+        except BaseException as exc:
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
+        finally:
+            for item in batch:
+                item.done = True
+
+    def _index_batch(self, batch: list[_Pending]) -> None:
+        with self._engine.begin() as conn:
+            overlay_studies: dict[str, int] = {}
+            overlay_series: dict[str, int] = {}
+            for item in batch:
+                self._index_one(conn, item, overlay_studies, overlay_series)
+        # committed: cache what was learnt
+        with self._cache_lock:
+            for item in batch:
+                study = item.learnt.get("study")
+                if study is not None:
+                    self._study_cache[item.parsed.study_uid] = study
+                series = item.learnt.get("series")
+                if series is not None:
+                    self._series_cache[item.parsed.series_uid] = series
+
+    def _index_one(
+        self, conn: Connection, item: _Pending, overlay_studies: dict[str, int],
+        overlay_series: dict[str, int],
+    ) -> None:
+        parsed = item.parsed
+        known = self._known(conn, parsed)
+        if known is not None:
+            item.result = known
+            return
+        with self._cache_lock:
+            cached_study = self._study_cache.get(parsed.study_uid)
+            cached_series = self._series_cache.get(parsed.series_uid)
+        study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
+        if study_pk is None:
+            study_pk = conn.scalar(
+                select(_studies.c.pk).where(_studies.c.study_uid == parsed.study_uid))
+        if study_pk is None:
+            patient_pk = conn.scalar(select(_patients.c.pk).where(
+                _patients.c.patient_id == parsed.patient_id,
+                _patients.c.issuer == parsed.issuer))
+            if patient_pk is None:
+                raise RuntimeError("patient row vanished between key and index steps")
+            study_pk = _new_pk(conn.execute(insert(_studies).values(
+                patient_pk=patient_pk,
+                study_uid=parsed.study_uid,
+                study_date=normalise_date(parsed.study_date),
+                study_time=normalise_time(parsed.study_time),
+                accession_number=parsed.accession_number,
+                study_id=parsed.study_id,
+                description=parsed.study_description,
+                referring_physician=parsed.referring_physician,
+                referring_physician_norm=normalise_name(parsed.referring_physician),
+                num_series=0,
+                num_instances=0,
+                meta_json=parsed.meta_json,
+            )))
+        overlay_studies[parsed.study_uid] = study_pk
+        series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
+        if series_pk is None:
+            series_pk = conn.scalar(
+                select(_series.c.pk).where(_series.c.series_uid == parsed.series_uid))
+        if series_pk is None:
+            series_pk = _new_pk(conn.execute(insert(_series).values(
+                study_pk=study_pk,
+                series_uid=parsed.series_uid,
+                modality=parsed.modality,
+                series_number=parsed.series_number,
+                description=parsed.series_description,
+                body_part=parsed.body_part,
+                series_date=normalise_date(parsed.series_date),
+                series_time=normalise_time(parsed.series_time),
+                performed_start_date=normalise_date(parsed.performed_start_date),
+                performed_start_time=normalise_time(parsed.performed_start_time),
+                num_instances=0,
+                meta_json=parsed.meta_json,
+            )))
+            current = conn.scalar(select(_studies.c.modalities).where(_studies.c.pk == study_pk))
+            modalities = set(filter(None, (current or "").split("\\")))
+            values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}
+            if parsed.modality and parsed.modality not in modalities:
+                values["modalities"] = "\\".join(sorted(modalities | {parsed.modality}))
+            conn.execute(update(_studies).where(_studies.c.pk == study_pk).values(**values))
+        overlay_series[parsed.series_uid] = series_pk
+        # The per-image statements go straight to the driver (same connection and
+        # transaction): SQLAlchemy's statement building costs more than SQLite itself.
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(_INSERT_INSTANCE, (
+                series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
+                parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
+                normalise_date(parsed.content_date), normalise_time(parsed.content_time),
+                item.object_id, str(item.key_id), parsed.size, parsed.sha256,
+                self._received(utcnow()), item.source_ae, parsed.meta_json,
+            ))
+            cursor.execute(_COUNT_SERIES, (series_pk,))
+            cursor.execute(_COUNT_STUDY, (study_pk,))
+        finally:
+            cursor.close()
+        item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
+        item.learnt["series"] = series_pk if cached_series is None else None
 
     @staticmethod
-    def _known(session: Session, parsed: ParsedInstance) -> StoreResult | None:
-        digest = session.scalar(select(Instance.sha256).where(Instance.sop_uid == parsed.sop_uid))
+    def _known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | None:
+        if isinstance(conn, Connection):
+            cursor = conn.connection.cursor()
+            try:
+                row = cursor.execute(_KNOWN, (parsed.sop_uid,)).fetchone()
+            finally:
+                cursor.close()
+            digest = None if row is None else row[0]
+        else:
+            digest = conn.scalar(
+                select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid))
         if digest is None:
             return None
         same = secrets.compare_digest(digest, parsed.sha256)
@@ -123,111 +386,41 @@ class Archive:
         return StoreResult(status, parsed.sop_uid, parsed.study_uid)
 
     def _prepare(self, parsed: ParsedInstance) -> StoreResult | uuid.UUID:
-        """Either the answer for an already stored instance, or the data key to encrypt
-        it under: its patient's (created with the patient on first sight)."""
+        """First instance of a study seen by this process: either the answer for an
+        already stored instance, or the data key to encrypt it under: its patient's
+        (created with the patient on first sight)."""
         with self._write_lock, self._sessions.begin() as session:
             known = self._known(session, parsed)
             if known is not None:
                 return known
-            study = session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
-            if study is not None:
-                return uuid.UUID(study.patient.key_id)
-            patient = self._find_patient(session, parsed)
-            if patient is None:
-                key_id = self._keyring.create(session)
-                session.flush()
-                patient = Patient(
-                    patient_id=parsed.patient_id,
-                    issuer=parsed.issuer,
-                    name=parsed.patient_name,
-                    name_norm=normalise_name(parsed.patient_name),
-                    birth_date=normalise_date(parsed.birth_date),
-                    sex=parsed.sex,
-                    key_id=str(key_id),
-                    meta_json=parsed.meta_json,
-                )
-                session.add(patient)
-            return uuid.UUID(patient.key_id)
-
-    @staticmethod
-    def _find_patient(session: Session, parsed: ParsedInstance) -> Patient | None:
-        return session.scalar(
-            select(Patient).where(
-                Patient.patient_id == parsed.patient_id, Patient.issuer == parsed.issuer
-            )
-        )
-
-    def _index(
-        self, parsed: ParsedInstance, object_id: str, key_id: uuid.UUID, source_ae: str
-    ) -> None:
-        with self._write_lock, self._sessions.begin() as session:
-            study = session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
-            if study is None:
-                patient = self._find_patient(session, parsed)
-                if patient is None:
-                    raise RuntimeError("patient row vanished between key and index steps")
-                study = Study(
-                    patient_pk=patient.pk,
-                    study_uid=parsed.study_uid,
-                    study_date=normalise_date(parsed.study_date),
-                    study_time=normalise_time(parsed.study_time),
-                    accession_number=parsed.accession_number,
-                    study_id=parsed.study_id,
-                    description=parsed.study_description,
-                    referring_physician=parsed.referring_physician,
-                    referring_physician_norm=normalise_name(parsed.referring_physician),
-                    num_series=0,
-                    num_instances=0,
-                    meta_json=parsed.meta_json,
-                )
-                session.add(study)
-                session.flush()
-            series = session.scalar(
-                select(Series).where(Series.series_uid == parsed.series_uid)
-            )
-            if series is None:
-                series = Series(
-                    study_pk=study.pk,
-                    series_uid=parsed.series_uid,
-                    modality=parsed.modality,
-                    series_number=parsed.series_number,
-                    description=parsed.series_description,
-                    body_part=parsed.body_part,
-                    series_date=normalise_date(parsed.series_date),
-                    series_time=normalise_time(parsed.series_time),
-                    performed_start_date=normalise_date(parsed.performed_start_date),
-                    performed_start_time=normalise_time(parsed.performed_start_time),
-                    num_instances=0,
-                    meta_json=parsed.meta_json,
-                )
-                session.add(series)
-                session.flush()
-                study.num_series += 1
-                modalities = set(filter(None, study.modalities.split("\\")))
-                if parsed.modality and parsed.modality not in modalities:
-                    study.modalities = "\\".join(sorted(modalities | {parsed.modality}))
-            session.add(
-                Instance(
-                    series_pk=series.pk,
-                    sop_uid=parsed.sop_uid,
-                    sop_class_uid=parsed.sop_class_uid,
-                    instance_number=parsed.instance_number,
-                    transfer_syntax=parsed.transfer_syntax,
-                    rows=parsed.rows,
-                    columns=parsed.columns,
-                    number_of_frames=parsed.number_of_frames,
-                    content_date=normalise_date(parsed.content_date),
-                    content_time=normalise_time(parsed.content_time),
-                    object_id=object_id,
-                    key_id=str(key_id),
-                    size=parsed.size,
-                    sha256=parsed.sha256,
-                    source_ae=source_ae,
-                    meta_json=parsed.meta_json,
+            row = session.execute(
+                select(Study.pk, Patient.key_id).join(Patient, Study.patient_pk == Patient.pk)
+                .where(Study.study_uid == parsed.study_uid)).first()
+            if row is not None:
+                key_id = uuid.UUID(row[1])
+                with self._cache_lock:
+                    self._study_cache[parsed.study_uid] = (int(row[0]), key_id)
+                return key_id
+            existing = session.scalar(
+                select(Patient.key_id).where(
+                    Patient.patient_id == parsed.patient_id, Patient.issuer == parsed.issuer
                 )
             )
-            series.num_instances += 1
-            study.num_instances += 1
+            if existing is not None:
+                return uuid.UUID(existing)
+            key_id = self._keyring.create(session)
+            session.flush()
+            session.add(Patient(
+                patient_id=parsed.patient_id,
+                issuer=parsed.issuer,
+                name=parsed.patient_name,
+                name_norm=normalise_name(parsed.patient_name),
+                birth_date=normalise_date(parsed.birth_date),
+                sex=parsed.sex,
+                key_id=str(key_id),
+                meta_json=parsed.meta_json,
+            ))
+            return key_id
 
     # --- reading --------------------------------------------------------------------
 
@@ -259,11 +452,14 @@ class Archive:
                 inst.sop_uid, study, series_uid, inst.object_id, uuid.UUID(inst.key_id), inst.size
             )
 
+    def data_key(self, key_id: uuid.UUID) -> bytes:
+        with self._sessions() as session:
+            return self._keyring.get(session, key_id)
+
     def read(self, item: StoredInstance) -> bytes:
         """Decrypt an instance; raises ``ObjectFormatError`` if its file was tampered with."""
-        with self._sessions() as session:
-            data_key = self._keyring.get(session, item.key_id)
-        return objfmt.decrypt(self.objects.read(item.object_id), data_key, item.sop_uid)
+        return objfmt.decrypt(self.objects.read(item.object_id), self.data_key(item.key_id),
+                              item.sop_uid)
 
     def is_indexed(self, object_id: str) -> bool:
         with self._sessions() as session:
@@ -283,3 +479,9 @@ class Archive:
                 "instances": session.scalar(select(func.count()).select_from(Instance)) or 0,
                 "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
             }
+
+
+def _new_pk(result: CursorResult[Any]) -> int:
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return int(pk[0])

@@ -10,6 +10,14 @@ so a crash can neither lose an acknowledged object nor leave one that nothing re
 At start, ``recover`` publishes every staged file whose id the index knows (the crash came
 between 2 and 3) and deletes the others (the crash came before 2: never acknowledged).
 Only ciphertext is ever written, staged files included.
+
+The archive's fast path stages into **spares** instead (``stage_spare``): empty files
+``.spare/<id>.part`` created in batches, whose names were made durable by one directory
+fsync for the whole batch. Writing an object into a spare and fsync'ing that file is then
+enough for it to survive a crash under its name, with no directory fsync per object. Its
+publication is a plain rename (``durable=False``): a crash either keeps it or leaves the
+object in ``.spare``, where reads still find it and ``recover`` publishes it (indexed) or
+deletes it (not indexed, or an unused empty spare).
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ import errno
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 TMP_DIR = ".tmp"
+SPARE_DIR = ".spare"
 _PART = ".part"
+_SPARE_BATCH = 64
 
 
 class DiskFullError(Exception):
@@ -41,6 +52,9 @@ class ObjectStore:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self._tmp = root / TMP_DIR
+        self._spare = root / SPARE_DIR
+        self._spares: list[str] = []
+        self._spare_lock = threading.Lock()
 
     def create(self) -> None:
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -86,41 +100,103 @@ class ObjectStore:
         _fsync_dir(self._tmp)
         return size
 
-    def publish(self, object_id: str) -> None:
-        """Move a staged object to its final place, durably."""
+    # --- spares: staging without a directory fsync per object ----------------------------
+
+    def _spare_path(self, object_id: str) -> Path:
+        self.path(object_id)  # validates the id
+        return self._spare / f"{object_id}{_PART}"
+
+    def _take_spare(self) -> str:
+        with self._spare_lock:
+            if not self._spares:
+                fresh = not self._spare.is_dir()
+                self._spare.mkdir(exist_ok=True, mode=0o700)
+                if fresh:
+                    _fsync_dir(self.root)
+                ids = [self.new_id() for _ in range(_SPARE_BATCH)]
+                for object_id in ids:
+                    os.close(os.open(self._spare_path(object_id),
+                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                _fsync_dir(self._spare)  # one fsync makes the whole batch's names durable
+                self._spares = ids
+            return self._spares.pop()
+
+    def stage_spare(self, pieces: Iterable[bytes]) -> str:
+        """Write an object into a spare and fsync it; returns its new object id.
+
+        Durable once this returns: the spare's name already was, the fsync covers its data
+        and size.
+        """
+        object_id = self._take_spare()
+        path = self._spare_path(object_id)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for piece in pieces:  # one piece at a time: never two copies of a big object
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError("disk full while writing an object") from None
+            raise
+        os.close(fd)
+        return object_id
+
+    def publish(self, object_id: str, *, durable: bool = True) -> None:
+        """Move a staged object to its final place, durably unless ``durable=False`` (then
+        a crash may leave it staged: still readable, and ``recover`` publishes it)."""
         final = self.path(object_id)
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _fsync_dir(final.parent.parent)
-            _fsync_dir(self.root)
-        os.replace(self._staged(object_id), final)
-        _fsync_dir(final.parent)
-        _fsync_dir(self._tmp)
+            if durable:
+                _fsync_dir(final.parent.parent)
+                _fsync_dir(self.root)
+        source = self._spare_path(object_id)
+        try:
+            os.replace(source, final)
+        except FileNotFoundError:
+            source = self._staged(object_id)
+            os.replace(source, final)
+        if durable:
+            _fsync_dir(final.parent)
+            _fsync_dir(source.parent)
 
     def discard(self, object_id: str) -> None:
         self._staged(object_id).unlink(missing_ok=True)
+        self._spare_path(object_id).unlink(missing_ok=True)
 
     def recover(self, is_indexed: Callable[[str], bool]) -> Recovery:
         """Finish or undo the writes a crash interrupted (see module docstring)."""
         published = discarded = 0
-        if not self._tmp.is_dir():
-            return Recovery(0, 0)
-        for leftover in sorted(self._tmp.iterdir()):
-            object_id = leftover.name.removesuffix(_PART)
-            valid = leftover.name.endswith(_PART) and len(object_id) == 32
-            if valid and is_indexed(object_id):
-                self.publish(object_id)
-                published += 1
-            else:
-                leftover.unlink(missing_ok=True)
-                discarded += 1
+        with self._spare_lock:
+            self._spares.clear()
+        for directory in (self._tmp, self._spare):
+            if not directory.is_dir():
+                continue
+            for leftover in sorted(directory.iterdir()):
+                object_id = leftover.name.removesuffix(_PART)
+                valid = leftover.name.endswith(_PART) and len(object_id) == 32
+                if valid and is_indexed(object_id):
+                    self.publish(object_id)
+                    published += 1
+                else:
+                    unused_spare = directory == self._spare and leftover.stat().st_size == 0
+                    leftover.unlink(missing_ok=True)
+                    discarded += 0 if unused_spare else 1
         return Recovery(published, discarded)
 
     def read(self, object_id: str) -> bytes:
         try:
             return self.path(object_id).read_bytes()
         except FileNotFoundError:
-            # Indexed a moment ago and not yet published (or published by recovery later).
+            pass
+        # Indexed a moment ago and not yet published (or published by recovery later).
+        try:
+            return self._spare_path(object_id).read_bytes()
+        except FileNotFoundError:
             return self._staged(object_id).read_bytes()
 
     def delete(self, object_id: str) -> None:

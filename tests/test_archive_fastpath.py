@@ -1,0 +1,177 @@
+"""The archive's fast path: group commit, primary-key caches, spare staging files.
+
+Each concurrent ``store`` must return only once its own row is committed and its object
+durable; caches may only ever hold committed rows; a failing item of a group commit fails
+alone; staging leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from pacsvault.index.models import Instance, Series, Study
+from pacsvault.storage.archive import Archive, StoreStatus
+from pacsvault.storage.objects import ObjectStore
+from pacsvault.vault import Vault, create
+from tests import corpus
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Any:
+    create(tmp_path / "data", key_file=tmp_path / "key")
+    opened = Vault.open(tmp_path / "data", tmp_path / "key")
+    yield opened
+    opened.close()
+
+
+def _series(tmp: Path, name: str, count: int, *, study: str | None = None,
+            modality: str = "CT") -> list[bytes]:
+    """``count`` slices of one new series (in ``study`` if given), as bytes."""
+    files = corpus.synthetic_ct_series(tmp / name, count, size=16)
+    out = []
+    series_uid = generate_uid()
+    for f in files:
+        ds = dcmread(f)
+        if study is not None:
+            ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = modality
+        ds.save_as(f, enforce_file_format=True)
+        out.append(f.read_bytes())
+    return out
+
+
+def _visible_elsewhere(vault: Vault, sop_uid: str) -> bool:
+    """Committed: another connection sees the row."""
+    with vault.engine.connect() as conn:
+        return conn.scalar(select(Instance.pk).where(Instance.sop_uid == sop_uid)) is not None
+
+
+def test_concurrent_stores_each_durable_and_counted(vault: Vault, tmp_path: Path) -> None:
+    first = _series(tmp_path, "a", 12)
+    study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
+                .StudyInstanceUID)
+    streams = [first, _series(tmp_path, "b", 12, study=study, modality="MR"),
+               _series(tmp_path, "c", 12, study=study, modality="CT"),
+               _series(tmp_path, "d", 12)]
+    seen: list[bool] = []
+    lock = threading.Lock()
+
+    def push(raws: list[bytes]) -> None:
+        for raw in raws:
+            result = vault.archive.store(raw)
+            assert result.status is StoreStatus.STORED
+            # The moment store returns, the row is committed and the object readable.
+            ok = _visible_elsewhere(vault, result.sop_uid)
+            item = next(vault.archive.locate(sop_uid=result.sop_uid))
+            ok = ok and vault.archive.read(item) == raw
+            with lock:
+                seen.append(ok)
+
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(push, raws) for raws in streams]:
+            f.result()
+    assert seen == [True] * 48
+    counts = vault.archive.counts()
+    assert (counts["instances"], counts["series"]) == (48, 4)
+    with vault.sessions() as session:
+        studies = {s.study_uid: s for s in session.scalars(select(Study))}
+        for s in studies.values():
+            assert s.num_instances == sum(
+                x.num_instances for x in session.scalars(select(Series).where(
+                    Series.study_pk == s.pk)))
+        shared = studies[study]
+        assert (shared.num_series, shared.num_instances) == (2, 24)
+        assert shared.modalities == "CT\\MR"
+    # nothing left staged (spares are empty placeholders)
+    root = vault.objects.root
+    assert list((root / ".tmp").iterdir()) == []
+    assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())
+
+
+def test_same_instance_from_two_associations_is_stored_once(
+        vault: Vault, tmp_path: Path) -> None:
+    raws = _series(tmp_path, "dup", 6)
+    barrier = threading.Barrier(2)
+
+    def push() -> list[StoreStatus]:
+        barrier.wait()
+        return [vault.archive.store(raw).status for raw in raws]
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = (f.result() for f in [pool.submit(push), pool.submit(push)])
+    for x, y in zip(a, b, strict=True):
+        assert Counter([x, y]) == Counter([StoreStatus.STORED, StoreStatus.DUPLICATE])
+    assert vault.archive.counts()["instances"] == 6
+
+
+def test_failing_item_fails_alone_and_caches_hold_committed_rows_only(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive: Archive = vault.archive
+    raws = _series(tmp_path, "f", 8)
+    archive.store(raws[0])
+    bad_sop = str(dcmread(tmp_path / "f" / "ct0003.dcm").SOPInstanceUID)
+    original = Archive._index_one
+
+    def flaky(self: Archive, conn: Any, item: Any, *args: Any) -> None:
+        original(self, conn, item, *args)
+        if item.parsed.sop_uid == bad_sop:
+            raise RuntimeError("simulated index failure")
+
+    monkeypatch.setattr(Archive, "_index_one", flaky)
+    results: dict[int, object] = {}
+
+    def push(i: int) -> None:
+        try:
+            results[i] = archive.store(raws[i]).status
+        except RuntimeError as exc:
+            results[i] = exc
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(push, range(1, 8)))
+    assert isinstance(results[3], RuntimeError)
+    assert all(results[i] is StoreStatus.STORED for i in (1, 2, 4, 5, 6, 7))
+    assert not _visible_elsewhere(vault, bad_sop)
+    monkeypatch.setattr(Archive, "_index_one", original)
+    assert archive.store(raws[3]).status is StoreStatus.STORED
+    assert archive.counts()["instances"] == 8
+
+    # A new series whose commit fails is not cached: the next store creates the row.
+    other = _series(tmp_path, "g", 2)
+
+    def failing_commit(self: Archive, batch: list[Any]) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(Archive, "_index_batch", failing_commit)
+    with pytest.raises(RuntimeError):
+        archive.store(other[0])
+    monkeypatch.undo()
+    archive.forget()
+    for raw in other:
+        assert archive.store(raw).status is StoreStatus.STORED
+    assert archive.counts()["series"] == 2
+
+
+def test_spares_are_durable_and_settled_by_recovery(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "objects")
+    store.create()
+    kept = store.stage_spare([b"ciphertext-kept"])
+    dropped = store.stage_spare([b"ciphertext-dropped"])
+    assert store.read(kept) == b"ciphertext-kept"  # readable while staged
+    spares = list((tmp_path / "objects" / ".spare").iterdir())
+    assert len(spares) > 2  # a batch of empty placeholders was created at once
+    result = ObjectStore(tmp_path / "objects").recover(lambda object_id: object_id == kept)
+    # unused empty spares are removed without counting as discarded objects
+    assert (result.published, result.discarded) == (1, 1)
+    assert store.path(kept).read_bytes() == b"ciphertext-kept"
+    assert not store.path(dropped).exists()
+    assert list((tmp_path / "objects" / ".spare").iterdir()) == []
