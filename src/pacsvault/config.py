@@ -71,7 +71,8 @@ class WebSettings(_Strict):
     # "lan": only the trusted networks may connect; "internet": anyone may reach the sign-in
     # page (admin functions still refuse outside sources).
     remote_access: str = Field("lan", pattern="^(lan|internet)$")
-    session_idle_minutes: int = Field(30, ge=1)
+    # Fractional minutes are accepted (tests use a few seconds).
+    session_idle_minutes: float = Field(30, gt=0)
     session_absolute_hours: int = Field(12, ge=1)
     # A certificate of your own (e.g. from your IT provider); default: the vault's CA.
     cert_file: str = ""
