@@ -52,9 +52,9 @@ class ErrorLog:
 
     def _console(self, message: Any) -> None:
         text = str(message.text)
-        if message.type == "error" or "Content Security Policy" in text:
-            if not any(p.search(text) for p in IGNORED):
-                self.entries.append(f"console.{message.type}: {text[:500]}")
+        relevant = message.type == "error" or "Content Security Policy" in text
+        if relevant and not any(p.search(text) for p in IGNORED):
+            self.entries.append(f"console.{message.type}: {text[:500]}")
 
     def clear(self) -> None:
         self.entries.clear()

@@ -193,7 +193,7 @@ def test_every_corpus_transfer_syntax_displays(site: Site, doctor: Doctor) -> No
         page.goto(f"{site.base}/viewer?StudyInstanceUIDs={f.study_uid}")
         try:
             wait_for_image(page)
-        except Exception:  # noqa: BLE001 - collect every failure, then report them all
+        except Exception:  # collect every failure, then report them all
             shot(page, f"corpus-FAILED-{f.path.stem}")
             failed.append(f"{f.path.name} ({f.transfer_syntax})")
             continue
@@ -245,7 +245,7 @@ def test_expired_session_returns_to_the_study_after_sign_in(
         tmp_path: Path, browser: Any) -> None:
     # 0.1 minute of inactivity ends a session: the viewer must send the doctor to the
     # sign-in page and, after it, back to the study that was open.
-    vault, server = _build_site(tmp_path / "expiring", idle_minutes="0.1")
+    _, server = _build_site(tmp_path / "expiring", idle_minutes="0.1")
     try:
         ct = browser_data.knee_ct(tmp_path / "ct", count=4, size=128)
         _store(server, ct.files)
