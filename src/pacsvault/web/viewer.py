@@ -186,8 +186,10 @@ def _principal(request: Request) -> Principal | None:
 
 
 def _next_url(request: Request) -> str:
+    """Sign-in, then back here. The study list keeps its search filters (patient names)
+    in its query string: those are dropped, only a viewer URL (study UIDs) is kept."""
     target = request.url.path
-    if request.url.query:
+    if request.url.query and target != "/":
         target += "?" + request.url.query
     return "/login?next=" + quote(target, safe="")
 
