@@ -1,0 +1,186 @@
+"""The practice's admin in a real Chromium: adds a colleague and registers a new ultrasound
+unit from the pages (the unit can send at once with dcmtk's storescu), the colleague signs
+in with the keyboard only on a tablet-sized screen and registers a passkey (Chromium's
+virtual authenticator) that then replaces the code at sign-in. No page scrolls sideways on
+a 10-inch tablet, and no JavaScript error or CSP violation happens on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import corpus
+from tests.browser import (
+    ErrorLog,
+    chromium,
+    first_sign_in,
+    new_page,
+    password_step,
+    shot,
+)
+from tests.helpers import Server, VaultDir, echoscu, events, make_vault, start_server, storescu
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TABLET_PORTRAIT, TABLET_LANDSCAPE = (800, 1280), (1280, 800)
+
+
+@dataclass
+class Site:
+    vault: VaultDir
+    server: Server
+    base: str
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    vault = make_vault(tmp_path_factory.mktemp("admin"))
+    server = start_server(vault)
+    try:
+        yield Site(vault, server, f"https://localhost:{server.https_port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as b:
+        yield b
+
+
+@dataclass
+class Colleague:
+    name: str
+    password: str
+
+
+@pytest.fixture(scope="module")
+def admin_session(site: Site, browser: Any) -> Iterator[tuple[Any, ErrorLog]]:
+    errors = ErrorLog()
+    page = new_page(browser, locale="fr-FR", errors=errors, viewport=TABLET_LANDSCAPE)
+    first_sign_in(page, site.base, "admin", site.vault.admin_password)
+    yield page, errors
+    page.context.close()
+
+
+def _no_sideways_scroll(page: Any) -> None:
+    width = page.evaluate("document.documentElement.scrollWidth")
+    inner = page.evaluate("window.innerWidth")
+    assert width <= inner, f"{page.url} scrolls sideways ({width} > {inner})"
+
+
+def test_admin_lands_on_the_health_panel(site: Site, admin_session: tuple[Any, ErrorLog]
+                                         ) -> None:
+    page, errors = admin_session
+    # An admin without the physician role has no study list: the health panel instead.
+    assert page.url.endswith("/admin/health"), page.url
+    assert page.locator("html").get_attribute("lang") == "fr"
+    shot(page, "admin-health")
+    _no_sideways_scroll(page)
+    assert errors.entries == []
+
+
+def test_admin_adds_a_colleague_and_an_ultrasound_unit(
+        site: Site, admin_session: tuple[Any, ErrorLog], tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    page, errors = admin_session
+    page.goto(site.base + "/admin/users")
+    _no_sideways_scroll(page)
+    form = page.locator("form#add-user")
+    form.locator("input[name=name]").fill("drdupont")
+    form.locator("input[name=roles][value=physician]").check()
+    with page.expect_navigation():
+        form.locator("button[type=submit]").click()
+    password = page.locator("#one-time-secret").inner_text().strip()
+    assert len(password) >= 12
+    shot(page, "admin-user-added")
+    request.config.cache.set("pacsvault/colleague", ["drdupont", password])
+
+    page.goto(site.base + "/admin/nodes")
+    form = page.locator("form#add-node")
+    form.locator("input[name=ae_title]").fill("ECHO_SALLE2")
+    form.locator("input[name=host]").fill("127.0.0.1")
+    form.locator("input[name=roles][value=store]").check()
+    with page.expect_navigation():
+        form.locator("button[type=submit]").click()
+    assert page.get_by_text("ECHO_SALLE2").count() >= 1
+    shot(page, "admin-node-added")
+    _no_sideways_scroll(page)
+
+    # The new unit sends at once: no restart, no config file.
+    us = next(f for f in corpus.build(tmp_path / "corpus") if "examples_ybr" in f.path.name)
+    assert echoscu(site.server.port, calling="ECHO_SALLE2").returncode == 0
+    result = storescu(site.server.port, [us.path], calling="ECHO_SALLE2", extra=us.proposal)
+    assert result.returncode == 0, result.stderr
+    assert [e["user"] for e in events(site.vault, "node.add")] == ["admin"]
+    assert errors.entries == []
+
+
+def test_colleague_signs_in_with_the_keyboard_on_a_tablet_and_adds_a_passkey(
+        site: Site, browser: Any, request: pytest.FixtureRequest) -> None:
+    name, password = request.config.cache.get("pacsvault/colleague", None) or ("", "")
+    if not name:
+        pytest.skip("needs the previous test's colleague")
+    errors = ErrorLog()
+    page = new_page(browser, locale="fr-FR", errors=errors, viewport=TABLET_PORTRAIT)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("WebAuthn.enable")
+    cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
+        "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
+        "hasUserVerification": True, "isUserVerified": True,
+        "automaticPresenceSimulation": True,
+    }})
+
+    # Keyboard only: Tab to the user name, type, Tab, type, Enter.
+    page.goto(site.base + "/")
+    _no_sideways_scroll(page)
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement && document.activeElement.name") == "name":
+            break
+    else:
+        raise AssertionError("the user name field cannot be reached with Tab")
+    page.keyboard.type(name)
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.name") == "password"
+    page.keyboard.type(password)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert "/login/enrol" in page.url, page.url
+    shot(page, "tablet-enrol")
+    _no_sideways_scroll(page)
+    page.goto(site.base + "/login")  # start again with the app instead (first_sign_in)
+    page.context.clear_cookies()
+    first_sign_in(page, site.base, name, password)
+
+    # The study list shows the ultrasound the new unit just sent.
+    page.goto(site.base + "/")
+    page.get_by_text("Quetzal").first.wait_for()
+    shot(page, "tablet-study-list")
+
+    # A passkey from the account page (passkey.js in a real browser).
+    page.goto(site.base + "/account")
+    _no_sideways_scroll(page)
+    page.locator("#passkey-label").fill("tablette")
+    page.locator("#passkey-create").click()
+    page.get_by_text("tablette").first.wait_for()
+    shot(page, "account-passkey-added")
+
+    # Sign out, then in with password + passkey instead of the code.
+    with page.expect_navigation():
+        page.locator("form[action='/logout'] button").first.click()
+    password_step(page, site.base, name, password)
+    assert "/login/second-factor" in page.url, page.url
+    with page.expect_navigation():
+        page.locator("#passkey-get").click()
+    assert page.url.rstrip("/") == site.base, page.url
+    page.get_by_text("Quetzal").first.wait_for()
+    sign_ins = [e for e in events(site.vault, "auth.login") if e["user"] == name]
+    assert len(sign_ins) == 2, sign_ins  # with the app, then with the passkey
+    assert errors.entries == []
+    page.context.close()
