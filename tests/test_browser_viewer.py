@@ -202,6 +202,16 @@ def test_every_corpus_transfer_syntax_displays(site: Site, doctor: Doctor) -> No
     _clean(doctor.errors)
 
 
+def test_no_patient_data_in_the_server_log(site: Site, doctor: Doctor) -> None:
+    # OHIF's searches carry patient names and IDs in their query strings: none may reach
+    # the log (no access log; errors never quote a request).
+    log = site.server.log()
+    assert "dicom-web" not in log
+    for secret in [*corpus.secrets_of(site.corpus), "Lefebvre", "PVKNEE001", "Moreau",
+                   "PVKNEE002"]:
+        assert secret not in log, secret
+
+
 def test_physician_cannot_open_admin_pages(site: Site, doctor: Doctor) -> None:
     for path in ("/admin/users", "/admin/nodes", "/admin/health"):
         response = doctor.page.goto(site.base + path)
