@@ -69,7 +69,6 @@ IMAGE_DEFAULTS = (
 STUDY_COMPUTED = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
                   "ModalitiesInStudy", "SOPClassesInStudy")
 SERIES_COMPUTED = ("NumberOfSeriesRelatedInstances",)
-_DROP = (0x00080052, 0x00080054)  # QueryRetrieveLevel, RetrieveAETitle: C-FIND only
 
 # Attributes of the patient, study and series levels (for includefield=all).
 PATIENT_GROUP = 0x0010
@@ -379,22 +378,31 @@ class _Lookups:
         return value if isinstance(value, dict) else {}
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return str(value).strip() if value is not None else ""
+def _json_text(answer: dict[str, Any], tag: str) -> str:
+    values = (answer.get(tag) or {}).get("Value") or []
+    return str(values[0]).strip() if values and values[0] is not None else ""
+
+
+def _put_json(answer: dict[str, Any], tag: str, vr: str, value: Any) -> None:
+    values = value if isinstance(value, list) else [value]
+    answer[tag] = {"vr": vr, "Value": values} if values else {"vr": vr}
+
+
+_TAG_NUM_STUDY_SERIES = "00201206"
+_TAG_NUM_STUDY_INSTANCES = "00201208"
+_TAG_MODALITIES = "00080061"
+_TAG_SOP_CLASSES = "00080062"
+_TAG_NUM_SERIES_INSTANCES = "00201209"
 
 
 def _finish(
-    ds: Dataset, query: QidoQuery, lookups: _Lookups, base: str
+    answer: dict[str, Any], query: QidoQuery, wanted: set[str], lookups: _Lookups, base: str
 ) -> dict[str, Any] | None:
-    """Complete one engine answer; None if the answer fails a match made here."""
-    for tag in _DROP:
-        if tag in ds:
-            del ds[tag]
-    study_uid = _text(ds, "StudyInstanceUID")
-    series_uid = _text(ds, "SeriesInstanceUID")
-    sop_uid = _text(ds, "SOPInstanceUID")
-    wanted = {elem.keyword for elem in query.identifier}
+    """Complete one engine answer (DICOM JSON); None if it fails a match made here."""
+    out = answer
+    study_uid = _json_text(out, "0020000D")
+    series_uid = _json_text(out, "0020000E")
+    sop_uid = _json_text(out, "00080018")
     if query.level != "STUDY" and (wanted & set(STUDY_COMPUTED) or query.modalities):
         facts = lookups.study(study_uid)
         if facts is not None:
@@ -402,22 +410,17 @@ def _finish(
                     query.modalities.matches(m) for m in facts[2]):
                 return None
             if "NumberOfStudyRelatedSeries" in wanted:
-                ds.NumberOfStudyRelatedSeries = facts[0]
+                _put_json(out, _TAG_NUM_STUDY_SERIES, "IS", facts[0])
             if "NumberOfStudyRelatedInstances" in wanted:
-                ds.NumberOfStudyRelatedInstances = facts[1]
+                _put_json(out, _TAG_NUM_STUDY_INSTANCES, "IS", facts[1])
             if "ModalitiesInStudy" in wanted:
-                ds.ModalitiesInStudy = facts[2]
+                _put_json(out, _TAG_MODALITIES, "CS", facts[2])
             if "SOPClassesInStudy" in wanted:
-                ds.SOPClassesInStudy = lookups.sop_classes(study_uid)
+                _put_json(out, _TAG_SOP_CLASSES, "UI", lookups.sop_classes(study_uid))
     if query.level == "IMAGE" and "NumberOfSeriesRelatedInstances" in wanted:
         count = lookups.series_count(series_uid)
         if count is not None:
-            ds.NumberOfSeriesRelatedInstances = count
-    out: dict[str, Any] = ds.to_json_dict()
-    if "Value" not in out.get("00080061", {"Value": True}):
-        # A study whose objects carry no Modality: leave the attribute out rather than
-        # send it empty, which OHIF's study list cannot read (the whole list fails).
-        del out["00080061"]
+            _put_json(out, _TAG_NUM_SERIES_INSTANCES, "IS", count)
     if query.include_all:
         uid = {"STUDY": study_uid, "SERIES": series_uid, "IMAGE": sop_uid}[query.level]
         for tag_hex, entry in lookups.meta(query.level, uid).items():
@@ -446,11 +449,12 @@ def search(vault: Vault, query: QidoQuery, base: str) -> QidoResult:
     answers: list[dict[str, Any]] = []
     more = False
     skipped = 0
-    found = engine.find(query.level, _engine_identifier(query), root="STUDY",
-                        accessed=disclosed)
+    found = engine.find_json(query.level, _engine_identifier(query), root="STUDY",
+                             accessed=disclosed)
+    wanted = {elem.keyword for elem in query.identifier}
     try:
-        for ds in found:
-            answer = _finish(ds, query, lookups, base)
+        for raw in found:
+            answer = _finish(raw, query, wanted, lookups, base)
             if answer is None:
                 continue
             if skipped < query.offset:
