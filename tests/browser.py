@@ -84,7 +84,7 @@ def new_page(browser: Any, *, locale: str = "en-US", errors: ErrorLog | None = N
         viewport={"width": viewport[0], "height": viewport[1]},
         extra_http_headers={"Accept-Language": f"{locale},{locale.split('-')[0]};q=0.9"},
     )
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(30_000)  # generous: CI machines are small
     page = context.new_page()
     if errors is not None:
         errors.attach(page)
@@ -152,7 +152,7 @@ def canvas_is_blank(page: Any) -> bool:
     return bool(high - low < 16)
 
 
-def wait_for_image(page: Any, timeout: float = 30.0) -> None:
+def wait_for_image(page: Any, timeout: float = 45.0) -> None:
     """Until the viewport canvas shows something (OHIF paints black first)."""
     page.locator(CANVAS).first.wait_for(state="visible")
     deadline = time.monotonic() + timeout

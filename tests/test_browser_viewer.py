@@ -171,6 +171,38 @@ def test_ct_scroll_and_window_level_change_the_pixels(site: Site, doctor: Doctor
     _clean(doctor.errors)
 
 
+def _drag(page: Any, dx: float, dy: float, start: tuple[float, float] = (0.5, 0.5)) -> None:
+    box = page.locator(CANVAS).first.bounding_box()
+    x = box["x"] + box["width"] * start[0]
+    y = box["y"] + box["height"] * start[1]
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + dx, y + dy, steps=10)
+    page.mouse.up()
+
+
+def test_ct_zoom_pan_and_length_measurement(site: Site, doctor: Doctor) -> None:
+    """The other tools a radiologist expects, from OHIF's toolbar."""
+    page = doctor.page
+    doctor.errors.clear()
+    _open_from_list(page, site.base, "Lefebvre")
+    before = canvas_digest(page)
+    page.locator("[data-cy='Zoom']").first.click()
+    _drag(page, 0, -120)
+    zoomed = wait_for_change(page, before)
+    page.locator("[data-cy='Pan']").first.click()
+    _drag(page, 90, 40)
+    wait_for_change(page, zoomed)
+    shot(page, "ct-4-zoom-pan")
+    page.locator("[data-cy='MeasurementTools-split-button-primary']").first.click()
+    _drag(page, 120, 0, start=(0.4, 0.5))
+    # The length is drawn as an annotation over the image, with its value in mm.
+    page.locator("[data-annotation-uid]").first.wait_for()
+    assert page.get_by_text("mm").count() >= 1
+    shot(page, "ct-5-length")
+    _clean(doctor.errors)
+
+
 def test_jpeg2000_mr_scroll_and_window_level(site: Site, doctor: Doctor) -> None:
     doctor.errors.clear()
     _read_series(doctor, site.base, "Moreau", "mr-j2k")
