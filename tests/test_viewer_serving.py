@@ -283,10 +283,13 @@ def test_assets_gzip_cache_and_policy(site: Site) -> None:
 
 def test_unknown_hidden_trimmed_and_outside_files_are_not_found(site: Site) -> None:
     (site.root / "secret.txt").write_text("outside the viewer")
-    # A last segment without a dot is one of OHIF's client-side routes: the index page,
-    # never a file (``/etc/passwd`` here); a 404 would do as well.
+    # Dot segments are refused outright, whatever the last segment looks like.
     for path in ("/..%2F..%2Fetc%2Fpasswd", "/..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
-                 "/assets/..%2F..%2Fsecret", "/_headers", "/_redirects"):
+                 "/assets/..%2F..%2Fsecret"):
+        assert site.doctor.get(path).status_code == 404, path
+    # A last segment without a dot is one of OHIF's client-side routes: the index page,
+    # never a file; a 404 would do as well.
+    for path in ("/_headers", "/_redirects"):
         res = site.doctor.get(path)
         assert res.status_code in (200, 404), (path, res.status_code)
         assert b"root:" not in res.content and b"outside the viewer" not in res.content

@@ -90,7 +90,11 @@ def _extract_dist(data: bytes, into: Path) -> None:
     """Extract ``package/dist/**`` only, with tarfile's "data" filter (no links out,
     no absolute paths, no device files)."""
     prefix = "package/dist/"
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz")  # noqa: SIM115
+    except tarfile.TarError as exc:
+        raise ViewerError("the viewer package is not a valid archive") from exc
+    with archive:
         members = []
         for member in archive.getmembers():
             if not member.name.startswith(prefix) or member.name == prefix:
@@ -101,7 +105,10 @@ def _extract_dist(data: bytes, into: Path) -> None:
                 continue
             member.name = relative
             members.append(member)
-        archive.extractall(into, members=members, filter="data")
+        try:
+            archive.extractall(into, members=members, filter="data")
+        except tarfile.TarError as exc:
+            raise ViewerError("the viewer package is malformed; nothing was installed") from exc
 
 
 def _compress(root: Path) -> None:
@@ -167,8 +174,9 @@ class ViewerDist:
             return None
         if relative == MARKER:
             return None
-        path = self.root.joinpath(*parts)
-        return path if path.is_file() else None
+        path = self.root.joinpath(*parts).resolve()
+        # resolve(): a symbolic link planted in the cache must not serve a file elsewhere.
+        return path if path.is_relative_to(self.root) and path.is_file() else None
 
 
 def load(directory: Path | None = None, release: Release = PINNED) -> ViewerDist | None:

@@ -262,9 +262,13 @@ def _asset(request: Request, viewer: ServedViewer, path: Path) -> Response:
 @router.get("/{path:path}")
 def viewer_files(request: Request, path: str) -> Response:
     """OHIF's files, and its client-side routes (``/viewer`` ...). Registered last."""
+    segments = path.split("/")
+    if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p for p in segments):
+        raise HTTPException(404, "not found")
+    if path == "index.html":
+        return RedirectResponse("/", status_code=303)
     principal = _principal(request)
-    last = path.rsplit("/", 1)[-1]
-    is_route = "." not in last
+    is_route = "." not in segments[-1]
     if principal is None:
         if is_route:
             return RedirectResponse(_next_url(request), status_code=303)
