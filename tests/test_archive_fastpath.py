@@ -92,7 +92,8 @@ def test_concurrent_stores_each_durable_and_counted(vault: Vault, tmp_path: Path
         shared = studies[study]
         assert (shared.num_series, shared.num_instances) == (2, 24)
         assert shared.modalities == "CT\\MR"
-    # nothing left staged (spares are empty placeholders)
+    # nothing left staged once publications settled (spares are empty placeholders)
+    vault.archive.settle()
     root = vault.objects.root
     assert list((root / ".tmp").iterdir()) == []
     assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())

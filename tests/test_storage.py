@@ -36,6 +36,7 @@ def test_store_leaves_nothing_staged_and_detects_swapped_files(tmp_path: Path) -
         for f in files:
             vault.archive.store(f.read_bytes())
         assert list((tmp_path / "data" / "objects" / ".tmp").iterdir()) == []
+        vault.archive.settle()  # publication (the rename into place) runs after store
         a, b = list(vault.archive.locate())
         assert vault.archive.read(a) == files[0].read_bytes()
         # An attacker with write access swaps two ciphertext files: both fail to open.

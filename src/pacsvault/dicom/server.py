@@ -8,9 +8,11 @@ for the DIMSE services.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import ssl
+import struct
 import threading
 import traceback
 import weakref
@@ -19,7 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import (
+    AE,
+    DEFAULT_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -39,6 +48,7 @@ from pacsvault.dicom.qr import (
     denied_contexts,
     store_outcome,
 )
+from pacsvault.dicom.reactor import accelerate
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.objects import DiskFullError
@@ -262,7 +272,7 @@ class DicomService:
             return STATUS_PROCESSING_FAILURE
         try:
             result = self.vault.archive.store(
-                event.encoded_dataset(include_meta=True),
+                part10(event),
                 source_ae=node.ae_title,
                 expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
                 expected_sop_class=str(request.AffectedSOPClassUID or ""),
@@ -333,6 +343,54 @@ class DicomService:
         )
 
 
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002."""
+    group, elem = tag >> 16, tag & 0xFFFF
+    if vr in (b"OB", b"UN", b"OW", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """The preamble, prefix and group 0002 exactly as pynetdicom's ``encode_file_meta``
+    writes them (proved by a test), without building pydicom datasets per image."""
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _ui(sop_class)),
+        _element(0x00020003, b"UI", _ui(sop_instance)),
+        _element(0x00020010, b"UI", _ui(transfer_syntax)),
+        _element(0x00020012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
+        _element(0x00020013, b"SH", version),
+    ))
+    length = _element(0x00020000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + length + body
+
+
+def part10(event: evt.Event) -> bytes:
+    """The received C-STORE dataset as a Part 10 stream (``encoded_dataset(True)``)."""
+    request = event.request
+    assert isinstance(request, C_STORE)
+    uids = (str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax or ""))
+    data = request.DataSet
+    if not isinstance(data, io.BytesIO) or not all(
+            0 < len(u) <= 64 and u.isascii() and "\x00" not in u for u in uids):
+        return bytes(event.encoded_dataset(include_meta=True))
+    view = data.getbuffer()
+    try:
+        return b"".join((_file_meta(*uids), view))
+    finally:
+        view.release()
+
+
 class _PolicyServer(ThreadedAssociationServer):
     """Filters connections by source address; TLS happens in the connection's thread."""
 
@@ -384,6 +442,7 @@ class _PolicyRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        accelerate(assoc)
         self.pv_service._register(assoc, self._pv_peer)
         assoc.acse = _PolicyACSE(assoc, self.pv_service)
         return assoc

@@ -16,9 +16,9 @@ Speed without weakening that order:
 - **group commit**: concurrent stores (several associations) hand their staged objects to
   whichever of them is committing; that one writes every row in one transaction. Each
   ``store`` still returns only after the commit that holds its own row;
-- publishing (the rename into ``ab/cd/``) is not fsync'ed: a crash leaves the object
-  either published or still staged and named by the index, which reads find and
-  ``recover`` publishes at the next start.
+- publishing (the rename into ``ab/cd/``) runs in a worker after ``store`` returned and is
+  not fsync'ed: a crash leaves the object either published or still staged and named by
+  the index, which reads find and ``recover`` publishes at the next start.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import logging
 import secrets
 import threading
 import uuid
@@ -45,6 +46,8 @@ from pacsvault.dicom.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.storage.objects import ObjectStore, Recovery
+
+log = logging.getLogger("pacsvault.storage")
 
 _HEADER_OVERHEAD = 4096
 _MAX_BATCH = 64
@@ -130,6 +133,7 @@ class Archive:
         # How SQLAlchemy stores a DateTime on this engine, for the driver-level insert.
         processor = _instances.c.received.type.bind_processor(self._engine.dialect)
         self._received: Callable[[Any], Any] = processor or (lambda value: value)
+        self._publishing: set[Future[None]] = set()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="archive-stage")
 
     def forget(self) -> None:
@@ -203,8 +207,26 @@ class Archive:
         if pending.result is not None:  # known already (a re-send, or a race)
             self.objects.discard(object_id)
             return pending.result
-        self.objects.publish(object_id, durable=False)
+        # Durable and indexed: the rename into place is off the response's path (reads
+        # find the object staged meanwhile; a crash leaves it to ``recover``).
+        publishing = self._workers.submit(self.objects.publish, object_id, durable=False)
+        with self._cache_lock:
+            self._publishing.add(publishing)
+        publishing.add_done_callback(self._published)
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
+
+    def _published(self, done: Future[None]) -> None:
+        with self._cache_lock:
+            self._publishing.discard(done)
+        if done.exception() is not None:  # stays staged, indexed: recovery publishes it
+            log.error("publishing an object failed (%s)", type(done.exception()).__name__)
+
+    def settle(self) -> None:
+        """Wait for the publications still running (tests, shutdown)."""
+        with self._cache_lock:
+            pending = list(self._publishing)
+        for future in pending:
+            future.exception()
 
     def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> tuple[str, bytes]:
         """Encrypt and durably stage an object; (object id, SHA-256 of the plaintext)."""

@@ -55,6 +55,7 @@ class ObjectStore:
         self._spare = root / SPARE_DIR
         self._spares: list[str] = []
         self._spare_lock = threading.Lock()
+        self._known_dirs: set[Path] = set()
 
     def create(self) -> None:
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -149,11 +150,15 @@ class ObjectStore:
         """Move a staged object to its final place, durably unless ``durable=False`` (then
         a crash may leave it staged: still readable, and ``recover`` publishes it)."""
         final = self.path(object_id)
-        if not final.parent.is_dir():
+        if final.parent not in self._known_dirs and not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if durable:
                 _fsync_dir(final.parent.parent)
                 _fsync_dir(self.root)
+        if durable:
+            self._known_dirs.discard(final.parent)
+        else:
+            self._known_dirs.add(final.parent)  # at most 65,536: the ab/cd fan-out
         source = self._spare_path(object_id)
         try:
             os.replace(source, final)
@@ -189,15 +194,15 @@ class ObjectStore:
         return Recovery(published, discarded)
 
     def read(self, object_id: str) -> bytes:
-        try:
-            return self.path(object_id).read_bytes()
-        except FileNotFoundError:
-            pass
-        # Indexed a moment ago and not yet published (or published by recovery later).
-        try:
-            return self._spare_path(object_id).read_bytes()
-        except FileNotFoundError:
-            return self._staged(object_id).read_bytes()
+        # Indexed objects may still be staged (published a moment later, or by recovery):
+        # look again where a concurrent publication moves them.
+        for path in (self.path(object_id), self._spare_path(object_id),
+                     self._staged(object_id), self.path(object_id)):
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError("object file not found")
 
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)
