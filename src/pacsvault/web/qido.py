@@ -438,6 +438,11 @@ def _finish(
     if query.level == "IMAGE":
         url += f"/instances/{sop_uid}"
     out["00081190"] = {"vr": "UR", "Value": [url]}
+    if "Value" not in out.get(_TAG_MODALITIES, {"Value": True}):
+        # A study whose objects carry no Modality: leave the attribute out rather than
+        # send it empty, which OHIF's study list cannot read (the whole list fails).
+        # Kept by test_qido_for_ohif.py.
+        del out[_TAG_MODALITIES]
     return dict(sorted(out.items()))
 
 
