@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
+from pacsvault.dicom.answers import Answer, install
 from pacsvault.index.query import Accessed, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
 
@@ -93,6 +94,7 @@ def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
 
 class QueryRetrieve:
     def __init__(self, service: DicomService) -> None:
+        install()
         self._service = service
         self._vault = service.vault
         self.engine = QueryEngine(service.vault.sessions, service.vault.settings.server.ae_title)
@@ -130,8 +132,9 @@ class QueryRetrieve:
         accessed = Accessed()
         try:
             identifier, level = self._identifier(event)
-            answers = self.engine.find(level, identifier, root=self._root(event),
-                                       accessed=accessed)
+            # Answers stay DICOM JSON until pynetdicom encodes them (``answers``).
+            answers = (Answer(a) for a in self.engine.find_json(
+                level, identifier, root=self._root(event), accessed=accessed, for_dimse=True))
             matches = 0
             cancelled = False
             for answer in answers:

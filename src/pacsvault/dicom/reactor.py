@@ -32,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
+from pynetdicom.utils import make_target
 
 log = logging.getLogger("pacsvault.dicom")
 
@@ -196,6 +197,9 @@ class BulkSocket(AssociationSocket):
 def accelerate(assoc: Association) -> None:
     """Switch a just-created acceptor association (not started yet) to the classes above."""
     assoc.__class__ = FastAssociation
-    assoc.dul.__class__ = WakeableDUL
-    if type(assoc.dul.socket) is AssociationSocket:
-        assoc.dul.socket.__class__ = BulkSocket
+    dul = assoc.dul
+    dul.__class__ = WakeableDUL
+    # The DUL thread's target was bound to pynetdicom's run_reactor at construction.
+    dul._target = make_target(dul.run_reactor)  # type: ignore[attr-defined]
+    if type(dul.socket) is AssociationSocket:
+        dul.socket.__class__ = BulkSocket
