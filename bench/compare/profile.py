@@ -67,6 +67,32 @@ def idle(frame: str) -> bool:
     return frame.split(" (")[0].rsplit(".", 1)[-1] in IDLE or frame.endswith(SLEEP_LINES)
 
 
+# Where the time under these functions goes, line by line (the call each line makes).
+BREAKDOWN = ("Archive.store", "DicomService._on_store", "QueryRetrieve._send", "Archive.read")
+
+
+def by_line(path: Path, func: str) -> tuple[int, collections.Counter[str]]:
+    """Busy samples under ``func`` (outermost occurrence), by its line and the callee there."""
+    lines: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if idle(frames[-1]):
+            continue
+        idx = next((i for i, f in enumerate(frames) if f.startswith(func + " (")), None)
+        if idx is None:
+            continue
+        n = int(count)
+        total += n
+        here = frames[idx].rsplit(":", 1)[-1].rstrip(")")
+        callee = frames[idx + 1].split(" (")[0] if idx + 1 < len(frames) else "(self)"
+        lines[f"line {here}: {callee}"] += n
+    return total, lines
+
+
 def summary(path: Path, top: int = 25) -> str:
     """Top functions by inclusive and by self share, busy samples only (idle waits dropped)."""
     incl: collections.Counter[str] = collections.Counter()
@@ -93,4 +119,9 @@ def summary(path: Path, top: int = 25) -> str:
     out += [f"  {100 * n / total:5.1f} %  {f}" for f, n in incl.most_common(top)]
     out += ["", "self share:"]
     out += [f"  {100 * n / total:5.1f} %  {f}" for f, n in self_.most_common(top)]
+    for func in BREAKDOWN:
+        sub, lines = by_line(path, func)
+        if sub:
+            out += ["", f"under {func} ({100 * sub / total:.1f} % of busy samples), by line:"]
+            out += [f"  {100 * n / total:5.1f} %  {k}" for k, n in lines.most_common(12)]
     return "\n".join(out) + "\n"

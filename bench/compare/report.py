@@ -30,6 +30,7 @@ class Row:
     limit: str | None = None  # key of the limits dict
     samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
     checks: dict[str, str] = field(default_factory=dict)  # server -> "ok ..." / "MISMATCH ..."
+    informational: bool = False  # a fact about the servers, not a race (no "ahead")
 
     def value(self, server: str) -> float | None:
         v = self.samples[server]
@@ -45,9 +46,17 @@ class Row:
         a, b = self.value("pacsvault"), self.value("orthanc")
         return a / b if a is not None and b else None
 
+    def cell(self, server: str) -> str:
+        v = self.samples[server]
+        if not v:
+            return "-"
+        if self.stat == "p95" or len(v) == 1:
+            return _num(self.value(server))
+        return f"{_num(self.value(server))} ({_num(min(v))}–{_num(max(v))})"
+
     def ahead(self) -> bool | None:
         r = self.ratio()
-        if r is None:
+        if r is None or self.informational:
             return None
         return r >= 1 if self.higher_is_better else r <= 1
 
@@ -76,15 +85,6 @@ def _num(v: float | None) -> str:
     return f"{v:.2f}"
 
 
-def _cell(row: Row, server: str) -> str:
-    v = row.samples[server]
-    if not v:
-        return "-"
-    if row.stat == "p95" or len(v) == 1:
-        return _num(row.value(server))
-    return f"{_num(row.value(server))} ({_num(min(v))}–{_num(max(v))})"
-
-
 def markdown(rows: list[Row], limits: dict[str, float]) -> str:
     lines = [
         "| workload | metric | pacsvault | Orthanc | ratio pv/Orthanc | pacsvault ahead | "
@@ -102,7 +102,7 @@ def markdown(rows: list[Row], limits: dict[str, float]) -> str:
         if r.limit and r.limit in limits:
             label += f" {_num(limits[r.limit])}"
         lines.append(
-            f"| {r.workload} | {r.metric} | {_cell(r, 'pacsvault')} | {_cell(r, 'orthanc')} | "
+            f"| {r.workload} | {r.metric} | {r.cell('pacsvault')} | {r.cell('orthanc')} | "
             f"{_num(ratio) if ratio is not None else '-'} | {ahead} | {fr[0]} | {fr[1]} | "
             f"{label} |")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from bench.compare.workloads import (
     FRAME_ACCEPT,
     SERIES_ACCEPT,
     cget,
+    durability_syscalls,
     findscu,
     http_client,
     ingest,
@@ -75,10 +76,11 @@ class Bench:
     # --- helpers --------------------------------------------------------------------------
 
     def row(self, workload: str, metric: str, higher: bool, stat: str = "median",
-            limit: str | None = None) -> Row:
+            limit: str | None = None, informational: bool = False) -> Row:
         key = f"{workload}|{metric}"
         if key not in self.rows:
-            self.rows[key] = Row(workload, metric, higher, stat, limit)
+            self.rows[key] = Row(workload, metric, higher, stat, limit,
+                                 informational=informational)
         return self.rows[key]
 
     def check(self, row: Row, server: str, ok: bool, what: str) -> None:
@@ -162,8 +164,17 @@ class Bench:
         try:
             for t in targets.values():
                 t.start()
+            probe = c.of_kind("CT")[:50]
+            sync_row = self.row(f"fsync-like calls per stored image (strace, {len(probe)} CT)",
+                                "calls/image", False, informational=True)
             for s in SERVERS:
-                res = ingest(targets[s], c.files(c.main), 4, self.work / "loaded" / f"{s}-logs")
+                logs = self.work / "loaded" / f"{s}-logs"
+                calls = durability_syscalls(targets[s], c.files(probe), logs / "strace")
+                if calls is not None:
+                    sync_row.samples[s].append(sum(calls.values()) / len(probe))
+                    log(f"{s}: durability calls while storing {len(probe)} images: {calls}")
+                rest = [i for i in c.main if i not in probe]
+                res = ingest(targets[s], c.files(rest), 4, logs)
                 log(f"loaded {s}: {res.seconds:.1f} s")
             clients = {s: http_client(targets[s]) for s in SERVERS}
             loaded_label = f"{len(c.studies(c.main))} studies"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -131,3 +133,33 @@ def cget(target: Target, study: str, out: Path) -> Retrieved:
         raise RuntimeError(f"getscu from {target.name} rc {proc.returncode}: "
                            f"{proc.stderr[-1500:]}")
     return Retrieved(secs, sum(p.stat().st_size for p in out.iterdir()))
+
+
+DURABILITY_CALLS = ("fsync", "fdatasync", "sync_file_range", "sync", "syncfs")
+
+
+def durability_syscalls(target: Target, files: list[Path], logs: Path) -> dict[str, int] | None:
+    """Count fsync-like system calls of the server while it stores ``files`` (one
+    association, strace attached to every thread): how durable an acknowledgement is.
+    None when strace is not installed."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    logs.mkdir(parents=True, exist_ok=True)
+    out = logs / "strace.txt"
+    proc = subprocess.Popen([strace, "-f", "-c", "-e", "trace=" + ",".join(DURABILITY_CALLS),
+                             "-o", str(out), "-p", str(target.pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attach to every thread before the first byte
+    try:
+        push(target.dicom_port, target.called_ae, files, 1, target.scu_tls, logs)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    counts = dict.fromkeys(DURABILITY_CALLS, 0)
+    for line in out.read_text().splitlines():
+        cols = line.split()
+        if cols and cols[-1] in counts and cols[3].isdigit():
+            counts[cols[-1]] = int(cols[3])
+    return counts
