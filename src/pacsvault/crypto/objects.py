@@ -99,13 +99,14 @@ def decrypt(blob: bytes, data_key: bytes, identity: str) -> bytes:
     if len(body) < _TAG:
         raise ObjectFormatError("object truncated")
     count = max(1, -(-len(body) // step))
-    out = bytearray()
     try:
-        for i in range(count):
-            piece = bytes(body[i * step : (i + 1) * step])
-            out += cipher.decrypt(_nonce(i, i == count - 1), piece, aad)
+        # memoryview slices: no copy of the ciphertext; one join for several chunks
+        pieces = [
+            cipher.decrypt(_nonce(i, i == count - 1), body[i * step : (i + 1) * step], aad)
+            for i in range(count)
+        ]
     except InvalidTag:
         raise ObjectFormatError(
             "object failed authentication (altered, truncated, or not this instance)"
         ) from None
-    return bytes(out)
+    return pieces[0] if count == 1 else b"".join(pieces)

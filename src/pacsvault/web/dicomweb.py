@@ -23,6 +23,7 @@ and negotiation choices are documented in ``qido``, ``wado``, ``stow`` and ``ren
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -263,24 +264,38 @@ async def _retrieve(
     await _accessed(request, who, resource, items, instance_level=sop is not None)
     boundary = new_boundary()
 
+    def part(item: wado.Located, syntax: str) -> bytes:
+        """One whole part (headers, object, CRLF): one write per instance."""
+        data = wado.instance_bytes(vault, item, syntax)
+        return b"".join((
+            part_header(boundary, f"application/dicom; transfer-syntax={syntax}", len(data)),
+            data, b"\r\n"))
+
     async def body() -> AsyncIterator[bytes]:
-        for item, syntax in zip(items, choices, strict=True):
-            assert syntax is not None
-            try:
-                data = await run_in_threadpool(wado.instance_bytes, vault, item, syntax)
-            except Exception as exc:
-                log.error("an instance could not be read for WADO-RS (%s)", type(exc).__name__)
-                await _record(request, who, "dicomweb.retrieve", EventCode.INSTANCES_ACCESSED,
-                              Outcome.SERIOUS_FAILURE,
-                              message="an instance could not be read; the answer was cut",
-                              detail={"resource": resource},
-                              study_uids=(item.stored.study_uid,), sop_uids=(item.sop_uid,))
-                raise RuntimeError("instance unreadable") from None
-            yield part_header(boundary, f"application/dicom; transfer-syntax={syntax}",
-                              len(data))
-            yield data
-            yield b"\r\n"
-        yield closing(boundary)
+        # The next instance is read and decrypted in a worker while this one is sent.
+        pairs = [(i, s) for i, s in zip(items, choices, strict=True) if s is not None]
+        ahead = asyncio.ensure_future(run_in_threadpool(part, *pairs[0])) if pairs else None
+        try:
+            for n, (item, _syntax) in enumerate(pairs):
+                assert ahead is not None
+                try:
+                    chunk = await ahead
+                except Exception as exc:
+                    log.error("an instance could not be read for WADO-RS (%s)",
+                              type(exc).__name__)
+                    await _record(request, who, "dicomweb.retrieve",
+                                  EventCode.INSTANCES_ACCESSED, Outcome.SERIOUS_FAILURE,
+                                  message="an instance could not be read; the answer was cut",
+                                  detail={"resource": resource},
+                                  study_uids=(item.stored.study_uid,), sop_uids=(item.sop_uid,))
+                    raise RuntimeError("instance unreadable") from None
+                if n + 1 < len(pairs):
+                    ahead = asyncio.ensure_future(run_in_threadpool(part, *pairs[n + 1]))
+                yield chunk
+            yield closing(boundary)
+        finally:  # the client went away: do not leave a read running for nobody
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
 
     return StreamingResponse(
         body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
