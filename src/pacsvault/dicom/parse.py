@@ -7,17 +7,21 @@ and would carry patient data into plain logs.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.jsonrep import convert_to_python_number
+from pydicom.multival import MultiValue
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BULK_THRESHOLD = 1024
@@ -121,6 +125,59 @@ def _check_lengths(ds: Dataset) -> None:
             raise UnreadableObject("element value shorter than its declared length")
 
 
+_VALUE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC",
+                        "UI", "UR", "UT", "IS", "DS", "US", "SS", "UL", "SL", "FL", "FD",
+                        "UV", "SV"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def _fast_entry(elem: DataElement) -> dict[str, Any] | None:
+    """``elem.to_json_dict(_bulk, _BULK_THRESHOLD)`` for the common VRs (None: others)."""
+    vr = elem.VR
+    value = elem.value
+    if vr in _VALUE_VRS:
+        if value is None or (isinstance(value, (str, bytes)) and not value):
+            return {"vr": vr}
+        if isinstance(value, (list, MultiValue)):
+            if not value:
+                return {"vr": vr}
+            values = list(value)
+        elif isinstance(value, (str, int, float)):
+            values = [value]
+        else:
+            return None
+        return {"vr": vr, "Value": convert_to_python_number(values, vr)}
+    if vr in _BINARY_VRS and isinstance(value, bytes):
+        if not value:
+            return {"vr": vr}
+        if len(value) > (_BULK_THRESHOLD // 4) * 3:
+            return {"vr": vr, "BulkDataURI": BULK_MARKER}
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("utf-8")}
+    return None
+
+
+def header_json(ds: Dataset) -> dict[str, Any]:
+    """The dataset as DICOM JSON, bulk values as markers: what pydicom's
+    ``to_json_dict(bulk_data_threshold=1024, ..., suppress_invalid_tags=True)`` returns
+    (a test compares them), building plain elements directly."""
+    out: dict[str, Any] = {}
+    with pydicom_config.strict_reading():
+        for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements
+            entry: dict[str, Any] | None
+            try:
+                stored = ds.get_item(key)  # converted already by ``describe``'s check
+                elem = stored if isinstance(stored, DataElement) else ds[key]
+                entry = _fast_entry(elem)
+                if entry is None:
+                    entry = elem.to_json_dict(
+                        bulk_data_element_handler=_bulk, bulk_data_threshold=_BULK_THRESHOLD)
+            except Exception:  # as suppress_invalid_tags does: leave the element out
+                entry = None
+            if entry is not None:
+                out[f"{key:08X}"] = entry
+    return out
+
+
 def read(raw: bytes) -> Dataset:
     """Read a Part 10 byte stream into a dataset whose values are still raw (cheap)."""
     with warnings.catch_warnings():
@@ -173,11 +230,7 @@ def describe(ds: Dataset, raw: bytes, *, sha256: bytes | None = None) -> ParsedI
         study_uid = _uid(ds, "StudyInstanceUID")
         series_uid = _uid(ds, "SeriesInstanceUID")
         try:
-            meta = ds.to_json_dict(
-                bulk_data_threshold=_BULK_THRESHOLD,
-                bulk_data_element_handler=_bulk,
-                suppress_invalid_tags=True,
-            )
+            meta = header_json(ds)
         except Exception:
             meta = {}
     meta.pop("7FE00010", None)
