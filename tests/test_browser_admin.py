@@ -53,10 +53,8 @@ def browser() -> Iterator[Any]:
         yield b
 
 
-@dataclass
-class Colleague:
-    name: str
-    password: str
+# What the admin test hands to the colleague's test (the same module, run in order).
+COLLEAGUE: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +84,7 @@ def test_admin_lands_on_the_health_panel(site: Site, admin_session: tuple[Any, E
 
 
 def test_admin_adds_a_colleague_and_an_ultrasound_unit(
-        site: Site, admin_session: tuple[Any, ErrorLog], tmp_path: Path,
-        request: pytest.FixtureRequest) -> None:
+        site: Site, admin_session: tuple[Any, ErrorLog], tmp_path: Path) -> None:
     page, errors = admin_session
     page.goto(site.base + "/admin/users")
     _no_sideways_scroll(page)
@@ -99,7 +96,7 @@ def test_admin_adds_a_colleague_and_an_ultrasound_unit(
     password = page.locator("#one-time-secret").inner_text().strip()
     assert len(password) >= 12
     shot(page, "admin-user-added")
-    request.config.cache.set("pacsvault/colleague", ["drdupont", password])
+    COLLEAGUE.update(name="drdupont", password=password)
 
     page.goto(site.base + "/admin/nodes")
     form = page.locator("form#add-node")
@@ -122,10 +119,10 @@ def test_admin_adds_a_colleague_and_an_ultrasound_unit(
 
 
 def test_colleague_signs_in_with_the_keyboard_on_a_tablet_and_adds_a_passkey(
-        site: Site, browser: Any, request: pytest.FixtureRequest) -> None:
-    name, password = request.config.cache.get("pacsvault/colleague", None) or ("", "")
-    if not name:
+        site: Site, browser: Any) -> None:
+    if not COLLEAGUE:
         pytest.skip("needs the previous test's colleague")
+    name, password = COLLEAGUE["name"], COLLEAGUE["password"]
     errors = ErrorLog()
     page = new_page(browser, locale="fr-FR", errors=errors, viewport=TABLET_PORTRAIT)
     cdp = page.context.new_cdp_session(page)
