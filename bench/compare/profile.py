@@ -59,16 +59,20 @@ IDLE = {"select", "poll", "wait", "accept", "sleep", "get", "recv", "recv_into",
 
 # ``time.sleep`` is a builtin, so py-spy shows the calling line: pynetdicom 3.0's reactors
 # poll with 1 ms sleeps at these lines.
-SLEEP_LINES = ("pynetdicom/dul.py:403)", "pynetdicom/association.py:714)")
+# (A thread pool's idle worker blocks in ``queue.get`` at thread.py:81.)
+SLEEP_LINES = ("pynetdicom/dul.py:403)", "pynetdicom/association.py:714)",
+               "concurrent/futures/thread.py:81)")
 
 
 def idle(frame: str) -> bool:
     """A leaf that is waiting, not working (py-spy counts some waits as busy)."""
-    return frame.split(" (")[0].rsplit(".", 1)[-1] in IDLE or frame.endswith(SLEEP_LINES)
+    name = frame.split(" (")[0].rsplit(".", 1)[-1]
+    return name in IDLE or name.endswith("_wait") or frame.endswith(SLEEP_LINES)
 
 
 # Where the time under these functions goes, line by line (the call each line makes).
-BREAKDOWN = ("Archive.store", "DicomService._on_store", "QueryRetrieve._send", "Archive.read")
+BREAKDOWN = ("Archive.store", "Archive._stage", "Archive._commit", "Archive._prepare",
+             "DicomService._on_store", "QueryRetrieve._send", "Archive.read")
 
 
 def by_line(path: Path, func: str) -> tuple[int, collections.Counter[str]]:
