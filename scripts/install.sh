@@ -26,6 +26,8 @@ if [ "$with_tests" = 1 ]; then
   # the peer of the side-by-side benchmark (bench --small runs in the suite)
   command -v Orthanc >/dev/null 2>&1 || apt_wanted+=(orthanc)
   dpkg -s orthanc-dicomweb >/dev/null 2>&1 || apt_wanted+=(orthanc-dicomweb)
+  # the benchmark counts each server's fsync-like calls per stored image
+  command -v strace >/dev/null 2>&1 || apt_wanted+=(strace)
 fi
 if [ ${#apt_wanted[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_wanted[*]}" >&2

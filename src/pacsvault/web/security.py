@@ -8,15 +8,14 @@ response, errors included), then sessions with the CSRF rule (``sessions``).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.web.deps import client_address
 from pacsvault.web.sessions import SessionMiddleware, SessionStore
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -31,9 +30,6 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
 def install(app: FastAPI) -> None:
     """Add the middlewares and the session store (``app.state.web_sessions``).
 
@@ -45,25 +41,55 @@ def install(app: FastAPI) -> None:
         absolute=dt.timedelta(hours=web.session_absolute_hours),
         clock=app.state.accounts.throttle.now,
     )
+    # add_middleware wraps what is already there: the last added runs first.
     app.add_middleware(SessionMiddleware)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(TrustedNetworks)
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Handler) -> Response:
-        response = await call_next(request)
-        for name, value in HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
 
-    @app.middleware("http")
-    async def trusted_networks(request: Request, call_next: Handler) -> Response:
-        vault = request.app.state.vault
-        address = client_address(request)
-        if vault.settings.is_trusted(address):
-            return await call_next(request)
-        if vault.settings.web.remote_access == "internet":
-            # Deliberately exposed: sign-in and DICOMweb go on (with their own checks);
-            # administration refuses this source in deps.require_role.
-            return await call_next(request)
+class SecurityHeaders:
+    """Pure ASGI (not ``BaseHTTPMiddleware``, which re-streams every body through a queue
+    and cost a third of a WADO-RS series transfer). A response may set its own value of a
+    header (the viewer's CSP); the default fills in the rest."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in HEADERS.items():
+                    if name not in headers:
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class TrustedNetworks:
+    """Outermost: a source outside the trusted networks gets a bare 403 and an exposure
+    event, before sessions or routes see anything."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        vault = scope["app"].state.vault
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        # "internet": deliberately exposed; sign-in and DICOMweb go on (with their own
+        # checks) and administration refuses this source in deps.require_role.
+        if vault.settings.is_trusted(address) or vault.settings.web.remote_access == "internet":
+            await self.app(scope, receive, send)
+            return
         await run_in_threadpool(vault.recorder.emit, AuditEvent(
             action="exposure", outcome=Outcome.MAJOR_FAILURE,
             code=EventCode.SECURITY_ALERT, actor_address=address,
@@ -72,7 +98,5 @@ def install(app: FastAPI) -> None:
                      "the trusted networks. The request was refused."),
             detail={"port": "https"},
         ))
-        response: Response = JSONResponse({"error": "forbidden"}, status_code=403)
-        for name, value in HEADERS.items():
-            response.headers[name] = value
-        return response
+        response = JSONResponse({"error": "forbidden"}, status_code=403, headers=HEADERS)
+        await response(scope, receive, send)
