@@ -31,6 +31,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from pacsvault.viewer import ViewerDist, load
 from pacsvault.web import pages
+from pacsvault.web.i18n import locale_for
 from pacsvault.web.principal import Principal
 
 router = APIRouter(include_in_schema=False)
@@ -171,15 +172,6 @@ def app_config(locale: str) -> str:
     )
 
 
-def _locale(request: Request) -> str:
-    try:
-        from pacsvault.web.i18n import locale_for  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:  # pragma: no cover - until the catalogs land
-        accept = request.headers.get("accept-language", "").lower()
-        return "fr" if accept.startswith("fr") else "en"
-    return str(locale_for(request))
-
-
 def _principal(request: Request) -> Principal | None:
     principal: Principal | None = getattr(request.state, "principal", None)
     return principal
@@ -223,7 +215,7 @@ def _index(request: Request) -> Response:
     response = Response(viewer.index, media_type="text/html; charset=utf-8",
                         headers=viewer.headers)
     # OHIF's language detector reads this cookie first (then the browser's languages).
-    response.set_cookie("i18next", _locale(request), path="/", secure=True,
+    response.set_cookie("i18next", locale_for(request), path="/", secure=True,
                         samesite="strict")
     return response
 
@@ -238,7 +230,7 @@ def config_script(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
         raise HTTPException(401, "authentication required")
-    return Response(app_config(_locale(request)), media_type="text/javascript",
+    return Response(app_config(locale_for(request)), media_type="text/javascript",
                     headers={"Cache-Control": "no-store"})
 
 
