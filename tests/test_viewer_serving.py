@@ -353,3 +353,31 @@ def test_not_installed_says_how_to_install(site: Site, tmp_path: Path,
     monkeypatch.undo()
     _served.cache_clear()
     assert site.doctor.get("/").status_code == 200  # back to the installed one
+
+
+# --- defect 13 (issue 11): a planted ``.gz`` twin must not serve another file ----------------
+
+
+def test_planted_gzip_twin_symlink_is_not_followed(site: Site, tmp_path: Path) -> None:
+    """Someone with write access to the viewer directory plants ``<asset>.gz`` as a link to
+    a secret file (or to a file of the install): the asset itself is served, never the
+    link's target, with or without gzip welcome."""
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$not-a-real-hash:19000:0:99999:7:::\n")
+    inside = site.viewer_dir / f"{HASHED_BUNDLE}.gz"  # a real twin, inside the install
+    planted = {
+        site.viewer_dir / "assets" / "noise.js.gz": secret,  # escape to a file outside
+        site.viewer_dir / "assets" / "logo.svg.gz": inside,  # a link inside the install
+    }
+    try:
+        for link, target in planted.items():
+            link.symlink_to(target)
+        for path in ("assets/noise.js", "assets/logo.svg"):
+            res, body = _raw(site.doctor, f"/{path}", **{"accept-encoding": "gzip"})
+            assert res.status_code == 200, path
+            assert "content-encoding" not in res.headers, path
+            assert body == KEPT[path], path
+            assert b"root:" not in body
+    finally:
+        for link in planted:
+            link.unlink(missing_ok=True)

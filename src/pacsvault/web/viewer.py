@@ -234,7 +234,18 @@ def config_script(request: Request) -> Response:
                     headers={"Cache-Control": "no-store"})
 
 
-def _asset(request: Request, viewer: ServedViewer, path: Path) -> Response:
+def _gzip_twin(viewer: ServedViewer, relative: str) -> Path | None:
+    """The ``.gz`` twin of a file, looked up exactly like the file itself (resolved, inside
+    the install: ``ViewerDist.file``) and never a symbolic link: the installer writes twins
+    as plain files, so a link is something planted to serve a file from elsewhere."""
+    twin = relative + ".gz"
+    found = viewer.dist.file(twin)
+    if found is None or viewer.dist.root.joinpath(*twin.split("/")).is_symlink():
+        return None
+    return found
+
+
+def _asset(request: Request, viewer: ServedViewer, path: Path, relative: str) -> Response:
     media_type = _MEDIA_TYPES.get(path.suffix, "application/octet-stream")
     cache = ("private, max-age=31536000, immutable" if _CONTENT_HASHED.search(path.name)
              else "private, max-age=3600")
@@ -244,8 +255,8 @@ def _asset(request: Request, viewer: ServedViewer, path: Path) -> Response:
         # Workers are documents of their own: they need the viewer's policy too.
         headers["Content-Security-Policy"] = viewer.headers["Content-Security-Policy"]
         headers["Cross-Origin-Embedder-Policy"] = "require-corp"
-    packed = path.with_name(path.name + ".gz")
-    if "gzip" in request.headers.get("accept-encoding", "") and packed.is_file():
+    packed = _gzip_twin(viewer, relative)
+    if "gzip" in request.headers.get("accept-encoding", "") and packed is not None:
         headers["Content-Encoding"] = "gzip"
         return FileResponse(packed, media_type=media_type, headers=headers)
     return FileResponse(path, media_type=media_type, headers=headers)
@@ -273,4 +284,4 @@ def viewer_files(request: Request, path: str) -> Response:
     found = viewer.dist.file(path)
     if found is None:
         raise HTTPException(404, "not found")
-    return _asset(request, viewer, found)
+    return _asset(request, viewer, found, path)
