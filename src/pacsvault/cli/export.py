@@ -1,9 +1,12 @@
-"""``pacsvault export``: decrypt instances back into DICOM files."""
+"""``pacsvault export``: decrypt instances back into DICOM files.
+
+The files are plaintext patient data on a PC others may use: 0600, in folders pacsvault
+creates as 0700 whatever the umask (``cli.outputs``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from tqdm import tqdm
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.outputs import private_dir, restrict_dir, write_private
 
 _SAFE = re.compile(r"^[0-9.]{1,64}$")
 
@@ -24,6 +28,7 @@ def register(sub: Any) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", help="Study Instance UID")
     which.add_argument("--patient", help="Patient ID")
+    which.add_argument("--instance", help="SOP Instance UID (also a quarantined one)")
     which.add_argument("--all", action="store_true", help="every instance")
     p.set_defaults(func=cmd_export)
 
@@ -36,24 +41,24 @@ def _component(uid: str) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
-        items = list(vault.archive.locate(study_uid=args.study, patient_id=args.patient))
+        items = list(vault.archive.locate(study_uid=args.study, patient_id=args.patient,
+                                          sop_uid=args.instance))
         if not items:
             raise CommandError("nothing matches; no file was written")
-        args.out.mkdir(parents=True, exist_ok=True)
+        private_dir(args.out)
+        made: set[Path] = set()
         studies: set[str] = set()
         with tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True,
                   desc="export", file=sys.stderr, disable=None) as bar:
             for item in items:
                 target = (args.out / _component(item.study_uid) / _component(item.series_uid)
                           / f"{_component(item.sop_uid)}.dcm")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                data = vault.archive.read(item)
-                tmp = target.with_suffix(".part")
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
+                for folder in (target.parent.parent, target.parent):
+                    if folder not in made:  # ours (named by UIDs), even from an older run
+                        private_dir(folder)
+                        restrict_dir(folder)
+                        made.add(folder)
+                write_private(target, vault.archive.read(item))
                 studies.add(item.study_uid)
                 bar.update(item.size)
         vault.recorder.emit(
