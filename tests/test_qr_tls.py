@@ -88,9 +88,10 @@ def ws_client_context(env: Env) -> ssl.SSLContext:
 
 
 def ws_server_context(env: Env) -> ssl.SSLContext:
-    """The workstation's listener: mutual TLS, only certificates from the vault's CA."""
+    """The workstation's listener: mutual TLS, only certificates from the vault's CA.
+    It serves its listener certificate (serverAuth): its node certificate is client-only."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(env.certs / f"{WS}.crt", env.certs / f"{WS}.key")
+    ctx.load_cert_chain(env.certs / f"{WS}-listener.crt", env.certs / f"{WS}-listener.key")
     ctx.load_verify_locations(cafile=str(env.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

@@ -7,7 +7,8 @@
     index.db         SQLCipher index (+ -wal/-shm while open)
     audit/           hash-chained, signed audit trail (patient references sealed)
     objects/         encrypted objects, objects/ab/cd/<random id>.pvo
-    tls/             CA and server certificates; their private keys PKCS#8-encrypted
+    tls/             CA, server and outbound client certificates (private keys
+                     PKCS#8-encrypted), crl.pem (revoked node certificates, public)
 
 The master key file lives elsewhere (user config dir by default).
 """
@@ -37,7 +38,7 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
-from pacsvault.index.nodes import NodeRegistry
+from pacsvault.index.nodes import NodeRegistry, ensure_tables
 from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import ObjectStore
 
@@ -228,7 +229,7 @@ class Vault:
         self.archive = Archive(
             self.sessions, self.objects, Keyring(master.derive(keys.PURPOSE_KEK, vault_id))
         )
-        self.nodes = NodeRegistry(self.sessions)
+        self.nodes = NodeRegistry(self.sessions, on_revoke=self.publish_crl)
         self.audit = AuditTrail(
             layout.audit,
             TrailKeys(
@@ -264,7 +265,31 @@ class Vault:
                 "vault or is damaged); nothing was changed"
             )
         engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
-        return cls(layout, settings, vault_id, master, engine)
+        ensure_tables(engine)
+        vault = cls(layout, settings, vault_id, master, engine)
+        vault._tls_upkeep()
+        return vault
+
+    def _tls_upkeep(self) -> None:
+        """Bring an older vault's TLS material up to date: its outbound client certificate
+        (clientAuth only) and a current CRL (``crl.pem`` must always exist). A vault on a
+        read-only disk still opens."""
+        paths = self.layout.tls
+        try:
+            if not paths.client_cert.exists() and paths.ca_key.exists():
+                tls.create_client_cert(paths, self.tls_password(), self.settings.server.ae_title)
+            if paths.ca_key.exists() and tls.crl_needs_refresh(
+                paths, {serial for serial, _ in self.nodes.revoked()}
+            ):
+                self.publish_crl()
+        except OSError:
+            pass
+
+    def publish_crl(self) -> None:
+        """Re-sign ``tls/crl.pem`` from the index's revocations (the index is what the
+        server checks; the file is for every other verifier)."""
+        tls.write_crl(self.layout.tls, self.tls_password(),
+                      [tls.Revoked(serial, when) for serial, when in self.nodes.revoked()])
 
     _accounts: Accounts | None = None
 

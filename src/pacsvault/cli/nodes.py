@@ -8,7 +8,7 @@ from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
-from pacsvault.crypto.tls import issue_node
+from pacsvault.crypto.tls import NODE_DAYS, issue_node
 from pacsvault.index.nodes import DEFAULT_ROLES, ROLES, check_ae_title, parse_roles
 
 
@@ -47,10 +47,18 @@ def register(sub: Any) -> None:
     p.add_argument("ae_title")
     p.set_defaults(func=cmd_remove)
 
-    p = nsub.add_parser("cert", help="issue a TLS client certificate for a node")
+    p = nsub.add_parser(
+        "cert", help="issue a node's TLS client certificate, or revoke its certificates",
+        description="Issue a client certificate bound to the node (CN and URI SAN = AE "
+        f"title, client authentication only, valid {NODE_DAYS} days); a TLS node with a "
+        "port also gets a listener certificate for its C-MOVE destination. --revoke "
+        "revokes every certificate issued to the node (the CRL tls/crl.pem is re-signed; "
+        "a running server refuses them from the next association).")
     add_data_args(p)
     p.add_argument("ae_title")
-    p.add_argument("--out", type=Path, required=True, help="directory to write key and certs")
+    p.add_argument("--out", type=Path, help="directory to write key and certs")
+    p.add_argument("--revoke", action="store_true",
+                   help="revoke every certificate issued to this node")
     p.set_defaults(func=cmd_cert)
 
 
@@ -112,8 +120,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
-        vault.nodes.remove(args.ae_title)
-        vault.recorder.emit(_changed("node.remove", args.ae_title.strip()))
+        revoked = vault.nodes.remove(args.ae_title)
+        vault.recorder.emit(_changed("node.remove", args.ae_title.strip(),
+                                     revoked_certs=str(revoked)))
     finally:
         vault.close()
     say(f"Node {args.ae_title.strip()} removed.")
@@ -122,15 +131,30 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_cert(args: argparse.Namespace) -> int:
     ae_title = check_ae_title(args.ae_title)
+    if args.revoke == (args.out is not None):
+        raise CommandError("give either --out DIR (issue) or --revoke")
     vault = open_vault(args)
     try:
+        if args.revoke:
+            count = vault.nodes.revoke(ae_title)
+            vault.recorder.emit(_changed("node.cert.revoke", ae_title, count=str(count)))
+            say(f"{count} certificate(s) of {ae_title} revoked"
+                + ("; the CRL is re-signed." if count else "."))
+            return 0
         node = vault.nodes.get(ae_title)
         if node is None:
             raise CommandError(f"no node named {ae_title}; add it first")
-        paths = issue_node(vault.layout.tls, vault.tls_password(), ae_title, node.host, args.out)
-        vault.recorder.emit(_changed("node.cert", ae_title))
+        listener = node.tls and node.port is not None
+        issued = issue_node(vault.layout.tls, vault.tls_password(), ae_title, node.host,
+                            args.out, listener=listener)
+        vault.nodes.record_certificates(ae_title, issued)
+        vault.recorder.emit(_changed("node.cert", ae_title,
+                                     serials=",".join(f"{c.serial:x}" for c in issued)))
     finally:
         vault.close()
-    say("Wrote " + ", ".join(str(p) for p in paths)
-        + ". Install them on the node; the .key file is secret.")
+    say("Wrote " + ", ".join(str(c.path) for c in issued) + f" and the CA in {args.out}. "
+        "Install them on the node; the .key files are secret.")
+    if listener and not any(c.kind == "listener" for c in issued):
+        say(f"No listener certificate: the CA may not certify the host {node.host} (use its "
+            "IP address on the practice network).")
     return 0

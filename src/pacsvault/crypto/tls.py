@@ -3,6 +3,26 @@
 A practice has no PKI: the vault brings its own CA so DICOM TLS works on day one, and can
 issue client certificates to the modalities that must prove who they are. Private keys at
 rest are PKCS#8 encrypted with a key derived from the master key.
+
+Practices install ``ca.crt`` in their workstations' browsers, so the CA is name-constrained
+(critical): it can only vouch for this server's own names, private-use DNS suffixes and
+private/loopback address ranges. A stolen CA key therefore cannot mint a certificate a
+browser would accept for a bank's domain.
+
+Each certificate does one job (one extended key usage):
+
+* ``server.crt``: serverAuth only, the listeners (DICOM TLS, HTTPS);
+* ``client.crt``: clientAuth only, what the vault presents when it calls out (C-MOVE);
+* a node's ``<AE>.crt``: clientAuth only, CN = AE title and URI SAN
+  ``urn:pacsvault:node:<AE>`` (percent-encoded), valid ``NODE_DAYS``; the association
+  policy accepts it only from that calling AE and only if its serial is recorded for that
+  node and not revoked;
+* a node's ``<AE>-listener.crt`` (only for a TLS node with a port, i.e. a C-MOVE
+  destination): serverAuth only, SAN = the node's host.
+
+``crl.pem`` (public) lists revoked node certificates, signed by the CA, for any other
+verifier; the server itself reads revocations from the index, so a revocation applies to
+the next association without a restart.
 """
 
 from __future__ import annotations
@@ -12,14 +32,16 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 # TLS 1.2 suites: ECDHE only (forward secrecy) and AEAD only. TLS 1.3 suites are all AEAD+FS.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:" \
@@ -28,6 +50,25 @@ TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:" \
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
+# Node certificates live on devices we do not control: short enough that a forgotten one
+# dies on its own, long enough not to stop a modality every year.
+NODE_DAYS = 730
+# nextUpdate of the published CRL; it is re-signed whenever the vault opens past half of it.
+CRL_DAYS = 180
+
+NODE_URI_PREFIX = "urn:pacsvault:node:"
+SERVER_URI_PREFIX = "urn:pacsvault:server:"
+
+# What the CA may certify besides the server's own names and addresses: names that no
+# public registry hands out, and address ranges that are never routed on the internet.
+PRIVATE_DNS_SUFFIXES = ("localhost", "local", "lan", "home.arpa", "internal", "localdomain")
+PRIVATE_NETWORKS = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "::1/128", "fc00::/7", "fe80::/10",
+)
+
+ServerAuth = ExtendedKeyUsageOID.SERVER_AUTH
+ClientAuth = ExtendedKeyUsageOID.CLIENT_AUTH
 
 
 @dataclass(frozen=True)
@@ -51,6 +92,19 @@ class TlsPaths:
     @property
     def server_key(self) -> Path:
         return self.root / "server.key.enc"
+
+    @property
+    def client_cert(self) -> Path:
+        """The vault's own client certificate for outbound associations (C-MOVE)."""
+        return self.root / "client.crt"
+
+    @property
+    def client_key(self) -> Path:
+        return self.root / "client.key.enc"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -92,9 +146,30 @@ def _encryption(password: bytes) -> serialization.KeySerializationEncryption:
     return serialization.BestAvailableEncryption(password)
 
 
+def name_constraints(
+    names: Iterable[str], addrs: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
+) -> x509.NameConstraints:
+    """Permitted subtrees: the server's names and addresses plus private-use ones.
+
+    DNS and IP only: both are understood by OpenSSL, Chromium, NSS and Windows. No URI
+    subtree, since node identities are ``urn:`` URIs without a host that verifiers could not
+    match (names of a type without any constraint stay allowed).
+    """
+    dns = list(dict.fromkeys([*PRIVATE_DNS_SUFFIXES, *(n.lower().rstrip(".") for n in names)]))
+    nets = [ipaddress.ip_network(n) for n in PRIVATE_NETWORKS]
+    for addr in addrs:
+        if not any(addr in net for net in nets):
+            nets.append(ipaddress.ip_network(addr))
+    permitted: list[x509.GeneralName] = [x509.DNSName(d) for d in dns if d]
+    permitted += [x509.IPAddress(n) for n in nets]
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None)
+
+
 def create_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> None:
-    """Create the CA and the server certificate (ECDSA P-256)."""
+    """Create the name-constrained CA, the server and the outbound client certificates
+    (ECDSA P-256), and an empty CRL."""
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    names, addrs = local_names()
     ca_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pacsvault"),
@@ -118,6 +193,7 @@ def create_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> 
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .add_extension(name_constraints(names, addrs), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -129,12 +205,92 @@ def create_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> 
             _encryption(key_password),
         ),
     )
-    names, addrs = local_names()
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     sans += [x509.IPAddress(a) for a in addrs]
-    cert_pem, key_pem = issue(paths, key_password, common_name, sans)
+    cert_pem, key_pem = issue(paths, key_password, common_name, sans, eku=[ServerAuth])
     paths.server_cert.write_bytes(cert_pem)
     _write_private(paths.server_key, key_pem)
+    create_client_cert(paths, key_password, common_name)
+    write_crl(paths, key_password, [])
+
+
+def create_client_cert(paths: TlsPaths, key_password: bytes, ae_title: str) -> None:
+    """The vault's certificate for its outbound associations: clientAuth only, so it can
+    never pass for the server, and no node identity, so no node can use it to call in.
+    (Vaults made before it existed get it when opened; until then they present
+    ``server.crt``.)"""
+    cert_pem, key_pem = issue(
+        paths, key_password, ae_title,
+        [x509.UniformResourceIdentifier(SERVER_URI_PREFIX + quote(ae_title, safe=""))],
+        eku=[ClientAuth],
+    )
+    _write_private(paths.client_key, key_pem)
+    _write_atomic(paths.client_cert, cert_pem)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Readers (a running server, other verifiers) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def ca_is_name_constrained(paths: TlsPaths) -> bool:
+    """False for vaults made before the CA carried name constraints (shown by ``status``)."""
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    try:
+        return ca.extensions.get_extension_for_class(x509.NameConstraints).critical
+    except x509.ExtensionNotFound:
+        return False
+
+
+@dataclass(frozen=True)
+class Revoked:
+    serial: int
+    when: dt.datetime
+
+
+def write_crl(paths: TlsPaths, key_password: bytes, revoked: Sequence[Revoked]) -> None:
+    """Sign and publish ``crl.pem`` (always present, even empty: a verifier with CRL
+    checking on fails every handshake when the CA's CRL is missing)."""
+    ca_cert, ca_key = _load_ca(paths, key_password)
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=CRL_DAYS))
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+    )
+    for item in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(item.serial)
+            .revocation_date(item.when)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM))
+
+
+def crl_needs_refresh(paths: TlsPaths, revoked_serials: set[int]) -> bool:
+    """Missing, unreadable, past half its validity, or not listing exactly these serials."""
+    try:
+        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    except (OSError, ValueError):
+        return True
+    next_update = crl.next_update_utc
+    if next_update is None or next_update - _now() < dt.timedelta(days=CRL_DAYS / 2):
+        return True
+    return {r.serial_number for r in crl} != revoked_serials
 
 
 def _load_ca(
@@ -153,13 +309,30 @@ def issue(
     common_name: str,
     sans: list[x509.GeneralName],
     *,
+    eku: Sequence[ObjectIdentifier],
+    days: int = LEAF_DAYS,
     encrypt_key: bool = True,
 ) -> tuple[bytes, bytes]:
     """Issue a leaf certificate; returns (certificate PEM, private key PEM).
 
-    Every leaf is good for both TLS roles: the server also calls out (C-MOVE sub-operations)
-    and a node's certificate also serves its own listener (C-MOVE destination).
+    One role per certificate (``eku``): a client certificate can never pass for a server,
+    nor the server's certificate for a client (OpenSSL checks the purpose on each side).
     """
+    cert, key_pem = _issue(paths, key_password, common_name, sans, eku=eku, days=days,
+                           encrypt_key=encrypt_key)
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _issue(
+    paths: TlsPaths,
+    key_password: bytes,
+    common_name: str,
+    sans: list[x509.GeneralName],
+    *,
+    eku: Sequence[ObjectIdentifier],
+    days: int,
+    encrypt_key: bool,
+) -> tuple[x509.Certificate, bytes]:
     ca_cert, ca_key = _load_ca(paths, key_password)
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -169,14 +342,17 @@ def issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5))
-        .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
+        .not_valid_after(_now() + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
             ),
-            critical=False,
+            critical=True,
         )
+        .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
         )
@@ -190,7 +366,7 @@ def issue(
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    return cert, key_pem
 
 
 def _host_san(host: str) -> x509.GeneralName:
@@ -200,27 +376,125 @@ def _host_san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
+def node_uri(ae_title: str) -> str:
+    """The URI SAN naming a node (AE titles may hold spaces and other URI-unsafe bytes)."""
+    return NODE_URI_PREFIX + quote(ae_title, safe="")
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A certificate just issued for a node, to record in the registry."""
+
+    kind: str  # "client" or "listener"
+    serial: int
+    not_after: dt.datetime
+    path: Path
+
+
+def permits(paths: TlsPaths, name: x509.GeneralName) -> bool:
+    """Whether the CA's name constraints allow ``name`` (always true for an old CA)."""
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    try:
+        nc = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return True
+    for sub in nc.permitted_subtrees or []:
+        if isinstance(name, x509.DNSName) and isinstance(sub, x509.DNSName):
+            host, base = name.value.lower().rstrip("."), sub.value.lower().lstrip(".")
+            if host == base or host.endswith("." + base):
+                return True
+        if isinstance(name, x509.IPAddress) and isinstance(sub, x509.IPAddress):
+            net = sub.value
+            addr = name.value
+            if isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network) and isinstance(
+                addr, ipaddress.IPv4Address | ipaddress.IPv6Address
+            ) and addr.version == net.version and addr in net:
+                return True
+    return False
+
+
 def issue_node(
-    paths: TlsPaths, key_password: bytes, ae_title: str, host: str, out_dir: Path
-) -> list[Path]:
-    """Write a node's certificate (SAN = its host); its key is plain PEM for the device."""
-    cert_pem, key_pem = issue(
-        paths, key_password, ae_title, [_host_san(host)], encrypt_key=False
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key_path, cert_path, ca_path = (
-        out_dir / f"{ae_title}.key", out_dir / f"{ae_title}.crt", out_dir / "ca.crt"
-    )
-    _write_private(key_path, key_pem)
-    cert_path.write_bytes(cert_pem)
-    ca_path.write_bytes(paths.ca_cert.read_bytes())
-    return [key_path, cert_path, ca_path]
+    paths: TlsPaths,
+    key_password: bytes,
+    ae_title: str,
+    host: str,
+    out_dir: Path,
+    *,
+    listener: bool = False,
+) -> list[IssuedCert]:
+    """Write a node's client certificate (and its listener's, if asked and its host is a
+    name the CA may certify), the keys as plain PEM for the device, and ``ca.crt``.
+
+    Every file is 0600 in a 0700 folder: keys are secrets, and the rest is nobody else's
+    business on a shared PC.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    issued: list[IssuedCert] = []
+    jobs: list[tuple[str, str, list[x509.GeneralName], ObjectIdentifier]] = [
+        ("client", ae_title, [x509.UniformResourceIdentifier(node_uri(ae_title))], ClientAuth)
+    ]
+    host_san = _host_san(host)
+    if listener and permits(paths, host_san):
+        jobs.append(("listener", f"{ae_title}-listener", [host_san], ServerAuth))
+    for kind, stem, sans, usage in jobs:
+        cert, key_pem = _issue(paths, key_password, ae_title, sans, eku=[usage],
+                               days=NODE_DAYS, encrypt_key=False)
+        key_path, cert_path = out_dir / f"{stem}.key", out_dir / f"{stem}.crt"
+        _write_private(key_path, key_pem)
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        issued.append(IssuedCert(kind, cert.serial_number, cert.not_valid_after_utc,
+                                 cert_path))
+    _write_private(out_dir / "ca.crt", paths.ca_cert.read_bytes())
+    return issued
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    """What the association policy needs from a verified client certificate."""
+
+    serial: int
+    common_name: str
+    node_ae: str | None  # from the ``urn:pacsvault:node:`` URI SAN, None if absent
+    client_auth: bool  # its extended key usage names clientAuth
+
+    @property
+    def serial_hex(self) -> str:
+        return f"{self.serial:x}"
+
+
+def peer_certificate(der: bytes) -> PeerCertificate | None:
+    """Parse the certificate the TLS layer verified; None if it cannot be read."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        node_ae: str | None = None
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+                    if u.startswith(NODE_URI_PREFIX)]
+            if len(uris) == 1:
+                node_ae = unquote(uris[0][len(NODE_URI_PREFIX):])
+        except x509.ExtensionNotFound:
+            pass
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            client_auth = ClientAuth in eku
+        except x509.ExtensionNotFound:
+            client_auth = False
+        return PeerCertificate(cert.serial_number, cn, node_ae, client_auth)
+    except ValueError:
+        return None
 
 
 def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # Identities are in SANs. Without this, OpenSSL applies the CA's DNS name constraints
+    # to a certificate's CN when it has no DNS SAN, and a dotted AE title ("CT.ROOM1") in a
+    # node certificate's CN would be refused as a host name outside the constraints.
+    ctx.hostname_checks_common_name = False
 
 
 def client_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
@@ -228,7 +502,10 @@ def client_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx)
     ctx.load_verify_locations(cafile=str(paths.ca_cert))
-    ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
+    if paths.client_cert.exists() and paths.client_key.exists():
+        ctx.load_cert_chain(paths.client_cert, paths.client_key, password=key_password)
+    else:  # a vault made before client.crt existed, opened read-only
+        ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
     return ctx
 
 
@@ -236,7 +513,10 @@ def server_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     """TLS 1.2+ only, forward-secret AEAD suites only; client certificates verified if sent.
 
     Client certificates are optional at the TLS layer and required per node by the
-    association policy, so one port serves both kinds of node.
+    association policy, so one port serves both kinds of node. OpenSSL verifies a client
+    certificate for the TLS client purpose: one whose extended key usage lacks clientAuth
+    (the server's own, a node's listener certificate) fails the handshake. Which node a
+    certificate belongs to, and whether it is revoked, is the policy's job.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)

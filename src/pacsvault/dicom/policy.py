@@ -5,6 +5,13 @@ DICOM byte is read and raises an exposure alert, because the only way such a pac
 a practice server is a port forward or DMZ rule on the internet box. Associations are then
 checked against the node registry (calling AE + source address), the called AE, and the
 node's transport requirements, and rejected with the matching A-ASSOCIATE-RJ reason.
+
+A ``--client-cert`` node is bound to its own certificates: the one presented must name the
+calling AE (CN and ``urn:pacsvault:node:`` URI SAN), allow client authentication, and have
+a serial the registry issued to that node and has not revoked (read from the index at each
+association, so ``node cert --revoke`` applies without a restart). Any mismatch is rejected
+with reason 1 "no reason given", like a missing certificate: the peer learns nothing about
+which check failed, while the audit event says it (with the serial, never patient data).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from dataclasses import dataclass
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
 from pacsvault.config import Settings
-from pacsvault.index.nodes import NodeInfo, NodeRegistry
+from pacsvault.crypto.tls import PeerCertificate
+from pacsvault.index.nodes import CERT_REVOKED, CERT_VALID, NodeInfo, NodeRegistry
 
 # A-ASSOCIATE-RJ diagnostics, source "service user" (PS3.8 9.3.4)
 REASON_NO_REASON = 0x01
@@ -36,6 +44,8 @@ class Peer:
     port: int
     tls: bool
     has_client_cert: bool = False
+    # The client certificate the TLS layer verified against the vault CA, if any.
+    certificate: PeerCertificate | None = None
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,9 @@ class AssociationPolicy:
                     actor_ae=calling_ae,
                     actor_address=peer.address,
                     message=decision.why,
-                    detail={"called_ae": called_ae, "tls": peer.tls},
+                    detail={"called_ae": called_ae, "tls": peer.tls,
+                            **({"cert_serial": peer.certificate.serial_hex}
+                               if peer.certificate is not None else {})},
                 )
             )
         return decision
@@ -122,6 +134,24 @@ class AssociationPolicy:
             )
         if node.tls and not peer.tls:
             return Decision(None, REASON_NO_REASON, "node is registered for TLS only")
-        if node.client_cert and not peer.has_client_cert:
-            return Decision(None, REASON_NO_REASON, "node must present a client certificate")
+        if node.client_cert:
+            why = self._certificate_refusal(peer, node.ae_title)
+            if why:
+                return Decision(None, REASON_NO_REASON, why)
         return Decision(node)
+
+    def _certificate_refusal(self, peer: Peer, ae_title: str) -> str:
+        """Why the presented certificate does not prove this node, "" when it does."""
+        cert = peer.certificate
+        if not peer.has_client_cert or cert is None:
+            return "node must present a client certificate"
+        if not cert.client_auth:
+            return "certificate is not a client certificate"
+        if cert.node_ae != ae_title or cert.common_name != ae_title:
+            return "certificate was issued for another node or is not a node certificate"
+        status = self._nodes.certificate_status(ae_title, cert.serial)
+        if status == CERT_REVOKED:
+            return "certificate revoked"
+        if status != CERT_VALID:
+            return "certificate was not issued to this node by this vault"
+        return ""

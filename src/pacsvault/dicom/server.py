@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom.parse import InvalidObject, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
@@ -419,6 +420,7 @@ class _PolicyRequestHandler(RequestHandler):
         # DIMSE is request/response: Nagle would hold each small reply ~40 ms.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         has_cert = False
+        certificate: PeerCertificate | None = None
         if self.pv_tls is not None:
             raw = self.request
             raw.settimeout(TLS_HANDSHAKE_TIMEOUT)
@@ -437,9 +439,13 @@ class _PolicyRequestHandler(RequestHandler):
                 raw.close()
                 return
             wrapped.settimeout(None)
-            has_cert = bool(wrapped.getpeercert())
+            # The verified client certificate itself (the dict form is empty for a
+            # certificate it cannot map): the policy binds it to the calling AE.
+            der = wrapped.getpeercert(binary_form=True)
+            certificate = peer_certificate(der) if der else None
+            has_cert = certificate is not None
             self.request = wrapped
-        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert)
+        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert, certificate)
         super().handle()
 
     def _create_association(self) -> Association:

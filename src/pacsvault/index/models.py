@@ -136,6 +136,21 @@ class Node(Base):
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class NodeCertificate(Base):
+    """A certificate issued to a node: the policy accepts a node's client certificate only
+    if its serial is here for that node and not revoked. Rows outlive their node (removing a
+    node revokes its certificates), so a re-added AE title never revives an old one. A
+    table of its own: vaults made before it gain it when opened (``ensure_tables``)."""
+
+    __tablename__ = "node_certificates"
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # lowercase hex
+    ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="client")  # or "listener"
+    issued: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    not_after: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    revoked: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class AuditHead(Base):
     """The last record written to the audit trail: truncating the trail is detected."""
 

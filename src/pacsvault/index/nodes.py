@@ -1,14 +1,20 @@
-"""The node registry: which DICOM peers exist, where they are, and what they may do."""
+"""The node registry: which DICOM peers exist, where they are, and what they may do,
+and the certificates issued to them (serials, revocations)."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
-from sqlalchemy import select
+from sqlalchemy import Engine, Table, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.index.models import Node
+from pacsvault.index.models import Node, NodeCertificate, utcnow
 
 ROLES = ("store", "query", "retrieve")
 DEFAULT_ROLES = ("store",)
@@ -17,6 +23,34 @@ _AE = re.compile(r"^[ -~]{1,16}$")
 
 class NodeError(Exception):
     """Bad node definition or unknown node (message is user-facing)."""
+
+
+# What ``certificate_status`` answers for a presented client certificate.
+CERT_VALID = "valid"
+CERT_REVOKED = "revoked"
+CERT_UNKNOWN = "unknown"  # never issued to this node as a client certificate
+
+
+class Issued(Protocol):
+    """A certificate just issued (``crypto.tls.IssuedCert``)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def serial(self) -> int: ...
+    @property
+    def not_after(self) -> dt.datetime: ...
+
+
+def ensure_tables(engine: Engine) -> None:
+    """Create ``node_certificates`` in a vault made before it existed (no migrations)."""
+    table = cast(Table, NodeCertificate.__table__)
+    with contextlib.suppress(OperationalError):  # made by another process meanwhile
+        table.create(engine, checkfirst=True)
+
+
+def _as_utc(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -54,8 +88,14 @@ def _info(row: Node) -> NodeInfo:
 
 
 class NodeRegistry:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        on_revoke: Callable[[], None] | None = None,
+    ) -> None:
         self._sessions = sessions
+        # Called after a commit that revoked certificates: the vault re-signs its CRL.
+        self._on_revoke = on_revoke
 
     def add(
         self,
@@ -116,12 +156,60 @@ class NodeRegistry:
                 raise NodeError("a client certificate requires TLS")
             return _info(row)
 
-    def remove(self, ae_title: str) -> None:
+    def remove(self, ae_title: str) -> int:
+        """Remove a node and revoke every certificate issued to it; returns how many."""
         with self._sessions.begin() as session:
             row = session.scalar(select(Node).where(Node.ae_title == ae_title.strip()))
             if row is None:
                 raise NodeError(f"no node named {ae_title}")
             session.delete(row)
+            count = self._revoke_in(session, ae_title.strip())
+        if count and self._on_revoke is not None:
+            self._on_revoke()
+        return count
+
+    # --- certificates -------------------------------------------------------------------
+
+    def record_certificates(self, ae_title: str, issued: Iterable[Issued]) -> None:
+        with self._sessions.begin() as session:
+            for cert in issued:
+                session.add(NodeCertificate(
+                    serial=f"{cert.serial:x}", ae_title=ae_title.strip(), kind=cert.kind,
+                    issued=utcnow(), not_after=cert.not_after,
+                ))
+
+    def certificate_status(self, ae_title: str, serial: int) -> str:
+        """Whether a presented client certificate is one issued to this node, and live."""
+        with self._sessions() as session:
+            row = session.get(NodeCertificate, f"{serial:x}")
+        if row is None or row.ae_title != ae_title.strip() or row.kind != "client":
+            return CERT_UNKNOWN
+        return CERT_REVOKED if row.revoked is not None else CERT_VALID
+
+    def revoke(self, ae_title: str) -> int:
+        """Revoke every certificate issued to a node; returns how many were live."""
+        with self._sessions.begin() as session:
+            count = self._revoke_in(session, ae_title.strip())
+        if count and self._on_revoke is not None:
+            self._on_revoke()
+        return count
+
+    @staticmethod
+    def _revoke_in(session: Session, ae_title: str) -> int:
+        rows = session.scalars(select(NodeCertificate).where(
+            NodeCertificate.ae_title == ae_title, NodeCertificate.revoked.is_(None)
+        )).all()
+        now = utcnow()
+        for row in rows:
+            row.revoked = now
+        return len(rows)
+
+    def revoked(self) -> list[tuple[int, dt.datetime]]:
+        """Every revoked serial and when: the content of the CRL."""
+        with self._sessions() as session:
+            rows = session.execute(select(NodeCertificate.serial, NodeCertificate.revoked)
+                                   .where(NodeCertificate.revoked.is_not(None))).all()
+        return [(int(serial, 16), _as_utc(when)) for serial, when in rows if when is not None]
 
     def get(self, ae_title: str) -> NodeInfo | None:
         with self._sessions() as session:
