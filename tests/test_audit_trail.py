@@ -597,7 +597,7 @@ def test_show_patient_answers_who_accessed_it(scenario: Scenario) -> None:
     # the other patient: only its own store
     other = show_json(vault, "--patient", b.patient_id)
     assert [r["action"] for r in other if r["action"] != "audit.show"] == [
-        "dicom.store.association"]
+        "dicom.store.committed", "dicom.store.association"]
     assert all(not _concerns(r, a) for r in other)
     assert show_json(vault, "--patient", "NOSUCHPATIENT") == []
 
@@ -625,8 +625,10 @@ def test_show_patient_includes_queries_that_returned_the_patient(scenario: Scena
 def test_show_study_node_action_filters(scenario: Scenario) -> None:
     vault, a, b = scenario.vault, scenario.a, scenario.b
     study = [r for r in show_json(vault, "--study", b.study_uid) if r["action"] != "audit.show"]
-    assert [(r["action"], r["node"]) for r in study] == [("dicom.store.association", MODALITY)]
-    assert study[0]["study_uids"] == [b.study_uid]
+    # the batch committed with the image (defect 8 of issue 11), then the association's summary
+    assert [(r["action"], r["node"]) for r in study] == [("dicom.store.committed", MODALITY),
+                                                        ("dicom.store.association", MODALITY)]
+    assert all(r["study_uids"] == [b.study_uid] for r in study)
     # --study reads data about a study: recorded too
     assert events(vault, "audit.show")[-1]["study_uids"] == [b.study_uid]
 
@@ -638,13 +640,13 @@ def test_show_study_node_action_filters(scenario: Scenario) -> None:
     modality = show_json(vault, "--node", MODALITY)
     assert all(r["node"] == MODALITY for r in modality)
     assert [r["action"] for r in modality if r["action"].startswith("dicom.")] == [
-        "dicom.association.accepted", "dicom.store.association"] * 2
+        "dicom.association.accepted", "dicom.store.committed", "dicom.store.association"] * 2
     assert show_json(vault, "--node", "NOBODY") == []
 
     gets = show_json(vault, "--action", "dicom.get")
     assert [r["action"] for r in gets] == ["dicom.get.begin", "dicom.get"]
     stores = show_json(vault, "--action", "dicom.store")
-    assert [sorted(r["study_uids"]) for r in stores] == [[a.study_uid], [b.study_uid]]
+    assert [sorted(r["study_uids"]) for r in stores] == [[a.study_uid]] * 2 + [[b.study_uid]] * 2
     exact = show_json(vault, "--action", "dicom.get.begin")
     assert [r["action"] for r in exact] == ["dicom.get.begin"]
 
@@ -664,18 +666,19 @@ def test_show_since_until(scenario: Scenario) -> None:
 
     everything = dicom_records()
     times = {r["action"]: r["time"] for r in everything}
-    stores = [r for r in everything if r["action"] == "dicom.store.association"]
+    stores = [r for r in everything if r["action"].startswith("dicom.store.")]
     # inclusive bounds, exact to the microsecond
     window = dicom_records("--since", times["dicom.get.begin"], "--until", times["dicom.get"])
     assert [r["action"] for r in window] == ["dicom.get.begin", "dicom.get"]
     # the same instant written with another UTC offset
-    local = dt.datetime.fromisoformat(stores[1]["time"]).astimezone(
+    local = dt.datetime.fromisoformat(stores[-1]["time"]).astimezone(
         dt.timezone(dt.timedelta(hours=2)))
     assert local.isoformat().endswith("+02:00")
     upto = dicom_records("--until", local.isoformat())
     assert [r["seq"] for r in upto] == [r["seq"] for r in stores]
     since = dicom_records("--since", local.isoformat())
-    assert since[0]["seq"] == stores[1]["seq"] and len(since) == len(everything) - 1
+    assert since[0]["seq"] == stores[-1]["seq"]
+    assert len(since) == len(everything) - len(stores) + 1
     # a whole-day window; a future since; an invalid date is a usage error
     day = dt.datetime.fromisoformat(stores[0]["time"]).date()
     assert len(dicom_records("--since", day.isoformat())) == len(everything)

@@ -5,6 +5,13 @@ Producers build an ``AuditEvent`` and call ``Recorder.emit``; sinks decide where
 syslog exporter). Adding a sink never changes a producer.
 """
 
-from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder, Sink
+from pacsvault.audit.events import (
+    AuditEvent,
+    AuditUnavailable,
+    EventCode,
+    Outcome,
+    Recorder,
+    Sink,
+)
 
-__all__ = ["AuditEvent", "EventCode", "Outcome", "Recorder", "Sink"]
+__all__ = ["AuditEvent", "AuditUnavailable", "EventCode", "Outcome", "Recorder", "Sink"]

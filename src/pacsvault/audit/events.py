@@ -6,6 +6,7 @@ import datetime as dt
 import enum
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,11 @@ class AuditEvent:
     patient_ids: tuple[str, ...] = ()
     detail: Mapping[str, str | int | bool] = field(default_factory=dict)
     time: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # Optional, sealed with the references: which patient each study belongs to and which
+    # study each instance belongs to, when the producer knows (else the trail asks the
+    # index). A patient's access request then shows their own references only.
+    study_patients: Mapping[str, str] = field(default_factory=dict)
+    sop_studies: Mapping[str, str] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -86,24 +92,109 @@ class LogSink:
         self._log.log(level, "%s", text)
 
 
+# Events that record an access to patient data (reading, sending, receiving, exporting).
+# The promise is that such an access is never served unrecorded: when the durable sink
+# (the trail) cannot take the record, ``emit`` raises ``AuditUnavailable`` and the caller
+# refuses the access (DICOM failure status, HTTP 503).
+ACCESS_CODES = frozenset({
+    EventCode.QUERY, EventCode.INSTANCES_ACCESSED, EventCode.INSTANCES_TRANSFERRED,
+    EventCode.BEGIN_TRANSFERRING, EventCode.EXPORT, EventCode.IMPORT,
+})
+
+UNAVAILABLE_ACTION = "audit.unavailable"
+_CRITICAL_EVERY = 60.0  # seconds between two CRITICAL log lines while the trail is down
+
+
+class AuditUnavailable(Exception):
+    """The record of an access could not be made durable: the access must be refused."""
+
+
 class Recorder:
-    """Fan-out to every sink; a failing sink is reported but never stops the others."""
+    """Fan-out to every sink; a failing sink is reported but never stops the others.
+
+    A sink with ``durable = True`` (the trail) is where a record must be durable. When it
+    fails, the other sinks still get the event, a CRITICAL line is logged (rate-limited),
+    an ``audit.unavailable`` Security Alert goes to the non-durable sinks (the alert sink
+    mails it without touching the disk), and for an access event ``emit`` raises
+    ``AuditUnavailable``.
+    """
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self._sinks: list[Sink] = list(sinks or [])
         self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._last_critical = 0.0
+        self._log = logging.getLogger("pacsvault.events")
 
     def add_sink(self, sink: Sink) -> None:
         with self._lock:
             self._sinks.append(sink)
 
-    def emit(self, event: AuditEvent) -> None:
+    @property
+    def available(self) -> bool:
+        """False while the last write to the durable sink failed."""
+        return self._down_since is None
+
+    def emit(self, event: AuditEvent, *, required: bool | None = None) -> None:
+        """Send ``event`` to every sink.
+
+        ``required`` (default: the event is an access, ``ACCESS_CODES``) makes a failure
+        of the durable sink raise ``AuditUnavailable`` after the other sinks ran.
+        """
         with self._lock:
             sinks = list(self._sinks)
+        failure: BaseException | None = None
+        durable = False
         for sink in sinks:
             try:
                 sink.write(event)
             except Exception as exc:  # a sink must not take the server down
-                logging.getLogger("pacsvault.events").error(
-                    "event sink %s failed: %s", type(sink).__name__, type(exc).__name__
-                )
+                self._log.error("event sink %s failed: %s", type(sink).__name__,
+                                type(exc).__name__)
+                if getattr(sink, "durable", False):
+                    failure = exc
+            else:
+                durable = durable or bool(getattr(sink, "durable", False))
+        if failure is None:
+            if durable and self._down_since is not None:
+                self._down_since = None
+                self._log.warning("the audit trail is writable again")
+            return
+        self._unavailable(event, failure)
+        if required if required is not None else event.code in ACCESS_CODES:
+            raise AuditUnavailable(str(failure)) from failure
+
+    def publish(self, event: AuditEvent) -> None:
+        """Send an event already made durable elsewhere to the other sinks only."""
+        with self._lock:
+            sinks = [s for s in self._sinks if not getattr(s, "durable", False)]
+        for sink in sinks:
+            try:
+                sink.write(event)
+            except Exception as exc:
+                self._log.error("event sink %s failed: %s", type(sink).__name__,
+                                type(exc).__name__)
+
+    def durable_failed(self, event: AuditEvent, failure: BaseException) -> None:
+        """Report a durable write that failed outside ``emit`` (a store batch record)."""
+        self._unavailable(event, failure)
+
+    def _unavailable(self, event: AuditEvent, failure: BaseException) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._last_critical >= _CRITICAL_EVERY:
+            self._last_critical = now
+            self._log.critical(
+                "AUDIT TRAIL UNWRITABLE (%s): accesses to patient data are refused until "
+                "it can be written again; free disk space on the data directory", failure)
+        if event.action == UNAVAILABLE_ACTION or event.action.startswith("alert."):
+            return  # no feedback loop through the alert sink
+        self.publish(AuditEvent(
+            action=UNAVAILABLE_ACTION, outcome=Outcome.MAJOR_FAILURE,
+            code=EventCode.SECURITY_ALERT,
+            message=f"an audit record could not be written ({failure}); the access was "
+                    "refused" if event.code in ACCESS_CODES else
+                    f"an audit record could not be written ({failure})",
+            detail={"failed_action": event.action},
+        ))

@@ -3,17 +3,25 @@
 One function for ``pacsvault audit show`` and the auditor's web page, so both answer the
 same question the same way. A patient filter matches records naming the Patient ID and
 records naming one of that patient's studies (as the index knows them).
+
+A patient's access request must show only their own data: with a patient filter, each
+record's references are cut down to that patient's. Records grouped per patient when
+written (``patients``) are cut exactly; older records are cut with the index (the
+patient's studies and instances as it knows them today). Whatever is left out is counted
+in ``withheld`` so the reader knows the event also concerned other data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
 from pacsvault.audit.trail import Record
-from pacsvault.index.models import Patient, Study
+from pacsvault.index.models import Instance, Patient, Series, Study
 from pacsvault.vault import Vault
 
 
@@ -42,9 +50,42 @@ def study_uids_of(vault: Vault, patient_id: str) -> set[str]:
             .where(Patient.patient_id == patient_id)))
 
 
+def sop_uids_of(vault: Vault, patient_id: str) -> set[str]:
+    with vault.sessions() as session:
+        return set(session.scalars(
+            select(Instance.sop_uid).join(Series, Instance.series_pk == Series.pk)
+            .join(Study, Series.study_pk == Study.pk)
+            .join(Patient, Study.patient_pk == Patient.pk)
+            .where(Patient.patient_id == patient_id)))
+
+
+def own_refs(refs: dict[str, Any], patient: str, studies: set[str],
+             sops: set[str]) -> dict[str, Any]:
+    """``refs`` cut down to ``patient``'s own references (see the module docstring)."""
+    grouped = refs.get("patients")
+    if isinstance(grouped, dict):
+        mine = grouped.get(patient) or {}
+        study_uids = list(mine.get("study_uids", []))
+        sop_uids = list(mine.get("sop_uids", []))
+        named = patient in grouped
+    else:
+        study_uids = [u for u in refs.get("study_uids", []) if u in studies]
+        sop_uids = [u for u in refs.get("sop_uids", []) if u in sops]
+        named = patient in refs.get("patient_ids", []) or bool(study_uids)
+    out: dict[str, Any] = {"patient_ids": [patient] if named else [],
+                           "study_uids": study_uids, "sop_uids": sop_uids}
+    withheld = (len(refs.get("study_uids", [])) - len(study_uids)
+                + len(refs.get("sop_uids", [])) - len(sop_uids)
+                + len([p for p in refs.get("patient_ids", []) if p != patient]))
+    if withheld:
+        out["withheld"] = withheld  # other patients' references (or unattributable ones)
+    return out
+
+
 def select_records(vault: Vault, flt: AuditFilter) -> list[Record]:
     """The records of the trail that pass every filter, oldest first."""
     studies = study_uids_of(vault, flt.patient) if flt.patient else set()
+    sops: set[str] | None = None
     since = flt.since.astimezone(dt.UTC).isoformat() if flt.since else ""
     until = flt.until.astimezone(dt.UTC).isoformat() if flt.until else ""
     out = []
@@ -52,6 +93,7 @@ def select_records(vault: Vault, flt: AuditFilter) -> list[Record]:
         refs = rec.refs
         if flt.patient and not (
             flt.patient in refs.get("patient_ids", [])
+            or flt.patient in (refs.get("patients") or {})
             or studies & set(refs.get("study_uids", []))
         ):
             continue
@@ -67,5 +109,10 @@ def select_records(vault: Vault, flt: AuditFilter) -> list[Record]:
             continue
         if until and rec.time > until:
             continue
+        if flt.patient:
+            if sops is None and "patients" not in refs and refs.get("sop_uids"):
+                sops = sop_uids_of(vault, flt.patient)
+            rec = dataclasses.replace(rec, refs=own_refs(refs, flt.patient, studies,
+                                                         sops or set()))
         out.append(rec)
     return out

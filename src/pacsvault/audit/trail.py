@@ -9,37 +9,56 @@ caught by the *head anchor* (last sequence number and hash) kept in the encrypte
 Patient-identifying references (patient IDs, study and instance UIDs) are sealed in each
 record with AES-256-GCM under a derived key; the rest (time, actor, action, outcome, event
 code, counts) stays readable so an auditor can see the shape of activity without keys.
+Sealed references are grouped per patient (``patients``), so a patient's access request
+can be answered with their own references only.
 
 Retention replaces the oldest records by one signed ``seal`` record that keeps the hash of
 the last removed record and a digest of the removed lines, so the chain still verifies.
+
+This process never removes bytes from the file. A write cut short (disk full, crash) leaves
+an incomplete last line; the next append (or ``pacsvault audit repair``) first writes a
+signed ``repair`` record naming the length and SHA-256 of the bytes that were cut, and the
+chain goes on from the last whole record. A record is *durable* only once its line is
+written whole and fsync'ed: ``append`` raises otherwise, and the caller refuses the access.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Connection, Engine, Table, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit.events import AuditEvent
-from pacsvault.index.models import AuditHead
+from pacsvault.index.models import AuditHead, Instance, Patient, Series, Study
 
 FORMAT = "pacsvault-audit/1"
 GENESIS = "0" * 64
+
+log = logging.getLogger("pacsvault.audit")
+
+_heads = cast(Table, AuditHead.__table__)
+_instances = cast(Table, Instance.__table__)
+_series = cast(Table, Series.__table__)
+_studies = cast(Table, Study.__table__)
+_patients = cast(Table, Patient.__table__)
 
 
 class TrailError(Exception):
@@ -73,7 +92,7 @@ class Record:
     actor_user: str
     message: str
     detail: dict[str, Any]
-    refs: dict[str, list[str]] = field(default_factory=dict)
+    refs: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +113,53 @@ def _hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(body)).hexdigest()
 
 
+class TrailUnwritable(TrailError):
+    """A record could not be made durable (disk full, I/O error): refuse the access."""
+
+
+@dataclass(frozen=True)
+class _Tip:
+    """The end of the file as an appender sees it."""
+
+    seq: int  # last whole record's seq (0: none)
+    chain: str  # hash the next record chains to
+    time: str
+    body: dict[str, Any] | None  # that record (without ``sig``)
+    sig: bytes  # its signature
+    region: bytes  # bytes after that record's line ("" when the file ends cleanly)
+    needs_newline: bool  # the last record's line lacks its "\n"
+
+
+@dataclass
+class _Chain:
+    """Where a verification stands after the lines it accepted."""
+
+    prev: str = GENESIS
+    last_seq: int = 0
+    last_time: str = ""
+    records: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the running server last verified: the first ``offset`` bytes (whole lines) had
+    SHA-256 ``digest`` and ended the chain at ``chain``. The next check re-hashes that prefix
+    (any edit, deletion or truncation changes it) and verifies only the lines after it."""
+
+    offset: int
+    lines: int
+    digest: str
+    chain: _Chain
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(line)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class AuditTrail:
     def __init__(self, root: Path, keys: TrailKeys, sessions: sessionmaker[Session]) -> None:
         self.root = root
@@ -102,7 +168,12 @@ class AuditTrail:
         self._keys = keys
         self._public = keys.signer.public_key()
         self._sessions = sessions
+        bind = sessions.kw.get("bind")
+        self._engine: Engine | None = bind if isinstance(bind, Engine) else None
         self._lock = threading.Lock()
+        # Called (outside the locks) with a description whenever an append finds the file
+        # different from what was anchored: the running server's watcher raises the alert.
+        self.on_problem: Callable[[str], None] | None = None
 
     # --- writing ----------------------------------------------------------------------
 
@@ -131,102 +202,350 @@ class AuditTrail:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
                 os.close(lock_fd)
 
-    def _tail(self) -> tuple[int, str, str]:
-        """(seq, hash to chain to, time) of the last record, read from the file itself.
+    @contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Readers that must not see a line half-written by another process."""
+        with self._lock:
+            lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)
+                yield
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                os.close(lock_fd)
 
-        After a seal the chain continues from the last sealed record's hash. A damaged last
-        line must not silence the trail: the chain goes on from the hash of its raw bytes
-        (verification still reports the damaged line).
+    @contextmanager
+    def _db(self, conn: Connection | None) -> Iterator[Connection]:
+        """The caller's transaction (a store batch), or a short one of our own."""
+        if conn is not None:
+            yield conn
+            return
+        assert self._engine is not None, "the trail needs a sessionmaker bound to an engine"
+        with self._engine.begin() as own:
+            yield own
+
+    def _read_tip(self) -> _Tip:
+        """The last whole record and whatever follows it, read backwards from the end.
+
+        A line that is not JSON after the last record is the trace of a write that was cut
+        (disk full, crash): it is the ``region`` a repair record will describe.
         """
-        last = _last_line(self.path)
-        if not last:
-            return 0, GENESIS, ""
+        if not self.path.exists():
+            return _Tip(0, GENESIS, "", None, b"", b"", False)
+        with open(self.path, "rb") as fh:
+            pos = fh.seek(0, os.SEEK_END)
+            block = b""
+            while True:
+                step = min(65536, pos)
+                pos -= step
+                fh.seek(pos)
+                block = fh.read(step) + block
+                pieces = block.split(b"\n")
+                lowest = 0 if pos == 0 else 1  # the first piece may be a partial line
+                for i in range(len(pieces) - 1, lowest - 1, -1):
+                    body = _parse(pieces[i])
+                    if body is None:
+                        continue
+                    region = b"\n".join(pieces[i + 1:])
+                    needs_newline = i == len(pieces) - 1
+                    return self._tip_of(body, region, needs_newline)
+                if pos == 0:
+                    return _Tip(0, GENESIS, "", None, b"", block, False)
+
+    def _tip_of(self, body: dict[str, Any], region: bytes, needs_newline: bool) -> _Tip:
+        body = dict(body)
+        sig_text = body.pop("sig", "")
         try:
-            body = json.loads(last)
-            if not isinstance(body, dict):
-                raise ValueError("not a record")
-            body.pop("sig", None)
-            if body.get("kind") == "seal":
-                return int(body["seq"]), str(body["sealed_last_hash"]), str(body["time"])
-            return int(body["seq"]), _hash(body), str(body["time"])
+            sig = base64.b64decode(str(sig_text))
+            seq = int(body["seq"])
+            seal = body.get("kind") == "seal"
+            chain = str(body["sealed_last_hash"]) if seal else _hash(body)
+            time = str(body["time"])
         except (ValueError, KeyError, TypeError):
             anchor = self._anchor()
-            return (anchor[0] if anchor else 0), hashlib.sha256(last).hexdigest(), ""
+            return _Tip(anchor[0] if anchor else 0, _hash(body), "", body, b"", region,
+                        needs_newline)
+        return _Tip(seq, chain, time, body, sig, region, needs_newline)
 
-    def _check_head(self, seq: int, digest: str) -> None:
-        """Compare the file's tail with the anchor before moving it; flag a mismatch."""
-        with self._sessions.begin() as session:
-            head = session.get(AuditHead, 1)
-            if head is None or head.broken:
-                return
-            if seq < head.seq:
-                head.broken = (f"the trail ended at record {seq} when record {head.seq} had "
-                               "been written: records were removed")
-            elif seq == head.seq and digest != head.digest:
-                head.broken = f"record {seq} differs from the one anchored in the index"
+    def _signed(self, body: dict[str, Any] | None, sig: bytes) -> bool:
+        if body is None:
+            return True
+        try:
+            self._public.verify(sig, bytes.fromhex(_hash(body)))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
-    def append(self, event: AuditEvent) -> int:
-        refs = {
-            "study_uids": list(event.study_uids),
-            "sop_uids": list(event.sop_uids),
-            "patient_ids": list(event.patient_ids),
+    def _check_head(self, conn: Connection, tip: _Tip) -> str:
+        """Compare the file's last record with the anchor and its signature; flag (once,
+        for good) and return a mismatch."""
+        head = conn.execute(select(_heads).where(_heads.c.id == 1)).first()
+        if head is None or head.broken:
+            return ""
+        problem = ""
+        if not self._signed(tip.body, tip.sig):
+            problem = (f"record {tip.seq}, the last one in the file, was altered or forged: "
+                       "its signature does not match")
+        elif tip.seq < head.seq:
+            problem = (f"the trail ended at record {tip.seq} when record {head.seq} had "
+                       "been written: records were removed")
+        elif tip.seq == head.seq and tip.chain != head.digest:
+            problem = f"record {tip.seq} differs from the one anchored in the index"
+        if problem:
+            conn.execute(update(_heads).where(_heads.c.id == 1).values(broken=problem))
+        return problem
+
+    def _repair_body(self, conn: Connection, tip: _Tip, seq: int, time: str) -> dict[str, Any]:
+        cut = tip.region[:-1] if tip.region.endswith(b"\n") else tip.region
+        head = conn.execute(select(_heads.c.seq).where(_heads.c.id == 1)).first()
+        anchored = int(head.seq) if head is not None else 0
+        lost = max(0, anchored - tip.seq)
+        message = ("a write to the trail was cut short (disk full, I/O error or crash); the "
+                   "incomplete bytes were left in place and are described here")
+        if lost:
+            message += (f"; record {anchored} had been written: {lost} whole record(s) are "
+                        "missing, which is not a cut write")
+        return {
+            "v": FORMAT, "seq": seq, "prev": tip.chain, "time": time, "kind": "repair",
+            "action": "audit.repair", "outcome": "success" if not lost else "major_failure",
+            "code": "110100", "ae": "", "address": "", "user": "", "message": message,
+            "detail": {"cut_bytes": len(cut), "cut_sha256": hashlib.sha256(cut).hexdigest(),
+                       "cut_lines": cut.count(b"\n") + 1, "after_seq": tip.seq,
+                       "anchored_seq": anchored, "records_lost": lost},
         }
-        with self._exclusive() as fd:
-            seq, prev, last_time = self._tail()
-            self._check_head(seq, prev)
-            seq += 1
-            now = event.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
-            time = max(now, last_time) if last_time else now  # monotonic order
-            body: dict[str, Any] = {
-                "v": FORMAT, "seq": seq, "prev": prev, "time": time, "kind": "event",
-                "action": event.action, "outcome": event.outcome.name.lower(),
-                "code": event.code.value, "ae": event.actor_ae,
-                "address": event.actor_address, "user": event.actor_user,
-                "message": event.message, "detail": dict(event.detail),
-            }
-            if any(refs.values()):
-                body["refs"] = self._seal(seq, refs)
-            self._write(fd, body)
-        return seq
 
-    def _write(self, fd: int, body: dict[str, Any]) -> None:
+    def _append_locked(
+        self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
+        conn: Connection | None, problems: list[str], *, repair_only: bool = False,
+    ) -> list[int]:
+        """Write a repair record if the tail is torn, then ``events``; one fsync.
+
+        Raises ``TrailUnwritable`` unless every line is written and fsync'ed; the anchor
+        moves only after that.
+        """
+        tip = self._read_tip()
+        lines: list[bytes] = []
+        seqs: list[int] = []
+        seq, prev, last_time = tip.seq, tip.chain, tip.time
+        with self._db(conn) as db:
+            problem = self._check_head(db, tip)
+            if problem:
+                problems.append(problem)
+            prefix = b"\n" if tip.needs_newline else b""
+            if tip.region:
+                if not tip.region.endswith(b"\n"):
+                    prefix = b"\n"
+                seq += 1
+                now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+                time = max(now, last_time) if last_time else now
+                body = self._repair_body(db, tip, seq, time)
+                prev, last_time = self._sign(body), time
+                lines.append(_canonical(body) + b"\n")
+                seqs.append(seq)
+            if repair_only and not lines:
+                return []
+            for event, refs in events:
+                seq += 1
+                now = event.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
+                time = max(now, last_time) if last_time else now  # monotonic order
+                body = {
+                    "v": FORMAT, "seq": seq, "prev": prev, "time": time, "kind": "event",
+                    "action": event.action, "outcome": event.outcome.name.lower(),
+                    "code": event.code.value, "ae": event.actor_ae,
+                    "address": event.actor_address, "user": event.actor_user,
+                    "message": event.message, "detail": dict(event.detail),
+                }
+                if refs:
+                    body["refs"] = self._seal(seq, refs)
+                prev, last_time = self._sign(body), time
+                lines.append(_canonical(body) + b"\n")
+                seqs.append(seq)
+            self._write_all(fd, prefix + b"".join(lines))
+            try:
+                self._set_anchor(db, seq, prev)
+            except Exception as exc:
+                if conn is not None:
+                    raise
+                # The lines are durable: the access is recorded. Only truncation detection
+                # lags until the next append moves the anchor.
+                log.error("the audit anchor could not be updated (%s)", type(exc).__name__)
+        return seqs
+
+    def _sign(self, body: dict[str, Any]) -> str:
+        """Add ``sig``; returns the record's hash (what the next one chains to)."""
         digest = _hash(body)
         body["sig"] = base64.b64encode(self._keys.signer.sign(bytes.fromhex(digest))).decode()
-        os.write(fd, _canonical(body) + b"\n")
-        os.fsync(fd)
-        self._set_anchor(int(body["seq"]), digest)
+        return digest
 
-    def _set_anchor(self, seq: int, digest: str) -> None:
-        with self._sessions.begin() as session:
-            head = session.get(AuditHead, 1)
-            if head is None:
-                session.add(AuditHead(id=1, seq=seq, digest=digest))
-            else:
-                head.seq, head.digest = seq, digest
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[written:]
+            os.fsync(fd)
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise TrailUnwritable(f"the audit trail could not be written ({name})") from exc
+
+    def _notify(self, problems: list[str]) -> None:
+        callback = self.on_problem
+        for problem in problems:
+            log.critical("audit trail: %s", problem)
+            if callback is not None:
+                try:
+                    callback(problem)
+                except Exception as exc:  # the watcher must not break an append
+                    log.error("audit watcher callback failed: %s", type(exc).__name__)
+
+    def append(self, event: AuditEvent) -> int:
+        """Append one record; returns its seq once it is durable (raises otherwise)."""
+        refs = self._refs(event, None)
+        problems: list[str] = []
+        try:
+            with self._exclusive() as fd:
+                seqs = self._append_locked(fd, [(event, refs)], None, problems)
+        finally:
+            self._notify(problems)
+        return seqs[-1]
+
+    @contextmanager
+    def batch(self) -> Iterator[BatchWriter]:
+        """Hold the trail for a caller's index transaction (lock order: trail, then index).
+
+        The store path writes its batch record through the yielded writer inside the same
+        transaction as the index rows, so the anchor commits with them.
+        """
+        writer = BatchWriter(self)
+        try:
+            with self._exclusive() as fd:
+                writer._fd = fd
+                yield writer
+                writer._fd = None
+        finally:
+            self._notify(writer.problems)
+
+    def repair(self) -> Record | None:
+        """Describe a torn tail with a signed repair record; None if the tail is whole."""
+        problems: list[str] = []
+        try:
+            with self._exclusive() as fd:
+                seqs = self._append_locked(fd, [], None, problems, repair_only=True)
+        finally:
+            self._notify(problems)
+        if not seqs:
+            return None
+        for rec in self.records():
+            if rec.seq == seqs[0] and rec.kind == "repair":
+                return rec
+        return None
+
+    def _set_anchor(self, conn: Connection, seq: int, digest: str) -> None:
+        changed = conn.execute(
+            update(_heads).where(_heads.c.id == 1).values(seq=seq, digest=digest))
+        if not changed.rowcount:
+            conn.execute(insert(_heads).values(id=1, seq=seq, digest=digest, broken=""))
 
     def _anchor(self) -> tuple[int, str] | None:
         with self._sessions() as session:
             head = session.get(AuditHead, 1)
             return (head.seq, head.digest) if head else None
 
+    def broken(self) -> str:
+        """The anchor's damage flag ("" while none was found)."""
+        return self._broken()
+
     def _broken(self) -> str:
         with self._sessions() as session:
             head = session.get(AuditHead, 1)
             return head.broken if head else ""
 
-    def _seal(self, seq: int, refs: dict[str, list[str]]) -> str:
+    # --- references -------------------------------------------------------------------
+
+    def _refs(self, event: AuditEvent, conn: Connection | None) -> dict[str, Any]:
+        """The sealed references, grouped per patient.
+
+        The producer may say which patient each study (and which study each instance)
+        belongs to; anything it did not say is looked up in the index. What the index does
+        not know either stays ``unassigned``: shown to no patient's access request.
+        """
+        refs: dict[str, Any] = {
+            "study_uids": list(event.study_uids),
+            "sop_uids": list(event.sop_uids),
+            "patient_ids": list(event.patient_ids),
+        }
+        if not any(refs.values()):
+            return {}
+        study_patient = dict(event.study_patients)
+        sop_study = dict(event.sop_studies)
+        missing_sops = [s for s in event.sop_uids if s not in sop_study]
+        try:
+            if missing_sops or any(s not in study_patient for s in event.study_uids):
+                if conn is not None:
+                    self._lookup(conn, study_patient, sop_study, missing_sops,
+                                 list(event.study_uids))
+                elif self._engine is not None:
+                    with self._engine.connect() as own:
+                        self._lookup(own, study_patient, sop_study, missing_sops,
+                                     list(event.study_uids))
+        except Exception as exc:  # grouping is a convenience; the flat lists are kept
+            log.error("audit references could not be grouped (%s)", type(exc).__name__)
+        patients: dict[str, dict[str, list[str]]] = {
+            p: {"study_uids": [], "sop_uids": []} for p in event.patient_ids}
+        unassigned: dict[str, list[str]] = {"study_uids": [], "sop_uids": []}
+        for study in event.study_uids:
+            owner = study_patient.get(study)
+            target = unassigned if owner is None else patients.setdefault(
+                owner, {"study_uids": [], "sop_uids": []})
+            target["study_uids"].append(study)
+        for sop in event.sop_uids:
+            owner = study_patient.get(sop_study.get(sop, ""))
+            target = unassigned if owner is None else patients.setdefault(
+                owner, {"study_uids": [], "sop_uids": []})
+            target["sop_uids"].append(sop)
+        refs["patients"] = patients
+        if any(unassigned.values()):
+            refs["unassigned"] = unassigned
+        return refs
+
+    @staticmethod
+    def _lookup(conn: Connection, study_patient: dict[str, str], sop_study: dict[str, str],
+                sops: list[str], studies: list[str]) -> None:
+        for start in range(0, len(sops), 500):
+            chunk = sops[start:start + 500]
+            rows = conn.execute(
+                select(_instances.c.sop_uid, _studies.c.study_uid)
+                .join(_series, _instances.c.series_pk == _series.c.pk)
+                .join(_studies, _series.c.study_pk == _studies.c.pk)
+                .where(_instances.c.sop_uid.in_(chunk)))
+            for sop, study in rows:
+                sop_study[str(sop)] = str(study)
+        wanted = sorted({*studies, *sop_study.values()} - set(study_patient))
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            rows = conn.execute(
+                select(_studies.c.study_uid, _patients.c.patient_id)
+                .join(_patients, _studies.c.patient_pk == _patients.c.pk)
+                .where(_studies.c.study_uid.in_(chunk)))
+            for study, patient in rows:
+                study_patient[str(study)] = str(patient)
+
+    def _seal(self, seq: int, refs: dict[str, Any]) -> str:
         nonce = secrets.token_bytes(12)
         sealed = AESGCM(self._keys.sealing_key).encrypt(
             nonce, json.dumps(refs).encode(), f"{FORMAT}:{seq}".encode()
         )
         return base64.b64encode(nonce + sealed).decode()
 
-    def _unseal(self, seq: int, blob: str) -> dict[str, list[str]]:
+    def _unseal(self, seq: int, blob: str) -> dict[str, Any]:
         raw = base64.b64decode(blob)
         plain = AESGCM(self._keys.sealing_key).decrypt(
             raw[:12], raw[12:], f"{FORMAT}:{seq}".encode()
         )
-        value: dict[str, list[str]] = json.loads(plain)
+        value: dict[str, Any] = json.loads(plain)
         return value
 
     # --- reading ----------------------------------------------------------------------
@@ -243,11 +562,11 @@ class AuditTrail:
                     continue
                 if not isinstance(body, dict):
                     continue
-                refs: dict[str, list[str]] = {}
+                refs: dict[str, Any] = {}
                 if "refs" in body:
                     try:
                         refs = self._unseal(int(body["seq"]), body["refs"])
-                    except (InvalidTag, ValueError, KeyError):
+                    except (InvalidTag, ValueError, KeyError, TypeError):
                         refs = {}
                 yield Record(
                     seq=int(body.get("seq", 0)), time=str(body.get("time", "")),
@@ -273,55 +592,162 @@ class AuditTrail:
             if self._anchor() is None:
                 return Verdict(True, 0)  # a new vault: nothing written yet
             return Verdict(False, 0, "the audit trail file is missing", 1, 1)
-        lines = self.path.read_bytes().splitlines()
-        prev, last_seq, last_time = GENESIS, 0, ""
+        lines = self.path.read_bytes().split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
         check_from = max(0, len(lines) - tail) if tail else 0
-        for index, line in enumerate(lines):
+        chain = _Chain()
+        verdict, consumed = self._scan(lines, chain, 0, check_from)
+        if verdict is not None:
+            return verdict
+        if consumed < len(lines):
+            number = consumed + 1
+            return Verdict(False, chain.records,
+                           f"line {number} is not a valid record: an incomplete write (disk "
+                           "full, crash) with no repair record after it; 'pacsvault audit "
+                           "repair' records what was cut", chain.last_seq + 1, number)
+        return self._against_anchor(chain, len(lines)) or Verdict(True, chain.records)
+
+    def _against_anchor(self, chain: _Chain, lines: int) -> Verdict | None:
+        anchor = self._anchor()
+        if anchor is None:
+            return None
+        anchor_seq, anchor_digest = anchor
+        if chain.last_seq < anchor_seq:
+            return Verdict(False, chain.records, f"the trail ends at record {chain.last_seq} "
+                           f"but record {anchor_seq} was written: the tail was truncated",
+                           chain.last_seq + 1, lines + 1)
+        if chain.last_seq == anchor_seq and chain.prev != anchor_digest:
+            return Verdict(False, chain.records, f"record {chain.last_seq} differs from the "
+                           "one anchored in the index", chain.last_seq, lines)
+        return None
+
+    def _scan(
+        self, lines: list[bytes], chain: _Chain, first: int, check_from: int,
+    ) -> tuple[Verdict | None, int]:
+        """Follow ``lines`` (global line index ``first`` onwards), updating ``chain``.
+
+        Returns (the first problem, or None; how many lines were accepted). Lines that are
+        not records are accepted only when a repair record right after them describes them
+        exactly; a run of them at the very end is left unaccepted (a torn tail).
+        """
+        i = 0
+        while i < len(lines):
+            index = first + i
             number = index + 1
+            body = _parse(lines[i])
+            if body is None:
+                k = i
+                while k < len(lines) and _parse(lines[k]) is None:
+                    k += 1
+                if k == len(lines):
+                    return None, i
+                cut = b"\n".join(lines[i:k])
+                repair = _parse(lines[k]) or {}
+                detail = repair.get("detail")
+                if not (repair.get("kind") == "repair" and isinstance(detail, dict)
+                        and detail.get("cut_bytes") == len(cut)
+                        and detail.get("cut_sha256") == hashlib.sha256(cut).hexdigest()):
+                    return Verdict(False, chain.records, f"line {number} is not a valid record",
+                                   chain.last_seq + 1, number), i
+                i = k
+                continue
             try:
-                body = json.loads(line)
-                if not isinstance(body, dict):
-                    raise ValueError("not a record")
                 sig = base64.b64decode(body.pop("sig"))
                 seq = int(body["seq"])
             except (ValueError, KeyError, TypeError, AttributeError):
-                return Verdict(False, index, f"line {number} is not a valid record",
-                               last_seq + 1, number)
+                return Verdict(False, chain.records, f"line {number} is not a valid record",
+                               chain.last_seq + 1, number), i
             if body.get("v") != FORMAT:
-                return Verdict(False, index, f"record {seq}: unknown format", seq, number)
+                return Verdict(False, chain.records, f"record {seq}: unknown format", seq,
+                               number), i
             digest = _hash(body)
             if index >= check_from:
                 try:
                     self._public.verify(sig, bytes.fromhex(digest))
                 except InvalidSignature:
-                    return Verdict(False, index, f"record {seq} (line {number}) was altered or "
-                                   "forged: its signature does not match", seq, number)
-            if body["kind"] == "seal" and index == 0:
-                prev, last_seq = str(body["sealed_last_hash"]), seq
-                last_time = str(body["time"])
-                continue
-            if seq != last_seq + 1:
-                return Verdict(False, index, f"record {seq} (line {number}) is out of order: "
-                               f"expected record {last_seq + 1} (records deleted or moved)",
-                               seq, number)
-            if body["prev"] != prev:
-                return Verdict(False, index, f"record {seq} (line {number}) does not follow "
-                               f"record {last_seq}: the chain is broken there", seq, number)
-            if last_time and str(body["time"]) < last_time:
-                return Verdict(False, index, f"record {seq} (line {number}) goes back in time",
-                               seq, number)
-            prev, last_seq, last_time = digest, seq, str(body["time"])
-        anchor = self._anchor()
-        if anchor is not None:
-            anchor_seq, anchor_digest = anchor
-            if last_seq < anchor_seq:
-                return Verdict(False, len(lines), f"the trail ends at record {last_seq} but "
-                               f"record {anchor_seq} was written: the tail was truncated",
-                               last_seq + 1, len(lines) + 1)
-            if last_seq == anchor_seq and prev != anchor_digest:
-                return Verdict(False, len(lines), f"record {last_seq} differs from the one "
-                               "anchored in the index", last_seq, len(lines))
-        return Verdict(True, len(lines))
+                    return Verdict(False, chain.records, f"record {seq} (line {number}) was "
+                                   "altered or forged: its signature does not match", seq,
+                                   number), i
+            try:
+                if body["kind"] == "seal" and index == 0:
+                    chain.prev, chain.last_seq = str(body["sealed_last_hash"]), seq
+                    chain.last_time = str(body["time"])
+                    chain.records += 1
+                    i += 1
+                    continue
+                if seq != chain.last_seq + 1:
+                    return Verdict(False, chain.records, f"record {seq} (line {number}) is out "
+                                   f"of order: expected record {chain.last_seq + 1} (records "
+                                   "deleted or moved)", seq, number), i
+                if body["prev"] != chain.prev:
+                    return Verdict(False, chain.records, f"record {seq} (line {number}) does "
+                                   f"not follow record {chain.last_seq}: the chain is broken "
+                                   "there", seq, number), i
+                if chain.last_time and str(body["time"]) < chain.last_time:
+                    return Verdict(False, chain.records, f"record {seq} (line {number}) goes "
+                                   "back in time", seq, number), i
+                chain.prev, chain.last_seq, chain.last_time = digest, seq, str(body["time"])
+            except (KeyError, TypeError):
+                return Verdict(False, chain.records, f"line {number} is not a valid record",
+                               chain.last_seq + 1, number), i
+            chain.records += 1
+            i += 1
+        return None, len(lines)
+
+    def _chain_at_end(self, lines: list[bytes]) -> _Chain:
+        for line in reversed(lines):
+            body = _parse(line)
+            if body is not None:
+                tip = self._tip_of(body, b"", False)
+                return _Chain(tip.chain, tip.seq, tip.time, len(lines))
+        return _Chain()
+
+    def check(self, since: Checkpoint | None, *, tail: int | None = None
+              ) -> tuple[Checkpoint, str]:
+        """The running server's check: (new checkpoint, problem or "").
+
+        The prefix verified last time is re-hashed; only lines after it are verified. A
+        changed prefix (an edit, a deleted line, a purge rewriting the file) gets a full
+        verification: a purge passes it, tampering does not. The end is compared with the
+        anchor (a removed tail), and the anchor's broken flag is reported.
+        """
+        with self._shared():
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                data = None
+        broken = self._broken()
+        if data is None:
+            empty = Checkpoint(0, 0, hashlib.sha256(b"").hexdigest(), _Chain())
+            if self._anchor() is None:
+                return empty, broken
+            return empty, broken or "the audit trail file is missing"
+        end = data.rfind(b"\n") + 1
+        lines = data[:end].split(b"\n")[:-1] if end else []
+        problem = ""
+        if (since is not None and since.offset <= end
+                and hashlib.sha256(data[:since.offset]).hexdigest() == since.digest):
+            chain = _Chain(**vars(since.chain))
+            verdict, consumed = self._scan(lines[since.lines:], chain, since.lines,
+                                           since.lines)
+            consumed += since.lines
+        else:
+            chain = _Chain()
+            check_from = max(0, len(lines) - tail) if tail and since is None else 0
+            verdict, consumed = self._scan(lines, chain, 0, check_from)
+        if verdict is not None:
+            problem = verdict.problem
+            # Report once: later checks follow on from the file's last record.
+            consumed = len(lines)
+            chain = self._chain_at_end(lines)
+        else:
+            late = self._against_anchor(chain, consumed) if consumed == len(lines) else None
+            if late is not None:
+                problem = late.problem
+        offset = sum(len(line) + 1 for line in lines[:consumed])
+        point = Checkpoint(offset, consumed, hashlib.sha256(data[:offset]).hexdigest(), chain)
+        return point, problem or broken
 
     # --- retention --------------------------------------------------------------------
 
@@ -332,7 +758,9 @@ class AuditTrail:
             lines = self.path.read_bytes().splitlines()
             old: list[bytes] = []
             for line in lines:
-                body = json.loads(line)
+                body = _parse(line)
+                if body is None:
+                    break  # a torn run stays, with the repair record that describes it
                 if body.get("kind") == "seal" or str(body["time"]) < cutoff_text:
                     old.append(line)
                 else:
@@ -372,28 +800,27 @@ class AuditTrail:
             return len(purged)
 
 
-def _last_line(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            end = fh.tell()
-            block = b""
-            pos = end
-            while pos > 0:
-                step = min(4096, pos)
-                pos -= step
-                fh.seek(pos)
-                block = fh.read(step) + block
-                stripped = block.rstrip(b"\n")
-                if b"\n" in stripped:
-                    return stripped.rsplit(b"\n", 1)[1]
-            return block.rstrip(b"\n")
-    except FileNotFoundError:
-        return b""
+class BatchWriter:
+    """Appends records while the trail is held by ``AuditTrail.batch``."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+        self._fd: int | None = None
+        self.problems: list[str] = []
+
+    def write(self, conn: Connection, events: list[AuditEvent]) -> list[int]:
+        """Durably append ``events``, moving the anchor inside ``conn``'s transaction."""
+        if self._fd is None:
+            raise TrailError("the trail is not held")
+        pairs = [(event, self._trail._refs(event, conn)) for event in events]
+        return self._trail._append_locked(self._fd, pairs, conn, self.problems)
 
 
 class TrailSink:
-    """Recorder sink writing every event to the trail."""
+    """Recorder sink writing every event to the trail. ``durable``: a failure to write
+    here means the event is not recorded, and an access depending on it is refused."""
+
+    durable = True
 
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail

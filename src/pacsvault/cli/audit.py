@@ -10,7 +10,7 @@ from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.query import AuditFilter, select_records
-from pacsvault.audit.trail import Record
+from pacsvault.audit.trail import Record, TrailError
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.vault import Vault
 
@@ -34,6 +34,11 @@ def register(sub: Any) -> None:
     p.add_argument("--until", type=_when, help="ISO date or date-time (UTC)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=cmd_show)
+
+    p = asub.add_parser("repair", help="describe an incomplete last line (a write cut by a "
+                        "full disk or a crash) with a signed repair record")
+    add_data_args(p)
+    p.set_defaults(func=cmd_repair)
 
     p = asub.add_parser("purge", help="seal records older than the retention window now")
     add_data_args(p)
@@ -65,6 +70,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0
     print(f"AUDIT TRAIL BROKEN: {verdict.problem}")
     return 1
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    """Never rewrites the file: appends a signed record naming the length and SHA-256 of
+    the bytes that were cut, so the chain verifies again and the evidence stays."""
+    vault = open_vault(args)
+    try:
+        record = vault.audit.repair()
+    except TrailError as exc:
+        raise CommandError(f"repair failed: {exc}") from None
+    finally:
+        vault.close()
+    if record is None:
+        say("Nothing to repair: the trail ends with a whole record.")
+        return 0
+    detail = record.detail
+    print(f"repair record {record.seq} written: {detail.get('cut_bytes')} byte(s) in "
+          f"{detail.get('cut_lines')} line(s) after record {detail.get('after_seq')} were "
+          f"cut (SHA-256 {detail.get('cut_sha256')}); they stay in the file")
+    if detail.get("records_lost"):
+        print(f"WARNING: record {detail.get('anchored_seq')} had been written: "
+              f"{detail.get('records_lost')} whole record(s) are missing (not a cut write)")
+        return 1
+    return 0
 
 
 def _selected(vault: Vault, args: argparse.Namespace) -> list[Record]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.web.i18n import N_
@@ -22,6 +23,8 @@ from pacsvault.web.principal import Principal
 BEARER = "bearer "
 ADMIN = "admin"
 TOKENS_DICOMWEB_ONLY = N_("API tokens are accepted on DICOMweb routes only.")
+AUDIT_UNAVAILABLE = N_("The archive cannot record this access right now, so it is refused. "
+                       "Please try again later or call your IT provider.")
 
 
 def client_address(request: Request) -> str:
@@ -90,3 +93,12 @@ def _emit_outside(request: Request, address: str) -> None:
                  "networks; administration is only available from the practice network."),
         detail={"reason": "outside-trusted-networks"},
     ))
+
+
+async def audit_unavailable(request: Request, exc: Exception) -> Response:
+    """503 for a request whose access record could not be made durable (``AuditUnavailable``
+    from ``Recorder.emit``): every route records the access before its answer leaves, so
+    refusing here means nothing was disclosed. The recorder has logged and alerted."""
+    from pacsvault.web import pages  # pages imports this module
+
+    return pages.error_response(request.scope, 503, AUDIT_UNAVAILABLE, {"Retry-After": "60"})
