@@ -63,6 +63,14 @@ class DicomSettings(_Strict):
 class StorageSettings(_Strict):
     min_free_mb: int = Field(512, ge=0)
     duplicate_policy: str = Field("keep-first", pattern="^keep-first$")
+    # A deflated dataset inflating beyond this is refused (A700), at storing and on reads.
+    max_inflated_mb: int = Field(512, ge=1)
+
+
+class QuerySettings(_Strict):
+    # Wall-clock seconds a C-FIND or QIDO query may spend in the index before it is
+    # stopped (C-FIND A700, QIDO 413) and audited.
+    time_budget_seconds: float = Field(10.0, gt=0)
 
 
 class WebSettings(_Strict):
@@ -103,6 +111,7 @@ class Settings(_Strict):
     server: ServerSettings
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
+    query: QuerySettings = QuerySettings()
     web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     alerts: AlertSettings = AlertSettings()
@@ -191,6 +200,14 @@ min_free_mb = 512
 # A different object received under an existing SOP Instance UID: keep the first one,
 # answer with warning status B006 (elements discarded) and record a security event.
 duplicate_policy = "keep-first"
+# A deflated dataset (Deflated Explicit VR Little Endian) that would expand beyond this
+# many MiB in memory is refused (status A700), and never inflated beyond it when read.
+max_inflated_mb = 512
+
+[query]
+# Seconds a C-FIND or QIDO-RS query may spend before it is stopped and recorded
+# (C-FIND status A700 "out of resources", QIDO-RS 413 "query too broad").
+time_budget_seconds = 10.0
 
 [web]
 # HTTPS access for the doctor's browser and for DICOMweb viewers (no plain HTTP, ever).

@@ -37,6 +37,7 @@ from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
 from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
 from pacsvault.crypto.keyring import Keyring
+from pacsvault.dicom import inflate
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.nodes import NodeRegistry, ensure_tables
 from pacsvault.storage.archive import Archive
@@ -225,6 +226,8 @@ class Vault:
         self._master = master
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
+        # Every parse of a received or stored object inflates within this (issue 11).
+        inflate.set_limit(settings.storage.max_inflated_mb * inflate.MIB)
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
         self.archive = Archive(
             self.sessions, self.objects, Keyring(master.derive(keys.PURPOSE_KEK, vault_id))

@@ -3,13 +3,18 @@
 Parsing happens in memory on the bytes exactly as received; nothing is transcoded. pydicom's
 own warnings are silenced here because they quote element values (a birth date, a name)
 and would carry patient data into plain logs.
+
+Validation at the door (issue 11): a deflated dataset is inflated within
+``max_inflated_mb`` (``inflate``; beyond it ``ObjectTooLarge``, status A700), and a
+top-level element whose VR is of another class than the data dictionary's is refused
+(``MismatchedVR``, status C000; ``vr_check``), so no client is ever answered a value in a
+shape it cannot read.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import re
 import warnings
@@ -17,11 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.jsonrep import convert_to_python_number
 from pydicom.multival import MultiValue
+
+from pacsvault.dicom import inflate, vr_check
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _BULK_THRESHOLD = 1024
@@ -39,6 +45,16 @@ class UnreadableObject(Exception):
 
 class InvalidObject(Exception):
     """A parsable dataset that lacks what an archive needs to file it (status A900)."""
+
+
+class MismatchedVR(UnreadableObject):
+    """An element encoded with a VR the data dictionary does not allow (status C000)."""
+
+
+class ObjectTooLarge(UnreadableObject):
+    """A deflated dataset expanding beyond ``max_inflated_mb``: refused before it is
+    inflated (status A700 "out of resources" where the caller knows this class, C000
+    otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -178,12 +194,17 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     return out
 
 
-def read(raw: bytes) -> Dataset:
-    """Read a Part 10 byte stream into a dataset whose values are still raw (cheap)."""
+def read(raw: bytes, *, stop_before_pixels: bool = False,
+         specific_tags: list[Any] | None = None) -> Dataset:
+    """Read a Part 10 byte stream into a dataset whose values are still raw (cheap); a
+    deflated dataset is inflated within the configured limit."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return dcmread(io.BytesIO(raw), force=False)
+            return inflate.read(raw, stop_before_pixels=stop_before_pixels,
+                                specific_tags=specific_tags)
+        except inflate.InflateLimitExceeded as exc:
+            raise ObjectTooLarge(str(exc)) from None
         except Exception as exc:  # pydicom raises a wide range on hostile input
             raise UnreadableObject(type(exc).__name__) from None
 
@@ -233,6 +254,10 @@ def describe(ds: Dataset, raw: bytes, *, sha256: bytes | None = None) -> ParsedI
             meta = header_json(ds)
         except Exception:
             meta = {}
+    mismatch = vr_check.first_mismatch(meta)
+    if mismatch is not None:
+        raise MismatchedVR(mismatch)
+    meta = vr_check.sanitise(meta)  # same-class variants relabelled, nested ones healed
     meta.pop("7FE00010", None)
     return ParsedInstance(
         sop_class_uid=sop_class,

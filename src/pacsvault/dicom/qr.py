@@ -9,14 +9,12 @@ request's address, and must itself hold ``retrieve``: nothing leaves for an unkn
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
@@ -34,8 +32,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
+from pacsvault.dicom import inflate
 from pacsvault.dicom.answers import Answer, install
-from pacsvault.index.query import Accessed, QueryEngine, QueryError
+from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
 
 if TYPE_CHECKING:
@@ -66,6 +65,7 @@ STATUS_CANCEL = 0xFE00
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE = 0xC000
+STATUS_OUT_OF_RESOURCES = 0xA700
 # pynetdicom counts a pending result whose "dataset" is not a Dataset as a failed
 # sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
 _FAILED_SUBOP = "unreadable"
@@ -97,7 +97,8 @@ class QueryRetrieve:
         install()
         self._service = service
         self._vault = service.vault
-        self.engine = QueryEngine(service.vault.sessions, service.vault.settings.server.ae_title)
+        self.engine = QueryEngine(service.vault.sessions, service.vault.settings.server.ae_title,
+                                  time_budget=service.vault.settings.query.time_budget_seconds)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -143,6 +144,10 @@ class QueryRetrieve:
                     break
                 matches += 1
                 yield STATUS_PENDING, answer
+        except QueryBudgetExceeded as exc:  # PS3.4 C.4.1.1.4: A700 out of resources
+            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
+            yield STATUS_OUT_OF_RESOURCES, None
+            return
         except QueryError as exc:
             self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
             yield STATUS_IDENTIFIER_MISMATCH, None
@@ -269,8 +274,9 @@ class QueryRetrieve:
                 yield STATUS_CANCEL, None
                 return
             try:
-                ds = dcmread(io.BytesIO(self._vault.archive.read(item)))
-            except (ObjectFormatError, OSError) as exc:
+                # bounded inflation of deflated objects (issue 11, defect 5)
+                ds = inflate.read(self._vault.archive.read(item))
+            except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
                 log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
                 unreadable += 1
                 yield STATUS_PENDING, _FAILED_SUBOP

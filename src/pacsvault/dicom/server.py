@@ -40,7 +40,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
-from pacsvault.dicom.parse import InvalidObject, UnreadableObject
+from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
     FIND_CLASSES,
@@ -280,6 +280,8 @@ class DicomService:
                 expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
                 expected_sop_class=str(request.AffectedSOPClassUID or ""),
             )
+        except ObjectTooLarge as exc:  # a deflate bomb: PS3.4 "refused: out of resources"
+            return self._store_failed(state, STATUS_OUT_OF_RESOURCES, f"refused: {exc}")
         except UnreadableObject as exc:
             return self._store_failed(state, STATUS_CANNOT_UNDERSTAND, f"unreadable: {exc}")
         except InvalidObject as exc:

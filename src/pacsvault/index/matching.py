@@ -8,6 +8,13 @@ QIDO-RS from drifting apart.
 Person names match case-insensitively (``normalise_name``): a documented choice, since
 practices type names in every case. Other strings match case-sensitively, as the standard
 requires.
+
+Wildcards in memory go through ``wildcard_match``, never a regular expression: a
+backtracking regex turned ``*a*a*a*a*b`` against 200 ``a`` into seconds of CPU (minutes
+with one more ``*``), a denial of service any query node could send (issue 11, defect 4).
+On the SQL side SQLite's ``LIKE`` is used (no REGEXP function is registered): it gives up
+on a ``%`` that cannot match instead of backtracking, and repeated ``*`` are collapsed
+before either sees the pattern.
 """
 
 from __future__ import annotations
@@ -116,7 +123,7 @@ class Condition:
         if self.op == "list":
             return value in self.items
         if self.op == "wildcard":
-            return _wildcard_regex(self.value).fullmatch(value) is not None
+            return wildcard_match(self.value, value)
         if not value:
             return False
         if self.kind == "time" and self.low and self.high and self.low > self.high:
@@ -153,7 +160,7 @@ def parse(kind: Kind, raw: str) -> Condition:
         return Condition("range", kind, low=low, high=high)
     if kind in ("str", "pn") and ("*" in text or "?" in text):
         pattern = normalise_name(text) if kind == "pn" else text
-        return Condition("wildcard", kind, value=pattern)
+        return Condition("wildcard", kind, value=collapse_stars(pattern))
     if kind == "time":
         # A single time of lower precision matches the whole period it names.
         low, high = normalise_time(text), normalise_time(text, upper=True)
@@ -183,8 +190,65 @@ def _like_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def _wildcard_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(
-        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
-        re.DOTALL,
-    )
+def collapse_stars(pattern: str) -> str:
+    """``a**b`` -> ``a*b``: same meaning, less work for every matcher."""
+    while "**" in pattern:
+        pattern = pattern.replace("**", "*")
+    return pattern
+
+
+def wildcard_match(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches ``pattern`` as a whole (``*`` any run, ``?`` one character).
+
+    Linear in practice and O(len(value) * len(pattern)) at worst, whatever the pattern:
+    the pieces between stars are found left to right, each at its leftmost place
+    (``str.find`` for their literal part), and a piece is never revisited. Leftmost is
+    always right because a ``*`` before the next piece can absorb whatever follows.
+    """
+    parts = pattern.split("*")
+    if len(parts) == 1:
+        return len(pattern) == len(value) and _piece_at(pattern, value, 0)
+    first, middle, last = parts[0], parts[1:-1], parts[-1]
+    end = len(value) - len(last)
+    if len(first) > end or not _piece_at(first, value, 0) or not _piece_at(last, value, end):
+        return False
+    pos = len(first)
+    for piece in middle:
+        if piece:
+            found = _find_piece(piece, value, pos, end)
+            if found < 0:
+                return False
+            pos = found + len(piece)
+    return True
+
+
+def _piece_at(piece: str, value: str, start: int) -> bool:
+    """``piece`` (literal characters and ``?``) matches ``value`` at ``start``."""
+    if start < 0 or start + len(piece) > len(value):
+        return False
+    if "?" not in piece:
+        return value.startswith(piece, start)
+    return all(c == "?" or c == value[start + k] for k, c in enumerate(piece))
+
+
+def _find_piece(piece: str, value: str, start: int, end: int) -> int:
+    """Leftmost position >= start where ``piece`` matches within ``value[:end]``, or -1."""
+    if "?" not in piece:
+        return value.find(piece, start, end)
+    literal_at = next((k for k, c in enumerate(piece) if c != "?"), -1)
+    if literal_at < 0:  # only '?': any place long enough
+        return start if start + len(piece) <= end else -1
+    stop = piece.find("?", literal_at)
+    literal = piece[literal_at:] if stop < 0 else piece[literal_at:stop]
+    i = start
+    while i + len(piece) <= end:
+        j = value.find(literal, i + literal_at, end)
+        if j < 0:
+            return -1
+        i = j - literal_at
+        if i + len(piece) > end:
+            return -1
+        if _piece_at(piece, value, i):
+            return i
+        i += 1
+    return -1

@@ -4,11 +4,18 @@ Attributes with an index column are matched in SQL; any other attribute with a v
 matched on the stored DICOM JSON of the record (the first instance received at that level),
 still without opening a single image. Answers take their values from that JSON, so every
 requested return key is filled with what the modality sent.
+
+Two guards from issue 11: a stored value is answered only in a shape valid for its
+dictionary VR (``vr_check.normalised``: headers indexed before VRs were checked at the door
+heal here), and a query has a time budget (``time_budget``, the engine's own time, not the
+time a slow peer takes to read answers): past it, the SQL statement is interrupted or the
+scan stops, and ``QueryBudgetExceeded`` is raised (C-FIND A700, QIDO-RS 413).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,8 +27,10 @@ from pydicom.dataset import Dataset
 from pydicom.jsonrep import convert_to_python_number
 from pydicom.tag import Tag
 from sqlalchemy import ColumnElement, Select, exists, func, null, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
+from pacsvault.dicom import vr_check
 from pacsvault.index import matching
 from pacsvault.index.matching import Condition, Kind
 from pacsvault.index.models import Instance, Patient, Series, Study
@@ -33,6 +42,40 @@ _RANK = {level: i for i, level in enumerate(LEVELS)}
 
 class QueryError(Exception):
     """The identifier cannot be processed (status A900/C000 on the DICOM side)."""
+
+
+class QueryBudgetExceeded(QueryError):
+    """The query ran past its time budget and was stopped (C-FIND A700, QIDO-RS 413)."""
+
+
+_PROGRESS_STEPS = 10000  # SQLite VM instructions between two looks at the clock
+
+
+class _Budget:
+    """The engine's own time for one query: it runs only while the engine works, not while
+    the consumer of the answers (a slow peer) holds the generator suspended."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+        self.started = time.monotonic()
+
+    def resume(self) -> None:
+        self.started = time.monotonic()
+
+    def pause(self) -> None:
+        self.spent += time.monotonic() - self.started
+
+    def exceeded(self) -> bool:
+        if self.seconds is None:
+            return False
+        return self.spent + (time.monotonic() - self.started) > self.seconds
+
+    def check(self) -> None:
+        if self.exceeded():
+            raise QueryBudgetExceeded(
+                f"the query ran past its {self.seconds:g} s time budget and was stopped; "
+                "narrow it")
 
 
 @dataclass(frozen=True)
@@ -124,9 +167,11 @@ class _Filter:
 
 
 class QueryEngine:
-    def __init__(self, sessions: sessionmaker[Session], ae_title: str) -> None:
+    def __init__(self, sessions: sessionmaker[Session], ae_title: str, *,
+                 time_budget: float | None = None) -> None:
         self._sessions = sessions
         self._ae_title = ae_title
+        self._time_budget = time_budget
 
     # --- C-FIND / QIDO --------------------------------------------------------------
 
@@ -151,18 +196,35 @@ class QueryEngine:
         them as they are). ``for_dimse`` adds QueryRetrieveLevel and RetrieveAETitle."""
         if level not in LEVELS or (root == "STUDY" and level == "PATIENT"):
             raise QueryError("unsupported query level for this information model")
+        budget = _Budget(self._time_budget)
         filt = self._filter(level, identifier)
         stmt = self._select(level).where(*filt.sql)
         charset = _answer_charset(identifier)
         plan = _plan(identifier)
         with self._sessions() as session:
-            for record, study_uid, patient_id in session.execute(stmt).yield_per(256):
-                meta: dict[str, Any] = json.loads(record.meta_json or "{}")
-                if not all(_meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
-                    continue
-                if accessed is not None:
-                    accessed.add(patient_id, study_uid)
-                yield self._answer(session, level, record, meta, plan, charset, for_dimse)
+            budget.check()
+            raw: Any = session.connection().connection.driver_connection
+            # A long SQL step (a LIKE over many rows) is interrupted from inside SQLite.
+            raw.set_progress_handler(lambda: 1 if budget.exceeded() else 0, _PROGRESS_STEPS)
+            try:
+                for record, study_uid, patient_id in session.execute(stmt).yield_per(256):
+                    budget.check()
+                    meta: dict[str, Any] = json.loads(record.meta_json or "{}")
+                    if not all(_meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
+                        continue
+                    if accessed is not None:
+                        accessed.add(patient_id, study_uid)
+                    answer = self._answer(session, level, record, meta, plan, charset,
+                                          for_dimse)
+                    budget.pause()
+                    yield answer
+                    budget.resume()
+            except OperationalError:
+                if budget.exceeded():
+                    budget.check()
+                raise
+            finally:
+                raw.set_progress_handler(None, 0)
 
     def _select(self, level: str) -> Select[Any, Any, Any]:
         """The level's records, with the study UID and patient ID they belong to."""
@@ -266,6 +328,8 @@ class QueryEngine:
         for tag, keyword, vr, sequence in plan.keys:
             col = COLUMNS.get(keyword)
             value = meta.get(tag)
+            if value is not None:  # never a value in a shape its VR does not allow
+                value = vr_check.normalised(tag, value)
             if value is None or (col is not None and _RANK[col.level] > _RANK[level]):
                 out[tag] = {"vr": vr}
             elif sequence is not None:
@@ -430,9 +494,9 @@ def _meta_matches(entry: dict[str, Any] | None, cond: Any) -> bool:
         return any(
             all(_meta_matches(item.get(tag), sub) for tag, sub in cond) for item in items
         )
-    if entry is None:
-        entry = {}
-    return any(cond.matches(v) for v in _json_strings(entry))
+    if entry is not None and not isinstance(entry, dict):
+        entry = None
+    return any(cond.matches(v) for v in _json_strings(entry or {}))
 
 
 def _sequence_conditions(elem: DataElement) -> list[tuple[str, Any]]:

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
-from pacsvault.index.query import QueryError
+from pacsvault.index.query import QueryBudgetExceeded, QueryError
 from pacsvault.vault import Vault
 from pacsvault.web import qido, render, stow, wado
 from pacsvault.web.deps import require_role
@@ -188,6 +188,8 @@ async def _search(
         outcome, message = Outcome.MINOR_FAILURE, str(exc)
         if isinstance(exc, wado.WadoError):
             status = exc.status
+        elif isinstance(exc, QueryBudgetExceeded):
+            status = 413  # PS3.18: the query is too broad (documented in ``qido``)
         elif isinstance(exc, (qido.QidoError, QueryError)):
             status = 400
         else:  # by type only: the message may quote a stored value

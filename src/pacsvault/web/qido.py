@@ -17,6 +17,12 @@ Choices, documented:
   (only literal matching is performed); ``false`` is the default.
 - ``limit`` defaults to and is capped at ``MAX_RESULTS``; when more results exist the
   answer carries ``Warning: 299 ... additional results``. No match: 200 with ``[]``.
+- A query has a time budget (``[query] time_budget_seconds``); past it the search stops
+  and the answer is 413 with a message asking to narrow it: PS3.18's status for a query
+  "too broad" (a 503 would invite the same query again). The failure is audited.
+- Stored values are answered only in a shape valid for their dictionary VR
+  (``vr_check``): a header indexed before VRs were checked at the door cannot break a
+  viewer's study list.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from sqlalchemy import select
 
+from pacsvault.dicom import vr_check
 from pacsvault.index import matching
 from pacsvault.index.models import Instance, Series, Study
 from pacsvault.index.query import Accessed, QueryEngine
@@ -429,7 +436,7 @@ def _finish(
             current = out.get(tag_hex)
             if current is not None and ("Value" in current or "BulkDataURI" in current):
                 continue
-            stripped = _strip_bulk(entry)
+            stripped = _strip_bulk(vr_check.normalised(tag_hex, entry))
             if stripped is not None:
                 out[tag_hex] = stripped
     url = f"{base}/studies/{study_uid}"
@@ -448,7 +455,8 @@ def _finish(
 
 def search(vault: Vault, query: QidoQuery, base: str) -> QidoResult:
     """Run the query (blocking: call from a worker thread)."""
-    engine = QueryEngine(vault.sessions, vault.settings.server.ae_title)
+    engine = QueryEngine(vault.sessions, vault.settings.server.ae_title,
+                         time_budget=vault.settings.query.time_budget_seconds)
     disclosed = _Disclosed()
     lookups = _Lookups(vault)
     answers: list[dict[str, Any]] = []

@@ -20,17 +20,16 @@ with its file meta information); the file meta is kept as the client wrote it.
 
 from __future__ import annotations
 
-import io
 import logging
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pacsvault.dicom.parse import InvalidObject, UnreadableObject
+from pacsvault.dicom import parse as dicom_parse
+from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.objects import DiskFullError
 from pacsvault.vault import Vault
@@ -80,7 +79,8 @@ def _header(raw: bytes) -> _Header | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = dcmread(io.BytesIO(raw), stop_before_pixels=True, specific_tags=[
+            # Bounded inflation of deflated parts (issue 11): never pydicom's own.
+            ds = dicom_parse.read(raw, stop_before_pixels=True, specific_tags=[
                 "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
             return _Header(*(str(ds.get(k, "") or "").strip() for k in (
                 "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")))
@@ -118,6 +118,9 @@ def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str) -
             continue
         try:
             result = vault.archive.store(raw, source_ae="")
+        except ObjectTooLarge:  # a deflate bomb (max_inflated_mb)
+            _failed(outcome, head, OUT_OF_RESOURCES)
+            continue
         except UnreadableObject:
             _failed(outcome, head, CANNOT_UNDERSTAND)
             continue

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
@@ -47,6 +46,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from pacsvault.dicom import inflate, vr_check
 from pacsvault.index.models import Instance
 from pacsvault.index.query import QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
@@ -155,9 +155,17 @@ def locate(
 
 
 def read_dataset(raw: bytes) -> Dataset:
+    """A stored object parsed for frames, rendering or bulk data. A deflated one is
+    inflated within ``max_inflated_mb`` (issue 11, defect 5: pydicom alone inflates
+    without limit on every read); beyond it the request fails with 413, as QIDO-RS's
+    "too large" answer, rather than take the server's memory."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dcmread(io.BytesIO(raw))
+        try:
+            return inflate.read(raw)
+        except inflate.InflateLimitExceeded:
+            raise WadoError(413, "the stored object expands beyond the configured "
+                            "max_inflated_mb; it is not decoded") from None
 
 
 # --- instances -----------------------------------------------------------------------------
@@ -345,6 +353,8 @@ def metadata(vault: Vault, item: Located, instance_url: str) -> dict[str, Any]:
         meta = {}
     if not isinstance(meta, dict) or not meta:
         meta = _header_of(vault, item)
+    # Headers indexed before VRs were checked at the door are healed here (issue 11).
+    meta = vr_check.sanitise(meta)
     bulk = f"{instance_url}/bulkdata"
     out: dict[str, Any] = {tag: _with_uris(entry, f"{bulk}/{tag}") for tag, entry in meta.items()}
     if item.frames:
