@@ -58,6 +58,15 @@ class DicomSettings(_Strict):
     tls_from_anywhere: bool = False
     maximum_pdu_size: int = Field(0, ge=0)
     network_timeout: float = Field(60.0, gt=0)
+    # Resource budget for every unauthenticated byte (see dicom/limits.py).
+    max_associations: int = Field(32, ge=1)
+    max_connections_per_source: int = Field(8, ge=1)
+    max_pending_connections: int = Field(64, ge=1)
+    association_pdu_limit: int = Field(256 * 1024, ge=16 * 1024, le=16 * 1024 * 1024)
+    connect_timeout: float = Field(10.0, gt=0)
+    association_timeout: float = Field(30.0, gt=0)
+    pdu_timeout: float = Field(60.0, gt=0)
+    refusal_report_seconds: float = Field(60.0, gt=0)
 
 
 class StorageSettings(_Strict):
@@ -87,6 +96,12 @@ class WebSettings(_Strict):
     key_file: str = ""
     # Where the OHIF viewer was installed (``pacsvault viewer install``); empty: the cache.
     viewer_dir: str = ""
+    # Slowloris guard: seconds for a request's headers, and for its body (plus one second
+    # per MiB received); connections at once, in all and per source address.
+    header_timeout: float = Field(10.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+    max_connections_per_source: int = Field(32, ge=1)
 
 
 DEFAULT_RETENTION_DAYS = 365
@@ -193,6 +208,24 @@ tls_from_anywhere = false
 maximum_pdu_size = 0
 # Seconds of silence before an association is dropped.
 network_timeout = 60.0
+# Budget for connections that have not (yet) been accepted as a registered node, so one
+# host cannot exhaust memory or slots. Refusals are recorded (aggregated per source).
+# Associations at once (all nodes together).
+max_associations = 32
+# Connections at once from one address (IPv6: one /64), associated or not.
+max_connections_per_source = 8
+# Connections at once still before their association is accepted (registered nodes'
+# addresses always get in, within their per-source budget).
+max_pending_connections = 64
+# Largest association request (bytes) read before the association is accepted.
+association_pdu_limit = 262144
+# Seconds allowed for the first byte, for the whole association request, and for any
+# one PDU (plus one second per MiB received).
+connect_timeout = 10.0
+association_timeout = 30.0
+pdu_timeout = 60.0
+# Repeated refusals from one source are recorded as one summary per this many seconds.
+refusal_report_seconds = 60.0
 
 [storage]
 # Refuse new images (status A700 "out of resources") when free disk falls below this.
@@ -225,6 +258,13 @@ cert_file = ""
 key_file = ""
 # Where the OHIF viewer is installed (`pacsvault viewer install`). Empty: the user's cache.
 viewer_dir = ""
+# Slow clients are cut: seconds allowed for a request's headers (and the TLS handshake),
+# and for its body (plus one second per MiB received).
+header_timeout = 10.0
+body_timeout = 60.0
+# Connections at once, in all and from one address (IPv6: one /64).
+max_connections = 512
+max_connections_per_source = 32
 
 [audit]
 # Audit records older than this are sealed out of the trail (the chain still verifies).

@@ -35,6 +35,8 @@ Rules (ids are what ``disabled_rules`` takes):
 ``audit-broken``   ``audit.verify`` that did not succeed: the trail was edited or damaged.
 ``disk-full``      ``dicom.store.failed`` with status A700 (images are being refused), and
                    the sink's periodic free-space check falling below ``disk_warn_free_mb``.
+``connection-abuse`` a ``*.connection.refused`` summary (audit/refusals.py): one source
+                   refused again and again by the DICOM/HTTPS connection budget.
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further
@@ -96,6 +98,7 @@ RULES: dict[str, str] = {
     "unusual-hours": "access outside business hours",
     "audit-broken": "the audit trail does not verify",
     "disk-full": "the archive disk is (nearly) full",
+    "connection-abuse": "one source repeatedly refused by the connection budget",
 }
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -466,6 +469,7 @@ class Detector:
         self._rules: tuple[Callable[[AuditEvent], list[Finding]], ...] = (
             self._failed_logins, self._account_locked, self._exposure, self._unknown_node,
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
+            self._connection_abuse,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -806,6 +810,25 @@ class Detector:
                   "edited, deleted or forged, or the file was damaged. Do not change the "
                   "data directory; keep a copy of it as evidence and call your IT provider."),
             look="pacsvault audit verify", time=e.time,
+        )]
+
+    def _connection_abuse(self, e: AuditEvent) -> list[Finding]:
+        """``*.connection.refused`` summaries (audit/refusals.py): refusals that repeat."""
+        if not e.action.endswith(".connection.refused") or not e.detail.get("summary"):
+            return []
+        addr, reason = _clean(e.actor_address), _clean(str(e.detail.get("reason", "")))
+        service = "DICOM" if e.action.startswith("dicom") else "HTTPS"
+        return [Finding(
+            rule="connection-abuse", subject=f"address:{addr}", severity=Severity.WARNING,
+            title="A device keeps being refused by the connection limits",
+            what=(f"{addr or 'A source'} was refused {e.detail.get('count', '?')} more "
+                  f"time(s) on the {service} port ({reason}): too many connections at once, "
+                  "connections that send too slowly, or oversized or malformed messages. "
+                  "Service goes on for everyone else, but this is what a denial-of-service "
+                  "attempt or an infected computer looks like. Find which machine uses "
+                  "this address."),
+            look=_show(f"--action {e.action}", e.time - dt.timedelta(minutes=5)),
+            time=e.time, source=addr, address=addr,
         )]
 
     def _disk_full(self, e: AuditEvent) -> list[Finding]:

@@ -47,10 +47,14 @@ def open_vault(args: argparse.Namespace) -> Vault:
 
 
 def setup_logging(verbose: bool = False) -> None:
+    from pacsvault.logsafe import OneLineFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    # One line per entry, peer-supplied text escaped, tracebacks condensed (logsafe).
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )
     # pynetdicom at INFO/DEBUG can dump received datasets: keep it to warnings.

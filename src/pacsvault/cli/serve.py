@@ -26,6 +26,7 @@ from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
 from pacsvault.vault import Layout, Vault
 from pacsvault.web.app import create_app
+from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
@@ -118,7 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bound = service.start(bind, plain, tls_port)
     web: WebService | None = None
     if settings.web.enabled:
-        web = WebService(create_app(vault, vault.accounts), _web_tls(vault))
+        web = WebService(create_app(vault, vault.accounts), _web_tls(vault),
+                         WebLimits.from_settings(settings.web), service.refusals)
         https_port = args.https_port if args.https_port is not None else settings.web.https_port
         bound["https_port"] = web.start(bind, https_port)
     vault.recorder.emit(

@@ -14,6 +14,13 @@ ends as soon as there is something to do:
 
 The loops are otherwise pynetdicom's own (copied from 3.0, whose version is pinned): same
 checks, same order, same timeouts; at most 1 ms between two rounds, as before.
+
+With a ``ConnectionGuard`` (``dicom/limits``) the DUL also enforces the resource budget:
+PDU length checked *before* any buffer is allocated (small cap before the association,
+the negotiated maximum after it), buffers that grow with the bytes that actually arrive,
+a deadline for every phase (first byte, association request, each PDU), and one line
+per peer-caused error instead of pynetdicom's tracebacks. A violation sends A-ABORT,
+closes the connection, frees its budget at once and is recorded (aggregated).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import logging
 import os
 import queue
 import select
+import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
@@ -34,12 +43,34 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
+from pacsvault.dicom.limits import SECONDS_PER_MIB, ConnectionGuard
+
 log = logging.getLogger("pacsvault.dicom")
 
 _TICK = 0.001  # pynetdicom's loop period, kept as the longest wait
+# DUL states before an association is established (acceptor side), PS3.8 9.2
+_BEFORE_ASSOCIATION = frozenset({"Sta1", "Sta2", "Sta3", "Sta13"})
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+# Largest buffer allocated before its bytes arrive; bigger PDUs grow as they are read.
+_GROW_STEP = 4 << 20
+_MIB = float(1 << 20)
+# A-ABORT reason-diagnostics (PS3.8 9.3.8), source "service provider"
+_ABORT_NOT_SPECIFIED = 0x00
+_ABORT_UNEXPECTED_PDU = 0x02
+_ABORT_INVALID_PARAMETER = 0x06
 
 
 class FastAssociation(Association):
+    _pv_on_exit: Callable[[], None] | None = None
+
+    def run(self) -> None:
+        """pynetdicom's thread body, then this connection's budget is given back."""
+        try:
+            super().run()
+        finally:
+            if self._pv_on_exit is not None:
+                self._pv_on_exit()
+
     def _run_reactor(self) -> None:  # pynetdicom 3.0 Association._run_reactor
         self._is_paused = False
         messages = self.dimse.msg_queue
@@ -96,6 +127,9 @@ def _trigger(assoc: Association, name: str) -> None:
 class WakeableDUL(DULServiceProvider):
     _pv_wake: tuple[int, int] | None = None
     _pv_wake_lock = threading.Lock()  # replaced per instance in run_reactor
+    _pv_guard: ConnectionGuard | None = None
+    _pv_start = 0.0
+    _pv_seen_bytes = False
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -121,6 +155,13 @@ class WakeableDUL(DULServiceProvider):
                 os.read(wake[0], 4096)
 
     def run_reactor(self) -> None:  # pynetdicom 3.0 DULServiceProvider.run_reactor
+        self._pv_start = time.monotonic()
+        guard = self._pv_guard
+        raw = getattr(self.socket, "socket", None)
+        if guard is not None and raw is not None:
+            # Sends too: a peer that stops reading cannot hold this thread forever.
+            with contextlib.suppress(OSError):
+                raw.settimeout(guard.limits.idle_timeout)
         self._pv_wake_lock = threading.Lock()
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
@@ -146,6 +187,8 @@ class WakeableDUL(DULServiceProvider):
                 self._pv_wait()  # was: time.sleep(self._run_loop_delay)
             if self._kill_thread:
                 break
+            if self._pv_guard is not None and self.state_machine.current_state == "Sta2":
+                self._pv_check_request_deadline(self._pv_guard)
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
             try:
@@ -175,6 +218,101 @@ class WakeableDUL(DULServiceProvider):
             sleep = False
 
 
+    # --- the resource budget ----------------------------------------------------------
+
+    def _pv_associated(self) -> bool:
+        return self.state_machine.current_state not in _BEFORE_ASSOCIATION
+
+    def _pv_check_request_deadline(self, guard: ConnectionGuard) -> None:
+        """Nothing (or not a whole association request) in time: cut, record."""
+        limits = guard.limits
+        allowed = limits.association_timeout if self._pv_seen_bytes else limits.connect_timeout
+        if time.monotonic() - self._pv_start > allowed:
+            phase = "association-request" if self._pv_seen_bytes else "first-byte"
+            self._pv_cut(guard, "deadline", {"phase": phase}, _ABORT_NOT_SPECIFIED)
+
+    def _pv_cut(self, guard: ConnectionGuard, reason: str,
+                detail: dict[str, str | int | bool], abort_reason: int) -> None:
+        """A-ABORT, close, free the budget now, record (aggregated)."""
+        waiting_for_request = self.state_machine.current_state == "Sta2"
+        guard.refuse(reason, detail)
+        sock = self.socket
+        raw = getattr(sock, "socket", None)
+        if sock is not None and raw is not None:
+            abort = A_ABORT_RQ()
+            abort.source = 0x02
+            abort.reason_diagnostic = abort_reason
+            with contextlib.suppress(OSError, ValueError):
+                raw.settimeout(1.0)
+                raw.sendall(abort.encode())
+            sock.close()  # queues Evt17: the state machine goes back to Sta1
+        guard.release()
+        if waiting_for_request:
+            # The association thread waits for an A-ASSOCIATE request (for the ACSE
+            # timeout): None is "nothing came", it stops now and frees its thread.
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def _pv_malformed(self, guard: ConnectionGuard, why: str, associated: bool) -> None:
+        if associated:
+            guard.refuse("malformed-pdu", {"what": why, "phase": "association"})
+            self.event_queue.put("Evt19")  # pynetdicom's own path: A-ABORT, indication
+        else:
+            self._pv_cut(guard, "malformed-pdu", {"what": why, "phase": "association-request"},
+                         _ABORT_UNEXPECTED_PDU)
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0's ``_read_pdu_data`` within the connection's budget."""
+        guard = self._pv_guard
+        sock = self.socket
+        if guard is None or not isinstance(sock, BulkSocket):
+            super()._read_pdu_data()
+            return
+        associated = self._pv_associated()
+        if associated:
+            deadline, phase = time.monotonic() + guard.limits.pdu_timeout, "pdu"
+        else:
+            deadline = self._pv_start + guard.limits.association_timeout
+            phase = "association-request"
+        data, length = bytearray(), 0
+        try:
+            header = sock.read_within(6, deadline, earn=associated)
+            if len(header) == 6:
+                self._pv_seen_bytes = True
+                pdu_type, _, length = struct.unpack(">BBL", header)
+                if pdu_type not in _PDU_TYPES:
+                    self._pv_malformed(guard, f"unknown PDU type 0x{pdu_type:02X}", associated)
+                    return
+                if not associated and pdu_type not in (0x01, 0x07):
+                    self._pv_malformed(guard, f"PDU type 0x{pdu_type:02X} before association",
+                                       associated)
+                    return
+                limit = guard.limits.pdu_limit(associated)
+                if length > limit:
+                    self._pv_cut(guard, "oversized-pdu",
+                                 {"announced": length, "limit": limit, "phase": phase},
+                                 _ABORT_INVALID_PARAMETER)
+                    return
+                data = sock.read_within(length, deadline, earn=associated, prefix=header)
+        except TimeoutError:
+            self._pv_cut(guard, "deadline", {"phase": phase}, _ABORT_NOT_SPECIFIED)
+            return
+        except OSError as exc:
+            log.info("connection from %s closed while reading a PDU (%s)", guard.address,
+                     type(exc).__name__)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) < 6 or len(data) != 6 + length:
+            self.event_queue.put("Evt17")  # the peer closed mid-PDU
+            return
+        try:
+            pdu, event = self._decode_pdu(data)
+        except Exception as exc:
+            self._pv_malformed(guard, type(exc).__name__, associated)
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+
 class BulkSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), straight into one buffer."""
@@ -193,12 +331,59 @@ class BulkSocket(AssociationSocket):
             view.release()
         return buffer if got == nr_bytes else buffer[:got]
 
+    def read_within(self, nr_bytes: int, deadline: float, *, earn: bool = False,
+                    prefix: bytes | bytearray = b"") -> bytearray:
+        """``prefix`` + up to ``nr_bytes`` read before ``deadline`` (monotonic).
 
-def accelerate(assoc: Association) -> None:
-    """Switch a just-created acceptor association (not started yet) to the classes above."""
+        The buffer never runs ahead of the bytes received by more than ``_GROW_STEP``
+        (an announced length is only a claim). ``earn``: each MiB received pushes the
+        deadline one second later. Raises ``TimeoutError`` when the deadline passes;
+        returns fewer bytes only if the peer closed. The socket is left with the idle
+        timeout it had.
+        """
+        sock = self.socket
+        assert sock is not None
+        idle = sock.gettimeout()
+        start = len(prefix)
+        want = start + nr_bytes
+        buffer = bytearray(start + min(nr_bytes, _GROW_STEP))
+        buffer[:start] = prefix
+        got = start
+        try:
+            while got < want:
+                if got == len(buffer):
+                    buffer.extend(bytes(min(want - got, len(buffer))))
+                bonus = (got - start) / _MIB * SECONDS_PER_MIB if earn else 0.0
+                remaining = deadline + bonus - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("read deadline")
+                sock.settimeout(remaining)
+                with memoryview(buffer) as view:
+                    n = sock.recv_into(view[got:], min(len(buffer) - got, 1 << 20))
+                if not n:
+                    break
+                got += n
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(idle)
+        if got < len(buffer):
+            del buffer[got:]
+        return buffer
+
+
+def accelerate(assoc: Association, guard: ConnectionGuard | None = None) -> None:
+    """Switch a just-created acceptor association (not started yet) to the classes above.
+
+    With ``guard``, its reads follow the connection's budget and it gives the budget back
+    when its thread ends.
+    """
     assoc.__class__ = FastAssociation
     dul = assoc.dul
     dul.__class__ = WakeableDUL
+    if guard is not None:
+        assert isinstance(assoc, FastAssociation) and isinstance(dul, WakeableDUL)
+        dul._pv_guard = guard
+        assoc._pv_on_exit = guard.release
     # The DUL thread's target was bound to pynetdicom's run_reactor at construction.
     dul._target = make_target(dul.run_reactor)  # type: ignore[attr-defined]
     if type(dul.socket) is AssociationSocket:

@@ -39,7 +39,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.refusals import RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
+from pacsvault.dicom.limits import (
+    ConnectionBudget,
+    ConnectionGuard,
+    KnownHosts,
+    ReadLimits,
+    Ticket,
+)
 from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
@@ -89,9 +97,20 @@ class _AssocState:
 class DicomService:
     """Owns the AE, both listeners and the per-association bookkeeping."""
 
-    def __init__(self, vault: Vault) -> None:
+    def __init__(self, vault: Vault, refusals: RefusalLog | None = None) -> None:
         self.vault = vault
         self.policy = AssociationPolicy(vault.settings, vault.nodes, vault.recorder)
+        dicom = vault.settings.dicom
+        # The budget for unauthenticated bytes (dicom/limits.py); refusals aggregated.
+        self._own_refusals = refusals is None
+        self.refusals = refusals or RefusalLog(vault.recorder, dicom.refusal_report_seconds)
+        self.known_hosts = KnownHosts(lambda: [n.host for n in vault.nodes.all()])
+        self.budget = ConnectionBudget(
+            per_source=dicom.max_connections_per_source,
+            pending=dicom.max_pending_connections,
+            associations=dicom.max_associations, known=self.known_hosts,
+        )
+        self.read_limits = ReadLimits.from_settings(dicom)
         self._states: weakref.WeakKeyDictionary[Association, _AssocState] = (
             weakref.WeakKeyDictionary()
         )
@@ -117,9 +136,11 @@ class DicomService:
             ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         ae.maximum_pdu_size = settings.dicom.maximum_pdu_size
         ae.network_timeout = settings.dicom.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = settings.dicom.association_timeout
         ae.dimse_timeout = settings.dicom.network_timeout
-        ae.maximum_associations = 32
+        # pynetdicom counts every connection thread, associated or not, against this:
+        # our ConnectionBudget counts association slots instead (see _PolicyACSE).
+        ae.maximum_associations = 1 << 30
         return ae
 
     def start(self, bind: str, port: int | None, tls_port: int | None) -> dict[str, int]:
@@ -136,6 +157,8 @@ class DicomService:
             (evt.EVT_ABORTED, self._on_end),
         ]
         bound: dict[str, int] = {}
+        self.known_hosts.refresh()
+        self.refusals.start()
         if tls_port is not None:
             ctx = self._tls_context()
             bound["dicom_tls_port"] = self._listen(bind, tls_port, handlers, ctx)
@@ -164,6 +187,8 @@ class DicomService:
             request_handler=Handler,
         )
         assert isinstance(server, _PolicyServer)
+        server._pv_tickets = {}
+        server._pv_lock = threading.Lock()
         server.contexts = _ContextList(server.contexts)
         server.pv_service = self
         server.pv_tls = ctx is not None
@@ -178,6 +203,14 @@ class DicomService:
 
     def stop(self) -> None:
         self.ae.shutdown()
+        if self._own_refusals:
+            self.refusals.close()
+
+    def refused(self, address: str, reason: str,
+                detail: dict[str, str | int | bool] | None = None) -> None:
+        """A connection or association refused by the budget (recorded, aggregated)."""
+        self.refusals.refused("dicom", address, reason, detail)
+
 
     # --- per-association state -----------------------------------------------------
 
@@ -410,12 +443,44 @@ class _PolicyServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = Peer(str(client_address[0]), int(client_address[1]), self.pv_tls)
-        return self.pv_service.policy.connection_allowed(peer)
+        if not self.pv_service.policy.connection_allowed(peer):
+            return False
+        # Runs in the accept loop, before a byte is read: the connection's budget.
+        ticket = self.pv_service.budget.admit(peer.address)
+        if isinstance(ticket, str):
+            self.pv_service.refused(peer.address, ticket,
+                                    {"port": "tls" if self.pv_tls else "plain"})
+            return False
+        with self._pv_lock:
+            self._pv_tickets[request] = ticket
+        return True
+
+    _pv_lock = threading.Lock()
+    _pv_tickets: dict[Any, Ticket]
+
+    def take_ticket(self, request: Any) -> Ticket | None:
+        with self._pv_lock:
+            return self._pv_tickets.pop(request, None)
+
 
 
 class _PolicyRequestHandler(RequestHandler):
     pv_service: DicomService
     pv_tls: ssl.SSLContext | None = None
+    _pv_ticket: Ticket | None = None
+    _pv_handed_over = False
+
+    def setup(self) -> None:
+        server = self.server
+        assert isinstance(server, _PolicyServer)
+        self._pv_ticket = server.take_ticket(self.request)
+
+    def finish(self) -> None:
+        # A failed TLS handshake (or anything before the association thread took over)
+        # gives its budget back here; otherwise the association thread does at its end.
+        if self._pv_ticket is not None and not self._pv_handed_over:
+            self.pv_service.budget.release(self._pv_ticket)
+
 
     def handle(self) -> None:
         address, port = str(self.client_address[0]), int(self.client_address[1])
@@ -425,7 +490,8 @@ class _PolicyRequestHandler(RequestHandler):
         certificate: PeerCertificate | None = None
         if self.pv_tls is not None:
             raw = self.request
-            raw.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            # The handshake is the connection's first phase: its deadline applies.
+            raw.settimeout(min(TLS_HANDSHAKE_TIMEOUT, self.pv_service.read_limits.connect_timeout))
             try:
                 wrapped = self.pv_tls.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
@@ -452,7 +518,17 @@ class _PolicyRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        accelerate(assoc)
+        ticket = self._pv_ticket
+        service = self.pv_service
+        guard = None
+        if ticket is not None:
+            guard = ConnectionGuard(
+                limits=service.read_limits, address=ticket.address,
+                port="tls" if self.pv_tls is not None else "plain", ticket=ticket,
+                budget=service.budget, on_refusal=service.refused,
+            )
+            self._pv_handed_over = True
+        accelerate(assoc, guard)
         self.pv_service._register(assoc, self._pv_peer)
         assoc.acse = _PolicyACSE(assoc, self.pv_service)
         return assoc
@@ -498,6 +574,15 @@ class _PolicyACSE(ACSE):
         )
         if not allowed:
             self.send_reject(0x01, 0x01, reason)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        guard = getattr(self.assoc.dul, "_pv_guard", None)
+        if guard is not None and not self._pv_service.budget.associate(guard.ticket):
+            # Every association slot is taken by accepted associations (half-open
+            # connections never hold one): transient, local limit exceeded (PS3.8 9.3.4).
+            guard.refuse("local-limit", {"ae": str(rq.calling_ae_title).strip()[:16]})
+            self.send_reject(0x02, 0x03, 0x02)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
             self.assoc.kill()
             return

@@ -1,0 +1,129 @@
+"""The HTTPS listener's connection budget: slow clients are cut, no source takes it all.
+
+Why: uvicorn (h11) has no deadline for a request's headers or body, so a client sending
+its headers one byte at a time holds a connection forever; a few hundred of them and the
+physicians' browsers get nothing. This protocol class (uvicorn's own ``H11Protocol`` plus
+a budget) gives every connection:
+
+- admission by ``dicom.limits.ConnectionBudget``: at most ``max_connections_per_source``
+  at once per source (IPv6: per /64) and ``max_connections`` in all; over it the
+  connection is closed at once;
+- a deadline for the request's headers (``header_timeout``, also the TLS handshake's,
+  see ``web.server``), then one for its body (``body_timeout`` plus one second per MiB
+  received, so big STOW uploads at any sane speed go through); between requests uvicorn's
+  keep-alive timeout applies;
+- each refusal or cut recorded through ``audit.refusals.RefusalLog`` (aggregated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pacsvault.config import WebSettings
+from pacsvault.dicom.limits import SECONDS_PER_MIB, ConnectionBudget, Ticket
+
+_MIB = float(1 << 20)
+_FINISHED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+
+RefusalHook = Callable[[str, str, dict[str, str | int | bool]], None]
+
+
+@dataclass(frozen=True)
+class WebLimits:
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int = 512
+    max_connections_per_source: int = 32
+
+    @classmethod
+    def from_settings(cls, web: WebSettings) -> WebLimits:
+        return cls(web.header_timeout, web.body_timeout, web.max_connections,
+                   web.max_connections_per_source)
+
+
+def guarded_protocol(limits: WebLimits, refused: RefusalHook) -> type[H11Protocol]:
+    """An ``H11Protocol`` subclass bound to one budget (one per listener)."""
+    budget = ConnectionBudget(per_source=limits.max_connections_per_source,
+                              pending=limits.max_connections, associations=1)
+
+    class GuardedH11Protocol(H11Protocol):
+        _pv_ticket: Ticket | None = None
+        _pv_timer: asyncio.TimerHandle | None = None
+        _pv_phase = ""
+        _pv_started = 0.0
+        _pv_body = 0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            address = self.client[0] if self.client else ""
+            ticket = budget.admit(address)
+            if isinstance(ticket, str):
+                refused(address, ticket, {})
+                transport.abort()
+                return
+            self._pv_ticket = ticket
+            self._pv_arm("headers")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._pv_disarm()
+            if self._pv_ticket is not None:
+                budget.release(self._pv_ticket)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._pv_ticket is None:
+                return  # refused: already closing
+            if self._pv_timer is None and self.conn.their_state is h11.IDLE:
+                self._pv_arm("headers")  # the next request on a kept-alive connection
+            if self._pv_phase == "body":
+                self._pv_body += len(data)
+            super().data_received(data)
+            state = self.conn.their_state
+            if state is h11.SEND_BODY and self._pv_phase != "body":
+                self._pv_arm("body")
+            elif state in _FINISHED:
+                self._pv_disarm()
+
+        # --- deadlines -----------------------------------------------------------------
+
+        def _pv_arm(self, phase: str) -> None:
+            self._pv_disarm()
+            self._pv_phase = phase
+            self._pv_started = self.loop.time()
+            self._pv_body = 0
+            self._pv_timer = self.loop.call_at(self._pv_deadline(), self._pv_check)
+
+        def _pv_disarm(self) -> None:
+            if self._pv_timer is not None:
+                self._pv_timer.cancel()
+            self._pv_timer, self._pv_phase = None, ""
+
+        def _pv_deadline(self) -> float:
+            if self._pv_phase == "headers":
+                return self._pv_started + limits.header_timeout
+            earned = self._pv_body / _MIB * SECONDS_PER_MIB
+            return self._pv_started + limits.body_timeout + earned
+
+        def _pv_check(self) -> None:
+            self._pv_timer = None
+            if not self._pv_phase or self.transport.is_closing():
+                return
+            deadline = self._pv_deadline()
+            if self.loop.time() < deadline:  # the body earned more time meanwhile
+                self._pv_timer = self.loop.call_at(deadline, self._pv_check)
+                return
+            address = self.client[0] if self.client else ""
+            refused(address, "deadline", {"phase": self._pv_phase})
+            self._pv_phase = ""
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True
+                self.cycle.message_event.set()
+            self.transport.abort()
+
+    return GuardedH11Protocol
