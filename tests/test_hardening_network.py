@@ -230,3 +230,129 @@ def test_crlf_in_ae_title_and_malformed_pdus_stay_one_escaped_line(hardened: Ser
     assert "Traceback" not in text
     # pynetdicom quotes the raw title in its own error line: escaped, with the peer
     assert "EVIL\\nFAKE LINE2" in text
+
+
+# --- association slots and the negotiated PDU size ------------------------------------
+
+
+@pytest.fixture
+def one_slot(tmp_path: Path) -> Iterator[Server]:
+    vault = make_vault(tmp_path / "vault")
+    vault.add_node(CALLING)
+    _configure(vault, "dicom", {**SETTINGS, "max_associations": "1",
+                                "maximum_pdu_size": "65536"})
+    srv = start_server(vault)
+    yield srv
+    srv.stop()
+
+
+def _associate(port: int) -> object:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=CALLING)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="PACSVAULT")
+
+
+def test_local_limit_counts_associations_only_and_is_recorded(one_slot: Server) -> None:
+    server = one_slot
+    # half-open connections hold no association slot
+    idle = [_connect(server.port, source=f"127.0.0.{70 + i}") for i in range(3)]
+    try:
+        first = _associate(server.port)
+        assert first.is_established  # type: ignore[attr-defined]
+        second = _associate(server.port)
+        assert second.is_rejected  # type: ignore[attr-defined]
+        first.release()  # type: ignore[attr-defined]
+        assert _wait_for(lambda: _refusals(server, "local-limit"), 10)
+        time.sleep(0.5)
+        third = _associate(server.port)
+        assert third.is_established  # type: ignore[attr-defined]
+        third.release()  # type: ignore[attr-defined]
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_pdu_over_the_negotiated_maximum_aborts_the_association(one_slot: Server) -> None:
+    server = one_slot
+    assoc = _associate(server.port)
+    assert assoc.is_established  # type: ignore[attr-defined]
+    before = _rss(server)
+    raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
+    raw.sendall(struct.pack(">BBL", 0x04, 0x00, GIB) + b"\x00" * 64)  # P-DATA "of 1 GiB"
+    assert _wait_for(lambda: assoc.is_aborted, 10)  # type: ignore[attr-defined]
+    assert _rss(server) - before < 100 * MIB
+    assert _wait_for(lambda: any(e.get("phase") == "pdu"
+                                 for e in _refusals(server, "oversized-pdu")), 10)
+
+
+# --- the pieces, in-process -----------------------------------------------------------
+
+
+def test_log_lines_escape_control_characters_and_condense_exceptions() -> None:
+    import logging
+
+    from pacsvault.logsafe import OneLineFormatter, escape
+
+    assert escape("a\r\nb\tc\x00\x1b[31m\u2028") == "a\\r\\nb\\tc\\x00\\x1b[31m\\u2028"
+    formatter = OneLineFormatter("%(levelname)s %(name)s: %(message)s")
+    try:
+        raise ValueError("bad\nFAKE LINE")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("pynetdicom.dul", logging.ERROR, __file__, 1,
+                                   "decode of %s failed", ("AE\r\nFAKE",), sys.exc_info())
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line
+    assert line == ("ERROR pynetdicom.dul: decode of AE\\r\\nFAKE failed "
+                    "[ValueError: bad\\nFAKE LINE]")
+
+
+def test_refusals_are_recorded_first_then_summarised() -> None:
+    from pacsvault.audit.events import AuditEvent, Recorder
+    from pacsvault.audit.refusals import RefusalLog
+
+    seen: list[AuditEvent] = []
+
+    class Sink:
+        def write(self, event: AuditEvent) -> None:
+            seen.append(event)
+
+    now = [0.0]
+    log = RefusalLog(Recorder([Sink()]), interval=60, clock=lambda: now[0])
+    for _ in range(100):
+        log.refused("dicom", "10.0.0.9", "deadline", {"phase": "first-byte"})
+    log.refused("dicom", "10.0.0.8", "deadline")
+    assert [(e.actor_address, e.detail["count"]) for e in seen] == [
+        ("10.0.0.9", 1), ("10.0.0.8", 1)]
+    now[0] = 61.0
+    log.flush()
+    assert [(e.actor_address, e.detail["count"], e.detail.get("summary")) for e in seen[2:]] \
+        == [("10.0.0.9", 99, True)]
+    assert seen[2].action == "dicom.connection.refused"
+
+
+def test_budget_per_source_pending_and_slots() -> None:
+    from pacsvault.dicom.limits import ConnectionBudget, KnownHosts, Ticket, source_key
+
+    assert source_key("2001:db8::1") == source_key("2001:db8::ffff") == "2001:db8::/64"
+    assert source_key("::ffff:10.1.2.3") == "10.1.2.3"
+    known = KnownHosts(lambda: ["10.0.0.5"])
+    known.refresh()
+    budget = ConnectionBudget(per_source=2, pending=3, associations=1, known=known)
+    a = [budget.admit("10.0.0.1") for _ in range(3)]
+    assert isinstance(a[0], Ticket) and isinstance(a[1], Ticket)
+    assert a[2] == "per-source-limit"
+    assert isinstance(budget.admit("10.0.0.2"), Ticket)
+    assert budget.admit("10.0.0.3") == "busy"  # 3 pending already
+    modality = budget.admit("10.0.0.5")  # a registered node's host still gets in
+    assert isinstance(modality, Ticket)
+    assert budget.associate(modality) and not budget.associate(a[0])  # one slot
+    budget.release(modality)
+    budget.release(modality)  # idempotent
+    assert budget.associate(a[0])
+    assert budget.counts == (2, 1)
