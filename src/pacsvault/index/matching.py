@@ -9,8 +9,10 @@ Person names match case-insensitively (``normalise_name``): a documented choice,
 practices type names in every case. Other strings match case-sensitively, as the standard
 requires.
 
-Wildcards in memory go through ``wildcard_match``, never a regular expression: a
-backtracking regex turned ``*a*a*a*a*b`` against 200 ``a`` into seconds of CPU (minutes
+Wildcards in memory go through ``wildcard_match``, never a backtracking regular expression
+(the pieces between stars are matched one after the other, each at its leftmost place,
+with ``str.find`` or a fixed-length pattern that has no quantifier): a backtracking regex
+turned ``*a*a*a*a*b`` against 200 ``a`` into seconds of CPU (minutes
 with one more ``*``), a denial of service any query node could send (issue 11, defect 4).
 On the SQL side SQLite's ``LIKE`` is used (no REGEXP function is registered): it gives up
 on a ``%`` that cannot match instead of backtracking, and repeated ``*`` are collapsed
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from sqlalchemy import ColumnElement, and_, false, or_, true
@@ -228,27 +231,20 @@ def _piece_at(piece: str, value: str, start: int) -> bool:
         return False
     if "?" not in piece:
         return value.startswith(piece, start)
-    return all(c == "?" or c == value[start + k] for k, c in enumerate(piece))
+    return _fixed(piece).match(value, start, start + len(piece)) is not None
 
 
 def _find_piece(piece: str, value: str, start: int, end: int) -> int:
     """Leftmost position >= start where ``piece`` matches within ``value[:end]``, or -1."""
     if "?" not in piece:
         return value.find(piece, start, end)
-    literal_at = next((k for k, c in enumerate(piece) if c != "?"), -1)
-    if literal_at < 0:  # only '?': any place long enough
-        return start if start + len(piece) <= end else -1
-    stop = piece.find("?", literal_at)
-    literal = piece[literal_at:] if stop < 0 else piece[literal_at:stop]
-    i = start
-    while i + len(piece) <= end:
-        j = value.find(literal, i + literal_at, end)
-        if j < 0:
-            return -1
-        i = j - literal_at
-        if i + len(piece) > end:
-            return -1
-        if _piece_at(piece, value, i):
-            return i
-        i += 1
-    return -1
+    found = _fixed(piece).search(value, start, end)
+    return -1 if found is None else found.start()
+
+
+@lru_cache(maxsize=256)
+def _fixed(piece: str) -> re.Pattern[str]:
+    """A piece between stars as a fixed-length pattern (literals and ``.``, no quantifier,
+    no alternation): nothing to backtrack into, so a search costs at most
+    len(value) x len(piece) character comparisons, in C."""
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in piece), re.DOTALL)
