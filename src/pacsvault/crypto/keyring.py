@@ -45,3 +45,9 @@ class Keyring:
     def forget(self, key_id: uuid.UUID) -> None:
         with self._lock:
             self._cache.pop(key_id, None)
+
+    def forget_all(self) -> None:
+        """Drop every unwrapped key: after a removal one of them may have been destroyed
+        (crypto-shredded), and it must not live on in this process's memory."""
+        with self._lock:
+            self._cache.clear()

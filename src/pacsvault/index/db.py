@@ -6,17 +6,18 @@ opening the database costs no password stretching and a wrong master key fails a
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlcipher3
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Table, create_engine, event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from pacsvault.index.models import Base
+from pacsvault.index.models import Base, ObjectAction
 
 INDEX_NAME = "index.db"
 
@@ -59,12 +60,33 @@ def open_index(path: Path, key: bytes, *, create: bool = False) -> Engine:
             conn.execute(text("SELECT count(*) FROM sqlite_master"))
         if create:
             Base.metadata.create_all(engine)
+        else:
+            upgrade(engine)
     except DatabaseError:
         engine.dispose()
         raise IndexOpenError(
             "the index database does not open with this key (wrong key file?)"
         ) from None
     return engine
+
+
+def upgrade(engine: Engine) -> None:
+    """Give a vault made by an older version what the index gained since (vaults have no
+    migration step): the ``instances.quarantined`` column (``ALTER TABLE ADD COLUMN``, with
+    its partial index) and the ``object_actions`` table. Idempotent, and harmless when
+    another process (the server, a command) does it at the same moment."""
+    with engine.begin() as conn:
+        columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(instances)")}
+        if columns and "quarantined" not in columns:
+            # "duplicate column": another process was quicker
+            with contextlib.suppress(OperationalError):
+                conn.exec_driver_sql("ALTER TABLE instances ADD COLUMN quarantined DATETIME")
+        if columns:
+            conn.exec_driver_sql(
+                "CREATE INDEX IF NOT EXISTS ix_instances_quarantined ON instances "
+                "(quarantined) WHERE quarantined IS NOT NULL")
+    with contextlib.suppress(OperationalError):  # created by another process meanwhile
+        cast(Table, ObjectAction.__table__).create(engine, checkfirst=True)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -15,11 +15,13 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -119,7 +121,41 @@ class Instance(Base):
     received: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     source_ae: Mapped[str] = mapped_column(String(16), default="")
     meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    # Set when an admin quarantines the instance (``storage.removal``): kept, exportable,
+    # but hidden from C-FIND/QIDO/WADO/C-MOVE/C-GET. Added at open to older vaults (db.py).
+    quarantined: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     series: Mapped[Series] = relationship(back_populates="instances")
+    __table_args__ = (
+        # partial: costs nothing to the (NULL) rows written at every store
+        Index("ix_instances_quarantined", "quarantined",
+              sqlite_where=text("quarantined IS NOT NULL")),
+    )
+
+
+class ObjectAction(Base):
+    """One removal or quarantine change, written in the transaction that makes it.
+
+    Who, when, what and why: the reason is free text an admin typed (it may name a
+    patient), so it lives here, in the encrypted index, and never in logs; the trail's
+    record points at this row's id. The largest id is the index's *removal generation*:
+    processes that cache UIDs and keys (``storage.archive``) compare it to drop what a
+    removal made stale. ``pending`` lists the object files still to delete (after commit).
+    """
+
+    __tablename__ = "object_actions"
+    # ids never reused: generations only grow
+    __table_args__ = ({"sqlite_autoincrement": True},)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    action: Mapped[str] = mapped_column(String(16))  # delete | quarantine | release
+    level: Mapped[str] = mapped_column(String(8))  # study | series | instance
+    uid: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    keys_destroyed: Mapped[int] = mapped_column(Integer, default=0)
+    pending: Mapped[str] = mapped_column(Text, default="")
 
 
 class Node(Base):

@@ -230,19 +230,26 @@ class QueryEngine:
         """The level's records, with the study UID and patient ID they belong to."""
         # No ORDER BY: C-FIND answers have no order, and sorting would hold every matching
         # row (with its stored header) in memory before the first answer could stream.
+        # Quarantined instances (``storage.removal``) are never answered, nor the series,
+        # studies and patients left with none visible (``num_instances`` counts visible
+        # instances only).
         if level == "PATIENT":
-            return select(Patient, null(), Patient.patient_id)
+            return select(Patient, null(), Patient.patient_id).where(exists().where(
+                Study.patient_pk == Patient.pk, Study.num_instances > 0))
         if level == "STUDY":
             return (select(Study, Study.study_uid, Patient.patient_id)
-                    .join(Patient, Study.patient_pk == Patient.pk))
+                    .join(Patient, Study.patient_pk == Patient.pk)
+                    .where(Study.num_instances > 0))
         if level == "SERIES":
             return (select(Series, Study.study_uid, Patient.patient_id)
                     .join(Study, Series.study_pk == Study.pk)
-                    .join(Patient, Study.patient_pk == Patient.pk))
+                    .join(Patient, Study.patient_pk == Patient.pk)
+                    .where(Series.num_instances > 0))
         return (select(Instance, Study.study_uid, Patient.patient_id)
                 .join(Series, Instance.series_pk == Series.pk)
                 .join(Study, Series.study_pk == Study.pk)
-                .join(Patient, Study.patient_pk == Patient.pk))
+                .join(Patient, Study.patient_pk == Patient.pk)
+                .where(Instance.quarantined.is_(None)))
 
     def _filter(self, level: str, identifier: Dataset) -> _Filter:
         sql: list[ColumnElement[bool]] = []
@@ -299,6 +306,7 @@ class QueryEngine:
             .join(Series, Instance.series_pk == Series.pk)
             .join(Study, Series.study_pk == Study.pk)
             .join(Patient, Study.patient_pk == Patient.pk)
+            .where(Instance.quarantined.is_(None))  # quarantine: kept, never retrieved
             .order_by(Study.pk, Series.pk, Instance.instance_number, Instance.pk)
         )
         for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -367,7 +375,7 @@ class QueryEngine:
             return sorted(session.scalars(
                 select(Instance.sop_class_uid).distinct()
                 .join(Series, Instance.series_pk == Series.pk)
-                .where(Series.study_pk == record.pk)))
+                .where(Series.study_pk == record.pk, Instance.quarantined.is_(None))))
         studies = select(Study).where(Study.patient_pk == _patient_pk(record)).subquery()
         if keyword == "NumberOfPatientRelatedStudies":
             return session.scalar(select(func.count()).select_from(studies))

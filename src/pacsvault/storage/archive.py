@@ -8,7 +8,12 @@ Speed without weakening that order:
 
 - the index is written with SQLAlchemy Core, one write transaction per image, and the
   study/series primary keys (and the study's data key id) are cached in memory once
-  their rows are *committed* (rows are never deleted; ``forget`` drops the caches);
+  their rows are *committed*. Rows are deleted only by ``storage.removal`` (an admin's
+  delete or quarantine, possibly from another process): each such change raises the
+  index's removal generation (``object_actions``). Cache entries are tagged with the
+  generation they were read at, every commit batch reads it first in its write
+  transaction, and a store whose study/key choice predates a removal is redone from
+  scratch (never indexed under a deleted row or a destroyed key);
 - objects are staged into pre-created spare files (``ObjectStore.stage_spare``): one fsync
   of the object file makes it durable, no directory fsync per object. When the study's
   data key is already known, encrypting, writing, fsync'ing and hashing run in a worker
@@ -35,7 +40,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Engine, Table, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Table,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -66,6 +81,13 @@ _INSERT_INSTANCE = (
 _COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
 _COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
 _KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
+_GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
+_STORE_ATTEMPTS = 3
+
+
+class StaleChoice(RuntimeError):
+    """Objects were removed since this store chose its study rows and data key: choose
+    again (``store`` retries; raised to the caller only if removals keep racing it)."""
 
 
 class StoreStatus(enum.Enum):
@@ -101,6 +123,7 @@ class _Pending:
     object_id: str
     key_id: uuid.UUID
     source_ae: str
+    generation: int = -1  # removal generation the study/key choice was valid at
     done: bool = False
     result: StoreResult | None = None  # set when the instance turned out to be known
     error: BaseException | None = None
@@ -125,6 +148,7 @@ class Archive:
         # Committed rows only: study UID -> (study pk, data key id); series UID -> pk.
         self._study_cache: dict[str, tuple[int, uuid.UUID]] = {}
         self._series_cache: dict[str, int] = {}
+        self._generation = -1  # removal generation the caches are valid at (-1: unknown)
         self._cache_lock = threading.Lock()
         # group commit
         self._queue: list[_Pending] = []
@@ -141,10 +165,41 @@ class Archive:
         with self._cache_lock:
             self._study_cache.clear()
             self._series_cache.clear()
+            self._generation = -1
+        self._keyring.forget_all()
+
+    def _observe(self, generation: int) -> None:
+        """Caller holds ``_cache_lock``. A removal happened since the caches were filled:
+        drop them (and the unwrapped data keys: one may have been destroyed)."""
+        if generation != self._generation:
+            self._study_cache.clear()
+            self._series_cache.clear()
+            self._generation = generation
+            self._keyring.forget_all()
+
+    def store(
+        self,
+        raw: bytes,
+        *,
+        source_ae: str = "",
+        expected_sop_uid: str | None = None,
+        expected_sop_class: str | None = None,
+    ) -> StoreResult:
+        """Store a Part 10 byte stream exactly as received (see ``_store_once``); redone
+        when a removal made its study/key choice stale meanwhile."""
+        for attempt in range(_STORE_ATTEMPTS):
+            try:
+                return self._store_once(raw, source_ae=source_ae,
+                                        expected_sop_uid=expected_sop_uid,
+                                        expected_sop_class=expected_sop_class)
+            except StaleChoice:
+                if attempt == _STORE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     # --- writing --------------------------------------------------------------------
 
-    def store(
+    def _store_once(
         self,
         raw: bytes,
         *,
@@ -163,6 +218,7 @@ class Archive:
         if early is not None:
             with self._cache_lock:
                 cached = self._study_cache.get(early[1])
+                generation = self._generation
             if cached is not None:
                 # The study's data key is known: encrypt, write and fsync the object (and
                 # hash it) in a worker while this thread validates and describes it.
@@ -188,9 +244,9 @@ class Archive:
             prepared = self._prepare(parsed)
             if isinstance(prepared, StoreResult):
                 return prepared
-            key_id = prepared
+            key_id, generation = prepared
             object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
-        pending = _Pending(parsed, object_id, key_id, source_ae)
+        pending = _Pending(parsed, object_id, key_id, source_ae, generation)
         try:
             self._commit(pending)
         except IntegrityError:
@@ -294,12 +350,25 @@ class Archive:
 
     def _index_batch(self, batch: list[_Pending]) -> None:
         with self._engine.begin() as conn:
+            # The write lock first, then the generation: no removal can commit between
+            # this check and the rows below (a deferred transaction would read before
+            # locking).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            generation = int(conn.exec_driver_sql(_GENERATION).scalar_one())
+            with self._cache_lock:
+                self._observe(generation)
             overlay_studies: dict[str, int] = {}
             overlay_series: dict[str, int] = {}
             for item in batch:
+                if item.generation != generation:
+                    # chosen before a removal: maybe a deleted study or a destroyed key
+                    item.error = StaleChoice("objects were removed meanwhile")
+                    continue
                 self._index_one(conn, item, overlay_studies, overlay_series)
-        # committed: cache what was learnt
+        # committed: cache what was learnt (unless a newer removal was seen meanwhile)
         with self._cache_lock:
+            if self._generation != generation:
+                return
             for item in batch:
                 study = item.learnt.get("study")
                 if study is not None:
@@ -407,11 +476,13 @@ class Archive:
         status = StoreStatus.DUPLICATE if same else StoreStatus.CONFLICT
         return StoreResult(status, parsed.sop_uid, parsed.study_uid)
 
-    def _prepare(self, parsed: ParsedInstance) -> StoreResult | uuid.UUID:
+    def _prepare(self, parsed: ParsedInstance) -> StoreResult | tuple[uuid.UUID, int]:
         """First instance of a study seen by this process: either the answer for an
         already stored instance, or the data key to encrypt it under: its patient's
-        (created with the patient on first sight)."""
+        (created with the patient on first sight), with the removal generation read
+        *before* the rows it was chosen from (so a removal in between is noticed)."""
         with self._write_lock, self._sessions.begin() as session:
+            generation = int(session.scalar(text(_GENERATION)) or 0)
             known = self._known(session, parsed)
             if known is not None:
                 return known
@@ -421,15 +492,17 @@ class Archive:
             if row is not None:
                 key_id = uuid.UUID(row[1])
                 with self._cache_lock:
-                    self._study_cache[parsed.study_uid] = (int(row[0]), key_id)
-                return key_id
+                    if self._generation <= generation:
+                        self._observe(generation)
+                        self._study_cache[parsed.study_uid] = (int(row[0]), key_id)
+                return key_id, generation
             existing = session.scalar(
                 select(Patient.key_id).where(
                     Patient.patient_id == parsed.patient_id, Patient.issuer == parsed.issuer
                 )
             )
             if existing is not None:
-                return uuid.UUID(existing)
+                return uuid.UUID(existing), generation
             key_id = self._keyring.create(session)
             session.flush()
             session.add(Patient(
@@ -442,7 +515,7 @@ class Archive:
                 key_id=str(key_id),
                 meta_json=parsed.meta_json,
             ))
-            return key_id
+            return key_id, generation
 
     # --- reading --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pacsvault.vault import Vault
 from pacsvault.web import (
     admin_health,
     admin_nodes,
+    admin_objects,
     audit_page,
     dicomweb,
     pages,
@@ -46,6 +47,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(audit_page.router)
     app.include_router(admin_nodes.router)
     app.include_router(admin_health.router)
+    app.include_router(admin_objects.router)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)
