@@ -458,3 +458,23 @@ def test_normal_deflated_image_stores_and_renders(site: Site) -> None:
             "Accept": 'multipart/related; type="application/octet-stream"'})
         assert frames.status_code == 200, frames.text
         assert len(frames.content) > 512 * 512
+
+
+def test_query_contexts_do_not_accept_deflate(site: Site) -> None:
+    """pynetdicom inflates a deflated C-FIND/C-MOVE/C-GET identifier with one unbounded
+    ``zlib.decompress``: those contexts accept only Implicit/Explicit VR Little Endian
+    (identifiers are small; deflating them gains nothing)."""
+    ae = AE(ae_title=MODALITY)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind,
+                             DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", site.server.port, ae_title=ARCHIVE_AE)
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert str(CTImageStorage) in accepted  # deflated images: bounded by max_inflated_mb
+    assert str(StudyRootQueryRetrieveInformationModelFind) not in accepted
+

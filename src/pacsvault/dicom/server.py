@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     DEFAULT_TRANSFER_SYNTAXES,
@@ -132,8 +132,13 @@ class DicomService:
                 ae.add_supported_context(
                     cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True
                 )
+        # No Deflated Explicit VR LE for query/retrieve identifiers: pynetdicom inflates
+        # them with one unbounded zlib.decompress (issue 11, defect 5), and identifiers
+        # are too small for deflate to gain anything.
+        query_syntaxes = [ts for ts in DEFAULT_TRANSFER_SYNTAXES
+                          if ts != DeflatedExplicitVRLittleEndian]
         for uid in sorted(FIND_CLASSES | MOVE_CLASSES | GET_CLASSES):
-            ae.add_supported_context(uid, DEFAULT_TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, query_syntaxes)
         ae.maximum_pdu_size = settings.dicom.maximum_pdu_size
         ae.network_timeout = settings.dicom.network_timeout
         ae.acse_timeout = settings.dicom.association_timeout
