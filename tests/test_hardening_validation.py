@@ -407,6 +407,25 @@ def test_inflate_is_bounded() -> None:
     assert inflate.read(normal.read_bytes(), limit=16 * 1024 * 1024).Rows == 512
 
 
+def test_read_paths_of_a_stored_bomb_are_bounded() -> None:
+    """A bomb stored before the fix: rendered/frames/bulk reads (``wado.read_dataset``),
+    retrieve and STOW headers all parse through ``parse.read``/``inflate.read``."""
+    from pacsvault.dicom import parse
+    from pacsvault.web import wado
+
+    raw, _ = _bomb_bytes(8)
+    previous = inflate.limit()
+    inflate.set_limit(4 * 1024 * 1024)
+    try:
+        with pytest.raises(wado.WadoError) as caught:
+            wado.read_dataset(raw)
+        assert caught.value.status == 413
+        with pytest.raises(parse.ObjectTooLarge):
+            parse.read(raw, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    finally:
+        inflate.set_limit(previous)
+
+
 def test_deflate_bomb_is_refused_with_bounded_memory(site: Site) -> None:
     raw, bomb = _bomb_bytes(BOMB_MIB)
     path = site.root / "bomb.dcm"
