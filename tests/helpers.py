@@ -61,7 +61,8 @@ class VaultDir:
     root: Path
     key: Path
     recovery_code: str
-    admin_password: str = ""  # the first admin's ("admin"), as init printed it
+    admin_password: str = ""  # the first admin's, from the one-time secrets file
+    admin_name: str = "admin"  # chosen with ``init --admin`` (see make_vault)
 
     @property
     def data(self) -> Path:
@@ -102,13 +103,40 @@ class VaultDir:
         path.write_text("\n".join(out) + "\n")
 
 
-def make_vault(root: Path, ae_title: str = AE) -> VaultDir:
+@dataclass(frozen=True)
+class FirstRunSecrets:
+    """What ``init`` (or the first ``serve``) wrote to its one-time secrets file."""
+
+    path: Path
+    recovery_code: str
+    admin_name: str
+    admin_password: str
+
+
+def first_run_secrets(stdout: str) -> FirstRunSecrets:
+    """Read the one-time secrets of a vault just created with stdout not a terminal: stdout
+    then names the 0600 file they were written to (last line), never the secrets."""
+    path = Path(stdout.strip().splitlines()[-1].strip())
+    fields: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or ":" not in line:
+            continue
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return FirstRunSecrets(path, fields["recovery code"], fields["administrator"],
+                           fields["password"])
+
+
+def make_vault(root: Path, ae_title: str = AE, admin: str = "admin") -> VaultDir:
+    """A new vault. Its first administrator is named ``admin`` here, on purpose and
+    explicitly (``init --admin``): many tests sign in as that user. Without the option,
+    ``init`` picks an unpredictable name (tests/test_hardening_accounts.py)."""
     root.mkdir(parents=True, exist_ok=True)
     key = root / "keys" / "master.key"
-    proc = pv("init", "--data", root / "data", "--key-file", key, "--ae-title", ae_title)
-    # stdout: the recovery code alone on the first line, then "admin password: ...".
-    lines = proc.stdout.splitlines()
-    return VaultDir(root, key, lines[0].strip(), lines[1].partition(": ")[2].strip())
+    proc = pv("init", "--data", root / "data", "--key-file", key, "--ae-title", ae_title,
+              "--admin", admin)
+    found = first_run_secrets(proc.stdout)
+    return VaultDir(root, key, found.recovery_code, found.admin_password, found.admin_name)
 
 
 @dataclass

@@ -16,6 +16,7 @@ carried.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from typing import Any, cast
 
@@ -25,11 +26,14 @@ from sqlalchemy import (
     Dialect,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Table,
+    UniqueConstraint,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -173,6 +177,44 @@ class LoginAttempt(Base):
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
+class SignInFailure(Base):
+    """Failed sign-ins for one user name from one source (see ``throttle``).
+
+    ``name_key`` is an HMAC of the typed name, never the name: the name field often receives
+    a password typed one field too early, and unknown names must be counted exactly like
+    real ones (or the counters would tell which names exist). ``source`` is
+    ``addr:<address>``, ``device:<known source pk>``, or ``new-sources`` (all unfamiliar
+    sources of that name together). A row is *blocking* while ``locked_until`` is ahead.
+    """
+
+    __tablename__ = "sign_in_failures"
+    __table_args__ = (UniqueConstraint("name_key", "source"),)
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name_key: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(80))
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_failed: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    locked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class KnownSource(Base):
+    """A browser (``kind`` "device": ``value`` = SHA-256 hex of its device cookie) or an
+    address (``kind`` "address": ``value`` = the address key) from which the user completed
+    a full sign-in (both factors). Failures elsewhere never block the user there."""
+
+    __tablename__ = "known_sign_in_sources"
+    __table_args__ = (UniqueConstraint("user_pk", "kind", "value"),
+                      Index("ix_known_sign_in_sources_kind_value", "kind", "value"))
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    value: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64), default="")  # last used from
+    created: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Passkey(Base):
     """A WebAuthn credential (a passkey or security key): the alternative second factor.
 
@@ -209,11 +251,23 @@ class UserPreference(Base):
 ACCOUNT_TABLES: tuple[Table, ...] = tuple(
     cast(Table, model.__table__)
     for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt, Passkey,
-                  UserPreference)
+                  UserPreference, SignInFailure, KnownSource)
 )
+# Tables added after vaults existed: ``ensure_tables`` creates them when a vault is opened.
+LATER_TABLES: tuple[Table, ...] = tuple(
+    cast(Table, model.__table__) for model in (SignInFailure, KnownSource))
 
 
 def create_tables(engine: Engine) -> None:
     """Create the account tables if missing: a vault made before accounts existed gets them
     on open (``open_index(create=True)`` already creates them once this module is imported)."""
     Base.metadata.create_all(engine, tables=list(ACCOUNT_TABLES))
+
+
+def ensure_tables(engine: Engine) -> None:
+    """Create the tables that ``LATER_TABLES`` lists if missing (vaults have no migrations
+    and are opened without ``create_all``); idempotent, harmless if another process does it
+    at the same moment."""
+    for table in LATER_TABLES:
+        with contextlib.suppress(OperationalError):  # made by another process meanwhile
+            table.create(engine, checkfirst=True)

@@ -34,6 +34,7 @@ import contextlib
 import datetime as dt
 import enum
 import hashlib
+import hmac
 import re
 import secrets
 import threading
@@ -46,7 +47,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.accounts import passwords, tokens
+from pacsvault.accounts import devices, passwords, tokens
 from pacsvault.accounts import totp as totp_mod
 from pacsvault.accounts.models import (
     ROLES,
@@ -55,10 +56,12 @@ from pacsvault.accounts.models import (
     RecoveryCode,
     TotpSecret,
     User,
+    ensure_tables,
 )
 from pacsvault.accounts.throttle import (
     Clock,
     Decision,
+    Source,
     Throttle,
     ThrottlePolicy,
     Verdict,
@@ -149,6 +152,7 @@ class AuthResult:
     recovery_codes: tuple[str, ...] = ()  # after enrolment: show once
     recovery_codes_left: int | None = None  # after signing in with a recovery code
     decision: Decision | None = None
+    device_token: str = ""  # after a full sign-in: the known-device cookie to set
 
 
 @dataclass(frozen=True)
@@ -206,12 +210,27 @@ class TokenResult:
         return self.identity is not None
 
 
+@dataclass(frozen=True)
+class BlockInfo:
+    """An active sign-in block, as ``user blocks`` and the admin page show it."""
+
+    block_id: str
+    scope: str  # "source": a name from one source; "new-sources"; "address": any name
+    user: str  # the account's name; "" for an address block or a name that is no account
+    source: str  # readable: an address, "known device (...)", "" for new-sources
+    failures: int
+    until: dt.datetime
+
+
 @dataclass
 class _Pending:
     user_pk: int
     name: str
     address: str
     expires: dt.datetime = field(compare=False)
+    name_key: str = ""
+    source: Source | None = None
+    device: str = field(default="", repr=False)  # the device cookie presented
 
 
 class _HeldRecorder(Recorder):
@@ -226,27 +245,37 @@ class _HeldRecorder(Recorder):
     def add_sink(self, sink: Sink) -> None:
         self._inner.add_sink(sink)
 
-    def emit(self, event: AuditEvent) -> None:
-        held: list[AuditEvent] | None = getattr(self._local, "held", None)
+    def emit(self, event: AuditEvent, *, required: bool | None = None) -> None:
+        held: list[tuple[AuditEvent, bool | None]] | None = getattr(self._local, "held", None)
         if held is not None:
-            held.append(event)
+            held.append((event, required))
         else:
-            self._inner.emit(event)
+            self._inner.emit(event, required=required)
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        outer: list[AuditEvent] | None = getattr(self._local, "held", None)
+        outer: list[tuple[AuditEvent, bool | None]] | None = getattr(self._local, "held",
+                                                                      None)
         if outer is not None:  # nested: the outermost block emits
             yield
             return
-        held: list[AuditEvent] = []
+        held: list[tuple[AuditEvent, bool | None]] = []
         self._local.held = held
         try:
             yield
         finally:
             self._local.held = None
-        for event in held:
-            self._inner.emit(event)
+        for event, required in held:
+            self._inner.emit(event, required=required)
+
+
+ADMIN_NAME_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+
+
+def generate_admin_name() -> str:
+    """``admin-`` and 6 random characters (~30 bits): the first administrator's name
+    when nobody chose one, so that no vault has a guessable administrator account."""
+    return "admin-" + "".join(secrets.choice(ADMIN_NAME_ALPHABET) for _ in range(6))
 
 
 def _outcome_of(decision: Decision) -> AuthOutcome:
@@ -288,6 +317,12 @@ class Accounts:
         self._ticket_lifetime = ticket_lifetime
         self._pending: dict[bytes, _Pending] = {}
         self._lock = threading.Lock()
+        # Sign-in counters are keyed by an HMAC of the typed name (see throttle).
+        self._name_hmac = hmac.new(secret_key, b"pacsvault/v1/sign-in-name-key",
+                                   hashlib.sha256).digest()
+        bind = sessions.kw.get("bind")
+        if bind is not None:
+            ensure_tables(bind)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -305,6 +340,12 @@ class Accounts:
 
     def _now(self) -> dt.datetime:
         return self._clock()
+
+    def name_key(self, name: str) -> str:
+        """The sign-in counters' key for a typed name (existing or not)."""
+        norm = normalise_name(name)[:256]
+        return hmac.new(self._name_hmac, norm.encode("utf-8", "replace"),
+                        hashlib.sha256).hexdigest()
 
     @staticmethod
     def _user(session: Session, name: str) -> User | None:
@@ -338,9 +379,7 @@ class Accounts:
         return passwords.hash_password(self.hasher, password)
 
     def _info(self, session: Session, user: User) -> UserInfo:
-        now = self._now()
-        locked = user.locked_at is not None and (user.locked_until is None
-                                                 or user.locked_until > now)
+        locked = self.throttle.active_name_blocks(session, self.name_key(user.name)) > 0
         left = session.scalar(select(func.count(RecoveryCode.pk)).where(
             RecoveryCode.user_pk == user.pk, RecoveryCode.used_at.is_(None))) or 0
         return UserInfo(
@@ -370,8 +409,10 @@ class Accounts:
         self._admin_event("user.add", by, address, {"user": norm, "roles": ",".join(role_list)})
         return info
 
-    def first_admin(self, name: str = "admin", *, by: str = "") -> tuple[UserInfo, str]:
-        """The account ``init`` creates: admin role, a random password to show once."""
+    def first_admin(self, name: str = "", *, by: str = "") -> tuple[UserInfo, str]:
+        """The account ``init`` creates: admin role, a random password to show once; an
+        unpredictable name (``generate_admin_name``) unless one was chosen."""
+        name = name or generate_admin_name()
         password = passwords.generate_password()
         return self.add_user(name, ["admin"], password, by=by), password
 
@@ -426,7 +467,9 @@ class Accounts:
             user.password_changed = self._now()
             user.failed_count = 0
             user.last_failed = user.locked_at = user.locked_until = None
+            self.throttle.lift_name(s, self.name_key(norm))
             if second_factor:
+                devices.forget(s, user.pk)  # a lost or stolen device is no longer known
                 if user.totp is not None:
                     s.delete(user.totp)
                 for code in list(user.recovery_codes):
@@ -440,22 +483,72 @@ class Accounts:
         return new_password
 
     def unlock(self, name: str, *, by: str = "", address: str = "") -> bool:
+        """Lift every block on a user name (from any source) and clear its counters.
+        Returns whether a block was active. A name that is no account can be unlocked too
+        (its counters exist, see throttle), but only if it has some."""
+        norm = normalise_name(name)
         with self._transaction() as s:
-            return self.throttle.unlock_account(self._require(s, name), by=by, address=address)
+            user = self._user(s, norm)
+            key = self.name_key(norm)
+            if user is None and not self.throttle.active_name_blocks(s, key):
+                raise AccountError(f"no user named {norm!r}")
+            lifted = self.throttle.lift_name(s, key)
+            if user is not None:
+                user.failed_count = 0
+                user.last_failed = user.locked_at = user.locked_until = None
+            self.throttle.emit_admin("auth.account.unlocked", by, address, {
+                "user": user.name if user is not None else "", "was_locked": lifted > 0,
+                "blocks": lifted})
+        return lifted > 0
 
-    def unlock_address(self, source: str, *, by: str = "") -> bool:
+    def unlock_address(self, source: str, *, by: str = "", address: str = "") -> bool:
+        """Lift the block on an address (any name) and the blocks of names from it."""
         with self._transaction() as s:
-            return self.throttle.unlock_address(s, source, by=by)
+            lifted = self.throttle.lift_address(s, source)
+            self.throttle.emit_admin("auth.address.unlocked", by, address, {
+                "address": address_key(source), "was_locked": lifted > 0, "blocks": lifted})
+        return lifted > 0
+
+    def blocks(self) -> list[BlockInfo]:
+        """The active blocks, with readable names and sources."""
+        with self._sessions() as s:
+            names = {self.name_key(u): u for u in s.scalars(select(User.name))}
+            return [BlockInfo(b.block_id, b.scope, names.get(b.name_key, ""),
+                              devices.describe(s, b.source) if b.scope == "source"
+                              else b.source, b.failures, b.until)
+                    for b in self.throttle.blocks(s)]
+
+    def lift_block(self, block_id: str, *, by: str = "", address: str = "") -> bool:
+        """Lift one block (an id from ``blocks``); False when it is not active."""
+        with self._transaction() as s:
+            names = {self.name_key(u): u for u in s.scalars(select(User.name))}
+            block = self.throttle.lift(s, block_id)
+            if block is None:
+                return False
+            self.throttle.emit_admin("auth.block.lifted", by, address, {
+                "scope": block.scope, "user": names.get(block.name_key, ""),
+                "source": block.source})
+        return True
 
     # --- sign-in ------------------------------------------------------------------------
 
-    def authenticate(self, name: str, password: str, address: str) -> AuthResult:
-        """First factor. See the module docstring for the whole flow."""
+    def authenticate(self, name: str, password: str, address: str,
+                     device: str = "") -> AuthResult:
+        """First factor. See the module docstring for the whole flow. ``device`` is the
+        browser's known-device cookie, if any (``devices``).
+
+        An unknown name goes through exactly the same counters and an Argon2 verification
+        against a dummy hash: same answers, same delays, same time as a wrong password.
+        """
+        name_key = self.name_key(name)
         with self._transaction() as s:
             user = self._user(s, name)
-            decision = self.throttle.check(s, user, address)
+            source = devices.recognise(s, user.pk if user is not None else None, device,
+                                       address, self._now(), self.throttle.policy.known_for)
+            decision = self.throttle.check(s, name_key, source)
             if not decision.allowed:
-                self.throttle.refused(user, address, decision, factor="password")
+                self.throttle.refused(user.name if user is not None else "", source,
+                                      decision, factor="password")
                 return AuthResult(_outcome_of(decision), decision.retry_after,
                                   decision=decision)
             user_pk = user.pk if user is not None else None
@@ -466,36 +559,46 @@ class Accounts:
             right = False
         else:
             right = passwords.verify_password(self.hasher, encoded, password)
-        return _retry_on_conflict(lambda: self._first_factor_outcome(user_pk, right, password,
-                                                                     address))
+        return _retry_on_conflict(lambda: self._first_factor_outcome(
+            user_pk, right, password, name_key, source, device))
 
     def _first_factor_outcome(self, user_pk: int | None, right: bool, password: str,
-                              address: str) -> AuthResult:
+                              name_key: str, source: Source, device: str) -> AuthResult:
         with self._transaction() as s:
             user = s.get(User, user_pk) if user_pk is not None else None
             if user is None or not right or user.disabled:
                 reason = ("unknown-user" if user is None else
                           "bad-password" if not right else "disabled")
-                decision = self.throttle.failure(s, user, address, reason=reason,
-                                                 factor="password")
+                decision = self.throttle.failure(
+                    s, name_key, user.name if user is not None else "", source,
+                    reason=reason, factor="password")
                 return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
             if passwords.needs_rehash(self.hasher, user.password_hash):
                 user.password_hash = passwords.hash_password(self.hasher, password)
             enrolled = bool(user.totp and user.totp.confirmed)
             passkey = _passkey_count(s, user) > 0
-            ticket = self._new_ticket(user, address)
+            ticket = self._new_ticket(user, source, name_key, device)
         return AuthResult(AuthOutcome.NEEDS_SECOND_FACTOR, ticket=ticket,
                           totp_enrolled=enrolled, passkey_enrolled=passkey)
 
-    def _new_ticket(self, user: User, address: str) -> str:
+    def _new_ticket(self, user: User, source: Source, name_key: str, device: str) -> str:
         ticket = secrets.token_urlsafe(32)
         now = self._now()
         with self._lock:
             for key in [k for k, p in self._pending.items() if p.expires <= now]:
                 del self._pending[key]
             self._pending[hashlib.sha256(ticket.encode()).digest()] = _Pending(
-                user.pk, user.name, address_key(address), now + self._ticket_lifetime)
+                user.pk, user.name, address_key(source.address), now + self._ticket_lifetime,
+                name_key, source, device)
         return ticket
+
+    def _signed_in(self, s: Session, user: User, pending: _Pending, factor: str) -> str:
+        """A full sign-in from ``pending``'s source: counters, known device and address,
+        ``auth.login``. Returns the device cookie to set."""
+        source = pending.source or Source.of(pending.address)
+        self.throttle.success(s, user, pending.name_key or self.name_key(user.name), source,
+                              factor=factor)
+        return devices.remember(s, user, pending.device, source.address, self._now())
 
     def _ticket(self, ticket: str, address: str) -> _Pending | None:
         """The pending sign-in of a ticket, if alive and used from the address it was given
@@ -560,17 +663,11 @@ class Accounts:
         with self._transaction() as s:
             user = s.get(User, pending.user_pk) if pending is not None else None
             if pending is None or user is None:
-                decision = self.throttle.check(s, None, address)
-                if not decision.allowed:
-                    self.throttle.refused(None, address, decision, factor="second")
-                    return AuthResult(_outcome_of(decision), decision.retry_after,
-                                      decision=decision)
-                decision = self.throttle.failure(s, None, address, reason="no-pending-login",
-                                                 factor="second", count_account=False)
-                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
-            decision = self.throttle.check(s, user, address)
+                return self._no_pending(s, address, "second")
+            source = pending.source or Source.of(address)
+            decision = self.throttle.check(s, pending.name_key, source)
             if not decision.allowed:
-                self.throttle.refused(user, address, decision, factor="second")
+                self.throttle.refused(user.name, source, decision, factor="second")
                 if decision.verdict is Verdict.LOCKED:
                     self.cancel(ticket)
                 return AuthResult(_outcome_of(decision), decision.retry_after,
@@ -599,8 +696,8 @@ class Accounts:
             else:
                 reason = "bad-code"
             if reason:
-                decision = self.throttle.failure(s, user, address, reason=reason,
-                                                 factor=factor)
+                decision = self.throttle.failure(s, pending.name_key, user.name, source,
+                                                 reason=reason, factor=factor)
                 if decision.verdict is Verdict.LOCKED:
                     self.cancel(ticket)
                 return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
@@ -610,10 +707,10 @@ class Accounts:
                 assert row is not None
                 row.confirmed = True
                 codes = tuple(totp_mod.issue_recovery_codes(s, user, self.recovery_hasher, now))
-            self.throttle.success(s, user, address, factor=factor)
+            device = self._signed_in(s, user, pending, factor)
             result = AuthResult(AuthOutcome.SUCCESS, user=user.name, roles=user.role_set,
                                 totp_enrolled=True, recovery_codes=codes,
-                                recovery_codes_left=left)
+                                recovery_codes_left=left, device_token=device)
             name = user.name
         self.cancel(ticket)
         if enrolled_now:
@@ -641,33 +738,40 @@ class Accounts:
         with self._transaction() as s:
             user = s.get(User, pending.user_pk) if pending is not None else None
             if pending is None or user is None:
-                decision = self.throttle.check(s, None, address)
-                if not decision.allowed:
-                    self.throttle.refused(None, address, decision, factor=factor)
-                    return AuthResult(_outcome_of(decision), decision.retry_after,
-                                      decision=decision)
-                decision = self.throttle.failure(s, None, address, reason="no-pending-login",
-                                                 factor=factor, count_account=False)
-                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
-            decision = self.throttle.check(s, user, address)
+                return self._no_pending(s, address, factor)
+            source = pending.source or Source.of(address)
+            decision = self.throttle.check(s, pending.name_key, source)
             if not decision.allowed:
-                self.throttle.refused(user, address, decision, factor=factor)
+                self.throttle.refused(user.name, source, decision, factor=factor)
                 if decision.verdict is Verdict.LOCKED:
                     self.cancel(ticket)
                 return AuthResult(_outcome_of(decision), decision.retry_after,
                                   decision=decision)
             reason = "disabled" if user.disabled else check(s, user)
             if reason:
-                decision = self.throttle.failure(s, user, address, reason=reason,
-                                                 factor=factor)
+                decision = self.throttle.failure(s, pending.name_key, user.name, source,
+                                                 reason=reason, factor=factor)
                 if decision.verdict is Verdict.LOCKED:
                     self.cancel(ticket)
                 return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
-            self.throttle.success(s, user, address, factor=factor)
+            device = self._signed_in(s, user, pending, factor)
             result = AuthResult(AuthOutcome.SUCCESS, user=user.name, roles=user.role_set,
-                                totp_enrolled=bool(user.totp and user.totp.confirmed))
+                                totp_enrolled=bool(user.totp and user.totp.confirmed),
+                                device_token=device)
         self.cancel(ticket)
         return result
+
+    def _no_pending(self, s: Session, address: str, factor: str) -> AuthResult:
+        """A second step without a live sign-in (forged or expired ticket): counted
+        against the address only (no name was proved)."""
+        source = Source.of(address)
+        decision = self.throttle.check(s, None, source)
+        if not decision.allowed:
+            self.throttle.refused("", source, decision, factor=factor)
+            return AuthResult(_outcome_of(decision), decision.retry_after, decision=decision)
+        decision = self.throttle.failure(s, None, "", source, reason="no-pending-login",
+                                         factor=factor)
+        return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
 
     def pending_user(self, ticket: str, address: str) -> str:
         """The user name of a live ticket used from its address, or "" (no side effect
@@ -735,15 +839,15 @@ class Accounts:
         return _retry_on_conflict(lambda: self._check_token(token, address))
 
     def _check_token(self, token: str, address: str) -> TokenResult:
+        """The token is looked up *before* the address's throttling: a valid token works
+        from an address that someone else's guessing got blocked (160 random bits are not
+        guessed, so checking one costs nothing worth protecting)."""
         now = self._now()
+        source = Source.of(address)
         with self._transaction() as s:
-            decision = self.throttle.check(s, None, address)
-            if not decision.allowed:
-                self.throttle.refused(None, address, decision, factor="token")
-                return TokenResult(None, "throttled", decision)
             lookup = tokens.lookup_token(s, token, now)
             row = lookup.row
-            owner = row.user if row is not None else None
+            owner = row.user.name if row is not None else ""
             if lookup.ok:
                 assert row is not None
                 if row.last_used is None or now - row.last_used >= LAST_USED_PRECISION:
@@ -752,6 +856,10 @@ class Accounts:
             if lookup.secret_matched:
                 self.throttle.rejected(owner, address, reason=lookup.reason, factor="token")
                 return TokenResult(None, lookup.reason)
-            decision = self.throttle.failure(s, owner, address, reason=lookup.reason,
-                                             factor="token", count_account=False)
+            decision = self.throttle.check(s, None, source)
+            if not decision.allowed:
+                self.throttle.refused("", source, decision, factor="token")
+                return TokenResult(None, "throttled", decision)
+            decision = self.throttle.failure(s, None, owner, source, reason=lookup.reason,
+                                             factor="token")
             return TokenResult(None, lookup.reason, decision)

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
+from pacsvault.accounts.service import AccountError, check_name, generate_admin_name
 from pacsvault.audit import Recorder
-from pacsvault.cli.common import add_data_args, data_dir, open_vault, say
-from pacsvault.crypto.tls import certificate_expiry
-from pacsvault.vault import Vault, create
+from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
+from pacsvault.crypto.tls import ca_is_name_constrained, certificate_expiry
+from pacsvault.vault import Vault, create, resolve_key_path
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("init", help="create a new vault (keys, certificates, settings)")
     add_data_args(p)
     p.add_argument("--ae-title", default="PACSVAULT", help="this archive's AE title")
+    p.add_argument("--admin", metavar="NAME",
+                   help="name of the first administrator account (default: asked at a "
+                   "terminal, else admin-<6 random characters>)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="listeners, nodes, counts and storage size")
@@ -27,42 +33,140 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
 
-FIRST_ADMIN = "admin"
+SECRETS_SUFFIX = ".first-run-secrets.txt"
+PRIVATE_SUBDIR = "pacsvault-first-run"
+SHARED_NAMES = {"admin", "administrator", "administrateur", "root", "pacsvault", "user"}
 
 
-def init_vault(root: Path, key_file: Path | None, ae_title: str) -> None:
+def _admin_name(chosen: str | None, ask: bool) -> str:
+    """The first administrator's name: given, typed at a terminal, or generated.
+
+    Never a fixed default: a predictable administrator name is half of a guess.
+    """
+    if chosen:
+        try:
+            name = check_name(chosen)
+        except AccountError as exc:
+            raise CommandError(str(exc)) from None
+        if name in SHARED_NAMES:
+            say(f"Note: '{name}' is an easily guessed administrator name.")
+        return name
+    suggested = generate_admin_name()
+    if not (ask and sys.stdin.isatty() and sys.stdout.isatty()):
+        return suggested
+    for _ in range(3):
+        typed = input(f"Name of the first administrator account [{suggested}]: ").strip()
+        if not typed:
+            return suggested
+        try:
+            return check_name(typed)
+        except AccountError as exc:
+            say(str(exc))
+    raise CommandError("no valid administrator name given; nothing was created")
+
+
+def _private_dir(key_dir: Path) -> Path:
+    """A directory only this user can enter, for the secrets file: the key's own directory
+    when it is one (``keys.write_key_file`` makes it 0700), else a 0700 subdirectory."""
+    info = key_dir.lstat()
+    if stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o077 and info.st_uid == os.getuid():
+        return key_dir
+    private = key_dir / PRIVATE_SUBDIR
+    private.mkdir(mode=0o700, exist_ok=True)
+    info = private.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise CommandError(f"{private} is not a directory of this user")
+    if info.st_mode & 0o077:
+        private.chmod(0o700)
+    return private
+
+
+def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,
+                            password: str, https_port: int) -> Path:
+    """Write the one-time secrets to a new 0600 file in a 0700 directory beside the key
+    file, never in the data directory: the recovery code and ``vault.json`` together give
+    the master key, so the two must not travel (or be backed up) together."""
+    folder = _private_dir(key_path.parent)
+    body = (
+        f"# pacsvault: the one-time secrets of the vault created in {root.resolve()}\n"
+        f"# on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. Readable by you only.\n"
+        "# 1. Write the recovery code down on paper and keep it away from this server:\n"
+        "#    with vault.json it restores the master key if the key file is lost.\n"
+        f"# 2. Sign in at https://<this server>:{https_port}/ as the administrator below\n"
+        "#    and set up the second factor.\n"
+        "# 3. Then delete this file (shred -u FILE).\n"
+        f"recovery code: {code}\n"
+        f"administrator: {admin}\n"
+        f"password: {password}\n"
+    )
+    for n in range(1, 100):
+        path = folder / (key_path.stem + ("" if n == 1 else f"-{n}") + SECRETS_SUFFIX)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return path
+    raise CommandError(f"cannot create a secrets file in {folder}")
+
+
+def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | None = None,
+               *, ask: bool = False, serving: bool = False) -> None:
+    """Create a vault and its first administrator; hand over the one-time secrets.
+
+    The secrets always go to a private file (``write_first_run_secrets``) and are shown
+    only when stdout is a terminal: under nohup, systemd or a pipe, stdout ends up in a
+    log, which must never hold the recovery code or a password. Then only the file's path
+    is printed.
+    """
+    name = _admin_name(admin, ask)
     code = create(root, key_file=key_file, ae_title=ae_title)
-    password, https_port = _first_admin(root, key_file)
+    password, https_port, key_path = _first_admin(root, key_file, name)
+    path = write_first_run_secrets(key_path, root, code, name, password, https_port)
     say(f"Created a vault in {root}.")
-    say("RECOVERY CODE (shown once; write it down and keep it away from this server).")
-    say("It restores the master key if the key file is lost:")
-    # Secrets go to stdout only, so they can be captured or printed, never to a log:
-    # the recovery code alone on the first line, the first admin's password on the second.
-    print(code, flush=True)
-    say(f"FIRST ADMINISTRATOR: user '{FIRST_ADMIN}', password below (shown once). Sign in "
-        f"at https://<this server>:{https_port}/ and set up the second factor; then create one "
-        "account per person with 'pacsvault user add'.")
-    print(f"{FIRST_ADMIN} password: {password}", flush=True)
-    say("Next: register your modality with 'pacsvault node add AE_TITLE --host ADDRESS', "
-        "then 'pacsvault serve'.")
+    if sys.stdout.isatty():
+        say("RECOVERY CODE (write it down and keep it away from this server).")
+        say("It restores the master key if the key file is lost:")
+        print(code, flush=True)
+        say(f"FIRST ADMINISTRATOR: user '{name}', password below. Sign in at "
+            f"https://<this server>:{https_port}/ and set up the second factor; then create "
+            "one account per person with 'pacsvault user add'.")
+        print(f"{name} password: {password}", flush=True)
+        say(f"Both are also in {path} (readable by you only): delete that file once the "
+            "recovery code is written down and you have signed in.")
+    else:
+        say("The one-time secrets (recovery code, first administrator's name and password) "
+            "are not shown here, as this output may be kept in a log. They were written to "
+            f"{path}, readable by you only. Read it, write the recovery code down on paper, "
+            f"sign in at https://<this server>:{https_port}/, then delete the file "
+            f"(shred -u {path}).")
+        print(path, flush=True)
+    if not serving:
+        say("Next: register your modality with 'pacsvault node add AE_TITLE --host ADDRESS', "
+            "then 'pacsvault serve'.")
 
 
-def _first_admin(root: Path, key_file: Path | None) -> tuple[str, int]:
-    """Create the first admin account with a random password: (password, HTTPS port)."""
+def _first_admin(root: Path, key_file: Path | None, name: str) -> tuple[str, int, Path]:
+    """Create the first admin account with a random password: (password, HTTPS port, key
+    file path)."""
     vault = Vault.open(root, key_file)
     try:
         # A new vault's trail starts empty (its first record is what the practice does
         # next), so the account's creation is not recorded as an event.
         vault.recorder = Recorder([])
-        _info, password = vault.accounts.first_admin(FIRST_ADMIN, by="init")
+        _info, password = vault.accounts.first_admin(name, by="init")
         https_port = vault.settings.web.https_port
+        key_path = resolve_key_path(vault.layout, vault.settings, key_file)
     finally:
         vault.close()
-    return password, https_port
+    return password, https_port, key_path
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    init_vault(data_dir(args), args.key_file, args.ae_title)
+    init_vault(data_dir(args), args.key_file, args.ae_title, args.admin, ask=True)
     return 0
 
 
@@ -105,6 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "certificate_expires": certificate_expiry(
                 vault.layout.tls.server_cert
             ).isoformat(timespec="seconds"),
+            "ca_name_constraints": ca_is_name_constrained(vault.layout.tls),
         }
     finally:
         vault.close()
@@ -134,6 +239,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Storage      {_size(s['encrypted_bytes'])} encrypted "
           f"({_size(s['received_bytes'])} received)")
     print(f"Certificate  server certificate valid until {report['certificate_expires']}")
+    if not report["ca_name_constraints"]:
+        # Made before issue 11: the CA installed on the practice PCs could vouch for any
+        # name if its key were stolen (see ARCHITECTURE.md, TLS).
+        print("Warning      CA without name constraints (vault made before they existed): "
+              "it can sign certificates for any name")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import getpass
+import ipaddress
 import os
 import stat
 import sys
@@ -27,7 +28,8 @@ MAX_PASSWORD_FILE = 4096
 
 
 def register(sub: Any) -> None:
-    user = sub.add_parser("user", help="web accounts: add, list, disable, reset, unlock")
+    user = sub.add_parser("user", help="web accounts: add, list, disable, reset, unlock, "
+                          "blocks")
     usub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
 
     # allow_abbrev=False: "--password SECRET" must not pass for "--password-file".
@@ -50,12 +52,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_roles)
 
     for action, text in (("disable", "stop an account (its sessions and tokens too)"),
-                         ("enable", "allow a disabled account again"),
-                         ("unlock", "lift a lock after too many failed sign-ins")):
+                         ("enable", "allow a disabled account again")):
         p = usub.add_parser(action, help=text)
         add_data_args(p)
         p.add_argument("name")
         p.set_defaults(func=cmd_state, action=action)
+
+    p = usub.add_parser("unlock", help="lift the sign-in blocks of a user name (from every "
+                        "computer), or with --address those of a computer")
+    add_data_args(p)
+    p.add_argument("name", nargs="?", help="the user name")
+    p.add_argument("--address", help="lift the blocks of this address instead (any name)")
+    p.set_defaults(func=cmd_unlock)
+
+    p = usub.add_parser("unblock-address", help="lift the sign-in blocks of an address")
+    add_data_args(p)
+    p.add_argument("address")
+    p.set_defaults(func=cmd_unblock_address)
+
+    p = usub.add_parser("blocks", help="list the active sign-in blocks")
+    add_data_args(p)
+    p.set_defaults(func=cmd_blocks)
 
     p = usub.add_parser("reset", help="new password (random, shown once, unless "
                         "--password-file); --second-factor for a lost phone",
@@ -208,17 +225,78 @@ def cmd_state(args: argparse.Namespace) -> int:
             accounts.disable(args.name, by=BY)
             done = ("disabled: they cannot sign in, their open sessions end at their next "
                     "request and their tokens stop working")
-        elif args.action == "enable":
+        else:
             accounts.enable(args.name, by=BY)
             done = "enabled"
-        else:
-            was_locked = accounts.unlock(args.name, by=BY)
-            done = "unlocked" if was_locked else "was not locked (failure count cleared)"
     except AccountError as exc:
         raise _fail(exc) from None
     finally:
         vault.close()
     say(f"User {check_name(args.name)} {done}.")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    if args.address:
+        if args.name:
+            raise CommandError("give a user name or --address, not both")
+        return _unblock_address(args, args.address)
+    if not args.name:
+        raise CommandError("give the user name to unlock (or --address ADDRESS)")
+    vault = open_vault(args)
+    try:
+        lifted = vault.accounts.unlock(args.name, by=BY)
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        vault.close()
+    name = args.name.strip().lower()
+    if lifted:
+        say(f"Sign-in blocks of {name} lifted: they can sign in again from anywhere now.")
+    else:
+        say(f"{name} had no active sign-in block (failure counts cleared). If they still "
+            "cannot sign in, see 'pacsvault user blocks': their computer's address may be "
+            "blocked for every name ('pacsvault user unblock-address ADDRESS').")
+    return 0
+
+
+def cmd_unblock_address(args: argparse.Namespace) -> int:
+    return _unblock_address(args, args.address)
+
+
+def _unblock_address(args: argparse.Namespace, address: str) -> int:
+    try:
+        ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        raise CommandError(f"{address!r} is not an IP address (e.g. 192.168.1.20)") from None
+    vault = open_vault(args)
+    try:
+        lifted = vault.accounts.unlock_address(address, by=BY)
+    finally:
+        vault.close()
+    if lifted:
+        say(f"Sign-in blocks of address {address} lifted.")
+    else:
+        say(f"Address {address} had no active sign-in block (failure counts cleared).")
+    return 0
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    vault = open_vault(args)
+    try:
+        blocks = vault.accounts.blocks()
+    finally:
+        vault.close()
+    if not blocks:
+        say("No sign-in is blocked.")
+        return 0
+    print(f"{'id':<8} {'user name':<24} {'from':<32} {'failures':>8}  until (UTC)")
+    for b in blocks:
+        who = ("(every name)" if b.scope == "address" else b.user or "(not an account)")
+        where = "(computers never used)" if b.scope == "new-sources" else b.source
+        print(f"{b.block_id:<8} {who:<24} {where:<32} {b.failures:>8}  {_when(b.until)}")
+    say("Lift with 'pacsvault user unlock NAME' or 'pacsvault user unblock-address ADDRESS'; "
+        "blocks also end by themselves at the time shown.")
     return 0
 
 

@@ -205,6 +205,17 @@ def clear_cookie_header() -> str:
     return f"{COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Strict"
 
 
+# The known-device cookie (``accounts.devices``): set after a full sign-in, kept across
+# sign-outs, so the owner's browser is never blocked by someone else's guessing.
+DEVICE_COOKIE = "__Host-pvdevice"
+DEVICE_COOKIE_MAX_AGE = 180 * 24 * 3600
+
+
+def device_cookie_header(value: str) -> str:
+    return (f"{DEVICE_COOKIE}={value}; Path=/; Max-Age={DEVICE_COOKIE_MAX_AGE}; Secure; "
+            "HttpOnly; SameSite=Strict")
+
+
 def _cookie(scope: Scope) -> str:
     for key, value in scope.get("headers", []):
         if key.lower() == b"cookie":

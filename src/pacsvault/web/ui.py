@@ -26,6 +26,7 @@ hash and the trail's fsync belong.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import math
@@ -51,7 +52,7 @@ from pacsvault.accounts.service import (
     check_name,
     normalise_name,
 )
-from pacsvault.accounts.throttle import Verdict
+from pacsvault.accounts.throttle import NEW_SOURCES, Verdict
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
 from pacsvault.web import i18n, pages
@@ -59,12 +60,14 @@ from pacsvault.web.deps import RoleRequirement, client_address, require_role
 from pacsvault.web.i18n import N_, Gettext
 from pacsvault.web.principal import Principal
 from pacsvault.web.sessions import (
+    DEVICE_COOKIE,
     SessionStore,
     Stage,
     WebSession,
     account_state,
     clear_cookie_header,
     cookie_header,
+    device_cookie_header,
 )
 
 router = APIRouter()
@@ -90,6 +93,9 @@ TRAIL_WINDOW = 512 * 1024
 LOGIN_FAILED = N_("Wrong user name, password or code.")
 SIGN_IN_EXPIRED = N_("The sign-in has expired: please start again.")
 FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
+# The known-device cookie of a sign-in completing in this request (a route runs in its own
+# copy of the context: set by ``signed_in_session``, sent by ``_set_cookie``).
+_NEW_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("pv_new_device", default="")
 
 
 def safe_next(value: str | None) -> str:
@@ -191,7 +197,16 @@ def _redirect(url: str) -> Response:
 
 def _set_cookie(response: Response, session_id: str) -> Response:
     response.headers.append("set-cookie", cookie_header(session_id))
+    device = _NEW_DEVICE.get()
+    if device:
+        _NEW_DEVICE.set("")
+        response.headers.append("set-cookie", device_cookie_header(device))
     return response
+
+
+def _device(request: Request) -> str:
+    """The browser's known-device cookie (``accounts.devices``), or ""."""
+    return request.cookies.get(DEVICE_COOKIE, "")[:64]
 
 
 def _emit(request: Request, action: str, user: str, detail: dict[str, str | int | bool],
@@ -208,14 +223,39 @@ def _locked(result: AuthResult) -> bool:
 
 
 def _throttle_message(result: AuthResult, _: Gettext) -> tuple[str, int]:
-    """(generic sentence, Retry-After seconds) for a refused or throttled attempt."""
+    """(sentence, Retry-After seconds) for a refused or throttled attempt.
+
+    It says what is blocked (this user name from this computer, this user name from new
+    computers, or this computer for every name), for how long, and what works meanwhile.
+    Naming the scope tells nothing about whether the name exists: unknown names go through
+    the very same counters (``accounts.throttle``).
+    """
     seconds = math.ceil(result.retry_after)
-    if _locked(result) or seconds <= 0:
-        return (_("Too many failed attempts: signing in is blocked for now. Try again "
-                  "later, or ask your administrator to unlock the account."),
-                seconds if seconds > 0 else LOCKED_RETRY_AFTER)
-    return _("Too many attempts. Wait {seconds} s before trying again.").format(
-        seconds=seconds), seconds
+    if not (_locked(result) or seconds <= 0):
+        return _("Too many attempts. Wait {seconds} s before trying again.").format(
+            seconds=seconds), seconds
+    retry = seconds if seconds > 0 else LOCKED_RETRY_AFTER
+    minutes = max(1, math.ceil(retry / 60))
+    decision = result.decision
+    scope = decision.scope if decision is not None else ""
+    if scope == "address":
+        address = decision.address if decision is not None else ""
+        return _("Too many failed sign-ins from this computer ({address}), whatever the user "
+                 "name: signing in from it is blocked for {minutes} min. An administrator "
+                 "can lift the block now (Users page, or the command pacsvault user "
+                 "unblock-address {address}).").format(address=address,
+                                                       minutes=minutes), retry
+    if scope == NEW_SOURCES:
+        return _("Too many failed sign-ins with this user name from computers it was never "
+                 "used on: signing in from a new computer is blocked for {minutes} min. "
+                 "Computers and browsers you signed in with before still work. An "
+                 "administrator can lift the block now (Users page, or the command pacsvault "
+                 "user unlock followed by your user name).").format(minutes=minutes), retry
+    return _("Too many failed sign-ins with this user name from this computer: signing in "
+             "from here is blocked for {minutes} min. You can still sign in from a computer "
+             "or browser you signed in with before. An administrator can lift the block now "
+             "(Users page, or the command pacsvault user unlock followed by your user "
+             "name).").format(minutes=minutes), retry
 
 
 def _login_page(request: Request, status: int, message: str,
@@ -294,7 +334,7 @@ def login(request: Request, name: FormName = "", password: FormSecret = "",
     if session.stage is Stage.PENDING:  # signing in again from the start
         accounts.cancel(session.ticket)
         session.stage, session.ticket, session.user = Stage.ANONYMOUS, "", ""
-    result = accounts.authenticate(name, password, address)
+    result = accounts.authenticate(name, password, address, _device(request))
     if result.outcome is AuthOutcome.NEEDS_SECOND_FACTOR:
         enrolled = result.totp_enrolled or result.passkey_enrolled
         session_id, _pending_session = _store(request).rotate(
@@ -395,7 +435,13 @@ def enrol(request: Request, code: FormSecret = "") -> Response:
 
 def signed_in_session(request: Request, pending: WebSession,
                       result: AuthResult) -> tuple[str, WebSession]:
-    """Both factors right (``auth.login`` is recorded by Accounts): a new session id."""
+    """Both factors right (``auth.login`` is recorded by Accounts): a new session id.
+
+    Also remembers the known-device cookie to set: ``_set_cookie`` adds it to the response
+    (the passkey routes use both functions too).
+    """
+    if result.device_token:
+        _NEW_DEVICE.set(result.device_token)
     state = account_state(_vault(request), result.user)
     return _store(request).rotate(
         pending, Stage.SIGNED_IN, client_address(request), user=result.user,
@@ -551,7 +597,7 @@ def change_password(request: Request, principal: SignedIn, current: FormSecret =
         return _account_page(request, principal, 400, text, field_errors={"repeat": text})
     # The current password goes through sign-in's first step: throttled and recorded like
     # any guess, so a borrowed session cannot be used to try passwords.
-    check = accounts.authenticate(principal.user, current, address)
+    check = accounts.authenticate(principal.user, current, address, _device(request))
     if check.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED):
         message, retry = _throttle_message(check, _)
         response = _account_page(request, principal, 429, message)
@@ -617,8 +663,10 @@ def revoke_own_token(request: Request, principal: SignedIn, token_id: str) -> Re
 def _users_page(request: Request, status: int = 200, message: str = "",
                 field_errors: dict[str, str] | None = None,
                 values: dict[str, Any] | None = None) -> Response:
-    return _page(request, "admin_users.html", status, users=_accounts(request).list_users(),
-                 roles=ROLES, message=message, field_errors=field_errors or {},
+    accounts = _accounts(request)
+    return _page(request, "admin_users.html", status, users=accounts.list_users(),
+                 blocks=accounts.blocks(), roles=ROLES, message=message,
+                 field_errors=field_errors or {},
                  values=values or {"name": "", "roles": []}, nav="admin", admin_nav="users")
 
 
@@ -695,6 +743,17 @@ def admin_enable(request: Request, principal: AdminPage, name: str) -> Response:
 @router.post("/admin/users/{name}/unlock")
 def admin_unlock(request: Request, principal: AdminPage, name: str) -> Response:
     return _admin_action(request, principal, name, "unlock")
+
+
+@router.post("/admin/users/blocks/lift")
+def admin_lift_block(request: Request, principal: AdminPage,
+                     block: Annotated[str, Form(max_length=32)] = "") -> Response:
+    """Lift one sign-in block listed on the users page (``auth.block.lifted`` event, as
+    ``pacsvault user unlock`` / ``unblock-address``)."""
+    if not _accounts(request).lift_block(block, by=principal.user,
+                                         address=client_address(request)):
+        raise HTTPException(404, "not found")
+    return _redirect("/admin/users")
 
 
 @router.post("/admin/users/{name}/roles")
