@@ -93,3 +93,20 @@ def test_node_certificate_files_are_0600_in_a_0700_folder(vault: VaultDir,
     for f in files:
         assert _mode(f) == 0o600, (f, oct(_mode(f)))
     assert _mode(out) == 0o700
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_node_certificate_files_left_by_an_older_version_become_0600(
+        vault: VaultDir, tmp_path: Path) -> None:
+    vault.cli("node", "add", "OLDNODE", "--host", "127.0.0.1", "--client-cert")
+    out = tmp_path / "old-certs"
+    out.mkdir()
+    for name in ("OLDNODE.key", "OLDNODE.crt", "ca.crt"):  # as an older pacsvault left them
+        (out / name).write_text("old\n")
+        os.chmod(out / name, 0o644)  # the defect being reproduced
+    vault.cli("node", "cert", "OLDNODE", "--out", out)
+    files, _ = _tree(out)
+    assert {f.name for f in files} >= {"OLDNODE.key", "OLDNODE.crt", "ca.crt"}
+    for f in files:
+        assert f.read_text() != "old\n", f
+        assert _mode(f) == 0o600, (f, oct(_mode(f)))

@@ -8,6 +8,7 @@ from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.outputs import private_umask, restrict_files
 from pacsvault.crypto.tls import NODE_DAYS, issue_node
 from pacsvault.index.nodes import DEFAULT_ROLES, ROLES, check_ae_title, parse_roles
 
@@ -145,8 +146,12 @@ def cmd_cert(args: argparse.Namespace) -> int:
         if node is None:
             raise CommandError(f"no node named {ae_title}; add it first")
         listener = node.tls and node.port is not None
-        issued = issue_node(vault.layout.tls, vault.tls_password(), ae_title, node.host,
-                            args.out, listener=listener)
+        with private_umask():  # owner-only, whatever writes them (issue 11, defect 10)
+            issued = issue_node(vault.layout.tls, vault.tls_password(), ae_title, node.host,
+                                args.out, listener=listener)
+        # files an older version left there keep their mode when rewritten: set it
+        restrict_files([args.out / "ca.crt", *(c.path for c in issued),
+                        *(c.path.with_suffix(".key") for c in issued)])
         vault.nodes.record_certificates(ae_title, issued)
         vault.recorder.emit(_changed("node.cert", ae_title,
                                      serials=",".join(f"{c.serial:x}" for c in issued)))
