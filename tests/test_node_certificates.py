@@ -206,3 +206,138 @@ def test_removing_a_node_revokes_its_certificates(env: Env, tmp_path: Path) -> N
     env.vault.cli("node", "remove", "GONE")
     crl = x509.load_pem_x509_crl((env.vault.data / "tls" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+
+def _https_server(cert: Path, key: Path) -> tuple[object, int]:
+    """A bare HTTPS server on loopback presenting ``cert``."""
+    import http.server
+    import threading
+
+    httpd = http.server.HTTPServer((LOCAL, 0), http.server.SimpleHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, int(httpd.server_address[1])
+
+
+def test_chromium_trusts_the_constrained_ca_for_the_server_only(env: Env, tmp_path: Path) -> None:
+    """Chromium with the vault CA installed (an NSS database, as on a practice PC): the
+    server's HTTPS certificate is accepted; a certificate the same CA signs for a foreign
+    name is refused because of the name constraints."""
+    import shutil
+
+    from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+
+    if not chromium_available() or shutil.which("certutil") is None:
+        pytest.skip("needs Debian's chromium and certutil (libnss3-tools)")
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    from pacsvault.crypto import tls
+
+    home = tmp_path / "home"
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True,
+                   capture_output=True, timeout=30)
+    subprocess.run(["certutil", "-A", "-d", f"sql:{nssdb}", "-n", "pacsvault", "-t", "C,,",
+                    "-i", str(env.ca)], check=True, capture_output=True, timeout=30)
+    v = env.vault.open()
+    try:
+        cert_pem, key_pem = tls.issue(
+            v.layout.tls, v.tls_password(), "www.bank.example",
+            [x509.DNSName("www.bank.example"), x509.IPAddress(__import__("ipaddress")
+                                                              .ip_address(LOCAL))],
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH], encrypt_key=False)
+    finally:
+        v.close()
+    (tmp_path / "bank.crt").write_bytes(cert_pem)
+    (tmp_path / "bank.key").write_bytes(key_pem)
+    bank, bank_port = _https_server(tmp_path / "bank.crt", tmp_path / "bank.key")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, env={"HOME": str(home)},
+                args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP www.bank.example 127.0.0.1"])
+            try:
+                context = browser.new_context(ignore_https_errors=False)
+                page = context.new_page()
+                page.set_default_timeout(30_000)
+                for host in ("127.0.0.1", "localhost"):
+                    response = page.goto(f"https://{host}:{env.server.https_port}/login")
+                    assert response is not None and response.status < 500, host
+                for url in (f"https://www.bank.example:{bank_port}/",
+                            f"https://127.0.0.1:{bank_port}/"):
+                    with pytest.raises(PlaywrightError, match="ERR_CERT") as refused:
+                        page.goto(url)
+                    # trusted CA, refused name: not an "unknown authority" error
+                    assert "AUTHORITY_INVALID" not in str(refused.value), refused.value
+            finally:
+                browser.close()
+    finally:
+        bank.shutdown()  # type: ignore[attr-defined]
+
+
+def test_vault_made_before_node_binding_opens_and_catches_up(tmp_path: Path) -> None:
+    """An older vault: CA without name constraints, no client.crt, no CRL, no
+    node_certificates table. It opens, gains the missing parts, and ``status`` says the CA
+    is unconstrained."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from sqlalchemy import text
+
+    root = tmp_path / "old"
+    key = root / "keys" / "master.key"
+    pv("init", "--data", root / "data", "--key-file", key, "--ae-title", SERVER_AE)
+    vault = VaultDir(root, key, "")
+    tls_dir = vault.data / "tls"
+    v = vault.open()
+    try:
+        with v.engine.begin() as conn:
+            conn.execute(text("DROP TABLE node_certificates"))
+        ca = x509.load_pem_x509_certificate((tls_dir / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((tls_dir / "ca.key.enc").read_bytes(),
+                                                    v.tls_password())
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        old = x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject) \
+            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number()) \
+            .not_valid_before(ca.not_valid_before_utc) \
+            .not_valid_after(ca.not_valid_before_utc + dt.timedelta(days=3650))
+        for ext in ca.extensions:
+            if not isinstance(ext.value, x509.NameConstraints):
+                old = old.add_extension(ext.value, ext.critical)
+        (tls_dir / "ca.crt").write_bytes(old.sign(ca_key, hashes.SHA256())
+                                         .public_bytes(serialization.Encoding.PEM))
+    finally:
+        v.close()
+    for name in ("client.crt", "client.key.enc", "crl.pem"):
+        (tls_dir / name).unlink()
+
+    out = vault.cli("status").stdout
+    assert "CA without name constraints" in out
+    assert (tls_dir / "client.crt").exists() and (tls_dir / "crl.pem").exists()
+    vault.add_node("LATE", "--client-cert")
+    vault.cli("node", "cert", "LATE", "--out", tmp_path / "certs")
+    vault.cli("node", "cert", "LATE", "--revoke")
+    crl = x509.load_pem_x509_crl((tls_dir / "crl.pem").read_bytes())
+    serial = x509.load_pem_x509_certificate(
+        (tmp_path / "certs" / "LATE.crt").read_bytes()).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+    # The way out: a new, constrained CA (asks for --yes; old files kept aside).
+    assert vault.cli("tls", "rotate-ca", check=False).returncode != 0
+    vault.cli("tls", "rotate-ca", "--yes")
+    assert "CA without name constraints" not in vault.cli("status").stdout
+    assert list(tls_dir.glob("retired-*/ca.key.enc"))
+    new_ca = x509.load_pem_x509_certificate((tls_dir / "ca.crt").read_bytes())
+    assert new_ca.extensions.get_extension_for_class(x509.NameConstraints).critical
+
+    def verify(cert: Path) -> int:
+        return subprocess.run(["openssl", "verify", "-CAfile", str(tls_dir / "ca.crt"),
+                               str(cert)], capture_output=True, timeout=30).returncode
+
+    assert verify(tls_dir / "server.crt") == 0 and verify(tls_dir / "client.crt") == 0
+    assert verify(tmp_path / "certs" / "LATE.crt") != 0  # re-issue needed, as announced

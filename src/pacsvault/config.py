@@ -212,7 +212,7 @@ network_timeout = 60.0
 # host cannot exhaust memory or slots. Refusals are recorded (aggregated per source).
 # Associations at once (all nodes together).
 max_associations = 32
-# Connections at once from one address (IPv6: one /64), associated or not.
+# Connections at once from one address, associated or not.
 max_connections_per_source = 8
 # Connections at once still before their association is accepted (registered nodes'
 # addresses always get in, within their per-source budget).
@@ -262,7 +262,7 @@ viewer_dir = ""
 # and for its body (plus one second per MiB received).
 header_timeout = 10.0
 body_timeout = 60.0
-# Connections at once, in all and from one address (IPv6: one /64).
+# Connections at once, in all and from one address.
 max_connections = 512
 max_connections_per_source = 32
 

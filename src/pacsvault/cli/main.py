@@ -14,7 +14,8 @@ from pacsvault import __version__
 COMMANDS = {
     "init": "setup", "status": "setup", "serve": "serve", "node": "nodes", "user": "users",
     "token": "users", "export": "export", "key": "keycmd", "audit": "audit",
-    "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
+    "tls": "tlscmd",
+    "viewer": "viewer",
 }
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
@@ -230,7 +231,7 @@ def create_client_cert(paths: TlsPaths, key_password: bytes, ae_title: str) -> N
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Readers (a running server, other verifiers) never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
@@ -238,6 +239,31 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def rotate_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> Path:
+    """Replace the CA (and with it the server, client certificates and CRL) by a new,
+    name-constrained one; the old files move to ``tls/retired-<UTC time>/`` (0700).
+
+    For vaults made before the CA was constrained. Every node certificate and every PC that
+    trusts the old ``ca.crt`` must then be re-issued / re-installed: that is the price of
+    removing a CA that could vouch for any name.
+    """
+    stamp = _now().strftime("%Y%m%dT%H%M%SZ")
+    retired = paths.root / f"retired-{stamp}"
+    retired.mkdir(mode=0o700)
+    for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key,
+                 paths.client_cert, paths.client_key, paths.crl):
+        if path.exists():
+            os.replace(path, retired / path.name)
+    try:
+        create_authority(paths, key_password, common_name)
+    except BaseException:
+        for old in retired.iterdir():  # put the working CA back
+            os.replace(old, paths.root / old.name)
+        retired.rmdir()
+        raise
+    return retired
 
 
 def ca_is_name_constrained(paths: TlsPaths) -> bool:

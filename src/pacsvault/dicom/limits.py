@@ -5,7 +5,7 @@ allocate memory (a PDU length is announced before its bytes arrive), hold thread
 association slots (by sending slowly), and write to the log. So, per connection:
 
 - **admission** (``ConnectionBudget.admit``, in the accept loop, before a byte is read):
-  at most ``max_connections_per_source`` connections at once per source (IPv6: per /64),
+  at most ``max_connections_per_source`` connections at once per source address,
   at most ``max_pending_connections`` not yet associated, except from the addresses of
   registered nodes (``KnownHosts``), which only have their per-source budget: a flood of
   unknown sources cannot lock a modality out;
@@ -42,15 +42,17 @@ KNOWN_HOSTS_REFRESH = 10.0
 
 
 def source_key(address: str) -> str:
-    """The unit a per-source budget applies to: the IPv4 address, or the IPv6 /64."""
+    """The unit a per-source budget applies to: the address (IPv4-mapped as IPv4).
+
+    Not the IPv6 /64: a practice LAN is usually one /64, every modality would share one
+    budget. A host that takes many addresses is bounded by the pending-connection cap.
+    """
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
     return str(ip)
 
 

@@ -6,7 +6,7 @@ physicians' browsers get nothing. This protocol class (uvicorn's own ``H11Protoc
 a budget) gives every connection:
 
 - admission by ``dicom.limits.ConnectionBudget``: at most ``max_connections_per_source``
-  at once per source (IPv6: per /64) and ``max_connections`` in all; over it the
+  at once per source address and ``max_connections`` in all; over it the
   connection is closed at once;
 - a deadline for the request's headers (``header_timeout``, also the TLS handshake's,
   see ``web.server``), then one for its body (``body_timeout`` plus one second per MiB
