@@ -257,7 +257,7 @@ def test_stored_mismatched_vrs_are_healed_in_answers() -> None:
 def test_old_mismatched_header_is_answered_valid_by_qido(tmp_path: Path) -> None:
     """An object indexed before the fix (its stored JSON rewritten to what it was then)
     no longer reaches QIDO's answers raw."""
-    from sqlalchemy import update
+    from sqlalchemy import select, update
 
     from pacsvault.index.models import Instance, Patient, Series, Study
     from pacsvault.web import qido
@@ -269,7 +269,7 @@ def test_old_mismatched_header_is_answered_valid_by_qido(tmp_path: Path) -> None
         vault.archive.store(_part10(ds, _explicit_le(ds)))
         with vault.sessions.begin() as session:
             for model in (Patient, Study, Series, Instance):
-                row = session.scalars(__import__("sqlalchemy").select(model.meta_json)).first()
+                row = session.scalars(select(model.meta_json)).first()
                 meta = json.loads(row or "{}")
                 meta["00100010"] = {"vr": "US", "Value": [513, 8195]}
                 session.execute(update(model).values(meta_json=json.dumps(meta)))
@@ -278,6 +278,12 @@ def test_old_mismatched_header_is_answered_valid_by_qido(tmp_path: Path) -> None
             result = qido.search(vault, query, "https://localhost/dicom-web")
             assert len(result.answers) == 1
             _valid_for_ohif(result.answers)
+        from pacsvault.web import wado
+
+        (item,) = wado.locate(vault, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                              str(ds.SOPInstanceUID), with_meta=True)
+        metadata = wado.metadata(vault, item, "https://localhost/dicom-web/x")
+        assert "00100010" not in metadata and metadata["00100020"]["vr"] == "LO"
     finally:
         vault.close()
 
