@@ -186,6 +186,11 @@ def test_delete_each_level_and_crypto_shred_the_last_of_a_patient(vault: VaultDi
     assert last["keys_destroyed"] == 1 and last["record"] == done.action_id
     assert set(last["sop_uids"]) == {c1.sop, c2.sop}  # type: ignore[arg-type]
     assert last["patient_ids"] == ["PVRM02"] and last["study_uids"] == [s2]
+    # grouped per patient although the rows are gone: the patient's access request sees it
+    (record,) = [r for r in v.audit.records() if r.action == "object.deleted"
+                 and r.detail.get("record") == done.action_id]
+    assert "unassigned" not in record.refs
+    assert set(record.refs["patients"]["PVRM02"]["sop_uids"]) == {c1.sop, c2.sop}
     trail = (vault.data / "audit" / "trail.jsonl").read_text("utf-8")
     assert "mauvais patient" not in trail and s2 not in trail and "PVRM02" not in trail
 

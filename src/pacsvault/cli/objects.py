@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Any
 
+from pacsvault.audit import AuditUnavailable
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.storage.removal import NotFound, Plan, RemovalError, Remover
 
@@ -22,10 +23,11 @@ ACTOR = "local-admin"
 def register(sub: Any) -> None:
     for level, what in (("study", "Study Instance UID"), ("series", "Series Instance UID"),
                         ("instance", "SOP Instance UID")):
+        article = "an" if level == "instance" else "a"
         group = sub.add_parser(level, help=f"remove a bad {level} (admin)")
         gsub = group.add_subparsers(dest=f"{level}_command", required=True, metavar="ACTION")
         p = gsub.add_parser(
-            "delete", help=f"delete a {level} for good (audited; crypto-shreds a patient "
+            "delete", help=f"delete {article} {level} for good (audited; crypto-shreds a patient "
             "left without images)")
         add_data_args(p)
         p.add_argument("uid", help=what)
@@ -92,6 +94,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
             raise CommandError(f"{exc}; nothing was deleted") from None
         except RemovalError as exc:
             raise CommandError(str(exc)) from None
+        except AuditUnavailable:
+            raise CommandError("the deletion was done and is in the index's removal records, "
+                               "but the audit trail could not record it: check the disk, "
+                               "then 'pacsvault audit verify'") from None
     finally:
         vault.close()
     say(f"Deleted {done.plan.instances} instance(s) ({done.files_deleted} file(s) removed); "
@@ -111,6 +117,10 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 change = remover.release(args.uid, args.reason, actor=ACTOR)
         except RemovalError as exc:
             raise CommandError(str(exc)) from None
+        except AuditUnavailable:
+            raise CommandError("the change was made and is in the index's removal records, "
+                               "but the audit trail could not record it: check the disk, "
+                               "then 'pacsvault audit verify'") from None
     finally:
         vault.close()
     say(("Instance put in quarantine: hidden from queries and retrieval, kept."

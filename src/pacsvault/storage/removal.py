@@ -132,6 +132,10 @@ class Plan:
     studies_removed: int
     patients_removed: int
     keys_destroyed: tuple[str, ...]  # data key ids crypto-shredded
+    # which patient each study, which study each instance belongs to: the trail groups
+    # the sealed references per patient with them (the rows are gone once deleted)
+    study_patients: tuple[tuple[str, str], ...] = ()
+    sop_studies: tuple[tuple[str, str], ...] = ()
 
     @property
     def instances(self) -> int:
@@ -252,6 +256,17 @@ class Remover:
             _delete_rows(conn, plan)
         if self._archive is not None:
             self._archive.forget()
+        try:
+            self._emit_deleted(plan, action_id, actor, address, via)
+        finally:
+            # done in the index: the ciphertext goes even if the trail refused the event
+            # (the ``object_actions`` row says who, when and why; the error is raised on)
+            deleted = self._delete_files(action_id, plan.object_ids)
+        return Done(action_id, plan, deleted)
+
+    def _emit_deleted(self, plan: Plan, action_id: int, actor: str, address: str,
+                      via: str) -> None:
+        level = plan.level
         self._recorder.emit(AuditEvent(
             action="object.deleted", outcome=Outcome.SUCCESS,
             code=EventCode.INSTANCES_ACCESSED, actor_user=actor, actor_address=address,
@@ -260,14 +275,13 @@ class Remover:
                      + (" The patient's data key was destroyed (crypto-shredding)."
                         if plan.keys_destroyed else "")),
             study_uids=plan.study_uids, sop_uids=plan.sop_uids, patient_ids=plan.patient_ids,
+            study_patients=dict(plan.study_patients), sop_studies=dict(plan.sop_studies),
             detail={"level": level, "instances": plan.instances,
                     "series_removed": plan.series_removed,
                     "studies_removed": plan.studies_removed,
                     "keys_destroyed": len(plan.keys_destroyed), "record": action_id,
                     "via": via},
         ))
-        deleted = self._delete_files(action_id, plan.object_ids)
-        return Done(action_id, plan, deleted)
 
     def finish_pending(self) -> int:
         """Delete the files of removals a crash interrupted after their commit."""
@@ -349,6 +363,7 @@ class Remover:
                      "An administrator released an instance from quarantine")
             + f"; the reason is kept with removal record {action_id}.",
             study_uids=(str(row[4]),), sop_uids=(sop_uid,), patient_ids=(str(row[6]),),
+            study_patients={str(row[4]): str(row[6])}, sop_studies={sop_uid: str(row[4])},
             detail={"level": "instance", "instances": 1, "record": action_id, "via": via},
         ))
         return QuarantineChange(action_id, sop_uid, str(row[4]), str(row[6]))
@@ -422,6 +437,8 @@ def _plan(conn: Connection, level: str, uid: str) -> Plan:
         modalities=tuple(sorted({str(r[7]) for r in rows if r[7]})),
         series_removed=len(emptied_series), studies_removed=len(emptied_studies),
         patients_removed=len(emptied_patients), keys_destroyed=destroyed,
+        study_patients=tuple(dict((str(r[9]), str(r[11])) for r in rows).items()),
+        sop_studies=tuple((str(r[1]), str(r[9])) for r in rows),
     )
 
 
