@@ -154,7 +154,10 @@ S, MINOR = "success", "minor_failure"
 # (action, outcome, event code, AE, user, address) per step, exactly (alert.* ignored).
 EXPECTED: dict[str, list[tuple[str, ...]]] = {
     "start": [("application.start", S, "110100", "", "", "")],
+    # one record per committed batch (here one image each: storescu sends in turn), then
+    # the association's summary (issue 11, defect 8)
     "store": [("dicom.association.accepted", S, "110114", MODALITY, "", LOCAL),
+              *[("dicom.store.committed", S, "110107", MODALITY, "", LOCAL)] * 2,
               ("dicom.store.association", S, "110104", MODALITY, "", LOCAL)],
     "rejected": [("dicom.association.rejected", MINOR, "110113", "NOTREG", "", LOCAL)],
     "find": [("dicom.association.accepted", S, "110114", QR, "", LOCAL),
@@ -166,7 +169,8 @@ EXPECTED: dict[str, list[tuple[str, ...]]] = {
     "token": [("token.create", S, "110113", "", PHYS, "")],
     "search": [("dicomweb.search", S, "110112", "", PHYS, LOCAL)],
     "retrieve": [("dicomweb.retrieve", S, "110103", "", PHYS, LOCAL)],
-    "stow": [("dicomweb.store", S, "110107", "", PHYS, LOCAL)],
+    "stow": [("dicomweb.store.committed", S, "110107", "", PHYS, LOCAL),
+             ("dicomweb.store", S, "110107", "", PHYS, LOCAL)],
     "login_failed": [("auth.login.failed", MINOR, "110114", "", PHYS, LOCAL)],
     "login": [("auth.login", S, "110114", "", AUD, LOCAL),
               ("auth.second_factor.enrolled", S, "110114", "", AUD, LOCAL)],

@@ -110,6 +110,9 @@ DEFAULT_RETENTION_DAYS = 365
 class AuditSettings(_Strict):
     retention_days: int = Field(DEFAULT_RETENTION_DAYS, ge=1)
     retention_justification: str = ""
+    # The running server re-checks the trail against its index anchor this often (and on
+    # every append): an edit, deletion, truncation or forgery is alerted within a minute.
+    check_seconds: int = Field(30, ge=1, le=3600)
     syslog: SyslogSettings = SyslogSettings()
 
     @model_validator(mode="after")
@@ -272,5 +275,8 @@ max_connections_per_source = 32
 # which is recorded in the trail with each purge.
 retention_days = 365
 retention_justification = ""
+# Seconds between two checks of the trail by the running server (it also checks at every
+# write); a change to the trail raises the audit-broken alert.
+check_seconds = 30
 
 """ + SYSLOG_SECTION + "\n" + render_section()

@@ -33,6 +33,7 @@ from pacsvault import config
 from pacsvault.accounts.service import Accounts
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
+from pacsvault.audit.stores import StoreJournal
 from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
 from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
@@ -242,6 +243,9 @@ class Vault:
             self.sessions,
         )
         self.recorder = Recorder([LogSink(), TrailSink(self.audit)])
+        # Every committed store batch is recorded with its rows (an acknowledged image
+        # always has its record, even after a crash).
+        self.archive.journal = StoreJournal(self.audit, self.recorder)
         self.syslog: SyslogSink | None = None
         if settings.audit.syslog.enabled:
             self.syslog = SyslogSink(

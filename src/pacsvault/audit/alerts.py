@@ -32,7 +32,10 @@ Rules (ids are what ``disabled_rules`` takes):
                    never incoming stores; queries are not counted (viewers refresh study
                    lists all day, which is not a copy of the images).
 ``unusual-hours``  a read or a sign-in outside business hours (local time, days).
-``audit-broken``   ``audit.verify`` that did not succeed: the trail was edited or damaged.
+``audit-broken``   ``audit.verify`` that did not succeed, or ``audit.tamper`` (the running
+                   server's watcher): the trail was edited or damaged.
+``audit-unwritable`` ``audit.unavailable``: a record could not be written (disk full, I/O
+                   error), so accesses are being refused; sent without touching the disk.
 ``disk-full``      ``dicom.store.failed`` with status A700 (images are being refused), and
                    the sink's periodic free-space check falling below ``disk_warn_free_mb``.
 ``connection-abuse`` a ``*.connection.refused`` summary (audit/refusals.py): one source
@@ -99,6 +102,7 @@ RULES: dict[str, str] = {
     "audit-broken": "the audit trail does not verify",
     "disk-full": "the archive disk is (nearly) full",
     "connection-abuse": "one source repeatedly refused by the connection budget",
+    "audit-unwritable": "the audit trail cannot be written: accesses are refused",
 }
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -281,7 +285,8 @@ webhook_ca_file = ""
 webhook_allow_http_loopback = false
 webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
-# unusual-hours, audit-broken, disk-full. List here the ones you do not want.
+# unusual-hours, audit-broken, disk-full, audit-unwritable. List here the ones you do
+# not want.
 disabled_rules = []
 # Failed sign-ins within 10 minutes (from one address, or for one user) that raise an alert.
 failed_logins_per_10min = 5
@@ -470,6 +475,7 @@ class Detector:
             self._failed_logins, self._account_locked, self._exposure, self._unknown_node,
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
             self._connection_abuse,
+            self._audit_unwritable,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -800,7 +806,7 @@ class Detector:
         )]
 
     def _audit_broken(self, e: AuditEvent) -> list[Finding]:
-        if e.action != "audit.verify" or e.outcome is Outcome.SUCCESS:
+        if e.action not in ("audit.verify", "audit.tamper") or e.outcome is Outcome.SUCCESS:
             return []
         problem = _clean(e.message, 300) or "no detail"
         return [Finding(
@@ -810,6 +816,19 @@ class Detector:
                   "edited, deleted or forged, or the file was damaged. Do not change the "
                   "data directory; keep a copy of it as evidence and call your IT provider."),
             look="pacsvault audit verify", time=e.time,
+        )]
+
+    def _audit_unwritable(self, e: AuditEvent) -> list[Finding]:
+        if e.action != "audit.unavailable":
+            return []
+        return [Finding(
+            rule="audit-unwritable", subject="", severity=Severity.CRITICAL,
+            title="Audit trail cannot be written: access is being refused",
+            what=("A record of the audit trail could not be written (disk full or I/O "
+                  "error). Queries, retrievals, images received and viewer requests are "
+                  "refused until it can, so that no access goes unrecorded. Free space on "
+                  "the data directory now."),
+            look="df -h on the data directory; then 'pacsvault audit verify'", time=e.time,
         )]
 
     def _connection_abuse(self, e: AuditEvent) -> list[Finding]:

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
+from pacsvault.audit.watch import TrailWatcher, repair_at_start
 from pacsvault.cli.audit import purge_expired
 from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
 from pacsvault.cli.setup import init_vault
@@ -107,7 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
                        patients_of=_patients_of(vault))
     vault.recorder.add_sink(alerts)
+    repair_at_start(vault.audit)
     _check_audit_trail(vault)
+    watcher = TrailWatcher(vault.audit, vault.recorder, settings.audit.check_seconds)
+    watcher.start()
     service = DicomService(vault)
     stop = threading.Event()
 
@@ -153,6 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
                        code=EventCode.APPLICATION_ACTIVITY)
         )
+        watcher.stop()
         alerts.close()
         vault.close()
     return 0

@@ -9,6 +9,7 @@ request's address, and must itself hold ``retrieve``: nothing leaves for an unkn
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 from collections import Counter
@@ -29,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
 from pacsvault.dicom import inflate
@@ -66,6 +67,8 @@ STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE = 0xC000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_REFUSED_RESOURCES = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
+FIND_CHUNK = 1000  # C-FIND answers per record (each record precedes its answers)
 # pynetdicom counts a pending result whose "dataset" is not a Dataset as a failed
 # sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
 _FAILED_SUBOP = "unreadable"
@@ -125,25 +128,46 @@ class QueryRetrieve:
     # --- C-FIND -----------------------------------------------------------------------
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """Answers leave in chunks, each after the record naming what it discloses.
+
+        The record is durable before the first answer of its chunk is yielded (most
+        queries: one chunk, one record); when it cannot be written the query is refused
+        with A700 and nothing leaves.
+        """
         state = self._service._state(event.assoc)
         if state.node is None or not state.node.may("query"):
             self._refuse(state, "find")
             yield STATUS_NOT_AUTHORIZED, None
             return
         accessed = Accessed()
+        cancelled = False
         try:
             identifier, level = self._identifier(event)
             # Answers stay DICOM JSON until pynetdicom encodes them (``answers``).
             answers = (Answer(a) for a in self.engine.find_json(
                 level, identifier, root=self._root(event), accessed=accessed, for_dimse=True))
-            matches = 0
-            cancelled = False
-            for answer in answers:
-                if event.is_cancelled:
-                    cancelled = True
+            part = 0
+            while not cancelled:
+                chunk = list(itertools.islice(answers, FIND_CHUNK))
+                if part and not chunk:
                     break
-                matches += 1
-                yield STATUS_PENDING, answer
+                part += 1
+                self._record_query(state, level, len(chunk), Outcome.SUCCESS,
+                                   "" if part == 1 else f"continued (part {part})", accessed,
+                                   required=True)
+                accessed.patient_ids, accessed.study_uids = set(), set()
+                accessed.truncated = False
+                for answer in chunk:
+                    if event.is_cancelled:
+                        cancelled = True
+                        break
+                    yield STATUS_PENDING, answer
+                if len(chunk) < FIND_CHUNK:
+                    break
+        except AuditUnavailable:
+            # No durable record, no answer (the recorder has raised the alert).
+            yield STATUS_OUT_OF_RESOURCES, None
+            return
         except QueryBudgetExceeded as exc:  # PS3.4 C.4.1.1.4: A700 out of resources
             self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
             yield STATUS_OUT_OF_RESOURCES, None
@@ -157,14 +181,12 @@ class QueryRetrieve:
                                accessed)
             yield STATUS_UNABLE, None
             return
-        self._record_query(state, level, matches, Outcome.SUCCESS,
-                           "cancelled by the requester" if cancelled else "", accessed)
         if cancelled:
             yield STATUS_CANCEL, None
 
     def _record_query(
         self, state: _AssocState, level: str, matches: int, outcome: Outcome, note: str,
-        accessed: Accessed,
+        accessed: Accessed, *, required: bool = False,
     ) -> None:
         self._vault.recorder.emit(AuditEvent(
             action="dicom.find", outcome=outcome, code=EventCode.QUERY,
@@ -174,7 +196,7 @@ class QueryRetrieve:
                     "references_truncated": accessed.truncated},
             patient_ids=tuple(sorted(accessed.patient_ids)),
             study_uids=tuple(sorted(accessed.study_uids)),
-        ))
+        ), required=required)
 
     # --- C-MOVE -----------------------------------------------------------------------
 
@@ -215,6 +237,12 @@ class QueryRetrieve:
         if dest.tls:
             ctx = client_context(self._vault.layout.tls, self._vault.tls_password())
             kwargs["tls_args"] = (ctx, dest.host)
+        try:
+            self._record_begin(state, "move", destination_ae, items)
+        except AuditUnavailable:
+            yield dest.host, dest.port, kwargs
+            yield from _refused(items)
+            return
         yield dest.host, dest.port, kwargs
         yield from self._send(event, state, "move", destination_ae, items, results)
 
@@ -233,6 +261,11 @@ class QueryRetrieve:
                                   str(exc))
             raise
         state.substores.clear()
+        try:
+            self._record_begin(state, "get", state.node.ae_title, items)
+        except AuditUnavailable:
+            yield from _refused(items)
+            return
         yield from self._send(event, state, "get", state.node.ae_title, items, state.substores)
 
     # --- shared -----------------------------------------------------------------------
@@ -252,38 +285,64 @@ class QueryRetrieve:
                 found |= {(str(a), str(b)) for a, b in rows}
         return found
 
-    def _send(
-        self, event: evt.Event, state: _AssocState, kind: str, destination: str,
-        items: list[StoredInstance], results: Counter[str],
-    ) -> Iterator[Any]:
-        """Yield the sub-operations; ``results`` fills with the peer's C-STORE answers."""
-        yield len(items)
-        studies = sorted({i.study_uid for i in items})
+    def _record_begin(self, state: _AssocState, kind: str, destination: str,
+                      items: list[StoredInstance]) -> None:
+        """Durable before anything is sent (raises ``AuditUnavailable`` otherwise)."""
         self._vault.recorder.emit(AuditEvent(
             action=f"dicom.{kind}.begin", outcome=Outcome.SUCCESS,
             code=EventCode.BEGIN_TRANSFERRING,
             actor_ae=state.node.ae_title if state.node else "",
-            actor_address=state.peer.address, study_uids=tuple(studies),
+            actor_address=state.peer.address,
+            study_uids=tuple(sorted({i.study_uid for i in items})),
             detail={"destination": destination, "instances": len(items)},
-        ))
+        ), required=True)
+
+    def _send(
+        self, event: evt.Event, state: _AssocState, kind: str, destination: str,
+        items: list[StoredInstance], results: Counter[str],
+    ) -> Iterator[Any]:
+        """Yield the sub-operations; ``results`` fills with the peer's C-STORE answers.
+
+        pynetdicom drops this generator when it cannot reach a C-MOVE destination (after
+        the count), or when the association goes away: the final record is written then
+        too (``GeneratorExit``), so every retrieval that began has its outcome recorded.
+        """
+        studies = sorted({i.study_uid for i in items})
         unreadable = 0
-        for item in items:
-            if event.is_cancelled:
-                self._record_retrieve(state, kind, destination, studies, len(items), results,
-                                      unreadable, "cancelled by the requester")
-                yield STATUS_CANCEL, None
-                return
-            try:
-                # bounded inflation of deflated objects (issue 11, defect 5)
-                ds = inflate.read(self._vault.archive.read(item))
-            except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
-                log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
-                unreadable += 1
-                yield STATUS_PENDING, _FAILED_SUBOP
-                continue
-            yield STATUS_PENDING, ds
-        self._record_retrieve(state, kind, destination, studies, len(items), results,
-                              unreadable, "")
+        resumed = False  # pynetdicom came back after the count: the transfer started
+        recorded = not items
+        if not items:
+            self._record_retrieve(state, kind, destination, studies, 0, results, 0, "")
+        try:
+            yield len(items)
+            resumed = True
+            for item in items:
+                if event.is_cancelled:
+                    recorded = True
+                    self._record_retrieve(state, kind, destination, studies, len(items),
+                                          results, unreadable, "cancelled by the requester")
+                    yield STATUS_CANCEL, None
+                    return
+                try:
+                    # bounded inflation of deflated objects (issue 11, defect 5)
+                    ds = inflate.read(self._vault.archive.read(item))
+                except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
+                    log.error("instance could not be read for %s: %s", kind,
+                              type(exc).__name__)
+                    unreadable += 1
+                    yield STATUS_PENDING, _FAILED_SUBOP
+                    continue
+                yield STATUS_PENDING, ds
+            recorded = True
+            self._record_retrieve(state, kind, destination, studies, len(items), results,
+                                  unreadable, "")
+        except GeneratorExit:
+            if not recorded:
+                note = ("the transfer was interrupted" if resumed else
+                        "the destination could not be reached; nothing was sent")
+                self._record_retrieve(state, kind, destination, studies, len(items),
+                                      results, unreadable, note)
+            raise
 
     def _record_retrieve(
         self, state: _AssocState, kind: str, destination: str, studies: list[str],
@@ -301,7 +360,13 @@ class QueryRetrieve:
             actor_address=state.peer.address, study_uids=tuple(studies), message=note,
             detail={"destination": destination, "requested": total, "sent": completed,
                     "warning": warning, "failed": failed},
-        ))
+        ), required=False)  # the outcome: ``_record_begin`` was the record that had to be
+
+
+def _refused(items: list[StoredInstance]) -> Iterator[Any]:
+    """A retrieval whose begin record could not be written: A702, nothing sent."""
+    yield max(1, len(items))
+    yield STATUS_REFUSED_RESOURCES, None
 
 
 def _no_delay(event: evt.Event) -> None:

@@ -38,7 +38,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, Presentation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.refusals import RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom.limits import (
@@ -216,7 +216,6 @@ class DicomService:
         """A connection or association refused by the budget (recorded, aggregated)."""
         self.refusals.refused("dicom", address, reason, detail)
 
-
     # --- per-association state -----------------------------------------------------
 
     def _register(self, assoc: Association, peer: Peer) -> None:
@@ -317,7 +316,13 @@ class DicomService:
                 source_ae=node.ae_title,
                 expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
                 expected_sop_class=str(request.AffectedSOPClassUID or ""),
+                actor_address=state.peer.address,
             )
+        except AuditUnavailable:
+            # The batch's record could not be made durable: nothing was committed, and a
+            # success would be an image stored with no record naming it.
+            return self._store_failed(state, STATUS_OUT_OF_RESOURCES,
+                                      "the audit trail cannot be written")
         except ObjectTooLarge as exc:  # a deflate bomb: PS3.4 "refused: out of resources"
             return self._store_failed(state, STATUS_OUT_OF_RESOURCES, f"refused: {exc}")
         except UnreadableObject as exc:
@@ -358,14 +363,19 @@ class DicomService:
         message: str = "", detail: dict[str, str | int | bool] | None = None,
         study_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = (),
     ) -> None:
-        """One event about this association's peer (node and address filled in)."""
+        """One event about this association's peer (node and address filled in).
+
+        Not ``required``: none of these lets data leave. Stores are recorded (and refused
+        when they cannot be) with their commit, by the archive's ``StoreJournal``.
+        """
         self.vault.recorder.emit(
             AuditEvent(
                 action=action, outcome=outcome, code=code,
                 actor_ae=state.node.ae_title if state.node else "",
                 actor_address=state.peer.address, message=message, detail=detail or {},
                 study_uids=study_uids, sop_uids=sop_uids,
-            )
+            ),
+            required=False,
         )
 
     def _emit_failure(
@@ -468,7 +478,6 @@ class _PolicyServer(ThreadedAssociationServer):
             return self._pv_tickets.pop(request, None)
 
 
-
 class _PolicyRequestHandler(RequestHandler):
     pv_service: DicomService
     pv_tls: ssl.SSLContext | None = None
@@ -485,7 +494,6 @@ class _PolicyRequestHandler(RequestHandler):
         # gives its budget back here; otherwise the association thread does at its end.
         if self._pv_ticket is not None and not self._pv_handed_over:
             self.pv_service.budget.release(self._pv_ticket)
-
 
     def handle(self) -> None:
         address, port = str(self.client_address[0]), int(self.client_address[1])

@@ -37,6 +37,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -54,6 +55,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacsvault.audit.events import AuditUnavailable
+from pacsvault.audit.stores import JournalBatch, StoredRef, StoreJournal
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicom import parse as dicom_parse
@@ -129,6 +132,9 @@ class _Pending:
     error: BaseException | None = None
     # primary keys learnt while indexing, cached once the transaction has committed
     learnt: dict[str, Any] = field(default_factory=dict)
+    # who sent it, for the batch's audit record (``StoreJournal``)
+    actor_address: str = ""
+    actor_user: str = ""
 
 
 class Archive:
@@ -159,6 +165,9 @@ class Archive:
         self._received: Callable[[Any], Any] = processor or (lambda value: value)
         self._publishing: set[Future[None]] = set()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="archive-stage")
+        # Records every committed batch in the audit trail, inside its transaction (set by
+        # the vault; None only for an archive used without a trail).
+        self.journal: StoreJournal | None = None
 
     def forget(self) -> None:
         """Drop the in-memory caches (after rows were removed or changed elsewhere)."""
@@ -184,6 +193,8 @@ class Archive:
         source_ae: str = "",
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
+        actor_address: str = "",
+        actor_user: str = "",
     ) -> StoreResult:
         """Store a Part 10 byte stream exactly as received (see ``_store_once``); redone
         when a removal made its study/key choice stale meanwhile."""
@@ -191,7 +202,8 @@ class Archive:
             try:
                 return self._store_once(raw, source_ae=source_ae,
                                         expected_sop_uid=expected_sop_uid,
-                                        expected_sop_class=expected_sop_class)
+                                        expected_sop_class=expected_sop_class,
+                                        actor_address=actor_address, actor_user=actor_user)
             except StaleChoice:
                 if attempt == _STORE_ATTEMPTS - 1:
                     raise
@@ -206,6 +218,8 @@ class Archive:
         source_ae: str = "",
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
+        actor_address: str = "",
+        actor_user: str = "",
     ) -> StoreResult:
         """Store a Part 10 byte stream exactly as received.
 
@@ -246,7 +260,8 @@ class Archive:
                 return prepared
             key_id, generation = prepared
             object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
-        pending = _Pending(parsed, object_id, key_id, source_ae, generation)
+        pending = _Pending(parsed, object_id, key_id, source_ae, generation,
+                           actor_address=actor_address, actor_user=actor_user)
         try:
             self._commit(pending)
         except IntegrityError:
@@ -328,7 +343,10 @@ class Archive:
             with self._write_lock:
                 # Every object of the batch is durable already (``stage_spare``).
                 try:
-                    self._index_batch(batch)
+                    with self._journal() as record:
+                        self._index_batch(batch, record)
+                except AuditUnavailable:
+                    raise  # no record, no acknowledgement: the whole batch is refused
                 except Exception:
                     if len(batch) == 1:
                         raise
@@ -337,7 +355,8 @@ class Archive:
                         item.learnt.clear()
                         item.result = None
                         try:
-                            self._index_batch([item])
+                            with self._journal() as record:
+                                self._index_batch([item], record)
                         except Exception as exc:
                             item.error = exc
         except BaseException as exc:
@@ -348,7 +367,11 @@ class Archive:
             for item in batch:
                 item.done = True
 
-    def _index_batch(self, batch: list[_Pending]) -> None:
+    def _journal(self) -> AbstractContextManager[JournalBatch | None]:
+        """The audit trail held for one commit (taken before the index's write lock)."""
+        return self.journal.batch() if self.journal is not None else nullcontext(None)
+
+    def _index_batch(self, batch: list[_Pending], record: JournalBatch | None = None) -> None:
         with self._engine.begin() as conn:
             # The write lock first, then the generation: no removal can commit between
             # this check and the rows below (a deferred transaction would read before
@@ -365,6 +388,8 @@ class Archive:
                     item.error = StaleChoice("objects were removed meanwhile")
                     continue
                 self._index_one(conn, item, overlay_studies, overlay_series)
+            if record is not None:  # durable before the rows commit, or nothing commits
+                record.write(conn, _acknowledged(batch))
         # committed: cache what was learnt (unless a newer removal was seen meanwhile)
         with self._cache_lock:
             if self._generation != generation:
@@ -574,6 +599,18 @@ class Archive:
                 "instances": session.scalar(select(func.count()).select_from(Instance)) or 0,
                 "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
             }
+
+
+def _acknowledged(batch: list[_Pending]) -> list[StoredRef]:
+    """The instances of a batch that ``store`` will answer with success."""
+    return [
+        StoredRef(item.parsed.sop_uid, item.parsed.study_uid, item.parsed.patient_id,
+                  item.source_ae, item.actor_address, item.actor_user,
+                  duplicate=item.result is not None)
+        for item in batch
+        if item.error is None
+        and (item.result is None or item.result.status is StoreStatus.DUPLICATE)
+    ]
 
 
 def _new_pk(result: CursorResult[Any]) -> int:

@@ -14,12 +14,14 @@ from starlette.responses import Response
 
 from pacsvault.accounts.passkeys import Passkeys, certificate_names
 from pacsvault.accounts.service import Accounts
+from pacsvault.audit import AuditUnavailable
 from pacsvault.vault import Vault
 from pacsvault.web import (
     admin_health,
     admin_nodes,
     admin_objects,
     audit_page,
+    deps,
     dicomweb,
     pages,
     passkey_routes,
@@ -59,6 +61,9 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
             return Response(status_code=exc.status_code, headers=exc.headers)
         return pages.error_response(request.scope, exc.status_code, str(exc.detail),
                                     exc.headers)
+
+    # Fail closed: an access whose record cannot be written is refused (503).
+    app.add_exception_handler(AuditUnavailable, deps.audit_unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

@@ -24,6 +24,7 @@ and negotiation choices are documented in ``qido``, ``wado``, ``stow`` and ``ren
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -558,7 +559,9 @@ async def _store(request: Request, who: Principal, study: str | None) -> Respons
     if len(parts) > stow.MAX_PARTS:
         return await refused(413, "too many parts in one request; nothing stored")
     base = _base(request)
-    outcome = await run_in_threadpool(stow.store_parts, vault, parts, study, base)
+    outcome = await run_in_threadpool(
+        functools.partial(stow.store_parts, user=who.user, address=who.address),
+        vault, parts, study, base)
     del body, parts
     for conflict_study, conflict_sop in outcome.conflicts:
         await _record(request, who, "dicomweb.store.conflict", EventCode.SECURITY_ALERT,

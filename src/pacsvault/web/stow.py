@@ -104,8 +104,10 @@ def _part_type_ok(part: Part) -> bool:
     return content_type in ("", "application/dicom")
 
 
-def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str) -> Outcome:
-    """Store every part (blocking: call from a worker thread)."""
+def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str, *,
+                user: str = "", address: str = "") -> Outcome:
+    """Store every part (blocking: call from a worker thread). ``user`` and ``address``
+    name the actor in the store records written with each commit."""
     outcome = Outcome()
     for part in parts:
         raw = bytes(part.content)
@@ -117,7 +119,8 @@ def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str) -
             _failed(outcome, head, DOES_NOT_MATCH)
             continue
         try:
-            result = vault.archive.store(raw, source_ae="")
+            result = vault.archive.store(raw, source_ae="", actor_user=user,
+                                         actor_address=address)
         except ObjectTooLarge:  # a deflate bomb (max_inflated_mb)
             _failed(outcome, head, OUT_OF_RESOURCES)
             continue
