@@ -15,7 +15,7 @@ COMMANDS = {
     "init": "setup", "status": "setup", "serve": "serve", "node": "nodes", "user": "users",
     "token": "users", "export": "export", "key": "keycmd", "audit": "audit",
     "tls": "tlscmd",
-    "viewer": "viewer",
+    "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
 }
 
 
