@@ -436,3 +436,66 @@ def test_admin_page_finds_deletes_and_quarantines(tmp_path: Path) -> None:
     assert len(records) == 1 and records[0]["user"] == "chief"
     assert records[0]["via"] == "web" and records[0]["address"] == "127.0.0.1"
     assert json.dumps(records[0]).count(o1.sop) == 1  # in the (sealed) references only
+
+
+def test_deletions_racing_stores_never_index_under_a_destroyed_key(vault: VaultDir,
+                                                                   opened: Any) -> None:
+    """One thread keeps storing images of a study while another keeps deleting the study
+    (crypto-shredding its patient each time): every store either succeeds or is redone,
+    and whatever is left indexed afterwards is readable (live key, file present), with no
+    file left that the index does not name."""
+    import threading
+    import time
+
+    from pacsvault.storage.archive import StaleChoice
+
+    v = opened
+    study, series = generate_uid(), generate_uid()
+    objs = [make("PVRM09", study, series, number=n) for n in range(40)]
+    store(v, objs[0])
+    remover = Remover(v.engine, v.objects, v.recorder, v.archive)
+    errors: list[BaseException] = []
+    stale = 0
+    deleted = 0
+    done = threading.Event()
+
+    def storing() -> None:
+        nonlocal stale
+        try:
+            for o in objs[1:]:
+                try:
+                    v.archive.store(o.raw, source_ae="TEST")
+                except StaleChoice:
+                    stale += 1  # three removals in a row raced it: a failure status, honest
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def deleting() -> None:
+        nonlocal deleted
+        try:
+            deadline = time.monotonic() + 60
+            while not done.is_set() and time.monotonic() < deadline:
+                try:
+                    remover.delete("study", study, "race", actor="admin-test")
+                    deleted += 1
+                except NotFound:
+                    pass
+                time.sleep(0.01)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=storing), threading.Thread(target=deleting)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    v.archive.settle()
+    assert not errors, errors
+    assert deleted >= 2 and stale <= 3
+    left = list(v.archive.locate(study_uid=study))
+    for item in left:  # readable: never indexed under a destroyed key
+        assert dcmread(io.BytesIO(v.archive.read(item))).StudyInstanceUID == study
+    on_disk = {p.stem for p in (vault.data / "objects").glob("??/??/*.pvo")}
+    assert on_disk == {i.object_id for i in left}
