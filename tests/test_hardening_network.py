@@ -361,3 +361,28 @@ def test_budget_per_source_pending_and_slots() -> None:
     budget.release(modality)  # idempotent
     assert budget.associate(a[0])
     assert budget.counts == (2, 1)
+
+
+def test_floods_of_one_by_one_events_are_counted_past_a_burst() -> None:
+    from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder
+    from pacsvault.audit.refusals import BurstRecorder, RefusalLog
+
+    seen: list[AuditEvent] = []
+
+    class Sink:
+        def write(self, event: AuditEvent) -> None:
+            seen.append(event)
+
+    now = [0.0]
+    refusals = RefusalLog(Recorder([Sink()]), interval=60, clock=lambda: now[0])
+    bursty = BurstRecorder(Recorder([Sink()]), refusals)
+    for _ in range(1000):  # e.g. a loop of TLS garbage or unknown AE titles
+        bursty.emit(AuditEvent(action="dicom.association.rejected",
+                               outcome=Outcome.MINOR_FAILURE, code=EventCode.SECURITY_ALERT,
+                               actor_ae="X", actor_address="10.0.0.7"))
+    assert len(seen) == 60
+    now[0] = 61.0
+    refusals.flush()
+    assert len(seen) == 61
+    assert seen[-1].action == "dicom.association.rejected"
+    assert seen[-1].detail == {"summary": True, "count": 940}

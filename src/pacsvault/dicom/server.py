@@ -39,7 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
-from pacsvault.audit.refusals import RefusalLog
+from pacsvault.audit.refusals import BurstRecorder, RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom.limits import (
     ConnectionBudget,
@@ -99,11 +99,13 @@ class DicomService:
 
     def __init__(self, vault: Vault, refusals: RefusalLog | None = None) -> None:
         self.vault = vault
-        self.policy = AssociationPolicy(vault.settings, vault.nodes, vault.recorder)
         dicom = vault.settings.dicom
         # The budget for unauthenticated bytes (dicom/limits.py); refusals aggregated.
         self._own_refusals = refusals is None
         self.refusals = refusals or RefusalLog(vault.recorder, dicom.refusal_report_seconds)
+        # Exposure and rejection events: one by one at a human pace, counted in a flood.
+        self.policy = AssociationPolicy(vault.settings, vault.nodes,
+                                        BurstRecorder(vault.recorder, self.refusals))
         self.known_hosts = KnownHosts(lambda: [n.host for n in vault.nodes.all()])
         self.budget = ConnectionBudget(
             per_source=dicom.max_connections_per_source,
@@ -508,7 +510,8 @@ class _PolicyRequestHandler(RequestHandler):
             try:
                 wrapped = self.pv_tls.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
-                self.pv_service.vault.recorder.emit(
+                # One by one at a human pace, counted in a flood (audit/refusals).
+                self.pv_service.refusals.burst(
                     AuditEvent(
                         action="dicom.tls.handshake_failed",
                         outcome=Outcome.MINOR_FAILURE,
