@@ -87,12 +87,11 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     password_changed: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # Consecutive failed sign-ins (password or second factor); reset by a full sign-in, an
-    # admin unlock or the end of a timed lock.
+    # Legacy: the old per-account lock (any source locked the account for everyone). No
+    # longer read; counters now live in ``sign_in_failures`` (see ``throttle``). Kept
+    # because vaults have no migrations; cleared by an unlock or a reset.
     failed_count: Mapped[int] = mapped_column(Integer, default=0)
     last_failed: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
-    # Locked when locked_at is set and locked_until is either unset (until an admin unlocks)
-    # or still in the future.
     locked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_login: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -14,7 +14,9 @@ Sign-in is two calls, and the second cannot be made without the first:
    A user without a confirmed TOTP first calls ``enroll_totp(ticket, address)`` to get the
    QR code; the first valid code confirms the enrolment and returns the recovery codes to
    show once. Only then is the sign-in complete: ``SUCCESS``, ``auth.login`` recorded, the
-   account's failure count reset. The web layer then creates its session.
+   failure count of this name from this source reset, the address and the browser (device
+   cookie, ``device_token``) remembered as known (``devices``). The web layer then creates
+   its session.
 
 Wrong passwords and wrong codes both count towards throttling: otherwise someone who knows a
 password could try all million TOTP codes. The slow password hash runs outside any database

@@ -270,12 +270,13 @@ class Throttle:
         return None
 
     def _cleanup(self, session: Session, now: dt.datetime) -> None:
-        """Drop name counters that are neither blocking nor recent: sprayed names must not
-        pile up."""
+        """Drop counters that are neither blocking nor recent: sprayed names and rotating
+        addresses must not pile up."""
         stale = now - self.policy.forget
-        session.execute(delete(SignInFailure).where(
-            SignInFailure.last_failed < stale,
-            or_(SignInFailure.locked_until.is_(None), SignInFailure.locked_until <= now)))
+        for model in (SignInFailure, LoginAttempt):
+            session.execute(delete(model).where(
+                model.last_failed < stale,
+                or_(model.locked_until.is_(None), model.locked_until <= now)))
 
     # --- API ----------------------------------------------------------------------------
 
