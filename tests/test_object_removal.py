@@ -404,6 +404,18 @@ def test_admin_page_finds_deletes_and_quarantines(tmp_path: Path) -> None:
             assert "bad VR" in page.text and 'id="message"' in page.text
             assert admin.get("/admin/objects", params={"level": "study", "uid": "9.9.9"}
                              ).status_code == 404
+            # released again from its page; the page speaks French too
+            page = admin.get("/admin/objects", params={"level": "instance", "uid": o1.sop},
+                             headers={"accept-language": "fr-FR,fr;q=0.9"})
+            assert "Sortir de quarantaine" in page.text and "Retirer des images" in page.text
+            res = admin.post("/admin/objects/release", data={
+                **_form(page.text, "release-object"), "reason": "vérifié"})
+            assert res.status_code == 303, res.text
+            assert "Aucune image" not in page.text
+            assert 'id="quarantine-object"' in admin.get(
+                "/admin/objects", params={"level": "instance", "uid": o1.sop}).text
+            res = admin.post("/admin/objects/quarantine", data={**fields, "reason": "again"})
+            assert res.status_code == 303
 
             # delete the study: confirmation and the counts seen are required
             page = admin.get("/admin/objects", params={"level": "study", "uid": study})
