@@ -511,3 +511,18 @@ def test_deletions_racing_stores_never_index_under_a_destroyed_key(vault: VaultD
         assert dcmread(io.BytesIO(v.archive.read(item))).StudyInstanceUID == study
     on_disk = {p.stem for p in (vault.data / "objects").glob("??/??/*.pvo")}
     assert on_disk == {i.object_id for i in left}
+
+
+def test_atna_messages_say_delete_and_update() -> None:
+    """PS3.15 A.5.3.3 "DICOM Instances Accessed": D for a deletion, U for quarantine."""
+    from pacsvault.audit import AuditEvent, Outcome
+    from pacsvault.audit.atna import AuditMessageBuilder
+
+    builder = AuditMessageBuilder("PACSVAULT", hostname="archive")
+    for action, code in (("object.deleted", "D"), ("object.quarantined", "U"),
+                         ("object.released", "U")):
+        xml = builder.to_bytes(AuditEvent(action=action, outcome=Outcome.SUCCESS,
+                                          code=EventCode.INSTANCES_ACCESSED,
+                                          actor_user="admin", study_uids=("1.2.3",)))
+        assert f'EventActionCode="{code}"'.encode() in xml, (action, xml[:300])
+        assert b'csd-code="110103"' in xml
