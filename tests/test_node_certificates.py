@@ -53,14 +53,31 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pv("init", "--data", root / "data", "--key-file", key, "--ae-title", SERVER_AE)
     vault = VaultDir(root, key, "")
     certs = root / "certs"
-    for ae in ("NODEA", "NODEB", "NODEC", "CT.ROOM1"):
-        vault.add_node(ae, "--client-cert")
-        vault.cli("node", "cert", ae, "--out", certs)
+    # One node through the CLI as an administrator would; the others in one vault opening
+    # with the same calls (each CLI run costs seconds on a loaded machine).
+    vault.add_node("NODEA", "--client-cert")
+    vault.cli("node", "cert", "NODEA", "--out", certs)
+    _add_nodes_in_process(vault, ["NODEB", "NODEC", "CT.ROOM1"], certs)
     server = start_server(vault)
     try:
         yield Env(vault, server, certs)
     finally:
         server.stop()
+
+
+def _add_nodes_in_process(vault: VaultDir, names: list[str], certs: Path | None) -> None:
+    """``node add AE --host 127.0.0.1 --client-cert`` (+ ``node cert AE --out certs``)."""
+    from pacsvault.crypto.tls import issue_node
+
+    v = vault.open()
+    try:
+        for ae in names:
+            v.nodes.add(ae, LOCAL, tls=True, client_cert=True)
+            if certs is not None:
+                issued = issue_node(v.layout.tls, v.tls_password(), ae, LOCAL, certs)
+                v.nodes.record_certificates(ae, issued)
+    finally:
+        v.close()
 
 
 def _rejections(env: Env, ae: str) -> list[dict[str, object]]:
@@ -200,8 +217,7 @@ def test_name_constraints_refuse_a_foreign_name(env: Env, tmp_path: Path) -> Non
 
 
 def test_removing_a_node_revokes_its_certificates(env: Env, tmp_path: Path) -> None:
-    env.vault.add_node("GONE", "--client-cert")
-    env.vault.cli("node", "cert", "GONE", "--out", tmp_path)
+    _add_nodes_in_process(env.vault, ["GONE"], tmp_path)
     serial = x509.load_pem_x509_certificate((tmp_path / "GONE.crt").read_bytes()).serial_number
     env.vault.cli("node", "remove", "GONE")
     crl = x509.load_pem_x509_crl((env.vault.data / "tls" / "crl.pem").read_bytes())
@@ -319,7 +335,7 @@ def test_vault_made_before_node_binding_opens_and_catches_up(tmp_path: Path) -> 
     out = vault.cli("status").stdout
     assert "CA without name constraints" in out
     assert (tls_dir / "client.crt").exists() and (tls_dir / "crl.pem").exists()
-    vault.add_node("LATE", "--client-cert")
+    _add_nodes_in_process(vault, ["LATE"], None)
     vault.cli("node", "cert", "LATE", "--out", tmp_path / "certs")
     vault.cli("node", "cert", "LATE", "--revoke")
     crl = x509.load_pem_x509_crl((tls_dir / "crl.pem").read_bytes())
