@@ -129,8 +129,11 @@ def test_server_certificate_refused_as_client_certificate(env: Env, tmp_path: Pa
     ctx.load_verify_locations(cafile=str(env.ca))
     ctx.load_cert_chain(env.vault.data / "tls" / "server.crt",
                         _plain_key(env, "server.key.enc", tmp_path / "server.key"))
+    before = len(events(env.vault, "dicom.tls.handshake_failed"))
     assert not _echo_with_context(env, "NODEA", ctx)
     assert not _echo_with_context(env, SERVER_AE, ctx)
+    # Refused by the TLS layer itself (purpose: TLS client), before any DICOM byte.
+    assert len(events(env.vault, "dicom.tls.handshake_failed")) >= before + 2
 
 
 def test_vault_outbound_certificate_refused_for_a_node(env: Env, tmp_path: Path) -> None:
