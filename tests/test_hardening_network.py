@@ -35,13 +35,16 @@ GIB = 1 << 30
 MIB = 1 << 20
 REFUSED = "dicom.connection.refused"
 
-# Short deadlines so the test stays bounded; the defaults are in config.py.
+# Short deadlines so the test stays bounded; the defaults are in config.py. One association
+# slot in all: half-open connections must never take it; PDUs up to 64 KiB once associated.
 SETTINGS = {
     "connect_timeout": "2.0",
     "association_timeout": "3.0",
     "pdu_timeout": "5.0",
     "network_timeout": "10.0",
     "refusal_report_seconds": "2.0",
+    "max_associations": "1",
+    "maximum_pdu_size": "65536",
 }
 
 
@@ -50,9 +53,10 @@ def _configure(vault: VaultDir, section: str, values: dict[str, str]) -> None:
         vault.set_toml(section, key, value)
 
 
-@pytest.fixture
-def hardened(tmp_path: Path) -> Iterator[Server]:
-    vault = make_vault(tmp_path / "vault")
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the whole file (starting one costs ~10 s here)."""
+    vault = make_vault(tmp_path_factory.mktemp("hardening") / "vault")
     vault.add_node(CALLING)
     _configure(vault, "dicom", SETTINGS)
     srv = start_server(vault)
@@ -239,17 +243,6 @@ def test_crlf_in_ae_title_and_malformed_pdus_stay_one_escaped_line(hardened: Ser
 # --- association slots and the negotiated PDU size ------------------------------------
 
 
-@pytest.fixture
-def one_slot(tmp_path: Path) -> Iterator[Server]:
-    vault = make_vault(tmp_path / "vault")
-    vault.add_node(CALLING)
-    _configure(vault, "dicom", {**SETTINGS, "max_associations": "1",
-                                "maximum_pdu_size": "65536"})
-    srv = start_server(vault)
-    yield srv
-    srv.stop()
-
-
 def _associate(port: int) -> object:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -260,19 +253,28 @@ def _associate(port: int) -> object:
     return ae.associate("127.0.0.1", port, ae_title="PACSVAULT")
 
 
-def test_local_limit_counts_associations_only_and_is_recorded(one_slot: Server) -> None:
-    server = one_slot
+def _associate_when_free(port: int) -> object:
+    """The one slot is given back when the previous association's thread has ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        assoc = _associate(port)
+        if assoc.is_established or time.monotonic() > deadline:  # type: ignore[attr-defined]
+            return assoc
+        time.sleep(0.2)
+
+
+def test_local_limit_counts_associations_only_and_is_recorded(hardened: Server) -> None:
+    server = hardened
     # half-open connections hold no association slot
     idle = [_connect(server.port, source=f"127.0.0.{70 + i}") for i in range(3)]
     try:
-        first = _associate(server.port)
+        first = _associate_when_free(server.port)
         assert first.is_established  # type: ignore[attr-defined]
         second = _associate(server.port)
         assert second.is_rejected  # type: ignore[attr-defined]
         first.release()  # type: ignore[attr-defined]
         assert _wait_for(lambda: _refusals(server, "local-limit"), 10)
-        time.sleep(0.5)
-        third = _associate(server.port)
+        third = _associate_when_free(server.port)
         assert third.is_established  # type: ignore[attr-defined]
         third.release()  # type: ignore[attr-defined]
     finally:
@@ -280,9 +282,9 @@ def test_local_limit_counts_associations_only_and_is_recorded(one_slot: Server) 
             sock.close()
 
 
-def test_pdu_over_the_negotiated_maximum_aborts_the_association(one_slot: Server) -> None:
-    server = one_slot
-    assoc = _associate(server.port)
+def test_pdu_over_the_negotiated_maximum_aborts_the_association(hardened: Server) -> None:
+    server = hardened
+    assoc = _associate_when_free(server.port)
     assert assoc.is_established  # type: ignore[attr-defined]
     before = _rss(server)
     raw = assoc.dul.socket.socket  # type: ignore[attr-defined]
