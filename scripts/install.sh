@@ -28,6 +28,8 @@ if [ "$with_tests" = 1 ]; then
   dpkg -s orthanc-dicomweb >/dev/null 2>&1 || apt_wanted+=(orthanc-dicomweb)
   # the benchmark counts each server's fsync-like calls per stored image
   command -v strace >/dev/null 2>&1 || apt_wanted+=(strace)
+  # certutil: the browser test trusting the vault CA in Chromium's NSS store
+  command -v certutil >/dev/null 2>&1 || apt_wanted+=(libnss3-tools)
 fi
 if [ ${#apt_wanted[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${apt_wanted[*]}" >&2
