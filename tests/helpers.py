@@ -20,6 +20,11 @@ from pathlib import Path
 DCMTK = Path("/usr/bin")
 AE = "PACSVAULT"
 
+# The one escape hatch for the suite: CI and this harness run as root, and ``serve``
+# refuses root unless told it is development (issue 12). Every subprocess inherits it;
+# tests/test_service.py removes it to show the refusal.
+os.environ.setdefault("PACSVAULT_ALLOW_ROOT", "1")
+
 
 def dcmtk(tool: str) -> str:
     path = DCMTK / tool

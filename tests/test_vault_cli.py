@@ -119,6 +119,8 @@ def env(tmp_path: Path) -> dict[str, str]:
     """The process environment with the user's config dir inside the test directory."""
     base = {k: v for k, v in os.environ.items() if k != "PACSVAULT_DATA"}
     base["XDG_CONFIG_HOME"] = str(tmp_path / "cfg")
+    # never this machine's /etc/pacsvault/pacsvault.toml (tests/test_data_dir.py uses one)
+    base["PACSVAULT_CONFIG"] = str(tmp_path / "no-system-config.toml")
     return base
 
 
@@ -581,15 +583,18 @@ def test_data_from_environment(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("env_value", [None, ""], ids=["unset", "empty"])
-def test_data_defaults_to_cwd_pacsvault_data(tmp_path: Path, env: dict[str, str],
-                                             env_value: str | None) -> None:
+def test_no_data_dir_is_refused_never_the_cwd(tmp_path: Path, env: dict[str, str],
+                                              env_value: str | None) -> None:
+    """Issue 12 defect 2: the data dir used to default to ./pacsvault-data, so a command
+    run from another directory silently made a second, empty vault."""
     if env_value is not None:
         env = {**env, "PACSVAULT_DATA": env_value}
-    ok(run("init", env=env, cwd=tmp_path))
-    assert (tmp_path / "pacsvault-data" / "vault.json").exists()
-    assert (tmp_path / "pacsvault-data" / "pacsvault.toml").exists()
-    report = json.loads(ok(run("status", "--json", env=env, cwd=tmp_path)).stdout)
-    assert (tmp_path / report["data"]).resolve() == (tmp_path / "pacsvault-data").resolve()
+    for command in (("init",), ("serve", *SERVE_PORTS), ("status",)):
+        err = refused(run(*command, env=env, cwd=tmp_path), "no data directory")
+        assert "pacsvault service install" in err and "--data" in err, err
+        assert not list(tmp_path.rglob("vault.json"))
+        assert not (tmp_path / "pacsvault-data").exists()
+    assert default_keys(env) == []
 
 
 def test_data_flag_overrides_environment(tmp_path: Path, env: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ a secret: keys live in the key file, whose *path* may be recorded here.
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from pathlib import Path
 from typing import Annotated
@@ -142,10 +141,6 @@ class Settings(_Strict):
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.dicom.trusted_networks)
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("PACSVAULT_DATA") or "./pacsvault-data")
 
 
 def load(data_dir: Path) -> Settings:

@@ -9,6 +9,7 @@
     objects/         encrypted objects, objects/ab/cd/<random id>.pvo
     tls/             CA, server and outbound client certificates (private keys
                      PKCS#8-encrypted), crl.pem (revoked node certificates, public)
+    serve.lock       flock'ed by the running server: one server per vault (issue 12)
 
 The master key file lives elsewhere (user config dir by default).
 """
@@ -41,6 +42,7 @@ from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicom import inflate
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.nodes import NodeRegistry, ensure_tables
+from pacsvault.service import lock as instance_lock
 from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import ObjectStore
 
@@ -85,6 +87,11 @@ class Layout:
         return tls.TlsPaths(self.root / "tls")
 
     @property
+    def lock(self) -> Path:
+        """``flock``'ed by the running server (``service.lock``), never written."""
+        return self.root / instance_lock.LOCK_NAME
+
+    @property
     def state(self) -> Path:
         """Written by a running server: pid and ports, for status and tests."""
         return self.root / "serve.json"
@@ -93,7 +100,9 @@ class Layout:
         return self.meta.exists() or self.config.exists()
 
     def is_empty(self) -> bool:
-        return not self.root.exists() or not any(self.root.iterdir())
+        """Nothing there yet (the lock of a first ``serve`` about to create it aside)."""
+        return not self.root.exists() or not any(
+            p.name != instance_lock.LOCK_NAME for p in self.root.iterdir())
 
 
 def _read_meta(layout: Layout) -> dict[str, object]:
@@ -137,6 +146,7 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
     except BaseException:
         # Leave nothing half-made behind: a partial vault would block a retry.
         key_path.unlink(missing_ok=True)
+        layout.lock.unlink(missing_ok=True)
         for part in (layout.meta, layout.config, layout.index):
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{part}{suffix}").unlink(missing_ok=True)
@@ -167,6 +177,7 @@ def _populate(
     layout.config.write_text(
         config.render(ae_title, key_file.resolve() if key_file else None), "utf-8"
     )
+    instance_lock.create_lock_file(data_dir)
     # vault.json last: its presence marks a complete vault.
     _write_private_json(
         layout.meta,

@@ -9,15 +9,16 @@ from pathlib import Path
 
 from pacsvault.audit.alerts import AlertConfigError
 from pacsvault.audit.syslog import SyslogConfigError
-from pacsvault.config import ConfigError, default_data_dir
+from pacsvault.config import ConfigError
 from pacsvault.crypto.keys import VaultKeyError
 from pacsvault.index.db import IndexOpenError
 from pacsvault.index.nodes import NodeError
+from pacsvault.service.sysconfig import SystemConfigError, guidance, resolve
 from pacsvault.vault import Vault, VaultError
 
 USER_ERRORS = (
     VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError, AlertConfigError,
-    SyslogConfigError,
+    SyslogConfigError, SystemConfigError,
 )
 
 
@@ -28,7 +29,8 @@ class CommandError(Exception):
 def add_data_args(parser: argparse.ArgumentParser, *, key_file: bool = True) -> None:
     parser.add_argument(
         "--data", type=Path, default=None,
-        help="vault data directory (default: $PACSVAULT_DATA, else ./pacsvault-data)",
+        help="vault data directory (default: $PACSVAULT_DATA, else data_dir of "
+        "/etc/pacsvault/pacsvault.toml; never the current directory)",
     )
     if key_file:
         parser.add_argument(
@@ -38,8 +40,21 @@ def add_data_args(parser: argparse.ArgumentParser, *, key_file: bool = True) -> 
         )
 
 
-def data_dir(args: argparse.Namespace) -> Path:
-    return Path(args.data) if args.data else default_data_dir()
+def data_dir(args: argparse.Namespace, *, announce: bool = True) -> Path:
+    """The absolute data directory (``sysconfig.resolve``), or a refusal with guidance.
+
+    A directory not typed on the command line is named on stderr, so nobody works on
+    another vault than they think. The system configuration's key file becomes the default
+    ``--key-file`` for its own data directory.
+    """
+    found = resolve(Path(args.data) if args.data else None)
+    if found is None:
+        raise CommandError(guidance())
+    if found.key_file is not None and getattr(args, "key_file", "absent") is None:
+        args.key_file = found.key_file
+    if announce and found.source != "--data":
+        say(f"pacsvault: data directory {found.path} (from {found.source})")
+    return found.path
 
 
 def open_vault(args: argparse.Namespace) -> Vault:

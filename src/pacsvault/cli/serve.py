@@ -6,11 +6,13 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -20,12 +22,14 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import TrailWatcher, repair_at_start
 from pacsvault.cli.audit import purge_expired
-from pacsvault.cli.common import add_data_args, data_dir, open_vault, say, setup_logging
+from pacsvault.cli.common import CommandError, add_data_args, data_dir, say, setup_logging
 from pacsvault.cli.setup import init_vault
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
-from pacsvault.vault import Layout, Vault
+from pacsvault.service import lock as instance_lock
+from pacsvault.service.ports import Listener, PortError, check_free
+from pacsvault.vault import META_NAME, Layout, Vault, VaultError
 from pacsvault.web.app import create_app
 from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
@@ -44,7 +48,42 @@ def register(sub: Any) -> None:
     p.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (0 = any free port)")
     p.add_argument("--https-port", type=int, help="HTTPS port (0 = any free port)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--allow-root", action="store_true",
+                   help=f"run as root anyway (development only; also ${ALLOW_ROOT_ENV}=1)")
     p.set_defaults(func=cmd_serve)
+
+
+ALLOW_ROOT_ENV = "PACSVAULT_ALLOW_ROOT"
+
+
+def _refuse_root(args: argparse.Namespace) -> None:
+    """The server parses untrusted DICOM and HTTP: never as root (issue 12)."""
+    if os.geteuid() != 0 or args.allow_root or os.environ.get(ALLOW_ROOT_ENV) == "1":
+        return
+    raise CommandError(
+        "pacsvault serve refuses to run as root: it parses data from the network. Install "
+        "it as a service ('pacsvault service install', then 'systemctl start pacsvault'), "
+        "run scripts/serve.sh (which does that), or start it as an unprivileged user "
+        "('runuser -u pacsvault -- pacsvault serve'). --allow-root is for development only."
+    )
+
+
+def _take_lock(root: Path) -> instance_lock.InstanceLock:
+    """The vault's single-instance lock, before anything in it is read or changed.
+
+    A non-empty directory that is not a vault is refused first, without creating the lock
+    file in it; a missing directory is created (0700) for the first run's vault.
+    """
+    layout = Layout(root)
+    if not layout.is_empty() and not layout.meta.exists():
+        raise VaultError(f"no vault at {root} ({META_NAME} missing); create one with "
+                         f"'pacsvault init --data {root}'")
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return instance_lock.acquire(root)
+    except OSError as exc:
+        raise CommandError(f"cannot lock {layout.lock}: {exc.strerror or exc} (the data "
+                           "directory must belong to the user running the server)") from None
 
 
 def _write_state(layout: Layout, state: dict[str, Any]) -> None:
@@ -87,24 +126,73 @@ def _check_audit_trail(vault: Vault) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    root = data_dir(args)
-    if Layout(root).is_empty():
-        say(f"First run: no vault in {root}, creating one.")
-        init_vault(root, args.key_file, "PACSVAULT", serving=True)
-    vault = open_vault(args)
-    settings = vault.settings
-    recovery = vault.archive.recover()
-    if recovery.published or recovery.discarded:
-        log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
-                 "write(s) that were never acknowledged removed",
-                 recovery.published, recovery.discarded)
-    bind = args.bind or settings.server.bind
+    _refuse_root(args)
+    root = data_dir(args, announce=False)
+    made = not root.exists()
+    try:
+        held = _take_lock(root)
+    except instance_lock.AlreadyRunning as exc:
+        say(f"pacsvault: error: {exc}")
+        return 1
+    try:
+        return _serve(args, root)
+    finally:
+        held.release()
+        if made and Layout(root).is_empty():  # a first run that failed: leave nothing
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _listeners(args: argparse.Namespace,
+               settings: Any) -> tuple[int | None, int | None, int | None]:
+    """(plain DICOM, DICOM TLS, HTTPS) ports to open; None = that listener is off."""
     plain = args.dicom_port if args.dicom_port is not None else (
         settings.dicom.port if settings.dicom.plain_enabled else None
     )
     tls_port = args.dicom_tls_port if args.dicom_tls_port is not None else (
         settings.dicom.tls_port
     )
+    https_port = None
+    if settings.web.enabled:
+        https_port = args.https_port if args.https_port is not None else settings.web.https_port
+    return plain, tls_port, https_port
+
+
+def _check_ports(bind: str, plain: int | None, tls_port: int | None,
+                 https_port: int | None) -> None:
+    """Every port tried before anything starts: a busy one is one line, exit 2."""
+    wanted = [
+        Listener("DICOM TLS", tls_port, "--dicom-tls-port", "[dicom] tls_port")
+        if tls_port is not None else None,
+        Listener("plain DICOM", plain, "--dicom-port", "[dicom] port")
+        if plain is not None else None,
+        Listener("HTTPS", https_port, "--https-port", "[web] https_port")
+        if https_port is not None else None,
+    ]
+    try:
+        check_free(bind, [item for item in wanted if item is not None])
+    except PortError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _serve(args: argparse.Namespace, root: Path) -> int:
+    log.info("data directory %s", root)
+    if Layout(root).is_empty():
+        say(f"First run: no vault in {root}, creating one.")
+        init_vault(root, args.key_file, "PACSVAULT", serving=True)
+    vault = Vault.open(root, args.key_file)
+    settings = vault.settings
+    bind = args.bind or settings.server.bind
+    plain, tls_port, https_port = _listeners(args, settings)
+    try:
+        _check_ports(bind, plain, tls_port, https_port)
+    except CommandError:
+        vault.close()
+        raise
+    recovery = vault.archive.recover()
+    if recovery.published or recovery.discarded:
+        log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
+                 "write(s) that were never acknowledged removed",
+                 recovery.published, recovery.discarded)
     alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
                        patients_of=_patients_of(vault))
     vault.recorder.add_sink(alerts)
@@ -120,13 +208,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    bound = service.start(bind, plain, tls_port)
     web: WebService | None = None
-    if settings.web.enabled:
-        web = WebService(create_app(vault, vault.accounts), _web_tls(vault),
-                         WebLimits.from_settings(settings.web), service.refusals)
-        https_port = args.https_port if args.https_port is not None else settings.web.https_port
-        bound["https_port"] = web.start(bind, https_port)
+    try:
+        bound = service.start(bind, plain, tls_port)
+        if https_port is not None:
+            web = WebService(create_app(vault, vault.accounts), _web_tls(vault),
+                             WebLimits.from_settings(settings.web), service.refusals)
+            bound["https_port"] = web.start(bind, https_port)
+    except OSError as exc:
+        # Taken between the check and now: stop what did start, leave as one line.
+        if web is not None:
+            web.stop()
+        service.stop()
+        watcher.stop()
+        alerts.close()
+        vault.close()
+        raise CommandError(f"a listening port on {bind} could not be opened "
+                           f"({exc.strerror or exc}); check --dicom-port, "
+                           "--dicom-tls-port and --https-port. Nothing was started.") from None
     vault.recorder.emit(
         AuditEvent(action="application.start", outcome=Outcome.SUCCESS,
                    code=EventCode.APPLICATION_ACTIVITY, detail=dict(bound))
