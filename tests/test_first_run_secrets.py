@@ -19,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import first_run_secrets, pv
+
+pytestmark = pytest.mark.slow  # each test runs the real CLI (init: key, CA, index)
 
 CODE_RE = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){7}$")
 PASSWORD_RE = re.compile(r"^[a-z2-9]{5}(-[a-z2-9]{5}){3}$")
