@@ -198,7 +198,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':<24} {'roles':<26} {'status':<9} {'2nd factor':<10} last sign-in (UTC)")
     for u in users:
-        status = "disabled" if u.disabled else "locked" if u.locked else "active"
+        status = "disabled" if u.disabled else "blocked" if u.locked else "active"
         factor = "enrolled" if u.totp_enrolled else "pending"
         print(f"{u.name:<24} {','.join(u.roles):<26} {status:<9} {factor:<10} "
               f"{_when(u.last_login)}")
