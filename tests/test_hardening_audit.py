@@ -48,6 +48,7 @@ from tests.helpers import (
     start_server,
     storescu,
 )
+from tests.test_audit_tamper_live import Hook, hook  # noqa: F401 (fixture)
 from tests.web_helpers import write_secret
 
 LOCAL = "127.0.0.1"
@@ -147,9 +148,11 @@ def _fill(directory: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_full_trail_disk_refuses_access_then_repairs(
-    small_audit_fs: tuple[VaultDir, Path], tmp_path: Path
+    small_audit_fs: tuple[VaultDir, Path], hook: Hook, tmp_path: Path  # noqa: F811
 ) -> None:
     vault, audit = small_audit_fs
+    vault.set_toml("alerts", "webhook_url", json.dumps(hook.url))
+    vault.set_toml("alerts", "webhook_allow_http_loopback", "true")
     vault.add_node(MODALITY)
     vault.add_node(QR, "--roles", "store,query,retrieve")
     vault.cli("user", "add", PHYS, "--role", "physician", "--password-file",
@@ -204,6 +207,13 @@ def test_full_trail_disk_refuses_access_then_repairs(
         session.close()
         assert "AUDIT TRAIL UNWRITABLE" in server.log()
         assert "CRITICAL" in server.log()
+        # the practice is told without the disk: the alert goes out by webhook
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                b["rule"] == "audit-unwritable" for b in hook.bodies):
+            time.sleep(0.2)
+        (alert, *_) = [b for b in hook.bodies if b["rule"] == "audit-unwritable"]
+        assert alert["severity"] == "critical" and "Quetzal" not in json.dumps(alert)
     finally:
         server.stop()
 

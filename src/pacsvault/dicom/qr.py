@@ -360,7 +360,7 @@ class QueryRetrieve:
             actor_address=state.peer.address, study_uids=tuple(studies), message=note,
             detail={"destination": destination, "requested": total, "sent": completed,
                     "warning": warning, "failed": failed},
-        ), required=False)  # the outcome: ``_record_begin`` was the record that had to be
+        ), required=False)  # the outcome; ``_record_begin`` was the one data waited for
 
 
 def _refused(items: list[StoredInstance]) -> Iterator[Any]:
