@@ -808,7 +808,10 @@ def test_webhook_errors_and_redirects_are_failures(status: int) -> None:
     assert f"HTTP {status}" in failed[0].message
 
 
-def test_alert_with_no_channel_is_recorded_as_failed() -> None:
+def test_alert_with_no_channel_is_recorded_in_the_trail_only() -> None:
+    """Issue 12, defect 8: with no mail nor webhook configured (the default), an alert is
+    not a delivery failure: it is recorded as kept in the audit trail only, not as
+    ``alert.failed serious_failure`` at every alert."""
     capture = CaptureSink()
     recorder = Recorder([capture])
     sink = AlertSink(AlertSettings(), recorder)
@@ -816,8 +819,11 @@ def test_alert_with_no_channel_is_recorded_as_failed() -> None:
     recorder.emit(ev("exposure", dt.datetime.now(dt.UTC), actor_address="203.0.113.7"))
     assert sink.flush(10)
     sink.close()
-    failed = capture.actions("alert.")
-    assert [e.action for e in failed] == ["alert.failed"]
-    assert "no e-mail or webhook is configured" in failed[0].message
+    recorded = capture.actions("alert.")
+    assert [e.action for e in recorded] == ["alert.recorded"]
+    assert recorded[0].outcome == Outcome.SUCCESS
+    assert recorded[0].detail["delivered"] == "trail"
+    assert "audit trail only" in recorded[0].message
+    assert "no e-mail or webhook is configured" in recorded[0].message
     # Its own events went through the recorder to the sink too, and were ignored.
     assert len(capture.actions("alert.")) == 1

@@ -696,8 +696,19 @@ class Detector:
         ae, addr = _clean(e.actor_ae), _clean(e.actor_address)
         since = e.time - dt.timedelta(minutes=1)
         if e.action == "dicom.association.rejected":
-            reason = _clean(e.message, 120) or "see the audit trail"
+            reason = _clean(e.message, 160) or "see the audit trail"
             called = _clean(str(e.detail.get("called_ae", "")))
+            if e.detail.get("registered"):  # a known device, wrong transport (issue 12)
+                return [Finding(
+                    rule="unknown-node", subject=f"node:{ae}@{addr}",
+                    severity=Severity.WARNING, title="Registered DICOM node refused",
+                    what=(f"The registered DICOM node '{ae}' connected from "
+                          f"{addr or 'an unknown address'} and was refused: {reason}. "
+                          "Change the device's settings, not the registry."),
+                    look=_show(f"--node {shlex.quote(ae)}" if ae else
+                               "--action dicom.association", since),
+                    time=e.time, source=addr, ae=ae, address=addr,
+                )]
             return [Finding(
                 rule="unknown-node", subject=f"node:{ae}@{addr}", severity=Severity.WARNING,
                 title="Unknown DICOM node tried to connect",
@@ -934,8 +945,9 @@ class AlertSink:
     ``Detector``, checks the disk every ``disk_check_seconds`` when ``disk_path`` is given,
     delivers each alert to every configured channel (with ``retry_delays`` between
     attempts), and records it through ``recorder`` as ``alert.sent`` (at least one channel
-    took it) or ``alert.failed`` (none did, including when none is configured: an alert that
-    reached nobody must show in the trail). Its own ``alert.*`` events are ignored.
+    took it), ``alert.failed`` (none did) or ``alert.recorded`` (no channel is configured:
+    the trail is its only destination, which is not a failure). Its own ``alert.*`` events
+    are ignored.
     """
 
     def __init__(
@@ -1080,20 +1092,26 @@ class AlertSink:
                 errors.append(f"{name}: {error}")
                 log.error("alert %s could not be sent by %s: %s", alert.rule, name, error)
         delivered = any(v == "sent" for v in results.values())
-        if not channels:
-            errors.append("no e-mail or webhook is configured")
-        if delivered:
-            outcome = Outcome.MINOR_FAILURE if errors else Outcome.SUCCESS
-        else:
-            outcome = Outcome.SERIOUS_FAILURE
         detail: dict[str, str | int | bool] = {
             "rule": alert.rule, "severity": alert.severity.value, "count": alert.count,
             "follow_up": alert.summary, "mail": results.get("mail", "off"),
             "webhook": results.get("webhook", "off"),
         }
+        if not channels:
+            # Nothing to fail: the trail (and the Health page) is the only destination the
+            # administrator chose. Not a failure at every alert (issue 12, defect 8).
+            action, outcome = "alert.recorded", Outcome.SUCCESS
+            detail["delivered"] = "trail"
+            errors.append("recorded in the audit trail only: no e-mail or webhook is "
+                          "configured")
+        elif delivered:
+            action = "alert.sent"
+            outcome = Outcome.MINOR_FAILURE if errors else Outcome.SUCCESS
+        else:
+            action, outcome = "alert.failed", Outcome.SERIOUS_FAILURE
         message = alert.title + (f" -- {'; '.join(errors)}" if errors else "")
         self._recorder.emit(AuditEvent(
-            action="alert.sent" if delivered else "alert.failed", outcome=outcome,
+            action=action, outcome=outcome,
             code=EventCode.SECURITY_ALERT, message=message, actor_ae=alert.ae,
             actor_address=alert.address, actor_user=alert.user, detail=detail,
         ))

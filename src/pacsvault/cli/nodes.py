@@ -10,7 +10,13 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.cli.outputs import private_umask, restrict_files
 from pacsvault.crypto.tls import NODE_DAYS, issue_node
-from pacsvault.index.nodes import DEFAULT_ROLES, ROLES, check_ae_title, parse_roles
+from pacsvault.index.nodes import (
+    DEFAULT_ROLES,
+    ROLES,
+    check_ae_title,
+    check_host,
+    parse_roles,
+)
 
 
 def register(sub: Any) -> None:
@@ -69,6 +75,10 @@ def _changed(action: str, ae_title: str, **detail: str | bool) -> AuditEvent:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    # Refuse a bad definition before the vault is opened (the registry checks again).
+    check_ae_title(args.ae_title)
+    check_host(args.host, tls=args.tls or args.client_cert)
+    parse_roles(args.roles)
     vault = open_vault(args)
     try:
         info = vault.nodes.add(

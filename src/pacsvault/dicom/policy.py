@@ -53,6 +53,8 @@ class Decision:
     node: NodeInfo | None
     reason: int = 0
     why: str = ""
+    # The calling AE is a registered node refused for how it connected (transport).
+    registered: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -116,6 +118,7 @@ class AssociationPolicy:
                     actor_address=peer.address,
                     message=decision.why,
                     detail={"called_ae": called_ae, "tls": peer.tls,
+                            **({"registered": True} if decision.registered else {}),
                             **({"cert_serial": peer.certificate.serial_hex}
                                if peer.certificate is not None else {})},
                 )
@@ -133,7 +136,14 @@ class AssociationPolicy:
                 None, REASON_CALLING_AE, "source address is not the registered node's host"
             )
         if node.tls and not peer.tls:
-            return Decision(None, REASON_NO_REASON, "node is registered for TLS only")
+            # A known device with the wrong transport: say so (issue 12, defect 8), not
+            # "unknown node" — the fix is on the device, not in the registry.
+            return Decision(
+                None, REASON_NO_REASON,
+                f"node {node.ae_title} is registered for DICOM TLS only but connected to "
+                f"the plain port: set the device to use TLS on port "
+                f"{self._settings.dicom.tls_port}", registered=True,
+            )
         if node.client_cert:
             why = self._certificate_refusal(peer, node.ae_title)
             if why:

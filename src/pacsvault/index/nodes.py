@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -14,11 +13,11 @@ from sqlalchemy import Engine, Table, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacsvault.index import hosts
 from pacsvault.index.models import Node, NodeCertificate, utcnow
 
 ROLES = ("store", "query", "retrieve")
 DEFAULT_ROLES = ("store",)
-_AE = re.compile(r"^[ -~]{1,16}$")
 
 
 class NodeError(Exception):
@@ -75,10 +74,20 @@ def parse_roles(text: str) -> tuple[str, ...]:
 
 
 def check_ae_title(ae: str) -> str:
-    ae = ae.strip()
-    if not _AE.match(ae) or "\\" in ae:
-        raise NodeError("an AE title is 1 to 16 printable ASCII characters, no backslash")
-    return ae
+    """PS3.5 AE title rules (``hosts.check_ae_title``), as a ``NodeError``."""
+    try:
+        return hosts.check_ae_title(ae)
+    except hosts.HostError as exc:
+        raise NodeError(str(exc)) from None
+
+
+def check_host(host: str, *, tls: bool) -> str:
+    """Strict host rules (``hosts.check_host``: one device, plain DICOM only on the
+    practice network), as a ``NodeError``."""
+    try:
+        return hosts.check_host(host, tls=tls)
+    except hosts.HostError as exc:
+        raise NodeError(str(exc)) from None
 
 
 def _info(row: Node) -> NodeInfo:
@@ -108,8 +117,7 @@ class NodeRegistry:
         roles: tuple[str, ...] = DEFAULT_ROLES,
     ) -> NodeInfo:
         ae_title = check_ae_title(ae_title)
-        if not host.strip():
-            raise NodeError("a node needs a host address")
+        host = check_host(host, tls=tls)
         if port is not None and not 0 < port < 65536:
             raise NodeError("port must be between 1 and 65535")
         if client_cert and not tls:
@@ -118,7 +126,7 @@ class NodeRegistry:
             if session.scalar(select(Node).where(Node.ae_title == ae_title)):
                 raise NodeError(f"node {ae_title} already exists")
             row = Node(
-                ae_title=ae_title, host=host.strip(), port=port, tls=tls,
+                ae_title=ae_title, host=host, port=port, tls=tls,
                 client_cert=client_cert, roles=",".join(roles),
             )
             session.add(row)
@@ -139,8 +147,6 @@ class NodeRegistry:
             if row is None:
                 raise NodeError(f"no node named {ae_title}")
             if host is not None:
-                if not host.strip():
-                    raise NodeError("a node needs a host address")
                 row.host = host.strip()
             if port is not None:
                 if not 0 < port < 65536:
@@ -154,6 +160,8 @@ class NodeRegistry:
                 row.roles = ",".join(roles)
             if row.client_cert and not row.tls:
                 raise NodeError("a client certificate requires TLS")
+            if host is not None or tls is not None:  # a legacy host stays until changed
+                row.host = check_host(row.host, tls=row.tls)
             return _info(row)
 
     def remove(self, ae_title: str) -> int:

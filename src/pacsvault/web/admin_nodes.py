@@ -14,7 +14,6 @@ not patient data.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -25,6 +24,7 @@ from sqlalchemy import select
 from starlette.responses import Response
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.index import hosts
 from pacsvault.index.models import Node
 from pacsvault.index.nodes import ROLES, NodeError, NodeInfo, NodeRegistry
 from pacsvault.web.deps import client_address
@@ -40,8 +40,21 @@ NODES = "/admin/nodes"
 ROLE_NAMES = {"store": N_("send images (store)"), "query": N_("search (query)"),
               "retrieve": N_("retrieve images (retrieve)")}
 _AE_CHARS = re.compile(r"^[ -~]+$")
-_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                   r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+# hosts.check_host's refusals, in the page's words (same rules as the command line).
+HOST_ERRORS = {
+    "host-empty": N_("Enter the device's IP address or host name."),
+    "host-url": N_("Enter only the device's address or host name, without “http://” or a "
+                   "path."),
+    "host-network": N_("Enter the address of one device: networks (such as 192.168.1.0/24) "
+                       "cannot be registered."),
+    "host-space": N_("A host name has no spaces: enter the device's IP address or host "
+                     "name, not its description."),
+    "host-bad-ip": N_("This is not a valid IP address: four numbers from 0 to 255, such as "
+                      "192.168.1.20."),
+    "host-not-device": N_("This is not the address of one device."),
+    "host-public": N_("This is a public internet address: plain DICOM is for the practice "
+                      "network. Tick “Must use DICOM TLS” for a device outside it."),
+}
 NOTICES = {"added": N_("The device {ae} was registered: it may send now."),
            "saved": N_("The device {ae} was saved."),
            "removed": N_("The device {ae} was removed: it can no longer connect.")}
@@ -91,15 +104,12 @@ def check_form(form: NodeForm, _: Gettext, *, new: bool,
         elif registry is not None and registry.get(ae) is not None:
             form.errors["ae_title"] = _("A device with the AE title {ae} is already "
                                         "registered.").format(ae=ae)
-    if not form.host:
-        form.errors["host"] = _("Enter the device's IP address or host name.")
-    else:
-        try:
-            ipaddress.ip_address(form.host)
-        except ValueError:
-            if not _HOST.match(form.host):
-                form.errors["host"] = _("Enter an IP address (such as 192.168.1.20) or a "
-                                        "host name (such as echo.cabinet.local).")
+    try:
+        form.host = hosts.check_host(form.host, tls=form.tls)
+    except hosts.HostError as exc:
+        form.errors["host"] = (_(HOST_ERRORS[exc.code]) if exc.code in HOST_ERRORS else
+                               _("Enter an IP address (such as 192.168.1.20) or a host "
+                                 "name (such as echo.cabinet.local)."))
     if form.port:
         if not form.port.isdigit() or not 0 < int(form.port) < 65536:
             form.errors["port"] = _("The port is a number from 1 to 65535.")

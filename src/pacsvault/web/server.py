@@ -10,6 +10,7 @@ the process's handler (one escaped line each, ``logsafe``).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import threading
@@ -93,8 +94,10 @@ def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float) 
         create_server = loop.create_server
 
         async def with_deadline(*args: Any, **kwargs: Any) -> asyncio.Server:
-            if kwargs.get("ssl") is not None:
-                kwargs.setdefault("ssl_handshake_timeout", handshake_timeout)
+            tls = kwargs.pop("ssl", None)
+            if tls is not None:  # TLS is started by _Sniffer once the first bytes say so
+                factory = args[0]
+                args = (lambda: _Sniffer(loop, factory, tls, handshake_timeout), *args[1:])
             return await create_server(*args, **kwargs)
 
         loop.create_server = with_deadline  # type: ignore[method-assign]
@@ -102,3 +105,71 @@ def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float) 
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(server.serve(sockets=[sock]))
+
+
+# First bytes of a TLS connection: a handshake record (content type 22).
+_TLS_RECORD = 0x16
+_SAFE_HOST = re.compile(rb"^[A-Za-z0-9.:\[\]-]{1,255}$")
+
+
+def plain_http_answer(first: bytes) -> bytes:
+    """A short plain-HTTP 400 for a browser that typed http:// to the HTTPS port (issue 12,
+    defect 8: it used to get an empty response). Names the https:// address when the Host
+    header is a plain host[:port]; nothing else of the request is echoed."""
+    host = b""
+    for line in first.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"host" and _SAFE_HOST.match(value.strip()):
+            host = value.strip()
+            break
+    where = b"https://" + host + b"/" if host else b"https:// (not http://)"
+    body = (b"This port speaks HTTPS only. Open " + where + b" instead.\n")
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n"
+            b"\r\n" + body)
+
+
+class _Sniffer(asyncio.Protocol):
+    """Looks at the first bytes of a connection before any TLS: a TLS handshake goes on to
+    asyncio's own TLS layer (same context, same handshake deadline, then uvicorn's protocol);
+    anything else gets ``plain_http_answer`` and is closed. The deadline to the first byte
+    is the handshake deadline."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, factory: Any, tls: ssl.SSLContext,
+                 timeout: float) -> None:
+        self._loop, self._factory, self._tls, self._timeout = loop, factory, tls, timeout
+        self._transport: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport
+        self._timer = self._loop.call_later(self._timeout, transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self._transport
+        if data[:1] != bytes([_TLS_RECORD]):
+            transport.write(plain_http_answer(data[:8192]))
+            transport.close()
+            return
+        from asyncio import sslproto
+
+        waiter = self._loop.create_future()  # a failed handshake is asyncio's to log
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        options: dict[str, Any] = {"server_side": True, "ssl_handshake_timeout": self._timeout}
+        tls = sslproto.SSLProtocol(self._loop, self._factory(), self._tls, waiter, **options)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        view = memoryview(data)
+        while view:  # hand over the bytes already read
+            buffer = tls.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            tls.buffer_updated(n)
+            view = view[n:]

@@ -91,6 +91,11 @@ ROLE_NAMES = {"physician": N_("physician"), "admin": N_("administrator"),
               "auditor": N_("auditor")}
 TRAIL_WINDOW = 512 * 1024
 LOGIN_FAILED = N_("Wrong user name, password or code.")
+# After the password step passed, only the code can be wrong; a phone whose clock drifts
+# makes every TOTP code wrong (issue 12, defect 8).
+CODE_FAILED = N_("Wrong code. Type the code your authenticator app shows now (or a recovery "
+                 "code). If it is refused again, check that the phone's date and time are "
+                 "set automatically.")
 SIGN_IN_EXPIRED = N_("The sign-in has expired: please start again.")
 FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
 # The known-device cookie of a sign-in completing in this request (a route runs in its own
@@ -357,7 +362,8 @@ def _refused(request: Request, result: AuthResult, template: str,
             return _login_page(request, 429, message, headers)
         return _page(request, template, 429, headers=headers, message=message, **context)
     headers = {}
-    message = _(LOGIN_FAILED)
+    failed = LOGIN_FAILED if template == "login.html" else CODE_FAILED
+    message = _(failed)
     if result.decision is not None and not result.decision.allowed:
         wait, retry = _throttle_message(result, _)
         message = f"{message} {wait}"
