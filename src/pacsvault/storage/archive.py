@@ -168,6 +168,7 @@ class Archive:
         # Records every committed batch in the audit trail, inside its transaction (set by
         # the vault; None only for an archive used without a trail).
         self.journal: StoreJournal | None = None
+        self._record: JournalBatch | None = None  # the commit in progress's (``_write_lock``)
 
     def forget(self) -> None:
         """Drop the in-memory caches (after rows were removed or changed elsewhere)."""
@@ -343,8 +344,8 @@ class Archive:
             with self._write_lock:
                 # Every object of the batch is durable already (``stage_spare``).
                 try:
-                    with self._journal() as record:
-                        self._index_batch(batch, record)
+                    with self._journal() as self._record:
+                        self._index_batch(batch)
                 except AuditUnavailable:
                     raise  # no record, no acknowledgement: the whole batch is refused
                 except Exception:
@@ -355,8 +356,8 @@ class Archive:
                         item.learnt.clear()
                         item.result = None
                         try:
-                            with self._journal() as record:
-                                self._index_batch([item], record)
+                            with self._journal() as self._record:
+                                self._index_batch([item])
                         except Exception as exc:
                             item.error = exc
         except BaseException as exc:
@@ -371,7 +372,7 @@ class Archive:
         """The audit trail held for one commit (taken before the index's write lock)."""
         return self.journal.batch() if self.journal is not None else nullcontext(None)
 
-    def _index_batch(self, batch: list[_Pending], record: JournalBatch | None = None) -> None:
+    def _index_batch(self, batch: list[_Pending]) -> None:
         with self._engine.begin() as conn:
             # The write lock first, then the generation: no removal can commit between
             # this check and the rows below (a deferred transaction would read before
@@ -388,6 +389,7 @@ class Archive:
                     item.error = StaleChoice("objects were removed meanwhile")
                     continue
                 self._index_one(conn, item, overlay_studies, overlay_series)
+            record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
             if record is not None:  # durable before the rows commit, or nothing commits
                 record.write(conn, _acknowledged(batch))
         # committed: cache what was learnt (unless a newer removal was seen meanwhile)
