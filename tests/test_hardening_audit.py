@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -367,3 +368,60 @@ def test_records_without_grouping_are_cut_with_the_index() -> None:
                "unassigned": {"study_uids": ["3.3"], "sop_uids": []}}
     assert own_refs(grouped, "B", set(), set()) == {
         "patient_ids": ["B"], "study_uids": ["2.2"], "sop_uids": ["2.2.1"], "withheld": 4}
+
+
+# === the trail's own mechanics (in-process, fast) ========================================
+
+
+def _emit_some(v: object, n: int) -> None:
+    from pacsvault.audit import AuditEvent, EventCode, Outcome
+
+    for i in range(n):
+        v.recorder.emit(AuditEvent(  # type: ignore[attr-defined]
+            action="test.event", outcome=Outcome.SUCCESS,
+            code=EventCode.APPLICATION_ACTIVITY, detail={"n": i}))
+
+
+def test_a_cut_write_is_repaired_by_the_next_append_never_rewritten(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path / "v")
+    v = vault.open()
+    try:
+        _emit_some(v, 3)
+        trail = vault.data / "audit" / "trail.jsonl"
+        before = trail.read_bytes()
+        cut = b'{"action":"dicom.find","address":"127.0.0.1","ae":"QR'  # a write cut short
+        with open(trail, "ab") as fh:
+            fh.write(cut)
+        assert not v.audit.verify().ok
+        _emit_some(v, 1)  # the next append describes the cut first
+        after = trail.read_bytes()
+        assert after.startswith(before + cut + b"\n"), "bytes were removed or rewritten"
+        records = list(v.audit.records())
+        repair, event = records[-2], records[-1]
+        assert repair.kind == "repair" and event.action == "test.event"
+        assert repair.detail["cut_bytes"] == len(cut)
+        assert repair.detail["cut_sha256"] == hashlib.sha256(cut).hexdigest()
+        assert repair.detail["records_lost"] == 0
+        verdict = v.audit.verify()
+        assert verdict.ok, verdict
+    finally:
+        v.close()
+
+
+def test_cutting_an_anchored_record_is_not_laundered_by_the_repair(tmp_path: Path) -> None:
+    """Chopping the end of the last (acknowledged) record looks like a cut write, but the
+    anchor knows that record was whole: the repair says records were lost and the trail
+    keeps failing verification."""
+    vault = make_vault(tmp_path / "v")
+    v = vault.open()
+    try:
+        _emit_some(v, 3)
+        trail = vault.data / "audit" / "trail.jsonl"
+        data = trail.read_bytes()
+        trail.write_bytes(data[:-40])
+        record = v.audit.repair()
+        assert record is not None and record.detail["records_lost"] == 1
+        verdict = v.audit.verify()
+        assert not verdict.ok and "removed" in verdict.problem, verdict
+    finally:
+        v.close()
