@@ -127,7 +127,7 @@ def test_sign_in_with_password_and_totp(served: Served) -> None:
         app = Authenticator(secret.group(1))
         wrong = browser.post("/login/enrol", data={"csrf": csrf_of(page.text),
                                                    "code": app.code_at(app.last_step + 999)})
-        assert wrong.status_code == 401 and "Wrong user name, password or code" in wrong.text
+        assert wrong.status_code == 401 and "Wrong code" in wrong.text  # issue 12 #8
         first_code = app.code()
         done = browser.post("/login/enrol", data={"csrf": csrf_of(page.text),
                                                   "code": first_code})
