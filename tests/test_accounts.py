@@ -866,6 +866,25 @@ def test_create_tables_upgrades_an_index_made_before_accounts(tmp_path: Path) ->
         engine.dispose()
 
 
+def test_tables_added_later_are_created_when_an_existing_vault_opens(tmp_path: Path) -> None:
+    """Vaults made before the sign-in counters and known devices existed gain their tables
+    when accounts are first used (vaults are opened without create_all)."""
+    engine = open_index(tmp_path / "old.db", secrets.token_bytes(32), create=True)
+    try:
+        with engine.begin() as conn:
+            for table in models.LATER_TABLES:
+                table.drop(conn)
+        accounts = Accounts(session_factory(engine), Recorder([]),
+                            secret_key=secrets.token_bytes(32), hasher=cheap_hasher(),
+                            recovery_hasher=cheap_hasher())
+        with engine.connect() as conn:
+            names = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master"))}
+        assert {t.name for t in models.LATER_TABLES} <= names
+        assert accounts.authenticate("nobody", "x", ADDR).outcome is AuthOutcome.FAILED
+    finally:
+        engine.dispose()
+
+
 def test_racing_first_failures_from_one_source_are_both_counted(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another request creates the (name, source) row between our read and our insert: the
