@@ -23,6 +23,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 from pydantic import ValidationError
@@ -31,7 +32,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
 from pacsvault import config
-from pacsvault.accounts.service import Accounts
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
 from pacsvault.audit.stores import StoreJournal
@@ -39,12 +39,15 @@ from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
 from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, tls
 from pacsvault.crypto.keyring import Keyring
-from pacsvault.dicom import inflate
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.nodes import NodeRegistry, ensure_tables
 from pacsvault.service import lock as instance_lock
-from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import ObjectStore
+
+if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for pydicom,
+    # numpy and argon2 it does not need (issue 12, defect 7)
+    from pacsvault.accounts.service import Accounts
+    from pacsvault.storage.archive import Archive
 
 VAULT_FORMAT = "pacsvault-vault/1"
 META_NAME = "vault.json"
@@ -238,12 +241,8 @@ class Vault:
         self._master = master
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
-        # Every parse of a received or stored object inflates within this (issue 11).
-        inflate.set_limit(settings.storage.max_inflated_mb * inflate.MIB)
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
-        self.archive = Archive(
-            self.sessions, self.objects, Keyring(master.derive(keys.PURPOSE_KEK, vault_id))
-        )
+        self._archive: Archive | None = None
         self.nodes = NodeRegistry(self.sessions, on_revoke=self.publish_crl)
         self.audit = AuditTrail(
             layout.audit,
@@ -254,9 +253,6 @@ class Vault:
             self.sessions,
         )
         self.recorder = Recorder([LogSink(), TrailSink(self.audit)])
-        # Every committed store batch is recorded with its rows (an acknowledged image
-        # always has its record, even after a crash).
-        self.archive.journal = StoreJournal(self.audit, self.recorder)
         self.syslog: SyslogSink | None = None
         if settings.audit.syslog.enabled:
             self.syslog = SyslogSink(
@@ -309,6 +305,24 @@ class Vault:
         tls.write_crl(self.layout.tls, self.tls_password(),
                       [tls.Revoked(serial, when) for serial, when in self.nodes.revoked()])
 
+    @property
+    def archive(self) -> Archive:
+        """The archive, made at first use (it brings pydicom): ``serve`` uses it at start
+        (recovery), so no request thread races to make it."""
+        if self._archive is None:
+            from pacsvault.dicom import inflate
+            from pacsvault.storage.archive import Archive
+
+            # Every parse of a received or stored object inflates within this (issue 11).
+            inflate.set_limit(self.settings.storage.max_inflated_mb * inflate.MIB)
+            archive = Archive(self.sessions, self.objects,
+                              Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id)))
+            # Every committed store batch is recorded with its rows (an acknowledged image
+            # always has its record, even after a crash).
+            archive.journal = StoreJournal(self.audit, self.recorder)
+            self._archive = archive
+        return self._archive
+
     _accounts: Accounts | None = None
 
     @property
@@ -316,6 +330,8 @@ class Vault:
         """Users, second factors and tokens (one instance per process: it holds sign-ins
         in progress)."""
         if self._accounts is None:
+            from pacsvault.accounts.service import Accounts
+
             self._accounts = Accounts(
                 self.sessions, self.recorder,
                 secret_key=self._master.derive(keys.PURPOSE_ACCOUNTS, self.vault_id),

@@ -27,7 +27,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pacsvault {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    wanted = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    if command == "":  # --version alone
+        wanted = []
+    elif command in COMMANDS:
+        wanted = [COMMANDS[command]]
+    else:
+        wanted = list(dict.fromkeys(COMMANDS.values()))
     for name in wanted:
         importlib.import_module(f"pacsvault.cli.{name}").register(sub)
     return parser
@@ -36,6 +41,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None and "--version" in argv:  # answered without any command module
+        build_parser("").parse_args(["--version"])
     parser = build_parser(command)
     args = parser.parse_args(argv)
     from pacsvault.cli.common import USER_ERRORS, CommandError

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pacsvault.accounts.service import AccountError, check_name, generate_admin_name
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
 from pacsvault.crypto.tls import ca_is_name_constrained, certificate_expiry
+from pacsvault.index import stats
 from pacsvault.vault import Vault, create, resolve_key_path
 
 
@@ -43,6 +43,9 @@ def _admin_name(chosen: str | None, ask: bool) -> str:
 
     Never a fixed default: a predictable administrator name is half of a guess.
     """
+    # imported here: argon2 & co. only for init, not for status (issue 12, defect 7)
+    from pacsvault.accounts.service import AccountError, check_name, generate_admin_name
+
     if chosen:
         try:
             name = check_name(chosen)
@@ -184,7 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         settings = vault.settings
         state = _running(vault.layout.state)
-        counts = vault.archive.counts()
+        counts = stats.counts(vault.sessions)  # without the archive's pydicom
         on_disk = sum(
             f.stat().st_size for f in vault.layout.objects.rglob("*.pvo") if f.is_file()
         )

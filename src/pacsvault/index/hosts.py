@@ -44,7 +44,8 @@ def check_ae_title(text: str) -> str:
         raise HostError("ae-chars", f"AE title {ae!r}: only printable ASCII characters, no "
                         "backslash and no control character")
     if len(ae) > 16:
-        raise HostError("ae-long", f"AE title {ae!r} has {len(ae)} characters; at most 16")
+        raise HostError("ae-long", f"AE title {ae!r} has {len(ae)} characters: an AE title "
+                        "is 1 to 16 characters")
     return ae
 
 
