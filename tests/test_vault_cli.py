@@ -987,7 +987,7 @@ def test_status_json_new_vault(vault: VaultDir) -> None:
     assert report["ae_title"] == "PACSVAULT"
     assert report["server"] == {"running": False}
     assert report["configured"] == {"bind": "0.0.0.0", "dicom_port": 11112,
-                                    "dicom_tls_port": 2762}
+                                    "dicom_tls_port": 2762, "https_port": 8443}
     assert report["nodes"] == []
     assert report["counts"] == {"patients": 0, "studies": 0, "series": 0, "instances": 0}
     assert report["storage"] == {"received_bytes": 0, "encrypted_bytes": 0}
@@ -996,6 +996,7 @@ def test_status_json_new_vault(vault: VaultDir) -> None:
     assert dt.timedelta(days=365) < remaining < dt.timedelta(days=3650)
     text = ok(vault.cli("status", check=False)).stdout
     assert "not running" in text and "0 instances" in text
+    assert "HTTPS 8443" in text  # issue 12 defect 8
 
 
 def test_status_json_while_server_runs(vault: VaultDir, server: Server) -> None:
@@ -1010,6 +1011,7 @@ def test_status_json_while_server_runs(vault: VaultDir, server: Server) -> None:
     assert report["counts"]["instances"] == 0
     text = ok(vault.cli("status", check=False)).stdout
     assert f"running, pid {server.proc.pid}" in text
+    assert f"HTTPS port {server.https_port}" in text  # issue 12 defect 8
 
     assert server.stop() == 0
     assert status_json(vault)["server"] == {"running": False}

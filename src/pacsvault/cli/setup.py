@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -129,7 +130,10 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
     code = create(root, key_file=key_file, ae_title=ae_title)
     password, https_port, key_path = _first_admin(root, key_file, name)
     path = write_first_run_secrets(key_path, root, code, name, password, https_port)
-    say(f"Created a vault in {root}.")
+    say(f"Created a vault in {root.absolute()} (key file {key_path.absolute()}: keep a copy "
+        "apart from the data).")
+    say(f"Open https://{socket.gethostname()}:{https_port}/ in a browser; install "
+        f"{root.absolute() / 'tls' / 'ca.crt'} on the practice's computers so they trust it.")
     if sys.stdout.isatty():
         say("RECOVERY CODE (write it down and keep it away from this server).")
         say("It restores the master key if the key file is lost:")
@@ -201,6 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "bind": settings.server.bind,
                 "dicom_port": settings.dicom.port if settings.dicom.plain_enabled else None,
                 "dicom_tls_port": settings.dicom.tls_port,
+                "https_port": settings.web.https_port if settings.web.enabled else None,
             },
             "nodes": [
                 {"ae_title": n.ae_title, "host": n.host, "port": n.port, "tls": n.tls,
@@ -225,10 +230,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Vault        {report['data']}  (AE title {report['ae_title']})")
     if srv["running"]:
         print(f"Server       running, pid {srv['pid']}; DICOM plain port "
-              f"{srv.get('dicom_port') or 'off'}, DICOM TLS port {srv.get('dicom_tls_port')}")
+              f"{srv.get('dicom_port') or 'off'}, DICOM TLS port {srv.get('dicom_tls_port')}, "
+              f"HTTPS port {srv.get('https_port') or 'off'}")
     else:
         print(f"Server       not running (configured: plain {conf['dicom_port'] or 'off'}, "
-              f"TLS {conf['dicom_tls_port']} on {conf['bind']})")
+              f"TLS {conf['dicom_tls_port']}, HTTPS {conf['https_port'] or 'off'} on "
+              f"{conf['bind']})")
     print(f"Nodes        {len(report['nodes'])}")
     for n in report["nodes"]:
         flags = ",".join(n["roles"]) + (" tls" if n["tls"] else "") + (
