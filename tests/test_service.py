@@ -158,6 +158,16 @@ def test_install_layout_and_serve_as_the_service_user(
        "--python", SYSTEM_PYTHON, "--pythonpath", f"{_site_packages()}:{REPO / 'src'}")
     assert (data / "vault.json").read_bytes() == before
 
+    # Root typing commands on the service's vault (README: '.venv/bin/pacsvault node add'
+    # as root) leaves nothing the service cannot open: here the trail's lock file and a
+    # renewed crl.pem would be root's.
+    root_env = {**os.environ, "PACSVAULT_CONFIG": str(etc / "pacsvault.toml")}
+    as_root = pv("node", "add", "CT2", "--host", "127.0.0.1", "--tls", "--client-cert",
+                 env=root_env)
+    assert f"data directory {data}" in as_root.stderr
+    pv("node", "cert", "CT2", "--out", tmp_path / "ct2", env=root_env)
+    pv("node", "cert", "CT2", "--revoke", env=root_env)
+    assert {p.stat().st_uid for p in data.rglob("*")} == {info.pw_uid}
     # As the service user, without --data: the system config names the vault.
     added = subprocess.run(_as(user, root, "node", "add", "MODALITY", "--host", "127.0.0.1"),
                            capture_output=True, text=True, timeout=120, cwd="/")

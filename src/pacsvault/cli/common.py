@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +56,35 @@ def data_dir(args: argparse.Namespace, *, announce: bool = True) -> Path:
         args.key_file = found.key_file
     if announce and found.source != "--data":
         say(f"pacsvault: data directory {found.path} (from {found.source})")
+    _keep_owner(found.path)
     return found.path
+
+
+def _keep_owner(root: Path) -> None:
+    """Root working on the service's vault (``pacsvault node add`` typed as root): what
+    the command creates there (a WAL file, a renewed ``crl.pem``, a trail lock) is given
+    back to the vault's owner at exit, or the service could no longer open its own vault."""
+    if os.geteuid() != 0:
+        return
+    try:
+        info = root.stat()
+    except OSError:
+        return
+    if info.st_uid != 0:
+        atexit.register(_give_back, root, info.st_uid, info.st_gid)
+
+
+def _give_back(root: Path, uid: int, gid: int) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root and "objects" in dirnames:
+            dirnames.remove("objects")  # written by the server only (and large)
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                if os.lstat(path).st_uid == 0:
+                    os.lchown(path, uid, gid)
+            except OSError:
+                continue
 
 
 def open_vault(args: argparse.Namespace) -> Vault:
@@ -78,3 +108,26 @@ def setup_logging(verbose: bool = False) -> None:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a file-system error a user's input caused (a path onto a file, into
+    /proc, without permission): what, where, and what to check, never a traceback
+    (issue 12, defect 6)."""
+    where = exc.filename if isinstance(exc.filename, str) else ""
+    what = exc.strerror or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        import getpass
+
+        hint = (f"no permission for user {getpass.getuser()}: run pacsvault as the vault's "
+                "owner (the service user) or fix the path's permissions")
+    elif isinstance(exc, NotADirectoryError):
+        hint = "a part of this path is a file, not a folder"
+    elif isinstance(exc, IsADirectoryError):
+        hint = "this is a folder where a file was expected"
+    elif isinstance(exc, FileNotFoundError):
+        hint = "no such file or folder (or its folder cannot be created there)"
+    else:
+        hint = what
+        what = ""
+    return f"{where + ': ' if where else ''}{hint}" + (f" ({what})" if what else "")
