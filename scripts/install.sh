@@ -3,11 +3,15 @@
 # then the Python package into ./.venv. Safe to run again: it only adds what is missing.
 #   scripts/install.sh          runtime only
 #   scripts/install.sh --test   also dcmtk (real DICOM peers) and the test/lint tools
+#   scripts/install.sh --service  then 'pacsvault service install' (system user, /var/lib/
+#                               pacsvault, /etc/pacsvault, hardened systemd unit, started)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=0
+with_service=0
 [ "${1:-}" = "--test" ] && with_tests=1
+[ "${1:-}" = "--service" ] && with_service=1
 
 apt_wanted=()
 command -v python3 >/dev/null 2>&1 || apt_wanted+=(python3)
@@ -54,3 +58,7 @@ fi
 # The OHIF web viewer: a pinned release, checked against its integrity hash, trimmed and
 # cached (nothing of it is in the repository). Kept as is when already there.
 .venv/bin/pacsvault viewer install
+
+if [ "$with_service" = 1 ]; then
+  .venv/bin/pacsvault service install
+fi

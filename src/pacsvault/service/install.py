@@ -197,6 +197,14 @@ def install(opts: Options) -> dict[str, str]:
     _write(layout.config, system_config(layout))
     say(f"  settings: {layout.config}")
     say(f"  data: {layout.data} (0700, {layout.user})")
+    places = [str(opts.python), *(opts.pythonpath or "").split(":")]
+    hidden = [p for p in places
+              if p and Path(p).absolute().parts[1:2] in {("home",), ("root",), ("run",)}]
+    if hidden:
+        raise InstallError(
+            f"{hidden[0]} is under /home, /root or /run, which the unit hides "
+            "(ProtectHome): clone pacsvault to /opt/pacsvault and run scripts/install.sh "
+            "there (scripts/serve.sh does this by itself)")
     check = as_user(opts, "--version")
     if check.returncode != 0:
         raise InstallError(
