@@ -125,6 +125,8 @@ def os_error_message(exc: OSError) -> str:
         hint = "a part of this path is a file, not a folder"
     elif isinstance(exc, IsADirectoryError):
         hint = "this is a folder where a file was expected"
+    elif isinstance(exc, FileExistsError):
+        hint = "already exists and is in the way (a file where a folder is needed?)"
     elif isinstance(exc, FileNotFoundError):
         hint = "no such file or folder (or its folder cannot be created there)"
     else:

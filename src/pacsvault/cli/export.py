@@ -7,6 +7,7 @@ creates as 0700 whatever the umask (``cli.outputs``).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -38,7 +39,41 @@ def _component(uid: str) -> str:
     return uid if _SAFE.match(uid) else "invalid-uid"
 
 
+# Kernel and device trees: writing patient files there is always a mistake.
+_SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_destination(out: Path) -> None:
+    """Refuse, with a one-line reason, a destination that cannot take the files (issue 12,
+    defect 6: these were tracebacks), before the vault is opened or anything decrypted."""
+    target = Path(os.path.abspath(out))
+    for tree in _SYSTEM_TREES:
+        if target == tree or tree in target.parents:
+            raise CommandError(f"--out {out}: {tree} is a system folder, not a place for "
+                               "files; choose a folder of your own")
+    # os.path answers False where Path.exists raises (a folder we may not look into)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise CommandError(f"--out {out} is a file, not a folder")
+    existing = target
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise CommandError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--out {out}: no permission to write in {existing}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    check_destination(args.out)
+    try:
+        return _export(args)
+    except OSError as exc:  # full disk, read-only mount, permissions changed meanwhile
+        where = f" {exc.filename}" if exc.filename else ""
+        raise CommandError(f"export stopped: cannot write{where}: "
+                           f"{exc.strerror or type(exc).__name__}") from None
+
+
+def _export(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
         items = list(vault.archive.locate(study_uid=args.study, patient_id=args.patient,

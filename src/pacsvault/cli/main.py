@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, *USER_ERRORS) as exc:
         print(f"pacsvault: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave: a message, not a traceback
+        from pacsvault.cli.common import os_error_message
+
+        print(f"pacsvault: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

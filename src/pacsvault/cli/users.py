@@ -324,10 +324,15 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
+    from pacsvault.accounts.tokens import TokenError, parse_expiry
+
+    try:  # a bad duration is a message before anything is opened (issue 12, defect 6)
+        lifetime = parse_expiry(args.expires)
+    except TokenError as exc:
+        raise CommandError(f"--expires: {exc}") from None
     vault = open_vault(args)
     try:
-        issued = vault.accounts.create_token(args.user, args.expires, label=args.label,
-                                             by=BY)
+        issued = vault.accounts.create_token(args.user, lifetime, label=args.label, by=BY)
     except AccountError as exc:
         raise _fail(exc) from None
     finally:
