@@ -21,6 +21,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -122,11 +123,16 @@ def ensure_user(name: str) -> pwd.struct_passwd:
     except KeyError:
         pass
     shell = NOLOGIN if Path(NOLOGIN).exists() else "/bin/false"
-    proc = subprocess.run(
-        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-         "/nonexistent", "--shell", shell, "--comment", "pacsvault archive", name],
-        capture_output=True, text=True, check=False,
-    )
+    for attempt in range(5):
+        proc = subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+             "/nonexistent", "--shell", shell, "--comment", "pacsvault archive", name],
+            capture_output=True, text=True, check=False,
+        )
+        # /etc/passwd is locked while another tool edits it: try again shortly.
+        if proc.returncode == 0 or "lock" not in proc.stderr.lower():
+            break
+        time.sleep(0.5 * (attempt + 1))
     if proc.returncode != 0:
         raise InstallError(f"useradd {name} failed: {proc.stderr.strip()}")
     say(f"  created system user {name} (no login shell, no home)")
