@@ -5,8 +5,24 @@
 #   scripts/install.sh --test   also dcmtk (real DICOM peers) and the test/lint tools
 #   scripts/install.sh --service  then 'pacsvault service install' (system user, /var/lib/
 #                               pacsvault, /etc/pacsvault, hardened systemd unit, started)
+#
+# It says what it does as it goes (issue 12, defect 9: the first scripts/serve.sh used to
+# print nothing for two minutes): one line per step with the elapsed time, the Debian
+# packages downloaded and set up, the Python packages collected, then the viewer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+started=$SECONDS
+step_no=0
+steps=3
+# One progress line on stderr: [n/3 +12s] what.
+step() {
+  step_no=$((step_no + 1))
+  printf '[%d/%d +%ds] %s\n' "$step_no" "$steps" "$((SECONDS - started))" "$*" >&2
+}
+# Indented detail lines under a step (sed, not grep: it never fails the pipeline on
+# "no match", so pipefail still reports the installer's own failure).
+detail() { sed -u "s/^/      /" >&2; }
 
 with_tests=0
 with_service=0
@@ -35,10 +51,16 @@ if [ "$with_tests" = 1 ]; then
   # certutil: the browser test trusting the vault CA in Chromium's NSS store
   command -v certutil >/dev/null 2>&1 || apt_wanted+=(libnss3-tools)
 fi
+[ "$with_service" = 1 ] && steps=4
 if [ ${#apt_wanted[@]} -gt 0 ]; then
-  echo "Installing Debian packages: ${apt_wanted[*]}" >&2
+  step "Debian packages: ${apt_wanted[*]} (apt-get update, then install; a minute or more)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_wanted[@]}" >/dev/null
+  # apt's own lines, reduced to one per package downloaded and per package set up
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "${apt_wanted[@]}" \
+    | sed -un -E 's/^Get:[0-9]+ [^ ]+ [^ ]+ [^ ]+ ([^ ]+) [^ ]+ ([^ ]+) .*/download \1 \2/p;
+                  s/^Setting up ([^ ]+) .*/set up \1/p' | detail
+else
+  step "Debian packages: nothing missing"
 fi
 
 python3 - <<'PY'
@@ -47,18 +69,29 @@ if sys.version_info < (3, 11):
     sys.exit(f"pacsvault needs Python >= 3.11, this is {sys.version.split()[0]}")
 PY
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-if [ "$with_tests" = 1 ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+if [ -x .venv/bin/python ]; then
+  step "Python environment: $(pwd)/.venv (exists), checking its packages"
 else
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+  step "Python environment: creating $(pwd)/.venv and installing the Python packages"
+  python3 -m venv .venv
 fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+extra=""
+[ "$with_tests" = 1 ] && extra="[test]"
+# pip's stdout, one line per package collected and the final summary (errors: stderr, as is)
+.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off \
+    -e ".${extra}" \
+  | sed -un -E 's/^Collecting ([^ ]+).*/collect \1/p;
+                s/^Installing collected packages: (.*)/installing: \1/p;
+                s/^(Successfully installed .*)/\1/p' | detail
 
 # The OHIF web viewer: a pinned release, checked against its integrity hash, trimmed and
 # cached (nothing of it is in the repository). Kept as is when already there.
+step "OHIF web viewer: download (about 200 MB the first time), check its pinned hash, trim"
 .venv/bin/pacsvault viewer install
 
 if [ "$with_service" = 1 ]; then
+  step "System service: user, /var/lib/pacsvault, /etc/pacsvault, systemd unit"
   .venv/bin/pacsvault service install
 fi
+printf '[done +%ds] pacsvault is installed in %s/.venv\n' "$((SECONDS - started))" "$(pwd)" >&2
