@@ -76,7 +76,13 @@ def load_system(path: Path | None = None) -> SystemConfig | None:
 
 def resolve(flag: Path | None) -> DataDir | None:
     """The data directory to use, or None when nothing names one."""
-    system = load_system()
+    explicit = flag is not None or bool(os.environ.get(DATA_ENV))
+    try:
+        system = load_system()
+    except SystemConfigError:
+        if not explicit:
+            raise
+        system = None  # a broken system file does not stop a command given its data dir
     if flag is not None:
         chosen, source = Path(flag), "--data"
     elif os.environ.get(DATA_ENV):
