@@ -5,8 +5,10 @@ the association policy can match, and a refused registered node is told why.
   with spaces, a URL, a network, and a public address for plain DICOM: exit 2, one line.
 * The admin page (real HTTPS listener in-process, signed in as admin, CSRF) shows the
   same refusals next to the host field and registers nothing.
-* A TLS-only node that connects to the plain port (dcmtk ``echoscu`` against the real
-  ``serve``) is recorded as refused because of its transport, not as an unknown node.
+* A TLS-only node that connects to the plain port, or a node connecting from another
+  address than its registered host (dcmtk ``echoscu`` against the real
+  ``serve``) is recorded as a registered node refused, with the reason, not as an
+  unknown node.
 """
 
 from __future__ import annotations
@@ -120,26 +122,40 @@ def test_admin_page_shows_the_refusal(web: LocalWeb, vault: VaultDir) -> None:
         v.close()
 
 
+def _rejections(vault: VaultDir, ae: str) -> list[dict[str, object]]:
+    return [e for e in events(vault, "dicom.association.rejected") if e["ae"] == ae]
+
+
+def _alerts(vault: VaultDir, ae: str) -> list[dict[str, object]]:
+    return [e for e in events(vault) if str(e["action"]).startswith("alert.")
+            and e.get("rule") == "unknown-node" and e["ae"] == ae]
+
+
 @pytest.mark.slow
-def test_tls_only_node_in_plain_is_told_it_is_the_transport(vault: VaultDir) -> None:
+def test_registered_node_refused_is_told_why(vault: VaultDir) -> None:
+    """A TLS-only node on the plain port, and a node whose registered host is not where it
+    connects from, are refused as *registered* nodes with the reason, not as unknown."""
     vault.add_node("TLSONLY", "--tls")
-    server = start_server(vault, log_name="tls-only.log")
+    vault.add_node("MOVEDCT", host="10.0.0.99")
+    server = start_server(vault, log_name="registered.log")
     try:
-        proc = echoscu(server.port, calling="TLSONLY")
-        assert proc.returncode != 0
-        deadline = time.monotonic() + 15
-        rejected: list[dict[str, object]] = []
-        while time.monotonic() < deadline and not rejected:
+        assert echoscu(server.port, calling="TLSONLY").returncode != 0
+        assert echoscu(server.port, calling="MOVEDCT").returncode != 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+                _alerts(vault, "TLSONLY") and _alerts(vault, "MOVEDCT")):
             time.sleep(0.3)
-            rejected = [e for e in events(vault, "dicom.association.rejected")
-                        if e["ae"] == "TLSONLY"]
     finally:
         server.stop()
-    assert rejected, "no rejection recorded"
-    message = str(rejected[-1]["message"])
+    tls_only = _rejections(vault, "TLSONLY")
+    assert tls_only, "no rejection recorded"
+    message = str(tls_only[-1]["message"])
     assert "registered for DICOM TLS only" in message and "plain port" in message, message
-    assert rejected[-1].get("registered") is True
-    alerts = [e for e in events(vault) if str(e["action"]).startswith("alert.")
-              and e.get("rule") == "unknown-node"]
-    for alert in alerts:
-        assert "Unknown DICOM node" not in str(alert["message"]), alert
+    assert tls_only[-1].get("registered") is True
+    moved = _rejections(vault, "MOVEDCT")
+    assert moved and "registered for host 10.0.0.99" in str(moved[-1]["message"]), moved
+    for ae in ("TLSONLY", "MOVEDCT"):
+        alerts = _alerts(vault, ae)
+        assert alerts, f"no alert for {ae}"
+        assert all("Registered DICOM node refused" in str(a["message"]) for a in alerts)
+        assert not any("Unknown DICOM node" in str(a["message"]) for a in alerts)

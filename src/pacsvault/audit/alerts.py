@@ -704,7 +704,9 @@ class Detector:
                     severity=Severity.WARNING, title="Registered DICOM node refused",
                     what=(f"The registered DICOM node '{ae}' connected from "
                           f"{addr or 'an unknown address'} and was refused: {reason}. "
-                          "Change the device's settings, not the registry."),
+                          "If the device is the practice's, compare its settings with its "
+                          "registration ('pacsvault node list'); otherwise find out which "
+                          "machine uses this address."),
                     look=_show(f"--node {shlex.quote(ae)}" if ae else
                                "--action dicom.association", since),
                     time=e.time, source=addr, ae=ae, address=addr,

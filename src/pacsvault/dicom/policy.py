@@ -132,8 +132,12 @@ class AssociationPolicy:
         if node is None:
             return Decision(None, REASON_CALLING_AE, "calling AE title is not a registered node")
         if not _host_matches(node.host, peer.address):
+            # The peer learns only "calling AE not recognised"; the trail says which host
+            # the registry expects, so the admin sees a wrong registration at once.
             return Decision(
-                None, REASON_CALLING_AE, "source address is not the registered node's host"
+                None, REASON_CALLING_AE,
+                f"node {node.ae_title} is registered for host {node.host}; this connection "
+                "came from another address", registered=True,
             )
         if node.tls and not peer.tls:
             # A known device with the wrong transport: say so (issue 12, defect 8), not
