@@ -12,10 +12,13 @@ port, the flag and the process holding it, exit code 2, and nothing left half-st
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,61 @@ def test_busy_configured_port_names_the_setting(vault: VaultDir) -> None:
         assert "Traceback" not in proc.stderr
     finally:
         holder.close()
+
+
+def test_port_taken_after_the_check_leaves_nothing_started(
+        vault: VaultDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: the port is free at the check, taken before the HTTPS listener binds.
+    The DICOM listeners that did start are stopped, the lock released, one message."""
+    import threading
+
+    import pacsvault.cli.serve as serve_cli
+    from pacsvault.cli.common import CommandError
+    from pacsvault.cli.main import build_parser
+    from pacsvault.service import lock
+
+    real = serve_cli.check_free
+    calls: list[int] = []
+
+    def first_passes(bind: str, listeners: list[serve_cli.Listener]) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            real(bind, listeners)
+
+    monkeypatch.setattr(serve_cli, "check_free", first_passes)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    before = set(threading.enumerate())
+    # cmd_serve installs signal handlers and configures logging: put them back after.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    root_logger = logging.getLogger()
+    saved_handlers, saved_level = list(root_logger.handlers), root_logger.level
+    args = build_parser("serve").parse_args(
+        ["serve", "--data", str(vault.data), "--key-file", str(vault.key), "--bind",
+         "127.0.0.1", "--dicom-port", "0", "--dicom-tls-port", "0", "--https-port",
+         str(busy)])
+    try:
+        with pytest.raises(CommandError) as refused:
+            serve_cli.cmd_serve(args)
+    finally:
+        holder.close()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        root_logger.handlers[:] = saved_handlers
+        root_logger.setLevel(saved_level)
+    assert "--https-port" in str(refused.value) and str(busy) in str(refused.value)
+    assert len(calls) == 2
+    lock.acquire(vault.data).release()  # released
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = [t for t in set(threading.enumerate()) - before
+                if t.is_alive() and not t.daemon]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, left
+    dicom = [t for t in threading.enumerate() if t.name.startswith("dicom-") and t.is_alive()]
+    assert not dicom, dicom

@@ -223,6 +223,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         watcher.stop()
         alerts.close()
         vault.close()
+        _check_ports(bind, plain, tls_port, https_port)  # names the port when it can
         raise CommandError(f"a listening port on {bind} could not be opened "
                            f"({exc.strerror or exc}); check --dicom-port, "
                            "--dicom-tls-port and --https-port. Nothing was started.") from None
