@@ -263,3 +263,53 @@ def test_server_works_without_writable_executable_memory(vault: VaultDir,
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0, log.read_text()
     assert "PermissionError" not in log.read_text()
+
+
+# --- scripts/serve.sh as root (README's first command), with its tools stubbed ------------
+
+
+def _fake_checkout(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A copy of serve.sh whose install step, CLI and runuser only record their calls."""
+    repo, stubs, log = tmp_path / "repo", tmp_path / "stubs", tmp_path / "calls.log"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    stubs.mkdir()
+    shutil.copy(REPO / "scripts" / "serve.sh", repo / "scripts" / "serve.sh")
+    for path, name in ((repo / "scripts" / "install.sh", "install.sh"),
+                       (repo / ".venv" / "bin" / "pacsvault", "pacsvault"),
+                       (stubs / "runuser", "runuser")):
+        path.write_text(f'#!/bin/sh\necho "{name} $*" >> "$CALLS"\n')
+        path.chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "CALLS": str(log), "LANG": "C.UTF-8"}
+    return repo.resolve(), log, env
+
+
+@pytest.mark.skipif(Path("/run/systemd/system").is_dir(), reason="systemd runs here")
+def test_serve_sh_as_root_sets_up_the_service_then_runs_as_its_user(tmp_path: Path) -> None:
+    repo, log, env = _fake_checkout(tmp_path)
+    proc = subprocess.run(["bash", str(repo / "scripts" / "serve.sh"), "--dicom-port", "4242"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "install.sh "
+    assert calls[1] == f"runuser -u nobody -- {repo}/.venv/bin/python -c import pacsvault"
+    assert calls[2] == "pacsvault service install --user pacsvault"
+    last = calls[3]
+    assert last.startswith("runuser -u pacsvault -- env -i "), last
+    assert "PACSVAULT_CONFIG=/etc/pacsvault/pacsvault.toml" in last
+    assert last.endswith(f"{repo}/.venv/bin/python -m pacsvault serve --dicom-port 4242")
+    assert "PACSVAULT_ALLOW_ROOT" not in last
+    assert "systemd is not running" in proc.stderr
+
+
+def test_serve_sh_never_makes_a_second_vault_beside_an_old_one(tmp_path: Path) -> None:
+    if Path("/etc/pacsvault/pacsvault.toml").exists():
+        pytest.skip("this machine has a service installation")
+    repo, log, env = _fake_checkout(tmp_path)
+    (repo / "pacsvault-data").mkdir()
+    (repo / "pacsvault-data" / "vault.json").write_text("{}")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "serve.sh")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    assert "a vault from an earlier version" in proc.stderr
+    assert not log.exists() or "service install" not in log.read_text()
