@@ -24,6 +24,7 @@ from pacsvault.audit.watch import TrailWatcher, repair_at_start
 from pacsvault.cli.audit import purge_expired
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, say, setup_logging
 from pacsvault.cli.setup import init_vault
+from pacsvault.config import Settings
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
@@ -143,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _listeners(args: argparse.Namespace,
-               settings: Any) -> tuple[int | None, int | None, int | None]:
+               settings: Settings) -> tuple[int | None, int | None, int | None]:
     """(plain DICOM, DICOM TLS, HTTPS) ports to open; None = that listener is off."""
     plain = args.dicom_port if args.dicom_port is not None else (
         settings.dicom.port if settings.dicom.plain_enabled else None
