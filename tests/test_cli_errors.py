@@ -106,3 +106,14 @@ def test_paths_onto_files_and_into_proc(vault: VaultDir, tmp_path: Path) -> None
     one_line_error(vault.cli("node", "cert", "CERTNODE", "--out", a_file, check=False),
                    str(a_file))
     assert a_file.read_text() == "x"
+
+
+def test_damaged_vault_file(vault: VaultDir, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(vault.data, copy)
+    (copy / "vault.json").write_text("{not json")
+    one_line_error(pv("node", "list", "--data", copy, "--key-file", vault.key, check=False),
+                   "vault.json is damaged")
+    (copy / "vault.json").write_text("[1]")
+    one_line_error(pv("status", "--data", copy, "--key-file", vault.key, check=False),
+                   "vault.json is damaged")

@@ -113,6 +113,12 @@ def _read_meta(layout: Layout) -> dict[str, object]:
         meta: dict[str, object] = json.loads(layout.meta.read_text("utf-8"))
     except FileNotFoundError:
         raise VaultError(f"no vault at {layout.root} ({META_NAME} missing)") from None
+    except ValueError:  # not JSON, not UTF-8: a damaged file, not a traceback (issue 12)
+        raise VaultError(f"{layout.meta} is damaged (not the JSON pacsvault wrote); restore "
+                         "it from a backup") from None
+    if not isinstance(meta, dict):
+        raise VaultError(f"{layout.meta} is damaged (not the JSON pacsvault wrote); restore "
+                         "it from a backup")
     if meta.get("format") != VAULT_FORMAT:
         raise VaultError(f"{layout.meta}: unsupported vault format {meta.get('format')!r}")
     return meta
