@@ -151,7 +151,7 @@ class AssociationPolicy:
         if node.client_cert:
             why = self._certificate_refusal(peer, node.ae_title)
             if why:
-                return Decision(None, REASON_NO_REASON, why)
+                return Decision(None, REASON_NO_REASON, why, registered=True)
         return Decision(node)
 
     def _certificate_refusal(self, peer: Peer, ae_title: str) -> str:
