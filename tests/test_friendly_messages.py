@@ -78,3 +78,21 @@ def test_plain_http_on_the_https_port_is_told_to_use_https(web: LocalWeb) -> Non
     # HTTPS still works on the same port
     with web.browser() as browser:
         assert browser.get("/login").status_code == 200
+
+
+def test_wrong_code_at_enrolment_says_it_is_the_code(web: LocalWeb) -> None:
+    password = "un-stethoscope-oublie-sur-le-bureau"
+    web.accounts.add_user("drnew", ["physician"], password, by="test")
+    with web.browser() as browser:
+        form = browser.get("/login")
+        answer = browser.post("/login", data={"csrf": csrf_of(form.text), "name": "drnew",
+                                              "password": password})
+        assert answer.headers["location"] == "/login/enrol"
+        page = browser.get("/login/enrol")
+        res = browser.post("/login/enrol", data={"csrf": csrf_of(page.text),
+                                                 "code": "000000"})
+        assert res.status_code == 401, res.status_code
+        text = res.text.replace("&#39;", "'")
+        assert "Wrong code" in text and "date and time" in text, text[-2000:]
+        assert "recovery code" not in text.split("Wrong code")[1][:200]
+        assert "Wrong user name" not in text

@@ -96,6 +96,10 @@ LOGIN_FAILED = N_("Wrong user name, password or code.")
 CODE_FAILED = N_("Wrong code. Type the code your authenticator app shows now (or a recovery "
                  "code). If it is refused again, check that the phone's date and time are "
                  "set automatically.")
+# At enrolment there is no recovery code yet: only the new app's code.
+ENROL_CODE_FAILED = N_("Wrong code. Type the code the authenticator app shows now for this "
+                       "account. If it is refused again, check that the phone's date and "
+                       "time are set automatically.")
 SIGN_IN_EXPIRED = N_("The sign-in has expired: please start again.")
 FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
 # The known-device cookie of a sign-in completing in this request (a route runs in its own
@@ -362,7 +366,8 @@ def _refused(request: Request, result: AuthResult, template: str,
             return _login_page(request, 429, message, headers)
         return _page(request, template, 429, headers=headers, message=message, **context)
     headers = {}
-    failed = LOGIN_FAILED if template == "login.html" else CODE_FAILED
+    failed = {"login.html": LOGIN_FAILED, "enrol.html": ENROL_CODE_FAILED}.get(template,
+                                                                              CODE_FAILED)
     message = _(failed)
     if result.decision is not None and not result.decision.allowed:
         wait, retry = _throttle_message(result, _)
