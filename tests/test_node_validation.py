@@ -115,6 +115,11 @@ def test_admin_page_shows_the_refusal(web: LocalWeb, vault: VaultDir) -> None:
                                                "host": "8.8.8.8", "tls": "1",
                                                "roles": ["store"]})
         assert res.status_code == 303, res.text[-2000:]
+        # the edit page (node set) keeps the rule: TLS cannot be dropped for that address
+        res = admin.post("/admin/nodes/edit", data={"csrf": csrf, "ae_title": "PAGE_CT",
+                                                    "host": "8.8.8.8", "roles": ["store"]})
+        assert res.status_code == 400, res.status_code
+        assert "public internet address" in res.text
     v = vault.open()
     try:
         assert v.nodes.get("PAGE_CT") is not None and v.nodes.get("PAGE_CT").tls
