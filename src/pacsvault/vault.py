@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +250,7 @@ class Vault:
         self.sessions: sessionmaker[Session] = session_factory(engine)
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
         self._archive: Archive | None = None
+        self._archive_lock = threading.Lock()
         self.nodes = NodeRegistry(self.sessions, on_revoke=self.publish_crl)
         self.audit = AuditTrail(
             layout.audit,
@@ -313,21 +315,28 @@ class Vault:
 
     @property
     def archive(self) -> Archive:
-        """The archive, made at first use (it brings pydicom): ``serve`` uses it at start
-        (recovery), so no request thread races to make it."""
-        if self._archive is None:
-            from pacsvault.dicom import inflate
-            from pacsvault.storage.archive import Archive
+        """The archive, made at first use (it brings pydicom): one per vault, whichever
+        thread asks first (``serve`` makes it at start, for recovery)."""
+        archive = self._archive
+        if archive is None:
+            with self._archive_lock:
+                archive = self._archive
+                if archive is None:
+                    archive = self._archive = self._make_archive()
+        return archive
 
-            # Every parse of a received or stored object inflates within this (issue 11).
-            inflate.set_limit(self.settings.storage.max_inflated_mb * inflate.MIB)
-            archive = Archive(self.sessions, self.objects,
-                              Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id)))
-            # Every committed store batch is recorded with its rows (an acknowledged image
-            # always has its record, even after a crash).
-            archive.journal = StoreJournal(self.audit, self.recorder)
-            self._archive = archive
-        return self._archive
+    def _make_archive(self) -> Archive:
+        from pacsvault.dicom import inflate
+        from pacsvault.storage.archive import Archive
+
+        # Every parse of a received or stored object inflates within this (issue 11).
+        inflate.set_limit(self.settings.storage.max_inflated_mb * inflate.MIB)
+        archive = Archive(self.sessions, self.objects,
+                          Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id)))
+        # Every committed store batch is recorded with its rows (an acknowledged image
+        # always has its record, even after a crash).
+        archive.journal = StoreJournal(self.audit, self.recorder)
+        return archive
 
     _accounts: Accounts | None = None
 
