@@ -363,6 +363,12 @@ def test_budget_per_source_pending_and_slots() -> None:
     budget.release(modality)  # idempotent
     assert budget.associate(a[0])
     assert budget.counts == (2, 1)
+    # a registered modality may open as many connections as there are association slots
+    # (several associations, and slots given back a few ms after the peer moved on)
+    wide = ConnectionBudget(per_source=2, pending=64, associations=6, known=known)
+    tickets = [wide.admit("10.0.0.5") for _ in range(7)]
+    assert all(isinstance(t, Ticket) for t in tickets[:6]) and tickets[6] == "per-source-limit"
+    assert [wide.admit("10.0.0.1") for _ in range(3)][2] == "per-source-limit"
 
 
 def test_floods_of_one_by_one_events_are_counted_past_a_burst() -> None:

@@ -210,7 +210,8 @@ network_timeout = 60.0
 # host cannot exhaust memory or slots. Refusals are recorded (aggregated per source).
 # Associations at once (all nodes together).
 max_associations = 32
-# Connections at once from one address, associated or not.
+# Connections at once from one address, associated or not (a registered node's address
+# may use up to max_associations).
 max_connections_per_source = 8
 # Connections at once still before their association is accepted (registered nodes'
 # addresses always get in, within their per-source budget).

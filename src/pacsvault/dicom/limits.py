@@ -7,8 +7,9 @@ association slots (by sending slowly), and write to the log. So, per connection:
 - **admission** (``ConnectionBudget.admit``, in the accept loop, before a byte is read):
   at most ``max_connections_per_source`` connections at once per source address,
   at most ``max_pending_connections`` not yet associated, except from the addresses of
-  registered nodes (``KnownHosts``), which only have their per-source budget: a flood of
-  unknown sources cannot lock a modality out;
+  registered nodes (``KnownHosts``), whose per-source budget is every association slot
+  (a modality may send over several associations): a flood of unknown sources cannot
+  lock a modality out;
 - **association slots** (``ConnectionBudget.associate``): counted only for associations
   the policy accepted, so half-open connections never consume them (pynetdicom's own
   count includes every connection thread, which is how 33 one-byte connections refused
@@ -170,11 +171,16 @@ class ConnectionBudget:
     def admit(self, address: str) -> Ticket | str:
         """Take a connection slot: a ticket, or the reason for refusing."""
         key = source_key(address)
+        known = self._known is not None and address in self._known
+        # A registered modality may open several associations at once, and the slot of
+        # one that just ended is given back a few ms after the peer has moved on: its
+        # address gets every association slot as its per-source budget. Strangers keep
+        # the small one.
+        per_source = max(self._per_source, self._max_associations) if known else self._per_source
         with self._lock:
-            if self._by_source.get(key, 0) >= self._per_source:
+            if self._by_source.get(key, 0) >= per_source:
                 return "per-source-limit"
-            if self._pending >= self._max_pending and not (
-                    self._known is not None and address in self._known):
+            if self._pending >= self._max_pending and not known:
                 return "busy"
             self._by_source[key] = self._by_source.get(key, 0) + 1
             self._pending += 1
