@@ -69,6 +69,7 @@ STATUS_UNABLE = 0xC000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_REFUSED_RESOURCES = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
 FIND_CHUNK = 1000  # C-FIND answers per record (each record precedes its answers)
+FIND_FIRST_CHUNK = 20  # the first record covers fewer: first answers out sooner
 # pynetdicom counts a pending result whose "dataset" is not a Dataset as a failed
 # sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
 _FAILED_SUBOP = "unreadable"
@@ -148,8 +149,14 @@ class QueryRetrieve:
                 level, identifier, root=self._root(event), accessed=accessed, for_dimse=True))
             part = 0
             while not cancelled:
-                chunk = list(itertools.islice(answers, FIND_CHUNK))
+                # A small first chunk: the first answers leave sooner, and a C-CANCEL sent
+                # on seeing them arrives while the rest is being built.
+                chunk = list(itertools.islice(answers, FIND_FIRST_CHUNK if not part
+                                              else FIND_CHUNK))
                 if part and not chunk:
+                    break
+                if part and event.is_cancelled:  # nothing of this chunk disclosed
+                    cancelled = True
                     break
                 part += 1
                 self._record_query(state, level, len(chunk), Outcome.SUCCESS,
@@ -162,7 +169,7 @@ class QueryRetrieve:
                         cancelled = True
                         break
                     yield STATUS_PENDING, answer
-                if len(chunk) < FIND_CHUNK:
+                if len(chunk) < (FIND_FIRST_CHUNK if part == 1 else FIND_CHUNK):
                     break
         except AuditUnavailable:
             # No durable record, no answer (the recorder has raised the alert).
