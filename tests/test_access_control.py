@@ -293,7 +293,8 @@ def test_wrong_host_is_rejected_and_recorded(env: Env) -> None:
     # REMOTE2 is registered at 127.0.0.2: from 127.0.0.1 it is someone else
     assert_rejected(associate(env.server.port, calling=REMOTE), REASON_CALLING_AE)
     found = rejected_events(env.vault, REMOTE, LOCAL)
-    assert found and "registered node's host" in str(found[0]["message"])
+    assert found and "registered for host 127.0.0.2" in str(found[0]["message"])
+    assert "came from another address" in str(found[0]["message"])
     # from its own address it is accepted
     assert_echo_ok(associate(env.server.port, calling=REMOTE, source=OTHER))
     assert not rejected_events(env.vault, REMOTE, OTHER, timeout=0)
