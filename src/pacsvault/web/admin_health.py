@@ -12,7 +12,10 @@
   accounts...): time, action, outcome, source, never the message or references, so no
   patient data;
 * the audit chain: ``AuditTrail.verify`` with signatures checked on the last
-  ``VERIFY_TAIL`` records.
+  ``VERIFY_TAIL`` records;
+* the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
+  Users page (``blocks_section.html``, ``/admin/users/blocks/lift``: CSRF, admin, audited),
+  so an administrator looking at the health of the archive sees a locked-out practice too.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pacsvault.audit import EventCode
 from pacsvault.crypto.tls import certificate_expiry
 from pacsvault.vault import Vault
 from pacsvault.web.principal import Principal
-from pacsvault.web.ui import PageRole, _page, _vault, tail_records
+from pacsvault.web.ui import PageRole, _accounts, _page, _vault, tail_records
 
 router = APIRouter()
 
@@ -188,4 +191,5 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  size=size, certificates=certificates(vault, now),
                  warning_days=EXPIRY_WARNING_DAYS,
                  events=security_events(vault.audit.path), verdict=verdict,
-                 nodes=len(vault.nodes.all()))
+                 nodes=len(vault.nodes.all()), blocks=_accounts(request).blocks(),
+                 blocks_back="/admin/health")

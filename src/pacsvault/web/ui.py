@@ -756,15 +756,20 @@ def admin_unlock(request: Request, principal: AdminPage, name: str) -> Response:
     return _admin_action(request, principal, name, "unlock")
 
 
+BLOCK_PAGES = frozenset({"/admin/users", "/admin/health"})  # where blocks are listed
+
+
 @router.post("/admin/users/blocks/lift")
 def admin_lift_block(request: Request, principal: AdminPage,
-                     block: Annotated[str, Form(max_length=32)] = "") -> Response:
-    """Lift one sign-in block listed on the users page (``auth.block.lifted`` event, as
-    ``pacsvault user unlock`` / ``unblock-address``)."""
+                     block: Annotated[str, Form(max_length=32)] = "",
+                     back: Annotated[str, Form(max_length=32)] = "") -> Response:
+    """Lift one sign-in block listed on the users or health page (``auth.block.lifted``
+    event, as ``pacsvault user unlock`` / ``unblock-address``). ``back`` only picks one of
+    the pages that list blocks: never an open redirect."""
     if not _accounts(request).lift_block(block, by=principal.user,
                                          address=client_address(request)):
         raise HTTPException(404, "not found")
-    return _redirect("/admin/users")
+    return _redirect(back if back in BLOCK_PAGES else "/admin/users")
 
 
 @router.post("/admin/users/{name}/roles")
