@@ -254,18 +254,15 @@ async def _retrieve(
     request: Request, who: Principal, study: str, series: str | None = None,
     sop: str | None = None,
 ) -> Response:
+    """Instances as multipart/related. Whether each instance can be sent in the syntax
+    asked for is settled before the status line (issue 13, defect 6): the cheap check
+    (syntax, allowed decoder) for all, the conversion itself for a single instance and for
+    the first part; a later part that fails to convert is left out of a still complete
+    answer and recorded (``skipped``), never a truncated 200."""
     resource = "instance" if sop else "series" if series else "study"
     vault = _vault(request)
-    try:
-        items = await run_in_threadpool(wado.locate, vault, study, series, sop)
-        ranges = parse_accept(request.headers.get("accept"))
-        choices = [wado.choose_syntax(ranges, i.transfer_syntax) for i in items]
-        if any(c is None for c in choices):
-            raise wado.WadoError(406, "no acceptable transfer syntax for the stored objects")
-    except Exception as exc:
-        return await _retrieve_failed(request, who, resource, exc)
-    await _accessed(request, who, resource, items, instance_level=sop is not None)
     boundary = new_boundary()
+    skipped: list[wado.Located] = []
 
     def part(item: wado.Located, syntax: str) -> bytes:
         """One whole part (headers, object, CRLF): one write per instance."""
@@ -274,15 +271,52 @@ async def _retrieve(
             part_header(boundary, f"application/dicom; transfer-syntax={syntax}", len(data)),
             data, b"\r\n"))
 
+    def first_part(pairs: list[tuple[wado.Located, str]]) -> tuple[int, bytes]:
+        """The first part that can be produced, and the index after it."""
+        for n, pair in enumerate(pairs):
+            try:
+                return n + 1, part(*pair)
+            except wado.ConversionError:
+                if len(pairs) == 1:
+                    raise
+                skipped.append(pair[0])
+        raise wado.ConversionError()
+
+    try:
+        items = await run_in_threadpool(wado.locate, vault, study, series, sop)
+        ranges = parse_accept(request.headers.get("accept"))
+        choices = [wado.choose_syntax(ranges, i.transfer_syntax) for i in items]
+        if any(c is None for c in choices):
+            raise wado.WadoError(406, "no acceptable transfer syntax for the stored objects")
+        pairs = [(i, s) for i, s in zip(items, choices, strict=True) if s is not None]
+        after, first = await run_in_threadpool(first_part, pairs)
+    except Exception as exc:
+        return await _retrieve_failed(request, who, resource, exc)
+    await _accessed(request, who, resource, items, instance_level=sop is not None)
+
+    async def record_skipped() -> None:
+        log.warning("WADO-RS %s: %d instance(s) left out, not convertible", resource,
+                    len(skipped))
+        await _record(request, who, "dicomweb.retrieve", EventCode.INSTANCES_ACCESSED,
+                      Outcome.MINOR_FAILURE,
+                      message="instances that could not be converted were left out",
+                      detail={"resource": resource, "skipped": len(skipped)},
+                      study_uids=wado.studies_of(skipped),
+                      sop_uids=tuple(i.sop_uid for i in skipped))
+
     async def body() -> AsyncIterator[bytes]:
         # The next instance is read and decrypted in a worker while this one is sent.
-        pairs = [(i, s) for i, s in zip(items, choices, strict=True) if s is not None]
-        ahead = asyncio.ensure_future(run_in_threadpool(part, *pairs[0])) if pairs else None
+        rest = pairs[after:]
+        ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[0])) if rest else None
         try:
-            for n, (item, _syntax) in enumerate(pairs):
+            yield first
+            for n, (item, _syntax) in enumerate(rest):
                 assert ahead is not None
+                chunk: bytes | None = None
                 try:
                     chunk = await ahead
+                except wado.ConversionError:
+                    skipped.append(item)
                 except Exception as exc:
                     log.error("an instance could not be read for WADO-RS (%s)",
                               type(exc).__name__)
@@ -292,10 +326,13 @@ async def _retrieve(
                                   detail={"resource": resource},
                                   study_uids=(item.stored.study_uid,), sop_uids=(item.sop_uid,))
                     raise RuntimeError("instance unreadable") from None
-                if n + 1 < len(pairs):
-                    ahead = asyncio.ensure_future(run_in_threadpool(part, *pairs[n + 1]))
-                yield chunk
+                if n + 1 < len(rest):
+                    ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[n + 1]))
+                if chunk is not None:
+                    yield chunk
             yield closing(boundary)
+            if skipped:
+                await record_skipped()
         finally:  # the client went away: do not leave a read running for nobody
             if ahead is not None and not ahead.done():
                 ahead.cancel()

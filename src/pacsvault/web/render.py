@@ -9,7 +9,8 @@ JPEG extended 12-bit   GDCM through our own pydicom plugin (pydicom's GDCM plugi
                        refuses 12-bit precision; GDCM itself decodes it correctly)
 JPEG lossless          GDCM
 JPEG-LS                pyjpegls (MIT), then GDCM
-JPEG 2000              pylibjpeg-openjpeg (MIT), then GDCM
+JPEG 2000              pylibjpeg-openjpeg (MIT); GDCM only if it is not installed
+                       (GDCM aborts the process on data openjpeg refuses)
 RLE                    pydicom's own decoder
 =====================  ==============================================================
 
@@ -32,7 +33,11 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels.decoders.base import DecodeRunner, JPEGExtended12BitDecoder
+from pydicom.pixels.decoders.base import (
+    DecodeRunner,
+    JPEG2000Decoder,
+    JPEGExtended12BitDecoder,
+)
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pack_bits, pixel_array
 from pydicom.uid import (
@@ -137,12 +142,21 @@ def plugins_for(transfer_syntax: str) -> tuple[str, ...]:
     return PLUGINS.get(uid, ())
 
 
+def _openjpeg_available() -> bool:
+    return "pylibjpeg" in JPEG2000Decoder.available_plugins
+
+
 def _with_plugins(ds: Dataset, decode: Callable[[str], Any]) -> Any:
     register_plugins()
     transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     plugins = plugins_for(transfer_syntax)
     if transfer_syntax == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
         plugins = (GDCM12,)  # Pillow only decodes 8-bit precision (and logs the refusal)
+    if transfer_syntax in (JPEG2000, JPEG2000Lossless) and _openjpeg_available():
+        # GDCM aborts the whole process (an uncaught C++ exception) on JPEG 2000 data that
+        # openjpeg refuses (issue 13, defect 6: a corrupt object would take the server
+        # down); it is a fallback only where pylibjpeg-openjpeg is not installed.
+        plugins = ("pylibjpeg",)
     errors: list[str] = []
     for plugin in plugins:
         try:

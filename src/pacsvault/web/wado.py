@@ -9,8 +9,19 @@ Content negotiation, documented:
   pixel data if it is compressed (decoding adds no loss to what was stored). Any other
   syntax: 406. (PS3.18 makes Explicit VR Little Endian the default when no syntax is
   named; we send the stored syntax instead so that nothing is ever silently converted,
-  which is what viewers and ``dicomweb-client`` expect.)
-- **Frames**: ``application/octet-stream; transfer-syntax=*`` (OHIF, Cornerstone) gets the
+  which is what viewers and ``dicomweb-client`` expect.) An Explicit VR Big Endian object
+  converted to little endian has its binary values (OW/OL/OF/OD/OV, pixel data by Bits
+  Allocated) byte-swapped; UN values cannot be interpreted and are kept as they are.
+- **Conversion failures never give a truncated 200** (issue 13, defect 6). Convertibility
+  is checked cheaply before the status line (syntax and an allowed decoder), and the
+  conversion itself runs before it for a single instance (406 if it fails) and for the
+  first part of a study or series. A later part whose pixel data turns out undecodable
+  is left out of an otherwise complete multipart answer (a status cannot change once
+  sent, and PS3.18 has no per-part error), and the audit record lists what was left out;
+  if nothing at all converts the answer is 406.
+- **Frames** (sizes from pydicom's ``get_expected_length``, so YBR_FULL_422 frames hold two
+  samples per pixel; Big Endian frames are sent little endian):
+  ``application/octet-stream; transfer-syntax=*`` (OHIF, Cornerstone) gets the
   stored frame bytes (compressed or not) labelled with the stored syntax;
   ``application/octet-stream`` without a syntax (or Explicit VR Little Endian) gets
   uncompressed pixels (decoded if needed); the stored image media type (``image/jpeg``,
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import warnings
 from collections.abc import Iterable
@@ -38,6 +50,8 @@ import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.filewriter import dcmwrite
+from pydicom.pixels.utils import get_expected_length, get_nr_frames
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -53,6 +67,8 @@ from pacsvault.storage.archive import StoredInstance
 from pacsvault.vault import Vault
 from pacsvault.web import render
 from pacsvault.web.multipart import MediaRange
+
+log = logging.getLogger("pacsvault.web.wado")
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 BULK_MARKER = "pacsvault:bulk"
@@ -88,6 +104,16 @@ class WadoError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ConversionError(WadoError):
+    """The stored object cannot be produced in the transfer syntax asked for (its pixel
+    data does not decode, or its encoding cannot be converted): 406, decided before any
+    status line is sent."""
+
+    def __init__(self) -> None:
+        super().__init__(406, "the stored object cannot be converted to the requested "
+                         "transfer syntax")
 
 
 def check_uid(value: str) -> str:
@@ -191,17 +217,80 @@ def choose_syntax(ranges: list[MediaRange], stored: str) -> str | None:
     return None
 
 
-def encode_as(raw: bytes, target: str) -> bytes:
-    """Re-encode a stored Part 10 stream in an uncompressed syntax (lossless)."""
-    ds = read_dataset(raw)
-    if UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed:
+# Explicit VR Big Endian -> little endian: pydicom re-encodes parsed values (US, SS, FL,
+# ...) itself but keeps the raw bytes of these VRs as read, so they are swapped here.
+_SWAP_WIDTHS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _swapped(value: bytes, width: int) -> bytes:
+    usable = len(value) - len(value) % width
+    words = np.frombuffer(value[:usable], dtype=f">u{width}")
+    return words.astype(f"<u{width}").tobytes() + value[usable:]
+
+
+def _pixel_width(ds: Dataset, vr: str) -> int:
+    """How pixel data read as big endian is swapped: by the sample size for 16/32/64-bit
+    samples; 8-bit samples only when encoded as OW (PS3.5 7.3: OW is a stream of 16-bit
+    words, so their bytes were swapped pairwise, as pydicom's ``be_swap_ow``); 1-bit
+    and OB pixel data are byte streams."""
+    try:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError):
+        bits = 8
+    if bits in (16, 32, 64):
+        return bits // 8
+    return 2 if bits == 8 and vr == "OW" else 0
+
+
+def to_little_endian(ds: Dataset) -> None:
+    """Byte-swap in place, recursively, the binary values of a dataset read from Explicit
+    VR Big Endian so that it can be written little endian (pydicom refuses to do it; its
+    ``dcmwrite`` would write the big endian bytes unchanged). UN values are kept."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                to_little_endian(item)
+            continue
+        value = elem.value
+        if not isinstance(value, (bytes, bytearray)) or not value:
+            continue
+        if elem.tag == 0x7FE00010:
+            width = _pixel_width(ds, str(elem.VR))
+        else:
+            width = _SWAP_WIDTHS.get(str(elem.VR), 0)
+        if width > 1:
+            elem.value = _swapped(bytes(value), width)
+
+
+def _is_big_endian(ds: Dataset) -> bool:
+    return str(ds.file_meta.TransferSyntaxUID) == ExplicitVRBigEndian
+
+
+def _encode(ds: Dataset, target: str) -> bytes:
+    source = UID(str(ds.file_meta.TransferSyntaxUID))
+    if source.is_compressed:
         render.decompress(ds)
+    elif source == ExplicitVRBigEndian:
+        to_little_endian(ds)
     ds.file_meta.TransferSyntaxUID = UID(target)
     out = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.save_as(out, enforce_file_format=True)
+        dcmwrite(out, ds, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True,
+                 enforce_file_format=True)
     return out.getvalue()
+
+
+def encode_as(raw: bytes, target: str) -> bytes:
+    """Re-encode a stored Part 10 stream in an uncompressed little endian syntax
+    (lossless): compressed pixel data decoded, Big Endian byte-swapped. Any failure of
+    the conversion is a :class:`ConversionError` (406), never a half-written stream."""
+    ds = read_dataset(raw)
+    try:
+        return _encode(ds, target)
+    except Exception as exc:  # decoders and pydicom raise many types; all mean the same
+        log.warning("an object could not be converted for WADO-RS (%s)", type(exc).__name__)
+        raise ConversionError() from None
 
 
 def instance_bytes(vault: Vault, item: Located, target: str) -> bytes:
@@ -274,17 +363,27 @@ def _frame_count(ds: Dataset) -> int:
         return 1
 
 
+def _frame_size(ds: Dataset) -> int:
+    """Bytes per native frame, from pydicom's own rule (PS3.5 8.2, PS3.3 C.7.6.3.1.2:
+    YBR_FULL_422 holds two samples per pixel, not three)."""
+    try:
+        return get_expected_length(ds, "bytes") // max(1, get_nr_frames(ds, warn=False))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise WadoError(404, "the pixel description is incomplete") from None
+
+
 def _native_frame(ds: Dataset, index: int) -> bytes:
-    ts = str(ds.file_meta.TransferSyntaxUID)
+    """One native frame as little endian bytes (``ds`` already swapped if it was read
+    big endian); 1-bit frames, which need not start on a byte, are repacked."""
     bits = int(ds.get("BitsAllocated", 8))
-    if ts == ExplicitVRBigEndian or bits == 1 or bits % 8:
+    if bits == 1 or bits % 8:
         return render.native_frame_bytes(ds, index)
-    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * (bits // 8)
+    size = _frame_size(ds)
     data: bytes = ds.PixelData
     chunk = data[index * size:(index + 1) * size]
-    if len(chunk) != size:
+    if size <= 0 or len(chunk) != size:
         raise WadoError(404, "frame not found")
-    return chunk
+    return bytes(chunk)
 
 
 def frames(raw: bytes, numbers: list[int], form: FrameForm) -> list[bytes]:
@@ -297,6 +396,8 @@ def frames(raw: bytes, numbers: list[int], form: FrameForm) -> list[bytes]:
         raise WadoError(404, "frame not found")
     out: list[bytes] = []
     encapsulated = is_encapsulated(str(ds.file_meta.TransferSyntaxUID))
+    if _is_big_endian(ds) and not form.decode and int(ds.get("BitsAllocated", 8)) != 1:
+        to_little_endian(ds)  # frames go out little endian (1-bit: repacked by pydicom)
     offsets: Any = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
@@ -427,8 +528,11 @@ def pixel_bulk(raw: bytes, ranges: list[MediaRange], stored: str) -> tuple[Frame
         raise WadoError(404, "the instance has no pixel data")
     count = _frame_count(ds)
     if not is_encapsulated(stored) and not form.decode:
-        if str(ds.file_meta.TransferSyntaxUID) == ExplicitVRBigEndian:
-            return form, [b"".join(render.native_frame_bytes(ds, i) for i in range(count))]
+        if _is_big_endian(ds):
+            if int(ds.get("BitsAllocated", 8)) == 1:
+                return form, [b"".join(render.native_frame_bytes(ds, i)
+                                       for i in range(count))]
+            to_little_endian(ds)
         return form, [bytes(ds.PixelData)]
     return form, frames(raw, list(range(1, count + 1)), form)
 
