@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -66,6 +66,11 @@ class DicomSettings(_Strict):
     association_timeout: float = Field(30.0, gt=0)
     pdu_timeout: float = Field(60.0, gt=0)
     refusal_report_seconds: float = Field(60.0, gt=0)
+    # Which transfer syntax we accept when a sender offers several in one presentation
+    # context, per calling AE title (dicom/negotiation.py); default "keep" for everyone.
+    syntax_preference: dict[str, Literal["keep", "as-offered", "explicit", "implicit"]] = (
+        Field(default_factory=dict)
+    )
 
 
 class StorageSettings(_Strict):
@@ -225,6 +230,13 @@ association_timeout = 30.0
 pdu_timeout = 60.0
 # Repeated refusals from one source are recorded as one summary per this many seconds.
 refusal_report_seconds = 60.0
+# When a sender offers several transfer syntaxes in one presentation context we accept, by
+# default ("keep"): its compressed syntax as offered (never forcing a decompression), else
+# Explicit VR Little Endian, else Implicit, and Big Endian only when nothing else is
+# offered. Per calling AE title for a modality that misbehaves: "as-offered" (the sender's
+# own first choice), "explicit" or "implicit" (uncompressed first), e.g.
+# syntax_preference = {{ OLDCT = "explicit" }}
+syntax_preference = {{}}
 
 [storage]
 # Refuse new images (status A700 "out of resources") when free disk falls below this.

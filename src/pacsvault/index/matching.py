@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from sqlalchemy import ColumnElement, and_, false, or_, true
+from sqlalchemy import ColumnElement, and_, case, false, func, literal, or_, true
 from sqlalchemy.orm import InstrumentedAttribute
 
 Kind = Literal["str", "pn", "date", "time", "uid", "int"]
@@ -92,6 +92,8 @@ class Condition:
             return true()
         if self.op == "never":
             return false()
+        if self.kind == "pn" and self.op in ("equal", "wildcard", "list"):
+            return _pn_clause(self, column)
         if self.op == "equal":
             return column == self.value
         if self.op == "list":
@@ -121,6 +123,8 @@ class Condition:
         if self.op == "never":
             return False
         value = normalise(self.kind, raw)
+        if self.kind == "pn" and self.op in ("equal", "wildcard", "list"):
+            return _pn_matches(self, value)
         if self.op == "equal":
             return value == self.value
         if self.op == "list":
@@ -132,6 +136,88 @@ class Condition:
         if self.kind == "time" and self.low and self.high and self.low > self.high:
             return value >= self.low or value <= self.high
         return (not self.low or value >= self.low) and (not self.high or value <= self.high)
+
+
+# --- person names, component group by component group (PS3.4 C.2.2.2.4) -------------------
+#
+# A name ``Yamada^Tarou=山田^太郎=やまだ^たろう`` has three component groups (alphabetic,
+# ideographic, phonetic). A pattern without ``=`` matches the name when it matches any one
+# group as a whole (``山田*``, ``Yamada*`` and ``やまだ*`` all find it; matching the whole
+# value made ``山田*`` find nothing, issue 13 defect 10); a pattern with ``=`` groups
+# matches group by group, an empty or ``*`` pattern group matching anything. The index
+# keeps one case-folded column for the whole value (no migration): SQL splits it on
+# ``=`` with instr/substr, and the in-memory path splits the same normalised string.
+
+_PN_GROUPS = 3
+
+
+def _pn_pattern_groups(value: str) -> list[str]:
+    return value.split("=")[:_PN_GROUPS]
+
+
+def _pn_test_memory(pattern: str, group: str) -> bool:
+    if "*" in pattern or "?" in pattern:
+        return wildcard_match(pattern, group)
+    return pattern == group
+
+
+def _pn_one_matches(pattern: str, value: str) -> bool:
+    groups = value.split("=")
+    wanted = _pn_pattern_groups(pattern)
+    if len(wanted) == 1:
+        return any(_pn_test_memory(wanted[0], g) for g in groups[:_PN_GROUPS])
+    groups += [""] * (_PN_GROUPS - len(groups))
+    return all(p in ("", "*") or _pn_test_memory(p, g)
+               for p, g in zip(wanted, groups, strict=False))
+
+
+def _pn_matches(cond: Condition, value: str) -> bool:
+    patterns = cond.items if cond.op == "list" else (cond.value,)
+    return any(_pn_one_matches(p, value) for p in patterns)
+
+
+def _sql_groups(
+    column: InstrumentedAttribute[str] | ColumnElement[str],
+) -> tuple[ColumnElement[str], ColumnElement[str], ColumnElement[str]]:
+    """The three component groups of a stored name, as SQL expressions ('' if absent)."""
+    first = func.instr(column, "=")
+    alphabetic = case((first > 0, func.substr(column, 1, first - 1)), else_=column)
+    rest = case((first > 0, func.substr(column, first + 1)), else_=literal(""))
+    second = func.instr(rest, "=")
+    ideographic = case((second > 0, func.substr(rest, 1, second - 1)), else_=rest)
+    phonetic = case((second > 0, func.substr(rest, second + 1)), else_=literal(""))
+    return alphabetic, ideographic, phonetic
+
+
+def _pn_test_sql(
+    pattern: str, group: InstrumentedAttribute[str] | ColumnElement[str],
+) -> ColumnElement[bool]:
+    if "*" in pattern or "?" in pattern:
+        return group.like(_like_pattern(pattern), escape="\\")
+    return group == pattern
+
+
+def _pn_one_clause(
+    pattern: str, column: InstrumentedAttribute[str] | ColumnElement[str],
+) -> ColumnElement[bool]:
+    wanted = _pn_pattern_groups(pattern)
+    groups = _sql_groups(column)
+    if len(wanted) == 1:
+        # A single-group name (most names) is tested once, on the column itself.
+        return or_(
+            and_(func.instr(column, "=") == 0, _pn_test_sql(wanted[0], column)),
+            and_(func.instr(column, "=") > 0,
+                 or_(*(_pn_test_sql(wanted[0], g) for g in groups))),
+        )
+    tests = [_pn_test_sql(p, g) for p, g in zip(wanted, groups, strict=False) if p not in ("", "*")]
+    return and_(*tests) if tests else true()
+
+
+def _pn_clause(
+    cond: Condition, column: InstrumentedAttribute[str] | ColumnElement[str],
+) -> ColumnElement[bool]:
+    patterns = cond.items if cond.op == "list" else (cond.value,)
+    return or_(*(_pn_one_clause(p, column) for p in patterns))
 
 
 def normalise(kind: Kind, raw: str) -> str:

@@ -28,7 +28,7 @@ from pydicom.jsonrep import convert_to_python_number
 from pydicom.tag import Tag
 from sqlalchemy import ColumnElement, Select, exists, func, null, select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from pacsvault.dicom import vr_check
 from pacsvault.index import matching
@@ -265,10 +265,18 @@ class QueryEngine:
                 continue
             raw = _text(elem)
             if keyword == "ModalitiesInStudy":
+                # A study-level key. Below the study level it matches on the parent
+                # study's modalities, like every other higher-level key here (PS3.4
+                # C.4.1.2.2 lets an SCP match or ignore it; matching is what a user who
+                # typed it means). The subquery reads its own alias of Series: with the
+                # outer query's Series (SERIES and IMAGE levels) SQLAlchemy correlated
+                # both tables away and the statement had no FROM (C000, issue 13 defect 4).
                 cond = matching.parse("str", raw)
                 if not cond.is_universal and _RANK[level] >= _RANK["STUDY"]:
-                    sql.append(exists().where(Series.study_pk == Study.pk,
-                                              cond.clause(Series.modality)))
+                    other = aliased(Series)
+                    sql.append(exists().where(other.study_pk == Study.pk,
+                                              other.num_instances > 0,
+                                              cond.clause(other.modality)))
                 continue
             col = COLUMNS.get(keyword)
             if col is not None:
@@ -370,18 +378,29 @@ class QueryEngine:
         if keyword == "NumberOfSeriesRelatedInstances":
             return record.num_instances
         if keyword == "ModalitiesInStudy":
-            return [m for m in record.modalities.split("\\") if m]
+            # Asked below the study level too (issue 13 defect 4): the parent study's.
+            return [m for m in _study_of(record).modalities.split("\\") if m]
         if keyword == "SOPClassesInStudy":
             return sorted(session.scalars(
                 select(Instance.sop_class_uid).distinct()
                 .join(Series, Instance.series_pk == Series.pk)
-                .where(Series.study_pk == record.pk, Instance.quarantined.is_(None))))
+                .where(Series.study_pk == _study_of(record).pk,
+                       Instance.quarantined.is_(None))))
         studies = select(Study).where(Study.patient_pk == _patient_pk(record)).subquery()
         if keyword == "NumberOfPatientRelatedStudies":
             return session.scalar(select(func.count()).select_from(studies))
         if keyword == "NumberOfPatientRelatedSeries":
             return session.scalar(select(func.coalesce(func.sum(studies.c.num_series), 0)))
         return session.scalar(select(func.coalesce(func.sum(studies.c.num_instances), 0)))
+
+
+def _study_of(record: Any) -> Study:
+    """The study a record belongs to (study-level return keys at lower levels)."""
+    if isinstance(record, Study):
+        return record
+    if isinstance(record, Series):
+        return record.study
+    return record.series.study  # type: ignore[no-any-return]
 
 
 def _patient_pk(record: Any) -> int:
