@@ -48,6 +48,7 @@ from pacsvault.dicom.limits import (
     ReadLimits,
     Ticket,
 )
+from pacsvault.dicom.negotiation import Preferences, preference_for
 from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
@@ -240,8 +241,11 @@ class DicomService:
         - For the storage contexts where the requestor asks to be SCP (C-GET receivers),
           transfer syntaxes follow the requestor's order of preference (pynetdicom takes the
           acceptor's), so a client offering an object's stored syntax gets it as stored.
-          Contexts of modalities sending to us keep our order, which has dcmtk's storescu
-          send each file in the syntax it already has.
+        - Every other context (modalities sending to us, queries) takes the syntax chosen by
+          the node's ``[dicom] syntax_preference`` (``dicom/negotiation.py``; default: the
+          sender's compressed syntax as offered, else Explicit, else Implicit, Big Endian
+          last), so a sender offering several syntaxes in one context (dcmsend) sends each
+          object as it has it (issue 13, defect 3).
         - Least privilege: drop the Q/R contexts the node's roles do not grant.
         """
         state = self._state(assoc)
@@ -251,8 +255,11 @@ class DicomService:
             if getattr(item, "scp_role", False)
         }
         preferred: dict[str, list[UID]] = {}
+        sending = Preferences(preference_for(
+            state.node.ae_title, self.vault.settings.dicom.syntax_preference))
         for cx in requested:
             if str(cx.abstract_syntax) not in receiver_of:
+                sending.offer(str(cx.abstract_syntax), cx.transfer_syntax)
                 continue
             order = preferred.setdefault(str(cx.abstract_syntax), [])
             order += [UID(ts) for ts in cx.transfer_syntax if UID(ts) not in order]
@@ -262,6 +269,14 @@ class DicomService:
                 ours = list(cx.transfer_syntax)
                 reordered: list[str | bytes | UID] = [t for t in wanted if t in ours]
                 cx.transfer_syntax = reordered + [t for t in ours if t not in wanted]
+                continue
+            best = sending.order(str(cx.abstract_syntax))
+            if best:
+                # Only the offered syntaxes we support, best first: the others could never
+                # be chosen. Set on the private list (already UIDs, already validated):
+                # the setter re-validates each UID, per context, per association.
+                ours_by_name = {str(t): t for t in cx._transfer_syntax}
+                cx._transfer_syntax = [ours_by_name[t] for t in best if t in ours_by_name]
         denied = denied_contexts(state.node.roles)
         if not denied:
             return
