@@ -64,6 +64,11 @@ class StoreJournal:
         self._trail = trail
         self._recorder = recorder
 
+    @property
+    def recorder(self) -> Recorder:
+        """Where the archive sends its other store events (a re-encoded duplicate)."""
+        return self._recorder
+
     @contextmanager
     def batch(self) -> Iterator[JournalBatch]:
         """Hold the trail (taken before the index's write lock, like every appender)."""

@@ -55,7 +55,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.audit.events import AuditUnavailable
+from pacsvault.audit.events import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.stores import JournalBatch, StoredRef, StoreJournal
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
@@ -63,6 +63,7 @@ from pacsvault.dicom import parse as dicom_parse
 from pacsvault.dicom.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+from pacsvault.storage import sameness
 from pacsvault.storage.objects import ObjectStore, Recovery
 
 log = logging.getLogger("pacsvault.storage")
@@ -95,7 +96,7 @@ class StaleChoice(RuntimeError):
 
 class StoreStatus(enum.Enum):
     STORED = "stored"
-    DUPLICATE = "duplicate"  # byte-identical re-send: success, nothing new written
+    DUPLICATE = "duplicate"  # re-send, byte-identical or re-encoded: success, nothing new
     CONFLICT = "conflict"  # different object under an existing SOP Instance UID
 
 
@@ -201,14 +202,51 @@ class Archive:
         when a removal made its study/key choice stale meanwhile."""
         for attempt in range(_STORE_ATTEMPTS):
             try:
-                return self._store_once(raw, source_ae=source_ae,
-                                        expected_sop_uid=expected_sop_uid,
-                                        expected_sop_class=expected_sop_class,
-                                        actor_address=actor_address, actor_user=actor_user)
+                result = self._store_once(raw, source_ae=source_ae,
+                                          expected_sop_uid=expected_sop_uid,
+                                          expected_sop_class=expected_sop_class,
+                                          actor_address=actor_address, actor_user=actor_user)
             except StaleChoice:
                 if attempt == _STORE_ATTEMPTS - 1:
                     raise
+                continue
+            if result.status is StoreStatus.CONFLICT:
+                return self._reencoded(result, raw, source_ae=source_ae,
+                                       actor_address=actor_address, actor_user=actor_user)
+            return result
         raise AssertionError("unreachable")
+
+    def _reencoded(self, conflict: StoreResult, raw: bytes, *, source_ae: str,
+                   actor_address: str, actor_user: str) -> StoreResult:
+        """Other bytes under a known SOP Instance UID: the same instance re-encoded (an
+        Orthanc round trip, a decompression...) is a benign duplicate, recorded as such
+        (``*.store.duplicate``, informational); anything else stays the conflict (B006
+        and a security event, by the caller). Keep-first either way: the stored object is
+        only read (decrypted in memory), never changed. Outside every lock: decoding may
+        take a while, and ``sameness`` bounds its size."""
+        try:
+            found = list(self.locate(sop_uid=conflict.sop_uid))
+            verdict = (sameness.same_instance(self.read(found[0]), raw)
+                       if len(found) == 1 else None)
+        except Exception as exc:  # unreadable or tampered stored object: stay conservative
+            log.warning("re-encoding check skipped (%s)", type(exc).__name__)
+            return conflict
+        if verdict is None or not verdict.same:
+            return conflict
+        recorder = self.journal.recorder if self.journal is not None else None
+        if recorder is not None:  # durable before the success is sent, or no success
+            recorder.emit(AuditEvent(
+                action=f"{'dicom' if source_ae else 'dicomweb'}.store.duplicate",
+                outcome=Outcome.SUCCESS, code=EventCode.IMPORT, actor_ae=source_ae,
+                actor_address=actor_address, actor_user=actor_user,
+                message="the same instance was sent again in another encoding; the first "
+                "one was kept",
+                detail={"reencoded": True, "stored_syntax": verdict.stored_syntax,
+                        "received_syntax": verdict.received_syntax},
+                study_uids=(conflict.study_uid,), sop_uids=(conflict.sop_uid,),
+                sop_studies={conflict.sop_uid: conflict.study_uid},
+            ), required=True)
+        return StoreResult(StoreStatus.DUPLICATE, conflict.sop_uid, conflict.study_uid)
 
     # --- writing --------------------------------------------------------------------
 
