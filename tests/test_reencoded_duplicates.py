@@ -243,3 +243,28 @@ def test_lossy_and_oversized_are_never_the_same() -> None:
     assert not big.same and big.reason == "too large"
     tiny = sameness.same_instance(first, encoded(ds, RLELossless), max_pixel_bytes=1024)
     assert not tiny.same and tiny.reason == "too large"
+
+
+def test_archive_store_records_a_reencoded_dicomweb_duplicate(tmp_path: Path) -> None:
+    """The archive itself (the STOW-RS path: no AE, a user): the re-encoded re-send is a
+    duplicate, recorded as ``dicomweb.store.duplicate``; the stored object is unchanged."""
+    vault = make_vault(tmp_path / "v")
+    ds = ct_small()
+    sop = str(ds.SOPInstanceUID)
+    first = encoded(ds, ExplicitVRLittleEndian)
+    v = Vault.open(vault.data, vault.key)
+    try:
+        assert v.archive.store(first, actor_user="admin").status.value == "stored"
+        again = v.archive.store(encoded(ds, ExplicitVRBigEndian), actor_user="admin")
+        assert again.status.value == "duplicate"
+        renamed = deepcopy(ds)
+        renamed.PatientName = "Someone^Else"
+        other = v.archive.store(encoded(renamed, RLELossless), actor_user="admin")
+        assert other.status.value == "conflict"
+        v.archive.settle()
+        assert [v.archive.read(i) for i in v.archive.locate(sop_uid=sop)] == [first]
+    finally:
+        v.close()
+    (event,) = events(vault, "dicomweb.store.duplicate")
+    assert event["user"] == "admin" and event["sop_uids"] == [sop]
+    assert event["received_syntax"] == ExplicitVRBigEndian
