@@ -132,3 +132,18 @@ def test_per_node_preference(env: Env) -> None:
     offer = [RLELossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     assert _accepted(env.server, IMPLICIT_NODE, offer) == ImplicitVRLittleEndian
     assert _accepted(env.server, PLAIN, offer) == RLELossless
+
+
+def test_nothing_supported_is_refused_cleanly(env: Env) -> None:
+    """A context offering only syntaxes we do not know is rejected; the others still work."""
+    ae = ClientAE(ae_title=PLAIN)
+    ae.add_requested_context(CTImageStorage, ["1.2.3.4.5.6"])
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", env.server.port, ae_title=AE)
+    try:
+        assert assoc.is_established
+        assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [
+            ExplicitVRLittleEndian]
+        assert len(assoc.rejected_contexts) == 1
+    finally:
+        assoc.release()
