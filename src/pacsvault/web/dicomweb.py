@@ -276,7 +276,7 @@ async def _retrieve(
         for n, pair in enumerate(pairs):
             try:
                 return n + 1, part(*pair)
-            except wado.ConversionError:
+            except wado.WadoError:  # not convertible (406), or too large to (413)
                 if len(pairs) == 1:
                     raise
                 skipped.append(pair[0])
@@ -315,7 +315,7 @@ async def _retrieve(
                 chunk: bytes | None = None
                 try:
                     chunk = await ahead
-                except wado.ConversionError:
+                except wado.WadoError:  # this one cannot be converted: left out
                     skipped.append(item)
                 except Exception as exc:
                     log.error("an instance could not be read for WADO-RS (%s)",
