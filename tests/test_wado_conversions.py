@@ -199,6 +199,12 @@ def test_ybr_full_422_frames_and_rendered(env: Env) -> None:
     res = s.get(f"{url}/frames/{YBR_FRAMES + 1}",
                 headers={"Accept": 'multipart/related; type="application/octet-stream"'})
     assert res.status_code == 404
+    # Rendered losslessly (PNG): pydicom's own RGB of that frame.
+    res = s.get(f"{url}/frames/{YBR_FRAMES}/rendered", headers={"Accept": "image/png"})
+    assert res.status_code == 200, res.text
+    rendered = np.asarray(Image.open(io.BytesIO(res.content)).convert("RGB"))
+    part10 = dcmread(io.BytesIO(_part10(ds)))
+    assert np.array_equal(rendered, part10.pixel_array[YBR_FRAMES - 1])
     for resource in (f"frames/{YBR_FRAMES}/rendered", "rendered", "thumbnail"):
         res = s.get(f"{url}/{resource}", headers={"Accept": "image/jpeg"})
         assert res.status_code == 200, (resource, res.text)
