@@ -302,7 +302,9 @@ def test_move_to_unreachable_destination_is_recorded(tmp_path: Path) -> None:
         finals = [int(s.Status) for s, _ in assoc.send_c_move(
             identifier, "GONE", StudyRootQueryRetrieveInformationModelMove) if s]
         assoc.release()
-        assert finals and finals[-1] == 0xA801, finals
+        # registered but not answering: A702 with the failed counter, not A801 "unknown"
+        # (issue 13, defect 1)
+        assert finals and finals[-1] == 0xA702, finals
         deadline = time.monotonic() + 20
         moves: list[dict[str, object]] = []
         while time.monotonic() < deadline and not moves:

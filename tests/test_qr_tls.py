@@ -261,8 +261,8 @@ def test_move_to_node_without_tls_never_reaches_tls_only_peer(env: Env) -> None:
     finally:
         scp.shutdown()  # type: ignore[attr-defined]
     final = statuses[-1]
-    # pynetdicom's Move SCP answers A801 when the sub-association cannot be established:
-    # the plain A-ASSOCIATE-RQ fails the peer's TLS handshake.
-    assert final.Status == 0xA801, f"{final.Status:04X}"
+    # The plain A-ASSOCIATE-RQ fails the peer's TLS handshake: a registered destination
+    # that cannot be reached is A702 (sub-operations failed), not A801 (issue 13, defect 1).
+    assert final.Status == 0xA702, f"{final.Status:04X}"
     assert final.get("NumberOfCompletedSuboperations", 0) == 0
     assert not got.datasets

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import PresentationContext
@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import inflate
+from pacsvault.dicom import inflate, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
@@ -70,9 +70,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_REFUSED_RESOURCES = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
 FIND_CHUNK = 1000  # C-FIND answers per record (each record precedes its answers)
 FIND_FIRST_CHUNK = 20  # the first record covers fewer: first answers out sooner
-# pynetdicom counts a pending result whose "dataset" is not a Dataset as a failed
-# sub-operation (service_class._move_scp/_get_scp): how we report an unreadable object.
-_FAILED_SUBOP = "unreadable"
 _MAX_CONTEXTS = 120
 
 
@@ -99,6 +96,7 @@ def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
 class QueryRetrieve:
     def __init__(self, service: DicomService) -> None:
         install()
+        _install_link(service.ae)
         self._service = service
         self._vault = service.vault
         self.engine = QueryEngine(service.vault.sessions, service.vault.settings.server.ae_title,
@@ -229,9 +227,11 @@ class QueryRetrieve:
         try:
             items = self.engine.instances(level, identifier)
         except QueryError as exc:
-            self._record_retrieve(state, "move", destination_ae, [], 0, Counter(), 0, str(exc))
+            self._record_retrieve(state, "move", destination_ae, [], 0, Counter(), _Tally(),
+                                  str(exc))
             raise
         results: Counter[str] = Counter()
+        link = _Link()
 
         def collect(sub: evt.Event) -> None:
             if isinstance(sub.message, C_STORE_RSP):
@@ -240,6 +240,7 @@ class QueryRetrieve:
         kwargs: dict[str, Any] = {
             "contexts": _contexts_for(self._sop_syntaxes(items)),
             "evt_handlers": [(evt.EVT_DIMSE_RECV, collect), (evt.EVT_CONN_OPEN, _no_delay)],
+            "pv_link": link,
         }
         if dest.tls:
             ctx = client_context(self._vault.layout.tls, self._vault.tls_password())
@@ -251,7 +252,7 @@ class QueryRetrieve:
             yield from _refused(items)
             return
         yield dest.host, dest.port, kwargs
-        yield from self._send(event, state, "move", destination_ae, items, results)
+        yield from self._send(event, state, "move", destination_ae, items, results, link)
 
     # --- C-GET ------------------------------------------------------------------------
 
@@ -264,7 +265,7 @@ class QueryRetrieve:
         try:
             items = self.engine.instances(level, identifier)
         except QueryError as exc:
-            self._record_retrieve(state, "get", state.node.ae_title, [], 0, Counter(), 0,
+            self._record_retrieve(state, "get", state.node.ae_title, [], 0, Counter(), _Tally(),
                                   str(exc))
             raise
         state.substores.clear()
@@ -273,7 +274,10 @@ class QueryRetrieve:
         except AuditUnavailable:
             yield from _refused(items)
             return
-        yield from self._send(event, state, "get", state.node.ae_title, items, state.substores)
+        link = _Link()
+        link.assoc = event.assoc  # C-GET: the sub-operations use the request's association
+        yield from self._send(event, state, "get", state.node.ae_title, items, state.substores,
+                              link)
 
     # --- shared -----------------------------------------------------------------------
 
@@ -306,20 +310,23 @@ class QueryRetrieve:
 
     def _send(
         self, event: evt.Event, state: _AssocState, kind: str, destination: str,
-        items: list[StoredInstance], results: Counter[str],
+        items: list[StoredInstance], results: Counter[str], link: _Link,
     ) -> Iterator[Any]:
         """Yield the sub-operations; ``results`` fills with the peer's C-STORE answers.
 
-        pynetdicom drops this generator when it cannot reach a C-MOVE destination (after
-        the count), or when the association goes away: the final record is written then
-        too (``GeneratorExit``), so every retrieval that began has its outcome recorded.
+        Each object leaves as stored when the receiver accepted its (SOP class, syntax),
+        else decoded to uncompressed little endian (``transcode``); one it cannot take
+        is yielded as a stub pynetdicom cannot send, so it is counted failed *and* listed
+        in the Failed SOP Instance UID List. pynetdicom drops this generator when the
+        association goes away: the final record is written then too (``GeneratorExit``),
+        so every retrieval that began has its outcome recorded.
         """
         studies = sorted({i.study_uid for i in items})
-        unreadable = 0
+        tally = _Tally()
         resumed = False  # pynetdicom came back after the count: the transfer started
         recorded = not items
         if not items:
-            self._record_retrieve(state, kind, destination, studies, 0, results, 0, "")
+            self._record_retrieve(state, kind, destination, studies, 0, results, tally, "")
         try:
             yield len(items)
             resumed = True
@@ -327,36 +334,65 @@ class QueryRetrieve:
                 if event.is_cancelled:
                     recorded = True
                     self._record_retrieve(state, kind, destination, studies, len(items),
-                                          results, unreadable, "cancelled by the requester")
+                                          results, tally, "cancelled by the requester")
                     yield STATUS_CANCEL, None
                     return
-                try:
-                    # bounded inflation of deflated objects (issue 11, defect 5)
-                    ds = inflate.read(self._vault.archive.read(item))
-                except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
-                    log.error("instance could not be read for %s: %s", kind,
-                              type(exc).__name__)
-                    unreadable += 1
-                    yield STATUS_PENDING, _FAILED_SUBOP
+                if link.unreachable:
+                    yield STATUS_PENDING, _stub(item)
                     continue
-                yield STATUS_PENDING, ds
+                yield STATUS_PENDING, self._prepare(kind, item, link, tally)
             recorded = True
+            tally.finished = True
+            note = ("the destination could not be reached (registered, not answering); "
+                    "nothing was sent" if link.unreachable else "")
             self._record_retrieve(state, kind, destination, studies, len(items), results,
-                                  unreadable, "")
+                                  tally, note)
         except GeneratorExit:
             if not recorded:
                 note = ("the transfer was interrupted" if resumed else
                         "the destination could not be reached; nothing was sent")
                 self._record_retrieve(state, kind, destination, studies, len(items),
-                                      results, unreadable, note)
+                                      results, tally, note)
             raise
+
+    def _prepare(self, kind: str, item: StoredInstance, link: _Link,
+                 tally: _Tally) -> Dataset:
+        """The dataset to send for one instance: as stored, converted, or a stub."""
+        try:
+            # bounded inflation of deflated objects (issue 11, defect 5)
+            ds = inflate.read(self._vault.archive.read(item))
+        except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
+            log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
+            tally.unreadable += 1
+            return _stub(item)
+        stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        contexts = link.assoc.accepted_contexts if link.assoc is not None else []
+        target = transcode.choose(contexts, str(ds.get("SOPClassUID", "")), stored)
+        if target is None:
+            log.warning("%s: the receiver accepted no context for a %s object",
+                        kind, _syntax_name(stored))
+            return _stub(item)
+        if target == stored:
+            return ds
+        try:
+            converted = transcode.convert(ds, target)
+        except transcode.TranscodeError as exc:
+            log.error("%s: a %s object could not be converted: %s", kind,
+                      _syntax_name(stored), exc)
+            return _stub(item)
+        tally.converted[target] += 1
+        return converted
 
     def _record_retrieve(
         self, state: _AssocState, kind: str, destination: str, studies: list[str],
-        total: int, results: Counter[str], unreadable: int, note: str,
+        total: int, results: Counter[str], tally: _Tally, note: str,
     ) -> None:
         completed, warning = results["completed"], results["warning"]
-        failed = results["failed"] + unreadable
+        failed = results["failed"] + tally.unreadable
+        if tally.finished:
+            # Sub-operations that got no C-STORE answer (not sendable, no context,
+            # unreachable destination) failed too: count what did not arrive.
+            failed = max(failed, total - completed - warning)
         if note or failed or completed + warning < total:
             outcome = Outcome.MINOR_FAILURE if completed + warning else Outcome.SERIOUS_FAILURE
         else:
@@ -366,8 +402,84 @@ class QueryRetrieve:
             actor_ae=state.node.ae_title if state.node else "",
             actor_address=state.peer.address, study_uids=tuple(studies), message=note,
             detail={"destination": destination, "requested": total, "sent": completed,
-                    "warning": warning, "failed": failed},
+                    "warning": warning, "failed": failed,
+                    "converted": sum(tally.converted.values()),
+                    "converted_to": ", ".join(f"{_syntax_name(k)}: {v}" for k, v
+                                              in sorted(tally.converted.items()))},
         ), required=False)  # the outcome; ``_record_begin`` was the one data waited for
+
+
+class _Tally:
+    """What a retrieval did besides the peer's answers: for its audit record."""
+
+    def __init__(self) -> None:
+        self.unreadable = 0
+        self.converted: Counter[str] = Counter()
+        self.finished = False
+
+
+class _Link:
+    """The association the sub-operations go over (C-MOVE: known once opened)."""
+
+    def __init__(self) -> None:
+        self.assoc: Any = None
+        self.unreachable = False
+
+
+class _Unreached:
+    """Stands in for a C-MOVE sub-association that could not be opened.
+
+    pynetdicom answers A801 "Move Destination Unknown" whenever it cannot associate, which
+    is wrong for a registered destination that does not answer (PS3.4 C.4.2.1.4): with this
+    stand-in every sub-operation fails, and pynetdicom ends with A702 and the failed
+    counter and Failed SOP Instance UID List filled."""
+
+    is_established = True
+    accepted_contexts: tuple[PresentationContext, ...] = ()
+
+    def send_c_store(self, *_args: Any, **_kwargs: Any) -> Dataset:
+        raise ConnectionError("the destination could not be reached")
+
+    def release(self) -> None:
+        return None
+
+
+def _install_link(ae: Any) -> None:
+    """Let a C-MOVE handler learn its sub-association (to pick syntaxes) and whether it
+    could be opened: ``pv_link`` in the yielded kwargs (idempotent per AE)."""
+    original = ae.associate
+    if getattr(original, "pv_link", False):
+        return
+
+    def associate(addr: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        link: _Link | None = kwargs.pop("pv_link", None)
+        assoc = original(addr, port, *args, **kwargs)
+        if link is None:
+            return assoc
+        if assoc.is_established:
+            link.assoc = assoc
+            return assoc
+        sock = getattr(assoc.dul, "socket", None)
+        if sock is not None:
+            sock.close()
+        link.unreachable = True
+        return _Unreached()
+
+    associate.pv_link = True  # type: ignore[attr-defined]
+    setattr(ae, "associate", associate)  # noqa: B010
+
+
+def _stub(item: StoredInstance) -> Dataset:
+    """A sub-operation that must fail: no Transfer Syntax UID, so pynetdicom's
+    ``send_c_store`` refuses it, counts it failed and lists its SOP Instance UID."""
+    stub = Dataset()
+    stub.SOPClassUID = "1.2.840.10008.1.1"
+    stub.SOPInstanceUID = item.sop_uid
+    return stub
+
+
+def _syntax_name(uid: str) -> str:
+    return UID(uid).name if uid else "unknown"
 
 
 def _refused(items: list[StoredInstance]) -> Iterator[Any]:
@@ -384,15 +496,6 @@ def _no_delay(event: evt.Event) -> None:
 
 
 def _contexts_for(pairs: set[tuple[str, str]]) -> list[PresentationContext]:
-    """One context per (SOP class, stored syntax), so nothing has to be transcoded."""
-    contexts: list[PresentationContext] = []
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    for sop_class, syntax in sorted(pairs):
-        stored = UID(syntax)
-        # An uncompressed dataset may be re-encoded if the peer prefers another
-        # uncompressed syntax; a compressed one is offered only as stored.
-        syntaxes: list[str | UID] = [stored]
-        if not stored.is_compressed and not stored.is_deflated:
-            syntaxes += [s for s in uncompressed if s != stored]
-        contexts.append(build_context(sop_class, syntaxes))
-    return contexts[:_MAX_CONTEXTS]
+    """One context per (SOP class, syntax): the stored pairs first, then Explicit and
+    Implicit VR Little Endian for every SOP class (``transcode.offered``)."""
+    return [build_context(c, [t]) for c, t in transcode.offered(pairs)][:_MAX_CONTEXTS]

@@ -1,0 +1,351 @@
+"""Issue 13, defects 1 and 2: C-MOVE/C-GET to receivers with default settings.
+
+The foundation corpus (every encoding) plus an Explicit VR Big Endian object are stored
+as sent, then retrieved by C-MOVE into a dcmtk ``storescp`` that accepts only uncompressed
+syntaxes (its default), into one started with ``+xa`` (accept all), and by C-GET with
+dcmtk ``getscu``'s defaults (uncompressed only). Every object must arrive; one that left
+converted must carry pixel data equal to pydicom's own decoding of the original and the
+same other elements; one kept as stored must be byte-identical in its dataset part. A
+move to a registered node whose port is closed is A702 with the failed counter and the
+Failed SOP Instance UID List, and a ``dicom.move`` record with the failed count.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE as ClientAE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    MRImageStorage,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from pacsvault.vault import Vault
+from pacsvault.web import render
+from tests import corpus
+from tests.helpers import (
+    AE,
+    Server,
+    VaultDir,
+    dcmtk,
+    dcmtk_env,
+    events,
+    free_port,
+    make_vault,
+    start_server,
+    storescu,
+)
+
+pytestmark = pytest.mark.slow
+
+LOCAL = "127.0.0.1"
+WS, PLAIN, ALL, GONE = "TCWS", "TCPLAIN", "TCALL", "TCGONE"
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+TRAILING_PADDING = 0xFFFCFFFC
+# attributes a decoding legitimately changes (pydicom's decompress: colour to RGB)
+DECODED = {0x00280004, 0x00280006, 0x7FE00010, 0x7FE00001, 0x7FE00002, TRAILING_PADDING}
+
+
+@dataclass(frozen=True)
+class Stored:
+    path: Path  # the object as the archive holds it (decrypted copy, for comparisons)
+    sop_uid: str
+    study_uid: str
+    syntax: str
+
+
+@dataclass
+class StoreSCP:
+    port: int
+    out: Path
+    proc: subprocess.Popen[bytes]
+
+    def files(self) -> dict[str, Path]:
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+                for p in self.out.iterdir() if p.is_file()}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _start_storescp(ae_title: str, root: Path, *flags: str) -> StoreSCP:
+    out = root / f"scp-{ae_title}"
+    out.mkdir(parents=True)
+    port = free_port()
+    log = open(root / f"scp-{ae_title}.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([dcmtk("storescp"), *flags, "-aet", ae_title, "-od", str(out),
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
+    log.close()
+    echo = [dcmtk("echoscu"), "-aec", ae_title, LOCAL, str(port)]
+    deadline = time.monotonic() + 15
+    while subprocess.run(echo, capture_output=True, env=dcmtk_env()).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("storescp did not start")
+        time.sleep(0.1)
+    return StoreSCP(port, out, proc)
+
+
+@dataclass
+class Env:
+    root: Path
+    vault: VaultDir
+    server: Server
+    stored: list[Stored]
+    plain: StoreSCP
+    everything: StoreSCP
+
+
+def _store_big_endian(port: int, out: Path) -> Stored:
+    """Explicit VR Big Endian through pynetdicom with a Big Endian context (dcmtk's
+    storescu would convert it)."""
+    ds = dcmread(get_testdata_file("MR_small_bigendian.dcm"))  # type: ignore[arg-type]
+    ds.PatientName, ds.PatientID = "Quetzal^Bigendian", "PVTESTBE01X"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = out / "bigendian.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ae = ClientAE(ae_title=WS)
+    ae.add_requested_context(MRImageStorage, [ExplicitVRBigEndian])
+    assoc = ae.associate(LOCAL, port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(dcmread(path))
+    finally:
+        assoc.release()
+    assert status and int(status.Status) == 0x0000
+    return Stored(path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), ExplicitVRBigEndian)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("transcode")
+    # The reference decoding is pydicom's; 12-bit JPEG extended needs the GDCM plugin the
+    # archive registers (pydicom's own GDCM plugin refuses 12-bit precision).
+    render.register_plugins()
+    vault = make_vault(root / "v")
+    scps: list[StoreSCP] = []
+    server: Server | None = None
+    try:
+        # +B: written exactly as received, so "as stored" can be checked byte for byte
+        plain = _start_storescp(PLAIN, root, "+B")  # default: uncompressed only
+        scps.append(plain)
+        everything = _start_storescp(ALL, root, "+B", "+xa")
+        scps.append(everything)
+        v = Vault.open(vault.data, vault.key)
+        try:
+            v.nodes.add(WS, LOCAL, roles=("store", "query", "retrieve"))
+            v.nodes.add(PLAIN, LOCAL, plain.port, roles=("retrieve",))
+            v.nodes.add(ALL, LOCAL, everything.port, roles=("retrieve",))
+            v.nodes.add(GONE, LOCAL, free_port(), roles=("retrieve",))  # nothing listens
+        finally:
+            v.close()
+        server = start_server(vault)
+        files = corpus.build(root / "corpus")
+        stored: list[Stored] = []
+        for f in files:
+            res = storescu(server.port, [f.path], calling=WS, extra=f.proposal)
+            assert res.returncode == 0, f"{f.path.name}: {res.stdout}{res.stderr}"
+            stored.append(Stored(f.path, f.sop_uid, f.study_uid, f.transfer_syntax))
+        stored.append(_store_big_endian(server.port, root / "corpus"))
+        stored = _as_archived(vault, stored, root / "archived")
+        yield Env(root, vault, server, stored, plain, everything)
+    finally:
+        if server is not None:
+            server.stop()
+        for scp in scps:
+            scp.stop()
+
+
+def _as_archived(vault: VaultDir, stored: list[Stored], out: Path) -> list[Stored]:
+    """The archive's own copies: the reference for "kept as stored" and for decoding."""
+    out.mkdir()
+    v = vault.open()
+    try:
+        result = []
+        for n, s in enumerate(stored):
+            (item,) = list(v.archive.locate(sop_uid=s.sop_uid))
+            path = out / f"{n:02d}_{s.path.name}"
+            path.write_bytes(v.archive.read(item))
+            syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            assert syntax == s.syntax, s.path.name  # stored in the syntax it was sent in
+            result.append(Stored(path, s.sop_uid, s.study_uid, syntax))
+        return result
+    finally:
+        v.close()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _identifier(env: Env) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = [s.study_uid for s in env.stored]
+    return ds
+
+
+def _move(env: Env, destination: str) -> list[tuple[Dataset, Dataset | None]]:
+    ae = ClientAE(ae_title=WS)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.acse_timeout = ae.dimse_timeout = 120
+    assoc = ae.associate(LOCAL, env.server.port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        return [(status, ident) for status, ident in assoc.send_c_move(
+            _identifier(env), destination, StudyRootQueryRetrieveInformationModelMove)
+            if status]
+    finally:
+        assoc.release()
+
+
+def _dataset_part(path: Path) -> bytes:
+    """The bytes after the File Meta Information (what went over the wire), inflated for
+    the deflated syntax (its compressed stream depends on the deflater's settings)."""
+    raw = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    group_length = int(meta.FileMetaInformationGroupLength)
+    body = raw[128 + 4 + 12 + group_length:]
+    if meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        # the deflated stream is padded to even length; the inflated dataset is compared
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+    return body
+
+
+def _check(stored: Stored, received: Path) -> bool:
+    """Assert the received object is faithful; True when it came back converted."""
+    back = dcmread(received)
+    original = dcmread(stored.path)
+    name = stored.path.name
+    sent_as = str(back.file_meta.TransferSyntaxUID)
+    if sent_as == stored.syntax:
+        assert stored.syntax != ExplicitVRBigEndian, name
+        if TRAILING_PADDING in original:  # storescu drops it on the way in (PS3.5 7.5)
+            del original[TRAILING_PADDING]
+            assert [e.tag for e in back] == [e.tag for e in original], name
+            assert back.PixelData == original.PixelData, name
+        else:
+            assert _dataset_part(received) == _dataset_part(stored.path), name
+        return False
+    assert sent_as in UNCOMPRESSED, f"{name}: {sent_as}"
+    assert np.array_equal(back.pixel_array, original.pixel_array), name
+    assert back.pixel_array.dtype.byteorder in ("=", "<", "|"), name
+    for elem in original:
+        if elem.tag in DECODED:
+            continue
+        assert elem.tag in back, f"{name} {elem.tag} missing"
+        assert back[elem.tag].value == elem.value, f"{name} {elem.tag}"
+    return True
+
+
+def _move_record(env: Env, destination: str, count: int = 1) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 20
+    found: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        found = [e for e in events(env.vault, "dicom.move") if e["destination"] == destination]
+        if len(found) >= count:
+            break
+        time.sleep(0.3)
+    return found
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+def test_move_into_uncompressed_only_storescp_converts_what_it_must(env: Env) -> None:
+    final, _ = _move(env, PLAIN)[-1]
+    assert final.Status == 0x0000, f"{final.Status:04X}"
+    assert final.NumberOfCompletedSuboperations == len(env.stored)
+    got = env.plain.files()
+    assert set(got) == {s.sop_uid for s in env.stored}
+    converted = [s for s in env.stored if _check(s, got[s.sop_uid])]
+    must = {s.sop_uid for s in env.stored
+            if UID(s.syntax).is_compressed or s.syntax == ExplicitVRBigEndian}
+    assert must <= {s.sop_uid for s in converted}
+    (record,) = _move_record(env, PLAIN)
+    assert record["failed"] == 0 and record["sent"] == len(env.stored)
+    assert record["converted"] == len(converted)
+    assert "Explicit VR Little Endian" in str(record["converted_to"])
+    assert record["outcome"] in ("success", 0, "SUCCESS") or str(record["outcome"]).endswith(
+        "SUCCESS")
+
+
+def test_move_into_accept_all_storescp_keeps_stored_syntaxes(env: Env) -> None:
+    final, _ = _move(env, ALL)[-1]
+    assert final.Status == 0x0000, f"{final.Status:04X}"
+    got = env.everything.files()
+    assert set(got) == {s.sop_uid for s in env.stored}
+    converted = {s.sop_uid for s in env.stored if _check(s, got[s.sop_uid])}
+    big = {s.sop_uid for s in env.stored if s.syntax == ExplicitVRBigEndian}
+    assert converted == big  # only Big Endian leaves changed: it always leaves little endian
+    (record,) = _move_record(env, ALL)
+    assert record["converted"] == 1 and record["failed"] == 0
+
+
+def test_get_with_getscu_defaults_converts_what_it_must(env: Env) -> None:
+    out = env.root / "get"
+    out.mkdir()
+    uid_list = "\\".join(s.study_uid for s in env.stored)
+    res = subprocess.run(
+        [dcmtk("getscu"), "-S", "+B", "-aet", WS, "-aec", AE, "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid_list}",
+         LOCAL, str(env.server.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=180)
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}"
+    got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+           for p in out.iterdir() if p.is_file()}
+    assert set(got) == {s.sop_uid for s in env.stored}
+    converted = [s for s in env.stored if _check(s, got[s.sop_uid])]
+    must = {s.sop_uid for s in env.stored
+            if UID(s.syntax).is_compressed or s.syntax == ExplicitVRBigEndian}
+    assert must <= {s.sop_uid for s in converted}
+    deadline = time.monotonic() + 20
+    records: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not records:
+        records = [e for e in events(env.vault, "dicom.get") if e["requested"] == len(env.stored)]
+        time.sleep(0.3)
+    (record,) = records
+    assert record["failed"] == 0 and record["sent"] == len(env.stored)
+    assert record["converted"] == len(converted)
+
+
+def test_move_to_registered_node_not_listening_is_not_a801(env: Env) -> None:
+    final, identifier = _move(env, GONE)[-1]
+    # registered, retrieve role, port: known. Not answering is "unable to perform
+    # sub-operations" with every one failed (PS3.4 C.4.2.1.4), never A801.
+    assert final.Status == 0xA702, f"{final.Status:04X}"
+    assert final.NumberOfFailedSuboperations == len(env.stored)
+    assert final.get("NumberOfCompletedSuboperations", 0) == 0
+    assert identifier is not None
+    listed = identifier.FailedSOPInstanceUIDList
+    listed = [listed] if isinstance(listed, str) else list(listed)
+    assert sorted(map(str, listed)) == sorted(s.sop_uid for s in env.stored)
+    (record,) = _move_record(env, GONE)
+    assert record["failed"] == len(env.stored) and record["sent"] == 0
+    assert record["requested"] == len(env.stored) and record["converted"] == 0
+    assert "could not be reached" in str(record["message"])
+    assert str(record["outcome"]).lower().endswith("failure")
