@@ -30,11 +30,15 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     generate_uid,
 )
 from pynetdicom import AE as ClientAE
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     MRImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -348,4 +352,44 @@ def test_move_to_registered_node_not_listening_is_not_a801(env: Env) -> None:
     assert record["failed"] == len(env.stored) and record["sent"] == 0
     assert record["requested"] == len(env.stored) and record["converted"] == 0
     assert "could not be reached" in str(record["message"])
+    assert str(record["outcome"]).lower().endswith("failure")
+
+
+def test_get_when_requester_accepts_no_usable_syntax_fails_and_lists_it(env: Env) -> None:
+    """A C-GET requester that takes CT only as JPEG 2000: nothing is re-encoded lossily
+    (nor at all into a compressed syntax): the sub-operation fails, is counted and listed."""
+    ct = next(s for s in env.stored if "CT_small" in s.path.name)
+    ae = ClientAE(ae_title=WS)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [JPEG2000Lossless])
+    role = build_role(CTImageStorage, scp_role=True)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    assoc = ae.associate(LOCAL, env.server.port, ae_title=AE, ext_neg=[role],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ct.study_uid
+    try:
+        responses = [(s, i) for s, i in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet) if s]
+    finally:
+        assoc.release()
+    final, ident = responses[-1]
+    assert final.Status == 0xA702, f"{final.Status:04X}"
+    assert final.NumberOfFailedSuboperations == 1 and not received
+    assert ident is not None and str(ident.FailedSOPInstanceUIDList) == ct.sop_uid
+    deadline = time.monotonic() + 20
+    records: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not records:
+        records = [e for e in events(env.vault, "dicom.get")
+                   if e["study_uids"] == [ct.study_uid]]
+        time.sleep(0.3)
+    (record,) = records
+    assert record["failed"] == 1 and record["sent"] == 0 and record["converted"] == 0
     assert str(record["outcome"]).lower().endswith("failure")
