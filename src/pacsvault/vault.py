@@ -294,12 +294,15 @@ class Vault:
 
     def _tls_upkeep(self) -> None:
         """Bring an older vault's TLS material up to date: its outbound client certificate
-        (clientAuth only) and a current CRL (``crl.pem`` must always exist). A vault on a
-        read-only disk still opens."""
+        (clientAuth only), its RSA server certificate, and a current CRL (``crl.pem`` must
+        always exist). A vault on a read-only disk still opens."""
         paths = self.layout.tls
         try:
             if not paths.client_cert.exists() and paths.ca_key.exists():
                 tls.create_client_cert(paths, self.tls_password(), self.settings.server.ae_title)
+            if not paths.server_rsa_cert.exists() and paths.ca_key.exists() \
+                    and paths.server_cert.exists():  # for RSA-only modalities (issue 13)
+                tls.create_rsa_server_cert(paths, self.tls_password())
             if paths.ca_key.exists() and tls.crl_needs_refresh(
                 paths, {serial for serial, _ in self.nodes.revoked()}
             ):

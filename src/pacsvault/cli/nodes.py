@@ -13,10 +13,19 @@ from pacsvault.crypto.tls import NODE_DAYS, issue_node
 from pacsvault.index.nodes import (
     DEFAULT_ROLES,
     ROLES,
+    TLS_PROFILE_LEGACY,
+    TLS_PROFILE_STRICT,
+    TLS_PROFILES,
+    NodeInfo,
     check_ae_title,
     check_host,
     parse_roles,
 )
+
+TLS_PROFILE_HELP = (
+    "DICOM TLS profile: bcp195 (default; TLS 1.2/1.3, ECDHE AEAD suites) or legacy-aes, "
+    "the retired AES profile (TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy) for this "
+    "old modality only, from its host only; recorded and shown as a warning")
 
 
 def register(sub: Any) -> None:
@@ -33,6 +42,8 @@ def register(sub: Any) -> None:
                    help="node must present a client certificate from this vault's CA")
     p.add_argument("--roles", default=",".join(DEFAULT_ROLES),
                    help=f"comma-separated among {', '.join(ROLES)} (default: store)")
+    p.add_argument("--tls-profile", choices=TLS_PROFILES, default=TLS_PROFILE_STRICT,
+                   help=TLS_PROFILE_HELP)
     p.set_defaults(func=cmd_add)
 
     p = nsub.add_parser("set", help="change a node's host, port, transport or roles")
@@ -43,6 +54,7 @@ def register(sub: Any) -> None:
     p.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--client-cert", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--roles", help=f"comma-separated among {', '.join(ROLES)}")
+    p.add_argument("--tls-profile", choices=TLS_PROFILES, default=None, help=TLS_PROFILE_HELP)
     p.set_defaults(func=cmd_set)
 
     p = nsub.add_parser("list", help="list registered nodes")
@@ -74,6 +86,19 @@ def _changed(action: str, ae_title: str, **detail: str | bool) -> AuditEvent:
                       actor_user="local-admin", detail={"node": ae_title, **detail})
 
 
+def _profile_event(info: NodeInfo) -> AuditEvent:
+    """The opt-in (or its withdrawal) is a security decision: recorded on its own."""
+    return AuditEvent(
+        action="node.tls_profile",
+        outcome=Outcome.MINOR_FAILURE if info.legacy_tls else Outcome.SUCCESS,
+        code=EventCode.SECURITY_ALERT, actor_user="local-admin",
+        message=(f"node {info.ae_title} may use the retired AES TLS profile "
+                 "(TLS_RSA_WITH_AES_128_CBC_SHA) from its host" if info.legacy_tls else
+                 f"node {info.ae_title} uses the strict BCP 195 TLS profile"),
+        detail={"node": info.ae_title, "profile": info.tls_profile, "host": info.host},
+    )
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     # Refuse a bad definition before the vault is opened (the registry checks again).
     check_ae_title(args.ae_title)
@@ -84,8 +109,11 @@ def cmd_add(args: argparse.Namespace) -> int:
         info = vault.nodes.add(
             args.ae_title, args.host, args.port, tls=args.tls or args.client_cert,
             client_cert=args.client_cert, roles=parse_roles(args.roles),
+            tls_profile=args.tls_profile,
         )
         vault.recorder.emit(_changed("node.add", info.ae_title, roles=",".join(info.roles)))
+        if info.legacy_tls:
+            vault.recorder.emit(_profile_event(info))
     finally:
         vault.close()
     say(f"Node {info.ae_title} at {info.host} registered with roles {','.join(info.roles)}"
@@ -98,17 +126,24 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
+        before = vault.nodes.get(args.ae_title)
         info = vault.nodes.update(
             args.ae_title, host=args.host, port=args.port, tls=args.tls,
             client_cert=args.client_cert,
             roles=parse_roles(args.roles) if args.roles else None,
+            tls_profile=args.tls_profile,
         )
         vault.recorder.emit(_changed("node.set", info.ae_title, roles=",".join(info.roles),
                                      tls=info.tls, client_cert=info.client_cert))
+        if before is not None and (before.tls_profile != info.tls_profile
+                                   or (info.legacy_tls and before.host != info.host)):
+            vault.recorder.emit(_profile_event(info))
     finally:
         vault.close()
     say(f"Node {info.ae_title}: host {info.host}, port {info.port or '-'}, roles "
-        f"{','.join(info.roles)}" + (", TLS only" if info.tls else "") + ".")
+        f"{','.join(info.roles)}" + (", TLS only" if info.tls else "")
+        + (f", TLS profile {TLS_PROFILE_LEGACY} (retired, no forward secrecy)"
+           if info.legacy_tls else "") + ".")
     return 0
 
 
@@ -121,10 +156,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not nodes:
         say("No node registered: every DICOM association is refused.")
         return 0
-    print(f"{'AE title':<16}  {'host':<24} {'port':>5}  {'tls':<3}  {'cert':<4}  roles")
+    print(f"{'AE title':<16}  {'host':<24} {'port':>5}  {'tls':<3}  {'cert':<4}  "
+          f"{'profile':<10}  roles")
     for n in nodes:
         print(f"{n.ae_title:<16}  {n.host:<24} {n.port or '':>5}  {'yes' if n.tls else 'no':<3}"
-              f"  {'yes' if n.client_cert else 'no':<4}  {','.join(n.roles)}")
+              f"  {'yes' if n.client_cert else 'no':<4}  "
+              f"{(n.tls_profile if n.tls else '-'):<10}  {','.join(n.roles)}")
     return 0
 
 

@@ -212,6 +212,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                  "client_cert": n.client_cert, "roles": list(n.roles)}
                 for n in vault.nodes.all()
             ],
+            # per-node downgrades to the retired AES TLS profile (issue 13, defect 7)
+            "legacy_tls_nodes": [
+                {"ae_title": n.ae_title, "host": n.host}
+                for n in vault.nodes.all() if n.legacy_tls
+            ],
             "counts": {k: v for k, v in counts.items() if k != "bytes"},
             "storage": {"received_bytes": counts["bytes"], "encrypted_bytes": on_disk},
             "certificate_expires": certificate_expiry(
@@ -254,6 +259,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         # name if its key were stolen (see ARCHITECTURE.md, TLS).
         print("Warning      CA without name constraints (vault made before they existed): "
               "it can sign certificates for any name")
+    for n in report["legacy_tls_nodes"]:
+        print(f"Warning      node {n['ae_title']} may use the retired AES TLS profile "
+              f"(TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy) from {n['host']}")
     return 0
 
 

@@ -12,6 +12,9 @@ browser would accept for a bank's domain.
 Each certificate does one job (one extended key usage):
 
 * ``server.crt``: serverAuth only, the listeners (DICOM TLS, HTTPS);
+* ``server-rsa.crt``: the same names and role with an RSA 3072 key, loaded beside
+  ``server.crt`` in the same context so modalities whose TLS stack knows only RSA
+  certificates connect (OpenSSL picks the certificate the client's suites allow);
 * ``client.crt``: clientAuth only, what the vault presents when it calls out (C-MOVE);
 * a node's ``<AE>.crt``: clientAuth only, CN = AE title and URI SAN
   ``urn:pacsvault:node:<AE>`` (percent-encoded), valid ``NODE_DAYS``; the association
@@ -41,13 +44,19 @@ from urllib.parse import quote, unquote
 import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 # TLS 1.2 suites: ECDHE only (forward secrecy) and AEAD only. TLS 1.3 suites are all AEAD+FS.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:" \
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES256-GCM-SHA384:" \
     "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-CHACHA20-POLY1305"
+# The retired DICOM "AES TLS Secure Transport Connection Profile" (PS3.15 B.3):
+# TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy. Only in the context used for the
+# source address of a node opted in with ``tls_profile = "legacy-aes"``, after every
+# suite above (server preference), so even that node gets ECDHE when it can.
+LEGACY_AES_CIPHERS = ("AES128-SHA",)
+RSA_SERVER_BITS = 3072
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -93,6 +102,15 @@ class TlsPaths:
     @property
     def server_key(self) -> Path:
         return self.root / "server.key.enc"
+
+    @property
+    def server_rsa_cert(self) -> Path:
+        """The server's RSA certificate, for RSA-only TLS stacks (same names)."""
+        return self.root / "server-rsa.crt"
+
+    @property
+    def server_rsa_key(self) -> Path:
+        return self.root / "server-rsa.key.enc"
 
     @property
     def client_cert(self) -> Path:
@@ -211,6 +229,7 @@ def create_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> 
     cert_pem, key_pem = issue(paths, key_password, common_name, sans, eku=[ServerAuth])
     paths.server_cert.write_bytes(cert_pem)
     _write_private(paths.server_key, key_pem)
+    create_rsa_server_cert(paths, key_password)
     create_client_cert(paths, key_password, common_name)
     write_crl(paths, key_password, [])
 
@@ -227,6 +246,23 @@ def create_client_cert(paths: TlsPaths, key_password: bytes, ae_title: str) -> N
     )
     _write_private(paths.client_key, key_pem)
     _write_atomic(paths.client_cert, cert_pem)
+
+
+def create_rsa_server_cert(paths: TlsPaths, key_password: bytes) -> None:
+    """``server-rsa.crt``: the ECDSA server certificate's subject and names with an RSA
+    3072 key (serverAuth only). Vaults made before it existed get it when opened."""
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    cns = server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        sans = list(server.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        sans = []
+    cert, key_pem = _issue(paths, key_password, str(cns[0].value) if cns else "pacsvault",
+                           sans, eku=[ServerAuth], days=LEAF_DAYS, encrypt_key=True,
+                           rsa_bits=RSA_SERVER_BITS)
+    _write_private(paths.server_rsa_key, key_pem)
+    _write_atomic(paths.server_rsa_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -253,7 +289,8 @@ def rotate_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> 
     retired = paths.root / f"retired-{stamp}"
     retired.mkdir(mode=0o700)
     for path in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key,
-                 paths.client_cert, paths.client_key, paths.crl):
+                 paths.server_rsa_cert, paths.server_rsa_key, paths.client_cert,
+                 paths.client_key, paths.crl):
         if path.exists():
             os.replace(path, retired / path.name)
     try:
@@ -358,9 +395,13 @@ def _issue(
     eku: Sequence[ObjectIdentifier],
     days: int,
     encrypt_key: bool,
+    rsa_bits: int | None = None,
 ) -> tuple[x509.Certificate, bytes]:
     ca_cert, ca_key = _load_ca(paths, key_password)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(65537, rsa_bits) if rsa_bits
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -372,7 +413,9 @@ def _issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
+                # RSA key transport (the legacy AES profile) needs keyEncipherment
+                digital_signature=True, content_commitment=False,
+                key_encipherment=rsa_bits is not None,
                 data_encipherment=False, key_agreement=False, key_cert_sign=False,
                 crl_sign=False, encipher_only=False, decipher_only=False,
             ),
@@ -535,8 +578,15 @@ def client_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
+def server_context(
+    paths: TlsPaths, key_password: bytes, *, legacy_aes: bool = False
+) -> ssl.SSLContext:
     """TLS 1.2+ only, forward-secret AEAD suites only; client certificates verified if sent.
+
+    Both server certificates are loaded (ECDSA, then RSA when present): OpenSSL presents
+    the one the client's suites and signature algorithms allow. ``legacy_aes`` adds the
+    suites of ``LEGACY_AES_CIPHERS`` after the others: only for the source address of an
+    opted-in node (``dicom/server.py`` chooses), never a listener's default.
 
     Client certificates are optional at the TLS layer and required per node by the
     association policy, so one port serves both kinds of node. OpenSSL verifies a client
@@ -547,7 +597,12 @@ def server_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    if legacy_aes:
+        ctx.set_ciphers(":".join((TLS12_CIPHERS, *LEGACY_AES_CIPHERS)))
     ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
+    if paths.server_rsa_cert.exists() and paths.server_rsa_key.exists():
+        ctx.load_cert_chain(paths.server_rsa_cert, paths.server_rsa_key,
+                            password=key_password)
     ctx.load_verify_locations(cafile=str(paths.ca_cert))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
 from pacsvault.config import Settings
-from pacsvault.crypto.tls import PeerCertificate
+from pacsvault.crypto.tls import LEGACY_AES_CIPHERS, PeerCertificate
 from pacsvault.index.nodes import CERT_REVOKED, CERT_VALID, NodeInfo, NodeRegistry
 
 # A-ASSOCIATE-RJ diagnostics, source "service user" (PS3.8 9.3.4)
@@ -46,6 +46,13 @@ class Peer:
     has_client_cert: bool = False
     # The client certificate the TLS layer verified against the vault CA, if any.
     certificate: PeerCertificate | None = None
+    # The negotiated TLS suite (OpenSSL name), "" on the plain port.
+    cipher: str = ""
+
+    @property
+    def legacy_cipher(self) -> bool:
+        """Connected with the retired AES profile's suite (no forward secrecy)."""
+        return self.cipher in LEGACY_AES_CIPHERS
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,12 @@ class AssociationPolicy:
         )
         return False
 
+    def legacy_tls_source(self, address: str) -> bool:
+        """Whether ``address`` is the host of a TLS node opted in to the retired AES
+        profile (the TLS handshake may then offer its suite; see ``_decide``)."""
+        return any(node.legacy_tls and node.tls and _host_matches(node.host, address)
+                   for node in self._nodes.all())
+
     def check_association(self, peer: Peer, calling_ae: str, called_ae: str) -> Decision:
         calling_ae, called_ae = calling_ae.strip(), called_ae.strip()
         decision = self._decide(peer, calling_ae, called_ae)
@@ -118,6 +131,7 @@ class AssociationPolicy:
                     actor_address=peer.address,
                     message=decision.why,
                     detail={"called_ae": called_ae, "tls": peer.tls,
+                            **({"cipher": peer.cipher} if peer.cipher else {}),
                             **({"registered": True} if decision.registered else {}),
                             **({"cert_serial": peer.certificate.serial_hex}
                                if peer.certificate is not None else {})},
@@ -147,6 +161,16 @@ class AssociationPolicy:
                 f"node {node.ae_title} is registered for DICOM TLS only but connected to "
                 f"the plain port: set the device to use TLS on port "
                 f"{self._settings.dicom.tls_port}", registered=True,
+            )
+        if peer.legacy_cipher and not node.legacy_tls:
+            # The handshake context is chosen by source address before any AE title is
+            # known: another device (or AE) at an opted-in node's address gets no share
+            # of that node's downgrade.
+            return Decision(
+                None, REASON_NO_REASON,
+                f"node {node.ae_title} connected with the legacy AES TLS suite "
+                f"{peer.cipher} but is not opted in (node set --tls-profile legacy-aes)",
+                registered=True,
             )
         if node.client_cert:
             why = self._certificate_refusal(peer, node.ae_title)

@@ -177,7 +177,22 @@ class DicomService:
     def _tls_context(self) -> ssl.SSLContext:
         from pacsvault.crypto.tls import server_context
 
+        # The legacy context (retired AES profile) is made now too, and used only for the
+        # source address of a node opted in by name (``tls_context_for``).
+        self._legacy_tls = server_context(self.vault.layout.tls, self.vault.tls_password(),
+                                          legacy_aes=True)
         return server_context(self.vault.layout.tls, self.vault.tls_password())
+
+    _legacy_tls: ssl.SSLContext | None = None
+
+    def tls_context_for(self, address: str, strict: ssl.SSLContext) -> ssl.SSLContext:
+        """The TLS handshake comes before the association names its AE title: the source
+        address is all there is. The legacy context only for the host of a node with
+        ``tls_profile = "legacy-aes"`` (read at each connection, so ``node set`` applies
+        without a restart); the policy then checks the calling AE is that node."""
+        if self._legacy_tls is not None and self.policy.legacy_tls_source(address):
+            return self._legacy_tls
+        return strict
 
     def _listen(
         self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None
@@ -310,7 +325,8 @@ class DicomService:
         self._emit(
             state, "dicom.association.accepted", Outcome.SUCCESS,
             EventCode.USER_AUTHENTICATION,
-            detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert},
+            detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert,
+                    **({"cipher": state.peer.cipher} if state.peer.cipher else {})},
         )
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -518,12 +534,14 @@ class _PolicyRequestHandler(RequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         has_cert = False
         certificate: PeerCertificate | None = None
+        cipher = ""
         if self.pv_tls is not None:
             raw = self.request
             # The handshake is the connection's first phase: its deadline applies.
             raw.settimeout(min(TLS_HANDSHAKE_TIMEOUT, self.pv_service.read_limits.connect_timeout))
+            ctx = self.pv_service.tls_context_for(address, self.pv_tls)
             try:
-                wrapped = self.pv_tls.wrap_socket(raw, server_side=True)
+                wrapped = ctx.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 # One by one at a human pace, counted in a flood (audit/refusals).
                 self.pv_service.refusals.burst(
@@ -543,8 +561,11 @@ class _PolicyRequestHandler(RequestHandler):
             der = wrapped.getpeercert(binary_form=True)
             certificate = peer_certificate(der) if der else None
             has_cert = certificate is not None
+            negotiated = wrapped.cipher()
+            cipher = negotiated[0] if negotiated else ""
             self.request = wrapped
-        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert, certificate)
+        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert, certificate,
+                             cipher)
         super().handle()
 
     def _create_association(self) -> Association:

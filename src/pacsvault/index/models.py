@@ -169,6 +169,10 @@ class Node(Base):
     tls: Mapped[bool] = mapped_column(Boolean, default=False)
     client_cert: Mapped[bool] = mapped_column(Boolean, default=False)
     roles: Mapped[str] = mapped_column(String(64), default="store")
+    # "bcp195" (strict) or "legacy-aes": a named old modality's opt-in to the retired
+    # AES TLS profile (TLS_RSA_WITH_AES_128_CBC_SHA), never a global downgrade.
+    tls_profile: Mapped[str] = mapped_column(String(16), default="bcp195",
+                                             server_default="bcp195")
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

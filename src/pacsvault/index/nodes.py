@@ -18,6 +18,11 @@ from pacsvault.index.models import Node, NodeCertificate, utcnow
 
 ROLES = ("store", "query", "retrieve")
 DEFAULT_ROLES = ("store",)
+# DICOM TLS profiles a node may use (PS3.15 Annex B): BCP 195 for everyone, the retired
+# AES profile only for a node opted in by name (see crypto/tls.py LEGACY_AES_CIPHERS).
+TLS_PROFILE_STRICT = "bcp195"
+TLS_PROFILE_LEGACY = "legacy-aes"
+TLS_PROFILES = (TLS_PROFILE_STRICT, TLS_PROFILE_LEGACY)
 
 
 class NodeError(Exception):
@@ -42,10 +47,17 @@ class Issued(Protocol):
 
 
 def ensure_tables(engine: Engine) -> None:
-    """Create ``node_certificates`` in a vault made before it existed (no migrations)."""
+    """Create ``node_certificates`` and the ``nodes.tls_profile`` column in a vault made
+    before they existed (no migrations)."""
     table = cast(Table, NodeCertificate.__table__)
     with contextlib.suppress(OperationalError):  # made by another process meanwhile
         table.create(engine, checkfirst=True)
+    with engine.begin() as conn:
+        columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(nodes)")}
+        if columns and "tls_profile" not in columns:
+            with contextlib.suppress(OperationalError):  # "duplicate column": raced
+                conn.exec_driver_sql("ALTER TABLE nodes ADD COLUMN tls_profile "
+                                     "VARCHAR(16) NOT NULL DEFAULT 'bcp195'")
 
 
 def _as_utc(when: dt.datetime) -> dt.datetime:
@@ -60,9 +72,15 @@ class NodeInfo:
     tls: bool
     client_cert: bool
     roles: tuple[str, ...]
+    tls_profile: str = TLS_PROFILE_STRICT
 
     def may(self, role: str) -> bool:
         return role in self.roles
+
+    @property
+    def legacy_tls(self) -> bool:
+        """Opted in to the retired AES TLS profile (a finding on the Health page)."""
+        return self.tls_profile == TLS_PROFILE_LEGACY
 
 
 def parse_roles(text: str) -> tuple[str, ...]:
@@ -90,9 +108,16 @@ def check_host(host: str, *, tls: bool) -> str:
         raise NodeError(str(exc)) from None
 
 
+def check_tls_profile(profile: str) -> str:
+    if profile not in TLS_PROFILES:
+        raise NodeError(f"TLS profile must be one of {', '.join(TLS_PROFILES)}")
+    return profile
+
+
 def _info(row: Node) -> NodeInfo:
     return NodeInfo(
-        row.ae_title, row.host, row.port, row.tls, row.client_cert, tuple(row.roles.split(","))
+        row.ae_title, row.host, row.port, row.tls, row.client_cert, tuple(row.roles.split(",")),
+        row.tls_profile or TLS_PROFILE_STRICT,
     )
 
 
@@ -115,6 +140,7 @@ class NodeRegistry:
         tls: bool = False,
         client_cert: bool = False,
         roles: tuple[str, ...] = DEFAULT_ROLES,
+        tls_profile: str = TLS_PROFILE_STRICT,
     ) -> NodeInfo:
         ae_title = check_ae_title(ae_title)
         host = check_host(host, tls=tls)
@@ -122,12 +148,14 @@ class NodeRegistry:
             raise NodeError("port must be between 1 and 65535")
         if client_cert and not tls:
             raise NodeError("--client-cert requires --tls")
+        if check_tls_profile(tls_profile) != TLS_PROFILE_STRICT and not tls:
+            raise NodeError("--tls-profile legacy-aes requires --tls")
         with self._sessions.begin() as session:
             if session.scalar(select(Node).where(Node.ae_title == ae_title)):
                 raise NodeError(f"node {ae_title} already exists")
             row = Node(
                 ae_title=ae_title, host=host, port=port, tls=tls,
-                client_cert=client_cert, roles=",".join(roles),
+                client_cert=client_cert, roles=",".join(roles), tls_profile=tls_profile,
             )
             session.add(row)
             return _info(row)
@@ -141,6 +169,7 @@ class NodeRegistry:
         tls: bool | None = None,
         client_cert: bool | None = None,
         roles: tuple[str, ...] | None = None,
+        tls_profile: str | None = None,
     ) -> NodeInfo:
         with self._sessions.begin() as session:
             row = session.scalar(select(Node).where(Node.ae_title == ae_title.strip()))
@@ -158,8 +187,12 @@ class NodeRegistry:
                 row.client_cert = client_cert
             if roles is not None:
                 row.roles = ",".join(roles)
+            if tls_profile is not None:
+                row.tls_profile = check_tls_profile(tls_profile)
             if row.client_cert and not row.tls:
                 raise NodeError("a client certificate requires TLS")
+            if row.tls_profile != TLS_PROFILE_STRICT and not row.tls:
+                raise NodeError("the legacy-aes TLS profile requires TLS")
             if host is not None or tls is not None:  # a legacy host stays until changed
                 row.host = check_host(row.host, tls=row.tls)
             return _info(row)

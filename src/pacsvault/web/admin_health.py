@@ -11,6 +11,9 @@
 * the last security events of the audit trail (exposures, refused associations, locked
   accounts...): time, action, outcome, source, never the message or references, so no
   patient data;
+* DICOM TLS downgrades: every node opted in to the retired AES TLS profile
+  (``tls_profile = "legacy-aes"``), as a warning line: an exception granted to one old
+  modality stays visible until it is withdrawn;
 * the audit chain: ``AuditTrail.verify`` with signatures checked on the last
   ``VERIFY_TAIL`` records;
 * the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
@@ -184,6 +187,7 @@ def health_page(request: Request, principal: AdminPage) -> Response:
     verdict = vault.audit.verify(tail=VERIFY_TAIL)
     state = server_state(vault)
     running = bool(state) and state.get("pid") == os.getpid()
+    nodes = vault.nodes.all()
     return _page(request, "admin_health.html", nav="admin", admin_nav="health",
                  listeners=listeners(vault, request.url.port), running=running,
                  bind=str(state.get("bind", "")), ae_title=vault.settings.server.ae_title,
@@ -191,5 +195,6 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  size=size, certificates=certificates(vault, now),
                  warning_days=EXPIRY_WARNING_DAYS,
                  events=security_events(vault.audit.path), verdict=verdict,
-                 nodes=len(vault.nodes.all()), blocks=_accounts(request).blocks(),
+                 nodes=len(nodes), legacy_tls=[n for n in nodes if n.legacy_tls],
+                 blocks=_accounts(request).blocks(),
                  blocks_back="/admin/health")
