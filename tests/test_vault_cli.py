@@ -32,7 +32,7 @@ import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import BaseModel
 
@@ -356,7 +356,9 @@ def test_private_keys_encrypted_at_rest(vault: VaultDir) -> None:
     tls = vault.data / "tls"
     key_files = sorted(tls.glob("*.key*"))
     # client.key.enc: the vault's outbound (C-MOVE) client certificate, issue 11 defect 9
-    assert {p.name for p in key_files} == {"ca.key.enc", "server.key.enc", "client.key.enc"}
+    # server-rsa.key.enc: the RSA server certificate for RSA-only modalities (issue 13, defect 7)
+    assert {p.name for p in key_files} == {"ca.key.enc", "server.key.enc", "client.key.enc",
+                                           "server-rsa.key.enc"}
     v = Vault.open(vault.data, vault.key)
     try:
         password = v.tls_password()
@@ -378,6 +380,10 @@ def test_private_keys_encrypted_at_rest(vault: VaultDir) -> None:
         priv = serialization.load_pem_private_key((tls / key_name).read_bytes(), password)
         assert isinstance(priv, ec.EllipticCurvePrivateKey)
         assert priv.public_key() == _load(tls / cert_name).public_key()
+    rsa_priv = serialization.load_pem_private_key((tls / "server-rsa.key.enc").read_bytes(),
+                                                  password)
+    assert isinstance(rsa_priv, rsa.RSAPrivateKey) and rsa_priv.key_size == 3072
+    assert rsa_priv.public_key() == _load(tls / "server-rsa.crt").public_key()
     assert mode(tls) == 0o700
 
 
