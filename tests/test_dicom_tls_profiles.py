@@ -25,7 +25,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.helpers import Server, VaultDir, echoscu, events, make_vault, start_server
+from tests.helpers import (
+    Server,
+    VaultDir,
+    echoscu,
+    events,
+    make_vault,
+    start_server,
+    storescu,
+)
 from tests.web_helpers import client, sign_in
 
 pytestmark = pytest.mark.slow
@@ -223,3 +231,19 @@ def test_older_vault_gets_rsa_certificate_and_profile_column(
         assert (tls / "server-rsa.key.enc").stat().st_mode & 0o077 == 0
     finally:
         v.close()
+
+
+def test_readme_storescu_compressed_needs_the_matching_proposal(env: Env) -> None:
+    """README (issue 13, defect 8): storescu proposes only uncompressed syntaxes, so a JPEG
+    2000 file fails without ``-xv`` (``-R`` does not help) and is stored with it."""
+    from pydicom.data import get_testdata_file
+
+    j2k = get_testdata_file("MR_small_jp2klossless.dcm")
+    assert j2k is not None
+    tls = ("+tla", "+cf", str(env.ca))
+    res = storescu(env.server.tls_port, [Path(str(j2k))], calling=MODERN, tls=tls,
+                   extra=("-R",))
+    assert res.returncode != 0 and "Store Failed" in res.stdout + res.stderr
+    res = storescu(env.server.tls_port, [Path(str(j2k))], calling=MODERN, tls=tls,
+                   extra=("-xv",))
+    assert res.returncode == 0, res.stdout + res.stderr
