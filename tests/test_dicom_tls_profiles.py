@@ -247,3 +247,19 @@ def test_readme_storescu_compressed_needs_the_matching_proposal(env: Env) -> Non
     res = storescu(env.server.tls_port, [Path(str(j2k))], calling=MODERN, tls=tls,
                    extra=("-xv",))
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_set_opt_in_applies_without_restart_and_is_withdrawn(env: Env) -> None:
+    legacy = _client("AES128-SHA", legacy=True)
+    legacy.load_verify_locations(cafile=str(env.ca))
+    env.vault.cli("node", "set", REMOTE, "--tls-profile", "legacy-aes")
+    try:
+        with _handshake(env, legacy, source=OTHER) as tls:
+            assert tls.cipher()[0] == "AES128-SHA"
+    finally:
+        env.vault.cli("node", "set", REMOTE, "--tls-profile", "bcp195")
+    with pytest.raises(ssl.SSLError):
+        _handshake(env, legacy, source=OTHER).close()
+    found = [e.get("profile") for e in events(env.vault, "node.tls_profile")
+             if e.get("node") == REMOTE]
+    assert found == ["legacy-aes", "bcp195"]
