@@ -195,11 +195,22 @@ def frame_array(ds: Dataset, index: int) -> NDArray[Any]:
         ds, lambda plugin: pixel_array(ds, index=index, decoding_plugin=plugin)))
 
 
+# lossy by definition: JPEG baseline, JPEG extended, JPEG-LS near-lossless
+_LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                             "1.2.840.10008.1.2.4.81"})
+
+
 def decompress(ds: Dataset) -> None:
-    """Decode the pixel data in place to Explicit VR Little Endian (same SOP Instance)."""
+    """Decode the pixel data in place to Explicit VR Little Endian (same SOP Instance).
+
+    A lossy original stays marked lossy once decoded (PS3.3 C.7.6.1.1.5): JPEG baseline,
+    extended and JPEG-LS near-lossless objects often lack the attribute (issue 13)."""
+    lossy = str(ds.file_meta.TransferSyntaxUID) in _LOSSY_SYNTAXES
     _check_size(ds, _frames_in(ds))
     _with_plugins(ds, lambda plugin: ds.decompress(
         decoding_plugin=plugin, generate_instance_uid=False))
+    if lossy:
+        ds.LossyImageCompression = "01"
 
 
 def native_frame_bytes(ds: Dataset, index: int) -> bytes:
