@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from pacsvault.audit.query import own_refs
+from pacsvault.audit.query import own_refs, refs_for_study
 from tests import corpus
 from tests.helpers import (
     AE,
@@ -355,6 +355,50 @@ def test_show_patient_lists_only_that_patients_references(tmp_path: Path) -> Non
         assert ("PVOWN_B" if patient == "PVOWN_A" else "PVOWN_A") not in text
         stored = [r for r in records if r["action"] == "dicom.store.committed"]
         assert stored and all(r["study_uids"] == [own] for r in stored)
+
+
+def test_show_study_lists_only_the_owning_patients_references(tmp_path: Path) -> None:
+    """``audit show --study S`` (and the auditor page's study filter, same code) matches a
+    multi-patient record by S, but shows only the references of S's patient."""
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    vault.add_node(QR, "--roles", "store,query,retrieve")
+    a = _ct(tmp_path / "ct", "PVSTU_A", "Quetzal^Bartholomew", 6)
+    b = _ct(tmp_path / "ct", "PVSTU_B", "Zorglub^Helene", 7)
+    study_a, study_b = (str(dcmread(p).StudyInstanceUID) for p in (a, b))
+    server = start_server(vault)
+    try:
+        assert storescu(server.port, [a, b], calling=MODALITY).returncode == 0
+        answers, final = _find(server.port)  # one query disclosing both patients
+        assert final == 0 and len(answers) == 2
+    finally:
+        server.stop()
+
+    for study, other, owner, stranger in ((study_a, study_b, "PVSTU_A", "PVSTU_B"),
+                                          (study_b, study_a, "PVSTU_B", "PVSTU_A")):
+        out = vault.cli("audit", "show", "--study", study, "--json").stdout
+        records = [json.loads(line) for line in out.splitlines() if line.strip()]
+        (query,) = [r for r in records if r["action"] == "dicom.find"]
+        assert query["study_uids"] == [study] and query["patient_ids"] == [owner]
+        assert query["withheld"] == 2  # the other patient's study and ID
+        text = json.dumps(records)
+        assert other not in text, "a study's trail shows another patient's study"
+        assert stranger not in text
+
+
+def test_study_filter_on_records_without_grouping_uses_the_index() -> None:
+    """Older records: the study's owner per the index decides what is shown."""
+    old = {"patient_ids": ["A", "B"], "study_uids": ["1.1", "2.2"],
+           "sop_uids": ["1.1.1", "2.2.1"]}
+    assert refs_for_study(old, "2.2", {"B": ({"2.2"}, {"2.2.1"})}) == {
+        "patient_ids": ["B"], "study_uids": ["2.2"], "sop_uids": ["2.2.1"], "withheld": 3}
+    # owner unknown to the index: only the study asked about is shown
+    assert refs_for_study(old, "2.2", {}) == {
+        "patient_ids": [], "study_uids": ["2.2"], "sop_uids": [], "withheld": 5}
+    grouped = {**old, "patients": {"A": {"study_uids": ["1.1"], "sop_uids": ["1.1.1"]},
+                                   "B": {"study_uids": ["2.2"], "sop_uids": ["2.2.1"]}}}
+    assert refs_for_study(grouped, "1.1", {}) == {
+        "patient_ids": ["A"], "study_uids": ["1.1"], "sop_uids": ["1.1.1"], "withheld": 3}
 
 
 def test_records_without_grouping_are_cut_with_the_index() -> None:
