@@ -247,6 +247,54 @@ def test_full_trail_disk_refuses_access_then_repairs(
     assert status["counts"]["instances"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_export_is_recorded_before_any_file_and_refused_without_a_trail(
+    small_audit_fs: tuple[VaultDir, Path], tmp_path: Path
+) -> None:
+    """``pacsvault export`` writes plaintext only once its record is durable: with the
+    trail's disk full it exits 2 with one line and writes nothing."""
+    vault, audit = small_audit_fs
+    ct = _ct(tmp_path / "ct", "PVEXP01", "Quetzal^Bartholomew", 8)
+    study, sop = (str(getattr(dcmread(ct), k)) for k in ("StudyInstanceUID",
+                                                         "SOPInstanceUID"))
+    v = vault.open()
+    try:
+        v.archive.store(ct.read_bytes(), source_ae="TEST")
+    finally:
+        v.close()
+
+    out = tmp_path / "ok"
+    vault.cli("export", "--study", study, "--out", out)
+    assert len(list(out.rglob("*.dcm"))) == 1
+    (record,) = events(vault, "export")
+    assert record["study_uids"] == [study] and record["sop_uids"] == [sop]
+    assert record["patient_ids"] == ["PVEXP01"] and record["instances"] == 1
+
+    filler = _fill(audit)
+    # The trail's last page may still take a record or two: every export that writes
+    # files must have its record; from the first that does not fit, nothing is written.
+    exported = 1
+    for attempt in range(20):
+        target = tmp_path / f"full{attempt}"
+        res = vault.cli("export", "--study", study, "--out", target, check=False)
+        if res.returncode != 0:
+            break
+        exported += 1
+        assert len(list(target.rglob("*.dcm"))) == 1
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert not target.exists(), "files written with no durable record of the export"
+    # one error line (the lines before it are the recorder's CRITICAL alarm, by design)
+    errors = [line for line in res.stderr.splitlines() if "error:" in line]
+    assert errors == res.stderr.strip().splitlines()[-1:], res.stderr
+    assert "audit trail" in errors[0] and "Traceback" not in res.stderr, res.stderr
+    assert "Quetzal" not in res.stderr + res.stdout and "PVEXP01" not in res.stderr
+
+    filler.unlink()
+    vault.cli("audit", "repair", check=False)  # the refused write may have left a cut line
+    assert len(events(vault, "export")) == exported
+
+
 # === defect 8: stores recorded per committed batch ======================================
 
 

@@ -1,7 +1,8 @@
 """``pacsvault export``: decrypt instances back into DICOM files.
 
 The files are plaintext patient data on a PC others may use: 0600, in folders pacsvault
-creates as 0700 whatever the umask (``cli.outputs``).
+creates as 0700 whatever the umask (``cli.outputs``). The export is recorded (durably)
+before the first file is written, so no plaintext ever leaves unrecorded.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from tqdm import tqdm
 
-from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.cli.outputs import private_dir, restrict_dir, write_private
+from pacsvault.index.models import Patient, Study
+from pacsvault.storage.archive import StoredInstance
+from pacsvault.vault import Vault
 
 _SAFE = re.compile(r"^[0-9.]{1,64}$")
 
@@ -73,6 +78,31 @@ def cmd_export(args: argparse.Namespace) -> int:
                            f"{exc.strerror or type(exc).__name__}") from None
 
 
+def _record_before_writing(vault: Vault, items: list[StoredInstance],
+                           studies: set[str]) -> None:
+    """Make the export's record durable before any plaintext file exists (fail closed):
+    if the trail cannot take it, nothing is written and the command exits 2. The record
+    names, sealed, everything about to be exported, grouped per patient."""
+    with vault.sessions() as session:
+        owners = dict(session.execute(
+            select(Study.study_uid, Patient.patient_id)
+            .join(Patient, Study.patient_pk == Patient.pk)
+            .where(Study.study_uid.in_(studies))).tuples().all())
+    try:
+        vault.recorder.emit(
+            AuditEvent(action="export", outcome=Outcome.SUCCESS, code=EventCode.EXPORT,
+                       actor_user="local-admin", study_uids=tuple(sorted(studies)),
+                       sop_uids=tuple(i.sop_uid for i in items),
+                       patient_ids=tuple(sorted(set(owners.values()))),
+                       study_patients=owners,
+                       sop_studies={i.sop_uid: i.study_uid for i in items},
+                       detail={"instances": len(items), "destination": "local folder"}),
+            required=True)
+    except AuditUnavailable:
+        raise CommandError("export refused: the audit trail cannot record it (disk full "
+                           "or unwritable?); no file was written") from None
+
+
 def _export(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
@@ -80,9 +110,10 @@ def _export(args: argparse.Namespace) -> int:
                                           sop_uid=args.instance))
         if not items:
             raise CommandError("nothing matches; no file was written")
+        studies = {i.study_uid for i in items}
+        _record_before_writing(vault, items, studies)
         private_dir(args.out)
         made: set[Path] = set()
-        studies: set[str] = set()
         with tqdm(total=sum(i.size for i in items), unit="B", unit_scale=True,
                   desc="export", file=sys.stderr, disable=None) as bar:
             for item in items:
@@ -94,13 +125,7 @@ def _export(args: argparse.Namespace) -> int:
                         restrict_dir(folder)
                         made.add(folder)
                 write_private(target, vault.archive.read(item))
-                studies.add(item.study_uid)
                 bar.update(item.size)
-        vault.recorder.emit(
-            AuditEvent(action="export", outcome=Outcome.SUCCESS, code=EventCode.EXPORT,
-                       actor_user="local-admin", study_uids=tuple(sorted(studies)),
-                       detail={"instances": len(items), "destination": "local folder"})
-        )
     finally:
         vault.close()
     say(f"Exported {len(items)} instance(s) of {len(studies)} study(ies) to {args.out}.")
