@@ -8,7 +8,10 @@
   by a store record (recorded per committed batch, with the index rows);
 - defect 15a: a C-MOVE to a registered but unreachable destination leaves a ``dicom.move``
   failure record;
-- defect 15b: ``audit show --patient X`` shows X's own references only.
+- defect 15b: ``audit show --patient X`` shows X's own references only, ``--study S``
+  only those of S's patient;
+- fail-closed export: ``pacsvault export`` records (durably) before writing any file, and
+  writes nothing when the trail cannot take the record.
 
 (Running tamper detection, defect 12, is in ``test_audit_tamper_live.py``.)
 """
