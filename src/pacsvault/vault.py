@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,6 +124,28 @@ def _read_meta(layout: Layout) -> dict[str, object]:
     if meta.get("format") != VAULT_FORMAT:
         raise VaultError(f"{layout.meta}: unsupported vault format {meta.get('format')!r}")
     return meta
+
+
+_META_LOCK = threading.Lock()
+
+
+def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
+    """Change ``vault.json`` atomically (write a 0600 sibling, fsync, rename, fsync the
+    directory): a crash leaves the old or the new file, never half of one. One writer per
+    process at a time; writers in other processes (CLI vs serve) are rare admin actions."""
+    with _META_LOCK:
+        meta = _read_meta(layout)
+        change(meta)
+        tmp = layout.meta.with_name(f".{META_NAME}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        _write_private_json(tmp, meta)
+        os.replace(tmp, layout.meta)
+        dirfd = os.open(layout.root, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        return meta
 
 
 def _write_private_json(path: Path, value: object) -> None:
@@ -246,6 +269,7 @@ class Vault:
         self.settings = settings
         self.vault_id = vault_id
         self._master = master
+        self._secret_lock = threading.Lock()
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
@@ -359,6 +383,24 @@ class Vault:
 
     def tls_password(self) -> bytes:
         return _tls_password(self._master, self.vault_id)
+
+    def named_secret(self, name: str, *, size: int = 32) -> bytes:
+        """A random secret kept in ``vault.json["secrets"]`` wrapped by the master key,
+        made on first use (``keys.wrap_secret``: rotation re-wraps these in one place)."""
+        with self._secret_lock:
+            stored = _read_meta(self.layout).get("secrets")
+            if isinstance(stored, dict) and isinstance(stored.get(name), str):
+                return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
+            secret = os.urandom(size)
+            blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
+
+            def add(meta: dict[str, object]) -> None:
+                table = meta.setdefault("secrets", {})
+                assert isinstance(table, dict)
+                table[name] = blob
+
+            update_meta(self.layout, add)
+            return secret
 
     def close(self) -> None:
         if self.syslog is not None:

@@ -29,6 +29,7 @@ from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
 from pacsvault.service import lock as instance_lock
+from pacsvault.service.jobs import JobRunner
 from pacsvault.service.ports import Listener, PortError, check_free
 from pacsvault.vault import META_NAME, Layout, Vault, VaultError
 from pacsvault.web.app import create_app
@@ -241,6 +242,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         log.warning("no node is registered yet, so every association will be refused; "
                     "register your modality with 'pacsvault node add'")
     _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
+    jobs = JobRunner(vault)
+    jobs.start()
     try:
         # Short waits: a signal is handled only when the main thread runs Python code,
         # and the kernel may deliver it to a connection thread instead.
@@ -250,6 +253,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
                 purge_expired(vault)
                 next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
     finally:
+        jobs.stop()
         vault.layout.state.unlink(missing_ok=True)
         if web is not None:
             web.stop()

@@ -166,3 +166,28 @@ def unwrap_with_recovery(blob: dict[str, str], code: str, vault_id: str) -> Mast
     except InvalidTag:
         raise VaultKeyError("this recovery code does not open this vault") from None
     return MasterKey(raw)
+
+
+# --- named secrets wrapped by the master key -----------------------------------------------
+
+PURPOSE_NAMED_SECRETS = "pacsvault/v1/named-secrets"
+
+
+def wrap_secret(key: MasterKey, vault_id: str, name: str, secret: bytes) -> str:
+    """Seal a random secret (backup repository password, sealed-mode private key...) under
+    the master key, bound to its name. Kept in ``vault.json["secrets"][name]``, so a key
+    rotation re-wraps every such secret in one place and the secret itself never changes
+    (a backup repository keeps its password across rotations)."""
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(key.derive(PURPOSE_NAMED_SECRETS, vault_id)).encrypt(
+        nonce, secret, f"{vault_id}/{name}".encode())
+    return base64.b64encode(nonce + sealed).decode()
+
+
+def unwrap_secret(key: MasterKey, vault_id: str, name: str, blob: str) -> bytes:
+    raw = base64.b64decode(blob)
+    try:
+        return AESGCM(key.derive(PURPOSE_NAMED_SECRETS, vault_id)).decrypt(
+            raw[:12], raw[12:], f"{vault_id}/{name}".encode())
+    except InvalidTag:
+        raise VaultKeyError(f"the vault secret {name!r} does not open with this key") from None
