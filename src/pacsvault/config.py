@@ -129,6 +129,41 @@ class AuditSettings(_Strict):
         return self
 
 
+class BackupTarget(_Strict):
+    """One place backups go: a USB disk, an off-site server or bucket (restic syntax)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    # A restic repository: /media/usb/pacsvault-backup, sftp:user@host:/srv/backup,
+    # s3:https://s3.example.net/bucket/pacsvault, rest:https://host:8000/pacsvault
+    repository: str = Field(min_length=1)
+    # Optional 0600 file of KEY=VALUE lines handed to restic's environment (e.g.
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Never the repository password: that one
+    # is derived from the vault's keys.
+    credentials_file: str = ""
+
+
+class BackupSettings(_Strict):
+    targets: list[BackupTarget] = []
+    # Daily run time, local time of the server ("HH:MM").
+    schedule: str = Field("01:30", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    # Alert when the last good backup of a target is older than this.
+    max_age_hours: int = Field(36, ge=1)
+    keep_daily: int = Field(7, ge=0)
+    keep_weekly: int = Field(4, ge=0)
+    keep_monthly: int = Field(12, ge=0)
+    keep_yearly: int = Field(20, ge=0)
+    # A restore drill (restore the latest snapshot, open and verify it) this often.
+    drill_every_days: int = Field(30, ge=1)
+    restic_binary: str = "restic"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BackupSettings:
+        names = [t.name for t in self.targets]
+        if len(names) != len(set(names)):
+            raise ValueError("backup target names must be unique")
+        return self
+
+
 class Settings(_Strict):
     server: ServerSettings
     dicom: DicomSettings = DicomSettings()
@@ -137,6 +172,7 @@ class Settings(_Strict):
     web: WebSettings = WebSettings()
     audit: AuditSettings = AuditSettings()
     alerts: AlertSettings = AlertSettings()
+    backup: BackupSettings = BackupSettings()
 
     def is_trusted(self, address: str) -> bool:
         try:
