@@ -42,6 +42,12 @@ class VaultKeyError(Exception):
     """A key is missing, unreadable or does not open this vault (message is user-facing)."""
 
 
+class KeyUnavailable(VaultKeyError):
+    """The master key exists but cannot be had right now: its medium is absent (USB key
+    removed) or it is protected and nobody has unlocked it yet. ``serve`` starts *sealed*
+    on this (it keeps receiving), every other command stops with the message."""
+
+
 @dataclass(frozen=True)
 class MasterKey:
     """The root secret. Only ``derive`` should ever touch ``raw``."""
@@ -86,7 +92,7 @@ def read_key_file(path: Path) -> tuple[MasterKey, str]:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise VaultKeyError(
+        raise KeyUnavailable(
             f"key file not found: {path}. Insert the key medium, pass --key-file, "
             "or restore it with 'pacsvault key recover'."
         ) from None
