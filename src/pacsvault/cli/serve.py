@@ -29,6 +29,7 @@ from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
 from pacsvault.service import lock as instance_lock
+from pacsvault.service.control import ControlServer
 from pacsvault.service.jobs import JobRunner
 from pacsvault.service.ports import Listener, PortError, check_free
 from pacsvault.vault import META_NAME, Layout, Vault, VaultError
@@ -244,6 +245,9 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
     jobs = JobRunner(vault)
     jobs.start()
+    # CLI -> this server (unseal, online key rotation): features register their commands.
+    control = ControlServer(vault.layout.root)
+    control.start()
     try:
         # Short waits: a signal is handled only when the main thread runs Python code,
         # and the kernel may deliver it to a connection thread instead.
@@ -253,6 +257,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
                 purge_expired(vault)
                 next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
     finally:
+        control.stop()
         jobs.stop()
         vault.layout.state.unlink(missing_ok=True)
         if web is not None:
