@@ -164,6 +164,23 @@ class BackupSettings(_Strict):
         return self
 
 
+class RetentionSettings(_Strict):
+    """How long patient images are kept (``storage.retention``) before erasure may be
+    proposed. French law (Code de la santé publique R1112-7): 20 years after the last
+    exam, and for a minor at least until their 28th birthday."""
+
+    years: int = Field(20, ge=1, le=200)
+    minor_until_age: int = Field(28, ge=0, le=150)
+    # Longer (or shorter) periods per modality, in years after the last exam with it,
+    # e.g. per_modality = { MG = 30 }. The longest rule that applies wins.
+    per_modality: dict[
+        Annotated[str, Field(pattern=r"^[A-Z0-9]{1,16}$")], Annotated[int, Field(ge=1, le=200)]
+    ] = Field(default_factory=dict)
+    # A practice with a single administrator: an erasure is then confirmed by that
+    # administrator typing the patient ID again (recorded), instead of a second admin.
+    solo_practice: bool = False
+
+
 class Settings(_Strict):
     server: ServerSettings
     dicom: DicomSettings = DicomSettings()
@@ -173,6 +190,7 @@ class Settings(_Strict):
     audit: AuditSettings = AuditSettings()
     alerts: AlertSettings = AlertSettings()
     backup: BackupSettings = BackupSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     def is_trusted(self, address: str) -> bool:
         try:
@@ -322,5 +340,18 @@ retention_justification = ""
 # Seconds between two checks of the trail by the running server (it also checks at every
 # write); a change to the trail raises the audit-broken alert.
 check_seconds = 30
+
+[retention]
+# How long patient images are kept: years after the patient's last exam (French rule:
+# 20), and for a patient whose birth date is known at least until this birthday (28: a
+# minor's images). Per modality, e.g. per_modality = {{ MG = 30 }}; the longest applies.
+# When it ends, the daily check lists the patient for erasure (Administration > Erasure);
+# nothing is erased without an administrator's confirmation.
+years = 20
+minor_until_age = 28
+per_modality = {{}}
+# true for a practice with a single administrator: an erasure is then confirmed by typing
+# the patient ID again (recorded), since no second administrator exists to confirm it.
+solo_practice = false
 
 """ + SYSLOG_SECTION + "\n" + render_section()
