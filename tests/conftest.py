@@ -13,6 +13,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers import Server, VaultDir, make_vault, start_server
 
 
+# The quick loop (`pytest -m quick`, under 2 minutes here): the fast tests of the modules
+# that start no server. Everything stays in the full suite; add a module when it qualifies.
+QUICK_MODULES = frozenset({
+    "test_accounts", "test_archive_fastpath", "test_bench_small", "test_cli_errors",
+    "test_cli_imports", "test_crypto", "test_data_dir", "test_dicom_contexts",
+    "test_dicom_fastpath", "test_file_permissions", "test_friendly_messages", "test_i18n",
+    "test_install_script", "test_matching", "test_passkeys", "test_qido_for_ohif",
+    "test_query_answers", "test_storage", "test_syslog_export", "test_transcode_unit",
+    "test_viewer_dist", "test_viewer_serving",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if (item.path.stem in QUICK_MODULES and item.get_closest_marker("slow") is None
+                and item.get_closest_marker("browser") is None):
+            item.add_marker(pytest.mark.quick)
+
+
 @pytest.fixture
 def vault(tmp_path: Path) -> VaultDir:
     return make_vault(tmp_path / "vault")
