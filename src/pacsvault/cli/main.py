@@ -16,6 +16,7 @@ COMMANDS = {
     "token": "users", "export": "export", "key": "keycmd", "audit": "audit",
     "tls": "tlscmd",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
+    "patient": "patients",
     "service": "service",
 }
 

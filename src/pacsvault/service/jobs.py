@@ -37,6 +37,8 @@ class JobSpec:
 
 # Append one line per job (surgical edits: several features register here).
 JOBS: list[JobSpec] = [
+    # once a day: count the patients past their retention period (storage/retention.py)
+    JobSpec("retention", "pacsvault.storage.retention:tick", every=3600),
 ]
 
 

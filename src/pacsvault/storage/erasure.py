@@ -85,6 +85,7 @@ from pacsvault.storage import retention
 from pacsvault.storage.removal import RemovalError, Remover, check_reason
 
 if TYPE_CHECKING:
+    from pacsvault.accounts.service import Accounts
     from pacsvault.storage.archive import Archive
     from pacsvault.vault import Vault
 
@@ -246,9 +247,11 @@ class Eraser(Remover):
     """Patient erasure for the command line and the admin page (``archive``: this
     process's archive when the server runs in it, so its caches drop at once)."""
 
-    def __init__(self, vault: Vault, archive: Archive | None = None) -> None:
+    def __init__(self, vault: Vault, archive: Archive | None = None,
+                 accounts: Accounts | None = None) -> None:
         super().__init__(vault.engine, vault.objects, vault.recorder, archive)
         self.vault = vault
+        self._accounts = accounts  # the web application's (else the vault's)
         self.rules = vault.settings.retention
         self._secret = vault.named_secret(SUBJECT_SECRET)
         ensure_table(vault.engine)
@@ -312,7 +315,8 @@ class Eraser(Remover):
 
     def admins(self) -> list[str]:
         """Enabled administrator accounts (solo practice: exactly one)."""
-        return [u.name for u in self.vault.accounts.list_users()
+        accounts = self._accounts or self.vault.accounts
+        return [u.name for u in accounts.list_users()
                 if "admin" in u.roles and not u.disabled]
 
     # --- asking -----------------------------------------------------------------------
@@ -407,13 +411,7 @@ class Eraser(Remover):
                    typed_again: str, *, actor: str, address: str = "",
                    via: str = "cli") -> ErasureResult:
         """A solo practice's erasure: one administrator, the patient ID typed twice."""
-        if not self.rules.solo_practice:
-            raise ErasureError("a second administrator must confirm erasures; a practice "
-                               "with a single administrator sets [retention] "
-                               "solo_practice = true")
-        if len(self.admins()) > 1:
-            raise ErasureError("this practice has several administrators: another one must "
-                               "confirm the erasure")
+        self._solo_allowed()
         if not hmac.compare_digest(typed_again.strip().encode(),
                                    patient_id.strip().encode()):
             raise ErasureError("the patient ID typed again differs; nothing was erased")
@@ -422,6 +420,34 @@ class Eraser(Remover):
         request_id = self._new_request("patient", [target], reason, basis, actor, address)
         return self._execute(request_id, [(target.pk, target.subject)], reason, basis, actor,
                              actor, address, via, "solo")
+
+    def erase_expired_solo(self, reason: str, typed_count: str, *, actor: str,
+                           address: str = "", via: str = "cli") -> ErasureResult:
+        """A solo practice erases every expired patient, typing their number to confirm."""
+        self._solo_allowed()
+        due = self.expired()
+        if not due:
+            raise ErasureError("no patient's retention period has ended")
+        if typed_count.strip() != str(len(due)):
+            raise ErasureError("the number typed differs from the number of patients; "
+                               "nothing was erased")
+        request_id = self.request_expired(reason, actor=actor, address=address)
+        with self.vault.sessions() as s:
+            row = s.get(ErasureRequest, request_id)
+            assert row is not None
+            pairs = [(int(pk), str(sub)) for pk, sub in json.loads(row.patients)]
+            reason = row.reason
+        return self._execute(request_id, pairs, reason, RETENTION_ENDED, actor, actor,
+                             address, via, "solo")
+
+    def _solo_allowed(self) -> None:
+        if not self.rules.solo_practice:
+            raise ErasureError("a second administrator must confirm erasures; a practice "
+                               "with a single administrator sets [retention] "
+                               "solo_practice = true")
+        if len(self.admins()) > 1:
+            raise ErasureError("this practice has several administrators: another one must "
+                               "confirm the erasure")
 
     def _execute(self, request_id: int, pairs: list[tuple[int, str]], reason: str,
                  basis: str, requester: str, actor: str, address: str, via: str,
