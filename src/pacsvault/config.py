@@ -331,6 +331,32 @@ body_timeout = 60.0
 max_connections = 512
 max_connections_per_source = 32
 
+[backup]
+# Encrypted backups with restic (README: "Backups and restoring onto a new machine").
+# Each target is a restic repository: a USB disk and an off-site one. Add the targets
+# (uncomment below), then run 'pacsvault backup init' once. The repository password is
+# derived from the vault's keys; only the off-site credentials go in a 0600 file.
+# Daily run time (this server's local time) of the backup made by 'pacsvault serve'.
+schedule = "01:30"
+# Alert when a target's last good backup is older than this many hours.
+max_age_hours = 36
+# Data snapshots kept by the retention (pruning); the latest keystore is always kept.
+keep_daily = 7
+keep_weekly = 4
+keep_monthly = 12
+keep_yearly = 20
+# The server restores the latest snapshot into a temporary directory and verifies it
+# (a restore drill) this often.
+drill_every_days = 30
+restic_binary = "restic"
+# [[backup.targets]]
+# name = "usb"
+# repository = "/media/usb/pacsvault-backup"
+# [[backup.targets]]
+# name = "offsite"
+# repository = "s3:https://s3.example.net/my-bucket/pacsvault"
+# credentials_file = "/etc/pacsvault/offsite-backup.env"  # 0600: AWS_ACCESS_KEY_ID=...
+
 [audit]
 # Audit records older than this are sealed out of the trail (the chain still verifies).
 # 365 days is what the CNIL recommends for access logs; another value needs a reason,

@@ -197,3 +197,18 @@ def unwrap_secret(key: MasterKey, vault_id: str, name: str, blob: str) -> bytes:
             raw[:12], raw[12:], f"{vault_id}/{name}".encode())
     except InvalidTag:
         raise VaultKeyError(f"the vault secret {name!r} does not open with this key") from None
+
+
+# --- backups ----------------------------------------------------------------------------
+
+PURPOSE_BACKUP_RECOVERY = "pacsvault/v1/backup-recovery"
+
+
+def backup_recovery_password(code: str) -> bytes:
+    """The password of the second key of every backup repository, derived from the
+    recovery code alone: a new machine with only the repository's location, its
+    credentials and the recovery sheet opens the repository (the code has 160 random bits:
+    no stretching needed). Hex, so restic reads it as a plain line."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=PURPOSE_BACKUP_RECOVERY.encode("ascii")).derive(
+        _normalise_code(code)).hex().encode("ascii")

@@ -1,0 +1,312 @@
+"""Backups (issue 14, item 1): restic repositories on local directories, the real server and
+real storescu. Backup -> lose everything -> restore onto a "new machine" with only the
+repository location and the recovery code; a corrupted repository is caught; nothing of a
+patient is readable in the repository, its cache or the staging; a wrong recovery code
+writes nothing; crypto-shredding reaches backups taken before an erasure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import corpus
+from tests.helpers import VaultDir, events, make_vault, pv, start_server, storescu
+
+MODALITY = "MODALITY"
+RESTIC = shutil.which("restic") or "/usr/bin/restic"
+
+pytestmark = pytest.mark.skipif(not Path(RESTIC).exists(), reason="restic not installed")
+
+
+def add_target(vault: VaultDir, repo: Path, name: str = "usb", binary: str | None = None
+               ) -> None:
+    with open(vault.data / "pacsvault.toml", "a") as fh:
+        if binary is not None:
+            # restic_binary is a [backup] key: replace the template's line
+            pass
+        fh.write(f'\n[[backup.targets]]\nname = "{name}"\nrepository = "{repo}"\n')
+    if binary is not None:
+        vault.set_toml("backup", "restic_binary", f'"{binary}"')
+
+
+def private_file(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    return path
+
+
+def digests(v: Any) -> dict[str, str]:
+    """SOP Instance UID -> SHA-256 of the decrypted Part 10 bytes (authenticated read)."""
+    return {item.sop_uid: hashlib.sha256(v.archive.read(item)).hexdigest()
+            for item in v.archive.locate()}
+
+
+def send_corpus(port: int, files: list[corpus.CorpusFile]) -> None:
+    for f in files:
+        res = storescu(port, [f.path], calling=MODALITY, extra=f.proposal)
+        assert res.returncode == 0, res.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[corpus.CorpusFile]:
+    return corpus.build(tmp_path_factory.mktemp("corpus"))
+
+
+def test_restore_onto_new_machine_with_recovery_code_only(
+        tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    vault.add_node("VIEWER", "--port", "11113", "--roles", "store,query,retrieve")
+    repo = tmp_path / "usb" / "pacsvault-backup"
+    add_target(vault, repo)
+    server = start_server(vault)
+    try:
+        send_corpus(server.port, files[:6])
+        vault.cli("backup", "init")
+        run = vault.cli("backup", "run")  # while serve runs
+        assert "usb: snapshot" in run.stdout
+    finally:
+        server.stop()
+    v = vault.open()
+    try:
+        before = digests(v)
+        users = sorted(u.name for u in v.accounts.list_users())
+        nodes = sorted((n.ae_title, n.roles) for n in v.nodes.all())
+    finally:
+        v.close()
+    assert len(before) == 6
+
+    # The machine is gone: data dir and key file. Left: the USB disk and the recovery sheet.
+    shutil.rmtree(vault.data)
+    vault.key.unlink()
+    new, new_key = tmp_path / "new" / "data", tmp_path / "new" / "keys" / "master.key"
+    code = private_file(tmp_path / "code.txt", vault.recovery_code)
+    res = pv("backup", "restore", "--repository", repo, "--to", new, "--key-file", new_key,
+             "--recovery-code-file", code)
+    assert "6 instances" in res.stdout
+    assert stat.S_IMODE(new_key.stat().st_mode) == 0o600
+    assert not (new / ".backup-staging").exists()
+
+    from pacsvault.vault import Vault
+
+    restored = Vault.open(new, new_key)
+    try:
+        assert digests(restored) == before  # every instance byte-identical, authenticated
+        assert sorted(u.name for u in restored.accounts.list_users()) == users
+        assert sorted((n.ae_title, n.roles) for n in restored.nodes.all()) == nodes
+    finally:
+        restored.close()
+    verdict = pv("audit", "verify", "--data", new, "--key-file", new_key)
+    assert verdict.returncode == 0
+    # and it serves again
+    again = VaultDir(tmp_path / "new", new_key, vault.recovery_code)
+    server = start_server(again)
+    try:
+        send_corpus(server.port, files[6:7])
+    finally:
+        server.stop()
+
+
+def test_wrong_recovery_code_writes_nothing(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path / "v")
+    repo = tmp_path / "repo"
+    add_target(vault, repo)
+    vault.cli("backup", "init")
+    vault.cli("backup", "run")
+    new, new_key = tmp_path / "new", tmp_path / "k" / "master.key"
+    wrong = "AAAA-BBBB-CCCC-DDDD-EEEE-FFFF-GGGG-HHHH"
+    res = pv("backup", "restore", "--repository", repo, "--to", new, "--key-file", new_key,
+             "--recovery-code-file", private_file(tmp_path / "wrong.txt", wrong), check=False)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("pacsvault: error: ") and "recovery code" in lines[-1]
+    assert not any(ln.startswith(("Traceback", "Fatal")) for ln in lines)
+    assert not new.exists() and not new_key.exists()
+    # a non-empty destination is refused before anything else
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    res = pv("backup", "restore", "--repository", repo, "--to", tmp_path / "busy",
+             "--recovery-code-file", tmp_path / "wrong.txt", check=False)
+    assert res.returncode == 2 and "not an empty directory" in res.stderr
+
+
+def test_corrupted_repository_is_detected_by_verify(tmp_path: Path,
+                                                     files: list[corpus.CorpusFile]) -> None:
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    add_target(vault, repo)
+    server = start_server(vault)
+    try:
+        send_corpus(server.port, files[:3])
+    finally:
+        server.stop()
+    vault.cli("backup", "init")
+    vault.cli("backup", "run")
+    assert "usb: OK" in vault.cli("backup", "verify").stdout
+    packs = sorted((p for p in (repo / "data").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    victim = packs[-1]  # the largest pack: image data
+    os.chmod(victim, 0o600)
+    raw = bytearray(victim.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+        raw[i] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    res = vault.cli("backup", "verify", check=False)
+    assert res.returncode != 0
+    assert "usb: DAMAGED" in res.stdout
+    assert res.stderr.strip().splitlines()[-1].startswith("pacsvault: error: ")
+    checks = events(vault, "backup.verify")
+    assert checks[-1]["outcome"] != "success" and checks[0]["outcome"] == "success"
+
+
+SPY = """#!/bin/sh
+# restic, but first a copy of the staging directory as it is while a backup runs
+for arg in "$@"; do
+  if [ "$arg" = ".backup-staging" ]; then cp -a .backup-staging "{dest}/staging-$$"; fi
+done
+exec {restic} "$@"
+"""
+
+
+def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path,
+                                                  files: list[corpus.CorpusFile]) -> None:
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    spy = tmp_path / "restic-spy"
+    spy.write_text(SPY.format(dest=seen, restic=RESTIC))
+    spy.chmod(0o700)
+    add_target(vault, repo, binary=str(spy))
+    server = start_server(vault)
+    try:
+        send_corpus(server.port, files)
+        vault.cli("backup", "init")
+        vault.cli("backup", "run")
+    finally:
+        server.stop()
+    staged = list(seen.iterdir())
+    assert staged and (staged[0] / "index.db").exists()
+    assert not (vault.data / ".backup-staging").exists()  # deleted after the run
+    needles = [s.encode() for s in corpus.secrets_of(files)]
+    needles += [s.encode("utf-16-le") for s in corpus.secrets_of(files)]
+    needles += [f.sop_uid.encode() for f in files] + [f.study_uid.encode() for f in files]
+    scanned = 0
+    for root in (repo, vault.data / ".backup-cache", seen):
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                scanned += 1
+                for needle in needles:
+                    assert needle not in data, f"{needle!r} in clear in {path}"
+    assert scanned > 10
+    assert any((vault.data / ".backup-cache").rglob("*"))  # the cache was scanned
+
+
+def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
+                                                    files: list[corpus.CorpusFile]) -> None:
+    from pacsvault.backup import runner
+
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    add_target(vault, repo)
+    server = start_server(vault)
+    try:
+        send_corpus(server.port, files[:3])
+    finally:
+        server.stop()
+    vault.cli("backup", "init")
+    vault.cli("backup", "run")
+    erased = files[1]
+    vault.cli("study", "delete", erased.study_uid, "--reason", "test erasure", "--yes")
+    v = vault.open()
+    try:
+        from pacsvault.index.models import DataKey
+        with v.sessions() as s:
+            assert s.query(DataKey).filter(DataKey.wrapped.is_(None)).count() == 1
+        assert runner.keys_destroyed(v) == {"usb": "ok"}
+        kinds = [s.kind for s in runner.list_snapshots(v, "usb")]
+    finally:
+        v.close()
+    assert kinds.count("keystore") == 1 and kinds.count("data") == 1
+
+    # the data snapshot taken BEFORE the erasure still holds the patient's objects
+    new, new_key = tmp_path / "new", tmp_path / "k" / "master.key"
+    result = runner.restore(str(repo), None, vault.recovery_code, new, new_key)
+    assert result.keys_absent == 1 and result.keys_restored == 2
+    from pacsvault.crypto.keyring import KeyDestroyed
+    from pacsvault.vault import Vault
+
+    restored = Vault.open(new, new_key)
+    try:
+        items = list(restored.archive.locate())
+        assert len(items) == 3
+        for item in items:
+            if item.sop_uid == erased.sop_uid:
+                with pytest.raises(KeyDestroyed):
+                    restored.archive.read(item)
+            else:
+                assert restored.archive.read(item)[128:132] == b"DICM"
+    finally:
+        restored.close()
+
+
+@pytest.mark.slow
+def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
+    from pacsvault.backup import runner
+    from pacsvault.vault import Vault
+
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    add_target(vault, repo)
+    series = corpus.synthetic_ct_series(tmp_path / "ct", 200, size=64)
+    vault.cli("backup", "init")
+    server = start_server(vault)
+    try:
+        result: dict[str, Any] = {}
+        sender = threading.Thread(target=lambda: result.update(
+            res=storescu(server.port, series, calling=MODALITY, timeout=300)))
+        sender.start()
+        time.sleep(1.0)
+        first = vault.cli("backup", "run", timeout=300)
+        sender.join(300)
+        assert result["res"].returncode == 0, result["res"].stderr
+        second = vault.cli("backup", "run", timeout=300)
+    finally:
+        server.stop()
+    snap1 = first.stdout.split("snapshot ")[1].split(",")[0]
+    snap2 = second.stdout.split("snapshot ")[1].split(",")[0]
+    v = vault.open()
+    try:
+        live = digests(v)
+    finally:
+        v.close()
+    assert len(live) == 200
+
+    counts = []
+    for n, snap in enumerate((snap1, snap2)):
+        new, key = tmp_path / f"r{n}", tmp_path / f"k{n}" / "master.key"
+        runner.restore(str(repo), None, vault.recovery_code, new, key, snap)
+        restored = Vault.open(new, key)
+        try:
+            got = digests(restored)  # every indexed object present and authenticating
+            assert restored.audit.verify().ok
+        finally:
+            restored.close()
+        assert all(live[uid] == digest for uid, digest in got.items())
+        counts.append(len(got))
+    # everything acknowledged after the first snapshot is in the next one
+    assert counts[1] == 200 and counts[0] <= 200
