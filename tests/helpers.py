@@ -185,7 +185,8 @@ class Server:
         self.proc.wait(10)
 
 
-def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float = 30) -> Server:
+def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float = 30,
+                 args: tuple[str, ...] = ()) -> Server:
     """Start ``pacsvault serve`` on free loopback ports and wait until it listens."""
     state = vault.data / "serve.json"
     state.unlink(missing_ok=True)
@@ -197,7 +198,7 @@ def start_server(vault: VaultDir, *, log_name: str = "serve.log", timeout: float
         proc = subprocess.Popen(
             [sys.executable, "-m", "pacsvault", "serve", "--data", str(vault.data),
              "--key-file", str(vault.key), "--bind", "127.0.0.1",
-             "--dicom-port", "0", "--dicom-tls-port", "0", "--https-port", "0"],
+             "--dicom-port", "0", "--dicom-tls-port", "0", "--https-port", "0", *args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     server = Server(vault, proc, log_path, tmpdir)

@@ -39,8 +39,9 @@ from pacsvault.audit.events import LogSink
 from pacsvault.audit.stores import StoreJournal
 from pacsvault.audit.syslog import QUEUE_DIR_NAME, SyslogSink
 from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
-from pacsvault.crypto import keys, tls
+from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
+from pacsvault.crypto.protection import PassphraseProvider
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.nodes import NodeRegistry, ensure_tables
 from pacsvault.service import lock as instance_lock
@@ -52,7 +53,6 @@ if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for py
     from pacsvault.storage.archive import Archive
 
 VAULT_FORMAT = "pacsvault-vault/1"
-BACKUP_RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (a named secret, backup/)
 META_NAME = "vault.json"
 
 
@@ -221,10 +221,6 @@ def _populate(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "key_check": keys.make_key_check(master, vault_id),
             "recovery": keys.wrap_for_recovery(master, recovery_code, vault_id),
-            # The backup repositories' second key (restore with the recovery code alone).
-            "secrets": {BACKUP_RECOVERY_SECRET: keys.wrap_secret(
-                master, vault_id, BACKUP_RECOVERY_SECRET,
-                keys.backup_recovery_password(recovery_code))},
         },
     )
     return recovery_code
@@ -300,17 +296,22 @@ class Vault:
             )
             self.recorder.add_sink(self.syslog)
 
+    # The key file this vault was opened with (None for a copy opened in memory).
+    key_path: Path | None = None
+
     @classmethod
-    def open(cls, data_dir: Path, key_file: Path | None = None) -> Vault:
+    def open(cls, data_dir: Path, key_file: Path | None = None,
+             passphrase: PassphraseProvider | None = None) -> Vault:
+        """Open with the key file, whatever its protection (``crypto.protection``):
+        ``passphrase`` is asked only for a passphrase-protected file; without one that file
+        raises ``keys.KeyUnavailable``."""
         layout = Layout(data_dir)
         meta = _read_meta(layout)
         settings = config.load(data_dir)
         vault_id = str(meta["vault_id"])
         key_path = resolve_key_path(layout, settings, key_file)
-        master, key_vault_id = keys.read_key_file(key_path)
-        if key_vault_id != vault_id or not keys.verify_key_check(
-            master, vault_id, str(meta["key_check"])
-        ):
+        master = protection.load_master(key_path, vault_id, passphrase)
+        if not keys.verify_key_check(master, vault_id, str(meta["key_check"])):
             raise keys.VaultKeyError(
                 f"the key file {key_path} does not open this vault (it belongs to another "
                 "vault or is damaged); nothing was changed"
@@ -318,6 +319,7 @@ class Vault:
         engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
         ensure_tables(engine)
         vault = cls(layout, settings, vault_id, master, engine)
+        vault.key_path = key_path
         vault._tls_upkeep()
         return vault
 
@@ -406,19 +408,6 @@ class Vault:
 
             update_meta(self.layout, add)
             return secret
-
-    def set_named_secret(self, name: str, secret: bytes) -> None:
-        """Store or replace a named secret whose value is not random: the backup
-        repositories' recovery password, derived from the recovery code (issue 14)."""
-        blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
-
-        def put(meta: dict[str, object]) -> None:
-            table = meta.setdefault("secrets", {})
-            assert isinstance(table, dict)
-            table[name] = blob
-
-        with self._secret_lock:
-            update_meta(self.layout, put)
 
     def close(self) -> None:
         if self.syslog is not None:

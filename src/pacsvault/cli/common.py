@@ -13,6 +13,7 @@ from pacsvault.audit.alerts import AlertConfigError
 from pacsvault.audit.syslog import SyslogConfigError
 from pacsvault.config import ConfigError
 from pacsvault.crypto.keys import VaultKeyError
+from pacsvault.crypto.protection import PassphraseProvider, passphrase_provider
 from pacsvault.index.db import IndexOpenError
 from pacsvault.index.nodes import NodeError
 from pacsvault.service.sysconfig import SystemConfigError, guidance, resolve
@@ -39,6 +40,12 @@ def add_data_args(parser: argparse.ArgumentParser, *, key_file: bool = True) -> 
             "--key-file", type=Path, default=None,
             help="master key file (default: the one recorded in pacsvault.toml, else the "
             "user's config dir)",
+        )
+        parser.add_argument(
+            "--passphrase-file", type=Path, default=None,
+            help="0600 file whose first line is the passphrase of a passphrase-protected "
+            "key (default: $CREDENTIALS_DIRECTORY/pacsvault-passphrase, else asked at the "
+            "terminal)",
         )
 
 
@@ -88,7 +95,13 @@ def _give_back(root: Path, uid: int, gid: int) -> None:
 
 
 def open_vault(args: argparse.Namespace) -> Vault:
-    return Vault.open(data_dir(args), getattr(args, "key_file", None))
+    return Vault.open(data_dir(args), getattr(args, "key_file", None),
+                      passphrase=passphrase_source(args))
+
+
+def passphrase_source(args: argparse.Namespace) -> PassphraseProvider:
+    """The master key's passphrase, asked only if the key file has one (crypto.protection)."""
+    return passphrase_provider(getattr(args, "passphrase_file", None))
 
 
 def setup_logging(verbose: bool = False) -> None:

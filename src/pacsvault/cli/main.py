@@ -13,11 +13,11 @@ from pacsvault import __version__
 # imported (the web stack alone costs most of a second at every CLI call).
 COMMANDS = {
     "init": "setup", "status": "setup", "serve": "serve", "node": "nodes", "user": "users",
-    "token": "users", "export": "export", "key": "keycmd", "audit": "audit",
+    "token": "users", "export": "export", "key": "keycmd", "keys": "keycmd", "audit": "audit",
     "tls": "tlscmd",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
-    "service": "service", "backup": "backup",
+    "service": "service",
 }
 
 

@@ -22,7 +22,14 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import TrailWatcher, repair_at_start
 from pacsvault.cli.audit import purge_expired
-from pacsvault.cli.common import CommandError, add_data_args, data_dir, say, setup_logging
+from pacsvault.cli.common import (
+    CommandError,
+    add_data_args,
+    data_dir,
+    passphrase_source,
+    say,
+    setup_logging,
+)
 from pacsvault.cli.setup import init_vault
 from pacsvault.config import Settings
 from pacsvault.crypto.tls import server_context
@@ -182,7 +189,9 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     if Layout(root).is_empty():
         say(f"First run: no vault in {root}, creating one.")
         init_vault(root, args.key_file, "PACSVAULT", serving=True)
-    vault = Vault.open(root, args.key_file)
+    # A protected key: --passphrase-file, the systemd credential or the terminal;
+    # none of them -> keys.KeyUnavailable.
+    vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args))
     settings = vault.settings
     bind = args.bind or settings.server.bind
     plain, tls_port, https_port = _listeners(args, settings)

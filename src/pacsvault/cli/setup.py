@@ -223,6 +223,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 vault.layout.tls.server_cert
             ).isoformat(timespec="seconds"),
             "ca_name_constraints": ca_is_name_constrained(vault.layout.tls),
+            # how the master key is held and where (issue 14, key protection)
+            "key": key_summary(vault),
         }
     finally:
         vault.close()
@@ -262,7 +264,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     for n in report["legacy_tls_nodes"]:
         print(f"Warning      node {n['ae_title']} may use the retired AES TLS profile "
               f"(TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy) from {n['host']}")
+    key = report["key"]
+    print(f"Master key   {key['protection']}, {key['key_file']}")
+    for warning in key["warnings"]:
+        print(f"Warning      {warning}")
     return 0
+
+
+def key_summary(vault: Vault) -> dict[str, Any]:
+    """``keys status`` in short: protection kind, file, same filesystem as the data."""
+    from pacsvault.crypto.protection import describe
+
+    path = vault.key_path if vault.key_path is not None else Path("?")
+    found = describe(path, vault.layout.root)
+    return {k: found[k] for k in ("protection", "key_file", "same_filesystem",
+                                  "in_data_backup", "warnings")}
 
 
 def _size(n: int) -> str:
