@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for py
     from pacsvault.storage.archive import Archive
 
 VAULT_FORMAT = "pacsvault-vault/1"
+BACKUP_RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (a named secret, backup/)
 META_NAME = "vault.json"
 
 
@@ -221,6 +222,10 @@ def _populate(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "key_check": keys.make_key_check(master, vault_id),
             "recovery": keys.wrap_for_recovery(master, recovery_code, vault_id),
+            # The backup repositories' second key (restore with the recovery code alone).
+            "secrets": {BACKUP_RECOVERY_SECRET: keys.wrap_secret(
+                master, vault_id, BACKUP_RECOVERY_SECRET,
+                keys.backup_recovery_password(recovery_code))},
         },
     )
     return recovery_code
@@ -408,6 +413,19 @@ class Vault:
 
             update_meta(self.layout, add)
             return secret
+
+    def set_named_secret(self, name: str, secret: bytes) -> None:
+        """Store or replace a named secret whose value is not random: the backup
+        repositories' recovery password, derived from the recovery code (issue 14)."""
+        blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
+
+        def put(meta: dict[str, object]) -> None:
+            table = meta.setdefault("secrets", {})
+            assert isinstance(table, dict)
+            table[name] = blob
+
+        with self._secret_lock:
+            update_meta(self.layout, put)
 
     def close(self) -> None:
         if self.syslog is not None:

@@ -17,7 +17,7 @@ COMMANDS = {
     "tls": "tlscmd",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
-    "service": "service",
+    "service": "service", "backup": "backup",
 }
 
 
