@@ -51,6 +51,7 @@ class Obj:
     sop: str
     study: str
     patient: str
+    series: str = ""
 
 
 def make(patient: str, *, study: str | None = None, study_date: str = OLD,
@@ -74,7 +75,8 @@ def make(patient: str, *, study: str | None = None, study_date: str = OLD,
     ds.PixelData = bytes(32)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    return Obj(buf.getvalue(), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), patient)
+    return Obj(buf.getvalue(), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), patient,
+               str(ds.SeriesInstanceUID))
 
 
 def new_vault(root: Path) -> VaultDir:

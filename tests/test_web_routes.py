@@ -235,7 +235,7 @@ def test_signed_in_sessions_reach_their_pages(world: World) -> None:
     """The other side of the coin: the right user gets through (read-only routes)."""
     admin, phys = world.browsers["admin"], world.browsers["phys"]
     for path in ("/account", "/admin/users", "/admin/nodes", "/admin/health", "/health",
-                 "/admin/openapi.json"):
+                 "/admin/openapi.json", "/admin/erasure"):
         assert admin.get(path).status_code == 200, path
     assert phys.get("/account").status_code == 200
     doc = admin.get("/admin/openapi.json").json()

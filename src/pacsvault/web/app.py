@@ -17,6 +17,7 @@ from pacsvault.accounts.service import Accounts
 from pacsvault.audit import AuditUnavailable
 from pacsvault.vault import Vault
 from pacsvault.web import (
+    admin_erasure,
     admin_health,
     admin_nodes,
     admin_objects,
@@ -50,6 +51,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(admin_nodes.router)
     app.include_router(admin_health.router)
     app.include_router(admin_objects.router)
+    app.include_router(admin_erasure.router)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)
