@@ -310,3 +310,77 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
         counts.append(len(got))
     # everything acknowledged after the first snapshot is in the next one
     assert counts[1] == 200 and counts[0] <= 200
+
+
+def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
+        tmp_path: Path) -> None:
+    from pacsvault.backup import runner, state
+    from pacsvault.backup.restic import Repository, WrongPassword
+    from pacsvault.crypto import keys
+    from pacsvault.vault import Layout, update_meta
+
+    vault = make_vault(tmp_path / "v")
+    repo, away = tmp_path / "repo", tmp_path / "unplugged" / "repo"
+    add_target(vault, repo)
+    add_target(vault, away, name="offsite")
+    # a vault made before backups existed has no recovery password
+    update_meta(Layout(vault.data),
+                lambda meta: meta["secrets"].pop("backup-recovery-password"))  # type: ignore
+    res = vault.cli("backup", "init", "--target", "usb", check=False)
+    assert res.returncode == 2 and "recovery code" in res.stderr.splitlines()[-1]
+    wrong = private_file(tmp_path / "wrong.txt", keys.new_recovery_code())
+    res = vault.cli("backup", "init", "--target", "usb", "--recovery-code-file", wrong,
+                    check=False)
+    assert res.returncode == 2 and "does not open this vault" in res.stderr
+    assert not repo.exists()
+    loose = tmp_path / "loose.txt"
+    loose.write_text(vault.recovery_code)
+    loose.chmod(0o644)
+    res = vault.cli("backup", "init", "--recovery-code-file", loose, check=False)
+    assert res.returncode == 2 and "chmod 600" in res.stderr
+    right = private_file(tmp_path / "right.txt", vault.recovery_code)
+    vault.cli("backup", "init", "--target", "usb", "--recovery-code-file", right)
+    Repository(str(repo), keys.backup_recovery_password(vault.recovery_code)).snapshots()
+
+    # a key rotation hands a new recovery code: reachable repositories get it at once,
+    # the others are remembered and get it at their next run
+    new_code = keys.new_recovery_code()
+    v = vault.open()
+    try:
+        runner.recovery_code_changed(v, new_code)
+        targets = state.load_state(v.layout)["targets"]
+    finally:
+        v.close()
+    assert "pending_recovery_key" not in targets["usb"]
+    assert targets["offsite"]["pending_recovery_key"] is True
+    Repository(str(repo), keys.backup_recovery_password(new_code)).snapshots()
+    Repository(str(repo), keys.backup_recovery_password(vault.recovery_code)).snapshots()
+    with pytest.raises(WrongPassword):
+        Repository(str(repo), keys.backup_recovery_password(keys.new_recovery_code())
+                   ).snapshots()
+
+
+def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> None:
+    from pacsvault.backup import runner
+
+    vault = make_vault(tmp_path / "v")
+    add_target(vault, tmp_path / "repo")
+    vault.set_toml("backup", "keep_daily", "1")
+    vault.set_toml("backup", "keep_weekly", "0")
+    vault.set_toml("backup", "keep_monthly", "0")
+    vault.set_toml("backup", "keep_yearly", "0")
+    vault.cli("backup", "init")
+    vault.cli("backup", "run")
+    vault.cli("backup", "run")
+    listing = vault.cli("backup", "list").stdout
+    assert listing.count(" data") == 2 and listing.count(" keystore") == 1
+    vault.cli("backup", "prune")
+    listing = vault.cli("backup", "list").stdout
+    assert listing.count(" data") == 1 and listing.count(" keystore") == 1
+    v = vault.open()
+    try:
+        with runner._exclusive(v):
+            (outcome,) = runner.run_backup(v)
+            assert not outcome.ok and "another backup" in (outcome.error or "")
+    finally:
+        v.close()

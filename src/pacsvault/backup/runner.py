@@ -26,12 +26,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,7 @@ KEYSTORE_FORMAT = "pacsvault-backup-keystore/1"
 KEYSTORE_FILE = "keystore.json"
 STAGING_DIR = ".backup-staging"
 CACHE_DIR = ".backup-cache"
+LOCK_NAME = "backup.lock"  # flock'ed by a run or a prune (serve's schedule, the CLI)
 PENDING_DIR = "pending-objects"  # in the staging dir: committed objects not yet published
 TAG_ALL, TAG_DATA, TAG_KEYSTORE = "pacsvault", "data", "keystore"
 _DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime text in SQLite
@@ -395,6 +398,21 @@ def _push_keystore(vault: Vault, repo: Repository) -> str:
 # --- runs ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _exclusive(vault: Vault) -> Iterator[None]:
+    """One run or prune at a time per vault (the schedule in serve and a CLI run share
+    the staging directory); a second one is refused at once rather than queued."""
+    fd = os.open(vault.layout.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupError("another backup or prune of this vault is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> BackupOutcome:
     started = time.monotonic()
     try:
@@ -425,6 +443,18 @@ def run_backup(vault: Vault, targets: list[str] | None = None) -> list[BackupOut
         else list(vault.settings.backup.targets)
     if not chosen:
         return []
+    try:
+        with _exclusive(vault):
+            return _run_locked(vault, chosen)
+    except BackupError as exc:  # another run holds the lock: a failure for every target
+        outcomes = [BackupOutcome(t.name, False, None, str(exc), 0, 0, 0.0) for t in chosen]
+        for outcome in outcomes:
+            _emit(vault, "backup.run", False, "backup failed",
+                  {"target": outcome.target, "error": str(exc)})
+        return outcomes
+
+
+def _run_locked(vault: Vault, chosen: list[config.BackupTarget]) -> list[BackupOutcome]:
     outcomes: list[BackupOutcome] = []
     started = time.monotonic()
     try:
@@ -484,15 +514,17 @@ def prune(vault: Vault, target: str) -> BackupOutcome:
     started = time.monotonic()
     error: str | None = None
     try:
-        repo = _repo(vault, chosen)
-        keep = {"daily": settings.keep_daily, "weekly": settings.keep_weekly,
-                "monthly": settings.keep_monthly, "yearly": settings.keep_yearly}
-        if any(keep.values()):
-            repo.forget_policy(TAG_DATA, keep)
-        stores = sorted(repo.snapshots(TAG_KEYSTORE), key=lambda s: str(s.get("time", "")))
-        repo.forget([str(s["id"]) for s in stores[:-1]])
-        repo.prune()
-    except ResticError as exc:
+        with _exclusive(vault):
+            repo = _repo(vault, chosen)
+            keep = {"daily": settings.keep_daily, "weekly": settings.keep_weekly,
+                    "monthly": settings.keep_monthly, "yearly": settings.keep_yearly}
+            if any(keep.values()):
+                repo.forget_policy(TAG_DATA, keep)
+            stores = sorted(repo.snapshots(TAG_KEYSTORE),
+                            key=lambda s: str(s.get("time", "")))
+            repo.forget([str(s["id"]) for s in stores[:-1]])
+            repo.prune()
+    except (ResticError, BackupError) as exc:
         error = str(exc)
     outcome = BackupOutcome(target, error is None, None, error, 0, 0,
                             round(time.monotonic() - started, 3))
