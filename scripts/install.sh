@@ -32,6 +32,8 @@ with_service=0
 apt_wanted=()
 command -v python3 >/dev/null 2>&1 || apt_wanted+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_wanted+=(python3-venv)
+# the backup engine (pacsvault backup, restore drills; the backup tests use it too)
+command -v restic >/dev/null 2>&1 || apt_wanted+=(restic)
 if [ "$with_tests" = 1 ]; then
   # dcmtk's own binaries (pynetdicom ships Python scripts with the same names).
   [ -x /usr/bin/storescu ] || apt_wanted+=(dcmtk)
