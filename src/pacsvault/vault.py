@@ -235,6 +235,17 @@ def _tls_password(master: keys.MasterKey, vault_id: str) -> bytes:
     return master.derive(keys.PURPOSE_TLS, vault_id).hex().encode("ascii")
 
 
+def _retired_event_keys(layout: Layout, master: keys.MasterKey,
+                        vault_id: str) -> tuple[bytes, ...]:
+    """Events keys of master keys rotated away: older trail records' references."""
+    from pacsvault.crypto.rotation import retired_event_keys
+
+    try:
+        return retired_event_keys(master, vault_id, _read_meta(layout))
+    except VaultError:
+        return ()
+
+
 def resolve_key_path(layout: Layout, settings: config.Settings, override: Path | None) -> Path:
     if override is not None:
         return override
@@ -287,6 +298,7 @@ class Vault:
             TrailKeys(
                 signing_seed=master.derive(keys.PURPOSE_AUDIT_SIGNING, vault_id),
                 sealing_key=master.derive(keys.PURPOSE_EVENTS, vault_id),
+                retired_sealing=_retired_event_keys(layout, master, vault_id),
             ),
             self.sessions,
         )
@@ -315,6 +327,11 @@ class Vault:
         settings = config.load(data_dir)
         vault_id = str(meta["vault_id"])
         key_path = resolve_key_path(layout, settings, key_file)
+        if isinstance(meta.get("rotation"), dict):  # a key rotation was interrupted:
+            from pacsvault.crypto import rotation  # complete it before anything else
+
+            rotation.complete_pending(layout, settings, meta, key_path, passphrase)
+            meta = _read_meta(layout)
         master = protection.load_master(key_path, vault_id, passphrase)
         if not keys.verify_key_check(master, vault_id, str(meta["key_check"])):
             raise keys.VaultKeyError(

@@ -326,6 +326,15 @@ class Accounts:
         if bind is not None:
             ensure_tables(bind)
 
+    def rekey(self, secret_key: bytes) -> None:
+        """Master key rotation (``crypto.rotation``): TOTP rows were re-sealed under
+        ``secret_key``. Sign-in name counters are keyed by the old HMAC and restart."""
+        if len(secret_key) != 32:
+            raise ValueError("the account secret key must be 32 bytes")
+        self._key = secret_key
+        self._name_hmac = hmac.new(secret_key, b"pacsvault/v1/sign-in-name-key",
+                                   hashlib.sha256).digest()
+
     # --- helpers ------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -198,6 +198,7 @@ class SyslogQueue:
             raise ValueError("the queue key must be 32 bytes")
         self.root = root
         self._key = key
+        self._other_key: bytes | None = None  # the other key while a rotation runs
         self._rejected = root / "rejected"
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -268,7 +269,50 @@ class SyslogQueue:
         blob = path.read_bytes()
         if objects.read_header(blob).key_id != _QUEUE_KEY_ID:
             raise objects.ObjectFormatError("not a syslog queue record")
-        return objects.decrypt(blob, self._key, _IDENTITY.format(seq=seq))
+        try:
+            return objects.decrypt(blob, self._key, _IDENTITY.format(seq=seq))
+        except objects.ObjectFormatError:
+            other = self._other_key
+            if other is None:
+                raise
+            return objects.decrypt(blob, other, _IDENTITY.format(seq=seq))
+
+    def rekey(self, key: bytes) -> int:
+        """Master key rotation: re-encrypt every queued record under ``key`` (atomic
+        rename per file); the sender reads with either key meanwhile. Returns how many."""
+        if len(key) != 32:
+            raise ValueError("the queue key must be 32 bytes")
+        done = 0
+        with self._exclusive():
+            self._other_key = key
+            for seq, path in self.entries():
+                identity = _IDENTITY.format(seq=seq)
+                try:
+                    blob = path.read_bytes()
+                except FileNotFoundError:
+                    continue  # delivered meanwhile
+                try:
+                    objects.decrypt(blob, key, identity)
+                    continue  # re-encrypted by an interrupted rotation
+                except objects.ObjectFormatError:
+                    pass
+                try:
+                    record = objects.decrypt(blob, self._key, identity)
+                except objects.ObjectFormatError:
+                    continue  # unreadable already: the sender sets it aside
+                part = path.with_name(f"{path.name}.{os.getpid()}.rekey")
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, b"".join(objects.encrypt(record, key, _QUEUE_KEY_ID,
+                                                          identity)))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(part, path)
+                done += 1
+            self._other_key, self._key = self._key, key
+            self._sync_dir()
+        return done
 
     def remove(self, paths: list[Path]) -> None:
         for path in paths:

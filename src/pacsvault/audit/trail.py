@@ -25,6 +25,7 @@ written whole and fsync'ed: ``append`` raises otherwise, and the caller refuses 
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import errno
 import fcntl
@@ -41,8 +42,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import Connection, Engine, Table, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,6 +76,8 @@ class TrailKeys:
 
     signing_seed: bytes  # 32 bytes -> Ed25519 private key
     sealing_key: bytes  # 32 bytes -> AES-256-GCM for object references
+    # events keys of master keys rotated away (``crypto.rotation``): older records' refs
+    retired_sealing: tuple[bytes, ...] = ()
 
     @property
     def signer(self) -> Ed25519PrivateKey:
@@ -150,6 +157,76 @@ class Checkpoint:
     lines: int
     digest: str
     chain: _Chain
+
+
+ROTATED_ACTION = "keys.rotated"
+
+
+def _public_of(value: object) -> Ed25519PublicKey | None:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(value)))
+    except ValueError:
+        return None
+
+
+def _raw_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+class _KeyPlan:
+    """Which public key verifies which line of the trail.
+
+    A master key rotation (``crypto.rotation``) ends the old signing key's segment with a
+    ``keys.rotated`` record, signed by the OLD key, naming the old and the new public
+    keys. Trust starts from the vault's current key (derived from the master key) and goes
+    backwards: the last rotation must name it as the new key, each earlier one the old key
+    of the next. A rotation record naming any other key breaks verification at that
+    record; the hash chain binds every older record to the newer ones.
+    """
+
+    def __init__(self, current: Ed25519PublicKey, lines: list[bytes]) -> None:
+        self._current = current
+        self._at: list[int] = []
+        self._old: list[Ed25519PublicKey] = []
+        self._named: list[str] = []
+        for i, line in enumerate(lines):
+            if ROTATED_ACTION.encode() not in line:
+                continue
+            body = _parse(line)
+            detail = body.get("detail") if body else None
+            if not (body and body.get("kind") == "event" and body.get("action") == ROTATED_ACTION
+                    and isinstance(detail, dict)):
+                continue
+            old = _public_of(detail.get("old_signing_key"))
+            if old is None:
+                continue
+            self._at.append(i)
+            self._old.append(old)
+            self._named.append(str(detail.get("new_signing_key", "")))
+        self._problems: dict[int, str] = {}
+        for k, index in enumerate(self._at):
+            following = self._old[k + 1] if k + 1 < len(self._at) else current
+            if self._named[k] != _raw_hex(following):
+                self._problems[index] = ("a key rotation record that does not name the key "
+                                         "signing the records after it (forged hand-over)")
+
+    def problem(self, index: int) -> str:
+        return self._problems.get(index, "")
+
+    def key_at(self, index: int) -> Ed25519PublicKey:
+        k = bisect.bisect_left(self._at, index)
+        return self._old[k] if k < len(self._at) else self._current
+
+    def verifies(self, index: int, sig: bytes, digest: str, *, seal: bool) -> bool:
+        """A seal (retention) is signed with the key of the day it was written."""
+        candidates = [*self._old, self._current] if seal else [self.key_at(index)]
+        for key in candidates:
+            try:
+                key.verify(sig, bytes.fromhex(digest))
+                return True
+            except InvalidSignature:
+                continue
+        return False
 
 
 def _identity(fd: int) -> tuple[int, int, int, int]:
@@ -279,8 +356,15 @@ class AuditTrail:
     def _signed(self, body: dict[str, Any] | None, sig: bytes) -> bool:
         if body is None:
             return True
+        key = self._public
+        detail = body.get("detail")
+        if (body.get("action") == ROTATED_ACTION and isinstance(detail, dict)
+                and detail.get("new_signing_key") == _raw_hex(self._public)):
+            # the last record hands over to our key: signed by the key before it (the full
+            # verification checks that key against the records before)
+            key = _public_of(detail.get("old_signing_key")) or key
         try:
-            self._public.verify(sig, bytes.fromhex(_hash(body)))
+            key.verify(sig, bytes.fromhex(_hash(body)))
         except (InvalidSignature, ValueError):
             return False
         return True
@@ -456,6 +540,31 @@ class AuditTrail:
                 return rec
         return None
 
+    @property
+    def keys(self) -> TrailKeys:
+        return self._keys
+
+    def rotate_keys(self, keys: TrailKeys, event: AuditEvent | None,
+                    before: Callable[[], None] | None = None) -> int | None:
+        """Master key rotation: holding the trail (no other append in between), run
+        ``before`` (the index is re-keyed there: the anchor lives in it), append ``event``
+        (``keys.rotated``, naming the new public key) signed by the CURRENT key, then sign
+        with ``keys`` from the next record on. ``event`` None: already written by an
+        interrupted run, only the keys change."""
+        problems: list[str] = []
+        seq: int | None = None
+        try:
+            with self._exclusive() as fd:
+                if before is not None:
+                    before()
+                if event is not None:
+                    seq = self._append_locked(fd, [(event, {})], None, problems)[-1]
+                self._keys = keys
+                self._public = keys.signer.public_key()
+        finally:
+            self._notify(problems)
+        return seq
+
     def _set_anchor(self, conn: Connection, seq: int, digest: str) -> None:
         changed = conn.execute(
             update(_heads).where(_heads.c.id == 1).values(seq=seq, digest=digest))
@@ -555,9 +664,14 @@ class AuditTrail:
 
     def _unseal(self, seq: int, blob: str) -> dict[str, Any]:
         raw = base64.b64decode(blob)
-        plain = AESGCM(self._keys.sealing_key).decrypt(
-            raw[:12], raw[12:], f"{FORMAT}:{seq}".encode()
-        )
+        for key in (self._keys.sealing_key, *self._keys.retired_sealing):
+            try:  # records sealed before a key rotation: the old events keys
+                plain = AESGCM(key).decrypt(raw[:12], raw[12:], f"{FORMAT}:{seq}".encode())
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise InvalidTag()
         value: dict[str, Any] = json.loads(plain)
         return value
 
@@ -605,12 +719,13 @@ class AuditTrail:
             if self._anchor() is None:
                 return Verdict(True, 0)  # a new vault: nothing written yet
             return Verdict(False, 0, "the audit trail file is missing", 1, 1)
+        public = self._public  # (a rotation in this process swaps it: see ``check``)
         lines = self.path.read_bytes().split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
         check_from = max(0, len(lines) - tail) if tail else 0
         chain = _Chain()
-        verdict, consumed = self._scan(lines, chain, 0, check_from)
+        verdict, consumed = self._scan(lines, chain, 0, check_from, _KeyPlan(public, lines))
         if verdict is not None:
             return verdict
         if consumed < len(lines):
@@ -637,6 +752,7 @@ class AuditTrail:
 
     def _scan(
         self, lines: list[bytes], chain: _Chain, first: int, check_from: int,
+        plan: _KeyPlan | None = None,
     ) -> tuple[Verdict | None, int]:
         """Follow ``lines`` (global line index ``first`` onwards), updating ``chain``.
 
@@ -644,6 +760,8 @@ class AuditTrail:
         not records are accepted only when a repair record right after them describes them
         exactly; a run of them at the very end is left unaccepted (a torn tail).
         """
+        if plan is None:  # ``lines`` is the whole file
+            plan = _KeyPlan(self._public, lines)
         i = 0
         while i < len(lines):
             index = first + i
@@ -675,13 +793,14 @@ class AuditTrail:
                 return Verdict(False, chain.records, f"record {seq}: unknown format", seq,
                                number), i
             digest = _hash(body)
-            if index >= check_from:
-                try:
-                    self._public.verify(sig, bytes.fromhex(digest))
-                except InvalidSignature:
-                    return Verdict(False, chain.records, f"record {seq} (line {number}) was "
-                                   "altered or forged: its signature does not match", seq,
-                                   number), i
+            if plan.problem(index):
+                return Verdict(False, chain.records, f"record {seq} (line {number}) is "
+                               f"{plan.problem(index)}", seq, number), i
+            if index >= check_from and not plan.verifies(index, sig, digest,
+                                                         seal=body.get("kind") == "seal"):
+                return Verdict(False, chain.records, f"record {seq} (line {number}) was "
+                               "altered or forged: its signature does not match", seq,
+                               number), i
             try:
                 if body["kind"] == "seal" and index == 0:
                     chain.prev, chain.last_seq = str(body["sealed_last_hash"]), seq
@@ -726,6 +845,7 @@ class AuditTrail:
         anchor (a removed tail), and the anchor's broken flag is reported.
         """
         with self._shared():
+            public = self._public  # the key matching what was read (a rotation swaps it)
             try:
                 data = self.path.read_bytes()
             except FileNotFoundError:
@@ -743,12 +863,12 @@ class AuditTrail:
                 and hashlib.sha256(data[:since.offset]).hexdigest() == since.digest):
             chain = _Chain(**vars(since.chain))
             verdict, consumed = self._scan(lines[since.lines:], chain, since.lines,
-                                           since.lines)
+                                           since.lines, _KeyPlan(public, lines))
             consumed += since.lines
         else:
             chain = _Chain()
             check_from = max(0, len(lines) - tail) if tail and since is None else 0
-            verdict, consumed = self._scan(lines, chain, 0, check_from)
+            verdict, consumed = self._scan(lines, chain, 0, check_from, _KeyPlan(public, lines))
         if verdict is not None:
             problem = verdict.problem
             # Report once: later checks follow on from the file's last record.

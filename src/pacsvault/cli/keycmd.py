@@ -59,6 +59,10 @@ def register(sub: Any) -> None:
     add_data_args(p)
     p.set_defaults(func=cmd_unprotect)
 
+    from pacsvault.cli.rotatecmd import add_rotate  # ``keys rotate`` (its own module)
+
+    add_rotate(ksub)
+
 
 def cmd_recover(args: argparse.Namespace) -> int:
     # Never from the command line: arguments are visible to every user in the process list.

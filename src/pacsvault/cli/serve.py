@@ -256,6 +256,9 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     jobs.start()
     # CLI -> this server (unseal, online key rotation): features register their commands.
     control = ControlServer(vault.layout.root)
+    from pacsvault.crypto.rotation import control_handler  # online key rotation
+
+    control.register("rotate", control_handler(vault))
     control.start()
     try:
         # Short waits: a signal is handled only when the main thread runs Python code,

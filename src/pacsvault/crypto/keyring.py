@@ -18,6 +18,7 @@ class KeyDestroyed(Exception):
 class Keyring:
     def __init__(self, kek: bytes) -> None:
         self._kek = kek
+        self._also: bytes | None = None  # a key rotation's next KEK (``also_accept``)
         self._cache: dict[uuid.UUID, bytes] = {}
         self._lock = threading.Lock()
 
@@ -37,7 +38,12 @@ class Keyring:
         row = session.get(DataKey, str(key_id))
         if row is None or row.wrapped is None:
             raise KeyDestroyed(f"data key {key_id} was destroyed")
-        key = datakeys.unwrap(self._kek, key_id, row.wrapped)
+        try:
+            key = datakeys.unwrap(self._kek, key_id, row.wrapped)
+        except datakeys.DataKeyError:
+            if self._also is None:
+                raise
+            key = datakeys.unwrap(self._also, key_id, row.wrapped)
         with self._lock:
             self._cache[key_id] = key
         return key
@@ -45,6 +51,17 @@ class Keyring:
     def forget(self, key_id: uuid.UUID) -> None:
         with self._lock:
             self._cache.pop(key_id, None)
+
+    def also_accept(self, kek: bytes) -> None:
+        """During a master key rotation: rows already re-wrapped open with ``kek``."""
+        self._also = kek
+
+    def replace_kek(self, kek: bytes) -> None:
+        """The rotation is done: wrap and unwrap with ``kek`` only; no unwrapped key of
+        the old hierarchy stays cached."""
+        with self._lock:
+            self._kek, self._also = kek, None
+            self._cache.clear()
 
     def forget_all(self) -> None:
         """Drop every unwrapped key: after a removal one of them may have been destroyed
