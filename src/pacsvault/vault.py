@@ -444,6 +444,30 @@ class Vault:
         with self._secret_lock:
             update_meta(self.layout, put)
 
+    def open_copy(self, data_dir: Path) -> Vault:
+        """Open a restored copy of this vault (a restore drill) with this vault's master
+        key, held in memory: no key file is read or written for the copy. Refused unless
+        the copy's ``key_check`` verifies under this key (it is this vault's backup).
+        Nothing outside ``data_dir`` is touched: no syslog export, no TLS upkeep."""
+        layout = Layout(data_dir)
+        meta = _read_meta(layout)
+        try:
+            same = str(meta.get("vault_id")) == self.vault_id and keys.verify_key_check(
+                self._master, self.vault_id, str(meta.get("key_check", "")))
+        except ValueError:  # a damaged key_check (bad base64, short blob)
+            same = False
+        if not same:
+            raise keys.VaultKeyError("the restored copy is not this vault's, or its key "
+                                     "check does not verify under the live master key")
+        settings = config.load(data_dir)
+        syslog = settings.audit.syslog.model_copy(update={"enabled": False})
+        settings = settings.model_copy(
+            update={"audit": settings.audit.model_copy(update={"syslog": syslog})})
+        engine = open_index(layout.index, self._master.derive(keys.PURPOSE_INDEX,
+                                                              self.vault_id))
+        ensure_tables(engine)
+        return Vault(layout, settings, self.vault_id, self._master, engine)
+
     def close(self) -> None:
         if self.syslog is not None:
             # Give this process's last events a chance to leave; the rest stays queued.

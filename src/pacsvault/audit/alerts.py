@@ -40,6 +40,11 @@ Rules (ids are what ``disabled_rules`` takes):
                    the sink's periodic free-space check falling below ``disk_warn_free_mb``.
 ``connection-abuse`` a ``*.connection.refused`` summary (audit/refusals.py): one source
                    refused again and again by the DICOM/HTTPS connection budget.
+``backup-failed``  ``backup.run``/``backup.verify``/``backup.prune``/``backup.drill`` that did
+                   not succeed (per target and action): a copy is missing or would not
+                   restore.
+``backup-stale``   ``backup.stale`` (backup/schedule.py): the last good backup of a target
+                   is older than ``[backup] max_age_hours``.
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further
@@ -103,6 +108,8 @@ RULES: dict[str, str] = {
     "disk-full": "the archive disk is (nearly) full",
     "connection-abuse": "one source repeatedly refused by the connection budget",
     "audit-unwritable": "the audit trail cannot be written: accesses are refused",
+    "backup-failed": "a backup, its verification or its restore drill failed",
+    "backup-stale": "the last good backup is older than the configured limit",
 }
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -120,6 +127,19 @@ READ_CODES = frozenset({
 })
 # ... except what comes *in*: a modality storing images is not someone reading them.
 INBOUND_PREFIXES = ("dicom.store", "import")
+
+# Backup actions whose failure is an alert: (what failed, why it matters).
+BACKUP_ACTIONS: dict[str, tuple[str, str]] = {
+    "backup.run": ("backup run", "Images received since the last good backup exist only on "
+                   "this server's disk until a run succeeds."),
+    "backup.verify": ("backup verification", "The repository may be damaged: a restore "
+                      "from it could fail. Make a new backup to another target soon."),
+    "backup.prune": ("pruning of old snapshots", "The repository keeps growing; backups "
+                     "themselves still run."),
+    "backup.drill": ("restore drill", "Restoring this backup after a disaster would not "
+                     "give back the archive as it was. Check the repository "
+                     "('pacsvault backup verify') and make a new backup."),
+}
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -285,8 +305,8 @@ webhook_ca_file = ""
 webhook_allow_http_loopback = false
 webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
-# unusual-hours, audit-broken, disk-full, audit-unwritable. List here the ones you do
-# not want.
+# unusual-hours, audit-broken, disk-full, audit-unwritable, backup-failed, backup-stale.
+# List here the ones you do not want.
 disabled_rules = []
 # Failed sign-ins within 10 minutes (from one address, or for one user) that raise an alert.
 failed_logins_per_10min = 5
@@ -476,6 +496,7 @@ class Detector:
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
             self._connection_abuse,
             self._audit_unwritable,
+            self._backup_failed, self._backup_stale,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -861,6 +882,39 @@ class Detector:
                   "this address."),
             look=_show(f"--action {e.action}", e.time - dt.timedelta(minutes=5)),
             time=e.time, source=addr, address=addr,
+        )]
+
+    def _backup_failed(self, e: AuditEvent) -> list[Finding]:
+        """A backup run, verification, pruning or restore drill that did not succeed."""
+        if e.action not in BACKUP_ACTIONS or e.outcome is Outcome.SUCCESS:
+            return []
+        target = _clean(str(e.detail.get("target", ""))) or "?"
+        what, consequence = BACKUP_ACTIONS[e.action]
+        reason = _clean(str(e.detail.get("error") or e.message), 300) or "see the audit trail"
+        return [Finding(
+            rule="backup-failed", subject=f"{e.action}:{target}", severity=Severity.CRITICAL,
+            title=f"Backup problem: {what} failed",
+            what=f"The {what} of backup target '{target}' failed: {reason}. {consequence}",
+            look=(f"pacsvault status; pacsvault audit show --action {e.action} "
+                  f"--since {_minute(e.time - dt.timedelta(minutes=5))}"),
+            time=e.time, facts={"target": target, "action": e.action},
+        )]
+
+    def _backup_stale(self, e: AuditEvent) -> list[Finding]:
+        if e.action != "backup.stale":
+            return []
+        target = _clean(str(e.detail.get("target", ""))) or "?"
+        age = e.detail.get("age_hours", "?")
+        limit = e.detail.get("max_age_hours", "?")
+        return [Finding(
+            rule="backup-stale", subject=f"target:{target}", severity=Severity.CRITICAL,
+            title="Backup too old",
+            what=(f"The last good backup of target '{target}' is {age} hours old (limit "
+                  f"{limit} h). Images received since then exist only on this server's "
+                  "disk. Check that the backup disk is plugged in or the off-site "
+                  "repository reachable, then run 'pacsvault backup run'."),
+            look="pacsvault status; pacsvault audit show --action backup",
+            time=e.time, facts={"target": target, "age_hours": str(age)},
         )]
 
     def _disk_full(self, e: AuditEvent) -> list[Finding]:

@@ -187,9 +187,12 @@ def _running(state_path: Path) -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pacsvault.backup.health import backup_health, status_lines
+
     vault = open_vault(args)
     try:
         settings = vault.settings
+        backups = backup_health(vault.layout, settings.backup)
         state = _running(vault.layout.state)
         counts = stats.counts(vault.sessions)  # without the archive's pydicom
         on_disk = sum(
@@ -225,7 +228,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             "ca_name_constraints": ca_is_name_constrained(vault.layout.tls),
             # how the master key is held and where (issue 14, key protection)
             "key": key_summary(vault),
+            # last good backup, drill and next run per target (issue 14, backups)
+            "backup": backups.as_dict(),
         }
+        backup_text = status_lines(backups)
     finally:
         vault.close()
     if args.json:
@@ -268,6 +274,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Master key   {key['protection']}, {key['key_file']}")
     for warning in key["warnings"]:
         print(f"Warning      {warning}")
+    for line in backup_text:
+        print(line)
     return 0
 
 

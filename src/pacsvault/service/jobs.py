@@ -39,6 +39,8 @@ class JobSpec:
 JOBS: list[JobSpec] = [
     # once a day: count the patients past their retention period (storage/retention.py)
     JobSpec("retention", "pacsvault.storage.retention:tick", every=3600),
+    # backups when due, pruning, stale-backup check, restore drills (backup/schedule.py)
+    JobSpec("backup", "pacsvault.backup.schedule:tick", every=60, first_after=60),
 ]
 
 

@@ -16,6 +16,9 @@
   modality stays visible until it is withdrawn;
 * the audit chain: ``AuditTrail.verify`` with signatures checked on the last
   ``VERIFY_TAIL`` records;
+* backups (``backup/health.py``): per target the last good backup (time, age), the last
+  restore drill (time, result) and the next run, red when failing, stale, never made or
+  when the drill failed; no target at all is a warning that a disk failure loses everything;
 * the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
   Users page (``blocks_section.html``, ``/admin/users/blocks/lift``: CSRF, admin, audited),
   so an administrator looking at the health of the archive sees a locked-out practice too.
@@ -36,6 +39,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from pacsvault.audit import EventCode
+from pacsvault.backup.health import backup_health
 from pacsvault.crypto.tls import certificate_expiry
 from pacsvault.vault import Vault
 from pacsvault.web.principal import Principal
@@ -197,4 +201,5 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  events=security_events(vault.audit.path), verdict=verdict,
                  nodes=len(nodes), legacy_tls=[n for n in nodes if n.legacy_tls],
                  blocks=_accounts(request).blocks(),
-                 blocks_back="/admin/health")
+                 blocks_back="/admin/health",
+                 backup=backup_health(vault.layout, vault.settings.backup, now))
