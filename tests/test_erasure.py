@@ -257,3 +257,27 @@ def test_expired_batch_skips_a_patient_whose_retention_restarted(opened: Any) ->
     assert len(result.erased) == 1 and result.skipped == 1
     assert list(v.archive.locate(sop_uid=old1.sop)) == []
     assert list(v.archive.locate(sop_uid=old2.sop)) and list(v.archive.locate(sop_uid=young.sop))
+
+
+def test_rows_of_destroyed_keys_are_forgotten_after_a_restore(opened: Any) -> None:
+    """A backup's data snapshot from before an erasure still holds the patient's rows; the
+    restore finds no key for them (destroyed): ``forget_shredded`` removes those rows and
+    files, and nothing else."""
+    v = opened
+    gone1, gone2, kept = make("PVER09"), make("PVER09"), make("PVER10")
+    store(v, gone1, gone2, kept)
+    path = object_file(v, gone1.sop)
+    with v.sessions() as s:  # what the restore does with a key absent from the keystore
+        key = s.scalars(select(Patient.key_id).where(Patient.patient_id == "PVER09")).one()
+        row = s.get(DataKey, key)
+        assert row is not None
+        row.wrapped = None
+        s.commit()
+    eraser = Eraser(v)
+    assert eraser.forget_shredded() == 1
+    assert list(v.archive.locate(sop_uid=gone1.sop)) == []
+    assert list(v.archive.locate(sop_uid=gone2.sop)) == [] and not path.exists()
+    with v.sessions() as s:
+        assert s.scalars(select(Patient).where(Patient.patient_id == "PVER09")).all() == []
+    assert len(list(v.archive.locate(sop_uid=kept.sop))) == 1
+    assert eraser.forget_shredded() == 0  # idempotent

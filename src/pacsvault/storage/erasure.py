@@ -82,7 +82,13 @@ from pacsvault.index.models import (
     utcnow,
 )
 from pacsvault.storage import retention
-from pacsvault.storage.removal import RemovalError, Remover, check_reason
+from pacsvault.storage.removal import (
+    RemovalError,
+    Remover,
+    _count,
+    _refresh,
+    check_reason,
+)
 
 if TYPE_CHECKING:
     from pacsvault.accounts.service import Accounts
@@ -534,6 +540,76 @@ class Eraser(Remover):
         return Erased(record, target.studies, target.series, target.instances,
                       len(target.keys), files)
 
+    def forget_shredded(self, *, actor: str = "restore") -> int:
+        """Remove the rows of objects whose data key is destroyed; the patients removed.
+
+        Why: a backup's data snapshot taken before an erasure still holds the patient's
+        index rows, but its keystore (replaced after the erasure) has no key for them, so
+        a restore marks those keys destroyed. The objects can never be read again; their
+        rows (name, ID, headers) must not come back either. Outside a restore no such row
+        exists: a deletion destroys a key only once nothing refers to it any more. Rows
+        are deleted under ``secure_delete``, files like any removal's, one
+        ``object_actions`` row (``forget``) moves the removal generation.
+        """
+        self.finish_pending()
+        engine = self.vault.engine
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA secure_delete=ON")
+            conn.commit()
+            try:
+                with conn.begin():
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    destroyed = [str(k) for k in conn.execute(
+                        select(_keys.c.key_id).where(_keys.c.wrapped.is_(None))).scalars()]
+                    rows: list[Any] = []
+                    for chunk in _chunks(destroyed):
+                        rows += conn.execute(select(
+                            _instances.c.pk, _instances.c.object_id, _instances.c.series_pk)
+                            .where(_instances.c.key_id.in_(chunk))).all()
+                    orphans = []
+                    for chunk in _chunks(destroyed):
+                        orphans += [int(pk) for pk in conn.execute(
+                            select(_patients.c.pk).where(_patients.c.key_id.in_(chunk)))
+                            .scalars()]
+                    if not rows and not orphans:
+                        return 0
+                    object_ids = [str(r[1]) for r in rows]
+                    record = _record(conn, "restore", "forgetting the rows of destroyed keys",
+                                     actor, "", len(rows), 0, object_ids, action="forget")
+                    for chunk in _chunks([int(r[0]) for r in rows]):
+                        conn.execute(delete(_instances).where(_instances.c.pk.in_(chunk)))
+                    series = {int(r[2]) for r in rows}
+                    studies: set[int] = set()
+                    for pk in series:
+                        study = conn.execute(select(_series.c.study_pk)
+                                             .where(_series.c.pk == pk)).scalar()
+                        if study is not None:
+                            studies.add(int(study))
+                        if not _count(conn, _instances, _instances.c.series_pk == pk):
+                            conn.execute(delete(_series).where(_series.c.pk == pk))
+                    patients = set(orphans)
+                    for pk in studies:
+                        owner = conn.execute(select(_studies.c.patient_pk)
+                                             .where(_studies.c.pk == pk)).scalar()
+                        if owner is not None:
+                            patients.add(int(owner))
+                        if not _count(conn, _series, _series.c.study_pk == pk):
+                            conn.execute(delete(_studies).where(_studies.c.pk == pk))
+                    removed = 0
+                    for pk in patients:
+                        if not _count(conn, _studies, _studies.c.patient_pk == pk):
+                            conn.execute(delete(_patients).where(_patients.c.pk == pk))
+                            removed += 1
+                    _refresh(conn, series, studies, patients)
+            finally:
+                conn.rollback()
+                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
+                conn.commit()
+        if self._archive is not None:
+            self._archive.forget()
+        self._delete_files(record, object_ids)
+        return removed
+
     def _push_keystores(self) -> str:
         """Ask the backup module to replace the keystore in every repository (the
         destroyed keys must vanish from backups too). Never raises: the erasure is done;
@@ -610,9 +686,9 @@ def _rows(conn: Connection, pk: int) -> _Rows:
 
 
 def _record(conn: Connection, subject: str, reason: str, actor: str, address: str,
-            instances: int, keys: int, pending: list[str]) -> int:
+            instances: int, keys: int, pending: list[str], *, action: str = "erase") -> int:
     result = conn.execute(insert(_actions).values(
-        time=utcnow(), action="erase", level="patient", uid=subject[:64], reason=reason,
+        time=utcnow(), action=action, level="patient", uid=subject[:64], reason=reason,
         actor=actor[:64], address=address[:64], instances=instances, keys_destroyed=keys,
         pending=json.dumps(pending) if pending else ""))
     key = result.inserted_primary_key
