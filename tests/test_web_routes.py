@@ -39,6 +39,8 @@ PUBLIC = {
     ("POST", "/login/passkey/options"), ("POST", "/login/passkey/verify"),
     ("POST", "/login/enrol/passkey/options"), ("POST", "/login/enrol/passkey/verify"),
     ("POST", "/logout"),
+    # sealed mode's unlock page (sealed/web.py); once unsealed it sends to /login
+    ("GET", "/unseal"), ("POST", "/unseal"),
 }
 # Without credentials, every route answers 401 or 303 → /login, except these.
 ANONYMOUS_OK = {

@@ -343,7 +343,32 @@ class Vault:
         vault = cls(layout, settings, vault_id, master, engine)
         vault.key_path = key_path
         vault._tls_upkeep()
+        vault._sealed_upkeep()
         return vault
+
+    def _sealed_upkeep(self) -> None:
+        """What a start without the master key will need (``sealed.material``): the HPKE
+        key pair, the signed node snapshot (rewritten after every node change) and the
+        listener TLS keys' boot copy. A vault on a read-only disk still opens."""
+        import logging
+
+        from pacsvault.sealed import material
+
+        log = logging.getLogger("pacsvault.sealed")
+
+        def snapshot() -> None:
+            try:
+                material.write_snapshot(self)
+            except OSError as exc:
+                log.warning("the sealed-mode node snapshot could not be written (%s)",
+                            type(exc).__name__)
+
+        self.nodes.on_change = snapshot
+        try:
+            material.ensure(self, self.key_path)
+        except OSError as exc:
+            log.warning("the sealed-mode material could not be written (%s)",
+                        type(exc).__name__)
 
     def _tls_upkeep(self) -> None:
         """Bring an older vault's TLS material up to date: its outbound client certificate

@@ -14,7 +14,7 @@ from pacsvault import __version__
 COMMANDS = {
     "init": "setup", "status": "setup", "serve": "serve", "node": "nodes", "user": "users",
     "token": "users", "export": "export", "key": "keycmd", "keys": "keycmd", "audit": "audit",
-    "tls": "tlscmd",
+    "tls": "tlscmd", "unseal": "unseal",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
     "service": "service", "backup": "backup",

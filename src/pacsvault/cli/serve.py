@@ -32,9 +32,11 @@ from pacsvault.cli.common import (
 )
 from pacsvault.cli.setup import init_vault
 from pacsvault.config import Settings
+from pacsvault.crypto.keys import KeyUnavailable
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.index.models import Study
+from pacsvault.sealed import merge as sealed_merge
 from pacsvault.service import lock as instance_lock
 from pacsvault.service.control import ControlServer
 from pacsvault.service.jobs import JobRunner
@@ -191,7 +193,13 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         init_vault(root, args.key_file, "PACSVAULT", serving=True)
     # A protected key: --passphrase-file, the systemd credential or the terminal;
     # none of them -> keys.KeyUnavailable.
-    vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args))
+    try:
+        vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args))
+    except KeyUnavailable as exc:
+        # Key medium absent or key locked: keep receiving, sealed (sealed/serve.py).
+        from pacsvault.sealed.serve import serve_sealed
+
+        return serve_sealed(args, root, str(exc))
     settings = vault.settings
     bind = args.bind or settings.server.bind
     plain, tls_port, https_port = _listeners(args, settings)
@@ -200,6 +208,10 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     except CommandError:
         vault.close()
         raise
+    if sealed_merge.pending(root):  # a sealed run left journals: merge before recovery
+        merged = sealed_merge.merge_all(vault)
+        log.warning("sealed journals merged: %d object(s), %d event(s)", merged.stored,
+                    merged.events)
     recovery = vault.archive.recover()
     if recovery.published or recovery.discarded:
         log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
@@ -256,6 +268,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     jobs.start()
     # CLI -> this server (unseal, online key rotation): features register their commands.
     control = ControlServer(vault.layout.root)
+    control.register("unseal", lambda _args: {"already": True})  # not sealed
     from pacsvault.crypto.rotation import control_handler  # online key rotation
 
     control.register("rotate", control_handler(vault))

@@ -30,6 +30,14 @@ class Keyring:
             self._cache[key_id] = key
         return key_id
 
+    def adopt(self, session: Session, key_id: uuid.UUID, key: bytes) -> None:
+        """Add a data key made elsewhere (sealed mode: it arrived HPKE-wrapped) under this
+        vault's KEK, as an ordinary algorithm-1 key; nothing if it is there already."""
+        if session.get(DataKey, str(key_id)) is None:
+            session.add(DataKey(key_id=str(key_id), wrapped=datakeys.wrap(self._kek, key_id, key)))
+        with self._lock:
+            self._cache[key_id] = key
+
     def get(self, session: Session, key_id: uuid.UUID) -> bytes:
         with self._lock:
             cached = self._cache.get(key_id)

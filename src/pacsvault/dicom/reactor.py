@@ -62,6 +62,8 @@ _ABORT_INVALID_PARAMETER = 0x06
 
 class FastAssociation(Association):
     _pv_on_exit: Callable[[], None] | None = None
+    # Sealed mode: answers a DIMSE request itself (True) before any service class runs.
+    _pv_intercept: Callable[[Association, Any, int], bool] | None = None
 
     def run(self) -> None:
         """pynetdicom's thread body, then this connection's budget is given back."""
@@ -86,7 +88,9 @@ class FastAssociation(Association):
 
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
+                intercept = self._pv_intercept
+                if intercept is None or not intercept(self, msg, int(context_id)):  # type: ignore[arg-type]
+                    self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)

@@ -33,7 +33,7 @@ from pynetdicom import (
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -59,7 +59,7 @@ from pacsvault.dicom.qr import (
     denied_contexts,
     store_outcome,
 )
-from pacsvault.dicom.reactor import accelerate
+from pacsvault.dicom.reactor import FastAssociation, accelerate
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.objects import DiskFullError
@@ -75,6 +75,13 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_WARNING_DISCARDED = 0xB006
+# Sealed mode (the master key is not here: no index to read). PS3.4 C.4.1.1.4 and
+# C.4.2.1.5/C.4.3.1.5: C-FIND "A700 Refused: Out of Resources"; C-MOVE/C-GET "A701
+# Refused: Out of Resources - Unable to calculate number of matches" (the index cannot
+# even be searched), each with this Error Comment (LO, <= 64 characters).
+STATUS_SEALED_FIND = 0xA700
+STATUS_SEALED_RETRIEVE = 0xA701
+SEALED_COMMENT = "archive sealed: an administrator must unlock it"
 
 TLS_HANDSHAKE_TIMEOUT = 15.0
 
@@ -107,7 +114,9 @@ class DicomService:
         # Exposure and rejection events: one by one at a human pace, counted in a flood.
         self.policy = AssociationPolicy(vault.settings, vault.nodes,
                                         BurstRecorder(vault.recorder, self.refusals))
-        self.known_hosts = KnownHosts(lambda: [n.host for n in vault.nodes.all()])
+        self.known_hosts = KnownHosts(lambda: [n.host for n in self.vault.nodes.all()])
+        # True while the archive is sealed (``sealed/runtime``): Q/R refused in ``intercept``
+        self.sealed = False
         self.budget = ConnectionBudget(
             per_source=dicom.max_connections_per_source,
             pending=dicom.max_pending_connections,
@@ -156,9 +165,10 @@ class DicomService:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self.qr.on_find),
-            (evt.EVT_C_MOVE, self.qr.on_move),
-            (evt.EVT_C_GET, self.qr.on_get),
+            # through ``self.qr`` at each request: ``unseal`` replaces it
+            (evt.EVT_C_FIND, lambda event: self.qr.on_find(event)),
+            (evt.EVT_C_MOVE, lambda event: self.qr.on_move(event)),
+            (evt.EVT_C_GET, lambda event: self.qr.on_get(event)),
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_end),
@@ -228,6 +238,41 @@ class DicomService:
         self.ae.shutdown()
         if self._own_refusals:
             self.refusals.close()
+
+    # --- sealed mode --------------------------------------------------------------------
+
+    def intercept(self, assoc: Association, msg: Any, context_id: int) -> bool:
+        """While sealed, answer C-FIND/C-MOVE/C-GET requests with the sealed status before
+        any handler runs (True = answered). C-ECHO and C-STORE go on as usual."""
+        if not self.sealed or not isinstance(msg, (C_FIND, C_MOVE, C_GET)):
+            return False
+        what = {C_FIND: "find", C_MOVE: "move", C_GET: "get"}[type(msg)]
+        rsp: Any = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        rsp.Status = STATUS_SEALED_FIND if what == "find" else STATUS_SEALED_RETRIEVE
+        rsp.ErrorComment = SEALED_COMMENT
+        with self._lock:
+            state = self._states.get(assoc)
+        self.vault.recorder.emit(AuditEvent(
+            action=f"dicom.{what}.sealed", outcome=Outcome.MINOR_FAILURE,
+            code=EventCode.QUERY if what == "find" else EventCode.BEGIN_TRANSFERRING,
+            actor_ae=state.node.ae_title if state is not None and state.node else "",
+            actor_address=state.peer.address if state is not None else "",
+            message=f"refused: {SEALED_COMMENT}", detail={"status": f"{rsp.Status:04X}"},
+        ), required=False)
+        assoc.dimse.send_msg(rsp, context_id)
+        return True
+
+    def unseal(self, vault: Vault) -> None:
+        """The master key is back and the journals merged: serve from the real vault (its
+        registry, its archive, Q/R), on the same listeners, without a restart."""
+        self.vault = vault
+        self.policy = AssociationPolicy(vault.settings, vault.nodes,
+                                        BurstRecorder(vault.recorder, self.refusals))
+        self.qr = QueryRetrieve(self)
+        self.sealed = False
+        self.known_hosts.refresh()
 
     def refused(self, address: str, reason: str,
                 detail: dict[str, str | int | bool] | None = None) -> None:
@@ -581,6 +626,8 @@ class _PolicyRequestHandler(RequestHandler):
             )
             self._pv_handed_over = True
         accelerate(assoc, guard)
+        assert isinstance(assoc, FastAssociation)
+        assoc._pv_intercept = service.intercept
         self.pv_service._register(assoc, self._pv_peer)
         assoc.acse = _PolicyACSE(assoc, self.pv_service)
         return assoc

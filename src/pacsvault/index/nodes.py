@@ -130,6 +130,12 @@ class NodeRegistry:
         self._sessions = sessions
         # Called after a commit that revoked certificates: the vault re-signs its CRL.
         self._on_revoke = on_revoke
+        # Called after every committed change (the vault rewrites its sealed-mode snapshot).
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def add(
         self,
@@ -158,7 +164,9 @@ class NodeRegistry:
                 client_cert=client_cert, roles=",".join(roles), tls_profile=tls_profile,
             )
             session.add(row)
-            return _info(row)
+            info = _info(row)
+        self._changed()
+        return info
 
     def update(
         self,
@@ -195,7 +203,9 @@ class NodeRegistry:
                 raise NodeError("the legacy-aes TLS profile requires TLS")
             if host is not None or tls is not None:  # a legacy host stays until changed
                 row.host = check_host(row.host, tls=row.tls)
-            return _info(row)
+            info = _info(row)
+        self._changed()
+        return info
 
     def remove(self, ae_title: str) -> int:
         """Remove a node and revoke every certificate issued to it; returns how many."""
@@ -207,6 +217,7 @@ class NodeRegistry:
             count = self._revoke_in(session, ae_title.strip())
         if count and self._on_revoke is not None:
             self._on_revoke()
+        self._changed()
         return count
 
     # --- certificates -------------------------------------------------------------------
@@ -218,6 +229,7 @@ class NodeRegistry:
                     serial=f"{cert.serial:x}", ae_title=ae_title.strip(), kind=cert.kind,
                     issued=utcnow(), not_after=cert.not_after,
                 ))
+        self._changed()
 
     def certificate_status(self, ae_title: str, serial: int) -> str:
         """Whether a presented client certificate is one issued to this node, and live."""
@@ -233,6 +245,7 @@ class NodeRegistry:
             count = self._revoke_in(session, ae_title.strip())
         if count and self._on_revoke is not None:
             self._on_revoke()
+        self._changed()
         return count
 
     @staticmethod

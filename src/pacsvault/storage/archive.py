@@ -28,6 +28,7 @@ Speed without weakening that order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -581,6 +582,63 @@ class Archive:
                 meta_json=parsed.meta_json,
             ))
             return key_id, generation
+
+    # --- sealed mode ----------------------------------------------------------------
+
+    def adopt(self, parsed: ParsedInstance, object_id: str, key_id: uuid.UUID,
+              data_key: bytes, *, source_ae: str = "", actor_address: str = "",
+              actor_user: str = "") -> StoreResult:
+        """Index an object received while the archive was sealed (``sealed.merge``): it is
+        encrypted and staged or published already, under its own data key (``key_id``,
+        given unwrapped), which joins the patient's keys as an ordinary KEK-wrapped key.
+        The rows go through the normal group commit (same rows, same store record as
+        ``store``). Duplicates are settled as ``store`` would have: identical -> dropped,
+        re-encoded -> benign duplicate, anything else -> first kept (``CONFLICT``, the
+        caller records the security event). Redone after a crash, an object indexed
+        already (same object id) is left as it is."""
+        with self._sessions() as session:
+            row = session.execute(select(Instance.object_id, Instance.sha256)
+                                  .where(Instance.sop_uid == parsed.sop_uid)).first()
+        if row is not None:
+            if row[0] == object_id:
+                self._publish_adopted(object_id)
+                return StoreResult(StoreStatus.DUPLICATE, parsed.sop_uid, parsed.study_uid)
+            same = secrets.compare_digest(bytes(row[1]), parsed.sha256)
+            raw = None if same else objfmt.decrypt(self.objects.read(object_id), data_key,
+                                                   parsed.sop_uid)
+            self.objects.discard(object_id)
+            self.objects.delete(object_id)
+            if raw is None:
+                return StoreResult(StoreStatus.DUPLICATE, parsed.sop_uid, parsed.study_uid)
+            return self._reencoded(
+                StoreResult(StoreStatus.CONFLICT, parsed.sop_uid, parsed.study_uid), raw,
+                source_ae=source_ae, actor_address=actor_address, actor_user=actor_user)
+        with self._write_lock, self._sessions.begin() as session:
+            generation = int(session.scalar(text(_GENERATION)) or 0)
+            self._keyring.adopt(session, key_id, data_key)
+            session.flush()
+            if session.scalar(select(Patient.pk).where(
+                    Patient.patient_id == parsed.patient_id,
+                    Patient.issuer == parsed.issuer)) is None:
+                session.add(Patient(
+                    patient_id=parsed.patient_id, issuer=parsed.issuer,
+                    name=parsed.patient_name, name_norm=normalise_name(parsed.patient_name),
+                    birth_date=normalise_date(parsed.birth_date), sex=parsed.sex,
+                    key_id=str(key_id), meta_json=parsed.meta_json,
+                ))
+        pending = _Pending(parsed, object_id, key_id, source_ae, generation,
+                           actor_address=actor_address, actor_user=actor_user)
+        self._commit(pending)
+        if pending.result is not None:  # indexed meanwhile by another path
+            return pending.result
+        self._publish_adopted(object_id)
+        return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
+
+    def _publish_adopted(self, object_id: str) -> None:
+        if self.objects.path(object_id).exists():
+            return
+        with contextlib.suppress(FileNotFoundError):  # published by a concurrent path
+            self.objects.publish(object_id)
 
     # --- reading --------------------------------------------------------------------
 

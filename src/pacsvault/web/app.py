@@ -15,6 +15,7 @@ from starlette.responses import Response
 from pacsvault.accounts.passkeys import Passkeys, certificate_names
 from pacsvault.accounts.service import Accounts
 from pacsvault.audit import AuditUnavailable
+from pacsvault.sealed import web as sealed_web
 from pacsvault.vault import Vault
 from pacsvault.web import (
     admin_erasure,
@@ -51,6 +52,8 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(admin_nodes.router)
     app.include_router(admin_health.router)
     app.include_router(admin_objects.router)
+    # /unseal outside sealed mode: back to the sign-in page (sealed/web.py)
+    app.include_router(sealed_web.normal_router)
     app.include_router(admin_erasure.router)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)

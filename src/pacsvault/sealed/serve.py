@@ -1,0 +1,182 @@
+"""``serve`` when the master key is unavailable: start sealed, keep receiving, unseal live.
+
+Same listeners, same ports, same association policy and TLS as a normal start (the policy
+reads the signed node snapshot, TLS uses the listener keys' boot copy); C-ECHO and C-STORE
+work, C-FIND/C-MOVE/C-GET get the sealed status, HTTPS serves only ``/unseal``. The alert
+sink (mail/webhook) and the plain log work as usual: an exposure is alerted while sealed.
+``pacsvault unseal`` (control socket) or the page switches everything to normal service;
+the trail watcher, background jobs and retention purge start then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import FrameType
+from typing import Any, cast
+
+from fastapi import FastAPI
+
+from pacsvault import config
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.alerts import AlertSink
+from pacsvault.audit.watch import TrailWatcher
+from pacsvault.cli.audit import purge_expired
+from pacsvault.cli.common import CommandError
+from pacsvault.crypto.tls import server_context
+from pacsvault.dicom.server import DicomService
+from pacsvault.sealed import material
+from pacsvault.sealed.runtime import SealedRuntime, UnsealError
+from pacsvault.sealed.web import SwitchApp, create_sealed_app
+from pacsvault.service.control import ControlError, ControlServer
+from pacsvault.service.jobs import JobRunner
+from pacsvault.vault import Layout, Vault, resolve_key_path
+from pacsvault.web.limits import WebLimits
+from pacsvault.web.server import WebService
+
+log = logging.getLogger("pacsvault.serve")
+
+
+def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
+    from pacsvault.cli import serve as normal
+
+    layout = Layout(root)
+    settings = config.load(root)
+    key_path = resolve_key_path(layout, settings, args.key_file)
+    try:
+        runtime = SealedRuntime(root, settings, key_path)
+    except material.SealedUnavailable as exc:
+        raise CommandError(f"{reason} ({exc})") from None
+    bind = args.bind or settings.server.bind
+    plain, tls_port, https_port = normal._listeners(args, settings)
+    normal._check_ports(bind, plain, tls_port, https_port)
+    if runtime.boot_password is None and (tls_port is not None or https_port is not None):
+        log.critical("SEALED: the listener TLS keys' boot secret (%s) is missing: the DICOM "
+                     "TLS and HTTPS ports stay closed until the archive is unsealed",
+                     material.boot_secret_path(key_path))
+        tls_port = https_port = None
+    recorder = runtime.recorder
+
+    def patients_of(uids: Iterable[str]) -> set[str]:
+        vault = runtime.vault
+        return normal._patients_of(vault)(uids) if vault is not None else set()
+
+    alerts = AlertSink(settings.alerts, recorder, disk_path=layout.objects,
+                       patients_of=patients_of)
+    recorder.add_sink(alerts)
+    if runtime.snapshot_problem:
+        recorder.emit(AuditEvent(
+            action="sealed.snapshot", outcome=Outcome.MAJOR_FAILURE,
+            code=EventCode.SECURITY_ALERT,
+            message=f"{runtime.snapshot_problem}; every association is refused until the "
+            "archive is unsealed"), required=False)
+    service = DicomService(cast(Vault, runtime.view))
+    service.sealed = True
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    web: WebService | None = None
+    switch = SwitchApp(create_sealed_app(runtime))
+    try:
+        bound = service.start(bind, plain, tls_port)
+        if https_port is not None:
+            web = WebService(cast(FastAPI, switch), _web_tls(runtime),
+                             WebLimits.from_settings(settings.web), service.refusals)
+            bound["https_port"] = web.start(bind, https_port)
+    except OSError as exc:
+        if web is not None:
+            web.stop()
+        service.stop()
+        alerts.close()
+        raise CommandError(f"a listening port on {bind} could not be opened "
+                           f"({exc.strerror or exc}); nothing was started") from None
+    unsealed = threading.Event()
+
+    def on_unsealed(vault: Vault) -> None:
+        from pacsvault.web.app import create_app
+
+        service.unseal(vault)
+        if web is not None:
+            switch.app = create_app(vault, vault.accounts)
+        unsealed.set()
+
+    runtime.on_unsealed.append(on_unsealed)
+    recorder.emit(AuditEvent(
+        action="application.start", outcome=Outcome.SUCCESS,
+        code=EventCode.APPLICATION_ACTIVITY, message="started sealed: the master key is "
+        "unavailable; receiving only", detail={"sealed": True, **bound}), required=False)
+    log.critical("ARCHIVE SEALED: %s. Images from registered devices are still received "
+                 "and kept encrypted; queries, retrievals and the web pages are refused "
+                 "until an administrator runs 'pacsvault unseal' or opens https://<this "
+                 "server>:%s/unseal", reason, bound.get("https_port", "-"))
+    state: dict[str, Any] = {"pid": os.getpid(), "bind": bind, **bound}
+    normal._write_state(layout, {**state, "sealed": True})
+    control = ControlServer(root)
+
+    def unseal_command(request: dict[str, Any]) -> dict[str, Any]:
+        passphrase = request.get("passphrase")
+        try:
+            return runtime.unseal(passphrase if isinstance(passphrase, str) and passphrase
+                                  else None, actor_user=str(request.get("user", ""))[:64],
+                                  channel="cli")
+        except UnsealError as exc:
+            raise ControlError(str(exc)) from None
+
+    control.register("unseal", unseal_command)
+    control.start()
+    watcher: TrailWatcher | None = None
+    jobs: JobRunner | None = None
+    try:
+        next_purge = 0.0
+        while not stop.wait(0.5):
+            vault = runtime.vault
+            if vault is None or not unsealed.is_set():
+                continue
+            if watcher is None:
+                normal._check_audit_trail(vault)
+                watcher = TrailWatcher(vault.audit, vault.recorder,
+                                       settings.audit.check_seconds)
+                watcher.start()
+                jobs = JobRunner(vault)
+                jobs.start()
+                normal._write_state(layout, state)
+                next_purge = time.monotonic() + normal.RETENTION_CHECK_SECONDS
+            elif time.monotonic() >= next_purge:
+                purge_expired(vault)
+                next_purge = time.monotonic() + normal.RETENTION_CHECK_SECONDS
+    finally:
+        control.stop()
+        if jobs is not None:
+            jobs.stop()
+        layout.state.unlink(missing_ok=True)
+        if web is not None:
+            web.stop()
+        service.stop()
+        recorder.emit(AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
+                                 code=EventCode.APPLICATION_ACTIVITY), required=False)
+        if watcher is not None:
+            watcher.stop()
+        alerts.close()
+        if runtime.vault is not None:
+            runtime.vault.close()
+        runtime.close()
+    return 0
+
+
+def _web_tls(runtime: SealedRuntime) -> ssl.SSLContext:
+    web = runtime.settings.web
+    ctx = server_context(runtime.view.layout.tls, runtime.view.tls_password())
+    if web.cert_file:
+        ctx.load_cert_chain(web.cert_file, web.key_file or None)
+    return ctx
