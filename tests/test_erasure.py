@@ -281,3 +281,14 @@ def test_rows_of_destroyed_keys_are_forgotten_after_a_restore(opened: Any) -> No
         assert s.scalars(select(Patient).where(Patient.patient_id == "PVER09")).all() == []
     assert len(list(v.archive.locate(sop_uid=kept.sop))) == 1
     assert eraser.forget_shredded() == 0  # idempotent
+
+
+def test_atna_message_of_the_tombstone_says_delete() -> None:
+    """PS3.15 A.5.3.3: the tombstone exported over syslog is a deletion ("D")."""
+    from pacsvault.audit import AuditEvent, EventCode, Outcome
+    from pacsvault.audit.atna import AuditMessageBuilder
+
+    xml = AuditMessageBuilder("PACSVAULT", hostname="archive").to_bytes(AuditEvent(
+        action="patient.erased", outcome=Outcome.SUCCESS, code=EventCode.INSTANCES_ACCESSED,
+        actor_user="bob", detail={"instances": 3}))
+    assert b'EventActionCode="D"' in xml and b'csd-code="110103"' in xml

@@ -150,6 +150,8 @@ class AuditMessageBuilder:
     def _action_code(self, event: AuditEvent) -> str:
         if event.code is EventCode.INSTANCES_TRANSFERRED and _is_inbound(event):
             return "C"  # we received (created) them: A.5.3.5 "C = create"
+        if event.code is EventCode.INSTANCES_ACCESSED and event.action == "patient.erased":
+            return "D"  # a patient's erasure (storage.erasure): delete, A.5.3.3
         if event.code is EventCode.INSTANCES_ACCESSED and event.action.startswith("object."):
             # an admin's removal (D = delete) or quarantine change (U = update), A.5.3.3
             return "D" if event.action == "object.deleted" else "U"
