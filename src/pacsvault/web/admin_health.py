@@ -40,6 +40,7 @@ from starlette.responses import Response
 
 from pacsvault.audit import EventCode
 from pacsvault.backup.health import backup_health
+from pacsvault.crypto.protection import describe
 from pacsvault.crypto.tls import certificate_expiry
 from pacsvault.vault import Vault
 from pacsvault.web.principal import Principal
@@ -200,6 +201,7 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  warning_days=EXPIRY_WARNING_DAYS,
                  events=security_events(vault.audit.path), verdict=verdict,
                  nodes=len(nodes), legacy_tls=[n for n in nodes if n.legacy_tls],
+                 key=describe(vault.key_path or Path("?"), vault.layout.root),
                  blocks=_accounts(request).blocks(),
                  blocks_back="/admin/health",
                  backup=backup_health(vault.layout, vault.settings.backup, now))
