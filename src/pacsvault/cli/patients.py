@@ -167,6 +167,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
     try:
         eraser = _eraser(vault)
         target = _errors(lambda: eraser.find(args.patient_id, args.issuer))
+        # refusals before anyone types anything
+        _errors(lambda: eraser.check_grounds([target], args.legal_basis, args.reason))
+        if args.solo:
+            _errors(eraser.solo_allowed)
         actor = authenticate(vault, args.as_admin) if args.as_admin else KEY_HOLDER
         say(f"Patient {target.patient_id}: {target.instances} instance(s) in "
             f"{target.studies} study(ies); retention "
@@ -264,6 +268,8 @@ def cmd_erase_expired(args: argparse.Namespace) -> int:
         if not due:
             say("No patient's retention period has ended; nothing to erase.")
             return 0
+        if args.solo:
+            _errors(eraser.solo_allowed)
         actor = authenticate(vault, args.as_admin) if args.as_admin else KEY_HOLDER
         say(f"{len(due)} patient(s) past their retention period "
             "('pacsvault patient list-expiring' lists them).")

@@ -327,7 +327,7 @@ class Eraser(Remover):
 
     # --- asking -----------------------------------------------------------------------
 
-    def _check_grounds(self, targets: Sequence[Target], basis: str, reason: str) -> str:
+    def check_grounds(self, targets: Sequence[Target], basis: str, reason: str) -> str:
         basis = check_basis(basis)
         try:
             reason = check_reason(reason)
@@ -344,7 +344,7 @@ class Eraser(Remover):
                 address: str = "") -> int:
         """Ask for a patient's erasure; another administrator confirms it."""
         target = self.find(patient_id, issuer)
-        reason = self._check_grounds([target], basis, reason)
+        reason = self.check_grounds([target], basis, reason)
         return self._new_request("patient", [target], reason, basis, actor, address)
 
     def request_expired(self, reason: str, *, actor: str, address: str = "") -> int:
@@ -354,7 +354,7 @@ class Eraser(Remover):
             raise ErasureError("no patient's retention period has ended")
         with self.vault.engine.connect() as conn:
             targets = [self._target(conn, p.pk) for p in due]
-        reason = self._check_grounds(targets, RETENTION_ENDED, reason)
+        reason = self.check_grounds(targets, RETENTION_ENDED, reason)
         return self._new_request("expired", targets, reason, RETENTION_ENDED, actor, address)
 
     def _new_request(self, kind: str, targets: Sequence[Target], reason: str, basis: str,
@@ -417,12 +417,12 @@ class Eraser(Remover):
                    typed_again: str, *, actor: str, address: str = "",
                    via: str = "cli") -> ErasureResult:
         """A solo practice's erasure: one administrator, the patient ID typed twice."""
-        self._solo_allowed()
+        self.solo_allowed()
         if not hmac.compare_digest(typed_again.strip().encode(),
                                    patient_id.strip().encode()):
             raise ErasureError("the patient ID typed again differs; nothing was erased")
         target = self.find(patient_id, issuer)
-        reason = self._check_grounds([target], basis, reason)
+        reason = self.check_grounds([target], basis, reason)
         request_id = self._new_request("patient", [target], reason, basis, actor, address)
         return self._execute(request_id, [(target.pk, target.subject)], reason, basis, actor,
                              actor, address, via, "solo")
@@ -430,7 +430,7 @@ class Eraser(Remover):
     def erase_expired_solo(self, reason: str, typed_count: str, *, actor: str,
                            address: str = "", via: str = "cli") -> ErasureResult:
         """A solo practice erases every expired patient, typing their number to confirm."""
-        self._solo_allowed()
+        self.solo_allowed()
         due = self.expired()
         if not due:
             raise ErasureError("no patient's retention period has ended")
@@ -446,7 +446,7 @@ class Eraser(Remover):
         return self._execute(request_id, pairs, reason, RETENTION_ENDED, actor, actor,
                              address, via, "solo")
 
-    def _solo_allowed(self) -> None:
+    def solo_allowed(self) -> None:
         if not self.rules.solo_practice:
             raise ErasureError("a second administrator must confirm erasures; a practice "
                                "with a single administrator sets [retention] "
