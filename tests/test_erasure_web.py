@@ -145,3 +145,42 @@ def test_solo_practice_erases_with_the_id_typed_again(tmp_path: Path) -> None:
             chief.close()
     (tomb,) = events(vault, "patient.erased")
     assert tomb["mode"] == "solo" and tomb["confirmed_by"] == "chief"
+
+
+def test_expired_patients_asked_together_cancelled_then_confirmed(tmp_path: Path) -> None:
+    vault = new_vault(tmp_path / "v")
+    old = [make(f"PVWEB{n}") for n in (7, 8)]
+    young = make("PVWEB9", study_date="20240601")
+    with local_web(vault, FakeClock()) as web:
+        store(web.vault, *old, young)
+        web.accounts.add_user("chief", ["admin"], PASSWORD)
+        web.accounts.add_user("second", ["admin"], PASSWORD)
+        chief, second = web.browser(), web.browser()
+        try:
+            web.sign_in(chief, "chief", PASSWORD)
+            web.sign_in(second, "second", PASSWORD)
+            for cancel in (True, False):
+                page = chief.get("/admin/erasure")
+                res = chief.post("/admin/erasure/expired", data={
+                    "csrf": csrf_of(page.text), "reason": "Durée de conservation écoulée"})
+                assert res.status_code == 303, res.text
+                number = res.headers["location"].rsplit("=", 1)[1]
+                page = second.get("/admin/erasure")
+                assert f'id="confirm-{number}"' in page.text
+                if cancel:
+                    res = second.post("/admin/erasure/cancel", data={
+                        **_form(page.text, f"cancel-{number}")})
+                    assert res.status_code == 303
+                    assert "cancelled" in second.get(res.headers["location"]).text
+                    assert all(list(web.vault.archive.locate(sop_uid=o.sop)) for o in old)
+                    continue
+                res = second.post("/admin/erasure/confirm", data={
+                    **_form(page.text, f"confirm-{number}"), "confirm": "1"})
+                assert res.status_code == 303
+            assert all(list(web.vault.archive.locate(sop_uid=o.sop)) == [] for o in old)
+            assert list(web.vault.archive.locate(sop_uid=young.sop))
+        finally:
+            chief.close()
+            second.close()
+    assert len(events(vault, "patient.erased")) == 2
+    assert len(events(vault, "patient.erasure.cancelled")) == 1
