@@ -37,6 +37,7 @@ import datetime as dt
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +83,14 @@ class Outcome:
     retired_key_file: str = ""
     online: bool = False
     resumed: bool = False
+    paused_seconds: float = 0.0  # how long commits waited (the critical part)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"data_keys": self.data_keys, "totp": self.totp, "tls_keys": self.tls_keys,
                 "secrets": self.secrets, "queued": self.queued,
                 "retired_key_file": self.retired_key_file, "online": self.online,
-                "resumed": self.resumed}
+                "resumed": self.resumed, "paused_seconds": round(self.paused_seconds, 3)}
 
 
 def new_key_path(key_path: Path) -> Path:
@@ -497,6 +499,7 @@ def run(vault: Vault, key_path: Path, new: keys.MasterKey, marker: dict[str, Any
                          *vault.audit.keys.retired_sealing),
     )
     with _paused(vault):
+        began = time.monotonic()
         archive = vault._archive
         if archive is not None:
             archive._keyring.also_accept(rot._d(new, keys.PURPOSE_KEK))
@@ -523,6 +526,7 @@ def run(vault: Vault, key_path: Path, new: keys.MasterKey, marker: dict[str, Any
         vault.audit.rotate_keys(new_trail, event, before=lambda: rot.swap_engine(rot.index()))
         _crash_point("trail")
         rot.memory()
+        out.paused_seconds = time.monotonic() - began
     rot.finish(keep_old=keep_old)
     _handed_to_backups(vault, out.recovery_code)
     return out
@@ -659,7 +663,8 @@ def control_handler(vault: Vault) -> Callable[[dict[str, Any]], dict[str, Any]]:
             _ONE_AT_A_TIME.release()
         assert vault.key_path is not None
         where = hand_over_code(vault.key_path, vault.layout.root, out.recovery_code)
-        log.warning("the master key was rotated; new recovery code written to %s", where)
+        log.warning("the master key was rotated (%d data keys; commits paused %.2f s); new "
+                    "recovery code written to %s", out.data_keys, out.paused_seconds, where)
         return {**out.summary(), "recovery_code": out.recovery_code, "code_file": str(where)}
 
     return handle
