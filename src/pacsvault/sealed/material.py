@@ -150,13 +150,21 @@ def write_snapshot(vault: Vault) -> None:
                          "revoked": c.revoked is not None}
                         for c in session.scalars(select(NodeCertificate)
                                                  .order_by(NodeCertificate.serial))]
-    body: dict[str, Any] = {
-        "format": SNAPSHOT_FORMAT, "vault_id": vault.vault_id,
-        "written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nodes": nodes, "certificates": certificates,
-    }
-    body["sig"] = _b64(_snapshot_signer(vault).sign(_canonical(body)))
-    _write_atomic(sealed_dir(vault.layout.root) / SNAPSHOT_NAME, _canonical(body))
+    path = sealed_dir(vault.layout.root) / SNAPSHOT_NAME
+    body: dict[str, Any] = {"format": SNAPSHOT_FORMAT, "vault_id": vault.vault_id,
+                            "nodes": nodes, "certificates": certificates}
+    signer = _snapshot_signer(vault)
+    try:  # every CLI command opens the vault: no write (and fsync) when nothing changed
+        current = json.loads(path.read_bytes())
+        sig = base64.b64decode(current.pop("sig"))
+        signer.public_key().verify(sig, _canonical(current))
+        if {k: v for k, v in current.items() if k != "written"} == body:
+            return
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, InvalidSignature):
+        pass
+    body["written"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    body["sig"] = _b64(signer.sign(_canonical(body)))
+    _write_atomic(path, _canonical(body))
 
 
 def _ensure_boot_tls(vault: Vault, key_path: Path) -> None:

@@ -102,13 +102,16 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
         raise CommandError(f"a listening port on {bind} could not be opened "
                            f"({exc.strerror or exc}); nothing was started") from None
     unsealed = threading.Event()
+    control = ControlServer(root)
 
     def on_unsealed(vault: Vault) -> None:
+        from pacsvault.crypto.rotation import control_handler
         from pacsvault.web.app import create_app
 
         service.unseal(vault)
         if web is not None:
             switch.app = create_app(vault, vault.accounts)
+        control.register("rotate", control_handler(vault))  # as a normal start does
         unsealed.set()
 
     runtime.on_unsealed.append(on_unsealed)
@@ -122,7 +125,6 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
                  "server>:%s/unseal", reason, bound.get("https_port", "-"))
     state: dict[str, Any] = {"pid": os.getpid(), "bind": bind, **bound}
     normal._write_state(layout, {**state, "sealed": True})
-    control = ControlServer(root)
 
     def unseal_command(request: dict[str, Any]) -> dict[str, Any]:
         passphrase = request.get("passphrase")
