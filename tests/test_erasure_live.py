@@ -135,6 +135,10 @@ def test_cli_erasure_while_serve_receives_other_patients(
             assert again.status_code == 400
         assert [s.returncode for s in sent] == [0, 0, 0, 0], [s.stderr for s in sent]
         assert server.alive()
+        # what the CLI's erasure asked of the server: drop its unwrapped keys now
+        from pacsvault.service import control
+
+        assert control.call(vault.data, "erasure.forget", {}) == {"forgotten": True}
     finally:
         server.stop()
     assert "Traceback" not in server.log()

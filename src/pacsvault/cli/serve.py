@@ -272,6 +272,9 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     from pacsvault.crypto.rotation import control_handler  # online key rotation
 
     control.register("rotate", control_handler(vault))
+    from pacsvault.storage.erasure import FORGET_COMMAND, forget_handler  # CLI erasures
+
+    control.register(FORGET_COMMAND, forget_handler(vault))
     control.start()
     try:
         # Short waits: a signal is handled only when the main thread runs Python code,

@@ -48,7 +48,7 @@ import hmac
 import json
 import logging
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -97,6 +97,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pacsvault.erasure")
 
+FORGET_COMMAND = "erasure.forget"  # control channel: the server drops its caches
 SUBJECT_SECRET = "erasure-subject"  # noqa: S105 (the secret's name)
 REQUEST_DAYS = 7  # a request not confirmed within a week lapses
 MAX_ID = 64
@@ -478,6 +479,8 @@ class Eraser(Remover):
                 status="done", decided_by=actor[:64], decided=utcnow(), mode=mode,
                 patients=json.dumps([[None, sub] for _, sub in pairs]),
                 records=json.dumps([e.record for e in erased])))
+        if erased and self._archive is None:
+            self._tell_server()
         backups = self._push_keystores() if any(e.keys_destroyed for e in erased) else ""
         for done in erased:
             self._tombstone(done, request_id, basis, requester, actor, address, via, mode,
@@ -610,6 +613,15 @@ class Eraser(Remover):
         self._delete_files(record, object_ids)
         return removed
 
+    def _tell_server(self) -> None:
+        """From the command line: a running server drops its unwrapped keys and cached
+        rows now (it would anyway at its next commit, through the removal generation)."""
+        from pacsvault.service import control
+
+        with contextlib.suppress(control.ControlUnavailable, control.ControlError, OSError,
+                                 ValueError):
+            control.call(self.vault.layout.root, FORGET_COMMAND, {}, timeout=10)
+
     def _push_keystores(self) -> str:
         """Ask the backup module to replace the keystore in every repository (the
         destroyed keys must vanish from backups too). Never raises: the erasure is done;
@@ -704,3 +716,13 @@ def _scrub_old_records(conn: Connection, uids: set[str], record: int) -> None:
         conn.execute(update(_actions).where(
             _actions.c.uid.in_(chunk), or_(_actions.c.action != "erase"))
             .values(uid=f"erased-{record}", reason="(erased with the patient)"))
+
+
+def forget_handler(vault: Vault) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The running server's ``erasure.forget`` control command (``cli/serve``)."""
+
+    def handle(_args: dict[str, Any]) -> dict[str, Any]:
+        vault.archive.forget()
+        return {"forgotten": True}
+
+    return handle
