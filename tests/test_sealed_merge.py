@@ -1,0 +1,83 @@
+"""The merge settles what sealed mode could not check, exactly as ``Archive.store`` would:
+an identical re-send is dropped, the same instance re-encoded is a benign duplicate, a
+different object under a known SOP Instance UID is a conflict (first kept, security
+event). In-process: the sealed archive and the unseal of ``sealed.runtime`` over a real
+vault (the server around them is tested in test_sealed.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ImplicitVRLittleEndian
+from sqlalchemy import select
+
+from pacsvault import config
+from pacsvault.index.models import DataKey, Instance
+from pacsvault.sealed import merge
+from pacsvault.sealed.runtime import SealedRuntime
+from pacsvault.storage.archive import StoreStatus
+from pacsvault.vault import Vault
+from tests.helpers import make_vault
+
+
+def _variants(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    original = tmp_path / "original.dcm"
+    ds.save_as(original, enforce_file_format=True)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    reencoded = tmp_path / "implicit.dcm"
+    ds.save_as(reencoded, enforce_file_format=True, implicit_vr=True, little_endian=True)
+    other = dcmread(original)
+    other.InstanceNumber = 99
+    conflict = tmp_path / "conflict.dcm"
+    other.save_as(conflict, enforce_file_format=True)
+    return original.read_bytes(), reencoded.read_bytes(), conflict.read_bytes()
+
+
+def test_merge_settles_duplicates_as_store_would(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path / "v")
+    original, reencoded, conflict = _variants(tmp_path)
+    fresh = dcmread(get_testdata_file("MR_small.dcm"))
+    fresh_path = tmp_path / "fresh.dcm"
+    fresh.save_as(fresh_path, enforce_file_format=True)
+    v = Vault.open(vault.data, vault.key)
+    try:
+        assert v.archive.store(original, source_ae="CT").status is StoreStatus.STORED
+        v.archive.settle()
+    finally:
+        v.close()
+    runtime = SealedRuntime(vault.data, config.load(vault.data), vault.key)
+    try:
+        for raw in (original, reencoded, conflict, fresh_path.read_bytes()):
+            assert runtime.archive.store(raw, source_ae="CT").status is StoreStatus.STORED
+        report = runtime.unseal(channel="test")
+    finally:
+        runtime.close()
+        if runtime.vault is not None:
+            runtime.vault.close()
+    assert report["stored"] == 1 and report["duplicates"] == 2 and report["conflicts"] == 1
+    assert not merge.pending(vault.data)
+    v = Vault.open(vault.data, vault.key)
+    try:
+        assert v.archive.counts()["instances"] == 2
+        sop = str(dcmread(get_testdata_file("CT_small.dcm")).SOPInstanceUID)
+        (kept,) = list(v.archive.locate(sop_uid=sop))
+        assert v.archive.read(kept)[132:] == original[132:]  # the first one, unchanged
+        with v.sessions() as session:
+            keys = {str(k.key_id): bytes(k.wrapped or b"") for k in session.scalars(
+                select(DataKey))}
+            used = set(session.scalars(select(Instance.key_id)))
+        # the new patient's sealed key joined as an ordinary key; no key for the dropped
+        assert used <= set(keys) and all(w[0] == 1 for w in keys.values())
+        assert len(keys) == 2
+        actions = [r.action for r in v.audit.records()]
+    finally:
+        v.close()
+    assert "sealed.store.conflict" in actions
+    assert "dicom.store.duplicate" in actions  # the re-encoded one, recorded as store does
+    assert "sealed.merged" in actions
+    # the objects of the dropped copies are gone from the store
+    objects = [p for p in (vault.data / "objects").rglob("*.pvo")]
+    assert len(objects) == 2
