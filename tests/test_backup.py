@@ -29,9 +29,6 @@ pytestmark = pytest.mark.skipif(not Path(RESTIC).exists(), reason="restic not in
 def add_target(vault: VaultDir, repo: Path, name: str = "usb", binary: str | None = None
                ) -> None:
     with open(vault.data / "pacsvault.toml", "a") as fh:
-        if binary is not None:
-            # restic_binary is a [backup] key: replace the template's line
-            pass
         fh.write(f'\n[[backup.targets]]\nname = "{name}"\nrepository = "{repo}"\n')
     if binary is not None:
         vault.set_toml("backup", "restic_binary", f'"{binary}"')
@@ -61,6 +58,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[corpus.CorpusFile]:
     return corpus.build(tmp_path_factory.mktemp("corpus"))
 
 
+@pytest.mark.slow
 def test_restore_onto_new_machine_with_recovery_code_only(
         tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
     vault = make_vault(tmp_path / "v")
@@ -139,6 +137,7 @@ def test_wrong_recovery_code_writes_nothing(tmp_path: Path) -> None:
     assert res.returncode == 2 and "not an empty directory" in res.stderr
 
 
+@pytest.mark.slow
 def test_corrupted_repository_is_detected_by_verify(tmp_path: Path,
                                                      files: list[corpus.CorpusFile]) -> None:
     vault = make_vault(tmp_path / "v")
@@ -178,6 +177,7 @@ exec {restic} "$@"
 """
 
 
+@pytest.mark.slow
 def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path,
                                                   files: list[corpus.CorpusFile]) -> None:
     vault = make_vault(tmp_path / "v")
@@ -214,6 +214,7 @@ def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path,
     assert any((vault.data / ".backup-cache").rglob("*"))  # the cache was scanned
 
 
+@pytest.mark.slow
 def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
                                                     files: list[corpus.CorpusFile]) -> None:
     from pacsvault.backup import runner
@@ -312,6 +313,7 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
     assert counts[1] == 200 and counts[0] <= 200
 
 
+@pytest.mark.slow
 def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
         tmp_path: Path) -> None:
     from pacsvault.backup import runner, state
@@ -360,6 +362,7 @@ def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
                    ).snapshots()
 
 
+@pytest.mark.slow
 def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> None:
     from pacsvault.backup import runner
 

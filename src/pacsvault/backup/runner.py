@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 REPOSITORY_SECRET = "backup-repository"  # noqa: S105 (a secret's name)
 RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (= vault.BACKUP_RECOVERY_SECRET)
 PURPOSE_KEYSTORE = "pacsvault/v1/backup-keystore"
+PURPOSE_REPOSITORY_PASSWORD = "pacsvault/v1/backup-repository-password"  # noqa: S105
 KEYSTORE_FORMAT = "pacsvault-backup-keystore/1"
 KEYSTORE_FILE = "keystore.json"
 STAGING_DIR = ".backup-staging"
@@ -119,7 +120,11 @@ def _master(vault: Vault) -> keys.MasterKey:
 
 
 def _repository_password(vault: Vault) -> bytes:
-    return vault.named_secret(REPOSITORY_SECRET).hex().encode("ascii")
+    """restic password #1. Derived (one-way) from the repository secret rather than the
+    secret itself: the keystore key is derived from the same secret, and whoever learns
+    this password (it is handed to restic) must not be able to unwrap the data keys."""
+    return _derive(vault.named_secret(REPOSITORY_SECRET), vault.vault_id,
+                   PURPOSE_REPOSITORY_PASSWORD).hex().encode("ascii")
 
 
 def _stored_secret(vault: Vault, name: str) -> bytes | None:
@@ -134,9 +139,13 @@ def _stored_secret(vault: Vault, name: str) -> bytes | None:
     return None
 
 
-def _keystore_key(repository_secret: bytes, vault_id: str) -> bytes:
+def _derive(secret: bytes, vault_id: str, purpose: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=vault_id.encode("ascii"),
-                info=PURPOSE_KEYSTORE.encode("ascii")).derive(repository_secret)
+                info=purpose.encode("ascii")).derive(secret)
+
+
+def _keystore_key(repository_secret: bytes, vault_id: str) -> bytes:
+    return _derive(repository_secret, vault_id, PURPOSE_KEYSTORE)
 
 
 def _target(vault: Vault, name: str) -> config.BackupTarget:
