@@ -81,3 +81,40 @@ def test_merge_settles_duplicates_as_store_would(tmp_path: Path) -> None:
     # the objects of the dropped copies are gone from the store
     objects = [p for p in (vault.data / "objects").rglob("*.pvo")]
     assert len(objects) == 2
+
+
+def test_deleting_a_study_destroys_the_sealed_key_too(tmp_path: Path) -> None:
+    """A patient received before and while sealed holds two data keys (theirs, and the
+    sealed session's, re-wrapped at the merge): removing their last study crypto-shreds
+    both, so nothing of theirs stays readable in a copy of ``objects/``."""
+    from pacsvault.storage.removal import Remover
+    from tests import corpus
+
+    vault = make_vault(tmp_path / "v")
+    before, during = corpus.synthetic_ct_series(tmp_path / "s", 2, seed=11)
+    study_uid = str(dcmread(before).StudyInstanceUID)
+    v = Vault.open(vault.data, vault.key)
+    try:
+        v.archive.store(before.read_bytes(), source_ae="CT")
+        v.archive.settle()
+    finally:
+        v.close()
+    runtime = SealedRuntime(vault.data, config.load(vault.data), vault.key)
+    try:
+        runtime.archive.store(during.read_bytes(), source_ae="CT")
+        runtime.unseal(channel="test")
+    finally:
+        runtime.close()
+        if runtime.vault is not None:
+            runtime.vault.close()
+    v = Vault.open(vault.data, vault.key)
+    try:
+        with v.sessions() as session:
+            live = [k for k in session.scalars(select(DataKey)) if k.wrapped is not None]
+            assert len(live) == 2  # the patient's own key and the sealed session's
+        Remover(v.engine, v.objects, v.recorder).delete("study", study_uid, "test",
+                                                        actor="test")
+        with v.sessions() as session:
+            assert all(k.wrapped is None for k in session.scalars(select(DataKey)))
+    finally:
+        v.close()
