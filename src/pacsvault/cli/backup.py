@@ -66,6 +66,10 @@ def register(sub: Any) -> None:
                    help="0600 file holding the recovery code (default: asked at the terminal)")
     p.set_defaults(func=cmd_restore)
 
+    from pacsvault.cli import backup_drill  # backup drill (backup operations)
+
+    backup_drill.register(bsub)
+
 
 def _recovery_code(path: Path | None) -> str:
     if path is not None:
