@@ -228,8 +228,18 @@ def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
         send_corpus(server.port, files[:3])
     finally:
         server.stop()
+    # an object committed but not yet published (still in objects/.spare) is backed up
+    v = vault.open()
+    try:
+        pending = next(i for i in v.archive.locate() if i.sop_uid == files[2].sop_uid)
+        spare = vault.data / "objects" / ".spare"
+        spare.mkdir(exist_ok=True)
+        os.replace(v.objects.path(pending.object_id), spare / f"{pending.object_id}.part")
+    finally:
+        v.close()
     vault.cli("backup", "init")
     vault.cli("backup", "run")
+    assert [e["outcome"] for e in events(vault, "backup.run")] == ["success"]
     erased = files[1]
     vault.cli("study", "delete", erased.study_uid, "--reason", "test erasure", "--yes")
     v = vault.open()
@@ -247,6 +257,9 @@ def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
     new, new_key = tmp_path / "new", tmp_path / "k" / "master.key"
     result = runner.restore(str(repo), None, vault.recovery_code, new, new_key)
     assert result.keys_absent == 1 and result.keys_restored == 2
+    assert result.objects_missing == 0
+    assert (new / "objects" / pending.object_id[:2] / pending.object_id[2:4]
+            / f"{pending.object_id}.pvo").exists()
     from pacsvault.crypto.keyring import KeyDestroyed
     from pacsvault.vault import Vault
 

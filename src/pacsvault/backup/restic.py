@@ -221,8 +221,12 @@ class Repository:
                 args += [f"--keep-{name}", str(count)]
         self.run(args, timeout=TIMEOUT_LONG)
 
-    def prune(self) -> None:
-        self.run(["prune"], timeout=TIMEOUT_LONG)
+    def prune(self, *, thorough: bool = False) -> None:
+        """Remove unreferenced data. ``thorough``: repack every pack holding any unused
+        blob (``--max-unused 0``), not only the fully unused ones: used after an erasure,
+        so no destroyed key survives in a partly used pack."""
+        self.run(["prune", *(["--max-unused", "0"] if thorough else [])],
+                 timeout=TIMEOUT_LONG)
 
     def check(self, read_data: bool) -> None:
         self.run(["check", *(["--read-data"] if read_data else [])], timeout=TIMEOUT_LONG)

@@ -390,9 +390,12 @@ def _keystore(vault: Vault) -> bytes:
     return json.dumps(body, sort_keys=True).encode("utf-8")
 
 
-def _push_keystore(vault: Vault, repo: Repository) -> str:
+def _push_keystore(vault: Vault, repo: Repository, *, thorough: bool = False) -> str:
     """A fresh keystore snapshot, then every older one forgotten and pruned: keys
-    destroyed since the previous one are then physically gone from this repository."""
+    destroyed since the previous one are then gone from this repository's files. Every
+    entry is wrapped with a fresh nonce, so no chunk of an older keystore is shared with
+    the new one and its packs become wholly unused (deleted by a plain prune);
+    ``thorough`` (after an erasure) also repacks any partly used pack."""
     summary = repo.backup_stdin(_keystore(vault), KEYSTORE_FILE,
                                 tags=[TAG_ALL, TAG_KEYSTORE], host=_host(vault.vault_id))
     new_id = str(summary.get("snapshot_id", ""))
@@ -400,7 +403,7 @@ def _push_keystore(vault: Vault, repo: Repository) -> str:
              if not str(s.get("id", "")).startswith(new_id)]
     if older:
         repo.forget(older)
-        repo.prune()
+        repo.prune(thorough=thorough)
     return new_id
 
 
@@ -569,7 +572,7 @@ def keys_destroyed(vault: Vault) -> dict[str, str]:
     for target in vault.settings.backup.targets:
         try:
             repo = _repo(vault, target)
-            snapshot = _push_keystore(vault, repo)
+            snapshot = _push_keystore(vault, repo, thorough=True)
             results[target.name] = "ok"
             detail: dict[str, str | int | bool] = {"target": target.name,
                                                    "snapshot": snapshot}
