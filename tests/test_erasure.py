@@ -292,3 +292,22 @@ def test_atna_message_of_the_tombstone_says_delete() -> None:
         action="patient.erased", outcome=Outcome.SUCCESS, code=EventCode.INSTANCES_ACCESSED,
         actor_user="bob", detail={"instances": 3}))
     assert b'EventActionCode="D"' in xml and b'csd-code="110103"' in xml
+
+
+def test_a_request_lapses_after_a_week(opened: Any) -> None:
+    import datetime as dt
+
+    v = opened
+    store(v, make("PVER11"))
+    eraser = Eraser(v)
+    request = eraser.request("PVER11", "", REASON, "retention-ended", actor="alice")
+    with v.sessions() as s:
+        row = s.get(ErasureRequest, request)
+        assert row is not None
+        row.created = dt.datetime.now(dt.UTC) - dt.timedelta(days=8)
+        s.commit()
+    assert eraser.requests(pending_only=True) == []
+    assert eraser.requests()[0].status == "lapsed"
+    with pytest.raises(ErasureError, match="no pending"):
+        eraser.confirm(request, actor="bob")
+    assert len(eraser.find("PVER11").keys) == 1  # nothing erased

@@ -63,7 +63,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -308,9 +307,10 @@ class Eraser(Remover):
         if pending_only:
             stmt = stmt.where(ErasureRequest.status == "pending")
         with self.vault.sessions() as s:
-            return [RequestInfo(r.id, r.created, r.requested_by, r.kind, r.count, r.reason,
-                                r.legal_basis, self._status(r), r.decided_by, r.decided,
-                                r.mode) for r in s.scalars(stmt)]
+            found = [RequestInfo(r.id, r.created, r.requested_by, r.kind, r.count, r.reason,
+                                 r.legal_basis, self._status(r), r.decided_by, r.decided,
+                                 r.mode) for r in s.scalars(stmt)]
+        return [r for r in found if r.status == "pending"] if pending_only else found
 
     @staticmethod
     def _lapsed(created: dt.datetime) -> bool:
@@ -714,7 +714,7 @@ def _scrub_old_records(conn: Connection, uids: set[str], record: int) -> None:
     values = sorted(uids)
     for chunk in _chunks(values):
         conn.execute(update(_actions).where(
-            _actions.c.uid.in_(chunk), or_(_actions.c.action != "erase"))
+            _actions.c.uid.in_(chunk), _actions.c.action != "erase")
             .values(uid=f"erased-{record}", reason="(erased with the patient)"))
 
 
