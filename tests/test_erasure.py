@@ -192,6 +192,9 @@ def test_erase_destroys_every_key_row_and_file_and_leaves_a_blind_tombstone(
     text = json.dumps(line)
     for secret in ("PVER01", "Dupont", "Jeanne", a1.study, a1.sop, REASON[:20]):
         assert secret not in text
+    whole = (vault.data / "audit" / "trail.jsonl").read_text()
+    for secret in ("PVER01", "Dupont", "Jeanne", a1.study, a1.sop):  # no record, none
+        assert secret not in whole
     assert v.audit.verify().ok
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from pacsvault.storage.erasure import ErasureRequest
 from tests.helpers import events
 from tests.test_erasure import make, new_vault, store, trail_lines
@@ -26,6 +28,7 @@ def _form(html: str, form_id: str) -> dict[str, str]:
     return dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)"', block))
 
 
+@pytest.mark.slow
 def test_two_administrators_ask_and_confirm(tmp_path: Path) -> None:
     vault = new_vault(tmp_path / "v")
     gone, kept = make("PVWEB1", name="Durand^Alice"), make("PVWEB2", name="Petit^Louis")
@@ -114,6 +117,7 @@ def test_two_administrators_ask_and_confirm(tmp_path: Path) -> None:
     assert listed and all(r["patient_ids"] == [] for r in listed)
 
 
+@pytest.mark.slow
 def test_solo_practice_erases_with_the_id_typed_again(tmp_path: Path) -> None:
     vault = new_vault(tmp_path / "v")
     vault.set_toml("retention", "solo_practice", "true")
@@ -147,6 +151,7 @@ def test_solo_practice_erases_with_the_id_typed_again(tmp_path: Path) -> None:
     assert tomb["mode"] == "solo" and tomb["confirmed_by"] == "chief"
 
 
+@pytest.mark.slow
 def test_expired_patients_asked_together_cancelled_then_confirmed(tmp_path: Path) -> None:
     vault = new_vault(tmp_path / "v")
     old = [make(f"PVWEB{n}") for n in (7, 8)]
