@@ -15,7 +15,6 @@ normal application's own middlewares.
 
 from __future__ import annotations
 
-import html
 import secrets
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
@@ -36,46 +35,9 @@ if TYPE_CHECKING:
 CSRF_COOKIE = "__Host-pvunseal"
 MAX_FAILURES = 5
 WINDOW_SECONDS = 600.0
-_MAX_PASSPHRASE = 1024
+MAX_PASSPHRASE = 1024  # as the template's maxlength
 
-TEXT = {
-    "en": {
-        "sealed": "Archive sealed, an administrator must unlock it.",
-        "title": "Unlock the archive",
-        "intro": "The server started without its master key. It keeps receiving images "
-                 "from the registered devices, but nothing can be read until an "
-                 "administrator unlocks it.",
-        "passphrase": "Passphrase of the master key",
-        "unlock": "Unlock",
-        "retry_intro": "If the key medium (USB key) was missing, put it back, then:",
-        "retry": "Try again",
-        "failed": "The archive could not be unlocked: check the passphrase or the key "
-                  "medium.",
-        "throttled": "Too many attempts from this address: wait a few minutes.",
-        "forbidden": "Request refused (the form expired): reload the page.",
-        "done": "The archive is unlocked.",
-    },
-    "fr": {
-        "sealed": "Archive scellée, un administrateur doit la déverrouiller.",
-        "title": "Déverrouiller l’archive",
-        "intro": "Le serveur a démarré sans sa clé maîtresse. Il continue de recevoir les "
-                 "images des appareils enregistrés, mais rien ne peut être lu tant qu’un "
-                 "administrateur ne l’a pas déverrouillée.",
-        "passphrase": "Phrase de passe de la clé maîtresse",
-        "unlock": "Déverrouiller",
-        "retry_intro": "Si le support de la clé (clé USB) était absent, remettez-le, puis :",
-        "retry": "Réessayer",
-        "failed": "L’archive n’a pas pu être déverrouillée : vérifiez la phrase de passe ou "
-                  "le support de la clé.",
-        "throttled": "Trop de tentatives depuis cette adresse : patientez quelques minutes.",
-        "forbidden": "Requête refusée (le formulaire a expiré) : rechargez la page.",
-        "done": "L’archive est déverrouillée.",
-    },
-}
-
-
-def _text(request: Request) -> dict[str, str]:
-    return TEXT.get(i18n.locale_for(request), TEXT["en"])
+SEALED = "Archive sealed, an administrator must unlock it."  # msgid (sealed.html)
 
 
 class SwitchApp:
@@ -113,44 +75,11 @@ def _address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _page(request: Request, token: str, message: str = "", status: int = 503) -> Response:
-    t = _text(request)
-    lang = i18n.locale_for(request)
-    note = f'<p class="message error" role="alert">{html.escape(message)}</p>' \
-        if message else ""
-    body = f"""<!doctype html>
-<html lang="{lang}">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<title>{html.escape(t["title"])} · pacsvault</title>
-<link rel="stylesheet" href="/static/style.css">
-</head>
-<body>
-<header class="top"><span class="brand">pacsvault</span></header>
-<main id="main">
-<h1>{html.escape(t["title"])}</h1>
-<p><strong>{html.escape(t["sealed"])}</strong></p>
-<p>{html.escape(t["intro"])}</p>
-{note}
-<form method="post" action="/unseal">
-<input type="hidden" name="csrf" value="{html.escape(token)}">
-<label for="passphrase">{html.escape(t["passphrase"])}</label>
-<input id="passphrase" name="passphrase" type="password" autocomplete="off"
- maxlength="{_MAX_PASSPHRASE}">
-<button type="submit">{html.escape(t["unlock"])}</button>
-</form>
-<form method="post" action="/unseal">
-<input type="hidden" name="csrf" value="{html.escape(token)}">
-<p>{html.escape(t["retry_intro"])}</p>
-<button type="submit" name="retry" value="1">{html.escape(t["retry"])}</button>
-</form>
-</main>
-</body>
-</html>
-"""
-    response = HTMLResponse(body, status_code=status, headers={"Retry-After": "60"})
+def _page(request: Request, token: str, problem: str = "", status: int = 503) -> Response:
+    """The unseal page (``web/templates/sealed.html``, catalogs ``web/locale``), with a
+    fresh CSRF token in its form and its cookie."""
+    response = pages.render("sealed.html", {"form": True, "csrf": token, "problem": problem},
+                            status, {"Retry-After": "60"}, i18n.locale_for(request))
     response.headers["Set-Cookie"] = (f"{CSRF_COOKIE}={token}; Path=/; Secure; HttpOnly; "
                                       "SameSite=Strict")
     return response
@@ -158,16 +87,11 @@ def _page(request: Request, token: str, message: str = "", status: int = 503) ->
 
 def sealed_response(request: Request) -> Response:
     """503 for every other request while sealed: a page for browsers, JSON for APIs."""
-    t = _text(request)
+    language = i18n.locale_for(request)
     if pages.wants_html(request.scope):
-        return HTMLResponse(
-            f'<!doctype html><html lang="{i18n.locale_for(request)}"><head>'
-            '<meta charset="utf-8"><title>pacsvault</title>'
-            '<link rel="stylesheet" href="/static/style.css"></head><body><main id="main">'
-            f'<h1>{html.escape(t["sealed"])}</h1><p><a href="/unseal">'
-            f'{html.escape(t["title"])}</a></p></main></body></html>',
-            status_code=503, headers={"Retry-After": "60"})
-    return JSONResponse({"error": t["sealed"]}, status_code=503,
+        return pages.render("sealed.html", {"form": False, "problem": ""}, 503,
+                            {"Retry-After": "60"}, language)
+    return JSONResponse({"error": i18n.gettext_for(language)(SEALED)}, status_code=503,
                         headers={"Retry-After": "60"})
 
 
@@ -197,7 +121,6 @@ def create_sealed_app(runtime: SealedRuntime) -> FastAPI:
     @app.post("/unseal")
     async def unseal_submit(request: Request) -> Response:
         address = _address(request)
-        t = _text(request)
         if not trusted(request):
             await run_in_threadpool(record, request, Outcome.SERIOUS_FAILURE,
                                     "unseal attempt from outside the trusted networks")
@@ -209,12 +132,12 @@ def create_sealed_app(runtime: SealedRuntime) -> FastAPI:
                                                                 cookie.encode()):
             await run_in_threadpool(record, request, Outcome.MINOR_FAILURE,
                                     "unseal form refused: missing or wrong CSRF token")
-            return _page(request, secrets.token_urlsafe(32), t["forbidden"], 403)
+            return _page(request, secrets.token_urlsafe(32), "expired", 403)
         if throttle.blocked(address):
             await run_in_threadpool(record, request, Outcome.MINOR_FAILURE,
                                     "unseal attempt throttled")
-            return _page(request, secrets.token_urlsafe(32), t["throttled"], 429)
-        passphrase = str(form.get("passphrase", ""))[:_MAX_PASSPHRASE] or None
+            return _page(request, secrets.token_urlsafe(32), "throttled", 429)
+        passphrase = str(form.get("passphrase", ""))[:MAX_PASSPHRASE] or None
         from pacsvault.sealed.runtime import UnsealError
 
         try:
@@ -222,7 +145,7 @@ def create_sealed_app(runtime: SealedRuntime) -> FastAPI:
                 passphrase, actor_address=address, channel="web"))
         except UnsealError:
             throttle.failed(address)
-            return _page(request, secrets.token_urlsafe(32), t["failed"], 400)
+            return _page(request, secrets.token_urlsafe(32), "failed", 400)
         return RedirectResponse("/login", status_code=303)
 
     @app.get("/static/{name}")
