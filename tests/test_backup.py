@@ -294,7 +294,13 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
         sender = threading.Thread(target=lambda: result.update(
             res=storescu(server.port, series, calling=MODALITY, timeout=300)))
         sender.start()
-        time.sleep(1.0)
+        watcher = vault.open()
+        try:  # back up once a quarter of the images are acknowledged
+            deadline = time.monotonic() + 120
+            while watcher.archive.counts()["instances"] < 50 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            watcher.close()
         first = vault.cli("backup", "run", timeout=300)
         sender.join(300)
         assert result["res"].returncode == 0, result["res"].stderr
@@ -323,7 +329,8 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
         assert all(live[uid] == digest for uid, digest in got.items())
         counts.append(len(got))
     # everything acknowledged after the first snapshot is in the next one
-    assert counts[1] == 200 and counts[0] <= 200
+    print(f"instances in the snapshot taken during the transfer: {counts[0]}/200")
+    assert counts[1] == 200 and 50 <= counts[0] <= 200
 
 
 @pytest.mark.slow
