@@ -310,3 +310,34 @@ def test_stale_backup_alerts(tmp_path: Path, hook: Hook) -> None:
     status = vault.cli("status").stdout
     assert "usb: FAILING" in status and "last good" in status, status
 
+
+
+def test_drill_authenticates_every_object_restic_cannot_judge(backed: Backed) -> None:
+    """An object damaged on the live disk before the backup restores without any restic
+    error (restic faithfully keeps the damaged bytes): the drill's own decryption of
+    every object is what catches it."""
+    from pacsvault.backup import drill, runner
+
+    vault = backed.vault
+    objects = sorted((vault.data / "objects").rglob("*.pvo"))
+    assert len(objects) == 3
+    victim = objects[0]
+    original = victim.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    victim.write_bytes(bytes(damaged))
+    other = backed.repository.parent / "second-disk"
+    configure_backup(vault, [("second", str(other))])
+    opened = vault.open()
+    try:
+        runner.init(opened, "second")
+        assert [o.ok for o in runner.run_backup(opened, ["second"])] == [True]
+        result = drill.run_drill(opened, "second")
+    finally:
+        opened.close()
+        victim.write_bytes(original)
+    assert not result.ok and result.failed == 1 and result.verified == 2, result
+    assert "1 of 3 restored object(s)" in result.error
+    assert drill_copies(vault) == []
+    recorded = [e for e in events(vault, "backup.drill") if e["target"] == "second"]
+    assert recorded and recorded[-1]["outcome"] != "success" and recorded[-1]["failed"] == 1
