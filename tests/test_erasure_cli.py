@@ -48,6 +48,9 @@ def test_solo_practice_cli(tmp_path: Path) -> None:
     code, out = run_tty(["patient", "erase", "PVCLI1", "--reason", REASON, "--solo", *data],
                         [("Type the patient ID again", "PVCLI1")])
     assert code == 0 and "Erased 1 patient(s): 1 instance(s), 1 data key(s)" in out, out
+    export = vault.cli("export", "--out", tmp_path / "out", "--patient", "PVCLI1",
+                       check=False)
+    assert export.returncode == 2 and "nothing matches" in export.stderr
 
     # during retention: a legal basis is required
     early = vault.cli("patient", "erase", "PVCLI3", "--reason", REASON, "--solo", check=False)
