@@ -104,3 +104,34 @@ def test_forged_handover_fails_verification(vault: Vault) -> None:
         body, sort_keys=True, separators=(",", ":")).encode() + b"\n")
     verdict = vault.audit.verify()
     assert not verdict.ok and "forged hand-over" in verdict.problem
+
+
+def test_syslog_queue_reencrypted(vault: Vault) -> None:
+    """ATNA messages still waiting for the collector survive the rotation, re-encrypted:
+    the old key opens none of them, the new one all."""
+    from pacsvault.audit import syslog
+    from pacsvault.crypto import keys
+    from pacsvault.crypto.objects import ObjectFormatError
+
+    where = vault.layout.audit / syslog.QUEUE_DIR_NAME
+    old_key = vault._master.derive(keys.PURPOSE_AUDIT_EXPORT, vault.vault_id)
+    queue = syslog.SyslogQueue(where, old_key)
+    records = [f"<85>1 message {n}".encode() for n in range(3)]
+    for record in records:
+        queue.put(record)
+    queue.close()
+    out = rotation.rotate(vault)
+    assert out.queued == 3
+    new_key = vault._master.derive(keys.PURPOSE_AUDIT_EXPORT, vault.vault_id)
+    assert new_key != old_key
+    reread = syslog.SyslogQueue(where, new_key)
+    stale = syslog.SyslogQueue(where, old_key)
+    try:
+        entries = reread.entries()
+        assert [reread.read(seq, path) for seq, path in entries] == records
+        for seq, path in entries:
+            with pytest.raises(ObjectFormatError):
+                stale.read(seq, path)
+    finally:
+        reread.close()
+        stale.close()

@@ -66,8 +66,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         request["passphrase"] = passphrase
     try:
         result = call(root, "rotate", request, timeout=3600)
-        code, where, online = str(result["recovery_code"]), Path(result["code_file"]), True
+        code, online = str(result["recovery_code"]), True
         retired = str(result.get("retired_key_file") or "")
+        # the server could not write beside the key: this user does
+        where = Path(result["code_file"]) if result.get("code_file") else \
+            rotation.hand_over_code(key_path, root, code)
     except ControlUnavailable:
         try:
             held = instance_lock.acquire(root)
@@ -75,7 +78,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
             raise CommandError(f"{exc}; its control socket does not answer, so the "
                                "rotation cannot run inside it: stop it and retry") from None
         try:
-            vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args))
+            vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args)
+                               if passphrase is None else (lambda: passphrase))
             try:
                 out = rotation.rotate(vault, keep_old=bool(args.keep_old_key),
                                       passphrase=passphrase)

@@ -453,7 +453,13 @@ def _begin(vault: Vault, key_path: Path, passphrase: str | None) -> tuple[keys.M
     pending = new_key_path(key_path)
     pending.unlink(missing_ok=True)  # no marker: a leftover of a run that changed nothing
     new = keys.MasterKey.generate()
-    _write_key(key_path, pending, new, vault.vault_id, passphrase)
+    try:
+        _write_key(key_path, pending, new, vault.vault_id, passphrase)
+    except OSError as exc:
+        raise RotationError(
+            f"cannot write the new key file {pending} ({exc.strerror or exc}); the rotation "
+            "needs to write beside the key file: run it as a user who may (with the server "
+            "stopped if the server may not). Nothing was changed") from None
     marker: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "new_key_check": keys.make_key_check(new, vault.vault_id),
@@ -605,8 +611,12 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
         finally:
             vault.close()
     log.warning("an interrupted master key rotation was completed")
-    where = hand_over_code(key_path, layout.root, out.recovery_code)
-    log.warning("the new recovery code was written to %s", where)
+    try:
+        where = hand_over_code(key_path, layout.root, out.recovery_code)
+        log.warning("the new recovery code was written to %s", where)
+    except (OSError, RotationError) as exc:
+        log.error("the new recovery code could not be written beside the key (%s): run "
+                  "'pacsvault keys rotate' again to get one", type(exc).__name__)
     return out
 
 
@@ -659,12 +669,26 @@ def control_handler(vault: Vault) -> Callable[[dict[str, Any]], dict[str, Any]]:
                          online=True)
         except keys.VaultKeyError as exc:
             raise ControlError(str(exc)) from None
+        except Exception as exc:
+            # Part of the vault may be under the new key already: the marker stays, and
+            # the next open (a restart) completes the rotation.
+            log.critical("the key rotation stopped part-way (%s); restart the server to "
+                         "complete it", type(exc).__name__)
+            raise ControlError(f"the rotation stopped part-way ({type(exc).__name__}); "
+                               "restart the server: it completes the rotation at start") \
+                from None
         finally:
             _ONE_AT_A_TIME.release()
         assert vault.key_path is not None
-        where = hand_over_code(vault.key_path, vault.layout.root, out.recovery_code)
-        log.warning("the master key was rotated (%d data keys; commits paused %.2f s); new "
-                    "recovery code written to %s", out.data_keys, out.paused_seconds, where)
-        return {**out.summary(), "recovery_code": out.recovery_code, "code_file": str(where)}
+        try:
+            where = str(hand_over_code(vault.key_path, vault.layout.root, out.recovery_code))
+        except (OSError, RotationError) as exc:  # the CLI writes it then
+            log.error("the new recovery code could not be written beside the key (%s)",
+                      type(exc).__name__)
+            where = ""
+        log.warning("the master key was rotated (%d data keys; commits paused %.2f s)%s",
+                    out.data_keys, out.paused_seconds,
+                    f"; new recovery code written to {where}" if where else "")
+        return {**out.summary(), "recovery_code": out.recovery_code, "code_file": where}
 
     return handle
