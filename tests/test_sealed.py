@@ -418,3 +418,24 @@ def test_tampered_node_snapshot_trusts_nobody_while_sealed(tmp_path: Path) -> No
     assert "sealed.snapshot" in [e["action"] for e in events(vault)]
     # the next open rewrote a good snapshot
     assert "INTRUDER" not in snapshot.read_text()
+
+
+def test_without_the_boot_secret_tls_stays_closed_plain_still_receives(
+        tmp_path: Path) -> None:
+    """The listener keys' boot secret went with the key medium: TLS and HTTPS cannot
+    prove the server's identity, so they stay closed; the plain port keeps receiving."""
+    vault = _vault(tmp_path / "v")
+    files = corpus.synthetic_ct_series(tmp_path / "a", 2, seed=6)
+    boot = vault.key.with_name(vault.key.name + ".sealed-tls")
+    assert boot.exists() and boot.stat().st_mode & 0o077 == 0
+    boot.rename(tmp_path / "boot.away")
+    away = _seal(vault)
+    server = start_server(vault)
+    try:
+        assert "boot copy cannot be used" in server.log()
+        assert "dicom_tls_port" not in server.ports and "https_port" not in server.ports
+        _stored_ok(storescu(server.port, files, calling=MODALITY), 2)
+        assert "2 object(s)" in _unseal(vault, away)
+    finally:
+        server.stop()
+    assert boot.exists()  # made again at the unseal's open

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ META_KEY = "sealed"
 SNAPSHOT_NAME = "nodes.json"
 SNAPSHOT_FORMAT = "pacsvault-sealed-nodes/1"
 BOOT_SUFFIX = ".sealed-tls"
+BOOT_CHECK = "boot.sha256"
 
 
 class SealedUnavailable(Exception):
@@ -192,9 +194,14 @@ def _ensure_boot_tls(vault: Vault, key_path: Path) -> None:
                   for src_cert, _, dst_cert, dst_key in pairs)
     current = current and target.ca_cert.exists() \
         and target.ca_cert.read_bytes() == source.ca_cert.read_bytes()
+    password = _read_boot_secret(secret_path)
+    # Which boot secret the copies are under (a hash of 256 random bits reveals nothing):
+    # a data dir moved or restored beside another key file gets its copies redone.
+    check = target.root / BOOT_CHECK
+    fingerprint = hashlib.sha256(password).hexdigest().encode("ascii")
+    current = current and check.exists() and check.read_bytes() == fingerprint
     if current and not made:
         return
-    password = _read_boot_secret(secret_path)
     for src_cert, src_key, dst_cert, dst_key in pairs:
         key = serialization.load_pem_private_key(src_key.read_bytes(), vault.tls_password())
         _write_atomic(dst_key, key.private_bytes(
@@ -202,6 +209,7 @@ def _ensure_boot_tls(vault: Vault, key_path: Path) -> None:
             serialization.BestAvailableEncryption(password)))
         _write_atomic(dst_cert, src_cert.read_bytes(), 0o644)
     _write_atomic(target.ca_cert, source.ca_cert.read_bytes(), 0o644)
+    _write_atomic(check, fingerprint, 0o644)
 
 
 def _read_boot_secret(path: Path) -> bytes:

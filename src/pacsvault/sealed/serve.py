@@ -57,9 +57,10 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
     bind = args.bind or settings.server.bind
     plain, tls_port, https_port = normal._listeners(args, settings)
     normal._check_ports(bind, plain, tls_port, https_port)
-    if runtime.boot_password is None and (tls_port is not None or https_port is not None):
-        log.critical("SEALED: the listener TLS keys' boot secret (%s) is missing: the DICOM "
-                     "TLS and HTTPS ports stay closed until the archive is unsealed",
+    if (tls_port is not None or https_port is not None) and not _tls_usable(runtime):
+        log.critical("SEALED: the listener TLS keys' boot copy cannot be used (boot secret "
+                     "%s missing or not the one of DATA/sealed/tls): the DICOM TLS and HTTPS "
+                     "ports stay closed until the archive is unsealed and restarted",
                      material.boot_secret_path(key_path))
         tls_port = https_port = None
     recorder = runtime.recorder
@@ -174,6 +175,14 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
             runtime.vault.close()
         runtime.close()
     return 0
+
+
+def _tls_usable(runtime: SealedRuntime) -> bool:
+    try:
+        server_context(runtime.view.layout.tls, runtime.view.tls_password())
+    except (material.SealedUnavailable, ssl.SSLError, OSError, ValueError):
+        return False
+    return True
 
 
 def _web_tls(runtime: SealedRuntime) -> ssl.SSLContext:
