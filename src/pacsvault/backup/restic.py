@@ -116,8 +116,12 @@ class Repository:
     cache_dir: Path | None = None  # None: --no-cache
 
     def _base_env(self) -> dict[str, str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
-               "HOME": str(self.cache_dir.parent if self.cache_dir else "/nonexistent")}
+        # HOME and the ssh agent: an sftp: repository runs ssh, which reads ~/.ssh
+        # (known_hosts, the key). Nothing else of ours is inherited.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+        for name in ("HOME", "SSH_AUTH_SOCK", "TMPDIR"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         env.update(self.env)
         return env
 
