@@ -92,7 +92,10 @@ def test_restore_onto_new_machine_with_recovery_code_only(
              "--recovery-code-file", code)
     assert "6 instances" in res.stdout
     assert stat.S_IMODE(new_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((new / "index.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700
     assert not (new / ".backup-staging").exists()
+    assert f'key_file = "{new_key.resolve()}"' in (new / "pacsvault.toml").read_text()
 
     from pacsvault.vault import Vault
 

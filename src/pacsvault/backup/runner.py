@@ -288,6 +288,7 @@ def _copy_index(vault: Vault, dest: Path) -> tuple[int, list[str]]:
         live.execute("VACUUM INTO ?", (str(dest),))
     finally:
         live.close()
+    os.chmod(dest, 0o600)  # as the live index (VACUUM INTO follows the umask)
     copy = _connect(dest, key_hex)
     try:
         copy.execute("PRAGMA secure_delete = ON")
