@@ -12,13 +12,22 @@ import json
 import zoneinfo
 from pathlib import Path
 
+import pytest
+
 from pacsvault.audit.alerts import AlertSettings, Detector
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.backup import drill as drill_mod
 from pacsvault.backup.health import NO_BACKUP_WARNING, backup_health, status_lines
 from pacsvault.backup.schedule import (
-    DRILL_RETRY, RETRY_AFTER, TargetTimes, backup_due, last_slot, next_backup, next_drill,
-    next_slot, stale,
+    DRILL_RETRY,
+    RETRY_AFTER,
+    TargetTimes,
+    backup_due,
+    last_slot,
+    next_backup,
+    next_drill,
+    next_slot,
+    stale,
 )
 from pacsvault.config import BackupSettings, BackupTarget
 from pacsvault.vault import Layout
@@ -171,3 +180,65 @@ def test_stale_drill_copies_are_removed_unless_in_use(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not left.exists() and busy.exists()
+
+
+def test_tick_runs_due_targets_together_then_checks_and_drills(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's decisions with a stand-in runner (the real one: test_backup_ops_server)."""
+    from types import SimpleNamespace
+
+    from pacsvault.audit.events import Recorder
+    from pacsvault.backup import runner, schedule, state
+
+    layout = Layout(tmp_path / "data")
+    layout.root.mkdir()
+    settings = BackupSettings(targets=[
+        BackupTarget(name="usb", repository=str(tmp_path / "usb")),
+        BackupTarget(name="gone", repository=str(tmp_path / "unplugged" / "repo"))])
+    seen: list[AuditEvent] = []
+    recorder = Recorder([SimpleNamespace(write=seen.append)])  # type: ignore[list-item]
+    vault = SimpleNamespace(settings=SimpleNamespace(backup=settings), layout=layout,
+                            recorder=recorder)
+    calls: list[tuple[str, object]] = []
+
+    def run_backup(_v: object, targets: list[str]) -> list[runner.BackupOutcome]:
+        calls.append(("run", list(targets)))
+        found = [runner.BackupOutcome(t, t == "usb", "abcd1234" if t == "usb" else None,
+                                      None if t == "usb" else "no repository", 1, 1, 0.1)
+                 for t in targets]
+        for outcome in found:
+            state.record_backup(layout, outcome)
+        return found
+
+    def prune(_v: object, target: str) -> runner.BackupOutcome:
+        calls.append(("prune", target))
+        return runner.BackupOutcome(target, True, None, None, 0, 0, 0.0)
+
+    def init(_v: object, target: str) -> str:
+        calls.append(("init", target))
+        return ""
+
+    def run_drill(_v: object, target: str) -> None:
+        calls.append(("drill", target))
+        state.record_drill(layout, target, True, "ok")
+
+    monkeypatch.setattr(runner, "run_backup", run_backup)
+    monkeypatch.setattr(runner, "prune", prune)
+    monkeypatch.setattr(runner, "init", init)
+    monkeypatch.setattr(drill_mod, "run_drill", run_drill)
+    schedule.tick(vault)  # type: ignore[arg-type]
+    # one run for both new targets; only the usb repository's parent exists to init in
+    assert calls == [("init", "usb"), ("run", ["usb", "gone"]), ("prune", "usb"),
+                     ("drill", "usb")]
+    calls.clear()
+    schedule.tick(vault)  # type: ignore[arg-type]
+    assert calls == []  # nothing due: the failed target waits RETRY_AFTER
+    # three days without a good backup: stale, recorded once per STALE_REPEAT
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).isoformat()
+    state.update_target(layout, "usb", lambda e: e.update(last_success=old, last_drill=old))
+    monkeypatch.setattr(schedule, "backup_due", lambda *a: False)
+    schedule.tick(vault)  # type: ignore[arg-type]
+    schedule.tick(vault)  # type: ignore[arg-type]
+    stale_events = [e for e in seen if e.action == "backup.stale"]
+    assert len(stale_events) == 1 and stale_events[0].detail["target"] == "usb"
+    assert calls == []  # the drill (30 days) is not due

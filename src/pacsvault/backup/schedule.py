@@ -164,9 +164,13 @@ def tick(vault: Vault) -> None:
     if not _tick_lock.acquire(blocking=False):
         return  # the previous tick is still running (jobs run in one thread: defensive)
     try:
+        try:
+            _run_due(vault, settings)
+        except Exception as exc:  # the checks and drills below still run
+            log.error("backup run failed: %s", type(exc).__name__)
         for target in settings.targets:
             try:
-                _tick_target(vault, settings, target)
+                _check_target(vault, settings, target)
             except Exception as exc:  # one target's trouble never starves the others
                 log.error("backup job for target %s failed: %s", target.name,
                           type(exc).__name__)
@@ -180,20 +184,33 @@ def _times(vault: Vault, target: str) -> TargetTimes:
     return TargetTimes.of(target_state(vault.layout, target))
 
 
-def _tick_target(vault: Vault, settings: BackupSettings, target: BackupTarget) -> None:
-    from pacsvault.backup import drill, runner
+def _run_due(vault: Vault, settings: BackupSettings) -> None:
+    """One run for every target that is due (one point-in-time copy serves them all),
+    then pruning of each target that got its snapshot."""
+    from pacsvault.backup import runner
 
     now = dt.datetime.now(dt.UTC)
-    times = _times(vault, target.name)
-    if backup_due(times, settings.schedule, now):
-        log.info("backup of target %s starting", target.name)
-        if times.last_success is None:
-            _init(vault, target)
-        outcomes = runner.run_backup(vault, [target.name])
-        if any(o.ok for o in outcomes):
-            pruned = runner.prune(vault, target.name)
+    due: list[str] = []
+    for target in settings.targets:
+        times = _times(vault, target.name)
+        if backup_due(times, settings.schedule, now):
+            if times.last_success is None:
+                _init(vault, target)
+            due.append(target.name)
+    if not due:
+        return
+    log.info("backup of %s starting", ", ".join(due))
+    for outcome in runner.run_backup(vault, due):
+        if outcome.ok:
+            pruned = runner.prune(vault, outcome.target)
             if not pruned.ok:
-                log.error("pruning target %s failed: %s", target.name, pruned.error)
+                log.error("pruning target %s failed: %s", outcome.target, pruned.error)
+
+
+def _check_target(vault: Vault, settings: BackupSettings, target: BackupTarget) -> None:
+    """After the runs: the stale check, then the restore drill when due."""
+    from pacsvault.backup import drill
+
     now = dt.datetime.now(dt.UTC)
     times = _times(vault, target.name)
     if stale(times, settings, now):
