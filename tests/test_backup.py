@@ -410,3 +410,44 @@ def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> N
             assert not outcome.ok and "another backup" in (outcome.error or "")
     finally:
         v.close()
+
+
+@pytest.mark.slow
+def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
+        tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
+    from pacsvault.backup import runner
+    from pacsvault.vault import Vault
+
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    add_target(vault, repo)
+    server = start_server(vault)
+    try:
+        send_corpus(server.port, files[:2])
+    finally:
+        server.stop()
+    vault.cli("backup", "init")
+    before = vault.cli("backup", "run").stdout.split("snapshot ")[1].split(",")[0]
+    rotated = vault.cli("keys", "rotate")
+    code_file = Path(rotated.stdout.strip().splitlines()[-1].strip())
+    new_code = next(line.split(":", 1)[1].strip() for line in code_file.read_text().splitlines()
+                    if line.startswith("recovery code:"))
+    assert new_code != vault.recovery_code
+    after = vault.cli("backup", "run").stdout.split("snapshot ")[1].split(",")[0]
+
+    def restore(code: str, snapshot: str, n: int) -> dict[str, str]:
+        to, key = tmp_path / f"r{n}", tmp_path / f"k{n}" / "master.key"
+        runner.restore(str(repo), None, code, to, key, snapshot)
+        v = Vault.open(to, key)
+        try:
+            return digests(v)
+        finally:
+            v.close()
+
+    old = restore(vault.recovery_code, before, 1)  # the recovery sheet of that time
+    new = restore(new_code, after, 2)  # the repository took the new code at rotation
+    assert old == new and len(new) == 2
+    with pytest.raises(runner.BackupError, match="before a key rotation"):
+        restore(new_code, before, 3)
+    assert not (tmp_path / "r3").exists() and not (tmp_path / "k3").exists()
