@@ -638,7 +638,9 @@ def restore(repository: str, credentials_file: Path | None, recovery_code: str |
     except ResticError as exc:
         raise BackupError(str(exc)) from None
     data = _pick(found, snapshot, TAG_DATA)
-    store = _pick(found, "latest", TAG_KEYSTORE)
+    # the keystore of the same vault (a repository shared by two vaults stays usable)
+    store = _pick([s for s in found if s.get("hostname") == data.get("hostname")],
+                  "latest", TAG_KEYSTORE)
     try:
         keystore = json.loads(repo.dump(str(store["id"]), f"/{KEYSTORE_FILE}"))
     except (ResticError, ValueError) as exc:
