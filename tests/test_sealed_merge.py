@@ -118,3 +118,13 @@ def test_deleting_a_study_destroys_the_sealed_key_too(tmp_path: Path) -> None:
             assert all(k.wrapped is None for k in session.scalars(select(DataKey)))
     finally:
         v.close()
+
+
+def test_unseal_without_a_running_server_is_one_error_line(tmp_path: Path) -> None:
+    from tests.helpers import pv
+
+    vault = make_vault(tmp_path / "v")
+    proc = pv("unseal", "--data", vault.data, check=False)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pacsvault: error: no server is running")
