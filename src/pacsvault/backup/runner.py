@@ -235,6 +235,10 @@ def init(vault: Vault, name: str) -> str:
         if created:
             repo.init()
         _ensure_recovery_key(vault, target, repo)
+    except WrongPassword:
+        raise BackupError(f"{name}: a repository at {target.repository} does not open with "
+                          "this vault's key (another vault's backups?); choose another "
+                          "location") from None
     except ResticError as exc:
         raise BackupError(f"{name}: {exc}") from None
     _emit(vault, "backup.init", True, "backup repository ready",
@@ -430,6 +434,7 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
     started = time.monotonic()
     try:
         repo = _repo(vault, target)
+        repo.unlock()  # stale locks of a run killed with serve (ours hold the flock)
         root = vault.layout.root
         summary = repo.backup(
             [STAGING_DIR, "objects"], cwd=root, tags=[TAG_ALL, TAG_DATA],
@@ -529,6 +534,7 @@ def prune(vault: Vault, target: str) -> BackupOutcome:
     try:
         with _exclusive(vault):
             repo = _repo(vault, chosen)
+            repo.unlock()
             keep = {"daily": settings.keep_daily, "weekly": settings.keep_weekly,
                     "monthly": settings.keep_monthly, "yearly": settings.keep_yearly}
             if any(keep.values()):
