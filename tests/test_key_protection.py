@@ -161,7 +161,10 @@ def test_wrong_passphrase_changes_nothing_on_protect_or_unprotect(vault: VaultDi
 
 def test_unprotect_round_trip_and_passphrase_change(vault: VaultDir, tmp_path: Path) -> None:
     raw = _raw_key(vault)
+    stale = vault.key.parent / f".{vault.key.name}.0123456789ab.tmp"  # a crash's leftover
+    stale.write_bytes(vault.key.read_bytes())
     pp = _protect(vault, tmp_path)
+    assert not stale.exists()
     # Change of passphrase: the current one unlocks, the new one seals.
     new_phrase = "un autre velo vert sous la pluie de Brest"
     new = _secret(tmp_path / "new", new_phrase)

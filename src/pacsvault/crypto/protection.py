@@ -387,6 +387,10 @@ def write_atomic(path: Path, body: bytes) -> None:
         old = path.stat()
     except FileNotFoundError:
         old = None
+    # A rewrite cut by a crash left its temporary file: it holds the key (protected, or
+    # in clear after an unprotect), so it must not linger beside the key file.
+    for stale in directory.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
