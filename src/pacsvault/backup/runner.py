@@ -312,27 +312,35 @@ def _copy_index(vault: Vault, dest: Path) -> tuple[int, list[str]]:
 def _copy_trail(source: Path, dest: Path, anchor_seq: int) -> None:
     """The trail up to the record the index copy anchors (inclusive): what a restored
     vault verifies against its own anchor. Torn or repair lines before it stay as they
-    are (their repair record describes them)."""
+    are (their repair record describes them). Streamed: a year of trail is large."""
     dest.parent.mkdir(mode=0o700, exist_ok=True)
-    try:
-        data = source.read_bytes()
-    except FileNotFoundError:
-        data = b""
-    cut = 0
-    position = 0
-    for line in data.split(b"\n"):
-        end = position + len(line) + 1
-        if end > len(data):  # a last line without its newline: being written
-            break
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get("seq"), int) \
-                    and record["seq"] <= anchor_seq:
-                cut = end
-        position = end
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data[:cut])
+    with os.fdopen(fd, "wb") as out:
+        try:
+            src = source.open("rb")
+        except FileNotFoundError:
+            return
+        with src:
+            held: list[bytes] = []  # lines after the last record kept, not yet written
+            for line in src:
+                if not line.endswith(b"\n"):  # a last line being written
+                    break
+                seq = _record_seq(line)
+                if seq is not None and seq > anchor_seq:
+                    break
+                held.append(line)
+                if seq is not None:
+                    out.writelines(held)
+                    held.clear()
+
+
+def _record_seq(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if isinstance(seq, int) else None
 
 
 def _stage(vault: Vault) -> _Staged:
