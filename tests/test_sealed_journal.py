@@ -60,3 +60,18 @@ def test_hpke_data_key_is_bound_to_its_id(tmp_path: Path) -> None:
         datakeys.unwrap_sealed(private, uuid.uuid4(), wrapped)
     with pytest.raises(datakeys.DataKeyError):  # not an algorithm-1 key either
         datakeys.unwrap(b"\0" * 32, key_id, wrapped)
+
+
+def test_a_damaged_record_is_reported_and_skipped_when_asked(tmp_path: Path) -> None:
+    private = X25519PrivateKey.generate()
+    directory, session = _write(tmp_path, private, 3)
+    path = directory / f"{session}.{journal.STORES}"
+    data = bytearray(path.read_bytes())
+    first = int.from_bytes(data[:4], "big") + 4
+    data[first + 40] ^= 0x01  # one bit of the second record's ciphertext
+    path.write_bytes(bytes(data))
+    with pytest.raises(journal.JournalError):
+        list(journal.read(directory, session, journal.STORES, private))
+    damaged: list[int] = []
+    found = list(journal.read(directory, session, journal.STORES, private, damaged.append))
+    assert [r["i"] for r in found] == [0, 2] and damaged == [1]

@@ -128,3 +128,30 @@ def test_unseal_without_a_running_server_is_one_error_line(tmp_path: Path) -> No
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("pacsvault: error: no server is running")
+
+
+def test_a_damaged_journal_record_does_not_keep_the_others_out(tmp_path: Path) -> None:
+    from tests import corpus
+
+    vault = make_vault(tmp_path / "v")
+    files = corpus.synthetic_ct_series(tmp_path / "s", 3, seed=12)
+    runtime = SealedRuntime(vault.data, config.load(vault.data), vault.key)
+    try:
+        for path in files:
+            runtime.archive.store(path.read_bytes(), source_ae="CT")
+        (stores,) = list((vault.data / "sealed" / "journal").glob("*.stores"))
+        data = bytearray(stores.read_bytes())
+        data[4 + 40] ^= 0x01  # the first record's ciphertext
+        stores.write_bytes(bytes(data))
+        report = runtime.unseal(channel="test")
+    finally:
+        runtime.close()
+        if runtime.vault is not None:
+            runtime.vault.close()
+    assert report["stored"] == 2 and report["damaged"] == 1
+    v = Vault.open(vault.data, vault.key)
+    try:
+        assert v.archive.counts()["instances"] == 2
+        assert "sealed.journal.damaged" in [r.action for r in v.audit.records()]
+    finally:
+        v.close()

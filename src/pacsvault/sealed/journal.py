@@ -20,7 +20,7 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,11 @@ def pending(directory: Path) -> bool:
     return bool(sessions(directory))
 
 
-def read(directory: Path, session: str, kind: str,
-         private: X25519PrivateKey) -> Iterator[dict[str, Any]]:
+def read(directory: Path, session: str, kind: str, private: X25519PrivateKey,
+         on_damaged: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+    """The records in order. One that does not open raises ``JournalError``, or, with
+    ``on_damaged``, is reported (its number) and skipped: a damaged record must not keep
+    every other acknowledged image out of the index for good."""
     path = directory / f"{session}.{kind}"
     try:
         data = path.read_bytes()
@@ -138,17 +141,21 @@ def read(directory: Path, session: str, kind: str,
                         "(never acknowledged)", path.name)
             return
         blob = data[offset + 4:offset + 4 + length]
-        try:
-            plain = _suite().decrypt(blob, private, info=_info(session, kind, seq))
-        except Exception:
-            raise JournalError(f"sealed journal {path.name}: record {seq} does not open "
-                               "with this vault's key (damaged or tampered with)") from None
-        value = json.loads(plain)
-        if not isinstance(value, dict):
-            raise JournalError(f"sealed journal {path.name}: record {seq} is malformed")
-        yield value
         offset += 4 + length
         seq += 1
+        try:
+            value = json.loads(_suite().decrypt(blob, private,
+                                                info=_info(session, kind, seq - 1)))
+            if not isinstance(value, dict):
+                raise ValueError("not an object")
+        except Exception:
+            if on_damaged is None:
+                raise JournalError(f"sealed journal {path.name}: record {seq - 1} does not "
+                                   "open with this vault's key (damaged or tampered "
+                                   "with)") from None
+            on_damaged(seq - 1)
+            continue
+        yield value
 
 
 def remove(directory: Path, session: str) -> None:

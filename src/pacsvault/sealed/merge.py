@@ -89,12 +89,15 @@ class MergeReport:
     duplicates: int = 0  # identical or re-encoded: the first kept, nothing new
     conflicts: int = 0
     failed: int = 0
+    damaged: int = 0  # journal records that did not open (reported, skipped)
     keys: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {"sessions": self.sessions, "events": self.events, "stored": self.stored,
                 "duplicates": self.duplicates, "conflicts": self.conflicts,
-                "failed": self.failed, "data_keys": len(self.keys)}
+                "failed": self.failed, "damaged": self.damaged,
+                "data_keys": len(self.keys)}
 
 
 def journal_dir(root: Path) -> Path:
@@ -105,6 +108,20 @@ def pending(root: Path) -> bool:
     return journal.pending(journal_dir(root))
 
 
+def _damaged(vault: Vault, report: MergeReport, session: str,
+             kind: str) -> Callable[[int], None]:
+    """A record that does not open: counted, and a security event once the trail takes
+    events again (the sink may be switching now: collected, emitted by ``record_merge``)."""
+
+    def note(seq: int) -> None:
+        report.damaged += 1
+        report.problems.append(f"{session}.{kind} record {seq}")
+        log.error("sealed journal %s.%s: record %d does not open (damaged or tampered "
+                  "with); skipped", session, kind, seq)
+
+    return note
+
+
 def merge_events(vault: Vault, report: MergeReport,
                  append: Callable[[AuditEvent], object] | None = None) -> None:
     """Every session's events into the trail, in order; each events file deleted once in."""
@@ -112,7 +129,8 @@ def merge_events(vault: Vault, report: MergeReport,
     directory = journal_dir(vault.layout.root)
     write = append or vault.audit.append
     for session in journal.sessions(directory):
-        for value in journal.read(directory, session, journal.EVENTS, private):
+        for value in journal.read(directory, session, journal.EVENTS, private,
+                                  _damaged(vault, report, session, journal.EVENTS)):
             write(event_from_record(value))
             report.events += 1
         path = directory / f"{session}.{journal.EVENTS}"
@@ -130,7 +148,8 @@ def merge_stores(vault: Vault, report: MergeReport) -> None:
     opened: dict[str, bytes] = {}
     for session in journal.sessions(directory):
         report.sessions += 1
-        for value in journal.read(directory, session, journal.STORES, private):
+        for value in journal.read(directory, session, journal.STORES, private,
+                                  _damaged(vault, report, session, journal.STORES)):
             key_id = uuid.UUID(str(value["key_id"]))
             data_key = opened.get(str(key_id))
             if data_key is None:
@@ -177,6 +196,16 @@ def merge_all(vault: Vault) -> MergeReport:
 
 def record_merge(vault: Vault, report: MergeReport, *, actor_user: str = "",
                  actor_address: str = "") -> None:
+    if report.problems:
+        vault.recorder.emit(AuditEvent(
+            action="sealed.journal.damaged", outcome=Outcome.MAJOR_FAILURE,
+            code=EventCode.SECURITY_ALERT, actor_user=actor_user, actor_address=actor_address,
+            message="sealed journal records did not open with this vault's key (damaged or "
+            "tampered with) and were skipped: the images they named are not indexed; keep "
+            "DATA/objects as evidence",
+            detail={"records": len(report.problems),
+                    "first": report.problems[0][:120]},
+        ), required=False)
     vault.recorder.emit(AuditEvent(
         action="sealed.merged", outcome=Outcome.SUCCESS, code=EventCode.APPLICATION_ACTIVITY,
         actor_user=actor_user, actor_address=actor_address,

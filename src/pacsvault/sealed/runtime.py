@@ -280,16 +280,18 @@ class SealedRuntime:
                                       "unavailable": isinstance(exc, keys.KeyUnavailable)},
                 ), required=False)
                 raise UnsealError(str(exc)) from None
+            except Exception as exc:  # a damaged index, a full disk...: stay sealed
+                log.error("unseal: the vault could not be opened (%s)", type(exc).__name__)
+                raise UnsealError(f"the vault could not be opened ({type(exc).__name__}); "
+                                  "the archive stays sealed and keeps receiving") from None
             report = MergeReport()
             # From now on this process's events are the vault's (one recorder: the
             # alert sink and the listeners' recorders stay wired).
             vault.recorder = self.recorder
-            if vault.syslog is not None:
-                self.recorder.add_sink(vault.syslog)
-            repair_at_start(vault.audit)
             session = journal.new_session()
             switched = False
             try:
+                repair_at_start(vault.audit)
                 with self.archive.gate:
                     self.archive.rotate(self._writer(session, journal.STORES))
                     self.events.switch(TrailSink(vault.audit),
@@ -307,6 +309,8 @@ class SealedRuntime:
                 raise UnsealError("the sealed journals could not be merged "
                                   f"({type(exc).__name__}); the archive stays sealed and "
                                   "keeps receiving, nothing was lost") from None
+            if vault.syslog is not None:
+                self.recorder.add_sink(vault.syslog)
             self.vault = vault
             for callback in self.on_unsealed:
                 callback(vault)
