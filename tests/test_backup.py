@@ -250,6 +250,10 @@ def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
         from pacsvault.index.models import DataKey
         with v.sessions() as s:
             assert s.query(DataKey).filter(DataKey.wrapped.is_(None)).count() == 1
+        listing = runner._repo(v, runner._target(v, "usb")).run(
+            ["ls", "--tag", "data", "latest"]).stdout.decode()
+        assert "/objects/.spare" not in listing and "/objects/.tmp" not in listing
+        assert f"pending-objects/{pending.object_id}.part" in listing
         assert runner.keys_destroyed(v) == {"usb": "ok"}
         kinds = [s.kind for s in runner.list_snapshots(v, "usb")]
     finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -364,7 +365,12 @@ def _stage(vault: Vault) -> _Staged:
         for staged in (objects / ".spare" / f"{object_id}.part",
                        objects / ".tmp" / f"{object_id}.part"):
             try:
-                os.link(staged, pending_dir / f"{object_id}.part")
+                try:
+                    os.link(staged, pending_dir / f"{object_id}.part")
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    shutil.copy2(staged, pending_dir / f"{object_id}.part")
             except FileNotFoundError:
                 continue
             pending += 1
@@ -447,7 +453,9 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
         summary = repo.backup(
             [STAGING_DIR, "objects"], cwd=root, tags=[TAG_ALL, TAG_DATA],
             host=_host(vault.vault_id),
-            excludes=[str(vault.layout.objects / ".tmp"), str(vault.layout.objects / ".spare")])
+            # restic matches excludes against the absolute path it resolved from cwd
+            excludes=[str(vault.layout.objects.resolve() / ".tmp"),
+                      str(vault.layout.objects.resolve() / ".spare")])
         _push_keystore(vault, repo)
         if backup_state.target_state(vault.layout, target.name).get("pending_recovery_key"):
             _ensure_recovery_key(vault, target, repo)
