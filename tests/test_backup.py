@@ -336,7 +336,8 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
         assert all(live[uid] == digest for uid, digest in got.items())
         counts.append(len(got))
     # everything acknowledged after the first snapshot is in the next one
-    print(f"instances in the snapshot taken during the transfer: {counts[0]}/200")
+    print(f"instances in the snapshot taken during the transfer: {counts[0]}/200; "
+          f"runs: {first.stdout.strip()} | {second.stdout.strip()}")
     assert counts[1] == 200 and 50 <= counts[0] <= 200
 
 
