@@ -1,7 +1,8 @@
-"""The audit trail across a master key rotation (issue 14, item 4), in-process: the chain
+"""Master key rotation in-process (issue 14, item 4). The audit trail across it: the chain
 verifies across the hand-over (full check and the server's incremental watcher check),
 older records' references unseal with the retired events key, and a forged hand-over (a
-``keys.rotated`` record by a key that never signed the trail) fails verification."""
+``keys.rotated`` record by a key that never signed the trail) fails verification. Also:
+the syslog queue is re-encrypted, a passphrase-protected key stays protected."""
 
 from __future__ import annotations
 
@@ -135,3 +136,29 @@ def test_syslog_queue_reencrypted(vault: Vault) -> None:
     finally:
         reread.close()
         stale.close()
+
+
+def test_passphrase_protected_key_stays_protected(tmp_path: Path) -> None:
+    """The new key file gets the old one's protection (``rewrite_key_file_like``)."""
+    from pacsvault.crypto import keys, protection
+
+    key = tmp_path / "keys" / "master.key"
+    create(tmp_path / "data", key_file=key)
+    words = "granite orbit 47 lantern quietly mosaic"
+    plain = Vault.open(tmp_path / "data", key)
+    protection.protect_with_passphrase(key, plain._master, plain.vault_id, words)
+    plain.close()
+    assert protection.protection_of(key) == protection.PASSPHRASE
+    vault = Vault.open(tmp_path / "data", key, passphrase=lambda: words)
+    try:
+        old = vault._master
+        rotation.rotate(vault, passphrase=words)
+        assert protection.protection_of(key) == protection.PASSPHRASE
+        new = protection.load_master(key, vault.vault_id, lambda: words)
+        assert new != old and new == vault._master
+        meta = json.loads(vault.layout.meta.read_text())
+        assert keys.verify_key_check(new, vault.vault_id, meta["key_check"])
+    finally:
+        vault.close()
+    with pytest.raises(keys.VaultKeyError):
+        Vault.open(tmp_path / "data", key, passphrase=lambda: "wrong " + words)
