@@ -439,3 +439,36 @@ def test_without_the_boot_secret_tls_stays_closed_plain_still_receives(
     finally:
         server.stop()
     assert boot.exists()  # made again at the unseal's open
+
+
+def test_storing_while_unsealing_loses_nothing(tmp_path: Path) -> None:
+    """Modalities keep sending during the merge: their images go to the sealed journal
+    (merged last, stores paused briefly) or, once switched, to the normal archive."""
+    import subprocess
+
+    from tests.helpers import dcmtk, dcmtk_env
+
+    vault = _vault(tmp_path / "v")
+    before = corpus.synthetic_ct_series(tmp_path / "a", 60, seed=21, size=64)
+    during = corpus.synthetic_ct_series(tmp_path / "b", 60, seed=22, size=64)
+    away = _seal(vault)
+    server = start_server(vault)
+    try:
+        _stored_ok(storescu(server.port, before, calling=MODALITY), 60)
+        sending = subprocess.Popen(
+            [dcmtk("storescu"), "-aet", MODALITY, "-aec", "PACSVAULT", "127.0.0.1",
+             str(server.port), *map(str, during)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
+        time.sleep(0.3)
+        out = _unseal(vault, away)
+        output, _ = sending.communicate(timeout=120)
+        assert sending.returncode == 0, output
+        assert "unsealed" in out.lower()
+    finally:
+        server.stop()
+    v = Vault.open(vault.data, vault.key)
+    try:
+        assert v.archive.counts()["instances"] == 120
+    finally:
+        v.close()
+    assert not list((vault.data / "sealed" / "journal").iterdir())

@@ -138,8 +138,10 @@ def merge_events(vault: Vault, report: MergeReport,
             path.unlink()
 
 
-def merge_stores(vault: Vault, report: MergeReport) -> None:
-    """Every session's stored objects into the index (see the module docstring)."""
+def merge_stores(vault: Vault, report: MergeReport, *, skip: frozenset[str] = frozenset(),
+                 only: frozenset[str] | None = None) -> None:
+    """Every session's stored objects into the index (see the module docstring); ``skip``
+    and ``only`` choose sessions (the unseal merges the live one last, stores paused)."""
     from pacsvault.storage.archive import StaleChoice, StoreStatus
 
     private = material.hpke_private(vault)
@@ -147,6 +149,8 @@ def merge_stores(vault: Vault, report: MergeReport) -> None:
     archive = vault.archive
     opened: dict[str, bytes] = {}
     for session in journal.sessions(directory):
+        if session in skip or (only is not None and session not in only):
+            continue
         report.sessions += 1
         for value in journal.read(directory, session, journal.STORES, private,
                                   _damaged(vault, report, session, journal.STORES)):

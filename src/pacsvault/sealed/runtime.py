@@ -292,12 +292,19 @@ class SealedRuntime:
             switched = False
             try:
                 repair_at_start(vault.audit)
+                # 1. stores go on into a new session's journal; events go to the trail
+                # (the journaled ones first, in order)
                 with self.archive.gate:
                     self.archive.rotate(self._writer(session, journal.STORES))
                     self.events.switch(TrailSink(vault.audit),
                                        lambda: merge_events(vault, report))
                     switched = True
-                    merge_stores(vault, report)
+                # 2. the long part, while modalities keep storing (sealed, into `session`)
+                live = frozenset({session})
+                merge_stores(vault, report, skip=live)
+                # 3. stores paused: what arrived meanwhile, recovery, then the real archive
+                with self.archive.gate:
+                    merge_stores(vault, report, only=live)
                     recovery = vault.archive.recover()
                     self.archive.delegate = vault.archive
             except Exception as exc:
