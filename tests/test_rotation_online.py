@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import json
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pydicom import dcmread
 
 from pacsvault.accounts import totp as totp_mod
 from pacsvault.accounts.service import AuthOutcome
-from tests.helpers import make_vault, start_server, storescu
+from tests.helpers import AE, dcmtk, dcmtk_env, make_vault, start_server, storescu
 from tests.test_rotation import (
     CALLING,
     assert_old_key_useless,
@@ -32,6 +33,18 @@ pytestmark = pytest.mark.slow
 
 ADDR = "127.0.0.1"
 PASSWORD = "correct horse battery staple 41 violet"
+WS = "ROTWS"
+
+
+def _c_get(port: int, study_uid: str, out: Path) -> set[str]:
+    """C-GET one study from the running server (dcmtk getscu); the SOP UIDs received."""
+    out.mkdir(parents=True)
+    res = subprocess.run(
+        [dcmtk("getscu"), "-S", "-aet", WS, "-aec", AE, "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+         "127.0.0.1", str(port)], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir()}
 
 
 def _totp_user(vault_dir: Path, key: Path) -> bytes:
@@ -70,6 +83,7 @@ def _signs_in(vault_dir: Path, key: Path, secret: bytes) -> None:
 def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
     vault = make_vault(tmp_path / "v")
     vault.add_node(CALLING)
+    vault.add_node(WS, "--roles", "query,retrieve")
     secret = _totp_user(vault.data, vault.key)
     groups = patients_files(tmp_path / "in", 15, per_patient=4)
     files = [f for group in groups.values() for f in group]  # 60 objects, 15 patients
@@ -124,6 +138,14 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
         wanted = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                   for p in acknowledged}
         assert wanted <= exported
+        # The running server itself reads with its swapped keys: C-GET of studies stored
+        # before, during and after the rotation (data keys cached and not).
+        for pid in ("PVROT000", "PVROT007", "PVROT014"):
+            group = groups[pid]
+            study = str(dcmread(group[0], stop_before_pixels=True).StudyInstanceUID)
+            got = _c_get(server.port, study, tmp_path / f"get-{pid}")
+            assert got == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                           for p in group}
         assert_old_key_useless(vault, old_key)
         assert_trail_across(vault, "PVROT000")
         rotated = json.loads(vault.cli("audit", "show", "--action", "keys.rotated",
