@@ -184,6 +184,9 @@ def _ensure_boot_tls(vault: Vault, key_path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if os.geteuid() == 0:  # an admin's command as root: the service reads it, not root
+            owner = key_path.stat()
+            os.chown(secret_path, owner.st_uid, owner.st_gid)
         made = True
     pairs = [(source.server_cert, source.server_key, target.server_cert, target.server_key)]
     if source.server_rsa_cert.exists() and source.server_rsa_key.exists():
