@@ -28,6 +28,7 @@ from tests.test_rotation import (
     patients_files,
     read_code_file,
 )
+from tests.web_helpers import client, sign_in
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +111,10 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
         sent_some.set()
 
     sender = threading.Thread(target=send)
+    ca = vault.data / "tls" / "ca.crt"
     try:
+        with client(server.https_port, ca) as browser:  # the admin enrols TOTP over HTTPS
+            enrolled = sign_in(browser, vault.admin_name, vault.admin_password)
         sender.start()
         assert sent_some.wait(120)
         began = time.monotonic()
@@ -152,6 +156,9 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
                                        "--json").stdout.splitlines()[-1])
         assert rotated["detail"]["online"] is True and rotated["user"] == "local-admin"
         _signs_in(vault.data, vault.key, secret)
+        # ... and through the running server, whose accounts key was swapped in memory.
+        with client(server.https_port, ca) as browser:
+            sign_in(browser, vault.admin_name, vault.admin_password, enrolled.authenticator)
         # The server keeps storing after the rotation, with the new keys.
         late = patients_files(tmp_path / "late", 2, per_patient=1)
         late_files = [f for group in late.values() for f in group]
