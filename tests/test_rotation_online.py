@@ -1,8 +1,9 @@
 """Online master key rotation (issue 14, item 4): ``pacsvault keys rotate`` while storescu
 keeps sending to the running server. Afterwards every acknowledged instance reads with the
 new key only, the old key file opens nothing of the live vault, the trail records the
-rotation and verifies across it, old records' references still show, and a user with TOTP
-still signs in."""
+rotation and verifies across it, old records' references still show, the running server
+serves C-GET with its swapped keys, and users with TOTP still sign in (in a new process and
+over HTTPS)."""
 
 from __future__ import annotations
 
