@@ -584,6 +584,12 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
     if keys.verify_key_check(current, vid, str(marker.get("new_key_check", ""))):
         # The key file was replaced already: only vault.json is left to finish.
         finish_files(layout, key_path, current, vid, keep_old=False, outcome=out)
+        engine = open_index(layout.index, current.derive(keys.PURPOSE_INDEX, vid))
+        vault = Vault(layout, settings, vid, current, engine)
+        try:
+            _handed_to_backups(vault, out.recovery_code)
+        finally:
+            vault.close()
     else:
         if not keys.verify_key_check(current, vid, str(meta["key_check"])):
             raise keys.VaultKeyError(f"the key file {key_path} does not open this vault (it "
