@@ -271,6 +271,11 @@ def test_sealed_receives_refuses_reads_and_unseals(tmp_path: Path, hook: Hook) -
     assert actions.index("dicom.find.sealed") < actions.index("sealed.merged")
     merged = next(e for e in events(vault, "sealed.merged"))
     assert merged["stored"] == 6 and merged["duplicates"] == 1
+    # a patient's access report shows the sealed period's association with their study
+    shown = vault.cli("audit", "show", "--patient", plain[1].patient_id, "--json").stdout
+    mine = [json.loads(line) for line in shown.splitlines() if line.strip()] \
+        if not shown.lstrip().startswith("[") else json.loads(shown)
+    assert any(r.get("action") == "dicom.store.association" for r in mine), shown[:2000]
     # the plain log never carried patient data
     log = server.log()
     for secret in corpus.secrets_of(plain):

@@ -69,12 +69,21 @@ class SealedEventSink:
         self._writer = writer
         self._target: Sink | None = None
         self._lock = threading.Lock()
+        # study UID -> patient ID of what was stored while sealed: the trail groups an
+        # event's references per patient, and at the merge the index does not know these
+        # studies yet (``SealedArchive`` fills it).
+        self.study_patients: dict[str, str] = {}
 
     def write(self, event: AuditEvent) -> None:
         with self._lock:
             target = self._target
             if target is None:
-                self._writer.append(event_record(event))
+                record = event_record(event)
+                known = {uid: self.study_patients[uid] for uid in event.study_uids
+                         if uid in self.study_patients and uid not in event.study_patients}
+                if known:
+                    record["study_patients"] = {**record["study_patients"], **known}
+                self._writer.append(record)
                 return
         target.write(event)
 
@@ -105,8 +114,9 @@ class SealedArchive:
     index: the merge settles them as ``store`` would have."""
 
     def __init__(self, objects: ObjectStore, writer: journal.JournalWriter,
-                 public: X25519PublicKey) -> None:
+                 public: X25519PublicKey, study_patients: dict[str, str] | None = None) -> None:
         self.objects = objects
+        self._study_patients = study_patients if study_patients is not None else {}
         self._writer = writer
         self._public = public
         self._keys: dict[tuple[str, str], tuple[uuid.UUID, bytes, bytes]] = {}
@@ -178,6 +188,7 @@ class SealedArchive:
                     self.objects.publish(object_id, durable=False)
         if unsealed:
             return normal()
+        self._study_patients[parsed.study_uid] = parsed.patient_id
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
 
     def settle(self) -> None:
@@ -236,7 +247,7 @@ class SealedRuntime:
         inflate.set_limit(settings.storage.max_inflated_mb * inflate.MIB)
         objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
         self.archive = SealedArchive(objects, self._writer(session, journal.STORES),
-                                     self.keys.hpke_public)
+                                     self.keys.hpke_public, self.events.study_patients)
         self.boot_password = material.boot_password(key_path)
         self.view = SealedView(layout, settings, self.vault_id, self.recorder, nodes,
                                self.archive, self.boot_password)
