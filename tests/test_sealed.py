@@ -484,3 +484,34 @@ def test_storing_while_unsealing_loses_nothing(tmp_path: Path) -> None:
     finally:
         v.close()
     assert not list((vault.data / "sealed" / "journal").iterdir())
+
+
+def test_tls_and_client_certificates_while_sealed(tmp_path: Path) -> None:
+    """The TLS port keeps its identity (the listener keys' boot copy) and the policy its
+    certificate checks (serials and revocations from the signed snapshot)."""
+    vault = _vault(tmp_path / "v")
+    certs = tmp_path / "certs"
+    for ae in ("NODEA", "NODEB"):
+        vault.add_node(ae, "--client-cert")
+        vault.cli("node", "cert", ae, "--out", certs)
+    vault.cli("node", "cert", "NODEB", "--revoke")
+    ca = vault.data / "tls" / "ca.crt"
+
+    def tls(ae: str) -> tuple[str, ...]:
+        return ("+tls", str(certs / f"{ae}.key"), str(certs / f"{ae}.crt"), "-pw",
+                "+cf", str(ca))
+
+    files = corpus.synthetic_ct_series(tmp_path / "a", 2, seed=31)
+    away = _seal(vault)
+    server = start_server(vault)
+    try:
+        assert "ARCHIVE SEALED" in server.log()
+        _stored_ok(storescu(server.tls_port, files, calling="NODEA", tls=tls("NODEA")), 2)
+        assert storescu(server.tls_port, files, calling="NODEB",
+                        tls=tls("NODEB")).returncode != 0  # revoked
+        assert storescu(server.port, files, calling="NODEA").returncode != 0  # TLS only
+        assert "2 object(s)" in _unseal(vault, away)
+    finally:
+        server.stop()
+    rejected = events(vault, "dicom.association.rejected")
+    assert any(e["ae"] == "NODEB" and "revoked" in str(e["message"]) for e in rejected)
