@@ -342,10 +342,11 @@ class Rotation:
 
         path = self.vault.layout.index
         new_key = self._d(self.new, keys.PURPOSE_INDEX)
-        try:
-            return open_index(path, new_key)  # rekeyed already (an interrupted run)
-        except IndexOpenError:
-            pass
+        if self.outcome.resumed:  # (a probe with the wrong key logs a SQLCipher error)
+            try:
+                return open_index(path, new_key)  # rekeyed already (an interrupted run)
+            except IndexOpenError:
+                pass
         old_key = self._d(self.old, keys.PURPOSE_INDEX)
         conn = sqlcipher3.connect(str(path), timeout=60, check_same_thread=False)
         try:
