@@ -169,3 +169,46 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
         server.stop()
     assert "Traceback" not in server.log()
     vault.cli("audit", "verify")
+
+
+def test_server_killed_mid_rotation_completes_at_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies (test hook: exit after re-wrapping 2 data keys) during an online
+    rotation while storescu sends: the restart completes the rotation before serving, and
+    every acknowledged instance is there, readable with the new key only."""
+    from tests.test_rotation import CRASH_ENV, assert_consistent_inproc
+
+    vault = make_vault(tmp_path / "v")
+    vault.add_node(CALLING)
+    groups = patients_files(tmp_path / "in", 6, per_patient=2)
+    files = [f for group in groups.values() for f in group]
+    old_key = tmp_path / "old-copy.key"
+    shutil.copy2(vault.key, old_key)
+    monkeypatch.setenv(CRASH_ENV, "data-keys:2")
+    server = start_server(vault)
+    monkeypatch.delenv(CRASH_ENV)
+    acknowledged: list[Path] = []
+    try:
+        for start in range(0, 8, 2):
+            part = files[start:start + 2]
+            assert storescu(server.port, part, calling=CALLING).returncode == 0
+            acknowledged.extend(part)
+        refused = vault.cli("keys", "rotate", check=False, timeout=300)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        server.proc.wait(30)
+        assert server.proc.returncode == 70
+        assert "rotation" in json.loads((vault.data / "vault.json").read_text())
+    finally:
+        server.stop()
+    server = start_server(vault, log_name="restart.log")
+    try:
+        assert "interrupted master key rotation was completed" in server.log()
+        rest = files[8:]
+        assert storescu(server.port, rest, calling=CALLING).returncode == 0
+        acknowledged.extend(rest)
+    finally:
+        server.stop()
+    assert "rotation" not in json.loads((vault.data / "vault.json").read_text())
+    assert list(vault.key.parent.rglob("*.recovery.txt"))
+    assert_old_key_useless(vault, old_key)
+    assert_consistent_inproc(vault, acknowledged, "PVROT000")
