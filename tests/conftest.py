@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import Server, VaultDir, make_vault, start_server
 
-
 # The quick loop (`pytest -m quick`, under 2 minutes here): the fast tests of the modules
 # that start no server. Everything stays in the full suite; add a module when it qualifies.
 QUICK_MODULES = frozenset({
