@@ -191,6 +191,8 @@ def test_sealed_receives_refuses_reads_and_unseals(tmp_path: Path, hook: Hook) -
             assert s.recv(1) == b""
         assert _wait(lambda: [b for b in hook.bodies if b.get("rule") == "exposure"
                               or "exposure" in json.dumps(b).lower()]), hook.bodies
+        # and the practice was told at start that it must unlock the archive
+        assert [b for b in hook.bodies if "archive-sealed" in json.dumps(b)], hook.bodies
         # HTTPS: every call 503 sealed (fr/en), but the unseal page
         ca = vault.data / "tls" / "ca.crt"
         with httpx.Client(base_url=f"https://127.0.0.1:{server.https_port}",

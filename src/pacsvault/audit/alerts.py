@@ -45,6 +45,10 @@ Rules (ids are what ``disabled_rules`` takes):
                    restore.
 ``backup-stale``   ``backup.stale`` (backup/schedule.py): the last good backup of a target
                    is older than ``[backup] max_age_hours``.
+``archive-sealed`` ``application.start`` with ``sealed`` (the master key was unavailable:
+                   receiving goes on, nothing can be read until someone unlocks it),
+                   ``sealed.snapshot`` (the node snapshot does not verify: every device is
+                   refused) and ``sealed.journal.damaged`` (sealed/).
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further
@@ -110,6 +114,8 @@ RULES: dict[str, str] = {
     "audit-unwritable": "the audit trail cannot be written: accesses are refused",
     "backup-failed": "a backup, its verification or its restore drill failed",
     "backup-stale": "the last good backup is older than the configured limit",
+    "archive-sealed": "the server runs sealed (master key unavailable), or a sealed-mode "
+                      "file is damaged",
 }
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -305,8 +311,8 @@ webhook_ca_file = ""
 webhook_allow_http_loopback = false
 webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
-# unusual-hours, audit-broken, disk-full, audit-unwritable, backup-failed, backup-stale.
-# List here the ones you do not want.
+# unusual-hours, audit-broken, disk-full, audit-unwritable, backup-failed, backup-stale,
+# archive-sealed. List here the ones you do not want.
 disabled_rules = []
 # Failed sign-ins within 10 minutes (from one address, or for one user) that raise an alert.
 failed_logins_per_10min = 5
@@ -496,7 +502,7 @@ class Detector:
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
             self._connection_abuse,
             self._audit_unwritable,
-            self._backup_failed, self._backup_stale,
+            self._backup_failed, self._backup_stale, self._sealed,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -899,6 +905,28 @@ class Detector:
                   f"--since {_minute(e.time - dt.timedelta(minutes=5))}"),
             time=e.time, facts={"target": target, "action": e.action},
         )]
+
+    def _sealed(self, e: AuditEvent) -> list[Finding]:
+        """The practice must know at once that nobody can view images (sealed/)."""
+        if e.action == "application.start" and e.detail.get("sealed"):
+            return [Finding(
+                rule="archive-sealed", subject="sealed", severity=Severity.CRITICAL,
+                title="Archive sealed: an administrator must unlock it",
+                what=("The server started without its master key (key medium removed, or "
+                      "its passphrase not given). Devices can still send images, which are "
+                      "kept encrypted, but nobody can view or query anything until an "
+                      "administrator unlocks it: put the key medium back or have the "
+                      "passphrase ready, then open https://<this server>/unseal or run "
+                      "'pacsvault unseal'."),
+                look="pacsvault unseal", time=e.time)]
+        if e.action in ("sealed.snapshot", "sealed.journal.damaged") \
+                and e.outcome is not Outcome.SUCCESS:
+            return [Finding(
+                rule="archive-sealed", subject=e.action, severity=Severity.CRITICAL,
+                title="Sealed mode: a file does not verify",
+                what=_clean(e.message, 400) or "a sealed-mode file does not verify",
+                look=f"pacsvault audit show --action {e.action}", time=e.time)]
+        return []
 
     def _backup_stale(self, e: AuditEvent) -> list[Finding]:
         if e.action != "backup.stale":
