@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from pacsvault.sealed.runtime import SealedRuntime
 
 CSRF_COOKIE = "__Host-pvunseal"
-MAX_FAILURES = 5
+MAX_FAILURES = 5  # per source address and window
+MAX_FAILURES_ALL = 20  # all sources together
+_ALL = "*"  # the all-sources counter's key (never an address)
 WINDOW_SECONDS = 600.0
 MAX_PASSPHRASE = 1024  # as the template's maxlength
 
@@ -52,23 +54,32 @@ class SwitchApp:
 
 
 class Throttle:
-    """Failed unseal attempts per source address (in memory: a restart is an admin act)."""
+    """Failed unseal attempts per source address, and over all sources (guessing from many
+    addresses of the practice network); in memory: a restart is an admin act. The CLI
+    (``pacsvault unseal``, local and uid-checked) is never throttled."""
 
     def __init__(self) -> None:
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _recent(seen: deque[float], now: float) -> int:
+        while seen and now - seen[0] > WINDOW_SECONDS:
+            seen.popleft()
+        return len(seen)
+
     def blocked(self, address: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            seen = self._failures.get(address)
-            while seen and now - seen[0] > WINDOW_SECONDS:
-                seen.popleft()
-            return bool(seen) and len(seen or ()) >= MAX_FAILURES
+            mine = self._recent(self._failures.get(address, deque()), now)
+            everyone = self._recent(self._failures.setdefault(_ALL, deque()), now)
+            return mine >= MAX_FAILURES or everyone >= MAX_FAILURES_ALL
 
     def failed(self, address: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._failures.setdefault(address, deque()).append(time.monotonic())
+            self._failures.setdefault(address, deque()).append(now)
+            self._failures.setdefault(_ALL, deque()).append(now)
 
 
 def _address(request: Request) -> str:
