@@ -13,7 +13,7 @@ import pytest
 from pacsvault.crypto.keyring import KeyDestroyed
 from pacsvault.storage.erasure import Eraser
 from pacsvault.vault import Vault
-from tests.helpers import events, make_vault
+from tests.helpers import events, make_vault, pv
 from tests.test_erasure import make, store
 
 RESTIC = shutil.which("restic") or "/usr/bin/restic"
@@ -61,6 +61,23 @@ def test_backup_taken_before_the_erasure_restores_the_patient_unreadable(
         with pytest.raises(KeyDestroyed):  # ...names an object nothing can open
             restored.archive.read(item)
         assert Eraser(restored).forget_shredded() == 1
+        assert list(restored.archive.locate(sop_uid=gone.sop)) == []
+        (other,) = list(restored.archive.locate(sop_uid=kept.sop))
+        assert restored.archive.read(other) is not None
+    finally:
+        restored.close()
+
+    # The command a practice runs after a disaster forgets those rows by itself: an
+    # erased patient's name and headers never come back from an older snapshot.
+    code_file = tmp_path / "code.txt"
+    code_file.write_text(vault.recovery_code)
+    code_file.chmod(0o600)
+    again, again_key = tmp_path / "again", tmp_path / "k2" / "master.key"
+    out = pv("backup", "restore", "--repository", repo, "--to", again,
+             "--key-file", again_key, "--recovery-code-file", code_file)
+    assert "erased patient" in out.stdout
+    restored = Vault.open(again, again_key)
+    try:
         assert list(restored.archive.locate(sop_uid=gone.sop)) == []
         (other,) = list(restored.archive.locate(sop_uid=kept.sop))
         assert restored.archive.read(other) is not None

@@ -71,6 +71,20 @@ def register(sub: Any) -> None:
     backup_drill.register(bsub)
 
 
+def _forget_erased(to: Path, key_file: Path) -> int:
+    """An older data snapshot still holds the rows of patients erased since; the latest
+    keystore has no key for them. Remove those rows now, so a restored archive never shows
+    an erased patient again (``Eraser.forget_shredded``, audited)."""
+    from pacsvault.storage.erasure import Eraser
+    from pacsvault.vault import Vault
+
+    vault = Vault.open(to, key_file)
+    try:
+        return Eraser(vault).forget_shredded(actor="restore")
+    finally:
+        vault.close()
+
+
 def _recovery_code(path: Path | None) -> str:
     if path is not None:
         try:
@@ -245,6 +259,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if result.keys_absent:
         print(f"{result.keys_absent} patient key(s) were destroyed (erasure): their "
               "images stay unreadable, as intended.")
+        forgotten = _forget_erased(to, result.key_file) if result.key_file else 0
+        print(f"{forgotten} index row(s) of erased patients removed: their names and "
+              "headers do not come back from an older snapshot.")
     if result.objects_missing:
         print(f"WARNING: {result.objects_missing} indexed object(s) are not in this snapshot "
               "(removed while the backup ran).")
