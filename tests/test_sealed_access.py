@@ -168,3 +168,29 @@ def test_tls_and_client_certificates_while_sealed(tmp_path: Path) -> None:
         server.stop()
     rejected = events(vault, "dicom.association.rejected")
     assert any(e["ae"] == "NODEB" and "revoked" in str(e["message"]) for e in rejected)
+
+
+def test_unseal_cli_with_a_passphrase_file(tmp_path: Path) -> None:
+    """``pacsvault unseal --passphrase-file`` (0600): a wrong one is one error line and the
+    server stays sealed; the right one unseals."""
+    from tests.helpers import pv
+    from tests.web_helpers import write_secret
+
+    vault = _vault(tmp_path / "v")
+    passphrase = "une barque verte au large de Brest le soir"
+    pp = write_secret(tmp_path / "pp", passphrase)
+    wrong = write_secret(tmp_path / "wrong", "une barque rouge au large de Brest le soir")
+    vault.cli("keys", "protect", "--passphrase", "--passphrase-file", pp)
+    files = corpus.synthetic_ct_series(tmp_path / "a", 1, seed=41)
+    server = start_server(vault)
+    try:
+        assert "ARCHIVE SEALED" in server.log()
+        refused = pv("unseal", "--data", vault.data, "--key-file", vault.key,
+                     "--passphrase-file", wrong, check=False)
+        assert refused.returncode == 2 and refused.stderr.count("pacsvault: error:") == 1
+        _stored_ok(storescu(server.port, files, calling=MODALITY), 1)  # still receiving
+        out = pv("unseal", "--data", vault.data, "--key-file", vault.key,
+                 "--passphrase-file", pp).stdout
+        assert "1 object(s)" in out, out
+    finally:
+        server.stop()
