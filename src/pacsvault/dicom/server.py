@@ -75,10 +75,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_WARNING_DISCARDED = 0xB006
-# Sealed mode (the master key is not here: no index to read). PS3.4 C.4.1.1.4 and
-# C.4.2.1.5/C.4.3.1.5: C-FIND "A700 Refused: Out of Resources"; C-MOVE/C-GET "A701
-# Refused: Out of Resources - Unable to calculate number of matches" (the index cannot
-# even be searched), each with this Error Comment (LO, <= 64 characters).
+# Sealed mode (the master key is not here: no index to read). PS3.4 Annex C.4 status
+# tables: C-FIND "A700 Refused: Out of Resources"; C-MOVE/C-GET "A701 Refused: Out of
+# Resources - Unable to calculate number of matches" (the index cannot even be searched),
+# each with this Error Comment (LO, <= 64 characters).
 STATUS_SEALED_FIND = 0xA700
 STATUS_SEALED_RETRIEVE = 0xA701
 SEALED_COMMENT = "archive sealed: an administrator must unlock it"
