@@ -409,12 +409,16 @@ def _keystore(vault: Vault) -> bytes:
     return json.dumps(body, sort_keys=True).encode("utf-8")
 
 
-def _push_keystore(vault: Vault, repo: Repository, *, thorough: bool = False) -> str:
+def _push_keystore(vault: Vault, repo: Repository, target: str, *,
+                   thorough: bool = False) -> str:
     """A fresh keystore snapshot, then every older one forgotten and pruned: keys
     destroyed since the previous one are then gone from this repository's files. Every
     entry is wrapped with a fresh nonce, so no chunk of an older keystore is shared with
     the new one and its packs become wholly unused (deleted by a plain prune);
     ``thorough`` (after an erasure) also repacks any partly used pack."""
+    # Keys destroyed after this moment may still be in it (full precision: a destruction
+    # in the same second must not look older than the keystore).
+    read_at = dt.datetime.now(dt.UTC).isoformat()
     summary = repo.backup_stdin(_keystore(vault), KEYSTORE_FILE,
                                 tags=[TAG_ALL, TAG_KEYSTORE], host=_host(vault.vault_id))
     new_id = str(summary.get("snapshot_id", ""))
@@ -423,6 +427,8 @@ def _push_keystore(vault: Vault, repo: Repository, *, thorough: bool = False) ->
     if older:
         repo.forget(older)
         repo.prune(thorough=thorough)
+    backup_state.update_target(vault.layout, target,
+                               lambda entry: entry.__setitem__("keystore_time", read_at))
     return new_id
 
 
@@ -456,7 +462,7 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
             # restic matches excludes against the absolute path it resolved from cwd
             excludes=[str(vault.layout.objects.resolve() / ".tmp"),
                       str(vault.layout.objects.resolve() / ".spare")])
-        _push_keystore(vault, repo)
+        _push_keystore(vault, repo, target.name)
         if backup_state.target_state(vault.layout, target.name).get("pending_recovery_key"):
             _ensure_recovery_key(vault, target, repo)
         return BackupOutcome(
@@ -595,7 +601,7 @@ def keys_destroyed(vault: Vault) -> dict[str, str]:
     for target in vault.settings.backup.targets:
         try:
             repo = _repo(vault, target)
-            snapshot = _push_keystore(vault, repo, thorough=True)
+            snapshot = _push_keystore(vault, repo, target.name, thorough=True)
             results[target.name] = "ok"
             detail: dict[str, str | int | bool] = {"target": target.name,
                                                    "snapshot": snapshot}

@@ -168,6 +168,10 @@ def tick(vault: Vault) -> None:
             _run_due(vault, settings)
         except Exception as exc:  # the checks and drills below still run
             log.error("backup run failed: %s", type(exc).__name__)
+        try:
+            _keystores_after_destruction(vault, settings)
+        except Exception as exc:
+            log.error("backup keystore replacement failed: %s", type(exc).__name__)
         for target in settings.targets:
             try:
                 _check_target(vault, settings, target)
@@ -176,6 +180,33 @@ def tick(vault: Vault) -> None:
                           type(exc).__name__)
     finally:
         _tick_lock.release()
+
+
+def _keystores_after_destruction(vault: Vault, settings: BackupSettings) -> None:
+    """A data key destroyed by any removal (a study deleted from the admin page or the
+    CLI leaves its patient without instances; an erasure calls the hook itself) must
+    leave every repository too, not wait for the next daily run: when a key was destroyed
+    after a target's last keystore, every target gets a fresh one (older ones pruned)."""
+    from sqlalchemy import func, select
+
+    from pacsvault.backup import runner
+    from pacsvault.backup.state import target_state
+    from pacsvault.index.models import DataKey
+
+    with vault.sessions() as session:
+        latest = session.execute(select(func.max(DataKey.destroyed))).scalar()
+    if latest is None:
+        return
+    if latest.tzinfo is None:
+        latest = latest.replace(tzinfo=dt.UTC)
+    behind = False
+    for target in settings.targets:
+        pushed = parse_time(target_state(vault.layout, target.name).get("keystore_time"))
+        if pushed is not None and pushed < latest:
+            behind = True  # never backed up yet: its first run has no such key anyway
+    if behind:
+        log.info("a data key was destroyed: replacing the backup keystores")
+        runner.keys_destroyed(vault)
 
 
 def _times(vault: Vault, target: str) -> TargetTimes:
