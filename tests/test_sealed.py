@@ -376,3 +376,24 @@ def test_storing_while_unsealing_loses_nothing(tmp_path: Path) -> None:
     finally:
         v.close()
     assert not list((vault.data / "sealed" / "journal").iterdir())
+
+
+def test_status_says_sealed_and_what_to_do(tmp_path: Path) -> None:
+    """The IT provider's first command: a sealed server is reported as such (running,
+    receiving, reads refused, how to unseal), not as an error about a missing key file."""
+    vault = _vault(tmp_path / "v")
+    away = _seal(vault)
+    server = start_server(vault)
+    try:
+        out = pv("status", "--data", vault.data, "--key-file", vault.key, check=False)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "SEALED" in out.stdout and "pacsvault unseal" in out.stdout
+        assert "error:" not in out.stderr
+        as_json = json.loads(pv("status", "--json", "--data", vault.data, "--key-file",
+                                vault.key, check=False).stdout)
+        assert as_json["server"]["running"] and as_json["server"]["sealed"]
+        _unseal(vault, away)
+        out = pv("status", "--data", vault.data, "--key-file", vault.key)
+        assert "SEALED" not in out.stdout and "running" in out.stdout
+    finally:
+        server.stop()

@@ -186,10 +186,44 @@ def _running(state_path: Path) -> dict[str, Any] | None:
     return state
 
 
+_SEALED_ADVICE = ("SEALED: images from registered devices are received and kept encrypted; "
+                  "queries, retrievals and the web pages are refused until an "
+                  "administrator runs 'pacsvault unseal' (or opens /unseal on the HTTPS port)")
+
+
+def _sealed_status(args: argparse.Namespace, reason: str) -> int | None:
+    """``status`` while the server runs sealed and this command has no key either: report
+    the server (what the IT provider asks first), not an error about the key file."""
+    from pacsvault.vault import Layout
+
+    state = _running(Layout(data_dir(args)).state)
+    if not state or not state.get("sealed"):
+        return None
+    if args.json:
+        json.dump({"data": str(data_dir(args)), "server": {"running": True, **state},
+                   "sealed": True, "key": reason}, sys.stdout, indent=2)
+        print()
+        return 1
+    print(f"Vault        {data_dir(args)}")
+    print(f"Server       running, pid {state['pid']}; DICOM plain port "
+          f"{state.get('dicom_port') or 'off'}, DICOM TLS port "
+          f"{state.get('dicom_tls_port') or 'off'}, HTTPS port {state.get('https_port') or 'off'}")
+    print(f"Server       {_SEALED_ADVICE}")
+    print(f"Master key   {reason}")
+    return 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pacsvault.backup.health import backup_health, status_lines
+    from pacsvault.crypto.keys import KeyUnavailable
 
-    vault = open_vault(args)
+    try:
+        vault = open_vault(args)
+    except KeyUnavailable as exc:
+        code = _sealed_status(args, str(exc))
+        if code is None:
+            raise
+        return code
     try:
         settings = vault.settings
         backups = backup_health(vault.layout, settings.backup)
@@ -245,6 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"Server       running, pid {srv['pid']}; DICOM plain port "
               f"{srv.get('dicom_port') or 'off'}, DICOM TLS port {srv.get('dicom_tls_port')}, "
               f"HTTPS port {srv.get('https_port') or 'off'}")
+        if srv.get("sealed"):  # the key is back here, but nobody has unsealed yet
+            print(f"Server       {_SEALED_ADVICE}")
     else:
         print(f"Server       not running (configured: plain {conf['dicom_port'] or 'off'}, "
               f"TLS {conf['dicom_tls_port']}, HTTPS {conf['https_port'] or 'off'} on "
@@ -276,7 +312,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"Warning      {warning}")
     for line in backup_text:
         print(line)
-    return 0
+    return 1 if srv.get("sealed") else 0
 
 
 def key_summary(vault: Vault) -> dict[str, Any]:
