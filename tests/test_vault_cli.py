@@ -744,28 +744,59 @@ def test_serve_refuses_forged_key_for_this_vault_id(vault: VaultDir, tmp_path: P
     assert snapshot(vault.data, vault.key, forged) == before
 
 
-def test_serve_refuses_missing_key_file(vault: VaultDir) -> None:
+def serve_until_sealed(vault_data: Path, key: Path | None,
+                       env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Start serve expecting it to come up sealed (the key medium is absent: issue 14),
+    then stop it; its log."""
+    key_args: tuple[str | Path, ...] = ("--key-file", key) if key else ()
+    proc = subprocess.Popen([sys.executable, "-m", "pacsvault", "serve", "--data", vault_data,
+                             *map(str, key_args), *SERVE_PORTS], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "ARCHIVE SEALED" in line:
+                break
+    finally:
+        proc.terminate()
+        try:
+            rest, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+    return "".join(lines) + (rest or "")
+
+
+def test_serve_without_its_key_file_starts_sealed(vault: VaultDir) -> None:
+    """A missing key file is a key medium taken away (USB key): serve keeps receiving,
+    sealed, says which file it lacks and how to get it back, and never makes up a key."""
     vault.key.unlink()
-    before = snapshot(vault.data)
-    err = refused(serve_once(vault.data, vault.key), "key file not found", "key recover")
-    assert str(vault.key) in err
-    assert snapshot(vault.data) == before
+    out = serve_until_sealed(vault.data, vault.key)
+    assert "ARCHIVE SEALED" in out and "key recover" in out and str(vault.key) in out
+    assert "Traceback" not in out
     assert not vault.key.exists()
     # Same without --key-file: the path recorded in pacsvault.toml is used.
-    refused(serve_once(vault.data, None), "key recover", str(vault.key))
-    assert snapshot(vault.data) == before
+    out = serve_until_sealed(vault.data, None)
+    assert "ARCHIVE SEALED" in out and str(vault.key) in out
     assert not vault.key.exists()
+    assert (vault.data / "vault.json").exists() and "First run" not in out
 
 
-def test_serve_refuses_missing_default_key(tmp_path: Path, env: dict[str, str]) -> None:
+def test_serve_without_the_default_key_starts_sealed(tmp_path: Path,
+                                                     env: dict[str, str]) -> None:
     data = tmp_path / "data"
     ok(run("init", "--data", data, env=env))
     (key,) = default_keys(env)
     key.unlink()
-    before = snapshot(data)
-    err = refused(serve_once(data, None, env), "key recover")
-    assert "First run" not in err
-    assert snapshot(data) == before
+    out = serve_until_sealed(data, None, env)
+    assert "ARCHIVE SEALED" in out and "key recover" in out
+    assert "First run" not in out
     assert default_keys(env) == []  # no new key made up in its place
 
 
