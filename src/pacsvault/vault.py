@@ -42,6 +42,7 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
+from pacsvault.fsutil import fsync_dir
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.nodes import NodeRegistry, ensure_tables
 from pacsvault.service import lock as instance_lock
@@ -142,11 +143,7 @@ def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> 
         tmp.unlink(missing_ok=True)
         _write_private_json(tmp, meta)
         os.replace(tmp, layout.meta)
-        dirfd = os.open(layout.root, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsync_dir(layout.root)
         return meta
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
 from pacsvault.crypto.tls import ca_is_name_constrained, certificate_expiry
+from pacsvault.fsutil import write_private_new
 from pacsvault.index import stats
 from pacsvault.vault import Vault, create, resolve_key_path
 
@@ -103,18 +104,12 @@ def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,
         f"administrator: {admin}\n"
         f"password: {password}\n"
     )
-    for n in range(1, 100):
-        path = folder / (key_path.stem + ("" if n == 1 else f"-{n}") + SECRETS_SUFFIX)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return path
-    raise CommandError(f"cannot create a secrets file in {folder}")
+    path = write_private_new(
+        folder, (key_path.stem + ("" if n == 1 else f"-{n}") + SECRETS_SUFFIX
+                 for n in range(1, 100)), body)
+    if path is None:
+        raise CommandError(f"cannot create a secrets file in {folder}")
+    return path
 
 
 def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | None = None,

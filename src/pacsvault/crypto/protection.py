@@ -53,6 +53,7 @@ from pacsvault.crypto.keys import (
     MasterKey,
     VaultKeyError,
 )
+from pacsvault.fsutil import fsync_dir
 
 KEY_FILE_HEADER_V2 = "pacsvault-master-key/v2"
 FILE = "file"
@@ -370,13 +371,6 @@ def _plain_body(master: MasterKey, vault_id: str) -> bytes:
             f"key={base64.b64encode(master.raw).decode()}\n").encode("ascii")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_atomic(path: Path, body: bytes) -> None:
     """Replace ``path`` by ``body``: 0600 from creation (keeping the old file's owner when
@@ -407,7 +401,7 @@ def write_atomic(path: Path, body: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def protect_with_passphrase(key_path: Path, master: MasterKey, vault_id: str,

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 
 from pacsvault.crypto import datakeys, keys
+from pacsvault.fsutil import fsync_dir, write_private_new
 
 if TYPE_CHECKING:
     from pacsvault.config import Settings
@@ -131,13 +132,6 @@ def retired_event_keys(master: keys.MasterKey, vault_id: str,
     return tuple(found)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_key(old_path: Path, path: Path, master: keys.MasterKey, vault_id: str,
                passphrase: str | None) -> None:
@@ -150,7 +144,7 @@ def _write_key(old_path: Path, path: Path, master: keys.MasterKey, vault_id: str
         return
     rewrite_key_file_like(old_path, path, master, vault_id, passphrase)
     os.chmod(path, 0o600)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _load(path: Path, vault_id: str, passphrase: PassphraseProvider | None) -> keys.MasterKey:
@@ -283,7 +277,7 @@ class Rotation:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             done += 1
         return done
 
@@ -421,7 +415,7 @@ def finish_files(layout: Layout, key_path: Path, new: keys.MasterKey, vault_id: 
             os.link(key_path, retired)
             outcome.retired_key_file = str(retired)
         os.replace(pending, key_path)
-        _fsync_dir(key_path.parent)
+        fsync_dir(key_path.parent)
     _crash_point("key-file")
     code = keys.new_recovery_code()
 
@@ -637,19 +631,12 @@ def hand_over_code(key_path: Path, root: Path, code: str) -> Path:
         "# Backups taken before the rotation still restore with the OLD recovery code.\n"
         f"recovery code: {code}\n"
     )
-    for n in range(1, 100):
-        path = folder / f"{key_path.stem}.rotated-{stamp}{'' if n == 1 else f'-{n}'}" \
-                        ".recovery.txt"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return path
-    raise RotationError(f"cannot write the new recovery code in {folder}")
+    path = write_private_new(
+        folder, (f"{key_path.stem}.rotated-{stamp}{'' if n == 1 else f'-{n}'}.recovery.txt"
+                 for n in range(1, 100)), body)
+    if path is None:
+        raise RotationError(f"cannot write the new recovery code in {folder}")
+    return path
 
 
 

@@ -27,6 +27,8 @@ from typing import Any
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from pacsvault.fsutil import fsync_dir
+
 log = logging.getLogger("pacsvault.sealed")
 
 JOURNAL_DIR = "journal"
@@ -58,13 +60,6 @@ def new_session() -> str:
     return f"{now}-{secrets.token_hex(4)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 class JournalWriter:
     """Appends HPKE-sealed JSON records to one file, fsync'ed one by one."""
@@ -89,9 +84,9 @@ class JournalWriter:
                 fresh = not self._dir.is_dir()
                 self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
                 if fresh:
-                    _fsync_dir(self._dir.parent)
+                    fsync_dir(self._dir.parent)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                _fsync_dir(self._dir)  # the file's name is durable with its first record
+                fsync_dir(self._dir)  # the file's name is durable with its first record
             data = struct.pack(">I", len(sealed)) + sealed
             view = memoryview(data)
             while view:
@@ -162,4 +157,4 @@ def remove(directory: Path, session: str) -> None:
     for kind in (STORES, EVENTS):
         (directory / f"{session}.{kind}").unlink(missing_ok=True)
     if directory.is_dir():
-        _fsync_dir(directory)
+        fsync_dir(directory)

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pacsvault.fsutil import fsync_dir
+
 TMP_DIR = ".tmp"
 SPARE_DIR = ".spare"
 _PART = ".part"
@@ -98,7 +100,7 @@ class ObjectStore:
                 raise DiskFullError("disk full while writing an object") from None
             raise
         os.close(fd)
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
         return size
 
     # --- spares: staging without a directory fsync per object ----------------------------
@@ -113,12 +115,12 @@ class ObjectStore:
                 fresh = not self._spare.is_dir()
                 self._spare.mkdir(exist_ok=True, mode=0o700)
                 if fresh:
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
                 ids = [self.new_id() for _ in range(_SPARE_BATCH)]
                 for object_id in ids:
                     os.close(os.open(self._spare_path(object_id),
                                      os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                _fsync_dir(self._spare)  # one fsync makes the whole batch's names durable
+                fsync_dir(self._spare)  # one fsync makes the whole batch's names durable
                 self._spares = ids
             return self._spares.pop()
 
@@ -153,8 +155,8 @@ class ObjectStore:
         if final.parent not in self._known_dirs and not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if durable:
-                _fsync_dir(final.parent.parent)
-                _fsync_dir(self.root)
+                fsync_dir(final.parent.parent)
+                fsync_dir(self.root)
         if durable:
             self._known_dirs.discard(final.parent)
         else:
@@ -166,8 +168,8 @@ class ObjectStore:
             source = self._staged(object_id)
             os.replace(source, final)
         if durable:
-            _fsync_dir(final.parent)
-            _fsync_dir(source.parent)
+            fsync_dir(final.parent)
+            fsync_dir(source.parent)
 
     def discard(self, object_id: str) -> None:
         self._staged(object_id).unlink(missing_ok=True)
@@ -206,11 +208,3 @@ class ObjectStore:
 
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

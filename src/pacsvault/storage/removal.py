@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, 
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
+from pacsvault.fsutil import fsync_dir
 from pacsvault.index.models import (
     DataKey,
     Instance,
@@ -313,7 +313,7 @@ class Remover:
                 deleted += 1
                 touched.add(path.parent)
         for directory in touched:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         with self._engine.begin() as conn:
             conn.execute(update(_actions).where(_actions.c.id == action_id)
                          .values(pending=""))
@@ -545,11 +545,3 @@ def _refresh(conn: Connection, series_pks: set[int], study_pks: set[int],
         meta = _first_visible(conn, _studies.c.patient_pk == pk)
         if meta is not None:
             conn.execute(update(_patients).where(_patients.c.pk == pk).values(meta_json=meta))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
