@@ -72,11 +72,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from pacsvault.audit.atna import AuditMessageBuilder, event_datetime, severity
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
+from pacsvault.config.syslog import DEFAULT_PORT as DEFAULT_PORT
+from pacsvault.config.syslog import TOML_SECTION as TOML_SECTION
+from pacsvault.config.syslog import SyslogConfigError as SyslogConfigError
+from pacsvault.config.syslog import SyslogSettings as SyslogSettings
 from pacsvault.crypto import objects
+
+# The settings moved to config/syslog.py (read at every start without this sender); the
+# names stay importable from here.
 
 log = logging.getLogger("pacsvault.audit.syslog")
 
@@ -84,7 +89,6 @@ FACILITY_SECURITY = 10  # RFC 5424 "security/authorization messages"; ITI-20 req
 APP_NAME = "pacsvault"
 MSGID = "IHE+RFC-3881"  # ITI-20 3.20.4.1.2: "shall be set to IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
-DEFAULT_PORT = 6514  # RFC 5425's port for syslog over TLS
 
 QUEUE_DIR_NAME = "syslog-queue"
 _QUEUE_KEY_ID = uuid.uuid5(uuid.NAMESPACE_URL, "pacsvault:audit-syslog-queue")
@@ -94,66 +98,6 @@ _TCP_ESTABLISHED = 1
 _TCP_CLOSE_WAIT = 8
 
 
-class SyslogConfigError(ValueError):
-    """The export settings cannot work (message is user-facing)."""
-
-
-class SyslogSettings(BaseModel):
-    """``[audit.syslog]``: where audit messages go. No secrets: paths only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = False
-    host: str | None = None
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
-    # Name to check in the collector's certificate when it differs from ``host``
-    # (e.g. ``host`` is an IP address and the certificate names the machine).
-    server_name: str | None = None
-    ca_file: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    queue_limit: int = Field(100_000, ge=1)
-    # Largest syslog record sent; bigger events are split into several AuditMessages.
-    # RFC 5425 asks every receiver to take 8192 octets; raise it if the collector takes more.
-    max_message_size: int = Field(8192, ge=2048, le=1 << 20)
-    source_id: str | None = None  # AuditSourceID; default: the archive's AE title
-    site_id: str | None = None  # AuditEnterpriseSiteID, e.g. the practice's name
-
-    @model_validator(mode="after")
-    def _complete(self) -> SyslogSettings:
-        if self.enabled and not self.host:
-            raise ValueError("the syslog export is enabled but has no host")
-        if self.enabled and not self.ca_file:
-            raise ValueError("the syslog export needs ca_file, the CA that signed the "
-                             "collector's certificate (the collector is always verified)")
-        if bool(self.client_cert) != bool(self.client_key):
-            raise ValueError("client_cert and client_key go together")
-        return self
-
-
-TOML_SECTION = """\
-[audit.syslog]
-# Send every audit event to an audit record repository (IHE ATNA: DICOM audit messages
-# over syslog/TLS, RFC 5424 + 5425). Events wait, encrypted, in audit/syslog-queue/ while
-# the collector is unreachable and are delivered in order when it is back.
-enabled = false
-# host = "audit.example.lan"
-port = 6514
-# CA certificate (PEM) that signed the collector's certificate: the collector is verified.
-# ca_file = "/etc/pacsvault/collector-ca.pem"
-# Name in the collector's certificate, if it is not the host above.
-# server_name = "audit.example.lan"
-# Client certificate and key (PEM, unencrypted key) if the collector requires one.
-# client_cert = "/etc/pacsvault/syslog-client.pem"
-# client_key = "/etc/pacsvault/syslog-client.key"
-# Most events kept while the collector is down (then a gap is reported to it).
-queue_limit = 100000
-# Largest record in octets (RFC 5425 receivers take 8192); bigger events are split.
-max_message_size = 8192
-# AuditSourceID (default: this archive's AE title) and AuditEnterpriseSiteID.
-# source_id = "PACSVAULT"
-# site_id = "Cabinet de radiologie"
-"""
 
 
 # --- RFC 5424 / 5425 -------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pacsvault.audit.alerts import AlertSettings, render_section
-from pacsvault.audit.syslog import TOML_SECTION as SYSLOG_SECTION
-from pacsvault.audit.syslog import SyslogSettings
+from pacsvault.config.alerts import AlertSettings, render_section
+from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
+from pacsvault.config.syslog import SyslogSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
