@@ -57,7 +57,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     # to fix in this issue (one commit each)
     ("pacsvault.audit.query", "pacsvault.vault"): "to fix: narrow inputs instead of Vault",
     ("pacsvault.crypto.keyring", "pacsvault.index.models"): "to fix: a key store protocol",
-    ("pacsvault.index.query", "pacsvault.storage.archive"): "to fix: StoredInstance moves down",
     ("pacsvault.index.query", "pacsvault.dicom.vr_check"): "to fix: dicomfile package",
     ("pacsvault.sealed.merge", "pacsvault.dicom.parse"): "to fix: dicomfile package",
     ("pacsvault.sealed.runtime", "pacsvault.dicom.parse"): "to fix: dicomfile package",

@@ -34,7 +34,7 @@ from pacsvault.dicom import vr_check
 from pacsvault.index import matching
 from pacsvault.index.matching import Condition, Kind
 from pacsvault.index.models import Instance, Patient, Series, Study
-from pacsvault.storage.archive import StoredInstance
+from pacsvault.index.stored import StoredInstance
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _RANK = {level: i for i, level in enumerate(LEVELS)}

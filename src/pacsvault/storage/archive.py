@@ -64,6 +64,7 @@ from pacsvault.dicom import parse as dicom_parse
 from pacsvault.dicom.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+from pacsvault.index.stored import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import sameness
 from pacsvault.storage.objects import ObjectStore, Recovery
 
@@ -106,18 +107,6 @@ class StoreResult:
     status: StoreStatus
     sop_uid: str
     study_uid: str
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    """Where an instance lives; enough to read it back without another query."""
-
-    sop_uid: str
-    study_uid: str
-    series_uid: str
-    object_id: str
-    key_id: uuid.UUID
-    size: int
 
 
 @dataclass
