@@ -16,14 +16,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit.trail import Record
 from pacsvault.index.models import Instance, Patient, Series, Study
-from pacsvault.vault import Vault
+
+
+class _RecordSource(Protocol):
+    def records(self) -> Iterator[Record]: ...
+
+
+class AuditSource(Protocol):
+    """The two things of a vault this module reads: the index and the trail.
+
+    Why a protocol: audit sits below ``pacsvault.vault`` (which composes it), so it takes
+    only what it needs; a ``pacsvault.vault.Vault`` passes as it is.
+    """
+
+    @property
+    def sessions(self) -> sessionmaker[Session]: ...
+
+    @property
+    def audit(self) -> _RecordSource: ...
 
 
 @dataclass(frozen=True)
@@ -44,14 +63,14 @@ class AuditFilter:
         return bool(self.patient or self.study)
 
 
-def study_uids_of(vault: Vault, patient_id: str) -> set[str]:
+def study_uids_of(vault: AuditSource, patient_id: str) -> set[str]:
     with vault.sessions() as session:
         return set(session.scalars(
             select(Study.study_uid).join(Patient, Study.patient_pk == Patient.pk)
             .where(Patient.patient_id == patient_id)))
 
 
-def sop_uids_of(vault: Vault, patient_id: str) -> set[str]:
+def sop_uids_of(vault: AuditSource, patient_id: str) -> set[str]:
     with vault.sessions() as session:
         return set(session.scalars(
             select(Instance.sop_uid).join(Series, Instance.series_pk == Series.pk)
@@ -83,7 +102,7 @@ def own_refs(refs: dict[str, Any], patient: str, studies: set[str],
     return out
 
 
-def study_owners(vault: Vault, study_uid: str) -> set[str]:
+def study_owners(vault: AuditSource, study_uid: str) -> set[str]:
     """The Patient ID(s) the index files ``study_uid`` under (normally one)."""
     with vault.sessions() as session:
         return set(session.scalars(
@@ -128,7 +147,7 @@ def refs_for_study(refs: dict[str, Any], study: str,
     return out
 
 
-def select_records(vault: Vault, flt: AuditFilter) -> list[Record]:
+def select_records(vault: AuditSource, flt: AuditFilter) -> list[Record]:
     """The records of the trail that pass every filter, oldest first."""
     studies = study_uids_of(vault, flt.patient) if flt.patient else set()
     sops: set[str] | None = None
