@@ -317,6 +317,7 @@ def test_vault_made_before_node_binding_opens_and_catches_up(tmp_path: Path) -> 
     try:
         with v.engine.begin() as conn:
             conn.execute(text("DROP TABLE node_certificates"))
+            conn.execute(text("DROP TABLE alembic_version"))  # from before versions
         ca = x509.load_pem_x509_certificate((tls_dir / "ca.crt").read_bytes())
         ca_key = serialization.load_pem_private_key((tls_dir / "ca.key.enc").read_bytes(),
                                                     v.tls_password())

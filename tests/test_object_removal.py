@@ -264,6 +264,7 @@ def test_index_of_an_older_vault_gains_the_new_column_at_open(vault: VaultDir) -
             conn.exec_driver_sql("DROP INDEX ix_instances_quarantined")
             conn.exec_driver_sql("ALTER TABLE instances DROP COLUMN quarantined")
             conn.exec_driver_sql("DROP TABLE object_actions")
+            conn.exec_driver_sql("DROP TABLE alembic_version")  # from before versions
     finally:
         v.close()
     v = vault.open()

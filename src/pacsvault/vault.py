@@ -16,6 +16,7 @@ The master key file lives elsewhere (user config dir by default).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 from pydantic import ValidationError
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
@@ -43,8 +44,9 @@ from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
 from pacsvault.fsutil import fsync_dir
+from pacsvault.index import schema
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
-from pacsvault.index.nodes import NodeRegistry, ensure_tables
+from pacsvault.index.nodes import NodeRegistry
 from pacsvault.service import lock as instance_lock
 from pacsvault.storage.objects import ObjectStore
 
@@ -126,7 +128,81 @@ def _read_meta(layout: Layout) -> dict[str, object]:
                          "it from a backup")
     if meta.get("format") != VAULT_FORMAT:
         raise VaultError(f"{layout.meta}: unsupported vault format {meta.get('format')!r}")
+    version = meta.get("layout", 1)
+    if not isinstance(version, int) or version > schema.LAYOUT:
+        raise VaultError(f"this vault was upgraded by a newer pacsvault (vault layout "
+                         f"{version!r}, this {_version()} knows up to {schema.LAYOUT}); "
+                         "install it")
     return meta
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pacsvault {version('pacsvault')}"
+    except PackageNotFoundError:
+        return "pacsvault"
+
+
+def _layout_tables() -> list[Table]:
+    """Every table of the index layout, their model modules imported (erasure requests
+    bring the storage stack: only when a vault is made or upgraded)."""
+    import pacsvault.storage.erasure  # noqa: F401  (registers erasure_requests)
+    from pacsvault.index.models import Base
+
+    return list(Base.metadata.sorted_tables)
+
+
+UpgradeConfirm = Callable[[schema.Plan], bool]
+
+
+def confirm_upgrade(plan: schema.Plan) -> bool:
+    """Say what is about to change, in one line; at a terminal ask first (unless
+    ``PACSVAULT_UPGRADE=yes``); without one (systemd, scripts) go ahead: the upgrade is
+    recorded in the trail (``index.upgraded``)."""
+    import sys
+
+    print(f"pacsvault: {plan.describe()}", file=sys.stderr)
+    if os.environ.get("PACSVAULT_UPGRADE", "").lower() == "yes" or not sys.stdin.isatty():
+        return True
+    try:
+        answer = input("upgrade now? [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _upgrade_index(layout: Layout, engine: Engine,
+                   confirm: UpgradeConfirm | None) -> schema.Plan | None:
+    """Bring the index (and ``vault.json``'s ``layout``) to this code's version, after
+    ``confirm`` agreed; None when nothing had to change."""
+    try:
+        todo = schema.plan(engine)
+    except schema.SchemaTooNew as exc:
+        engine.dispose()
+        raise VaultError(str(exc)) from None
+    if todo is not None:
+        if not (confirm or confirm_upgrade)(todo):
+            engine.dispose()
+            raise VaultError("the index upgrade was declined; nothing was changed")
+        schema.upgrade(engine, _layout_tables())
+    if _read_meta(layout).get("layout") != schema.LAYOUT:
+        with contextlib.suppress(OSError):  # a read-only disk still opens
+            update_meta(layout, lambda meta: meta.__setitem__("layout", schema.LAYOUT))
+    return todo
+
+
+def _record_upgrade(vault: Vault, done: schema.Plan) -> None:
+    from pacsvault.audit.events import AuditEvent, EventCode
+    from pacsvault.audit.events import Outcome as EventOutcome
+
+    vault.recorder.emit(AuditEvent(
+        action="index.upgraded", outcome=EventOutcome.SUCCESS,
+        code=EventCode.APPLICATION_ACTIVITY,
+        message=done.describe().split(";")[0],
+        detail={"from": done.current or "none", "to": done.head, "layout": schema.LAYOUT},
+    ))
 
 
 _META_LOCK = threading.Lock()
@@ -203,6 +279,9 @@ def _populate(
     tls.create_authority(layout.tls, _tls_password(master, vault_id), ae_title)
     ObjectStore(layout.objects).create()
     engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id), create=True)
+    for table in _layout_tables():
+        table.create(engine, checkfirst=True)
+    schema.stamp_head(engine)  # a new index is at the newest revision
     engine.dispose()
     layout.audit.mkdir(mode=0o700)
     (layout.audit / "trail.jsonl").touch(mode=0o600)
@@ -215,6 +294,7 @@ def _populate(
         layout.meta,
         {
             "format": VAULT_FORMAT,
+            "layout": schema.LAYOUT,
             "vault_id": vault_id,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "key_check": keys.make_key_check(master, vault_id),
@@ -315,10 +395,12 @@ class Vault:
 
     @classmethod
     def open(cls, data_dir: Path, key_file: Path | None = None,
-             passphrase: PassphraseProvider | None = None) -> Vault:
+             passphrase: PassphraseProvider | None = None,
+             confirm: UpgradeConfirm | None = None) -> Vault:
         """Open with the key file, whatever its protection (``crypto.protection``):
         ``passphrase`` is asked only for a passphrase-protected file; without one that file
-        raises ``keys.KeyUnavailable``."""
+        raises ``keys.KeyUnavailable``. An older index is upgraded first (``index.schema``;
+        ``confirm``, by default ``confirm_upgrade``, is asked before anything changes)."""
         layout = Layout(data_dir)
         meta = _read_meta(layout)
         settings = config.load(data_dir)
@@ -336,9 +418,11 @@ class Vault:
                 "vault or is damaged); nothing was changed"
             )
         engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
-        ensure_tables(engine)
+        upgraded = _upgrade_index(layout, engine, confirm)
         vault = cls(layout, settings, vault_id, master, engine)
         vault.key_path = key_path
+        if upgraded is not None:
+            _record_upgrade(vault, upgraded)
         vault._tls_upkeep()
         vault._sealed_upkeep()
         return vault
@@ -487,7 +571,9 @@ class Vault:
             update={"audit": settings.audit.model_copy(update={"syslog": syslog})})
         engine = open_index(layout.index, self._master.derive(keys.PURPOSE_INDEX,
                                                               self.vault_id))
-        ensure_tables(engine)
+        # A restored copy may be older than this code (a drill, a restore): upgraded
+        # without asking or recording (it is a copy).
+        _upgrade_index(layout, engine, lambda _plan: True)
         return Vault(layout, settings, self.vault_id, self._master, engine)
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """Per-user preferences of the web pages (``models.UserPreference``): the language.
 
-Vaults are opened without ``create_all`` (only ``init`` creates tables), and existing vaults
-have no migrations: ``ensure_table`` creates the ``user_preferences`` table on first use,
-once per engine, so a vault made before it existed gains it when a page first needs it.
+The ``user_preferences`` table is part of the index's schema baseline (``index.schema``:
+made by ``init``, or when a vault from before schema versions is opened), so no page
+creates it any more; ``ensure_table`` stays for callers holding a bare engine.
 """
 
 from __future__ import annotations

@@ -60,8 +60,7 @@ def open_index(path: Path, key: bytes, *, create: bool = False) -> Engine:
             conn.execute(text("SELECT count(*) FROM sqlite_master"))
         if create:
             Base.metadata.create_all(engine)
-        else:
-            upgrade(engine)
+        # an existing index is brought up to date by ``index.schema`` (``Vault.open``)
     except DatabaseError:
         engine.dispose()
         raise IndexOpenError(
@@ -71,10 +70,11 @@ def open_index(path: Path, key: bytes, *, create: bool = False) -> Engine:
 
 
 def upgrade(engine: Engine) -> None:
-    """Give a vault made by an older version what the index gained since (vaults have no
-    migration step): the ``instances.quarantined`` column (``ALTER TABLE ADD COLUMN``, with
-    its partial index) and the ``object_actions`` table. Idempotent, and harmless when
-    another process (the server, a command) does it at the same moment."""
+    """Give a vault made by an older version what the index gained since (one of the
+    pre-versioned upgrades ``index.schema.legacy_baseline`` runs): the
+    ``instances.quarantined`` column (``ALTER TABLE ADD COLUMN``, with its partial index)
+    and the ``object_actions`` table. Idempotent, and harmless when another process (the
+    server, a command) does it at the same moment."""
     with engine.begin() as conn:
         columns = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(instances)")}
         if columns and "quarantined" not in columns:

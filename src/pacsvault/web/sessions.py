@@ -44,7 +44,6 @@ from starlette.requests import cookie_parser
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pacsvault.accounts import preferences
 from pacsvault.accounts.models import User, UserPreference
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
@@ -236,7 +235,6 @@ class AccountState:
 def account_state(vault: Vault, user: str) -> AccountState | None:
     """The parts of a user's row that decide whether a session may go on, and the user's
     language (one query per request)."""
-    preferences.ensure_table(vault.engine)
     with vault.sessions() as s:
         row = s.execute(select(User.disabled, User.roles, User.password_changed,
                                UserPreference.language)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the index (``index.schema`` runs them; no alembic.ini)."""
