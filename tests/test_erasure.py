@@ -30,6 +30,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from pacsvault.crypto.keyring import KeyDestroyed, Keyring
+from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.models import DataKey, Instance, ObjectAction, Patient, Study
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.erasure import (
@@ -138,7 +139,7 @@ def test_erase_destroys_every_key_row_and_file_and_leaves_a_blind_tombstone(
     # a second data key for the same patient (what sealed mode makes): erased too
     with v.sessions() as s:
         row = s.scalars(select(Instance).where(Instance.sop_uid == a3.sop)).one()
-        second = Keyring(bytes(32)).create(s)
+        second = Keyring(bytes(32), DataKeyRows()).create(s)
         row.key_id = str(second)
         s.commit()
         patient_key = s.scalars(select(Patient.key_id)
@@ -169,7 +170,7 @@ def test_erase_destroys_every_key_row_and_file_and_leaves_a_blind_tombstone(
         assert keys[patient_key].destroyed is not None
         # the copy taken before names a key that is gone: nothing can open it
         with pytest.raises(KeyDestroyed):
-            Keyring(bytes(32)).get(s, uuid.UUID(bytes=copy.read_bytes()[16:32]))
+            Keyring(bytes(32), DataKeyRows()).get(s, uuid.UUID(bytes=copy.read_bytes()[16:32]))
         action = s.get(ObjectAction, done.record)
         assert action is not None and action.action == "erase"
         assert action.uid == target.subject and "PVER01" not in action.uid

@@ -55,7 +55,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("pacsvault.sealed.serve", "pacsvault.cli.serve"):
         "circle inside the cli layer: sealed serve reuses the normal serve's steps (lazy)",
     # to fix in this issue (one commit each)
-    ("pacsvault.crypto.keyring", "pacsvault.index.models"): "to fix: a key store protocol",
     ("pacsvault.index.query", "pacsvault.dicom.vr_check"): "to fix: dicomfile package",
     ("pacsvault.sealed.merge", "pacsvault.dicom.parse"): "to fix: dicomfile package",
     ("pacsvault.sealed.runtime", "pacsvault.dicom.parse"): "to fix: dicomfile package",

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from pacsvault.audit import EventCode
 from pacsvault.crypto.keyring import KeyDestroyed, Keyring
+from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.models import DataKey, ObjectAction, Patient, Series, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.storage.archive import StoreStatus
@@ -166,7 +167,7 @@ def test_delete_each_level_and_crypto_shred_the_last_of_a_patient(vault: VaultDi
     # a copy of the ciphertext (a backup) names a key that no longer opens: gone for good
     assert copy[16:32] == uuid.UUID(key_id).bytes
     with v.sessions() as s, pytest.raises(KeyDestroyed):
-        Keyring(bytes(32)).get(s, uuid.UUID(key_id))
+        Keyring(bytes(32), DataKeyRows()).get(s, uuid.UUID(key_id))
     with pytest.raises(NotFound):
         remover.plan("study", s2)
     assert found(v, "STUDY", StudyInstanceUID=s2) == []

@@ -46,6 +46,7 @@ from pacsvault.crypto.protection import PassphraseProvider
 from pacsvault.fsutil import fsync_dir
 from pacsvault.index import schema
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
+from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.nodes import NodeRegistry
 from pacsvault.service import lock as instance_lock
 from pacsvault.storage.objects import ObjectStore
@@ -494,7 +495,8 @@ class Vault:
         # Every parse of a received or stored object inflates within this (issue 11).
         inflate.set_limit(self.settings.storage.max_inflated_mb * inflate.MIB)
         archive = Archive(self.sessions, self.objects,
-                          Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id)))
+                          Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id),
+                                  DataKeyRows()))
         # Every committed store batch is recorded with its rows (an acknowledged image
         # always has its record, even after a crash).
         archive.journal = StoreJournal(self.audit, self.recorder)

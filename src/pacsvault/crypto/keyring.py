@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
 from pacsvault.crypto import datakeys
-from pacsvault.index.models import DataKey
 
 
 class KeyDestroyed(Exception):
     """The data key was crypto-shredded: the objects under it are gone for good."""
 
 
+class WrappedKeys(Protocol):
+    """Where wrapped data keys are kept (the index's ``data_keys`` rows:
+    ``index.keyrows.DataKeyRows``). Why a protocol: crypto sits below the index and must
+    not import its ORM; the keyring only needs these three operations."""
+
+    def has(self, session: Session, key_id: uuid.UUID) -> bool: ...
+
+    def wrapped(self, session: Session, key_id: uuid.UUID) -> bytes | None: ...
+
+    def add(self, session: Session, key_id: uuid.UUID, wrapped: bytes) -> None: ...
+
+
 class Keyring:
-    def __init__(self, kek: bytes) -> None:
+    def __init__(self, kek: bytes, store: WrappedKeys) -> None:
         self._kek = kek
+        self._store = store
         self._also: bytes | None = None  # a key rotation's next KEK (``also_accept``)
         self._cache: dict[uuid.UUID, bytes] = {}
         self._lock = threading.Lock()
@@ -25,7 +38,7 @@ class Keyring:
     def create(self, session: Session) -> uuid.UUID:
         """Add a new wrapped data key to the session's transaction."""
         key_id, key = datakeys.new_data_key()
-        session.add(DataKey(key_id=str(key_id), wrapped=datakeys.wrap(self._kek, key_id, key)))
+        self._store.add(session, key_id, datakeys.wrap(self._kek, key_id, key))
         with self._lock:
             self._cache[key_id] = key
         return key_id
@@ -33,8 +46,8 @@ class Keyring:
     def adopt(self, session: Session, key_id: uuid.UUID, key: bytes) -> None:
         """Add a data key made elsewhere (sealed mode: it arrived HPKE-wrapped) under this
         vault's KEK, as an ordinary algorithm-1 key; nothing if it is there already."""
-        if session.get(DataKey, str(key_id)) is None:
-            session.add(DataKey(key_id=str(key_id), wrapped=datakeys.wrap(self._kek, key_id, key)))
+        if not self._store.has(session, key_id):
+            self._store.add(session, key_id, datakeys.wrap(self._kek, key_id, key))
         with self._lock:
             self._cache[key_id] = key
 
@@ -43,15 +56,15 @@ class Keyring:
             cached = self._cache.get(key_id)
         if cached is not None:
             return cached
-        row = session.get(DataKey, str(key_id))
-        if row is None or row.wrapped is None:
+        wrapped = self._store.wrapped(session, key_id)
+        if wrapped is None:
             raise KeyDestroyed(f"data key {key_id} was destroyed")
         try:
-            key = datakeys.unwrap(self._kek, key_id, row.wrapped)
+            key = datakeys.unwrap(self._kek, key_id, wrapped)
         except datakeys.DataKeyError:
             if self._also is None:
                 raise
-            key = datakeys.unwrap(self._also, key_id, row.wrapped)
+            key = datakeys.unwrap(self._also, key_id, wrapped)
         with self._lock:
             self._cache[key_id] = key
         return key
