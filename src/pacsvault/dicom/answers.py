@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
+from pacsvault.dicom import patches
 from pacsvault.index.query import json_to_dataset
 
 log = logging.getLogger("pacsvault.dicom")
@@ -144,27 +144,20 @@ def _pydicom_element(answer: dict[str, Any], tag_hex: str, implicit: bool) -> by
     return fp.getvalue()
 
 
-Encoder = Callable[..., "bytes | None"]
-
-
 def install() -> None:
-    """Let pynetdicom's service classes encode ``Answer``s here (idempotent)."""
-    from pynetdicom import service_class
+    """Let pynetdicom's service classes encode ``Answer``s here (idempotent; the wrapping
+    itself is ``patches.wrap_service_encode``)."""
+    patches.wrap_service_encode(_encode_hook)
 
-    original: Encoder = getattr(service_class, "encode")  # noqa: B009 - not re-exported
-    if getattr(original, "pv_answers", False):
-        return
 
-    def encode(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
-               deflated: bool = False) -> bytes | None:
-        if isinstance(ds, Answer):
-            if is_little_endian and not deflated:
-                try:
-                    return encode_answer(ds.__dict__["pv_json"], is_implicit_vr)
-                except Exception as exc:  # anything unforeseen: pydicom's own path
-                    log.warning("answer encoded by pydicom (%s)", type(exc).__name__)
-            ds = ds.materialise()
-        return original(ds, is_implicit_vr, is_little_endian, deflated)
-
-    encode.pv_answers = True  # type: ignore[attr-defined]
-    setattr(service_class, "encode", encode)  # noqa: B010 - not re-exported
+def _encode_hook(ds: Dataset, is_implicit_vr: bool, is_little_endian: bool,
+                 deflated: bool) -> bytes | Dataset:
+    """An ``Answer``'s bytes, or the dataset for pynetdicom's own ``encode``."""
+    if isinstance(ds, Answer):
+        if is_little_endian and not deflated:
+            try:
+                return encode_answer(ds.__dict__["pv_json"], is_implicit_vr)
+            except Exception as exc:  # anything unforeseen: pydicom's own path
+                log.warning("answer encoded by pydicom (%s)", type(exc).__name__)
+        return ds.materialise()
+    return ds

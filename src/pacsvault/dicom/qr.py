@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import inflate, transcode
+from pacsvault.dicom import inflate, patches, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
@@ -446,27 +446,25 @@ class _Unreached:
 
 def _install_link(ae: Any) -> None:
     """Let a C-MOVE handler learn its sub-association (to pick syntaxes) and whether it
-    could be opened: ``pv_link`` in the yielded kwargs (idempotent per AE)."""
-    original = ae.associate
-    if getattr(original, "pv_link", False):
-        return
+    could be opened: ``pv_link`` in the yielded kwargs (idempotent per AE; the wrapping
+    itself is ``patches.wrap_associate``)."""
+    patches.wrap_associate(ae, _associate_with_link)
 
-    def associate(addr: str, port: int, *args: Any, **kwargs: Any) -> Any:
-        link: _Link | None = kwargs.pop("pv_link", None)
-        assoc = original(addr, port, *args, **kwargs)
-        if link is None:
-            return assoc
-        if assoc.is_established:
-            link.assoc = assoc
-            return assoc
-        sock = getattr(assoc.dul, "socket", None)
-        if sock is not None:
-            sock.close()
-        link.unreachable = True
-        return _Unreached()
 
-    associate.pv_link = True  # type: ignore[attr-defined]
-    setattr(ae, "associate", associate)  # noqa: B010
+def _associate_with_link(original: Any, addr: str, port: int, *args: Any,
+                         **kwargs: Any) -> Any:
+    link: _Link | None = kwargs.pop("pv_link", None)
+    assoc = original(addr, port, *args, **kwargs)
+    if link is None:
+        return assoc
+    if assoc.is_established:
+        link.assoc = assoc
+        return assoc
+    sock = getattr(assoc.dul, "socket", None)
+    if sock is not None:
+        sock.close()
+    link.unreachable = True
+    return _Unreached()
 
 
 def _stub(item: StoredInstance) -> Dataset:

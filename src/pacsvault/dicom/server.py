@@ -27,7 +27,6 @@ from pynetdicom import (
     DEFAULT_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
     evt,
 )
 from pynetdicom.acse import ACSE
@@ -41,6 +40,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
+from pacsvault.dicom import patches
 from pacsvault.dicom.limits import (
     ConnectionBudget,
     ConnectionGuard,
@@ -87,9 +87,8 @@ TLS_HANDSHAKE_TIMEOUT = 15.0
 
 # Received datasets stay in memory: pynetdicom's chunked mode would spool them, in clear,
 # to a temporary file. Query identifiers (names, IDs) must not reach its log either.
-_config.STORE_RECV_CHUNKED_DATASET = False
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
+# (``patches.PYNETDICOM_CONFIG``; refuses library versions the patches were not written for.)
+patches.configure_pynetdicom()
 
 
 @dataclass
@@ -231,7 +230,7 @@ class DicomService:
         thread.start()
         # Registered like AE.start_server does, so AE.shutdown stops it and aborts its
         # associations.
-        self.ae._servers.append(server)
+        patches.register_server(self.ae, server)
         return int(server.server_address[1])
 
     def stop(self) -> None:

@@ -1,0 +1,233 @@
+"""Every change pacsvault makes to pynetdicom and pydicom, and every upstream function our
+code copies or leans on, in one place.
+
+Why one module: these depend on library internals (module globals, private attributes,
+method bodies copied to be changed) that a minor release may change without a word. They
+were written for the pinned versions (pyproject.toml: pynetdicom 3.0.x, pydicom 3.0.x):
+``check_versions`` refuses any other, and ``tests/test_library_patches.py`` compares the
+source of every upstream function in ``UPSTREAM`` with the SHA-256 recorded here, so an
+upgrade fails loudly, naming what to re-read (then update the hash).
+
+Applied here, at the moment each was applied before this module existed:
+
+- ``configure_pynetdicom``: pynetdicom's configuration globals (at import of
+  ``dicom/server``, as the module-level assignments did);
+- ``wrap_service_encode``: the ``encode`` pynetdicom's service classes call, so C-FIND
+  answers are encoded from DICOM JSON (``answers.install``, when Q/R is created);
+- ``wrap_associate``: one AE's ``associate``, so a C-MOVE handler learns its
+  sub-association (``qr``, when Q/R is created);
+- ``register_server``: a listener made with ``AE.make_server`` joins ``AE._servers`` as
+  ``AE.start_server`` would, so ``AE.shutdown`` stops it (``server._listen``).
+
+Left where they are, registered in ``UPSTREAM`` (and verified by the test):
+
+- ``dicom/reactor``: copies of pynetdicom's two polling loops and its PDU reader, in
+  subclasses swapped in per association by ``accelerate`` (300 lines of loop code that
+  belong with the resource budget they enforce; nothing global is changed);
+- ``dicom/server``: ``_ContextList``/``_copy_context`` (pynetdicom deep-copies the
+  server's contexts for each association; ours copy ``PresentationContext._transfer_syntax``
+  only), ``_PolicyACSE``, ``_PolicyRequestHandler`` and ``_file_meta`` (pynetdicom's
+  ``encode_file_meta``, byte for byte);
+- ``dicom/parse``: pydicom's ``reading_validation_mode`` set to IGNORE at its import
+  (a public setting; parse belongs to the bottom DICOM-file layer, which must not import
+  this network-side module). ``pydicom_settings_applied`` lets the test verify it;
+- ``dicom/inflate``: pydicom's private ``_read_file_meta_info`` and the deflate path of
+  ``read_partial``; ``dicom/answers``: ``write_data_element``'s encoding, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pydicom
+import pynetdicom
+from pydicom import config as pydicom_config
+from pynetdicom import _config
+
+# Versions the patches were written and checked for (a prefix of ``__version__``).
+WRITTEN_FOR = {"pynetdicom": "3.0.", "pydicom": "3.0."}
+
+# Upstream code each patch copies, wraps or relies on: dotted name -> SHA-256 of its
+# ``inspect.getsource`` at pynetdicom 3.0.4 / pydicom 3.0.2. A property is hashed by its
+# getter. When the test reports a difference: read the upstream change, port it to the
+# pacsvault code named in the comment, then record the new hash.
+UPSTREAM: dict[str, str] = {
+    # reactor.FastAssociation._run_reactor: a copy; .run wraps it
+    "pynetdicom.association.Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "pynetdicom.association.Association.run":
+        "a161d0cc851c01c404d61fa420cb0e0b2ef6fab260623b65ead501c110eed311",
+    # reactor.accelerate rebinds the thread target made here
+    "pynetdicom.dul.DULServiceProvider.__init__":
+        "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    # reactor.WakeableDUL: copies of run_reactor and _read_pdu_data, send_pdu wrapped
+    "pynetdicom.dul.DULServiceProvider.run_reactor":
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "pynetdicom.dul.DULServiceProvider._read_pdu_data":
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    "pynetdicom.dul.DULServiceProvider.send_pdu":
+        "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
+    # reactor.BulkSocket.recv replaces it
+    "pynetdicom.transport.AssociationSocket.recv":
+        "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
+    # server._PolicyRequestHandler; its deepcopy of the contexts -> server._ContextList
+    "pynetdicom.transport.RequestHandler._create_association":
+        "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    "pynetdicom.transport.RequestHandler.handle":
+        "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
+    # server._PolicyACSE
+    "pynetdicom.acse.ACSE._negotiate_as_acceptor":
+        "fffd360957c42a8ed89284cf1b1b734527c9be60253950777a0330c0f2be692e",
+    # server._copy_context: the private list behind this property
+    "pynetdicom.presentation.PresentationContext.transfer_syntax":
+        "469b45a2f34fd9f5fc253354d325714e77e67f878f0c0b8c913fba7ee21035a0",
+    # register_server: AE._servers as start_server fills it and shutdown empties it
+    "pynetdicom.ae.ApplicationEntity.start_server":
+        "d3868a2df83d3cc08966b575dd8663ee18f101b03ec8d2766639c621b2d58841",
+    "pynetdicom.ae.ApplicationEntity.make_server":
+        "6569298ac5cf837c040e6e5bcf3761f69f3792b21b15085f34ebbafcc29b9904",
+    "pynetdicom.ae.ApplicationEntity.shutdown":
+        "3084723b79cf471ee5866c61327fc3a7af8f3976791a3c946baec4b15f5c6d49",
+    # wrap_service_encode: the wrapped function, and the C-FIND SCP that calls it
+    "pynetdicom.dsutils.encode":
+        "0d29ffd5d358c45a6b20436a9a45ec4ea003631dd4323e827c87365624c71cf0",
+    "pynetdicom.service_class.ServiceClass._c_find_scp":
+        "da242b908ef4848ceaec8937680dfe9d23705301f6bad99de6dd64786cd9a7ca",
+    # wrap_associate: the C-MOVE SCP passes the handler's kwargs to AE.associate
+    "pynetdicom.service_class.QueryRetrieveServiceClass._move_scp":
+        "5c14d1be3d737befcc148893bcd529a03695e82f8f943f19b640ff4f32382742",
+    # server._file_meta writes what this writes
+    "pynetdicom.dsutils.encode_file_meta":
+        "9c08a44b26b58301a092a9641c35b8c6f471eab40bedca1dea31cf19e9169e7c",
+    # inflate: the private meta reader it calls, and the deflate path it replaces
+    "pydicom.filereader._read_file_meta_info":
+        "3bab7b6e04e1c02e2b080bad3addd9e60ee8d4c4bc8e6644a93508549466d98b",
+    "pydicom.filereader.read_partial":
+        "82154731a8e25edc94b538ed9ed8c0a852d08acb2dbd5c4f4b937790858d41be",
+    # answers.encode_answer: byte for byte what this writes
+    "pydicom.filewriter.write_data_element":
+        "f65286b7574621a1cdb692473d7e61eeac902839cf40c184d6d6ca77c8b218b7",
+}
+
+# pynetdicom configuration globals set by ``configure_pynetdicom``.
+PYNETDICOM_CONFIG: dict[str, object] = {
+    # Received datasets stay in memory: pynetdicom's chunked mode would spool them, in
+    # clear, to a temporary file.
+    "STORE_RECV_CHUNKED_DATASET": False,
+    # Query identifiers (names, IDs) must not reach its log either.
+    "LOG_REQUEST_IDENTIFIERS": False,
+    "LOG_RESPONSE_IDENTIFIERS": False,
+}
+
+
+class UnsupportedLibraryVersion(RuntimeError):
+    """pynetdicom or pydicom is not a version the patches were written for."""
+
+
+def check_versions() -> None:
+    """Refuse to patch a library version the patches were not written for."""
+    found = {"pynetdicom": str(pynetdicom.__version__), "pydicom": str(pydicom.__version__)}
+    wrong = [f"{name} {found[name]} (written for {prefix}x)"
+             for name, prefix in WRITTEN_FOR.items() if not found[name].startswith(prefix)]
+    if wrong:
+        raise UnsupportedLibraryVersion(
+            "pacsvault's library patches (pacsvault/dicom/patches.py) do not support "
+            + ", ".join(wrong) + ": install the versions pinned in pyproject.toml")
+
+
+def configure_pynetdicom() -> None:
+    """pynetdicom's configuration globals (idempotent)."""
+    check_versions()
+    for name, value in PYNETDICOM_CONFIG.items():
+        if not hasattr(_config, name):
+            raise UnsupportedLibraryVersion(f"pynetdicom._config.{name} no longer exists")
+        setattr(_config, name, value)
+
+
+def pydicom_settings_applied() -> bool:
+    """Whether ``dicom/parse`` set pydicom's reading validation as it must (see above)."""
+    return bool(pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE)
+
+
+# (dataset, is_implicit_vr, is_little_endian, deflated) -> encoded bytes, or the dataset
+# for pynetdicom's own ``encode``.
+EncodeHook = Callable[[Any, bool, bool, bool], "bytes | Any"]
+Encoder = Callable[..., "bytes | None"]
+
+
+def wrap_service_encode(hook: EncodeHook) -> None:
+    """Route the ``encode`` pynetdicom's service classes call through ``hook`` first
+    (idempotent: installed once per process)."""
+    check_versions()
+    from pynetdicom import service_class
+
+    original: Encoder = getattr(service_class, "encode")  # noqa: B009 - not re-exported
+    if getattr(original, "pv_answers", False):
+        return
+
+    def encode(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
+               deflated: bool = False) -> bytes | None:
+        out = hook(ds, is_implicit_vr, is_little_endian, deflated)
+        if isinstance(out, bytes):
+            return out
+        return original(out, is_implicit_vr, is_little_endian, deflated)
+
+    encode.pv_answers = True  # type: ignore[attr-defined]
+    setattr(service_class, "encode", encode)  # noqa: B010 - not re-exported
+
+
+# (pynetdicom's AE.associate, addr, port, *args, **kwargs) -> the association to use
+AroundAssociate = Callable[..., Any]
+
+
+def wrap_associate(ae: Any, around: AroundAssociate) -> None:
+    """One AE's ``associate`` goes through ``around(original, ...)`` (idempotent per AE)."""
+    check_versions()
+    original = ae.associate
+    if getattr(original, "pv_link", False):
+        return
+
+    def associate(addr: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        return around(original, addr, port, *args, **kwargs)
+
+    associate.pv_link = True  # type: ignore[attr-defined]
+    setattr(ae, "associate", associate)  # noqa: B010
+
+
+def register_server(ae: Any, server: Any) -> None:
+    """Registered like ``AE.start_server`` does, so ``AE.shutdown`` stops the server and
+    aborts its associations."""
+    ae._servers.append(server)
+
+
+def upstream_object(name: str) -> Any:
+    """The function (or property getter) a dotted ``UPSTREAM`` name designates."""
+    import importlib
+    import inspect
+
+    parts = name.split(".")
+    obj: Any = None
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        break
+    else:
+        raise LookupError(name)
+    for part in parts[cut:]:
+        obj = inspect.getattr_static(obj, part) if inspect.isclass(obj) else getattr(obj, part)
+    if isinstance(obj, property):
+        obj = obj.fget
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    return obj
+
+
+def source_hash(name: str) -> str:
+    """SHA-256 of the source of an ``UPSTREAM`` entry as installed now."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(upstream_object(name)).encode()).hexdigest()
