@@ -14,7 +14,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -35,11 +35,10 @@ from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
 from pacsvault.dicom import inflate, patches, transcode
 from pacsvault.dicom.answers import Answer, install
+from pacsvault.dicom.assoc import AssocState as _AssocState
+from pacsvault.dicom.assoc import ServiceView
 from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
 from pacsvault.storage.archive import StoredInstance
-
-if TYPE_CHECKING:
-    from pacsvault.dicom.server import DicomService, _AssocState
 
 log = logging.getLogger("pacsvault.dicom.qr")
 
@@ -94,7 +93,7 @@ def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
 
 
 class QueryRetrieve:
-    def __init__(self, service: DicomService) -> None:
+    def __init__(self, service: ServiceView) -> None:
         install()
         _install_link(service.ae)
         self._service = service
@@ -133,7 +132,7 @@ class QueryRetrieve:
         queries: one chunk, one record); when it cannot be written the query is refused
         with A700 and nothing leaves.
         """
-        state = self._service._state(event.assoc)
+        state = self._service.state(event.assoc)
         if state.node is None or not state.node.may("query"):
             self._refuse(state, "find")
             yield STATUS_NOT_AUTHORIZED, None
@@ -206,7 +205,7 @@ class QueryRetrieve:
     # --- C-MOVE -----------------------------------------------------------------------
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
-        state = self._service._state(event.assoc)
+        state = self._service.state(event.assoc)
         if state.node is None or not state.node.may("retrieve"):
             self._refuse(state, "move")
             return  # no destination yielded: pynetdicom answers with a failure status
@@ -257,7 +256,7 @@ class QueryRetrieve:
     # --- C-GET ------------------------------------------------------------------------
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
-        state = self._service._state(event.assoc)
+        state = self._service.state(event.assoc)
         if state.node is None or not state.node.may("retrieve"):
             self._refuse(state, "get")
             return  # no sub-operation count yielded: pynetdicom answers with a failure

@@ -17,8 +17,6 @@ import struct
 import threading
 import traceback
 import weakref
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
@@ -41,6 +39,7 @@ from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom import patches
+from pacsvault.dicom.assoc import AssocState
 from pacsvault.dicom.limits import (
     ConnectionBudget,
     ConnectionGuard,
@@ -60,7 +59,6 @@ from pacsvault.dicom.qr import (
     store_outcome,
 )
 from pacsvault.dicom.reactor import FastAssociation, accelerate
-from pacsvault.index.nodes import NodeInfo
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.objects import DiskFullError
 from pacsvault.vault import Vault
@@ -91,14 +89,7 @@ TLS_HANDSHAKE_TIMEOUT = 15.0
 patches.configure_pynetdicom()
 
 
-@dataclass
-class _AssocState:
-    peer: Peer
-    node: NodeInfo | None = None
-    outcomes: Counter[str] = field(default_factory=Counter)
-    studies: set[str] = field(default_factory=set)
-    # C-STORE-RSP statuses of C-GET sub-operations (stores we sent on this association)
-    substores: Counter[str] = field(default_factory=Counter)
+_AssocState = AssocState  # moved to ``dicom/assoc`` (shared with ``qr``)
 
 
 class DicomService:
@@ -284,12 +275,13 @@ class DicomService:
         with self._lock:
             self._states[assoc] = _AssocState(peer)
 
-    def _state(self, assoc: Association) -> _AssocState:
+    def state(self, assoc: Association) -> _AssocState:
+        """This association's bookkeeping (Q/R handlers read it through ``ServiceView``)."""
         with self._lock:
             return self._states[assoc]
 
     def decide(self, assoc: Association, calling_ae: str, called_ae: str) -> tuple[bool, int]:
-        state = self._state(assoc)
+        state = self.state(assoc)
         decision = self.policy.check_association(state.peer, calling_ae, called_ae)
         state.node = decision.node
         return decision.allowed, decision.reason
@@ -307,7 +299,7 @@ class DicomService:
           object as it has it (issue 13, defect 3).
         - Least privilege: drop the Q/R contexts the node's roles do not grant.
         """
-        state = self._state(assoc)
+        state = self.state(assoc)
         assert state.node is not None
         receiver_of = {
             str(uid) for uid, item in assoc.requestor.role_selection.items()
@@ -377,7 +369,7 @@ class DicomService:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
-        state = self._state(event.assoc)
+        state = self.state(event.assoc)
         node = state.node
         if node is None or not node.may("store"):
             state.outcomes["refused"] += 1
