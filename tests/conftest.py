@@ -20,8 +20,8 @@ QUICK_MODULES = frozenset({
     "test_dicom_fastpath", "test_file_permissions", "test_friendly_messages", "test_i18n",
     "test_import_layers", "test_install_script", "test_library_patches", "test_matching",
     "test_passkeys",
-    "test_qido_for_ohif", "test_query_answers", "test_sealed_journal", "test_sealed_merge",
-    "test_storage", "test_syslog_export", "test_transcode_unit",
+    "test_qido_for_ohif", "test_query_answers", "test_schema_upgrade", "test_sealed_journal",
+    "test_sealed_merge", "test_storage", "test_syslog_export", "test_transcode_unit",
     "test_viewer_dist", "test_viewer_serving",
 })
 
