@@ -55,13 +55,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("pacsvault.sealed.serve", "pacsvault.cli.serve"):
         "circle inside the cli layer: sealed serve reuses the normal serve's steps (lazy)",
     # to fix in this issue (one commit each)
-    ("pacsvault.index.query", "pacsvault.dicom.vr_check"): "to fix: dicomfile package",
-    ("pacsvault.sealed.merge", "pacsvault.dicom.parse"): "to fix: dicomfile package",
-    ("pacsvault.sealed.runtime", "pacsvault.dicom.parse"): "to fix: dicomfile package",
-    ("pacsvault.sealed.runtime", "pacsvault.dicom.inflate"): "to fix: dicomfile package",
-    ("pacsvault.storage.archive", "pacsvault.dicom.parse"): "to fix: dicomfile package",
-    ("pacsvault.storage.sameness", "pacsvault.dicom.parse"): "to fix: dicomfile package",
-    ("pacsvault.vault", "pacsvault.dicom.inflate"): "to fix: dicomfile package",
 }
 
 # Arrows another change removes; allowed while present, not reported as stale when gone.

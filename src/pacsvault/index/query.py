@@ -30,7 +30,7 @@ from sqlalchemy import ColumnElement, Select, exists, func, null, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
-from pacsvault.dicom import vr_check
+from pacsvault.dicomfile import vr_check
 from pacsvault.index import matching
 from pacsvault.index.matching import Condition, Kind
 from pacsvault.index.models import Instance, Patient, Series, Study

@@ -26,7 +26,7 @@ from pacsvault.crypto import datakeys
 from pacsvault.sealed import journal, material
 
 if TYPE_CHECKING:
-    from pacsvault.dicom.parse import ParsedInstance
+    from pacsvault.dicomfile.parse import ParsedInstance
     from pacsvault.vault import Vault
 
 log = logging.getLogger("pacsvault.sealed")
@@ -71,7 +71,7 @@ def parsed_record(parsed: ParsedInstance) -> dict[str, Any]:
 
 
 def parsed_from_record(value: Mapping[str, Any]) -> ParsedInstance:
-    from pacsvault.dicom.parse import ParsedInstance
+    from pacsvault.dicomfile.parse import ParsedInstance
 
     kwargs = {item.name: value[item.name] for item in fields(ParsedInstance)}
     kwargs["sha256"] = bytes.fromhex(str(kwargs["sha256"]))

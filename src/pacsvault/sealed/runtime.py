@@ -145,8 +145,8 @@ class SealedArchive:
     def store(self, raw: bytes, *, source_ae: str = "", expected_sop_uid: str | None = None,
               expected_sop_class: str | None = None, actor_address: str = "",
               actor_user: str = "") -> StoreResult:
-        from pacsvault.dicom import parse as dicom_parse
-        from pacsvault.dicom.parse import InvalidObject
+        from pacsvault.dicomfile import parse as dicom_parse
+        from pacsvault.dicomfile.parse import InvalidObject
         from pacsvault.storage.archive import StoreResult, StoreStatus
 
         def normal() -> StoreResult:
@@ -225,7 +225,7 @@ class SealedRuntime:
     """Everything sealed-mode ``serve`` holds; ``unseal`` switches it to normal."""
 
     def __init__(self, root: Path, settings: config.Settings, key_path: Path) -> None:
-        from pacsvault.dicom import inflate
+        from pacsvault.dicomfile import inflate
 
         self.root = root
         self.settings = settings

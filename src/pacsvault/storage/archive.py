@@ -60,8 +60,8 @@ from pacsvault.audit.events import AuditEvent, AuditUnavailable, EventCode, Outc
 from pacsvault.audit.stores import JournalBatch, StoredRef, StoreJournal
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
-from pacsvault.dicom import parse as dicom_parse
-from pacsvault.dicom.parse import InvalidObject, ParsedInstance
+from pacsvault.dicomfile import parse as dicom_parse
+from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.index.stored import StoredInstance as StoredInstance  # re-exported

@@ -48,7 +48,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from pacsvault.dicom import parse as dicom_parse
+from pacsvault.dicomfile import parse as dicom_parse
 
 MIB = 1024 * 1024
 MAX_BYTES = 64 * MIB  # per Part 10 stream; above: not compared (conservative conflict)

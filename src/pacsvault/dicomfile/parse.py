@@ -1,0 +1,296 @@
+"""Turn received bytes into a validated record of what the index needs.
+
+Parsing happens in memory on the bytes exactly as received; nothing is transcoded. pydicom's
+own warnings are silenced here because they quote element values (a birth date, a name)
+and would carry patient data into plain logs.
+
+Validation at the door (issue 11): a deflated dataset is inflated within
+``max_inflated_mb`` (``inflate``; beyond it ``ObjectTooLarge``, status A700), and a
+top-level element whose VR is of another class than the data dictionary's is refused
+(``MismatchedVR``, status C000; ``vr_check``), so no client is ever answered a value in a
+shape it cannot read.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.jsonrep import convert_to_python_number
+from pydicom.multival import MultiValue
+
+from pacsvault.dicomfile import inflate, vr_check
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_BULK_THRESHOLD = 1024
+BULK_MARKER = "pacsvault:bulk"
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_UID = 0x0020000D
+
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+class UnreadableObject(Exception):
+    """The bytes are not a DICOM dataset we can parse (status C000)."""
+
+
+class InvalidObject(Exception):
+    """A parsable dataset that lacks what an archive needs to file it (status A900)."""
+
+
+class MismatchedVR(UnreadableObject):
+    """An element encoded with a VR the data dictionary does not allow (status C000)."""
+
+
+class ObjectTooLarge(UnreadableObject):
+    """A deflated dataset expanding beyond ``max_inflated_mb``: refused before it is
+    inflated (status A700 "out of resources" where the caller knows this class, C000
+    otherwise)."""
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    """Everything the index stores about one received instance."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part: str
+    series_date: str
+    series_time: str
+    performed_start_date: str
+    performed_start_time: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    content_date: str
+    content_time: str
+    meta_json: str
+    sha256: bytes
+    size: int
+
+    def __repr__(self) -> str:  # keep patient attributes out of tracebacks and logs
+        return f"ParsedInstance(sop_class={self.sop_class_uid}, size={self.size})"
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _text(ds, keyword)
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise InvalidObject(f"missing or invalid {keyword}")
+    return value
+
+
+def _bulk(_elem: DataElement) -> str:
+    return BULK_MARKER
+
+
+def _truncated(elem: DataElement | RawDataElement | None) -> bool:
+    return (
+        isinstance(elem, RawDataElement)
+        and elem.length != _UNDEFINED_LENGTH
+        and elem.value is not None
+        and len(elem.value) != elem.length
+    )
+
+
+def _check_lengths(ds: Dataset) -> None:
+    """pydicom silently accepts an element whose value runs past the end of the stream."""
+    for tag in list(ds.keys()):
+        if _truncated(ds.get_item(tag)):
+            raise UnreadableObject("element value shorter than its declared length")
+
+
+_VALUE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC",
+                        "UI", "UR", "UT", "IS", "DS", "US", "SS", "UL", "SL", "FL", "FD",
+                        "UV", "SV"})
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def _fast_entry(elem: DataElement) -> dict[str, Any] | None:
+    """``elem.to_json_dict(_bulk, _BULK_THRESHOLD)`` for the common VRs (None: others)."""
+    vr = elem.VR
+    value = elem.value
+    if vr in _VALUE_VRS:
+        if value is None or (isinstance(value, (str, bytes)) and not value):
+            return {"vr": vr}
+        if isinstance(value, (list, MultiValue)):
+            if not value:
+                return {"vr": vr}
+            values = list(value)
+        elif isinstance(value, (str, int, float)):
+            values = [value]
+        else:
+            return None
+        return {"vr": vr, "Value": convert_to_python_number(values, vr)}
+    if vr in _BINARY_VRS and isinstance(value, bytes):
+        if not value:
+            return {"vr": vr}
+        if len(value) > (_BULK_THRESHOLD // 4) * 3:
+            return {"vr": vr, "BulkDataURI": BULK_MARKER}
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("utf-8")}
+    return None
+
+
+def header_json(ds: Dataset) -> dict[str, Any]:
+    """The dataset as DICOM JSON, bulk values as markers: what pydicom's
+    ``to_json_dict(bulk_data_threshold=1024, ..., suppress_invalid_tags=True)`` returns
+    (a test compares them), building plain elements directly."""
+    out: dict[str, Any] = {}
+    with pydicom_config.strict_reading():
+        for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements
+            entry: dict[str, Any] | None
+            try:
+                stored = ds.get_item(key)  # converted already by ``describe``'s check
+                elem = stored if isinstance(stored, DataElement) else ds[key]
+                entry = _fast_entry(elem)
+                if entry is None:
+                    entry = elem.to_json_dict(
+                        bulk_data_element_handler=_bulk, bulk_data_threshold=_BULK_THRESHOLD)
+            except Exception:  # as suppress_invalid_tags does: leave the element out
+                entry = None
+            if entry is not None:
+                out[f"{key:08X}"] = entry
+    return out
+
+
+def read(raw: bytes, *, stop_before_pixels: bool = False,
+         specific_tags: list[Any] | None = None) -> Dataset:
+    """Read a Part 10 byte stream into a dataset whose values are still raw (cheap); a
+    deflated dataset is inflated within the configured limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return inflate.read(raw, stop_before_pixels=stop_before_pixels,
+                                specific_tags=specific_tags)
+        except inflate.InflateLimitExceeded as exc:
+            raise ObjectTooLarge(str(exc)) from None
+        except Exception as exc:  # pydicom raises a wide range on hostile input
+            raise UnreadableObject(type(exc).__name__) from None
+
+
+def identity(ds: Dataset) -> tuple[str, str] | None:
+    """(SOP Instance UID, Study Instance UID) if both are valid, without full parsing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if any(_truncated(ds.get_item(tag)) for tag in (_SOP_INSTANCE_UID, _STUDY_UID)):
+                return None
+            return _uid(ds, "SOPInstanceUID"), _uid(ds, "StudyInstanceUID")
+        except Exception:
+            return None
+
+
+def parse(raw: bytes) -> ParsedInstance:
+    """Parse a Part 10 byte stream (preamble + file meta + dataset) completely."""
+    return describe(read(raw), raw)
+
+
+def describe(ds: Dataset, raw: bytes, *, sha256: bytes | None = None) -> ParsedInstance:
+    """Validate every element of ``read``'s dataset and extract what the index needs.
+
+    ``sha256`` of ``raw`` may be given when the caller computed it already (elsewhere).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _check_lengths(ds)
+            # Touch every element so a wrong length or a broken value fails here, while
+            # we can still answer with a failure status, not later in a viewer.
+            for elem in ds.iterall():
+                _ = elem.value
+            meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        except UnreadableObject:
+            raise
+        except Exception as exc:  # pydicom raises a wide range on hostile input
+            raise UnreadableObject(type(exc).__name__) from None
+        if not meta_ts:
+            raise UnreadableObject("no transfer syntax")
+        sop_class = _uid(ds, "SOPClassUID")
+        sop_uid = _uid(ds, "SOPInstanceUID")
+        study_uid = _uid(ds, "StudyInstanceUID")
+        series_uid = _uid(ds, "SeriesInstanceUID")
+        try:
+            meta = header_json(ds)
+        except Exception:
+            meta = {}
+    mismatch = vr_check.first_mismatch(meta)
+    if mismatch is not None:
+        raise MismatchedVR(mismatch)
+    meta = vr_check.sanitise(meta)  # same-class variants relabelled, nested ones healed
+    meta.pop("7FE00010", None)
+    return ParsedInstance(
+        sop_class_uid=sop_class,
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax=meta_ts,
+        patient_id=_text(ds, "PatientID"),
+        issuer=_text(ds, "IssuerOfPatientID"),
+        patient_name=_text(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        modality=_text(ds, "Modality"),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate"),
+        series_time=_text(ds, "SeriesTime"),
+        performed_start_date=_text(ds, "PerformedProcedureStepStartDate"),
+        performed_start_time=_text(ds, "PerformedProcedureStepStartTime"),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=_int(ds, "NumberOfFrames"),
+        content_date=_text(ds, "ContentDate"),
+        content_time=_text(ds, "ContentTime"),
+        meta_json=json.dumps(meta, separators=(",", ":")),
+        sha256=sha256 if sha256 is not None else hashlib.sha256(raw).digest(),
+        size=len(raw),
+    )
