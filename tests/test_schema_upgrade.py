@@ -7,8 +7,10 @@ the head. No server is started."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,24 @@ def test_a_new_vault_is_at_the_head(tmp_path: Path) -> None:
 def test_head_names_the_newest_script() -> None:
     """``HEAD`` lets an up-to-date open skip importing alembic: it must say the truth."""
     assert schema.head() == schema.HEAD
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_at_a_terminal_the_upgrade_is_asked_first(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = schema.Plan(None, schema.HEAD)
+    monkeypatch.delenv("PACSVAULT_UPGRADE", raising=False)
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    assert vault_mod.confirm_upgrade(plan) is False
+    assert "back it up first with 'pacsvault backup run'" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    assert vault_mod.confirm_upgrade(plan) is True
+    monkeypatch.setattr(sys, "stdin", _Terminal(""))  # asked nothing: not read at all
+    monkeypatch.setenv("PACSVAULT_UPGRADE", "yes")
+    assert vault_mod.confirm_upgrade(plan) is True
+    assert vault_mod.upgrade_without_asking(plan) is True  # serve --yes
+    assert "upgrading the index" in capsys.readouterr().err

@@ -174,6 +174,14 @@ def confirm_upgrade(plan: schema.Plan) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def upgrade_without_asking(plan: schema.Plan) -> bool:
+    """``serve --yes``: the same one line, no question."""
+    import sys
+
+    print(f"pacsvault: {plan.describe()}", file=sys.stderr)
+    return True
+
+
 def _upgrade_index(layout: Layout, engine: Engine,
                    confirm: UpgradeConfirm | None) -> schema.Plan | None:
     """Bring the index (and ``vault.json``'s ``layout``) to this code's version, after
@@ -489,7 +497,7 @@ class Vault:
         return archive
 
     def _make_archive(self) -> Archive:
-        from pacsvault.dicomfile import inflate
+        from pacsvault.dicom import inflate
         from pacsvault.storage.archive import Archive
 
         # Every parse of a received or stored object inflates within this (issue 11).

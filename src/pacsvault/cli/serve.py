@@ -41,7 +41,7 @@ from pacsvault.service import lock as instance_lock
 from pacsvault.service.control import ControlServer
 from pacsvault.service.jobs import JobRunner
 from pacsvault.service.ports import Listener, PortError, check_free
-from pacsvault.vault import META_NAME, Layout, Vault, VaultError
+from pacsvault.vault import META_NAME, Layout, Vault, VaultError, upgrade_without_asking
 from pacsvault.web.app import create_app
 from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
@@ -60,6 +60,9 @@ def register(sub: Any) -> None:
     p.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (0 = any free port)")
     p.add_argument("--https-port", type=int, help="HTTPS port (0 = any free port)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--yes", action="store_true",
+                   help="upgrade an older vault's index without asking (also "
+                        "PACSVAULT_UPGRADE=yes; without a terminal it is not asked)")
     p.add_argument("--allow-root", action="store_true",
                    help=f"run as root anyway (development only; also ${ALLOW_ROOT_ENV}=1)")
     p.set_defaults(func=cmd_serve)
@@ -194,7 +197,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     # A protected key: --passphrase-file, the systemd credential or the terminal;
     # none of them -> keys.KeyUnavailable.
     try:
-        vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args))
+        vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args),
+                           confirm=upgrade_without_asking if args.yes else None)
     except KeyUnavailable as exc:
         # Key medium absent or key locked: keep receiving, sealed (sealed/serve.py).
         from pacsvault.sealed.serve import serve_sealed
