@@ -497,7 +497,7 @@ class Vault:
         return archive
 
     def _make_archive(self) -> Archive:
-        from pacsvault.dicom import inflate
+        from pacsvault.dicomfile import inflate
         from pacsvault.storage.archive import Archive
 
         # Every parse of a received or stored object inflates within this (issue 11).
