@@ -1,56 +1,8 @@
-"""Export of audit events to an ATNA collector: syslog (RFC 5424) over TLS (RFC 5425).
+"""RFC 5424 records, RFC 5425 framing, and the ``SyslogSink`` that delivers the queue.
 
-IHE ATNA's Record Audit Event [ITI-20] carries each DICOM audit message (``atna``) as the
-MSG of one RFC 5424 syslog record, over TLS with RFC 5425 octet-counting framing
-(``LEN SP SYSLOG-MSG``). The record's header follows ITI-20: facility 10
-(security/authorization), severity 5 (notice) for a success and 4 (warning) otherwise,
-APP-NAME ``pacsvault``, MSGID ``IHE+RFC-3881``, no structured data, and MSG = UTF-8 BOM +
-the XML (RFC 5424's MSG-UTF8 form: the BOM tells the collector the bytes are UTF-8).
-
-Why a disk queue. A collector is a separate machine that goes down, reboots or is
-unreachable for days; audit events must not be lost meanwhile, and the archive must never
-wait for it (a modality's C-STORE cannot stall because the audit server is rebooting).
-So ``SyslogSink.write`` only appends the framed record to ``DATA/audit/syslog-queue/``
-and returns; a background thread delivers the queue in order.
-
-Queue format. One file per record, named by a 20-digit zero-padded sequence number
-(``00001730000000000001.msg``), so lexical order is delivery order. The number is
-``max(last + 1, now in microseconds)``: strictly increasing, and still increasing across
-restarts (an old file replayed later cannot take a current number). The last number lives
-in ``queue.lock``, which also serialises writers across processes (server and CLI share
-the queue). Each file is a ``pacsvault-obj/1`` object (``crypto.objects``: AES-256-GCM,
-per-file salt) under a key derived for this purpose, with ``pacsvault-syslog-queue/<seq>``
-as associated data: the records hold patient IDs and study UIDs, so they are never on disk
-in clear, and a file renamed to another place in the queue fails authentication instead
-of being delivered out of order. Files are written to a temporary name, fsynced, linked
-into place and the directory fsynced, so a crash leaves either no record or a whole one.
-
-Delivery guarantee: at least once, in order. Syslog has no application-level
-acknowledgement (RELP would; ATNA does not use it), so "delivered" is the strongest thing a
-sender can know: every byte of the batch was *acknowledged by the collector's TCP stack*
-on a connection that was still established (Linux: ``SIOCOUTQ`` reaches 0 and
-``TCP_INFO`` still shows ESTABLISHED/CLOSE_WAIT). Only then are the batch's files deleted.
-A failure anywhere before that keeps the files; after reconnecting the batch is sent again
-from its first record, so the collector may see the start of a batch twice
-(``5 6 | 5 6 7``), but never a gap, and records first arrive in queue order. Before each
-batch the connection is probed for an orderly close by the collector (a syslog receiver
-never sends data), so records are not written into a connection the collector has
-already dropped. The residual loss window
-is a collector that crashes after its TCP stack acknowledged a record but before it stored
-it, which no syslog sender can close.
-
-One sender per queue: the thread takes ``sender.lock`` (``flock``) first, so when
-``pacsvault serve`` and a CLI command share a vault, only one delivers; the other only
-enqueues.
-
-Size: a record is at most ``max_message_size`` octets (RFC 5425 receivers must take
-8192); an event naming more objects than fit (an export of the whole archive) becomes
-several complete AuditMessages, each naming a share of the objects ("part i of n").
-
-Bounded: ``queue_limit`` records at most (the disk also holds the images). Beyond it new
-records are not queued and an error is logged; when there is room again, a Security Alert
-saying how many events were not exported is queued first, so the collector sees the gap.
-The signed audit trail still holds every event.
+Why apart from the queue: this is the only part that talks to the collector (TLS, TCP
+acknowledgement checks, the sender lock); the package docstring gives the delivery
+guarantee it keeps.
 """
 
 from __future__ import annotations
@@ -60,28 +12,19 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import select
 import socket
 import ssl
 import termios
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from pacsvault.audit.atna import AuditMessageBuilder, event_datetime, severity
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
-from pacsvault.config.syslog import DEFAULT_PORT as DEFAULT_PORT
-from pacsvault.config.syslog import TOML_SECTION as TOML_SECTION
-from pacsvault.config.syslog import SyslogConfigError as SyslogConfigError
-from pacsvault.config.syslog import SyslogSettings as SyslogSettings
+from pacsvault.audit.syslog.queue import SyslogQueue
+from pacsvault.config.syslog import SyslogConfigError, SyslogSettings
 from pacsvault.crypto import objects
-
-# The settings moved to config/syslog.py (read at every start without this sender); the
-# names stay importable from here.
 
 log = logging.getLogger("pacsvault.audit.syslog")
 
@@ -89,15 +32,8 @@ FACILITY_SECURITY = 10  # RFC 5424 "security/authorization messages"; ITI-20 req
 APP_NAME = "pacsvault"
 MSGID = "IHE+RFC-3881"  # ITI-20 3.20.4.1.2: "shall be set to IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
-
-QUEUE_DIR_NAME = "syslog-queue"
-_QUEUE_KEY_ID = uuid.uuid5(uuid.NAMESPACE_URL, "pacsvault:audit-syslog-queue")
-_IDENTITY = "pacsvault-syslog-queue/{seq}"
-_NAME = re.compile(r"^(\d{20})\.msg$")
 _TCP_ESTABLISHED = 1
 _TCP_CLOSE_WAIT = 8
-
-
 
 
 # --- RFC 5424 / 5425 -------------------------------------------------------------------
@@ -129,152 +65,6 @@ def format_record(
 def frame(record: bytes) -> bytes:
     """RFC 5425 octet counting: ``MSG-LEN SP SYSLOG-MSG``."""
     return str(len(record)).encode("ascii") + b" " + record
-
-
-# --- the on-disk queue -----------------------------------------------------------------
-
-
-class SyslogQueue:
-    """Encrypted, ordered, crash-safe queue of syslog records: one file per record."""
-
-    def __init__(self, root: Path, key: bytes) -> None:
-        if len(key) != 32:
-            raise ValueError("the queue key must be 32 bytes")
-        self.root = root
-        self._key = key
-        self._other_key: bytes | None = None  # the other key while a rotation runs
-        self._rejected = root / "rejected"
-        self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = os.open(root / "queue.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        for stale in root.glob("*.part"):  # a writer died before publishing: never queued
-            stale.unlink(missing_ok=True)
-
-    def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        with self._lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _next_seq(self) -> int:
-        raw = os.pread(self._lock_fd, 20, 0)
-        last = int(raw) if raw.strip().isdigit() else 0
-        if not last:  # lock file new or damaged: never go below what is queued
-            last = max((seq for seq, _ in self.entries()), default=0)
-        seq = max(last + 1, time.time_ns() // 1000)
-        os.pwrite(self._lock_fd, f"{seq:020d}".encode("ascii"), 0)
-        return seq
-
-    def put(self, record: bytes) -> int:
-        """Queue one record durably; returns its sequence number."""
-        with self._exclusive():
-            seq = self._next_seq()
-            blob = b"".join(objects.encrypt(
-                record, self._key, _QUEUE_KEY_ID, _IDENTITY.format(seq=seq)))
-            final = self.root / f"{seq:020d}.msg"
-            part = self.root / f"{seq:020d}.{os.getpid()}.part"
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, blob)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(part, final)  # unlike rename, never replaces an existing record
-            finally:
-                part.unlink(missing_ok=True)
-            self._sync_dir()
-            return seq
-
-    def entries(self) -> list[tuple[int, Path]]:
-        """Every queued record, oldest first."""
-        found = []
-        with os.scandir(self.root) as it:
-            for entry in it:
-                match = _NAME.match(entry.name)
-                if match:
-                    found.append((int(match.group(1)), Path(entry.path)))
-        found.sort()
-        return found
-
-    def __len__(self) -> int:
-        return len(self.entries())
-
-    def read(self, seq: int, path: Path) -> bytes:
-        """The record, authenticated against its place in the queue."""
-        blob = path.read_bytes()
-        if objects.read_header(blob).key_id != _QUEUE_KEY_ID:
-            raise objects.ObjectFormatError("not a syslog queue record")
-        try:
-            return objects.decrypt(blob, self._key, _IDENTITY.format(seq=seq))
-        except objects.ObjectFormatError:
-            other = self._other_key
-            if other is None:
-                raise
-            return objects.decrypt(blob, other, _IDENTITY.format(seq=seq))
-
-    def rekey(self, key: bytes) -> int:
-        """Master key rotation: re-encrypt every queued record under ``key`` (atomic
-        rename per file); the sender reads with either key meanwhile. Returns how many."""
-        if len(key) != 32:
-            raise ValueError("the queue key must be 32 bytes")
-        done = 0
-        with self._exclusive():
-            self._other_key = key
-            for seq, path in self.entries():
-                identity = _IDENTITY.format(seq=seq)
-                try:
-                    blob = path.read_bytes()
-                except FileNotFoundError:
-                    continue  # delivered meanwhile
-                try:
-                    objects.decrypt(blob, key, identity)
-                    continue  # re-encrypted by an interrupted rotation
-                except objects.ObjectFormatError:
-                    pass
-                try:
-                    record = objects.decrypt(blob, self._key, identity)
-                except objects.ObjectFormatError:
-                    continue  # unreadable already: the sender sets it aside
-                part = path.with_name(f"{path.name}.{os.getpid()}.rekey")
-                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                try:
-                    os.write(fd, b"".join(objects.encrypt(record, key, _QUEUE_KEY_ID,
-                                                          identity)))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(part, path)
-                done += 1
-            self._other_key, self._key = self._key, key
-            self._sync_dir()
-        return done
-
-    def remove(self, paths: list[Path]) -> None:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        self._sync_dir()
-
-    def reject(self, path: Path) -> None:
-        """Set aside a record that cannot be read, so it does not block the queue forever."""
-        self._rejected.mkdir(exist_ok=True, mode=0o700)
-        os.replace(path, self._rejected / path.name)
-        self._sync_dir()
-
-    def _sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --- the sink --------------------------------------------------------------------------
@@ -589,3 +379,9 @@ class SyslogSink:
                 raise DeliveryError(f"no acknowledgement within {self._ack_timeout:g} s")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+__all__ = [
+    "APP_NAME", "BOM", "FACILITY_SECURITY", "MSGID", "DeliveryError", "SyslogSink",
+    "format_record", "frame",
+]
