@@ -42,8 +42,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "the key-file passphrase uses the account-password entropy rule (lazy)",
     ("pacsvault.crypto.rotation", "pacsvault.cli.setup"):
         "rotation hands the new recovery code over like `init` (private dir helper, lazy)",
-    ("pacsvault.dicom.transcode", "pacsvault.web.render"):
-        "transcoding decodes pixels with the WADO renderer's decoders",
     ("pacsvault.storage.erasure", "pacsvault.backup.runner"):
         "erasure tells the backup targets a key was destroyed (lazy, optional)",
     ("pacsvault.storage.retention", "pacsvault.vault"):

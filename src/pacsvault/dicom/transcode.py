@@ -9,7 +9,7 @@ Rules, in order, per instance:
 - the receiver accepted a context with the stored (SOP class, syntax): sent as stored,
   byte for byte (Big Endian excepted: it always leaves as little endian);
 - otherwise Explicit VR Little Endian, then Implicit VR Little Endian, when accepted: the
-  pixel data is *decoded* with the permitted decoders of ``web.render`` (the same ones
+  pixel data is *decoded* with the permitted decoders of ``dicomfile.render`` (the same ones
   WADO-RS uses). Nothing is ever re-encoded lossily; a lossy original stays marked lossy;
 - otherwise the sub-operation fails (counted, and listed in the Failed SOP Instance UID List).
 
@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from pacsvault.web import render
+from pacsvault.dicomfile import render
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
