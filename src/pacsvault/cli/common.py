@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from pacsvault.audit.alerts import AlertConfigError
-from pacsvault.audit.syslog import SyslogConfigError
 from pacsvault.config import ConfigError
+from pacsvault.config.alerts import AlertConfigError
+from pacsvault.config.syslog import SyslogConfigError
 from pacsvault.crypto.keys import VaultKeyError
 from pacsvault.crypto.protection import PassphraseProvider, passphrase_provider
 from pacsvault.index.db import IndexOpenError
