@@ -28,10 +28,10 @@ Left where they are, registered in ``UPSTREAM`` (and verified by the test):
   server's contexts for each association; ours copy ``PresentationContext._transfer_syntax``
   only), ``_PolicyACSE``, ``_PolicyRequestHandler`` and ``_file_meta`` (pynetdicom's
   ``encode_file_meta``, byte for byte);
-- ``dicom/parse``: pydicom's ``reading_validation_mode`` set to IGNORE at its import
-  (a public setting; parse belongs to the bottom DICOM-file layer, which must not import
-  this network-side module). ``pydicom_settings_applied`` lets the test verify it;
-- ``dicom/inflate``: pydicom's private ``_read_file_meta_info`` and the deflate path of
+- ``dicomfile/parse``: pydicom's ``reading_validation_mode`` set to IGNORE at its import
+  (a public setting; the bottom DICOM-file layer must not import this network-side
+  module). ``pydicom_settings_applied`` lets the test verify it;
+- ``dicomfile/inflate``: pydicom's private ``_read_file_meta_info`` and the deflate path of
   ``read_partial``; ``dicom/answers``: ``write_data_element``'s encoding, byte for byte.
 """
 
@@ -100,7 +100,7 @@ UPSTREAM: dict[str, str] = {
     # server._file_meta writes what this writes
     "pynetdicom.dsutils.encode_file_meta":
         "9c08a44b26b58301a092a9641c35b8c6f471eab40bedca1dea31cf19e9169e7c",
-    # inflate: the private meta reader it calls, and the deflate path it replaces
+    # dicomfile/inflate: the private meta reader it calls, and the deflate path it replaces
     "pydicom.filereader._read_file_meta_info":
         "3bab7b6e04e1c02e2b080bad3addd9e60ee8d4c4bc8e6644a93508549466d98b",
     "pydicom.filereader.read_partial":
@@ -146,7 +146,7 @@ def configure_pynetdicom() -> None:
 
 
 def pydicom_settings_applied() -> bool:
-    """Whether ``dicom/parse`` set pydicom's reading validation as it must (see above)."""
+    """Whether ``dicomfile/parse`` set pydicom's reading validation as it must (see above)."""
     return bool(pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE)
 
 
