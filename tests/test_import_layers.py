@@ -52,7 +52,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "every open refreshes the sealed-mode material (lazy)",
     ("pacsvault.sealed.serve", "pacsvault.cli.serve"):
         "circle inside the cli layer: sealed serve reuses the normal serve's steps (lazy)",
-    # to fix in this issue (one commit each)
 }
 
 # Arrows another change removes; allowed while present, not reported as stale when gone.
