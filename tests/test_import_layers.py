@@ -38,8 +38,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # Known arrows against the contract, each with why it is still there. Remove an entry when
 # its import goes (a stale entry fails the test, so the list only shrinks).
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("pacsvault.crypto.protection", "pacsvault.accounts.passwords"):
-        "the key-file passphrase uses the account-password entropy rule (lazy)",
     ("pacsvault.crypto.rotation", "pacsvault.cli.setup"):
         "rotation hands the new recovery code over like `init` (private dir helper, lazy)",
     ("pacsvault.storage.erasure", "pacsvault.backup.runner"):

@@ -197,6 +197,13 @@ def check_password(password: str, *, user_name: str = "", throttled: bool = True
 # --- hashing -------------------------------------------------------------------------------
 
 
+def passphrase_problems(passphrase: str) -> list[str]:
+    """The account-password rule (CNIL entropy), at the *unthrottled* level: a stolen key
+    file can be attacked offline, where no sign-in throttling applies. (Here rather than in
+    ``crypto.protection``, which sits below accounts in the import layers.)"""
+    return list(check_password(passphrase, throttled=False).problems)
+
+
 def default_hasher() -> PasswordHasher:
     """The production Argon2id hasher (RFC 9106 second recommended option)."""
     return PasswordHasher(

@@ -131,7 +131,9 @@ def _new_passphrase(args: argparse.Namespace) -> str:
     else:
         raise CommandError("no passphrase: run at a terminal or give --passphrase-file FILE "
                            "(mode 0600); never on the command line")
-    problems = protection.passphrase_problems(value)
+    from pacsvault.accounts.passwords import passphrase_problems  # argon2: only here
+
+    problems = passphrase_problems(value)
     if problems:
         raise CommandError("; ".join(problems) + "; nothing was changed")
     return value

@@ -265,14 +265,6 @@ def _passphrase_body(master: MasterKey, vault_id: str, passphrase: str,
             f"sealed={base64.b64encode(nonce + sealed).decode()}\n").encode("ascii")
 
 
-def passphrase_problems(passphrase: str) -> list[str]:
-    """The account-password rule (CNIL entropy), at the *unthrottled* level: a stolen key
-    file can be attacked offline, where no sign-in throttling applies."""
-    from pacsvault.accounts.passwords import check_password
-
-    return list(check_password(passphrase, throttled=False).problems)
-
-
 # --- machine (systemd-creds) ---------------------------------------------------------------
 
 
@@ -407,7 +399,7 @@ def write_atomic(path: Path, body: bytes) -> None:
 def protect_with_passphrase(key_path: Path, master: MasterKey, vault_id: str,
                             passphrase: str, params: KdfParams | None = None) -> None:
     """Seal the key file under a passphrase (a passphrase change too). The caller has
-    checked ``passphrase_problems``."""
+    checked ``accounts.passwords.passphrase_problems``."""
     write_atomic(key_path, _passphrase_body(master, vault_id, passphrase, params or KdfParams()))
 
 
