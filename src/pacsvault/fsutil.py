@@ -8,6 +8,8 @@ its first byte, never following a symlink planted in its place.
 from __future__ import annotations
 
 import os
+import secrets
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +21,24 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` by ``data`` so that a reader or a crash sees the old file or the new
+    one, never half of one: a sibling created exclusively with ``mode`` from its first
+    byte, written, fsync'ed, renamed over, the directory fsync'ed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}"
+                         f".{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def write_private_new(folder: Path, names: Iterable[str], body: str) -> Path | None:

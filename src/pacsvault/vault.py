@@ -43,7 +43,7 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
-from pacsvault.fsutil import fsync_dir
+from pacsvault.fsutil import write_atomic
 from pacsvault.index import schema
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
@@ -224,11 +224,7 @@ def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> 
     with _META_LOCK:
         meta = _read_meta(layout)
         change(meta)
-        tmp = layout.meta.with_name(f".{META_NAME}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        _write_private_json(tmp, meta)
-        os.replace(tmp, layout.meta)
-        fsync_dir(layout.root)
+        write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
         return meta
 
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pacsvault.fsutil import write_atomic
 
 if TYPE_CHECKING:
     from pacsvault.backup.runner import BackupOutcome
@@ -65,15 +66,8 @@ def update_target(layout: Layout, target: str, change: Callable[[dict[str, Any]]
         if not isinstance(entry, dict):
             entry = state["targets"][target] = {}
         change(entry)
-        path = state_path(layout)
-        tmp = path.with_name(f".{STATE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(state_path(layout),
+                     json.dumps(state, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def record_backup(layout: Layout, outcome: BackupOutcome) -> None:

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, text
 
 from pacsvault.crypto import datakeys, keys
-from pacsvault.fsutil import fsync_dir, write_private_new
+from pacsvault.fsutil import fsync_dir, write_atomic, write_private_new
 
 if TYPE_CHECKING:
     from pacsvault.config import Settings
@@ -268,16 +268,7 @@ class Rotation:
             body = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.BestAvailableEncryption(new_pw))
-            tmp = path.with_name(f".{path.name}.rotate.tmp")
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, body)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            write_atomic(path, body)
             done += 1
         return done
 

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from pacsvault.crypto.tls import TlsPaths
+from pacsvault.fsutil import write_atomic
 from pacsvault.index.nodes import CERT_REVOKED, CERT_UNKNOWN, CERT_VALID, NodeInfo
 
 if TYPE_CHECKING:
@@ -84,20 +85,7 @@ def _canonical(value: object) -> bytes:
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomic(path, data, mode)
 
 
 # --- at every normal open -----------------------------------------------------------------
