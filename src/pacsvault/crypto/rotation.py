@@ -44,10 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlcipher3
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Engine, text
+from sqlalchemy import text
 
 from pacsvault.crypto import datakeys, keys
 from pacsvault.fsutil import fsync_dir, write_atomic, write_private_new
@@ -321,46 +320,23 @@ class Rotation:
         finally:
             queue.close()
 
-    def index(self) -> Engine:
-        """``PRAGMA rekey`` on a connection of its own (every page is rewritten under the
-        new key in one transaction), then a new engine; the WAL is truncated so no page
-        under the old key stays in it. Returns the engine to use from now on."""
-        from pacsvault.index.db import IndexOpenError, open_index
+    def index(self) -> None:
+        """``PRAGMA rekey`` behind the vault's one engine, its gate closed (``index.db``):
+        queries and association checks wait the moment it takes instead of meeting a
+        connection opened with the old key."""
+        from pacsvault.index.db import gate_of, opens_with, rekey
 
+        engine = self.vault.engine
         path = self.vault.layout.index
         new_key = self._d(self.new, keys.PURPOSE_INDEX)
-        if self.outcome.resumed:  # (a probe with the wrong key logs a SQLCipher error)
-            try:
-                return open_index(path, new_key)  # rekeyed already (an interrupted run)
-            except IndexOpenError:
-                pass
-        old_key = self._d(self.old, keys.PURPOSE_INDEX)
-        conn = sqlcipher3.connect(str(path), timeout=60, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA key = \"x'{old_key.hex()}'\"")
-            conn.execute("PRAGMA busy_timeout = 60000")
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            conn.execute(f"PRAGMA rekey = \"x'{new_key.hex()}'\"")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            conn.close()
-        _crash_point("index")
-        return open_index(path, new_key)
-
-    def swap_engine(self, engine: Engine) -> None:
-        """Every holder of the index engine moves to ``engine``; the old pool is closed
-        (connections still checked out are discarded when returned)."""
-        vault = self.vault
-        old = vault.engine
-        if old is engine:
+        if self.outcome.resumed and opens_with(path, new_key):
+            gate_of(engine).set_key(new_key)  # rekeyed already (an interrupted run)
             return
-        vault.sessions.configure(bind=engine)
-        vault.engine = engine
-        archive = vault._archive
-        if archive is not None:
-            archive._engine = engine
-        vault.audit._engine = engine
-        old.dispose()
+        old_key = self._d(self.old, keys.PURPOSE_INDEX)
+        if not rekey(engine, old_key, new_key):
+            log.warning("key rotation: a connection to the index was still in use when it "
+                        "was re-keyed; that one request may fail once")
+        _crash_point("index")
         with contextlib.suppress(Exception), engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -511,7 +487,7 @@ def run(vault: Vault, key_path: Path, new: keys.MasterKey, marker: dict[str, Any
                         "data_keys": out.data_keys, "totp": out.totp,
                         "tls_keys": out.tls_keys, "online": online, "resumed": resumed},
             )
-        vault.audit.rotate_keys(new_trail, event, before=lambda: rot.swap_engine(rot.index()))
+        vault.audit.rotate_keys(new_trail, event, before=rot.index)
         _crash_point("trail")
         rot.memory()
         out.paused_seconds = time.monotonic() - began

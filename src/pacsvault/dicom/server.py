@@ -659,9 +659,20 @@ class _PolicyACSE(ACSE):
             super()._negotiate_as_acceptor()
             return
         self.requestor.ae_title = rq.calling_ae_title
-        allowed, reason = self._pv_service.decide(
-            self.assoc, str(rq.calling_ae_title), str(rq.called_ae_title)
-        )
+        try:
+            allowed, reason = self._pv_service.decide(
+                self.assoc, str(rq.calling_ae_title), str(rq.called_ae_title)
+            )
+        except Exception as exc:
+            # An index that cannot answer this moment must not leave the peer waiting for
+            # its ACSE timeout with no answer: a transient rejection, which a modality
+            # retries (PS3.8 9.3.4); the log names the failure, not the peer's data.
+            log.error("association check failed (%s); rejected as transient",
+                      type(exc).__name__)
+            self.send_reject(0x02, 0x01, 0x01)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         if not allowed:
             self.send_reject(0x01, 0x01, reason)
             evt.trigger(self.assoc, evt.EVT_REJECTED, {})
