@@ -2,13 +2,15 @@
 
 A rename or a new file is durable only once its directory is fsync'ed; a one-time secret
 (recovery code, first password) goes to a file created exclusively with mode 0600 from
-its first byte, never following a symlink planted in its place.
+its first byte, never following a symlink planted in its place; a secret read from a
+file (a passphrase, an SMTP password) is refused when other users could read it too.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,3 +58,47 @@ def write_private_new(folder: Path, names: Iterable[str], body: str) -> Path | N
             os.fsync(fh.fileno())
         return path
     return None
+
+
+class PrivateFileError(Exception):
+    """Why a secret file was refused; ``problem`` is one of the constants below, so each
+    caller words the refusal for its own setting (passphrase, alert credentials)."""
+
+    MISSING = "missing"
+    UNREADABLE = "unreadable"
+    NOT_REGULAR = "not a regular file"
+    EXPOSED = "readable by other users"
+    EMPTY = "empty"
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def read_private_text(path: Path, *, first_line: bool = False) -> str:
+    """The secret held in ``path``: its first line (``first_line``) or its whole text
+    stripped. Refused (``PrivateFileError``) unless it is a regular file that neither the
+    group nor others can access: a secret others can read has already leaked."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise PrivateFileError(path, PrivateFileError.MISSING) from None
+    except OSError:
+        raise PrivateFileError(path, PrivateFileError.UNREADABLE) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise PrivateFileError(path, PrivateFileError.NOT_REGULAR)
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PrivateFileError(path, PrivateFileError.EXPOSED)
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise PrivateFileError(path, PrivateFileError.UNREADABLE) from None
+    if first_line:
+        lines = text.splitlines()
+        value = lines[0] if lines else ""
+    else:
+        value = text.strip()
+    if not value:
+        raise PrivateFileError(path, PrivateFileError.EMPTY)
+    return value

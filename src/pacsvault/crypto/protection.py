@@ -53,7 +53,7 @@ from pacsvault.crypto.keys import (
     MasterKey,
     VaultKeyError,
 )
-from pacsvault.fsutil import fsync_dir
+from pacsvault.fsutil import PrivateFileError, fsync_dir, read_private_text
 
 KEY_FILE_HEADER_V2 = "pacsvault-master-key/v2"
 FILE = "file"
@@ -447,19 +447,18 @@ def rewrite_key_file_like(old_path: Path, new_path: Path, master: MasterKey, vau
 def read_passphrase_file(path: Path) -> str:
     """The first line of a passphrase file, refusing one other users can read."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise VaultKeyError(f"passphrase file not found: {path}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise VaultKeyError(f"passphrase file {path} is not a regular file")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise VaultKeyError(
-            f"passphrase file {path} is readable by other users; run: chmod 600 {path}")
-    lines = path.read_text("utf-8").splitlines()
-    value = lines[0] if lines else ""
-    if not value:
-        raise VaultKeyError(f"passphrase file {path} is empty")
-    return value
+        return read_private_text(path, first_line=True)
+    except PrivateFileError as exc:
+        if exc.problem == PrivateFileError.MISSING:
+            raise VaultKeyError(f"passphrase file not found: {path}") from None
+        if exc.problem == PrivateFileError.NOT_REGULAR:
+            raise VaultKeyError(f"passphrase file {path} is not a regular file") from None
+        if exc.problem == PrivateFileError.EXPOSED:
+            raise VaultKeyError(f"passphrase file {path} is readable by other users; run: "
+                                f"chmod 600 {path}") from None
+        if exc.problem == PrivateFileError.EMPTY:
+            raise VaultKeyError(f"passphrase file {path} is empty") from None
+        raise VaultKeyError(f"passphrase file {path} cannot be read") from None
 
 
 def passphrase_provider(passphrase_file: Path | None = None,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import secrets
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
@@ -46,6 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+from pacsvault.fsutil import write_atomic
 
 # TLS 1.2 suites: ECDHE only (forward secrecy) and AEAD only. TLS 1.3 suites are all AEAD+FS.
 TLS12_CIPHERS = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:" \
@@ -65,6 +66,9 @@ LEAF_DAYS = 825
 NODE_DAYS = 730
 # nextUpdate of the published CRL; it is re-signed whenever the vault opens past half of it.
 CRL_DAYS = 180
+# Certificates and the CRL are public: replaced atomically (readers never see half of
+# one), readable by every verifier.
+PUBLIC_MODE = 0o644
 
 NODE_URI_PREFIX = "urn:pacsvault:node:"
 SERVER_URI_PREFIX = "urn:pacsvault:server:"
@@ -245,7 +249,7 @@ def create_client_cert(paths: TlsPaths, key_password: bytes, ae_title: str) -> N
         eku=[ClientAuth],
     )
     _write_private(paths.client_key, key_pem)
-    _write_atomic(paths.client_cert, cert_pem)
+    write_atomic(paths.client_cert, cert_pem, PUBLIC_MODE)
 
 
 def create_rsa_server_cert(paths: TlsPaths, key_password: bytes) -> None:
@@ -262,19 +266,8 @@ def create_rsa_server_cert(paths: TlsPaths, key_password: bytes) -> None:
                            sans, eku=[ServerAuth], days=LEAF_DAYS, encrypt_key=True,
                            rsa_bits=RSA_SERVER_BITS)
     _write_private(paths.server_rsa_key, key_pem)
-    _write_atomic(paths.server_rsa_cert, cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers (a running server, other verifiers) never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(paths.server_rsa_cert, cert.public_bytes(serialization.Encoding.PEM),
+                 PUBLIC_MODE)
 
 
 def rotate_authority(paths: TlsPaths, key_password: bytes, common_name: str) -> Path:
@@ -341,7 +334,7 @@ def write_crl(paths: TlsPaths, key_password: bytes, revoked: Sequence[Revoked]) 
             .build()
         )
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM))
+    write_atomic(paths.crl, crl.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
 
 
 def crl_needs_refresh(paths: TlsPaths, revoked_serials: set[int]) -> bool:

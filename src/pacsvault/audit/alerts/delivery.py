@@ -18,7 +18,6 @@ import shutil
 import smtplib
 import socket
 import ssl
-import stat
 import textwrap
 import threading
 import time
@@ -38,6 +37,7 @@ from pacsvault.audit.alerts.rules import Detector, PatientResolver
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder
 from pacsvault.config.alerts import RULES, AlertConfigError, AlertSettings
 from pacsvault.config.alerts import is_loopback_host as _is_loopback_host
+from pacsvault.fsutil import PrivateFileError, read_private_text
 
 log = logging.getLogger("pacsvault.alerts")
 
@@ -48,21 +48,16 @@ def _read_secret(path_text: str, what: str) -> str:
     """Read a secret file, refusing one that others can read (it would leak the secret)."""
     path = Path(path_text).expanduser()
     try:
-        info = path.stat()
-    except OSError:
+        return read_private_text(path)
+    except PrivateFileError as exc:
+        if exc.problem == PrivateFileError.NOT_REGULAR:
+            raise AlertConfigError(f"{what} {path} is not a regular file") from None
+        if exc.problem == PrivateFileError.EXPOSED:
+            raise AlertConfigError(f"{what} {path} is readable by other users: run "
+                                   f"'chmod 600 {path}'") from None
+        if exc.problem == PrivateFileError.EMPTY:
+            raise AlertConfigError(f"{what} {path} is empty") from None
         raise AlertConfigError(f"{what} {path} cannot be read") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise AlertConfigError(f"{what} {path} is not a regular file")
-    if info.st_mode & 0o077:
-        raise AlertConfigError(f"{what} {path} is readable by other users: run "
-                               f"'chmod 600 {path}'")
-    try:
-        value = path.read_text("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        raise AlertConfigError(f"{what} {path} cannot be read") from None
-    if not value:
-        raise AlertConfigError(f"{what} {path} is empty")
-    return value
 
 
 def _wrap(text: str) -> str:
