@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 import threading
-import traceback
 import weakref
 from typing import Any
 
@@ -35,7 +34,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, Presentation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
+from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
 from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom import patches
@@ -48,7 +47,6 @@ from pacsvault.dicom.limits import (
     Ticket,
 )
 from pacsvault.dicom.negotiation import Preferences, preference_for
-from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
     FIND_CLASSES,
@@ -59,27 +57,20 @@ from pacsvault.dicom.qr import (
     store_outcome,
 )
 from pacsvault.dicom.reactor import FastAssociation, accelerate
+from pacsvault.dicom.status import (
+    NOT_AUTHORIZED,
+    PROCESSING_FAILURE,
+    SEALED_COMMENT,
+    SEALED_FIND,
+    SEALED_RETRIEVE,
+    STORE_CONFLICT,
+    SUCCESS,
+    store_failure,
+)
 from pacsvault.storage.archive import StoreStatus
-from pacsvault.storage.objects import DiskFullError
 from pacsvault.vault import Vault
 
 log = logging.getLogger("pacsvault.dicom")
-
-# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
-STATUS_SUCCESS = 0x0000
-STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_PROCESSING_FAILURE = 0x0110
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DOES_NOT_MATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_WARNING_DISCARDED = 0xB006
-# Sealed mode (the master key is not here: no index to read). PS3.4 Annex C.4 status
-# tables: C-FIND "A700 Refused: Out of Resources"; C-MOVE/C-GET "A701 Refused: Out of
-# Resources - Unable to calculate number of matches" (the index cannot even be searched),
-# each with this Error Comment (LO, <= 64 characters).
-STATUS_SEALED_FIND = 0xA700
-STATUS_SEALED_RETRIEVE = 0xA701
-SEALED_COMMENT = "archive sealed: an administrator must unlock it"
 
 TLS_HANDSHAKE_TIMEOUT = 15.0
 
@@ -240,7 +231,7 @@ class DicomService:
         rsp: Any = type(msg)()
         rsp.MessageIDBeingRespondedTo = msg.MessageID
         rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
-        rsp.Status = STATUS_SEALED_FIND if what == "find" else STATUS_SEALED_RETRIEVE
+        rsp.Status = SEALED_FIND if what == "find" else SEALED_RETRIEVE
         rsp.ErrorComment = SEALED_COMMENT
         with self._lock:
             state = self._states.get(assoc)
@@ -366,7 +357,7 @@ class DicomService:
         )
 
     def _on_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
+        return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
         state = self.state(event.assoc)
@@ -375,10 +366,10 @@ class DicomService:
             state.outcomes["refused"] += 1
             self._emit_failure(state, "dicom.store.refused", "node lacks the store role",
                                EventCode.SECURITY_ALERT)
-            return STATUS_NOT_AUTHORIZED
+            return NOT_AUTHORIZED
         request = event.request
         if not isinstance(request, C_STORE):
-            return STATUS_PROCESSING_FAILURE
+            return PROCESSING_FAILURE
         try:
             result = self.vault.archive.store(
                 part10(event),
@@ -387,28 +378,10 @@ class DicomService:
                 expected_sop_class=str(request.AffectedSOPClassUID or ""),
                 actor_address=state.peer.address,
             )
-        except AuditUnavailable:
-            # The batch's record could not be made durable: nothing was committed, and a
-            # success would be an image stored with no record naming it.
-            return self._store_failed(state, STATUS_OUT_OF_RESOURCES,
-                                      "the audit trail cannot be written")
-        except ObjectTooLarge as exc:  # a deflate bomb: PS3.4 "refused: out of resources"
-            return self._store_failed(state, STATUS_OUT_OF_RESOURCES, f"refused: {exc}")
-        except UnreadableObject as exc:
-            return self._store_failed(state, STATUS_CANNOT_UNDERSTAND, f"unreadable: {exc}")
-        except InvalidObject as exc:
-            return self._store_failed(state, STATUS_DOES_NOT_MATCH, f"invalid: {exc}")
-        except DiskFullError as exc:
-            return self._store_failed(state, STATUS_OUT_OF_RESOURCES, str(exc))
-        except OSError as exc:
-            return self._store_failed(
-                state, STATUS_OUT_OF_RESOURCES, f"storage error {type(exc).__name__}"
-            )
         except Exception as exc:
-            # Frames only: an exception message may quote a value from the dataset.
-            log.error("unexpected error while storing (%s) at\n%s", type(exc).__name__,
-                      "".join(traceback.format_tb(exc.__traceback__)))
-            return self._store_failed(state, STATUS_PROCESSING_FAILURE, type(exc).__name__)
+            # One table for C-STORE and STOW-RS (``dicom/status``).
+            failure = store_failure(exc, log)
+            return self._store_failed(state, failure.status, failure.comment)
         state.studies.add(result.study_uid)
         state.outcomes[result.status.value] += 1
         if result.status is StoreStatus.CONFLICT:
@@ -418,8 +391,8 @@ class DicomService:
                 "the first one was kept",
                 study_uids=(result.study_uid,), sop_uids=(result.sop_uid,),
             )
-            return STATUS_WARNING_DISCARDED
-        return STATUS_SUCCESS
+            return STORE_CONFLICT
+        return SUCCESS
 
     def _store_failed(self, state: _AssocState, status: int, why: str) -> int:
         state.outcomes["failed"] += 1

@@ -21,17 +21,16 @@ with its file meta information); the file meta is kept as the client wrote it.
 from __future__ import annotations
 
 import logging
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacsvault.dicom import parse as dicom_parse
-from pacsvault.dicom.parse import InvalidObject, ObjectTooLarge, UnreadableObject
+from pacsvault.dicom import status
+from pacsvault.dicom.status import store_failure
+from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.storage.archive import StoreStatus
-from pacsvault.storage.objects import DiskFullError
 from pacsvault.vault import Vault
 from pacsvault.web.multipart import Part
 
@@ -40,12 +39,13 @@ log = logging.getLogger("pacsvault.web.stow")
 MAX_BODY = 512 * 1024 * 1024
 MAX_PARTS = 10000
 
-# FailureReason values (PS3.18 10.5.3 / PS3.4 B.2.3)
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP = 0x0111
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+# FailureReason values (PS3.18 10.5.3): PS3.4 C-STORE statuses, from the table C-STORE
+# uses (``dicom/status``); the names stay importable from here.
+PROCESSING_FAILURE = status.PROCESSING_FAILURE
+DUPLICATE_SOP = status.STOW_CONFLICT
+OUT_OF_RESOURCES = status.OUT_OF_RESOURCES
+DOES_NOT_MATCH = status.DOES_NOT_MATCH
+CANNOT_UNDERSTAND = status.CANNOT_UNDERSTAND
 
 
 @dataclass
@@ -121,23 +121,9 @@ def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str, *
         try:
             result = vault.archive.store(raw, source_ae="", actor_user=user,
                                          actor_address=address)
-        except ObjectTooLarge:  # a deflate bomb (max_inflated_mb)
-            _failed(outcome, head, OUT_OF_RESOURCES)
-            continue
-        except UnreadableObject:
-            _failed(outcome, head, CANNOT_UNDERSTAND)
-            continue
-        except InvalidObject:
-            _failed(outcome, head, DOES_NOT_MATCH)
-            continue
-        except (DiskFullError, OSError):
-            _failed(outcome, head, OUT_OF_RESOURCES)
-            continue
         except Exception as exc:
-            # Frames only: an exception message may quote a value from the dataset.
-            log.error("unexpected error while storing (%s) at\n%s", type(exc).__name__,
-                      "".join(traceback.format_tb(exc.__traceback__)))
-            _failed(outcome, head, PROCESSING_FAILURE)
+            # The same status C-STORE answers for the same failure (``dicom/status``).
+            _failed(outcome, head, store_failure(exc, log).status)
             continue
         if result.status is StoreStatus.CONFLICT:
             outcome.conflicts.append((result.study_uid, result.sop_uid))
