@@ -215,17 +215,34 @@ def _record_upgrade(vault: Vault, done: schema.Plan) -> None:
 
 
 _META_LOCK = threading.Lock()
+# Bumped by every ``update_meta`` of this process: a cached copy of ``vault.json`` taken at
+# an older generation is stale (``Vault.named_secret``).
+_meta_generation = 0
 
 
 def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
     """Change ``vault.json`` atomically (write a 0600 sibling, fsync, rename, fsync the
     directory): a crash leaves the old or the new file, never half of one. One writer per
     process at a time; writers in other processes (CLI vs serve) are rare admin actions."""
+    global _meta_generation
     with _META_LOCK:
         meta = _read_meta(layout)
         change(meta)
-        write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
+        try:
+            write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
+        finally:
+            _meta_generation += 1
         return meta
+
+
+def _meta_signature(layout: Layout) -> tuple[int, int, int, int] | None:
+    """What changes when another process replaces ``vault.json`` (``write_atomic``
+    renames a new file over it); None when it cannot be read."""
+    try:
+        info = layout.meta.stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
 
 
 def _write_private_json(path: Path, value: object) -> None:
@@ -529,7 +546,7 @@ class Vault:
         """A random secret kept in ``vault.json["secrets"]`` wrapped by the master key,
         made on first use (``keys.wrap_secret``: rotation re-wraps these in one place)."""
         with self._secret_lock:
-            stored = _read_meta(self.layout).get("secrets")
+            stored = self._secrets_table()
             if isinstance(stored, dict) and isinstance(stored.get(name), str):
                 return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
             secret = os.urandom(size)
@@ -542,6 +559,25 @@ class Vault:
 
             update_meta(self.layout, add)
             return secret
+
+    # ``vault.json``'s "secrets" table as last read, with the generation and file
+    # signature it was read at: a vault's open asks for several named secrets (sealed
+    # material, erasure, backups), which read the file once instead of once each.
+    _secrets_cache: tuple[int, tuple[int, int, int, int] | None, object] | None = None
+
+    def _secrets_table(self) -> object:
+        """The "secrets" table of ``vault.json``, read again only after an
+        ``update_meta`` of this process or a replacement of the file by another one."""
+        signature = _meta_signature(self.layout)
+        cached = self._secrets_cache
+        if (cached is not None and signature is not None
+                and cached[0] == _meta_generation and cached[1] == signature):
+            return cached[2]
+        generation = _meta_generation
+        table = _read_meta(self.layout).get("secrets")
+        if signature is not None and signature == _meta_signature(self.layout):
+            self._secrets_cache = (generation, signature, table)
+        return table
 
     def set_named_secret(self, name: str, secret: bytes) -> None:
         """Store or replace a named secret whose value is not random: the backup
