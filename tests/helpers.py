@@ -10,38 +10,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-DCMTK = Path("/usr/bin")
+# dcmtk, its environment and ports are shared with the benchmarks (tests/harness/peers.py);
+# re-exported here, where every test module has always taken them.
+from tests.harness.peers import dcmtk as dcmtk
+from tests.harness.peers import dcmtk_env as dcmtk_env
+from tests.harness.peers import free_port as free_port
+
+if TYPE_CHECKING:
+    from pacsvault.vault import Vault
+
 AE = "PACSVAULT"
 
 # The one escape hatch for the suite: CI and this harness run as root, and ``serve``
 # refuses root unless told it is development (issue 12). Every subprocess inherits it;
 # tests/test_service.py removes it to show the refusal.
 os.environ.setdefault("PACSVAULT_ALLOW_ROOT", "1")
-
-
-def dcmtk(tool: str) -> str:
-    path = DCMTK / tool
-    if not path.exists():
-        raise RuntimeError(f"{path} missing: install Debian's dcmtk (the test command does)")
-    return str(path)
-
-
-def dcmtk_env() -> dict[str, str]:
-    # Debian's dcmtk leaves Nagle on unless told otherwise: ~80 ms per C-STORE.
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pv(*args: str | Path, check: bool = True, input: str | None = None,
@@ -79,7 +70,7 @@ class VaultDir:
     def add_node(self, ae: str, *flags: str, host: str = "127.0.0.1") -> None:
         self.cli("node", "add", ae, "--host", host, *flags)
 
-    def open(self):  # type: ignore[no-untyped-def]
+    def open(self) -> Vault:
         from pacsvault.vault import Vault
 
         return Vault.open(self.data, self.key)
@@ -233,6 +224,21 @@ def events(vault: VaultDir, action: str | None = None) -> list[dict[str, object]
         ]
     finally:
         v.close()
+
+
+def wait_events(vault: VaultDir, action: str,
+                match: Callable[[dict[str, object]], bool] = lambda e: True, *,
+                count: int = 1, timeout: float = 10,
+                period: float = 0.1) -> list[dict[str, object]]:
+    """Events of ``action`` satisfying ``match``, once ``count`` of them are there or after
+    ``timeout`` s (what there is then): the server commits them after answering, so
+    polling. ``timeout=0`` reads once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in events(vault, action) if match(e)]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(period)
 
 
 def storescu(port: int, files: list[Path], *, calling: str, called: str = AE,

@@ -55,6 +55,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacsvault.web import render
+from tests.harness.peers import StoreSCP
 from tests.helpers import AE, Server, VaultDir, events, free_port, make_vault, start_server
 from tests.test_transcode_send import (
     ALL,
@@ -63,11 +64,9 @@ from tests.test_transcode_send import (
     UNCOMPRESSED,
     WS,
     Stored,
-    StoreSCP,
     _check,
     _dataset_part,
     _move,
-    _start_storescp,
 )
 
 pytestmark = pytest.mark.slow
@@ -151,9 +150,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     server: Server | None = None
     orthanc_dicom, orthanc_http = free_port(), free_port()
     try:
-        plain = _start_storescp(PLAIN, root, "+B")
+        plain = StoreSCP.start(PLAIN, root, "+B")
         scps.append(plain)
-        everything = _start_storescp(ALL, root, "+B", "+xa")
+        everything = StoreSCP.start(ALL, root, "+B", "+xa")
         scps.append(everything)
         v = vault.open()
         try:

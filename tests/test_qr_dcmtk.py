@@ -23,7 +23,7 @@ import itertools
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +53,17 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacsvault.audit import EventCode, Outcome
 from pacsvault.vault import Vault
 from tests import corpus
+from tests.harness.peers import StoreSCP
 from tests.helpers import (
     AE,
     Server,
     VaultDir,
     dcmtk,
     dcmtk_env,
-    events,
-    free_port,
     make_vault,
     start_server,
     storescu,
+    wait_events,
 )
 
 pytestmark = pytest.mark.slow
@@ -85,70 +85,6 @@ UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 
 
 # --- destinations ----------------------------------------------------------------------
-
-
-def _listening(port: int) -> bool:
-    """Is something listening on ``port``? Read from /proc: no packet is sent to find out."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
-@dataclass
-class StoreSCP:
-    """dcmtk storescp accepting every transfer syntax, writing what it receives to ``out``."""
-
-    ae_title: str
-    port: int
-    out: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    @classmethod
-    def start(cls, ae_title: str, root: Path) -> StoreSCP:
-        out = root / f"scp-{ae_title}"
-        out.mkdir(parents=True)
-        log_path = root / f"scp-{ae_title}.log"
-        port = free_port()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [dcmtk("storescp"), "-v", "+xa", "-aet", ae_title, "-od", str(out), str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
-            )
-        deadline = time.monotonic() + 10
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"storescp did not start:\n{log_path.read_text()}")
-            time.sleep(0.02)
-        return cls(ae_title, port, out, log_path, proc)
-
-    def files(self) -> dict[str, Path]:
-        """Received objects by SOP Instance UID (read from the objects themselves)."""
-        found = {}
-        for path in self.out.iterdir():
-            if path.is_file():
-                found[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
-        return found
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @dataclass
@@ -260,9 +196,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     scps: list[StoreSCP] = []
     server: Server | None = None
     try:
-        dest = StoreSCP.start(DEST, root)
+        dest = StoreSCP.start(DEST, root, "-v", "+xa")
         scps.append(dest)
-        sink = StoreSCP.start(NOTREG, root)
+        sink = StoreSCP.start(NOTREG, root, "-v", "+xa")
         scps.append(sink)
         pydest_port = pydest.start()
         # The two nodes the issue names go through the CLI; the rest in one vault opening.
@@ -413,17 +349,6 @@ def is_(value: object, member: Outcome | EventCode) -> bool:
     return value in (member, member.value, member.name, member.name.lower())
 
 
-def wait_events(env: Env, action: str, match: Callable[[dict[str, object]], bool],
-                *, count: int = 1, timeout: float = 10) -> list[dict[str, object]]:
-    """Events of ``action`` satisfying ``match`` (polls: the server commits them)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in events(env.vault, action) if match(e)]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
-
-
 # === C-FIND ===============================================================================
 
 STUDY_KEYS = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientName", "PatientID",
@@ -473,7 +398,7 @@ def test_find_study_by_patient_name_wildcard_is_case_insensitive(env: Env) -> No
     assert uids(answers, "StudyInstanceUID") == {env.files[1].study_uid}
     assert str(answers[0].PatientName) == "Zorglub^Hélène01"
 
-    found = wait_events(env, "dicom.find", lambda e: e["ae"] == WS and e["level"] == "STUDY"
+    found = wait_events(env.vault, "dicom.find", lambda e: e["ae"] == WS and e["level"] == "STUDY"
                         and e["matches"] == 13)
     assert found, "the 13-match study query was not recorded"
     assert is_(found[0]["outcome"], Outcome.SUCCESS)
@@ -619,7 +544,7 @@ def test_find_patient_root_all_levels(env: Env) -> None:
     assert res.returncode == 0, _ok(res)
     assert uids(answers, "SOPInstanceUID") == set(m.cr_sops)
 
-    found = wait_events(env, "dicom.find", lambda e: e["ae"] == WS and e["level"] == "PATIENT"
+    found = wait_events(env.vault, "dicom.find", lambda e: e["ae"] == WS and e["level"] == "PATIENT"
                         and e["matches"] == 3)
     assert found, "the patient-level query was not recorded"
 
@@ -664,10 +589,10 @@ def test_move_studies_to_registered_dcmtk_storescp(env: Env) -> None:
         sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert_same_object(path, received[sop])
 
-    begin = wait_events(env, "dicom.move.begin", lambda e: e["destination"] == DEST
+    begin = wait_events(env.vault, "dicom.move.begin", lambda e: e["destination"] == DEST
                         and e["instances"] == len(env.files))
     assert begin and begin[0]["ae"] == WS
-    done = wait_events(env, "dicom.move", lambda e: e["destination"] == DEST
+    done = wait_events(env.vault, "dicom.move", lambda e: e["destination"] == DEST
                        and e["sent"] == len(env.files))
     assert done and is_(done[0]["outcome"], Outcome.SUCCESS)
     assert done[0]["ae"] == WS
@@ -683,7 +608,7 @@ def test_move_series_and_image_levels(env: Env) -> None:
                         f"StudyInstanceUID={m.study_uid}", f"SeriesInstanceUID={m.ct_series}",
                         f"SOPInstanceUID={m.ct_sops[1]}"], destination=DEST, model="-P")
     assert res.returncode == 0, _ok(res)
-    found = wait_events(env, "dicom.move", lambda e: e["destination"] == DEST
+    found = wait_events(env.vault, "dicom.move", lambda e: e["destination"] == DEST
                         and e["sent"] == 1, count=2)
     assert len(found) >= 2
 
@@ -706,9 +631,10 @@ def test_get_uncompressed_studies_with_getscu(env: Env) -> None:
         assert_same_object(f.path, received[f.sop_uid])
     for path in env.multi.paths:
         assert_same_object(path, received[str(dcmread(path).SOPInstanceUID)])
-    begin = wait_events(env, "dicom.get.begin", lambda e: e["ae"] == WS and e["instances"] == 6)
+    begin = wait_events(env.vault, "dicom.get.begin",
+                        lambda e: e["ae"] == WS and e["instances"] == 6)
     assert begin
-    done = wait_events(env, "dicom.get", lambda e: e["ae"] == WS and e["sent"] == 6)
+    done = wait_events(env.vault, "dicom.get", lambda e: e["ae"] == WS and e["sent"] == 6)
     assert done and is_(done[0]["outcome"], Outcome.SUCCESS)
 
 
@@ -774,7 +700,7 @@ def test_store_only_node_gets_nothing_until_granted_query(env: Env) -> None:
     assert res.returncode != 0, _ok(res)
     assert list(out.iterdir()) == []
 
-    refused = wait_events(env, "dicom.qr.contexts_refused", lambda e: e["ae"] == MOD, count=3)
+    refused = wait_events(env.vault, "dicom.qr.contexts_refused", lambda e: e["ae"] == MOD, count=3)
     assert len(refused) == 3
     assert all(is_(e["code"], EventCode.SECURITY_ALERT) for e in refused)
     kinds = [str(e["refused"]) for e in refused]
@@ -797,7 +723,7 @@ def test_store_only_node_gets_nothing_until_granted_query(env: Env) -> None:
     assert res.returncode != 0, _ok(res)
     assert list(out.iterdir()) == []
     assert set(env.dest.files()) == before
-    refused = wait_events(env, "dicom.qr.contexts_refused", lambda e: e["ae"] == MOD, count=5)
+    refused = wait_events(env.vault, "dicom.qr.contexts_refused", lambda e: e["ae"] == MOD, count=5)
     assert len(refused) == 5
     assert all(StudyRootQueryRetrieveInformationModelFind not in str(e["refused"])
                for e in refused[3:])
@@ -822,7 +748,7 @@ def test_move_to_unregistered_ae_is_refused_and_nothing_leaves(env: Env) -> None
 
     assert env.sink.files() == {}
     assert "Association Received" not in env.sink.log()
-    found = wait_events(env, "dicom.move.unknown_destination", lambda e: True, count=4)
+    found = wait_events(env.vault, "dicom.move.unknown_destination", lambda e: True, count=4)
     assert {e["destination"] for e in found} >= {NOTREG, NORETR, NOPORT}
     assert all(e["ae"] == WS and is_(e["code"], EventCode.SECURITY_ALERT) for e in found)
 
@@ -866,7 +792,7 @@ def test_cancel_during_long_move(env: Env) -> None:
     assert len(received) == completed
     assert received == env.batch_sops[:completed]  # in instance-number order, no gap
 
-    done = wait_events(env, "dicom.move", lambda e: e["destination"] == PYDEST
+    done = wait_events(env.vault, "dicom.move", lambda e: e["destination"] == PYDEST
                        and is_(e["outcome"], Outcome.MINOR_FAILURE))
     assert done and done[0]["sent"] == completed
 
@@ -882,7 +808,7 @@ def test_refused_move_suboperations_are_not_audited_as_success(env: Env) -> None
     assert final.Status == STATUS_SUBOPERATIONS_FAILED, f"0x{final.Status:04X}"
     assert int(final.NumberOfFailedSuboperations) == 1
     assert int(final.get("NumberOfCompletedSuboperations", 0)) == 0
-    done = wait_events(env, "dicom.move", lambda e: e["destination"] == PYDEST
+    done = wait_events(env.vault, "dicom.move", lambda e: e["destination"] == PYDEST
                        and ct.study_uid in str(e.get("study_uids")))
     assert done, "the refused C-MOVE was not recorded"
     assert not is_(done[-1]["outcome"], Outcome.SUCCESS), done[-1]
@@ -943,11 +869,11 @@ def test_retrieve_with_wildcard_study_uid_moves_and_gets_nothing_dcmtk(env: Env)
         assert "Received C-STORE" not in res.stdout + res.stderr, _ok(res)
         assert list(out.iterdir()) == []
     assert set(env.dest.files()) == before
-    found = wait_events(env, "dicom.move", lambda e: not is_(e["outcome"], Outcome.SUCCESS)
+    found = wait_events(env.vault, "dicom.move", lambda e: not is_(e["outcome"], Outcome.SUCCESS)
                         and e["destination"] == DEST, count=2)
     assert len(found) >= 2
     assert all(e["sent"] == 0 for e in found)
-    gets = wait_events(env, "dicom.get", lambda e: not is_(e["outcome"], Outcome.SUCCESS)
+    gets = wait_events(env.vault, "dicom.get", lambda e: not is_(e["outcome"], Outcome.SUCCESS)
                        and e["ae"] == WS, count=2)
     assert len(gets) >= 2
     assert all(e["sent"] == 0 for e in gets)

@@ -45,6 +45,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.vault import Vault
 from pacsvault.web import render
 from tests import corpus
+from tests.harness.peers import StoreSCP
 from tests.helpers import (
     AE,
     Server,
@@ -74,44 +75,6 @@ class Stored:
     sop_uid: str
     study_uid: str
     syntax: str
-
-
-@dataclass
-class StoreSCP:
-    port: int
-    out: Path
-    proc: subprocess.Popen[bytes]
-
-    def files(self) -> dict[str, Path]:
-        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
-                for p in self.out.iterdir() if p.is_file()}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _start_storescp(ae_title: str, root: Path, *flags: str) -> StoreSCP:
-    out = root / f"scp-{ae_title}"
-    out.mkdir(parents=True)
-    port = free_port()
-    log = open(root / f"scp-{ae_title}.log", "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([dcmtk("storescp"), *flags, "-aet", ae_title, "-od", str(out),
-                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
-    log.close()
-    echo = [dcmtk("echoscu"), "-aec", ae_title, LOCAL, str(port)]
-    deadline = time.monotonic() + 15
-    while subprocess.run(echo, capture_output=True, env=dcmtk_env()).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("storescp did not start")
-        time.sleep(0.1)
-    return StoreSCP(port, out, proc)
 
 
 @dataclass
@@ -156,9 +119,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     server: Server | None = None
     try:
         # +B: written exactly as received, so "as stored" can be checked byte for byte
-        plain = _start_storescp(PLAIN, root, "+B")  # default: uncompressed only
+        plain = StoreSCP.start(PLAIN, root, "+B")  # default: uncompressed only
         scps.append(plain)
-        everything = _start_storescp(ALL, root, "+B", "+xa")
+        everything = StoreSCP.start(ALL, root, "+B", "+xa")
         scps.append(everything)
         v = Vault.open(vault.data, vault.key)
         try:
