@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 USAGE = """usage: python -m bench {compare,ingest,query} [options]
 
@@ -23,8 +22,6 @@ def main(argv: list[str]) -> int:
 
         return compare_main(rest)
     if cmd in ("ingest", "query"):
-        # the single-peer scripts import each other as top-level modules
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         if cmd == "ingest":
             from bench.ingest import main as ingest_main
 

@@ -33,10 +33,19 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+# `python bench/ingest.py`: the repository root holds tests/harness, the dcmtk/ports harness
+# the tests use too (one copy: a fix reaches both)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.harness import peers
+from tests.harness.peers import dcmtk_env, free_port
+
+__all__ = ["DCMTK_ENV", "dcmtk", "free_port", "main", "make_peer_pki", "pacsvault_cmd", "push",
+           "run", "server", "tls_args"]
+
 SCU_AE, SERVER_AE, PEER_AE = "BENCHSCU", "PACSVAULT", "STORESCP"
 SEED = 20240611
 # Debian's dcmtk only disables Nagle when asked; without it every C-STORE waits ~40 ms.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK_ENV = dcmtk_env()
 
 
 @dataclass
@@ -108,23 +117,12 @@ def make_corpus(out: Path, count: int) -> list[Path]:
     return files
 
 
-@functools.cache
 def dcmtk(name: str) -> str:
-    """Return dcmtk's ``name``; pynetdicom installs same-named console scripts that shadow it."""
-    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]
-    for d in dict.fromkeys(dirs):
-        cand = Path(d) / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                out = subprocess.run(
-                    [cand, "--version"], capture_output=True, text=True, timeout=20, check=False
-                )
-                if "dcmtk" in (out.stdout + out.stderr).lower():
-                    return str(cand)
-    sys.exit(
-        f"error: dcmtk '{name}' not found on PATH (pynetdicom's script of the same name "
-        "does not count). Install it with: apt-get install -y dcmtk"
-    )
+    """dcmtk's ``name`` (tests/harness/peers.py), or exit with how to install it."""
+    try:
+        return peers.dcmtk(name)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
 
 
 @functools.cache
@@ -135,12 +133,6 @@ def pacsvault_cmd() -> tuple[str, ...]:
     if exe := shutil.which("pacsvault"):
         return (exe,)
     sys.exit("error: pacsvault is not importable; run `pip install -e .` first")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(cmd: list[str]) -> str:

@@ -47,8 +47,9 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore
 from sqlalchemy import insert, text
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import DCMTK_ENV, dcmtk, free_port, pacsvault_cmd, run, server
+# `python bench/query.py`: the repository root holds the bench package and tests/harness
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.ingest import DCMTK_ENV, dcmtk, free_port, pacsvault_cmd, run, server
 
 SERVER_AE, SCU_AE, SCU_TLS_AE = "PACSVAULT", "BENCHWS", "BENCHWSTLS"
 SEED = 20240612

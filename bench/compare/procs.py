@@ -1,4 +1,8 @@
-"""Processes: start/stop servers by PID, RSS sampling, tools, sizes, ports."""
+"""Processes: start/stop servers by PID, RSS sampling, tools, sizes, ports.
+
+dcmtk, its environment (``DCMTK_ENV``: Debian's dcmtk and Orthanc, built on it, only disable
+Nagle when asked) and free ports come from the harness the tests use (tests/harness/peers.py,
+through bench/ingest.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.ingest import dcmtk, free_port
+from bench.ingest import DCMTK_ENV, dcmtk, free_port
 
 __all__ = ["DCMTK_ENV", "RssSampler", "Service", "dcmtk", "dir_size", "free_port",
            "wait_port"]
-
-# Debian's dcmtk (and Orthanc, which is built on it) only disable Nagle when asked.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
