@@ -24,10 +24,10 @@ Left where they are, registered in ``UPSTREAM`` (and verified by the test):
 - ``dicom/reactor``: copies of pynetdicom's two polling loops and its PDU reader, in
   subclasses swapped in per association by ``accelerate`` (300 lines of loop code that
   belong with the resource budget they enforce; nothing global is changed);
-- ``dicom/server``: ``_ContextList``/``_copy_context`` (pynetdicom deep-copies the
+- ``dicom/listener``: ``ContextList``/``copy_context`` (pynetdicom deep-copies the
   server's contexts for each association; ours copy ``PresentationContext._transfer_syntax``
-  only), ``_PolicyACSE``, ``_PolicyRequestHandler`` and ``_file_meta`` (pynetdicom's
-  ``encode_file_meta``, byte for byte);
+  only), ``PolicyACSE``, ``PolicyRequestHandler``; ``dicom/part10``: ``file_meta``
+  (pynetdicom's ``encode_file_meta``, byte for byte);
 - ``dicomfile/parse``: pydicom's ``reading_validation_mode`` set to IGNORE at its import
   (a public setting; the bottom DICOM-file layer must not import this network-side
   module). ``pydicom_settings_applied`` lets the test verify it;
@@ -71,15 +71,15 @@ UPSTREAM: dict[str, str] = {
     # reactor.BulkSocket.recv replaces it
     "pynetdicom.transport.AssociationSocket.recv":
         "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
-    # server._PolicyRequestHandler; its deepcopy of the contexts -> server._ContextList
+    # listener.PolicyRequestHandler; its deepcopy of the contexts -> listener.ContextList
     "pynetdicom.transport.RequestHandler._create_association":
         "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
     "pynetdicom.transport.RequestHandler.handle":
         "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
-    # server._PolicyACSE
+    # listener.PolicyACSE
     "pynetdicom.acse.ACSE._negotiate_as_acceptor":
         "fffd360957c42a8ed89284cf1b1b734527c9be60253950777a0330c0f2be692e",
-    # server._copy_context: the private list behind this property
+    # listener.copy_context: the private list behind this property
     "pynetdicom.presentation.PresentationContext.transfer_syntax":
         "469b45a2f34fd9f5fc253354d325714e77e67f878f0c0b8c913fba7ee21035a0",
     # register_server: AE._servers as start_server fills it and shutdown empties it
@@ -97,7 +97,7 @@ UPSTREAM: dict[str, str] = {
     # wrap_associate: the C-MOVE SCP passes the handler's kwargs to AE.associate
     "pynetdicom.service_class.QueryRetrieveServiceClass._move_scp":
         "5c14d1be3d737befcc148893bcd529a03695e82f8f943f19b640ff4f32382742",
-    # server._file_meta writes what this writes
+    # part10.file_meta writes what this writes
     "pynetdicom.dsutils.encode_file_meta":
         "9c08a44b26b58301a092a9641c35b8c6f471eab40bedca1dea31cf19e9169e7c",
     # dicomfile/inflate: the private meta reader it calls, and the deflate path it replaces

@@ -3,50 +3,36 @@
 Built on pynetdicom the way it is meant to be extended: a server class (connection
 filtering, TLS handshake moved off the accept loop), a request handler (per-connection
 peer facts), an ACSE subclass (association policy before negotiation), and event handlers
-for the DIMSE services.
+for the DIMSE services. The first three live in ``dicom/listener`` and the Part 10 header of
+received datasets in ``dicom/part10``; this module is the service that owns them (the AE,
+the listeners' start and stop, sealed mode, per-association state, the DIMSE handlers).
+Statuses come from ``dicom/status``.
 """
 
 from __future__ import annotations
 
-import copy
-import io
 import logging
-import socket
 import ssl
-import struct
 import threading
 import weakref
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
-from pynetdicom import (
-    AE,
-    DEFAULT_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    evt,
-)
-from pynetdicom.acse import ACSE
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
-from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom import patches
 from pacsvault.dicom.assoc import AssocState
-from pacsvault.dicom.limits import (
-    ConnectionBudget,
-    ConnectionGuard,
-    KnownHosts,
-    ReadLimits,
-    Ticket,
-)
+from pacsvault.dicom.limits import ConnectionBudget, KnownHosts, ReadLimits
+from pacsvault.dicom.listener import ContextList, PolicyRequestHandler, PolicyServer
 from pacsvault.dicom.negotiation import Preferences, preference_for
+from pacsvault.dicom.part10 import file_meta, part10
 from pacsvault.dicom.policy import AssociationPolicy, Peer
 from pacsvault.dicom.qr import (
     FIND_CLASSES,
@@ -56,7 +42,6 @@ from pacsvault.dicom.qr import (
     denied_contexts,
     store_outcome,
 )
-from pacsvault.dicom.reactor import FastAssociation, accelerate
 from pacsvault.dicom.status import (
     NOT_AUTHORIZED,
     PROCESSING_FAILURE,
@@ -72,8 +57,6 @@ from pacsvault.vault import Vault
 
 log = logging.getLogger("pacsvault.dicom")
 
-TLS_HANDSHAKE_TIMEOUT = 15.0
-
 # Received datasets stay in memory: pynetdicom's chunked mode would spool them, in clear,
 # to a temporary file. Query identifiers (names, IDs) must not reach its log either.
 # (``patches.PYNETDICOM_CONFIG``; refuses library versions the patches were not written for.)
@@ -81,6 +64,11 @@ patches.configure_pynetdicom()
 
 
 _AssocState = AssocState  # moved to ``dicom/assoc`` (shared with ``qr``)
+
+# Moved to ``dicom/listener`` and ``dicom/part10`` (issue 15); the old names stay here
+# for the tests and tools that import them.
+_ContextList = ContextList
+_file_meta = file_meta
 
 
 class DicomService:
@@ -137,7 +125,7 @@ class DicomService:
         ae.acse_timeout = settings.dicom.association_timeout
         ae.dimse_timeout = settings.dicom.network_timeout
         # pynetdicom counts every connection thread, associated or not, against this:
-        # our ConnectionBudget counts association slots instead (see _PolicyACSE).
+        # our ConnectionBudget counts association slots instead (see listener.PolicyACSE).
         ae.maximum_associations = 1 << 30
         return ae
 
@@ -190,20 +178,20 @@ class DicomService:
     ) -> int:
         service = self
 
-        class Handler(_PolicyRequestHandler):
+        class Handler(PolicyRequestHandler):
             pv_service = service
             pv_tls = ctx
 
         server = self.ae.make_server(
             (bind, port),
             evt_handlers=handlers,
-            server_class=_PolicyServer,
+            server_class=PolicyServer,
             request_handler=Handler,
         )
-        assert isinstance(server, _PolicyServer)
+        assert isinstance(server, PolicyServer)
         server._pv_tickets = {}
         server._pv_lock = threading.Lock()
-        server.contexts = _ContextList(server.contexts)
+        server.contexts = ContextList(server.contexts)
         server.pv_service = self
         server.pv_tls = ctx is not None
         thread = threading.Thread(
@@ -262,7 +250,8 @@ class DicomService:
 
     # --- per-association state -----------------------------------------------------
 
-    def _register(self, assoc: Association, peer: Peer) -> None:
+    def register(self, assoc: Association, peer: Peer) -> None:
+        """A new association's bookkeeping (called by ``listener.PolicyRequestHandler``)."""
         with self._lock:
             self._states[assoc] = _AssocState(peer)
 
@@ -436,229 +425,3 @@ class DicomService:
             state, "dicom.store.association", outcome, EventCode.INSTANCES_TRANSFERRED,
             study_uids=tuple(sorted(state.studies)), detail=dict(sorted(state.outcomes.items())),
         )
-
-
-def _element(tag: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element of group 0002."""
-    group, elem = tag >> 16, tag & 0xFFFF
-    if vr in (b"OB", b"UN", b"OW", b"SQ", b"UT", b"UC", b"UR"):
-        return struct.pack("<HH2sHI", group, elem, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """The preamble, prefix and group 0002 exactly as pynetdicom's ``encode_file_meta``
-    writes them (proved by a test), without building pydicom datasets per image."""
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    if len(version) % 2:
-        version += b" "
-    body = b"".join((
-        _element(0x00020001, b"OB", b"\x00\x01"),
-        _element(0x00020002, b"UI", _ui(sop_class)),
-        _element(0x00020003, b"UI", _ui(sop_instance)),
-        _element(0x00020010, b"UI", _ui(transfer_syntax)),
-        _element(0x00020012, b"UI", _ui(PYNETDICOM_IMPLEMENTATION_UID)),
-        _element(0x00020013, b"SH", version),
-    ))
-    length = _element(0x00020000, b"UL", struct.pack("<I", len(body)))
-    return b"\x00" * 128 + b"DICM" + length + body
-
-
-def part10(event: evt.Event) -> bytes:
-    """The received C-STORE dataset as a Part 10 stream (``encoded_dataset(True)``)."""
-    request = event.request
-    assert isinstance(request, C_STORE)
-    uids = (str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
-            str(event.context.transfer_syntax or ""))
-    data = request.DataSet
-    if not isinstance(data, io.BytesIO) or not all(
-            0 < len(u) <= 64 and u.isascii() and "\x00" not in u for u in uids):
-        return bytes(event.encoded_dataset(include_meta=True))
-    view = data.getbuffer()
-    try:
-        return b"".join((_file_meta(*uids), view))
-    finally:
-        view.release()
-
-
-class _PolicyServer(ThreadedAssociationServer):
-    """Filters connections by source address; TLS happens in the connection's thread."""
-
-    pv_service: DicomService
-    pv_tls: bool
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        # Not wrapped here: a handshake in the accept loop would let one slow client
-        # stall every other connection.
-        assert self.socket is not None
-        return self.socket.accept()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        peer = Peer(str(client_address[0]), int(client_address[1]), self.pv_tls)
-        if not self.pv_service.policy.connection_allowed(peer):
-            return False
-        # Runs in the accept loop, before a byte is read: the connection's budget.
-        ticket = self.pv_service.budget.admit(peer.address)
-        if isinstance(ticket, str):
-            self.pv_service.refused(peer.address, ticket,
-                                    {"port": "tls" if self.pv_tls else "plain"})
-            return False
-        with self._pv_lock:
-            self._pv_tickets[request] = ticket
-        return True
-
-    _pv_lock = threading.Lock()
-    _pv_tickets: dict[Any, Ticket]
-
-    def take_ticket(self, request: Any) -> Ticket | None:
-        with self._pv_lock:
-            return self._pv_tickets.pop(request, None)
-
-
-class _PolicyRequestHandler(RequestHandler):
-    pv_service: DicomService
-    pv_tls: ssl.SSLContext | None = None
-    _pv_ticket: Ticket | None = None
-    _pv_handed_over = False
-
-    def setup(self) -> None:
-        server = self.server
-        assert isinstance(server, _PolicyServer)
-        self._pv_ticket = server.take_ticket(self.request)
-
-    def finish(self) -> None:
-        # A failed TLS handshake (or anything before the association thread took over)
-        # gives its budget back here; otherwise the association thread does at its end.
-        if self._pv_ticket is not None and not self._pv_handed_over:
-            self.pv_service.budget.release(self._pv_ticket)
-
-    def handle(self) -> None:
-        address, port = str(self.client_address[0]), int(self.client_address[1])
-        # DIMSE is request/response: Nagle would hold each small reply ~40 ms.
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        has_cert = False
-        certificate: PeerCertificate | None = None
-        cipher = ""
-        if self.pv_tls is not None:
-            raw = self.request
-            # The handshake is the connection's first phase: its deadline applies.
-            raw.settimeout(min(TLS_HANDSHAKE_TIMEOUT, self.pv_service.read_limits.connect_timeout))
-            ctx = self.pv_service.tls_context_for(address, self.pv_tls)
-            try:
-                wrapped = ctx.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                # One by one at a human pace, counted in a flood (audit/refusals).
-                self.pv_service.refusals.burst(
-                    AuditEvent(
-                        action="dicom.tls.handshake_failed",
-                        outcome=Outcome.MINOR_FAILURE,
-                        code=EventCode.SECURITY_ALERT,
-                        actor_address=address,
-                        message=getattr(exc, "reason", None) or type(exc).__name__,
-                    )
-                )
-                raw.close()
-                return
-            wrapped.settimeout(None)
-            # The verified client certificate itself (the dict form is empty for a
-            # certificate it cannot map): the policy binds it to the calling AE.
-            der = wrapped.getpeercert(binary_form=True)
-            certificate = peer_certificate(der) if der else None
-            has_cert = certificate is not None
-            negotiated = wrapped.cipher()
-            cipher = negotiated[0] if negotiated else ""
-            self.request = wrapped
-        self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert, certificate,
-                             cipher)
-        super().handle()
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        ticket = self._pv_ticket
-        service = self.pv_service
-        guard = None
-        if ticket is not None:
-            guard = ConnectionGuard(
-                limits=service.read_limits, address=ticket.address,
-                port="tls" if self.pv_tls is not None else "plain", ticket=ticket,
-                budget=service.budget, on_refusal=service.refused,
-            )
-            self._pv_handed_over = True
-        accelerate(assoc, guard)
-        assert isinstance(assoc, FastAssociation)
-        assoc._pv_intercept = service.intercept
-        self.pv_service._register(assoc, self._pv_peer)
-        assoc.acse = _PolicyACSE(assoc, self.pv_service)
-        return assoc
-
-
-def _copy_context(cx: PresentationContext) -> PresentationContext:
-    new = copy.copy(cx)
-    # The only part an association changes. The private list, not the public setter: the
-    # setter re-validates every UID with a regex, as slow as the deep copy it replaces.
-    new._transfer_syntax = list(cx._transfer_syntax)
-    return new
-
-
-class _ContextList(list[PresentationContext]):
-    """The server's supported contexts, cheap to copy for each association.
-
-    pynetdicom deep-copies them for every association it accepts: with every storage
-    class in both roles and every transfer syntax (170 x 39) that was ~146 ms per
-    association, most of a C-FIND's latency. Each context's own transfer-syntax list is
-    all that an association changes (``restrict_contexts`` reorders it), so a shallow copy
-    of each context with a new list keeps associations isolated at ~1 ms.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return [_copy_context(cx) for cx in self]
-
-
-class _PolicyACSE(ACSE):
-    """Applies the association policy before pynetdicom's own negotiation."""
-
-    def __init__(self, assoc: Association, service: DicomService) -> None:
-        super().__init__(assoc)
-        self._pv_service = service
-
-    def _negotiate_as_acceptor(self) -> None:
-        rq = self.requestor.primitive
-        if rq is None:  # pynetdicom only calls us with a request; keep its own handling
-            super()._negotiate_as_acceptor()
-            return
-        self.requestor.ae_title = rq.calling_ae_title
-        try:
-            allowed, reason = self._pv_service.decide(
-                self.assoc, str(rq.calling_ae_title), str(rq.called_ae_title)
-            )
-        except Exception as exc:
-            # An index that cannot answer this moment must not leave the peer waiting for
-            # its ACSE timeout with no answer: a transient rejection, which a modality
-            # retries (PS3.8 9.3.4); the log names the failure, not the peer's data.
-            log.error("association check failed (%s); rejected as transient",
-                      type(exc).__name__)
-            self.send_reject(0x02, 0x01, 0x01)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        if not allowed:
-            self.send_reject(0x01, 0x01, reason)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        guard = getattr(self.assoc.dul, "_pv_guard", None)
-        if guard is not None and not self._pv_service.budget.associate(guard.ticket):
-            # Every association slot is taken by accepted associations (half-open
-            # connections never hold one): transient, local limit exceeded (PS3.8 9.3.4).
-            guard.refuse("local-limit", {"ae": str(rq.calling_ae_title).strip()[:16]})
-            self.send_reject(0x02, 0x03, 0x02)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        self._pv_service.restrict_contexts(self.assoc, rq.presentation_context_definition_list)
-        super()._negotiate_as_acceptor()
