@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
@@ -35,12 +35,10 @@ from pacsvault.storage.erasure import (
 )
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
-from pacsvault.web.principal import Principal
-from pacsvault.web.ui import PageRole, _accounts, _page, _redirect, _vault
+from pacsvault.web.kit import AdminPage, accounts_of, page, redirect, vault_of
 
 router = APIRouter()
 
-AdminPage = Annotated[Principal, Depends(PageRole("admin"))]
 Field = Annotated[str, Form(max_length=128)]
 Reason = Annotated[str, Form(max_length=2000)]
 ERASURE = "/admin/erasure"
@@ -61,8 +59,8 @@ NOTICES = {
 
 
 def _eraser(request: Request) -> Eraser:
-    vault = _vault(request)
-    return Eraser(vault, vault.archive, _accounts(request))
+    vault = vault_of(request)
+    return Eraser(vault, vault.archive, accounts_of(request))
 
 
 def _message(exc: ErasureError, _: Gettext) -> str:
@@ -94,7 +92,7 @@ def _erasure_page(request: Request, *, patient_id: str = "", issuer: str = "",
     eraser = _eraser(request)
     eraser.finish_pending()  # files of an erasure a crash interrupted
     expired = eraser.expired()
-    _vault(request).recorder.emit(AuditEvent(
+    vault_of(request).recorder.emit(AuditEvent(
         action="patient.retention.listed", outcome=Outcome.SUCCESS, code=EventCode.QUERY,
         actor_user=getattr(getattr(request.state, "principal", None), "user", ""),
         actor_address=client_address(request),
@@ -104,14 +102,14 @@ def _erasure_page(request: Request, *, patient_id: str = "", issuer: str = "",
     ))
     rules = eraser.rules
     solo = rules.solo_practice and len(eraser.admins()) <= 1
-    return _page(request, "admin_erasure.html", status, nav="admin", admin_nav="erasure",
-                 patient_id=patient_id, issuer=issuer, target=target, message=message,
-                 message_kind=kind, reason=reason, basis=basis or RETENTION_ENDED,
-                 bases=list(LEGAL_BASES), basis_names=BASIS_NAMES, expired=expired,
-                 pending=eraser.requests(pending_only=True),
-                 recent=[r for r in eraser.requests(limit=20) if r.status != "pending"],
-                 solo=solo, me=getattr(getattr(request.state, "principal", None), "user", ""),
-                 rules=rules)
+    return page(request, "admin_erasure.html", status, nav="admin", admin_nav="erasure",
+                patient_id=patient_id, issuer=issuer, target=target, message=message,
+                message_kind=kind, reason=reason, basis=basis or RETENTION_ENDED,
+                bases=list(LEGAL_BASES), basis_names=BASIS_NAMES, expired=expired,
+                pending=eraser.requests(pending_only=True),
+                recent=[r for r in eraser.requests(limit=20) if r.status != "pending"],
+                solo=solo, me=getattr(getattr(request.state, "principal", None), "user", ""),
+                rules=rules)
 
 
 @router.get(ERASURE)
@@ -121,7 +119,7 @@ def erasure_page(request: Request, principal: AdminPage, patient_id: str = "",
     text = ""
     if notice in NOTICES and request_id.isdigit():
         # Only a notice the index confirms (a crafted link cannot announce anything).
-        with _vault(request).sessions() as s:
+        with vault_of(request).sessions() as s:
             row = s.get(ErasureRequest, int(request_id))
         wanted = {"requested": "pending", "cancelled": "cancelled", "done": "done"}[notice]
         if row is not None and row.status == wanted:
@@ -158,7 +156,7 @@ def request_erasure(request: Request, principal: AdminPage, patient_id: Field = 
                                               address=client_address(request))
     except ErasureError as exc:
         return _again(request, exc, patient_id, issuer, reason, basis)
-    return _redirect(f"{ERASURE}?{urlencode({'notice': 'requested', 'request_id': request_id})}")
+    return redirect(f"{ERASURE}?{urlencode({'notice': 'requested', 'request_id': request_id})}")
 
 
 @router.post(f"{ERASURE}/expired")
@@ -169,7 +167,7 @@ def request_expired(request: Request, principal: AdminPage, reason: Reason = "")
             address=client_address(request))
     except ErasureError as exc:
         return _again(request, exc, "", "", reason, RETENTION_ENDED)
-    return _redirect(f"{ERASURE}?{urlencode({'notice': 'requested', 'request_id': request_id})}")
+    return redirect(f"{ERASURE}?{urlencode({'notice': 'requested', 'request_id': request_id})}")
 
 
 def _request_number(value: str) -> int:
@@ -190,7 +188,7 @@ def confirm_erasure(request: Request, principal: AdminPage, request_id: Field = 
                                           address=client_address(request), via="web")
     except ErasureError as exc:
         return _erasure_page(request, status=400, message=_message(exc, _))
-    return _redirect(f"{ERASURE}?{urlencode({'notice': 'done', 'request_id': result.request})}")
+    return redirect(f"{ERASURE}?{urlencode({'notice': 'done', 'request_id': result.request})}")
 
 
 @router.post(f"{ERASURE}/cancel")
@@ -201,7 +199,7 @@ def cancel_erasure(request: Request, principal: AdminPage, request_id: Field = "
         _eraser(request).cancel(number, actor=principal.user, address=client_address(request))
     except ErasureError as exc:
         return _erasure_page(request, status=400, message=_message(exc, _))
-    return _redirect(f"{ERASURE}?{urlencode({'notice': 'cancelled', 'request_id': number})}")
+    return redirect(f"{ERASURE}?{urlencode({'notice': 'cancelled', 'request_id': number})}")
 
 
 @router.post(f"{ERASURE}/solo")
@@ -214,4 +212,4 @@ def solo_erasure(request: Request, principal: AdminPage, patient_id: Field = "",
                                              address=client_address(request), via="web")
     except ErasureError as exc:
         return _again(request, exc, patient_id, issuer, reason, basis)
-    return _redirect(f"{ERASURE}?{urlencode({'notice': 'done', 'request_id': result.request})}")
+    return redirect(f"{ERASURE}?{urlencode({'notice': 'done', 'request_id': result.request})}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from sqlalchemy import select
 from starlette.responses import Response
 
@@ -29,12 +29,11 @@ from pacsvault.index.models import Node
 from pacsvault.index.nodes import ROLES, NodeError, NodeInfo, NodeRegistry
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
+from pacsvault.web.kit import AdminPage, page, redirect, vault_of
 from pacsvault.web.principal import Principal
-from pacsvault.web.ui import PageRole, _page, _redirect, _vault
 
 router = APIRouter()
 
-AdminPage = Annotated[Principal, Depends(PageRole("admin"))]
 Field = Annotated[str, Form(max_length=256)]
 NODES = "/admin/nodes"
 ROLE_NAMES = {"store": N_("send images (store)"), "query": N_("search (query)"),
@@ -80,7 +79,7 @@ class NodeForm:
 
 
 def _registry(request: Request) -> NodeRegistry:
-    return _vault(request).nodes
+    return vault_of(request).nodes
 
 
 def check_form(form: NodeForm, _: Gettext, *, new: bool,
@@ -123,7 +122,7 @@ def check_form(form: NodeForm, _: Gettext, *, new: bool,
 
 def _event(request: Request, principal: Principal, action: str, ae_title: str,
            **detail: str | bool) -> None:
-    _vault(request).recorder.emit(AuditEvent(
+    vault_of(request).recorder.emit(AuditEvent(
         action=action, outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
         actor_user=principal.user, actor_address=client_address(request),
         detail={"node": ae_title, **detail, "via": "web"},
@@ -132,18 +131,18 @@ def _event(request: Request, principal: Principal, action: str, ae_title: str,
 
 def _nodes_page(request: Request, form: NodeForm | None = None, status: int = 200,
                 message: str = "", message_kind: str = "error") -> Response:
-    return _page(request, "admin_nodes.html", status, nodes=_registry(request).all(),
-                 form=form or NodeForm(), roles=ROLES, node_roles=ROLE_NAMES,
-                 field_errors=(form.errors if form else {}), message=message,
-                 message_kind=message_kind, nav="admin", admin_nav="nodes",
-                 our_ae=_vault(request).settings.server.ae_title)
+    return page(request, "admin_nodes.html", status, nodes=_registry(request).all(),
+                form=form or NodeForm(), roles=ROLES, node_roles=ROLE_NAMES,
+                field_errors=(form.errors if form else {}), message=message,
+                message_kind=message_kind, nav="admin", admin_nav="nodes",
+                our_ae=vault_of(request).settings.server.ae_title)
 
 
 def _edit_page(request: Request, form: NodeForm, status: int = 200,
                message: str = "") -> Response:
-    return _page(request, "admin_node_edit.html", status, form=form, roles=ROLES,
-                 node_roles=ROLE_NAMES, field_errors=form.errors, message=message,
-                 nav="admin", admin_nav="nodes")
+    return page(request, "admin_node_edit.html", status, form=form, roles=ROLES,
+                node_roles=ROLE_NAMES, field_errors=form.errors, message=message,
+                nav="admin", admin_nav="nodes")
 
 
 def _form(ae_title: str, host: str, port: str, tls: str, client_cert: str,
@@ -181,7 +180,7 @@ def add_node(request: Request, principal: AdminPage, ae_title: Field = "", host:
                                     "registered.").format(ae=form.ae_title)
         return _nodes_page(request, form, 400, form.errors["ae_title"])
     _event(request, principal, "node.add", info.ae_title, roles=",".join(info.roles))
-    return _redirect(f"{NODES}?{_notice('added', info.ae_title)}")
+    return redirect(f"{NODES}?{_notice('added', info.ae_title)}")
 
 
 def _notice(kind: str, ae_title: str) -> str:
@@ -216,13 +215,13 @@ def edit_node(request: Request, principal: AdminPage, ae_title: Field = "", host
         raise HTTPException(404, "not found") from None
     if form.port_number() is None and info.port is not None:
         # The registry keeps a port it is not given; an emptied field means "no port".
-        with _vault(request).sessions.begin() as s:
+        with vault_of(request).sessions.begin() as s:
             row = s.scalar(select(Node).where(Node.ae_title == info.ae_title))
             if row is not None:
                 row.port = None
     _event(request, principal, "node.set", info.ae_title, roles=",".join(info.roles),
            tls=info.tls, client_cert=info.client_cert)
-    return _redirect(f"{NODES}?{_notice('saved', info.ae_title)}")
+    return redirect(f"{NODES}?{_notice('saved', info.ae_title)}")
 
 
 @router.post(f"{NODES}/remove")
@@ -232,4 +231,4 @@ def remove_node(request: Request, principal: AdminPage, ae_title: Field = "") ->
     except NodeError:
         raise HTTPException(404, "not found") from None
     _event(request, principal, "node.remove", ae_title.strip())
-    return _redirect(f"{NODES}?{_notice('removed', ae_title.strip())}")
+    return redirect(f"{NODES}?{_notice('removed', ae_title.strip())}")

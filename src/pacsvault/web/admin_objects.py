@@ -20,7 +20,7 @@ import contextlib
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
 from pacsvault.index.models import ObjectAction
@@ -35,12 +35,11 @@ from pacsvault.storage.removal import (
 )
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
+from pacsvault.web.kit import AdminPage, page, redirect, vault_of
 from pacsvault.web.principal import Principal
-from pacsvault.web.ui import PageRole, _page, _redirect, _vault
 
 router = APIRouter()
 
-AdminPage = Annotated[Principal, Depends(PageRole("admin"))]
 Field = Annotated[str, Form(max_length=128)]
 Reason = Annotated[str, Form(max_length=2000)]
 OBJECTS = "/admin/objects"
@@ -55,7 +54,7 @@ NOTICES = {
 
 
 def _remover(request: Request) -> Remover:
-    vault = _vault(request)
+    vault = vault_of(request)
     return Remover(vault.engine, vault.objects, vault.recorder, vault.archive)
 
 
@@ -81,10 +80,10 @@ def _objects_page(request: Request, *, level: str = "study", uid: str = "",
                   status: int = 200, reason: str = "") -> Response:
     remover = _remover(request)
     remover.finish_pending()  # files of a removal a crash interrupted
-    return _page(request, "admin_objects.html", status, nav="admin", admin_nav="objects",
-                 levels=LEVELS, level_names=LEVEL_NAMES, level=level, uid=uid, plan=plan,
-                 message=message, message_kind=kind, reason=reason,
-                 quarantined=remover.quarantined(), recent=remover.recent())
+    return page(request, "admin_objects.html", status, nav="admin", admin_nav="objects",
+                levels=LEVELS, level_names=LEVEL_NAMES, level=level, uid=uid, plan=plan,
+                message=message, message_kind=kind, reason=reason,
+                quarantined=remover.quarantined(), recent=remover.recent())
 
 
 @router.get(OBJECTS)
@@ -94,7 +93,7 @@ def objects_page(request: Request, principal: AdminPage, level: str = "study",
     text, kind = "", "ok"
     if notice in NOTICES and record.isdigit():
         # Only a notice the index confirms (a crafted link cannot announce anything).
-        with _vault(request).sessions() as s:
+        with vault_of(request).sessions() as s:
             row = s.get(ObjectAction, int(record))
         if row is not None and row.action == notice:
             text = _(NOTICES[notice]) % {"count": row.instances, "record": row.id}
@@ -140,7 +139,7 @@ def delete_object(request: Request, principal: AdminPage, level: Field = "", uid
     except RemovalError as exc:
         return _objects_page(request, level=level, uid=uid, plan=plan, status=400,
                              reason=reason, message=_message(exc, _))
-    return _redirect(f"{OBJECTS}?{urlencode({'notice': 'delete', 'record': done.action_id})}")
+    return redirect(f"{OBJECTS}?{urlencode({'notice': 'delete', 'record': done.action_id})}")
 
 
 def _quarantine(request: Request, principal: Principal, uid: str, reason: str,
@@ -161,7 +160,7 @@ def _quarantine(request: Request, principal: Principal, uid: str, reason: str,
         return _objects_page(request, level="instance", uid=uid, plan=plan, status=400,
                              reason=reason, message=_message(exc, _))
     notice = "quarantine" if hide else "release"
-    return _redirect(f"{OBJECTS}?{urlencode({'notice': notice, 'record': change.action_id})}")
+    return redirect(f"{OBJECTS}?{urlencode({'notice': notice, 'record': change.action_id})}")
 
 
 @router.post(f"{OBJECTS}/quarantine")

@@ -18,17 +18,20 @@ from pacsvault.audit import AuditUnavailable
 from pacsvault.sealed import web as sealed_web
 from pacsvault.vault import Vault
 from pacsvault.web import (
+    account,
+    admin_api,
     admin_erasure,
     admin_health,
     admin_nodes,
     admin_objects,
+    admin_users,
     audit_page,
     deps,
     dicomweb,
     pages,
     passkey_routes,
     security,
-    ui,
+    signin,
     viewer,
 )
 
@@ -38,7 +41,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
         title="pacsvault",
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,  # served to admins only (see ui), never anonymously
+        openapi_url=None,  # served to admins only (see admin_api), never anonymously
     )
     app.state.vault = vault
     app.state.accounts = accounts
@@ -46,7 +49,11 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     # The hosts a passkey may be bound to: the server certificate's names (and loopback).
     app.state.passkey_hosts = frozenset(certificate_names(vault.layout.tls.server_cert))
     app.include_router(dicomweb.router)
-    app.include_router(ui.router)
+    # sign-in, account, user administration, admin API: one router each, in this order
+    app.include_router(signin.router)
+    app.include_router(account.router)
+    app.include_router(admin_users.router)
+    app.include_router(admin_api.router)
     app.include_router(passkey_routes.router)
     app.include_router(audit_page.router)
     app.include_router(admin_nodes.router)

@@ -19,8 +19,8 @@ from pacsvault.audit.query import AuditFilter, select_records
 from pacsvault.audit.trail import Record
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import gettext
+from pacsvault.web.kit import PageRole, page, vault_of
 from pacsvault.web.principal import Principal
-from pacsvault.web.ui import PageRole, _page, _vault
 
 router = APIRouter()
 
@@ -50,14 +50,14 @@ def _row(rec: Record) -> dict[str, Any]:
 def _audit_page(request: Request, values: dict[str, str], records: list[Record],
                 status: int = 200, message: str = "") -> Response:
     rows = [_row(r) for r in reversed(records[-SHOWN:])]
-    return _page(request, "audit.html", status, values=values, rows=rows,
-                 total=len(records), shown=len(rows), message=message, nav="audit",
-                 field_errors={"since": message} if message else {})
+    return page(request, "audit.html", status, values=values, rows=rows,
+                total=len(records), shown=len(rows), message=message, nav="audit",
+                field_errors={"since": message} if message else {})
 
 
 @router.get("/audit")
 def audit_page(request: Request, principal: AuditorPage) -> Response:
-    records = select_records(_vault(request), AuditFilter())
+    records = select_records(vault_of(request), AuditFilter())
     return _audit_page(request, dict.fromkeys(FIELDS, ""), records)
 
 
@@ -78,7 +78,7 @@ def audit_search(request: Request, principal: AuditorPage, patient: FormField = 
     flt = AuditFilter(patient=values["patient"] or None, study=values["study"] or None,
                       user=values["user"] or None, node=values["node"] or None,
                       action=values["action"] or None, since=start, until=end)
-    vault = _vault(request)
+    vault = vault_of(request)
     records = select_records(vault, flt)
     if flt.names_patient_data:
         vault.recorder.emit(AuditEvent(

@@ -1,6 +1,6 @@
 """Passkey (WebAuthn) routes: JSON endpoints for ``static/passkey.js``, one form.
 
-Sign-in (the pending session of ``ui``'s password step; like the other sign-in steps these
+Sign-in (the pending session of ``signin``'s password step; like the other sign-in steps these
 need no role, the ticket is the credential):
 
 * ``POST /login/passkey/options``: request options for the ticket's user;
@@ -38,17 +38,27 @@ from pacsvault.accounts.passkeys import (
     relying_party,
 )
 from pacsvault.accounts.service import AuthOutcome, AuthResult
-from pacsvault.web import i18n, ui
+from pacsvault.web import i18n
+from pacsvault.web.account import account_page
 from pacsvault.web.deps import client_address, require_role
 from pacsvault.web.i18n import N_
+from pacsvault.web.kit import ACCOUNT, HOME, LOGIN, PageRole, redirect
 from pacsvault.web.principal import Principal
 from pacsvault.web.sessions import Stage, WebSession
+from pacsvault.web.signin import (
+    LOGIN_FAILED,
+    SIGN_IN_EXPIRED,
+    locked,
+    set_cookie,
+    signed_in_session,
+    throttle_message,
+)
 
 router = APIRouter()
 
 MAX_BODY = 64 * 1024
 SignedInApi = Annotated[Principal, Depends(require_role(None))]
-SignedInPage = Annotated[Principal, Depends(ui.PageRole(None))]
+SignedInPage = Annotated[Principal, Depends(PageRole(None))]
 
 
 def _passkeys(request: Request) -> Passkeys:
@@ -98,7 +108,7 @@ PASSKEY_REFUSED = N_("The passkey could not be used.")
 
 
 def _expired(request: Request) -> JSONResponse:
-    return _error(401, i18n.gettext(request)(ui.SIGN_IN_EXPIRED), next=ui.LOGIN)
+    return _error(401, i18n.gettext(request)(SIGN_IN_EXPIRED), next=LOGIN)
 
 
 def _refused_passkey(request: Request, exc: PasskeyError | None = None) -> JSONResponse:
@@ -156,29 +166,29 @@ def _login_verify(request: Request, session: WebSession, credential: str) -> Res
 
 def _refused(request: Request, result: AuthResult) -> JSONResponse:
     _ = i18n.gettext(request)
-    if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or ui._locked(result):
-        message, retry = ui._throttle_message(result, _)
-        extra = {"next": ui.LOGIN} if ui._locked(result) else {}
+    if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or locked(result):
+        message, retry = throttle_message(result, _)
+        extra = {"next": LOGIN} if locked(result) else {}
         return _error(429, message, {"Retry-After": str(retry)}, **extra)
-    message = _(ui.LOGIN_FAILED)
+    message = _(LOGIN_FAILED)
     headers: dict[str, str] = {}
     if result.decision is not None and not result.decision.allowed:
-        wait, retry = ui._throttle_message(result, _)
+        wait, retry = throttle_message(result, _)
         message = f"{message} {wait}"
         headers["Retry-After"] = str(math.ceil(retry))
     return _error(401, message, headers)
 
 
 def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:
-    """As ``ui._signed_in``: a new session id for the signed-in session; the script goes
+    """As ``signin._signed_in``: a new session id for the signed-in session; the script goes
     where the browser was going (or to the recovery codes of a passkey enrolment)."""
-    session_id, session = ui.signed_in_session(request, pending, result)
-    target = session.next or ui.HOME
+    session_id, session = signed_in_session(request, pending, result)
+    target = session.next or HOME
     if result.recovery_codes:
         session.fresh_codes = result.recovery_codes
         target = "/login/recovery-codes"
     response = JSONResponse({"ok": True, "next": target})
-    return ui._set_cookie(response, session_id)
+    return set_cookie(response, session_id)
 
 
 # --- first sign-in: a passkey as the second factor -----------------------------------------
@@ -249,13 +259,13 @@ def _account_verify(request: Request, principal: Principal, credential: str,
             address=client_address(request))
     except PasskeyError as exc:
         return _refused_passkey(request, exc)
-    return JSONResponse({"ok": True, "passkey": info.key_id, "next": ui.ACCOUNT})
+    return JSONResponse({"ok": True, "passkey": info.key_id, "next": ACCOUNT})
 
 
 @router.post("/account/passkeys/remove")
 def account_remove(request: Request, principal: SignedInPage,
                    key: Annotated[str, Form(max_length=64)] = "") -> Response:
     if not _passkeys(request).remove(principal.user, key, address=client_address(request)):
-        return ui._account_page(request, principal, 404,
-                                i18n.gettext(request)(PASSKEY_REFUSED))
-    return ui._redirect(f"{ui.ACCOUNT}?notice=passkey")
+        return account_page(request, principal, 404,
+                            i18n.gettext(request)(PASSKEY_REFUSED))
+    return redirect(f"{ACCOUNT}?notice=passkey")

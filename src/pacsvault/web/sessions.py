@@ -80,7 +80,7 @@ class WebSession:
     enrolled: bool = False  # PENDING: the user already has a second factor
     password_changed: dt.datetime | None = None  # SIGNED_IN: as it was at sign-in
     # Where the browser was going when it was sent to sign in (a same-origin path, checked
-    # by ``ui.safe_next``); carried from step to step, used once signed in.
+    # by ``kit.safe_next``); carried from step to step, used once signed in.
     next: str = ""
     # SIGNED_IN, right after a passkey enrolment: the recovery codes to show once.
     fresh_codes: tuple[str, ...] = field(default=(), repr=False)
