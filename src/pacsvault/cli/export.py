@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from tqdm import tqdm
 
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.cli.outputs import private_dir, restrict_dir, write_private
-from pacsvault.index.models import Patient, Study
-from pacsvault.storage.archive import StoredInstance
+from pacsvault.index.records import StoredInstance
 from pacsvault.vault import Vault
 
 _SAFE = re.compile(r"^[0-9.]{1,64}$")
@@ -82,12 +80,9 @@ def _record_before_writing(vault: Vault, items: list[StoredInstance],
                            studies: set[str]) -> None:
     """Make the export's record durable before any plaintext file exists (fail closed):
     if the trail cannot take it, nothing is written and the command exits 2. The record
-    names, sealed, everything about to be exported, grouped per patient."""
-    with vault.sessions() as session:
-        owners = dict(session.execute(
-            select(Study.study_uid, Patient.patient_id)
-            .join(Patient, Study.patient_pk == Patient.pk)
-            .where(Study.study_uid.in_(studies))).tuples().all())
+    names, sealed, everything about to be exported, grouped per patient (the records
+    carry their patient: no second query)."""
+    owners = {i.study_uid: i.patient_id for i in items}
     try:
         vault.recorder.emit(
             AuditEvent(action="export", outcome=Outcome.SUCCESS, code=EventCode.EXPORT,

@@ -37,8 +37,9 @@ from pacsvault.dicom import inflate, patches, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
+from pacsvault.index.levels import Level
 from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
-from pacsvault.storage.archive import StoredInstance
+from pacsvault.index.records import StoredInstance
 
 log = logging.getLogger("pacsvault.dicom.qr")
 
@@ -113,9 +114,9 @@ class QueryRetrieve:
         ))
 
     @staticmethod
-    def _root(event: evt.Event) -> str:
+    def _root(event: evt.Event) -> Level:
         sop_class = str(getattr(event.request, "AffectedSOPClassUID", ""))
-        return "PATIENT" if sop_class in PATIENT_ROOT else "STUDY"
+        return Level.PATIENT if sop_class in PATIENT_ROOT else Level.STUDY
 
     @staticmethod
     def _identifier(event: evt.Event) -> tuple[Dataset, str]:
@@ -280,20 +281,10 @@ class QueryRetrieve:
 
     # --- shared -----------------------------------------------------------------------
 
-    def _sop_syntaxes(self, items: list[StoredInstance]) -> set[tuple[str, str]]:
-        from sqlalchemy import select
-
-        from pacsvault.index.models import Instance
-
-        uids = [i.sop_uid for i in items]
-        found: set[tuple[str, str]] = set()
-        with self._vault.sessions() as session:
-            for start in range(0, len(uids), 500):
-                rows = session.execute(
-                    select(Instance.sop_class_uid, Instance.transfer_syntax)
-                    .where(Instance.sop_uid.in_(uids[start:start + 500])).distinct())
-                found |= {(str(a), str(b)) for a, b in rows}
-        return found
+    @staticmethod
+    def _sop_syntaxes(items: list[StoredInstance]) -> set[tuple[str, str]]:
+        """The stored (SOP class, transfer syntax) pairs: the engine's records carry them."""
+        return {(i.sop_class, i.transfer_syntax) for i in items}
 
     def _record_begin(self, state: _AssocState, kind: str, destination: str,
                       items: list[StoredInstance]) -> None:

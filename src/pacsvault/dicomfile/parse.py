@@ -114,9 +114,15 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def is_uid(value: str) -> bool:
+    """A UID's syntax (PS3.5 9.1): digits and dots, at most 64 characters. The one check
+    for received objects and for UIDs in DICOMweb paths."""
+    return bool(value) and len(value) <= 64 and _UID.match(value) is not None
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
     value = _text(ds, keyword)
-    if not value or len(value) > 64 or not _UID.match(value):
+    if not is_uid(value):
         raise InvalidObject(f"missing or invalid {keyword}")
     return value
 

@@ -64,7 +64,8 @@ from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
-from pacsvault.index.stored import StoredInstance as StoredInstance  # re-exported
+from pacsvault.index.query import QueryEngine
+from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import sameness
 from pacsvault.storage.objects import ObjectStore, Recovery
 
@@ -139,6 +140,7 @@ class Archive:
         self._engine: Engine = bind
         self.objects = objects
         self._keyring = keyring
+        self._query = QueryEngine(sessions)
         # SQLite has one writer at a time anyway; taking the lock here keeps the
         # get-or-create of patients, studies and series free of races between associations.
         self._write_lock = threading.Lock()
@@ -638,26 +640,10 @@ class Archive:
         patient_id: str | None = None,
         sop_uid: str | None = None,
     ) -> Iterator[StoredInstance]:
-        """Instances matching one selector (all of them when none is given)."""
-        stmt = (
-            select(Instance, Series.series_uid, Study.study_uid)
-            .join(Series, Instance.series_pk == Series.pk)
-            .join(Study, Series.study_pk == Study.pk)
-            .join(Patient, Study.patient_pk == Patient.pk)
-            .order_by(Study.pk, Series.pk, Instance.pk)
-        )
-        if study_uid is not None:
-            stmt = stmt.where(Study.study_uid == study_uid)
-        if patient_id is not None:
-            stmt = stmt.where(Patient.patient_id == patient_id)
-        if sop_uid is not None:
-            stmt = stmt.where(Instance.sop_uid == sop_uid)
-        with self._sessions() as session:
-            rows = session.execute(stmt).all()
-        for inst, series_uid, study in rows:
-            yield StoredInstance(
-                inst.sop_uid, study, series_uid, inst.object_id, uuid.UUID(inst.key_id), inst.size
-            )
+        """Instances matching one selector (all of them when none is given), quarantined
+        ones included; the query engine's selection (``QueryEngine.stored``)."""
+        yield from self._query.stored(study_uid=study_uid, patient_id=patient_id,
+                                      sop_uid=sop_uid)
 
     def data_key(self, key_id: uuid.UUID) -> bytes:
         with self._sessions() as session:

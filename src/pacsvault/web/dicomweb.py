@@ -324,7 +324,7 @@ async def _retrieve(
                                   EventCode.INSTANCES_ACCESSED, Outcome.SERIOUS_FAILURE,
                                   message="an instance could not be read; the answer was cut",
                                   detail={"resource": resource},
-                                  study_uids=(item.stored.study_uid,), sop_uids=(item.sop_uid,))
+                                  study_uids=(item.study_uid,), sop_uids=(item.sop_uid,))
                     raise RuntimeError("instance unreadable") from None
                 if n + 1 < len(rest):
                     ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[n + 1]))
@@ -362,7 +362,7 @@ async def retrieve_instance(
 
 
 def _instance_url(base: str, item: wado.Located) -> str:
-    s = item.stored
+    s = item
     return f"{base}/studies/{s.study_uid}/series/{s.series_uid}/instances/{s.sop_uid}"
 
 
@@ -423,7 +423,7 @@ async def retrieve_frames(
         if form is None:
             raise wado.WadoError(406, "no acceptable media type for these frames")
         data = await run_in_threadpool(
-            lambda: wado.frames(vault.archive.read(item.stored), numbers, form))
+            lambda: wado.frames(vault.archive.read(item), numbers, form))
     except Exception as exc:
         return await _retrieve_failed(request, who, "frames", exc)
     await _accessed(request, who, "frames", items, instance_level=True)
@@ -441,7 +441,7 @@ async def retrieve_bulkdata(
         item = items[0]
         if wado.is_pixel_path(path):
             form, data = await run_in_threadpool(
-                lambda: wado.pixel_bulk(vault.archive.read(item.stored), ranges,
+                lambda: wado.pixel_bulk(vault.archive.read(item), ranges,
                                         item.transfer_syntax))
             parts = [(form.content_type, d) for d in data]
             part_type = form.media_type
@@ -449,7 +449,7 @@ async def retrieve_bulkdata(
             if not any(r.matches(wado.OCTET) for r in ranges):
                 raise wado.WadoError(406, "bulk data is application/octet-stream")
             value = await run_in_threadpool(
-                lambda: wado.bulk_value(vault.archive.read(item.stored), path))
+                lambda: wado.bulk_value(vault.archive.read(item), path))
             parts, part_type = [(wado.OCTET, value)], wado.OCTET
     except Exception as exc:
         return await _retrieve_failed(request, who, "bulkdata", exc)
@@ -487,7 +487,7 @@ def _render_options(request: Request, thumbnail: bool) -> render.RenderOptions:
 
 def _render_item(vault: Vault, item: wado.Located, frame: int,
                  options: render.RenderOptions) -> bytes:
-    ds = wado.read_dataset(vault.archive.read(item.stored))
+    ds = wado.read_dataset(vault.archive.read(item))
     if "PixelData" not in ds:
         raise wado.WadoError(404, "the instance has no pixel data")
     count = max(1, int(ds.get("NumberOfFrames", 1) or 1))

@@ -1,7 +1,10 @@
 """QIDO-RS (PS3.18 10.6): query parameters -> a C-FIND identifier -> DICOM JSON answers.
 
-Matching is ``index.query.QueryEngine``'s, shared with C-FIND: wildcards, date/time ranges,
-UID lists, case-insensitive person names. The query string arrives already percent-decoded
+This module only translates HTTP query parameters into an identifier and renders the
+answers (Retrieve URL, tag order). Everything else is ``index.query.QueryEngine``'s, shared
+with C-FIND: matching (wildcards, date/time ranges, UID lists, case-insensitive person
+names, ``ModalitiesInStudy`` at every level), computed keys, ``includefield=all``,
+offset and limit (``QueryEngine.page``). The query string arrives already percent-decoded
 (``DE%2A`` is ``DE*``), as HTTP clients encode ``*``.
 
 Choices, documented:
@@ -27,20 +30,15 @@ Choices, documented:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
-from sqlalchemy import select
 
-from pacsvault.dicom import vr_check
-from pacsvault.index import matching
-from pacsvault.index.models import Instance, Series, Study
+from pacsvault.index.levels import Level
 from pacsvault.index.query import Accessed, QueryEngine
 from pacsvault.vault import Vault
 
@@ -49,8 +47,6 @@ MAX_PARAMS = 200
 WARNING_MORE = '299 pacsvault "There are additional results that can be requested"'
 WARNING_FUZZY = ('299 pacsvault "The fuzzymatching parameter is not supported. Only literal '
                  'matching has been performed."')
-
-RANK = {"STUDY": 1, "SERIES": 2, "IMAGE": 3}
 
 # PS3.18 Tables 10.6.3-3/-4/-5: default return attributes per level.
 STUDY_DEFAULTS = (
@@ -72,26 +68,6 @@ IMAGE_DEFAULTS = (
     "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID",
 )
 
-# Computed keys the engine answers only at their own level; below it we fill them here.
-STUDY_COMPUTED = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-                  "ModalitiesInStudy", "SOPClassesInStudy")
-SERIES_COMPUTED = ("NumberOfSeriesRelatedInstances",)
-
-# Attributes of the patient, study and series levels (for includefield=all).
-PATIENT_GROUP = 0x0010
-STUDY_TAGS = frozenset({
-    0x00080020, 0x00080030, 0x00080050, 0x00080051, 0x00080090, 0x00080096, 0x00080201,
-    0x00081030, 0x00081032, 0x00081048, 0x00081060, 0x00081080, 0x00081110, 0x0020000D,
-    0x00200010, 0x00321032, 0x00321060, 0x00380010, 0x00101010, 0x00101020, 0x00101030,
-})
-SERIES_TAGS = frozenset({
-    0x00080021, 0x00080031, 0x00080060, 0x00080070, 0x00080080, 0x00080081, 0x00081010,
-    0x0008103E, 0x0008103F, 0x00081040, 0x00081050, 0x00081070, 0x00081090, 0x00081111,
-    0x00180015, 0x00181000, 0x00181020, 0x00185100, 0x0020000E, 0x00200011, 0x00200052,
-    0x00200060, 0x00201040, 0x00400244, 0x00400245, 0x00400253, 0x00400254, 0x00400260,
-    0x00400275,
-})
-
 _BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int,
                    "FL": float, "FD": float}
 _RESERVED = {"includefield", "limit", "offset", "fuzzymatching", "accept", "charset"}
@@ -109,8 +85,6 @@ class QidoQuery:
     limit: int = MAX_RESULTS
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
-    # ModalitiesInStudy matched here below study level (the engine matches it at study level)
-    modalities: matching.Condition | None = None
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -258,33 +232,10 @@ def parse(
         number = tag_for_keyword(keyword)
         assert number is not None
         _put(ds, [Tag(number)], None, overwrite=False)
-    if level != "STUDY" and "ModalitiesInStudy" in ds:
-        value = ds["ModalitiesInStudy"].value
-        raw = ("\\".join(str(v) for v in value) if isinstance(value, (list, MultiValue))
-               else str(value or ""))
-        cond = matching.parse("str", raw)
-        query.modalities = None if cond.is_universal else cond
     return query
 
 
 # --- running ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Disclosed(Accessed):
-    """Counts as disclosed only the answers actually returned (not those skipped by
-    ``offset`` or beyond ``limit``): the engine reports each record just before yielding
-    it, and the caller keeps or drops it."""
-
-    pending: tuple[str | None, str | None] | None = None
-
-    def add(self, patient_id: str | None, study_uid: str | None) -> None:
-        self.pending = (patient_id, study_uid)
-
-    def keep(self) -> None:
-        if self.pending is not None:
-            super().add(*self.pending)
-        self.pending = None
 
 
 @dataclass
@@ -294,156 +245,14 @@ class QidoResult:
     accessed: Accessed
 
 
-def _engine_identifier(query: QidoQuery) -> Dataset:
-    """The identifier without the computed keys the engine cannot answer at this level."""
-    ds = Dataset()
-    strip = set()
-    if RANK[query.level] > RANK["STUDY"]:
-        strip |= set(STUDY_COMPUTED)
-    if RANK[query.level] > RANK["SERIES"]:
-        strip |= set(SERIES_COMPUTED)
-    for elem in query.identifier:
-        if elem.keyword not in strip:
-            ds.add(elem)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        number = tag_for_keyword(keyword)
-        assert number is not None
-        if keyword_level(keyword) <= RANK[query.level] and keyword not in ds:
-            ds.add_new(number, "UI", None)
-    return ds
-
-
-def keyword_level(keyword: str) -> int:
-    return {"StudyInstanceUID": 1, "SeriesInstanceUID": 2, "SOPInstanceUID": 3}[keyword]
-
-
-def _strip_bulk(entry: Any) -> Any:
-    if not isinstance(entry, dict):
-        return entry
-    if "BulkDataURI" in entry or "InlineBinary" in entry:
-        return None
-    if entry.get("vr") == "SQ":
-        return {"vr": "SQ", "Value": [
-            {t: s for t, e in item.items() if (s := _strip_bulk(e)) is not None}
-            for item in entry.get("Value") or []
-        ]}
-    return entry
-
-
-def _level_allows(level: str, tag_hex: str) -> bool:
-    tag = int(tag_hex, 16)
-    if level == "IMAGE":
-        return (tag >> 16) != 0x0002
-    allowed = (tag >> 16) == PATIENT_GROUP or tag in STUDY_TAGS
-    if level == "SERIES":
-        allowed = allowed or tag in SERIES_TAGS
-    return allowed
-
-
-class _Lookups:
-    """Per-request caches of study/series facts and stored headers."""
-
-    def __init__(self, vault: Vault) -> None:
-        self._vault = vault
-        self._studies: dict[str, tuple[int, int, list[str]] | None] = {}
-        self._series: dict[str, int | None] = {}
-
-    def study(self, uid: str) -> tuple[int, int, list[str]] | None:
-        if uid not in self._studies:
-            with self._vault.sessions() as s:
-                row = s.execute(select(Study.num_series, Study.num_instances, Study.modalities)
-                                .where(Study.study_uid == uid)).first()
-            self._studies[uid] = None if row is None else (
-                int(row[0]), int(row[1]), [m for m in str(row[2]).split("\\") if m])
-        return self._studies[uid]
-
-    def sop_classes(self, uid: str) -> list[str]:
-        with self._vault.sessions() as s:
-            return sorted(s.scalars(
-                select(Instance.sop_class_uid).distinct()
-                .join(Series, Instance.series_pk == Series.pk)
-                .join(Study, Series.study_pk == Study.pk)
-                .where(Study.study_uid == uid)))
-
-    def series_count(self, uid: str) -> int | None:
-        if uid not in self._series:
-            with self._vault.sessions() as s:
-                count = s.scalar(select(Series.num_instances).where(Series.series_uid == uid))
-            self._series[uid] = None if count is None else int(count)
-        return self._series[uid]
-
-    def meta(self, level: str, uid: str) -> dict[str, Any]:
-        model: Any = {"STUDY": Study, "SERIES": Series, "IMAGE": Instance}[level]
-        column = {"STUDY": Study.study_uid, "SERIES": Series.series_uid,
-                  "IMAGE": Instance.sop_uid}[level]
-        with self._vault.sessions() as s:
-            text = s.scalar(select(model.meta_json).where(column == uid))
-        try:
-            value = json.loads(text or "{}")
-        except ValueError:
-            return {}
-        return value if isinstance(value, dict) else {}
-
-
-def _json_text(answer: dict[str, Any], tag: str) -> str:
-    values = (answer.get(tag) or {}).get("Value") or []
-    return str(values[0]).strip() if values and values[0] is not None else ""
-
-
-def _put_json(answer: dict[str, Any], tag: str, vr: str, value: Any) -> None:
-    values = value if isinstance(value, list) else [value]
-    answer[tag] = {"vr": vr, "Value": values} if values else {"vr": vr}
-
-
-_TAG_NUM_STUDY_SERIES = "00201206"
-_TAG_NUM_STUDY_INSTANCES = "00201208"
-_TAG_MODALITIES = "00080061"
-_TAG_SOP_CLASSES = "00080062"
-_TAG_NUM_SERIES_INSTANCES = "00201209"
-
-
-def _finish(
-    answer: dict[str, Any], query: QidoQuery, wanted: set[str], lookups: _Lookups, base: str
-) -> dict[str, Any] | None:
-    """Complete one engine answer (DICOM JSON); None if it fails a match made here."""
+def _render(answer: dict[str, Any], level: Level, base: str) -> dict[str, Any]:
+    """An engine answer as QIDO-RS sends it: its Retrieve URL, tags in order."""
     out = answer
-    study_uid = _json_text(out, "0020000D")
-    series_uid = _json_text(out, "0020000E")
-    sop_uid = _json_text(out, "00080018")
-    if query.level != "STUDY" and (wanted & set(STUDY_COMPUTED) or query.modalities):
-        facts = lookups.study(study_uid)
-        if facts is not None:
-            if query.modalities is not None and not any(
-                    query.modalities.matches(m) for m in facts[2]):
-                return None
-            if "NumberOfStudyRelatedSeries" in wanted:
-                _put_json(out, _TAG_NUM_STUDY_SERIES, "IS", facts[0])
-            if "NumberOfStudyRelatedInstances" in wanted:
-                _put_json(out, _TAG_NUM_STUDY_INSTANCES, "IS", facts[1])
-            if "ModalitiesInStudy" in wanted:
-                _put_json(out, _TAG_MODALITIES, "CS", facts[2])
-            if "SOPClassesInStudy" in wanted:
-                _put_json(out, _TAG_SOP_CLASSES, "UI", lookups.sop_classes(study_uid))
-    if query.level == "IMAGE" and "NumberOfSeriesRelatedInstances" in wanted:
-        count = lookups.series_count(series_uid)
-        if count is not None:
-            _put_json(out, _TAG_NUM_SERIES_INSTANCES, "IS", count)
-    if query.include_all:
-        uid = {"STUDY": study_uid, "SERIES": series_uid, "IMAGE": sop_uid}[query.level]
-        for tag_hex, entry in lookups.meta(query.level, uid).items():
-            if not _level_allows(query.level, tag_hex):
-                continue
-            current = out.get(tag_hex)
-            if current is not None and ("Value" in current or "BulkDataURI" in current):
-                continue
-            stripped = _strip_bulk(vr_check.normalised(tag_hex, entry))
-            if stripped is not None:
-                out[tag_hex] = stripped
-    url = f"{base}/studies/{study_uid}"
-    if query.level in ("SERIES", "IMAGE"):
-        url += f"/series/{series_uid}"
-    if query.level == "IMAGE":
-        url += f"/instances/{sop_uid}"
+    uids = {step: _json_text(out, step.unique_tag) for step in level.path}
+    url = base
+    for step in level.path:
+        if step is not Level.PATIENT:
+            url += f"/{_PATH[step]}/{uids[step]}"
     out["00081190"] = {"vr": "UR", "Value": [url]}
     if "Value" not in out.get(_TAG_MODALITIES, {"Value": True}):
         # A study whose objects carry no Modality: leave the attribute out rather than
@@ -457,33 +266,31 @@ def search(vault: Vault, query: QidoQuery, base: str) -> QidoResult:
     """Run the query (blocking: call from a worker thread)."""
     engine = QueryEngine(vault.sessions, vault.settings.server.ae_title,
                          time_budget=vault.settings.query.time_budget_seconds)
-    disclosed = _Disclosed()
-    lookups = _Lookups(vault)
-    answers: list[dict[str, Any]] = []
-    more = False
-    skipped = 0
-    found = engine.find_json(query.level, _engine_identifier(query), root="STUDY",
-                             accessed=disclosed)
-    wanted = {elem.keyword for elem in query.identifier}
-    try:
-        for raw in found:
-            answer = _finish(raw, query, wanted, lookups, base)
-            if answer is None:
-                continue
-            if skipped < query.offset:
-                skipped += 1
-                continue
-            if len(answers) >= query.limit:
-                more = True
-                break
-            disclosed.keep()
-            answers.append(answer)
-    finally:
-        found.close()  # type: ignore[attr-defined]
-    return QidoResult(answers, more, disclosed)
+    level = Level(query.level)
+    identifier = Dataset()
+    for elem in query.identifier:
+        identifier.add(elem)
+    for step in level.path:  # the UIDs the Retrieve URL is made of are always answered
+        if step is not Level.PATIENT and step.unique_key not in identifier:
+            number = tag_for_keyword(step.unique_key)
+            assert number is not None
+            identifier.add_new(number, "UI", None)
+    accessed = Accessed()
+    page = engine.page(level, identifier, offset=query.offset, limit=query.limit,
+                       accessed=accessed, include_all=query.include_all)
+    return QidoResult([_render(a, level, base) for a in page.answers], page.more, accessed)
+
+
+def _json_text(answer: dict[str, Any], tag: str) -> str:
+    values = (answer.get(tag) or {}).get("Value") or []
+    return str(values[0]).strip() if values and values[0] is not None else ""
+
+
+_TAG_MODALITIES = "00080061"
+_PATH = {Level.STUDY: "studies", Level.SERIES: "series", Level.IMAGE: "instances"}
 
 
 def describe_level(level: str) -> str:
-    return {"STUDY": "study", "SERIES": "series", "IMAGE": "instance"}[level]
+    return Level(level).web_name
 
 

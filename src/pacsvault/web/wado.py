@@ -40,7 +40,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,20 +57,17 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from sqlalchemy import select
 
-from pacsvault.dicom import inflate, vr_check
-from pacsvault.index.models import Instance
+from pacsvault.dicomfile import inflate, render, vr_check
+from pacsvault.dicomfile.parse import BULK_MARKER, header_json, is_uid
+from pacsvault.index.levels import Level
 from pacsvault.index.query import QueryEngine, QueryError
-from pacsvault.storage.archive import StoredInstance
+from pacsvault.index.records import StoredInstance
 from pacsvault.vault import Vault
-from pacsvault.web import render
 from pacsvault.web.multipart import MediaRange
 
 log = logging.getLogger("pacsvault.web.wado")
 
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-BULK_MARKER = "pacsvault:bulk"
 OCTET = "application/octet-stream"
 DICOM = "application/dicom"
 MAX_FRAMES_PER_REQUEST = 10000
@@ -117,7 +113,7 @@ class ConversionError(WadoError):
 
 
 def check_uid(value: str) -> str:
-    if len(value) > 64 or not UID_PATTERN.match(value):
+    if not is_uid(value):
         raise WadoError(400, "invalid UID in the path")
     return value
 
@@ -129,55 +125,34 @@ def is_encapsulated(transfer_syntax: str) -> bool:
 # --- locating ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Located:
-    stored: StoredInstance
-    sop_class: str
-    transfer_syntax: str
-    frames: int  # 0 when the instance has no pixel data (by its index row)
-    meta_json: str
-
-    @property
-    def sop_uid(self) -> str:
-        return self.stored.sop_uid
+# What a WADO path names: the engine's record carries the SOP class, transfer syntax,
+# frame count and (for metadata) the stored header, so nothing is queried twice.
+Located = StoredInstance
 
 
 def locate(
     vault: Vault, study: str, series: str | None = None, sop: str | None = None, *,
     with_meta: bool = False,
 ) -> list[Located]:
-    """The stored instances a WADO path names (hierarchy checked); 404 if none."""
+    """The stored instances a WADO path names (hierarchy checked); 404 if none. One
+    query (``QueryEngine.instances``)."""
     identifier = Dataset()
     identifier.StudyInstanceUID = check_uid(study)
-    level = "STUDY"
+    level = Level.STUDY
     if series is not None:
         identifier.SeriesInstanceUID = check_uid(series)
-        level = "SERIES"
+        level = Level.SERIES
     if sop is not None:
         identifier.SOPInstanceUID = check_uid(sop)
-        level = "IMAGE"
+        level = Level.IMAGE
     engine = QueryEngine(vault.sessions, vault.settings.server.ae_title)
     try:
-        items = engine.instances(level, identifier)
+        items = engine.instances(level, identifier, with_header=with_meta)
     except QueryError:
         raise WadoError(400, "the path does not name what to retrieve") from None
     if not items:
-        raise WadoError(404, "no such " + {"STUDY": "study", "SERIES": "series",
-                                           "IMAGE": "instance"}[level])
-    facts: dict[str, tuple[str, str, int, str]] = {}
-    uids = [i.sop_uid for i in items]
-    columns: list[Any] = [Instance.sop_uid, Instance.sop_class_uid, Instance.transfer_syntax,
-                          Instance.number_of_frames, Instance.rows]
-    if with_meta:
-        columns.append(Instance.meta_json)
-    with vault.sessions() as session:
-        for start in range(0, len(uids), 500):
-            for row in session.execute(
-                    select(*columns).where(Instance.sop_uid.in_(uids[start:start + 500]))):
-                frames = 0 if row[4] is None else int(row[3] or 1)
-                facts[str(row[0])] = (str(row[1]), str(row[2]), frames,
-                                      str(row[5]) if with_meta else "")
-    return [Located(item, *facts[item.sop_uid]) for item in items if item.sop_uid in facts]
+        raise WadoError(404, f"no such {level.web_name}")
+    return items
 
 
 def read_dataset(raw: bytes) -> Dataset:
@@ -294,7 +269,7 @@ def encode_as(raw: bytes, target: str) -> bytes:
 
 
 def instance_bytes(vault: Vault, item: Located, target: str) -> bytes:
-    raw = vault.archive.read(item.stored)
+    raw = vault.archive.read(item)
     if target == item.transfer_syntax:
         return raw
     return encode_as(raw, target)
@@ -429,19 +404,13 @@ def _with_uris(entry: Any, url: str) -> Any:
     return entry
 
 
-def _bulk_marker(_elem: DataElement) -> str:
-    return BULK_MARKER
-
-
 def _header_of(vault: Vault, item: Located) -> dict[str, Any]:
     """The instance's header as the index would hold it, read from the object itself
     (for an instance whose stored header could not be converted at reception)."""
-    ds = read_dataset(vault.archive.read(item.stored))
+    ds = read_dataset(vault.archive.read(item))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        meta: dict[str, Any] = ds.to_json_dict(
-            bulk_data_threshold=1024, bulk_data_element_handler=_bulk_marker,
-            suppress_invalid_tags=True)
+        meta = header_json(ds)
     meta.pop("7FE00010", None)
     return meta
 
@@ -538,4 +507,4 @@ def pixel_bulk(raw: bytes, ranges: list[MediaRange], stored: str) -> tuple[Frame
 
 
 def studies_of(items: Iterable[Located]) -> tuple[str, ...]:
-    return tuple(sorted({i.stored.study_uid for i in items}))
+    return tuple(sorted({i.study_uid for i in items}))
