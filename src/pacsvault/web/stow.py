@@ -26,13 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from starlette.requests import Request
 
 from pacsvault.dicom import status
 from pacsvault.dicom.status import store_failure
 from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.vault import Vault
-from pacsvault.web.multipart import Part
+from pacsvault.web import wado
+from pacsvault.web.errors import DicomWebError
+from pacsvault.web.multipart import (
+    BodyTooLarge,
+    ClientDisconnect,
+    MultipartError,
+    Part,
+    parse_media_type,
+    parse_related,
+    read_body,
+)
 
 log = logging.getLogger("pacsvault.web.stow")
 
@@ -102,6 +113,37 @@ def _failed(outcome: Outcome, head: _Header | None, reason: int) -> None:
 def _part_type_ok(part: Part) -> bool:
     content_type = part.content_type.split(";", 1)[0].strip().lower()
     return content_type in ("", "application/dicom")
+
+
+async def read_request(request: Request, study: str | None) -> tuple[list[Part], bytearray]:
+    """The parts of a STOW-RS request, read whole and checked before anything is stored;
+    a refusal is a ``DicomWebError`` (nothing stored)."""
+    if study is not None:
+        try:
+            wado.check_uid(study)
+        except wado.WadoError as exc:
+            raise DicomWebError(400, str(exc)) from None
+    mime, params = parse_media_type(request.headers.get("content-type", ""))
+    part_type = params.get("type", "application/dicom").strip().lower()
+    if mime != "multipart/related" or part_type != "application/dicom":
+        raise DicomWebError(
+            415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    try:
+        body = await read_body(request, MAX_BODY)
+        parts = parse_related(body, params.get("boundary", ""))
+    except BodyTooLarge:
+        raise DicomWebError(
+            413, f"request body above {MAX_BODY} bytes; nothing stored "
+                 "(send the instances in several requests)") from None
+    except ClientDisconnect:
+        raise DicomWebError(400, "the upload was interrupted; nothing stored") from None
+    except MultipartError as exc:
+        raise DicomWebError(400, f"{exc}; nothing stored") from None
+    if not parts:
+        raise DicomWebError(400, "no instance in the request")
+    if len(parts) > MAX_PARTS:
+        raise DicomWebError(413, "too many parts in one request; nothing stored")
+    return parts, body
 
 
 def store_parts(vault: Vault, parts: list[Part], study: str | None, base: str, *,
