@@ -34,6 +34,9 @@ from pacsvault.storage.objects import DiskFullError
 from pacsvault.web import stow
 from pacsvault.web.multipart import Part
 
+# In the quick loop (no server); marked here rather than in conftest's QUICK_MODULES list.
+pytestmark = pytest.mark.quick
+
 # One instance of every failure Archive.store can raise, and the status PS3.4 gives it.
 FAILURES: list[tuple[Exception, int]] = [
     (AuditUnavailable("trail down"), 0xA700),
