@@ -7,9 +7,12 @@ UID: the first one is kept and the part is reported failed, reason 0111 "duplica
 instance", with a security event).
 
 The body is read completely and checked for its closing boundary *before* anything is
-stored: a truncated upload stores nothing and answers 400. Bodies are held in memory (never
-in a plaintext temporary file) and limited to ``MAX_BODY`` bytes (413 beyond): send large
-studies in several requests.
+stored (``read_request``; a refusal is a ``DicomWebError``): a truncated upload stores
+nothing and answers 400. Bodies are held in memory (never in a plaintext temporary file)
+and limited to ``MAX_BODY`` bytes (413 beyond): send large studies in several requests.
+
+A part that fails gets as FailureReason the status C-STORE answers for the same failure
+(one table, ``dicom/status``).
 
 Answer (PS3.18 10.5.3): 200 all stored, 202 some failed, 409 none stored; the body is the
 store response dataset in DICOM JSON (ReferencedSOPSequence with a RetrieveURL per stored
