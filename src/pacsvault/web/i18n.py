@@ -31,6 +31,8 @@ from babel.messages.pofile import read_po
 from babel.support import Translations
 from starlette.requests import HTTPConnection
 
+from pacsvault.web.headers import weighted
+
 LANGUAGES = ("fr", "en")
 DEFAULT = "en"
 NAMES = {"fr": "Français", "en": "English"}  # each in its own language
@@ -69,32 +71,14 @@ def gettext_for(language: str) -> Gettext:
     return translations(language).gettext
 
 
-def _quality(text: str) -> float:
-    try:
-        return max(0.0, min(1.0, float(text)))
-    except ValueError:
-        return 0.0
-
-
 def negotiate(accept_language: str) -> str | None:
-    """The best of ``LANGUAGES`` for an ``Accept-Language`` header, or None."""
-    best: tuple[float, int, str] | None = None
-    for position, item in enumerate(accept_language.split(",")[:32]):
-        parts = item.strip().split(";")
-        tag = parts[0].strip().lower()
-        q = 1.0
-        for param in parts[1:]:
-            name, _sep, value = param.strip().partition("=")
-            if name.strip().lower() == "q":
-                q = _quality(value.strip())
-        primary = tag.split("-", 1)[0]
-        if q <= 0 or primary not in LANGUAGES:
-            continue
-        # highest q first; the header's order breaks ties
-        candidate = (-q, position, primary)
-        if best is None or candidate < best:
-            best = candidate
-    return best[2] if best is not None else None
+    """The best of ``LANGUAGES`` for an ``Accept-Language`` header, or None: highest q
+    first, the header's order breaking ties (``headers.weighted``; its first 32 items)."""
+    for item in weighted(accept_language, limit=32):
+        primary = item.value.split("-", 1)[0]
+        if primary in LANGUAGES:
+            return primary
+    return None
 
 
 def normalise(value: str | None) -> str:

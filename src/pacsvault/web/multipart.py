@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from starlette.requests import ClientDisconnect, Request
 
+from pacsvault.web.headers import parse_media_type, weighted
+
 __all__ = [
     "BodyTooLarge",
     "ClientDisconnect",
@@ -37,49 +39,6 @@ class BodyTooLarge(Exception):
 
 
 # --- media types and Accept ---------------------------------------------------------------
-
-
-def _split_unquoted(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside double quotes (quoted-pairs honoured)."""
-    out: list[str] = []
-    buf: list[str] = []
-    quoted = escaped = False
-    for ch in text:
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif ch == "\\" and quoted:
-            buf.append(ch)
-            escaped = True
-        elif ch == '"':
-            buf.append(ch)
-            quoted = not quoted
-        elif ch == sep and not quoted:
-            out.append("".join(buf))
-            buf = []
-        else:
-            buf.append(ch)
-    out.append("".join(buf))
-    return out
-
-
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    return value
-
-
-def parse_media_type(value: str) -> tuple[str, dict[str, str]]:
-    """``'multipart/related; type="application/dicom"'`` -> (type, {param: value})."""
-    pieces = _split_unquoted(value, ";")
-    mime = pieces[0].strip().lower()
-    params: dict[str, str] = {}
-    for piece in pieces[1:]:
-        name, sep, raw = piece.partition("=")
-        if sep:
-            params[name.strip().lower()] = _unquote(raw)
-    return mime, params
 
 
 @dataclass(frozen=True)
@@ -117,27 +76,14 @@ class MediaRange:
 
 
 def parse_accept(header: str | None) -> list[MediaRange]:
-    """Accept header -> ranges by preference (q descending, then order); q=0 dropped.
+    """Accept header -> ranges by preference (q descending, then order); q=0 dropped
+    (``headers.weighted``, the parser ``Accept-Language`` uses too).
 
     A missing or empty header accepts anything (``*/*``).
     """
     if header is None or not header.strip():
         return [MediaRange("*/*")]
-    ranges: list[tuple[float, int, MediaRange]] = []
-    for n, item in enumerate(_split_unquoted(header, ",")):
-        if not item.strip():
-            continue
-        mime, params = parse_media_type(item)
-        q = 1.0
-        if "q" in params:
-            try:
-                q = float(params.pop("q"))
-            except ValueError:
-                q = 0.0
-        if q <= 0:
-            continue
-        ranges.append((-q, n, MediaRange(mime, params, q)))
-    return [r for _, _, r in sorted(ranges, key=lambda t: (t[0], t[1]))]
+    return [MediaRange(item.value, item.params, item.q) for item in weighted(header)]
 
 
 # --- writing ------------------------------------------------------------------------------
