@@ -24,13 +24,16 @@ Speed without weakening that order:
 - publishing (the rename into ``ab/cd/``) runs in a worker after ``store`` returned and is
   not fsync'ed: a crash leaves the object either published or still staged and named by
   the index, which reads find and ``recover`` publishes at the next start.
+
+What one instance's rows are (study/series get-or-create, the instance row, counters, a
+known UID's answer) lives in ``storage.rows``; reads select through the query engine
+(``QueryEngine.stored``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import logging
 import secrets
@@ -39,94 +42,36 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import (
-    Connection,
-    CursorResult,
-    Engine,
-    Table,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit.events import AuditEvent, AuditUnavailable, EventCode, Outcome
-from pacsvault.audit.stores import JournalBatch, StoredRef, StoreJournal
+from pacsvault.audit.stores import JournalBatch, StoreJournal
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
-from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
-from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+from pacsvault.index.matching import normalise_date, normalise_name
+from pacsvault.index.models import Instance, Patient, Series, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
-from pacsvault.storage import sameness
+from pacsvault.storage import rows, sameness
 from pacsvault.storage.objects import ObjectStore, Recovery
+from pacsvault.storage.rows import Pending, acknowledged, index_one
+from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
+from pacsvault.storage.rows import StoreResult as StoreResult  # re-exported
+from pacsvault.storage.rows import StoreStatus as StoreStatus  # re-exported
 
 log = logging.getLogger("pacsvault.storage")
 
 _HEADER_OVERHEAD = 4096
 _MAX_BATCH = 64
 
-_instances = cast(Table, Instance.__table__)
-_series = cast(Table, Series.__table__)
-_studies = cast(Table, Study.__table__)
-_patients = cast(Table, Patient.__table__)
-
-_INSERT_INSTANCE = (
-    "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
-    "transfer_syntax, rows, columns, number_of_frames, content_date, content_time, "
-    "object_id, key_id, size, sha256, received, source_ae, meta_json) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
-_COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
-_KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
 _GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
 _STORE_ATTEMPTS = 3
-
-
-class StaleChoice(RuntimeError):
-    """Objects were removed since this store chose its study rows and data key: choose
-    again (``store`` retries; raised to the caller only if removals keep racing it)."""
-
-
-class StoreStatus(enum.Enum):
-    STORED = "stored"
-    DUPLICATE = "duplicate"  # re-send, byte-identical or re-encoded: success, nothing new
-    CONFLICT = "conflict"  # different object under an existing SOP Instance UID
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    status: StoreStatus
-    sop_uid: str
-    study_uid: str
-
-
-@dataclass
-class _Pending:
-    """One staged object waiting for the commit of its index rows."""
-
-    parsed: ParsedInstance
-    object_id: str
-    key_id: uuid.UUID
-    source_ae: str
-    generation: int = -1  # removal generation the study/key choice was valid at
-    done: bool = False
-    result: StoreResult | None = None  # set when the instance turned out to be known
-    error: BaseException | None = None
-    # primary keys learnt while indexing, cached once the transaction has committed
-    learnt: dict[str, Any] = field(default_factory=dict)
-    # who sent it, for the batch's audit record (``StoreJournal``)
-    actor_address: str = ""
-    actor_user: str = ""
 
 
 class Archive:
@@ -150,11 +95,12 @@ class Archive:
         self._generation = -1  # removal generation the caches are valid at (-1: unknown)
         self._cache_lock = threading.Lock()
         # group commit
-        self._queue: list[_Pending] = []
+        self._queue: list[Pending] = []
         self._cond = threading.Condition()
         self._committing = False
         # How SQLAlchemy stores a DateTime on this engine, for the driver-level insert.
-        processor = _instances.c.received.type.bind_processor(self._engine.dialect)
+        received = cast(Table, Instance.__table__).c.received
+        processor = received.type.bind_processor(self._engine.dialect)
         self._received: Callable[[Any], Any] = processor or (lambda value: value)
         self._publishing: set[Future[None]] = set()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="archive-stage")
@@ -291,7 +237,7 @@ class Archive:
                 return prepared
             key_id, generation = prepared
             object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
-        pending = _Pending(parsed, object_id, key_id, source_ae, generation,
+        pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user)
         try:
             self._commit(pending)
@@ -299,7 +245,7 @@ class Archive:
             # Another process stored the same SOP Instance UID meanwhile.
             self.objects.discard(object_id)
             with self._sessions() as session:
-                known = self._known(session, parsed)
+                known = rows.known(session, parsed)
             if known is None:
                 raise
             return known
@@ -345,7 +291,7 @@ class Archive:
 
     # --- group commit -----------------------------------------------------------------
 
-    def _commit(self, pending: _Pending) -> None:
+    def _commit(self, pending: Pending) -> None:
         """Return once ``pending``'s rows are committed (or raise its error).
 
         Whoever finds no commit in progress commits everything queued so far; the others
@@ -369,7 +315,7 @@ class Archive:
         if pending.error is not None:
             raise pending.error
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _run_batch(self, batch: list[Pending]) -> None:
         try:
             with self._write_lock:
                 # Every object of the batch is durable already (``stage_spare``).
@@ -402,7 +348,7 @@ class Archive:
         """The audit trail held for one commit (taken before the index's write lock)."""
         return self.journal.batch() if self.journal is not None else nullcontext(None)
 
-    def _index_batch(self, batch: list[_Pending]) -> None:
+    def _index_batch(self, batch: list[Pending]) -> None:
         with self._engine.begin() as conn:
             # The write lock first, then the generation: no removal can commit between
             # this check and the rows below (a deferred transaction would read before
@@ -421,7 +367,7 @@ class Archive:
                 self._index_one(conn, item, overlay_studies, overlay_series)
             record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
             if record is not None:  # durable before the rows commit, or nothing commits
-                record.write(conn, _acknowledged(batch))
+                record.write(conn, acknowledged(batch))
         # committed: cache what was learnt (unless a newer removal was seen meanwhile)
         with self._cache_lock:
             if self._generation != generation:
@@ -435,103 +381,14 @@ class Archive:
                     self._series_cache[item.parsed.series_uid] = series
 
     def _index_one(
-        self, conn: Connection, item: _Pending, overlay_studies: dict[str, int],
+        self, conn: Connection, item: Pending, overlay_studies: dict[str, int],
         overlay_series: dict[str, int],
     ) -> None:
-        parsed = item.parsed
-        known = self._known(conn, parsed)
-        if known is not None:
-            item.result = known
-            return
         with self._cache_lock:
-            cached_study = self._study_cache.get(parsed.study_uid)
-            cached_series = self._series_cache.get(parsed.series_uid)
-        study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
-        if study_pk is None:
-            study_pk = conn.scalar(
-                select(_studies.c.pk).where(_studies.c.study_uid == parsed.study_uid))
-        if study_pk is None:
-            patient_pk = conn.scalar(select(_patients.c.pk).where(
-                _patients.c.patient_id == parsed.patient_id,
-                _patients.c.issuer == parsed.issuer))
-            if patient_pk is None:
-                raise RuntimeError("patient row vanished between key and index steps")
-            study_pk = _new_pk(conn.execute(insert(_studies).values(
-                patient_pk=patient_pk,
-                study_uid=parsed.study_uid,
-                study_date=normalise_date(parsed.study_date),
-                study_time=normalise_time(parsed.study_time),
-                accession_number=parsed.accession_number,
-                study_id=parsed.study_id,
-                description=parsed.study_description,
-                referring_physician=parsed.referring_physician,
-                referring_physician_norm=normalise_name(parsed.referring_physician),
-                num_series=0,
-                num_instances=0,
-                meta_json=parsed.meta_json,
-            )))
-        overlay_studies[parsed.study_uid] = study_pk
-        series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
-        if series_pk is None:
-            series_pk = conn.scalar(
-                select(_series.c.pk).where(_series.c.series_uid == parsed.series_uid))
-        if series_pk is None:
-            series_pk = _new_pk(conn.execute(insert(_series).values(
-                study_pk=study_pk,
-                series_uid=parsed.series_uid,
-                modality=parsed.modality,
-                series_number=parsed.series_number,
-                description=parsed.series_description,
-                body_part=parsed.body_part,
-                series_date=normalise_date(parsed.series_date),
-                series_time=normalise_time(parsed.series_time),
-                performed_start_date=normalise_date(parsed.performed_start_date),
-                performed_start_time=normalise_time(parsed.performed_start_time),
-                num_instances=0,
-                meta_json=parsed.meta_json,
-            )))
-            current = conn.scalar(select(_studies.c.modalities).where(_studies.c.pk == study_pk))
-            modalities = set(filter(None, (current or "").split("\\")))
-            values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}
-            if parsed.modality and parsed.modality not in modalities:
-                values["modalities"] = "\\".join(sorted(modalities | {parsed.modality}))
-            conn.execute(update(_studies).where(_studies.c.pk == study_pk).values(**values))
-        overlay_series[parsed.series_uid] = series_pk
-        # The per-image statements go straight to the driver (same connection and
-        # transaction): SQLAlchemy's statement building costs more than SQLite itself.
-        cursor = conn.connection.cursor()
-        try:
-            cursor.execute(_INSERT_INSTANCE, (
-                series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
-                parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
-                normalise_date(parsed.content_date), normalise_time(parsed.content_time),
-                item.object_id, str(item.key_id), parsed.size, parsed.sha256,
-                self._received(utcnow()), item.source_ae, parsed.meta_json,
-            ))
-            cursor.execute(_COUNT_SERIES, (series_pk,))
-            cursor.execute(_COUNT_STUDY, (study_pk,))
-        finally:
-            cursor.close()
-        item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
-        item.learnt["series"] = series_pk if cached_series is None else None
-
-    @staticmethod
-    def _known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | None:
-        if isinstance(conn, Connection):
-            cursor = conn.connection.cursor()
-            try:
-                row = cursor.execute(_KNOWN, (parsed.sop_uid,)).fetchone()
-            finally:
-                cursor.close()
-            digest = None if row is None else row[0]
-        else:
-            digest = conn.scalar(
-                select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid))
-        if digest is None:
-            return None
-        same = secrets.compare_digest(digest, parsed.sha256)
-        status = StoreStatus.DUPLICATE if same else StoreStatus.CONFLICT
-        return StoreResult(status, parsed.sop_uid, parsed.study_uid)
+            cached_study = self._study_cache.get(item.parsed.study_uid)
+            cached_series = self._series_cache.get(item.parsed.series_uid)
+        index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
+                  self._received)
 
     def _prepare(self, parsed: ParsedInstance) -> StoreResult | tuple[uuid.UUID, int]:
         """First instance of a study seen by this process: either the answer for an
@@ -540,7 +397,7 @@ class Archive:
         *before* the rows it was chosen from (so a removal in between is noticed)."""
         with self._write_lock, self._sessions.begin() as session:
             generation = int(session.scalar(text(_GENERATION)) or 0)
-            known = self._known(session, parsed)
+            known = rows.known(session, parsed)
             if known is not None:
                 return known
             row = session.execute(
@@ -617,7 +474,7 @@ class Archive:
                     birth_date=normalise_date(parsed.birth_date), sex=parsed.sex,
                     key_id=str(key_id), meta_json=parsed.meta_json,
                 ))
-        pending = _Pending(parsed, object_id, key_id, source_ae, generation,
+        pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user)
         self._commit(pending)
         if pending.result is not None:  # indexed meanwhile by another path
@@ -672,21 +529,3 @@ class Archive:
                 "instances": session.scalar(select(func.count()).select_from(Instance)) or 0,
                 "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
             }
-
-
-def _acknowledged(batch: list[_Pending]) -> list[StoredRef]:
-    """The instances of a batch that ``store`` will answer with success."""
-    return [
-        StoredRef(item.parsed.sop_uid, item.parsed.study_uid, item.parsed.patient_id,
-                  item.source_ae, item.actor_address, item.actor_user,
-                  duplicate=item.result is not None)
-        for item in batch
-        if item.error is None
-        and (item.result is None or item.result.status is StoreStatus.DUPLICATE)
-    ]
-
-
-def _new_pk(result: CursorResult[Any]) -> int:
-    pk = result.inserted_primary_key
-    assert pk is not None
-    return int(pk[0])

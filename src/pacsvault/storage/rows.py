@@ -1,0 +1,198 @@
+"""The index rows of a store, as one batch transaction writes them.
+
+Why apart from ``archive``: the archive decides *when* rows are written (staging, group
+commit, caches, removal generations); this module is *what* is written for one instance
+(study and series found or created, the instance row, the counters) and what a re-send
+of a known SOP Instance UID is. ``archive`` re-exports the public names.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import Connection, CursorResult, Table, insert, select, update
+from sqlalchemy.orm import Session
+
+from pacsvault.audit.stores import StoredRef
+from pacsvault.dicomfile.parse import ParsedInstance
+from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
+from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+
+_instances = cast(Table, Instance.__table__)
+_series = cast(Table, Series.__table__)
+_studies = cast(Table, Study.__table__)
+_patients = cast(Table, Patient.__table__)
+
+_INSERT_INSTANCE = (
+    "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
+    "transfer_syntax, rows, columns, number_of_frames, content_date, content_time, "
+    "object_id, key_id, size, sha256, received, source_ae, meta_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
+_COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
+_KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
+
+
+class StaleChoice(RuntimeError):
+    """Objects were removed since this store chose its study rows and data key: choose
+    again (``store`` retries; raised to the caller only if removals keep racing it)."""
+
+
+class StoreStatus(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # re-send, byte-identical or re-encoded: success, nothing new
+    CONFLICT = "conflict"  # different object under an existing SOP Instance UID
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: StoreStatus
+    sop_uid: str
+    study_uid: str
+
+
+@dataclass
+class Pending:
+    """One staged object waiting for the commit of its index rows."""
+
+    parsed: ParsedInstance
+    object_id: str
+    key_id: uuid.UUID
+    source_ae: str
+    generation: int = -1  # removal generation the study/key choice was valid at
+    done: bool = False
+    result: StoreResult | None = None  # set when the instance turned out to be known
+    error: BaseException | None = None
+    # primary keys learnt while indexing, cached once the transaction has committed
+    learnt: dict[str, Any] = field(default_factory=dict)
+    # who sent it, for the batch's audit record (``StoreJournal``)
+    actor_address: str = ""
+    actor_user: str = ""
+
+
+def index_one(
+    conn: Connection, item: Pending, overlay_studies: dict[str, int],
+    overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
+    cached_series: int | None, received: Callable[[Any], Any],
+) -> None:
+    """Write one instance's rows in the batch's transaction: its study and series found
+    (cached, learnt earlier in this batch, or read) or created, the instance row and the
+    counters. ``item.learnt`` gets what the archive may cache once this commits; an
+    instance known already gets ``item.result`` instead."""
+    parsed = item.parsed
+    found = known(conn, parsed)
+    if found is not None:
+        item.result = found
+        return
+    study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
+    if study_pk is None:
+        study_pk = conn.scalar(
+            select(_studies.c.pk).where(_studies.c.study_uid == parsed.study_uid))
+    if study_pk is None:
+        patient_pk = conn.scalar(select(_patients.c.pk).where(
+            _patients.c.patient_id == parsed.patient_id,
+            _patients.c.issuer == parsed.issuer))
+        if patient_pk is None:
+            raise RuntimeError("patient row vanished between key and index steps")
+        study_pk = _new_pk(conn.execute(insert(_studies).values(
+            patient_pk=patient_pk,
+            study_uid=parsed.study_uid,
+            study_date=normalise_date(parsed.study_date),
+            study_time=normalise_time(parsed.study_time),
+            accession_number=parsed.accession_number,
+            study_id=parsed.study_id,
+            description=parsed.study_description,
+            referring_physician=parsed.referring_physician,
+            referring_physician_norm=normalise_name(parsed.referring_physician),
+            num_series=0,
+            num_instances=0,
+            meta_json=parsed.meta_json,
+        )))
+    overlay_studies[parsed.study_uid] = study_pk
+    series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
+    if series_pk is None:
+        series_pk = conn.scalar(
+            select(_series.c.pk).where(_series.c.series_uid == parsed.series_uid))
+    if series_pk is None:
+        series_pk = _new_pk(conn.execute(insert(_series).values(
+            study_pk=study_pk,
+            series_uid=parsed.series_uid,
+            modality=parsed.modality,
+            series_number=parsed.series_number,
+            description=parsed.series_description,
+            body_part=parsed.body_part,
+            series_date=normalise_date(parsed.series_date),
+            series_time=normalise_time(parsed.series_time),
+            performed_start_date=normalise_date(parsed.performed_start_date),
+            performed_start_time=normalise_time(parsed.performed_start_time),
+            num_instances=0,
+            meta_json=parsed.meta_json,
+        )))
+        current = conn.scalar(select(_studies.c.modalities).where(_studies.c.pk == study_pk))
+        modalities = set(filter(None, (current or "").split("\\")))
+        values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}
+        if parsed.modality and parsed.modality not in modalities:
+            values["modalities"] = "\\".join(sorted(modalities | {parsed.modality}))
+        conn.execute(update(_studies).where(_studies.c.pk == study_pk).values(**values))
+    overlay_series[parsed.series_uid] = series_pk
+    # The per-image statements go straight to the driver (same connection and
+    # transaction): SQLAlchemy's statement building costs more than SQLite itself.
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(_INSERT_INSTANCE, (
+            series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
+            parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
+            normalise_date(parsed.content_date), normalise_time(parsed.content_time),
+            item.object_id, str(item.key_id), parsed.size, parsed.sha256,
+            received(utcnow()), item.source_ae, parsed.meta_json,
+        ))
+        cursor.execute(_COUNT_SERIES, (series_pk,))
+        cursor.execute(_COUNT_STUDY, (study_pk,))
+    finally:
+        cursor.close()
+    item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
+    item.learnt["series"] = series_pk if cached_series is None else None
+
+
+def known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | None:
+    """The answer for an instance already indexed (same bytes: duplicate; other bytes:
+    conflict), None for a new one."""
+    if isinstance(conn, Connection):
+        cursor = conn.connection.cursor()
+        try:
+            row = cursor.execute(_KNOWN, (parsed.sop_uid,)).fetchone()
+        finally:
+            cursor.close()
+        digest = None if row is None else row[0]
+    else:
+        digest = conn.scalar(
+            select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid))
+    if digest is None:
+        return None
+    same = secrets.compare_digest(digest, parsed.sha256)
+    status = StoreStatus.DUPLICATE if same else StoreStatus.CONFLICT
+    return StoreResult(status, parsed.sop_uid, parsed.study_uid)
+
+
+def acknowledged(batch: list[Pending]) -> list[StoredRef]:
+    """The instances of a batch that ``store`` will answer with success."""
+    return [
+        StoredRef(item.parsed.sop_uid, item.parsed.study_uid, item.parsed.patient_id,
+                  item.source_ae, item.actor_address, item.actor_user,
+                  duplicate=item.result is not None)
+        for item in batch
+        if item.error is None
+        and (item.result is None or item.result.status is StoreStatus.DUPLICATE)
+    ]
+
+
+def _new_pk(result: CursorResult[Any]) -> int:
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return int(pk[0])
