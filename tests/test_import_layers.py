@@ -21,8 +21,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("web", ("pacsvault.web", "pacsvault.sealed.web")),
     # the DICOM network side (listeners, policy, Q/R, answers)
     ("dicom", ("pacsvault.dicom",)),
-    # workflows over a whole vault: sealed mode, backups, master key rotation
-    ("workflows", ("pacsvault.sealed", "pacsvault.backup", "pacsvault.crypto.rotation")),
+    # workflows over a whole vault: sealed mode, backups, master key rotation, the status
+    # report (shared by `pacsvault status` and the Health page)
+    ("workflows", ("pacsvault.sealed", "pacsvault.backup", "pacsvault.crypto.rotation",
+                   "pacsvault.status")),
     # the vault's layout, create/open: composes everything below
     ("vault", ("pacsvault.vault",)),
     ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer")),

@@ -14,9 +14,7 @@ from typing import Any
 
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
-from pacsvault.crypto.tls import ca_is_name_constrained, certificate_expiry
 from pacsvault.fsutil import write_private_new
-from pacsvault.index import stats
 from pacsvault.vault import Vault, create, resolve_key_path
 
 
@@ -172,45 +170,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _running(state_path: Path) -> dict[str, Any] | None:
-    try:
-        state: dict[str, Any] = json.loads(state_path.read_text("utf-8"))
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return state
-
-
-_SEALED_ADVICE = ("SEALED: images from registered devices are received and kept encrypted; "
-                  "queries, retrievals and the web pages are refused until an "
-                  "administrator runs 'pacsvault unseal' (or opens /unseal on the HTTPS port)")
-
-
 def _sealed_status(args: argparse.Namespace, reason: str) -> int | None:
     """``status`` while the server runs sealed and this command has no key either: report
     the server (what the IT provider asks first), not an error about the key file."""
+    from pacsvault.status import running_state
+    from pacsvault.status.text import sealed_json, sealed_lines
     from pacsvault.vault import Layout
 
-    state = _running(Layout(data_dir(args)).state)
+    state = running_state(Layout(data_dir(args)))
     if not state or not state.get("sealed"):
         return None
     if args.json:
-        json.dump({"data": str(data_dir(args)), "server": {"running": True, **state},
-                   "sealed": True, "key": reason}, sys.stdout, indent=2)
+        json.dump(sealed_json(str(data_dir(args)), state, reason), sys.stdout, indent=2)
         print()
         return 1
-    print(f"Vault        {data_dir(args)}")
-    print(f"Server       running, pid {state['pid']}; DICOM plain port "
-          f"{state.get('dicom_port') or 'off'}, DICOM TLS port "
-          f"{state.get('dicom_tls_port') or 'off'}, HTTPS port {state.get('https_port') or 'off'}")
-    print(f"Server       {_SEALED_ADVICE}")
-    print(f"Master key   {reason}")
+    for line in sealed_lines(str(data_dir(args)), state, reason):
+        print(line)
     return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pacsvault.backup.health import backup_health, status_lines
+    """The report ``pacsvault.status`` gathers (the Health page shows the same one)."""
     from pacsvault.crypto.keys import KeyUnavailable
+    from pacsvault.status import gather
+    from pacsvault.status.text import as_json, lines
 
     try:
         vault = open_vault(args)
@@ -220,110 +203,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise
         return code
     try:
-        settings = vault.settings
-        backups = backup_health(vault.layout, settings.backup)
-        state = _running(vault.layout.state)
-        counts = stats.counts(vault.sessions)  # without the archive's pydicom
-        on_disk = sum(
-            f.stat().st_size for f in vault.layout.objects.rglob("*.pvo") if f.is_file()
-        )
-        report: dict[str, Any] = {
-            "data": str(vault.layout.root),
-            "ae_title": settings.server.ae_title,
-            "server": (
-                {"running": True, **state} if state else {"running": False}
-            ),
-            "configured": {
-                "bind": settings.server.bind,
-                "dicom_port": settings.dicom.port if settings.dicom.plain_enabled else None,
-                "dicom_tls_port": settings.dicom.tls_port,
-                "https_port": settings.web.https_port if settings.web.enabled else None,
-            },
-            "nodes": [
-                {"ae_title": n.ae_title, "host": n.host, "port": n.port, "tls": n.tls,
-                 "client_cert": n.client_cert, "roles": list(n.roles)}
-                for n in vault.nodes.all()
-            ],
-            # per-node downgrades to the retired AES TLS profile (issue 13, defect 7)
-            "legacy_tls_nodes": [
-                {"ae_title": n.ae_title, "host": n.host}
-                for n in vault.nodes.all() if n.legacy_tls
-            ],
-            "counts": {k: v for k, v in counts.items() if k != "bytes"},
-            "storage": {"received_bytes": counts["bytes"], "encrypted_bytes": on_disk},
-            "certificate_expires": certificate_expiry(
-                vault.layout.tls.server_cert
-            ).isoformat(timespec="seconds"),
-            "ca_name_constraints": ca_is_name_constrained(vault.layout.tls),
-            # how the master key is held and where (issue 14, key protection)
-            "key": key_summary(vault),
-            # last good backup, drill and next run per target (issue 14, backups)
-            "backup": backups.as_dict(),
-        }
-        backup_text = status_lines(backups)
+        report = gather(vault, measure_objects=True)
     finally:
         vault.close()
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump(as_json(report), sys.stdout, indent=2)
         print()
         return 0
-    srv = report["server"]
-    conf = report["configured"]
-    print(f"Vault        {report['data']}  (AE title {report['ae_title']})")
-    if srv["running"]:
-        print(f"Server       running, pid {srv['pid']}; DICOM plain port "
-              f"{srv.get('dicom_port') or 'off'}, DICOM TLS port {srv.get('dicom_tls_port')}, "
-              f"HTTPS port {srv.get('https_port') or 'off'}")
-        if srv.get("sealed"):  # the key is back here, but nobody has unsealed yet
-            print(f"Server       {_SEALED_ADVICE}")
-    else:
-        print(f"Server       not running (configured: plain {conf['dicom_port'] or 'off'}, "
-              f"TLS {conf['dicom_tls_port']}, HTTPS {conf['https_port'] or 'off'} on "
-              f"{conf['bind']})")
-    print(f"Nodes        {len(report['nodes'])}")
-    for n in report["nodes"]:
-        flags = ",".join(n["roles"]) + (" tls" if n["tls"] else "") + (
-            " client-cert" if n["client_cert"] else "")
-        print(f"  {n['ae_title']:<16} {n['host']}{':' + str(n['port']) if n['port'] else ''}"
-              f"  {flags}")
-    c = report["counts"]
-    print(f"Contents     {c['patients']} patients, {c['studies']} studies, "
-          f"{c['series']} series, {c['instances']} instances")
-    s = report["storage"]
-    print(f"Storage      {_size(s['encrypted_bytes'])} encrypted "
-          f"({_size(s['received_bytes'])} received)")
-    print(f"Certificate  server certificate valid until {report['certificate_expires']}")
-    if not report["ca_name_constraints"]:
-        # Made before issue 11: the CA installed on the practice PCs could vouch for any
-        # name if its key were stolen (see ARCHITECTURE.md, TLS).
-        print("Warning      CA without name constraints (vault made before they existed): "
-              "it can sign certificates for any name")
-    for n in report["legacy_tls_nodes"]:
-        print(f"Warning      node {n['ae_title']} may use the retired AES TLS profile "
-              f"(TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy) from {n['host']}")
-    key = report["key"]
-    print(f"Master key   {key['protection']}, {key['key_file']}")
-    for warning in key["warnings"]:
-        print(f"Warning      {warning}")
-    for line in backup_text:
+    for line in lines(report):
         print(line)
-    return 1 if srv.get("sealed") else 0
-
-
-def key_summary(vault: Vault) -> dict[str, Any]:
-    """``keys status`` in short: protection kind, file, same filesystem as the data."""
-    from pacsvault.crypto.protection import describe
-
-    path = vault.key_path if vault.key_path is not None else Path("?")
-    found = describe(path, vault.layout.root)
-    return {k: found[k] for k in ("protection", "key_file", "same_filesystem",
-                                  "in_data_backup", "warnings")}
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
+    return 1 if report.sealed else 0
