@@ -1,0 +1,185 @@
+"""Staging a point-in-time copy of a vault for a backup run, and the keystore snapshot.
+
+Why its own module: this is the part of a run that reads the live vault while ``serve``
+keeps committing (``runner`` describes the whole run). The index is copied with one
+``VACUUM INTO`` (one read transaction) and every wrapped data key is then removed from the
+copy; the trail is cut at the record the copy anchors; objects committed but not yet
+published are hard-linked. The keystore (every live data key re-wrapped under the backup
+keystore key) is built from the same index.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import errno
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sqlcipher3
+
+from pacsvault import config
+from pacsvault.backup.targets import (
+    KEYSTORE_FORMAT,
+    PENDING_DIR,
+    REPOSITORY_SECRET,
+    STAGING_DIR,
+    BackupError,
+    _keystore_key,
+    _master,
+)
+from pacsvault.crypto import datakeys, keys
+
+if TYPE_CHECKING:
+    from pacsvault.vault import Vault
+
+
+@dataclass(frozen=True)
+class _Staged:
+    root: Path
+    anchor_seq: int
+    instances: int
+    pending: int
+
+
+def _index_key(vault: Vault) -> str:
+    return _master(vault).derive(keys.PURPOSE_INDEX, vault.vault_id).hex()
+
+
+def _connect(path: Path, key_hex: str) -> sqlcipher3.Connection:
+    conn = sqlcipher3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA key = \"x'{key_hex}'\"")
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA temp_store = MEMORY")  # SQLite's temp files would be clear text
+    return conn
+
+
+def _copy_index(vault: Vault, dest: Path) -> tuple[int, list[str]]:
+    """Consistent encrypted copy of the live index without any wrapped data key; returns
+    the trail anchor's seq and the object ids the copy names."""
+    key_hex = _index_key(vault)
+    live = _connect(vault.layout.index, key_hex)
+    try:
+        # One statement, one read transaction: a point in time even while serve commits.
+        live.execute("VACUUM INTO ?", (str(dest),))
+    finally:
+        live.close()
+    os.chmod(dest, 0o600)  # as the live index (VACUUM INTO follows the umask)
+    copy = _connect(dest, key_hex)
+    try:
+        copy.execute("PRAGMA secure_delete = ON")
+        copy.execute("UPDATE data_keys SET wrapped = NULL")
+        copy.execute("VACUUM")  # rewrites every page: the old key pages are gone
+        row = copy.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
+        ids = [r[0] for r in copy.execute("SELECT object_id FROM instances")]
+        left = copy.execute(
+            "SELECT count(*) FROM data_keys WHERE wrapped IS NOT NULL").fetchone()[0]
+        if left:
+            raise BackupError("the index copy still holds data keys; backup stopped")
+    finally:
+        copy.close()
+    return (int(row[0]) if row else 0), ids
+
+
+def _copy_trail(source: Path, dest: Path, anchor_seq: int) -> None:
+    """The trail up to the record the index copy anchors (inclusive): what a restored
+    vault verifies against its own anchor. Torn or repair lines before it stay as they
+    are (their repair record describes them). Streamed: a year of trail is large."""
+    dest.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        try:
+            src = source.open("rb")
+        except FileNotFoundError:
+            return
+        with src:
+            held: list[bytes] = []  # lines after the last record kept, not yet written
+            for line in src:
+                if not line.endswith(b"\n"):  # a last line being written
+                    break
+                seq = _record_seq(line)
+                if seq is not None and seq > anchor_seq:
+                    break
+                held.append(line)
+                if seq is not None:
+                    out.writelines(held)
+                    held.clear()
+
+
+def _record_seq(line: bytes) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if isinstance(seq, int) else None
+
+
+def _stage(vault: Vault) -> _Staged:
+    layout = vault.layout
+    root = layout.root / STAGING_DIR
+    shutil.rmtree(root, ignore_errors=True)  # a run killed before cleaning up
+    root.mkdir(mode=0o700)
+    anchor_seq, ids = _copy_index(vault, root / "index.db")
+    _copy_trail(layout.audit / "trail.jsonl", root / "audit" / "trail.jsonl", anchor_seq)
+    for name in ("vault.json", config.CONFIG_NAME):
+        shutil.copy2(layout.root / name, root / name)
+    if (layout.root / "tls").is_dir():
+        shutil.copytree(layout.root / "tls", root / "tls")
+    pending_dir = root / PENDING_DIR
+    pending_dir.mkdir(mode=0o700)
+    pending = 0
+    objects = layout.objects
+    for object_id in ids:
+        if vault.objects.path(object_id).exists():
+            continue
+        for staged in (objects / ".spare" / f"{object_id}.part",
+                       objects / ".tmp" / f"{object_id}.part"):
+            try:
+                try:
+                    os.link(staged, pending_dir / f"{object_id}.part")
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    shutil.copy2(staged, pending_dir / f"{object_id}.part")
+            except FileNotFoundError:
+                continue
+            pending += 1
+            break
+        # neither published nor staged a moment ago: published meanwhile (restic reads
+        # objects/ after this), or removed by an administrator since the copy.
+    return _Staged(root, anchor_seq, len(ids), pending)
+
+
+# --- keystore ------------------------------------------------------------------------------
+
+
+def _keystore(vault: Vault) -> bytes:
+    """Every live data key, wrapped under the backup keystore key (AES-GCM, the same
+    format as in the index; a key the live KEK cannot open, e.g. sealed-mode, as is)."""
+    kek = _master(vault).derive(keys.PURPOSE_KEK, vault.vault_id)
+    store_key = _keystore_key(vault.named_secret(REPOSITORY_SECRET), vault.vault_id)
+    entries: dict[str, str] = {}
+    live = _connect(vault.layout.index, _index_key(vault))
+    try:
+        rows = live.execute(
+            "SELECT key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL").fetchall()
+    finally:
+        live.close()
+    for key_id, wrapped in rows:
+        kid = uuid.UUID(key_id)
+        try:
+            raw = datakeys.unwrap(kek, kid, bytes(wrapped))
+            entries[key_id] = "w:" + base64.b64encode(
+                datakeys.wrap(store_key, kid, raw)).decode()
+        except datakeys.DataKeyError:
+            entries[key_id] = "a:" + base64.b64encode(bytes(wrapped)).decode()
+    body = {"format": KEYSTORE_FORMAT, "vault_id": vault.vault_id,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "keys": entries}
+    return json.dumps(body, sort_keys=True).encode("utf-8")
