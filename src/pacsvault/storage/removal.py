@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
 from pacsvault.fsutil import fsync_dir
+from pacsvault.index.levels import Level
 from pacsvault.index.models import (
     DataKey,
     Instance,
@@ -66,7 +67,8 @@ from pacsvault.index.models import (
 from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import SPARE_DIR, TMP_DIR, ObjectStore
 
-LEVELS = ("study", "series", "instance")
+# An admin removes a study, series or instance (DICOMweb names of ``Level``).
+LEVELS = tuple(level.web_name for level in Level if level is not Level.PATIENT)
 MAX_REASON = 1000
 _CHUNK = 500
 

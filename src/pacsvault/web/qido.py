@@ -67,6 +67,8 @@ IMAGE_DEFAULTS = (
     "TimezoneOffsetFromUTC", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
     "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID",
 )
+DEFAULTS = {Level.STUDY: STUDY_DEFAULTS, Level.SERIES: SERIES_DEFAULTS,
+            Level.IMAGE: IMAGE_DEFAULTS}
 
 _BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int,
                    "FL": float, "FD": float}
@@ -215,19 +217,13 @@ def parse(
             query.include_all = True
         else:
             _put(ds, _path(token), None, overwrite=False)
+    # The level's own defaults, and those of each level above it that the path leaves open.
+    scope = {Level.STUDY: study, Level.SERIES: series}
+    target = Level(level)
     defaults: list[str] = []
-    if level == "STUDY":
-        defaults += STUDY_DEFAULTS
-    elif level == "SERIES":
-        defaults += SERIES_DEFAULTS
-        if study is None:
-            defaults += STUDY_DEFAULTS
-    else:
-        defaults += IMAGE_DEFAULTS
-        if series is None:
-            defaults += SERIES_DEFAULTS
-        if study is None:
-            defaults += STUDY_DEFAULTS
+    for step in target.path:
+        if step is target or (step in scope and scope[step] is None):
+            defaults += DEFAULTS[step]
     for keyword in defaults:
         number = tag_for_keyword(keyword)
         assert number is not None
