@@ -52,8 +52,6 @@ from pacsvault.index.matching import Condition, Kind
 from pacsvault.index.models import Instance, Patient, Series, Study
 from pacsvault.index.records import StoredInstance
 
-LEVELS = tuple(Level)
-
 
 class QueryError(Exception):
     """The identifier cannot be processed (status A900/C000 on the DICOM side)."""
@@ -468,9 +466,3 @@ def _plan(identifier: Dataset) -> _Plan:
             continue
         keys.append((tag, keyword, str(elem.VR), elem if elem.VR == "SQ" else None))
     return _Plan(keys, computed_keys, "InstanceAvailability" in identifier)
-
-
-def level_of(keyword: str) -> Level | None:
-    """The level an attribute with an index column or a computed value describes."""
-    col = COLUMNS.get(keyword)
-    return col.level if col else computed.COMPUTED.get(keyword)
