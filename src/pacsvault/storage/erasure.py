@@ -37,217 +37,71 @@ erase alone, by typing the patient ID again (``erase_solo``); the mode is record
 While the patient's retention runs (``storage.retention``), the erasure is refused unless
 a legal basis other than ``retention-ended`` is chosen (GDPR art. 17(3): the obligation to
 keep prevails otherwise); the free-text reason is kept in the encrypted index only.
+
+The module is the request and confirmation flow (``Eraser``) and the hand-off afterwards
+(the running server told, backups' keystores replaced, the tombstone); the table and
+result types are ``erasure_requests``, the destruction in the index ``erasure_destroy``.
+Every name callers used from here is still importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import hmac
 import json
 import logging
-import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import (
-    Boolean,
-    Connection,
-    DateTime,
-    Integer,
-    String,
-    Table,
-    Text,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Mapped, mapped_column
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.index.models import (
-    Base,
-    DataKey,
-    Instance,
-    ObjectAction,
-    Patient,
-    Series,
-    Study,
-    utcnow,
-)
+from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.storage import retention
-from pacsvault.storage.removal import (
-    RemovalError,
-    Remover,
-    _count,
-    _refresh,
-    check_reason,
+from pacsvault.storage.erasure_destroy import erase_rows, forget_rows, secure_transaction
+from pacsvault.storage.erasure_requests import (
+    FORGET_COMMAND,
+    LEGAL_BASES,
+    MAX_ID,
+    REQUEST_DAYS,
+    RETENTION_ENDED,
+    SUBJECT_SECRET,
+    Erased,
+    ErasureError,
+    ErasureRequest,
+    ErasureResult,
+    RequestInfo,
+    RetentionRunning,
+    Target,
+    check_basis,
+    check_issuer,
+    check_patient_id,
+    ensure_table,
+    subject_digest,
 )
+from pacsvault.storage.removal import RemovalError, Remover, check_reason
 
 if TYPE_CHECKING:
     from pacsvault.accounts.service import Accounts
     from pacsvault.storage.archive import Archive
     from pacsvault.vault import Vault
 
+__all__ = [
+    "FORGET_COMMAND", "LEGAL_BASES", "MAX_ID", "REQUEST_DAYS", "RETENTION_ENDED",
+    "SUBJECT_SECRET", "Erased", "Eraser", "ErasureError", "ErasureRequest", "ErasureResult",
+    "RequestInfo", "RetentionRunning", "Target", "check_basis", "check_issuer",
+    "check_patient_id", "ensure_table", "forget_handler", "subject_digest",
+]
+
 log = logging.getLogger("pacsvault.erasure")
-
-FORGET_COMMAND = "erasure.forget"  # control channel: the server drops its caches
-SUBJECT_SECRET = "erasure-subject"  # noqa: S105 (the secret's name)
-REQUEST_DAYS = 7  # a request not confirmed within a week lapses
-MAX_ID = 64
-
-# Legal bases (code -> English label; the admin page translates them). Only
-# ``retention-ended`` needs the retention period to be over; the others are the reasons
-# GDPR art. 17 gives to erase earlier, each recorded with the admin's free text.
-RETENTION_ENDED = "retention-ended"
-LEGAL_BASES: dict[str, str] = {
-    RETENTION_ENDED: "retention period over (CSP R1112-7)",
-    "patient-request": "patient's request, no legal obligation to keep (art. 17(1)(a-c), "
-                       "17(3) does not apply)",
-    "wrong-patient": "images of another person or sent in error (no lawful basis)",
-    "unlawful": "unlawfully processed (art. 17(1)(d))",
-    "legal-obligation": "legal obligation or court order to erase (art. 17(1)(e))",
-}
 
 _instances = cast(Table, Instance.__table__)
 _series = cast(Table, Series.__table__)
 _studies = cast(Table, Study.__table__)
 _patients = cast(Table, Patient.__table__)
-_keys = cast(Table, DataKey.__table__)
-_actions = cast(Table, ObjectAction.__table__)
-
-
-class ErasureError(RemovalError):
-    """An erasure that cannot be done (message user-facing, without patient data)."""
-
-
-class RetentionRunning(ErasureError):
-    pass
-
-
-class ErasureRequest(Base):
-    """An erasure asked by one administrator, waiting for a second one (or done).
-
-    ``patients`` is JSON ``[[patient pk, subject digest], ...]``; once done the pks are
-    dropped (only digests remain). ``reason`` (free text) stays in the encrypted index.
-    """
-
-    __tablename__ = "erasure_requests"
-    __table_args__ = ({"sqlite_autoincrement": True},)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    requested_by: Mapped[str] = mapped_column(String(64))
-    address: Mapped[str] = mapped_column(String(64), default="")
-    kind: Mapped[str] = mapped_column(String(16), default="patient")  # or "expired"
-    patients: Mapped[str] = mapped_column(Text, default="[]")
-    count: Mapped[int] = mapped_column(Integer, default=0)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    legal_basis: Mapped[str] = mapped_column(String(32), default="")
-    retention_over: Mapped[bool] = mapped_column(Boolean, default=False)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
-    decided_by: Mapped[str] = mapped_column(String(64), default="")
-    decided: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    mode: Mapped[str] = mapped_column(String(16), default="two-admin")  # or "solo"
-    records: Mapped[str] = mapped_column(Text, default="[]")  # object_actions ids
-
-
 _requests = cast(Table, ErasureRequest.__table__)
-
-
-def ensure_table(engine: Any) -> None:
-    """Make the table if missing (tests' bare engines; a vault's index has it from its
-    schema baseline, ``index.schema``, so no request path calls this any more)."""
-    with contextlib.suppress(OperationalError):  # made by another process meanwhile
-        _requests.create(engine, checkfirst=True)
-
-
-def check_patient_id(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > MAX_ID or any(not c.isprintable() for c in value):
-        raise ErasureError("a patient ID is 1 to 64 printable characters")
-    return value
-
-
-def check_issuer(value: str) -> str:
-    value = value.strip()
-    if len(value) > MAX_ID or any(not c.isprintable() for c in value):
-        raise ErasureError("an issuer is at most 64 printable characters")
-    return value
-
-
-def check_basis(value: str) -> str:
-    if value not in LEGAL_BASES:
-        raise ErasureError("the legal basis is one of: " + ", ".join(LEGAL_BASES))
-    return value
-
-
-def subject_digest(secret: bytes, patient_id: str, issuer: str) -> str:
-    """The patient's pseudonymous digest (see the module docstring for why)."""
-    message = unicodedata.normalize("NFC", f"{issuer}\x00{patient_id}").encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-@dataclass(frozen=True)
-class Target:
-    """A patient as an administrator sees it before erasing (screen only, never logs)."""
-
-    pk: int
-    patient_id: str
-    issuer: str
-    name: str
-    subject: str
-    studies: int
-    series: int
-    instances: int
-    keys: tuple[str, ...]
-    retention: retention.PatientRetention
-
-    def retention_over(self, today: dt.date | None = None) -> bool:
-        return self.retention.expired(today or dt.datetime.now(dt.UTC).date())
-
-
-@dataclass(frozen=True)
-class Erased:
-    record: int  # object_actions id
-    studies: int
-    series: int
-    instances: int
-    keys_destroyed: int
-    files_deleted: int
-
-
-@dataclass(frozen=True)
-class ErasureResult:
-    """The result of a confirmed request or a solo erasure."""
-
-    request: int
-    erased: tuple[Erased, ...]
-    skipped: int  # patients gone or changed since the request
-    backups: str  # what the backup hook said ("" when there is no target)
-
-    @property
-    def instances(self) -> int:
-        return sum(e.instances for e in self.erased)
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    id: int
-    created: dt.datetime
-    requested_by: str
-    kind: str
-    count: int
-    reason: str
-    legal_basis: str
-    status: str
-    decided_by: str
-    decided: dt.datetime | None
-    mode: str
 
 
 class Eraser(Remover):
@@ -493,53 +347,22 @@ class Eraser(Remover):
         None when the patient is gone or is not the one requested any more."""
         self.finish_pending()
         engine = self.vault.engine
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA secure_delete=ON")
-            conn.commit()
-            try:
-                with conn.begin():
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                    row = conn.execute(select(_patients.c.patient_id, _patients.c.issuer)
-                                       .where(_patients.c.pk == pk)).first()
-                    if row is None or not hmac.compare_digest(
-                            self.subject(str(row[0]), str(row[1] or "")), subject):
-                        return None
-                    target = self._target(conn, pk)
-                    plan = _rows(conn, pk)
-                    others = [_instances.c.key_id.in_(target.keys)]
-                    if plan.series:
-                        others.append(_instances.c.series_pk.not_in(plan.series))
-                    shared = conn.execute(select(func.count()).select_from(_instances)
-                                          .where(*others)).scalar_one()
-                    shared += conn.execute(select(func.count()).select_from(_patients).where(
-                        _patients.c.key_id.in_(target.keys),
-                        _patients.c.pk != pk)).scalar_one()
-                    if shared:
-                        raise ErasureError("a data key of this patient is used by another "
-                                           "patient's objects: nothing was erased (report "
-                                           "this to the maintainers)")
-                    record = _record(conn, subject, reason, actor, address,
-                                     len(plan.object_ids), len(target.keys), plan.object_ids)
-                    _scrub_old_records(conn, plan.uids, record)
-                    for chunk in _chunks(plan.series):
-                        conn.execute(delete(_instances).where(_instances.c.series_pk.in_(chunk)))
-                    for chunk in _chunks(plan.series):
-                        conn.execute(delete(_series).where(_series.c.pk.in_(chunk)))
-                    conn.execute(delete(_studies).where(_studies.c.patient_pk == pk))
-                    conn.execute(delete(_patients).where(_patients.c.pk == pk))
-                    conn.execute(update(_keys).where(_keys.c.key_id.in_(target.keys))
-                                 .values(wrapped=None, destroyed=utcnow()))
-            finally:
-                conn.rollback()
-                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
-                conn.commit()
+        with secure_transaction(engine) as conn:
+            row = conn.execute(select(_patients.c.patient_id, _patients.c.issuer)
+                               .where(_patients.c.pk == pk)).first()
+            if row is None or not hmac.compare_digest(
+                    self.subject(str(row[0]), str(row[1] or "")), subject):
+                return None
+            target = self._target(conn, pk)
+            record, object_ids = erase_rows(conn, pk, target, subject, reason, actor,
+                                            address)
         # the WAL still holds the old pages: copy them back now (best effort: a reader
         # may hold the WAL; the next checkpoint does it then)
         with contextlib.suppress(OperationalError), engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         if self._archive is not None:
             self._archive.forget()
-        files = self._delete_files(record, plan.object_ids)
+        files = self._delete_files(record, object_ids)
         return Erased(record, target.studies, target.series, target.instances,
                       len(target.keys), files)
 
@@ -555,59 +378,11 @@ class Eraser(Remover):
         ``object_actions`` row (``forget``) moves the removal generation.
         """
         self.finish_pending()
-        engine = self.vault.engine
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA secure_delete=ON")
-            conn.commit()
-            try:
-                with conn.begin():
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
-                    destroyed = [str(k) for k in conn.execute(
-                        select(_keys.c.key_id).where(_keys.c.wrapped.is_(None))).scalars()]
-                    rows: list[Any] = []
-                    for chunk in _chunks(destroyed):
-                        rows += conn.execute(select(
-                            _instances.c.pk, _instances.c.object_id, _instances.c.series_pk)
-                            .where(_instances.c.key_id.in_(chunk))).all()
-                    orphans = []
-                    for chunk in _chunks(destroyed):
-                        orphans += [int(pk) for pk in conn.execute(
-                            select(_patients.c.pk).where(_patients.c.key_id.in_(chunk)))
-                            .scalars()]
-                    if not rows and not orphans:
-                        return 0
-                    object_ids = [str(r[1]) for r in rows]
-                    record = _record(conn, "restore", "forgetting the rows of destroyed keys",
-                                     actor, "", len(rows), 0, object_ids, action="forget")
-                    for chunk in _chunks([int(r[0]) for r in rows]):
-                        conn.execute(delete(_instances).where(_instances.c.pk.in_(chunk)))
-                    series = {int(r[2]) for r in rows}
-                    studies: set[int] = set()
-                    for pk in series:
-                        study = conn.execute(select(_series.c.study_pk)
-                                             .where(_series.c.pk == pk)).scalar()
-                        if study is not None:
-                            studies.add(int(study))
-                        if not _count(conn, _instances, _instances.c.series_pk == pk):
-                            conn.execute(delete(_series).where(_series.c.pk == pk))
-                    patients = set(orphans)
-                    for pk in studies:
-                        owner = conn.execute(select(_studies.c.patient_pk)
-                                             .where(_studies.c.pk == pk)).scalar()
-                        if owner is not None:
-                            patients.add(int(owner))
-                        if not _count(conn, _series, _series.c.study_pk == pk):
-                            conn.execute(delete(_studies).where(_studies.c.pk == pk))
-                    removed = 0
-                    for pk in patients:
-                        if not _count(conn, _studies, _studies.c.patient_pk == pk):
-                            conn.execute(delete(_patients).where(_patients.c.pk == pk))
-                            removed += 1
-                    _refresh(conn, series, studies, patients)
-            finally:
-                conn.rollback()
-                conn.exec_driver_sql("PRAGMA secure_delete=OFF")
-                conn.commit()
+        with secure_transaction(self.vault.engine) as conn:
+            forgotten = forget_rows(conn, actor)
+            if forgotten is None:
+                return 0
+        record, object_ids, removed = forgotten
         if self._archive is not None:
             self._archive.forget()
         self._delete_files(record, object_ids)
@@ -668,54 +443,6 @@ class Eraser(Remover):
             detail=detail,
         ), required=True)
 
-
-@dataclass(frozen=True)
-class _Rows:
-    series: list[int]
-    object_ids: list[str]
-    uids: set[str]
-
-
-def _chunks(values: Sequence[Any], size: int = 500) -> list[Sequence[Any]]:
-    return [values[i:i + size] for i in range(0, len(values), size)]
-
-
-def _rows(conn: Connection, pk: int) -> _Rows:
-    uids: set[str] = set()
-    studies = conn.execute(select(_studies.c.pk, _studies.c.study_uid)
-                           .where(_studies.c.patient_pk == pk)).all()
-    uids.update(str(u) for _, u in studies)
-    series = conn.execute(select(_series.c.pk, _series.c.series_uid).where(
-        _series.c.study_pk.in_([int(p) for p, _ in studies]))).all() if studies else []
-    uids.update(str(u) for _, u in series)
-    object_ids: list[str] = []
-    for chunk in _chunks([int(p) for p, _ in series]):
-        for sop, object_id in conn.execute(select(_instances.c.sop_uid, _instances.c.object_id)
-                                           .where(_instances.c.series_pk.in_(chunk))):
-            uids.add(str(sop))
-            object_ids.append(str(object_id))
-    return _Rows([int(p) for p, _ in series], object_ids, uids)
-
-
-def _record(conn: Connection, subject: str, reason: str, actor: str, address: str,
-            instances: int, keys: int, pending: list[str], *, action: str = "erase") -> int:
-    result = conn.execute(insert(_actions).values(
-        time=utcnow(), action=action, level="patient", uid=subject[:64], reason=reason,
-        actor=actor[:64], address=address[:64], instances=instances, keys_destroyed=keys,
-        pending=json.dumps(pending) if pending else ""))
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
-
-
-def _scrub_old_records(conn: Connection, uids: set[str], record: int) -> None:
-    """Earlier quarantine/deletion records of this patient's objects keep their counts
-    and actors, but lose the UID and the free-text reason (which may name the patient)."""
-    values = sorted(uids)
-    for chunk in _chunks(values):
-        conn.execute(update(_actions).where(
-            _actions.c.uid.in_(chunk), _actions.c.action != "erase")
-            .values(uid=f"erased-{record}", reason="(erased with the patient)"))
 
 
 def forget_handler(vault: Vault) -> Callable[[dict[str, Any]], dict[str, Any]]:
