@@ -479,10 +479,12 @@ class AuditTrail:
         """Check the chain, signatures, order and head anchor (``trail_verify.verify``)."""
         return trail_verify.verify(self, tail=tail)
 
-    def check(self, since: Checkpoint | None, *, tail: int | None = None
-              ) -> tuple[Checkpoint, str]:
-        """The running server's check (``trail_verify.check``)."""
-        return trail_verify.check(self, since, tail=tail)
+    def check(self, since: Checkpoint | None, *, tail: int | None = None,
+              full: bool = False) -> tuple[Checkpoint, str]:
+        """The running server's check (``trail_verify.check``): only the lines appended
+        since ``since`` while the file still starts as verified; ``full`` re-hashes the
+        verified prefix too (the watcher's periodic full check)."""
+        return trail_verify.check(self, since, tail=tail, full=full)
 
     # --- retention --------------------------------------------------------------------
 

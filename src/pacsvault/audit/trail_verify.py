@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pacsvault.audit.trail_format import (
     FORMAT,
+    ROTATED_ACTION,
     Chain,
     KeyPlan,
     Verdict,
     parse_line,
+    raw_hex,
     record_hash,
     tip_of,
 )
@@ -31,14 +34,26 @@ from pacsvault.audit.trail_format import (
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What the running server last verified: the first ``offset`` bytes (whole lines) had
-    SHA-256 ``digest`` and ended the chain at ``chain``. The next check re-hashes that prefix
-    (any edit, deletion or truncation changes it) and verifies only the lines after it."""
+    """What the running server last verified: the first ``offset`` bytes (``lines`` whole
+    lines) had SHA-256 ``digest`` and ended the chain at ``chain``.
+
+    The next periodic check reads only what follows ``offset`` when the file is still the
+    same inode, no shorter, still holds ``last_line`` right before ``offset`` and no key
+    changed (``key``): the running digest (``hasher``) goes on over the new bytes. A file
+    replaced (retention, restore), cut, or shifted (a line edited to another length or
+    deleted) fails one of those and gets the full check: the prefix re-hashed against
+    ``digest``, and a full verification if it differs. A same-length edit of an older
+    line is found by the full check the watcher runs every few periods (``watch``).
+    """
 
     offset: int
     lines: int
     digest: str
     chain: Chain
+    inode: int = 0
+    last_line: bytes = b""  # the last verified line, with its "\n"
+    key: str = ""  # raw public key (hex) the lines were verified with
+    hasher: hashlib._Hash | None = field(default=None, compare=False, repr=False)
 
 
 class TrailView(Protocol):
@@ -186,24 +201,41 @@ def chain_at_end(trail: TrailView, lines: list[bytes]) -> Chain:
     return Chain()
 
 
-def check(trail: TrailView, since: Checkpoint | None, *, tail: int | None = None
-          ) -> tuple[Checkpoint, str]:
+def check(trail: TrailView, since: Checkpoint | None, *, tail: int | None = None,
+          full: bool = False) -> tuple[Checkpoint, str]:
     """The running server's check: (new checkpoint, problem or "").
 
-    The prefix verified last time is re-hashed; only lines after it are verified. A
-    changed prefix (an edit, a deleted line, a purge rewriting the file) gets a full
-    verification: a purge passes it, tampering does not. The end is compared with the
+    Periodic (``full`` False): when ``since`` still describes the start of the file (see
+    ``Checkpoint``), only the bytes appended since are read and verified. Otherwise, and
+    when ``full``: the prefix verified last time is re-hashed; only lines after it are
+    verified. A changed prefix (an edit, a deleted line, a purge rewriting the file) gets a
+    full verification: a purge passes it, tampering does not. The end is compared with the
     anchor (a removed tail), and the anchor's broken flag is reported.
     """
     with trail.shared():
         public = trail.public_key  # the key matching what was read (a rotation swaps it)
         try:
-            data = trail.path.read_bytes()
+            fh = open(trail.path, "rb")  # noqa: SIM115 (closed below, inside the lock)
         except FileNotFoundError:
-            data = None
+            data, inode, appended = None, 0, None
+        else:
+            with fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                appended = None if full else _appended(fh, inode, raw_hex(public), since)
+                data = fh.read() if appended is None else None
+    if since is not None and appended is not None:
+        found = _check_appended(trail, since, appended)
+        if found is not None:
+            return found
+        with trail.shared():  # a problem in the new lines: report it as a full check does
+            public = trail.public_key
+            with open(trail.path, "rb") as fh:
+                inode = os.fstat(fh.fileno()).st_ino
+                data = fh.read()
     broken = trail.broken()
     if data is None:
-        empty = Checkpoint(0, 0, hashlib.sha256(b"").hexdigest(), Chain())
+        empty = Checkpoint(0, 0, hashlib.sha256(b"").hexdigest(), Chain(), key=raw_hex(public),
+                           hasher=hashlib.sha256())
         if trail.anchor() is None:
             return empty, broken
         return empty, broken or "the audit trail file is missing"
@@ -230,5 +262,52 @@ def check(trail: TrailView, since: Checkpoint | None, *, tail: int | None = None
         if late is not None:
             problem = late.problem
     offset = sum(len(line) + 1 for line in lines[:consumed])
-    point = Checkpoint(offset, consumed, hashlib.sha256(data[:offset]).hexdigest(), chain)
+    hasher = hashlib.sha256(data[:offset])
+    point = Checkpoint(offset, consumed, hasher.hexdigest(), chain, inode,
+                       lines[consumed - 1] + b"\n" if consumed else b"", raw_hex(public),
+                       hasher)
     return point, problem or broken
+
+
+def _appended(fh: BinaryIO, inode: int, key: str, since: Checkpoint | None) -> bytes | None:
+    """The bytes after ``since.offset`` when the file still starts as it did (same inode
+    and key, not shorter, the last verified line in place); None when a full check is due.
+    Leaves ``fh`` at the start for a full read."""
+    if since is None or since.hasher is None or since.inode != inode or since.key != key:
+        return None
+    size = os.fstat(fh.fileno()).st_size
+    if size < since.offset:
+        return None
+    fh.seek(since.offset - len(since.last_line))
+    if fh.read(len(since.last_line)) != since.last_line:
+        fh.seek(0)
+        return None
+    appended = fh.read()
+    if ROTATED_ACTION.encode() in appended or b'"kind":"seal"' in appended:
+        fh.seek(0)  # a key hand-over or a seal: the key plan needs the whole file
+        return None
+    return appended
+
+
+def _check_appended(trail: TrailView, since: Checkpoint, appended: bytes
+                    ) -> tuple[Checkpoint, str] | None:
+    """Verify only the lines appended since ``since``; None when they hold a problem (the
+    caller then checks the whole file, which reports it the way it always has)."""
+    assert since.hasher is not None
+    end = appended.rfind(b"\n") + 1
+    lines = appended[:end].split(b"\n")[:-1] if end else []
+    chain = Chain(**vars(since.chain))
+    # no rotation record among them (``_appended``): every line is the current key's
+    verdict, consumed = scan(lines, chain, since.lines, since.lines,
+                             KeyPlan(trail.public_key, []))
+    if verdict is not None:
+        return None
+    if consumed == len(lines) and against_anchor(trail, chain, since.lines + consumed):
+        return None
+    size = sum(len(line) + 1 for line in lines[:consumed])
+    hasher = since.hasher.copy()
+    hasher.update(appended[:size])
+    point = Checkpoint(since.offset + size, since.lines + consumed, hasher.hexdigest(), chain,
+                       since.inode, lines[consumed - 1] + b"\n" if consumed else since.last_line,
+                       since.key, hasher)
+    return point, trail.broken()
