@@ -21,7 +21,6 @@ from __future__ import annotations
 from pacsvault.accounts.core import (
     TICKET_LIFETIME,
     AccountError,
-    AccountsCore,
     PasswordRejected,
     check_name,
     check_roles,
@@ -48,7 +47,6 @@ __all__ = [
     "TICKET_LIFETIME",
     "AccountError",
     "Accounts",
-    "AccountsCore",
     "AuthOutcome",
     "AuthResult",
     "BlockInfo",

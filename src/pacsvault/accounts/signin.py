@@ -184,13 +184,9 @@ class SignIn(AccountsCore):
             if pending is None or user is None:
                 return self._no_pending(s, address, "second")
             source = pending.source or Source.of(address)
-            decision = self.throttle.check(s, pending.name_key, source)
-            if not decision.allowed:
-                self.throttle.refused(user.name, source, decision, factor="second")
-                if decision.verdict is Verdict.LOCKED:
-                    self.cancel(ticket)
-                return AuthResult(_outcome_of(decision), decision.retry_after,
-                                  decision=decision)
+            refused = self._refused(s, pending, user, source, ticket, "second")
+            if refused is not None:
+                return refused
             row = user.totp
             now = self._now()
             factor, reason, left = "totp", "", None
@@ -215,11 +211,7 @@ class SignIn(AccountsCore):
             else:
                 reason = "bad-code"
             if reason:
-                decision = self.throttle.failure(s, pending.name_key, user.name, source,
-                                                 reason=reason, factor=factor)
-                if decision.verdict is Verdict.LOCKED:
-                    self.cancel(ticket)
-                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
+                return self._failed(s, pending, user, source, ticket, reason, factor)
             codes: tuple[str, ...] = ()
             enrolled_now = factor == "totp" and row is not None and not row.confirmed
             if enrolled_now:
@@ -259,26 +251,40 @@ class SignIn(AccountsCore):
             if pending is None or user is None:
                 return self._no_pending(s, address, factor)
             source = pending.source or Source.of(address)
-            decision = self.throttle.check(s, pending.name_key, source)
-            if not decision.allowed:
-                self.throttle.refused(user.name, source, decision, factor=factor)
-                if decision.verdict is Verdict.LOCKED:
-                    self.cancel(ticket)
-                return AuthResult(_outcome_of(decision), decision.retry_after,
-                                  decision=decision)
+            refused = self._refused(s, pending, user, source, ticket, factor)
+            if refused is not None:
+                return refused
             reason = "disabled" if user.disabled else check(s, user)
             if reason:
-                decision = self.throttle.failure(s, pending.name_key, user.name, source,
-                                                 reason=reason, factor=factor)
-                if decision.verdict is Verdict.LOCKED:
-                    self.cancel(ticket)
-                return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
+                return self._failed(s, pending, user, source, ticket, reason, factor)
             device = self._signed_in(s, user, pending, factor)
             result = AuthResult(AuthOutcome.SUCCESS, user=user.name, roles=user.role_set,
                                 totp_enrolled=bool(user.totp and user.totp.confirmed),
                                 device_token=device)
         self.cancel(ticket)
         return result
+
+    def _refused(self, s: Session, pending: PendingSignIn, user: User, source: Source,
+                 ticket: str, factor: str) -> AuthResult | None:
+        """The throttle's word before a second step is evaluated: None to go on, else the
+        refusal (recorded; a lock also ends this sign-in, so the ticket is cancelled)."""
+        decision = self.throttle.check(s, pending.name_key, source)
+        if decision.allowed:
+            return None
+        self.throttle.refused(user.name, source, decision, factor=factor)
+        if decision.verdict is Verdict.LOCKED:
+            self.cancel(ticket)
+        return AuthResult(_outcome_of(decision), decision.retry_after, decision=decision)
+
+    def _failed(self, s: Session, pending: PendingSignIn, user: User, source: Source,
+                ticket: str, reason: str, factor: str) -> AuthResult:
+        """A wrong second factor counts like a wrong password (else someone who knows the
+        password could try every TOTP code); a lock ends this sign-in."""
+        decision = self.throttle.failure(s, pending.name_key, user.name, source,
+                                         reason=reason, factor=factor)
+        if decision.verdict is Verdict.LOCKED:
+            self.cancel(ticket)
+        return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
 
     def _no_pending(self, s: Session, address: str, factor: str) -> AuthResult:
         """A second step without a live sign-in (forged or expired ticket): counted
