@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.harness.webhook import Webhook
 from tests.helpers import Server, VaultDir, make_vault, start_server
 
 # The quick loop (`pytest -m quick`, under 2 minutes here): the fast tests of the modules
@@ -44,3 +45,13 @@ def server(vault: VaultDir) -> Iterator[Server]:
     srv = start_server(vault)
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def hook() -> Iterator[Webhook]:
+    """A loopback webhook receiver for the alert sink (tests/harness/webhook.py)."""
+    receiver = Webhook()
+    try:
+        yield receiver
+    finally:
+        receiver.close()

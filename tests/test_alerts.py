@@ -17,13 +17,11 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
-import http.server
 import ipaddress
 import json
 import os
 import socket
 import ssl
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -50,6 +48,7 @@ from pacsvault.audit.alerts import (
     Severity,
     render_section,
 )
+from tests.harness.webhook import Webhook
 from tests.helpers import free_port
 
 PARIS = "Europe/Paris"
@@ -721,41 +720,8 @@ def test_write_never_blocks_on_a_stuck_mail_server(tmp_path: Path) -> None:
     assert failed and "timed out" in failed[0].message.lower()
 
 
-@dataclass
-class Hook:
-    url: str
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    auth: list[str] = field(default_factory=list)
-
-
-def _hook_server(status: int, tls: ssl.SSLContext | None) -> tuple[http.server.HTTPServer, Hook]:
-    hook = Hook("")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            hook.bodies.append(json.loads(self.rfile.read(length)))
-            hook.auth.append(self.headers.get("Authorization", ""))
-            self.send_response(status)
-            if status == 302:
-                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    scheme = "https" if tls else "http"
-    hook.url = f"{scheme}://127.0.0.1:{server.server_address[1]}/hooks/pacs"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, hook
-
-
 def test_webhook_receives_json_over_https(pki: Pki, tmp_path: Path) -> None:
-    server, hook = _hook_server(200, pki.server_context())
+    hook = Webhook(200, pki.server_context(), "/hooks/pacs")
     try:
         capture = CaptureSink()
         recorder = Recorder([capture])
@@ -772,8 +738,7 @@ def test_webhook_receives_json_over_https(pki: Pki, tmp_path: Path) -> None:
         sink.send_test()  # what an "alert test" command would call
         sink.close()
     finally:
-        server.shutdown()
-        server.server_close()
+        hook.close()
     assert len(hook.bodies) == 2 and hook.auth == ["Bearer t0ken"] * 2
     assert hook.bodies[1]["rule"] == "test"
     body = hook.bodies[0]
@@ -789,7 +754,7 @@ def test_webhook_receives_json_over_https(pki: Pki, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("status", [500, 302])
 def test_webhook_errors_and_redirects_are_failures(status: int) -> None:
-    server, hook = _hook_server(status, None)
+    hook = Webhook(status, None, "/hooks/pacs")
     try:
         capture = CaptureSink()
         recorder = Recorder([capture])
@@ -800,8 +765,7 @@ def test_webhook_errors_and_redirects_are_failures(status: int) -> None:
         assert sink.flush(30)
         sink.close()
     finally:
-        server.shutdown()
-        server.server_close()
+        hook.close()
     assert len(hook.bodies) == 2  # first attempt and one retry, no redirect followed
     failed = capture.actions("alert.")
     assert [e.action for e in failed] == ["alert.failed"]

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +21,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from tests.harness.webhook import Webhook
 from tests.helpers import VaultDir, make_vault, start_server
 
 pytestmark = pytest.mark.slow
 
 ALERT_WITHIN = 60.0
-
-
-class Hook:
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.url = ""
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    found = Hook()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            found.bodies.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield found
-    server.shutdown()
-    server.server_close()
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -99,7 +69,7 @@ def _trail(vault: VaultDir) -> Path:
                          ids=["edit-a-line", "delete-a-line", "truncate-the-tail",
                               "append-a-forged-line"])
 def test_running_server_alerts_within_a_minute(
-    tamper: Callable[[list[bytes]], list[bytes]], hook: Hook, tmp_path: Path
+    tamper: Callable[[list[bytes]], list[bytes]], hook: Webhook, tmp_path: Path
 ) -> None:
     vault = make_vault(tmp_path / "v")
     v = vault.open()

@@ -13,20 +13,19 @@
 from __future__ import annotations
 
 import datetime as dt
-import http.server
 import json
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from tests.corpus import synthetic_ct_series
+from tests.harness.webhook import Webhook
 from tests.helpers import (
     AE,
     Server,
@@ -92,7 +91,8 @@ def state(vault: VaultDir) -> dict[str, Any]:
         found: dict[str, Any] = json.loads((vault.data / "backup-state.json").read_text())
     except (OSError, ValueError):
         return {}
-    return found.get("targets", {})
+    targets: dict[str, Any] = found.get("targets", {})
+    return targets
 
 
 def far_schedule() -> str:
@@ -120,36 +120,7 @@ def store_images(vault: VaultDir, server: Server, count: int = 3) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@dataclass
-class Hook:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    found = Hook()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0"))
-            found.bodies.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield found
-    server.shutdown()
-    server.server_close()
-
-
-def with_webhook(vault: VaultDir, hook: Hook) -> None:
+def with_webhook(vault: VaultDir, hook: Webhook) -> None:
     vault.set_toml("alerts", "webhook_url", json.dumps(hook.url))
     vault.set_toml("alerts", "webhook_allow_http_loopback", "true")
 
@@ -209,7 +180,7 @@ def test_serve_backs_up_and_drills_a_new_target_without_any_command(backed: Back
     # counts only: the restored objects authenticated and the trail verified
     assert drill["instances"] == drill["expected"] == 3 and drill["failed"] == 0
     assert drill["verified"] == 3 and drill["shredded"] == 0
-    assert int(drill["trail_records"]) > 0
+    assert int(cast(int, drill["trail_records"])) > 0
     assert (backed.repository / "config").is_file()  # the repository was made by serve
     assert drill_copies(backed.vault) == []  # the copy is gone
 
@@ -263,7 +234,7 @@ def corrupt(repository: Path) -> int:
     return count
 
 
-def test_corrupted_repository_fails_the_drill_and_alerts(backed: Backed, hook: Hook) -> None:
+def test_corrupted_repository_fails_the_drill_and_alerts(backed: Backed, hook: Webhook) -> None:
     vault = backed.vault
     assert corrupt(backed.repository) > 0
     with_webhook(vault, hook)
@@ -289,7 +260,7 @@ def test_corrupted_repository_fails_the_drill_and_alerts(backed: Backed, hook: H
     assert "DRILL-FAILED" in status or "FAILING" in status, status
 
 
-def test_stale_backup_alerts(tmp_path: Path, hook: Hook) -> None:
+def test_stale_backup_alerts(tmp_path: Path, hook: Webhook) -> None:
     vault = make_vault(tmp_path / "v")
     # the disk is gone: the catch-up run fails, so the backup stays three days old
     configure_backup(vault, [("usb", str(tmp_path / "unplugged" / "repo"))],

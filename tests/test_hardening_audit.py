@@ -26,6 +26,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import requests
@@ -41,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from pacsvault.audit.query import own_refs, refs_for_study
 from tests import corpus
+from tests.harness.webhook import Webhook
 from tests.helpers import (
     AE,
     VaultDir,
@@ -52,7 +54,6 @@ from tests.helpers import (
     start_server,
     storescu,
 )
-from tests.test_audit_tamper_live import Hook, hook  # noqa: F401 (fixture)
 from tests.web_helpers import write_secret
 
 LOCAL = "127.0.0.1"
@@ -93,7 +94,7 @@ def _find(port: int, **keys: str) -> tuple[list[Dataset], int]:
             if not status:
                 break
             if status.Status in PENDING:
-                answers.append(ds)
+                answers.append(cast(Dataset, ds))
             else:
                 final = int(status.Status)
     finally:
@@ -152,7 +153,7 @@ def _fill(directory: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_full_trail_disk_refuses_access_then_repairs(
-    small_audit_fs: tuple[VaultDir, Path], hook: Hook, tmp_path: Path  # noqa: F811
+    small_audit_fs: tuple[VaultDir, Path], hook: Webhook, tmp_path: Path
 ) -> None:
     vault, audit = small_audit_fs
     vault.set_toml("alerts", "webhook_url", json.dumps(hook.url))
@@ -390,7 +391,7 @@ def test_show_patient_lists_only_that_patients_references(tmp_path: Path) -> Non
     finally:
         server.stop()
     (find,) = events(vault, "dicom.find")
-    assert sorted(find["study_uids"]) == sorted([study_a, study_b])  # type: ignore[type-var]
+    assert sorted(cast(list[str], find["study_uids"])) == sorted([study_a, study_b])
 
     def show(patient: str) -> list[dict[str, object]]:
         out = vault.cli("audit", "show", "--patient", patient, "--json").stdout

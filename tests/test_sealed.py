@@ -9,16 +9,13 @@ for HTTPS, a loopback webhook receiver for the exposure alert.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import socket
 import ssl
 import struct
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -33,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from pacsvault.vault import Vault
 from tests import corpus
+from tests.harness.webhook import Webhook
 from tests.helpers import (
     VaultDir,
     echoscu,
@@ -56,42 +54,7 @@ def _dataset_bytes(raw: bytes) -> bytes:
     return raw[144 + group_len:]
 
 
-class Hook:
-    """A loopback webhook receiver (the alert sink's delivery)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-def _vault(root: Path, hook: Hook | None = None) -> VaultDir:
+def _vault(root: Path, hook: Webhook | None = None) -> VaultDir:
     vault = make_vault(root)
     vault.set_toml("dicom", "trusted_networks", '["127.0.0.1/32"]')
     if hook is not None:
@@ -152,7 +115,7 @@ def _wait(predicate: Any, timeout: float = 30.0) -> Any:
     return predicate()
 
 
-def test_sealed_receives_refuses_reads_and_unseals(tmp_path: Path, hook: Hook) -> None:
+def test_sealed_receives_refuses_reads_and_unseals(tmp_path: Path, hook: Webhook) -> None:
     vault = _vault(tmp_path / "v", hook)
     files = corpus.build(tmp_path / "corpus")
     plain = [f for f in files if not f.proposal][:3]  # CT, MR (UTF-8 name), synthetic CR
@@ -258,7 +221,7 @@ def test_sealed_receives_refuses_reads_and_unseals(tmp_path: Path, hook: Hook) -
         from pacsvault.index.models import DataKey
 
         with v.sessions() as session:
-            wrapped = [bytes(w) for w in session.scalars(select(DataKey.wrapped))]
+            wrapped = [bytes(cast(bytes, w)) for w in session.scalars(select(DataKey.wrapped))]
         assert wrapped and all(w[0] == 1 for w in wrapped)
     finally:
         v.close()
