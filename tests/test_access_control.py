@@ -21,7 +21,7 @@ import struct
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,19 @@ from pynetdicom import AE as ClientAE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.helpers import AE, Server, VaultDir, echoscu, events, make_vault, start_server
+from tests.helpers import (
+    AE,
+    Server,
+    VaultDir,
+    echoscu,
+    events,
+    make_vault,
+    start_server,
+    wait_events,
+)
+
+# every test here starts a server (or shares one): out of the quick loops
+pytestmark = pytest.mark.slow
 
 # A-ASSOCIATE-RJ fields (PS3.8 9.3.4)
 RESULT_PERMANENT = 0x01
@@ -142,19 +154,6 @@ def assert_echo_ok(assoc: Association) -> None:
     finally:
         if assoc.is_established:
             assoc.release()
-
-
-def wait_events(
-    vault: VaultDir, action: str, match: Callable[[dict[str, object]], bool],
-    *, count: int = 1, timeout: float = 5,
-) -> list[dict[str, object]]:
-    """Events of ``action`` satisfying ``match`` (polls briefly: the server commits them)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in events(vault, action) if match(e)]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 def client_context(

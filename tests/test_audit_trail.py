@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from tests.helpers import (
     make_vault,
     start_server,
     storescu,
+    wait_events,
 )
 
 pytestmark = pytest.mark.slow
@@ -153,17 +153,6 @@ def resign(lines: list[bytes], key: Ed25519PrivateKey, *, start: int = 0) -> lis
         body["sig"] = base64.b64encode(key.sign(bytes.fromhex(prev))).decode()
         out.append(canonical(body))
     return out
-
-
-def wait_for(vault: VaultDir, action: str, match: Callable[[dict[str, object]], bool],
-             *, count: int = 1, timeout: float = 15) -> list[dict[str, object]]:
-    """Records of ``action`` satisfying ``match`` (polls: the server writes them)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in events(vault, action) if match(e)]
-        if len(found) >= count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 def show_json(vault: VaultDir, *filters: str) -> list[dict[str, Any]]:
@@ -547,7 +536,7 @@ def scenario(blank: VaultDir, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for f in (a, b):  # one association each
             res = storescu(server.port, [f.path], calling=MODALITY, extra=f.proposal)
             assert res.returncode == 0, res.stdout + res.stderr
-        stores = wait_for(vault, "dicom.store.association", lambda e: True, count=2)
+        stores = wait_events(vault, "dicom.store.association", count=2, timeout=15)
         assert len(stores) == 2
         out = root / "get"
         out.mkdir()
@@ -560,8 +549,8 @@ def scenario(blank: VaultDir, tmp_path_factory: pytest.TempPathFactory) -> Itera
                      "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={a.patient_id}",
                      "-k", "StudyInstanceUID", "-k", "PatientName", LOCAL, str(server.port))
         assert res.returncode == 0, res.stdout + res.stderr
-        assert wait_for(vault, "dicom.get", lambda e: e["ae"] == WS)
-        assert wait_for(vault, "dicom.find", lambda e: e["ae"] == WS)
+        assert wait_events(vault, "dicom.get", lambda e: e["ae"] == WS, timeout=15)
+        assert wait_events(vault, "dicom.find", lambda e: e["ae"] == WS, timeout=15)
         yield Scenario(vault, server, a, b, out)
     finally:
         server.stop()

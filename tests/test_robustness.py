@@ -34,6 +34,9 @@ from pacsvault.vault import Vault
 from tests.helpers import AE as SERVER_AE
 from tests.helpers import Server, VaultDir, events, make_vault, start_server, storescu
 
+# every test here starts a server (or shares one): out of the quick loops
+pytestmark = pytest.mark.slow
+
 CALLING = "MODALITY"
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
