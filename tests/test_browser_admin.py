@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,17 +52,32 @@ def browser() -> Iterator[Any]:
         yield b
 
 
-# What the admin test hands to the colleague's test (the same module, run in order).
-COLLEAGUE: dict[str, str] = {}
+@dataclass
+class AdminSession:
+    """The admin's signed-in page (shared by the module's tests) and where sign-in landed,
+    recorded before any test moves the page elsewhere."""
+
+    page: Any
+    errors: ErrorLog
+    landed: str
 
 
 @pytest.fixture(scope="module")
-def admin_session(site: Site, browser: Any) -> Iterator[tuple[Any, ErrorLog]]:
+def admin_session(site: Site, browser: Any) -> Iterator[AdminSession]:
     errors = ErrorLog()
     page = new_page(browser, locale="fr-FR", errors=errors, viewport=TABLET_LANDSCAPE)
     first_sign_in(page, site.base, "admin", site.vault.admin_password)
-    yield page, errors
+    yield AdminSession(page, errors, page.url)
     page.context.close()
+
+
+@dataclass(frozen=True)
+class Colleague:
+    """What the admin made from the pages: a physician colleague and an ultrasound unit
+    (``ECHO_SALLE2``) that has sent one multi-frame US."""
+
+    name: str
+    password: str
 
 
 def _no_sideways_scroll(page: Any) -> None:
@@ -72,20 +86,12 @@ def _no_sideways_scroll(page: Any) -> None:
     assert width <= inner, f"{page.url} scrolls sideways ({width} > {inner})"
 
 
-def test_admin_lands_on_the_health_panel(site: Site, admin_session: tuple[Any, ErrorLog]
-                                         ) -> None:
-    page, errors = admin_session
-    # An admin without the physician role has no study list: the health panel instead.
-    assert page.url.endswith("/admin/health"), page.url
-    assert page.locator("html").get_attribute("lang") == "fr"
-    shot(page, "admin-health")
-    _no_sideways_scroll(page)
-    assert errors.entries == []
-
-
-def test_admin_adds_a_colleague_and_an_ultrasound_unit(
-        site: Site, admin_session: tuple[Any, ErrorLog], tmp_path: Path) -> None:
-    page, errors = admin_session
+@pytest.fixture(scope="module")
+def colleague(site: Site, admin_session: AdminSession,
+              tmp_path_factory: pytest.TempPathFactory) -> Colleague:
+    """The admin adds a colleague and an ultrasound unit from the pages, and the unit sends
+    at once. A fixture, so each test that needs them gets them whatever ran before."""
+    page, errors = admin_session.page, admin_session.errors
     page.goto(site.base + "/admin/users")
     _no_sideways_scroll(page)
     form = page.locator("form#add-user")
@@ -96,7 +102,6 @@ def test_admin_adds_a_colleague_and_an_ultrasound_unit(
     password = page.locator("#one-time-secret").inner_text().strip()
     assert len(password) >= 12
     shot(page, "admin-user-added")
-    COLLEAGUE.update(name="drdupont", password=password)
 
     page.goto(site.base + "/admin/nodes")
     form = page.locator("form#add-node")
@@ -110,19 +115,37 @@ def test_admin_adds_a_colleague_and_an_ultrasound_unit(
     _no_sideways_scroll(page)
 
     # The new unit sends at once: no restart, no config file.
-    us = next(f for f in corpus.build(tmp_path / "corpus") if "examples_ybr" in f.path.name)
+    tmp = tmp_path_factory.mktemp("admin-corpus")
+    us = next(f for f in corpus.build(tmp / "corpus") if "examples_ybr" in f.path.name)
     assert echoscu(site.server.port, calling="ECHO_SALLE2").returncode == 0
     result = storescu(site.server.port, [us.path], calling="ECHO_SALLE2", extra=us.proposal)
     assert result.returncode == 0, result.stderr
-    assert [e["user"] for e in events(site.vault, "node.add")] == ["admin"]
+    assert errors.entries == []
+    return Colleague("drdupont", password)
+
+
+def test_admin_lands_on_the_health_panel(site: Site, admin_session: AdminSession) -> None:
+    page, errors = admin_session.page, admin_session.errors
+    # An admin without the physician role has no study list: the health panel instead.
+    assert admin_session.landed.endswith("/admin/health"), admin_session.landed
+    if page.url != admin_session.landed:  # another test moved the shared page on
+        page.goto(admin_session.landed)
+    assert page.locator("html").get_attribute("lang") == "fr"
+    shot(page, "admin-health")
+    _no_sideways_scroll(page)
     assert errors.entries == []
 
 
+def test_admin_adds_a_colleague_and_an_ultrasound_unit(
+        site: Site, admin_session: AdminSession, colleague: Colleague) -> None:
+    assert colleague.name == "drdupont" and len(colleague.password) >= 12
+    assert [e["user"] for e in events(site.vault, "node.add")] == ["admin"]
+    assert admin_session.errors.entries == []
+
+
 def test_colleague_signs_in_with_the_keyboard_on_a_tablet_and_adds_a_passkey(
-        site: Site, browser: Any) -> None:
-    if not COLLEAGUE:
-        pytest.skip("needs the previous test's colleague")
-    name, password = COLLEAGUE["name"], COLLEAGUE["password"]
+        site: Site, browser: Any, colleague: Colleague) -> None:
+    name, password = colleague.name, colleague.password
     errors = ErrorLog()
     page = new_page(browser, locale="fr-FR", errors=errors, viewport=TABLET_PORTRAIT)
     cdp = page.context.new_cdp_session(page)
