@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pydicom import dcmread
@@ -114,7 +115,7 @@ def build(out: Path) -> list[CorpusFile]:
     files: list[CorpusFile] = []
     sources: list[tuple[str | None, tuple[str, ...]]] = [*SOURCES.items(), (None, ())]
     for i, (name, proposal) in enumerate(sources):
-        ds = _synthetic_cr(out, i) if name is None else dcmread(get_testdata_file(name))
+        ds = _synthetic_cr(out, i) if name is None else dcmread(cast(str, get_testdata_file(name)))
         pname, pid, birth = _label(ds, i, utf8=(i == 1))
         path = out / f"{i:02d}_{name or 'synthetic_cr.dcm'}"
         ds.save_as(path, enforce_file_format=True)

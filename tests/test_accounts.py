@@ -13,10 +13,11 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from argon2 import PasswordHasher
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, Table, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models as models  # registers the tables before open_index
@@ -900,7 +901,7 @@ def test_racing_first_failures_from_one_source_are_both_counted(
         raced.append(True)
         assert original(session, name_key, source, create=False) is None
         with env.engine.begin() as conn:  # the other request wins the insert
-            conn.execute(models.SignInFailure.__table__.insert().values(
+            conn.execute(cast(Table, models.SignInFailure.__table__).insert().values(
                 name_key=name_key, source=source, failed_count=1, last_failed=env.clock.now))
         row = models.SignInFailure(name_key=name_key, source=source, failed_count=0)
         session.add(row)

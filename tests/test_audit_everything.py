@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -124,7 +125,7 @@ def test_every_action_is_recorded(tmp_path: Path) -> None:
         for action in ("dicom.association.rejected", "dicom.find", "export", "auth.login",
                        "audit.verify"):
             assert f"<td>{action}</td>" in page.text, action
-        found = auditor.post("/audit", data={"csrf": csrf_of(page.text),
+        found: Any = auditor.post("/audit", data={"csrf": csrf_of(page.text),
                                              "patient": files[0].patient_id})
         assert found.status_code == 200
         assert files[0].patient_id not in str(found.url)

@@ -110,7 +110,9 @@ def test_health_summary_states(tmp_path: Path) -> None:
     settings = BackupSettings(targets=[
         BackupTarget(name=n, repository=f"/media/{n}")
         for n in ("good", "never", "failing", "stale", "drill")])
-    iso = lambda t: t.isoformat()  # noqa: E731
+    def iso(t: dt.datetime) -> str:
+        return t.isoformat()
+
     write_state(tmp_path, {
         "good": {"last_success": iso(NOW - dt.timedelta(hours=2)),
                  "last_drill": iso(NOW), "last_drill_ok": True},
@@ -196,7 +198,7 @@ def test_tick_runs_due_targets_together_then_checks_and_drills(
         BackupTarget(name="usb", repository=str(tmp_path / "usb")),
         BackupTarget(name="gone", repository=str(tmp_path / "unplugged" / "repo"))])
     seen: list[AuditEvent] = []
-    recorder = Recorder([SimpleNamespace(write=seen.append)])  # type: ignore[list-item]
+    recorder = Recorder([SimpleNamespace(write=seen.append)])
     vault = SimpleNamespace(settings=SimpleNamespace(backup=settings), layout=layout,
                             recorder=recorder)
     calls: list[tuple[str, object]] = []

@@ -23,12 +23,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -166,8 +167,8 @@ ALL_IMAGES = {im.label for s in STUDIES for se in s.series for im in se.images}
 def _image_dataset(p: Pat, st: Stu, se: Ser, im: Img) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SOP_CLASSES[se.modality]
-    ds.file_meta.MediaStorageSOPInstanceUID = uid(im.label)
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[se.modality])
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid(im.label))
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if p.charset:
         ds.SpecificCharacterSet = p.charset
@@ -423,7 +424,7 @@ def check_answers(
 def _check_sequence(
     answer: Dataset, identifier: Dataset, record: dict[str, Value], label: str
 ) -> None:
-    stored = list(record[RAS])  # type: ignore[arg-type]
+    stored = list(cast(list[dict[str, Any]], record[RAS]))
     returned = sequence_items(answer, RAS)
     query_items = identifier[RAS].value
     if not query_items:  # zero-length sequence: the whole stored sequence is returned
@@ -674,7 +675,7 @@ def test_sequence_with_one_empty_item_returns_whole_sequence(env: Env) -> None:
     assert set(by_label) == ALL_SERIES
     for label, answer in by_label.items():
         record = RECORDS["SERIES"][uid(label)][1]
-        assert sequence_items(answer, RAS) == list(record[RAS]), label  # type: ignore[arg-type]
+        assert sequence_items(answer, RAS) == list(cast(list[Any], record[RAS])), label
 
 
 # --- patient counts at study level (Study Root, Table C.6-5) -----------------------------

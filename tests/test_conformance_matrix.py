@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -237,11 +238,11 @@ def _get(env: Env, syntaxes: list[str], out: Path) -> tuple[Dataset, dict[str, P
     for sop_class in classes:
         for syntax in syntaxes:
             ae.add_requested_context(sop_class, [syntax])
-    roles = [build_role(c, scp_role=True) for c in classes]
+    roles: list[Any] = [build_role(c, scp_role=True) for c in classes]
     received: dict[str, Path] = {}
 
     def on_store(event: evt.Event) -> int:
-        uid = str(event.request.AffectedSOPInstanceUID)
+        uid = str(event.request.AffectedSOPInstanceUID)  # type: ignore[union-attr]
         path = out / f"{len(received):02d}.dcm"
         path.write_bytes(event.encoded_dataset())
         received[uid] = path

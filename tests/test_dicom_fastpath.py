@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -26,8 +27,8 @@ from pacsvault.vault import Vault, create
 ])
 def test_file_meta_is_pynetdicoms(sop_class: str, sop_uid: str, syntax: str) -> None:
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(
-        create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid,
-                         transfer_syntax=syntax))
+        create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_uid),
+                         transfer_syntax=UID(syntax)))
     assert _file_meta(sop_class, sop_uid, syntax) == expected
 
 
@@ -38,7 +39,7 @@ def test_bulk_socket_reads_whole_pdus_and_stops_when_the_peer_closes() -> None:
     sock = BulkSocket.__new__(BulkSocket)
     sock.socket = a
     payload = os.urandom(3 << 20)
-    sender = threading.Thread(target=lambda: (b.sendall(payload[:-10]), b.close()))
+    sender = threading.Thread(target=lambda: (b.sendall(payload[:-10]), b.close()))  # type: ignore[func-returns-value]
     sender.start()
     assert bytes(sock.recv(1 << 20)) == payload[:1 << 20]
     rest = sock.recv(2 << 20)  # peer closes 10 bytes short: what arrived is returned
@@ -88,7 +89,7 @@ def test_header_json_is_pydicoms_for_every_pydicom_test_file() -> None:
 
     from pydicom import dcmread
 
-    from pacsvault.dicom.parse import _BULK_THRESHOLD, _bulk, header_json
+    from pacsvault.dicomfile.parse import _BULK_THRESHOLD, _bulk, header_json
 
     compared = 0
     for path in _all_test_files():

@@ -102,7 +102,7 @@ def test_rsa_only_client_gets_the_rsa_certificate(env: Env) -> None:
         assert isinstance(key, rsa.RSAPublicKey) and key.key_size == 3072
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
-        assert tls.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
+        assert (tls.cipher() or ("",))[0] == "ECDHE-RSA-AES128-GCM-SHA256"
     # an ECDSA-capable client still gets the ECDSA certificate
     ctx = _client("ECDHE-ECDSA-AES128-GCM-SHA256")
     ctx.load_verify_locations(cafile=str(env.ca))
@@ -256,7 +256,7 @@ def test_set_opt_in_applies_without_restart_and_is_withdrawn(env: Env) -> None:
     env.vault.cli("node", "set", REMOTE, "--tls-profile", "legacy-aes")
     try:
         with _handshake(env, legacy, source=OTHER) as tls:
-            assert tls.cipher()[0] == "AES128-SHA"
+            assert (tls.cipher() or ("",))[0] == "AES128-SHA"
     finally:
         env.vault.cli("node", "set", REMOTE, "--tls-profile", "bcp195")
     with pytest.raises(ssl.SSLError):

@@ -35,7 +35,7 @@ def run_tty(args: list[str], answers: list[tuple[str, str]],
 
     def read() -> None:
         assert proc.stdout is not None
-        while chunk := proc.stdout.read1(4096):
+        while chunk := proc.stdout.read1(4096):  # type: ignore[attr-defined]
             out.extend(chunk)
 
     def drain() -> None:  # the terminal's echo

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydicom import dcmread
@@ -53,7 +54,7 @@ def _japanese_file() -> Path:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     vault = make_vault(tmp_path_factory.mktemp("find-mod-names") / "vault")
     vault.add_node(CALLING, "--roles", "store,query")
-    files = [Path(get_testdata_file(n)) for n in ("CT_small.dcm", "MR_small.dcm")]
+    files = [Path(cast(str, get_testdata_file(n))) for n in ("CT_small.dcm", "MR_small.dcm")]
     files.append(_japanese_file())
     opened = vault.open()
     try:
@@ -96,7 +97,7 @@ def qido_search(env: Env, level: str, params: list[tuple[str, str]],
                 study: str | None = None) -> list[dict[str, object]]:
     opened = env.vault.open()
     try:
-        query = qido.parse(params, level, study_uid=study) if study else qido.parse(
+        query = qido.parse(params, level, study=study) if study else qido.parse(
             params, level)
         return list(qido.search(opened, query, "https://localhost/dicom-web").answers)
     finally:

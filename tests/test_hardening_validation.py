@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psutil
@@ -44,7 +44,9 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from pacsvault.dicom import inflate, vr_check
 from pacsvault.index import matching
@@ -409,7 +411,7 @@ def test_inflate_is_bounded() -> None:
     ds = inflate.read(raw, limit=16 * 1024 * 1024)
     assert len(ds.PixelData) == 8 * 1024 * 1024
     assert ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
-    normal = Path(get_testdata_file("image_dfl.dcm"))
+    normal = Path(cast(str, get_testdata_file("image_dfl.dcm")))
     assert inflate.read(normal.read_bytes(), limit=16 * 1024 * 1024).Rows == 512
 
 
@@ -469,7 +471,7 @@ def test_deflate_bomb_is_refused_with_bounded_memory(site: Site) -> None:
 
 
 def test_normal_deflated_image_stores_and_renders(site: Site) -> None:
-    source = Path(get_testdata_file("image_dfl.dcm"))
+    source = Path(cast(str, get_testdata_file("image_dfl.dcm")))
     result = storescu(site.server.port, [source], calling=MODALITY, extra=("-xd",))
     assert result.returncode == 0, result.stderr
     ds = dcmread(source)

@@ -32,7 +32,7 @@ PLACEHOLDER = re.compile(r"\{[a-z_]+\}|%\([a-z_]+\)s")
 
 def extracted() -> set[str]:
     with open(CONFIG) as fh:
-        method_map, options_map = parse_mapping_cfg(fh, filename=str(CONFIG))
+        method_map, options_map = parse_mapping_cfg(fh, filename=str(CONFIG))  # type: ignore[no-untyped-call]
     found: set[str] = set()
     for _filename, _lineno, message, _comments, _context in extract_from_dir(
             str(WEB), method_map, options_map):
@@ -74,7 +74,7 @@ def test_every_message_has_a_french_translation(messages: set[str]) -> None:
         if not text.strip() or entry.fuzzy:
             problems.append(f"untranslated: {entry.id!r}")
             continue
-        if sorted(PLACEHOLDER.findall(entry.id)) != sorted(PLACEHOLDER.findall(text)):
+        if sorted(PLACEHOLDER.findall(str(entry.id))) != sorted(PLACEHOLDER.findall(text)):
             problems.append(f"placeholders differ: {entry.id!r} -> {text!r}")
         if "'" in text:  # French typography: the apostrophe is ’
             problems.append(f"straight apostrophe: {text!r}")

@@ -9,6 +9,7 @@ C-FIND matches indexed attributes in SQL and every other attribute in memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select
@@ -308,8 +309,9 @@ def test_clause_compiles_to_expected_sql() -> None:
     compiled = {
         query: str(parse(kind, query).clause(col).compile(
             compile_kwargs={"literal_binds": True}))
-        for kind, query in [("str", "A_B*"), ("date", "20240101-"), ("time", "2300-0100"),
-                            ("uid", "1.2\\1.3"), ("str", "X"), ("str", "")]
+        for kind, query in cast(list[tuple[Kind, str]], [
+            ("str", "A_B*"), ("date", "20240101-"), ("time", "2300-0100"),
+            ("uid", "1.2\\1.3"), ("str", "X"), ("str", "")])
     }
     assert compiled["A_B*"] == "vals.norm LIKE 'A\\_B%' ESCAPE '\\'"
     assert compiled["20240101-"] == "vals.norm != '' AND vals.norm >= '20240101'"

@@ -12,7 +12,7 @@ syntax is kept, then Explicit, then Implicit, Big Endian only when nothing else 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +100,7 @@ def test_dcmsend_multi_syntax_offer_keeps_what_the_sender_has(env: Env, tmp_path
         assert dcmread(got).PixelData == dcmread(f.path).PixelData, f.path.name
 
 
-def _accepted(server: Server, calling: str, offered: list[str]) -> str:
+def _accepted(server: Server, calling: str, offered: Sequence[str]) -> str:
     ae = ClientAE(ae_title=calling)
     ae.add_requested_context(CTImageStorage, offered)
     assoc = ae.associate("127.0.0.1", server.port, ae_title=AE)

@@ -122,7 +122,8 @@ def test_admin_page_shows_the_refusal(web: LocalWeb, vault: VaultDir) -> None:
         assert "public internet address" in res.text
     v = vault.open()
     try:
-        assert v.nodes.get("PAGE_CT") is not None and v.nodes.get("PAGE_CT").tls
+        node = v.nodes.get("PAGE_CT")
+        assert node is not None and node.tls
     finally:
         v.close()
 

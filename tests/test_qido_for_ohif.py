@@ -4,6 +4,7 @@ whole list in the doctor's browser, so these shapes are kept by a fast test."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -14,7 +15,7 @@ from tests.helpers import make_vault
 
 def test_study_without_modality_has_no_empty_modalities_in_study(tmp_path: Path) -> None:
     vault_dir = make_vault(tmp_path / "v")
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
     del ds.Modality
     source = tmp_path / "no-modality.dcm"
     ds.save_as(source, enforce_file_format=True)

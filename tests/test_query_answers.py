@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydicom import dcmread
@@ -44,7 +44,7 @@ def test_same_dataset_as_from_json(entry: dict[str, Any]) -> None:
 
 
 def test_whole_real_header_round_trips() -> None:
-    ds = dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")), stop_before_pixels=True)
     meta = ds.to_json_dict(bulk_data_threshold=1024,
                            bulk_data_element_handler=lambda _e: "x",
                            suppress_invalid_tags=True)

@@ -27,6 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -72,7 +73,7 @@ def encoded(ds: Dataset, syntax: str) -> bytes:
     else:
         if syntax == ExplicitVRBigEndian:  # pydicom writes OW bytes as they are: swap them
             copy.PixelData = ds.pixel_array.astype(">u2").tobytes()
-        copy.file_meta.TransferSyntaxUID = syntax
+        copy.file_meta.TransferSyntaxUID = UID(syntax)
         copy["PixelData"].VR = "OW"
     out = DicomBytesIO()
     copy.save_as(out, enforce_file_format=True)

@@ -7,6 +7,7 @@ vault (the server around them is tested in test_sealed.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -23,7 +24,7 @@ from tests.helpers import make_vault
 
 
 def _variants(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
     original = tmp_path / "original.dcm"
     ds.save_as(original, enforce_file_format=True)
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
@@ -39,7 +40,7 @@ def _variants(tmp_path: Path) -> tuple[bytes, bytes, bytes]:
 def test_merge_settles_duplicates_as_store_would(tmp_path: Path) -> None:
     vault = make_vault(tmp_path / "v")
     original, reencoded, conflict = _variants(tmp_path)
-    fresh = dcmread(get_testdata_file("MR_small.dcm"))
+    fresh = dcmread(cast(str, get_testdata_file("MR_small.dcm")))
     fresh_path = tmp_path / "fresh.dcm"
     fresh.save_as(fresh_path, enforce_file_format=True)
     v = Vault.open(vault.data, vault.key)
@@ -62,7 +63,7 @@ def test_merge_settles_duplicates_as_store_would(tmp_path: Path) -> None:
     v = Vault.open(vault.data, vault.key)
     try:
         assert v.archive.counts()["instances"] == 2
-        sop = str(dcmread(get_testdata_file("CT_small.dcm")).SOPInstanceUID)
+        sop = str(dcmread(cast(str, get_testdata_file("CT_small.dcm"))).SOPInstanceUID)
         (kept,) = list(v.archive.locate(sop_uid=sop))
         assert v.archive.read(kept)[132:] == original[132:]  # the first one, unchanged
         with v.sessions() as session:

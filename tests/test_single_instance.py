@@ -133,11 +133,12 @@ def test_port_taken_after_the_check_leaves_nothing_started(
     from pacsvault.cli.common import CommandError
     from pacsvault.cli.main import build_parser
     from pacsvault.service import lock
+    from pacsvault.service.ports import Listener
 
-    real = serve_cli.check_free
+    real = serve_cli.check_free  # type: ignore[attr-defined]
     calls: list[int] = []
 
-    def first_passes(bind: str, listeners: list[serve_cli.Listener]) -> None:
+    def first_passes(bind: str, listeners: list[Listener]) -> None:
         calls.append(1)
         if len(calls) > 1:
             real(bind, listeners)

@@ -329,7 +329,7 @@ def test_get_when_requester_accepts_no_usable_syntax_fails_and_lists_it(env: Env
     received: list[str] = []
 
     def on_store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
+        received.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
         return 0x0000
 
     assoc = ae.associate(LOCAL, env.server.port, ae_title=AE, ext_neg=[role],

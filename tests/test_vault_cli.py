@@ -270,8 +270,8 @@ def test_init_default_key_location(tmp_path: Path, env: dict[str, str]) -> None:
         key.read_text().splitlines()[2].partition("=")[2].encode(),  # base64 of the key
     }
     for path, blob in all_bytes(data):
-        for secret in secrets_forms:
-            assert secret not in blob, f"secret found in {path}"
+        for form in secrets_forms:
+            assert form not in blob, f"secret found in {path}"
 
     # The toml does not pin a key path: the default location is found again on open.
     assert config.load(data).server.key_file is None

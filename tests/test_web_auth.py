@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -360,7 +361,7 @@ def test_disable_reset_enable_unlock(served: Served) -> None:
     with served.browser(CAROL_AT) as browser:
         app = sign_in(browser, "carol", PASSWORDS["carol"]).authenticator
         assert browser.get("/account").status_code == 200
-        res = served.cli("user", "disable", "carol")
+        res: Any = served.cli("user", "disable", "carol")
         assert res.returncode == 0, res.stderr
         # the open session ends at its next request, in the server process
         res = browser.get("/account")

@@ -111,7 +111,7 @@ def test_a_device_added_on_the_page_sends_at_once(served: Served, tmp_path: Path
     csrf = csrf_of(page.text)
 
     # Field errors: said next to the field, linked to it, nothing registered.
-    bad = [
+    bad: list[tuple[dict[str, Any], str, str]] = [
         ({"ae_title": "", "host": "127.0.0.1"}, "ae_title", "Enter the device"),
         ({"ae_title": "A" * 17, "host": "127.0.0.1"}, "ae_title", "at most 16"),
         ({"ae_title": "BAD\\AE", "host": "127.0.0.1"}, "ae_title", "backslash"),
@@ -140,7 +140,7 @@ def test_a_device_added_on_the_page_sends_at_once(served: Served, tmp_path: Path
     res = admin.post("/admin/nodes", data={"csrf": csrf, "ae_title": "WEB_US",
                                            "host": "127.0.0.1", "roles": ["store"]})
     assert res.status_code == 303, res.text
-    listed = admin.get(res.headers["location"])
+    listed: Any = admin.get(res.headers["location"])
     assert "WEB_US" in listed.text and "may send now" in listed.text
     duplicate = admin.post("/admin/nodes", data={"csrf": csrf, "ae_title": "WEB_US",
                                                  "host": "127.0.0.1", "roles": ["store"]})

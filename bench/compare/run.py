@@ -237,7 +237,7 @@ class Bench:
     def keep_dir(self, server: str, what: str) -> Path | None:
         if not self.args.keep_data:
             return None
-        d = self.kept / "retrieved" / server / what
+        d: Path = self.kept / "retrieved" / server / what
         rmtree(d)
         d.mkdir(parents=True)
         return d
