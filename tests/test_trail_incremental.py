@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.trail import AuditTrail, Checkpoint
 from pacsvault.audit.watch import FULL_CHECK_EVERY, TAMPER_ACTION, TrailWatcher
 from pacsvault.vault import Vault, create
 
@@ -60,6 +61,15 @@ def _edit_in_place(path: Path, seq: int) -> None:
     with open(path, "r+b") as fh:
         fh.seek(offset)
         fh.write(edited)
+
+
+def _verified(vault: Vault) -> tuple[AuditTrail, Checkpoint]:
+    """Six records and the check that verified them."""
+    for n in range(6):
+        vault.audit.append(_event(n))
+    point, problem = vault.audit.check(None)
+    assert not problem
+    return vault.audit, point
 
 
 def test_appended_lines_alone_are_verified(vault: Vault) -> None:
@@ -113,11 +123,7 @@ def test_an_edited_old_record_is_found_by_the_periodic_full_check(vault: Vault) 
 
 
 def test_full_check_finds_an_edited_old_record(vault: Vault) -> None:
-    trail = vault.audit
-    for n in range(6):
-        trail.append(_event(n))
-    point, problem = trail.check(None)
-    assert not problem
+    trail, point = _verified(vault)
     _edit_in_place(trail.path, 3)
     trail.append(_event(6))
     _, problem = trail.check(point, full=True)
@@ -125,11 +131,7 @@ def test_full_check_finds_an_edited_old_record(vault: Vault) -> None:
 
 
 def test_a_shifted_or_cut_file_is_checked_in_full_at_once(vault: Vault) -> None:
-    trail = vault.audit
-    for n in range(6):
-        trail.append(_event(n))
-    point, problem = trail.check(None)
-    assert not problem
+    trail, point = _verified(vault)
     lines = trail.path.read_bytes().splitlines(keepends=True)
     # one old record deleted, then a genuine append: the prefix shifted
     trail.path.write_bytes(b"".join(lines[:2] + lines[3:]))
@@ -139,11 +141,7 @@ def test_a_shifted_or_cut_file_is_checked_in_full_at_once(vault: Vault) -> None:
 
 
 def test_a_cut_tail_is_found_at_once(vault: Vault) -> None:
-    trail = vault.audit
-    for n in range(6):
-        trail.append(_event(n))
-    point, problem = trail.check(None)
-    assert not problem
+    trail, point = _verified(vault)
     lines = trail.path.read_bytes().splitlines(keepends=True)
     trail.path.write_bytes(b"".join(lines[:-2]))
     _, problem = trail.check(point)
@@ -153,11 +151,7 @@ def test_a_cut_tail_is_found_at_once(vault: Vault) -> None:
 def test_a_retention_rewrite_is_verified_in_full_and_passes(vault: Vault) -> None:
     import datetime as dt
 
-    trail = vault.audit
-    for n in range(6):
-        trail.append(_event(n))
-    point, problem = trail.check(None)
-    assert not problem
+    trail, point = _verified(vault)
     inode = trail.path.stat().st_ino
     cutoff = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
     assert trail.purge_before(cutoff, "test retention") > 0
