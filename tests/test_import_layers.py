@@ -50,8 +50,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
         "an interrupted key rotation is completed at open; retired events keys (lazy)",
     ("pacsvault.vault", "pacsvault.sealed.material"):
         "every open refreshes the sealed-mode material (lazy)",
-    ("pacsvault.sealed.serve", "pacsvault.cli.serve"):
-        "circle inside the cli layer: sealed serve reuses the normal serve's steps (lazy)",
 }
 
 # Arrows another change removes; allowed while present, not reported as stale when gone.

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
-import signal
 import ssl
-import threading
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import FrameType
 from typing import Any
-
-from sqlalchemy import select
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
-from pacsvault.audit.watch import TrailWatcher, repair_at_start
-from pacsvault.cli.audit import purge_expired
+from pacsvault.audit.watch import repair_at_start
+from pacsvault.cli import serving
 from pacsvault.cli.common import (
     CommandError,
     add_data_args,
@@ -31,15 +23,12 @@ from pacsvault.cli.common import (
     setup_logging,
 )
 from pacsvault.cli.setup import init_vault
-from pacsvault.config import Settings
 from pacsvault.crypto.keys import KeyUnavailable
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
-from pacsvault.index.models import Study
 from pacsvault.sealed import merge as sealed_merge
 from pacsvault.service import lock as instance_lock
 from pacsvault.service.control import ControlServer
-from pacsvault.service.jobs import JobRunner
 from pacsvault.service.ports import Listener, PortError, check_free
 from pacsvault.vault import META_NAME, Layout, Vault, VaultError, upgrade_without_asking
 from pacsvault.web.app import create_app
@@ -47,9 +36,6 @@ from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
-
-RETENTION_CHECK_SECONDS = 6 * 3600
-TAIL_CHECK_RECORDS = 1000
 
 
 def register(sub: Any) -> None:
@@ -101,42 +87,12 @@ def _take_lock(root: Path) -> instance_lock.InstanceLock:
                            "directory must belong to the user running the server)") from None
 
 
-def _write_state(layout: Layout, state: dict[str, Any]) -> None:
-    tmp = layout.state.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state), "utf-8")
-    os.replace(tmp, layout.state)
-
-
 def _web_tls(vault: Vault) -> ssl.SSLContext:
     web = vault.settings.web
     ctx = server_context(vault.layout.tls, vault.tls_password())
     if web.cert_file:
         ctx.load_cert_chain(web.cert_file, web.key_file or None)
     return ctx
-
-
-def _patients_of(vault: Vault) -> Callable[[Iterable[str]], set[str]]:
-    """Study UIDs -> internal patient keys, so bulk-access counts patients without IDs."""
-
-    def resolve(uids: Iterable[str]) -> set[str]:
-        with vault.sessions() as session:
-            return {str(pk) for pk in session.scalars(
-                select(Study.patient_pk).where(Study.study_uid.in_(list(uids))))}
-
-    return resolve
-
-
-def _check_audit_trail(vault: Vault) -> None:
-    """Verify the trail's tail before serving; a break is a Security Alert, not a stop."""
-    verdict = vault.audit.verify(tail=TAIL_CHECK_RECORDS)
-    if not verdict.ok:
-        vault.recorder.emit(AuditEvent(
-            action="audit.verify", outcome=Outcome.MAJOR_FAILURE,
-            code=EventCode.SECURITY_ALERT,
-            message=f"the audit trail does not verify: {verdict.problem}. Run "
-                    "'pacsvault audit verify' and keep a copy of the trail as evidence.",
-        ))
-    purge_expired(vault)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -155,21 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         held.release()
         if made and Layout(root).is_empty():  # a first run that failed: leave nothing
             shutil.rmtree(root, ignore_errors=True)
-
-
-def _listeners(args: argparse.Namespace,
-               settings: Settings) -> tuple[int | None, int | None, int | None]:
-    """(plain DICOM, DICOM TLS, HTTPS) ports to open; None = that listener is off."""
-    plain = args.dicom_port if args.dicom_port is not None else (
-        settings.dicom.port if settings.dicom.plain_enabled else None
-    )
-    tls_port = args.dicom_tls_port if args.dicom_tls_port is not None else (
-        settings.dicom.tls_port
-    )
-    https_port = None
-    if settings.web.enabled:
-        https_port = args.https_port if args.https_port is not None else settings.web.https_port
-    return plain, tls_port, https_port
 
 
 def _check_ports(bind: str, plain: int | None, tls_port: int | None,
@@ -203,10 +144,10 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         # Key medium absent or key locked: keep receiving, sealed (sealed/serve.py).
         from pacsvault.sealed.serve import serve_sealed
 
-        return serve_sealed(args, root, str(exc))
+        return serve_sealed(args, root, str(exc), _check_ports)
     settings = vault.settings
     bind = args.bind or settings.server.bind
-    plain, tls_port, https_port = _listeners(args, settings)
+    plain, tls_port, https_port = serving.listeners(args, settings)
     try:
         _check_ports(bind, plain, tls_port, https_port)
     except CommandError:
@@ -222,20 +163,13 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
                  "write(s) that were never acknowledged removed",
                  recovery.published, recovery.discarded)
     alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
-                       patients_of=_patients_of(vault))
+                       patients_of=serving.patients_of(vault))
     vault.recorder.add_sink(alerts)
     repair_at_start(vault.audit)
-    _check_audit_trail(vault)
-    watcher = TrailWatcher(vault.audit, vault.recorder, settings.audit.check_seconds)
-    watcher.start()
+    background = serving.Background()
+    background.watch(vault)  # the trail's tail checked, then watched
     service = DicomService(vault)
-    stop = threading.Event()
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = serving.stop_on_signals()
     web: WebService | None = None
     try:
         bound = service.start(bind, plain, tls_port)
@@ -248,7 +182,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         if web is not None:
             web.stop()
         service.stop()
-        watcher.stop()
+        background.stop_watcher()
         alerts.close()
         vault.close()
         _check_ports(bind, plain, tls_port, https_port)  # names the port when it can
@@ -267,9 +201,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     if not vault.nodes.all():
         log.warning("no node is registered yet, so every association will be refused; "
                     "register your modality with 'pacsvault node add'")
-    _write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
-    jobs = JobRunner(vault)
-    jobs.start()
+    serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
+    background.run_jobs(vault)
     # CLI -> this server (unseal, online key rotation): features register their commands.
     control = ControlServer(vault.layout.root)
     control.register("unseal", lambda _args: {"already": True})  # not sealed
@@ -281,16 +214,11 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     control.register(FORGET_COMMAND, forget_handler(vault))
     control.start()
     try:
-        # Short waits: a signal is handled only when the main thread runs Python code,
-        # and the kernel may deliver it to a connection thread instead.
-        next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
-        while not stop.wait(0.5):
-            if time.monotonic() >= next_purge:
-                purge_expired(vault)
-                next_purge = time.monotonic() + RETENTION_CHECK_SECONDS
+        # the vault is there from the start: nothing more to begin once it is taken
+        serving.run_until_stopped(stop, lambda: vault, lambda _vault: None)
     finally:
         control.stop()
-        jobs.stop()
+        background.stop_jobs()
         vault.layout.state.unlink(missing_ok=True)
         if web is not None:
             web.stop()
@@ -299,7 +227,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
             AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
                        code=EventCode.APPLICATION_ACTIVITY)
         )
-        watcher.stop()
+        background.stop_watcher()
         alerts.close()
         vault.close()
     return 0

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import ssl
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 from fastapi import FastAPI
@@ -27,8 +24,7 @@ from fastapi import FastAPI
 from pacsvault import config
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
-from pacsvault.audit.watch import TrailWatcher
-from pacsvault.cli.audit import purge_expired
+from pacsvault.cli import serving
 from pacsvault.cli.common import CommandError
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
@@ -36,17 +32,20 @@ from pacsvault.sealed import material
 from pacsvault.sealed.runtime import SealedRuntime, UnsealError
 from pacsvault.sealed.web import SwitchApp, create_sealed_app
 from pacsvault.service.control import ControlError, ControlServer
-from pacsvault.service.jobs import JobRunner
 from pacsvault.vault import Layout, Vault, resolve_key_path
 from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
 
+# the `serve` command's port check: (bind, plain, DICOM TLS, HTTPS); raises CommandError
+PortCheck = Callable[[str, int | None, int | None, int | None], None]
 
-def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
-    from pacsvault.cli import serve as normal
 
+def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
+                 check_ports: PortCheck) -> int:
+    """Serve sealed until SIGTERM/SIGINT. ``check_ports``: the ``serve`` command's check
+    of every port before anything starts (one line naming a busy one)."""
     layout = Layout(root)
     settings = config.load(root)
     key_path = resolve_key_path(layout, settings, args.key_file)
@@ -55,8 +54,8 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
     except material.SealedUnavailable as exc:
         raise CommandError(f"{reason} ({exc})") from None
     bind = args.bind or settings.server.bind
-    plain, tls_port, https_port = normal._listeners(args, settings)
-    normal._check_ports(bind, plain, tls_port, https_port)
+    plain, tls_port, https_port = serving.listeners(args, settings)
+    check_ports(bind, plain, tls_port, https_port)
     if (tls_port is not None or https_port is not None) and not _tls_usable(runtime):
         log.critical("SEALED: the listener TLS keys' boot copy cannot be used (boot secret "
                      "%s missing or not the one of DATA/sealed/tls): the DICOM TLS and HTTPS "
@@ -67,7 +66,7 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
 
     def patients_of(uids: Iterable[str]) -> set[str]:
         vault = runtime.vault
-        return normal._patients_of(vault)(uids) if vault is not None else set()
+        return serving.patients_of(vault)(uids) if vault is not None else set()
 
     alerts = AlertSink(settings.alerts, recorder, disk_path=layout.objects,
                        patients_of=patients_of)
@@ -80,13 +79,7 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
             "archive is unsealed"), required=False)
     service = DicomService(cast(Vault, runtime.view))
     service.sealed = True
-    stop = threading.Event()
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = serving.stop_on_signals()
     web: WebService | None = None
     switch = SwitchApp(create_sealed_app(runtime))
     try:
@@ -125,7 +118,7 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
                  "until an administrator runs 'pacsvault unseal' or opens https://<this "
                  "server>:%s/unseal", reason, bound.get("https_port", "-"))
     state: dict[str, Any] = {"pid": os.getpid(), "bind": bind, **bound}
-    normal._write_state(layout, {**state, "sealed": True})
+    serving.write_state(layout, {**state, "sealed": True})
 
     def unseal_command(request: dict[str, Any]) -> dict[str, Any]:
         passphrase = request.get("passphrase")
@@ -138,38 +131,28 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str) -> int:
 
     control.register("unseal", unseal_command)
     control.start()
-    watcher: TrailWatcher | None = None
-    jobs: JobRunner | None = None
+    background = serving.Background()
+
+    def begin(vault: Vault) -> None:
+        """Unsealed: what a normal start runs over the vault, and the state without
+        ``sealed``."""
+        background.watch(vault)
+        background.run_jobs(vault)
+        serving.write_state(layout, state)
+
     try:
-        next_purge = 0.0
-        while not stop.wait(0.5):
-            vault = runtime.vault
-            if vault is None or not unsealed.is_set():
-                continue
-            if watcher is None:
-                normal._check_audit_trail(vault)
-                watcher = TrailWatcher(vault.audit, vault.recorder,
-                                       settings.audit.check_seconds)
-                watcher.start()
-                jobs = JobRunner(vault)
-                jobs.start()
-                normal._write_state(layout, state)
-                next_purge = time.monotonic() + normal.RETENTION_CHECK_SECONDS
-            elif time.monotonic() >= next_purge:
-                purge_expired(vault)
-                next_purge = time.monotonic() + normal.RETENTION_CHECK_SECONDS
+        serving.run_until_stopped(
+            stop, lambda: runtime.vault if unsealed.is_set() else None, begin)
     finally:
         control.stop()
-        if jobs is not None:
-            jobs.stop()
+        background.stop_jobs()
         layout.state.unlink(missing_ok=True)
         if web is not None:
             web.stop()
         service.stop()
         recorder.emit(AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
                                  code=EventCode.APPLICATION_ACTIVITY), required=False)
-        if watcher is not None:
-            watcher.stop()
+        background.stop_watcher()
         alerts.close()
         if runtime.vault is not None:
             runtime.vault.close()
