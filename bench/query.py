@@ -103,7 +103,7 @@ def meta_template(kind: str) -> dict[str, Any]:
         return {}
     from pydicom.data import get_testdata_file
 
-    from pacsvault.dicom.parse import parse
+    from pacsvault.dicomfile.parse import parse
 
     raw = Path(get_testdata_file("CT_small.dcm")).read_bytes()  # type: ignore[arg-type]
     meta: dict[str, Any] = json.loads(parse(raw).meta_json)
@@ -427,6 +427,7 @@ def findscu_once(port: int, filters: dict[str, str], out: Path) -> int:
 
 def explain(target: Target) -> dict[str, list[str]]:
     """EXPLAIN QUERY PLAN of the SQL the engine builds for each case (in-process)."""
+    from pacsvault.index.levels import Level
     from pacsvault.index.query import QueryEngine
     from pacsvault.vault import Vault
 
@@ -438,8 +439,8 @@ def explain(target: Target) -> dict[str, list[str]]:
             for case, filters in CASES.items():
                 # private helpers: the bench wants the very statement C-FIND runs
                 try:
-                    filt = engine._filter("STUDY", identifier(filters))
-                    stmt = engine._select("STUDY").where(*filt.sql)
+                    filt = engine._filter(Level.STUDY, identifier(filters))
+                    stmt = engine._select(Level.STUDY).where(*filt.sql)
                 except AttributeError as exc:  # the engine was refactored
                     plans[case] = [f"unavailable ({exc})"]
                     continue
