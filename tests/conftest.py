@@ -20,7 +20,7 @@ QUICK_MODULES = frozenset({
     "test_cli_imports", "test_crypto", "test_data_dir", "test_dicom_contexts",
     "test_dicom_fastpath", "test_file_permissions", "test_friendly_messages", "test_i18n",
     "test_import_layers", "test_index_rekey", "test_install_script", "test_library_patches",
-    "test_matching", "test_passkeys",
+    "test_matching", "test_named_secret_cache", "test_passkeys", "test_status_report",
     "test_qido_for_ohif", "test_query_answers", "test_schema_upgrade", "test_sealed_journal",
     "test_sealed_merge", "test_storage", "test_syslog_export", "test_transcode_unit",
     "test_viewer_dist", "test_viewer_serving",
