@@ -108,7 +108,7 @@ async def retrieve(
                                     EventCode.INSTANCES_ACCESSED, Outcome.SERIOUS_FAILURE,
                                     message="an instance could not be read; the answer was cut",
                                     detail={"resource": resource},
-                                    study_uids=(item.stored.study_uid,), sop_uids=(item.sop_uid,))
+                                    study_uids=(item.study_uid,), sop_uids=(item.sop_uid,))
                     raise RuntimeError("instance unreadable") from None
                 if n + 1 < len(rest):
                     ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[n + 1]))
@@ -129,7 +129,7 @@ async def retrieve(
 
 
 def _instance_url(base: str, item: wado.Located) -> str:
-    s = item.stored
+    s = item
     return f"{base}/studies/{s.study_uid}/series/{s.series_uid}/instances/{s.sop_uid}"
 
 
@@ -172,7 +172,7 @@ async def retrieve_frames(
         if form is None:
             raise wado.WadoError(406, "no acceptable media type for these frames")
         data = await run_in_threadpool(
-            lambda: wado.frames(vault.archive.read(item.stored), numbers, form))
+            lambda: wado.frames(vault.archive.read(item), numbers, form))
     except Exception as exc:
         return await dw.retrieve_failed(request, who, "frames", exc)
     await dw.accessed(request, who, "frames", items, instance_level=True)
@@ -189,7 +189,7 @@ async def retrieve_bulkdata(
         item = items[0]
         if wado.is_pixel_path(path):
             form, data = await run_in_threadpool(
-                lambda: wado.pixel_bulk(vault.archive.read(item.stored), ranges,
+                lambda: wado.pixel_bulk(vault.archive.read(item), ranges,
                                         item.transfer_syntax))
             parts = [(form.content_type, d) for d in data]
             part_type = form.media_type
@@ -197,7 +197,7 @@ async def retrieve_bulkdata(
             if not any(r.matches(wado.OCTET) for r in ranges):
                 raise wado.WadoError(406, "bulk data is application/octet-stream")
             value = await run_in_threadpool(
-                lambda: wado.bulk_value(vault.archive.read(item.stored), path))
+                lambda: wado.bulk_value(vault.archive.read(item), path))
             parts, part_type = [(wado.OCTET, value)], wado.OCTET
     except Exception as exc:
         return await dw.retrieve_failed(request, who, "bulkdata", exc)
@@ -235,7 +235,7 @@ def _render_options(request: Request, thumbnail: bool) -> render.RenderOptions:
 
 def _render_item(vault: Vault, item: wado.Located, frame: int,
                  options: render.RenderOptions) -> bytes:
-    ds = wado.read_dataset(vault.archive.read(item.stored))
+    ds = wado.read_dataset(vault.archive.read(item))
     if "PixelData" not in ds:
         raise wado.WadoError(404, "the instance has no pixel data")
     count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
