@@ -174,12 +174,12 @@ class AccountsCore:
     ) -> None:
         if len(secret_key) != 32:
             raise ValueError("the account secret key must be 32 bytes")
-        self._sessions = sessions
-        self._recorder = _HeldRecorder(recorder)
+        self.sessions = sessions
+        self.recorder = _HeldRecorder(recorder)
         self._key = secret_key
         self.issuer = issuer
         self._clock = clock
-        self.throttle = Throttle(self._recorder, throttle_policy, clock)
+        self.throttle = Throttle(self.recorder, throttle_policy, clock)
         self.hasher = hasher or passwords.default_hasher()
         self.recovery_hasher = recovery_hasher or totp_mod.recovery_hasher()
         self._ticket_lifetime = ticket_lifetime
@@ -202,9 +202,11 @@ class AccountsCore:
                                    hashlib.sha256).digest()
 
     # --- helpers ------------------------------------------------------------------------
+    # Public (``sessions``, ``recorder``, ``transaction``, ``find_user``, ``require_user``)
+    # because the parts and ``passkeys`` share them: no module reaches into private names.
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Session]:
+    def transaction(self) -> Iterator[Session]:
         """A database transaction whose events are emitted once it has committed.
 
         The audit trail's sink writes its head anchor into the same SQLite database: an
@@ -212,7 +214,7 @@ class AccountsCore:
         busy timeout, 30 s) and then fail. Events of a transaction that rolls back are
         dropped, as what they describe did not happen.
         """
-        with self._recorder.holding(), self._sessions.begin() as session:
+        with self.recorder.holding(), self.sessions.begin() as session:
             yield session
 
     def _now(self) -> dt.datetime:
@@ -225,15 +227,15 @@ class AccountsCore:
                         hashlib.sha256).hexdigest()
 
     @staticmethod
-    def _user(session: Session, name: str) -> User | None:
+    def find_user(session: Session, name: str) -> User | None:
         try:
             norm = check_name(name)
         except AccountError:
             return None
         return session.scalar(select(User).where(User.name == norm))
 
-    def _require(self, session: Session, name: str) -> User:
-        user = self._user(session, name)
+    def require_user(self, session: Session, name: str) -> User:
+        user = self.find_user(session, name)
         if user is None:
             raise AccountError(f"no user named {normalise_name(name)!r}")
         return user
@@ -241,7 +243,7 @@ class AccountsCore:
     def _admin_event(self, action: str, by: str, address: str,
                      detail: dict[str, str | int | bool]) -> None:
         """Account administration is a security-relevant change (PS3.15 Security Alert)."""
-        self._recorder.emit(AuditEvent(
+        self.recorder.emit(AuditEvent(
             action=action, outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
             actor_user=by, actor_address=address, detail=detail, time=self._now(),
         ))

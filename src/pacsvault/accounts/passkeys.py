@@ -190,8 +190,8 @@ class Passkeys:
         With ``ticket``: the challenge belongs to that pending sign-in (first-sign-in
         enrolment, see ``verify_enrolment``) rather than to the signed-in user.
         """
-        with self.accounts._sessions() as s:
-            user = self.accounts._require(s, user_name)
+        with self.accounts.sessions() as s:
+            user = self.accounts.require_user(s, user_name)
             existing = list(s.scalars(select(Passkey).where(Passkey.user_pk == user.pk)))
             if len(existing) >= MAX_PASSKEYS:
                 raise PasskeyError(f"at most {MAX_PASSKEYS} passkeys per account")
@@ -228,7 +228,7 @@ class Passkeys:
         transports = _registration_transports(credential)
         label = " ".join(label.split())[:MAX_LABEL] or "passkey"
         now = self._now()
-        with self.accounts._transaction() as s:
+        with self.accounts.transaction() as s:
             user = s.get(User, found.user_pk)
             if user is None or user.disabled or user.name != norm:
                 raise PasskeyError("the passkey request has expired; try again")
@@ -254,8 +254,8 @@ class Passkeys:
         name = self.accounts.pending_user(ticket, address)
         if not name:
             raise PasskeyError("the sign-in has expired; sign in again")
-        with self.accounts._sessions() as s:
-            user = self.accounts._require(s, name)
+        with self.accounts.sessions() as s:
+            user = self.accounts.require_user(s, name)
             if _has_second_factor(s, user):
                 raise PasskeyError("a second factor is already enrolled for this account")
         return self.registration_options(name, rp, ticket=ticket)
@@ -310,7 +310,7 @@ class Passkeys:
         if result.outcome is not AuthOutcome.SUCCESS:
             return result
         self._event("auth.passkey.added", result.user, address, added[0])
-        self.accounts._recorder.emit(AuditEvent(
+        self.accounts.recorder.emit(AuditEvent(
             action="auth.second_factor.enrolled", outcome=Outcome.SUCCESS,
             code=EventCode.USER_AUTHENTICATION, actor_user=result.user, actor_address=address,
             detail={"factor": FACTOR, "recovery_codes": len(issued)}, time=self._now(),
@@ -318,16 +318,16 @@ class Passkeys:
         return replace(result, recovery_codes=tuple(issued), passkey_enrolled=True)
 
     def list_passkeys(self, user_name: str) -> list[PasskeyInfo]:
-        with self.accounts._sessions() as s:
-            user = self.accounts._require(s, user_name)
+        with self.accounts.sessions() as s:
+            user = self.accounts.require_user(s, user_name)
             rows = s.scalars(select(Passkey).where(Passkey.user_pk == user.pk)
                              .order_by(Passkey.created))
             return [PasskeyInfo(_key_id(p.credential_id), p.label, p.created, p.last_used)
                     for p in rows]
 
     def remove(self, user_name: str, key_id: str, *, address: str = "") -> bool:
-        with self.accounts._transaction() as s:
-            user = self.accounts._require(s, user_name)
+        with self.accounts.transaction() as s:
+            user = self.accounts.require_user(s, user_name)
             for row in s.scalars(select(Passkey).where(Passkey.user_pk == user.pk)):
                 if _key_id(row.credential_id) == key_id:
                     s.delete(row)
@@ -337,7 +337,7 @@ class Passkeys:
 
     def _event(self, action: str, user: str, address: str, key_id: str) -> None:
         # Emitted through Accounts' recorder: inside a transaction, held until it commits.
-        self.accounts._recorder.emit(AuditEvent(
+        self.accounts.recorder.emit(AuditEvent(
             action=action, outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
             actor_user=user, actor_address=address, detail={"user": user, "passkey": key_id},
             time=self._now(),
@@ -351,8 +351,8 @@ class Passkeys:
         name = self.accounts.pending_user(ticket, address)
         if not name:
             raise PasskeyError("the sign-in has expired; sign in again")
-        with self.accounts._sessions() as s:
-            user = self.accounts._user(s, name)
+        with self.accounts.sessions() as s:
+            user = self.accounts.find_user(s, name)
             rows = list(s.scalars(select(Passkey).where(Passkey.user_pk == user.pk))
                         ) if user is not None else []
             if user is None or not rows:

@@ -94,8 +94,8 @@ class SignIn(AccountsCore):
         against a dummy hash: same answers, same delays, same time as a wrong password.
         """
         name_key = self.name_key(name)
-        with self._transaction() as s:
-            user = self._user(s, name)
+        with self.transaction() as s:
+            user = self.find_user(s, name)
             source = devices.recognise(s, user.pk if user is not None else None, device,
                                        address, self._now(), self.throttle.policy.known_for)
             decision = self.throttle.check(s, name_key, source)
@@ -117,7 +117,7 @@ class SignIn(AccountsCore):
 
     def _first_factor_outcome(self, user_pk: int | None, right: bool, password: str,
                               name_key: str, source: Source, device: str) -> AuthResult:
-        with self._transaction() as s:
+        with self.transaction() as s:
             user = s.get(User, user_pk) if user_pk is not None else None
             if user is None or not right or user.disabled:
                 reason = ("unknown-user" if user is None else
@@ -151,7 +151,7 @@ class SignIn(AccountsCore):
         pending = self._ticket(ticket, address)
         if pending is None:
             raise AccountError("the sign-in has expired; sign in again")
-        with self._transaction() as s:
+        with self.transaction() as s:
             user = s.get(User, pending.user_pk)
             if user is None or user.disabled:
                 raise AccountError("the sign-in has expired; sign in again")
@@ -179,7 +179,7 @@ class SignIn(AccountsCore):
 
     def _second_factor(self, pending: PendingSignIn | None, ticket: str, code: str,
                        address: str) -> AuthResult:
-        with self._transaction() as s:
+        with self.transaction() as s:
             user = s.get(User, pending.user_pk) if pending is not None else None
             if pending is None or user is None:
                 return self._no_pending(s, address, "second")
@@ -225,7 +225,7 @@ class SignIn(AccountsCore):
             name = user.name
         self.cancel(ticket)
         if enrolled_now:
-            self._recorder.emit(AuditEvent(
+            self.recorder.emit(AuditEvent(
                 action="auth.second_factor.enrolled", outcome=Outcome.SUCCESS,
                 code=EventCode.USER_AUTHENTICATION, actor_user=name, actor_address=address,
                 detail={"factor": "totp", "recovery_codes": len(codes)}, time=self._now(),
@@ -246,7 +246,7 @@ class SignIn(AccountsCore):
 
     def _other_factor(self, pending: PendingSignIn | None, ticket: str, address: str,
                       factor: str, check: Callable[[Session, User], str]) -> AuthResult:
-        with self._transaction() as s:
+        with self.transaction() as s:
             user = s.get(User, pending.user_pk) if pending is not None else None
             if pending is None or user is None:
                 return self._no_pending(s, address, factor)

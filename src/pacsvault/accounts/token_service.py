@@ -55,8 +55,8 @@ class TokenService(AccountsCore):
                      label: str = "", by: str = "", address: str = "") -> tokens.IssuedToken:
         lifetime = tokens.parse_expiry(expires) if isinstance(expires, str) else expires
         try:
-            with self._transaction() as s:
-                user = self._require(s, name)
+            with self.transaction() as s:
+                user = self.require_user(s, name)
                 if user.disabled:
                     raise AccountError(f"user {user.name!r} is disabled")
                 issued = tokens.create_token(s, user, lifetime, self._now(), label)
@@ -68,16 +68,16 @@ class TokenService(AccountsCore):
         return issued
 
     def list_tokens(self, name: str | None = None) -> list[TokenInfo]:
-        with self._sessions() as s:
+        with self.sessions() as s:
             query = select(ApiToken).order_by(ApiToken.created)
             if name is not None:
-                query = query.where(ApiToken.user_pk == self._require(s, name).pk)
+                query = query.where(ApiToken.user_pk == self.require_user(s, name).pk)
             return [TokenInfo(t.token_id, t.user.name, t.label, t.created, t.expires,
                               t.revoked, t.last_used) for t in s.scalars(query)]
 
     def revoke_token(self, token_id: str, *, by: str = "", address: str = "") -> bool:
         """Revoke by id (or full token). False when no such token; True if now revoked."""
-        with self._transaction() as s:
+        with self.transaction() as s:
             row = tokens.revoke_token(s, token_id, self._now())
             if row is None:
                 return False
@@ -101,7 +101,7 @@ class TokenService(AccountsCore):
         guessed, so checking one costs nothing worth protecting)."""
         now = self._now()
         source = Source.of(address)
-        with self._transaction() as s:
+        with self.transaction() as s:
             lookup = tokens.lookup_token(s, token, now)
             row = lookup.row
             owner = row.user.name if row is not None else ""

@@ -102,8 +102,8 @@ class UserAdmin(AccountsCore):
         role_list = check_roles(roles)
         encoded = self._accept_password(password, norm)
         now = self._now()
-        with self._transaction() as s:
-            if self._user(s, norm) is not None:
+        with self.transaction() as s:
+            if self.find_user(s, norm) is not None:
                 raise AccountError(f"a user named {norm!r} already exists")
             user = User(name=norm, roles=",".join(role_list), password_hash=encoded,
                         disabled=False, created=now, password_changed=now, failed_count=0)
@@ -121,18 +121,18 @@ class UserAdmin(AccountsCore):
         return self.add_user(name, ["admin"], password, by=by), password
 
     def list_users(self) -> list[UserInfo]:
-        with self._sessions() as s:
+        with self.sessions() as s:
             return [self._info(s, u) for u in s.scalars(select(User).order_by(User.name))]
 
     def get_user(self, name: str) -> UserInfo:
-        with self._sessions() as s:
-            return self._info(s, self._require(s, name))
+        with self.sessions() as s:
+            return self._info(s, self.require_user(s, name))
 
     def set_roles(self, name: str, roles: Iterable[str], *, by: str = "",
                   address: str = "") -> UserInfo:
         role_list = check_roles(roles)
-        with self._transaction() as s:
-            user = self._require(s, name)
+        with self.transaction() as s:
+            user = self.require_user(s, name)
             user.roles = ",".join(role_list)
             info = self._info(s, user)
         self._admin_event("user.roles", by, address,
@@ -148,8 +148,8 @@ class UserAdmin(AccountsCore):
         self._set_disabled(name, False, by, address)
 
     def _set_disabled(self, name: str, disabled: bool, by: str, address: str) -> None:
-        with self._transaction() as s:
-            user = self._require(s, name)
+        with self.transaction() as s:
+            user = self.require_user(s, name)
             user.disabled = disabled
             norm = user.name
         self._drop_pending(norm)
@@ -165,8 +165,8 @@ class UserAdmin(AccountsCore):
         generated = password is None
         new_password = passwords.generate_password() if password is None else password
         encoded = self._accept_password(new_password, norm)
-        with self._transaction() as s:
-            user = self._require(s, norm)
+        with self.transaction() as s:
+            user = self.require_user(s, norm)
             user.password_hash = encoded
             user.password_changed = self._now()
             user.failed_count = 0
@@ -191,8 +191,8 @@ class UserAdmin(AccountsCore):
         Returns whether a block was active. A name that is no account can be unlocked too
         (its counters exist, see throttle), but only if it has some."""
         norm = normalise_name(name)
-        with self._transaction() as s:
-            user = self._user(s, norm)
+        with self.transaction() as s:
+            user = self.find_user(s, norm)
             key = self.name_key(norm)
             if user is None and not self.throttle.active_name_blocks(s, key):
                 raise AccountError(f"no user named {norm!r}")
@@ -207,7 +207,7 @@ class UserAdmin(AccountsCore):
 
     def unlock_address(self, source: str, *, by: str = "", address: str = "") -> bool:
         """Lift the block on an address (any name) and the blocks of names from it."""
-        with self._transaction() as s:
+        with self.transaction() as s:
             lifted = self.throttle.lift_address(s, source)
             self.throttle.emit_admin("auth.address.unlocked", by, address, {
                 "address": address_key(source), "was_locked": lifted > 0, "blocks": lifted})
@@ -215,7 +215,7 @@ class UserAdmin(AccountsCore):
 
     def blocks(self) -> list[BlockInfo]:
         """The active blocks, with readable names and sources."""
-        with self._sessions() as s:
+        with self.sessions() as s:
             names = {self.name_key(u): u for u in s.scalars(select(User.name))}
             return [BlockInfo(b.block_id, b.scope, names.get(b.name_key, ""),
                               devices.describe(s, b.source) if b.scope == "source"
@@ -224,7 +224,7 @@ class UserAdmin(AccountsCore):
 
     def lift_block(self, block_id: str, *, by: str = "", address: str = "") -> bool:
         """Lift one block (an id from ``blocks``); False when it is not active."""
-        with self._transaction() as s:
+        with self.transaction() as s:
             names = {self.name_key(u): u for u in s.scalars(select(User.name))}
             block = self.throttle.lift(s, block_id)
             if block is None:
@@ -236,8 +236,8 @@ class UserAdmin(AccountsCore):
 
     def new_recovery_codes(self, name: str, *, by: str = "", address: str = "") -> list[str]:
         """Replace a user's recovery codes (the old ones stop working); show them once."""
-        with self._transaction() as s:
-            user = self._require(s, name)
+        with self.transaction() as s:
+            user = self.require_user(s, name)
             if not (user.totp is not None and user.totp.confirmed) and \
                     passkey_count(s, user) == 0:
                 raise AccountError("this user has no second factor enrolled yet")
