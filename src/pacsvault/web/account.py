@@ -47,8 +47,6 @@ NOTICES = {"password": N_("Your password was changed. Your other sessions were s
            "passkey": N_("The passkey was removed."),
            "language": N_("Your language was saved.")}
 
-# --- the user's own account -------------------------------------------------------------
-
 
 def recent_sign_ins(trail: Path, user: str, limit: int = 10,
                     window: int = TRAIL_WINDOW) -> list[dict[str, str]]:

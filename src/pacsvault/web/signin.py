@@ -89,17 +89,19 @@ ENROL_CODE_FAILED = N_("Wrong code. Type the code the authenticator app shows no
 SIGN_IN_EXPIRED = N_("The sign-in has expired: please start again.")
 FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
 # The known-device cookie of a sign-in completing in this request (a route runs in its own
-# copy of the context: set by ``signed_in_session``, sent by ``_set_cookie``).
+# copy of the context: set by ``signed_in_session``, sent by ``set_cookie``).
 _NEW_DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("pv_new_device", default="")
 
+
 def set_cookie(response: Response, session_id: str) -> Response:
+    """The new session's cookie on ``response``, and the known-device cookie of a sign-in
+    completing in this request (``signed_in_session``)."""
     response.headers.append("set-cookie", cookie_header(session_id))
     device = _NEW_DEVICE.get()
     if device:
         _NEW_DEVICE.set("")
         response.headers.append("set-cookie", device_cookie_header(device))
     return response
-
 
 
 def _emit(request: Request, action: str, user: str, detail: dict[str, str | int | bool],
