@@ -50,6 +50,15 @@ class PolicyServer(ThreadedAssociationServer):
     pv_service: DicomService
     pv_tls: bool
 
+    def attach(self, service: DicomService, *, tls: bool) -> None:
+        """Called by ``DicomService._listen`` once pynetdicom has made the server (its
+        constructor is pynetdicom's): the service, the port kind, and cheap context copies."""
+        self._pv_tickets = {}
+        self._pv_lock = threading.Lock()
+        self.contexts = ContextList(self.contexts)
+        self.pv_service = service
+        self.pv_tls = tls
+
     def get_request(self) -> tuple[socket.socket, Any]:
         # Not wrapped here: a handshake in the accept loop would let one slow client
         # stall every other connection.

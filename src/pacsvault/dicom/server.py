@@ -189,11 +189,7 @@ class DicomService:
             request_handler=Handler,
         )
         assert isinstance(server, PolicyServer)
-        server._pv_tickets = {}
-        server._pv_lock = threading.Lock()
-        server.contexts = ContextList(server.contexts)
-        server.pv_service = self
-        server.pv_tls = ctx is not None
+        server.attach(self, tls=ctx is not None)
         thread = threading.Thread(
             target=server.serve_forever, name=f"dicom-{'tls' if ctx else 'plain'}", daemon=True
         )
