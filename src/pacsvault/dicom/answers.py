@@ -23,7 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
 from pacsvault.dicom import patches
-from pacsvault.index.query import json_to_dataset
+from pacsvault.dicomfile.dicomjson import json_to_dataset
 
 log = logging.getLogger("pacsvault.dicom")
 
