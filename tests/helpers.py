@@ -241,6 +241,16 @@ def wait_events(vault: VaultDir, action: str,
         time.sleep(period)
 
 
+def wait_until(check: Callable[[], object], timeout: float, period: float = 0.2) -> bool:
+    """Whether ``check()`` became true within ``timeout`` s (polled every ``period`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(period)
+    return False
+
+
 def storescu(port: int, files: list[Path], *, calling: str, called: str = AE,
              tls: tuple[str, ...] = (), extra: tuple[str, ...] = (),
              timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -35,6 +35,7 @@ from tests.web_helpers import (
     csrf_of,
     local_web,
     page_csrf,
+    post_login,
 )
 
 pytestmark = pytest.mark.slow  # real servers, production Argon2
@@ -73,12 +74,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     server = start_server(vault)
     yield Served(server, vault)
     server.stop()
-
-
-def post_login(browser: httpx.Client, name: str, password: str) -> httpx.Response:
-    form = browser.get("/login")
-    return browser.post("/login", data={"csrf": csrf_of(form.text), "name": name,
-                                        "password": password})
 
 
 def second_step(browser: httpx.Client, app: Authenticator) -> httpx.Response:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Server, events, make_vault, start_server
+from tests.helpers import Server, events, make_vault, start_server, wait_until
 from tests.web_helpers import client
 
 REFUSED = "web.connection.refused"
@@ -61,15 +61,6 @@ def _refusals(server: Server, reason: str) -> list[dict[str, object]]:
     return [e for e in events(server.vault, REFUSED) if e.get("reason") == reason]
 
 
-def _wait_for(check: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.slow
 def test_slow_https_clients_are_cut_and_do_not_lock_others_out(web: Server) -> None:
     server = web
@@ -79,7 +70,7 @@ def test_slow_https_clients_are_cut_and_do_not_lock_others_out(web: Server) -> N
     try:
         for _ in range(200):
             try:
-                sock = _tls(port, "127.0.0.1")
+                sock: socket.socket = _tls(port, "127.0.0.1")
                 sock.sendall(b"GET /login HTTP/1.1\r\nHo")
             except OSError:
                 continue  # refused at once (over this source's budget)
@@ -108,12 +99,12 @@ def test_slow_https_clients_are_cut_and_do_not_lock_others_out(web: Server) -> N
         for sock in slow:
             sock.close()
     assert server.alive()
-    assert _wait_for(lambda: _refusals(server, "deadline"), 15)
-    assert _wait_for(lambda: _refusals(server, "per-source-limit"), 15)
+    assert wait_until(lambda: _refusals(server, "deadline"), 15)
+    assert wait_until(lambda: _refusals(server, "per-source-limit"), 15)
     deadlines = _refusals(server, "deadline")
     assert {e.get("phase") for e in deadlines} >= {"headers", "body"}
     # the first refusal at once, the repeats as one summary with their count
-    assert _wait_for(lambda: any(e.get("summary") for e in _refusals(server, "per-source-limit")),
+    assert wait_until(lambda: any(e.get("summary") for e in _refusals(server, "per-source-limit")),
                      15)
     with client(port, ca, local_address="127.0.0.1") as http:
         assert http.get("/login").status_code == 200

@@ -25,7 +25,14 @@ import pytest
 
 from pacsvault.accounts.service import Accounts, AuthOutcome
 from tests.helpers import Server, VaultDir, make_vault, start_server
-from tests.web_helpers import FakeClock, cheap_hasher, client, csrf_of, page_csrf, sign_in
+from tests.web_helpers import (
+    FakeClock,
+    cheap_hasher,
+    client,
+    page_csrf,
+    post_login,
+    sign_in,
+)
 
 pytestmark = pytest.mark.slow  # a real server
 
@@ -68,12 +75,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     server = start_server(vault)
     yield Served(server, vault)
     server.stop()
-
-
-def post_login(browser: httpx.Client, name: str, password: str) -> httpx.Response:
-    form = browser.get("/login")
-    return browser.post("/login", data={"csrf": csrf_of(form.text), "name": name,
-                                        "password": password})
 
 
 def block_address(vault: VaultDir, address: str) -> None:

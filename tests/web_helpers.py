@@ -125,6 +125,13 @@ class SignIn:
     cookie: str
 
 
+def post_login(browser: httpx.Client, name: str, password: str) -> httpx.Response:
+    """The sign-in form's first step, answer as it comes (tests of refusals and limits)."""
+    form = browser.get("/login")
+    return browser.post("/login", data={"csrf": csrf_of(form.text), "name": name,
+                                        "password": password})
+
+
 def sign_in(browser: httpx.Client, name: str, password: str,
             authenticator: Authenticator | None = None, *,
             clock: Callable[[], float] = time.time,
