@@ -75,6 +75,16 @@ class PrivateFileError(Exception):
         self.path = path
         self.problem = problem
 
+    def explain(self, what: str) -> str:
+        """One line for the person who set the file up: ``<what> <path> <why>``, ``what``
+        naming the setting ("SMTP password file"), with the fix when there is one."""
+        why = {
+            self.NOT_REGULAR: "is not a regular file",
+            self.EXPOSED: f"is readable by other users: run 'chmod 600 {self.path}'",
+            self.EMPTY: "is empty",
+        }.get(self.problem, "cannot be read")
+        return f"{what} {self.path} {why}"
+
 
 def read_private_text(path: Path, *, first_line: bool = False) -> str:
     """The secret held in ``path``: its first line (``first_line``) or its whole text

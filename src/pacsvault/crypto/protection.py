@@ -451,14 +451,7 @@ def read_passphrase_file(path: Path) -> str:
     except PrivateFileError as exc:
         if exc.problem == PrivateFileError.MISSING:
             raise VaultKeyError(f"passphrase file not found: {path}") from None
-        if exc.problem == PrivateFileError.NOT_REGULAR:
-            raise VaultKeyError(f"passphrase file {path} is not a regular file") from None
-        if exc.problem == PrivateFileError.EXPOSED:
-            raise VaultKeyError(f"passphrase file {path} is readable by other users; run: "
-                                f"chmod 600 {path}") from None
-        if exc.problem == PrivateFileError.EMPTY:
-            raise VaultKeyError(f"passphrase file {path} is empty") from None
-        raise VaultKeyError(f"passphrase file {path} cannot be read") from None
+        raise VaultKeyError(exc.explain("passphrase file")) from None
 
 
 def passphrase_provider(passphrase_file: Path | None = None,

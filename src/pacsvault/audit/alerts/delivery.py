@@ -50,14 +50,7 @@ def _read_secret(path_text: str, what: str) -> str:
     try:
         return read_private_text(path)
     except PrivateFileError as exc:
-        if exc.problem == PrivateFileError.NOT_REGULAR:
-            raise AlertConfigError(f"{what} {path} is not a regular file") from None
-        if exc.problem == PrivateFileError.EXPOSED:
-            raise AlertConfigError(f"{what} {path} is readable by other users: run "
-                                   f"'chmod 600 {path}'") from None
-        if exc.problem == PrivateFileError.EMPTY:
-            raise AlertConfigError(f"{what} {path} is empty") from None
-        raise AlertConfigError(f"{what} {path} cannot be read") from None
+        raise AlertConfigError(exc.explain(what)) from None
 
 
 def _wrap(text: str) -> str:
