@@ -22,7 +22,6 @@ request without a pending session gets a 401 rather than a validation error.
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
@@ -49,9 +48,9 @@ from pacsvault.web.signin import (
     LOGIN_FAILED,
     SIGN_IN_EXPIRED,
     locked,
+    refusal,
     set_cookie,
     signed_in_session,
-    throttle_message,
 )
 
 router = APIRouter()
@@ -165,18 +164,9 @@ def _login_verify(request: Request, session: WebSession, credential: str) -> Res
 
 
 def _refused(request: Request, result: AuthResult) -> JSONResponse:
-    _ = i18n.gettext(request)
-    if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or locked(result):
-        message, retry = throttle_message(result, _)
-        extra = {"next": LOGIN} if locked(result) else {}
-        return _error(429, message, {"Retry-After": str(retry)}, **extra)
-    message = _(LOGIN_FAILED)
-    headers: dict[str, str] = {}
-    if result.decision is not None and not result.decision.allowed:
-        wait, retry = throttle_message(result, _)
-        message = f"{message} {wait}"
-        headers["Retry-After"] = str(math.ceil(retry))
-    return _error(401, message, headers)
+    status, message, headers = refusal(result, i18n.gettext(request), LOGIN_FAILED)
+    extra = {"next": LOGIN} if status == 429 and locked(result) else {}
+    return _error(status, message, headers, **extra)
 
 
 def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Response:

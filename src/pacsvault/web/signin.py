@@ -240,26 +240,33 @@ def login(request: Request, name: FormName = "", password: FormSecret = "",
     return _refused(request, result, "login.html", next=session.next)
 
 
-def _refused(request: Request, result: AuthResult, template: str,
-             **context: Any) -> Response:
-    """The page for a failed, throttled or locked attempt (generic wording)."""
-    _ = gettext(request)
+def refusal(result: AuthResult, _: Gettext, failed: str) -> tuple[int, str, dict[str, str]]:
+    """(status, sentence, headers) for a failed, throttled or locked attempt, in generic
+    wording: 429 with the throttle's sentence, or 401 with ``failed`` (a msgid), plus the
+    wait when this failure started one. The pages (``_refused``) and the passkey script's
+    JSON (``passkey_routes``) say the same thing."""
     if result.outcome in (AuthOutcome.DELAY, AuthOutcome.LOCKED) or locked(result):
         message, retry = throttle_message(result, _)
-        headers = {"Retry-After": str(retry)}
-        if template != "login.html" and locked(result):
-            # The pending sign-in is over (Accounts cancelled its ticket): start again.
-            return _login_page(request, 429, message, headers)
-        return page(request, template, 429, headers=headers, message=message, **context)
-    headers = {}
-    failed = {"login.html": LOGIN_FAILED, "enrol.html": ENROL_CODE_FAILED}.get(template,
-                                                                              CODE_FAILED)
+        return 429, message, {"Retry-After": str(retry)}
+    headers: dict[str, str] = {}
     message = _(failed)
     if result.decision is not None and not result.decision.allowed:
         wait, retry = throttle_message(result, _)
         message = f"{message} {wait}"
         headers["Retry-After"] = str(retry)
-    return page(request, template, 401, headers=headers, message=message, **context)
+    return 401, message, headers
+
+
+def _refused(request: Request, result: AuthResult, template: str,
+             **context: Any) -> Response:
+    """The page for a failed, throttled or locked attempt (generic wording)."""
+    failed = {"login.html": LOGIN_FAILED, "enrol.html": ENROL_CODE_FAILED}.get(template,
+                                                                              CODE_FAILED)
+    status, message, headers = refusal(result, gettext(request), failed)
+    if status == 429 and template != "login.html" and locked(result):
+        # The pending sign-in is over (Accounts cancelled its ticket): start again.
+        return _login_page(request, 429, message, headers)
+    return page(request, template, status, headers=headers, message=message, **context)
 
 
 def _pending(request: Request) -> WebSession | None:
