@@ -15,7 +15,6 @@ from pacsvault.status.report import (
     Counts,
     KeySummary,
     Listener,
-    NodeSummary,
     SecurityEvent,
     StatusReport,
     Storage,
@@ -25,5 +24,5 @@ from pacsvault.status.report import (
 )
 
 __all__ = ["EXPIRY_WARNING_DAYS", "Certificate", "Configured", "Counts", "KeySummary",
-           "Listener", "NodeSummary", "SecurityEvent", "StatusReport", "Storage", "gather",
+           "Listener", "SecurityEvent", "StatusReport", "Storage", "gather",
            "read_server_state", "running_state"]

@@ -35,6 +35,7 @@ from pacsvault.index import stats
 
 if TYPE_CHECKING:
     from pacsvault.audit.trail import Verdict
+    from pacsvault.index.nodes import NodeInfo
     from pacsvault.vault import Layout, Vault
 
 EXPIRY_WARNING_DAYS = 30
@@ -69,17 +70,6 @@ class Configured:
     dicom_port: int | None
     dicom_tls_port: int | None
     https_port: int | None
-
-
-@dataclass(frozen=True)
-class NodeSummary:
-    ae_title: str
-    host: str
-    port: int | None
-    tls: bool
-    client_cert: bool
-    roles: tuple[str, ...]
-    legacy_tls: bool  # opted in to the retired AES TLS profile (issue 13, defect 7)
 
 
 @dataclass(frozen=True)
@@ -136,7 +126,7 @@ class StatusReport:
     server: dict[str, Any]  # ``serve.json`` as the server wrote it ({} when absent)
     server_alive: bool  # its pid answers
     configured: Configured
-    nodes: tuple[NodeSummary, ...]
+    nodes: tuple[NodeInfo, ...]  # the registry's own records (roles, TLS, profile)
     counts: Counts
     storage: Storage
     certificates: tuple[Certificate, ...]
@@ -149,7 +139,7 @@ class StatusReport:
     security_events: tuple[SecurityEvent, ...] = ()
 
     @property
-    def legacy_tls_nodes(self) -> tuple[NodeSummary, ...]:
+    def legacy_tls_nodes(self) -> tuple[NodeInfo, ...]:
         return tuple(n for n in self.nodes if n.legacy_tls)
 
     @property
@@ -310,10 +300,6 @@ def gather(vault: Vault, *, now: dt.datetime | None = None, measure_objects: boo
     settings = vault.settings
     state = read_server_state(vault.layout)
     counted = stats.counts(vault.sessions)  # without the archive's pydicom
-    nodes = tuple(
-        NodeSummary(ae_title=n.ae_title, host=n.host, port=n.port, tls=n.tls,
-                    client_cert=n.client_cert, roles=tuple(n.roles), legacy_tls=n.legacy_tls)
-        for n in vault.nodes.all())
     return StatusReport(
         data=vault.layout.root,
         ae_title=settings.server.ae_title,
@@ -324,7 +310,7 @@ def gather(vault: Vault, *, now: dt.datetime | None = None, measure_objects: boo
             dicom_port=settings.dicom.port if settings.dicom.plain_enabled else None,
             dicom_tls_port=settings.dicom.tls_port,
             https_port=settings.web.https_port if settings.web.enabled else None),
-        nodes=nodes,
+        nodes=tuple(vault.nodes.all()),
         counts=Counts(patients=counted["patients"], studies=counted["studies"],
                       series=counted["series"], instances=counted["instances"],
                       received_bytes=counted["bytes"]),
