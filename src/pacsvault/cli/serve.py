@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import shutil
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from pacsvault.cli.common import (
 )
 from pacsvault.cli.setup import init_vault
 from pacsvault.crypto.keys import KeyUnavailable
-from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
 from pacsvault.sealed import merge as sealed_merge
 from pacsvault.service import lock as instance_lock
@@ -85,14 +83,6 @@ def _take_lock(root: Path) -> instance_lock.InstanceLock:
     except OSError as exc:
         raise CommandError(f"cannot lock {layout.lock}: {exc.strerror or exc} (the data "
                            "directory must belong to the user running the server)") from None
-
-
-def _web_tls(vault: Vault) -> ssl.SSLContext:
-    web = vault.settings.web
-    ctx = server_context(vault.layout.tls, vault.tls_password())
-    if web.cert_file:
-        ctx.load_cert_chain(web.cert_file, web.key_file or None)
-    return ctx
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -174,7 +164,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     try:
         bound = service.start(bind, plain, tls_port)
         if https_port is not None:
-            web = WebService(create_app(vault, vault.accounts), _web_tls(vault),
+            context = serving.web_tls(vault.layout.tls, vault.tls_password(), settings.web)
+            web = WebService(create_app(vault, vault.accounts), context,
                              WebLimits.from_settings(settings.web), service.refusals)
             bound["https_port"] = web.start(bind, https_port)
     except OSError as exc:

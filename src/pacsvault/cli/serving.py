@@ -4,9 +4,9 @@ One main loop (``run_until_stopped``): it takes the vault when it becomes availa
 once for a normal start, at the unseal for a sealed one), starts the work over it once
 (``Background``: audit trail check, trail watcher, background jobs) and purges expired
 audit records every ``RETENTION_CHECK_SECONDS``. Also the pieces both starts share: the
-listeners asked for, ``serve.json``, the signal handlers, the alert sink's patient
-resolver. Kept apart from ``cli/serve`` so the sealed start does not import the command
-that imports it.
+listeners asked for, the HTTPS context, ``serve.json``, the signal handlers, the alert
+sink's patient resolver. Kept apart from ``cli/serve`` so the sealed start does not
+import the command that imports it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,11 +28,13 @@ from sqlalchemy import select
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.watch import TrailWatcher
 from pacsvault.cli.audit import purge_expired
+from pacsvault.crypto.tls import server_context
 from pacsvault.index.models import Study
 from pacsvault.service.jobs import JobRunner
 
 if TYPE_CHECKING:
-    from pacsvault.config import Settings
+    from pacsvault.config import Settings, WebSettings
+    from pacsvault.crypto.tls import TlsPaths
     from pacsvault.vault import Layout, Vault
 
 RETENTION_CHECK_SECONDS = 6 * 3600
@@ -51,6 +54,15 @@ def listeners(args: argparse.Namespace,
     if settings.web.enabled:
         https_port = args.https_port if args.https_port is not None else settings.web.https_port
     return plain, tls_port, https_port
+
+
+def web_tls(paths: TlsPaths, key_password: bytes, web: WebSettings) -> ssl.SSLContext:
+    """The HTTPS listener's context: the vault's server certificates, and a configured
+    ``[web] cert_file`` (a certificate the browsers already trust) when there is one."""
+    ctx = server_context(paths, key_password)
+    if web.cert_file:
+        ctx.load_cert_chain(web.cert_file, web.key_file or None)
+    return ctx
 
 
 def write_state(layout: Layout, state: dict[str, Any]) -> None:

@@ -85,7 +85,9 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
     try:
         bound = service.start(bind, plain, tls_port)
         if https_port is not None:
-            web = WebService(cast(FastAPI, switch), _web_tls(runtime),
+            context = serving.web_tls(runtime.view.layout.tls, runtime.view.tls_password(),
+                                      settings.web)
+            web = WebService(cast(FastAPI, switch), context,
                              WebLimits.from_settings(settings.web), service.refusals)
             bound["https_port"] = web.start(bind, https_port)
     except OSError as exc:
@@ -166,11 +168,3 @@ def _tls_usable(runtime: SealedRuntime) -> bool:
     except (material.SealedUnavailable, ssl.SSLError, OSError, ValueError):
         return False
     return True
-
-
-def _web_tls(runtime: SealedRuntime) -> ssl.SSLContext:
-    web = runtime.settings.web
-    ctx = server_context(runtime.view.layout.tls, runtime.view.tls_password())
-    if web.cert_file:
-        ctx.load_cert_chain(web.cert_file, web.key_file or None)
-    return ctx
