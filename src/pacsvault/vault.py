@@ -215,9 +215,7 @@ def _record_upgrade(vault: Vault, done: schema.Plan) -> None:
 
 
 _META_LOCK = threading.Lock()
-# Bumped by every ``update_meta`` of this process: a cached copy of ``vault.json`` taken at
-# an older generation is stale (``Vault.named_secret``).
-_meta_generation = 0
+_meta_generation = 0  # bumped by every update_meta: a copy read before it is stale
 
 
 def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
@@ -228,21 +226,17 @@ def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> 
     with _META_LOCK:
         meta = _read_meta(layout)
         change(meta)
-        try:
-            write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
-        finally:
-            _meta_generation += 1
+        write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
+        _meta_generation += 1
         return meta
 
 
-def _meta_signature(layout: Layout) -> tuple[int, int, int, int] | None:
-    """What changes when another process replaces ``vault.json`` (``write_atomic``
-    renames a new file over it); None when it cannot be read."""
-    try:
+def _meta_signature(layout: Layout) -> tuple[int, ...] | None:
+    """Changes when any process replaces ``vault.json`` (a new file renamed over it)."""
+    with contextlib.suppress(OSError):
         info = layout.meta.stat()
-    except OSError:
-        return None
-    return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+    return None
 
 
 def _write_private_json(path: Path, value: object) -> None:
@@ -550,38 +544,16 @@ class Vault:
             if isinstance(stored, dict) and isinstance(stored.get(name), str):
                 return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
             secret = os.urandom(size)
-            blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
-
-            def add(meta: dict[str, object]) -> None:
-                table = meta.setdefault("secrets", {})
-                assert isinstance(table, dict)
-                table[name] = blob
-
-            update_meta(self.layout, add)
+            self._put_secret(name, secret)
             return secret
-
-    # ``vault.json``'s "secrets" table as last read, with the generation and file
-    # signature it was read at: a vault's open asks for several named secrets (sealed
-    # material, erasure, backups), which read the file once instead of once each.
-    _secrets_cache: tuple[int, tuple[int, int, int, int] | None, object] | None = None
-
-    def _secrets_table(self) -> object:
-        """The "secrets" table of ``vault.json``, read again only after an
-        ``update_meta`` of this process or a replacement of the file by another one."""
-        signature = _meta_signature(self.layout)
-        cached = self._secrets_cache
-        if (cached is not None and signature is not None
-                and cached[0] == _meta_generation and cached[1] == signature):
-            return cached[2]
-        generation = _meta_generation
-        table = _read_meta(self.layout).get("secrets")
-        if signature is not None and signature == _meta_signature(self.layout):
-            self._secrets_cache = (generation, signature, table)
-        return table
 
     def set_named_secret(self, name: str, secret: bytes) -> None:
         """Store or replace a named secret whose value is not random: the backup
         repositories' recovery password, derived from the recovery code (issue 14)."""
+        with self._secret_lock:
+            self._put_secret(name, secret)
+
+    def _put_secret(self, name: str, secret: bytes) -> None:
         blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
 
         def put(meta: dict[str, object]) -> None:
@@ -589,8 +561,22 @@ class Vault:
             assert isinstance(table, dict)
             table[name] = blob
 
-        with self._secret_lock:
-            update_meta(self.layout, put)
+        update_meta(self.layout, put)
+
+    # The "secrets" table as last read, with the update_meta generation and the file's
+    # signature then: an open asks for several named secrets and reads the file once.
+    _secrets_cache: tuple[int, tuple[int, ...], object] | None = None
+
+    def _secrets_table(self) -> object:
+        """``vault.json``'s "secrets", read again only after an ``update_meta`` of this
+        process or a replacement of the file by another process."""
+        seen, cached = _meta_signature(self.layout), self._secrets_cache
+        if cached is not None and seen is not None and cached[:2] == (_meta_generation, seen):
+            return cached[2]
+        generation, table = _meta_generation, _read_meta(self.layout).get("secrets")
+        if seen is not None and seen == _meta_signature(self.layout):
+            self._secrets_cache = (generation, seen, table)
+        return table
 
     def open_copy(self, data_dir: Path) -> Vault:
         """Open a restored copy of this vault (a restore drill) with this vault's master
