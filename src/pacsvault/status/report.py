@@ -121,6 +121,9 @@ class SecurityEvent:
 
 @dataclass(frozen=True)
 class StatusReport:
+    """Everything ``status`` and the Health page show, gathered once: a fact added here
+    reaches both renderers (``status.text``, the page's template)."""
+
     data: Path
     ae_title: str
     server: dict[str, Any]  # ``serve.json`` as the server wrote it ({} when absent)
