@@ -528,3 +528,31 @@ def test_atna_messages_say_delete_and_update() -> None:
                                           actor_user="admin", study_uids=("1.2.3",)))
         assert f'EventActionCode="{code}"'.encode() in xml, (action, xml[:300])
         assert b'csd-code="110103"' in xml
+
+
+def test_a_key_destroyed_between_choice_and_encryption_makes_the_store_redo(
+        opened: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving behind a flaky race above, made deterministic: a removal destroys
+    the patient's data key after the store chose it and before it encrypts with it. The
+    store is redone under a new key (never a KeyDestroyed escaping to the modality)."""
+    v = opened
+    study, series = generate_uid(), generate_uid()
+    first, second = make("PVRM10", study, series), make("PVRM10", study, series, number=2)
+    store(v, first)
+    remover = Remover(v.engine, v.objects, v.recorder, v.archive)
+    real_stage = v.archive._stage
+    raced: list[bool] = []
+
+    def removal_then_stage(raw: bytes, key_id: uuid.UUID, sop_uid: str) -> Any:
+        if not raced:  # the key was chosen (from the study cache or the rows) already
+            raced.append(True)
+            remover.delete("study", study, "race", actor="admin-test")
+        return real_stage(raw, key_id, sop_uid)
+
+    monkeypatch.setattr(v.archive, "_stage", removal_then_stage)
+    result = v.archive.store(second.raw, source_ae="TEST")
+    v.archive.settle()
+    assert raced and result.status is StoreStatus.STORED
+    left = list(v.archive.locate(study_uid=study))
+    assert [str(dcmread(io.BytesIO(v.archive.read(i))).SOPInstanceUID) for i in left] == [
+        second.sop]

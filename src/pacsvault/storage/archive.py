@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsvault.audit.events import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.stores import JournalBatch, StoreJournal
 from pacsvault.crypto import objects as objfmt
-from pacsvault.crypto.keyring import Keyring
+from pacsvault.crypto.keyring import KeyDestroyed, Keyring
 from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
 from pacsvault.index.matching import normalise_date, normalise_name
@@ -279,7 +279,12 @@ class Archive:
     def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> tuple[str, bytes]:
         """Encrypt and durably stage an object; (object id, SHA-256 of the plaintext)."""
         digest = hashlib.sha256(raw).digest()
-        data_key = self.data_key(key_id)
+        try:
+            data_key = self.data_key(key_id)
+        except KeyDestroyed:
+            # A removal destroyed the patient's key after it was chosen: the choice is
+            # stale, and ``store`` chooses again (a new key if the patient is gone).
+            raise StaleChoice("the chosen data key was destroyed meanwhile") from None
         return self.objects.stage_spare(objfmt.encrypt(raw, data_key, key_id, sop_uid)), digest
 
     def _abandon(self, staging: Future[tuple[str, bytes]]) -> None:
