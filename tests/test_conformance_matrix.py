@@ -55,7 +55,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from pacsvault.web import render
+from pacsvault.dicomfile import render
 from tests.harness.peers import StoreSCP
 from tests.helpers import AE, Server, VaultDir, events, free_port, make_vault, start_server
 from tests.test_transcode_send import (

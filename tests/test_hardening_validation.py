@@ -48,7 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from pacsvault.dicom import inflate, vr_check
+from pacsvault.dicomfile import inflate, vr_check
 from pacsvault.index import matching
 from tests.helpers import AE as ARCHIVE_AE
 from tests.helpers import Server, VaultDir, echoscu, events, make_vault, start_server, storescu
@@ -418,7 +418,7 @@ def test_inflate_is_bounded() -> None:
 def test_read_paths_of_a_stored_bomb_are_bounded() -> None:
     """A bomb stored before the fix: rendered/frames/bulk reads (``wado.read_dataset``),
     retrieve and STOW headers all parse through ``parse.read``/``inflate.read``."""
-    from pacsvault.dicom import parse
+    from pacsvault.dicomfile import parse
     from pacsvault.web import wado
 
     raw, _ = _bomb_bytes(8)

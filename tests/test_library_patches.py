@@ -51,7 +51,7 @@ def test_patches_applied_as_the_server_needs() -> None:
 
     for name, value in patches.PYNETDICOM_CONFIG.items():
         assert getattr(_config, name) == value, name
-    assert patches.pydicom_settings_applied()  # by dicom/parse, imported by the server
+    assert patches.pydicom_settings_applied()  # by dicomfile/parse, imported by the server
 
 
 def test_wrappers_are_idempotent() -> None:

@@ -42,8 +42,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacsvault.dicomfile import render
 from pacsvault.vault import Vault
-from pacsvault.web import render
 from tests import corpus
 from tests.harness.peers import StoreSCP
 from tests.helpers import (

@@ -33,10 +33,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import inflate, patches, transcode
+from pacsvault.dicom import patches, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
+from pacsvault.dicomfile import inflate
 from pacsvault.index.levels import Level
 from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
 from pacsvault.index.records import StoredInstance
