@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -12,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness.webhook import Webhook
 from tests.helpers import Server, VaultDir, make_vault, start_server
+
+if TYPE_CHECKING:
+    from pacsvault.vault import Vault
 
 # The quick loop (`pytest -m quick`, under 2 minutes here): the fast tests of the modules
 # that start no server. Everything stays in the full suite; add a module when it qualifies.
@@ -37,6 +41,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def vault(tmp_path: Path) -> VaultDir:
     return make_vault(tmp_path / "vault")
+
+
+@pytest.fixture
+def opened(vault: VaultDir) -> Iterator[Vault]:
+    """The test's ``vault`` (a module may override that fixture) opened in-process."""
+    v = vault.open()
+    try:
+        yield v
+    finally:
+        v.close()
 
 
 @pytest.fixture

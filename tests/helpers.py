@@ -135,6 +135,15 @@ def make_vault(root: Path, ae_title: str = AE, admin: str = "admin") -> VaultDir
     return VaultDir(root, key, found.recovery_code, found.admin_password, found.admin_name)
 
 
+def new_vault(root: Path, ae_title: str = AE) -> VaultDir:
+    """A new vault made in-process (``vault.create``: no CLI start-up, no first
+    administrator), for tests that drive the Vault API directly."""
+    from pacsvault.vault import create
+
+    key = root / "keys" / "master.key"
+    return VaultDir(root, key, create(root / "data", key_file=key, ae_title=ae_title))
+
+
 @dataclass
 class Server:
     vault: VaultDir

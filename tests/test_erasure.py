@@ -14,7 +14,6 @@ import io
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,7 @@ from pacsvault.storage.erasure import (
     ErasureRequest,
     RetentionRunning,
 )
-from pacsvault.vault import create
-from tests.helpers import AE, VaultDir, events
+from tests.helpers import VaultDir, events, new_vault
 
 OLD = "19990101"  # retention over (20 years)
 REASON = "Demande du patient, aucune obligation légale de conserver (courrier du 2 mars)"
@@ -80,11 +78,6 @@ def make(patient: str, *, study: str | None = None, study_date: str = OLD,
                str(ds.SeriesInstanceUID))
 
 
-def new_vault(root: Path) -> VaultDir:
-    key = root / "keys" / "master.key"
-    return VaultDir(root, key, create(root / "data", key_file=key, ae_title=AE))
-
-
 def store(v: Any, *objs: Obj) -> None:
     for o in objs:
         assert v.archive.store(o.raw, source_ae="TEST").status is StoreStatus.STORED
@@ -114,15 +107,6 @@ class Admins:
 @pytest.fixture
 def vault(tmp_path: Path) -> VaultDir:
     return new_vault(tmp_path / "v")
-
-
-@pytest.fixture
-def opened(vault: VaultDir) -> Iterator[Any]:
-    v = vault.open()
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def test_erase_destroys_every_key_row_and_file_and_leaves_a_blind_tombstone(

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pacsvault.storage.erasure import ErasureRequest
-from tests.helpers import events
-from tests.test_erasure import make, new_vault, store, trail_lines
+from tests.helpers import events, new_vault
+from tests.test_erasure import make, store, trail_lines
 from tests.web_helpers import FakeClock, csrf_of, local_web
 
 PASSWORD = "radio-du-matin-sur-la-plage"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -31,8 +30,7 @@ from pacsvault.index.models import DataKey, ObjectAction, Patient, Series, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.removal import NotFound, RemovalError, Remover
-from pacsvault.vault import create
-from tests.helpers import AE, VaultDir, events, start_server, storescu
+from tests.helpers import AE, VaultDir, events, new_vault, start_server, storescu
 from tests.web_helpers import FakeClock, csrf_of, local_web
 
 REASON = "Envoyé au mauvais patient, signalé par le Dr Test"
@@ -69,23 +67,9 @@ def make(patient: str, study: str, series: str, *, modality: str = "CT",
     return Obj(buf.getvalue(), str(ds.SOPInstanceUID), series, study, patient)
 
 
-def new_vault(root: Path) -> VaultDir:
-    key = root / "keys" / "master.key"
-    return VaultDir(root, key, create(root / "data", key_file=key, ae_title=AE))
-
-
 @pytest.fixture
 def vault(tmp_path: Path) -> VaultDir:
     return new_vault(tmp_path / "v")
-
-
-@pytest.fixture
-def opened(vault: VaultDir) -> Iterator[Any]:
-    v = vault.open()
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def store(v: Any, *objs: Obj) -> None:

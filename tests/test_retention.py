@@ -17,8 +17,8 @@ from pacsvault.storage.retention import (
     retention_end,
     tick,
 )
-from tests.helpers import events
-from tests.test_erasure import make, new_vault, store
+from tests.helpers import events, new_vault
+from tests.test_erasure import make, store
 
 D = dt.date
 RULES = RetentionSettings(per_modality={"MG": 30})
