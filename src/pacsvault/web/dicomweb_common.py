@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
-from pacsvault.web import errors, qido, wado
+from pacsvault.web import errors, wado
 from pacsvault.web.multipart import closing, new_boundary, parse_accept, part_header
 from pacsvault.web.principal import Principal
 
@@ -26,12 +26,8 @@ log = logging.getLogger("pacsvault.web.dicomweb")
 
 DICOM_JSON = "application/dicom+json"
 
-# ``errors.RULES``, with the older exception names of ``qido`` and ``wado`` first.
-RULES: tuple[errors.Rule, ...] = (
-    (wado.WadoError, None, None, False),
-    (qido.QidoError, 400, None, False),
-    *errors.RULES,
-)
+# ``qido.QidoError`` and ``wado.WadoError`` are ``errors.DicomWebError``s: one table.
+RULES: tuple[errors.Rule, ...] = errors.RULES
 
 
 def vault_of(request: Request) -> Vault:

@@ -41,6 +41,7 @@ from pydicom.tag import BaseTag, Tag
 from pacsvault.index.levels import Level
 from pacsvault.index.query import Accessed, QueryEngine
 from pacsvault.vault import Vault
+from pacsvault.web.errors import DicomWebError
 
 MAX_RESULTS = 1000
 MAX_PARAMS = 200
@@ -75,8 +76,12 @@ _BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": 
 _RESERVED = {"includefield", "limit", "offset", "fuzzymatching", "accept", "charset"}
 
 
-class QidoError(Exception):
-    """An invalid query (400). Messages never quote the request's values."""
+class QidoError(DicomWebError):
+    """An invalid query (400). Messages never quote the request's values. The one DICOMweb
+    error type (``web/errors``) with its status fixed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
 
 
 @dataclass

@@ -122,10 +122,7 @@ async def read_request(request: Request, study: str | None) -> tuple[list[Part],
     """The parts of a STOW-RS request, read whole and checked before anything is stored;
     a refusal is a ``DicomWebError`` (nothing stored)."""
     if study is not None:
-        try:
-            wado.check_uid(study)
-        except wado.WadoError as exc:
-            raise DicomWebError(400, str(exc)) from None
+        wado.check_uid(study)  # a DicomWebError (400) when it is not a UID
     mime, params = parse_media_type(request.headers.get("content-type", ""))
     part_type = params.get("type", "application/dicom").strip().lower()
     if mime != "multipart/related" or part_type != "application/dicom":

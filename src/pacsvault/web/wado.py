@@ -64,6 +64,7 @@ from pacsvault.index.levels import Level
 from pacsvault.index.query import QueryEngine, QueryError
 from pacsvault.index.records import StoredInstance
 from pacsvault.vault import Vault
+from pacsvault.web.errors import DicomWebError
 from pacsvault.web.multipart import MediaRange
 
 log = logging.getLogger("pacsvault.web.wado")
@@ -93,13 +94,9 @@ FRAME_MEDIA_TYPES: dict[str, str] = {
 _ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 
 
-class WadoError(Exception):
+class WadoError(DicomWebError):
     """A request that cannot be answered; ``status`` is the HTTP status (never quotes
-    values from the data)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+    values from the data). The one DICOMweb error type (``web/errors``) under its WADO name."""
 
 
 class ConversionError(WadoError):
