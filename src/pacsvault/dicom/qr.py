@@ -33,13 +33,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import patches, transcode
+from pacsvault.dicom import patches, status, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
 from pacsvault.dicomfile import inflate
 from pacsvault.index.levels import Level
-from pacsvault.index.query import Accessed, QueryBudgetExceeded, QueryEngine, QueryError
+from pacsvault.index.query import Accessed, QueryEngine, QueryError
 from pacsvault.index.records import StoredInstance
 
 log = logging.getLogger("pacsvault.dicom.qr")
@@ -62,13 +62,14 @@ PATIENT_ROOT = frozenset({
     str(PatientRootQueryRetrieveInformationModelGet),
 })
 
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE = 0xC000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_REFUSED_RESOURCES = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
+# Statuses from the one table (``dicom/status``), under the names this module uses.
+STATUS_PENDING = status.PENDING
+STATUS_CANCEL = status.CANCEL
+STATUS_NOT_AUTHORIZED = status.NOT_AUTHORIZED
+STATUS_IDENTIFIER_MISMATCH = status.DOES_NOT_MATCH
+STATUS_UNABLE = status.CANNOT_UNDERSTAND
+STATUS_OUT_OF_RESOURCES = status.OUT_OF_RESOURCES
+STATUS_REFUSED_RESOURCES = status.OUT_OF_RESOURCES_SUBOPERATIONS  # C-MOVE/C-GET
 FIND_CHUNK = 1000  # C-FIND answers per record (each record precedes its answers)
 FIND_FIRST_CHUNK = 20  # the first record covers fewer: first answers out sooner
 _MAX_CONTEXTS = 120
@@ -170,22 +171,17 @@ class QueryRetrieve:
                     yield STATUS_PENDING, answer
                 if len(chunk) < (FIND_FIRST_CHUNK if part == 1 else FIND_CHUNK):
                     break
-        except AuditUnavailable:
-            # No durable record, no answer (the recorder has raised the alert).
-            yield STATUS_OUT_OF_RESOURCES, None
-            return
-        except QueryBudgetExceeded as exc:  # PS3.4 C.4.1.1.4: A700 out of resources
-            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
-            yield STATUS_OUT_OF_RESOURCES, None
-            return
-        except QueryError as exc:
-            self._record_query(state, "", 0, Outcome.MINOR_FAILURE, str(exc), accessed)
-            yield STATUS_IDENTIFIER_MISMATCH, None
-            return
-        except Exception as exc:  # decoding errors etc.: never a traceback with values
-            self._record_query(state, "", 0, Outcome.SERIOUS_FAILURE, type(exc).__name__,
-                               accessed)
-            yield STATUS_UNABLE, None
+        except Exception as exc:
+            # One table (``status.FIND_FAILURES``): A700 for an unwritable trail or a spent
+            # time budget (PS3.4 C.4.1.1.4), A900 for an identifier we cannot process, C000
+            # for anything else (decoding errors etc.: named by type, never by message).
+            failed = status.failure(status.FIND_FAILURES, exc)
+            if not isinstance(exc, AuditUnavailable):  # else no durable record, no answer
+                self._record_query(
+                    state, "", 0,
+                    Outcome.SERIOUS_FAILURE if failed.unexpected else Outcome.MINOR_FAILURE,
+                    failed.comment, accessed)
+            yield failed.status, None
             return
         if cancelled:
             yield STATUS_CANCEL, None
