@@ -60,8 +60,9 @@ class Failure:
         return response(self.status, self.message)
 
 
-# (exception class, status, message): None takes them from the exception (its ``status``,
-# its message). The first match wins, a subclass before its base, as in an except chain.
+# (exception class, status, message, serious): None takes them from the exception (a
+# ``DicomWebError``'s ``status``, its message). The first match wins, a subclass before
+# its base, as in an except chain.
 Rule = tuple[type[Exception], int | None, str | None, bool]
 
 RULES: tuple[Rule, ...] = (
@@ -81,9 +82,9 @@ def failure(exc: Exception, log: logging.Logger, what: str,
         if isinstance(exc, kind):
             if isinstance(exc, ObjectFormatError):
                 log.error("%s: a stored object failed authentication", what)
-            return Failure(
-                status if status is not None else int(getattr(exc, "status", 400)),
-                message if message is not None else str(exc), serious)
+            own = exc.status if isinstance(exc, DicomWebError) else 500
+            return Failure(status if status is not None else own,
+                           message if message is not None else str(exc), serious)
     log.error("%s failed (%s) at\n%s", what, type(exc).__name__,
               "".join(traceback.format_tb(exc.__traceback__)))
     return Failure(500, INTERNAL_ERROR, True)
