@@ -43,6 +43,26 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
+PRIVATE_SUBDIR = "pacsvault-first-run"
+
+
+def private_dir(key_dir: Path) -> Path:
+    """A directory only this user can enter, for a one-time secrets file: the key's own
+    directory when it is one (``keys.write_key_file`` makes it 0700), else a 0700
+    subdirectory. Raises ``NotADirectoryError`` when that subdirectory is someone else's."""
+    info = key_dir.lstat()
+    if stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o077 and info.st_uid == os.getuid():
+        return key_dir
+    private = key_dir / PRIVATE_SUBDIR
+    private.mkdir(mode=0o700, exist_ok=True)
+    info = private.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise NotADirectoryError(f"{private} is not a directory of this user")
+    if info.st_mode & 0o077:
+        private.chmod(0o700)
+    return private
+
+
 def write_private_new(folder: Path, names: Iterable[str], body: str) -> Path | None:
     """Write ``body`` to the first of ``names`` that does not exist yet in ``folder``:
     created exclusively, 0600, no symlink followed, fsync'ed. None if every name is taken."""

@@ -149,7 +149,7 @@ def _version() -> str:
 def _layout_tables() -> list[Table]:
     """Every table of the index layout, their model modules imported (erasure requests
     bring the storage stack: only when a vault is made or upgraded)."""
-    import pacsvault.storage.erasure  # noqa: F401  (registers erasure_requests)
+    import pacsvault.storage.erasure_requests  # noqa: F401  (registers its table)
     from pacsvault.index.models import Base
 
     return list(Base.metadata.sorted_tables)
@@ -535,6 +535,10 @@ class Vault:
 
     def tls_password(self) -> bytes:
         return _tls_password(self._master, self.vault_id)
+
+    def update_meta(self, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
+        """``update_meta`` of this vault, for the jobs below this layer that hold one."""
+        return update_meta(self.layout, change)
 
     def named_secret(self, name: str, *, size: int = 32) -> bytes:
         """A random secret kept in ``vault.json["secrets"]`` wrapped by the master key,

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import socket
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
-from pacsvault.fsutil import write_private_new
+from pacsvault.fsutil import private_dir, write_private_new
 from pacsvault.vault import Vault, create, resolve_key_path
 
 
@@ -34,7 +32,6 @@ def register(sub: Any) -> None:
 
 
 SECRETS_SUFFIX = ".first-run-secrets.txt"
-PRIVATE_SUBDIR = "pacsvault-first-run"
 SHARED_NAMES = {"admin", "administrator", "administrateur", "root", "pacsvault", "user"}
 
 
@@ -69,19 +66,11 @@ def _admin_name(chosen: str | None, ask: bool) -> str:
 
 
 def _private_dir(key_dir: Path) -> Path:
-    """A directory only this user can enter, for the secrets file: the key's own directory
-    when it is one (``keys.write_key_file`` makes it 0700), else a 0700 subdirectory."""
-    info = key_dir.lstat()
-    if stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o077 and info.st_uid == os.getuid():
-        return key_dir
-    private = key_dir / PRIVATE_SUBDIR
-    private.mkdir(mode=0o700, exist_ok=True)
-    info = private.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise CommandError(f"{private} is not a directory of this user")
-    if info.st_mode & 0o077:
-        private.chmod(0o700)
-    return private
+    """``fsutil.private_dir``, its refusal as a command error."""
+    try:
+        return private_dir(key_dir)
+    except NotADirectoryError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,

@@ -172,7 +172,6 @@ def tick(vault: Vault) -> None:
     """The ``retention`` job: once a day, count the patients past their retention and
     record it (``retention.due``: counts only, the list stays in the admin's views)."""
     from pacsvault.audit import AuditEvent, EventCode, Outcome
-    from pacsvault.vault import update_meta
 
     today = dt.datetime.now(dt.UTC).date()
     try:
@@ -196,5 +195,5 @@ def tick(vault: Vault) -> None:
     def mark(data: dict[str, object]) -> None:
         data[META_KEY] = {"listed": today.isoformat()}
 
-    update_meta(vault.layout, mark)
+    vault.update_meta(mark)
     log.info("retention check: %d patient(s) due", expired)

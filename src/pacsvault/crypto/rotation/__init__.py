@@ -62,7 +62,7 @@ from pacsvault.crypto.rotation.steps import RotationError as RotationError
 from pacsvault.crypto.rotation.steps import _crash_point
 from pacsvault.crypto.rotation.steps import finish_files as finish_files
 from pacsvault.crypto.rotation.steps import new_key_path as new_key_path
-from pacsvault.fsutil import fsync_dir, write_private_new
+from pacsvault.fsutil import fsync_dir, private_dir, write_private_new
 
 if TYPE_CHECKING:
     from pacsvault.config import Settings
@@ -310,9 +310,7 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
 def hand_over_code(key_path: Path, root: Path, code: str) -> Path:
     """The new recovery code goes to a 0600 file beside the key (never the data dir), as
     ``init`` does; it is printed only when stdout is a terminal."""
-    from pacsvault.cli.setup import _private_dir
-
-    folder = _private_dir(key_path.parent)
+    folder = private_dir(key_path.parent)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     body = (
         f"# pacsvault: the NEW recovery code of the vault in {root.resolve()}, after the\n"
