@@ -27,7 +27,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("workflows", ("pacsvault.sealed", "pacsvault.backup", "pacsvault.crypto.rotation",
                    "pacsvault.status", "pacsvault.storage.erasure")),
     # the vault's layout, create/open: composes everything below
-    ("vault", ("pacsvault.vault",)),
+    # sealed.material: what a start without the master key needs, refreshed at every open
+    ("vault", ("pacsvault.vault", "pacsvault.sealed.material")),
     ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer")),
     ("audit", ("pacsvault.audit",)),
     ("index", ("pacsvault.index",)),
@@ -43,8 +44,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("pacsvault.vault", "pacsvault.crypto.rotation"):
         "an interrupted key rotation is completed at open; retired events keys (lazy)",
-    ("pacsvault.vault", "pacsvault.sealed.material"):
-        "every open refreshes the sealed-mode material (lazy)",
 }
 
 # Arrows another change removes; allowed while present, not reported as stale when gone.

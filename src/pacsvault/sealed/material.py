@@ -101,8 +101,6 @@ def _snapshot_signer(vault: Vault) -> Ed25519PrivateKey:
 
 def ensure(vault: Vault, key_path: Path | None) -> None:
     """Make or refresh the sealed-mode material (see the module docstring)."""
-    from pacsvault.vault import update_meta
-
     public = hpke_private(vault).public_key().public_bytes_raw()
     signer = _snapshot_signer(vault).public_key().public_bytes_raw()
     wanted = {"x25519_public": _b64(public), "snapshot_public": _b64(signer),
@@ -111,7 +109,7 @@ def ensure(vault: Vault, key_path: Path | None) -> None:
         def put(meta: dict[str, object]) -> None:
             meta[META_KEY] = wanted
 
-        update_meta(vault.layout, put)
+        vault.update_meta(put)
     write_snapshot(vault)
     if key_path is not None:
         _ensure_boot_tls(vault, key_path)
