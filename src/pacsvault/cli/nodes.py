@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.common import (
+    CommandError,
+    add_data_args,
+    open_vault,
+    print_table,
+    read_vault,
+    say,
+)
 from pacsvault.cli.outputs import private_umask, restrict_files
 from pacsvault.crypto.tls import NODE_DAYS, issue_node
 from pacsvault.index.nodes import (
@@ -148,21 +155,14 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        nodes = vault.nodes.all()
-    finally:
-        vault.close()
-    if not nodes:
-        say("No node registered: every DICOM association is refused.")
-        return 0
-    print(f"{'AE title':<16}  {'host':<24} {'port':>5}  {'tls':<3}  {'cert':<4}  "
-          f"{'profile':<10}  roles")
-    for n in nodes:
-        print(f"{n.ae_title:<16}  {n.host:<24} {n.port or '':>5}  {'yes' if n.tls else 'no':<3}"
-              f"  {'yes' if n.client_cert else 'no':<4}  "
-              f"{(n.tls_profile if n.tls else '-'):<10}  {','.join(n.roles)}")
-    return 0
+    return print_table(
+        read_vault(args, lambda vault: vault.nodes.all()),
+        empty="No node registered: every DICOM association is refused.",
+        header=f"{'AE title':<16}  {'host':<24} {'port':>5}  {'tls':<3}  {'cert':<4}  "
+        f"{'profile':<10}  roles",
+        row=lambda n: (f"{n.ae_title:<16}  {n.host:<24} {n.port or '':>5}  "
+                       f"{'yes' if n.tls else 'no':<3}  {'yes' if n.client_cert else 'no':<4}  "
+                       f"{(n.tls_profile if n.tls else '-'):<10}  {','.join(n.roles)}"))
 
 
 def cmd_remove(args: argparse.Namespace) -> int:

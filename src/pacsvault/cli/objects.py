@@ -14,8 +14,15 @@ import sys
 from typing import Any
 
 from pacsvault.audit import AuditUnavailable
-from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
-from pacsvault.storage.removal import NotFound, Plan, RemovalError, Remover
+from pacsvault.cli.common import (
+    CommandError,
+    add_data_args,
+    open_vault,
+    print_table,
+    read_vault,
+    say,
+)
+from pacsvault.storage.removal import NotFound, Plan, Quarantined, RemovalError, Remover
 
 ACTOR = "local-admin"
 
@@ -79,6 +86,15 @@ def _confirm(plan: Plan) -> bool:
     return answer.strip().lower() == "delete"
 
 
+def _failure(exc: RemovalError | AuditUnavailable, done: str) -> CommandError:
+    """A refused removal says why; one whose audit record failed says it *was* done (it is
+    in the index's removal records), so nobody repeats it, and what to check."""
+    if isinstance(exc, RemovalError):
+        return CommandError(str(exc))
+    return CommandError(f"{done} and is in the index's removal records, but the audit trail "
+                        "could not record it: check the disk, then 'pacsvault audit verify'")
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
@@ -92,12 +108,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
                                   expected=plan)
         except NotFound as exc:
             raise CommandError(f"{exc}; nothing was deleted") from None
-        except RemovalError as exc:
-            raise CommandError(str(exc)) from None
-        except AuditUnavailable:
-            raise CommandError("the deletion was done and is in the index's removal records, "
-                               "but the audit trail could not record it: check the disk, "
-                               "then 'pacsvault audit verify'") from None
+        except (RemovalError, AuditUnavailable) as exc:
+            raise _failure(exc, "the deletion was done") from None
     finally:
         vault.close()
     say(f"Deleted {done.plan.instances} instance(s) ({done.files_deleted} file(s) removed); "
@@ -115,12 +127,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
                 change = remover.quarantine(args.uid, args.reason, actor=ACTOR)
             else:
                 change = remover.release(args.uid, args.reason, actor=ACTOR)
-        except RemovalError as exc:
-            raise CommandError(str(exc)) from None
-        except AuditUnavailable:
-            raise CommandError("the change was made and is in the index's removal records, "
-                               "but the audit trail could not record it: check the disk, "
-                               "then 'pacsvault audit verify'") from None
+        except (RemovalError, AuditUnavailable) as exc:
+            raise _failure(exc, "the change was made") from None
     finally:
         vault.close()
     say(("Instance put in quarantine: hidden from queries and retrieval, kept."
@@ -130,17 +138,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        items = _remover(vault).quarantined()
-    finally:
-        vault.close()
-    if not items:
-        say("No instance is in quarantine.")
-        return 0
-    print("since                SOP Instance UID / study / series, reason")
-    for q in items:
+    def row(q: Quarantined) -> str:
         since = q.since.isoformat(timespec="seconds")[:19] if q.since else "?"
-        print(f"{since:<20} {q.sop_uid}\n{'':<21}study {q.study_uid}\n{'':<21}series "
-              f"{q.series_uid} {q.modality}\n{'':<21}{q.actor}: {q.reason}")
-    return 0
+        return (f"{since:<20} {q.sop_uid}\n{'':<21}study {q.study_uid}\n{'':<21}series "
+                f"{q.series_uid} {q.modality}\n{'':<21}{q.actor}: {q.reason}")
+
+    return print_table(read_vault(args, lambda vault: _remover(vault).quarantined()),
+                       empty="No instance is in quarantine.",
+                       header="since                SOP Instance UID / study / series, reason",
+                       row=row)

@@ -20,7 +20,14 @@ import sys
 from typing import Any
 
 from pacsvault.audit import AuditUnavailable
-from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.common import (
+    CommandError,
+    add_data_args,
+    open_vault,
+    print_table,
+    read_vault,
+    say,
+)
 
 LOCAL = "127.0.0.1"  # where a terminal's sign-in comes from, for throttling and the trail
 KEY_HOLDER = "local-admin"
@@ -221,20 +228,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        items = _eraser(vault).requests()
-    finally:
-        vault.close()
-    if not items:
-        say("No erasure request.")
-        return 0
-    print("request  asked (UTC)        by            patients  basis             status")
-    for r in items:
-        print(f"{r.id:<8} {r.created:%Y-%m-%d %H:%M}   {r.requested_by:<13} {r.count:<9} "
-              f"{r.legal_basis:<17} {r.status}"
-              + (f" by {r.decided_by} ({r.mode})" if r.decided_by else ""))
-    return 0
+    return print_table(
+        read_vault(args, lambda vault: _eraser(vault).requests()),
+        empty="No erasure request.",
+        header="request  asked (UTC)        by            patients  basis             status",
+        row=lambda r: (f"{r.id:<8} {r.created:%Y-%m-%d %H:%M}   {r.requested_by:<13} "
+                       f"{r.count:<9} {r.legal_basis:<17} {r.status}"
+                       + (f" by {r.decided_by} ({r.mode})" if r.decided_by else "")))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

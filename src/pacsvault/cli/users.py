@@ -19,8 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from pacsvault.accounts.models import ROLES
-from pacsvault.accounts.service import AccountError, PasswordRejected, check_name
-from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.accounts.service import (
+    AccountError,
+    BlockInfo,
+    PasswordRejected,
+    UserInfo,
+    check_name,
+)
+from pacsvault.cli.common import (
+    CommandError,
+    add_data_args,
+    open_vault,
+    print_table,
+    read_vault,
+    say,
+)
 from pacsvault.vault import Vault
 
 BY = "local-admin"
@@ -188,21 +201,18 @@ def _when(value: dt.datetime | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        users = vault.accounts.list_users()
-    finally:
-        vault.close()
-    if not users:
-        say("No user yet: add one with 'pacsvault user add NAME --role ROLE'.")
-        return 0
-    print(f"{'name':<24} {'roles':<26} {'status':<9} {'2nd factor':<10} last sign-in (UTC)")
-    for u in users:
+    def row(u: UserInfo) -> str:
         status = "disabled" if u.disabled else "blocked" if u.locked else "active"
         factor = "enrolled" if u.totp_enrolled else "pending"
-        print(f"{u.name:<24} {','.join(u.roles):<26} {status:<9} {factor:<10} "
-              f"{_when(u.last_login)}")
-    return 0
+        return (f"{u.name:<24} {','.join(u.roles):<26} {status:<9} {factor:<10} "
+                f"{_when(u.last_login)}")
+
+    return print_table(
+        read_vault(args, lambda vault: vault.accounts.list_users()),
+        empty="No user yet: add one with 'pacsvault user add NAME --role ROLE'.",
+        header=f"{'name':<24} {'roles':<26} {'status':<9} {'2nd factor':<10} "
+        "last sign-in (UTC)",
+        row=row)
 
 
 def cmd_roles(args: argparse.Namespace) -> int:
@@ -282,21 +292,18 @@ def _unblock_address(args: argparse.Namespace, address: str) -> int:
 
 
 def cmd_blocks(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        blocks = vault.accounts.blocks()
-    finally:
-        vault.close()
-    if not blocks:
-        say("No sign-in is blocked.")
-        return 0
-    print(f"{'id':<8} {'user name':<24} {'from':<32} {'failures':>8}  until (UTC)")
-    for b in blocks:
+    def row(b: BlockInfo) -> str:
         who = ("(every name)" if b.scope == "address" else b.user or "(not an account)")
         where = "(computers never used)" if b.scope == "new-sources" else b.source
-        print(f"{b.block_id:<8} {who:<24} {where:<32} {b.failures:>8}  {_when(b.until)}")
-    say("Lift with 'pacsvault user unlock NAME' or 'pacsvault user unblock-address ADDRESS'; "
-        "blocks also end by themselves at the time shown.")
+        return f"{b.block_id:<8} {who:<24} {where:<32} {b.failures:>8}  {_when(b.until)}"
+
+    blocks = read_vault(args, lambda vault: vault.accounts.blocks())
+    print_table(blocks, empty="No sign-in is blocked.",
+                header=f"{'id':<8} {'user name':<24} {'from':<32} {'failures':>8}  until (UTC)",
+                row=row)
+    if blocks:
+        say("Lift with 'pacsvault user unlock NAME' or 'pacsvault user unblock-address "
+            "ADDRESS'; blocks also end by themselves at the time shown.")
     return 0
 
 
