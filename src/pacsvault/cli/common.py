@@ -7,9 +7,7 @@ import atexit
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from pacsvault.config import ConfigError
 from pacsvault.config.alerts import AlertConfigError
@@ -20,8 +18,6 @@ from pacsvault.index.db import IndexOpenError
 from pacsvault.index.nodes import NodeError
 from pacsvault.service.sysconfig import SystemConfigError, guidance, resolve
 from pacsvault.vault import Vault, VaultError
-
-T = TypeVar("T")
 
 USER_ERRORS = (
     VaultError, VaultKeyError, ConfigError, IndexOpenError, NodeError, AlertConfigError,
@@ -101,29 +97,6 @@ def _give_back(root: Path, uid: int, gid: int) -> None:
 def open_vault(args: argparse.Namespace) -> Vault:
     return Vault.open(data_dir(args), getattr(args, "key_file", None),
                       passphrase=passphrase_source(args))
-
-
-def read_vault(args: argparse.Namespace, use: Callable[[Vault], T]) -> T:
-    """``use(vault)`` on the vault opened from ``args``, closed again whatever happens: the
-    listing commands read one thing and print it after the vault is closed."""
-    vault = open_vault(args)
-    try:
-        return use(vault)
-    finally:
-        vault.close()
-
-
-def print_table(items: Sequence[T], *, empty: str, header: str,
-                row: Callable[[T], str]) -> int:
-    """A listing: ``empty`` on stderr when there is nothing, else the header and one
-    ``row`` per item on stdout (what scripts read); the exit code is 0 either way."""
-    if not items:
-        say(empty)
-        return 0
-    print(header)
-    for item in items:
-        print(row(item))
-    return 0
 
 
 def passphrase_source(args: argparse.Namespace) -> PassphraseProvider:

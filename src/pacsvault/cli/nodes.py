@@ -7,14 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.cli.common import (
-    CommandError,
-    add_data_args,
-    open_vault,
-    print_table,
-    read_vault,
-    say,
-)
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.listing import print_table, read_vault
 from pacsvault.cli.outputs import private_umask, restrict_files
 from pacsvault.crypto.tls import NODE_DAYS, issue_node
 from pacsvault.index.nodes import (

@@ -14,14 +14,8 @@ import sys
 from typing import Any
 
 from pacsvault.audit import AuditUnavailable
-from pacsvault.cli.common import (
-    CommandError,
-    add_data_args,
-    open_vault,
-    print_table,
-    read_vault,
-    say,
-)
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.listing import print_table, read_vault
 from pacsvault.storage.removal import NotFound, Plan, Quarantined, RemovalError, Remover
 
 ACTOR = "local-admin"

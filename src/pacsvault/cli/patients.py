@@ -20,14 +20,8 @@ import sys
 from typing import Any
 
 from pacsvault.audit import AuditUnavailable
-from pacsvault.cli.common import (
-    CommandError,
-    add_data_args,
-    open_vault,
-    print_table,
-    read_vault,
-    say,
-)
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.listing import print_table, read_vault
 
 LOCAL = "127.0.0.1"  # where a terminal's sign-in comes from, for throttling and the trail
 KEY_HOLDER = "local-admin"

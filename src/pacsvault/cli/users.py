@@ -26,14 +26,8 @@ from pacsvault.accounts.service import (
     UserInfo,
     check_name,
 )
-from pacsvault.cli.common import (
-    CommandError,
-    add_data_args,
-    open_vault,
-    print_table,
-    read_vault,
-    say,
-)
+from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
+from pacsvault.cli.listing import print_table, read_vault
 from pacsvault.vault import Vault
 
 BY = "local-admin"
