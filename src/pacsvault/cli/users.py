@@ -15,12 +15,14 @@ import ipaddress
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pacsvault.accounts.models import ROLES
 from pacsvault.accounts.service import (
     AccountError,
+    Accounts,
     BlockInfo,
     PasswordRejected,
     UserInfo,
@@ -29,6 +31,8 @@ from pacsvault.accounts.service import (
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
 from pacsvault.cli.listing import print_table, read_vault
 from pacsvault.vault import Vault
+
+T = TypeVar("T")
 
 BY = "local-admin"
 MAX_PASSWORD_FILE = 4096
@@ -172,6 +176,14 @@ def _fail(exc: AccountError) -> CommandError:
     return CommandError(str(exc))
 
 
+def _on_accounts(args: argparse.Namespace, use: Callable[[Accounts], T]) -> T:
+    """``use`` on the vault's accounts, the vault closed after; a refusal is a message."""
+    try:
+        return read_vault(args, lambda vault: use(vault.accounts))
+    except AccountError as exc:
+        raise _fail(exc) from None
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     vault = open_vault(args)
     try:
@@ -210,32 +222,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_roles(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        info = vault.accounts.set_roles(args.name, args.roles, by=BY)
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    info = _on_accounts(args, lambda accounts: accounts.set_roles(args.name, args.roles, by=BY))
     say(f"User {info.name} now has roles {', '.join(info.roles)}.")
     return 0
 
 
 def cmd_state(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        accounts = vault.accounts
-        if args.action == "disable":
-            accounts.disable(args.name, by=BY)
-            done = ("disabled: they cannot sign in, their open sessions end at their next "
-                    "request and their tokens stop working")
-        else:
-            accounts.enable(args.name, by=BY)
-            done = "enabled"
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    if args.action == "disable":
+        _on_accounts(args, lambda accounts: accounts.disable(args.name, by=BY))
+        done = ("disabled: they cannot sign in, their open sessions end at their next "
+                "request and their tokens stop working")
+    else:
+        _on_accounts(args, lambda accounts: accounts.enable(args.name, by=BY))
+        done = "enabled"
     say(f"User {check_name(args.name)} {done}.")
     return 0
 
@@ -247,13 +246,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         return _unblock_address(args, args.address)
     if not args.name:
         raise CommandError("give the user name to unlock (or --address ADDRESS)")
-    vault = open_vault(args)
-    try:
-        lifted = vault.accounts.unlock(args.name, by=BY)
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    lifted = _on_accounts(args, lambda accounts: accounts.unlock(args.name, by=BY))
     name = args.name.strip().lower()
     if lifted:
         say(f"Sign-in blocks of {name} lifted: they can sign in again from anywhere now.")
@@ -303,14 +296,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     password = read_password_file(args.password_file) if args.password_file else None
-    vault = open_vault(args)
-    try:
-        new = vault.accounts.reset(args.name, password, second_factor=args.second_factor,
-                                   by=BY)
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    new = _on_accounts(args, lambda accounts: accounts.reset(
+        args.name, password, second_factor=args.second_factor, by=BY))
     name = check_name(args.name)
     extra = (" They set up a new second factor at their next sign-in."
              if args.second_factor else "")
@@ -331,13 +318,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         lifetime = parse_expiry(args.expires)
     except TokenError as exc:
         raise CommandError(f"--expires: {exc}") from None
-    vault = open_vault(args)
-    try:
-        issued = vault.accounts.create_token(args.user, lifetime, label=args.label, by=BY)
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    issued = _on_accounts(args, lambda accounts: accounts.create_token(
+        args.user, lifetime, label=args.label, by=BY))
     say(f"Token {issued.token_id} for {issued.user}, valid until "
         f"{_when(issued.expires)} UTC. Shown once: copy it into the viewer now. It is "
         "accepted on DICOMweb only, with the user's roles.")
@@ -346,14 +328,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    vault = open_vault(args)
-    try:
-        tokens = vault.accounts.list_tokens(args.user)
-        now = vault.accounts.throttle.now()
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        vault.close()
+    tokens, now = _on_accounts(
+        args, lambda accounts: (accounts.list_tokens(args.user), accounts.throttle.now()))
     if not tokens:
         say("No token.")
         return 0
