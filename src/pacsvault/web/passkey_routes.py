@@ -22,6 +22,7 @@ request without a pending session gets a 401 rather than a validation error.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
@@ -129,17 +130,23 @@ def _refused_passkey(request: Request, exc: PasskeyError | None = None) -> JSONR
 # --- sign-in ----------------------------------------------------------------------------
 
 
-@router.post("/login/passkey/options")
-def login_options(request: Request) -> Response:
-    session = _pending(request)
+def _ceremony_options(request: Request, session: WebSession | None,
+                      begin: Callable[[str, str, RelyingParty], str]) -> Response:
+    """The options of a ceremony for a pending sign-in, ``begin(ticket, address, rp)``: no
+    such sign-in is a 401 with the way back, a refusal (an unknown host) a translated 400."""
     if session is None:
         return _expired(request)
     try:
         rp = _rp(request)
-        return _options(_passkeys(request).authentication_options(
-            session.ticket, client_address(request), rp))
+        return _options(begin(session.ticket, client_address(request), rp))
     except PasskeyError:
         return _refused_passkey(request)
+
+
+@router.post("/login/passkey/options")
+def login_options(request: Request) -> Response:
+    return _ceremony_options(request, _pending(request),
+                             _passkeys(request).authentication_options)
 
 
 @router.post("/login/passkey/verify")
@@ -187,14 +194,8 @@ def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Res
 @router.post("/login/enrol/passkey/options")
 def enrol_options(request: Request) -> Response:
     session = _pending(request)
-    if session is None or session.enrolled:
-        return _expired(request)
-    try:
-        rp = _rp(request)
-        return _options(_passkeys(request).enrolment_options(
-            session.ticket, client_address(request), rp))
-    except PasskeyError:
-        return _refused_passkey(request)
+    return _ceremony_options(request, None if session is None or session.enrolled else session,
+                             _passkeys(request).enrolment_options)
 
 
 @router.post("/login/enrol/passkey/verify")
