@@ -13,9 +13,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.web.asgi import HttpMiddleware, peer_address
 from pacsvault.web.sessions import SessionMiddleware, SessionStore
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -47,19 +48,12 @@ def install(app: FastAPI) -> None:
     app.add_middleware(TrustedNetworks)
 
 
-class SecurityHeaders:
+class SecurityHeaders(HttpMiddleware):
     """Pure ASGI (not ``BaseHTTPMiddleware``, which re-streams every body through a queue
     and cost a third of a WADO-RS series transfer). A response may set its own value of a
     header (the viewer's CSP); the default fills in the rest."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
@@ -71,20 +65,13 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-class TrustedNetworks:
+class TrustedNetworks(HttpMiddleware):
     """Outermost: a source outside the trusted networks gets a bare 403 and an exposure
     event, before sessions or routes see anything."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         vault = scope["app"].state.vault
-        client = scope.get("client")
-        address = str(client[0]) if client else ""
+        address = peer_address(scope)
         # "internet": deliberately exposed; sign-in and DICOMweb go on (with their own
         # checks) and administration refuses this source in deps.require_role.
         if vault.settings.is_trusted(address) or vault.settings.web.remote_access == "internet":

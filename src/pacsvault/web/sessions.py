@@ -42,12 +42,13 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import cookie_parser
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from pacsvault.accounts.models import User, UserPreference
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
 from pacsvault.web import csrf
+from pacsvault.web.asgi import HttpMiddleware, peer_address
 from pacsvault.web.i18n import N_
 from pacsvault.web.pages import error_response
 from pacsvault.web.principal import Principal
@@ -246,28 +247,17 @@ def account_state(vault: Vault, user: str) -> AccountState | None:
                         row[2], str(row[3] or ""))
 
 
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    return str(client[0]) if client else ""
-
-
-class SessionMiddleware:
+class SessionMiddleware(HttpMiddleware):
     """Resolve the session cookie; enforce CSRF on state-changing requests with a session.
 
     Pure ASGI (not ``BaseHTTPMiddleware``) so that it can read a form body and hand it on.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         application = scope["app"]
         store: SessionStore = application.state.web_sessions
         vault = application.state.vault
-        address = _client(scope)
+        address = peer_address(scope)
         state = scope.setdefault("state", {})
         session: WebSession | None = None
         session_id = _cookie(scope)
