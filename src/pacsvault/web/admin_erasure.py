@@ -17,10 +17,9 @@ to patients about to be erased would outlive them). Forms carry the session's CS
 
 from __future__ import annotations
 
-from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
@@ -35,12 +34,18 @@ from pacsvault.storage.erasure import (
 )
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
-from pacsvault.web.kit import AdminPage, accounts_of, page, redirect, vault_of
+from pacsvault.web.kit import (
+    AdminPage,
+    FormReason,
+    FormValue,
+    accounts_of,
+    page,
+    redirect,
+    vault_of,
+)
 
 router = APIRouter()
 
-Field = Annotated[str, Form(max_length=128)]
-Reason = Annotated[str, Form(max_length=2000)]
 ERASURE = "/admin/erasure"
 BASIS_NAMES = {
     "retention-ended": N_("Retention period over"),
@@ -148,8 +153,9 @@ def _again(request: Request, exc: ErasureError, patient_id: str, issuer: str, re
 
 
 @router.post(f"{ERASURE}/request")
-def request_erasure(request: Request, principal: AdminPage, patient_id: Field = "",
-                    issuer: Field = "", reason: Reason = "", basis: Field = "") -> Response:
+def request_erasure(request: Request, principal: AdminPage, patient_id: FormValue = "",
+                    issuer: FormValue = "", reason: FormReason = "",
+                    basis: FormValue = "") -> Response:
     try:
         request_id = _eraser(request).request(patient_id, issuer, reason, basis,
                                               actor=principal.user,
@@ -160,7 +166,7 @@ def request_erasure(request: Request, principal: AdminPage, patient_id: Field = 
 
 
 @router.post(f"{ERASURE}/expired")
-def request_expired(request: Request, principal: AdminPage, reason: Reason = "") -> Response:
+def request_expired(request: Request, principal: AdminPage, reason: FormReason = "") -> Response:
     try:
         request_id = _eraser(request).request_expired(
             reason or "retention period over", actor=principal.user,
@@ -177,8 +183,8 @@ def _request_number(value: str) -> int:
 
 
 @router.post(f"{ERASURE}/confirm")
-def confirm_erasure(request: Request, principal: AdminPage, request_id: Field = "",
-                    confirm: Field = "") -> Response:
+def confirm_erasure(request: Request, principal: AdminPage, request_id: FormValue = "",
+                    confirm: FormValue = "") -> Response:
     _ = gettext(request)
     if not confirm:
         return _erasure_page(request, status=400, message=_(
@@ -192,7 +198,7 @@ def confirm_erasure(request: Request, principal: AdminPage, request_id: Field = 
 
 
 @router.post(f"{ERASURE}/cancel")
-def cancel_erasure(request: Request, principal: AdminPage, request_id: Field = "") -> Response:
+def cancel_erasure(request: Request, principal: AdminPage, request_id: FormValue = "") -> Response:
     _ = gettext(request)
     try:
         number = _request_number(request_id)
@@ -203,9 +209,9 @@ def cancel_erasure(request: Request, principal: AdminPage, request_id: Field = "
 
 
 @router.post(f"{ERASURE}/solo")
-def solo_erasure(request: Request, principal: AdminPage, patient_id: Field = "",
-                 issuer: Field = "", reason: Reason = "", basis: Field = "",
-                 typed_again: Field = "") -> Response:
+def solo_erasure(request: Request, principal: AdminPage, patient_id: FormValue = "",
+                 issuer: FormValue = "", reason: FormReason = "", basis: FormValue = "",
+                 typed_again: FormValue = "") -> Response:
     try:
         result = _eraser(request).erase_solo(patient_id, issuer, reason, basis, typed_again,
                                              actor=principal.user,

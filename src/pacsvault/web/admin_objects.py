@@ -17,10 +17,9 @@ and in form fields.
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from pacsvault.index.models import ObjectAction
@@ -35,13 +34,11 @@ from pacsvault.storage.removal import (
 )
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
-from pacsvault.web.kit import AdminPage, page, redirect, vault_of
+from pacsvault.web.kit import AdminPage, FormReason, FormValue, page, redirect, vault_of
 from pacsvault.web.principal import Principal
 
 router = APIRouter()
 
-Field = Annotated[str, Form(max_length=128)]
-Reason = Annotated[str, Form(max_length=2000)]
 OBJECTS = "/admin/objects"
 LEVEL_NAMES = {"study": N_("Study"), "series": N_("Series"), "instance": N_("Instance")}
 NOTICES = {
@@ -111,9 +108,9 @@ def objects_page(request: Request, principal: AdminPage, level: str = "study",
 
 
 @router.post(f"{OBJECTS}/delete")
-def delete_object(request: Request, principal: AdminPage, level: Field = "", uid: Field = "",
-                  reason: Reason = "", instances: Field = "", shred: Field = "",
-                  confirm: Field = "") -> Response:
+def delete_object(request: Request, principal: AdminPage, level: FormValue = "",
+                  uid: FormValue = "", reason: FormReason = "", instances: FormValue = "",
+                  shred: FormValue = "", confirm: FormValue = "") -> Response:
     _ = gettext(request)
     remover = _remover(request)
     try:
@@ -164,13 +161,13 @@ def _quarantine(request: Request, principal: Principal, uid: str, reason: str,
 
 
 @router.post(f"{OBJECTS}/quarantine")
-def quarantine_object(request: Request, principal: AdminPage, uid: Field = "",
-                      reason: Reason = "") -> Response:
+def quarantine_object(request: Request, principal: AdminPage, uid: FormValue = "",
+                      reason: FormReason = "") -> Response:
     return _quarantine(request, principal, uid, reason, True)
 
 
 @router.post(f"{OBJECTS}/release")
-def release_object(request: Request, principal: AdminPage, uid: Field = "",
-                   reason: Reason = "") -> Response:
+def release_object(request: Request, principal: AdminPage, uid: FormValue = "",
+                   reason: FormReason = "") -> Response:
     return _quarantine(request, principal, uid, reason, False)
 

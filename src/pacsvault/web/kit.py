@@ -88,6 +88,9 @@ AdminApi = Annotated[Principal, Depends(require_role("admin"))]
 FormName = Annotated[str, Form(max_length=MAX_NAME)]
 FormSecret = Annotated[str, Form(max_length=MAX_SECRET)]
 FormShort = Annotated[str, Form(max_length=MAX_NEXT)]
+# The administration forms: a UID, a patient ID, a choice; a reason kept in the records.
+FormValue = Annotated[str, Form(max_length=128)]
+FormReason = Annotated[str, Form(max_length=2000)]
 
 
 def vault_of(request: Request) -> Vault:
