@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, func, select, text
+from sqlalchemy import Connection, Engine, Table, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,8 +54,9 @@ from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import KeyDestroyed, Keyring
 from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
+from pacsvault.index import stats
 from pacsvault.index.matching import normalise_date, normalise_name
-from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import rows, sameness
@@ -526,11 +527,5 @@ class Archive:
         return self.objects.recover(self.is_indexed)
 
     def counts(self) -> dict[str, int]:
-        with self._sessions() as session:
-            return {
-                "patients": session.scalar(select(func.count()).select_from(Patient)) or 0,
-                "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
-                "series": session.scalar(select(func.count()).select_from(Series)) or 0,
-                "instances": session.scalar(select(func.count()).select_from(Instance)) or 0,
-                "bytes": session.scalar(select(func.coalesce(func.sum(Instance.size), 0))) or 0,
-            }
+        """``index.stats.counts`` of this archive's index (one query, two callers)."""
+        return stats.counts(self._sessions)
