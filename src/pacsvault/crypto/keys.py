@@ -87,8 +87,10 @@ def write_key_file(path: Path, key: MasterKey, vault_id: str) -> None:
         os.close(fd)
 
 
-def read_key_file(path: Path) -> tuple[MasterKey, str]:
-    """Read a key file, refusing one that others can read: a leaked key is a leaked vault."""
+def check_key_file(path: Path) -> None:
+    """Refuse a key file that is absent (its medium removed: say what to do) or that other
+    users can read (a leaked key is a leaked vault). Every reader of a key file (v1 here,
+    v1 and v2 in ``crypto.protection``) checks this first."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -98,6 +100,11 @@ def read_key_file(path: Path) -> tuple[MasterKey, str]:
         ) from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise VaultKeyError(f"key file {path} is readable by other users; run: chmod 600 {path}")
+
+
+def read_key_file(path: Path) -> tuple[MasterKey, str]:
+    """Read a key file, refusing one that others can read: a leaked key is a leaked vault."""
+    check_key_file(path)
     fields: dict[str, str] = {}
     lines = path.read_text("ascii", errors="replace").splitlines()
     if not lines or lines[0].strip() != KEY_FILE_HEADER:

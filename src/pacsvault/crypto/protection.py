@@ -52,6 +52,7 @@ from pacsvault.crypto.keys import (
     KeyUnavailable,
     MasterKey,
     VaultKeyError,
+    check_key_file,
 )
 from pacsvault.fsutil import PrivateFileError, fsync_dir, read_private_text
 
@@ -95,17 +96,7 @@ class KdfParams:
 def _read_private(path: Path) -> str:
     """The key file's text, refusing one that other users can read (as since v1)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise KeyUnavailable(
-            f"key file not found: {path}. Insert the key medium, pass --key-file, "
-            "or restore it with 'pacsvault key recover'."
-        ) from None
-    except PermissionError:
-        raise KeyUnavailable(f"key file {path} cannot be read by this user") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise VaultKeyError(f"key file {path} is readable by other users; run: chmod 600 {path}")
-    try:
+        check_key_file(path)
         return path.read_text("ascii", errors="replace")
     except PermissionError:
         raise KeyUnavailable(f"key file {path} cannot be read by this user") from None
