@@ -25,6 +25,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_durably(fd: int, pieces: Iterable[bytes]) -> int:
+    """Write every piece whole (``os.write`` may take less than it is given), one at a time
+    (never two copies of a big object), then fsync: the data is on disk when this returns.
+    Returns the number of bytes written."""
+    size = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+            size += written
+    os.fsync(fd)
+    return size
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` by ``data`` so that a reader or a crash sees the old file or the new
     one, never half of one: a sibling created exclusively with ``mode`` from its first
@@ -33,10 +48,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
                          f".{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_durably(fd, [data])
     finally:
         os.close(fd)
     os.replace(tmp, path)

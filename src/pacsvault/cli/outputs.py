@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pacsvault.fsutil import write_durably
+
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
@@ -55,10 +57,7 @@ def write_private(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # a leftover .part may have had another mode
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_durably(fd, [data])
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)

@@ -54,7 +54,7 @@ from pacsvault.crypto.keys import (
     VaultKeyError,
     check_key_file,
 )
-from pacsvault.fsutil import PrivateFileError, fsync_dir, read_private_text
+from pacsvault.fsutil import PrivateFileError, fsync_dir, read_private_text, write_durably
 
 KEY_FILE_HEADER_V2 = "pacsvault-master-key/v2"
 FILE = "file"
@@ -374,10 +374,7 @@ def write_atomic(path: Path, body: bytes) -> None:
         try:
             if old is not None and os.geteuid() == 0:
                 os.fchown(fd, old.st_uid, old.st_gid)
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_durably(fd, [body])
         finally:
             os.close(fd)
         os.replace(tmp, path)

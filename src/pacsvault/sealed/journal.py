@@ -27,7 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from pacsvault.fsutil import fsync_dir
+from pacsvault.fsutil import fsync_dir, write_durably
 
 log = logging.getLogger("pacsvault.sealed")
 
@@ -88,10 +88,7 @@ class JournalWriter:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 fsync_dir(self._dir)  # the file's name is durable with its first record
             data = struct.pack(">I", len(sealed)) + sealed
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+            write_durably(self._fd, [data])
             self._seq += 1
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacsvault.fsutil import fsync_dir
+from pacsvault.fsutil import fsync_dir, write_durably
 
 TMP_DIR = ".tmp"
 SPARE_DIR = ".spare"
@@ -83,23 +83,8 @@ class ObjectStore:
     def stage(self, object_id: str, pieces: Iterable[bytes]) -> int:
         """Durably write an object under ``.tmp``; returns its size on disk."""
         tmp = self._staged(object_id)
-        size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for piece in pieces:
-                view = memoryview(piece)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError("disk full while writing an object") from None
-            raise
-        os.close(fd)
+        size = _fill(fd, tmp, pieces)
         fsync_dir(self._tmp)
         return size
 
@@ -132,20 +117,7 @@ class ObjectStore:
         """
         object_id = self._take_spare()
         path = self._spare_path(object_id)
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for piece in pieces:  # one piece at a time: never two copies of a big object
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError("disk full while writing an object") from None
-            raise
-        os.close(fd)
+        _fill(os.open(path, os.O_WRONLY), path, pieces)
         return object_id
 
     def publish(self, object_id: str, *, durable: bool = True) -> None:
@@ -208,3 +180,19 @@ class ObjectStore:
 
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)
+
+
+def _fill(fd: int, path: Path, pieces: Iterable[bytes]) -> int:
+    """Write an object's pieces into the open file ``fd`` (staged or spare) durably, then
+    close it; returns its size. A write that fails removes the file, a full disk (or quota)
+    being a ``DiskFullError``."""
+    try:
+        size = write_durably(fd, pieces)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError("disk full while writing an object") from None
+        raise
+    os.close(fd)
+    return size
