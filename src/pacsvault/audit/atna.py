@@ -110,6 +110,19 @@ def event_datetime(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _participant(object_id: str, type_code: str, role: str,
+                 id_type: tuple[str, str, str]) -> ET.Element:
+    """A ParticipantObjectIdentification (RFC 3881 / DICOM PS3.15 A.5): the object's id,
+    its type and role codes, and what kind of id it is."""
+    element = ET.Element("ParticipantObjectIdentification", {
+        "ParticipantObjectID": _clean(object_id),
+        "ParticipantObjectTypeCode": type_code,
+        "ParticipantObjectTypeCodeRole": role,
+    })
+    _coded(element, "ParticipantObjectIDTypeCode", *id_type)
+    return element
+
+
 def _coded(parent: ET.Element, tag: str, code: str, system: str, meaning: str) -> ET.Element:
     return ET.SubElement(
         parent, tag,
@@ -251,12 +264,7 @@ class AuditMessageBuilder:
         """One ParticipantObjectIdentification per study, then one per patient."""
         found: list[ET.Element] = []
         for uid in dict.fromkeys(event.study_uids):
-            study = ET.Element("ParticipantObjectIdentification", {
-                "ParticipantObjectID": _clean(uid),
-                "ParticipantObjectTypeCode": "2",
-                "ParticipantObjectTypeCodeRole": "3",
-            })
-            _coded(study, "ParticipantObjectIDTypeCode", *_STUDY_ID_TYPE)
+            study = _participant(uid, "2", "3", _STUDY_ID_TYPE)  # system object, report
             if event.sop_uids and len(event.study_uids) == 1:
                 # Instances can only be attributed to a study when there is one.
                 description = ET.SubElement(study, "ParticipantObjectDescription")
@@ -266,13 +274,7 @@ class AuditMessageBuilder:
                     ET.SubElement(sop_class, "Instance", {"UID": _clean(sop)})
             found.append(study)
         for patient_id in dict.fromkeys(event.patient_ids):
-            patient = ET.Element("ParticipantObjectIdentification", {
-                "ParticipantObjectID": _clean(patient_id),
-                "ParticipantObjectTypeCode": "1",
-                "ParticipantObjectTypeCodeRole": "1",
-            })
-            _coded(patient, "ParticipantObjectIDTypeCode", *_PATIENT_ID_TYPE)
-            found.append(patient)
+            found.append(_participant(patient_id, "1", "1", _PATIENT_ID_TYPE))  # person, patient
         return found
 
     # --- the message -----------------------------------------------------------------
