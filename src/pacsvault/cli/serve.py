@@ -30,8 +30,6 @@ from pacsvault.service.control import ControlServer
 from pacsvault.service.ports import Listener, PortError, check_free
 from pacsvault.vault import META_NAME, Layout, Vault, VaultError, upgrade_without_asking
 from pacsvault.web.app import create_app
-from pacsvault.web.limits import WebLimits
-from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -160,19 +158,13 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     background.watch(vault)  # the trail's tail checked, then watched
     service = DicomService(vault)
     stop = serving.stop_on_signals()
-    web: WebService | None = None
     try:
-        bound = service.start(bind, plain, tls_port)
-        if https_port is not None:
-            context = serving.web_tls(vault.layout.tls, vault.tls_password(), settings.web)
-            web = WebService(create_app(vault, vault.accounts), context,
-                             WebLimits.from_settings(settings.web), service.refusals)
-            bound["https_port"] = web.start(bind, https_port)
+        bound, web = serving.start_listeners(
+            service, bind, (plain, tls_port, https_port), tls=vault.layout.tls,
+            tls_password=vault.tls_password, web=settings.web,
+            app=lambda: create_app(vault, vault.accounts))
     except OSError as exc:
-        # Taken between the check and now: stop what did start, leave as one line.
-        if web is not None:
-            web.stop()
-        service.stop()
+        # Taken between the check and now: what did start is stopped, leave as one line.
         background.stop_watcher()
         alerts.close()
         vault.close()

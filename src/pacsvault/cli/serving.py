@@ -31,10 +31,15 @@ from pacsvault.cli.audit import purge_expired
 from pacsvault.crypto.tls import server_context
 from pacsvault.index.models import Study
 from pacsvault.service.jobs import JobRunner
+from pacsvault.web.limits import WebLimits
+from pacsvault.web.server import WebService
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from pacsvault.config import Settings, WebSettings
     from pacsvault.crypto.tls import TlsPaths
+    from pacsvault.dicom.server import DicomService
     from pacsvault.vault import Layout, Vault
 
 RETENTION_CHECK_SECONDS = 6 * 3600
@@ -63,6 +68,30 @@ def web_tls(paths: TlsPaths, key_password: bytes, web: WebSettings) -> ssl.SSLCo
     if web.cert_file:
         ctx.load_cert_chain(web.cert_file, web.key_file or None)
     return ctx
+
+
+def start_listeners(service: DicomService, bind: str,
+                    ports: tuple[int | None, int | None, int | None], *, tls: TlsPaths,
+                    tls_password: Callable[[], bytes], web: WebSettings,
+                    app: Callable[[], FastAPI]) -> tuple[dict[str, int], WebService | None]:
+    """Open the DICOM listeners, then HTTPS when asked (``ports`` as ``listeners`` gives
+    them); the ports bound and the web service. A port that cannot be opened (taken since
+    the check) stops what did start and the ``OSError`` goes to the caller's message."""
+    plain, tls_port, https_port = ports
+    web_service: WebService | None = None
+    try:
+        bound = service.start(bind, plain, tls_port)
+        if https_port is not None:
+            context = web_tls(tls, tls_password(), web)
+            web_service = WebService(app(), context, WebLimits.from_settings(web),
+                                     service.refusals)
+            bound["https_port"] = web_service.start(bind, https_port)
+    except OSError:
+        if web_service is not None:
+            web_service.stop()
+        service.stop()
+        raise
+    return bound, web_service
 
 
 def write_state(layout: Layout, state: dict[str, Any]) -> None:

@@ -33,8 +33,6 @@ from pacsvault.sealed.runtime import SealedRuntime, UnsealError
 from pacsvault.sealed.web import SwitchApp, create_sealed_app
 from pacsvault.service.control import ControlError, ControlServer
 from pacsvault.vault import Layout, Vault, resolve_key_path
-from pacsvault.web.limits import WebLimits
-from pacsvault.web.server import WebService
 
 log = logging.getLogger("pacsvault.serve")
 
@@ -80,20 +78,13 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
     service = DicomService(cast(Vault, runtime.view))
     service.sealed = True
     stop = serving.stop_on_signals()
-    web: WebService | None = None
     switch = SwitchApp(create_sealed_app(runtime))
     try:
-        bound = service.start(bind, plain, tls_port)
-        if https_port is not None:
-            context = serving.web_tls(runtime.view.layout.tls, runtime.view.tls_password(),
-                                      settings.web)
-            web = WebService(cast(FastAPI, switch), context,
-                             WebLimits.from_settings(settings.web), service.refusals)
-            bound["https_port"] = web.start(bind, https_port)
+        bound, web = serving.start_listeners(
+            service, bind, (plain, tls_port, https_port), tls=runtime.view.layout.tls,
+            tls_password=runtime.view.tls_password, web=settings.web,
+            app=lambda: cast(FastAPI, switch))
     except OSError as exc:
-        if web is not None:
-            web.stop()
-        service.stop()
         alerts.close()
         raise CommandError(f"a listening port on {bind} could not be opened "
                            f"({exc.strerror or exc}); nothing was started") from None
