@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pacsvault.audit.trail_format import FORMAT, GENESIS, canonical, parse_line, record_hash
+from pacsvault.fsutil import write_durably
 
 
 def seal_before(path: Path, signer: Ed25519PrivateKey, cutoff: dt.datetime,
@@ -63,8 +64,7 @@ def seal_before(path: Path, signer: Ed25519PrivateKey, cutoff: dt.datetime,
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, b"\n".join([canonical(seal), *rest]) + b"\n")
-        os.fsync(fd)
+        write_durably(fd, [b"\n".join([canonical(seal), *rest]) + b"\n"])
     finally:
         os.close(fd)
     os.replace(tmp, path)

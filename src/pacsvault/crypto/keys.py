@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from pacsvault.fsutil import write_durably
+
 KEY_FILE_HEADER = "pacsvault-master-key/v1"
 MASTER_KEY_BYTES = 32
 
@@ -81,8 +83,7 @@ def write_key_file(path: Path, key: MasterKey, vault_id: str) -> None:
     body = f"{KEY_FILE_HEADER}\nvault={vault_id}\nkey={base64.b64encode(key.raw).decode()}\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, body.encode("ascii"))
-        os.fsync(fd)
+        write_durably(fd, [body.encode("ascii")])
     finally:
         os.close(fd)
 

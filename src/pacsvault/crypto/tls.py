@@ -54,7 +54,7 @@ from pacsvault.crypto.tls_context import PeerCertificate as PeerCertificate
 from pacsvault.crypto.tls_context import client_context as client_context
 from pacsvault.crypto.tls_context import peer_certificate as peer_certificate
 from pacsvault.crypto.tls_context import server_context as server_context
-from pacsvault.fsutil import write_atomic
+from pacsvault.fsutil import write_atomic, write_durably
 
 RSA_SERVER_BITS = 3072
 
@@ -131,8 +131,7 @@ class TlsPaths:
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        write_durably(fd, [data])
     finally:
         os.close(fd)
 

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from pacsvault.crypto.tls import TlsPaths
-from pacsvault.fsutil import write_atomic
+from pacsvault.fsutil import write_atomic, write_durably
 from pacsvault.index.nodes import CERT_REVOKED, CERT_UNKNOWN, CERT_VALID, NodeInfo
 
 if TYPE_CHECKING:
@@ -166,8 +166,7 @@ def _ensure_boot_tls(vault: Vault, key_path: Path) -> None:
         secret_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, secrets.token_hex(32).encode("ascii") + b"\n")
-            os.fsync(fd)
+            write_durably(fd, [secrets.token_hex(32).encode("ascii") + b"\n"])
         finally:
             os.close(fd)
         if os.geteuid() == 0:  # an admin's command as root: the service reads it, not root

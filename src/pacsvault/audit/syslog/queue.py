@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pacsvault.crypto import objects
+from pacsvault.fsutil import write_durably
 
 QUEUE_DIR_NAME = "syslog-queue"
 _QUEUE_KEY_ID = uuid.uuid5(uuid.NAMESPACE_URL, "pacsvault:audit-syslog-queue")
@@ -77,8 +78,7 @@ class SyslogQueue:
             part = self.root / f"{seq:020d}.{os.getpid()}.part"
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, blob)
-                os.fsync(fd)
+                write_durably(fd, [blob])
             finally:
                 os.close(fd)
             try:
