@@ -102,22 +102,9 @@ def forget_rows(conn: Connection, actor: str) -> tuple[int, list[str], int] | No
     for chunk in _chunks([int(r[0]) for r in rows]):
         conn.execute(delete(_instances).where(_instances.c.pk.in_(chunk)))
     series = {int(r[2]) for r in rows}
-    studies: set[int] = set()
-    for pk in series:
-        study = conn.execute(select(_series.c.study_pk)
-                             .where(_series.c.pk == pk)).scalar()
-        if study is not None:
-            studies.add(int(study))
-        if not _count(conn, _instances, _instances.c.series_pk == pk):
-            conn.execute(delete(_series).where(_series.c.pk == pk))
-    patients = set(orphans)
-    for pk in studies:
-        owner = conn.execute(select(_studies.c.patient_pk)
-                             .where(_studies.c.pk == pk)).scalar()
-        if owner is not None:
-            patients.add(int(owner))
-        if not _count(conn, _series, _series.c.study_pk == pk):
-            conn.execute(delete(_studies).where(_studies.c.pk == pk))
+    studies = _prune(conn, _series, series, _series.c.study_pk, _instances.c.series_pk)
+    patients = set(orphans) | _prune(conn, _studies, studies, _studies.c.patient_pk,
+                                     _series.c.study_pk)
     removed = 0
     for pk in patients:
         if not _count(conn, _studies, _studies.c.patient_pk == pk):
@@ -125,6 +112,21 @@ def forget_rows(conn: Connection, actor: str) -> tuple[int, list[str], int] | No
             removed += 1
     _refresh(conn, series, studies, patients)
     return record, object_ids, removed
+
+
+def _prune(conn: Connection, table: Table, pks: set[int], parent: Any,
+           child_fk: Any) -> set[int]:
+    """Delete the rows ``pks`` of ``table`` (series, studies) that no child row (``child_fk``
+    pointing at them) is left under; returns their parents (``parent`` column), pruned
+    next."""
+    parents: set[int] = set()
+    for pk in pks:
+        owner = conn.execute(select(parent).where(table.c.pk == pk)).scalar()
+        if owner is not None:
+            parents.add(int(owner))
+        if not _count(conn, child_fk.table, child_fk == pk):
+            conn.execute(delete(table).where(table.c.pk == pk))
+    return parents
 
 
 @dataclass(frozen=True)
