@@ -522,28 +522,32 @@ def _refresh(conn: Connection, series_pks: set[int], study_pks: set[int],
     for pk in series_pks:
         if not _count(conn, _series, _series.c.pk == pk):
             continue
-        values: dict[str, Any] = {"num_instances": _count(
-            conn, _instances, _instances.c.series_pk == pk, _instances.c.quarantined.is_(None))}
-        meta = _first_visible(conn, _series.c.pk == pk)
-        if meta is not None:
-            values["meta_json"] = meta
-        conn.execute(update(_series).where(_series.c.pk == pk).values(**values))
+        _update(conn, _series, pk, {"num_instances": _count(
+            conn, _instances, _instances.c.series_pk == pk, _instances.c.quarantined.is_(None))},
+            _series.c.pk == pk)
     for pk in study_pks:
         if not _count(conn, _studies, _studies.c.pk == pk):
             continue
         visible = conn.execute(select(_series.c.modality, _series.c.num_instances)
                                .where(_series.c.study_pk == pk,
                                       _series.c.num_instances > 0)).all()
-        values = {"num_series": len(visible),
-                  "num_instances": sum(int(n) for _, n in visible),
-                  "modalities": "\\".join(sorted({str(m) for m, _ in visible if m}))}
-        meta = _first_visible(conn, _studies.c.pk == pk)
-        if meta is not None:
-            values["meta_json"] = meta
-        conn.execute(update(_studies).where(_studies.c.pk == pk).values(**values))
+        _update(conn, _studies, pk, {
+            "num_series": len(visible),
+            "num_instances": sum(int(n) for _, n in visible),
+            "modalities": "\\".join(sorted({str(m) for m, _ in visible if m}))},
+            _studies.c.pk == pk)
     for pk in patient_pks:
         if not _count(conn, _patients, _patients.c.pk == pk):
             continue
-        meta = _first_visible(conn, _studies.c.patient_pk == pk)
-        if meta is not None:
-            conn.execute(update(_patients).where(_patients.c.pk == pk).values(meta_json=meta))
+        _update(conn, _patients, pk, {}, _studies.c.patient_pk == pk)
+
+
+def _update(conn: Connection, table: Table, pk: int, values: dict[str, Any],
+            level: Any) -> None:
+    """Write a remaining row's new ``values`` and, when the level (``level``, a condition on
+    its instances' study or series) still has a visible instance, that one's header."""
+    meta = _first_visible(conn, level)
+    if meta is not None:
+        values = {**values, "meta_json": meta}
+    if values:
+        conn.execute(update(table).where(table.c.pk == pk).values(**values))
