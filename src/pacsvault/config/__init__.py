@@ -193,13 +193,22 @@ class Settings(_Strict):
     retention: RetentionSettings = RetentionSettings()
 
     def is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.dicom.trusted_networks)
+        ip = peer_ip(address)
+        return ip is not None and any(ip in net for net in self.dicom.trusted_networks)
+
+
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A connection's source address as an IP (None when it is none): the IPv6 zone
+    (``%eth0``) dropped, an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, a dual-stack
+    socket) as the IPv4 address it is, so the trusted networks and the registered hosts
+    are compared with what the peer really is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def load(data_dir: Path) -> Settings:

@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
-from pacsvault.config import Settings
+from pacsvault.config import Settings, peer_ip
 from pacsvault.crypto.tls import LEGACY_AES_CIPHERS, PeerCertificate
 from pacsvault.index.nodes import CERT_REVOKED, CERT_VALID, NodeInfo, NodeRegistry
 
@@ -70,12 +70,9 @@ class Decision:
 
 def _host_matches(host: str, address: str) -> bool:
     """Compare a registered host (address or name) with the peer's source address."""
-    try:
-        peer = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    peer = peer_ip(address)
+    if peer is None:
         return False
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
     try:
         return ipaddress.ip_address(host) == peer
     except ValueError:
