@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                    "pacsvault.status", "pacsvault.storage.erasure")),
     # the vault's layout, create/open: composes everything below
     # sealed.material: what a start without the master key needs, refreshed at every open
-    ("vault", ("pacsvault.vault", "pacsvault.sealed.material")),
+    # vaultfile: vault.json itself, written by the workflows without importing the Vault
+    ("vault", ("pacsvault.vault", "pacsvault.vaultfile", "pacsvault.sealed.material")),
     ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer")),
     ("audit", ("pacsvault.audit",)),
     ("index", ("pacsvault.index",)),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pacsvault import vault as vault_module
+from pacsvault import vaultfile
 from pacsvault.crypto import keys
 from pacsvault.fsutil import write_atomic
 from tests.helpers import VaultDir
@@ -62,9 +63,9 @@ def test_cache_follows_this_process_and_others(vault: VaultDir,
             other.close()
         meta = json.loads(opened.layout.meta.read_text("utf-8"))
         meta["secrets"]["c-secret"] = blob
-        generation = vault_module._meta_generation
+        generation = vaultfile.generation()
         write_atomic(opened.layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
-        assert vault_module._meta_generation == generation  # unseen by the counter
+        assert vaultfile.generation() == generation  # unseen by the counter
         assert opened.named_secret("c-secret") == b"\x02" * 32
     finally:
         opened.close()

@@ -34,7 +34,7 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
-from pacsvault import config
+from pacsvault import config, vaultfile
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
 from pacsvault.audit.stores import StoreJournal
@@ -43,26 +43,22 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
-from pacsvault.fsutil import write_atomic
 from pacsvault.index import schema
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.nodes import NodeRegistry
 from pacsvault.service import lock as instance_lock
 from pacsvault.storage.objects import ObjectStore
+from pacsvault.vaultfile import META_NAME as META_NAME
+from pacsvault.vaultfile import VAULT_FORMAT as VAULT_FORMAT
+from pacsvault.vaultfile import VaultError as VaultError
 
 if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for pydicom,
     # numpy and argon2 it does not need (issue 12, defect 7)
     from pacsvault.accounts.service import Accounts
     from pacsvault.storage.archive import Archive
 
-VAULT_FORMAT = "pacsvault-vault/1"
 BACKUP_RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (a named secret, backup/)
-META_NAME = "vault.json"
-
-
-class VaultError(Exception):
-    """The vault cannot be created or opened (message is user-facing)."""
 
 
 def default_key_path(vault_id: str) -> Path:
@@ -117,33 +113,7 @@ class Layout:
 
 
 def _read_meta(layout: Layout) -> dict[str, object]:
-    try:
-        meta: dict[str, object] = json.loads(layout.meta.read_text("utf-8"))
-    except FileNotFoundError:
-        raise VaultError(f"no vault at {layout.root} ({META_NAME} missing)") from None
-    except ValueError:  # not JSON, not UTF-8: a damaged file, not a traceback (issue 12)
-        raise VaultError(f"{layout.meta} is damaged (not the JSON pacsvault wrote); restore "
-                         "it from a backup") from None
-    if not isinstance(meta, dict):
-        raise VaultError(f"{layout.meta} is damaged (not the JSON pacsvault wrote); restore "
-                         "it from a backup")
-    if meta.get("format") != VAULT_FORMAT:
-        raise VaultError(f"{layout.meta}: unsupported vault format {meta.get('format')!r}")
-    version = meta.get("layout", 1)
-    if not isinstance(version, int) or version > schema.LAYOUT:
-        raise VaultError(f"this vault was upgraded by a newer pacsvault (vault layout "
-                         f"{version!r}, this {_version()} knows up to {schema.LAYOUT}); "
-                         "install it")
-    return meta
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"pacsvault {version('pacsvault')}"
-    except PackageNotFoundError:
-        return "pacsvault"
+    return vaultfile.read(layout.meta)
 
 
 def _layout_tables() -> list[Table]:
@@ -214,29 +184,9 @@ def _record_upgrade(vault: Vault, done: schema.Plan) -> None:
     ))
 
 
-_META_LOCK = threading.Lock()
-_meta_generation = 0  # bumped by every update_meta: a copy read before it is stale
-
-
 def update_meta(layout: Layout, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
-    """Change ``vault.json`` atomically (write a 0600 sibling, fsync, rename, fsync the
-    directory): a crash leaves the old or the new file, never half of one. One writer per
-    process at a time; writers in other processes (CLI vs serve) are rare admin actions."""
-    global _meta_generation
-    with _META_LOCK:
-        meta = _read_meta(layout)
-        change(meta)
-        write_atomic(layout.meta, json.dumps(meta, indent=2).encode("utf-8"))
-        _meta_generation += 1
-        return meta
-
-
-def _meta_signature(layout: Layout) -> tuple[int, ...] | None:
-    """Changes when any process replaces ``vault.json`` (a new file renamed over it)."""
-    with contextlib.suppress(OSError):
-        info = layout.meta.stat()
-        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
-    return None
+    """``vaultfile.update`` of this layout's ``vault.json``."""
+    return vaultfile.update(layout.meta, change)
 
 
 def _write_private_json(path: Path, value: object) -> None:
@@ -425,7 +375,7 @@ class Vault:
         if isinstance(meta.get("rotation"), dict):  # a key rotation was interrupted:
             from pacsvault.crypto import rotation  # complete it before anything else
 
-            rotation.complete_pending(layout, settings, meta, key_path, passphrase)
+            rotation.complete_pending(layout, settings, meta, key_path, passphrase, Vault)
             meta = _read_meta(layout)
         master = protection.load_master(key_path, vault_id, passphrase)
         if not keys.verify_key_check(master, vault_id, str(meta["key_check"])):
@@ -574,11 +524,11 @@ class Vault:
     def _secrets_table(self) -> object:
         """``vault.json``'s "secrets", read again only after an ``update_meta`` of this
         process or a replacement of the file by another process."""
-        seen, cached = _meta_signature(self.layout), self._secrets_cache
-        if cached is not None and seen is not None and cached[:2] == (_meta_generation, seen):
+        seen, cached = vaultfile.signature(self.layout.meta), self._secrets_cache
+        if cached is not None and seen is not None and cached[:2] == (vaultfile.generation(), seen):
             return cached[2]
-        generation, table = _meta_generation, _read_meta(self.layout).get("secrets")
-        if seen is not None and seen == _meta_signature(self.layout):
+        generation, table = vaultfile.generation(), _read_meta(self.layout).get("secrets")
+        if seen is not None and seen == vaultfile.signature(self.layout.meta):
             self._secrets_cache = (generation, seen, table)
         return table
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pacsvault import vaultfile
 from pacsvault.crypto import keys
 
 # The steps and the names they share (``steps``), importable from here as before.
@@ -125,9 +126,7 @@ def _begin(vault: Vault, key_path: Path, passphrase: str | None) -> tuple[keys.M
                                                                            dict[str, Any]]:
     """Make the new master key durable (``<key>.new``) and mark the rotation in
     ``vault.json`` before anything is changed."""
-    from pacsvault.vault import _read_meta, update_meta
-
-    meta = _read_meta(vault.layout)
+    meta = vaultfile.read(vault.layout.meta)
     if isinstance(meta.get(MARKER), dict):
         raise RotationError("a key rotation is already in progress on this vault; it is "
                             "completed the next time the vault is opened")
@@ -152,7 +151,7 @@ def _begin(vault: Vault, key_path: Path, passphrase: str | None) -> tuple[keys.M
     def mark(m: dict[str, object]) -> None:
         m[MARKER] = marker
 
-    update_meta(vault.layout, mark)
+    vaultfile.update(vault.layout.meta, mark)
     _crash_point("begin")
     return new, marker
 
@@ -249,12 +248,13 @@ def rotate(vault: Vault, *, actor: str = "local-admin", keep_old: bool = False,
 
 
 def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object],
-                     key_path: Path, passphrase: PassphraseProvider | None) -> Outcome | None:
+                     key_path: Path, passphrase: PassphraseProvider | None,
+                     vault_class: type[Vault]) -> Outcome | None:
     """Called by ``Vault.open`` when ``vault.json`` has a rotation marker: finish it with
-    whichever key file opens the vault, before anything else reads or writes."""
+    whichever key file opens the vault, before anything else reads or writes. The ``Vault``
+    class is handed in by its caller: this module does not import ``vault`` (no circle)."""
     from pacsvault.index.db import IndexOpenError, open_index
     from pacsvault.index.nodes import ensure_tables
-    from pacsvault.vault import Vault
 
     marker = meta.get(MARKER)
     if not isinstance(marker, dict):
@@ -266,7 +266,7 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
         # The key file was replaced already: only vault.json is left to finish.
         finish_files(layout, key_path, current, vid, keep_old=False, outcome=out)
         engine = open_index(layout.index, current.derive(keys.PURPOSE_INDEX, vid))
-        vault = Vault(layout, settings, vid, current, engine)
+        vault = vault_class(layout, settings, vid, current, engine)
         try:
             _handed_to_backups(vault, out.recovery_code)
         finally:
@@ -290,7 +290,7 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
         except IndexOpenError:
             engine = open_index(layout.index, new.derive(keys.PURPOSE_INDEX, vid))
         ensure_tables(engine)
-        vault = Vault(layout, settings, vid, current, engine)
+        vault = vault_class(layout, settings, vid, current, engine)
         vault.key_path = key_path
         try:
             out = run(vault, key_path, new, marker, actor="pacsvault", keep_old=False,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import text
 
+from pacsvault import vaultfile
 from pacsvault.crypto import datakeys, keys
 from pacsvault.fsutil import fsync_dir, write_atomic
 
@@ -196,7 +197,6 @@ class Rotation:
     def secrets(self) -> int:
         """Re-wrap every named secret (values unchanged) and keep the old events key, in
         one atomic ``vault.json`` write."""
-        from pacsvault.vault import update_meta
 
         count = 0
         stamp = str(self.marker.get("started", "")).replace(":", "")
@@ -222,7 +222,7 @@ class Rotation:
                 table[name] = keys.wrap_secret(self.new, self.vid, name, old_events)
                 count += 1
 
-        update_meta(self.vault.layout, change)
+        vaultfile.update(self.vault.layout.meta, change)
         return count
 
     def syslog_queue(self) -> int:
@@ -294,8 +294,6 @@ def finish_files(layout: Layout, key_path: Path, new: keys.MasterKey, vault_id: 
     """The new key file takes the old one's place (rename: one or the other, never none),
     then ``vault.json`` gets the new key check and recovery blob and loses the marker, in
     one atomic write. A crash between the two is completed by ``Vault.open``."""
-    from pacsvault.vault import update_meta
-
     pending = new_key_path(key_path)
     if pending.exists():
         if keep_old and key_path.exists():
@@ -313,5 +311,5 @@ def finish_files(layout: Layout, key_path: Path, new: keys.MasterKey, vault_id: 
         meta["recovery"] = keys.wrap_for_recovery(new, code, vault_id)
         meta.pop(MARKER, None)
 
-    update_meta(layout, change)
+    vaultfile.update(layout.meta, change)
     outcome.recovery_code = code

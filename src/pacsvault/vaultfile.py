@@ -1,0 +1,86 @@
+"""``vault.json``: read with its checks, changed atomically.
+
+Its own module, below the workflows that change it (key rotation, sealed material, the
+retention job): they write the file without importing the ``Vault`` that opens it, so
+no import circle runs through ``vault.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pacsvault.fsutil import write_atomic
+from pacsvault.index import schema
+
+VAULT_FORMAT = "pacsvault-vault/1"
+META_NAME = "vault.json"
+
+
+class VaultError(Exception):
+    """The vault cannot be created or opened (message is user-facing)."""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return f"pacsvault {dist_version('pacsvault')}"
+    except PackageNotFoundError:
+        return "pacsvault"
+
+
+def read(path: Path) -> dict[str, object]:
+    """``vault.json`` at ``path`` (the data directory's), checked: present, JSON, this
+    format, a layout this code knows."""
+    try:
+        meta: dict[str, object] = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise VaultError(f"no vault at {path.parent} ({META_NAME} missing)") from None
+    except ValueError:  # not JSON, not UTF-8: a damaged file, not a traceback (issue 12)
+        raise VaultError(f"{path} is damaged (not the JSON pacsvault wrote); restore "
+                         "it from a backup") from None
+    if not isinstance(meta, dict):
+        raise VaultError(f"{path} is damaged (not the JSON pacsvault wrote); restore "
+                         "it from a backup")
+    if meta.get("format") != VAULT_FORMAT:
+        raise VaultError(f"{path}: unsupported vault format {meta.get('format')!r}")
+    layout = meta.get("layout", 1)
+    if not isinstance(layout, int) or layout > schema.LAYOUT:
+        raise VaultError(f"this vault was upgraded by a newer pacsvault (vault layout "
+                         f"{layout!r}, this {version()} knows up to {schema.LAYOUT}); "
+                         "install it")
+    return meta
+
+
+_LOCK = threading.Lock()
+_generation = 0  # bumped by every update: a copy read before it is stale
+
+
+def generation() -> int:
+    return _generation
+
+
+def update(path: Path, change: Callable[[dict[str, object]], None]) -> dict[str, object]:
+    """Change ``vault.json`` atomically (write a 0600 sibling, fsync, rename, fsync the
+    directory): a crash leaves the old or the new file, never half of one. One writer per
+    process at a time; writers in other processes (CLI vs serve) are rare admin actions."""
+    global _generation
+    with _LOCK:
+        meta = read(path)
+        change(meta)
+        write_atomic(path, json.dumps(meta, indent=2).encode("utf-8"))
+        _generation += 1
+        return meta
+
+
+def signature(path: Path) -> tuple[int, ...] | None:
+    """Changes when any process replaces ``vault.json`` (a new file renamed over it)."""
+    with contextlib.suppress(OSError):
+        info = path.stat()
+        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+    return None
