@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import platformdirs
 from pydantic import ValidationError
 from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,20 +48,17 @@ from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.nodes import NodeRegistry
 from pacsvault.service import lock as instance_lock
 from pacsvault.storage.objects import ObjectStore
+from pacsvault.vaultfile import BACKUP_RECOVERY_SECRET as BACKUP_RECOVERY_SECRET
 from pacsvault.vaultfile import META_NAME as META_NAME
 from pacsvault.vaultfile import VAULT_FORMAT as VAULT_FORMAT
 from pacsvault.vaultfile import VaultError as VaultError
+from pacsvault.vaultfile import default_key_path as default_key_path
 
 if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for pydicom,
     # numpy and argon2 it does not need (issue 12, defect 7)
     from pacsvault.accounts.service import Accounts
     from pacsvault.storage.archive import Archive
 
-BACKUP_RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (a named secret, backup/)
-
-
-def default_key_path(vault_id: str) -> Path:
-    return platformdirs.user_config_path("pacsvault") / "keys" / f"{vault_id}.key"
 
 
 @dataclass(frozen=True)

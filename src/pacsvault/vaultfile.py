@@ -13,11 +13,20 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import platformdirs
+
 from pacsvault.fsutil import write_atomic
 from pacsvault.index import schema
 
 VAULT_FORMAT = "pacsvault-vault/1"
 META_NAME = "vault.json"
+BACKUP_RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (a named secret, backup/)
+
+
+def default_key_path(vault_id: str) -> Path:
+    """Where a vault's key file lives when the settings name none: the user's config
+    directory, never the data directory (a backup of one must not carry the other)."""
+    return platformdirs.user_config_path("pacsvault") / "keys" / f"{vault_id}.key"
 
 
 class VaultError(Exception):

@@ -257,7 +257,7 @@ def _recovery_password(vault: Vault) -> bytes:
     """
     import json
 
-    from pacsvault.vault import BACKUP_RECOVERY_SECRET
+    from pacsvault.vaultfile import BACKUP_RECOVERY_SECRET
 
     try:
         meta = json.loads(vault.layout.meta.read_text("utf-8"))

@@ -140,7 +140,7 @@ def _restore_into(repo: Repository, data: dict[str, Any], keystore: dict[str, An
                   recovery_code: str | None, master: keys.MasterKey | None, to: Path,
                   key_file: Path | None) -> RestoreResult:
     from pacsvault.service import lock as instance_lock
-    from pacsvault.vault import default_key_path
+    from pacsvault.vaultfile import default_key_path
 
     to.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(to, 0o700)
