@@ -19,13 +19,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto import rotation
 from pacsvault.vault import Vault, create
+from tests.helpers import new_vault
 
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Iterator[Vault]:
-    key = tmp_path / "keys" / "master.key"
-    create(tmp_path / "data", key_file=key)
-    opened = Vault.open(tmp_path / "data", key)
+    opened = new_vault(tmp_path).open()
     yield opened
     opened.close()
 

@@ -22,14 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.trail import AuditTrail, Checkpoint
 from pacsvault.audit.watch import FULL_CHECK_EVERY, TAMPER_ACTION, TrailWatcher
-from pacsvault.vault import Vault, create
+from pacsvault.vault import Vault
+from tests.helpers import new_vault
 
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Iterator[Vault]:
-    key = tmp_path / "keys" / "master.key"
-    create(tmp_path / "data", key_file=key)
-    opened = Vault.open(tmp_path / "data", key)
+    opened = new_vault(tmp_path).open()
     yield opened
     opened.close()
 
