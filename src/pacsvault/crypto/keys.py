@@ -34,6 +34,10 @@ PURPOSE_EVENTS = "pacsvault/v1/events"
 PURPOSE_AUDIT_SIGNING = "pacsvault/v1/audit-signing"
 PURPOSE_AUDIT_EXPORT = "pacsvault/v1/audit-export-queue"
 PURPOSE_ACCOUNTS = "pacsvault/v1/account-secrets"
+# column encryption of an index that cannot encrypt itself (PostgreSQL: index/sealing)
+PURPOSE_INDEX_COLUMNS = "pacsvault/v1/index-columns"
+PURPOSE_INDEX_FIXED = "pacsvault/v1/index-fixed-columns"
+PURPOSE_INDEX_TOKENS = "pacsvault/v1/index-blind-tokens"
 
 _CHECK_PLAINTEXT = b"pacsvault key check v1"
 _SCRYPT_N = 2**15
