@@ -33,6 +33,7 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
+import pacsvault.index.shared_state  # noqa: F401  (sessions, tickets, challenges)
 from pacsvault import config, vaultfile
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
