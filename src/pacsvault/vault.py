@@ -122,6 +122,21 @@ def _layout_tables() -> list[Table]:
     return list(Base.metadata.sorted_tables)
 
 
+def open_engine(layout: Layout, settings: config.Settings, master: keys.MasterKey,
+                vault_id: str, *, create: bool = False) -> Engine:
+    """The vault's one index engine: the embedded SQLCipher file (its key derived from the
+    master key), or the PostgreSQL database of ``[index] url`` with the column sealer
+    attached (``index.postgres``, issue 16). ``create``: a new vault's (empty) index."""
+    if settings.index.is_postgres:
+        from pacsvault.index import postgres
+        from pacsvault.index.sealing import sealer_for
+
+        return postgres.open_postgres(settings.index, sealer_for(master, vault_id),
+                                      vault_id, create=create)
+    return open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id),
+                      create=create)
+
+
 UpgradeConfirm = Callable[[schema.Plan], bool]
 
 
@@ -194,8 +209,10 @@ def _write_private_json(path: Path, value: object) -> None:
         os.fsync(fh.fileno())
 
 
-def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PACSVAULT") -> str:
-    """Create a vault; returns the recovery code, which must be shown once and never stored."""
+def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PACSVAULT",
+           index: config.IndexSettings | None = None) -> str:
+    """Create a vault; returns the recovery code, which must be shown once and never stored.
+    ``index``: a PostgreSQL index (a new, empty database) instead of the embedded one."""
     layout = Layout(data_dir)
     if layout.exists():
         raise VaultError(f"a vault already exists at {data_dir}; refusing to overwrite it")
@@ -205,6 +222,7 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
         raise VaultError(
             "an AE title is 1 to 16 printable ASCII characters, no backslash"
         ) from None
+    index = index or config.IndexSettings()
     vault_id = str(uuid.uuid4())
     key_path = key_file or default_key_path(vault_id)
     if key_path.exists():
@@ -213,7 +231,7 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
         raise VaultError("the key file must not be inside the data directory")
     created_dir = not data_dir.exists()
     try:
-        return _populate(layout, vault_id, key_path, key_file, ae_title)
+        return _populate(layout, vault_id, key_path, key_file, ae_title, index)
     except BaseException:
         # Leave nothing half-made behind: a partial vault would block a retry.
         key_path.unlink(missing_ok=True)
@@ -230,7 +248,8 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
 
 
 def _populate(
-    layout: Layout, vault_id: str, key_path: Path, key_file: Path | None, ae_title: str
+    layout: Layout, vault_id: str, key_path: Path, key_file: Path | None, ae_title: str,
+    index: config.IndexSettings,
 ) -> str:
     data_dir = layout.root
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -241,15 +260,28 @@ def _populate(
     keys.write_key_file(key_path, master, vault_id)
     tls.create_authority(layout.tls, _tls_password(master, vault_id), ae_title)
     ObjectStore(layout.objects).create()
-    engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id), create=True)
-    for table in _layout_tables():
-        table.create(engine, checkfirst=True)
-    schema.stamp_head(engine)  # a new index is at the newest revision
-    engine.dispose()
+    settings = config.Settings(server=config.ServerSettings(ae_title=ae_title), index=index)
+    engine = open_engine(layout, settings, master, vault_id, create=True)
+    try:
+        if index.is_postgres:  # the same revisions as an upgrade, from an empty database
+            schema.upgrade(engine, _layout_tables())
+        else:
+            for table in _layout_tables():
+                table.create(engine, checkfirst=True)
+            schema.stamp_head(engine)  # a new index is at the newest revision
+    except BaseException:
+        if index.is_postgres:  # leave the database empty for a retry
+            from pacsvault.index import postgres
+
+            with contextlib.suppress(Exception):
+                postgres.drop_claim(engine)
+        raise
+    finally:
+        engine.dispose()
     layout.audit.mkdir(mode=0o700)
     (layout.audit / "trail.jsonl").touch(mode=0o600)
     layout.config.write_text(
-        config.render(ae_title, key_file.resolve() if key_file else None), "utf-8"
+        config.render(ae_title, key_file.resolve() if key_file else None, index), "utf-8"
     )
     instance_lock.create_lock_file(data_dir)
     # vault.json last: its presence marks a complete vault.
@@ -380,7 +412,7 @@ class Vault:
                 f"the key file {key_path} does not open this vault (it belongs to another "
                 "vault or is damaged); nothing was changed"
             )
-        engine = open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id))
+        engine = open_engine(layout, settings, master, vault_id)
         upgraded = _upgrade_index(layout, engine, confirm)
         vault = cls(layout, settings, vault_id, master, engine)
         vault.key_path = key_path
@@ -548,8 +580,7 @@ class Vault:
         syslog = settings.audit.syslog.model_copy(update={"enabled": False})
         settings = settings.model_copy(
             update={"audit": settings.audit.model_copy(update={"syslog": syslog})})
-        engine = open_index(layout.index, self._master.derive(keys.PURPOSE_INDEX,
-                                                              self.vault_id))
+        engine = open_engine(layout, settings, self._master, self.vault_id)
         # A restored copy may be older than this code (a drill, a restore): upgraded
         # without asking or recording (it is a copy).
         _upgrade_index(layout, engine, lambda _plan: True)

@@ -120,7 +120,19 @@ def _record_seq(line: bytes) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
+def refuse_postgres(vault: Vault) -> None:
+    """The staging copies ``index.db`` (``VACUUM INTO``): a PostgreSQL index (issue 16) is
+    not in it. Refused in one line rather than backing up objects without their index."""
+    if vault.settings.index.is_postgres:
+        raise BackupError(
+            "pacsvault backup copies the embedded index only; this vault's index is in "
+            "PostgreSQL: back the database up with its own tools (pg_dump or base "
+            "backups; its patient columns are pacsvault ciphertext) and the objects with "
+            "the object store's; nothing was backed up")
+
+
 def _stage(vault: Vault) -> _Staged:
+    refuse_postgres(vault)
     layout = vault.layout
     root = layout.root / STAGING_DIR
     shutil.rmtree(root, ignore_errors=True)  # a run killed before cleaning up
@@ -162,6 +174,7 @@ def _stage(vault: Vault) -> _Staged:
 def _keystore(vault: Vault) -> bytes:
     """Every live data key, wrapped under the backup keystore key (AES-GCM, the same
     format as in the index; a key the live KEK cannot open, e.g. sealed-mode, as is)."""
+    refuse_postgres(vault)
     kek = _master(vault).derive(keys.PURPOSE_KEK, vault.vault_id)
     store_key = _keystore_key(vault.named_secret(REPOSITORY_SECRET), vault.vault_id)
     entries: dict[str, str] = {}

@@ -12,6 +12,7 @@ from typing import Any
 
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
+from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
 from pacsvault.fsutil import private_dir, write_private_new
 from pacsvault.vault import Vault, create, resolve_key_path
 
@@ -23,6 +24,13 @@ def register(sub: Any) -> None:
     p.add_argument("--admin", metavar="NAME",
                    help="name of the first administrator account (default: asked at a "
                    "terminal, else admin-<6 random characters>)")
+    p.add_argument("--index-url", metavar="URL", default="",
+                   help="a PostgreSQL index instead of the embedded one: "
+                   "postgresql://USER@HOST:PORT/DB?sslmode=verify-full&sslrootcert=CA "
+                   "(a new, empty database; never a password in the url)")
+    p.add_argument("--index-password-file", metavar="FILE", type=Path,
+                   help="0600 file holding the database password (default: libpq's "
+                   "passfile, service or ~/.pgpass)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="listeners, nodes, counts and storage size")
@@ -100,7 +108,8 @@ def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,
 
 
 def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | None = None,
-               *, ask: bool = False, serving: bool = False) -> None:
+               *, ask: bool = False, serving: bool = False,
+               index: IndexSettings | None = None) -> None:
     """Create a vault and its first administrator; hand over the one-time secrets.
 
     The secrets always go to a private file (``write_first_run_secrets``) and are shown
@@ -109,7 +118,7 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
     is printed.
     """
     name = _admin_name(admin, ask)
-    code = create(root, key_file=key_file, ae_title=ae_title)
+    code = create(root, key_file=key_file, ae_title=ae_title, index=index)
     password, https_port, key_path = _first_admin(root, key_file, name)
     path = write_first_run_secrets(key_path, root, code, name, password, https_port)
     say(f"Created a vault in {root.absolute()} (key file {key_path.absolute()}: keep a copy "
@@ -154,8 +163,26 @@ def _first_admin(root: Path, key_file: Path | None, name: str) -> tuple[str, int
     return password, https_port, key_path
 
 
+def index_choice(url: str, password_file: Path | None) -> IndexSettings | None:
+    """``--index-url``/``--index-password-file`` as settings (None: the embedded index);
+    a url holding a password is refused before anything is made (the message never
+    repeats the url)."""
+    if not url:
+        if password_file is not None:
+            raise CommandError("--index-password-file goes with --index-url")
+        return None
+    try:
+        check_url(url)
+        return IndexSettings(url=url, password_file=str(password_file.resolve())
+                             if password_file is not None else "")
+    except IndexUrlError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    init_vault(data_dir(args), args.key_file, args.ae_title, args.admin, ask=True)
+    index = index_choice(args.index_url, args.index_password_file)
+    init_vault(data_dir(args), args.key_file, args.ae_title, args.admin, ask=True,
+               index=index)
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pacsvault.config.alerts import AlertSettings, render_section
+from pacsvault.config.index import TOML_SECTION as INDEX_SECTION
+from pacsvault.config.index import IndexSettings as IndexSettings
 from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
 from pacsvault.config.syslog import SyslogSettings
 
@@ -191,6 +193,7 @@ class Settings(_Strict):
     alerts: AlertSettings = AlertSettings()
     backup: BackupSettings = BackupSettings()
     retention: RetentionSettings = RetentionSettings()
+    index: IndexSettings = IndexSettings()
 
     def is_trusted(self, address: str) -> bool:
         ip = peer_ip(address)
@@ -233,8 +236,12 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render(ae_title: str, key_file: Path | None) -> str:
-    """The commented settings file that ``init`` writes."""
+def render(ae_title: str, key_file: Path | None, index: IndexSettings | None = None) -> str:
+    """The commented settings file that ``init`` writes (``index``: a PostgreSQL index
+    chosen at ``init``; default the embedded one)."""
+    index = index or IndexSettings()
+    index_section = INDEX_SECTION.format(url=_toml_str(index.url),
+                                         password_file=_toml_str(index.password_file))
     key_line = (
         f"key_file = {_toml_str(str(key_file))}"
         if key_file
@@ -389,4 +396,4 @@ per_modality = {{}}
 # the patient ID again (recorded), since no second administrator exists to confirm it.
 solo_practice = false
 
-""" + SYSLOG_SECTION + "\n" + render_section()
+""" + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section()

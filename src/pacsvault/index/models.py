@@ -5,6 +5,12 @@ attributes) match on, in the normalised form of ``index.matching`` (names case-f
 padded) so the database compares them directly. ``meta_json`` keeps a whole non-bulk
 dataset (DICOM JSON model) at each level, so any requested return key can be answered
 without decrypting an image.
+
+On PostgreSQL (issue 16) every column that identifies a patient or may carry health data
+is ``Sealed`` (random AEAD: compared in pacsvault after decryption) or ``Fixed``
+(deterministic AEAD: ``=``/``IN``/unique in SQL) by ``index.sealing``; on SQLite these are
+the plain ``String``/``Text`` they always were (SQLCipher encrypts the whole file). The
+per-attribute choice and what each leaks: ARCHITECTURE.md, "PostgreSQL index".
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import datetime as dt
 
 from sqlalchemy import (
     Boolean,
+    Column,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from pacsvault.index.sealing import Fixed, Sealed
 
 
 def utcnow() -> dt.datetime:
@@ -48,16 +58,17 @@ class Patient(Base):
     __tablename__ = "patients"
     __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), index=True)
-    issuer: Mapped[str] = mapped_column(String(64), default="")
-    name: Mapped[str] = mapped_column(String(324), default="")
-    name_norm: Mapped[str] = mapped_column(String(324), default="", index=True)
-    birth_date: Mapped[str] = mapped_column(String(8), default="")
-    sex: Mapped[str] = mapped_column(String(16), default="")
+    patient_id: Mapped[str] = mapped_column(Fixed("patients.patient_id", 64), index=True)
+    issuer: Mapped[str] = mapped_column(Fixed("patients.issuer", 64), default="")
+    name: Mapped[str] = mapped_column(Sealed("patients.name", 324), default="")
+    name_norm: Mapped[str] = mapped_column(Sealed("patients.name_norm", 324), default="",
+                                           index=True)
+    birth_date: Mapped[str] = mapped_column(Sealed("patients.birth_date", 8), default="")
+    sex: Mapped[str] = mapped_column(Sealed("patients.sex", 16), default="")
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"))
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # DICOM JSON of the first instance received: answers return keys without decryption.
-    meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    meta_json: Mapped[str] = mapped_column(Sealed("patients.meta_json"), default="{}")
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
 
@@ -65,19 +76,23 @@ class Study(Base):
     __tablename__ = "studies"
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
-    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
-    study_time: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
-    study_id: Mapped[str] = mapped_column(String(16), default="")
-    description: Mapped[str] = mapped_column(String(64), default="")
-    referring_physician: Mapped[str] = mapped_column(String(324), default="")
-    referring_physician_norm: Mapped[str] = mapped_column(String(324), default="")
+    study_uid: Mapped[str] = mapped_column(Fixed("studies.study_uid", 64), unique=True)
+    study_date: Mapped[str] = mapped_column(Sealed("studies.study_date", 8), default="",
+                                            index=True)
+    study_time: Mapped[str] = mapped_column(Sealed("studies.study_time", 16), default="")
+    accession_number: Mapped[str] = mapped_column(Fixed("studies.accession_number", 16),
+                                                  default="", index=True)
+    study_id: Mapped[str] = mapped_column(Sealed("studies.study_id", 16), default="")
+    description: Mapped[str] = mapped_column(Sealed("studies.description", 64), default="")
+    referring_physician: Mapped[str] = mapped_column(
+        Sealed("studies.referring_physician", 324), default="")
+    referring_physician_norm: Mapped[str] = mapped_column(
+        Sealed("studies.referring_physician_norm", 324), default="")
     modalities: Mapped[str] = mapped_column(String(128), default="")
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    meta_json: Mapped[str] = mapped_column(Sealed("studies.meta_json"), default="{}")
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
 
@@ -86,17 +101,19 @@ class Series(Base):
     __tablename__ = "series"
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk"), index=True)
-    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_uid: Mapped[str] = mapped_column(Fixed("series.series_uid", 64), unique=True)
     modality: Mapped[str] = mapped_column(String(16), default="", index=True)
     series_number: Mapped[int | None] = mapped_column(Integer)
-    description: Mapped[str] = mapped_column(String(64), default="")
-    body_part: Mapped[str] = mapped_column(String(16), default="")
-    series_date: Mapped[str] = mapped_column(String(8), default="")
-    series_time: Mapped[str] = mapped_column(String(16), default="")
-    performed_start_date: Mapped[str] = mapped_column(String(8), default="")
-    performed_start_time: Mapped[str] = mapped_column(String(16), default="")
+    description: Mapped[str] = mapped_column(Sealed("series.description", 64), default="")
+    body_part: Mapped[str] = mapped_column(Sealed("series.body_part", 16), default="")
+    series_date: Mapped[str] = mapped_column(Sealed("series.series_date", 8), default="")
+    series_time: Mapped[str] = mapped_column(Sealed("series.series_time", 16), default="")
+    performed_start_date: Mapped[str] = mapped_column(
+        Sealed("series.performed_start_date", 8), default="")
+    performed_start_time: Mapped[str] = mapped_column(
+        Sealed("series.performed_start_time", 16), default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
-    meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    meta_json: Mapped[str] = mapped_column(Sealed("series.meta_json"), default="{}")
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
 
@@ -105,22 +122,23 @@ class Instance(Base):
     __tablename__ = "instances"
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.pk"), index=True)
-    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_uid: Mapped[str] = mapped_column(Fixed("instances.sop_uid", 64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     instance_number: Mapped[int | None] = mapped_column(Integer)
     transfer_syntax: Mapped[str] = mapped_column(String(64))
     rows: Mapped[int | None] = mapped_column(Integer)
     columns: Mapped[int | None] = mapped_column(Integer)
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
-    content_date: Mapped[str] = mapped_column(String(8), default="")
-    content_time: Mapped[str] = mapped_column(String(16), default="")
+    content_date: Mapped[str] = mapped_column(Sealed("instances.content_date", 8), default="")
+    content_time: Mapped[str] = mapped_column(Sealed("instances.content_time", 16),
+                                              default="")
     object_id: Mapped[str] = mapped_column(String(32), unique=True)
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"), index=True)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
     received: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     source_ae: Mapped[str] = mapped_column(String(16), default="")
-    meta_json: Mapped[str] = mapped_column(Text, default="{}")
+    meta_json: Mapped[str] = mapped_column(Sealed("instances.meta_json"), default="{}")
     # Set when an admin quarantines the instance (``storage.removal``): kept, exportable,
     # but hidden from C-FIND/QIDO/WADO/C-MOVE/C-GET. Added at open to older vaults (db.py).
     quarantined: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -128,7 +146,8 @@ class Instance(Base):
     __table_args__ = (
         # partial: costs nothing to the (NULL) rows written at every store
         Index("ix_instances_quarantined", "quarantined",
-              sqlite_where=text("quarantined IS NOT NULL")),
+              sqlite_where=text("quarantined IS NOT NULL"),
+              postgresql_where=text("quarantined IS NOT NULL")),
     )
 
 
@@ -149,8 +168,8 @@ class ObjectAction(Base):
     time: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     action: Mapped[str] = mapped_column(String(16))  # delete | quarantine | release
     level: Mapped[str] = mapped_column(String(8))  # study | series | instance
-    uid: Mapped[str] = mapped_column(String(64))
-    reason: Mapped[str] = mapped_column(Text, default="")
+    uid: Mapped[str] = mapped_column(Fixed("object_actions.uid", 64))
+    reason: Mapped[str] = mapped_column(Sealed("object_actions.reason"), default="")
     actor: Mapped[str] = mapped_column(String(64), default="")
     address: Mapped[str] = mapped_column(String(64), default="")
     instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -201,3 +220,23 @@ class AuditHead(Base):
     # Set once, never cleared: the file was found shorter or different than anchored when
     # appending. Later appends continue the file, but verification keeps failing.
     broken: Mapped[str] = mapped_column(Text, default="")
+
+
+
+def _token_table(name: str, parent: str) -> Table:
+    """One level's blind tokens (``index.blind``): written only when the index encrypts
+    its columns (PostgreSQL), empty on SQLite. A table per level so that each row's tokens
+    go with it (``ON DELETE CASCADE``): removal and erasure cannot leave a token behind.
+    The primary key (token, row) is the lookup index; ``row_pk``'s own index serves the
+    cascade."""
+    return Table(
+        name, Base.metadata,
+        Column("token", LargeBinary(16), primary_key=True),
+        Column("row_pk", ForeignKey(f"{parent}.pk", ondelete="CASCADE"), primary_key=True,
+               index=True),
+    )
+
+
+patient_tokens = _token_table("patient_tokens", "patients")
+study_tokens = _token_table("study_tokens", "studies")
+series_tokens = _token_table("series_tokens", "series")

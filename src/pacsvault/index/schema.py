@@ -10,8 +10,10 @@ A vault without ``alembic_version`` was made before versions existed: the old id
 ``ensure_*`` upgrades (``legacy_baseline``: columns added by ``ALTER TABLE``, tables that
 came later) bring it to the baseline, which is then stamped, and the revisions after it
 run. All of this happens at open, under the single-instance lock ``serve`` holds, never in
-a request path. The write lock is taken first (``BEGIN IMMEDIATE``), so two commands
-opening an old vault at the same moment upgrade it once.
+a request path. The write lock is taken first (``BEGIN IMMEDIATE``; on PostgreSQL the
+index's advisory lock, ``index.dialect``), so two commands or instances opening an old
+index at the same moment upgrade it once. A PostgreSQL index (issue 16) is laid out by the
+same revisions from an empty database at ``init``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, Table, inspect
 from sqlalchemy.exc import OperationalError
+
+from pacsvault.index import dialect
 
 if TYPE_CHECKING:  # alembic is imported only when there is something to do: every
     from alembic.config import Config  # command opens the vault, few upgrade it
@@ -127,13 +131,16 @@ def upgrade(engine: Engine, tables: Sequence[Table]) -> Plan | None:
         return None
     from alembic import command
 
-    if todo.current is None:
+    # Only an embedded index can predate versions; a PostgreSQL index without
+    # ``alembic_version`` is a new, empty one, which the baseline revision lays out.
+    legacy = dialect.is_sqlite(engine)
+    if todo.current is None and legacy:
         legacy_baseline(engine, tables)
     with engine.begin() as conn:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # one upgrader at a time
+        dialect.take_write_lock(conn)  # one upgrader at a time (every instance)
         rev = current(conn)  # another process may have done it meanwhile
         cfg = _config(conn, tables)
-        if rev is None:
+        if rev is None and legacy:
             command.stamp(cfg, BASELINE)
         if current(conn) != todo.head:
             command.upgrade(cfg, "head")

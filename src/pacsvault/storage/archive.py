@@ -54,7 +54,7 @@ from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import KeyDestroyed, Keyring
 from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
-from pacsvault.index import stats
+from pacsvault.index import dialect, stats
 from pacsvault.index.matching import normalise_date, normalise_name
 from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.index.query import QueryEngine
@@ -359,7 +359,7 @@ class Archive:
             # The write lock first, then the generation: no removal can commit between
             # this check and the rows below (a deferred transaction would read before
             # locking).
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect.take_write_lock(conn)  # SQLite: BEGIN IMMEDIATE
             generation = int(conn.exec_driver_sql(_GENERATION).scalar_one())
             with self._cache_lock:
                 self._observe(generation)

@@ -58,6 +58,7 @@ from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.index import dialect
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.storage import retention
 from pacsvault.storage.erasure_destroy import erase_rows, forget_rows, secure_transaction
@@ -359,7 +360,7 @@ class Eraser(Remover):
         # the WAL still holds the old pages: copy them back now (best effort: a reader
         # may hold the WAL; the next checkpoint does it then)
         with contextlib.suppress(OperationalError), engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            dialect.checkpoint(conn)
         if self._archive is not None:
             self._archive.forget()
         files = self._delete_files(record, object_ids)

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
 
+from pacsvault.index import dialect
 from pacsvault.index.models import DataKey, Instance, ObjectAction, Patient, Series, Study, utcnow
 from pacsvault.storage.erasure_requests import ErasureError, Target
 from pacsvault.storage.removal import _count, _refresh
@@ -35,15 +36,15 @@ _actions = cast(Table, ObjectAction.__table__)
 def secure_transaction(engine: Engine) -> Iterator[Connection]:
     """One ``BEGIN IMMEDIATE`` transaction with ``secure_delete`` on for its length."""
     with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA secure_delete=ON")
+        dialect.secure_delete(conn, True)
         conn.commit()
         try:
             with conn.begin():
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                dialect.take_write_lock(conn)
                 yield conn
         finally:
             conn.rollback()
-            conn.exec_driver_sql("PRAGMA secure_delete=OFF")
+            dialect.secure_delete(conn, False)
             conn.commit()
 
 

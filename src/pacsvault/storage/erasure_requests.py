@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pacsvault.index.models import Base, utcnow
+from pacsvault.index.sealing import Sealed
 from pacsvault.storage import retention
 from pacsvault.storage.removal import RemovalError
 
@@ -67,7 +68,8 @@ class ErasureRequest(Base):
     kind: Mapped[str] = mapped_column(String(16), default="patient")  # or "expired"
     patients: Mapped[str] = mapped_column(Text, default="[]")
     count: Mapped[int] = mapped_column(Integer, default=0)
-    reason: Mapped[str] = mapped_column(Text, default="")
+    # free text an administrator typed: it may name the patient (sealed on PostgreSQL)
+    reason: Mapped[str] = mapped_column(Sealed("erasure_requests.reason"), default="")
     legal_basis: Mapped[str] = mapped_column(String(32), default="")
     retention_over: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(16), default="pending")

@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
 from pacsvault.fsutil import fsync_dir
+from pacsvault.index import dialect
 from pacsvault.index.levels import Level
 from pacsvault.index.models import (
     DataKey,
@@ -246,7 +247,7 @@ class Remover:
         level, uid, reason = check_level(level), check_uid(uid), check_reason(reason)
         self.finish_pending()
         with self._engine.begin() as conn:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect.take_write_lock(conn)  # SQLite: BEGIN IMMEDIATE
             plan = _plan(conn, level, uid)
             if expected is not None and (set(expected.sop_uids) != set(plan.sop_uids)
                                          or expected.keys_destroyed != plan.keys_destroyed):
@@ -335,7 +336,7 @@ class Remover:
                         address: str, via: str) -> QuarantineChange:
         sop_uid, reason = check_uid(sop_uid), check_reason(reason)
         with self._engine.begin() as conn:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            dialect.take_write_lock(conn)  # SQLite: BEGIN IMMEDIATE
             row = conn.execute(
                 select(_instances.c.pk, _instances.c.quarantined, _series.c.pk,
                        _studies.c.pk, _studies.c.study_uid, _patients.c.pk,

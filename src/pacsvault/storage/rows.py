@@ -34,6 +34,10 @@ _INSERT_INSTANCE = (
     "object_id, key_id, size, sha256, received, source_ae, meta_json) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSTANCE_COLUMNS = (
+    "series_pk", "sop_uid", "sop_class_uid", "instance_number", "transfer_syntax", "rows",
+    "columns", "number_of_frames", "content_date", "content_time", "object_id", "key_id",
+    "size", "sha256", "received", "source_ae", "meta_json")
 _COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
 _COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
 _KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
@@ -141,21 +145,31 @@ def index_one(
             values["modalities"] = "\\".join(sorted(modalities | {parsed.modality}))
         conn.execute(update(_studies).where(_studies.c.pk == study_pk).values(**values))
     overlay_series[parsed.series_uid] = series_pk
-    # The per-image statements go straight to the driver (same connection and
-    # transaction): SQLAlchemy's statement building costs more than SQLite itself.
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(_INSERT_INSTANCE, (
-            series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
-            parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
-            normalise_date(parsed.content_date), normalise_time(parsed.content_time),
-            item.object_id, str(item.key_id), parsed.size, parsed.sha256,
-            received(utcnow()), item.source_ae, parsed.meta_json,
-        ))
-        cursor.execute(_COUNT_SERIES, (series_pk,))
-        cursor.execute(_COUNT_STUDY, (study_pk,))
-    finally:
-        cursor.close()
+    row = (
+        series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
+        parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
+        normalise_date(parsed.content_date), normalise_time(parsed.content_time),
+        item.object_id, str(item.key_id), parsed.size, parsed.sha256,
+        received(utcnow()), item.source_ae, parsed.meta_json,
+    )
+    if conn.dialect.name != "sqlite":
+        # Sealed columns (PostgreSQL, ``index.sealing``): through SQLAlchemy's types.
+        conn.execute(insert(_instances).values(dict(zip(_INSTANCE_COLUMNS, row,
+                                                        strict=True))))
+        conn.execute(update(_series).where(_series.c.pk == series_pk)
+                     .values(num_instances=_series.c.num_instances + 1))
+        conn.execute(update(_studies).where(_studies.c.pk == study_pk)
+                     .values(num_instances=_studies.c.num_instances + 1))
+    else:
+        # The per-image statements go straight to the driver (same connection and
+        # transaction): SQLAlchemy's statement building costs more than SQLite itself.
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(_INSERT_INSTANCE, row)
+            cursor.execute(_COUNT_SERIES, (series_pk,))
+            cursor.execute(_COUNT_STUDY, (study_pk,))
+        finally:
+            cursor.close()
     item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
     item.learnt["series"] = series_pk if cached_series is None else None
 
@@ -163,7 +177,7 @@ def index_one(
 def known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | None:
     """The answer for an instance already indexed (same bytes: duplicate; other bytes:
     conflict), None for a new one."""
-    if isinstance(conn, Connection):
+    if isinstance(conn, Connection) and conn.dialect.name == "sqlite":
         cursor = conn.connection.cursor()
         try:
             row = cursor.execute(_KNOWN, (parsed.sop_uid,)).fetchone()

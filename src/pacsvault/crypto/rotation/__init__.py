@@ -243,6 +243,11 @@ def rotate(vault: Vault, *, actor: str = "local-admin", keep_old: bool = False,
     key_path = vault.key_path
     if key_path is None:
         raise RotationError("this vault was not opened from a key file")
+    if vault.settings.index.is_postgres:  # issue 16: not re-encrypted yet
+        raise RotationError(
+            "master key rotation is not available yet for a vault whose index is in "
+            "PostgreSQL (every sealed column would have to be re-encrypted); nothing was "
+            "changed")
     new, marker = _begin(vault, key_path, passphrase)
     return run(vault, key_path, new, marker, actor=actor, keep_old=keep_old, online=online)
 

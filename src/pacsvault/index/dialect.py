@@ -1,0 +1,46 @@
+"""What differs between the embedded index (SQLCipher) and PostgreSQL, in one place.
+
+Why: a handful of statements are SQLite's own (``BEGIN IMMEDIATE`` to take the write
+lock first, ``PRAGMA secure_delete``, a WAL checkpoint). The workflows that need them
+(the archive's group commit, removals, erasure, schema upgrades) call these helpers, which
+do the equivalent on PostgreSQL or nothing where nothing is needed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, Engine
+
+# pg_advisory_xact_lock key of the index's single writer lock ("pvwl"): every process
+# that would have taken SQLite's write lock takes this one, for its transaction.
+WRITE_LOCK_KEY = 0x7076776C
+
+
+def is_sqlite(bind: Connection | Engine) -> bool:
+    return bind.dialect.name == "sqlite"
+
+
+def take_write_lock(conn: Connection) -> None:
+    """Take the index's write lock for the rest of ``conn``'s transaction, before anything
+    is read: on SQLite ``BEGIN IMMEDIATE`` (the transaction must not have begun in
+    SQLite yet); on PostgreSQL a transaction-level advisory lock, released by the commit
+    or rollback. In both, a writer holding it sees every commit made before it got it
+    (PostgreSQL's read committed takes a new snapshot per statement)."""
+    if is_sqlite(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+
+def secure_delete(conn: Connection, on: bool) -> None:
+    """SQLite: freed pages are zeroed (erasure). PostgreSQL has no such switch: deleted
+    rows stay in the table file until VACUUM reclaims the space; they were ciphertext
+    (``index.sealing``) under keys only the master key derives."""
+    if is_sqlite(conn):
+        conn.exec_driver_sql(f"PRAGMA secure_delete={'ON' if on else 'OFF'}")
+
+
+def checkpoint(conn: Connection) -> None:
+    """SQLite: move the WAL's pages into the database file and truncate it (no old page
+    left in the WAL). Nothing to do on PostgreSQL."""
+    if is_sqlite(conn):
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,159 @@
+"""Opening a PostgreSQL index (issue 16): the scale-out alternative to ``index.db``.
+
+Why it differs from the SQLCipher index (``index.db``): PostgreSQL cannot encrypt itself,
+so the engine gets the vault's column ``Sealer`` (``index.sealing``) before any statement
+runs; every column that identifies a patient then reaches the server as ciphertext. The
+database is shared by every instance, so there is no file lock and no re-keying gate: the
+engine only hands out pooled connections (``pool_pre_ping``: a connection the server
+closed while idle, a restart, is replaced instead of failing a store).
+
+The password never travels in the url (``config.index.check_url`` refuses one): it is read
+from ``[index] password_file`` (0600, ``fsutil.read_private_text``) and handed to psycopg
+as a keyword, or libpq finds it itself (``passfile``, ``service``, ``~/.pgpass``). TLS
+options (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``) pass through the url's
+query to libpq unchanged; ``verify-full`` is the recommended mode.
+
+``pacsvault_index_owner`` (one row: the vault id and its value sealed with the vault's
+deterministic column key) says which vault made the database: a vault pointed at another
+vault's database, or opened with another master key, is refused at open with one line
+instead of failing later on the first sealed column.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+
+from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
+from pacsvault.fsutil import PrivateFileError, read_private_text
+from pacsvault.index.db import IndexOpenError
+from pacsvault.index.sealing import Sealer, attach
+
+OWNER_TABLE = "pacsvault_index_owner"
+_OWNER_LABEL = "pacsvault_index_owner.check"
+_owner = Table(OWNER_TABLE, MetaData(),
+               Column("id", Integer, primary_key=True),
+               Column("vault_id", String(36), nullable=False),
+               Column("key_check", LargeBinary, nullable=False))
+
+
+def engine_url(settings: IndexSettings) -> URL:
+    """The SQLAlchemy url of ``settings.url`` on psycopg 3 (no password in it)."""
+    try:
+        url = make_url(check_url(settings.url))
+    except IndexUrlError as exc:
+        raise IndexOpenError(str(exc)) from None
+    except Exception:  # sqlalchemy's ArgumentError: never repeat the url
+        raise IndexOpenError("the index url is not a valid url") from None
+    return url.set(drivername="postgresql+psycopg")
+
+
+def where(url: URL) -> str:
+    """The database named in messages and logs: host, port, database; never user or
+    password, never the query (it may name key files)."""
+    return f"{url.host or 'local socket'}:{url.port or 5432}/{url.database}"
+
+
+def _password(settings: IndexSettings) -> str | None:
+    if not settings.password_file:
+        return None
+    try:
+        return read_private_text(Path(settings.password_file), first_line=True)
+    except PrivateFileError as exc:
+        raise IndexOpenError(exc.explain("index password file")) from None
+
+
+def _first_line(exc: DBAPIError) -> str:
+    lines = [line.strip() for line in str(exc.orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc.orig).__name__
+
+
+def open_postgres(settings: IndexSettings, sealer: Sealer, vault_id: str, *,
+                  create: bool = False) -> Engine:
+    """The vault's PostgreSQL engine, its sealer attached, the owner checked (or, with
+    ``create``, the database found empty and claimed for this vault). Raises
+    ``IndexOpenError`` with a one-line user-facing reason."""
+    url = engine_url(settings)
+    connect_args: dict[str, Any] = {"application_name": "pacsvault", "connect_timeout": 10}
+    password = _password(settings)
+    if password is not None:
+        connect_args["password"] = password
+    engine = create_engine(
+        url, pool_size=settings.pool_size, max_overflow=settings.max_overflow,
+        pool_pre_ping=True, connect_args=connect_args,
+        # bound values are ciphertext anyway; keep them out of exception texts too
+        hide_parameters=True,
+    )
+    attach(engine, sealer)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+            if create:
+                _claim(conn, url, sealer, vault_id)
+            else:
+                _check_owner(conn, url, sealer, vault_id)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise IndexOpenError(
+            f"the PostgreSQL index at {where(url)} cannot be used: {_first_line(exc)}"
+        ) from None
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _claim(conn: Any, url: URL, sealer: Sealer, vault_id: str) -> None:
+    names = set(inspect(conn).get_table_names())
+    if names & {OWNER_TABLE, "alembic_version", "instances"}:
+        raise IndexOpenError(
+            f"the PostgreSQL database {where(url)} already holds a pacsvault index: give "
+            "a new, empty database")
+    _owner.create(conn)
+    conn.execute(_owner.insert().values(
+        id=1, vault_id=vault_id, key_check=sealer.fix(_OWNER_LABEL, vault_id)))
+
+
+def _check_owner(conn: Any, url: URL, sealer: Sealer, vault_id: str) -> None:
+    if not inspect(conn).has_table(OWNER_TABLE):
+        raise IndexOpenError(
+            f"the PostgreSQL database {where(url)} holds no pacsvault index (wrong "
+            "database in [index] url?)")
+    row = conn.execute(select(_owner.c.vault_id, _owner.c.key_check)
+                       .where(_owner.c.id == 1)).first()
+    if row is None or not hmac.compare_digest(str(row[0]), vault_id):
+        raise IndexOpenError(
+            f"the PostgreSQL index at {where(url)} belongs to another vault; nothing was "
+            "changed")
+    if not hmac.compare_digest(bytes(row[1]), sealer.fix(_OWNER_LABEL, vault_id)):
+        raise IndexOpenError(
+            f"the PostgreSQL index at {where(url)} does not open with this key (wrong key "
+            "file?); nothing was changed")
+
+
+def drop_claim(engine: Engine) -> None:
+    """Undo what a failed ``init`` made in the database (its tables), so a retry finds it
+    empty again. Only ever called on a database this ``init`` claimed."""
+    from pacsvault.index.models import Base
+
+    with engine.begin() as conn:
+        Base.metadata.drop_all(conn)
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        _owner.drop(conn, checkfirst=True)
