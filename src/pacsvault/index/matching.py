@@ -122,7 +122,16 @@ class Condition:
             return True
         if self.op == "never":
             return False
-        value = normalise(self.kind, raw)
+        return self.matches_stored(normalise(self.kind, raw))
+
+    def matches_stored(self, value: str) -> bool:
+        """What ``clause`` answers for a row whose column holds ``value`` (already in the
+        index's normalised form): the residual check of a sealed index (``index.blind``),
+        which cannot ask SQL to compare an encrypted column."""
+        if self.op == "any":
+            return True
+        if self.op == "never":
+            return False
         if self.kind == "pn" and self.op in ("equal", "wildcard", "list"):
             return _pn_matches(self, value)
         if self.op == "equal":

@@ -30,14 +30,14 @@ from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, exists, null, select
+from sqlalchemy import ColumnElement, Select, exists, null, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
 from pacsvault.dicomfile.dicomjson import strip_bulk
-from pacsvault.index import computed, matching, records
+from pacsvault.index import computed, matching, records, residual, sealing
 from pacsvault.index.headers import (
     VR_KIND,
     answer_charset,
@@ -190,6 +190,10 @@ class _Window:
 class _Filter:
     sql: list[ColumnElement[bool]]
     meta: list[tuple[str, Any]]  # (tag hex, Condition | list of item conditions)
+    # Sealed index only (``index.residual``): conditions checked after decryption, and
+    # ModalitiesInStudy when its column cannot be matched in SQL.
+    residual: list[residual.Residual] = field(default_factory=list)
+    modalities: Condition | None = None
 
 
 class QueryEngine:
@@ -250,16 +254,28 @@ class QueryEngine:
         if level is None or (root == "STUDY" and level is Level.PATIENT):
             raise QueryError("unsupported query level for this information model")
         budget = _Budget(self._time_budget)
-        filt = self._filter(level, identifier)
-        stmt = self._select(level).where(*filt.sql)
         charset = answer_charset(identifier)
         plan = _plan(identifier)
         with self._sessions() as session:
+            sealer = sealing.sealer_of(session.get_bind().dialect)
+            filt = self._filter(level, identifier, sealer)
+            stmt = self._select(level).where(*filt.sql)
             budget.check()
-            raw: Any = session.connection().connection.driver_connection
-            # A long SQL step (a LIKE over many rows) is interrupted from inside SQLite.
-            raw.set_progress_handler(lambda: 1 if budget.exceeded() else 0, _PROGRESS_STEPS)
+            conn = session.connection()
+            sqlite = conn.dialect.name == "sqlite"
+            raw: Any = conn.connection.driver_connection
+            if sqlite:  # a long SQL step (a LIKE over many rows) is interrupted inside SQLite
+                raw.set_progress_handler(lambda: 1 if budget.exceeded() else 0,
+                                         _PROGRESS_STEPS)
+            elif budget.seconds is not None:  # PostgreSQL: the server cancels it
+                conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
+                             {"ms": str(max(1, int(budget.seconds * 1000)))})
             try:
+                if sealer is not None:
+                    yield from self._find_sealed(session, level, filt, budget, window,
+                                                 accessed, plan, charset, for_dimse,
+                                                 include_all)
+                    return
                 for record, study_uid, patient_id in session.execute(stmt).yield_per(256):
                     budget.check()
                     meta: dict[str, Any] = json.loads(record.meta_json or "{}")
@@ -280,12 +296,98 @@ class QueryEngine:
                     budget.pause()
                     yield answer
                     budget.resume()
-            except OperationalError:
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) == "57014":  # statement_timeout
+                    budget.spent = float("inf")
                 if budget.exceeded():
                     budget.check()
                 raise
             finally:
-                raw.set_progress_handler(None, 0)
+                if sqlite:
+                    raw.set_progress_handler(None, 0)
+
+    def _find_sealed(
+        self, session: Session, level: Level, filt: _Filter, budget: _Budget,
+        window: _Window | None, accessed: Accessed | None, plan: _Plan,
+        charset: str | None, for_dimse: bool, include_all: bool,
+    ) -> Generator[dict[str, Any], None, None]:
+        """``_find`` on a sealed index (``index.residual``), in two steps so that only
+        what matching needs is decrypted for every candidate: (1) the candidates' keys
+        and the columns of the residual conditions (the stored header only when a
+        condition reads it), matched here, the window counted on what passes, as the
+        embedded path does; (2) the records of what passed, loaded by key in batches
+        and answered in the same order. Ordered by key: PostgreSQL gives no stable order
+        otherwise, and QIDO-RS pages (offset, limit) must not overlap."""
+        entity = residual.ENTITIES[level]
+        checks = filt.residual
+        columns: list[Any] = [entity.pk, *(r.column for r in checks)]
+        if filt.modalities is not None:
+            columns.append(Study.pk)
+        if filt.meta:
+            columns.append(entity.meta_json)
+        stmt = (self._select(level).with_only_columns(*columns).where(*filt.sql)
+                .order_by(entity.pk))
+        batch: list[tuple[int, dict[str, Any] | None]] = []
+        for row in session.execute(stmt).yield_per(256):
+            budget.check()
+            if not residual.passes(checks, row[1:1 + len(checks)]):
+                continue
+            if filt.modalities is not None and not self._modalities_match(
+                    session, int(row[1 + len(checks)]), filt.modalities):
+                continue
+            meta: dict[str, Any] | None = None
+            if filt.meta:
+                meta = json.loads(row[-1] or "{}")
+                if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
+                    continue
+            if window is not None:
+                if window.skip:
+                    window.skip -= 1
+                    continue
+                if not window.room:
+                    window.more = True
+                    break
+                window.room -= 1
+            batch.append((int(row[0]), meta))
+            if len(batch) >= 64:
+                yield from self._answer_batch(session, level, batch, budget, accessed,
+                                              plan, charset, for_dimse, include_all)
+                batch = []
+        yield from self._answer_batch(session, level, batch, budget, accessed, plan,
+                                      charset, for_dimse, include_all)
+
+    def _answer_batch(
+        self, session: Session, level: Level, batch: list[tuple[int, dict[str, Any] | None]],
+        budget: _Budget, accessed: Accessed | None, plan: _Plan, charset: str | None,
+        for_dimse: bool, include_all: bool,
+    ) -> Generator[dict[str, Any], None, None]:
+        if not batch:
+            return
+        entity = residual.ENTITIES[level]
+        found = {int(r[0].pk): r for r in session.execute(
+            self._select(level).where(entity.pk.in_([pk for pk, _ in batch])))}
+        for pk, meta in batch:
+            budget.check()
+            if pk not in found:  # removed between the two steps
+                continue
+            record, study_uid, patient_id = found[pk]
+            if accessed is not None:
+                accessed.add(patient_id, study_uid)
+            if meta is None:
+                meta = json.loads(record.meta_json or "{}")
+            answer = self._answer(session, level, record, meta, plan, charset,
+                                  for_dimse, include_all)
+            budget.pause()
+            yield answer
+            budget.resume()
+
+    @staticmethod
+    def _modalities_match(session: Session, study_pk: int, cond: Condition) -> bool:
+        """ModalitiesInStudy when its column is sealed: some visible series of the study
+        has a matching modality (the embedded path's EXISTS, decided here)."""
+        found = session.scalars(select(Series.modality).where(
+            Series.study_pk == study_pk, Series.num_instances > 0))
+        return any(cond.matches_stored(m or "") for m in found)
 
     def _select(self, level: Level) -> Select[Any, Any, Any]:
         """The level's records, with the study UID and patient ID they belong to."""
@@ -312,9 +414,12 @@ class QueryEngine:
                 .join(Patient, Study.patient_pk == Patient.pk)
                 .where(Instance.quarantined.is_(None)))
 
-    def _filter(self, level: Level, identifier: Dataset) -> _Filter:
+    def _filter(self, level: Level, identifier: Dataset,
+                sealer: sealing.Sealer | None = None) -> _Filter:
         sql: list[ColumnElement[bool]] = []
         meta: list[tuple[str, Any]] = []
+        left: list[residual.Residual] = []
+        modalities: Condition | None = None
         for elem in identifier:
             keyword = elem.keyword
             if keyword in _SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
@@ -333,7 +438,11 @@ class QueryEngine:
                 # outer query's Series (SERIES and IMAGE levels) SQLAlchemy correlated
                 # both tables away and the statement had no FROM (C000, issue 13 defect 4).
                 cond = matching.parse("str", raw)
-                if not cond.is_universal and not level.above(Level.STUDY):
+                if (not cond.is_universal and not level.above(Level.STUDY)
+                        and sealer is not None
+                        and not residual.in_sql(Series.modality, "str", cond)):
+                    modalities = cond
+                elif not cond.is_universal and not level.above(Level.STUDY):
                     other = aliased(Series)
                     sql.append(exists().where(other.study_pk == Study.pk,
                                               other.num_instances > 0,
@@ -346,6 +455,11 @@ class QueryEngine:
                 cond = matching.parse(col.kind, raw)
                 if cond.is_universal:
                     continue
+                if sealer is not None and not residual.in_sql(col.column, col.kind, cond):
+                    clauses, check = residual.split(sealer, keyword, col.column, cond)
+                    sql.extend(clauses)
+                    left.extend([check] if check is not None else [])
+                    continue
                 sql.append(
                     _int_clause(cond, col.column) if col.kind == "int"
                     else cond.clause(col.column)
@@ -356,7 +470,7 @@ class QueryEngine:
             cond = matching.parse(VR_KIND.get(str(elem.VR), "str"), raw)
             if not cond.is_universal:
                 meta.append((f"{elem.tag:08X}", cond))
-        return _Filter(sql, meta)
+        return _Filter(sql, meta, left, modalities)
 
     # --- C-MOVE / C-GET / WADO-RS selection --------------------------------------------
 

@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from pacsvault.audit.stores import StoredRef
 from pacsvault.dicomfile.parse import ParsedInstance
+from pacsvault.index import blind
+from pacsvault.index.levels import Level
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 
@@ -118,6 +120,9 @@ def index_one(
             num_instances=0,
             meta_json=parsed.meta_json,
         )))
+        blind.write(conn, Level.STUDY, study_pk, {
+            "StudyDate": normalise_date(parsed.study_date),
+            "ReferringPhysicianName": normalise_name(parsed.referring_physician)})
     overlay_studies[parsed.study_uid] = study_pk
     series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
     if series_pk is None:
@@ -138,6 +143,9 @@ def index_one(
             num_instances=0,
             meta_json=parsed.meta_json,
         )))
+        blind.write(conn, Level.SERIES, series_pk, {
+            "SeriesDate": normalise_date(parsed.series_date),
+            "PerformedProcedureStepStartDate": normalise_date(parsed.performed_start_date)})
         current = conn.scalar(select(_studies.c.modalities).where(_studies.c.pk == study_pk))
         modalities = set(filter(None, (current or "").split("\\")))
         values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}

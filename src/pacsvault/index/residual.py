@@ -1,0 +1,87 @@
+"""How one query condition is answered on a sealed index (PostgreSQL, ``index.sealing``):
+what SQL can still decide, what blind tokens narrow, what pacsvault checks itself.
+
+Why apart from the engine (``index.query``): the embedded index hands every condition to
+SQL (``Condition.clause``); a sealed one cannot compare ``Sealed`` columns at all and
+``Fixed`` ones only for equality. Each condition is split here into
+
+- SQL, when it is exact there: ``=``/``IN`` on a ``Fixed`` column (the bound value is
+  encrypted the same way), anything on a plain column, integers, ``never``;
+- a token prefilter (``index.blind``) when the attribute has tokens: a necessary
+  condition only, so the condition is also
+- a *residual*: ``Condition.matches_stored`` on the decrypted column value, the same
+  semantics as the SQL clause, so the answers are the embedded index's.
+
+Nothing here ever puts ``LIKE`` or a range on an encrypted column: it would compare
+ciphertexts and silently answer wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, false, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from pacsvault.index import blind
+from pacsvault.index.levels import Level
+from pacsvault.index.matching import Condition
+from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.index.sealing import Fixed, Sealed, Sealer
+
+ENTITIES: dict[Level, Any] = {Level.PATIENT: Patient, Level.STUDY: Study,
+                              Level.SERIES: Series, Level.IMAGE: Instance}
+
+
+@dataclass(frozen=True)
+class Residual:
+    """A condition checked on the decrypted value of ``column`` (a column of the
+    record's level or of a level above, joined in the query)."""
+
+    column: InstrumentedAttribute[Any]
+    cond: Condition
+
+
+def protection(column: InstrumentedAttribute[Any]) -> str:
+    """"sealed", "fixed" or "plain": what the column's type lets SQL do with it."""
+    kind = column.type
+    if isinstance(kind, Sealed):
+        return "sealed"
+    if isinstance(kind, Fixed):
+        return "fixed"
+    return "plain"
+
+
+def in_sql(column: InstrumentedAttribute[Any], kind: str, cond: Condition) -> bool:
+    """Whether SQL answers ``cond`` on ``column`` exactly on a sealed index."""
+    if cond.op in ("any", "never") or kind == "int":
+        return True
+    found = protection(column)
+    if found == "plain":
+        # Person-name clauses split groups with SQLite's instr(): checked here instead.
+        return kind != "pn"
+    return found == "fixed" and kind != "pn" and cond.op in ("equal", "list")
+
+
+def split(
+    sealer: Sealer, keyword: str, column: InstrumentedAttribute[Any], cond: Condition,
+) -> tuple[list[ColumnElement[bool]], Residual | None]:
+    """The SQL clauses (prefilter included) and the residual of one condition that SQL
+    cannot answer exactly (``in_sql`` false)."""
+    sql: list[ColumnElement[bool]] = []
+    tokens = blind.query_tokens(sealer, keyword, cond)
+    if tokens is not None:
+        spec = blind.TOKENED[keyword]
+        if not tokens:
+            return [false()], None
+        owner = ENTITIES[spec.level].pk
+        sql.append(owner.in_(select(spec.table.c.row_pk)
+                             .where(spec.table.c.token.in_(tokens))))
+    return sql, Residual(column, cond)
+
+
+def passes(residuals: list[Residual], values: Any) -> bool:
+    """Whether the decrypted ``values`` (one per residual, in order) pass them all."""
+    return all(r.cond.matches_stored("" if v is None else str(v))
+               for r, v in zip(residuals, values, strict=True))
