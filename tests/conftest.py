@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.harness.components import require
+from tests.harness.postgres import (
+    PostgresDatabase,
+    PostgresServer,
+    create_database,
+    drop_database,
+    postgres_missing,
+    running_postgres,
+)
+from tests.harness.seaweed import (
+    S3Bucket,
+    S3Server,
+    create_bucket,
+    delete_bucket,
+    running_seaweed,
+    seaweed_missing,
+)
 from tests.harness.webhook import Webhook
 from tests.helpers import Server, VaultDir, make_vault, start_server
 
@@ -69,3 +87,49 @@ def hook() -> Iterator[Webhook]:
         yield receiver
     finally:
         receiver.close()
+
+
+# -- real scale-out components (issue 16): PostgreSQL and SeaweedFS from scripts/*.sh -------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session (started on first use, stopped at the end).
+
+    A test that stops or restarts PostgreSQL must start its own with
+    ``tests.harness.postgres.running_postgres()``, not this shared one.
+    """
+    require(postgres_missing())
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_db(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
+    """A fresh, empty database of the session's PostgreSQL for this test (dropped after)."""
+    db = create_database(postgres_server)
+    yield db
+    # the session's cluster (and every database in it) is removed at the end anyway
+    with contextlib.suppress(Exception):
+        drop_database(db)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One real SeaweedFS S3 endpoint for the session (started on first use).
+
+    A test that stops the endpoint must start its own with
+    ``tests.harness.seaweed.running_seaweed()``.
+    """
+    require(seaweed_missing())
+    with running_seaweed() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[S3Bucket]:
+    """A fresh, empty bucket of the session's S3 endpoint for this test (deleted after)."""
+    bucket = create_bucket(s3_server)
+    yield bucket
+    with contextlib.suppress(Exception):
+        delete_bucket(bucket)
