@@ -2,7 +2,8 @@
 # Install what pacsvault needs on a Debian machine, as root: Debian packages when missing,
 # then the Python package into ./.venv. Safe to run again: it only adds what is missing.
 #   scripts/install.sh          runtime only
-#   scripts/install.sh --test   also dcmtk (real DICOM peers) and the test/lint tools
+#   scripts/install.sh --test   also dcmtk (real DICOM peers), PostgreSQL and SeaweedFS (the
+#                               scale-out tests' real components) and the test/lint tools
 #   scripts/install.sh --service  then 'pacsvault service install' (system user, /var/lib/
 #                               pacsvault, /etc/pacsvault, hardened systemd unit, started)
 #
@@ -52,6 +53,9 @@ if [ "$with_tests" = 1 ]; then
   command -v strace >/dev/null 2>&1 || apt_wanted+=(strace)
   # certutil: the browser test trusting the vault CA in Chromium's NSS store
   command -v certutil >/dev/null 2>&1 || apt_wanted+=(libnss3-tools)
+  # the real PostgreSQL of the scale-out tests (scripts/postgres.sh runs its own throwaway
+  # cluster with these binaries; SeaweedFS, psycopg and boto3 come with the [test] extra)
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_wanted+=(postgresql)
 fi
 [ "$with_service" = 1 ] && steps=4
 if [ ${#apt_wanted[@]} -gt 0 ]; then
