@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from sqlalchemy import Engine, column, create_engine, func, select, text
+from sqlalchemy import Engine, column, create_engine, event, func, select, text
 from sqlalchemy.orm import sessionmaker
 
 from pacsvault.crypto.keyring import Keyring
@@ -41,7 +42,7 @@ from pacsvault.index.models import (
     series_tokens,
     study_tokens,
 )
-from pacsvault.index.query import QueryEngine
+from pacsvault.index.query import QueryBudgetExceeded, QueryEngine
 from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import ObjectStore
 
@@ -310,6 +311,13 @@ def test_tokens_are_written_and_nothing_readable(engines: Any) -> None:
         counts = {t.name: conn.execute(select(func.count()).select_from(t)).scalar()
                   for t in (patient_tokens, study_tokens, series_tokens)}
         assert all(counts.values()), counts
+        # as many tokens for every row of a level: their number tells no name length,
+        # missing component group or empty date
+        for table, each in ((patient_tokens, blind.NAME_TOKENS + 1),
+                            (study_tokens, blind.NAME_TOKENS + 1), (series_tokens, 2)):
+            per_row = set(conn.execute(select(func.count()).select_from(table)
+                                       .group_by(table.c.row_pk)).scalars())
+            assert per_row == {each}, (table.name, per_row)
         dump = b"\x00".join(
             value if isinstance(value, bytes) else str(value).encode()
             for table in (Patient.__table__, Study.__table__, Series.__table__,
@@ -320,4 +328,40 @@ def test_tokens_are_written_and_nothing_readable(engines: Any) -> None:
             for value in row)
     for marker in ("DOE", "Yamada", "山田", "19801231", "ACC001", "HOUSE", "20240115"):
         assert marker.encode() not in dump
-    assert blind.PREFIX_MAX == 4
+
+
+_COMPARED = re.compile(r"(\w+)\.(\w+) (?:NOT )?(?:LIKE|>=|<=|>|<|!=)", re.IGNORECASE)
+
+
+def test_no_sql_comparison_on_an_encrypted_column(engines: Any) -> None:
+    """A LIKE or a range on a sealed column would compare ciphertexts and answer wrong
+    silently: every statement the queries above send is checked; name and date
+    conditions go through the token tables instead."""
+    _, pg, engine = engines
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for root, level, keys in QUERIES:
+            _answers(pg, root, level, keys)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    compared = {m.groups() for s in statements for m in _COMPARED.finditer(s)}
+    for table, name in compared:
+        kind = Base.metadata.tables[re.sub(r"_\d+$", "", table)].c[name].type  # aliases
+        assert not isinstance(kind, (sealing.Sealed, sealing.Fixed)), (table, name)
+    joined = "\n".join(statements)
+    assert "patient_tokens" in joined and "study_tokens" in joined
+    assert "series_tokens" in joined
+
+
+def test_the_time_budget_holds_on_both(engines: Any) -> None:
+    lite, pg, _ = engines
+    for engine in (lite, pg):
+        slow = QueryEngine(engine._sessions, "PVTEST", time_budget=1e-9)
+        with pytest.raises(QueryBudgetExceeded):
+            list(slow.find_json("STUDY", _identifier("STUDY", {"PatientName": "*A*"},
+                                                      _STUDY_KEYS)))

@@ -31,6 +31,7 @@ here runs (``sealer_of`` is None).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from sqlalchemy.orm import Mapper
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition
 from pacsvault.index.models import Patient, patient_tokens, series_tokens, study_tokens
-from pacsvault.index.sealing import Sealer, sealer_of
+from pacsvault.index.sealing import TOKEN_BYTES, Sealer, sealer_of
 
 # Name prefixes of 1..PREFIX_MAX characters. 4 narrows a typed ``DOE*`` or ``MÜLL*`` to a
 # few hundred candidates among 100,000 patients; each extra length is one more token per
@@ -79,7 +80,9 @@ TOKENED: dict[str, Tokened] = {
 
 def name_tokens(sealer: Sealer, label: str, norm: str) -> set[bytes]:
     """Tokens of a normalised name (``normalise_name``): each component group whole,
-    and its prefixes."""
+    and its prefixes; padded with random tokens (which no query ever asks for) to
+    ``NAME_TOKENS`` so that their number does not tell a short name, a missing group or
+    an empty name."""
     out: set[bytes] = set()
     for group in norm.split("=")[:_PN_GROUPS]:
         if not group:
@@ -87,7 +90,17 @@ def name_tokens(sealer: Sealer, label: str, norm: str) -> set[bytes]:
         out.add(sealer.token(f"pn/{label}/exact", group))
         for n in range(1, min(len(group), PREFIX_MAX) + 1):
             out.add(sealer.token(f"pn/{label}/p{n}", group[:n]))
-    return out
+    return _padded(out, NAME_TOKENS)
+
+
+# Every name has this many tokens: three groups, each whole and with PREFIX_MAX prefixes.
+NAME_TOKENS = _PN_GROUPS * (1 + PREFIX_MAX)
+
+
+def _padded(tokens: set[bytes], count: int) -> set[bytes]:
+    while len(tokens) < count:
+        tokens.add(os.urandom(TOKEN_BYTES))
+    return tokens
 
 
 def date_tokens(sealer: Sealer, label: str, date: str) -> set[bytes]:
@@ -108,8 +121,8 @@ def row_tokens(sealer: Sealer, values: dict[str, str]) -> set[bytes]:
         spec = TOKENED[keyword]
         if spec.kind == "pn":
             out |= name_tokens(sealer, spec.label, value or "")
-        else:
-            out |= date_tokens(sealer, spec.label, value or "")
+        else:  # one token per date, a random one for none: no count tells an empty date
+            out |= date_tokens(sealer, spec.label, value or "") or _padded(set(), 1)
     return out
 
 
