@@ -18,10 +18,8 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 from argon2 import PasswordHasher
@@ -37,9 +35,10 @@ from pacsvault.accounts.throttle import (
     Source,
     Throttle,
     ThrottlePolicy,
-    address_key,
     system_clock,
 )
+from pacsvault.accounts.tickets import PendingSignIn as PendingSignIn
+from pacsvault.accounts.tickets import TicketStore
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome, Recorder, Sink
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
@@ -101,17 +100,6 @@ def check_roles(roles: Iterable[str]) -> list[str]:
 def passkey_count(session: Session, user: User) -> int:
     return session.scalar(select(func.count(Passkey.pk))
                           .where(Passkey.user_pk == user.pk)) or 0
-
-
-@dataclass
-class PendingSignIn:
-    user_pk: int
-    name: str
-    address: str
-    expires: dt.datetime = field(compare=False)
-    name_key: str = ""
-    source: Source | None = None
-    device: str = field(default="", repr=False)  # the device cookie presented
 
 
 class _HeldRecorder(Recorder):
@@ -183,8 +171,9 @@ class AccountsCore:
         self.hasher = hasher or passwords.default_hasher()
         self.recovery_hasher = recovery_hasher or totp_mod.recovery_hasher()
         self._ticket_lifetime = ticket_lifetime
-        self._pending: dict[bytes, PendingSignIn] = {}
-        self._lock = threading.Lock()
+        # Pending sign-ins live in the shared index: the second step may reach another
+        # instance than the password step (issue 16).
+        self.tickets = TicketStore(sessions)
         # Sign-in counters are keyed by an HMAC of the typed name (see throttle).
         self._name_hmac = hmac.new(secret_key, b"pacsvault/v1/sign-in-name-key",
                                    hashlib.sha256).digest()
@@ -250,36 +239,20 @@ class AccountsCore:
 
     # --- pending sign-ins (tickets) -----------------------------------------------------
 
-    def _new_ticket(self, user: User, source: Source, name_key: str, device: str) -> str:
-        ticket = secrets.token_urlsafe(32)
-        now = self._now()
-        with self._lock:
-            for key in [k for k, p in self._pending.items() if p.expires <= now]:
-                del self._pending[key]
-            self._pending[hashlib.sha256(ticket.encode()).digest()] = PendingSignIn(
-                user.pk, user.name, address_key(source.address), now + self._ticket_lifetime,
-                name_key, source, device)
-        return ticket
+    def _new_ticket(self, user: User, source: Source, name_key: str, device: str,
+                    session: Session | None = None) -> str:
+        return self.tickets.new(user.pk, user.name, source, name_key, device, self._now(),
+                                self._ticket_lifetime, session=session)
 
     def _ticket(self, ticket: str, address: str) -> PendingSignIn | None:
         """The pending sign-in of a ticket, if alive and used from the address it was given
         to (a ticket presented from elsewhere is destroyed: it leaked)."""
-        key = hashlib.sha256(ticket.encode()).digest()
-        with self._lock:
-            pending = self._pending.get(key)
-            if pending is None:
-                return None
-            if pending.expires <= self._now() or pending.address != address_key(address):
-                del self._pending[key]
-                return None
-            return pending
+        return self.tickets.get(ticket, address, self._now())
 
     def _drop_pending(self, name: str) -> None:
-        with self._lock:
-            for key in [k for k, p in self._pending.items() if p.name == name]:
-                del self._pending[key]
+        self.tickets.drop_name(name)
 
-    def cancel(self, ticket: str) -> None:
-        """Forget a pending sign-in (the user went back to the login form)."""
-        with self._lock:
-            self._pending.pop(hashlib.sha256(ticket.encode()).digest(), None)
+    def cancel(self, ticket: str, session: Session | None = None) -> None:
+        """Forget a pending sign-in (the user went back to the login form); in
+        ``session``'s transaction when the caller holds one."""
+        self.tickets.cancel(ticket, session)

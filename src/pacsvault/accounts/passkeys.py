@@ -5,10 +5,13 @@ the browser is asked for an assertion by one of the user's passkeys (``allowCred
 and a valid one completes the sign-in exactly like a TOTP code
 (``Accounts.verify_other_factor``: same ticket, throttling, ``auth.login`` event).
 
-Challenges are 256 random bits kept in this object's memory, bound to what asked for them
-(the sign-in ticket, or the signed-in user) and to the relying party of that request, valid
-``CHALLENGE_LIFETIME``, and single-use: verifying takes the challenge out first, so a
-replayed response finds none.
+Challenges are 256 random bits kept in the shared index (``webauthn_challenges``,
+``index.shared_state``: the options may come from one instance and the answer reach
+another), bound to what asked for them (the sign-in ticket, or the signed-in user; stored
+under a SHA-256 of that binding) and to the relying party of that request, valid
+``CHALLENGE_LIFETIME``, and single-use: verifying deletes the row first and goes on only if
+its own delete removed it, so a replayed response, even at another instance at the same
+moment, finds none.
 
 The relying party is the host the browser used (the ``Host`` header, checked against the
 names the caller allows: the server certificate's names and loopback), and the origin
@@ -24,13 +27,13 @@ import hashlib
 import ipaddress
 import json
 import secrets
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 from cryptography import x509
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 from webauthn import (
     generate_authentication_options,
@@ -53,6 +56,8 @@ from pacsvault.accounts import totp as totp_mod
 from pacsvault.accounts.models import Passkey, User
 from pacsvault.accounts.service import AccountError, Accounts, AuthOutcome, AuthResult
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
+from pacsvault.index import shared_state as shared
+from pacsvault.index.shared_state import WebAuthnChallengeRow
 
 CHALLENGE_LIFETIME = dt.timedelta(minutes=5)
 MAX_PASSKEYS = 10
@@ -143,8 +148,6 @@ class Passkeys:
         self.accounts = accounts
         self.rp_name = rp_name
         self._lifetime = lifetime
-        self._challenges: dict[bytes, _Challenge] = {}
-        self._lock = threading.Lock()
 
     # --- challenges -----------------------------------------------------------------------
 
@@ -154,18 +157,36 @@ class Passkeys:
     def _put(self, key: bytes, user_pk: int, rp: RelyingParty) -> bytes:
         challenge = secrets.token_bytes(32)
         now = self._now()
-        with self._lock:
-            for old in [k for k, c in self._challenges.items() if c.expires <= now]:
-                del self._challenges[old]
-            self._challenges[key] = _Challenge(challenge, rp, user_pk, now + self._lifetime)
+        row_key = hashlib.sha256(key).digest()
+        with self.accounts.sessions.begin() as s:
+            s.execute(delete(WebAuthnChallengeRow).where(
+                (WebAuthnChallengeRow.expires <= shared.to_micros(now))
+                | (WebAuthnChallengeRow.key == row_key)))
+            s.add(WebAuthnChallengeRow(key=row_key, challenge=challenge, rp_id=rp.id,
+                                       rp_origin=rp.origin, user_pk=user_pk,
+                                       expires=shared.to_micros(now + self._lifetime)))
         return challenge
 
     def _take(self, key: bytes, rp: RelyingParty) -> _Challenge | None:
         """The challenge stored under ``key``, removed (single use), if alive and issued
-        for the same relying party."""
-        with self._lock:
-            found = self._challenges.pop(key, None)
-        if found is None or found.expires <= self._now() or found.rp != rp:
+        for the same relying party. Of two takers (two instances) only the one whose delete
+        removed the row gets it."""
+        row_key = hashlib.sha256(key).digest()
+        with self.accounts.sessions() as s:
+            row = s.get(WebAuthnChallengeRow, row_key)
+            if row is None:
+                return None
+            found = _Challenge(bytes(row.challenge), RelyingParty(row.rp_id, row.rp_origin),
+                               row.user_pk, shared.from_micros(row.expires))
+        # The delete in a transaction of its own (a read first would make SQLite refuse
+        # the upgrade to a write when another instance deleted meanwhile).
+        with self.accounts.sessions.begin() as s:
+            gone = cast(CursorResult[Any], s.execute(
+                delete(WebAuthnChallengeRow).where(WebAuthnChallengeRow.key == row_key)
+                .execution_options(synchronize_session=False)))
+            if gone.rowcount != 1:
+                return None
+        if found.expires <= self._now() or found.rp != rp:
             return None
         return found
 

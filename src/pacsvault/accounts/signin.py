@@ -130,7 +130,7 @@ class SignIn(AccountsCore):
                 user.password_hash = passwords.hash_password(self.hasher, password)
             enrolled = bool(user.totp and user.totp.confirmed)
             passkey = passkey_count(s, user) > 0
-            ticket = self._new_ticket(user, source, name_key, device)
+            ticket = self._new_ticket(user, source, name_key, device, s)
         return AuthResult(AuthOutcome.NEEDS_SECOND_FACTOR, ticket=ticket,
                           totp_enrolled=enrolled, passkey_enrolled=passkey)
 
@@ -273,7 +273,7 @@ class SignIn(AccountsCore):
             return None
         self.throttle.refused(user.name, source, decision, factor=factor)
         if decision.verdict is Verdict.LOCKED:
-            self.cancel(ticket)
+            self.cancel(ticket, s)
         return AuthResult(_outcome_of(decision), decision.retry_after, decision=decision)
 
     def _failed(self, s: Session, pending: PendingSignIn, user: User, source: Source,
@@ -283,7 +283,7 @@ class SignIn(AccountsCore):
         decision = self.throttle.failure(s, pending.name_key, user.name, source,
                                          reason=reason, factor=factor)
         if decision.verdict is Verdict.LOCKED:
-            self.cancel(ticket)
+            self.cancel(ticket, s)
         return AuthResult(AuthOutcome.FAILED, decision.retry_after, decision=decision)
 
     def _no_pending(self, s: Session, address: str, factor: str) -> AuthResult:

@@ -151,7 +151,8 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
                  "write(s) that were never acknowledged removed",
                  recovery.published, recovery.discarded)
     alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
-                       patients_of=serving.patients_of(vault))
+                       patients_of=serving.patients_of(vault),
+                       claim=serving.alert_claim(vault))  # one notice for all instances
     vault.recorder.add_sink(alerts)
     repair_at_start(vault.audit)
     background = serving.Background()

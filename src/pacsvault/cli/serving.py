@@ -12,6 +12,7 @@ import the command that imports it.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ from pacsvault.web.server import WebService
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from pacsvault.audit.alerts.findings import Alert
     from pacsvault.config import Settings, WebSettings
     from pacsvault.crypto.tls import TlsPaths
     from pacsvault.dicom.server import DicomService
@@ -109,6 +111,20 @@ def patients_of(vault: Vault) -> Callable[[Iterable[str]], set[str]]:
                 select(Study.patient_pk).where(Study.study_uid.in_(list(uids))))}
 
     return resolve
+
+
+def alert_claim(vault: Vault) -> Callable[[Alert], bool]:
+    """Instances sharing one index send each first alert notice once
+    (``index.shared_state.claim_notice``, for the grouping window)."""
+    from pacsvault.index.shared_state import claim_notice
+
+    window = dt.timedelta(minutes=vault.settings.alerts.group_minutes)
+
+    def claim(alert: Alert) -> bool:
+        now = dt.datetime.now(dt.UTC)
+        return claim_notice(vault.sessions, alert.rule, alert.subject, now, now + window)
+
+    return claim
 
 
 def check_audit_trail(vault: Vault) -> None:

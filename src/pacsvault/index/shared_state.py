@@ -20,13 +20,25 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import BigInteger, Boolean, Index, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CursorResult,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from pacsvault.index.models import Base
 
@@ -135,3 +147,30 @@ class AlertNoticeRow(Base):
 
 SHARED_TABLES = tuple(model.__table__ for model in (
     WebSessionRow, SignInTicketRow, WebAuthnChallengeRow, AlertNoticeRow))
+
+
+def claim_notice(sessions: sessionmaker[Session], rule: str, subject: str,
+                 now: dt.datetime, until: dt.datetime) -> bool:
+    """Whether this instance sends the first notice of (``rule``, ``subject``): True
+    unless another instance sharing the index sent one whose grouping window has not
+    ended. Claims the window until ``until``. When the index cannot answer, True: an
+    alert sent twice is better than one never sent."""
+    subject = subject[:255]
+    try:
+        with sessions.begin() as s:
+            taken = cast(CursorResult[Any], s.execute(
+                update(AlertNoticeRow)
+                .where(AlertNoticeRow.rule == rule, AlertNoticeRow.subject == subject,
+                       AlertNoticeRow.until <= to_micros(now))
+                .values(until=to_micros(until))
+                .execution_options(synchronize_session=False)))
+            if taken.rowcount == 1:
+                return True
+            if s.get(AlertNoticeRow, (rule, subject)) is not None:
+                return False  # another instance's notice, still in its window
+            s.add(AlertNoticeRow(rule=rule, subject=subject, until=to_micros(until)))
+        return True
+    except IntegrityError:  # another instance claimed it at this very moment
+        return False
+    except SQLAlchemyError:
+        return True

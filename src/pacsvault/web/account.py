@@ -148,6 +148,7 @@ def change_password(request: Request, principal: SignedIn, current: FormSecret =
     state = account_state(vault_of(request), principal.user)
     if session is not None and state is not None:
         session.password_changed = state.password_changed
+        store_of(request).save(session)
     store_of(request).drop_user(principal.user, keep=session)
     return redirect(f"{ACCOUNT}?notice=password")
 

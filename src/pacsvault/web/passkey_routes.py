@@ -42,7 +42,7 @@ from pacsvault.web import i18n
 from pacsvault.web.account import account_page
 from pacsvault.web.deps import client_address, require_role
 from pacsvault.web.i18n import N_
-from pacsvault.web.kit import ACCOUNT, HOME, LOGIN, PageRole, redirect
+from pacsvault.web.kit import ACCOUNT, HOME, LOGIN, PageRole, redirect, store_of
 from pacsvault.web.principal import Principal
 from pacsvault.web.sessions import Stage, WebSession
 from pacsvault.web.signin import (
@@ -183,6 +183,7 @@ def _signed_in(request: Request, pending: WebSession, result: AuthResult) -> Res
     target = session.next or HOME
     if result.recovery_codes:
         session.fresh_codes = result.recovery_codes
+        store_of(request).save(session)  # the next request may reach another instance
         target = "/login/recovery-codes"
     response = JSONResponse({"ok": True, "next": target})
     return set_cookie(response, session_id)

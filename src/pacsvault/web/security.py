@@ -41,6 +41,7 @@ def install(app: FastAPI) -> None:
         idle=dt.timedelta(minutes=web.session_idle_minutes),
         absolute=dt.timedelta(hours=web.session_absolute_hours),
         clock=app.state.accounts.throttle.now,
+        sessions=app.state.vault.sessions,
     )
     # add_middleware wraps what is already there: the last added runs first.
     app.add_middleware(SessionMiddleware)

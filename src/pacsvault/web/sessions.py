@@ -1,9 +1,15 @@
-"""Browser sessions: server-side, in memory, behind a ``__Host-`` cookie.
+"""Browser sessions: server-side, in the shared index, behind a ``__Host-`` cookie.
 
-A session id is 256 random bits; the store keeps only its SHA-256, so a look at the
-server's memory or a debug dump does not hand out live cookies. The cookie is
+A session id is 256 random bits; the index keeps only its SHA-256 (the row's key), and the
+session's secrets (CSRF token, sign-in ticket, recovery codes to show once) are sealed
+under a key derived from the id (``index.shared_state``), so a database dump or a backup
+hands out no live cookie and no token. The cookie is
 ``__Host-pvsession=<id>; Secure; HttpOnly; SameSite=Strict; Path=/`` with no ``Domain``
 (which the ``__Host-`` prefix enforces in browsers) and no expiry (gone with the browser).
+
+Why in the index and not in memory (issue 16, part 3): several ``serve`` instances behind
+a load balancer share one index; a browser signed in through one is signed in on all, and
+a sign-out, an expiry or an administrator's ``user disable`` on one ends it on all.
 
 A session goes through three stages, and each step to the next one gets a **new id** (the
 old one is dropped), so an id planted in a browser before sign-in is worthless after it:
@@ -16,11 +22,16 @@ Lifetimes: signed-in sessions end after ``idle`` without a request and in any ca
 ``absolute`` after sign-in (``[web] session_idle_minutes`` / ``session_absolute_hours``);
 anonymous and pending ones after ``PRE_AUTH_LIFETIME`` (the ticket's own lifetime). At most
 ``MAX_PRE_AUTH`` sessions that are not signed in are kept (the oldest go first), so loading
-the sign-in page in a loop cannot fill the memory.
+the sign-in page in a loop cannot fill the index. A request writes the session's
+``last_seen`` only when it moved by ``TOUCH_PRECISION`` (1 s) or more: a viewer's burst of
+frame requests is one write, and the idle end comes at most that much early.
 
 Every signed-in request re-reads the account (disabled? roles? password changed since
 sign-in?): ``pacsvault user disable`` or ``user reset`` in another process takes effect on
-open sessions at the next request. Server restart signs everybody out.
+open sessions at the next request. A server restart no longer signs anybody out.
+
+A route that changes a session in place (where the browser goes next, the recovery codes
+shown once, the password-change time) calls ``SessionStore.save``.
 
 ``SessionMiddleware`` resolves the cookie on each request, puts the ``Principal`` in
 ``request.state.principal`` (what ``deps.require_role`` reads) and the session in
@@ -31,14 +42,15 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import hashlib
+import itertools
+import json
 import secrets
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, Executable, delete, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import cookie_parser
 from starlette.responses import Response
@@ -46,6 +58,8 @@ from starlette.types import Receive, Scope, Send
 
 from pacsvault.accounts.models import User, UserPreference
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.index import shared_state as shared
+from pacsvault.index.shared_state import WebSessionRow
 from pacsvault.vault import Vault
 from pacsvault.web import csrf
 from pacsvault.web.asgi import HttpMiddleware, peer_address
@@ -57,6 +71,9 @@ COOKIE = "__Host-pvsession"
 ID_BYTES = 32
 PRE_AUTH_LIFETIME = dt.timedelta(minutes=10)
 MAX_PRE_AUTH = 10_000
+TOUCH_PRECISION = dt.timedelta(seconds=1)
+_SWEEP_EVERY = 256  # signed-in sessions made by this process between sweeps
+_PURPOSE = b"web-session"
 
 Clock = Callable[[], dt.datetime]
 FORM_EXPIRED = N_("This form has expired: reload the page and try again.")
@@ -85,26 +102,67 @@ class WebSession:
     next: str = ""
     # SIGNED_IN, right after a passkey enrolment: the recovery codes to show once.
     fresh_codes: tuple[str, ...] = field(default=(), repr=False)
+    # The key sealing this session's secrets in its row (derived from the id).
+    box: bytes = field(default=b"", repr=False, compare=False)
 
 
 def _key(session_id: str) -> bytes:
-    return hashlib.sha256(session_id.encode("utf-8", "replace")).digest()
+    return shared.digest(session_id)
+
+
+def _micros(when: dt.datetime | None) -> int | None:
+    return None if when is None else shared.to_micros(when)
+
+
+def _sealed(session: WebSession) -> bytes:
+    secrets_json = json.dumps({"csrf": session.csrf, "ticket": session.ticket,
+                               "codes": list(session.fresh_codes)}).encode()
+    return shared.seal(session.box, secrets_json, session.key)
+
+
+def _session_of(row: WebSessionRow, box: bytes) -> WebSession | None:
+    """The session a row holds, None when its secrets do not open with ``box`` (a row
+    that was altered, or a digest collision: neither is a session)."""
+    plain = shared.unseal(box, row.sealed, row.key)
+    if plain is None:
+        return None
+    try:
+        value = json.loads(plain)
+        stage = Stage(row.stage)
+    except ValueError:
+        return None
+    return WebSession(
+        key=row.key, stage=stage, csrf=str(value.get("csrf", "")),
+        created=shared.from_micros(row.created), last_seen=shared.from_micros(row.last_seen),
+        address=row.address, user=row.user, ticket=str(value.get("ticket", "")),
+        enrolled=bool(row.enrolled),
+        password_changed=(None if row.password_changed is None
+                          else shared.from_micros(row.password_changed)),
+        next=row.next, fresh_codes=tuple(str(c) for c in value.get("codes", ())), box=box)
+
+
+def _changed(s: Session, statement: Executable) -> int:
+    """Run a DELETE/UPDATE; how many rows it changed."""
+    result = cast(CursorResult[Any], s.execute(statement))
+    return int(result.rowcount or 0)
 
 
 class SessionStore:
-    """Thread-safe (routes run in a thread pool, the middleware on the event loop)."""
+    """Sessions in the index's ``web_sessions`` table (``index.shared_state``): every
+    instance sharing the index sees the same ones. Thread-safe: each call is its own short
+    transaction."""
 
     def __init__(self, idle: dt.timedelta, absolute: dt.timedelta, clock: Clock, *,
+                 sessions: sessionmaker[Session],
                  pre_auth_lifetime: dt.timedelta = PRE_AUTH_LIFETIME,
                  max_pre_auth: int = MAX_PRE_AUTH) -> None:
         self.idle = idle
         self.absolute = absolute
         self.clock = clock
+        self._sessions = sessions
         self._pre_auth_lifetime = pre_auth_lifetime
         self._max_pre_auth = max_pre_auth
-        self._signed: dict[bytes, WebSession] = {}
-        self._pre: OrderedDict[bytes, WebSession] = OrderedDict()
-        self._lock = threading.Lock()
+        self._made = itertools.count(1)
 
     def _expired(self, session: WebSession, now: dt.datetime) -> str:
         """"" when alive, else "idle" or "absolute"."""
@@ -125,50 +183,91 @@ class SessionStore:
         session = WebSession(key=_key(session_id), stage=stage, csrf=csrf.new_token(),
                              created=now, last_seen=now, address=address, user=user,
                              ticket=ticket, enrolled=enrolled,
-                             password_changed=password_changed, next=next)
-        with self._lock:
+                             password_changed=password_changed, next=next,
+                             box=shared.box_key(session_id, _PURPOSE))
+        with self._sessions.begin() as s:
+            s.add(WebSessionRow(
+                key=session.key, stage=stage.value, user=user, address=address[:64],
+                created=shared.to_micros(now), last_seen=shared.to_micros(now),
+                enrolled=enrolled, password_changed=_micros(password_changed), next=next,
+                sealed=_sealed(session)))
+            s.flush()
             if stage is Stage.SIGNED_IN:
-                self._signed[session.key] = session
-                if len(self._signed) % 256 == 0:
-                    self._sweep(now)
+                if self._made.__next__() % _SWEEP_EVERY == 0:  # (``next`` is a parameter)
+                    self._sweep(s, now)
             else:
-                self._pre[session.key] = session
-                while len(self._pre) > self._max_pre_auth:
-                    self._pre.popitem(last=False)
+                self._cap_pre_auth(s, now)
         return session_id, session
 
-    def _sweep(self, now: dt.datetime) -> None:
-        for key in [k for k, s in self._signed.items() if self._expired(s, now)]:
-            del self._signed[key]
+    def _cap_pre_auth(self, s: Session, now: dt.datetime) -> None:
+        """Forget pre-auth sessions past their lifetime, then the oldest beyond the cap."""
+        signed = Stage.SIGNED_IN.value
+        s.execute(delete(WebSessionRow).where(
+            WebSessionRow.stage != signed,
+            WebSessionRow.created <= shared.to_micros(now - self._pre_auth_lifetime)))
+        count = s.scalar(select(func.count()).select_from(WebSessionRow)
+                         .where(WebSessionRow.stage != signed)) or 0
+        if count > self._max_pre_auth:
+            oldest = list(s.scalars(select(WebSessionRow.key)
+                                    .where(WebSessionRow.stage != signed)
+                                    .order_by(WebSessionRow.created)
+                                    .limit(count - self._max_pre_auth)))
+            s.execute(delete(WebSessionRow).where(WebSessionRow.key.in_(oldest)))
+
+    def _sweep(self, s: Session, now: dt.datetime) -> None:
+        s.execute(delete(WebSessionRow).where(
+            WebSessionRow.stage == Stage.SIGNED_IN.value,
+            (WebSessionRow.created <= shared.to_micros(now - self.absolute))
+            | (WebSessionRow.last_seen <= shared.to_micros(now - self.idle))))
 
     def lookup(self, session_id: str) -> tuple[WebSession | None, WebSession | None]:
         """(live session, or None; the signed-in session that just expired, or None).
 
-        A live signed-in session's idle timer restarts here.
+        A live signed-in session's idle timer restarts here. Of several instances finding
+        the same session expired, one reports it (the one whose delete removed the row).
         """
         key = _key(session_id)
         now = self.clock()
-        with self._lock:
-            session = self._signed.get(key) or self._pre.get(key)
-            if session is None:
+        with self._sessions() as s:
+            row = s.get(WebSessionRow, key)
+            session = (_session_of(row, shared.box_key(session_id, _PURPOSE))
+                       if row is not None else None)
+        if session is None:
+            return None, None
+        if self._expired(session, now):
+            if not self._remove(session) or session.stage is not Stage.SIGNED_IN:
                 return None, None
-            if self._expired(session, now):
-                self._remove(session)
-                return None, session if session.stage is Stage.SIGNED_IN else None
-            if session.stage is Stage.SIGNED_IN:
-                session.last_seen = now
-            return session, None
+            return None, session
+        if session.stage is Stage.SIGNED_IN and now - session.last_seen >= TOUCH_PRECISION:
+            with self._sessions.begin() as s:
+                s.execute(update(WebSessionRow).where(
+                    WebSessionRow.key == key,
+                    WebSessionRow.last_seen < shared.to_micros(now),
+                ).values(last_seen=shared.to_micros(now)))
+            session.last_seen = now
+        return session, None
 
     def expiry_reason(self, session: WebSession) -> str:
         return self._expired(session, self.clock()) or "idle"
 
-    def _remove(self, session: WebSession) -> None:
-        self._signed.pop(session.key, None)
-        self._pre.pop(session.key, None)
+    def _remove(self, session: WebSession) -> bool:
+        """Delete the session's row; False when it was gone already."""
+        with self._sessions.begin() as s:
+            gone = _changed(s, delete(WebSessionRow).where(WebSessionRow.key == session.key))
+        return bool(gone)
 
     def drop(self, session: WebSession) -> None:
-        with self._lock:
-            self._remove(session)
+        self._remove(session)
+
+    def save(self, session: WebSession) -> None:
+        """Write what a route changed in ``session`` (its stage, user, next path, codes to
+        show once, password-change time), so the next request finds it on any instance.
+        A session dropped meanwhile (signed out elsewhere) stays dropped."""
+        with self._sessions.begin() as s:
+            s.execute(update(WebSessionRow).where(WebSessionRow.key == session.key).values(
+                stage=session.stage.value, user=session.user, enrolled=session.enrolled,
+                password_changed=_micros(session.password_changed), next=session.next,
+                sealed=_sealed(session)))
 
     def rotate(self, old: WebSession | None, stage: Stage, address: str, *, user: str = "",
                ticket: str = "", enrolled: bool = False,
@@ -183,17 +282,20 @@ class SessionStore:
 
     def drop_user(self, user: str, *, keep: WebSession | None = None) -> int:
         """End every signed-in session of ``user`` (except ``keep``); returns how many."""
-        with self._lock:
-            keys = [k for k, s in self._signed.items()
-                    if s.user == user and (keep is None or k != keep.key)]
-            for key in keys:
-                del self._signed[key]
-        return len(keys)
+        query = delete(WebSessionRow).where(WebSessionRow.user == user,
+                                            WebSessionRow.stage == Stage.SIGNED_IN.value)
+        if keep is not None:
+            query = query.where(WebSessionRow.key != keep.key)
+        with self._sessions.begin() as s:
+            return _changed(s, query)
 
     def signed_in_count(self) -> int:
         now = self.clock()
-        with self._lock:
-            return sum(1 for s in self._signed.values() if not self._expired(s, now))
+        with self._sessions() as s:
+            return int(s.scalar(select(func.count()).select_from(WebSessionRow).where(
+                WebSessionRow.stage == Stage.SIGNED_IN.value,
+                WebSessionRow.created > shared.to_micros(now - self.absolute),
+                WebSessionRow.last_seen > shared.to_micros(now - self.idle))) or 0)
 
 
 def cookie_header(session_id: str) -> str:
@@ -262,7 +364,7 @@ class SessionMiddleware(HttpMiddleware):
         session: WebSession | None = None
         session_id = _cookie(scope)
         if session_id:
-            session, expired = store.lookup(session_id)
+            session, expired = await run_in_threadpool(store.lookup, session_id)
             if expired is not None:
                 await run_in_threadpool(_emit_end, vault, expired, address,
                                         store.expiry_reason(expired))

@@ -163,6 +163,7 @@ def _login_page(request: Request, status: int, message: str,
                                                    client_address(request))
     if next_path:
         session.next = next_path
+        store_of(request).save(session)
     response = page(request, "login.html", status, session=session, headers=headers,
                     message=message, next=session.next)
     return set_cookie(response, session_id)
@@ -206,8 +207,9 @@ def login_form(request: Request, next: str = "") -> Response:
         return redirect(wanted or HOME)
     session = session_of(request)
     if session is not None and session.stage is Stage.ANONYMOUS:
-        if wanted:
+        if wanted and wanted != session.next:
             session.next = wanted
+            store_of(request).save(session)
         return page(request, "login.html", next=session.next)
     return _login_page(request, 200, "", next_path=wanted)
 
@@ -222,13 +224,17 @@ def login(request: Request, name: FormName = "", password: FormSecret = "",
     if session is None:
         # No session, so no CSRF token to check this form against: refuse, offer a new one.
         return _login_page(request, 403, _(FORM_EXPIRED), next_path=safe_next(next))
-    if not session.next:
-        session.next = safe_next(next)
+    changed = False
+    if not session.next and safe_next(next):
+        session.next, changed = safe_next(next), True
     accounts = accounts_of(request)
     address = client_address(request)
     if session.stage is Stage.PENDING:  # signing in again from the start
         accounts.cancel(session.ticket)
         session.stage, session.ticket, session.user = Stage.ANONYMOUS, "", ""
+        changed = True
+    if changed:  # a refused attempt keeps this session: the next may reach another instance
+        store_of(request).save(session)
     result = accounts.authenticate(name, password, address, device_of(request))
     if result.outcome is AuthOutcome.NEEDS_SECOND_FACTOR:
         enrolled = result.totp_enrolled or result.passkey_enrolled
@@ -381,6 +387,7 @@ def fresh_recovery_codes(request: Request, principal: SignedIn) -> Response:
     if session is None or not session.fresh_codes:
         return redirect(_target(session))
     codes, session.fresh_codes = session.fresh_codes, ()
+    store_of(request).save(session)
     return page(request, "codes.html", codes=codes, next=_target(session))
 
 

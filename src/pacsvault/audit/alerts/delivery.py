@@ -99,6 +99,10 @@ class AlertSink:
     took it), ``alert.failed`` (none did) or ``alert.recorded`` (no channel is configured:
     the trail is its only destination, which is not a failure). Its own ``alert.*`` events
     are ignored.
+
+    ``claim`` (several instances sharing one index, issue 16): asked before a first notice
+    is sent; False means another instance sent that rule's notice for that subject within
+    the grouping window, so this one stays silent (its repeats still make follow-ups).
     """
 
     def __init__(
@@ -114,12 +118,14 @@ class AlertSink:
         disk_check_seconds: float = 300.0,
         queue_size: int = 10_000,
         start: bool = True,
+        claim: Callable[[Alert], bool] | None = None,
     ) -> None:
         """``start=False`` builds and checks the sink without a worker (settings checks,
         ``send_test``, tests); such a sink ignores ``write``."""
         self.settings = settings
         self.detector = Detector(settings, clock=clock, patients_of=patients_of)
         self._recorder = recorder
+        self._claim = claim
         self._disk_path = disk_path
         self._retry_delays = tuple(retry_delays)
         self._tick_seconds = tick_seconds
@@ -220,6 +226,9 @@ class AlertSink:
                 log.error("alert detection failed: %s", type(exc).__name__)
             for alert in alerts:
                 try:
+                    if (not alert.summary and self._claim is not None
+                            and not self._claim(alert)):
+                        continue  # another instance sent this notice
                     self._deliver(alert)
                 except Exception as exc:
                     log.error("alert delivery failed: %s", type(exc).__name__)
