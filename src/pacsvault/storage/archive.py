@@ -233,7 +233,12 @@ class Archive:
             key_id = cached[1]
         else:
             self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
-            prepared = self._prepare(parsed)
+            try:
+                prepared = self._prepare(parsed)
+            except IntegrityError:
+                # Another instance sharing the index created this patient (or stored this
+                # instance) meanwhile: the second look finds it (issue 16, part 3).
+                prepared = self._prepare(parsed)
             if isinstance(prepared, StoreResult):
                 return prepared
             key_id, generation = prepared
