@@ -191,7 +191,11 @@ def start(d: Path, port: int | None) -> dict[str, Any]:
                             str(d / "postgres.log"), "-w", "-t", "60", "start"], d),
               "pg_ctl start")
     if fresh:
-        create_role(d, user, port)
+        try:
+            create_role(d, user, port)
+        except BaseException:  # never leave a half-made server running
+            stop(d)
+            raise
     info = facts(d, port)
     info["pid"] = postmaster_pid(d)
     write_private(known, json.dumps(info, indent=2).encode(), 0o644)

@@ -191,10 +191,16 @@ def start(d: Path, s3_port: int | None, bucket: str) -> dict[str, Any]:
     known = d / FACTS
     info = json.loads(known.read_text()) if known.exists() else first_setup(d, s3_port)
     pid = int((d / "weed.pid").read_text()) if (d / "weed.pid").exists() else 0
-    if not (pid and alive(pid)):
+    launched = not (pid and alive(pid))
+    if launched:
         pid = launch(d, info)
-    client = wait_ready(d, info, pid)
-    make_bucket(client, bucket)
+    try:
+        client = wait_ready(d, info, pid)
+        make_bucket(client, bucket)
+    except BaseException:
+        if launched:  # never leave a half-started server behind
+            stop(d)
+        raise
     info.update(pid=pid, bucket=bucket)
     write_private(known, json.dumps(info, indent=2).encode(), 0o644)
     return info

@@ -82,8 +82,10 @@ def test_postgres_db_is_fresh_and_separate(postgres_db: PostgresDatabase) -> Non
         assert conn.execute("SELECT current_database()").fetchone() == (postgres_db.name,)
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
                             ).fetchone() == (0,)
-        conn.execute("CREATE TABLE t (x int)")
-        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("CREATE TABLE t (marker text)")
+        conn.execute("INSERT INTO t VALUES ('harness-dump-marker')")
+    dump = postgres_db.server.dump(postgres_db.name)
+    assert b"CREATE TABLE public.t" in dump and b"harness-dump-marker" in dump
 
 
 @pytest.mark.s3
@@ -169,3 +171,15 @@ def test_restart_keeps_data_port_and_credentials() -> None:
         assert (s3_again.endpoint, s3_again.credentials()) == (s3.endpoint, s3.credentials())
         assert s3_again.client().get_object(Bucket=s3.bucket, Key="kept")["Body"].read() == (
             b"still here")
+
+
+def test_missing_component_skips_locally_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.harness.components import require
+
+    require(None)  # present: nothing happens
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        require("X is not installed")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="required under CI"):
+        require("X is not installed")

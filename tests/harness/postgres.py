@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from urllib.parse import quote
 
 if TYPE_CHECKING:
     import psycopg
+
+from tests.harness.components import owned_tempdir
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "postgres.sh"
 
@@ -93,6 +94,25 @@ class PostgresServer:
         return psycopg.connect(self.url_for(database or self.database),
                                password=self.password(), **kwargs)
 
+    def libpq_env(self) -> dict[str, str]:
+        """Environment for a libpq client child (psql, pg_dump): the passfile and the CA, so
+        that no password goes on its command line."""
+        return {**os.environ, "PGPASSFILE": str(self.passfile),
+                "PGSSLROOTCERT": str(self.ca_file), "PGSSLMODE": "verify-full"}
+
+    def dump(self, database: str | None = None, *, timeout: float = 300) -> bytes:
+        """``pg_dump`` of a database (plain SQL, the way an administrator's backup reads it),
+        run over TLS as the ``pacsvault`` role: what the "nothing readable in a dump" tests
+        scan."""
+        out = subprocess.run([str(self.bin_dir / "pg_dump"), "--no-password", "-h", self.host,
+                              "-p", str(self.port), "-U", self.user,
+                              "-d", database or self.database],
+                             capture_output=True, env=self.libpq_env(), timeout=timeout,
+                             check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"pg_dump failed: {out.stderr.decode(errors='replace')}")
+        return out.stdout
+
     def stop(self) -> None:
         """Stop the cluster (``pg_ctl stop -m fast``, then by PID); its data is kept."""
         stop_postgres(self.dir)
@@ -138,7 +158,7 @@ def running_postgres(port: int | None = None) -> Iterator[PostgresServer]:
     Not pytest's ``tmp_path``: as root the cluster belongs to an unprivileged user, who must
     be able to traverse the directory's parents (pytest's basetemp is 0700).
     """
-    directory = Path(tempfile.mkdtemp(prefix="pacsvault-pg-"))
+    directory = owned_tempdir("pacsvault-pg-", stop_postgres)
     try:
         server = start_postgres(directory, port)
         try:

@@ -21,11 +21,12 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.harness.components import owned_tempdir
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "seaweed.sh"
 
@@ -145,7 +146,7 @@ def stop_seaweed(directory: Path) -> None:
 @contextlib.contextmanager
 def running_seaweed(s3_port: int | None = None) -> Iterator[S3Server]:
     """An endpoint in a fresh temp directory, stopped and removed afterwards."""
-    directory = Path(tempfile.mkdtemp(prefix="pacsvault-s3-"))
+    directory = owned_tempdir("pacsvault-s3-", stop_seaweed)
     try:
         server = start_seaweed(directory, s3_port=s3_port)
         try:
