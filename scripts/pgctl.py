@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pvtestca import make_server_tls, write_private
@@ -96,7 +97,7 @@ def facts(d: Path, port: int) -> dict[str, Any]:
     ca = d / "ca.crt"
     return {
         "url": f"postgresql://{ROLE}@127.0.0.1:{port}/{DATABASE}"
-               f"?sslmode=verify-full&sslrootcert={ca}",
+               f"?sslmode=verify-full&sslrootcert={quote(str(ca))}",
         "host": "127.0.0.1", "port": port, "socket_dir": str(d), "database": DATABASE,
         "user": ROLE, "password_file": str(d / "password"), "passfile": str(d / "pgpass"),
         "ca_file": str(ca), "data_dir": str(d / "data"), "log_file": str(d / "postgres.log"),
@@ -168,9 +169,9 @@ def postmaster_pid(d: Path) -> int | None:
 def alive(pid: int) -> bool:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     except OSError:
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
     return b"postgres" in cmd and state != "Z"
 
 

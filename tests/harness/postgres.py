@@ -85,7 +85,7 @@ class PostgresServer:
     def url_for(self, database: str) -> str:
         """The same TLS URL for another database of this cluster."""
         return (f"postgresql://{self.user}@{self.host}:{self.port}/{quote(database)}"
-                f"?sslmode=verify-full&sslrootcert={self.ca_file}")
+                f"?sslmode=verify-full&sslrootcert={quote(str(self.ca_file))}")
 
     def connect(self, database: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
         """A psycopg connection over TLS (verify-full), the password from the file."""
