@@ -22,7 +22,6 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,14 +36,13 @@ from pynetdicom import AE as ClientAE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests.harness.served import Served, served_vault
 from tests.helpers import (
     AE,
     Server,
     VaultDir,
     echoscu,
     events,
-    make_vault,
-    start_server,
     wait_events,
 )
 
@@ -75,39 +73,24 @@ GOING = "GOING"  # removed during a test
 
 
 @dataclass
-class Env:
-    vault: VaultDir
-    server: Server
+class Env(Served):
     certs: Path
     root: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.vault.data / "tls" / "ca.crt"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("access")
-    vault = make_vault(root / "v")
-    # Registered through the CLI, as an administrator would; in parallel since each run
-    # is mostly interpreter start-up.
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        list(pool.map(lambda a: vault.add_node(a[0], *a[1], host=a[2]), [
-            (MODALITY, (), LOCAL),
-            (REMOTE, (), OTHER),
-            (TLSONLY, ("--tls",), LOCAL),
-            (CERTMOD, ("--client-cert",), LOCAL),
-            (QUERYONLY, ("--roles", "query"), LOCAL),
-            (GOING, (), LOCAL),
-        ]))
     certs = root / "certs"
-    vault.cli("node", "cert", CERTMOD, "--out", certs)
-    server = start_server(vault)
-    try:
-        yield Env(vault, server, certs, root)
-    finally:
-        server.stop()
+    with served_vault(root / "v", nodes=[
+        (MODALITY, (), LOCAL),
+        (REMOTE, (), OTHER),
+        (TLSONLY, ("--tls",), LOCAL),
+        (CERTMOD, ("--client-cert",), LOCAL),
+        (QUERYONLY, ("--roles", "query"), LOCAL),
+        (GOING, (), LOCAL),
+    ], prepare=lambda vault: vault.cli("node", "cert", CERTMOD, "--out", certs)) as served:
+        yield Env(served.vault, served.server, certs, root)
 
 
 def associate(
@@ -487,15 +470,10 @@ def test_client_cert_from_another_ca_fails_the_handshake(env: Env) -> None:
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that trusts 127.0.0.1 only."""
-    vault = make_vault(tmp_path_factory.mktemp("narrow") / "v")
-    vault.set_toml("dicom", "trusted_networks", '["127.0.0.1/32"]')
-    vault.add_node(MODALITY)
-    vault.add_node(REMOTE, host=OTHER)
-    server = start_server(vault)
-    try:
-        yield server
-    finally:
-        server.stop()
+    with served_vault(tmp_path_factory.mktemp("narrow") / "v",
+                      settings={"dicom": {"trusted_networks": '["127.0.0.1/32"]'}},
+                      nodes=[(MODALITY, (), LOCAL), (REMOTE, (), OTHER)]) as served:
+        yield served.server
 
 
 def test_untrusted_source_is_dropped_before_dicom_and_raises_exposure(narrow: Server) -> None:

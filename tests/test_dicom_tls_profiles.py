@@ -18,22 +18,14 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.helpers import (
-    Server,
-    VaultDir,
-    echoscu,
-    events,
-    make_vault,
-    start_server,
-    storescu,
-)
+from tests.harness.served import Served, served_vault
+from tests.helpers import VaultDir, echoscu, events, make_vault, storescu
 from tests.web_helpers import client, sign_in
 
 pytestmark = pytest.mark.slow
@@ -45,33 +37,25 @@ REMOTE = "REMOTE2"  # TLS node at 127.0.0.2, strict profile
 ADMIN, ADMIN_PW = "chef.tls", "phare-des-baleines-en-hiver"
 
 
-@dataclass
-class Env:
-    vault: VaultDir
-    server: Server
-
-    @property
-    def ca(self) -> Path:
-        return self.vault.data / "tls" / "ca.crt"
+Env = Served
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("tlsprofiles")
-    vault = make_vault(root / "v")
-    vault.add_node(LEGACY, "--tls", "--tls-profile", "legacy-aes")
-    vault.add_node(MODERN, "--tls")
-    vault.add_node(REMOTE, "--tls", host=OTHER)
+def _add_admin(vault: VaultDir) -> None:
     v = vault.open()
     try:
         v.accounts.add_user(ADMIN, ["admin"], ADMIN_PW, by="test")
     finally:
         v.close()
-    server = start_server(vault)
-    try:
-        yield Env(vault, server)
-    finally:
-        server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    with served_vault(tmp_path_factory.mktemp("tlsprofiles") / "v", nodes=[
+        (LEGACY, ("--tls", "--tls-profile", "legacy-aes"), LOCAL),
+        (MODERN, ("--tls",), LOCAL),
+        (REMOTE, ("--tls",), OTHER),
+    ], prepare=_add_admin) as served:
+        yield served
 
 
 def _handshake(env: Env, ctx: ssl.SSLContext, source: str = LOCAL) -> ssl.SSLSocket:

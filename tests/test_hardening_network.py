@@ -28,15 +28,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pynetdicom.tests import encoded_pdu_items as pdus
 
-from tests.helpers import (
-    Server,
-    VaultDir,
-    events,
-    make_vault,
-    start_server,
-    storescu,
-    wait_until,
-)
+from tests.harness.served import served_vault
+from tests.helpers import Server, events, storescu, wait_until
 
 CALLING = "MODALITY"
 GIB = 1 << 30
@@ -56,20 +49,13 @@ SETTINGS = {
 }
 
 
-def _configure(vault: VaultDir, section: str, values: dict[str, str]) -> None:
-    for key, value in values.items():
-        vault.set_toml(section, key, value)
-
-
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the whole file (starting one costs ~10 s here)."""
-    vault = make_vault(tmp_path_factory.mktemp("hardening") / "vault")
-    vault.add_node(CALLING)
-    _configure(vault, "dicom", SETTINGS)
-    srv = start_server(vault)
-    yield srv
-    srv.stop()
+    with served_vault(tmp_path_factory.mktemp("hardening") / "vault",
+                      nodes=[(CALLING, (), "127.0.0.1")],
+                      settings={"dicom": SETTINGS}) as served:
+        yield served.server
 
 
 def _connect(port: int, source: str = "127.0.0.1", tls: bool = False) -> socket.socket:
