@@ -6,7 +6,6 @@ running them again (``rotation.run``, driven by ``rotation/__init__``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -258,9 +257,7 @@ class Rotation:
         if not rekey(engine, old_key, new_key):
             log.warning("key rotation: a connection to the index was still in use when it "
                         "was re-keyed; that one request may fail once")
-        _crash_point("index")
-        with contextlib.suppress(Exception), engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        _crash_point("index")  # (rekey truncated the WAL itself: no old-key page left)
 
     def trail_done(self) -> bool:
         """Whether the trail already has this rotation's record (an interrupted run)."""
