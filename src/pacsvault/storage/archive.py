@@ -407,6 +407,10 @@ class Archive:
         (created with the patient on first sight), with the removal generation read
         *before* the rows it was chosen from (so a removal in between is noticed)."""
         with self._write_lock, self._sessions.begin() as session:
+            if not dialect.is_sqlite(self._engine):
+                # other instances share the index: one creates the patient, the others
+                # then find it (SQLite has a single writer process anyway)
+                dialect.take_write_lock(session.connection())
             generation = int(session.scalar(text(_GENERATION)) or 0)
             known = rows.known(session, parsed)
             if known is not None:
