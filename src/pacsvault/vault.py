@@ -48,7 +48,8 @@ from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.nodes import NodeRegistry
 from pacsvault.service import lock as instance_lock
-from pacsvault.storage.objects import ObjectStore
+from pacsvault.storage.backends import open_store
+from pacsvault.storage.objects import ObjectBackend, ObjectStore
 from pacsvault.vaultfile import BACKUP_RECOVERY_SECRET as BACKUP_RECOVERY_SECRET
 from pacsvault.vaultfile import META_NAME as META_NAME
 from pacsvault.vaultfile import VAULT_FORMAT as VAULT_FORMAT
@@ -361,7 +362,11 @@ class Vault:
         self._secret_lock = threading.Lock()
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
+        # ``objects``: the local directory store (DATA/objects); ``store``: where objects
+        # really go, the same store by default, a bucket with ``[storage] url = s3://``.
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
+        self.store: ObjectBackend = (open_store(settings.storage, layout.objects)
+                                     if settings.storage.url else self.objects)
         self._archive: Archive | None = None
         self._archive_lock = threading.Lock()
         self.nodes = NodeRegistry(self.sessions, on_revoke=self.publish_crl)
@@ -488,7 +493,7 @@ class Vault:
 
         # Every parse of a received or stored object inflates within this (issue 11).
         inflate.set_limit(self.settings.storage.max_inflated_mb * inflate.MIB)
-        archive = Archive(self.sessions, self.objects,
+        archive = Archive(self.sessions, self.store,
                           Keyring(self._master.derive(keys.PURPOSE_KEK, self.vault_id),
                                   DataKeyRows()))
         # Every committed store batch is recorded with its rows (an acknowledged image

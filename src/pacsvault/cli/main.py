@@ -17,7 +17,7 @@ COMMANDS = {
     "tls": "tlscmd", "unseal": "unseal",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
-    "service": "service", "backup": "backup",
+    "service": "service", "backup": "backup", "storage": "storagecmd",
 }
 
 

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
 
 
 def _remover(vault: Any) -> Remover:
-    return Remover(vault.engine, vault.objects, vault.recorder)
+    return Remover(vault.engine, vault.store, vault.recorder)
 
 
 def describe(plan: Plan) -> str:

@@ -80,6 +80,22 @@ class StorageSettings(_Strict):
     duplicate_policy: str = Field("keep-first", pattern="^keep-first$")
     # A deflated dataset inflating beyond this is refused (A700), at storing and on reads.
     max_inflated_mb: int = Field(512, ge=1)
+    # Objects in an S3 bucket instead of DATA/objects (storage/backends.py, storage/s3.py):
+    # "s3://bucket/prefix"; empty = local files (the default).
+    url: str = Field("", pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?)?$")
+    endpoint: str = ""  # https://s3.example.net; empty: AWS for the region
+    region: str = ""
+    credentials_file: str = ""  # 0600: access_key_id = ... / secret_access_key = ...
+    ca_file: str = ""  # a private CA for the endpoint's certificate (always verified)
+    path_style: bool = False  # https://host/bucket/key (MinIO, SeaweedFS, Ceph by name)
+    check_etag: bool = True  # a PUT's ETag must be its MD5 (off for SSE-KMS/SSE-C buckets)
+    # An object no index row names is deleted once older than this (in-flight batches are
+    # seconds old); the sweep lists the bucket this often, the scrubber reads every
+    # indexed object once per scrub_every_hours at most scrub_per_second objects/s.
+    orphan_grace_seconds: float = Field(3600.0, gt=0)
+    orphan_sweep_seconds: float = Field(3600.0, gt=0)
+    scrub_every_hours: float = Field(24.0, gt=0)
+    scrub_per_second: float = Field(20.0, gt=0)
 
 
 class QuerySettings(_Strict):
@@ -317,6 +333,23 @@ duplicate_policy = "keep-first"
 # A deflated dataset (Deflated Explicit VR Little Endian) that would expand beyond this
 # many MiB in memory is refused (status A700), and never inflated beyond it when read.
 max_inflated_mb = 512
+# Objects in an S3-compatible bucket (AWS, OVH, Scaleway, Ceph, MinIO, SeaweedFS) instead
+# of this directory: the same encrypted objects under random names. Empty: local files.
+# url = "s3://my-bucket/pacsvault"
+# endpoint = "https://s3.example.net"   # empty: AWS in `region`
+# region = "eu-west-3"
+# 0600 file with two lines, access_key_id = ... and secret_access_key = ...; empty: the
+# standard AWS provider chain (environment, ~/.aws, instance profile). Never on argv.
+# credentials_file = "/etc/pacsvault/s3.credentials"
+# ca_file = "/etc/pacsvault/s3-ca.pem"  # the endpoint's private CA; TLS is always verified
+# path_style = false                     # true for MinIO/SeaweedFS/Ceph reached by host name
+# check_etag = true                      # false for SSE-KMS/SSE-C buckets (ETag is not MD5)
+# An object PUT but never indexed (a crash between the two) is deleted after this grace;
+# every indexed object is read back and authenticated once per scrub_every_hours.
+# orphan_grace_seconds = 3600
+# orphan_sweep_seconds = 3600
+# scrub_every_hours = 24
+# scrub_per_second = 20
 
 [query]
 # Seconds a C-FIND or QIDO-RS query may spend before it is stopped and recorded

@@ -31,7 +31,8 @@ from pacsvault.crypto.tls import TlsPaths
 from pacsvault.sealed import journal, material
 from pacsvault.sealed.material import SealedKeys, SnapshotRegistry
 from pacsvault.sealed.merge import event_record, parsed_record
-from pacsvault.storage.objects import ObjectStore
+from pacsvault.storage.backends import open_store
+from pacsvault.storage.objects import ObjectBackend
 from pacsvault.vault import Layout
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class SealedArchive:
     then return (the success status follows). Duplicates cannot be checked without the
     index: the merge settles them as ``store`` would have."""
 
-    def __init__(self, objects: ObjectStore, writer: journal.JournalWriter,
+    def __init__(self, objects: ObjectBackend, writer: journal.JournalWriter,
                  public: X25519PublicKey, study_patients: dict[str, str] | None = None) -> None:
         self.objects = objects
         self._study_patients = study_patients if study_patients is not None else {}
@@ -245,7 +246,7 @@ class SealedRuntime:
         self.events = SealedEventSink(self._writer(session, journal.EVENTS))
         self.recorder = Recorder([LogSink(), self.events])
         inflate.set_limit(settings.storage.max_inflated_mb * inflate.MIB)
-        objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
+        objects = open_store(settings.storage, layout.objects)  # the vault's (S3: its bucket)
         self.archive = SealedArchive(objects, self._writer(session, journal.STORES),
                                      self.keys.hpke_public, self.events.study_patients)
         self.boot_password = material.boot_password(key_path)

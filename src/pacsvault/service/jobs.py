@@ -41,6 +41,9 @@ JOBS: list[JobSpec] = [
     JobSpec("retention", "pacsvault.storage.retention:tick", every=3600),
     # backups when due, pruning, stale-backup check, restore drills (backup/schedule.py)
     JobSpec("backup", "pacsvault.backup.schedule:tick", every=60, first_after=60),
+    # objects in a bucket: orphan sweep when due, and a slice of the scrub (storage/scrub.py)
+    JobSpec("storage-orphans", "pacsvault.storage.scrub:sweep_tick", every=5, first_after=60),
+    JobSpec("storage-scrub", "pacsvault.storage.scrub:tick", every=60, first_after=120),
 ]
 
 

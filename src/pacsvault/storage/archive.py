@@ -60,7 +60,7 @@ from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import rows, sameness
-from pacsvault.storage.objects import ObjectStore, Recovery
+from pacsvault.storage.objects import ObjectBackend, Recovery
 from pacsvault.storage.rows import Pending, acknowledged, index_one
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
 from pacsvault.storage.rows import StoreResult as StoreResult  # re-exported
@@ -77,7 +77,7 @@ _STORE_ATTEMPTS = 3
 
 class Archive:
     def __init__(
-        self, sessions: sessionmaker[Session], objects: ObjectStore, keyring: Keyring
+        self, sessions: sessionmaker[Session], objects: ObjectBackend, keyring: Keyring
     ) -> None:
         self._sessions = sessions
         bind = sessions.kw.get("bind")
@@ -498,7 +498,7 @@ class Archive:
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
 
     def _publish_adopted(self, object_id: str) -> None:
-        if self.objects.path(object_id).exists():
+        if self.objects.exists(object_id):
             return
         with contextlib.suppress(FileNotFoundError):  # published by a concurrent path
             self.objects.publish(object_id)
@@ -531,8 +531,21 @@ class Archive:
             found = session.scalar(select(Instance.pk).where(Instance.object_id == object_id))
         return found is not None
 
+    def indexed(self, object_ids: list[str]) -> set[str]:
+        """Which of these object ids an index row names (one query)."""
+        if not object_ids:
+            return set()
+        with self._sessions() as session:
+            return set(session.scalars(select(Instance.object_id)
+                                       .where(Instance.object_id.in_(object_ids))))
+
     def recover(self) -> Recovery:
-        """Settle object writes interrupted by a crash; run before accepting associations."""
+        """Settle object writes interrupted by a crash; run before accepting associations.
+        In a bucket: the orphan sweep (objects no row names, past the grace period)."""
+        from pacsvault.storage.s3 import S3Store
+
+        if isinstance(self.objects, S3Store):
+            return Recovery(0, len(self.objects.sweep(self.indexed).removed))
         return self.objects.recover(self.is_indexed)
 
     def counts(self) -> dict[str, int]:

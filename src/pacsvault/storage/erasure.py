@@ -111,7 +111,7 @@ class Eraser(Remover):
 
     def __init__(self, vault: Vault, archive: Archive | None = None,
                  accounts: Accounts | None = None) -> None:
-        super().__init__(vault.engine, vault.objects, vault.recorder, archive)
+        super().__init__(vault.engine, vault.store, vault.recorder, archive)
         self.vault = vault
         self._accounts = accounts  # the web application's (else the vault's)
         self.rules = vault.settings.retention

@@ -11,6 +11,10 @@ At start, ``recover`` publishes every staged file whose id the index knows (the 
 between 2 and 3) and deletes the others (the crash came before 2: never acknowledged).
 Only ciphertext is ever written, staged files included.
 
+``ObjectBackend`` is what the archive, reads, removals and the sealed store use of an object
+store; ``ObjectStore`` (these files, the default) and ``storage.s3.S3Store`` (a bucket,
+``[storage] url = "s3://..."``) implement it. ``storage.backends.open_store`` picks one.
+
 The archive's fast path stages into **spares** instead (``stage_spare``): empty files
 ``.spare/<id>.part`` created in batches, whose names were made durable by one directory
 fsync for the whole batch. Writing an object into a spare and fsync'ing that file is then
@@ -27,9 +31,10 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pacsvault.fsutil import fsync_dir, write_durably
 
@@ -43,13 +48,60 @@ class DiskFullError(Exception):
     """Not enough free space to store more objects safely."""
 
 
+class StorageUnavailable(OSError):
+    """The object store cannot be reached or did not confirm a write (an S3 endpoint down,
+    a PUT answered without the expected checksum): the store fails, never succeeds."""
+
+
 @dataclass(frozen=True)
 class Recovery:
     published: int
     discarded: int
 
 
+class ObjectBackend(Protocol):
+    """What the rest of pacsvault uses of an object store (local files or a bucket).
+
+    The durability contract: ``stage_spare`` returns only once the object is durable under
+    its new id (fsync'ed file; S3 PUT confirmed), *before* the caller commits the index row
+    naming it; ``publish`` may be lazy; ``read`` finds an indexed object wherever it is
+    (``FileNotFoundError`` when it is gone); ``remove`` deletes for good (removals).
+    """
+
+    kind: str
+
+    def create(self) -> None: ...
+
+    def check_space(self, incoming: int) -> None: ...
+
+    def stage_spare(self, pieces: Iterable[bytes]) -> str: ...
+
+    def publish(self, object_id: str, *, durable: bool = True) -> None: ...
+
+    def discard(self, object_id: str) -> None: ...
+
+    def exists(self, object_id: str) -> bool: ...
+
+    def recover(self, is_indexed: Callable[[str], bool]) -> Recovery: ...
+
+    def read(self, object_id: str) -> bytes: ...
+
+    def delete(self, object_id: str) -> None: ...
+
+    def remove(self, object_ids: Sequence[str]) -> int: ...
+
+
+def check_id(object_id: str) -> str:
+    """An object id is 32 lowercase hex digits (random, never a UID): anything else is
+    refused before it reaches a path or a key name."""
+    if len(object_id) != 32 or not all(c in "0123456789abcdef" for c in object_id):
+        raise ValueError("invalid object id")
+    return object_id
+
+
 class ObjectStore:
+    kind = "local"
+
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
@@ -67,8 +119,7 @@ class ObjectStore:
         return secrets.token_hex(16)
 
     def path(self, object_id: str) -> Path:
-        if len(object_id) != 32 or not all(c in "0123456789abcdef" for c in object_id):
-            raise ValueError("invalid object id")
+        check_id(object_id)
         return self.root / object_id[:2] / object_id[2:4] / f"{object_id}.pvo"
 
     def _staged(self, object_id: str) -> Path:
@@ -180,6 +231,29 @@ class ObjectStore:
 
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)
+
+    def exists(self, object_id: str) -> bool:
+        """Published (staged objects are not counted: ``read`` still finds them)."""
+        return self.path(object_id).exists()
+
+    def remove(self, object_ids: Sequence[str]) -> int:
+        """Delete objects for good (a removal's files); how many files went. Staged places
+        first: a publication racing us moves the file to where the last unlink finds it.
+        The directories touched are fsync'ed."""
+        deleted = 0
+        touched: set[Path] = set()
+        for object_id in object_ids:
+            final = self.path(object_id)
+            for path in (self._spare_path(object_id), self._staged(object_id), final):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                deleted += 1
+                touched.add(path.parent)
+        for directory in touched:
+            fsync_dir(directory)
+        return deleted
 
 
 def _fill(fd: int, path: Path, pieces: Iterable[bytes]) -> int:

@@ -46,14 +46,12 @@ import json
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
-from pacsvault.fsutil import fsync_dir
 from pacsvault.index import dialect
 from pacsvault.index.levels import Level
 from pacsvault.index.models import (
@@ -66,7 +64,7 @@ from pacsvault.index.models import (
     utcnow,
 )
 from pacsvault.storage.archive import Archive
-from pacsvault.storage.objects import SPARE_DIR, TMP_DIR, ObjectStore
+from pacsvault.storage.objects import ObjectBackend
 
 # An admin removes a study, series or instance (DICOMweb names of ``Level``).
 LEVELS = tuple(level.web_name for level in Level if level is not Level.PATIENT)
@@ -191,7 +189,7 @@ class Remover:
     its caches are dropped at once instead of at its next commit.
     """
 
-    def __init__(self, engine: Engine, objects: ObjectStore, recorder: Recorder,
+    def __init__(self, engine: Engine, objects: ObjectBackend, recorder: Recorder,
                  archive: Archive | None = None) -> None:
         self._engine = engine
         self._sessions: sessionmaker[Session] = sessionmaker(engine)
@@ -301,22 +299,10 @@ class Remover:
         return done
 
     def _delete_files(self, action_id: int, object_ids: Sequence[str]) -> int:
-        deleted = 0
-        touched: set[Path] = set()
-        root = self.objects.root
-        for object_id in object_ids:
-            final = self.objects.path(object_id)
-            # staged places first: a publication racing us moves the file to ``final``
-            for path in (root / SPARE_DIR / f"{object_id}.part",
-                         root / TMP_DIR / f"{object_id}.part", final):
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    continue
-                deleted += 1
-                touched.add(path.parent)
-        for directory in touched:
-            fsync_dir(directory)
+        # staged places first, then the published one (``ObjectBackend.remove``): a
+        # publication racing us moves the file to where the last unlink finds it. An
+        # object store that cannot be reached raises: ``pending`` stays, retried later.
+        deleted = self.objects.remove(object_ids)
         with self._engine.begin() as conn:
             conn.execute(update(_actions).where(_actions.c.id == action_id)
                          .values(pending=""))

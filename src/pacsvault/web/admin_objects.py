@@ -52,7 +52,7 @@ NOTICES = {
 
 def _remover(request: Request) -> Remover:
     vault = vault_of(request)
-    return Remover(vault.engine, vault.objects, vault.recorder, vault.archive)
+    return Remover(vault.engine, vault.store, vault.recorder, vault.archive)
 
 
 def _message(exc: RemovalError, _: Gettext) -> str:

@@ -1,0 +1,258 @@
+"""The object store in an S3 bucket (``[storage] url = "s3://bucket/prefix"``).
+
+Same objects as the local store: the ``pacsvault-obj/1`` ciphertext, byte for byte, under
+a random id. Key ``<prefix>/ab/cd/<id>.pvo``; no user metadata (``x-amz-meta-*``), no
+Content-Disposition, no tag, no Content-Type chosen by us: nothing in a listing, a header
+or a tag names a patient or a UID. Only the S3 API is used (PUT/GET/HEAD/DELETE object,
+ListObjectsV2), so AWS, OVH, Scaleway, Ceph, MinIO and SeaweedFS behave alike.
+
+**Durability** (``ObjectBackend``'s contract, ARCHITECTURE.md data flow step 4):
+``stage_spare`` PUTs the whole object with its Content-MD5 (the server refuses a body
+that does not match it) and returns only when the PUT answered 200 with the ETag of that
+MD5 (``check_etag``; SSE-KMS/SSE-C buckets answer other ETags: turn it off there, the
+Content-MD5 check by the server stays). The caller commits the index row after that, and
+acknowledges after the commit. So an indexed object always exists in the bucket: **a row
+without its object is impossible by construction**. The reverse, an object without a row
+(a crash or a failed commit between PUT and commit, a DELETE after a failed commit that
+did not go through), is removed by ``sweep``: a listing of the bucket whose objects
+older than the **grace period** (``orphan_grace_seconds``, 1 h) that no row names are
+deleted. The grace is what protects a batch in flight (PUT done, commit pending, possibly
+on another instance sharing the bucket): such an object is seconds old.
+
+Failures (endpoint down, timeout, 5xx, an unconfirmed PUT) raise ``StorageUnavailable``
+(an ``OSError``: C-STORE answers A700 "out of resources", STOW-RS a failure), never a
+success; nothing is cached, so ingest resumes by itself once the endpoint answers again.
+A missing object on read is ``FileNotFoundError``, as with files.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import functools
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pacsvault.storage.objects import ObjectStore, Recovery, StorageUnavailable, check_id
+
+log = logging.getLogger("pacsvault.storage")
+
+_SUFFIX = ".pvo"
+_KEY = re.compile(r"^([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{32})\.pvo$")
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object of the bucket under our prefix (a listing: no GET)."""
+
+    object_id: str
+    size: int
+    modified: dt.datetime
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one orphan sweep saw and did (object ids are random: safe to show)."""
+
+    listed: int
+    removed: tuple[str, ...]
+    young: int  # unindexed but within the grace: maybe in flight, kept
+    foreign: int  # keys under the prefix that are not ours: left alone
+
+
+def _not_found(exc: Exception) -> bool:
+    response: Any = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("NoSuchKey", "404", "NotFound") or status == 404
+
+
+class S3Store:
+    """``ObjectBackend`` over one bucket and key prefix (see the module docstring)."""
+
+    kind = "s3"
+
+    def __init__(self, client: Any, bucket: str, prefix: str, *,
+                 orphan_grace: float = 3600.0, check_etag: bool = True) -> None:
+        self._client = client  # a boto3 S3 client (``storage.backends.s3_client``)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.orphan_grace = orphan_grace
+        self.check_etag = check_etag
+
+    # --- names ------------------------------------------------------------------------
+
+    def key(self, object_id: str) -> str:
+        check_id(object_id)
+        tail = f"{object_id[:2]}/{object_id[2:4]}/{object_id}{_SUFFIX}"
+        return f"{self.prefix}/{tail}" if self.prefix else tail
+
+    def _listing_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        """One S3 request; anything but an answer is ``StorageUnavailable`` (the type
+        only: an S3 error message may quote the key, never a patient, but stays out)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call()
+        except ClientError as exc:
+            if _not_found(exc):
+                raise FileNotFoundError("object not found in the bucket") from None
+            code = str(exc.response.get("Error", {}).get("Code", "?"))[:40]
+            raise StorageUnavailable(f"S3 {what} failed ({code})") from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 {what} failed ({type(exc).__name__})") from None
+
+    # --- ObjectBackend ----------------------------------------------------------------
+
+    def create(self) -> None:
+        """Check that the bucket answers (made by the IT provider, never by us)."""
+        self._call("bucket check", lambda: self._client.head_bucket(Bucket=self.bucket))
+
+    def check_space(self, incoming: int) -> None:
+        """A bucket has no free-space reserve to keep."""
+
+    new_id = staticmethod(ObjectStore.new_id)
+
+    def stage_spare(self, pieces: Iterable[bytes]) -> str:
+        """PUT a new object; returns its id once the store confirmed it (200, ETag)."""
+        body = b"".join(pieces)
+        object_id = self.new_id()
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        answer = self._call("PUT", lambda: self._client.put_object(
+            Bucket=self.bucket, Key=self.key(object_id), Body=body,
+            ContentMD5=base64.b64encode(digest).decode("ascii")))
+        status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        etag = str(answer.get("ETag", "")).strip('"').lower()
+        if status != 200 or (self.check_etag
+                             and not hmac.compare_digest(etag, digest.hex())):
+            self.discard(object_id)  # (if it went through at all; else the sweep)
+            raise StorageUnavailable("S3 PUT not confirmed (status or ETag differs)")
+        return object_id
+
+    def publish(self, object_id: str, *, durable: bool = True) -> None:
+        """Nothing to move: a confirmed PUT is in its final place."""
+        check_id(object_id)
+
+    def discard(self, object_id: str) -> None:
+        """Best effort (a store that failed): an object left behind is an orphan that the
+        sweep removes after the grace period."""
+        try:
+            self.delete(object_id)
+        except OSError as exc:
+            log.warning("an unacknowledged object could not be deleted now (%s); the "
+                        "orphan sweep will", type(exc).__name__)
+
+    def exists(self, object_id: str) -> bool:
+        try:
+            self._call("HEAD", lambda: self._client.head_object(
+                Bucket=self.bucket, Key=self.key(object_id)))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def recover(self, is_indexed: Callable[[str], bool]) -> Recovery:
+        """At start: the orphan sweep (within the grace, nothing is touched)."""
+        done = self.sweep(lambda ids: {i for i in ids if is_indexed(i)})
+        return Recovery(0, len(done.removed))
+
+    def read(self, object_id: str) -> bytes:
+        answer = self._call("GET", lambda: self._client.get_object(
+            Bucket=self.bucket, Key=self.key(object_id)))
+        body = answer["Body"]
+        try:
+            data: bytes = self._call("GET", body.read)
+        finally:
+            body.close()
+        return data
+
+    def delete(self, object_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # (gone already: fine)
+            self._call("DELETE", lambda: self._client.delete_object(
+                Bucket=self.bucket, Key=self.key(object_id)))
+
+    def remove(self, object_ids: Sequence[str]) -> int:
+        """Delete for good (a removal). S3's DELETE does not say whether the object was
+        there: every id confirmed deleted counts. A failure raises (the removal's
+        ``pending`` list keeps the rest for later)."""
+        for object_id in object_ids:
+            self.delete(object_id)
+        return len(object_ids)
+
+    # --- listing: the orphan sweep and the scrubber -----------------------------------
+
+    def listing(self) -> Iterator[Listed | None]:
+        """Every object under the prefix (``None`` for a key that is not ours)."""
+        prefix = self._listing_prefix()
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix,
+                                      "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("LIST", functools.partial(self._client.list_objects_v2,
+                                                         **kwargs))
+            for item in page.get("Contents", []):
+                match = _KEY.match(str(item["Key"])[len(prefix):])
+                if match is None or match[3][:2] != match[1] or match[3][2:4] != match[2]:
+                    yield None
+                    continue
+                yield Listed(match[3], int(item.get("Size", 0)), item["LastModified"])
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                return
+
+    def sweep(self, indexed: Callable[[list[str]], set[str]], *,
+              grace: float | None = None, now: dt.datetime | None = None) -> Sweep:
+        """Delete the objects no index row names that are older than the grace period.
+
+        ``indexed`` answers which of a list of ids the index names (one query per chunk).
+        Age is the bucket's LastModified against this machine's clock: the grace (an hour)
+        dwarfs any sane clock skew.
+        """
+        grace = self.orphan_grace if grace is None else grace
+        limit = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=grace)
+        listed = young = foreign = 0
+        removed: list[str] = []
+        chunk: list[Listed] = []
+
+        def settle() -> None:
+            nonlocal young
+            known = indexed([item.object_id for item in chunk])
+            for item in chunk:
+                if item.object_id in known:
+                    continue
+                if item.modified > limit:
+                    young += 1
+                    continue
+                self.delete(item.object_id)
+                removed.append(item.object_id)
+            chunk.clear()
+
+        for item in self.listing():
+            if item is None:
+                foreign += 1
+                continue
+            listed += 1
+            chunk.append(item)
+            if len(chunk) >= _CHUNK:
+                settle()
+        if chunk:
+            settle()
+        if removed:
+            log.info("orphan sweep: %d unindexed object(s) older than %ds removed",
+                     len(removed), int(grace))
+        return Sweep(listed, tuple(removed), young, foreign)

@@ -1,0 +1,366 @@
+"""Objects in an S3 bucket (issue 16, part 2) against a real SeaweedFS (tests/harness/seaweed.py).
+
+A vault with the embedded SQLCipher index and ``[storage] url = "s3://..."``: dcmtk storescu
+stores, WADO-RS and C-GET read back identical images; a full listing and download of the
+bucket (keys, bodies, headers, tags) shows no patient marker; S3 down during ingest gives
+failure statuses and ingest resumes once it is back; an object PUT without its row is
+removed by recovery after the grace period (and not before); the scrubber finds a deleted
+and a corrupted object. The unit tests at the end need no endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from tests import corpus
+from tests.harness.seaweed import S3Bucket, create_bucket, running_seaweed
+from tests.helpers import (
+    AE,
+    Server,
+    VaultDir,
+    dcmtk,
+    dcmtk_env,
+    make_vault,
+    new_vault,
+    start_server,
+    storescu,
+    wait_until,
+)
+
+MODALITY, WS = "MODALITY", "WS"
+PHYSICIAN, PHYSICIAN_PW = "drs3", "quiet-harbour-lantern-47-violet-orchard"
+TRAILING_PADDING = 0xFFFCFFFC
+PREFIX = "pv/site1"
+
+
+def use_bucket(data: Path, bucket: S3Bucket, **extra: str) -> None:
+    """Point a vault's ``[storage]`` at ``bucket`` (lines added under the section)."""
+    server = bucket.server
+    lines = [f'url = "{bucket.url}/{PREFIX}"', f'endpoint = "{server.endpoint}"',
+             f'region = "{server.region}"', f'credentials_file = "{server.credentials_file}"',
+             f'ca_file = "{server.ca_file}"', "path_style = true",
+             *(f"{k} = {v}" for k, v in extra.items())]
+    toml = data / "pacsvault.toml"
+    text = toml.read_text()
+    assert "\n[storage]\n" in text
+    toml.write_text(text.replace("\n[storage]\n", "\n[storage]\n" + "\n".join(lines) + "\n", 1))
+
+
+def bucket_objects(bucket: S3Bucket) -> list[dict[str, Any]]:
+    client = bucket.client()
+    found: list[dict[str, Any]] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket.name):
+        found.extend(page.get("Contents", []))
+    return found
+
+
+def same_dataset(original_path: Path, back: Dataset) -> None:
+    """Identical to what was sent, but for the trailing padding storescu drops."""
+    original = dcmread(original_path)
+    if TRAILING_PADDING in original:
+        del original[TRAILING_PADDING]
+    name = original_path.name
+    assert [e.tag for e in back] == [e.tag for e in original], name
+    for elem in original:
+        assert back[elem.tag].value == elem.value, f"{name} {elem.tag}"
+
+
+# --- a loaded vault (module scope) -----------------------------------------------------------
+
+
+@dataclass
+class Env:
+    vault: VaultDir
+    server: Server
+    bucket: S3Bucket
+    files: list[corpus.CorpusFile]
+    ct: list[Path]
+    token: str
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("s3vault")
+    bucket = create_bucket(s3_server)
+    vault = make_vault(root / "v")
+    use_bucket(vault.data, bucket)
+    vault.add_node(MODALITY)
+    vault.add_node(WS, "--roles", "store,query,retrieve")
+    v = vault.open()
+    try:
+        v.accounts.add_user(PHYSICIAN, ["physician"], PHYSICIAN_PW)
+        token = v.accounts.create_token(PHYSICIAN, "1d").token
+    finally:
+        v.close()
+    files = corpus.build(root / "corpus")
+    ct = corpus.synthetic_ct_series(root / "ct", 8, size=64)
+    server = start_server(vault)
+    try:
+        for f in files:
+            res = storescu(server.port, [f.path], calling=MODALITY, extra=f.proposal)
+            assert res.returncode == 0, f"{f.path.name}: {res.stdout}{res.stderr}"
+        res = storescu(server.port, ct, calling=MODALITY)
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield Env(vault, server, bucket, files, ct, token, root)
+    finally:
+        server.stop()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_objects_are_in_the_bucket_and_nowhere_else(env: Env) -> None:
+    objects = bucket_objects(env.bucket)
+    assert len(objects) == len(env.files) + len(env.ct)
+    for item in objects:
+        assert str(item["Key"]).startswith(PREFIX + "/") and str(item["Key"]).endswith(".pvo")
+    local = [p for p in (env.vault.data / "objects").rglob("*.pvo")]
+    assert local == []  # the local object directory holds nothing
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_wado_rs_reads_every_image_back_identical(env: Env) -> None:
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(env.vault.data / "tls" / "ca.crt")
+    session.headers["Authorization"] = f"Bearer {env.token}"
+    try:
+        client = DICOMwebClient(url=f"https://127.0.0.1:{env.server.https_port}/dicom-web",
+                                session=session)
+        for path in [f.path for f in env.files] + env.ct:
+            ds = dcmread(path, stop_before_pixels=True)
+            back = client.retrieve_instance(
+                str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                media_types=(("application/dicom", "*"),))
+            same_dataset(path, back)
+    finally:
+        session.close()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_c_get_reads_a_study_back_identical(env: Env) -> None:
+    out = env.root / "get"
+    out.mkdir()
+    study = str(dcmread(env.ct[0], stop_before_pixels=True).StudyInstanceUID)
+    res = subprocess.run(
+        [dcmtk("getscu"), "-S", "-aet", WS, "-aec", AE, "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+         "127.0.0.1", str(env.server.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    received = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+                for p in out.iterdir()}
+    assert len(received) == len(env.ct)
+    for path in env.ct:
+        back = dcmread(received[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)])
+        same_dataset(path, back)
+        assert back.PixelData == dcmread(path).PixelData
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_bucket_listing_and_download_reveal_no_patient(env: Env) -> None:
+    secrets = [*corpus.secrets_of(env.files), "Batch^Crash", "PVBATCH01", "19500505"]
+    needles = [s.encode() for s in secrets] + [s.encode("utf-16-le") for s in secrets]
+    for f in env.files:
+        needles += [f.sop_uid.encode(), f.study_uid.encode()]
+    for path in env.ct:
+        ds = dcmread(path, stop_before_pixels=True)
+        needles += [str(ds.SOPInstanceUID).encode(), str(ds.SeriesInstanceUID).encode(),
+                    str(ds.StudyInstanceUID).encode()]
+    client = env.bucket.client()
+    objects = bucket_objects(env.bucket)
+    assert objects
+    listing = repr(objects).encode()
+    for item in objects:
+        key = str(item["Key"])
+        answer = client.get_object(Bucket=env.bucket.name, Key=key)
+        body = answer["Body"].read()
+        headers = answer["ResponseMetadata"]["HTTPHeaders"]
+        assert body[:16] == b"pacsvault-obj/1\n"
+        assert not answer.get("Metadata"), key  # no x-amz-meta-*
+        assert not any(h.lower().startswith("x-amz-meta-") for h in headers), headers
+        assert "content-disposition" not in {h.lower() for h in headers}, headers
+        assert not answer.get("ContentDisposition")
+        assert client.get_object_tagging(Bucket=env.bucket.name, Key=key)["TagSet"] == []
+        blob = body + key.encode() + repr(headers).encode()
+        for needle in needles:
+            assert needle not in blob, f"{needle!r} readable in {key}"
+    for needle in needles:
+        assert needle not in listing
+
+
+# --- in-process vaults: recovery and scrubbing ----------------------------------------------
+
+
+def s3_vault(tmp_path: Path, bucket: S3Bucket, **extra: str) -> VaultDir:
+    vault = new_vault(tmp_path)
+    use_bucket(vault.data, bucket, **extra)
+    return vault
+
+
+@pytest.mark.s3
+def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
+                                                          s3_bucket: S3Bucket) -> None:
+    vault = s3_vault(tmp_path, s3_bucket, orphan_grace_seconds="3")
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 3, size=16)
+    v = vault.open()
+    try:
+        for f in files:
+            v.archive.store(f.read_bytes())
+        indexed = {i.object_id for i in v.archive.locate()}
+        # a crash between the PUT and the commit: an object no row names
+        client = s3_bucket.client()
+        orphan = os.urandom(16).hex()
+        key = f"{PREFIX}/{orphan[:2]}/{orphan[2:4]}/{orphan}.pvo"
+        client.put_object(Bucket=s3_bucket.name, Key=key, Body=b"pacsvault-obj/1\n" + b"x" * 99)
+        # a foreign key under the prefix is never ours to delete
+        client.put_object(Bucket=s3_bucket.name, Key=f"{PREFIX}/README.txt", Body=b"hello")
+        assert v.archive.recover().discarded == 0  # within the grace: maybe in flight
+        assert v.store.exists(orphan)
+        time.sleep(3.5)
+        assert v.archive.recover().discarded == 1
+        assert not v.store.exists(orphan)
+        keys = {str(o["Key"]) for o in bucket_objects(s3_bucket)}
+        assert f"{PREFIX}/README.txt" in keys
+        assert {k.rsplit("/", 1)[1].removesuffix(".pvo") for k in keys
+                if k.endswith(".pvo")} == indexed
+        for item in v.archive.locate():  # every indexed object still reads
+            assert v.archive.read(item)
+    finally:
+        v.close()
+
+
+@pytest.mark.s3
+def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
+                                                      s3_bucket: S3Bucket) -> None:
+    vault = s3_vault(tmp_path, s3_bucket)
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 4, size=16)
+    v = vault.open()
+    try:
+        for f in files:
+            v.archive.store(f.read_bytes())
+        items = list(v.archive.locate())
+    finally:
+        v.close()
+    ok = vault.cli("storage", "scrub")
+    assert "checked: 4 " in ok.stdout
+    gone, damaged = items[0].object_id, items[1].object_id
+    client = s3_bucket.client()
+    client.delete_object(Bucket=s3_bucket.name, Key=f"{PREFIX}/{gone[:2]}/{gone[2:4]}/{gone}.pvo")
+    key = f"{PREFIX}/{damaged[:2]}/{damaged[2:4]}/{damaged}.pvo"
+    blob = bytearray(client.get_object(Bucket=s3_bucket.name, Key=key)["Body"].read())
+    blob[-20] ^= 0x01
+    client.put_object(Bucket=s3_bucket.name, Key=key, Body=bytes(blob))
+    res = vault.cli("storage", "scrub", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"missing: {gone}" in res.stdout
+    assert f"corrupt: {damaged}" in res.stdout
+    assert "checked: 4 " in res.stdout
+    v = vault.open()
+    try:
+        scrubs = [r for r in v.audit.records() if r.action == "storage.scrub"]
+    finally:
+        v.close()
+    assert scrubs[-1].detail["missing"] == 1 and scrubs[-1].detail["corrupt"] == 1
+    assert scrubs[-1].outcome != scrubs[0].outcome
+
+
+# --- S3 endpoint down during ingest ----------------------------------------------------------
+
+
+def _statuses(res: subprocess.CompletedProcess[str]) -> str:
+    return res.stdout + res.stderr
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_endpoint_down_fails_stores_then_ingest_resumes(tmp_path: Path) -> None:
+    with running_seaweed() as s3:
+        bucket = create_bucket(s3)
+        vault = make_vault(tmp_path / "v")
+        use_bucket(vault.data, bucket)
+        vault.add_node(MODALITY)
+        first = corpus.synthetic_ct_series(tmp_path / "a", 2, size=32, seed=1)
+        during = corpus.synthetic_ct_series(tmp_path / "b", 2, size=32, seed=2)
+        server = start_server(vault)
+        try:
+            res = storescu(server.port, first, calling=MODALITY)
+            assert res.returncode == 0, _statuses(res)
+            s3.stop()
+            res = storescu(server.port, during, calling=MODALITY, extra=("-nh", "-v"),
+                           timeout=180)
+            responses = [line for line in _statuses(res).splitlines()
+                         if "Received Store Response" in line]
+            assert len(responses) == len(during), _statuses(res)
+            assert all("Success" not in line and "OutOfResources" in line
+                       for line in responses), responses
+            s3.start()
+            assert wait_until(lambda: storescu(server.port, during,
+                                               calling=MODALITY).returncode == 0, 60, 2)
+        finally:
+            server.stop()
+        v = vault.open()
+        try:
+            stored = {i.sop_uid for i in v.archive.locate()}
+            for path in first + during:
+                sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                assert sop in stored
+            for item in v.archive.locate():
+                assert v.archive.read(item)
+        finally:
+            v.close()
+
+
+# --- no endpoint needed ----------------------------------------------------------------------
+
+
+def test_storage_url_credentials_and_endpoint_checks(tmp_path: Path) -> None:
+    from pacsvault.config import StorageSettings
+    from pacsvault.storage.backends import (
+        StorageConfigError,
+        parse_url,
+        read_credentials,
+        s3_client,
+    )
+
+    assert parse_url("s3://my-bucket/pacsvault/site1/") == ("my-bucket", "pacsvault/site1")
+    assert parse_url("s3://my-bucket") == ("my-bucket", "")
+    for bad in ("s3://My_Bucket/x", "https://b/x", "s3://b"):
+        with pytest.raises(StorageConfigError):
+            parse_url(bad)
+    creds = tmp_path / "s3.credentials"
+    creds.write_text("# keys\naccess_key_id = AKIAEXAMPLE\nsecret_access_key = s3cr3t\n")
+    creds.chmod(0o644)
+    with pytest.raises(StorageConfigError, match="chmod 600"):
+        read_credentials(creds)
+    creds.chmod(0o600)
+    assert read_credentials(creds) == {"access_key_id": "AKIAEXAMPLE",
+                                       "secret_access_key": "s3cr3t"}
+    aws = tmp_path / "aws"
+    aws.write_text("[default]\naws_access_key_id = A\naws_secret_access_key = B\n")
+    aws.chmod(0o600)
+    assert read_credentials(aws)["secret_access_key"] == "B"
+    # plain http only to this machine; TLS is always verified (no switch exists)
+    with pytest.raises(StorageConfigError, match="https"):
+        s3_client(StorageSettings(url="s3://b-1/x", endpoint="http://s3.example.net",
+                                  credentials_file=str(creds)))
+    client = s3_client(StorageSettings(url="s3://b-1/x", endpoint="http://127.0.0.1:9",
+                                       credentials_file=str(creds)))
+    assert client.meta.endpoint_url == "http://127.0.0.1:9"
+    with pytest.raises(ValueError):
+        StorageSettings(url="s3://b/../x")
