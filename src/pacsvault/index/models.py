@@ -16,11 +16,13 @@ per-attribute choice and what each leaks: ARCHITECTURE.md, "PostgreSQL index".
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Dialect,
     ForeignKey,
     Index,
     Integer,
@@ -32,8 +34,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from pacsvault.index.sealing import Fixed, Sealed
+from pacsvault.index.sealing import Fixed, Sealed, sealer_of
 
 
 def utcnow() -> dt.datetime:
@@ -44,13 +47,44 @@ class Base(DeclarativeBase):
     pass
 
 
+class SealedTime(TypeDecorator[dt.datetime]):
+    """A reception or creation time that dates a patient's visit (a study's arrival is
+    its appointment, give or take minutes): ``DateTime`` on SQLite (same DDL), sealed
+    like ``index.sealing.Sealed`` (ISO 8601 in UTC) elsewhere. Never compared in SQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(DateTime(timezone=True))
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        sealer = sealer_of(dialect)
+        if sealer is None or value is None:
+            return value
+        return sealer.seal(self.label, value.astimezone(dt.UTC).isoformat())
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        sealer = sealer_of(dialect)
+        if sealer is None or value is None:
+            return value
+        return dt.datetime.fromisoformat(sealer.open(self.label, bytes(value)))
+
+
 class DataKey(Base):
     """A patient's data key, wrapped. Deleting ``wrapped`` crypto-shreds the patient."""
 
     __tablename__ = "data_keys"
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     wrapped: Mapped[bytes | None] = mapped_column(LargeBinary)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[dt.datetime] = mapped_column(SealedTime("data_keys.created"),
+                                                 default=utcnow)
     destroyed: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -66,7 +100,8 @@ class Patient(Base):
     birth_date: Mapped[str] = mapped_column(Sealed("patients.birth_date", 8), default="")
     sex: Mapped[str] = mapped_column(Sealed("patients.sex", 16), default="")
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"))
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[dt.datetime] = mapped_column(SealedTime("patients.created"),
+                                                 default=utcnow)
     # DICOM JSON of the first instance received: answers return keys without decryption.
     meta_json: Mapped[str] = mapped_column(Sealed("patients.meta_json"), default="{}")
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
@@ -91,7 +126,8 @@ class Study(Base):
     modalities: Mapped[str] = mapped_column(String(128), default="")
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created: Mapped[dt.datetime] = mapped_column(SealedTime("studies.created"),
+                                                 default=utcnow)
     meta_json: Mapped[str] = mapped_column(Sealed("studies.meta_json"), default="{}")
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -136,7 +172,8 @@ class Instance(Base):
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"), index=True)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[bytes] = mapped_column(LargeBinary(32))
-    received: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received: Mapped[dt.datetime] = mapped_column(SealedTime("instances.received"),
+                                                  default=utcnow)
     source_ae: Mapped[str] = mapped_column(String(16), default="")
     meta_json: Mapped[str] = mapped_column(Sealed("instances.meta_json"), default="{}")
     # Set when an admin quarantines the instance (``storage.removal``): kept, exportable,

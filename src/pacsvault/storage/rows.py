@@ -162,8 +162,9 @@ def index_one(
     )
     if conn.dialect.name != "sqlite":
         # Sealed columns (PostgreSQL, ``index.sealing``): through SQLAlchemy's types.
-        conn.execute(insert(_instances).values(dict(zip(_INSTANCE_COLUMNS, row,
-                                                        strict=True))))
+        values = dict(zip(_INSTANCE_COLUMNS, row, strict=True))
+        values["received"] = utcnow()  # sealed by its column type, not pre-processed
+        conn.execute(insert(_instances).values(values))
         conn.execute(update(_series).where(_series.c.pk == series_pk)
                      .values(num_instances=_series.c.num_instances + 1))
         conn.execute(update(_studies).where(_studies.c.pk == study_pk)
