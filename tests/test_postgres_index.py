@@ -212,9 +212,18 @@ def _encodings(text: str) -> list[bytes]:
 
 
 def _markers(files: list[corpus.CorpusFile]) -> list[str]:
+    """Names, IDs, birth dates, study/series/instance UIDs, accession numbers, study
+    dates (DICOM and ISO form) of the corpus."""
     found = set(corpus.secrets_of(files))
     for f in files:
-        found.update({f.sop_uid, f.study_uid})
+        ds = dcmread(f.path, stop_before_pixels=True)
+        found.update({f.sop_uid, f.study_uid, str(ds.SeriesInstanceUID)})
+        accession = str(ds.get("AccessionNumber", "") or "")
+        if len(accession) >= 4:
+            found.add(accession)
+        date = str(ds.get("StudyDate", "") or "")
+        if len(date) == 8:
+            found.update({date, f"{date[:4]}-{date[4:6]}-{date[6:]}"})
     return sorted(found)
 
 
