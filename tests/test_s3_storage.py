@@ -36,6 +36,7 @@ from tests.helpers import (
     new_vault,
     start_server,
     storescu,
+    wait_events,
     wait_until,
 )
 
@@ -309,6 +310,9 @@ def test_endpoint_down_fails_stores_then_ingest_resumes(tmp_path: Path) -> None:
             assert len(responses) == len(during), _statuses(res)
             assert all("Success" not in line and "OutOfResources" in line
                        for line in responses), responses
+            failed = wait_events(vault, "dicom.store.failed", count=len(during))
+            assert len(failed) >= len(during)
+            assert all("StorageUnavailable" in str(e["message"]) for e in failed), failed
             s3.start()
             assert wait_until(lambda: storescu(server.port, during,
                                                calling=MODALITY).returncode == 0, 60, 2)
@@ -364,3 +368,28 @@ def test_storage_url_credentials_and_endpoint_checks(tmp_path: Path) -> None:
     assert client.meta.endpoint_url == "http://127.0.0.1:9"
     with pytest.raises(ValueError):
         StorageSettings(url="s3://b/../x")
+
+
+def test_object_storage_alerts() -> None:
+    """A scrub that found damage, and stores refused because the endpoint is down, raise
+    ``object-storage`` (not ``disk-full``: there is no disk to free)."""
+    from pacsvault.audit.alerts.findings import Severity
+    from pacsvault.audit.events import EventCode, Outcome
+    from tests.test_alerts import MONDAY_10, detector, ev
+
+    det, _ = detector()
+    scrubbed = ev("storage.scrub", MONDAY_10, code=EventCode.APPLICATION_ACTIVITY,
+                  outcome=Outcome.SERIOUS_FAILURE, message="Object scrub: ...",
+                  detail={"checked": 4, "missing": 1, "corrupt": 1})
+    alerts = det.observe(scrubbed)
+    assert [a.rule for a in alerts] == ["object-storage"]
+    assert alerts[0].severity is Severity.CRITICAL and "1 missing and 1 corrupt" in alerts[0].text
+    refused = ev("dicom.store.failed", MONDAY_10, code=EventCode.INSTANCES_TRANSFERRED,
+                 outcome=Outcome.SERIOUS_FAILURE, actor_ae="MODALITY",
+                 actor_address="192.168.1.10",
+                 message="status A700: storage error StorageUnavailable")
+    alerts = det.observe(refused)
+    assert [a.rule for a in alerts] == ["object-storage"]
+    assert "unreachable" in alerts[0].title
+    assert det.observe(ev("storage.scrub", MONDAY_10, code=EventCode.APPLICATION_ACTIVITY,
+                          detail={"checked": 4, "missing": 0, "corrupt": 0})) == []

@@ -50,6 +50,10 @@ Rules (ids are what ``disabled_rules`` takes):
                    receiving goes on, nothing can be read until someone unlocks it),
                    ``sealed.snapshot`` (the node snapshot does not verify: every device is
                    refused) and ``sealed.journal.damaged`` (sealed/).
+``object-storage`` ``storage.scrub`` that did not succeed (an indexed object is missing or
+                   does not authenticate: storage/scrub.py), and ``dicom.store.failed``
+                   with A700 because the S3 endpoint cannot be reached (instead of
+                   ``disk-full``: there is no disk to free).
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further

@@ -137,7 +137,7 @@ class Detector:
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
             self._connection_abuse,
             self._audit_unwritable,
-            self._backup_failed, self._backup_stale, self._sealed,
+            self._backup_failed, self._backup_stale, self._sealed, self._object_storage,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -580,8 +580,38 @@ class Detector:
             time=e.time, facts={"target": target, "age_hours": str(age)},
         )]
 
+    def _object_storage(self, e: AuditEvent) -> list[Finding]:
+        """A bucket run by someone else: unreachable (images refused), or an indexed
+        object gone or damaged there (found by the scrubber)."""
+        if e.action == "storage.scrub" and e.outcome is not Outcome.SUCCESS:
+            missing, corrupt = e.detail.get("missing", "?"), e.detail.get("corrupt", "?")
+            return [Finding(
+                rule="object-storage", subject="damaged", severity=Severity.CRITICAL,
+                title="Stored images missing or damaged",
+                what=(f"The object scrub found {missing} missing and {corrupt} corrupt "
+                      "object(s) in the object storage: those images can no longer be "
+                      "read. Ask the storage provider what happened, and restore the "
+                      "objects from a copy (bucket versioning, replication or a backup)."),
+                look="pacsvault storage scrub; pacsvault audit show --action storage.scrub",
+                time=e.time, facts={"missing": str(missing), "corrupt": str(corrupt)})]
+        if e.action == "dicom.store.failed" and "StorageUnavailable" in e.message:
+            who = _who(e)
+            return [Finding(
+                rule="object-storage", subject="unreachable", severity=Severity.CRITICAL,
+                title="Object storage unreachable: images are being refused",
+                what=(f"The archive refused an image from {who.label} because the object "
+                      "storage (S3 endpoint) did not answer or did not confirm the upload "
+                      "(DICOM status A700). Modalities keep refused images in their queues, "
+                      "or lose them. Check the endpoint and the network to it; storing "
+                      "resumes by itself once it answers."),
+                look=_show("--action dicom.store.failed", e.time - dt.timedelta(minutes=5)),
+                time=e.time, source=_clean(e.actor_ae), ae=_clean(e.actor_ae),
+                address=_clean(e.actor_address))]
+        return []
+
     def _disk_full(self, e: AuditEvent) -> list[Finding]:
-        if e.action != "dicom.store.failed" or "A700" not in e.message.upper():
+        if e.action != "dicom.store.failed" or "A700" not in e.message.upper() \
+                or "StorageUnavailable" in e.message:
             return []
         who = _who(e)
         return [Finding(
