@@ -35,6 +35,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    delete,
     update,
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -168,6 +169,8 @@ def claim_notice(sessions: sessionmaker[Session], rule: str, subject: str,
                 return True
             if s.get(AlertNoticeRow, (rule, subject)) is not None:
                 return False  # another instance's notice, still in its window
+            s.execute(delete(AlertNoticeRow).where(  # windows over: nothing to keep
+                AlertNoticeRow.until <= to_micros(now)))
             s.add(AlertNoticeRow(rule=rule, subject=subject, until=to_micros(until)))
         return True
     except IntegrityError:  # another instance claimed it at this very moment
