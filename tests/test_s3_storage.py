@@ -24,6 +24,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from pacsvault.storage import scrub
 from tests import corpus
 from tests.harness.seaweed import S3Bucket, create_bucket, running_seaweed
 from tests.helpers import (
@@ -236,6 +237,15 @@ def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
         time.sleep(3.5)
         assert v.archive.recover().discarded == 1
         assert not v.store.exists(orphan)
+        # serve's job does the same (and records it)
+        another = os.urandom(16).hex()
+        client.put_object(Bucket=s3_bucket.name,
+                          Key=f"{PREFIX}/{another[:2]}/{another[2:4]}/{another}.pvo", Body=b"y")
+        time.sleep(3.5)
+        scrub.sweep_tick(v)
+        assert not v.store.exists(another)
+        assert [r.detail["removed"] for r in v.audit.records()
+                if r.action == "storage.orphans"] == [1]
         keys = {str(o["Key"]) for o in bucket_objects(s3_bucket)}
         assert f"{PREFIX}/README.txt" in keys
         assert {k.rsplit("/", 1)[1].removesuffix(".pvo") for k in keys
@@ -279,6 +289,37 @@ def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
         v.close()
     assert scrubs[-1].detail["missing"] == 1 and scrubs[-1].detail["corrupt"] == 1
     assert scrubs[-1].outcome != scrubs[0].outcome
+    # serve's job: one slice covers these four rows, and records the damage at once
+    v = vault.open()
+    try:
+        scrub.tick(v)
+        found = [r for r in v.audit.records() if r.action == "storage.scrub"][len(scrubs):]
+    finally:
+        v.close()
+    assert found and found[0].detail["missing"] == 1 and found[0].detail["corrupt"] == 1
+    assert gone in str(found[0].detail["missing_ids"])
+
+
+@pytest.mark.s3
+def test_tls_is_verified(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    """Without the endpoint's CA the certificate does not verify: no request goes through
+    (there is no setting to turn verification off)."""
+    from pacsvault.config import StorageSettings
+    from pacsvault.storage.backends import open_s3
+    from pacsvault.storage.objects import StorageUnavailable
+
+    server = s3_bucket.server
+    settings = StorageSettings(url=f"{s3_bucket.url}/{PREFIX}", endpoint=server.endpoint,
+                               region=server.region,
+                               credentials_file=str(server.credentials_file), path_style=True)
+    with pytest.raises(StorageUnavailable):
+        open_s3(settings).stage_spare([b"pacsvault-obj/1\n"])
+    trusted = open_s3(settings.model_copy(update={"ca_file": str(server.ca_file)}))
+    object_id = trusted.stage_spare([b"pacsvault-obj/1\n"])
+    assert trusted.read(object_id) == b"pacsvault-obj/1\n"
+    trusted.remove([object_id])
+    with pytest.raises(FileNotFoundError):
+        trusted.read(object_id)
 
 
 # --- S3 endpoint down during ingest ----------------------------------------------------------
