@@ -32,7 +32,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from tests import corpus
-from tests.harness.postgres import PostgresServer, create_database, drop_database
+from tests.harness.postgres import (
+    PostgresDatabase,
+    PostgresServer,
+    create_database,
+    drop_database,
+)
 from tests.helpers import AE, Server, VaultDir, first_run_secrets, make_vault, pv, start_server
 
 MODALITY = "PGMOD"
@@ -283,6 +288,14 @@ def test_wrong_key_and_another_vaults_database_refused(pair: Pair, tmp_path: Pat
     settings = config.load(pg_vault.data).index
     with pytest.raises(IndexOpenError, match="does not open with this key"):
         open_postgres(settings, sealer_for(MasterKey.generate(), vault_id), vault_id)
+    # a password file others can read is refused before any connection
+    exposed = tmp_path / "pw"
+    exposed.write_text(pair.pg.password() + "\n")
+    exposed.chmod(0o644)
+    with pytest.raises(IndexOpenError, match="readable by other users") as refused:
+        open_postgres(settings.model_copy(update={"password_file": str(exposed)}),
+                      sealer_for(MasterKey.generate(), vault_id), vault_id)
+    assert pair.pg.password() not in str(refused.value)
     # another vault pointed at this database
     other = tmp_path / "other"
     shutil.copytree(pair.embedded.vault.data, other / "data",
@@ -398,3 +411,31 @@ def test_same_sop_uid_at_two_instances_at_once(tmp_path: Path,
             b.close()
     finally:
         drop_database(db)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_backup_and_key_rotation_refuse_a_postgres_vault(
+        tmp_path: Path, postgres_db: PostgresDatabase) -> None:
+    """Both copy or re-key ``index.db``; on a PostgreSQL vault they say what to use
+    instead, in one line, and change nothing."""
+    from pacsvault.backup.staging import refuse_postgres
+    from pacsvault.backup.targets import BackupError
+    from pacsvault.crypto.rotation import rotate
+    from pacsvault.crypto.rotation.steps import RotationError
+
+    vault = make_pg_vault(tmp_path / "v", postgres_db.server, postgres_db.url)
+    key_before = vault.key.read_bytes()
+    v = vault.open()
+    try:
+        with pytest.raises(BackupError, match="pg_dump"):
+            refuse_postgres(v)
+        with pytest.raises(RotationError, match="PostgreSQL"):
+            rotate(v)
+    finally:
+        v.close()
+    assert vault.key.read_bytes() == key_before
+    assert not list(vault.key.parent.glob("*.new"))
+    res = vault.cli("keys", "rotate", check=False)
+    assert res.returncode == 2 and "PostgreSQL" in res.stderr
+    assert res.stderr.strip().startswith("pacsvault: error: ")
