@@ -20,6 +20,7 @@ test. Only 127.0.0.1 or a Unix socket.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -149,11 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--reuse", action="store_true",
+                        help="the database was filled by an earlier run: query only")
     args = parser.parse_args(argv)
     engine = create_engine(args.url)
-    sealer = sealing.sealer_for(MasterKey.generate(), "bench-pg-matching")
+    # synthetic data only: a fixed key lets --reuse read what an earlier run wrote
+    sealer = sealing.sealer_for(MasterKey(hashlib.sha256(b"bench.pg_matching").digest()),
+                                "bench-pg-matching")
     sealing.attach(engine, sealer)
-    _load(engine, sealer, args.studies)
+    if not args.reuse:
+        _load(engine, sealer, args.studies)
     qe = QueryEngine(sessionmaker(engine, expire_on_commit=False), "BENCH",
                      time_budget=30)
 

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from sqlalchemy import Engine, column, create_engine, event, func, select, text
+from sqlalchemy import Engine, column, create_engine, event, func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from pacsvault.crypto.keyring import Keyring
@@ -45,6 +46,7 @@ from pacsvault.index.models import (
 from pacsvault.index.query import QueryBudgetExceeded, QueryEngine
 from pacsvault.storage.archive import Archive
 from pacsvault.storage.objects import ObjectStore
+from tests.harness.postgres import PostgresServer, create_database, drop_database
 
 pytestmark = pytest.mark.postgres
 
@@ -119,10 +121,6 @@ def _part10(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def _pg_url() -> str | None:
-    return os.environ.get("PACSVAULT_TEST_PG_URL")
-
-
 def _loaded(engine: Engine, objects: Path) -> QueryEngine:
     Base.metadata.create_all(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
@@ -136,28 +134,22 @@ def _loaded(engine: Engine, objects: Path) -> QueryEngine:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QueryEngine,
-                                                                      QueryEngine, Engine]]:
-    url = _pg_url()
-    if url is None:
-        pytest.skip("no PostgreSQL (PACSVAULT_TEST_PG_URL)")
+def engines(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer,
+            ) -> Iterator[tuple[QueryEngine, QueryEngine, Engine]]:
+    """The corpus in the embedded index (SQLCipher, as a vault opens it) and in a fresh
+    database of the harness's PostgreSQL (TLS verify-full), sealed."""
     root = tmp_path_factory.mktemp("backends")
-    lite = open_index(root / "index.db", os.urandom(32), create=True)  # the embedded one
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"pv_match_{os.getpid()}"
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    pg = create_engine(url.rsplit("/", 1)[0] + f"/{name}")
+    lite = open_index(root / "index.db", os.urandom(32), create=True)
+    db = create_database(postgres_server)
+    url = make_url(db.url).set(drivername="postgresql+psycopg")
+    pg = create_engine(url, connect_args={"password": postgres_server.password()})
     sealing.attach(pg, sealing.sealer_for(MasterKey.generate(), "vault-match"))
     try:
         yield _loaded(lite, root / "lite"), _loaded(pg, root / "pg"), pg
     finally:
         pg.dispose()
         lite.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+        drop_database(db)
 
 
 def _identifier(level: str, keys: dict[str, str], returned: tuple[str, ...]) -> Dataset:
