@@ -41,6 +41,15 @@ def private_file(path: Path, text: str) -> Path:
     return path
 
 
+def rotate_keys(vault: VaultDir) -> str:
+    """``pacsvault keys rotate`` (offline, the real CLI); the new recovery code, read from
+    the 0600 file it is handed over in."""
+    rotated = vault.cli("keys", "rotate")
+    code_file = Path(rotated.stdout.strip().splitlines()[-1].strip())
+    return next(line.split(":", 1)[1].strip() for line in code_file.read_text().splitlines()
+                if line.startswith("recovery code:"))
+
+
 def digests(v: Any) -> dict[str, str]:
     """SOP Instance UID -> SHA-256 of the decrypted Part 10 bytes (authenticated read)."""
     return {item.sop_uid: hashlib.sha256(v.archive.read(item)).hexdigest()
@@ -344,7 +353,7 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
         tmp_path: Path) -> None:
-    from pacsvault.backup import runner, state
+    from pacsvault.backup import state
     from pacsvault.backup.restic import Repository, WrongPassword
     from pacsvault.crypto import keys
     from pacsvault.vault import Layout, update_meta
@@ -372,22 +381,44 @@ def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
     vault.cli("backup", "init", "--target", "usb", "--recovery-code-file", right)
     Repository(str(repo), keys.backup_recovery_password(vault.recovery_code)).snapshots()
 
-    # a key rotation hands a new recovery code: reachable repositories get it at once,
-    # the others are remembered and get it at their next run
-    new_code = keys.new_recovery_code()
-    v = vault.open()
-    try:
-        runner.recovery_code_changed(v, new_code)
-        targets = state.load_state(v.layout)["targets"]
-    finally:
-        v.close()
-    assert "pending_recovery_key" not in targets["usb"]
-    assert targets["offsite"]["pending_recovery_key"] is True
+    vault.cli("backup", "init", "--target", "offsite")
+    Repository(str(away), keys.backup_recovery_password(vault.recovery_code)).snapshots()
+    layout = Layout(vault.data)
+
+    def registered() -> tuple[str, str]:
+        targets = state.load_state(layout)["targets"]
+        return targets["usb"]["recovery_key"], targets["offsite"]["recovery_key"]
+
+    old_usb, old_offsite = registered()
+
+    # a key rotation replaces the recovery password in vault.json and touches no
+    # repository: each gets the new code's key at its next run, one out of reach then at
+    # the run after
+    new_code = rotate_keys(vault)
+    with pytest.raises(WrongPassword):
+        Repository(str(repo), keys.backup_recovery_password(new_code)).snapshots()
+    plugged_off = away.parent.rename(tmp_path / "drawer")
+    res = vault.cli("backup", "run", check=False)
+    assert res.returncode != 0 and "usb: snapshot" in res.stdout \
+        and "offsite: FAILED" in res.stdout
     Repository(str(repo), keys.backup_recovery_password(new_code)).snapshots()
     Repository(str(repo), keys.backup_recovery_password(vault.recovery_code)).snapshots()
+    new_usb, offsite_now = registered()
+    assert new_usb != old_usb and offsite_now == old_offsite
+    plugged_off.rename(away.parent)
+    with pytest.raises(WrongPassword):
+        Repository(str(away), keys.backup_recovery_password(new_code)).snapshots()
+    vault.cli("backup", "run")
+    Repository(str(away), keys.backup_recovery_password(new_code)).snapshots()
+    Repository(str(away), keys.backup_recovery_password(vault.recovery_code)).snapshots()
     with pytest.raises(WrongPassword):
         Repository(str(repo), keys.backup_recovery_password(keys.new_recovery_code())
                    ).snapshots()
+    assert registered()[0] == new_usb and registered()[1] not in (old_offsite, new_usb)
+    # the state file names the registered password without holding it
+    text = state.state_path(layout).read_text()
+    assert keys.backup_recovery_password(new_code).decode() not in text
+    assert keys.backup_recovery_password(vault.recovery_code).decode() not in text
 
 
 @pytest.mark.slow
@@ -421,6 +452,8 @@ def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> N
 def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
         tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
     from pacsvault.backup import runner
+    from pacsvault.backup.restic import Repository, WrongPassword
+    from pacsvault.crypto import keys
     from pacsvault.vault import Vault
 
     vault = make_vault(tmp_path / "v")
@@ -434,11 +467,10 @@ def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
         server.stop()
     vault.cli("backup", "init")
     before = vault.cli("backup", "run").stdout.split("snapshot ")[1].split(",")[0]
-    rotated = vault.cli("keys", "rotate")
-    code_file = Path(rotated.stdout.strip().splitlines()[-1].strip())
-    new_code = next(line.split(":", 1)[1].strip() for line in code_file.read_text().splitlines()
-                    if line.startswith("recovery code:"))
+    new_code = rotate_keys(vault)  # offline: the rotation itself touches no repository
     assert new_code != vault.recovery_code
+    with pytest.raises(WrongPassword):
+        Repository(str(repo), keys.backup_recovery_password(new_code)).snapshots()
     after = vault.cli("backup", "run").stdout.split("snapshot ")[1].split(",")[0]
 
     def restore(code: str, snapshot: str, n: int) -> dict[str, str]:
@@ -451,7 +483,7 @@ def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
             v.close()
 
     old = restore(vault.recovery_code, before, 1)  # the recovery sheet of that time
-    new = restore(new_code, after, 2)  # the repository took the new code at rotation
+    new = restore(new_code, after, 2)  # the run after the rotation added the new code
     assert old == new and len(new) == 2
     with pytest.raises(runner.BackupError, match="before a key rotation"):
         restore(new_code, before, 3)

@@ -71,7 +71,6 @@ from pacsvault.backup.targets import _repository_password as _repository_passwor
 from pacsvault.backup.targets import _target as _target
 from pacsvault.backup.targets import has_recovery_password as has_recovery_password
 from pacsvault.backup.targets import init as init
-from pacsvault.backup.targets import recovery_code_changed as recovery_code_changed
 from pacsvault.backup.targets import set_recovery_code as set_recovery_code
 
 if TYPE_CHECKING:
@@ -146,6 +145,9 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
     try:
         repo = _repo(vault, target)
         repo.unlock()  # stale locks of a run killed with serve (ours hold the flock)
+        # A key rotation since the last run replaced the recovery password: the new code's
+        # key goes in before the first snapshot whose vault.json only that code opens.
+        _ensure_recovery_key(vault, target, repo)
         root = vault.layout.root
         summary = repo.backup(
             [STAGING_DIR, "objects"], cwd=root, tags=[TAG_ALL, TAG_DATA],
@@ -154,8 +156,6 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
             excludes=[str(vault.layout.objects.resolve() / ".tmp"),
                       str(vault.layout.objects.resolve() / ".spare")])
         _push_keystore(vault, repo, target.name)
-        if backup_state.target_state(vault.layout, target.name).get("pending_recovery_key"):
-            _ensure_recovery_key(vault, target, repo)
         return BackupOutcome(
             target.name, True, str(summary.get("snapshot_id") or "") or None, None,
             int(summary.get("total_files_processed", 0)), int(summary.get("data_added", 0)),

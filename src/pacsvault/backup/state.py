@@ -8,9 +8,9 @@ What the Health page, the alerts and the schedule read, and what the runner writ
             "last_snapshot": "1a2b3c4d",                      # restic short id
             "last_failure": "...", "last_error": "one line",  # absent if never failed
             "last_drill": "...", "last_drill_ok": true, "last_drill_detail": "...",
-            "pending_recovery_key": true                      # a new recovery code's
-        }                                                     # restic key still to add
-    }}
+            "recovery_key": "9f0c..."   # which recovery password this repository was
+        }                               # given (HMAC keyed by it); another one in the
+    }}                                  # vault (a key rotation) = a key to add
 
 Written atomically (0600 sibling, fsync, rename); one writer at a time per process.
 """
@@ -93,11 +93,11 @@ def record_drill(layout: Layout, target: str, ok: bool, detail: str) -> None:
     update_target(layout, target, change)
 
 
-def set_pending_recovery_key(layout: Layout, target: str, pending: bool) -> None:
+def set_recovery_key(layout: Layout, target: str, fingerprint: str) -> None:
+    """Remember that the target's repository opens with the vault's current recovery
+    password (``targets._ensure_recovery_key``)."""
     def change(entry: dict[str, Any]) -> None:
-        if pending:
-            entry["pending_recovery_key"] = True
-        else:
-            entry.pop("pending_recovery_key", None)
+        entry["recovery_key"] = fingerprint
+        entry.pop("pending_recovery_key", None)  # the flag of versions before this one
 
     update_target(layout, target, change)

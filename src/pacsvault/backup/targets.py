@@ -11,7 +11,7 @@ unwrap the data keys. Names with a leading underscore are the package's own help
 
 from __future__ import annotations
 
-import contextlib
+import hmac
 import json
 import secrets
 from pathlib import Path
@@ -25,12 +25,13 @@ from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.backup import state as backup_state
 from pacsvault.backup.restic import Repository, ResticError, WrongPassword, read_credentials
 from pacsvault.crypto import keys
+from pacsvault.vaultfile import BACKUP_RECOVERY_SECRET
 
 if TYPE_CHECKING:
     from pacsvault.vault import Vault
 
 REPOSITORY_SECRET = "backup-repository"  # noqa: S105 (a secret's name)
-RECOVERY_SECRET = "backup-recovery-password"  # noqa: S105 (= vault.BACKUP_RECOVERY_SECRET)
+RECOVERY_SECRET = BACKUP_RECOVERY_SECRET  # replaced by a key rotation (a new recovery code)
 PURPOSE_KEYSTORE = "pacsvault/v1/backup-keystore"
 PURPOSE_REPOSITORY_PASSWORD = "pacsvault/v1/backup-repository-password"  # noqa: S105
 KEYSTORE_FORMAT = "pacsvault-backup-keystore/1"
@@ -149,17 +150,34 @@ def has_recovery_password(vault: Vault) -> bool:
     return _stored_secret(vault, RECOVERY_SECRET) is not None
 
 
+def _recovery_fingerprint(recovery: bytes, location: str) -> str:
+    """Names which recovery password was registered with which repository, for the state
+    file (no secret there): an HMAC keyed by the password, so it reveals nothing of it."""
+    return hmac.new(recovery, b"pacsvault/v1/backup-recovery-registered\0"
+                    + location.encode("utf-8"), "sha256").hexdigest()[:32]
+
+
 def _ensure_recovery_key(vault: Vault, target: config.BackupTarget, repo: Repository) -> bool:
-    """Give the repository the recovery-code key if it lacks it; True when it has it."""
+    """Give the repository the recovery-code key if it lacks it; True when it has it.
+
+    Asks the repository only when the vault's recovery password is not the one this
+    target last registered (state file): after a key rotation, which replaced the
+    password with the new code's, or the first time. Old keys stay in the repository:
+    a snapshot taken before a rotation holds the ``vault.json`` of its time, which only
+    the old code opens."""
     recovery = _stored_secret(vault, RECOVERY_SECRET)
     if recovery is None:
         return False
+    fingerprint = _recovery_fingerprint(recovery, repo.location)
+    registered = backup_state.target_state(vault.layout, target.name).get("recovery_key")
+    if isinstance(registered, str) and secrets.compare_digest(registered, fingerprint):
+        return True
     probe = Repository(repo.location, recovery, repo.env, repo.binary, repo.cache_dir)
     try:
         probe.run(["cat", "config"])
     except WrongPassword:
         repo.add_key(recovery)
-    backup_state.set_pending_recovery_key(vault.layout, target.name, False)
+    backup_state.set_recovery_key(vault.layout, target.name, fingerprint)
     return True
 
 
@@ -186,18 +204,6 @@ def init(vault: Vault, name: str) -> str:
           {"target": name, "created": created})
     return f"{name}: repository {'created' if created else 'already there'}, " \
            "recovery-code key present"
-
-
-def recovery_code_changed(vault: Vault, code: str) -> None:
-    """A key rotation gave the vault a new recovery code: store the new recovery password
-    and add it as a key to every reachable repository (old keys stay: old snapshots, whose
-    ``vault.json`` holds the old master, restore with the old code). Targets out of reach
-    are remembered in the state file and get the key at their next run."""
-    vault.set_named_secret(RECOVERY_SECRET, keys.backup_recovery_password(code))
-    for target in vault.settings.backup.targets:
-        backup_state.set_pending_recovery_key(vault.layout, target.name, True)
-        with contextlib.suppress(ResticError, BackupError):
-            _ensure_recovery_key(vault, target, _repo(vault, target))
 
 
 # --- snapshots -----------------------------------------------------------------------------

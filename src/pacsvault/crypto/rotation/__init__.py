@@ -9,10 +9,11 @@ is moved under a new random master key:
 - the SQLCipher key of the index (``PRAGMA rekey``: works with WAL on this build, measured);
 - the PKCS#8 passwords of every ``tls/**/*.key.enc`` (retired CAs included);
 - TOTP secrets (sealed under the accounts key): every second factor keeps working;
-- ``vault.json``: key check, a NEW recovery code, every named secret re-wrapped (values
-  unchanged: a backup repository keeps its password) and the old *events* key kept as the
-  named secret ``audit-events-retired/<time>`` so ``audit show`` still unseals the
-  references of older trail records;
+- ``vault.json``: key check, a NEW recovery code and its backup recovery password (the
+  named secret the backup runner adds to each repository at its next run), every other
+  named secret re-wrapped (values unchanged: a backup repository keeps its password) and
+  the old *events* key kept as the named secret ``audit-events-retired/<time>`` so
+  ``audit show`` still unseals the references of older trail records;
 - the syslog export queue (re-encrypted in place);
 - the trail's signing key: a ``keys.rotated`` record signed by the OLD key names the new
   public key; verification follows the hand-over (``audit/trail.py``).
@@ -31,7 +32,10 @@ Throttling counters keyed by an HMAC of typed sign-in names restart at rotation.
 
 This module drives a rotation (begin, pause the writers, run the steps, hand the new
 recovery code over, complete an interrupted one at open, the online control command); the
-steps themselves are ``steps`` (one per store the master key protects).
+steps themselves are ``steps`` (one per store the master key protects). It calls nothing
+in ``backup/``: it sits with ``vault.py`` in the import layers (``Vault.open`` completes an
+interrupted rotation), below the workflows, and the backups find the new recovery
+password in ``vault.json`` themselves.
 """
 
 from __future__ import annotations
@@ -214,26 +218,7 @@ def run(vault: Vault, key_path: Path, new: keys.MasterKey, marker: dict[str, Any
         rot.memory()
         out.paused_seconds = time.monotonic() - began
     rot.finish(keep_old=keep_old)
-    _handed_to_backups(vault, out.recovery_code)
     return out
-
-
-def _handed_to_backups(vault: Vault, code: str) -> None:
-    """Old backups keep their own vault.json (restorable with the old code); the backup
-    module may re-key what it derives from the recovery code."""
-    try:
-        from pacsvault.backup import runner
-    except ImportError:
-        return
-    hook: Callable[[Vault, str], None] | None = getattr(runner, "recovery_code_changed", None)
-    if hook is None:
-        return
-    try:
-        hook(vault, code)
-    except NotImplementedError:
-        pass
-    except Exception as exc:  # the rotation is done; say so, don't undo it
-        log.error("backup: recovery code change not applied (%s)", type(exc).__name__)
 
 
 def rotate(vault: Vault, *, actor: str = "local-admin", keep_old: bool = False,
@@ -270,12 +255,6 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
     if keys.verify_key_check(current, vid, str(marker.get("new_key_check", ""))):
         # The key file was replaced already: only vault.json is left to finish.
         finish_files(layout, key_path, current, vid, keep_old=False, outcome=out)
-        engine = open_index(layout.index, current.derive(keys.PURPOSE_INDEX, vid))
-        vault = vault_class(layout, settings, vid, current, engine)
-        try:
-            _handed_to_backups(vault, out.recovery_code)
-        finally:
-            vault.close()
     else:
         if not keys.verify_key_check(current, vid, str(meta["key_check"])):
             raise keys.VaultKeyError(f"the key file {key_path} does not open this vault (it "

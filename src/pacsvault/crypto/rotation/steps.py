@@ -289,8 +289,16 @@ class Rotation:
 def finish_files(layout: Layout, key_path: Path, new: keys.MasterKey, vault_id: str, *,
                  keep_old: bool, outcome: Outcome) -> None:
     """The new key file takes the old one's place (rename: one or the other, never none),
-    then ``vault.json`` gets the new key check and recovery blob and loses the marker, in
-    one atomic write. A crash between the two is completed by ``Vault.open``."""
+    then ``vault.json`` gets the new key check, the recovery blob of a new recovery code
+    and that code's backup recovery password, and loses the marker, in one atomic write.
+    A crash between the two is completed by ``Vault.open``.
+
+    The backup recovery password (``vaultfile.BACKUP_RECOVERY_SECRET``, the restic key a
+    recovery code opens a repository with) changes with the code in the same write, so
+    the two never disagree; rotation tells the backups nothing more. The backup runner
+    sees the new password at its next run and adds it to each repository before that
+    run's snapshot, the first one whose ``vault.json`` the new code opens (snapshots taken
+    before keep the old code: their key stays in the repository)."""
     pending = new_key_path(key_path)
     if pending.exists():
         if keep_old and key_path.exists():
@@ -302,10 +310,15 @@ def finish_files(layout: Layout, key_path: Path, new: keys.MasterKey, vault_id: 
         fsync_dir(key_path.parent)
     _crash_point("key-file")
     code = keys.new_recovery_code()
+    recovery_password = keys.wrap_secret(new, vault_id, vaultfile.BACKUP_RECOVERY_SECRET,
+                                         keys.backup_recovery_password(code))
 
     def change(meta: dict[str, object]) -> None:
         meta["key_check"] = keys.make_key_check(new, vault_id)
         meta["recovery"] = keys.wrap_for_recovery(new, code, vault_id)
+        table = meta.setdefault("secrets", {})
+        assert isinstance(table, dict)
+        table[vaultfile.BACKUP_RECOVERY_SECRET] = recovery_password
         meta.pop(MARKER, None)
 
     vaultfile.update(layout.meta, change)
