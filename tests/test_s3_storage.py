@@ -257,6 +257,29 @@ def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
 
 
 @pytest.mark.s3
+def test_too_many_orphans_are_not_deleted(tmp_path: Path, s3_bucket: S3Bucket) -> None:
+    """An index that does not go with the bucket (restored from an older backup onto the
+    same bucket): far more unindexed objects than a crash leaves, so none is deleted."""
+    vault = s3_vault(tmp_path, s3_bucket, orphan_grace_seconds="1", orphan_limit="2")
+    client = s3_bucket.client()
+    planted = [os.urandom(16).hex() for _ in range(3)]
+    for object_id in planted:
+        client.put_object(Bucket=s3_bucket.name, Body=b"z",
+                          Key=f"{PREFIX}/{object_id[:2]}/{object_id[2:4]}/{object_id}.pvo")
+    time.sleep(1.5)
+    v = vault.open()
+    try:
+        assert v.archive.recover().discarded == 0
+        done = scrub.sweep(v)
+        assert done is not None and done.refused == 3 and done.removed == ()
+        assert all(v.store.exists(object_id) for object_id in planted)
+        refused = [r for r in v.audit.records() if r.action == "storage.orphans"]
+        assert refused and refused[-1].detail["refused"] == 3
+    finally:
+        v.close()
+
+
+@pytest.mark.s3
 def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
                                                       s3_bucket: S3Bucket) -> None:
     vault = s3_vault(tmp_path, s3_bucket)

@@ -31,7 +31,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
     vault = open_vault(args)
     try:
-        removed = scrub.sweep(vault)
+        swept = scrub.sweep(vault)
         report = scrub.scrub(vault, per_second=args.per_second or None)
         scrub.record(vault, report, via="cli")
     finally:
@@ -39,9 +39,12 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     print(f"checked: {report.checked} object(s) read and authenticated")
     if report.skipped:
         print(f"skipped: {report.skipped} (data key destroyed: being erased)")
-    if vault.settings.storage.url:
-        print(f"orphans removed: {removed} (stored but never indexed, older than "
-              f"{int(vault.settings.storage.orphan_grace_seconds)} s)")
+    if swept is not None:
+        print(f"orphans removed: {len(swept.removed)} (stored but never indexed, older "
+              f"than {int(vault.settings.storage.orphan_grace_seconds)} s)")
+        if swept.refused:
+            say(f"{swept.refused} unindexed objects, more than orphan_limit: none deleted "
+                "(is this the index that goes with this bucket and prefix?)")
     for object_id in report.missing:
         print(f"missing: {object_id}")
     for object_id in report.corrupt:
@@ -49,5 +52,4 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     if not report.ok:
         say(f"{len(report.missing)} missing and {len(report.corrupt)} corrupt object(s): "
             "restore them from a backup")
-        return 1
-    return 0
+    return 0 if report.ok and not (swept is not None and swept.refused) else 1

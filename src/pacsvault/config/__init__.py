@@ -93,6 +93,9 @@ class StorageSettings(_Strict):
     # seconds old); the sweep lists the bucket this often, the scrubber reads every
     # indexed object once per scrub_every_hours at most scrub_per_second objects/s.
     orphan_grace_seconds: float = Field(3600.0, gt=0)
+    # More unindexed objects than this at once: an index that does not go with the bucket
+    # (restored from an older backup?): the sweep deletes nothing and says so.
+    orphan_limit: int = Field(1000, ge=1)
     orphan_sweep_seconds: float = Field(3600.0, gt=0)
     scrub_every_hours: float = Field(24.0, gt=0)
     scrub_per_second: float = Field(20.0, gt=0)
@@ -347,6 +350,7 @@ max_inflated_mb = 512
 # An object PUT but never indexed (a crash between the two) is deleted after this grace;
 # every indexed object is read back and authenticated once per scrub_every_hours.
 # orphan_grace_seconds = 3600
+# orphan_limit = 1000                   # more orphans than this: none deleted (wrong index?)
 # orphan_sweep_seconds = 3600
 # scrub_every_hours = 24
 # scrub_per_second = 20

@@ -140,6 +140,7 @@ def open_s3(settings: StorageSettings) -> S3Store:
     bucket, prefix = parse_url(settings.url)
     return S3Store(s3_client(settings), bucket, prefix,
                    orphan_grace=settings.orphan_grace_seconds,
+                   orphan_limit=settings.orphan_limit,
                    check_etag=settings.check_etag)
 
 

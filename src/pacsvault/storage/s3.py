@@ -17,7 +17,10 @@ without its object is impossible by construction**. The reverse, an object witho
 did not go through), is removed by ``sweep``: a listing of the bucket whose objects
 older than the **grace period** (``orphan_grace_seconds``, 1 h) that no row names are
 deleted. The grace is what protects a batch in flight (PUT done, commit pending, possibly
-on another instance sharing the bucket): such an object is seconds old.
+on another instance sharing the bucket): such an object is seconds old. More orphans than
+``orphan_limit`` (1000) means an index that does not go with this bucket (a vault restored
+from an older backup onto the same bucket, a prefix shared by mistake): then nothing is
+deleted and the sweep says so.
 
 Failures (endpoint down, timeout, 5xx, an unconfirmed PUT) raise ``StorageUnavailable``
 (an ``OSError``: C-STORE answers A700 "out of resources", STOW-RS a failure), never a
@@ -65,6 +68,7 @@ class Sweep:
     removed: tuple[str, ...]
     young: int  # unindexed but within the grace: maybe in flight, kept
     foreign: int  # keys under the prefix that are not ours: left alone
+    refused: int = 0  # more orphans than ``orphan_limit``: none deleted (see ``sweep``)
 
 
 def _not_found(exc: Exception) -> bool:
@@ -82,11 +86,13 @@ class S3Store:
     kind = "s3"
 
     def __init__(self, client: Any, bucket: str, prefix: str, *,
-                 orphan_grace: float = 3600.0, check_etag: bool = True) -> None:
+                 orphan_grace: float = 3600.0, orphan_limit: int = 1000,
+                 check_etag: bool = True) -> None:
         self._client = client  # a boto3 S3 client (``storage.backends.s3_client``)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.orphan_grace = orphan_grace
+        self.orphan_limit = orphan_limit
         self.check_etag = check_etag
 
     # --- names ------------------------------------------------------------------------
@@ -226,7 +232,7 @@ class S3Store:
         grace = self.orphan_grace if grace is None else grace
         limit = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=grace)
         listed = young = foreign = 0
-        removed: list[str] = []
+        orphans: list[str] = []
         chunk: list[Listed] = []
 
         def settle() -> None:
@@ -238,8 +244,7 @@ class S3Store:
                 if item.modified > limit:
                     young += 1
                     continue
-                self.delete(item.object_id)
-                removed.append(item.object_id)
+                orphans.append(item.object_id)
             chunk.clear()
 
         for item in self.listing():
@@ -252,7 +257,17 @@ class S3Store:
                 settle()
         if chunk:
             settle()
-        if removed:
+        if len(orphans) > self.orphan_limit:
+            # Crashes leave a batch or two; this many means an index that does not belong
+            # with this bucket (restored from an older backup, another vault's prefix):
+            # deleting would destroy images. Nothing is deleted; an administrator looks.
+            log.error("orphan sweep: %d unindexed objects (limit %d): nothing deleted; is "
+                      "this the index of this bucket and prefix?", len(orphans),
+                      self.orphan_limit)
+            return Sweep(listed, (), young, foreign, refused=len(orphans))
+        for object_id in orphans:
+            self.delete(object_id)
+        if orphans:
             log.info("orphan sweep: %d unindexed object(s) older than %ds removed",
-                     len(removed), int(grace))
-        return Sweep(listed, tuple(removed), young, foreign)
+                     len(orphans), int(grace))
+        return Sweep(listed, tuple(orphans), young, foreign)

@@ -36,6 +36,7 @@ from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import KeyDestroyed
 from pacsvault.index.models import Instance
 from pacsvault.storage.objects import ObjectBackend
+from pacsvault.storage.s3 import Sweep
 
 if TYPE_CHECKING:
     import uuid
@@ -151,14 +152,36 @@ def record(vault: Vault, report: ScrubReport, *, via: str) -> None:
                   len(report.corrupt))
 
 
-def sweep(vault: Vault, *, grace: float | None = None) -> int:
-    """The orphan sweep of a bucket (0 for local files: their recovery runs at start)."""
+def sweep(vault: Vault, *, grace: float | None = None) -> Sweep | None:
+    """The orphan sweep of a bucket, recorded when it removed or refused anything (None
+    for local files: their recovery runs at start)."""
+    from pacsvault.audit import AuditEvent, EventCode, Outcome
     from pacsvault.storage.s3 import S3Store
 
     store = vault.store
     if not isinstance(store, S3Store):
-        return 0
-    return len(store.sweep(vault.archive.indexed, grace=grace).removed)
+        return None
+    done = store.sweep(vault.archive.indexed, grace=grace)
+    if done.refused:
+        vault.recorder.emit(AuditEvent(
+            action="storage.orphans", outcome=Outcome.SERIOUS_FAILURE,
+            code=EventCode.APPLICATION_ACTIVITY,
+            message=(f"{done.refused} objects of the bucket are named by no index row "
+                     f"(more than orphan_limit = {store.orphan_limit}): nothing was deleted. "
+                     "Is this vault's index the one that goes with this bucket and prefix "
+                     "(restored from an older backup?)"),
+            detail={"removed": 0, "refused": done.refused, "listed": done.listed},
+        ))
+    elif done.removed:
+        vault.recorder.emit(AuditEvent(
+            action="storage.orphans", outcome=Outcome.SUCCESS,
+            code=EventCode.APPLICATION_ACTIVITY,
+            message=(f"{len(done.removed)} object(s) stored but never indexed (a crash or a "
+                     "failed store between the upload and the index) were deleted from the "
+                     "bucket after the grace period"),
+            detail={"removed": len(done.removed), "listed": done.listed},
+        ))
+    return done
 
 
 # --- serve's jobs ---------------------------------------------------------------------------
@@ -226,15 +249,4 @@ def sweep_tick(vault: Vault) -> None:
     if now < state.next_sweep:
         return
     state.next_sweep = now + settings.orphan_sweep_seconds
-    removed = sweep(vault)
-    if removed:
-        from pacsvault.audit import AuditEvent, EventCode, Outcome
-
-        vault.recorder.emit(AuditEvent(
-            action="storage.orphans", outcome=Outcome.SUCCESS,
-            code=EventCode.APPLICATION_ACTIVITY,
-            message=(f"{removed} object(s) stored but never indexed (a crash or a failed "
-                     "store between the upload and the index) were deleted from the bucket "
-                     "after the grace period"),
-            detail={"removed": removed},
-        ))
+    sweep(vault)

@@ -51,7 +51,9 @@ Rules (ids are what ``disabled_rules`` takes):
                    ``sealed.snapshot`` (the node snapshot does not verify: every device is
                    refused) and ``sealed.journal.damaged`` (sealed/).
 ``object-storage`` ``storage.scrub`` that did not succeed (an indexed object is missing or
-                   does not authenticate: storage/scrub.py), and ``dicom.store.failed``
+                   does not authenticate: storage/scrub.py), ``storage.orphans`` that
+                   refused to delete (far more unindexed objects than a crash leaves: a
+                   restored older index on the same bucket?), and ``dicom.store.failed``
                    with A700 because the S3 endpoint cannot be reached (instead of
                    ``disk-full``: there is no disk to free).
 

@@ -594,6 +594,13 @@ class Detector:
                       "objects from a copy (bucket versioning, replication or a backup)."),
                 look="pacsvault storage scrub; pacsvault audit show --action storage.scrub",
                 time=e.time, facts={"missing": str(missing), "corrupt": str(corrupt)})]
+        if e.action == "storage.orphans" and e.outcome is not Outcome.SUCCESS:
+            return [Finding(
+                rule="object-storage", subject="orphans", severity=Severity.CRITICAL,
+                title="Object storage does not match the index",
+                what=_clean(e.message, 400) or "too many unindexed objects in the bucket",
+                look="pacsvault storage scrub; pacsvault audit show --action storage.orphans",
+                time=e.time)]
         if e.action == "dicom.store.failed" and "StorageUnavailable" in e.message:
             who = _who(e)
             return [Finding(
