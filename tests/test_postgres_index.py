@@ -12,12 +12,13 @@ another vault's database and a url holding a password are refused with one line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import shutil
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -439,3 +440,58 @@ def test_backup_and_key_rotation_refuse_a_postgres_vault(
     res = vault.cli("keys", "rotate", check=False)
     assert res.returncode == 2 and "PostgreSQL" in res.stderr
     assert res.stderr.strip().startswith("pacsvault: error: ")
+
+
+@contextlib.contextmanager
+def _association(port: int) -> Iterator[Callable[[list[Path]], list[int]]]:
+    """One association; yields a function that C-STOREs files and returns the statuses."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = ClientAE(ae_title=MODALITY)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        yield lambda paths: [int(assoc.send_c_store(dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_postgresql_restarted_during_ingest(tmp_path: Path) -> None:
+    """PostgreSQL stopped in the middle of an association: the C-STOREs it cannot commit
+    get a failure status (never a success); once it is back the same association and
+    server store again (stale pooled connections replaced), and every image acknowledged
+    is there, byte for byte."""
+    from tests.harness.postgres import running_postgres
+
+    with running_postgres() as pg:
+        db = create_database(pg)
+        vault = make_pg_vault(tmp_path / "v", pg, db.url)
+        vault.add_node(MODALITY, "--roles", "store")
+        files = corpus.synthetic_ct_series(tmp_path / "ct", 6, size=32)
+        server = start_server(vault)
+        try:
+            with _association(server.port) as send:
+                assert send(files[:2]) == [0, 0]
+                pg.stop()
+                # "Refused: Out of Resources": nothing committed, the modality retries
+                assert send(files[2:4]) == [0xA700, 0xA700]
+                pg = pg.start()
+                assert send(files[4:]) == [0, 0]
+            with _association(server.port) as send:
+                assert send(files[2:4]) == [0, 0]
+            assert server.alive()
+        finally:
+            server.stop()
+        v = vault.open()
+        try:
+            assert v.archive.counts()["instances"] == len(files)
+            for path in files:
+                uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                assert len(list(v.archive.locate(sop_uid=uid))) == 1
+        finally:
+            v.close()

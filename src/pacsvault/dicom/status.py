@@ -23,6 +23,8 @@ import logging
 import traceback
 from dataclasses import dataclass
 
+from sqlalchemy.exc import OperationalError
+
 from pacsvault.audit import AuditUnavailable
 from pacsvault.dicomfile.parse import InvalidObject, ObjectTooLarge, UnreadableObject
 from pacsvault.index.query import QueryBudgetExceeded, QueryError
@@ -72,6 +74,10 @@ STORE_FAILURES: tuple[Rule, ...] = (
     (InvalidObject, DOES_NOT_MATCH, "invalid: {exc}"),
     (DiskFullError, OUT_OF_RESOURCES, "{exc}"),
     (OSError, OUT_OF_RESOURCES, "storage error {type}"),
+    # The index cannot be reached or is busy (PostgreSQL restarting, SQLite locked past
+    # its timeout): nothing was committed; a refusal the modality retries, not a failure
+    # of the object. The message is not repeated (it may quote the statement).
+    (OperationalError, OUT_OF_RESOURCES, "the index is unavailable ({type})"),
     (Exception, PROCESSING_FAILURE, "{type}"),
 )
 
