@@ -321,3 +321,22 @@ def test_an_alert_is_raised_once_not_once_per_instance(pair: Pair) -> None:
     notices = [e for k in kept for e in k.events
                if e.action.startswith("alert.") and not e.detail.get("follow_up")]
     assert len(notices) == 1, [(e.action, e.detail) for e in notices]
+
+
+def test_a_backup_copy_of_the_index_holds_no_session(pair: Pair, tmp_path: Path) -> None:
+    from pacsvault.backup import staging
+
+    with pair.a.browser("127.0.0.50") as browser:
+        assert browser.get("/login").status_code == 200  # one anonymous session at least
+    vault: Vault = pair.a.vault
+    with vault.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(WebSessionRow))
+    copy = tmp_path / "index.db"
+    staging._copy_index(vault, copy)
+    conn = staging._connect(copy, staging._index_key(vault))
+    try:
+        for table in ("web_sessions", "sign_in_tickets", "webauthn_challenges"):
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0  # noqa: S608
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
+    finally:
+        conn.close()

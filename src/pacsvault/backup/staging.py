@@ -47,6 +47,9 @@ class _Staged:
     pending: int
 
 
+_EPHEMERAL_TABLES = ("web_sessions", "sign_in_tickets", "webauthn_challenges")
+
+
 def _index_key(vault: Vault) -> str:
     return _master(vault).derive(keys.PURPOSE_INDEX, vault.vault_id).hex()
 
@@ -74,6 +77,12 @@ def _copy_index(vault: Vault, dest: Path) -> tuple[int, list[str]]:
     try:
         copy.execute("PRAGMA secure_delete = ON")
         copy.execute("UPDATE data_keys SET wrapped = NULL")
+        # Live browser sessions, pending sign-ins and WebAuthn challenges (issue 16): a
+        # restored backup signs nobody in.
+        present = {r[0] for r in copy.execute("SELECT name FROM sqlite_master")}
+        for table in _EPHEMERAL_TABLES:
+            if table in present:
+                copy.execute(f"DELETE FROM {table}")  # noqa: S608 (names from the code)
         copy.execute("VACUUM")  # rewrites every page: the old key pages are gone
         row = copy.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
         ids = [r[0] for r in copy.execute("SELECT object_id FROM instances")]
