@@ -33,7 +33,6 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
-import pacsvault.index.shared_state  # noqa: F401  (sessions, tickets, challenges)
 from pacsvault import config, vaultfile
 from pacsvault.audit import Recorder
 from pacsvault.audit.events import LogSink
@@ -44,6 +43,7 @@ from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
 from pacsvault.index import schema
+from pacsvault.index import shared_state as _shared_state  # noqa: F401  (registers its tables)
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.nodes import NodeRegistry
