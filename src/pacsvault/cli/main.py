@@ -17,7 +17,8 @@ COMMANDS = {
     "tls": "tlscmd", "unseal": "unseal",
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
-    "service": "service", "backup": "backup", "storage": "storagecmd",
+    "service": "service", "backup": "backup", "storage": "storagecmd", "migrate": "migrate",
+    "instances": "instancecmd",
 }
 
 

@@ -1,0 +1,273 @@
+"""Issue 16, part 5: ``pacsvault migrate`` copies an embedded vault (SQLCipher index, local
+objects) to a real PostgreSQL and a real SeaweedFS bucket and back.
+
+One corpus (tests/corpus.py: distinctive patients, twelve transfer syntaxes) is sent with
+dcmtk's storescu to an embedded vault; the C-FIND, QIDO-RS and WADO-RS answers for every
+instance are kept as the reference. Then: ``migrate`` is refused while the server runs; a
+dry run changes nothing; a migration stopped after a few objects (the process ends as if
+killed, ``--stop-after``) leaves a 0600 state file without patient data and the settings
+untouched; the next run completes it; the vault served from PostgreSQL + S3 answers
+exactly as before, every object in the bucket is the local ciphertext byte for byte,
+``audit verify`` passes with a ``vault.migrated`` record. Finally the way back
+(``--to-index embedded --to-storage local``) gives the same answers again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import ssl
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE as ClientAE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+from tests import corpus
+from tests.harness.postgres import PostgresDatabase, PostgresServer, create_database
+from tests.harness.seaweed import S3Bucket, S3Server, create_bucket
+from tests.helpers import AE, VaultDir, make_vault, start_server, storescu
+
+MODALITY = "MIGMOD"
+PHYSICIAN, PHYSICIAN_PW = "drmigrate", "amber-quarry-lantern-58-silent-heron"
+PREFIX = "pv/migrated"
+pytestmark = [pytest.mark.postgres, pytest.mark.s3, pytest.mark.slow]
+
+
+# --- answers a server gives ---------------------------------------------------------------
+
+
+def _identifier(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for name in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate",
+                 "AccessionNumber", "StudyDescription", "StudyInstanceUID"):
+        setattr(ds, name, "")
+    if level == "IMAGE":
+        ds.SeriesInstanceUID, ds.Modality = "", ""
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.InstanceNumber = "", "", ""
+    for name, value in keys.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def _c_find(port: int, identifier: Dataset) -> list[dict[str, Any]]:
+    ae = ClientAE(ae_title=MODALITY)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE)
+    assert assoc.is_established
+    try:
+        found = [ds.to_json_dict() for status, ds in
+                 assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+                 if status and status.Status in (0xFF00, 0xFF01) and ds is not None]
+    finally:
+        assoc.release()
+    return sorted(found, key=str)
+
+
+def _parts(res: httpx.Response) -> list[bytes]:
+    assert res.status_code == 200, (res.status_code, res.text[:200])
+    boundary = res.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    dash = b"--" + boundary.encode()
+    return [chunk.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n")
+            for chunk in res.content.split(dash)[1:-1]]
+
+
+def _same_server(answer: Any) -> Any:
+    return json.loads(re.sub(r"https://127\.0\.0\.1:\d+", "https://server", json.dumps(answer)))
+
+
+def answers(vault: VaultDir, token: str, files: list[corpus.CorpusFile]) -> dict[str, Any]:
+    """Every instance's C-FIND (study and image level), QIDO-RS and WADO-RS answers from
+    the vault served as it is configured now."""
+    server = start_server(vault)
+    try:
+        out: dict[str, Any] = {}
+        ctx = ssl.create_default_context(cafile=str(vault.data / "tls" / "ca.crt"))
+        with httpx.Client(base_url=f"https://127.0.0.1:{server.https_port}/dicom-web",
+                          verify=ctx, timeout=60, trust_env=False,
+                          headers={"Authorization": f"Bearer {token}"}) as web:
+            for f in files:
+                study = _c_find(server.port, _identifier("STUDY", StudyInstanceUID=f.study_uid))
+                image = _c_find(server.port, _identifier(
+                    "IMAGE", StudyInstanceUID=f.study_uid, SOPInstanceUID=f.sop_uid))
+                assert len(study) == 1 and len(image) == 1, f.path.name
+                qido = web.get("/studies", params={"StudyInstanceUID": f.study_uid,
+                                                   "includefield": "all"})
+                assert qido.status_code == 200
+                series = image[0]["0020000E"]["Value"][0]
+                path = f"/studies/{f.study_uid}/series/{series}/instances/{f.sop_uid}"
+                wado = _parts(web.get(path, headers={
+                    "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
+                assert len(wado) == 1
+                meta = web.get(f"{path}/metadata")
+                assert meta.status_code == 200
+                out[f.sop_uid] = {"study": study, "image": image,
+                                  "qido": _same_server(qido.json()), "wado": wado[0],
+                                  "meta": _same_server(meta.json())}
+        return out
+    finally:
+        server.stop()
+
+
+# --- the vault and its targets ------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    vault: VaultDir
+    files: list[corpus.CorpusFile]
+    token: str
+    reference: dict[str, Any]
+    pg: PostgresServer
+    db: PostgresDatabase
+    bucket: S3Bucket
+    refused: Any = None
+    runs: list[Any] = field(default_factory=list)
+
+    def to_scale_out(self) -> list[str]:
+        s3: S3Server = self.bucket.server
+        return ["migrate", "--to-index", self.db.url,
+                "--index-password-file", str(self.pg.password_file),
+                "--to-storage", f"{self.bucket.url}/{PREFIX}",
+                "--storage-endpoint", s3.endpoint, "--storage-region", s3.region,
+                "--storage-credentials-file", str(s3.credentials_file),
+                "--storage-ca-file", str(s3.ca_file), "--storage-path-style"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer,
+        s3_server: S3Server) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("migrate")
+    files = corpus.build(root / "corpus")
+    vault = make_vault(root / "v")
+    vault.add_node(MODALITY, "--roles", "store,query,retrieve")
+    v = vault.open()
+    try:
+        v.accounts.add_user(PHYSICIAN, ["physician"], PHYSICIAN_PW)
+        token = v.accounts.create_token(PHYSICIAN, "1d").token
+    finally:
+        v.close()
+    db = create_database(postgres_server)
+    bucket = create_bucket(s3_server)
+    server = start_server(vault)
+    try:
+        for f in files:
+            res = storescu(server.port, [f.path], calling=MODALITY, extra=f.proposal)
+            assert res.returncode == 0, f"{f.path.name}: {res.stdout}{res.stderr}"
+        env = Env(vault, files, token, {}, postgres_server, db, bucket)
+        env.refused = vault.cli(*env.to_scale_out(), check=False)  # while it serves
+    finally:
+        server.stop()
+    env.reference = answers(vault, token, files)
+    yield env
+
+
+def _markers(files: list[corpus.CorpusFile]) -> list[str]:
+    found = set(corpus.secrets_of(files))
+    for f in files:
+        found.update({f.sop_uid, f.study_uid})
+    return sorted(found)
+
+
+def _local_objects(data: Path) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in (data / "objects").glob("??/??/*.pvo")}
+
+
+@pytest.fixture(scope="module")
+def migrated(env: Env) -> Env:
+    """The interrupted migration, then the run that completes it."""
+    toml = env.vault.data / "pacsvault.toml"
+    before = toml.read_text()
+    env.runs.append(env.vault.cli(*env.to_scale_out(), "--dry-run"))
+    assert toml.read_text() == before
+    assert not (env.vault.data / "migrate-state.json").exists()
+    env.runs.append(env.vault.cli(*env.to_scale_out(), "--stop-after", "4", check=False))
+    state = env.vault.data / "migrate-state.json"
+    env.runs.append((state.read_bytes() if state.exists() else b"",
+                     stat.S_IMODE(state.stat().st_mode) if state.exists() else 0,
+                     toml.read_text() == before))
+    env.runs.append(env.vault.cli(*env.to_scale_out(), check=False))
+    return env
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+def test_refused_while_the_server_runs(env: Env) -> None:
+    assert env.refused.returncode == 2
+    lines = env.refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stop the server before migrating" in lines[0], lines
+
+
+def test_dry_run_and_interrupted_run(migrated: Env) -> None:
+    dry, stopped, (state, mode, untouched), _done = migrated.runs
+    assert f"would copy {len(migrated.files)} object(s)" in dry.stderr
+    assert "nothing was changed" in dry.stderr
+    assert stopped.returncode == 75, stopped.stderr
+    assert state and mode == 0o600 and untouched
+    body = json.loads(state)
+    assert body["phase"] == "objects" and body["objects_copied"] == 4
+    for marker in _markers(migrated.files):
+        assert marker.encode() not in state
+        assert base64.b64encode(marker.encode())[4:-4] not in state
+    assert migrated.db.url.encode() not in state
+
+
+def test_migrated_vault_answers_identically(migrated: Env) -> None:
+    done = migrated.runs[-1]
+    assert done.returncode == 0, done.stderr
+    data = migrated.vault.data
+    assert f"{len(migrated.files)} instance(s) verified identical" in done.stderr
+    assert "note:" in done.stderr and "kept" in done.stderr
+    assert migrated.pg.password() not in done.stderr + done.stdout
+    assert not (data / "migrate-state.json").exists()
+    toml = (data / "pacsvault.toml").read_text()
+    assert f'url = "{migrated.db.url}"' in toml
+    assert f'url = "{migrated.bucket.url}/{PREFIX}"' in toml
+    assert not (data / "index.db").exists()
+    assert list(data.glob("index.db.before-migrate-*"))  # the old index, kept
+    # the ciphertext went as it is: every local object is in the bucket, byte for byte
+    local = _local_objects(data)
+    assert len(local) == len(migrated.files)
+    client = migrated.bucket.client()
+    for object_id, blob in local.items():
+        key = f"{PREFIX}/{object_id[:2]}/{object_id[2:4]}/{object_id}.pvo"
+        got = client.get_object(Bucket=migrated.bucket.name, Key=key)["Body"].read()
+        assert got == blob
+    verify = migrated.vault.cli("audit", "verify")
+    assert "intact" in verify.stdout
+    from tests.helpers import events
+
+    moved = events(migrated.vault, "vault.migrated")
+    assert len(moved) == 1
+    assert moved[0]["to_index"] == "postgresql" and moved[0]["to_storage"] == "s3"
+    assert moved[0]["from_index"] == "embedded" and moved[0]["from_storage"] == "local"
+    assert migrated.db.url not in json.dumps(moved[0], default=str)
+    assert answers(migrated.vault, migrated.token, migrated.files) == migrated.reference
+    dump = migrated.pg.dump(migrated.db.name)
+    for marker in _markers(migrated.files):
+        assert marker.encode() not in dump
+
+
+def test_round_trip_back_to_embedded(migrated: Env) -> None:
+    assert migrated.runs[-1].returncode == 0
+    back = migrated.vault.cli("migrate", "--to-index", "embedded", "--to-storage", "local",
+                              check=False)
+    assert back.returncode == 0, back.stderr
+    data = migrated.vault.data
+    toml = (data / "pacsvault.toml").read_text()
+    assert migrated.db.url not in toml.split("[index]")[1].split("[")[0]
+    assert (data / "index.db").exists()
+    assert "dropdb" in back.stderr  # the PostgreSQL index is kept, and how to remove it
+    assert "intact" in migrated.vault.cli("audit", "verify").stdout
+    assert answers(migrated.vault, migrated.token, migrated.files) == migrated.reference
