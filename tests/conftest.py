@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.harness.backends import backend as backend  # the fixture, for any module
 from tests.harness.components import require
 from tests.harness.postgres import (
     PostgresDatabase,

@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from tests.harness.backends import Backend
 from tests.helpers import AE, Server, VaultDir, make_vault, start_server
 
 LOCAL = "127.0.0.1"
@@ -448,8 +449,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    vault = make_vault(tmp_path_factory.mktemp("cfind") / "vault")
+def env(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Env]:
+    """The crafted corpus in a served vault, once per index backend (issue 16: the same
+    matching table on the embedded index and on sealed PostgreSQL)."""
+    vault = backend.make_vault(tmp_path_factory.mktemp("cfind") / "vault")
     vault.add_node(CALLING, "--roles", "store,query,retrieve")
     server = start_server(vault)
     try:

@@ -29,7 +29,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from pacsvault.index import matching
 from pacsvault.web import qido
-from tests.helpers import AE, Server, VaultDir, make_vault, start_server
+from tests.harness.backends import Backend
+from tests.helpers import AE, Server, VaultDir, start_server
 
 CALLING = "WS"
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
@@ -51,8 +52,9 @@ def _japanese_file() -> Path:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    vault = make_vault(tmp_path_factory.mktemp("find-mod-names") / "vault")
+def env(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Env]:
+    """Once per index backend (issue 16): embedded, then sealed PostgreSQL."""
+    vault = backend.make_vault(tmp_path_factory.mktemp("find-mod-names") / "vault")
     vault.add_node(CALLING, "--roles", "store,query")
     files = [Path(cast(str, get_testdata_file(n))) for n in ("CT_small.dcm", "MR_small.dcm")]
     files.append(_japanese_file())

@@ -30,7 +30,7 @@ from sqlalchemy import event
 from pacsvault.index.levels import Level
 from pacsvault.index.query import QueryEngine, QueryError
 from pacsvault.web import qido
-from tests.helpers import make_vault
+from tests.harness.backends import Backend
 
 BASE = "https://localhost/dicom-web"
 
@@ -78,8 +78,10 @@ def _objects(studies: int) -> list[tuple[str, str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def opened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, list[Any]]]:
-    vault = make_vault(Path(tmp_path_factory.mktemp("records")) / "v").open()
+def opened(tmp_path_factory: pytest.TempPathFactory,
+           backend: Backend) -> Iterator[tuple[Any, list[Any]]]:
+    """Once per index backend (issue 16): embedded, then sealed PostgreSQL."""
+    vault = backend.make_vault(Path(tmp_path_factory.mktemp("records")) / "v").open()
     objects = _objects(3)
     try:
         for _study, _sop, raw in objects:
