@@ -35,7 +35,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from pacsvault.web import dicomweb
 from tests import corpus
-from tests.helpers import Server, VaultDir, events, make_vault, start_server, storescu
+from tests.harness.backends import Backend
+from tests.helpers import Server, VaultDir, events, start_server, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +86,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Env]:
+    """Once per index backend (issue 16): embedded, then sealed PostgreSQL."""
     root = tmp_path_factory.mktemp("dicomweb")
-    vault = make_vault(root / "v")
+    vault = backend.make_vault(root / "v")
     vault.add_node(MODALITY)
     v = vault.open()
     try:
