@@ -378,6 +378,7 @@ class Vault:
                 retired_sealing=_retired_event_keys(layout, master, vault_id),
             ),
             self.sessions,
+            instance=vaultfile.instance(layout.meta),  # several data dirs, one index
         )
         self.recorder = Recorder([LogSink(), TrailSink(self.audit)])
         self.syslog: SyslogSink | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,26 @@ def read(path: Path) -> dict[str, object]:
                          f"{layout!r}, this {version()} knows up to {schema.LAYOUT}); "
                          "install it")
     return meta
+
+
+DEFAULT_INSTANCE = "main"
+_INSTANCE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def valid_instance(name: str) -> bool:
+    """An instance name (``instance add``): lowercase letters, digits and dashes, at most
+    32, so it is safe in a table key, a log line and a file name."""
+    return bool(_INSTANCE_NAME.match(name))
+
+
+def instance(path: Path) -> str:
+    """The instance this data directory is (``vault.json`` ``instance``): several data
+    directories of one vault share its index and each keeps its own audit chain under this
+    name. "main" for a vault that never had another (no migration of ``vault.json``)."""
+    name = read(path).get("instance", DEFAULT_INSTANCE)
+    if not isinstance(name, str) or not valid_instance(name):
+        raise VaultError(f"{path}: invalid instance name {name!r}")
+    return name
 
 
 _LOCK = threading.Lock()

@@ -30,6 +30,8 @@ from pacsvault.index.models import Instance, Patient, Series, Study
 class _RecordSource(Protocol):
     def records(self) -> Iterator[Record]: ...
 
+    def all_records(self) -> list[Record]: ...
+
 
 class AuditSource(Protocol):
     """The two things of a vault this module reads: the index and the trail.
@@ -155,7 +157,7 @@ def select_records(vault: AuditSource, flt: AuditFilter) -> list[Record]:
     since = flt.since.astimezone(dt.UTC).isoformat() if flt.since else ""
     until = flt.until.astimezone(dt.UTC).isoformat() if flt.until else ""
     out = []
-    for rec in vault.audit.records():
+    for rec in vault.audit.all_records():  # every instance's, by time (issue 16)
         refs = rec.refs
         if flt.patient and not (
             flt.patient in refs.get("patient_ids", [])

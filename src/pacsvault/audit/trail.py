@@ -21,6 +21,12 @@ signed ``repair`` record naming the length and SHA-256 of the bytes that were cu
 chain goes on from the last whole record. A record is *durable* only once its line is
 written whole and fsync'ed: ``append`` raises otherwise, and the caller refuses the access.
 
+Several instances (data directories) of one vault sharing a PostgreSQL index each keep
+their own chain, anchored by their own ``audit_head`` row (``instance``); every line is
+also copied into the index in the anchor's transaction (``audit.instances``: the copy,
+cross-instance checkpoints and the deployment-wide verification). An embedded index
+(SQLite: one instance) gets no copy.
+
 This module is the appender (locks, the head anchor, repair, key hand-over) and the
 facade: the record format is ``trail_format``, sealed references ``trail_refs``,
 verification ``trail_verify``, the retention rewrite ``trail_retention``; their public
@@ -45,10 +51,10 @@ from typing import Any, cast
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.audit import trail_verify
+from pacsvault.audit import instances, trail_verify
 from pacsvault.audit.events import AuditEvent
 from pacsvault.audit.trail_format import (
     FORMAT,
@@ -88,8 +94,10 @@ def _identity(fd: int) -> tuple[int, int, int, int]:
 
 
 class AuditTrail:
-    def __init__(self, root: Path, keys: TrailKeys, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, root: Path, keys: TrailKeys, sessions: sessionmaker[Session],
+                 instance: str = instances.MAIN) -> None:
         self.root = root
+        self.instance = instance
         self.path = root / "trail.jsonl"
         self._lockfile = root / "trail.lock"
         self._keys = keys
@@ -97,6 +105,8 @@ class AuditTrail:
         self._sessions = sessions
         bind = sessions.kw.get("bind")
         self._engine: Engine | None = bind if isinstance(bind, Engine) else None
+        # A shared (PostgreSQL) index: lines are copied there with the anchor.
+        self.copies = self._engine is not None and self._engine.dialect.name != "sqlite"
         self._lock = threading.Lock()
         # (inode, size, mtime, ctime) of the file right after this process's last append,
         # and the tip it left: when the file is exactly as we left it (ctime cannot be set
@@ -205,7 +215,7 @@ class AuditTrail:
     def _check_head(self, conn: Connection, tip: Tip) -> str:
         """Compare the file's last record with the anchor and its signature; flag (once,
         for good) and return a mismatch."""
-        head = conn.execute(select(_heads).where(_heads.c.id == 1)).first()
+        head = conn.execute(select(_heads).where(self._mine)).first()
         if head is None or head.broken:
             return ""
         problem = ""
@@ -218,12 +228,12 @@ class AuditTrail:
         elif tip.seq == head.seq and tip.chain != head.digest:
             problem = f"record {tip.seq} differs from the one anchored in the index"
         if problem:
-            conn.execute(update(_heads).where(_heads.c.id == 1).values(broken=problem))
+            conn.execute(update(_heads).where(self._mine).values(broken=problem))
         return problem
 
     def _repair_body(self, conn: Connection, tip: Tip, seq: int, time: str) -> dict[str, Any]:
         cut = tip.region[:-1] if tip.region.endswith(b"\n") else tip.region
-        head = conn.execute(select(_heads.c.seq).where(_heads.c.id == 1)).first()
+        head = conn.execute(select(_heads.c.seq).where(self._mine)).first()
         anchored = int(head.seq) if head is not None else 0
         lost = max(0, anchored - tip.seq)
         message = ("a write to the trail was cut short (disk full, I/O error or crash); the "
@@ -278,7 +288,8 @@ class AuditTrail:
                 now = event.time.astimezone(dt.UTC).isoformat(timespec="microseconds")
                 time = max(now, last_time) if last_time else now  # monotonic order
                 body = {
-                    "v": FORMAT, "seq": seq, "prev": prev, "time": time, "kind": "event",
+                    "v": FORMAT, "seq": seq, "prev": prev, "time": time,
+                    "kind": instances.kind_of(event.action),
                     "action": event.action, "outcome": event.outcome.name.lower(),
                     "code": event.code.value, "ae": event.actor_ae,
                     "address": event.actor_address, "user": event.actor_user,
@@ -291,6 +302,9 @@ class AuditTrail:
                 seqs.append(seq)
             self._write_all(fd, prefix + b"".join(lines))
             try:
+                if self.copies:  # one INSERT per record, in the anchor's transaction
+                    instances.copy_lines(db, self.instance, list(zip(seqs, lines, strict=True)),
+                                         self._local_lines)
                 self._set_anchor(db, seq, prev)
             except Exception as exc:
                 if conn is not None:
@@ -377,6 +391,11 @@ class AuditTrail:
     def keys(self) -> TrailKeys:
         return self._keys
 
+    @property
+    def engine(self) -> Engine | None:
+        """The index holding the anchors (and, shared, every instance's copy)."""
+        return self._engine
+
     def rotate_keys(self, keys: TrailKeys, event: AuditEvent | None,
                     before: Callable[[], None] | None = None) -> int | None:
         """Master key rotation: holding the trail (no other append in between), run
@@ -398,15 +417,26 @@ class AuditTrail:
             self._notify(problems)
         return seq
 
+    @property
+    def _mine(self) -> Any:
+        """This instance's anchor row (one per instance sharing the index)."""
+        return _heads.c.instance == self.instance
+
     def _set_anchor(self, conn: Connection, seq: int, digest: str) -> None:
         changed = conn.execute(
-            update(_heads).where(_heads.c.id == 1).values(seq=seq, digest=digest))
+            update(_heads).where(self._mine).values(seq=seq, digest=digest))
         if not changed.rowcount:
-            conn.execute(insert(_heads).values(id=1, seq=seq, digest=digest, broken=""))
+            instances.insert_anchor(conn, self.instance, seq, digest, retry=self.copies)
+
+    def _local_lines(self, after: int, upto: int) -> list[tuple[int, bytes]]:
+        """The record lines of this instance's file with ``after < seq <= upto`` (the
+        copy's catch-up after a rolled-back batch, or a first copy of an older trail).
+        The caller holds the trail."""
+        return instances.lines_of(self.path, after, upto)
 
     def _anchor(self) -> tuple[int, str] | None:
         with self._sessions() as session:
-            head = session.get(AuditHead, 1)
+            head = session.execute(select(AuditHead).where(self._mine)).scalar_one_or_none()
             return (head.seq, head.digest) if head else None
 
     def broken(self) -> str:
@@ -415,7 +445,7 @@ class AuditTrail:
 
     def _broken(self) -> str:
         with self._sessions() as session:
-            head = session.get(AuditHead, 1)
+            head = session.execute(select(AuditHead).where(self._mine)).scalar_one_or_none()
             return head.broken if head else ""
 
 
@@ -451,7 +481,8 @@ class AuditTrail:
                     except (InvalidTag, ValueError, KeyError, TypeError):
                         refs = {}
                 yield Record(
-                    seq=int(body.get("seq", 0)), time=str(body.get("time", "")),
+                    instance=self.instance, seq=int(body.get("seq", 0)),
+                    time=str(body.get("time", "")),
                     kind=str(body.get("kind", "")), action=str(body.get("action", "")),
                     outcome=str(body.get("outcome", "")), code=str(body.get("code", "")),
                     actor_ae=str(body.get("ae", "")), actor_address=str(body.get("address", "")),
@@ -459,6 +490,12 @@ class AuditTrail:
                     detail=dict(body.get("detail") or {}), refs=refs, raw=body,
                 )
 
+
+    def all_records(self) -> list[Record]:
+        """Every instance's records by time: this file's, then on a shared index the
+        other instances' copies (``instances.merged_records``); on an embedded index the
+        same as ``records``."""
+        return instances.merged_records(self)
 
     # --- verification (``trail_verify``) ----------------------------------------------
 
@@ -491,7 +528,10 @@ class AuditTrail:
     def purge_before(self, cutoff: dt.datetime, reason: str) -> int:
         """Replace records older than ``cutoff`` by one signed seal; returns how many."""
         with self._exclusive():
-            return seal_before(self.path, self._keys.signer, cutoff, reason)
+            purged = seal_before(self.path, self._keys.signer, cutoff, reason)
+            if purged and self.copies:
+                instances.seal_copy(self._engine, self.instance, self.path)
+            return purged
 
 
 class BatchWriter:

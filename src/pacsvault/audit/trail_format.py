@@ -68,6 +68,7 @@ class Record:
     detail: dict[str, Any]
     refs: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    instance: str = ""  # the instance whose chain holds it (several data directories)
 
 
 @dataclass(frozen=True)

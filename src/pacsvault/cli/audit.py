@@ -54,9 +54,12 @@ def _when(text: str) -> dt.datetime:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pacsvault.audit.instances import verify_all
+
     vault = open_vault(args)
     try:
-        verdict = vault.audit.verify()
+        # This instance's file, and on a shared index every instance's chain (issue 16).
+        verdict = verify_all(vault.audit)
         vault.recorder.emit(AuditEvent(
             action="audit.verify", outcome=Outcome.SUCCESS if verdict.ok
             else Outcome.MAJOR_FAILURE,
@@ -65,8 +68,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ))
     finally:
         vault.close()
+    several = len(verdict.instances) > 1
+    if several:
+        for one in verdict.instances:
+            state = "intact" if one.ok else f"BROKEN: {one.problem}"
+            print(f"instance {one.instance}: {one.records} records, {state}")
     if verdict.ok:
-        print(f"audit trail intact: {verdict.records} records, chain and signatures valid")
+        scope = f" over {len(verdict.instances)} instances" if several else ""
+        print(f"audit trail intact: {verdict.records} records{scope}, chain and signatures "
+              "valid")
         return 0
     print(f"AUDIT TRAIL BROKEN: {verdict.problem}")
     return 1
@@ -119,7 +129,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         for rec in records:
             json.dump({
-                "seq": rec.seq, "time": rec.time, "action": rec.action,
+                "instance": rec.instance, "seq": rec.seq, "time": rec.time,
+                "action": rec.action,
                 "outcome": rec.outcome, "event_code": rec.code, "node": rec.actor_ae,
                 "address": rec.actor_address, "user": rec.actor_user,
                 "message": rec.message, "detail": rec.detail, **rec.refs,
@@ -129,7 +140,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not records:
         say("No matching audit record.")
         return 0
-    print(f"{'time (UTC)':<20} {'action':<28} {'outcome':<15} {'who':<28} details")
+    several = len({rec.instance for rec in records}) > 1
+    head = f"{'instance':<12} " if several else ""
+    print(f"{head}{'time (UTC)':<20} {'action':<28} {'outcome':<15} {'who':<28} details")
     for rec in records:
         who = rec.actor_user or rec.actor_ae or "-"
         if rec.actor_address:
@@ -140,7 +153,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             details += f" studies={len(studies)}"
         if rec.message:
             details += f" -- {rec.message}"
-        print(f"{rec.time[:19]:<20} {rec.action:<28} {rec.outcome:<15} {who:<28} {details}")
+        where = f"{rec.instance:<12} " if several else ""
+        print(f"{where}{rec.time[:19]:<20} {rec.action:<28} {rec.outcome:<15} {who:<28} "
+              f"{details}")
     return 0
 
 

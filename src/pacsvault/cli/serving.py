@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.instances import CheckpointRunner
 from pacsvault.audit.watch import TrailWatcher
 from pacsvault.cli.audit import purge_expired
 from pacsvault.crypto.tls import server_context
@@ -159,12 +160,17 @@ class Background:
 
     watcher: TrailWatcher | None = None
     jobs: JobRunner | None = None
+    checkpoints: CheckpointRunner | None = None
 
     def watch(self, vault: Vault) -> None:
         check_audit_trail(vault)
         self.watcher = TrailWatcher(vault.audit, vault.recorder,
                                     vault.settings.audit.check_seconds)
         self.watcher.start()
+        # Several instances on a shared index witness each other's heads (a no-op on an
+        # embedded index: one instance).
+        self.checkpoints = CheckpointRunner(vault.audit, vault.settings.audit.checkpoint_seconds)
+        self.checkpoints.start()
 
     def run_jobs(self, vault: Vault) -> None:
         self.jobs = JobRunner(vault)
@@ -175,6 +181,8 @@ class Background:
             self.jobs.stop()
 
     def stop_watcher(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
         if self.watcher is not None:
             self.watcher.stop()
 

@@ -138,6 +138,9 @@ class AuditSettings(_Strict):
     # The running server re-checks the trail against its index anchor this often (and on
     # every append): an edit, deletion, truncation or forgery is alerted within a minute.
     check_seconds: int = Field(30, ge=1, le=3600)
+    # Several instances sharing a PostgreSQL index (issue 16): each appends a signed
+    # checkpoint naming the others' heads this often (and at start and stop).
+    checkpoint_seconds: int = Field(300, ge=5, le=86400)
     syslog: SyslogSettings = SyslogSettings()
 
     @model_validator(mode="after")
@@ -419,6 +422,9 @@ retention_justification = ""
 # Seconds between two checks of the trail by the running server (it also checks at every
 # write); a change to the trail raises the audit-broken alert.
 check_seconds = 30
+# Several instances sharing a PostgreSQL index: seconds between two signed checkpoints
+# naming the other instances' last records (also written at start and stop).
+checkpoint_seconds = 300
 
 [retention]
 # How long patient images are kept: years after the patient's last exam (French rule:

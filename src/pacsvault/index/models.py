@@ -248,15 +248,33 @@ class NodeCertificate(Base):
 
 
 class AuditHead(Base):
-    """The last record written to the audit trail: truncating the trail is detected."""
+    """The last record written to the audit trail: truncating the trail is detected.
+
+    One row per *instance* (a data directory sharing the index: ``vault.json``
+    ``instance``, "main" for every vault made before instances existed), so several
+    ``serve`` processes sharing a PostgreSQL index each anchor their own chain."""
 
     __tablename__ = "audit_head"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance: Mapped[str] = mapped_column(String(64), unique=True, default="main",
+                                          server_default="main")
     seq: Mapped[int] = mapped_column(Integer)
     digest: Mapped[str] = mapped_column(String(64))
     # Set once, never cleared: the file was found shorter or different than anchored when
     # appending. Later appends continue the file, but verification keeps failing.
     broken: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditLine(Base):
+    """A copy of every record line an instance appended (``audit.instances``), written in
+    the transaction that moves that instance's anchor: ``audit verify`` on any instance
+    checks every instance's chain from here. The lines are signed and their patient
+    references sealed: nothing readable is added. Empty on an embedded index."""
+
+    __tablename__ = "audit_lines"
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    line: Mapped[str] = mapped_column(Text)
 
 
 
