@@ -29,7 +29,7 @@ from tests.harness.postgres import (
     create_database,
     drop_database,
 )
-from tests.helpers import AE, VaultDir, first_run_secrets, make_vault, pv
+from tests.helpers import AE, VaultDir, first_run_secrets, make_vault, new_vault, pv
 
 BACKENDS = [pytest.param("embedded", id="embedded"),
             pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
@@ -61,6 +61,21 @@ class Backend:
         found = first_run_secrets(proc.stdout)
         return VaultDir(root, key, found.recovery_code, found.admin_password,
                         found.admin_name)
+
+    def new_vault(self, root: Path, ae_title: str = AE) -> VaultDir:
+        """``tests.helpers.new_vault`` (in process, no first administrator) on this
+        backend."""
+        if self.server is None:
+            return new_vault(root, ae_title)
+        from pacsvault import config
+        from pacsvault.vault import create
+
+        db = create_database(self.server)
+        self.databases.append(db)
+        key = root / "keys" / "master.key"
+        index = config.IndexSettings(url=db.url, password_file=str(self.server.password_file))
+        return VaultDir(root, key, create(root / "data", key_file=key, ae_title=ae_title,
+                                          index=index))
 
     def close(self) -> None:
         for db in self.databases:
