@@ -34,7 +34,7 @@ from tests import corpus
 from tests.harness.postgres import PostgresDatabase
 from tests.helpers import VaultDir, pv
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+shared = pytest.mark.postgres
 
 
 def _join(a: VaultDir, name: str, root: Path) -> VaultDir:
@@ -101,6 +101,8 @@ def _verify(vault_dir: VaultDir) -> trail_instances.DeploymentVerdict:
         vault.close()
 
 
+@shared
+@pytest.mark.slow
 def test_verify_on_either_instance_checks_both_chains(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     _load(pair, tmp_path)
@@ -131,6 +133,8 @@ def test_verify_on_either_instance_checks_both_chains(
     assert "audit trail intact" in out and "over 2 instances" in out
 
 
+@shared
+@pytest.mark.slow
 def test_show_merges_both_instances_by_time(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     _load(pair, tmp_path)
@@ -151,6 +155,8 @@ def test_show_merges_both_instances_by_time(
         >= {"main", "b"}
 
 
+@shared
+@pytest.mark.slow
 def test_truncating_b_file_is_detected_on_a(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     _load(pair, tmp_path)
@@ -171,6 +177,8 @@ def test_truncating_b_file_is_detected_on_a(
     assert [v.ok for v in verdict.instances if v.instance == "main"] == [True]
 
 
+@shared
+@pytest.mark.slow
 def test_deleting_b_rows_is_detected_on_a(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     _load(pair, tmp_path)
@@ -190,6 +198,8 @@ def test_deleting_b_rows_is_detected_on_a(
     assert "instance b" in verdict.problem and "anchored" in verdict.problem
 
 
+@shared
+@pytest.mark.slow
 def test_b_cut_everywhere_with_its_anchor_moved_back_is_found_by_a_checkpoint(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     """Someone with the database and B's disk removes B's last records from the file, the
@@ -234,6 +244,8 @@ def test_b_cut_everywhere_with_its_anchor_moved_back_is_found_by_a_checkpoint(
         own.close()
 
 
+@shared
+@pytest.mark.slow
 def test_a_rewritten_b_record_is_detected_on_a(
         pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
     _load(pair, tmp_path)
