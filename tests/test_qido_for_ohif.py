@@ -10,11 +10,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from pacsvault.web import qido
-from tests.helpers import make_vault
+from tests.harness.backends import Backend
 
 
-def test_study_without_modality_has_no_empty_modalities_in_study(tmp_path: Path) -> None:
-    vault_dir = make_vault(tmp_path / "v")
+def test_study_without_modality_has_no_empty_modalities_in_study(tmp_path: Path,
+                                                                 backend: Backend) -> None:
+    vault_dir = backend.new_vault(tmp_path / "v")  # both index backends (issue 16)
     ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
     del ds.Modality
     source = tmp_path / "no-modality.dcm"
