@@ -15,6 +15,7 @@ exactly as before, every object in the bucket is the local ciphertext byte for b
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import ssl
@@ -35,12 +36,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from tests import corpus
 from tests.harness.postgres import PostgresDatabase, PostgresServer, create_database
 from tests.harness.seaweed import S3Bucket, S3Server, create_bucket
-from tests.helpers import AE, VaultDir, make_vault, start_server, storescu
+from tests.helpers import AE, Server, VaultDir, make_vault, start_server, storescu
 
 MODALITY = "MIGMOD"
 PHYSICIAN, PHYSICIAN_PW = "drmigrate", "amber-quarry-lantern-58-silent-heron"
 PREFIX = "pv/migrated"
-pytestmark = [pytest.mark.postgres, pytest.mark.s3, pytest.mark.slow]
+
+def backends(test: Any) -> Any:
+    """The marks of a test that needs the real PostgreSQL and SeaweedFS."""
+    return pytest.mark.postgres(pytest.mark.s3(pytest.mark.slow(test)))
 
 
 # --- answers a server gives ---------------------------------------------------------------
@@ -86,37 +90,48 @@ def _same_server(answer: Any) -> Any:
     return json.loads(re.sub(r"https://127\.0\.0\.1:\d+", "https://server", json.dumps(answer)))
 
 
-def answers(vault: VaultDir, token: str, files: list[corpus.CorpusFile]) -> dict[str, Any]:
+def answers(vault: VaultDir, token: str, files: list[corpus.CorpusFile],
+            send: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Every instance's C-FIND (study and image level), QIDO-RS and WADO-RS answers from
-    the vault served as it is configured now."""
+    the vault served as it is configured now (after storing ``send``: new rows after
+    the copied ones, so the keys' sequences must have been moved past them)."""
     server = start_server(vault)
     try:
-        out: dict[str, Any] = {}
-        ctx = ssl.create_default_context(cafile=str(vault.data / "tls" / "ca.crt"))
-        with httpx.Client(base_url=f"https://127.0.0.1:{server.https_port}/dicom-web",
-                          verify=ctx, timeout=60, trust_env=False,
-                          headers={"Authorization": f"Bearer {token}"}) as web:
-            for f in files:
-                study = _c_find(server.port, _identifier("STUDY", StudyInstanceUID=f.study_uid))
-                image = _c_find(server.port, _identifier(
-                    "IMAGE", StudyInstanceUID=f.study_uid, SOPInstanceUID=f.sop_uid))
-                assert len(study) == 1 and len(image) == 1, f.path.name
-                qido = web.get("/studies", params={"StudyInstanceUID": f.study_uid,
-                                                   "includefield": "all"})
-                assert qido.status_code == 200
-                series = image[0]["0020000E"]["Value"][0]
-                path = f"/studies/{f.study_uid}/series/{series}/instances/{f.sop_uid}"
-                wado = _parts(web.get(path, headers={
-                    "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
-                assert len(wado) == 1
-                meta = web.get(f"{path}/metadata")
-                assert meta.status_code == 200
-                out[f.sop_uid] = {"study": study, "image": image,
-                                  "qido": _same_server(qido.json()), "wado": wado[0],
-                                  "meta": _same_server(meta.json())}
-        return out
+        return answers_from(server, vault, token, files, send)
     finally:
         server.stop()
+
+
+def answers_from(server: Server, vault: VaultDir, token: str,
+                 files: list[corpus.CorpusFile], send: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``answers`` from a server already running."""
+    for new_file in send:
+        res = storescu(server.port, [new_file], calling=MODALITY)
+        assert res.returncode == 0, res.stdout + res.stderr
+    out: dict[str, Any] = {}
+    ctx = ssl.create_default_context(cafile=str(vault.data / "tls" / "ca.crt"))
+    with httpx.Client(base_url=f"https://127.0.0.1:{server.https_port}/dicom-web",
+                      verify=ctx, timeout=60, trust_env=False,
+                      headers={"Authorization": f"Bearer {token}"}) as web:
+        for f in files:
+            study = _c_find(server.port, _identifier("STUDY", StudyInstanceUID=f.study_uid))
+            image = _c_find(server.port, _identifier(
+                "IMAGE", StudyInstanceUID=f.study_uid, SOPInstanceUID=f.sop_uid))
+            assert len(study) == 1 and len(image) == 1, f.path.name
+            qido = web.get("/studies", params={"StudyInstanceUID": f.study_uid,
+                                               "includefield": "all"})
+            assert qido.status_code == 200
+            series = image[0]["0020000E"]["Value"][0]
+            path = f"/studies/{f.study_uid}/series/{series}/instances/{f.sop_uid}"
+            wado = _parts(web.get(path, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}))
+            assert len(wado) == 1
+            meta = web.get(f"{path}/metadata")
+            assert meta.status_code == 200
+            out[f.sop_uid] = {"study": study, "image": image,
+                              "qido": _same_server(qido.json()), "wado": wado[0],
+                              "meta": _same_server(meta.json())}
+    return out
 
 
 # --- the vault and its targets ------------------------------------------------------------
@@ -166,9 +181,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServe
             assert res.returncode == 0, f"{f.path.name}: {res.stdout}{res.stderr}"
         env = Env(vault, files, token, {}, postgres_server, db, bucket)
         env.refused = vault.cli(*env.to_scale_out(), check=False)  # while it serves
+        env.reference = answers_from(server, vault, token, files)
     finally:
         server.stop()
-    env.reference = answers(vault, token, files)
     yield env
 
 
@@ -203,12 +218,14 @@ def migrated(env: Env) -> Env:
 # --- tests ----------------------------------------------------------------------------------
 
 
+@backends
 def test_refused_while_the_server_runs(env: Env) -> None:
     assert env.refused.returncode == 2
     lines = env.refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "stop the server before migrating" in lines[0], lines
 
 
+@backends
 def test_dry_run_and_interrupted_run(migrated: Env) -> None:
     dry, stopped, (state, mode, untouched), _done = migrated.runs
     assert f"would copy {len(migrated.files)} object(s)" in dry.stderr
@@ -223,6 +240,7 @@ def test_dry_run_and_interrupted_run(migrated: Env) -> None:
     assert migrated.db.url.encode() not in state
 
 
+@backends
 def test_migrated_vault_answers_identically(migrated: Env) -> None:
     done = migrated.runs[-1]
     assert done.returncode == 0, done.stderr
@@ -253,17 +271,30 @@ def test_migrated_vault_answers_identically(migrated: Env) -> None:
     assert moved[0]["to_index"] == "postgresql" and moved[0]["to_storage"] == "s3"
     assert moved[0]["from_index"] == "embedded" and moved[0]["from_storage"] == "local"
     assert migrated.db.url not in json.dumps(moved[0], default=str)
-    assert answers(migrated.vault, migrated.token, migrated.files) == migrated.reference
+    extra = corpus.synthetic_ct_series(migrated.vault.root / "new", 2, size=32)
+    assert answers(migrated.vault, migrated.token, migrated.files,
+                   send=tuple(extra)) == migrated.reference
+    v = migrated.vault.open()
+    try:  # new rows in other tables too (users' sequence moved past the copied keys)
+        v.accounts.add_user("drafter", ["physician"], PHYSICIAN_PW)
+        assert v.archive.counts()["instances"] == len(migrated.files) + 2
+    finally:
+        v.close()
     dump = migrated.pg.dump(migrated.db.name)
     for marker in _markers(migrated.files):
         assert marker.encode() not in dump
 
 
+@backends
 def test_round_trip_back_to_embedded(migrated: Env) -> None:
     assert migrated.runs[-1].returncode == 0
-    back = migrated.vault.cli("migrate", "--to-index", "embedded", "--to-storage", "local",
-                              check=False)
+    # in two steps: each part alone (the objects first, then the index)
+    objects = migrated.vault.cli("migrate", "--to-storage", "local", check=False)
+    assert objects.returncode == 0, objects.stderr
+    assert "objects s3 -> local" in objects.stderr
+    back = migrated.vault.cli("migrate", "--to-index", "embedded", check=False)
     assert back.returncode == 0, back.stderr
+    assert "index postgresql -> embedded, objects local -> local" in back.stderr
     data = migrated.vault.data
     toml = (data / "pacsvault.toml").read_text()
     assert migrated.db.url not in toml.split("[index]")[1].split("[")[0]
@@ -271,3 +302,97 @@ def test_round_trip_back_to_embedded(migrated: Env) -> None:
     assert "dropdb" in back.stderr  # the PostgreSQL index is kept, and how to remove it
     assert "intact" in migrated.vault.cli("audit", "verify").stdout
     assert answers(migrated.vault, migrated.token, migrated.files) == migrated.reference
+
+
+# --- the parts without a backend ------------------------------------------------------------
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_bar_at_a_terminal_and_plain_lines_elsewhere() -> None:
+    from pacsvault.migrate.progress import Progress
+
+    tty = _Stream(True)
+    bar = Progress("objects", 40, stream=tty)
+    for _ in range(40):
+        bar.advance()
+    bar.close()
+    text = tty.getvalue()
+    assert text.startswith("\robjects [") and text.endswith("\n")
+    assert "40/40" in text and text.count("\n") == 1  # redrawn in place
+    plain = _Stream(False)
+    bar = Progress("objects", 40, done=8, stream=plain)
+    for _ in range(32):
+        bar.advance()
+    bar.close()
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and lines[0].startswith("objects [")
+    assert "8/40" in lines[0] and "40/40" in lines[-1] and 3 <= len(lines) <= 12
+
+
+def test_settings_file_rewritten_keeping_everything_else(tmp_path: Path) -> None:
+    from pacsvault import config
+    from pacsvault.config import IndexSettings
+    from pacsvault.migrate import switch
+
+    (tmp_path / config.CONFIG_NAME).write_text(config.render("PV", None), "utf-8")
+    before = (tmp_path / config.CONFIG_NAME).read_text()
+    current = config.load(tmp_path)
+    url = "postgresql://pv@db.example.net/pv?sslmode=verify-full"
+    storage = current.storage.model_copy(update={
+        "url": "s3://bucket-one/pv", "endpoint": "https://s3.example.net", "path_style": True})
+    switch.write_settings(tmp_path, IndexSettings(url=url, password_file="/etc/pv.pw"), storage)
+    after = config.load(tmp_path)
+    assert after.index.url == url and after.index.password_file == "/etc/pv.pw"
+    assert after.storage.url == "s3://bucket-one/pv" and after.storage.path_style
+    assert after.server == current.server and after.dicom == current.dicom
+    text = (tmp_path / config.CONFIG_NAME).read_text()
+    kept = [line for line in before.splitlines() if line.lstrip().startswith("#")]
+    assert all(line in text for line in kept)  # every comment still there
+    switch.write_settings(tmp_path, IndexSettings(),
+                          after.storage.model_copy(update={"url": ""}))
+    back = config.load(tmp_path)
+    assert back.index.url == "" and back.storage.url == ""
+
+
+def test_state_file_is_private_and_round_trips(tmp_path: Path) -> None:
+    from pacsvault.migrate import state
+
+    found = state.MigrationState(target="ab" * 32, anchor_seq=7, anchor_digest="cd" * 32)
+    found.table("patients").last = 12
+    found.table("data_keys").last = "0f" * 16
+    state.save(tmp_path, found)
+    path = state.path_of(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert state.load(tmp_path) == found
+    path.write_text("{}")
+    with pytest.raises(state.StateError, match="remove it"):
+        state.load(tmp_path)
+    state.remove(tmp_path)
+    assert state.load(tmp_path) is None
+
+
+def test_targets_refused_in_one_line_without_echoing_a_password() -> None:
+    from pacsvault import config
+    from pacsvault.migrate import TargetError, choose
+
+    current = config.Settings(server=config.ServerSettings(ae_title="PV"))
+    with pytest.raises(TargetError, match="say where"):
+        choose(current, to_index=None, to_storage=None)
+    with pytest.raises(TargetError, match="nothing to migrate"):
+        choose(current, to_index="embedded", to_storage="local")
+    with pytest.raises(TargetError) as refused:
+        choose(current, to_index="postgresql://pv:hunter2secret@db/pv", to_storage=None)
+    assert "hunter2secret" not in str(refused.value) and "password" in str(refused.value)
+    with pytest.raises(TargetError, match="s3://"):
+        choose(current, to_index=None, to_storage="s3://Bad_Bucket")
+    target = choose(current, to_index="postgresql://pv@db/pv", to_storage=None)
+    assert target.moves_index and not target.moves_storage
+    assert target.index_kind == "postgresql" and target.storage_kind == "local"

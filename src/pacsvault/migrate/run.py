@@ -122,13 +122,17 @@ class _Run:
         if self.options.dry_run:
             return self._dry_run()
         current = self._start()
-        if current.phase == "objects":
-            if self.target.moves_storage:
-                self._copy_objects(current)
-            current.phase = "index"
-            state.save(self.root, current)
+        # Both targets are reached before anything is copied: a wrong url, a database that
+        # is not empty or a bucket that does not answer stops the run at once.
+        sink = (objects.sink_for(self.target.storage, ObjectStore(self.layout.objects))
+                if self.target.moves_storage else None)
         target_engine = self._target_engine(current)
         try:
+            if current.phase == "objects":
+                if sink is not None:
+                    self._copy_objects(current, sink)
+                current.phase = "index"
+                state.save(self.root, current)
             if current.phase == "index":
                 if self.target.moves_index:
                     self._copy_rows(current, target_engine)
@@ -148,6 +152,8 @@ class _Run:
         return self.summary
 
     def _start(self) -> state.MigrationState:
+        """The interrupted migration's state, or a new one (saved once the targets have
+        answered: a target refused at once leaves nothing behind)."""
         found = state.load(self.root)
         fingerprint = self.target.fingerprint()
         if found is not None and self.options.restart:
@@ -163,9 +169,7 @@ class _Run:
             return found
         switch.remove_new_index(self.root)  # a left-over of a run without state
         seq, digest = self._anchor()
-        fresh = state.MigrationState(target=fingerprint, anchor_seq=seq, anchor_digest=digest)
-        state.save(self.root, fresh)
-        return fresh
+        return state.MigrationState(target=fingerprint, anchor_seq=seq, anchor_digest=digest)
 
     def _anchor(self) -> tuple[int, str]:
         found = self.vault.audit.anchor()
@@ -198,8 +202,7 @@ class _Run:
 
     # --- objects ----------------------------------------------------------------------
 
-    def _copy_objects(self, current: state.MigrationState) -> None:
-        sink = objects.sink_for(self.target.storage, ObjectStore(self.layout.objects))
+    def _copy_objects(self, current: state.MigrationState, sink: objects.Sink) -> None:
         total = objects.instance_total(self.vault.engine)
         bar = Progress("objects", total, done=current.objects_copied + current.objects_skipped,
                        stream=self.options.stream)
@@ -237,7 +240,9 @@ class _Run:
         settings = self.target.settings(self.vault.settings)
         vault_id = self.vault.vault_id
         if not self.target.moves_index:
-            return vaultmod.open_engine(self.layout, settings, self.master, vault_id)
+            twin = vaultmod.open_engine(self.layout, settings, self.master, vault_id)
+            state.save(self.root, current)
+            return twin
         if self.target.index_kind == POSTGRESQL:
             create = not current.index_created
             engine = vaultmod.open_engine(self.layout, settings, self.master, vault_id,
@@ -255,7 +260,7 @@ class _Run:
                     table.create(engine, checkfirst=True)
                 schema.stamp_head(engine)
             current.index_created = True
-            state.save(self.root, current)
+        state.save(self.root, current)
         return engine
 
     def _clear_target(self, found: state.MigrationState) -> None:
