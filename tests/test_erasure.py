@@ -38,7 +38,8 @@ from pacsvault.storage.erasure import (
     ErasureRequest,
     RetentionRunning,
 )
-from tests.helpers import VaultDir, events, new_vault
+from tests.harness.backends import Backend
+from tests.helpers import VaultDir, events
 
 OLD = "19990101"  # retention over (20 years)
 REASON = "Demande du patient, aucune obligation légale de conserver (courrier du 2 mars)"
@@ -105,8 +106,9 @@ class Admins:
 
 
 @pytest.fixture
-def vault(tmp_path: Path) -> VaultDir:
-    return new_vault(tmp_path / "v")
+def vault(tmp_path: Path, backend: Backend) -> VaultDir:
+    """Once per index backend (issue 16): embedded, then sealed PostgreSQL."""
+    return backend.new_vault(tmp_path / "v")
 
 
 def test_erase_destroys_every_key_row_and_file_and_leaves_a_blind_tombstone(
