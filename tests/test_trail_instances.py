@@ -32,6 +32,7 @@ from pacsvault.storage.archive import StoreStatus
 from pacsvault.vault import Vault, create
 from tests import corpus
 from tests.harness.postgres import PostgresDatabase
+from tests.harness.seaweed import S3Bucket
 from tests.helpers import VaultDir, pv
 
 shared = pytest.mark.postgres
@@ -273,3 +274,79 @@ def test_instances_add_is_refused_on_an_embedded_vault(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "PostgreSQL" in res.stderr
     assert not (tmp_path / "b").exists()
+
+
+@shared
+@pytest.mark.s3
+@pytest.mark.slow
+def test_two_serve_instances_one_trail(tmp_path: Path, postgres_db: PostgresDatabase,
+                                       s3_bucket: S3Bucket) -> None:
+    """Two real ``serve`` processes (data directories A and B made by ``instances add``)
+    on one PostgreSQL index and one SeaweedFS bucket: storescu to A, C-FIND on B finds
+    the study, and after both stop ``audit verify`` on either holds over both chains, each
+    holding checkpoints that witnessed the other."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE as ClientAE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    from tests.helpers import AE, first_run_secrets, start_server, storescu
+    from tests.test_s3_storage import use_bucket
+
+    root_a = tmp_path / "a"
+    root_a.mkdir()
+    key = tmp_path / "keys" / "master.key"
+    made = pv("init", "--data", root_a / "data", "--key-file", key, "--ae-title", AE,
+              "--admin", "admin", "--index-url", postgres_db.url, "--index-password-file",
+              postgres_db.server.password_file)
+    a = VaultDir(root_a, key, first_run_secrets(made.stdout).recovery_code)
+    use_bucket(a, s3_bucket)
+    va = a.open()
+    try:
+        va.nodes.add("MODALITY", "127.0.0.1", roles=("store", "query"))
+    finally:
+        va.close()
+    added = pv("instances", "add", "b", "--to", tmp_path / "b" / "data", "--host",
+               "127.0.0.1", "--data", a.data, "--key-file", key)
+    assert "NOT copied" in added.stdout
+    assert key.read_bytes().hex() not in added.stdout
+    b = VaultDir(tmp_path / "b", key, a.recovery_code)
+    assert json.loads((b.data / "vault.json").read_text())["instance"] == "b"
+    assert pv("instances", "add", "b", "--to", tmp_path / "c", "--data", a.data,
+              "--key-file", key, check=False).returncode == 2  # the name is taken
+
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 4, size=32)
+    server_a, server_b = start_server(a), start_server(b)
+    try:
+        sent = storescu(server_a.port, files, calling="MODALITY")
+        assert sent.returncode == 0, sent.stderr
+        client = ClientAE(ae_title="MODALITY")
+        client.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = client.associate("127.0.0.1", server_b.port, ae_title=AE)
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel, query.PatientID, query.StudyInstanceUID = \
+            "STUDY", "PVBATCH01", ""
+        try:
+            found = [ds for status, ds in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind)
+                if status and status.Status in (0xFF00, 0xFF01) and ds is not None]
+        finally:
+            assoc.release()
+        assert len(found) == 1
+    finally:
+        server_a.stop()
+        server_b.stop()
+    for side in (a, b):
+        out = pv("audit", "verify", "--data", side.data, "--key-file", key).stdout
+        assert "over 2 instances" in out, out
+    shown = pv("audit", "show", "--json", "--data", b.data, "--key-file", key).stdout
+    records = [json.loads(line) for line in shown.splitlines() if line.strip()]
+    checkpoints = {(r["instance"], r["detail"].get("reason")) for r in records
+                   if r["action"] == trail_instances.CHECKPOINT_ACTION}
+    assert {("main", "start"), ("main", "stop"), ("b", "start"), ("b", "stop")} <= checkpoints
+    assert any(r["instance"] == "main" and r["action"].startswith("dicom.")
+               for r in records)
+    assert any(r["instance"] == "b" and r["action"].startswith("dicom.")  # the C-FIND
+               for r in records)
