@@ -15,11 +15,13 @@ exactly as before, every object in the bucket is the local ciphertext byte for b
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
 import ssl
 import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +136,20 @@ def answers_from(server: Server, vault: VaultDir, token: str,
     return out
 
 
+
+def run_here(vault: VaultDir, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run in this process (the same ``main`` a user's command runs; saves the
+    interpreter start and the imports of a subprocess). The interrupted and resumed
+    migrations run as real processes."""
+    from pacsvault.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [*args, "--data", str(vault.data), "--key-file", str(vault.key)]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 # --- the vault and its targets ------------------------------------------------------------
 
 
@@ -180,7 +196,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServe
             res = storescu(server.port, [f.path], calling=MODALITY, extra=f.proposal)
             assert res.returncode == 0, f"{f.path.name}: {res.stdout}{res.stderr}"
         env = Env(vault, files, token, {}, postgres_server, db, bucket)
-        env.refused = vault.cli(*env.to_scale_out(), check=False)  # while it serves
+        env.refused = run_here(vault, *env.to_scale_out())  # while it serves
         env.reference = answers_from(server, vault, token, files)
     finally:
         server.stop()
@@ -203,7 +219,7 @@ def migrated(env: Env) -> Env:
     """The interrupted migration, then the run that completes it."""
     toml = env.vault.data / "pacsvault.toml"
     before = toml.read_text()
-    env.runs.append(env.vault.cli(*env.to_scale_out(), "--dry-run"))
+    env.runs.append(run_here(env.vault, *env.to_scale_out(), "--dry-run"))
     assert toml.read_text() == before
     assert not (env.vault.data / "migrate-state.json").exists()
     env.runs.append(env.vault.cli(*env.to_scale_out(), "--stop-after", "4", check=False))
@@ -262,7 +278,7 @@ def test_migrated_vault_answers_identically(migrated: Env) -> None:
         key = f"{PREFIX}/{object_id[:2]}/{object_id[2:4]}/{object_id}.pvo"
         got = client.get_object(Bucket=migrated.bucket.name, Key=key)["Body"].read()
         assert got == blob
-    verify = migrated.vault.cli("audit", "verify")
+    verify = run_here(migrated.vault, "audit", "verify")
     assert "intact" in verify.stdout
     from tests.helpers import events
 
@@ -289,10 +305,10 @@ def test_migrated_vault_answers_identically(migrated: Env) -> None:
 def test_round_trip_back_to_embedded(migrated: Env) -> None:
     assert migrated.runs[-1].returncode == 0
     # in two steps: each part alone (the objects first, then the index)
-    objects = migrated.vault.cli("migrate", "--to-storage", "local", check=False)
+    objects = run_here(migrated.vault, "migrate", "--to-storage", "local")
     assert objects.returncode == 0, objects.stderr
     assert "objects s3 -> local" in objects.stderr
-    back = migrated.vault.cli("migrate", "--to-index", "embedded", check=False)
+    back = run_here(migrated.vault, "migrate", "--to-index", "embedded")
     assert back.returncode == 0, back.stderr
     assert "index postgresql -> embedded, objects local -> local" in back.stderr
     data = migrated.vault.data
@@ -300,7 +316,7 @@ def test_round_trip_back_to_embedded(migrated: Env) -> None:
     assert migrated.db.url not in toml.split("[index]")[1].split("[")[0]
     assert (data / "index.db").exists()
     assert "dropdb" in back.stderr  # the PostgreSQL index is kept, and how to remove it
-    assert "intact" in migrated.vault.cli("audit", "verify").stdout
+    assert "intact" in run_here(migrated.vault, "audit", "verify").stdout
     assert answers(migrated.vault, migrated.token, migrated.files) == migrated.reference
 
 
