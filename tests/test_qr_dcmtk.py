@@ -53,6 +53,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacsvault.audit import EventCode, Outcome
 from pacsvault.vault import Vault
 from tests import corpus
+from tests.harness.backends import Backend
 from tests.harness.peers import StoreSCP
 from tests.helpers import (
     AE,
@@ -60,7 +61,6 @@ from tests.helpers import (
     VaultDir,
     dcmtk,
     dcmtk_env,
-    make_vault,
     start_server,
     storescu,
     wait_events,
@@ -189,9 +189,10 @@ def _multi_study(files: list[corpus.CorpusFile], out: Path) -> Multi:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Env]:
+    """Once per index backend (issue 16): embedded, then sealed PostgreSQL."""
     root = tmp_path_factory.mktemp("qr")
-    vault = make_vault(root / "v")
+    vault = backend.make_vault(root / "v")
     pydest = PyStoreSCP(PYDEST, delay=0.02)
     scps: list[StoreSCP] = []
     server: Server | None = None
