@@ -36,12 +36,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, event, insert
+from sqlalchemy import Connection, Table, delete, event, insert, select
 from sqlalchemy.orm import Mapper
 
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition
-from pacsvault.index.models import Patient, patient_tokens, series_tokens, study_tokens
+from pacsvault.index.models import (
+    Patient,
+    Series,
+    Study,
+    patient_tokens,
+    series_tokens,
+    study_tokens,
+)
 from pacsvault.index.sealing import TOKEN_BYTES, Sealer, sealer_of
 
 # Name prefixes of 1..PREFIX_MAX characters. 4 narrows a typed ``DOE*`` or ``MÜLL*`` to a
@@ -140,6 +147,44 @@ def write(conn: Connection, level: Level, row_pk: int, values: dict[str, str]) -
 
 _TABLES = {Level.PATIENT: patient_tokens, Level.STUDY: study_tokens,
            Level.SERIES: series_tokens}
+
+
+# Each level's tokened attributes: (keyword, column of the normalised value).
+_SOURCES: dict[Level, tuple[Any, tuple[tuple[str, Any], ...]]] = {
+    Level.PATIENT: (Patient, (("PatientName", Patient.name_norm),
+                              ("PatientBirthDate", Patient.birth_date))),
+    Level.STUDY: (Study, (("StudyDate", Study.study_date),
+                          ("ReferringPhysicianName", Study.referring_physician_norm))),
+    Level.SERIES: (Series, (("SeriesDate", Series.series_date),
+                            ("PerformedProcedureStepStartDate",
+                             Series.performed_start_date))),
+}
+
+
+def rebuild(conn: Connection, batch: int = 1000) -> int:
+    """Write every row's tokens again from its decrypted values (nothing on an unsealed
+    index); returns how many rows. For whatever filled a sealed index without
+    ``write`` (``migrate`` copying rows in) and after the token key changed (a master
+    key rotation derives a new one): old tokens would match nothing."""
+    sealer = sealer_of(conn.dialect)
+    if sealer is None:
+        return 0
+    rows = 0
+    for level, (entity, sources) in _SOURCES.items():
+        table = _TABLES[level]
+        conn.execute(delete(table))
+        found = conn.execute(select(entity.pk, *(c for _, c in sources))
+                             .order_by(entity.pk)).all()
+        for start in range(0, len(found), batch):
+            values = [{"token": t, "row_pk": row[0]}
+                      for row in found[start:start + batch]
+                      for t in sorted(row_tokens(sealer, {
+                          k: str(v or "") for (k, _), v in zip(sources, row[1:],
+                                                                strict=True)}))]
+            if values:
+                conn.execute(insert(table), values)
+        rows += len(found)
+    return rows
 
 
 @event.listens_for(Patient, "after_insert")
