@@ -471,7 +471,11 @@ def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
     assert new_code != vault.recovery_code
     with pytest.raises(WrongPassword):
         Repository(str(repo), keys.backup_recovery_password(new_code)).snapshots()
+    # a drill now would test a snapshot the new recovery sheet cannot open: said plainly
+    early = vault.cli("backup", "drill", check=False)
+    assert early.returncode == 1 and "recovery code changed" in early.stdout + early.stderr
     after = vault.cli("backup", "run").stdout.split("snapshot ")[1].split(",")[0]
+    vault.cli("backup", "drill")  # the run registered the new code's key: the drill passes
 
     def restore(code: str, snapshot: str, n: int) -> dict[str, str]:
         to, key = tmp_path / f"r{n}", tmp_path / f"k{n}" / "master.key"

@@ -244,3 +244,10 @@ def test_tick_runs_due_targets_together_then_checks_and_drills(
     stale_events = [e for e in seen if e.action == "backup.stale"]
     assert len(stale_events) == 1 and stale_events[0].detail["target"] == "usb"
     assert calls == []  # the drill (30 days) is not due
+    # a key rotation gave a new recovery code: the target is backed up at the next tick,
+    # whatever the schedule, so the new recovery sheet opens a snapshot (and drills pass)
+    from pacsvault.backup import targets as targets_mod
+    monkeypatch.setattr(targets_mod, "recovery_key_behind",
+                        lambda _v, target: target.name == "usb")
+    schedule.tick(vault)  # type: ignore[arg-type]
+    assert calls[:2] == [("run", ["usb"]), ("prune", "usb")]

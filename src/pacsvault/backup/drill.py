@@ -214,6 +214,7 @@ def run_drill(vault: Vault, target: str) -> DrillResult:
     raises ``DrillError`` only for a target that is not configured.
     """
     from pacsvault.backup import runner
+    from pacsvault.backup.targets import recovery_key_behind
 
     configured = {t.name: t for t in vault.settings.backup.targets}
     if target not in configured:
@@ -225,6 +226,12 @@ def run_drill(vault: Vault, target: str) -> DrillResult:
     started = time.monotonic()
     try:
         password = _recovery_password(vault)
+        if recovery_key_behind(vault, spec):
+            raise DrillError(
+                "the recovery code changed (key rotation) after this target's last backup: "
+                "its snapshots open with the old code only; the next backup (at once in "
+                "'serve', or 'pacsvault backup run') makes one the new code opens, then "
+                "drill again")
         with _workspace(vault) as work:
             restored = runner.restore(
                 spec.repository,

@@ -219,12 +219,16 @@ def _run_due(vault: Vault, settings: BackupSettings) -> None:
     """One run for every target that is due (one point-in-time copy serves them all),
     then pruning of each target that got its snapshot."""
     from pacsvault.backup import runner
+    from pacsvault.backup.targets import recovery_key_behind
 
     now = dt.datetime.now(dt.UTC)
     due: list[str] = []
     for target in settings.targets:
         times = _times(vault, target.name)
-        if backup_due(times, settings.schedule, now):
+        # after a key rotation, at once (unless failing: retried as usual): until then
+        # the practice's new recovery sheet opens none of this target's snapshots
+        if backup_due(times, settings.schedule, now) or (
+                not times.failing and recovery_key_behind(vault, target)):
             if times.last_success is None:
                 _init(vault, target)
             due.append(target.name)

@@ -157,6 +157,19 @@ def _recovery_fingerprint(recovery: bytes, location: str) -> str:
                     + location.encode("utf-8"), "sha256").hexdigest()[:32]
 
 
+def recovery_key_behind(vault: Vault, target: config.BackupTarget) -> bool:
+    """The vault's recovery password is not the one this target last registered: a key
+    rotation gave a new recovery code since its last backup, so its latest snapshot opens
+    only with the old code. The next backup registers the new key and makes a snapshot
+    the new code opens (``serve`` runs it at once; a drill before it would fail)."""
+    recovery = _stored_secret(vault, RECOVERY_SECRET)
+    if recovery is None:
+        return False
+    registered = backup_state.target_state(vault.layout, target.name).get("recovery_key")
+    return not (isinstance(registered, str) and secrets.compare_digest(
+        registered, _recovery_fingerprint(recovery, target.repository)))
+
+
 def _ensure_recovery_key(vault: Vault, target: config.BackupTarget, repo: Repository) -> bool:
     """Give the repository the recovery-code key if it lacks it; True when it has it.
 
