@@ -340,3 +340,70 @@ def test_a_backup_copy_of_the_index_holds_no_session(pair: Pair, tmp_path: Path)
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
     finally:
         conn.close()
+
+
+# --- the same code on PostgreSQL (two engines standing for two instances) -----------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_shared_state_on_postgresql(postgres_db: Any) -> None:
+    import importlib.util
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from pacsvault.accounts.throttle import Source
+    from pacsvault.accounts.tickets import TicketStore
+    from pacsvault.index import schema
+    from pacsvault.web.sessions import SessionStore, Stage
+
+    url = postgres_db.url.replace("postgresql://", "postgresql+psycopg://", 1)
+    engines = [create_engine(url, connect_args={"password": postgres_db.server.password()})
+               for _ in range(2)]
+    try:
+        # the revision's own DDL, as Alembic runs it
+        path = next((Path(schema.__file__).parent / "migrations" / "versions")
+                    .glob("0002_*.py"))
+        spec = importlib.util.spec_from_file_location("rev0002", path)
+        assert spec is not None and spec.loader is not None
+        revision = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(revision)
+        with engines[0].begin() as conn:
+            for table in revision._tables():
+                table.create(conn)
+        makers = [sessionmaker(bind=e) for e in engines]
+        clock = FakeClock()
+        stores = [SessionStore(dt.timedelta(minutes=30), dt.timedelta(hours=12), clock,
+                               sessions=m, max_pre_auth=2) for m in makers]
+        sid, made = stores[0].create(Stage.SIGNED_IN, "127.0.0.1", user="olga",
+                                     password_changed=clock())
+        found, _ = stores[1].lookup(sid)
+        assert found is not None and found.csrf == made.csrf and found.user == "olga"
+        clock.advance(5)
+        found.next = "/studies"
+        stores[1].save(found)
+        again, _ = stores[0].lookup(sid)
+        assert again is not None and again.next == "/studies"
+        assert stores[0].signed_in_count() == 1
+        assert stores[1].drop_user("olga") == 1
+        assert stores[0].lookup(sid) == (None, None)
+        pre = [stores[i % 2].create(Stage.ANONYMOUS, "127.0.0.1")[0] for i in range(3)]
+        assert [stores[0].lookup(p)[0] is not None for p in pre] == [False, True, True]
+
+        tickets = [TicketStore(m) for m in makers]
+        ticket = tickets[0].new(7, "olga", Source.of("127.0.0.1"), "k" * 64, "dev", clock(),
+                                dt.timedelta(minutes=10))
+        pending = tickets[1].get(ticket, "127.0.0.1", clock())
+        assert pending is not None and pending.device == "dev" and pending.user_pk == 7
+        assert tickets[1].get(ticket, "127.0.0.2", clock()) is None  # leaked: destroyed
+        assert tickets[0].get(ticket, "127.0.0.1", clock()) is None
+
+        now = clock()
+        later = now + dt.timedelta(minutes=10)
+        assert shared_state.claim_notice(makers[0], "exposure", "", now, later)
+        assert not shared_state.claim_notice(makers[1], "exposure", "", now, later)
+        assert shared_state.claim_notice(makers[1], "exposure", "", later, later + (later - now))
+    finally:
+        for engine in engines:
+            engine.dispose()
