@@ -22,6 +22,7 @@ class Progress:
         self._started = time.monotonic()
         self._drawn = 0.0
         self._tenth = -1
+        self._printed = -1
         self._first = done
         self._line(force=True)
 
@@ -53,8 +54,9 @@ class Progress:
                 self._stream.flush()
             return
         tenth = self.done * 10 // self.total if self.total else 0
-        if not (force or tenth > self._tenth):
+        if not (force or tenth > self._tenth) or (final and self.done == self._printed):
             return
+        self._printed = self.done
         self._stream.write(self._text() + "\n")
         self._tenth = tenth
         self._stream.flush()
