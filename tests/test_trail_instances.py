@@ -350,3 +350,29 @@ def test_two_serve_instances_one_trail(tmp_path: Path, postgres_db: PostgresData
                for r in records)
     assert any(r["instance"] == "b" and r["action"].startswith("dicom.")  # the C-FIND
                for r in records)
+
+
+@shared
+@pytest.mark.slow
+def test_retention_seals_the_copy_as_the_file(
+        pair: tuple[VaultDir, VaultDir], tmp_path: Path) -> None:
+    """A's retention purge seals its file's prefix and its copy's alike: both instances
+    still verify, and B's checkpoints witnessing sealed records of A are accepted."""
+    import datetime as dt
+
+    _load(pair, tmp_path)
+    a, b = pair
+    va = a.open()
+    try:
+        assert va.audit.purge_before(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1),
+                                     "test") > 0
+        va.recorder.emit(_event("test.after-purge"))
+        with va.engine.connect() as conn:
+            first = conn.execute(select(AuditLine.line).where(AuditLine.instance == "main")
+                                 .order_by(AuditLine.seq)).scalars().first()
+        assert first is not None and '"kind":"seal"' in first
+    finally:
+        va.close()
+    for side in (a, b):
+        verdict = _verify(side)
+        assert verdict.ok, verdict.problem
