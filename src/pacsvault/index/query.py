@@ -319,35 +319,10 @@ class QueryEngine:
         embedded path does; (2) the records of what passed, loaded by key in batches
         and answered in the same order. Ordered by key: PostgreSQL gives no stable order
         otherwise, and QIDO-RS pages (offset, limit) must not overlap."""
-        entity = residual.ENTITIES[level]
-        checks = filt.residual
-        columns: list[Any] = [entity.pk, *(r.column for r in checks)]
-        if filt.modalities is not None:
-            columns.append(Study.pk)
-        if filt.meta:
-            columns.append(entity.meta_json)
-        stmt = (self._select(level).with_only_columns(*columns).where(*filt.sql)
-                .order_by(entity.pk))
-        # A server-side cursor (rows fetched as the scan goes, not all at once). With two
-        # token prefilters or more, planned for the whole result: PostgreSQL's default
-        # (10 % of it) chose a "fast start" nested loop that took 5x longer than
-        # intersecting the key lists first; with one, fast start is right (the keys
-        # come in order from the token index). ``bench/pg_matching.py``.
-        if filt.prefilters > 1:
-            session.execute(text("SELECT set_config('cursor_tuple_fraction', '1', true)"))
         batch: list[tuple[int, dict[str, Any] | None]] = []
-        for row in session.execute(stmt.execution_options(yield_per=256)):
-            budget.check()
-            if not residual.passes(checks, row[1:1 + len(checks)]):
-                continue
-            if filt.modalities is not None and not self._modalities_match(
-                    session, int(row[1 + len(checks)]), filt.modalities):
-                continue
-            meta: dict[str, Any] | None = None
-            if filt.meta:
-                meta = json.loads(row[-1] or "{}")
-                if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
-                    continue
+        for pk, meta in residual.passing(session, self._select(level), level, filt.sql,
+                                         filt.residual, filt.modalities, filt.meta,
+                                         filt.prefilters, budget.check):
             if window is not None:
                 if window.skip:
                     window.skip -= 1
@@ -356,7 +331,7 @@ class QueryEngine:
                     window.more = True
                     break
                 window.room -= 1
-            batch.append((int(row[0]), meta))
+            batch.append((pk, meta))
             if len(batch) >= 64:
                 yield from self._answer_batch(session, level, batch, budget, accessed,
                                               plan, charset, for_dimse, include_all)
@@ -388,14 +363,6 @@ class QueryEngine:
             budget.pause()
             yield answer
             budget.resume()
-
-    @staticmethod
-    def _modalities_match(session: Session, study_pk: int, cond: Condition) -> bool:
-        """ModalitiesInStudy when its column is sealed: some visible series of the study
-        has a matching modality (the embedded path's EXISTS, decided here)."""
-        found = session.scalars(select(Series.modality).where(
-            Series.study_pk == study_pk, Series.num_instances > 0))
-        return any(cond.matches_stored(m or "") for m in found)
 
     def _select(self, level: Level) -> Select[Any, Any, Any]:
         """The level's records, with the study UID and patient ID they belong to."""

@@ -18,13 +18,16 @@ ciphertexts and silently answer wrong.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, any_, false, func, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import ColumnElement, Select, any_, false, func, select, text
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from pacsvault.index import blind
+from pacsvault.index.headers import meta_matches
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition
 from pacsvault.index.models import Instance, Patient, Series, Study
@@ -95,3 +98,53 @@ def passes(residuals: list[Residual], values: Any) -> bool:
     """Whether the decrypted ``values`` (one per residual, in order) pass them all."""
     return all(r.cond.matches_stored("" if v is None else str(v))
                for r, v in zip(residuals, values, strict=True))
+
+
+def passing(
+    session: Session, base: Select[Any, Any, Any], level: Level,
+    sql: list[ColumnElement[bool]], checks: list[Residual], modalities: Condition | None,
+    meta: list[tuple[str, Any]], prefilters: int, check_budget: Callable[[], None],
+) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """The keys of the ``level`` records (``base``: the engine's statement for the level,
+    joins included) that pass every condition, in key order, each with its parsed stored
+    header when a condition read it (None otherwise).
+
+    Only what matching needs is decrypted for a candidate: its key and the columns of
+    the residual conditions (the stored header only for a non-indexed key); the caller
+    loads the records of what passed by key. Ordered by key: PostgreSQL gives no stable
+    order otherwise, and QIDO-RS pages (offset, limit) must not overlap."""
+    entity = ENTITIES[level]
+    columns: list[Any] = [entity.pk, *(r.column for r in checks)]
+    if modalities is not None:
+        columns.append(Study.pk)
+    if meta:
+        columns.append(entity.meta_json)
+    stmt = base.with_only_columns(*columns).where(*sql).order_by(entity.pk)
+    # A server-side cursor (rows fetched as the scan goes, not all at once). With two
+    # token prefilters or more, planned for the whole result: PostgreSQL's default (10 %
+    # of it) chose a "fast start" nested loop that took 5x longer than intersecting the
+    # key lists first; with one, fast start is right (the keys come in order from the
+    # token index). ``bench/pg_matching.py``.
+    if prefilters > 1:
+        session.execute(text("SELECT set_config('cursor_tuple_fraction', '1', true)"))
+    for row in session.execute(stmt.execution_options(yield_per=256)):
+        check_budget()
+        if not passes(checks, row[1:1 + len(checks)]):
+            continue
+        if modalities is not None and not _modalities_match(
+                session, int(row[1 + len(checks)]), modalities):
+            continue
+        header: dict[str, Any] | None = None
+        if meta:
+            header = json.loads(row[-1] or "{}")
+            if not all(meta_matches(header.get(tag), cond) for tag, cond in meta):
+                continue
+        yield int(row[0]), header
+
+
+def _modalities_match(session: Session, study_pk: int, cond: Condition) -> bool:
+    """ModalitiesInStudy when its column is sealed: some visible series of the study has
+    a matching modality (the embedded path's EXISTS, decided here)."""
+    found = session.scalars(select(Series.modality).where(
+        Series.study_pk == study_pk, Series.num_instances > 0))
+    return any(cond.matches_stored(m or "") for m in found)
