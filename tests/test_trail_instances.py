@@ -132,6 +132,8 @@ def test_verify_on_either_instance_checks_both_chains(
     out = pv("audit", "verify", "--data", b.data, "--key-file", b.key).stdout
     assert "instance main:" in out and "instance b:" in out
     assert "audit trail intact" in out and "over 2 instances" in out
+    listed = pv("instances", "list", "--data", b.data, "--key-file", b.key).stdout
+    assert "b (this one): last record" in listed and "main: last record" in listed
 
 
 @shared
