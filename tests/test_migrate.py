@@ -216,18 +216,24 @@ def _local_objects(data: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def migrated(env: Env) -> Env:
-    """The interrupted migration, then the run that completes it."""
+    """A dry run; a migration stopped after 4 objects, continued and stopped after 4 more;
+    the vault changed (a node added: the old backends were used meanwhile), so the next
+    run refuses to continue; ``--restart`` then completes it from the start."""
     toml = env.vault.data / "pacsvault.toml"
+    state = env.vault.data / "migrate-state.json"
     before = toml.read_text()
     env.runs.append(run_here(env.vault, *env.to_scale_out(), "--dry-run"))
     assert toml.read_text() == before
-    assert not (env.vault.data / "migrate-state.json").exists()
+    assert not state.exists()
     env.runs.append(env.vault.cli(*env.to_scale_out(), "--stop-after", "4", check=False))
-    state = env.vault.data / "migrate-state.json"
     env.runs.append((state.read_bytes() if state.exists() else b"",
                      stat.S_IMODE(state.stat().st_mode) if state.exists() else 0,
                      toml.read_text() == before))
-    env.runs.append(env.vault.cli(*env.to_scale_out(), check=False))
+    env.runs.append(env.vault.cli(*env.to_scale_out(), "--stop-after", "4", check=False))
+    env.runs.append(json.loads(state.read_bytes()) if state.exists() else {})
+    run_here(env.vault, "node", "add", "LATECOMER", "--host", "127.0.0.1")
+    env.runs.append(run_here(env.vault, *env.to_scale_out()))
+    env.runs.append(env.vault.cli(*env.to_scale_out(), "--restart", check=False))
     return env
 
 
@@ -242,8 +248,8 @@ def test_refused_while_the_server_runs(env: Env) -> None:
 
 
 @backends
-def test_dry_run_and_interrupted_run(migrated: Env) -> None:
-    dry, stopped, (state, mode, untouched), _done = migrated.runs
+def test_dry_run_and_interrupted_runs(migrated: Env) -> None:
+    dry, stopped, (state, mode, untouched), again, after_again, refused, _done = migrated.runs
     assert f"would copy {len(migrated.files)} object(s)" in dry.stderr
     assert "nothing was changed" in dry.stderr
     assert stopped.returncode == 75, stopped.stderr
@@ -254,6 +260,15 @@ def test_dry_run_and_interrupted_run(migrated: Env) -> None:
         assert marker.encode() not in state
         assert base64.b64encode(marker.encode())[4:-4] not in state
     assert migrated.db.url.encode() not in state
+    # the second run continued where the first stopped
+    assert again.returncode == 75, again.stderr
+    assert after_again["objects_copied"] == 8
+    assert after_again["last_instance_pk"] > body["last_instance_pk"]
+    # the vault changed in between: refused in one line, --restart needed
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert "the vault changed since this migration started" in lines[-1]
+    assert "--restart" in lines[-1]
 
 
 @backends
