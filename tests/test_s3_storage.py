@@ -33,8 +33,10 @@ from tests.helpers import (
     VaultDir,
     dcmtk,
     dcmtk_env,
+    first_run_secrets,
     make_vault,
     new_vault,
+    pv,
     start_server,
     storescu,
     wait_events,
@@ -47,17 +49,15 @@ TRAILING_PADDING = 0xFFFCFFFC
 PREFIX = "pv/site1"
 
 
-def use_bucket(data: Path, bucket: S3Bucket, **extra: str) -> None:
-    """Point a vault's ``[storage]`` at ``bucket`` (lines added under the section)."""
+def use_bucket(vault: VaultDir, bucket: S3Bucket, **extra: str) -> None:
+    """Point a vault's ``[storage]`` at ``bucket`` (its setting lines replaced)."""
     server = bucket.server
-    lines = [f'url = "{bucket.url}/{PREFIX}"', f'endpoint = "{server.endpoint}"',
-             f'region = "{server.region}"', f'credentials_file = "{server.credentials_file}"',
-             f'ca_file = "{server.ca_file}"', "path_style = true",
-             *(f"{k} = {v}" for k, v in extra.items())]
-    toml = data / "pacsvault.toml"
-    text = toml.read_text()
-    assert "\n[storage]\n" in text
-    toml.write_text(text.replace("\n[storage]\n", "\n[storage]\n" + "\n".join(lines) + "\n", 1))
+    values = {"url": f'"{bucket.url}/{PREFIX}"', "endpoint": f'"{server.endpoint}"',
+              "region": f'"{server.region}"',
+              "credentials_file": f'"{server.credentials_file}"',
+              "ca_file": f'"{server.ca_file}"', "path_style": "true", **extra}
+    for name, value in values.items():
+        vault.set_toml("storage", name, value)
 
 
 def bucket_objects(bucket: S3Bucket) -> list[dict[str, Any]]:
@@ -79,6 +79,24 @@ def same_dataset(original_path: Path, back: Dataset) -> None:
         assert back[elem.tag].value == elem.value, f"{name} {elem.tag}"
 
 
+def init_args(bucket: S3Bucket, url: str = "") -> list[str | Path]:
+    server = bucket.server
+    return ["--storage-url", url or f"{bucket.url}/{PREFIX}",
+            "--storage-endpoint", server.endpoint, "--storage-region", server.region,
+            "--storage-credentials-file", server.credentials_file,
+            "--storage-ca-file", server.ca_file, "--storage-path-style"]
+
+
+def init_with_bucket(root: Path, bucket: S3Bucket) -> VaultDir:
+    """``pacsvault init --storage-url ...``: a new vault whose objects go to ``bucket``."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = root / "keys" / "master.key"
+    proc = pv("init", "--data", root / "data", "--key-file", key, "--admin", "admin",
+              *init_args(bucket))
+    found = first_run_secrets(proc.stdout)
+    return VaultDir(root, key, found.recovery_code, found.admin_password, found.admin_name)
+
+
 # --- a loaded vault (module scope) -----------------------------------------------------------
 
 
@@ -97,8 +115,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("s3vault")
     bucket = create_bucket(s3_server)
-    vault = make_vault(root / "v")
-    use_bucket(vault.data, bucket)
+    vault = init_with_bucket(root / "v", bucket)
     vault.add_node(MODALITY)
     vault.add_node(WS, "--roles", "store,query,retrieve")
     v = vault.open()
@@ -206,12 +223,22 @@ def test_bucket_listing_and_download_reveal_no_patient(env: Env) -> None:
         assert needle not in listing
 
 
+@pytest.mark.s3
+def test_init_refuses_a_bucket_it_cannot_reach(tmp_path: Path, s3_bucket: S3Bucket) -> None:
+    data = tmp_path / "data"
+    res = pv("init", "--data", data, "--key-file", tmp_path / "k" / "master.key",
+             *init_args(s3_bucket, url="s3://no-such-bucket-pv/x"), check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "cannot be reached" in res.stderr
+    assert not data.exists() and not (tmp_path / "k" / "master.key").exists()
+
+
 # --- in-process vaults: recovery and scrubbing ----------------------------------------------
 
 
 def s3_vault(tmp_path: Path, bucket: S3Bucket, **extra: str) -> VaultDir:
     vault = new_vault(tmp_path)
-    use_bucket(vault.data, bucket, **extra)
+    use_bucket(vault, bucket, **extra)
     return vault
 
 
@@ -358,7 +385,7 @@ def test_endpoint_down_fails_stores_then_ingest_resumes(tmp_path: Path) -> None:
     with running_seaweed() as s3:
         bucket = create_bucket(s3)
         vault = make_vault(tmp_path / "v")
-        use_bucket(vault.data, bucket)
+        use_bucket(vault, bucket)
         vault.add_node(MODALITY)
         first = corpus.synthetic_ct_series(tmp_path / "a", 2, size=32, seed=1)
         during = corpus.synthetic_ct_series(tmp_path / "b", 2, size=32, seed=2)

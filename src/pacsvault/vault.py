@@ -211,9 +211,11 @@ def _write_private_json(path: Path, value: object) -> None:
 
 
 def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PACSVAULT",
-           index: config.IndexSettings | None = None) -> str:
+           index: config.IndexSettings | None = None,
+           storage: config.StorageSettings | None = None) -> str:
     """Create a vault; returns the recovery code, which must be shown once and never stored.
-    ``index``: a PostgreSQL index (a new, empty database) instead of the embedded one."""
+    ``index``: a PostgreSQL index (a new, empty database) instead of the embedded one;
+    ``storage``: objects in an S3 bucket (checked reachable before anything is written)."""
     layout = Layout(data_dir)
     if layout.exists():
         raise VaultError(f"a vault already exists at {data_dir}; refusing to overwrite it")
@@ -230,9 +232,15 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
         raise VaultError(f"key file {key_path} already exists; refusing to overwrite it")
     if key_path.resolve().is_relative_to(data_dir.resolve()):
         raise VaultError("the key file must not be inside the data directory")
+    if storage is not None and storage.url:
+        _check_bucket(storage)
     created_dir = not data_dir.exists()
     try:
-        return _populate(layout, vault_id, key_path, key_file, ae_title, index)
+        code = _populate(layout, vault_id, key_path, key_file, ae_title, index)
+        if storage is not None and storage.url:
+            layout.config.write_text(
+                config.with_storage(layout.config.read_text("utf-8"), storage), "utf-8")
+        return code
     except BaseException:
         # Leave nothing half-made behind: a partial vault would block a retry.
         key_path.unlink(missing_ok=True)
@@ -246,6 +254,19 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
         if created_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
         raise
+
+
+def _check_bucket(storage: config.StorageSettings) -> None:
+    """The bucket answers with these settings (TLS, credentials), or nothing is made."""
+    from pacsvault.storage.backends import StorageConfigError, open_s3
+
+    try:
+        open_s3(storage).create()
+    except StorageConfigError as exc:
+        raise VaultError(str(exc)) from None
+    except OSError as exc:
+        raise VaultError(f"the S3 bucket of {storage.url} cannot be reached with these "
+                         f"settings ({exc}); nothing was created") from None
 
 
 def _populate(

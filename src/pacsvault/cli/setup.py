@@ -12,6 +12,7 @@ from typing import Any
 
 from pacsvault.audit import Recorder
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
+from pacsvault.config import StorageSettings
 from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
 from pacsvault.fsutil import private_dir, write_private_new
 from pacsvault.vault import Vault, create, resolve_key_path
@@ -31,6 +32,19 @@ def register(sub: Any) -> None:
     p.add_argument("--index-password-file", metavar="FILE", type=Path,
                    help="0600 file holding the database password (default: libpq's "
                    "passfile, service or ~/.pgpass)")
+    p.add_argument("--storage-url", metavar="URL", default="",
+                   help="objects in an S3 bucket instead of the data directory: "
+                   "s3://BUCKET/PREFIX (checked reachable before anything is made)")
+    p.add_argument("--storage-endpoint", metavar="URL", default="",
+                   help="the S3 endpoint, https://... (default: AWS in --storage-region)")
+    p.add_argument("--storage-region", metavar="NAME", default="")
+    p.add_argument("--storage-credentials-file", metavar="FILE", type=Path,
+                   help="0600 file: access_key_id = ... / secret_access_key = ... "
+                   "(default: the AWS provider chain)")
+    p.add_argument("--storage-ca-file", metavar="FILE", type=Path,
+                   help="the endpoint's CA certificate (TLS is always verified)")
+    p.add_argument("--storage-path-style", action="store_true",
+                   help="https://HOST/BUCKET/KEY addressing (MinIO, SeaweedFS, Ceph)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="listeners, nodes, counts and storage size")
@@ -109,7 +123,8 @@ def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,
 
 def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | None = None,
                *, ask: bool = False, serving: bool = False,
-               index: IndexSettings | None = None) -> None:
+               index: IndexSettings | None = None,
+               storage: StorageSettings | None = None) -> None:
     """Create a vault and its first administrator; hand over the one-time secrets.
 
     The secrets always go to a private file (``write_first_run_secrets``) and are shown
@@ -118,7 +133,7 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
     is printed.
     """
     name = _admin_name(admin, ask)
-    code = create(root, key_file=key_file, ae_title=ae_title, index=index)
+    code = create(root, key_file=key_file, ae_title=ae_title, index=index, storage=storage)
     password, https_port, key_path = _first_admin(root, key_file, name)
     path = write_first_run_secrets(key_path, root, code, name, password, https_port)
     say(f"Created a vault in {root.absolute()} (key file {key_path.absolute()}: keep a copy "
@@ -179,10 +194,30 @@ def index_choice(url: str, password_file: Path | None) -> IndexSettings | None:
         raise CommandError(str(exc)) from None
 
 
+def storage_choice(args: argparse.Namespace) -> StorageSettings | None:
+    """``--storage-*`` as settings (None: local object files, the default)."""
+    from pydantic import ValidationError
+
+    if not args.storage_url:
+        if args.storage_endpoint or args.storage_credentials_file or args.storage_ca_file:
+            raise CommandError("the --storage-* options go with --storage-url")
+        return None
+    try:
+        return StorageSettings(
+            url=args.storage_url, endpoint=args.storage_endpoint, region=args.storage_region,
+            credentials_file=str(args.storage_credentials_file.resolve())
+            if args.storage_credentials_file else "",
+            ca_file=str(args.storage_ca_file.resolve()) if args.storage_ca_file else "",
+            path_style=args.storage_path_style)
+    except ValidationError:
+        raise CommandError("--storage-url must look like s3://bucket/prefix") from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     index = index_choice(args.index_url, args.index_password_file)
+    storage = storage_choice(args)
     init_vault(data_dir(args), args.key_file, args.ae_title, args.admin, ask=True,
-               index=index)
+               index=index, storage=storage)
     return 0
 
 

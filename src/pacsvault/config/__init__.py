@@ -258,6 +258,27 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def with_storage(text: str, storage: StorageSettings) -> str:
+    """The settings file ``text`` with ``storage``'s S3 settings (``init --storage-url``)
+    in place of the defaults of its ``[storage]`` section (comments kept)."""
+    values = {name: _toml_str(getattr(storage, name))
+              for name in ("url", "endpoint", "region", "credentials_file", "ca_file")}
+    values["path_style"] = "true" if storage.path_style else "false"
+    out: list[str] = []
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            section = stripped[1:-1]
+        name = stripped.partition("=")[0].strip()
+        if section == "storage" and name in values and not stripped.startswith("#"):
+            line = f"{name} = {values.pop(name)}"
+        out.append(line)
+    if values:
+        raise ConfigError("the settings file lacks [storage] " + ", ".join(sorted(values)))
+    return "\n".join(out) + "\n"
+
+
 def render(ae_title: str, key_file: Path | None, index: IndexSettings | None = None) -> str:
     """The commented settings file that ``init`` writes (``index``: a PostgreSQL index
     chosen at ``init``; default the embedded one)."""
@@ -340,23 +361,31 @@ duplicate_policy = "keep-first"
 # many MiB in memory is refused (status A700), and never inflated beyond it when read.
 max_inflated_mb = 512
 # Objects in an S3-compatible bucket (AWS, OVH, Scaleway, Ceph, MinIO, SeaweedFS) instead
-# of this directory: the same encrypted objects under random names. Empty: local files.
-# url = "s3://my-bucket/pacsvault"
-# endpoint = "https://s3.example.net"   # empty: AWS in `region`
-# region = "eu-west-3"
-# 0600 file with two lines, access_key_id = ... and secret_access_key = ...; empty: the
+# of this directory: the same encrypted objects under random names, e.g.
+# url = "s3://my-bucket/pacsvault", endpoint = "https://s3.example.net" (empty: AWS in
+# `region`). Empty url: local files here (the default).
+url = ""
+endpoint = ""
+region = ""
+# A 0600 file with two lines, access_key_id = ... and secret_access_key = ...; empty: the
 # standard AWS provider chain (environment, ~/.aws, instance profile). Never on argv.
-# credentials_file = "/etc/pacsvault/s3.credentials"
-# ca_file = "/etc/pacsvault/s3-ca.pem"  # the endpoint's private CA; TLS is always verified
-# path_style = false                     # true for MinIO/SeaweedFS/Ceph reached by host name
-# check_etag = true                      # false for SSE-KMS/SSE-C buckets (ETag is not MD5)
-# An object PUT but never indexed (a crash between the two) is deleted after this grace;
-# every indexed object is read back and authenticated once per scrub_every_hours.
-# orphan_grace_seconds = 3600
-# orphan_limit = 1000                   # more orphans than this: none deleted (wrong index?)
-# orphan_sweep_seconds = 3600
-# scrub_every_hours = 24
-# scrub_per_second = 20
+credentials_file = ""
+# The endpoint's private CA (PEM); empty: the system's. TLS is always verified.
+ca_file = ""
+# true for MinIO/SeaweedFS/Ceph reached by host name (https://host/bucket/key).
+path_style = false
+# A PUT's ETag must be the MD5 of what was sent; false for SSE-KMS/SSE-C buckets.
+check_etag = true
+# An object uploaded but never indexed (a crash between the two) is deleted once older
+# than this; more such objects at once than orphan_limit means an index that does not go
+# with the bucket: then none is deleted. The bucket is listed every orphan_sweep_seconds;
+# every indexed object is read back and authenticated once per scrub_every_hours, at
+# most scrub_per_second objects per second.
+orphan_grace_seconds = 3600.0
+orphan_limit = 1000
+orphan_sweep_seconds = 3600.0
+scrub_every_hours = 24.0
+scrub_per_second = 20.0
 
 [query]
 # Seconds a C-FIND or QIDO-RS query may spend before it is stopped and recorded
