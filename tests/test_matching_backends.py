@@ -30,7 +30,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.keys import MasterKey
-from pacsvault.index import blind, sealing
+from pacsvault.index import blind, matching, residual, sealing
 from pacsvault.index.db import open_index
 from pacsvault.index.keyrows import DataKeyRows
 from pacsvault.index.models import (
@@ -370,3 +370,20 @@ def test_tokens_rebuilt_from_the_rows_answer_the_same(engines: Any) -> None:
     assert [_answers(pg, r, lv, q) for r, lv, q in QUERIES[:25]] == before
     with lite._sessions() as session:
         assert blind.rebuild(session.connection()) == 0
+
+
+def test_modalities_checked_in_pacsvault_match_the_sql_exists(engines: Any) -> None:
+    """If Series.modality were ever sealed, ModalitiesInStudy falls back to a check after
+    decryption (``residual._modalities_match``): it answers as the SQL EXISTS does,
+    hidden (quarantined-only) series excluded the same way."""
+    _, pg, _ = engines
+    with pg._sessions() as session:
+        studies = {str(uid): int(pk) for pk, uid in session.execute(
+            select(Study.pk, Study.study_uid))}
+        for s, (*_, series) in enumerate(STUDIES):
+            pk = studies[f"{ROOT}.{s + 1}"]
+            modalities = {m for m, _d, _t in series}
+            for cond_text in ("CT", "M?", "P*", "SR\\US", "X*"):
+                cond = matching.parse("str", cond_text)
+                expected = any(cond.matches_stored(m) for m in modalities)
+                assert residual._modalities_match(session, pk, cond) is expected
