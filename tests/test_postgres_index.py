@@ -495,3 +495,20 @@ def test_postgresql_restarted_during_ingest(tmp_path: Path) -> None:
                 assert len(list(v.archive.locate(sop_uid=uid))) == 1
         finally:
             v.close()
+
+
+def test_tls_weakness_is_named_for_remote_servers_only() -> None:
+    from pacsvault import config
+    from pacsvault.index.postgres import engine_url, tls_weakness
+
+    def weakness(url: str) -> str | None:
+        return tls_weakness(engine_url(config.IndexSettings(url=url)))
+
+    assert weakness("postgresql://pv@db.example.net/pv?sslmode=verify-full&sslrootcert=/ca")\
+        is None
+    assert weakness("postgresql://pv@127.0.0.1:5432/pv") is None
+    assert weakness("postgresql://pv@/pv?host=/run/postgresql") is None
+    for url, mode in (("postgresql://pv@db.example.net/pv", "prefer"),
+                      ("postgresql://pv@10.0.0.5/pv?sslmode=require", "require")):
+        found = weakness(url)
+        assert found is not None and f"sslmode={mode}" in found and "verify-full" in found

@@ -22,6 +22,7 @@ instead of failing later on the first sealed column.
 from __future__ import annotations
 
 import hmac
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
 from pacsvault.fsutil import PrivateFileError, read_private_text
 from pacsvault.index.db import IndexOpenError
 from pacsvault.index.sealing import Sealer, attach
+
+log = logging.getLogger("pacsvault.index")
 
 OWNER_TABLE = "pacsvault_index_owner"
 _OWNER_LABEL = "pacsvault_index_owner.check"
@@ -71,6 +74,20 @@ def where(url: URL) -> str:
     return f"{url.host or 'local socket'}:{url.port or 5432}/{url.database}"
 
 
+def tls_weakness(url: URL) -> str | None:
+    """Why the connection to ``url`` is not protected as recommended (None: it is): a
+    server reached over the network without ``sslmode=verify-full`` can be impersonated
+    or read on the wire. A Unix socket (no host, or a path) and loopback are local."""
+    host = url.host or ""
+    if not host or host.startswith("/") or host in ("localhost", "127.0.0.1", "::1"):
+        return None
+    mode = str(url.query.get("sslmode", "prefer"))
+    if mode == "verify-full":
+        return None
+    return (f"the PostgreSQL index at {where(url)} is reached with sslmode={mode}: use "
+            "sslmode=verify-full (and sslrootcert) so the server is authenticated")
+
+
 def _password(settings: IndexSettings) -> str | None:
     if not settings.password_file:
         return None
@@ -91,6 +108,9 @@ def open_postgres(settings: IndexSettings, sealer: Sealer, vault_id: str, *,
     ``create``, the database found empty and claimed for this vault). Raises
     ``IndexOpenError`` with a one-line user-facing reason."""
     url = engine_url(settings)
+    weakness = tls_weakness(url)
+    if weakness is not None:
+        log.warning("%s", weakness)
     connect_args: dict[str, Any] = {"application_name": "pacsvault", "connect_timeout": 10}
     password = _password(settings)
     if password is not None:
