@@ -13,7 +13,7 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from sqlalchemy import Engine, Table, select
 
@@ -65,17 +65,17 @@ class S3Sink:
     ETag checked like a store's PUT, then a GET of the whole object."""
 
     def __init__(self, settings: StorageSettings) -> None:
-        from pacsvault.storage.backends import parse_url, s3_client
-        from pacsvault.storage.s3 import S3Store
+        from pacsvault.storage.backends import open_s3
 
-        bucket, prefix = parse_url(settings.url)
-        self._client: Any = s3_client(settings)
-        self.store = S3Store(self._client, bucket, prefix, check_etag=settings.check_etag)
+        self.store = open_s3(settings)
         self.store.create()  # the bucket answers (made by the IT provider, never by us)
 
     def put(self, object_id: str, blob: bytes) -> bytes:
         md5 = hashlib.md5(blob, usedforsecurity=False).digest()
-        answer = self.store._call("PUT", lambda: self._client.put_object(  # (its error mapping)
+        # The store's own client and error mapping; the PUT names the id (a store's PUT
+        # draws a new one).
+        client = self.store._client
+        answer = self.store._call("PUT", lambda: client.put_object(
             Bucket=self.store.bucket, Key=self.store.key(object_id), Body=blob,
             ContentMD5=base64.b64encode(md5).decode("ascii")))
         status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")

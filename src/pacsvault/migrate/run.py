@@ -91,11 +91,13 @@ def migrate(data_dir: Path, key_file: Path | None, passphrase: PassphraseProvide
         who = f" (pid {exc.pid})" if exc.pid else ""
         raise MigrationError(f"pacsvault is running{who} on {data_dir.absolute()}: stop "
                              "the server before migrating; nothing was changed") from None
+    if passphrase is not None:  # asked once: the vault is opened again at the switch
+        passphrase = _asked_once(passphrase)
     try:
         vault = Vault.open(data_dir, key_file, passphrase)
         try:
             target = choose(vault)
-            return _Run(vault, target, options).run()
+            return _Run(vault, target, options, passphrase).run()
         finally:
             with contextlib.suppress(Exception):
                 vault.close()
@@ -103,9 +105,22 @@ def migrate(data_dir: Path, key_file: Path | None, passphrase: PassphraseProvide
         held.release()
 
 
+def _asked_once(ask: PassphraseProvider) -> PassphraseProvider:
+    remembered: list[str | None] = []
+
+    def provide() -> str | None:
+        if not remembered:
+            remembered.append(ask())
+        return remembered[0]
+
+    return provide
+
+
 class _Run:
-    def __init__(self, vault: Vault, target: Target, options: Options) -> None:
+    def __init__(self, vault: Vault, target: Target, options: Options,
+                 passphrase: PassphraseProvider | None = None) -> None:
         self.vault = vault
+        self.passphrase = passphrase
         self.layout: Layout = vault.layout
         self.root = vault.layout.root
         self.target = target
@@ -379,7 +394,7 @@ class _Run:
                 switch.put_in_place(self.root)
         switch.write_settings(self.root, self.target.index, self.target.storage)
         self._notes(old, kept_index)
-        opened = Vault.open(self.root, self.vault.key_path)
+        opened = Vault.open(self.root, self.vault.key_path, self.passphrase)
         try:
             opened.recorder.emit(AuditEvent(
                 action="vault.migrated", outcome=Outcome.SUCCESS,
