@@ -512,3 +512,22 @@ def test_tls_weakness_is_named_for_remote_servers_only() -> None:
                       ("postgresql://pv@10.0.0.5/pv?sslmode=require", "require")):
         found = weakness(url)
         assert found is not None and f"sslmode={mode}" in found and "verify-full" in found
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_init_with_a_wrong_password_creates_nothing(tmp_path: Path,
+                                                    postgres_db: PostgresDatabase) -> None:
+    wrong = tmp_path / "pw"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    res = pv("init", "--data", tmp_path / "data", "--key-file", tmp_path / "k.key",
+             "--index-url", postgres_db.url, "--index-password-file", wrong, check=False)
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("pacsvault: error: ") and "password authentication failed" in line
+    assert "not-the-password" not in res.stderr + res.stdout
+    assert not (tmp_path / "data").exists() and not (tmp_path / "k.key").exists()
+    with postgres_db.connect() as conn:  # the database was left untouched
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")\
+            .fetchone() == (0,)
