@@ -252,6 +252,7 @@ def test_dry_run_and_interrupted_runs(migrated: Env) -> None:
     dry, stopped, (state, mode, untouched), again, after_again, refused, _done = migrated.runs
     assert f"would copy {len(migrated.files)} object(s)" in dry.stderr
     assert "nothing was changed" in dry.stderr
+    assert f"instances {len(migrated.files)}" in dry.stderr  # and the other tables' rows
     assert stopped.returncode == 75, stopped.stderr
     assert state and mode == 0o600 and untouched
     body = json.loads(state)

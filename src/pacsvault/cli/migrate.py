@@ -105,8 +105,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if summary.target_storage != summary.source_storage:
             say(f"  would copy {summary.objects} object(s), {summary.bytes} bytes, each "
                 "read back and compared")
-        for name, count in summary.rows.items():
-            say(f"  would copy {count} row(s) of {name}")
+        if summary.rows:
+            filled = ", ".join(f"{name} {count}" for name, count in summary.rows.items()
+                               if count)
+            say(f"  would copy {sum(summary.rows.values())} index row(s) in "
+                f"{len(summary.rows)} tables ({filled or 'all empty'}), then verify every "
+                "instance")
         say("nothing was changed")
         return 0
     say(f"migrated: {route}; {summary.verified} instance(s) verified identical"
