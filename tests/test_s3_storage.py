@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -484,3 +485,30 @@ def test_object_storage_alerts() -> None:
     assert "unreachable" in alerts[0].title
     assert det.observe(ev("storage.scrub", MONDAY_10, code=EventCode.APPLICATION_ACTIVITY,
                           detail={"checked": 4, "missing": 0, "corrupt": 0})) == []
+
+
+def test_bad_storage_settings_are_one_line_errors(tmp_path: Path) -> None:
+    """A credentials file readable by others, checked when the vault opens: every command
+    says so in one line (and boto3 is not imported by a command that reads no object)."""
+    vault = new_vault(tmp_path)
+    creds = tmp_path / "s3.credentials"
+    creds.write_text("access_key_id = A\nsecret_access_key = B\n")
+    creds.chmod(0o644)
+    for name, value in (("url", '"s3://pv-bucket/x"'), ("endpoint", '"https://127.0.0.1:9"'),
+                        ("credentials_file", f'"{creds}"')):
+        vault.set_toml("storage", name, value)
+    res = vault.cli("node", "list", check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"pacsvault: error: the S3 credentials file {creds} must be private (chmod 600): "
+        "it holds a secret key"]
+    creds.chmod(0o600)
+    res = vault.cli("node", "list", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    probe = ("import sys; from pacsvault.vault import Vault; "
+             f"v = Vault.open(__import__('pathlib').Path({str(vault.data)!r}), "
+             f"__import__('pathlib').Path({str(vault.key)!r})); "
+             "print(v.store.kind, 'boto3' in sys.modules); v.close()")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.split() == ["s3", "False"], out.stdout + out.stderr

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pacsvault.config import StorageSettings
+from pacsvault.config import ConfigError, StorageSettings
 from pacsvault.storage.objects import ObjectBackend, ObjectStore
 
 if TYPE_CHECKING:
@@ -40,8 +40,9 @@ _NAMES = {
 }
 
 
-class StorageConfigError(Exception):
-    """The ``[storage]`` settings cannot be used (message is user-facing, no secret)."""
+class StorageConfigError(ConfigError):
+    """The ``[storage]`` settings cannot be used (message is user-facing, no secret): a
+    ``ConfigError``, so every command reports it in one line."""
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -138,7 +139,15 @@ def open_s3(settings: StorageSettings) -> S3Store:
     from pacsvault.storage.s3 import S3Store
 
     bucket, prefix = parse_url(settings.url)
-    return S3Store(s3_client(settings), bucket, prefix,
+    # A wrong setting fails at open, not at the first store (the client itself, and
+    # boto3 with it, is made at first use).
+    if settings.endpoint:
+        _check_endpoint(settings.endpoint)
+    if settings.ca_file and not Path(settings.ca_file).is_file():
+        raise StorageConfigError(f"the S3 CA file {settings.ca_file} does not exist")
+    if settings.credentials_file:
+        read_credentials(Path(settings.credentials_file))
+    return S3Store(lambda: s3_client(settings), bucket, prefix,
                    orphan_grace=settings.orphan_grace_seconds,
                    orphan_limit=settings.orphan_limit,
                    check_etag=settings.check_etag)

@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,15 +86,27 @@ class S3Store:
 
     kind = "s3"
 
-    def __init__(self, client: Any, bucket: str, prefix: str, *,
+    def __init__(self, connect: Callable[[], Any], bucket: str, prefix: str, *,
                  orphan_grace: float = 3600.0, orphan_limit: int = 1000,
                  check_etag: bool = True) -> None:
-        self._client = client  # a boto3 S3 client (``storage.backends.s3_client``)
+        # The boto3 client, made at first use (``storage.backends.s3_client``): a CLI
+        # command that never touches an object does not import boto3 (tests/test_cli_imports).
+        self._connect = connect
+        self._made: Any = None
+        self._made_lock = threading.Lock()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.orphan_grace = orphan_grace
         self.orphan_limit = orphan_limit
         self.check_etag = check_etag
+
+    @property
+    def _client(self) -> Any:
+        if self._made is None:
+            with self._made_lock:
+                if self._made is None:
+                    self._made = self._connect()
+        return self._made
 
     # --- names ------------------------------------------------------------------------
 
