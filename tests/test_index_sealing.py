@@ -44,6 +44,17 @@ def test_fixed_is_deterministic_per_column_only() -> None:
     assert uid.encode() not in s.fix("studies.study_uid", uid)
 
 
+def test_lengths_show_only_their_class() -> None:
+    s = _sealer()
+    short, longer = s.seal("patients.name", "DOE^J"), s.seal("patients.name", "DOE^JOHNNY")
+    assert len(short) == len(longer)  # both under 16 bytes of value
+    assert len(s.fix("t.uid", "1.2.3")) == len(s.fix("t.uid", "1.2.3.4.5.6"))
+    assert len(s.seal("x", "a" * 15)) < len(s.seal("x", "a" * 16))
+    for value in ("", "a" * 15, "a" * 16, "é" * 9, "x\x00"):
+        assert s.open("x", s.seal("x", value)) == value
+        assert s.unfix("x", s.fix("x", value)) == value
+
+
 def test_tokens_depend_on_key_and_label() -> None:
     s, other = _sealer(), _sealer()
     assert s.token("name/exact", "doe") == s.token("name/exact", "doe")

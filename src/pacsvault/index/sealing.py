@@ -7,14 +7,16 @@ identify a patient carry one of two column types, which pacsvault encrypts befor
 reaches the driver and decrypts after it comes back; on SQLite they are the plain types
 they always were (same DDL, no migration):
 
-- ``Sealed``: AES-256-GCM with a random nonce; reveals nothing but the length class. Not
+- ``Sealed``: AES-256-GCM with a random nonce; reveals nothing but the length class (the
+  value is padded to a multiple of ``PAD`` bytes first). Not
   comparable in SQL: matching on it happens in pacsvault after decryption, narrowed first
   by keyed blind tokens (``index.blind``).
 - ``Fixed``: AES-256-SIV (deterministic authenticated encryption, RFC 5297) with the
   column's label as associated data. ``=``, ``IN`` and unique constraints work in SQL
   (the bound value is encrypted the same way); it reveals which rows share a value in that
   column (equality and frequency), never the value, and the same value in two columns
-  gives two unrelated ciphertexts. Used for UIDs and identifiers that are matched exactly.
+  gives two unrelated ciphertexts (padded alike, so lengths show only their class). Used
+  for UIDs and identifiers that are matched exactly.
 
 Keys: three keys derived from the master key under their own purposes (``crypto.keys``),
 held by a ``Sealer`` attached to the engine's dialect (``attach``). A non-SQLite engine
@@ -22,7 +24,9 @@ without a sealer refuses to bind any value of these columns: a misconfigured eng
 fail, never write patient data in clear.
 
 Blob layout (both types): one version byte (``1``) then, for ``Sealed``, the 12-byte nonce
-and the GCM ciphertext+tag; for ``Fixed``, the SIV output (tag then ciphertext).
+and the GCM ciphertext+tag; for ``Fixed``, the SIV output (tag then ciphertext). The
+plaintext under both is the UTF-8 value, one ``0x80`` byte and zero bytes up to a multiple
+of ``PAD`` (ISO/IEC 7816-4 padding), so a dump shows a value's length only to ``PAD`` bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pacsvault.crypto.keys import MasterKey
 _VERSION = b"\x01"
 _NONCE = 12
 TOKEN_BYTES = 16
+PAD = 16
 
 
 class SealedColumnError(Exception):
@@ -62,8 +67,7 @@ class Sealer:
 
     def seal(self, label: str, value: str) -> bytes:
         nonce = os.urandom(_NONCE)
-        return _VERSION + nonce + self._gcm.encrypt(nonce, value.encode("utf-8"),
-                                                    _aad(label))
+        return _VERSION + nonce + self._gcm.encrypt(nonce, _pad(value), _aad(label))
 
     def open(self, label: str, blob: bytes) -> str:
         if blob[:1] != _VERSION or len(blob) < 1 + _NONCE + 16:
@@ -72,18 +76,19 @@ class Sealer:
             plain = self._gcm.decrypt(blob[1:1 + _NONCE], blob[1 + _NONCE:], _aad(label))
         except InvalidTag:
             raise SealedColumnError(f"sealed column {label}: does not authenticate") from None
-        return plain.decode("utf-8")
+        return _unpad(label, plain)
 
     def fix(self, label: str, value: str) -> bytes:
-        return _VERSION + self._siv.encrypt(value.encode("utf-8"), [_aad(label)])
+        return _VERSION + self._siv.encrypt(_pad(value), [_aad(label)])
 
     def unfix(self, label: str, blob: bytes) -> str:
         if blob[:1] != _VERSION:
             raise SealedColumnError(f"fixed column {label}: unknown format")
         try:
-            return self._siv.decrypt(blob[1:], [_aad(label)]).decode("utf-8")
+            plain = self._siv.decrypt(blob[1:], [_aad(label)])
         except InvalidTag:
             raise SealedColumnError(f"fixed column {label}: does not authenticate") from None
+        return _unpad(label, plain)
 
     def token(self, label: str, value: str) -> bytes:
         """A keyed blind token (HMAC-SHA-256, truncated to 128 bits) of ``value`` under
@@ -101,6 +106,18 @@ def sealer_for(master: MasterKey, vault_id: str) -> Sealer:
     return Sealer(master.derive(keys.PURPOSE_INDEX_COLUMNS, vault_id),
                   master.derive(keys.PURPOSE_INDEX_FIXED, vault_id, 64),
                   master.derive(keys.PURPOSE_INDEX_TOKENS, vault_id))
+
+
+def _pad(value: str) -> bytes:
+    raw = value.encode("utf-8") + b"\x80"
+    return raw + b"\x00" * (-len(raw) % PAD)
+
+
+def _unpad(label: str, plain: bytes) -> str:
+    end = plain.rstrip(b"\x00")
+    if not end.endswith(b"\x80"):
+        raise SealedColumnError(f"column {label}: bad padding")
+    return end[:-1].decode("utf-8")
 
 
 def _aad(label: str) -> bytes:
