@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVERS = ("pacsvault", "orthanc")
+# pacsvault on PostgreSQL + S3, 2 instances or 2 workers (issue 16; bench/compare/scaleout.py):
+# its own column, only in tables where it has figures.
+SCALE_OUT = "scale-out"
+COLUMNS = (*SERVERS, SCALE_OUT)
 LIMIT_LABELS = {
     "disk_write_fsync_MBps": "disk write+fsync",
     "loopback_tcp_MBps": "loopback TCP",
@@ -28,7 +32,7 @@ class Row:
     higher_is_better: bool
     stat: str = "median"  # median | p50 | p95 | value
     limit: str | None = None  # key of the limits dict
-    samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+    samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in COLUMNS})
     checks: dict[str, str] = field(default_factory=dict)  # server -> "ok ..." / "MISMATCH ..."
     informational: bool = False  # a fact about the servers, not a race (no "ahead")
 
@@ -42,8 +46,8 @@ class Row:
             return percentile(v, 50)
         return float(statistics.median(v))
 
-    def ratio(self) -> float | None:
-        a, b = self.value("pacsvault"), self.value("orthanc")
+    def ratio(self, server: str = "pacsvault") -> float | None:
+        a, b = self.value(server), self.value("orthanc")
         return a / b if a is not None and b else None
 
     def cell(self, server: str) -> str:
@@ -66,12 +70,16 @@ class Row:
             "higher_is_better": self.higher_is_better, "ratio": self.ratio(),
             "pacsvault_ahead": self.ahead(), "limit": self.limit, "checks": self.checks,
         }
-        for s in SERVERS:
+        for s in COLUMNS:
             v = self.samples[s]
+            if s == SCALE_OUT and not v:
+                continue
             out[s] = {"value": self.value(s), "min": min(v) if v else None,
                       "max": max(v) if v else None, "n": len(v), "samples": v}
             if self.limit and self.value(s) is not None and limits.get(self.limit):
                 out[s]["fraction_of_limit"] = self.value(s) / limits[self.limit]  # type: ignore[operator]
+        if self.samples[SCALE_OUT]:
+            out["scale_out_ratio"] = self.ratio(SCALE_OUT)
         return out
 
 
@@ -86,10 +94,12 @@ def _num(v: float | None) -> str:
 
 
 def markdown(rows: list[Row], limits: dict[str, float]) -> str:
+    scale = any(r.samples[SCALE_OUT] for r in rows)
     lines = [
         "| workload | metric | pacsvault | Orthanc | ratio pv/Orthanc | pacsvault ahead | "
-        "pacsvault % of limit | Orthanc % of limit | limit |",
-        "|---|---|---:|---:|---:|:---:|---:|---:|---|",
+        "pacsvault % of limit | Orthanc % of limit | limit |"
+        + (" pacsvault scale-out | ratio scale-out/Orthanc |" if scale else ""),
+        "|---|---|---:|---:|---:|:---:|---:|---:|---|" + ("---:|---:|" if scale else ""),
     ]
     for r in rows:
         ratio = r.ratio()
@@ -104,7 +114,8 @@ def markdown(rows: list[Row], limits: dict[str, float]) -> str:
         lines.append(
             f"| {r.workload} | {r.metric} | {r.cell('pacsvault')} | {r.cell('orthanc')} | "
             f"{_num(ratio) if ratio is not None else '-'} | {ahead} | {fr[0]} | {fr[1]} | "
-            f"{label} |")
+            f"{label} |"
+            + (f" {r.cell(SCALE_OUT)} | {_num(r.ratio(SCALE_OUT))} |" if scale else ""))
     return "\n".join(lines)
 
 

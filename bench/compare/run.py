@@ -26,7 +26,7 @@ from typing import Any
 
 from pydicom import dcmread
 
-from bench.compare import dataset, limits, profile, report
+from bench.compare import dataset, limits, profile, report, scaleout
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.orthanc import version as orthanc_version
@@ -123,8 +123,11 @@ class Bench:
             f"(+{len(c.filler)} index filler), {time.perf_counter() - t0:.1f} s")
         self.limits = limits.measure(self.work, self.small)
         log("limits: " + ", ".join(f"{k}={v:.0f}" for k, v in self.limits.items()))
-        self.ingest_cells()
-        self.loaded_phase()
+        if not self.args.scale_out_only:
+            self.ingest_cells()
+            self.loaded_phase()
+        if self.args.scale_out:
+            scaleout.phase(self)
 
     def ingest_cells(self) -> None:
         c = self.corpus
@@ -365,7 +368,8 @@ class Bench:
             f"# pacsvault vs Orthanc ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
             f"size {self.size.name})", "",
             f"Dataset: {ds}. Rounds: {self.rounds}; query repetitions: {self.reps}.", "",
-            table, "", report.limits_markdown(self.limits), "",
+            table, "", scaleout.targets_markdown(rows, self.args.scale_out), "",
+            report.limits_markdown(self.limits), "",
             "Machine: " + "; ".join(f"{k}: {v}" for k, v in mach.items()), ""])
         (self.out / "results.md").write_text(md)
         (self.out / "results.json").write_text(json.dumps({
@@ -392,7 +396,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--keep-work", action="store_true", help="keep OUT/work (servers' dirs)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy pacsvault during the first round of each workload")
+    ap.add_argument("--scale-out", choices=scaleout.SHAPES,
+                    help="also pacsvault on PostgreSQL + SeaweedFS (scripts/postgres.sh, "
+                         "scripts/seaweed.sh): 2 instances (instances add) or serve "
+                         "--workers 2; its own column (issue 16)")
+    ap.add_argument("--scale-out-only", action="store_true",
+                    help="with --scale-out: skip the embedded pacsvault and Orthanc rows")
     args = ap.parse_args(argv)
+    if args.scale_out_only and not args.scale_out:
+        ap.error("--scale-out-only needs --scale-out")
     args.out = (args.out or BENCH / "out" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
