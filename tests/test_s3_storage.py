@@ -402,12 +402,13 @@ def test_endpoint_down_fails_stores_then_ingest_resumes(tmp_path: Path) -> None:
             assert len(responses) == len(during), _statuses(res)
             assert all("Success" not in line and "OutOfResources" in line
                        for line in responses), responses
-            failed = wait_events(vault, "dicom.store.failed", count=len(during))
+            failed = wait_events(vault, "dicom.store.failed", count=len(during), timeout=60)
             assert len(failed) >= len(during)
             assert all("StorageUnavailable" in str(e["message"]) for e in failed), failed
             s3.start()
             assert wait_until(lambda: storescu(server.port, during,
-                                               calling=MODALITY).returncode == 0, 60, 2)
+                                               calling=MODALITY).returncode == 0, 120, 2), \
+                server.log()[-3000:]
         finally:
             server.stop()
         v = vault.open()
