@@ -137,6 +137,12 @@ class _Run:
         if self.options.dry_run:
             return self._dry_run()
         current = self._start()
+        if current.phase == "switch" and self.target.moves_index \
+                and self.target.index_kind == EMBEDDED \
+                and not (self.root / switch.NEW_INDEX_NAME).exists():
+            # interrupted after the new index was put in place: the settings are left
+            self._switch(current)
+            return self.summary
         # Both targets are reached before anything is copied: a wrong url, a database that
         # is not empty or a bucket that does not answer stops the run at once.
         sink = (objects.sink_for(self.target.storage, ObjectStore(self.layout.objects))
@@ -350,10 +356,6 @@ class _Run:
             last = current.last_verified_pk = int(chunk[-1][0])
             state.save(self.root, current)
         bar.close()
-        self.summary.verified = current.verified
-        self.summary.objects = current.objects_copied
-        self.summary.erased = current.objects_skipped
-        self.summary.bytes = current.bytes_copied
 
     def _verify_one(self, source: object, copy: object, sop_uid: str, pk: int) -> None:
         from pacsvault.storage.archive import Archive
@@ -382,17 +384,23 @@ class _Run:
     # --- switch -----------------------------------------------------------------------
 
     def _switch(self, current: state.MigrationState) -> None:
+        self.summary.verified = current.verified
+        self.summary.objects = current.objects_copied
+        self.summary.erased = current.objects_skipped
+        self.summary.bytes = current.bytes_copied
         old = self.vault.settings
         moved_at = switch.stamp()
         self.vault.close()
+        # Order: at every instant the settings name an index that is complete, so an
+        # interruption here leaves a vault that opens (and a rerun finishes the switch).
         kept_index: Path | None = None
-        if self.target.moves_index:
-            if self.summary.source_index == EMBEDDED:
-                kept_index = switch.set_aside(self.root, moved_at)
-            if self.target.index_kind == EMBEDDED:
-                kept_index = switch.set_aside(self.root, moved_at) or kept_index
-                switch.put_in_place(self.root)
+        to_embedded = self.target.moves_index and self.target.index_kind == EMBEDDED
+        if to_embedded and (self.root / switch.NEW_INDEX_NAME).exists():
+            kept_index = switch.set_aside(self.root, moved_at)  # an older embedded index
+            switch.put_in_place(self.root)
         switch.write_settings(self.root, self.target.index, self.target.storage)
+        if self.target.moves_index and self.summary.source_index == EMBEDDED:
+            kept_index = switch.set_aside(self.root, moved_at)  # no longer named
         self._notes(old, kept_index)
         opened = Vault.open(self.root, self.vault.key_path, self.passphrase)
         try:
