@@ -36,6 +36,7 @@ REASONS: dict[str, str] = {
     "deadline": "connection cut: a read deadline expired",
     "oversized-pdu": "connection aborted: the PDU announced is larger than allowed",
     "malformed-pdu": "connection aborted: malformed or unexpected PDU",
+    "proxy-header": "connection closed: a load balancer's PROXY header was missing or malformed",
 }
 
 

@@ -87,7 +87,8 @@ def start_listeners(service: DicomService, bind: str,
         if https_port is not None:
             context = web_tls(tls, tls_password(), web)
             web_service = WebService(app(), context, WebLimits.from_settings(web),
-                                     service.refusals)
+                                     service.refusals,
+                                     balancer=service.vault.settings.is_balancer)
             bound["https_port"] = web_service.start(bind, https_port)
     except OSError:
         if web_service is not None:

@@ -57,6 +57,10 @@ class DicomSettings(_Strict):
         default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_TRUSTED]
     )
     tls_from_anywhere: bool = False
+    # Load balancers whose connections start with a PROXY protocol header (v1/v2) naming
+    # the real client (``pacsvault/proxyproto``), on the DICOM and HTTPS listeners; from
+    # them the header is required, from anyone else never read. Empty: off.
+    proxy_protocol_from: list[IPNetwork] = Field(default_factory=list)
     maximum_pdu_size: int = Field(0, ge=0)
     network_timeout: float = Field(60.0, gt=0)
     # Resource budget for every unauthenticated byte (see dicom/limits.py).
@@ -221,6 +225,11 @@ class Settings(_Strict):
         ip = peer_ip(address)
         return ip is not None and any(ip in net for net in self.dicom.trusted_networks)
 
+    def is_balancer(self, address: str) -> bool:
+        """``address`` is a load balancer that sends a PROXY header (``proxy_protocol_from``)."""
+        ip = peer_ip(address)
+        return ip is not None and any(ip in net for net in self.dicom.proxy_protocol_from)
+
 
 def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """A connection's source address as an IP (None when it is none): the IPv6 zone
@@ -320,6 +329,12 @@ trusted_networks = [
 # Allow DICOM TLS from outside the trusted networks (e.g. a teleradiology partner).
 # Registered nodes and TLS still apply. Leave false unless you need it.
 tls_from_anywhere = false
+# Behind a TCP load balancer (HAProxy "send-proxy-v2", nginx stream "proxy_protocol on"):
+# the balancers' addresses. Their connections must start with a PROXY protocol header,
+# whose client address then counts everywhere (trusted networks, node hosts, budgets,
+# sign-in throttling, audit); from any other address such a header is refused as garbage.
+# Empty = no balancer. Example: proxy_protocol_from = ["10.0.0.5"]
+proxy_protocol_from = []
 # Largest PDU we accept (bytes); 0 = no limit (fastest with modern modalities).
 maximum_pdu_size = 0
 # Seconds of silence before an association is dropped.

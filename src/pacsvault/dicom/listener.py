@@ -35,6 +35,7 @@ from pacsvault.crypto.tls import PeerCertificate, peer_certificate
 from pacsvault.dicom.limits import ConnectionGuard, Ticket
 from pacsvault.dicom.policy import Peer
 from pacsvault.dicom.reactor import FastAssociation, accelerate
+from pacsvault.proxyproto import ProxyHeaderError, ProxyHeaderMissing, read_header
 
 if TYPE_CHECKING:
     from pacsvault.dicom.server import DicomService
@@ -66,18 +67,30 @@ class PolicyServer(ThreadedAssociationServer):
         return self.socket.accept()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        peer = Peer(str(client_address[0]), int(client_address[1]), self.pv_tls)
-        if not self.pv_service.policy.connection_allowed(peer):
-            return False
-        # Runs in the accept loop, before a byte is read: the connection's budget.
-        ticket = self.pv_service.budget.admit(peer.address)
-        if isinstance(ticket, str):
-            self.pv_service.refused(peer.address, ticket,
-                                    {"port": "tls" if self.pv_tls else "plain"})
+        address = str(client_address[0])
+        if self.pv_service.vault.settings.is_balancer(address):
+            # Its PROXY header names the client; read in the connection's thread (a slow
+            # balancer must not stall the accept loop), then ``admit`` for that client.
+            return True
+        ticket = self.admit(Peer(address, int(client_address[1]), self.pv_tls))
+        if ticket is None:
             return False
         with self._pv_lock:
             self._pv_tickets[request] = ticket
         return True
+
+    def admit(self, peer: Peer) -> Ticket | None:
+        """The source-address gate and the connection's budget (None: refused, recorded).
+        In the accept loop before a byte is read; for a balancer's connection, once its
+        PROXY header has named the client."""
+        if not self.pv_service.policy.connection_allowed(peer):
+            return None
+        ticket = self.pv_service.budget.admit(peer.address)
+        if isinstance(ticket, str):
+            self.pv_service.refused(peer.address, ticket,
+                                    {"port": "tls" if self.pv_tls else "plain"})
+            return None
+        return ticket
 
     _pv_lock = threading.Lock()
     _pv_tickets: dict[Any, Ticket]
@@ -108,6 +121,11 @@ class PolicyRequestHandler(RequestHandler):
         address, port = str(self.client_address[0]), int(self.client_address[1])
         # DIMSE is request/response: Nagle would hold each small reply ~40 ms.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._pv_ticket is None and self.pv_service.vault.settings.is_balancer(address):
+            client = self._pv_proxied(address, port)
+            if client is None:
+                return
+            address, port = client
         has_cert = False
         certificate: PeerCertificate | None = None
         cipher = ""
@@ -143,6 +161,31 @@ class PolicyRequestHandler(RequestHandler):
         self._pv_peer = Peer(address, port, self.pv_tls is not None, has_cert, certificate,
                              cipher)
         super().handle()
+
+    def _pv_proxied(self, address: str, port: int) -> tuple[str, int] | None:
+        """A balancer's connection: its PROXY header (before any TLS), within the first-byte
+        deadline, then the client it names admitted as if it had connected itself. None:
+        refused (a missing or malformed header is recorded; a connection closed before a
+        byte, a balancer's TCP health check, is not)."""
+        server = self.server
+        assert isinstance(server, PolicyServer)
+        kind = "tls" if self.pv_tls is not None else "plain"
+        try:
+            header = read_header(self.request, self.pv_service.read_limits.connect_timeout)
+        except ProxyHeaderMissing:
+            return None
+        except ProxyHeaderError as exc:
+            self.pv_service.refused(address, "proxy-header", {"port": kind, "why": str(exc)})
+            return None
+        finally:
+            self.request.settimeout(None)
+        if header.source is not None:  # LOCAL (a health check): the balancer itself
+            address, port = header.source
+        ticket = server.admit(Peer(address, port, self.pv_tls is not None))
+        if ticket is None:
+            return None
+        self._pv_ticket = ticket
+        return address, port
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()

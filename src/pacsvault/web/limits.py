@@ -58,9 +58,14 @@ def guarded_protocol(limits: WebLimits, refused: RefusalHook) -> type[H11Protoco
         _pv_phase = ""
         _pv_started = 0.0
         _pv_body = 0
+        # The client a load balancer's PROXY header named (set by ``web.server._Sniffer``
+        # before the connection is made): the source address for every check from here on.
+        pv_client: tuple[str, int] | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if self.pv_client is not None:
+                self.client = self.pv_client
             address = self.client[0] if self.client else ""
             ticket = budget.admit(address)
             if isinstance(ticket, str):

@@ -15,20 +15,27 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from pacsvault.audit.refusals import RefusalLog
-from pacsvault.web.limits import WebLimits, guarded_protocol
+from pacsvault.proxyproto import ProxyHeaderError
+from pacsvault.proxyproto import parse as parse_proxy_header
+from pacsvault.web.limits import RefusalHook, WebLimits, guarded_protocol
 
 STARTUP_TIMEOUT = 20.0
 
 
 class WebService:
     def __init__(self, app: FastAPI, tls: ssl.SSLContext, limits: WebLimits | None = None,
-                 refusals: RefusalLog | None = None) -> None:
+                 refusals: RefusalLog | None = None,
+                 balancer: Callable[[str], bool] | None = None) -> None:
+        # ``balancer``: is this source a load balancer that sends a PROXY header
+        # (``Settings.is_balancer``)? Its connections then name their client by it.
+        self._balancer = balancer
         self._app = app
         self._tls = tls
         self._limits = limits or WebLimits()
@@ -63,7 +70,8 @@ class WebService:
         server = uvicorn.Server(config)
         self._server = server
         self._thread = threading.Thread(
-            target=lambda: _run(server, sock, limits.header_timeout), name="https",
+            target=lambda: _run(server, sock, limits.header_timeout,
+                                _Proxy(self._balancer, refused)), name="https",
             daemon=True,
         )
         self._thread.start()
@@ -81,7 +89,16 @@ class WebService:
             self._thread.join(10)
 
 
-def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float) -> None:
+class _Proxy:
+    """The PROXY protocol on the HTTPS listener: which sources must send a header, and
+    where a missing or malformed one is recorded."""
+
+    def __init__(self, balancer: Callable[[str], bool] | None, refused: RefusalHook) -> None:
+        self.balancer, self.refused = balancer, refused
+
+
+def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float,
+         proxy: _Proxy | None = None) -> None:
     """``asyncio.run(server.serve(...))`` with a TLS handshake deadline.
 
     uvicorn creates its server without ``ssl_handshake_timeout`` (asyncio's default is
@@ -97,7 +114,8 @@ def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float) 
             tls = kwargs.pop("ssl", None)
             if tls is not None:  # TLS is started by _Sniffer once the first bytes say so
                 factory = args[0]
-                args = (lambda: _Sniffer(loop, factory, tls, handshake_timeout), *args[1:])
+                args = (lambda: _Sniffer(loop, factory, tls, handshake_timeout, proxy),
+                        *args[1:])
             return await create_server(*args, **kwargs)
 
         loop.create_server = with_deadline  # type: ignore[method-assign]
@@ -133,23 +151,54 @@ class _Sniffer(asyncio.Protocol):
     """Looks at the first bytes of a connection before any TLS: a TLS handshake goes on to
     asyncio's own TLS layer (same context, same handshake deadline, then uvicorn's protocol);
     anything else gets ``plain_http_answer`` and is closed. The deadline to the first byte
-    is the handshake deadline."""
+    is the handshake deadline.
+
+    From a load balancer (``proxy``), a PROXY header comes first, within the same deadline:
+    required (missing or malformed: recorded, closed), its client then given to uvicorn's
+    protocol as the connection's client (``GuardedH11Protocol.pv_client``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, factory: Any, tls: ssl.SSLContext,
-                 timeout: float) -> None:
+                 timeout: float, proxy: _Proxy | None = None) -> None:
         self._loop, self._factory, self._tls, self._timeout = loop, factory, tls, timeout
         self._transport: Any = None
         self._timer: asyncio.TimerHandle | None = None
+        self._proxy = proxy
+        self._header: bytes | None = None  # the PROXY header's bytes so far, while awaited
+        self._client: tuple[str, int] | None = None
+        self._peer = ""
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
         self._timer = self._loop.call_later(self._timeout, transport.abort)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if peer else ""
+        proxy = self._proxy
+        if proxy is not None and proxy.balancer is not None and proxy.balancer(self._peer):
+            self._header = b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
+        if self._header is not None:
+            data = self._header + data
+            try:
+                header = parse_proxy_header(data)
+            except ProxyHeaderError as exc:
+                assert self._proxy is not None
+                self._proxy.refused(self._peer, "proxy-header", {"why": str(exc)})
+                self._header = None
+                self._transport.abort()
+                return
+            if header is None:
+                self._header = data
+                return
+            self._header = None
+            self._client = header.source  # None (LOCAL): the balancer itself
+            data = data[header.length:]
+            if not data:
+                return  # the first-byte deadline still runs
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -163,7 +212,10 @@ class _Sniffer(asyncio.Protocol):
         waiter = self._loop.create_future()  # a failed handshake is asyncio's to log
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         options: dict[str, Any] = {"server_side": True, "ssl_handshake_timeout": self._timeout}
-        tls = sslproto.SSLProtocol(self._loop, self._factory(), self._tls, waiter, **options)
+        app = self._factory()
+        if self._client is not None:
+            app.pv_client = self._client
+        tls = sslproto.SSLProtocol(self._loop, app, self._tls, waiter, **options)
         transport.set_protocol(tls)
         tls.connection_made(transport)
         view = memoryview(data)
