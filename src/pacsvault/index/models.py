@@ -90,13 +90,17 @@ class DataKey(Base):
 
 class Patient(Base):
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer"),
+        # a B-tree over Sealed (random) ciphertext would cost writes and answer nothing:
+        # SQLite only (same name as ``index=True`` gave it, same DDL there)
+        Index("ix_patients_name_norm", "name_norm").ddl_if(dialect="sqlite"),
+    )
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(Fixed("patients.patient_id", 64), index=True)
     issuer: Mapped[str] = mapped_column(Fixed("patients.issuer", 64), default="")
     name: Mapped[str] = mapped_column(Sealed("patients.name", 324), default="")
-    name_norm: Mapped[str] = mapped_column(Sealed("patients.name_norm", 324), default="",
-                                           index=True)
+    name_norm: Mapped[str] = mapped_column(Sealed("patients.name_norm", 324), default="")
     birth_date: Mapped[str] = mapped_column(Sealed("patients.birth_date", 8), default="")
     sex: Mapped[str] = mapped_column(Sealed("patients.sex", 16), default="")
     key_id: Mapped[str] = mapped_column(ForeignKey("data_keys.key_id"))
@@ -109,11 +113,11 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "studies"
+    __table_args__ = (Index("ix_studies_study_date", "study_date").ddl_if(dialect="sqlite"),)
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
     study_uid: Mapped[str] = mapped_column(Fixed("studies.study_uid", 64), unique=True)
-    study_date: Mapped[str] = mapped_column(Sealed("studies.study_date", 8), default="",
-                                            index=True)
+    study_date: Mapped[str] = mapped_column(Sealed("studies.study_date", 8), default="")
     study_time: Mapped[str] = mapped_column(Sealed("studies.study_time", 16), default="")
     accession_number: Mapped[str] = mapped_column(Fixed("studies.accession_number", 16),
                                                   default="", index=True)
