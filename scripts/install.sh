@@ -56,6 +56,8 @@ if [ "$with_tests" = 1 ]; then
   # the real PostgreSQL of the scale-out tests (scripts/postgres.sh runs its own throwaway
   # cluster with these binaries; SeaweedFS, psycopg and boto3 come with the [test] extra)
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_wanted+=(postgresql)
+  # a real load balancer sending the PROXY protocol (tests/test_proxy_protocol.py)
+  [ -x /usr/sbin/haproxy ] || apt_wanted+=(haproxy)
 fi
 [ "$with_service" = 1 ] && steps=4
 if [ ${#apt_wanted[@]} -gt 0 ]; then

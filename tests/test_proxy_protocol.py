@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -347,3 +348,127 @@ def test_sign_in_throttling_counts_the_headers_address(balanced: Served) -> None
         browser.get("/login")
     assert wait_until(lambda: [e for e in events(balanced.vault, "web.connection.refused")
                                if e.get("reason") == "proxy-header"], 15)
+
+
+@pytest.mark.slow
+def test_a_balancers_health_check_records_nothing(balanced: Served) -> None:
+    """HAProxy sends a LOCAL header with its checks, then closes: on the TLS port too, no
+    failed handshake and no refusal is recorded for it."""
+    server = balanced.server
+    for port in (server.port, server.tls_port):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(V2_LOCAL)
+    time.sleep(2.0)  # past refusal_report_seconds
+    assert not [e for e in events(balanced.vault, "dicom.tls.handshake_failed")
+                if e["address"] == "127.0.0.1"]
+    assert not [e for e in _refusals(balanced, "deadline") if e["address"] == "127.0.0.1"]
+
+
+# --- a real HAProxy ---------------------------------------------------------------------
+
+HAPROXY = "/usr/sbin/haproxy"
+HAPROXY_SOURCE = "127.0.0.5"  # the balancer's address as the server sees it
+CLIENT_NODE = "BEHINDHAPROXY"  # registered at the client's address, 127.0.0.1
+HAPROXY_NODE = "ATHAPROXY"  # registered at the balancer's address: must never match
+
+HAPROXY_CFG = """\
+global
+    maxconn 64
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend dicom
+    bind 127.0.0.1:{front_dicom}
+    default_backend dicom
+frontend dicom_tls
+    bind 127.0.0.1:{front_tls}
+    default_backend dicom_tls
+frontend https
+    bind 127.0.0.1:{front_https}
+    default_backend https
+backend dicom
+    source {source}
+    server a 127.0.0.1:{dicom} send-proxy-v2 check inter 500ms
+backend dicom_tls
+    source {source}
+    server a 127.0.0.1:{tls} send-proxy-v2 check inter 500ms
+backend https
+    source {source}
+    server a 127.0.0.1:{https} send-proxy-v2 check inter 500ms
+"""
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def haproxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, dict[str, int]]]:
+    if not Path(HAPROXY).exists():
+        pytest.skip("haproxy is not installed (scripts/install.sh --test)")
+    root = tmp_path_factory.mktemp("haproxy")
+    settings = {"dicom": {"proxy_protocol_from": f'["{HAPROXY_SOURCE}"]',
+                          "connect_timeout": "2.0", "refusal_report_seconds": "1.0"}}
+    with served_vault(root / "vault", settings=settings,
+                      nodes=[(CLIENT_NODE, (), "127.0.0.1"),
+                             (HAPROXY_NODE, (), HAPROXY_SOURCE)]) as served:
+        server = served.server
+        front = {"dicom": _free_port(), "tls": _free_port(), "https": _free_port()}
+        cfg = root / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CFG.format(
+            front_dicom=front["dicom"], front_tls=front["tls"], front_https=front["https"],
+            source=HAPROXY_SOURCE, dicom=server.port, tls=server.tls_port,
+            https=server.https_port))
+        log = open(root / "haproxy.log", "wb")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(cfg)], stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            assert wait_until(lambda: _listening(front["dicom"]), 10), \
+                (root / "haproxy.log").read_text()
+            time.sleep(1.5)  # a few health checks
+            yield served, front
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_storescu_through_haproxy(haproxied: tuple[Served, dict[str, int]]) -> None:
+    served, front = haproxied
+    ct = Path(str(get_testdata_file("CT_small.dcm")))
+    sent = storescu(front["dicom"], [ct], calling=CLIENT_NODE)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    accepted = wait_events(served.vault, "dicom.association.accepted",
+                           lambda e: e["ae"] == CLIENT_NODE)
+    assert accepted and accepted[0]["address"] == "127.0.0.1"
+    # The balancer's own address is not what the node check sees.
+    assert echoscu(front["dicom"], calling=HAPROXY_NODE).returncode != 0
+    assert wait_events(served.vault, "dicom.association.rejected",
+                       lambda e: e["ae"] == HAPROXY_NODE and e["address"] == "127.0.0.1")
+    # HTTPS through it: the failed sign-in is recorded with the client's address.
+    with client(front["https"], served.ca, local_address="127.0.0.9") as browser:
+        assert post_login(browser, "nobody", "Printemps2024").status_code == 401
+    failed = wait_events(served.vault, "auth.login.failed")
+    assert [e["address"] for e in failed] == ["127.0.0.9"]
+    # Its health checks (every 500 ms on each port, with a LOCAL header) left no trace.
+    assert not events(served.vault, "dicom.tls.handshake_failed")
+    assert not [e for e in events(served.vault)
+                if str(e["action"]).endswith("connection.refused")]
+    assert not [e for e in events(served.vault) if e["address"] == HAPROXY_SOURCE]

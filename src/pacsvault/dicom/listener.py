@@ -179,13 +179,28 @@ class PolicyRequestHandler(RequestHandler):
             return None
         finally:
             self.request.settimeout(None)
-        if header.source is not None:  # LOCAL (a health check): the balancer itself
+        if header.source is not None:
             address, port = header.source
+        elif not self._pv_more(self.pv_service.read_limits.connect_timeout):
+            # LOCAL: the balancer's own connection; closed at once, its health check
+            # (HAProxy sends the header with its checks): nothing to record, not even a
+            # failed TLS handshake.
+            return None
         ticket = server.admit(Peer(address, port, self.pv_tls is not None))
         if ticket is None:
             return None
         self._pv_ticket = ticket
         return address, port
+
+    def _pv_more(self, timeout: float) -> bool:
+        """Whether a byte follows (peeked, left in place) before EOF or ``timeout``."""
+        self.request.settimeout(timeout)
+        try:
+            return bool(self.request.recv(1, socket.MSG_PEEK))
+        except OSError:  # a timeout too: the first-byte deadline would cut it anyway
+            return False
+        finally:
+            self.request.settimeout(None)
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
