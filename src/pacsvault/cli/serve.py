@@ -6,13 +6,15 @@ import argparse
 import logging
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import repair_at_start
-from pacsvault.cli import serving
+from pacsvault.cli import serving, workers
 from pacsvault.cli.common import (
     CommandError,
     add_data_args,
@@ -47,7 +49,18 @@ def register(sub: Any) -> None:
                         "PACSVAULT_UPGRADE=yes; without a terminal it is not asked)")
     p.add_argument("--allow-root", action="store_true",
                    help=f"run as root anyway (development only; also ${ALLOW_ROOT_ENV}=1)")
+    p.add_argument("--workers", default=DEFAULT_WORKERS,
+                   help="worker processes sharing the listeners (a number, or 'auto' = "
+                        f"the machine's cores; default {DEFAULT_WORKERS}); a sealed start "
+                        "runs one")
+    # Set by the parent of ``--workers N`` for each worker (cli/workers), never by hand.
+    for hidden in ("--worker-index", "--ready-fd", "--passphrase-fd"):
+        p.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-fds", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+
+
+DEFAULT_WORKERS = "1"
 
 
 ALLOW_ROOT_ENV = "PACSVAULT_ALLOW_ROOT"
@@ -86,6 +99,9 @@ def _take_lock(root: Path) -> instance_lock.InstanceLock:
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     _refuse_root(args)
+    if args.worker_index is not None:  # one of ``--workers N``: the parent holds the lock
+        return _serve_worker(args)
+    workers.count(args.workers)  # a bad value is refused before anything happens
     root = data_dir(args, announce=False)
     made = not root.exists()
     try:
@@ -125,13 +141,26 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         init_vault(root, args.key_file, "PACSVAULT", serving=True)
     # A protected key: --passphrase-file, the systemd credential or the terminal;
     # none of them -> keys.KeyUnavailable.
+    source = passphrase_source(args)
+    asked: list[str] = []  # the passphrase, when one was asked: piped to the workers
+
+    def passphrase() -> str | None:
+        value = source()
+        if value is not None:
+            asked.append(value)
+        return value
+
     try:
-        vault = Vault.open(root, args.key_file, passphrase=passphrase_source(args),
+        vault = Vault.open(root, args.key_file, passphrase=passphrase,
                            confirm=upgrade_without_asking if args.yes else None)
     except KeyUnavailable as exc:
-        # Key medium absent or key locked: keep receiving, sealed (sealed/serve.py).
+        # Key medium absent or key locked: keep receiving, sealed (sealed/serve.py), in one
+        # process (the unseal hands the key to that process only).
         from pacsvault.sealed.serve import serve_sealed
 
+        if workers.count(args.workers) > 1:
+            log.warning("sealed start: one process instead of --workers %s; restart the "
+                        "server after the unseal to use every core", args.workers)
         return serve_sealed(args, root, str(exc), _check_ports)
     settings = vault.settings
     bind = args.bind or settings.server.bind
@@ -150,20 +179,101 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
                  "write(s) that were never acknowledged removed",
                  recovery.published, recovery.discarded)
+    total = workers.count(args.workers)
+    if total > 1:
+        return _supervise(args, root, vault, bind, (plain, tls_port, https_port), total,
+                          asked[-1] if asked else None)
+    return _run(vault, bind, (plain, tls_port, https_port))
+
+
+def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
+               ports: tuple[int | None, int | None, int | None], total: int,
+               passphrase: str | None) -> int:
+    """``--workers N``: the once-per-vault start here (recovery done, the trail's tail
+    repaired, the sockets bound), then N workers until SIGTERM/SIGINT (``cli/workers``)."""
+    repair_at_start(vault.audit)
+    layout = vault.layout
+    vault.close()  # each worker opens its own; the parent keeps only the lock
+    stop = serving.stop_on_signals()
+    try:
+        sockets, bound = workers.bind_listeners(bind, ports)
+    except OSError as exc:
+        _check_ports(bind, *ports)  # names the port when it can
+        raise CommandError(f"a listening port on {bind} could not be opened "
+                           f"({exc.strerror or exc}); check --dicom-port, "
+                           "--dicom-tls-port and --https-port. Nothing was started.") from None
+
+    def announce(supervisor: workers.Supervisor) -> None:
+        serving.write_state(layout, {"pid": os.getpid(), "bind": bind, "workers": total,
+                                     "worker_pids": supervisor.pids(),
+                                     "paused": supervisor.paused(), **bound})
+
+    supervisor = workers.Supervisor(workers.worker_argv(args, root, bind, total), total,
+                                    sockets, passphrase, on_change=announce)
+    # Worker 0 asks for the others to be stopped around a key rotation (rotation_alone).
+    pause, resume = threading.Event(), threading.Event()
+    signal.signal(workers.PAUSE, lambda _signum, _frame: pause.set())
+    signal.signal(workers.RESUME, lambda _signum, _frame: resume.set())
+    log.info("%d worker processes share the listeners %s", total, dict(bound))
+    try:
+        supervisor.start()
+        while not stop.wait(0.5):
+            if pause.is_set():
+                pause.clear()
+                supervisor.pause()
+            if resume.is_set():
+                resume.clear()
+                supervisor.resume()
+            supervisor.check()
+    finally:
+        supervisor.stop()
+        layout.state.unlink(missing_ok=True)
+        for sock in sockets.values():
+            sock.close()
+    return 0
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    """One worker of ``--workers N``: the vault opened again (the parent's recovery is
+    done), the inherited sockets served until SIGTERM/SIGINT or the parent's end."""
+    role = workers.role_of(args)
+    workers.log_as_worker(role.index)
+    root = Path(args.data)
+    vault = Vault.open(root, args.key_file,
+                       passphrase=workers.passphrase_from(args) or passphrase_source(args))
+    plain, tls_port, https_port = (int(role.sockets[kind].getsockname()[1])
+                                   if kind in role.sockets else None
+                                   for kind in workers.KINDS)
+    return _run(vault, args.bind, (plain, tls_port, https_port), role=role)
+
+
+def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | None], *,
+         role: workers.Role | None = None) -> int:
+    """Serve the open vault until SIGTERM/SIGINT: one process, or a worker (``role``):
+    every worker serves the inherited sockets, worker 0 alone runs the background work."""
+    settings = vault.settings
+    plain, tls_port, https_port = ports
+    primary = role is None or role.primary
     alerts = AlertSink(settings.alerts, vault.recorder, disk_path=vault.layout.objects,
                        patients_of=serving.patients_of(vault),
                        claim=serving.alert_claim(vault))  # one notice for all instances
     vault.recorder.add_sink(alerts)
-    repair_at_start(vault.audit)
     background = serving.Background()
-    background.watch(vault)  # the trail's tail checked, then watched
+    if role is None:
+        repair_at_start(vault.audit)  # (the parent of --workers did it)
+    if primary:
+        background.watch(vault)  # the trail's tail checked, then watched
     service = DicomService(vault)
     stop = serving.stop_on_signals()
+    if role is not None:
+        service.worker = role.index
+        role.watch_parent(stop)
     try:
         bound, web = serving.start_listeners(
             service, bind, (plain, tls_port, https_port), tls=vault.layout.tls,
             tls_password=vault.tls_password, web=settings.web,
-            app=lambda: create_app(vault, vault.accounts))
+            app=lambda: create_app(vault, vault.accounts),
+            sockets=role.sockets if role is not None else None)
     except OSError as exc:
         # Taken between the check and now: what did start is stopped, leave as one line.
         background.stop_watcher()
@@ -173,37 +283,52 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
         raise CommandError(f"a listening port on {bind} could not be opened "
                            f"({exc.strerror or exc}); check --dicom-port, "
                            "--dicom-tls-port and --https-port. Nothing was started.") from None
+    worker = {} if role is None else {"worker": role.index, "pid": os.getpid()}
     vault.recorder.emit(
         AuditEvent(action="application.start", outcome=Outcome.SUCCESS,
-                   code=EventCode.APPLICATION_ACTIVITY, detail=dict(bound))
+                   code=EventCode.APPLICATION_ACTIVITY, detail={**bound, **worker})
     )
     log.info("AE title %s; DICOM TLS on %s:%s", settings.server.ae_title, bind,
              bound.get("dicom_tls_port"))
     if "dicom_port" in bound:
         log.warning("plain DICOM on %s:%s is not encrypted: use it only for legacy "
                     "modalities on the practice network", bind, bound["dicom_port"])
-    if not vault.nodes.all():
+    if not vault.nodes.all() and primary:
         log.warning("no node is registered yet, so every association will be refused; "
                     "register your modality with 'pacsvault node add'")
-    serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
-    background.run_jobs(vault)
-    # CLI -> this server (unseal, online key rotation): features register their commands.
-    control = ControlServer(vault.layout.root)
-    control.register("unseal", lambda _args: {"already": True})  # not sealed
-    from pacsvault.crypto.rotation import control_handler  # online key rotation
+    control: ControlServer | None = None
+    if role is None:
+        serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
+    if primary:
+        background.run_jobs(vault)
+        # CLI -> this server (unseal, online key rotation): features register commands.
+        control = ControlServer(vault.layout.root)
+        control.register("unseal", lambda _args: {"already": True})  # not sealed
+        from pacsvault.crypto.rotation import control_handler  # online key rotation
 
-    control.register("rotate", control_handler(vault))
-    from pacsvault.storage.erasure import FORGET_COMMAND, forget_handler  # CLI erasures
+        rotate = control_handler(vault)
+        if role is not None and role.total > 1:  # the others stopped for it, then back
+            rotate = workers.rotation_alone(role, vault.layout.state, rotate)
+        control.register("rotate", rotate)
+        from pacsvault.storage.erasure import FORGET_COMMAND, forget_handler  # CLI erasures
 
-    control.register(FORGET_COMMAND, forget_handler(vault))
-    control.start()
+        control.register(FORGET_COMMAND, forget_handler(vault))
+        control.start()
+    if role is not None:
+        role.ready()
     try:
-        # the vault is there from the start: nothing more to begin once it is taken
-        serving.run_until_stopped(stop, lambda: vault, lambda _vault: None)
+        if primary:
+            # the vault is there from the start: nothing more to begin once it is taken
+            serving.run_until_stopped(stop, lambda: vault, lambda _vault: None)
+        else:
+            while not stop.wait(0.5):  # short waits: see run_until_stopped
+                pass
     finally:
-        control.stop()
+        if control is not None:
+            control.stop()
         background.stop_jobs()
-        vault.layout.state.unlink(missing_ok=True)
+        if role is None:
+            vault.layout.state.unlink(missing_ok=True)
         if web is not None:
             web.stop()
         service.stop()

@@ -16,10 +16,11 @@ import datetime as dt
 import json
 import os
 import signal
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -76,20 +77,25 @@ def web_tls(paths: TlsPaths, key_password: bytes, web: WebSettings) -> ssl.SSLCo
 def start_listeners(service: DicomService, bind: str,
                     ports: tuple[int | None, int | None, int | None], *, tls: TlsPaths,
                     tls_password: Callable[[], bytes], web: WebSettings,
-                    app: Callable[[], FastAPI]) -> tuple[dict[str, int], WebService | None]:
+                    app: Callable[[], FastAPI],
+                    sockets: Mapping[str, socket.socket] | None = None,
+                    ) -> tuple[dict[str, int], WebService | None]:
     """Open the DICOM listeners, then HTTPS when asked (``ports`` as ``listeners`` gives
     them); the ports bound and the web service. A port that cannot be opened (taken since
-    the check) stops what did start and the ``OSError`` goes to the caller's message."""
+    the check) stops what did start and the ``OSError`` goes to the caller's message.
+    ``sockets`` ("plain", "tls", "https"): listening sockets a ``serve --workers`` parent
+    bound, served instead of binding (``cli/workers``)."""
     plain, tls_port, https_port = ports
+    inherited = dict(sockets or {})
     web_service: WebService | None = None
     try:
-        bound = service.start(bind, plain, tls_port)
+        bound = service.start(bind, plain, tls_port, sockets=inherited)
         if https_port is not None:
             context = web_tls(tls, tls_password(), web)
             web_service = WebService(app(), context, WebLimits.from_settings(web),
                                      service.refusals,
                                      balancer=service.vault.settings.is_balancer)
-            bound["https_port"] = web_service.start(bind, https_port)
+            bound["https_port"] = web_service.start(bind, https_port, inherited.get("https"))
     except OSError:
         if web_service is not None:
             web_service.stop()

@@ -60,6 +60,38 @@ class PolicyServer(ThreadedAssociationServer):
         self.pv_service = service
         self.pv_tls = tls
 
+    # A listening socket bound by ``serve``'s parent and shared by its worker processes
+    # (``cli/workers``): used as it is instead of binding one (set per listener class).
+    pv_inherited: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        inherited = self.pv_inherited
+        if inherited is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the one TCPServer made, never bound
+        self.socket = inherited
+        # Every worker's copy shares the open file (and its O_NONBLOCK): non-blocking in
+        # all of them, so a worker whose wake-up found the connection taken by another one
+        # goes back to its loop (an OSError socketserver ignores) instead of blocking in
+        # accept, and its shutdown is never held by it.
+        inherited.setblocking(False)
+        self.server_address = inherited.getsockname()
+
+    def server_activate(self) -> None:
+        if self.pv_inherited is None:  # an inherited socket already listens
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.pv_inherited is None:
+            super().server_close()
+            return
+        # Close this process's descriptor only: pynetdicom's shutdown(SHUT_RDWR) would stop
+        # the listening socket itself, for every worker sharing it.
+        assert self.socket is not None
+        self.socket.close()
+
     def get_request(self) -> tuple[socket.socket, Any]:
         # Not wrapped here: a handshake in the accept loop would let one slow client
         # stall every other connection.

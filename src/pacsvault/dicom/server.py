@@ -12,9 +12,11 @@ Statuses come from ``dicom/status``.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
@@ -86,6 +88,9 @@ class DicomService:
         self.known_hosts = KnownHosts(lambda: [n.host for n in self.vault.nodes.all()])
         # True while the archive is sealed (``sealed/runtime``): Q/R refused in ``intercept``
         self.sealed = False
+        # ``serve --workers``: this process's worker number, named in each accepted
+        # association's event (which process served it); None for a single process.
+        self.worker: int | None = None
         self.budget = ConnectionBudget(
             per_source=dicom.max_connections_per_source,
             pending=dicom.max_pending_connections,
@@ -129,8 +134,13 @@ class DicomService:
         ae.maximum_associations = 1 << 30
         return ae
 
-    def start(self, bind: str, port: int | None, tls_port: int | None) -> dict[str, int]:
-        """Start the listeners; returns the ports actually bound (port 0 = any free)."""
+    def start(self, bind: str, port: int | None, tls_port: int | None, *,
+              sockets: Mapping[str, socket.socket] | None = None) -> dict[str, int]:
+        """Start the listeners; returns the ports actually bound (port 0 = any free).
+
+        ``sockets`` ("plain", "tls"): listening sockets bound by ``serve --workers``'s
+        parent, accepted on instead of binding ``port``/``tls_port`` (``cli/workers``)."""
+        inherited = dict(sockets or {})
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -148,9 +158,11 @@ class DicomService:
         self.refusals.start()
         if tls_port is not None:
             ctx = self._tls_context()
-            bound["dicom_tls_port"] = self._listen(bind, tls_port, handlers, ctx)
+            bound["dicom_tls_port"] = self._listen(bind, tls_port, handlers, ctx,
+                                                   inherited.get("tls"))
         if port is not None:
-            bound["dicom_port"] = self._listen(bind, port, handlers, None)
+            bound["dicom_port"] = self._listen(bind, port, handlers, None,
+                                               inherited.get("plain"))
         return bound
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -174,7 +186,8 @@ class DicomService:
         return strict
 
     def _listen(
-        self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None
+        self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None,
+        inherited: socket.socket | None = None,
     ) -> int:
         service = self
 
@@ -182,10 +195,13 @@ class DicomService:
             pv_service = service
             pv_tls = ctx
 
+        class Server(PolicyServer):
+            pv_inherited = inherited
+
         server = self.ae.make_server(
             (bind, port),
             evt_handlers=handlers,
-            server_class=PolicyServer,
+            server_class=Server,
             request_handler=Handler,
         )
         assert isinstance(server, PolicyServer)
@@ -338,7 +354,8 @@ class DicomService:
             state, "dicom.association.accepted", Outcome.SUCCESS,
             EventCode.USER_AUTHENTICATION,
             detail={"tls": state.peer.tls, "client_cert": state.peer.has_client_cert,
-                    **({"cipher": state.peer.cipher} if state.peer.cipher else {})},
+                    **({"cipher": state.peer.cipher} if state.peer.cipher else {}),
+                    **({"worker": self.worker} if self.worker is not None else {})},
         )
 
     def _on_echo(self, event: evt.Event) -> int:

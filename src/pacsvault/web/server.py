@@ -43,15 +43,11 @@ class WebService:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, bind: str, port: int) -> int:
-        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Inherited by accepted sockets: small responses are not held ~40 ms by Nagle
-        # (a viewer makes one request per frame).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((bind, port))
-        sock.listen(128)
+    def start(self, bind: str, port: int, sock: socket.socket | None = None) -> int:
+        """Serve on ``bind``:``port``; or, with ``sock``, on that listening socket (bound by
+        ``serve --workers``'s parent and shared by the workers: ``listening_socket``)."""
+        if sock is None:
+            sock = listening_socket(bind, port)
         bound = int(sock.getsockname()[1])
         limits = self._limits
         refusals = self._refusals
@@ -87,6 +83,23 @@ class WebService:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+
+
+def listening_socket(bind: str, port: int) -> socket.socket:
+    """The HTTPS listening socket (also what ``serve --workers``'s parent binds)."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Inherited by accepted sockets: small responses are not held ~40 ms by Nagle
+    # (a viewer makes one request per frame).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((bind, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Proxy:
