@@ -352,6 +352,28 @@ def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
 
 
 @pytest.mark.s3
+def test_deleting_an_instance_deletes_its_object_from_the_bucket(
+        tmp_path: Path, s3_bucket: S3Bucket) -> None:
+    from pacsvault.storage.removal import Remover
+
+    vault = s3_vault(tmp_path, s3_bucket)
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 2, size=16)
+    v = vault.open()
+    try:
+        for f in files:
+            v.archive.store(f.read_bytes())
+        first, second = sorted(v.archive.locate(), key=lambda i: i.object_id)
+        Remover(v.engine, v.store, v.recorder, v.archive).delete(
+            "instance", first.sop_uid, "test: wrong patient", actor="local-admin")
+        assert not v.store.exists(first.object_id)
+        assert v.store.exists(second.object_id)
+        keys = [str(o["Key"]) for o in bucket_objects(s3_bucket)]
+        assert len(keys) == 1 and second.object_id in keys[0]
+    finally:
+        v.close()
+
+
+@pytest.mark.s3
 def test_tls_is_verified(s3_bucket: S3Bucket, tmp_path: Path) -> None:
     """Without the endpoint's CA the certificate does not verify: no request goes through
     (there is no setting to turn verification off)."""
