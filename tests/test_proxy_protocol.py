@@ -472,3 +472,15 @@ def test_storescu_through_haproxy(haproxied: tuple[Served, dict[str, int]]) -> N
     assert not [e for e in events(served.vault)
                 if str(e["action"]).endswith("connection.refused")]
     assert not [e for e in events(served.vault) if e["address"] == HAPROXY_SOURCE]
+
+
+@pytest.mark.slow
+def test_https_header_from_a_source_not_listed_is_not_read(balanced: Served) -> None:
+    """Over HTTPS too: from 127.0.0.2 the header is just bytes that are not TLS."""
+    server = balanced.server
+    with socket.create_connection(("127.0.0.1", server.https_port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as raw:
+        raw.sendall(v2(NODE_HOST, dest_port=8443) + b"\x16\x03\x01\x00\x05hello")
+        raw.settimeout(10)
+        answer = raw.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400 ")
