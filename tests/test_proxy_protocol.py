@@ -38,7 +38,15 @@ from pacsvault.proxyproto import (
     wanted,
 )
 from tests.harness.served import Served, served_vault
-from tests.helpers import echoscu, events, storescu, wait_events, wait_until
+from tests.helpers import (
+    echoscu,
+    events,
+    make_vault,
+    start_server,
+    storescu,
+    wait_events,
+    wait_until,
+)
 from tests.web_helpers import client, post_login
 
 NODE = "PROXIED"  # registered at the client's address, which only the header names
@@ -484,3 +492,25 @@ def test_https_header_from_a_source_not_listed_is_not_read(balanced: Served) -> 
         raw.settimeout(10)
         answer = raw.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.slow
+def test_behind_the_balancer_with_serve_workers(tmp_path: Path) -> None:
+    """``serve --workers 2``: the header is read by whichever worker accepts (shared sockets)."""
+    vault = make_vault(tmp_path / "vault")
+    vault.set_toml("dicom", "proxy_protocol_from", '["127.0.0.1"]')
+    vault.add_node(NODE, host=NODE_HOST)
+    server = start_server(vault, args=("--workers", "2"), timeout=90)
+    try:
+        with Relay(server.port, v2(NODE_HOST)) as relay:
+            for _ in range(4):
+                done = echoscu(relay.port, calling=NODE)
+                assert done.returncode == 0, done.stdout + done.stderr
+        with Relay(server.https_port, v1(OTHER_CLIENT, dest_port=8443)) as relay, \
+                client(relay.port, vault.data / "tls" / "ca.crt") as browser:
+            assert post_login(browser, "nobody", "Printemps2024").status_code == 401
+    finally:
+        server.stop()
+    accepted = wait_events(vault, "dicom.association.accepted", count=4)
+    assert len(accepted) == 4 and {e["address"] for e in accepted} == {NODE_HOST}
+    assert [e["address"] for e in events(vault, "auth.login.failed")] == [OTHER_CLIENT]
