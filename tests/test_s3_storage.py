@@ -4,7 +4,7 @@ A vault with the embedded SQLCipher index and ``[storage] url = "s3://..."``: dc
 stores, WADO-RS and C-GET read back identical images; a full listing and download of the
 bucket (keys, bodies, headers, tags) shows no patient marker; S3 down during ingest gives
 failure statuses and ingest resumes once it is back; an object PUT without its row is
-removed by recovery after the grace period (and not before); the scrubber finds a deleted
+removed by the orphan sweep after the grace period (and not before); the scrubber finds a deleted
 and a corrupted object. The unit tests at the end need no endpoint.
 """
 
@@ -260,10 +260,13 @@ def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
         client.put_object(Bucket=s3_bucket.name, Key=key, Body=b"pacsvault-obj/1\n" + b"x" * 99)
         # a foreign key under the prefix is never ours to delete
         client.put_object(Bucket=s3_bucket.name, Key=f"{PREFIX}/README.txt", Body=b"hello")
-        assert v.archive.recover().discarded == 0  # within the grace: maybe in flight
-        assert v.store.exists(orphan)
+        assert v.archive.recover().discarded == 0  # the start is not delayed by a listing
+        done = scrub.sweep(v)
+        assert done is not None and done.removed == () and done.young == 1  # maybe in flight
+        assert done.foreign == 1 and v.store.exists(orphan)
         time.sleep(3.5)
-        assert v.archive.recover().discarded == 1
+        done = scrub.sweep(v)
+        assert done is not None and done.removed == (orphan,)
         assert not v.store.exists(orphan)
         # serve's job does the same (and records it)
         another = os.urandom(16).hex()
@@ -273,7 +276,7 @@ def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
         scrub.sweep_tick(v)
         assert not v.store.exists(another)
         assert [r.detail["removed"] for r in v.audit.records()
-                if r.action == "storage.orphans"] == [1]
+                if r.action == "storage.orphans"] == [1, 1]
         keys = {str(o["Key"]) for o in bucket_objects(s3_bucket)}
         assert f"{PREFIX}/README.txt" in keys
         assert {k.rsplit("/", 1)[1].removesuffix(".pvo") for k in keys

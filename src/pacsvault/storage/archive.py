@@ -541,11 +541,10 @@ class Archive:
 
     def recover(self) -> Recovery:
         """Settle object writes interrupted by a crash; run before accepting associations.
-        In a bucket: the orphan sweep (objects no row names, past the grace period)."""
-        from pacsvault.storage.s3 import S3Store
-
-        if isinstance(self.objects, S3Store):
-            return Recovery(0, len(self.objects.sweep(self.indexed).removed))
+        In a bucket there is nothing to settle before: an indexed object is there by
+        construction, and the orphans a crash left are deleted by the orphan sweep
+        (``storage.scrub.sweep``, serve's job a minute after start): listing a large
+        bucket must not delay the start."""
         return self.objects.recover(self.is_indexed)
 
     def counts(self) -> dict[str, int]:
