@@ -10,6 +10,7 @@ and a corrupted object. The unit tests at the end need no endpoint.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -446,6 +447,42 @@ def test_endpoint_down_fails_stores_then_ingest_resumes(tmp_path: Path) -> None:
                 assert v.archive.read(item)
         finally:
             v.close()
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_sealed_start_stores_into_the_bucket_and_unseals(tmp_path: Path,
+                                                         s3_bucket: S3Bucket) -> None:
+    """Without its master key the server still receives (sealed mode): the objects go to
+    the bucket, and the unseal indexes them, readable and identical."""
+    vault = make_vault(tmp_path / "v")
+    use_bucket(vault, s3_bucket)
+    vault.add_node(MODALITY)  # also makes the sealed-mode material
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 3, size=32)
+    away = vault.root / "away.key"
+    vault.key.rename(away)
+    server = start_server(vault)
+    try:
+        res = storescu(server.port, files, calling=MODALITY)
+        assert res.returncode == 0, _statuses(res)
+        assert len(bucket_objects(s3_bucket)) == 3
+        away.rename(vault.key)
+        out = pv("unseal", "--data", vault.data, "--key-file", vault.key).stdout
+        assert "3 object(s)" in out, out
+    finally:
+        server.stop()
+    v = vault.open()
+    try:
+        assert v.archive.counts()["instances"] == 3
+        stored = {i.sop_uid: i for i in v.archive.locate()}
+        for path in files:
+            item = stored[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)]
+            same_dataset(path, dcmread(io.BytesIO(v.archive.read(item))))
+    finally:
+        v.close()
+    assert len(bucket_objects(s3_bucket)) == 3
+    assert not [p for p in (vault.data / "objects").rglob("*") if p.is_file()
+                and p.stat().st_size]
 
 
 # --- no endpoint needed ----------------------------------------------------------------------
