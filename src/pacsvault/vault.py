@@ -235,25 +235,55 @@ def create(data_dir: Path, *, key_file: Path | None = None, ae_title: str = "PAC
     if storage is not None and storage.url:
         _check_bucket(storage)
     created_dir = not data_dir.exists()
+    reached: set[str] = set()  # "claimed": the database is this vault's (undo it too)
     try:
-        code = _populate(layout, vault_id, key_path, key_file, ae_title, index)
+        code = _populate(layout, vault_id, key_path, key_file, ae_title, index, reached)
         if storage is not None and storage.url:
             layout.config.write_text(
                 config.with_storage(layout.config.read_text("utf-8"), storage), "utf-8")
         return code
     except BaseException:
-        # Leave nothing half-made behind: a partial vault would block a retry.
-        key_path.unlink(missing_ok=True)
-        layout.lock.unlink(missing_ok=True)
-        for part in (layout.meta, layout.config, layout.index):
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{part}{suffix}").unlink(missing_ok=True)
-        shutil.rmtree(layout.root / "tls", ignore_errors=True)
-        shutil.rmtree(layout.objects, ignore_errors=True)
-        shutil.rmtree(layout.audit, ignore_errors=True)
-        if created_dir:
-            shutil.rmtree(data_dir, ignore_errors=True)
+        _discard(layout, key_path, index, vault_id, created_dir=created_dir,
+                 claimed="claimed" in reached)
         raise
+
+
+def _discard(layout: Layout, key_path: Path, index: config.IndexSettings, vault_id: str,
+             *, created_dir: bool, claimed: bool = True) -> None:
+    """Leave nothing half-made behind: a partial vault would block a retry, and so would
+    a PostgreSQL database still claimed by it (its tables dropped in one transaction, only
+    if its owner row names this vault)."""
+    if index.is_postgres and claimed:
+        from pacsvault.index import postgres
+
+        try:
+            postgres.release(index, vault_id)
+        except Exception as exc:  # the vault's files go anyway; say what stays
+            import logging
+
+            logging.getLogger("pacsvault.vault").warning(
+                "the PostgreSQL index this init claimed could not be dropped (%s): empty "
+                "the database before trying again", type(exc).__name__)
+    key_path.unlink(missing_ok=True)
+    layout.lock.unlink(missing_ok=True)
+    for part in (layout.meta, layout.config, layout.index):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{part}{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(layout.root / "tls", ignore_errors=True)
+    shutil.rmtree(layout.objects, ignore_errors=True)
+    shutil.rmtree(layout.audit, ignore_errors=True)
+    if created_dir:
+        shutil.rmtree(layout.root, ignore_errors=True)
+
+
+def undo_create(data_dir: Path, key_file: Path | None = None) -> None:
+    """Remove a vault ``create`` just made, when ``init`` fails after it (its first
+    administrator, the secrets file): files, key file and, on PostgreSQL, its tables."""
+    layout = Layout(data_dir)
+    vault_id = str(_read_meta(layout)["vault_id"])
+    settings = config.load(data_dir)
+    key_path = resolve_key_path(layout, settings, key_file)
+    _discard(layout, key_path, settings.index, vault_id, created_dir=False)
 
 
 def _check_bucket(storage: config.StorageSettings) -> None:
@@ -271,7 +301,7 @@ def _check_bucket(storage: config.StorageSettings) -> None:
 
 def _populate(
     layout: Layout, vault_id: str, key_path: Path, key_file: Path | None, ae_title: str,
-    index: config.IndexSettings,
+    index: config.IndexSettings, reached: set[str] | None = None,
 ) -> str:
     data_dir = layout.root
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -284,6 +314,8 @@ def _populate(
     ObjectStore(layout.objects).create()
     settings = config.Settings(server=config.ServerSettings(ae_title=ae_title), index=index)
     engine = open_engine(layout, settings, master, vault_id, create=True)
+    if reached is not None:
+        reached.add("claimed")
     try:
         if index.is_postgres:  # the same revisions as an upgrade, from an empty database
             schema.upgrade(engine, _layout_tables())

@@ -134,8 +134,17 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
     """
     name = _admin_name(admin, ask)
     code = create(root, key_file=key_file, ae_title=ae_title, index=index, storage=storage)
-    password, https_port, key_path = _first_admin(root, key_file, name)
-    path = write_first_run_secrets(key_path, root, code, name, password, https_port)
+    try:
+        password, https_port, key_path = _first_admin(root, key_file, name)
+        path = write_first_run_secrets(key_path, root, code, name, password, https_port)
+    except BaseException:
+        # A vault nobody can sign in to, and (PostgreSQL) a database it keeps claimed, so
+        # a retry would be refused: undo it all (vault.undo_create).
+        if index is not None and index.is_postgres:
+            from pacsvault.vault import undo_create
+
+            undo_create(root, key_file)
+        raise
     say(f"Created a vault in {root.absolute()} (key file {key_path.absolute()}: keep a copy "
         "apart from the data).")
     say(f"Open https://{socket.gethostname()}:{https_port}/ in a browser; install "
@@ -240,9 +249,46 @@ def _sealed_status(args: argparse.Namespace, reason: str) -> int | None:
     return 1
 
 
+def _unreachable_status(args: argparse.Namespace, reason: str) -> int | None:
+    """``status`` when a PostgreSQL index cannot be opened: the report without the index
+    (its red line, the objects), exit 1; None for an embedded index (its error stands)."""
+    from pacsvault import config, vaultfile
+    from pacsvault.status import read_server_state
+    from pacsvault.status.deployment import unopened
+    from pacsvault.status.report import server_alive
+    from pacsvault.status.text import unopened_json, unopened_lines
+    from pacsvault.vault import Layout
+
+    root = data_dir(args)
+    try:
+        settings = config.load(root)
+    except Exception:  # the settings are the problem: the open's own error says it
+        return None
+    if not settings.index.is_postgres:
+        return None
+    layout = Layout(root)
+    try:
+        instance = vaultfile.instance(layout.meta)
+    except Exception:
+        instance = "main"
+    state = read_server_state(layout)
+    alive = bool(state) and server_alive(state)
+    deployed = unopened(settings, root, instance, reason)
+    if args.json:
+        json.dump(unopened_json(str(root), state, alive, deployed), sys.stdout, indent=2)
+        print()
+    else:
+        for line in unopened_lines(str(root), state, alive, deployed):
+            print(line)
+    return 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """The report ``pacsvault.status`` gathers (the Health page shows the same one)."""
+    """The report ``pacsvault.status`` gathers (the Health page shows the same one).
+    Exit 1 when the server is sealed or the index or object store does not answer (the
+    report's red lines), else 0."""
     from pacsvault.crypto.keys import KeyUnavailable
+    from pacsvault.index.db import IndexOpenError
     from pacsvault.status import gather
     from pacsvault.status.text import as_json, lines
 
@@ -253,14 +299,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         if code is None:
             raise
         return code
+    except IndexOpenError as exc:
+        code = _unreachable_status(args, str(exc))
+        if code is None:
+            raise
+        return code
     try:
         report = gather(vault, measure_objects=True)
     finally:
         vault.close()
+    down = report.deployment is not None and (
+        not report.deployment.index.reachable or report.deployment.objects.reachable is False)
     if args.json:
         json.dump(as_json(report), sys.stdout, indent=2)
         print()
-        return 0
+        return 1 if down else 0
     for line in lines(report):
         print(line)
-    return 1 if report.sealed else 0
+    return 1 if report.sealed or down else 0

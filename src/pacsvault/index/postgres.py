@@ -41,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
 from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
 from pacsvault.fsutil import PrivateFileError, read_private_text
@@ -171,9 +172,40 @@ def _check_owner(conn: Any, url: URL, sealer: Sealer, vault_id: str) -> None:
 def drop_claim(engine: Engine) -> None:
     """Undo what a failed ``init`` made in the database (its tables), so a retry finds it
     empty again. Only ever called on a database this ``init`` claimed."""
+    with engine.begin() as conn:
+        _drop_all(conn)
+
+
+def _drop_all(conn: Any) -> None:
     from pacsvault.index.models import Base
 
-    with engine.begin() as conn:
-        Base.metadata.drop_all(conn)
-        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-        _owner.drop(conn, checkfirst=True)
+    Base.metadata.drop_all(conn)
+    conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    _owner.drop(conn, checkfirst=True)
+
+
+def release(settings: IndexSettings, vault_id: str) -> bool:
+    """Drop every table of the index ``vault_id`` claimed, in one transaction (PostgreSQL
+    DDL is transactional: all or nothing), when and only when the owner row names that
+    vault: an ``init`` that failed after its schema step (or before its first
+    administrator) leaves the database empty for a retry, and never touches another
+    vault's index. True when something was dropped."""
+    url = engine_url(settings)
+    connect_args: dict[str, Any] = {"application_name": "pacsvault", "connect_timeout": 10}
+    password = _password(settings)
+    if password is not None:
+        connect_args["password"] = password
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args,
+                           hide_parameters=True)
+    try:
+        with engine.begin() as conn:
+            if not inspect(conn).has_table(OWNER_TABLE):
+                return False
+            conn.exec_driver_sql(f"LOCK TABLE {OWNER_TABLE} IN ACCESS EXCLUSIVE MODE")
+            row = conn.execute(select(_owner.c.vault_id).where(_owner.c.id == 1)).first()
+            if row is None or not hmac.compare_digest(str(row[0]), vault_id):
+                return False
+            _drop_all(conn)
+            return True
+    finally:
+        engine.dispose()

@@ -32,6 +32,7 @@ from pacsvault.backup.health import BackupHealth, backup_health
 from pacsvault.crypto.protection import describe
 from pacsvault.crypto.tls import ca_is_name_constrained, certificate_expiry
 from pacsvault.index import stats
+from pacsvault.status.deployment import Deployment, deployment
 
 if TYPE_CHECKING:
     from pacsvault.audit.trail import Verdict
@@ -140,6 +141,8 @@ class StatusReport:
     listeners: tuple[Listener, ...] = ()
     audit: Verdict | None = None
     security_events: tuple[SecurityEvent, ...] = ()
+    # index and object backends, instances (issue 16); None only for reports made by hand
+    deployment: Deployment | None = None
 
     @property
     def legacy_tls_nodes(self) -> tuple[NodeInfo, ...]:
@@ -299,10 +302,20 @@ def gather(vault: Vault, *, now: dt.datetime | None = None, measure_objects: boo
     sizes (``status``); ``probe``: check each bound port for a listening socket,
     ``listeners_for`` being the HTTPS port asked on; ``check_audit``: verify the trail's
     last ``VERIFY_TAIL`` signatures and list the latest security events (the page)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     now = now or dt.datetime.now(dt.UTC)
     settings = vault.settings
     state = read_server_state(vault.layout)
-    counted = stats.counts(vault.sessions)  # without the archive's pydicom
+    deployed = deployment(vault, now)
+    try:  # a PostgreSQL gone since the vault opened: the report says so (deployment)
+        counted = stats.counts(vault.sessions)  # without the archive's pydicom
+        nodes = tuple(vault.nodes.all())
+    except SQLAlchemyError:
+        if deployed.index.reachable:
+            raise
+        counted = {"patients": 0, "studies": 0, "series": 0, "instances": 0, "bytes": 0}
+        nodes = ()
     return StatusReport(
         data=vault.layout.root,
         ae_title=settings.server.ae_title,
@@ -313,16 +326,20 @@ def gather(vault: Vault, *, now: dt.datetime | None = None, measure_objects: boo
             dicom_port=settings.dicom.port if settings.dicom.plain_enabled else None,
             dicom_tls_port=settings.dicom.tls_port,
             https_port=settings.web.https_port if settings.web.enabled else None),
-        nodes=tuple(vault.nodes.all()),
+        nodes=nodes,
         counts=Counts(patients=counted["patients"], studies=counted["studies"],
                       series=counted["series"], instances=counted["instances"],
                       received_bytes=counted["bytes"]),
-        storage=storage(vault, counted["bytes"], measure_objects=measure_objects),
+        # objects in a bucket: the local directory holds none (no listing of the bucket)
+        storage=storage(vault, counted["bytes"],
+                        measure_objects=measure_objects and not settings.storage.url),
         certificates=certificates(vault, now),
         ca_name_constraints=_name_constrained(vault),
         key=key_summary(vault),
         backup=backup_health(vault.layout, settings.backup, now),
         listeners=probe_listeners(state, listeners_for) if probe else (),
-        audit=vault.audit.verify(tail=VERIFY_TAIL) if check_audit else None,
+        audit=(vault.audit.verify(tail=VERIFY_TAIL)
+               if check_audit and deployed.index.reachable else None),
         security_events=security_events(vault.audit.path) if check_audit else (),
+        deployment=deployed,
     )

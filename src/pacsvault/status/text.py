@@ -7,11 +7,23 @@ Health page renders the same ``StatusReport`` with its template (``web/admin_hea
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from pacsvault.backup.health import status_lines as backup_lines
+from pacsvault.status.deployment import STALE_CHECKPOINTS, Deployment
 from pacsvault.status.report import StatusReport
 
+# What protects a scale-out vault's data instead of 'pacsvault backup' (which refuses a
+# PostgreSQL index: it copies the embedded index.db only).
+SCALE_OUT_BACKUP = ("no pacsvault backup on a PostgreSQL index: the data is protected only "
+                    "by the database's own backups (pg_dump or base backups with WAL "
+                    "archiving; the patient columns are pacsvault ciphertext) and by the "
+                    "bucket's versioning or replication; pacsvault cannot check either: "
+                    "ask the IT provider for both and for a restore test")
+BUCKET_BACKUP = ("the objects in the S3 bucket are not in pacsvault's backups (index, keys "
+                 "and trail only): protect them with the bucket's versioning or "
+                 "replication; pacsvault cannot check it")
 SEALED_ADVICE = ("SEALED: images from registered devices are received and kept encrypted; "
                  "queries, retrievals and the web pages are refused until an "
                  "administrator runs 'pacsvault unseal' (or opens /unseal on the HTTPS port)")
@@ -62,8 +74,90 @@ def as_json(report: StatusReport) -> dict[str, Any]:
                 "in_data_backup": report.key.in_data_backup,
                 "warnings": list(report.key.warnings)},
         # last good backup, drill and next run per target (issue 14, backups)
-        "backup": report.backup.as_dict(),
+        "backup": _backup_json(report),
+        # index and object backends, instances (issue 16)
+        **({"deployment": report.deployment.as_dict()} if report.deployment else {}),
     }
+
+
+def _backup_json(report: StatusReport) -> dict[str, Any]:
+    found = report.backup.as_dict()
+    deployed = report.deployment
+    if deployed is not None and deployed.scale_out and not report.backup.configured:
+        found["warning"] = SCALE_OUT_BACKUP
+    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out:
+        found["objects_warning"] = BUCKET_BACKUP
+    return found
+
+
+def _when(value: str | dt.datetime | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        try:
+            return _when(dt.datetime.fromisoformat(value))
+        except ValueError:
+            return value
+    return value.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def deployment_lines(deployed: Deployment) -> list[str]:
+    """Index, objects, scrub and sweep, instances: a red line (ERROR) for what does not
+    answer or was found lost; a Warning for a weak TLS mode or a silent instance."""
+    out: list[str] = []
+    ix = deployed.index
+    if ix.reachable:
+        out.append(f"Index        {ix.describe}; schema revision {ix.revision or 'none'}"
+                   + ("" if ix.revision == ix.head else f" (this code: {ix.head})"))
+    elif ix.error.startswith("the PostgreSQL"):  # the vault's open refused: its reason
+        out.append(f"Index        ERROR {ix.describe}: {ix.error}")
+    else:
+        out.append(f"Index        ERROR {ix.describe}: UNREACHABLE ({ix.error})")
+    if ix.weakness:
+        out.append(f"Warning      {ix.weakness}")
+    ob = deployed.objects
+    if ob.reachable is False:
+        out.append(f"Objects      ERROR {ob.describe}: UNREACHABLE ({ob.error})")
+    else:
+        out.append(f"Objects      {ob.describe}"
+                   + ("; reachable" if ob.kind == "s3" and ob.reachable else ""))
+    sc = ob.scrub
+    if sc:
+        found = (f"{sc.get('missing', 0)} missing, {sc.get('corrupt', 0)} corrupt: restore "
+                 "them from a backup ('pacsvault storage scrub' lists them)"
+                 if ob.scrub_bad else "all present and intact")
+        out.append(f"Scrub        {'ERROR ' if ob.scrub_bad else ''}last "
+                   f"{'pass' if sc.get('complete', True) else 'partial pass'} "
+                   f"{_when(sc.get('time'))} ({sc.get('via', '?')}): "
+                   f"{sc.get('checked', 0)} objects read; {found}")
+    elif ob.kind == "s3":
+        out.append("Scrub        no pass recorded yet (serve scrubs in the background; "
+                   "'pacsvault storage scrub' runs one now)")
+    sw = ob.sweep
+    if sw:
+        out.append(f"Sweep        {'ERROR ' if ob.sweep_refused else ''}last orphan sweep "
+                   f"{_when(sw.get('time'))}: {sw.get('listed', 0)} objects listed, "
+                   f"{sw.get('removed', 0)} orphans removed"
+                   + (f", {sw['refused']} orphans REFUSED (more than orphan_limit: is "
+                      "this the index that goes with this bucket?)"
+                      if ob.sweep_refused else ""))
+    elif ob.kind == "s3":
+        out.append("Sweep        no orphan sweep recorded yet")
+    if deployed.instances:
+        out.append(f"Instances    {len(deployed.instances)} sharing the index "
+                   f"(this one: {deployed.instance}; checkpoint every "
+                   f"{deployed.checkpoint_seconds} s)")
+    for inst in deployed.instances:
+        last = (f"last checkpoint {_when(inst.last_checkpoint)} ({inst.reason})"
+                if inst.last_checkpoint else "no checkpoint yet (never served)")
+        out.append(f"  {inst.name:<16} {'this ' if inst.this else ''}record {inst.seq}; "
+                   f"{last}")
+        if inst.silent:
+            out.append(f"Warning      instance {inst.name} has not checkpointed since "
+                       f"{_when(inst.last_checkpoint)} (more than {STALE_CHECKPOINTS} x "
+                       f"{deployed.checkpoint_seconds} s) and did not stop cleanly: is it "
+                       "still running?")
+    return out
 
 
 def lines(report: StatusReport) -> list[str]:
@@ -86,11 +180,19 @@ def lines(report: StatusReport) -> list[str]:
             " client-cert" if n.client_cert else "")
         out.append(f"  {n.ae_title:<16} {n.host}{':' + str(n.port) if n.port else ''}"
                    f"  {flags}")
+    if report.deployment is not None:
+        out.extend(deployment_lines(report.deployment))
     c = report.counts
     out.append(f"Contents     {c.patients} patients, {c.studies} studies, "
                f"{c.series} series, {c.instances} instances")
     s = report.storage
-    out.append(f"Storage      {size(s.encrypted or 0)} encrypted ({size(s.received)} received)")
+    if s.encrypted is None and report.deployment is not None \
+            and report.deployment.objects.kind == "s3":
+        out.append(f"Storage      {size(s.received)} received; the encrypted objects are in "
+                   "the bucket (not measured here)")
+    else:
+        out.append(f"Storage      {size(s.encrypted or 0)} encrypted ({size(s.received)} "
+                   "received)")
     server = report.certificate("server")
     until = (server.expires.isoformat(timespec="seconds")
              if server is not None and server.expires else "unreadable")
@@ -105,7 +207,13 @@ def lines(report: StatusReport) -> list[str]:
                    f"(TLS_RSA_WITH_AES_128_CBC_SHA, no forward secrecy) from {n.host}")
     out.append(f"Master key   {report.key.protection}, {report.key.key_file}")
     out.extend(f"Warning      {warning}" for warning in report.key.warnings)
-    out.extend(backup_lines(report.backup))
+    deployed = report.deployment
+    if deployed is not None and deployed.scale_out and not report.backup.configured:
+        out.append(f"Backup       WARNING {SCALE_OUT_BACKUP}")
+    else:
+        out.extend(backup_lines(report.backup))
+    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out:
+        out.append(f"Backup       WARNING {BUCKET_BACKUP}")
     return out
 
 
@@ -126,3 +234,24 @@ def sealed_lines(data: str, state: dict[str, Any], reason: str) -> list[str]:
         f"Server       {SEALED_ADVICE}",
         f"Master key   {reason}",
     ]
+
+
+def unopened_json(data: str, state: dict[str, Any], alive: bool,
+                  deployed: Deployment) -> dict[str, Any]:
+    """``status --json`` when the index cannot be opened (a PostgreSQL down): what is known
+    without it."""
+    return {"data": data, "server": {"running": True, **state} if alive else {"running": False},
+            "deployment": deployed.as_dict()}
+
+
+def unopened_lines(data: str, state: dict[str, Any], alive: bool,
+                   deployed: Deployment) -> list[str]:
+    """``status`` then: the server, the index's red line, the objects; nothing that needs
+    the index (counts, nodes, accounts)."""
+    out = [f"Vault        {data}"]
+    if alive:
+        out.append(f"Server       running, pid {state.get('pid')}")
+    else:
+        out.append("Server       not running")
+    out.extend(deployment_lines(deployed))
+    return out

@@ -127,9 +127,13 @@ def scrub(vault: Vault, *, per_second: float | None = None,
     return report
 
 
-def record(vault: Vault, report: ScrubReport, *, via: str) -> None:
-    """The ``storage.scrub`` audit record (counts; the bad instances as sealed refs)."""
+def record(vault: Vault, report: ScrubReport, *, via: str, complete: bool = True) -> None:
+    """The ``storage.scrub`` audit record (counts; the bad instances as sealed refs), and
+    the counts in ``scrub_state`` for the status report. ``complete``: a whole pass."""
     from pacsvault.audit import AuditEvent, EventCode, Outcome
+    from pacsvault.storage import scrub_state
+
+    scrub_state.note_scrub(vault.layout.root, report, via=via, complete=complete)
 
     bad = len(report.missing) + len(report.corrupt)
     vault.recorder.emit(AuditEvent(
@@ -162,6 +166,9 @@ def sweep(vault: Vault, *, grace: float | None = None) -> Sweep | None:
     if not isinstance(store, S3Store):
         return None
     done = store.sweep(vault.archive.indexed, grace=grace)
+    from pacsvault.storage import scrub_state
+
+    scrub_state.note_sweep(vault.layout.root, done)
     if done.refused:
         vault.recorder.emit(AuditEvent(
             action="storage.orphans", outcome=Outcome.SERIOUS_FAILURE,
@@ -231,7 +238,8 @@ def tick(vault: Vault) -> None:
         record(vault, ScrubReport(
             checked=report.checked, missing=report.missing[missing_before:],
             corrupt=report.corrupt[corrupt_before:],
-            sop_uids=report.sop_uids[missing_before + corrupt_before:]), via="serve")
+            sop_uids=report.sop_uids[missing_before + corrupt_before:]), via="serve",
+            complete=False)
     if done < budget:  # the end of the index: the pass is over
         record(vault, report, via="serve")
         _PASSES[vault.vault_id] = _Pass(

@@ -22,6 +22,11 @@ this module only renders it, with the parts a page view asks for:
 * backups (``backup/health.py``): per target the last good backup (time, age), the last
   restore drill (time, result) and the next run, red when failing, stale, never made or
   when the drill failed; no target at all is a warning that a disk failure loses everything;
+* the deployment (issue 16, ``status.deployment``): the index (embedded SQLCipher or
+  PostgreSQL ``host:port/db`` with its TLS mode, reachable or not, schema revision), the
+  object store (local files or an S3 bucket at its endpoint, reachable or not), the last
+  scrub and orphan sweep, the instances sharing the index with their last checkpoint; on
+  a PostgreSQL index, what protects the data instead of ``pacsvault backup``;
 * the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
   Users page (``blocks_section.html``, ``/admin/users/blocks/lift``: CSRF, admin, audited),
   so an administrator looking at the health of the archive sees a locked-out practice too.
@@ -61,4 +66,4 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  verdict=report.audit, nodes=len(report.nodes),
                  legacy_tls=report.legacy_tls_nodes, key=report.key,
                  blocks=_accounts(request).blocks(), blocks_back="/admin/health",
-                 backup=report.backup)
+                 backup=report.backup, deployment=report.deployment)
