@@ -256,7 +256,12 @@ class Archive:
                 raise
             return known
         except BaseException:
-            self.objects.discard(object_id)
+            # A failed commit may still have committed (a connection lost during COMMIT on
+            # a network database): in a bucket the object is left to the orphan sweep,
+            # which deletes it only if no row names it once the grace is over. Local
+            # files (SQLite, no such doubt) are discarded at once, as always.
+            if self.objects.kind != "s3":
+                self.objects.discard(object_id)
             raise
         if pending.result is not None:  # known already (a re-send, or a race)
             self.objects.discard(object_id)
