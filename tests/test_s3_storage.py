@@ -226,6 +226,7 @@ def test_bucket_listing_and_download_reveal_no_patient(env: Env) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_init_refuses_a_bucket_it_cannot_reach(tmp_path: Path, s3_bucket: S3Bucket) -> None:
     data = tmp_path / "data"
     res = pv("init", "--data", data, "--key-file", tmp_path / "k" / "master.key",
@@ -245,6 +246,7 @@ def s3_vault(tmp_path: Path, bucket: S3Bucket, **extra: str) -> VaultDir:
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
                                                           s3_bucket: S3Bucket) -> None:
     vault = s3_vault(tmp_path, s3_bucket, orphan_grace_seconds="3")
@@ -289,6 +291,7 @@ def test_object_without_row_is_removed_after_the_grace_only(tmp_path: Path,
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_too_many_orphans_are_not_deleted(tmp_path: Path, s3_bucket: S3Bucket) -> None:
     """An index that does not go with the bucket (restored from an older backup onto the
     same bucket): far more unindexed objects than a crash leaves, so none is deleted."""
@@ -312,6 +315,7 @@ def test_too_many_orphans_are_not_deleted(tmp_path: Path, s3_bucket: S3Bucket) -
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
                                                       s3_bucket: S3Bucket) -> None:
     vault = s3_vault(tmp_path, s3_bucket)
@@ -356,6 +360,7 @@ def test_scrub_finds_a_deleted_and_a_corrupted_object(tmp_path: Path,
 
 
 @pytest.mark.s3
+@pytest.mark.slow
 def test_deleting_an_instance_deletes_its_object_from_the_bucket(
         tmp_path: Path, s3_bucket: S3Bucket) -> None:
     from pacsvault.storage.removal import Remover
@@ -550,6 +555,7 @@ def test_object_storage_alerts() -> None:
                           detail={"checked": 4, "missing": 0, "corrupt": 0})) == []
 
 
+@pytest.mark.slow
 def test_bad_storage_settings_are_one_line_errors(tmp_path: Path) -> None:
     """A credentials file readable by others, checked when the vault opens: every command
     says so in one line (and boto3 is not imported by a command that reads no object)."""
