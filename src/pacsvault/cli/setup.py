@@ -250,7 +250,7 @@ def _sealed_status(args: argparse.Namespace, reason: str) -> int | None:
 
 
 def _unreachable_status(args: argparse.Namespace, reason: str) -> int | None:
-    """``status`` when a PostgreSQL index cannot be opened: the report without the index
+    """``status`` when a PostgreSQL index does not answer: the report without the index
     (its red line, the objects), exit 1; None for an embedded index (its error stands)."""
     from pacsvault import config, vaultfile
     from pacsvault.status import read_server_state
@@ -288,7 +288,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     Exit 1 when the server is sealed or the index or object store does not answer (the
     report's red lines), else 0."""
     from pacsvault.crypto.keys import KeyUnavailable
-    from pacsvault.index.db import IndexOpenError
+    from pacsvault.index.postgres import IndexUnreachable
     from pacsvault.status import gather
     from pacsvault.status.text import as_json, lines
 
@@ -299,7 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if code is None:
             raise
         return code
-    except IndexOpenError as exc:
+    except IndexUnreachable as exc:
         code = _unreachable_status(args, str(exc))
         if code is None:
             raise

@@ -58,6 +58,12 @@ _owner = Table(OWNER_TABLE, MetaData(),
                Column("key_check", LargeBinary, nullable=False))
 
 
+class IndexUnreachable(IndexOpenError):
+    """The database did not answer or refused the connection (the server, the network,
+    TLS, authentication): unlike a database of another vault or another key, a state of
+    the deployment that ``pacsvault status`` reports as its red line."""
+
+
 def engine_url(settings: IndexSettings) -> URL:
     """The SQLAlchemy url of ``settings.url`` on psycopg 3 (no password in it)."""
     try:
@@ -132,7 +138,7 @@ def open_postgres(settings: IndexSettings, sealer: Sealer, vault_id: str, *,
                 _check_owner(conn, url, sealer, vault_id)
     except DBAPIError as exc:
         engine.dispose()
-        raise IndexOpenError(
+        raise IndexUnreachable(
             f"the PostgreSQL index at {where(url)} cannot be used: {_first_line(exc)}"
         ) from None
     except BaseException:
