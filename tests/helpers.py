@@ -33,6 +33,9 @@ AE = "PACSVAULT"
 # refuses root unless told it is development (issue 12). Every subprocess inherits it;
 # tests/test_service.py removes it to show the refusal.
 os.environ.setdefault("PACSVAULT_ALLOW_ROOT", "1")
+# ``serve`` runs one worker per core by default (issue 16, part 4): the suite's servers run
+# one process unless a test asks for more (``--workers``, tests/test_serve_workers.py).
+os.environ.setdefault("PACSVAULT_WORKERS", "1")
 
 
 def pv(*args: str | Path, check: bool = True, input: str | None = None,

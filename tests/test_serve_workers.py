@@ -4,12 +4,16 @@ sockets, two worker processes accepting on them, real storescu/echoscu and HTTPS
 What is shown: parallel associations are spread over both workers and every acknowledged
 image is indexed and readable; the trail (one chain, appended by both) verifies; kill -9
 of a worker mid-batch loses nothing acknowledged and the parent starts it again; SIGTERM
-to the parent stops everything and frees the vault's lock; a browser session made on one
-worker is honoured by the other (sessions live in the index).
+to the parent stops everything and frees the vault's lock, kill -9 of the parent takes the
+workers down; a browser session made on one worker is honoured by the other (sessions
+live in the index); an online key rotation stops worker 1, rotates in worker 0 while it
+keeps serving, and worker 1 comes back on the new key. The server tests are slow (real
+processes); the two first ones are not.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -22,6 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pacsvault.cli import workers
+from pacsvault.cli.common import CommandError
 from tests import corpus
 from tests.helpers import (
     AE,
@@ -32,17 +38,41 @@ from tests.helpers import (
     echoscu,
     events,
     make_vault,
+    pv,
     start_server,
     storescu,
     wait_until,
 )
 from tests.web_helpers import check_security_headers, sign_in
 
-pytestmark = pytest.mark.slow
-
 CALLING = "MODALITY"
 SENDING = "I: Sending file: "
 STORED = "I: Received Store Response (Success)"
+
+
+def test_worker_count_and_refusals(tmp_path: Path) -> None:
+    assert workers.count("auto") == max(1, os.cpu_count() or 1)
+    assert workers.count("3") == 3
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(CommandError):
+            workers.count(bad)
+    proc = pv("serve", "--data", tmp_path / "none", "--workers", "0", check=False)
+    assert proc.returncode == 2 and "--workers must be at least 1" in proc.stderr
+    assert not (tmp_path / "none").exists()  # refused before anything was made
+    # the workers' hidden options, typed by hand: no serving without the parent's lock
+    vault = make_vault(tmp_path / "vault")
+    proc = pv("serve", "--data", vault.data, "--key-file", vault.key, "--worker-index", "0",
+              "--workers", "1", check=False)
+    assert proc.returncode == 2 and "for its own workers" in proc.stderr, proc.stderr
+
+
+def test_worker_command_line_carries_no_secret(tmp_path: Path) -> None:
+    args = argparse.Namespace(key_file=tmp_path / "k", passphrase_file=tmp_path / "p",
+                              verbose=False, allow_root=True)
+    argv = workers.worker_argv(args, tmp_path / "data", "127.0.0.1", 2)
+    assert "--passphrase-file" not in argv and str(tmp_path / "p") not in argv
+    assert argv[argv.index("--workers") + 1] == "2"
+    assert argv[argv.index("--key-file") + 1] == str(tmp_path / "k")
 
 
 def _sop_uid(path: Path) -> str:
@@ -92,6 +122,7 @@ def _start(vault: VaultDir, log_name: str = "serve.log") -> Server:
     return server
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_parallel_associations_spread_over_two_workers(vault: VaultDir,
                                                        tmp_path: Path) -> None:
@@ -188,6 +219,7 @@ def _serving(port: int, pids: list[int]) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_kill9_of_a_worker_mid_batch(vault: VaultDir, tmp_path: Path) -> None:
     files = corpus.synthetic_ct_series(tmp_path / "ct", 60, size=256)
@@ -232,6 +264,7 @@ def test_kill9_of_a_worker_mid_batch(vault: VaultDir, tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_online_key_rotation_stops_and_restarts_the_other_worker(vault: VaultDir,
                                                                  tmp_path: Path) -> None:
@@ -276,6 +309,7 @@ def test_online_key_rotation_stops_and_restarts_the_other_worker(vault: VaultDir
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_sigterm_stops_every_worker_and_frees_the_lock(vault: VaultDir) -> None:
     server = _start(vault)
@@ -292,6 +326,7 @@ def test_sigterm_stops_every_worker_and_frees_the_lock(vault: VaultDir) -> None:
     assert again.stop() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_kill9_of_the_parent_takes_the_workers_down(vault: VaultDir) -> None:
     server = _start(vault)
@@ -311,6 +346,7 @@ def _fresh_connections(port: int, ca: Path) -> httpx.Client:
                         event_hooks={"response": [check_security_headers]})
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_a_session_made_on_one_worker_holds_on_the_other(vault: VaultDir) -> None:
     server = _start(vault)

@@ -37,10 +37,13 @@ class PacsvaultTarget(Target):
     name = "pacsvault"
     called_ae = "PACSVAULT"
 
-    def __init__(self, root: Path, tls: bool, template: Path | None = None) -> None:
+    def __init__(self, root: Path, tls: bool, template: Path | None = None,
+                 workers: int = 1) -> None:
         """A new vault in ``root``; a copy of ``template`` (made the same way) if given, so
         that every ingest cell starts from an identical, pristine vault without paying
-        for ``init`` again."""
+        for ``init`` again. ``workers``: ``serve --workers`` (1 unless a row says so,
+        whatever the default, so the other rows stay one process)."""
+        self.workers = workers
         if template is not None and (template / "token").exists():
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(template, root, symlinks=True)
@@ -82,7 +85,7 @@ class PacsvaultTarget(Target):
         self.service = Service(
             [sys.executable, "-m", "pacsvault", "serve", "--data", str(self.data),
              "--key-file", str(self.key), "--bind", "127.0.0.1", "--dicom-port", "0",
-             "--dicom-tls-port", "0", "--https-port", "0"],
+             "--dicom-tls-port", "0", "--https-port", "0", "--workers", str(self.workers)],
             self.root / "serve.log", env={**os.environ, "TMPDIR": str(tmp)})
         deadline = time.monotonic() + 60
         while True:

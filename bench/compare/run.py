@@ -160,6 +160,30 @@ class Bench:
                         log(f"round {r} ingest {cell} {s}: {res.seconds:.2f} s, "
                             f"RSS {res.rss_peak / MB:.0f} MB, disk {allocated / nbytes:.3f}x")
                         rmtree(root)
+            self.ingest_workers(r, files, nbytes)
+
+    def ingest_workers(self, r: int, files: list[Path], nbytes: int) -> None:
+        """Issue 16, part 4: the embedded vault with ``serve --workers 2`` (one worker per
+        core here), plain DICOM, 4 associations; beside the one-process row above."""
+        cell = "plain, 4 assoc., serve --workers 2"
+        root = self.work / "runs" / f"pacsvault-workers2-{r}"
+        template = self.work / "templates" / "pacsvault-plain"
+        if not (template / "token").exists():
+            PacsvaultTarget(template, False)
+        t = PacsvaultTarget(root, False, template, workers=2)
+        t.start()
+        try:
+            res = ingest(t, files, 4, root / "logs")
+        finally:
+            t.stop()
+        self.row(f"ingest {cell}", "images/s", True).samples["pacsvault"].append(
+            len(files) / res.seconds)
+        self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps").samples[
+            "pacsvault"].append(nbytes / res.seconds / MB)
+        self.row(f"peak RSS, ingest {cell}", "MB", False).samples["pacsvault"].append(
+            res.rss_peak / MB)
+        log(f"round {r} ingest {cell}: {res.seconds:.2f} s, RSS {res.rss_peak / MB:.0f} MB")
+        rmtree(root)
 
     def loaded_phase(self) -> None:
         c = self.corpus

@@ -49,10 +49,10 @@ def register(sub: Any) -> None:
                         "PACSVAULT_UPGRADE=yes; without a terminal it is not asked)")
     p.add_argument("--allow-root", action="store_true",
                    help=f"run as root anyway (development only; also ${ALLOW_ROOT_ENV}=1)")
-    p.add_argument("--workers", default=DEFAULT_WORKERS,
+    p.add_argument("--workers", default=os.environ.get(WORKERS_ENV) or DEFAULT_WORKERS,
                    help="worker processes sharing the listeners (a number, or 'auto' = "
-                        f"the machine's cores; default {DEFAULT_WORKERS}); a sealed start "
-                        "runs one")
+                        f"the machine's cores; default ${WORKERS_ENV}, else "
+                        f"{DEFAULT_WORKERS}); a sealed start runs one")
     # Set by the parent of ``--workers N`` for each worker (cli/workers), never by hand.
     for hidden in ("--worker-index", "--ready-fd", "--passphrase-fd"):
         p.add_argument(hidden, type=int, default=None, help=argparse.SUPPRESS)
@@ -60,7 +60,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-DEFAULT_WORKERS = "1"
+DEFAULT_WORKERS = "auto"  # one worker per core (issue 16, part 4); cli/workers
+WORKERS_ENV = "PACSVAULT_WORKERS"  # the test harness sets 1: one process, deterministic
 
 
 ALLOW_ROOT_ENV = "PACSVAULT_ALLOW_ROOT"
@@ -236,9 +237,19 @@ def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
 def _serve_worker(args: argparse.Namespace) -> int:
     """One worker of ``--workers N``: the vault opened again (the parent's recovery is
     done), the inherited sockets served until SIGTERM/SIGINT or the parent's end."""
+    root = Path(args.data)
+    # Only a child of the process holding the vault's lock is a worker: the hidden options
+    # typed by hand would otherwise serve a vault without its lock.
+    try:
+        instance_lock.acquire(root).release()
+        holder: int | None = -1  # the lock was free: no parent serve
+    except instance_lock.AlreadyRunning as exc:
+        holder = exc.pid
+    if holder not in (None, os.getppid()):
+        raise CommandError("--worker-index is set by 'pacsvault serve --workers N' for its "
+                           "own workers; run 'pacsvault serve'")
     role = workers.role_of(args)
     workers.log_as_worker(role.index)
-    root = Path(args.data)
     vault = Vault.open(root, args.key_file,
                        passphrase=workers.passphrase_from(args) or passphrase_source(args))
     plain, tls_port, https_port = (int(role.sockets[kind].getsockname()[1])
