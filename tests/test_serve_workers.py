@@ -359,3 +359,33 @@ def test_a_session_made_on_one_worker_holds_on_the_other(vault: VaultDir) -> Non
                 assert page.status_code == 200, page.status_code
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_protected_key_reaches_restarted_workers_through_the_pipe(vault: VaultDir,
+                                                                     tmp_path: Path) -> None:
+    pp = tmp_path / "passphrase"
+    pp.write_text("velo rouge sur le pont de Nantes a midi\n")
+    pp.chmod(0o600)
+    vault.cli("keys", "protect", "--passphrase", "--passphrase-file", pp)
+    server = start_server(vault, args=("--workers", "2", "--passphrase-file", str(pp)),
+                          timeout=90)
+    try:
+        before = _worker_pids(vault)
+        pp.unlink()  # from now on only the parent has it
+        os.kill(before[1], signal.SIGKILL)
+        assert wait_until(lambda: len(pids := _worker_pids(vault)) == 2
+                          and pids[1] != before[1] and _alive(pids[1]), 60)
+        restarted = _worker_pids(vault)[1]
+        # it opened the vault (its application.start line) and keeps running
+        assert wait_until(lambda: f"w1[{restarted}] pacsvault.events: application.start"
+                          in server.log(), 60), server.log()
+        assert _alive(restarted)
+        for _ in range(4):
+            assert echoscu(server.port, calling=CALLING).returncode == 0
+        assert "passphrase" not in " ".join(
+            Path(f"/proc/{restarted}/cmdline").read_text().split("\0")).replace(
+                "--passphrase-fd", "")
+    finally:
+        assert server.stop() == 0
