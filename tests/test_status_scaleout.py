@@ -141,9 +141,16 @@ def test_status_names_postgres_s3_scrub_and_instances(
 @pytest.mark.postgres
 @pytest.mark.s3
 @pytest.mark.slow
-def test_health_page_shows_the_backends_in_english_and_french(scaleout: VaultDir) -> None:
+def test_health_page_shows_the_backends_in_english_and_french(scaleout: VaultDir,
+                                                             tmp_path: Path) -> None:
     from tests.web_helpers import FakeClock, local_web
 
+    b = _join(scaleout, "b", tmp_path / "b")
+    opened_b = b.open()
+    try:
+        assert trail_instances.checkpoint(opened_b.audit, "start") is not None
+    finally:
+        opened_b.close()
     with local_web(scaleout, FakeClock()) as web:
         web.accounts.add_user("chief", ["admin"], PASSWORD)
         browser = web.browser()
@@ -160,6 +167,8 @@ def test_health_page_shows_the_backends_in_english_and_french(scaleout: VaultDir
             assert 'id="backup-scale-out"' in html and 'id="backup-none"' not in html
             assert 'id="backup-bucket"' not in html
             assert "No object scrub recorded yet" in html
+            assert 'data-instance="b" data-silent="no"' in html and "running" in html
+            assert 'data-instance="main"' in html and "(this one)" in html
 
             french = browser.get("/admin/health", headers={"accept-language": "fr"})
             assert french.status_code == 200
@@ -169,6 +178,7 @@ def test_health_page_shows_the_backends_in_english_and_french(scaleout: VaultDir
             assert "Pas de sauvegarde pacsvault avec un index PostgreSQL" in html
             assert "versionnage ou la réplication du bucket" in html
             assert "Aucune vérification des objets enregistrée" in html
+            assert "Instances qui partagent l’index" in html and "en service" in html
         finally:
             browser.close()
 
