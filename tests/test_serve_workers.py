@@ -51,7 +51,7 @@ STORED = "I: Received Store Response (Success)"
 
 
 def test_worker_count_and_refusals(tmp_path: Path) -> None:
-    assert workers.count("auto") == max(1, os.cpu_count() or 1)
+    assert workers.count("auto") == max(1, min(workers.AUTO_MAX, os.cpu_count() or 1))
     assert workers.count("3") == 3
     for bad in ("0", "-1", "many"):
         with pytest.raises(CommandError):

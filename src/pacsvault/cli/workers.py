@@ -48,8 +48,13 @@ from pacsvault.cli.common import CommandError
 log = logging.getLogger("pacsvault.workers")
 
 AUTO = "auto"
+# ``auto`` = the cores, at most this many: each worker holds ~250 MB, the service unit's
+# MemoryMax is 4G, and every commit still goes through the one index writer.
+AUTO_MAX = 8
 READY_TIMEOUT = 90.0  # a worker opens the vault and starts its listeners (slow CI: margin)
-STOP_TIMEOUT = 60.0  # SIGTERM to the workers, then SIGKILL for what is left
+# SIGTERM to the workers, then SIGKILL for what is left: within the unit's TimeoutStopSec
+# (60 s), so the parent still releases the lock and removes serve.json itself.
+STOP_TIMEOUT = 45.0
 RESTART_FIRST = 1.0
 RESTART_MAX = 30.0
 YOUNG = 30.0  # a worker that dies sooner than this after its start backs off further
@@ -59,9 +64,10 @@ RESUME = signal.SIGUSR2  # worker 0 -> parent: start them again
 
 
 def count(value: str | int | None) -> int:
-    """``--workers``: a positive number, or ``auto`` = the machine's cores."""
+    """``--workers``: a positive number, or ``auto`` = the machine's cores (at most
+    ``AUTO_MAX``)."""
     if value is None or value == AUTO:
-        return max(1, os.cpu_count() or 1)
+        return max(1, min(AUTO_MAX, os.cpu_count() or 1))
     try:
         n = int(value)
     except ValueError:
