@@ -196,6 +196,24 @@ def test_embedded_index_with_a_bucket_keeps_its_backup_line(
     assert SCALE_OUT_BACKUP not in out
 
 
+@pytest.mark.s3
+def test_an_unreachable_bucket_is_a_red_line(
+        vault: VaultDir, s3_bucket: S3Bucket, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    use_bucket(vault, s3_bucket, endpoint=f'"https://127.0.0.1:{port}"')
+    out = _status(capsys, vault, code=1)
+    objects = next(line for line in out.splitlines() if line.startswith("Objects"))
+    assert objects.startswith(f"Objects      ERROR S3 {s3_bucket.name}/") and \
+        f"at https://127.0.0.1:{port} (TLS verified (CA file)): UNREACHABLE (S3 " in objects
+    assert "Index        embedded" in out and "Traceback" not in out
+    found = json.loads(_status(capsys, vault, "--json", code=1))
+    assert found["deployment"]["objects"]["reachable"] is False
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_unreachable_postgres_is_a_red_line_not_a_traceback(
