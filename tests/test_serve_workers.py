@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydicom import dcmread
 
 from pacsvault.cli import workers
 from pacsvault.cli.common import CommandError
@@ -46,6 +47,7 @@ from tests.helpers import (
 from tests.web_helpers import check_security_headers, sign_in
 
 CALLING = "MODALITY"
+WS = "WORKSTATION"
 SENDING = "I: Sending file: "
 STORED = "I: Received Store Response (Success)"
 
@@ -76,9 +78,18 @@ def test_worker_command_line_carries_no_secret(tmp_path: Path) -> None:
 
 
 def _sop_uid(path: Path) -> str:
-    from pydicom import dcmread
-
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _c_get(port: int, study_uid: str, out: Path) -> dict[str, bytes]:
+    """C-GET one study (dcmtk getscu): SOP UID -> pixel data received."""
+    out.mkdir(parents=True)
+    res = subprocess.run(
+        [dcmtk("getscu"), "-S", "-aet", WS, "-aec", AE, "-od", str(out),
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+         "127.0.0.1", str(port)], capture_output=True, text=True, env=dcmtk_env(), timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return {str(ds.SOPInstanceUID): ds.PixelData for ds in map(dcmread, out.iterdir())}
 
 
 def _state(vault: VaultDir) -> dict[str, object]:
@@ -113,6 +124,7 @@ def _workers_seen(vault: VaultDir) -> set[object]:
 def vault(tmp_path: Path) -> VaultDir:
     made = make_vault(tmp_path / "vault")
     made.add_node(CALLING)
+    made.add_node(WS, "--roles", "query,retrieve")
     return made
 
 
@@ -158,6 +170,17 @@ def test_parallel_associations_spread_over_two_workers(vault: VaultDir,
 
         exported = _exported(vault, tmp_path / "export")
         assert set(exported) == {_sop_uid(f) for f in files}
+        # read back over the network too: two C-GETs at once (either worker serves each)
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        pixels = {_sop_uid(f): dcmread(f).PixelData for f in files}
+        got: list[dict[str, bytes]] = []
+        gets = [threading.Thread(target=lambda i=i: got.append(
+            _c_get(server.port, study, tmp_path / f"get{i}"))) for i in range(2)]
+        for get in gets:
+            get.start()
+        for get in gets:
+            get.join(120)
+        assert len(got) == 2 and all(g == pixels for g in got)
         proc = vault.cli("audit", "verify", check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         # one process, worker 0, runs the control socket (and the jobs)
