@@ -292,7 +292,8 @@ def run_pacsvault(root: Path, tls: bool, nassoc: int, files: list[Path]) -> floa
     plain_port, tls_port = free_port(), free_port()
     ports = ["--dicom-port", str(plain_port), "--dicom-tls-port", str(tls_port),
              "--https-port", "0"]
-    cmd = [*pv, "serve", "--data", str(data), "--key-file", str(key), "--bind", "127.0.0.1", *ports]
+    cmd = [*pv, "serve", "--data", str(data), "--key-file", str(key), "--bind", "127.0.0.1", *ports,
+           "--workers", "1"]  # one process, as in RESULTS.md (the default is one per core)
     port = tls_port if tls else plain_port
     with server(cmd, port, root / "serve.log", ready=data / "serve.json"):
         info = json.loads((data / "serve.json").read_text())

@@ -487,7 +487,8 @@ def measure(targets: list[Target], args: argparse.Namespace) -> list[Result]:
             plain_port, tls_port = free_port(), free_port()
             cmd = [*pacsvault_cmd(), "serve", "--data", str(target.data), "--key-file",
                    str(target.key), "--bind", "127.0.0.1", "--dicom-port", str(plain_port),
-                   "--dicom-tls-port", str(tls_port), "--https-port", "0"]
+                   "--dicom-tls-port", str(tls_port), "--https-port", "0",
+                   "--workers", "1"]  # one process (the default is one per core)
             stack.enter_context(server(cmd, plain_port, target.root / "serve.log",
                                        ready=target.data / "serve.json"))
             ports.append((plain_port, tls_port))

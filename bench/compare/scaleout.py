@@ -113,7 +113,7 @@ class ScaleOutTarget(PacsvaultTarget):
     def start(self) -> None:
         tmp = self.root / "tmp"
         tmp.mkdir(exist_ok=True)
-        extra = ["--workers", "2"] if self.shape == "workers" else []
+        extra = ["--workers", "2" if self.shape == "workers" else "1"]  # default: cores
         self.services, self.dicom_ports = [], []
         for i, data in enumerate(self.data_dirs):
             (data / "serve.json").unlink(missing_ok=True)
