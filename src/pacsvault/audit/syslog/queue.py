@@ -42,8 +42,11 @@ class SyslogQueue:
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = os.open(root / "queue.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        for stale in root.glob("*.part"):  # a writer died before publishing: never queued
-            stale.unlink(missing_ok=True)
+        # a writer died before publishing: never queued. Under the queue's lock: another
+        # process (a serve worker) may be writing its part right now, lock held.
+        with self._exclusive():
+            for stale in root.glob("*.part"):
+                stale.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock_fd >= 0:
