@@ -185,6 +185,18 @@ class _Window:
     room: int
     more: bool = False
 
+    def place(self) -> str:
+        """Where the next passing row goes: "skip" (before the offset), "keep", or
+        "stop" (one past the limit: ``more`` is set)."""
+        if self.skip:
+            self.skip -= 1
+            return "skip"
+        if not self.room:
+            self.more = True
+            return "stop"
+        self.room -= 1
+        return "keep"
+
 
 @dataclass
 class _Filter:
@@ -282,14 +294,11 @@ class QueryEngine:
                     meta: dict[str, Any] = json.loads(record.meta_json or "{}")
                     if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
                         continue
-                    if window is not None:
-                        if window.skip:
-                            window.skip -= 1
-                            continue
-                        if not window.room:
-                            window.more = True
-                            break
-                        window.room -= 1
+                    place = window.place() if window is not None else "keep"
+                    if place == "skip":
+                        continue
+                    if place == "stop":
+                        break
                     if accessed is not None:
                         accessed.add(patient_id, study_uid)
                     answer = self._answer(session, level, record, meta, plan, charset,
@@ -323,14 +332,11 @@ class QueryEngine:
         for pk, meta in residual.passing(session, self._select(level), level, filt.sql,
                                          filt.residual, filt.modalities, filt.meta,
                                          filt.prefilters, budget.check):
-            if window is not None:
-                if window.skip:
-                    window.skip -= 1
-                    continue
-                if not window.room:
-                    window.more = True
-                    break
-                window.room -= 1
+            place = window.place() if window is not None else "keep"
+            if place == "skip":
+                continue
+            if place == "stop":
+                break
             batch.append((pk, meta))
             if len(batch) >= 64:
                 yield from self._answer_batch(session, level, batch, budget, accessed,
