@@ -176,12 +176,21 @@ class Bench:
             res = ingest(t, files, 4, root / "logs")
         finally:
             t.stop()
-        self.row(f"ingest {cell}", "images/s", True).samples["pacsvault"].append(
-            len(files) / res.seconds)
-        self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps").samples[
-            "pacsvault"].append(nbytes / res.seconds / MB)
-        self.row(f"peak RSS, ingest {cell}", "MB", False).samples["pacsvault"].append(
-            res.rss_peak / MB)
+        rows = (self.row(f"ingest {cell}", "images/s", True),
+                self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps"),
+                self.row(f"peak RSS, ingest {cell}", "MB", False))
+        for row, value in zip(rows, (len(files) / res.seconds, nbytes / res.seconds / MB,
+                                     res.rss_peak / MB), strict=True):
+            row.samples["pacsvault"].append(value)
+        # Orthanc's figure is its own run of the same workload (plain, 4 associations) in
+        # this round: the ratio says how the workers compare with the peer, like every row
+        base = "plain, 4 assoc."
+        for row, peer in zip(rows, (self.row(f"ingest {base}", "images/s", True),
+                                    self.row(f"ingest {base}", "MB/s", True),
+                                    self.row(f"peak RSS, ingest {base}", "MB", False)),
+                             strict=True):
+            if peer.samples["orthanc"]:
+                row.samples["orthanc"].append(peer.samples["orthanc"][-1])
         log(f"round {r} ingest {cell}: {res.seconds:.2f} s, RSS {res.rss_peak / MB:.0f} MB")
         rmtree(root)
 
