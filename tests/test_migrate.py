@@ -30,12 +30,9 @@ from typing import Any
 import httpx
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE as ClientAE
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
 from tests import corpus
+from tests.harness.peers import c_find_json
 from tests.harness.postgres import PostgresDatabase, PostgresServer, create_database
 from tests.harness.seaweed import S3Bucket, S3Server, create_bucket
 from tests.helpers import AE, Server, VaultDir, make_vault, start_server, storescu
@@ -67,17 +64,7 @@ def _identifier(level: str, **keys: str) -> Dataset:
 
 
 def _c_find(port: int, identifier: Dataset) -> list[dict[str, Any]]:
-    ae = ClientAE(ae_title=MODALITY)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        found = [ds.to_json_dict() for status, ds in
-                 assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
-                 if status and status.Status in (0xFF00, 0xFF01) and ds is not None]
-    finally:
-        assoc.release()
-    return sorted(found, key=str)
+    return c_find_json(port, identifier, calling=MODALITY, called=AE)
 
 
 def _parts(res: httpx.Response) -> list[bytes]:

@@ -28,11 +28,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE as ClientAE
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
 from tests import corpus
+from tests.harness.peers import c_find_json
 from tests.harness.postgres import (
     PostgresDatabase,
     PostgresServer,
@@ -111,17 +109,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
 
 
 def _c_find(port: int, identifier: Dataset) -> list[dict[str, Any]]:
-    ae = ClientAE(ae_title=MODALITY)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title=AE)
-    assert assoc.is_established
-    try:
-        answers = [ds.to_json_dict() for status, ds in
-                   assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
-                   if status and status.Status in (0xFF00, 0xFF01) and ds is not None]
-    finally:
-        assoc.release()
-    return sorted(answers, key=str)
+    return c_find_json(port, identifier, calling=MODALITY, called=AE)
 
 
 def _identifier(level: str, **keys: str) -> Dataset:

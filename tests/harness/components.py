@@ -5,11 +5,14 @@ missing."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 OWNER = "owner.pid"
 
@@ -58,3 +61,20 @@ def require(missing: str | None) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{missing}; required under CI", pytrace=False)
     pytest.skip(missing)
+
+
+def run_start(script: Path, argv: list[str]) -> dict[str, Any]:
+    """``script start …`` (scripts/postgres.sh, scripts/seaweed.sh): the facts it prints as
+    JSON, or one error naming the script and what it said."""
+    out = subprocess.run([str(script), "start", *argv], capture_output=True, text=True,
+                         timeout=180, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"scripts/{script.name} start failed ({out.returncode}): "
+                           f"{out.stderr.strip()}")
+    facts: dict[str, Any] = json.loads(out.stdout)
+    return facts
+
+
+def run_stop(script: Path, directory: Path) -> None:
+    subprocess.run([str(script), "stop", str(directory)], capture_output=True, timeout=120,
+                   check=True)

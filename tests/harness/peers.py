@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
@@ -115,3 +116,23 @@ class StoreSCP:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def c_find_json(port: int, identifier: Any, *, calling: str, called: str) -> list[dict[str, Any]]:
+    """A Study Root C-FIND through pynetdicom: the pending answers as DICOM JSON, sorted
+    (answers have no order), for comparing two servers' answers."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as Find,
+    )
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Find)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    try:
+        answers = [ds.to_json_dict() for status, ds in assoc.send_c_find(identifier, Find)
+                   if status and status.Status in (0xFF00, 0xFF01) and ds is not None]
+    finally:
+        assoc.release()
+    return sorted(answers, key=str)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -28,7 +27,7 @@ from urllib.parse import quote
 if TYPE_CHECKING:
     import psycopg
 
-from tests.harness.components import owned_tempdir
+from tests.harness.components import owned_tempdir, run_start, run_stop
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "postgres.sh"
 
@@ -136,19 +135,12 @@ class PostgresDatabase:
 
 def start_postgres(directory: Path, port: int | None = None) -> PostgresServer:
     """``scripts/postgres.sh start DIR``: a new cluster in DIR, or the one there again."""
-    argv = [str(SCRIPT), "start", str(directory)]
-    if port:
-        argv += ["--port", str(port)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"scripts/postgres.sh start failed ({out.returncode}): "
-                           f"{out.stderr.strip()}")
-    return PostgresServer.from_facts(directory, json.loads(out.stdout))
+    argv = [str(directory)] + (["--port", str(port)] if port else [])
+    return PostgresServer.from_facts(directory, run_start(SCRIPT, argv))
 
 
 def stop_postgres(directory: Path) -> None:
-    subprocess.run([str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=120,
-                   check=True)
+    run_stop(SCRIPT, directory)
 
 
 @contextlib.contextmanager

@@ -15,18 +15,16 @@ from __future__ import annotations
 import configparser
 import contextlib
 import importlib.util
-import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.components import owned_tempdir
+from tests.harness.components import owned_tempdir, run_start, run_stop
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "seaweed.sh"
 
@@ -128,19 +126,13 @@ class S3Bucket:
 def start_seaweed(directory: Path, *, s3_port: int | None = None,
                   bucket: str = "pacsvault") -> S3Server:
     """``scripts/seaweed.sh start DIR``: a new store in DIR, or the one there again."""
-    argv = [str(SCRIPT), "start", str(directory), "--bucket", bucket]
-    if s3_port:
-        argv += ["--s3-port", str(s3_port)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"scripts/seaweed.sh start failed ({out.returncode}): "
-                           f"{out.stderr.strip()}")
-    return S3Server.from_facts(directory, json.loads(out.stdout))
+    argv = [str(directory), "--bucket", bucket] + (["--s3-port", str(s3_port)] if s3_port
+                                                    else [])
+    return S3Server.from_facts(directory, run_start(SCRIPT, argv))
 
 
 def stop_seaweed(directory: Path) -> None:
-    subprocess.run([str(SCRIPT), "stop", str(directory)], capture_output=True, timeout=120,
-                   check=True)
+    run_stop(SCRIPT, directory)
 
 
 @contextlib.contextmanager
