@@ -24,8 +24,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # workflows over a whole vault: sealed mode, backups, the status report (shared by
     # `pacsvault status` and the Health page), a patient's erasure (keys, rows and files
     # destroyed, then the running server and every backup told)
+    # check: the security self-check; breach: the breach register and its documents;
+    # gdpr: the record of processing; deidentify: PS3.15 de-identified exports
     ("workflows", ("pacsvault.sealed", "pacsvault.backup", "pacsvault.status",
-                   "pacsvault.storage.erasure", "pacsvault.migrate")),
+                   "pacsvault.storage.erasure", "pacsvault.migrate", "pacsvault.check",
+                   "pacsvault.breach", "pacsvault.gdpr", "pacsvault.deidentify")),
     # the vault's layout, create/open: composes everything below
     # sealed.material: what a start without the master key needs, refreshed at every open
     # vaultfile: vault.json itself, written by the workflows without importing the Vault
@@ -34,14 +37,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # recovery password in vault.json at their next run)
     ("vault", ("pacsvault.vault", "pacsvault.vaultfile", "pacsvault.sealed.material",
                "pacsvault.crypto.rotation")),
-    ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer")),
+    # sharing: share links for an outside colleague (issue 19)
+    ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer",
+                "pacsvault.sharing")),
     ("audit", ("pacsvault.audit",)),
     ("index", ("pacsvault.index",)),
     ("crypto", ("pacsvault.crypto",)),
     ("config", ("pacsvault.config",)),
     # helpers with no pacsvault dependency of their own
     ("base", ("pacsvault.dicomfile", "pacsvault.service", "pacsvault.logsafe",
-              "pacsvault.fsutil", "pacsvault")),
+              "pacsvault.fsutil", "pacsvault.documents", "pacsvault")),
 )
 
 # Known arrows against the contract, each with why it is still there. Remove an entry when
