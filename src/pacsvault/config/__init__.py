@@ -19,6 +19,8 @@ from pacsvault.config.index import TOML_SECTION as INDEX_SECTION
 from pacsvault.config.index import IndexSettings as IndexSettings
 from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
 from pacsvault.config.syslog import SyslogSettings
+from pacsvault.config.tokens import TOML_SECTION as TOKENS_SECTION
+from pacsvault.config.tokens import TokenSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -220,6 +222,7 @@ class Settings(_Strict):
     backup: BackupSettings = BackupSettings()
     retention: RetentionSettings = RetentionSettings()
     index: IndexSettings = IndexSettings()
+    tokens: TokenSettings = TokenSettings()
 
     def is_trusted(self, address: str) -> bool:
         ip = peer_ip(address)
@@ -483,4 +486,4 @@ per_modality = {{}}
 # the patient ID again (recorded), since no second administrator exists to confirm it.
 solo_practice = false
 
-""" + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section()
+""" + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section() + "\n" + TOKENS_SECTION
