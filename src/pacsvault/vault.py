@@ -59,6 +59,7 @@ from pacsvault.vaultfile import default_key_path as default_key_path
 if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for pydicom,
     # numpy and argon2 it does not need (issue 12, defect 7)
     from pacsvault.accounts.service import Accounts
+    from pacsvault.accounts.token_service import TokenPolicy
     from pacsvault.storage.archive import Archive
 
 
@@ -569,7 +570,15 @@ class Vault:
                 secret_key=self._master.derive(keys.PURPOSE_ACCOUNTS, self.vault_id),
                 issuer=f"pacsvault {self.settings.server.ae_title}",
             )
+            self._accounts.use_token_policy(self.token_policy)
         return self._accounts
+
+    def token_policy(self) -> TokenPolicy:
+        """The API token policy of the current settings (read at each use: a reload of
+        the settings applies to the next token check)."""
+        from pacsvault.accounts.token_service import TokenPolicy
+
+        return TokenPolicy.from_settings(self.settings)
 
     def tls_password(self) -> bytes:
         return _tls_password(self._master, self.vault_id)

@@ -157,7 +157,28 @@ class ApiToken(Base):
     expires: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_used: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Token policy (issue 19, index revision 0005): the network the token may be used
+    # from ("" = any allowed by the practice rule), whether it may be used from outside
+    # the trusted networks (internet mode only), the address of its last use, and when its
+    # idle clock last restarted (creation, a use, or the upgrade that introduced it).
+    source_network: Mapped[str] = mapped_column(String(64), default="")
+    remote: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_address: Mapped[str] = mapped_column(String(64), default="")
+    active: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class ApiTokenSource(Base):
+    """An address a token has been used from: a use from an address not listed here is an
+    audit event (a token copied to another machine shows up in the trail)."""
+
+    __tablename__ = "api_token_sources"
+    __table_args__ = (UniqueConstraint("token_pk", "address"),)
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_pk: Mapped[int] = mapped_column(ForeignKey("api_tokens.pk", ondelete="CASCADE"),
+                                          index=True)
+    address: Mapped[str] = mapped_column(String(64))
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class LoginAttempt(Base):
@@ -250,7 +271,7 @@ class UserPreference(Base):
 ACCOUNT_TABLES: tuple[Table, ...] = tuple(
     cast(Table, model.__table__)
     for model in (User, TotpSecret, RecoveryCode, ApiToken, LoginAttempt, Passkey,
-                  UserPreference, SignInFailure, KnownSource)
+                  UserPreference, SignInFailure, KnownSource, ApiTokenSource)
 )
 # Tables added after vaults existed: ``ensure_tables`` creates them when a vault is opened.
 LATER_TABLES: tuple[Table, ...] = tuple(

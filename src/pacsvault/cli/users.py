@@ -102,9 +102,15 @@ def register(sub: Any) -> None:
     p = tsub.add_parser("create", help="issue a bearer token (printed once)")
     add_data_args(p)
     p.add_argument("--user", required=True, help="the account the token acts for")
-    p.add_argument("--expires", default="30d",
-                   help="lifetime: 90m, 12h, 30d, 2w (at most 366 days; default 30d)")
+    p.add_argument("--expires", default=None,
+                   help="lifetime: 90m, 12h, 30d, 2w (default and limit: [tokens] default_days "
+                        "and max_days, 30 and 90 days unless changed)")
     p.add_argument("--label", default="", help="what the token is for (shown in lists)")
+    p.add_argument("--from", dest="source_network", default="", metavar="NETWORK",
+                   help="only accept the token from this network, e.g. 192.168.1.0/24")
+    p.add_argument("--remote", action="store_true",
+                   help="also accept it from outside the practice network (needs internet "
+                        "mode; refused otherwise)")
     p.set_defaults(func=cmd_token_create)
 
     p = tsub.add_parser("list", help="list tokens (never their secret)")
@@ -315,13 +321,18 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     from pacsvault.accounts.tokens import TokenError, parse_expiry
 
     try:  # a bad duration is a message before anything is opened (issue 12, defect 6)
-        lifetime = parse_expiry(args.expires)
+        lifetime = parse_expiry(args.expires) if args.expires is not None else None
     except TokenError as exc:
         raise CommandError(f"--expires: {exc}") from None
     issued = _on_accounts(args, lambda accounts: accounts.create_token(
-        args.user, lifetime, label=args.label, by=BY))
+        args.user, lifetime, label=args.label, by=BY, source_network=args.source_network,
+        remote=args.remote))
+    where = (f" from {args.source_network} only" if args.source_network else "")
+    where += (", also from outside the practice network while internet mode is on"
+              if args.remote else ", from the practice network only")
     say(f"Token {issued.token_id} for {issued.user}, valid until "
-        f"{_when(issued.expires)} UTC. Shown once: copy it into the viewer now. It is "
+        f"{_when(issued.expires)} UTC{where}; it expires sooner if unused for "
+        "[tokens] idle_days. Shown once: copy it into the viewer now. It is "
         "accepted on DICOMweb only, with the user's roles.")
     print(issued.token, flush=True)
     return 0
@@ -334,11 +345,12 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         say("No token.")
         return 0
     print(f"{'id':<16}  {'user':<20} {'status':<8} {'expires (UTC)':<16}  "
-          f"{'last used (UTC)':<16}  label")
+          f"{'last used (UTC)':<16}  {'last address':<15}  {'from':<18}  label")
     for t in tokens:
-        status = "revoked" if t.revoked else "expired" if t.expires <= now else "active"
-        print(f"{t.token_id:<16}  {t.user:<20} {status:<8} {_when(t.expires):<16}  "
-              f"{_when(t.last_used):<16}  {t.label}")
+        where = (t.source_network or "practice") + (" +remote" if t.remote else "")
+        print(f"{t.token_id:<16}  {t.user:<20} {t.status(now):<8} {_when(t.expires):<16}  "
+              f"{_when(t.last_used):<16}  {t.last_address or '-':<15}  {where:<18}  "
+              f"{t.label}")
     return 0
 
 

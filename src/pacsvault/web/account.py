@@ -78,10 +78,7 @@ def account_page(request: Request, principal: Principal, status: int = 200,
     info = accounts.get_user(principal.user)
     tokens = accounts.list_tokens(principal.user)
     now = accounts.throttle.now()
-    token_status = {
-        t.token_id: "revoked" if t.revoked else "expired" if t.expires <= now else "active"
-        for t in tokens
-    }
+    token_status = {t.token_id: t.status(now) for t in tokens}
     sign_ins = recent_sign_ins(vault_of(request).audit.path, principal.user)
     passkeys = request.app.state.passkeys.list_passkeys(principal.user)
     preference = i18n.normalise(getattr(request.state, "language", ""))
