@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -356,3 +357,95 @@ def test_get_when_requester_accepts_no_usable_syntax_fails_and_lists_it(env: Env
     (record,) = records
     assert record["failed"] == 1 and record["sent"] == 0 and record["converted"] == 0
     assert str(record["outcome"]).lower().endswith("failure")
+
+
+# --- issue 17: retrieval without re-encoding --------------------------------------------
+
+
+def _stored_body(path: Path) -> bytes:
+    """The bytes after the File Meta Information, exactly (deflated streams included)."""
+    raw = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return raw[128 + 4 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+
+def _sent(env: Env, stored: Stored) -> Path:
+    """The corpus file storescu sent for an archived object."""
+    name = stored.path.name.split("_", 1)[1]
+    return env.root / "corpus" / name
+
+
+def test_get_pynetdicom_every_stored_syntax_is_byte_identical(env: Env) -> None:
+    """A C-GET requester that accepts every stored (SOP class, syntax) gets each object's
+    stored bytes exactly, deflated stream included (sent as stored, never re-encoded);
+    Big Endian, never sent as stored, arrives as Explicit VR Little Endian."""
+    ae = ClientAE(ae_title=WS)
+    ae.acse_timeout = ae.dimse_timeout = 120
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for sop_class in sorted({str(dcmread(s.path, stop_before_pixels=True).SOPClassUID)
+                             for s in env.stored}):
+        syntaxes = {s.syntax for s in env.stored
+                    if str(dcmread(s.path, stop_before_pixels=True).SOPClassUID) == sop_class}
+        if ExplicitVRBigEndian in syntaxes:
+            syntaxes = (syntaxes - {ExplicitVRBigEndian}) | {ExplicitVRLittleEndian}
+        for syntax in sorted(syntaxes):
+            ae.add_requested_context(sop_class, [syntax])
+        roles.append(build_role(sop_class, scp_role=True))
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event: evt.Event) -> int:
+        request = event.request
+        received[str(request.AffectedSOPInstanceUID)] = (  # type: ignore[union-attr]
+            str(event.context.transfer_syntax),
+            bytes(request.DataSet.getvalue()))  # type: ignore[union-attr]
+        return 0x0000
+
+    assoc = ae.associate(LOCAL, env.server.port, ae_title=AE, ext_neg=list[Any](roles),
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        responses = [s for s, _ in assoc.send_c_get(
+            _identifier(env), StudyRootQueryRetrieveInformationModelGet) if s]
+    finally:
+        assoc.release()
+    assert responses[-1].Status == 0x0000, f"{responses[-1].Status:04X}"
+    assert set(received) == {s.sop_uid for s in env.stored}
+    for s in env.stored:
+        syntax, body = received[s.sop_uid]
+        if s.syntax == ExplicitVRBigEndian:
+            assert syntax == ExplicitVRLittleEndian
+            continue
+        assert syntax == s.syntax, s.path.name
+        # exactly what the archive holds, i.e. what storescu put on the wire (it rewrites
+        # some files as it sends them: trailing padding dropped, JPEG-lossy's header)
+        assert body == _stored_body(s.path), s.path.name
+
+
+def test_get_getscu_each_syntax_preferred_is_byte_identical(env: Env) -> None:
+    """dcmtk ``getscu`` preferring each corpus syntax in turn (one ``+x?`` family per run):
+    the object comes back in its stored syntax with the stored bytes."""
+    flags = {"-xd": "+xd", "-xy": "+xy", "-xx": "+xx", "-xs": "+xs", "-xt": "+xt",
+             "-xu": "+xu", "-xv": "+xv", "-xw": "+xw", "-xr": "+xr"}
+    checked = 0
+    for target in env.stored:
+        if target.syntax in (ExplicitVRBigEndian, ImplicitVRLittleEndian):
+            continue  # Big Endian is never sent as is; for Implicit VR the context is the
+            # acceptor's choice (ours prefers explicit): the pynetdicom test covers it
+        proposal = corpus.SOURCES.get(_sent(env, target).name.split("_", 1)[1], ())
+        prefer = flags[proposal[0]] if proposal else "+xe"
+        out = env.root / f"getscu-{checked:02d}"
+        out.mkdir()
+        res = subprocess.run(
+            [dcmtk("getscu"), "-S", "+B", prefer, "-aet", WS, "-aec", AE, "-od", str(out),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={target.study_uid}",
+             LOCAL, str(env.server.port)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+        assert res.returncode == 0, f"{res.stdout}{res.stderr}"
+        (got,) = [p for p in out.iterdir() if p.is_file()]
+        back = dcmread(got, stop_before_pixels=True)
+        assert str(back.SOPInstanceUID) == target.sop_uid
+        assert str(back.file_meta.TransferSyntaxUID) == target.syntax, target.path.name
+        assert _stored_body(got) == _stored_body(target.path), target.path.name
+        checked += 1
+    assert checked == len(env.stored) - 2

@@ -14,6 +14,8 @@ Applied here, at the moment each was applied before this module existed:
   ``dicom/server``, as the module-level assignments did);
 - ``wrap_service_encode``: the ``encode`` pynetdicom's service classes call, so C-FIND
   answers are encoded from DICOM JSON (``answers.install``, when Q/R is created);
+- ``wrap_store_encode``: the ``encode`` ``Association.send_c_store`` calls, so a
+  retrieved object leaves as stored (``retrieve.install``, when Q/R is created);
 - ``wrap_associate``: one AE's ``associate``, so a C-MOVE handler learns its
   sub-association (``qr``, when Q/R is created);
 - ``register_server``: a listener made with ``AE.make_server`` joins ``AE._servers`` as
@@ -94,6 +96,14 @@ UPSTREAM: dict[str, str] = {
         "0d29ffd5d358c45a6b20436a9a45ec4ea003631dd4323e827c87365624c71cf0",
     "pynetdicom.service_class.ServiceClass._c_find_scp":
         "da242b908ef4848ceaec8937680dfe9d23705301f6bad99de6dd64786cd9a7ca",
+    # wrap_store_encode: send_c_store calls the wrapped encode once, after picking the
+    # exact (SOP class, syntax) context; the C-GET SCP hands it the yielded dataset
+    "pynetdicom.association.Association.send_c_store":
+        "fa5a8127f349f8e75698f4cdf2b4dbe3f38e3e9e320a8cf45c15bf8333f9c283",
+    "pynetdicom.service_class.QueryRetrieveServiceClass._get_scp":
+        "8ca1538e3e56c4f7317f3d8bd0d0e009d596e9f3c57027db3128ec7e728e46a6",
+    "pynetdicom.association.Association._get_valid_context":
+        "117a52c2ae6720e0bc934266b1ef0aede4366c3de895b16f0c773c3a5076442d",
     # wrap_associate: the C-MOVE SCP passes the handler's kwargs to AE.associate
     "pynetdicom.service_class.QueryRetrieveServiceClass._move_scp":
         "5c14d1be3d737befcc148893bcd529a03695e82f8f943f19b640ff4f32382742",
@@ -175,6 +185,32 @@ def wrap_service_encode(hook: EncodeHook) -> None:
 
     encode.pv_answers = True  # type: ignore[attr-defined]
     setattr(service_class, "encode", encode)  # noqa: B010 - not re-exported
+
+
+# (dataset, is_implicit_vr, is_little_endian, deflated) -> encoded bytes, None (refused:
+# the C-STORE fails) or the dataset for pynetdicom's own ``encode``.
+StoreEncodeHook = Callable[[Any, bool, bool, bool], "bytes | Any | None"]
+
+
+def wrap_store_encode(hook: StoreEncodeHook) -> None:
+    """Route the ``encode`` that ``Association.send_c_store`` calls through ``hook`` first,
+    so a retrieved object leaves as stored (``dicom/retrieve``; idempotent)."""
+    check_versions()
+    from pynetdicom import association
+
+    original: Encoder = getattr(association, "encode")  # noqa: B009 - not re-exported
+    if getattr(original, "pv_raw", False):
+        return
+
+    def encode(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
+               deflated: bool = False) -> bytes | None:
+        out = hook(ds, is_implicit_vr, is_little_endian, deflated)
+        if out is None or isinstance(out, bytes):
+            return out
+        return original(out, is_implicit_vr, is_little_endian, deflated)
+
+    encode.pv_raw = True  # type: ignore[attr-defined]
+    setattr(association, "encode", encode)  # noqa: B010 - not re-exported
 
 
 # (pynetdicom's AE.associate, addr, port, *args, **kwargs) -> the association to use

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import patches, status, transcode
+from pacsvault.dicom import patches, retrieve, status, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
@@ -98,6 +98,7 @@ def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
 class QueryRetrieve:
     def __init__(self, service: ServiceView) -> None:
         install()
+        retrieve.install()
         _install_link(service.ae)
         self._service = service
         self._vault = service.vault
@@ -302,11 +303,13 @@ class QueryRetrieve:
         """Yield the sub-operations; ``results`` fills with the peer's C-STORE answers.
 
         Each object leaves as stored when the receiver accepted its (SOP class, syntax),
-        else decoded to uncompressed little endian (``transcode``); one it cannot take
+        its bytes untouched (``retrieve.Raw``: no pydicom parse or re-encoding), else
+        decoded to uncompressed little endian (``transcode``); one it cannot take
         is yielded as a stub pynetdicom cannot send, so it is counted failed *and* listed
         in the Failed SOP Instance UID List. pynetdicom drops this generator when the
         association goes away: the final record is written then too (``GeneratorExit``),
-        so every retrieval that began has its outcome recorded.
+        so every retrieval that began has its outcome recorded. The next objects are
+        decrypted while the current one is sent (``retrieve.ReadAhead``, bounded).
         """
         studies = sorted({i.study_uid for i in items})
         tally = _Tally()
@@ -314,10 +317,11 @@ class QueryRetrieve:
         recorded = not items
         if not items:
             self._record_retrieve(state, kind, destination, studies, 0, results, tally, "")
+        ahead = retrieve.ReadAhead(items, self._read)
         try:
             yield len(items)
             resumed = True
-            for item in items:
+            for item, data in ahead:
                 if event.is_cancelled:
                     recorded = True
                     self._record_retrieve(state, kind, destination, studies, len(items),
@@ -327,7 +331,7 @@ class QueryRetrieve:
                 if link.unreachable:
                     yield STATUS_PENDING, _stub(item)
                     continue
-                yield STATUS_PENDING, self._prepare(kind, item, link, tally)
+                yield STATUS_PENDING, self._prepare(kind, item, data, link, tally)
             recorded = True
             tally.finished = True
             note = ("the destination could not be reached (registered, not answering); "
@@ -341,19 +345,33 @@ class QueryRetrieve:
                 self._record_retrieve(state, kind, destination, studies, len(items),
                                       results, tally, note)
             raise
+        finally:
+            ahead.close()
 
-    def _prepare(self, kind: str, item: StoredInstance, link: _Link,
-                 tally: _Tally) -> Dataset:
-        """The dataset to send for one instance: as stored, converted, or a stub."""
+    def _read(self, item: StoredInstance) -> bytes:
+        """The decrypted Part 10 stream (in the read-ahead thread)."""
+        return self._vault.archive.read(item)
+
+    def _prepare(self, kind: str, item: StoredInstance, data: bytes | BaseException,
+                 link: _Link, tally: _Tally) -> Dataset:
+        """The dataset to send for one instance: as stored (its bytes, ``retrieve.Raw``),
+        converted, or a stub."""
+        contexts = link.assoc.accepted_contexts if link.assoc is not None else []
+        split = retrieve.split(data) if isinstance(data, bytes) and item.sop_class else None
+        if split is not None and isinstance(data, bytes):
+            stored, offset = split
+            if transcode.choose(contexts, item.sop_class, stored) == stored:
+                return retrieve.Raw(item.sop_class, item.sop_uid, stored, data[offset:])
         try:
+            if isinstance(data, BaseException):
+                raise data
             # bounded inflation of deflated objects (issue 11, defect 5)
-            ds = inflate.read(self._vault.archive.read(item))
+            ds = inflate.read(data)
         except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
             log.error("instance could not be read for %s: %s", kind, type(exc).__name__)
             tally.unreadable += 1
             return _stub(item)
         stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        contexts = link.assoc.accepted_contexts if link.assoc is not None else []
         target = transcode.choose(contexts, str(ds.get("SOPClassUID", "")), stored)
         if target is None:
             log.warning("%s: the receiver accepted no context for a %s object",

@@ -1,0 +1,161 @@
+"""C-GET/C-MOVE sub-operations that send the stored bytes as they are (issue 17, part 4).
+
+Why: before this module every retrieved object was parsed by pydicom (``dcmread``) and
+written again by pynetdicom (``encode``, pydicom's ``write_dataset``) even when the peer
+accepted the stored transfer syntax, which is most of the time: that round trip cost more
+CPU than decryption and sending together. Now:
+
+- ``split`` finds the end of the File Meta Information and the stored transfer syntax in
+  the decrypted Part 10 stream, without pydicom;
+- ``Raw`` is a dataset that carries only what pynetdicom's ``send_c_store`` reads (SOP
+  Class and Instance UIDs, the transfer syntax) plus the dataset bytes after the meta;
+  the ``encode`` that ``send_c_store`` calls is wrapped (``patches.wrap_store_encode``) so
+  a ``Raw`` leaves byte for byte as stored. The bytes stay in memory (no file, no
+  temporary copy on disk: the plaintext never touches a disk);
+- ``ReadAhead`` decrypts the next objects in a worker thread (at most ``DEPTH``) while
+  the current one is being sent: decryption and file reads release the GIL, the network
+  send waits on the peer.
+
+A ``Raw`` is only made when the peer accepted the stored (SOP class, syntax) pair, so
+``send_c_store`` picks that exact context; if the encoding pynetdicom asks for ever
+differed from the stored one, the hook refuses (the sub-operation fails, counted and
+listed) rather than send something else. Everything else (conversion to uncompressed
+little endian, Big Endian) still goes through pydicom (``transcode``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
+
+from pacsvault.dicom import patches
+
+_PREAMBLE = 128
+_MAX_META = 64 * 1024  # a File Meta Information group longer than this is not ours
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                       b"UN", b"UR", b"UT", b"UV"})
+_TRANSFER_SYNTAX = 0x00020010
+DEPTH = 2  # objects decrypted ahead of the one being sent (memory: DEPTH + 1 objects)
+
+
+def split(data: bytes) -> tuple[str, int] | None:
+    """(stored transfer syntax, offset of the dataset) of a Part 10 stream, or None when
+    it is not the plain preamble + ``DICM`` + explicit little endian group 0002 the
+    archive writes (the caller then takes pydicom's path)."""
+    if len(data) < _PREAMBLE + 4 or data[_PREAMBLE:_PREAMBLE + 4] != b"DICM":
+        return None
+    pos, end = _PREAMBLE + 4, min(len(data), _PREAMBLE + 4 + _MAX_META)
+    syntax: str | None = None
+    while pos + 8 <= end:
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        vr = bytes(data[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > end:
+                return None
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            start = pos + 8
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        if (group << 16 | elem) == _TRANSFER_SYNTAX:
+            syntax = bytes(data[start:start + length]).rstrip(b"\x00 ").decode("ascii",
+                                                                                "replace")
+        pos = start + length
+    if not syntax or pos >= len(data):
+        return None
+    return syntax, pos
+
+
+class Raw(Dataset):
+    """A stored object to send as it is: the three attributes ``send_c_store`` reads,
+    and the encoded dataset (``pv_body``) that ``encode`` returns for it."""
+
+    def __init__(self, sop_class: str, sop_uid: str, syntax: str, body: bytes) -> None:
+        super().__init__()
+        self.SOPClassUID = UID(sop_class)
+        self.SOPInstanceUID = UID(sop_uid)
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = UID(syntax)
+        self.__dict__["pv_body"] = body
+
+    def __repr__(self) -> str:  # no UIDs in logs or tracebacks
+        return f"Raw({len(self.__dict__['pv_body'])} bytes)"
+
+
+def _encode_hook(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
+                 deflated: bool) -> bytes | Any | None:
+    """The stored bytes of a ``Raw`` whose syntax is the negotiated one; None (the
+    sub-operation fails) if pynetdicom asked for another encoding; anything else goes to
+    pynetdicom's own ``encode``."""
+    if not isinstance(ds, Raw):
+        return ds
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    wanted = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    if wanted != (is_implicit_vr, is_little_endian, deflated):
+        return None
+    body: bytes = ds.__dict__["pv_body"]
+    return body
+
+
+def install() -> None:
+    """Route ``send_c_store``'s ``encode`` through ``_encode_hook`` (idempotent)."""
+    patches.wrap_store_encode(_encode_hook)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ReadAhead(Generic[T, R]):
+    """``read(item)`` for each item in order, up to ``depth`` items ahead, in one worker
+    thread. Iterate it for ``(item, result-or-exception)``; ``close`` drops what was read
+    ahead and not yet taken (a cancelled or interrupted retrieval)."""
+
+    def __init__(self, items: list[T], read: Callable[[T], R], depth: int = DEPTH) -> None:
+        self._items = items
+        self._read = read
+        self._depth = max(1, depth)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[R]] = deque()
+
+    def __iter__(self) -> Iterator[tuple[T, R | BaseException]]:
+        if not self._items:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pv-readahead")
+        upcoming = iter(self._items)
+        try:
+            for item in itertools.islice(upcoming, self._depth):
+                self._pending.append(self._pool.submit(self._read, item))
+            for item in self._items:
+                future = self._pending.popleft()
+                for nxt in itertools.islice(upcoming, 1):
+                    self._pending.append(self._pool.submit(self._read, nxt))
+                try:
+                    result: R | BaseException = future.result()
+                except Exception as exc:  # handed to the caller, which counts it
+                    result = exc
+                yield item, result
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+__all__ = ["DEPTH", "Raw", "ReadAhead", "install", "split"]
