@@ -36,6 +36,10 @@ os.environ.setdefault("PACSVAULT_ALLOW_ROOT", "1")
 # ``serve`` runs one worker per core by default (issue 16, part 4): the suite's servers run
 # one process unless a test asks for more (``--workers``, tests/test_serve_workers.py).
 os.environ.setdefault("PACSVAULT_WORKERS", "1")
+# ``pacsvault check`` asks the LAN's gateway for its port mappings (SSDP multicast, NAT-PMP
+# to the default route): tests never do; tests/test_check_network.py points it at a fake
+# gateway on loopback instead (issue 18).
+os.environ.setdefault("PACSVAULT_CHECK_GATEWAY", "off")
 
 
 def pv(*args: str | Path, check: bool = True, input: str | None = None,
