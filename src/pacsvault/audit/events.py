@@ -27,6 +27,13 @@ class EventCode(enum.Enum):
     USER_AUTHENTICATION = "110114"
 
 
+# Security Alert event type codes (PS3.15 A.5.3.11, DCM), in an event's ``type_code``
+# detail: a change of who can reach the archive (the exposure switches, issue 19), and of
+# who is told (the alert channels).
+NETWORK_CONFIGURATION = "110128"
+SECURITY_CONFIGURATION = "110129"
+
+
 class Outcome(enum.Enum):
     """EventOutcomeIndicator of PS3.15 A.5.1."""
 

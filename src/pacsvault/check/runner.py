@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pacsvault.check import accounts, audit, backups, keys, network, software, tls
+from pacsvault.check import accounts, alerting, audit, backups, keys, network, software, tls
 from pacsvault.check.model import CheckContext, CheckResult, Finding, Section
 
 SECTIONS: tuple[tuple[str, Section], ...] = (
@@ -20,6 +20,7 @@ SECTIONS: tuple[tuple[str, Section], ...] = (
     ("backups", backups.check),
     ("audit", audit.check),
     ("software", software.check),
+    ("alerts", alerting.check),  # would a person be told (issue 19)
 )
 SECTION_NAMES: tuple[str, ...] = tuple(name for name, _ in SECTIONS)
 

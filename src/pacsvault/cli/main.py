@@ -18,7 +18,7 @@ COMMANDS = {
     "viewer": "viewer", "study": "objects", "series": "objects", "instance": "objects",
     "patient": "patients",
     "service": "service", "backup": "backup", "storage": "storagecmd", "migrate": "migrate",
-    "instances": "instancecmd",
+    "instances": "instancecmd", "alerts": "alertscmd",
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import repair_at_start
-from pacsvault.cli import serving, workers
+from pacsvault.cli import exposure, serving, workers
 from pacsvault.cli.common import (
     CommandError,
     add_data_args,
@@ -163,8 +163,10 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
             log.warning("sealed start: one process instead of --workers %s; restart the "
                         "server after the unseal to use every core", args.workers)
         return serve_sealed(args, root, str(exc), _check_ports)
+    # The exposure switches checked against what was last applied (issue 19): a refused
+    # widening runs with the previous values, recorded and alerted (cli/exposure).
+    vault.settings, bind = exposure.guard(vault, args.bind)
     settings = vault.settings
-    bind = args.bind or settings.server.bind
     plain, tls_port, https_port = serving.listeners(args, settings)
     try:
         _check_ports(bind, plain, tls_port, https_port)
@@ -184,7 +186,7 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     if total > 1:
         return _supervise(args, root, vault, bind, (plain, tls_port, https_port), total,
                           asked[-1] if asked else None)
-    return _run(vault, bind, (plain, tls_port, https_port))
+    return _run(vault, bind, (plain, tls_port, https_port), bind_override=args.bind)
 
 
 def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
@@ -255,11 +257,13 @@ def _serve_worker(args: argparse.Namespace) -> int:
     plain, tls_port, https_port = (int(role.sockets[kind].getsockname()[1])
                                    if kind in role.sockets else None
                                    for kind in workers.KINDS)
-    return _run(vault, args.bind, (plain, tls_port, https_port), role=role)
+    exposure.apply_decision(vault, args.bind)  # the parent's guard (issue 19)
+    return _run(vault, args.bind, (plain, tls_port, https_port), role=role,
+                bind_override=args.bind)
 
 
 def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | None], *,
-         role: workers.Role | None = None) -> int:
+         role: workers.Role | None = None, bind_override: str | None = None) -> int:
     """Serve the open vault until SIGTERM/SIGINT: one process, or a worker (``role``):
     every worker serves the inherited sockets, worker 0 alone runs the background work."""
     settings = vault.settings
@@ -269,6 +273,11 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
                        patients_of=serving.patients_of(vault),
                        claim=serving.alert_claim(vault))  # one notice for all instances
     vault.recorder.add_sink(alerts)
+    watch: exposure.Watch | None = None
+    if primary:  # the guard's decision recorded and alerted, the settings file watched
+        exposure.announce(vault)
+        watch = exposure.Watch(vault, bind_override)
+        watch.start()
     background = serving.Background()
     if role is None:
         repair_at_start(vault.audit)  # (the parent of --workers did it)
@@ -287,6 +296,8 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
             sockets=role.sockets if role is not None else None)
     except OSError as exc:
         # Taken between the check and now: what did start is stopped, leave as one line.
+        if watch is not None:
+            watch.stop()
         background.stop_watcher()
         alerts.close()
         vault.close()
@@ -335,6 +346,8 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
             while not stop.wait(0.5):  # short waits: see run_until_stopped
                 pass
     finally:
+        if watch is not None:
+            watch.stop()
         if control is not None:
             control.stop()
         background.stop_jobs()

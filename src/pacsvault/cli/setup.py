@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import Recorder
+from pacsvault.cli import alertscmd
 from pacsvault.cli.common import CommandError, add_data_args, data_dir, open_vault, say
-from pacsvault.config import StorageSettings
+from pacsvault.config import CONFIG_NAME, StorageSettings
 from pacsvault.config.index import IndexSettings, IndexUrlError, check_url
 from pacsvault.fsutil import private_dir, write_private_new
 from pacsvault.vault import Vault, create, resolve_key_path
@@ -45,6 +46,7 @@ def register(sub: Any) -> None:
                    help="the endpoint's CA certificate (TLS is always verified)")
     p.add_argument("--storage-path-style", action="store_true",
                    help="https://HOST/BUCKET/KEY addressing (MinIO, SeaweedFS, Ceph)")
+    alertscmd.add_init_args(p)  # a person is always told (issue 19)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("status", help="listeners, nodes, counts and storage size")
@@ -124,18 +126,24 @@ def write_first_run_secrets(key_path: Path, root: Path, code: str, admin: str,
 def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | None = None,
                *, ask: bool = False, serving: bool = False,
                index: IndexSettings | None = None,
-               storage: StorageSettings | None = None) -> None:
+               storage: StorageSettings | None = None,
+               alerts: dict[str, str | int | bool | list[str]] | None = None) -> None:
     """Create a vault and its first administrator; hand over the one-time secrets.
 
     The secrets always go to a private file (``write_first_run_secrets``) and are shown
     only when stdout is a terminal: under nohup, systemd or a pipe, stdout ends up in a
     log, which must never hold the recovery code or a password. Then only the file's path
     is printed.
+
+    ``alerts``: the ``[alerts]`` values chosen (issue 19); a test is sent at once, and the
+    choice (none included) is the trail's first record.
     """
     name = _admin_name(admin, ask)
     code = create(root, key_file=key_file, ae_title=ae_title, index=index, storage=storage)
     try:
-        password, https_port, key_path = _first_admin(root, key_file, name)
+        if alerts:
+            alertscmd.write_choice(root, alerts)
+        password, https_port, key_path = _first_admin(root, key_file, name, alerts or {})
         path = write_first_run_secrets(key_path, root, code, name, password, https_port)
     except BaseException:
         # A vault nobody can sign in to, and (PostgreSQL) a database it keeps claimed, so
@@ -171,17 +179,34 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
             "then 'pacsvault serve'.")
 
 
-def _first_admin(root: Path, key_file: Path | None, name: str) -> tuple[str, int, Path]:
+def _first_admin(root: Path, key_file: Path | None, name: str,
+                 alerts: dict[str, str | int | bool | list[str]]) -> tuple[str, int, Path]:
     """Create the first admin account with a random password: (password, HTTPS port, key
-    file path)."""
+    file path). Then the alert channel: tested when one was chosen, and the choice
+    recorded (the trail's first record)."""
     vault = Vault.open(root, key_file)
     try:
-        # A new vault's trail starts empty (its first record is what the practice does
-        # next), so the account's creation is not recorded as an event.
+        trail = vault.recorder
+        # The account's creation is not recorded as an event: a new vault's trail starts
+        # with what the practice decided (its alert channel) and then does.
         vault.recorder = Recorder([])
         _info, password = vault.accounts.first_admin(name, by="init")
         https_port = vault.settings.web.https_port
         key_path = resolve_key_path(vault.layout, vault.settings, key_file)
+        delivered: list[str] = []
+        if alerts:
+            delivered, errors = alertscmd.send_test(root, vault.settings.alerts, trail, "init")
+            for channel in delivered:
+                say(f"A test alert was sent by {channel}: check that it arrived.")
+            for error in errors:
+                say(f"The test alert failed ({error}); fix [alerts] in {CONFIG_NAME}, then "
+                    "run 'pacsvault alerts test'.")
+        else:
+            say("No alert channel: security alerts will only be recorded in the audit trail "
+                "and shown on the Health page. This choice is recorded and stays a finding "
+                "of 'pacsvault check' until you set [alerts] mail_to/smtp_host or "
+                "webhook_url and run 'pacsvault alerts test'.")
+        trail.emit(alertscmd.choice_event(alerts, delivered, "init"))
     finally:
         vault.close()
     return password, https_port, key_path
@@ -225,8 +250,9 @@ def storage_choice(args: argparse.Namespace) -> StorageSettings | None:
 def cmd_init(args: argparse.Namespace) -> int:
     index = index_choice(args.index_url, args.index_password_file)
     storage = storage_choice(args)
+    alerts = alertscmd.chosen_values(args, ask=True)
     init_vault(data_dir(args), args.key_file, args.ae_title, args.admin, ask=True,
-               index=index, storage=storage)
+               index=index, storage=storage, alerts=alerts)
     return 0
 
 
