@@ -34,6 +34,19 @@ def register(sub: Any) -> None:
     which.add_argument("--patient", help="Patient ID")
     which.add_argument("--instance", help="SOP Instance UID (also a quarantined one)")
     which.add_argument("--all", action="store_true", help="every instance")
+    # issue 19: de-identified export (deidentify/)
+    p.add_argument("--deidentify", metavar="PROFILE",
+                   help="de-identify (PS3.15 Annex E) with this profile: "
+                        "basic, research or teaching")
+    p.add_argument("--project", help="export project (with --deidentify): the same patient "
+                   "gets the same pseudonym in every export of one project; never a "
+                   "patient's name")
+    p.add_argument("--accept-burned-in", action="store_true",
+                   help="with --deidentify: also export objects that may show identifying "
+                        "text in their pixels (not cleaned)")
+    p.add_argument("--link-table", action="store_true",
+                   help="with --deidentify: keep pseudonym -> patient inside the vault, "
+                        "encrypted")
     p.set_defaults(func=cmd_export)
 
 
@@ -67,8 +80,15 @@ def check_destination(out: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    deid_only = [f for f, on in (("--project", args.project),
+                                 ("--accept-burned-in", args.accept_burned_in),
+                                 ("--link-table", args.link_table)) if on]
+    if args.deidentify is None and deid_only:
+        raise CommandError(f"{deid_only[0]} goes with --deidentify PROFILE")
     check_destination(args.out)
     try:
+        if args.deidentify is not None:
+            return _export_deidentified(args)
         return _export(args)
     except OSError as exc:  # full disk, read-only mount, permissions changed meanwhile
         where = f" {exc.filename}" if exc.filename else ""
@@ -124,4 +144,58 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         vault.close()
     say(f"Exported {len(items)} instance(s) of {len(studies)} study(ies) to {args.out}.")
+    return 0
+
+
+def _export_deidentified(args: argparse.Namespace) -> int:
+    """``--deidentify``: the same selection, written as de-identified files (the
+    workflow, ``deidentify.export``, decides, records and de-identifies)."""
+    from pacsvault.deidentify import export as deid
+    from pacsvault.deidentify.options import profile
+
+    try:
+        chosen = profile(args.deidentify)
+        project = deid.check_project(args.project or "")
+    except (ValueError, deid.DeidentifyError) as exc:
+        raise CommandError(f"{exc}{'' if args.project else ' (--project NAME)'}") from None
+    if args.accept_burned_in:
+        say("WARNING: --accept-burned-in: objects flagged as possibly showing the patient's "
+            "name or other text in their pixels (burned-in annotation, ultrasound, secondary "
+            "capture) are exported with their pixels unchanged. Check every such image "
+            "before sharing it.")
+    vault = open_vault(args)
+    try:
+        items = list(vault.archive.locate(study_uid=args.study, patient_id=args.patient,
+                                          sop_uid=args.instance))
+        made: set[Path] = set()
+
+        def sink(relative: str, data: bytes) -> None:
+            target = args.out / relative
+            if not made:
+                private_dir(args.out)
+                made.add(args.out)
+            folder = args.out
+            for part in Path(relative).parent.parts:
+                folder = folder / part
+                if folder not in made:
+                    private_dir(folder)
+                    restrict_dir(folder)
+                    made.add(folder)
+            write_private(target, data)
+
+        request = deid.Request(project=project, profile=chosen,
+                               accept_burned_in=args.accept_burned_in,
+                               link_table=args.link_table)
+        try:
+            result = deid.export(vault, items, request, sink)
+        except AuditUnavailable:
+            raise CommandError("export refused: the audit trail cannot record it (disk full "
+                               "or unwritable?); no file was written") from None
+        except deid.DeidentifyError as exc:
+            raise CommandError(str(exc)) from None
+    finally:
+        vault.close()
+    say(f"Exported {result.instances} de-identified instance(s) of {result.patients} "
+        f"patient(s) to {args.out} (profile {chosen.name}, project {project}). "
+        "The files are pseudonymised, not anonymous: see README.txt.")
     return 0

@@ -224,3 +224,24 @@ def backup_recovery_password(code: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=PURPOSE_BACKUP_RECOVERY.encode("ascii")).derive(
         _normalise_code(code)).hex().encode("ascii")
+
+
+# --- de-identified exports (issue 19) -------------------------------------------------
+
+# The named secret (``Vault.named_secret``, wrapped by the master key) every export project's
+# pseudonym key comes from. A named secret rather than ``MasterKey.derive``: pseudonyms
+# must survive a master key rotation, or a project's second export would no longer match
+# its first.
+DEIDENTIFY_SECRET = "deidentify-pseudonyms"  # noqa: S105 (the secret's name)
+PURPOSE_DEIDENTIFY = "pacsvault/v1/deidentify-project"
+PURPOSE_DEIDENTIFY_LINKS = "pacsvault/v1/deidentify-link-table"
+
+
+def project_key(root: bytes, vault_id: str, project: str, purpose: str = PURPOSE_DEIDENTIFY
+                ) -> bytes:
+    """The HMAC key of one export project: HKDF over the vault's de-identification secret,
+    bound to the vault and to the project's name, so the same patient gets the same
+    pseudonym in every export of that project and an unrelated one in any other."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=vault_id.encode("ascii"),
+                info=purpose.encode("ascii") + b"\x00" + project.encode("utf-8")
+                ).derive(root)
