@@ -8,7 +8,10 @@ node's address, and never need the issuing code. Every name is re-exported by ``
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -81,6 +84,30 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.hostname_checks_common_name = False
 
 
+# Test only (issue 18): a server that accepts TLS 1.1, so a test can show that the
+# security check's handshake probes catch an obsolete protocol (``tls.obsolete-protocol``,
+# critical). Deliberately not a setting (settings files are copied and edited by hand):
+# only this environment variable with exactly this value turns it on, it is logged as
+# CRITICAL at every context built, and the nightly check reports it as critical.
+TEST_ONLY_TLS11_ENV = "PACSVAULT_TEST_ONLY_ACCEPT_TLS11"
+TEST_ONLY_TLS11_VALUE = "yes-weaken-every-tls-listener-for-a-test"
+_TLS11_SUITES = ("ECDHE-ECDSA-AES128-SHA", "ECDHE-RSA-AES128-SHA")  # TLS 1.1 has no AEAD
+
+
+def _test_only_tls11(ctx: ssl.SSLContext, legacy_aes: bool) -> None:
+    if os.environ.get(TEST_ONLY_TLS11_ENV) != TEST_ONLY_TLS11_VALUE:
+        return
+    logging.getLogger("pacsvault.tls").critical(
+        "%s is set: this server accepts TLS 1.1 (tests only, never in production)",
+        TEST_ONLY_TLS11_ENV)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    legacy = LEGACY_AES_CIPHERS if legacy_aes else ()
+    # OpenSSL 3 refuses TLS 1.1 (SHA-1 signatures) above security level 0
+    ctx.set_ciphers(":".join((TLS12_CIPHERS, *legacy, *_TLS11_SUITES)) + ":@SECLEVEL=0")
+
+
 def client_context(paths: TlsPaths, key_password: bytes) -> ssl.SSLContext:
     """For outbound associations: verify the peer against the vault CA, present our cert."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -114,6 +141,7 @@ def server_context(
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if legacy_aes:
         ctx.set_ciphers(":".join((TLS12_CIPHERS, *LEGACY_AES_CIPHERS)))
+    _test_only_tls11(ctx, legacy_aes)
     ctx.load_cert_chain(paths.server_cert, paths.server_key, password=key_password)
     if paths.server_rsa_cert.exists() and paths.server_rsa_key.exists():
         ctx.load_cert_chain(paths.server_rsa_cert, paths.server_rsa_key,
