@@ -86,6 +86,7 @@ __all__ = [
 log = logging.getLogger("pacsvault.audit")
 
 _heads = cast(Table, AuditHead.__table__)
+_SET_ANCHOR = "UPDATE audit_head SET seq = ?, digest = ? WHERE instance = ?"
 
 
 def _identity(fd: int) -> tuple[int, int, int, int]:
@@ -423,9 +424,20 @@ class AuditTrail:
         return _heads.c.instance == self.instance
 
     def _set_anchor(self, conn: Connection, seq: int, digest: str) -> None:
-        changed = conn.execute(
-            update(_heads).where(self._mine).values(seq=seq, digest=digest))
-        if not changed.rowcount:
+        if conn.dialect.name == "sqlite":
+            # Once per store batch (group commit): straight to the driver, same connection
+            # and transaction; building the UPDATE through SQLAlchemy cost more than the
+            # rest of the record (issue 17).
+            cursor = conn.connection.cursor()
+            try:
+                cursor.execute(_SET_ANCHOR, (seq, digest, self.instance))
+                count = cursor.rowcount
+            finally:
+                cursor.close()
+        else:
+            count = conn.execute(
+                update(_heads).where(self._mine).values(seq=seq, digest=digest)).rowcount
+        if not count:
             instances.insert_anchor(conn, self.instance, seq, digest, retry=self.copies)
 
     def _local_lines(self, after: int, upto: int) -> list[tuple[int, bytes]]:

@@ -135,8 +135,14 @@ class WakeableDUL(DULServiceProvider):
     _pv_start = 0.0
     _pv_seen_bytes = False
 
+    _pv_waiting = False  # the DUL thread is in (or about to enter) ``_pv_wait``
+
     def send_pdu(self, primitive: Any) -> None:
-        super().send_pdu(primitive)
+        super().send_pdu(primitive)  # queued for the DUL thread
+        # A running DUL thread looks at its queue before it waits again (``_pv_wait``
+        # raises the flag first, then looks): no wake-up needed, no pipe write, no switch.
+        if not self._pv_waiting:
+            return
         with self._pv_wake_lock:
             if self._pv_wake is not None:
                 # a full pipe means a wake-up is pending already
@@ -147,13 +153,20 @@ class WakeableDUL(DULServiceProvider):
         """Up to one tick, less if data arrives or something is queued to send."""
         wake = self._pv_wake
         sock = getattr(self.socket, "socket", None)
+        self._pv_waiting = True
         try:
+            # Flag raised, then the queue looked at: a ``send_pdu`` that saw the flag down
+            # had queued its PDU before, so it is seen here (the GIL orders both threads).
+            if self.to_provider_queue.queue:
+                return
             if wake is None or sock is None or sock.fileno() < 0:
                 raise ValueError("nothing to wait on")
             ready, _, _ = select.select([sock, wake[0]], [], [], _TICK)
         except (OSError, ValueError):
             time.sleep(_TICK)
             return
+        finally:
+            self._pv_waiting = False
         if wake[0] in ready:
             with contextlib.suppress(OSError):
                 os.read(wake[0], 4096)
