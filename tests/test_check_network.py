@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.server
+import json
 import shutil
 import socket
 import struct
@@ -279,16 +280,23 @@ def _netns_missing() -> str | None:
     return None
 
 
+# Inside the namespace: a public address on this "machine" (it only exists there: nothing
+# is ever sent to it), the server bound to every interface, and a host outside the
+# trusted networks connecting to its DICOM port. The check runs there too (it reads that
+# namespace's sockets and interfaces) and prints its finding ids and data.
+PUBLIC_HERE = "1.2.3.4"
 OUTSIDE_HOST = textwrap.dedent(f"""
-    import socket, subprocess, sys
+    import datetime as dt, json, socket, subprocess, sys
     sys.path.insert(0, {str(REPO)!r})
     from pathlib import Path
+    from pacsvault.check import CheckContext, run
     from tests.helpers import VaultDir, start_server, wait_events
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", "{PUBLIC}/32", "dev", "lo"], check=True)
+    for address in ("{PUBLIC}", "{PUBLIC_HERE}"):
+        subprocess.run(["ip", "addr", "add", address + "/32", "dev", "lo"], check=True)
     root = Path(sys.argv[1])
     vault = VaultDir(root, root / "keys" / "master.key", "", "", "admin")
-    server = start_server(vault)
+    server = start_server(vault, args=("--bind", "0.0.0.0"))
     try:
         with socket.socket() as outside:  # a host outside the trusted networks
             outside.bind(("{PUBLIC}", 0))
@@ -299,20 +307,35 @@ OUTSIDE_HOST = textwrap.dedent(f"""
             except OSError:
                 pass
         assert wait_events(vault, "exposure", lambda e: e["address"] == "{PUBLIC}")
+        opened = vault.open()
+        try:
+            result = run(CheckContext(opened, dt.datetime.now(dt.UTC), probe=False),
+                         ("network",))
+        finally:
+            opened.close()
+        print(json.dumps({{f.id: [f.severity.value, f.data] for f in result.findings}}))
     finally:
         server.stop()
 """)
 
 
 @pytest.mark.slow
-def test_connection_from_an_untrusted_host_gives_the_exposure_finding(tmp_path: Path) -> None:
+def test_untrusted_host_and_public_listener_in_a_network_namespace(tmp_path: Path) -> None:
     missing = _netns_missing()
     if missing:
         pytest.skip(missing)
     vault = make_vault(tmp_path / "v")
-    # the namespace's own network: the outside host and the server, nothing else
-    subprocess.run(["unshare", "-n", sys.executable, "-c", OUTSIDE_HOST, str(vault.root)],
-                   check=True, timeout=120, cwd=REPO)
+    inside = subprocess.run(["unshare", "-n", sys.executable, "-c", OUTSIDE_HOST,
+                             str(vault.root)], check=True, timeout=120, cwd=REPO,
+                            capture_output=True, text=True)
+    seen = json.loads(inside.stdout.strip().splitlines()[-1])
+    severity, data = seen["network.public-listener"]
+    assert severity == "critical"
+    assert {(e["bound"], e["public_address"]) for e in data["listeners"]} == {
+        ("0.0.0.0", PUBLIC_HERE)}
+    assert {e["listener"] for e in data["listeners"]} == {"dicom", "dicom_tls", "https"}
+    assert seen["network.exposure-events"][0] == "critical"
+    # and from the trail alone, outside the namespace, within and after the 30 days
     opened = vault.open()
     try:
         result = run(CheckContext(opened, dt.datetime.now(dt.UTC), probe=False), ("network",))
@@ -325,6 +348,7 @@ def test_connection_from_an_untrusted_host_gives_the_exposure_finding(tmp_path: 
     assert exposure.data["addresses"] == [PUBLIC] and exposure.data["ports"] == ["plain"]
     assert PUBLIC in exposure.evidence.en and PUBLIC in exposure.evidence.fr
     assert "network.exposure-events" not in later.ids()  # older than 30 days
+    assert "network.public-listener" not in result.ids()  # no server runs any more
 
 
 def test_gateway_targets_from_the_environment(served: Served,
