@@ -126,3 +126,48 @@ class CheckResult:
             "findings": [f.as_json(lang) for f in self.findings],
             "errors": [{"section": s, "error": e} for s, e in self.errors],
         }
+
+
+# The sources a finding cites (``Finding.requirement``). The regulator's guide is cited by
+# its fiches' titles, stable across its editions (their numbers changed in 2024).
+GDPR_32 = "GDPR art. 32(1)"
+GDPR_32_B = "GDPR art. 32(1)(b)"
+GDPR_32_C = "GDPR art. 32(1)(c)"
+GDPR_32_D = "GDPR art. 32(1)(d)"
+GDPR_5_E = "GDPR art. 5(1)(e)"
+CNIL_GUIDE = "CNIL, Guide de la sécurité des données personnelles (2024)"
+CNIL_AUTH = f'{CNIL_GUIDE}, fiche « Authentifier les utilisateurs »'
+CNIL_RIGHTS = f'{CNIL_GUIDE}, fiche « Gérer les habilitations »'
+CNIL_TRACE = f'{CNIL_GUIDE}, fiche « Tracer les opérations »'
+CNIL_SERVERS = f'{CNIL_GUIDE}, fiche « Sécuriser les serveurs »'
+CNIL_BACKUP = f'{CNIL_GUIDE}, fiche « Sauvegarder »'
+CNIL_CRYPTO = f'{CNIL_GUIDE}, fiche « Chiffrer, garantir l\'intégrité ou signer »'
+DICOM_PS3_15 = "DICOM PS3.15 (Security and System Management Profiles)"
+
+
+def requirement(*sources: str) -> str:
+    """Several sources in one ``requirement`` string, in the order given."""
+    return "; ".join(sources)
+
+
+def finding_from_json(data: dict[str, Any]) -> Finding:
+    """A finding read back from a kept run (``check-state.json``: both languages kept)."""
+    return Finding(
+        id=str(data["id"]), section=str(data["section"]),
+        severity=Severity(str(data["severity"])),
+        title=Localized(str(data["title"]["en"]), str(data["title"]["fr"])),
+        requirement=str(data.get("requirement", "")),
+        evidence=Localized(str(data["evidence"]["en"]), str(data["evidence"]["fr"])),
+        fix=Localized(str(data["fix"]["en"]), str(data["fix"]["fr"])),
+        data=dict(data.get("data") or {}),
+    )
+
+
+def finding_to_json(f: Finding) -> dict[str, Any]:
+    """Both languages (the kept run is read by pages in either language)."""
+    return {
+        "id": f.id, "section": f.section, "severity": f.severity.value,
+        "title": {"en": f.title.en, "fr": f.title.fr}, "requirement": f.requirement,
+        "evidence": {"en": f.evidence.en, "fr": f.evidence.fr},
+        "fix": {"en": f.fix.en, "fr": f.fix.fr}, "data": f.data,
+    }

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pacsvault.config.alerts import AlertSettings, render_section
+from pacsvault.config.check import TOML_SECTION as CHECK_SECTION
+from pacsvault.config.check import CheckSettings
 from pacsvault.config.index import TOML_SECTION as INDEX_SECTION
 from pacsvault.config.index import IndexSettings as IndexSettings
 from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
@@ -223,6 +225,7 @@ class Settings(_Strict):
     retention: RetentionSettings = RetentionSettings()
     index: IndexSettings = IndexSettings()
     tokens: TokenSettings = TokenSettings()
+    check: CheckSettings = CheckSettings()
 
     def is_trusted(self, address: str) -> bool:
         ip = peer_ip(address)
@@ -486,4 +489,5 @@ per_modality = {{}}
 # the patient ID again (recorded), since no second administrator exists to confirm it.
 solo_practice = false
 
-""" + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section() + "\n" + TOKENS_SECTION
+""" + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section() + "\n" + TOKENS_SECTION \
+        + "\n" + CHECK_SECTION

@@ -27,6 +27,8 @@ this module only renders it, with the parts a page view asks for:
   object store (local files or an S3 bucket at its endpoint, reachable or not), the last
   scrub and orphan sweep, the instances sharing the index with their last checkpoint; on
   a PostgreSQL index, what protects the data instead of ``pacsvault backup``;
+* the security check (issue 18): one line from the last complete run (``check-state.json``:
+  no check runs here), counts by severity and a link to the Security check page;
 * the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
   Users page (``blocks_section.html``, ``/admin/users/blocks/lift``: CSRF, admin, audited),
   so an administrator looking at the health of the archive sees a locked-out practice too.
@@ -40,6 +42,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from pacsvault.check.record import load_kept
 from pacsvault.status import EXPIRY_WARNING_DAYS, gather
 from pacsvault.status.text import size
 from pacsvault.web.kit import PageRole
@@ -66,4 +69,5 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  verdict=report.audit, nodes=len(report.nodes),
                  legacy_tls=report.legacy_tls_nodes, key=report.key,
                  blocks=_accounts(request).blocks(), blocks_back="/admin/health",
-                 backup=report.backup, deployment=report.deployment)
+                 backup=report.backup, deployment=report.deployment,
+                 check=load_kept(vault.layout.root))

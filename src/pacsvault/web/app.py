@@ -20,6 +20,7 @@ from pacsvault.vault import Vault
 from pacsvault.web import (
     account,
     admin_api,
+    admin_check,
     admin_erasure,
     admin_health,
     admin_nodes,
@@ -62,6 +63,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     # /unseal outside sealed mode: back to the sign-in page (sealed/web.py)
     app.include_router(sealed_web.normal_router)
     app.include_router(admin_erasure.router)
+    app.include_router(admin_check.router)  # the security self-check (issue 18)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)

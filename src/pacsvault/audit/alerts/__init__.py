@@ -56,6 +56,8 @@ Rules (ids are what ``disabled_rules`` takes):
                    restored older index on the same bucket?), and ``dicom.store.failed``
                    with A700 because the S3 endpoint cannot be reached (instead of
                    ``disk-full``: there is no disk to free).
+``security-check`` ``check.run`` (check/record.py) naming a critical finding the previous
+                   complete run did not have (check_rule.py).
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further

@@ -14,6 +14,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pacsvault.audit.alerts.check_rule import security_check
 from pacsvault.audit.alerts.exposure_rule import exposure_switch
 from pacsvault.audit.alerts.findings import Alert, Finding, Severity
 from pacsvault.audit.alerts.findings import clean_text as _clean
@@ -140,6 +141,7 @@ class Detector:
             self._audit_unwritable,
             self._backup_failed, self._backup_stale, self._sealed, self._object_storage,
             exposure_switch,
+            security_check,
         )
 
     # --- public -----------------------------------------------------------------------
