@@ -80,7 +80,7 @@ def _from_token(request: Request, token: str) -> Principal | None:
         return None
     identity = result.identity
     return Principal(user=identity.user, roles=frozenset(identity.roles), via_token=True,
-                     address=address)
+                     address=address, token_id=identity.token_id)
 
 
 def _emit_outside(request: Request, address: str) -> None:

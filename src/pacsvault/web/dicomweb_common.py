@@ -61,10 +61,13 @@ async def record(
     study_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = (),
     patient_ids: tuple[str, ...] = (),
 ) -> None:
+    detail = dict(detail or {})
+    if who.token_id:
+        detail["token"] = who.token_id  # its id, never the secret (breach scope)
     event = AuditEvent(
         action=action, outcome=outcome, code=code, message=message,
         actor_user=who.user, actor_address=who.address, study_uids=study_uids,
-        sop_uids=sop_uids, patient_ids=patient_ids, detail=detail or {},
+        sop_uids=sop_uids, patient_ids=patient_ids, detail=detail,
     )
     await run_in_threadpool(vault_of(request).recorder.emit, event)
 

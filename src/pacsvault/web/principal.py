@@ -16,6 +16,9 @@ class Principal:
     roles: frozenset[str]
     via_token: bool
     address: str
+    # the API token's id (never its secret), named in the DICOMweb records made with it:
+    # a breach opened from a stolen token finds its accesses (pacsvault.breach.scope)
+    token_id: str = ""
 
     def has(self, role: str) -> bool:
         return role in self.roles
