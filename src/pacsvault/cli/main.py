@@ -20,6 +20,7 @@ COMMANDS = {
     "service": "service", "backup": "backup", "storage": "storagecmd", "migrate": "migrate",
     "instances": "instancecmd", "alerts": "alertscmd",
     "check": "check",
+    "breach": "breach",
 }
 
 

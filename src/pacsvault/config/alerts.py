@@ -32,6 +32,8 @@ RULES: dict[str, str] = {
                       "file is damaged",
     "object-storage": "the object storage (an S3 bucket) is unreachable, or an object is "
                       "missing or corrupt",
+    "breach-clock": "a breach record reached 48 h or 66 h of its 72 without a decision on "
+                    "notifying the authority",
     "exposure-switch": "a change of who can reach the archive (remote access, bind, trusted "
                        "networks, DICOM TLS from anywhere), applied, refused or pending",
     "security-check": "the nightly security check found a critical point it had not found "
@@ -207,8 +209,8 @@ webhook_allow_http_loopback = false
 webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
 # unusual-hours, audit-broken, disk-full, audit-unwritable, backup-failed, backup-stale,
-# archive-sealed, object-storage, exposure-switch, security-check. List here the ones you
-# do not want.
+# archive-sealed, object-storage, breach-clock, exposure-switch, security-check. List
+# here the ones you do not want.
 disabled_rules = []
 # Failed sign-ins within 10 minutes (from one address, or for one user) that raise an alert.
 failed_logins_per_10min = 5

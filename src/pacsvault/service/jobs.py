@@ -44,6 +44,8 @@ JOBS: list[JobSpec] = [
     # objects in a bucket: orphan sweep when due, and a slice of the scrub (storage/scrub.py)
     JobSpec("storage-orphans", "pacsvault.storage.scrub:sweep_tick", every=5, first_after=60),
     JobSpec("storage-scrub", "pacsvault.storage.scrub:tick", every=60, first_after=120),
+    # the breach register's 72-hour clock: alerts at 48 h and 66 h (breach/clock.py)
+    JobSpec("breach-clock", "pacsvault.breach.clock:tick", every=300, first_after=60),
     # the security self-check, daily at [check] at, kept for Health (check/record.py)
     JobSpec("check", "pacsvault.check.record:tick", every=60, first_after=120),
 ]

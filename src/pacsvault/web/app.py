@@ -27,6 +27,7 @@ from pacsvault.web import (
     admin_objects,
     admin_users,
     audit_page,
+    breach_pages,
     deps,
     dicomweb,
     pages,
@@ -63,6 +64,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     # /unseal outside sealed mode: back to the sign-in page (sealed/web.py)
     app.include_router(sealed_web.normal_router)
     app.include_router(admin_erasure.router)
+    app.include_router(breach_pages.router)  # the breach register (issue 18)
     app.include_router(admin_check.router)  # the security self-check (issue 18)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)

@@ -56,6 +56,8 @@ Rules (ids are what ``disabled_rules`` takes):
                    restored older index on the same bucket?), and ``dicom.store.failed``
                    with A700 because the S3 endpoint cannot be reached (instead of
                    ``disk-full``: there is no disk to free).
+``breach-clock``   ``breach.clock`` (breach/clock.py): a breach record reached 48 h or 66 h
+                   after awareness with no decision on notifying the authority (art. 33).
 ``security-check`` ``check.run`` (check/record.py) naming a critical finding the previous
                    complete run did not have (check_rule.py).
 

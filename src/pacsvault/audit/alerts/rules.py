@@ -142,6 +142,7 @@ class Detector:
             self._backup_failed, self._backup_stale, self._sealed, self._object_storage,
             exposure_switch,
             security_check,
+            self._breach_clock,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -582,6 +583,23 @@ class Detector:
                   "repository reachable, then run 'pacsvault backup run'."),
             look="pacsvault status; pacsvault audit show --action backup",
             time=e.time, facts={"target": target, "age_hours": str(age)},
+        )]
+
+    def _breach_clock(self, e: AuditEvent) -> list[Finding]:
+        """The breach register's 72-hour clock (``breach.clock``): 48 h and 66 h gone."""
+        if e.action != "breach.clock":
+            return []
+        breach = _clean(str(e.detail.get("breach", ""))) or "?"
+        hours, left = e.detail.get("hours", "?"), e.detail.get("hours_left", "?")
+        return [Finding(
+            rule="breach-clock", subject=f"breach:{breach}:{hours}",
+            severity=Severity.CRITICAL, title="Breach: notification deadline approaching",
+            what=(f"Breach {breach} was known {hours} hours ago and no decision on notifying "
+                  f"the data protection authority is recorded; {left} hours are left of the "
+                  "72 (GDPR art. 33). Record the decision, or notify, with 'pacsvault breach "
+                  "update'."),
+            look=f"pacsvault breach show {breach}", time=e.time,
+            facts={"breach": breach, "hours": str(hours)},
         )]
 
     def _object_storage(self, e: AuditEvent) -> list[Finding]:
