@@ -19,6 +19,7 @@ COMMANDS = {
     "patient": "patients",
     "service": "service", "backup": "backup", "storage": "storagecmd", "migrate": "migrate",
     "instances": "instancecmd", "alerts": "alertscmd",
+    "gdpr": "gdpr",
     "check": "check",
     "breach": "breach",
 }
