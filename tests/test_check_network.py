@@ -76,6 +76,7 @@ class FakeBox:
         self.searches: list[bytes] = []
         self.actions: list[str] = []
         self.natpmp_requests: list[bytes] = []
+        self.pcp_only = False
         box = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -148,7 +149,12 @@ class FakeBox:
             except OSError:
                 return
             self.natpmp_requests.append(datagram)
-            answer = struct.pack("!BBHI", 0, 128, 0, 4242) + socket.inet_aton(PUBLIC)
+            if datagram[:1] == b"\x02" and self.pcp_only:  # PCP ANNOUNCE: success
+                answer = struct.pack("!BBBBII", 2, 0x80, 0, 0, 0, 77) + bytes(12)
+            elif datagram[:1] == b"\x00" and not self.pcp_only:
+                answer = struct.pack("!BBHI", 0, 128, 0, 4242) + socket.inet_aton(PUBLIC)
+            else:
+                continue  # not this box's protocol: silence
             self.pmp.sendto(answer, source)
 
     def close(self) -> None:
@@ -216,7 +222,8 @@ def test_natpmp_answer_and_plain_nodes(served: Served, box: FakeBox) -> None:
     result = network_check(served, box.options)
     found = {f.id: f for f in result.findings}
     pmp = found["network.natpmp-enabled"]
-    assert pmp.data == {"gateway": "127.0.0.1", "result": 0, "public_address": PUBLIC}
+    assert pmp.data == {"gateway": "127.0.0.1", "protocol": "NAT-PMP", "result": 0,
+                        "public_address": PUBLIC}
     assert box.natpmp_requests and set(box.natpmp_requests) == {b"\x00\x00"}  # opcode 0 only
     plain = found["network.plain-dicom-nodes"]
     assert plain.severity is Severity.WARNING
@@ -225,6 +232,21 @@ def test_natpmp_answer_and_plain_nodes(served: Served, box: FakeBox) -> None:
     # a loopback server: no public listener, no exposure, settings at their defaults
     assert not {"network.public-listener", "network.exposure-events",
                 "network.remote-access-internet", "network.tls-from-anywhere"} & result.ids()
+
+
+def test_pcp_only_gateway_is_asked_with_announce(served: Served, box: FakeBox) -> None:
+    box.pcp_only = True
+    options = {**box.options, "ssdp_address": "off", "gateway_timeout": 2.0}
+    result = network_check(served, options)
+    found = {f.id: f for f in result.findings}
+    assert found["network.natpmp-enabled"].data == {
+        "gateway": "127.0.0.1", "protocol": "PCP", "result": 0, "public_address": ""}
+    assert "PCP ANNOUNCE answered" in found["network.natpmp-enabled"].evidence.en
+    announce = [r for r in box.natpmp_requests if r[:1] == b"\x02"]
+    # version 2, opcode 0 (ANNOUNCE, creates nothing), lifetime 0, our IPv4-mapped address
+    assert announce and all(r == b"\x02\x00\x00\x00" + bytes(4) + bytes(10) + b"\xff\xff"
+                            + bytes([127, 0, 0, 1]) for r in announce)
+    assert not box.searches  # "off": no SSDP at all
 
 
 def test_natpmp_and_upnp_parsers_refuse_garbage() -> None:

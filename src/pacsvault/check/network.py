@@ -4,7 +4,7 @@ The two sanctioned practices were exposed by a port mapping on their internet bo
 settings nobody looked at again. This section looks where an inspector would: the
 sockets actually listening (``/proc/net/tcp*``), the trail's ``exposure`` events (a
 connection from outside the trusted networks *did* reach a port), the box's port mapping
-table (UPnP IGD, read-only) and NAT-PMP, the nodes talking plain DICOM, and the two
+table (UPnP IGD, read-only) and NAT-PMP/PCP, the nodes talking plain DICOM, and the two
 settings that open the server on purpose (``remote_access``, ``tls_from_anywhere``).
 
 Active questions to the gateway go to the LAN only (SSDP multicast with TTL 2, NAT-PMP to
@@ -273,20 +273,26 @@ def _mapping_findings(gateways: list[upnp.Gateway], ports: dict[int, str]) -> li
 
 
 def _natpmp_finding(answer: natpmp.PublicAddress) -> Finding:
-    what = answer.address if answer.result == 0 else natpmp.RESULT_TEXT.get(answer.result, "?")
+    if answer.protocol == "PCP":
+        what = "PCP ANNOUNCE " + ("answered" if answer.result == 0
+                                  else f"answered with result {answer.result}")
+    else:
+        what = "NAT-PMP public address " + (
+            answer.address if answer.result == 0
+            else natpmp.RESULT_TEXT.get(answer.result, str(answer.result)))
     return _finding(
         "natpmp-enabled", Severity.INFO,
-        Localized("The default gateway answers NAT-PMP", "La passerelle par défaut répond à "
-                  "NAT-PMP"),
+        Localized("The default gateway answers NAT-PMP or PCP",
+                  "La passerelle par défaut répond à NAT-PMP ou PCP"),
         CNIL_NETWORK,
-        Localized(f"Gateway {answer.gateway} answered a public address request: {what}.",
-                  f"La passerelle {answer.gateway} a répondu à une demande d'adresse "
-                  f"publique : {what}."),
+        Localized(f"Gateway {answer.gateway}: {what}.",
+                  f"Passerelle {answer.gateway} : {what}."),
         Localized("Programs on the LAN may open ports through it: disable NAT-PMP/PCP on the "
                   "box if nothing needs it.",
                   "Des programmes du réseau local peuvent ouvrir des ports par elle : "
                   "désactivez NAT-PMP/PCP sur la box si rien n'en a besoin."),
-        {"gateway": answer.gateway, "result": answer.result, "public_address": answer.address})
+        {"gateway": answer.gateway, "protocol": answer.protocol, "result": answer.result,
+         "public_address": answer.address})
 
 
 def _gateway(ctx: CheckContext, ports: dict[int, str]) -> list[Finding]:

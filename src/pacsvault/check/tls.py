@@ -184,14 +184,17 @@ def _files(ctx: CheckContext) -> list[tuple[str, Path]]:
     return paths
 
 
-def _offline(ctx: CheckContext) -> list[Finding]:
-    """No server running: the certificate files the next start serves."""
+def _offline(ctx: CheckContext, running: bool = False) -> list[Finding]:
+    """No probe (no server running, or probes not allowed): the certificate files the
+    server serves (or will at its next start)."""
+    why = (Localized("probes were not allowed for this run", "sondages non autorisés pour "
+                     "cette vérification") if running else
+           Localized("no `pacsvault serve` is running", "aucun `pacsvault serve` ne tourne"))
     found: list[Finding] = [_finding(
         "not-probed", Severity.INFO,
-        Localized("TLS listeners not probed: the server is not running",
-                  "Ports TLS non sondés : le serveur ne tourne pas"),
-        Localized("No running `pacsvault serve`: protocols and suites were not verified.",
-                  "Aucun `pacsvault serve` en cours : protocoles et suites non vérifiés."),
+        Localized("TLS listeners not probed", "Ports TLS non sondés"),
+        Localized(f"Protocols and suites were not verified: {why.en}.",
+                  f"Protocoles et suites non vérifiés : {why.fr}."),
         Localized("Run the check while the server runs (the nightly run does).",
                   "Lancez la vérification pendant que le serveur tourne (celle de la nuit "
                   "le fait)."), {})]
@@ -209,7 +212,7 @@ def _offline(ctx: CheckContext) -> list[Finding]:
 def check(ctx: CheckContext) -> list[Finding]:
     found = listeners(ctx)
     if not ctx.probe or not found:
-        return _offline(ctx)
+        return _offline(ctx, running=bool(found))
     timeout = float(ctx.options.get("tls_timeout", 3.0))
     results: list[Finding] = []
     for kind, host, port in found:
