@@ -8,6 +8,7 @@ and recorded like any guess) and signs the user's other sessions out.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from pacsvault.accounts import preferences
 from pacsvault.accounts.service import AccountError, AuthOutcome, PasswordRejected
 from pacsvault.audit.tail import TRAIL_WINDOW, tail_records
 from pacsvault.web import i18n
+from pacsvault.web.alert_notices import recent_alerts
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext
 from pacsvault.web.kit import (
@@ -82,7 +84,10 @@ def account_page(request: Request, principal: Principal, status: int = 200,
     sign_ins = recent_sign_ins(vault_of(request).audit.path, principal.user)
     passkeys = request.app.state.passkeys.list_passkeys(principal.user)
     preference = i18n.normalise(getattr(request.state, "language", ""))
+    notifications = (recent_alerts(vault_of(request).audit.path, dt.datetime.now(dt.UTC))
+                     if "admin" in principal.roles else None)  # issue 19
     return page(request, "account.html", status, user=info, tokens=tokens,
+                notifications=notifications,
                 tok_status=token_status, sign_ins=sign_ins, message=message,
                 message_kind=message_kind, passkeys=passkeys, preference=preference,
                 field_errors=field_errors or {}, nav="account")

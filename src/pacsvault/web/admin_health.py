@@ -29,6 +29,9 @@ this module only renders it, with the parts a page view asks for:
   a PostgreSQL index, what protects the data instead of ``pacsvault backup``;
 * the security check (issue 18): one line from the last complete run (``check-state.json``:
   no check runs here), counts by severity and a link to the Security check page;
+* the exposure banner (issue 19, ``alert_notices.exposure_banner``): red at the top for as
+  long as the archive is open beyond the practice network, a switch was refused, or the
+  settings file was edited behind the running server's back;
 * the active sign-in blocks with their "lift" buttons: the same fragment and endpoint as the
   Users page (``blocks_section.html``, ``/admin/users/blocks/lift``: CSRF, admin, audited),
   so an administrator looking at the health of the archive sees a locked-out practice too.
@@ -45,6 +48,7 @@ from starlette.responses import Response
 from pacsvault.check.record import load_kept
 from pacsvault.status import EXPIRY_WARNING_DAYS, gather
 from pacsvault.status.text import size
+from pacsvault.web.alert_notices import exposure_banner
 from pacsvault.web.kit import PageRole
 from pacsvault.web.kit import accounts_of as _accounts
 from pacsvault.web.kit import page as _page
@@ -70,4 +74,5 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  legacy_tls=report.legacy_tls_nodes, key=report.key,
                  blocks=_accounts(request).blocks(), blocks_back="/admin/health",
                  backup=report.backup, deployment=report.deployment,
-                 check=load_kept(vault.layout.root))
+                 check=load_kept(vault.layout.root),
+                 exposure=exposure_banner(vault.layout.root))

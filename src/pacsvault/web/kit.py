@@ -14,6 +14,7 @@ imports these public names; none of them holds routes of its own here.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
@@ -131,9 +132,15 @@ def page(request: Request, template: str, status: int = 200, *,
          session: WebSession | None = None, headers: dict[str, str] | None = None,
          **context: Any) -> Response:
     current = session or session_of(request)
+    principal = principal_of(request)
     values: dict[str, Any] = {"csrf": current.csrf if current else "",
-                              "principal": principal_of(request),
+                              "principal": principal,
                               "here": request.url.path, "role_names": ROLE_NAMES}
+    if principal is not None and "admin" in principal.roles:  # alerts seen (issue 19)
+        from pacsvault.web.alert_notices import admin_banner
+
+        values["admin_alerts"] = admin_banner(vault_of(request).audit.path,
+                                              dt.datetime.now(dt.UTC))
     values.update(context)
     return pages.render(template, values, status, headers, i18n.locale_for(request))
 
