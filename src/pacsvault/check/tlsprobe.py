@@ -117,8 +117,9 @@ def probe(kind: str, host: str, port: int, timeout: float = 3.0) -> ListenerProb
     """Every protocol version, the weak suite families, and each certificate kind.
 
     Few successful handshakes on purpose (three on a hardened listener): the DICOM
-    listener holds a per-source slot for a while after each, and the check must not
-    exhaust the budget of the address it probes from."""
+    listener keeps a per-source slot until its association timeout (30 s by default)
+    after a client that completed the handshake hangs up, and the check must not use up
+    the budget (8 by default) of the address it probes from."""
     result = ListenerProbe(kind, host, port)
     try:
         for name, version in PROTOCOLS:
