@@ -50,8 +50,8 @@ class Actor:
             return str(rec.detail.get("token", "")) == self.value
         if self.kind == "user":
             return rec.actor_user == self.value
-        if self.kind == "address":
-            return rec.actor_address == self.value
+        if self.kind == "address":  # one address, or several (an exposure finding's)
+            return rec.actor_address in self.value.split(",")
         # a node: what it did, and what others sent to it (C-MOVE destination)
         return rec.actor_ae == self.value or (
             str(rec.detail.get("destination", "")) == self.value)
@@ -107,6 +107,17 @@ def alert_actor(vault: Vault, seq: int) -> tuple[Actor, dt.datetime]:
                     return Actor(kind, value), _record_time(rec)
             raise BreachError(f"alert {seq} names no user, node or address")
     raise BreachError(f"no trail record {seq}")
+
+
+def exposure_actor(vault: Vault, since: dt.datetime, until: dt.datetime) -> Actor:
+    """The outside addresses of the trail's ``exposure`` events in the window: what the
+    self-check's exposure finding (``network.exposure-events``) reports."""
+    addresses = sorted({rec.actor_address for rec in vault.audit.all_records()
+                        if rec.action == "exposure" and rec.actor_address
+                        and utc(since) <= _record_time(rec) <= utc(until)})
+    if not addresses:
+        raise BreachError("no exposure event in the window: nothing reached from outside")
+    return Actor("address", ",".join(addresses))
 
 
 def compute(vault: Vault, actor: Actor, since: dt.datetime, until: dt.datetime,

@@ -89,7 +89,8 @@ def register(sub: Any) -> None:
     actor.add_argument("--from-alert", metavar="SEQ", type=int,
                        help="the trail record number of an alert (pacsvault audit show)")
     p.add_argument("--from-finding", metavar="ID",
-                   help="a security self-check finding id (pacsvault check)")
+                   help="a security self-check finding id (pacsvault check); an exposure "
+                   "finding scopes the outside addresses of the window's exposure events")
     p.add_argument("--since", metavar="ISO-TIME")
     p.add_argument("--until", metavar="ISO-TIME", help="default: now")
     _record_args(p)
@@ -183,6 +184,11 @@ def cmd_open(args: argparse.Namespace) -> int:
         now = _now()
         record = Breach(id="", aware_at=now.isoformat(timespec="seconds"))
         actor, alert_time = _actor(args, vault)
+        if actor is None and args.from_finding and "exposure" in args.from_finding:
+            if not args.since:
+                raise CommandError("--since is required (the window's start)")
+            actor = breach_scope.exposure_actor(
+                vault, parse_time(args.since), parse_time(args.until) if args.until else now)
         if args.from_alert is not None:
             record.detection, record.detection_ref = "alert", str(args.from_alert)
         elif args.from_finding:
