@@ -343,3 +343,31 @@ def test_page_for_admin_only(vault: VaultDir, luks_options: dict[str, str],
             assert 'id="finding-backups.none"' in page.text
             health = admin.get("/admin/health")
             assert 'id="check-summary"' in health.text
+
+
+def test_dormant_accounts_and_syslog_collector(vault: VaultDir) -> None:
+    import socket
+
+    from pacsvault.config import AuditSettings
+    from pacsvault.config.syslog import SyslogSettings
+
+    v = vault.open()
+    try:
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(days=100)
+        dormant = [f for f in run(CheckContext(vault=v, now=later, probe=False),
+                                  ("accounts",)).findings if f.id == "accounts.dormant"]
+        assert len(dormant) == 1 and "admin" in dormant[0].data["users"]
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            port = listener.getsockname()[1]
+            v.settings = v.settings.model_copy(update={"audit": AuditSettings(
+                syslog=SyslogSettings(enabled=True, host="127.0.0.1", port=port,
+                                      ca_file="/nonexistent/ca.pem"))})
+            ctx = CheckContext(vault=v, now=dt.datetime.now(dt.UTC),
+                               options={"syslog_timeout": 5})
+            assert "audit.syslog-unreachable" not in run(ctx, ("audit",)).ids()
+        # the listener is closed: nothing answers on that port any more
+        assert "audit.syslog-unreachable" in run(ctx, ("audit",)).ids()
+    finally:
+        v.close()
