@@ -421,7 +421,10 @@ def test_token_create_list_revoke(served: Served) -> None:
         res = served.cli("token", "revoke", "0123456789abcdef")
         assert res.returncode == 2 and "no such token" in res.stderr
     recorded = {r.action for r in records(served.vault) if r.detail.get("token") == token_id}
-    assert recorded == {"token.create", "token.revoke"}
+    # its creation, its first use from an address (issue 19), the search it made (the
+    # request's record names the token, issue 18) and its revocation
+    assert recorded == {"token.create", "token.new-address", "dicomweb.search",
+                        "token.revoke"}
     trail = (served.vault.data / "audit" / "trail.jsonl").read_text()
     assert token not in trail and token.split("_")[2] not in trail
 
