@@ -262,6 +262,21 @@ def test_natpmp_and_upnp_parsers_refuse_garbage() -> None:
         upnp.parse_entry(bomb)
 
 
+def test_listening_sockets_from_proc(tmp_path: Path) -> None:
+    header = "  sl  local_address rem_address   st\n"
+    (tmp_path / "tcp").write_text(header + "   0: 0100007F:2B68 00000000:0000 0A\n"
+                                  "   1: 00000000:0AD2 00000000:0000 0A\n"
+                                  "   2: 0100007F:2B68 0100007F:D431 01\n")  # established
+    # ::, and 2001:db8::1 as the kernel prints it (four little-endian 32-bit words)
+    (tmp_path / "tcp6").write_text(header + "   0: 00000000000000000000000000000000:20FB "
+                                   "00000000000000000000000000000000:0000 0A\n"
+                                   "   1: B80D0120000000000000000001000000:0068 "
+                                   "00000000000000000000000000000000:0000 0A\n")
+    assert network.listening_sockets(tmp_path) == [
+        network.Socket("127.0.0.1", 11112), network.Socket("0.0.0.0", 2770),
+        network.Socket("::", 8443), network.Socket("2001:db8::1", 104)]
+
+
 def test_default_gateway_from_the_routing_table(tmp_path: Path) -> None:
     route = tmp_path / "route"
     route.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\n"

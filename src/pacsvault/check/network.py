@@ -122,8 +122,12 @@ def _public_listeners(ctx: CheckContext, state: dict[str, Any] | None,
         for sock in listening_sockets():
             if sock.port not in running:
                 continue
-            wildcard = ipaddress.ip_address(sock.address).is_unspecified
-            reach = public_here if wildcard else ([sock.address] if _public(sock.address) else [])
+            bound = ipaddress.ip_address(sock.address)
+            if bound.is_unspecified:  # every interface: 0.0.0.0 the IPv4 ones, :: all
+                reach = [a for a in public_here
+                         if bound.version == 6 or ipaddress.ip_address(a).version == 4]
+            else:
+                reach = [sock.address] if _public(sock.address) else []
             exposed.extend({"listener": ports.get(sock.port, "?"), "bound": sock.address,
                             "port": sock.port, "public_address": a} for a in reach)
     bind = ctx.vault.settings.server.bind
