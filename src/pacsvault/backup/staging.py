@@ -152,6 +152,8 @@ def _stage(vault: Vault) -> _Staged:
         shutil.copy2(layout.root / name, root / name)
     if (layout.root / "tls").is_dir():
         shutil.copytree(layout.root / "tls", root / "tls")
+    if (layout.root / "breaches").is_dir():  # the breach register (art. 33(5)), ciphertext
+        shutil.copytree(layout.root / "breaches", root / "breaches")
     pending_dir = root / PENDING_DIR
     pending_dir.mkdir(mode=0o700)
     pending = 0
