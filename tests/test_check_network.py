@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,6 +248,18 @@ def test_pcp_only_gateway_is_asked_with_announce(served: Served, box: FakeBox) -
     assert announce and all(r == b"\x02\x00\x00\x00" + bytes(4) + bytes(10) + b"\xff\xff"
                             + bytes([127, 0, 0, 1]) for r in announce)
     assert not box.searches  # "off": no SSDP at all
+
+
+def test_silent_gateway_gives_nothing_within_the_timeout(served: Served) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = closed.getsockname()  # a port nobody answers on
+    started = time.monotonic()
+    result = network_check(served, {"ssdp_address": nobody, "natpmp_gateway": nobody,
+                                    "gateway_timeout": 0.5})
+    assert time.monotonic() - started < 15  # bounded (the in-process vault opens too)
+    assert not result.errors
+    assert not {i for i in result.ids() if "upnp" in i or "natpmp" in i or "gateway" in i}
 
 
 def test_natpmp_and_upnp_parsers_refuse_garbage() -> None:

@@ -106,7 +106,10 @@ def _ask(gateway: tuple[str, int], request: bytes,
     wait = 0.25
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         while time.monotonic() < deadline:
-            sock.sendto(request, gateway)
+            try:
+                sock.sendto(request, gateway)
+            except OSError:  # no route to it
+                return None
             until = min(deadline, time.monotonic() + wait)
             while (left := until - time.monotonic()) > 0:
                 sock.settimeout(left)
@@ -114,7 +117,7 @@ def _ask(gateway: tuple[str, int], request: bytes,
                     datagram, source = sock.recvfrom(64)
                 except TimeoutError:
                     break
-                except ConnectionRefusedError:  # ICMP port unreachable: nobody listens
+                except OSError:  # ICMP port unreachable: nobody listens
                     return None
                 if source[0] != gateway[0]:
                     continue  # RFC 6886 3.1: only the gateway's answers count

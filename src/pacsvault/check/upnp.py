@@ -99,8 +99,11 @@ def discover(address: tuple[str, int], timeout: float) -> list[str]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         if multicast:  # stay on the LAN: UPnP's own TTL
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
-        for target in SEARCH_TARGETS:
-            sock.sendto(search_message(target), address)
+        try:
+            for target in SEARCH_TARGETS:
+                sock.sendto(search_message(target), address)
+        except OSError:  # no route to the LAN (no interface up): no gateway to ask
+            return []
         deadline = time.monotonic() + timeout
         answers = 0
         while answers < MAX_ANSWERS:
@@ -110,7 +113,7 @@ def discover(address: tuple[str, int], timeout: float) -> list[str]:
             sock.settimeout(left)
             try:
                 datagram, source = sock.recvfrom(4096)
-            except TimeoutError:
+            except OSError:  # the timeout, or an ICMP unreachable for a unicast search
                 break
             answers += 1
             location = _headers(datagram).get("location", "")
