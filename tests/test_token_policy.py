@@ -7,8 +7,8 @@
   127.0.0.2 (the client socket bound there; loopback addresses stand in for a LAN) and
   accepted from 127.0.0.1; outside the trusted networks a token works only if made
   ``--remote`` while internet mode is on.
-* Idle expiry with a fake clock; last use (time, address) in ``token list``; a use from a
-  new address is a ``token.new-address`` record in the trail.
+* Idle expiry with a fake clock; last use (time, address) in ``token list`` and on the
+  account page; a use from a new address is a ``token.new-address`` record in the trail.
 * Index revision 0005 on both backends: an existing 366-day token keeps working, its expiry
   capped at 90 days from the upgrade.
 """
@@ -148,6 +148,12 @@ def test_new_address_event_and_last_use_in_token_list(web: LocalWeb,
     [line] = [row for row in listing.splitlines() if issued.token_id in row]
     assert "127.0.0.1" in line and web.clock.now.strftime("%Y-%m-%d %H:%M") in line
     assert "last address" in listing.splitlines()[0]
+    # and on the owner's account page
+    with web.browser() as browser:
+        web.sign_in(browser, USER, PASSWORD)
+        page = browser.get("/account").text
+    [row] = [r for r in page.split("<tr>") if issued.token_id in r]
+    assert "<code>127.0.0.1</code>" in row and "the practice network" in row
 
 
 def test_revision_0005_caps_an_old_token(backend: Backend,
