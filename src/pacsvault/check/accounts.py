@@ -67,7 +67,7 @@ def check(ctx: CheckContext) -> list[Finding]:
             evidence=Localized(
                 f"{len(no_2fa)} active account(s) have no confirmed TOTP or passkey: "
                 f"{_names(no_2fa)}. Whoever first signs in with the password enrols it.",
-                f"{len(no_2fa)} compte(s) actif(s) sans TOTP confirmé ni clé d'accès : "
+                f"{len(no_2fa)} compte(s) actif(s) sans TOTP confirmé ni clé d’accès : "
                 f"{_names(no_2fa)}. La première personne qui se connecte avec le mot de "
                 "passe enrôle le second facteur."),
             fix=Localized(
@@ -92,8 +92,8 @@ def check(ctx: CheckContext) -> list[Finding]:
             fix=Localized(
                 "Disable the accounts of people who left or no longer need access "
                 "('pacsvault user disable NAME'); re-enable them when needed.",
-                "Désactivez les comptes des personnes parties ou qui n'ont plus besoin "
-                "d'accès (« pacsvault user disable NOM ») ; réactivez-les au besoin."),
+                "Désactivez les comptes des personnes parties ou qui n’ont plus besoin "
+                "d’accès (« pacsvault user disable NOM ») ; réactivez-les au besoin."),
             data={"users": idle, "days": days}))
     admins = [name for _pk, name, roles, *_ in rows if "admin" in roles]
     if not admins:
@@ -102,12 +102,12 @@ def check(ctx: CheckContext) -> list[Finding]:
             title=Localized("No active administrator", "Aucun administrateur actif"),
             requirement=requirement(GDPR_32_B, CNIL_RIGHTS),
             evidence=Localized("No enabled account has the admin role.",
-                               "Aucun compte actif n'a le rôle administrateur."),
+                               "Aucun compte actif n’a le rôle administrateur."),
             fix=Localized(
                 "Give the admin role to one named person ('pacsvault user roles NAME "
                 "admin'): someone must be able to disable accounts and read alerts.",
                 "Donnez le rôle administrateur à une personne nommée (« pacsvault user "
-                "roles NOM admin ») : quelqu'un doit pouvoir désactiver des comptes et "
+                "roles NOM admin ») : quelqu’un doit pouvoir désactiver des comptes et "
                 "lire les alertes."),
             data={"admins": 0}))
     elif len(admins) > max_admins:
@@ -124,7 +124,7 @@ def check(ctx: CheckContext) -> list[Finding]:
                 "Keep the admin role to the one or two people who run the archive; give "
                 "the others the physician or auditor role.",
                 "Réservez le rôle administrateur aux une ou deux personnes qui gèrent "
-                "l'archive ; donnez aux autres le rôle médecin ou auditeur."),
+                "l’archive ; donnez aux autres le rôle médecin ou auditeur."),
             data={"admins": len(admins)}))
     out.extend(_tokens(tokens, {pk: name for pk, name, *_ in rows}, now, unused))
     out.extend(_initial_password(rows))
@@ -143,7 +143,7 @@ def _tokens(tokens: list[tuple[str, int, dt.datetime, dt.datetime, dt.datetime |
         out.append(Finding(
             id="accounts.token-long-lived", section=SECTION, severity=Severity.WARNING,
             title=Localized("API tokens that barely expire",
-                            "Jetons d'API à très longue durée"),
+                            "Jetons d’API à très longue durée"),
             requirement=requirement(GDPR_32_B, CNIL_AUTH),
             evidence=Localized(
                 f"{len(long_lived)} token(s) valid for more than {TOKEN_LONG_DAYS} days "
@@ -161,7 +161,7 @@ def _tokens(tokens: list[tuple[str, int, dt.datetime, dt.datetime, dt.datetime |
     if idle:
         out.append(Finding(
             id="accounts.token-unused", section=SECTION, severity=Severity.WARNING,
-            title=Localized("Unused API tokens", "Jetons d'API inutilisés"),
+            title=Localized("Unused API tokens", "Jetons d’API inutilisés"),
             requirement=requirement(GDPR_32_B, CNIL_AUTH),
             evidence=Localized(
                 f"{len(idle)} valid token(s) not used for more than {unused.days} days: "
@@ -169,7 +169,7 @@ def _tokens(tokens: list[tuple[str, int, dt.datetime, dt.datetime, dt.datetime |
                 f"{len(idle)} jeton(s) valide(s) inutilisé(s) depuis plus de "
                 f"{unused.days} jours : {_names(idle)}."),
             fix=Localized("Revoke tokens nobody uses ('pacsvault token revoke ID').",
-                          "Révoquez les jetons que personne n'utilise (« pacsvault token "
+                          "Révoquez les jetons que personne n’utilise (« pacsvault token "
                           "revoke ID »)."),
             data={"tokens": idle, "days": unused.days}))
     return out
@@ -193,11 +193,11 @@ def _initial_password(
         evidence=Localized(
             f"The password of '{name}' has not changed since the account was created at "
             "setup; it was printed on the terminal then.",
-            f"Le mot de passe de « {name} » n'a pas changé depuis la création du compte à "
-            "l'installation ; il a alors été affiché dans le terminal."),
+            f"Le mot de passe de « {name} » n’a pas changé depuis la création du compte à "
+            "l’installation ; il a alors été affiché dans le terminal."),
         fix=Localized(
             "Change it from the account page (or 'pacsvault user reset NAME') and destroy "
             "any note of the old one.",
             "Changez-le depuis la page du compte (ou « pacsvault user reset NOM ») et "
-            "détruisez toute trace de l'ancien."),
+            "détruisez toute trace de l’ancien."),
         data={"user": name})]

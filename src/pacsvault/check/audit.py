@@ -42,14 +42,14 @@ def check(ctx: CheckContext) -> list[Finding]:
         out.append(Finding(
             id="audit.chain-broken", section=SECTION, severity=Severity.CRITICAL,
             title=Localized("Audit trail does not verify",
-                            "Le journal d'audit ne se vérifie pas"),
+                            "Le journal d’audit ne se vérifie pas"),
             requirement=REQ,
             evidence=Localized(f"Verification failed: {problem}",
                                f"La vérification a échoué : {problem}"),
             fix=Localized("Run 'pacsvault audit verify' to see where; treat an edit you did "
                           "not make as an incident (the breach register).",
                           "Lancez « pacsvault audit verify » pour voir où ; traitez une "
-                          "modification que vous n'avez pas faite comme un incident (le "
+                          "modification que vous n’avez pas faite comme un incident (le "
                           "registre des violations)."),
             data={"records": verdict.records}))
     out.extend(_retention(ctx))
@@ -85,7 +85,7 @@ def _retention(ctx: CheckContext) -> list[Finding]:
         out.append(Finding(
             id="audit.retention-short", section=SECTION, severity=Severity.WARNING,
             title=Localized("Audit trail kept too briefly",
-                            "Journal d'audit conservé trop peu de temps"),
+                            "Journal d’audit conservé trop peu de temps"),
             requirement=REQ,
             evidence=Localized(
                 f"[audit] retention_days = {days}: an intrusion found after {days} days "
@@ -102,13 +102,13 @@ def _retention(ctx: CheckContext) -> list[Finding]:
         out.append(Finding(
             id="audit.retention-overdue", section=SECTION, severity=Severity.WARNING,
             title=Localized("Audit records kept past the retention window",
-                            "Traces d'audit conservées au-delà de la durée prévue"),
+                            "Traces d’audit conservées au-delà de la durée prévue"),
             requirement=requirement(GDPR_5_E, CNIL_TRACE),
             evidence=Localized(
                 f"The oldest record is {age} days old; the retention window is {days} "
                 "days: the daily purge is not running.",
                 f"La trace la plus ancienne a {age} jours ; la durée de conservation est de "
-                f"{days} jours : la purge quotidienne ne s'exécute pas."),
+                f"{days} jours : la purge quotidienne ne s’exécute pas."),
             fix=Localized("Run 'pacsvault audit purge' and keep 'pacsvault serve' running.",
                           "Lancez « pacsvault audit purge » et gardez « pacsvault serve » "
                           "en marche."),
@@ -138,6 +138,6 @@ def _syslog(ctx: CheckContext) -> list[Finding]:
                 f"Pas de connexion TCP vers {target} ({reason}) : les traces attendent "
                 "dans la file locale et la copie hors machine prend du retard."),
             fix=Localized("Check the collector and the network to it ([audit.syslog]).",
-                          "Vérifiez le collecteur et le réseau jusqu'à lui ([audit.syslog])."),
+                          "Vérifiez le collecteur et le réseau jusqu’à lui ([audit.syslog])."),
             data={"target": target})]
     return []

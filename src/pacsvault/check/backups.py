@@ -37,7 +37,7 @@ def check(ctx: CheckContext) -> list[Finding]:
             requirement=REQ,
             evidence=Localized("pacsvault.toml has no [[backup.targets]] entry: a disk "
                                "failure, a theft or ransomware loses every image.",
-                               "pacsvault.toml n'a aucune entrée [[backup.targets]] : une "
+                               "pacsvault.toml n’a aucune entrée [[backup.targets]] : une "
                                "panne de disque, un vol ou un rançongiciel fait perdre "
                                "toutes les images."),
             fix=Localized("Add two targets (a USB disk and an off-site repository) under "
@@ -91,8 +91,8 @@ def _drill(ctx: CheckContext, name: str, last: dt.datetime | None, ok: bool | No
                             f"Le dernier test de restauration de « {name} » a échoué"),
             requirement=req,
             evidence=Localized("Restoring this backup did not give back the archive as it "
-                               "was.", "La restauration de cette sauvegarde n'a pas rendu "
-                               "l'archive telle qu'elle était."),
+                               "was.", "La restauration de cette sauvegarde n’a pas rendu "
+                               "l’archive telle qu’elle était."),
             fix=fix, data={"target": name})]
     limit = dt.timedelta(days=2 * every_days)
     if last is None or ctx.now - last > limit:

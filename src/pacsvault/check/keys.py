@@ -64,7 +64,7 @@ def check(ctx: CheckContext) -> list[Finding]:
                 "the audit trail and certificates are readable from the disk.",
                 f"{data_dir} est sur {data_v.device} ({data_v.fstype}), sans dm-crypt/LUKS. "
                 "Images et index sont chiffrés par pacsvault ; les réglages, les noms "
-                "d'utilisateurs du journal d'audit et les certificats se lisent sur le "
+                "d’utilisateurs du journal d’audit et les certificats se lisent sur le "
                 "disque."),
             fix=Localized(
                 "When the machine is next reinstalled, choose full-disk encryption (LUKS).",
@@ -120,7 +120,7 @@ def _key(key: Path, data_dir: Path, probe: disks.BlockProbe,
             evidence=Localized(
                 f"The key file {key} is not passphrase- or machine-protected and lies on "
                 f"{key_v.device} ({key_v.fstype}), not dm-crypt/LUKS.",
-                f"Le fichier de clé {key} n'est protégé ni par phrase de passe ni par la "
+                f"Le fichier de clé {key} n’est protégé ni par phrase de passe ni par la "
                 f"machine et se trouve sur {key_v.device} ({key_v.fstype}), sans "
                 "dm-crypt/LUKS."),
             fix=Localized("Protect it ('pacsvault keys protect') or keep it on an "
@@ -133,7 +133,7 @@ def _key(key: Path, data_dir: Path, probe: disks.BlockProbe,
         out.append(Finding(
             id="keys.key-permissions", section=SECTION, severity=Severity.CRITICAL,
             title=Localized("Master key readable by others",
-                            "Clé maîtresse lisible par d'autres"),
+                            "Clé maîtresse lisible par d’autres"),
             requirement=REQ_SERVER,
             evidence=Localized(
                 f"The key file {key} has mode {report['mode']} and owner {report['owner']}.",
@@ -164,8 +164,8 @@ def _swap(probe: disks.BlockProbe) -> list[Finding]:
         evidence=Localized(
             f"Swap {names} is not on dm-crypt/LUKS: decrypted images and keys held in memory "
             "can be written there in clear and stay after shutdown.",
-            f"Le swap {names} n'est pas sur dm-crypt/LUKS : des images déchiffrées et des "
-            "clés en mémoire peuvent y être écrites en clair et y rester après l'arrêt."),
+            f"Le swap {names} n’est pas sur dm-crypt/LUKS : des images déchiffrées et des "
+            "clés en mémoire peuvent y être écrites en clair et y rester après l’arrêt."),
         fix=Localized(
             "Encrypt swap (a random-key dm-crypt swap in /etc/crypttab, or swap inside the "
             "LUKS volume), use zram, or turn swap off.",
@@ -203,6 +203,6 @@ def _permissions(data_dir: Path, ctx: CheckContext) -> list[Finding]:
             f"In {data_dir}: {shown} (expected 0700 directories and 0600 files; settings "
             "not writable by others).",
             f"Dans {data_dir} : {shown} (attendu : répertoires 0700 et fichiers 0600 ; "
-            "réglages non modifiables par d'autres)."),
+            "réglages non modifiables par d’autres)."),
         fix=Localized(f"chmod -R go-rwx {data_dir}", f"chmod -R go-rwx {data_dir}"),
         data={"paths": loose})]

@@ -141,7 +141,7 @@ CNIL_RIGHTS = f'{CNIL_GUIDE}, fiche « Gérer les habilitations »'
 CNIL_TRACE = f'{CNIL_GUIDE}, fiche « Tracer les opérations »'
 CNIL_SERVERS = f'{CNIL_GUIDE}, fiche « Sécuriser les serveurs »'
 CNIL_BACKUP = f'{CNIL_GUIDE}, fiche « Sauvegarder »'
-CNIL_CRYPTO = f'{CNIL_GUIDE}, fiche « Chiffrer, garantir l\'intégrité ou signer »'
+CNIL_CRYPTO = f'{CNIL_GUIDE}, fiche « Chiffrer, garantir l’intégrité ou signer »'
 DICOM_PS3_15 = "DICOM PS3.15 (Security and System Management Profiles)"
 
 

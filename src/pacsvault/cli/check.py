@@ -21,7 +21,7 @@ _LABELS = {
            "summary": "{c} critical, {w} warning(s), {i} note(s); exit code {x}",
            "new": "new since the last run"},
     "fr": {"critical": "CRITIQUE", "warning": "ATTENTION", "info": "NOTE",
-           "fix": "Correction :", "req": "Exigence :", "error": "n'a pas pu être vérifié",
+           "fix": "Correction :", "req": "Exigence :", "error": "n’a pas pu être vérifié",
            "clean": "rien à signaler",
            "summary": "{c} critique(s), {w} avertissement(s), {i} note(s) ; code de sortie {x}",
            "new": "nouveau depuis la dernière exécution"},
