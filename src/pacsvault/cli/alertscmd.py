@@ -100,6 +100,30 @@ def chosen_values(args: argparse.Namespace, ask: bool) -> dict[str, str | int | 
     return values
 
 
+def forward_args(args: argparse.Namespace, ask: bool) -> list[str]:
+    """The same choice as ``init`` flags (``service install`` runs ``init`` as the service
+    user): asked here at a terminal, checked, then passed on."""
+    values = chosen_values(args, ask)
+    if not values:
+        return ["--no-alerts"]
+    out: list[str] = []
+    mail_to = values.get("mail_to")
+    for address in mail_to if isinstance(mail_to, list) else []:
+        out += ["--alert-email", address]
+    if "smtp_host" in values:
+        port = values.get("smtp_port")
+        out += ["--smtp-host", f"{values['smtp_host']}:{port}" if port
+                else str(values["smtp_host"])]
+    for key, flag in (("smtp_security", "--smtp-security"),
+                      ("smtp_username", "--smtp-username"),
+                      ("smtp_password_file", "--smtp-password-file"),
+                      ("webhook_url", "--alert-webhook"),
+                      ("webhook_token_file", "--webhook-token-file")):
+        if key in values:
+            out += [flag, str(values[key])]
+    return out
+
+
 def write_choice(root: Path, values: dict[str, str | int | bool | list[str]]) -> None:
     """The chosen channel into the new vault's settings file (checked by loading it)."""
     from pacsvault.config import ConfigError, load
@@ -158,7 +182,8 @@ def send_test(root: Path, alerts: AlertSettings, recorder: Recorder,
 def choice_event(values: dict[str, Any], delivered: list[str], by: str) -> AuditEvent:
     """``alerts.choice``: what ``init`` was told (none is a decision on record too)."""
     chosen = [c for c, key in (("mail", "mail_to"), ("webhook", "webhook_url")) if key in values]
-    return _event("alerts.choice", Outcome.SUCCESS if chosen else Outcome.MINOR_FAILURE, by,
+    # A decision, recorded as made (init says what "none" means; the check keeps saying it)
+    return _event("alerts.choice", Outcome.SUCCESS, by,
                   channels=",".join(chosen) or "none", tested=",".join(delivered))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import logging
 import os
 import pwd
@@ -230,6 +231,34 @@ class Watch:
             except Exception as exc:  # the watch must never stop the server
                 log.error("exposure check of the settings file failed: %s",
                           type(exc).__name__)
+
+
+def addresses_notice(bind: str) -> str | None:
+    """One line naming where a wildcard ``bind`` listens: this machine's private and
+    loopback addresses, and in capitals any public one (reachable from the internet
+    whatever the trusted networks say about who is answered). None for a set address."""
+    if bind not in ("0.0.0.0", "::", ""):  # noqa: S104 (names, not a bind)
+        return None
+    from pacsvault.check.network import local_addresses
+
+    private: list[str] = []
+    public: list[str] = []
+    for text in sorted(local_addresses()):
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if bind != "::" and ip.version == 6:
+            continue
+        (public if ip.is_global else private).append(text)
+    line = (f"listening on every address of this machine ({bind}): "
+            f"{', '.join(private) or 'none private'}")
+    if public:
+        line += (f"; and on PUBLIC address(es) {', '.join(public)}: set [server] bind to a "
+                 "private address to listen only on the practice network")
+    else:
+        line += "; to listen on one of them only, set [server] bind in pacsvault.toml"
+    return line
 
 
 def _emit(vault: Vault, raw: dict[str, Any]) -> None:

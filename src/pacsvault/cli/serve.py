@@ -312,6 +312,9 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
     )
     log.info("AE title %s; DICOM TLS on %s:%s", settings.server.ae_title, bind,
              bound.get("dicom_tls_port"))
+    notice = exposure.addresses_notice(bind)  # where a wildcard bind listens (issue 19)
+    if notice is not None and primary:
+        log.warning("%s", notice)
     if "dicom_port" in bound:
         log.warning("plain DICOM on %s:%s is not encrypted: use it only for legacy "
                     "modalities on the practice network", bind, bound["dicom_port"])

@@ -30,15 +30,20 @@ def register(sub: Any) -> None:
     inst.add_argument("--admin", metavar="NAME", help="first administrator's name")
     inst.add_argument("--no-start", action="store_true",
                       help="do not enable and start the unit")
+    from pacsvault.cli.alertscmd import add_init_args
+
+    add_init_args(inst)  # who is told of an alert (issue 19): asked at a terminal
     inst.set_defaults(func=cmd_install)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    from pacsvault.cli.alertscmd import forward_args
     from pacsvault.service.install import InstallError, Layout, Options, install
 
     opts = Options(Layout(args.root.absolute(), args.user),
                    python=args.python or Path(sys.executable), pythonpath=args.pythonpath,
-                   memory_max=args.memory_max, start=not args.no_start, admin=args.admin)
+                   memory_max=args.memory_max, start=not args.no_start, admin=args.admin,
+                   init_args=tuple(forward_args(args, ask=True)))
     try:
         done = install(opts)
     except InstallError as exc:

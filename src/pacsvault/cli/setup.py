@@ -174,6 +174,12 @@ def init_vault(root: Path, key_file: Path | None, ae_title: str, admin: str | No
             f"sign in at https://<this server>:{https_port}/, then delete the file "
             f"(shred -u {path}).")
         print(path, flush=True)
+    from pacsvault.cli.exposure import addresses_notice
+    from pacsvault.config import load
+
+    notice = addresses_notice(load(root).server.bind)
+    if notice is not None:
+        say(f"The server will be {notice}.")
     if not serving:
         say("Next: register your modality with 'pacsvault node add AE_TITLE --host ADDRESS', "
             "then 'pacsvault serve'.")

@@ -83,6 +83,8 @@ class Options:
     memory_max: str = "4G"
     start: bool = True
     admin: str | None = None
+    # The alert channel for ``init`` (its --alert-*/--smtp-*/--no-alerts flags, issue 19).
+    init_args: tuple[str, ...] = ()
 
 
 def say(text: str) -> None:
@@ -226,7 +228,7 @@ def install(opts: Options) -> dict[str, str]:
         say("  vault: creating it (keys, certificates, first administrator) ...")
         admin = ("--admin", opts.admin) if opts.admin else ()
         proc = as_user(opts, "init", "--data", str(layout.data), "--key-file",
-                       str(layout.key), *admin)
+                       str(layout.key), *admin, *opts.init_args)
         if proc.returncode != 0:
             raise InstallError(f"init failed: {proc.stderr.strip()}")
         secrets = proc.stdout.strip().splitlines()[-1].strip()
