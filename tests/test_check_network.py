@@ -262,6 +262,27 @@ def test_silent_gateway_gives_nothing_within_the_timeout(served: Served) -> None
     assert not {i for i in result.ids() if "upnp" in i or "natpmp" in i or "gateway" in i}
 
 
+def test_answers_pointing_elsewhere_are_not_followed() -> None:
+    """A forged SSDP answer or description cannot send the check to another address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as liar:
+        liar.bind(("127.0.0.1", 0))
+
+        def answer() -> None:
+            _, source = liar.recvfrom(4096)
+            liar.sendto(b"HTTP/1.1 200 OK\r\nST: x\r\n"
+                        b"LOCATION: http://192.0.2.1:80/desc.xml\r\n\r\n", source)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        assert upnp.discover(liar.getsockname(), 0.5) == []
+        thread.join(2)
+    moved = DESCRIPTION.replace(b"<specVersion>",
+                                b"<URLBase>http://192.0.2.1:5000/</URLBase><specVersion>")
+    assert upnp.connection_service("http://127.0.0.1:1/desc.xml", moved) is None
+    assert upnp.connection_service("http://127.0.0.1:1/desc.xml", DESCRIPTION) == (
+        WAN_IP, "http://127.0.0.1:1/ctl/IPConn")
+
+
 def test_natpmp_and_upnp_parsers_refuse_garbage() -> None:
     ok = natpmp.parse_answer("g", struct.pack("!BBHI", 0, 128, 0, 7) + bytes([198, 51, 100, 9]))
     assert ok is not None and ok.address == "198.51.100.9" and ok.epoch == 7
