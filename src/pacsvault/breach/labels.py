@@ -55,6 +55,8 @@ _EN: dict[str, str] = {
                        "and categories only: the list of patients is a separate, encrypted "
                        "export."),
     "register_title": "Register of personal data breaches (GDPR art. 33(5))",
+    "notification_doc": "Notification draft", "letter_doc": "Letter to patients (art. 34)",
+    "register_doc": "Register entry (art. 33(5))",
     "letter_title": "Information about a personal data breach",
     "made": "Made on",
     "s_context": "1. Notification", "s_org": "2. Organisation", "s_time": "3. Timeline",
@@ -111,6 +113,8 @@ _FR: dict[str, str] = {
                        "catégories seulement : la liste des patients est un export séparé, "
                        "chiffré."),
     "register_title": "Registre des violations de données personnelles (RGPD art. 33(5))",
+    "notification_doc": "Projet de notification", "letter_doc": "Lettre aux patients (art. 34)",
+    "register_doc": "Fiche du registre (art. 33(5))",
     "letter_title": "Information sur une violation de vos données personnelles",
     "made": "Établi le",
     "s_context": "1. Notification", "s_org": "2. Organisme", "s_time": "3. Chronologie",

@@ -220,7 +220,7 @@ def _show_page(request: Request, breach_id: str, message: str = "",
                 history=[(v.version, v.updated, v.updated_by, v.steps[-1].what if v.steps
                           else "") for v in history],
                 L=_labels(lang), vocab=_vocab(lang), term=lambda v: term(v, lang),
-                message=message, kinds=documents.KINDS)
+                message=message, kinds=[(k, label(f"{k}_doc", lang)) for k in documents.KINDS])
 
 
 @router.get("/breaches/show")
