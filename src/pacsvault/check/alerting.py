@@ -11,7 +11,7 @@ exposure guard (``cli/exposure.py``) refuses to open the archive in either case.
 from __future__ import annotations
 
 from pacsvault.check.model import CheckContext, Finding, Localized, Severity
-from pacsvault.config.exposure import channels, tested
+from pacsvault.config.exposure import channels, last_tests
 
 REQUIREMENT = ("GDPR art. 32(1)(d) and art. 33 (a breach must be known to be notified); "
                "CNIL, Guide de la sécurité des données personnelles (2024), fiche "
@@ -42,7 +42,7 @@ def check(ctx: CheckContext) -> list[Finding]:
                 "de pacsvault.toml, redémarrez le serveur puis lancez "
                 "« pacsvault alerts test »."),
             data={"channels": []})]
-    ok = tested(ctx.vault.layout.root, alerts)
+    ok = last_tests(ctx.vault.layout.root, alerts)
     untested = [c for c in configured if c not in ok]
     if not untested:
         return []

@@ -48,9 +48,9 @@ from pacsvault.config.exposure import (
     ExposureState,
     apply,
     changed,
+    last_tests,
     read_state,
     safe_start,
-    tested,
     widened,
     write_state,
 )
@@ -67,7 +67,7 @@ WATCH_SECONDS = 5.0
 def conditions(vault: Vault, now: dt.datetime) -> list[str]:
     """Why a widening switch may not take effect now (empty: it may)."""
     reasons: list[str] = []
-    if not tested(vault.layout.root, vault.settings.alerts):
+    if not last_tests(vault.layout.root, vault.settings.alerts):
         reasons.append("no alert channel has delivered a test as configured now: set "
                        "mail_to/smtp_host or webhook_url in [alerts], then run "
                        "'pacsvault alerts test'")

@@ -79,10 +79,10 @@ class Exposure:
         if self.bind in WILDCARDS:
             return False
         try:
-            ip = ipaddress.ip_address(self.bind.split("%")[0])
+            ipaddress.ip_address(self.bind.split("%")[0])
         except ValueError:
             return False  # a host name: the port check refuses it anyway
-        return not (ip.is_private or ip.is_loopback or ip.is_link_local)
+        return not _private_network(self.bind.split("%")[0])
 
     def active(self) -> list[str]:
         """What is open beyond the practice network now (empty: nothing)."""
@@ -231,7 +231,7 @@ def record_test(data_dir: Path, alerts: AlertSettings, delivered: list[str],
     write_atomic(data_dir / ALERT_TEST_NAME, json.dumps(record).encode(), 0o600)
 
 
-def tested(data_dir: Path, alerts: AlertSettings) -> dict[str, dt.datetime]:
+def last_tests(data_dir: Path, alerts: AlertSettings) -> dict[str, dt.datetime]:
     """Channel -> time of its last successful test, for the channels configured now and
     tested with the same destination."""
     out: dict[str, dt.datetime] = {}
@@ -295,12 +295,21 @@ def webhook_loopback_http(url: str) -> bool:
     return parts.scheme == "http" and is_loopback_host(parts.hostname or "")
 
 
+# The practice network: the default trusted networks (loopback, RFC 1918, unique local,
+# link-local) and carrier-grade NAT. Named, not ``is_private``: Python counts documentation
+# and reserved ranges as private, which are not the practice's.
+INSIDE = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7",
+    "169.254.0.0/16", "fe80::/10", "100.64.0.0/10"))
+
+
 def _private_network(text: str) -> bool:
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         return False
-    return bool(net.is_private or net.is_loopback or net.is_link_local)
+    return any(net.version == inside.version and net.subnet_of(inside)  # type: ignore[arg-type]
+               for inside in INSIDE)
 
 
 def _covered(text: str, networks: tuple[str, ...]) -> bool:
