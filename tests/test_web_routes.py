@@ -41,6 +41,10 @@ PUBLIC = {
     ("POST", "/logout"),
     # sealed mode's unlock page (sealed/web.py); once unsealed it sends to /login
     ("GET", "/unseal"), ("POST", "/unseal"),
+    # share links (issue 19): the code form, then the link's own share session
+    # (tests/test_share_links.py sweeps every route with that session)
+    ("GET", "/share/{link}"), ("POST", "/share/{link}"), ("GET", "/share/{link}/study"),
+    ("GET", "/share/{link}/image/{n}"), ("GET", "/share/{link}/download"),
 }
 # Without credentials, every route answers 401 or 303 → /login, except these.
 ANONYMOUS_OK = {
@@ -48,6 +52,8 @@ ANONYMOUS_OK = {
     ("POST", "/login"): 403,  # no session cookie, so no CSRF token to match: refused
     ("GET", "/static/{name}"): 200,  # the style sheet
     ("POST", "/language"): 303,  # the sign-in pages' language switch: back to /login
+    ("GET", "/share/{link}"): 404,  # no such share link (issue 19)
+    ("POST", "/share/{link}"): 404,
 }
 # The OHIF viewer (``/``, ``/viewer``, its files through a catch-all route) checks the
 # session itself and is tested with it; this inventory covers every other route.
@@ -55,7 +61,7 @@ VIEWER_MODULE = "pacsvault.web.viewer"
 PARAMS = {
     "name": "nobody", "token_id": "0123456789abcdef", "study": "1.2.826.0.1.3680043.10.999.1",
     "series": "1.2.826.0.1.3680043.10.999.1.1", "sop": "1.2.826.0.1.3680043.10.999.1.1.1",
-    "frames": "1", "path": "00100010",
+    "frames": "1", "path": "00100010", "link": "L" * 40, "n": "0",
 }
 
 

@@ -93,7 +93,9 @@ def project_pseudonyms(vault: Vault, project: str) -> Pseudonyms:
     return Pseudonyms(keys.project_key(root, vault.vault_id, project))
 
 
-def _flagged(vault: Vault, items: Iterable[StoredInstance]) -> list[str]:
+def flagged(vault: Vault, items: Iterable[StoredInstance]) -> list[str]:
+    """Why each object of ``items`` may show identifying text in its pixels (one reason
+    per flagged object; empty: none is flagged)."""
     reasons = []
     for item in items:
         header = dcmread(io.BytesIO(vault.archive.read(item)), stop_before_pixels=True)
@@ -109,12 +111,12 @@ def export(vault: Vault, items: list[StoredInstance], request: Request, sink: Si
     if not items:
         raise DeidentifyError("nothing matches; no file was written")
     project = check_project(request.project)
-    flagged = _flagged(vault, items)
-    if flagged and not request.accept_burned_in:
-        raise BurnedInRefused(len(flagged), flagged)
-    _record(vault, items, request, project, len(flagged))
+    flagged_reasons = flagged(vault, items)
+    if flagged_reasons and not request.accept_burned_in:
+        raise BurnedInRefused(len(flagged_reasons), flagged_reasons)
+    _record(vault, items, request, project, len(flagged_reasons))
     pseudonyms = project_pseudonyms(vault, project)
-    result = Result(burned_in=len(flagged))
+    result = Result(burned_in=len(flagged_reasons))
     links: dict[str, str] = {}
     for item in items:
         ds = dcmread(io.BytesIO(vault.archive.read(item)))

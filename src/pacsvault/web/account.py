@@ -18,7 +18,7 @@ from starlette.responses import Response
 from pacsvault.accounts import preferences
 from pacsvault.accounts.service import AccountError, AuthOutcome, PasswordRejected
 from pacsvault.audit.tail import TRAIL_WINDOW, tail_records
-from pacsvault.web import i18n
+from pacsvault.web import i18n, share_pages
 from pacsvault.web.alert_notices import recent_alerts
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext
@@ -90,7 +90,8 @@ def account_page(request: Request, principal: Principal, status: int = 200,
                 notifications=notifications,
                 tok_status=token_status, sign_ins=sign_ins, message=message,
                 message_kind=message_kind, passkeys=passkeys, preference=preference,
-                field_errors=field_errors or {}, nav="account")
+                field_errors=field_errors or {}, nav="account",
+                my_shares=share_pages.account_shares(request, principal))  # issue 19
 
 
 @router.get("/account")

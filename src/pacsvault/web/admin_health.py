@@ -54,6 +54,7 @@ from pacsvault.web.kit import accounts_of as _accounts
 from pacsvault.web.kit import page as _page
 from pacsvault.web.kit import vault_of as _vault
 from pacsvault.web.principal import Principal
+from pacsvault.web.share_pages import active_shares
 
 router = APIRouter()
 
@@ -73,6 +74,7 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  verdict=report.audit, nodes=len(report.nodes),
                  legacy_tls=report.legacy_tls_nodes, key=report.key,
                  blocks=_accounts(request).blocks(), blocks_back="/admin/health",
+                 shares=active_shares(request),  # share links (issue 19)
                  backup=report.backup, deployment=report.deployment,
                  check=load_kept(vault.layout.root),
                  exposure=exposure_banner(vault.layout.root))

@@ -34,6 +34,7 @@ from pacsvault.web import (
     pages,
     passkey_routes,
     security,
+    share_pages,
     signin,
     viewer,
 )
@@ -68,6 +69,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(breach_pages.router)  # the breach register (issue 18)
     app.include_router(admin_check.router)  # the security self-check (issue 18)
     app.include_router(gdpr_record.router)  # the record of processing (issue 19)
+    app.include_router(share_pages.router)  # share links (issue 19)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)

@@ -1,0 +1,275 @@
+"""Share links for an outside colleague (issue 19, part 2), on the real HTTPS server.
+
+One vault and server per module: two studies stored in-process (one shared, one not), a
+physician who makes links on the web page. The colleague is a fresh browser with no account:
+the link and the code open the one study; the share session it then holds reaches nothing
+else (every route of the application is swept with it); wrong codes are refused and
+throttled; expired (links made with a clock in the past) and revoked links are refused;
+every opening is in the trail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from pacsvault.sharing.links import ShareLinks
+from tests import corpus
+from tests.helpers import Server, VaultDir, events, make_vault, start_server
+from tests.test_web_routes import app_routes
+from tests.web_helpers import client, page_csrf, sign_in
+
+PHYSICIAN, PASSWORD = "dr-house", "radiographie-du-genou-droit-du-matin"
+LINK_RE = re.compile(r'<code id="share-url">https://[^/]+/share/([A-Za-z0-9_-]+)</code>')
+CODE_RE = re.compile(r'<code id="share-code" class="secret">([A-Z0-9-]+)</code>')
+
+
+@dataclass
+class World:
+    vault: VaultDir
+    server: Server
+    shared: corpus.CorpusFile
+    other: corpus.CorpusFile
+    doctor: httpx.Client
+    csrf: str
+    last: int = 0
+
+    def browser(self) -> httpx.Client:
+        return client(self.server.https_port, self.vault.data / "tls" / "ca.crt")
+
+    def share(self, **form: str) -> tuple[str, str]:
+        """A new link to the shared study, made on the physician's page: (link id, code);
+        ``self.last`` is its number (the newest on the page)."""
+        res = self.doctor.post("/account/shares", data={
+            "csrf": self.csrf, "study": self.shared.study_uid, "days": "3", **form})
+        assert res.status_code == 200, res.text[:500]
+        assert self.shared.study_uid not in res.headers.get("location", "")
+        link, code = LINK_RE.search(res.text), CODE_RE.search(res.text)
+        assert link and code, res.text[:3000]
+        self.last = max(int(p) for p in re.findall(r'name="share" value="(\d+)"', res.text))
+        return link.group(1), code.group(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("share")
+    vault = make_vault(root / "v")
+    files = corpus.build(root / "corpus")
+    shared, other = files[0], files[12]  # CT, synthetic CR: two patients, two studies
+    v = vault.open()
+    try:
+        v.accounts.add_user(PHYSICIAN, ["physician"], PASSWORD, by="test")
+        for f in (shared, other):
+            v.archive.store(f.path.read_bytes(), source_ae="TEST")
+    finally:
+        v.close()
+    server = start_server(vault)
+    doctor = client(server.https_port, vault.data / "tls" / "ca.crt")
+    try:
+        sign_in(doctor, PHYSICIAN, PASSWORD)
+        yield World(vault, server, shared, other, doctor, page_csrf(doctor))
+    finally:
+        doctor.close()
+        server.stop()
+
+
+@contextlib.contextmanager
+def _open(world: World, link: str, code: str) -> Iterator[httpx.Client]:
+    """A colleague's browser that typed the code (lower case, with its dash: accepted)."""
+    with world.browser() as colleague:
+        assert colleague.get(f"/share/{link}").status_code == 200
+        res = colleague.post(f"/share/{link}", data={"code": code.lower()})
+        assert res.status_code == 303 and res.headers["location"] == f"/share/{link}/study"
+        yield colleague
+
+
+def test_the_code_opens_the_one_study(world: World) -> None:
+    link, code = world.share(download="1")
+    pk = world.last
+    assert world.shared.study_uid not in link and len(link) >= 32
+    with _open(world, link, code) as colleague:
+        study = colleague.get(f"/share/{link}/study")
+        assert study.status_code == 200
+        for secret in (world.shared.study_uid, world.other.patient_name):
+            assert secret not in study.text
+        images = re.findall(rf"/share/{link}/image/(\d+)", study.text)
+        assert images
+        image = colleague.get(f"/share/{link}/image/{images[0]}")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert colleague.get(f"/share/{link}/image/99").status_code == 404
+        zipped = colleague.get(f"/share/{link}/download")
+        assert zipped.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as z:
+            [name] = z.namelist()
+            assert dcmread(io.BytesIO(z.read(name))).StudyInstanceUID == world.shared.study_uid
+        # the code worked once: another browser cannot use it again
+        again = world.browser()
+        assert again.get(f"/share/{link}").status_code == 404
+        assert again.post(f"/share/{link}", data={"code": code}).status_code == 404
+        again.close()
+    opened = [e for e in events(world.vault) if e["action"] in ("share.opened",
+                                                                "share.export")]
+    whats = [e["what"] for e in opened if e["share"] == pk]
+    assert whats == ["study", "image", "download"]
+    for e in opened:
+        assert e["study_uids"] == [world.shared.study_uid]
+        assert world.shared.study_uid not in repr({k: v for k, v in e.items()
+                                                   if k != "study_uids"})
+    accepted = events(world.vault, "share.code.accepted")
+    assert accepted and accepted[-1]["address"] == "127.0.0.1"
+
+
+def test_share_session_reaches_nothing_else(world: World) -> None:
+    """Every route of the application, with the share session's cookie: the share routes of
+    its own link answer, nothing else does (the other study is not reachable either)."""
+    link, code = world.share()
+    other_link, _ = world.share()
+    routes = app_routes(world.vault)
+    with _open(world, link, code) as colleague:
+        assert colleague.get(f"/share/{link}/download").status_code == 403  # not granted
+        checked = 0
+        for route in routes:
+            own = route.path.startswith("/share/{link}")
+            # another link's session pages too (its code form is public: not swept, a
+            # POST there would count as a wrong code)
+            entry = route.path == "/share/{link}"
+            for target in ((link, other_link) if own and not entry else (link,)):
+                url = route.url.replace("/share/" + "L" * 40, "/share/" + target)
+                if route.method == "GET":
+                    res = colleague.get(url, headers={"accept": "*/*"})
+                else:
+                    res = colleague.request(route.method, url, data={})
+                checked += 1
+                if own and target == link:
+                    continue  # its own pages: tested above
+                if own:  # another link's pages: this session is not theirs
+                    assert res.status_code in (401, 404), (url, res.status_code)
+                    continue
+                if (route.method, route.path) in {("GET", "/login"), ("GET", "/static/{name}"),
+                                                  ("POST", "/language")}:
+                    continue  # the public sign-in steps (ANONYMOUS_OK)
+                redirected = res.status_code == 303 and res.headers["location"].startswith(
+                    "/login")
+                assert res.status_code in (401, 403) or redirected, (route, res.status_code)
+        assert checked > 40
+        # the viewer (its own routes) and the other study through DICOMweb: nothing
+        for path in ("/", "/viewer", f"/dicom-web/studies/{world.other.study_uid}/metadata",
+                     f"/dicom-web/studies?PatientID={world.other.patient_id}"):
+            res = colleague.get(path, headers={"accept": "*/*"})
+            assert res.status_code in (401, 303), (path, res.status_code)
+            assert world.other.patient_id not in res.text
+
+
+def test_wrong_code_refused_and_throttled(world: World) -> None:
+    link, code = world.share()
+    colleague = world.browser()
+    statuses = []
+    for _ in range(7):
+        res = colleague.post(f"/share/{link}", data={"code": "AAAAA-AAAAA"})
+        statuses.append(res.status_code)
+        if res.status_code == 429:
+            break
+    assert statuses[0] == 400 and statuses[-1] == 429, statuses
+    wait = int(res.headers["retry-after"])
+    assert 1 <= wait <= 10
+    # while throttled, even the right code is not evaluated
+    assert colleague.post(f"/share/{link}", data={"code": code}).status_code == 429
+    time.sleep(wait + 0.2)
+    res = colleague.post(f"/share/{link}", data={"code": code})
+    assert res.status_code == 303, res.status_code
+    assert colleague.get(f"/share/{link}/study").status_code == 200
+    colleague.close()
+    failed = [e for e in events(world.vault, "auth.login.failed")
+              if e.get("factor") == "share-code"]
+    assert len(failed) >= len(statuses)
+
+
+def test_expired_and_revoked_links_refused(world: World) -> None:
+    # expired: made with a clock 31 days in the past, valid 30 days
+    v = world.vault.open()
+    try:
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=31)
+        old = ShareLinks(v.sessions, v.recorder, v.accounts.throttle, v.accounts.hasher,
+                         hold=v.accounts.recorder.holding,
+                         clock=lambda: past).create(PHYSICIAN, world.shared.study_uid,
+                                                    days=30)
+    finally:
+        v.close()
+    colleague = world.browser()
+    assert colleague.get(f"/share/{old.link_id}").status_code == 404
+    assert colleague.post(f"/share/{old.link_id}", data={"code": old.code}).status_code == 404
+    # revoked: opened first, then revoked by the physician from the page
+    link, code = world.share()
+    with _open(world, link, code) as opened:
+        assert opened.get(f"/share/{link}/study").status_code == 200
+        newest = world.last
+        res = world.doctor.post("/account/shares/revoke",
+                                data={"csrf": world.csrf, "share": str(newest)})
+        assert res.status_code == 303
+        assert opened.get(f"/share/{link}/study").status_code == 401
+        assert opened.get(f"/share/{link}").status_code == 404
+    assert events(world.vault, "share.revoked")[-1]["share"] == newest
+    colleague.close()
+
+
+def test_fake_clock_expiry_and_limits(world: World) -> None:
+    now = [dt.datetime(2030, 1, 1, tzinfo=dt.UTC)]
+    v = world.vault.open()
+    try:
+        links = ShareLinks(v.sessions, v.recorder, v.accounts.throttle, v.accounts.hasher,
+                         hold=v.accounts.recorder.holding,
+                           clock=lambda: now[0])
+        made = links.create(PHYSICIAN, world.shared.study_uid, days=2)
+        opening = links.open(made.link_id, made.code, "127.0.0.9")
+        assert opening.ok
+        now[0] += dt.timedelta(days=2) - dt.timedelta(seconds=1)
+        assert links.resolve(made.link_id, opening.session) is not None
+        assert links.resolve(made.link_id, opening.session + "x") is None
+        now[0] += dt.timedelta(seconds=1)
+        assert links.resolve(made.link_id, opening.session) is None
+        with pytest.raises(ValueError):
+            links.create(PHYSICIAN, world.shared.study_uid, days=31)
+    finally:
+        v.close()
+
+
+def test_de_identified_share(world: World, tmp_path: Path) -> None:
+    link, code = world.share(download="1", profile="basic", project="second-opinion")
+    with _open(world, link, code) as colleague:
+        zipped = colleague.get(f"/share/{link}/download")
+        assert zipped.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as z:
+            names = z.namelist()
+            assert "README.txt" in names
+            [dcm] = [n for n in names if n.endswith(".dcm")]
+            raw = z.read(dcm)
+    for secret in (world.shared.patient_name, world.shared.patient_id,
+                   world.shared.study_uid, world.shared.sop_uid):
+        assert secret.encode() not in raw
+    assert dcmread(io.BytesIO(raw)).PatientIdentityRemoved == "YES"
+
+
+def test_listed_on_account_and_health_pages(world: World) -> None:
+    world.share()
+    account = world.doctor.get("/account")
+    assert account.status_code == 200 and 'id="account-share-links"' in account.text
+    assert world.shared.study_uid not in account.text
+    with world.browser() as admin:
+        sign_in(admin, world.vault.admin_name, world.vault.admin_password)
+        health = admin.get("/admin/health")
+        assert health.status_code == 200
+        assert 'id="health-share-links"' in health.text and PHYSICIAN in health.text
+        assert world.shared.study_uid not in health.text
+        # an administrator who is not a physician has no share section on the account page
+        assert 'id="shares"' not in admin.get("/account").text
