@@ -313,8 +313,12 @@ def render(ae_title: str, key_file: Path | None, index: IndexSettings | None = N
 [server]
 # DICOM Application Entity title of this archive (what modalities call "called AE").
 ae_title = {_toml_str(ae_title)}
-# Address to listen on. 0.0.0.0 = every interface of this machine; the trusted-network
-# rule below still refuses sources outside the practice network.
+# Address to listen on. 0.0.0.0 = every interface of this machine (the server names them
+# at start); the trusted-network rule below still refuses sources outside the practice
+# network. bind, trusted_networks, tls_from_anywhere and remote_access are exposure
+# switches: every change is recorded and alerted, and one that opens the archive further
+# (a public address or network, internet mode, TLS from anywhere) is refused, keeping the
+# previous values, until an alert channel was tested ('pacsvault alerts test').
 bind = "0.0.0.0"
 # Master key file. Default: under the user's config directory, outside this data dir,
 # so a copy of the data dir alone opens nothing. Keep it on a USB key if you prefer.
@@ -419,7 +423,7 @@ enabled = true
 https_port = 8443
 # "lan": only the trusted networks above may connect (recommended). "internet": the
 # sign-in page is reachable from anywhere (password + second factor still required);
-# administration still refuses outside sources.
+# administration still refuses outside sources. Guarded like bind (see [server]).
 remote_access = "lan"
 # Sessions end after this much inactivity, and in any case after the absolute limit.
 session_idle_minutes = 30
