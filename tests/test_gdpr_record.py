@@ -10,7 +10,9 @@ in-process) is served to an administrator and an auditor, refused to a physician
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import re
 import stat
 from collections.abc import Iterator
@@ -114,7 +116,9 @@ def test_pdf_and_french(web: LocalWeb) -> None:
     assert [e["format"] for e in exports(web)][-3:] == ["pdf", "pdf", "md"]
 
 
-def test_a_remote_backup_target_is_a_transfer_to_verify(web: LocalWeb) -> None:
+def test_backups_with_their_drill_remote_targets_and_the_last_check(
+        web: LocalWeb) -> None:
+    from pacsvault.backup.state import record_drill, state_path, update_target
     from pacsvault.config import BackupTarget
 
     settings = web.vault.settings
@@ -122,15 +126,30 @@ def test_a_remote_backup_target_is_a_transfer_to_verify(web: LocalWeb) -> None:
         update={"targets": [BackupTarget(name="usb", repository="/media/usb/pv"),
                             BackupTarget(name="offsite",
                                          repository="s3:https://s3.example.net/b/pv")]})})
+    layout = web.vault.layout
+    check_state = layout.root / "check-state.json"
+    check_state.write_text(json.dumps({
+        "format": "pacsvault-check/1", "finished": "2026-12-01T02:00:00+00:00",
+        "findings": [{"severity": "critical"}, {"severity": "warning"},
+                     {"severity": "warning"}, {"severity": "info"}]}))
     try:
+        update_target(layout, "offsite", lambda e: e.update(
+            last_success=dt.datetime.now(dt.UTC).isoformat()))
+        record_drill(layout, "offsite", True, "restored and verified")
         text = plain(gdpr.build(web.vault, "en").to_markdown())
     finally:
         web.vault.settings = settings
+        state_path(layout).unlink()
+        check_state.unlink()
     transfers = text.split("## Transfers outside the European Union", 1)[1].split("## ")[0]
     assert "| backup: offsite | s3.example.net | to be verified |" in transfers
     assert "usb" not in transfers
-    rows = [r for r in text.splitlines() if r.startswith("| Backups (encrypted")]
-    assert rows and "| on |" in rows[0] and "usb (local disk): never succeeded" in rows[0]
+    [row] = [r for r in text.splitlines() if r.startswith("| Backups (encrypted")]
+    assert "| on |" in row and "usb (local disk): never succeeded" in row
+    assert re.search(r"offsite \(s3\.example\.net\): ok, last backup 20\d\d-[^,]+, last "
+                     r"restore drill 20\d\d-\d\d-\d\d \d\d:\d\d UTC \(passed\)", row), row
+    [row] = [r for r in text.splitlines() if r.startswith("| Security self-check")]
+    assert "| run | last run 2026-12-01 02:00 UTC: 1 critical, 2 warnings |" in row
 
 
 def test_the_page_for_admin_and_auditor_not_for_a_physician(web: LocalWeb) -> None:
