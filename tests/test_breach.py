@@ -238,6 +238,11 @@ def test_patient_list_opens_only_with_the_recipients_key(env: Env) -> None:
                   "--list-passphrase-file", secret, "--out", out / "p2.age")
     assert b"PVB-002" in pyrage.passphrase.decrypt((out / "p2.age").read_bytes(),
                                                    "une-phrase-de-passe-longue")
+    # each export of the list is an access to those patients' data, in the trail
+    exports = events(env.vault, "breach.patients.export")
+    named = exports[0]["patient_ids"] if exports else []
+    assert len(exports) == 2 and isinstance(named, list)
+    assert sorted(named) == [pid for pid, _name, _n in STOLEN]
     # and the register itself holds nothing in clear
     for file in (env.vault.data / "breaches").rglob("*"):
         if file.is_file():
@@ -289,7 +294,8 @@ def test_versions_kept_and_in_the_trail(env: Env) -> None:
     assert current.version >= 3  # opened, updated, exported...
     first = _breach(env, 1)
     assert first.contact == "" and current.contact == CONTACT
-    trail = [e for e in events(env.vault) if str(e.get("breach", "")) == env.breach_id]
+    trail = [e for e in events(env.vault) if str(e.get("breach", "")) == env.breach_id
+             and e["action"] != "breach.patients.export"]  # that one names them, sealed
     actions = [e["action"] for e in trail]
     assert actions[0] == "breach.opened" and "breach.updated" in actions
     assert "breach.exported" in actions

@@ -16,6 +16,7 @@ import io
 import pyrage
 from sqlalchemy import select
 
+from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.breach.model import Breach, BreachError
 from pacsvault.index.models import Patient
 from pacsvault.vault import Vault
@@ -66,12 +67,22 @@ def encrypt_to_passphrase(plain: bytes, passphrase: str) -> bytes:
     return bytes(pyrage.passphrase.encrypt(plain, passphrase))
 
 
-def export(vault: Vault, breach: Breach, *, recipient: str = "",
-           passphrase: str = "") -> bytes:
-    """The encrypted CSV (age format) for exactly one of ``recipient`` / ``passphrase``."""
+def export(vault: Vault, breach: Breach, *, recipient: str = "", passphrase: str = "",
+           by: str = "", address: str = "") -> bytes:
+    """The encrypted CSV (age format) for exactly one of ``recipient`` / ``passphrase``.
+
+    The list names patients: its export is an access to their data, recorded (references
+    sealed in the trail, like every export) before the bytes exist; no record, no list."""
     if bool(recipient) == bool(passphrase):
         raise BreachError("give either an age recipient or a passphrase")
-    plain = _csv(patient_rows(vault, breach))
+    rows = patient_rows(vault, breach)
+    vault.recorder.emit(AuditEvent(
+        action="breach.patients.export", outcome=Outcome.SUCCESS, code=EventCode.EXPORT,
+        actor_user=by, actor_address=address, patient_ids=tuple(r[0] for r in rows),
+        detail={"breach": breach.id, "patients": len(rows),
+                "to": "age recipient" if recipient else "passphrase"},
+    ), required=True)
+    plain = _csv(rows)
     if recipient:
         return encrypt_to_recipient(plain, recipient)
     return encrypt_to_passphrase(plain, passphrase)

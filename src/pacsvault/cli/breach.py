@@ -320,7 +320,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise CommandError("which breach? (its id)")
             passphrase = _passphrase(args)
             data = patients.export(vault, register_.get(args.breach_id),
-                                   recipient=args.recipient or "", passphrase=passphrase)
+                                   recipient=args.recipient or "", passphrase=passphrase,
+                                   by=BY)
         else:
             if args.breach_id:
                 record = register_.get(args.breach_id)

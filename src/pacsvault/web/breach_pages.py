@@ -307,7 +307,8 @@ async def breach_patients(request: Request, principal: DpoPage) -> Response:
 
     def work() -> bytes:
         record = register.get(breach_id)
-        data = patients.export(vault_of(request), record, recipient=recipient)
+        data = patients.export(vault_of(request), record, recipient=recipient,
+                               by=principal.user, address=client_address(request))
         register.note_step(breach_id, "exported patients (encrypted)", by=principal.user,
                            action="breach.exported")
         return data
