@@ -96,3 +96,19 @@ def test_scope_window_and_actor_are_checked(filled: tuple[Vault, dict[str, str]]
     old = scope.compute(vault, scope.Actor("address", "127.0.0.5"),
                         start - dt.timedelta(days=9), start - dt.timedelta(days=8))
     assert old.patients == [] and old.records == 0
+
+
+def test_alert_names_the_actor_and_the_time(filled: tuple[Vault, dict[str, str]]) -> None:
+    vault, _studies = filled
+    vault.recorder.emit(AuditEvent(
+        action="alert.recorded", outcome=Outcome.SUCCESS, code=EventCode.SECURITY_ALERT,
+        actor_ae="WS1", actor_address="127.0.0.5", message="Unusually large access",
+        detail={"rule": "bulk-access", "severity": "critical"}))
+    alert = [r for r in vault.audit.all_records() if r.action == "alert.recorded"][-1]
+    actor, when = scope.alert_actor(vault, alert.seq)
+    assert actor == scope.Actor("node", "WS1")
+    found = scope.compute(vault, actor, when - scope.ALERT_LOOKBACK, when)
+    assert [p.patient_id for p in found.patients] == ["P1"]
+    store = next(r for r in vault.audit.all_records() if r.action != "alert.recorded")
+    with pytest.raises(BreachError):
+        scope.alert_actor(vault, store.seq)  # not an alert
