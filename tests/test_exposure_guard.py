@@ -153,6 +153,24 @@ def test_internet_mode_without_a_tested_channel_is_refused(silent: VaultDir) -> 
         silent.set_toml("web", "remote_access", '"lan"')
 
 
+def test_a_sealed_start_never_widens(silent: VaultDir) -> None:
+    """Without the master key there is no network check to run: a widening waits for the
+    unseal and a restart, the server keeps its previous values."""
+    silent.set_toml("dicom", "tls_from_anywhere", "true")
+    away = silent.root / "away.key"
+    silent.key.rename(away)
+    try:
+        server = start_server(silent)
+        try:
+            assert "EXPOSURE CHANGE REFUSED while sealed" in server.log()
+            assert "tls_from_anywhere = true" in server.log()
+        finally:
+            server.stop()
+    finally:
+        away.rename(silent.key)
+        silent.set_toml("dicom", "tls_from_anywhere", "false")
+
+
 def test_internet_mode_with_a_tested_channel_is_recorded_alerted_and_shown(
         told: VaultDir, mailbox: Mailbox) -> None:
     mailbox.wait_for("Test alert")  # sent by init

@@ -125,6 +125,30 @@ def guard(vault: Vault, bind_override: str | None,
     return vault.settings, current.bind
 
 
+def sealed_start(root: Path, settings: Settings, bind_override: str | None
+                 ) -> tuple[Settings, str, AuditEvent | None]:
+    """A sealed start (no master key: no vault, no network check): a widening is never
+    taken; the server runs with the values last applied, and the event to record says so
+    (the unseal and a restart bring the normal guard)."""
+    state = read_state(root)
+    current = Exposure.of(settings, bind_override)
+    applied = state.applied or safe_start(current)
+    wider = widened(applied, current)
+    if not wider:
+        return settings, current.bind, None
+    reasons = ["the archive is sealed: the guard runs after the unseal and a restart"]
+    log.error("EXPOSURE CHANGE REFUSED while sealed: %s asks for %s; the server runs with "
+              "the values it last applied until it is unsealed and restarted", CONFIG_NAME,
+              ", ".join(wider))
+    raw = _event("exposure.refused", Outcome.MAJOR_FAILURE, changed(applied, current), wider,
+                 _who(root), reasons=reasons,
+                 kept="; ".join(applied.active()) or "lan only")
+    event = AuditEvent(action="exposure.refused", outcome=Outcome.MAJOR_FAILURE,
+                       code=EventCode.SECURITY_ALERT, message=str(raw["message"]),
+                       detail=dict(raw["detail"]))
+    return apply(settings, applied), applied.bind, event
+
+
 def apply_decision(vault: Vault, bind_override: str | None) -> str:
     """A ``serve --workers`` worker: the parent's decision applied to the settings it read
     again (a refused switch stays refused in every worker). Returns the bind."""

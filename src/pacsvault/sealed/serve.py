@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from pacsvault import config
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
-from pacsvault.cli import serving
+from pacsvault.cli import exposure, serving
 from pacsvault.cli.common import CommandError
 from pacsvault.crypto.tls import server_context
 from pacsvault.dicom.server import DicomService
@@ -45,13 +45,13 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
     """Serve sealed until SIGTERM/SIGINT. ``check_ports``: the ``serve`` command's check
     of every port before anything starts (one line naming a busy one)."""
     layout = Layout(root)
-    settings = config.load(root)
+    # No widening of the exposure while sealed (issue 19, cli/exposure.sealed_start).
+    settings, bind, refused = exposure.sealed_start(root, config.load(root), args.bind)
     key_path = resolve_key_path(layout, settings, args.key_file)
     try:
         runtime = SealedRuntime(root, settings, key_path)
     except material.SealedUnavailable as exc:
         raise CommandError(f"{reason} ({exc})") from None
-    bind = args.bind or settings.server.bind
     plain, tls_port, https_port = serving.listeners(args, settings)
     check_ports(bind, plain, tls_port, https_port)
     if (tls_port is not None or https_port is not None) and not _tls_usable(runtime):
@@ -69,6 +69,8 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
     alerts = AlertSink(settings.alerts, recorder, disk_path=layout.objects,
                        patients_of=patients_of)
     recorder.add_sink(alerts)
+    if refused is not None:
+        recorder.emit(refused, required=False)
     if runtime.snapshot_problem:
         recorder.emit(AuditEvent(
             action="sealed.snapshot", outcome=Outcome.MAJOR_FAILURE,
