@@ -49,7 +49,8 @@ def test_fresh_server_offers_only_tls12_and_13_and_has_no_tls_finding(served: Se
 def test_listener_forced_to_accept_tls11_is_critical(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TEST_ONLY_TLS11_ENV, TEST_ONLY_TLS11_VALUE)  # the server inherits it
-    with served_vault(tmp_path / "v") as weak_served:
+    legacy = ("OLDCT", ("--tls", "--tls-profile", "legacy-aes"), "192.168.1.50")
+    with served_vault(tmp_path / "v", nodes=[legacy]) as weak_served:
         monkeypatch.delenv(TEST_ONLY_TLS11_ENV)  # this process's probes stay as they are
         weakened = weak_served.server
         result = tls_check(weak_served)
@@ -62,6 +63,9 @@ def test_listener_forced_to_accept_tls11_is_critical(
     weak = [f for f in result.findings if f.id == "tls.weak-suites"]
     assert weak and all("CBC mode" in f.data["weak_suites"] for f in weak)
     assert result.exit_code == 2
+    old_node = next(f for f in result.findings if f.id == "tls.legacy-profile-nodes")
+    assert old_node.severity is Severity.WARNING
+    assert old_node.data["nodes"] == [{"ae_title": "OLDCT", "host": "192.168.1.50"}]
 
 
 def _certificate(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,

@@ -209,12 +209,35 @@ def _offline(ctx: CheckContext, running: bool = False) -> list[Finding]:
     return found
 
 
+def _legacy_nodes(ctx: CheckContext) -> list[Finding]:
+    """Nodes opted in to the retired DICOM AES profile: the DICOM TLS listener offers them
+    (and only them, by source address) TLS_RSA_WITH_AES_128_CBC_SHA. A probe from here
+    cannot see it, so the registry says it."""
+    legacy = [n for n in ctx.vault.nodes.all() if n.tls and n.legacy_tls]
+    if not legacy:
+        return []
+    listed = ", ".join(f"{n.ae_title}@{n.host}" for n in legacy[:20])
+    return [_finding(
+        "legacy-profile-nodes", Severity.WARNING,
+        Localized("Nodes still use the retired DICOM AES TLS profile",
+                  "Des nœuds utilisent encore l'ancien profil TLS DICOM AES"),
+        Localized(f"{len(legacy)} node(s) get AES128-SHA (no forward secrecy): {listed}.",
+                  f"{len(legacy)} nœud(s) reçoivent AES128-SHA (sans confidentialité "
+                  f"persistante) : {listed}."),
+        Localized("Update these devices to the BCP 195 profile (TLS 1.2 ECDHE with AES-GCM) "
+                  "and re-register them with `--tls-profile bcp195`.",
+                  "Mettez ces appareils à jour vers le profil BCP 195 (TLS 1.2 ECDHE avec "
+                  "AES-GCM) et réenregistrez-les avec `--tls-profile bcp195`."),
+        {"nodes": [{"ae_title": n.ae_title, "host": n.host} for n in legacy]},
+        requirement=f"{ANSSI}; DICOM PS3.15 Annex B.3 (retired); {GDPR_32}")]
+
+
 def check(ctx: CheckContext) -> list[Finding]:
     found = listeners(ctx)
     if not ctx.probe or not found:
-        return _offline(ctx, running=bool(found))
+        return [*_offline(ctx, running=bool(found)), *_legacy_nodes(ctx)]
     timeout = float(ctx.options.get("tls_timeout", 3.0))
     results: list[Finding] = []
     for kind, host, port in found:
         results.extend(_probe_findings(tlsprobe.probe(kind, host, port, timeout), ctx.now))
-    return results
+    return [*results, *_legacy_nodes(ctx)]
