@@ -125,6 +125,8 @@ def test_init_without_alert_channel_is_recorded_and_a_standing_finding(
     choice = events(silent, "alerts.choice")
     assert [e["channels"] for e in choice] == ["none"] and choice[0]["user"] == "init"
     assert "alerts.no-channel" in _check_ids(silent, "alerts")
+    shown = silent.cli("check", "--section", "alerts", "--json", check=False)
+    assert shown.returncode == 1 and "alerts.no-channel" in shown.stdout, shown.stdout
     res = silent.cli("alerts", "test", check=False)
     assert res.returncode != 0 and "no alert channel is configured" in res.stderr
 
