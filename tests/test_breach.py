@@ -348,3 +348,15 @@ def test_pages_for_the_dpo_not_for_physicians(env: Env) -> None:
         for path in ("/breaches", "/breaches/update", "/breaches/patients"):
             assert phys.post(path, data={"csrf": csrf, "id": env.breach_id}).status_code \
                 == 403, path
+
+
+def test_rescope_counts_again_for_the_complementary_notification(env: Env) -> None:
+    before = _breach(env)
+    assert before.scope is not None
+    env.vault.cli("breach", "update", env.breach_id, "--rescope", "--until", before.scope.since)
+    empty = _breach(env)
+    assert empty.scope is not None and empty.scope.patients == [] and empty.people_count == 0
+    env.vault.cli("breach", "update", env.breach_id, "--rescope")
+    again = _breach(env)
+    assert again.scope is not None and len(again.scope.patients) == 3
+    assert again.version == before.version + 2

@@ -104,6 +104,12 @@ def register(sub: Any) -> None:
                    help="record a notification sent to the authority")
     p.add_argument("--notified-at", metavar="ISO-TIME", help="default: now")
     p.add_argument("--reference", default="", help="the authority's reference")
+    p.add_argument("--rescope", action="store_true",
+                   help="count the scope again from the trail (same actor; --since/--until "
+                   "change the window): the facts established for a complementary "
+                   "notification")
+    p.add_argument("--since", metavar="ISO-TIME")
+    p.add_argument("--until", metavar="ISO-TIME")
     p.set_defaults(func=cmd_update)
 
     p = bsub.add_parser("show", help="a record with its 72-hour clock (counts, no names)")
@@ -243,6 +249,8 @@ def cmd_update(args: argparse.Namespace) -> int:
                     args.notified, sent.isoformat(timespec="seconds"), args.reference))
                 if not record.decision:
                     record.decision = "notify"
+            if args.rescope:
+                _rescope(vault, record, args)
         step = f"notified ({args.notified})" if args.notified else "updated"
         saved = BreachRegister(vault).update(args.breach_id, change, by=BY, step=step)
     except BreachError as exc:
@@ -251,6 +259,20 @@ def cmd_update(args: argparse.Namespace) -> int:
         vault.close()
     say(f"Breach {saved.id}: version {saved.version}; {saved.clock(_now()).summary()}.")
     return 0
+
+
+def _rescope(vault: Vault, record: Breach, args: argparse.Namespace) -> None:
+    old = record.scope
+    if old is None:
+        raise BreachError("this record has no scope to count again (open it from an actor)")
+    now = _now()
+    found = breach_scope.compute(
+        vault, breach_scope.Actor(old.actor_kind, old.actor),
+        parse_time(args.since) if args.since else parse_time(old.since),
+        parse_time(args.until) if args.until else now, now)
+    record.scope = found
+    record.people_count, record.people_exact = len(found.patients), True
+    record.records_count, record.records_exact = found.instances, True
 
 
 def cmd_show(args: argparse.Namespace) -> int:
