@@ -197,6 +197,12 @@ def test_same_patient_same_pseudonym_within_a_project_only(env: Env, tmp_path: P
     a2 = {str(dcmread(p).StudyInstanceUID) for p in (tmp_path / "a2").rglob("*.dcm")}
     b = {str(dcmread(p).StudyInstanceUID) for p in (tmp_path / "b").rglob("*.dcm")}
     assert a1 == a2 and not a1 & b
+    # dates (modified-dates option): shifted, by the same days in every export of a project
+    dates = [{str(dcmread(p).get("StudyDate", "")) for p in (tmp_path / d).rglob("*.dcm")}
+             for d in ("a1", "a2", "b")]
+    assert dates[0] == dates[1] and dates[0] != dates[2]
+    originals = {str(dcmread(f.path).get("StudyDate", "")) for f in env.files} - {""}
+    assert originals and not originals & dates[0]
     assert all(u.startswith("2.25.") for u in a1)
     # the link table stays inside the vault, encrypted: no patient ID readable on disk
     tables = list((env.vault.data / deid.LINKS_DIR).glob("*.links"))

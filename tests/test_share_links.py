@@ -273,3 +273,32 @@ def test_listed_on_account_and_health_pages(world: World) -> None:
         assert world.shared.study_uid not in health.text
         # an administrator who is not a physician has no share section on the account page
         assert 'id="shares"' not in admin.get("/account").text
+
+
+def test_physician_downloads_a_study_de_identified(world: World) -> None:
+    """The web action: a POST answering a ZIP built in memory; burned-in objects (the US
+    image of the corpus) refused until the physician ticks the confirmation."""
+    us = corpus.build(world.vault.root / "us-corpus")[11]
+    assert dcmread(us.path).get("Modality") == "US"
+    v = world.vault.open()
+    try:
+        v.archive.store(us.path.read_bytes(), source_ae="TEST")
+    finally:
+        v.close()
+    form = {"csrf": world.csrf, "study": us.study_uid, "profile": "research",
+            "project": "teaching-2026"}
+    refused = world.doctor.post("/account/deidentified", data=form)
+    assert refused.status_code == 400 and "pixels" in refused.text
+    res = world.doctor.post("/account/deidentified", data={**form, "accept_burned_in": "1"})
+    assert res.status_code == 200 and res.headers["content-type"] == "application/zip"
+    assert res.headers["cache-control"] == "no-store"
+    with zipfile.ZipFile(io.BytesIO(res.content)) as z:
+        readme = z.read("README.txt").decode()
+        [dcm] = [n for n in z.namelist() if n.endswith(".dcm")]
+        raw = z.read(dcm)
+    assert "PSEUDONYMISED, NOT ANONYMOUS" in readme and "1 object(s) were flagged" in readme
+    for secret in (us.patient_name, us.patient_id, us.birth_date, us.study_uid, us.sop_uid):
+        assert secret.encode() not in raw
+    found = events(world.vault, "export.deidentified")[-1]
+    assert (found["project"], found["destination"], found["user"]) == (
+        "teaching-2026", "web download", PHYSICIAN)
