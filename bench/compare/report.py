@@ -7,6 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.compare.ceilings import KINDS, SHORT
+
 SERVERS = ("pacsvault", "orthanc")
 # pacsvault on PostgreSQL + S3, 2 instances or 2 workers (issue 16; bench/compare/scaleout.py):
 # its own column, only in tables where it has figures.
@@ -35,6 +37,8 @@ class Row:
     samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in COLUMNS})
     checks: dict[str, str] = field(default_factory=dict)  # server -> "ok ..." / "MISMATCH ..."
     informational: bool = False  # a fact about the servers, not a race (no "ahead")
+    # wire ceilings it is read against (``ceilings.KINDS``: "store" or "get"), or None
+    ceiling: str | None = None
 
     def value(self, server: str) -> float | None:
         v = self.samples[server]
@@ -64,7 +68,15 @@ class Row:
             return None
         return r >= 1 if self.higher_is_better else r <= 1
 
-    def to_json(self, limits: dict[str, float]) -> dict[str, Any]:
+    def ceiling_shares(self, server: str, ceilings: dict[str, float]) -> dict[str, float]:
+        """The server's figure as a fraction of each wire ceiling of its kind."""
+        v = self.value(server)
+        if v is None or not self.ceiling:
+            return {}
+        return {k: v / ceilings[k] for k in KINDS[self.ceiling] if ceilings.get(k)}
+
+    def to_json(self, limits: dict[str, float],
+                ceilings: dict[str, float] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
             "workload": self.workload, "metric": self.metric, "stat": self.stat,
             "higher_is_better": self.higher_is_better, "ratio": self.ratio(),
@@ -78,6 +90,8 @@ class Row:
                       "max": max(v) if v else None, "n": len(v), "samples": v}
             if self.limit and self.value(s) is not None and limits.get(self.limit):
                 out[s]["fraction_of_limit"] = self.value(s) / limits[self.limit]  # type: ignore[operator]
+            if s in SERVERS and (shares := self.ceiling_shares(s, ceilings or {})):
+                out[s]["fraction_of_ceilings"] = shares
         if self.samples[SCALE_OUT]:
             out["scale_out_ratio"] = self.ratio(SCALE_OUT)
         return out
@@ -93,13 +107,22 @@ def _num(v: float | None) -> str:
     return f"{v:.2f}"
 
 
-def markdown(rows: list[Row], limits: dict[str, float]) -> str:
+def _shares(r: Row, server: str, ceilings: dict[str, float]) -> str:
+    shares = r.ceiling_shares(server, ceilings)
+    return ", ".join(f"{100 * v:.0f} % {SHORT[k]}" for k, v in shares.items())
+
+
+def markdown(rows: list[Row], limits: dict[str, float],
+             ceilings: dict[str, float] | None = None) -> str:
     scale = any(r.samples[SCALE_OUT] for r in rows)
+    wire = ceilings or {}
     lines = [
         "| workload | metric | pacsvault | Orthanc | ratio pv/Orthanc | pacsvault ahead | "
         "pacsvault % of limit | Orthanc % of limit | limit |"
+        + (" pacsvault % of wire ceilings | Orthanc % of wire ceilings |" if wire else "")
         + (" pacsvault scale-out | ratio scale-out/Orthanc |" if scale else ""),
-        "|---|---|---:|---:|---:|:---:|---:|---:|---|" + ("---:|---:|" if scale else ""),
+        "|---|---|---:|---:|---:|:---:|---:|---:|---|" + ("---|---|" if wire else "")
+        + ("---:|---:|" if scale else ""),
     ]
     for r in rows:
         ratio = r.ratio()
@@ -115,6 +138,8 @@ def markdown(rows: list[Row], limits: dict[str, float]) -> str:
             f"| {r.workload} | {r.metric} | {r.cell('pacsvault')} | {r.cell('orthanc')} | "
             f"{_num(ratio) if ratio is not None else '-'} | {ahead} | {fr[0]} | {fr[1]} | "
             f"{label} |"
+            + (f" {_shares(r, 'pacsvault', wire)} | {_shares(r, 'orthanc', wire)} |"
+               if wire else "")
             + (f" {r.cell(SCALE_OUT)} | {_num(r.ratio(SCALE_OUT))} |" if scale else ""))
     return "\n".join(lines)
 

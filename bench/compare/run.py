@@ -26,7 +26,7 @@ from typing import Any
 
 from pydicom import dcmread
 
-from bench.compare import dataset, limits, profile, report, scaleout
+from bench.compare import ceilings, dataset, limits, profile, report, scaleout
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.orthanc import version as orthanc_version
@@ -70,17 +70,19 @@ class Bench:
         self.kept = self.out / "data"  # dataset + retrieved copies, with --keep-data
         self.rows: dict[str, Row] = {}
         self.limits: dict[str, float] = {}
+        self.ceilings: dict[str, float] = {}
         self.pki = self.work / "orthanc-pki"
         self.info: dict[str, Any] = {}
 
     # --- helpers --------------------------------------------------------------------------
 
     def row(self, workload: str, metric: str, higher: bool, stat: str = "median",
-            limit: str | None = None, informational: bool = False) -> Row:
+            limit: str | None = None, informational: bool = False,
+            ceiling: str | None = None) -> Row:
         key = f"{workload}|{metric}"
         if key not in self.rows:
             self.rows[key] = Row(workload, metric, higher, stat, limit,
-                                 informational=informational)
+                                 informational=informational, ceiling=ceiling)
         return self.rows[key]
 
     def check(self, row: Row, server: str, ok: bool, what: str) -> None:
@@ -124,10 +126,27 @@ class Bench:
         self.limits = limits.measure(self.work, self.small)
         log("limits: " + ", ".join(f"{k}={v:.0f}" for k, v in self.limits.items()))
         if not self.args.scale_out_only:
+            self.measure_ceilings()
+        if not self.args.scale_out_only:
             self.ingest_cells()
             self.loaded_phase()
         if self.args.scale_out:
             scaleout.phase(self)
+
+    def measure_ceilings(self) -> None:
+        """Issue 17, part 3: the wire's ceilings, same run, same files and clients as the
+        ingest (all files, one association) and C-GET (the CT study) rows."""
+        c = self.corpus
+        ct = c.of_kind("CT")
+        study, series = ct[0].study, ct[0].series
+        t0 = time.perf_counter()
+        self.ceilings = ceilings.measure(
+            self.work, c.files(c.main), c.files([i for i in ct if i.study == study]), study,
+            self.rounds, c.files([i for i in ct if i.series == series]),
+            3 if self.small else 5)
+        log("wire ceilings (MB/s): " + ", ".join(f"{k}={v:.1f}"
+                                                 for k, v in self.ceilings.items())
+            + f" in {time.perf_counter() - t0:.1f} s")
 
     def ingest_cells(self) -> None:
         c = self.corpus
@@ -152,7 +171,8 @@ class Bench:
                         self.row(f"ingest {cell}", "images/s", True).samples[s].append(
                             n / res.seconds)
                         self.row(f"ingest {cell}", "MB/s", True,
-                                 limit="disk_write_fsync_MBps").samples[s].append(
+                                 limit="disk_write_fsync_MBps",
+                                 ceiling="store").samples[s].append(
                             nbytes / res.seconds / MB)
                         self.row(f"peak RSS, ingest {cell}", "MB", False).samples[s].append(
                             res.rss_peak / MB)
@@ -177,7 +197,8 @@ class Bench:
         finally:
             t.stop()
         rows = (self.row(f"ingest {cell}", "images/s", True),
-                self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps"),
+                self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps",
+                         ceiling="store"),
                 self.row(f"peak RSS, ingest {cell}", "MB", False))
         for row, value in zip(rows, (len(files) / res.seconds, nbytes / res.seconds / MB,
                                      res.rss_peak / MB), strict=True):
@@ -286,7 +307,7 @@ class Bench:
         series_mb = sum(i.bytes for i in in_series.values()) / MB
         n_series = max(self.rounds, 3 if self.small else 5)
         wrow = self.row(f"WADO-RS series ({len(in_series)} CT, {series_mb:.0f} MB)", "MB/s",
-                        True, limit="loopback_tcp_MBps")
+                        True, limit="loopback_tcp_MBps", ceiling="web")
         wp95 = self.row(wrow.workload, "p95 s", False, "p95")
         for rep in range(n_series):
             for s in order(rep):
@@ -325,7 +346,7 @@ class Bench:
         study_items = {i.sop: i for i in ct}
         study_mb = sum(i.bytes for i in ct) / MB
         grow = self.row(f"C-GET study (getscu, {len(ct)} CT, {study_mb:.0f} MB)", "MB/s", True,
-                        limit="loopback_tcp_MBps")
+                        limit="loopback_tcp_MBps", ceiling="get")
         for rep in range(n_series):
             for s in order(rep):
                 d = self.work / "cget" / s
@@ -390,7 +411,7 @@ class Bench:
     def write(self) -> str:
         rows = list(self.rows.values())
         c = self.corpus
-        table = report.markdown(rows, self.limits)
+        table = report.markdown(rows, self.limits, self.ceilings)
         mach = self.machine()
         ds = (f"{len(c.main)} instances, {c.main_bytes / MB:.0f} MB: "
               f"{len(c.of_kind('CT'))} CT 512x512, {len(c.of_kind('CR'))} CR 2048x2500, "
@@ -403,14 +424,15 @@ class Bench:
             f"Dataset: {ds}. Rounds: {self.rounds}; query repetitions: {self.reps}.", "",
             table, "", scaleout.targets_markdown(rows, self.args.scale_out), "",
             report.limits_markdown(self.limits), "",
+            *([ceilings.markdown(self.ceilings), ""] if self.ceilings else []),
             "Machine: " + "; ".join(f"{k}: {v}" for k, v in mach.items()), ""])
         (self.out / "results.md").write_text(md)
         (self.out / "results.json").write_text(json.dumps({
             "size": self.size.name, "rounds": self.rounds, "reps": self.reps,
             "dataset": {"instances": len(c.main), "bytes": c.main_bytes,
                         "filler": len(c.filler), "description": ds},
-            "limits": self.limits, "machine": mach,
-            "rows": [r.to_json(self.limits) for r in rows]}, indent=1))
+            "limits": self.limits, "ceilings": self.ceilings, "machine": mach,
+            "rows": [r.to_json(self.limits, self.ceilings) for r in rows]}, indent=1))
         return table
 
 
