@@ -335,6 +335,9 @@ def test_pages_for_the_dpo_not_for_physicians(env: Env) -> None:
         assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
         french = dpo.get("/breaches", headers={"accept-language": "fr"})
         assert "Registre des violations" in french.text
+        refused = dpo.post("/breaches", headers={"accept-language": "fr"}, data={
+            "csrf": csrf_of(listing.text), "title": "x", "aware_at": "hier"})
+        assert refused.status_code == 400 and "date ou heure ISO invalide" in refused.text
         opened = dpo.post("/breaches", data={"csrf": csrf_of(listing.text), "title": "web",
                                              "actor_kind": "address", "actor": OUTSIDE,
                                              "since": "2020-01-01"})

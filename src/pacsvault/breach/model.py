@@ -48,7 +48,15 @@ _ID = re.compile(r"^BR-\d{8}-[0-9a-f]{6}$")
 
 
 class BreachError(Exception):
-    """A record that cannot be saved as asked (message is user-facing, no patient data)."""
+    """A record that cannot be saved as asked (message is user-facing, no patient data;
+    ``fr``: the French text for the pages, when the message can reach them)."""
+
+    def __init__(self, message: str, fr: str = "") -> None:
+        super().__init__(message)
+        self.fr = fr
+
+    def say(self, lang: str) -> str:
+        return self.fr if lang == "fr" and self.fr else str(self)
 
 
 def utc(value: dt.datetime) -> dt.datetime:
@@ -60,7 +68,8 @@ def parse_time(text: str) -> dt.datetime:
     try:
         return utc(dt.datetime.fromisoformat(text.strip()))
     except ValueError:
-        raise BreachError(f"not an ISO date or time: {text[:40]!r}") from None
+        raise BreachError(f"not an ISO date or time: {text[:40]!r}",
+                          f"date ou heure ISO invalide : {text[:40]!r}") from None
 
 
 def new_id(now: dt.datetime) -> str:
@@ -220,12 +229,15 @@ class Breach:
                               ("decision", DECISIONS), ("decision_ground", NO_NOTIFY_GROUNDS),
                               ("art34", ART34)):
             if getattr(self, name) not in allowed:
-                raise BreachError(f"{name} must be one of: {', '.join(a for a in allowed if a)}")
+                choices = ", ".join(a for a in allowed if a)
+                raise BreachError(f"{name} must be one of: {choices}",
+                                  f"{name} doit être l’un de : {choices}")
         for name, allowed in (("nature", NATURES), ("data_categories", DATA_CATEGORIES),
                               ("people_categories", PEOPLE_CATEGORIES)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
-                raise BreachError(f"{name}: unknown value(s); allowed: {', '.join(allowed)}")
+                raise BreachError(f"{name}: unknown value(s); allowed: {', '.join(allowed)}",
+                                  f"{name} : valeur inconnue ; permises : {', '.join(allowed)}")
         for n in self.notifications:
             if n.kind not in NOTIFICATION_KINDS:
                 raise BreachError("notification kind must be initial or complementary")
@@ -236,11 +248,13 @@ class Breach:
                 parse_time(getattr(self, name))
         if not self.aware_at:
             raise BreachError("the time of awareness is required (the 72-hour clock starts "
-                              "there)")
+                              "there)", "la date de prise de connaissance est requise (le "
+                              "délai de 72 heures part de là)")
         if self.decision == "not-notify" and not (self.decision_ground
                                                   and self.decision_reasons.strip()):
             raise BreachError("a decision not to notify needs its ground and its reasons "
-                              "(art. 33(5))")
+                              "(art. 33(5))", "une décision de ne pas notifier demande son "
+                              "motif et sa justification (art. 33(5))")
         if self.people_count is not None and self.people_count < 0:
             raise BreachError("people_count must be positive")
         if self.records_count is not None and self.records_count < 0:

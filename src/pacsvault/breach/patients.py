@@ -57,7 +57,8 @@ def encrypt_to_recipient(plain: bytes, recipient: str) -> bytes:
     try:
         key = pyrage.x25519.Recipient.from_str(recipient.strip())
     except Exception:
-        raise BreachError("not an age X25519 recipient (age1...)") from None
+        raise BreachError("not an age X25519 recipient (age1...)",
+                          "ce n’est pas un destinataire age X25519 (age1…)") from None
     return bytes(pyrage.encrypt(plain, [key]))
 
 

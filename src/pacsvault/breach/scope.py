@@ -43,7 +43,9 @@ class Actor:
 
     def __post_init__(self) -> None:
         if self.kind not in ACTOR_KINDS or not self.value:
-            raise BreachError(f"an actor is one of {', '.join(ACTOR_KINDS)} with a value")
+            raise BreachError(f"an actor is one of {', '.join(ACTOR_KINDS)} with a value",
+                              "l’acteur est un jeton, un utilisateur, un nœud ou une adresse, "
+                              "avec sa valeur")
 
     def matches(self, rec: Record) -> bool:
         if self.kind == "token":
@@ -116,7 +118,8 @@ def exposure_actor(vault: Vault, since: dt.datetime, until: dt.datetime) -> Acto
                         if rec.action == "exposure" and rec.actor_address
                         and utc(since) <= _record_time(rec) <= utc(until)})
     if not addresses:
-        raise BreachError("no exposure event in the window: nothing reached from outside")
+        raise BreachError("no exposure event in the window: nothing reached from outside",
+                          "aucun événement d’exposition dans la période")
     return Actor("address", ",".join(addresses))
 
 
@@ -125,7 +128,8 @@ def compute(vault: Vault, actor: Actor, since: dt.datetime, until: dt.datetime,
     """Count, per patient, what ``actor`` touched in [since, until]."""
     since, until = utc(since), utc(until)
     if until < since:
-        raise BreachError("the window ends before it starts")
+        raise BreachError("the window ends before it starts",
+                          "la période finit avant de commencer")
     patients: dict[str, _Tally] = {}
     all_studies: set[str] = set()
     all_sops: set[str] = set()

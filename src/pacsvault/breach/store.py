@@ -141,7 +141,9 @@ class BreachRegister:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise BreachError(f"breach {record.id} was changed meanwhile (version "
-                              f"{version} exists): read it again") from None
+                              f"{version} exists): read it again",
+                              f"la fiche {record.id} a été modifiée entre-temps (la version "
+                              f"{version} existe) : rechargez-la") from None
         try:
             write_durably(fd, [blob])
         finally:

@@ -130,7 +130,8 @@ def _values(form: Any, *, checkboxes: bool) -> dict[str, Any]:
         if name in form:
             value = str(form[name])
             if value not in allowed:
-                raise BreachError(f"{name}: not one of the choices")
+                raise BreachError(f"{name}: not one of the choices",
+                                  f"{name} : pas l’un des choix")
             values[name] = value
     for name in TIMES:
         text = str(form.get(name, "")).strip()
@@ -140,7 +141,7 @@ def _values(form: Any, *, checkboxes: bool) -> dict[str, Any]:
         text = str(form.get(name, "")).strip()
         if text:
             if not text.isdigit():
-                raise BreachError(f"{name}: a whole number")
+                raise BreachError(f"{name}: a whole number", f"{name} : un nombre entier")
             values[name] = int(text)
     if checkboxes:
         for name in FLAGS:
@@ -185,7 +186,8 @@ async def breach_open(request: Request, principal: DpoPage) -> Response:
         if value:
             since_text = str(form.get("since", "")).strip()
             if not since_text:
-                raise BreachError("the window's start is required with an actor")
+                raise BreachError("the window's start is required with an actor",
+                                  "le début de la période est requis avec un acteur")
             until_text = str(form.get("until", "")).strip()
             found = breach_scope.compute(
                 vault, breach_scope.Actor(kind, value), parse_time(since_text),
@@ -201,7 +203,7 @@ async def breach_open(request: Request, principal: DpoPage) -> Response:
     try:
         saved = await run_in_threadpool(work)
     except BreachError as exc:
-        return await run_in_threadpool(_list_page, request, str(exc), 400)
+        return await run_in_threadpool(_list_page, request, exc.say(_lang(request)), 400)
     return redirect(f"/breaches/show?id={saved.id}")
 
 
@@ -244,7 +246,8 @@ async def breach_update(request: Request, principal: DpoPage) -> Response:
             kind = str(form.get("notified", ""))
             if kind:
                 if kind not in NOTIFICATION_KINDS:
-                    raise BreachError("notification kind: initial or complementary")
+                    raise BreachError("notification kind: initial or complementary",
+                                      "type de notification : initiale ou complémentaire")
                 sent = str(form.get("notified_at", "")).strip()
                 record.notifications.append(Notification(
                     kind, (parse_time(sent) if sent else _now()).isoformat(
@@ -258,7 +261,8 @@ async def breach_update(request: Request, principal: DpoPage) -> Response:
         await run_in_threadpool(work)
     except BreachError as exc:
         try:
-            return await run_in_threadpool(_show_page, request, breach_id, str(exc), 400)
+            return await run_in_threadpool(_show_page, request, breach_id,
+                                           exc.say(_lang(request)), 400)
         except BreachError:
             raise HTTPException(404, N_("No such breach record.")) from None
     return redirect(f"/breaches/show?id={breach_id}")
@@ -317,7 +321,8 @@ async def breach_patients(request: Request, principal: DpoPage) -> Response:
         data = await run_in_threadpool(work)
     except BreachError as exc:
         try:
-            return await run_in_threadpool(_show_page, request, breach_id, str(exc), 400)
+            return await run_in_threadpool(_show_page, request, breach_id,
+                                           exc.say(_lang(request)), 400)
         except BreachError:
             raise HTTPException(404, N_("No such breach record.")) from None
     return Response(data, media_type="application/octet-stream", headers={
