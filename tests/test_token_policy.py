@@ -188,5 +188,10 @@ def test_revision_0005_caps_an_old_token(backend: Backend,
         assert tokens[fresh.token_id].expires == fresh.expires
         assert tokens[old.token_id].status(now) == "active"
         assert v.accounts.verify_token(old.token, "127.0.0.1").ok
+        # The vault's own accounts carry the policy of its settings.
+        assert v.accounts.verify_token(old.token, "203.0.113.5").reason == \
+            "outside-practice-network"
+        with pytest.raises(AccountError, match="at most 90 days"):
+            v.accounts.create_token(USER, "120d")
     finally:
         v.close()
