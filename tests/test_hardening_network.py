@@ -180,6 +180,30 @@ def test_slow_connections_do_not_lock_out_a_registered_modality(hardened: Server
         str(a).startswith("dicom.store") for a in actions)
 
 
+@pytest.mark.slow
+def test_a_tls_client_that_hangs_up_gives_its_slot_back_at_once(hardened: Server) -> None:
+    """A completed TLS handshake followed by a hang-up (a scanner, a TLS probe such as
+    ``pacsvault check``) must free the source's connection slot when the peer closes, not
+    at the association deadline: eight of them used to lock the address out for it."""
+    server = hardened
+    for source, port, tls in (("127.0.0.230", server.tls_port, True),
+                              ("127.0.0.231", server.port, False)):
+        for _ in range(12):  # more than the 8 connections a source may hold
+            sock = _connect(port, source=source, tls=tls)
+            if not tls:
+                sock.sendall(b"\x01")  # a byte: the connection reached the reactor
+            sock.close()
+        time.sleep(0.5)
+        probe = _connect(port, source=source, tls=tls)
+        try:
+            # admitted: held open until a deadline (2-3 s here), not closed at once
+            assert not _closed_by_server(probe, 1.0), f"slots of closed connections held ({port})"
+        finally:
+            probe.close()
+        assert not [e for e in _refusals(server, "per-source-limit")
+                    if source in (e.get("address"), e.get("actor_address"))]
+
+
 # --- defect 14 and 15: log injection, malformed PDUs ----------------------------------
 
 

@@ -269,6 +269,17 @@ class WakeableDUL(DULServiceProvider):
             # timeout): None is "nothing came", it stops now and frees its thread.
             self.to_user_queue.put(None)  # type: ignore[arg-type]
 
+    def _pv_closed(self) -> None:
+        """The peer closed (a scanner, a TLS probe, a modality giving up): Evt17 for the
+        state machine, and if the association thread still waits for the A-ASSOCIATE
+        request, None ("nothing came") so it ends now and gives the source's connection
+        slot back, instead of holding it until the ACSE timeout (eight such hang-ups used
+        to lock an address out for 30 s)."""
+        waiting_for_request = self.state_machine.current_state == "Sta2"
+        self.event_queue.put("Evt17")
+        if waiting_for_request:
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
+
     def _pv_malformed(self, guard: ConnectionGuard, why: str, associated: bool) -> None:
         if associated:
             guard.refuse("malformed-pdu", {"what": why, "phase": "association"})
@@ -316,10 +327,10 @@ class WakeableDUL(DULServiceProvider):
         except OSError as exc:
             log.info("connection from %s closed while reading a PDU (%s)", guard.address,
                      type(exc).__name__)
-            self.event_queue.put("Evt17")
+            self._pv_closed()
             return
         if len(header) < 6 or len(data) != 6 + length:
-            self.event_queue.put("Evt17")  # the peer closed mid-PDU
+            self._pv_closed()  # the peer closed mid-PDU
             return
         try:
             pdu, event = self._decode_pdu(data)
