@@ -371,3 +371,10 @@ def test_dormant_accounts_and_syslog_collector(vault: VaultDir) -> None:
         assert "audit.syslog-unreachable" in run(ctx, ("audit",)).ids()
     finally:
         v.close()
+
+
+def test_a_check_that_cannot_run_exits_unknown_not_critical(tmp_path: Path) -> None:
+    """Monitoring reads 2 as an exposure: a vault that does not open is 3 ("unknown")."""
+    proc = pv("check", "--json", "--data", str(tmp_path / "nothing-here"), check=False)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr)
+    assert "error" in proc.stderr and not proc.stdout

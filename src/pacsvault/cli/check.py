@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 from pacsvault.cli.common import add_data_args, open_vault
@@ -53,7 +54,25 @@ def _lang(args: argparse.Namespace) -> str:
     return "fr" if env.lower().startswith("fr") else "en"
 
 
+UNKNOWN = 3  # monitoring's "unknown": the check could not run (not "critical", which is 2)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 clean / 1 warnings / 2 critical / 3 the check could not run (Nagios codes):
+    a vault that does not open must not read as an exposure to a monitoring system."""
+    from pacsvault.cli.common import USER_ERRORS, CommandError, os_error_message
+
+    try:
+        return _check(args)
+    except (CommandError, *USER_ERRORS) as exc:
+        print(f"pacsvault: error: {exc}", file=sys.stderr)
+        return UNKNOWN
+    except OSError as exc:
+        print(f"pacsvault: error: {os_error_message(exc)}", file=sys.stderr)
+        return UNKNOWN
+
+
+def _check(args: argparse.Namespace) -> int:
     from pacsvault.check.record import counts, run_and_record
 
     lang = _lang(args)
