@@ -137,6 +137,10 @@ def test_cli_export_leaves_no_identifier_anywhere(env: Env, tmp_path: Path) -> N
         assert secret not in said
     datasets = _scan(out, env)
     assert len(datasets) == len(env.files)
+    # the images themselves are untouched: same pixel data, same geometry
+    def image(ds: Dataset) -> tuple[object, ...]:
+        return (bytes(ds.PixelData), ds.Rows, ds.Columns, str(ds.get("PixelSpacing", "")))
+    assert {image(ds) for ds in datasets} == {image(dcmread(f.path)) for f in env.files}
     readme = (out / "README.txt").read_text()
     assert "PSEUDONYMISED, NOT ANONYMOUS" in readme and "113107" in readme
     ds = datasets[0]

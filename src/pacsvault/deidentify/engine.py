@@ -41,7 +41,9 @@ from pacsvault.deidentify.options import (
 PSEUDONYM_PREFIX = "PV-"
 MAX_SHIFT_DAYS = 3650  # dates move back by 1..10 years, whole days (weekday not kept)
 _DATE_VRS = ("DA", "DT")
-_TEXT_VRS = ("AE", "AS", "CS", "DS", "IS", "LO", "LT", "SH", "ST", "UC", "UT", "UR", "PN")
+# Text that may carry a name or an identifier typed by someone (numbers - AS, DS, IS - are
+# left out: a short ID would otherwise match inside a pixel spacing and break geometry).
+_TEXT_VRS = ("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT", "UR", "PN")
 
 
 def _quiet_deid() -> None:
@@ -75,7 +77,10 @@ class Identity:
             for part in name.replace("=", "^").split("^"):
                 if len(part.strip()) >= 3:
                     found.add(part.strip())
-        return cls(str(ds.get("PatientID") or ""), frozenset(v for v in found if len(v) >= 3))
+        # short numbers (a StudyID "123") would match inside unrelated text: only values of
+        # 3+ characters with a letter, or 5+ digits, are searched for
+        return cls(str(ds.get("PatientID") or ""), frozenset(
+            v for v in found if (len(v) >= 3 and not v.isdigit()) or len(v) >= 5))
 
 
 class Pseudonyms:
