@@ -14,9 +14,11 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary, generate_uid  # type: ignore[attr-defined]
@@ -245,3 +247,43 @@ def test_cli_refusals(env: Env, tmp_path: Path) -> None:
     proc = _export(env, tmp_path / "x", "--project", "p", check=False)
     assert "goes with --deidentify" in proc
     assert not (tmp_path / "x").exists()
+
+
+def _sample() -> Dataset:
+    ds = dcmread(cast(str, get_testdata_file("CT_small.dcm")))
+    ds.InstitutionName, ds.StationName, ds.DeviceSerialNumber = "Clinique X", "CT01", "SN42"
+    ds.PatientSex, ds.PatientAge, ds.PatientWeight = "F", "042Y", "61"
+    ds.SeriesDescription, ds.StudyDescription = "Thorax", f"Thorax {ds.PatientName}"
+    ds.add_new(0x00091010, "LO", "private")
+    return ds
+
+
+@pytest.mark.parametrize("name", ["basic", "research", "teaching"])
+def test_options_keep_what_they_name_only(name: str) -> None:
+    """Table E.1-1 columns, option by option (in memory, no vault)."""
+    from pacsvault.deidentify.engine import Pseudonyms, deidentify
+
+    ds, original = _sample(), _sample()
+    chosen = profile(name)
+    deidentify(ds, chosen, Pseudonyms(b"k" * 32))
+    device = chosen.has("device-identity")
+    characteristics = chosen.has("patient-characteristics")
+    clean = chosen.has("clean-descriptors")
+    assert "InstitutionName" not in ds  # Retain Institution Identity is never offered
+    assert ("StationName" in ds) == device and ("DeviceSerialNumber" in ds) == device
+    assert ("PatientAge" in ds) == characteristics
+    assert (ds.get("PatientSex") or "") == ("F" if characteristics else "")
+    assert ("SeriesDescription" in ds) == clean
+    assert "StudyDescription" not in ds  # cleaned away: it held the patient's name
+    assert not any(e.tag.is_private for e in ds.iterall())
+    if chosen.has("modified-dates"):
+        assert ds.StudyDate and ds.StudyDate != original.StudyDate
+        assert ds.StudyTime == original.StudyTime  # times of day kept
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+    else:
+        assert not ds.get("StudyDate") and not ds.get("StudyTime")
+    method = ds.DeidentificationMethod
+    first = method if isinstance(method, str) else method[0]
+    assert first.startswith("PS3.15 E.1 Basic Profile")
+    count = ds["DeidentificationMethod"].VM
+    assert count == len(chosen.options) + 1  # the profile, then one value per option
