@@ -43,6 +43,16 @@ class Keyring:
             self._cache[key_id] = key
         return key_id
 
+    def mint(self) -> tuple[uuid.UUID, bytes, bytes]:
+        """A new data key and its wrapped form, *not* stored: the caller inserts the row
+        in the transaction that first uses it (the archive's group commit, so a new
+        patient costs no transaction of its own). Cached like ``create``'s."""
+        key_id, key = datakeys.new_data_key()
+        wrapped = datakeys.wrap(self._kek, key_id, key)
+        with self._lock:
+            self._cache[key_id] = key
+        return key_id, key, wrapped
+
     def adopt(self, session: Session, key_id: uuid.UUID, key: bytes) -> None:
         """Add a data key made elsewhere (sealed mode: it arrived HPKE-wrapped) under this
         vault's KEK, as an ordinary algorithm-1 key; nothing if it is there already."""

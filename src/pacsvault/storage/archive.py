@@ -18,6 +18,9 @@ Speed without weakening that order:
   of the object file makes it durable, no directory fsync per object. When the study's
   data key is already known, encrypting, writing, fsync'ing and hashing run in a worker
   thread while the calling thread validates the dataset and builds its DICOM JSON;
+- a study not cached is looked up by reads only; a new patient's data key is minted in
+  memory and its rows are written by the group commit with the instance's
+  (``storage.keychoice``; SQLite: no transaction and no fsync of their own);
 - **group commit**: concurrent stores (several associations) hand their staged objects to
   whichever of them is committing; that one writes every row in one transaction. Each
   ``store`` still returns only after the commit that holds its own row;
@@ -59,7 +62,7 @@ from pacsvault.index.matching import normalise_date, normalise_name
 from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
-from pacsvault.storage import rows, sameness
+from pacsvault.storage import keychoice, rows, sameness
 from pacsvault.storage.objects import ObjectBackend, Recovery
 from pacsvault.storage.rows import Pending, acknowledged, index_one
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
@@ -71,7 +74,10 @@ log = logging.getLogger("pacsvault.storage")
 _HEADER_OVERHEAD = 4096
 _MAX_BATCH = 64
 
-_GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
+_GENERATION = keychoice.GENERATION
+# The data key chosen for an instance: its id, the removal generation the choice was
+# valid at, and for a patient first seen here the minted key (key, wrapped), else None.
+_Chosen = tuple[uuid.UUID, int, tuple[bytes, bytes] | None]
 _STORE_ATTEMPTS = 3
 
 
@@ -95,6 +101,7 @@ class Archive:
         self._series_cache: dict[str, int] = {}
         self._generation = -1  # removal generation the caches are valid at (-1: unknown)
         self._cache_lock = threading.Lock()
+        self._minted = keychoice.MintedKeys(keyring)  # new patients' keys until committed
         # group commit
         self._queue: list[Pending] = []
         self._cond = threading.Condition()
@@ -206,6 +213,7 @@ class Archive:
         """
         ds = dicom_parse.read(raw)
         staging: Future[tuple[str, bytes]] | None = None
+        minted: tuple[bytes, bytes] | None = None
         early = dicom_parse.identity(ds)
         if early is not None:
             with self._cache_lock:
@@ -233,20 +241,32 @@ class Archive:
             key_id = cached[1]
         else:
             self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
-            try:
-                prepared = self._prepare(parsed)
-            except IntegrityError:
-                # Another instance sharing the index created this patient (or stored this
-                # instance) meanwhile: the second look finds it (issue 16, part 3).
-                prepared = self._prepare(parsed)
+            if dialect.is_sqlite(self._engine):
+                prepared = self._choose(parsed)
+            else:
+                try:
+                    prepared = self._prepare(parsed)
+                except IntegrityError:
+                    # Another instance sharing the index created this patient (or stored
+                    # this instance) meanwhile: the second look finds it (issue 16, part 3).
+                    prepared = self._prepare(parsed)
             if isinstance(prepared, StoreResult):
                 return prepared
-            key_id, generation = prepared
-            object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
+            key_id, generation, minted = prepared
+            if minted is None:
+                object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
+            else:  # a new patient's key: no row to read it from yet
+                object_id = self.objects.stage_spare(
+                    objfmt.encrypt(raw, minted[0], key_id, parsed.sop_uid))
         pending = Pending(parsed, object_id, key_id, source_ae, generation,
-                           actor_address=actor_address, actor_user=actor_user)
+                           actor_address=actor_address, actor_user=actor_user,
+                           new_key=minted[1] if minted else None)
         try:
-            self._commit(pending)
+            try:
+                self._commit(pending)
+            finally:
+                if minted is not None:
+                    self._minted.release(parsed, key_id)
         except IntegrityError:
             # Another process stored the same SOP Instance UID meanwhile.
             self.objects.discard(object_id)
@@ -406,7 +426,25 @@ class Archive:
         index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
                   self._received)
 
-    def _prepare(self, parsed: ParsedInstance) -> StoreResult | tuple[uuid.UUID, int]:
+    def _choose(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
+        """``_prepare`` for a SQLite index, reading only (``storage.keychoice``): a new
+        patient's key is minted, its rows written by the group commit."""
+        with self._engine.connect() as conn:
+            found = keychoice.look_up(conn, parsed)
+        if found.known is not None:
+            return found.known
+        if found.study is not None:
+            with self._cache_lock:
+                if self._generation <= found.generation:
+                    self._observe(found.generation)
+                    self._study_cache[parsed.study_uid] = found.study
+            return found.study[1], found.generation, None
+        if found.patient_key is not None:
+            return found.patient_key, found.generation, None
+        key_id, key, wrapped = self._minted.take(parsed)
+        return key_id, found.generation, (key, wrapped)
+
+    def _prepare(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
         """First instance of a study seen by this process: either the answer for an
         already stored instance, or the data key to encrypt it under: its patient's
         (created with the patient on first sight), with the removal generation read
@@ -429,14 +467,14 @@ class Archive:
                     if self._generation <= generation:
                         self._observe(generation)
                         self._study_cache[parsed.study_uid] = (int(row[0]), key_id)
-                return key_id, generation
+                return key_id, generation, None
             existing = session.scalar(
                 select(Patient.key_id).where(
                     Patient.patient_id == parsed.patient_id, Patient.issuer == parsed.issuer
                 )
             )
             if existing is not None:
-                return uuid.UUID(existing), generation
+                return uuid.UUID(existing), generation, None
             key_id = self._keyring.create(session)
             session.flush()
             session.add(Patient(
@@ -449,7 +487,7 @@ class Archive:
                 key_id=str(key_id),
                 meta_json=parsed.meta_json,
             ))
-            return key_id, generation
+            return key_id, generation, None
 
     # --- sealed mode ----------------------------------------------------------------
 

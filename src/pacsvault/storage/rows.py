@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Table, insert, select, update
+from sqlalchemy import Connection, CursorResult, Select, Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from pacsvault.audit.stores import StoredRef
@@ -23,12 +23,13 @@ from pacsvault.dicomfile.parse import ParsedInstance
 from pacsvault.index import blind
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
-from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+from pacsvault.index.models import DataKey, Instance, Patient, Series, Study, utcnow
 
 _instances = cast(Table, Instance.__table__)
 _series = cast(Table, Series.__table__)
 _studies = cast(Table, Study.__table__)
 _patients = cast(Table, Patient.__table__)
+_keys = cast(Table, DataKey.__table__)
 
 _INSERT_INSTANCE = (
     "INSERT INTO instances (series_pk, sop_uid, sop_class_uid, instance_number, "
@@ -43,6 +44,11 @@ _INSTANCE_COLUMNS = (
 _COUNT_SERIES = "UPDATE series SET num_instances = num_instances + 1 WHERE pk = ?"
 _COUNT_STUDY = "UPDATE studies SET num_instances = num_instances + 1 WHERE pk = ?"
 _KNOWN = "SELECT sha256 FROM instances WHERE sop_uid = ?"
+_STUDY_PK = "SELECT pk FROM studies WHERE study_uid = ?"
+_PATIENT_PK = "SELECT pk FROM patients WHERE patient_id = ? AND issuer = ?"
+_SERIES_PK = "SELECT pk FROM series WHERE series_uid = ?"
+_MODALITIES = "SELECT modalities FROM studies WHERE pk = ?"
+_KEY_ROW = "SELECT key_id FROM data_keys WHERE key_id = ?"
 
 
 class StaleChoice(RuntimeError):
@@ -80,6 +86,10 @@ class Pending:
     # who sent it, for the batch's audit record (``StoreJournal``)
     actor_address: str = ""
     actor_user: str = ""
+    # A data key minted for a patient not in the index when this store chose its key
+    # (``Keyring.mint``, wrapped): its row, and the patient's if still missing, are
+    # written with the instance's, in the batch (no transaction of their own).
+    new_key: bytes | None = None
 
 
 def index_one(
@@ -96,14 +106,19 @@ def index_one(
     if found is not None:
         item.result = found
         return
+    if item.new_key is not None:
+        _ensure_key(conn, item.key_id, item.new_key)
     study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
     if study_pk is None:
-        study_pk = conn.scalar(
-            select(_studies.c.pk).where(_studies.c.study_uid == parsed.study_uid))
+        study_pk = _one(conn, _STUDY_PK, (parsed.study_uid,), lambda: select(_studies.c.pk)
+                        .where(_studies.c.study_uid == parsed.study_uid))
     if study_pk is None:
-        patient_pk = conn.scalar(select(_patients.c.pk).where(
-            _patients.c.patient_id == parsed.patient_id,
-            _patients.c.issuer == parsed.issuer))
+        patient_pk = _one(conn, _PATIENT_PK, (parsed.patient_id, parsed.issuer),
+                          lambda: select(_patients.c.pk).where(
+                              _patients.c.patient_id == parsed.patient_id,
+                              _patients.c.issuer == parsed.issuer))
+        if patient_pk is None and item.new_key is not None:
+            patient_pk = _new_patient(conn, parsed, item.key_id)
         if patient_pk is None:
             raise RuntimeError("patient row vanished between key and index steps")
         study_pk = _new_pk(conn.execute(insert(_studies).values(
@@ -126,8 +141,8 @@ def index_one(
     overlay_studies[parsed.study_uid] = study_pk
     series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
     if series_pk is None:
-        series_pk = conn.scalar(
-            select(_series.c.pk).where(_series.c.series_uid == parsed.series_uid))
+        series_pk = _one(conn, _SERIES_PK, (parsed.series_uid,), lambda: select(_series.c.pk)
+                         .where(_series.c.series_uid == parsed.series_uid))
     if series_pk is None:
         series_pk = _new_pk(conn.execute(insert(_series).values(
             study_pk=study_pk,
@@ -146,7 +161,8 @@ def index_one(
         blind.write(conn, Level.SERIES, series_pk, {
             "SeriesDate": normalise_date(parsed.series_date),
             "PerformedProcedureStepStartDate": normalise_date(parsed.performed_start_date)})
-        current = conn.scalar(select(_studies.c.modalities).where(_studies.c.pk == study_pk))
+        current = _one(conn, _MODALITIES, (study_pk,), lambda: select(_studies.c.modalities)
+                       .where(_studies.c.pk == study_pk))
         modalities = set(filter(None, (current or "").split("\\")))
         values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}
         if parsed.modality and parsed.modality not in modalities:
@@ -181,6 +197,45 @@ def index_one(
             cursor.close()
     item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
     item.learnt["series"] = series_pk if cached_series is None else None
+
+
+def _ensure_key(conn: Connection, key_id: uuid.UUID, wrapped: bytes) -> None:
+    """The minted key's row, unless an earlier item of this batch (or an earlier batch:
+    concurrent stores of one new patient share the key) wrote it already."""
+    if _one(conn, _KEY_ROW, (str(key_id),),
+            lambda: select(_keys.c.key_id).where(_keys.c.key_id == str(key_id))) is None:
+        conn.execute(insert(_keys).values(key_id=str(key_id), wrapped=wrapped))
+
+
+def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) -> int:
+    """The patient's row, first seen in this batch, under the minted key. When the
+    patient appeared meanwhile (another process), the caller found it instead and the
+    minted key simply joins their keys: the instance row names its own key."""
+    name_norm = normalise_name(parsed.patient_name)
+    birth_date = normalise_date(parsed.birth_date)
+    pk = _new_pk(conn.execute(insert(_patients).values(
+        patient_id=parsed.patient_id, issuer=parsed.issuer, name=parsed.patient_name,
+        name_norm=name_norm, birth_date=birth_date, sex=parsed.sex, key_id=str(key_id),
+        meta_json=parsed.meta_json)))
+    # as the ORM listener does for patients added through a session (``index.blind``)
+    blind.write(conn, Level.PATIENT, pk, {"PatientName": name_norm or "",
+                                          "PatientBirthDate": birth_date or ""})
+    return pk
+
+
+def _one(conn: Connection, sql: str, params: tuple[Any, ...],
+         statement: Callable[[], Select[Any]]) -> Any:
+    """The first column of the first row (None if none): on SQLite straight through the
+    driver (plain columns; SQLAlchemy's statement building cost more than the look-up),
+    elsewhere through SQLAlchemy's types (sealed columns)."""
+    if conn.dialect.name != "sqlite":
+        return conn.scalar(statement())
+    cursor = conn.connection.cursor()
+    try:
+        row = cursor.execute(sql, params).fetchone()
+    finally:
+        cursor.close()
+    return None if row is None else row[0]
 
 
 def known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | None:
