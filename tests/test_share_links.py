@@ -26,6 +26,7 @@ from pydicom import dcmread
 
 from pacsvault.sharing.links import ShareLinks
 from tests import corpus
+from tests.harness.backends import Backend
 from tests.helpers import Server, VaultDir, events, make_vault, start_server
 from tests.test_web_routes import app_routes
 from tests.web_helpers import client, page_csrf, sign_in
@@ -302,3 +303,30 @@ def test_physician_downloads_a_study_de_identified(world: World) -> None:
     found = events(world.vault, "export.deidentified")[-1]
     assert (found["project"], found["destination"], found["user"]) == (
         "teaching-2026", "web download", PHYSICIAN)
+
+
+def test_links_on_both_index_backends(backend: Backend,
+                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The table of revision 0006 on SQLCipher and on a sealed PostgreSQL index: the study
+    UID is never in clear in a PostgreSQL row; link and session only as digests."""
+    made = backend.new_vault(tmp_path_factory.mktemp("share-backend") / "v")
+    v = made.open()
+    try:
+        links = ShareLinks(v.sessions, v.recorder, v.accounts.throttle, v.accounts.hasher,
+                           hold=v.accounts.recorder.holding)
+        study = "1.2.826.0.1.3680043.10.999.77"
+        made_link = links.create(PHYSICIAN, study, days=1)
+        opening = links.open(made_link.link_id, made_link.code, "127.0.0.1")
+        share = links.resolve(made_link.link_id, opening.session)
+        assert share is not None and share.study == study
+        with v.engine.connect() as conn:
+            [row] = conn.exec_driver_sql(
+                "SELECT study, link_key, session_key, code_hash FROM share_links").all()
+        raw = b"".join(bytes(c) if isinstance(c, (bytes, memoryview)) else str(c).encode()
+                       for c in row)
+        for secret in (made_link.link_id, opening.session, made_link.code.replace("-", "")):
+            assert secret.encode() not in raw
+        if v.engine.dialect.name != "sqlite":
+            assert study.encode() not in raw
+    finally:
+        v.close()

@@ -118,6 +118,7 @@ def _read_meta(layout: Layout) -> dict[str, object]:
 def _layout_tables() -> list[Table]:
     """Every table of the index layout, their model modules imported (erasure requests
     bring the storage stack: only when a vault is made or upgraded)."""
+    import pacsvault.sharing.links  # share_links (issue 19)
     import pacsvault.storage.erasure_requests  # noqa: F401  (registers its table)
     from pacsvault.index.models import Base
 

@@ -15,8 +15,8 @@ profile, counters. Guessing is throttled by the sign-in throttle (``accounts.thr
 keyed by the link, not by a user name) and capped per link: after ``MAX_FAILURES`` wrong
 codes the link is dead and the physician makes a new one.
 
-The table is created on first use (``ensure_table``) rather than by an Alembic revision:
-other changes were numbering revisions at the same time; it belongs in the next one.
+The table is part of the index layout (Alembic revision 0006; ``vault._layout_tables``
+imports this module so a new index's baseline makes it).
 """
 
 from __future__ import annotations
@@ -25,32 +25,27 @@ import contextlib
 import datetime as dt
 import hashlib
 import secrets
-import threading
-import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import cast
 
 from argon2 import PasswordHasher
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Engine,
     Integer,
     LargeBinary,
     String,
-    Table,
     Text,
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from pacsvault.accounts import passwords
 from pacsvault.accounts.throttle import Decision, Source, Throttle
 from pacsvault.audit import AuditEvent, EventCode, Outcome, Recorder
+from pacsvault.index.models import Base
 from pacsvault.index.sealing import Sealed
 from pacsvault.index.shared_state import from_micros, to_micros
 
@@ -62,12 +57,7 @@ CODE_LENGTH = 10  # ~49 bits, against at most MAX_FAILURES guesses
 Clock = Callable[[], dt.datetime]
 
 
-class _Base(DeclarativeBase):
-    """Its own metadata: the index's schema baseline and revisions do not list this table
-    yet (module docstring), so the schema checks comparing them stay exact."""
-
-
-class ShareLinkRow(_Base):
+class ShareLinkRow(Base):
     __tablename__ = "share_links"
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     link_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
@@ -85,21 +75,6 @@ class ShareLinkRow(_Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     openings: Mapped[int] = mapped_column(Integer, default=0)
     last_opened: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-
-
-_table = cast(Table, ShareLinkRow.__table__)
-_ready: weakref.WeakSet[Engine] = weakref.WeakSet()
-_lock = threading.Lock()
-
-
-def ensure_table(engine: Engine) -> None:
-    if engine in _ready:
-        return
-    with _lock:
-        if engine not in _ready:
-            with contextlib.suppress(OperationalError):  # made by another process meanwhile
-                _table.create(engine, checkfirst=True)
-            _ready.add(engine)
 
 
 def _digest(value: str) -> bytes:
@@ -183,9 +158,6 @@ class ShareLinks:
         self._throttle = throttle
         self._hasher = hasher
         self.clock = clock
-        bind = sessions.kw.get("bind")
-        if bind is not None:
-            ensure_table(bind)
 
     # --- the physician's side -------------------------------------------------------------
 
