@@ -129,6 +129,11 @@ class WebSettings(_Strict):
     key_file: str = ""
     # Where the OHIF viewer was installed (``pacsvault viewer install``); empty: the cache.
     viewer_dir: str = ""
+    # Shown in the viewer's header instead of OHIF's logo (and in its tab).
+    practice_name: str = Field("pacsvault", min_length=1, max_length=80)
+    # OHIF modes offered beside the basic viewer (which has MPR for CT/MR); others hidden.
+    viewer_modes: list[Literal["segmentation", "tmtv", "preclinical-4d", "us-pleura"]] = Field(
+        default_factory=list)
     # Slowloris guard: seconds for a request's headers, and for its body (plus one second
     # per MiB received); connections at once, in all and per source address.
     header_timeout: float = Field(10.0, gt=0)
@@ -433,6 +438,11 @@ cert_file = ""
 key_file = ""
 # Where the OHIF viewer is installed (`pacsvault viewer install`). Empty: the user's cache.
 viewer_dir = ""
+# The practice's name, shown in the viewer's header and tab.
+practice_name = "pacsvault"
+# Viewer modes offered beside the basic viewer (which includes MPR for CT and MR), among
+# "segmentation", "tmtv" (PET tumour volume), "preclinical-4d", "us-pleura".
+viewer_modes = []
 # Slow clients are cut: seconds allowed for a request's headers (and the TLS handshake),
 # and for its body (plus one second per MiB received).
 header_timeout = 10.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import json
 import re
 from functools import cache, lru_cache
@@ -30,9 +31,10 @@ from fastapi import APIRouter, HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 
-from pacsvault.viewer import ViewerDist, load
+from pacsvault.viewer import ViewerDist, load, ohif_modes, ohif_strings
 from pacsvault.web import pages
-from pacsvault.web.i18n import locale_for
+from pacsvault.web.i18n import NAMES, gettext_for, locale_for
+from pacsvault.web.kit import session_of
 from pacsvault.web.principal import Principal
 
 router = APIRouter(include_in_schema=False)
@@ -65,12 +67,10 @@ class ServedViewer:
 
     def __init__(self, dist: ViewerDist) -> None:
         self.dist = dist
-        html = (dist.root / "index.html").read_bytes()
-        # Our name in the tab; the page itself is OHIF's, unchanged.
-        html = html.replace(b"<title>OHIF Viewer</title>", b"<title>pacsvault</title>")
-        self.index = html
+        page = (dist.root / "index.html").read_bytes()
+        self.index = page
         hashes = [base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode("ascii")
-                  for m in _INLINE_SCRIPT.finditer(html)]
+                  for m in _INLINE_SCRIPT.finditer(page)]
         self.headers = {
             "Content-Security-Policy": viewer_csp(hashes),
             "Cross-Origin-Opener-Policy": "same-origin",
@@ -78,6 +78,13 @@ class ServedViewer:
             "Cross-Origin-Embedder-Policy": "require-corp",
             "Cache-Control": "no-store",
         }
+
+    def page(self, practice: str) -> bytes:
+        """OHIF's index page with the practice's name in the tab (nothing else changes:
+        the inline scripts keep their hashes)."""
+        title = html.escape(practice, quote=False).encode("utf-8")
+        return self.index.replace(b"<title>OHIF Viewer</title>",
+                                  b"<title>" + title + b"</title>")
 
 
 @lru_cache(maxsize=4)
@@ -90,13 +97,38 @@ def served(request: Request) -> ServedViewer | None:
     return _served(request.app.state.vault.settings.web.viewer_dir)
 
 
-def app_config(locale: str) -> str:
+def pacsvault_block(locale: str, *, practice: str, csrf: str, admin: bool,
+                    modes: list[str]) -> dict[str, Any]:
+    """What the script of ``viewer_assets/app-config.js`` needs to put pacsvault inside
+    OHIF: the header (practice name, menu labels in the user's language, the session's CSRF
+    token for sign-out and the language switch), the modes to hide, OHIF's strings."""
+    _ = gettext_for(locale)
+    return {
+        "practice": practice,
+        "csrf": csrf,
+        "locale": locale,
+        "ohifLanguages": ohif_strings.OHIF_LANGUAGE,
+        "languages": dict(NAMES),
+        "admin": admin,
+        "labels": {"menu": _("Menu"), "account": _("Account"),
+                   "admin": _("Administration"), "language": _("Language"),
+                   "signOut": _("Sign out")},
+        "hiddenModes": ohif_modes.hidden(modes),
+        "strings": ohif_strings.overrides(),
+    }
+
+
+def app_config(locale: str, block: dict[str, Any] | None = None) -> str:
     """OHIF's ``window.config``: one data source, pacsvault's DICOMweb, same origin, in the
-    script of ``viewer_assets/app-config.js``.
+    script of ``viewer_assets/app-config.js`` (which adds the pacsvault extension, header
+    and hidden modes from ``block``).
 
     ``httpErrorHandler`` is OHIF's hook for failed DICOMweb calls: an expired session
     (401) goes to the sign-in page with the current study as ``next``, so nothing is lost.
     """
+    if block is None:
+        block = pacsvault_block(locale, practice="pacsvault", csrf="", admin=False,
+                                modes=[])
     data_source = {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
         "sourceName": "dicomweb",
@@ -138,7 +170,8 @@ def app_config(locale: str) -> str:
         "defaultDataSourceName": "dicomweb",
         "dataSources": [data_source],
     }
-    values = {"config": json.dumps(config, indent=1), "locale": json.dumps(locale)}
+    values = {"config": json.dumps(config, indent=1), "locale": json.dumps(locale),
+              "pacsvault": _script_json(block)}
     # One pass: a value is never searched for markers itself.
     return _MARKER.sub(lambda m: values[m.group(1)], _config_template())
 
@@ -146,7 +179,14 @@ def app_config(locale: str) -> str:
 # The script around ``window.config`` (sign-in on 401, OHIF workarounds), kept as a static
 # file of the package so it reads, diffs and lints as JavaScript. A marker is a comment
 # followed by a stand-in value, so the file itself is valid JavaScript.
-_MARKER = re.compile(r'/\*@(config|locale)@\*/(?:\{\}|"en")')
+_MARKER = re.compile(r'/\*@(config|locale|pacsvault)@\*/(?:\{\}|"en")')
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe inside a script: a practice name holding ``</script>`` or U+2028 stays
+    a string."""
+    text = json.dumps(value, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 @cache
@@ -195,7 +235,8 @@ def _index(request: Request) -> Response:
     viewer = served(request)
     if viewer is None:
         return _not_installed(request)
-    response = Response(viewer.index, media_type="text/html; charset=utf-8",
+    practice = request.app.state.vault.settings.web.practice_name
+    response = Response(viewer.page(practice), media_type="text/html; charset=utf-8",
                         headers=viewer.headers)
     # OHIF's language detector reads this cookie first (then the browser's languages).
     response.set_cookie("i18next", locale_for(request), path="/", secure=True,
@@ -213,8 +254,17 @@ def config_script(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
         raise HTTPException(401, "authentication required")
-    return Response(app_config(locale_for(request)), media_type="text/javascript",
-                    headers={"Cache-Control": "no-store"})
+    web = request.app.state.vault.settings.web
+    session = session_of(request)
+    locale = locale_for(request)
+    block = pacsvault_block(locale, practice=web.practice_name,
+                            csrf=getattr(session, "csrf", ""), admin=principal.has("admin"),
+                            modes=list(web.viewer_modes))
+    # It holds the session's CSRF token: never cached, never readable cross-origin (the
+    # session cookie is SameSite=Strict, and CORP keeps other sites from embedding it).
+    return Response(app_config(locale, block), media_type="text/javascript",
+                    headers={"Cache-Control": "no-store",
+                             "Cross-Origin-Resource-Policy": "same-origin"})
 
 
 def _gzip_twin(viewer: ServedViewer, relative: str) -> Path | None:

@@ -30,3 +30,186 @@ window.pacsvaultSignIn = function () {
   };
   document.documentElement.lang = /*@locale@*/"en";
 })();
+
+/* pacsvault inside OHIF, through OHIF's own extension points:
+   - whiteLabeling.createLogoComponentFn (app-config): the practice's name and the
+     pacsvault menu (account, administration, language, sign out) in OHIF's header;
+   - OHIF's i18n addLocales (deep merge, overwrite) for pacsvault's strings, see below;
+   - entries of config.modes that stand for OHIF's own modes with hide: true.
+   Nothing of OHIF's bundle is changed. */
+(function () {
+  var pv = /*@pacsvault@*/{};
+  var config = window.config;
+
+  /* OHIF's strings: OHIF's i18n (the object with its addLocales) is a module of its
+     bundle that no app-config key reaches, and some labels (the study list's columns)
+     are translated once, when their module is evaluated. So the overrides go in as soon
+     as the i18n module has run: the webpack runtime hands its require function to a
+     chunk pushed before the bundle runs, and the i18n module's factory (found by the API
+     it defines, not by a build-specific id) is wrapped to call addLocales right after
+     it. The bundle's bytes are OHIF's, unchanged. */
+  function i18nOf(exported) {
+    for (var name in exported) {
+      var value = exported[name];
+      if (value && typeof value.addLocales === 'function' &&
+          typeof value.addResourceBundle === 'function') { return value; }
+    }
+    return null;
+  }
+  (window.webpackChunk = window.webpackChunk || []).push(
+    [['pacsvault-i18n'], {}, function (require) {
+      var factories = require.m || {};
+      Object.keys(factories).forEach(function (id) {
+        var original = factories[id];
+        if (Function.prototype.toString.call(original).indexOf('function addLocales(') < 0) {
+          return;
+        }
+        factories[id] = function (module) {
+          var result = original.apply(this, arguments);
+          var i18n = i18nOf(module.exports);
+          if (i18n) { i18n.addLocales(pv.strings); }
+          return result;
+        };
+      });
+    }]);
+
+  function post(url, fields) {
+    /* A real form: the browser follows the answer (sign-out lands on the sign-in page). */
+    var form = document.createElement('form');
+    form.method = 'post';
+    form.action = url;
+    fields.csrf = pv.csrf;
+    Object.keys(fields).forEach(function (key) {
+      var input = document.createElement('input');
+      input.type = 'hidden';
+      input.name = key;
+      input.value = fields[key];
+      form.appendChild(input);
+    });
+    document.body.appendChild(form);
+    form.submit();
+  }
+
+  window.pacsvaultSignOut = function () { post('/logout', {}); };
+
+  window.pacsvaultLanguage = function (lang) {
+    /* The account's language (pacsvault's pages), then OHIF's own choice, then reload. */
+    var body = new URLSearchParams();
+    body.set('lang', lang);
+    return fetch('/account/language', {
+      method: 'POST', body: body, credentials: 'same-origin', redirect: 'manual',
+      headers: { 'X-CSRF-Token': pv.csrf }
+    }).then(function (response) {
+      if (response.type !== 'opaqueredirect' && !response.ok) { return; }
+      var ohifLang = pv.ohifLanguages[lang] || lang;
+      document.cookie = 'i18next=' + ohifLang + '; path=/; secure; samesite=strict';
+      try { window.localStorage.setItem('i18nextLng', ohifLang); } catch (e) { /* private */ }
+      window.location.reload();
+    });
+  };
+
+  var itemStyle = {
+    display: 'block', width: '100%', boxSizing: 'border-box', padding: '8px 14px',
+    textAlign: 'left', color: '#e1e1e1', background: 'transparent', border: 'none',
+    font: 'inherit', fontSize: '14px', cursor: 'pointer', textDecoration: 'none',
+    whiteSpace: 'nowrap'
+  };
+
+  function makeHeader(React) {
+    var h = React.createElement;
+    function stop(event) { event.stopPropagation(); }
+    function item(props, text) {
+      props.role = 'menuitem';
+      props.style = Object.assign({}, itemStyle, props.style || {});
+      return h(props.href ? 'a' : 'button', props, text);
+    }
+    return function PacsvaultHeader() {
+      var state = React.useState(false);
+      var open = state[0];
+      var setOpen = state[1];
+      var box = React.useRef(null);
+      React.useEffect(function () {
+        if (!open) { return undefined; }
+        function away(event) {
+          if (box.current && !box.current.contains(event.target)) { setOpen(false); }
+        }
+        function escape(event) { if (event.key === 'Escape') { setOpen(false); } }
+        document.addEventListener('mousedown', away);
+        document.addEventListener('keydown', escape);
+        return function () {
+          document.removeEventListener('mousedown', away);
+          document.removeEventListener('keydown', escape);
+        };
+      }, [open]);
+      var entries = [item({ key: 'account', href: '/account', 'data-cy': 'pacsvault-account' },
+                          pv.labels.account)];
+      if (pv.admin) {
+        entries.push(item({ key: 'admin', href: '/admin/health', 'data-cy': 'pacsvault-admin' },
+                          pv.labels.admin));
+      }
+      entries.push(h('div', { key: 'language-label', role: 'presentation',
+        style: { padding: '8px 14px 2px', color: '#8a8fb8', fontSize: '12px' } },
+        pv.labels.language));
+      Object.keys(pv.languages).forEach(function (lang) {
+        var current = lang === pv.locale;
+        entries.push(item({
+          key: 'lang-' + lang, lang: lang, 'data-cy': 'pacsvault-language-' + lang,
+          'aria-checked': current ? 'true' : 'false', role: 'menuitemradio',
+          style: { paddingLeft: '24px', fontWeight: current ? 'bold' : 'normal' },
+          onClick: function () { if (!current) { window.pacsvaultLanguage(lang); } }
+        }, (current ? '\u2713 ' : '') + pv.languages[lang]));
+      });
+      entries.push(item({ key: 'sign-out', 'data-cy': 'pacsvault-sign-out',
+                          style: { borderTop: '1px solid #3a3f99' },
+                          onClick: window.pacsvaultSignOut }, pv.labels.signOut));
+      return h('div', { 'data-cy': 'pacsvault-header',
+                        style: { display: 'flex', alignItems: 'center', gap: '12px' } },
+        h('span', { 'data-cy': 'pacsvault-practice', title: pv.practice,
+                    style: { color: '#ffffff', fontSize: '16px', maxWidth: '140px',
+                             overflow: 'hidden', textOverflow: 'ellipsis',
+                             whiteSpace: 'nowrap' } }, pv.practice),
+        h('div', { ref: box, onClick: stop, style: { position: 'relative' } },
+          h('button', {
+            type: 'button', 'data-cy': 'pacsvault-menu', 'aria-haspopup': 'menu',
+            'aria-expanded': open ? 'true' : 'false',
+            onClick: function () { setOpen(!open); },
+            style: { color: '#5acce6', background: 'transparent', fontSize: '14px',
+                     border: '1px solid #3a3f99', borderRadius: '4px', padding: '2px 8px',
+                     cursor: 'pointer' }
+          }, pv.labels.menu + ' \u25BE'),
+          open ? h('div', {
+            role: 'menu', 'data-cy': 'pacsvault-menu-items',
+            style: { position: 'absolute', top: '110%', left: 0, zIndex: 1000,
+                     minWidth: '200px', padding: '4px 0', background: '#090c29',
+                     border: '1px solid #3a3f99', borderRadius: '6px',
+                     boxShadow: '0 4px 12px rgba(0, 0, 0, 0.6)' }
+          }, entries) : null));
+    };
+  }
+
+  var Header = null;
+  config.whiteLabeling = {
+    createLogoComponentFn: function (React) {
+      Header = Header || makeHeader(React);
+      return React.createElement(Header);
+    }
+  };
+
+  /* OHIF keeps the first mode of a given id (config.modes come before its built-in ones):
+     each hidden mode is OHIF's own, built by its own factory, with hide: true. */
+  function hiddenMode(id) {
+    return {
+      id: id,
+      modeFactory: function (args) {
+        return args.loadModules([id]).then(function (loaded) {
+          var real = loaded[0];
+          var made = real && real.modeFactory ? real.modeFactory.call(real, args) : real;
+          return Promise.resolve(made).then(function (mode) {
+            return mode ? Object.assign({}, mode, { hide: true }) : mode;
+          });
+        });
+      }
+    };
+  }
+  config.modes = (config.modes || []).concat(pv.hiddenModes.map(hiddenMode));
+})();
