@@ -1,0 +1,156 @@
+"""What the audit page calls each event, in the reader's language.
+
+The trail stores stable codes (``dicomweb.retrieve``, ``auth.login.failed``, PS3.15 event
+IDs): right for machines and the command line, opaque for a DPO. This table gives each a
+sentence-case name, translated like every page string (``N_`` here, the catalogs in
+``web/locale``). An action without a name (a new one, a later issue's) falls back to the
+name of its family (``auth.…``), then to its code: the page never hides an event because
+it has no name yet. The raw code stays visible behind each row.
+"""
+
+from __future__ import annotations
+
+from pacsvault.audit.grouping import VIEW
+from pacsvault.web.i18n import N_, Gettext
+
+ACTIONS: dict[str, str] = {
+    VIEW: N_("Viewed a study"),
+    "dicomweb.retrieve": N_("Images read (DICOMweb)"),
+    "dicomweb.search": N_("Search (DICOMweb)"),
+    "dicomweb.store": N_("Images received (DICOMweb)"),
+    "dicomweb.store.committed": N_("Images saved (DICOMweb)"),
+    "dicomweb.store.conflict": N_("Conflicting image refused (DICOMweb)"),
+    "dicom.association.accepted": N_("DICOM connection accepted"),
+    "dicom.association.rejected": N_("DICOM connection refused"),
+    "dicom.store.committed": N_("Images saved (DICOM)"),
+    "dicom.store.association": N_("Images received (DICOM)"),
+    "dicom.store.failed": N_("Image not saved (DICOM)"),
+    "dicom.store.refused": N_("Image refused (DICOM)"),
+    "dicom.find": N_("Search (DICOM)"),
+    "dicom.get": N_("Images sent (DICOM C-GET)"),
+    "dicom.get.begin": N_("Sending started (DICOM C-GET)"),
+    "dicom.move": N_("Images sent (DICOM C-MOVE)"),
+    "dicom.move.begin": N_("Sending started (DICOM C-MOVE)"),
+    "dicom.tls.handshake_failed": N_("Secure connection failed (DICOM)"),
+    "export": N_("Export"),
+    "export.deidentified": N_("De-identified export"),
+    "auth.login": N_("Sign-in"),
+    "auth.login.failed": N_("Failed sign-in"),
+    "auth.logout": N_("Sign-out"),
+    "auth.session.ended": N_("Session ended"),
+    "auth.second_factor.enrolled": N_("Second factor set up"),
+    "auth.account.locked": N_("Account locked"),
+    "auth.account.unlocked": N_("Account unlocked"),
+    "auth.address.locked": N_("Address blocked"),
+    "auth.passkey.added": N_("Passkey added"),
+    "auth.passkey.removed": N_("Passkey removed"),
+    "user.add": N_("User added"),
+    "user.disable": N_("User disabled"),
+    "user.enable": N_("User enabled"),
+    "user.reset": N_("Password reset"),
+    "user.roles": N_("Roles changed"),
+    "user.recovery_codes": N_("Recovery codes renewed"),
+    "token.create": N_("API token created"),
+    "token.revoke": N_("API token revoked"),
+    "node.add": N_("DICOM device added"),
+    "node.set": N_("DICOM device changed"),
+    "node.remove": N_("DICOM device removed"),
+    "audit.show": N_("Audit trail consulted"),
+    "audit.export": N_("Audit trail exported"),
+    "audit.patient_report": N_("Patient access report"),
+    "audit.verify": N_("Audit trail verified"),
+    "audit.tamper": N_("Audit trail altered"),
+    "audit.purge": N_("Old audit records removed"),
+    "application.start": N_("Archive started"),
+    "application.stop": N_("Archive stopped"),
+    "patient.erased": N_("Patient erased"),
+    "patient.erasure.requested": N_("Erasure requested"),
+    "patient.erasure.cancelled": N_("Erasure cancelled"),
+    "patient.retention.listed": N_("Expired retention listed"),
+    "object.deleted": N_("Image deleted"),
+    "object.quarantined": N_("Image quarantined"),
+    "share.created": N_("Share link created"),
+    "share.revoked": N_("Share link revoked"),
+    "share.opened": N_("Share link opened"),
+    "gdpr.record.export": N_("Record of processing exported"),
+    "breach.opened": N_("Breach recorded"),
+    "backup.run": N_("Backup"),
+    "alert.sent": N_("Alert sent"),
+    "exposure.switch": N_("Exposure changed"),
+}
+FAMILIES: dict[str, str] = {
+    "dicomweb.": N_("DICOMweb"),
+    "dicom.": N_("DICOM network"),
+    "auth.": N_("Sign-in and sessions"),
+    "user.": N_("User accounts"),
+    "token.": N_("API tokens"),
+    "node.": N_("DICOM devices"),
+    "audit.": N_("Audit trail"),
+    "patient.": N_("Patient erasure"),
+    "object.": N_("Image removal"),
+    "share.": N_("Share links"),
+    "breach.": N_("Breach register"),
+    "backup.": N_("Backups"),
+    "alert.": N_("Alerts"),
+    "exposure": N_("Exposure"),
+    "sealed.": N_("Sealed mode"),
+    "keys.": N_("Keys"),
+    "key.": N_("Keys"),
+    "tls.": N_("Certificates"),
+    "storage.": N_("Storage"),
+    "retention.": N_("Retention"),
+}
+# PS3.15 A.5 event IDs (audit.EventCode values).
+CODES: dict[str, str] = {
+    "110100": N_("Application activity"),
+    "110102": N_("Begin transferring DICOM instances"),
+    "110103": N_("DICOM instances accessed"),
+    "110104": N_("DICOM instances transferred"),
+    "110106": N_("Export"),
+    "110107": N_("Import"),
+    "110108": N_("Network entry"),
+    "110112": N_("Query"),
+    "110113": N_("Security alert"),
+    "110114": N_("User authentication"),
+}
+OUTCOMES: dict[str, str] = {  # audit.Outcome names, as the trail keeps them
+    "success": N_("success"),
+    "minor_failure": N_("minor failure"),
+    "serious_failure": N_("serious failure"),
+    "major_failure": N_("major failure"),
+}
+# The action filter's choices: (prefix, name); "" is every action.
+FILTERS: tuple[tuple[str, str], ...] = (
+    (VIEW, ACTIONS[VIEW]),
+    ("dicomweb.search", ACTIONS["dicomweb.search"]),
+    ("dicom.find", ACTIONS["dicom.find"]),
+    ("dicom.get", ACTIONS["dicom.get"]),
+    ("dicom.move", ACTIONS["dicom.move"]),
+    ("dicomweb.store", ACTIONS["dicomweb.store"]),
+    ("dicom.store", ACTIONS["dicom.store.association"]),
+    ("export", ACTIONS["export"]),
+    ("share.", FAMILIES["share."]),
+    ("auth.", FAMILIES["auth."]),
+    ("user.", FAMILIES["user."]),
+    ("node.", FAMILIES["node."]),
+    ("audit.", FAMILIES["audit."]),
+    ("patient.", FAMILIES["patient."]),
+)
+
+
+def action_name(action: str, _: Gettext) -> str:
+    """The reader's name of ``action`` (its family's, else the code itself)."""
+    if action in ACTIONS:
+        return _(ACTIONS[action])
+    for prefix, name in FAMILIES.items():
+        if action.startswith(prefix):
+            return f"{_(name)} ({action})"
+    return action
+
+
+def code_name(code: str, _: Gettext) -> str:
+    return _(CODES[code]) if code in CODES else code
+
+
+def outcome_name(outcome: str, _: Gettext) -> str:
+    return _(OUTCOMES[outcome]) if outcome in OUTCOMES else outcome

@@ -1,0 +1,308 @@
+"""Issue 20 item 6: an audit page a DPO can use (real application and HTTPS listener
+in-process, one vault for the module: two patients, four images).
+
+A physician viewing a study through WADO-RS (series search, metadata, one request per
+frame) makes one grouped row with the image count, the raw records behind it; the page
+names the patient; filters by patient, user, device, action and period; pagination; CSV
+and PDF exports of the filtered view, each recorded (no patient data in the record's
+readable part); the patient access report (GDPR art. 15) lists who accessed that patient
+and nothing of another patient's; physicians are refused; French action names.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import html
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pypdf
+import pytest
+
+from pacsvault.web import audit_page
+from tests.browser import chromium, new_page, password_step, second_factor
+from tests.helpers import new_vault
+from tests.test_erasure import Obj, make, store
+from tests.web_helpers import Authenticator, FakeClock, LocalWeb, csrf_of, local_web
+
+PASSWORD = "registre-des-acces-du-cabinet"
+JSON = {"accept": "application/dicom+json"}
+OCTET = {"accept": 'multipart/related; type="application/octet-stream"'}
+FRENCH = {"accept-language": "fr-FR,fr;q=0.9"}
+pytestmark = pytest.mark.slow  # the module's vault, server and sign-ins: ~10 s
+
+
+@dataclass
+class Env:
+    web: LocalWeb
+    dpo: httpx.Client
+    martin: httpx.Client
+    blanc: httpx.Client
+    alice: list[Obj]  # PVDPO1, Durand^Alice: one study, three images
+    louis: Obj  # PVDPO2, Petit^Louis: one image
+    dpo_app: Authenticator  # the DPO's second factor (the browser test signs in again)
+
+
+def _view(browser: httpx.Client, study: str, objs: list[Obj]) -> None:
+    """What a viewer does to open a study: series, metadata, then each image's frame."""
+    res = browser.get(f"/dicom-web/studies/{study}/series", headers=JSON)
+    assert res.status_code == 200, res.text
+    res = browser.get(f"/dicom-web/studies/{study}/metadata", headers=JSON)
+    assert res.status_code == 200, res.text
+    for o in objs:
+        res = browser.get(f"/dicom-web/studies/{study}/series/{o.series}/instances/{o.sop}"
+                          "/frames/1", headers=OCTET)
+        assert res.status_code == 200, res.text
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    vault = new_vault(tmp_path_factory.mktemp("dpo") / "v")
+    study = "1.2.826.0.1.3680043.10.1234.1"
+    alice = [make("PVDPO1", study=study, name="Durand^Alice", study_date="20240312")
+             for _ in range(3)]
+    louis = make("PVDPO2", name="Petit^Louis")
+    with local_web(vault, FakeClock()) as web:
+        for o in alice:
+            assert web.vault.archive.store(o.raw, source_ae="CT1").status.name == "STORED"
+        web.vault.archive.settle()
+        store(web.vault, louis)  # source TEST
+        for name, roles in (("drmartin", ["physician"]), ("drblanc", ["physician"]),
+                            ("dpo", ["auditor"])):
+            web.accounts.add_user(name, roles, PASSWORD)
+        dpo, martin, blanc = web.browser(), web.browser(), web.browser()
+        try:
+            dpo_app = web.sign_in(dpo, "dpo", PASSWORD).authenticator
+            for browser, name in ((martin, "drmartin"), (blanc, "drblanc")):
+                web.sign_in(browser, name, PASSWORD)
+            _view(martin, study, alice)
+            _view(martin, louis.study, [louis])
+            _view(blanc, louis.study, [louis])
+            for _ in range(30):  # enough rows for several pages
+                bad = blanc.get("/dicom-web/studies/1.2.3/metadata", headers=JSON)
+                assert bad.status_code == 404
+            yield Env(web, dpo, martin, blanc, alice, louis, dpo_app)
+        finally:
+            for b in (dpo, martin, blanc):
+                b.close()
+
+
+def _search(env: Env, headers: dict[str, str] | None = None, **form: str) -> str:
+    page = env.dpo.get("/audit", headers=headers)
+    assert page.status_code == 200, page.text
+    res = env.dpo.post("/audit", data={"csrf": csrf_of(page.text), **form}, headers=headers)
+    assert res.status_code == 200, res.text
+    return res.text
+
+
+def _rows(text: str) -> list[dict[str, Any]]:
+    """The page's rows: action, cells (text), raw record actions."""
+    body = text.split('<table id="audit">', 1)[1].split("</table>\n</div>", 1)[0]
+    out = []
+    for chunk in body.split('class="audit-row"')[1:]:
+        action = re.search(r'data-action="([^"]*)"', chunk)
+        main, _, raw = chunk.partition("<details>")
+        cells = [html.unescape(re.sub(r"<[^>]+>", " ", c)).split()
+                 for c in re.findall(r"<td>(.*?)</td>", main, re.S)]
+        count = re.search(r"<summary>(\d+)</summary>", raw)
+        out.append({"action": action.group(1) if action else "",
+                    "cells": [" ".join(c) for c in cells] + [count.group(1) if count else ""],
+                    "raw": re.findall(r"<tr><td>\d+</td><td>[^<]*</td><td>([^<]*)</td>", raw)})
+    return out
+
+
+def _trail(env: Env, action: str) -> list[Any]:
+    return [r for r in env.web.vault.audit.records() if r.action == action]
+
+
+def _pdf_text(data: bytes) -> str:
+    assert data.startswith(b"%PDF")
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    return " ".join(" ".join((p.extract_text() or "") for p in reader.pages).split())
+
+
+def test_one_viewing_is_one_row_with_its_images_and_records(env: Env) -> None:
+    text = _search(env, patient="PVDPO1")
+    rows = _rows(text)
+    views = [r for r in rows if r["action"] == "view"]
+    assert len(views) == 1, rows
+    (view,) = views
+    time, name, who, patient, study, images, outcome, records = view["cells"]
+    assert name == "Viewed a study" and who.startswith("drmartin")
+    assert "Durand Alice" in patient and "PVDPO1" in patient  # the index names the patient
+    assert "2024-03-12" in study and "CT" in study
+    assert images == "3" and outcome == "success"
+    assert records == "5"  # series search, metadata, three frames: all behind the row
+    assert view["raw"] == ["dicomweb.search", "dicomweb.retrieve", "dicomweb.retrieve",
+                           "dicomweb.retrieve", "dicomweb.retrieve"]
+    assert "frames" in text and "metadata" in text  # each record's details
+    # only this patient: the other patient's viewings and name are not on the page
+    assert "PVDPO2" not in text and "Petit" not in text
+    assert " – " in time  # a viewing's start and end
+    shows = _trail(env, "audit.show")
+    assert shows and shows[-1].refs.get("patient_ids") == ["PVDPO1"]
+
+
+def test_filters_by_user_device_action_and_period(env: Env) -> None:
+    rows = _rows(_search(env, user="drblanc"))
+    assert rows and all(r["cells"][2].startswith("drblanc") for r in rows)
+    rows = _rows(_search(env, user="drblanc", action="view"))
+    assert [(r["cells"][2], r["cells"][5]) for r in rows] == [("drblanc (127.0.0.1)", "1")]
+
+    rows = _rows(_search(env, action="view"))
+    assert len(rows) == 3 and all(r["action"] == "view" for r in rows)
+    assert sorted(r["cells"][5] for r in rows) == ["1", "1", "3"]
+
+    rows = _rows(_search(env, node="CT1"))
+    assert rows and all(r["cells"][2].startswith("CT1") for r in rows)
+    assert all("PVDPO1" in r["cells"][3] for r in rows)
+
+    rows = _rows(_search(env, action="auth."))
+    assert rows and all(r["action"].startswith("auth.") for r in rows)
+
+    today = dt.date.today()
+    tomorrow, yesterday = today + dt.timedelta(days=1), today - dt.timedelta(days=1)
+    assert _rows(_search(env, since=tomorrow.isoformat(), action="view")) == []
+    assert _rows(_search(env, until=yesterday.isoformat(), action="view")) == []
+    # a whole day, both ends included, in the practice's zone (either side of UTC)
+    assert len(_rows(_search(env, since=yesterday.isoformat(), until=tomorrow.isoformat(),
+                             action="view"))) == 3
+    page = env.dpo.get("/audit")
+    bad = env.dpo.post("/audit", data={"csrf": csrf_of(page.text), "since": "last week"})
+    assert bad.status_code == 400 and 'aria-invalid="true"' in bad.text
+
+
+def test_pagination(env: Env) -> None:
+    first = _search(env)
+    total = int(re.search(r'id="audit-count">(\d+) rows', first).group(1))  # type: ignore[union-attr]
+    assert total > audit_page.PER_PAGE
+    pages = -(-total // audit_page.PER_PAGE)
+    assert f"Page 1 of {pages}" in first and 'id="next-page"' in first
+    seen = [re.findall(r'<tr id="(row-[^"]+)"', first)]
+    for number in range(2, pages + 1):
+        seen.append(re.findall(r'<tr id="(row-[^"]+)"', _search(env, page=str(number))))
+    assert all(len(s) == audit_page.PER_PAGE for s in seen[:-1])
+    keys = [k for s in seen for k in s]
+    assert len(keys) == len(set(keys)) == total  # every row once, newest first
+    last = _search(env, page=str(pages + 5))  # past the end: the last page
+    assert f"Page {pages} of {pages}" in last
+
+
+def test_csv_export_of_the_filtered_view_is_recorded(env: Env) -> None:
+    page = env.dpo.get("/audit")
+    res = env.dpo.post("/audit/export", data={"csrf": csrf_of(page.text),
+                                              "patient": "PVDPO1", "format": "csv"})
+    assert res.status_code == 200
+    assert res.headers["content-type"].startswith("text/csv")
+    assert "attachment" in res.headers["content-disposition"]
+    assert "PVDPO1" not in res.headers["content-disposition"]
+    lines = list(csv.DictReader(io.StringIO(res.text.lstrip("\ufeff"))))
+    views = [x for x in lines if x["Action code"] == "view"]
+    assert len(views) == 1 and views[0]["User"] == "drmartin"
+    assert views[0]["Images"] == "3" and views[0]["Records"] == "5"
+    assert views[0]["Patient ID"] == "PVDPO1" and views[0]["Patient name"] == "Durand Alice"
+    assert views[0]["Action"] == "Viewed a study"
+    assert dt.datetime.fromisoformat(views[0]["Start"]).tzinfo is not None
+    assert not any("PVDPO2" in json.dumps(x) for x in lines)
+    (event,) = _trail(env, "audit.export")
+    assert event.detail == {"format": "csv", "rows": len(lines), "via": "web",
+                            "records": sum(int(x["Records"]) for x in lines),
+                            "filters": "patient"}
+    assert event.actor_user == "dpo" and event.code == "110106"
+    line = env.web.vault.audit.path.read_text().splitlines()
+    written = next(x for x in line if '"audit.export"' in x)
+    assert "PVDPO1" not in written and "Durand" not in written  # sealed, never in clear
+
+
+def test_pdf_export_has_the_rows(env: Env) -> None:
+    page = env.dpo.get("/audit")
+    res = env.dpo.post("/audit/export", data={"csrf": csrf_of(page.text),
+                                              "user": "drmartin", "format": "pdf"})
+    assert res.status_code == 200 and res.headers["content-type"] == "application/pdf"
+    text = _pdf_text(res.content)
+    assert "Viewed a study" in text and "drmartin" in text
+    assert "Durand Alice" in text and "Petit Louis" in text  # both of his viewings
+    assert "drblanc" not in text
+    assert any(e.detail.get("format") == "pdf" and e.detail["filters"] == "user"
+               for e in _trail(env, "audit.export"))
+
+
+def test_patient_access_report_lists_who_accessed_that_patient_only(env: Env) -> None:
+    page = env.dpo.get("/audit")
+    assert 'action="/audit/patient-report"' in _search(env, patient="PVDPO2")
+    res = env.dpo.post("/audit/patient-report", data={"csrf": csrf_of(page.text),
+                                                      "patient": "PVDPO1"})
+    assert res.status_code == 200 and res.headers["content-type"] == "application/pdf"
+    text = _pdf_text(res.content)
+    assert "Patient access report" in text and "Durand Alice" in text and "PVDPO1" in text
+    assert "drmartin" in text and "CT1" in text  # the viewer, the device that sent it
+    assert "drblanc" not in text  # he saw the other patient only
+    assert "Petit" not in text and "PVDPO2" not in text
+    other = _pdf_text(env.dpo.post("/audit/patient-report", data={
+        "csrf": csrf_of(page.text), "patient": "PVDPO2"}).content)
+    assert "drblanc" in other and "drmartin" in other and "Durand" not in other
+    reports = _trail(env, "audit.patient_report")
+    assert [r.refs.get("patient_ids") for r in reports[-2:]] == [["PVDPO1"], ["PVDPO2"]]
+    assert all(r.detail["format"] == "pdf" and "PVDPO" not in json.dumps(r.detail)
+               for r in reports)
+    empty = env.dpo.post("/audit/patient-report", data={"csrf": csrf_of(page.text)})
+    assert empty.status_code == 400
+
+
+def test_physicians_are_refused(env: Env) -> None:
+    csrf = csrf_of(env.martin.get("/account").text)
+    assert env.martin.get("/audit").status_code == 403
+    for path, data in (("/audit", {}), ("/audit/export", {"format": "csv"}),
+                       ("/audit/patient-report", {"patient": "PVDPO1"})):
+        res = env.martin.post(path, data={"csrf": csrf, **data})
+        assert res.status_code == 403, path
+        assert "Durand" not in res.text
+
+
+def test_french_action_names(env: Env) -> None:
+    text = _search(env, headers=FRENCH, patient="PVDPO1")
+    rows = _rows(text)
+    (view,) = [r for r in rows if r["action"] == "view"]
+    assert view["cells"][1] == "Consultation d’un examen"
+    assert re.match(r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d", view["cells"][0])
+    assert "Exporter en CSV" in text and "réussite" in text
+    assert "Images enregistrées (DICOM)" in text  # the device's store
+
+
+@pytest.mark.browser
+def test_browser_groups_one_viewing_and_exports_csv(env: Env) -> None:
+    """Chromium: the DPO signs in, filters by patient, sees the viewing as one row (its
+    records behind "details"), and downloads the CSV of that view."""
+    base = f"https://127.0.0.1:{env.web.port}"
+    with chromium() as browser:
+        page = new_page(browser)
+        password_step(page, base, "dpo", PASSWORD)
+        second_factor(page, env.dpo_app)
+        page.goto(base + "/audit")
+        page.fill("#patient", "PVDPO1")
+        with page.expect_navigation():
+            page.click("#audit-filters button[name=page]")
+        assert "PVDPO1" not in page.url
+        views = page.locator('tr.audit-row[data-action="view"]')
+        assert views.count() == 1
+        row = views.first
+        assert "Viewed a study" in row.inner_text() and "Durand Alice" in row.inner_text()
+        raw = row.locator("details table.raw")
+        assert not raw.is_visible()
+        row.locator("details summary").click()
+        assert raw.is_visible() and raw.locator("tbody tr").count() == 5
+        with page.expect_download() as info:
+            page.click("#export-csv")
+        data = Path(info.value.path()).read_text("utf-8-sig")
+        lines = list(csv.DictReader(io.StringIO(data)))
+        (view,) = [x for x in lines if x["Action code"] == "view"]
+        assert view["Images"] == "3" and view["Patient ID"] == "PVDPO1"
+        assert info.value.suggested_filename.endswith(".csv")
+        page.context.close()
