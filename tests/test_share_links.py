@@ -25,9 +25,11 @@ import pytest
 from pydicom import dcmread
 
 from pacsvault.sharing.links import ShareLinks
+from pacsvault.storage.erasure import Eraser
 from tests import corpus
 from tests.harness.backends import Backend
 from tests.helpers import Server, VaultDir, events, make_vault, start_server
+from tests.test_erasure import Admins, make, store
 from tests.test_web_routes import app_routes
 from tests.web_helpers import client, page_csrf, sign_in
 
@@ -310,6 +312,7 @@ def test_links_on_both_index_backends(backend: Backend,
     """The table of revision 0006 on SQLCipher and on a sealed PostgreSQL index: the study
     UID is never in clear in a PostgreSQL row; link and session only as digests."""
     made = backend.new_vault(tmp_path_factory.mktemp("share-backend") / "v")
+    made.set_toml("retention", "solo_practice", "true")
     v = made.open()
     try:
         links = ShareLinks(v.sessions, v.recorder, v.accounts.throttle, v.accounts.hasher,
@@ -328,5 +331,15 @@ def test_links_on_both_index_backends(backend: Backend,
             assert secret.encode() not in raw
         if v.engine.dialect.name != "sqlite":
             assert study.encode() not in raw
+        # a patient's erasure takes the links to their studies with it, not the others
+        erased = make("PVSHARE1")
+        store(v, erased)
+        gone = links.create(PHYSICIAN, erased.study, days=1)
+        eraser = Eraser(v)
+        eraser.admins = Admins("alice")  # type: ignore[method-assign]
+        eraser.erase_solo("PVSHARE1", "", "retention over, share test", "retention-ended",
+                          "PVSHARE1", actor="alice", via="test")
+        assert [s.pk for s in links.mine(PHYSICIAN)] == [made_link.share.pk]
+        assert not links.exists(gone.link_id)
     finally:
         v.close()

@@ -28,15 +28,19 @@ import secrets
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 from argon2 import PasswordHasher
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Connection,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
+    delete,
     select,
     update,
 )
@@ -301,3 +305,18 @@ def format_code(code: str) -> str:
 def normalise_code(code: str) -> str:
     """What the colleague types: case, spaces and dashes do not matter."""
     return "".join(c for c in code.upper() if c.isalnum())[:64]
+
+
+def forget_studies(conn: Connection, study_uids: set[str]) -> int:
+    """Delete every share link to one of these studies, in the caller's transaction (a
+    patient's erasure, ``storage.erasure``: a link must not outlive the images, nor keep
+    their UID). The study column is sealed on PostgreSQL (not comparable in SQL): the rows
+    are read and matched here."""
+    if not study_uids:
+        return 0
+    table = cast(Table, ShareLinkRow.__table__)
+    doomed = [int(pk) for pk, study in conn.execute(select(table.c.pk, table.c.study))
+              if study in study_uids]
+    if doomed:
+        conn.execute(delete(table).where(table.c.pk.in_(doomed)))
+    return len(doomed)

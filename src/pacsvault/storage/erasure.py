@@ -60,6 +60,7 @@ from sqlalchemy.exc import OperationalError
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.index import dialect
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
+from pacsvault.sharing.links import forget_studies
 from pacsvault.storage import retention
 from pacsvault.storage.erasure_destroy import erase_rows, forget_rows, secure_transaction
 from pacsvault.storage.erasure_requests import (
@@ -355,6 +356,9 @@ class Eraser(Remover):
                     self.subject(str(row[0]), str(row[1] or "")), subject):
                 return None
             target = self._target(conn, pk)
+            # share links to these studies go with them (issue 19)
+            forget_studies(conn, {str(u) for u in conn.execute(
+                select(_studies.c.study_uid).where(_studies.c.patient_pk == pk)).scalars()})
             record, object_ids = erase_rows(conn, pk, target, subject, reason, actor,
                                             address)
         # the WAL still holds the old pages: copy them back now (best effort: a reader
