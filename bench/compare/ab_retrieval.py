@@ -5,7 +5,9 @@ DIR is a source tree holding ``pacsvault/`` (e.g. ``git archive <commit> src | t
 put first on the server's ``PYTHONPATH``; without ``--new`` the installed pacsvault is "new".
 One vault serves both variants in turn (same data, same index), Orthanc holds the same
 files; every round runs C-GET (getscu) of the CT study and WADO-RS of its series against
-each server, the order rotated each round. Reported per server: median MB/s and the
+each server, the order rotated each round, then the wire ceilings of both (``ceilings``:
+a bare pynetdicom C-GET SCP from memory to the same getscu at 16 KB PDUs, a bare uvicorn
+multipart from memory over HTTPS, same client). Reported per server: median MB/s and the
 server's CPU seconds per retrieval (``psutil``, user + system), which the load of other
 processes on the machine disturbs far less than wall time.
 """
@@ -16,12 +18,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
-from bench.compare import dataset
+from bench.compare import ceilings, dataset
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.pacsvault_server import PacsvaultTarget
@@ -87,7 +88,8 @@ def main(argv: list[str]) -> int:
     orth.start()
     ingest(orth, files, 4, work / "logs-orthanc")
     names = [*variants, "orthanc"]
-    mbps: dict[str, dict[str, list[float]]] = {n: {"cget": [], "wado": []} for n in names}
+    mbps: dict[str, dict[str, list[float]]] = {n: {"cget": [], "wado": []}
+                                               for n in (*names, "ceiling")}
     cpu: dict[str, dict[str, list[float]]] = {n: {"cget": [], "wado": []} for n in names}
     try:
         for r in range(args.rounds):
@@ -113,6 +115,10 @@ def main(argv: list[str]) -> int:
                     if name != "orthanc":
                         pv.stop()
                 print(f"round {r} {name} done", file=sys.stderr)
+            for _ in range(2):
+                mbps["ceiling"]["cget"].append(
+                    ceilings._get_once("get_pyn_16k", files, study, work / "ceilings"))
+            mbps["ceiling"]["wado"] += ceilings._web_once("web_https", files, work / "ceilings", 2)
     finally:
         orth.stop()
     print("| server | C-GET MB/s | C-GET server CPU s | WADO-RS series MB/s | "
@@ -123,7 +129,9 @@ def main(argv: list[str]) -> int:
         print(f"| {n} | {statistics.median(m['cget']):.1f} | "
               f"{statistics.median(c['cget']):.2f} | {statistics.median(m['wado']):.1f} | "
               f"{statistics.median(c['wado']):.2f} |")
-    time.sleep(0)
+    m = mbps["ceiling"]
+    print(f"| wire ceiling (bare pynetdicom C-GET SCP / bare uvicorn HTTPS, from memory) | "
+          f"{statistics.median(m['cget']):.1f} | | {statistics.median(m['wado']):.1f} | |")
     return 0
 
 
