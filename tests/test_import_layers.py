@@ -26,9 +26,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # destroyed, then the running server and every backup told)
     # check: the security self-check; breach: the breach register and its documents;
     # gdpr: the record of processing; deidentify: PS3.15 de-identified exports
+    # media: patient CD/USB (DICOMDIR file-set) and its streamed ZIP (issue 20)
     ("workflows", ("pacsvault.sealed", "pacsvault.backup", "pacsvault.status",
                    "pacsvault.storage.erasure", "pacsvault.migrate", "pacsvault.check",
-                   "pacsvault.breach", "pacsvault.gdpr", "pacsvault.deidentify")),
+                   "pacsvault.breach", "pacsvault.gdpr", "pacsvault.deidentify",
+                   "pacsvault.media")),
     # the vault's layout, create/open: composes everything below
     # sealed.material: what a start without the master key needs, refreshed at every open
     # vaultfile: vault.json itself, written by the workflows without importing the Vault

@@ -28,7 +28,15 @@ _SAFE = re.compile(r"^[0-9.]{1,64}$")
 def register(sub: Any) -> None:
     p = sub.add_parser("export", help="write decrypted DICOM files (as received) to a folder")
     add_data_args(p)
-    p.add_argument("--out", type=Path, required=True, help="destination folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="destination folder")
+    # issue 20: a patient CD / USB key (media/)
+    where.add_argument("--media", type=Path, metavar="DIR",
+                       help="write a standard DICOM media (DICOMDIR, PS3.11 general purpose "
+                            "CD/USB) of --study or --patient into DIR (a USB key, a folder "
+                            "to burn); quarantined instances are left out")
+    p.add_argument("--lang", choices=("fr", "en"), default="fr",
+                   help="with --media: language of INDEX.HTM and README.TXT")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", help="Study Instance UID")
     which.add_argument("--patient", help="Patient ID")
@@ -59,24 +67,24 @@ def _component(uid: str) -> str:
 _SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
-def check_destination(out: Path) -> None:
+def check_destination(out: Path, flag: str = "--out") -> None:
     """Refuse, with a one-line reason, a destination that cannot take the files (issue 12,
     defect 6: these were tracebacks), before the vault is opened or anything decrypted."""
     target = Path(os.path.abspath(out))
     for tree in _SYSTEM_TREES:
         if target == tree or tree in target.parents:
-            raise CommandError(f"--out {out}: {tree} is a system folder, not a place for "
+            raise CommandError(f"{flag} {out}: {tree} is a system folder, not a place for "
                                "files; choose a folder of your own")
     # os.path answers False where Path.exists raises (a folder we may not look into)
     if os.path.exists(target) and not os.path.isdir(target):
-        raise CommandError(f"--out {out} is a file, not a folder")
+        raise CommandError(f"{flag} {out} is a file, not a folder")
     existing = target
     while not os.path.exists(existing) and existing != existing.parent:
         existing = existing.parent
     if not os.path.isdir(existing):
-        raise CommandError(f"--out {out}: {existing} is a file, not a folder")
+        raise CommandError(f"{flag} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"--out {out}: no permission to write in {existing}")
+        raise CommandError(f"{flag} {out}: no permission to write in {existing}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -85,6 +93,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                  ("--link-table", args.link_table)) if on]
     if args.deidentify is None and deid_only:
         raise CommandError(f"{deid_only[0]} goes with --deidentify PROFILE")
+    if args.media is not None:
+        return _export_media(args)
     check_destination(args.out)
     try:
         if args.deidentify is not None:
@@ -198,4 +208,60 @@ def _export_deidentified(args: argparse.Namespace) -> int:
     say(f"Exported {result.instances} de-identified instance(s) of {result.patients} "
         f"patient(s) to {args.out} (profile {chosen.name}, project {project}). "
         "The files are pseudonymised, not anonymous: see README.txt.")
+    return 0
+
+
+def _export_media(args: argparse.Namespace) -> int:
+    """``--media DIR``: the study or patient as a DICOM file-set (``media.export``), written
+    0600/0700 like every export, the DICOMDIR last (a folder without one is visibly
+    unfinished). Refuses a folder that already holds a DICOMDIR: two file-sets would mix."""
+    from pacsvault.media import export as media
+
+    if args.study is None and args.patient is None:
+        raise CommandError("--media goes with --study UID or --patient ID")
+    if args.deidentify is not None:
+        raise CommandError("--media writes the patient's identified media; use --out with "
+                           "--deidentify for de-identified files")
+    check_destination(args.media, "--media")
+    if os.path.lexists(args.media / media.DICOMDIR):
+        raise CommandError(f"--media {args.media} already holds a DICOMDIR; choose an empty "
+                           "folder")
+    vault = open_vault(args)
+    try:
+        items = media.select_items(vault, study_uid=args.study, patient_id=args.patient)
+        try:
+            job = media.MediaExport(vault, items, media.Request(lang=args.lang))
+        except AuditUnavailable:
+            raise CommandError("export refused: the audit trail cannot record it (disk full "
+                               "or unwritable?); no file was written") from None
+        except media.MediaError as exc:
+            raise CommandError(str(exc)) from None
+        private_dir(args.media)
+        made: set[Path] = set()
+        with tqdm(total=job.total, unit="B", unit_scale=True, desc="media",
+                  file=sys.stderr, disable=None) as bar:
+            try:
+                for relative, data in job.files():
+                    target = args.media.joinpath(*relative.split("/"))
+                    folder = args.media
+                    for part in target.relative_to(args.media).parent.parts:
+                        folder = folder / part
+                        if folder not in made:
+                            private_dir(folder)
+                            restrict_dir(folder)
+                            made.add(folder)
+                    write_private(target, data)
+                    if "/" in relative:
+                        bar.update(len(data))
+            except media.MediaError as exc:
+                raise CommandError(f"export stopped: {exc}; the folder is incomplete "
+                                   "(no DICOMDIR)") from None
+            except OSError as exc:
+                where = f" {exc.filename}" if exc.filename else ""
+                raise CommandError(f"export stopped: cannot write{where}: "
+                                   f"{exc.strerror or type(exc).__name__}") from None
+    finally:
+        vault.close()
+    say(f"Wrote a DICOM media of {len(items)} instance(s), {job.studies} study(ies) of "
+        f"{job.patients} patient(s) to {args.media} (open DICOMDIR; INDEX.HTM lists it).")
     return 0

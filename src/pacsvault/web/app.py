@@ -31,6 +31,7 @@ from pacsvault.web import (
     deps,
     dicomweb,
     gdpr_record,
+    media_download,
     pages,
     passkey_routes,
     security,
@@ -70,6 +71,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(admin_check.router)  # the security self-check (issue 18)
     app.include_router(gdpr_record.router)  # the record of processing (issue 19)
     app.include_router(share_pages.router)  # share links (issue 19)
+    app.include_router(media_download.router)  # patient CD / USB download (issue 20)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)
