@@ -26,10 +26,13 @@ import httpx
 import pypdf
 import pytest
 
+from pacsvault.audit.grouping import VIEW, group_records
+from pacsvault.audit.trail import Record
 from pacsvault.web import audit_page
 from tests.browser import chromium, new_page, password_step, second_factor
 from tests.helpers import new_vault
 from tests.test_erasure import Obj, make, store
+from tests.test_web_pages import check_page
 from tests.web_helpers import Authenticator, FakeClock, LocalWeb, csrf_of, local_web
 
 PASSWORD = "registre-des-acces-du-cabinet"
@@ -146,6 +149,7 @@ def test_one_viewing_is_one_row_with_its_images_and_records(env: Env) -> None:
     # only this patient: the other patient's viewings and name are not on the page
     assert "PVDPO2" not in text and "Petit" not in text
     assert " – " in time  # a viewing's start and end
+    check_page(text, "/audit, by patient")  # labels, unique ids, no inline code
     shows = _trail(env, "audit.show")
     assert shows and shows[-1].refs.get("patient_ids") == ["PVDPO1"]
 
@@ -177,6 +181,7 @@ def test_filters_by_user_device_action_and_period(env: Env) -> None:
     page = env.dpo.get("/audit")
     bad = env.dpo.post("/audit", data={"csrf": csrf_of(page.text), "since": "last week"})
     assert bad.status_code == 400 and 'aria-invalid="true"' in bad.text
+    check_page(bad.text, "/audit, bad period")
 
 
 def test_pagination(env: Env) -> None:
@@ -306,3 +311,38 @@ def test_browser_groups_one_viewing_and_exports_csv(env: Env) -> None:
         assert view["Images"] == "3" and view["Patient ID"] == "PVDPO1"
         assert info.value.suggested_filename.endswith(".csv")
         page.context.close()
+
+
+def _rec(seq: int, minute: float, action: str = "dicomweb.retrieve", *, user: str = "dr",
+         study: str = "S1", sops: tuple[str, ...] = (), outcome: str = "success",
+         detail: dict[str, Any] | None = None) -> Record:
+    when = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC) + dt.timedelta(minutes=minute)
+    return Record(seq, when.isoformat(), "event", action, outcome, "110103", "",
+                  "127.0.0.1", user, "", detail or {"resource": "frames"},
+                  {"study_uids": [study], "sop_uids": list(sops)})
+
+
+def test_grouping_rules_without_a_server() -> None:
+    """A gap longer than ten minutes ends a viewing; another record in between does not;
+    another user, study or API token, a failure, a search listing studies: rows of their
+    own."""
+    records = [
+        _rec(1, 0, detail={"resource": "metadata", "instances": 4}),
+        _rec(2, 1, sops=("a",)), _rec(3, 2, "auth.login"), _rec(4, 3, sops=("b",)),
+        _rec(5, 4, sops=("b",)),  # the same image again: still two images
+        _rec(6, 5, user="other", sops=("a",)),
+        _rec(7, 6, study="S2", sops=("c",)),
+        _rec(8, 7, outcome="minor_failure"),
+        _rec(9, 8, detail={"resource": "frames", "token": "t1"}, sops=("a",)),
+        _rec(10, 9, "dicomweb.search", detail={"level": "study"}),
+        _rec(11, 10, "dicomweb.search", detail={"level": "series"}),
+        _rec(12, 25, sops=("d",)),  # 15 minutes after the last: a new viewing
+        _rec(13, 26, study="S3", detail={"resource": "metadata", "instances": 4}),
+    ]
+    groups = group_records(records)
+    assert [[r.seq for r in g.records] for g in groups] == [
+        [1, 2, 4, 5, 11], [3], [6], [7], [8], [9], [10], [12], [13]]
+    assert [g.kind for g in groups] == [VIEW, "", VIEW, VIEW, "", VIEW, "", VIEW, VIEW]
+    assert groups[0].images == 2 and groups[0].study_uids == ["S1"]
+    assert groups[-1].images == 4  # metadata alone: the instances it covered
+    assert groups[0].action == VIEW and groups[1].action == "auth.login"
