@@ -309,3 +309,23 @@ def test_download_is_recorded_as_a_disclosure(world: World) -> None:
                 if k not in ("study_uids", "sop_uids", "patient_ids")}
     for secret in (PATIENT_ID, world.studies[1], "Dupr", *world.originals):
         assert secret not in repr(readable)
+
+
+def test_quarantined_instances_stay_off_the_media(world: World) -> None:
+    """An instance an administrator hid is not on the patient's media (the physicians do
+    not see it either): study 2's only image hidden, its download has nothing to give."""
+    from pacsvault.storage.removal import Remover
+
+    [hidden] = _study_sops(world, world.studies[1])
+    v = world.vault.open()
+    try:
+        remover = Remover(v.engine, v.store, v.recorder)
+        remover.quarantine(hidden, "wrong patient", actor="test")
+        try:
+            res = world.doctor.post("/account/media/download",
+                                    data={"csrf": world.csrf, "study": world.studies[1]})
+            assert res.status_code == 400 and "media-study-form" in res.text
+        finally:
+            remover.release(hidden, "checked", actor="test")
+    finally:
+        v.close()
