@@ -163,6 +163,34 @@ def test_language_switch_from_ohif_changes_ohif_and_pacsvault(site: Site,
     _clean(doctor.errors)
 
 
+def test_ohif_preferences_offer_our_languages_and_change_the_account(site: Site,
+                                                                    doctor: Doctor) -> None:
+    """OHIF's own Preferences dialog: only pacsvault's two languages, and a choice there
+    is the account's choice (pacsvault's pages follow)."""
+    page = doctor.page
+    _study_list(page, site.base)
+    page.locator("button.mt-2.h-full.w-full.text-primary").first.click()
+    page.get_by_role("menuitem", name="Préférences").click()
+    page.locator("[aria-label='Language']").first.click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    assert options.count() == 2, options.all_inner_texts()
+    texts = options.all_inner_texts()
+    english = [t for t in texts if not re.search(r"fran", t, re.I)]
+    assert len(english) == 1, texts
+    options.filter(has_text=english[0]).first.click()
+    with page.expect_navigation():
+        page.get_by_role("button", name="Enregistrer").first.click()
+    page.get_by_text("Study List", exact=True).first.wait_for()
+    page.goto(site.base + "/account")
+    assert page.locator("html").get_attribute("lang") == "en"
+    _study_list(page, site.base)
+    with page.expect_navigation():
+        _menu(page).locator("[data-cy='pacsvault-language-fr']").click()
+    page.get_by_text("IPP", exact=True).first.wait_for()
+    _clean(doctor.errors)
+
+
 def test_sign_out_from_the_viewer_ends_the_session(site: Site, doctor: Doctor,
                                                    browser: Any) -> None:
     page = doctor.page

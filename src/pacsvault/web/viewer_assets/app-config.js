@@ -56,6 +56,37 @@ window.pacsvaultSignIn = function () {
     }
     return null;
   }
+  function pacsvaultLanguageOf(ohifLang) {
+    var found = null;
+    Object.keys(pv.ohifLanguages).forEach(function (lang) {
+      if (pv.ohifLanguages[lang] === ohifLang || lang === ohifLang) { found = lang; }
+    });
+    return found;
+  }
+  function adopt(i18n) {
+    i18n.addLocales(pv.strings);
+    /* OHIF's own Preferences offer the languages pacsvault's pages have, and a choice
+       there is the account's choice too. OHIF reloads the page right after changing
+       language: the account is updated synchronously, before that reload asks the server
+       which language to speak ("languageChanging" is emitted before anything else). */
+    var offered = Object.keys(pv.ohifLanguages).map(function (k) { return pv.ohifLanguages[k]; });
+    var languages = i18n.availableLanguages;
+    for (var i = Array.isArray(languages) ? languages.length - 1 : -1; i >= 0; i--) {
+      if (!languages[i] || offered.indexOf(languages[i].value) < 0) { languages.splice(i, 1); }
+    }
+    i18n.on('languageChanging', function (ohifLang) {
+      var lang = pacsvaultLanguageOf(ohifLang);
+      if (!lang || lang === pv.locale) { return; }
+      try {
+        var request = new XMLHttpRequest();
+        request.open('POST', '/account/language', false);
+        request.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');
+        request.setRequestHeader('X-CSRF-Token', pv.csrf);
+        request.send('lang=' + encodeURIComponent(lang));
+        pv.locale = lang;
+      } catch (e) { /* the next page load keeps the account's language */ }
+    });
+  }
   (window.webpackChunk = window.webpackChunk || []).push(
     [['pacsvault-i18n'], {}, function (require) {
       var factories = require.m || {};
@@ -67,7 +98,7 @@ window.pacsvaultSignIn = function () {
         factories[id] = function (module) {
           var result = original.apply(this, arguments);
           var i18n = i18nOf(module.exports);
-          if (i18n) { i18n.addLocales(pv.strings); }
+          if (i18n) { adopt(i18n); }
           return result;
         };
       });
