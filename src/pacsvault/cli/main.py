@@ -22,6 +22,7 @@ COMMANDS = {
     "gdpr": "gdpr",
     "check": "check",
     "breach": "breach",
+    "send": "send",  # issue 20, part 5
 }
 
 

@@ -35,6 +35,7 @@ from pacsvault.web import (
     pages,
     passkey_routes,
     security,
+    send_pages,
     share_pages,
     signin,
     viewer,
@@ -71,6 +72,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(admin_check.router)  # the security self-check (issue 18)
     app.include_router(gdpr_record.router)  # the record of processing (issue 19)
     app.include_router(share_pages.router)  # share links (issue 19)
+    app.include_router(send_pages.router)  # "send to" a node (issue 20, part 5)
     app.include_router(media_download.router)  # patient CD / USB download (issue 20)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
