@@ -178,6 +178,9 @@ def _export_deidentified(args: argparse.Namespace) -> int:
         items = list(vault.archive.locate(study_uid=args.study, patient_id=args.patient,
                                           sop_uid=args.instance))
         made: set[Path] = set()
+        # the export CLI shows a progress bar for every kind (issue 20): one step per file
+        bar = tqdm(total=len(items), unit="file", desc="de-identify", file=sys.stderr,
+                   disable=None)
 
         def sink(relative: str, data: bytes) -> None:
             target = args.out / relative
@@ -192,6 +195,8 @@ def _export_deidentified(args: argparse.Namespace) -> int:
                     restrict_dir(folder)
                     made.add(folder)
             write_private(target, data)
+            if relative.endswith(".dcm"):
+                bar.update(1)
 
         request = deid.Request(project=project, profile=chosen,
                                accept_burned_in=args.accept_burned_in,
@@ -203,6 +208,8 @@ def _export_deidentified(args: argparse.Namespace) -> int:
                                "or unwritable?); no file was written") from None
         except deid.DeidentifyError as exc:
             raise CommandError(str(exc)) from None
+        finally:
+            bar.close()
     finally:
         vault.close()
     say(f"Exported {result.instances} de-identified instance(s) of {result.patients} "
