@@ -29,7 +29,7 @@ import pytest
 from pacsvault.audit.grouping import VIEW, group_records
 from pacsvault.audit.trail import Record
 from pacsvault.web import audit_page
-from tests.browser import chromium, new_page, password_step, second_factor
+from tests.browser import chromium, new_page, password_step, second_factor, shot
 from tests.helpers import new_vault
 from tests.test_erasure import Obj, make, store
 from tests.test_web_pages import check_page
@@ -113,11 +113,10 @@ def _rows(text: str) -> list[dict[str, Any]]:
         action = re.search(r'data-action="([^"]*)"', chunk)
         main, _, raw = chunk.partition("<details>")
         cells = [html.unescape(re.sub(r"<[^>]+>", " ", c)).split()
-                 for c in re.findall(r"<td>(.*?)</td>", main, re.S)]
-        count = re.search(r"<summary>(\d+)</summary>", raw)
+                 for c in re.findall(r"<td(?: class=\"when\")?>(.*?)</td>", main, re.S)]
         out.append({"action": action.group(1) if action else "",
-                    "cells": [" ".join(c) for c in cells] + [count.group(1) if count else ""],
-                    "raw": re.findall(r"<tr><td>\d+</td><td>[^<]*</td><td>([^<]*)</td>", raw)})
+                    "cells": [" ".join(c) for c in cells],
+                    "raw": re.findall(r"<tr><td>\d+</td><td[^>]*>[^<]*</td><td>([^<]*)</td>", raw)})
     return out
 
 
@@ -148,7 +147,7 @@ def test_one_viewing_is_one_row_with_its_images_and_records(env: Env) -> None:
     assert "frames" in text and "metadata" in text  # each record's details
     # only this patient: the other patient's viewings and name are not on the page
     assert "PVDPO2" not in text and "Petit" not in text
-    assert " – " in time  # a viewing's start and end
+    assert re.fullmatch(r"\S+ \d\d:\d\d:\d\d–\d\d:\d\d:\d\d", time)  # start and end
     check_page(text, "/audit, by patient")  # labels, unique ids, no inline code
     shows = _trail(env, "audit.show")
     assert shows and shows[-1].refs.get("patient_ids") == ["PVDPO1"]
@@ -299,10 +298,12 @@ def test_browser_groups_one_viewing_and_exports_csv(env: Env) -> None:
         assert views.count() == 1
         row = views.first
         assert "Viewed a study" in row.inner_text() and "Durand Alice" in row.inner_text()
-        raw = row.locator("details table.raw")
+        details = page.locator(f"#{row.get_attribute('id')} + tr.audit-records details")
+        raw = details.locator("table.raw")
         assert not raw.is_visible()
-        row.locator("details summary").click()
+        details.locator("summary").click()
         assert raw.is_visible() and raw.locator("tbody tr").count() == 5
+        shot(page, "audit-dpo-viewing")
         with page.expect_download() as info:
             page.click("#export-csv")
         data = Path(info.value.path()).read_text("utf-8-sig")
