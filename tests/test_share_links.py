@@ -24,6 +24,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from pacsvault.deidentify.links import LinkTable
 from pacsvault.sharing.links import ShareLinks
 from pacsvault.storage.erasure import Eraser
 from tests import corpus
@@ -335,11 +336,16 @@ def test_links_on_both_index_backends(backend: Backend,
         erased = make("PVSHARE1")
         store(v, erased)
         gone = links.create(PHYSICIAN, erased.study, days=1)
+        table = LinkTable(v, "share-test")
+        table.add({"PV-ERASED": "PVSHARE1", "PV-KEPT": "PVOTHER9"})
         eraser = Eraser(v)
         eraser.admins = Admins("alice")  # type: ignore[method-assign]
         eraser.erase_solo("PVSHARE1", "", "retention over, share test", "retention-ended",
                           "PVSHARE1", actor="alice", via="test")
         assert [s.pk for s in links.mine(PHYSICIAN)] == [made_link.share.pk]
         assert not links.exists(gone.link_id)
+        # and a de-identification project's link table forgets the patient
+        assert table.read() == {"PV-KEPT": "PVOTHER9"}
+        assert b"PVSHARE1" not in table.path.read_bytes()
     finally:
         v.close()

@@ -15,24 +15,18 @@ features. The README written with every export says so.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import io
-import json
-import os
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom import dcmread
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.crypto import keys
 from pacsvault.deidentify.engine import Pseudonyms, burned_in_reason, deidentify
+from pacsvault.deidentify.links import LINKS_DIR as LINKS_DIR
+from pacsvault.deidentify.links import LinkTable as LinkTable
 from pacsvault.deidentify.options import OPTIONS, Profile
 from pacsvault.index.records import StoredInstance
 
@@ -42,7 +36,6 @@ if TYPE_CHECKING:
 Sink = Callable[[str, bytes], None]  # (relative path, content)
 MAX_PROJECT = 64
 README_NAME = "README.txt"
-LINKS_DIR = "deidentify"
 
 
 class DeidentifyError(Exception):
@@ -185,48 +178,3 @@ recorded in each file (0012,0063 and 0012,0064).
 {burned}
 Contents: {result.instances} instance(s) of {result.patients} pseudonymised patient(s).
 """
-
-
-class LinkTable:
-    """Pseudonym -> patient ID of one project, kept inside the vault, encrypted (AES-GCM
-    under a key derived like the project's pseudonym key, purpose ``link-table``). It never
-    leaves the vault: the export only writes pseudonyms. One file per project, named by a
-    keyed digest of the project name (the name itself is not on disk)."""
-
-    def __init__(self, vault: Vault, project: str) -> None:
-        root = vault.named_secret(keys.DEIDENTIFY_SECRET)
-        self._key = keys.project_key(root, vault.vault_id, project,
-                                     keys.PURPOSE_DEIDENTIFY_LINKS)
-        name = hmac.new(self._key, b"file-name", hashlib.sha256).hexdigest()[:32]
-        self.path: Path = vault.layout.root / LINKS_DIR / f"{name}.links"
-
-    def add(self, links: dict[str, str]) -> None:
-        known = self.read()
-        fresh = {p: pid for p, pid in links.items() if known.get(p) != pid}
-        if not fresh:
-            return
-        self.path.parent.mkdir(mode=0o700, exist_ok=True)
-        lines = []
-        for pseudonym, patient_id in sorted(fresh.items()):
-            nonce = secrets.token_bytes(12)
-            plain = json.dumps({"pseudonym": pseudonym, "patient_id": patient_id}).encode()
-            sealed = AESGCM(self._key).encrypt(nonce, plain, b"link")
-            lines.append(base64.b64encode(nonce + sealed) + b"\n")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def read(self) -> dict[str, str]:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        found: dict[str, str] = {}
-        for line in raw.splitlines():
-            blob = base64.b64decode(line)
-            row = json.loads(AESGCM(self._key).decrypt(blob[:12], blob[12:], b"link"))
-            found[str(row["pseudonym"])] = str(row["patient_id"])
-        return found

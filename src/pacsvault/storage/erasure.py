@@ -58,6 +58,7 @@ from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.deidentify.links import forget_patients
 from pacsvault.index import dialect
 from pacsvault.index.models import Instance, Patient, Series, Study, utcnow
 from pacsvault.sharing.links import forget_studies
@@ -368,6 +369,7 @@ class Eraser(Remover):
         if self._archive is not None:
             self._archive.forget()
         files = self._delete_files(record, object_ids)
+        forget_patients(self.vault, {target.patient_id})  # link tables (issue 19)
         return Erased(record, target.studies, target.series, target.instances,
                       len(target.keys), files)
 
