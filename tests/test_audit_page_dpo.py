@@ -17,6 +17,7 @@ import html
 import io
 import json
 import re
+import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ PASSWORD = "registre-des-acces-du-cabinet"
 JSON = {"accept": "application/dicom+json"}
 OCTET = {"accept": 'multipart/related; type="application/octet-stream"'}
 FRENCH = {"accept-language": "fr-FR,fr;q=0.9"}
+ZONE = "Asia/Kolkata"  # UTC+05:30 all year: unmistakable on the page
 pytestmark = pytest.mark.slow  # the module's vault, server and sign-ins: ~10 s
 
 
@@ -68,6 +70,7 @@ def _view(browser: httpx.Client, study: str, objs: list[Obj]) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     vault = new_vault(tmp_path_factory.mktemp("dpo") / "v")
+    vault.set_toml("alerts", "timezone", f'"{ZONE}"')  # the practice's zone
     study = "1.2.826.0.1.3680043.10.1234.1"
     alice = [make("PVDPO1", study=study, name="Durand^Alice", study_date="20240312")
              for _ in range(3)]
@@ -170,7 +173,7 @@ def test_filters_by_user_device_action_and_period(env: Env) -> None:
     rows = _rows(_search(env, action="auth."))
     assert rows and all(r["action"].startswith("auth.") for r in rows)
 
-    today = dt.date.today()
+    today = dt.datetime.now(zoneinfo.ZoneInfo(ZONE)).date()  # the practice's day
     tomorrow, yesterday = today + dt.timedelta(days=1), today - dt.timedelta(days=1)
     assert _rows(_search(env, since=tomorrow.isoformat(), action="view")) == []
     assert _rows(_search(env, until=yesterday.isoformat(), action="view")) == []
@@ -181,6 +184,18 @@ def test_filters_by_user_device_action_and_period(env: Env) -> None:
     bad = env.dpo.post("/audit", data={"csrf": csrf_of(page.text), "since": "last week"})
     assert bad.status_code == 400 and 'aria-invalid="true"' in bad.text
     check_page(bad.text, "/audit, bad period")
+
+
+def test_times_are_in_the_practice_zone(env: Env) -> None:
+    text = _search(env, patient="PVDPO1", action="view")
+    assert f"times in {ZONE}" in text
+    (view,) = _rows(text)
+    first = next(r for r in env.web.vault.audit.records() if r.actor_user == "drmartin"
+                 and r.action == "dicomweb.search")
+    utc = dt.datetime.fromisoformat(first.time)
+    local = utc.astimezone(zoneinfo.ZoneInfo(ZONE))
+    assert local.utcoffset() == dt.timedelta(hours=5, minutes=30)
+    assert view["cells"][0].startswith(local.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def test_pagination(env: Env) -> None:
