@@ -449,3 +449,90 @@ def test_get_getscu_each_syntax_preferred_is_byte_identical(env: Env) -> None:
         assert _stored_body(got) == _stored_body(target.path), target.path.name
         checked += 1
     assert checked == len(env.stored) - 2
+
+
+def test_move_movescu_into_accept_all_storescp_is_byte_identical(env: Env) -> None:
+    """dcmtk ``movescu`` asks for every study to go to ``storescp +xa +B``: each object
+    arrives in its stored syntax with the stored bytes exactly (the deflated stream too,
+    which a re-encoding would change); Big Endian arrives as Explicit VR Little Endian."""
+    for old in env.everything.out.iterdir():
+        if old.is_file():
+            old.unlink()
+    uid_list = "\\".join(s.study_uid for s in env.stored)
+    res = subprocess.run(
+        [dcmtk("movescu"), "-S", "-aet", WS, "-aec", AE, "-aem", ALL,
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid_list}",
+         LOCAL, str(env.server.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=180)
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}"
+    got = env.everything.files()
+    assert set(got) == {s.sop_uid for s in env.stored}
+    for s in env.stored:
+        syntax = str(dcmread(got[s.sop_uid], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        if s.syntax == ExplicitVRBigEndian:
+            assert syntax == ExplicitVRLittleEndian
+            continue
+        assert syntax == s.syntax, s.path.name
+        assert _stored_body(got[s.sop_uid]) == _stored_body(s.path), s.path.name
+
+
+def test_get_sends_the_stored_bytes_not_a_re_encoding(env: Env, tmp_path: Path) -> None:
+    """A SOP Instance UID padded with a space (seen from real devices) instead of NUL:
+    pydicom reads it and, once the value is used (pynetdicom reads it to send), would write
+    it back NUL-padded, so only the stored bytes themselves come back identical. Stored
+    raw (pynetdicom sends the file's bytes), fetched by C-GET."""
+    from pynetdicom import _config as pynetdicom_config
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    ds.PatientName, ds.PatientID = "Quetzal^Spacepadded", "PVTESTSP01X"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    uid = generate_uid()
+    while len(uid) % 2 == 0:  # odd: the stored value carries one byte of padding
+        uid = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    path = tmp_path / "space.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    meta_end = len(raw) - len(_stored_body(path))
+    body = raw[meta_end:]
+    nul_padded = b"\x08\x00\x18\x00UI" + (len(uid) + 1).to_bytes(2, "little") + uid.encode() + b"\0"
+    assert body.count(nul_padded) == 1
+    path.write_bytes(raw[:meta_end] + body.replace(nul_padded, nul_padded[:-1] + b" "))
+    ae = ClientAE(ae_title=WS)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    saved = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes, as they are
+    assoc = ae.associate(LOCAL, env.server.port, ae_title=AE)
+    try:
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = saved
+    assert status and int(status.Status) == 0x0000
+    sent = _stored_body(path)
+    assert nul_padded[:-1] + b" " in sent
+
+    getter = ClientAE(ae_title=WS)
+    getter.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    getter.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(bytes(event.request.DataSet.getvalue()))  # type: ignore[union-attr]
+        return 0x0000
+
+    assoc = getter.associate(LOCAL, env.server.port, ae_title=AE,
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    try:
+        final = [s for s, _ in assoc.send_c_get(
+            identifier, StudyRootQueryRetrieveInformationModelGet) if s][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0x0000, f"{final.Status:04X}"
+    assert received == [sent]
