@@ -159,8 +159,8 @@ def test_doctor_signs_in_with_totp_and_finds_the_patient(site: Site, doctor: Doc
         page.goto(site.base + "/")
     page.get_by_text("Lefebvre").first.wait_for()
     assert page.get_by_text("Moreau").count() >= 1
-    # The study list is OHIF's own, in French for a French browser.
-    assert page.get_by_text("Liste d'études").count() >= 1
+    # The study list is OHIF's own, in French for a French browser (pacsvault's words).
+    assert page.get_by_text("Liste des examens").count() >= 1
     shot(page, "study-list-fr")
     _clean(doctor.errors)
 
@@ -262,7 +262,7 @@ def test_english_browser_gets_english(site: Site, browser: Any, doctor: Doctor) 
     if page.url.rstrip("/") != site.base:
         page.goto(site.base + "/")
     page.get_by_text("Study List").first.wait_for()
-    assert page.get_by_text("Liste d'études").count() == 0
+    assert page.get_by_text("Liste des examens").count() == 0
     shot(page, "study-list-en")
     page.context.close()
     _clean(errors)
