@@ -250,6 +250,7 @@ def test_zip_download_is_the_media_byte_identical(world: World) -> None:
         assert res.status_code == 200
         assert res.headers["content-type"] == "application/zip"
         assert res.headers["cache-control"] == "no-store"
+        announced = int(res.headers["content-length"])  # progress in the browser
         assert PATIENT_ID not in res.headers["content-disposition"]
         for chunk in res.iter_bytes():
             received += chunk
@@ -269,6 +270,7 @@ def test_zip_download_is_the_media_byte_identical(world: World) -> None:
                 got[str(dcmread(io.BytesIO(data)).SOPInstanceUID)] = \
                     hashlib.sha256(_dataset_part(data)).hexdigest()
     assert checked_midway
+    assert announced == len(received)
     assert got == {uid: _digest(p.read_bytes()) for uid, p in world.originals.items()}
 
 
@@ -329,3 +331,28 @@ def test_quarantined_instances_stay_off_the_media(world: World) -> None:
             remover.release(hidden, "checked", actor="test")
     finally:
         v.close()
+
+
+class _Files:
+    def __init__(self, files: list[tuple[str, bytes]]) -> None:
+        self._files = files
+
+    def files(self) -> Iterator[tuple[str, bytes]]:
+        yield from self._files
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 40])
+def test_announced_zip_length_is_exact(count: int) -> None:
+    """``zipped.length`` (the Content-Length) against the bytes ``zipped.stream`` makes."""
+    from pacsvault.media import zipped
+
+    rng = np.random.default_rng(count)
+    files = [(f"PT000000/ST000000/SE{k % 3:06d}/IM{k:06d}",
+              rng.bytes(int(rng.integers(0, 3000)))) for k in range(count)]
+    files.append(("DICOMDIR", b"x" * 17))
+    for folder in ("", "DICOM-MEDIA"):
+        out = b"".join(zipped.stream(_Files(files), folder))
+        assert zipped.length([(n, len(d)) for n, d in files], folder) == len(out)
+        with zipfile.ZipFile(io.BytesIO(out)) as z:
+            assert z.testzip() is None and len(z.namelist()) == count + 1
+    assert zipped.length([("a", 2**31)]) is None  # ZIP64: sent chunked, no length

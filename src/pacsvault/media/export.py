@@ -1,26 +1,36 @@
-"""A media export: select, record the disclosure, then hand out the files one by one.
+"""A media export: select, plan, record the disclosure, then hand out the files one by one.
 
 Shared by ``pacsvault export --media DIR`` (each file written to the folder) and the
 physician's ZIP download (each file written into a ZIP streamed to the browser). The order
 is the identified export's (``cli/export.py``): everything that can refuse does so first,
 then the disclosure is recorded durably (fail closed: no record, no byte), then the files
-follow. Each instance is decrypted into memory once, listed in the DICOMDIR from its header
-and handed out with its stored bytes unchanged; the DICOMDIR and the listing come last,
-once every instance is known (a ZIP has no order, a folder is only complete at the end).
+follow.
+
+The plan comes from the index alone, before any object is decrypted: each instance's
+stored header (``instances.meta_json``, sealed) gives its DICOMDIR records and its file ID,
+and its stored size is the size of its file. So the DICOMDIR, the listing and every file's
+size are known up front: an instance pydicom cannot list refuses the export before it
+starts, and the ZIP announces its exact length (the browser shows a real progress bar).
+Then each instance is decrypted into memory once and handed out with its stored bytes
+unchanged (a size that differs from the index stops the export: the DICOMDIR would lie).
 Quarantined instances (hidden by an administrator) stay out: the media holds what the
 physicians see.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from pydicom.dataset import Dataset
+from sqlalchemy import ColumnElement
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.index.models import Instance
+from pacsvault.dicomfile.dicomjson import json_to_dataset, strip_bulk_item
+from pacsvault.index import records
+from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.index.records import StoredInstance
 from pacsvault.media.fileset import MediaError, MediaFileSet
 from pacsvault.media.listing import Listing, index_html, readme
@@ -46,20 +56,28 @@ class Request:
 
 def select_items(vault: Vault, *, study_uid: str | None = None,
                  patient_id: str | None = None) -> list[StoredInstance]:
-    """The instances of one study or one patient, without the quarantined ones."""
-    if not study_uid and not patient_id:
+    """The instances of one study (or else of one patient), quarantined ones left out,
+    with their stored headers, in retrieval order (one query)."""
+    where: list[ColumnElement[bool]] = [Instance.quarantined.is_(None)]
+    if study_uid:
+        where.append(Study.study_uid == study_uid)
+    elif patient_id:
+        where.append(Patient.patient_id == patient_id)
+    else:
         return []
-    items = list(vault.archive.locate(study_uid=study_uid or None,
-                                      patient_id=None if study_uid else patient_id))
-    with vault.sessions() as session:
-        hidden = set(session.scalars(
-            select(Instance.sop_uid).where(Instance.quarantined.is_not(None))))
-    return [i for i in items if i.sop_uid not in hidden]
+    return records.load(vault.sessions, records.select_instances(with_header=True)
+                        .where(*where))
+
+
+def _header(item: StoredInstance) -> Dataset:
+    meta: dict[str, Any] = json.loads(item.meta_json or "{}")
+    return json_to_dataset(strip_bulk_item(meta, keep_empty=False))
 
 
 class MediaExport:
-    """One export, recorded at construction (raises ``AuditUnavailable`` if the trail
-    cannot take it; ``MediaError`` if there is nothing to export)."""
+    """One export, planned and recorded at construction: raises ``MediaError`` (nothing
+    to export, an instance that cannot be listed) before the record, ``AuditUnavailable``
+    if the trail cannot take it."""
 
     def __init__(self, vault: Vault, items: list[StoredInstance], request: Request) -> None:
         if not items:
@@ -68,7 +86,23 @@ class MediaExport:
         self.studies = len({i.study_uid for i in items})
         self.patients = len({i.patient_id for i in items})
         self.total = sum(i.size for i in items)  # the instances' bytes, for progress
+        fileset = MediaFileSet()
+        listing = Listing()
+        self.file_ids: list[str] = []
+        for item in items:
+            entry = fileset.add_header(_header(item), item.transfer_syntax)
+            listing.add(entry.file_id, entry.header)
+            self.file_ids.append(entry.file_id)
+        self.extras: list[tuple[str, bytes]] = [
+            (DICOMDIR, fileset.encode(self.file_ids)),
+            (INDEX, index_html(listing, request.lang)),
+            (README, readme(request.lang))]
         self._record()
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """(relative path, size) of every file ``files`` hands out, in that order."""
+        return ([(f, i.size) for f, i in zip(self.file_ids, self.items, strict=True)]
+                + [(name, len(data)) for name, data in self.extras])
 
     def _record(self) -> None:
         """The disclosure, durable before any file exists: counts, the user and the
@@ -89,18 +123,13 @@ class MediaExport:
     def files(self) -> Iterator[tuple[str, bytes]]:
         """(relative path, content): every instance as stored, then DICOMDIR, INDEX.HTM
         and README.TXT. Paths use ``/``."""
-        fileset = MediaFileSet()
-        listing = Listing()
-        file_ids: list[str] = []
-        for item in self.items:
+        for file_id, item in zip(self.file_ids, self.items, strict=True):
             raw = self.vault.archive.read(item)
-            entry = fileset.add_header(raw, item.transfer_syntax)
-            listing.add(entry.file_id, entry.header)
-            file_ids.append(entry.file_id)
-            yield entry.file_id, raw
-        yield DICOMDIR, fileset.encode(file_ids)
-        yield INDEX, index_html(listing, self.request.lang)
-        yield README, readme(self.request.lang)
+            if len(raw) != item.size:
+                raise MediaError("an instance's size differs from the index; export "
+                                 "stopped")
+            yield file_id, raw
+        yield from self.extras
 
 
 __all__ = ["DICOMDIR", "INDEX", "README", "MediaError", "MediaExport", "Request",

@@ -22,7 +22,6 @@ import io
 import os
 from dataclasses import dataclass
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileInstance, FileSet, RecordNode
@@ -63,10 +62,10 @@ class MediaFileSet(FileSet):
         self._numbers: dict[str, int] = {}
         self._seen: set[str] = set()
 
-    def add_header(self, raw: bytes, transfer_syntax: str = "") -> Entry:
-        """List the instance whose stored bytes are ``raw``; returns its file ID. Instances
-        are appended, so an earlier file ID never changes (checked again in ``encode``)."""
-        header = dcmread(io.BytesIO(raw), stop_before_pixels=True, force=True)
+    def add_header(self, header: Dataset, transfer_syntax: str = "") -> Entry:
+        """List the instance whose header (without pixels) is ``header``; returns its file
+        ID. Instances are appended, so an earlier file ID never changes (checked again in
+        ``encode``)."""
         if not getattr(header, "file_meta", None):
             header.file_meta = FileMetaDataset()
         if "TransferSyntaxUID" not in header.file_meta:

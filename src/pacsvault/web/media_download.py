@@ -4,8 +4,8 @@
 shows both); its form posts to ``/account/media/download``, which answers the file-set of
 ``media.export`` (DICOMDIR, ``PT000000/...`` instances as stored, INDEX.HTM, README.TXT)
 as a ZIP streamed from memory: one instance decrypted at a time, chunks out as they are
-ready, never a plaintext file on the server. No Content-Length (the DICOMDIR's size is
-known only at the end): the browser shows the bytes received as they arrive.
+ready, never a plaintext file on the server. The length is known before the first byte
+(``zipped.length``; up to 2 GiB): the browser shows the download's progress.
 
 The disclosure is recorded before the response starts (``MediaExport``): if the trail
 cannot take it, the answer is 503 and nothing leaves. The POST carries the session's CSRF
@@ -59,7 +59,10 @@ def media_download(request: Request, principal: Physician, study: FormValue = ""
             destination="web download", lang=i18n.locale_for(request)))
     except media.MediaError:
         return _page(request, 400, _("No study with this UID, or no patient with this ID."))
+    headers = {"Cache-Control": "no-store",
+               "Content-Disposition": f'attachment; filename="{ZIP_NAME}"'}
+    size = zipped.length(job.sizes(), FOLDER)
+    if size is not None:
+        headers["Content-Length"] = str(size)
     return StreamingResponse(zipped.stream(job, FOLDER), media_type="application/zip",
-                             headers={"Cache-Control": "no-store",
-                                      "Content-Disposition":
-                                      f'attachment; filename="{ZIP_NAME}"'})
+                             headers=headers)
