@@ -362,3 +362,14 @@ def test_grouping_rules_without_a_server() -> None:
     assert groups[0].images == 2 and groups[0].study_uids == ["S1"]
     assert groups[-1].images == 4  # metadata alone: the instances it covered
     assert groups[0].action == VIEW and groups[1].action == "auth.login"
+
+
+def test_french_patient_access_report(env: Env) -> None:
+    page = env.dpo.get("/audit", headers=FRENCH)
+    res = env.dpo.post("/audit/patient-report", headers=FRENCH,
+                       data={"csrf": csrf_of(page.text), "patient": "PVDPO2"})
+    assert res.status_code == 200
+    text = _pdf_text(res.content)
+    assert "Rapport des accès au dossier du patient" in text and "RGPD, article 15" in text
+    assert "Qui a accédé au dossier" in text and "Consultation d’un examen" in text
+    assert re.search(r"\d\d/\d\d/\d{4} \d\d:\d\d", text)  # French dates
