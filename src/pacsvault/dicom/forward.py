@@ -11,11 +11,12 @@ which the index row proves. So ``tick`` (every few seconds in ``serve``'s job th
    neither loses nor repeats anything. The cursor starts at the newest instance when
    forwarding is first seen: enabling a rule does not send the whole archive;
 2. sends what is due, one association per node and pass (``dicom/send``: the same rules,
-   TLS, conversion and audit as any data leaving); a sent instance leaves the queue, a
-   failed one is retried after ``retry_seconds``, doubling up to ``max_retry_seconds``,
-   and after ``alert_after`` attempts a ``forward.failing`` record (serious failure) says
-   so once. Nothing is dropped silently; an instance erased or quarantined meanwhile
-   leaves the queue unsent.
+   TLS, conversion and audit as any data leaving), each row taken first by a conditional
+   update (``_claim``: instances sharing one index never send it twice); a sent
+   instance leaves the queue, a failed one is retried after ``retry_seconds``, doubling
+   up to ``max_retry_seconds``, and after ``alert_after`` attempts a ``forward.failing``
+   record (serious failure) says so once. Nothing is dropped silently; an instance
+   erased or quarantined meanwhile leaves the queue unsent.
 
 The queue holds index keys and AE titles only: no UID or patient data in clear.
 """
@@ -43,7 +44,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.config.forward import ForwardingSettings, ForwardRule
@@ -56,6 +57,7 @@ log = logging.getLogger("pacsvault.dicom.forward")
 
 SCAN = 1000  # index rows read per query when catching up
 CURSOR = "instances"
+LEASE = 600  # seconds a row taken for sending stays with the instance that took it
 
 metadata = MetaData()
 queue = Table(
@@ -88,7 +90,10 @@ def tick(vault: Vault, *, clock: Callable[[], float] = time.time) -> None:
         return
     ensure_tables(vault)
     if rules:
-        scan(vault, rules, clock())
+        try:
+            scan(vault, rules, clock())
+        except IntegrityError:  # another instance sharing the index queued them first
+            log.info("forwarding: rows queued by another instance; next pass")
     deliver(vault, vault.settings.forwarding, clock)
 
 
@@ -143,15 +148,26 @@ def deliver(vault: Vault, settings: ForwardingSettings,
     now = clock()
     with vault.sessions() as session:
         due = session.execute(select(queue.c.id, queue.c.node, queue.c.instance_pk,
-                                     queue.c.attempts, queue.c.alerted)
+                                     queue.c.attempts, queue.c.alerted, queue.c.due)
                               .where(queue.c.due <= int(now)).order_by(queue.c.id)
                               .limit(settings.batch * 8)).all()
     by_node: dict[str, list[tuple[int, int, int, bool]]] = defaultdict(list)
-    for row_id, node, pk, attempts, alerted in due:
-        if len(by_node[node]) < settings.batch:
+    for row_id, node, pk, attempts, alerted, when in due:
+        if len(by_node[node]) < settings.batch and _claim(vault, int(row_id), int(when),
+                                                          int(now)):
             by_node[node].append((int(row_id), int(pk), int(attempts), bool(alerted)))
     for node, entries in by_node.items():
         _deliver_node(vault, settings, node, entries, clock)
+
+
+def _claim(vault: Vault, row_id: int, due: int, now: int) -> bool:
+    """Take a row for this pass (its due time moves ``LEASE`` ahead) unless another
+    instance sharing the index took it first; a process that dies mid-send leaves the row
+    to be retried when the lease ends."""
+    with vault.sessions() as session, session.begin():
+        taken = session.execute(update(queue).where(queue.c.id == row_id, queue.c.due == due)
+                                .values(due=now + LEASE))
+    return bool(getattr(taken, "rowcount", 0) == 1)
 
 
 def _deliver_node(vault: Vault, settings: ForwardingSettings, node: str,
