@@ -197,8 +197,10 @@ def test_sign_out_from_the_viewer_ends_the_session(site: Site, doctor: Doctor,
     page.goto(f"{site.base}/viewer?StudyInstanceUIDs={site.study}")
     wait_for_image(page)
     cookies = page.context.cookies()
+    menu = _menu(page)
+    shot(page, "ohif-viewer-menu-fr")
     with page.expect_navigation():
-        _menu(page).locator("[data-cy='pacsvault-sign-out']").click()
+        menu.locator("[data-cy='pacsvault-sign-out']").click()
     page.wait_for_url(re.compile(r"/login"))
     assert "/login" in page.url
     # The old session cookie, replayed from elsewhere, is refused: the server ended it.

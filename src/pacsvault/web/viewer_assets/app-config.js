@@ -121,7 +121,11 @@ window.pacsvaultSignIn = function () {
     form.submit();
   }
 
-  window.pacsvaultSignOut = function () { post('/logout', {}); };
+  window.pacsvaultSignOut = function () {
+    /* A shared reception PC: nothing of this session stays in the tab. */
+    try { window.sessionStorage.clear(); } catch (e) { /* storage disabled */ }
+    post('/logout', {});
+  };
 
   window.pacsvaultLanguage = function (lang) {
     /* The account's language (pacsvault's pages), then OHIF's own choice, then reload. */
@@ -195,8 +199,10 @@ window.pacsvaultSignIn = function () {
                           onClick: window.pacsvaultSignOut }, pv.labels.signOut));
       return h('div', { 'data-cy': 'pacsvault-header',
                         style: { display: 'flex', alignItems: 'center', gap: '12px' } },
+        /* In the viewer, OHIF's toolbar starts 250 px from the left edge. */
         h('span', { 'data-cy': 'pacsvault-practice', title: pv.practice,
-                    style: { color: '#ffffff', fontSize: '16px', maxWidth: '140px',
+                    style: { color: '#ffffff', fontSize: '16px',
+                             maxWidth: window.location.pathname === '/' ? '40vw' : '120px',
                              overflow: 'hidden', textOverflow: 'ellipsis',
                              whiteSpace: 'nowrap' } }, pv.practice),
         h('div', { ref: box, onClick: stop, style: { position: 'relative' } },
