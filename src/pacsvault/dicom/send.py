@@ -94,7 +94,8 @@ class SendResult:
 Progress = Callable[[InstanceResult], None]
 
 
-def destination(vault: Vault, ae_title: str) -> NodeInfo:
+def destination(vault: Vault, ae_title: str, *, actor_user: str = "",
+                actor_address: str = "") -> NodeInfo:
     """The registered node ``ae_title`` if data may be sent to it, else ``SendRefused``
     (and a security record: someone tried to send data to where it may not go)."""
     node = vault.nodes.get(ae_title.strip())
@@ -106,6 +107,7 @@ def destination(vault: Vault, ae_title: str) -> NodeInfo:
     vault.recorder.emit(AuditEvent(
         action="dicom.send.refused", outcome=Outcome.SERIOUS_FAILURE,
         code=EventCode.SECURITY_ALERT, message=f"send refused: {why}; nothing was sent",
+        actor_user=actor_user, actor_address=actor_address,
         detail={"destination": ae_title.strip()[:16]},
     ), required=False)
     raise SendRefused(f"{ae_title.strip()!r} is {why} (sending needs a registered node with "
@@ -146,7 +148,7 @@ def send(vault: Vault, node_ae: str, items: Sequence[StoredInstance], *, origin:
     """Send ``items`` to ``node_ae`` in one association; ``progress`` is called after each
     instance. Raises ``SendRefused`` before anything leaves; afterwards every problem is
     in the result (and its audit record)."""
-    node = destination(vault, node_ae)
+    node = destination(vault, node_ae, actor_user=actor_user, actor_address=actor_address)
     if not items:
         raise SendRefused("nothing to send (no stored instance matches)")
     studies = tuple(sorted({i.study_uid for i in items}))

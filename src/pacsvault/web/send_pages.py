@@ -176,7 +176,8 @@ def send_start(request: Request, principal: Physician, study: FormValue = "",
         return send_page(request, principal, 429, study=study, series=series, message=_(
             "Several transfers are already running; try again when one has finished."))
     try:
-        send.destination(vault, node)
+        send.destination(vault, node, actor_user=principal.user,
+                         actor_address=client_address(request))
     except send.SendRefused:
         return send_page(request, principal, 400, study=study, series=series, message=_(
             "This node may not receive images: choose one of the list."))
