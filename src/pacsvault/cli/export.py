@@ -8,6 +8,7 @@ before the first file is written, so no plaintext ever leaves unrecorded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -18,7 +19,14 @@ from tqdm import tqdm
 
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.cli.common import CommandError, add_data_args, open_vault, say
-from pacsvault.cli.outputs import private_dir, restrict_dir, write_private
+from pacsvault.cli.outputs import (
+    DIR_MODE,
+    FILE_MODE,
+    private_dir,
+    restrict_dir,
+    write_private,
+)
+from pacsvault.fsutil import write_durably
 from pacsvault.index.records import StoredInstance
 from pacsvault.vault import Vault
 
@@ -243,21 +251,17 @@ def _export_media(args: argparse.Namespace) -> int:
                                "or unwritable?); no file was written") from None
         except media.MediaError as exc:
             raise CommandError(str(exc)) from None
-        private_dir(args.media)
         made: set[Path] = set()
         with tqdm(total=job.total, unit="B", unit_scale=True, desc="media",
                   file=sys.stderr, disable=None) as bar:
             try:
+                _media_dir(args.media)
                 for relative, data in job.files():
                     target = args.media.joinpath(*relative.split("/"))
-                    folder = args.media
-                    for part in target.relative_to(args.media).parent.parts:
-                        folder = folder / part
-                        if folder not in made:
-                            private_dir(folder)
-                            restrict_dir(folder)
-                            made.add(folder)
-                    write_private(target, data)
+                    if target.parent not in made:
+                        _media_dir(target.parent)
+                        made.add(target.parent)
+                    _media_file(target, data)
                     if "/" in relative:
                         bar.update(len(data))
             except media.MediaError as exc:
@@ -272,3 +276,30 @@ def _export_media(args: argparse.Namespace) -> int:
     say(f"Wrote a DICOM media of {len(items)} instance(s), {job.studies} study(ies) of "
         f"{job.patients} patient(s) to {args.media} (open DICOMDIR; INDEX.HTM lists it).")
     return 0
+
+
+def _media_dir(path: Path) -> None:
+    """Create ``path`` and its missing parents 0700, without ``chmod`` afterwards: the
+    media is usually a FAT or exFAT USB key, where changing a mode fails (EPERM) and modes
+    mean nothing; on a POSIX file system the mode given at creation holds (a umask only
+    removes bits)."""
+    missing: list[Path] = []
+    current = path
+    while not os.path.lexists(current) and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, DIR_MODE)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is not a folder")
+
+
+def _media_file(path: Path, data: bytes) -> None:
+    """Write one file of the media, created 0600 (no ``chmod``: see ``_media_dir``),
+    durably (fsync) before the next; a file left by an interrupted run is replaced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        write_durably(fd, [data])
+    finally:
+        os.close(fd)
