@@ -1,4 +1,7 @@
-"""The DICOMDIR of a media export, written by pydicom's ``FileSet`` from headers in memory.
+"""The DICOMDIR of a media export, written by pydicom's ``FileSet`` from headers only.
+
+The headers are the index's stored ones (``media.export``): the DICOMDIR is known before
+any object is decrypted.
 
 Why a subclass: ``FileSet.add`` saves a copy of every instance into a temporary folder
 (its staging area) and ``FileSet.write`` then re-encodes the instances into the target.
@@ -44,8 +47,8 @@ class MediaError(Exception):
 
 @dataclass(frozen=True)
 class Entry:
-    """One instance on the media: its file ID (``/``-separated) and the study, series and
-    patient it belongs to (for the listing)."""
+    """One instance on the media: its file ID (``/``-separated) and its header (for the
+    listing: patient, study, modality)."""
 
     file_id: str
     header: Dataset
