@@ -196,6 +196,9 @@ def test_sign_out_from_the_viewer_ends_the_session(site: Site, doctor: Doctor,
     page = doctor.page
     page.goto(f"{site.base}/viewer?StudyInstanceUIDs={site.study}")
     wait_for_image(page)
+    # The viewer's side panel speaks of "examens" too.
+    page.get_by_text("Examens", exact=True).first.wait_for()
+    assert page.get_by_text("Études", exact=True).count() == 0
     cookies = page.context.cookies()
     menu = _menu(page)
     shot(page, "ohif-viewer-menu-fr")

@@ -48,6 +48,12 @@ FRENCH: Final[Catalog] = {
         "StudyDate": "Date de l’examen",
         "Back": "Retour",
     },
+    "SidePanel": {"Studies": "Examens"},
+    "Hps": {
+        "Compare Two Studies": "Comparer deux examens",
+        "Compare two studies in various layouts":
+            "Comparer deux examens dans différentes dispositions",
+    },
     "StudyItem": {"Tracked series": "{{trackedSeries}} séries suivies"},
     "ThumbnailTracked": {
         "Series is tracked": "Série suivie",
