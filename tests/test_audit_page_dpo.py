@@ -80,6 +80,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             assert web.vault.archive.store(o.raw, source_ae="CT1").status.name == "STORED"
         web.vault.archive.settle()
         store(web.vault, louis)  # source TEST
+        store(web.vault, make("PVDPO3", name="Durand^Bernard"))  # a namesake, never viewed
         for name, roles in (("drmartin", ["physician"]), ("drblanc", ["physician"]),
                             ("dpo", ["auditor"])):
             web.accounts.add_user(name, roles, PASSWORD)
@@ -373,3 +374,29 @@ def test_french_patient_access_report(env: Env) -> None:
     assert "Rapport des accès au dossier du patient" in text and "RGPD, article 15" in text
     assert "Qui a accédé au dossier" in text and "Consultation d’un examen" in text
     assert re.search(r"\d\d/\d\d/\d{4} \d\d:\d\d", text)  # French dates
+
+
+def test_a_patient_found_by_name(env: Env) -> None:
+    """A DPO is asked by a person: the name finds the ID (any case, any order of the
+    words); several namesakes are offered; the look-up is recorded."""
+    text = _search(env, patient_name="durand")
+    assert 'id="candidates"' in text and "Which patient?" in text
+    block = text.split('id="candidates"', 1)[1].split("</section>", 1)[0]
+    assert "Durand Alice" in block and "PVDPO1" in block
+    assert "Durand Bernard" in block and "PVDPO3" in block and "PVDPO2" not in block
+    check_page(text, "/audit, candidates")
+    lookup = [r for r in _trail(env, "audit.show") if r.detail.get("lookup") == "name"][-1]
+    assert lookup.detail["matches"] == 2 and "durand" not in json.dumps(lookup.detail).lower()
+    assert sorted(lookup.refs.get("patient_ids", [])) == ["PVDPO1", "PVDPO3"]
+
+    rows = _rows(_search(env, patient_name="ALICE  Durand", action="view"))
+    assert [(r["cells"][3].split(" Access")[0], r["cells"][5]) for r in rows] == [
+        ("Durand Alice PVDPO1", "3")]
+
+    page = env.dpo.get("/audit")
+    none = env.dpo.post("/audit", data={"csrf": csrf_of(page.text), "patient_name": "Zorro"})
+    assert none.status_code == 404 and "No patient has this name." in none.text
+    report = env.dpo.post("/audit/patient-report", data={"csrf": csrf_of(page.text),
+                                                         "patient_name": "petit"})
+    assert report.status_code == 200
+    assert "PVDPO2" in _pdf_text(report.content)

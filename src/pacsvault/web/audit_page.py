@@ -9,9 +9,11 @@ the reader's language (``audit_names``). Twenty-five rows a page, newest first.
 Filters (patient, study, user, DICOM device, period, action) are sent with POST and the
 session's CSRF token, pagination included, so that a Patient ID never ends up in a URL,
 a browser history or a proxy log. Both use ``audit.query.select_records``, the CLI's own
-filtering. The filtered view exports as CSV (streamed) or PDF, and a patient's access
-report (GDPR art. 15) is one click from the patient filter or from any row naming a
-patient (``audit_export``).
+filtering. A patient can be given by name instead of ID (a DPO is asked by a person):
+the index's own name matching finds them, and the choice is offered when several match.
+The filtered view exports as CSV (streamed) or PDF, and a patient's access report (GDPR
+art. 15) is one click from the patient filter or from any row naming a patient
+(``audit_export``).
 
 Reading the accesses to a patient or a study is recorded (``audit.show``), as on the
 command line; every export is (``audit.export``, ``audit.patient_report``): the readable
@@ -34,8 +36,10 @@ from pacsvault.audit.query import AuditFilter, select_records
 from pacsvault.vault import Vault
 from pacsvault.web import audit_export, audit_names
 from pacsvault.web.audit_rows import (
+    LOOKUP_LIMIT,
     Directory,
     build_rows,
+    patients_named,
     person_name,
     practice_zone,
     zone_label,
@@ -112,7 +116,8 @@ def _values(**fields: str) -> dict[str, str]:
 
 def _audit_page(request: Request, values: dict[str, str], groups: list[Group],
                 records: int, number: int = 1, status: int = 200,
-                message: str = "", field: str = "since") -> Response:
+                message: str = "", field: str = "since",
+                candidates: list[tuple[str, str]] | None = None) -> Response:
     vault = vault_of(request)
     zone = _zone(vault)
     _ = gettext(request)
@@ -124,6 +129,8 @@ def _audit_page(request: Request, values: dict[str, str], groups: list[Group],
     return page(request, "audit.html", status, values=values, rows=rows,
                 total=len(groups), records=records, number=number, pages=pages,
                 zone=zone_label(zone), choices=choices, message=message, nav="audit",
+                candidates=(candidates or [])[:LOOKUP_LIMIT],
+                more_candidates=len(candidates or []) > LOOKUP_LIMIT,
                 field_errors={field: message} if message else {})
 
 
@@ -151,14 +158,42 @@ def audit_page(request: Request, principal: AuditorPage) -> Response:
     return _audit_page(request, _values(), groups, records)
 
 
+def _lookup(request: Request, principal: Principal, values: dict[str, str]) -> Response | None:
+    """The patient named in the form: found alone, their ID becomes the filter (None:
+    go on); else the page with the candidates, or with "no patient has this name". The
+    look-up lists names: it is recorded (``audit.show``, the candidates sealed)."""
+    vault = vault_of(request)
+    found = patients_named(vault, values["patient_name"], vault.settings.server.ae_title,
+                           vault.settings.query.time_budget_seconds)
+    vault.recorder.emit(AuditEvent(
+        action="audit.show", outcome=Outcome.SUCCESS, code=EventCode.QUERY,
+        actor_user=principal.user, actor_address=client_address(request),
+        detail={"lookup": "name", "matches": len(found), "via": "web"},
+        patient_ids=tuple(pid for pid, _name in found)))
+    if len(found) == 1:
+        values["patient"] = found[0][0]
+        return None
+    _ = gettext(request)
+    if not found:
+        return _audit_page(request, values, [], 0, status=404, field="patient_name",
+                           message=_("No patient has this name."))
+    return _audit_page(request, values, [], 0, candidates=found)
+
+
 @router.post("/audit")
 def audit_search(request: Request, principal: AuditorPage, patient: FormField = "",
                  study: FormField = "", user: FormField = "", node: FormField = "",
                  action: FormField = "", since: FormField = "", until: FormField = "",
+                 patient_name: FormField = "",
                  page_number: Annotated[int, Form(alias="page", ge=1, le=1_000_000)] = 1,
                  ) -> Response:
     values = _values(patient=patient, study=study, user=user, node=node, action=action,
                      since=since, until=until)
+    values["patient_name"] = patient_name.strip()
+    if values["patient_name"] and not values["patient"]:
+        answer = _lookup(request, principal, values)
+        if answer is not None:
+            return answer
     vault = vault_of(request)
     try:
         query = _query(values, _zone(vault))
@@ -192,11 +227,16 @@ def _filter_fields(values: dict[str, str], _: Gettext) -> list[tuple[str, str]]:
 def audit_export_view(request: Request, principal: AuditorPage, patient: FormField = "",
                       study: FormField = "", user: FormField = "", node: FormField = "",
                       action: FormField = "", since: FormField = "",
-                      until: FormField = "",
+                      until: FormField = "", patient_name: FormField = "",
                       format: Annotated[str, Form(max_length=8)] = "csv") -> Response:
     """The filtered view, every page of it, as CSV (streamed) or PDF; recorded first."""
     values = _values(patient=patient, study=study, user=user, node=node, action=action,
                      since=since, until=until)
+    values["patient_name"] = patient_name.strip()
+    if values["patient_name"] and not values["patient"]:
+        answer = _lookup(request, principal, values)
+        if answer is not None:
+            return answer
     vault = vault_of(request)
     zone = _zone(vault)
     try:
@@ -223,11 +263,16 @@ def audit_export_view(request: Request, principal: AuditorPage, patient: FormFie
 
 @router.post("/audit/patient-report")
 def patient_access_report(request: Request, principal: AuditorPage,
-                          patient: FormField = "") -> Response:
+                          patient: FormField = "", patient_name: FormField = "") -> Response:
     """A patient's access report (GDPR art. 15) as PDF: every access to their file, all
     time, their own references only; recorded before it is made."""
     vault = vault_of(request)
     values = _values(patient=patient)
+    values["patient_name"] = patient_name.strip()
+    if values["patient_name"] and not values["patient"]:
+        answer = _lookup(request, principal, values)
+        if answer is not None:
+            return answer
     if not values["patient"]:
         _ = gettext(request)
         groups, records = _groups(vault, _query(_values(), dt.UTC))

@@ -17,12 +17,15 @@ import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacsvault.audit.grouping import VIEW, Group, parse_time
 from pacsvault.audit.query import AuditSource
 from pacsvault.audit.trail_format import Record
+from pacsvault.index.matching import normalise_name
 from pacsvault.index.models import Patient, Study
+from pacsvault.index.query import QueryEngine
 from pacsvault.web.audit_names import action_name, code_name, outcome_name
 from pacsvault.web.i18n import Gettext
 
@@ -211,3 +214,33 @@ def build_rows(vault: AuditSource, groups: Sequence[Group], zone: dt.tzinfo, lan
             records=tuple(_raw(r, zone, lang, _) for r in group.records) if raw else (),
         ))
     return rows
+
+
+LOOKUP_LIMIT = 20  # candidates shown for a name; more: type more of it
+
+
+def patients_named(vault: AuditSource, text: str, ae_title: str = "",
+                   budget: float | None = None) -> list[tuple[str, str]]:
+    """(Patient ID, readable name) of the patients whose name holds every word of
+    ``text`` (any case, any order), at most ``LOOKUP_LIMIT`` + 1 (so the caller knows there
+    are more). The index's own matching (as C-FIND and QIDO-RS) finds the candidates by
+    the first word, the other words are checked here: a DPO is asked by a person, who
+    gives a name, not the practice's patient ID."""
+    words = [w for w in normalise_name(text.replace("^", " ")).split() if w]
+    if not words:
+        return []
+    identifier = Dataset()
+    identifier.PatientName = "*" + max(words, key=len).replace("*", "").replace("?", "") + "*"
+    identifier.PatientID = ""
+    engine = QueryEngine(vault.sessions, ae_title, time_budget=budget)
+    out: list[tuple[str, str]] = []
+    for answer in engine.find_json("PATIENT", identifier, root="PATIENT"):
+        pid = str((answer.get("00100020", {}).get("Value") or [""])[0])
+        value = (answer.get("00100010", {}).get("Value") or [{}])[0]
+        name = str(value.get("Alphabetic", "")) if isinstance(value, dict) else str(value)
+        key = normalise_name(name.replace("^", " "))
+        if pid and all(w in key for w in words):
+            out.append((pid, person_name(name)))
+            if len(out) > LOOKUP_LIMIT:
+                break
+    return out
