@@ -130,6 +130,7 @@ def _export(env: Env, out: Path, *args: str, check: bool = True) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_export_leaves_no_identifier_anywhere(env: Env, tmp_path: Path) -> None:
     out = tmp_path / "research"
     said = _export(env, out, "--deidentify", "research", "--project", "knee-study",
@@ -221,6 +222,7 @@ def test_same_patient_same_pseudonym_within_a_project_only(env: Env, tmp_path: P
         _scan(tmp_path / folder, env)
 
 
+@pytest.mark.slow
 def test_burned_in_refused_without_confirmation(env: Env, tmp_path: Path) -> None:
     us = next(f for f in env.files if dcmread(f.path).get("Modality") == "US")
     assert burned_in_reason(dcmread(us.path)).startswith("modality US")
@@ -239,6 +241,7 @@ def test_burned_in_refused_without_confirmation(env: Env, tmp_path: Path) -> Non
     assert "1 object(s) were flagged" in (out / "README.txt").read_text()
 
 
+@pytest.mark.slow
 def test_cli_refusals(env: Env, tmp_path: Path) -> None:
     proc = _export(env, tmp_path / "x", "--deidentify", "nope", "--project", "p", check=False)
     assert "unknown de-identification profile" in proc

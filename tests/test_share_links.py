@@ -308,6 +308,7 @@ def test_physician_downloads_a_study_de_identified(world: World) -> None:
         "teaching-2026", "web download", PHYSICIAN)
 
 
+@pytest.mark.slow
 def test_links_on_both_index_backends(backend: Backend,
                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     """The table of revision 0006 on SQLCipher and on a sealed PostgreSQL index: the study
