@@ -10,6 +10,7 @@ One server (module-scoped) and dcmtk ``storescp`` peers registered as nodes:
 - a ``[[forward]]`` rule (CT to a workstation): a CT stored by storescu arrives there, an
   MR does not; the retry schedule (doubling, capped) and the alert after N attempts, on
   a fake clock;
+- a node registered with TLS gets the objects over TLS (verified, client certificate);
 - the web "send to" as a physician (progress, result), refused without CSRF and for an
   administrator;
 - the audit records: begin before, outcome with counts, no patient data readable.
@@ -17,6 +18,7 @@ One server (module-scoped) and dcmtk ``storescp`` peers registered as nodes:
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE as ClientAE
+from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import delete, insert, select
 
@@ -331,3 +335,37 @@ def test_web_send_to_refused_for_other_roles(env: Env) -> None:
                                                 "node": ALL})
         assert res.status_code == 403
         assert admin.get("/account/send/progress", params={"job": "x"}).status_code == 403
+
+
+def test_cli_send_over_tls_to_a_tls_node(env: Env) -> None:
+    """A node registered with TLS: the archive verifies its listener certificate against
+    the vault CA and presents its client certificate (the C-MOVE client context)."""
+    port, certs = free_port(), env.root / "tls-certs"
+    env.vault.add_node("SNDTLS", "--tls", "--roles", "retrieve", "--port", str(port))
+    env.vault.cli("node", "cert", "SNDTLS", "--out", certs)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs / "SNDTLS-listener.crt", certs / "SNDTLS-listener.key")
+    ctx.load_verify_locations(cafile=str(certs / "ca.crt"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    received: list[tuple[str, bool]] = []
+
+    def on_store(event: evt.Event) -> int:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        received.append((str(event.dataset.SOPInstanceUID), isinstance(sock, ssl.SSLSocket)))
+        return 0x0000
+
+    ae = ClientAE(ae_title="SNDTLS")
+    ae.supported_contexts = AllStoragePresentationContexts
+    scp = ae.start_server((LOCAL, port), block=False, ssl_context=ctx,
+                          evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert scp is not None
+    try:
+        series = str(dcmread(env.ct[0]).SeriesInstanceUID)
+        res = env.vault.cli("send", "--to", "SNDTLS", "--study", env.ct_study,
+                            "--series", series, check=False)
+    finally:
+        scp.shutdown()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(uid for uid, _ in received) == sorted(
+        str(dcmread(p).SOPInstanceUID) for p in env.ct)
+    assert all(tls for _, tls in received)
