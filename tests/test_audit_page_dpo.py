@@ -30,7 +30,9 @@ import pytest
 from pacsvault.audit.grouping import VIEW, group_records
 from pacsvault.audit.trail import Record
 from pacsvault.web import audit_page
+from pacsvault.web.audit_rows import Directory, patients_named
 from tests.browser import chromium, new_page, password_step, second_factor, shot
+from tests.harness.backends import Backend
 from tests.helpers import new_vault
 from tests.test_erasure import Obj, make, store
 from tests.test_web_pages import check_page
@@ -400,3 +402,23 @@ def test_a_patient_found_by_name(env: Env) -> None:
                                                          "patient_name": "petit"})
     assert report.status_code == 200
     assert "PVDPO2" in _pdf_text(report.content)
+
+
+def test_names_come_from_either_index(backend: Backend, tmp_path: Path) -> None:
+    """The rows' patients and studies, and the look-up by name, on the embedded index and
+    on sealed PostgreSQL (where names are sealed: matched by the index's own code)."""
+    vault = backend.new_vault(tmp_path / "v")
+    alice = make("PVIDX1", name="Durand^Alice", study_date="20240312")
+    other = make("PVIDX2", name="Martin^Jeanne")
+    v = vault.open()
+    try:
+        store(v, alice, other)
+        found = Directory.load(v, [alice.study, other.study, "1.2.3.4"], ["PVIDX2", "NONE"])
+        assert found.studies[alice.study].patient_id == "PVIDX1"
+        assert found.studies[alice.study].date == "20240312"
+        assert found.names == {"PVIDX1": "Durand^Alice", "PVIDX2": "Martin^Jeanne"}
+        assert patients_named(v, "alice DURAND") == [("PVIDX1", "Durand Alice")]
+        assert patients_named(v, "jeanne") == [("PVIDX2", "Martin Jeanne")]
+        assert patients_named(v, "durand jeanne") == []
+    finally:
+        v.close()
