@@ -289,6 +289,9 @@ def test_zip_download_refused_without_session_and_other_roles(world: World) -> N
     # the physician without the form's CSRF token: refused too
     res = world.doctor.post("/account/media/download", data={"patient": PATIENT_ID})
     assert res.status_code == 403
+    # the form, filled in from a link (the viewer's study)
+    form = world.doctor.get("/account/media", params={"study": world.studies[0]})
+    assert form.status_code == 200 and f'value="{world.studies[0]}"' in form.text
     # unknown study: the page again, with a message, nothing exported
     res = world.doctor.post("/account/media/download",
                             data={"csrf": world.csrf, "study": "1.2.3.4"})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from pacsvault.media import export as media
@@ -33,14 +33,16 @@ ZIP_NAME = "dicom-media.zip"
 FOLDER = "DICOM-MEDIA"  # the ZIP's top folder: unzip, then copy its content to the key
 
 
-def _page(request: Request, status: int = 200, message: str = "") -> Response:
+def _page(request: Request, status: int = 200, message: str = "", study: str = "") -> Response:
     return page(request, "media.html", status, message=message, message_kind="error",
-                nav="account")
+                nav="account", study=study, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/account/media")
-def media_page(request: Request, principal: Physician) -> Response:
-    return _page(request)
+def media_page(request: Request, principal: Physician,
+               study: Annotated[str, Query(max_length=128)] = "") -> Response:
+    """The form; ``?study=UID`` fills it in (a link from the viewer's study)."""
+    return _page(request, study=study.strip())
 
 
 @router.post("/account/media/download")
