@@ -94,7 +94,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             _view(martin, study, alice)
             _view(martin, louis.study, [louis])
             _view(blanc, louis.study, [louis])
-            for _ in range(30):  # enough rows for several pages
+            for _ in range(60):  # enough rows for two pages and more
                 bad = blanc.get("/dicom-web/studies/1.2.3/metadata", headers=JSON)
                 assert bad.status_code == 404
             yield Env(web, dpo, martin, blanc, alice, louis, dpo_app)

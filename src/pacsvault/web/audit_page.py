@@ -4,7 +4,7 @@ One row per access, not per request: the many DICOMweb records of one viewing be
 "viewed a study, N images" row (``audit.grouping``), with the records behind it in the
 row's details. Rows name the patient and the study (resolved through the index for the
 rows shown: ``audit_rows``), times are in the practice's time zone, actions have names in
-the reader's language (``audit_names``). Twenty-five rows a page, newest first.
+the reader's language (``audit_names``). Fifty rows a page, newest first.
 
 Filters (patient, study, user, DICOM device, period, action) are sent with POST and the
 session's CSRF token, pagination included, so that a Patient ID never ends up in a URL,
@@ -53,7 +53,7 @@ router = APIRouter()
 
 AuditorPage = Annotated[Principal, Depends(PageRole("auditor"))]
 FormField = Annotated[str, Form(max_length=256)]
-PER_PAGE = 25
+PER_PAGE = 50
 FIELDS = ("patient", "study", "user", "node", "action", "since", "until")
 FORMATS = {"csv", "pdf"}
 
