@@ -282,6 +282,11 @@ def test_forward_retries_with_backoff_and_alerts_once(env: Env) -> None:
             now = float(row[1])
         assert waits == [10, 20, 40, 40]
         assert row[0] == 4
+    finally:
+        v.close()
+    v = env.vault.open()  # kept in the index: a restart resumes where it was
+    try:
+        assert forward.pending(v).get(GONE) == 1
         with v.sessions() as session, session.begin():
             session.execute(delete(forward.queue).where(forward.queue.c.node == GONE))
     finally:
