@@ -147,7 +147,11 @@ def test_health_page_lists_and_lifts_an_address_block(served: Served) -> None:
                                 "back": "/admin/health"})
         assert done.status_code == 303 and done.headers["location"] == "/admin/health"
         after = admin.get("/admin/health")
-        assert BLOCKED not in after.text and OTHER_BLOCKED not in after.text
+        # No block row left (the address may still appear in the security events: the
+        # token's first use from it is recorded, issue 19).
+        for lifted in (BLOCKED, OTHER_BLOCKED):
+            with pytest.raises(AssertionError, match="no block listed"):
+                block_id(after.text, lifted)
         assert 'id="blocks"' in after.text  # "No sign-in is blocked."
         assert BLOCKED not in admin.get("/admin/users").text  # one list, one truth
         again = admin.post("/admin/users/blocks/lift",
