@@ -355,15 +355,21 @@ def test_grouping_rules_without_a_server() -> None:
         _rec(9, 8, detail={"resource": "frames", "token": "t1"}, sops=("a",)),
         _rec(10, 9, "dicomweb.search", detail={"level": "study"}),
         _rec(11, 10, "dicomweb.search", detail={"level": "series"}),
-        _rec(12, 25, sops=("d",)),  # 15 minutes after the last: a new viewing
-        _rec(13, 26, study="S3", detail={"resource": "metadata", "instances": 4}),
+        _rec(12, 10.5, "dicomweb.search", user="third", detail={"level": "series"}),
+        _rec(13, 25, sops=("d",)),  # 15 minutes after the last: a new viewing
+        _rec(14, 26, study="S3", detail={"resource": "metadata", "instances": 4}),
+        _rec(15, 27, "dicomweb.search", user="third", detail={"level": "study"}),
+        _rec(16, 27.5, "dicomweb.search", detail={"level": "study", "matches": 2}),
     ]
+    records[-1].refs["study_uids"].append("S9")  # a search listing two studies
     groups = group_records(records)
     assert [[r.seq for r in g.records] for g in groups] == [
-        [1, 2, 4, 5, 11], [3], [6], [7], [8], [9], [10], [12], [13]]
-    assert [g.kind for g in groups] == [VIEW, "", VIEW, VIEW, "", VIEW, "", VIEW, VIEW]
+        [1, 2, 4, 5, 10, 11], [3], [6], [7], [8], [9], [12], [13], [14], [15], [16]]
+    # searches alone (no image read) stay searches, in their place
+    assert [g.kind for g in groups] == [VIEW, "", VIEW, VIEW, "", VIEW, "", VIEW, VIEW,
+                                        "", ""]
     assert groups[0].images == 2 and groups[0].study_uids == ["S1"]
-    assert groups[-1].images == 4  # metadata alone: the instances it covered
+    assert groups[8].images == 4  # metadata alone: the instances it covered
     assert groups[0].action == VIEW and groups[1].action == "auth.login"
 
 

@@ -7,9 +7,11 @@ instead: "user X, from Y, viewed study S (N images), 09:14-09:22". This module g
 records of one viewing, keeping them all behind the group (nothing is dropped: a group
 is a view of the records, never a replacement).
 
-A viewing is the successful DICOMweb retrievals (and searches inside one study) naming
-exactly one study, by the same user from the same address (and API token, if any), with
-no gap longer than ``gap`` between two of them. Every other record is a group of one.
+A viewing is the successful DICOMweb retrievals (and the searches that name exactly that
+study: the viewer's look-up of the study, its series) naming exactly one study, by the
+same user from the same address (and API token, if any), with no gap longer than ``gap``
+between two of them, and at least one retrieval (searches alone stay searches). Every
+other record is a group of one.
 Pure functions over ``Record`` (no index, no keys): the caller decides what it shows.
 """
 
@@ -26,7 +28,7 @@ GAP = dt.timedelta(minutes=10)  # no access for this long: the viewing ended
 VIEW = "view"  # the kind of a grouped viewing (pseudo-action of the reader's filter)
 RETRIEVE = "dicomweb.retrieve"
 SEARCH = "dicomweb.search"
-_INSIDE_STUDY = {"series", "instance"}  # QIDO levels under /studies/{study}
+_SEARCH_LEVELS = {"study", "series", "instance"}  # QIDO levels (qido.describe_level)
 _SUCCESS = "success"
 
 
@@ -49,8 +51,8 @@ def viewed_study(rec: Record) -> str:
     """The study a record views, if it is part of a viewing, else ""."""
     if rec.kind != "event" or rec.outcome != _SUCCESS:
         return ""
-    inside = rec.action == SEARCH and rec.detail.get("level") in _INSIDE_STUDY
-    if rec.action != RETRIEVE and not inside:
+    search = rec.action == SEARCH and rec.detail.get("level") in _SEARCH_LEVELS
+    if rec.action != RETRIEVE and not search:
         return ""
     studies = rec.refs.get("study_uids", [])
     return str(studies[0]) if len(studies) == 1 else ""
@@ -65,6 +67,7 @@ class Group:
     study_uid: str = ""
     sops: set[str] = field(default_factory=set)
     listed: int = 0  # the most instances one study/series-level request named
+    positions: list[int] = field(default_factory=list)  # of the records, in the input
 
     @property
     def first(self) -> Record:
@@ -117,23 +120,36 @@ def group_records(records: Iterable[Record], gap: dt.timedelta = GAP) -> list[Gr
     ``gap`` between two records; other records in between (another study, a sign-in)
     do not close it, they are rows of their own.
     """
-    groups: list[Group] = []
+    placed: list[tuple[int, Group]] = []  # (input position of the first record, group)
     open_views: dict[tuple[str, str, str, str, str], tuple[Group, dt.datetime]] = {}
-    for rec in records:
+    for position, rec in enumerate(records):
         study = viewed_study(rec)
         if not study:
-            single = Group([])
-            single.add(rec)
-            groups.append(single)
+            placed.append((position, _single(rec)))
             continue
         key = _viewer(rec, study)
         when = parse_time(rec.time)
         current = open_views.get(key)
         if current is None or when - current[1] > gap:
             view = Group([], kind=VIEW, study_uid=study)
-            groups.append(view)
+            placed.append((position, view))
         else:
             view = current[0]
         view.add(rec)
+        view.positions.append(position)
         open_views[key] = (view, when)
-    return groups
+    out: list[tuple[int, Group]] = []
+    for position, group in placed:
+        if group.kind != VIEW or any(r.action == RETRIEVE for r in group.records):
+            out.append((position, group))
+        else:  # searches without a retrieval: each its own row, where it was
+            out += [(p, _single(r)) for p, r in zip(group.positions, group.records,
+                                                     strict=True)]
+    out.sort(key=lambda item: item[0])
+    return [group for _position, group in out]
+
+
+def _single(rec: Record) -> Group:
+    single = Group([])
+    single.add(rec)
+    return single
