@@ -33,6 +33,7 @@ from starlette.responses import Response, StreamingResponse
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.grouping import VIEW, Group, group_records
 from pacsvault.audit.query import AuditFilter, select_records
+from pacsvault.index.query import QueryError
 from pacsvault.vault import Vault
 from pacsvault.web import audit_export, audit_names
 from pacsvault.web.audit_rows import (
@@ -163,8 +164,13 @@ def _lookup(request: Request, principal: Principal, values: dict[str, str]) -> R
     go on); else the page with the candidates, or with "no patient has this name". The
     look-up lists names: it is recorded (``audit.show``, the candidates sealed)."""
     vault = vault_of(request)
-    found = patients_named(vault, values["patient_name"], vault.settings.server.ae_title,
-                           vault.settings.query.time_budget_seconds)
+    _ = gettext(request)
+    try:
+        found = patients_named(vault, values["patient_name"], vault.settings.server.ae_title,
+                               vault.settings.query.time_budget_seconds)
+    except QueryError:  # over the query time budget: nothing was listed
+        return _audit_page(request, values, [], 0, status=400, field="patient_name",
+                           message=_("The search by name took too long: type more of it."))
     vault.recorder.emit(AuditEvent(
         action="audit.show", outcome=Outcome.SUCCESS, code=EventCode.QUERY,
         actor_user=principal.user, actor_address=client_address(request),
@@ -173,7 +179,6 @@ def _lookup(request: Request, principal: Principal, values: dict[str, str]) -> R
     if len(found) == 1:
         values["patient"] = found[0][0]
         return None
-    _ = gettext(request)
     if not found:
         return _audit_page(request, values, [], 0, status=404, field="patient_name",
                            message=_("No patient has this name."))
