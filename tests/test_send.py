@@ -7,7 +7,7 @@ One server (module-scoped) and dcmtk ``storescp`` peers registered as nodes:
   counted; to a node without the retrieve role, or an unknown one: refused, nothing sent;
 - a receiver that accepts only uncompressed syntaxes gets a JPEG object converted
   (pixels equal to pydicom's decoding of the original);
-- a ``[[forward]]`` rule (CT to a workstation): a CT stored by storescu arrives there, an
+- a ``[forward]`` rule (CT to a workstation): a CT stored by storescu arrives there, an
   MR does not; the retry schedule (doubling, capped) and the alert after N attempts, on
   a fake clock;
 - a node registered with TLS gets the objects over TLS (verified, client certificate);
@@ -34,7 +34,7 @@ from pynetdicom import AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import delete, insert, select
 
-from pacsvault.config.forward import ForwardingSettings
+from pacsvault.config.forward import ForwardSettings
 from pacsvault.dicom import forward, retrieve
 from pacsvault.dicomfile import render
 from pacsvault.index.models import Instance
@@ -122,8 +122,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             v.accounts.add_user(PHYSICIAN, ["physician"], PASSWORD, by="test")
         finally:
             v.close()
-        with open(vault.data / "pacsvault.toml", "a") as fh:
-            fh.write(f'\n[[forward]]\nnode = "{FWD}"\nmodality = ["CT"]\n')
+        vault.set_toml("forward", "rules", f'[{{ node = "{FWD}", modality = ["CT"] }}]')
         server = start_server(vault)
         ct = _ct(root / "ct", 3)
         jpeg = _jpeg(root)
@@ -260,7 +259,7 @@ def test_forward_retries_with_backoff_and_alerts_once(env: Env) -> None:
     """On a clock a million seconds ahead, so the running server's job (real clock) never
     takes these rows: each failed pass doubles the wait up to the cap; the alert comes
     once, at the third attempt."""
-    settings = ForwardingSettings(retry_seconds=10, max_retry_seconds=40, alert_after=3)
+    settings = ForwardSettings(retry_seconds=10, max_retry_seconds=40, alert_after=3)
     v = env.vault.open()
     try:
         forward.ensure_tables(v)
@@ -321,7 +320,7 @@ def test_web_send_to_as_physician(env: Env) -> None:
             if not state["running"] or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert state["ok"] and state["sent"] == 3 and state["total"] == 3, state
+        assert state["ok"] and state["sent"] == 3 and state["total"] == 3, str(state)
         shown = doctor.get("/account/send", params={"job": job})
         assert shown.status_code == 200 and 'id="send-result"' in shown.text
     received = env.plain.files()

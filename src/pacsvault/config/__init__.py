@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pacsvault.config.alerts import AlertSettings, render_section
 from pacsvault.config.check import TOML_SECTION as CHECK_SECTION
 from pacsvault.config.check import CheckSettings
-from pacsvault.config.forward import TOML_SECTION as FORWARDING_SECTION
-from pacsvault.config.forward import ForwardingSettings, ForwardRule
+from pacsvault.config.forward import TOML_SECTION as FORWARD_SECTION
+from pacsvault.config.forward import ForwardSettings
 from pacsvault.config.index import TOML_SECTION as INDEX_SECTION
 from pacsvault.config.index import IndexSettings as IndexSettings
 from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
@@ -233,8 +233,7 @@ class Settings(_Strict):
     index: IndexSettings = IndexSettings()
     tokens: TokenSettings = TokenSettings()
     check: CheckSettings = CheckSettings()
-    forwarding: ForwardingSettings = ForwardingSettings()  # issue 20, part 5
-    forward: list[ForwardRule] = []  # [[forward]] rules (config/forward.py)
+    forward: ForwardSettings = ForwardSettings()  # issue 20, part 5 (config/forward.py)
 
     def is_trusted(self, address: str) -> bool:
         ip = peer_ip(address)
@@ -508,4 +507,4 @@ per_modality = {{}}
 solo_practice = false
 
 """ + index_section + "\n" + SYSLOG_SECTION + "\n" + render_section() + "\n" + TOKENS_SECTION \
-        + "\n" + CHECK_SECTION + "\n" + FORWARDING_SECTION
+        + "\n" + CHECK_SECTION + "\n" + FORWARD_SECTION

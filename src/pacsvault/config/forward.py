@@ -1,4 +1,4 @@
-"""Automatic forwarding (issue 20, part 5): ``[[forward]]`` rules and ``[forwarding]``.
+"""Automatic forwarding (issue 20, part 5): the ``[forward]`` section and its rules.
 
 Why rules in settings and not in the index: they are part of how the practice is set up
 (which workstation gets which images), read by the IT provider with the rest of the
@@ -31,9 +31,10 @@ class ForwardRule(BaseModel):
         return not self.source or source_ae.strip().upper() in self.source
 
 
-class ForwardingSettings(BaseModel):
+class ForwardSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    rules: list[ForwardRule] = Field(default_factory=list)
     # First retry after this many seconds, then doubling up to ``max_retry_seconds``.
     retry_seconds: float = Field(30.0, gt=0)
     max_retry_seconds: float = Field(3600.0, gt=0)
@@ -45,20 +46,22 @@ class ForwardingSettings(BaseModel):
 
 
 TOML_SECTION = """\
-[forwarding]
-# Automatic forwarding: add one [[forward]] table per rule, e.g. every CT and MR received
-# to the radiologist's workstation (a registered node with the retrieve role and a port):
-#   [[forward]]
-#   node = "RADIOWS"
-#   modality = ["CT", "MR"]     # empty or absent: every modality
-#   source = []                 # only from these sending AE titles (empty: any)
-# Images are forwarded after they are stored (never delaying the sender), from a queue
-# kept in the index (a restart resumes it); a failure is retried after retry_seconds,
-# doubling up to max_retry_seconds, and alerts after alert_after attempts.
+[forward]
+# Automatic forwarding: images received are sent on to a registered node (with the
+# retrieve role and a port), e.g. every CT and MR to the radiologist's workstation:
+#   rules = [
+#     { node = "RADIOWS", modality = ["CT", "MR"] },
+#     { node = "ARCHIVE2", source = ["ECHO1"] },   # everything sent by ECHO1
+#   ]
+# modality and source (sending AE titles) are optional (absent: any). Images are
+# forwarded after they are stored (never delaying the sender), from a queue kept in the
+# index (a restart resumes it); a failure is retried after retry_seconds, doubling up to
+# max_retry_seconds, and is recorded (forward.failing) after alert_after attempts.
+rules = []
 retry_seconds = 30.0
 max_retry_seconds = 3600.0
 alert_after = 5
 batch = 200
 """
 
-__all__ = ["TOML_SECTION", "ForwardRule", "ForwardingSettings"]
+__all__ = ["TOML_SECTION", "ForwardRule", "ForwardSettings"]

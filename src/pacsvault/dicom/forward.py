@@ -1,4 +1,4 @@
-"""Automatic forwarding (issue 20, part 5): ``[[forward]]`` rules applied to what was stored.
+"""Automatic forwarding (issue 20, part 5): ``[forward] rules`` applied to what was stored.
 
 Why a job over the index and not a hook in the C-STORE handler: the sender's
 acknowledgement must never wait for another node (a workstation switched off would slow
@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
-from pacsvault.config.forward import ForwardingSettings, ForwardRule
+from pacsvault.config.forward import ForwardRule, ForwardSettings
 from pacsvault.dicom import send
 from pacsvault.index.models import Instance, Series
 from pacsvault.index.records import select_instances
@@ -86,7 +86,7 @@ def ensure_tables(vault: Vault) -> None:
 
 def tick(vault: Vault, *, clock: Callable[[], float] = time.time) -> None:
     """One pass: queue what matched since the last pass, then send what is due."""
-    rules = vault.settings.forward
+    rules = vault.settings.forward.rules
     if not rules and not _has_queue(vault):
         return
     ensure_tables(vault)
@@ -95,7 +95,7 @@ def tick(vault: Vault, *, clock: Callable[[], float] = time.time) -> None:
             scan(vault, rules, clock())
         except IntegrityError:  # another instance sharing the index queued them first
             log.info("forwarding: rows queued by another instance; next pass")
-    deliver(vault, vault.settings.forwarding, clock)
+    deliver(vault, vault.settings.forward, clock)
 
 
 def _has_queue(vault: Vault) -> bool:
@@ -147,7 +147,7 @@ def scan(vault: Vault, rules: list[ForwardRule], now: float) -> int:
             return queued
 
 
-def deliver(vault: Vault, settings: ForwardingSettings,
+def deliver(vault: Vault, settings: ForwardSettings,
             clock: Callable[[], float] = time.time) -> None:
     """Send what is due, per node, a batch at a time."""
     now = clock()
@@ -175,7 +175,7 @@ def _claim(vault: Vault, row_id: int, due: int, now: int) -> bool:
     return bool(getattr(taken, "rowcount", 0) == 1)
 
 
-def _deliver_node(vault: Vault, settings: ForwardingSettings, node: str,
+def _deliver_node(vault: Vault, settings: ForwardSettings, node: str,
                   entries: list[tuple[int, int, int, bool]],
                   clock: Callable[[], float]) -> None:
     pks = [pk for _, pk, _, _ in entries]

@@ -48,7 +48,7 @@ JOBS: list[JobSpec] = [
     JobSpec("breach-clock", "pacsvault.breach.clock:tick", every=300, first_after=60),
     # the security self-check, daily at [check] at, kept for Health (check/record.py)
     JobSpec("check", "pacsvault.check.record:tick", every=60, first_after=120),
-    # [[forward]] rules: queue what was stored, send what is due (dicom/forward.py)
+    # [forward] rules: queue what was stored, send what is due (dicom/forward.py)
     JobSpec("forward", "pacsvault.dicom.forward:tick", every=2, first_after=5),
 ]
 
