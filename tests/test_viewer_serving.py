@@ -40,7 +40,10 @@ from tests.web_helpers import FakeClock, LocalWeb, local_web
 PASSWORD = "radio-du-matin-sur-la-plage"
 USERS = {"drmartin": ["physician"], "root": ["admin"], "dpo": ["auditor"]}
 FRENCH, ENGLISH = "fr-FR,fr;q=0.9,en;q=0.5", "en-US,en;q=0.9"
-SERVED_INDEX = INDEX_HTML.replace(b"<title>OHIF Viewer</title>", b"<title>pacsvault</title>")
+# The practice's name in the tab, pacsvault's phone and tablet layout last in <head>.
+SERVED_INDEX = INDEX_HTML.replace(b"<title>OHIF Viewer</title>", b"<title>pacsvault</title>"
+                                  ).replace(b"</head>", b'<link rel="stylesheet" '
+                                            b'href="/static/ohif.css"></head>')
 INLINE_HASHES = {base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()
                  for s in INLINE_SCRIPTS}
 

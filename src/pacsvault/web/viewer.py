@@ -52,6 +52,9 @@ _MEDIA_TYPES = {
 }
 
 
+_OHIF_CSS = b'<link rel="stylesheet" href="/static/ohif.css">'
+
+
 def viewer_csp(inline_hashes: list[str]) -> str:
     hashes = " ".join(f"'sha256-{h}'" for h in inline_hashes)
     return ("default-src 'self'; "
@@ -80,11 +83,13 @@ class ServedViewer:
         }
 
     def page(self, practice: str) -> bytes:
-        """OHIF's index page with the practice's name in the tab (nothing else changes:
-        the inline scripts keep their hashes)."""
+        """OHIF's index page with the practice's name in the tab and pacsvault's phone and
+        tablet layout linked (nothing else changes: the inline scripts keep their hashes)."""
         title = html.escape(practice, quote=False).encode("utf-8")
-        return self.index.replace(b"<title>OHIF Viewer</title>",
+        page = self.index.replace(b"<title>OHIF Viewer</title>",
                                   b"<title>" + title + b"</title>")
+        # pacsvault's layout for phones and tablets (static/ohif.css), last in <head>.
+        return page.replace(b"</head>", _OHIF_CSS + b"</head>", 1)
 
 
 @lru_cache(maxsize=4)
