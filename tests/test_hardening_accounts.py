@@ -87,9 +87,9 @@ def enrol(browser: httpx.Client, name: str, password: str) -> tuple[Authenticato
     answer = post_login(browser, name, password)
     assert answer.headers["location"] == "/login/enrol", answer.text[-500:]
     page = browser.get("/login/enrol")
-    secret = re.search(r'id="totp-secret"[^>]*>([A-Z2-7]+)<', page.text)
+    secret = re.search(r'id="totp-secret"[^>]*>([A-Z2-7 ]+)<', page.text)
     assert secret
-    app = Authenticator(secret.group(1))
+    app = Authenticator(secret.group(1).replace(" ", ""))
     done = browser.post("/login/enrol", data={"csrf": csrf_of(page.text), "code": app.code()})
     assert done.status_code == 200, done.text[-500:]
     return app, done.headers.get_list("set-cookie")

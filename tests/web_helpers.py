@@ -35,7 +35,7 @@ REQUIRED_HEADERS = {
     "cache-control": "no-store",
 }
 _CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-_SECRET_RE = re.compile(r'id="totp-secret"[^>]*>([A-Z2-7]+)<')
+_SECRET_RE = re.compile(r'id="totp-secret"[^>]*>([A-Z2-7 ]+)<')  # shown by groups of 4
 _CODES_RE = re.compile(r"<li><code>([0-9A-Z-]+)</code></li>")
 
 
@@ -148,7 +148,7 @@ def sign_in(browser: httpx.Client, name: str, password: str,
         assert page.status_code == 200 and "<svg" in page.text, page.text
         found = _SECRET_RE.search(page.text)
         assert found, page.text
-        authenticator = Authenticator(found.group(1), clock, wait)
+        authenticator = Authenticator(found.group(1).replace(" ", ""), clock, wait)
         done = browser.post("/login/enrol", data={"csrf": csrf_of(page.text),
                                                   "code": authenticator.code()})
         assert done.status_code == 200, (done.status_code, done.text)

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pacsvault.config.alerts import AlertSettings, render_section
 from pacsvault.config.check import TOML_SECTION as CHECK_SECTION
@@ -133,6 +140,8 @@ class WebSettings(_Strict):
     viewer_dir: str = ""
     # Shown in the viewer's header instead of OHIF's logo (and in its tab).
     practice_name: str = Field("pacsvault", min_length=1, max_length=80)
+    # The practice's time zone (IANA name): every date and time on the pages is shown in it.
+    time_zone: str = Field("Europe/Paris", min_length=1, max_length=64)
     # OHIF modes offered beside the basic viewer (which has MPR for CT/MR); others hidden.
     viewer_modes: list[Literal["segmentation", "tmtv", "preclinical-4d", "us-pleura"]] = Field(
         default_factory=list)
@@ -142,6 +151,17 @@ class WebSettings(_Strict):
     body_timeout: float = Field(60.0, gt=0)
     max_connections: int = Field(512, ge=1)
     max_connections_per_source: int = Field(32, ge=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 DEFAULT_RETENTION_DAYS = 365
@@ -443,6 +463,8 @@ key_file = ""
 viewer_dir = ""
 # The practice's name, shown in the viewer's header and tab.
 practice_name = "pacsvault"
+# The practice's time zone: dates and times on the pages are shown in it (24-hour clock).
+time_zone = "Europe/Paris"
 # Viewer modes offered beside the basic viewer (which includes MPR for CT and MR), among
 # "segmentation", "tmtv" (PET tumour volume), "preclinical-4d", "us-pleura".
 viewer_modes = []

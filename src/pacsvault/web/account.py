@@ -9,6 +9,7 @@ and recorded like any guess) and signs the user's other sessions out.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -67,7 +68,7 @@ def recent_sign_ins(trail: Path, user: str, limit: int = 10,
             continue
         when = str(body.get("time", ""))[:19].replace("T", " ")
         found.append({"time": f"{when} UTC", "address": str(body.get("address", "")),
-                      "outcome": label})
+                      "outcome": label, "at": str(body.get("time", ""))})  # local: |when
         if len(found) >= limit:
             break
     return found
@@ -177,6 +178,32 @@ def new_recovery_codes(request: Request, principal: SignedIn) -> Response:
     except AccountError:
         return account_page(request, principal, 400, _("Set up a second factor first."))
     return page(request, "codes.html", codes=codes, next=ACCOUNT)
+
+
+_CODE = re.compile(r"^[0-9A-Z-]{4,40}$")
+MAX_CODES = 32
+
+
+@router.post("/account/recovery-codes/download")
+def download_recovery_codes(
+        request: Request, principal: SignedIn,
+        codes: Annotated[list[str] | None, Form()] = None) -> Response:
+    """The codes the page shows, as a text file (issue 20, item 8).
+
+    The codes are stored hashed, so the page sends back the ones it shows (in hidden
+    fields, CSRF-checked like every form): the file is made from them, kept nowhere, never
+    cached. Anything that is not a code's shape is refused rather than written in a file.
+    """
+    found = [c.strip() for c in (codes or [])]
+    if not found or len(found) > MAX_CODES or not all(_CODE.match(c) for c in found):
+        raise HTTPException(400, "invalid request")
+    _ = gettext(request)
+    text = "\n".join([_("pacsvault recovery codes for {user}. Each code signs you in once; "
+                        "keep them somewhere safe.").format(user=principal.user), "",
+                       *found, ""])
+    return Response(text.encode(), media_type="text/plain; charset=utf-8", headers={
+        "Content-Disposition": 'attachment; filename="pacsvault-recovery-codes.txt"',
+        "Cache-Control": "no-store"})
 
 
 @router.post("/account/tokens/{token_id}/revoke")

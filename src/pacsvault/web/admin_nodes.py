@@ -27,6 +27,7 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.index import hosts
 from pacsvault.index.models import Node
 from pacsvault.index.nodes import ROLES, NodeError, NodeInfo, NodeRegistry
+from pacsvault.web import node_bundle
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_, Gettext, gettext
 from pacsvault.web.kit import AdminPage, page, redirect, vault_of
@@ -139,10 +140,11 @@ def _nodes_page(request: Request, form: NodeForm | None = None, status: int = 20
 
 
 def _edit_page(request: Request, form: NodeForm, status: int = 200,
-               message: str = "") -> Response:
+               message: str = "", message_kind: str = "error") -> Response:
     return page(request, "admin_node_edit.html", status, form=form, roles=ROLES,
                 node_roles=ROLE_NAMES, field_errors=form.errors, message=message,
-                nav="admin", admin_nav="nodes")
+                message_kind=message_kind, nav="admin", admin_nav="nodes",
+                bundle_pending=node_bundle.pending(vault_of(request), form.ae_title))
 
 
 def _form(ae_title: str, host: str, port: str, tls: str, client_cert: str,
@@ -193,6 +195,40 @@ def edit_node_page(request: Request, principal: AdminPage, ae: str = "") -> Resp
     if node is None:
         raise HTTPException(404, "not found")
     return _edit_page(request, NodeForm.of(node))
+
+
+@router.post(f"{NODES}/certificate")
+def issue_bundle(request: Request, principal: AdminPage, ae_title: Field = "") -> Response:
+    """Issue a TLS node's certificates; the keys wait, encrypted, for one download."""
+    node = _registry(request).get(ae_title) if ae_title.strip() else None
+    if node is None or not node.tls:
+        raise HTTPException(404, "not found")
+    issued = node_bundle.issue(vault_of(request), node)
+    _event(request, principal, "node.cert", node.ae_title,
+           serials=",".join(f"{c.serial:x}" for c in issued))
+    _ = gettext(request)
+    return _edit_page(request, NodeForm.of(node), message=_(
+        "The certificates were issued. Download the bundle now: it holds the private keys "
+        "and can be downloaded only once."), message_kind="ok")
+
+
+@router.post(f"{NODES}/certificate/download")
+def download_bundle(request: Request, principal: AdminPage, ae_title: Field = "") -> Response:
+    node = _registry(request).get(ae_title) if ae_title.strip() else None
+    if node is None:
+        raise HTTPException(404, "not found")
+    try:
+        bundle = node_bundle.take(vault_of(request), node.ae_title)
+    except node_bundle.BundleGone:
+        _ = gettext(request)
+        return _edit_page(request, NodeForm.of(node), 410, _(
+            "This bundle was already downloaded (or has expired): its private key is no "
+            "longer on the server. Issue new certificates to get another one."))
+    _event(request, principal, "node.cert.download", node.ae_title,
+           serials=",".join(bundle.serials))
+    return Response(bundle.pem, media_type="application/x-pem-file", headers={
+        "Content-Disposition": f'attachment; filename="{bundle.filename}"',
+        "Cache-Control": "no-store"})
 
 
 @router.post(f"{NODES}/edit")

@@ -9,7 +9,6 @@ version.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -21,7 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Scope
 
-from pacsvault.web import i18n
+from pacsvault.web import formats, i18n
 from pacsvault.web.i18n import N_
 
 HERE = Path(__file__).resolve().parent
@@ -30,13 +29,6 @@ STATIC = HERE / "static"
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
                 ".js": "text/javascript; charset=utf-8"}
 DICOMWEB_PREFIX = "/dicom-web"
-
-
-def when(value: dt.datetime | None) -> str:
-    """A time as pages show it: UTC, to the minute."""
-    if value is None:
-        return ""
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # Options shared with the extraction (``locale/babel.cfg`` says the same).
@@ -67,7 +59,7 @@ def environment(language: str = i18n.DEFAULT) -> Environment:
     )
     env.install_gettext_translations(i18n.translations(language),  # type: ignore[attr-defined]
                                      newstyle=True)
-    env.filters["when"] = when
+    env.filters.update(formats.FILTERS)  # when, day, number, size: see ``formats``
     return env
 
 
@@ -76,7 +68,8 @@ def render(template: str, context: Mapping[str, Any], status: int = 200,
            language: str = i18n.DEFAULT) -> HTMLResponse:
     defaults: dict[str, Any] = {"lang": language, "languages": i18n.NAMES, "principal": None,
                                 "csrf": "", "message": "", "message_kind": "error",
-                                "field_errors": {}, "nav": "", "admin_nav": "", "here": "/"}
+                                "field_errors": {}, "nav": "", "admin_nav": "", "here": "/",
+                                "tz": formats.zone(formats.DEFAULT_ZONE)}
     page = environment(language).get_template(template).render({**defaults, **context})
     return HTMLResponse(page, status_code=status, headers=dict(headers or {}))
 

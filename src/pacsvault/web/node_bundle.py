@@ -1,0 +1,142 @@
+"""A TLS node's certificate bundle from its admin page: issued once, downloaded once.
+
+``pacsvault node cert NODE --out DIR`` writes the node's files on the server's disk; from
+the browser, the administrator gets them as one PEM file instead (issue 20, item 8): the
+node's client certificate and its private key, its listener's certificate and key when it
+has a DICOM port (same rules as the command line: ``tls.issue_node``), and the practice CA.
+
+Two steps, because a download can be lost and a page can be reloaded:
+
+1. *issue* (a POST): the certificates are signed by the vault's CA and recorded in the
+   registry (``node.cert`` event, as the command line). The keys are kept **encrypted**
+   with the vault's TLS key password (the same protection as the CA key) in
+   ``DATA/tls/pending/``, owner-only, until they are downloaded;
+2. *download* (a POST): the pending file is claimed by an atomic rename (two clicks or two
+   workers cannot both get it), read, deleted, and the keys are decrypted into the
+   response. From then on the key exists nowhere on the server: a second download is
+   refused, and a lost bundle means issuing a new certificate (and revoking the old one
+   with ``pacsvault node cert --revoke`` if it may have leaked).
+
+A bundle not downloaded within ``PENDING_HOURS`` is deleted when next asked for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from pacsvault.crypto import tls
+from pacsvault.fsutil import write_atomic
+from pacsvault.index.nodes import NodeInfo
+from pacsvault.vault import Vault
+
+PENDING_DIR = "pending"
+PENDING_HOURS = 24
+
+
+class BundleGone(Exception):
+    """No bundle waits for this node: never issued, already downloaded, or expired."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    filename: str
+    pem: bytes
+    serials: list[str]
+
+
+def _pending_path(vault: Vault, ae_title: str) -> Path:
+    # AE titles may hold "/" or spaces: the file is named by a digest of it.
+    digest = hashlib.sha256(ae_title.strip().encode()).hexdigest()[:32]
+    return vault.layout.tls.root / PENDING_DIR / f"{digest}.json"
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def pending(vault: Vault, ae_title: str, now: float | None = None) -> bool:
+    """Whether a bundle waits to be downloaded (an expired one is deleted here)."""
+    path = _pending_path(vault, ae_title)
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > PENDING_HOURS * 3600:
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def issue(vault: Vault, node: NodeInfo) -> list[tls.IssuedCert]:
+    """Sign the node's certificates, record them, keep the keys encrypted until download.
+
+    A bundle still pending for the node is replaced (its certificates stay recorded: they
+    were never delivered, revoking them is ``node cert --revoke``'s business)."""
+    paths, password = vault.layout.tls, vault.tls_password()
+    jobs: list[tuple[str, list[x509.GeneralName], x509.ObjectIdentifier]] = [
+        ("client", [x509.UniformResourceIdentifier(tls.node_uri(node.ae_title))],
+         tls.ClientAuth)]
+    if node.tls and node.port is not None and tls.permits(paths, _host_name(node.host)):
+        jobs.append(("listener", [_host_name(node.host)], tls.ServerAuth))
+    items: list[dict[str, str]] = []
+    issued: list[tls.IssuedCert] = []
+    for kind, sans, usage in jobs:
+        cert_pem, key_pem = tls.issue(paths, password, node.ae_title, sans, eku=[usage],
+                                      days=tls.NODE_DAYS, encrypt_key=True)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        items.append({"kind": kind, "cert": cert_pem.decode(), "key": key_pem.decode()})
+        issued.append(tls.IssuedCert(kind, cert.serial_number, cert.not_valid_after_utc,
+                                     paths.ca_cert))
+    path = _pending_path(vault, node.ae_title)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(path, json.dumps({"ae_title": node.ae_title, "items": items}).encode())
+    vault.nodes.record_certificates(node.ae_title, issued)
+    return issued
+
+
+def take(vault: Vault, ae_title: str) -> Bundle:
+    """The bundle, once: claimed by rename, deleted, keys decrypted for the response."""
+    if not pending(vault, ae_title):
+        raise BundleGone(ae_title)
+    path = _pending_path(vault, ae_title)
+    claimed = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.claimed")
+    try:
+        os.rename(path, claimed)  # atomic: one claimant only
+    except FileNotFoundError:
+        raise BundleGone(ae_title) from None
+    try:
+        stored = json.loads(claimed.read_bytes())
+    finally:
+        claimed.unlink(missing_ok=True)
+    password = vault.tls_password()
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [f"# pacsvault: TLS certificate bundle of the DICOM node {stored['ae_title']}, "
+             f"delivered {now}.\n# In order: each certificate followed by its private key "
+             "(secret: install it on the node, then delete this file), then the "
+             "practice's CA.\n"]
+    serials: list[str] = []
+    for item in stored["items"]:
+        key = serialization.load_pem_private_key(item["key"].encode(), password)
+        plain = key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()).decode()
+        serials.append(f"{x509.load_pem_x509_certificate(item['cert'].encode()).serial_number:x}")
+        parts += [f"# {item['kind']} certificate\n", item["cert"],
+                  f"# {item['kind']} private key\n", plain]
+    parts += ["# CA certificate\n", vault.layout.tls.ca_cert.read_text()]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stored["ae_title"])
+    return Bundle(f"{safe}-tls-bundle.pem", "".join(parts).encode(), serials)
