@@ -168,7 +168,9 @@ EXPECTED: dict[str, list[tuple[str, ...]]] = {
             ("dicom.get", S, "110104", QR, "", LOCAL)],
     "export": [("export", S, "110106", "", "local-admin", "")],
     "token": [("token.create", S, "110113", "", PHYS, "")],
-    "search": [("dicomweb.search", S, "110112", "", PHYS, LOCAL)],
+    # the token's first use from an address is recorded too (issue 19, token policy)
+    "search": [("dicomweb.search", S, "110112", "", PHYS, LOCAL),
+               ("token.new-address", S, "110113", "", PHYS, LOCAL)],
     "retrieve": [("dicomweb.retrieve", S, "110103", "", PHYS, LOCAL)],
     "stow": [("dicomweb.store.committed", S, "110107", "", PHYS, LOCAL),
              ("dicomweb.store", S, "110107", "", PHYS, LOCAL)],
