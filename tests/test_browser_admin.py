@@ -131,6 +131,12 @@ def test_admin_lands_on_the_health_panel(site: Site, admin_session: AdminSession
     if page.url != admin_session.landed:  # another test moved the shared page on
         page.goto(admin_session.landed)
     assert page.locator("html").get_attribute("lang") == "fr"
+    # issue 20 item 7: a problem forced by a fresh vault (no backup target) is a banner
+    # in French with what to do, and the activity charts are drawn (SVG, no script)
+    banner = page.locator("#problems [data-code='backup.none']")
+    assert banner.is_visible() and "Que faire" in banner.inner_text()
+    assert page.locator("svg#chart-received g.bar").count() == 90
+    assert page.locator("svg#chart-received").bounding_box()["height"] > 50
     shot(page, "admin-health")
     _no_sideways_scroll(page)
     assert errors.entries == []
