@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, build_context, evt
 from sqlalchemy import Select
+from sqlalchemy.exc import OperationalError
 
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
@@ -39,6 +41,7 @@ from pacsvault.vault import Vault
 
 log = logging.getLogger("pacsvault.dicom.send")
 
+READ_ATTEMPTS = 3
 MAX_CONTEXTS = 120  # pynetdicom's limit is 128 presentation contexts per association
 SENT, WARNING, FAILED = "sent", "warning", "failed"
 _WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
@@ -199,7 +202,7 @@ def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result:
         for n in range(1, len(items) + 1):
             done(InstanceResult(n, FAILED, reason="not reached"))
         return
-    ahead = retrieve.ReadAhead(items, vault.archive.read)
+    ahead = retrieve.ReadAhead(items, lambda item: _read(vault, item))
     try:
         for n, (item, data) in enumerate(ahead, start=1):
             if cancel is not None and cancel.is_set():
@@ -226,6 +229,19 @@ def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result:
         done(InstanceResult(n, FAILED, reason=result.note or "not sent"))
 
 
+def _read(vault: Vault, item: StoredInstance) -> bytes:
+    """The decrypted object; an index briefly busy (another process writing) is asked
+    again rather than failing the rest of the transfer."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return vault.archive.read(item)
+        except OperationalError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def prepare(contexts: Sequence[Any], item: StoredInstance,
             data: bytes | BaseException) -> tuple[Dataset | None, str, str]:
     """(dataset to send or None, syntax name if converted, why not): as stored when the
@@ -240,7 +256,8 @@ def prepare(contexts: Sequence[Any], item: StoredInstance,
         if isinstance(data, BaseException):
             raise data
         ds = inflate.read(data)
-    except (ObjectFormatError, OSError, inflate.InflateLimitExceeded) as exc:
+    except (ObjectFormatError, OSError, inflate.InflateLimitExceeded, OperationalError,
+            ValueError) as exc:  # this instance fails; the others still go
         log.error("instance could not be read for sending: %s", type(exc).__name__)
         return None, "", "unreadable in the archive"
     stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
