@@ -182,3 +182,20 @@ def test_tls_node_bundle_is_downloaded_once_and_verifies(web: LocalWeb,
     client = certs[0]
     assert web.vault.nodes.certificate_status("WORKSTATION", client.serial_number) == "valid"
     assert len(serials) == 2
+
+
+def test_every_alert_rule_has_a_translated_name() -> None:
+    """A page shows a rule's name, never its code nor the English title (French pages)."""
+    from pathlib import Path
+
+    from pacsvault.audit import alerts
+    from pacsvault.web import alert_names, i18n
+
+    sources = "".join(p.read_text() for p in Path(alerts.__file__).parent.glob("*.py"))
+    rules = set(re.findall(r'rule="([a-z-]+)"', sources)) - {"test"}
+    assert rules and rules <= set(alert_names.RULES), rules - set(alert_names.RULES)
+    fr = i18n.gettext_for("fr")
+    assert alert_names.rule_name("failed-logins", "Failed logins", fr) == \
+        "Échecs de connexion répétés"
+    assert alert_names.rule_name("new-rule", "New rule", fr) == "New rule"
+    assert alert_names.level_name("critical", fr) == "critique"

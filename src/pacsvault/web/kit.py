@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from pacsvault.accounts.service import Accounts
 from pacsvault.vault import Vault
-from pacsvault.web import formats, i18n, pages
+from pacsvault.web import alert_names, formats, i18n, pages
 from pacsvault.web.deps import RoleRequirement, require_role
 from pacsvault.web.i18n import N_, Gettext
 from pacsvault.web.principal import Principal
@@ -136,7 +136,9 @@ def page(request: Request, template: str, status: int = 200, *,
     values: dict[str, Any] = {"csrf": current.csrf if current else "",
                               "principal": principal,
                               "here": request.url.path, "role_names": ROLE_NAMES,
-                              "tz": formats.zone(vault_of(request).settings.web.time_zone)}
+                              "tz": formats.zone(vault_of(request).settings.web.time_zone),
+                              "alert_rules": alert_names.RULES,
+                              "alert_levels": alert_names.LEVELS}
     if principal is not None and "admin" in principal.roles:  # alerts seen (issue 19)
         from pacsvault.web.alert_notices import admin_banner
 

@@ -17,7 +17,8 @@ Two steps, because a download can be lost and a page can be reloaded:
    refused, and a lost bundle means issuing a new certificate (and revoking the old one
    with ``pacsvault node cert --revoke`` if it may have leaked).
 
-A bundle not downloaded within ``PENDING_HOURS`` is deleted when next asked for.
+A bundle not downloaded within ``PENDING_HOURS`` is deleted when next asked for; one
+encrypted before a master key rotation (which changes the TLS key password) is refused.
 """
 
 from __future__ import annotations
@@ -130,7 +131,10 @@ def take(vault: Vault, ae_title: str) -> Bundle:
              "practice's CA.\n"]
     serials: list[str] = []
     for item in stored["items"]:
-        key = serialization.load_pem_private_key(item["key"].encode(), password)
+        try:
+            key = serialization.load_pem_private_key(item["key"].encode(), password)
+        except (ValueError, TypeError):  # encrypted before a key rotation: issue again
+            raise BundleGone(ae_title) from None
         plain = key.private_bytes(serialization.Encoding.PEM,
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()).decode()
