@@ -182,6 +182,8 @@ def test_viewer_toolbar_on_a_tablet(site: Site, phone: Phone,
         assert len(boxes) >= 5, boxes
         image = page.locator("canvas.cornerstone-canvas").first.bounding_box()
         assert image is not None
+        # The whole image is on the screen, however many rows the header took.
+        assert image["y"] + image["height"] <= viewport[1] + 1, (image, viewport)
         for i, (name, box) in enumerate(boxes):
             assert box is not None
             assert box["x"] >= 0 and box["x"] + box["width"] <= viewport[0] + 1, (name, box)
