@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +29,26 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 from pynetdicom import AE as ClientAE
-from pynetdicom import AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+from pynetdicom import AllStoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+)
 from sqlalchemy import delete, insert, select
 
 from pacsvault.config.forward import ForwardSettings
-from pacsvault.dicom import forward, retrieve
+from pacsvault.dicom import forward, retrieve, send
 from pacsvault.dicomfile import render
 from pacsvault.index.models import Instance
+from pacsvault.index.records import StoredInstance
 from tests import corpus
 from tests.harness.peers import StoreSCP
 from tests.helpers import (
@@ -373,3 +384,18 @@ def test_cli_send_over_tls_to_a_tls_node(env: Env) -> None:
     assert sorted(uid for uid, _ in received) == sorted(
         str(dcmread(p).SOPInstanceUID) for p in env.ct)
     assert all(tls for _, tls in received)
+
+
+def test_receiver_accepting_no_syntax_the_object_can_leave_in_is_a_clear_failure(
+        tmp_path: Path) -> None:
+    """A receiver that takes CT only as JPEG: the vault never encodes lossily, so the
+    instance is not sent, with the reason (no server needed)."""
+    path = _ct(tmp_path, 1)[0]
+    ds = dcmread(path)
+    context = build_context(CTImageStorage, [JPEGBaseline8Bit])
+    context._as_scu = True  # as an accepted context of an association we requested
+    item = StoredInstance(str(ds.SOPInstanceUID), "", "", "obj", uuid.uuid4(),
+                          path.stat().st_size, str(CTImageStorage), ExplicitVRLittleEndian)
+    sent, converted, why = send.prepare([context], item, path.read_bytes())
+    assert sent is None and not converted
+    assert "accepts no syntax" in why and str(ds.SOPInstanceUID) not in why
