@@ -11,8 +11,8 @@ which the index row proves. So ``tick`` (every few seconds in ``serve``'s job th
    neither loses nor repeats anything. The cursor starts at the newest instance when
    forwarding is first seen: enabling a rule does not send the whole archive;
 2. sends what is due, one association per node and pass (``dicom/send``: the same rules,
-   TLS, conversion and audit as any data leaving), each row taken first by a conditional
-   update (``_claim``: instances sharing one index never send it twice); a sent
+   TLS, conversion and audit as any data leaving), the rows taken first by one
+   conditional update (``_claim``: instances sharing one index never send one twice); a sent
    instance leaves the queue, a failed one is retried after ``retry_seconds``, doubling
    up to ``max_retry_seconds``, and after ``alert_after`` attempts a ``forward.failing``
    record (serious failure) says so once. Nothing is dropped silently; an instance
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -69,6 +70,7 @@ queue = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("due", BigInteger, nullable=False, index=True),  # epoch seconds
     Column("alerted", Boolean, nullable=False, default=False),
+    Column("claim", String(16), nullable=False, default=""),  # the pass sending it
     UniqueConstraint("node", "instance_pk", name="uq_forward_queue_node_instance"),
 )
 cursors = Table(
@@ -150,29 +152,38 @@ def scan(vault: Vault, rules: list[ForwardRule], now: float) -> int:
 def deliver(vault: Vault, settings: ForwardSettings,
             clock: Callable[[], float] = time.time) -> None:
     """Send what is due, per node, a batch at a time."""
-    now = clock()
+    now = int(clock())
     with vault.sessions() as session:
-        due = session.execute(select(queue.c.id, queue.c.node, queue.c.instance_pk,
-                                     queue.c.attempts, queue.c.alerted, queue.c.due)
-                              .where(queue.c.due <= int(now)).order_by(queue.c.id)
+        due = session.execute(select(queue.c.id, queue.c.node)
+                              .where(queue.c.due <= now).order_by(queue.c.id)
                               .limit(settings.batch * 8)).all()
+    chosen: dict[str, list[int]] = defaultdict(list)
+    for row_id, node in due:
+        if len(chosen[node]) < settings.batch:
+            chosen[node].append(int(row_id))
+    if not chosen:
+        return
     by_node: dict[str, list[tuple[int, int, int, bool]]] = defaultdict(list)
-    for row_id, node, pk, attempts, alerted, when in due:
-        if len(by_node[node]) < settings.batch and _claim(vault, int(row_id), int(when),
-                                                          int(now)):
-            by_node[node].append((int(row_id), int(pk), int(attempts), bool(alerted)))
+    for row_id, node, pk, attempts, alerted in _claim(
+            vault, [i for ids in chosen.values() for i in ids], now):
+        by_node[node].append((row_id, pk, attempts, alerted))
     for node, entries in by_node.items():
         _deliver_node(vault, settings, node, entries, clock)
 
 
-def _claim(vault: Vault, row_id: int, due: int, now: int) -> bool:
-    """Take a row for this pass (its due time moves ``LEASE`` ahead) unless another
-    instance sharing the index took it first; a process that dies mid-send leaves the row
-    to be retried when the lease ends."""
+def _claim(vault: Vault, ids: list[int], now: int) -> list[tuple[int, str, int, int, bool]]:
+    """Take these rows for this pass (their due time moves ``LEASE`` ahead, marked with a
+    token of this pass) except those another instance sharing the index took first; a
+    process that dies mid-send leaves its rows to be retried when the lease ends."""
+    token = secrets.token_hex(8)
     with vault.sessions() as session, session.begin():
-        taken = session.execute(update(queue).where(queue.c.id == row_id, queue.c.due == due)
-                                .values(due=now + LEASE))
-    return bool(getattr(taken, "rowcount", 0) == 1)
+        session.execute(update(queue).where(queue.c.id.in_(ids), queue.c.due <= now)
+                        .values(due=now + LEASE, claim=token))
+    with vault.sessions() as session:
+        rows = session.execute(select(queue.c.id, queue.c.node, queue.c.instance_pk,
+                                      queue.c.attempts, queue.c.alerted)
+                               .where(queue.c.claim == token).order_by(queue.c.id)).all()
+    return [(int(r[0]), str(r[1]), int(r[2]), int(r[3]), bool(r[4])) for r in rows]
 
 
 def _deliver_node(vault: Vault, settings: ForwardSettings, node: str,
