@@ -34,6 +34,8 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from pacsvault.check import record
+from pacsvault.check.model import Finding, Localized, Severity, finding_to_json
 from pacsvault.status import series
 from tests import corpus
 from tests.harness.peers import StoreSCP
@@ -136,6 +138,36 @@ def test_banner_says_what_is_wrong_and_what_to_do_in_both_languages(env: Env) ->
     assert banner, french
     assert "Aucune sauvegarde n’est configurée" in banner.group(0)
     assert "Que faire :" in banner.group(0) and "section [backup]" in banner.group(0)
+
+
+
+def test_banner_shows_the_security_checks_critical_findings(env: Env) -> None:
+    """The check's last kept run (as the nightly job leaves it): its critical finding is
+    a problem with its own fix in the reader's language; a run ten days old is stale."""
+    finished = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    finding = Finding("network.test-open", "network", Severity.CRITICAL,
+                      Localized("Port 104 answers from the internet",
+                                "Le port 104 répond depuis internet"), "ANSSI",
+                      Localized("seen", "vu"),
+                      Localized("Close the router's port forwarding",
+                                "Fermez la redirection de port du routeur"))
+    kept = {"format": record.STATE_FORMAT, "trigger": "test",
+            "started": (finished - dt.timedelta(seconds=5)).isoformat(),
+            "finished": finished.isoformat(), "sections": ["network"], "exit_code": 2,
+            "findings": [finding_to_json(finding)], "errors": [], "new_critical": []}
+    path = env.vault.data / record.STATE_NAME
+    path.write_text(json.dumps(kept), "utf-8")
+    try:
+        for lang, title, fix in (
+                ("en", "Port 104 answers from the internet", "Close the router"),
+                ("fr", "Le port 104 répond depuis internet", "Fermez la redirection")):
+            banner = re.search(r'<section id="problems".*?</section>', health(env, lang),
+                               re.DOTALL)
+            assert banner and 'data-code="check.critical"' in banner.group(0)
+            assert title in banner.group(0) and fix in banner.group(0)
+            assert 'data-code="check.stale"' in banner.group(0)
+    finally:
+        path.unlink()
 
 
 def test_last_seen_and_connection_test(env: Env) -> None:
