@@ -316,6 +316,7 @@ def test_web_send_to_as_physician(env: Env) -> None:
         assert form.status_code == 200
         assert f'value="{PLAIN}"' in form.text and f'value="{STOREONLY}"' not in form.text
         csrf = page_csrf(doctor)
+        assert 'href="/account/send"' in doctor.get("/account").text  # reached from there
         no_csrf = doctor.post("/account/send", data={"study": env.ct_study, "node": PLAIN})
         assert no_csrf.status_code == 403
         refused = doctor.post("/account/send", data={"csrf": csrf, "study": env.ct_study,
