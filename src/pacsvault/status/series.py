@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacsvault.index.models import Instance
 
@@ -150,7 +151,10 @@ def gather_series(sessions: sessionmaker[Session], trail: Path, total_bytes: int
     since = dt.datetime.combine(first, dt.time(), dt.UTC)
     day_list = tuple(first + dt.timedelta(days=i) for i in range(days))
     index = {d: i for i, d in enumerate(day_list)}
-    rows, last_seen = received(sessions, since)
+    try:  # a PostgreSQL gone since the vault opened: the charts stay empty, the page
+        rows, last_seen = received(sessions, since)  # says why (status.deployment)
+    except SQLAlchemyError:
+        rows, last_seen = [], {}
     per_device: dict[str, list[int]] = defaultdict(lambda: [0] * days)
     added = [0] * days
     for when, ae, size in rows:
