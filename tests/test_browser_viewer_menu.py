@@ -30,6 +30,7 @@ PRACTICE = "Cabinet d’imagerie du Parc"
 # The basic viewer's route name; every hidden mode's (TMTV, microscopy, preclinical 4D,
 # US pleura, segmentation, OHIF's non-longitudinal basic).
 SHOWN = "viewer"
+ACTIONS = "pacsvault-study-actions"  # pacsvault's study actions, a "mode" of the list
 HIDDEN = ("tmtv", "microscopy", "dynamic-volume", "usAnnotation", "segmentation", "basic")
 
 
@@ -46,6 +47,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     vault = make_vault(root)
     vault.set_toml("web", "practice_name", '"Cabinet d’imagerie du Parc"')
     vault.add_node("MODALITY")
+    # A workstation the study may be sent to (the send page's form needs one; not used).
+    vault.add_node("WORKSTATION", "--port", "11119", "--roles", "store,retrieve")
     secret = write_secret(root / "doctor.pw", DOCTOR_PASSWORD + "\n")
     vault.cli("user", "add", DOCTOR, "--role", "physician", "--password-file", secret)
     server = start_server(vault)
@@ -129,7 +132,10 @@ def test_only_the_practice_modes_are_offered(site: Site, doctor: Doctor) -> None
     buttons = page.locator("[data-cy^='mode-']")
     buttons.first.wait_for()
     cy = [str(b.get_attribute("data-cy")) for b in buttons.all()]
-    assert all(c == f"mode-{SHOWN}-{site.study}" for c in cy), cy
+    # pacsvault's study actions (patient CD, send, share) are a "mode" button too.
+    assert all(c in (f"mode-{SHOWN}-{site.study}", f"mode-{ACTIONS}-{site.study}")
+               for c in cy), cy
+    assert f"mode-{SHOWN}-{site.study}" in cy, cy
     assert not any(f"mode-{h}-" in c for c in cy for h in HIDDEN), cy
     assert page.get_by_text("Visionneuse de base").count() >= 1
     _clean(doctor.errors)
@@ -188,6 +194,49 @@ def test_ohif_preferences_offer_our_languages_and_change_the_account(site: Site,
     with page.expect_navigation():
         _menu(page).locator("[data-cy='pacsvault-language-fr']").click()
     page.get_by_text("IPP", exact=True).first.wait_for()
+    _clean(doctor.errors)
+
+
+def _viewer(page: Any, site: Site) -> None:
+    page.goto(f"{site.base}/viewer?StudyInstanceUIDs={site.study}")
+    wait_for_image(page)
+
+
+def test_viewer_menu_opens_the_study_actions_with_the_open_study(site: Site,
+                                                                 doctor: Doctor) -> None:
+    """From the viewer: the patient CD page and the send page, the open study filled in,
+    the study posted (never in the URL)."""
+    page = doctor.page
+    for action, field in (("media", "#media-study"), ("send", "#send-study")):
+        _viewer(page, site)
+        with page.expect_navigation():
+            _menu(page).locator(f"[data-cy='pacsvault-{action}']").click()
+        assert page.url.endswith("/account/studies/open"), page.url
+        assert page.locator(field).input_value() == site.study
+    _clean(doctor.errors)
+
+
+def test_study_list_offers_the_actions_of_one_study(site: Site, doctor: Doctor) -> None:
+    """From OHIF's study list: the study's "Download, send, share…" button leads to that
+    study's actions; "Share…" opens the share page with it filled in. The list's menu
+    leads to the recent studies."""
+    page = doctor.page
+    _study_list(page, site.base)
+    page.get_by_text("Lefebvre").first.click()
+    with page.expect_navigation():
+        page.locator(f"[data-cy='mode-{ACTIONS}-{site.study}']").first.click()
+    page.wait_for_url(re.compile(r"/account/studies$"))
+    rows = page.locator("#study-actions tbody tr")
+    assert rows.count() == 1 and rows.first.get_attribute("data-study") == site.study
+    assert "Lefebvre" in rows.first.inner_text()
+    with page.expect_navigation():
+        rows.first.locator("button[data-action='share']").click()
+    assert page.locator("#share-study").input_value() == site.study
+    # Back to the study list, then its menu's "Study actions": the recent studies.
+    _study_list(page, site.base)
+    with page.expect_navigation():
+        _menu(page).locator("[data-cy='pacsvault-study-actions']").click()
+    assert page.locator(f"#study-actions tr[data-study='{site.study}']").count() == 1
     _clean(doctor.errors)
 
 

@@ -36,13 +36,29 @@ def test_practice_name_cannot_leave_the_script() -> None:
     assert block["practice"] == hostile and block["csrf"] == "tok" and block["admin"] is True
     assert block["labels"] == {"menu": "Menu", "account": "Compte",
                                "admin": "Administration", "language": "Langue",
-                               "signOut": "Déconnexion"}
+                               "signOut": "Déconnexion",
+                               "media": "Télécharger / CD patient", "send": "Envoyer à…",
+                               "share": "Partager…", "studies": "Actions sur les examens",
+                               "studyActions": "Télécharger, envoyer, partager…"}
     if shutil.which("node"):
         path = shutil.which("node")
         assert path is not None
         checked = subprocess.run([path, "--check", "-"], input=text, text=True,
                                  capture_output=True, timeout=30)
         assert checked.returncode == 0, checked.stderr
+
+
+def test_study_actions_post_the_study_never_put_it_in_a_url() -> None:
+    """The study list's "Download, send, share…" mode and the viewer menu's entries post
+    the study to pacsvault's pages (issue 20: no UID in a URL the server sees)."""
+    text = app_config("en", pacsvault_block("en", practice="p", csrf="", admin=False,
+                                            modes=[]))
+    assert "id: 'pacsvault-study-actions'" in text
+    assert "post('/account/studies', { study:" in text
+    assert "post('/account/studies/open', { study: study, action: entry[0] })" in text
+    assert "/account/media?" not in text and "/account/send?" not in text
+    labels = _block(text)["labels"]
+    assert isinstance(labels, dict) and labels["send"] == "Send to…"
 
 
 def test_modes_hidden_unless_enabled() -> None:

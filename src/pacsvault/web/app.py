@@ -38,6 +38,7 @@ from pacsvault.web import (
     send_pages,
     share_pages,
     signin,
+    study_actions,
     viewer,
 )
 
@@ -74,6 +75,7 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(share_pages.router)  # share links (issue 19)
     app.include_router(send_pages.router)  # "send to" a node (issue 20, part 5)
     app.include_router(media_download.router)  # patient CD / USB download (issue 20)
+    app.include_router(study_actions.router)  # a study's actions from OHIF (issue 20)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
     security.install(app)

@@ -45,6 +45,11 @@ def media_page(request: Request, principal: Physician,
     return _page(request, study=study.strip())
 
 
+def media_form(request: Request, study: str) -> Response:
+    """The form with ``study`` filled in (``study_actions``: the study came in a POST)."""
+    return _page(request, study=study.strip())
+
+
 @router.post("/account/media/download")
 def media_download(request: Request, principal: Physician, study: FormValue = "",
                    patient: FormValue = "") -> Response:

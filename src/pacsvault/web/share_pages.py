@@ -76,18 +76,20 @@ def _items(vault: Vault, study: str) -> list[StoredInstance]:
 
 
 def shares_page(request: Request, principal: Principal, status: int = 200, *,
-                message: str = "", created: dict[str, str] | None = None) -> Response:
+                message: str = "", created: dict[str, str] | None = None,
+                study: str = "") -> Response:
     mine = shares_of(request).mine(principal.user)
     now = shares_of(request).clock()
     headers = NO_STORE if created else None
     return page(request, "shares.html", status, headers=headers, shares=mine, now=now,
                 profiles=PROFILE_SUMMARIES, max_days=MAX_DAYS, default_days=DEFAULT_DAYS,
-                message=message, created=created, nav="account")
+                message=message, created=created, study=study, nav="account")
 
 
 @router.get("/account/shares")
-def list_shares(request: Request, principal: Physician) -> Response:
-    return shares_page(request, principal)
+def list_shares(request: Request, principal: Physician, study: str = "") -> Response:
+    """The page; ``?study=UID`` fills in the study of both forms."""
+    return shares_page(request, principal, study=study.strip()[:128])
 
 
 @router.post("/account/shares")

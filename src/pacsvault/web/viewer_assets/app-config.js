@@ -143,6 +143,32 @@ window.pacsvaultSignIn = function () {
     });
   };
 
+  /* A study's actions (patient CD, send to, share): in the viewer, for the open study; on
+     the study list, pacsvault's "Study actions" page. The study goes in a POST, never in
+     a URL the server sees. */
+  function openStudy() {
+    if (window.location.pathname === '/') { return ''; }
+    var uids = new URLSearchParams(window.location.search).get('StudyInstanceUIDs') || '';
+    return uids.split(',')[0].trim();
+  }
+  function studyEntries(item) {
+    var study = openStudy();
+    if (!study) {
+      return window.location.pathname === '/' ? [item({
+        key: 'studies', href: '/account/studies', 'data-cy': 'pacsvault-study-actions'
+      }, pv.labels.studies)] : [];
+    }
+    return [['media', pv.labels.media], ['send', pv.labels.send], ['share', pv.labels.share]]
+      .map(function (entry) {
+        return item({
+          key: entry[0], 'data-cy': 'pacsvault-' + entry[0],
+          onClick: function () {
+            post('/account/studies/open', { study: study, action: entry[0] });
+          }
+        }, entry[1]);
+      });
+  }
+
   var itemStyle = {
     display: 'block', width: '100%', boxSizing: 'border-box', padding: '8px 14px',
     textAlign: 'left', color: '#e1e1e1', background: 'transparent', border: 'none',
@@ -176,8 +202,9 @@ window.pacsvaultSignIn = function () {
           document.removeEventListener('keydown', escape);
         };
       }, [open]);
-      var entries = [item({ key: 'account', href: '/account', 'data-cy': 'pacsvault-account' },
-                          pv.labels.account)];
+      var entries = studyEntries(item);
+      entries.push(item({ key: 'account', href: '/account', 'data-cy': 'pacsvault-account' },
+                        pv.labels.account));
       if (pv.admin) {
         entries.push(item({ key: 'admin', href: '/admin/health', 'data-cy': 'pacsvault-admin' },
                           pv.labels.admin));
@@ -248,5 +275,32 @@ window.pacsvaultSignIn = function () {
       }
     };
   }
-  config.modes = (config.modes || []).concat(pv.hiddenModes.map(hiddenMode));
+  /* The study list shows every mode as a button in a study's expanded row: pacsvault's
+     study actions are one more "mode", whose route leaves OHIF at once (onModeInit runs
+     first in OHIF's ModeRoute) for pacsvault's page of that study, by POST; its layout
+     never resolves, so OHIF loads nothing. The history entry becomes the study list's, so
+     Back from pacsvault's page lands there. */
+  var leaving = false;
+  var studyActionsMode = {
+    id: 'pacsvault-study-actions',
+    routeName: 'pacsvault-study-actions',
+    displayName: pv.labels.studyActions,
+    isValidMode: function () { return { valid: true, description: '' }; },
+    extensions: {}, sopClassHandlers: [], hangingProtocol: [], hotkeys: [],
+    routes: [{ path: 'pacsvault-study-actions',
+               layoutTemplate: function () { return new Promise(function () {}); } }],
+    onModeInit: function (args) {
+      if (leaving) { return; }
+      var query = args && args.query;
+      var uids = (query && typeof query.get === 'function' && query.get('StudyInstanceUIDs')) ||
+        new URLSearchParams(window.location.search).get('StudyInstanceUIDs') || '';
+      leaving = true;
+      try { window.history.replaceState(null, '', '/'); } catch (e) { /* stays */ }
+      post('/account/studies', { study: uids.split(',')[0].trim() });
+    },
+    onModeEnter: function () {},
+    onModeExit: function () {}
+  };
+  config.modes = (config.modes || []).concat(pv.hiddenModes.map(hiddenMode),
+                                             [studyActionsMode]);
 })();
