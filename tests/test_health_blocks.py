@@ -149,9 +149,9 @@ def test_health_page_lists_and_lifts_an_address_block(served: Served) -> None:
         after = admin.get("/admin/health")
         # No block row left (the address may still appear in the security events: the
         # token's first use from it is recorded, issue 19).
-        for lifted in (BLOCKED, OTHER_BLOCKED):
+        for address in (BLOCKED, OTHER_BLOCKED):
             with pytest.raises(AssertionError, match="no block listed"):
-                block_id(after.text, lifted)
+                block_id(after.text, address)
         assert 'id="blocks"' in after.text  # "No sign-in is blocked."
         assert BLOCKED not in admin.get("/admin/users").text  # one list, one truth
         again = admin.post("/admin/users/blocks/lift",
