@@ -72,7 +72,7 @@ def _view(browser: httpx.Client, study: str, objs: list[Obj]) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     vault = new_vault(tmp_path_factory.mktemp("dpo") / "v")
-    vault.set_toml("alerts", "timezone", f'"{ZONE}"')  # the practice's zone
+    vault.set_toml("web", "time_zone", f'"{ZONE}"')  # the practice's zone
     study = "1.2.826.0.1.3680043.10.1234.1"
     alice = [make("PVDPO1", study=study, name="Durand^Alice", study_date="20240312")
              for _ in range(3)]

@@ -86,7 +86,9 @@ def _when(text: str, zone: dt.tzinfo, end: bool) -> dt.datetime | None:
 
 
 def _zone(vault: Vault) -> dt.tzinfo:
-    return practice_zone(vault.settings.alerts.timezone)
+    """The practice's zone of every page (``[web] time_zone``), so the audit page, the
+    Health page and the account pages agree on what time an access happened."""
+    return practice_zone(vault.settings.web.time_zone)
 
 
 def _query(values: dict[str, str], zone: dt.tzinfo) -> Query:

@@ -5,9 +5,9 @@ refer to, resolved through the index for the rows shown only (one query per batc
 trail seals references and never holds names. This happens in the authenticated auditor
 pages and their exports only; nothing resolved here is logged.
 
-Times are shown in the practice's time zone (``[alerts] timezone``, the one the alert
-rules use for business hours; empty = this machine's zone) and the period filter is read
-in it too: a DPO asked about "the 3rd" means the 3rd at the practice.
+Times are shown in the practice's time zone (``[web] time_zone``, the one every page
+uses; default Europe/Paris) and the period filter is read in it too: a DPO asked about
+"the 3rd" means the 3rd at the practice.
 """
 
 from __future__ import annotations
