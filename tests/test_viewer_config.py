@@ -59,6 +59,7 @@ def test_study_actions_post_the_study_never_put_it_in_a_url() -> None:
     assert "/account/media?" not in text and "/account/send?" not in text
     labels = _block(text)["labels"]
     assert isinstance(labels, dict) and labels["send"] == "Send to…"
+    assert _block(text)["firstModes"] == [ohif_modes.BASIC]  # its button before ours
 
 
 def test_modes_hidden_unless_enabled() -> None:

@@ -25,6 +25,9 @@ OPTIONAL: Final[dict[str, str]] = {
     "us-pleura": "@ohif/mode-ultrasound-pleura-bline",
 }
 ALWAYS_HIDDEN: Final[tuple[str, ...]] = ("@ohif/mode-microscopy",)
+# The basic viewer: its button comes first in a study's row, before pacsvault's study
+# actions (OHIF lists config.modes before its own, so it is wrapped there too).
+BASIC: Final[str] = "@ohif/mode-longitudinal"
 
 
 def hidden(enabled: Iterable[str]) -> list[str]:

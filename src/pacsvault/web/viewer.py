@@ -122,6 +122,7 @@ def pacsvault_block(locale: str, *, practice: str, csrf: str, admin: bool,
                    "studies": _("Study actions"),
                    "studyActions": _("Download, send, share…")},
         "hiddenModes": ohif_modes.hidden(modes),
+        "firstModes": [ohif_modes.BASIC],
         "strings": ohif_strings.overrides(),
     }
 

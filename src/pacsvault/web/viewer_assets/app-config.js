@@ -260,8 +260,9 @@ window.pacsvaultSignIn = function () {
   };
 
   /* OHIF keeps the first mode of a given id (config.modes come before its built-in ones):
-     each hidden mode is OHIF's own, built by its own factory, with hide: true. */
-  function hiddenMode(id) {
+     each hidden mode is OHIF's own, built by its own factory, with hide: true; the basic
+     viewer is OHIF's own too, listed here only to keep its button first. */
+  function ownMode(id, hide) {
     return {
       id: id,
       modeFactory: function (args) {
@@ -269,7 +270,7 @@ window.pacsvaultSignIn = function () {
           var real = loaded[0];
           var made = real && real.modeFactory ? real.modeFactory.call(real, args) : real;
           return Promise.resolve(made).then(function (mode) {
-            return mode ? Object.assign({}, mode, { hide: true }) : mode;
+            return mode && hide ? Object.assign({}, mode, { hide: true }) : mode;
           });
         });
       }
@@ -301,6 +302,8 @@ window.pacsvaultSignIn = function () {
     onModeEnter: function () {},
     onModeExit: function () {}
   };
-  config.modes = (config.modes || []).concat(pv.hiddenModes.map(hiddenMode),
-                                             [studyActionsMode]);
+  config.modes = (config.modes || []).concat(
+    pv.firstModes.map(function (id) { return ownMode(id, false); }),
+    pv.hiddenModes.map(function (id) { return ownMode(id, true); }),
+    [studyActionsMode]);
 })();
