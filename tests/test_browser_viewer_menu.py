@@ -217,10 +217,18 @@ def test_viewer_menu_opens_the_study_actions_with_the_open_study(site: Site,
 
 
 def test_study_list_offers_the_actions_of_one_study(site: Site, doctor: Doctor) -> None:
-    """From OHIF's study list: the study's "Download, send, share…" button leads to that
-    study's actions; "Share…" opens the share page with it filled in. The list's menu
-    leads to the recent studies."""
+    """From OHIF's study list: its menu's "Study actions" lists the recent studies, whose
+    "Share…" opens the share page with the study filled in; a study's own "Download,
+    send, share…" button leads to that study's actions, and Back to the study list."""
     page = doctor.page
+    _study_list(page, site.base)
+    with page.expect_navigation():
+        _menu(page).locator("[data-cy='pacsvault-study-actions']").click()
+    row = page.locator(f"#study-actions tr[data-study='{site.study}']")
+    assert row.count() == 1 and "Lefebvre" in row.inner_text()
+    with page.expect_navigation():
+        row.locator("button[data-action='share']").click()
+    assert page.locator("#share-study").input_value() == site.study
     _study_list(page, site.base)
     page.get_by_text("Lefebvre").first.click()
     with page.expect_navigation():
@@ -228,15 +236,9 @@ def test_study_list_offers_the_actions_of_one_study(site: Site, doctor: Doctor) 
     page.wait_for_url(re.compile(r"/account/studies$"))
     rows = page.locator("#study-actions tbody tr")
     assert rows.count() == 1 and rows.first.get_attribute("data-study") == site.study
-    assert "Lefebvre" in rows.first.inner_text()
-    with page.expect_navigation():
-        rows.first.locator("button[data-action='share']").click()
-    assert page.locator("#share-study").input_value() == site.study
-    # Back to the study list, then its menu's "Study actions": the recent studies.
-    _study_list(page, site.base)
-    with page.expect_navigation():
-        _menu(page).locator("[data-cy='pacsvault-study-actions']").click()
-    assert page.locator(f"#study-actions tr[data-study='{site.study}']").count() == 1
+    page.go_back()
+    page.wait_for_url(site.base + "/")
+    page.get_by_text("Lefebvre").first.wait_for()
     _clean(doctor.errors)
 
 
