@@ -1028,7 +1028,7 @@ def test_status_json_new_vault(vault: VaultDir) -> None:
     assert report["data"] == str(vault.data)
     assert report["ae_title"] == "PACSVAULT"
     assert report["server"] == {"running": False}
-    assert report["configured"] == {"bind": "0.0.0.0", "dicom_port": 11112,
+    assert report["configured"] == {"bind": "private", "dicom_port": 11112,
                                     "dicom_tls_port": 2762, "https_port": 8443}
     assert report["nodes"] == []
     assert report["counts"] == {"patients": 0, "studies": 0, "series": 0, "instances": 0}

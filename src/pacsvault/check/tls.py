@@ -43,7 +43,7 @@ def listeners(ctx: CheckContext) -> list[tuple[str, str, int]]:
     if state is None:
         return []
     bind = str(state.get("bind") or ctx.vault.settings.server.bind or "127.0.0.1")
-    host = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind  # noqa: S104
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::", "", "private") else bind  # noqa: S104
     found = []
     for kind, key in (("dicom_tls", "dicom_tls_port"), ("https", "https_port")):
         port = state.get(key)

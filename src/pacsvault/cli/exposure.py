@@ -260,7 +260,12 @@ class Watch:
 def addresses_notice(bind: str) -> str | None:
     """One line naming where a wildcard ``bind`` listens: this machine's private and
     loopback addresses, and in capitals any public one (reachable from the internet
-    whatever the trusted networks say about who is answered). None for a set address."""
+    whatever the trusted networks say about who is answered). For ``private`` (the
+    default), the addresses it listens on. None for a set address."""
+    from pacsvault.service import bind as binding
+
+    if bind == binding.PRIVATE:
+        return binding.notice(binding.addresses(bind))
     if bind not in ("0.0.0.0", "::", ""):  # noqa: S104 (names, not a bind)
         return None
     from pacsvault.check.network import local_addresses

@@ -27,6 +27,7 @@ from pacsvault.cli.setup import init_vault
 from pacsvault.crypto.keys import KeyUnavailable
 from pacsvault.dicom.server import DicomService
 from pacsvault.sealed import merge as sealed_merge
+from pacsvault.service import bind as binding
 from pacsvault.service import lock as instance_lock
 from pacsvault.service.control import ControlServer
 from pacsvault.service.ports import Listener, PortError, check_free
@@ -207,7 +208,8 @@ def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
                            "--dicom-tls-port and --https-port. Nothing was started.") from None
 
     def announce(supervisor: workers.Supervisor) -> None:
-        serving.write_state(layout, {"pid": os.getpid(), "bind": bind, "workers": total,
+        serving.write_state(layout, {"pid": os.getpid(), "bind": bind,
+                                     "addresses": binding.addresses(bind), "workers": total,
                                      "worker_pids": supervisor.pids(),
                                      "paused": supervisor.paused(), **bound})
 
@@ -231,8 +233,9 @@ def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
     finally:
         supervisor.stop()
         layout.state.unlink(missing_ok=True)
-        for sock in sockets.values():
-            sock.close()
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
     return 0
 
 
@@ -254,7 +257,7 @@ def _serve_worker(args: argparse.Namespace) -> int:
     workers.log_as_worker(role.index)
     vault = Vault.open(root, args.key_file,
                        passphrase=workers.passphrase_from(args) or passphrase_source(args))
-    plain, tls_port, https_port = (int(role.sockets[kind].getsockname()[1])
+    plain, tls_port, https_port = (int(role.sockets[kind][0].getsockname()[1])
                                    if kind in role.sockets else None
                                    for kind in workers.KINDS)
     exposure.apply_decision(vault, args.bind)  # the parent's guard (issue 19)
@@ -323,7 +326,8 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
                     "register your modality with 'pacsvault node add'")
     control: ControlServer | None = None
     if role is None:
-        serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind, **bound})
+        serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind,
+                                           "addresses": binding.addresses(bind), **bound})
     if primary:
         background.run_jobs(vault)
         # CLI -> this server (unseal, online key rotation): features register commands.

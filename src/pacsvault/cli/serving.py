@@ -78,7 +78,7 @@ def start_listeners(service: DicomService, bind: str,
                     ports: tuple[int | None, int | None, int | None], *, tls: TlsPaths,
                     tls_password: Callable[[], bytes], web: WebSettings,
                     app: Callable[[], FastAPI],
-                    sockets: Mapping[str, socket.socket] | None = None,
+                    sockets: Mapping[str, list[socket.socket]] | None = None,
                     ) -> tuple[dict[str, int], WebService | None]:
     """Open the DICOM listeners, then HTTPS when asked (``ports`` as ``listeners`` gives
     them); the ports bound and the web service. A port that cannot be opened (taken since

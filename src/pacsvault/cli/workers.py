@@ -83,7 +83,7 @@ class Role:
 
     index: int
     total: int
-    sockets: dict[str, socket.socket]
+    sockets: dict[str, list[socket.socket]]  # by kind: one per address (``bind``)
     ready_fd: int | None
     parent: int
 
@@ -115,10 +115,10 @@ class Role:
 
 def role_of(args: argparse.Namespace) -> Role:
     """The worker's role from ``--worker-index``/``--worker-fds``/``--ready-fd``."""
-    sockets: dict[str, socket.socket] = {}
+    sockets: dict[str, list[socket.socket]] = {}
     for item in filter(None, str(args.worker_fds or "").split(",")):
         kind, _, fd = item.partition(":")
-        sockets[kind] = socket.socket(fileno=int(fd))
+        sockets.setdefault(kind, []).append(socket.socket(fileno=int(fd)))
     return Role(index=int(args.worker_index), total=int(args.workers), sockets=sockets,
                 ready_fd=args.ready_fd, parent=os.getppid())
 
@@ -186,24 +186,27 @@ def _paused(state: Path, others: int, deadline: float) -> bool:
 
 
 def bind_listeners(bind: str, ports: tuple[int | None, int | None, int | None]
-                   ) -> tuple[dict[str, socket.socket], dict[str, int]]:
-    """The listening sockets, bound once by the parent: (sockets by kind, ports bound)."""
-    from pacsvault.web.server import listening_socket
+                   ) -> tuple[dict[str, list[socket.socket]], dict[str, int]]:
+    """The listening sockets, bound once by the parent: (sockets by kind, one per address
+    of ``bind``; ports bound)."""
+    from pacsvault.web.server import listening_sockets
 
-    sockets: dict[str, socket.socket] = {}
+    sockets: dict[str, list[socket.socket]] = {}
     bound: dict[str, int] = {}
     names = {"plain": "dicom_port", "tls": "dicom_tls_port", "https": "https_port"}
     try:
         for kind, port in zip(KINDS, ports, strict=True):
             if port is None:
                 continue
-            sock = listening_socket(bind, port)
-            sock.set_inheritable(True)
-            sockets[kind] = sock
-            bound[names[kind]] = int(sock.getsockname()[1])
+            socks = listening_sockets(bind, port)
+            for sock in socks:
+                sock.set_inheritable(True)
+            sockets[kind] = socks
+            bound[names[kind]] = int(socks[0].getsockname()[1])
     except OSError:
-        for sock in sockets.values():
-            sock.close()
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
         raise
     return sockets, bound
 
@@ -225,15 +228,16 @@ class Supervisor:
 
     argv: list[str]  # ``serve`` with everything but the per-worker options
     total: int
-    sockets: dict[str, socket.socket]
+    sockets: dict[str, list[socket.socket]]
     passphrase: str | None = None
     workers: list[_Worker] = field(default_factory=list)
     on_change: Callable[[Supervisor], None] = lambda _supervisor: None
 
     def spawn(self, worker: _Worker) -> None:
-        fds = ",".join(f"{kind}:{sock.fileno()}" for kind, sock in self.sockets.items())
+        fds = ",".join(f"{kind}:{sock.fileno()}" for kind, socks in self.sockets.items()
+                       for sock in socks)
         ready_r, ready_w = os.pipe()
-        keep = [sock.fileno() for sock in self.sockets.values()] + [ready_w]
+        keep = [sock.fileno() for socks in self.sockets.values() for sock in socks] + [ready_w]
         extra = ["--worker-index", str(worker.index), "--worker-fds", fds,
                  "--ready-fd", str(ready_w)]
         secret_r: int | None = None

@@ -57,9 +57,26 @@ class ServerSettings(_Strict):
     ae_title: Annotated[
         str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")
     ]
-    # Every interface: modalities are on the LAN. The trusted-network rule filters sources.
-    bind: str = "0.0.0.0"  # noqa: S104
+    # "private" (issue 19): every loopback and private address of this machine, one socket
+    # each (service/bind.py), never a public one; or one address ("0.0.0.0": every
+    # interface, the trusted-network rule filtering sources). Guarded (config/exposure.py).
+    bind: str = "private"
     key_file: str | None = None
+
+    @field_validator("bind")
+    @classmethod
+    def _bind_keyword(cls, value: str) -> str:
+        """The keyword in any case; anything else not an address is refused now rather
+        than by a failed bind at start (a host name may resolve to a public address)."""
+        text = value.strip()
+        if text.lower() == "private":
+            return "private"
+        try:
+            ipaddress.ip_address(text.split("%")[0])
+        except ValueError:
+            raise ValueError(f'bind must be "private" or an IP address, not {value!r}'
+                             ) from None
+        return text
 
 
 class DicomSettings(_Strict):
@@ -341,13 +358,17 @@ def render(ae_title: str, key_file: Path | None, index: IndexSettings | None = N
 [server]
 # DICOM Application Entity title of this archive (what modalities call "called AE").
 ae_title = {_toml_str(ae_title)}
-# Address to listen on. 0.0.0.0 = every interface of this machine (the server names them
-# at start); the trusted-network rule below still refuses sources outside the practice
-# network. bind, trusted_networks, tls_from_anywhere and remote_access are exposure
-# switches: every change is recorded and alerted, and one that opens the archive further
-# (a public address or network, internet mode, TLS from anywhere) is refused, keeping the
-# previous values, until an alert channel was tested ('pacsvault alerts test').
-bind = "0.0.0.0"
+# Addresses to listen on. "private" = every loopback and private address of this machine
+# (RFC 1918, IPv6 unique local; 169.254.x.x only when there is none), one socket each,
+# never a public address; the server and init name them. An address this machine gets
+# later (DHCP) is served after a restart. Or one address; 0.0.0.0 = every interface (the
+# server names them at start; the trusted-network rule below still refuses sources
+# outside the practice network). bind, trusted_networks, tls_from_anywhere and
+# remote_access are exposure switches: every change is recorded and alerted, and one that
+# opens the archive further (a public address or network, internet mode, TLS from
+# anywhere) is refused, keeping the previous values, until an alert channel was tested
+# ('pacsvault alerts test').
+bind = "private"
 # Master key file. Default: under the user's config directory, outside this data dir,
 # so a copy of the data dir alone opens nothing. Keep it on a USB key if you prefer.
 {key_line}

@@ -135,11 +135,12 @@ class DicomService:
         return ae
 
     def start(self, bind: str, port: int | None, tls_port: int | None, *,
-              sockets: Mapping[str, socket.socket] | None = None) -> dict[str, int]:
+              sockets: Mapping[str, list[socket.socket]] | None = None) -> dict[str, int]:
         """Start the listeners; returns the ports actually bound (port 0 = any free).
 
         ``sockets`` ("plain", "tls"): listening sockets bound by ``serve --workers``'s
-        parent, accepted on instead of binding ``port``/``tls_port`` (``cli/workers``)."""
+        parent, accepted on instead of binding ``port``/``tls_port`` (``cli/workers``).
+        ``bind = "private"``: one listener per private address (``service.bind``)."""
         inherited = dict(sockets or {})
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
@@ -158,11 +159,11 @@ class DicomService:
         self.refusals.start()
         if tls_port is not None:
             ctx = self._tls_context()
-            bound["dicom_tls_port"] = self._listen(bind, tls_port, handlers, ctx,
-                                                   inherited.get("tls"))
+            bound["dicom_tls_port"] = self._listen_all(bind, tls_port, handlers, ctx,
+                                                       inherited.get("tls"))
         if port is not None:
-            bound["dicom_port"] = self._listen(bind, port, handlers, None,
-                                               inherited.get("plain"))
+            bound["dicom_port"] = self._listen_all(bind, port, handlers, None,
+                                                   inherited.get("plain"))
         return bound
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -185,6 +186,24 @@ class DicomService:
             return self._legacy_tls
         return strict
 
+    def _listen_all(
+        self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None,
+        inherited: list[socket.socket] | None,
+    ) -> int:
+        """One listener per inherited socket, or per address of ``bind``, all on one port
+        (port 0: the one the first listener got). A failure leaves the started ones
+        registered: ``stop`` (the caller's cleanup) ends them."""
+        if inherited:
+            # pynetdicom resolves the address it is given: each socket's own
+            ports = [self._listen(str(sock.getsockname()[0]), port, handlers, ctx, sock)
+                     for sock in inherited]
+            return ports[0]
+        from pacsvault.service.bind import addresses
+
+        for address in addresses(bind):
+            port = self._listen(address, port, handlers, ctx)
+        return port
+
     def _listen(
         self, bind: str, port: int, handlers: list[Any], ctx: ssl.SSLContext | None,
         inherited: socket.socket | None = None,
@@ -197,6 +216,7 @@ class DicomService:
 
         class Server(PolicyServer):
             pv_inherited = inherited
+            address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
 
         server = self.ae.make_server(
             (bind, port),

@@ -28,7 +28,10 @@ class PortError(Exception):
 
 
 def check_free(bind: str, listeners: list[Listener]) -> None:
-    """Raise ``PortError`` for the first listener whose port cannot be bound now."""
+    """Raise ``PortError`` for the first listener whose port cannot be bound now (on every
+    address of ``bind``: ``service.bind.addresses``)."""
+    from pacsvault.service.bind import addresses
+
     seen: dict[int, Listener] = {}
     for item in listeners:
         if item.port == 0:  # any free port: nothing to check
@@ -41,14 +44,15 @@ def check_free(bind: str, listeners: list[Listener]) -> None:
                 "each its own port. Nothing was started."
             )
         seen[item.port] = item
-        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((bind, item.port))
-                probe.listen(1)
-            except OSError as exc:
-                raise PortError(describe(bind, item, exc)) from None
+        for address in addresses(bind):
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((address, item.port))
+                    probe.listen(1)
+                except OSError as exc:
+                    raise PortError(describe(address, item, exc)) from None
 
 
 def describe(bind: str, item: Listener, exc: OSError) -> str:

@@ -211,7 +211,7 @@ def probe_listeners(state: dict[str, Any], request_port: int | None) -> tuple[Li
     the HTTPS port this question came in on (the page's own)."""
     ports = listening_ports()
     bind = str(state.get("bind") or "127.0.0.1")
-    probe = "127.0.0.1" if bind in ("0.0.0.0", "::", "") else bind  # noqa: S104
+    probe = "127.0.0.1" if bind in ("0.0.0.0", "::", "", "private") else bind  # noqa: S104
     found: list[Listener] = []
     for kind, key in (("dicom", "dicom_port"), ("dicom_tls", "dicom_tls_port"),
                       ("https", "https_port")):

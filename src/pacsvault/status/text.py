@@ -168,6 +168,9 @@ def lines(report: StatusReport) -> list[str]:
         out.append(f"Server       running, pid {srv['pid']}; DICOM plain port "
                    f"{srv.get('dicom_port') or 'off'}, DICOM TLS port "
                    f"{srv.get('dicom_tls_port')}, HTTPS port {srv.get('https_port') or 'off'}")
+        if srv.get("addresses"):  # bind = "private": each address listened on (issue 19)
+            out.append(f"Listening on {', '.join(str(a) for a in srv['addresses'])} "
+                       f"({srv.get('bind')})")
         if report.sealed:  # the key is back here, but nobody has unsealed yet
             out.append(f"Server       {SEALED_ADVICE}")
     else:

@@ -47,7 +47,7 @@ this module only renders it, with the parts a page view asks for:
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
@@ -97,7 +97,7 @@ def health_page(request: Request, principal: AdminPage) -> Response:
     devices = [(n, figures.last_seen.get(n.ae_title), _echoes.get((root, n.ae_title)))
                for n in report.nodes]
     return _page(request, "admin_health.html", nav="admin", admin_nav="health",
-                 listeners=report.listeners, bind=str(report.server.get("bind", "")),
+                 listeners=report.listeners, bind=_bind_text(report.server),
                  ae_title=report.ae_title, counts=report.counts, storage=report.storage,
                  size=size, certificates=report.certificates,
                  warning_days=EXPIRY_WARNING_DAYS, events=report.security_events,
@@ -131,3 +131,12 @@ def health_echo(request: Request, principal: AdminPage, node: FormValue) -> Resp
         detail={"node": info.ae_title, "result": result.reason or "ok", "via": "web"}))
     _echoes[(str(vault.layout.root), info.ae_title)] = (dt.datetime.now(dt.UTC), result)
     return redirect("/admin/health#devices")
+
+
+def _bind_text(server: dict[str, Any]) -> str:
+    """The bind setting, and for ``private`` the addresses it listens on (issue 19)."""
+    bind = str(server.get("bind", ""))
+    listening = server.get("addresses")
+    if isinstance(listening, list) and listening and [bind] != listening:
+        return f"{bind}: {', '.join(str(a) for a in listening)}"
+    return bind

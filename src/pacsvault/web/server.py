@@ -43,12 +43,13 @@ class WebService:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, bind: str, port: int, sock: socket.socket | None = None) -> int:
-        """Serve on ``bind``:``port``; or, with ``sock``, on that listening socket (bound by
+    def start(self, bind: str, port: int, socks: list[socket.socket] | None = None) -> int:
+        """Serve on ``bind``:``port`` (``bind = "private"``: one socket per private address,
+        ``service.bind``); or, with ``socks``, on those listening sockets (bound by
         ``serve --workers``'s parent and shared by the workers: ``listening_socket``)."""
-        if sock is None:
-            sock = listening_socket(bind, port)
-        bound = int(sock.getsockname()[1])
+        if not socks:
+            socks = listening_sockets(bind, port)
+        bound = int(socks[0].getsockname()[1])
         limits = self._limits
         refusals = self._refusals
 
@@ -66,7 +67,7 @@ class WebService:
         server = uvicorn.Server(config)
         self._server = server
         self._thread = threading.Thread(
-            target=lambda: _run(server, sock, limits.header_timeout,
+            target=lambda: _run(server, socks, limits.header_timeout,
                                 _Proxy(self._balancer, refused)), name="https",
             daemon=True,
         )
@@ -83,6 +84,23 @@ class WebService:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+
+
+def listening_sockets(bind: str, port: int) -> list[socket.socket]:
+    """One listening socket per address of ``bind`` (``service.bind.addresses``), all on
+    the same port (port 0: the one the first socket got)."""
+    from pacsvault.service.bind import addresses
+
+    socks: list[socket.socket] = []
+    try:
+        for address in addresses(bind):
+            socks.append(listening_socket(address, port))
+            port = int(socks[0].getsockname()[1])
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 def listening_socket(bind: str, port: int) -> socket.socket:
@@ -110,7 +128,7 @@ class _Proxy:
         self.balancer, self.refused = balancer, refused
 
 
-def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float,
+def _run(server: uvicorn.Server, socks: list[socket.socket], handshake_timeout: float,
          proxy: _Proxy | None = None) -> None:
     """``asyncio.run(server.serve(...))`` with a TLS handshake deadline.
 
@@ -135,7 +153,7 @@ def _run(server: uvicorn.Server, sock: socket.socket, handshake_timeout: float,
         return loop
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(server.serve(sockets=[sock]))
+        runner.run(server.serve(sockets=list(socks)))
 
 
 # First bytes of a TLS connection: a handshake record (content type 22).
