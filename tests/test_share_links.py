@@ -2,7 +2,8 @@
 
 One vault and server per module: two studies stored in-process (one shared, one not), a
 physician who makes links on the web page. The colleague is a fresh browser with no account:
-the link and the code open the one study; the share session it then holds reaches nothing
+the link and the code open the one study in OHIF (a test build of the viewer installed), whose
+DICOMweb reads the share session reaches for that study only; it reaches nothing
 else (every route of the application is swept with it); wrong codes are refused and
 throttled; expired (links made with a clock in the past) and revoked links are refused;
 every opening is in the trail.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
+import json
 import re
 import time
 import zipfile
@@ -27,10 +29,13 @@ from pydicom import dcmread
 from pacsvault.deidentify.links import LinkTable
 from pacsvault.sharing.links import ShareLinks
 from pacsvault.storage.erasure import Eraser
+from pacsvault.viewer import install
 from tests import corpus
 from tests.harness.backends import Backend
 from tests.helpers import Server, VaultDir, events, make_vault, start_server
 from tests.test_erasure import Admins, make, store
+from tests.test_viewer_dist import build_tarball, fake_release
+from tests.test_viewer_serving import _mark_as_pinned
 from tests.test_web_routes import app_routes
 from tests.web_helpers import client, page_csrf, sign_in
 
@@ -78,6 +83,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             v.archive.store(f.path.read_bytes(), source_ae="TEST")
     finally:
         v.close()
+    tarball = build_tarball(root / "app.tgz")  # OHIF's test build
+    viewer_dir = install(root / "ohif", tarball=tarball, release=fake_release(tarball))
+    _mark_as_pinned(viewer_dir)
+    vault.set_toml("web", "viewer_dir", json.dumps(str(viewer_dir)))
     server = start_server(vault)
     doctor = client(server.https_port, vault.data / "tls" / "ca.crt")
     try:
@@ -103,13 +112,14 @@ def test_the_code_opens_the_one_study(world: World) -> None:
     pk = world.last
     assert world.shared.study_uid not in link and len(link) >= 32
     with _open(world, link, code) as colleague:
+        # the study in OHIF: /viewer, no UID in any URL the server sees
         study = colleague.get(f"/share/{link}/study")
-        assert study.status_code == 200
-        for secret in (world.shared.study_uid, world.other.patient_name):
-            assert secret not in study.text
-        images = re.findall(rf"/share/{link}/image/(\d+)", study.text)
-        assert images
-        image = colleague.get(f"/share/{link}/image/{images[0]}")
+        assert study.status_code == 303 and study.headers["location"] == "/viewer"
+        viewer = _viewer_page(colleague, "/viewer")
+        assert viewer.status_code == 200 and "<html" in viewer.text.lower()
+        assert world.shared.study_uid not in viewer.text
+        # the rendered images (the page without an installed viewer) still answer
+        image = colleague.get(f"/share/{link}/image/0")
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
         assert colleague.get(f"/share/{link}/image/99").status_code == 404
         zipped = colleague.get(f"/share/{link}/download")
@@ -125,7 +135,7 @@ def test_the_code_opens_the_one_study(world: World) -> None:
     opened = [e for e in events(world.vault) if e["action"] in ("share.opened",
                                                                 "share.export")]
     whats = [e["what"] for e in opened if e["share"] == pk]
-    assert whats == ["study", "image", "download"]
+    assert whats == ["viewer", "image", "download"]
     for e in opened:
         assert e["study_uids"] == [world.shared.study_uid]
         assert world.shared.study_uid not in repr({k: v for k, v in e.items()
@@ -150,6 +160,8 @@ def test_share_session_reaches_nothing_else(world: World) -> None:
             entry = route.path == "/share/{link}"
             for target in ((link, other_link) if own and not entry else (link,)):
                 url = route.url.replace("/share/" + "L" * 40, "/share/" + target)
+                if own and target == link and route.path.endswith("/signout"):
+                    continue  # it would end this session (tested below)
                 if route.method == "GET":
                     res = colleague.get(url, headers={"accept": "*/*"})
                 else:
@@ -158,21 +170,108 @@ def test_share_session_reaches_nothing_else(world: World) -> None:
                 if own and target == link:
                     continue  # its own pages: tested above
                 if own:  # another link's pages: this session is not theirs
-                    assert res.status_code in (401, 404), (url, res.status_code)
+                    # (403: a POST without the pre-sign-in session's CSRF token)
+                    assert res.status_code in (401, 403, 404), (url, res.status_code)
                     continue
                 if (route.method, route.path) in {("GET", "/login"), ("GET", "/static/{name}"),
                                                   ("POST", "/language")}:
                     continue  # the public sign-in steps (ANONYMOUS_OK)
+                if route.dicomweb and route.method == "GET":  # reads: the one study only
+                    if "{study}" in route.path:
+                        assert res.status_code == 404, (url, res.status_code)  # another
+                    else:
+                        assert res.status_code == 200, (url, res.status_code)
+                        assert _studies(res) <= {world.shared.study_uid}, url
+                    continue
                 redirected = res.status_code == 303 and res.headers["location"].startswith(
                     "/login")
                 assert res.status_code in (401, 403) or redirected, (route, res.status_code)
         assert checked > 40
-        # the viewer (its own routes) and the other study through DICOMweb: nothing
-        for path in ("/", "/viewer", f"/dicom-web/studies/{world.other.study_uid}/metadata",
-                     f"/dicom-web/studies?PatientID={world.other.patient_id}"):
-            res = colleague.get(path, headers={"accept": "*/*"})
-            assert res.status_code in (401, 303), (path, res.status_code)
-            assert world.other.patient_id not in res.text
+        # the other study through DICOMweb: nothing, whatever the query
+        other = world.other.study_uid
+        for path in (f"/dicom-web/studies/{other}/metadata",
+                     f"/dicom-web/studies/{other}/series",
+                     f"/dicom-web/studies?PatientID={world.other.patient_id}",
+                     f"/dicom-web/studies?StudyInstanceUID={other}",
+                     f"/dicom-web/series?StudyInstanceUID={other}"):
+            res = colleague.get(path, headers={"accept": "application/dicom+json"})
+            assert res.status_code in (200, 404), (path, res.status_code)
+            assert res.status_code == 404 or _studies(res) <= {world.shared.study_uid}
+            assert world.other.patient_id not in res.text and other not in res.text
+
+
+def _viewer_page(browser: httpx.Client, url: str) -> httpx.Response:
+    """OHIF's page: its policy is the viewer's (test_viewer_serving checks it), not the
+    strict one the client's hook expects of every other page."""
+    hooks = browser.event_hooks
+    browser.event_hooks = {"request": [], "response": []}
+    try:
+        return browser.get(url, headers={"accept": "text/html"})
+    finally:
+        browser.event_hooks = hooks
+
+
+def _studies(res: httpx.Response) -> set[str]:
+    """The StudyInstanceUIDs of a DICOM JSON answer."""
+    return {a["0020000D"]["Value"][0] for a in res.json() if "0020000D" in a}
+
+
+def test_share_session_in_ohif_on_the_one_study(world: World) -> None:
+    """The share session's OHIF: its configuration names the one study, no study list, no
+    account menu; QIDO returns exactly that study whatever the query, WADO reads it and
+    refuses the other, STOW is refused; every read is the share's in the trail; the viewer
+    URL's query (the UID, client-side) is kept by no log and no record."""
+    link, code = world.share(download="1")
+    pk, uid = world.last, world.shared.study_uid
+    with _open(world, link, code) as colleague:
+        config = colleague.get("/app-config.js")
+        assert config.status_code == 200 and config.headers["cache-control"] == "no-store"
+        found = re.search(r"var pv = (\{.*?\});\n", config.text)
+        assert found
+        block = json.loads(found.group(1))
+        assert block["share"] == {
+            "study": uid, "entry": f"/share/{link}", "signOut": f"/share/{link}/signout",
+            "download": f"/share/{link}/download", "downloadLabel": "Download the study (ZIP)"}
+        assert block["admin"] is False
+        assert '"showStudyList": false' in config.text
+        # OHIF opens /viewer?StudyInstanceUIDs=... client-side; a reload sends that query
+        page = _viewer_page(colleague, f"/viewer?StudyInstanceUIDs={uid}")
+        assert page.status_code == 200
+        json_accept = {"accept": "application/dicom+json"}
+        for query in ("", "?PatientName=*", f"?StudyInstanceUID={world.other.study_uid}",
+                      "?limit=100&includefield=all"):
+            res = colleague.get(f"/dicom-web/studies{query}", headers=json_accept)
+            assert res.status_code == 200, query
+            assert _studies(res) <= {uid} and world.other.patient_id not in res.text
+        assert _studies(colleague.get("/dicom-web/studies", headers=json_accept)) == {uid}
+        series = colleague.get(f"/dicom-web/studies/{uid}/series", headers=json_accept)
+        assert series.status_code == 200 and series.json()
+        meta = colleague.get(f"/dicom-web/studies/{uid}/metadata", headers=json_accept)
+        assert meta.status_code == 200
+        other = world.other.study_uid
+        assert colleague.get(f"/dicom-web/studies/{other}/metadata",
+                             headers=json_accept).status_code == 404
+        assert colleague.post("/dicom-web/studies", content=b"").status_code == 401
+        # the share's sign-out: the cookie goes, then nothing answers it
+        out = colleague.post(f"/share/{link}/signout", data={"csrf": block["csrf"]})
+        assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
+        colleague.cookies.clear()
+        assert colleague.get("/dicom-web/studies").status_code == 401
+    reads = [e for e in events(world.vault) if e.get("share") == pk
+             and str(e["action"]).startswith("dicomweb.")]
+    assert {e["action"] for e in reads} == {"dicomweb.search", "dicomweb.retrieve"}
+    for e in reads:
+        assert e["user"] == f"share:{pk}"
+        studies = e["study_uids"]
+        assert isinstance(studies, list) and set(studies) <= {uid}
+    viewer = [e for e in events(world.vault, "share.opened")
+              if e["share"] == pk and e["what"] == "viewer"]
+    assert len(viewer) == 1
+    for e in events(world.vault):
+        assert uid not in repr({k: v for k, v in e.items()
+                                if k not in ("study_uids", "sop_uids")})
+    for log in world.vault.root.rglob("*.log"):
+        assert uid.encode() not in log.read_bytes(), log
 
 
 def test_wrong_code_refused_and_throttled(world: World) -> None:
@@ -192,7 +291,7 @@ def test_wrong_code_refused_and_throttled(world: World) -> None:
     time.sleep(wait + 0.2)
     res = colleague.post(f"/share/{link}", data={"code": code})
     assert res.status_code == 303, res.status_code
-    assert colleague.get(f"/share/{link}/study").status_code == 200
+    assert colleague.get(f"/share/{link}/study").status_code == 303
     colleague.close()
     failed = [e for e in events(world.vault, "auth.login.failed")
               if e.get("factor") == "share-code"]
@@ -216,13 +315,18 @@ def test_expired_and_revoked_links_refused(world: World) -> None:
     # revoked: opened first, then revoked by the physician from the page
     link, code = world.share()
     with _open(world, link, code) as opened:
-        assert opened.get(f"/share/{link}/study").status_code == 200
+        assert opened.get(f"/share/{link}/study").status_code == 303
+        assert opened.get("/dicom-web/studies",
+                          headers={"accept": "application/dicom+json"}).status_code == 200
         newest = world.last
         res = world.doctor.post("/account/shares/revoke",
                                 data={"csrf": world.csrf, "share": str(newest)})
         assert res.status_code == 303
         assert opened.get(f"/share/{link}/study").status_code == 401
         assert opened.get(f"/share/{link}").status_code == 404
+        # nor the viewer and DICOMweb: the revoked session is no one
+        assert opened.get("/dicom-web/studies").status_code == 401
+        assert opened.get("/viewer").status_code == 303
     assert events(world.vault, "share.revoked")[-1]["share"] == newest
     colleague.close()
 

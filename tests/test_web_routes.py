@@ -45,6 +45,7 @@ PUBLIC = {
     # (tests/test_share_links.py sweeps every route with that session)
     ("GET", "/share/{link}"), ("POST", "/share/{link}"), ("GET", "/share/{link}/study"),
     ("GET", "/share/{link}/image/{n}"), ("GET", "/share/{link}/download"),
+    ("POST", "/share/{link}/signout"),
 }
 # Without credentials, every route answers 401 or 303 → /login, except these.
 ANONYMOUS_OK = {

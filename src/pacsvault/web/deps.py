@@ -12,6 +12,8 @@ and DICOMweb may be reached from outside, administration never is.
 
 from __future__ import annotations
 
+import secrets
+
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -19,6 +21,7 @@ from starlette.responses import Response
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.web.i18n import N_
 from pacsvault.web.principal import Principal
+from pacsvault.web.share_scope import share_principal
 
 BEARER = "bearer "
 ADMIN = "admin"
@@ -35,12 +38,17 @@ class RoleRequirement:
     """The dependency ``require_role`` returns: yields the principal, or answers 401
     (who are you?) / 403 (not allowed). ``role`` None = any signed-in user."""
 
-    def __init__(self, role: str | None, *, allow_token: bool = False) -> None:
+    def __init__(self, role: str | None, *, allow_token: bool = False,
+                 allow_share: bool = False) -> None:
         self.role = role
         self.allow_token = allow_token
+        # A share session (``share_scope``) is admitted only here, whatever ``role``,
+        # and then only for its own study (``_scoped``); everywhere else it is no one.
+        self.allow_share = allow_share
 
     def __repr__(self) -> str:
-        return f"RoleRequirement({self.role!r}, allow_token={self.allow_token})"
+        return (f"RoleRequirement({self.role!r}, allow_token={self.allow_token}"
+                f"{', allow_share=True' if self.allow_share else ''})")
 
     async def __call__(self, request: Request) -> Principal:
         address = client_address(request)
@@ -56,6 +64,11 @@ class RoleRequirement:
             principal = await run_in_threadpool(
                 _from_token, request, header[len(BEARER):].strip()
             )
+        if principal is None and self.allow_share:
+            principal = await run_in_threadpool(share_principal, request)
+            if principal is not None:
+                request.state.principal = _scoped(request, principal)
+                return principal
         if principal is None:
             raise HTTPException(401, N_("Please sign in."),
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -67,9 +80,21 @@ class RoleRequirement:
         return principal
 
 
-def require_role(role: str | None, *, allow_token: bool = False) -> RoleRequirement:
+def require_role(role: str | None, *, allow_token: bool = False,
+                 allow_share: bool = False) -> RoleRequirement:
     """A dependency that yields the principal or answers 401 / 403 (see ``RoleRequirement``)."""
-    return RoleRequirement(role, allow_token=allow_token)
+    return RoleRequirement(role, allow_token=allow_token, allow_share=allow_share)
+
+
+def _scoped(request: Request, principal: Principal) -> Principal:
+    """A share session reaches its one study: a route naming another in its path is 404
+    (as for a study that does not exist: nothing is confirmed). Routes without a study in
+    their path confine their answer themselves (QIDO: ``dicomweb._search``)."""
+    study = request.path_params.get("study")
+    if study is not None and not secrets.compare_digest(
+            str(study).encode("utf-8", "replace"), principal.study.encode("utf-8")):
+        raise HTTPException(404, N_("Not found."))
+    return principal
 
 
 def _from_token(request: Request, token: str) -> Principal | None:

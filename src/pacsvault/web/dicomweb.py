@@ -45,8 +45,12 @@ log = logging.getLogger("pacsvault.web.dicomweb")
 
 router = APIRouter(prefix="/dicom-web")
 
-PHYSICIAN = require_role("physician", allow_token=True)
+# Reads also admit a share session (issue 19), scoped to its one study: ``deps._scoped``
+# for a study in the path, ``_search`` for the searches without one. Storing never.
+PHYSICIAN = require_role("physician", allow_token=True, allow_share=True)
 Who = Annotated[Principal, Depends(PHYSICIAN)]
+STORER = require_role("physician", allow_token=True)
+Storer = Annotated[Principal, Depends(STORER)]
 
 DICOM_JSON = dw.DICOM_JSON
 
@@ -65,6 +69,8 @@ async def _search(
         for uid in (study, series):
             if uid is not None:
                 wado.check_uid(uid)
+        if who.share:  # a share session searches its one study, whatever the query
+            study = who.study
         query = qido.parse(request.query_params.multi_items(), level, study=study,
                            series=series)
         result = await run_in_threadpool(qido.search, dw.vault_of(request), query,
@@ -255,10 +261,10 @@ async def _store(request: Request, who: Principal, study: str | None) -> Respons
 
 
 @router.post("/studies")
-async def store_instances(request: Request, who: Who) -> Response:
+async def store_instances(request: Request, who: Storer) -> Response:
     return await _store(request, who, None)
 
 
 @router.post("/studies/{study}")
-async def store_study_instances(request: Request, who: Who, study: str) -> Response:
+async def store_study_instances(request: Request, who: Storer, study: str) -> Response:
     return await _store(request, who, study)

@@ -64,6 +64,8 @@ async def record(
     detail = dict(detail or {})
     if who.token_id:
         detail["token"] = who.token_id  # its id, never the secret (breach scope)
+    if who.share:
+        detail["share"] = who.share  # a share session's reads: the share, not a person
     event = AuditEvent(
         action=action, outcome=outcome, code=code, message=message,
         actor_user=who.user, actor_address=who.address, study_uids=study_uids,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,12 @@ class Principal:
     # the API token's id (never its secret), named in the DICOMweb records made with it:
     # a breach opened from a stolen token finds its accesses (pacsvault.breach.scope)
     token_id: str = ""
+    # A share session (issue 19): the outside colleague of one share link, no account.
+    # ``user`` is then ``share:<id>`` (the trail names the share, never a person), no role,
+    # and ``study`` the one study it may read: the DICOMweb routes that admit it
+    # (``require_role(..., allow_share=True)``) are scoped to that study (deps, qido).
+    share: int = 0
+    study: str = field(default="", repr=False)  # a UID: never in a log line
 
     def has(self, role: str) -> bool:
         return role in self.roles

@@ -8,11 +8,14 @@ Two sides:
   ``/account/deidentified`` downloads a study de-identified (``deidentify.export``) as a
   ZIP built in memory (no identified byte on disk);
 * the outside colleague, who has no account: ``/share/{link}`` asks for the code, then a
-  share session cookie (``__Host-pvshare``) opens ``/share/{link}/study`` (the series and
-  their rendered images), ``/share/{link}/image/{n}`` and, if granted,
-  ``/share/{link}/download``. That cookie is read by these routes only: every other route
-  of the application sees a browser without credentials (tests/test_share_links.py sweeps
-  them all). The URL carries the opaque link id only, never a UID: images are numbered.
+  share session cookie (``__Host-pvshare``, ``share_scope``) opens ``/share/{link}/study``:
+  OHIF on that one study (``/viewer``, whose configuration names the study: ``viewer``),
+  or, where the viewer is not installed, the series and their rendered images
+  (``/share/{link}/image/{n}``); if granted, ``/share/{link}/download``;
+  ``/share/{link}/signout`` ends it. That cookie is read by these routes, OHIF's and the
+  DICOMweb reads only (``share_scope``): every other route of the application sees a
+  browser without credentials (tests/test_share_links.py sweeps them all). The URL carries
+  the opaque link id only, never a UID: images are numbered.
 
 Every opening is recorded (``ShareLinks.opened``), before the answer leaves.
 """
@@ -31,17 +34,16 @@ from pacsvault.deidentify import export as deid
 from pacsvault.deidentify.options import PROFILES
 from pacsvault.dicomfile import render
 from pacsvault.index.records import StoredInstance
-from pacsvault.sharing.links import DEFAULT_DAYS, MAX_DAYS, Share, ShareError, ShareLinks
+from pacsvault.sharing.links import DEFAULT_DAYS, MAX_DAYS, Share, ShareError
 from pacsvault.vault import Vault
-from pacsvault.web import wado
+from pacsvault.web import viewer, wado
 from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_
-from pacsvault.web.kit import FormValue, PageRole, accounts_of, gettext, page, redirect, vault_of
+from pacsvault.web.kit import FormValue, PageRole, gettext, page, redirect, vault_of
 from pacsvault.web.principal import Principal
+from pacsvault.web.share_scope import COOKIE, MAX_LINK, cookie_value, session_share, shares_of
 
 router = APIRouter()
-COOKIE = "__Host-pvshare"
-MAX_LINK = 64
 Physician = Annotated[Principal, Depends(PageRole("physician"))]
 NOT_VALID = N_("This share link is not valid: it expired, was revoked, or does not exist. "
                "Ask the physician who shared it for a new one.")
@@ -54,18 +56,6 @@ PROFILE_SUMMARIES = {
                    "and cleaned descriptions kept"),
     "teaching": N_("basic + sex/age/size/weight and cleaned descriptions kept; no dates"),
 }
-
-
-def shares_of(request: Request) -> ShareLinks:
-    """One ``ShareLinks`` per application, made on first use (the sign-in throttle and
-    Argon2 parameters of the accounts)."""
-    found: ShareLinks | None = getattr(request.app.state, "shares", None)
-    if found is None:
-        vault, accounts = vault_of(request), accounts_of(request)
-        found = ShareLinks(vault.sessions, vault.recorder, accounts.throttle, accounts.hasher,
-                           hold=accounts.recorder.holding)
-        request.app.state.shares = found
-    return found
 
 
 def _items(vault: Vault, study: str) -> list[StoredInstance]:
@@ -178,7 +168,7 @@ def _not_valid(request: Request) -> HTTPException:
 @router.get("/share/{link}")
 def share_entry(request: Request, link: str) -> Response:
     shares = shares_of(request)
-    if len(link) <= MAX_LINK and shares.resolve(link, request.cookies.get(COOKIE, "")):
+    if len(link) <= MAX_LINK and session_share(request, link) is not None:
         return redirect(f"/share/{link}/study")
     if len(link) > MAX_LINK or not shares.exists(link):
         raise _not_valid(request)
@@ -195,7 +185,8 @@ def share_code(request: Request, link: str,
     opening = shares.open(link, code, client_address(request))
     if opening.ok:
         response = redirect(f"/share/{link}/study")
-        response.headers["Set-Cookie"] = (f"{COOKIE}={opening.session}; Path=/; Secure; "
+        value = cookie_value(link, opening.session)
+        response.headers["Set-Cookie"] = (f"{COOKIE}={value}; Path=/; Secure; "
                                           "HttpOnly; SameSite=Strict")
         return response
     if opening.retry_after > 0:
@@ -212,16 +203,20 @@ def share_code(request: Request, link: str,
 
 def _session_share(request: Request, link: str) -> Share:
     """The share this browser's share session opens, for this link; else 401."""
-    share = (shares_of(request).resolve(link, request.cookies.get(COOKIE, ""))
-             if len(link) <= MAX_LINK else None)
-    if share is None:
+    found = session_share(request, link) if len(link) <= MAX_LINK else None
+    if found is None:
         raise HTTPException(401, NOT_VALID)
-    return share
+    return found[1]
 
 
 @router.get("/share/{link}/study")
 async def share_study(request: Request, link: str) -> Response:
+    """OHIF on the one study (its page records the opening), or, without an installed
+    viewer, the rendered images. ``/viewer`` carries no UID: the share session's OHIF
+    configuration names the study (``viewer.config_script``)."""
     share = await run_in_threadpool(_session_share, request, link)
+    if viewer.served(request) is not None:
+        return redirect("/viewer")
     vault = vault_of(request)
     items = await run_in_threadpool(_items, vault, share.study)
     await run_in_threadpool(shares_of(request).opened, share, client_address(request),
@@ -240,6 +235,17 @@ async def share_study(request: Request, link: str) -> Response:
             images.append(n)
     return page(request, "share_study.html", link=link, series=series, share=share,
                 headers=NO_STORE)
+
+
+@router.post("/share/{link}/signout")
+def share_signout(request: Request, link: str) -> Response:
+    """The viewer's "Sign out" for a share session: this browser's cookie goes (the code
+    was single-use: opening the study again takes a new link)."""
+    _session_share(request, link)
+    response = redirect(f"/share/{link}")
+    response.headers["Set-Cookie"] = (f"{COOKIE}=; Path=/; Secure; HttpOnly; "
+                                      "SameSite=Strict; Max-Age=0")
+    return response
 
 
 def _render(vault: Vault, item: StoredInstance) -> bytes:

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 
 from pacsvault.viewer import ViewerDist, load, ohif_modes, ohif_strings
-from pacsvault.web import pages
+from pacsvault.web import pages, share_scope
 from pacsvault.web.i18n import NAMES, gettext_for, locale_for
 from pacsvault.web.kit import session_of
 from pacsvault.web.principal import Principal
@@ -127,6 +127,19 @@ def pacsvault_block(locale: str, *, practice: str, csrf: str, admin: bool,
     }
 
 
+def share_block(block: dict[str, Any], locale: str, link: str, study: str,
+                download: bool) -> dict[str, Any]:
+    """A share session's OHIF (issue 19): its one study, named here rather than in any URL
+    the server sees (the script puts it in OHIF's client-side route), the share's own exit
+    and download, and no menu entry of an account (``app-config.js``)."""
+    _ = gettext_for(locale)
+    block["share"] = {"study": study, "entry": f"/share/{link}",
+                      "signOut": f"/share/{link}/signout",
+                      "download": f"/share/{link}/download" if download else "",
+                      "downloadLabel": _("Download the study (ZIP)")}
+    return block
+
+
 def app_config(locale: str, block: dict[str, Any] | None = None) -> str:
     """OHIF's ``window.config``: one data source, pacsvault's DICOMweb, same origin, in the
     script of ``viewer_assets/app-config.js`` (which adds the pacsvault extension, header
@@ -164,7 +177,8 @@ def app_config(locale: str, block: dict[str, Any] | None = None) -> str:
         "routerBasename": "/",
         "extensions": [],
         "modes": [],
-        "showStudyList": True,
+        # a share session has no study list: its one study only (``share_block``)
+        "showStudyList": "share" not in block,
         "maxNumberOfWebWorkers": 3,
         "showWarningMessageForCrossOrigin": False,
         "showCPUFallbackMessage": True,
@@ -205,7 +219,11 @@ def _config_template() -> str:
 
 
 def _principal(request: Request) -> Principal | None:
+    """The signed-in user, else a share session (``share_scope``: OHIF on its one study,
+    whose DICOMweb reads are scoped to it), else None. These routes are sync: a thread."""
     principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:
+        principal = share_scope.share_principal(request)
     return principal
 
 
@@ -239,11 +257,17 @@ def _index(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
         return RedirectResponse(_next_url(request), status_code=303)
-    if not principal.has(READER_ROLE):
+    if not principal.share and not principal.has(READER_ROLE):
         return RedirectResponse(_elsewhere(principal), status_code=303)
     viewer = served(request)
     if viewer is None:
         return _not_installed(request)
+    if principal.share:
+        found = share_scope.session_share(request)
+        if found is None:
+            raise HTTPException(401, "authentication required")
+        # every opening of the viewer, in the trail as the share's (fail closed)
+        share_scope.shares_of(request).opened(found[1], principal.address, "viewer")
     practice = request.app.state.vault.settings.web.practice_name
     response = Response(viewer.page(practice), media_type="text/html; charset=utf-8",
                         headers=viewer.headers)
@@ -269,6 +293,12 @@ def config_script(request: Request) -> Response:
     block = pacsvault_block(locale, practice=web.practice_name,
                             csrf=getattr(session, "csrf", ""), admin=principal.has("admin"),
                             modes=list(web.viewer_modes))
+    if principal.share:
+        found = share_scope.session_share(request)
+        if found is None:
+            raise HTTPException(401, "authentication required")
+        link, share = found
+        block = share_block(block, locale, link, share.study, share.download)
     # It holds the session's CSRF token: never cached, never readable cross-origin (the
     # session cookie is SameSite=Strict, and CORP keeps other sites from embedding it).
     return Response(app_config(locale, block), media_type="text/javascript",

@@ -40,6 +40,22 @@ window.pacsvaultSignIn = function () {
 (function () {
   var pv = /*@pacsvault@*/{};
   var config = window.config;
+  /* A share session (issue 19): OHIF on the share's one study, nothing else. The study
+     is named by this configuration, never by a URL the server saw: it goes into OHIF's
+     route here, client-side, before OHIF's router starts (OHIF reads the study from its
+     URL's query). Whatever route was opened (/, the study list), it is this study. An
+     ended session leads back to the link's page, not to a sign-in. */
+  var share = pv.share || null;
+  if (share) {
+    var wanted = '/viewer?StudyInstanceUIDs=' + encodeURIComponent(share.study);
+    if (window.location.pathname + window.location.search !== wanted) {
+      try { window.history.replaceState(null, '', wanted); } catch (e) { /* stays */ }
+    }
+    window.pacsvaultSignIn = function () { window.location.assign(share.entry); };
+  }
+  /* Where a language choice goes: the account's, or the sign-in pages' cookie (a share
+     session has no account). */
+  var languageUrl = share ? '/language' : '/account/language';
 
   /* OHIF's strings: OHIF's i18n (the object with its addLocales) is a module of its
      bundle that no app-config key reaches, and some labels (the study list's columns)
@@ -79,7 +95,7 @@ window.pacsvaultSignIn = function () {
       if (!lang || lang === pv.locale) { return; }
       try {
         var request = new XMLHttpRequest();
-        request.open('POST', '/account/language', false);
+        request.open('POST', languageUrl, false);
         request.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');
         request.setRequestHeader('X-CSRF-Token', pv.csrf);
         request.send('lang=' + encodeURIComponent(lang));
@@ -124,14 +140,14 @@ window.pacsvaultSignIn = function () {
   window.pacsvaultSignOut = function () {
     /* A shared reception PC: nothing of this session stays in the tab. */
     try { window.sessionStorage.clear(); } catch (e) { /* storage disabled */ }
-    post('/logout', {});
+    post(share ? share.signOut : '/logout', {});
   };
 
   window.pacsvaultLanguage = function (lang) {
     /* The account's language (pacsvault's pages), then OHIF's own choice, then reload. */
     var body = new URLSearchParams();
     body.set('lang', lang);
-    return fetch('/account/language', {
+    return fetch(languageUrl, {
       method: 'POST', body: body, credentials: 'same-origin', redirect: 'manual',
       headers: { 'X-CSRF-Token': pv.csrf }
     }).then(function (response) {
@@ -152,6 +168,11 @@ window.pacsvaultSignIn = function () {
     return uids.split(',')[0].trim();
   }
   function studyEntries(item) {
+    if (share) {  /* no account's actions: the share's own download, if granted */
+      return share.download ? [item({
+        key: 'download', href: share.download, 'data-cy': 'pacsvault-share-download'
+      }, share.downloadLabel)] : [];
+    }
     var study = openStudy();
     if (!study) {
       return window.location.pathname === '/' ? [item({
@@ -203,9 +224,11 @@ window.pacsvaultSignIn = function () {
         };
       }, [open]);
       var entries = studyEntries(item);
-      entries.push(item({ key: 'account', href: '/account', 'data-cy': 'pacsvault-account' },
-                        pv.labels.account));
-      if (pv.admin) {
+      if (!share) {
+        entries.push(item({ key: 'account', href: '/account', 'data-cy': 'pacsvault-account' },
+                          pv.labels.account));
+      }
+      if (pv.admin && !share) {
         entries.push(item({ key: 'admin', href: '/admin/health', 'data-cy': 'pacsvault-admin' },
                           pv.labels.admin));
       }
@@ -305,5 +328,5 @@ window.pacsvaultSignIn = function () {
   config.modes = (config.modes || []).concat(
     pv.firstModes.map(function (id) { return ownMode(id, false); }),
     pv.hiddenModes.map(function (id) { return ownMode(id, true); }),
-    [studyActionsMode]);
+    share ? [] : [studyActionsMode]);
 })();
