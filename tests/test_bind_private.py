@@ -8,6 +8,7 @@ workplace allows no traffic to any other address.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,9 +94,12 @@ def _check(server: Server) -> None:
         if _ipv6_loopback():
             with socket.create_connection(("::1", port), timeout=5):
                 pass
-    state = (server.vault.data / "serve.json").read_text()
-    for address in expected:
-        assert f'"{address}"' in state
+    # serve.json records them, and status shows them (its text and JSON)
+    status = server.vault.cli("status", check=False)
+    assert status.returncode == 0, status.stderr
+    assert "Listening on " + ", ".join(private_addresses()) + " (private)" in status.stdout
+    report = json.loads(server.vault.cli("status", "--json", check=False).stdout)
+    assert report["server"]["addresses"] == private_addresses()
     assert "listening on " + ", ".join(private_addresses()) + " (private)" in server.log()
 
 
@@ -114,6 +118,7 @@ def started(vault: VaultDir, request: pytest.FixtureRequest) -> Iterator[Server]
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("started", [()], indirect=True)
 def test_serve_private_listens_on_private_addresses_only(started: Server) -> None:
     # every private address of this machine (here, if it has one besides loopback), and
@@ -130,3 +135,11 @@ def test_serve_workers_private_listens_on_the_same(started: Server) -> None:
 def test_init_file_says_private(vault: VaultDir) -> None:
     text = Path(vault.data / "pacsvault.toml").read_text("utf-8")
     assert 'bind = "private"' in text
+
+
+def test_health_names_the_addresses() -> None:
+    from pacsvault.web.admin_health import _bind_text
+
+    assert _bind_text({"bind": "private", "addresses": ["127.0.0.1", "192.168.1.20"]}) == (
+        "private: 127.0.0.1, 192.168.1.20")
+    assert _bind_text({"bind": "0.0.0.0", "addresses": ["0.0.0.0"]}) == "0.0.0.0"

@@ -79,11 +79,6 @@ def addresses(bind: str, interfaces: Mapping[str, Iterable[Any]] | None = None) 
     return [bind]
 
 
-def probe_host(bind: str) -> str:
-    """An address to reach a server bound by ``bind`` from this machine."""
-    return "127.0.0.1" if bind in ("0.0.0.0", "::", "", PRIVATE) else bind  # noqa: S104
-
-
 def notice(listening: list[str]) -> str:
     """The line ``serve`` logs and ``init`` prints (after "The server will be") for
     ``bind = "private"``."""
