@@ -31,6 +31,7 @@ from pacsvault.dicom.server import DicomService
 from pacsvault.sealed import material
 from pacsvault.sealed.runtime import SealedRuntime, UnsealError
 from pacsvault.sealed.web import SwitchApp, create_sealed_app
+from pacsvault.service.bind import addresses
 from pacsvault.service.control import ControlError, ControlServer
 from pacsvault.vault import Layout, Vault, resolve_key_path
 
@@ -112,7 +113,8 @@ def serve_sealed(args: argparse.Namespace, root: Path, reason: str,
                  "and kept encrypted; queries, retrievals and the web pages are refused "
                  "until an administrator runs 'pacsvault unseal' or opens https://<this "
                  "server>:%s/unseal", reason, bound.get("https_port", "-"))
-    state: dict[str, Any] = {"pid": os.getpid(), "bind": bind, **bound}
+    state: dict[str, Any] = {"pid": os.getpid(), "bind": bind,
+                             "addresses": addresses(bind), **bound}
     serving.write_state(layout, {**state, "sealed": True})
 
     def unseal_command(request: dict[str, Any]) -> dict[str, Any]:
