@@ -253,10 +253,15 @@ def test_share_session_in_ohif_on_the_one_study(world: World) -> None:
                              headers=json_accept).status_code == 404
         assert colleague.post("/dicom-web/studies", content=b"").status_code == 401
         # the share's sign-out: the cookie goes, then nothing answers it
+        kept = dict(colleague.cookies)
         out = colleague.post(f"/share/{link}/signout", data={"csrf": block["csrf"]})
         assert out.status_code == 303 and "Max-Age=0" in out.headers["set-cookie"]
-        colleague.cookies.clear()
         assert colleague.get("/dicom-web/studies").status_code == 401
+        # the server ended it: the old cookie, replayed, opens nothing
+        with world.browser() as replay:
+            replay.cookies.update(kept)
+            assert replay.get("/dicom-web/studies").status_code == 401
+            assert replay.get(f"/share/{link}/study").status_code == 401
     reads = [e for e in events(world.vault) if e.get("share") == pk
              and str(e["action"]).startswith("dicomweb.")]
     assert {e["action"] for e in reads} == {"dicomweb.search", "dicomweb.retrieve"}

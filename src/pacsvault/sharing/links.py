@@ -269,6 +269,17 @@ class ShareLinks:
         share = _share(row)
         return share if share.active(self.clock()) else None
 
+    def sign_out(self, link_id: str, session: str) -> None:
+        """End a share session (the viewer's "Sign out"): its digest goes, so the cookie,
+        replayed from anywhere, opens nothing; the code was single-use, so the link is
+        done for everyone (a new one is made for a new look)."""
+        share = self.resolve(link_id, session)
+        if share is None:
+            return
+        with self._sessions.begin() as s:
+            s.execute(update(ShareLinkRow).where(ShareLinkRow.pk == share.pk)
+                      .values(session_key=None))
+
     def opened(self, share: Share, address: str, what: str, *, export: bool = False) -> None:
         """Record one access through the link (fail closed: no record, no answer)."""
         with self._sessions.begin() as s:

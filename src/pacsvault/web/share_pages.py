@@ -41,7 +41,14 @@ from pacsvault.web.deps import client_address
 from pacsvault.web.i18n import N_
 from pacsvault.web.kit import FormValue, PageRole, gettext, page, redirect, vault_of
 from pacsvault.web.principal import Principal
-from pacsvault.web.share_scope import COOKIE, MAX_LINK, cookie_value, session_share, shares_of
+from pacsvault.web.share_scope import (
+    COOKIE,
+    MAX_LINK,
+    cookie_parts,
+    cookie_value,
+    session_share,
+    shares_of,
+)
 
 router = APIRouter()
 Physician = Annotated[Principal, Depends(PageRole("physician"))]
@@ -239,9 +246,11 @@ async def share_study(request: Request, link: str) -> Response:
 
 @router.post("/share/{link}/signout")
 def share_signout(request: Request, link: str) -> Response:
-    """The viewer's "Sign out" for a share session: this browser's cookie goes (the code
-    was single-use: opening the study again takes a new link)."""
+    """The viewer's "Sign out" for a share session: the session ends on the server
+    (``ShareLinks.sign_out``) and the cookie goes (the code was single-use: opening the
+    study again takes a new link)."""
     _session_share(request, link)
+    shares_of(request).sign_out(link, cookie_parts(request)[1])
     response = redirect(f"/share/{link}")
     response.headers["Set-Cookie"] = (f"{COOKIE}=; Path=/; Secure; HttpOnly; "
                                       "SameSite=Strict; Max-Age=0")
