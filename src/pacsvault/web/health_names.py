@@ -10,43 +10,9 @@ keeps it as the cell's tooltip; an action nobody named yet reads "Security event
 
 from __future__ import annotations
 
-from pacsvault.web.audit_names import ACTIONS, action_name
+from pacsvault.web.audit_names import ACTIONS, SECURITY_ACTIONS, action_name
 from pacsvault.web.i18n import N_, Gettext
 
-SECURITY_ACTIONS: dict[str, str] = {
-    "web.csrf.refused": N_("Form refused (missing or wrong security token)"),
-    "web.admin.refused": N_("Administration refused (not an administrator)"),
-    "alert.failed": N_("Alert could not be sent"),
-    "audit.export.overflow": N_("Audit export too large"),
-    "backup.drill": N_("Restore drill"),
-    "backup.stale": N_("Backup too old"),
-    "dicom.move.unknown_destination": N_("Sending refused: unknown destination"),
-    "dicom.qr.contexts_refused": N_("DICOM query refused (unsupported request)"),
-    "dicom.send.refused": N_("Sending refused"),
-    "dicom.store.conflict": N_("Conflicting image refused (DICOM)"),
-    "dicom.echo": N_("Connection test (C-ECHO)"),
-    "exposure.refused": N_("Exposure change refused"),
-    "exposure": N_("Exposure changed"),
-    "forward.failing": N_("Automatic forwarding failing"),
-    "key.recover": N_("Master key recovered"),
-    "node.tls_profile": N_("Device TLS profile changed"),
-    "sealed.journal.damaged": N_("Sealed-mode journal damaged"),
-    "sealed.snapshot": N_("Sealed-mode snapshot"),
-    "sealed.store.conflict": N_("Conflicting image refused (sealed mode)"),
-    "sealed.unseal": N_("Archive unsealed"),
-    "sealed.unseal.page": N_("Unseal page used"),
-    "tls.ca.rotate": N_("Certificate authority replaced"),
-    "alerts.choice": N_("Alert channels chosen"),
-    "alerts.test": N_("Alert channel tested"),
-    "alerts.untested": N_("Alert channel not tested"),
-    "check.run": N_("Security check run"),
-    "keys.protected": N_("Master key protected"),
-    "keys.unprotected": N_("Master key protection removed"),
-    "keys.rotated": N_("Keys rotated"),
-    "sealed.merged": N_("Sealed-mode images merged"),
-    "storage.scrub": N_("Object scrub"),
-    "storage.orphans": N_("Orphan sweep"),
-}
 FAMILIES: dict[str, str] = {
     "web.": N_("Web pages"),
     "forward.": N_("Automatic forwarding"),
