@@ -791,3 +791,14 @@ def test_alert_with_no_channel_is_recorded_in_the_trail_only() -> None:
     assert "no e-mail or webhook is configured" in recorded[0].message
     # Its own events went through the recorder to the sink too, and were ignored.
     assert len(capture.actions("alert.")) == 1
+
+
+def test_forwarding_that_keeps_failing_is_alerted_and_can_be_disabled() -> None:
+    failing = ev("forward.failing", MONDAY_10, outcome=Outcome.SERIOUS_FAILURE,
+                 detail={"destination": "RADIOWS", "instances": 3, "attempts": 5})
+    det, _clock = detector()
+    alerts = det.observe(failing)
+    assert [(a.rule, a.subject) for a in alerts] == [("forwarding", "RADIOWS")]
+    assert "RADIOWS" in alerts[0].title and "3 image(s)" in alerts[0].text
+    quiet, _ = detector(disabled_rules=["forwarding"])
+    assert quiet.observe(failing) == []

@@ -38,6 +38,8 @@ RULES: dict[str, str] = {
                        "networks, DICOM TLS from anywhere), applied, refused or pending",
     "security-check": "the nightly security check found a critical point it had not found "
                       "the night before",
+    "forwarding": "automatic forwarding to a device keeps failing (images are not reaching "
+                  "the workstation that expects them)",
 }
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -209,8 +211,8 @@ webhook_allow_http_loopback = false
 webhook_timeout = 10.0
 # Rules: failed-logins, account-locked, exposure, unknown-node, bulk-access,
 # unusual-hours, audit-broken, disk-full, audit-unwritable, backup-failed, backup-stale,
-# archive-sealed, object-storage, breach-clock, exposure-switch, security-check. List
-# here the ones you do not want.
+# archive-sealed, object-storage, breach-clock, exposure-switch, security-check,
+# forwarding. List here the ones you do not want.
 disabled_rules = []
 # Failed sign-ins within 10 minutes (from one address, or for one user) that raise an alert.
 failed_logins_per_10min = 5

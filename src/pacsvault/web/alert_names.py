@@ -23,6 +23,7 @@ RULES: dict[str, str] = {
     "exposure": N_("Archive exposed"),
     "exposure-switch": N_("Exposure settings changed"),
     "failed-logins": N_("Repeated failed sign-ins"),
+    "forwarding": N_("Automatic forwarding failing"),
     "object-storage": N_("Image storage problem"),
     "security-check": N_("Security check: new critical finding"),
     "unknown-node": N_("Unknown DICOM device"),

@@ -60,6 +60,8 @@ Rules (ids are what ``disabled_rules`` takes):
                    after awareness with no decision on notifying the authority (art. 33).
 ``security-check`` ``check.run`` (check/record.py) naming a critical finding the previous
                    complete run did not have (check_rule.py).
+``forwarding``     ``forward.failing`` (dicom/forward.py): a forwarding rule's images keep
+                   failing to reach their node, once per episode.
 
 Grouping: the first occurrence of a rule for one subject (a node, a user, an address, or
 the whole server) is sent at once, because the practice must know within a minute. Further

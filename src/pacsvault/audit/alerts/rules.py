@@ -143,6 +143,7 @@ class Detector:
             exposure_switch,
             security_check,
             self._breach_clock,
+            self._forwarding,
         )
 
     # --- public -----------------------------------------------------------------------
@@ -637,6 +638,24 @@ class Detector:
                 time=e.time, source=_clean(e.actor_ae), ae=_clean(e.actor_ae),
                 address=_clean(e.actor_address))]
         return []
+
+    def _forwarding(self, e: AuditEvent) -> list[Finding]:
+        """``forward.failing``: a forwarding rule's images keep failing to reach their node
+        (the radiologist waits for a CT that never comes); recorded once per episode."""
+        if e.action != "forward.failing":
+            return []
+        node = _clean(str(e.detail.get("destination", ""))) or "?"
+        count = _clean(str(e.detail.get("instances", "")))
+        return [Finding(
+            rule="forwarding", subject=node, severity=Severity.WARNING,
+            title=f"Automatic forwarding to {node} keeps failing",
+            what=(f"{count or 'Some'} image(s) for {node} failed "
+                  f"{_clean(str(e.detail.get('attempts', '')))} times; pacsvault keeps "
+                  "retrying. Check that the device is on and its address, port and TLS "
+                  "settings are right."),
+            look="pacsvault node list; pacsvault status",
+            time=e.time, facts={"node": node},
+        )]
 
     def _disk_full(self, e: AuditEvent) -> list[Finding]:
         if e.action != "dicom.store.failed" or "A700" not in e.message.upper() \
