@@ -105,3 +105,17 @@ def test_init_writes_the_channel_into_the_settings_file() -> None:
                                           "mail_to": ["dr@example.org"]})
     assert 'smtp_host = "mail.example.org"' in text and "smtp_port = 465" in text
     assert 'mail_to = ["dr@example.org"]' in text
+
+
+def test_refusal_reasons_are_shown_in_the_readers_language() -> None:
+    from pacsvault.web.alert_notices import reason_text
+    from pacsvault.web.i18n import gettext_for
+
+    fr = gettext_for("fr")
+    text = reason_text("the security check's network section reports network.upnp-mapping "
+                       "(run 'pacsvault check')", fr)
+    assert text.startswith("la partie réseau du contrôle de sécurité signale ")
+    assert "network.upnp-mapping" in text
+    assert reason_text("no alert channel has delivered a test as configured now: x",
+                       fr).startswith("aucun canal d’alerte")
+    assert reason_text("something new", fr) == "something new"

@@ -58,7 +58,7 @@ from pacsvault.dicom.echo import EchoResult, echo
 from pacsvault.status import EXPIRY_WARNING_DAYS, gather
 from pacsvault.status.problems import active_problems
 from pacsvault.status.text import size
-from pacsvault.web.alert_notices import exposure_banner
+from pacsvault.web.alert_notices import exposure_banner, reason_text
 from pacsvault.web.audit_names import outcome_name
 from pacsvault.web.deps import client_address
 from pacsvault.web.health_charts import received_chart, series_of, sign_in_chart, storage_chart
@@ -89,6 +89,8 @@ def health_page(request: Request, principal: AdminPage) -> Response:
     lang = locale_for(request)
     check = load_kept(vault.layout.root)
     exposure = exposure_banner(vault.layout.root)
+    if exposure:
+        exposure["reasons"] = [reason_text(r, _) for r in exposure["reasons"]]
     problems = [word(p, _, lang) for p in active_problems(report, exposure, check, now)]
     figures = series_of(vault, report.counts.instances, report.counts.received_bytes, now)
     received, legend = received_chart(figures, _)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pacsvault.audit.tail import tail_records
 from pacsvault.config.exposure import read_state
+from pacsvault.web.i18n import N_, Gettext
 
 ALERT_ACTIONS = frozenset({"alert.sent", "alert.failed", "alert.recorded"})
 BANNER_HOURS = 24
@@ -110,3 +111,29 @@ def exposure_banner(data_dir: Path) -> dict[str, Any] | None:
         "refused_at": state.refused_at[:19].replace("T", " "),
         "pending": pending, "pending_at": state.pending_at[:19].replace("T", " "),
     }
+
+
+# The guard (cli/exposure.py) keeps its reasons in English in exposure.json (the log's and
+# the trail's language); the page says them in the reader's language. Matched by their
+# fixed beginnings; the variable part (finding ids, an error) is kept as it is.
+_REASONS: tuple[tuple[str, str], ...] = (
+    ("no alert channel has delivered a test",
+     N_("no alert channel has delivered a test as configured now: set mail_to/smtp_host or "
+        "webhook_url in [alerts], then run 'pacsvault alerts test'")),
+    ("the security check's network section reports ",
+     N_("the security check's network section reports %(rest)s")),
+    ("the security check's network section could not run: ",
+     N_("the security check's network section could not run: %(rest)s")),
+    ("the archive is sealed",
+     N_("the archive is sealed: the guard runs after the unseal and a restart")),
+)
+
+
+def reason_text(reason: str, _: Gettext) -> str:
+    """One refusal reason in the reader's language (unknown ones as they are)."""
+    for start, message in _REASONS:
+        if reason.startswith(start):
+            rest = reason[len(start):]
+            return _(message) % {"rest": rest} if "%(rest)s" in message else _(message)
+    return reason
+
