@@ -5,4 +5,12 @@ cd "$(dirname "$0")/.."
 scripts/install.sh --test
 echo "== ruff" && .venv/bin/ruff check src tests bench
 echo "== mypy" && .venv/bin/mypy
-echo "== pytest" && exec .venv/bin/python -m pytest "$@"
+# Parallel by test file (pytest-xdist, --dist loadfile: a module's server fixture starts once).
+# The suite mostly waits (deadlines, servers starting, peers), not computes: on 2 cores,
+# 4 workers overlap the waits. PYTEST_WORKERS=1 runs it serially (as before issue 17).
+workers=${PYTEST_WORKERS:-4}
+parallel=()
+case " $* " in *" -n "*|*" -n="*|*" --numprocesses"*) ;; *)
+  [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile) ;;
+esac
+echo "== pytest" && exec .venv/bin/python -m pytest "${parallel[@]}" "$@"
