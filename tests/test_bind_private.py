@@ -57,6 +57,10 @@ def test_default_and_validation() -> None:
     assert ServerSettings(ae_title="PACSVAULT").bind == "private"
     assert ServerSettings(ae_title="A", bind=" Private ").bind == "private"
     assert ServerSettings(ae_title="A", bind="0.0.0.0").bind == "0.0.0.0"
+    # an older settings file saying "localhost" still loads (the loopback address)
+    assert ServerSettings(ae_title="A", bind="localhost").bind == "127.0.0.1"
+    with pytest.raises(ValueError, match="IP address"):
+        ServerSettings(ae_title="A", bind="pacs.example.org")
     with pytest.raises(ValueError, match="private"):
         ServerSettings(ae_title="A", bind="privat")
     assert 'bind = "private"' in render("PACSVAULT", None)

@@ -71,6 +71,8 @@ class ServerSettings(_Strict):
         text = value.strip()
         if text.lower() == "private":
             return "private"
+        if text.lower() == "localhost":  # the one name older settings files used
+            return "127.0.0.1"
         try:
             ipaddress.ip_address(text.split("%")[0])
         except ValueError:
