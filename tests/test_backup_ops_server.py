@@ -208,9 +208,11 @@ def test_health_page_and_status_show_backups(backed: Backed) -> None:
     cells = row.group(2)
     last = re.search(r'class="last-backup">(.*?)</td>', cells)
     upcoming = re.search(r'class="next-run">(.*?)</td>', cells)
-    assert last and "UTC" in last.group(1) and "h ago" in last.group(1)
+    # times in the practice's zone ([web] time_zone, issue 20), no longer labelled UTC
+    local_time = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}"
+    assert last and re.match(local_time, last.group(1)) and "h ago" in last.group(1)
     assert "succeeded" in cells
-    assert upcoming and "UTC" in upcoming.group(1)
+    assert upcoming and re.match(local_time, upcoming.group(1)), upcoming
 
 
 def test_no_target_is_a_clear_warning(backed: Backed) -> None:
