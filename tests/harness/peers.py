@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydicom import dcmread
 
 # Debian's dcmtk, what scripts/install.sh --test and CI install: looked for there first.
@@ -54,6 +55,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening_by(pid: int, port: int) -> bool:
+    """Does process ``pid`` itself listen on TCP ``port`` (not merely someone)?"""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="inet")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in connections)
+
+
 def listening(port: int) -> bool:
     """Is something listening on ``port``? Read from /proc: no packet is sent to find out,
     so a peer that must never be reached shows no association in its log."""
@@ -81,24 +92,34 @@ class StoreSCP:
 
     @classmethod
     def start(cls, ae_title: str, root: Path, *flags: str, timeout: float = 15) -> StoreSCP:
-        """``storescp *flags -aet AE -od root/scp-AE PORT``, once it listens (log beside)."""
+        """``storescp *flags -aet AE -od root/scp-AE PORT``, once it listens (log beside).
+
+        The port is the OS's free one of a moment ago: with the suite's parallel workers
+        another process may take it first. So "listening" must mean *this* storescp holds
+        the socket (a storescp that lost the race exits; another port is tried), never just
+        "something listens there" (which once sent a C-MOVE into another test's storescp)."""
         out = root / f"scp-{ae_title}"
         out.mkdir(parents=True)
         log_path = root / f"scp-{ae_title}.log"
-        port = free_port()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [dcmtk("storescp"), *flags, "-aet", ae_title, "-od", str(out), str(port)],
-                stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
-            )
-        deadline = time.monotonic() + timeout
-        while not listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait(10)
-                raise AssertionError(f"storescp did not start:\n{log_path.read_text()}")
-            time.sleep(0.02)
-        return cls(ae_title, port, out, log_path, proc)
+        for _attempt in range(5):
+            port = free_port()
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(
+                    [dcmtk("storescp"), *flags, "-aet", ae_title, "-od", str(out), str(port)],
+                    stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
+                )
+            deadline = time.monotonic() + timeout
+            while not listening_by(proc.pid, port):
+                if proc.poll() is not None:
+                    break  # lost the port: try another
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait(10)
+                    raise AssertionError(f"storescp did not start:\n{log_path.read_text()}")
+                time.sleep(0.02)
+            else:
+                return cls(ae_title, port, out, log_path, proc)
+        raise AssertionError(f"storescp found no free port:\n{log_path.read_text()}")
 
     def files(self) -> dict[str, Path]:
         """Received objects by SOP Instance UID (read from the objects themselves)."""
