@@ -152,9 +152,13 @@ def canvas_is_blank(page: Any) -> bool:
     return bool(high - low < 16)
 
 
-def wait_for_image(page: Any, timeout: float = 45.0) -> None:
-    """Until the viewport canvas shows something (OHIF paints black first)."""
-    page.locator(CANVAS).first.wait_for(state="visible")
+def wait_for_image(page: Any, timeout: float = 90.0) -> None:
+    """Until the viewport canvas shows something (OHIF paints black first). The budget
+    covers the canvas appearing too (Playwright's own default is 30 s): with the suite's
+    parallel workers, OHIF can take longer than that to start on a 2-core machine."""
+    started = time.monotonic()
+    page.locator(CANVAS).first.wait_for(state="visible", timeout=timeout * 1000)
+    timeout = max(5.0, timeout - (time.monotonic() - started))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not canvas_is_blank(page):
