@@ -105,7 +105,8 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
                 acknowledged.extend(part)
                 acked_at.append(time.monotonic())
             else:
-                failures.append(done.stderr[-500:])
+                failures.append(f"rc={done.returncode} out={done.stdout[-300:]!r} "
+                                f"err={done.stderr[-500:]!r}")
             if start >= 8:
                 sent_some.set()
             time.sleep(0.2)  # a modality sending a study image by image
@@ -126,7 +127,7 @@ def test_rotate_while_storescu_sends(tmp_path: Path) -> None:
         assert not sender.is_alive()
         assert server.alive(), server.log()
         assert "online" in proc.stderr, proc.stderr
-        assert not failures, failures
+        assert not failures, (failures, server.log()[-3000:])
         assert len(acknowledged) == len(files)
         # acknowledged before, during and after the rotation
         assert min(acked_at) < began and max(acked_at) > ended, (took, acked_at)

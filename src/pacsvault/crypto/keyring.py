@@ -43,15 +43,22 @@ class Keyring:
             self._cache[key_id] = key
         return key_id
 
-    def mint(self) -> tuple[uuid.UUID, bytes, bytes]:
-        """A new data key and its wrapped form, *not* stored: the caller inserts the row
-        in the transaction that first uses it (the archive's group commit, so a new
-        patient costs no transaction of its own). Cached like ``create``'s."""
+    def mint(self) -> tuple[uuid.UUID, bytes]:
+        """A new data key, *not* stored: the caller inserts its row (``wrap``) in the
+        transaction that first uses it (the archive's group commit, so a new patient
+        costs no transaction of its own). Cached like ``create``'s."""
         key_id, key = datakeys.new_data_key()
-        wrapped = datakeys.wrap(self._kek, key_id, key)
         with self._lock:
             self._cache[key_id] = key
-        return key_id, key, wrapped
+        return key_id, key
+
+    def wrap(self, key_id: uuid.UUID, key: bytes) -> bytes:
+        """A minted key's row value under the KEK *of the moment*: called inside the
+        commit that writes it (the archive's write lock, which a key rotation holds), never
+        earlier — a key wrapped before a rotation and written after it would be wrapped
+        under the retired KEK and open with nothing."""
+        with self._lock:
+            return datakeys.wrap(self._kek, key_id, key)
 
     def adopt(self, session: Session, key_id: uuid.UUID, key: bytes) -> None:
         """Add a data key made elsewhere (sealed mode: it arrived HPKE-wrapped) under this

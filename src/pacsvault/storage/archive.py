@@ -76,8 +76,8 @@ _MAX_BATCH = 64
 
 _GENERATION = keychoice.GENERATION
 # The data key chosen for an instance: its id, the removal generation the choice was
-# valid at, and for a patient first seen here the minted key (key, wrapped), else None.
-_Chosen = tuple[uuid.UUID, int, tuple[bytes, bytes] | None]
+# valid at, and for a patient first seen here the minted (unwrapped) key, else None.
+_Chosen = tuple[uuid.UUID, int, bytes | None]
 _STORE_ATTEMPTS = 3
 
 
@@ -213,7 +213,7 @@ class Archive:
         """
         ds = dicom_parse.read(raw)
         staging: Future[tuple[str, bytes]] | None = None
-        minted: tuple[bytes, bytes] | None = None
+        minted: bytes | None = None
         early = dicom_parse.identity(ds)
         if early is not None:
             with self._cache_lock:
@@ -257,10 +257,10 @@ class Archive:
                 object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
             else:  # a new patient's key: no row to read it from yet
                 object_id = self.objects.stage_spare(
-                    objfmt.encrypt(raw, minted[0], key_id, parsed.sop_uid))
+                    objfmt.encrypt(raw, minted, key_id, parsed.sop_uid))
         pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user,
-                           new_key=minted[1] if minted else None)
+                           new_key=minted)
         try:
             try:
                 self._commit(pending)
@@ -424,7 +424,7 @@ class Archive:
             cached_study = self._study_cache.get(item.parsed.study_uid)
             cached_series = self._series_cache.get(item.parsed.series_uid)
         index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
-                  self._received)
+                  self._received, self._keyring.wrap)
 
     def _choose(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
         """``_prepare`` for a SQLite index, reading only (``storage.keychoice``): a new
@@ -441,8 +441,8 @@ class Archive:
             return found.study[1], found.generation, None
         if found.patient_key is not None:
             return found.patient_key, found.generation, None
-        key_id, key, wrapped = self._minted.take(parsed)
-        return key_id, found.generation, (key, wrapped)
+        key_id, key = self._minted.take(parsed)
+        return key_id, found.generation, key
 
     def _prepare(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
         """First instance of a study seen by this process: either the answer for an

@@ -67,10 +67,11 @@ class MintedKeys:
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring
         self._lock = threading.Lock()
-        self._minted: dict[tuple[str, str], tuple[uuid.UUID, bytes, bytes]] = {}
+        self._minted: dict[tuple[str, str], tuple[uuid.UUID, bytes]] = {}
 
-    def take(self, parsed: ParsedInstance) -> tuple[uuid.UUID, bytes, bytes]:
-        """(key id, key, wrapped): the one minted for this patient, or a new one."""
+    def take(self, parsed: ParsedInstance) -> tuple[uuid.UUID, bytes]:
+        """(key id, key): the one minted for this patient, or a new one (wrapped only
+        inside the commit that writes its row: ``Keyring.wrap``)."""
         patient = (parsed.patient_id, parsed.issuer)
         with self._lock:
             minted = self._minted.get(patient)

@@ -87,8 +87,9 @@ class Pending:
     actor_address: str = ""
     actor_user: str = ""
     # A data key minted for a patient not in the index when this store chose its key
-    # (``Keyring.mint``, wrapped): its row, and the patient's if still missing, are
-    # written with the instance's, in the batch (no transaction of their own).
+    # (``Keyring.mint``, unwrapped): its row, and the patient's if still missing, are
+    # written with the instance's, in the batch (no transaction of their own), wrapped
+    # there under the KEK of the commit's moment (a key rotation holds the commits).
     new_key: bytes | None = None
 
 
@@ -96,6 +97,7 @@ def index_one(
     conn: Connection, item: Pending, overlay_studies: dict[str, int],
     overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
     cached_series: int | None, received: Callable[[Any], Any],
+    wrap: Callable[[uuid.UUID, bytes], bytes],
 ) -> None:
     """Write one instance's rows in the batch's transaction: its study and series found
     (cached, learnt earlier in this batch, or read) or created, the instance row and the
@@ -107,7 +109,7 @@ def index_one(
         item.result = found
         return
     if item.new_key is not None:
-        _ensure_key(conn, item.key_id, item.new_key)
+        _ensure_key(conn, item.key_id, item.new_key, wrap)
     study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
     if study_pk is None:
         study_pk = _one(conn, _STUDY_PK, (parsed.study_uid,), lambda: select(_studies.c.pk)
@@ -199,12 +201,13 @@ def index_one(
     item.learnt["series"] = series_pk if cached_series is None else None
 
 
-def _ensure_key(conn: Connection, key_id: uuid.UUID, wrapped: bytes) -> None:
+def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
+                wrap: Callable[[uuid.UUID, bytes], bytes]) -> None:
     """The minted key's row, unless an earlier item of this batch (or an earlier batch:
     concurrent stores of one new patient share the key) wrote it already."""
     if _one(conn, _KEY_ROW, (str(key_id),),
             lambda: select(_keys.c.key_id).where(_keys.c.key_id == str(key_id))) is None:
-        conn.execute(insert(_keys).values(key_id=str(key_id), wrapped=wrapped))
+        conn.execute(insert(_keys).values(key_id=str(key_id), wrapped=wrap(key_id, key)))
 
 
 def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) -> int:
