@@ -35,7 +35,7 @@ import httpx
 import numpy as np
 import pytest
 from bench.compare.orthanc import USER, OrthancTarget
-from bench.compare.procs import DCMTK_ENV, Service, wait_port
+from bench.compare.procs import DCMTK_ENV, Service
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -56,8 +56,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacsvault.dicomfile import render
-from tests.harness.peers import StoreSCP
-from tests.helpers import AE, Server, VaultDir, events, free_port, make_vault, start_server
+from tests.harness.peers import StoreSCP, free_port, listening_by
+from tests.helpers import AE, Server, VaultDir, events, make_vault, start_server
 from tests.test_transcode_send import (
     ALL,
     DECODED,
@@ -105,8 +105,6 @@ class Env:
     plain: StoreSCP
     everything: StoreSCP
     token: str
-    orthanc_dicom_port: int
-    orthanc_http_port: int
 
     @property
     def url(self) -> str:
@@ -149,7 +147,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     vault = make_vault(root / "v")
     scps: list[StoreSCP] = []
     server: Server | None = None
-    orthanc_dicom, orthanc_http = free_port(), free_port()
     try:
         plain = StoreSCP.start(PLAIN, root, "+B")
         scps.append(plain)
@@ -160,7 +157,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             v.nodes.add(WS, LOCAL, roles=("store", "query", "retrieve"))
             v.nodes.add(PLAIN, LOCAL, plain.port, roles=("retrieve",))
             v.nodes.add(ALL, LOCAL, everything.port, roles=("retrieve",))
-            v.nodes.add(ORTHANC_AE, LOCAL, orthanc_dicom, roles=("store", "retrieve"))
+            # its port once an Orthanc holds one (the ``orthanc`` fixture)
+            v.nodes.add(ORTHANC_AE, LOCAL, roles=("store", "retrieve"))
             v.accounts.add_user(PHYSICIAN, ["physician"], PHYSICIAN_PW)
             token = v.accounts.create_token(PHYSICIAN, "1d").token
         finally:
@@ -171,8 +169,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             _store_exactly(server.port, path, sop_class, syntax)
             stored.append(Stored(path, sop_uid, study_uid, syntax))
         stored = _as_archived(vault, stored, root / "archived")
-        yield Env(root, vault, server, stored, plain, everything, token, orthanc_dicom,
-                  orthanc_http)
+        yield Env(root, vault, server, stored, plain, everything, token)
     finally:
         if server is not None:
             server.stop()
@@ -365,14 +362,15 @@ def test_wado_as_explicit_little_endian(env: Env) -> None:
 # --- Big Endian round trip through Orthanc ----------------------------------------------
 
 
-def _orthanc_config(env: Env, db: Path, password: str) -> dict[str, object]:
+def _orthanc_config(env: Env, db: Path, password: str, dicom_port: int,
+                    http_port: int) -> dict[str, object]:
     """bench/compare's Orthanc configuration (auth on, loopback HTTP, deny by default),
     with the vault as its only DICOM modality."""
     from bench.compare.orthanc import USER
 
     target = OrthancTarget.__new__(OrthancTarget)  # only its config(): no PKI, no process
     target.tls, target.db, target.password = False, db, password
-    target.dicom_port, target.https_port = env.orthanc_dicom_port, env.orthanc_http_port
+    target.dicom_port, target.https_port = dicom_port, http_port
     cfg = target.config()
     cfg["Name"] = "matrix"
     cfg["Plugins"] = []  # DICOMweb is not needed here
@@ -384,24 +382,61 @@ def _orthanc_config(env: Env, db: Path, password: str) -> dict[str, object]:
     return cfg
 
 
+@dataclass
+class Orthanc:
+    http: httpx.Client  # authenticated
+    http_port: int
+
+
+def _start_orthanc(env: Env, root: Path, password: str) -> tuple[Service, int]:
+    """Orthanc on two ports, its DICOM one registered as the vault's ORTHANC node.
+
+    The ports are the OS's free ones of a moment ago: with the suite's parallel workers
+    another process may take one first. So "started" means *this* Orthanc holds both
+    (tests/harness/peers.py's ``listening_by``); one that lost the race exits, and the
+    next attempt takes other ports (and moves the node)."""
+    log = root / "orthanc.log"
+    for attempt in range(5):
+        dicom_port, http_port = free_port(), free_port()
+        db = root / f"db{attempt}"
+        db.mkdir(parents=True)
+        conf = root / f"orthanc{attempt}.json"
+        conf.touch(0o600)
+        conf.write_text(json.dumps(_orthanc_config(env, db, password, dicom_port, http_port),
+                                   indent=1))
+        v = env.vault.open()
+        try:
+            v.nodes.update(ORTHANC_AE, port=dicom_port)
+        finally:
+            v.close()
+        service = Service(["Orthanc", str(conf)], log, env=DCMTK_ENV)
+        deadline = time.monotonic() + 60
+        while not (listening_by(service.pid, http_port)
+                   and listening_by(service.pid, dicom_port)):
+            if service.proc.poll() is not None:
+                break  # lost a port: try others
+            if time.monotonic() > deadline:
+                service.stop()
+                raise AssertionError(f"Orthanc did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        else:
+            return service, http_port
+        service.stop()
+    raise AssertionError(f"Orthanc found no free ports:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="module")
-def orthanc(env: Env) -> Iterator[tuple[httpx.Client, str]]:
+def orthanc(env: Env) -> Iterator[Orthanc]:
     if shutil.which("Orthanc") is None:
         pytest.skip("Orthanc missing (scripts/install.sh --test installs Debian's orthanc)")
     root = env.root / "orthanc"
-    db = root / "db"
-    db.mkdir(parents=True)
+    root.mkdir()
     password = secrets.token_urlsafe(24)
-    conf = root / "orthanc.json"
-    conf.write_text(json.dumps(_orthanc_config(env, db, password), indent=1))
-    conf.chmod(0o600)
-    service = Service(["Orthanc", str(conf)], root / "orthanc.log", env=DCMTK_ENV)
+    service, http_port = _start_orthanc(env, root, password)
     try:
-        wait_port(env.orthanc_http_port, service.proc, service.log, timeout=60)
-        wait_port(env.orthanc_dicom_port, service.proc, service.log, timeout=60)
-        with httpx.Client(base_url=f"http://127.0.0.1:{env.orthanc_http_port}",
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}",
                           auth=(USER, password), timeout=60, trust_env=False) as http:
-            yield http, password
+            yield Orthanc(http, http_port)
     finally:
         service.stop()
 
@@ -415,13 +450,12 @@ def _elements_equal(back: Dataset, original: Dataset, name: str) -> None:
         assert back[elem.tag].value == elem.value, f"{name} {elem.tag}"
 
 
-def test_big_endian_round_trip_through_orthanc(env: Env,
-                                                orthanc: tuple[httpx.Client, str]) -> None:
-    http, _ = orthanc
+def test_big_endian_round_trip_through_orthanc(env: Env, orthanc: Orthanc) -> None:
+    http = orthanc.http
     (big,) = [s for s in env.stored if s.syntax == ExplicitVRBigEndian]
     original = dcmread(big.path)
     assert http.get("/system").status_code == 200
-    assert httpx.get(f"http://127.0.0.1:{env.orthanc_http_port}/system",
+    assert httpx.get(f"http://127.0.0.1:{orthanc.http_port}/system",
                      trust_env=False).status_code == 401  # auth really on
 
     # vault -> Orthanc by C-MOVE (the vault must convert: Orthanc takes no Big Endian)
