@@ -66,6 +66,30 @@ def test_default_and_validation() -> None:
     assert 'bind = "private"' in render("PACSVAULT", None)
 
 
+def test_keywords_in_any_case_on_the_command_line_too(capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """``serve --bind Private`` is the keyword, as in the settings file (one rule,
+    service/bind.normalize): before, the command line took it for an address."""
+    from pacsvault.cli.main import build_parser
+
+    def bind(value: str) -> str:
+        return str(build_parser().parse_args(["serve", "--bind", value]).bind)
+
+    for word in ("Private", "PRIVATE", " private "):
+        assert bind(word) == "private"
+        assert ServerSettings(ae_title="A", bind=word).bind == "private"
+    for word in ("LocalHost", "LOCALHOST"):
+        assert bind(word) == "127.0.0.1"
+        assert ServerSettings(ae_title="A", bind=word).bind == "127.0.0.1"
+    assert bind("0.0.0.0") == "0.0.0.0"
+    assert bind("fd12:3456::20") == "fd12:3456::20"
+    assert Exposure("lan", False, bind("Private"), ("192.168.0.0/16",)).public_bind() is False
+    with pytest.raises(SystemExit) as exited:
+        bind("pacs.example.org")
+    assert exited.value.code == 2
+    assert 'bind must be "private" or an IP address' in capsys.readouterr().err
+
+
 def test_guard_private_is_not_widening() -> None:
     lan = ("127.0.0.0/8", "192.168.0.0/16")
     legacy = Exposure("lan", False, "0.0.0.0", lan)

@@ -40,7 +40,8 @@ log = logging.getLogger("pacsvault.serve")
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the archive (creates a vault on first run)")
     add_data_args(p)
-    p.add_argument("--bind", help="address to listen on (overrides pacsvault.toml)")
+    p.add_argument("--bind", type=binding.argument,
+                   help="address to listen on, or 'private' (overrides pacsvault.toml)")
     p.add_argument("--dicom-port", type=int, help="plain DICOM port (0 = any free port)")
     p.add_argument("--dicom-tls-port", type=int, help="DICOM TLS port (0 = any free port)")
     p.add_argument("--https-port", type=int, help="HTTPS port (0 = any free port)")

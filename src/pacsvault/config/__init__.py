@@ -32,6 +32,7 @@ from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
 from pacsvault.config.syslog import SyslogSettings
 from pacsvault.config.tokens import TOML_SECTION as TOKENS_SECTION
 from pacsvault.config.tokens import TokenSettings
+from pacsvault.service.bind import normalize as normalize_bind
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -66,19 +67,9 @@ class ServerSettings(_Strict):
     @field_validator("bind")
     @classmethod
     def _bind_keyword(cls, value: str) -> str:
-        """The keyword in any case; anything else not an address is refused now rather
-        than by a failed bind at start (a host name may resolve to a public address)."""
-        text = value.strip()
-        if text.lower() == "private":
-            return "private"
-        if text.lower() == "localhost":  # the one name older settings files used
-            return "127.0.0.1"
-        try:
-            ipaddress.ip_address(text.split("%")[0])
-        except ValueError:
-            raise ValueError(f'bind must be "private" or an IP address, not {value!r}'
-                             ) from None
-        return text
+        """The keywords in any case, else an address (service/bind.py: the same rule as
+        ``serve --bind``)."""
+        return normalize_bind(value)
 
 
 class DicomSettings(_Strict):
@@ -233,6 +224,9 @@ class BackupSettings(_Strict):
     # A restore drill (restore the latest snapshot, open and verify it) this often.
     drill_every_days: int = Field(30, ge=1)
     restic_binary: str = "restic"
+    # PostgreSQL index (issue 16): the directory of pg_dump/pg_restore ("" = PATH). Their
+    # major version must be at least the server's.
+    pg_bin_dir: str = ""
 
     @model_validator(mode="after")
     def _unique_names(self) -> BackupSettings:
@@ -517,6 +511,9 @@ keep_yearly = 20
 # (a restore drill) this often.
 drill_every_days = 30
 restic_binary = "restic"
+# With a PostgreSQL index the backup streams a pg_dump into the repository: the directory
+# of pg_dump / pg_restore (empty: the PATH; their major version must be >= the server's).
+pg_bin_dir = ""
 # [[backup.targets]]
 # name = "usb"
 # repository = "/media/usb/pacsvault-backup"

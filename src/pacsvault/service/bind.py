@@ -18,12 +18,15 @@ served until a restart.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 PRIVATE = "private"
+# The one host name older settings files used; it means the IPv4 loopback address.
+LOCALHOST = "localhost"
 
 _LOOPBACK = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128"))
 _PRIVATE = tuple(ipaddress.ip_network(n) for n in (
@@ -70,6 +73,34 @@ def private_addresses(interfaces: Mapping[str, Iterable[Any]] | None = None) -> 
         if str(ip) not in out:
             out.append(str(ip))
     return out or ["127.0.0.1"]
+
+
+def normalize(value: str) -> str:
+    """A ``bind`` value as the rest of the code compares it: the keywords in any case
+    (``Private``, ``LOCALHOST``: people type them so, and ``--bind Private`` must not be
+    taken for an address, e.g. a public one by the exposure guard), else an IP address.
+    Anything else is refused now rather than by a failed bind at start (a host name may
+    resolve to a public address). One function for ``[server] bind`` and ``--bind``."""
+    text = value.strip()
+    word = text.lower()
+    if word == PRIVATE:
+        return PRIVATE
+    if word == LOCALHOST:
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        raise ValueError(f'bind must be "private" or an IP address, not {value!r}'
+                         ) from None
+    return text
+
+
+def argument(value: str) -> str:
+    """``normalize`` as an argparse ``type``: its message, not argparse's "invalid value"."""
+    try:
+        return normalize(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def addresses(bind: str, interfaces: Mapping[str, Iterable[Any]] | None = None) -> list[str]:
