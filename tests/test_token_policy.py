@@ -6,7 +6,8 @@
 * Network: a token bound to 127.0.0.1/32 (``--from``) is refused over real HTTPS from
   127.0.0.2 (the client socket bound there; loopback addresses stand in for a LAN) and
   accepted from 127.0.0.1; outside the trusted networks a token works only if made
-  ``--remote`` while internet mode is on.
+  ``--remote`` while internet mode is on; a ``--from`` network wholly outside the trusted
+  networks without ``--remote`` (a token nobody could use) is refused at creation.
 * Idle expiry with a fake clock; last use (time, address) in ``token list`` and on the
   account page; a use from a new address is a ``token.new-address`` record in the trail.
 * Index revision 0005 on both backends: an existing 366-day token keeps working, its expiry
@@ -117,6 +118,38 @@ def test_outside_the_practice_network_only_remote_tokens_in_internet_mode(
         assert studies(web, remote.token, "127.0.0.1").status_code == 200
     finally:
         web.accounts.use_token_policy(web.vault.token_policy)
+
+
+def test_a_network_outside_the_trusted_ones_needs_remote_at_creation(
+        web: LocalWeb, vault_dir: VaultDir) -> None:
+    """``--from`` a network no trusted address is in, without ``--remote``: a token no
+    address could use (refused outside the trusted networks, refused outside its own), so
+    it is refused when made, by a message naming the rule."""
+    accounts = web.accounts
+    for outside in ("203.0.113.0/24", "2001:db8::/32", "198.51.100.7"):
+        with pytest.raises(AccountError, match=r"outside the trusted networks \(\[dicom\] "
+                           r"trusted_networks\).*only if made --remote"):
+            accounts.create_token(USER, "1d", source_network=outside)
+    # some trusted address inside it: usable from there, so made
+    for usable in ("192.168.1.0/24", "fd00::/64", "127.0.0.1", "0.0.0.0/0"):
+        accounts.create_token(USER, "1d", source_network=usable)
+    # --remote in internet mode: usable from that network, so made
+    internet = dataclasses.replace(web.vault.token_policy(), internet=True)
+    accounts.use_token_policy(lambda: internet)
+    try:
+        made = accounts.create_token(USER, "1d", source_network="203.0.113.0/24",
+                                     remote=True)
+    finally:
+        accounts.use_token_policy(web.vault.token_policy)
+    assert made.token_id in {t.token_id for t in accounts.list_tokens(USER)}
+    # the command line says it and makes nothing
+    before = {t.token_id for t in accounts.list_tokens(USER)}
+    refused = vault_dir.cli("token", "create", "--user", USER, "--from", "203.0.113.0/24",
+                            check=False)
+    assert refused.returncode != 0
+    assert "--from 203.0.113.0/24 is outside the trusted networks" in refused.stderr
+    assert "add --remote" in refused.stderr
+    assert {t.token_id for t in accounts.list_tokens(USER)} == before
 
 
 def test_an_unused_token_expires_and_use_restarts_the_clock(web: LocalWeb) -> None:

@@ -12,7 +12,9 @@ so a reload applies at once:
 - idle expiry: unused for ``idle_days``, a token stops working;
 - network: a token bound to a network (``--from``) is refused from outside it; every token
   is refused outside the trusted networks unless it was made ``--remote`` *and* internet
-  mode is on (turning internet mode off cuts remote tokens too). A refusal is recorded;
+  mode is on (turning internet mode off cuts remote tokens too). A refusal is recorded.
+  So a ``--from`` network wholly outside the trusted networks, without ``--remote``, makes
+  a token no address can use: refused at creation, naming the rule;
 - a use from an address the token was never used from is an audit event
   (``token.new-address``): a token copied to another machine shows in the trail.
 
@@ -35,7 +37,7 @@ from pacsvault.accounts.core import AccountError, AccountsCore, retry_on_conflic
 from pacsvault.accounts.models import ApiToken, ApiTokenSource
 from pacsvault.accounts.throttle import Decision, Source
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
-from pacsvault.config import Settings, peer_ip
+from pacsvault.config import IPNetwork, Settings, peer_ip
 from pacsvault.config.tokens import TokenSettings
 
 NEW_ADDRESS = "token.new-address"
@@ -48,20 +50,24 @@ LAST_USED_PRECISION = dt.timedelta(minutes=1)
 @dataclass(frozen=True)
 class TokenPolicy:
     """What the settings say about tokens. ``trusted``: the practice-network rule (None:
-    none, only for ``Accounts`` made without a vault); ``internet``: remote access is on."""
+    none, only for ``Accounts`` made without a vault); ``trusted_networks``: the same rule
+    as networks, to tell at creation whether a ``--from`` network can ever pass it (None:
+    not checked); ``internet``: remote access is on."""
 
     default_lifetime: dt.timedelta = dt.timedelta(days=30)
     max_lifetime: dt.timedelta = dt.timedelta(days=90)
     idle: dt.timedelta = dt.timedelta(days=30)
     trusted: Callable[[str], bool] | None = None
     internet: bool = False
+    trusted_networks: tuple[IPNetwork, ...] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenPolicy:
         t: TokenSettings = settings.tokens
         return cls(dt.timedelta(days=t.default_days), dt.timedelta(days=t.max_days),
                    dt.timedelta(days=t.idle_days), settings.is_trusted,
-                   settings.web.remote_access == "internet")
+                   settings.web.remote_access == "internet",
+                   tuple(settings.dicom.trusted_networks))
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,21 @@ def check_network(text: str) -> str:
         raise AccountError(f"--from {text!r} is not a network: give one like "
                            "192.168.1.0/24, or one address") from None
     return net.with_prefixlen
+
+
+def unusable_network_error(network: str, policy: TokenPolicy) -> str | None:
+    """Why a token bound to ``network`` and not ``--remote`` could never be used: no
+    address of it is in the trusted networks, the only place a non-remote token is
+    accepted from (None when some address is, or when the policy names no networks)."""
+    if policy.trusted_networks is None:
+        return None
+    net = ipaddress.ip_network(network, strict=False)
+    if any(net.version == t.version and net.overlaps(t) for t in policy.trusted_networks):
+        return None
+    return (f"--from {network} is outside the trusted networks ([dicom] trusted_networks): "
+            "a token is accepted from outside them only if made --remote, while internet "
+            "mode is on ([web] remote_access = \"internet\"), so this token could never be "
+            "used; give a network inside them, or add --remote")
 
 
 def _in_network(address: str, network: str) -> bool:
@@ -159,6 +180,9 @@ class TokenService(AccountsCore):
             raise AccountError(
                 "--remote needs internet mode ([web] remote_access = \"internet\"): without "
                 "it no token is accepted from outside the practice network")
+        unusable = unusable_network_error(network, policy) if network and not remote else None
+        if unusable:
+            raise AccountError(unusable)
         try:
             with self.transaction() as s:
                 user = self.require_user(s, name)
