@@ -26,6 +26,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,28 @@ PAGE = 101
 SEED = 1616
 _BASELINE = table("bench_plain_studies", column("pk"), column("name_norm"),
                   column("study_date"), column("meta_json"))
+
+
+MODALITIES = ("CT", "MR", "CR", "US", "DX")
+
+
+def modality_of(item: dataset.Item) -> str:
+    """The modality of an item's study: the dataset's own kinds, and for the
+    deterministic studies past the dataset one of five in turn (so that a
+    ModalitiesInStudy filter has something to narrow at 100,000 studies)."""
+    if item.path.startswith("SYN/"):
+        return MODALITIES[int(item.path[4:]) % len(MODALITIES)]
+    return {"CT": "CT", "CR": "CR"}.get(item.kind, "MR")
+
+
+def with_patients(corpus: dataset.Corpus, total_studies: int) -> dataset.Corpus:
+    """``corpus`` with enough synthetic patients for ``total_studies`` (0.3 per study,
+    as in the dataset): the dataset's own names first (unchanged, so its files and
+    expected counts still hold), then more from the same 200 prefixes."""
+    want = max(len(corpus.patient_names),
+               round(total_studies * dataset.PATIENTS_PER_STUDY))
+    more = dataset._names(want, random.Random(SEED))[len(corpus.patient_names):]
+    return replace(corpus, patient_names=corpus.patient_names + more)
 
 
 def extra_items(corpus: dataset.Corpus, total_studies: int) -> list[dataset.Item]:
@@ -135,18 +158,21 @@ def load(engine: Engine, corpus: dataset.Corpus, items: list[dataset.Item],
             nxt["s"] += 1
             nxt["se"] += 1
             nxt["i"] += 1
+            modality = modality_of(item)
             ident = {"00100010": {"Alphabetic": name}, "00100020": pid,
                      "0020000D": item.study, "00080020": item.date, "00080021": item.date,
-                     "00080050": f"A{item.patient:07d}"}
+                     "00080050": f"A{item.patient:07d}", "00080060": modality}
             rows["s"].append({**t_study, "pk": nxt["s"], "patient_pk": patients[pid],
                               "study_uid": item.study, "study_date": item.date,
                               "accession_number": f"A{item.patient:07d}", "created": now,
+                              "modalities": modality,
                               "meta_json": _meta(t_study["meta_json"], ident)})
             toks["s"] += [{"token": t, "row_pk": nxt["s"]} for t in sorted(blind.row_tokens(
                 sealer, {"StudyDate": item.date,
                          "ReferringPhysicianName": t_study["referring_physician_norm"]}))]
             rows["se"].append({**t_ser, "pk": nxt["se"], "study_pk": nxt["s"],
                                "series_uid": item.series, "series_date": item.date,
+                               "modality": modality,
                                "meta_json": _meta(t_ser["meta_json"],
                                                   {**ident, "0020000E": item.series})})
             toks["se"] += [{"token": t, "row_pk": nxt["se"]} for t in sorted(blind.row_tokens(
