@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import io
 import json
+import logging
 import re
 import time
 import zipfile
@@ -37,7 +38,7 @@ from tests.test_erasure import Admins, make, store
 from tests.test_viewer_dist import build_tarball, fake_release
 from tests.test_viewer_serving import _mark_as_pinned
 from tests.test_web_routes import app_routes
-from tests.web_helpers import client, page_csrf, sign_in
+from tests.web_helpers import FakeClock, client, local_web, page_csrf, sign_in
 
 PHYSICIAN, PASSWORD = "dr-house", "radiographie-du-genou-droit-du-matin"
 LINK_RE = re.compile(r'<code id="share-url">https://[^/]+/share/([A-Za-z0-9_-]+)</code>')
@@ -327,12 +328,28 @@ def test_expired_and_revoked_links_refused(world: World) -> None:
         res = world.doctor.post("/account/shares/revoke",
                                 data={"csrf": world.csrf, "share": str(newest)})
         assert res.status_code == 303
-        assert opened.get(f"/share/{link}/study").status_code == 401
-        assert opened.get(f"/share/{link}").status_code == 404
         # nor the viewer and DICOMweb: the revoked session is no one
         assert opened.get("/dicom-web/studies").status_code == 401
-        assert opened.get("/viewer").status_code == 303
+        # a reload of the viewer (its URL names the study), of the study page or of the
+        # link: the link's own page says it was revoked, not the staff sign-in page
+        ended = f"/share/{link}/ended"
+        for url in (f"/viewer?StudyInstanceUIDs={world.shared.study_uid}", "/viewer", "/",
+                    f"/share/{link}/study", f"/share/{link}"):
+            res = _viewer_page(opened, url)
+            assert res.status_code == 303 and res.headers["location"] == ended, url
+        page = opened.get(ended)
+        assert page.status_code == 410 and 'data-reason="revoked"' in page.text
+        assert "This share link was revoked" in page.text
+        assert "Ask the physician who shared it" in page.text
+        french = opened.get(ended, headers={"accept-language": "fr-FR,fr;q=0.9"})
+        assert "Ce lien de partage a été révoqué" in french.text
+        assert world.shared.study_uid not in page.text + french.text
+        # the reason is the session holder's only: another browser learns nothing
+        other = colleague.get(ended)
+        assert other.status_code == 404 and 'data-reason=""' in other.text
     assert events(world.vault, "share.revoked")[-1]["share"] == newest
+    for log in world.vault.root.rglob("*.log"):
+        assert world.shared.study_uid.encode() not in log.read_bytes(), log
     colleague.close()
 
 
@@ -349,12 +366,61 @@ def test_fake_clock_expiry_and_limits(world: World) -> None:
         now[0] += dt.timedelta(days=2) - dt.timedelta(seconds=1)
         assert links.resolve(made.link_id, opening.session) is not None
         assert links.resolve(made.link_id, opening.session + "x") is None
+        assert links.ended(made.link_id, opening.session) == ""  # still open
         now[0] += dt.timedelta(seconds=1)
         assert links.resolve(made.link_id, opening.session) is None
+        # why, told to that session only
+        assert links.ended(made.link_id, opening.session) == "expired"
+        assert links.ended(made.link_id, opening.session + "x") == ""
+        assert links.ended(made.link_id + "x", opening.session) == ""
+        links.revoke(made.share.pk, PHYSICIAN)
+        assert links.ended(made.link_id, opening.session) == "revoked"
         with pytest.raises(ValueError):
             links.create(PHYSICIAN, world.shared.study_uid, days=31)
     finally:
         v.close()
+
+
+def test_link_expiring_while_the_viewer_is_open(world: World,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The application in-process with a fake clock (``local_web``) over the same vault:
+    the colleague has OHIF open, the link's last day passes; a reload of the viewer goes to
+    the link's page saying it expired (English, French), not to the staff sign-in; no UID
+    in that URL or in any log line."""
+    uid = world.shared.study_uid
+    caplog.set_level(logging.DEBUG)
+    clock = FakeClock()
+    with local_web(world.vault, clock) as web:
+        accounts = web.accounts
+        made = ShareLinks(web.vault.sessions, web.vault.recorder, accounts.throttle,
+                          accounts.hasher, clock=clock, hold=accounts.recorder.holding
+                          ).create(PHYSICIAN, uid, days=1)
+        link = made.link_id
+        with web.browser() as colleague:
+            assert colleague.get(f"/share/{link}").status_code == 200
+            assert colleague.post(f"/share/{link}", data={"code": made.code}
+                                  ).status_code == 303
+            reload = f"/viewer?StudyInstanceUIDs={uid}"  # OHIF's URL for the study
+            assert _viewer_page(colleague, reload).status_code == 200
+            clock.advance(dt.timedelta(days=1).total_seconds() - 1)
+            assert _viewer_page(colleague, reload).status_code == 200
+            clock.advance(1)
+            res = _viewer_page(colleague, reload)
+            assert res.status_code == 303
+            assert res.headers["location"] == f"/share/{link}/ended"
+            page = colleague.get(res.headers["location"])
+            assert page.status_code == 410 and 'data-reason="expired"' in page.text
+            assert "This share link has expired" in page.text
+            french = colleague.get(f"/share/{link}/ended",
+                                   headers={"accept-language": "fr"})
+            assert "Ce lien de partage a expiré" in french.text
+            assert "Demandez un nouveau lien au médecin" in french.text
+            # a second reload: the same page (the stale cookie opens nothing but says why)
+            assert _viewer_page(colleague, "/").headers["location"] == f"/share/{link}/ended"
+            assert colleague.get("/dicom-web/studies").status_code == 401
+    for record in caplog.records:  # the server's (the test's HTTP client logs its URLs)
+        if not record.name.startswith(("httpx", "httpcore")):
+            assert uid not in record.getMessage() and link not in record.getMessage()
 
 
 def test_de_identified_share(world: World, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ PUBLIC = {
     # (tests/test_share_links.py sweeps every route with that session)
     ("GET", "/share/{link}"), ("POST", "/share/{link}"), ("GET", "/share/{link}/study"),
     ("GET", "/share/{link}/image/{n}"), ("GET", "/share/{link}/download"),
-    ("POST", "/share/{link}/signout"),
+    ("POST", "/share/{link}/signout"), ("GET", "/share/{link}/ended"),
 }
 # Without credentials, every route answers 401 or 303 → /login, except these.
 ANONYMOUS_OK = {
@@ -55,6 +55,7 @@ ANONYMOUS_OK = {
     ("POST", "/language"): 303,  # the sign-in pages' language switch: back to /login
     ("GET", "/share/{link}"): 404,  # no such share link (issue 19)
     ("POST", "/share/{link}"): 404,
+    ("GET", "/share/{link}/ended"): 404,  # no share session of it: "not valid"
 }
 # The OHIF viewer (``/``, ``/viewer``, its files through a catch-all route) checks the
 # session itself and is tested with it; this inventory covers every other route.

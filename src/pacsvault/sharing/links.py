@@ -210,8 +210,10 @@ class ShareLinks:
             row = s.get(ShareLinkRow, pk)
             if row is None or (row.owner != by and not admin) or row.revoked is not None:
                 return False
+            # The session's digest stays: ``resolve`` refuses a revoked link whatever
+            # the session, and ``ended`` can then tell the colleague's browser why its
+            # viewer stopped (a digest of a random value: nothing to protect).
             row.revoked, row.revoked_by = to_micros(self.clock()), by
-            row.session_key = None
             share = _share(row)
         self._emit("share.revoked", Outcome.SUCCESS, by, address, share, {}, required=True)
         return True
@@ -268,6 +270,24 @@ class ShareLinks:
             return None
         share = _share(row)
         return share if share.active(self.clock()) else None
+
+    def ended(self, link_id: str, session: str) -> str:
+        """Why a share session that worked opens nothing now: "revoked", "expired" or
+        "closed" (too many wrong codes on its link). Told only to the browser that holds
+        that session (its digest matches), so a colleague whose open viewer stops working
+        learns why; "" for anything else (still open, signed out, erased, not this link's
+        session): the pages then say no more than "not valid"."""
+        row = self._row(link_id) if link_id and session else None
+        if row is None or row.session_key is None:
+            return ""
+        if not secrets.compare_digest(row.session_key, _digest(session)):
+            return ""
+        share = _share(row)
+        if share.revoked is not None:
+            return "revoked"
+        if self.clock() >= share.expires:
+            return "expired"
+        return "closed" if share.dead else ""
 
     def sign_out(self, link_id: str, session: str) -> None:
         """End a share session (the viewer's "Sign out"): its digest goes, so the cookie,

@@ -12,7 +12,10 @@ Two sides:
   OHIF on that one study (``/viewer``, whose configuration names the study: ``viewer``),
   or, where the viewer is not installed, the series and their rendered images
   (``/share/{link}/image/{n}``); if granted, ``/share/{link}/download``;
-  ``/share/{link}/signout`` ends it. That cookie is read by these routes, OHIF's and the
+  ``/share/{link}/signout`` ends it. A session that ended under the colleague (the link
+  expired or was revoked while the viewer was open) sends every reload of the viewer or of
+  these pages to ``/share/{link}/ended``, which says so (not to the staff sign-in page,
+  which means nothing to them). That cookie is read by these routes, OHIF's and the
   DICOMweb reads only (``share_scope``): every other route of the application sees a
   browser without credentials (tests/test_share_links.py sweeps them all). The URL carries
   the opaque link id only, never a UID: images are numbered.
@@ -46,6 +49,7 @@ from pacsvault.web.share_scope import (
     MAX_LINK,
     cookie_parts,
     cookie_value,
+    ended_share,
     session_share,
     shares_of,
 )
@@ -172,11 +176,21 @@ def _not_valid(request: Request) -> HTTPException:
     return HTTPException(404, NOT_VALID)
 
 
+def _ended(request: Request, link: str) -> Response | None:
+    """To the link's "ended" page when this browser's session of it ended under it."""
+    if len(link) <= MAX_LINK and ended_share(request, link) is not None:
+        return redirect(f"/share/{link}/ended")
+    return None
+
+
 @router.get("/share/{link}")
 def share_entry(request: Request, link: str) -> Response:
     shares = shares_of(request)
     if len(link) <= MAX_LINK and session_share(request, link) is not None:
         return redirect(f"/share/{link}/study")
+    ended = _ended(request, link)
+    if ended is not None:
+        return ended
     if len(link) > MAX_LINK or not shares.exists(link):
         raise _not_valid(request)
     return page(request, "share_code.html", link=link, message="", headers=NO_STORE)
@@ -221,6 +235,9 @@ async def share_study(request: Request, link: str) -> Response:
     """OHIF on the one study (its page records the opening), or, without an installed
     viewer, the rendered images. ``/viewer`` carries no UID: the share session's OHIF
     configuration names the study (``viewer.config_script``)."""
+    ended = await run_in_threadpool(_ended, request, link)
+    if ended is not None:
+        return ended
     share = await run_in_threadpool(_session_share, request, link)
     if viewer.served(request) is not None:
         return redirect("/viewer")
@@ -241,6 +258,19 @@ async def share_study(request: Request, link: str) -> Response:
             assert isinstance(images, list)
             images.append(n)
     return page(request, "share_study.html", link=link, series=series, share=share,
+                headers=NO_STORE)
+
+
+@router.get("/share/{link}/ended")
+def share_ended(request: Request, link: str) -> Response:
+    """The colleague's page when the link expired or was revoked while they had it open:
+    which of the two, and whom to ask. Only the browser that held the session is told
+    why (``ShareLinks.ended``); any other gets "not valid" (404). The URL carries the
+    opaque link id only. The stale cookie stays (it opens nothing): a later reload of the
+    viewer comes here again rather than to the staff sign-in page."""
+    found = ended_share(request, link) if len(link) <= MAX_LINK else None
+    reason = found[1] if found is not None else ""
+    return page(request, "share_ended.html", 410 if reason else 404, reason=reason,
                 headers=NO_STORE)
 
 

@@ -24,14 +24,14 @@ MAX_LINK = 64
 
 
 def shares_of(request: Request) -> ShareLinks:
-    """One ``ShareLinks`` per application, made on first use (the sign-in throttle and
-    Argon2 parameters of the accounts)."""
+    """One ``ShareLinks`` per application, made on first use (the sign-in throttle,
+    Argon2 parameters and clock of the accounts: a test's fake clock moves both)."""
     found: ShareLinks | None = getattr(request.app.state, "shares", None)
     if found is None:  # (not through ``kit``: it imports ``deps``, which imports this)
         vault: Vault = request.app.state.vault
         accounts: Accounts = request.app.state.accounts
         found = ShareLinks(vault.sessions, vault.recorder, accounts.throttle, accounts.hasher,
-                           hold=accounts.recorder.holding)
+                           clock=accounts.throttle.now, hold=accounts.recorder.holding)
         request.app.state.shares = found
     return found
 
@@ -65,3 +65,22 @@ def share_principal(request: Request) -> Principal | None:
     address = request.client.host if request.client else ""
     return Principal(user=f"share:{share.pk}", roles=frozenset(), via_token=False,
                      address=address, share=share.pk, study=share.study)
+
+
+def ended_share(request: Request, link: str | None = None) -> tuple[str, str] | None:
+    """(link, why) when this browser's share session (for ``link`` if given) has ended
+    under it: revoked or expired while the colleague had the viewer open
+    (``ShareLinks.ended``). Blocking (an index read): call from a thread."""
+    own, session = cookie_parts(request)
+    if not own or (link is not None and link != own):
+        return None
+    why = shares_of(request).ended(own, session)
+    return (own, why) if why else None
+
+
+def ended_location(request: Request) -> str | None:
+    """Where a browser whose share session ended goes instead of the staff sign-in page
+    (a reload of the viewer): that link's own page saying so. The link id only, never the
+    query the viewer's URL carried (a study UID)."""
+    found = ended_share(request)
+    return f"/share/{found[0]}/ended" if found is not None else None

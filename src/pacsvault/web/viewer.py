@@ -253,10 +253,17 @@ def _not_installed(request: Request) -> Response:
     )
 
 
+def _signed_out(request: Request) -> Response:
+    """No one here: a share session that ended under its colleague (expired or revoked
+    while the viewer was open) goes to its link's page saying so; others to sign-in."""
+    ended = share_scope.ended_location(request)
+    return RedirectResponse(ended or _next_url(request), status_code=303)
+
+
 def _index(request: Request) -> Response:
     principal = _principal(request)
     if principal is None:
-        return RedirectResponse(_next_url(request), status_code=303)
+        return _signed_out(request)
     if not principal.share and not principal.has(READER_ROLE):
         return RedirectResponse(_elsewhere(principal), status_code=303)
     viewer = served(request)
@@ -346,7 +353,7 @@ def viewer_files(request: Request, path: str) -> Response:
     is_route = "." not in segments[-1]
     if principal is None:
         if is_route:
-            return RedirectResponse(_next_url(request), status_code=303)
+            return _signed_out(request)
         raise HTTPException(401, "authentication required")
     if is_route:
         return _index(request)
