@@ -32,6 +32,7 @@ from pacsvault.config.syslog import TOML_SECTION as SYSLOG_SECTION
 from pacsvault.config.syslog import SyslogSettings
 from pacsvault.config.tokens import TOML_SECTION as TOKENS_SECTION
 from pacsvault.config.tokens import TokenSettings
+from pacsvault.config.tomledit import TomlValue, set_in_section
 from pacsvault.service.bind import normalize as normalize_bind
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -314,22 +315,13 @@ def _toml_str(value: str) -> str:
 def with_storage(text: str, storage: StorageSettings) -> str:
     """The settings file ``text`` with ``storage``'s S3 settings (``init --storage-url``)
     in place of the defaults of its ``[storage]`` section (comments kept)."""
-    values = {name: _toml_str(getattr(storage, name))
-              for name in ("url", "endpoint", "region", "credentials_file", "ca_file")}
-    values["path_style"] = "true" if storage.path_style else "false"
-    out: list[str] = []
-    section = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1]
-        name = stripped.partition("=")[0].strip()
-        if section == "storage" and name in values and not stripped.startswith("#"):
-            line = f"{name} = {values.pop(name)}"
-        out.append(line)
-    if values:
-        raise ConfigError("the settings file lacks [storage] " + ", ".join(sorted(values)))
-    return "\n".join(out) + "\n"
+    values: dict[str, TomlValue] = {
+        name: getattr(storage, name)
+        for name in ("url", "endpoint", "region", "credentials_file", "ca_file", "path_style")}
+    try:
+        return set_in_section(text, "storage", values)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def render(ae_title: str, key_file: Path | None, index: IndexSettings | None = None) -> str:

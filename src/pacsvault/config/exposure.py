@@ -22,10 +22,12 @@ import hashlib
 import ipaddress
 import json
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pacsvault.config.tomledit import TomlValue, set_in_section
 from pacsvault.fsutil import write_atomic
 
 if TYPE_CHECKING:
@@ -257,35 +259,10 @@ def _read_tests(data_dir: Path) -> dict[str, Any]:
 # --- init: the chosen channel into the settings file -------------------------------------
 
 
-def toml_value(value: str | int | bool | list[str]) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def with_alerts(text: str, values: dict[str, str | int | bool | list[str]]) -> str:
+def with_alerts(text: str, values: Mapping[str, TomlValue]) -> str:
     """The settings file ``text`` with ``values`` in its ``[alerts]`` section (comments
     kept), as ``init --alert-email/--alert-webhook`` chose them."""
-    pending = {name: toml_value(v) for name, v in values.items()}
-    out: list[str] = []
-    section = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            section = stripped[1:-1]
-        name = stripped.partition("=")[0].strip()
-        if section == "alerts" and name in pending and not stripped.startswith("#"):
-            comment = line.partition("#")[2] if name == "mail_to" else ""
-            line = f"{name} = {pending.pop(name)}" + (f"  # {comment.strip()}" if comment
-                                                        else "")
-        out.append(line)
-    if pending:
-        raise ValueError("the settings file lacks [alerts] " + ", ".join(sorted(pending)))
-    return "\n".join(out) + "\n"
+    return set_in_section(text, "alerts", values)
 
 
 def webhook_loopback_http(url: str) -> bool:
