@@ -161,6 +161,30 @@ _SOURCES: dict[Level, tuple[Any, tuple[tuple[str, Any], ...]]] = {
 }
 
 
+# The same, by table name and column name: what a copy or a re-encryption working on raw
+# rows (``migrate``, the master key rotation) hands ``rewrite``.
+TOKENED_TABLES: dict[str, tuple[Level, tuple[tuple[str, str], ...]]] = {
+    entity.__tablename__: (level, tuple((keyword, column.key) for keyword, column in sources))
+    for level, (entity, sources) in _SOURCES.items()
+}
+
+
+def rewrite(conn: Connection, sealer: Sealer, level: Level,
+            rows: list[tuple[int, dict[str, str]]]) -> None:
+    """Replace the tokens of ``rows`` (row key, normalised values by keyword) with
+    tokens under ``sealer``'s key, in the caller's transaction: a master key rotation
+    re-encrypts a chunk of rows and moves their tokens to the new token key in the same
+    commit, so a row and its tokens are never under two keys."""
+    if not rows:
+        return
+    table = _TABLES[level]
+    conn.execute(delete(table).where(table.c.row_pk.in_([pk for pk, _ in rows])))
+    values = [{"token": t, "row_pk": pk} for pk, found in rows
+              for t in sorted(row_tokens(sealer, found))]
+    if values:
+        conn.execute(insert(table), values)
+
+
 def rebuild(conn: Connection, batch: int = 1000) -> int:
     """Write every row's tokens again from its decrypted values (nothing on an unsealed
     index); returns how many rows. For whatever filled a sealed index without

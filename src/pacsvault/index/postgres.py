@@ -175,6 +175,21 @@ def _check_owner(conn: Any, url: URL, sealer: Sealer, vault_id: str) -> None:
             "file?); nothing was changed")
 
 
+def owner_sealed_with(conn: Any, sealer: Sealer, vault_id: str) -> bool:
+    """Whether the owner row is under ``sealer``'s keys (a master key rotation moves it
+    last: it then tells that the whole index is under the new keys)."""
+    found = conn.execute(select(_owner.c.key_check).where(_owner.c.id == 1)).scalar()
+    return found is not None and hmac.compare_digest(bytes(found),
+                                                     sealer.fix(_OWNER_LABEL, vault_id))
+
+
+def reseal_owner(conn: Any, sealer: Sealer, vault_id: str) -> None:
+    """The owner row under ``sealer``'s keys (the last write of a key rotation's index
+    step): from then on the index opens with the new master key only."""
+    conn.execute(_owner.update().where(_owner.c.id == 1).values(
+        key_check=sealer.fix(_OWNER_LABEL, vault_id)))
+
+
 def drop_claim(engine: Engine) -> None:
     """Undo what a failed ``init`` made in the database (its tables), so a retry finds it
     empty again. Only ever called on a database this ``init`` claimed."""

@@ -64,6 +64,17 @@ class Sealer:
         self._gcm = AESGCM(column_key)
         self._siv = AESSIV(fixed_key)
         self._token_key = token_key
+        self._previous: Sealer | None = None
+
+    def reading_also(self, previous: Sealer) -> Sealer:
+        """This sealer (binds, tokens) that also opens what ``previous`` sealed: the
+        engine's sealer while a master key rotation re-encrypts the index row by row
+        (``crypto.rotation.sealed_index``), so a read meeting a row of either key works.
+        Never kept after the rotation: the old keys must open nothing then."""
+        twin = Sealer.__new__(Sealer)
+        twin._gcm, twin._siv, twin._token_key = self._gcm, self._siv, self._token_key
+        twin._previous = previous
+        return twin
 
     def seal(self, label: str, value: str) -> bytes:
         nonce = os.urandom(_NONCE)
@@ -75,6 +86,8 @@ class Sealer:
         try:
             plain = self._gcm.decrypt(blob[1:1 + _NONCE], blob[1 + _NONCE:], _aad(label))
         except InvalidTag:
+            if self._previous is not None:
+                return self._previous.open(label, blob)
             raise SealedColumnError(f"sealed column {label}: does not authenticate") from None
         return _unpad(label, plain)
 
@@ -87,6 +100,8 @@ class Sealer:
         try:
             plain = self._siv.decrypt(blob[1:], [_aad(label)])
         except InvalidTag:
+            if self._previous is not None:
+                return self._previous.unfix(label, blob)
             raise SealedColumnError(f"fixed column {label}: does not authenticate") from None
         return _unpad(label, plain)
 
@@ -102,10 +117,31 @@ class Sealer:
 
 def sealer_for(master: MasterKey, vault_id: str) -> Sealer:
     """The vault's column sealer: three keys derived from the master key (a rotation
-    derives new ones and must re-encrypt every sealed column)."""
+    derives new ones and re-encrypts every sealed column: ``reseal``)."""
     return Sealer(master.derive(keys.PURPOSE_INDEX_COLUMNS, vault_id),
                   master.derive(keys.PURPOSE_INDEX_FIXED, vault_id, 64),
                   master.derive(keys.PURPOSE_INDEX_TOKENS, vault_id))
+
+
+def reseal(old: Sealer, new: Sealer, label: str, blob: bytes, *,
+           fixed: bool) -> tuple[bytes | None, str]:
+    """One stored value moved from ``old``'s keys to ``new``'s (a master key rotation):
+    ``(None, value)`` when it opens with ``new`` already (done by an interrupted run),
+    else ``(new blob, value)``; ``SealedColumnError`` when neither key opens it. Both
+    sealers must be plain ones (no ``reading_also``): which key a value is under is told
+    by authentication, new first. ``fixed``: a ``Fixed`` column (SIV), else ``Sealed``
+    or ``SealedTime`` (GCM, same blob)."""
+    if fixed:
+        try:
+            return None, new.unfix(label, blob)
+        except SealedColumnError:
+            value = old.unfix(label, blob)
+        return new.fix(label, value), value
+    try:
+        return None, new.open(label, blob)
+    except SealedColumnError:
+        value = old.open(label, blob)
+    return new.seal(label, value), value
 
 
 def _pad(value: str) -> bytes:

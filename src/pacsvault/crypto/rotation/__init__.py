@@ -7,6 +7,8 @@ is moved under a new random master key:
 - every wrapped data key (``data_keys``: unwrapped with the old KEK, wrapped with the new;
   data keys themselves, hence every object file, are unchanged);
 - the SQLCipher key of the index (``PRAGMA rekey``: works with WAL on this build, measured);
+  on a PostgreSQL index every sealed column and blind token instead, in chunks
+  (``sealed_index``; refused while another instance shares the index);
 - the PKCS#8 passwords of every ``tls/**/*.key.enc`` (retired CAs included);
 - TOTP secrets (sealed under the accounts key): every second factor keeps working;
 - ``vault.json``: key check, a NEW recovery code and its backup recovery password (the
@@ -70,6 +72,8 @@ from pacsvault.crypto.rotation.steps import new_key_path as new_key_path
 from pacsvault.fsutil import fsync_dir, private_dir, write_private_new
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from pacsvault.config import Settings
     from pacsvault.crypto.protection import PassphraseProvider
     from pacsvault.vault import Layout, Vault
@@ -228,13 +232,46 @@ def rotate(vault: Vault, *, actor: str = "local-admin", keep_old: bool = False,
     key_path = vault.key_path
     if key_path is None:
         raise RotationError("this vault was not opened from a key file")
-    if vault.settings.index.is_postgres:  # issue 16: not re-encrypted yet
-        raise RotationError(
-            "master key rotation is not available yet for a vault whose index is in "
-            "PostgreSQL (every sealed column would have to be re-encrypted); nothing was "
-            "changed")
+    if vault.settings.index.is_postgres:
+        _alone_on_index(vault)
     new, marker = _begin(vault, key_path, passphrase)
     return run(vault, key_path, new, marker, actor=actor, keep_old=keep_old, online=online)
+
+
+def _alone_on_index(vault: Vault) -> None:
+    """A shared PostgreSQL index is rotated from its only instance: another instance
+    (``instances add``: its own copy of the key file, its own trail) still running on the
+    old key would write rows no key opens after the rotation, and its trail has no
+    hand-over record. Refused, online and offline, before anything changes."""
+    from pacsvault.crypto.rotation.sealed_index import other_instances
+
+    others = other_instances(vault.engine, vaultfile.instance(vault.layout.meta))
+    if others:
+        raise RotationError(
+            f"this PostgreSQL index is shared with {len(others)} other instance(s) "
+            f"({', '.join(others)}): each holds a copy of the master key and would go on "
+            "writing under the old one; a master key rotation is run on a vault with one "
+            "instance only (not yet across instances). Nothing was changed")
+
+
+def _open_pending_postgres(settings: Settings, current: keys.MasterKey,
+                           new: keys.MasterKey, vid: str) -> Engine:
+    """The PostgreSQL index of an interrupted rotation: its owner row names the old keys
+    until the index step ends, the new ones after; rows may be under either meanwhile,
+    so the engine opens both (binding with the old until the step attaches the new)."""
+    from pacsvault.index import postgres
+    from pacsvault.index.db import IndexOpenError
+    from pacsvault.index.sealing import attach, sealer_for
+
+    old_sealer, new_sealer = sealer_for(current, vid), sealer_for(new, vid)
+    try:
+        engine = postgres.open_postgres(settings.index, old_sealer, vid)
+    except postgres.IndexUnreachable:
+        raise
+    except IndexOpenError:
+        engine = postgres.open_postgres(settings.index, new_sealer, vid)
+    attach(engine, old_sealer.reading_also(new_sealer))
+    return engine
 
 
 def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object],
@@ -269,11 +306,14 @@ def complete_pending(layout: Layout, settings: Settings, meta: dict[str, object]
         new = _load(pending, vid, passphrase)
         if not keys.verify_key_check(new, vid, str(marker.get("new_key_check", ""))):
             raise RotationError(f"{pending} is not the key this rotation started with")
-        try:
-            engine = open_index(layout.index, current.derive(keys.PURPOSE_INDEX, vid))
-        except IndexOpenError:
-            engine = open_index(layout.index, new.derive(keys.PURPOSE_INDEX, vid))
-        ensure_tables(engine)
+        if settings.index.is_postgres:
+            engine = _open_pending_postgres(settings, current, new, vid)
+        else:
+            try:
+                engine = open_index(layout.index, current.derive(keys.PURPOSE_INDEX, vid))
+            except IndexOpenError:
+                engine = open_index(layout.index, new.derive(keys.PURPOSE_INDEX, vid))
+            ensure_tables(engine)
         vault = vault_class(layout, settings, vid, current, engine)
         vault.key_path = key_path
         try:

@@ -6,6 +6,7 @@ running them again (``rotation.run``, driven by ``rotation/__init__``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from pacsvault import vaultfile
 from pacsvault.crypto import datakeys, keys
@@ -49,6 +50,7 @@ class Outcome:
     tls_keys: int = 0
     secrets: int = 0
     queued: int = 0
+    index_rows: int = 0  # PostgreSQL: rows whose sealed columns were re-encrypted
     retired_key_file: str = ""
     online: bool = False
     resumed: bool = False
@@ -58,6 +60,7 @@ class Outcome:
     def summary(self) -> dict[str, Any]:
         return {"data_keys": self.data_keys, "totp": self.totp, "tls_keys": self.tls_keys,
                 "secrets": self.secrets, "queued": self.queued,
+                "index_rows": self.index_rows,
                 "retired_key_file": self.retired_key_file, "online": self.online,
                 "resumed": self.resumed, "paused_seconds": round(self.paused_seconds, 3)}
 
@@ -72,9 +75,9 @@ def _crash_point(step: str) -> None:
         os._exit(70)
 
 
-def _crash_after_keys() -> int | None:
+def _crash_after_keys(step: str = "data-keys") -> int | None:
     value = os.environ.get(CRASH_ENV, "")
-    if value.startswith("data-keys:"):
+    if value.startswith(step + ":"):
         return int(value.split(":", 1)[1])
     return None
 
@@ -148,9 +151,7 @@ class Rotation:
         new_key = self._d(self.new, keys.PURPOSE_ACCOUNTS)
         done = 0
         with self.vault.engine.begin() as conn:
-            exists = conn.execute(text(
-                "SELECT name FROM sqlite_master WHERE type='table' AND name='user_totp'")).first()
-            if exists is None:
+            if not inspect(conn).has_table("user_totp"):  # SQLite or PostgreSQL
                 return 0
             for pk, user_pk, sealed in conn.execute(
                     text("SELECT pk, user_pk, sealed FROM user_totp")).all():
@@ -244,10 +245,14 @@ class Rotation:
     def index(self) -> None:
         """``PRAGMA rekey`` behind the vault's one engine, its gate closed (``index.db``):
         queries and association checks wait the moment it takes instead of meeting a
-        connection opened with the old key."""
+        connection opened with the old key. On PostgreSQL: every sealed column and
+        token re-encrypted (``sealed_index``)."""
         from pacsvault.index.db import gate_of, opens_with, rekey
 
         engine = self.vault.engine
+        if self.vault.settings.index.is_postgres:
+            self._sealed_index()
+            return
         path = self.vault.layout.index
         new_key = self._d(self.new, keys.PURPOSE_INDEX)
         if self.outcome.resumed and opens_with(path, new_key):
@@ -258,6 +263,33 @@ class Rotation:
             log.warning("key rotation: a connection to the index was still in use when it "
                         "was re-keyed; that one request may fail once")
         _crash_point("index")  # (rekey truncated the WAL itself: no old-key page left)
+
+    def _sealed_index(self) -> None:
+        from pacsvault.crypto.rotation import sealed_index
+        from pacsvault.index.sealing import sealer_for
+
+        limit = _crash_after_keys("index-rows")
+
+        def chunk_done(rows: int) -> None:
+            if limit is not None and rows >= limit:  # test hook "index-rows:N"
+                log.warning("test hook: stopping the rotation after %d index rows", rows)
+                os._exit(70)
+
+        engine = self.vault.engine
+        held = sealed_index.readers_held(engine) if self.outcome.online \
+            else contextlib.nullcontext(True)
+        try:
+            with held as drained:
+                if not drained:
+                    log.warning("key rotation: a connection to the index was still in use "
+                                "when its columns were re-encrypted; that one request may "
+                                "miss a row once")
+                self.outcome.index_rows = sealed_index.reseal_index(
+                    engine, sealer_for(self.old, self.vid), sealer_for(self.new, self.vid),
+                    self.vid, limit=limit, chunk_done=chunk_done)
+        except sealed_index.SealedIndexError as exc:
+            raise RotationError(str(exc)) from None
+        _crash_point("index")
 
     def trail_done(self) -> bool:
         """Whether the trail already has this rotation's record (an interrupted run)."""
