@@ -77,6 +77,15 @@ def chromium() -> Iterator[Any]:
             browser.close()
 
 
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture() -> Iterator[Any]:
+    """The module's Chromium (fixture ``browser``), shared by its tests. A test module
+    uses it with ``from tests.browser import browser_fixture as browser_fixture``: the
+    import makes pytest see the fixture, the alias marks it as used on purpose."""
+    with chromium() as b:
+        yield b
+
+
 def new_page(browser: Any, *, locale: str = "en-US", errors: ErrorLog | None = None,
              viewport: tuple[int, int] = (1280, 800)) -> Any:
     context = browser.new_context(

@@ -16,12 +16,12 @@ import pytest
 from tests import corpus
 from tests.browser import (
     ErrorLog,
-    chromium,
     first_sign_in,
     new_page,
     password_step,
     shot,
 )
+from tests.browser import browser_fixture as browser_fixture  # fixture 'browser'
 from tests.helpers import Server, VaultDir, echoscu, events, make_vault, start_server, storescu
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -44,12 +44,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(vault, server, f"https://localhost:{server.https_port}")
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests import browser_data
-from tests.browser import ErrorLog, chromium, first_sign_in, new_page, shot, wait_for_image
+from tests.browser import ErrorLog, first_sign_in, new_page, shot, wait_for_image
+from tests.browser import browser_fixture as browser_fixture  # fixture 'browser'
 from tests.helpers import make_vault, start_server, storescu
 from tests.web_helpers import write_secret
 
@@ -75,12 +76,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(f"https://localhost:{server.https_port}", ct.study_uid)
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
 
 
 @dataclass

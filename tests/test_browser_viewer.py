@@ -21,7 +21,6 @@ from tests.browser import (
     CANVAS,
     ErrorLog,
     canvas_digest,
-    chromium,
     first_sign_in,
     new_page,
     password_step,
@@ -30,6 +29,7 @@ from tests.browser import (
     wait_for_change,
     wait_for_image,
 )
+from tests.browser import browser_fixture as browser_fixture  # fixture 'browser'
 from tests.helpers import Server, VaultDir, make_vault, start_server, storescu
 from tests.web_helpers import Authenticator, write_secret
 
@@ -78,12 +78,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(vault, server, f"https://localhost:{server.https_port}", ct, mr, files)
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
 
 
 @dataclass
