@@ -656,6 +656,7 @@ class Vault:
         return Vault(layout, settings, self.vault_id, self._master, engine)
 
     def close(self) -> None:
+        self.audit.close()  # deferred records (``AuditTrail.defer``) written first
         if self.syslog is not None:
             # Give this process's last events a chance to leave; the rest stays queued.
             self.syslog.flush(2.0)

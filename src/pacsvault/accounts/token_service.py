@@ -29,10 +29,10 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from pacsvault.accounts import tokens
+from pacsvault.accounts import token_check, tokens
 from pacsvault.accounts.core import AccountError, AccountsCore, retry_on_conflict
 from pacsvault.accounts.models import ApiToken, ApiTokenSource
 from pacsvault.accounts.throttle import Decision, Source
@@ -231,7 +231,18 @@ class TokenService(AccountsCore):
         A valid token records nothing here (the request itself is recorded with the user by
         the web layer; an event per request here would double the trail). Every refusal is
         recorded; wrong or unknown tokens count against the address, never the account.
+        The common case (valid, nothing to write or record) is settled by one read
+        (``token_check``, issue 17); anything else takes the full check.
         """
+        bind = self.sessions.kw.get("bind")
+        if isinstance(bind, Engine):
+            policy = self.token_policy()
+            identity = token_check.quick_identity(
+                bind, token, _address_key(address), self._now(), policy.idle,
+                LAST_USED_PRECISION,
+                lambda network, remote: self._refusal(network, remote, address, policy))
+            if identity is not None:
+                return TokenResult(identity)
         return retry_on_conflict(lambda: self._check_token(token, address))
 
     def _check_token(self, token: str, address: str) -> TokenResult:
@@ -267,10 +278,15 @@ class TokenService(AccountsCore):
     @staticmethod
     def _network_refusal(row: ApiToken, address: str, policy: TokenPolicy) -> str:
         """"" when ``address`` may use the token; else the refusal's reason."""
-        if row.source_network and not _in_network(address, row.source_network):
+        return TokenService._refusal(row.source_network, bool(row.remote), address, policy)
+
+    @staticmethod
+    def _refusal(source_network: str, remote: bool, address: str,
+                 policy: TokenPolicy) -> str:
+        if source_network and not _in_network(address, source_network):
             return "outside-token-network"
         if policy.trusted is not None and not policy.trusted(address) \
-                and not (row.remote and policy.internet):
+                and not (remote and policy.internet):
             return "outside-practice-network"
         return ""
 

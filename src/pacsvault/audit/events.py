@@ -108,6 +108,13 @@ ACCESS_CODES = frozenset({
     EventCode.BEGIN_TRANSFERRING, EventCode.EXPORT, EventCode.IMPORT,
 })
 
+# Events that let no data leave and are followed, within moments, by the records of what
+# the association does (its query's, its retrieval's, its stores' batch): written at
+# once and made durable by the next record's fsync, instead of by one of their own
+# (``Recorder.emit``, ``AuditTrail.defer``; issue 17: a C-FIND association paid two
+# commits for one query).
+DEFERRABLE = frozenset({"dicom.association.accepted"})
+
 UNAVAILABLE_ACTION = "audit.unavailable"
 _CRITICAL_EVERY = 60.0  # seconds between two CRITICAL log lines while the trail is down
 
@@ -147,14 +154,24 @@ class Recorder:
 
         ``required`` (default: the event is an access, ``ACCESS_CODES``) makes a failure
         of the durable sink raise ``AuditUnavailable`` after the other sinks ran.
+        An event in ``DEFERRABLE`` (lets no data leave) goes to a durable sink's
+        ``defer`` when it has one: written at once, made durable by the next record's
+        fsync (``AuditTrail.defer``: at most ``DEFER_SECONDS`` later). Never a required
+        event.
         """
+        is_required = required if required is not None else event.code in ACCESS_CODES
+        deferred = event.action in DEFERRABLE and not is_required
         with self._lock:
             sinks = list(self._sinks)
         failure: BaseException | None = None
         durable = False
         for sink in sinks:
             try:
-                sink.write(event)
+                later = getattr(sink, "defer", None) if deferred else None
+                if later is not None:
+                    later(event)
+                else:
+                    sink.write(event)
             except Exception as exc:  # a sink must not take the server down
                 self._log.error("event sink %s failed: %s", type(sink).__name__,
                                 type(exc).__name__)
@@ -168,7 +185,7 @@ class Recorder:
                 self._log.warning("the audit trail is writable again")
             return
         self._unavailable(event, failure)
-        if required if required is not None else event.code in ACCESS_CODES:
+        if is_required:
             raise AuditUnavailable(str(failure)) from failure
 
     def publish(self, event: AuditEvent) -> None:

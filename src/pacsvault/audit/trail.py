@@ -27,6 +27,14 @@ also copied into the index in the anchor's transaction (``audit.instances``: the
 cross-instance checkpoints and the deployment-wide verification). An embedded index
 (SQLite: one instance) gets no copy.
 
+Appends are group-committed (issue 17): threads appending at the same time queue their
+records, and whichever holds the trail writes every queued one with one write, one fsync
+and one anchor move; each caller still returns only once its own record is durable. An
+event that is no access (an association accepted) may be *deferred* (``defer``): it
+goes out with the next record written, in the same fsync (a C-FIND association: the
+acceptance and the query record, one commit), and at the latest ``DEFER_SECONDS`` later
+on its own (``flush``; ``close`` flushes too).
+
 This module is the appender (locks, the head anchor, repair, key hand-over) and the
 facade: the record format is ``trail_format``, sealed references ``trail_refs``,
 verification ``trail_verify``, the retention rewrite ``trail_retention``; their public
@@ -73,13 +81,15 @@ from pacsvault.audit.trail_format import (
     record_hash,
     tip_of,
 )
+from pacsvault.audit.trail_queue import DEFER_SECONDS, QueuedAppends
 from pacsvault.audit.trail_refs import grouped_refs, seal, unseal
 from pacsvault.audit.trail_retention import seal_before
 from pacsvault.audit.trail_verify import Checkpoint
 from pacsvault.index.models import AuditHead
 
 __all__ = [
-    "FORMAT", "GENESIS", "ROTATED_ACTION", "AuditTrail", "BatchWriter", "Checkpoint",
+    "DEFER_SECONDS", "FORMAT", "GENESIS", "ROTATED_ACTION", "AuditTrail", "BatchWriter",
+    "Checkpoint",
     "Record", "TrailError", "TrailKeys", "TrailSink", "TrailUnwritable", "Verdict",
 ]
 
@@ -94,7 +104,7 @@ def _identity(fd: int) -> tuple[int, int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-class AuditTrail:
+class AuditTrail(QueuedAppends):
     def __init__(self, root: Path, keys: TrailKeys, sessions: sessionmaker[Session],
                  instance: str = instances.MAIN) -> None:
         self.root = root
@@ -116,6 +126,7 @@ class AuditTrail:
         # Called (outside the locks) with a description whenever an append finds the file
         # different from what was anchored: the running server's watcher raises the alert.
         self.on_problem: Callable[[str], None] | None = None
+        self._init_queue()
 
     # --- writing ----------------------------------------------------------------------
 
@@ -131,18 +142,23 @@ class AuditTrail:
         The lock is a separate file so that a retention rewrite (which replaces the trail
         file) cannot leave another process appending to the old one.
         """
-        with self._lock:
-            lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+        with self._lock, self._file_held() as fd:
+            yield fd
+
+    @contextmanager
+    def _file_held(self) -> Iterator[int]:
+        """The file lock and an append descriptor (the caller holds ``_lock``)."""
+        lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                try:
-                    yield fd
-                finally:
-                    os.close(fd)
+                yield fd
             finally:
-                fcntl.flock(lock_fd, fcntl.LOCK_UN)
-                os.close(lock_fd)
+                os.close(fd)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            os.close(lock_fd)
 
     @contextmanager
     def _shared(self) -> Iterator[None]:
@@ -254,11 +270,13 @@ class AuditTrail:
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
         conn: Connection | None, problems: list[str], *, repair_only: bool = False,
+        sync: bool = True,
     ) -> list[int]:
         """Write a repair record if the tail is torn, then ``events``; one fsync.
 
         Raises ``TrailUnwritable`` unless every line is written and fsync'ed; the anchor
-        moves only after that.
+        moves only after that. ``sync`` False (``defer``): written, neither fsync'ed nor
+        anchored; the next synced append (even of no event: ``flush``) covers them.
         """
         left, self._left = self._left, None
         here = _identity(fd)
@@ -301,7 +319,11 @@ class AuditTrail:
                 prev, last_time = self._sign(body), time
                 lines.append(canonical(body) + b"\n")
                 seqs.append(seq)
-            self._write_all(fd, prefix + b"".join(lines))
+            self._write_all(fd, prefix + b"".join(lines), sync=sync)
+            if not sync:
+                self._left = (_identity(fd), Tip(seq, prev, last_time, None, b"", b"", False))
+                return seqs
+            self._synced()  # this fsync covered every line written before it
             try:
                 if self.copies:  # one INSERT per record, in the anchor's transaction
                     instances.copy_lines(db, self.instance, list(zip(seqs, lines, strict=True)),
@@ -323,7 +345,7 @@ class AuditTrail:
         return digest
 
     @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
+    def _write_all(fd: int, data: bytes, *, sync: bool = True) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -331,7 +353,8 @@ class AuditTrail:
                 if written <= 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 view = view[written:]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             raise TrailUnwritable(f"the audit trail could not be written ({name})") from exc
@@ -345,17 +368,6 @@ class AuditTrail:
                     callback(problem)
                 except Exception as exc:  # the watcher must not break an append
                     log.error("audit watcher callback failed: %s", type(exc).__name__)
-
-    def append(self, event: AuditEvent) -> int:
-        """Append one record; returns its seq once it is durable (raises otherwise)."""
-        refs = self._refs(event, None)
-        problems: list[str] = []
-        try:
-            with self._exclusive() as fd:
-                seqs = self._append_locked(fd, [(event, refs)], None, problems)
-        finally:
-            self._notify(problems)
-        return seqs[-1]
 
     @contextmanager
     def batch(self) -> Iterator[BatchWriter]:
@@ -573,3 +585,7 @@ class TrailSink:
 
     def write(self, event: AuditEvent) -> None:
         self._trail.append(event)
+
+    def defer(self, event: AuditEvent) -> None:
+        """An event that is no access: written with the next record (``AuditTrail.defer``)."""
+        self._trail.defer(event)

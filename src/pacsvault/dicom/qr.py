@@ -164,6 +164,7 @@ class QueryRetrieve:
                                    "" if part == 1 else f"continued (part {part})", accessed,
                                    required=True)
                 accessed.patient_ids, accessed.study_uids = set(), set()
+                accessed.study_patients = {}
                 accessed.truncated = False
                 for answer in chunk:
                     if event.is_cancelled:
@@ -199,6 +200,9 @@ class QueryRetrieve:
                     "references_truncated": accessed.truncated},
             patient_ids=tuple(sorted(accessed.patient_ids)),
             study_uids=tuple(sorted(accessed.study_uids)),
+            # whose each study is, from the answers: no look-up in the index to group them
+            study_patients={s: p for s, p in accessed.study_patients.items()
+                            if s in accessed.study_uids},
         ), required=required)
 
     # --- C-MOVE -----------------------------------------------------------------------
@@ -293,6 +297,7 @@ class QueryRetrieve:
             actor_ae=state.node.ae_title if state.node else "",
             actor_address=state.peer.address,
             study_uids=tuple(sorted({i.study_uid for i in items})),
+            study_patients={i.study_uid: i.patient_id for i in items if i.patient_id},
             detail={"destination": destination, "instances": len(items)},
         ), required=True)
 

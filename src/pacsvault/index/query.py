@@ -157,6 +157,9 @@ class Accessed:
     patient_ids: set[str] = field(default_factory=set)
     study_uids: set[str] = field(default_factory=set)
     truncated: bool = False
+    # Whose each study is, as the answers said: the record's references are grouped per
+    # patient from it, without asking the index again (issue 17).
+    study_patients: dict[str, str] = field(default_factory=dict)
 
     def add(self, patient_id: str | None, study_uid: str | None) -> None:
         if len(self.patient_ids) + len(self.study_uids) >= self.limit:
@@ -166,6 +169,8 @@ class Accessed:
             self.patient_ids.add(patient_id)
         if study_uid is not None:
             self.study_uids.add(study_uid)
+            if patient_id is not None:
+                self.study_patients[study_uid] = patient_id
 
 
 @dataclass

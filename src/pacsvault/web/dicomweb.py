@@ -35,7 +35,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from pacsvault.audit import EventCode, Outcome
+from pacsvault.audit import AuditUnavailable, EventCode, Outcome
+from pacsvault.vault import Vault
 from pacsvault.web import dicomweb_common as dw
 from pacsvault.web import errors, qido, stow, wado, wado_handlers
 from pacsvault.web.deps import require_role
@@ -73,27 +74,40 @@ async def _search(
             study = who.study
         query = qido.parse(request.query_params.multi_items(), level, study=study,
                            series=series)
-        result = await run_in_threadpool(qido.search, dw.vault_of(request), query,
-                                         dw.base_url(request))
+        # One hop to a worker thread for the search and its record (durable before the
+        # answer leaves: ``emit`` returns once it is, else raises ``AuditUnavailable``).
+        result = await run_in_threadpool(_search_recorded, dw.vault_of(request), query,
+                                         dw.base_url(request), who, detail)
+    except AuditUnavailable:
+        raise  # the app's handler answers 503: nothing was disclosed
     except Exception as exc:
         failed = errors.failure(exc, log, "QIDO-RS", dw.RULES)
         outcome = Outcome.SERIOUS_FAILURE if failed.serious else Outcome.MINOR_FAILURE
         await dw.record(request, who, "dicomweb.search", EventCode.QUERY, outcome,
                         message=failed.message, detail={**detail, "status": failed.status})
         return failed.response()
-    accessed = result.accessed
-    await dw.record(
-        request, who, "dicomweb.search", EventCode.QUERY, Outcome.SUCCESS,
-        detail={**detail, "matches": len(result.answers),
-                "references_truncated": accessed.truncated},
-        patient_ids=tuple(sorted(accessed.patient_ids)),
-        study_uids=tuple(sorted(accessed.study_uids)),
-    )
     warnings = list(query.warnings)
     if result.more:
         warnings.append(qido.WARNING_MORE)
     headers = {"Warning": ", ".join(warnings)} if warnings else None
     return dw.json_answer(result.answers, headers=headers)
+
+
+def _search_recorded(vault: Vault, query: qido.QidoQuery, base: str, who: Principal,
+                     detail: dict[str, str | int | bool]) -> qido.QidoResult:
+    """Search, then record what the answers disclose (in the same worker thread)."""
+    result = qido.search(vault, query, base)
+    accessed = result.accessed
+    vault.recorder.emit(dw.event_of(
+        who, "dicomweb.search", EventCode.QUERY, Outcome.SUCCESS,
+        detail={**detail, "matches": len(result.answers),
+                "references_truncated": accessed.truncated},
+        patient_ids=tuple(sorted(accessed.patient_ids)),
+        study_uids=tuple(sorted(accessed.study_uids)),
+        study_patients={s: p for s, p in accessed.study_patients.items()
+                        if s in accessed.study_uids},
+    ))
+    return result
 
 
 @router.get("/studies")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -55,22 +56,39 @@ def base_url(request: Request) -> str:
     return f"https://{authority}/dicom-web"
 
 
-async def record(
-    request: Request, who: Principal, action: str, code: EventCode, outcome: Outcome, *,
+def event_of(
+    who: Principal, action: str, code: EventCode, outcome: Outcome, *,
     message: str = "", detail: dict[str, str | int | bool] | None = None,
     study_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = (),
-    patient_ids: tuple[str, ...] = (),
-) -> None:
+    patient_ids: tuple[str, ...] = (), study_patients: Mapping[str, str] | None = None,
+    sop_studies: Mapping[str, str] | None = None,
+) -> AuditEvent:
+    """A DICOMweb request's record. ``study_patients``/``sop_studies``: whose each study
+    is and which study each instance is in, when the answer already said so: the trail
+    then groups the references without asking the index again (issue 17)."""
     detail = dict(detail or {})
     if who.token_id:
         detail["token"] = who.token_id  # its id, never the secret (breach scope)
     if who.share:
         detail["share"] = who.share  # a share session's reads: the share, not a person
-    event = AuditEvent(
+    return AuditEvent(
         action=action, outcome=outcome, code=code, message=message,
         actor_user=who.user, actor_address=who.address, study_uids=study_uids,
         sop_uids=sop_uids, patient_ids=patient_ids, detail=detail,
+        study_patients=dict(study_patients or {}), sop_studies=dict(sop_studies or {}),
     )
+
+
+async def record(
+    request: Request, who: Principal, action: str, code: EventCode, outcome: Outcome, *,
+    message: str = "", detail: dict[str, str | int | bool] | None = None,
+    study_uids: tuple[str, ...] = (), sop_uids: tuple[str, ...] = (),
+    patient_ids: tuple[str, ...] = (), study_patients: Mapping[str, str] | None = None,
+    sop_studies: Mapping[str, str] | None = None,
+) -> None:
+    event = event_of(who, action, code, outcome, message=message, detail=detail,
+                     study_uids=study_uids, sop_uids=sop_uids, patient_ids=patient_ids,
+                     study_patients=study_patients, sop_studies=sop_studies)
     await run_in_threadpool(vault_of(request).recorder.emit, event)
 
 
@@ -114,4 +132,6 @@ async def accessed(
         detail={"resource": resource, "instances": len(items)},
         study_uids=wado.studies_of(items),
         sop_uids=tuple(i.sop_uid for i in items) if instance_level else (),
+        study_patients={i.study_uid: i.patient_id for i in items if i.patient_id},
+        sop_studies={i.sop_uid: i.study_uid for i in items} if instance_level else None,
     )
