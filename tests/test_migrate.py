@@ -457,3 +457,39 @@ def test_a_chunk_committed_before_its_progress_was_saved_is_not_copied_twice(
     assert rows.count(target, table) == total
     assert resumed.last == (rows.CHUNK * 2 + 39) * 3
     rows.reset_sequences(target, [table])  # nothing to do on SQLite
+
+
+def test_a_table_the_migration_does_not_know_stops_it(tmp_path: Path) -> None:
+    """A table in the index that is neither the layout's nor a side table handed in (a
+    future table, or forward's queue without ``side_tables``) would be left behind at
+    the switch: refused before anything is copied, naming the table (never a url)."""
+    from sqlalchemy import Column, Integer, MetaData, Table
+
+    from pacsvault import migrate
+    from pacsvault.dicom import forward
+    from pacsvault.vault import Vault
+    from tests.helpers import new_vault
+
+    vault = new_vault(tmp_path)
+    url = "postgresql://pv@127.0.0.1:9/pv"  # never reached: refused before
+    toml = (vault.data / "pacsvault.toml").read_text()
+    v = vault.open()
+    try:
+        forward.ensure_tables(v)
+        Table("plugin_notes", MetaData(), Column("pk", Integer, primary_key=True)).create(
+            v.engine)
+    finally:
+        v.close()
+
+    def target(opened: Vault) -> migrate.Target:
+        return migrate.choose(opened.settings, to_index=url, to_storage=None)
+
+    for side, named in (((), "forward_cursor, forward_queue, plugin_notes"),
+                        (tuple(forward.metadata.sorted_tables), "(plugin_notes)")):
+        with pytest.raises(migrate.MigrationError) as refused:
+            migrate.migrate(vault.data, vault.key, None, target,
+                            migrate.Options(side_tables=side))
+        assert named in str(refused.value) and url not in str(refused.value)
+        assert "nothing was changed" in str(refused.value)
+    assert (vault.data / "pacsvault.toml").read_text() == toml
+    assert not (vault.data / "migrate-state.json").exists()

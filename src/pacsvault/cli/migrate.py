@@ -57,6 +57,7 @@ def register(sub: Any) -> None:
                    help="forget an interrupted migration and start over (the index it "
                    "made in the target is removed first)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--kill-in-table", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_migrate)
 
 
@@ -82,8 +83,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         except migrate.TargetError as exc:
             raise CommandError(str(exc)) from None
 
+    from pacsvault.dicom import forward
+
+    # The forward queue and its cursor live on forward's own metadata (made on first use):
+    # named here, where the DICOM layer may be imported, so that they are carried too.
     options = migrate.Options(dry_run=bool(args.dry_run), restart=bool(args.restart),
-                              stop_after=args.stop_after)
+                              stop_after=args.stop_after, kill_in_table=args.kill_in_table,
+                              side_tables=tuple(forward.metadata.sorted_tables))
     try:
         summary = migrate.migrate(root, args.key_file, passphrase_source(args), choose,
                                   options)

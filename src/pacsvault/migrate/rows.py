@@ -10,9 +10,15 @@ calls, with the row's normalised values (nothing on an SQLite target).
 
 Primary keys are kept (instances name object ids, studies name patients, tokens name
 rows...), so PostgreSQL's sequences are moved past the copied keys at the end. Tables are
-copied parents first (``sorted_tables``), the audit anchor last. Each chunk is one target
-transaction; rows already in the target (a chunk committed just before an interruption,
-before its progress was saved) are skipped, so a resumed copy never fails on a duplicate.
+copied parents first (``sorted_tables``), then the *side tables* (tables another layer
+defines on its own metadata and makes on first use, e.g. the forward queue and its cursor,
+``dicom.forward``: handed in by the command line, which may import them), the audit anchor
+last. A table the source holds that is none of these (nor the schema's bookkeeping) stops
+the migration before anything is copied: a table nobody told the migration about would
+otherwise be left behind silently (its rows lost at the switch), or copied without knowing
+which of its columns must be sealed. Each chunk is one target transaction; rows already
+in the target (a chunk committed just before an interruption, before its progress was
+saved) are skipped, so a resumed copy never fails on a duplicate.
 """
 
 from __future__ import annotations
@@ -21,16 +27,20 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select, text
+from sqlalchemy import Connection, Engine, Table, func, insert, inspect, select, text
 
 from pacsvault.index import blind
 from pacsvault.index.levels import Level
+from pacsvault.index.postgres import OWNER_TABLE
 from pacsvault.migrate.state import TableProgress
 
 CHUNK = 500
 # Written from their rows, never copied (ON DELETE CASCADE with them; empty on SQLite).
 TOKEN_TABLES = frozenset({"patient_tokens", "study_tokens", "series_tokens"})
 ANCHOR_TABLE = "audit_head"
+# The schema's own bookkeeping: made by each index for itself, never copied (the target's
+# version is stamped at creation, its claim names the same vault).
+BOOKKEEPING = frozenset({"alembic_version", OWNER_TABLE})
 
 # The normalised values the store path hands ``blind.write`` for each tokened level.
 _TOKENED: dict[str, tuple[Level, dict[str, str]]] = {
@@ -43,11 +53,23 @@ _TOKENED: dict[str, tuple[Level, dict[str, str]]] = {
 }
 
 
-def tables_in_order(tables: Sequence[Table]) -> list[Table]:
-    """The tables to copy: parents first, tokens left out, the audit anchor last (it
-    must name the trail's last record when the copy ends)."""
+def tables_in_order(tables: Sequence[Table], side: Sequence[Table] = ()) -> list[Table]:
+    """The tables to copy: parents first, tokens left out, then the side tables, the
+    audit anchor last (it must name the trail's last record when the copy ends)."""
     chosen = [t for t in tables if t.name not in TOKEN_TABLES and t.name != ANCHOR_TABLE]
-    return chosen + [t for t in tables if t.name == ANCHOR_TABLE]
+    return chosen + list(side) + [t for t in tables if t.name == ANCHOR_TABLE]
+
+
+def present(engine: Engine) -> set[str]:
+    """The names of the tables the database holds (its catalog, not a metadata's)."""
+    with engine.connect() as conn:
+        return set(inspect(conn).get_table_names())
+
+
+def unknown(engine: Engine, known: Sequence[Table]) -> list[str]:
+    """Tables of the database that the migration would not carry (sorted names)."""
+    names = {t.name for t in known} | BOOKKEEPING
+    return sorted(present(engine) - names)
 
 
 def count(engine: Engine, table: Table) -> int:

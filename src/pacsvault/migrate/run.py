@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, cast
@@ -78,7 +80,14 @@ class Options:
     dry_run: bool = False
     restart: bool = False
     stop_after: int | None = None  # tests: end the process after N objects (a crash)
+    # tests: kill -9 of this process right after the first chunk of this table is
+    # committed in the target, before its progress is saved (the row copy's crash window)
+    kill_in_table: str | None = None
     stream: TextIO | None = None  # progress bars (default stderr)
+    # Tables defined outside the index layout (on their own metadata, made on first use
+    # by the layer that owns them: the forward queue and cursor): copied when the source
+    # holds them. The command line passes them (this layer may not import those above).
+    side_tables: Sequence[Table] = ()
 
 
 def migrate(data_dir: Path, key_file: Path | None, passphrase: PassphraseProvider | None,
@@ -126,7 +135,12 @@ class _Run:
         self.target = target
         self.options = options
         self.master: keys.MasterKey = vault._master  # (the migration re-opens the index)
-        self.tables = rows.tables_in_order(vaultmod._layout_tables())
+        layout = vaultmod._layout_tables()
+        held = rows.present(vault.engine)
+        self.side = [t for t in options.side_tables if t.name in held]
+        self.tables = rows.tables_in_order(layout, self.side)
+        # Every table the source holds must be one the copy carries (or regenerates).
+        self.unknown = rows.unknown(vault.engine, [*layout, *self.side])
         self.summary = Summary(index_kind(vault.settings.index),
                                storage_kind(vault.settings.storage),
                                target.index_kind, target.storage_kind)
@@ -134,6 +148,11 @@ class _Run:
     # --- driver -----------------------------------------------------------------------
 
     def run(self) -> Summary:
+        if self.unknown and self.target.moves_index:
+            raise MigrationError(
+                f"the index holds table(s) this migration does not know how to carry "
+                f"({', '.join(self.unknown)}); nothing was changed (a newer pacsvault, or "
+                "a table another version made?)")
         if self.options.dry_run:
             return self._dry_run()
         current = self._start()
@@ -245,8 +264,6 @@ class _Run:
                 state.save(self.root, current)
                 saved_at = time.monotonic()
             if stop:
-                import os
-
                 os._exit(75)  # as if killed: no clean-up, the state saved just above
 
         objects.copy_all(self.vault.engine, self.vault.store, sink,
@@ -281,6 +298,8 @@ class _Run:
                     table.create(engine, checkfirst=True)
                 schema.stamp_head(engine)
             current.index_created = True
+        for table in self.side:  # as their owner makes them on first use
+            table.create(engine, checkfirst=True)
         state.save(self.root, current)
         return engine
 
@@ -299,6 +318,9 @@ class _Run:
             except IndexOpenError:
                 return  # not ours (or not there): left alone, the claim below says so
             try:
+                with engine.begin() as conn:  # the side tables too: stale rows otherwise
+                    for table in reversed(self.side):
+                        table.drop(conn, checkfirst=True)
                 postgres.drop_claim(engine)
             finally:
                 engine.dispose()
@@ -313,7 +335,10 @@ class _Run:
             if progress.done:
                 continue
 
-            def saved(count: int, progress: state.TableProgress = progress) -> None:
+            def saved(count: int, progress: state.TableProgress = progress,
+                      name: str = table.name) -> None:
+                if name == self.options.kill_in_table:
+                    os.kill(os.getpid(), signal.SIGKILL)  # committed, progress not saved
                 bar.advance(count)
                 state.save(self.root, current)
 
