@@ -17,12 +17,13 @@ then answered" seen from a client.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -32,7 +33,9 @@ from pydicom import dcmread
 from pacsvault.accounts import token_check
 from pacsvault.accounts import token_service as ts
 from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.audit.alerts.rules import Detector
 from pacsvault.audit.trail import DEFER_SECONDS, AuditTrail, TrailUnwritable
+from pacsvault.config.alerts import AlertSettings
 from pacsvault.vault import Vault
 from tests import corpus
 from tests.helpers import VaultDir, make_vault, start_server, wait_until
@@ -261,3 +264,26 @@ def test_the_access_is_anchored_before_the_answer_reaches_the_client(env: Env) -
     assert anchor is not None and anchor[0] >= access.seq  # synced before it answered
     assert trail.verify().ok
 
+
+
+def test_the_alert_rules_ask_the_index_once_per_set_of_studies() -> None:
+    """A viewer's frames name the same study again and again: the bulk-access rule asks
+    ``patients_of`` once for it, and still counts each patient once."""
+    asked: list[tuple[str, ...]] = []
+
+    def owners(uids: Sequence[str]) -> set[str]:
+        asked.append(tuple(uids))
+        return {f"patient-{u[-1]}" for u in uids}
+
+    det = Detector(AlertSettings(bulk_patients_per_hour=2), patients_of=owners)
+    start = dt.datetime(2026, 1, 5, 9, 0, tzinfo=dt.UTC)
+    alerts = []
+    for i in range(30):
+        study = f"1.2.3.{i % 3}"
+        alerts += det.observe(AuditEvent(
+            action="dicomweb.retrieve", outcome=Outcome.SUCCESS,
+            code=EventCode.INSTANCES_ACCESSED, actor_user="viewer", actor_address=LOCAL,
+            study_uids=(study,), time=start + dt.timedelta(seconds=i)))
+    assert sorted(asked) == [("1.2.3.0",), ("1.2.3.1",), ("1.2.3.2",)]
+    first = [a for a in alerts if not a.summary]
+    assert len(first) == 1 and first[0].facts["patients"] == 3

@@ -10,7 +10,7 @@ import datetime as dt
 import logging
 import shlex
 import zoneinfo
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +103,7 @@ class _Sliding:
 
 
 PatientResolver = Callable[[Sequence[str]], Iterable[str]]
+RESOLVED_KEPT = 1024  # sets of studies whose patients the detector remembers
 
 
 class Detector:
@@ -134,6 +135,10 @@ class Detector:
         self._login_by_user: dict[str, deque[dt.datetime]] = {}
         self._studies: dict[str, _Sliding] = {}
         self._patients: dict[str, _Sliding] = {}
+        # ``patients_of``'s last answers (a study's patient does not change): a viewer's
+        # frame requests name the same study each time, and each look-up was a query on
+        # the index in the serving process (issue 17: a quarter of a frame's CPU).
+        self._resolved: OrderedDict[frozenset[str], frozenset[str]] = OrderedDict()
         self._rules: tuple[Callable[[AuditEvent], list[Finding]], ...] = (
             self._failed_logins, self._account_locked, self._exposure, self._unknown_node,
             self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
@@ -411,6 +416,20 @@ class Detector:
         return (e.code in READ_CODES and not e.action.startswith(INBOUND_PREFIXES)
                 and bool(e.study_uids or e.patient_ids or e.sop_uids))
 
+    def _patients_for(self, study_uids: Sequence[str]) -> frozenset[str]:
+        """``patients_of``, remembered for the last ``RESOLVED_KEPT`` sets of studies."""
+        assert self._patients_of is not None
+        key = frozenset(study_uids)
+        found = self._resolved.get(key)
+        if found is not None:
+            self._resolved.move_to_end(key)
+            return found
+        found = frozenset(self._patients_of(study_uids))
+        self._resolved[key] = found
+        if len(self._resolved) > RESOLVED_KEPT:
+            self._resolved.popitem(last=False)
+        return found
+
     def _bulk_access(self, e: AuditEvent) -> list[Finding]:
         if not self._is_read(e):
             return []
@@ -420,7 +439,7 @@ class Detector:
         patient_keys = set(e.patient_ids)
         if self._patients_of is not None and e.study_uids:
             try:
-                patient_keys.update(self._patients_of(e.study_uids))
+                patient_keys.update(self._patients_for(e.study_uids))
             except Exception as exc:  # counting patients is a bonus, never a failure
                 log.warning("patient lookup for alerts failed: %s", type(exc).__name__)
         patients = self._patients.setdefault(who.key, _Sliding(BULK_WINDOW))
