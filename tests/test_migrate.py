@@ -173,6 +173,9 @@ def env(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServe
     try:
         v.accounts.add_user(PHYSICIAN, ["physician"], PHYSICIAN_PW)
         token = v.accounts.create_token(PHYSICIAN, "1d").token
+        from pacsvault.dicom import forward
+
+        forward.ensure_tables(v)  # side tables: through --restart (dropped) and back
     finally:
         v.close()
     db = create_database(postgres_server)
