@@ -28,7 +28,7 @@ import pytest
 from pydicom import dcmread
 
 from pacsvault.deidentify.links import LinkTable
-from pacsvault.sharing.links import ShareLinks
+from pacsvault.sharing.links import MAX_FAILURES, ShareLinks
 from pacsvault.storage.erasure import Eraser
 from pacsvault.viewer import install
 from tests import corpus
@@ -377,6 +377,26 @@ def test_fake_clock_expiry_and_limits(world: World) -> None:
         assert links.ended(made.link_id, opening.session) == "revoked"
         with pytest.raises(ValueError):
             links.create(PHYSICIAN, world.shared.study_uid, days=31)
+    finally:
+        v.close()
+
+
+def test_wrong_codes_after_use_do_not_end_the_open_session(world: World) -> None:
+    """Once the code is used, guesses on the link id count nothing: they must not close
+    the colleague's session (the link's failure cap is for guessing an unused code)."""
+    v = world.vault.open()
+    try:
+        links = ShareLinks(v.sessions, v.recorder, v.accounts.throttle, v.accounts.hasher,
+                           hold=v.accounts.recorder.holding)
+        made = links.create(PHYSICIAN, world.shared.study_uid, days=2)
+        opening = links.open(made.link_id, made.code, "127.0.0.9")
+        assert opening.ok
+        for n in range(MAX_FAILURES + 2):  # each from its own address: no throttle
+            assert not links.open(made.link_id, "AAAAA-AAAAA", f"127.0.1.{n + 1}").ok
+        row = links._row(made.link_id)
+        assert row is not None and row.failures == 0
+        assert links.resolve(made.link_id, opening.session) is not None
+        assert links.ended(made.link_id, opening.session) == ""
     finally:
         v.close()
 

@@ -245,7 +245,10 @@ class ShareLinks:
                 good = passwords.verify_password(self._hasher, row.code_hash,
                                                  normalise_code(code))
             if not good:
-                if row is not None:
+                if usable:  # a used/ended link opens nothing anyway: wrong codes on it
+                    # must not close the colleague's open session (anyone with the link
+                    # id could otherwise end it with ten guesses)
+                    assert row is not None
                     row.failures += 1
                 after: Decision = self._throttle.failure(s, name_key, "", source,
                                                          reason="wrong-share-code",
