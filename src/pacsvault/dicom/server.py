@@ -329,9 +329,13 @@ class DicomService:
         for cx in assoc.acceptor.supported_contexts:
             wanted = preferred.get(str(cx.abstract_syntax))
             if wanted:
-                ours = list(cx.transfer_syntax)
-                reordered: list[str | bytes | UID] = [t for t in wanted if t in ours]
-                cx.transfer_syntax = reordered + [t for t in ours if t not in wanted]
+                # On the private list, ours being validated UIDs already: the setter
+                # re-validates each with a regular expression, for the ~120 contexts a
+                # C-GET proposes (issue 17: ~30 % of a C-GET association).
+                ours = list(cx._transfer_syntax)
+                first = [t for t in ours if t in wanted]
+                first.sort(key=wanted.index)
+                cx._transfer_syntax = first + [t for t in ours if t not in wanted]
                 continue
             best = sending.order(str(cx.abstract_syntax))
             if best:
