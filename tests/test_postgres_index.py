@@ -402,34 +402,6 @@ def test_same_sop_uid_at_two_instances_at_once(tmp_path: Path,
         drop_database(db)
 
 
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_backup_and_key_rotation_refuse_a_postgres_vault(
-        tmp_path: Path, postgres_db: PostgresDatabase) -> None:
-    """Both copy or re-key ``index.db``; on a PostgreSQL vault they say what to use
-    instead, in one line, and change nothing."""
-    from pacsvault.backup.staging import refuse_postgres
-    from pacsvault.backup.targets import BackupError
-    from pacsvault.crypto.rotation import rotate
-    from pacsvault.crypto.rotation.steps import RotationError
-
-    vault = make_pg_vault(tmp_path / "v", postgres_db.server, postgres_db.url)
-    key_before = vault.key.read_bytes()
-    v = vault.open()
-    try:
-        with pytest.raises(BackupError, match="pg_dump"):
-            refuse_postgres(v)
-        with pytest.raises(RotationError, match="PostgreSQL"):
-            rotate(v)
-    finally:
-        v.close()
-    assert vault.key.read_bytes() == key_before
-    assert not list(vault.key.parent.glob("*.new"))
-    res = vault.cli("keys", "rotate", check=False)
-    assert res.returncode == 2 and "PostgreSQL" in res.stderr
-    assert res.stderr.strip().startswith("pacsvault: error: ")
-
-
 @contextlib.contextmanager
 def _association(port: int) -> Iterator[Callable[[list[Path]], list[int]]]:
     """One association; yields a function that C-STOREs files and returns the statuses."""
