@@ -7,7 +7,9 @@ losing its server, on this machine, into a throw-away directory:
    (``.pacsvault-drill-*`` beside the data directory, else in ``/var/tmp``): ciphertext
    only, like the data directory itself. The repository is opened with the password
    derived from the recovery code (named secret ``backup-recovery-password``), which
-   proves the recovery code's key is in the repository;
+   proves the recovery code's key is in the repository; a PostgreSQL index (issue 16)
+   is restored into a scratch database on its own server (``<db>_drill_<hex>``, made
+   and dropped by the drill: the index role needs CREATEDB);
 2. open the copy with the live master key held in memory (``Vault.open_copy``: the copy's
    ``key_check`` must verify under it); the keystore snapshot is merged by the restore;
 3. decrypt and authenticate every indexed object (a crypto-shredded patient's objects are
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
+from pacsvault.config.index import IndexSettings
 
 if TYPE_CHECKING:
     from pacsvault.vault import Layout, Vault
@@ -232,12 +235,13 @@ def run_drill(vault: Vault, target: str) -> DrillResult:
                 "its snapshots open with the old code only; the next backup (at once in "
                 "'serve', or 'pacsvault backup run') makes one the new code opens, then "
                 "drill again")
-        with _workspace(vault) as work:
+        with _workspace(vault) as work, _scratch_index(vault) as to_index:
             restored = runner.restore(
                 spec.repository,
                 Path(spec.credentials_file) if spec.credentials_file else None,
                 None, work / "data", None, "latest", password=password,
                 master=runner._master(vault), binary=vault.settings.backup.restic_binary,
+                to_index=to_index, pg_bin_dir=vault.settings.backup.pg_bin_dir,
             )
             result.snapshot = str(restored.snapshot)[:64]
             result.expected = restored.instances
@@ -253,6 +257,23 @@ def run_drill(vault: Vault, target: str) -> DrillResult:
     result.seconds = time.monotonic() - started
     _record(vault, result)
     return result
+
+
+@contextlib.contextmanager
+def _scratch_index(vault: Vault) -> Iterator[IndexSettings | None]:
+    """PostgreSQL (issue 16): a scratch database on the index's own server for the
+    restored index, dropped after the drill whatever happens; None for an embedded index
+    (it is a file of the copy)."""
+    settings = vault.settings.index
+    if not settings.is_postgres:
+        yield None
+        return
+    from pacsvault.backup import pgindex
+
+    with pgindex.scratch_database(settings) as name:
+        yield IndexSettings(url=pgindex.conninfo(settings, name),
+                            password_file=settings.password_file,
+                            pool_size=2, max_overflow=2)
 
 
 def _recovery_password(vault: Vault) -> bytes:

@@ -22,6 +22,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,120 @@ class Repository:
             args += ["--tag", tag]
         return _summary(self.json_lines(args, stdin=data))
 
+    def backup_stream(self, chunks: Iterator[bytes], filename: str, *, tags: Sequence[str],
+                      host: str) -> dict[str, Any]:
+        """``backup --stdin`` fed from ``chunks`` (a pg_dump as it is produced: nothing on
+        disk). Should ``chunks`` raise (the producer failed), restic is killed before it
+        sees the end of its input, so no snapshot of a truncated stream is ever made."""
+        args = ["backup", "--host", host, "--stdin", "--stdin-filename", filename, "--json"]
+        for tag in tags:
+            args += ["--tag", tag]
+        with self._spawn(args, stdin=True) as (proc, drained):
+            assert proc.stdin is not None
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk)
+            except BrokenPipeError:
+                pass  # restic stopped reading: its exit status says why
+            except BaseException:
+                proc.kill()
+                raise
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            out = self._finish(proc, drained, args, TIMEOUT_LONG)
+        items: list[dict[str, Any]] = []
+        for line in out.decode("utf-8", "replace").splitlines():
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    items.append(value)
+        return _summary(items)
+
+    @contextlib.contextmanager
+    def dump_stream(self, snapshot: str, filename: str) -> Iterator[Iterator[bytes]]:
+        """The file ``filename`` of ``snapshot`` as chunks, straight from ``restic dump``
+        (a pg_dump streamed on into pg_restore: nothing on disk). Leaving early kills
+        restic; a stream that ended with a restic failure raises ``ResticError``."""
+        args = ["dump", snapshot, filename]
+        with self._spawn(args, stdin=False) as (proc, drained):
+            assert proc.stdout is not None
+            stdout = proc.stdout
+
+            def chunks() -> Iterator[bytes]:
+                while True:
+                    chunk = stdout.read(1 << 20)
+                    if not chunk:
+                        break
+                    yield chunk
+                self._finish(proc, drained, args, TIMEOUT_LONG, stdout_read=True)
+
+            yield chunks()
+
+    @contextlib.contextmanager
+    def _spawn(self, args: Sequence[str], *, stdin: bool
+               ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, bytes]]]:
+        """A restic child with pipes; stderr (and stdout when stdin is ours) drained by
+        threads so neither side can block on a full pipe. Killed if still running at the
+        end of the block."""
+        import threading
+
+        with _secret_fds([self.password]) as fds:
+            argv = [self.binary, "--repo", self.location, "--password-file",
+                    f"/dev/fd/{fds[0]}", "--quiet"]
+            argv += ["--cache-dir", str(self.cache_dir)] if self.cache_dir else ["--no-cache"]
+            argv += list(args)
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self._base_env(),
+                    pass_fds=fds)
+            except FileNotFoundError:
+                raise ResticError(f"the restic program was not found ({self.binary}); "
+                                  "install Debian's restic package") from None
+        drained: dict[str, bytes] = {}
+        readers: list[threading.Thread] = []
+        streams = [("stderr", proc.stderr)] + ([("stdout", proc.stdout)] if stdin else [])
+        for name, stream in streams:
+            assert stream is not None
+
+            def drain(name: str = name, stream: Any = stream) -> None:
+                drained[name] = stream.read()
+
+            reader = threading.Thread(target=drain, daemon=True)
+            reader.start()
+            readers.append(reader)
+        try:
+            yield proc, drained
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for reader in readers:
+                reader.join(5)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+
+    def _finish(self, proc: subprocess.Popen[bytes], drained: dict[str, bytes],
+                args: Sequence[str], timeout: float, *, stdout_read: bool = False) -> bytes:
+        """Wait for a spawned restic; its stdout, or ResticError (one line)."""
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise ResticError(f"restic {args[0]} did not finish within {int(timeout)} s"
+                              ) from None
+        deadline = time.monotonic() + 10
+        while "stderr" not in drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while not stdout_read and "stdout" not in drained and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.returncode != 0:
+            message = _one_line(drained.get("stderr", b"").decode("utf-8", "replace"))
+            raise ResticError(f"restic {args[0]} failed: {message}")
+        return drained.get("stdout", b"")
+
     def snapshots(self, tag: str | None = None) -> list[dict[str, Any]]:
         args = ["snapshots"] + (["--tag", tag] if tag else [])
         value = self.json(args)
@@ -219,7 +334,9 @@ class Repository:
             self.run(["forget", *ids], timeout=TIMEOUT_LONG)
 
     def forget_policy(self, tag: str, keep: dict[str, int]) -> None:
-        args = ["forget", "--tag", tag, "--group-by", "host,tags"]
+        # by host only: each data snapshot also carries its own run-* tag (which pairs it
+        # with a PostgreSQL index dump), so grouping by tags would keep every one
+        args = ["forget", "--tag", tag, "--group-by", "host"]
         for name, count in keep.items():
             if count > 0:
                 args += [f"--keep-{name}", str(count)]

@@ -11,14 +11,17 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pacsvault import config
+from pacsvault.backup import pgindex, s3objects
 from pacsvault.backup.restic import (
     NoRepository,
     Repository,
@@ -26,7 +29,7 @@ from pacsvault.backup.restic import (
     WrongPassword,
     read_credentials,
 )
-from pacsvault.backup.staging import _connect
+from pacsvault.backup.staging import MANIFEST_FILE, _connect
 from pacsvault.backup.targets import (
     _DATETIME_FORMAT,
     KEYSTORE_FILE,
@@ -35,6 +38,7 @@ from pacsvault.backup.targets import (
     REPOSITORY_SECRET,
     STAGING_DIR,
     TAG_DATA,
+    TAG_INDEX,
     TAG_KEYSTORE,
     BackupError,
     _credentials_path,
@@ -44,10 +48,13 @@ from pacsvault.backup.targets import (
     _repository_password,
     _target,
 )
+from pacsvault.config.index import IndexSettings
 from pacsvault.crypto import datakeys, keys
 
 if TYPE_CHECKING:
     from pacsvault.vault import Vault
+
+log = logging.getLogger("pacsvault.backup")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class RestoreResult:
     keys_restored: int
     keys_absent: int  # data keys destroyed since (or before) the snapshot: unreadable
     objects_missing: int  # index rows whose object the snapshot lacks (removed meanwhile)
+    index_database: str = ""  # PostgreSQL: host:port/db the index was restored into
+    objects_were_in_bucket: bool = False  # S3 objects, restored as local files
 
 
 # --- restore ---------------------------------------------------------------------------
@@ -86,7 +95,8 @@ def _check_target_dir(to: Path) -> None:
 def restore(repository: str, credentials_file: Path | None, recovery_code: str | None,
             to: Path, key_file: Path | None, snapshot: str = "latest", *,
             password: bytes | None = None, master: keys.MasterKey | None = None,
-            binary: str = "restic") -> RestoreResult:
+            binary: str = "restic", to_index: IndexSettings | None = None,
+            pg_bin_dir: str = "") -> RestoreResult:
     """Restore a data snapshot into the empty directory ``to`` with the latest keystore.
 
     New machine: ``recovery_code`` opens the repository (its second key) and the
@@ -94,6 +104,10 @@ def restore(repository: str, credentials_file: Path | None, recovery_code: str |
     usual place for this vault id). Drill: ``password`` (the repository password) and the
     live ``master``; no key file is written, open the copy with ``Vault.open_copy``.
     Nothing is written before the repository and the keystore have opened.
+
+    A snapshot of a vault whose index is PostgreSQL (issue 16) has its index dump in a
+    paired snapshot (same ``run-*`` tag): ``to_index`` names the new, empty database it is
+    restored into (pg_restore), and the restored settings point at it.
     """
     if recovery_code is None and (password is None or master is None):
         raise BackupError("a recovery code is needed to restore")
@@ -121,10 +135,27 @@ def restore(repository: str, credentials_file: Path | None, recovery_code: str |
         keystore = json.loads(repo.dump(str(store["id"]), f"/{KEYSTORE_FILE}"))
     except (ResticError, ValueError) as exc:
         raise BackupError(f"the backup keystore cannot be read ({exc})") from None
+    dump = _paired_dump(found, data)
+    if dump is not None and to_index is None:
+        raise BackupError("this backup's index is a PostgreSQL database: name a new, empty "
+                          "database to restore it into (--to-index postgresql://...); "
+                          "nothing was written")
+    if dump is None and to_index is not None:
+        raise BackupError("this snapshot holds an embedded index, not a PostgreSQL dump: "
+                          "restore without --to-index (then 'pacsvault migrate' converts "
+                          "it); nothing was written")
+    pg: _PgTarget | None = None
+    if dump is not None and to_index is not None:
+        pg = _PgTarget(to_index, str(dump["id"]), pgindex.PgTools(pg_bin_dir))
+        pgindex.check_empty(to_index)
+        pg.tools.major("pg_restore")
     created = not to.exists()
     try:
-        return _restore_into(repo, data, keystore, recovery_code, master, to, key_file)
+        return _restore_into(repo, data, keystore, recovery_code, master, to, key_file, pg)
     except BaseException:
+        if pg is not None:
+            log.error("restore failed: the database %s may hold a partial index; drop and "
+                      "create it again before retrying", pgindex.where(pg.settings))
         if created:
             shutil.rmtree(to, ignore_errors=True)
         elif to.is_dir():
@@ -136,9 +167,28 @@ def restore(repository: str, credentials_file: Path | None, recovery_code: str |
         raise
 
 
+@dataclass(frozen=True)
+class _PgTarget:
+    settings: IndexSettings
+    dump_snapshot: str
+    tools: pgindex.PgTools
+
+
+def _paired_dump(found: list[dict[str, Any]], data: dict[str, Any]) -> dict[str, Any] | None:
+    """The PostgreSQL index dump of the data snapshot's run (same host, same run tag)."""
+    runs = {str(t) for t in data.get("tags") or [] if str(t).startswith("run-")}
+    if not runs:
+        return None
+    for snap in found:
+        if _kind(snap) == TAG_INDEX and snap.get("hostname") == data.get("hostname") \
+                and runs & {str(t) for t in snap.get("tags") or []}:
+            return snap
+    return None
+
+
 def _restore_into(repo: Repository, data: dict[str, Any], keystore: dict[str, Any],
                   recovery_code: str | None, master: keys.MasterKey | None, to: Path,
-                  key_file: Path | None) -> RestoreResult:
+                  key_file: Path | None, pg: _PgTarget | None = None) -> RestoreResult:
     from pacsvault.service import lock as instance_lock
     from pacsvault.vaultfile import default_key_path
 
@@ -176,33 +226,40 @@ def _restore_into(repo: Repository, data: dict[str, Any], keystore: dict[str, An
     kek = master.derive(keys.PURPOSE_KEK, vault_id)
     entries = keystore.get("keys") or {}
     restored = absent = missing = instances = 0
-    conn = _connect(to / "index.db", master.derive(keys.PURPOSE_INDEX, vault_id).hex())
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).strftime(_DATETIME_FORMAT)
-        conn.execute("BEGIN IMMEDIATE")
-        for key_id, destroyed in conn.execute(
-                "SELECT key_id, destroyed FROM data_keys").fetchall():
-            entry = entries.get(key_id)
-            if isinstance(entry, str) and entry.startswith("w:"):
-                kid = uuid.UUID(key_id)
-                raw = datakeys.unwrap(store_key, kid, base64.b64decode(entry[2:]))
-                wrapped = datakeys.wrap(kek, kid, raw)
-            elif isinstance(entry, str) and entry.startswith("a:"):
-                wrapped = base64.b64decode(entry[2:])
-            else:  # destroyed (erased) since this snapshot, or before it
-                absent += 1
-                if destroyed is None:
-                    conn.execute("UPDATE data_keys SET destroyed = ? WHERE key_id = ?",
-                                 (now, key_id))
-                continue
-            conn.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?",
-                         (wrapped, key_id))
-            restored += 1
-        conn.execute("COMMIT")
-        ids = [r[0] for r in conn.execute("SELECT object_id FROM instances")]
-    finally:
-        conn.close()
+
+    def wrapped_for(key_id: str) -> bytes | None:
+        entry = entries.get(key_id)
+        if isinstance(entry, str) and entry.startswith("w:"):
+            kid = uuid.UUID(key_id)
+            raw = datakeys.unwrap(store_key, kid, base64.b64decode(entry[2:]))
+            return datakeys.wrap(kek, kid, raw)
+        if isinstance(entry, str) and entry.startswith("a:"):
+            return base64.b64decode(entry[2:])
+        return None  # destroyed (erased) since this snapshot, or before it
+
+    if pg is not None:
+        header, restored, absent = pgindex.restore_index(
+            pg.settings, None, pg.tools,
+            lambda: repo.dump_stream(pg.dump_snapshot, f"/{pgindex.DUMP_FILE}"), wrapped_for)
+        if header.get("vault_id") != vault_id:
+            raise BackupError("the index dump belongs to another vault")
+        with pgindex.connect(pg.settings) as pconn:
+            ids = [str(r[0]) for r in pconn.execute("SELECT object_id FROM instances")]
+        _set_settings(to / config.CONFIG_NAME, "index", {
+            "url": pg.settings.url, "password_file": pg.settings.password_file})
+    else:
+        restored, absent, ids = _rewrap_embedded(to, master, vault_id, wrapped_for)
+    (to / MANIFEST_FILE).unlink(missing_ok=True)
+    # Objects of an S3 store were backed up from their mirror: they come back as local
+    # files (the restored settings say so; 'pacsvault migrate' puts them in a bucket).
+    mirror = to / s3objects.MIRROR_DIR
+    from_bucket = mirror.is_dir()
+    if from_bucket:
+        shutil.rmtree(mirror / ".tmp", ignore_errors=True)
+        if (to / "objects").exists():
+            shutil.rmtree(to / "objects")
+        os.replace(mirror, to / "objects")
+        _set_settings(to / config.CONFIG_NAME, "storage", {"url": ""})
     # Settle objects that were committed but still staged at backup time.
     objects = to / "objects"
     (objects / ".tmp").mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -225,7 +282,64 @@ def _restore_into(repo: Repository, data: dict[str, Any], keystore: dict[str, An
         _point_settings_at(to, written)
         keys.write_key_file(written, master, vault_id)
     return RestoreResult(to, written, str(data.get("short_id") or data["id"])[:8],
-                         instances, restored, absent, missing)
+                         instances, restored, absent, missing,
+                         pgindex.where(pg.settings) if pg is not None else "", from_bucket)
+
+
+def _rewrap_embedded(to: Path, master: keys.MasterKey, vault_id: str,
+                     wrapped_for: Callable[[str], bytes | None]
+                     ) -> tuple[int, int, list[str]]:
+    """The embedded index: each key of the keystore re-wrapped under the restored KEK (in
+    place), absent ones marked destroyed. Returns (restored, absent, object ids)."""
+    restored = absent = 0
+    conn = _connect(to / "index.db", master.derive(keys.PURPOSE_INDEX, vault_id).hex())
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).strftime(_DATETIME_FORMAT)
+        conn.execute("BEGIN IMMEDIATE")
+        for key_id, destroyed in conn.execute(
+                "SELECT key_id, destroyed FROM data_keys").fetchall():
+            wrapped = wrapped_for(key_id)
+            if wrapped is None:
+                absent += 1
+                if destroyed is None:
+                    conn.execute("UPDATE data_keys SET destroyed = ? WHERE key_id = ?",
+                                 (now, key_id))
+                continue
+            conn.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?",
+                         (wrapped, key_id))
+            restored += 1
+        conn.execute("COMMIT")
+        ids = [str(r[0]) for r in conn.execute("SELECT object_id FROM instances")]
+    finally:
+        conn.close()
+    return restored, absent, ids
+
+
+def _set_settings(path: Path, section: str, values: dict[str, str]) -> None:
+    """Set ``key = "value"`` lines of one ``[section]`` of the restored settings in place
+    (comments and the rest kept); a key the section lacks is added under its header."""
+    lines = path.read_text("utf-8").splitlines()
+    current = ""
+    todo = dict(values)
+    header_at: int | None = None
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped.strip("[]").strip()
+            if current == section:
+                header_at = number
+        elif current == section and "=" in stripped and not stripped.startswith("#"):
+            key = stripped.split("=", 1)[0].strip()
+            if key in todo:
+                lines[number] = f"{key} = {json.dumps(todo.pop(key))}"
+    added = [f"{key} = {json.dumps(value)}" for key, value in todo.items()]
+    if added:
+        if header_at is None:
+            lines += ["", f"[{section}]", *added]
+        else:
+            lines[header_at + 1:header_at + 1] = added
+    path.write_text("\n".join(lines) + "\n", "utf-8")
 
 
 def _point_settings_at(data_dir: Path, key_file: Path) -> None:

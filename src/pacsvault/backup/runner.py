@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import sqlcipher3
 
 from pacsvault import config
+from pacsvault.backup import pgindex
 from pacsvault.backup import state as backup_state
 from pacsvault.backup.restic import Repository, ResticError
 from pacsvault.backup.restore import RestoreResult as RestoreResult
@@ -58,6 +59,7 @@ from pacsvault.backup.targets import REPOSITORY_SECRET as REPOSITORY_SECRET
 from pacsvault.backup.targets import STAGING_DIR as STAGING_DIR
 from pacsvault.backup.targets import TAG_ALL as TAG_ALL
 from pacsvault.backup.targets import TAG_DATA as TAG_DATA
+from pacsvault.backup.targets import TAG_INDEX as TAG_INDEX
 from pacsvault.backup.targets import TAG_KEYSTORE as TAG_KEYSTORE
 from pacsvault.backup.targets import BackupError as BackupError
 from pacsvault.backup.targets import NeedRecoveryCode as NeedRecoveryCode
@@ -140,9 +142,27 @@ def _exclusive(vault: Vault) -> Iterator[None]:
         os.close(fd)
 
 
-def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> BackupOutcome:
+def _dump_index(vault: Vault, target: config.BackupTarget, staged: _Staged) -> str:
+    """PostgreSQL (issue 16): the index dump of the staged point in time, streamed into
+    the target (``backup.pgindex``), tagged with the run; returns its snapshot id."""
+    assert staged.point is not None
+    repo = _repo(vault, target)
+    repo.unlock()
+    _ensure_recovery_key(vault, target, repo)
+    tools = pgindex.PgTools(vault.settings.backup.pg_bin_dir)
+    summary = repo.backup_stream(
+        pgindex.dump_chunks(vault, staged.point, tools, staged.dump_major),
+        pgindex.DUMP_FILE, tags=[TAG_ALL, TAG_INDEX, staged.run_tag],
+        host=_host(vault.vault_id))
+    return str(summary.get("snapshot_id") or "")
+
+
+def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged,
+                dumped: str | Exception | None = None) -> BackupOutcome:
     started = time.monotonic()
     try:
+        if isinstance(dumped, Exception):
+            raise dumped
         repo = _repo(vault, target)
         repo.unlock()  # stale locks of a run killed with serve (ours hold the flock)
         # A key rotation since the last run replaced the recovery password: the new code's
@@ -150,7 +170,7 @@ def _backup_one(vault: Vault, target: config.BackupTarget, staged: _Staged) -> B
         _ensure_recovery_key(vault, target, repo)
         root = vault.layout.root
         summary = repo.backup(
-            [STAGING_DIR, "objects"], cwd=root, tags=[TAG_ALL, TAG_DATA],
+            list(staged.paths), cwd=root, tags=[TAG_ALL, TAG_DATA, staged.run_tag],
             host=_host(vault.vault_id),
             # restic matches excludes against the absolute path it resolved from cwd
             excludes=[str(vault.layout.objects.resolve() / ".tmp"),
@@ -188,6 +208,7 @@ def run_backup(vault: Vault, targets: list[str] | None = None) -> list[BackupOut
 def _run_locked(vault: Vault, chosen: list[config.BackupTarget]) -> list[BackupOutcome]:
     outcomes: list[BackupOutcome] = []
     started = time.monotonic()
+    dumps: dict[str, str | Exception] = {}
     try:
         staged: _Staged | None = _stage(vault)
         failure = ""
@@ -196,12 +217,21 @@ def _run_locked(vault: Vault, chosen: list[config.BackupTarget]) -> list[BackupO
         failure = str(exc) if isinstance(exc, BackupError) else \
             f"the vault could not be copied for backup ({type(exc).__name__})"
     try:
+        if staged is not None and staged.point is not None:
+            try:  # every target's dump first: the exported snapshot is then released
+                for target in chosen:
+                    try:
+                        dumps[target.name] = _dump_index(vault, target, staged)
+                    except (ResticError, BackupError, OSError) as exc:
+                        dumps[target.name] = exc
+            finally:
+                staged.close()
         for target in chosen:
             if staged is None:
                 outcome = BackupOutcome(target.name, False, None, failure, 0, 0,
                                         round(time.monotonic() - started, 3))
             else:
-                outcome = _backup_one(vault, target, staged)
+                outcome = _backup_one(vault, target, staged, dumps.get(target.name))
             backup_state.record_backup(vault.layout, outcome)
             detail: dict[str, str | int | bool] = {
                 "target": target.name, "files": outcome.files,
@@ -214,6 +244,8 @@ def _run_locked(vault: Vault, chosen: list[config.BackupTarget]) -> list[BackupO
                   "backup done" if outcome.ok else "backup failed", detail)
             outcomes.append(outcome)
     finally:
+        if staged is not None:
+            staged.close()
         shutil.rmtree(vault.layout.root / STAGING_DIR, ignore_errors=True)
     return outcomes
 
@@ -252,6 +284,7 @@ def prune(vault: Vault, target: str) -> BackupOutcome:
                     "monthly": settings.keep_monthly, "yearly": settings.keep_yearly}
             if any(keep.values()):
                 repo.forget_policy(TAG_DATA, keep)
+            _forget_unused_dumps(repo)
             stores = sorted(repo.snapshots(TAG_KEYSTORE),
                             key=lambda s: str(s.get("time", "")))
             repo.forget([str(s["id"]) for s in stores[:-1]])
@@ -266,6 +299,17 @@ def prune(vault: Vault, target: str) -> BackupOutcome:
     _emit(vault, "backup.prune", outcome.ok,
           "old snapshots removed" if outcome.ok else "pruning failed", detail)
     return outcome
+
+
+def _forget_unused_dumps(repo: Repository) -> None:
+    """PostgreSQL index dumps (tag ``pg-index``) whose run has no data snapshot left: the
+    retention forgot that run, or its data snapshot failed."""
+    found = repo.snapshots()
+    runs = {t for s in found if _kind(s) == TAG_DATA for t in s.get("tags") or []
+            if str(t).startswith("run-")}
+    unused = [str(s["id"]) for s in found if _kind(s) == TAG_INDEX
+              and not runs & {str(t) for t in s.get("tags") or []}]
+    repo.forget(unused)
 
 
 def list_snapshots(vault: Vault, target: str) -> list[SnapshotInfo]:

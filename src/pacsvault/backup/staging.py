@@ -11,19 +11,21 @@ keystore key) is built from the same index.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import errno
 import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlcipher3
 
 from pacsvault import config
+from pacsvault.backup import pgindex, s3objects
 from pacsvault.backup.targets import (
     KEYSTORE_FORMAT,
     PENDING_DIR,
@@ -38,13 +40,26 @@ from pacsvault.crypto import datakeys, keys
 if TYPE_CHECKING:
     from pacsvault.vault import Vault
 
+MANIFEST_FILE = "backup.json"
+MANIFEST_FORMAT = "pacsvault-backup-manifest/1"
 
-@dataclass(frozen=True)
+
+@dataclass
 class _Staged:
     root: Path
     anchor_seq: int
     instances: int
     pending: int
+    run_tag: str = ""  # tags the data snapshot and, on PostgreSQL, its index dump
+    paths: tuple[str, ...] = (STAGING_DIR, "objects")  # what the data snapshot takes
+    point: pgindex.Exported | None = None  # PostgreSQL: the exported snapshot, open
+    dump_major: int = 0
+    stack: contextlib.ExitStack[bool | None] = field(default_factory=contextlib.ExitStack)
+
+    def close(self) -> None:
+        """End the exported snapshot's transaction (every dump has imported it)."""
+        self.point = None
+        self.stack.close()
 
 
 _EPHEMERAL_TABLES = ("web_sessions", "sign_in_tickets", "webauthn_challenges")
@@ -129,24 +144,55 @@ def _record_seq(line: bytes) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
-def refuse_postgres(vault: Vault) -> None:
-    """The staging copies ``index.db`` (``VACUUM INTO``): a PostgreSQL index (issue 16) is
-    not in it. Refused in one line rather than backing up objects without their index."""
-    if vault.settings.index.is_postgres:
-        raise BackupError(
-            "pacsvault backup copies the embedded index only; this vault's index is in "
-            "PostgreSQL: back the database up with its own tools (pg_dump or base "
-            "backups; its patient columns are pacsvault ciphertext) and the objects with "
-            "the object store's; nothing was backed up")
+def _write_manifest(root: Path, body: dict[str, str | int]) -> None:
+    """``backup.json`` in the staging: what the restore needs to know of this snapshot
+    (which index, where its dump is, where the objects are). No secret, no patient."""
+    fd = os.open(root / MANIFEST_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump({"format": MANIFEST_FORMAT, **body}, out, sort_keys=True)
 
 
 def _stage(vault: Vault) -> _Staged:
-    refuse_postgres(vault)
+    """The point-in-time copy. On PostgreSQL (issue 16) no index file: the exported
+    snapshot (``pgindex.exported``) stays open in the returned ``_Staged`` until every
+    target's dump has read it (``_Staged.close``)."""
     layout = vault.layout
     root = layout.root / STAGING_DIR
     shutil.rmtree(root, ignore_errors=True)  # a run killed before cleaning up
     root.mkdir(mode=0o700)
-    anchor_seq, ids = _copy_index(vault, root / "index.db")
+    stack = contextlib.ExitStack()
+    point: pgindex.Exported | None = None
+    try:
+        if vault.settings.index.is_postgres:
+            point = stack.enter_context(pgindex.exported(vault))
+            tools = pgindex.PgTools(vault.settings.backup.pg_bin_dir)
+            dump_major = pgindex.check_dump_version(tools, point.server_version_num)
+            anchor_seq, ids = point.anchor_seq, point.object_ids
+        else:
+            dump_major = 0
+            anchor_seq, ids = _copy_index(vault, root / "index.db")
+        staged = _copy_rest(vault, root, anchor_seq, ids)
+    except BaseException:
+        stack.close()
+        raise
+    run_tag = f"run-{uuid.uuid4().hex[:16]}"
+    mirrored = s3objects.is_s3(vault)
+    if mirrored:
+        s3objects.sync(vault, ids)
+    _write_manifest(root, {
+        "index": "postgresql" if point is not None else "embedded",
+        "index_dump": pgindex.DUMP_FILE if point is not None else "",
+        "run": run_tag, "objects": "mirror" if mirrored else "local",
+        "instances": len(ids), "anchor_seq": anchor_seq})
+    return _Staged(root, anchor_seq, len(ids), staged, run_tag,
+                   paths=(STAGING_DIR, s3objects.MIRROR_DIR if mirrored else "objects"),
+                   point=point, dump_major=dump_major, stack=stack)
+
+
+def _copy_rest(vault: Vault, root: Path, anchor_seq: int, ids: list[str]) -> int:
+    """The trail up to the anchor, the small files, the objects still staged. Returns the
+    number of pending objects hard-linked."""
+    layout = vault.layout
     _copy_trail(layout.audit / "trail.jsonl", root / "audit" / "trail.jsonl", anchor_seq)
     for name in ("vault.json", config.CONFIG_NAME):
         shutil.copy2(layout.root / name, root / name)
@@ -157,6 +203,8 @@ def _stage(vault: Vault) -> _Staged:
     pending_dir = root / PENDING_DIR
     pending_dir.mkdir(mode=0o700)
     pending = 0
+    if s3objects.is_s3(vault):
+        return 0  # a confirmed PUT is in its final place: nothing is ever pending
     objects = layout.objects
     for object_id in ids:
         if vault.objects.path(object_id).exists():
@@ -176,7 +224,7 @@ def _stage(vault: Vault) -> _Staged:
             break
         # neither published nor staged a moment ago: published meanwhile (restic reads
         # objects/ after this), or removed by an administrator since the copy.
-    return _Staged(root, anchor_seq, len(ids), pending)
+    return pending
 
 
 # --- keystore ------------------------------------------------------------------------------
@@ -185,16 +233,20 @@ def _stage(vault: Vault) -> _Staged:
 def _keystore(vault: Vault) -> bytes:
     """Every live data key, wrapped under the backup keystore key (AES-GCM, the same
     format as in the index; a key the live KEK cannot open, e.g. sealed-mode, as is)."""
-    refuse_postgres(vault)
     kek = _master(vault).derive(keys.PURPOSE_KEK, vault.vault_id)
     store_key = _keystore_key(vault.named_secret(REPOSITORY_SECRET), vault.vault_id)
     entries: dict[str, str] = {}
-    live = _connect(vault.layout.index, _index_key(vault))
-    try:
-        rows = live.execute(
-            "SELECT key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL").fetchall()
-    finally:
-        live.close()
+    query = "SELECT key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL"
+    rows: list[tuple[str, bytes]]
+    if vault.settings.index.is_postgres:
+        with pgindex.connect(vault.settings.index) as conn:
+            rows = [(str(k), bytes(w)) for k, w in conn.execute(query)]
+    else:
+        live = _connect(vault.layout.index, _index_key(vault))
+        try:
+            rows = [(str(k), bytes(w)) for k, w in live.execute(query).fetchall()]
+        finally:
+            live.close()
     for key_id, wrapped in rows:
         kid = uuid.UUID(key_id)
         try:

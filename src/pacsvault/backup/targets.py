@@ -41,6 +41,7 @@ CACHE_DIR = ".backup-cache"
 LOCK_NAME = "backup.lock"  # flock'ed by a run or a prune (serve's schedule, the CLI)
 PENDING_DIR = "pending-objects"  # in the staging dir: committed objects not yet published
 TAG_ALL, TAG_DATA, TAG_KEYSTORE = "pacsvault", "data", "keystore"
+TAG_INDEX = "pg-index"  # a PostgreSQL index dump (issue 16), paired by its run-* tag
 _DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's DateTime text in SQLite
 
 
@@ -223,4 +224,7 @@ def init(vault: Vault, name: str) -> str:
 
 
 def _kind(snapshot: dict[str, Any]) -> str:
-    return TAG_KEYSTORE if TAG_KEYSTORE in (snapshot.get("tags") or []) else TAG_DATA
+    tags = snapshot.get("tags") or []
+    if TAG_KEYSTORE in tags:
+        return TAG_KEYSTORE
+    return TAG_INDEX if TAG_INDEX in tags else TAG_DATA

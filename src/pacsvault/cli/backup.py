@@ -64,6 +64,15 @@ def register(sub: Any) -> None:
     p.add_argument("--snapshot", default="latest", help="data snapshot id (default: latest)")
     p.add_argument("--recovery-code-file", type=Path, default=None,
                    help="0600 file holding the recovery code (default: asked at the terminal)")
+    p.add_argument("--to-index", default=None, metavar="URL",
+                   help="a backup of a PostgreSQL index: the new, empty database to restore "
+                   "it into (postgresql://USER@HOST:PORT/DB?sslmode=verify-full...; no "
+                   "password in it)")
+    p.add_argument("--to-index-password-file", type=Path, default=None,
+                   help="0600 file holding that database's password (default: libpq's "
+                   "pgpass / service)")
+    p.add_argument("--pg-bin-dir", default="",
+                   help="directory of pg_restore (default: the PATH)")
     p.set_defaults(func=cmd_restore)
 
     from pacsvault.cli import backup_drill  # backup drill (backup operations)
@@ -83,6 +92,26 @@ def _forget_erased(to: Path, key_file: Path) -> int:
         return Eraser(vault).forget_shredded(actor="restore")
     finally:
         vault.close()
+
+
+def _index_target(url: str | None, password_file: Path | None) -> Any:
+    """``--to-index``: the settings of the database a PostgreSQL backup is restored into
+    (checked as ``[index]`` is: no password in the url)."""
+    if url is None:
+        if password_file is not None:
+            raise CommandError("--to-index-password-file goes with --to-index")
+        return None
+    from pydantic import ValidationError
+
+    from pacsvault.config.index import IndexSettings
+
+    try:
+        return IndexSettings(url=url, password_file=str(password_file.absolute())
+                             if password_file else "")
+    except ValidationError as exc:
+        errors = exc.errors()
+        raise CommandError(str(errors[0].get("msg", "invalid --to-index")) if errors
+                           else "invalid --to-index") from None
 
 
 def _recovery_code(path: Path | None) -> str:
@@ -247,15 +276,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
     to: Path = args.to.absolute()
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise CommandError(f"{to} is not an empty directory; restore only into a new one")
+    to_index = _index_target(args.to_index, args.to_index_password_file)
     code = _recovery_code(args.recovery_code_file)
     say(f"Restoring {args.snapshot} snapshot into {to}...")
     try:
         result = runner.restore(args.repository, args.credentials_file, code, to,
-                                args.key_file, args.snapshot)
+                                args.key_file, args.snapshot, to_index=to_index,
+                                pg_bin_dir=args.pg_bin_dir)
     except (runner.BackupError, ResticError) as exc:
         raise CommandError(str(exc)) from None
     print(f"Restored snapshot {result.snapshot}: {result.instances} instances, "
           f"{result.keys_restored} patient keys.")
+    if result.index_database:
+        print(f"Index restored into the PostgreSQL database {result.index_database}.")
+    if result.objects_were_in_bucket:
+        print("The objects were in an S3 bucket: they are restored as local files under "
+              f"{to / 'objects'} ([storage] url emptied); 'pacsvault migrate "
+              "--to-storage s3://...' puts them into a bucket again.")
     if result.keys_absent:
         print(f"{result.keys_absent} patient key(s) were destroyed (erasure): their "
               "images stay unreadable, as intended.")

@@ -225,6 +225,9 @@ class BackupSettings(_Strict):
     # A restore drill (restore the latest snapshot, open and verify it) this often.
     drill_every_days: int = Field(30, ge=1)
     restic_binary: str = "restic"
+    # PostgreSQL index (issue 16): the directory of pg_dump/pg_restore ("" = PATH). Their
+    # major version must be at least the server's.
+    pg_bin_dir: str = ""
 
     @model_validator(mode="after")
     def _unique_names(self) -> BackupSettings:
@@ -500,6 +503,9 @@ keep_yearly = 20
 # (a restore drill) this often.
 drill_every_days = 30
 restic_binary = "restic"
+# With a PostgreSQL index the backup streams a pg_dump into the repository: the directory
+# of pg_dump / pg_restore (empty: the PATH; their major version must be >= the server's).
+pg_bin_dir = ""
 # [[backup.targets]]
 # name = "usb"
 # repository = "/media/usb/pacsvault-backup"
