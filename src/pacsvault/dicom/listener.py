@@ -246,7 +246,7 @@ class PolicyRequestHandler(RequestHandler):
                 budget=service.budget, on_refusal=service.refused,
             )
             self._pv_handed_over = True
-        accelerate(assoc, guard)
+        accelerate(assoc, guard, service.store_received)
         assert isinstance(assoc, FastAssociation)
         assoc._pv_intercept = service.intercept
         self.pv_service.register(assoc, self._pv_peer)

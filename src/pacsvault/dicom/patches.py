@@ -25,7 +25,9 @@ Left where they are, registered in ``UPSTREAM`` (and verified by the test):
 
 - ``dicom/reactor``: copies of pynetdicom's two polling loops and its PDU reader, in
   subclasses swapped in per association by ``accelerate`` (300 lines of loop code that
-  belong with the resource budget they enforce; nothing global is changed);
+  belong with the resource budget they enforce; nothing global is changed), and with
+  ``dicom/storewire`` the direct C-STORE receive path, which does for a plain C-STORE
+  request what DT-2, the DIMSE provider, ``_serve_request`` and the Storage SCP do;
 - ``dicom/listener``: ``ContextList``/``copy_context`` (pynetdicom deep-copies the
   server's contexts for each association; ours copy ``PresentationContext._transfer_syntax``
   only), ``PolicyACSE``, ``PolicyRequestHandler``; ``dicom/part10``: ``file_meta``
@@ -70,6 +72,20 @@ UPSTREAM: dict[str, str] = {
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
     "pynetdicom.dul.DULServiceProvider.send_pdu":
         "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
+    # reactor + storewire (issue 17): the direct C-STORE receive path does what these do
+    # for a plain C-STORE request (PDVs -> message, dispatch, handler, response encoding)
+    "pynetdicom.fsm.DT_2":
+        "9ec543394e0b49eb8be2448fc3f9950361b0047db7cf3742844f377bd225ba73",
+    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive":
+        "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
+        "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    "pynetdicom.dimse_messages.DIMSEMessage.encode_msg":
+        "73000c902c52832dab302ddb3bc274ea93d205a810a197225dd87d4c1212ba57",
+    "pynetdicom.association.Association._serve_request":
+        "2f24c1759cdf6c8c433094f2a8dd8144f76f5547f03daed7b94e0f78bc12f877",
+    "pynetdicom.service_class.StorageServiceClass.SCP":
+        "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
     # reactor.BulkSocket.recv replaces it
     "pynetdicom.transport.AssociationSocket.recv":
         "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",

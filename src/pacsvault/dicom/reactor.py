@@ -15,6 +15,11 @@ ends as soon as there is something to do:
 The loops are otherwise pynetdicom's own (copied from 3.0, whose version is pinned): same
 checks, same order, same timeouts; at most 1 ms between two rounds, as before.
 
+In Sta6, the P-DATA-TF PDUs of a plainly well-formed C-STORE request are parsed straight
+into one command and one dataset buffer, and the request answered with a directly encoded
+C-STORE-RSP (``dicom/storewire``, issue 17); every other PDU, state and message takes
+pynetdicom's path as before.
+
 With a ``ConnectionGuard`` (``dicom/limits``) the DUL also enforces the resource budget:
 PDU length checked *before* any buffer is allocated (small cap before the association,
 the negotiated maximum after it), buffers that grow with the bytes that actually arrive,
@@ -36,18 +41,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
 from pacsvault.dicom.limits import SECONDS_PER_MIB, ConnectionGuard
+from pacsvault.dicom.storewire import (
+    FastStore,
+    ProtocolError,
+    StoreCommand,
+    StoreReceiver,
+    encode_store_rsp,
+)
 
 log = logging.getLogger("pacsvault.dicom")
 
 _TICK = 0.001  # pynetdicom's loop period, kept as the longest wait
+# The direct C-STORE receive path (``dicom/storewire``); False: pynetdicom's path only
+# (tests compare both).
+FAST_STORE = True
 # DUL states before an association is established (acceptor side), PS3.8 9.2
 _BEFORE_ASSOCIATION = frozenset({"Sta1", "Sta2", "Sta3", "Sta13"})
 _PDU_TYPES = frozenset(range(0x01, 0x08))
@@ -58,12 +78,28 @@ _MIB = float(1 << 20)
 _ABORT_NOT_SPECIFIED = 0x00
 _ABORT_UNEXPECTED_PDU = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
+_HANDLER_FAILED = 0xC211  # pynetdicom's status when the C-STORE handler raises
+# Whether SOP classes are served by pynetdicom's Storage Service Class (C-STORE requests
+# for any other class keep pynetdicom's path, whatever it does with them).
+_STORAGE_CLASS: dict[str, bool] = {}
+
+# (association, command, Part 10 stream, presentation context) -> DIMSE status
+StoreHandler = Callable[[Association, StoreCommand, bytearray, PresentationContext], int]
+
+
+def _is_storage(uid: str) -> bool:
+    known = _STORAGE_CLASS.get(uid)
+    if known is None:
+        known = _STORAGE_CLASS[uid] = uid_to_service_class(uid) is StorageServiceClass
+    return known
 
 
 class FastAssociation(Association):
     _pv_on_exit: Callable[[], None] | None = None
     # Sealed mode: answers a DIMSE request itself (True) before any service class runs.
     _pv_intercept: Callable[[Association, Any, int], bool] | None = None
+    # The C-STORE handler of the direct receive path (None: pynetdicom's path only).
+    _pv_store: StoreHandler | None = None
 
     def run(self) -> None:
         """pynetdicom's thread body, then this connection's budget is given back."""
@@ -87,7 +123,9 @@ class FastAssociation(Association):
             self._is_paused = False
 
             context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
+            if isinstance(msg, FastStore):
+                self._pv_fast_store(msg)
+            elif msg:
                 intercept = self._pv_intercept
                 if intercept is None or not intercept(self, msg, int(context_id)):  # type: ignore[arg-type]
                     self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
@@ -124,6 +162,48 @@ class FastAssociation(Association):
                 return
 
 
+    def _pv_fast_store(self, msg: FastStore) -> None:
+        """pynetdicom's ``_serve_request`` and ``StorageServiceClass.SCP`` for a request
+        received on the direct path: same checks, same statuses, same response."""
+        if self._sent_release:
+            log.warning("C-STORE request received during association release, ignoring")
+            return
+        context = self._accepted_cx.get(msg.context_id)
+        handler = self._pv_store
+        if context is None or handler is None:
+            self.abort()
+            return
+        self.dimse.cancel_req = {}
+        self._is_paused = True
+        failed = False
+        try:
+            status = handler(self, msg.command, msg.part10, context)
+        except Exception as exc:
+            log.error("exception in the C-STORE handler (%s)", type(exc).__name__)
+            status, failed = _HANDLER_FAILED, True
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+        if failed or self.is_established:
+            self._pv_store_rsp(msg.context_id, msg.command, status)
+
+    def _pv_store_rsp(self, context_id: int, command: StoreCommand, status: int) -> None:
+        encoded = encode_store_rsp(command.message_id, command.sop_class,
+                                   command.sop_instance, status)
+        limit = self.dimse.maximum_pdu_size
+        if limit and len(encoded) + 12 > limit:  # fragments: pynetdicom's encoder
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = command.message_id
+            rsp.AffectedSOPClassUID = command.sop_class
+            rsp.AffectedSOPInstanceUID = command.sop_instance
+            rsp.Status = status
+            self.dimse.send_msg(rsp, context_id)
+            return
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[context_id, b"\x03" + encoded]]  # type: ignore[list-item]
+        self.dul.send_pdu(primitive)
+
+
 def _trigger(assoc: Association, name: str) -> None:
     evt.trigger(assoc, getattr(evt, name), {})
 
@@ -136,6 +216,7 @@ class WakeableDUL(DULServiceProvider):
     _pv_seen_bytes = False
 
     _pv_waiting = False  # the DUL thread is in (or about to enter) ``_pv_wait``
+    _pv_receiver: StoreReceiver | None = None  # the direct C-STORE path (issue 17)
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)  # queued for the DUL thread
@@ -332,6 +413,10 @@ class WakeableDUL(DULServiceProvider):
         if len(header) < 6 or len(data) != 6 + length:
             self._pv_closed()  # the peer closed mid-PDU
             return
+        if (associated and data[0] == 0x04 and self._pv_receiver is not None
+                and self.state_machine.current_state == "Sta6"
+                and self._pv_pdata(guard, self._pv_receiver, data)):
+            return
         try:
             pdu, event = self._decode_pdu(data)
         except Exception as exc:
@@ -339,6 +424,54 @@ class WakeableDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    # --- the direct C-STORE path (dicom/storewire) ---------------------------------------
+
+    def _pv_pdata(self, guard: ConnectionGuard, receiver: StoreReceiver,
+                  data: bytearray) -> bool:
+        """A P-DATA-TF PDU in Sta6 (state unchanged, as DT-2 leaves it): False if it is
+        not for this path (then pynetdicom decodes it as always)."""
+        dimse = self.assoc.dimse
+        with memoryview(data) as view, view[6:] as body:
+            if not receiver.claims(body, dimse.message is not None, self._pv_eligible):
+                return False
+            try:
+                receiver.feed(body, lambda: dimse.message is not None, self._pv_eligible,
+                              self._pv_to_dimse, self._pv_deliver)
+            except ProtocolError as exc:
+                receiver.reset()
+                self._pv_malformed(guard, str(exc), True)  # A-ABORT, nothing stored
+        return True
+
+    def _pv_deliver(self, request: FastStore) -> None:
+        """A complete request, queued for the association thread as DIMSE queues its
+        messages (in order with them)."""
+        self.assoc.dimse.msg_queue.put((request.context_id, request))  # type: ignore[arg-type]
+
+    def _pv_eligible(self, context_id: int, command: StoreCommand) -> str | None:
+        """The transfer syntax of the accepted context, if pynetdicom would serve this
+        request with its Storage Service Class (else None: its own path)."""
+        assoc = self.assoc
+        if assoc._sent_release:
+            return None
+        context = assoc._accepted_cx.get(context_id)
+        if context is None or not context.transfer_syntax:
+            return None
+        uid = command.sop_class
+        if uid in assoc.acceptor.accepted_common_extended:
+            return None
+        if not (_config.UNRESTRICTED_STORAGE_SERVICE or _is_storage(uid)):
+            return None
+        return str(context.transfer_syntax[0])
+
+    def _pv_to_dimse(self, context_id: int, pdv: bytes) -> bool:
+        """One PDV of another message, to pynetdicom's DIMSE provider as DT-2 gives it
+        (False: it raised a protocol event; the rest of the PDU is not read)."""
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
+        before = self.event_queue.qsize()
+        self.assoc.dimse.receive_primitive(primitive)
+        return self.event_queue.qsize() == before
 
 
 class BulkSocket(AssociationSocket):
@@ -399,11 +532,13 @@ class BulkSocket(AssociationSocket):
         return buffer
 
 
-def accelerate(assoc: Association, guard: ConnectionGuard | None = None) -> None:
+def accelerate(assoc: Association, guard: ConnectionGuard | None = None,
+               store: StoreHandler | None = None) -> None:
     """Switch a just-created acceptor association (not started yet) to the classes above.
 
     With ``guard``, its reads follow the connection's budget and it gives the budget back
-    when its thread ends.
+    when its thread ends; with ``store`` too, C-STORE requests take the direct path
+    (``dicom/storewire``) to that handler.
     """
     assoc.__class__ = FastAssociation
     dul = assoc.dul
@@ -412,6 +547,9 @@ def accelerate(assoc: Association, guard: ConnectionGuard | None = None) -> None
         assert isinstance(assoc, FastAssociation) and isinstance(dul, WakeableDUL)
         dul._pv_guard = guard
         assoc._pv_on_exit = guard.release
+        if store is not None and FAST_STORE:
+            assoc._pv_store = store
+            dul._pv_receiver = StoreReceiver()
     # The DUL thread's target was bound to pynetdicom's run_reactor at construction.
     dul._target = make_target(dul.run_reactor)  # type: ignore[attr-defined]
     if type(dul.socket) is AssociationSocket:

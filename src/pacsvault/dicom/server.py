@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
@@ -24,7 +24,7 @@ from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
@@ -54,6 +54,7 @@ from pacsvault.dicom.status import (
     SUCCESS,
     store_failure,
 )
+from pacsvault.dicom.storewire import StoreCommand
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.vault import Vault
 
@@ -386,22 +387,39 @@ class DicomService:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
-        state = self.state(event.assoc)
+        """A C-STORE request on pynetdicom's path (EVT_C_STORE)."""
+        request = event.request
+        return self._store(event.assoc, lambda: part10(event),
+                           request if isinstance(request, C_STORE) else None)
+
+    def store_received(self, assoc: Association, command: StoreCommand, stream: bytearray,
+                       context: PresentationContext) -> int:
+        """A C-STORE request on the direct receive path (``dicom/storewire``): the same
+        checks, archive call, statuses and records as ``_on_store``."""
+        return self._store(assoc, lambda: bytes(stream), command)
+
+    def _store(self, assoc: Association, stream: Callable[[], bytes],
+               request: C_STORE | StoreCommand | None) -> int:
+        state = self.state(assoc)
         node = state.node
         if node is None or not node.may("store"):
             state.outcomes["refused"] += 1
             self._emit_failure(state, "dicom.store.refused", "node lacks the store role",
                                EventCode.SECURITY_ALERT)
             return NOT_AUTHORIZED
-        request = event.request
-        if not isinstance(request, C_STORE):
+        if request is None:
             return PROCESSING_FAILURE
+        if isinstance(request, StoreCommand):
+            sop_uid, sop_class = request.sop_instance, request.sop_class
+        else:
+            sop_uid = str(request.AffectedSOPInstanceUID or "")
+            sop_class = str(request.AffectedSOPClassUID or "")
         try:
             result = self.vault.archive.store(
-                part10(event),
+                stream(),
                 source_ae=node.ae_title,
-                expected_sop_uid=str(request.AffectedSOPInstanceUID or ""),
-                expected_sop_class=str(request.AffectedSOPClassUID or ""),
+                expected_sop_uid=sop_uid,
+                expected_sop_class=sop_class,
                 actor_address=state.peer.address,
             )
         except Exception as exc:
