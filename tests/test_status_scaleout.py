@@ -175,7 +175,7 @@ def test_health_page_shows_the_backends_in_english_and_french(scaleout: VaultDir
             html = french.text
             assert "Déploiement" in html and "Stockage des objets" in html
             assert "joignable, révision du schéma" in html and "TLS vérifié" in html
-            assert "Pas de sauvegarde pacsvault avec un index PostgreSQL" in html
+            assert "prennent l’index PostgreSQL (un pg_dump)" in html  # no target yet
             assert "versionnage ou la réplication du bucket" in html
             assert "Aucune vérification des objets enregistrée" in html
             assert "Instances qui partagent l’index" in html and "en service" in html

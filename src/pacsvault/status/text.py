@@ -14,16 +14,16 @@ from pacsvault.backup.health import status_lines as backup_lines
 from pacsvault.status.deployment import STALE_CHECKPOINTS, Deployment
 from pacsvault.status.report import StatusReport
 
-# What protects a scale-out vault's data instead of 'pacsvault backup' (which refuses a
-# PostgreSQL index: it copies the embedded index.db only).
-SCALE_OUT_BACKUP = ("no pacsvault backup on a PostgreSQL index: the data is protected only "
-                    "by the database's own backups (pg_dump or base backups with WAL "
-                    "archiving; the patient columns are pacsvault ciphertext) and by the "
-                    "bucket's versioning or replication; pacsvault cannot check either: "
-                    "ask the IT provider for both and for a restore test")
-BUCKET_BACKUP = ("the objects in the S3 bucket are not in pacsvault's backups (index, keys "
-                 "and trail only): protect them with the bucket's versioning or "
-                 "replication; pacsvault cannot check it")
+# A scale-out vault without a backup target (issue 16: 'pacsvault backup' streams a
+# pg_dump of a PostgreSQL index and copies the bucket's objects into its snapshots).
+SCALE_OUT_BACKUP = ("no backup target configured: add [[backup.targets]] and run "
+                    "'pacsvault backup init' (the backups take the PostgreSQL index as a "
+                    "pg_dump and the bucket's objects); until then only the database's own "
+                    "backups and the bucket's versioning or replication protect the data, "
+                    "and pacsvault cannot check either")
+BUCKET_BACKUP = ("the objects are in an S3 bucket and no backup target is configured: "
+                 "only the bucket's versioning or replication protects them, and pacsvault "
+                 "cannot check it")
 SEALED_ADVICE = ("SEALED: images from registered devices are received and kept encrypted; "
                  "queries, retrievals and the web pages are refused until an "
                  "administrator runs 'pacsvault unseal' (or opens /unseal on the HTTPS port)")
@@ -85,7 +85,8 @@ def _backup_json(report: StatusReport) -> dict[str, Any]:
     deployed = report.deployment
     if deployed is not None and deployed.scale_out and not report.backup.configured:
         found["warning"] = SCALE_OUT_BACKUP
-    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out:
+    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out \
+            and not report.backup.configured:
         found["objects_warning"] = BUCKET_BACKUP
     return found
 
@@ -215,7 +216,8 @@ def lines(report: StatusReport) -> list[str]:
         out.append(f"Backup       WARNING {SCALE_OUT_BACKUP}")
     else:
         out.extend(backup_lines(report.backup))
-    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out:
+    if deployed is not None and deployed.objects.kind == "s3" and not deployed.scale_out \
+            and not report.backup.configured:
         out.append(f"Backup       WARNING {BUCKET_BACKUP}")
     return out
 
