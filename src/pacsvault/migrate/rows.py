@@ -30,7 +30,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table, func, insert, inspect, select, text
 
 from pacsvault.index import blind
-from pacsvault.index.levels import Level
 from pacsvault.index.postgres import OWNER_TABLE
 from pacsvault.migrate.state import TableProgress
 
@@ -41,17 +40,6 @@ ANCHOR_TABLE = "audit_head"
 # The schema's own bookkeeping: made by each index for itself, never copied (the target's
 # version is stamped at creation, its claim names the same vault).
 BOOKKEEPING = frozenset({"alembic_version", OWNER_TABLE})
-
-# The normalised values the store path hands ``blind.write`` for each tokened level.
-_TOKENED: dict[str, tuple[Level, dict[str, str]]] = {
-    "patients": (Level.PATIENT, {"PatientName": "name_norm",
-                                 "PatientBirthDate": "birth_date"}),
-    "studies": (Level.STUDY, {"StudyDate": "study_date",
-                              "ReferringPhysicianName": "referring_physician_norm"}),
-    "series": (Level.SERIES, {"SeriesDate": "series_date",
-                              "PerformedProcedureStepStartDate": "performed_start_date"}),
-}
-
 
 def tables_in_order(tables: Sequence[Table], side: Sequence[Table] = ()) -> list[Table]:
     """The tables to copy: parents first, tokens left out, then the side tables, the
@@ -130,13 +118,13 @@ def _utc(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_tokens(conn: Connection, name: str, rows: list[dict[str, Any]]) -> None:
-    spec = _TOKENED.get(name)
+    spec = blind.TOKENED_TABLES.get(name)  # the rows' normalised values by keyword
     if spec is None:
         return
     level, columns = spec
     for row in rows:
         blind.write(conn, level, int(row["pk"]),
-                    {keyword: str(row[column] or "") for keyword, column in columns.items()})
+                    {keyword: str(row[column] or "") for keyword, column in columns})
 
 
 def replace_anchor(source: Engine, target: Engine, anchor: Table) -> None:
