@@ -22,6 +22,7 @@ scan stops, and ``QueryBudgetExceeded`` is raised (C-FIND A700, QIDO-RS 413).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Generator, Iterator
@@ -32,7 +33,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, Select, exists, null, select, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, defer, sessionmaker
 
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
@@ -49,7 +50,7 @@ from pacsvault.index.headers import (
 )
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition, Kind
-from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.index.models import Instance, Patient, SealedTime, Series, Study
 from pacsvault.index.records import StoredInstance
 
 
@@ -359,7 +360,8 @@ class QueryEngine:
             return
         entity = residual.ENTITIES[level]
         found = {int(r[0].pk): r for r in session.execute(
-            self._select(level).where(entity.pk.in_([pk for pk, _ in batch])))}
+            self._select(level).where(entity.pk.in_([pk for pk, _ in batch]))
+            .options(*_undecrypted(entity)))}
         for pk, meta in batch:
             budget.check()
             if pk not in found:  # removed between the two steps
@@ -406,7 +408,7 @@ class QueryEngine:
         meta: list[tuple[str, Any]] = []
         left: list[residual.Residual] = []
         modalities: Condition | None = None
-        prefilters = 0
+        sealed: list[tuple[str, Any, Condition]] = []  # split together after the loop
         for elem in identifier:
             keyword = elem.keyword
             if keyword in _SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
@@ -443,11 +445,7 @@ class QueryEngine:
                 if cond.is_universal:
                     continue
                 if sealer is not None and not residual.in_sql(col.column, col.kind, cond):
-                    clauses, check = residual.split(sealer, level, keyword,
-                                                    col.column, cond)
-                    prefilters += len(clauses)
-                    sql.extend(clauses)
-                    left.extend([check] if check is not None else [])
+                    sealed.append((keyword, col.column, cond))
                     continue
                 sql.append(
                     _int_clause(cond, col.column) if col.kind == "int"
@@ -459,6 +457,10 @@ class QueryEngine:
             cond = matching.parse(VR_KIND.get(str(elem.VR), "str"), raw)
             if not cond.is_universal:
                 meta.append((f"{elem.tag:08X}", cond))
+        prefilters = 0
+        if sealer is not None and sealed:
+            clauses, left, prefilters = residual.split_all(sealer, level, sealed)
+            sql.extend(clauses)
         return _Filter(sql, meta, left, modalities, prefilters)
 
     # --- C-MOVE / C-GET / WADO-RS selection --------------------------------------------
@@ -501,11 +503,10 @@ class QueryEngine:
     ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for tag, keyword, vr, sequence in plan.keys:
-            col = COLUMNS.get(keyword)
-            value = meta.get(tag)
+            value = None if _hidden(level, keyword) else meta.get(tag)
             if value is not None:  # never a value in a shape its VR does not allow
                 value = vr_check.normalised(tag, value)
-            if value is None or (col is not None and level.above(col.level)):
+            if value is None:
                 out[tag] = {"vr": vr}
             elif sequence is not None:
                 out[tag] = sequence_answer(value, sequence, sequence_conditions(sequence))
@@ -531,6 +532,24 @@ class QueryEngine:
         if include_all:
             _include_all(out, meta, level)
         return out
+
+
+@functools.cache
+def _hidden(level: Level, keyword: str) -> bool:
+    """A return key of a lower level than the query's: answered empty. Cached: asked for
+    every key of every answer, and ``Level.rank`` is a tuple search."""
+    col = COLUMNS.get(keyword)
+    return col is not None and level.above(col.level)
+
+
+@functools.cache
+def _undecrypted(entity: Any) -> tuple[Any, ...]:
+    """Loader options leaving out the encrypted columns an answer never reads (it reads
+    the stored header, the counts and the keys): on a sealed index each would be
+    decrypted for every answer. Any code that reads one still gets it, loaded then."""
+    return tuple(defer(attr) for attr in entity.__mapper__.column_attrs
+                 if attr.key != "meta_json" and isinstance(
+                     attr.columns[0].type, sealing.Sealed | sealing.Fixed | SealedTime))
 
 
 def _include_all(out: dict[str, Any], meta: dict[str, Any], level: Level) -> None:

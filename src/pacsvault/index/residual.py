@@ -67,12 +67,33 @@ def in_sql(column: InstrumentedAttribute[Any], kind: str, cond: Condition) -> bo
     return found == "fixed" and kind != "pn" and cond.op in ("equal", "list")
 
 
+def split_all(
+    sealer: Sealer, level: Level,
+    conds: list[tuple[str, InstrumentedAttribute[Any], Condition]],
+) -> tuple[list[ColumnElement[bool]], list[Residual], int]:
+    """``split`` of every condition (keyword, column, condition) of one query that SQL
+    cannot answer exactly: (SQL clauses, residuals, number of token prefilters). Split
+    together because a prefilter's shape depends on whether it is the only one."""
+    several = sum(blind.query_tokens(sealer, kw, cond) is not None
+                  for kw, _, cond in conds) > 1
+    sql: list[ColumnElement[bool]] = []
+    left: list[Residual] = []
+    prefilters = 0
+    for keyword, column, cond in conds:
+        clauses, check = split(sealer, level, keyword, column, cond, several=several)
+        prefilters += len(clauses)
+        sql.extend(clauses)
+        left.extend([check] if check is not None else [])
+    return sql, left, prefilters
+
+
 def split(
     sealer: Sealer, level: Level, keyword: str, column: InstrumentedAttribute[Any],
-    cond: Condition,
+    cond: Condition, *, several: bool = False,
 ) -> tuple[list[ColumnElement[bool]], Residual | None]:
     """The SQL clauses (prefilter included) and the residual of one condition that SQL
-    cannot answer exactly (``in_sql`` false), in a query of ``level``."""
+    cannot answer exactly (``in_sql`` false), in a query of ``level``; ``several``: the
+    query has other token prefilters (``split_all``)."""
     sql: list[ColumnElement[bool]] = []
     tokens = blind.query_tokens(sealer, keyword, cond)
     if tokens is not None:
@@ -81,7 +102,7 @@ def split(
             return [false()], None
         owner = ENTITIES[spec.level].pk
         keys = select(spec.table.c.row_pk).where(spec.table.c.token.in_(tokens))
-        if spec.level is level:
+        if spec.level is level and not several:
             # ``pk = ANY(ARRAY(SELECT ...))``: PostgreSQL reads the keys from the token
             # index first, then the rows by primary key in key order, stopping at the
             # page's end; with ``IN`` it preferred a scan of the whole table (wide rows:
@@ -89,7 +110,11 @@ def split(
             sql.append(owner == any_(func.array(keys.scalar_subquery())))
         else:
             # A parent's keys (PatientName in a study query): a hashed ``IN``; an array
-            # would be searched element by element for every row.
+            # would be searched element by element for every row. Also with several
+            # prefilters: the planner then estimates each from the token table's
+            # statistics (an ARRAY counts as 10 rows) and starts from the narrowest;
+            # with ARRAY it read a one-year range's 20,000 studies by key to keep a name
+            # prefix's 100 (``bench/compare/viewer_mix.py``, 100,000 studies).
             sql.append(owner.in_(keys))
     return sql, Residual(column, cond)
 
