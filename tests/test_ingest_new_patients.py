@@ -6,6 +6,11 @@ patient's are written by the group commit that writes the instance (``Archive._c
 own key and byte-identical; concurrent stores of one new patient give one patient row
 (and share the minted key in this process); a failed commit leaves no key row behind;
 and after ``kill -9`` every acknowledged one-instance study is there.
+
+The in-process tests run on both indexes (issue 16, scale-out ingest: PostgreSQL takes
+the same read-only key choice and group commit, the batch's rows in one go); two archives
+over one PostgreSQL database minting for the same new patient at once give one patient
+row, and a first image of a study costs one read before its commit.
 """
 
 from __future__ import annotations
@@ -21,20 +26,34 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
+from pacsvault import config
 from pacsvault.audit.events import AuditUnavailable
 from pacsvault.index.models import DataKey, Instance, Patient
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.vault import Vault, create
 from tests import corpus
+from tests.harness.postgres import PostgresServer, create_database
 from tests.helpers import AE, dcmtk, dcmtk_env, make_vault, start_server
 
 
-@pytest.fixture(scope="module")
-def vault(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def _pg_vault(root: Path, server: PostgresServer) -> Path:
+    """A vault on a fresh database of ``server`` (objects in local files); its data dir."""
+    db = create_database(server)
+    create(root / "data", key_file=root / "key",
+           index=config.IndexSettings(url=db.url, password_file=str(server.password_file)))
+    return root / "data"
+
+
+@pytest.fixture(scope="module", params=[
+    "embedded", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])])
+def vault(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Any:
     root = tmp_path_factory.mktemp("newpatients")
-    create(root / "data", key_file=root / "key")
+    if request.param == "postgres":
+        _pg_vault(root, request.getfixturevalue("postgres_server"))
+    else:
+        create(root / "data", key_file=root / "key")
     opened = Vault.open(root / "data", root / "key")
     yield opened
     opened.close()
@@ -235,3 +254,100 @@ def test_kill9_during_new_patient_stores_loses_nothing_acknowledged(tmp_path: Pa
             opened.close()
     finally:
         assert server.stop() == 0
+
+
+# --- PostgreSQL: several archives over one index ------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_archives_minting_for_one_new_patient_give_one_patient_row(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """Two ``Vault`` objects over one database (two instances: separate minted keys,
+    separate in-process locks) store studies of the same new patients at the same
+    moment: one patient row each, every image readable under its own key's row, and
+    the same bytes sent to both are stored once (the other a duplicate)."""
+    data = _pg_vault(tmp_path / "v", postgres_server)
+    raws = []
+    for k in range(3):  # three new patients, two studies each (one per instance)
+        raws += _one_instance_studies(tmp_path / f"p{k}", 2, patient=f"TWICE17P{k}")
+    a, b = Vault.open(data, tmp_path / "v" / "key"), Vault.open(data, tmp_path / "v" / "key")
+    try:
+        start = threading.Barrier(2)
+
+        def send(archive: Any, part: list[bytes]) -> list[StoreStatus]:
+            start.wait(10)
+            return [archive.store(r, source_ae="M").status for r in part]
+
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(send, (a.archive, b.archive), (raws[0::2], raws[1::2])))
+        assert [s for part in got for s in part] == [StoreStatus.STORED] * len(raws)
+        again = [raws[0], raws[0]]
+        with ThreadPoolExecutor(2) as pool:
+            twice = list(pool.map(send, (a.archive, b.archive), ([again[0]], [again[1]])))
+        assert sorted(s.value for part in twice for s in part) == ["duplicate", "duplicate"]
+        with a.sessions() as session:
+            for k in range(3):
+                assert session.scalar(select(func.count()).select_from(Patient).where(
+                    Patient.patient_id == f"TWICE17P{k}")) == 1
+            used = set(session.scalars(select(Instance.key_id)))
+            assert all(session.get(DataKey, key) is not None for key in used)
+            assert session.scalar(select(func.count()).select_from(Instance)) == len(raws)
+        for raw in raws:
+            assert _read_back(b, _sop(raw)) == raw
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_study_not_cached_costs_one_read_and_a_batch_a_few_statements(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """Round trips per store on PostgreSQL (each one made while a batch holds the index's
+    write lock counts for every instance): a new patient's first image is chosen by one
+    statement outside any transaction (no key or patient row of its own: the batch
+    writes them), and a batch writes its images' rows in one INSERT."""
+    data = _pg_vault(tmp_path / "v", postgres_server)
+    vault = Vault.open(data, tmp_path / "v" / "key")
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        statements.append(" ".join(statement.split())[:60])
+
+    try:
+        (first,) = _one_instance_studies(tmp_path / "warm", 1)
+        vault.archive.store(first, source_ae="M")  # connections and the trail made
+        event.listen(vault.engine, "before_cursor_execute", seen)
+        choose = vault.archive._choose
+        chosen: list[int] = []
+
+        def counted(parsed: Any) -> Any:
+            before = len(statements)
+            try:
+                return choose(parsed)
+            finally:
+                chosen.append(len(statements) - before)
+
+        vault.archive._choose = counted  # type: ignore[method-assign]
+        (raw,) = _one_instance_studies(tmp_path / "new", 1)
+        assert vault.archive.store(raw, source_ae="M").status is StoreStatus.STORED
+        assert chosen == [1]  # plus the pool's ping; no BEGIN, no lock, no commit
+        assert not any("INSERT" in s or "UPDATE" in s for s in statements[:2])
+        statements.clear()
+        series = corpus.synthetic_ct_series(tmp_path / "ct", 12, size=16)
+        vault.archive.store(series[0].read_bytes(), source_ae="M")  # study now cached
+        statements.clear()
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(lambda p: vault.archive.store(p.read_bytes(),
+                                                               source_ae="M"), series[1:]))
+        assert all(r.status is StoreStatus.STORED for r in done)
+        inserts = [s for s in statements if s.startswith("INSERT INTO instances")]
+        # one INSERT per batch (never more than one per image), and per-image statements
+        # no longer: a known-UID look-up, the insert and two counters per batch at most
+        # plus the batch's lock, generation and trail record
+        assert 1 <= len(inserts) <= len(done)
+        assert len(statements) <= 10 * len(inserts), statements
+    finally:
+        event.remove(vault.engine, "before_cursor_execute", seen)
+        vault.close()

@@ -20,7 +20,8 @@ Speed without weakening that order:
   thread while the calling thread validates the dataset and builds its DICOM JSON;
 - a study not cached is looked up by reads only; a new patient's data key is minted in
   memory and its rows are written by the group commit with the instance's
-  (``storage.keychoice``; SQLite: no transaction and no fsync of their own);
+  (``storage.keychoice``: no transaction and no fsync of their own; on PostgreSQL one
+  round trip, and the batch's instance rows go in one multi-row insert, ``rows.BatchRows``);
 - **group commit**: concurrent stores (several associations) hand their staged objects to
   whichever of them is committing; that one writes every row in one transaction. Each
   ``store`` still returns only after the commit that holds its own row;
@@ -59,7 +60,7 @@ from pacsvault.dicomfile import parse as dicom_parse
 from pacsvault.dicomfile.parse import InvalidObject, ParsedInstance
 from pacsvault.index import dialect, stats
 from pacsvault.index.matching import normalise_date, normalise_name
-from pacsvault.index.models import Instance, Patient, Study
+from pacsvault.index.models import Instance, Patient
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import keychoice, rows, sameness
@@ -241,15 +242,7 @@ class Archive:
             key_id = cached[1]
         else:
             self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
-            if dialect.is_sqlite(self._engine):
-                prepared = self._choose(parsed)
-            else:
-                try:
-                    prepared = self._prepare(parsed)
-                except IntegrityError:
-                    # Another instance sharing the index created this patient (or stored
-                    # this instance) meanwhile: the second look finds it (issue 16, part 3).
-                    prepared = self._prepare(parsed)
+            prepared = self._choose(parsed)
             if isinstance(prepared, StoreResult):
                 return prepared
             key_id, generation, minted = prepared
@@ -395,12 +388,16 @@ class Archive:
                 self._observe(generation)
             overlay_studies: dict[str, int] = {}
             overlay_series: dict[str, int] = {}
+            # PostgreSQL: the batch's instance rows in one go (``rows.BatchRows``)
+            together = None if dialect.is_sqlite(conn) else rows.BatchRows(conn, batch)
             for item in batch:
                 if item.generation != generation:
                     # chosen before a removal: maybe a deleted study or a destroyed key
                     item.error = StaleChoice("objects were removed meanwhile")
                     continue
-                self._index_one(conn, item, overlay_studies, overlay_series)
+                self._index_one(conn, item, overlay_studies, overlay_series, together)
+            if together is not None:
+                together.flush()
             record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
             if record is not None:  # durable before the rows commit, or nothing commits
                 record.write(conn, acknowledged(batch))
@@ -418,18 +415,25 @@ class Archive:
 
     def _index_one(
         self, conn: Connection, item: Pending, overlay_studies: dict[str, int],
-        overlay_series: dict[str, int],
+        overlay_series: dict[str, int], together: rows.BatchRows | None = None,
     ) -> None:
         with self._cache_lock:
             cached_study = self._study_cache.get(item.parsed.study_uid)
             cached_series = self._series_cache.get(item.parsed.series_uid)
         index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
-                  self._received, self._keyring.wrap)
+                  self._received, self._keyring.wrap, together)
 
     def _choose(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
-        """``_prepare`` for a SQLite index, reading only (``storage.keychoice``): a new
-        patient's key is minted, its rows written by the group commit."""
+        """First instance of a study seen by this process: either the answer for an
+        already stored instance, or the data key to encrypt it under (its study's, its
+        patient's, or for a patient first seen one minted here), with the removal
+        generation read *before* the rows it was chosen from (so a removal in between is
+        noticed). Reads only, on both indexes (``storage.keychoice``; PostgreSQL: one
+        statement outside any transaction); a new patient's rows are written by the
+        group commit."""
         with self._engine.connect() as conn:
+            if not dialect.is_sqlite(conn):  # a read: no BEGIN/COMMIT round trips
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             found = keychoice.look_up(conn, parsed)
         if found.known is not None:
             return found.known
@@ -443,51 +447,6 @@ class Archive:
             return found.patient_key, found.generation, None
         key_id, key = self._minted.take(parsed)
         return key_id, found.generation, key
-
-    def _prepare(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
-        """First instance of a study seen by this process: either the answer for an
-        already stored instance, or the data key to encrypt it under: its patient's
-        (created with the patient on first sight), with the removal generation read
-        *before* the rows it was chosen from (so a removal in between is noticed)."""
-        with self._write_lock, self._sessions.begin() as session:
-            if not dialect.is_sqlite(self._engine):
-                # other instances share the index: one creates the patient, the others
-                # then find it (SQLite has a single writer process anyway)
-                dialect.take_write_lock(session.connection())
-            generation = int(session.scalar(text(_GENERATION)) or 0)
-            known = rows.known(session, parsed)
-            if known is not None:
-                return known
-            row = session.execute(
-                select(Study.pk, Patient.key_id).join(Patient, Study.patient_pk == Patient.pk)
-                .where(Study.study_uid == parsed.study_uid)).first()
-            if row is not None:
-                key_id = uuid.UUID(row[1])
-                with self._cache_lock:
-                    if self._generation <= generation:
-                        self._observe(generation)
-                        self._study_cache[parsed.study_uid] = (int(row[0]), key_id)
-                return key_id, generation, None
-            existing = session.scalar(
-                select(Patient.key_id).where(
-                    Patient.patient_id == parsed.patient_id, Patient.issuer == parsed.issuer
-                )
-            )
-            if existing is not None:
-                return uuid.UUID(existing), generation, None
-            key_id = self._keyring.create(session)
-            session.flush()
-            session.add(Patient(
-                patient_id=parsed.patient_id,
-                issuer=parsed.issuer,
-                name=parsed.patient_name,
-                name_norm=normalise_name(parsed.patient_name),
-                birth_date=normalise_date(parsed.birth_date),
-                sex=parsed.sex,
-                key_id=str(key_id),
-                meta_json=parsed.meta_json,
-            ))
-            return key_id, generation, None
 
     # --- sealed mode ----------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Which data key a store encrypts under when its study is not cached (SQLite index).
+"""Which data key a store encrypts under when its study is not cached.
 
 Why apart from ``archive``: this is the part of a store that used to be a write
 transaction of its own (``Archive._prepare``: lock, look-ups, a new patient's key and row,
@@ -11,6 +11,14 @@ Concurrent stores of one new patient share the key minted first (``MintedKeys``,
 the commit naming it is over), so a patient keeps one key in the usual case; a store that
 looked before that commit and minted after it, or another process creating the patient
 meanwhile, adds a key of theirs (removal and erasure follow every instance's own key).
+
+On PostgreSQL (issue 16, scale-out ingest) the look-up is **one** statement (scalar
+subqueries through SQLAlchemy's types: the UIDs and IDs are ``Fixed`` columns, encrypted
+as bound) on an autocommit connection: one round trip, no BEGIN/COMMIT, no advisory lock,
+and one snapshot, so the generation and the rows it guards are read together. Other
+instances sharing the index may create the same new patient meanwhile: the batch reads
+the patient under the index's write lock and inserts with ``ON CONFLICT DO NOTHING``
+(``rows._new_patient``), so two instances minting for one patient give one patient row.
 """
 
 from __future__ import annotations
@@ -18,11 +26,13 @@ from __future__ import annotations
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table, literal_column, select
 
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicomfile.parse import ParsedInstance
+from pacsvault.index.models import Instance, Patient, Study
 from pacsvault.storage import rows
 from pacsvault.storage.rows import StoreResult
 
@@ -30,6 +40,9 @@ GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
 _STUDY_KEY = ("SELECT studies.pk, patients.key_id FROM studies JOIN patients "
               "ON studies.patient_pk = patients.pk WHERE studies.study_uid = ?")
 _PATIENT_KEY = "SELECT key_id FROM patients WHERE patient_id = ? AND issuer = ?"
+_instances = cast(Table, Instance.__table__)
+_studies = cast(Table, Study.__table__)
+_patients = cast(Table, Patient.__table__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ def look_up(conn: Connection, parsed: ParsedInstance) -> Found:
     """Plain reads through the driver: no write lock, no transaction to commit. The
     generation is read first, so a removal committing in between is noticed by the
     batch (``Archive._index_batch``)."""
+    if conn.dialect.name != "sqlite":
+        return _look_up_one(conn, parsed)
     cursor = conn.connection.cursor()
     try:
         generation = int(cursor.execute(GENERATION).fetchone()[0])
@@ -59,6 +74,30 @@ def look_up(conn: Connection, parsed: ParsedInstance) -> Found:
     finally:
         cursor.close()
     return Found(generation, patient_key=None if row is None else uuid.UUID(row[0]))
+
+
+def _look_up_one(conn: Connection, parsed: ParsedInstance) -> Found:
+    """``look_up`` as one statement (PostgreSQL: see the module docstring)."""
+    study = _studies.c.study_uid == parsed.study_uid
+    row = conn.execute(select(
+        literal_column(f"({GENERATION})"),
+        select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid)
+        .scalar_subquery(),
+        select(_studies.c.pk).where(study).scalar_subquery(),
+        select(_patients.c.key_id).join(_studies, _studies.c.patient_pk == _patients.c.pk)
+        .where(study).scalar_subquery(),
+        select(_patients.c.key_id).where(_patients.c.patient_id == parsed.patient_id,
+                                         _patients.c.issuer == parsed.issuer)
+        .scalar_subquery(),
+    )).one()
+    generation, digest, study_pk, study_key, patient_key = row
+    generation = int(generation)
+    if digest is not None:
+        return Found(generation, known=rows.answer(parsed, digest))
+    if study_pk is not None:
+        return Found(generation, study=(int(study_pk), uuid.UUID(study_key)))
+    return Found(generation,
+                 patient_key=None if patient_key is None else uuid.UUID(patient_key))
 
 
 class MintedKeys:

@@ -4,6 +4,13 @@ Why apart from ``archive``: the archive decides *when* rows are written (staging
 commit, caches, removal generations); this module is *what* is written for one instance
 (study and series found or created, the instance row, the counters) and what a re-send
 of a known SOP Instance UID is. ``archive`` re-exports the public names.
+
+On PostgreSQL every statement is a network round trip made while the batch holds the
+index's write lock (shared by every instance), so a batch's per-image statements are
+sent together (``BatchRows``, issue 16 scale-out ingest): one look-up of which SOP
+Instance UIDs are known, one multi-row ``INSERT`` of the instance rows, one counter
+``UPDATE`` per series and study touched; a batch costs the same handful of round trips
+whatever its size. SQLite keeps its per-image driver calls (no round trips to save).
 """
 
 from __future__ import annotations
@@ -11,11 +18,22 @@ from __future__ import annotations
 import enum
 import secrets
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Select, Table, insert, select, update
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Select,
+    Table,
+    bindparam,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from pacsvault.audit.stores import StoredRef
@@ -93,18 +111,55 @@ class Pending:
     new_key: bytes | None = None
 
 
+class BatchRows:
+    """A batch's instance rows and counters, written together by ``flush`` (not SQLite:
+    see the module docstring). Made inside the batch's transaction, after its write
+    lock: the known SOP Instance UIDs it reads are every commit's so far, and the items
+    of this batch are added as they are indexed (a UID twice in one batch: the second
+    is a re-send of the first)."""
+
+    def __init__(self, conn: Connection, batch: Sequence[Pending]) -> None:
+        self.conn = conn
+        self.known: dict[str, bytes] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.series = Counter[int]()
+        self.studies = Counter[int]()
+        uids = sorted({item.parsed.sop_uid for item in batch})
+        if uids:
+            found = conn.execute(select(_instances.c.sop_uid, _instances.c.sha256)
+                                 .where(_instances.c.sop_uid.in_(uids)))
+            self.known = {str(uid): bytes(digest) for uid, digest in found}
+
+    def flush(self) -> None:
+        """Send the collected rows (part of the batch's transaction: one commit)."""
+        conn = self.conn
+        if self.rows:
+            conn.execute(insert(_instances), self.rows)
+        for table, counts in ((_series, self.series), (_studies, self.studies)):
+            if counts:
+                conn.execute(update(table).where(table.c.pk == bindparam("row_pk")).values(
+                    num_instances=table.c.num_instances + bindparam("added")),
+                    [{"row_pk": pk, "added": n} for pk, n in sorted(counts.items())])
+        self.rows, self.series, self.studies = [], Counter(), Counter()
+
+
 def index_one(
     conn: Connection, item: Pending, overlay_studies: dict[str, int],
     overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
     cached_series: int | None, received: Callable[[Any], Any],
-    wrap: Callable[[uuid.UUID, bytes], bytes],
+    wrap: Callable[[uuid.UUID, bytes], bytes], together: BatchRows | None = None,
 ) -> None:
     """Write one instance's rows in the batch's transaction: its study and series found
     (cached, learnt earlier in this batch, or read) or created, the instance row and the
-    counters. ``item.learnt`` gets what the archive may cache once this commits; an
-    instance known already gets ``item.result`` instead."""
+    counters (into ``together`` when given: sent by its ``flush``). ``item.learnt`` gets
+    what the archive may cache once this commits; an instance known already gets
+    ``item.result`` instead."""
     parsed = item.parsed
-    found = known(conn, parsed)
+    if together is not None:
+        digest = together.known.get(parsed.sop_uid)
+        found = None if digest is None else answer(parsed, digest)
+    else:
+        found = known(conn, parsed)
     if found is not None:
         item.result = found
         return
@@ -178,7 +233,16 @@ def index_one(
         item.object_id, str(item.key_id), parsed.size, parsed.sha256,
         received(utcnow()), item.source_ae, parsed.meta_json,
     )
-    if conn.dialect.name != "sqlite":
+    if together is not None:
+        # Sealed columns (``index.sealing``): through SQLAlchemy's types, in the batch's
+        # one multi-row INSERT.
+        values = dict(zip(_INSTANCE_COLUMNS, row, strict=True))
+        values["received"] = utcnow()  # sealed by its column type, not pre-processed
+        together.rows.append(values)
+        together.known[parsed.sop_uid] = parsed.sha256
+        together.series[series_pk] += 1
+        together.studies[study_pk] += 1
+    elif conn.dialect.name != "sqlite":
         # Sealed columns (PostgreSQL, ``index.sealing``): through SQLAlchemy's types.
         values = dict(zip(_INSTANCE_COLUMNS, row, strict=True))
         values["received"] = utcnow()  # sealed by its column type, not pre-processed
@@ -205,6 +269,10 @@ def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
                 wrap: Callable[[uuid.UUID, bytes], bytes]) -> None:
     """The minted key's row, unless an earlier item of this batch (or an earlier batch:
     concurrent stores of one new patient share the key) wrote it already."""
+    if conn.dialect.name == "postgresql":  # one round trip instead of a read and a write
+        conn.execute(pg_insert(_keys).values(key_id=str(key_id), wrapped=wrap(key_id, key))
+                     .on_conflict_do_nothing(index_elements=[_keys.c.key_id]))
+        return
     if _one(conn, _KEY_ROW, (str(key_id),),
             lambda: select(_keys.c.key_id).where(_keys.c.key_id == str(key_id))) is None:
         conn.execute(insert(_keys).values(key_id=str(key_id), wrapped=wrap(key_id, key)))
@@ -213,13 +281,30 @@ def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
 def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) -> int:
     """The patient's row, first seen in this batch, under the minted key. When the
     patient appeared meanwhile (another process), the caller found it instead and the
-    minted key simply joins their keys: the instance row names its own key."""
+    minted key simply joins their keys: the instance row names its own key.
+
+    On PostgreSQL the insert is ``ON CONFLICT DO NOTHING`` and a conflict re-reads the
+    row: a writer that does not take the index's write lock (another version, a tool)
+    may have created the patient since the caller looked (issue 16, several instances)."""
     name_norm = normalise_name(parsed.patient_name)
     birth_date = normalise_date(parsed.birth_date)
-    pk = _new_pk(conn.execute(insert(_patients).values(
-        patient_id=parsed.patient_id, issuer=parsed.issuer, name=parsed.patient_name,
-        name_norm=name_norm, birth_date=birth_date, sex=parsed.sex, key_id=str(key_id),
-        meta_json=parsed.meta_json)))
+    values = {"patient_id": parsed.patient_id, "issuer": parsed.issuer,
+              "name": parsed.patient_name, "name_norm": name_norm, "birth_date": birth_date,
+              "sex": parsed.sex, "key_id": str(key_id), "meta_json": parsed.meta_json}
+    if conn.dialect.name == "postgresql":
+        made = conn.scalar(pg_insert(_patients).values(values).on_conflict_do_nothing(
+            index_elements=[_patients.c.patient_id, _patients.c.issuer])
+            .returning(_patients.c.pk))
+        if made is None:  # created meanwhile by another writer: theirs, tokens and all
+            theirs = conn.scalar(select(_patients.c.pk).where(
+                _patients.c.patient_id == parsed.patient_id,
+                _patients.c.issuer == parsed.issuer))
+            if theirs is None:
+                raise RuntimeError("patient row conflicted but cannot be read")
+            return int(theirs)
+        pk = int(made)
+    else:
+        pk = _new_pk(conn.execute(insert(_patients).values(values)))
     # as the ORM listener does for patients added through a session (``index.blind``)
     blind.write(conn, Level.PATIENT, pk, {"PatientName": name_norm or "",
                                           "PatientBirthDate": birth_date or ""})
@@ -256,7 +341,13 @@ def known(conn: Connection | Session, parsed: ParsedInstance) -> StoreResult | N
             select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid))
     if digest is None:
         return None
-    same = secrets.compare_digest(digest, parsed.sha256)
+    return answer(parsed, digest)
+
+
+def answer(parsed: ParsedInstance, digest: bytes) -> StoreResult:
+    """What a store of ``parsed`` is when its SOP Instance UID is indexed with the
+    plaintext SHA-256 ``digest``: the same bytes are a duplicate, others a conflict."""
+    same = secrets.compare_digest(bytes(digest), parsed.sha256)
     status = StoreStatus.DUPLICATE if same else StoreStatus.CONFLICT
     return StoreResult(status, parsed.sop_uid, parsed.study_uid)
 
