@@ -41,6 +41,8 @@ ldconfig -p 2>/dev/null | grep -q 'libpangoft2-1.0.so.0' || apt_wanted+=(libpang
 if [ "$with_tests" = 1 ]; then
   # dcmtk's own binaries (pynetdicom ships Python scripts with the same names).
   [ -x /usr/bin/storescu ] || apt_wanted+=(dcmtk)
+  # GDCM's gdcmscu: a third sender for the C-STORE receive path's conformance test
+  [ -x /usr/bin/gdcmscu ] || apt_wanted+=(libgdcm-tools)
   command -v openssl >/dev/null 2>&1 || apt_wanted+=(openssl)
   # a real TLS syslog collector (RFC 5425) for the audit export tests
   [ -x /usr/sbin/rsyslogd ] || apt_wanted+=(rsyslog)

@@ -478,3 +478,29 @@ def test_both_paths_store_the_same_bytes_and_records(
                                            ExplicitVRLittleEndian, b""))
         assert dcmread(BytesIO(stream)).PixelData == ds.PixelData
     assert fast_records == slow_records
+
+
+@pytest.mark.slow
+def test_gdcmscu_store_is_received_as_sent(env: Env) -> None:
+    """GDCM's ``gdcmscu`` as the sender (it aborts at association release here, see
+    interop notes: its exit status is not the verdict, what was stored is)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("gdcmscu")
+    if tool is None:
+        pytest.skip("gdcmscu not installed")
+    path = env.root / "gdcm.dcm"
+    ds, _ = _ct(path, rows=240)
+    subprocess.run([tool, "--store", "--call", "PACSVAULT", "--aetitle", CALLING,
+                    "127.0.0.1", str(env.served.server.port), str(path)],
+                   capture_output=True, timeout=60, check=False)
+    assert wait_until(lambda: _stored(env, ds.SOPInstanceUID), 10)
+    got = _stored(env, ds.SOPInstanceUID)
+    assert len(got) == 1
+    syntax = dcmread(BytesIO(got[0]), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert got[0].startswith(_expected(CTImageStorage, ds.SOPInstanceUID, syntax, b""))
+    stored = dcmread(BytesIO(got[0]))
+    if syntax == ExplicitVRLittleEndian:
+        assert got[0].endswith(_dataset_part(path))
+    assert [(e.tag, e.value) for e in stored] == [(e.tag, e.value) for e in ds]
