@@ -188,6 +188,24 @@ def test_refusals_say_why_and_add_no_snapshot(env: Env) -> None:
     assert "usb: FAILED: pg_dump 11 cannot back up this PostgreSQL 15 server" in res.stdout
     assert "nothing was backed up" in res.stdout
 
+    # a pg_dump that writes its whole output, then fails: restic is killed before it
+    # sees the end of its input, so no snapshot of that stream exists
+    real = shutil.which("pg_dump") or "/usr/bin/pg_dump"
+    failing = env.root / "failing-pg"
+    failing.mkdir()
+    (failing / "pg_dump").write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then exec {real} --version; fi\n'
+        f'{real} "$@"\necho "pg_dump: error: simulated failure" >&2\nexit 1\n')
+    (failing / "pg_dump").chmod(0o755)
+    env.vault.set_toml("backup", "pg_bin_dir", f'"{failing}"')
+    try:
+        res = env.vault.cli("backup", "run", check=False)
+    finally:
+        env.vault.set_toml("backup", "pg_bin_dir", '""')
+    assert res.returncode != 0
+    assert "usb: FAILED: pg_dump failed: pg_dump: error: simulated failure" in res.stdout
+    assert len(_snapshots(env)) == before
+
     v = env.vault.open()
     try:  # the database goes away after the vault opened
         gone = v.settings.index.url.replace(f":{env.db.server.port}/", ":1/")
