@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,7 +87,13 @@ def one_round(name: str, tree: Path | None, files: list[Path], work: Path, tls: 
             p for p in (str(tree / "src"), str(Path.cwd()), env_path) if p)
     try:
         if template is not None and not (template / "token").exists():
-            PacsvaultTarget(template, tls)
+            # in a child with this tree first on the path: making the bench user opens
+            # the vault in-process, which would otherwise migrate it with this checkout
+            subprocess.run([sys.executable, "-c",
+                            "import sys; from pathlib import Path; "
+                            "from bench.compare.pacsvault_server import PacsvaultTarget; "
+                            "PacsvaultTarget(Path(sys.argv[1]), sys.argv[2] == '1')",
+                            str(template), "1" if tls else "0"], check=True)
         target = PacsvaultTarget(root, tls, template)
         target.start()
     finally:
@@ -113,6 +120,48 @@ def one_round(name: str, tree: Path | None, files: list[Path], work: Path, tls: 
             "cpu_mb_s": size / cpu / MB}
 
 
+def inproc(out: Path, files: list[Path], rounds: int, pdu: str | None) -> None:
+    """One vault served in this process, the direct C-STORE path switched on and off for
+    alternate rounds (``reactor.FAST_STORE``, read per association): the same code
+    otherwise. Process CPU (the server's threads only: storescu is another process)."""
+    import tempfile
+
+    from bench.compare.procs import DCMTK_ENV, dcmtk
+    from pacsvault.dicom import reactor
+    from pacsvault.dicom.server import DicomService
+    from pacsvault.vault import Vault, create
+
+    results: dict[str, list[float]] = {"direct": [], "pynetdicom": []}
+    size = sum(f.stat().st_size for f in files)
+    for r in range(rounds):
+        for fast in ((True, False) if r % 2 == 0 else (False, True)):
+            root = Path(tempfile.mkdtemp(dir=out))
+            create(root / "data", key_file=root / "key")
+            vault = Vault.open(root / "data", root / "key")
+            vault.nodes.add("BENCHSCU", "127.0.0.1")
+            service = DicomService(vault)
+            port = service.start("127.0.0.1", 0, None)["dicom_port"]
+            reactor.FAST_STORE = fast
+            cmd = [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", vault.settings.server.ae_title,
+                   *(["-pdu", pdu] if pdu else []), "127.0.0.1", str(port)]
+            try:
+                subprocess.run([*cmd, str(files[0])], env=DCMTK_ENV, check=True,
+                               capture_output=True)  # warm-up
+                c0, t0 = time.process_time(), time.perf_counter()
+                subprocess.run(cmd + [str(f) for f in files[1:]], env=DCMTK_ENV, check=True,
+                               capture_output=True)
+                cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+            finally:
+                service.stop()
+                vault.close()
+                shutil.rmtree(root, ignore_errors=True)
+            key = "direct" if fast else "pynetdicom"
+            results[key].append(cpu / (len(files) - 1) * 1000)
+            print(key, r, f"cpu_ms_per_image={results[key][-1]:.2f}",
+                  f"mb_s={(size - files[0].stat().st_size) / wall / MB:.1f}", flush=True)
+    (out / f"inproc-{pdu or 'default'}.json").write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -123,10 +172,16 @@ def main() -> None:
     ap.add_argument("--ceilings", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-cur", action="store_true", help="only the --tree variants")
+    ap.add_argument("--inproc", action="store_true",
+                    help="direct path on/off in one in-process server (see inproc)")
+    ap.add_argument("--pdu", help="storescu -pdu (with --inproc)")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     files = files_for(out, args.slices + 1, args.tls)
+    if args.inproc:
+        inproc(out, files, args.rounds, args.pdu)
+        return
     trees: list[tuple[str, Path | None]] = [] if args.no_cur else [("cur", None)]
     for spec in args.tree:
         name, _, path = spec.partition("=")
