@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import sqlcipher3
 
 from pacsvault import config
-from pacsvault.backup import pgindex
+from pacsvault.backup import pgindex, s3objects
 from pacsvault.backup import state as backup_state
 from pacsvault.backup.restic import Repository, ResticError
 from pacsvault.backup.restore import RestoreResult as RestoreResult
@@ -226,6 +226,13 @@ def _run_locked(vault: Vault, chosen: list[config.BackupTarget]) -> list[BackupO
                         dumps[target.name] = exc
             finally:
                 staged.close()
+        if staged is not None and staged.mirror is not None:
+            try:
+                s3objects.sync(vault, staged.mirror)
+            except (BackupError, OSError) as exc:  # (dumps made: forgotten at prune)
+                staged, failure = None, (str(exc) if isinstance(exc, BackupError) else
+                                         f"the objects could not be copied for backup "
+                                         f"({type(exc).__name__})")
         for target in chosen:
             if staged is None:
                 outcome = BackupOutcome(target.name, False, None, failure, 0, 0,

@@ -55,6 +55,9 @@ class _Staged:
     point: pgindex.Exported | None = None  # PostgreSQL: the exported snapshot, open
     dump_major: int = 0
     stack: contextlib.ExitStack[bool | None] = field(default_factory=contextlib.ExitStack)
+    # S3 store: the object ids to mirror (``s3objects.sync``), after the exported
+    # snapshot is released (a first mirror of a large bucket takes long)
+    mirror: list[str] | None = None
 
     def close(self) -> None:
         """End the exported snapshot's transaction (every dump has imported it)."""
@@ -176,9 +179,7 @@ def _stage(vault: Vault) -> _Staged:
         stack.close()
         raise
     run_tag = f"run-{uuid.uuid4().hex[:16]}"
-    mirrored = s3objects.is_s3(vault)
-    if mirrored:
-        s3objects.sync(vault, ids)
+    mirrored = s3objects.is_s3(vault)  # synced by the run once the dumps are made
     _write_manifest(root, {
         "index": "postgresql" if point is not None else "embedded",
         "index_dump": pgindex.DUMP_FILE if point is not None else "",
@@ -186,7 +187,8 @@ def _stage(vault: Vault) -> _Staged:
         "instances": len(ids), "anchor_seq": anchor_seq})
     return _Staged(root, anchor_seq, len(ids), staged, run_tag,
                    paths=(STAGING_DIR, s3objects.MIRROR_DIR if mirrored else "objects"),
-                   point=point, dump_major=dump_major, stack=stack)
+                   point=point, dump_major=dump_major, stack=stack,
+                   mirror=ids if mirrored else None)
 
 
 def _copy_rest(vault: Vault, root: Path, anchor_seq: int, ids: list[str]) -> int:
