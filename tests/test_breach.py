@@ -27,6 +27,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pypdf import PdfReader
+from sqlalchemy import select
 
 from pacsvault.audit.alerts.rules import Detector
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
@@ -34,6 +35,7 @@ from pacsvault.breach import clock as breach_clock
 from pacsvault.breach.model import Breach
 from pacsvault.breach.store import BreachRegister
 from pacsvault.config.alerts import AlertSettings
+from pacsvault.index.deployment_state import BreachVersionRow
 from tests.helpers import Server, VaultDir, events, make_vault, start_server
 from tests.web_helpers import client, csrf_of, sign_in
 
@@ -243,11 +245,16 @@ def test_patient_list_opens_only_with_the_recipients_key(env: Env) -> None:
     named = exports[0]["patient_ids"] if exports else []
     assert len(exports) == 2 and isinstance(named, list)
     assert sorted(named) == [pid for pid, _name, _n in STOLEN]
-    # and the register itself holds nothing in clear
-    for file in (env.vault.data / "breaches").rglob("*"):
-        if file.is_file():
-            data = file.read_bytes()
-            assert b"PVB-00" not in data and b"Stolen laptop" not in data, file
+    # and the register itself (rows of the index) holds nothing in clear
+    v = env.vault.open()
+    try:
+        with v.engine.connect() as conn:
+            blobs = list(conn.execute(select(BreachVersionRow.blob)).scalars())
+    finally:
+        v.close()
+    assert blobs
+    for blob in blobs:
+        assert b"PVB-00" not in blob and b"Stolen laptop" not in blob
 
 
 def test_clock_alerts_at_48h_once_and_not_after_a_decision(env: Env) -> None:

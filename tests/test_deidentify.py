@@ -22,10 +22,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary, generate_uid  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from pacsvault.deidentify import export as deid
 from pacsvault.deidentify.engine import burned_in_reason
 from pacsvault.deidentify.options import profile
+from pacsvault.index.deployment_state import LinkRow
 from tests import corpus
 from tests.helpers import VaultDir, events, make_vault
 
@@ -211,13 +213,19 @@ def test_same_patient_same_pseudonym_within_a_project_only(env: Env, tmp_path: P
     originals = {str(dcmread(f.path).get("StudyDate", "")) for f in env.files} - {""}
     assert originals and not originals & dates[0]
     assert all(u.startswith("2.25.") for u in a1)
-    # the link table stays inside the vault, encrypted: no patient ID readable on disk
-    tables = list((env.vault.data / deid.LINKS_DIR).glob("*.links"))
-    assert len(tables) == 2
-    for table in tables:
-        raw = table.read_bytes()
-        assert all(f.patient_id.encode() not in raw for f in env.files)
-        assert b"project" not in table.name.encode()
+    # the link table stays inside the vault's index, encrypted: no patient ID, pseudonym or
+    # project name readable in its rows (what a PostgreSQL dump would show)
+    v = env.vault.open()
+    try:
+        with v.engine.connect() as conn:
+            rows = list(conn.execute(select(LinkRow.__table__)))
+    finally:
+        v.close()
+    assert len({row.project for row in rows}) == 2
+    raw = b"".join(b"".join(c if isinstance(c, bytes) else str(c).encode() for c in row)
+                   for row in rows)
+    assert all(f.patient_id.encode() not in raw for f in env.files)
+    assert b"project-" not in raw
     for folder in ("a1", "b"):
         _scan(tmp_path / folder, env)
 

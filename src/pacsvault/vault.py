@@ -42,7 +42,7 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
-from pacsvault.index import schema
+from pacsvault.index import deployment_state, schema  # deployment_state: its tables too
 from pacsvault.index import shared_state as _shared_state  # noqa: F401  (registers its tables)
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
@@ -415,6 +415,7 @@ class Vault:
         self.vault_id = vault_id
         self._master = master
         self._secret_lock = threading.Lock()
+        self._shared_secrets: dict[str, bytes] = {}  # deployment-wide, from the index
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
         # ``objects``: the local directory store (DATA/objects); ``store``: where objects
@@ -481,7 +482,18 @@ class Vault:
             _record_upgrade(vault, upgraded)
         vault._tls_upkeep()
         vault._sealed_upkeep()
+        vault._publish_shared_secrets()
         return vault
+
+    def _publish_shared_secrets(self) -> None:
+        """This directory's deployment-wide secrets from before they moved to the index
+        (``vault.json``), offered at open: the index keeps the first value it was given, so
+        an upgraded vault keeps its keys whichever instance uses them first."""
+        for name in sorted(deployment_state.SHARED_SECRETS):
+            local = self.file_secret(name)
+            if local is not None and name not in self._shared_secrets:
+                self._shared_secrets[name] = deployment_state.agree_secret(
+                    self.sessions, name, local)
 
     def _sealed_upkeep(self) -> None:
         """What a start without the master key will need (``sealed.material``): the HPKE
@@ -590,7 +602,19 @@ class Vault:
 
     def named_secret(self, name: str, *, size: int = 32) -> bytes:
         """A random secret kept in ``vault.json["secrets"]`` wrapped by the master key,
-        made on first use (``keys.wrap_secret``: rotation re-wraps these in one place)."""
+        made on first use (``keys.wrap_secret``: rotation re-wraps these in one place).
+
+        The deployment-wide ones (``deployment_state.SHARED_SECRETS``: what they key is
+        read by every instance) live in the index instead, sealed, so that several data
+        directories on one index agree; the first use takes ``vault.json``'s value if this
+        directory has one (a vault from before), else a random one."""
+        if name in deployment_state.SHARED_SECRETS:
+            cached = self._shared_secrets.get(name)
+            if cached is None:
+                offer = self.file_secret(name) or os.urandom(size)
+                cached = deployment_state.agree_secret(self.sessions, name, offer)
+                self._shared_secrets[name] = cached
+            return cached
         with self._secret_lock:
             stored = self._secrets_table()
             if isinstance(stored, dict) and isinstance(stored.get(name), str):
@@ -599,9 +623,22 @@ class Vault:
             self._put_secret(name, secret)
             return secret
 
+    def file_secret(self, name: str) -> bytes | None:
+        """``name`` as this data directory's ``vault.json`` holds it, None if absent (the
+        value a shared secret had before it moved to the index)."""
+        with self._secret_lock:
+            stored = self._secrets_table()
+            if isinstance(stored, dict) and isinstance(stored.get(name), str):
+                return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
+            return None
+
     def set_named_secret(self, name: str, secret: bytes) -> None:
         """Store or replace a named secret whose value is not random: the backup
         repositories' recovery password, derived from the recovery code (issue 14)."""
+        if name in deployment_state.SHARED_SECRETS:
+            deployment_state.replace_secret(self.sessions, name, secret)
+            self._shared_secrets[name] = secret
+            return
         with self._secret_lock:
             self._put_secret(name, secret)
 
