@@ -256,6 +256,7 @@ def _fill(vault: VaultDir, images: list[Image], fwd_port: int) -> dict[str, str]
     """Rows of every kind through the workflows that make them (in-process)."""
     from pacsvault.breach.model import Breach, new_id
     from pacsvault.breach.store import BreachRegister
+    from pacsvault.deidentify.links import LinkTable
     from pacsvault.dicom import forward
     from pacsvault.sharing.links import ShareLinks
 
@@ -286,6 +287,7 @@ def _fill(vault: VaultDir, images: list[Image], fwd_port: int) -> dict[str, str]
             id=new_id(now), title="Stolen laptop drill",
             aware_at=now.isoformat(timespec="seconds")),
                                         by="test")
+        LinkTable(v, "tables-project").add({"PV-TABLES01": "PVMIGT02"})
     finally:
         v.close()
     return {"token": token.token, "revoked": revoked.token, "link": made.link_id,
@@ -401,7 +403,8 @@ def test_every_table_has_rows_to_carry(world: World) -> None:
         assert found or name in EMPTY_EMBEDDED, name
     for made_by_a_workflow in ("share_links", "api_tokens", "api_token_sources",
                                "forward_queue", "forward_cursor",
-                               "instances", "data_keys", "nodes"):
+                               "instances", "data_keys", "nodes", "breach_versions",
+                               "vault_secrets", "deidentify_links"):
         assert made_by_a_workflow not in world.synthetic
 
 
@@ -529,8 +532,15 @@ def test_forward_queued_before_is_delivered(world: World, served: Any) -> None:
 
 
 def test_breach_entry_listed_and_trail_verifies(world: World, served: Any) -> None:
+    from pacsvault.deidentify.links import LinkTable
+
     listed = run_here(world.vault, "breach", "list")
     assert world.breach in listed.stdout and "Stolen laptop drill" in listed.stdout
+    v = world.vault.open()  # the link table and its shared secret came along (issue 16)
+    try:
+        assert LinkTable(v, "tables-project").read() == {"PV-TABLES01": "PVMIGT02"}
+    finally:
+        v.close()
     assert "intact" in run_here(world.vault, "audit", "verify").stdout
 
 
