@@ -290,3 +290,58 @@ def test_restore_after_losing_database_bucket_and_machine(env: Env) -> None:
                 assert not any(m in blob for m in markers), f"a patient marker in {path.name}"
     finally:
         drop_database(target)
+
+
+def test_embedded_index_with_a_bucket_backs_up_its_objects(
+        tmp_path: Path, s3_server: S3Server) -> None:
+    """An embedded index whose objects are in a bucket: the backup takes the objects too
+    (their ciphertext mirror), so losing the bucket loses nothing; ``--to-index`` is
+    refused for such a backup."""
+    bucket = create_bucket(s3_server)
+    key = tmp_path / "v" / "keys" / "master.key"
+    proc = pv("init", "--data", tmp_path / "v" / "data", "--key-file", key, "--admin",
+              "admin", "--storage-url", f"{bucket.url}/{PREFIX}",
+              "--storage-endpoint", s3_server.endpoint, "--storage-region", s3_server.region,
+              "--storage-credentials-file", s3_server.credentials_file,
+              "--storage-ca-file", s3_server.ca_file, "--storage-path-style")
+    found = first_run_secrets(proc.stdout)
+    vault = VaultDir(tmp_path / "v", key, found.recovery_code)
+    vault.add_node(MODALITY)
+    repo = tmp_path / "repo"
+    with open(vault.data / "pacsvault.toml", "a") as fh:
+        fh.write(f'\n[[backup.targets]]\nname = "usb"\nrepository = "{repo}"\n')
+    files = corpus.build(tmp_path / "corpus")[:2]
+    server = start_server(vault)
+    try:
+        for f in files:
+            res = storescu(server.port, [f.path], calling=MODALITY, extra=f.proposal)
+            assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        server.stop()
+    vault.cli("backup", "init")
+    vault.cli("backup", "run")
+    v = vault.open()
+    try:
+        before = _digests(v)
+    finally:
+        v.close()
+    client = bucket.client()
+    for item in client.list_objects_v2(Bucket=bucket.name).get("Contents", []):
+        client.delete_object(Bucket=bucket.name, Key=item["Key"])
+    shutil.rmtree(vault.data)
+    key.unlink()
+    code = _private(tmp_path / "code.txt", vault.recovery_code)
+    new_key = tmp_path / "new" / "keys" / "master.key"
+    base = ("backup", "restore", "--repository", repo, "--to", tmp_path / "new" / "data",
+            "--key-file", new_key, "--recovery-code-file", code)
+    res = pv(*base, "--to-index", "postgresql://pv@127.0.0.1:1/none", check=False)
+    assert res.returncode != 0 and "holds an embedded index" in res.stderr
+    res = pv(*base)
+    assert "restored as local files" in res.stdout
+    restored = VaultDir(tmp_path / "new", new_key, vault.recovery_code)
+    v = restored.open()
+    try:
+        assert v.store.kind == "local"
+        assert _digests(v) == before and len(before) == len(files)
+    finally:
+        v.close()
