@@ -140,10 +140,12 @@ def inproc(out: Path, files: list[Path], rounds: int, pdu: str | None) -> None:
             vault = Vault.open(root / "data", root / "key")
             vault.nodes.add("BENCHSCU", "127.0.0.1")
             service = DicomService(vault)
+            if pdu:  # the largest PDU we accept: what storescu sends in
+                service.ae.maximum_pdu_size = int(pdu)
             port = service.start("127.0.0.1", 0, None)["dicom_port"]
             reactor.FAST_STORE = fast
             cmd = [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", vault.settings.server.ae_title,
-                   *(["-pdu", pdu] if pdu else []), "127.0.0.1", str(port)]
+                   "127.0.0.1", str(port)]
             try:
                 subprocess.run([*cmd, str(files[0])], env=DCMTK_ENV, check=True,
                                capture_output=True)  # warm-up
@@ -174,7 +176,7 @@ def main() -> None:
     ap.add_argument("--no-cur", action="store_true", help="only the --tree variants")
     ap.add_argument("--inproc", action="store_true",
                     help="direct path on/off in one in-process server (see inproc)")
-    ap.add_argument("--pdu", help="storescu -pdu (with --inproc)")
+    ap.add_argument("--pdu", help="with --inproc: the server's maximum PDU size (default 0)")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
