@@ -150,6 +150,19 @@ def _int_clause(cond: Condition, column: InstrumentedAttribute[Any]) -> ColumnEl
     raise QueryError("wildcards and ranges do not apply to numbers")
 
 
+def _name_clause(cond: Condition) -> ColumnElement[bool]:
+    """A patient name condition as ``patients.pk IN (SELECT pk FROM patients WHERE ...)``.
+
+    Why: matching per component group (``matching._pn_clause``: instr/substr on the
+    column) is no range an index can seek, so SQLite scanned every study and looked its
+    patient up (~150 ms at 10,000 studies, issue 17). On its own the condition reads only
+    the covering index ``ix_patients_name_norm``, and the studies follow by
+    ``ix_studies_patient_pk`` (~1 ms). Same condition, same rows; an alias, so the
+    subquery is never correlated with the outer query's patients."""
+    inner = aliased(Patient)
+    return Patient.pk.in_(select(inner.pk).where(cond.clause(inner.name_norm)))
+
+
 @dataclass
 class Accessed:
     """Patients and studies disclosed by a query (bounded: a trail record stays small)."""
@@ -449,6 +462,7 @@ class QueryEngine:
                     continue
                 sql.append(
                     _int_clause(cond, col.column) if col.kind == "int"
+                    else _name_clause(cond) if keyword == "PatientName"
                     else cond.clause(col.column)
                 )
                 continue
