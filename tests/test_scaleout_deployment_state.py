@@ -11,7 +11,8 @@ and B, and the link lines written on A are read on B; an erasure on A removes th
 patient's lines B would read; a register and a link table left as files by an older
 version are imported on first use (a directory whose own ``vault.json`` key differed is
 re-encrypted under the deployment's); two instances asking for a new shared secret at the
-same moment agree. ``pacsvault migrate`` carrying the new tables: tests/test_migrate_tables.
+same moment agree; the 72-hour clock ticking on both alerts once. ``pacsvault migrate``
+carrying the new tables: tests/test_migrate_tables.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pypdf import PdfReader
 from sqlalchemy import select
 
 from pacsvault import config
+from pacsvault.breach import clock as breach_clock
 from pacsvault.breach import documents
 from pacsvault.breach.model import Breach, BreachError, new_id
 from pacsvault.breach.store import FORMAT, IMPORTED_NAME, SECRET_NAME, BreachRegister
@@ -219,3 +221,32 @@ def test_two_instances_agree_on_a_new_secret(pair: tuple[Vault, Vault]) -> None:
     for thread in threads:
         thread.join(30)
     assert answers["a"] == answers["b"] and len(answers["a"]) == 32
+
+
+def test_the_72_hour_clock_alerts_once_whoever_ticks(pair: tuple[Vault, Vault]) -> None:
+    """Both instances run the breach clock job: each alert is sent by one of them only,
+    also when they tick at the same moment (the step is claimed as a unique version
+    first) or one after the other with a register read before the other's step."""
+    va, vb = pair
+    aware = dt.datetime(2031, 1, 5, 8, 0, tzinfo=dt.UTC)
+    opened = BreachRegister(va, clock=lambda: aware).open(
+        Breach(id="", aware_at=aware.isoformat(), title="clock on two"), by="dpo")
+    sent: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def tick(vault: Vault, hours: float, start: threading.Barrier) -> None:
+        start.wait(10)
+        found = breach_clock.tick(vault, now=aware + dt.timedelta(hours=hours))
+        with lock:
+            sent.extend(t for t in found if t[0] == opened.id)
+
+    for hours in (48.5, 49.0, 66.5, 67.0):
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=tick, args=(v, hours, start)) for v in (va, vb)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert sorted(sent) == [(opened.id, 48), (opened.id, 66)]
+    steps = [s.what for s in BreachRegister(vb).get(opened.id).steps]
+    assert steps.count("clock-48h") == 1 and steps.count("clock-66h") == 1
