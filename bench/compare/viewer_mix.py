@@ -52,6 +52,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine, text
@@ -318,6 +319,19 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+def qido_once(client: Any, t: ScaleOutTarget, filt: dict[str, str],
+              s: Samples) -> tuple[float, int]:
+    """``qido``, once more on a new connection when the server had just closed the idle
+    one (uvicorn's 5 s keep-alive ends while a slow findscu runs between two requests;
+    a viewer's client retries the same way); the retry is what is timed, and counted."""
+    try:
+        return qido(client, t, filt)
+    except httpx.RemoteProtocolError:
+        s.info["QIDO-RS retries on a closed keep-alive connection"] = \
+            s.info.get("QIDO-RS retries on a closed keep-alive connection", 0) + 1
+        return qido(client, t, filt)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     got = fn()
@@ -392,7 +406,7 @@ def one_round(args: argparse.Namespace, s: Samples, rnd: int, t: ScaleOutTarget,
         serve = [t.service.proc.pid]
         for rep in range(2 + args.reps):
             c0 = cpu_of(serve + pg)
-            ms, (_, n) = timed(partial(qido, client, t, filt))
+            ms, (_, n) = timed(partial(qido_once, client, t, filt, s))
             if rep >= 2:
                 s.add(f"QIDO-RS {fname}", "https", rnd, ms)
                 s.add_cpu(f"QIDO-RS {fname}", "https", cpu_of(serve + pg) - c0)
