@@ -2,17 +2,18 @@
 data directory (the breach register, the de-identification link tables, the named secrets
 they are keyed by) lives in the shared index, so every instance sees the same.
 
-Two data directories of one vault ("main" and "b", made as ``instances add`` makes them,
-objects local to each: these tests do not read images across instances) share one real
-PostgreSQL index (the harness's cluster, TLS verify-full). Checked: a breach recorded on A
-is listed, read and put in a notification draft (PDF and Markdown) on B; two writers of the
-same version: one wins, the other is told; the same project gives the same pseudonyms on A
-and B, and the link lines written on A are read on B; an erasure on A removes the
-patient's lines B would read; a register and a link table left as files by an older
-version are imported on first use (a directory whose own ``vault.json`` key differed is
-re-encrypted under the deployment's); two instances asking for a new shared secret at the
-same moment agree; the 72-hour clock ticking on both alerts once. ``pacsvault migrate``
-carrying the new tables: tests/test_migrate_tables.
+Two data directories of one vault ("main" and "b", made as ``instances add`` makes them)
+share one real PostgreSQL index (the harness's cluster, TLS verify-full) and one SeaweedFS
+bucket. Checked: a breach recorded on A is listed, read and put in a notification draft
+(PDF and Markdown) on B; two writers of the same version: one wins, the other is told; the
+same project gives the same pseudonyms on A and B, and the link lines written on A are
+read on B; an erasure on A removes the patient's lines B would read, and an erasure asked
+on A is confirmed by a second administrator on B (the subject digests agree); a register
+and a link table left as files by an older version are imported on first use (a directory
+whose own ``vault.json`` key differed is re-encrypted under the deployment's); two
+instances asking for a new shared secret at the same moment agree; the 72-hour clock
+ticking on both alerts once. ``pacsvault migrate`` carrying the new tables:
+tests/test_migrate_tables.
 """
 
 from __future__ import annotations
@@ -46,26 +47,34 @@ from pacsvault.index.deployment_state import BreachVersionRow, LinkRow, VaultSec
 from pacsvault.storage.erasure import Eraser
 from pacsvault.vault import Vault, create
 from tests.harness.postgres import PostgresServer, create_database, drop_database
+from tests.harness.seaweed import S3Server, create_bucket, delete_bucket
 from tests.helpers import VaultDir
 from tests.test_erasure import Admins, make, store
 from tests.test_trail_instances import _join
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.s3, pytest.mark.slow]
 
 NOW = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory,
-         postgres_server: PostgresServer) -> Iterator[tuple[Vault, Vault]]:
-    """Open handles of both instances for the whole module (one vault, one index)."""
+def pair(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServer,
+         s3_server: S3Server) -> Iterator[tuple[Vault, Vault]]:
+    """Open handles of both instances for the whole module (one vault, one index, one
+    bucket)."""
     tmp = tmp_path_factory.mktemp("deployment")
     postgres_db_module = create_database(postgres_server)
+    bucket = create_bucket(s3_server)
     root = tmp / "a"
     key = root / "keys" / "master.key"
     index = config.IndexSettings(url=postgres_db_module.url,
                                  password_file=str(postgres_db_module.server.password_file))
-    a = VaultDir(root, key, create(root / "data", key_file=key, ae_title="PVMAIN", index=index))
+    storage = config.StorageSettings(
+        url=f"{bucket.url}/pv", endpoint=s3_server.endpoint, region=s3_server.region,
+        credentials_file=str(s3_server.credentials_file), path_style=True,
+        ca_file=str(s3_server.ca_file))
+    a = VaultDir(root, key, create(root / "data", key_file=key, ae_title="PVMAIN", index=index,
+                                   storage=storage))
     a.set_toml("retention", "solo_practice", "true")  # one administrator erases
     b = _join(a, "b", tmp / "b")
     # an older vault's own secrets in A's vault.json (made before they moved to the index):
@@ -82,6 +91,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
         vb.close()
         with contextlib.suppress(Exception):
             drop_database(postgres_db_module)
+        with contextlib.suppress(Exception):
+            delete_bucket(bucket)
 
 
 def _old_breach_file(vault: Vault, secret: bytes, breach: Breach) -> None:
@@ -250,3 +261,19 @@ def test_the_72_hour_clock_alerts_once_whoever_ticks(pair: tuple[Vault, Vault]) 
     assert sorted(sent) == [(opened.id, 48), (opened.id, 66)]
     steps = [s.what for s in BreachRegister(vb).get(opened.id).steps]
     assert steps.count("clock-48h") == 1 and steps.count("clock-66h") == 1
+
+
+def test_erasure_asked_on_a_confirmed_on_b(pair: tuple[Vault, Vault]) -> None:
+    va, vb = pair
+    patient = make("PVTWO001")
+    store(va, patient)
+    LinkTable(va, "trial-9").add({"PV-TWO": "PVTWO001"})
+    asked = Eraser(va).request("PVTWO001", "", "retention over, two instances",
+                               "retention-ended", actor="alice")
+    on_b = Eraser(vb)
+    assert on_b.subject("PVTWO001") == Eraser(va).subject("PVTWO001")
+    assert any(r.id == asked for r in on_b.requests(pending_only=True))
+    result = on_b.confirm(asked, actor="bob", via="test")
+    assert [done.instances for done in result.erased] == [1]
+    assert LinkTable(va, "trial-9").read() == {}
+    assert list(va.archive.locate(study_uid=patient.study)) == []
