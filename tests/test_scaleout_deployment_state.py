@@ -12,8 +12,9 @@ on A is confirmed by a second administrator on B (the subject digests agree); a 
 and a link table left as files by an older version are imported on first use (a directory
 whose own ``vault.json`` key differed is re-encrypted under the deployment's); two
 instances asking for a new shared secret at the same moment agree; the 72-hour clock
-ticking on both alerts once. ``pacsvault migrate`` carrying the new tables:
-tests/test_migrate_tables.
+ticking on both alerts once; on one instance, a master key rotation reseals the shared
+secrets (register and link table read the same after). ``pacsvault migrate`` carrying the
+new tables: tests/test_migrate_tables.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import secrets
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -44,9 +46,15 @@ from pacsvault.deidentify import links as link_tables
 from pacsvault.deidentify.export import project_pseudonyms
 from pacsvault.deidentify.links import LinkTable
 from pacsvault.index.deployment_state import BreachVersionRow, LinkRow, VaultSecretRow
+from pacsvault.index.sealing import SealedColumnError, sealer_for
 from pacsvault.storage.erasure import Eraser
 from pacsvault.vault import Vault, create
-from tests.harness.postgres import PostgresServer, create_database, drop_database
+from tests.harness.postgres import (
+    PostgresDatabase,
+    PostgresServer,
+    create_database,
+    drop_database,
+)
 from tests.harness.seaweed import S3Server, create_bucket, delete_bucket
 from tests.helpers import VaultDir
 from tests.test_erasure import Admins, make, store
@@ -277,3 +285,36 @@ def test_erasure_asked_on_a_confirmed_on_b(pair: tuple[Vault, Vault]) -> None:
     assert [done.instances for done in result.erased] == [1]
     assert LinkTable(va, "trial-9").read() == {}
     assert list(va.archive.locate(study_uid=patient.study)) == []
+
+
+def test_master_key_rotation_reseals_the_shared_secrets(
+        tmp_path: Path, postgres_db: PostgresDatabase) -> None:
+    """One instance on PostgreSQL (rotation needs one): the register and the link table
+    written before ``keys rotate`` read the same after it; the secrets' row opens with the
+    new key only (``vault_secrets`` is a sealed column like the others)."""
+    from tests.test_postgres_index import make_pg_vault
+
+    vault = make_pg_vault(tmp_path / "one", postgres_db.server, postgres_db.url)
+    v = vault.open()
+    try:
+        opened = BreachRegister(v, clock=lambda: NOW).open(
+            Breach(id="", aware_at=NOW.isoformat(), title="before rotation"), by="dpo")
+        LinkTable(v, "rotated").add({"PV-ROT": "PVROT001"})
+        secret = v.named_secret(SECRET_NAME)
+    finally:
+        v.close()
+    old = keys.read_key_file(vault.key)[0]
+    vault.cli("keys", "rotate")
+    v = vault.open()
+    try:
+        assert BreachRegister(v).get(opened.id).title == "before rotation"
+        assert LinkTable(v, "rotated").read() == {"PV-ROT": "PVROT001"}
+        assert v.named_secret(SECRET_NAME) == secret
+        with v.engine.connect() as conn:
+            raw = bytes(conn.exec_driver_sql(
+                "SELECT secret FROM vault_secrets WHERE name = 'breach-register'").scalar_one())
+    finally:
+        v.close()
+    vault_id = json.loads((vault.data / "vault.json").read_text())["vault_id"]
+    with pytest.raises(SealedColumnError):
+        sealer_for(old, vault_id).open("vault_secrets.secret", raw)
