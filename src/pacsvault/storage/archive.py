@@ -383,13 +383,15 @@ class Archive:
             # this check and the rows below (a deferred transaction would read before
             # locking).
             dialect.take_write_lock(conn)  # SQLite: BEGIN IMMEDIATE
-            generation = int(conn.exec_driver_sql(_GENERATION).scalar_one())
+            # PostgreSQL: the generation and the batch's known UIDs in one statement, its
+            # instance rows in another (``rows.BatchRows``)
+            together = None if dialect.is_sqlite(conn) else rows.BatchRows(conn, batch)
+            generation = (together.generation if together is not None
+                          else int(conn.exec_driver_sql(_GENERATION).scalar_one()))
             with self._cache_lock:
                 self._observe(generation)
             overlay_studies: dict[str, int] = {}
             overlay_series: dict[str, int] = {}
-            # PostgreSQL: the batch's instance rows in one go (``rows.BatchRows``)
-            together = None if dialect.is_sqlite(conn) else rows.BatchRows(conn, batch)
             for item in batch:
                 if item.generation != generation:
                     # chosen before a removal: maybe a deleted study or a destroyed key

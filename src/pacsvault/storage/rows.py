@@ -8,9 +8,9 @@ of a known SOP Instance UID is. ``archive`` re-exports the public names.
 On PostgreSQL every statement is a network round trip made while the batch holds the
 index's write lock (shared by every instance), so a batch's per-image statements are
 sent together (``BatchRows``, issue 16 scale-out ingest): one look-up of which SOP
-Instance UIDs are known, one multi-row ``INSERT`` of the instance rows, one counter
-``UPDATE`` per series and study touched; a batch costs the same handful of round trips
-whatever its size. SQLite keeps its per-image driver calls (no round trips to save).
+Instance UIDs are known, then one statement: a multi-row ``INSERT`` of the instance rows
+with the series and study counter ``UPDATE``s as CTEs; a batch costs the same handful of
+round trips whatever its size. SQLite keeps its per-image driver calls (no round trips to save).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from sqlalchemy import (
     CursorResult,
     Select,
     Table,
-    bindparam,
     insert,
+    literal_column,
     select,
+    table,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -120,26 +121,41 @@ class BatchRows:
 
     def __init__(self, conn: Connection, batch: Sequence[Pending]) -> None:
         self.conn = conn
-        self.known: dict[str, bytes] = {}
         self.rows: list[dict[str, Any]] = []
         self.series = Counter[int]()
         self.studies = Counter[int]()
+        # The removal generation (``Archive._index_batch``) and the known UIDs in one
+        # statement (one snapshot, after the write lock): one row at least, the
+        # generation's, joined to each known instance.
+        generation = select(literal_column(
+            "coalesce(max(id), 0)").label("generation")).select_from(
+            table("object_actions")).subquery()
         uids = sorted({item.parsed.sop_uid for item in batch})
-        if uids:
-            found = conn.execute(select(_instances.c.sop_uid, _instances.c.sha256)
-                                 .where(_instances.c.sop_uid.in_(uids)))
-            self.known = {str(uid): bytes(digest) for uid, digest in found}
+        found = conn.execute(
+            select(generation.c.generation, _instances.c.sop_uid, _instances.c.sha256)
+            .select_from(generation.outerjoin(_instances, _instances.c.sop_uid.in_(uids))))
+        self.generation = 0
+        self.known: dict[str, bytes] = {}
+        for row in found:
+            self.generation = int(row[0])
+            if row[1] is not None:
+                self.known[str(row[1])] = bytes(row[2])
 
     def flush(self) -> None:
-        """Send the collected rows (part of the batch's transaction: one commit)."""
-        conn = self.conn
-        if self.rows:
-            conn.execute(insert(_instances), self.rows)
-        for table, counts in ((_series, self.series), (_studies, self.studies)):
-            if counts:
-                conn.execute(update(table).where(table.c.pk == bindparam("row_pk")).values(
-                    num_instances=table.c.num_instances + bindparam("added")),
-                    [{"row_pk": pk, "added": n} for pk, n in sorted(counts.items())])
+        """Send the collected rows, part of the batch's transaction, as **one** statement:
+        a multi-row INSERT carrying the counter UPDATEs as data-modifying CTEs (one per
+        series and study touched; each row updated once, so no two parts of the
+        statement touch the same row)."""
+        if not self.rows:
+            return
+        statement = insert(_instances).values(self.rows)
+        for target, counts in ((_series, self.series), (_studies, self.studies)):
+            for k, (pk, added) in enumerate(sorted(counts.items())):
+                statement = statement.add_cte(
+                    update(target).where(target.c.pk == pk)
+                    .values(num_instances=target.c.num_instances + added)
+                    .returning(target.c.pk).cte(f"{target.name}_{k}"))
+        self.conn.execute(statement)
         self.rows, self.series, self.studies = [], Counter(), Counter()
 
 
