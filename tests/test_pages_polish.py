@@ -22,7 +22,9 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
 
+from pacsvault.index.deployment_state import NodeBundleRow
 from pacsvault.web import formats, pages
 from tests.helpers import VaultDir, make_vault
 from tests.test_web_pages import check_page
@@ -158,9 +160,10 @@ def test_tls_node_bundle_is_downloaded_once_and_verifies(web: LocalWeb,
     issued = admin.post("/admin/nodes/certificate",
                         data={"csrf": csrf_of(edit.text), "ae_title": "WORKSTATION"})
     assert issued.status_code == 200 and 'id="bundle-download"' in issued.text
-    pending = list((web.vault.layout.tls.root / "pending").iterdir())
-    assert len(pending) == 1 and pending[0].stat().st_mode & 0o077 == 0
-    assert b"ENCRYPTED PRIVATE KEY" in pending[0].read_bytes()  # never plain at rest
+    with web.vault.sessions() as session:  # in the index: any instance delivers it
+        pending = list(session.scalars(select(NodeBundleRow.body)))
+    assert len(pending) == 1
+    assert b"ENCRYPTED PRIVATE KEY" in pending[0]  # never plain at rest
     res = admin.post("/admin/nodes/certificate/download",
                      data={"csrf": csrf_of(issued.text), "ae_title": "WORKSTATION"})
     assert res.status_code == 200
@@ -177,7 +180,8 @@ def test_tls_node_bundle_is_downloaded_once_and_verifies(web: LocalWeb,
     again = admin.post("/admin/nodes/certificate/download",
                        data={"csrf": csrf_of(issued.text), "ae_title": "WORKSTATION"})
     assert again.status_code == 410 and "BEGIN" not in again.text
-    assert not list((web.vault.layout.tls.root / "pending").iterdir())
+    with web.vault.sessions() as session:
+        assert not list(session.scalars(select(NodeBundleRow.body)))
     serials = {f"{c.serial_number:x}" for c in certs[:2]}
     client = certs[0]
     assert web.vault.nodes.certificate_status("WORKSTATION", client.serial_number) == "valid"

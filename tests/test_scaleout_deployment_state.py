@@ -12,9 +12,9 @@ on A is confirmed by a second administrator on B (the subject digests agree); a 
 and a link table left as files by an older version are imported on first use (a directory
 whose own ``vault.json`` key differed is re-encrypted under the deployment's); two
 instances asking for a new shared secret at the same moment agree; the 72-hour clock
-ticking on both alerts once; on one instance, a master key rotation reseals the shared
-secrets (register and link table read the same after). ``pacsvault migrate`` carrying the
-new tables: tests/test_migrate_tables.
+ticking on both alerts once; a TLS node bundle issued on A is delivered once, by B; on one
+instance, a master key rotation reseals the shared secrets (register and link table read
+the same after). ``pacsvault migrate`` carrying the new tables: tests/test_migrate_tables.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from pacsvault.index.deployment_state import BreachVersionRow, LinkRow, VaultSec
 from pacsvault.index.sealing import SealedColumnError, sealer_for
 from pacsvault.storage.erasure import Eraser
 from pacsvault.vault import Vault, create
+from pacsvault.web import node_bundle
 from tests.harness.postgres import (
     PostgresDatabase,
     PostgresServer,
@@ -318,3 +319,22 @@ def test_master_key_rotation_reseals_the_shared_secrets(
     vault_id = json.loads((vault.data / "vault.json").read_text())["vault_id"]
     with pytest.raises(SealedColumnError):
         sealer_for(old, vault_id).open("vault_secrets.secret", raw)
+
+
+def test_node_bundle_issued_on_a_downloaded_once_from_b(pair: tuple[Vault, Vault]) -> None:
+    """The admin's two clicks may reach two instances: issued on A, delivered by B, and
+    then by neither again."""
+    va, vb = pair
+    va.nodes.add("PVBUNDLE", "127.0.0.1", 11112, tls=True, client_cert=True,
+                 roles=("store", "retrieve"))
+    node = va.nodes.get("PVBUNDLE")
+    assert node is not None
+    issued = node_bundle.issue(va, node)
+    assert node_bundle.pending(vb, "PVBUNDLE")
+    bundle = node_bundle.take(vb, "PVBUNDLE")
+    assert sorted(bundle.serials) == sorted(f"{c.serial:x}" for c in issued)
+    assert b"-----BEGIN PRIVATE KEY-----" in bundle.pem
+    for vault in (va, vb):
+        assert not node_bundle.pending(vault, "PVBUNDLE")
+        with pytest.raises(node_bundle.BundleGone):
+            node_bundle.take(vault, "PVBUNDLE")

@@ -1,12 +1,13 @@
 """State of the whole deployment that used to be files under one data directory (issue 16,
 part 3): the deployment's named secrets, the breach register's versions, the link tables of
-de-identification projects.
+de-identification projects (revision ``0007``), TLS node bundles waiting for their download
+(``0008``).
 
 Why in the index: several ``serve`` instances share one index and one bucket but each has
 its own ``DATA``; a file there is seen by one instance only. A DPO on instance B must see
 the breach recorded on A, a pseudonym made on A must be the same on B, an erasure on A must
 reach every link line. The same tables on both backends (one code path; SQLCipher is then
-simply the only instance's index), portable SQLAlchemy only, revision ``0007``.
+simply the only instance's index), portable SQLAlchemy only.
 
 Nothing here is readable from a dump: the secrets are ``Sealed`` (AES-GCM under the index
 keys on PostgreSQL; plain inside the encrypted SQLCipher file, as every column there), the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import base64
 
-from sqlalchemy import Index, Integer, LargeBinary, String, UniqueConstraint, select
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String, UniqueConstraint, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -73,6 +74,18 @@ class LinkRow(Base):
     pseudonym: Mapped[bytes] = mapped_column(LargeBinary(32))
     patient: Mapped[bytes] = mapped_column(LargeBinary(32))
     blob: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class NodeBundleRow(Base):
+    """A TLS node's certificate bundle waiting for its one download (``web.node_bundle``):
+    the administrator's issue and download may reach two instances. Keyed by the SHA-256
+    of the AE title; the body holds certificates and keys encrypted with the vault's TLS
+    key password (no patient data)."""
+
+    __tablename__ = "node_bundles"
+    node: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    created: Mapped[int] = mapped_column(BigInteger)  # microseconds since the epoch
+    body: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 def read_secret(sessions: sessionmaker[Session], name: str) -> bytes | None:

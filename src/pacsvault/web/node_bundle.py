@@ -9,12 +9,13 @@ Two steps, because a download can be lost and a page can be reloaded:
 
 1. *issue* (a POST): the certificates are signed by the vault's CA and recorded in the
    registry (``node.cert`` event, as the command line). The keys are kept **encrypted**
-   with the vault's TLS key password (the same protection as the CA key) in
-   ``DATA/tls/pending/``, owner-only, until they are downloaded;
-2. *download* (a POST): the pending file is claimed by an atomic rename (two clicks or two
-   workers cannot both get it), read, deleted, and the keys are decrypted into the
-   response. From then on the key exists nowhere on the server: a second download is
-   refused, and a lost bundle means issuing a new certificate (and revoking the old one
+   with the vault's TLS key password (the same protection as the CA key) in the index
+   (``node_bundles``, ``index.deployment_state``; a file under ``DATA/tls/pending`` before
+   issue 16: the download may reach another instance than the issue), until downloaded;
+2. *download* (a POST): the pending row is claimed by deleting it (two clicks, two workers
+   or two instances cannot both get it: one ``DELETE`` removes the row), and the keys are
+   decrypted into the response. From then on the key exists nowhere on the server: a second
+   download is refused, and a lost bundle means issuing a new certificate (and revoking the old one
    with ``pacsvault node cert --revoke`` if it may have leaked).
 
 A bundle not downloaded within ``PENDING_HOURS`` is deleted when next asked for; one
@@ -27,21 +28,19 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import os
-import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import delete, select
 
 from pacsvault.crypto import tls
-from pacsvault.fsutil import write_atomic
+from pacsvault.index.deployment_state import NodeBundleRow
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.vault import Vault
 
-PENDING_DIR = "pending"
+PENDING_DIR = "pending"  # DATA/tls/pending, before issue 16 (not read any more)
 PENDING_HOURS = 24
 
 
@@ -56,10 +55,8 @@ class Bundle:
     serials: list[str]
 
 
-def _pending_path(vault: Vault, ae_title: str) -> Path:
-    # AE titles may hold "/" or spaces: the file is named by a digest of it.
-    digest = hashlib.sha256(ae_title.strip().encode()).hexdigest()[:32]
-    return vault.layout.tls.root / PENDING_DIR / f"{digest}.json"
+def _node_key(ae_title: str) -> bytes:
+    return hashlib.sha256(ae_title.strip().encode()).digest()
 
 
 def _host_name(host: str) -> x509.GeneralName:
@@ -71,13 +68,15 @@ def _host_name(host: str) -> x509.GeneralName:
 
 def pending(vault: Vault, ae_title: str, now: float | None = None) -> bool:
     """Whether a bundle waits to be downloaded (an expired one is deleted here)."""
-    path = _pending_path(vault, ae_title)
-    try:
-        age = (now or time.time()) - path.stat().st_mtime
-    except FileNotFoundError:
+    key = _node_key(ae_title)
+    with vault.sessions() as session:
+        created = session.scalar(select(NodeBundleRow.created).where(NodeBundleRow.node == key))
+    if created is None:
         return False
-    if age > PENDING_HOURS * 3600:
-        path.unlink(missing_ok=True)
+    if (now or time.time()) - created / 1e6 > PENDING_HOURS * 3600:
+        with vault.sessions.begin() as session:
+            session.execute(delete(NodeBundleRow).where(NodeBundleRow.node == key,
+                                                        NodeBundleRow.created == created))
         return False
     return True
 
@@ -102,9 +101,11 @@ def issue(vault: Vault, node: NodeInfo) -> list[tls.IssuedCert]:
         items.append({"kind": kind, "cert": cert_pem.decode(), "key": key_pem.decode()})
         issued.append(tls.IssuedCert(kind, cert.serial_number, cert.not_valid_after_utc,
                                      paths.ca_cert))
-    path = _pending_path(vault, node.ae_title)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    write_atomic(path, json.dumps({"ae_title": node.ae_title, "items": items}).encode())
+    body = json.dumps({"ae_title": node.ae_title, "items": items}).encode()
+    key, created = _node_key(node.ae_title), int(time.time() * 1e6)
+    with vault.sessions.begin() as session:  # replaces a bundle still pending
+        session.execute(delete(NodeBundleRow).where(NodeBundleRow.node == key))
+        session.add(NodeBundleRow(node=key, created=created, body=body))
     vault.nodes.record_certificates(node.ae_title, issued)
     return issued
 
@@ -113,16 +114,17 @@ def take(vault: Vault, ae_title: str) -> Bundle:
     """The bundle, once: claimed by rename, deleted, keys decrypted for the response."""
     if not pending(vault, ae_title):
         raise BundleGone(ae_title)
-    path = _pending_path(vault, ae_title)
-    claimed = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.claimed")
-    try:
-        os.rename(path, claimed)  # atomic: one claimant only
-    except FileNotFoundError:
-        raise BundleGone(ae_title) from None
-    try:
-        stored = json.loads(claimed.read_bytes())
-    finally:
-        claimed.unlink(missing_ok=True)
+    node_key = _node_key(ae_title)
+    with vault.sessions.begin() as session:
+        row = session.get(NodeBundleRow, node_key)
+        if row is None:
+            raise BundleGone(ae_title)
+        body, created = bytes(row.body), row.created
+        taken = session.execute(delete(NodeBundleRow).where(
+            NodeBundleRow.node == node_key, NodeBundleRow.created == created))
+        if getattr(taken, "rowcount", 0) != 1:  # another worker or instance took it
+            raise BundleGone(ae_title)
+    stored = json.loads(body)
     password = vault.tls_password()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# pacsvault: TLS certificate bundle of the DICOM node {stored['ae_title']}, "
