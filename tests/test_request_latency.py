@@ -25,19 +25,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from pydicom import dcmread
+from sqlalchemy import func, select
 
+from pacsvault import config
 from pacsvault.accounts import token_check
 from pacsvault.accounts import token_service as ts
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts.rules import Detector
 from pacsvault.audit.trail import DEFER_SECONDS, AuditTrail, TrailUnwritable
 from pacsvault.config.alerts import AlertSettings
-from pacsvault.vault import Vault
+from pacsvault.index.models import AuditLine
+from pacsvault.vault import Vault, create
 from tests import corpus
+from tests.harness.postgres import PostgresDatabase
 from tests.helpers import VaultDir, make_vault, start_server, wait_until
 
 LOCAL = "127.0.0.1"
@@ -287,3 +292,28 @@ def test_the_alert_rules_ask_the_index_once_per_set_of_studies() -> None:
     assert sorted(asked) == [("1.2.3.0",), ("1.2.3.1",), ("1.2.3.2",)]
     first = [a for a in alerts if not a.summary]
     assert len(first) == 1 and first[0].facts["patients"] == 3
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_on_a_shared_index_an_acceptance_is_durable_and_copied_at_once(
+        tmp_path: Path, postgres_db: PostgresDatabase) -> None:
+    """Several instances keep a copy of every line in the index, moved with the anchor:
+    there nothing is deferred (a flush of nothing would anchor a line never copied)."""
+    key = tmp_path / "keys" / "master.key"
+    index = config.IndexSettings(url=postgres_db.url,
+                                 password_file=str(postgres_db.server.password_file))
+    create(tmp_path / "data", key_file=key, ae_title="PVPG", index=index)
+    vault = Vault.open(tmp_path / "data", key)
+    try:
+        assert vault.audit.copies
+        vault.recorder.emit(_accepted())
+        seq = list(vault.audit.records())[-1].seq
+        anchor = vault.audit.anchor()
+        assert anchor is not None and anchor[0] == seq
+        with vault.engine.connect() as conn:
+            copied = conn.execute(select(func.max(AuditLine.seq))
+                                  .where(AuditLine.instance == vault.audit.instance)).scalar()
+        assert copied == seq
+    finally:
+        vault.close()

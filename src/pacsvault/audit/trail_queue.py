@@ -17,7 +17,8 @@ and an event that lets no data leave may wait for the next record.
   fsync and moves the anchor past it, and the flusher thread does it alone at the latest
   ``DEFER_SECONDS`` later; ``close`` too. A crash inside that window can lose it, or cut
   it (the next start describes the cut with a ``repair`` record); the anchor never
-  names a record that was not synced. An access's record is never deferred.
+  names a record that was not synced. An access's record is never deferred, and on a
+  shared index (its copy of the lines moves with the anchor) nothing is.
 
 ``AuditTrail`` mixes this in; the lock order is unchanged (the thread lock ``_lock``, then
 the file lock, then the index).
@@ -60,6 +61,7 @@ class QueuedAppends:
     """The group commit and deferred records of ``AuditTrail`` (see the module)."""
 
     _lock: threading.Lock
+    copies: bool  # a shared (PostgreSQL) index holds a copy of every line
 
     # --- provided by AuditTrail -------------------------------------------------------
 
@@ -145,7 +147,10 @@ class QueuedAppends:
         """Write ``event``'s record now, durable with the next append or within
         ``DEFER_SECONDS`` (see the module). Only for events that let no data leave: the
         caller does not wait for an fsync. Returns its seq; raises when it could not
-        even be written."""
+        even be written. On a shared index (``copies``) every line is copied there with
+        the anchor move that covers it, so the record is appended durably at once."""
+        if self.copies:
+            return self.append(event)
         refs = self._refs(event, None)
         problems: list[str] = []
         start = False
