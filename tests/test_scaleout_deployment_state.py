@@ -12,7 +12,8 @@ on A is confirmed by a second administrator on B (the subject digests agree); a 
 and a link table left as files by an older version are imported on first use (a directory
 whose own ``vault.json`` key differed is re-encrypted under the deployment's); two
 instances asking for a new shared secret at the same moment agree; the 72-hour clock
-ticking on both alerts once; a TLS node bundle issued on A is delivered once, by B; on one
+ticking on both alerts once; a TLS node bundle issued on A is delivered once, by B; the
+same link added on both at once is one line; a ``pg_dump`` shows none of it; on one
 instance, a master key rotation reseals the shared secrets (register and link table read
 the same after). ``pacsvault migrate`` carrying the new tables: tests/test_migrate_tables.
 """
@@ -338,3 +339,47 @@ def test_node_bundle_issued_on_a_downloaded_once_from_b(pair: tuple[Vault, Vault
         assert not node_bundle.pending(vault, "PVBUNDLE")
         with pytest.raises(node_bundle.BundleGone):
             node_bundle.take(vault, "PVBUNDLE")
+
+
+def test_same_link_added_on_both_at_once_is_one_line(pair: tuple[Vault, Vault]) -> None:
+    va, vb = pair
+    pseudonym = project_pseudonyms(va, "race").patient("PVRACE01")
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def add(vault: Vault) -> None:
+        start.wait(10)
+        try:
+            LinkTable(vault, "race").add({pseudonym: "PVRACE01"})
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(v,)) for v in (va, vb)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert LinkTable(va, "race").read() == {pseudonym: "PVRACE01"}
+    with va.engine.connect() as conn:
+        lines = conn.execute(select(LinkRow.pk).where(
+            LinkRow.project == LinkTable(va, "race").project)).all()
+    assert len(lines) == 1
+
+
+def test_a_database_dump_shows_none_of_it(pair: tuple[Vault, Vault],
+                                          postgres_server: PostgresServer) -> None:
+    """What the module wrote (breaches, link lines, secrets, bundles), as ``pg_dump``
+    shows it: no patient ID, pseudonym, project name, breach text or secret."""
+    va, _vb = pair
+    database = va.engine.url.database
+    assert database
+    dump = postgres_server.dump(database)
+    assert b"breach_versions" in dump and b"deidentify_links" in dump
+    pseudonyms = [project_pseudonyms(va, project).patient(pid).encode() for project, pid in (
+        ("race", "PVRACE01"), ("trial-7", "PVSCALE2"))]
+    for marker in (b"PVOLD001", b"PVSCALE2", b"PVRACE01", b"PV-OLD1", b"trial-7",
+                   b"old-project", b"Laptop left", b"reading room", b"Old register",
+                   b"clock on two", base64.b64encode(b"A" * 32), base64.b64encode(b"D" * 32),
+                   *pseudonyms):
+        assert marker not in dump, marker
