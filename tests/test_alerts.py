@@ -802,3 +802,31 @@ def test_forwarding_that_keeps_failing_is_alerted_and_can_be_disabled() -> None:
     assert "RADIOWS" in alerts[0].title and "3 image(s)" in alerts[0].text
     quiet, _ = detector(disabled_rules=["forwarding"])
     assert quiet.observe(failing) == []
+
+
+def test_the_serving_resolver_counts_a_patient_once(tmp_path: Path) -> None:
+    """``serve``'s study -> patient resolver speaks the events' own key space (Patient
+    ID): a patient named by an event's ``patient_ids`` and by its study is one patient."""
+    from pydicom import dcmread
+
+    from pacsvault.cli.serving import patients_of
+    from tests.corpus import build
+    from tests.helpers import make_vault
+
+    made = make_vault(tmp_path / "v")
+    files = build(tmp_path / "corpus")[:1]
+    vault = made.open()
+    try:
+        vault.archive.store(files[0].path.read_bytes(), source_ae="TEST")
+        [item] = list(vault.archive.locate())
+        resolve = patients_of(vault)
+        ds = dcmread(files[0].path, stop_before_pixels=True)
+        assert resolve([item.study_uid]) == {str(ds.PatientID)}
+        det = Detector(settings(bulk_patients_per_hour=10), clock=Clock(MONDAY_10),
+                       patients_of=resolve)
+        det.observe(ev("dicomweb.retrieve", MONDAY_10, code=EventCode.INSTANCES_ACCESSED,
+                       actor_user="doc", actor_address="192.168.1.40",
+                       study_uids=(item.study_uid,), patient_ids=(str(ds.PatientID),)))
+        assert [w.distinct for w in det._patients.values()] == [1]
+    finally:
+        vault.close()

@@ -32,7 +32,7 @@ from pacsvault.audit.instances import CheckpointRunner
 from pacsvault.audit.watch import TrailWatcher
 from pacsvault.cli.audit import purge_expired
 from pacsvault.crypto.tls import server_context
-from pacsvault.index.models import Study
+from pacsvault.index.models import Patient, Study
 from pacsvault.service.jobs import JobRunner
 from pacsvault.web.limits import WebLimits
 from pacsvault.web.server import WebService
@@ -111,12 +111,18 @@ def write_state(layout: Layout, state: dict[str, Any]) -> None:
 
 
 def patients_of(vault: Vault) -> Callable[[Iterable[str]], set[str]]:
-    """Study UIDs -> internal patient keys, so bulk-access counts patients without IDs."""
+    """Study UIDs -> their patients, so bulk access counts patients for events that name
+    studies only. In the key space of the events' own ``patient_ids`` (the Patient ID),
+    or a patient named both ways would be counted twice; the internal key only for a
+    patient without an ID."""
 
     def resolve(uids: Iterable[str]) -> set[str]:
         with vault.sessions() as session:
-            return {str(pk) for pk in session.scalars(
-                select(Study.patient_pk).where(Study.study_uid.in_(list(uids))))}
+            rows = session.execute(
+                select(Patient.pk, Patient.patient_id)
+                .join(Study, Study.patient_pk == Patient.pk)
+                .where(Study.study_uid.in_(list(uids))))
+            return {pid or f"pk:{pk}" for pk, pid in rows}
 
     return resolve
 
