@@ -58,8 +58,9 @@ class BreachRegister:
         self._vault = vault
         self._clock = clock
         self.legacy = vault.layout.root / DIR_NAME
-        if self.legacy.is_dir():
-            import_files(vault, self.legacy)
+        if self.legacy.is_dir():  # another process of this directory may be importing it:
+            with contextlib.suppress(FileNotFoundError):  # it finishes the import
+                import_files(vault, self.legacy)
 
     def _key(self) -> AESGCM:
         return AESGCM(self._vault.named_secret(SECRET_NAME))

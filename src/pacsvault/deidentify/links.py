@@ -81,8 +81,9 @@ class LinkTable:
         self.project = bytes.fromhex(name[:32])
         self._aad = b"link:" + name[:32].encode()
         legacy = vault.layout.root / LINKS_DIR
-        if legacy.is_dir():
-            import_files(vault, legacy)
+        if legacy.is_dir():  # (another process of this directory may be importing it)
+            with contextlib.suppress(FileNotFoundError):
+                import_files(vault, legacy)
 
     def _pseudonym(self, pseudonym: str) -> bytes:
         return _mac(self._key, b"pseudonym:" + self.project, pseudonym.encode())
@@ -128,7 +129,8 @@ def forget_patients(vault: Vault, patient_ids: set[str]) -> int:
     key = _links_key(vault)
     legacy = vault.layout.root / LINKS_DIR
     if legacy.is_dir():
-        import_files(vault, legacy)
+        with contextlib.suppress(FileNotFoundError):
+            import_files(vault, legacy)
     digests = [_patient(key, pid) for pid in sorted(patient_ids)]
     with vault.sessions.begin() as session:
         result = session.execute(delete(LinkRow).where(LinkRow.patient.in_(digests)))
