@@ -132,6 +132,14 @@ def main(argv: list[str]) -> int:
     m = mbps["ceiling"]
     print(f"| wire ceiling (bare pynetdicom C-GET SCP / bare uvicorn HTTPS, from memory) | "
           f"{statistics.median(m['cget']):.1f} | | {statistics.median(m['wado']):.1f} | |")
+    # Same-run shares (issue 17): each pacsvault variant against Orthanc and the ceiling.
+    for n in variants:
+        for kind in ("cget", "wado"):
+            own = statistics.median(mbps[n][kind])
+            print(f"{n} {kind}: {own / statistics.median(mbps['orthanc'][kind]):.2f} of "
+                  f"Orthanc, {own / statistics.median(m[kind]):.2f} of the ceiling; CPU "
+                  f"{statistics.median(cpu[n][kind]) / statistics.median(cpu['orthanc'][kind]):.1f}"
+                  "x Orthanc's")
     return 0
 
 

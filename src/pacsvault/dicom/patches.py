@@ -16,6 +16,8 @@ Applied here, at the moment each was applied before this module existed:
   answers are encoded from DICOM JSON (``answers.install``, when Q/R is created);
 - ``wrap_store_encode``: the ``encode`` ``Association.send_c_store`` calls, so a
   retrieved object leaves as stored (``retrieve.install``, when Q/R is created);
+- ``wrap_send_c_store``: ``Association.send_c_store``, so a retrieved object leaves as one
+  pre-encoded message written in batches (``retrieve.install``, with the one above);
 - ``wrap_associate``: one AE's ``associate``, so a C-MOVE handler learns its
   sub-association (``qr``, when Q/R is created);
 - ``register_server``: a listener made with ``AE.make_server`` joins ``AE._servers`` as
@@ -120,6 +122,23 @@ UPSTREAM: dict[str, str] = {
         "8ca1538e3e56c4f7317f3d8bd0d0e009d596e9f3c57027db3128ec7e728e46a6",
     "pynetdicom.association.Association._get_valid_context":
         "117a52c2ae6720e0bc934266b1ef0aede4366c3de895b16f0c773c3a5076442d",
+    # wrap_send_c_store + dicom/sendpath (issue 17): a retrieve.Raw's C-STORE-RQ is sent as
+    # one pre-encoded message (command encoded, PDUs cut as encode_msg/_generate_pdv_fragments
+    # cut them), written by the DUL thread where DT-1/AR-7 would send it, as these do
+    "pynetdicom.dimse_messages.DIMSEMessage._generate_pdv_fragments":
+        "00803668b90f2a3fd570e63510915de70c4c0310728f04eac97a0128cf2206f7",
+    "pynetdicom.dimse.DIMSEServiceProvider.send_msg":
+        "a839cf2fb46976d9da29cf06fea41c04416b38d14fab612af12e5d869bd5b3f0",
+    "pynetdicom.dul.DULServiceProvider._process_recv_primitive":
+        "4c0ebbb3e646e35e8e5bbc27ee2f1e6b2c82bbf619232f47639a6cbae092ed39",
+    "pynetdicom.dul.DULServiceProvider._send":
+        "a850a7919e68484ef6751ee7a199b3ba4a911b5cbf0c2928bf796c55539254d4",
+    "pynetdicom.fsm.DT_1":
+        "82e5c5d4114534fa9ac86124c7c7ef11ff2b98bc73069372cbe413af9df19081",
+    "pynetdicom.fsm.AR_7":
+        "9a8d68182bf5c9fd0762295535a20ef3b1f04d83f22d47dcd55a063dbf806d40",
+    "pynetdicom.transport.AssociationSocket.send":
+        "1ea8158c0b51facac667a0340b93f495b947fdc4f55663946fb30d456c804e09",
     # wrap_associate: the C-MOVE SCP passes the handler's kwargs to AE.associate
     "pynetdicom.service_class.QueryRetrieveServiceClass._move_scp":
         "5c14d1be3d737befcc148893bcd529a03695e82f8f943f19b640ff4f32382742",
@@ -144,6 +163,11 @@ PYNETDICOM_CONFIG: dict[str, object] = {
     # Query identifiers (names, IDs) must not reach its log either.
     "LOG_REQUEST_IDENTIFIERS": False,
     "LOG_RESPONSE_IDENTIFIERS": False,
+    # No standard event handlers (issue 17): they only log at INFO/DEBUG, which the
+    # "pynetdicom" logger drops (cli/common keeps it to warnings), yet they formatted every
+    # association request (each proposed context) and every DIMSE message and PDU anyway.
+    # pynetdicom's warnings and errors are unaffected.
+    "LOG_HANDLER_LEVEL": "none",
 }
 
 
@@ -227,6 +251,36 @@ def wrap_store_encode(hook: StoreEncodeHook) -> None:
 
     encode.pv_raw = True  # type: ignore[attr-defined]
     setattr(association, "encode", encode)  # noqa: B010 - not re-exported
+
+
+# (association, dataset, msg_id, priority, originator_aet, originator_id) -> the status
+# Dataset, or NotImplemented for pynetdicom's own ``send_c_store``.
+SendHook = Callable[[Any, Any, int, int, "str | None", "int | None"], Any]
+
+
+def wrap_send_c_store(hook: SendHook) -> None:
+    """Route ``Association.send_c_store`` through ``hook`` first, so a retrieved object
+    leaves as one pre-encoded message (``dicom/sendpath``, issue 17; idempotent). Class
+    level: a C-MOVE's sub-association is pynetdicom's own ``Association``."""
+    check_versions()
+    from pynetdicom.association import Association
+
+    original = Association.send_c_store
+    if getattr(original, "pv_send", False):
+        return
+
+    def send_c_store(self: Any, dataset: Any, msg_id: int = 1, priority: int = 2,
+                     originator_aet: str | None = None,
+                     originator_id: int | None = None) -> Any:
+        out = hook(self, dataset, msg_id, priority, originator_aet, originator_id)
+        if out is NotImplemented:
+            return original(self, dataset, msg_id, priority, originator_aet, originator_id)
+        return out
+
+    send_c_store.pv_send = True  # type: ignore[attr-defined]
+    # inspect.getsource follows __wrapped__: UPSTREAM's hash stays upstream's own source
+    send_c_store.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(Association, "send_c_store", send_c_store)  # noqa: B010
 
 
 # (pynetdicom's AE.associate, addr, port, *args, **kwargs) -> the association to use

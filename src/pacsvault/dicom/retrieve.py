@@ -19,8 +19,9 @@ CPU than decryption and sending together. Now:
 A ``Raw`` is only made when the peer accepted the stored (SOP class, syntax) pair, so
 ``send_c_store`` picks that exact context; if the encoding pynetdicom asks for ever
 differed from the stored one, the hook refuses (the sub-operation fails, counted and
-listed) rather than send something else. Everything else (conversion to uncompressed
-little endian, Big Endian) still goes through pydicom (``transcode``).
+listed) rather than send something else. A ``Raw`` is then sent as one pre-encoded
+message, its PDUs written in batches (``dicom/sendpath``). Everything else (conversion
+to uncompressed little endian, Big Endian) still goes through pydicom (``transcode``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Generic, TypeVar
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from pacsvault.dicom import patches
+from pacsvault.dicom import patches, sendpath
 
 _PREAMBLE = 128
 _MAX_META = 64 * 1024  # a File Meta Information group longer than this is not ours
@@ -108,9 +109,20 @@ def _encode_hook(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
     return body
 
 
+def _send_hook(assoc: Any, ds: Any, msg_id: int, priority: int, originator_aet: str | None,
+               originator_id: int | None) -> Any:
+    """A ``Raw`` goes out as one pre-encoded message (``dicom/sendpath``) when that path
+    takes it; anything else (and a ``Raw`` it leaves) is pynetdicom's ``send_c_store``."""
+    if not isinstance(ds, Raw):
+        return NotImplemented
+    return sendpath.send_c_store(assoc, ds, msg_id, priority, originator_aet, originator_id)
+
+
 def install() -> None:
-    """Route ``send_c_store``'s ``encode`` through ``_encode_hook`` (idempotent)."""
+    """Route ``send_c_store``'s ``encode`` through ``_encode_hook``, and ``send_c_store``
+    itself through ``_send_hook`` (idempotent)."""
     patches.wrap_store_encode(_encode_hook)
+    patches.wrap_send_c_store(_send_hook)
 
 
 T = TypeVar("T")

@@ -1,0 +1,262 @@
+"""The C-STORE sub-operations of C-GET/C-MOVE on the wire, without per-PDU objects (issue 17).
+
+Why: once retrieval sent the stored bytes as they are (``dicom/retrieve``), what was left of
+a C-GET's time was pynetdicom's send path: the C-STORE-RQ command built as a pydicom
+``Dataset`` and encoded, the object cut into one ``P_DATA`` primitive per PDU, each queued
+to the DUL thread, turned into a state-machine event, a ``P_DATA_TF`` PDU object with a
+PDV item object, encoded (copied) and written with its own ``send``. Here, for a stored
+object the peer accepted as it is (``retrieve.Raw``):
+
+- the command set is encoded directly (``encode_store_rq``: byte for byte what pynetdicom
+  encodes, proved by a test), and the P-DATA-TF PDUs are laid out as 12-byte headers
+  (PDU header + PDV header) and ``memoryview`` slices of the stored bytes: pynetdicom's
+  fragmentation exactly (one PDV per PDU, ``max PDU - 6`` bytes per fragment, the peer's
+  maximum as negotiated, 0 = one fragment; message control header bits per PS3.8 E.2:
+  command 0x01/0x03, data 0x00/0x02);
+- the whole message goes to the DUL as one ``Wire`` primitive, which the DUL thread writes
+  in batches of ``BATCH`` bytes (one ``sendall`` each) instead of one send per PDU.
+
+What stays pynetdicom's: the DUL thread writes the wire (so nothing else is written in the
+middle of a message), in Sta6 or Sta8 only (the two states where its DT-1 and AR-7 send a
+P-DATA-TF, the state unchanged), and only when no event is pending before it (otherwise
+the event goes first, as it would for a queued P-DATA); a write error is Evt17 as in
+``AssociationSocket.send``. A wire left in any other state (the association aborted or
+closed meanwhile) is dropped, where pynetdicom would have raised an invalid-event error in
+the DUL thread. The response is awaited exactly as ``send_c_store`` does (reactor paused,
+``dimse.get_msg``, ``_check_received_status``); everything the path does not recognise
+(a conversion, an unusual UID, an AE title that needs care, bound DIMSE-sent handlers)
+goes through pynetdicom's ``send_c_store`` unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import time
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+
+log = logging.getLogger("pacsvault.dicom")
+
+# False: pynetdicom's send path only (tests compare both).
+ENABLED = True
+BATCH = 1 << 20  # bytes per sendall
+_STATES = frozenset({"Sta6", "Sta8"})  # DT-1 and AR-7: a P-DATA-TF is sent, state unchanged
+_HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length, context, MCH
+_ELEMENT = struct.Struct("<HHI")
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_AE = re.compile(r"[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?")
+_MAX_FRAGMENT = 0xFFFFFFFF - 6  # a PDU length field holds at most this much data + 6
+
+
+class Wire(P_DATA):
+    """A P-DATA request holding the encoded P-DATA-TF PDUs of one whole DIMSE message
+    (headers and slices, written in order). Its PDV list stays empty: it is only ever
+    written by ``WireDUL``."""
+
+    def __init__(self, pieces: list[bytes | memoryview], size: int) -> None:
+        super().__init__()
+        self.pv_pieces = pieces
+        self.pv_size = size
+
+    def __repr__(self) -> str:
+        return f"Wire({self.pv_size} bytes)"
+
+
+def _ui(elem: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"
+    return _ELEMENT.pack(0, elem, len(value)) + value
+
+
+def _us(elem: int, value: int) -> bytes:
+    return _ELEMENT.pack(0, elem, 2) + struct.pack("<H", value)
+
+
+def encode_store_rq(message_id: int, sop_class: str, sop_instance: str, priority: int,
+                    move_ae: str | None, move_id: int | None) -> bytes | None:
+    """The C-STORE-RQ command set (implicit VR little endian) as pynetdicom encodes it, or
+    None when a value is one this function leaves to pynetdicom (then its path is taken)."""
+    if not (_UID.fullmatch(sop_class) and _UID.fullmatch(sop_instance)
+            and len(sop_class) <= 64 and len(sop_instance) <= 64):
+        return None
+    if not (0 <= message_id <= 0xFFFF and priority in (0, 1, 2)):
+        return None
+    parts = [
+        _ui(0x0002, sop_class),
+        _us(0x0100, 0x0001),  # Command Field: C-STORE-RQ
+        _us(0x0110, message_id),
+        _us(0x0700, priority),
+        _us(0x0800, 0x0001),  # Command Data Set Type: a dataset follows (pynetdicom's value)
+        _ui(0x1000, sop_instance),
+    ]
+    if move_ae is not None:
+        if not _AE.fullmatch(move_ae):
+            return None
+        ae = move_ae.encode("ascii")
+        if len(ae) % 2:
+            ae += b" "
+        parts.append(_ELEMENT.pack(0, 0x1030, len(ae)) + ae)
+    if move_id is not None:
+        if not 0 <= move_id <= 0xFFFF:
+            return None
+        parts.append(_us(0x1031, move_id))
+    body = b"".join(parts)
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def fragments(context_id: int, command: bytes, data: bytes | memoryview,
+              max_pdu: int) -> tuple[list[bytes | memoryview], int] | None:
+    """The P-DATA-TF PDUs of one message as (pieces, total bytes), cut as pynetdicom's
+    ``encode_msg`` cuts them; None when ``max_pdu`` is one pynetdicom refuses (1..7)."""
+    if 0 < max_pdu < 8:
+        return None
+    pieces: list[bytes | memoryview] = []
+    total = 0
+    with memoryview(data) as whole:
+        view = whole.cast("B") if whole.format != "B" or whole.ndim != 1 else whole
+        for payload, last_flag, more_flag in ((memoryview(command), 0x03, 0x01),
+                                              (view, 0x02, 0x00)):
+            size = len(payload)
+            if not size and more_flag == 0x00:
+                break  # no dataset: no data PDV (pynetdicom sends none either)
+            step = max_pdu - 6 if max_pdu else max(size, 1)
+            if step > _MAX_FRAGMENT:
+                if size > _MAX_FRAGMENT:
+                    return None
+                step = _MAX_FRAGMENT
+            for start in range(0, max(size, 1), step):
+                piece = payload[start:start + step]
+                flag = last_flag if start + step >= size else more_flag
+                pieces.append(_HEADER.pack(0x04, 0, len(piece) + 6, len(piece) + 2,
+                                           context_id, flag))
+                pieces.append(piece)
+                total += 12 + len(piece)
+    return pieces, total
+
+
+# --- the DUL side ---------------------------------------------------------------------
+
+
+class WireDUL(DULServiceProvider):
+    """Writes ``Wire`` primitives itself (see the module docstring); every other primitive
+    is pynetdicom's. Mixed into the association's own DUL class by ``wire_dul``."""
+
+    def _process_recv_primitive(self) -> bool:
+        pending = self.to_provider_queue.queue
+        if pending and isinstance(pending[0], Wire):
+            if self.event_queue.qsize():
+                return True  # the pending event goes first; the wire waits for the next round
+            wire = self.to_provider_queue.get(False)
+            assert isinstance(wire, Wire)
+            if self.state_machine.current_state in _STATES:
+                self._pv_write(wire)
+            else:
+                log.info("association no longer transferring: %d bytes not sent",
+                         wire.pv_size)
+            return True
+        return bool(super()._process_recv_primitive())
+
+    def _pv_write(self, wire: Wire) -> None:
+        sock = self.socket
+        raw = getattr(sock, "socket", None)
+        if sock is None or raw is None:
+            log.warning("Attempted to send data over closed connection")
+            return
+        batch: list[bytes | memoryview] = []
+        size = 0
+        try:
+            for piece in wire.pv_pieces:
+                batch.append(piece)
+                size += len(piece)
+                if size >= BATCH:
+                    raw.sendall(b"".join(batch))
+                    batch, size = [], 0
+            if batch:
+                raw.sendall(b"".join(batch))
+        except Exception as exc:  # as AssociationSocket.send: Evt17, connection closed
+            log.info("sending to the peer failed (%s)", type(exc).__name__)
+            self.event_queue.put("Evt17")
+        finally:
+            wire.pv_pieces = []
+
+
+_WIRE_CLASSES: dict[type, type] = {}
+
+
+def wire_dul(dul: DULServiceProvider) -> bool:
+    """Make ``dul`` write ``Wire`` primitives (its class extended once, in place: its
+    thread looks its methods up on each call). False if it cannot."""
+    cls = type(dul)
+    if issubclass(cls, WireDUL):
+        return True
+    if not issubclass(cls, DULServiceProvider):
+        return False
+    extended = _WIRE_CLASSES.get(cls)
+    if extended is None:
+        extended = _WIRE_CLASSES[cls] = type(f"Wire{cls.__name__}", (WireDUL, cls), {})
+    dul.__class__ = extended
+    return True
+
+
+# --- the association side --------------------------------------------------------------
+
+
+def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
+                 originator_aet: str | None, originator_id: int | None) -> Any:
+    """``Association.send_c_store`` for a ``retrieve.Raw`` (stored bytes, stored syntax):
+    its status ``Dataset``, or ``NotImplemented`` to take pynetdicom's path."""
+    if not ENABLED or not assoc.is_established:
+        return NotImplemented
+    if assoc.get_handlers(evt.EVT_DIMSE_SENT) and not _only_standard(assoc):
+        return NotImplemented
+    sop_class = str(raw.SOPClassUID)
+    syntax = str(raw.file_meta.TransferSyntaxUID)
+    try:
+        context = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
+    except ValueError:
+        return NotImplemented  # pynetdicom raises it again, as before
+    if str(context.transfer_syntax[0]) != syntax:
+        return NotImplemented
+    command = encode_store_rq(msg_id, sop_class, str(raw.SOPInstanceUID), priority,
+                              originator_aet, originator_id)
+    if command is None:
+        return NotImplemented
+    body = raw.__dict__["pv_body"]
+    cut = fragments(int(context.context_id), command, body, int(assoc.dimse.maximum_pdu_size))
+    if cut is None or not wire_dul(assoc.dul):
+        return NotImplemented
+    pieces, size = cut
+    # As send_c_store: pause the reactor, send, wait for the response, resume.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    assoc.dul.send_pdu(Wire(pieces, size))
+    _cx_id, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        from pydicom.dataset import Dataset
+
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
+def _only_standard(assoc: Any) -> bool:
+    """Whether the EVT_DIMSE_SENT handlers are only pynetdicom's own debug logger (which
+    logs nothing of a C-STORE-RQ below DEBUG)."""
+    from pynetdicom import _handlers
+
+    handlers = assoc.get_handlers(evt.EVT_DIMSE_SENT)
+    funcs = [h[0] if isinstance(h, tuple) else h for h in handlers]
+    return all(f is _handlers.standard_dimse_sent_handler for f in funcs) and not (
+        logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
+
+
+__all__ = ["BATCH", "ENABLED", "Wire", "WireDUL", "encode_store_rq", "fragments",
+           "send_c_store", "wire_dul"]
