@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import PIXEL_KEYWORDS, Dataset
 from pydicom.jsonrep import convert_to_python_number
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.valuerep import AMBIGUOUS_VR
 
 from pacsvault.dicomfile import inflate, vr_check
 
@@ -37,6 +40,18 @@ _SOP_INSTANCE_UID = 0x00080018
 _STUDY_UID = 0x0020000D
 
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+# the top-level attributes ``describe`` and ``identity`` read (``_value``)
+_TAGS: dict[str, BaseTag] = {
+    keyword: BaseTag(tag_for_keyword(keyword) or 0) for keyword in (
+        "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+        "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+        "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
+        "BodyPartExamined", "SeriesDate", "SeriesTime", "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime", "InstanceNumber", "Rows", "Columns",
+        "NumberOfFrames", "ContentDate", "ContentTime")
+}
 
 
 class UnreadableObject(Exception):
@@ -99,15 +114,28 @@ class ParsedInstance:
         return f"ParsedInstance(sop_class={self.sop_class_uid}, size={self.size})"
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """``ds.get(keyword)``: a converted element's value is read from it directly
+    (``Dataset.get`` by keyword costs a ``__getattr__``, a keyword look-up and a
+    ``__getitem__`` each, ~30 times per image; issue 17); a raw one (before
+    ``_convert_all``, as for ``identity``) the way pydicom reads it."""
+    elem = ds._dict.get(_TAGS[keyword])
+    if elem is None:
+        return None
+    if not isinstance(elem, DataElement):
+        return ds.get(keyword)
+    return elem.value
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None:
         return ""
     return str(value).strip()
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
@@ -141,10 +169,51 @@ def _truncated(elem: DataElement | RawDataElement | None) -> bool:
 
 
 def _check_lengths(ds: Dataset) -> None:
-    """pydicom silently accepts an element whose value runs past the end of the stream."""
-    for tag in list(ds.keys()):
-        if _truncated(ds.get_item(tag)):
+    """pydicom silently accepts an element whose value runs past the end of the stream.
+    (The stored elements themselves: ``get_item`` would return the same ones, as nothing
+    is read lazily from an in-memory stream.)"""
+    for elem in list(ds._dict.values()):
+        if _truncated(elem):
             raise UnreadableObject("element value shorter than its declared length")
+
+
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+_SLOW_RAW_VRS = frozenset({"SQ", "UN", *AMBIGUOUS_VR})
+
+
+def _convert_all(ds: Dataset) -> None:
+    """Convert every element from its raw form, recursing into sequences: what
+    ``for elem in ds.iterall(): elem.value`` does (same order, same conversions, same
+    errors), without ``Dataset.__getitem__``/``__setitem__`` for plain elements.
+
+    Why: that loop is how ``describe`` makes a broken value fail while a failure status
+    can still be sent, and ``__getitem__`` (tag normalisation, ``__setitem__`` with its
+    private-tag and pixel bookkeeping, the element looked up three more times) was a
+    third of ``describe``'s time for a CT slice (issue 17). A plain element (not
+    private, not a sequence, no ambiguous or unknown VR, not the character set or pixel
+    data, value in memory) is converted by the same ``convert_raw_data_element`` call
+    with the same encoding and stored as ``__setitem__`` would store it; every other
+    element goes through ``ds[tag]`` as before.
+    """
+    elements = ds._dict
+    for tag in sorted(elements):
+        elem = elements[tag]
+        if isinstance(elem, RawDataElement) and not (
+            tag.is_private or tag == _SPECIFIC_CHARACTER_SET or tag in PIXEL_KEYWORDS
+            or elem.VR in _SLOW_RAW_VRS or (elem.value is None and elem.length != 0)
+        ):
+            encoding = ds.original_character_set or ds._character_set
+            converted = convert_raw_data_element(elem, encoding=encoding, ds=ds)
+            if converted.VR != "SQ" and converted.VR not in AMBIGUOUS_VR:
+                elements[tag] = converted
+                continue
+            # (an implicit VR element the dictionary calls a sequence or ambiguous:
+            # left raw, converted below by pydicom's own path)
+        current = ds[tag]
+        _ = current.value
+        if current.VR == "SQ":
+            for item in current.value:
+                _convert_all(item)
 
 
 _VALUE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC",
@@ -183,11 +252,14 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     ``to_json_dict(bulk_data_threshold=1024, ..., suppress_invalid_tags=True)`` returns
     (a test compares them), building plain elements directly."""
     out: dict[str, Any] = {}
+    elements = ds._dict
     with pydicom_config.strict_reading():
         for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements
             entry: dict[str, Any] | None
             try:
-                stored = ds.get_item(key)  # converted already by ``describe``'s check
+                # converted already by ``describe``'s check; a raw one (nothing is read
+                # lazily from memory) is converted by ``ds[key]`` as ``get_item`` did
+                stored = elements[key]
                 elem = stored if isinstance(stored, DataElement) else ds[key]
                 entry = _fast_entry(elem)
                 if entry is None:
@@ -243,8 +315,7 @@ def describe(ds: Dataset, raw: bytes, *, sha256: bytes | None = None) -> ParsedI
             _check_lengths(ds)
             # Touch every element so a wrong length or a broken value fails here, while
             # we can still answer with a failure status, not later in a viewer.
-            for elem in ds.iterall():
-                _ = elem.value
+            _convert_all(ds)
             meta_ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
         except UnreadableObject:
             raise
