@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -46,8 +47,11 @@ class TrailKeys:
     # events keys of master keys rotated away (``crypto.rotation``): older records' refs
     retired_sealing: tuple[bytes, ...] = ()
 
-    @property
+    @functools.cached_property
     def signer(self) -> Ed25519PrivateKey:
+        """Made once per set of keys (a rotation makes a new ``TrailKeys``): deriving the
+        key from its seed cost as much as the signature itself, on every record (issue
+        17: one store record per committed batch, one per query)."""
         return Ed25519PrivateKey.from_private_bytes(self.signing_seed)
 
 
