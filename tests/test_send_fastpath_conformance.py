@@ -4,7 +4,8 @@ A retrieved object the peer accepted as stored leaves as one pre-encoded message
 C-STORE-RQ command encoded directly and the P-DATA-TF PDUs laid out as headers and slices
 of the stored bytes, written by the DUL thread in batches. Checked here:
 
-- the encoding itself, in-process, against pynetdicom's: the command set byte for byte,
+- the encoding itself, in-process, against pynetdicom's: the command set byte for byte
+  (and the C-GET/C-MOVE responses sent after each sub-operation),
   and the PDU stream byte for byte (fragment sizes, PDV headers, message control header
   bits of PS3.8 E.2) at max PDU 4096, 16384, 16385 and unlimited (0);
 - what real peers receive from the running server: pynetdicom C-GET at each of those
@@ -38,8 +39,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as ClientAE
 from pynetdicom import build_role, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -140,6 +141,45 @@ def test_pdus_are_pynetdicom_pdus(max_pdu: int, size: int) -> None:
     assert commands[-1] == 0x03 and all(f == 0x01 for f in commands[:-1])
     datas = flags[len(commands):]
     assert datas[-1] == 0x02 and all(f == 0x00 for f in datas[:-1])
+
+
+def _pynetdicom_rsp(primitive: Any) -> bytes:
+    msg = (C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP)()
+    msg.primitive_to_message(primitive)
+    out = encode(msg.command_set, True, True)
+    assert out is not None
+    return out
+
+
+@pytest.mark.parametrize("kind", [C_GET, C_MOVE])
+@pytest.mark.parametrize(("status", "counts", "sop_class"), [
+    (0xFF00, (59, 1, 0, 0), StudyRootQueryRetrieveInformationModelGet),
+    (0xFF00, (0, 65535, 3, 2), "1.2.840.10008.5.1.4.1.2.2.3"),
+    (0x0000, (None, 60, 0, 0), StudyRootQueryRetrieveInformationModelGet),
+    (0xB000, (None, None, None, None), None)])
+def test_retrieve_responses_are_pynetdicom_encoding(
+        kind: type, status: int, counts: tuple[int | None, ...], sop_class: str | None) -> None:
+    rsp = kind()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, status
+    rsp.AffectedSOPClassUID = sop_class
+    (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+     rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = counts
+    rsp.Identifier = None
+    assert sendpath.encode_retrieve_rsp(rsp) == _pynetdicom_rsp(rsp)
+
+
+def test_retrieve_responses_left_to_pynetdicom() -> None:
+    """An identifier (Failed SOP Instance UID List), a comment, a request: pynetdicom's."""
+    with_identifier = C_GET()
+    with_identifier.MessageIDBeingRespondedTo, with_identifier.Status = 1, 0xA702
+    with_identifier.Identifier = BytesIO(b"\x08\x00\x58\x11\x02\x00\x00\x001\x00")
+    with_comment = C_GET()
+    with_comment.MessageIDBeingRespondedTo, with_comment.Status = 1, 0xC000
+    with_comment.ErrorComment = "no"  # type: ignore[assignment]
+    request = C_GET()
+    request.MessageID = 1
+    for primitive in (with_identifier, with_comment, request):
+        assert sendpath.encode_retrieve_rsp(primitive) is None
 
 
 def test_pdu_sizes_pynetdicom_refuses_are_left_to_it() -> None:

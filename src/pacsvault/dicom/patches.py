@@ -18,6 +18,8 @@ Applied here, at the moment each was applied before this module existed:
   retrieved object leaves as stored (``retrieve.install``, when Q/R is created);
 - ``wrap_send_c_store``: ``Association.send_c_store``, so a retrieved object leaves as one
   pre-encoded message written in batches (``retrieve.install``, with the one above);
+- ``wrap_send_msg``: ``DIMSEServiceProvider.send_msg``, so the C-GET/C-MOVE responses sent
+  after each sub-operation are encoded directly (``retrieve.install`` too);
 - ``wrap_associate``: one AE's ``associate``, so a C-MOVE handler learns its
   sub-association (``qr``, when Q/R is created);
 - ``register_server``: a listener made with ``AE.make_server`` joins ``AE._servers`` as
@@ -129,6 +131,9 @@ UPSTREAM: dict[str, str] = {
         "00803668b90f2a3fd570e63510915de70c4c0310728f04eac97a0128cf2206f7",
     "pynetdicom.dimse.DIMSEServiceProvider.send_msg":
         "a839cf2fb46976d9da29cf06fea41c04416b38d14fab612af12e5d869bd5b3f0",
+    # wrap_send_msg: the C-GET/C-MOVE responses encoded as these build and encode them
+    "pynetdicom.dimse_messages.DIMSEMessage.primitive_to_message":
+        "71fd61d5997f0f0c38abc2d383c4c6457f9c770468288aab04eb82a04d00ce00",
     "pynetdicom.dul.DULServiceProvider._process_recv_primitive":
         "4c0ebbb3e646e35e8e5bbc27ee2f1e6b2c82bbf619232f47639a6cbae092ed39",
     "pynetdicom.dul.DULServiceProvider._send":
@@ -281,6 +286,30 @@ def wrap_send_c_store(hook: SendHook) -> None:
     # inspect.getsource follows __wrapped__: UPSTREAM's hash stays upstream's own source
     send_c_store.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(Association, "send_c_store", send_c_store)  # noqa: B010
+
+
+# (DIMSE provider, primitive, context ID) -> True when sent, False for pynetdicom's own
+MessageHook = Callable[[Any, Any, int], bool]
+
+
+def wrap_send_msg(hook: MessageHook) -> None:
+    """Route ``DIMSEServiceProvider.send_msg`` through ``hook`` first, so the C-GET/C-MOVE
+    responses sent after every sub-operation are encoded directly (``dicom/sendpath``,
+    issue 17; idempotent)."""
+    check_versions()
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    original = DIMSEServiceProvider.send_msg
+    if getattr(original, "pv_send", False):
+        return
+
+    def send_msg(self: Any, primitive: Any, context_id: int) -> None:
+        if not hook(self, primitive, context_id):
+            original(self, primitive, context_id)
+
+    send_msg.pv_send = True  # type: ignore[attr-defined]
+    send_msg.__wrapped__ = original  # type: ignore[attr-defined]
+    setattr(DIMSEServiceProvider, "send_msg", send_msg)  # noqa: B010
 
 
 # (pynetdicom's AE.associate, addr, port, *args, **kwargs) -> the association to use

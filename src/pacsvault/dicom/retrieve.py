@@ -119,10 +119,12 @@ def _send_hook(assoc: Any, ds: Any, msg_id: int, priority: int, originator_aet: 
 
 
 def install() -> None:
-    """Route ``send_c_store``'s ``encode`` through ``_encode_hook``, and ``send_c_store``
-    itself through ``_send_hook`` (idempotent)."""
+    """Route ``send_c_store``'s ``encode`` through ``_encode_hook``, ``send_c_store``
+    itself through ``_send_hook``, and the C-GET/C-MOVE responses through
+    ``sendpath.send_msg`` (idempotent)."""
     patches.wrap_store_encode(_encode_hook)
     patches.wrap_send_c_store(_send_hook)
+    patches.wrap_send_msg(sendpath.send_msg)
 
 
 T = TypeVar("T")

@@ -247,6 +247,62 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
     return assoc._check_received_status(rsp)
 
 
+# --- C-GET/C-MOVE pending responses ---------------------------------------------------
+
+_RSP_FIELD = {"C_GET": 0x8010, "C_MOVE": 0x8021}  # Command Field of the response
+_COUNTS = ((0x1020, "NumberOfRemainingSuboperations"),
+           (0x1021, "NumberOfCompletedSuboperations"),
+           (0x1022, "NumberOfFailedSuboperations"),
+           (0x1023, "NumberOfWarningSuboperations"))
+
+
+def encode_retrieve_rsp(primitive: Any) -> bytes | None:
+    """The command set of a C-GET/C-MOVE response without identifier, comment or offending
+    element (the *Pending* sent after each sub-operation, a plain final status) as
+    pynetdicom's ``primitive_to_message`` + ``encode`` write it; None for anything else."""
+    field = _RSP_FIELD.get(type(primitive).__name__)
+    if field is None or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if (primitive.Identifier or primitive.ErrorComment is not None
+            or primitive.OffendingElement is not None or primitive.Status is None):
+        return None
+    parts = []
+    sop_class = primitive.AffectedSOPClassUID
+    if sop_class is not None:
+        if not (_UID.fullmatch(str(sop_class)) and len(str(sop_class)) <= 64):
+            return None
+        parts.append(_ui(0x0002, str(sop_class)))
+    parts += [_us(0x0100, field), _us(0x0120, int(primitive.MessageIDBeingRespondedTo)),
+              _us(0x0800, 0x0101), _us(0x0900, int(primitive.Status))]
+    for elem, keyword in _COUNTS:
+        value = getattr(primitive, keyword)
+        if value is not None:
+            parts.append(_us(elem, int(value)))
+    body = b"".join(parts)
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
+    """``DIMSEServiceProvider.send_msg`` for a response ``encode_retrieve_rsp`` takes: its
+    one P-DATA queued for the DUL (True); False: pynetdicom's path."""
+    if not ENABLED or type(primitive).__name__ not in _RSP_FIELD:
+        return False
+    assoc = dimse.assoc
+    if assoc.get_handlers(evt.EVT_DIMSE_SENT) and not _only_standard(assoc):
+        return False
+    try:
+        command = encode_retrieve_rsp(primitive)
+    except (TypeError, ValueError, struct.error):
+        return False
+    limit = int(dimse.maximum_pdu_size)
+    if command is None or (limit and len(command) + 6 > limit):
+        return False
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
+    dimse.dul.send_pdu(pdata)
+    return True
+
+
 def _only_standard(assoc: Any) -> bool:
     """Whether the EVT_DIMSE_SENT handlers are only pynetdicom's own debug logger (which
     logs nothing of a C-STORE-RQ below DEBUG)."""
@@ -258,5 +314,5 @@ def _only_standard(assoc: Any) -> bool:
         logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
 
 
-__all__ = ["BATCH", "ENABLED", "Wire", "WireDUL", "encode_store_rq", "fragments",
-           "send_c_store", "wire_dul"]
+__all__ = ["BATCH", "ENABLED", "Wire", "WireDUL", "encode_retrieve_rsp", "encode_store_rq",
+           "fragments", "send_c_store", "send_msg", "wire_dul"]
