@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int) -> di
         counts = vault.archive.counts()
     finally:
         vault.close()
+        shutil.rmtree(work, ignore_errors=True)
     n = len(rest)
     if os.environ.get("PV_SOI_SHAPES"):  # which statements, most frequent first
         for shape, times in sorted(counter.shapes.items(), key=lambda kv: -kv[1])[:25]:
