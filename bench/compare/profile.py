@@ -71,8 +71,9 @@ def idle(frame: str) -> bool:
 
 
 # Where the time under these functions goes, line by line (the call each line makes).
-BREAKDOWN = ("Archive.store", "Archive._stage", "Archive._commit", "Archive._prepare",
-             "DicomService._on_store", "QueryRetrieve._send", "Archive.read")
+BREAKDOWN = ("Archive.store", "Archive._stage", "Archive._commit", "Archive._choose",
+             "Archive._index_batch", "DicomService._store", "QueryRetrieve._send",
+             "Archive.read")
 
 
 def by_line(path: Path, func: str) -> tuple[int, collections.Counter[str]]:
