@@ -76,6 +76,13 @@ UPSTREAM: dict[str, str] = {
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
     "pynetdicom.dul.DULServiceProvider.send_pdu":
         "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
+    # reactor (issue 17, no idle ticks): kill and kill_dul wrapped, stop_dul a copy
+    "pynetdicom.association.Association.kill":
+        "8f9713666a7f4cffd840899f023090e9786668945a7c844f99d7a834077c3972",
+    "pynetdicom.dul.DULServiceProvider.kill_dul":
+        "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
+    "pynetdicom.dul.DULServiceProvider.stop_dul":
+        "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
     # reactor + storewire (issue 17): the direct C-STORE receive path does what these do
     # for a plain C-STORE request (PDVs -> message, dispatch, handler, response encoding)
     "pynetdicom.fsm.DT_2":
