@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, literal, select
@@ -136,6 +136,30 @@ def _with_catch_up(new: list[tuple[int, bytes]], last: int,
     rows = local(last, first - 1) if first - 1 > last else []
     rows += new
     return [(seq, line.rstrip(b"\n").decode("ascii")) for seq, line in rows if seq > last]
+
+
+class AnchorRow(NamedTuple):
+    """The anchor row's columns the appender checks the file's tip against."""
+
+    seq: int
+    digest: str
+    broken: str
+
+
+def read_head(conn: Connection, instance: str) -> Any:
+    """``instance``'s anchor row (seq, digest, broken) or None. On a shared index it is
+    read at every append that follows another worker's or instance's (the tip is not the
+    appender's own): straight to the driver there, like the line copy (issue 16)."""
+    if conn.dialect.name != "postgresql":
+        return conn.execute(select(_heads).where(_heads.c.instance == instance)).first()
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute("SELECT seq, digest, broken FROM audit_head WHERE instance = %s",
+                       (instance,))
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return None if row is None else AnchorRow(int(row[0]), str(row[1]), str(row[2] or ""))
 
 
 def insert_anchor(conn: Connection, instance: str, seq: int, digest: str, *,

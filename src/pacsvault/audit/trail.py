@@ -97,6 +97,7 @@ log = logging.getLogger("pacsvault.audit")
 
 _heads = cast(Table, AuditHead.__table__)
 _SET_ANCHOR = "UPDATE audit_head SET seq = ?, digest = ? WHERE instance = ?"
+_SET_ANCHOR_PG = "UPDATE audit_head SET seq = %s, digest = %s WHERE instance = %s"
 
 
 def _identity(fd: int) -> tuple[int, int, int, int]:
@@ -232,7 +233,7 @@ class AuditTrail(QueuedAppends):
     def _check_head(self, conn: Connection, tip: Tip) -> str:
         """Compare the file's last record with the anchor and its signature; flag (once,
         for good) and return a mismatch."""
-        head = conn.execute(select(_heads).where(self._mine)).first()
+        head = instances.read_head(conn, self.instance)
         if head is None or head.broken:
             return ""
         problem = ""
@@ -436,13 +437,14 @@ class AuditTrail(QueuedAppends):
         return _heads.c.instance == self.instance
 
     def _set_anchor(self, conn: Connection, seq: int, digest: str) -> None:
-        if conn.dialect.name == "sqlite":
+        if conn.dialect.name in ("sqlite", "postgresql"):
             # Once per store batch (group commit): straight to the driver, same connection
             # and transaction; building the UPDATE through SQLAlchemy cost more than the
-            # rest of the record (issue 17).
+            # rest of the record (issue 17; PostgreSQL: issue 16).
             cursor = conn.connection.cursor()
             try:
-                cursor.execute(_SET_ANCHOR, (seq, digest, self.instance))
+                cursor.execute(_SET_ANCHOR if conn.dialect.name == "sqlite" else _SET_ANCHOR_PG,
+                               (seq, digest, self.instance))
                 count = cursor.rowcount
             finally:
                 cursor.close()
