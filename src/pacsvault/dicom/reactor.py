@@ -40,6 +40,7 @@ import logging
 import os
 import queue
 import select
+import ssl
 import struct
 import threading
 import time
@@ -287,6 +288,8 @@ class WakeableDUL(DULServiceProvider):
                 return
             if wake is None or sock is None or sock.fileno() < 0:
                 raise ValueError("nothing to wait on")
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes already buffered: ``select`` cannot see them
             ready, _, _ = select.select([sock, wake[0]], [], [], _IDLE_TICK)
         except (OSError, ValueError):
             time.sleep(_TICK)
