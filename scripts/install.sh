@@ -36,7 +36,9 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_wanted+=(python3-venv
 # the backup engine (pacsvault backup, restore drills; the backup tests use it too)
 command -v restic >/dev/null 2>&1 || apt_wanted+=(restic)
 # WeasyPrint's text layout and a font (the PDF documents of the breach register, art. 30)
-ldconfig -p 2>/dev/null | grep -q 'libpangoft2-1.0.so.0' || apt_wanted+=(libpango-1.0-0 libpangoft2-1.0-0)
+# (grep reads all of ldconfig's output: with -q it stops early, ldconfig may then die of
+# SIGPIPE and, under pipefail, the library reads as missing)
+ldconfig -p 2>/dev/null | grep 'libpangoft2-1.0.so.0' >/dev/null || apt_wanted+=(libpango-1.0-0 libpangoft2-1.0-0)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_wanted+=(fonts-dejavu-core)
 if [ "$with_tests" = 1 ]; then
   # dcmtk's own binaries (pynetdicom ships Python scripts with the same names).
