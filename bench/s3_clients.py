@@ -8,7 +8,7 @@ Puts then gets ``count`` random objects of ``size`` bytes with each client, one 
 workers (several associations), and prints objects/s and MB/s. The endpoint is a local
 SeaweedFS (``weed server -s3``); credentials come from a 0600 file in the format of
 ``storage.s3`` (``access_key_id = ...`` / ``secret_access_key = ...``). A decision
-benchmark, run by hand; the result is in ARCHITECTURE.md.
+benchmark, run by hand; the result is in docs/object-storage.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Backup runs, verification, retention and restore, over restic (``backup.restic``).
 
-A run, for every configured target (see ARCHITECTURE.md, "Backups"):
+A run, for every configured target (see docs/backups.md):
 
 1. **Stage** a point-in-time copy of what is not immutable under ``DATA/.backup-staging/``
    (ciphertext only, deleted after the run): the index with ``VACUUM INTO`` (SQLCipher

@@ -11,7 +11,7 @@ and the data snapshot takes that directory instead of ``objects/``.
 The mirror stays between runs: objects are immutable, so each run downloads only the
 objects indexed since the previous one and deletes those no longer indexed (removed or
 erased); restic's parent snapshot then reads only the new files. The cost is local disk
-of the bucket's size, said in ARCHITECTURE.md and README; nothing in it is readable
+of the bucket's size, said in docs/backups.md and README; nothing in it is readable
 without the vault's keys (no more than the bucket itself).
 """
 

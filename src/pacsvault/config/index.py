@@ -76,7 +76,7 @@ TOML_SECTION = """\
 # sslmode=verify-full (certificate and host name checked) is the recommended TLS mode.
 # Never put a password in the url (refused): use password_file (0600, first line) or
 # libpq's passfile / service / ~/.pgpass. Every attribute that identifies a patient is
-# encrypted by pacsvault before it reaches the database (ARCHITECTURE.md, PostgreSQL index).
+# encrypted by pacsvault before it reaches the database (docs/postgresql-index.md).
 url = {url}
 password_file = {password_file}
 pool_size = 8

@@ -12,7 +12,7 @@ checks every condition on the decrypted value (``Condition.matches_stored``) and
 answers are exactly the embedded index's.
 
 Tokens kept as few as the matching needs (each one is an equality leak in a dump; the
-full reasoning is in ARCHITECTURE.md, "PostgreSQL index: matching and what it leaks"):
+full reasoning is in docs/postgresql-index.md, "Matching and what it leaks"):
 
 - person names (PatientName, ReferringPhysicianName), per component group of the
   case-folded name (``normalise_name``): the whole group, and its prefixes of 1 to

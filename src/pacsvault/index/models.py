@@ -10,7 +10,7 @@ On PostgreSQL (issue 16) every column that identifies a patient or may carry hea
 is ``Sealed`` (random AEAD: compared in pacsvault after decryption) or ``Fixed``
 (deterministic AEAD: ``=``/``IN``/unique in SQL) by ``index.sealing``; on SQLite these are
 the plain ``String``/``Text`` they always were (SQLCipher encrypts the whole file). The
-per-attribute choice and what each leaks: ARCHITECTURE.md, "PostgreSQL index".
+per-attribute choice and what each leaks: docs/postgresql-index.md.
 """
 
 from __future__ import annotations

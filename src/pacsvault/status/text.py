@@ -203,7 +203,7 @@ def lines(report: StatusReport) -> list[str]:
     out.append(f"Certificate  server certificate valid until {until}")
     if report.ca_name_constraints is False:
         # Made before issue 11: the CA installed on the practice PCs could vouch for any
-        # name if its key were stolen (see ARCHITECTURE.md, TLS).
+        # name if its key were stolen (see docs/data-directory.md, tls/).
         out.append("Warning      CA without name constraints (vault made before they "
                    "existed): it can sign certificates for any name")
     for n in report.legacy_tls_nodes:

@@ -2,7 +2,7 @@
 files under ``DATA/objects``; ``s3://bucket/prefix`` a bucket (``storage.s3``).
 
 The S3 client is boto3 (measured against obstore in ``bench/s3_clients.py``; the reason is
-in ARCHITECTURE.md). What it is given:
+in docs/object-storage.md). What it is given:
 
 - **TLS verified**: certificates are always checked, against ``ca_file`` when set (a
   private CA: Ceph or MinIO inside the practice network) or the system's trust store.

@@ -6,7 +6,7 @@ Content-Disposition, no tag, no Content-Type chosen by us: nothing in a listing,
 or a tag names a patient or a UID. Only the S3 API is used (PUT/GET/HEAD/DELETE object,
 ListObjectsV2), so AWS, OVH, Scaleway, Ceph, MinIO and SeaweedFS behave alike.
 
-**Durability** (``ObjectBackend``'s contract, ARCHITECTURE.md data flow step 4):
+**Durability** (``ObjectBackend``'s contract, docs/object-storage.md):
 ``stage_spare`` PUTs the whole object with its Content-MD5 (the server refuses a body
 that does not match it) and returns only when the PUT answered 200 with the ETag of that
 MD5 (``check_etag``; SSE-KMS/SSE-C buckets answer other ETags: turn it off there, the

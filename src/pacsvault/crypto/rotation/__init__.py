@@ -27,7 +27,7 @@ the other...). ``Vault.open`` finding the marker completes the rotation with whi
 file opens the vault before anything else. Last, ``<key>.new`` replaces the key file
 (rename) and ``vault.json`` gets the new key check and recovery blob in one atomic write.
 
-Residuals (documented in ARCHITECTURE.md): the old key file still opens *copies* taken
+Residuals (documented in docs/keys.md): the old key file still opens *copies* taken
 before the rotation (backups: that is what keeps them restorable with the old recovery
 code) and, with the trail, reveals the sealed references of records written before it.
 Throttling counters keyed by an HMAC of typed sign-in names restart at rotation.
