@@ -65,6 +65,10 @@ if [ "$with_tests" = 1 ]; then
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_wanted+=(postgresql)
   # a real load balancer sending the PROXY protocol (tests/test_proxy_protocol.py)
   [ -x /usr/sbin/haproxy ] || apt_wanted+=(haproxy)
+  # the outside host of the security check's network test lives in a network namespace
+  # (tests/test_check_network.py: unshare -n, ip addr)
+  command -v ip >/dev/null 2>&1 || apt_wanted+=(iproute2)
+  command -v unshare >/dev/null 2>&1 || apt_wanted+=(util-linux)
 fi
 [ "$with_service" = 1 ] && steps=4
 if [ ${#apt_wanted[@]} -gt 0 ]; then

@@ -1,5 +1,6 @@
 """Issue 18, part 1: ``pacsvault check`` outside network/TLS (accounts, keys and disks,
-backups, audit, software), its record in the trail, the nightly run, the alert, the page.
+backups, audit, software), the whole check of a fresh install with its server running,
+its record in the trail, the nightly run, the alert, the page.
 
 One vault for the module, made by the real ``init``, its key file on tmpfs (``/dev/shm``:
 another filesystem than the data, as a key on a USB stick would be). Disks are judged
@@ -27,13 +28,19 @@ from pacsvault.check.disks import ENCRYPTED, MEMORY, PLAIN, BlockProbe
 from pacsvault.check.record import STATE_NAME, load_kept, run_and_record, tick
 from pacsvault.check.software import load_advisories
 from pacsvault.config import BackupSettings, BackupTarget
-from tests.helpers import VaultDir, events, first_run_secrets, pv
+from tests.helpers import VaultDir, events, first_run_secrets, pv, start_server
 from tests.web_helpers import FakeClock, local_web
 
 MINE = ("accounts", "keys", "backups", "audit", "software")
 # A fresh vault, whatever the machine's disks: the first administrator has not enrolled a
 # second factor nor changed the setup password, and no backup target exists.
 FRESH = {"accounts.initial-password", "accounts.no-second-factor", "backups.none"}
+# The whole check (all eight sections) on that fresh vault: ``init`` was given no alert
+# channel (a standing finding); network, keys (the fake LUKS disks), audit and software
+# have nothing to say; TLS nothing while its server runs (probed: TLS 1.2/1.3 only, a
+# fresh certificate), only that it could not probe when none runs.
+WHOLE_FRESH = FRESH | {"alerts.no-channel"}
+NOT_RUNNING = {"tls.not-probed"}
 
 
 def fake_sys(root: Path) -> Path:
@@ -125,6 +132,32 @@ def test_fresh_vault_reports_only_the_expected_findings(
     assert "Sauvegarder" in str(finding["requirement"])
     # a --section run is recorded, not kept for Health (it would hide the other sections)
     assert not (vault.data / STATE_NAME).exists()
+
+
+@pytest.mark.slow  # a server start and the TLS probes
+def test_whole_check_of_a_fresh_install_with_its_server_running(
+        vault: VaultDir, luks_options: dict[str, str]) -> None:
+    """Every section, the real server up (on loopback, as the harness starts it): exactly
+    the expected findings, no more, no fewer. The gateway is not asked
+    (``PACSVAULT_CHECK_GATEWAY=off``, tests/helpers.py): the fake box is
+    tests/test_check_network.py's."""
+    assert os.environ.get("PACSVAULT_CHECK_GATEWAY") == "off"
+    server = start_server(vault)
+    try:
+        code, body = check_json(vault, options=luks_options)
+    finally:
+        server.stop()
+    assert body["sections"] == ["network", "tls", "accounts", "keys", "backups", "audit",
+                                "software", "alerts"]
+    assert body["errors"] == [] and ids(body) == WHOLE_FRESH, body
+    assert code == 1 and body["exit_code"] == 1 and body["worst"] == "warning"
+    assert by_id(body, "alerts.no-channel")["severity"] == "warning"
+    # kept for Health (a whole run), but only for what runs now: no server, no probe
+    kept = load_kept(vault.data)
+    assert kept is not None and kept.result.ids() == WHOLE_FRESH
+    code, body = check_json(vault, options=luks_options)
+    assert ids(body) == WHOLE_FRESH | NOT_RUNNING and code == 1, body
+    assert by_id(body, "tls.not-probed")["severity"] == "info"
 
 
 def test_fresh_vault_on_this_machine(vault: VaultDir) -> None:
@@ -307,7 +340,10 @@ def test_nightly_run_is_kept_and_recorded(vault: VaultDir, luks_options: dict[st
         assert mode == 0o600
         kept = load_kept(vault.data)
         assert kept is not None and kept.trigger == "nightly"
-        assert kept.result.ids() >= FRESH
+        assert kept.result.ids() == WHOLE_FRESH | NOT_RUNNING, kept.result.ids()
+        assert kept.result.sections == ("network", "tls", "accounts", "keys", "backups",
+                                        "audit", "software", "alerts")
+        assert kept.result.errors == ()
         tick(v, now=first + dt.timedelta(days=1, minutes=2))  # once a day
     finally:
         v.close()

@@ -8,6 +8,10 @@ must not go through the sign-in machinery, nor record an access per user.
 
 Options (``ctx.options``): ``dormant_days`` (default 90), ``token_unused_days`` (90),
 ``max_admins`` (3).
+
+A token counts only while it still works: not expired, not revoked, and not past the idle
+expiry of ``[tokens] idle_days`` (issue 19; ``accounts.tokens.lookup_token`` refuses it
+then). A dead token is no standing credential, and calling it "valid" would be false.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import datetime as dt
 from sqlalchemy import select
 
 from pacsvault.accounts.models import ApiToken, Passkey, TotpSecret, User
+from pacsvault.accounts.tokens import idle_since
 from pacsvault.check.model import (
     CNIL_AUTH,
     CNIL_RIGHTS,
@@ -52,8 +57,10 @@ def check(ctx: CheckContext) -> list[Finding]:
         users = list(s.scalars(select(User).where(User.disabled.is_(False)).order_by(User.pk)))
         totp = set(s.scalars(select(TotpSecret.user_pk).where(TotpSecret.confirmed.is_(True))))
         passkeys = set(s.scalars(select(Passkey.user_pk)))
+        idle_limit = dt.timedelta(days=ctx.vault.settings.tokens.idle_days)
         tokens = [(t.token_id, t.user_pk, t.created, t.expires, t.last_used)
-                  for t in s.scalars(select(ApiToken).where(ApiToken.revoked.is_(None)))]
+                  for t in s.scalars(select(ApiToken).where(ApiToken.revoked.is_(None)))
+                  if now - idle_since(t) < idle_limit]  # past it, the token is refused
         rows = [(u.pk, u.name, u.role_set, u.created, u.password_changed, u.last_login)
                 for u in users]
     out: list[Finding] = []
