@@ -209,7 +209,8 @@ def test_health_panel(served: Served) -> None:
     assert listeners.count(">up<") == 3, listeners
     counts = text.split('id="counts"')[1].split("</dl>")[0]
     assert re.search(r"<dt>Patients</dt><dd>\d+</dd>", counts)
-    assert "Reserve (images refused below)" in text and "512.0 MB" in text
+    # min_free_mb = 512 (MiB), shown in decimal units like every page (web/formats)
+    assert "Reserve (images refused below)" in text and "536.9 MB" in text
     certs = text.split('id="certificates"')[1].split("</table>")[0]
     assert "Certificate authority" in certs and "days left" in certs
     assert "The audit trail verifies" in text

@@ -57,10 +57,10 @@ from pacsvault.check.record import load_kept
 from pacsvault.dicom.echo import EchoResult, echo
 from pacsvault.status import EXPIRY_WARNING_DAYS, gather
 from pacsvault.status.problems import active_problems
-from pacsvault.status.text import size
 from pacsvault.web.alert_notices import exposure_banner, reason_text
 from pacsvault.web.audit_names import outcome_name
 from pacsvault.web.deps import client_address
+from pacsvault.web.formats import size_text
 from pacsvault.web.health_charts import received_chart, series_of, sign_in_chart, storage_chart
 from pacsvault.web.health_names import event_name
 from pacsvault.web.health_problems import word
@@ -101,7 +101,8 @@ def health_page(request: Request, principal: AdminPage) -> Response:
     return _page(request, "admin_health.html", nav="admin", admin_nav="health",
                  listeners=report.listeners, bind=_bind_text(report.server),
                  ae_title=report.ae_title, counts=report.counts, storage=report.storage,
-                 size=size, certificates=report.certificates,
+                 size=lambda value: size_text(value, lang),  # "10,5 Mo" in French
+                 certificates=report.certificates,
                  warning_days=EXPIRY_WARNING_DAYS, events=report.security_events,
                  verdict=report.audit, nodes=len(report.nodes),
                  legacy_tls=report.legacy_tls_nodes, key=report.key,
@@ -110,7 +111,8 @@ def health_page(request: Request, principal: AdminPage) -> Response:
                  backup=report.backup, deployment=report.deployment,
                  check=check, exposure=exposure,
                  problems=problems, chart_received=received, chart_legend=legend,
-                 chart_storage=storage_chart(figures, _, size(max(figures.held, default=0))),
+                 chart_storage=storage_chart(figures, _,
+                                             size_text(max(figures.held, default=0), lang)),
                  chart_sign_ins=sign_in_chart(figures, _), figures=figures,
                  growth=figures.growth_per_day(), full_on=full_on, devices=devices,
                  event_name=lambda a: event_name(a, _),
