@@ -16,7 +16,8 @@ data and announced with its exact length; "Envoyer à…" to a node whose port i
 ``storescp`` shows "Toutes les images ont été envoyées." and storescp holds each instance
 of that study (and none of the other) byte-identical; the Health page's button answers
 "a répondu" for the running storescp and "pas de réponse … l’appareil est-il allumé" for a
-node whose port has nothing listening. One server, one storescp and one signed-in browser
+node whose port has nothing listening, and the page's sizes and dates in French format
+("45,8 ko", not "45.8 KB"). One server, one storescp and one signed-in browser
 (a user who is physician and administrator) for the module; no page logs a JS error.
 """
 
