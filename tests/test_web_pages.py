@@ -211,6 +211,7 @@ def test_health_panel(served: Served) -> None:
     assert re.search(r"<dt>Patients</dt><dd>\d+</dd>", counts)
     # min_free_mb = 512 (MiB), shown in decimal units like every page (web/formats)
     assert "Reserve (images refused below)" in text and "536.9 MB" in text
+    assert "min_free_mb = 512" in text  # the setting as written, beside the decimal size
     certs = text.split('id="certificates"')[1].split("</table>")[0]
     assert "Certificate authority" in certs and "days left" in certs
     assert "The audit trail verifies" in text
