@@ -24,7 +24,7 @@ import hmac
 from collections.abc import Callable
 from typing import cast
 
-from sqlalchemy import Engine, Table, select
+from sqlalchemy import Engine, Table, bindparam, select
 
 from pacsvault.accounts import tokens
 from pacsvault.accounts.models import ApiToken, User
@@ -39,6 +39,9 @@ _QUERY = (
            _tokens.c.last_address, _tokens.c.source_network, _tokens.c.remote,
            _users.c.name, _users.c.roles, _users.c.disabled)
     .join(_users, _users.c.pk == _tokens.c.user_pk)
+    # Built once with its parameter: no statement to build and no cache key to work out
+    # per request (SQLAlchemy memoises both on this object).
+    .where(_tokens.c.token_id == bindparam("token_id"))
 )
 
 
@@ -55,7 +58,7 @@ def quick_identity(
         return None
     token_id, secret = parts
     with engine.connect() as conn:
-        row = conn.execute(_QUERY.where(_tokens.c.token_id == token_id)).first()
+        row = conn.execute(_QUERY, {"token_id": token_id}).first()
     stored = row.secret_sha256 if row is not None else None
     matched = hmac.compare_digest(tokens.hash_secret(secret),
                                   bytes(stored) if stored else _DUMMY)

@@ -38,7 +38,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, defer, sessi
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
 from pacsvault.dicomfile.dicomjson import strip_bulk
-from pacsvault.index import computed, matching, records, residual, sealing
+from pacsvault.index import computed, matching, name_match, records, residual, sealing
 from pacsvault.index.headers import (
     VR_KIND,
     answer_charset,
@@ -226,6 +226,8 @@ class _Filter:
     residual: list[residual.Residual] = field(default_factory=list)
     modalities: Condition | None = None
     prefilters: int = 0  # token prefilters among ``sql``
+    # Values of the bind parameters in ``sql`` (``name_match``: shared name clauses).
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 class QueryEngine:
@@ -308,7 +310,8 @@ class QueryEngine:
                                                  accessed, plan, charset, for_dimse,
                                                  include_all)
                     return
-                for record, study_uid, patient_id in session.execute(stmt).yield_per(256):
+                rows = session.execute(stmt, filt.params).yield_per(256)
+                for record, study_uid, patient_id in rows:
                     budget.check()
                     meta: dict[str, Any] = json.loads(record.meta_json or "{}")
                     if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
@@ -422,6 +425,7 @@ class QueryEngine:
         left: list[residual.Residual] = []
         modalities: Condition | None = None
         sealed: list[tuple[str, Any, Condition]] = []  # split together after the loop
+        params: dict[str, Any] = {}
         for elem in identifier:
             keyword = elem.keyword
             if keyword in _SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
@@ -460,6 +464,12 @@ class QueryEngine:
                 if sealer is not None and not residual.in_sql(col.column, col.kind, cond):
                     sealed.append((keyword, col.column, cond))
                     continue
+                if keyword == "PatientName" and sealer is None and cond.kind == "pn" \
+                        and cond.op in ("equal", "wildcard", "list"):
+                    named = name_match.name_filter(cond)  # built once per shape
+                    sql.append(named.clause)
+                    params.update(named.params)
+                    continue
                 sql.append(
                     _int_clause(cond, col.column) if col.kind == "int"
                     else _name_clause(cond) if keyword == "PatientName"
@@ -475,7 +485,7 @@ class QueryEngine:
         if sealer is not None and sealed:
             clauses, left, prefilters = residual.split_all(sealer, level, sealed)
             sql.extend(clauses)
-        return _Filter(sql, meta, left, modalities, prefilters)
+        return _Filter(sql, meta, left, modalities, prefilters, params)
 
     # --- C-MOVE / C-GET / WADO-RS selection --------------------------------------------
 

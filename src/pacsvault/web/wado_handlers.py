@@ -10,7 +10,6 @@ studies (and instances, at instance level) it disclosed, a failure goes through
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from pacsvault.web import dicomweb_common as dw
 from pacsvault.web import wado
 from pacsvault.web.multipart import closing, new_boundary, parse_accept, part_header
 from pacsvault.web.principal import Principal
+from pacsvault.web.wado_stream import PartPipeline
 
 log = logging.getLogger("pacsvault.web.dicomweb")
 
@@ -89,37 +89,31 @@ async def retrieve(
                         sop_uids=tuple(i.sop_uid for i in skipped))
 
     async def body() -> AsyncIterator[bytes]:
-        # The next instance is read and decrypted in a worker while this one is sent.
-        rest = pairs[after:]
-        ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[0])) if rest else None
+        # The next instances are read and decrypted by one thread while this one is sent
+        # (``wado_stream``: no hand-off per part, a wake-up only when the loop waits).
+        ahead = PartPipeline(part, pairs[after:])
         try:
             yield first
-            for n, (item, _syntax) in enumerate(rest):
-                assert ahead is not None
-                chunk: bytes | None = None
-                try:
-                    chunk = await ahead
-                except wado.WadoError:  # this one cannot be converted: left out
+            while (entry := await ahead.next()) is not None:
+                item, chunk, error = entry
+                if isinstance(error, wado.WadoError):  # this one cannot be converted
                     skipped.append(item)
-                except Exception as exc:
+                elif error is not None:
                     log.error("an instance could not be read for WADO-RS (%s)",
-                              type(exc).__name__)
+                              type(error).__name__)
                     await dw.record(request, who, "dicomweb.retrieve",
                                     EventCode.INSTANCES_ACCESSED, Outcome.SERIOUS_FAILURE,
                                     message="an instance could not be read; the answer was cut",
                                     detail={"resource": resource},
                                     study_uids=(item.study_uid,), sop_uids=(item.sop_uid,))
                     raise RuntimeError("instance unreadable") from None
-                if n + 1 < len(rest):
-                    ahead = asyncio.ensure_future(run_in_threadpool(part, *rest[n + 1]))
-                if chunk is not None:
+                elif chunk is not None:
                     yield chunk
             yield closing(boundary)
             if skipped:
                 await record_skipped()
         finally:  # the client went away: do not leave a read running for nobody
-            if ahead is not None and not ahead.done():
-                ahead.cancel()
+            ahead.close()
 
     return StreamingResponse(
         body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
