@@ -8,7 +8,11 @@ do the equivalent on PostgreSQL or nothing where nothing is needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 # pg_advisory_xact_lock key of the index's single writer lock ("pvwl"): every process
 # that would have taken SQLite's write lock takes this one, for its transaction.
@@ -27,8 +31,35 @@ def take_write_lock(conn: Connection) -> None:
     (PostgreSQL's read committed takes a new snapshot per statement)."""
     if is_sqlite(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-    else:
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+    else:  # once per store batch: without SQLAlchemy's execution machinery
+        run_driver(conn, _WRITE_LOCK)
+
+
+_WRITE_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
+
+
+def run_driver(conn: Connection, sql: str,
+               params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run one PostgreSQL statement on ``conn``'s DBAPI connection (in its transaction,
+    if any) and return its rows ([] when it returns none), psycopg's errors raised as
+    SQLAlchemy's (``DBAPIError.instance``: the same classes ``exec_driver_sql`` raises,
+    parameters hidden). For statements on the per-image path, where SQLAlchemy's
+    execution context and result objects cost more than the statement (issue 16,
+    scale-out ingest); bound values of sealed columns must be bound by the caller
+    (``storage.pgrows``)."""
+    import psycopg
+
+    cursor: Any = None
+    try:
+        cursor = conn.connection.cursor()
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error, hide_parameters=True,
+                                  dialect=conn.dialect) from exc
+    finally:
+        if cursor is not None:
+            cursor.close()
 
 
 def secure_delete(conn: Connection, on: bool) -> None:

@@ -21,7 +21,8 @@ Speed without weakening that order:
 - a study not cached is looked up by reads only; a new patient's data key is minted in
   memory and its rows are written by the group commit with the instance's
   (``storage.keychoice``: no transaction and no fsync of their own; on PostgreSQL one
-  round trip, and the batch's instance rows go in one multi-row insert, ``rows.BatchRows``);
+  round trip, and the batch's rows go straight to psycopg in a few statements,
+  ``storage.pgrows``);
 - **group commit**: concurrent stores (several associations) hand their staged objects to
   whichever of them is committing; that one writes every row in one transaction. Each
   ``store`` still returns only after the commit that holds its own row;
@@ -63,7 +64,7 @@ from pacsvault.index.matching import normalise_date, normalise_name
 from pacsvault.index.models import Instance, Patient
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
-from pacsvault.storage import keychoice, rows, sameness
+from pacsvault.storage import keychoice, pgrows, rows, sameness
 from pacsvault.storage.objects import ObjectBackend, Recovery
 from pacsvault.storage.rows import Pending, acknowledged, index_one
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
@@ -83,6 +84,9 @@ _STORE_ATTEMPTS = 3
 
 
 class Archive:
+    # A non-SQLite batch's rows (``rows.BatchRows`` is the SQLAlchemy reference path)
+    _batch_rows: Callable[[Connection, list[Pending]], rows.BatchRows] = pgrows.DriverRows
+
     def __init__(
         self, sessions: sessionmaker[Session], objects: ObjectBackend, keyring: Keyring
     ) -> None:
@@ -384,8 +388,8 @@ class Archive:
             # locking).
             dialect.take_write_lock(conn)  # SQLite: BEGIN IMMEDIATE
             # PostgreSQL: the generation and the batch's known UIDs in one statement, its
-            # instance rows in another (``rows.BatchRows``)
-            together = None if dialect.is_sqlite(conn) else rows.BatchRows(conn, batch)
+            # instance rows in another (``pgrows.DriverRows``: straight to psycopg)
+            together = None if dialect.is_sqlite(conn) else self._batch_rows(conn, batch)
             generation = (together.generation if together is not None
                           else int(conn.exec_driver_sql(_GENERATION).scalar_one()))
             with self._cache_lock:

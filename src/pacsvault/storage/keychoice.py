@@ -13,12 +13,13 @@ looked before that commit and minted after it, or another process creating the p
 meanwhile, adds a key of theirs (removal and erasure follow every instance's own key).
 
 On PostgreSQL (issue 16, scale-out ingest) the look-up is **one** statement (scalar
-subqueries through SQLAlchemy's types: the UIDs and IDs are ``Fixed`` columns, encrypted
-as bound) on an autocommit connection: one round trip, no BEGIN/COMMIT, no advisory lock,
-and one snapshot, so the generation and the rows it guards are read together. Other
-instances sharing the index may create the same new patient meanwhile: the batch reads
-the patient under the index's write lock and inserts with ``ON CONFLICT DO NOTHING``
-(``rows._new_patient``), so two instances minting for one patient give one patient row.
+subqueries sent straight to psycopg, the UIDs and IDs bound by their ``Fixed`` column
+types: encrypted as SQLAlchemy would bind them) on an autocommit connection: one round
+trip, no BEGIN/COMMIT, no advisory lock, and one snapshot, so the generation and the rows
+it guards are read together. Other instances sharing the index may create the same new
+patient meanwhile: the batch reads the patient under the index's write lock and inserts
+with ``ON CONFLICT DO NOTHING`` (``rows._new_patient``, ``pgrows``), so two instances
+minting for one patient give one patient row.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import uuid
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Connection, Table, literal_column, select
+from sqlalchemy import Connection, Table
 
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicomfile.parse import ParsedInstance
+from pacsvault.index import dialect
 from pacsvault.index.models import Instance, Patient, Study
-from pacsvault.storage import rows
+from pacsvault.storage import pgrows, rows
 from pacsvault.storage.rows import StoreResult
 
 GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
@@ -76,20 +78,23 @@ def look_up(conn: Connection, parsed: ParsedInstance) -> Found:
     return Found(generation, patient_key=None if row is None else uuid.UUID(row[0]))
 
 
+_ONE = (f"SELECT ({GENERATION}), "  # noqa: S608 (the code's own statement)
+        "(SELECT sha256 FROM instances WHERE sop_uid = %s), "
+        "(SELECT pk FROM studies WHERE study_uid = %s), "
+        "(SELECT patients.key_id FROM patients JOIN studies "
+        "ON studies.patient_pk = patients.pk WHERE studies.study_uid = %s), "
+        "(SELECT key_id FROM patients WHERE patient_id = %s AND issuer = %s)")
+
+
 def _look_up_one(conn: Connection, parsed: ParsedInstance) -> Found:
-    """``look_up`` as one statement (PostgreSQL: see the module docstring)."""
-    study = _studies.c.study_uid == parsed.study_uid
-    row = conn.execute(select(
-        literal_column(f"({GENERATION})"),
-        select(_instances.c.sha256).where(_instances.c.sop_uid == parsed.sop_uid)
-        .scalar_subquery(),
-        select(_studies.c.pk).where(study).scalar_subquery(),
-        select(_patients.c.key_id).join(_studies, _studies.c.patient_pk == _patients.c.pk)
-        .where(study).scalar_subquery(),
-        select(_patients.c.key_id).where(_patients.c.patient_id == parsed.patient_id,
-                                         _patients.c.issuer == parsed.issuer)
-        .scalar_subquery(),
-    )).one()
+    """``look_up`` as one statement (PostgreSQL: see the module docstring), straight to
+    psycopg; the ``Fixed`` UIDs and IDs bound by their column types
+    (``pgrows.bound``), the answer's columns plain (pk, key id, digest)."""
+    study_uid = pgrows.bound(conn.dialect, _studies, "study_uid", parsed.study_uid)
+    (row,) = dialect.run_driver(conn, _ONE, (
+        pgrows.bound(conn.dialect, _instances, "sop_uid", parsed.sop_uid), study_uid,
+        study_uid, pgrows.bound(conn.dialect, _patients, "patient_id", parsed.patient_id),
+        pgrows.bound(conn.dialect, _patients, "issuer", parsed.issuer)))
     generation, digest, study_pk, study_key, patient_key = row
     generation = int(generation)
     if digest is not None:

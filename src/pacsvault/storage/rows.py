@@ -119,7 +119,14 @@ class BatchRows:
     see the module docstring). Made inside the batch's transaction, after its write
     lock: the known SOP Instance UIDs it reads are every commit's so far, and the items
     of this batch are added as they are indexed (a UID twice in one batch: the second
-    is a re-send of the first)."""
+    is a re-send of the first).
+
+    The driver-level subclass (``storage.pgrows.DriverRows``, what the archive uses on
+    PostgreSQL) writes the same rows without SQLAlchemy's statement machinery: ``direct``
+    tells ``index_one`` to hand it each item (``index``); this class stays the reference
+    its rows are checked against (``tests/test_pg_driver_rows.py``)."""
+
+    direct = False
 
     def __init__(self, conn: Connection, batch: Sequence[Pending]) -> None:
         self.conn = conn
@@ -142,6 +149,13 @@ class BatchRows:
             self.generation = int(row[0])
             if row[1] is not None:
                 self.known[str(row[1])] = bytes(row[2])
+
+    def index(self, item: Pending, overlay_studies: dict[str, int],
+              overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
+              cached_series: int | None, wrap: Callable[[uuid.UUID, bytes], bytes]) -> None:
+        """One item's rows, for a ``direct`` batch (``DriverRows``); here ``index_one``
+        does the work."""
+        raise NotImplementedError
 
     def flush(self) -> None:
         """Send the collected rows (part of the batch's transaction: one commit): the
@@ -170,6 +184,10 @@ def index_one(
     counters (into ``together`` when given: sent by its ``flush``). ``item.learnt`` gets
     what the archive may cache once this commits; an instance known already gets
     ``item.result`` instead."""
+    if together is not None and together.direct:
+        together.index(item, overlay_studies, overlay_series, cached_study, cached_series,
+                       wrap)
+        return
     parsed = item.parsed
     if together is not None:
         digest = together.known.get(parsed.sop_uid)
