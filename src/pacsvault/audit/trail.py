@@ -180,8 +180,29 @@ class AuditTrail(QueuedAppends):
             yield conn
             return
         assert self._engine is not None, "the trail needs a sessionmaker bound to an engine"
-        with self._engine.begin() as own:
-            yield own
+        if self._engine.dialect.name != "sqlite":
+            with self._engine.begin() as own:
+                yield own
+            return
+        # Embedded index (issue 17): our own transaction moves the anchor (and may flag a
+        # damaged trail) after the lines' fsync; it commits without an fsync of its own
+        # (WAL, synchronous=NORMAL for this transaction only), made durable by the next
+        # synced commit or checkpoint. A power loss can leave the anchor behind the
+        # trail, never ahead of it: the state of a crash between the two steps, which
+        # every reader already accepts. The access's record itself is fsync'ed as before.
+        with self._engine.connect() as own:
+            own.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            own.commit()
+            try:
+                with own.begin():
+                    yield own
+            finally:
+                try:
+                    own.exec_driver_sql("PRAGMA synchronous=FULL")
+                    own.commit()
+                except Exception:
+                    own.invalidate()  # never back in the pool with the weaker setting
+                    raise
 
     def _read_tip(self) -> Tip:
         """The last whole record and whatever follows it, read backwards from the end.

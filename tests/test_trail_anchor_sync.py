@@ -1,0 +1,56 @@
+"""The trail's anchor commit on an embedded index (issue 17): the access's record is
+fsync'ed as before; the anchor's own transaction commits with ``synchronous=NORMAL``
+(durable with the next synced commit; a power loss leaves it behind the trail, never
+ahead), and the pooled connection goes back with ``synchronous=FULL`` for everyone else."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+
+from pacsvault.audit import AuditEvent, EventCode, Outcome
+from pacsvault.vault import Vault
+
+
+def _query(n: int) -> AuditEvent:
+    return AuditEvent(action="dicomweb.search", outcome=Outcome.SUCCESS,
+                      code=EventCode.QUERY, message=f"query {n}")
+
+
+def test_anchor_relaxed_record_synced_pool_restored(opened: Vault,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    trail = opened.audit
+    engine = opened.sessions.kw["bind"]
+    assert isinstance(engine, Engine) and engine.dialect.name == "sqlite"
+    pragmas: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.upper().startswith("PRAGMA SYNCHRONOUS"):
+            pragmas.append(statement.split("=")[-1].strip().upper())
+
+    fsyncs: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        fsyncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        seqs = [trail.append(_query(i)) for i in range(3)]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(fsyncs) == 3  # each record's lines: fsync'ed before the call returns
+    assert pragmas == ["NORMAL", "FULL"] * 3
+    anchor = trail.anchor()
+    assert anchor is not None and anchor[0] == seqs[-1]
+    held = [engine.connect() for _ in range(4)]
+    try:
+        assert {c.exec_driver_sql("PRAGMA synchronous").scalar() for c in held} == {2}
+    finally:
+        for c in held:
+            c.close()
