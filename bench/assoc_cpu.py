@@ -32,10 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.harness.peers import dcmtk_env
+
 from bench.compare.workloads import RETURN_KEYS
+from bench.ingest import dcmtk
 from bench.query import WEEK
 
-PHASES = ("process", "assoc.total", "assoc.negotiate", "assoc.serve_request", "assoc.loop",
+PHASES = ("process", "assoc.total", "assoc.negotiate", "negotiate.decide",
+          "negotiate.restrict", "negotiate.accepted", "assoc.serve_request", "assoc.loop",
           "dul.total", "dul.wait", "request-thread.handle")
 
 
@@ -45,6 +49,7 @@ def _instrument(spent: dict[str, list[float]]) -> None:
     from pynetdicom.transport import RequestHandler
 
     from pacsvault.dicom import reactor
+    from pacsvault.dicom.server import DicomService
 
     lock = threading.Lock()
 
@@ -68,10 +73,16 @@ def _instrument(spent: dict[str, list[float]]) -> None:
     wrap(reactor.WakeableDUL, "run_reactor", "dul.total")
     wrap(reactor.WakeableDUL, "_pv_wait", "dul.wait")
     wrap(RequestHandler, "handle", "request-thread.handle")
+    # inside the negotiation: node look-up and policy, context shaping, acceptance record
+    wrap(DicomService, "decide", "negotiate.decide")
+    wrap(DicomService, "restrict_contexts", "negotiate.restrict")
+    wrap(DicomService, "_on_accepted", "negotiate.accepted")
 
 
-def measure(data: Path, key: Path, n: int) -> dict[str, float]:
-    """ms per association for each phase (and ``*.n``: calls per association)."""
+def measure(data: Path, key: Path, n: int, get: str | None = None) -> dict[str, float]:
+    """ms per association for each phase (and ``*.n``: calls per association). ``get``:
+    each association is a dcmtk ``getscu`` of that study (its ~120 proposed contexts)
+    instead of a ``findscu``."""
     from pacsvault.dicom.server import DicomService
     from pacsvault.vault import Vault
 
@@ -85,12 +96,16 @@ def measure(data: Path, key: Path, n: int) -> dict[str, float]:
         keys += ["-k", f"StudyDate={WEEK[0]}-{WEEK[1]}" if k == "StudyDate" else k]
     out = Path(tempfile.mkdtemp(prefix="pv-assoc-cpu-"))
 
+    if get is not None:
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={get}"]
+    tool = [dcmtk("getscu"), "-S", "-aet", "BENCHSCU", "-aec", "PACSVAULT", *keys] if get \
+        else [dcmtk("findscu"), "-S", "-aet", "BENCHSCU", "-aec", "PACSVAULT", *keys, "-X"]
+
     def one() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        subprocess.run(["findscu", "-S", "-aet", "BENCHSCU", "-aec", "PACSVAULT", *keys,
-                        "-X", "-od", str(out), "127.0.0.1", str(port)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*tool, "-od", str(out), "127.0.0.1", str(port)],
+                       check=True, capture_output=True, timeout=120, env=dcmtk_env())
 
     try:
         for _ in range(3):  # warm: imports, caches
@@ -122,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab", type=Path, default=None, help="the old tree's src directory")
     ap.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent / "src")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--get", default=None, metavar="STUDY_UID",
+                    help="getscu of this study per association instead of findscu")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ab is None:
-        result = measure(args.data, args.key, args.n)
+        result = measure(args.data, args.key, args.n, args.get)
         if args.child:
             print(json.dumps(result))
         else:
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             env = dict(os.environ, PYTHONPATH=f"{src.resolve()}{os.pathsep}{here}")
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.assoc_cpu", "--child", "--data", str(args.data),
-                 "--key", str(args.key), "--n", str(args.n)],
+                 "--key", str(args.key), "--n", str(args.n),
+                 *(["--get", args.get] if args.get else [])],
                 env=env, capture_output=True, text=True, check=True, timeout=900)
             runs[label].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"{'phase (ms/association, median)':32s} {'old':>7s} {'new':>7s}")

@@ -10,7 +10,7 @@ each connection, in the order it calls them:
   accept loop), the peer's facts (address, client certificate, cipher), the association
   made event-driven (``dicom/reactor``);
 - ``PolicyACSE``: the association policy before pynetdicom's own negotiation;
-- ``ContextList``: the server's presentation contexts, cheap to copy per association.
+- ``ContextList``: the server's presentation contexts, shared by every association.
 
 They depend on pynetdicom internals registered in ``dicom/patches`` (``UPSTREAM``).
 """
@@ -263,17 +263,32 @@ def copy_context(cx: PresentationContext) -> PresentationContext:
 
 
 class ContextList(list[PresentationContext]):
-    """The server's supported contexts, cheap to copy for each association.
+    """The server's supported contexts, shared by every association, never changed.
 
     pynetdicom deep-copies them for every association it accepts: with every storage
     class in both roles and every transfer syntax (170 x 39) that was ~146 ms per
-    association, most of a C-FIND's latency. Each context's own transfer-syntax list is
-    all that an association changes (``restrict_contexts`` reorders it), so a shallow copy
-    of each context with a new list keeps associations isolated at ~1 ms.
+    association, most of a C-FIND's latency; a copy of each context with its own
+    transfer-syntax list still cost ~0.7 ms. Each association now gets the same context
+    objects (``SharedContexts``, with an index by abstract syntax), and
+    ``DicomService.restrict_contexts`` copies (``copy_context``) the few the requestor
+    asked for before shaping them: nothing ever changes a shared one.
     """
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return [copy_context(cx) for cx in self]
+    def __init__(self, contexts: Any = ()) -> None:
+        super().__init__(contexts)
+        self.pv_by_uid = {str(cx.abstract_syntax): cx for cx in self}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return SharedContexts(self)
+
+
+class SharedContexts(list[PresentationContext]):
+    """One association's view of the server's contexts (``ContextList``): read, never
+    changed in place (``restrict_contexts`` replaces the list with shaped copies)."""
+
+    def __init__(self, contexts: ContextList) -> None:
+        super().__init__(contexts)
+        self.pv_by_uid = contexts.pv_by_uid
 
 
 class PolicyACSE(ACSE):

@@ -19,7 +19,8 @@ Applied here, at the moment each was applied before this module existed:
 - ``wrap_send_c_store``: ``Association.send_c_store``, so a retrieved object leaves as one
   pre-encoded message written in batches (``retrieve.install``, with the one above);
 - ``wrap_send_msg``: ``DIMSEServiceProvider.send_msg``, so the C-GET/C-MOVE responses sent
-  after each sub-operation are encoded directly (``retrieve.install`` too);
+  after each sub-operation are encoded directly (``retrieve.install`` too), and the C-FIND
+  responses (``findwire.install``, when Q/R is created);
 - ``wrap_associate``: one AE's ``associate``, so a C-MOVE handler learns its
   sub-association (``qr``, when Q/R is created);
 - ``register_server``: a listener made with ``AE.make_server`` joins ``AE._servers`` as
@@ -33,9 +34,13 @@ Left where they are, registered in ``UPSTREAM`` (and verified by the test):
   ``dicom/storewire`` the direct C-STORE receive path, which does for a plain C-STORE
   request what DT-2, the DIMSE provider, ``_serve_request`` and the Storage SCP do;
 - ``dicom/listener``: ``ContextList``/``copy_context`` (pynetdicom deep-copies the
-  server's contexts for each association; ours copy ``PresentationContext._transfer_syntax``
-  only), ``PolicyACSE``, ``PolicyRequestHandler``; ``dicom/part10``: ``file_meta``
-  (pynetdicom's ``encode_file_meta``, byte for byte);
+  server's contexts for each association; ours are shared, and ``restrict_contexts`` copies
+  the few requested before shaping them), ``PolicyACSE``, ``PolicyRequestHandler``;
+- ``dicom/uidcheck``: ``set_uid`` (rebound where pynetdicom imported it) and
+  ``PresentationContext.add_transfer_syntax`` skip their checks for registered UIDs
+  (installed by ``dicom/server`` with the configuration);
+- ``dicom/findwire``: C-FIND responses written directly (through ``wrap_send_msg``);
+  ``dicom/part10``: ``file_meta`` (pynetdicom's ``encode_file_meta``, byte for byte);
 - ``dicomfile/parse``: pydicom's ``reading_validation_mode`` set to IGNORE at its import
   (a public setting; the bottom DICOM-file layer must not import this network-side
   module). ``pydicom_settings_applied`` lets the test verify it;
@@ -154,6 +159,21 @@ UPSTREAM: dict[str, str] = {
     # wrap_associate: the C-MOVE SCP passes the handler's kwargs to AE.associate
     "pynetdicom.service_class.QueryRetrieveServiceClass._move_scp":
         "5c14d1be3d737befcc148893bcd529a03695e82f8f943f19b640ff4f32382742",
+    # uidcheck (issue 17): registered UIDs skip the checks these make, whose outcome is
+    # known for them (conformant: passes the validator in both modes, no warning)
+    "pynetdicom.utils.set_uid":
+        "f917a8035170f79262606ce81ff903350ae59d272c75d6d15684d9dcde3d178b",
+    "pynetdicom.presentation.PresentationContext.add_transfer_syntax":
+        "83bb818ef65a69687f8a1d7568ff70b7c82d8e6b3173ad68aa1a26dca0385585",
+    "pynetdicom._validators.validate_ui":
+        "3a4aa36750c3c8a5fdd320cd827090d52fe696ef3215eac1958bb28b2ac7c70e",
+    "pynetdicom.utils.validate_uid":
+        "143fcbdb33a4a54e76b194622e143026a0d467f9c518a0716e646d6bf29ee137",
+    # findwire (issue 17) writes C-FIND responses as send_msg + primitive_to_message +
+    # encode_msg (above) would, after _c_find_scp (above) built them; server.restrict_contexts
+    # leaves out the contexts not asked for, as this only looks up the asked ones
+    "pynetdicom.presentation.negotiate_as_acceptor":
+        "d5413f08f0ac7b32b2b95f629d88242be5785d4a37888a14c265e0c27452da05",
     # part10.file_meta writes what this writes
     "pynetdicom.dsutils.encode_file_meta":
         "9c08a44b26b58301a092a9641c35b8c6f471eab40bedca1dea31cf19e9169e7c",
@@ -299,22 +319,31 @@ def wrap_send_c_store(hook: SendHook) -> None:
 MessageHook = Callable[[Any, Any, int], bool]
 
 
-def wrap_send_msg(hook: MessageHook) -> None:
-    """Route ``DIMSEServiceProvider.send_msg`` through ``hook`` first, so the C-GET/C-MOVE
-    responses sent after every sub-operation are encoded directly (``dicom/sendpath``,
-    issue 17; idempotent)."""
+def wrap_send_msg(hook: MessageHook, *, first: bool = False) -> None:
+    """Route ``DIMSEServiceProvider.send_msg`` through ``hook``, so the C-GET/C-MOVE
+    responses sent after every sub-operation (``dicom/sendpath``) and the C-FIND
+    responses (``dicom/findwire``, ``first``: it must see every message, to write what it
+    holds before any other) are encoded directly (issue 17; idempotent per hook). The
+    hooks are asked in order; the first that returns True has sent the message."""
     check_versions()
     from pynetdicom.dimse import DIMSEServiceProvider
 
-    original = DIMSEServiceProvider.send_msg
-    if getattr(original, "pv_send", False):
+    hooks: list[MessageHook] | None = getattr(DIMSEServiceProvider.send_msg, "pv_hooks", None)
+    if hooks is not None:
+        if hook not in hooks:
+            hooks.insert(0 if first else len(hooks), hook)
         return
+    chain: list[MessageHook] = [hook]
+    original = DIMSEServiceProvider.send_msg
 
     def send_msg(self: Any, primitive: Any, context_id: int) -> None:
-        if not hook(self, primitive, context_id):
-            original(self, primitive, context_id)
+        for each in chain:
+            if each(self, primitive, context_id):
+                return
+        original(self, primitive, context_id)
 
     send_msg.pv_send = True  # type: ignore[attr-defined]
+    send_msg.pv_hooks = chain  # type: ignore[attr-defined]
     send_msg.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(DIMSEServiceProvider, "send_msg", send_msg)  # noqa: B010
 

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import patches, retrieve, status, transcode
+from pacsvault.dicom import findwire, patches, retrieve, status, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
@@ -98,6 +98,7 @@ def denied_contexts(roles: tuple[str, ...]) -> frozenset[str]:
 class QueryRetrieve:
     def __init__(self, service: ServiceView) -> None:
         install()
+        findwire.install()
         retrieve.install()
         _install_link(service.ae)
         self._service = service
@@ -150,6 +151,10 @@ class QueryRetrieve:
                 level, identifier, root=self._root(event), accessed=accessed, for_dimse=True))
             part = 0
             while not cancelled:
+                if part:
+                    # The answers held for one write (``findwire``) leave before the next
+                    # chunk is read and recorded: never held while slow work runs.
+                    findwire.flush(event.assoc.dimse)
                 # A small first chunk: the first answers leave sooner, and a C-CANCEL sent
                 # on seeing them arrives while the rest is being built.
                 chunk = list(itertools.islice(answers, FIND_FIRST_CHUNK if not part

@@ -11,6 +11,7 @@ Statuses come from ``dicom/status``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import ssl
@@ -29,10 +30,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
-from pacsvault.dicom import patches
+from pacsvault.dicom import patches, uidcheck
 from pacsvault.dicom.assoc import AssocState
 from pacsvault.dicom.limits import ConnectionBudget, KnownHosts, ReadLimits
-from pacsvault.dicom.listener import ContextList, PolicyRequestHandler, PolicyServer
+from pacsvault.dicom.listener import (
+    ContextList,
+    PolicyRequestHandler,
+    PolicyServer,
+    copy_context,
+)
 from pacsvault.dicom.negotiation import Preferences, preference_for
 from pacsvault.dicom.part10 import file_meta, part10
 from pacsvault.dicom.policy import AssociationPolicy, Peer
@@ -64,6 +70,8 @@ log = logging.getLogger("pacsvault.dicom")
 # to a temporary file. Query identifiers (names, IDs) must not reach its log either.
 # (``patches.PYNETDICOM_CONFIG``; refuses library versions the patches were not written for.)
 patches.configure_pynetdicom()
+# Registered UIDs (SOP classes, transfer syntaxes) checked once per process (issue 17).
+uidcheck.install()
 
 
 _AssocState = AssocState  # moved to ``dicom/assoc`` (shared with ``qr``)
@@ -72,6 +80,30 @@ _AssocState = AssocState  # moved to ``dicom/assoc`` (shared with ``qr``)
 # for the tests and tools that import them.
 _ContextList = ContextList
 _file_meta = file_meta
+
+
+_FROZEN = threading.Lock()
+_frozen = False
+
+
+def freeze_heap() -> None:
+    """Move what the process holds at start (modules, settings, the vault's objects: ~130k
+    objects) out of the garbage collector's sight, once per process (``gc.freeze``).
+
+    Why (issue 17): pynetdicom's accept loop runs a *full* ``gc.collect()`` every 60
+    connections (``AssociationServer.service_actions``: its dead associations' cycles),
+    which took 120-220 ms here with the GIL held: every thread stops, and one query in 60
+    waits that long. Frozen, the start-up heap is no longer scanned and the same
+    collection takes ~2 ms; everything created later is collected as before. The cost:
+    a cycle among start-up objects that dies later is never collected (acyclic ones are
+    freed by reference counting as always)."""
+    global _frozen
+    with _FROZEN:
+        if _frozen:
+            return
+        _frozen = True
+    gc.collect()
+    gc.freeze()
 
 
 class DicomService:
@@ -158,6 +190,7 @@ class DicomService:
         bound: dict[str, int] = {}
         self.known_hosts.refresh()
         self.refusals.start()
+        freeze_heap()
         if tls_port is not None:
             ctx = self._tls_context()
             bound["dicom_tls_port"] = self._listen_all(bind, tls_port, handlers, ctx,
@@ -321,44 +354,60 @@ class DicomService:
         preferred: dict[str, list[UID]] = {}
         sending = Preferences(preference_for(
             state.node.ae_title, self.vault.settings.dicom.syntax_preference))
+        asked: dict[str, None] = {}  # the requested abstract syntaxes, in order
         for cx in requested:
-            if str(cx.abstract_syntax) not in receiver_of:
-                sending.offer(str(cx.abstract_syntax), cx.transfer_syntax)
+            uid = str(cx.abstract_syntax)
+            asked[uid] = None
+            if uid not in receiver_of:
+                sending.offer(uid, cx.transfer_syntax)
                 continue
-            order = preferred.setdefault(str(cx.abstract_syntax), [])
+            order = preferred.setdefault(uid, [])
             order += [UID(ts) for ts in cx.transfer_syntax if UID(ts) not in order]
-        for cx in assoc.acceptor.supported_contexts:
-            wanted = preferred.get(str(cx.abstract_syntax))
+        denied = denied_contexts(state.node.roles)
+        # Only the contexts the requestor asked for take part in the negotiation
+        # (pynetdicom looks ours up by each requested abstract syntax): those are copied
+        # and shaped here, the ~170 others are left out (issue 17: the server's list is
+        # shared by every association, never changed, ``listener.ContextList``).
+        supported = assoc.acceptor.supported_contexts
+        ours = getattr(supported, "pv_by_uid", None)
+        if ours is None:
+            ours = {str(cx.abstract_syntax): cx for cx in supported}
+        shaped: list[PresentationContext] = []
+        for uid in asked:
+            found = ours.get(uid)
+            if found is None or uid in denied:
+                continue
+            cx = copy_context(found)
+            shaped.append(cx)
+            wanted = preferred.get(uid)
             if wanted:
                 # On the private list, ours being validated UIDs already: the setter
                 # re-validates each with a regular expression, for the ~120 contexts a
                 # C-GET proposes (issue 17: ~30 % of a C-GET association).
-                ours = list(cx._transfer_syntax)
-                first = [t for t in ours if t in wanted]
+                current = list(cx._transfer_syntax)
+                first = [t for t in current if t in wanted]
                 first.sort(key=wanted.index)
-                cx._transfer_syntax = first + [t for t in ours if t not in wanted]
+                cx._transfer_syntax = first + [t for t in current if t not in wanted]
                 continue
-            best = sending.order(str(cx.abstract_syntax))
+            best = sending.order(uid)
             if best:
                 # Only the offered syntaxes we support, best first: the others could never
                 # be chosen. Set on the private list (already UIDs, already validated):
                 # the setter re-validates each UID, per context, per association.
                 ours_by_name = {str(t): t for t in cx._transfer_syntax}
                 cx._transfer_syntax = [ours_by_name[t] for t in best if t in ours_by_name]
-        denied = denied_contexts(state.node.roles)
-        if not denied:
-            return
-        assoc.acceptor.supported_contexts = [
-            cx for cx in assoc.acceptor.supported_contexts
-            if str(cx.abstract_syntax) not in denied
-        ]
-        asked = sorted({str(cx.abstract_syntax) for cx in requested} & denied)
-        if asked:
+        if not shaped:
+            # Nothing asked is supported (or all of it denied): the whole list as before,
+            # unchanged (pynetdicom's answer for an empty list differs in form only).
+            shaped = [cx for cx in supported if str(cx.abstract_syntax) not in denied]
+        assoc.acceptor.supported_contexts = shaped
+        refused = sorted(set(asked) & denied)
+        if refused:
             self._emit(
                 state, "dicom.qr.contexts_refused", Outcome.MINOR_FAILURE,
                 EventCode.SECURITY_ALERT,
                 message="query/retrieve contexts refused: the node lacks the role",
-                detail={"refused": ",".join(asked), "roles": ",".join(state.node.roles)},
+                detail={"refused": ",".join(refused), "roles": ",".join(state.node.roles)},
             )
 
     # --- DIMSE handlers --------------------------------------------------------------
