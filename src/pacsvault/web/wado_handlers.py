@@ -48,12 +48,20 @@ async def retrieve(
     boundary = new_boundary()
     skipped: list[wado.Located] = []
 
+    def header(syntax: str, length: int) -> bytes:
+        return part_header(boundary, f"application/dicom; transfer-syntax={syntax}", length)
+
     def part(item: wado.Located, syntax: str) -> bytes:
         """One whole part (headers, object, CRLF): one write per instance."""
         data = wado.instance_bytes(vault, item, syntax)
-        return b"".join((
-            part_header(boundary, f"application/dicom; transfer-syntax={syntax}", len(data)),
-            data, b"\r\n"))
+        return b"".join((header(syntax, len(data)), data, b"\r\n"))
+
+    def stored(item: wado.Located, syntax: str) -> bytes:
+        """An object as stored, of the length the answer announced (``exact``)."""
+        data = wado.instance_bytes(vault, item, syntax)
+        if len(data) != item.size:
+            raise RuntimeError("the stored object's length differs from its index row")
+        return data
 
     def first_part(pairs: list[tuple[wado.Located, str]]) -> tuple[int, bytes]:
         """The first part that can be produced, and the index after it."""
@@ -76,6 +84,15 @@ async def retrieve(
         after, first = await run_in_threadpool(first_part, pairs)
     except Exception as exc:
         return await dw.retrieve_failed(request, who, resource, exc)
+    # Every part as stored (issue 17): the answer's length is known before its first byte
+    # (an index row's size is its object's plaintext length, checked again for each part),
+    # so it goes out with a Content-Length instead of chunks: no chunk framing, which
+    # copied every part once more, and each object written as the bytes decrypted, its
+    # part header and the previous part's CRLF in one small write beside it.
+    exact = all(s == i.transfer_syntax for i, s in pairs) and len(first) == (
+        len(header(pairs[0][1], pairs[0][0].size)) + pairs[0][0].size + 2)
+    length = (sum(len(header(s, i.size)) + i.size + 2 for i, s in pairs)
+              + len(closing(boundary))) if exact else 0
     await dw.accessed(request, who, resource, items, instance_level=sop is not None)
 
     async def record_skipped() -> None:
@@ -91,11 +108,15 @@ async def retrieve(
     async def body() -> AsyncIterator[bytes]:
         # The next instances are read and decrypted by one thread while this one is sent
         # (``wado_stream``: no hand-off per part, a wake-up only when the loop waits).
-        ahead = PartPipeline(part, pairs[after:])
+        ahead = PartPipeline(stored if exact else part, pairs[after:])
         try:
             yield first
+            n = 0
             while (entry := await ahead.next()) is not None:
                 item, chunk, error = entry
+                if exact and chunk is not None:
+                    yield (b"\r\n" if n else b"") + header(item.transfer_syntax, len(chunk))
+                    n += 1
                 if isinstance(error, wado.WadoError):  # this one cannot be converted
                     skipped.append(item)
                 elif error is not None:
@@ -109,14 +130,15 @@ async def retrieve(
                     raise RuntimeError("instance unreadable") from None
                 elif chunk is not None:
                     yield chunk
-            yield closing(boundary)
+            yield (b"\r\n" if exact and n else b"") + closing(boundary)
             if skipped:
                 await record_skipped()
         finally:  # the client went away: do not leave a read running for nobody
             ahead.close()
 
     return StreamingResponse(
-        body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}')
+        body(), media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        headers={"Content-Length": str(length)} if exact else None)
 
 
 # --- WADO-RS: metadata -----------------------------------------------------------------------
