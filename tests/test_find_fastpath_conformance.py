@@ -433,6 +433,29 @@ def test_gdcmscu_receives_every_answer(env: Env, monkeypatch: pytest.MonkeyPatch
 # --- negotiation: accepted and refused contexts ----------------------------------------------
 
 
+def test_node_lookup_reads_what_the_orm_reads(env: Env) -> None:
+    """The per-association node look-up (one Core read) gives what the ORM gives, and a
+    change applies at once (nothing cached)."""
+    from sqlalchemy import select
+
+    from pacsvault.index.models import Node
+    from pacsvault.index.nodes import _info
+
+    nodes = env.vault.nodes
+    nodes.add("LOOKUP", "127.0.0.9", 11112, roles=("query", "retrieve"))
+    try:
+        for ae in (CALLING, QUERY_ONLY, "LOOKUP", " LOOKUP ", "NOSUCH"):
+            with env.vault.sessions() as session:
+                row = session.scalar(select(Node).where(Node.ae_title == ae.strip()))
+                expected = _info(row) if row else None
+            assert nodes.get(ae) == expected
+        nodes.remove("LOOKUP")
+        assert nodes.get("LOOKUP") is None
+    finally:
+        if nodes.get("LOOKUP") is not None:
+            nodes.remove("LOOKUP")
+
+
 def _negotiated(assoc: Any) -> dict[str, Any]:
     """At EVT_ACCEPTED: what was asked, what the server shaped, what was answered."""
     rq = assoc.requestor.primitive

@@ -351,7 +351,7 @@ class DicomService:
             str(uid) for uid, item in assoc.requestor.role_selection.items()
             if getattr(item, "scp_role", False)
         }
-        preferred: dict[str, list[UID]] = {}
+        preferred: dict[str, list[str]] = {}
         sending = Preferences(preference_for(
             state.node.ae_title, self.vault.settings.dicom.syntax_preference))
         asked: dict[str, None] = {}  # the requested abstract syntaxes, in order
@@ -362,7 +362,7 @@ class DicomService:
                 sending.offer(uid, cx.transfer_syntax)
                 continue
             order = preferred.setdefault(uid, [])
-            order += [UID(ts) for ts in cx.transfer_syntax if UID(ts) not in order]
+            order += [name for name in map(str, cx.transfer_syntax) if name not in order]
         denied = denied_contexts(state.node.roles)
         # Only the contexts the requestor asked for take part in the negotiation
         # (pynetdicom looks ours up by each requested abstract syntax): those are copied
