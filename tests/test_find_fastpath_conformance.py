@@ -36,7 +36,7 @@ from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE as ClientAE
-from pynetdicom import evt, utils
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, evt, utils
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
@@ -155,7 +155,7 @@ def test_registered_uids_give_what_the_checks_give(caplog: pytest.LogCaptureFixt
     upstream_set, upstream_add = _upstream()
     assert utils.set_uid is not upstream_set  # installed
     values: list[Any] = []
-    for text in UID_dictionary:
+    for text in [*UID_dictionary, str(PYNETDICOM_IMPLEMENTATION_UID)]:
         values += [text, text.encode("ascii"), UID(text)]
     # not registered: checked by pynetdicom as before (private, padded, malformed, long)
     values += ["1.2.3.4", b"1.2.3.4", " 1.2.840.10008.1.2", "1.2.840.10008.1.2 ",
@@ -189,6 +189,7 @@ def test_registered_uids_give_what_the_checks_give(caplog: pytest.LogCaptureFixt
             contexts.append((result, [(r.levelname, r.getMessage()) for r in caplog.records]))
         assert contexts[0] == contexts[1], value
     assert uidcheck.known("1.2.840.10008.1.2.1") and not uidcheck.known("1.2.3.4")
+    assert uidcheck.known(str(PYNETDICOM_IMPLEMENTATION_UID))
 
 
 # --- one served vault ---------------------------------------------------------------------

@@ -9,7 +9,8 @@ of every DIMSE message. A C-GET requestor proposes ~120 contexts x 3 syntaxes wi
 many role items: ~30 % of such an association's server time went there.
 
 So the UIDs of the DICOM registry (pydicom's UID dictionary: SOP classes, transfer
-syntaxes, the application context...), which are conformant, are known in advance here,
+syntaxes, the application context...) and pynetdicom's implementation class UID, which are
+conformant, are known in advance here,
 and for exactly those values ``set_uid`` and ``PresentationContext.add_transfer_syntax``
 skip the checks, whose outcome is already known: a conformant UID passes pynetdicom's
 validator in both of its modes (``ENFORCE_UID_CONFORMANCE`` on or off) and draws no
@@ -40,9 +41,13 @@ _TEXT = (str, UID, bytes)
 
 
 def _build() -> None:
-    for text, entry in UID_dictionary.items():
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+
+    # and pynetdicom's implementation class UID: our AE's own, in every A-ASSOCIATE-AC
+    entries = {**UID_dictionary, str(PYNETDICOM_IMPLEMENTATION_UID): ("", "Implementation")}
+    for text, entry in entries.items():
         uid = UID(text)
-        if not (uid and uid.is_valid) or uid.is_private:
+        if not (uid and uid.is_valid):
             continue
         for key in (text, text.encode("ascii")):
             _KNOWN[key] = uid
