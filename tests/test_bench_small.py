@@ -66,6 +66,13 @@ def test_every_workload_has_a_figure_for_both_servers(run: Path) -> None:
         assert r["ratio"] is not None
     md = (run / "results.md").read_text()
     assert "physical limit" in md and "loopback TCP" in md
+    # issue 17: the embedded rows run the product's default (``serve --workers auto``),
+    # named in the run description, with the one-process contrast row beside them
+    workers = json.loads((run / "results.json").read_text())["pv_workers"]
+    assert workers["option"] == "auto" and workers["processes"] >= 1
+    assert "serve --workers auto" in md
+    if workers["processes"] > 1:
+        assert "ingest plain, 4 assoc., serve --workers 1" in names
 
 
 @pytest.mark.timeout(900)

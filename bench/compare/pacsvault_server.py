@@ -38,11 +38,13 @@ class PacsvaultTarget(Target):
     called_ae = "PACSVAULT"
 
     def __init__(self, root: Path, tls: bool, template: Path | None = None,
-                 workers: int = 1) -> None:
+                 workers: int | str = 1) -> None:
         """A new vault in ``root``; a copy of ``template`` (made the same way) if given, so
         that every ingest cell starts from an identical, pristine vault without paying
-        for ``init`` again. ``workers``: ``serve --workers`` (1 unless a row says so,
-        whatever the default, so the other rows stay one process)."""
+        for ``init`` again. ``workers``: ``serve --workers`` (a number or ``auto``). 1 here
+        for the focused A/B scripts (one process to attribute CPU to); ``bench compare``
+        passes its ``--pv-workers``, the product's default ``auto`` unless told otherwise,
+        because a practice runs the default."""
         self.workers = workers
         if template is not None and (template / "token").exists():
             shutil.rmtree(root, ignore_errors=True)

@@ -8,6 +8,9 @@ Order of a run: generate the dataset (or reuse it), measure the physical limits,
    every repetition alternating the servers; what comes back is checked against the files;
 3. the same loaded instances filled up to the large index (10,000 studies; 200 with
    ``--small``) by really storing one small MR per extra study, and the queries again.
+Every embedded pacsvault row runs ``serve --workers`` as ``--pv-workers`` says: the
+product's default ``auto`` (one worker process per core) unless told otherwise, since that
+is what a practice runs; the run description names it.
 Output: ``OUT/results.json``, ``OUT/results.md`` and the table on stdout.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -44,6 +48,9 @@ from bench.compare.workloads import (
     qido,
     wado,
 )
+from pacsvault.cli.common import CommandError
+from pacsvault.cli.workers import AUTO
+from pacsvault.cli.workers import count as worker_count
 
 BENCH = Path(__file__).resolve().parent.parent
 MB = 1e6
@@ -73,6 +80,10 @@ class Bench:
         self.ceilings: dict[str, float] = {}
         self.pki = self.work / "orthanc-pki"
         self.info: dict[str, Any] = {}
+        # ``serve --workers`` of every embedded pacsvault row, and how many processes that
+        # is here (``auto``: the cores, as the product resolves it)
+        self.pv_workers: str = args.pv_workers
+        self.pv_processes = worker_count(args.pv_workers)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -98,7 +109,7 @@ class Bench:
             template = self.work / "templates" / f"pacsvault-{'tls' if tls else 'plain'}"
             if not (template / "token").exists():
                 PacsvaultTarget(template, tls)
-            return PacsvaultTarget(root, tls, template)
+            return PacsvaultTarget(root, tls, template, workers=self.pv_workers)
         return OrthancTarget(root, tls, self.pki)
 
     def profiling(self, server: str, first: bool) -> bool:
@@ -123,6 +134,7 @@ class Bench:
         c = self.corpus
         log(f"dataset {self.size.name}: {len(c.main)} instances, {c.main_bytes / MB:.1f} MB "
             f"(+{len(c.filler)} index filler), {time.perf_counter() - t0:.1f} s")
+        log(f"pacsvault: {self.serve_description}")
         self.limits = limits.measure(self.work, self.small)
         log("limits: " + ", ".join(f"{k}={v:.0f}" for k, v in self.limits.items()))
         if not self.args.scale_out_only:
@@ -182,15 +194,23 @@ class Bench:
                         rmtree(root)
             self.ingest_workers(r, files, nbytes)
 
+    @property
+    def serve_description(self) -> str:
+        n = self.pv_processes
+        return (f"serve --workers {self.pv_workers} ({n} worker process{'es' if n > 1 else ''}"
+                f" on {os.cpu_count()} cores)")
+
     def ingest_workers(self, r: int, files: list[Path], nbytes: int) -> None:
-        """Issue 16, part 4: the embedded vault with ``serve --workers 2`` (one worker per
-        core here), plain DICOM, 4 associations; beside the one-process row above."""
-        cell = "plain, 4 assoc., serve --workers 2"
-        root = self.work / "runs" / f"pacsvault-workers2-{r}"
+        """The same-run contrast of the rows' worker count (issue 16 part 4, issue 17):
+        plain DICOM, 4 associations, with ``serve --workers 2`` when the rows run one
+        process, else with ``--workers 1``; beside the row of the same cell above."""
+        other = 2 if self.pv_processes == 1 else 1
+        cell = f"plain, 4 assoc., serve --workers {other}"
+        root = self.work / "runs" / f"pacsvault-workers{other}-{r}"
         template = self.work / "templates" / "pacsvault-plain"
         if not (template / "token").exists():
             PacsvaultTarget(template, False)
-        t = PacsvaultTarget(root, False, template, workers=2)
+        t = PacsvaultTarget(root, False, template, workers=other)
         t.start()
         try:
             res = ingest(t, files, 4, root / "logs")
@@ -421,7 +441,8 @@ class Bench:
         md = "\n".join([
             f"# pacsvault vs Orthanc ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
             f"size {self.size.name})", "",
-            f"Dataset: {ds}. Rounds: {self.rounds}; query repetitions: {self.reps}.", "",
+            f"Dataset: {ds}. Rounds: {self.rounds}; query repetitions: {self.reps}. "
+            f"Embedded pacsvault rows: `{self.serve_description}`.", "",
             table, "", scaleout.targets_markdown(rows, self.args.scale_out), "",
             report.limits_markdown(self.limits), "",
             *([ceilings.markdown(self.ceilings), ""] if self.ceilings else []),
@@ -429,11 +450,21 @@ class Bench:
         (self.out / "results.md").write_text(md)
         (self.out / "results.json").write_text(json.dumps({
             "size": self.size.name, "rounds": self.rounds, "reps": self.reps,
+            "pv_workers": {"option": self.pv_workers, "processes": self.pv_processes},
             "dataset": {"instances": len(c.main), "bytes": c.main_bytes,
                         "filler": len(c.filler), "description": ds},
             "limits": self.limits, "ceilings": self.ceilings, "machine": mach,
             "rows": [r.to_json(self.limits, self.ceilings) for r in rows]}, indent=1))
         return table
+
+
+def pv_workers(value: str) -> str:
+    """``--pv-workers``: ``auto`` or a positive number, checked as ``serve`` checks it."""
+    try:
+        worker_count(value)
+    except CommandError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -451,6 +482,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--keep-work", action="store_true", help="keep OUT/work (servers' dirs)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy pacsvault during the first round of each workload")
+    ap.add_argument("--pv-workers", type=pv_workers, default=AUTO, metavar="N|auto",
+                    help="serve --workers of every embedded pacsvault row (default auto, "
+                         "the product's default: one worker process per core)")
     ap.add_argument("--scale-out", choices=scaleout.SHAPES,
                     help="also pacsvault on PostgreSQL + SeaweedFS (scripts/postgres.sh, "
                          "scripts/seaweed.sh): 2 instances (instances add) or serve "

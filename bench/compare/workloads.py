@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench.compare.base import SCU_AE, Target
 from bench.compare.procs import DCMTK_ENV, RssSampler, dcmtk
@@ -140,15 +141,21 @@ DURABILITY_CALLS = ("fsync", "fdatasync", "sync_file_range", "sync", "syncfs")
 
 def durability_syscalls(target: Target, files: list[Path], logs: Path) -> dict[str, int] | None:
     """Count fsync-like system calls of the server while it stores ``files`` (one
-    association, strace attached to every thread): how durable an acknowledgement is.
-    None when strace is not installed."""
+    association, strace attached to every thread of the server and of its worker
+    processes: with ``serve --workers`` the parent only supervises): how durable an
+    acknowledgement is. None when strace is not installed."""
     strace = shutil.which("strace")
     if strace is None:
         return None
     logs.mkdir(parents=True, exist_ok=True)
     out = logs / "strace.txt"
+    try:
+        children = [c.pid for c in psutil.Process(target.pid).children(recursive=True)]
+    except psutil.Error:
+        children = []
+    attach = [arg for pid in (target.pid, *children) for arg in ("-p", str(pid))]
     proc = subprocess.Popen([strace, "-f", "-c", "-e", "trace=" + ",".join(DURABILITY_CALLS),
-                             "-o", str(out), "-p", str(target.pid)],
+                             "-o", str(out), *attach],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attach to every thread before the first byte
     try:
