@@ -10,7 +10,8 @@ source tree first on ``PYTHONPATH`` (e.g. ``git archive HEAD src | tar -x -C /tm
 alternated with the working tree, same PostgreSQL and SeaweedFS, a fresh database and
 bucket per run.
 
-Usage: ``python -m bench.scaleout_ingest [--rounds 3] [--tree old=/tmp/old/src]``
+Usage: ``python -m bench.scaleout_ingest [--rounds 3] [--tree old=/tmp/old/src]
+[--workload ct] [--ct-size 512]``
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("ct", "mr")
 
 
-def _dataset(kind: str, out: Path) -> list[bytes]:
-    """ct: 200 CT slices 256x256 of one study; mr: 60 studies x 2 images 64x64, a new
-    patient every third study (the bench dataset's 0.3 patients per study)."""
+def _dataset(kind: str, out: Path, ct_size: int = 256) -> list[bytes]:
+    """ct: 200 CT slices ``ct_size``² (256; 512 is what ``scaleout_ab`` sends to serve)
+    of one study; mr: 60 studies x 2 images 64x64, a new patient every third study (the
+    bench dataset's 0.3 patients per study)."""
     from pydicom import dcmread
     from pydicom.uid import generate_uid
     from tests import corpus
 
     if kind == "ct":
-        return [p.read_bytes() for p in corpus.synthetic_ct_series(out, 200, size=256)]
+        return [p.read_bytes() for p in corpus.synthetic_ct_series(out, 200, size=ct_size)]
     files = corpus.synthetic_ct_series(out, 120, size=64)
     raws = []
     study = series = patient = ""
@@ -66,20 +68,23 @@ class Counter:
         self.lock = threading.Lock()
         self.n: dict[str, int] = {}
         self.t: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # thread CPU inside the wrapped calls
         self.shapes: dict[str, int] = {}  # statement text (start) -> times run
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
         original: Callable[..., Any] = getattr(owner, name)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
                 spent = time.perf_counter() - start
+                used = time.thread_time() - cpu
                 with self.lock:
                     self.n[label] = self.n.get(label, 0) + 1
                     self.t[label] = self.t.get(label, 0.0) + spent
+                    self.cpu[label] = self.cpu.get(label, 0.0) + used
                     if label == "sql" and len(args) > 1:
                         shape = " ".join(str(args[1]).split())[:90]
                         self.shapes[shape] = self.shapes.get(shape, 0) + 1
@@ -87,7 +92,8 @@ class Counter:
         setattr(owner, name, counted)
 
 
-def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int) -> dict[str, Any]:
+def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int,
+          ct_size: int = 256) -> dict[str, Any]:
     """One measurement (run in a subprocess: its own tree on ``sys.path``)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -99,7 +105,7 @@ def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int) -> di
     from pacsvault.vault import Vault, create
 
     work = Path(tempfile.mkdtemp(prefix="pv-soi-"))
-    raws = _dataset(kind, work / "files")
+    raws = _dataset(kind, work / "files", ct_size)
     key = work / "keys" / "master.key"
     create(work / "data", key_file=key, ae_title="PVBENCH",
            index=config.IndexSettings(url=pg["url"], password_file=pg["password_file"]))
@@ -117,6 +123,7 @@ def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int) -> di
         with counter.lock:
             counter.n.clear()
             counter.t.clear()
+            counter.cpu.clear()
             counter.shapes.clear()
         rest = raws[1:]
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -138,6 +145,7 @@ def child(kind: str, pg: dict[str, Any], s3: dict[str, Any], threads: int) -> di
             "sql_per_image": counter.n.get("sql", 0) / n,
             "commits_per_image": counter.n.get("commit", 0) / n,
             "put_ms": 1000 * counter.t.get("put", 0.0) / n,
+            "put_cpu_ms": 1000 * counter.cpu.get("put", 0.0) / n,
             "commit_ms": 1000 * counter.t.get("commit", 0.0) / n,
             "sql_ms": 1000 * counter.t.get("sql", 0.0) / n}
 
@@ -146,20 +154,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--ct-size", type=int, default=256,
+                        help="CT slice size (512: the size scaleout_ab sends to serve)")
     parser.add_argument("--workload", choices=WORKLOADS, action="append")
     parser.add_argument("--tree", action="append", default=[],
                         help="label=SRC_DIR, measured alternately with 'new' (this tree)")
+    parser.add_argument("--only-trees", action="store_true",
+                        help="measure the --tree trees only (not this working tree)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(child(spec["kind"], spec["pg"], spec["s3"], args.threads)))
+        print(json.dumps(child(spec["kind"], spec["pg"], spec["s3"], args.threads,
+                               args.ct_size)))
         return
     from tests.harness.components import owned_tempdir
     from tests.harness.postgres import create_database, start_postgres, stop_postgres
     from tests.harness.seaweed import create_bucket, start_seaweed, stop_seaweed
 
-    trees = [("new", str(ROOT / "src"))] + [tuple(t.split("=", 1)) for t in args.tree]
+    given = [tuple(t.split("=", 1)) for t in args.tree]
+    trees = given if args.only_trees else [("new", str(ROOT / "src")), *given]
     pg_dir = owned_tempdir("pv-soi-pg-", stop_postgres)
     s3_dir = owned_tempdir("pv-soi-s3-", stop_seaweed)
     server = start_postgres(pg_dir)
@@ -181,7 +195,8 @@ def main() -> None:
                     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)])}
                     out = subprocess.run(
                         [sys.executable, "-m", "bench.scaleout_ingest", "--child",
-                         json.dumps(spec), "--threads", str(args.threads)],
+                         json.dumps(spec), "--threads", str(args.threads),
+                         "--ct-size", str(args.ct_size)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                         check=False)
                     if out.returncode != 0:
@@ -192,8 +207,8 @@ def main() -> None:
     finally:
         stop_seaweed(s3_dir)
         stop_postgres(pg_dir)
-    fields = ("cpu_ms", "sql_per_image", "commits_per_image", "put_ms", "commit_ms",
-              "sql_ms", "images_s")
+    fields = ("cpu_ms", "sql_per_image", "commits_per_image", "put_ms", "put_cpu_ms",
+              "commit_ms", "sql_ms", "images_s")
     print("| workload | tree | " + " | ".join(fields) + " |")
     print("|---|---|" + "---:|" * len(fields))
     for (kind, label), runs in results.items():

@@ -6,8 +6,9 @@ between runs. Each round runs, alternated, the scale-out deployment (PostgreSQL 
 SeaweedFS S3, ``serve --workers 2`` or two instances) from each source tree given and
 Orthanc, on the same files with 4 dcmtk ``storescu`` associations, and reports the rate
 as a ratio to Orthanc's in the same round and the servers' CPU per image (the whole
-process tree: serve and its workers; Orthanc; PostgreSQL and SeaweedFS are shared by
-every tree and not counted).
+process tree: serve and its workers; Orthanc), and apart the CPU PostgreSQL and SeaweedFS
+spent meanwhile (shared by every tree, counted per cell: on one machine they run on the
+same cores as serve, which Orthanc's local files do not need).
 
 Usage: ``python -m bench.compare.scaleout_ab [--rounds 3] [--tree old=/tmp/old/src]
 [--shape workers|instances] [--ct 200] [--mr 60]``; ``old`` is e.g.
@@ -90,15 +91,20 @@ def _scaleout(comp: Components, work: Path, shape: str, src: str, files: list[Pa
         for log in sorted(work.glob("serve-*.log")):
             print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
+    assert comp.pg is not None and comp.s3 is not None
+    shared = [comp.pg.pid, comp.s3.pid]  # PostgreSQL (postmaster + backends), SeaweedFS
     try:
         pids = [svc.pid for svc in target.services]
         cpu0 = sum(_tree_cpu(p) for p in pids)
+        back0 = sum(_tree_cpu(p) for p in shared)
         wall = ingest(target, files, n, work / "logs")
         cpu = sum(_tree_cpu(p) for p in pids) - cpu0
+        back = sum(_tree_cpu(p) for p in shared) - back0
     finally:
         target.stop()
         os.environ.pop("PYTHONPATH", None)
-    return {"images_s": len(files) / wall, "cpu_ms": 1000 * cpu / len(files)}
+    return {"images_s": len(files) / wall, "cpu_ms": 1000 * cpu / len(files),
+            "backends_ms": 1000 * back / len(files)}
 
 
 def _orthanc(work: Path, pki: Path, files: list[Path], n: int) -> dict[str, float]:
@@ -149,20 +155,26 @@ def main() -> None:
                     if label != "orthanc" and len(results.get("orthanc", [])) > rnd:
                         ratio = f" ({got['images_s'] / results['orthanc'][rnd]['images_s']:.2f}"
                         ratio += " of Orthanc's this round)"
+                    backends = (f", PostgreSQL + SeaweedFS {got['backends_ms']:.1f} ms"
+                                if "backends_ms" in got else "")
                     print(f"round {rnd} {label}: {got['images_s']:.1f} images/s, "
-                          f"{got['cpu_ms']:.1f} ms CPU per image{ratio}", flush=True)
+                          f"{got['cpu_ms']:.1f} ms CPU per image{backends}{ratio}",
+                          flush=True)
                     shutil.rmtree(cell, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{len(files)} images, {args.assoc} associations, scale-out shape {args.shape}")
-    print("| server | images/s (median) | ratio to Orthanc, per round | CPU ms/image |")
-    print("|---|---:|---|---:|")
+    print("| server | images/s (median) | ratio to Orthanc, per round | CPU ms/image | "
+          "PostgreSQL + SeaweedFS CPU ms/image |")
+    print("|---|---:|---|---:|---:|")
     for label, runs in results.items():
         ratios = [r["images_s"] / o["images_s"]
                   for r, o in zip(runs, results["orthanc"], strict=False)]
+        spent = [r["backends_ms"] for r in runs if "backends_ms" in r]
         print(f"| {label} | {statistics.median(r['images_s'] for r in runs):.1f} | "
               f"{', '.join(f'{x:.2f}' for x in ratios)} | "
-              f"{statistics.median(r['cpu_ms'] for r in runs):.1f} |")
+              f"{statistics.median(r['cpu_ms'] for r in runs):.1f} | "
+              f"{f'{statistics.median(spent):.1f}' if spent else '-'} |")
     sys.stdout.flush()
 
 
