@@ -196,10 +196,19 @@ def test_the_two_paths_were_taken(loaded: Any) -> None:
 
 def test_rows_are_the_same_decoded_and_raw(loaded: Any) -> None:
     driver, reference, _, _, _ = loaded
+    headers = {v["meta_json"] for v in driver["instances"].values()}
     for table in ("patients", "studies", "series", "instances"):
         assert driver[table].keys() == reference[table].keys(), table
         for key, values in reference[table].items():
-            assert driver[table][key] == values, (table, key)
+            got, want = dict(driver[table][key]), dict(values)
+            if table != "instances" and got["meta_json"] != want["meta_json"]:
+                # The threaded series' patient, study and series rows: made by whichever
+                # of the first images stored at once was indexed first, in each archive
+                # (a race per archive, not a difference of paths): one of its headers.
+                assert got["meta_json"] in headers and want["meta_json"] in headers
+                for row in (got, want):
+                    del row["meta_json"], row["raw:meta_json"]
+            assert got == want, (table, key)
     assert len(driver["instances"]) == len(reference["instances"]) > 40
     # the corpus's study with a CT then an SR series, written in two batches
     modalities = {v["modalities"] for v in driver["studies"].values()}

@@ -70,6 +70,17 @@ _PATIENT_PK = "SELECT pk FROM patients WHERE patient_id = ? AND issuer = ?"
 _SERIES_PK = "SELECT pk FROM series WHERE series_uid = ?"
 _MODALITIES = "SELECT modalities FROM studies WHERE pk = ?"
 _KEY_ROW = "SELECT key_id FROM data_keys WHERE key_id = ?"
+# A new study's, series', patient's and key's rows (the SQLite path of ``index_one``):
+# statements built once and given their values at execution, so SQLAlchemy's types and
+# column defaults apply as before while building a statement per row, which cost more than
+# SQLite's own work (issue 17, the one-instance-study "filler" row), is gone.
+_NEW_STUDY = insert(_studies)
+_NEW_SERIES = insert(_series)
+_NEW_PATIENT = insert(_patients)
+_NEW_KEY = insert(_keys)
+_STUDY_GAINS_SERIES = (update(_studies).where(_studies.c.pk == bindparam("row_pk"))
+                       .values(num_series=_studies.c.num_series + 1))
+_STUDY_GAINS_MODALITY = _STUDY_GAINS_SERIES.values(modalities=bindparam("modalities"))
 
 
 class StaleChoice(RuntimeError):
@@ -212,7 +223,7 @@ def index_one(
             patient_pk = _new_patient(conn, parsed, item.key_id)
         if patient_pk is None:
             raise RuntimeError("patient row vanished between key and index steps")
-        study_pk = _new_pk(conn.execute(insert(_studies).values(
+        study_pk = _new_pk(conn.execute(_NEW_STUDY, dict(
             patient_pk=patient_pk,
             study_uid=parsed.study_uid,
             study_date=normalise_date(parsed.study_date),
@@ -235,7 +246,7 @@ def index_one(
         series_pk = _one(conn, _SERIES_PK, (parsed.series_uid,), lambda: select(_series.c.pk)
                          .where(_series.c.series_uid == parsed.series_uid))
     if series_pk is None:
-        series_pk = _new_pk(conn.execute(insert(_series).values(
+        series_pk = _new_pk(conn.execute(_NEW_SERIES, dict(
             study_pk=study_pk,
             series_uid=parsed.series_uid,
             modality=parsed.modality,
@@ -255,10 +266,12 @@ def index_one(
         current = _one(conn, _MODALITIES, (study_pk,), lambda: select(_studies.c.modalities)
                        .where(_studies.c.pk == study_pk))
         modalities = set(filter(None, (current or "").split("\\")))
-        values: dict[str, Any] = {"num_series": _studies.c.num_series + 1}
         if parsed.modality and parsed.modality not in modalities:
-            values["modalities"] = "\\".join(sorted(modalities | {parsed.modality}))
-        conn.execute(update(_studies).where(_studies.c.pk == study_pk).values(**values))
+            conn.execute(_STUDY_GAINS_MODALITY, {
+                "row_pk": study_pk,
+                "modalities": "\\".join(sorted(modalities | {parsed.modality}))})
+        else:
+            conn.execute(_STUDY_GAINS_SERIES, {"row_pk": study_pk})
     overlay_series[parsed.series_uid] = series_pk
     row = (
         series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
@@ -309,7 +322,7 @@ def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
         return
     if _one(conn, _KEY_ROW, (str(key_id),),
             lambda: select(_keys.c.key_id).where(_keys.c.key_id == str(key_id))) is None:
-        conn.execute(insert(_keys).values(key_id=str(key_id), wrapped=wrap(key_id, key)))
+        conn.execute(_NEW_KEY, {"key_id": str(key_id), "wrapped": wrap(key_id, key)})
 
 
 def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) -> int:
@@ -338,7 +351,7 @@ def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) ->
             return int(theirs)
         pk = int(made)
     else:
-        pk = _new_pk(conn.execute(insert(_patients).values(values)))
+        pk = _new_pk(conn.execute(_NEW_PATIENT, values))
     # as the ORM listener does for patients added through a session (``index.blind``)
     blind.write(conn, Level.PATIENT, pk, {"PatientName": name_norm or "",
                                           "PatientBirthDate": birth_date or ""})
