@@ -104,3 +104,19 @@ def test_waiting_sender_is_woken_by_each_part(ahead: int) -> None:
 
     got = asyncio.run(run())
     assert [d for _i, d, _e in got] == [str(i).encode() for i in range(20)]
+
+
+def test_an_abandoned_pipeline_stops_and_leaves_an_error() -> None:
+    async def run() -> list[tuple[int, bytes | None, str]]:
+        pipe: PartPipeline[int, str] = PartPipeline(lambda i, s: b"z" * 10,
+                                                    [(i, "s") for i in range(10)],
+                                                    abandoned_seconds=0.2)
+        first = await pipe.next()
+        assert first is not None and first[0] == 0
+        pipe._thread.join(5)  # nobody takes the next part: the thread gives up
+        assert not pipe._thread.is_alive()
+        return await _drain(pipe)
+
+    got = asyncio.run(run())
+    # a returning sender gets what was queued, then the cut: never an answer ended short
+    assert got == [(1, b"z" * 10, ""), (2, None, "TimeoutError")]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
@@ -39,6 +40,11 @@ Syntax = TypeVar("Syntax")
 AHEAD_BYTES = 1
 # How long the producer sleeps at most before looking whether it was abandoned.
 _IDLE_CHECK = 1.0
+# A queued part nobody took for this long: the answer was abandoned without ``close``
+# (it should not happen: the response's end closes the pipeline). The thread then stops
+# and leaves an error after what it queued, so a sender that does come back cuts the
+# answer there, never ends it short as if complete.
+ABANDONED_SECONDS = 600.0
 
 
 class PartPipeline(Generic[Item, Syntax]):
@@ -47,8 +53,11 @@ class PartPipeline(Generic[Item, Syntax]):
 
     def __init__(self, produce: Callable[[Item, Syntax], bytes],
                  pairs: Sequence[tuple[Item, Syntax]], *,
-                 ahead_bytes: int = AHEAD_BYTES) -> None:
+                 ahead_bytes: int = AHEAD_BYTES,
+                 abandoned_seconds: float = ABANDONED_SECONDS) -> None:
         self._produce = produce
+        self._abandoned = abandoned_seconds
+        self._taken_at = time.monotonic()
         self._pairs = list(pairs)
         self._ahead = ahead_bytes
         self._loop = asyncio.get_running_loop()
@@ -71,7 +80,11 @@ class PartPipeline(Generic[Item, Syntax]):
             for item, syntax in self._pairs:
                 with self._cond:
                     while self._ready and self._queued >= self._ahead and not self._stopped:
-                        self._cond.wait(_IDLE_CHECK)
+                        if time.monotonic() - self._taken_at > self._abandoned:
+                            self._stopped = True
+                            self._ready.append((item, None, TimeoutError("abandoned")))
+                            break
+                        self._cond.wait(min(_IDLE_CHECK, self._abandoned))
                     if self._stopped:
                         return
                 error: Exception | None = None
@@ -112,6 +125,7 @@ class PartPipeline(Generic[Item, Syntax]):
                 if self._ready:
                     entry = self._ready.popleft()
                     self._queued -= len(entry[1] or b"")
+                    self._taken_at = time.monotonic()
                     self._cond.notify()
                     return entry
                 if self._finished:
