@@ -8,9 +8,10 @@ contexts only, the server's contexts shared): what leaves is what left before.
   4096-byte PDU), the path on and off: pynetdicom as SCU at max PDU 4096, 16385 and
   unlimited receives the same PDUs byte for byte (several matches, a first chunk of 20
   and a second one, an answer over several PDUs); dcmtk ``findscu`` at 4096 and 16385
-  writes the same answer files; a C-CANCEL sent on the first answer ends the C-FIND with
-  Cancel and the association answers the next C-FIND in full; ``gdcmscu`` finds every
-  study (a result check: it crashes at release here, see the interop notes);
+  writes the same answer files; a C-CANCEL sent on the first answer (pynetdicom, and
+  ``findscu --cancel 1``) ends the C-FIND with Cancel and the association answers the
+  next C-FIND in full; ``gdcmscu`` sees every answer (a result check: it crashes at
+  release here, see the interop notes);
 - the contexts accepted and refused for dcmtk ``getscu``, ``storescu`` and ``findscu``
   proposals and a pynetdicom proposal with a refused role are what pynetdicom's own
   ``negotiate_as_acceptor`` gives over the server's full list (with the same syntax
@@ -410,6 +411,32 @@ def test_cancel_on_the_first_answer(env: Env, monkeypatch: pytest.MonkeyPatch) -
         assert statuses == [0xFF00] * pending + [0xFE00]
         assert len(identifiers) == pending + STUDIES
         assert second == [0xFF00] * STUDIES + [0x0000]
+
+
+@pytest.mark.slow
+def test_findscu_cancel_after_the_first_answer(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dcmtk ``findscu --cancel 1`` against the same slow second chunk: it gets the first
+    chunk, its C-CANCEL ends the C-FIND with Cancel, it exits cleanly."""
+    engine = env.service.qr.engine
+    real = engine.find_json
+
+    def slow_second_chunk(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        for n, answer in enumerate(real(*args, **kwargs)):
+            if n >= qr.FIND_FIRST_CHUNK:
+                time.sleep(0.1)
+            yield answer
+
+    monkeypatch.setattr(engine, "find_json", slow_second_chunk)
+    out = env.root / "findscu-cancel"
+    out.mkdir()
+    res = subprocess.run([dcmtk("findscu"), "-v", "-S", "--cancel", "1", "-aet", CALLING,
+                          "-aec", AE, "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", "PatientName=FINDFAST^*", "-k", "StudyInstanceUID", "-X",
+                          "-od", str(out), LOCAL, str(env.port)],
+                         capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(list(out.iterdir())) == qr.FIND_FIRST_CHUNK
+    assert "Received Final Find Response (Cancel" in res.stdout + res.stderr
 
 
 @pytest.mark.slow
