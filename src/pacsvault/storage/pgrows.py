@@ -13,8 +13,9 @@ literal statements on the batch's own connection and transaction:
   (``created``, ``modalities``…) is what SQLAlchemy would have filled in;
 - blind tokens come from ``index.blind.row_tokens``, written with their row in the same
   statement (a data-modifying CTE), so a row never commits without its tokens;
-- per batch: one statement for the removal generation and the known SOP Instance UIDs,
-  one for every instance row *and* the series/study counters; per new study one
+- per batch: the write lock and one statement for the removal generation and the known
+  SOP Instance UIDs in one round trip (a pipeline), one statement for every instance row
+  *and* the series/study counters; per new study one
   statement for the study, its first series and both rows' tokens; per new patient one.
 
 Errors are SQLAlchemy's (``DBAPIError.instance``: ``IntegrityError`` for another
@@ -37,6 +38,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 
 from pacsvault.index import blind
+from pacsvault.index.dialect import WRITE_LOCK_KEY
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import (
     DataKey,
@@ -72,6 +74,7 @@ _PATIENT_COLUMNS = (
     "meta_json", "created")
 _KEY_COLUMNS = ("key_id", "wrapped", "created")
 
+_LOCK = f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
 # The generation and the batch's known UIDs in one snapshot (after the write lock):
 # always one row, the generation's, joined to each known instance.
 _KNOWN = ("SELECT g.generation, i.sop_uid, i.sha256 FROM "
@@ -208,13 +211,34 @@ class DriverRows(BatchRows):
         self._instance_rows: list[list[Any]] = []
         fix = self._processor(_instances, "sop_uid")
         by_blob = {bytes(fix(uid)): uid for uid in {item.parsed.sop_uid for item in batch}}
-        found = self._run(_KNOWN, (sorted(by_blob),)).fetchall()
+        found = self._locked_read(sorted(by_blob))
         self.generation = 0
         self.known: dict[str, bytes] = {}
         for generation, uid_blob, digest in found:
             self.generation = int(generation)
             if uid_blob is not None:
                 self.known[by_blob[bytes(uid_blob)]] = bytes(digest)
+
+    def _locked_read(self, uid_blobs: list[bytes]) -> list[tuple[Any, ...]]:
+        """The index's write lock (``dialect.WRITE_LOCK_KEY``), then the generation and
+        the known UIDs, sent as one psycopg pipeline: the transaction's BEGIN, the lock
+        and the read leave together and come back after one round trip (three before).
+        PostgreSQL runs them in order, each statement with its own snapshot (read
+        committed), so the read sees every commit made before the lock was granted."""
+        import psycopg
+
+        raw: Any = self.conn.connection.driver_connection
+        try:
+            if self._cursor is None:
+                self._cursor = self.conn.connection.cursor()
+            with raw.pipeline(), raw.cursor() as lock:
+                lock.execute(_LOCK)
+                self._cursor.execute(_KNOWN, (uid_blobs,))
+                found: list[tuple[Any, ...]] = self._cursor.fetchall()
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(_KNOWN, None, exc, psycopg.Error, hide_parameters=True,
+                                      dialect=self._dialect) from exc
+        return found
 
     def _processor(self, table: Table, name: str) -> Callable[[Any], Any]:
         processor = self._binds.processors[(table.name, name)]

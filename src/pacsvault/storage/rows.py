@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from pacsvault.audit.stores import StoredRef
 from pacsvault.dicomfile.parse import ParsedInstance
-from pacsvault.index import blind
+from pacsvault.index import blind, dialect
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import DataKey, Instance, Patient, Series, Study, utcnow
@@ -127,8 +127,8 @@ class Pending:
 
 class BatchRows:
     """A batch's instance rows and counters, written together by ``flush`` (not SQLite:
-    see the module docstring). Made inside the batch's transaction, after its write
-    lock: the known SOP Instance UIDs it reads are every commit's so far, and the items
+    see the module docstring). Made inside the batch's transaction, whose write lock it
+    takes first: the known SOP Instance UIDs it reads are every commit's so far, and the items
     of this batch are added as they are indexed (a UID twice in one batch: the second
     is a re-send of the first).
 
@@ -140,6 +140,7 @@ class BatchRows:
     direct = False
 
     def __init__(self, conn: Connection, batch: Sequence[Pending]) -> None:
+        dialect.take_write_lock(conn)  # first: everything below reads after it
         self.conn = conn
         self.rows: list[dict[str, Any]] = []
         self.series = Counter[int]()
