@@ -328,7 +328,12 @@ class Archive:
         """Return once ``pending``'s rows are committed (or raise its error).
 
         Whoever finds no commit in progress commits everything queued so far; the others
-        wait for the commit that includes their own rows.
+        wait for the commit that includes their own rows. The batch is taken from the
+        queue only once the commit holds the trail (``_run_batch``), which another process
+        of ``serve --workers`` may be holding for its own commit: what was queued while
+        waiting for it rides along instead of waiting for the next turn (issue 17: with
+        two workers on the embedded index, batches taken before that wait were ~1.25
+        images each, and every commit waited on the other process's).
         """
         with self._cond:
             self._queue.append(pending)
@@ -337,10 +342,9 @@ class Archive:
                     self._cond.wait()
                     continue
                 self._committing = True
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
                 self._cond.release()
                 try:
-                    self._run_batch(batch)
+                    self._run_batch(self._take)
                 finally:
                     self._cond.acquire()
                     self._committing = False
@@ -348,17 +352,25 @@ class Archive:
         if pending.error is not None:
             raise pending.error
 
-    def _run_batch(self, batch: list[Pending]) -> None:
+    def _take(self) -> list[Pending]:
+        """The queue's head (the committer's own item is in it: only the committer takes)."""
+        with self._cond:
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+        return batch
+
+    def _run_batch(self, take: Callable[[], list[Pending]]) -> None:
+        batch: list[Pending] | None = None
         try:
             with self._write_lock:
                 # Every object of the batch is durable already (``stage_spare``).
                 try:
                     with self._journal() as self._record:
+                        batch = take()
                         self._index_batch(batch)
                 except AuditUnavailable:
                     raise  # no record, no acknowledgement: the whole batch is refused
                 except Exception:
-                    if len(batch) == 1:
+                    if batch is None or len(batch) == 1:
                         raise
                     # One bad item must not fail the others: index them one by one.
                     for item in batch:
@@ -370,11 +382,13 @@ class Archive:
                         except Exception as exc:
                             item.error = exc
         except BaseException as exc:
+            if batch is None:  # the trail could not be held: what is queued is refused
+                batch = take()
             for item in batch:
                 if item.error is None:
                     item.error = exc
         finally:
-            for item in batch:
+            for item in batch or ():
                 item.done = True
 
     def _journal(self) -> AbstractContextManager[JournalBatch | None]:
