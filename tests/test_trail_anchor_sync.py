@@ -26,10 +26,15 @@ def test_anchor_relaxed_record_synced_pool_restored(opened: Vault,
     engine = opened.sessions.kw["bind"]
     assert isinstance(engine, Engine) and engine.dialect.name == "sqlite"
     pragmas: list[str] = []
+    traced: list[Any] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.upper().startswith("PRAGMA SYNCHRONOUS"):
+    def seen(statement: str) -> None:  # SQLite's own trace: driver-level statements too
+        if statement.upper().startswith("PRAGMA SYNCHRONOUS="):
             pragmas.append(statement.split("=")[-1].strip().upper())
+
+    def checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_conn.set_trace_callback(seen)
+        traced.append(dbapi_conn)
 
     fsyncs: list[int] = []
     real = os.fsync
@@ -39,11 +44,13 @@ def test_anchor_relaxed_record_synced_pool_restored(opened: Vault,
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counted)
-    event.listen(engine, "before_cursor_execute", seen)
+    event.listen(engine.pool, "checkout", checkout)
     try:
         seqs = [trail.append(_query(i)) for i in range(3)]
     finally:
-        event.remove(engine, "before_cursor_execute", seen)
+        event.remove(engine.pool, "checkout", checkout)
+        for dbapi_conn in traced:
+            dbapi_conn.set_trace_callback(None)
     assert len(fsyncs) == 3  # each record's lines: fsync'ed before the call returns
     assert pragmas == ["NORMAL", "FULL"] * 3
     anchor = trail.anchor()

@@ -191,15 +191,17 @@ class AuditTrail(QueuedAppends):
         # trail, never ahead of it: the state of a crash between the two steps, which
         # every reader already accepts. The access's record itself is fsync'ed as before.
         with self._engine.connect() as own:
-            own.exec_driver_sql("PRAGMA synchronous=NORMAL")
-            own.commit()
+            # Straight to the driver (no transaction is opened by a PRAGMA), as
+            # ``_set_anchor`` does: through SQLAlchemy each would cost a statement build.
+            driver = own.connection.dbapi_connection
+            assert driver is not None
+            driver.execute("PRAGMA synchronous=NORMAL")
             try:
                 with own.begin():
                     yield own
             finally:
                 try:
-                    own.exec_driver_sql("PRAGMA synchronous=FULL")
-                    own.commit()
+                    driver.execute("PRAGMA synchronous=FULL")
                 except Exception:
                     own.invalidate()  # never back in the pool with the weaker setting
                     raise
