@@ -7,14 +7,13 @@ import logging
 import os
 import shutil
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import repair_at_start
-from pacsvault.cli import exposure, serving, workers
+from pacsvault.cli import exposure, serving, supervise, workers
 from pacsvault.cli.common import (
     CommandError,
     add_data_args,
@@ -113,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"pacsvault: error: {exc}")
         return 1
     try:
-        return _serve(args, root)
+        return _serve(args, root, held)
     finally:
         held.release()
         if made and Layout(root).is_empty():  # a first run that failed: leave nothing
@@ -137,7 +136,8 @@ def _check_ports(bind: str, plain: int | None, tls_port: int | None,
         raise CommandError(str(exc)) from None
 
 
-def _serve(args: argparse.Namespace, root: Path) -> int:
+def _serve(args: argparse.Namespace, root: Path,
+           lock: instance_lock.InstanceLock | None = None) -> int:
     log.info("data directory %s", root)
     if Layout(root).is_empty():
         say(f"First run: no vault in {root}, creating one.")
@@ -187,57 +187,48 @@ def _serve(args: argparse.Namespace, root: Path) -> int:
     total = workers.count(args.workers)
     if total > 1:
         return _supervise(args, root, vault, bind, (plain, tls_port, https_port), total,
-                          asked[-1] if asked else None)
+                          asked[-1] if asked else None, lock)
     return _run(vault, bind, (plain, tls_port, https_port), bind_override=args.bind)
 
 
 def _supervise(args: argparse.Namespace, root: Path, vault: Vault, bind: str,
                ports: tuple[int | None, int | None, int | None], total: int,
-               passphrase: str | None) -> int:
+               passphrase: str | None, lock: instance_lock.InstanceLock | None) -> int:
     """``--workers N``: the once-per-vault start here (recovery done, the trail's tail
-    repaired, the sockets bound), then N workers until SIGTERM/SIGINT (``cli/workers``)."""
+    repaired, the sockets bound), then N workers until SIGTERM/SIGINT (``cli/workers``),
+    supervised by a lean image of this process (``cli/supervise``): the server stack
+    imported for the start is not kept for the rest of the run."""
     repair_at_start(vault.audit)
     layout = vault.layout
     vault.close()  # each worker opens its own; the parent keeps only the lock
     stop = serving.stop_on_signals()
+    # Root on a vault owned by another user (development only): cli.common gives what was
+    # created back to that owner at exit (an atexit hook), which needs this image to the end.
+    lean = lock is not None and not (os.geteuid() == 0 and root.stat().st_uid != 0)
+    if lean:
+        signal.pthread_sigmask(signal.SIG_BLOCK, supervise.SIGNALS)
     try:
         sockets, bound = workers.bind_listeners(bind, ports)
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, supervise.SIGNALS)
         _check_ports(bind, *ports)  # names the port when it can
         raise CommandError(f"a listening port on {bind} could not be opened "
                            f"({exc.strerror or exc}); check --dicom-port, "
                            "--dicom-tls-port and --https-port. Nothing was started.") from None
-
-    def announce(supervisor: workers.Supervisor) -> None:
-        serving.write_state(layout, {"pid": os.getpid(), "bind": bind,
-                                     "addresses": binding.addresses(bind), "workers": total,
-                                     "worker_pids": supervisor.pids(),
-                                     "paused": supervisor.paused(), **bound})
-
-    supervisor = workers.Supervisor(workers.worker_argv(args, root, bind, total), total,
-                                    sockets, passphrase, on_change=announce)
-    # Worker 0 asks for the others to be stopped around a key rotation (rotation_alone).
-    pause, resume = threading.Event(), threading.Event()
-    signal.signal(workers.PAUSE, lambda _signum, _frame: pause.set())
-    signal.signal(workers.RESUME, lambda _signum, _frame: resume.set())
-    log.info("%d worker processes share the listeners %s", total, dict(bound))
+    plan = supervise.Plan(state=str(layout.state), bind=bind,
+                          addresses=binding.addresses(bind), bound=bound, total=total,
+                          argv=workers.worker_argv(args, root, bind, total),
+                          verbose=bool(args.verbose))
+    if lean and lock is not None and not stop.is_set():
+        try:
+            supervise.become(plan, sockets, lock.fd, passphrase)  # returns only on failure
+        except OSError as exc:
+            log.warning("the lean supervisor could not start (%s): this process "
+                        "supervises the workers", exc.strerror or exc)
     try:
-        supervisor.start()
-        while not stop.wait(0.5):
-            if pause.is_set():
-                pause.clear()
-                supervisor.pause()
-            if resume.is_set():
-                resume.clear()
-                supervisor.resume()
-            supervisor.check()
-    finally:
-        supervisor.stop()
-        layout.state.unlink(missing_ok=True)
-        for socks in sockets.values():
-            for sock in socks:
-                sock.close()
-    return 0
+        return supervise.run(plan, sockets, passphrase, stop)
+    except workers.StartFailed as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _serve_worker(args: argparse.Namespace) -> int:
