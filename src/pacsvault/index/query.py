@@ -31,7 +31,18 @@ from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, exists, null, select, text
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Integer,
+    Select,
+    any_,
+    bindparam,
+    exists,
+    null,
+    select,
+    text,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, defer, sessionmaker
 
@@ -63,6 +74,10 @@ class QueryBudgetExceeded(QueryError):
 
 
 _PROGRESS_STEPS = 10000  # SQLite VM instructions between two looks at the clock
+# Records of a sealed query answered per load (``_find_sealed``): every load is a round
+# trip and a statement PostgreSQL plans again; at 64 an unlimited QIDO-RS answer of ~500
+# studies took 9 of them (issue 16, ``bench/compare/qido_cost.py``).
+_BATCH = 256
 
 
 class _Budget:
@@ -360,7 +375,7 @@ class QueryEngine:
             if place == "stop":
                 break
             batch.append((pk, meta))
-            if len(batch) >= 64:
+            if len(batch) >= _BATCH:
                 yield from self._answer_batch(session, level, batch, budget, accessed,
                                               plan, charset, for_dimse, include_all)
                 batch = []
@@ -375,14 +390,26 @@ class QueryEngine:
         if not batch:
             return
         entity = residual.ENTITIES[level]
-        found = {int(r[0].pk): r for r in session.execute(
-            self._select(level).where(entity.pk.in_([pk for pk, _ in batch]))
-            .options(*_undecrypted(entity)))}
+        # One array parameter, not one bind parameter per key (``IN``): the statement's
+        # text is the same for every batch, so neither the driver nor PostgreSQL parses
+        # and plans a new one each time (issue 16).
+        keys = entity.pk == any_(bindparam("pv_batch", [pk for pk, _ in batch],
+                                           type_=ARRAY(Integer)))
+        found: dict[int, Any]
+        if level is Level.STUDY:
+            found = {int(r[0]): r for r in session.execute(
+                self._select(level).with_only_columns(*_STUDY_ANSWER).where(keys))}
+        else:
+            found = {int(r[0].pk): r for r in session.execute(
+                self._select(level).where(keys).options(*_undecrypted(entity)))}
         for pk, meta in batch:
             budget.check()
             if pk not in found:  # removed between the two steps
                 continue
-            record, study_uid, patient_id = found[pk]
+            if level is Level.STUDY:
+                record, study_uid, patient_id = _study_record(found[pk])
+            else:
+                record, study_uid, patient_id = found[pk]
             if accessed is not None:
                 accessed.add(patient_id, study_uid)
             if meta is None:
@@ -546,7 +573,7 @@ class QueryEngine:
         if plan.availability:
             out["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
         for tag, keyword, vr in plan.computed:
-            value = computed.value(session, keyword, record, level)
+            value = _computed(session, keyword, record, level)
             if isinstance(value, list):
                 out[tag] = {"vr": vr, "Value": value} if value else {"vr": vr}
             elif value is None:
@@ -574,6 +601,54 @@ def _undecrypted(entity: Any) -> tuple[Any, ...]:
     return tuple(defer(attr) for attr in entity.__mapper__.column_attrs
                  if attr.key != "meta_json" and isinstance(
                      attr.columns[0].type, sealing.Sealed | sealing.Fixed | SealedTime))
+
+
+# What a study answer reads of its record (``_study_record``): a row of plain columns, not
+# an ORM entity (issue 16: loading ~500 entities per unlimited QIDO-RS answer was a good part
+# of its cost on the sealed index). The stored header is still read here, only here.
+_STUDY_ANSWER = (Study.pk, Study.study_uid, Patient.patient_id, Study.meta_json,
+                 Study.patient_pk, Study.num_series, Study.num_instances, Study.modalities)
+
+
+def _study_record(row: Any) -> tuple[Any, str, str]:
+    """(record, study UID, patient ID) of a ``_STUDY_ANSWER`` row. The record holds what
+    ``_answer`` reads of it: the stored header, and for computed keys (``index.computed``)
+    the counts, modalities and keys, as a transient ``Study`` built only when the plan asks
+    for one (never added to the session)."""
+    pk, study_uid, patient_id, meta_json, patient_pk, nser, ninst, modalities = row
+    return _StudyRow(pk, patient_pk, nser, ninst, modalities, meta_json), study_uid, patient_id
+
+
+@dataclass(slots=True)
+class _StudyRow:
+    """A study record as a study answer reads it (``_STUDY_ANSWER``). The computed keys
+    (``index.computed``) get a transient ``Study`` of the same values (``entity``), never
+    added to the session; the three a study list asks for every study are read here
+    directly, the same values ``computed.value`` gives (``_computed``)."""
+
+    pk: int
+    patient_pk: int
+    num_series: int
+    num_instances: int
+    modalities: str
+    meta_json: str
+
+    def entity(self) -> Study:
+        return Study(pk=self.pk, patient_pk=self.patient_pk, num_series=self.num_series,
+                     num_instances=self.num_instances, modalities=self.modalities)
+
+
+def _computed(session: Session, keyword: str, record: Any, level: Level) -> Any:
+    """``computed.value``, with the study row's own keys answered without an entity."""
+    if isinstance(record, _StudyRow):
+        if keyword == "NumberOfStudyRelatedSeries":
+            return record.num_series
+        if keyword == "NumberOfStudyRelatedInstances":
+            return record.num_instances
+        if keyword == "ModalitiesInStudy":
+            return [m for m in record.modalities.split("\\") if m]
+        record = record.entity()
+    return computed.value(session, keyword, record, level)
 
 
 def _include_all(out: dict[str, Any], meta: dict[str, Any], level: Level) -> None:
