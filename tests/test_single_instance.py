@@ -35,6 +35,20 @@ def _files_of(data: Path) -> dict[str, int]:
             for p in (data / "objects").rglob("*") if p.is_file()}
 
 
+def _settled_files_of(data: Path, timeout: float = 20.0) -> dict[str, int]:
+    """``_files_of`` once every acknowledged object is published: the rename out of
+    ``.spare`` runs after the acknowledgement, off the response's path (storage.archive),
+    so a snapshot taken right after storescu returns can still see one staged."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = _files_of(data)
+        staged = [name for name, size in files.items()
+                  if name.startswith("objects/.spare/") and size > 0]
+        if not staged or time.monotonic() > deadline:
+            return files
+        time.sleep(0.05)
+
+
 def _serve(vault: VaultDir, *ports: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pacsvault", "serve", "--data", str(vault.data),
@@ -53,7 +67,7 @@ def test_second_serve_is_refused_and_the_first_keeps_storing(vault: VaultDir,
         assert sent.returncode == 0, sent.stderr
         spares = list((vault.data / "objects" / ".spare").glob("*"))
         assert spares, "the running server keeps spare files for the next images"
-        before = _files_of(vault.data)
+        before = _settled_files_of(vault.data)
 
         second = _serve(vault, "--dicom-port", "0", "--dicom-tls-port", "0",
                         "--https-port", "0")
