@@ -40,11 +40,10 @@ import re
 import struct
 from typing import Any
 
-from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_FIND
 
 from pacsvault.dicom import patches
-from pacsvault.dicom.sendpath import Wire, fragments, wire_dul
+from pacsvault.dicom.sendpath import Wire, fragments, sent_messages_watched, wire_dul
 
 log = logging.getLogger("pacsvault.dicom")
 
@@ -148,23 +147,12 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
 
 
 def _command(assoc: Any, primitive: Any) -> bytes | None:
-    if assoc.get_handlers(evt.EVT_DIMSE_SENT) and not _only_standard(assoc):
+    if sent_messages_watched(assoc):
         return None
     try:
         return encode_find_rsp(primitive)
     except (TypeError, ValueError, struct.error):
         return None
-
-
-def _only_standard(assoc: Any) -> bool:
-    """Whether the EVT_DIMSE_SENT handlers are only pynetdicom's own debug logger (which
-    logs nothing of a C-FIND-RSP below DEBUG)."""
-    from pynetdicom import _handlers
-
-    handlers = assoc.get_handlers(evt.EVT_DIMSE_SENT)
-    funcs = [h[0] if isinstance(h, tuple) else h for h in handlers]
-    return all(f is _handlers.standard_dimse_sent_handler for f in funcs) and not (
-        logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
 
 
 def install() -> None:

@@ -213,7 +213,7 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
     its status ``Dataset``, or ``NotImplemented`` to take pynetdicom's path."""
     if not ENABLED or not assoc.is_established:
         return NotImplemented
-    if assoc.get_handlers(evt.EVT_DIMSE_SENT) and not _only_standard(assoc):
+    if sent_messages_watched(assoc):
         return NotImplemented
     sop_class = str(raw.SOPClassUID)
     syntax = str(raw.file_meta.TransferSyntaxUID)
@@ -288,7 +288,7 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
     if not ENABLED or type(primitive).__name__ not in _RSP_FIELD:
         return False
     assoc = dimse.assoc
-    if assoc.get_handlers(evt.EVT_DIMSE_SENT) and not _only_standard(assoc):
+    if sent_messages_watched(assoc):
         return False
     try:
         command = encode_retrieve_rsp(primitive)
@@ -303,16 +303,19 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
     return True
 
 
-def _only_standard(assoc: Any) -> bool:
-    """Whether the EVT_DIMSE_SENT handlers are only pynetdicom's own debug logger (which
-    logs nothing of a C-STORE-RQ below DEBUG)."""
+def sent_messages_watched(assoc: Any) -> bool:
+    """Whether something would see the DIMSE messages sent on ``assoc`` (an EVT_DIMSE_SENT
+    handler other than pynetdicom's own debug logger, or that logger at DEBUG): then the
+    direct encoders step aside and pynetdicom sends, so the handler gets its message."""
     from pynetdicom import _handlers
 
     handlers = assoc.get_handlers(evt.EVT_DIMSE_SENT)
+    if not handlers:
+        return False
     funcs = [h[0] if isinstance(h, tuple) else h for h in handlers]
-    return all(f is _handlers.standard_dimse_sent_handler for f in funcs) and not (
+    return not all(f is _handlers.standard_dimse_sent_handler for f in funcs) or (
         logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
 
 
 __all__ = ["BATCH", "ENABLED", "Wire", "WireDUL", "encode_retrieve_rsp", "encode_store_rq",
-           "fragments", "send_c_store", "send_msg", "wire_dul"]
+           "fragments", "send_c_store", "send_msg", "sent_messages_watched", "wire_dul"]
