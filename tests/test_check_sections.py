@@ -304,6 +304,7 @@ def test_software_section_compares_versions(vault: VaultDir) -> None:
 def test_new_critical_is_recorded_and_alerted(vault: VaultDir,
                                               luks_options: dict[str, str]) -> None:
     beside = vault.root / "keys" / "again.key"
+    beside.parent.mkdir(exist_ok=True)  # not left to an earlier test: it runs alone too
     shutil.copy2(vault.key, beside)
     seen: list[AuditEvent] = []
     v = vault.open()
