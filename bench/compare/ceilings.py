@@ -11,6 +11,10 @@ compared with, one association, into (or out of) a receiver that does no work of
   files in memory and sends each one's dataset bytes as they are (``dicom/retrieve``'s
   hook, so no pydicom encoding), to ``getscu`` receiving in PDUs of 16 KB (its default, as
   in the C-GET row) and 128 KB (the largest ``getscu`` accepts);
+- ``get_dcmtk``: dcmtk's own archive, ``dcmqrscp``, serving the same study by C-GET from its
+  storage area (files read from the page cache, warmed by an untimed C-GET) to the same
+  ``getscu`` at 16 KB PDUs: what a C++ retrieval path without encryption, authentication or
+  audit reaches on this wire (the "gap to dcmtk" the issue reads the pynetdicom rows against);
 - ``web_https`` / ``web_http``: a bare Starlette app on uvicorn (the stack pacsvault's web
   server is built on) answering the CT series as a multipart from memory, one part per
   instance, to the same ``httpx`` client as the WADO-RS row, over HTTPS (as pacsvault is
@@ -33,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.compare.procs import DCMTK_ENV, Service, dcmtk, free_port, wait_port
+from bench.compare.procs import DCMTK_ENV, Service, dcmtk, free_port, rmtree, wait_port
 from bench.ingest import push
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -41,7 +45,7 @@ MB = 1e6
 CEILING_AE = "CEILING"
 
 STORE = ("store_dcmtk", "store_pyn_16k", "store_pyn_unlimited")
-GET = ("get_pyn_16k", "get_pyn_128k")
+GET = ("get_pyn_16k", "get_pyn_128k", "get_dcmtk")
 WEB = ("web_https", "web_http")
 LABELS = {
     "store_dcmtk": "dcmtk storescp --ignore (discards)",
@@ -49,12 +53,13 @@ LABELS = {
     "store_pyn_unlimited": "bare pynetdicom SCP that discards, max PDU unlimited",
     "get_pyn_16k": "bare pynetdicom C-GET SCP from memory -> getscu, PDU 16 KB",
     "get_pyn_128k": "bare pynetdicom C-GET SCP from memory -> getscu, PDU 128 KB",
+    "get_dcmtk": "dcmtk dcmqrscp C-GET SCP (its storage, page cache) -> getscu, PDU 16 KB",
     "web_https": "bare uvicorn/Starlette multipart from memory, HTTPS (same client)",
     "web_http": "bare uvicorn/Starlette multipart from memory, plain HTTP (same client)",
 }
 SHORT = {"store_dcmtk": "dcmtk", "store_pyn_16k": "pyn 16K", "store_pyn_unlimited": "pyn ∞",
-         "get_pyn_16k": "pyn 16K", "get_pyn_128k": "pyn 128K", "web_https": "HTTPS",
-         "web_http": "HTTP"}
+         "get_pyn_16k": "pyn 16K", "get_pyn_128k": "pyn 128K", "get_dcmtk": "dcmtk",
+         "web_https": "HTTPS", "web_http": "HTTP"}
 # which ceilings a row is read against: "store" (ingest rows) or "get" (C-GET rows)
 KINDS = {"store": STORE, "get": GET, "web": WEB}
 
@@ -95,16 +100,41 @@ def _store_once(key: str, files: list[Path], work: Path) -> float:
     return sum(f.stat().st_size for f in files) / secs / MB
 
 
+def _dcmqrscp(files: list[Path], logs: Path) -> tuple[Service, int]:
+    """dcmqrscp with one storage area (anyone may store, get), filled by storescu."""
+    area = logs / "area"
+    rmtree(area)
+    area.mkdir(parents=True)
+    port = free_port()
+    config = logs / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\n{CEILING_AE} {area} RW (500, 1024mb) ANY\nAETable END\n")
+    svc = Service([dcmtk("dcmqrscp"), "-c", str(config), "-dhl"],
+                  logs / "server.log", env=DCMTK_ENV)
+    wait_port(port, svc.proc, logs / "server.log")
+    try:
+        push(port, CEILING_AE, files, 1, [], logs)
+    except BaseException:
+        svc.stop()
+        raise
+    return svc, port
+
+
 def _get_once(key: str, files: list[Path], study: str, work: Path) -> float:
     logs = work / key
     out = logs / "received"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
         old.unlink()
-    listing = logs / "files.txt"
-    listing.write_text("\n".join(str(f) for f in files))
-    svc, port = _service(["get", "--files", str(listing)], logs / "server.log")
-    pdu = "16384" if key == "get_pyn_16k" else "131072"
+    if key == "get_dcmtk":
+        svc, port = _dcmqrscp(files, logs)
+    else:
+        listing = logs / "files.txt"
+        listing.write_text("\n".join(str(f) for f in files))
+        svc, port = _service(["get", "--files", str(listing)], logs / "server.log")
+    pdu = "131072" if key == "get_pyn_128k" else "16384"
     cmd = [dcmtk("getscu"), "-S", "-pdu", pdu, "-aet", "BENCHSCU", "-aec", CEILING_AE,
            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
            "-od", str(out), "127.0.0.1", str(port)]
