@@ -39,9 +39,6 @@ from pacsvault.storage import pgrows, rows
 from pacsvault.storage.rows import StoreResult
 
 GENERATION = "SELECT coalesce(max(id), 0) FROM object_actions"
-_STUDY_KEY = ("SELECT studies.pk, patients.key_id FROM studies JOIN patients "
-              "ON studies.patient_pk = patients.pk WHERE studies.study_uid = ?")
-_PATIENT_KEY = "SELECT key_id FROM patients WHERE patient_id = ? AND issuer = ?"
 _instances = cast(Table, Instance.__table__)
 _studies = cast(Table, Study.__table__)
 _patients = cast(Table, Patient.__table__)
@@ -63,19 +60,29 @@ def look_up(conn: Connection, parsed: ParsedInstance) -> Found:
     batch (``Archive._index_batch``)."""
     if conn.dialect.name != "sqlite":
         return _look_up_one(conn, parsed)
+    # One statement, as on PostgreSQL (issue 17: four statements were a fifth of a
+    # one-instance study's index work): one snapshot, so the generation and the rows it
+    # guards are read together.
     cursor = conn.connection.cursor()
     try:
-        generation = int(cursor.execute(GENERATION).fetchone()[0])
-        known = rows.known(conn, parsed)
-        if known is not None:
-            return Found(generation, known=known)
-        row = cursor.execute(_STUDY_KEY, (parsed.study_uid,)).fetchone()
-        if row is not None:
-            return Found(generation, study=(int(row[0]), uuid.UUID(row[1])))
-        row = cursor.execute(_PATIENT_KEY, (parsed.patient_id, parsed.issuer)).fetchone()
+        generation, digest, study_pk, study_key, patient_key = cursor.execute(
+            _ONE_SQLITE, (parsed.sop_uid, parsed.study_uid, parsed.study_uid,
+                          parsed.patient_id, parsed.issuer)).fetchone()
     finally:
         cursor.close()
-    return Found(generation, patient_key=None if row is None else uuid.UUID(row[0]))
+    return _found(parsed, generation, digest, study_pk, study_key, patient_key)
+
+
+def _found(parsed: ParsedInstance, generation: object, digest: bytes | None,
+           study_pk: object, study_key: str | None, patient_key: str | None) -> Found:
+    """``Found`` from the one statement's columns (both dialects)."""
+    generation = int(cast(int, generation))
+    if digest is not None:
+        return Found(generation, known=rows.answer(parsed, digest))
+    if study_pk is not None and study_key is not None:
+        return Found(generation, study=(int(cast(int, study_pk)), uuid.UUID(study_key)))
+    return Found(generation,
+                 patient_key=None if patient_key is None else uuid.UUID(patient_key))
 
 
 _ONE = (f"SELECT ({GENERATION}), "  # noqa: S608 (the code's own statement)
@@ -84,6 +91,9 @@ _ONE = (f"SELECT ({GENERATION}), "  # noqa: S608 (the code's own statement)
         "(SELECT patients.key_id FROM patients JOIN studies "
         "ON studies.patient_pk = patients.pk WHERE studies.study_uid = %s), "
         "(SELECT key_id FROM patients WHERE patient_id = %s AND issuer = %s)")
+
+
+_ONE_SQLITE = _ONE.replace("%s", "?")
 
 
 def _look_up_one(conn: Connection, parsed: ParsedInstance) -> Found:
@@ -95,14 +105,7 @@ def _look_up_one(conn: Connection, parsed: ParsedInstance) -> Found:
         pgrows.bound(conn.dialect, _instances, "sop_uid", parsed.sop_uid), study_uid,
         study_uid, pgrows.bound(conn.dialect, _patients, "patient_id", parsed.patient_id),
         pgrows.bound(conn.dialect, _patients, "issuer", parsed.issuer)))
-    generation, digest, study_pk, study_key, patient_key = row
-    generation = int(generation)
-    if digest is not None:
-        return Found(generation, known=rows.answer(parsed, digest))
-    if study_pk is not None:
-        return Found(generation, study=(int(study_pk), uuid.UUID(study_key)))
-    return Found(generation,
-                 patient_key=None if patient_key is None else uuid.UUID(patient_key))
+    return _found(parsed, *row)
 
 
 class MintedKeys:

@@ -70,6 +70,19 @@ _PATIENT_PK = "SELECT pk FROM patients WHERE patient_id = ? AND issuer = ?"
 _SERIES_PK = "SELECT pk FROM series WHERE series_uid = ?"
 _MODALITIES = "SELECT modalities FROM studies WHERE pk = ?"
 _KEY_ROW = "SELECT key_id FROM data_keys WHERE key_id = ?"
+# Everything ``_index_sqlite`` reads for an instance whose study or series is not known
+# to this batch, in one statement (one snapshot, under the batch's write lock).
+_LOOK = ("SELECT (SELECT sha256 FROM instances WHERE sop_uid = ?), "
+         "(SELECT pk FROM studies WHERE study_uid = ?), "
+         "(SELECT modalities FROM studies WHERE study_uid = ?), "
+         "(SELECT pk FROM series WHERE series_uid = ?), "
+         "(SELECT pk FROM patients WHERE patient_id = ? AND issuer = ?), "
+         "(SELECT key_id FROM data_keys WHERE key_id = ?)")
+# A new series in a known study: its counters in one statement (with the instance's).
+_STUDY_GAINS_SERIES_SQL = ("UPDATE studies SET num_series = num_series + 1, "
+                           "num_instances = num_instances + 1 WHERE pk = ?")
+_STUDY_GAINS_SERIES_MODALITY = ("UPDATE studies SET modalities = ?, num_series = num_series "
+                                "+ 1, num_instances = num_instances + 1 WHERE pk = ?")
 # A new study's, series', patient's and key's rows (the SQLite path of ``index_one``):
 # statements built once and given their values at execution, so SQLAlchemy's types and
 # column defaults apply as before while building a statement per row, which cost more than
@@ -200,6 +213,22 @@ def index_one(
         together.index(item, overlay_studies, overlay_series, cached_study, cached_series,
                        wrap)
         return
+    if together is None and conn.dialect.name == "sqlite":
+        _index_sqlite(conn, item, overlay_studies, overlay_series, cached_study,
+                      cached_series, received, wrap)
+        return
+    _index_general(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
+                   received, wrap, together)
+
+
+def _index_general(
+    conn: Connection, item: Pending, overlay_studies: dict[str, int],
+    overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
+    cached_series: int | None, received: Callable[[Any], Any],
+    wrap: Callable[[uuid.UUID, bytes], bytes], together: BatchRows | None,
+) -> None:
+    """``index_one``'s reference path: each step its own statement, through SQLAlchemy's
+    types where a column may be sealed (PostgreSQL, ``BatchRows``)."""
     parsed = item.parsed
     if together is not None:
         digest = together.known.get(parsed.sop_uid)
@@ -309,6 +338,122 @@ def index_one(
             cursor.execute(_COUNT_STUDY, (study_pk,))
         finally:
             cursor.close()
+    item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
+    item.learnt["series"] = series_pk if cached_series is None else None
+
+
+def _index_sqlite(
+    conn: Connection, item: Pending, overlay_studies: dict[str, int],
+    overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
+    cached_series: int | None, received: Callable[[Any], Any],
+    wrap: Callable[[uuid.UUID, bytes], bytes],
+) -> None:
+    """``index_one`` on the embedded index: the same rows in fewer statements (issue 17,
+    the one-instance-study "filler" row, where each image is a new study: 15 statements
+    per image became 6 to 9). Every read this instance needs is one statement
+    (``_LOOK``: is it known, its study with that study's modalities, its series, its
+    patient, the minted key's row), and a study or series created here is inserted with
+    its final counters and modalities instead of being inserted and then updated. The
+    rows are exactly ``index_one``'s general path's (``tests/test_store_rows_sqlite.py``
+    compares them)."""
+    parsed = item.parsed
+    study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
+    series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
+    modalities: str | None = None
+    patient_pk = None
+    looked = study_pk is None or series_pk is None
+    cursor = conn.connection.cursor()
+    try:
+        if not looked:  # a series known to this batch: one look-up
+            row = cursor.execute(_KNOWN, (parsed.sop_uid,)).fetchone()
+            digest = None if row is None else row[0]
+            key_row = None
+        else:
+            (digest, found_study, modalities, found_series, patient_pk,
+             key_row) = cursor.execute(_LOOK, (
+                parsed.sop_uid, parsed.study_uid, parsed.study_uid, parsed.series_uid,
+                parsed.patient_id, parsed.issuer, str(item.key_id))).fetchone()
+            study_pk = study_pk if study_pk is not None else found_study
+            series_pk = series_pk if series_pk is not None else found_series
+    finally:
+        cursor.close()
+    if digest is not None:
+        item.result = answer(parsed, digest)
+        return
+    if item.new_key is not None:  # the minted key's row, unless written already
+        if not looked:
+            _ensure_key(conn, item.key_id, item.new_key, wrap)
+        elif key_row is None:
+            conn.execute(_NEW_KEY, {"key_id": str(item.key_id),
+                                    "wrapped": wrap(item.key_id, item.new_key)})
+    new_study = study_pk is None
+    new_series = series_pk is None
+    if new_study:
+        if patient_pk is None and item.new_key is not None:
+            patient_pk = _new_patient(conn, parsed, item.key_id)
+        if patient_pk is None:
+            raise RuntimeError("patient row vanished between key and index steps")
+        study_pk = _new_pk(conn.execute(_NEW_STUDY, dict(
+            patient_pk=patient_pk,
+            study_uid=parsed.study_uid,
+            study_date=normalise_date(parsed.study_date),
+            study_time=normalise_time(parsed.study_time),
+            accession_number=parsed.accession_number,
+            study_id=parsed.study_id,
+            description=parsed.study_description,
+            referring_physician=parsed.referring_physician,
+            referring_physician_norm=normalise_name(parsed.referring_physician),
+            # final values: this series (when new) and this instance counted already
+            modalities=parsed.modality if new_series else "",
+            num_series=1 if new_series else 0,
+            num_instances=1,
+            meta_json=parsed.meta_json,
+        )))
+    assert study_pk is not None
+    overlay_studies[parsed.study_uid] = study_pk
+    if new_series:
+        series_pk = _new_pk(conn.execute(_NEW_SERIES, dict(
+            study_pk=study_pk,
+            series_uid=parsed.series_uid,
+            modality=parsed.modality,
+            series_number=parsed.series_number,
+            description=parsed.series_description,
+            body_part=parsed.body_part,
+            series_date=normalise_date(parsed.series_date),
+            series_time=normalise_time(parsed.series_time),
+            performed_start_date=normalise_date(parsed.performed_start_date),
+            performed_start_time=normalise_time(parsed.performed_start_time),
+            num_instances=1,  # this instance
+            meta_json=parsed.meta_json,
+        )))
+    assert series_pk is not None
+    overlay_series[parsed.series_uid] = series_pk
+    row = (
+        series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
+        parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
+        normalise_date(parsed.content_date), normalise_time(parsed.content_time),
+        item.object_id, str(item.key_id), parsed.size, parsed.sha256,
+        received(utcnow()), item.source_ae, parsed.meta_json,
+    )
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(_INSERT_INSTANCE, row)
+        if not new_series:
+            cursor.execute(_COUNT_SERIES, (series_pk,))
+        if new_series and not new_study:
+            if modalities is None:  # (the study came from the cache)
+                found = cursor.execute(_MODALITIES, (study_pk,)).fetchone()
+                modalities = None if found is None else found[0]
+            known_modalities = set(filter(None, (modalities or "").split("\\")))
+            if parsed.modality and parsed.modality not in known_modalities:
+                cursor.execute(_STUDY_GAINS_SERIES_MODALITY, (
+                    "\\".join(sorted(known_modalities | {parsed.modality})), study_pk))
+            else:
+                cursor.execute(_STUDY_GAINS_SERIES_SQL, (study_pk,))
+        elif not new_study:
+            cursor.execute(_COUNT_STUDY, (study_pk,))
+    finally:
+        cursor.close()
     item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
     item.learnt["series"] = series_pk if cached_series is None else None
 
