@@ -23,7 +23,6 @@ scan stops, and ``QueryBudgetExceeded`` is raised (C-FIND A700, QIDO-RS 413).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +48,15 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, defer, sessi
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
 from pacsvault.dicomfile.dicomjson import strip_bulk
-from pacsvault.index import computed, matching, name_match, records, residual, sealing
+from pacsvault.index import (
+    computed,
+    header_read,
+    matching,
+    name_match,
+    records,
+    residual,
+    sealing,
+)
 from pacsvault.index.headers import (
     VR_KIND,
     answer_charset,
@@ -308,6 +315,7 @@ class QueryEngine:
         with self._sessions() as session:
             sealer = sealing.sealer_of(session.get_bind().dialect)
             filt = self._filter(level, identifier, sealer)
+            read = _reader(plan, filt, include_all)
             stmt = self._select(level).where(*filt.sql)
             budget.check()
             conn = session.connection()
@@ -323,12 +331,12 @@ class QueryEngine:
                 if sealer is not None:
                     yield from self._find_sealed(session, level, filt, budget, window,
                                                  accessed, plan, charset, for_dimse,
-                                                 include_all)
+                                                 include_all, read)
                     return
                 rows = session.execute(stmt, filt.params).yield_per(256)
                 for record, study_uid, patient_id in rows:
                     budget.check()
-                    meta: dict[str, Any] = json.loads(record.meta_json or "{}")
+                    meta = read(record.meta_json)
                     if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
                         continue
                     place = window.place() if window is not None else "keep"
@@ -356,7 +364,7 @@ class QueryEngine:
     def _find_sealed(
         self, session: Session, level: Level, filt: _Filter, budget: _Budget,
         window: _Window | None, accessed: Accessed | None, plan: _Plan,
-        charset: str | None, for_dimse: bool, include_all: bool,
+        charset: str | None, for_dimse: bool, include_all: bool, read: header_read.Reader,
     ) -> Generator[dict[str, Any], None, None]:
         """``_find`` on a sealed index (``index.residual``), in two steps so that only
         what matching needs is decrypted for every candidate: (1) the candidates' keys
@@ -377,15 +385,15 @@ class QueryEngine:
             batch.append((pk, meta))
             if len(batch) >= _BATCH:
                 yield from self._answer_batch(session, level, batch, budget, accessed,
-                                              plan, charset, for_dimse, include_all)
+                                              plan, charset, for_dimse, include_all, read)
                 batch = []
         yield from self._answer_batch(session, level, batch, budget, accessed, plan,
-                                      charset, for_dimse, include_all)
+                                      charset, for_dimse, include_all, read)
 
     def _answer_batch(
         self, session: Session, level: Level, batch: list[tuple[int, dict[str, Any] | None]],
         budget: _Budget, accessed: Accessed | None, plan: _Plan, charset: str | None,
-        for_dimse: bool, include_all: bool,
+        for_dimse: bool, include_all: bool, read: header_read.Reader,
     ) -> Generator[dict[str, Any], None, None]:
         if not batch:
             return
@@ -413,7 +421,7 @@ class QueryEngine:
             if accessed is not None:
                 accessed.add(patient_id, study_uid)
             if meta is None:
-                meta = json.loads(record.meta_json or "{}")
+                meta = read(record.meta_json)
             answer = self._answer(session, level, record, meta, plan, charset,
                                   for_dimse, include_all)
             budget.pause()
@@ -583,6 +591,15 @@ class QueryEngine:
         if include_all:
             _include_all(out, meta, level)
         return out
+
+
+def _reader(plan: _Plan, filt: _Filter, include_all: bool) -> header_read.Reader:
+    """What of the stored headers this query reads: its return keys and the keys it
+    matches on the header (``filt.meta``), or everything for ``includefield=all``."""
+    if include_all:
+        return header_read.reader(None)
+    return header_read.reader([t for t, _kw, _vr, _sq in plan.keys]
+                              + [t for t, _cond in filt.meta])
 
 
 @functools.cache
