@@ -333,8 +333,14 @@ class QueryEngine:
                                                  accessed, plan, charset, for_dimse,
                                                  include_all, read)
                     return
-                rows = session.execute(stmt, filt.params).yield_per(256)
-                for record, study_uid, patient_id in rows:
+                study = level is Level.STUDY
+                # A study answer reads plain columns, not ORM entities (``_STUDY_ANSWER``,
+                # as the sealed path does; issue 17: ~10 us less per answered study).
+                run: Any = (stmt.with_only_columns(*_STUDY_ANSWER) if study
+                            else stmt)
+                rows = session.execute(run, filt.params).yield_per(256)
+                for row in rows:
+                    record, study_uid, patient_id = _study_record(row) if study else row
                     budget.check()
                     meta = read(record.meta_json)
                     if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
