@@ -102,10 +102,12 @@ _DUMPS = {
     "patients": "SELECT patient_id, issuer, name, name_norm, birth_date, sex, meta_json, "
                 "(SELECT count(DISTINCT key_id) FROM instances JOIN series ON "
                 "instances.series_pk = series.pk JOIN studies ON series.study_pk = studies.pk "
-                "WHERE studies.patient_pk = patients.pk) FROM patients",
+                "WHERE studies.patient_pk = patients.pk), typeof(created), length(created) "
+                "FROM patients",
     "studies": "SELECT study_uid, patients.patient_id, modalities, num_series, num_instances, "
                "study_date, study_time, accession_number, description, "
-               "referring_physician_norm, studies.meta_json FROM studies "
+               "referring_physician_norm, studies.meta_json, typeof(studies.created), "
+               "length(studies.created) FROM studies "
                "JOIN patients ON studies.patient_pk = patients.pk",
     "series": "SELECT series_uid, studies.study_uid, modality, series_number, "
               "series.num_instances, series_date, series.meta_json FROM series "
@@ -114,7 +116,8 @@ _DUMPS = {
                  "transfer_syntax, rows, columns, content_date, size, sha256, source_ae, "
                  "instances.meta_json FROM instances JOIN series ON "
                  "instances.series_pk = series.pk",
-    "keys": "SELECT count(*) FROM data_keys",
+    "keys": "SELECT typeof(created), length(created), length(wrapped), destroyed "
+            "FROM data_keys",
 }
 
 

@@ -33,9 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def files_for(out: Path, n: int) -> list[Path]:
+def files_for(out: Path, n: int, kind: str = "filler") -> list[Path]:
+    """``n`` filler images, or with ``kind="ct"`` ``n`` CT 512x512 slices of one series
+    (what the "plain" ingest cells mostly store: a known study and series each time)."""
     from bench.compare import dataset
 
+    if kind == "ct":
+        c = dataset.generate(out / "data-ct", dataset.Size("ctcpu", 1, n, 0, 0, 1, 1))
+        return c.files([i for i in c.main if i.kind == "CT"])[:n]
     size = dataset.Size("fillcpu", 0, 0, 0, 0, 1, n + 1)
     c = dataset.generate(out / "data", size)
     return c.files(c.filler)[:n]
@@ -49,11 +54,12 @@ def _profiler() -> cProfile.Profile:
     return cProfile.Profile()
 
 
-def run_once(out: Path, n: int, threads: int, profile: Path | None) -> dict[str, float]:
+def run_once(out: Path, n: int, threads: int, profile: Path | None,
+             kind: str = "filler") -> dict[str, float]:
     """One fresh vault, ``n`` filler images stored from ``threads`` threads; CPU/image."""
     from pacsvault.vault import Vault, create
 
-    raws = [f.read_bytes() for f in files_for(out, n)]
+    raws = [f.read_bytes() for f in files_for(out, n, kind)]
     root = Path(tempfile.mkdtemp(dir=out))
     quiet = io.StringIO()  # the in-process recorder echoes events (no patient data)
     try:
@@ -108,17 +114,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="cProfile of the storing threads (the archive's stager and publisher "
                          "threads are not in it)")
+    ap.add_argument("--kind", choices=("filler", "ct"), default="filler",
+                    help="one-instance studies (default) or CT slices of one series")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.child or not args.tree:
         got = run_once(out, args.n, args.threads,
-                       out / "filler.prof.txt" if args.profile else None)
+                       out / f"{args.kind}.prof.txt" if args.profile else None, args.kind)
         print(json.dumps(got), flush=True)
         return
     trees = [(name, src) for name, _, src in (t.partition("=") for t in args.tree)]
-    files_for(out, args.n)  # generated once, before the children
+    files_for(out, args.n, args.kind)  # generated once, before the children
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, src in (trees if r % 2 == 0 else trees[::-1]):
@@ -126,7 +134,7 @@ def main() -> None:
                                                                 str(ROOT)])}
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.compare.filler_cpu", "--child", "--out", str(out),
-                 "--n", str(args.n), "--threads", str(args.threads)],
+                 "--n", str(args.n), "--threads", str(args.threads), "--kind", args.kind],
                 env=env, cwd=ROOT, capture_output=True, text=True, check=True)
             got = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name].append(got)

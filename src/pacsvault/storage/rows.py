@@ -45,6 +45,7 @@ from pacsvault.index import blind, dialect
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import normalise_date, normalise_name, normalise_time
 from pacsvault.index.models import DataKey, Instance, Patient, Series, Study, utcnow
+from pacsvault.storage.rawinsert import RawInsert
 
 _instances = cast(Table, Instance.__table__)
 _series = cast(Table, Series.__table__)
@@ -91,6 +92,11 @@ _NEW_STUDY = insert(_studies)
 _NEW_SERIES = insert(_series)
 _NEW_PATIENT = insert(_patients)
 _NEW_KEY = insert(_keys)
+# The same inserts for ``_index_sqlite``, straight to the driver (``storage.rawinsert``).
+_RAW_STUDY = RawInsert(_studies)
+_RAW_SERIES = RawInsert(_series)
+_RAW_PATIENT = RawInsert(_patients)
+_RAW_KEY = RawInsert(_keys)
 _STUDY_GAINS_SERIES = (update(_studies).where(_studies.c.pk == bindparam("row_pk"))
                        .values(num_series=_studies.c.num_series + 1))
 _STUDY_GAINS_MODALITY = _STUDY_GAINS_SERIES.values(modalities=bindparam("modalities"))
@@ -384,16 +390,16 @@ def _index_sqlite(
         if not looked:
             _ensure_key(conn, item.key_id, item.new_key, wrap)
         elif key_row is None:
-            conn.execute(_NEW_KEY, {"key_id": str(item.key_id),
-                                    "wrapped": wrap(item.key_id, item.new_key)})
+            _RAW_KEY.run(conn, {"key_id": str(item.key_id),
+                                "wrapped": wrap(item.key_id, item.new_key)})
     new_study = study_pk is None
     new_series = series_pk is None
     if new_study:
         if patient_pk is None and item.new_key is not None:
-            patient_pk = _new_patient(conn, parsed, item.key_id)
+            patient_pk = _new_patient(conn, parsed, item.key_id, raw=True)
         if patient_pk is None:
             raise RuntimeError("patient row vanished between key and index steps")
-        study_pk = _new_pk(conn.execute(_NEW_STUDY, dict(
+        study_pk = _RAW_STUDY.run(conn, dict(
             patient_pk=patient_pk,
             study_uid=parsed.study_uid,
             study_date=normalise_date(parsed.study_date),
@@ -408,11 +414,11 @@ def _index_sqlite(
             num_series=1 if new_series else 0,
             num_instances=1,
             meta_json=parsed.meta_json,
-        )))
+        ))
     assert study_pk is not None
     overlay_studies[parsed.study_uid] = study_pk
     if new_series:
-        series_pk = _new_pk(conn.execute(_NEW_SERIES, dict(
+        series_pk = _RAW_SERIES.run(conn, dict(
             study_pk=study_pk,
             series_uid=parsed.series_uid,
             modality=parsed.modality,
@@ -425,7 +431,7 @@ def _index_sqlite(
             performed_start_time=normalise_time(parsed.performed_start_time),
             num_instances=1,  # this instance
             meta_json=parsed.meta_json,
-        )))
+        ))
     assert series_pk is not None
     overlay_series[parsed.series_uid] = series_pk
     row = (
@@ -471,7 +477,8 @@ def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
         conn.execute(_NEW_KEY, {"key_id": str(key_id), "wrapped": wrap(key_id, key)})
 
 
-def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) -> int:
+def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID, *,
+                 raw: bool = False) -> int:
     """The patient's row, first seen in this batch, under the minted key. When the
     patient appeared meanwhile (another process), the caller found it instead and the
     minted key simply joins their keys: the instance row names its own key.
@@ -496,6 +503,8 @@ def _new_patient(conn: Connection, parsed: ParsedInstance, key_id: uuid.UUID) ->
                 raise RuntimeError("patient row conflicted but cannot be read")
             return int(theirs)
         pk = int(made)
+    elif raw:  # (SQLite's fast path: ``storage.rawinsert``)
+        pk = _RAW_PATIENT.run(conn, values)
     else:
         pk = _new_pk(conn.execute(_NEW_PATIENT, values))
     # as the ORM listener does for patients added through a session (``index.blind``)
