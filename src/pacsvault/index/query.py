@@ -316,7 +316,6 @@ class QueryEngine:
             sealer = sealing.sealer_of(session.get_bind().dialect)
             filt = self._filter(level, identifier, sealer)
             read = _reader(plan, filt, include_all)
-            stmt = self._select(level).where(*filt.sql)
             budget.check()
             conn = session.connection()
             sqlite = conn.dialect.name == "sqlite"
@@ -336,8 +335,8 @@ class QueryEngine:
                 study = level is Level.STUDY
                 # A study answer reads plain columns, not ORM entities (``_STUDY_ANSWER``,
                 # as the sealed path does; issue 17: ~10 us less per answered study).
-                run: Any = (stmt.with_only_columns(*_STUDY_ANSWER) if study
-                            else stmt)
+                run: Any = (study_answers() if study else self._select(level)).where(
+                    *filt.sql)
                 rows = session.execute(run, filt.params).yield_per(256)
                 for row in rows:
                     record, study_uid, patient_id = _study_record(row) if study else row
@@ -412,7 +411,7 @@ class QueryEngine:
         found: dict[int, Any]
         if level is Level.STUDY:
             found = {int(r[0]): r for r in session.execute(
-                self._select(level).with_only_columns(*_STUDY_ANSWER).where(keys))}
+                study_answers().where(keys))}
         else:
             found = {int(r[0].pk): r for r in session.execute(
                 self._select(level).where(keys).options(*_undecrypted(entity)))}
@@ -435,29 +434,9 @@ class QueryEngine:
             budget.resume()
 
     def _select(self, level: Level) -> Select[Any, Any, Any]:
-        """The level's records, with the study UID and patient ID they belong to."""
-        # No ORDER BY: C-FIND answers have no order, and sorting would hold every matching
-        # row (with its stored header) in memory before the first answer could stream.
-        # Quarantined instances (``storage.removal``) are never answered, nor the series,
-        # studies and patients left with none visible (``num_instances`` counts visible
-        # instances only).
-        if level is Level.PATIENT:
-            return select(Patient, null(), Patient.patient_id).where(exists().where(
-                Study.patient_pk == Patient.pk, Study.num_instances > 0))
-        if level is Level.STUDY:
-            return (select(Study, Study.study_uid, Patient.patient_id)
-                    .join(Patient, Study.patient_pk == Patient.pk)
-                    .where(Study.num_instances > 0))
-        if level is Level.SERIES:
-            return (select(Series, Study.study_uid, Patient.patient_id)
-                    .join(Study, Series.study_pk == Study.pk)
-                    .join(Patient, Study.patient_pk == Patient.pk)
-                    .where(Series.num_instances > 0))
-        return (select(Instance, Study.study_uid, Patient.patient_id)
-                .join(Series, Instance.series_pk == Series.pk)
-                .join(Study, Series.study_pk == Study.pk)
-                .join(Patient, Study.patient_pk == Patient.pk)
-                .where(Instance.quarantined.is_(None)))
+        """The level's records, with the study UID and patient ID they belong to
+        (``level_select``)."""
+        return level_select(level)
 
     def _filter(self, level: Level, identifier: Dataset,
                 sealer: sealing.Sealer | None = None) -> _Filter:
@@ -609,6 +588,35 @@ def _reader(plan: _Plan, filt: _Filter, include_all: bool) -> header_read.Reader
 
 
 @functools.cache
+def level_select(level: Level) -> Select[Any, Any, Any]:
+    """The level's records, with the study UID and patient ID they belong to. Built once
+    per level: a statement is immutable (each ``where`` makes a new one), and building
+    its joins again for every query was a good part of a query's fixed cost (issue 17)."""
+    # No ORDER BY: C-FIND answers have no order, and sorting would hold every matching
+    # row (with its stored header) in memory before the first answer could stream.
+    # Quarantined instances (``storage.removal``) are never answered, nor the series,
+    # studies and patients left with none visible (``num_instances`` counts visible
+    # instances only).
+    if level is Level.PATIENT:
+        return select(Patient, null(), Patient.patient_id).where(exists().where(
+            Study.patient_pk == Patient.pk, Study.num_instances > 0))
+    if level is Level.STUDY:
+        return (select(Study, Study.study_uid, Patient.patient_id)
+                .join(Patient, Study.patient_pk == Patient.pk)
+                .where(Study.num_instances > 0))
+    if level is Level.SERIES:
+        return (select(Series, Study.study_uid, Patient.patient_id)
+                .join(Study, Series.study_pk == Study.pk)
+                .join(Patient, Study.patient_pk == Patient.pk)
+                .where(Series.num_instances > 0))
+    return (select(Instance, Study.study_uid, Patient.patient_id)
+            .join(Series, Instance.series_pk == Series.pk)
+            .join(Study, Series.study_pk == Study.pk)
+            .join(Patient, Study.patient_pk == Patient.pk)
+            .where(Instance.quarantined.is_(None)))
+
+
+@functools.cache
 def _hidden(level: Level, keyword: str) -> bool:
     """A return key of a lower level than the query's: answered empty. Cached: asked for
     every key of every answer, and ``Level.rank`` is a tuple search."""
@@ -631,6 +639,12 @@ def _undecrypted(entity: Any) -> tuple[Any, ...]:
 # of its cost on the sealed index). The stored header is still read here, only here.
 _STUDY_ANSWER = (Study.pk, Study.study_uid, Patient.patient_id, Study.meta_json,
                  Study.patient_pk, Study.num_series, Study.num_instances, Study.modalities)
+
+
+@functools.cache
+def study_answers() -> Select[Any, Any, Any, Any, Any, Any, Any, Any]:
+    """``level_select`` of studies reading ``_STUDY_ANSWER`` only (built once)."""
+    return level_select(Level.STUDY).with_only_columns(*_STUDY_ANSWER)
 
 
 def _study_record(row: Any) -> tuple[Any, str, str]:
