@@ -32,6 +32,8 @@ _CHARSET_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
                        "UT", "UV"})
 _INT_VRS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
+# VRs whose empty value is written here (the set built once, not per element: issue 17)
+_EMPTY_OK = _ASCII_VRS | _CHARSET_VRS | {"PN", "IS"} | set(_INT_VRS)
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 _CODECS = {"ISO_IR 192": "utf-8", "ISO_IR 100": "latin-1", "ISO_IR 6": "ascii"}
 _MAX_SHORT = 0xFFFF
@@ -59,7 +61,7 @@ def _value_bytes(vr: str, entry: dict[str, Any], codec: str) -> bytes | None:
     """The padded value of a plain element, or None when pydicom must write it."""
     values = entry.get("Value")
     if len(entry) == 1 or (len(entry) == 2 and values == []):
-        return b"" if vr in _ASCII_VRS | _CHARSET_VRS | {"PN", "IS"} | set(_INT_VRS) else None
+        return b"" if vr in _EMPTY_OK else None
     if len(entry) != 2 or not isinstance(values, list):
         return None
     if vr in _INT_VRS:
