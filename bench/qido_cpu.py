@@ -7,8 +7,9 @@ sets it up) runs in this process, a client in another process sends the requests
 (keep-alive, bearer token), and ``time.thread_time`` is read around the phases the QIDO
 handler is made of: ``qido.parse`` (event loop), ``_search_recorded`` in the worker thread
 and inside it ``qido.search`` (the engine: SQL, stored headers, answers) and
-``Recorder.emit`` (the durable record), ``json_answer`` (the body). "rest" is the process's
-CPU less those: TLS, HTTP parsing, middlewares, routing, authentication, the thread hop.
+``Recorder.emit`` (the durable record), ``json_answer`` (the body), and the bearer token's
+check (``deps._from_token``, its own worker-thread hop). "rest" is the process's CPU less
+those: TLS, HTTP parsing, middlewares, routing, the thread hops.
 
 Usage: ``python -m bench.qido_cpu --root ROOT [--n 200] [--query 'StudyDate=A-B']``, or
 ``--ab OLD_SRC [--new NEW_SRC] [--rounds 4]`` (children alternated, medians of rounds).
@@ -31,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PHASES = ("process", "parse", "search_recorded", "search", "emit", "json_answer", "rest")
+PHASES = ("process", "auth", "parse", "search_recorded", "search", "emit", "json_answer",
+          "rest")
 
 _CLIENT = """
 import sys, httpx
@@ -50,7 +52,7 @@ with httpx.Client(verify=ca, trust_env=False, timeout=60, headers={
 
 def _instrument(spent: dict[str, list[float]]) -> None:
     from pacsvault.audit.events import Recorder
-    from pacsvault.web import dicomweb, dicomweb_common, qido
+    from pacsvault.web import deps, dicomweb, dicomweb_common, qido
 
     lock = threading.Lock()
 
@@ -64,6 +66,7 @@ def _instrument(spent: dict[str, list[float]]) -> None:
                     spent[key].append(time.thread_time() - start)
         return wrapper
 
+    deps._from_token = timed(deps._from_token, "auth")
     qido.parse = timed(qido.parse, "parse")
     qido.search = timed(qido.search, "search")
     dicomweb._search_recorded = timed(dicomweb._search_recorded, "search_recorded")
@@ -112,7 +115,7 @@ def measure(root: Path, n: int, query: str) -> dict[str, float]:
     for name, values in spent.items():
         result[name] = sum(values) * 1000 / count
     inner = result.get("search", 0.0) + result.get("emit", 0.0)
-    result["rest"] = (result["process"] - result.get("parse", 0.0)
+    result["rest"] = (result["process"] - result.get("parse", 0.0) - result.get("auth", 0.0)
                       - max(result.get("search_recorded", 0.0), inner)
                       - result.get("json_answer", 0.0))
     return result
