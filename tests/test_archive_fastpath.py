@@ -176,3 +176,19 @@ def test_spares_are_durable_and_settled_by_recovery(tmp_path: Path) -> None:
     assert store.path(kept).read_bytes() == b"ciphertext-kept"
     assert not store.path(dropped).exists()
     assert list((tmp_path / "objects" / ".spare").iterdir()) == []
+
+
+def test_a_spare_batch_shares_one_directory_made_with_it(tmp_path: Path) -> None:
+    """Issue 17: a batch's ids share their ``ab/cd`` directory, made with the batch, so
+    publishing is a plain rename; the ids stay 32 random-looking hex digits, distinct."""
+    store = ObjectStore(tmp_path / "objects")
+    store.create()
+    ids = [store.stage_spare([f"ciphertext-{k}".encode()]) for k in range(5)]
+    assert len(set(ids)) == 5 and all(len(i) == 32 for i in ids)
+    assert len({i[:4] for i in ids}) == 1
+    home = store.path(ids[0]).parent
+    assert home.is_dir()  # before any publication
+    for k, object_id in enumerate(ids):
+        store.publish(object_id, durable=False)
+        assert store.path(object_id).read_bytes() == f"ciphertext-{k}".encode()
+    assert sorted(p.name for p in home.iterdir()) == sorted(f"{i}.pvo" for i in ids)
