@@ -38,12 +38,11 @@ from sqlalchemy import (
     any_,
     bindparam,
     exists,
-    null,
     select,
     text,
 )
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, defer, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
 
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
@@ -57,6 +56,13 @@ from pacsvault.index import (
     residual,
     sealing,
 )
+from pacsvault.index.answer_rows import (
+    StudyRow,
+    level_select,
+    study_answers,
+    study_record,
+    undecrypted,
+)
 from pacsvault.index.headers import (
     VR_KIND,
     answer_charset,
@@ -68,7 +74,7 @@ from pacsvault.index.headers import (
 )
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition, Kind
-from pacsvault.index.models import Instance, Patient, SealedTime, Series, Study
+from pacsvault.index.models import Instance, Patient, Series, Study
 from pacsvault.index.records import StoredInstance
 
 
@@ -333,13 +339,13 @@ class QueryEngine:
                                                  include_all, read)
                     return
                 study = level is Level.STUDY
-                # A study answer reads plain columns, not ORM entities (``_STUDY_ANSWER``,
+                # A study answer reads plain columns, not ORM entities (``STUDY_ANSWER``,
                 # as the sealed path does; issue 17: ~10 us less per answered study).
                 run: Any = (study_answers() if study else self._select(level)).where(
                     *filt.sql)
                 rows = session.execute(run, filt.params).yield_per(256)
                 for row in rows:
-                    record, study_uid, patient_id = _study_record(row) if study else row
+                    record, study_uid, patient_id = study_record(row) if study else row
                     budget.check()
                     meta = read(record.meta_json)
                     if not all(meta_matches(meta.get(tag), cond) for tag, cond in filt.meta):
@@ -414,13 +420,13 @@ class QueryEngine:
                 study_answers().where(keys))}
         else:
             found = {int(r[0].pk): r for r in session.execute(
-                self._select(level).where(keys).options(*_undecrypted(entity)))}
+                self._select(level).where(keys).options(*undecrypted(entity)))}
         for pk, meta in batch:
             budget.check()
             if pk not in found:  # removed between the two steps
                 continue
             if level is Level.STUDY:
-                record, study_uid, patient_id = _study_record(found[pk])
+                record, study_uid, patient_id = study_record(found[pk])
             else:
                 record, study_uid, patient_id = found[pk]
             if accessed is not None:
@@ -588,35 +594,6 @@ def _reader(plan: _Plan, filt: _Filter, include_all: bool) -> header_read.Reader
 
 
 @functools.cache
-def level_select(level: Level) -> Select[Any, Any, Any]:
-    """The level's records, with the study UID and patient ID they belong to. Built once
-    per level: a statement is immutable (each ``where`` makes a new one), and building
-    its joins again for every query was a good part of a query's fixed cost (issue 17)."""
-    # No ORDER BY: C-FIND answers have no order, and sorting would hold every matching
-    # row (with its stored header) in memory before the first answer could stream.
-    # Quarantined instances (``storage.removal``) are never answered, nor the series,
-    # studies and patients left with none visible (``num_instances`` counts visible
-    # instances only).
-    if level is Level.PATIENT:
-        return select(Patient, null(), Patient.patient_id).where(exists().where(
-            Study.patient_pk == Patient.pk, Study.num_instances > 0))
-    if level is Level.STUDY:
-        return (select(Study, Study.study_uid, Patient.patient_id)
-                .join(Patient, Study.patient_pk == Patient.pk)
-                .where(Study.num_instances > 0))
-    if level is Level.SERIES:
-        return (select(Series, Study.study_uid, Patient.patient_id)
-                .join(Study, Series.study_pk == Study.pk)
-                .join(Patient, Study.patient_pk == Patient.pk)
-                .where(Series.num_instances > 0))
-    return (select(Instance, Study.study_uid, Patient.patient_id)
-            .join(Series, Instance.series_pk == Series.pk)
-            .join(Study, Series.study_pk == Study.pk)
-            .join(Patient, Study.patient_pk == Patient.pk)
-            .where(Instance.quarantined.is_(None)))
-
-
-@functools.cache
 def _hidden(level: Level, keyword: str) -> bool:
     """A return key of a lower level than the query's: answered empty. Cached: asked for
     every key of every answer, and ``Level.rank`` is a tuple search."""
@@ -624,60 +601,9 @@ def _hidden(level: Level, keyword: str) -> bool:
     return col is not None and level.above(col.level)
 
 
-@functools.cache
-def _undecrypted(entity: Any) -> tuple[Any, ...]:
-    """Loader options leaving out the encrypted columns an answer never reads (it reads
-    the stored header, the counts and the keys): on a sealed index each would be
-    decrypted for every answer. Any code that reads one still gets it, loaded then."""
-    return tuple(defer(attr) for attr in entity.__mapper__.column_attrs
-                 if attr.key != "meta_json" and isinstance(
-                     attr.columns[0].type, sealing.Sealed | sealing.Fixed | SealedTime))
-
-
-# What a study answer reads of its record (``_study_record``): a row of plain columns, not
-# an ORM entity (issue 16: loading ~500 entities per unlimited QIDO-RS answer was a good part
-# of its cost on the sealed index). The stored header is still read here, only here.
-_STUDY_ANSWER = (Study.pk, Study.study_uid, Patient.patient_id, Study.meta_json,
-                 Study.patient_pk, Study.num_series, Study.num_instances, Study.modalities)
-
-
-@functools.cache
-def study_answers() -> Select[Any, Any, Any, Any, Any, Any, Any, Any]:
-    """``level_select`` of studies reading ``_STUDY_ANSWER`` only (built once)."""
-    return level_select(Level.STUDY).with_only_columns(*_STUDY_ANSWER)
-
-
-def _study_record(row: Any) -> tuple[Any, str, str]:
-    """(record, study UID, patient ID) of a ``_STUDY_ANSWER`` row. The record holds what
-    ``_answer`` reads of it: the stored header, and for computed keys (``index.computed``)
-    the counts, modalities and keys, as a transient ``Study`` built only when the plan asks
-    for one (never added to the session)."""
-    pk, study_uid, patient_id, meta_json, patient_pk, nser, ninst, modalities = row
-    return _StudyRow(pk, patient_pk, nser, ninst, modalities, meta_json), study_uid, patient_id
-
-
-@dataclass(slots=True)
-class _StudyRow:
-    """A study record as a study answer reads it (``_STUDY_ANSWER``). The computed keys
-    (``index.computed``) get a transient ``Study`` of the same values (``entity``), never
-    added to the session; the three a study list asks for every study are read here
-    directly, the same values ``computed.value`` gives (``_computed``)."""
-
-    pk: int
-    patient_pk: int
-    num_series: int
-    num_instances: int
-    modalities: str
-    meta_json: str
-
-    def entity(self) -> Study:
-        return Study(pk=self.pk, patient_pk=self.patient_pk, num_series=self.num_series,
-                     num_instances=self.num_instances, modalities=self.modalities)
-
-
 def _computed(session: Session, keyword: str, record: Any, level: Level) -> Any:
     """``computed.value``, with the study row's own keys answered without an entity."""
-    if isinstance(record, _StudyRow):
+    if isinstance(record, StudyRow):
         if keyword == "NumberOfStudyRelatedSeries":
             return record.num_series
         if keyword == "NumberOfStudyRelatedInstances":
