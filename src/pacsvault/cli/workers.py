@@ -46,8 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Standard library only at import time: the supervisor (``cli/supervise``) runs this
-# module in an interpreter that never imports the server stack.
+# Standard library only at import time (and ``cli/allocator``, which is too): the
+# supervisor (``cli/supervise``) runs this module in an interpreter that never imports
+# the server stack.
+from pacsvault.cli import allocator
 
 log = logging.getLogger("pacsvault.workers")
 
@@ -260,7 +262,9 @@ class Supervisor:
             keep.append(secret_r)
             extra += ["--passphrase-fd", str(secret_r)]
         try:
-            worker.proc = subprocess.Popen([*self.argv, *extra], pass_fds=keep)
+            # glibc gives large freed buffers back at once (``cli/allocator``)
+            worker.proc = subprocess.Popen([*self.argv, *extra], pass_fds=keep,
+                                           env=allocator.worker_env(os.environ))
         finally:
             os.close(ready_w)
             if secret_r is not None:
