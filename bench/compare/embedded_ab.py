@@ -7,9 +7,10 @@ with Orthanc in one short run. Each round runs every variant (``--variant
 NAME=WORKERS[@SRC]``: ``serve --workers WORKERS``, ``SRC`` first on ``PYTHONPATH``) and
 Orthanc on each cell, in alternating order, a fresh server each time; per cell and
 variant it reports images/s as a ratio to Orthanc's in the same round, the server's CPU
-per image (the whole process tree: serve and its workers), the peak RSS of that tree
-(psutil, every 50 ms, as ``bench compare``), how the CPU split over the processes, and
-the 1-minute load average when the cell started.
+per image (the whole process tree: serve and its workers), the peak RSS and the peak PSS
+of that tree (every 50 ms, as ``bench compare``; PSS counts the pages the processes
+share once: bench/README.md), how the CPU split over the processes, and the 1-minute
+load average when the cell started.
 
 Cells (``--cells``): ``plain1``/``plain4``/``tls1``/``tls4`` = the CT slices and small MR
 studies of ``bench compare``'s dataset over 1 or 4 ``storescu`` associations; ``fill4``
@@ -63,12 +64,13 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-def corpus(out: Path, ct: int, mr_studies: int, filler: int) -> dataset.Corpus:
-    """``bench compare``'s generator at a size of our own: one CT series, ``mr_studies``
+def corpus(out: Path, ct: int, mr_studies: int, filler: int, cr: int = 0) -> dataset.Corpus:
+    """``bench compare``'s generator at a size of our own: one CT series, ``cr`` CR
+    images (2048x2500, ~10 MB each: what drives a server's peak memory), ``mr_studies``
     three-image MR studies, ``filler`` one-instance studies (0.3 patients per study: the
     first studies each get a patient of their own, as in the large-index phase)."""
-    n_main = 1 + mr_studies
-    size = dataset.Size("eab", 1, ct, 0, mr_studies, 3, n_main + filler)
+    n_main = 1 + (cr + 1) // 2 + mr_studies
+    size = dataset.Size("eab", 1, ct, cr, mr_studies, 3, n_main + filler)
     return dataset.generate(out / "data", size)
 
 
@@ -107,7 +109,8 @@ def one(target: Target, files: list[Path], nassoc: int,
     cpu = sum(per.values())
     n = len(timed)
     return {"images_s": n / wall, "mb_s": sum(f.stat().st_size for f in timed) / wall / 1e6,
-            "cpu_ms": 1000 * cpu / n, "rss_mb": rss.peak / 1e6, "load": load,
+            "cpu_ms": 1000 * cpu / n, "rss_mb": rss.peak / 1e6,
+            "pss_mb": rss.pss_peak / 1e6, "load": load,
             "split": sorted((round(1000 * c / n, 2) for c in per.values()), reverse=True)}
 
 
@@ -121,6 +124,8 @@ def main() -> None:
     ap.add_argument("--ct", type=int, default=150, help="CT 512x512 slices (main cells)")
     ap.add_argument("--mr", type=int, default=40, help="3-image MR studies (main cells)")
     ap.add_argument("--filler", type=int, default=400, help="one-instance studies (fill4)")
+    ap.add_argument("--cr", type=int, default=0,
+                    help="CR 2048x2500 images (main cells), spread over the sequence")
     ap.add_argument("--no-orthanc", action="store_true")
     args = ap.parse_args()
     out: Path = args.out.resolve()
@@ -133,7 +138,7 @@ def main() -> None:
     cells = [c for c in args.cells.split(",") if c]
     if not args.no_orthanc:
         ensure_installed()
-    c = corpus(out, args.ct, args.mr, args.filler)
+    c = corpus(out, args.ct, args.mr, args.filler, args.cr)
     # the CT slices and the MR studies interleaved, so that every association sees both
     cts, mrs = [i for i in c.main if i.kind == "CT"], [i for i in c.main if i.kind == "MR"]
     step = max(1, len(cts) // max(1, len(mrs)))
@@ -142,7 +147,11 @@ def main() -> None:
         mixed.append(item)
         if k % step == step - 1 and mrs:
             mixed.append(mrs.pop(0))
-    files = {"main": c.files(mixed + mrs), "filler": c.files(c.filler)}
+    mixed += mrs
+    crs = c.of_kind("CR")
+    for k, item in enumerate(crs):  # evenly spread, so each association gets its share
+        mixed.insert((k * len(mixed)) // len(crs) + k, item)
+    files = {"main": c.files(mixed), "filler": c.files(c.filler)}
     labels = [v[0] for v in variants] + ([] if args.no_orthanc else ["orthanc"])
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         cell: {label: [] for label in labels} for cell in cells}
@@ -172,12 +181,14 @@ def main() -> None:
                          if label != "orthanc" and len(peer) > r else "")
                 print(f"round {r} {cell} {label}: {got['images_s']:.1f} images/s{ratio}, "
                       f"{got['cpu_ms']:.2f} ms CPU/image {got['split']}, "
-                      f"RSS {got['rss_mb']:.0f} MB, load {got['load']:.1f}", flush=True)
+                      f"RSS {got['rss_mb']:.0f} MB, PSS {got['pss_mb']:.0f} MB, "
+                      f"load {got['load']:.1f}", flush=True)
                 shutil.rmtree(root, ignore_errors=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| cell | server | images/s (median) | ratio to Orthanc, per round | "
-          "CPU ms/image (median) | peak RSS MB (max) | load avg at start |")
-    print("|---|---|---:|---|---:|---:|---|")
+          "CPU ms/image (median) | peak RSS MB (max) | peak PSS MB (max) "
+          "| load avg at start |")
+    print("|---|---|---:|---|---:|---:|---:|---|")
     for cell, by in results.items():
         for label, runs in by.items():
             if not runs:
@@ -188,6 +199,7 @@ def main() -> None:
             print(f"| {cell} | {label} | {statistics.median(x['images_s'] for x in runs):.1f} "
                   f"| {ratios} | {statistics.median(x['cpu_ms'] for x in runs):.2f} "
                   f"| {max(x['rss_mb'] for x in runs):.0f} "
+                  f"| {max(x.get('pss_mb', 0) for x in runs):.0f} "
                   f"| {', '.join(format(x['load'], '.1f') for x in runs)} |")
     sys.stdout.flush()
 

@@ -1,4 +1,4 @@
-"""Processes: start/stop servers by PID, RSS sampling, tools, sizes, ports.
+"""Processes: start/stop servers by PID, RSS and PSS sampling, tools, sizes, ports.
 
 dcmtk, its environment (``DCMTK_ENV``: Debian's dcmtk and Orthanc, built on it, only disable
 Nagle when asked) and free ports come from the harness the tests use (tests/harness/peers.py,
@@ -21,7 +21,7 @@ import psutil
 from bench.ingest import DCMTK_ENV, dcmtk, free_port
 
 __all__ = ["DCMTK_ENV", "RssSampler", "Service", "dcmtk", "dir_size", "free_port",
-           "wait_port"]
+           "pss_bytes", "wait_port"]
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -59,39 +59,65 @@ class Service:
                 self.proc.wait(10)
 
 
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size of ``pid`` (``/proc/PID/smaps_rollup``, Linux 4.14+): its
+    private pages plus its share of every page it maps together with other processes
+    (a library's code mapped by 3 processes counts a third in each). Summed over a process
+    tree, shared pages count once: what the tree really costs the machine, where RSS
+    counts them once per process. None when the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(b"Pss:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 class RssSampler:
-    """Peak resident memory of a process and its children, sampled every ``period`` s."""
+    """Peak resident memory of a process and its children, sampled every ``period`` s:
+    ``peak``, the sum of their RSS (the issue's metric, as ``bench compare`` always
+    reported it), and ``pss_peak``, the sum of their PSS (0 when the kernel has no
+    ``smaps_rollup``): the two peaks are each the largest sum seen in one sample."""
 
     def __init__(self, pid: int, period: float = 0.05) -> None:
-        self.pid, self.period, self.peak = pid, period, 0
+        self.pid, self.period, self.peak, self.pss_peak = pid, period, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         try:
             proc = psutil.Process(self.pid)
-            total = proc.memory_info().rss
-            for child in proc.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += child.memory_info().rss
-            return int(total)
+            procs = [proc, *proc.children(recursive=True)]
         except psutil.Error:
-            return 0
+            return 0, 0
+        rss = pss = 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+                pss += pss_bytes(p.pid) or 0
+        return int(rss), pss
+
+    def _update(self) -> None:
+        rss, pss = self._sample()
+        self.peak, self.pss_peak = max(self.peak, rss), max(self.pss_peak, pss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._update()
             self._stop.wait(self.period)
 
     def __enter__(self) -> RssSampler:
-        self.peak = self._sample()
+        self._update()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._update()
 
 
 def dir_size(path: Path) -> tuple[int, int]:

@@ -30,6 +30,7 @@ class Ingest:
     seconds: float
     rss_peak: int
     footprint: tuple[int, int] = (0, 0)
+    pss_peak: int = 0  # the tree's peak PSS sum (``procs.pss_bytes``), 0 if unknown
 
 
 def ingest(target: Target, files: list[Path], nassoc: int, logs: Path) -> Ingest:
@@ -37,7 +38,7 @@ def ingest(target: Target, files: list[Path], nassoc: int, logs: Path) -> Ingest
     logs.mkdir(parents=True, exist_ok=True)
     with RssSampler(target.pid) as rss:
         secs = push(target.dicom_port, target.called_ae, files, nassoc, target.scu_tls, logs)
-    return Ingest(secs, rss.peak)
+    return Ingest(secs, rss.peak, pss_peak=rss.pss_peak)
 
 
 def findscu(target: Target, filters: dict[str, str], out: Path) -> tuple[float, int]:
