@@ -26,9 +26,9 @@ Speed without weakening that order:
 - **group commit**: concurrent stores (several associations) hand their staged objects to
   whichever of them is committing; that one writes every row in one transaction. Each
   ``store`` still returns only after the commit that holds its own row;
-- publishing (the rename into ``ab/cd/``) runs after the commit, in the storing thread,
-  and is not fsync'ed: a crash leaves the object either published or still staged and
-  named by the index, which reads find and ``recover`` publishes at the next start.
+- publishing (the rename into ``ab/cd/``) runs in a worker after ``store`` returned and is
+  not fsync'ed: a crash leaves the object either published or still staged and named by
+  the index, which reads find and ``recover`` publishes at the next start.
 
 What one instance's rows are (study/series get-or-create, the instance row, counters, a
 known UID's answer) lives in ``storage.rows``; reads select through the query engine
@@ -125,6 +125,7 @@ class Archive:
         received = cast(Table, Instance.__table__).c.received
         processor = received.type.bind_processor(self._engine.dialect)
         self._received: Callable[[Any], Any] = processor or (lambda value: value)
+        self._publishing: set[Future[None]] = set()
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="archive-stage")
         # Records every committed batch in the audit trail, inside its transaction (set by
         # the vault; None only for an archive used without a trail).
@@ -292,18 +293,29 @@ class Archive:
         if pending.result is not None:  # known already (a re-send, or a race)
             self.objects.discard(object_id)
             return pending.result
-        # Durable and indexed: the rename into place, not fsync'ed (a crash leaves it to
-        # ``recover``). In this thread: handing a rename to a worker thread cost more CPU
-        # (a thread wake-up, a future, a callback) than the rename (issue 17).
-        try:
-            self.objects.publish(object_id, durable=False)
-        except Exception as exc:  # stays staged, indexed: reads find it, recovery publishes
-            log.error("publishing an object failed (%s)", type(exc).__name__)
+        # Durable and indexed: the rename into place is off the response's path (reads
+        # find the object staged meanwhile; a crash leaves it to ``recover``). Not in this
+        # thread: a rename takes a handle on the file system's journal, which the fsyncs of
+        # other processes keep busy (issue 17: tried inline, the CPU it saved was within
+        # the loaded machine's noise; one association's latency is what this path is for).
+        publishing = self._workers.submit(self.objects.publish, object_id, durable=False)
+        with self._cache_lock:
+            self._publishing.add(publishing)
+        publishing.add_done_callback(self._published)
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
 
+    def _published(self, done: Future[None]) -> None:
+        with self._cache_lock:
+            self._publishing.discard(done)
+        if done.exception() is not None:  # stays staged, indexed: recovery publishes it
+            log.error("publishing an object failed (%s)", type(done.exception()).__name__)
+
     def settle(self) -> None:
-        """Nothing left to wait for: ``store`` publishes before it returns (kept for the
-        callers that settled the publications a worker thread used to run)."""
+        """Wait for the publications still running (tests, shutdown)."""
+        with self._cache_lock:
+            pending = list(self._publishing)
+        for future in pending:
+            future.exception()
 
     def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> tuple[str, bytes]:
         """Encrypt and durably stage an object; (object id, SHA-256 of the plaintext)."""
