@@ -5,8 +5,10 @@ Why: every DICOMweb request of a viewer or script checks its token. The full che
 token, then its user, and may write ``last_used`` — 5–9 % of a single-frame request's
 server time. Almost always the token is valid, used from the address it was last used
 from, and was used less than a minute ago: then nothing is to be written or recorded, and
-one indexed read of the token and its user (SQLAlchemy Core, no ORM, no transaction
-opened for writing) settles it with exactly the same rules.
+one indexed read of the token and its user (no ORM, no transaction opened for writing;
+on the embedded index straight through the driver, ``read_token``) settles it with exactly
+the same rules. The web layer runs it on its event loop there (``deps.quick_principal``):
+a worker-thread hop per request cost more than the read.
 
 Nothing is cached between requests: revocation, expiry, a disabled user or a changed
 role takes effect at the very next request, on every instance and process sharing the
@@ -22,9 +24,10 @@ import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy.engine.interfaces import Dialect
 
 from pacsvault.accounts import tokens
 from pacsvault.accounts.models import ApiToken, User
@@ -45,6 +48,60 @@ _QUERY = (
 )
 
 
+class _Row(NamedTuple):
+    """One row of ``_QUERY``, under the same names as SQLAlchemy's ``Row``."""
+
+    secret_sha256: bytes | None
+    revoked: dt.datetime | None
+    expires: dt.datetime
+    active: dt.datetime | None
+    created: dt.datetime
+    last_used: dt.datetime | None
+    last_address: str | None
+    source_network: str | None
+    remote: bool | None
+    name: str
+    roles: str
+    disabled: bool
+
+
+assert _Row._fields == tuple(_QUERY.selected_columns.keys())
+
+# Per dialect: ``_QUERY``'s SQL text and each column's result processor, prepared once.
+_prepared: dict[str, tuple[str, list[Callable[[Any], Any] | None]]] = {}
+
+
+def _prepare(dialect: Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    found = _prepared.get(dialect.name)
+    if found is None:
+        sql = str(_QUERY.compile(dialect=dialect))
+        processors = [cast(Callable[[Any], Any] | None,
+                           column.type.dialect_impl(dialect).result_processor(dialect, None))
+                      for column in _QUERY.selected_columns]
+        found = _prepared[dialect.name] = (sql, processors)
+    return found
+
+
+def read_token(engine: Engine, token_id: str) -> _Row | None:
+    """The token's row joined with its user's (None: no such token). On the embedded index
+    (SQLite) one ``execute`` on the driver's connection, the values converted by the
+    columns' own result processors as SQLAlchemy would (``tests/test_token_fastpath.py``
+    compares both): Core's statement cache look-up, parameter processing and result proxy
+    cost more than SQLite's indexed read itself (issue 17)."""
+    with engine.connect() as conn:
+        dialect = conn.dialect
+        if dialect.name != "sqlite":
+            found = conn.execute(_QUERY, {"token_id": token_id}).first()
+            return None if found is None else _Row._make(found)
+        sql, processors = _prepare(dialect)
+        raw: Any = conn.connection.driver_connection
+        values = raw.execute(sql, (token_id,)).fetchone()
+    if values is None:
+        return None
+    return _Row._make(value if process is None or value is None else process(value)
+                      for process, value in zip(processors, values, strict=True))
+
+
 def quick_identity(
     engine: Engine, token: str, address_key: str, now: dt.datetime, idle: dt.timedelta,
     fresh: dt.timedelta, refusal: Callable[[str, bool], str],
@@ -57,8 +114,7 @@ def quick_identity(
     if parts is None:
         return None
     token_id, secret = parts
-    with engine.connect() as conn:
-        row = conn.execute(_QUERY, {"token_id": token_id}).first()
+    row = read_token(engine, token_id)
     stored = row.secret_sha256 if row is not None else None
     matched = hmac.compare_digest(tokens.hash_secret(secret),
                                   bytes(stored) if stored else _DUMMY)
