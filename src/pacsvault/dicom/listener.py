@@ -6,9 +6,11 @@ each connection, in the order it calls them:
 
 - ``PolicyServer``: the accept loop; filters connections by source address and admits them
   to the connection budget before a byte is read (``dicom/limits``);
-- ``PolicyRequestHandler``: the connection's thread; TLS handshake there (never in the
-  accept loop), the peer's facts (address, client certificate, cipher), the association
-  made event-driven (``dicom/reactor``);
+- ``PolicyRequestHandler``: the connection's handling, in a thread of its own for TLS
+  (the handshake, never in the accept loop) or a balancer's PROXY header, from the accept
+  loop for a plain connection (nothing read from the peer there); the peer's facts
+  (address, client certificate, cipher), the association made event-driven
+  (``dicom/reactor``);
 - ``PolicyACSE``: the association policy before pynetdicom's own negotiation;
 - ``ContextList``: the server's presentation contexts, shared by every association.
 
@@ -122,6 +124,29 @@ class PolicyServer(ThreadedAssociationServer):
                                     {"port": "tls" if self.pv_tls else "plain"})
             return None
         return ticket
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A plain connection admitted in ``verify_request`` is handed to its association
+        thread from here; a TLS one (handshake) or a load balancer's (PROXY header) gets
+        its own connection thread as before.
+
+        Why (issue 17): for a plain connection that thread read nothing from the peer: it
+        made the association object and started the association's thread, then ended. A
+        thread started and waited for per connection, three in a row with the
+        association's and the DUL's, was ~0.5 ms of CPU and a scheduling wait on a busy
+        machine, for each C-FIND association. Nothing here waits for the peer (no byte is
+        read: that is the association's thread's, under its deadlines), so the accept
+        loop is held only for that same short, bounded work."""
+        with self._pv_lock:
+            admitted = request in self._pv_tickets
+        if self.pv_tls or not admitted:
+            super().process_request(request, client_address)
+            return
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
 
     _pv_lock = threading.Lock()
     _pv_tickets: dict[Any, Ticket]
