@@ -362,19 +362,18 @@ class SessionMiddleware(HttpMiddleware):
         address = peer_address(scope)
         state = scope.setdefault("state", {})
         session: WebSession | None = None
+        account: AccountState | None = None
         session_id = _cookie(scope)
         if session_id:
-            session, expired = await run_in_threadpool(store.lookup, session_id)
+            session, expired, account = await run_in_threadpool(_resolve, store, vault,
+                                                                session_id)
             if expired is not None:
                 await run_in_threadpool(_emit_end, vault, expired, address,
                                         store.expiry_reason(expired))
         if session is not None and session.stage is Stage.SIGNED_IN:
-            account = await run_in_threadpool(account_state, vault, session.user)
             if (account is None or account.disabled
                     or account.password_changed != session.password_changed):
-                store.drop(session)
-                await run_in_threadpool(_emit_end, vault, session, address,
-                                        "account-changed")
+                await run_in_threadpool(_end_changed, store, vault, session, address)
                 session = None
             else:
                 state["principal"] = Principal(user=session.user, roles=account.roles,
@@ -394,6 +393,25 @@ class SessionMiddleware(HttpMiddleware):
                     await _refuse(scope, receive, send, 403, FORM_EXPIRED)
                     return
         await self.app(scope, receive, send)
+
+
+def _resolve(store: SessionStore, vault: Vault, session_id: str,
+             ) -> tuple[WebSession | None, WebSession | None, AccountState | None]:
+    """The cookie's session (``SessionStore.lookup``) and, when signed in, its account's
+    state (``account_state``), both read at this request as before, in one worker-thread
+    hop instead of two (issue 17: a viewer makes one request per frame)."""
+    session, expired = store.lookup(session_id)
+    signed_in = session is not None and session.stage is Stage.SIGNED_IN
+    account = account_state(vault, session.user) if signed_in and session else None
+    return session, expired, account
+
+
+def _end_changed(store: SessionStore, vault: Vault, session: WebSession,
+                 address: str) -> None:
+    """A session whose account was disabled, removed or given a new password: gone, and
+    recorded (its row deleted here, off the event loop)."""
+    store.drop(session)
+    _emit_end(vault, session, address, "account-changed")
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int,
