@@ -10,6 +10,11 @@ CPU per image, which a loaded machine disturbs least.
 
     python -m bench.compare.filler_cpu --out /tmp/fill --n 400 --threads 4 --profile
     python -m bench.compare.filler_cpu --out /tmp/fill --tree old=/tmp/old/src --tree new=src
+    python -m bench.compare.filler_cpu --out /tmp/ct --kind ct --n 150 --threads 1 ...
+
+``--kind ct`` stores CT 512x512 slices of one series instead (the "plain" cells' usual
+image: known study and series); ``FILLER_CPU_TIMER=1`` makes ``--profile`` count each
+thread's CPU time instead of wall time (waits for the GIL and the disk left out).
 """
 
 from __future__ import annotations
