@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AddressInformation
 
-from pacsvault.dicom.listener import PolicyRequestHandler
+from pacsvault.dicom.listener import PolicyRequestHandler, _numeric
 from pacsvault.dicom.server import DicomService
 from pacsvault.vault import Vault, create
 
@@ -80,3 +81,11 @@ def test_the_policy_still_decides_on_the_inline_path(port: int) -> None:
     assert assoc.is_rejected
     assoc = _ae(NODE).associate("127.0.0.1", port, ae_title="OTHERPACS")
     assert assoc.is_rejected
+
+
+@pytest.mark.parametrize("address", [("127.0.0.1", 104), ("::1", 11112, 0, 0),
+                                     ("fe80::1", 5, 3, 2), ("localhost", 7)])
+def test_the_ends_are_recorded_as_pynetdicom_would(address: tuple[Any, ...]) -> None:
+    ours, theirs = _numeric(address), AddressInformation.from_tuple(address)
+    assert vars(ours) == vars(theirs)
+    assert ours.as_tuple == theirs.as_tuple
