@@ -11,7 +11,6 @@ import datetime as dt
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -30,6 +29,11 @@ HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+_ENCODED = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in HEADERS.items()]
+_NAMES = frozenset(name for name, _ in _ENCODED)
+
 
 def install(app: FastAPI) -> None:
     """Add the middlewares and the session store (``app.state.web_sessions``).
@@ -57,10 +61,13 @@ class SecurityHeaders(HttpMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in HEADERS.items():
-                    if name not in headers:
-                        headers[name] = value
+                # The raw list, encoded once (``_ENCODED``), not ``MutableHeaders`` looking
+                # each name up and setting it (issue 17: ~10 us of every response). A new
+                # list, as ``MutableHeaders`` makes: the response's own stays as it was.
+                raw = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in raw} & _NAMES
+                raw += [h for h in _ENCODED if h[0] not in present] if present else _ENCODED
+                message["headers"] = raw
             await send(message)
 
         await self.app(scope, receive, with_headers)
