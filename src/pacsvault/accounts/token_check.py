@@ -24,13 +24,13 @@ import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 from sqlalchemy import Engine, Table, bindparam, select
-from sqlalchemy.engine.interfaces import Dialect
 
 from pacsvault.accounts import tokens
 from pacsvault.accounts.models import ApiToken, User
+from pacsvault.index.rawselect import RawSelect
 
 _tokens = cast(Table, ApiToken.__table__)
 _users = cast(Table, User.__table__)
@@ -65,41 +65,16 @@ class _Row(NamedTuple):
     disabled: bool
 
 
-assert _Row._fields == tuple(_QUERY.selected_columns.keys())
-
-# Per dialect: ``_QUERY``'s SQL text and each column's result processor, prepared once.
-_prepared: dict[str, tuple[str, list[Callable[[Any], Any] | None]]] = {}
-
-
-def _prepare(dialect: Dialect) -> tuple[str, list[Callable[[Any], Any] | None]]:
-    found = _prepared.get(dialect.name)
-    if found is None:
-        sql = str(_QUERY.compile(dialect=dialect))
-        processors = [cast(Callable[[Any], Any] | None,
-                           column.type.dialect_impl(dialect).result_processor(dialect, None))
-                      for column in _QUERY.selected_columns]
-        found = _prepared[dialect.name] = (sql, processors)
-    return found
+_READ = RawSelect(_QUERY)
+assert _Row._fields == _READ.names
 
 
 def read_token(engine: Engine, token_id: str) -> _Row | None:
-    """The token's row joined with its user's (None: no such token). On the embedded index
-    (SQLite) one ``execute`` on the driver's connection, the values converted by the
-    columns' own result processors as SQLAlchemy would (``tests/test_token_fastpath.py``
-    compares both): Core's statement cache look-up, parameter processing and result proxy
-    cost more than SQLite's indexed read itself (issue 17)."""
-    with engine.connect() as conn:
-        dialect = conn.dialect
-        if dialect.name != "sqlite":
-            found = conn.execute(_QUERY, {"token_id": token_id}).first()
-            return None if found is None else _Row._make(found)
-        sql, processors = _prepare(dialect)
-        raw: Any = conn.connection.driver_connection
-        values = raw.execute(sql, (token_id,)).fetchone()
-    if values is None:
-        return None
-    return _Row._make(value if process is None or value is None else process(value)
-                      for process, value in zip(processors, values, strict=True))
+    """The token's row joined with its user's (None: no such token); on the embedded index
+    straight through the driver (``index.rawselect``; ``tests/test_token_fastpath.py``
+    compares it with SQLAlchemy's row): Core's own work cost more than SQLite's read."""
+    values = _READ.first(engine, {"token_id": token_id})
+    return None if values is None else _Row._make(values)
 
 
 def quick_identity(

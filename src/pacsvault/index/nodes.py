@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.index import hosts
 from pacsvault.index.models import Node, NodeCertificate, utcnow
+from pacsvault.index.rawselect import RawSelect
 
 ROLES = ("store", "query", "retrieve")
 DEFAULT_ROLES = ("store",)
@@ -119,6 +120,7 @@ _nodes = cast(Table, Node.__table__)
 _GET_NODE = select(_nodes.c.ae_title, _nodes.c.host, _nodes.c.port, _nodes.c.tls,
                    _nodes.c.client_cert, _nodes.c.roles, _nodes.c.tls_profile).where(
     _nodes.c.ae_title == bindparam("ae"))
+_READ_NODE = RawSelect(_GET_NODE)
 
 
 def _info(row: Node) -> NodeInfo:
@@ -279,13 +281,13 @@ class NodeRegistry:
         loading were ~1 ms of each association's negotiation), else the ORM."""
         bind = self._sessions.kw.get("bind")
         if isinstance(bind, Engine):
-            with bind.connect() as conn:
-                found = conn.execute(_GET_NODE, {"ae": ae_title.strip()}).first()
+            # on the embedded index straight through the driver (``index.rawselect``)
+            found = _READ_NODE.first(bind, {"ae": ae_title.strip()})
             if found is None:
                 return None
-            return NodeInfo(found.ae_title, found.host, found.port, bool(found.tls),
-                            bool(found.client_cert), tuple(found.roles.split(",")),
-                            found.tls_profile or TLS_PROFILE_STRICT)
+            title, host, port, tls, client_cert, roles, profile = found
+            return NodeInfo(title, host, port, bool(tls), bool(client_cert),
+                            tuple(roles.split(",")), profile or TLS_PROFILE_STRICT)
         with self._sessions() as session:
             row = session.scalar(select(Node).where(Node.ae_title == ae_title.strip()))
             return _info(row) if row else None
