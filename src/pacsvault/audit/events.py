@@ -85,6 +85,8 @@ class LogSink:
         level = logging.INFO
         if event.code is EventCode.SECURITY_ALERT or event.outcome is not Outcome.SUCCESS:
             level = logging.WARNING
+        if not self._log.isEnabledFor(level):
+            return  # nothing built for a line nobody reads (issue 17: one per stored batch)
         who = " ".join(
             p for p in (
                 f"ae={event.actor_ae}" if event.actor_ae else "",
@@ -119,6 +121,11 @@ UNAVAILABLE_ACTION = "audit.unavailable"
 _CRITICAL_EVERY = 60.0  # seconds between two CRITICAL log lines while the trail is down
 
 
+def _not_durable(sinks: tuple[Sink, ...]) -> tuple[Sink, ...]:
+    """The sinks ``publish`` writes to: all but the durable one(s)."""
+    return tuple(s for s in sinks if not getattr(s, "durable", False))
+
+
 class AuditUnavailable(Exception):
     """The record of an access could not be made durable: the access must be refused."""
 
@@ -135,6 +142,11 @@ class Recorder:
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self._sinks: list[Sink] = list(sinks or [])
+        # Snapshots, replaced (never changed) by ``add_sink``: ``emit`` and ``publish``
+        # read them without the lock or a copy (issue 17: ``publish`` runs for every
+        # stored batch, under the index's write lock).
+        self._all: tuple[Sink, ...] = tuple(self._sinks)
+        self._published: tuple[Sink, ...] = _not_durable(self._all)
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_critical = 0.0
@@ -143,6 +155,8 @@ class Recorder:
     def add_sink(self, sink: Sink) -> None:
         with self._lock:
             self._sinks.append(sink)
+            self._all = tuple(self._sinks)
+            self._published = _not_durable(self._all)
 
     @property
     def available(self) -> bool:
@@ -161,8 +175,7 @@ class Recorder:
         """
         is_required = required if required is not None else event.code in ACCESS_CODES
         deferred = event.action in DEFERRABLE and not is_required
-        with self._lock:
-            sinks = list(self._sinks)
+        sinks = self._all
         failure: BaseException | None = None
         durable = False
         for sink in sinks:
@@ -190,9 +203,7 @@ class Recorder:
 
     def publish(self, event: AuditEvent) -> None:
         """Send an event already made durable elsewhere to the other sinks only."""
-        with self._lock:
-            sinks = [s for s in self._sinks if not getattr(s, "durable", False)]
-        for sink in sinks:
+        for sink in self._published:
             try:
                 sink.write(event)
             except Exception as exc:

@@ -150,8 +150,11 @@ class AlertSink:
     # --- Sink -------------------------------------------------------------------------
 
     def write(self, event: AuditEvent) -> None:
+        # Only what some rule watches goes to the worker (``Detector.watches``): a stored
+        # image's event, which none does, cost a queue hand-off and a thread wake-up each
+        # (issue 17). Grouping windows still close on the worker's own tick.
         if (not self.settings.enabled or self._closing or not self._thread.is_alive()
-                or event.action.startswith("alert.")):
+                or not self.detector.watches(event)):
             return
         try:
             self._queue.put_nowait(event)

@@ -14,7 +14,10 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pacsvault.audit.alerts.check_rule import ACTION as CHECK_ACTION
 from pacsvault.audit.alerts.check_rule import security_check
+from pacsvault.audit.alerts.dispatch import DISPATCH_KEPT, Rule, Watch
+from pacsvault.audit.alerts.exposure_rule import ACTIONS as EXPOSURE_ACTIONS
 from pacsvault.audit.alerts.exposure_rule import exposure_switch
 from pacsvault.audit.alerts.findings import Alert, Finding, Severity
 from pacsvault.audit.alerts.findings import clean_text as _clean
@@ -139,17 +142,38 @@ class Detector:
         # frame requests name the same study each time, and each look-up was a query on
         # the index in the serving process (issue 17: a quarter of a frame's CPU).
         self._resolved: OrderedDict[frozenset[str], frozenset[str]] = OrderedDict()
-        self._rules: tuple[Callable[[AuditEvent], list[Finding]], ...] = (
-            self._failed_logins, self._account_locked, self._exposure, self._unknown_node,
-            self._bulk_access, self._unusual_hours, self._audit_broken, self._disk_full,
-            self._connection_abuse,
-            self._audit_unwritable,
-            self._backup_failed, self._backup_stale, self._sealed, self._object_storage,
-            exposure_switch,
-            security_check,
-            self._breach_clock,
-            self._forwarding,
+        # Every rule with what it watches: exact actions, event codes (reads, whatever
+        # their action), action suffixes. ``observe`` applies to an event only the rules
+        # watching its action or code (issue 17: the 18 rules ran on every stored
+        # image's event, none of them watching it, on the alert thread woken for it).
+        # ``tests/test_alert_dispatch.py`` checks each rule finds nothing outside these.
+        self._watching: tuple[Watch, ...] = (
+            Watch(self._failed_logins, actions=("auth.login.failed",)),
+            Watch(self._account_locked, actions=("auth.account.locked",)),
+            Watch(self._exposure, actions=("exposure",)),
+            Watch(self._unknown_node, actions=("dicom.association.rejected",
+                                               "dicom.move.unknown_destination")),
+            Watch(self._bulk_access, codes=READ_CODES),
+            Watch(self._unusual_hours, actions=("auth.login",), codes=READ_CODES),
+            Watch(self._audit_broken, actions=("audit.verify", "audit.tamper")),
+            Watch(self._disk_full, actions=("dicom.store.failed",)),
+            Watch(self._connection_abuse, suffixes=(".connection.refused",)),
+            Watch(self._audit_unwritable, actions=("audit.unavailable",)),
+            Watch(self._backup_failed, actions=tuple(BACKUP_ACTIONS)),
+            Watch(self._backup_stale, actions=("backup.stale",)),
+            Watch(self._sealed, actions=("application.start", "sealed.snapshot",
+                                         "sealed.journal.damaged")),
+            Watch(self._object_storage, actions=("storage.scrub", "storage.orphans",
+                                                 "dicom.store.failed")),
+            Watch(exposure_switch, actions=EXPOSURE_ACTIONS),
+            Watch(security_check, actions=(CHECK_ACTION,)),
+            Watch(self._breach_clock, actions=("breach.clock",)),
+            Watch(self._forwarding, actions=("forward.failing",)),
         )
+        self._rules: tuple[Rule, ...] = tuple(w.rule for w in self._watching)
+        # (action, code) -> the rules watching it, in the order above; the vocabulary of
+        # actions is the program's own, bounded anyway (``DISPATCH_KEPT``).
+        self._dispatch: dict[tuple[str, EventCode], tuple[Rule, ...]] = {}
 
     # --- public -----------------------------------------------------------------------
 
@@ -157,10 +181,30 @@ class Detector:
         """Apply every rule to one event; returns the notifications due now."""
         if not self.settings.enabled or event.action.startswith("alert."):
             return []
+        rules = self.rules_for(event.action, event.code)
+        if not rules:
+            return []
         findings: list[Finding] = []
-        for rule in self._rules:
+        for rule in rules:
             findings.extend(rule(event))
         return self._group(findings)
+
+    def watches(self, event: AuditEvent) -> bool:
+        """Whether any rule could find something in ``event`` (the sink hands the alert
+        thread only these: an event no rule watches would change nothing there)."""
+        return (self.settings.enabled and not event.action.startswith("alert.")
+                and bool(self.rules_for(event.action, event.code)))
+
+    def rules_for(self, action: str, code: EventCode) -> tuple[Rule, ...]:
+        """The rules watching ``action`` or ``code``, in their declared order (cached)."""
+        key = (action, code)
+        found = self._dispatch.get(key)
+        if found is None:
+            found = tuple(w.rule for w in self._watching if w.matches(action, code))
+            if len(self._dispatch) >= DISPATCH_KEPT:
+                self._dispatch.clear()
+            self._dispatch[key] = found
+        return found
 
     def observe_disk(self, free_bytes: int, total_bytes: int,
                      now: dt.datetime | None = None) -> list[Alert]:
@@ -366,6 +410,8 @@ class Detector:
         )]
 
     def _unknown_node(self, e: AuditEvent) -> list[Finding]:
+        if e.action not in ("dicom.association.rejected", "dicom.move.unknown_destination"):
+            return []
         ae, addr = _clean(e.actor_ae), _clean(e.actor_address)
         since = e.time - dt.timedelta(minutes=1)
         if e.action == "dicom.association.rejected":
@@ -694,4 +740,5 @@ class Detector:
         )]
 
 
-__all__ = ["BACKUP_ACTIONS", "INBOUND_PREFIXES", "READ_CODES", "Detector", "PatientResolver"]
+__all__ = ["BACKUP_ACTIONS", "INBOUND_PREFIXES", "READ_CODES", "Detector", "PatientResolver",
+           "Rule", "Watch"]
