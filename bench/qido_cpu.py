@@ -12,7 +12,9 @@ check (``deps._from_token``, its own worker-thread hop). "rest" is the process's
 those: TLS, HTTP parsing, middlewares, routing, the thread hops.
 
 Usage: ``python -m bench.qido_cpu --root ROOT [--n 200] [--query 'StudyDate=A-B']``, or
-``--ab OLD_SRC [--new NEW_SRC] [--rounds 4]`` (children alternated, medians of rounds).
+``--ab OLD_SRC [--new NEW_SRC] [--rounds 4]`` (children alternated, medians of rounds), or
+``--ab OLD_SRC --pair`` (both services at once, one request to each in turn: process CPU
+per request and latency p50/p95 of each, the same load on both).
 ROOT: a ``bench.latency`` vault copy (``ROOT/data``, ``ROOT/keys/master.key``,
 ``ROOT/token``); it is written to (audit records).
 """
@@ -123,6 +125,95 @@ def measure(root: Path, n: int, query: str) -> dict[str, float]:
     return result
 
 
+_SERVE = """
+import sys
+from pathlib import Path
+from bench.qido_cpu import serve_only
+serve_only(Path(sys.argv[1]))
+"""
+
+
+def serve_only(root: Path) -> None:
+    """``--pair``'s child: the HTTPS service of ROOT; prints its port, then its process CPU
+    (seconds) at each line read from stdin, until stdin closes."""
+    from pacsvault.cli.serving import web_tls
+    from pacsvault.vault import Vault
+    from pacsvault.web.app import create_app
+    from pacsvault.web.limits import WebLimits
+    from pacsvault.web.server import WebService
+
+    vault = Vault.open(root / "data", root / "keys" / "master.key")
+    settings = vault.settings.web
+    web = WebService(create_app(vault, vault.accounts),
+                     web_tls(vault.layout.tls, vault.tls_password(), settings),
+                     WebLimits.from_settings(settings))
+    print(web.start("127.0.0.1", 0), flush=True)
+    try:
+        for _ in sys.stdin:
+            print(time.process_time(), flush=True)
+    finally:
+        web.stop()
+        vault.close()
+
+
+def pair(root: Path, trees: dict[str, Path], n: int, query: str) -> None:
+    """Both trees' services at once, one request to each in turn (order alternated), so a
+    load that comes and goes on a shared machine weighs on both alike: each one's process
+    CPU per request (the kernel's ticks, over all requests) and its latency p50/p95."""
+    import httpx
+
+    here = str(Path(__file__).resolve().parent.parent)
+    procs: dict[str, subprocess.Popen[str]] = {}
+    ports: dict[str, int] = {}
+    for label, src in trees.items():
+        env = dict(os.environ, PYTHONPATH=f"{src.resolve()}{os.pathsep}{here}")
+        proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(root)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        procs[label], ports[label] = proc, int(proc.stdout.readline())
+
+    def cpu(label: str) -> float:
+        proc = procs[label]
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        return float(proc.stdout.readline())
+
+    token = (root / "token").read_text().strip()
+    walls: dict[str, list[float]] = {label: [] for label in trees}
+    spent: dict[str, float] = {}
+    try:
+        with httpx.Client(verify=str(root / "data" / "tls" / "ca.crt"), trust_env=False,
+                          timeout=60, headers={"Authorization": "Bearer " + token,
+                                               "Accept": "application/dicom+json"}) as c:
+            def one(label: str) -> float:
+                start = time.perf_counter()
+                r = c.get(f"https://127.0.0.1:{ports[label]}/dicom-web/studies?{query}")
+                assert r.status_code == 200, r.status_code
+                return time.perf_counter() - start
+
+            for _ in range(20):
+                for label in trees:
+                    one(label)
+            time.sleep(0.3)
+            before = {label: cpu(label) for label in trees}
+            labels = list(trees)
+            for i in range(n):
+                for label in labels if i % 2 == 0 else labels[::-1]:
+                    walls[label].append(one(label))
+            spent = {label: cpu(label) - before[label] for label in trees}
+    finally:
+        for proc in procs.values():
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(60)
+    print(f"{'tree':6s} {'CPU ms/request':>15s} {'p50 ms':>8s} {'p95 ms':>8s}")
+    for label in trees:
+        ordered = sorted(walls[label])
+        print(f"{label:6s} {spent[label] * 1000 / n:15.3f} {ordered[len(ordered) // 2] * 1000:8.2f}"
+              f" {ordered[int(len(ordered) * 0.95)] * 1000:8.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, required=True)
@@ -131,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab", type=Path, default=None, help="the old tree's src directory")
     ap.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent / "src")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--pair", action="store_true",
+                    help="with --ab: both services at once, requests alternated")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.pair and args.ab is not None:
+        pair(args.root, {"old": args.ab, "new": args.new}, args.n, args.query)
+        return 0
     if args.ab is None:
         result = measure(args.root, args.n, args.query)
         if args.child:
