@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_once(n: int, threads: int, profile: bool) -> dict[str, float]:
+def run_once(n: int, threads: int, profile: bool, level: str = "INFO") -> dict[str, float]:
     from pacsvault.audit.alerts import AlertSettings, AlertSink
     from pacsvault.audit.events import LogSink, Recorder
     from pacsvault.audit.stores import StoredRef, batch_events
@@ -43,7 +43,7 @@ def run_once(n: int, threads: int, profile: bool) -> dict[str, float]:
     sink_file = open(os.devnull, "w")  # noqa: SIM115 (closed below)
     handler = logging.StreamHandler(sink_file)
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     recorder = Recorder([LogSink()])
     alerts = AlertSink(AlertSettings(), recorder, retry_delays=())
     recorder.add_sink(alerts)
@@ -88,10 +88,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tree", action="append", default=[], help="NAME=SRC (alternated)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--level", default="INFO", choices=("INFO", "WARNING"),
+                    help="the console's level (WARNING: what the line itself costs)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child or not args.tree:
-        print(json.dumps(run_once(args.n, args.threads, args.profile)), flush=True)
+        print(json.dumps(run_once(args.n, args.threads, args.profile, args.level)),
+              flush=True)
         return
     trees = [(name, src) for name, _, src in (t.partition("=") for t in args.tree)]
     results: dict[str, list[float]] = {name: [] for name, _ in trees}
@@ -101,7 +104,7 @@ def main() -> None:
                                                                 str(ROOT)])}
             proc = subprocess.run(
                 [sys.executable, "-m", "bench.compare.publish_cpu", "--child", "--n",
-                 str(args.n), "--threads", str(args.threads)],
+                 str(args.n), "--threads", str(args.threads), "--level", args.level],
                 env=env, cwd=ROOT, capture_output=True, text=True, check=True)
             got = json.loads(proc.stdout.strip().splitlines()[-1])["us_per_event"]
             results[name].append(got)
