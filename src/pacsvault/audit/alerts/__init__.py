@@ -12,8 +12,10 @@ the ``findings.py`` it produces, ``delivery.py``; this package re-exports their 
 * ``Detector``: pure logic. It consumes ``AuditEvent``s, applies the rules below with
   sliding windows on the events' own times, and returns ``Alert``s. The clock (used only to
   close grouping windows) is injectable, so tests replay a whole day in milliseconds.
-* ``AlertSink``: a ``Sink`` for the ``Recorder``. ``write`` only enqueues (the DICOM thread
-  must never wait on a mail server); one background thread runs the detector, sends mail
+* ``AlertSink``: a ``Sink`` for the ``Recorder``. ``write`` only enqueues, and only the
+  events some rule watches (``dispatch.py``: each rule declares its actions and codes; a
+  stored image's event, watched by none, costs no hand-off). The DICOM thread must never
+  wait on a mail server; one background thread runs the detector, sends mail
   over SMTP with STARTTLS and POSTs JSON to the optional webhook, then records each alert as
   an ``alert.sent`` / ``alert.failed`` Security Alert event through the same recorder.
 
