@@ -12,6 +12,7 @@ outside DICOMweb. And the driver read gives exactly SQLAlchemy's row.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ import httpx
 import pytest
 
 from pacsvault.accounts import token_check
+from pacsvault.index import db
+from pacsvault.index.rawselect import rekey_underway
 from pacsvault.web import deps
 from tests.helpers import make_vault
 from tests.web_helpers import FakeClock, LocalWeb, local_web
@@ -139,3 +142,30 @@ def test_the_driver_read_equals_sqlalchemys_row(web: LocalWeb) -> None:
         assert tuple(got) == tuple(expected)
         assert [type(v) for v in got] == [type(v) for v in expected]
     assert token_check.read_token(engine, "0123456789abcdef") is None
+
+
+def test_during_a_rekey_the_check_leaves_the_event_loop(web: LocalWeb) -> None:
+    """While the key gate is closed (``db.rekey``), the event-loop path declines (a checkout
+    would wait there, stalling every connection); the worker path decides as before."""
+    issued = web.accounts.create_token("doc", "1d")
+    assert web.accounts.verify_token(issued.token, "127.0.0.1").ok
+    engine = web.vault.sessions.kw["bind"]
+    assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True)
+    closed, reopen = threading.Event(), threading.Event()
+
+    def rekeying() -> None:
+        with db.gate_of(engine).closed(5.0):
+            closed.set()
+            reopen.wait(30)
+
+    thread = threading.Thread(target=rekeying)
+    thread.start()
+    try:
+        assert closed.wait(30)
+        assert rekey_underway(engine)
+        assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True) is None
+    finally:
+        reopen.set()
+        thread.join(30)
+    assert not rekey_underway(engine)
+    assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True)

@@ -39,6 +39,7 @@ from pacsvault.accounts.throttle import Decision, Source
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.config import IPNetwork, Settings, peer_ip
 from pacsvault.config.tokens import TokenSettings
+from pacsvault.index.rawselect import rekey_underway
 
 NEW_ADDRESS = "token.new-address"
 
@@ -247,7 +248,9 @@ class TokenService(AccountsCore):
         layer calls it on its event loop (issue 17: no thread hop per request), where a
         round trip to a database server must not wait."""
         bind = self.sessions.kw.get("bind")
-        if not isinstance(bind, Engine) or (embedded_only and bind.dialect.name != "sqlite"):
+        if not isinstance(bind, Engine):
+            return None
+        if embedded_only and (bind.dialect.name != "sqlite" or rekey_underway(bind)):
             return None
         policy = self.token_policy()
         return token_check.quick_identity(

@@ -56,3 +56,15 @@ class RawSelect:
             return None
         return tuple(value if process is None or value is None else process(value)
                      for process, value in zip(processors, values, strict=True))
+
+
+def rekey_underway(engine: Engine) -> bool:
+    """Whether the index's key gate is closed for a re-key right now (``db.IndexGate``:
+    every new checkout waits until the re-key ends). A read made on an event loop is then
+    handed to a worker thread instead: waiting there would stall every connection, and
+    the streams whose connections the re-key waits for (issue 17, ``deps.quick_principal``).
+    Read without the gate's lock: a re-key starting just after is waited for as before."""
+    from pacsvault.index import db
+
+    gate = db._GATES.get(engine)
+    return gate is not None and getattr(gate, "_closer", None) is not None

@@ -106,7 +106,8 @@ def quick_principal(request: Request, token: str) -> Principal | None:
     indexed read of the local SQLite index, on the event loop: a worker-thread hop costs
     more than the read (issue 17). The rules are the full check's, read at this very
     request (nothing cached: a revoked, expired, idle or disabled token, a changed role,
-    a wrong address is seen at once). None: ``_from_token`` decides, in a worker thread."""
+    a wrong address is seen at once). None: ``_from_token`` decides, in a worker thread;
+    so does a request arriving while the index is being re-keyed (its checkouts wait)."""
     address = client_address(request)
     identity = request.app.state.accounts.quick_token(token, address, embedded_only=True)
     if identity is None:
