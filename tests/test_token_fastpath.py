@@ -21,7 +21,7 @@ import pytest
 
 from pacsvault.accounts import token_check
 from pacsvault.index import db
-from pacsvault.index.rawselect import rekey_underway
+from pacsvault.index.rawselect import read_would_wait
 from pacsvault.web import deps
 from tests.helpers import make_vault
 from tests.web_helpers import FakeClock, LocalWeb, local_web
@@ -162,10 +162,27 @@ def test_during_a_rekey_the_check_leaves_the_event_loop(web: LocalWeb) -> None:
     thread.start()
     try:
         assert closed.wait(30)
-        assert rekey_underway(engine)
+        assert read_would_wait(engine)
         assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True) is None
     finally:
         reopen.set()
         thread.join(30)
-    assert not rekey_underway(engine)
+    assert not read_would_wait(engine)
     assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True)
+
+
+def test_with_no_idle_connection_the_check_leaves_the_event_loop(web: LocalWeb) -> None:
+    issued = web.accounts.create_token("doc", "1d")
+    assert web.accounts.verify_token(issued.token, "127.0.0.1").ok
+    engine = web.vault.sessions.kw["bind"]
+    held = []
+    try:
+        while engine.pool.checkedin():
+            held.append(engine.connect())
+        assert read_would_wait(engine)
+        assert web.accounts.quick_token(issued.token, "127.0.0.1", embedded_only=True) is None
+        assert web.accounts.verify_token(issued.token, "127.0.0.1").ok  # the worker path
+    finally:
+        for conn in held:
+            conn.close()
+    assert not read_would_wait(engine)

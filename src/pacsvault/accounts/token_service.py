@@ -39,7 +39,7 @@ from pacsvault.accounts.throttle import Decision, Source
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.config import IPNetwork, Settings, peer_ip
 from pacsvault.config.tokens import TokenSettings
-from pacsvault.index.rawselect import rekey_underway
+from pacsvault.index.rawselect import read_would_wait
 
 NEW_ADDRESS = "token.new-address"
 
@@ -246,11 +246,12 @@ class TokenService(AccountsCore):
         (``token_check``); None: the caller takes the full check. ``embedded_only``: only
         on an embedded (SQLite) index, a local read of a few tens of microseconds: the web
         layer calls it on its event loop (issue 17: no thread hop per request), where a
-        round trip to a database server must not wait."""
+        round trip to a database server must not wait, nor a checkout
+        (``rawselect.read_would_wait``: None then, the full check runs in a worker)."""
         bind = self.sessions.kw.get("bind")
         if not isinstance(bind, Engine):
             return None
-        if embedded_only and (bind.dialect.name != "sqlite" or rekey_underway(bind)):
+        if embedded_only and (bind.dialect.name != "sqlite" or read_would_wait(bind)):
             return None
         policy = self.token_policy()
         return token_check.quick_identity(

@@ -58,13 +58,18 @@ class RawSelect:
                      for process, value in zip(processors, values, strict=True))
 
 
-def rekey_underway(engine: Engine) -> bool:
-    """Whether the index's key gate is closed for a re-key right now (``db.IndexGate``:
-    every new checkout waits until the re-key ends). A read made on an event loop is then
-    handed to a worker thread instead: waiting there would stall every connection, and
-    the streams whose connections the re-key waits for (issue 17, ``deps.quick_principal``).
-    Read without the gate's lock: a re-key starting just after is waited for as before."""
+def read_would_wait(engine: Engine) -> bool:
+    """Whether a read through ``engine`` could wait right now: its key gate is closed for
+    a re-key (``db.IndexGate``: new checkouts wait until it ends), or its pool has no idle
+    connection (the next checkout may wait for one). A read made on an event loop is then
+    handed to a worker thread instead (issue 17, ``deps.quick_principal``): waiting on the
+    loop would stall every connection, including the streams whose connections the re-key
+    or the pool waits for. Read without locks: a change just after is waited for as
+    anywhere else."""
     from pacsvault.index import db
 
     gate = db._GATES.get(engine)
-    return gate is not None and getattr(gate, "_closer", None) is not None
+    if gate is not None and getattr(gate, "_closer", None) is not None:
+        return True
+    idle = getattr(engine.pool, "checkedin", None)
+    return idle is not None and idle() == 0

@@ -107,7 +107,8 @@ def quick_principal(request: Request, token: str) -> Principal | None:
     more than the read (issue 17). The rules are the full check's, read at this very
     request (nothing cached: a revoked, expired, idle or disabled token, a changed role,
     a wrong address is seen at once). None: ``_from_token`` decides, in a worker thread;
-    so does a request arriving while the index is being re-keyed (its checkouts wait)."""
+    so does a request arriving while a read could wait (the index being re-keyed, no idle
+    pooled connection: ``rawselect.read_would_wait``)."""
     address = client_address(request)
     identity = request.app.state.accounts.quick_token(token, address, embedded_only=True)
     if identity is None:
