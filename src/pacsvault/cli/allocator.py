@@ -4,11 +4,10 @@ Why: glibc's ``malloc`` serves a block of 128 KB or more with its own ``mmap`` a
 returns it to the system on ``free``, but it then *raises* that threshold to the size of
 the block just freed (up to 32 MB). After the first large image (a 10 MB CR: the received
 bytes, the parsed element, the ciphertext...) every later buffer of that size comes from
-the heap arenas, which keep the freed pages. Measured with ``serve --workers 2`` on the
-bench's CT/MR mix with 20 CR images over 4 associations: the tree's peak RSS 527-548 MB
-by default, 476-506 MB with a fixed threshold, and after ingest each worker is back
-within ~7 MB of its idle size instead of 24-70 MB above it; no CPU difference we could
-measure (a 10 MB copy pays ~4 % more in page faults). A fixed threshold of 1 MiB
+the heap arenas, which keep the freed pages: measured on the bench's mix with 20 CR
+images over 4 associations, each worker ended ingest ~45 MB above where it started and
+the process tree's peak RSS was 30-50 MB higher than with a fixed threshold, for no CPU
+we could measure (a 10 MB copy pays ~4 % more in page faults). A fixed threshold of 1 MiB
 (``M_MMAP_THRESHOLD``, which also stops the dynamic adjustment) gives large buffers back
 as soon as they are freed; CT slices (~0.5 MB) and everything smaller keep coming from
 the heap as before.
