@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from bench.cli_startup import imports
 
-from pacsvault.cli import allocator
 from pacsvault.service import lock as instance_lock
 from tests.helpers import Server, VaultDir, echoscu, make_vault, pv, start_server, wait_until
 
@@ -44,8 +43,7 @@ def test_the_supervisor_imports_no_server_stack() -> None:
     loaded = {name.split(".")[0] for name in names}
     assert not loaded & HEAVY_MODULES, sorted(loaded & HEAVY_MODULES)
     assert not {n for n in names if n.startswith("pacsvault.")} - {
-        "pacsvault.cli", "pacsvault.cli.workers", "pacsvault.cli.supervise",
-        "pacsvault.cli.allocator"}, names
+        "pacsvault.cli", "pacsvault.cli.workers", "pacsvault.cli.supervise"}, names
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +62,6 @@ def _status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {key} for pid {pid}")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_workers_run_with_the_fixed_mmap_threshold(served: tuple[VaultDir, Server]) -> None:
-    """``cli/allocator``: each worker starts with glibc's fixed threshold in its
-    environment (large freed buffers go back to the system: peak RSS during ingest); the
-    parent, which allocates nothing large, is left as it was started."""
-    vault, server = served
-    state = json.loads((vault.data / "serve.json").read_text())
-    outer = os.environ.get(allocator.ENV)  # an administrator's own value would be kept
-    expected = f"{allocator.ENV}={outer or allocator.MMAP_THRESHOLD}".encode()
-    for worker in state["worker_pids"]:
-        environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
-        assert expected in environ, worker
-    if outer is None:
-        parent = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
-        assert expected not in parent
 
 
 @pytest.mark.slow

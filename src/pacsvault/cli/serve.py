@@ -13,7 +13,7 @@ from typing import Any
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.alerts import AlertSink
 from pacsvault.audit.watch import repair_at_start
-from pacsvault.cli import allocator, exposure, serving, supervise, workers
+from pacsvault.cli import exposure, serving, supervise, workers
 from pacsvault.cli.common import (
     CommandError,
     add_data_args,
@@ -261,7 +261,6 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
          role: workers.Role | None = None, bind_override: str | None = None) -> int:
     """Serve the open vault until SIGTERM/SIGINT: one process, or a worker (``role``):
     every worker serves the inherited sockets, worker 0 alone runs the background work."""
-    allocator.tune()  # large freed buffers go back to the system (a worker has it already)
     settings = vault.settings
     plain, tls_port, https_port = ports
     primary = role is None or role.primary

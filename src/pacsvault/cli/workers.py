@@ -46,10 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Standard library only at import time (and ``cli/allocator``, which is too): the
-# supervisor (``cli/supervise``) runs this module in an interpreter that never imports
-# the server stack.
-from pacsvault.cli import allocator
+# Standard library only at import time: the supervisor (``cli/supervise``) runs this
+# module in an interpreter that never imports the server stack.
 
 log = logging.getLogger("pacsvault.workers")
 
@@ -262,9 +260,7 @@ class Supervisor:
             keep.append(secret_r)
             extra += ["--passphrase-fd", str(secret_r)]
         try:
-            # glibc gives large freed buffers back at once (``cli/allocator``)
-            worker.proc = subprocess.Popen([*self.argv, *extra], pass_fds=keep,
-                                           env=allocator.worker_env(os.environ))
+            worker.proc = subprocess.Popen([*self.argv, *extra], pass_fds=keep)
         finally:
             os.close(ready_w)
             if secret_r is not None:
