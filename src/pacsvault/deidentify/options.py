@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydicom.sr.codedict import codes
-
-# CID 7050 "De-identification Method" codes (DCM scheme), from pydicom's code dictionary.
-_CID = codes.cid7050
+# CID 7050 "De-identification Method" codes (DCM scheme): (code value, code meaning), as
+# pydicom's code dictionary has them (tests/test_deidentify_codes.py compares). Written
+# out rather than read from ``pydicom.sr.codedict``: importing that dictionary costs every
+# server process ~15 MB for these five lines (issue 17: peak RSS during ingest).
+_BASIC = ("113100", "Basic Application Confidentiality Profile")
+_MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+_PATIENT_CHARACTERISTICS = ("113108", "Retain Patient Characteristics Option")
+_DEVICE_IDENTITY = ("113109", "Retain Device Identity Option")
+_CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
 BASIC = "basic"
 MODIFIED_DATES = "modified-dates"
 PATIENT_CHARACTERISTICS = "patient-characteristics"
@@ -37,21 +42,14 @@ class Option:
 
 OPTIONS: dict[str, Option] = {
     o.name: o for o in (
-        Option(MODIFIED_DATES, "modified_dates.deid",
-               _CID.RetainLongitudinalTemporalInformationModifiedDatesOption.value,
-               _CID.RetainLongitudinalTemporalInformationModifiedDatesOption.meaning),
+        Option(MODIFIED_DATES, "modified_dates.deid", *_MODIFIED_DATES),
         Option(PATIENT_CHARACTERISTICS, "retain_patient_characteristics.deid",
-               _CID.RetainPatientCharacteristicsOption.value,
-               _CID.RetainPatientCharacteristicsOption.meaning),
-        Option(DEVICE_IDENTITY, "retain_device_identity.deid",
-               _CID.RetainDeviceIdentityOption.value,
-               _CID.RetainDeviceIdentityOption.meaning),
-        Option(CLEAN_DESCRIPTORS, "clean_descriptors.deid",
-               _CID.CleanDescriptorsOption.value, _CID.CleanDescriptorsOption.meaning),
+               *_PATIENT_CHARACTERISTICS),
+        Option(DEVICE_IDENTITY, "retain_device_identity.deid", *_DEVICE_IDENTITY),
+        Option(CLEAN_DESCRIPTORS, "clean_descriptors.deid", *_CLEAN_DESCRIPTORS),
     )
 }
-BASIC_CODE = (_CID.BasicApplicationConfidentialityProfile.value,
-              _CID.BasicApplicationConfidentialityProfile.meaning)
+BASIC_CODE = _BASIC
 
 
 @dataclass(frozen=True)
