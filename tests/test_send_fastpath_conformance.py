@@ -481,32 +481,3 @@ def test_both_send_paths_deliver_the_same_bytes(tmp_path: Path,
     finally:
         service.stop()
         vault.close()
-
-
-def test_c_get_pendings_are_thinned_to_one_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """PS3.4 C.4.3.3 makes C-GET Pending responses optional: the direct path sends the
-    first, then at most one per ``PENDING_EVERY`` seconds per association; C-MOVE's and
-    every final status always go."""
-    clock = [100.0]
-    monkeypatch.setattr(sendpath, "_clock", lambda: clock[0])
-
-    class Assoc:  # an association is only a key here (weakly held)
-        pass
-
-    def rsp(cls: type, status: int) -> Any:
-        p = cls()
-        p.Status = status
-        return p
-
-    a, b = Assoc(), Assoc()
-    assert not sendpath._thinned(a, rsp(C_GET, 0xFF00))  # the first goes
-    assert sendpath._thinned(a, rsp(C_GET, 0xFF00))
-    assert not sendpath._thinned(b, rsp(C_GET, 0xFF00))  # per association
-    assert not sendpath._thinned(a, rsp(C_GET, 0x0000))  # a final status always goes
-    assert not sendpath._thinned(a, rsp(C_MOVE, 0xFF00))
-    assert not sendpath._thinned(a, rsp(C_MOVE, 0xFF00))
-    clock[0] += sendpath.PENDING_EVERY / 2
-    assert sendpath._thinned(a, rsp(C_GET, 0xFF00))
-    clock[0] += sendpath.PENDING_EVERY
-    assert not sendpath._thinned(a, rsp(C_GET, 0xFF00))
-    assert sendpath._thinned(a, rsp(C_GET, 0xFF00))

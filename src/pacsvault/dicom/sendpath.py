@@ -34,7 +34,6 @@ import logging
 import re
 import struct
 import time
-import weakref
 from typing import Any
 
 from pynetdicom import evt
@@ -46,9 +45,6 @@ log = logging.getLogger("pacsvault.dicom")
 # False: pynetdicom's send path only (tests compare both).
 ENABLED = True
 BATCH = 1 << 20  # bytes per sendall
-PENDING_EVERY = 0.25  # seconds between two C-GET Pending responses (``_thinned``)
-_PENDING_AT: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-_clock = time.monotonic  # a test's fake clock replaces this, not the time module
 _STATES = frozenset({"Sta6", "Sta8"})  # DT-1 and AR-7: a P-DATA-TF is sent, state unchanged
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length, context, MCH
 _ELEMENT = struct.Struct("<HHI")
@@ -294,8 +290,6 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
     assoc = dimse.assoc
     if sent_messages_watched(assoc):
         return False
-    if _thinned(assoc, primitive):
-        return True
     try:
         command = encode_retrieve_rsp(primitive)
     except (TypeError, ValueError, struct.error):
@@ -307,25 +301,6 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
     pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
     dimse.dul.send_pdu(pdata)
     return True
-
-
-def _thinned(assoc: Any, primitive: Any) -> bool:
-    """Whether this C-GET *Pending* is left out: at most one per ``PENDING_EVERY`` seconds
-    per association (the first always goes). PS3.4 makes them optional ("Optionally, the
-    SCP may generate responses to the C-GET with status equal to Pending", C.4.3.3); each
-    one sits in the serial chain of a C-GET (encode, hand to the DUL thread, write, the
-    peer reads it) between two sub-operations, ~20 % of the server's CPU per retrieval
-    here. Progress stays visible: a requester still sees counts several times a second,
-    and the final response carries them all. C-MOVE's are all sent (they travel on the
-    requester's association, not between the sub-operations' objects)."""
-    if type(primitive).__name__ != "C_GET" or primitive.Status not in (0xFF00, 0xFF01):
-        return False
-    now = _clock()
-    last = _PENDING_AT.get(assoc)
-    if last is not None and now - last < PENDING_EVERY:
-        return True
-    _PENDING_AT[assoc] = now
-    return False
 
 
 def sent_messages_watched(assoc: Any) -> bool:
