@@ -259,20 +259,8 @@ def _index_general(
             patient_pk = _new_patient(conn, parsed, item.key_id)
         if patient_pk is None:
             raise RuntimeError("patient row vanished between key and index steps")
-        study_pk = _new_pk(conn.execute(_NEW_STUDY, dict(
-            patient_pk=patient_pk,
-            study_uid=parsed.study_uid,
-            study_date=normalise_date(parsed.study_date),
-            study_time=normalise_time(parsed.study_time),
-            accession_number=parsed.accession_number,
-            study_id=parsed.study_id,
-            description=parsed.study_description,
-            referring_physician=parsed.referring_physician,
-            referring_physician_norm=normalise_name(parsed.referring_physician),
-            num_series=0,
-            num_instances=0,
-            meta_json=parsed.meta_json,
-        )))
+        study_pk = _new_pk(conn.execute(_NEW_STUDY, _study_values(
+            parsed, patient_pk, num_series=0, num_instances=0)))
         blind.write(conn, Level.STUDY, study_pk, {
             "StudyDate": normalise_date(parsed.study_date),
             "ReferringPhysicianName": normalise_name(parsed.referring_physician)})
@@ -282,20 +270,7 @@ def _index_general(
         series_pk = _one(conn, _SERIES_PK, (parsed.series_uid,), lambda: select(_series.c.pk)
                          .where(_series.c.series_uid == parsed.series_uid))
     if series_pk is None:
-        series_pk = _new_pk(conn.execute(_NEW_SERIES, dict(
-            study_pk=study_pk,
-            series_uid=parsed.series_uid,
-            modality=parsed.modality,
-            series_number=parsed.series_number,
-            description=parsed.series_description,
-            body_part=parsed.body_part,
-            series_date=normalise_date(parsed.series_date),
-            series_time=normalise_time(parsed.series_time),
-            performed_start_date=normalise_date(parsed.performed_start_date),
-            performed_start_time=normalise_time(parsed.performed_start_time),
-            num_instances=0,
-            meta_json=parsed.meta_json,
-        )))
+        series_pk = _new_pk(conn.execute(_NEW_SERIES, _series_values(parsed, study_pk, 0)))
         blind.write(conn, Level.SERIES, series_pk, {
             "SeriesDate": normalise_date(parsed.series_date),
             "PerformedProcedureStepStartDate": normalise_date(parsed.performed_start_date)})
@@ -399,39 +374,14 @@ def _index_sqlite(
             patient_pk = _new_patient(conn, parsed, item.key_id, raw=True)
         if patient_pk is None:
             raise RuntimeError("patient row vanished between key and index steps")
-        study_pk = _RAW_STUDY.run(conn, dict(
-            patient_pk=patient_pk,
-            study_uid=parsed.study_uid,
-            study_date=normalise_date(parsed.study_date),
-            study_time=normalise_time(parsed.study_time),
-            accession_number=parsed.accession_number,
-            study_id=parsed.study_id,
-            description=parsed.study_description,
-            referring_physician=parsed.referring_physician,
-            referring_physician_norm=normalise_name(parsed.referring_physician),
-            # final values: this series (when new) and this instance counted already
-            modalities=parsed.modality if new_series else "",
-            num_series=1 if new_series else 0,
-            num_instances=1,
-            meta_json=parsed.meta_json,
-        ))
+        # final values: this series (when new) and this instance counted already
+        study_pk = _RAW_STUDY.run(conn, _study_values(
+            parsed, patient_pk, num_series=1 if new_series else 0, num_instances=1,
+            modalities=parsed.modality if new_series else ""))
     assert study_pk is not None
     overlay_studies[parsed.study_uid] = study_pk
     if new_series:
-        series_pk = _RAW_SERIES.run(conn, dict(
-            study_pk=study_pk,
-            series_uid=parsed.series_uid,
-            modality=parsed.modality,
-            series_number=parsed.series_number,
-            description=parsed.series_description,
-            body_part=parsed.body_part,
-            series_date=normalise_date(parsed.series_date),
-            series_time=normalise_time(parsed.series_time),
-            performed_start_date=normalise_date(parsed.performed_start_date),
-            performed_start_time=normalise_time(parsed.performed_start_time),
-            num_instances=1,  # this instance
-            meta_json=parsed.meta_json,
-        ))
+        series_pk = _RAW_SERIES.run(conn, _series_values(parsed, study_pk, 1))  # + this one
     assert series_pk is not None
     overlay_series[parsed.series_uid] = series_pk
     row = (
@@ -564,6 +514,47 @@ def acknowledged(batch: list[Pending]) -> list[StoredRef]:
         if item.error is None
         and (item.result is None or item.result.status is StoreStatus.DUPLICATE)
     ]
+
+
+def _study_values(parsed: ParsedInstance, patient_pk: int, *, num_series: int,
+                  num_instances: int, modalities: str | None = None) -> dict[str, Any]:
+    """A new study row's values (both paths: the same normalisation, one place)."""
+    values: dict[str, Any] = dict(
+        patient_pk=patient_pk,
+        study_uid=parsed.study_uid,
+        study_date=normalise_date(parsed.study_date),
+        study_time=normalise_time(parsed.study_time),
+        accession_number=parsed.accession_number,
+        study_id=parsed.study_id,
+        description=parsed.study_description,
+        referring_physician=parsed.referring_physician,
+        referring_physician_norm=normalise_name(parsed.referring_physician),
+        num_series=num_series,
+        num_instances=num_instances,
+        meta_json=parsed.meta_json,
+    )
+    if modalities is not None:
+        values["modalities"] = modalities
+    return values
+
+
+def _series_values(parsed: ParsedInstance, study_pk: int, num_instances: int
+                   ) -> dict[str, Any]:
+    """A new series row's values (both paths)."""
+    return dict(
+        study_pk=study_pk,
+        series_uid=parsed.series_uid,
+        modality=parsed.modality,
+        series_number=parsed.series_number,
+        description=parsed.series_description,
+        body_part=parsed.body_part,
+        series_date=normalise_date(parsed.series_date),
+        series_time=normalise_time(parsed.series_time),
+        performed_start_date=normalise_date(parsed.performed_start_date),
+        performed_start_time=normalise_time(parsed.performed_start_time),
+        num_instances=num_instances,
+        meta_json=parsed.meta_json,
+    )
 
 
 def _new_pk(result: CursorResult[Any]) -> int:
