@@ -28,14 +28,12 @@ import os
 import pstats
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.compare.procs import tree_child
 
 
 def files_for(out: Path, n: int, kind: str = "filler") -> list[Path]:
@@ -135,13 +133,9 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, src in (trees if r % 2 == 0 else trees[::-1]):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(src).resolve()),
-                                                                str(ROOT)])}
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.compare.filler_cpu", "--child", "--out", str(out),
-                 "--n", str(args.n), "--threads", str(args.threads), "--kind", args.kind],
-                env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            got = tree_child(src, "bench.compare.filler_cpu", [
+                "--out", str(out), "--n", str(args.n), "--threads", str(args.threads),
+                "--kind", args.kind])
             results[name].append(got)
             print(f"round {r} {name}: {got['cpu_ms']:.2f} ms CPU/image, "
                   f"{got['images_s']:.0f} images/s, load {os.getloadavg()[0]:.1f}", flush=True)

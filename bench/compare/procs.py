@@ -7,14 +7,17 @@ through bench/ingest.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -134,3 +137,14 @@ def dir_size(path: Path) -> tuple[int, int]:
 
 def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def tree_child(src: str | Path, module: str, args: list[str]) -> Any:
+    """An in-process A/B's child: ``python -m module --child ARGS`` with the tree ``src``
+    first on ``PYTHONPATH`` (the benchmark's own code after it); the JSON of its last
+    output line (``filler_cpu``, ``publish_cpu``)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(src).resolve()), str(root)])}
+    proc = subprocess.run([sys.executable, "-m", module, "--child", *args], env=env, cwd=root,
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])

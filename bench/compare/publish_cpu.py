@@ -23,13 +23,11 @@ import logging
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.compare.procs import tree_child
 
 
 def run_once(n: int, threads: int, profile: bool, level: str = "INFO") -> dict[str, float]:
@@ -100,13 +98,9 @@ def main() -> None:
     results: dict[str, list[float]] = {name: [] for name, _ in trees}
     for r in range(args.rounds):
         for name, src in (trees if r % 2 == 0 else trees[::-1]):
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(src).resolve()),
-                                                                str(ROOT)])}
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.compare.publish_cpu", "--child", "--n",
-                 str(args.n), "--threads", str(args.threads), "--level", args.level],
-                env=env, cwd=ROOT, capture_output=True, text=True, check=True)
-            got = json.loads(proc.stdout.strip().splitlines()[-1])["us_per_event"]
+            got = tree_child(src, "bench.compare.publish_cpu", [
+                "--n", str(args.n), "--threads", str(args.threads),
+                "--level", args.level])["us_per_event"]
             results[name].append(got)
             print(f"round {r} {name}: {got:.1f} us CPU/event, "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)

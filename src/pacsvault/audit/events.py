@@ -141,11 +141,10 @@ class Recorder:
     """
 
     def __init__(self, sinks: list[Sink] | None = None) -> None:
-        self._sinks: list[Sink] = list(sinks or [])
         # Snapshots, replaced (never changed) by ``add_sink``: ``emit`` and ``publish``
         # read them without the lock or a copy (issue 17: ``publish`` runs for every
         # stored batch, under the index's write lock).
-        self._all: tuple[Sink, ...] = tuple(self._sinks)
+        self._all: tuple[Sink, ...] = tuple(sinks or ())
         self._published: tuple[Sink, ...] = _not_durable(self._all)
         self._lock = threading.Lock()
         self._down_since: float | None = None
@@ -154,8 +153,7 @@ class Recorder:
 
     def add_sink(self, sink: Sink) -> None:
         with self._lock:
-            self._sinks.append(sink)
-            self._all = tuple(self._sinks)
+            self._all = (*self._all, sink)
             self._published = _not_durable(self._all)
 
     @property

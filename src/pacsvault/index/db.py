@@ -163,6 +163,14 @@ def gate_of(engine: Engine) -> IndexGate:
     return _GATES[engine]
 
 
+def rekey_underway(engine: Engine) -> bool:
+    """Whether ``engine``'s key gate is closed (or closing) for a re-key: a new checkout
+    would wait until it ends. Read without the gate's lock (a hint for a caller that must
+    not wait, ``rawselect.read_would_wait``)."""
+    gate = _GATES.get(engine)
+    return gate is not None and gate._closer is not None
+
+
 def rekey(engine: Engine, old_key: bytes, new_key: bytes, *,
           drain_timeout: float = 5.0) -> bool:
     """Re-key the index file behind ``engine`` (every page rewritten under ``new_key`` in one

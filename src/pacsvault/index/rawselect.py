@@ -68,8 +68,7 @@ def read_would_wait(engine: Engine) -> bool:
     anywhere else."""
     from pacsvault.index import db
 
-    gate = db._GATES.get(engine)
-    if gate is not None and getattr(gate, "_closer", None) is not None:
+    if db.rekey_underway(engine):
         return True
     idle = getattr(engine.pool, "checkedin", None)
     return idle is not None and idle() == 0

@@ -284,13 +284,7 @@ def _index_general(
         else:
             conn.execute(_STUDY_GAINS_SERIES, {"row_pk": study_pk})
     overlay_series[parsed.series_uid] = series_pk
-    row = (
-        series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
-        parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
-        normalise_date(parsed.content_date), normalise_time(parsed.content_time),
-        item.object_id, str(item.key_id), parsed.size, parsed.sha256,
-        received(utcnow()), item.source_ae, parsed.meta_json,
-    )
+    row = _instance_row(item, series_pk, received)
     if together is not None:
         # Sealed columns (``index.sealing``): through SQLAlchemy's types, in the batch's
         # one multi-row INSERT.
@@ -384,13 +378,7 @@ def _index_sqlite(
         series_pk = _RAW_SERIES.run(conn, _series_values(parsed, study_pk, 1))  # + this one
     assert series_pk is not None
     overlay_series[parsed.series_uid] = series_pk
-    row = (
-        series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
-        parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
-        normalise_date(parsed.content_date), normalise_time(parsed.content_time),
-        item.object_id, str(item.key_id), parsed.size, parsed.sha256,
-        received(utcnow()), item.source_ae, parsed.meta_json,
-    )
+    row = _instance_row(item, series_pk, received)
     cursor = conn.connection.cursor()
     try:
         cursor.execute(_INSERT_INSTANCE, row)
@@ -554,6 +542,20 @@ def _series_values(parsed: ParsedInstance, study_pk: int, num_instances: int
         performed_start_time=normalise_time(parsed.performed_start_time),
         num_instances=num_instances,
         meta_json=parsed.meta_json,
+    )
+
+
+def _instance_row(item: Pending, series_pk: int, received: Callable[[Any], Any]
+                  ) -> tuple[Any, ...]:
+    """An instance row's values in ``_INSERT_INSTANCE``'s column order (both paths);
+    ``received``: the column's bind processor for the receive time."""
+    parsed = item.parsed
+    return (
+        series_pk, parsed.sop_uid, parsed.sop_class_uid, parsed.instance_number,
+        parsed.transfer_syntax, parsed.rows, parsed.columns, parsed.number_of_frames,
+        normalise_date(parsed.content_date), normalise_time(parsed.content_time),
+        item.object_id, str(item.key_id), parsed.size, parsed.sha256,
+        received(utcnow()), item.source_ae, parsed.meta_json,
     )
 
 

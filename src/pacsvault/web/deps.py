@@ -13,6 +13,7 @@ and DICOMweb may be reached from outside, administration never is.
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +23,9 @@ from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.web.i18n import N_
 from pacsvault.web.principal import Principal
 from pacsvault.web.share_scope import share_principal
+
+if TYPE_CHECKING:
+    from pacsvault.accounts.tokens import TokenIdentity
 
 BEARER = "bearer "
 ADMIN = "admin"
@@ -111,10 +115,7 @@ def quick_principal(request: Request, token: str) -> Principal | None:
     pooled connection: ``rawselect.read_would_wait``)."""
     address = client_address(request)
     identity = request.app.state.accounts.quick_token(token, address, embedded_only=True)
-    if identity is None:
-        return None
-    return Principal(user=identity.user, roles=frozenset(identity.roles), via_token=True,
-                     address=address, token_id=identity.token_id)
+    return None if identity is None else _token_principal(identity, address)
 
 
 def _from_token(request: Request, token: str) -> Principal | None:
@@ -123,7 +124,10 @@ def _from_token(request: Request, token: str) -> Principal | None:
     result = accounts.verify_token(token, address)
     if not result.ok or result.identity is None:
         return None
-    identity = result.identity
+    return _token_principal(result.identity, address)
+
+
+def _token_principal(identity: TokenIdentity, address: str) -> Principal:
     return Principal(user=identity.user, roles=frozenset(identity.roles), via_token=True,
                      address=address, token_id=identity.token_id)
 
