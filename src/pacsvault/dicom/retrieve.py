@@ -27,7 +27,6 @@ to uncompressed little endian, Big Endian) still goes through pydicom (``transco
 from __future__ import annotations
 
 import itertools
-import struct
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,45 +36,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from pacsvault.dicom import patches, sendpath
+from pacsvault.dicomfile import filemeta
 
-_PREAMBLE = 128
-_MAX_META = 64 * 1024  # a File Meta Information group longer than this is not ours
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
-                       b"UN", b"UR", b"UT", b"UV"})
-_TRANSFER_SYNTAX = 0x00020010
 DEPTH = 2  # objects decrypted ahead of the one being sent (memory: DEPTH + 1 objects)
 
 
 def split(data: bytes) -> tuple[str, int] | None:
     """(stored transfer syntax, offset of the dataset) of a Part 10 stream, or None when
     it is not the plain preamble + ``DICM`` + explicit little endian group 0002 the
-    archive writes (the caller then takes pydicom's path)."""
-    if len(data) < _PREAMBLE + 4 or data[_PREAMBLE:_PREAMBLE + 4] != b"DICM":
-        return None
-    pos, end = _PREAMBLE + 4, min(len(data), _PREAMBLE + 4 + _MAX_META)
-    syntax: str | None = None
-    while pos + 8 <= end:
-        group, elem = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(data[pos + 4:pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > end:
-                return None
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            start = pos + 8
-        if length == 0xFFFFFFFF or start + length > end:
-            return None
-        if (group << 16 | elem) == _TRANSFER_SYNTAX:
-            syntax = bytes(data[start:start + length]).rstrip(b"\x00 ").decode("ascii",
-                                                                                "replace")
-        pos = start + length
-    if not syntax or pos >= len(data):
-        return None
-    return syntax, pos
+    archive writes, or holds no dataset (the caller then takes pydicom's path)."""
+    found = filemeta.walk(data)
+    return found if found is not None and found[1] < len(data) else None
 
 
 class Raw(Dataset):
