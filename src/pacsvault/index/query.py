@@ -32,17 +32,14 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from sqlalchemy import (
     ARRAY,
-    ColumnElement,
     Integer,
     Select,
     any_,
     bindparam,
-    exists,
-    select,
     text,
 )
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import InstrumentedAttribute, Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacsvault.dicomfile import vr_check
 from pacsvault.dicomfile.dicomjson import json_to_dataset as json_to_dataset  # re-exported
@@ -51,7 +48,6 @@ from pacsvault.index import (
     computed,
     header_read,
     matching,
-    name_match,
     records,
     residual,
     sealing,
@@ -64,7 +60,6 @@ from pacsvault.index.answer_rows import (
     undecrypted,
 )
 from pacsvault.index.headers import (
-    VR_KIND,
     answer_charset,
     fits_latin1,
     meta_matches,
@@ -73,18 +68,16 @@ from pacsvault.index.headers import (
     text_of,
 )
 from pacsvault.index.levels import Level
-from pacsvault.index.matching import Condition, Kind
-from pacsvault.index.models import Instance, Patient, Series, Study
+from pacsvault.index.models import Instance
+from pacsvault.index.query_filter import (
+    COLUMNS,
+    SKIP,
+    Filter,
+    build_filter,
+)
+from pacsvault.index.query_filter import QueryBudgetExceeded as QueryBudgetExceeded
+from pacsvault.index.query_filter import QueryError as QueryError
 from pacsvault.index.records import StoredInstance
-
-
-class QueryError(Exception):
-    """The identifier cannot be processed (status A900/C000 on the DICOM side)."""
-
-
-class QueryBudgetExceeded(QueryError):
-    """The query ran past its time budget and was stopped (C-FIND A700, QIDO-RS 413)."""
-
 
 _PROGRESS_STEPS = 10000  # SQLite VM instructions between two looks at the clock
 # Records of a sealed query answered per load (``_find_sealed``): every load is a round
@@ -118,77 +111,6 @@ class _Budget:
             raise QueryBudgetExceeded(
                 f"the query ran past its {self.seconds:g} s time budget and was stopped; "
                 "narrow it")
-
-
-@dataclass(frozen=True)
-class _Col:
-    level: Level
-    column: InstrumentedAttribute[Any]
-    kind: Kind
-
-
-COLUMNS: dict[str, _Col] = {
-    "PatientName": _Col(Level.PATIENT, Patient.name_norm, "pn"),
-    "PatientID": _Col(Level.PATIENT, Patient.patient_id, "str"),
-    "IssuerOfPatientID": _Col(Level.PATIENT, Patient.issuer, "str"),
-    "PatientBirthDate": _Col(Level.PATIENT, Patient.birth_date, "date"),
-    "PatientSex": _Col(Level.PATIENT, Patient.sex, "str"),
-    "StudyInstanceUID": _Col(Level.STUDY, Study.study_uid, "uid"),
-    "StudyDate": _Col(Level.STUDY, Study.study_date, "date"),
-    "StudyTime": _Col(Level.STUDY, Study.study_time, "time"),
-    "AccessionNumber": _Col(Level.STUDY, Study.accession_number, "str"),
-    "StudyID": _Col(Level.STUDY, Study.study_id, "str"),
-    "StudyDescription": _Col(Level.STUDY, Study.description, "str"),
-    "ReferringPhysicianName": _Col(Level.STUDY, Study.referring_physician_norm, "pn"),
-    "SeriesInstanceUID": _Col(Level.SERIES, Series.series_uid, "uid"),
-    "Modality": _Col(Level.SERIES, Series.modality, "str"),
-    "SeriesNumber": _Col(Level.SERIES, Series.series_number, "int"),
-    "SeriesDescription": _Col(Level.SERIES, Series.description, "str"),
-    "BodyPartExamined": _Col(Level.SERIES, Series.body_part, "str"),
-    "SeriesDate": _Col(Level.SERIES, Series.series_date, "date"),
-    "SeriesTime": _Col(Level.SERIES, Series.series_time, "time"),
-    "PerformedProcedureStepStartDate": _Col(Level.SERIES, Series.performed_start_date, "date"),
-    "PerformedProcedureStepStartTime": _Col(Level.SERIES, Series.performed_start_time, "time"),
-    "SOPInstanceUID": _Col(Level.IMAGE, Instance.sop_uid, "uid"),
-    "SOPClassUID": _Col(Level.IMAGE, Instance.sop_class_uid, "uid"),
-    "InstanceNumber": _Col(Level.IMAGE, Instance.instance_number, "int"),
-    "ContentDate": _Col(Level.IMAGE, Instance.content_date, "date"),
-    "ContentTime": _Col(Level.IMAGE, Instance.content_time, "time"),
-}
-
-_SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
-         "InstanceAvailability"}
-
-
-def _level(level: Level | str, error: str) -> Level:
-    found = level if isinstance(level, Level) else Level.of(level)
-    if found is None:
-        raise QueryError(error)
-    return found
-
-
-def _int_clause(cond: Condition, column: InstrumentedAttribute[Any]) -> ColumnElement[bool]:
-    try:
-        if cond.op == "equal":
-            return column == int(cond.value)
-        if cond.op == "list":
-            return column.in_([int(v) for v in cond.items])
-    except ValueError:
-        raise QueryError("a numeric key has a non-numeric value") from None
-    raise QueryError("wildcards and ranges do not apply to numbers")
-
-
-def _name_clause(cond: Condition) -> ColumnElement[bool]:
-    """A patient name condition as ``patients.pk IN (SELECT pk FROM patients WHERE ...)``.
-
-    Why: matching per component group (``matching._pn_clause``: instr/substr on the
-    column) is no range an index can seek, so SQLite scanned every study and looked its
-    patient up (~150 ms at 10,000 studies, issue 17). On its own the condition reads only
-    the covering index ``ix_patients_name_norm``, and the studies follow by
-    ``ix_studies_patient_pk`` (~1 ms). Same condition, same rows; an alias, so the
-    subquery is never correlated with the outer query's patients."""
-    inner = aliased(Patient)
-    return Patient.pk.in_(select(inner.pk).where(cond.clause(inner.name_norm)))
 
 
 @dataclass
@@ -245,17 +167,11 @@ class _Window:
         return "keep"
 
 
-@dataclass
-class _Filter:
-    sql: list[ColumnElement[bool]]
-    meta: list[tuple[str, Any]]  # (tag hex, Condition | list of item conditions)
-    # Sealed index only (``index.residual``): conditions checked after decryption, and
-    # ModalitiesInStudy when its column cannot be matched in SQL.
-    residual: list[residual.Residual] = field(default_factory=list)
-    modalities: Condition | None = None
-    prefilters: int = 0  # token prefilters among ``sql``
-    # Values of the bind parameters in ``sql`` (``name_match``: shared name clauses).
-    params: dict[str, Any] = field(default_factory=dict)
+def _level(level: Level | str, error: str) -> Level:
+    found = level if isinstance(level, Level) else Level.of(level)
+    if found is None:
+        raise QueryError(error)
+    return found
 
 
 class QueryEngine:
@@ -373,7 +289,7 @@ class QueryEngine:
                     raw.set_progress_handler(None, 0)
 
     def _find_sealed(
-        self, session: Session, level: Level, filt: _Filter, budget: _Budget,
+        self, session: Session, level: Level, filt: Filter, budget: _Budget,
         window: _Window | None, accessed: Accessed | None, plan: _Plan,
         charset: str | None, for_dimse: bool, include_all: bool, read: header_read.Reader,
     ) -> Generator[dict[str, Any], None, None]:
@@ -445,73 +361,8 @@ class QueryEngine:
         return level_select(level)
 
     def _filter(self, level: Level, identifier: Dataset,
-                sealer: sealing.Sealer | None = None) -> _Filter:
-        sql: list[ColumnElement[bool]] = []
-        meta: list[tuple[str, Any]] = []
-        left: list[residual.Residual] = []
-        modalities: Condition | None = None
-        sealed: list[tuple[str, Any, Condition]] = []  # split together after the loop
-        params: dict[str, Any] = {}
-        for elem in identifier:
-            keyword = elem.keyword
-            if keyword in _SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
-                continue
-            if elem.VR == "SQ":
-                items = sequence_conditions(elem)
-                if items:
-                    meta.append((f"{elem.tag:08X}", items))
-                continue
-            raw = text_of(elem)
-            if keyword == "ModalitiesInStudy":
-                # A study-level key. Below the study level it matches on the parent
-                # study's modalities, like every other higher-level key here (PS3.4
-                # C.4.1.2.2 lets an SCP match or ignore it; matching is what a user who
-                # typed it means). The subquery reads its own alias of Series: with the
-                # outer query's Series (SERIES and IMAGE levels) SQLAlchemy correlated
-                # both tables away and the statement had no FROM (C000, issue 13 defect 4).
-                cond = matching.parse("str", raw)
-                if (not cond.is_universal and not level.above(Level.STUDY)
-                        and sealer is not None
-                        and not residual.in_sql(Series.modality, "str", cond)):
-                    modalities = cond
-                elif not cond.is_universal and not level.above(Level.STUDY):
-                    other = aliased(Series)
-                    sql.append(exists().where(other.study_pk == Study.pk,
-                                              other.num_instances > 0,
-                                              cond.clause(other.modality)))
-                continue
-            col = COLUMNS.get(keyword)
-            if col is not None:
-                if level.above(col.level):
-                    continue  # a lower-level key in a higher-level query: not a filter
-                cond = matching.parse(col.kind, raw)
-                if cond.is_universal:
-                    continue
-                if sealer is not None and not residual.in_sql(col.column, col.kind, cond):
-                    sealed.append((keyword, col.column, cond))
-                    continue
-                if keyword == "PatientName" and sealer is None and cond.kind == "pn" \
-                        and cond.op in ("equal", "wildcard", "list"):
-                    named = name_match.name_filter(cond)  # built once per shape
-                    sql.append(named.clause)
-                    params.update(named.params)
-                    continue
-                sql.append(
-                    _int_clause(cond, col.column) if col.kind == "int"
-                    else _name_clause(cond) if keyword == "PatientName"
-                    else cond.clause(col.column)
-                )
-                continue
-            if keyword in computed.COMPUTED:
-                continue
-            cond = matching.parse(VR_KIND.get(str(elem.VR), "str"), raw)
-            if not cond.is_universal:
-                meta.append((f"{elem.tag:08X}", cond))
-        prefilters = 0
-        if sealer is not None and sealed:
-            clauses, left, prefilters = residual.split_all(sealer, level, sealed)
-            sql.extend(clauses)
-        return _Filter(sql, meta, left, modalities, prefilters, params)
+                sealer: sealing.Sealer | None = None) -> Filter:
+        return build_filter(level, identifier, sealer)
 
     # --- C-MOVE / C-GET / WADO-RS selection --------------------------------------------
 
@@ -584,7 +435,7 @@ class QueryEngine:
         return out
 
 
-def _reader(plan: _Plan, filt: _Filter, include_all: bool) -> header_read.Reader:
+def _reader(plan: _Plan, filt: Filter, include_all: bool) -> header_read.Reader:
     """What of the stored headers this query reads: its return keys and the keys it
     matches on the header (``filt.meta``), or everything for ``includefield=all``."""
     if include_all:
@@ -642,7 +493,7 @@ def _plan(identifier: Dataset) -> _Plan:
     computed_keys: list[tuple[str, str, str]] = []
     for elem in identifier:
         keyword = elem.keyword
-        if keyword in _SKIP or elem.tag.group == 0x0002:
+        if keyword in SKIP or elem.tag.group == 0x0002:
             continue
         tag = f"{elem.tag:08X}"
         if keyword in computed.COMPUTED:
