@@ -76,6 +76,26 @@ def test_every_workload_has_a_figure_for_both_servers(run: Path) -> None:
 
 
 @pytest.mark.timeout(900)
+def test_every_query_row_has_its_stack_ceilings(run: Path) -> None:
+    """Issue 17: each C-FIND / QIDO-RS row is read against pacsvault's own answer sent by a
+    bare pynetdicom / uvicorn stack to the same client (``query_ceilings``)."""
+    rows = [r for r in _rows(run) if str(r["workload"]).startswith(("C-FIND", "QIDO-RS"))]
+    assert len(rows) == 16
+    for r in rows:
+        ceilings = r["ceilings"]
+        assert isinstance(ceilings, dict)
+        want = {"find_pyn"} if str(r["workload"]).startswith("C-FIND") \
+            else {"qido_https", "qido_http"}
+        assert set(ceilings) == want, r["workload"]
+        for c in ceilings.values():
+            assert c["value"] is not None and c["value"] > 0
+        for s in SERVERS:
+            shares = r[s]["fraction_of_ceilings"]  # type: ignore[index]
+            assert set(shares) == want and all(v > 0 for v in shares.values())
+    assert "% HTTPS" in (run / "results.md").read_text()
+
+
+@pytest.mark.timeout(900)
 def test_bench_checks_passed_for_both_servers(run: Path) -> None:
     checked = [r for r in _rows(run) if r["checks"]]
     kinds = {str(r["workload"]).split(" (")[0].split(",")[0] for r in checked}

@@ -7,6 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.compare import query_ceilings
 from bench.compare.ceilings import KINDS, SHORT
 
 SERVERS = ("pacsvault", "orthanc")
@@ -39,9 +40,14 @@ class Row:
     informational: bool = False  # a fact about the servers, not a race (no "ahead")
     # wire ceilings it is read against (``ceilings.KINDS``: "store" or "get"), or None
     ceiling: str | None = None
+    # the row's own ceilings (``query_ceilings``: a query's answer sent by a bare stack),
+    # key -> samples in the row's unit, read with the row's ``stat``
+    wire: dict[str, list[float]] = field(default_factory=dict)
 
     def value(self, server: str) -> float | None:
-        v = self.samples[server]
+        return self._stat(self.samples[server])
+
+    def _stat(self, v: list[float]) -> float | None:
         if not v:
             return None
         if self.stat == "p95":
@@ -68,12 +74,23 @@ class Row:
             return None
         return r >= 1 if self.higher_is_better else r <= 1
 
-    def ceiling_shares(self, server: str, ceilings: dict[str, float]) -> dict[str, float]:
-        """The server's figure as a fraction of each wire ceiling of its kind."""
-        v = self.value(server)
-        if v is None or not self.ceiling:
+    def ceiling_values(self, ceilings: dict[str, float]) -> dict[str, float]:
+        """Each ceiling this row is read against: its own (``wire``), else the run's of
+        its kind."""
+        if self.wire:
+            return {k: x for k, v in self.wire.items() if (x := self._stat(v))}
+        if not self.ceiling:
             return {}
-        return {k: v / ceilings[k] for k in KINDS[self.ceiling] if ceilings.get(k)}
+        return {k: ceilings[k] for k in KINDS[self.ceiling] if ceilings.get(k)}
+
+    def ceiling_shares(self, server: str, ceilings: dict[str, float]) -> dict[str, float]:
+        """The server's figure as a fraction of each ceiling (of its speed, for a row
+        where lower is better: 0.5 = twice the ceiling's latency)."""
+        v = self.value(server)
+        if not v:
+            return {}
+        return {k: v / c if self.higher_is_better else c / v
+                for k, c in self.ceiling_values(ceilings).items()}
 
     def to_json(self, limits: dict[str, float],
                 ceilings: dict[str, float] | None = None) -> dict[str, Any]:
@@ -94,6 +111,10 @@ class Row:
                 out[s]["fraction_of_ceilings"] = shares
         if self.samples[SCALE_OUT]:
             out["scale_out_ratio"] = self.ratio(SCALE_OUT)
+        if self.wire:
+            out["ceilings"] = {k: {"label": query_ceilings.LABELS.get(k, k),
+                                   "value": self._stat(v), "samples": v}
+                               for k, v in self.wire.items()}
         return out
 
 
@@ -109,6 +130,10 @@ def _num(v: float | None) -> str:
 
 def _shares(r: Row, server: str, ceilings: dict[str, float]) -> str:
     shares = r.ceiling_shares(server, ceilings)
+    if r.wire:  # the row's own ceilings: their figure too (no table lists them)
+        values = r.ceiling_values(ceilings)
+        return ", ".join(f"{100 * v:.0f} % {query_ceilings.SHORT.get(k, k)} "
+                         f"{_num(values[k])}" for k, v in shares.items())
     return ", ".join(f"{100 * v:.0f} % {SHORT[k]}" for k, v in shares.items())
 
 
@@ -116,12 +141,13 @@ def markdown(rows: list[Row], limits: dict[str, float],
              ceilings: dict[str, float] | None = None) -> str:
     scale = any(r.samples[SCALE_OUT] for r in rows)
     wire = ceilings or {}
+    show = bool(wire) or any(r.wire for r in rows)
     lines = [
         "| workload | metric | pacsvault | Orthanc | ratio pv/Orthanc | pacsvault ahead | "
         "pacsvault % of limit | Orthanc % of limit | limit |"
-        + (" pacsvault % of wire ceilings | Orthanc % of wire ceilings |" if wire else "")
+        + (" pacsvault % of wire ceilings | Orthanc % of wire ceilings |" if show else "")
         + (" pacsvault scale-out | ratio scale-out/Orthanc |" if scale else ""),
-        "|---|---|---:|---:|---:|:---:|---:|---:|---|" + ("---|---|" if wire else "")
+        "|---|---|---:|---:|---:|:---:|---:|---:|---|" + ("---|---|" if show else "")
         + ("---:|---:|" if scale else ""),
     ]
     for r in rows:
@@ -139,7 +165,7 @@ def markdown(rows: list[Row], limits: dict[str, float],
             f"{_num(ratio) if ratio is not None else '-'} | {ahead} | {fr[0]} | {fr[1]} | "
             f"{label} |"
             + (f" {_shares(r, 'pacsvault', wire)} | {_shares(r, 'orthanc', wire)} |"
-               if wire else "")
+               if show else "")
             + (f" {r.cell(SCALE_OUT)} | {_num(r.ratio(SCALE_OUT))} |" if scale else ""))
     return "\n".join(lines)
 

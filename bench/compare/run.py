@@ -30,7 +30,15 @@ from typing import Any
 
 from pydicom import dcmread
 
-from bench.compare import ceilings, dataset, limits, profile, report, scaleout
+from bench.compare import (
+    ceilings,
+    dataset,
+    limits,
+    profile,
+    query_ceilings,
+    report,
+    scaleout,
+)
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.orthanc import version as orthanc_version
@@ -46,6 +54,7 @@ from bench.compare.workloads import (
     http_client,
     ingest,
     qido,
+    qido_body,
     wado,
 )
 from pacsvault.cli.common import CommandError
@@ -305,7 +314,23 @@ class Bench:
             prof_file = self.prof_path(f"{prof}-{fname}".replace(" ", "-"))
             with profile.record(targets["pacsvault"].pid, prof_file, bool(self.args.profile)):
                 self.query_reps(targets, clients, filt, expected, rows, warm)
+            self.query_ceilings(targets, clients, filt, rows, warm,
+                                f"{prof}-{fname}".replace(" ", "-"))
             log(f"queries {fname} ({label}) done, expected {expected} matches")
+
+    def query_ceilings(self, targets: dict[str, Target], clients: dict[str, Any],
+                       filt: dict[str, str], rows: dict[str, tuple[Row, Row]], warm: int,
+                       name: str) -> None:
+        """The rows' own ceilings: pacsvault's answers (its last findscu output, its QIDO-RS
+        body) sent from memory by bare stacks to the same clients (``query_ceilings``)."""
+        body = qido_body(clients["pacsvault"], targets["pacsvault"], filt)
+        got = query_ceilings.measure(self.work / "query-ceilings" / name,
+                                     self.work / "findscu" / "pacsvault", body, filt,
+                                     self.reps, warm)
+        for kind, keys in (("C-FIND (findscu)", query_ceilings.FIND),
+                           ("QIDO-RS /studies", query_ceilings.QIDO)):
+            for row in rows[kind]:
+                row.wire = {k: got[k] for k in keys}
 
     def query_reps(self, targets: dict[str, Target], clients: dict[str, Any],
                    filt: dict[str, str], expected: int, rows: dict[str, tuple[Row, Row]],

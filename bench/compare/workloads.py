@@ -68,15 +68,25 @@ def http_client(target: Target) -> httpx.Client:
 def qido(client: httpx.Client, target: Target, filters: dict[str, str]) -> tuple[float, int]:
     """QIDO-RS /studies with the same filters. The query string is written by hand: httpx
     would percent-encode ``*`` (``%2A``), which Orthanc 1.10 then matches literally."""
-    query = "&".join(f"{k}={v}" for k, v in filters.items())
-    url = f"{target.dicomweb_url}/studies?{query}"
     t0 = time.perf_counter()
-    res = client.get(url, headers={"Accept": "application/dicom+json"})
+    res = client.get(_qido_url(target, filters), headers={"Accept": "application/dicom+json"})
     secs = time.perf_counter() - t0
     if res.status_code == 204:
         return secs, 0
     res.raise_for_status()
     return secs, len(res.json())
+
+
+def qido_body(client: httpx.Client, target: Target, filters: dict[str, str]) -> bytes:
+    """The body of ``target``'s QIDO-RS answer to ``filters`` (for ``query_ceilings``)."""
+    res = client.get(_qido_url(target, filters), headers={"Accept": "application/dicom+json"})
+    res.raise_for_status()
+    return res.content
+
+
+def _qido_url(target: Target, filters: dict[str, str]) -> str:
+    query = "&".join(f"{k}={v}" for k, v in filters.items())
+    return f"{target.dicomweb_url}/studies?{query}"
 
 
 def split_multipart(content_type: str, body: bytes) -> list[bytes]:

@@ -1,0 +1,203 @@
+"""Same-run ceilings for the query rows (issue 17): what the stack alone answers in.
+
+Why: a C-FIND or QIDO-RS latency alone does not say how much of it is the archive's work
+(matching, the audit record made durable, authorisation) and how much is the protocol stack
+a Python server is built on. Each query row of ``bench compare`` is read here against a
+receiver that does no work of its own and sends **pacsvault's own answer** to the same
+query, taken from memory, to the same client:
+
+- ``find_pyn``: a bare pynetdicom C-FIND SCP (no authorisation, no index, no record) that
+  yields the answer datasets pacsvault's last ``findscu`` run wrote (``-X``), to ``findscu``
+  as in the row (a new process and association per query, as the row measures);
+- ``qido_https`` / ``qido_http``: a bare Starlette app on uvicorn that returns the JSON body
+  pacsvault answered, to the same ``httpx`` client settings as the row, over HTTPS (as
+  pacsvault is measured) and plain HTTP (as Orthanc is).
+
+The figure of a row is a latency (lower is better), so its share of a ceiling is the
+ceiling's latency over the server's: 50 % = twice as long as the bare stack takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.compare.base import Target
+from bench.compare.procs import Service, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+CEILING_AE = "CEILING"
+FIND = ("find_pyn",)
+QIDO = ("qido_https", "qido_http")
+LABELS = {
+    "find_pyn": "bare pynetdicom C-FIND SCP, pacsvault's answers from memory (same findscu)",
+    "qido_https": "bare uvicorn/Starlette, pacsvault's QIDO-RS body from memory, HTTPS",
+    "qido_http": "bare uvicorn/Starlette, pacsvault's QIDO-RS body from memory, plain HTTP",
+}
+SHORT = {"find_pyn": "pyn", "qido_https": "HTTPS", "qido_http": "HTTP"}
+
+
+class Bare(Target):
+    """A ceiling receiver seen through ``workloads.findscu`` / ``workloads.qido``."""
+
+    name = "ceiling"
+    called_ae = CEILING_AE
+
+    def __init__(self, root: Path, service: Service, port: int, *, http: str = "",
+                 ca: Path | None = None) -> None:
+        super().__init__(root, False)
+        self.service = service
+        self.dicom_port = self.https_port = port
+        self._http, self._ca = http, ca
+
+    def start(self) -> None:  # started by ``_start``
+        pass
+
+    @property
+    def scu_tls(self) -> list[str]:
+        return []
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.root
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self._http}://127.0.0.1:{self.https_port}/dicom-web"
+
+    @property
+    def ca_file(self) -> Path:
+        assert self._ca is not None
+        return self._ca
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {}
+
+
+def _start(args: list[str], log: Path) -> tuple[Service, int]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    svc = Service([sys.executable, "-m", "bench.compare.query_ceilings", *args, "--port",
+                   str(port)], log, env=env)
+    wait_port(port, svc.proc, log)
+    return svc, port
+
+
+def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], reps: int,
+            warm: int) -> dict[str, list[float]]:
+    """Latencies (ms) of each ceiling for ``filters``, ``warm`` untimed requests first;
+    the three receivers are asked in turn, one request each per round, like the row."""
+    from bench.compare.workloads import findscu, qido
+    from bench.ingest import make_peer_pki
+
+    work.mkdir(parents=True, exist_ok=True)
+    kept = work / "answers"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.copytree(answers, kept)
+    (work / "body.json").write_bytes(body)
+    pki = work.parent / "query-ceiling-pki"
+    if not (pki / "ca.crt").exists():
+        make_peer_pki(pki)
+    out: dict[str, list[float]] = {k: [] for k in (*FIND, *QIDO)}
+    started: list[Service] = []
+    try:
+        svc, port = _start(["find", "--answers", str(kept)], work / "find.log")
+        started.append(svc)
+        targets: dict[str, Bare] = {"find_pyn": Bare(work / "find", svc, port)}
+        for key, scheme in (("qido_https", "https"), ("qido_http", "http")):
+            svc, port = _start(["qido", "--body", str(work / "body.json"),
+                                *(["--pki", str(pki)] if scheme == "https" else [])],
+                               work / f"{key}.log")
+            started.append(svc)
+            targets[key] = Bare(work / key, svc, port, http=scheme, ca=pki / "ca.crt")
+        clients = {k: httpx.Client(verify=str(pki / "ca.crt"), trust_env=False, timeout=60)
+                   for k in QIDO}
+        try:
+            for rep in range(warm + reps):
+                secs, _ = findscu(targets["find_pyn"], filters, work / "findscu-out")
+                timed = {"find_pyn": secs}
+                for key in QIDO:
+                    timed[key], _ = qido(clients[key], targets[key], filters)
+                if rep >= warm:
+                    for key, value in timed.items():
+                        out[key].append(value * 1000)
+        finally:
+            for client in clients.values():
+                client.close()
+    finally:
+        for svc in started:
+            svc.stop()
+    return out
+
+
+# --- the receivers (``python -m bench.compare.query_ceilings find|qido``) -----------------
+
+
+def serve_find(port: int, answers: Path) -> None:
+    from pydicom import Dataset, dcmread
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    # identifiers, not files: the elements without their file meta
+    datasets = [Dataset(dcmread(p, force=True)) for p in sorted(answers.iterdir())
+                if p.is_file()]
+
+    def on_find(_event: Any) -> Iterator[Any]:
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    ae = AE(ae_title=CEILING_AE)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+
+
+def serve_qido(port: int, body_file: Path, pki: Path | None) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    body = body_file.read_bytes()
+
+    async def studies(_request: Request) -> Response:
+        return Response(body, media_type="application/dicom+json")
+
+    app = Starlette(routes=[Route("/dicom-web/studies", studies)])
+    tls: dict[str, Any] = ({"ssl_keyfile": str(pki / "server.key"),
+                            "ssl_certfile": str(pki / "server.crt")} if pki else {})
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **tls)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.compare.query_ceilings")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("find")
+    f.add_argument("--answers", type=Path, required=True)
+    f.add_argument("--port", type=int, required=True)
+    q = sub.add_parser("qido")
+    q.add_argument("--body", type=Path, required=True)
+    q.add_argument("--pki", type=Path)
+    q.add_argument("--port", type=int, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "find":
+        serve_find(args.port, args.answers)
+    else:
+        serve_qido(args.port, args.body, args.pki)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
