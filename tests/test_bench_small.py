@@ -84,7 +84,7 @@ def test_every_query_row_has_its_stack_ceilings(run: Path) -> None:
     for r in rows:
         ceilings = r["ceilings"]
         assert isinstance(ceilings, dict)
-        want = {"find_pyn"} if str(r["workload"]).startswith("C-FIND") \
+        want = {"find_pyn", "find_dcmtk"} if str(r["workload"]).startswith("C-FIND") \
             else {"qido_https", "qido_http"}
         assert set(ceilings) == want, r["workload"]
         for c in ceilings.values():

@@ -100,8 +100,9 @@ def _store_once(key: str, files: list[Path], work: Path) -> float:
     return sum(f.stat().st_size for f in files) / secs / MB
 
 
-def _dcmqrscp(files: list[Path], logs: Path) -> tuple[Service, int]:
-    """dcmqrscp with one storage area (anyone may store, get), filled by storescu."""
+def dcmqrscp(files: list[Path], logs: Path, studies: int = 500) -> tuple[Service, int]:
+    """dcmqrscp with one storage area (anyone may store, get, find) holding up to
+    ``studies`` studies, filled by storescu (also the ``find_dcmtk`` query ceiling)."""
     area = logs / "area"
     rmtree(area)
     area.mkdir(parents=True)
@@ -110,7 +111,7 @@ def _dcmqrscp(files: list[Path], logs: Path) -> tuple[Service, int]:
     config.write_text(
         f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
         "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-        f"AETable BEGIN\n{CEILING_AE} {area} RW (500, 1024mb) ANY\nAETable END\n")
+        f"AETable BEGIN\n{CEILING_AE} {area} RW ({studies}, 1024mb) ANY\nAETable END\n")
     svc = Service([dcmtk("dcmqrscp"), "-c", str(config), "-dhl"],
                   logs / "server.log", env=DCMTK_ENV)
     wait_port(port, svc.proc, logs / "server.log")
@@ -129,7 +130,7 @@ def _get_once(key: str, files: list[Path], study: str, work: Path) -> float:
     for old in out.iterdir():
         old.unlink()
     if key == "get_dcmtk":
-        svc, port = _dcmqrscp(files, logs)
+        svc, port = dcmqrscp(files, logs)
     else:
         listing = logs / "files.txt"
         listing.write_text("\n".join(str(f) for f in files))

@@ -9,6 +9,10 @@ query, taken from memory, to the same client:
 - ``find_pyn``: a bare pynetdicom C-FIND SCP (no authorisation, no index, no record) that
   yields the answer datasets pacsvault's last ``findscu`` run wrote (``-X``), to ``findscu``
   as in the row (a new process and association per query, as the row measures);
+- ``find_dcmtk``: dcmtk's own archive, ``dcmqrscp``, holding the same studies (stored into
+  it by ``storescu`` before the queries), answering the same ``findscu`` from its own index:
+  a C++ query path without encryption, authentication or audit (the "gap to dcmtk" a row
+  bound by pynetdicom is read against; its answers come from its index, not pacsvault's);
 - ``qido_https`` / ``qido_http``: a bare Starlette app on uvicorn that returns the JSON body
   pacsvault answered, to the same ``httpx`` client settings as the row, over HTTPS (as
   pacsvault is measured) and plain HTTP (as Orthanc is).
@@ -34,14 +38,15 @@ from bench.compare.procs import Service, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CEILING_AE = "CEILING"
-FIND = ("find_pyn",)
+FIND = ("find_pyn", "find_dcmtk")
 QIDO = ("qido_https", "qido_http")
 LABELS = {
     "find_pyn": "bare pynetdicom C-FIND SCP, pacsvault's answers from memory (same findscu)",
+    "find_dcmtk": "dcmtk dcmqrscp holding the same studies, its own index (same findscu)",
     "qido_https": "bare uvicorn/Starlette, pacsvault's QIDO-RS body from memory, HTTPS",
     "qido_http": "bare uvicorn/Starlette, pacsvault's QIDO-RS body from memory, plain HTTP",
 }
-SHORT = {"find_pyn": "pyn", "qido_https": "HTTPS", "qido_http": "HTTP"}
+SHORT = {"find_pyn": "pyn", "find_dcmtk": "dcmtk", "qido_https": "HTTPS", "qido_http": "HTTP"}
 
 
 class Bare(Target):
@@ -91,10 +96,36 @@ def _start(args: list[str], log: Path) -> tuple[Service, int]:
     return svc, port
 
 
+class DcmtkArchive:
+    """``dcmqrscp`` holding ``files`` (stored by ``storescu``) for the ``find_dcmtk``
+    ceiling of every query row of one index size; a context manager. dcmqrscp holds at
+    most ``MAX_STUDIES`` studies per storage area (it lowers a larger setting to that,
+    and aborted past it here), so the 10,000-study rows have no dcmtk ceiling."""
+
+    MAX_STUDIES = 500
+
+    def __init__(self, work: Path, files: list[Path]) -> None:
+        self.work, self.files = work, files
+        self.target: Bare | None = None
+
+    def __enter__(self) -> DcmtkArchive:
+        from bench.compare.ceilings import dcmqrscp
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        svc, port = dcmqrscp(self.files, self.work, studies=len(self.files) + 16)
+        self.target = Bare(self.work, svc, port)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.target is not None:
+            self.target.stop()
+
+
 def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], reps: int,
-            warm: int) -> dict[str, list[float]]:
+            warm: int, archive: DcmtkArchive | None = None) -> dict[str, list[float]]:
     """Latencies (ms) of each ceiling for ``filters``, ``warm`` untimed requests first;
-    the three receivers are asked in turn, one request each per round, like the row."""
+    the receivers are asked in turn, one request each per round, like the row
+    (``find_dcmtk`` only with an ``archive``)."""
     from bench.compare.workloads import findscu, qido
     from bench.ingest import make_peer_pki
 
@@ -103,15 +134,20 @@ def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], rep
     shutil.rmtree(kept, ignore_errors=True)
     shutil.copytree(answers, kept)
     (work / "body.json").write_bytes(body)
+    answered = sum(1 for p in kept.iterdir() if p.is_file())
     pki = work.parent / "query-ceiling-pki"
     if not (pki / "ca.crt").exists():
         make_peer_pki(pki)
-    out: dict[str, list[float]] = {k: [] for k in (*FIND, *QIDO)}
+    dcmtk = archive.target if archive is not None else None
+    out: dict[str, list[float]] = {k: [] for k in (*FIND, *QIDO)
+                                   if k != "find_dcmtk" or dcmtk is not None}
     started: list[Service] = []
     try:
         svc, port = _start(["find", "--answers", str(kept)], work / "find.log")
         started.append(svc)
         targets: dict[str, Bare] = {"find_pyn": Bare(work / "find", svc, port)}
+        if dcmtk is not None:
+            targets["find_dcmtk"] = dcmtk
         for key, scheme in (("qido_https", "https"), ("qido_http", "http")):
             svc, port = _start(["qido", "--body", str(work / "body.json"),
                                 *(["--pki", str(pki)] if scheme == "https" else [])],
@@ -122,8 +158,13 @@ def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], rep
                    for k in QIDO}
         try:
             for rep in range(warm + reps):
-                secs, _ = findscu(targets["find_pyn"], filters, work / "findscu-out")
-                timed = {"find_pyn": secs}
+                timed: dict[str, float] = {}
+                for key in FIND:
+                    if key in targets:
+                        timed[key], got = findscu(targets[key], filters, work / "findscu-out")
+                        if got != answered and rep == 0:  # its own index: said, not fatal
+                            print(f"query ceiling {key}: {got} answers, pacsvault {answered}",
+                                  file=sys.stderr)
                 for key in QIDO:
                     timed[key], _ = qido(clients[key], targets[key], filters)
                 if rep >= warm:

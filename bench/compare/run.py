@@ -17,6 +17,7 @@ Output: ``OUT/results.json``, ``OUT/results.md`` and the table on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -303,34 +304,46 @@ class Bench:
                 items: list[dataset.Item], label: str, prof: str) -> None:
         c = self.corpus
         warm = 2
-        for fname, filt in c.filters().items():
-            expected = c.expected_matches(items, name="PatientName" in filt,
-                                          week="StudyDate" in filt)
-            rows = {
-                kind: (self.row(f"{kind} {fname}, {label}", "p50 ms", False, "p50"),
-                       self.row(f"{kind} {fname}, {label}", "p95 ms", False, "p95"))
-                for kind in ("C-FIND (findscu)", "QIDO-RS /studies")
-            }
-            prof_file = self.prof_path(f"{prof}-{fname}".replace(" ", "-"))
-            with profile.record(targets["pacsvault"].pid, prof_file, bool(self.args.profile)):
-                self.query_reps(targets, clients, filt, expected, rows, warm)
-            self.query_ceilings(targets, clients, filt, rows, warm,
-                                f"{prof}-{fname}".replace(" ", "-"))
-            log(f"queries {fname} ({label}) done, expected {expected} matches")
+        archive = query_ceilings.DcmtkArchive(self.work / "query-ceilings" / f"{prof}-dcmqrscp",
+                                              c.files(items))
+        fits = len(c.studies(items)) < archive.MAX_STUDIES
+        with archive if fits else contextlib.nullcontext(archive):
+            for fname, filt in c.filters().items():
+                self.query_set(targets, clients, items, label, prof, warm, archive, fname,
+                               filt)
+
+    def query_set(self, targets: dict[str, Target], clients: dict[str, Any],
+                  items: list[dataset.Item], label: str, prof: str, warm: int,
+                  archive: query_ceilings.DcmtkArchive, fname: str,
+                  filt: dict[str, str]) -> None:
+        c = self.corpus
+        expected = c.expected_matches(items, name="PatientName" in filt,
+                                      week="StudyDate" in filt)
+        rows = {
+            kind: (self.row(f"{kind} {fname}, {label}", "p50 ms", False, "p50"),
+                   self.row(f"{kind} {fname}, {label}", "p95 ms", False, "p95"))
+            for kind in ("C-FIND (findscu)", "QIDO-RS /studies")
+        }
+        prof_file = self.prof_path(f"{prof}-{fname}".replace(" ", "-"))
+        with profile.record(targets["pacsvault"].pid, prof_file, bool(self.args.profile)):
+            self.query_reps(targets, clients, filt, expected, rows, warm)
+        self.query_ceilings(targets, clients, filt, rows, warm,
+                            f"{prof}-{fname}".replace(" ", "-"), archive)
+        log(f"queries {fname} ({label}) done, expected {expected} matches")
 
     def query_ceilings(self, targets: dict[str, Target], clients: dict[str, Any],
                        filt: dict[str, str], rows: dict[str, tuple[Row, Row]], warm: int,
-                       name: str) -> None:
+                       name: str, archive: query_ceilings.DcmtkArchive) -> None:
         """The rows' own ceilings: pacsvault's answers (its last findscu output, its QIDO-RS
         body) sent from memory by bare stacks to the same clients (``query_ceilings``)."""
         body = qido_body(clients["pacsvault"], targets["pacsvault"], filt)
         got = query_ceilings.measure(self.work / "query-ceilings" / name,
                                      self.work / "findscu" / "pacsvault", body, filt,
-                                     self.reps, warm)
+                                     self.reps, warm, archive)
         for kind, keys in (("C-FIND (findscu)", query_ceilings.FIND),
                            ("QIDO-RS /studies", query_ceilings.QIDO)):
             for row in rows[kind]:
-                row.wire = {k: got[k] for k in keys}
+                row.wire = {k: got[k] for k in keys if k in got}
 
     def query_reps(self, targets: dict[str, Target], clients: dict[str, Any],
                    filt: dict[str, str], expected: int, rows: dict[str, tuple[Row, Row]],
