@@ -5,9 +5,10 @@ C-STORE-RQ command encoded directly and the P-DATA-TF PDUs laid out as headers a
 of the stored bytes, written by the DUL thread in batches. Checked here:
 
 - the encoding itself, in-process, against pynetdicom's: the command set byte for byte
-  (and the C-GET/C-MOVE responses sent after each sub-operation),
+  (and the C-GET/C-MOVE responses sent after each sub-operation, their PDU too),
   and the PDU stream byte for byte (fragment sizes, PDV headers, message control header
-  bits of PS3.8 E.2) at max PDU 4096, 16384, 16385 and unlimited (0);
+  bits of PS3.8 E.2) at max PDU 4096, 16384, 16385 and unlimited (0), and written in
+  full when the socket takes a few bytes per ``sendmsg``;
 - what real peers receive from the running server: pynetdicom C-GET at each of those
   PDU sizes, dcmtk ``getscu`` at odd PDU sizes, ``movescu`` into ``storescp +B +xa``
   with an odd PDU size, and C-GET over DICOM TLS: every object of the corpus (every
@@ -39,9 +40,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as ClientAE
 from pynetdicom import build_role, evt
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -182,6 +184,118 @@ def test_retrieve_responses_left_to_pynetdicom() -> None:
         assert sendpath.encode_retrieve_rsp(primitive) is None
 
 
+class _Dimse:
+    """What ``sendpath.send_msg`` reads of pynetdicom's DIMSE provider; its DUL records
+    the primitives queued for the wire."""
+
+    def __init__(self, max_pdu: int) -> None:
+        self.maximum_pdu_size = max_pdu
+        self.queued: list[Any] = []
+        self.dul = DULServiceProvider.__new__(DULServiceProvider)
+        self.dul.send_pdu = self.queued.append  # type: ignore[assignment, method-assign]
+        self.assoc = self
+
+    @staticmethod
+    def get_handlers(_event: Any) -> list[Any]:
+        return []
+
+
+@pytest.mark.parametrize("max_pdu", PDU_SIZES)
+@pytest.mark.parametrize("kind", [C_GET, C_MOVE])
+def test_retrieve_response_pdu_is_pynetdicom_pdu(max_pdu: int, kind: type) -> None:
+    """The Pending response after each sub-operation, queued as a ``Wire``: the P-DATA-TF
+    PDU pynetdicom's ``send_msg`` (``encode_msg``) and DUL (``P_DATA_TF.encode``) write."""
+    rsp = kind()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0xFF00
+    rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelGet
+    (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+     rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = (599, 1, 0, 0)
+    rsp.Identifier = None
+    dimse = _Dimse(max_pdu)
+    assert sendpath.send_msg(dimse, rsp, 3)
+    [wire] = dimse.queued
+    assert isinstance(wire, sendpath.Wire)
+    written = b"".join(wire.pv_pieces)
+    assert len(written) == wire.pv_size
+    msg = (C_GET_RSP if kind is C_GET else C_MOVE_RSP)()
+    msg.primitive_to_message(rsp)
+    assert written == b"".join(P_DATA_TF(p).encode() for p in msg.encode_msg(3, max_pdu))
+
+
+class _Trickle:
+    """A socket whose ``sendmsg`` takes at most ``step`` bytes a call (as a full kernel
+    buffer does), recording the bytes and the number of buffers per call."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.out = bytearray()
+        self.buffers: list[int] = []
+
+    def sendmsg(self, buffers: list[Any]) -> int:
+        self.buffers.append(len(buffers))
+        joined = b"".join(buffers)[:self.step]
+        self.out += joined
+        return len(joined)
+
+
+@pytest.mark.parametrize("step", [1, 5, 11, 12, 4096, 1 << 30])
+def test_gathered_writes_resume_where_the_kernel_stopped(step: int) -> None:
+    command = sendpath.encode_store_rq(3, CTImageStorage, "1.2.3.4.5", 2, None, None)
+    assert command is not None
+    data = np.random.default_rng(step).integers(0, 256, 40_001, dtype=np.uint8).tobytes()
+    cut = sendpath.fragments(5, command, memoryview(data)[1:], 4096 if step < 100 else 64)
+    assert cut is not None
+    pieces, total = cut
+    sock = _Trickle(step)
+    sendpath._send_gathered(sock, pieces)
+    assert bytes(sock.out) == b"".join(pieces) and len(sock.out) == total
+    assert max(sock.buffers) <= sendpath._IOV
+
+
+def _store_rsp_pdus(status: int, max_pdu: int = 0, msg_id: int = 9, context_id: int = 5,
+                    **extra: Any) -> list[bytes]:
+    """A C-STORE-RSP's P-DATA-TF PDUs as pynetdicom (and dcmtk: same elements, same
+    order) write them."""
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = msg_id, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CTImageStorage, "1.2.3.4.5"
+    for keyword, value in extra.items():
+        setattr(rsp, keyword, value)
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    return [P_DATA_TF(p).encode() for p in msg.encode_msg(context_id, max_pdu)]
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xB007, 0xA700, 0xC000, 0xFFFF])
+def test_the_awaited_answer_is_read_with_its_status(status: int) -> None:
+    [pdu] = _store_rsp_pdus(status)
+    found = sendpath.answer(memoryview(pdu)[6:], (9, 5))
+    assert found is not None and found.status == status
+
+
+def test_answers_left_to_pynetdicom() -> None:
+    """Anything but the plain answer awaited: pynetdicom decodes it, as before."""
+    [plain] = _store_rsp_pdus(0)
+    assert sendpath.answer(plain[6:], (8, 5)) is None  # another request's answer
+    assert sendpath.answer(plain[6:], (9, 7)) is None  # another context
+    [comment] = _store_rsp_pdus(0xC000, ErrorComment="no")
+    assert sendpath.answer(comment[6:], (9, 5)) is None
+    [offending] = _store_rsp_pdus(0xA900, OffendingElement=[0x00100010])
+    assert sendpath.answer(offending[6:], (9, 5)) is None
+    fragmented = _store_rsp_pdus(0, max_pdu=64)
+    assert len(fragmented) > 1
+    assert all(sendpath.answer(p[6:], (9, 5)) is None for p in fragmented)
+    command = sendpath.encode_store_rq(9, CTImageStorage, "1.2.3.4.5", 2, None, None)
+    cut = sendpath.fragments(5, command or b"", b"", 0)
+    assert command is not None and cut is not None
+    request = b"".join(cut[0])
+    assert sendpath.answer(request[6:], (9, 5)) is None
+    for broken in (plain[6:-1], plain[6:] + b"\0\0", plain[6:10] + b"\x05\x01" + plain[12:],
+                   plain[6:12] + b"\x00\x00\x05\x00" + plain[16:]):  # short, long,
+        assert sendpath.answer(broken, (9, 5)) is None  # not last command, group length
+    assert sendpath.answer(b"", (9, 5)) is None
+
+
 def test_pdu_sizes_pynetdicom_refuses_are_left_to_it() -> None:
     assert sendpath.fragments(1, b"\0" * 10, b"\0" * 10, 7) is None
 
@@ -318,6 +432,32 @@ def _c_get(stored: list[Stored], port: int, max_pdu: int,
     return int(responses[-1].Status), received
 
 
+_ANSWERS = (0x0000, 0xB007, 0xA700)  # success, warning, failure (a full disk)
+
+
+def _c_get_counts(stored: list[Stored], port: int) -> tuple[int, int, int, int]:
+    """A C-GET whose requester answers its C-STORE sub-operations in turn with success,
+    a warning and a failure: (final status, completed, warning, failed) of the final
+    response."""
+    ae, roles = _getter(stored, 16384)
+    seen = [0]
+
+    def on_store(_event: evt.Event) -> int:
+        seen[0] += 1
+        return _ANSWERS[(seen[0] - 1) % len(_ANSWERS)]
+
+    assoc = ae.associate(LOCAL, port, ae_title=AE, ext_neg=list[Any](roles),
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        final = [s for s, _ in assoc.send_c_get(
+            _identifier(stored), StudyRootQueryRetrieveInformationModelGet) if s][-1]
+    finally:
+        assoc.release()
+    return (int(final.Status), int(final.NumberOfCompletedSuboperations),
+            int(final.NumberOfWarningSuboperations), int(final.NumberOfFailedSuboperations))
+
+
 def _assert_identical(stored: list[Stored], received: dict[str, tuple[str, bytes]]) -> None:
     for s in _as_stored(stored):
         syntax, body = received[s.sop_uid]
@@ -441,10 +581,20 @@ def test_both_send_paths_deliver_the_same_bytes(tmp_path: Path,
     original = sendpath.WireDUL._pv_write
 
     def counted(self: Any, wire: sendpath.Wire) -> None:
-        written[0] += 1
+        if len(wire.pv_pieces) > 1:  # a C-STORE-RQ (a response is one piece)
+            written[0] += 1
         original(self, wire)
 
     monkeypatch.setattr(sendpath.WireDUL, "_pv_write", counted)
+    answered = [0]
+    original_answer = sendpath.answer
+
+    def answer(body: Any, awaiting: tuple[int, int]) -> sendpath.StoreAnswer | None:
+        found = original_answer(body, awaiting)
+        answered[0] += found is not None
+        return found
+
+    monkeypatch.setattr(sendpath, "answer", answer)
     create(tmp_path / "data", key_file=tmp_path / "key")
     vault = Vault.open(tmp_path / "data", tmp_path / "key")
     vault.nodes.add(CALLING, LOCAL, roles=("store", "query", "retrieve"))
@@ -464,13 +614,34 @@ def test_both_send_paths_deliver_the_same_bytes(tmp_path: Path,
         results = {}
         for enabled in (True, False):
             monkeypatch.setattr(sendpath, "ENABLED", enabled)
-            before = written[0]
+            before, answered_before = written[0], answered[0]
             status, received = _c_get(stored, ports["dicom_port"], 16385)
             assert status == 0x0000
-            results[enabled] = (received, written[0] - before)
+            results[enabled] = (received, written[0] - before, answered[0] - answered_before)
         assert results[True][0] == results[False][0]
-        assert results[True][1] == len(_as_stored(stored)) and results[False][1] == 0
+        assert results[True][1:] == (len(_as_stored(stored)),) * 2
+        assert results[False][1:] == (0, 0)
         _assert_identical(stored, results[True][0])
+        # The requester's answers (success, warning, failure in turn) counted alike in the
+        # final response and the retrieval's record, whether the DUL thread read them
+        # (``sendpath.answer``) or pynetdicom did.
+        def gets() -> list[Any]:
+            return [r for r in vault.audit.records() if r.action == "dicom.get"]
+
+        tallies: dict[bool, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        for enabled in (True, False):
+            monkeypatch.setattr(sendpath, "ENABLED", enabled)
+            before = len(gets())
+            final = _c_get_counts(stored, ports["dicom_port"])
+            assert wait_until(lambda: len(gets()) > before, 30, 0.05)  # noqa: B023
+            record = gets()[-1]
+            tallies[enabled] = (final, {k: record.detail[k]
+                                        for k in ("sent", "warning", "failed", "requested")})
+        assert tallies[True] == tallies[False]
+        (_status, completed, warning, failed), detail = tallies[True]
+        assert (completed, warning, failed) == (detail["sent"], detail["warning"],
+                                                detail["failed"])
+        assert warning and failed and completed + warning + failed == len(stored)
         # an abort in the middle: the association's budget is given back, the retrieval
         # recorded as interrupted
         monkeypatch.setattr(sendpath, "ENABLED", True)

@@ -277,7 +277,6 @@ def serve_get(port: int, listing: Path) -> None:
 
 
 def serve_web(port: int, listing: Path, pki: Path | None) -> None:
-    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import StreamingResponse
@@ -296,10 +295,55 @@ def serve_web(port: int, listing: Path, pki: Path | None) -> None:
         return StreamingResponse(body(), media_type="multipart/related; "
                                  f'type="application/dicom"; boundary={boundary}')
 
-    app = Starlette(routes=[Route("/series", series)])
+    _run_uvicorn(Starlette(routes=[Route("/series", series)]), port, pki)
+
+
+def _run_uvicorn(app: Any, port: int, pki: Path | None) -> None:
+    import uvicorn
+
     tls: dict[str, Any] = ({"ssl_keyfile": str(pki / "server.key"),
                             "ssl_certfile": str(pki / "server.crt")} if pki else {})
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **tls)
+
+
+# (the query ceilings' receivers: ``query_ceilings``)
+
+
+def serve_find(port: int, answers: Path) -> None:
+    from pydicom import Dataset, dcmread
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    # identifiers, not files: the elements without their file meta
+    datasets = [Dataset(dcmread(p, force=True)) for p in sorted(answers.iterdir())
+                if p.is_file()]
+
+    def on_find(_event: Any) -> Iterator[Any]:
+        for ds in datasets:
+            yield 0xFF00, ds
+
+    ae = AE(ae_title=CEILING_AE)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+
+
+def serve_qido(port: int, body_file: Path, pki: Path | None) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    body = body_file.read_bytes()
+
+    async def studies(_request: Request) -> Response:
+        return Response(body, media_type="application/dicom+json")
+
+    app = Starlette(routes=[Route("/dicom-web/studies", studies)])
+    _run_uvicorn(app, port, pki)
 
 
 def main(argv: list[str]) -> int:
@@ -315,13 +359,24 @@ def main(argv: list[str]) -> int:
     w.add_argument("--files", type=Path, required=True)
     w.add_argument("--pki", type=Path)
     w.add_argument("--port", type=int, required=True)
+    f = sub.add_parser("find")
+    f.add_argument("--answers", type=Path, required=True)
+    f.add_argument("--port", type=int, required=True)
+    q = sub.add_parser("qido")
+    q.add_argument("--body", type=Path, required=True)
+    q.add_argument("--pki", type=Path)
+    q.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "discard":
         serve_discard(args.port, args.max_pdu)
     elif args.cmd == "get":
         serve_get(args.port, args.files)
-    else:
+    elif args.cmd == "web":
         serve_web(args.port, args.files, args.pki)
+    elif args.cmd == "find":
+        serve_find(args.port, args.answers)
+    else:
+        serve_qido(args.port, args.body, args.pki)
     return 0
 
 

@@ -18,26 +18,23 @@ query, taken from memory, to the same client:
   pacsvault is measured) and plain HTTP (as Orthanc is).
 
 The figure of a row is a latency (lower is better), so its share of a ceiling is the
-ceiling's latency over the server's: 50 % = twice as long as the bare stack takes.
+ceiling's latency over the server's: 50 % = twice as long as the bare stack takes. The
+receivers run in their own processes like the other ceilings' (``python -m
+bench.compare.ceilings find|qido``).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from bench.compare.base import Target
-from bench.compare.procs import Service, free_port, wait_port
+from bench.compare.ceilings import CEILING_AE, _service
+from bench.compare.procs import Service
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-CEILING_AE = "CEILING"
 FIND = ("find_pyn", "find_dcmtk")
 QIDO = ("qido_https", "qido_http")
 LABELS = {
@@ -87,15 +84,6 @@ class Bare(Target):
         return {}
 
 
-def _start(args: list[str], log: Path) -> tuple[Service, int]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    svc = Service([sys.executable, "-m", "bench.compare.query_ceilings", *args, "--port",
-                   str(port)], log, env=env)
-    wait_port(port, svc.proc, log)
-    return svc, port
-
-
 class DcmtkArchive:
     """``dcmqrscp`` holding ``files`` (stored by ``storescu``) for the ``find_dcmtk``
     ceiling of every query row of one index size; a context manager. dcmqrscp holds at
@@ -143,13 +131,13 @@ def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], rep
                                    if k != "find_dcmtk" or dcmtk is not None}
     started: list[Service] = []
     try:
-        svc, port = _start(["find", "--answers", str(kept)], work / "find.log")
+        svc, port = _service(["find", "--answers", str(kept)], work / "find.log")
         started.append(svc)
         targets: dict[str, Bare] = {"find_pyn": Bare(work / "find", svc, port)}
         if dcmtk is not None:
             targets["find_dcmtk"] = dcmtk
         for key, scheme in (("qido_https", "https"), ("qido_http", "http")):
-            svc, port = _start(["qido", "--body", str(work / "body.json"),
+            svc, port = _service(["qido", "--body", str(work / "body.json"),
                                 *(["--pki", str(pki)] if scheme == "https" else [])],
                                work / f"{key}.log")
             started.append(svc)
@@ -177,68 +165,3 @@ def measure(work: Path, answers: Path, body: bytes, filters: dict[str, str], rep
         for svc in started:
             svc.stop()
     return out
-
-
-# --- the receivers (``python -m bench.compare.query_ceilings find|qido``) -----------------
-
-
-def serve_find(port: int, answers: Path) -> None:
-    from pydicom import Dataset, dcmread
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        PatientRootQueryRetrieveInformationModelFind,
-        StudyRootQueryRetrieveInformationModelFind,
-    )
-
-    # identifiers, not files: the elements without their file meta
-    datasets = [Dataset(dcmread(p, force=True)) for p in sorted(answers.iterdir())
-                if p.is_file()]
-
-    def on_find(_event: Any) -> Iterator[Any]:
-        for ds in datasets:
-            yield 0xFF00, ds
-
-    ae = AE(ae_title=CEILING_AE)
-    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-    ae.add_supported_context(PatientRootQueryRetrieveInformationModelFind)
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_FIND, on_find)])
-
-
-def serve_qido(port: int, body_file: Path, pki: Path | None) -> None:
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
-    from starlette.routing import Route
-
-    body = body_file.read_bytes()
-
-    async def studies(_request: Request) -> Response:
-        return Response(body, media_type="application/dicom+json")
-
-    app = Starlette(routes=[Route("/dicom-web/studies", studies)])
-    tls: dict[str, Any] = ({"ssl_keyfile": str(pki / "server.key"),
-                            "ssl_certfile": str(pki / "server.crt")} if pki else {})
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False, **tls)
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.compare.query_ceilings")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("find")
-    f.add_argument("--answers", type=Path, required=True)
-    f.add_argument("--port", type=int, required=True)
-    q = sub.add_parser("qido")
-    q.add_argument("--body", type=Path, required=True)
-    q.add_argument("--pki", type=Path)
-    q.add_argument("--port", type=int, required=True)
-    args = ap.parse_args(argv)
-    if args.cmd == "find":
-        serve_find(args.port, args.answers)
-    else:
-        serve_qido(args.port, args.body, args.pki)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

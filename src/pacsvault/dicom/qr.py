@@ -77,7 +77,11 @@ _MAX_CONTEXTS = 120
 
 def store_outcome(message: Any) -> str:
     """Classify a C-STORE-RSP (sub-operation result) as completed, warning or failed."""
-    status = int(getattr(message.command_set, "Status", 0xC000))
+    return status_outcome(int(getattr(message.command_set, "Status", 0xC000)))
+
+
+def status_outcome(status: int) -> str:
+    """``store_outcome`` of a C-STORE-RSP's status."""
     if status == 0x0000:
         return "completed"
     if status in (0xB000, 0xB006, 0xB007):
@@ -281,6 +285,9 @@ class QueryRetrieve:
         except AuditUnavailable:
             yield from _refused(items)
             return
+        # An answer the DUL thread read itself (``sendpath.answer``) is counted here, as
+        # the server's ``EVT_DIMSE_RECV`` handler counts the others.
+        event.assoc.__dict__["_pv_store_answered"] = _Counting(state.substores)
         link = _Link()
         link.assoc = event.assoc  # C-GET: the sub-operations use the request's association
         yield from self._send(event, state, "get", state.node.ae_title, items, state.substores,
@@ -328,6 +335,7 @@ class QueryRetrieve:
         if not items:
             self._record_retrieve(state, kind, destination, studies, 0, results, tally, "")
         ahead = retrieve.ReadAhead(items, self._read)
+        choices = _Choices(link)
         try:
             yield len(items)
             resumed = True
@@ -341,7 +349,7 @@ class QueryRetrieve:
                 if link.unreachable:
                     yield STATUS_PENDING, _stub(item)
                     continue
-                yield STATUS_PENDING, self._prepare(kind, item, data, link, tally)
+                yield STATUS_PENDING, self._prepare(kind, item, data, choices, tally)
             recorded = True
             tally.finished = True
             note = ("the destination could not be reached (registered, not answering); "
@@ -363,15 +371,16 @@ class QueryRetrieve:
         return self._vault.archive.read(item)
 
     def _prepare(self, kind: str, item: StoredInstance, data: bytes | BaseException,
-                 link: _Link, tally: _Tally) -> Dataset:
+                 choices: _Choices, tally: _Tally) -> Dataset:
         """The dataset to send for one instance: as stored (its bytes, ``retrieve.Raw``),
         converted, or a stub."""
-        contexts = link.assoc.accepted_contexts if link.assoc is not None else []
         split = retrieve.split(data) if isinstance(data, bytes) and item.sop_class else None
         if split is not None and isinstance(data, bytes):
             stored, offset = split
-            if transcode.choose(contexts, item.sop_class, stored) == stored:
-                return retrieve.Raw(item.sop_class, item.sop_uid, stored, data[offset:])
+            if choices.choose(item.sop_class, stored) == stored:
+                # a view, not a copy: the stored bytes are sent from the decrypted buffer
+                return retrieve.Raw(item.sop_class, item.sop_uid, stored,
+                                    memoryview(data)[offset:])
         try:
             if isinstance(data, BaseException):
                 raise data
@@ -382,7 +391,7 @@ class QueryRetrieve:
             tally.unreadable += 1
             return _stub(item)
         stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        target = transcode.choose(contexts, str(ds.get("SOPClassUID", "")), stored)
+        target = choices.choose(str(ds.get("SOPClassUID", "")), stored)
         if target is None:
             log.warning("%s: the receiver accepted no context for a %s object",
                         kind, _syntax_name(stored))
@@ -424,6 +433,16 @@ class QueryRetrieve:
         ), required=False)  # the outcome; ``_record_begin`` was the one data waited for
 
 
+class _Counting:
+    """Counts a C-STORE answer by its status, into a retrieval's results."""
+
+    def __init__(self, results: Counter[str]) -> None:
+        self._results = results
+
+    def __call__(self, status: int) -> None:
+        self._results[status_outcome(status)] += 1
+
+
 class _Tally:
     """What a retrieval did besides the peer's answers: for its audit record."""
 
@@ -439,6 +458,35 @@ class _Link:
     def __init__(self) -> None:
         self.assoc: Any = None
         self.unreachable = False
+
+
+class _Choices:
+    """``transcode.choose`` once per (SOP class, stored syntax) of a retrieval.
+
+    Why: pynetdicom's ``accepted_contexts`` sorts every accepted context on each call, and
+    a C-GET from a workstation that proposes every storage class has well over a hundred;
+    per object that was a sizeable part of the association thread's time (issue 17). The
+    accepted contexts do not change once the association is established; the
+    sub-association of a C-MOVE is known from its first object on (``_Link``)."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+        self._contexts: list[PresentationContext] | None = None
+        self._chosen: dict[tuple[str, str], str | None] = {}
+
+    def contexts(self) -> list[PresentationContext]:
+        if self._contexts is None:
+            assoc = self._link.assoc
+            if assoc is None:
+                return []
+            self._contexts = list(assoc.accepted_contexts)
+        return self._contexts
+
+    def choose(self, sop_class: str, stored: str) -> str | None:
+        key = (sop_class, stored)
+        if key not in self._chosen:
+            self._chosen[key] = transcode.choose(self.contexts(), sop_class, stored)
+        return self._chosen[key]
 
 
 class _Unreached:

@@ -22,8 +22,9 @@ of a C-FIND association's server CPU went to those wake-ups, issue 17); what is 
 
 In Sta6, the P-DATA-TF PDUs of a plainly well-formed C-STORE request are parsed straight
 into one command and one dataset buffer, and the request answered with a directly encoded
-C-STORE-RSP (``dicom/storewire``, issue 17); every other PDU, state and message takes
-pynetdicom's path as before.
+C-STORE-RSP (``dicom/storewire``, issue 17), and the C-STORE-RSP a C-GET sub-operation
+awaits is read straight into its status (``dicom/sendpath.answer``); every other PDU,
+state and message takes pynetdicom's path as before.
 
 With a ``ConnectionGuard`` (``dicom/limits``) the DUL also enforces the resource budget:
 PDU length checked *before* any buffer is allocated (small cap before the association,
@@ -59,6 +60,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
+from pacsvault.dicom import sendpath
 from pacsvault.dicom.limits import SECONDS_PER_MIB, ConnectionGuard
 from pacsvault.dicom.storewire import (
     FastStore,
@@ -246,6 +248,9 @@ class WakeableDUL(DULServiceProvider):
 
     _pv_waiting = False  # the DUL thread is in (or about to enter) ``_pv_wait``
     _pv_receiver: StoreReceiver | None = None  # the direct C-STORE path (issue 17)
+    # (message ID, context ID) of the C-GET sub-operation whose C-STORE-RSP this thread
+    # reads itself (``sendpath.take_answer``); set by ``sendpath.send_c_store``
+    _pv_awaiting: tuple[int, int] | None = None
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)  # queued for the DUL thread
@@ -464,6 +469,9 @@ class WakeableDUL(DULServiceProvider):
         if len(header) < 6 or len(data) != 6 + length:
             self._pv_closed()  # the peer closed mid-PDU
             return
+        if (associated and data[0] == 0x04 and self._pv_awaiting is not None
+                and sendpath.take_answer(self, data)):
+            return  # the C-STORE-RSP of a C-GET sub-operation, queued as DT-2 would
         if (associated and data[0] == 0x04 and self._pv_receiver is not None
                 and self.state_machine.current_state == "Sta6"
                 and self._pv_pdata(guard, self._pv_receiver, data)):

@@ -32,12 +32,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from pacsvault.dicom import patches, sendpath
 from pacsvault.dicomfile import filemeta
 
+_SOP_CLASS, _SOP_INSTANCE, _SYNTAX = Tag(0x00080016), Tag(0x00080018), Tag(0x00020010)
 DEPTH = 2  # objects decrypted ahead of the one being sent (memory: DEPTH + 1 objects)
 
 
@@ -51,14 +55,23 @@ def split(data: bytes) -> tuple[str, int] | None:
 
 class Raw(Dataset):
     """A stored object to send as it is: the three attributes ``send_c_store`` reads,
-    and the encoded dataset (``pv_body``) that ``encode`` returns for it."""
+    and the encoded dataset (``pv_body``, bytes or a view of the decrypted stream) that
+    ``encode`` returns for it."""
 
-    def __init__(self, sop_class: str, sop_uid: str, syntax: str, body: bytes) -> None:
+    def __init__(self, sop_class: str, sop_uid: str, syntax: str,
+                 body: bytes | memoryview) -> None:
         super().__init__()
-        self.SOPClassUID = UID(sop_class)
-        self.SOPInstanceUID = UID(sop_uid)
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = UID(syntax)
+        # The elements put in place directly, as ``setattr`` would store them: the values
+        # come from the index and the stored meta, and ``setattr``'s keyword look-up and
+        # validation were a tenth of an object's time in the association thread (issue 17).
+        self._dict[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", UID(sop_class),
+                                             validation_mode=config.IGNORE)
+        self._dict[_SOP_INSTANCE] = DataElement(_SOP_INSTANCE, "UI", UID(sop_uid),
+                                                validation_mode=config.IGNORE)
+        meta = FileMetaDataset()
+        meta._dict[_SYNTAX] = DataElement(_SYNTAX, "UI", UID(syntax),
+                                          validation_mode=config.IGNORE)
+        self.__dict__["file_meta"] = meta  # as ``_set_file_meta`` stores a FileMetaDataset
         self.__dict__["pv_body"] = body
 
     def __repr__(self) -> str:  # no UIDs in logs or tracebacks
@@ -76,8 +89,9 @@ def _encode_hook(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
     wanted = (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
     if wanted != (is_implicit_vr, is_little_endian, deflated):
         return None
-    body: bytes = ds.__dict__["pv_body"]
-    return body
+    body: bytes | memoryview = ds.__dict__["pv_body"]
+    # pynetdicom's path wants bytes (the direct path sends the view without a copy)
+    return body if isinstance(body, bytes) else bytes(body)
 
 
 def _send_hook(assoc: Any, ds: Any, msg_id: int, priority: int, originator_aet: str | None,

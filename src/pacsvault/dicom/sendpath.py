@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import struct
 import time
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -50,6 +52,7 @@ _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length
 _ELEMENT = struct.Struct("<HHI")
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _AE = re.compile(r"[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?")
+_IOV = 512  # pieces per sendmsg (the kernel's IOV_MAX is 1024)
 _MAX_FRAGMENT = 0xFFFFFFFF - 6  # a PDU length field holds at most this much data + 6
 
 
@@ -168,22 +171,48 @@ class WireDUL(DULServiceProvider):
         if sock is None or raw is None:
             log.warning("Attempted to send data over closed connection")
             return
-        batch: list[bytes | memoryview] = []
-        size = 0
         try:
-            for piece in wire.pv_pieces:
-                batch.append(piece)
-                size += len(piece)
-                if size >= BATCH:
-                    raw.sendall(b"".join(batch))
-                    batch, size = [], 0
-            if batch:
-                raw.sendall(b"".join(batch))
+            if isinstance(raw, ssl.SSLSocket):  # no sendmsg: joined batches
+                _send_joined(raw, wire.pv_pieces)
+            else:
+                _send_gathered(raw, wire.pv_pieces)
         except Exception as exc:  # as AssociationSocket.send: Evt17, connection closed
             log.info("sending to the peer failed (%s)", type(exc).__name__)
             self.event_queue.put("Evt17")
         finally:
             wire.pv_pieces = []
+
+
+def _send_joined(sock: Any, pieces: list[bytes | memoryview]) -> None:
+    """The pieces in ``BATCH``-byte ``sendall`` calls (a TLS socket has no ``sendmsg``)."""
+    batch: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= BATCH:
+            sock.sendall(b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        sock.sendall(b"".join(batch))
+
+
+def _send_gathered(sock: Any, pieces: list[bytes | memoryview]) -> None:
+    """The pieces with ``sendmsg`` (gather writes, ``_IOV`` pieces at most per call),
+    resumed where the kernel stopped: the stored bytes go from their buffer to the socket
+    without first being joined into a copy (issue 17)."""
+    views = [p for p in pieces if len(p)]  # bytes, or memoryviews of bytes ("B")
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first:first + _IOV])
+        while sent:
+            size = len(views[first])
+            if sent >= size:
+                sent -= size
+                first += 1
+            else:
+                views[first] = memoryview(views[first])[sent:]
+                sent = 0
 
 
 _WIRE_CLASSES: dict[type, type] = {}
@@ -207,6 +236,26 @@ def wire_dul(dul: DULServiceProvider) -> bool:
 # --- the association side --------------------------------------------------------------
 
 
+def _context(assoc: Any, sop_class: str, syntax: str) -> Any:
+    """The accepted context pynetdicom's ``send_c_store`` would use for a ``Raw`` in its
+    stored syntax, or None (then pynetdicom's path). Looked up once per (SOP class,
+    syntax) of an association: ``_get_valid_context`` walks every accepted context, sorted
+    again on each call, and a retrieving workstation often proposes over a hundred (that
+    was per object; the accepted contexts do not change once established)."""
+    cache: dict[tuple[str, str], Any] = assoc.__dict__.setdefault("_pv_store_contexts", {})
+    key = (sop_class, syntax)
+    if key not in cache:
+        try:
+            context = assoc._get_valid_context(sop_class, syntax, "scu",
+                                               allow_conversion=False)
+        except ValueError:
+            context = None
+        if context is not None and str(context.transfer_syntax[0]) != syntax:
+            context = None
+        cache[key] = context
+    return cache[key]
+
+
 def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
                  originator_aet: str | None, originator_id: int | None) -> Any:
     """``Association.send_c_store`` for a ``retrieve.Raw`` (stored bytes, stored syntax):
@@ -217,12 +266,9 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
         return NotImplemented
     sop_class = str(raw.SOPClassUID)
     syntax = str(raw.file_meta.TransferSyntaxUID)
-    try:
-        context = assoc._get_valid_context(sop_class, syntax, "scu", allow_conversion=False)
-    except ValueError:
-        return NotImplemented  # pynetdicom raises it again, as before
-    if str(context.transfer_syntax[0]) != syntax:
-        return NotImplemented
+    context = _context(assoc, sop_class, syntax)
+    if context is None:
+        return NotImplemented  # pynetdicom raises again, as before, or takes it
     command = encode_store_rq(msg_id, sop_class, str(raw.SOPInstanceUID), priority,
                               originator_aet, originator_id)
     if command is None:
@@ -232,19 +278,142 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
     if cut is None or not wire_dul(assoc.dul):
         return NotImplemented
     pieces, size = cut
+    count = _answers_here(assoc)
+    dul = assoc.dul
     # As send_c_store: pause the reactor, send, wait for the response, resume.
     assoc._reactor_checkpoint.clear()
     while not assoc._is_paused:
         time.sleep(0.0001)
-    assoc.dul.send_pdu(Wire(pieces, size))
+    if count is not None:
+        dul._pv_awaiting = (msg_id, int(context.context_id))
+    dul.send_pdu(Wire(pieces, size))
     _cx_id, rsp = assoc.dimse.get_msg(block=True)
+    if count is not None:
+        dul._pv_awaiting = None
     assoc._reactor_checkpoint.set()
+    if isinstance(rsp, StoreAnswer):
+        count(rsp.status)
+        status = Dataset()  # what ``_check_received_status`` returns for it
+        status.Status = rsp.status
+        return status
     if rsp is None:
         assoc._handle_no_response()
-        from pydicom.dataset import Dataset
-
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+# --- the C-STORE-RSP, read by the DUL thread ----------------------------------------------
+
+
+class StoreAnswer:
+    """A C-STORE-RSP to the sub-operation awaited, read by the DUL thread (``answer``):
+    queued for the association thread in place of pynetdicom's C-STORE primitive."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+_RSP_TAGS = (0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000)
+_PDV = struct.Struct(">LBB")  # PDV item length, context ID, message control header
+_US_VALUE = struct.Struct("<H")
+
+
+def answer(body: bytes | bytearray | memoryview, awaiting: tuple[int, int]) -> StoreAnswer | None:
+    """The C-STORE-RSP to ``awaiting`` (message ID, context ID) that this P-DATA-TF PDU
+    body (the PDU without its 6-byte header) is, or None: then pynetdicom decodes it.
+
+    Why (issue 17): after each sub-operation of a C-GET, pynetdicom turned the peer's
+    12-element answer into a PDU object, a state-machine event, a decoded ``Dataset``,
+    a message and a primitive before the next object could leave. Taken here only when
+    it is plainly that answer: one PDV, one whole command fragment on the request's
+    context, exactly the elements (0000,0000/0002/0100/0120/0800/0900/1000) in order,
+    a right group length, C-STORE-RSP, the awaited message ID, no dataset. Anything else
+    (an error comment, another message, a fragment) is left to pynetdicom as before."""
+    if len(body) < 6:
+        return None
+    length, context_id, header = _PDV.unpack_from(body, 0)
+    message_id, awaited_context = awaiting
+    if header != 0x03 or context_id != awaited_context or 4 + length != len(body):
+        return None
+    offset, end = 6, len(body)
+    values: list[int] = []
+    for tag in _RSP_TAGS:
+        if offset + 8 > end:
+            return None
+        group, elem, size = _ELEMENT.unpack_from(body, offset)
+        offset += 8
+        if group != 0 or elem != tag or offset + size > end:
+            return None
+        if tag == 0x0000:
+            if size != 4 or int.from_bytes(body[offset:offset + 4], "little") != end - offset - 4:
+                return None
+        elif tag in (0x0002, 0x1000):
+            if not 0 < size <= 64:
+                return None
+        elif size != 2:
+            return None
+        else:
+            values.append(_US_VALUE.unpack_from(body, offset)[0])
+        offset += size
+    if offset != end:
+        return None
+    command_field, responding_to, data_set_type, status = values
+    if (command_field, responding_to, data_set_type) != (0x8001, message_id, 0x0101):
+        return None
+    return StoreAnswer(status)
+
+
+def take_answer(dul: Any, data: bytearray) -> bool:
+    """In the DUL thread (``reactor.WakeableDUL``): a P-DATA-TF PDU that is the answer
+    the association thread awaits (``dul._pv_awaiting``), queued for it as DT-2 would have
+    queued pynetdicom's primitive (state unchanged, Sta6). False: pynetdicom's path, as
+    before (another state, a message or a C-STORE request being received, not that
+    answer)."""
+    awaiting = dul._pv_awaiting
+    receiver = dul._pv_receiver
+    if (awaiting is None or dul.state_machine.current_state != "Sta6"
+            or dul.assoc.dimse.message is not None
+            or (receiver is not None and receiver.busy)):
+        return False
+    with memoryview(data) as view, view[6:] as body:
+        found = answer(body, awaiting)
+    if found is None:
+        return False
+    dul._pv_awaiting = None  # one answer per request: a second goes to pynetdicom
+    dul.assoc.dimse.msg_queue.put((awaiting[1], found))
+    return True
+
+
+def answers_counted(handler: Any) -> Any:
+    """Mark an ``EVT_DIMSE_RECV`` handler that only counts C-STORE answers, as the
+    association's ``_pv_store_answered`` callback also does: a C-STORE-RSP read by the
+    DUL thread (``answer``), which no ``EVT_DIMSE_RECV`` is triggered for, is counted by
+    that callback instead."""
+    handler.pv_answers_counted = True
+    return handler
+
+
+def _answers_here(assoc: Any) -> Any:
+    """The callback that counts a C-STORE answer read by the DUL thread, or None when the
+    answer must go through pynetdicom: no callback (``qr.on_get`` sets it), a DUL that
+    does not read answers itself (``reactor.WakeableDUL``), or an ``EVT_DIMSE_RECV``
+    handler that is neither pynetdicom's logger (below DEBUG) nor marked
+    ``answers_counted`` (it would miss the message)."""
+    count = assoc.__dict__.get("_pv_store_answered")
+    if count is None or not hasattr(assoc.dul, "_pv_awaiting"):
+        return None
+    from pynetdicom import _handlers
+
+    for handler in assoc.get_handlers(evt.EVT_DIMSE_RECV):
+        func = handler[0] if isinstance(handler, tuple) else handler
+        if func is _handlers.standard_dimse_recv_handler:
+            if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+                return None
+        elif not getattr(func, "pv_answers_counted", False):
+            return None
+    return count
 
 
 # --- C-GET/C-MOVE pending responses ---------------------------------------------------
@@ -297,10 +466,23 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
     limit = int(dimse.maximum_pdu_size)
     if command is None or (limit and len(command) + 6 > limit):
         return False
+    if wire_dul(dimse.dul):
+        # Written by the DUL thread like a C-STORE-RQ's PDUs, without pynetdicom's PDU
+        # object, state-machine event and encoding per response (one per sub-operation:
+        # issue 17); the same bytes (``fragments``: one PDU, one last-command PDV).
+        pieces, size = _one_pdu(context_id, command)
+        dimse.dul.send_pdu(Wire(pieces, size))
+        return True
     pdata = P_DATA()
     pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
     dimse.dul.send_pdu(pdata)
     return True
+
+
+def _one_pdu(context_id: int, command: bytes) -> tuple[list[bytes | memoryview], int]:
+    """A command set as one P-DATA-TF PDU with one PDV (last command fragment, 0x03)."""
+    header = _HEADER.pack(0x04, 0, len(command) + 6, len(command) + 2, context_id, 0x03)
+    return [header + command], len(header) + len(command)
 
 
 def sent_messages_watched(assoc: Any) -> bool:
@@ -317,5 +499,6 @@ def sent_messages_watched(assoc: Any) -> bool:
         logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
 
 
-__all__ = ["BATCH", "ENABLED", "Wire", "WireDUL", "encode_retrieve_rsp", "encode_store_rq",
-           "fragments", "send_c_store", "send_msg", "sent_messages_watched", "wire_dul"]
+__all__ = ["BATCH", "ENABLED", "StoreAnswer", "Wire", "WireDUL", "answer", "answers_counted",
+           "encode_retrieve_rsp", "encode_store_rq", "fragments", "send_c_store", "send_msg",
+           "sent_messages_watched", "take_answer", "wire_dul"]

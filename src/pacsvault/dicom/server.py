@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.refusals import BurstRecorder, RefusalLog
-from pacsvault.dicom import patches, uidcheck
+from pacsvault.dicom import patches, sendpath, uidcheck
 from pacsvault.dicom.assoc import AssocState
 from pacsvault.dicom.limits import ConnectionBudget, KnownHosts, ReadLimits
 from pacsvault.dicom.listener import (
@@ -412,6 +412,7 @@ class DicomService:
 
     # --- DIMSE handlers --------------------------------------------------------------
 
+    @sendpath.answers_counted  # as the C-GET's ``_pv_store_answered`` (``qr.on_get``)
     def _on_dimse_recv(self, event: evt.Event) -> None:
         if isinstance(event.message, C_STORE_RSP):
             with self._lock:

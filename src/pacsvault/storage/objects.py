@@ -232,10 +232,12 @@ class ObjectStore:
     def read(self, object_id: str) -> bytes:
         # Indexed objects may still be staged (published a moment later, or by recovery):
         # look again where a concurrent publication moves them.
-        for path in (self.path(object_id), self._spare_path(object_id),
-                     self._staged(object_id), self.path(object_id)):
+        # The published path first, the others only built when it is missing (a retrieval
+        # reads many objects; each path is a few pathlib objects: issue 17).
+        places = (self.path, self._spare_path, self._staged, self.path)
+        for place in places:
             try:
-                return path.read_bytes()
+                return place(object_id).read_bytes()
             except FileNotFoundError:
                 continue
         raise FileNotFoundError("object file not found")
