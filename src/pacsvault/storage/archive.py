@@ -241,6 +241,10 @@ class Archive:
                 staging = self._workers.submit(self._stage, raw, cached[1], early[0])
         try:
             parsed = dicom_parse.describe(ds, raw, sha256=b"" if staging else None)
+            # The dataset holds its own copy of every value (a CR's pixels: ~10 MB): not
+            # kept while the object is staged and the group commit waited for (issue 17,
+            # peak memory during ingest).
+            del ds
             if expected_sop_uid and parsed.sop_uid != expected_sop_uid.strip():
                 raise InvalidObject("SOP Instance UID differs from the C-STORE request")
             if expected_sop_class and parsed.sop_class_uid != expected_sop_class.strip():
