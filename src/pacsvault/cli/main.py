@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is None and "--version" in argv:  # answered without any command module
         build_parser("").parse_args(["--version"])
+    if command == "serve":  # before the server stack imports pydicom (issue 17)
+        from pacsvault import deferred
+
+        deferred.install()
     parser = build_parser(command)
     args = parser.parse_args(argv)
     from pacsvault.cli.common import USER_ERRORS, CommandError
