@@ -7,9 +7,13 @@ alone; staging leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from pacsvault.index.models import Instance, Series, Study
+from pacsvault.storage import objects as objects_module
 from pacsvault.storage.archive import Archive, StoreStatus
 from pacsvault.storage.objects import ObjectStore
 from pacsvault.vault import Vault, create
@@ -192,3 +197,103 @@ def test_a_spare_batch_shares_one_directory_made_with_it(tmp_path: Path) -> None
         store.publish(object_id, durable=False)
         assert store.path(object_id).read_bytes() == f"ciphertext-{k}".encode()
     assert sorted(p.name for p in home.iterdir()) == sorted(f"{i}.pvo" for i in ids)
+
+
+def _new_study_image(tmp: Path, name: str) -> bytes:
+    return _series(tmp, name, 1)[0]
+
+
+def test_no_row_commits_before_its_object_is_durable(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: the object's fsync runs beside the rows and the trail record, and the
+    commit waits for it. Held in its fsync, a store has no committed row and has not
+    returned (no acknowledgement); released, it commits. Both staging paths: a study
+    already cached (the worker) and a new study (the fsync handed to a worker)."""
+    raws = _series(tmp_path, "s", 2)
+    vault.archive.store(raws[0])  # the study is cached from here on
+    original = objects_module._sync
+    reached, release = threading.Event(), threading.Event()
+
+    def held(fd: int, path: Path) -> None:
+        reached.set()
+        assert release.wait(30)
+        original(fd, path)
+
+    monkeypatch.setattr(objects_module, "_sync", held)
+    for raw in (raws[1], _new_study_image(tmp_path, "n")):
+        reached.clear()
+        release.clear()
+        sop_uid = str(dcmread(BytesIO(raw)).SOPInstanceUID)
+        with ThreadPoolExecutor(1) as pool:
+            storing = pool.submit(vault.archive.store, raw)
+            assert reached.wait(30)
+            time.sleep(0.3)  # time enough to commit, were it not waiting
+            assert not storing.done()
+            assert not _visible_elsewhere(vault, sop_uid)
+            release.set()
+            assert storing.result(30).status is StoreStatus.STORED
+        assert _visible_elsewhere(vault, sop_uid)
+
+
+def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raws = _series(tmp_path, "e", 2)
+    vault.archive.store(raws[0])
+    fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if "/.spare/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "simulated I/O error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    for raw in (raws[1], _new_study_image(tmp_path, "x")):
+        with pytest.raises(OSError):
+            vault.archive.store(raw)
+        assert not _visible_elsewhere(vault, str(dcmread(BytesIO(raw)).SOPInstanceUID))
+    monkeypatch.undo()
+    vault.archive.settle()
+    root = vault.objects.root
+    assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())
+    assert vault.archive.store(raws[1]).status is StoreStatus.STORED
+    assert vault.archive.counts()["instances"] == 2
+
+
+def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
+                .StudyInstanceUID)
+    streams = [_series(tmp_path, f"g{k}", 6, study=study if k % 2 else None)
+               for k in range(4)]
+    for raws in streams:
+        vault.archive.store(raws[0])
+    fsync = os.fsync
+    armed = threading.Lock()
+    failures: list[int] = []
+
+    def failing_once(fd: int) -> None:
+        if "/.spare/" in os.readlink(f"/proc/self/fd/{fd}") and armed.acquire(blocking=False):
+            failures.append(fd)
+            raise OSError(errno.EIO, "simulated I/O error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_once)
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def push(raws: list[bytes]) -> None:
+        for raw in raws[1:]:
+            try:
+                outcome: object = vault.archive.store(raw).status
+            except OSError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(push, raws) for raws in streams]:
+            f.result()
+    assert len(failures) == 1
+    assert sum(isinstance(o, OSError) for o in outcomes) == 1
+    assert outcomes.count(StoreStatus.STORED) == 19
+    assert vault.archive.counts()["instances"] == 23

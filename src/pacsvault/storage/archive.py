@@ -14,10 +14,13 @@ Speed without weakening that order:
   generation they were read at, every commit batch reads it first in its write
   transaction, and a store whose study/key choice predates a removal is redone from
   scratch (never indexed under a deleted row or a destroyed key);
-- objects are staged into pre-created spare files (``ObjectStore.stage_spare``): one fsync
+- objects are staged into pre-created spare files (``ObjectStore.write_spare``): one fsync
   of the object file makes it durable, no directory fsync per object. When the study's
-  data key is already known, encrypting, writing, fsync'ing and hashing run in a worker
-  thread while the calling thread validates the dataset and builds its DICOM JSON;
+  data key is already known, encrypting, writing and hashing run in a worker thread while
+  the calling thread validates the dataset and builds its DICOM JSON. The object's fsync
+  runs in a worker while the group commit writes the rows and the store record (issue
+  17: on one association an image waited for three fsyncs in a row: object, trail,
+  index); the transaction commits only once it returned (``Pending.durable``);
 - a study not cached is looked up by reads only; a new patient's data key is minted in
   memory and its rows are written by the group commit with the instance's
   (``storage.keychoice``: no transaction and no fsync of their own; on PostgreSQL one
@@ -44,7 +47,7 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
@@ -65,7 +68,7 @@ from pacsvault.index.models import Instance, Patient
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import keychoice, pgrows, rows, sameness
-from pacsvault.storage.objects import ObjectBackend, Recovery
+from pacsvault.storage.objects import ObjectBackend, ObjectStore, Recovery
 from pacsvault.storage.rows import Pending, acknowledged, index_one
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
 from pacsvault.storage.rows import StoreResult as StoreResult  # re-exported
@@ -81,6 +84,8 @@ _GENERATION = keychoice.GENERATION
 # valid at, and for a patient first seen here the minted (unwrapped) key, else None.
 _Chosen = tuple[uuid.UUID, int, bytes | None]
 _STORE_ATTEMPTS = 3
+# A staged object: its id, the SHA-256 of its plaintext, and the fsync still to run
+_Staged = tuple[str, bytes, "Callable[[], None] | None"]
 
 
 def _read_generation(conn: Connection) -> int:
@@ -91,6 +96,11 @@ def _read_generation(conn: Connection) -> int:
         return int(cursor.execute(_GENERATION).fetchone()[0])
     finally:
         cursor.close()
+
+
+class _NotDurable(Exception):
+    """An object of a batch was not made durable (its item holds the error): the batch's
+    transaction rolls back (not an ``OSError``: the trail's own failures are those)."""
 
 
 class Archive:
@@ -228,6 +238,7 @@ class Archive:
         """
         ds = dicom_parse.read(raw)
         staging: Future[tuple[str, bytes]] | None = None
+        durable: Future[None] | None = None
         minted: bytes | None = None
         early = dicom_parse.identity(ds)
         if early is not None:
@@ -235,10 +246,13 @@ class Archive:
                 cached = self._study_cache.get(early[1])
                 generation = self._generation
             if cached is not None:
-                # The study's data key is known: encrypt, write and fsync the object (and
-                # hash it) in a worker while this thread validates and describes it.
+                # The study's data key is known: encrypt and write the object (and hash
+                # it) in a worker while this thread validates and describes it; the worker
+                # then fsyncs it while this thread writes the rows (``durable``).
                 self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
-                staging = self._workers.submit(self._stage, raw, cached[1], early[0])
+                staging = Future()
+                durable = self._workers.submit(self._stage_then_sync, staging, raw,
+                                               cached[1], early[0])
         try:
             parsed = dicom_parse.describe(ds, raw, sha256=b"" if staging else None)
             # The dataset holds its own copy of every value (a CR's pixels: ~10 MB): not
@@ -265,13 +279,14 @@ class Archive:
                 return prepared
             key_id, generation, minted = prepared
             if minted is None:
-                object_id = self._stage(raw, key_id, parsed.sop_uid)[0]
+                object_id, _, sync = self._stage(raw, key_id, parsed.sop_uid)
             else:  # a new patient's key: no row to read it from yet
-                object_id = self.objects.stage_spare(
+                object_id, sync = self._write(
                     objfmt.encrypt(raw, minted, key_id, parsed.sop_uid))
+            durable = self._workers.submit(sync) if sync is not None else None
         pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user,
-                           new_key=minted)
+                           new_key=minted, durable=durable)
         try:
             try:
                 self._commit(pending)
@@ -321,8 +336,9 @@ class Archive:
         for future in pending:
             future.exception()
 
-    def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> tuple[str, bytes]:
-        """Encrypt and durably stage an object; (object id, SHA-256 of the plaintext)."""
+    def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> _Staged:
+        """Encrypt and stage an object: (object id, SHA-256 of the plaintext, the fsync
+        still to run or None: ``_write``)."""
         digest = hashlib.sha256(raw).digest()
         try:
             data_key = self.data_key(key_id)
@@ -330,7 +346,29 @@ class Archive:
             # A removal destroyed the patient's key after it was chosen: the choice is
             # stale, and ``store`` chooses again (a new key if the patient is gone).
             raise StaleChoice("the chosen data key was destroyed meanwhile") from None
-        return self.objects.stage_spare(objfmt.encrypt(raw, data_key, key_id, sop_uid)), digest
+        object_id, sync = self._write(objfmt.encrypt(raw, data_key, key_id, sop_uid))
+        return object_id, digest, sync
+
+    def _stage_then_sync(self, staged: Future[tuple[str, bytes]], raw: bytes,
+                         key_id: uuid.UUID, sop_uid: str) -> None:
+        """In a worker: ``_stage``, its (object id, digest) handed over through ``staged``
+        as soon as the object is written, then its fsync (this call's own future)."""
+        try:
+            object_id, digest, sync = self._stage(raw, key_id, sop_uid)
+        except BaseException as exc:
+            staged.set_exception(exc)
+            raise
+        staged.set_result((object_id, digest))
+        if sync is not None:
+            sync()
+
+    def _write(self, pieces: Iterable[bytes]) -> tuple[str, Callable[[], None] | None]:
+        """Write an object into a spare: its id and the fsync that makes it durable, which
+        the group commit waits for before committing (local files: ``write_spare``); a
+        bucket's PUT is confirmed when it returns (None)."""
+        if isinstance(self.objects, ObjectStore):
+            return self.objects.write_spare(pieces)
+        return self.objects.stage_spare(pieces), None
 
     def _abandon(self, staging: Future[tuple[str, bytes]]) -> None:
         try:
@@ -379,7 +417,8 @@ class Archive:
         batch: list[Pending] | None = None
         try:
             with self._write_lock:
-                # Every object of the batch is durable already (``stage_spare``).
+                # Every object of the batch is written; each one's fsync, if it still
+                # runs, is waited for before the commit (``_index_batch``).
                 try:
                     with self._journal() as self._record:
                         batch = take()
@@ -434,12 +473,28 @@ class Archive:
                     # chosen before a removal: maybe a deleted study or a destroyed key
                     item.error = StaleChoice("objects were removed meanwhile")
                     continue
+                if item.durable is not None and item.durable.done():
+                    failed = item.durable.exception()
+                    if failed is not None:  # its object is not durable: never indexed
+                        item.error = failed
+                        continue
                 self._index_one(conn, item, overlay_studies, overlay_series, together)
             if together is not None:
                 together.flush()
             record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
             if record is not None:  # durable before the rows commit, or nothing commits
                 record.write(conn, acknowledged(batch))
+            # Issue 17: the objects' fsyncs ran beside the rows and the record's fsync;
+            # no row commits before its object is durable. One that failed rolls the
+            # batch back (``_run_batch`` then indexes the others one by one; its record
+            # may name it: as after a failed COMMIT, a record never lacks, it may exceed).
+            for item in batch:
+                if item.durable is None or item.error is not None or item.result is not None:
+                    continue
+                failed = item.durable.exception()  # waits for the fsync
+                if failed is not None:
+                    item.error = failed
+                    raise _NotDurable("an object of the batch could not be made durable")
         # committed: cache what was learnt (unless a newer removal was seen meanwhile)
         with self._cache_lock:
             if self._generation != generation:

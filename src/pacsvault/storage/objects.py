@@ -28,6 +28,7 @@ deletes it (not indexed, or an unused empty spare).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -35,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from pacsvault.fsutil import fsync_dir, write_durably
 
@@ -182,6 +183,22 @@ class ObjectStore:
         _fill(os.open(path, os.O_WRONLY), path, pieces)
         return object_id
 
+    def write_spare(self, pieces: Iterable[bytes]) -> tuple[str, Callable[[], None]]:
+        """``stage_spare`` in two steps: the object written into a spare (not yet
+        durable), and the returned ``sync`` (to call once) that fsyncs and closes it.
+
+        Why (issue 17): on one association every image waited for three fsyncs in a row
+        (object, trail record, index commit). The archive runs this fsync beside the rows
+        and the record and commits only once ``sync`` returned, so what a crash can leave
+        is what it could before (a record, or a staged object, without a committed row).
+        A failing write or fsync removes the file, as ``stage_spare``'s does.
+        """
+        object_id = self._take_spare()
+        path = self._spare_path(object_id)
+        fd = os.open(path, os.O_WRONLY)
+        _fill(fd, path, pieces, sync=False)
+        return object_id, functools.partial(_sync, fd, path)
+
     def publish(self, object_id: str, *, durable: bool = True) -> None:
         """Move a staged object to its final place, durably unless ``durable=False`` (then
         a crash may leave it staged: still readable, and ``recover`` publishes it)."""
@@ -269,17 +286,41 @@ class ObjectStore:
         return deleted
 
 
-def _fill(fd: int, path: Path, pieces: Iterable[bytes]) -> int:
+def _fill(fd: int, path: Path, pieces: Iterable[bytes], *, sync: bool = True) -> int:
     """Write an object's pieces into the open file ``fd`` (staged or spare) durably, then
     close it; returns its size. A write that fails removes the file, a full disk (or quota)
-    being a ``DiskFullError``."""
+    being a ``DiskFullError``. ``sync`` False: written only, ``fd`` left open for
+    ``_sync`` (``write_spare``)."""
     try:
-        size = write_durably(fd, pieces)
+        if sync:
+            size = write_durably(fd, pieces)
+        else:
+            size = 0
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                    size += written
     except OSError as exc:
+        _failed(fd, path, exc)
+    if sync:
         os.close(fd)
-        path.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError("disk full while writing an object") from None
-        raise
-    os.close(fd)
     return size
+
+
+def _sync(fd: int, path: Path) -> None:
+    """The fsync of ``write_spare``, then the file closed (removed if the fsync fails)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        _failed(fd, path, exc)
+    os.close(fd)
+
+
+def _failed(fd: int, path: Path, exc: OSError) -> NoReturn:
+    os.close(fd)
+    path.unlink(missing_ok=True)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError("disk full while writing an object") from None
+    raise exc

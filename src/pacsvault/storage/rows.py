@@ -21,6 +21,7 @@ import secrets
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -142,6 +143,9 @@ class Pending:
     # written with the instance's, in the batch (no transaction of their own), wrapped
     # there under the KEK of the commit's moment (a key rotation holds the commits).
     new_key: bytes | None = None
+    # The object's fsync when it runs beside the commit (``ObjectStore.write_spare``):
+    # the batch waits for it before its transaction commits (None: durable already).
+    durable: Future[None] | None = None
 
 
 class BatchRows:
