@@ -30,27 +30,11 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
-from webauthn import (
-    generate_authentication_options,
-    generate_registration_options,
-    options_to_json,
-    verify_authentication_response,
-    verify_registration_response,
-)
-from webauthn.helpers import parse_authentication_credential_json
-from webauthn.helpers.exceptions import InvalidJSONStructure, WebAuthnException
-from webauthn.helpers.structs import (
-    AuthenticatorSelectionCriteria,
-    AuthenticatorTransport,
-    PublicKeyCredentialDescriptor,
-    ResidentKeyRequirement,
-    UserVerificationRequirement,
-)
 
 from pacsvault.accounts import totp as totp_mod
 from pacsvault.accounts.models import Passkey, User
@@ -58,6 +42,14 @@ from pacsvault.accounts.service import AccountError, Accounts, AuthOutcome, Auth
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.index import shared_state as shared
 from pacsvault.index.shared_state import WebAuthnChallengeRow
+
+if TYPE_CHECKING:
+    from webauthn.helpers.structs import AuthenticatorTransport
+
+# ``webauthn`` (and what it brings: cbor2, pyOpenSSL, asn1 modules, ~5 MB per process) is
+# imported by the functions of a ceremony, not with this module: every serving process
+# imports this module for the web app, few ever see a passkey (issue 17, memory of each
+# serving process; tests/test_deferred.py checks a started server has not imported it).
 
 CHALLENGE_LIFETIME = dt.timedelta(minutes=5)
 MAX_PASSKEYS = 10
@@ -136,6 +128,8 @@ def _key_id(credential_id: bytes) -> str:
 
 
 def _transports(value: str) -> list[AuthenticatorTransport]:
+    from webauthn.helpers.structs import AuthenticatorTransport
+
     known = {t.value: t for t in AuthenticatorTransport}
     return [known[t] for t in value.split(",") if t in known]
 
@@ -217,6 +211,14 @@ class Passkeys:
             if len(existing) >= MAX_PASSKEYS:
                 raise PasskeyError(f"at most {MAX_PASSKEYS} passkeys per account")
             user_pk, name = user.pk, user.name
+        from webauthn import generate_registration_options, options_to_json
+        from webauthn.helpers.structs import (
+            AuthenticatorSelectionCriteria,
+            PublicKeyCredentialDescriptor,
+            ResidentKeyRequirement,
+            UserVerificationRequirement,
+        )
+
         key = self._enrol_key(ticket) if ticket else self._register_key(name)
         challenge = self._put(key, user_pk, rp)
         options = generate_registration_options(
@@ -236,6 +238,9 @@ class Passkeys:
     def verify_registration(self, user_name: str, rp: RelyingParty, credential: str,
                             label: str = "", *, address: str = "") -> PasskeyInfo:
         """Check the browser's answer to ``registration_options`` and store the passkey."""
+        from webauthn import verify_registration_response
+        from webauthn.helpers.exceptions import WebAuthnException
+
         norm = user_name.strip().lower()
         found = self._take(self._register_key(norm), rp)
         if found is None:
@@ -287,6 +292,9 @@ class Passkeys:
         account's second factor, recovery codes are issued (``recovery_codes``, shown once)
         and the sign-in completes (``auth.login`` with factor ``passkey``), exactly as a
         first TOTP code does. Failures count like a wrong code (same ticket, throttling)."""
+        from webauthn import verify_registration_response
+        from webauthn.helpers.exceptions import WebAuthnException
+
         found = self._take(self._enrol_key(ticket), rp)
         verified = None
         if found is not None:
@@ -369,6 +377,12 @@ class Passkeys:
     def authentication_options(self, ticket: str, address: str, rp: RelyingParty) -> str:
         """``PublicKeyCredentialRequestOptions`` (JSON) for ``navigator.credentials.get``,
         listing the ticket's user's passkeys; refused when the user has none."""
+        from webauthn import generate_authentication_options, options_to_json
+        from webauthn.helpers.structs import (
+            PublicKeyCredentialDescriptor,
+            UserVerificationRequirement,
+        )
+
         name = self.accounts.pending_user(ticket, address)
         if not name:
             raise PasskeyError("the sign-in has expired; sign in again")
@@ -391,6 +405,10 @@ class Passkeys:
     def verify_authentication(self, ticket: str, address: str, rp: RelyingParty,
                               credential: str) -> AuthResult:
         """Check an assertion; a valid one completes the sign-in (``auth.login``)."""
+        from webauthn import verify_authentication_response
+        from webauthn.helpers import parse_authentication_credential_json
+        from webauthn.helpers.exceptions import InvalidJSONStructure, WebAuthnException
+
         found = self._take(self._login_key(ticket), rp)
         try:
             parsed = parse_authentication_credential_json(credential)
@@ -441,6 +459,8 @@ def _registration_transports(credential: str) -> str:
         given = body.get("response", {}).get("transports", [])
     except (ValueError, AttributeError):
         return ""
+    from webauthn.helpers.structs import AuthenticatorTransport
+
     known = {t.value for t in AuthenticatorTransport}
     if not isinstance(given, list):
         return ""
