@@ -8,7 +8,10 @@ of the stored bytes, written by the DUL thread in batches. Checked here:
   (and the C-GET/C-MOVE responses sent after each sub-operation, their PDU too),
   and the PDU stream byte for byte (fragment sizes, PDV headers, message control header
   bits of PS3.8 E.2) at max PDU 4096, 16384, 16385 and unlimited (0), and written in
-  full when the socket takes a few bytes per ``sendmsg``;
+  full when the socket takes a few bytes per ``sendmsg``; written by the association
+  thread only when nothing is ahead of it for the DUL (else left to the DUL thread), a
+  failed write becoming Evt17 in the DUL thread; the peer's C-STORE-RSP read by the DUL
+  thread only when it is plainly the awaited answer;
 - what real peers receive from the running server: pynetdicom C-GET at each of those
   PDU sizes, dcmtk ``getscu`` at odd PDU sizes, ``movescu`` into ``storescp +B +xa``
   with an odd PDU size, and C-GET over DICOM TLS: every object of the corpus (every
@@ -24,6 +27,8 @@ of the stored bytes, written by the DUL thread in batches. Checked here:
 
 from __future__ import annotations
 
+import queue
+import socket
 import ssl
 import subprocess
 import threading
@@ -31,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -250,6 +256,83 @@ def test_gathered_writes_resume_where_the_kernel_stopped(step: int) -> None:
     sendpath._send_gathered(sock, pieces)
     assert bytes(sock.out) == b"".join(pieces) and len(sock.out) == total
     assert max(sock.buffers) <= sendpath._IOV
+
+
+def _dul(sock: Any, state: str = "Sta6") -> Any:
+    """What ``sendpath.write_now`` reads of a ``reactor`` DUL."""
+    dul = SimpleNamespace(_pv_write_lock=threading.Lock(), socket=SimpleNamespace(socket=sock),
+                          state_machine=SimpleNamespace(current_state=state),
+                          to_provider_queue=queue.Queue(), event_queue=queue.Queue(),
+                          queued=[])
+    dul.send_pdu = dul.queued.append
+    return dul
+
+
+def _wire() -> sendpath.Wire:
+    command = sendpath.encode_store_rq(3, CTImageStorage, "1.2.3.4.5", 2, None, None)
+    cut = sendpath.fragments(5, command or b"", b"\1" * 50_000, 16384)
+    assert cut is not None
+    return sendpath.Wire(*cut)
+
+
+def test_written_at_once_by_the_association_thread_when_nothing_is_ahead() -> None:
+    here, peer = socket.socketpair()
+    with here, peer:
+        wire = _wire()
+        expected = b"".join(wire.pv_pieces)
+        dul = _dul(here)
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_read(peer, len(expected))))
+        reader.start()
+        assert sendpath.write_now(dul, wire)
+        reader.join(10)
+        assert bytes(got) == expected and not dul.queued and wire.pv_pieces == []
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = sock.recv(size - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def test_left_to_the_dul_thread_otherwise() -> None:
+    """Something queued or an event pending before it, another state, TLS, a DUL that is
+    not ``reactor``'s: nothing written, the caller queues it (order kept)."""
+    here, peer = socket.socketpair()
+    with here, peer:
+        ahead = _dul(here)
+        ahead.to_provider_queue.put(object())
+        event = _dul(here)
+        event.event_queue.put("Evt10")
+        released = _dul(here, "Sta7")
+        tls = _dul(ssl.create_default_context().wrap_socket(
+            socket.socket(), server_hostname=LOCAL, do_handshake_on_connect=False))
+        for dul in (ahead, event, released, tls):
+            assert not sendpath.write_now(dul, _wire())
+        assert not sendpath.write_now(SimpleNamespace(), _wire())
+        tls.socket.socket.close()
+        peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            peer.recv(1)
+
+
+def test_a_failed_write_is_evt17_in_the_dul_thread() -> None:
+    here, peer = socket.socketpair()
+    peer.close()
+    with here:
+        dul = _dul(here)
+        assert sendpath.write_now(dul, _wire())
+        [failed] = dul.queued
+        assert isinstance(failed, sendpath.Wire) and failed.pv_failed
+    provider = DULServiceProvider.__new__(DULServiceProvider)
+    assert sendpath.wire_dul(provider)
+    provider.event_queue = queue.Queue()
+    provider._pv_write(failed)  # type: ignore[attr-defined]
+    assert provider.event_queue.get_nowait() == "Evt17"
 
 
 def _store_rsp_pdus(status: int, max_pdu: int = 0, msg_id: int = 9, context_id: int = 5,
@@ -585,7 +668,16 @@ def test_both_send_paths_deliver_the_same_bytes(tmp_path: Path,
             written[0] += 1
         original(self, wire)
 
+    original_now = sendpath.write_now
+
+    def counted_now(dul: Any, wire: sendpath.Wire) -> bool:
+        request = len(wire.pv_pieces) > 1
+        done = original_now(dul, wire)
+        written[0] += done and request
+        return done
+
     monkeypatch.setattr(sendpath.WireDUL, "_pv_write", counted)
+    monkeypatch.setattr(sendpath, "write_now", counted_now)
     answered = [0]
     original_answer = sendpath.answer
 

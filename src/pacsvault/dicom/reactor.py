@@ -247,6 +247,9 @@ class WakeableDUL(DULServiceProvider):
     _pv_seen_bytes = False
 
     _pv_waiting = False  # the DUL thread is in (or about to enter) ``_pv_wait``
+    # Held by whoever writes to the socket (``BulkSocket.send``, ``sendpath``); replaced
+    # per instance by ``accelerate``
+    _pv_write_lock = threading.Lock()
     _pv_receiver: StoreReceiver | None = None  # the direct C-STORE path (issue 17)
     # (message ID, context ID) of the C-GET sub-operation whose C-STORE-RSP this thread
     # reads itself (``sendpath.take_answer``); set by ``sendpath.send_c_store``
@@ -396,7 +399,7 @@ class WakeableDUL(DULServiceProvider):
             abort = A_ABORT_RQ()
             abort.source = 0x02
             abort.reason_diagnostic = abort_reason
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError), self._pv_write_lock:
                 raw.settimeout(1.0)
                 raw.sendall(abort.encode())
             sock.close()  # queues Evt17: the state machine goes back to Sta1
@@ -534,6 +537,16 @@ class WakeableDUL(DULServiceProvider):
 
 
 class BulkSocket(AssociationSocket):
+    def send(self, bytestream: bytes) -> None:
+        """pynetdicom's, under the DUL's write lock (``sendpath.write_now`` writes from
+        the association thread under it too: never two writers in one stream)."""
+        lock = getattr(self.assoc.dul, "_pv_write_lock", None)
+        if lock is None:
+            super().send(bytestream)
+            return
+        with lock:
+            super().send(bytestream)
+
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), straight into one buffer."""
         sock = self.socket
@@ -602,6 +615,8 @@ def accelerate(assoc: Association, guard: ConnectionGuard | None = None,
     assoc.__class__ = FastAssociation
     dul = assoc.dul
     dul.__class__ = WakeableDUL
+    assert isinstance(dul, WakeableDUL)
+    dul._pv_write_lock = threading.Lock()
     if guard is not None:
         assert isinstance(assoc, FastAssociation) and isinstance(dul, WakeableDUL)
         dul._pv_guard = guard

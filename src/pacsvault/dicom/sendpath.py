@@ -13,23 +13,28 @@ object the peer accepted as it is (``retrieve.Raw``):
   fragmentation exactly (one PDV per PDU, ``max PDU - 6`` bytes per fragment, the peer's
   maximum as negotiated, 0 = one fragment; message control header bits per PS3.8 E.2:
   command 0x01/0x03, data 0x00/0x02);
-- the whole message goes to the DUL as one ``Wire`` primitive, which the DUL thread writes
-  in batches of ``BATCH`` bytes (one ``sendall`` each) instead of one send per PDU.
+- the whole message is one ``Wire``, written with gather writes (``sendmsg``; over TLS in
+  batches of ``BATCH`` bytes, one ``sendall`` each) instead of one send per PDU: by the
+  association thread itself when nothing is queued for the DUL before it (``write_now``,
+  plain TCP), else queued as a primitive the DUL thread writes;
+- on a C-GET, the peer's plain C-STORE-RSP is read by the DUL thread straight into its
+  status (``answer``), and the *Pending* response goes out as a ``Wire`` too.
 
-What stays pynetdicom's: the DUL thread writes the wire (so nothing else is written in the
-middle of a message), in Sta6 or Sta8 only (the two states where its DT-1 and AR-7 send a
-P-DATA-TF, the state unchanged), and only when no event is pending before it (otherwise
-the event goes first, as it would for a queued P-DATA); a write error is Evt17 as in
-``AssociationSocket.send``. A wire left in any other state (the association aborted or
-closed meanwhile) is dropped, where pynetdicom would have raised an invalid-event error in
-the DUL thread. The response is awaited exactly as ``send_c_store`` does (reactor paused,
-``dimse.get_msg``, ``_check_received_status``); everything the path does not recognise
-(a conversion, an unusual UID, an AE title that needs care, bound DIMSE-sent handlers)
-goes through pynetdicom's ``send_c_store`` unchanged.
+What stays pynetdicom's: one writer at a time (the DUL's write lock: the association
+thread's ``write_now``, the DUL thread's own writes), in Sta6 or Sta8 only (the two states
+where its DT-1 and AR-7 send a P-DATA-TF, the state unchanged), and only when no event is
+pending before it (otherwise the event goes first, as it would for a queued P-DATA); a write
+error is Evt17 (in the DUL thread) as in ``AssociationSocket.send``. A wire left in any
+other state (the association aborted or closed meanwhile) is dropped, where pynetdicom would
+have raised an invalid-event error in the DUL thread. The response is awaited exactly as
+``send_c_store`` does (reactor paused, ``dimse.get_msg``, ``_check_received_status``);
+everything the path does not recognise (a conversion, an unusual UID, an AE title that needs
+care, bound DIMSE-sent handlers) goes through pynetdicom's ``send_c_store`` unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import ssl
@@ -65,6 +70,7 @@ class Wire(P_DATA):
         super().__init__()
         self.pv_pieces = pieces
         self.pv_size = size
+        self.pv_failed = False  # stands for a failed ``write_now``
 
     def __repr__(self) -> str:
         return f"Wire({self.pv_size} bytes)"
@@ -166,21 +172,65 @@ class WireDUL(DULServiceProvider):
         return bool(super()._process_recv_primitive())
 
     def _pv_write(self, wire: Wire) -> None:
+        if wire.pv_failed:  # ``write_now`` failed: Evt17 in its place in the order
+            self.event_queue.put("Evt17")
+            return
         sock = self.socket
         raw = getattr(sock, "socket", None)
         if sock is None or raw is None:
             log.warning("Attempted to send data over closed connection")
             return
         try:
-            if isinstance(raw, ssl.SSLSocket):  # no sendmsg: joined batches
-                _send_joined(raw, wire.pv_pieces)
-            else:
-                _send_gathered(raw, wire.pv_pieces)
+            with _write_lock(self):
+                if isinstance(raw, ssl.SSLSocket):  # no sendmsg: joined batches
+                    _send_joined(raw, wire.pv_pieces)
+                else:
+                    _send_gathered(raw, wire.pv_pieces)
         except Exception as exc:  # as AssociationSocket.send: Evt17, connection closed
             log.info("sending to the peer failed (%s)", type(exc).__name__)
             self.event_queue.put("Evt17")
         finally:
             wire.pv_pieces = []
+
+
+def _write_lock(dul: Any) -> Any:
+    lock = getattr(dul, "_pv_write_lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def write_now(dul: Any, wire: Wire) -> bool:
+    """Write ``wire`` from the calling (association) thread when the DUL thread would
+    write it at once anyway: False (then it is queued for the DUL as before) unless the
+    association is ``reactor``'s (its write lock), on a plain socket, in Sta6/Sta8, with
+    nothing queued for the DUL before it (a primitive or an event: they go first).
+
+    Why (issue 17): per C-GET sub-operation, handing the request to the DUL thread (queue,
+    pipe wake-up, a thread switch on a busy 2-core machine) took a median 0.3 ms between
+    the request being ready and its first byte being written, about a quarter of an
+    object's cycle. The DUL thread keeps reading meanwhile (a C-CANCEL, an A-ABORT). TLS
+    keeps the DUL thread's write (one thread per SSL object's writes and reads). A failed
+    write is handed to the DUL thread as a failed ``Wire`` (Evt17 there, in order, in the
+    state it checks), as its own failed write would be."""
+    lock = getattr(dul, "_pv_write_lock", None)
+    if lock is None:
+        return False
+    raw = getattr(dul.socket, "socket", None)
+    if raw is None or isinstance(raw, ssl.SSLSocket):
+        return False
+    with lock:
+        if (dul.state_machine.current_state not in _STATES or dul.to_provider_queue.queue
+                or dul.event_queue.qsize()):
+            return False
+        try:
+            _send_gathered(raw, wire.pv_pieces)
+        except Exception as exc:
+            log.info("sending to the peer failed (%s)", type(exc).__name__)
+            failed = Wire([], 0)
+            failed.pv_failed = True
+            dul.send_pdu(failed)
+        finally:
+            wire.pv_pieces = []
+    return True
 
 
 def _send_joined(sock: Any, pieces: list[bytes | memoryview]) -> None:
@@ -286,7 +336,9 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
         time.sleep(0.0001)
     if count is not None:
         dul._pv_awaiting = (msg_id, int(context.context_id))
-    dul.send_pdu(Wire(pieces, size))
+    wire = Wire(pieces, size)
+    if not write_now(dul, wire):
+        dul.send_pdu(wire)
     _cx_id, rsp = assoc.dimse.get_msg(block=True)
     if count is not None:
         dul._pv_awaiting = None
@@ -470,8 +522,9 @@ def send_msg(dimse: Any, primitive: Any, context_id: int) -> bool:
         # Written by the DUL thread like a C-STORE-RQ's PDUs, without pynetdicom's PDU
         # object, state-machine event and encoding per response (one per sub-operation:
         # issue 17); the same bytes (``fragments``: one PDU, one last-command PDV).
-        pieces, size = _one_pdu(context_id, command)
-        dimse.dul.send_pdu(Wire(pieces, size))
+        wire = Wire(*_one_pdu(context_id, command))
+        if not write_now(dimse.dul, wire):
+            dimse.dul.send_pdu(wire)
         return True
     pdata = P_DATA()
     pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
@@ -501,4 +554,4 @@ def sent_messages_watched(assoc: Any) -> bool:
 
 __all__ = ["BATCH", "ENABLED", "StoreAnswer", "Wire", "WireDUL", "answer", "answers_counted",
            "encode_retrieve_rsp", "encode_store_rq", "fragments", "send_c_store", "send_msg",
-           "sent_messages_watched", "take_answer", "wire_dul"]
+           "sent_messages_watched", "take_answer", "wire_dul", "write_now"]
