@@ -1,7 +1,8 @@
 """Issue 17, peak memory of the serving processes: modules pydicom imports at its start
 but no serving code uses (``requests``, ``tqdm``: ~5 MB per process) are placeholders
 until first used (``pacsvault/deferred``), and ``webauthn`` (~5 MB) is imported by a
-passkey ceremony, not at start (``accounts/passkeys``).
+passkey ceremony, not at start (``accounts/passkeys``), as are ``pyrage`` (a breach's
+patient list) and ``segno`` (a TOTP enrolment's QR code).
 
 What is checked: a started server (one process, and the workers of ``--workers 2``) never
 imported them (``-X importtime`` of its whole log, as ``test_cli_imports``); in a process
@@ -44,7 +45,8 @@ def test_a_started_server_has_not_imported_them(
     _, names = imports(server.log())
     loaded = {name.split(".")[0] for name in names}
     assert {"pydicom", "pynetdicom", "fastapi"} <= loaded  # the log holds the server's imports
-    unused = {*deferred.SERVER_UNUSED, "urllib3", "charset_normalizer", "webauthn", "cbor2"}
+    unused = {*deferred.SERVER_UNUSED, "urllib3", "charset_normalizer", "webauthn", "cbor2",
+              "pyrage", "segno"}
     assert not loaded & unused, sorted(loaded & unused)
 
 

@@ -34,7 +34,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, cast
 
-import segno
 from argon2 import PasswordHasher, Type
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -121,6 +120,8 @@ def provisioning_uri(secret: bytes, account: str, issuer: str) -> str:
 
 def qr_svg(uri: str) -> str:
     """The URI as an SVG QR code (inline in the page: no extra request, no image cache)."""
+    import segno  # here, not at import: every serving process imports this module (issue 17)
+
     qr = segno.make(uri, error="m", micro=False)
     out = io.BytesIO()
     qr.save(out, kind="svg", scale=4, border=4, xmldecl=False, svgns=True,
@@ -129,6 +130,8 @@ def qr_svg(uri: str) -> str:
 
 
 def qr_png(uri: str) -> bytes:
+    import segno
+
     qr = segno.make(uri, error="m", micro=False)
     out = io.BytesIO()
     qr.save(out, kind="png", scale=6, border=4)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 
-import pyrage
 from sqlalchemy import select
 
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
@@ -54,6 +53,8 @@ def _csv(rows: list[tuple[str, ...]]) -> bytes:
 
 
 def encrypt_to_recipient(plain: bytes, recipient: str) -> bytes:
+    import pyrage  # here, not at import: every serving process imports this module (issue 17)
+
     try:
         key = pyrage.x25519.Recipient.from_str(recipient.strip())
     except Exception:
@@ -65,6 +66,8 @@ def encrypt_to_recipient(plain: bytes, recipient: str) -> bytes:
 def encrypt_to_passphrase(plain: bytes, passphrase: str) -> bytes:
     if len(passphrase) < 12:
         raise BreachError("the passphrase must have at least 12 characters")
+    import pyrage
+
     return bytes(pyrage.passphrase.encrypt(plain, passphrase))
 
 
