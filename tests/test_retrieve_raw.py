@@ -15,9 +15,15 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 
-from pacsvault.dicom import retrieve
+from pacsvault.dicom import retrieve, sendpath
 from tests import corpus
 
 
@@ -57,6 +63,33 @@ def test_hook_sends_stored_bytes_only_in_the_stored_encoding() -> None:
     other = object()
     assert retrieve._encode_hook(other, False, True, False) is other
     assert "1.2.3" not in repr(plain)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEGBaseline8Bit,
+                                    DeflatedExplicitVRLittleEndian])
+def test_raw_is_the_dataset_pydicom_would_build(syntax: str) -> None:
+    """``Raw`` is built without pydicom's ``__init__``/``setattr`` (issue 17): same
+    elements, same values once read, same instance state as one built the usual way."""
+    sop_class, sop_uid = "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.2.1125.12345"
+    raw = retrieve.Raw(sop_class, sop_uid, syntax, memoryview(b"\0\0"))
+    usual = Dataset()
+    usual.SOPClassUID, usual.SOPInstanceUID = sop_class, sop_uid
+    usual.file_meta = FileMetaDataset()
+    usual.file_meta.TransferSyntaxUID = UID(syntax)
+    assert raw.SOPClassUID == usual.SOPClassUID and raw.SOPInstanceUID == sop_uid
+    assert raw.file_meta.TransferSyntaxUID == syntax
+    assert raw.file_meta.TransferSyntaxUID.is_little_endian
+    assert dict(raw._dict) == dict(usual._dict) and raw.file_meta == usual.file_meta
+    assert "SOPInstanceUID" in raw and len(raw) == 2 and isinstance(raw.file_meta,
+                                                                    FileMetaDataset)
+    assert raw.__dict__["pv_uids"] == (sop_class, sop_uid, syntax)
+    assert set(raw.__dict__) - set(usual.__dict__) == {"pv_uids", "pv_body"}
+    for blank, made in ((sendpath.blank(Dataset), Dataset()),
+                        (sendpath.blank(FileMetaDataset), FileMetaDataset())):
+        assert type(blank) is type(made) and blank.__dict__ == made.__dict__
+        for key, value in blank.__dict__.items():  # no container shared between two
+            if isinstance(value, dict | list):
+                assert value is not sendpath.blank(type(made)).__dict__[key]
 
 
 def test_read_ahead_keeps_order_hands_exceptions_and_is_bounded() -> None:

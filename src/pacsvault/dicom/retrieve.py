@@ -32,10 +32,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from pydicom import config
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from pacsvault.dicom import patches, sendpath
@@ -60,22 +59,30 @@ class Raw(Dataset):
 
     def __init__(self, sop_class: str, sop_uid: str, syntax: str,
                  body: bytes | memoryview) -> None:
-        super().__init__()
-        # The elements put in place directly, as ``setattr`` would store them: the values
-        # come from the index and the stored meta, and ``setattr``'s keyword look-up and
-        # validation were a tenth of an object's time in the association thread (issue 17).
-        self._dict[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", UID(sop_class),
-                                             validation_mode=config.IGNORE)
-        self._dict[_SOP_INSTANCE] = DataElement(_SOP_INSTANCE, "UI", UID(sop_uid),
-                                                validation_mode=config.IGNORE)
-        meta = FileMetaDataset()
-        meta._dict[_SYNTAX] = DataElement(_SYNTAX, "UI", UID(syntax),
-                                          validation_mode=config.IGNORE)
+        # Built without pydicom's ``__init__``/``setattr`` (a keyword look-up and a value
+        # conversion per attribute): in the state ``Dataset()`` leaves (``blank_state``),
+        # the three elements raw (decoded by pydicom only if something reads them: the
+        # direct path reads ``pv_uids``). Per object, pydicom's way was a large share of
+        # the association thread's time (issue 17).
+        self.__dict__.update(sendpath.blank_state(Dataset))
+        self._dict[_SOP_CLASS] = _raw_ui(_SOP_CLASS, sop_class)
+        self._dict[_SOP_INSTANCE] = _raw_ui(_SOP_INSTANCE, sop_uid)
+        meta = sendpath.blank(FileMetaDataset)
+        meta._dict[_SYNTAX] = _raw_ui(_SYNTAX, syntax)
         self.__dict__["file_meta"] = meta  # as ``_set_file_meta`` stores a FileMetaDataset
+        self.__dict__["pv_uids"] = (sop_class, sop_uid, syntax)
         self.__dict__["pv_body"] = body
 
     def __repr__(self) -> str:  # no UIDs in logs or tracebacks
         return f"Raw({len(self.__dict__['pv_body'])} bytes)"
+
+
+def _raw_ui(tag: BaseTag, value: str) -> RawDataElement:
+    """A UI element as explicit VR little endian stores it (even length, NUL padded)."""
+    encoded = value.encode("ascii")
+    if len(encoded) % 2:
+        encoded += b"\x00"
+    return RawDataElement(tag, "UI", len(encoded), encoded, 0, False, True)
 
 
 def _encode_hook(ds: Any, is_implicit_vr: bool, is_little_endian: bool,

@@ -40,9 +40,12 @@ import re
 import ssl
 import struct
 import time
-from typing import Any
+from typing import Any, TypeVar
 
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -314,12 +317,11 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
         return NotImplemented
     if sent_messages_watched(assoc):
         return NotImplemented
-    sop_class = str(raw.SOPClassUID)
-    syntax = str(raw.file_meta.TransferSyntaxUID)
+    sop_class, sop_instance, syntax = raw.__dict__["pv_uids"]
     context = _context(assoc, sop_class, syntax)
     if context is None:
         return NotImplemented  # pynetdicom raises again, as before, or takes it
-    command = encode_store_rq(msg_id, sop_class, str(raw.SOPInstanceUID), priority,
+    command = encode_store_rq(msg_id, sop_class, sop_instance, priority,
                               originator_aet, originator_id)
     if command is None:
         return NotImplemented
@@ -345,13 +347,41 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
     assoc._reactor_checkpoint.set()
     if isinstance(rsp, StoreAnswer):
         count(rsp.status)
-        status = Dataset()  # what ``_check_received_status`` returns for it
-        status.Status = rsp.status
+        status = blank(Dataset)  # what ``_check_received_status`` returns for it
+        status._dict[_STATUS] = DataElement(_STATUS, "US", rsp.status,
+                                            validation_mode=config.IGNORE)
         return status
     if rsp is None:
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
+
+
+_STATUS = Tag(0x00000900)
+_D = TypeVar("_D", bound=Dataset)
+_BLANK: dict[type, dict[str, Any]] = {}
+
+
+def blank(cls: type[_D]) -> _D:
+    """An empty ``cls`` (``Dataset``, ``FileMetaDataset``) in the state its ``__init__``
+    leaves, without running it.
+
+    Why (issue 17): ``Dataset.__init__`` sets a dozen attributes through pydicom's
+    ``__setattr__`` (a keyword look-up each); the datasets made per C-GET sub-operation
+    (the ``Raw`` and its file meta, the status returned) were a visible share of the
+    association thread's time. The state is copied from one ``__init__`` made, its
+    containers copied, never shared (``test_retrieve_raw`` compares both)."""
+    out = cls.__new__(cls)
+    out.__dict__.update(blank_state(cls))
+    return out
+
+
+def blank_state(cls: type[Dataset]) -> dict[str, Any]:
+    """The instance state ``blank`` gives a ``cls``: a fresh copy each call."""
+    state = _BLANK.get(cls)
+    if state is None:
+        state = _BLANK[cls] = dict(cls().__dict__)
+    return {k: v.copy() if isinstance(v, dict | list) else v for k, v in state.items()}
 
 
 # --- the C-STORE-RSP, read by the DUL thread ----------------------------------------------
@@ -553,5 +583,6 @@ def sent_messages_watched(assoc: Any) -> bool:
 
 
 __all__ = ["BATCH", "ENABLED", "StoreAnswer", "Wire", "WireDUL", "answer", "answers_counted",
-           "encode_retrieve_rsp", "encode_store_rq", "fragments", "send_c_store", "send_msg",
-           "sent_messages_watched", "take_answer", "wire_dul", "write_now"]
+           "blank", "blank_state", "encode_retrieve_rsp", "encode_store_rq", "fragments",
+           "send_c_store", "send_msg", "sent_messages_watched", "take_answer", "wire_dul",
+           "write_now"]
