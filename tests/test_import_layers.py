@@ -37,7 +37,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # crypto.rotation: master key rotation, which Vault.open completes when one was
     # interrupted (handed the Vault class; it tells the backups nothing, they find the new
     # recovery password in vault.json at their next run)
-    ("vault", ("pacsvault.vault", "pacsvault.vaultfile", "pacsvault.sealed.material",
+    ("vault", ("pacsvault.vault", "pacsvault.vaultfile", "pacsvault.vaultindex",
+               "pacsvault.vaultsecrets", "pacsvault.sealed.material",
                "pacsvault.crypto.rotation")),
     # sharing: share links for an outside colleague (issue 19)
     ("domain", ("pacsvault.storage", "pacsvault.accounts", "pacsvault.viewer",

@@ -131,7 +131,7 @@ def _tables() -> dict[str, Table]:
     """Every table a vault's index may hold, by name: the index layout and the side
     tables (the forward queue and cursor, on their own metadata)."""
     from pacsvault.dicom import forward
-    from pacsvault.vault import _layout_tables
+    from pacsvault.vaultindex import layout_tables as _layout_tables
 
     return {t.name: t for t in [*_layout_tables(), *forward.metadata.sorted_tables]}
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pacsvault import vault as vault_module
-from pacsvault import vaultfile
+from pacsvault import vaultfile, vaultsecrets
 from pacsvault.crypto import keys
 from pacsvault.fsutil import write_atomic
 from tests.helpers import VaultDir
@@ -22,13 +21,13 @@ from tests.helpers import VaultDir
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     reads: list[Path] = []
-    real = vault_module._read_meta
+    real = vaultsecrets._read
 
-    def counting(layout: vault_module.Layout) -> dict[str, object]:
-        reads.append(layout.meta)
-        return real(layout)
+    def counting(meta: Path) -> dict[str, object]:
+        reads.append(meta)
+        return real(meta)
 
-    monkeypatch.setattr(vault_module, "_read_meta", counting)
+    monkeypatch.setattr(vaultsecrets, "_read", counting)
     return reads
 
 

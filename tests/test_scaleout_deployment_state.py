@@ -90,8 +90,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServ
     # an older vault's own secrets in A's vault.json (made before they moved to the index):
     # the deployment takes them at first use, so A's old files still open
     va = a.open()
-    va._put_secret(SECRET_NAME, b"A" * 32)  # a vault from before
-    va._put_secret(keys.DEIDENTIFY_SECRET, b"D" * 32)
+    va._secrets._put(SECRET_NAME, b"A" * 32)  # a vault from before
+    va._secrets._put(keys.DEIDENTIFY_SECRET, b"D" * 32)
     va.close()
     va, vb = a.open(), b.open()  # A's open offers them to the index
     try:
@@ -137,7 +137,7 @@ def test_old_files_imported_on_first_use(pair: tuple[Vault, Vault]) -> None:
     _old_link_file(va, b"D" * 32, "old-project", {"PV-OLD1": "PVOLD001"})
     # B's directory had made its own register key (the divergence of a file-based era)
     stray = Breach(id=new_id(NOW), title="Recorded on B before", aware_at=NOW.isoformat())
-    vb._put_secret(SECRET_NAME, b"B" * 32)
+    vb._secrets._put(SECRET_NAME, b"B" * 32)
     _old_breach_file(vb, b"B" * 32, stray)
     BreachRegister(va)  # first use on A: A's files in, under A's (now the deployment's) key
     BreachRegister(vb)  # on B: re-encrypted under the deployment's key
@@ -228,8 +228,8 @@ def test_two_instances_agree_on_a_new_secret(pair: tuple[Vault, Vault]) -> None:
         row = session.get(VaultSecretRow, name)
         if row is not None:
             session.delete(row)
-    va._shared_secrets.clear()
-    vb._shared_secrets.clear()
+    va._secrets._shared.clear()
+    vb._secrets._shared.clear()
     start, answers = threading.Barrier(2), {}
 
     def ask(label: str, vault: Vault) -> None:

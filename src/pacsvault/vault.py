@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, Table
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import pacsvault.accounts.models  # noqa: F401  (registers the account tables)
@@ -42,7 +42,7 @@ from pacsvault.audit.trail import AuditTrail, TrailKeys, TrailSink
 from pacsvault.crypto import keys, protection, tls
 from pacsvault.crypto.keyring import Keyring
 from pacsvault.crypto.protection import PassphraseProvider
-from pacsvault.index import deployment_state, schema  # deployment_state: its tables too
+from pacsvault.index import schema  # deployment_state: its tables too
 from pacsvault.index import shared_state as _shared_state  # noqa: F401  (registers its tables)
 from pacsvault.index.db import INDEX_NAME, open_index, session_factory
 from pacsvault.index.keyrows import DataKeyRows
@@ -55,6 +55,11 @@ from pacsvault.vaultfile import META_NAME as META_NAME
 from pacsvault.vaultfile import VAULT_FORMAT as VAULT_FORMAT
 from pacsvault.vaultfile import VaultError as VaultError
 from pacsvault.vaultfile import default_key_path as default_key_path
+from pacsvault.vaultindex import UpgradeConfirm as UpgradeConfirm
+from pacsvault.vaultindex import confirm_upgrade as confirm_upgrade
+from pacsvault.vaultindex import layout_tables, upgrade_index
+from pacsvault.vaultindex import upgrade_without_asking as upgrade_without_asking
+from pacsvault.vaultsecrets import NamedSecrets
 
 if TYPE_CHECKING:  # imported when first used: a CLI command must not pay for pydicom,
     # numpy and argon2 it does not need (issue 12, defect 7)
@@ -115,16 +120,6 @@ def _read_meta(layout: Layout) -> dict[str, object]:
     return vaultfile.read(layout.meta)
 
 
-def _layout_tables() -> list[Table]:
-    """Every table of the index layout, their model modules imported (erasure requests
-    bring the storage stack: only when a vault is made or upgraded)."""
-    import pacsvault.sharing.links  # share_links (issue 19)
-    import pacsvault.storage.erasure_requests  # noqa: F401  (registers its table)
-    from pacsvault.index.models import Base
-
-    return list(Base.metadata.sorted_tables)
-
-
 def open_engine(layout: Layout, settings: config.Settings, master: keys.MasterKey,
                 vault_id: str, *, create: bool = False) -> Engine:
     """The vault's one index engine: the embedded SQLCipher file (its key derived from the
@@ -138,53 +133,6 @@ def open_engine(layout: Layout, settings: config.Settings, master: keys.MasterKe
                                       vault_id, create=create)
     return open_index(layout.index, master.derive(keys.PURPOSE_INDEX, vault_id),
                       create=create)
-
-
-UpgradeConfirm = Callable[[schema.Plan], bool]
-
-
-def confirm_upgrade(plan: schema.Plan) -> bool:
-    """Say what is about to change, in one line; at a terminal ask first (unless
-    ``PACSVAULT_UPGRADE=yes``); without one (systemd, scripts) go ahead: the upgrade is
-    recorded in the trail (``index.upgraded``)."""
-    import sys
-
-    print(f"pacsvault: {plan.describe()}", file=sys.stderr)
-    if os.environ.get("PACSVAULT_UPGRADE", "").lower() == "yes" or not sys.stdin.isatty():
-        return True
-    try:
-        answer = input("upgrade now? [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
-
-
-def upgrade_without_asking(plan: schema.Plan) -> bool:
-    """``serve --yes``: the same one line, no question."""
-    import sys
-
-    print(f"pacsvault: {plan.describe()}", file=sys.stderr)
-    return True
-
-
-def _upgrade_index(layout: Layout, engine: Engine,
-                   confirm: UpgradeConfirm | None) -> schema.Plan | None:
-    """Bring the index (and ``vault.json``'s ``layout``) to this code's version, after
-    ``confirm`` agreed; None when nothing had to change."""
-    try:
-        todo = schema.plan(engine)
-    except schema.SchemaTooNew as exc:
-        engine.dispose()
-        raise VaultError(str(exc)) from None
-    if todo is not None:
-        if not (confirm or confirm_upgrade)(todo):
-            engine.dispose()
-            raise VaultError("the index upgrade was declined; nothing was changed")
-        schema.upgrade(engine, _layout_tables())
-    if _read_meta(layout).get("layout") != schema.LAYOUT:
-        with contextlib.suppress(OSError):  # a read-only disk still opens
-            update_meta(layout, lambda meta: meta.__setitem__("layout", schema.LAYOUT))
-    return todo
 
 
 def _record_upgrade(vault: Vault, done: schema.Plan) -> None:
@@ -320,9 +268,9 @@ def _populate(
         reached.add("claimed")
     try:
         if index.is_postgres:  # the same revisions as an upgrade, from an empty database
-            schema.upgrade(engine, _layout_tables())
+            schema.upgrade(engine, layout_tables())
         else:
-            for table in _layout_tables():
+            for table in layout_tables():
                 table.create(engine, checkfirst=True)
             schema.stamp_head(engine)  # a new index is at the newest revision
     except BaseException:
@@ -414,10 +362,9 @@ class Vault:
         self.settings = settings
         self.vault_id = vault_id
         self._master = master
-        self._secret_lock = threading.Lock()
-        self._shared_secrets: dict[str, bytes] = {}  # deployment-wide, from the index
         self.engine = engine
         self.sessions: sessionmaker[Session] = session_factory(engine)
+        self._secrets = NamedSecrets(layout.meta, master, vault_id, self.sessions)
         # ``objects``: the local directory store (DATA/objects); ``store``: where objects
         # really go, the same store by default, a bucket with ``[storage] url = s3://``.
         self.objects = ObjectStore(layout.objects, settings.storage.min_free_mb * 1024 * 1024)
@@ -475,25 +422,15 @@ class Vault:
                 "vault or is damaged); nothing was changed"
             )
         engine = open_engine(layout, settings, master, vault_id)
-        upgraded = _upgrade_index(layout, engine, confirm)
+        upgraded = upgrade_index(layout.meta, engine, confirm)
         vault = cls(layout, settings, vault_id, master, engine)
         vault.key_path = key_path
         if upgraded is not None:
             _record_upgrade(vault, upgraded)
         vault._tls_upkeep()
         vault._sealed_upkeep()
-        vault._publish_shared_secrets()
+        vault._secrets.publish_shared()
         return vault
-
-    def _publish_shared_secrets(self) -> None:
-        """This directory's deployment-wide secrets from before they moved to the index
-        (``vault.json``), offered at open: the index keeps the first value it was given, so
-        an upgraded vault keeps its keys whichever instance uses them first."""
-        for name in sorted(deployment_state.SHARED_SECRETS):
-            local = self.file_secret(name)
-            if local is not None and name not in self._shared_secrets:
-                self._shared_secrets[name] = deployment_state.agree_secret(
-                    self.sessions, name, local)
 
     def _sealed_upkeep(self) -> None:
         """What a start without the master key will need (``sealed.material``): the HPKE
@@ -601,71 +538,16 @@ class Vault:
         return update_meta(self.layout, change)
 
     def named_secret(self, name: str, *, size: int = 32) -> bytes:
-        """A random secret kept in ``vault.json["secrets"]`` wrapped by the master key,
-        made on first use (``keys.wrap_secret``: rotation re-wraps these in one place).
-
-        The deployment-wide ones (``deployment_state.SHARED_SECRETS``: what they key is
-        read by every instance) live in the index instead, sealed, so that several data
-        directories on one index agree; the first use takes ``vault.json``'s value if this
-        directory has one (a vault from before), else a random one."""
-        if name in deployment_state.SHARED_SECRETS:
-            cached = self._shared_secrets.get(name)
-            if cached is None:
-                offer = self.file_secret(name) or os.urandom(size)
-                cached = deployment_state.agree_secret(self.sessions, name, offer)
-                self._shared_secrets[name] = cached
-            return cached
-        with self._secret_lock:
-            stored = self._secrets_table()
-            if isinstance(stored, dict) and isinstance(stored.get(name), str):
-                return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
-            secret = os.urandom(size)
-            self._put_secret(name, secret)
-            return secret
+        """``vaultsecrets.NamedSecrets.get``: a random secret made on first use."""
+        return self._secrets.get(name, size=size)
 
     def file_secret(self, name: str) -> bytes | None:
-        """``name`` as this data directory's ``vault.json`` holds it, None if absent (the
-        value a shared secret had before it moved to the index)."""
-        with self._secret_lock:
-            stored = self._secrets_table()
-            if isinstance(stored, dict) and isinstance(stored.get(name), str):
-                return keys.unwrap_secret(self._master, self.vault_id, name, stored[name])
-            return None
+        """``vaultsecrets.NamedSecrets.file_secret``."""
+        return self._secrets.file_secret(name)
 
     def set_named_secret(self, name: str, secret: bytes) -> None:
-        """Store or replace a named secret whose value is not random: the backup
-        repositories' recovery password, derived from the recovery code (issue 14)."""
-        if name in deployment_state.SHARED_SECRETS:
-            deployment_state.replace_secret(self.sessions, name, secret)
-            self._shared_secrets[name] = secret
-            return
-        with self._secret_lock:
-            self._put_secret(name, secret)
-
-    def _put_secret(self, name: str, secret: bytes) -> None:
-        blob = keys.wrap_secret(self._master, self.vault_id, name, secret)
-
-        def put(meta: dict[str, object]) -> None:
-            table = meta.setdefault("secrets", {})
-            assert isinstance(table, dict)
-            table[name] = blob
-
-        update_meta(self.layout, put)
-
-    # The "secrets" table as last read, with the update_meta generation and the file's
-    # signature then: an open asks for several named secrets and reads the file once.
-    _secrets_cache: tuple[int, tuple[int, ...], object] | None = None
-
-    def _secrets_table(self) -> object:
-        """``vault.json``'s "secrets", read again only after an ``update_meta`` of this
-        process or a replacement of the file by another process."""
-        seen, cached = vaultfile.signature(self.layout.meta), self._secrets_cache
-        if cached is not None and seen is not None and cached[:2] == (vaultfile.generation(), seen):
-            return cached[2]
-        generation, table = vaultfile.generation(), _read_meta(self.layout).get("secrets")
-        if seen is not None and seen == vaultfile.signature(self.layout.meta):
-            self._secrets_cache = (generation, seen, table)
-        return table
+        """``vaultsecrets.NamedSecrets.set``: a secret whose value is not random."""
+        self._secrets.set(name, secret)
 
     def open_copy(self, data_dir: Path) -> Vault:
         """Open a restored copy of this vault (a restore drill) with this vault's master
@@ -689,7 +571,7 @@ class Vault:
         engine = open_engine(layout, settings, self._master, self.vault_id)
         # A restored copy may be older than this code (a drill, a restore): upgraded
         # without asking or recording (it is a copy).
-        _upgrade_index(layout, engine, lambda _plan: True)
+        upgrade_index(layout.meta, engine, lambda _plan: True)
         return Vault(layout, settings, self.vault_id, self._master, engine)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from typing import TextIO, cast
 from sqlalchemy import Engine, Table, select
 
 from pacsvault import vault as vaultmod
+from pacsvault import vaultindex
 from pacsvault.audit.events import AuditEvent, EventCode, Outcome
 from pacsvault.crypto import keys
 from pacsvault.crypto.keyring import KeyDestroyed
@@ -135,7 +136,7 @@ class _Run:
         self.target = target
         self.options = options
         self.master: keys.MasterKey = vault._master  # (the migration re-opens the index)
-        layout = vaultmod._layout_tables()
+        layout = vaultindex.layout_tables()
         held = rows.present(vault.engine)
         self.side = [t for t in options.side_tables if t.name in held]
         self.tables = rows.tables_in_order(layout, self.side)
@@ -292,9 +293,9 @@ class _Run:
                                 create=create)
         if not current.index_created:
             if self.target.index_kind == POSTGRESQL:
-                schema.upgrade(engine, vaultmod._layout_tables())
+                schema.upgrade(engine, vaultindex.layout_tables())
             else:
-                for table in vaultmod._layout_tables():
+                for table in vaultindex.layout_tables():
                     table.create(engine, checkfirst=True)
                 schema.stamp_head(engine)
             current.index_created = True

@@ -15,7 +15,7 @@ profile, counters. Guessing is throttled by the sign-in throttle (``accounts.thr
 keyed by the link, not by a user name) and capped per link: after ``MAX_FAILURES`` wrong
 codes the link is dead and the physician makes a new one.
 
-The table is part of the index layout (Alembic revision 0006; ``vault._layout_tables``
+The table is part of the index layout (Alembic revision 0006; ``vaultindex.layout_tables``
 imports this module so a new index's baseline makes it).
 """
 

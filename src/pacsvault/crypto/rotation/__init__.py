@@ -169,7 +169,7 @@ def _paused(vault: Vault) -> Iterator[None]:
     """Hold what writes under the keys: named secrets, the archive's commits (group-commit
     lock: stores wait, then continue), and, inside ``AuditTrail.rotate_keys``, the trail."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(vault._secret_lock)
+        stack.enter_context(vault._secrets.lock)
         archive = vault._archive
         if archive is not None:
             stack.enter_context(archive._write_lock)

@@ -67,7 +67,7 @@ class EncryptedColumn:
 
 def tables() -> list[Table]:
     """Every table of the index layout (share links and erasure requests register theirs
-    when imported, as ``vault._layout_tables`` does)."""
+    when imported, as ``vaultindex.layout_tables`` does)."""
     import pacsvault.sharing.links
     import pacsvault.storage.erasure_requests  # noqa: F401
 
