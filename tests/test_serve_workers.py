@@ -54,6 +54,9 @@ STORED = "I: Received Store Response (Success)"
 
 def test_worker_count_and_refusals(tmp_path: Path) -> None:
     assert workers.count("auto") == max(1, min(workers.AUTO_MAX, os.cpu_count() or 1))
+    # issue 17: one process on the embedded index (one SQLite writer), whatever the cores
+    assert workers.count("auto", shared_index=False) == 1
+    assert workers.count("3", shared_index=False) == 3
     assert workers.count("3") == 3
     for bad in ("0", "-1", "many"):
         with pytest.raises(CommandError):
@@ -132,6 +135,24 @@ def _start(vault: VaultDir, log_name: str = "serve.log") -> Server:
     server = start_server(vault, log_name=log_name, args=("--workers", "2"), timeout=90)
     assert len(_worker_pids(vault)) == 2
     return server
+
+
+@pytest.mark.timeout(120)
+def test_auto_is_one_process_on_the_embedded_index(vault: VaultDir, tmp_path: Path) -> None:
+    """Issue 17: ``--workers auto`` (the default) serves an embedded vault from one
+    process: no worker processes, no lean supervisor, and it stores and answers."""
+    import psutil
+
+    server = start_server(vault, args=("--workers", "auto"), timeout=90)
+    try:
+        assert not _state(vault).get("worker_pids")
+        assert psutil.Process(server.proc.pid).children(recursive=True) == []
+        files = corpus.synthetic_ct_series(tmp_path / "ct", 2, size=64)
+        res = storescu(server.port, files, calling=CALLING)
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        server.stop()
+    assert {e.get("worker") for e in events(vault, "application.start")} <= {None}
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ Order of a run: generate the dataset (or reuse it), measure the physical limits,
 3. the same loaded instances filled up to the large index (10,000 studies; 200 with
    ``--small``) by really storing one small MR per extra study, and the queries again.
 Every embedded pacsvault row runs ``serve --workers`` as ``--pv-workers`` says: the
-product's default ``auto`` (one worker process per core) unless told otherwise, since that
-is what a practice runs; the run description names it.
+product's default ``auto`` (one process on the embedded index, ``cli/workers.count``)
+unless told otherwise, since that is what a practice runs; the run description names it.
 Output: ``OUT/results.json``, ``OUT/results.md`` and the table on stdout.
 """
 
@@ -93,7 +93,7 @@ class Bench:
         # ``serve --workers`` of every embedded pacsvault row, and how many processes that
         # is here (``auto``: the cores, as the product resolves it)
         self.pv_workers: str = args.pv_workers
-        self.pv_processes = worker_count(args.pv_workers)
+        self.pv_processes = worker_count(args.pv_workers, shared_index=False)  # embedded
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -537,7 +537,7 @@ def main(argv: list[str]) -> int:
                     help="py-spy pacsvault during the first round of each workload")
     ap.add_argument("--pv-workers", type=pv_workers, default=AUTO, metavar="N|auto",
                     help="serve --workers of every embedded pacsvault row (default auto, "
-                         "the product's default: one worker process per core)")
+                         "the product's default: one process on the embedded index)")
     ap.add_argument("--scale-out", choices=scaleout.SHAPES,
                     help="also pacsvault on PostgreSQL + SeaweedFS (scripts/postgres.sh, "
                          "scripts/seaweed.sh): 2 instances (instances add) or serve "

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
                    help=f"run as root anyway (development only; also ${ALLOW_ROOT_ENV}=1)")
     p.add_argument("--workers", default=os.environ.get(WORKERS_ENV) or DEFAULT_WORKERS,
                    help="worker processes sharing the listeners (a number, or 'auto' = "
-                        f"the machine's cores; default ${WORKERS_ENV}, else "
+                        "one on the embedded index, the machine's cores on PostgreSQL; "
+                        f"default ${WORKERS_ENV}, else "
                         f"{DEFAULT_WORKERS}); a sealed start runs one")
     # Set by the parent of ``--workers N`` for each worker (cli/workers), never by hand.
     for hidden in ("--worker-index", "--ready-fd", "--passphrase-fd"):
@@ -61,7 +62,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-DEFAULT_WORKERS = "auto"  # one worker per core (issue 16, part 4); cli/workers
+DEFAULT_WORKERS = "auto"  # cli/workers.count: 1 embedded, the cores on PostgreSQL
 WORKERS_ENV = "PACSVAULT_WORKERS"  # the test harness sets 1: one process, deterministic
 
 
@@ -119,6 +120,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _shared_index(root: Path) -> bool:
+    """Whether the vault's index is PostgreSQL (``--workers auto``: the cores there, one
+    process on the embedded index), from its settings file alone (no key needed)."""
+    from pacsvault import config
+
+    try:
+        return config.load(root).index.is_postgres
+    except Exception:  # an unreadable settings file is reported where it is opened
+        return False
+
+
 def _check_ports(bind: str, plain: int | None, tls_port: int | None,
                  https_port: int | None) -> None:
     """Every port tried before anything starts: a busy one is one line, exit 2."""
@@ -161,7 +173,7 @@ def _serve(args: argparse.Namespace, root: Path,
         # process (the unseal hands the key to that process only).
         from pacsvault.sealed.serve import serve_sealed
 
-        if workers.count(args.workers) > 1:
+        if workers.count(args.workers, shared_index=_shared_index(root)) > 1:
             log.warning("sealed start: one process instead of --workers %s; restart the "
                         "server after the unseal to use every core", args.workers)
         return serve_sealed(args, root, str(exc), _check_ports)
@@ -184,7 +196,7 @@ def _serve(args: argparse.Namespace, root: Path,
         log.info("interrupted run settled: %d indexed object(s) completed, %d partial "
                  "write(s) that were never acknowledged removed",
                  recovery.published, recovery.discarded)
-    total = workers.count(args.workers)
+    total = workers.count(args.workers, shared_index=settings.index.is_postgres)
     if total > 1:
         return _supervise(args, root, vault, bind, (plain, tls_port, https_port), total,
                           asked[-1] if asked else None, lock)

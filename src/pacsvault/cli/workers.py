@@ -52,8 +52,16 @@ from typing import Any
 log = logging.getLogger("pacsvault.workers")
 
 AUTO = "auto"
-# ``auto`` = the cores, at most this many: each worker holds ~250 MB, the service unit's
-# MemoryMax is 4G, and every commit still goes through the one index writer.
+# ``auto`` on a shared index (PostgreSQL) = the cores, at most this many: each worker holds
+# ~200 MB and the service unit's MemoryMax is 4G. On the embedded index ``auto`` = 1: one
+# SQLite file has one writer, so a second process only adds cross-process hand-offs of the
+# writer and the trail, and its memory. Measured on a quiet 2-core machine (issue 17,
+# ``bench.compare.embedded_ab``, 3 rounds, 2026-12-05): one process vs two, images/s of
+# Orthanc's - one association 0.75-0.93 vs 0.83-0.91 (plain), 0.78-0.89 vs 0.69-0.87
+# (TLS), less CPU per image (4.8 vs 5.2 ms); four associations 0.42-0.58 vs 0.45-0.67,
+# one-instance studies 0.30-0.36 vs 0.37-0.43; peak RSS 214 vs 408 MB (1 association),
+# 314 vs 501 MB (4; Orthanc 341 / 323). A practice's modalities rarely send at once:
+# one process serves the usual load as fast, in half the memory.
 AUTO_MAX = 8
 READY_TIMEOUT = 90.0  # a worker opens the vault and starts its listeners (slow CI: margin)
 # SIGTERM to the workers, then SIGKILL for what is left: within the unit's TimeoutStopSec
@@ -67,10 +75,12 @@ PAUSE = signal.SIGUSR1  # worker 0 -> parent: stop the other workers (a key rota
 RESUME = signal.SIGUSR2  # worker 0 -> parent: start them again
 
 
-def count(value: str | int | None) -> int:
+def count(value: str | int | None, *, shared_index: bool = True) -> int:
     """``--workers``: a positive number, or ``auto`` = the machine's cores (at most
-    ``AUTO_MAX``)."""
+    ``AUTO_MAX``) on a ``shared_index`` (PostgreSQL), one process on the embedded one."""
     if value is None or value == AUTO:
+        if not shared_index:
+            return 1
         return max(1, min(AUTO_MAX, os.cpu_count() or 1))
     from pacsvault.cli.common import CommandError
 
