@@ -26,9 +26,16 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_durably(fd: int, pieces: Iterable[bytes]) -> int:
+    """``write_all``, then fsync: the data is on disk when this returns. Returns the
+    number of bytes written."""
+    size = write_all(fd, pieces)
+    os.fsync(fd)
+    return size
+
+
+def write_all(fd: int, pieces: Iterable[bytes]) -> int:
     """Write every piece whole (``os.write`` may take less than it is given), one at a time
-    (never two copies of a big object), then fsync: the data is on disk when this returns.
-    Returns the number of bytes written."""
+    (never two copies of a big object); not synced. Returns the number of bytes written."""
     size = 0
     for piece in pieces:
         view = memoryview(piece)
@@ -36,7 +43,6 @@ def write_durably(fd: int, pieces: Iterable[bytes]) -> int:
             written = os.write(fd, view)
             view = view[written:]
             size += written
-    os.fsync(fd)
     return size
 
 

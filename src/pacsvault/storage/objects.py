@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from pacsvault.fsutil import fsync_dir, write_durably
+from pacsvault.fsutil import fsync_dir, write_all, write_durably
 
 TMP_DIR = ".tmp"
 SPARE_DIR = ".spare"
@@ -292,16 +292,7 @@ def _fill(fd: int, path: Path, pieces: Iterable[bytes], *, sync: bool = True) ->
     being a ``DiskFullError``. ``sync`` False: written only, ``fd`` left open for
     ``_sync`` (``write_spare``)."""
     try:
-        if sync:
-            size = write_durably(fd, pieces)
-        else:
-            size = 0
-            for piece in pieces:
-                view = memoryview(piece)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
+        size = write_durably(fd, pieces) if sync else write_all(fd, pieces)
     except OSError as exc:
         _failed(fd, path, exc)
     if sync:
