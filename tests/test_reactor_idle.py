@@ -50,7 +50,7 @@ def test_an_idle_association_sleeps_and_still_answers_releases_and_stops(
         before = dict(counts)
         time.sleep(IDLE)
         idle = {k: counts[k] - before[k] for k in counts}
-        # about one wake-up per 20 ms (``_IDLE_TICK``: 25), twice that as slack; was ~one
+        # about one wake-up per 20 ms (``IDLE_TICK``: 25), twice that as slack; was ~one
         # per ms (a few hundred on a loaded machine)
         assert idle["dul"] <= 50, idle
         assert idle["assoc"] <= 50, idle

@@ -28,11 +28,12 @@ Applied here, at the moment each was applied before this module existed:
 
 Left where they are, registered in ``UPSTREAM`` (and verified by the test):
 
-- ``dicom/reactor``: copies of pynetdicom's two polling loops and its PDU reader, in
-  subclasses swapped in per association by ``accelerate`` (300 lines of loop code that
-  belong with the resource budget they enforce; nothing global is changed), and with
-  ``dicom/storewire`` the direct C-STORE receive path, which does for a plain C-STORE
-  request what DT-2, the DIMSE provider, ``_serve_request`` and the Storage SCP do;
+- ``dicom/reactor`` and ``dicom/assocreactor``: copies of pynetdicom's two polling loops
+  and its PDU reader, in subclasses swapped in per association by ``accelerate`` (300
+  lines of loop code that belong with the resource budget they enforce; nothing global is
+  changed), and with ``dicom/storewire`` the direct C-STORE receive path, which does for
+  a plain C-STORE request what DT-2, the DIMSE provider, ``_serve_request`` and the
+  Storage SCP do;
 - ``dicom/listener``: ``ContextList``/``copy_context`` (pynetdicom deep-copies the
   server's contexts for each association; ours are shared, and ``restrict_contexts`` copies
   the few requested before shaping them), ``PolicyACSE``, ``PolicyRequestHandler``;
@@ -66,7 +67,7 @@ WRITTEN_FOR = {"pynetdicom": "3.0.", "pydicom": "3.0."}
 # getter. When the test reports a difference: read the upstream change, port it to the
 # pacsvault code named in the comment, then record the new hash.
 UPSTREAM: dict[str, str] = {
-    # reactor.FastAssociation._run_reactor: a copy; .run wraps it
+    # assocreactor.FastAssociation._run_reactor: a copy; .run wraps it
     "pynetdicom.association.Association._run_reactor":
         "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
     "pynetdicom.association.Association.run":
@@ -81,14 +82,14 @@ UPSTREAM: dict[str, str] = {
         "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
     "pynetdicom.dul.DULServiceProvider.send_pdu":
         "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
-    # reactor (issue 17, no idle ticks): kill and kill_dul wrapped, stop_dul a copy
+    # (assoc)reactor (issue 17, no idle ticks): kill and kill_dul wrapped, stop_dul a copy
     "pynetdicom.association.Association.kill":
         "8f9713666a7f4cffd840899f023090e9786668945a7c844f99d7a834077c3972",
     "pynetdicom.dul.DULServiceProvider.kill_dul":
         "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
     "pynetdicom.dul.DULServiceProvider.stop_dul":
         "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
-    # reactor + storewire (issue 17): the direct C-STORE receive path does what these do
+    # (assoc)reactor + storewire (issue 17): the direct C-STORE receive path does what these do
     # for a plain C-STORE request (PDVs -> message, dispatch, handler, response encoding)
     "pynetdicom.fsm.DT_2":
         "9ec543394e0b49eb8be2448fc3f9950361b0047db7cf3742844f377bd225ba73",

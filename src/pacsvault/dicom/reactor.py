@@ -18,7 +18,7 @@ woken explicitly too: the DUL nudges the association thread when it hands it an
 indication (release, abort) or ends, ``kill``/``kill_dul``/``stop_dul`` nudge the thread
 they stop. So an idle thread no longer wakes every 1 ms (pynetdicom's period: ~a quarter
 of a C-FIND association's server CPU went to those wake-ups, issue 17); what is not woken
-(ARTIM, idle timer, connection deadlines, a DUL that just ended) is seen within ``_IDLE_TICK``.
+(ARTIM, idle timer, connection deadlines, a DUL that just ended) is seen within ``IDLE_TICK``.
 
 In Sta6, the P-DATA-TF PDUs of a plainly well-formed C-STORE request are parsed straight
 into one command and one dataset buffer, and the request answered with a directly encoded
@@ -32,6 +32,11 @@ the negotiated maximum after it), buffers that grow with the bytes that actually
 a deadline for every phase (first byte, association request, each PDU), and one line
 per peer-caused error instead of pynetdicom's tracebacks. A violation sends A-ABORT,
 closes the connection, frees its budget at once and is recorded (aggregated).
+
+This module is the DUL side (``WakeableDUL``, ``BulkSocket``: the socket, the wake-up
+pipe, the budget) and ``accelerate``, which installs both sides; the association side
+(its loop, the direct C-STORE request it serves) is ``dicom/assocreactor``, which the DUL
+thread only wakes.
 """
 
 from __future__ import annotations
@@ -45,38 +50,30 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import _config, evt
+from pynetdicom import _config
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
 from pacsvault.dicom import sendpath
+from pacsvault.dicom.assocreactor import IDLE_TICK, FastAssociation, StoreHandler, nudge
 from pacsvault.dicom.limits import SECONDS_PER_MIB, ConnectionGuard
-from pacsvault.dicom.storewire import (
-    FastStore,
-    ProtocolError,
-    StoreCommand,
-    StoreReceiver,
-    encode_store_rsp,
-)
+from pacsvault.dicom.storewire import FastStore, ProtocolError, StoreCommand, StoreReceiver
+
+# Importers (listener, tests, benchmarks) find the association side here too.
+__all__ = ["FAST_STORE", "BulkSocket", "FastAssociation", "StoreHandler", "WakeableDUL",
+           "accelerate"]
 
 log = logging.getLogger("pacsvault.dicom")
 
 _TICK = 0.001  # pynetdicom's loop period (the fallback wait when there is no socket)
-# The longest wait of an idle loop: only timers (ARTIM, idle, connection deadlines, all
-# seconds long) and a DUL thread that just ended wait for it; everything else wakes the
-# thread at once.
-_IDLE_TICK = 0.02
 # The direct C-STORE receive path (``dicom/storewire``); False: pynetdicom's path only
 # (tests compare both).
 FAST_STORE = True
@@ -90,13 +87,9 @@ _MIB = float(1 << 20)
 _ABORT_NOT_SPECIFIED = 0x00
 _ABORT_UNEXPECTED_PDU = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
-_HANDLER_FAILED = 0xC211  # pynetdicom's status when the C-STORE handler raises
 # Whether SOP classes are served by pynetdicom's Storage Service Class (C-STORE requests
 # for any other class keep pynetdicom's path, whatever it does with them).
 _STORAGE_CLASS: dict[str, bool] = {}
-
-# (association, command, Part 10 stream, presentation context) -> DIMSE status
-StoreHandler = Callable[[Association, StoreCommand, bytearray, PresentationContext], int]
 
 
 def _is_storage(uid: str) -> bool:
@@ -104,139 +97,6 @@ def _is_storage(uid: str) -> bool:
     if known is None:
         known = _STORAGE_CLASS[uid] = uid_to_service_class(uid) is StorageServiceClass
     return known
-
-
-class FastAssociation(Association):
-    _pv_on_exit: Callable[[], None] | None = None
-    # Sealed mode: answers a DIMSE request itself (True) before any service class runs.
-    _pv_intercept: Callable[[Association, Any, int], bool] | None = None
-    # The C-STORE handler of the direct receive path (None: pynetdicom's path only).
-    _pv_store: StoreHandler | None = None
-    _pv_nudges = 0  # counts ``_nudge`` calls (under the DIMSE queue's lock)
-
-    def run(self) -> None:
-        """pynetdicom's thread body, then this connection's budget is given back."""
-        try:
-            super().run()
-        finally:
-            if self._pv_on_exit is not None:
-                self._pv_on_exit()
-
-    def kill(self) -> None:
-        """pynetdicom's, with the association thread woken at once to see ``_kill``."""
-        self._kill = True
-        _nudge(self)
-        super().kill()
-
-    def _run_reactor(self) -> None:  # pynetdicom 3.0 Association._run_reactor
-        self._is_paused = False
-        messages = self.dimse.msg_queue
-        seen = -1
-        while not self._kill:
-            # was: time.sleep(0.001); now returns as soon as a message is queued or the
-            # DUL nudges (a nudge since the last checks began: no wait at all)
-            with messages.not_empty:
-                if not messages._qsize() and self._pv_nudges == seen:
-                    messages.not_empty.wait(_IDLE_TICK)
-                seen = self._pv_nudges
-
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-
-            context_id, msg = self.dimse.get_msg(block=False)
-            if isinstance(msg, FastStore):
-                self._pv_fast_store(msg)
-            elif msg:
-                intercept = self._pv_intercept
-                if intercept is None or not intercept(self, msg, int(context_id)):  # type: ignore[arg-type]
-                    self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                _trigger(self, "EVT_RELEASED")
-                self.kill()
-                return
-
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                _trigger(self, "EVT_ABORTED")
-                self.kill()
-                return
-
-            if not self.dul.is_alive():
-                self.kill()
-                return
-
-            if self.dul.idle_timer_expired():
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-    def _pv_fast_store(self, msg: FastStore) -> None:
-        """pynetdicom's ``_serve_request`` and ``StorageServiceClass.SCP`` for a request
-        received on the direct path: same checks, same statuses, same response."""
-        if self._sent_release:
-            log.warning("C-STORE request received during association release, ignoring")
-            return
-        context = self._accepted_cx.get(msg.context_id)
-        handler = self._pv_store
-        if context is None or handler is None:
-            self.abort()
-            return
-        self.dimse.cancel_req = {}
-        self._is_paused = True
-        failed = False
-        try:
-            status = handler(self, msg.command, msg.part10, context)
-        except Exception as exc:
-            log.error("exception in the C-STORE handler (%s)", type(exc).__name__)
-            status, failed = _HANDLER_FAILED, True
-        finally:
-            self._is_paused = False
-            self.dimse.cancel_req = {}
-        if failed or self.is_established:
-            self._pv_store_rsp(msg.context_id, msg.command, status)
-
-    def _pv_store_rsp(self, context_id: int, command: StoreCommand, status: int) -> None:
-        encoded = encode_store_rsp(command.message_id, command.sop_class,
-                                   command.sop_instance, status)
-        limit = self.dimse.maximum_pdu_size
-        if limit and len(encoded) + 12 > limit:  # fragments: pynetdicom's encoder
-            rsp = C_STORE()
-            rsp.MessageIDBeingRespondedTo = command.message_id
-            rsp.AffectedSOPClassUID = command.sop_class
-            rsp.AffectedSOPInstanceUID = command.sop_instance
-            rsp.Status = status
-            self.dimse.send_msg(rsp, context_id)
-            return
-        primitive = P_DATA()
-        primitive.presentation_data_value_list = [[context_id, b"\x03" + encoded]]  # type: ignore[list-item]
-        self.dul.send_pdu(primitive)
-
-
-def _nudge(assoc: Association) -> None:
-    """Wake the association thread waiting on its DIMSE queue (it re-checks everything)."""
-    condition = assoc.dimse.msg_queue.not_empty
-    with condition:
-        if isinstance(assoc, FastAssociation):
-            assoc._pv_nudges += 1
-        condition.notify_all()
-
-
-def _trigger(assoc: Association, name: str) -> None:
-    evt.trigger(assoc, getattr(evt, name), {})
 
 
 class WakeableDUL(DULServiceProvider):
@@ -284,7 +144,7 @@ class WakeableDUL(DULServiceProvider):
         return False
 
     def _pv_wait(self) -> None:
-        """Up to ``_IDLE_TICK``, less if data arrives, something is queued to send or the
+        """Up to ``IDLE_TICK``, less if data arrives, something is queued to send or the
         thread is stopped."""
         wake = self._pv_wake
         sock = getattr(self.socket, "socket", None)
@@ -298,7 +158,7 @@ class WakeableDUL(DULServiceProvider):
                 raise ValueError("nothing to wait on")
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return  # decrypted bytes already buffered: ``select`` cannot see them
-            ready, _, _ = select.select([sock, wake[0]], [], [], _IDLE_TICK)
+            ready, _, _ = select.select([sock, wake[0]], [], [], IDLE_TICK)
         except (OSError, ValueError):
             time.sleep(_TICK)
             return
@@ -325,7 +185,7 @@ class WakeableDUL(DULServiceProvider):
         try:
             self._pv_loop()
         finally:
-            _nudge(self.assoc)  # it checks whether this thread still runs
+            nudge(self.assoc)  # it checks whether this thread still runs
             with self._pv_wake_lock:
                 self._pv_wake = None
                 os.close(read_end)
@@ -371,7 +231,7 @@ class WakeableDUL(DULServiceProvider):
                 continue
             self.state_machine.do_action(event)
             if self.to_user_queue.queue:  # an indication (release, abort) to act on
-                _nudge(self.assoc)
+                nudge(self.assoc)
             sleep = False
 
 
