@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -213,10 +214,16 @@ def test_parallel_associations_spread_over_two_workers(vault: VaultDir,
 
 def _push_and_kill(port: int, files: list[Path], kill_after: int,
                    kill: Callable[[], None]) -> tuple[list[Path], int]:
-    """One storescu batch; ``kill()`` once ``kill_after`` stores are acknowledged."""
+    """One storescu batch; ``kill()`` once ``kill_after`` stores are acknowledged.
+
+    storescu's output is line-buffered (``stdbuf -oL``): into a pipe it is block-buffered
+    otherwise, and the ``kill_after``-th acknowledgement was only read once some twenty
+    files had gone, so a fast enough server had taken the whole batch and closed the
+    association before the kill (CI, 2026-12-05: "no worker holds the association")."""
+    line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
     proc = subprocess.Popen(
-        [dcmtk("storescu"), "-v", "-aet", CALLING, "-aec", AE, "127.0.0.1", str(port),
-         *map(str, files)],
+        [*line_buffered, dcmtk("storescu"), "-v", "-aet", CALLING, "-aec", AE, "127.0.0.1",
+         str(port), *map(str, files)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
     )
     assert proc.stdout is not None
@@ -266,7 +273,7 @@ def _serving(port: int, pids: list[int]) -> int | None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_kill9_of_a_worker_mid_batch(vault: VaultDir, tmp_path: Path) -> None:
-    files = corpus.synthetic_ct_series(tmp_path / "ct", 60, size=256)
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 90, size=256)
     server = _start(vault)
     try:
         acked: list[Path] = []
@@ -280,7 +287,7 @@ def test_kill9_of_a_worker_mid_batch(vault: VaultDir, tmp_path: Path) -> None:
 
         # Two rounds: each time the worker serving the association dies after 8
         # acknowledged stores; the association is cut, the parent starts it again.
-        for batch in (files[:30], files[30:]):
+        for batch in (files[:45], files[45:]):
             got, code = _push_and_kill(server.port, batch, 8, kill_the_one_serving)
             acked += got
             assert code != 0 and 8 <= len(got) < len(batch)
