@@ -47,10 +47,10 @@ def test_the_parsed_dataset_is_gone_before_the_commit(
     if known_study:  # the study's key cached: staging runs beside the validation
         assert vault.archive.store(raws[0]).status is StoreStatus.STORED
     datasets: list[weakref.ref[Any]] = []
-    read = dicom_parse.read
+    read = dicom_parse.read_received
 
-    def recording_read(raw: bytes, **kwargs: Any) -> Any:
-        ds = read(raw, **kwargs)
+    def recording_read(raw: bytes) -> Any:
+        ds = read(raw)  # a pydicom dataset or a ``fastparse.Header``
         datasets.append(weakref.ref(ds))
         return ds
 
@@ -62,7 +62,7 @@ def test_the_parsed_dataset_is_gone_before_the_commit(
         alive_at_commit.append(any(ref() is not None for ref in datasets))
         commit(pending)
 
-    monkeypatch.setattr(dicom_parse, "read", recording_read)  # the archive reads through it
+    monkeypatch.setattr(dicom_parse, "read_received", recording_read)  # the archive's reader
     monkeypatch.setattr(vault.archive, "_commit", checking_commit)
     result = vault.archive.store(raws[1])
     assert result.status is StoreStatus.STORED

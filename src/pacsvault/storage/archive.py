@@ -236,7 +236,7 @@ class Archive:
         Raises ``UnreadableObject``/``InvalidObject`` for bad data and ``DiskFullError``
         when the disk reserve is reached; nothing is written in those cases.
         """
-        ds = dicom_parse.read(raw)
+        ds = dicom_parse.read_received(raw)
         staging: Future[tuple[str, bytes]] | None = None
         durable: Future[None] | None = None
         minted: bytes | None = None
