@@ -18,8 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
 )
 
@@ -90,6 +92,22 @@ def test_raw_is_the_dataset_pydicom_would_build(syntax: str) -> None:
         for key, value in blank.__dict__.items():  # no container shared between two
             if isinstance(value, dict | list):
                 assert value is not sendpath.blank(type(made)).__dict__[key]
+
+
+def test_raws_share_no_state_that_one_of_them_can_change() -> None:
+    """Two ``Raw`` of the same SOP class and syntax share their (immutable) raw UI
+    elements (``retrieve._shared_ui``): changing one dataset leaves the other as made."""
+    body = memoryview(b"\0" * 8)
+    one = retrieve.Raw(CTImageStorage, "1.2.3.1", ExplicitVRLittleEndian, body)
+    two = retrieve.Raw(CTImageStorage, "1.2.3.2", ExplicitVRLittleEndian, body)
+    one.SOPClassUID = "1.2.3.99"
+    one.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    one.PatientID = "X"
+    assert two.SOPClassUID == CTImageStorage and two.SOPInstanceUID == "1.2.3.2"
+    assert two.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert "PatientID" not in two and len(two) == 2
+    assert retrieve.Raw(CTImageStorage, "1.2.3.3", ExplicitVRLittleEndian,
+                        body).SOPClassUID == CTImageStorage
 
 
 def test_read_ahead_keeps_order_hands_exceptions_and_is_bounded() -> None:

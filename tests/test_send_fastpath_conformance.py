@@ -122,7 +122,7 @@ def _pynetdicom_pdus(context_id: int, data: bytes, max_pdu: int) -> bytes:
 
 
 @pytest.mark.parametrize("max_pdu", PDU_SIZES)
-@pytest.mark.parametrize("size", [1, 4090, 4091, 16378, 16379, 100_001])
+@pytest.mark.parametrize("size", [1, 4090, 4091, 12270, 16378, 16379, 32756, 32757, 100_001])
 def test_pdus_are_pynetdicom_pdus(max_pdu: int, size: int) -> None:
     command = sendpath.encode_store_rq(3, CTImageStorage, "1.2.3.4.5", 2, None, None)
     assert command is not None

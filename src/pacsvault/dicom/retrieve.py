@@ -26,6 +26,7 @@ to uncompressed little endian, Big Endian) still goes through pydicom (``transco
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -65,10 +66,10 @@ class Raw(Dataset):
         # direct path reads ``pv_uids``). Per object, pydicom's way was a large share of
         # the association thread's time (issue 17).
         self.__dict__.update(sendpath.blank_state(Dataset))
-        self._dict[_SOP_CLASS] = _raw_ui(_SOP_CLASS, sop_class)
+        self._dict[_SOP_CLASS] = _shared_ui(_SOP_CLASS, sop_class)
         self._dict[_SOP_INSTANCE] = _raw_ui(_SOP_INSTANCE, sop_uid)
         meta = sendpath.blank(FileMetaDataset)
-        meta._dict[_SYNTAX] = _raw_ui(_SYNTAX, syntax)
+        meta._dict[_SYNTAX] = _shared_ui(_SYNTAX, syntax)
         self.__dict__["file_meta"] = meta  # as ``_set_file_meta`` stores a FileMetaDataset
         self.__dict__["pv_uids"] = (sop_class, sop_uid, syntax)
         self.__dict__["pv_body"] = body
@@ -83,6 +84,14 @@ def _raw_ui(tag: BaseTag, value: str) -> RawDataElement:
     if len(encoded) % 2:
         encoded += b"\x00"
     return RawDataElement(tag, "UI", len(encoded), encoded, 0, False, True)
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_ui(tag: BaseTag, value: str) -> RawDataElement:
+    """``_raw_ui`` for the values every object of a retrieval repeats (SOP class, transfer
+    syntax): a ``RawDataElement`` is an immutable tuple (pydicom converts it into a new
+    ``DataElement`` when read, and replaces it, never changes it), so one is shared."""
+    return _raw_ui(tag, value)
 
 
 def _encode_hook(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
