@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from pacsvault.index import (
     computed,
     header_read,
     matching,
+    query_raw,
     records,
     residual,
     sealing,
@@ -235,19 +236,31 @@ class QueryEngine:
         charset = answer_charset(identifier)
         plan = _plan(identifier)
         with self._sessions() as session:
-            sealer = sealing.sealer_of(session.get_bind().dialect)
-            filt = self._filter(level, identifier, sealer)
+            dialect = session.get_bind().dialect
+            sealer = sealing.sealer_of(dialect)
+            # The embedded index's study search: compiled once per shape, run on the
+            # driver (``query_raw``); its clauses are then never built here.
+            fast = (query_raw.ENABLED and sealer is None and level is Level.STUDY
+                    and dialect.name == "sqlite")
+            filt = self._filter(level, identifier, sealer, clauses=not fast)
+            found = query_raw.prepared(filt.terms, dialect) if fast else None
+            if fast and found is None:  # a shape it does not stand in for
+                filt = self._filter(level, identifier, sealer)
             read = _reader(plan, filt, include_all)
             budget.check()
             conn = session.connection()
             sqlite = conn.dialect.name == "sqlite"
             raw: Any = conn.connection.driver_connection
+            # The driver's own error: the raw study search (``query_raw``) interrupted by
+            # the budget's progress handler raises it unwrapped.
+            driver_error: type[Exception] = conn.dialect.loaded_dbapi.OperationalError
             if sqlite:  # a long SQL step (a LIKE over many rows) is interrupted inside SQLite
                 raw.set_progress_handler(lambda: 1 if budget.exceeded() else 0,
                                          _PROGRESS_STEPS)
             elif budget.seconds is not None:  # PostgreSQL: the server cancels it
                 conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
                              {"ms": str(max(1, int(budget.seconds * 1000)))})
+            rows: Iterable[Any] = ()
             try:
                 if sealer is not None:
                     yield from self._find_sealed(session, level, filt, budget, window,
@@ -255,11 +268,15 @@ class QueryEngine:
                                                  include_all, read)
                     return
                 study = level is Level.STUDY
-                # A study answer reads plain columns, not ORM entities (``STUDY_ANSWER``,
-                # as the sealed path does; issue 17: ~10 us less per answered study).
-                run: Any = (study_answers() if study else self._select(level)).where(
-                    *filt.sql)
-                rows = session.execute(run, filt.params).yield_per(256)
+                if found is not None:
+                    rows = query_raw.study_rows(raw, *found)
+                else:
+                    # A study answer reads plain columns, not ORM entities
+                    # (``STUDY_ANSWER``, as the sealed path does; issue 17: ~10 us less
+                    # per answered study).
+                    run: Any = (study_answers() if study else self._select(level)).where(
+                        *filt.sql)
+                    rows = session.execute(run, filt.params).yield_per(256)
                 for row in rows:
                     record, study_uid, patient_id = study_record(row) if study else row
                     budget.check()
@@ -278,13 +295,16 @@ class QueryEngine:
                     budget.pause()
                     yield answer
                     budget.resume()
-            except OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) == "57014":  # statement_timeout
+            except (OperationalError, driver_error) as exc:
+                if getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014":
+                    # PostgreSQL's statement_timeout
                     budget.spent = float("inf")
                 if budget.exceeded():
                     budget.check()
                 raise
             finally:
+                if isinstance(rows, Generator):  # the raw search's cursor, now
+                    rows.close()
                 if sqlite:
                     raw.set_progress_handler(None, 0)
 
@@ -361,8 +381,8 @@ class QueryEngine:
         return level_select(level)
 
     def _filter(self, level: Level, identifier: Dataset,
-                sealer: sealing.Sealer | None = None) -> Filter:
-        return build_filter(level, identifier, sealer)
+                sealer: sealing.Sealer | None = None, *, clauses: bool = True) -> Filter:
+        return build_filter(level, identifier, sealer, clauses=clauses)
 
     # --- C-MOVE / C-GET / WADO-RS selection --------------------------------------------
 

@@ -105,14 +105,43 @@ class Filter:
     prefilters: int = 0  # token prefilters among ``sql``
     # Values of the bind parameters in ``sql`` (``name_match``: shared name clauses).
     params: dict[str, Any] = field(default_factory=dict)
+    # Embedded index only: what ``sql`` is made of, in its order, as (keyword, condition),
+    # each clause ``term_clause``'s (``index.query_raw`` compiles them once per shape).
+    terms: list[tuple[str, Condition]] = field(default_factory=list)
+
+
+def term_clause(keyword: str, cond: Condition, *, sealed: bool = False,
+                ) -> tuple[ColumnElement[bool], dict[str, Any]]:
+    """One SQL condition of an identifier (an index column, or ``ModalitiesInStudy``)
+    and the values of its named bind parameters. ``sealed``: a condition of a sealed
+    index that SQL can compare (``residual.in_sql``)."""
+    if keyword == "ModalitiesInStudy":
+        # The subquery reads its own alias of Series: with the outer query's Series
+        # (SERIES and IMAGE levels) SQLAlchemy correlated both tables away and the
+        # statement had no FROM (C000, issue 13 defect 4).
+        other = aliased(Series)
+        return exists().where(other.study_pk == Study.pk, other.num_instances > 0,
+                              cond.clause(other.modality)), {}
+    col = COLUMNS[keyword]
+    if keyword == "PatientName" and not sealed and cond.kind == "pn" \
+            and cond.op in ("equal", "wildcard", "list"):
+        named = name_match.name_filter(cond)  # built once per shape
+        return named.clause, named.params
+    if col.kind == "int":
+        return _int_clause(cond, col.column), {}
+    if keyword == "PatientName":
+        return _name_clause(cond), {}
+    return cond.clause(col.column), {}
 
 
 def build_filter(level: Level, identifier: Dataset,
-                 sealer: sealing.Sealer | None = None) -> Filter:
+                 sealer: sealing.Sealer | None = None, *, clauses: bool = True) -> Filter:
     """The identifier as SQL clauses (indexed columns), conditions on the stored headers
     (every other key with a value) and, on a sealed index, what is checked after
-    decryption; keys of a lower level than the query's are no filter."""
+    decryption; keys of a lower level than the query's are no filter. ``clauses`` False
+    (embedded index): ``terms`` only, no clause built (``index.query_raw`` has them)."""
     sql: list[ColumnElement[bool]] = []
+    terms: list[tuple[str, Condition]] = []
     meta: list[tuple[str, Any]] = []
     left: list[residual.Residual] = []
     modalities: Condition | None = None
@@ -132,19 +161,17 @@ def build_filter(level: Level, identifier: Dataset,
             # A study-level key. Below the study level it matches on the parent
             # study's modalities, like every other higher-level key here (PS3.4
             # C.4.1.2.2 lets an SCP match or ignore it; matching is what a user who
-            # typed it means). The subquery reads its own alias of Series: with the
-            # outer query's Series (SERIES and IMAGE levels) SQLAlchemy correlated
-            # both tables away and the statement had no FROM (C000, issue 13 defect 4).
+            # typed it means): ``term_clause``.
             cond = matching.parse("str", raw)
             if (not cond.is_universal and not level.above(Level.STUDY)
                     and sealer is not None
                     and not residual.in_sql(Series.modality, "str", cond)):
                 modalities = cond
             elif not cond.is_universal and not level.above(Level.STUDY):
-                other = aliased(Series)
-                sql.append(exists().where(other.study_pk == Study.pk,
-                                          other.num_instances > 0,
-                                          cond.clause(other.modality)))
+                if sealer is None:
+                    terms.append((keyword, cond))
+                if clauses or sealer is not None:
+                    sql.append(term_clause(keyword, cond, sealed=sealer is not None)[0])
             continue
         col = COLUMNS.get(keyword)
         if col is not None:
@@ -156,17 +183,12 @@ def build_filter(level: Level, identifier: Dataset,
             if sealer is not None and not residual.in_sql(col.column, col.kind, cond):
                 sealed.append((keyword, col.column, cond))
                 continue
-            if keyword == "PatientName" and sealer is None and cond.kind == "pn" \
-                    and cond.op in ("equal", "wildcard", "list"):
-                named = name_match.name_filter(cond)  # built once per shape
-                sql.append(named.clause)
-                params.update(named.params)
-                continue
-            sql.append(
-                _int_clause(cond, col.column) if col.kind == "int"
-                else _name_clause(cond) if keyword == "PatientName"
-                else cond.clause(col.column)
-            )
+            if sealer is None:
+                terms.append((keyword, cond))
+            if clauses or sealer is not None:
+                clause, values = term_clause(keyword, cond, sealed=sealer is not None)
+                sql.append(clause)
+                params.update(values)
             continue
         if keyword in computed.COMPUTED:
             continue
@@ -175,6 +197,6 @@ def build_filter(level: Level, identifier: Dataset,
             meta.append((f"{elem.tag:08X}", cond))
     prefilters = 0
     if sealer is not None and sealed:
-        clauses, left, prefilters = residual.split_all(sealer, level, sealed)
-        sql.extend(clauses)
-    return Filter(sql, meta, left, modalities, prefilters, params)
+        split, left, prefilters = residual.split_all(sealer, level, sealed)
+        sql.extend(split)
+    return Filter(sql, meta, left, modalities, prefilters, params, terms)
