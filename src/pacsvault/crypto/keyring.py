@@ -68,6 +68,11 @@ class Keyring:
         with self._lock:
             self._cache[key_id] = key
 
+    def cached(self, key_id: uuid.UUID) -> bytes | None:
+        """The data key if it is held already (no index read), else None."""
+        with self._lock:
+            return self._cache.get(key_id)
+
     def get(self, session: Session, key_id: uuid.UUID) -> bytes:
         with self._lock:
             cached = self._cache.get(key_id)

@@ -614,6 +614,11 @@ class Archive:
                                       sop_uid=sop_uid)
 
     def data_key(self, key_id: uuid.UUID) -> bytes:
+        # A held key without a session: retrieval asks once per object, and opening and
+        # closing a session cost more than the rest of the look-up (issue 17).
+        key = self._keyring.cached(key_id)
+        if key is not None:
+            return key
         with self._sessions() as session:
             return self._keyring.get(session, key_id)
 
