@@ -221,3 +221,18 @@ def test_compiled_shapes_hold_no_queried_value(loaded: Any) -> None:
     text = repr(one[0])
     for value in ("MARTIN", "DURAND", "DOE", "ACC0", "2024", "HOUSE", ROOT):
         assert value not in text
+
+
+def test_keywords_read_as_pydicom_reads_them() -> None:
+    """``query_filter.keyword_of`` (cached per tag) is ``DataElement.keyword``: standard,
+    retired, repeating-group, private and unknown tags."""
+    from pydicom._dicom_dict import DicomDictionary
+    from pydicom.dataelem import DataElement
+
+    from pacsvault.index.query_filter import keyword_of
+
+    tags = [*sorted(DicomDictionary)[::7], 0x60000010, 0x60020010, 0x50000005, 0x00091001,
+            0x00090010, 0x00110011, 0x7FE00010, 0x00080005, 0xFFFEE000, 0x00000000,
+            0x12345678]
+    for tag in tags:
+        assert keyword_of(tag) == DataElement(tag, "UN", None).keyword, hex(tag)

@@ -75,6 +75,7 @@ from pacsvault.index.query_filter import (
     SKIP,
     Filter,
     build_filter,
+    keyword_of,
 )
 from pacsvault.index.query_filter import QueryBudgetExceeded as QueryBudgetExceeded
 from pacsvault.index.query_filter import QueryError as QueryError
@@ -512,7 +513,7 @@ def _plan(identifier: Dataset) -> _Plan:
     keys: list[tuple[str, str, str, DataElement | None]] = []
     computed_keys: list[tuple[str, str, str]] = []
     for elem in identifier:
-        keyword = elem.keyword
+        keyword = keyword_of(elem.tag)
         if keyword in SKIP or elem.tag.group == 0x0002:
             continue
         tag = f"{elem.tag:08X}"

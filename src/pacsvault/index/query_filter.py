@@ -8,9 +8,11 @@ module that raises them; ``index.query`` re-exports them for its callers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import dictionary_has_tag, dictionary_keyword
 from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import InstrumentedAttribute, aliased
@@ -20,6 +22,14 @@ from pacsvault.index.headers import VR_KIND, sequence_conditions, text_of
 from pacsvault.index.levels import Level
 from pacsvault.index.matching import Condition, Kind
 from pacsvault.index.models import Instance, Patient, Series, Study
+
+
+@functools.lru_cache(maxsize=1024)
+def keyword_of(tag: int) -> str:
+    """``DataElement.keyword`` of an element with this tag, looked up once per tag: it is
+    asked for every key of every identifier, twice per query (``build_filter``,
+    ``query._plan``), and pydicom's property searches its dictionary each time (~3 us)."""
+    return dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
 
 
 class QueryError(Exception):
@@ -148,7 +158,7 @@ def build_filter(level: Level, identifier: Dataset,
     sealed: list[tuple[str, Any, Condition]] = []  # split together after the loop
     params: dict[str, Any] = {}
     for elem in identifier:
-        keyword = elem.keyword
+        keyword = keyword_of(elem.tag)
         if keyword in SKIP or elem.tag.is_private or elem.tag.group == 0x0002:
             continue
         if elem.VR == "SQ":
