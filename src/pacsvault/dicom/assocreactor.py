@@ -20,6 +20,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
+from pacsvault.dicom import sendpath
 from pacsvault.dicom.storewire import FastStore, StoreCommand, encode_store_rsp
 
 log = logging.getLogger("pacsvault.dicom")
@@ -149,9 +150,20 @@ class FastAssociation(Association):
             rsp.Status = status
             self.dimse.send_msg(rsp, context_id)
             return
+        dul = self.dul
+        if sendpath.ENABLED and sendpath.wire_dul(dul):
+            # Issue 17: written by this thread when the DUL thread would write it at once
+            # anyway (``sendpath.write_now``: plain TCP, Sta6/Sta8, nothing queued before
+            # it), else queued as one ``Wire``: the same bytes as the P-DATA below (one
+            # PDU, one last-command PDV), without a pipe wake-up, a switch to the DUL
+            # thread and its state-machine event and PDU encoding per stored image.
+            wire = sendpath.Wire(*sendpath._one_pdu(context_id, encoded))
+            if not sendpath.write_now(dul, wire):
+                dul.send_pdu(wire)
+            return
         primitive = P_DATA()
         primitive.presentation_data_value_list = [[context_id, b"\x03" + encoded]]  # type: ignore[list-item]
-        self.dul.send_pdu(primitive)
+        dul.send_pdu(primitive)
 
 
 def nudge(assoc: Association) -> None:
