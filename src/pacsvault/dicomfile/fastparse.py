@@ -8,14 +8,17 @@ same top-level values ``describe`` reads, from the value bytes, in one pass.
 
 It answers only when the stream is plainly what it understands, and then exactly as
 pydicom would (``tests/test_fastparse.py`` runs both paths over pydicom's test files, the
-bench images, the fixtures and hostile cuts): Part 10 file meta that ``filemeta.walk``
-reads, an explicit VR little endian transfer syntax (not deflated, not big endian, not
-implicit), no character set or ISO_IR 100 / ISO_IR 192 without escape sequences, tags
-strictly ascending at every level (so no duplicate, the JSON order is the file's), known
-VRs other than UN, every length inside the stream and every value well formed for its
-VR (numbers of a whole number of values, IS/DS plain decimal numbers), sequences and
-items whose lengths and delimiters agree exactly, encapsulated Pixel Data whose items
-end on a sequence delimiter. Anything else — odd, truncated, hostile or just unusual —
+bench images, the fixtures, implicit VR copies of them and hostile cuts and edits): Part
+10 file meta that ``filemeta.walk`` reads, a little endian transfer syntax that is not
+deflated, no character set or ISO_IR 100 / ISO_IR 192 without escape sequences, tags
+strictly ascending at every level (so no duplicate, the JSON order is the file's), every
+length inside the stream and every value well formed for its VR (numbers of a whole
+number of values, IS/DS plain decimal numbers), sequences and items whose lengths and
+delimiters agree exactly, encapsulated Pixel Data whose items end on a sequence
+delimiter. Explicit VR: known VRs other than UN (which pydicom replaces). Implicit VR:
+the VR pydicom looks up (public dictionary, a private creator's dictionary, else UN),
+with Pixel Data and the US-or-SS attributes of the top level corrected as pydicom does,
+other ambiguous VRs declined. Anything else — odd, truncated, hostile or just unusual —
 returns None and the caller takes pydicom's path, which then gives the usual answer or
 error: this module never decides that an object is bad.
 """
@@ -26,8 +29,11 @@ import base64
 import re
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+from pydicom.datadict import _dictionary_vr_fast, private_dictionary_VR
+from pydicom.filewriter import _AMBIGUOUS_US_SS_TAGS
 from pydicom.tag import _LUT_DESCRIPTOR_TAGS
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -66,6 +72,10 @@ _VRS: dict[bytes, tuple[bool, str]] = {
 _NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q",
             "SV": "q"}
 _SIZES = {vr: struct.calcsize("<" + f) for vr, f in _NUMBERS.items()}
+# implicit VR: the VR looked up; UN (unknown or private without a dictionary entry) is
+# binary there, while an explicit UN is left to pydicom (it replaces it with a known VR)
+_KINDS = {code.decode("ascii"): kind for code, (_, kind) in _VRS.items()} | {"UN": "binary"}
+_PIXEL_REPRESENTATION = 0x00280103
 
 
 class _Unplain(Exception):
@@ -83,35 +93,90 @@ class Header:
     values: dict[int, Any]
 
 
-def _explicit_le(syntax: str) -> bool:
-    """What pydicom's ``read_partial`` reads as explicit VR little endian."""
-    return (_UID.fullmatch(syntax) is not None and syntax not in (
-        ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
-        and syntax not in PrivateTransferSyntaxes)
+def _implicit(syntax: str) -> bool | None:
+    """How pydicom's ``read_partial`` reads the dataset: implicit VR little endian (True),
+    explicit VR little endian (False), otherwise (None: not here)."""
+    if _UID.fullmatch(syntax) is None or syntax in PrivateTransferSyntaxes:
+        return None
+    if syntax == ImplicitVRLittleEndian:
+        return True
+    if syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+        return None
+    return False
+
+
+@lru_cache(maxsize=4096)
+def _public_vr(tag: int) -> str | None:
+    try:
+        return str(_dictionary_vr_fast(tag))
+    except KeyError:
+        return None
+
+
+@lru_cache(maxsize=1024)
+def _private_vr(tag: int, creator: str) -> str:
+    try:
+        return str(private_dictionary_VR(tag, creator))
+    except KeyError:
+        return "UN"
 
 
 def walk(raw: bytes, wanted: dict[int, str]) -> Header | None:
     """The stream's ``Header``, or None when it is not plainly readable here. ``wanted``:
     the top-level tags whose values are kept, each with the one VR it is read with."""
     found = filemeta.walk(raw)
-    if found is None or not _explicit_le(found[0]) or found[1] >= len(raw):
+    implicit = None if found is None else _implicit(found[0])
+    if found is None or implicit is None or found[1] >= len(raw):
         return None
     values: dict[int, Any] = {}
     try:
-        meta, _ = _Reader(raw, wanted, values).dataset(found[1], len(raw), len(raw),
-                                                        "latin_1", top=True)
+        meta, _ = _Reader(raw, wanted, values, implicit).dataset(
+            found[1], len(raw), len(raw), "latin_1", top=True)
     except (_Unplain, UnicodeDecodeError, ValueError, struct.error):
         return None
     return Header(found[0], meta, values)
 
 
 class _Reader:
-    def __init__(self, raw: bytes, wanted: dict[int, str], values: dict[int, Any]) -> None:
+    def __init__(self, raw: bytes, wanted: dict[int, str], values: dict[int, Any],
+                 implicit: bool) -> None:
         self.raw = raw
         self.view = memoryview(raw)
         self.wanted = wanted
         self.values = values
+        self.implicit = implicit
         self.text_seen = False  # a value decoded with the character set already
+        self.pixel_representation: int | None = None
+
+    def implicit_vr(self, tag: int, length: int, start: int, limit: int,
+                    creators: dict[int, str], top: bool) -> str:
+        """The VR pydicom gives an implicit VR element: the generator's look-up for an
+        undefined length (a sequence if items follow), else ``hooks.raw_element_vr``
+        (dictionary; private: the creator's dictionary, else UN; group length UL), then
+        ``correct_ambiguous_vr_element`` for Pixel Data and the US-or-SS attributes."""
+        vr = _public_vr(tag)
+        if length == _UNDEFINED and vr is None:
+            if start + 4 > limit or struct.unpack_from("<L", self.raw, start)[0] != 0xE000FFFE:
+                raise _Unplain
+            return "SQ"
+        if vr is None:
+            group, element = tag >> 16, tag & 0xFFFF
+            if not group & 1:
+                return "UL" if element == 0 else "UN"
+            if 0x10 <= element <= 0xFF:
+                return "LO"
+            block = group << 16 | element >> 8
+            if not element & 0xFF00 or block not in creators:
+                return "UN"
+            return _private_vr(tag, creators[block])
+        if vr == "OB or OW" and tag == _PIXEL_DATA:
+            return "OB" if length == _UNDEFINED else "OW"
+        if vr == "US or SS":
+            if not top or tag not in _AMBIGUOUS_US_SS_TAGS or tag in _LUT_DESCRIPTOR_TAGS \
+                    or self.pixel_representation is None:
+                raise _Unplain
+            return "US" if self.pixel_representation == 0 else "SS"
+        return vr
 
     def dataset(self, pos: int, end: int | None, limit: int, encoding: str, *,
                 top: bool = False) -> tuple[dict[str, Any], int]:
@@ -119,7 +184,11 @@ class _Reader:
         length) to its item delimiter, none past ``limit``; (DICOM JSON, position after)."""
         raw = self.raw
         out: dict[str, Any] = {}
+        creators: dict[int, str] = {}  # private blocks of this dataset
         last = -1
+        if top and self.implicit and pos + 6 <= limit \
+                and 0x40 < raw[pos + 4] < 0x5B and 0x40 < raw[pos + 5] < 0x5B:
+            raise _Unplain  # pydicom would read it as explicit VR, with a warning
         while end is None or pos < end:
             if pos + 8 > limit:
                 raise _Unplain
@@ -132,22 +201,31 @@ class _Reader:
             if tag <= last or group in (0x0000, 0x0002, 0xFFFE):
                 raise _Unplain
             last = tag
-            code = raw[pos + 4:pos + 6]
-            kind_of = _VRS.get(code)
-            if kind_of is None:
-                raise _Unplain
-            vr = code.decode("ascii")
+            if self.implicit:
+                (length,) = struct.unpack_from("<L", raw, pos + 4)
+                start = pos + 8
+                vr = self.implicit_vr(tag, length, start, limit, creators, top)
+                found_kind = _KINDS.get(vr)
+                if found_kind is None:
+                    raise _Unplain  # another ambiguous VR
+                kind = found_kind
+            else:
+                code = raw[pos + 4:pos + 6]
+                kind_of = _VRS.get(code)
+                if kind_of is None:
+                    raise _Unplain
+                vr = code.decode("ascii")
+                if kind_of[0]:
+                    if pos + 12 > limit:
+                        raise _Unplain
+                    (length,) = struct.unpack_from("<L", raw, pos + 8)
+                    start = pos + 12
+                else:
+                    (length,) = struct.unpack_from("<H", raw, pos + 6)
+                    start = pos + 8
+                kind = kind_of[1]
             if tag in _LUT_DESCRIPTOR_TAGS and vr != "US":
                 raise _Unplain  # pydicom's hook adds 65536 to a negative first value
-            if kind_of[0]:
-                if pos + 12 > limit:
-                    raise _Unplain
-                (length,) = struct.unpack_from("<L", raw, pos + 8)
-                start = pos + 12
-            else:
-                (length,) = struct.unpack_from("<H", raw, pos + 6)
-                start = pos + 8
-            kind = kind_of[1]
             value: Any = None
             if length == _UNDEFINED:
                 if kind == "sq":
@@ -177,6 +255,14 @@ class _Reader:
                     if kind in ("text", "single", "pn"):
                         self.text_seen = True
                     entry, value = _element(kind, vr, data, encoding)
+                    if tag & 0x10000 and 0x10 <= tag & 0xFFFF <= 0xFF:  # private creator
+                        if not isinstance(value, str):
+                            raise _Unplain
+                        creators[tag] = value
+                    if top and tag == _PIXEL_REPRESENTATION:
+                        if not isinstance(value, int):
+                            raise _Unplain
+                        self.pixel_representation = value
             if top and tag in self.wanted:
                 if self.wanted[tag] != vr or isinstance(value, list):
                     raise _Unplain  # not how ``describe`` reads it: pydicom's path
@@ -263,8 +349,8 @@ def _element(kind: str, vr: str, data: bytes, encoding: str) -> tuple[dict[str, 
         return {"vr": vr}, ("" if kind not in ("number", "at") else None)
     if kind == "string":  # values.convert_string / multi_string
         parts = data.decode("latin_1").rstrip(" \x00").split("\\")
-    elif kind == "ui":  # convert_UI
-        parts = data.decode("latin_1").rstrip("\x00 ").rstrip(" \x00").split("\\")
+    elif kind == "ui":  # convert_UI, then UID() strips each value
+        parts = [p.strip() for p in data.decode("latin_1").rstrip("\x00 ").split("\\")]
     elif kind == "ae":  # convert_AE_string
         parts = [s.strip() for s in data.decode("latin_1").split("\\")]
     elif kind == "ur":  # convert_UR_string
@@ -277,15 +363,15 @@ def _element(kind: str, vr: str, data: bytes, encoding: str) -> tuple[dict[str, 
         return _person_names(data, encoding)
     elif kind == "is":  # convert_IS_string, IS, then convert_to_python_number
         parts = data.decode("latin_1").rstrip(" \x00").split("\\")
-        if len(parts) == 1 and not parts[0].strip():
-            return {"vr": vr}, parts[0]
+        if parts == [""]:  # (other blanks: pydicom keeps the text, JSON drops it)
+            return {"vr": vr}, ""
         if not all(_IS.fullmatch(p) for p in parts):
             raise _Unplain
         return _entry(vr, [int(p) for p in parts])
     elif kind == "ds":  # convert_DS_string, DSfloat, then convert_to_python_number
         parts = data.decode("latin_1").strip().rstrip(" \x00").split("\\")
-        if len(parts) == 1 and not parts[0].strip():
-            return {"vr": vr}, parts[0]
+        if parts == [""]:
+            return {"vr": vr}, ""
         if not all(_DS.fullmatch(p) for p in parts):
             raise _Unplain
         return _entry(vr, [float(p) for p in parts])
