@@ -315,7 +315,7 @@ def identity(ds: Dataset | fastparse.Header) -> tuple[str, str] | None:
 
 def parse(raw: bytes) -> ParsedInstance:
     """Parse a Part 10 byte stream (preamble + file meta + dataset) completely."""
-    return describe(read(raw), raw)
+    return describe(read_received(raw), raw)
 
 
 def describe(ds: Dataset | fastparse.Header, raw: bytes, *,

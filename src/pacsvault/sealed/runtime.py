@@ -159,7 +159,7 @@ class SealedArchive:
 
         if self.delegate is not None:
             return normal()
-        parsed = dicom_parse.describe(dicom_parse.read(raw), raw)
+        parsed = dicom_parse.describe(dicom_parse.read_received(raw), raw)
         if expected_sop_uid and parsed.sop_uid != expected_sop_uid.strip():
             raise InvalidObject("SOP Instance UID differs from the C-STORE request")
         if expected_sop_class and parsed.sop_class_uid != expected_sop_class.strip():
