@@ -35,10 +35,11 @@ goes out with the next record written, in the same fsync (a C-FIND association: 
 acceptance and the query record, one commit), and at the latest ``DEFER_SECONDS`` later
 on its own (``flush``; ``close`` flushes too).
 
-This module is the appender (locks, the head anchor, repair, key hand-over) and the
-facade: the record format is ``trail_format``, sealed references ``trail_refs``,
-verification ``trail_verify``, the retention rewrite ``trail_retention``; their public
-names are importable from here.
+This module is the appender (locks, the head anchor, key hand-over) and the facade: the
+record format is ``trail_format``, the file's end read back, checked against the anchor
+and repaired ``trail_tip``, sealed references ``trail_refs``, verification
+``trail_verify``, the retention rewrite ``trail_retention``; their public names are
+importable from here.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import base64
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -57,12 +57,12 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.audit import instances, trail_verify
+from pacsvault.audit import instances, trail_tip, trail_verify
 from pacsvault.audit.events import AuditEvent
 from pacsvault.audit.trail_format import (
     FORMAT,
@@ -75,11 +75,7 @@ from pacsvault.audit.trail_format import (
     TrailUnwritable,
     Verdict,
     canonical,
-    parse_line,
-    public_of,
-    raw_hex,
     record_hash,
-    tip_of,
 )
 from pacsvault.audit.trail_queue import DEFER_SECONDS, QueuedAppends
 from pacsvault.audit.trail_refs import grouped_refs, seal, unseal
@@ -97,13 +93,7 @@ log = logging.getLogger("pacsvault.audit")
 
 _heads = cast(Table, AuditHead.__table__)
 _SET_ANCHOR = "UPDATE audit_head SET seq = ?, digest = ? WHERE instance = ?"
-_READ_ANCHOR = "SELECT seq, digest, broken FROM audit_head WHERE instance = ?"
 _SET_ANCHOR_PG = "UPDATE audit_head SET seq = %s, digest = %s WHERE instance = %s"
-
-
-def _identity(fd: int) -> tuple[int, int, int, int]:
-    st = os.fstat(fd)
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class AuditTrail(QueuedAppends):
@@ -207,105 +197,6 @@ class AuditTrail(QueuedAppends):
                     own.invalidate()  # never back in the pool with the weaker setting
                     raise
 
-    def _read_tip(self) -> Tip:
-        """The last whole record and whatever follows it, read backwards from the end.
-
-        A line that is not JSON after the last record is the trace of a write that was cut
-        (disk full, crash): it is the ``region`` a repair record will describe.
-        """
-        if not self.path.exists():
-            return Tip(0, GENESIS, "", None, b"", b"", False)
-        with open(self.path, "rb") as fh:
-            pos = fh.seek(0, os.SEEK_END)
-            block = b""
-            while True:
-                step = min(65536, pos)
-                pos -= step
-                fh.seek(pos)
-                block = fh.read(step) + block
-                pieces = block.split(b"\n")
-                lowest = 0 if pos == 0 else 1  # the first piece may be a partial line
-                for i in range(len(pieces) - 1, lowest - 1, -1):
-                    body = parse_line(pieces[i])
-                    if body is None:
-                        continue
-                    region = b"\n".join(pieces[i + 1:])
-                    needs_newline = i == len(pieces) - 1
-                    return self._tip_of(body, region, needs_newline)
-                if pos == 0:
-                    return Tip(0, GENESIS, "", None, b"", block, False)
-
-    def _tip_of(self, body: dict[str, Any], region: bytes, needs_newline: bool) -> Tip:
-        return tip_of(body, region, needs_newline, self._anchor)
-
-    def _signed(self, body: dict[str, Any] | None, sig: bytes) -> bool:
-        if body is None:
-            return True
-        key = self._public
-        detail = body.get("detail")
-        if (body.get("action") == ROTATED_ACTION and isinstance(detail, dict)
-                and detail.get("new_signing_key") == raw_hex(self._public)):
-            # the last record hands over to our key: signed by the key before it (the full
-            # verification checks that key against the records before)
-            key = public_of(detail.get("old_signing_key")) or key
-        try:
-            key.verify(sig, bytes.fromhex(record_hash(body)))
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-    def _check_head(self, conn: Connection, tip: Tip) -> str:
-        """Compare the file's last record with the anchor and its signature; flag (once,
-        for good) and return a mismatch."""
-        head = self._read_head(conn)
-        if head is None or head.broken:
-            return ""
-        problem = ""
-        if not self._signed(tip.body, tip.sig):
-            problem = (f"record {tip.seq}, the last one in the file, was altered or forged: "
-                       "its signature does not match")
-        elif tip.seq < head.seq:
-            problem = (f"the trail ended at record {tip.seq} when record {head.seq} had "
-                       "been written: records were removed")
-        elif tip.seq == head.seq and tip.chain != head.digest:
-            problem = f"record {tip.seq} differs from the one anchored in the index"
-        if problem:
-            conn.execute(update(_heads).where(self._mine).values(broken=problem))
-        return problem
-
-    def _read_head(self, conn: Connection) -> Any:
-        """``instances.read_head``; on the embedded index straight to the driver: with
-        ``serve --workers`` every store batch that follows the other worker's reads it
-        (issue 17: through SQLAlchemy's select it was half of that check's time)."""
-        if conn.dialect.name != "sqlite":
-            return instances.read_head(conn, self.instance)
-        cursor = conn.connection.cursor()
-        try:
-            row = cursor.execute(_READ_ANCHOR, (self.instance,)).fetchone()
-        finally:
-            cursor.close()
-        return (None if row is None
-                else instances.AnchorRow(int(row[0]), str(row[1]), str(row[2] or "")))
-
-    def _repair_body(self, conn: Connection, tip: Tip, seq: int, time: str) -> dict[str, Any]:
-        cut = tip.region[:-1] if tip.region.endswith(b"\n") else tip.region
-        head = conn.execute(select(_heads.c.seq).where(self._mine)).first()
-        anchored = int(head.seq) if head is not None else 0
-        lost = max(0, anchored - tip.seq)
-        message = ("a write to the trail was cut short (disk full, I/O error or crash); the "
-                   "incomplete bytes were left in place and are described here")
-        if lost:
-            message += (f"; record {anchored} had been written: {lost} whole record(s) are "
-                        "missing, which is not a cut write")
-        return {
-            "v": FORMAT, "seq": seq, "prev": tip.chain, "time": time, "kind": "repair",
-            "action": "audit.repair", "outcome": "success" if not lost else "major_failure",
-            "code": "110100", "ae": "", "address": "", "user": "", "message": message,
-            "detail": {"cut_bytes": len(cut), "cut_sha256": hashlib.sha256(cut).hexdigest(),
-                       "cut_lines": cut.count(b"\n") + 1, "after_seq": tip.seq,
-                       "anchored_seq": anchored, "records_lost": lost},
-        }
-
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
         conn: Connection | None, problems: list[str], *, repair_only: bool = False,
@@ -318,14 +209,14 @@ class AuditTrail(QueuedAppends):
         anchored; the next synced append (even of no event: ``flush``) covers them.
         """
         left, self._left = self._left, None
-        here = _identity(fd)
+        here = trail_tip.file_identity(fd)
         mine = left is not None and left[0] == here
-        tip = left[1] if left is not None and mine else self._read_tip()
+        tip = left[1] if left is not None and mine else trail_tip.read_tip(self.path, self._anchor)
         lines: list[bytes] = []
         seqs: list[int] = []
         seq, prev, last_time = tip.seq, tip.chain, tip.time
         with self._db(conn) as db:
-            problem = "" if mine else self._check_head(db, tip)
+            problem = "" if mine else trail_tip.check_head(db, self.instance, self._public, tip)
             if problem:
                 problems.append(problem)
             prefix = b"\n" if tip.needs_newline else b""
@@ -335,7 +226,7 @@ class AuditTrail(QueuedAppends):
                 seq += 1
                 now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
                 time = max(now, last_time) if last_time else now
-                body = self._repair_body(db, tip, seq, time)
+                body = trail_tip.repair_body(db, self.instance, tip, seq, time)
                 prev, last_time = self._sign(body), time
                 lines.append(canonical(body) + b"\n")
                 seqs.append(seq)
@@ -360,7 +251,8 @@ class AuditTrail(QueuedAppends):
                 seqs.append(seq)
             self._write_all(fd, prefix + b"".join(lines), sync=sync)
             if not sync:
-                self._left = (_identity(fd), Tip(seq, prev, last_time, None, b"", b"", False))
+                self._left = (trail_tip.file_identity(fd),
+                              Tip(seq, prev, last_time, None, b"", b"", False))
                 return seqs
             self._synced()  # this fsync covered every line written before it
             try:
@@ -374,7 +266,7 @@ class AuditTrail(QueuedAppends):
                 # The lines are durable: the access is recorded. Only truncation detection
                 # lags until the next append moves the anchor.
                 log.error("the audit anchor could not be updated (%s)", type(exc).__name__)
-        self._left = (_identity(fd), Tip(seq, prev, last_time, None, b"", b"", False))
+        self._left = (trail_tip.file_identity(fd), Tip(seq, prev, last_time, None, b"", b"", False))
         return seqs
 
     def _sign(self, body: dict[str, Any]) -> str:

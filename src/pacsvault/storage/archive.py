@@ -26,9 +26,10 @@ Speed without weakening that order:
   (``storage.keychoice``: no transaction and no fsync of their own; on PostgreSQL one
   round trip, and the batch's rows go straight to psycopg in a few statements,
   ``storage.pgrows``);
-- **group commit**: concurrent stores (several associations) hand their staged objects to
-  whichever of them is committing; that one writes every row in one transaction. Each
-  ``store`` still returns only after the commit that holds its own row;
+- **group commit** (``storage.group_commit``): concurrent stores (several associations)
+  hand their staged objects to whichever of them is committing; that one writes every row
+  in one transaction. Each ``store`` still returns only after the commit that holds its
+  own row;
 - publishing (the rename into ``ab/cd/``) runs in a worker after ``store`` returned and is
   not fsync'ed: a crash leaves the object either published or still staged and named by
   the index, which reads find and ``recover`` publishes at the next start.
@@ -49,15 +50,14 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, select, text
+from sqlalchemy import Engine, Table, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.audit.events import AuditEvent, AuditUnavailable, EventCode, Outcome
-from pacsvault.audit.stores import JournalBatch, StoreJournal
+from pacsvault.audit.events import AuditEvent, EventCode, Outcome
+from pacsvault.audit.stores import StoreJournal
 from pacsvault.crypto import objects as objfmt
 from pacsvault.crypto.keyring import KeyDestroyed, Keyring
 from pacsvault.dicomfile import parse as dicom_parse
@@ -67,9 +67,10 @@ from pacsvault.index.matching import normalise_date, normalise_name
 from pacsvault.index.models import Instance, Patient
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
-from pacsvault.storage import keychoice, pgrows, rows, sameness
+from pacsvault.storage import keychoice, rows, sameness
+from pacsvault.storage.group_commit import GroupCommit
 from pacsvault.storage.objects import ObjectBackend, ObjectStore, Recovery
-from pacsvault.storage.rows import Pending, acknowledged, index_one
+from pacsvault.storage.rows import Pending
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
 from pacsvault.storage.rows import StoreResult as StoreResult  # re-exported
 from pacsvault.storage.rows import StoreStatus as StoreStatus  # re-exported
@@ -77,8 +78,6 @@ from pacsvault.storage.rows import StoreStatus as StoreStatus  # re-exported
 log = logging.getLogger("pacsvault.storage")
 
 _HEADER_OVERHEAD = 4096
-_MAX_BATCH = 64
-
 _GENERATION = keychoice.GENERATION
 # The data key chosen for an instance: its id, the removal generation the choice was
 # valid at, and for a patient first seen here the minted (unwrapped) key, else None.
@@ -88,25 +87,7 @@ _STORE_ATTEMPTS = 3
 _Staged = tuple[str, bytes, "Callable[[], None] | None"]
 
 
-def _read_generation(conn: Connection) -> int:
-    """The removal generation, in the batch's transaction (SQLite: straight to the driver,
-    once per batch)."""
-    cursor = conn.connection.cursor()
-    try:
-        return int(cursor.execute(_GENERATION).fetchone()[0])
-    finally:
-        cursor.close()
-
-
-class _NotDurable(Exception):
-    """An object of a batch was not made durable (its item holds the error): the batch's
-    transaction rolls back (not an ``OSError``: the trail's own failures are those)."""
-
-
-class Archive:
-    # A non-SQLite batch's rows (``rows.BatchRows`` is the SQLAlchemy reference path)
-    _batch_rows: Callable[[Connection, list[Pending]], rows.BatchRows] = pgrows.DriverRows
-
+class Archive(GroupCommit):
     def __init__(
         self, sessions: sessionmaker[Session], objects: ObjectBackend, keyring: Keyring
     ) -> None:
@@ -127,10 +108,7 @@ class Archive:
         self._generation = -1  # removal generation the caches are valid at (-1: unknown)
         self._cache_lock = threading.Lock()
         self._minted = keychoice.MintedKeys(keyring)  # new patients' keys until committed
-        # group commit
-        self._queue: list[Pending] = []
-        self._cond = threading.Condition()
-        self._committing = False
+        self._init_group_commit()
         # How SQLAlchemy stores a DateTime on this engine, for the driver-level insert.
         received = cast(Table, Instance.__table__).c.received
         processor = received.type.bind_processor(self._engine.dialect)
@@ -140,7 +118,6 @@ class Archive:
         # Records every committed batch in the audit trail, inside its transaction (set by
         # the vault; None only for an archive used without a trail).
         self.journal: StoreJournal | None = None
-        self._record: JournalBatch | None = None  # the commit in progress's (``_write_lock``)
 
     def forget(self) -> None:
         """Drop the in-memory caches (after rows were removed or changed elsewhere)."""
@@ -376,146 +353,6 @@ class Archive:
         except BaseException:
             return
         self.objects.discard(object_id)
-
-    # --- group commit -----------------------------------------------------------------
-
-    def _commit(self, pending: Pending) -> None:
-        """Return once ``pending``'s rows are committed (or raise its error).
-
-        Whoever finds no commit in progress commits everything queued so far; the others
-        wait for the commit that includes their own rows. The batch is taken from the
-        queue only once the commit holds the trail (``_run_batch``), which another process
-        of ``serve --workers`` may be holding for its own commit: what was queued while
-        waiting for it rides along instead of waiting for the next turn (issue 17: with
-        two workers on the embedded index, batches taken before that wait were ~1.25
-        images each, and every commit waited on the other process's).
-        """
-        with self._cond:
-            self._queue.append(pending)
-            while not pending.done:
-                if self._committing:
-                    self._cond.wait()
-                    continue
-                self._committing = True
-                self._cond.release()
-                try:
-                    self._run_batch(self._take)
-                finally:
-                    self._cond.acquire()
-                    self._committing = False
-                    self._cond.notify_all()
-        if pending.error is not None:
-            raise pending.error
-
-    def _take(self) -> list[Pending]:
-        """The queue's head (the committer's own item is in it: only the committer takes)."""
-        with self._cond:
-            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-        return batch
-
-    def _run_batch(self, take: Callable[[], list[Pending]]) -> None:
-        batch: list[Pending] | None = None
-        try:
-            with self._write_lock:
-                # Every object of the batch is written; each one's fsync, if it still
-                # runs, is waited for before the commit (``_index_batch``).
-                try:
-                    with self._journal() as self._record:
-                        batch = take()
-                        self._index_batch(batch)
-                except AuditUnavailable:
-                    raise  # no record, no acknowledgement: the whole batch is refused
-                except Exception:
-                    if batch is None or len(batch) == 1:
-                        raise
-                    # One bad item must not fail the others: index them one by one.
-                    for item in batch:
-                        item.learnt.clear()
-                        item.result = None
-                        try:
-                            with self._journal() as self._record:
-                                self._index_batch([item])
-                        except Exception as exc:
-                            item.error = exc
-        except BaseException as exc:
-            if batch is None:  # the trail could not be held: what is queued is refused
-                batch = take()
-            for item in batch:
-                if item.error is None:
-                    item.error = exc
-        finally:
-            for item in batch or ():
-                item.done = True
-
-    def _journal(self) -> AbstractContextManager[JournalBatch | None]:
-        """The audit trail held for one commit (taken before the index's write lock)."""
-        return self.journal.batch() if self.journal is not None else nullcontext(None)
-
-    def _index_batch(self, batch: list[Pending]) -> None:
-        with self._engine.begin() as conn:
-            # The write lock first, then the generation: no removal can commit between
-            # this check and the rows below (a deferred transaction would read before
-            # locking).
-            if dialect.is_sqlite(conn):
-                dialect.take_write_lock(conn)  # BEGIN IMMEDIATE
-                together = None
-            else:  # the lock, then the generation and the batch's known UIDs, in one
-                # round trip; its rows in one more (``pgrows.DriverRows``: psycopg)
-                together = self._batch_rows(conn, batch)
-            generation = (together.generation if together is not None
-                          else _read_generation(conn))
-            with self._cache_lock:
-                self._observe(generation)
-            overlay_studies: dict[str, int] = {}
-            overlay_series: dict[str, int] = {}
-            for item in batch:
-                if item.generation != generation:
-                    # chosen before a removal: maybe a deleted study or a destroyed key
-                    item.error = StaleChoice("objects were removed meanwhile")
-                    continue
-                if item.durable is not None and item.durable.done():
-                    failed = item.durable.exception()
-                    if failed is not None:  # its object is not durable: never indexed
-                        item.error = failed
-                        continue
-                self._index_one(conn, item, overlay_studies, overlay_series, together)
-            if together is not None:
-                together.flush()
-            record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
-            if record is not None:  # durable before the rows commit, or nothing commits
-                record.write(conn, acknowledged(batch))
-            # Issue 17: the objects' fsyncs ran beside the rows and the record's fsync;
-            # no row commits before its object is durable. One that failed rolls the
-            # batch back (``_run_batch`` then indexes the others one by one; its record
-            # may name it: as after a failed COMMIT, a record never lacks, it may exceed).
-            for item in batch:
-                if item.durable is None or item.error is not None or item.result is not None:
-                    continue
-                failed = item.durable.exception()  # waits for the fsync
-                if failed is not None:
-                    item.error = failed
-                    raise _NotDurable("an object of the batch could not be made durable")
-        # committed: cache what was learnt (unless a newer removal was seen meanwhile)
-        with self._cache_lock:
-            if self._generation != generation:
-                return
-            for item in batch:
-                study = item.learnt.get("study")
-                if study is not None:
-                    self._study_cache[item.parsed.study_uid] = study
-                series = item.learnt.get("series")
-                if series is not None:
-                    self._series_cache[item.parsed.series_uid] = series
-
-    def _index_one(
-        self, conn: Connection, item: Pending, overlay_studies: dict[str, int],
-        overlay_series: dict[str, int], together: rows.BatchRows | None = None,
-    ) -> None:
-        with self._cache_lock:
-            cached_study = self._study_cache.get(item.parsed.study_uid)
-            cached_series = self._series_cache.get(item.parsed.series_uid)
-        index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
-                  self._received, self._keyring.wrap, together)
 
     def _choose(self, parsed: ParsedInstance) -> StoreResult | _Chosen:
         """First instance of a study seen by this process: either the answer for an
