@@ -71,8 +71,8 @@ def idle(frame: str) -> bool:
 
 
 # Where the time under these functions goes, line by line (the call each line makes).
-BREAKDOWN = ("Archive.store", "Archive._stage", "Archive._commit", "Archive._choose",
-             "Archive._index_batch", "DicomService._store", "QueryRetrieve._send",
+BREAKDOWN = ("Archive.store", "Archive._stage", "GroupCommit._commit", "Archive._choose",
+             "GroupCommit._index_batch", "DicomService._store", "QueryRetrieve._send",
              "Archive.read")
 
 
