@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,19 +130,19 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return elem.value
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = _value(ds, keyword)
-    if value is None:
-        return ""
-    return str(value).strip()
+def _as_text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = _value(ds, keyword)
+def _as_int(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return _as_text(_value(ds, keyword))
 
 
 def is_uid(value: str) -> bool:
@@ -151,7 +152,10 @@ def is_uid(value: str) -> bool:
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = _text(ds, keyword)
+    return _checked_uid(_text(ds, keyword), keyword)
+
+
+def _checked_uid(value: str, keyword: str) -> str:
     if not is_uid(value):
         raise InvalidObject(f"missing or invalid {keyword}")
     return value
@@ -349,46 +353,8 @@ def describe(ds: Dataset | fastparse.Header, raw: bytes, *,
             meta = header_json(ds)
         except Exception:
             meta = {}
-    mismatch = vr_check.first_mismatch(meta)
-    if mismatch is not None:
-        raise MismatchedVR(mismatch)
-    meta = vr_check.sanitise(meta)  # same-class variants relabelled, nested ones healed
-    meta.pop("7FE00010", None)
-    return ParsedInstance(
-        sop_class_uid=sop_class,
-        sop_uid=sop_uid,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        transfer_syntax=meta_ts,
-        patient_id=_text(ds, "PatientID"),
-        issuer=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        birth_date=_text(ds, "PatientBirthDate"),
-        sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician=_text(ds, "ReferringPhysicianName"),
-        modality=_text(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined"),
-        series_date=_text(ds, "SeriesDate"),
-        series_time=_text(ds, "SeriesTime"),
-        performed_start_date=_text(ds, "PerformedProcedureStepStartDate"),
-        performed_start_time=_text(ds, "PerformedProcedureStepStartTime"),
-        instance_number=_int(ds, "InstanceNumber"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
-        number_of_frames=_int(ds, "NumberOfFrames"),
-        content_date=_text(ds, "ContentDate"),
-        content_time=_text(ds, "ContentTime"),
-        meta_json=json.dumps(meta, separators=(",", ":")),
-        sha256=sha256 if sha256 is not None else hashlib.sha256(raw).digest(),
-        size=len(raw),
-    )
+    return _instance(lambda keyword: _value(ds, keyword),
+                     (sop_class, sop_uid, study_uid, series_uid), meta_ts, meta, raw, sha256)
 
 
 def _describe_header(header: fastparse.Header, raw: bytes,
@@ -398,39 +364,41 @@ def _describe_header(header: fastparse.Header, raw: bytes,
     on the same DICOM JSON and values."""
     values = header.values
 
-    def text(keyword: str) -> str:
-        value = values.get(int(_TAGS[keyword]))
-        return "" if value is None else str(value).strip()
-
-    def number(keyword: str) -> int | None:
-        value = values.get(int(_TAGS[keyword]))
-        try:
-            return int(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            return None
-
     def uid(keyword: str) -> str:
-        value = text(keyword)
-        if not is_uid(value):
-            raise InvalidObject(f"missing or invalid {keyword}")
-        return value
+        return _checked_uid(_as_text(values.get(int(_TAGS[keyword]))), keyword)
 
     sop_class = uid("SOPClassUID")
     sop_uid = uid("SOPInstanceUID")
     study_uid = uid("StudyInstanceUID")
     series_uid = uid("SeriesInstanceUID")
-    meta = header.meta
+    return _instance(lambda keyword: values.get(int(_TAGS[keyword])),
+                     (sop_class, sop_uid, study_uid, series_uid), header.syntax, header.meta,
+                     raw, sha256)
+
+
+def _instance(get: Callable[[str], Any], uids: tuple[str, str, str, str], syntax: str,
+              meta: dict[str, Any], raw: bytes, sha256: bytes | None) -> ParsedInstance:
+    """The checks both ``describe`` paths end with, on the DICOM JSON, then the record:
+    ``get`` gives an attribute's top-level value by keyword (None when absent)."""
     mismatch = vr_check.first_mismatch(meta)
     if mismatch is not None:
         raise MismatchedVR(mismatch)
-    meta = vr_check.sanitise(meta)
+    meta = vr_check.sanitise(meta)  # same-class variants relabelled, nested ones healed
     meta.pop("7FE00010", None)
+
+    def text(keyword: str) -> str:
+        return _as_text(get(keyword))
+
+    def number(keyword: str) -> int | None:
+        return _as_int(get(keyword))
+
+    sop_class, sop_uid, study_uid, series_uid = uids
     return ParsedInstance(
         sop_class_uid=sop_class,
         sop_uid=sop_uid,
         study_uid=study_uid,
         series_uid=series_uid,
-        transfer_syntax=header.syntax,
+        transfer_syntax=syntax,
         patient_id=text("PatientID"),
         issuer=text("IssuerOfPatientID"),
         patient_name=text("PatientName"),
