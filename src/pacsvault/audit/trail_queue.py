@@ -93,6 +93,11 @@ class QueuedAppends:
         # every record of this process is durable. Changed with ``_lock`` held.
         self._unsynced_at: float | None = None
         self._flusher: threading.Thread | None = None
+        # True while the flusher sleeps until a deadline (not forever): a ``defer`` then
+        # needs not wake it, the deadline it wakes at is never later than the new record's
+        # (``_unsynced_at`` only moves forward); it re-reads ``_unsynced_at`` and sleeps on.
+        # Issue 17: one futex wake and flusher run fewer per C-FIND association.
+        self._flusher_timed = False
         self._closed = False
 
     def append(self, event: AuditEvent) -> int:
@@ -166,7 +171,8 @@ class QueuedAppends:
                         self._flusher = threading.Thread(
                             target=self._flush_loop, name="audit-flush", daemon=True)
                         start = True
-                    self._wake.notify()
+                    if not self._flusher_timed:
+                        self._wake.notify()
         finally:
             self._notify(problems)
         if start:
@@ -185,9 +191,12 @@ class QueuedAppends:
                         left = since + DEFER_SECONDS - time.monotonic()
                         if left <= 0:
                             break
+                        self._flusher_timed = True
                         self._wake.wait(left)
                     else:
+                        self._flusher_timed = False
                         self._wake.wait()
+                self._flusher_timed = False
                 if self._closed:
                     self._flusher = None
                     return

@@ -119,12 +119,14 @@ def against_anchor(trail: TrailView, chain: Chain, lines: int) -> Verdict | None
 
 def scan(
     lines: list[bytes], chain: Chain, first: int, check_from: int, plan: KeyPlan,
+    vouched: set[bytes] | None = None,
 ) -> tuple[Verdict | None, int]:
     """Follow ``lines`` (global line index ``first`` onwards), updating ``chain``.
 
     Returns (the first problem, or None; how many lines were accepted). Lines that are
     not records are accepted only when a repair record right after them describes them
     exactly; a run of them at the very end is left unaccepted (a torn tail).
+    ``vouched``: see ``_ours``.
     """
     i = 0
     while i < len(lines):
@@ -160,8 +162,8 @@ def scan(
         if plan.problem(index):
             return Verdict(False, chain.records, f"record {seq} (line {number}) is "
                            f"{plan.problem(index)}", seq, number), i
-        if index >= check_from and not plan.verifies(index, sig, digest,
-                                                     seal=body.get("kind") == "seal"):
+        if (index >= check_from and not _ours(vouched, lines[i])
+                and not plan.verifies(index, sig, digest, seal=body.get("kind") == "seal")):
             return Verdict(False, chain.records, f"record {seq} (line {number}) was "
                            "altered or forged: its signature does not match", seq,
                            number), i
@@ -190,6 +192,22 @@ def scan(
         chain.records += 1
         i += 1
     return None, len(lines)
+
+
+def _ours(vouched: set[bytes] | None, line: bytes) -> bool:
+    """Whether this process wrote exactly these bytes and signed them itself
+    (``AuditTrail.vouched``: SHA-256 of each line it appended since the watcher last saw
+    it, under the current key): the signature it made over them needs no Ed25519 check
+    (issue 17: ~0.1 ms of CPU per record, one record per query). The line is taken out
+    of the set. Its chain, order and time are checked as any other line's; a line edited
+    since it was written has other bytes and is verified as before."""
+    if not vouched:
+        return False
+    digest = hashlib.sha256(line).digest()
+    if digest not in vouched:
+        return False
+    vouched.discard(digest)
+    return True
 
 
 def chain_at_end(trail: TrailView, lines: list[bytes]) -> Chain:
@@ -246,12 +264,13 @@ def check(trail: TrailView, since: Checkpoint | None, *, tail: int | None = None
             and hashlib.sha256(data[:since.offset]).hexdigest() == since.digest):
         chain = Chain(**vars(since.chain))
         verdict, consumed = scan(lines[since.lines:], chain, since.lines,
-                                 since.lines, KeyPlan(public, lines))
+                                 since.lines, KeyPlan(public, lines), _vouched(trail))
         consumed += since.lines
     else:
         chain = Chain()
         check_from = max(0, len(lines) - tail) if tail and since is None else 0
-        verdict, consumed = scan(lines, chain, 0, check_from, KeyPlan(public, lines))
+        verdict, consumed = scan(lines, chain, 0, check_from, KeyPlan(public, lines),
+                                 _vouched(trail))
     if verdict is not None:
         problem = verdict.problem
         # Report once: later checks follow on from the file's last record.
@@ -267,6 +286,12 @@ def check(trail: TrailView, since: Checkpoint | None, *, tail: int | None = None
                        lines[consumed - 1] + b"\n" if consumed else b"", raw_hex(public),
                        hasher)
     return point, problem or broken
+
+
+def _vouched(trail: TrailView) -> set[bytes] | None:
+    """The running server's own lines (``AuditTrail.vouched``), None for other views."""
+    vouched = getattr(trail, "vouched", None)
+    return vouched if isinstance(vouched, set) else None
 
 
 def _appended(fh: BinaryIO, inode: int, key: str, since: Checkpoint | None) -> bytes | None:
@@ -299,7 +324,7 @@ def _check_appended(trail: TrailView, since: Checkpoint, appended: bytes
     chain = Chain(**vars(since.chain))
     # no rotation record among them (``_appended``): every line is the current key's
     verdict, consumed = scan(lines, chain, since.lines, since.lines,
-                             KeyPlan(trail.public_key, []))
+                             KeyPlan(trail.public_key, []), _vouched(trail))
     if verdict is not None:
         return None
     if consumed == len(lines) and against_anchor(trail, chain, since.lines + consumed):

@@ -59,10 +59,12 @@ class TrailWatcher:
         # The start-up verification reported the damage found so far.
         self._reported.update(p for p in (problem, self._trail.broken()) if p)
         self._trail.on_problem = self._hint
+        self._trail.vouched = set()  # the lines appended from now on (``trail_verify._ours``)
         self._thread.start()
 
     def stop(self) -> None:
         self._trail.on_problem = None
+        self._trail.vouched = None
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
