@@ -149,6 +149,7 @@ class Archive(GroupCommit):
         """Store a Part 10 byte stream exactly as received (see ``_store_once``); redone
         when a removal made its study/key choice stale meanwhile."""
         for attempt in range(_STORE_ATTEMPTS):
+            self._arrive(len(raw))  # a committer may wait for it (``GroupCommit._gather``)
             try:
                 result = self._store_once(raw, source_ae=source_ae,
                                           expected_sop_uid=expected_sop_uid,
@@ -158,6 +159,8 @@ class Archive(GroupCommit):
                 if attempt == _STORE_ATTEMPTS - 1:
                     raise
                 continue
+            finally:
+                self._depart()
             if result.status is StoreStatus.CONFLICT:
                 return self._reencoded(result, raw, source_ae=source_ae,
                                        actor_address=actor_address, actor_user=actor_user)
