@@ -614,6 +614,9 @@ def test_get_over_tls_receives_the_stored_bytes(env: Env) -> None:
 def _aborted_get(stored: list[Stored], port: int) -> None:
     """A C-GET at 4096-byte PDUs whose requester aborts when the first object arrives."""
     ae, roles = _getter(stored, 4096)
+    # pynetdicom's requester waits ``dimse_timeout`` for a response its own abort means
+    # never comes: a short wait ends the C-GET loop soon after the abort.
+    ae.dimse_timeout = 3
     seen: list[str] = []
 
     def on_store(event: evt.Event) -> int:
