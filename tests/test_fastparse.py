@@ -181,7 +181,7 @@ def test_truncated_anywhere_same_answer(bench_images: list[bytes]) -> None:
 
 def test_edited_lengths_and_bytes_same_answer(bench_images: list[bytes]) -> None:
     """Every 2- and 4-byte window of the header overwritten with huge, odd, off-by-one
-    values (element lengths, item lengths, tags, VRs hit in turn), then random edits
+    values (element lengths, item lengths, tags, VRs hit in turn), then 1,000 random edits
     (which found two differences while this was written: a UID's trailing control
     character, which pydicom strips, and an IS of a lone vertical tab, which it keeps)."""
     taken = 0
@@ -204,7 +204,7 @@ def test_edited_lengths_and_bytes_same_answer(bench_images: list[bytes]) -> None
     ct_implicit = _implicit(_testdata("CT_small.dcm").read_bytes())
     assert _fast(ct_implicit)
     for raw in (_sequences_file(), ct_implicit):
-        for i in range(1000):
+        for i in range(500):  # was 1,000 per file (15 s CPU); the windows above are systematic
             changed = bytearray(raw)
             for _ in range(rng.randint(1, 4)):
                 changed[rng.randrange(132, _header_end(raw))] = rng.randrange(256)
