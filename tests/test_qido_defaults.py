@@ -85,3 +85,39 @@ def test_defaults_not_shared_between_requests() -> None:
         assert second[elem.tag] is not elem
     first.RequestAttributesSequence.append(Dataset())
     assert len(second.RequestAttributesSequence) == 0
+
+
+def _attributes(ds: Dataset) -> list[dict[str, Any]]:
+    """Every attribute of every element (not only tag, VR and value), sequences by shape."""
+    return [{k: (_shape(Dataset()) if k == "_value" and e.VR == "SQ" else v)
+             for k, v in vars(e).items()} for e in ds]
+
+
+@pytest.mark.parametrize(("level", "scope"), SCOPES)
+@pytest.mark.parametrize("items", QUERIES)
+def test_default_elements_as_pydicom_builds_them(
+        items: list[tuple[str, str]], level: str, scope: dict[str, str]) -> None:
+    """The empty default elements, copied from ones built once (``_EMPTY``), carry exactly
+    the attributes ``DataElement(tag, vr, None)`` gives, and the same DICOM JSON."""
+    fast = qido.parse(items, level, **scope).identifier
+    generic = _generic(items, level, **scope)
+    assert _attributes(fast) == _attributes(generic)
+    assert fast.to_json_dict() == generic.to_json_dict()
+    assert [type(e) for e in fast] == [type(e) for e in generic]
+
+
+def test_default_elements_never_shared() -> None:
+    """Each request has its own elements: a change to one identifier (the engine fills
+    and reads them) reaches neither the templates nor the next request's."""
+    first = qido.parse([], "SERIES").identifier
+    templates = {id(e) for e in qido._EMPTY.values()}
+    assert not templates & {id(e) for e in first}
+    first.StudyDate = "20240101"
+    first.Modality = "CT"
+    first.RequestAttributesSequence.append(Dataset())
+    second = qido.parse([], "SERIES").identifier
+    assert not {id(e) for e in first} & {id(e) for e in second}
+    assert second.StudyDate is None
+    assert second.Modality is None
+    assert len(second.RequestAttributesSequence) == 0
+    assert all(e.value is None for e in qido._EMPTY.values())
