@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -479,10 +480,19 @@ def test_deletions_racing_stores_never_index_under_a_destroyed_key(vault: VaultD
     deleted = 0
     done = threading.Event()
 
+    def sent() -> Iterator[Any]:
+        """The 39 images, then more until the deleter has raced them twice: a faster
+        store path once ended the 39 before a second deletion (a race not exercised)."""
+        yield from objs[1:]
+        for n in range(40, 400):
+            if deleted >= 2:
+                return
+            yield make("PVRM09", study, series, number=n)
+
     def storing() -> None:
         nonlocal stale
         try:
-            for o in objs[1:]:
+            for o in sent():
                 try:
                     v.archive.store(o.raw, source_ae="TEST")
                 except StaleChoice:
