@@ -98,6 +98,22 @@ _SET_ANCHOR = "UPDATE audit_head SET seq = ?, digest = ? WHERE instance = ?"
 _SET_ANCHOR_PG = "UPDATE audit_head SET seq = %s, digest = %s WHERE instance = %s"
 
 
+@contextmanager
+def _unsynced_commit(driver: Any, invalidate: Callable[[], None]) -> Iterator[None]:
+    """An anchor transaction committed with synchronous=NORMAL (why: ``AuditTrail._db``),
+    the connection set back to FULL afterwards or discarded (``invalidate``): never back
+    in the pool with the weaker setting."""
+    driver.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        try:
+            driver.execute("PRAGMA synchronous=FULL")
+        except Exception:
+            invalidate()
+            raise
+
+
 class AuditTrail(QueuedAppends):
     def __init__(self, root: Path, keys: TrailKeys, sessions: sessionmaker[Session],
                  instance: str = instances.MAIN) -> None:
@@ -195,16 +211,8 @@ class AuditTrail(QueuedAppends):
             # ``_set_anchor`` does: through SQLAlchemy each would cost a statement build.
             driver = own.connection.dbapi_connection
             assert driver is not None
-            driver.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with own.begin():
-                    yield own
-            finally:
-                try:
-                    driver.execute("PRAGMA synchronous=FULL")
-                except Exception:
-                    own.invalidate()  # never back in the pool with the weaker setting
-                    raise
+            with _unsynced_commit(driver, own.invalidate), own.begin():
+                yield own
 
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
@@ -268,8 +276,7 @@ class AuditTrail(QueuedAppends):
                 lines.append(canonical(body) + b"\n")
                 seqs.append(seq)
             self._write_all(fd, prefix + b"".join(lines), sync=sync)
-            if self.vouched is not None:
-                self._vouch(lines)
+            self._vouch(lines)
             if not sync:
                 self._left = (trail_tip.file_identity(fd),
                               Tip(seq, prev, last_time, None, b"", b"", False))
@@ -429,19 +436,12 @@ class AuditTrail(QueuedAppends):
         raw = self._engine.raw_connection()
         try:
             driver: Any = raw.driver_connection
-            driver.execute("PRAGMA synchronous=NORMAL")
-            try:
+            with _unsynced_commit(driver, raw.invalidate):
                 count = driver.execute(_SET_ANCHOR, (seq, digest, self.instance)).rowcount
                 if count:
                     driver.commit()
                 else:
                     driver.rollback()
-            finally:
-                try:
-                    driver.execute("PRAGMA synchronous=FULL")
-                except Exception:
-                    raw.invalidate()  # never back in the pool with the weaker setting
-                    raise
         finally:
             raw.close()  # back to the pool (rolled back there if anything was left open)
         if not count:
