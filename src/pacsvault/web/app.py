@@ -30,6 +30,7 @@ from pacsvault.web import (
     breach_pages,
     deps,
     dicomweb,
+    dicomweb_fast,
     gdpr_record,
     media_download,
     pages,
@@ -78,6 +79,8 @@ def create_app(vault: Vault, accounts: Accounts) -> FastAPI:
     app.include_router(study_actions.router)  # a study's actions from OHIF (issue 20)
     # Last: OHIF lives at / and answers its files through a catch-all route.
     app.include_router(viewer.router)
+    # Innermost of the middlewares (added first): QIDO-RS searches without FastAPI routing.
+    app.add_middleware(dicomweb_fast.SearchFastPath)
     security.install(app)
 
     @app.exception_handler(StarletteHTTPException)
