@@ -7,10 +7,16 @@ records cut them anywhere (odd PDU sizes, records of 1, 7 and 4,099 bytes, a rec
 the end of one PDU and the start of the next) are stored byte for byte; an abort or a close
 in the middle of a PDU stores nothing, and the server goes on over TLS. dcmtk's TLS store is
 in ``test_store_fastpath_conformance``.
+
+By a hand-made TLS requestor (``BioTLS``, records chosen one by one): records of 1 byte to
+16 KiB store byte for byte, with pynetdicom's C-STORE-RSP; a close_notify in the middle of
+a PDU, or a connection cut in the middle of a record, stores nothing and the server goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import struct
 import time
@@ -261,3 +267,139 @@ def test_abort_or_close_mid_pdu_over_tls_stores_nothing(env: Env, defect: str) -
     finally:
         after.release()
     assert _stored(env, ok.SOPInstanceUID) == [_expected(ok, _dataset_bytes(ok))]
+
+
+# --- records chosen one by one (a hand-made TLS requestor) ------------------------------
+
+
+def _associate_rq() -> bytes:
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+    )
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = CALLING
+    primitive.called_ae_title = "PACSVAULT"
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 0
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.1"
+    primitive.user_information = [length, implementation]
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+class BioTLS:
+    """A DICOM TLS requestor by hand: ``ssl.SSLObject`` over a TCP socket, so the test
+    decides every record (its size, half of one, a close_notify)."""
+
+    def __init__(self, env: Env, ctx: ssl.SSLContext | None = None) -> None:
+        self.raw = socket.create_connection((LOCAL, env.port), timeout=20)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = (ctx or _client_context(env)).wrap_bio(
+            self.incoming, self.outgoing, server_hostname=LOCAL)
+        self.plain = bytearray()
+        self._io(self.tls.do_handshake)
+        self.raw.sendall(self.encrypt(_associate_rq(), (1 << 14,)))
+        assert self.read_pdu()[0] == 0x02  # A-ASSOCIATE-AC
+        self.cid = 1
+
+    def _io(self, op: Any) -> Any:
+        while True:
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                self.flush()
+                data = self.raw.recv(1 << 16)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+                continue
+            self.flush()
+            return result
+
+    def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.raw.sendall(data)
+
+    def encrypt(self, stream: bytes, sizes: tuple[int, ...]) -> bytes:
+        """``stream`` as TLS records of the given plaintext sizes in turn."""
+        for record in _records(stream, sizes):
+            self.tls.write(record)
+        return self.outgoing.read()
+
+    def read_pdu(self) -> bytes:
+        def take(n: int) -> bytes:
+            while len(self.plain) < n:
+                self.plain += self._io(lambda: self.tls.read(1 << 16))
+            out = bytes(self.plain[:n])
+            del self.plain[:n]
+            return out
+
+        header = take(6)
+        return header + take(struct.unpack(">L", header[2:])[0])
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def test_tiny_and_full_records_store_byte_identical(env: Env) -> None:
+    scu = BioTLS(env)
+    try:
+        # tiny records, full ones, a PDU header alone, records ending mid-header
+        for k, (rows, sizes) in enumerate([(8, (1, 7, 3)), (200, (6, 16384)),
+                                           (256, (16384, 5, 11, 4099))], start=1):
+            ds = _image(rows)
+            data = _dataset_bytes(ds)
+            stream = _pdus(scu.cid, _store_cmd(ds, k), data, 16385)
+            scu.raw.sendall(scu.encrypt(stream, sizes))
+            assert scu.read_pdu() == _rsp_pdu(scu.cid, ds, k)
+            assert _stored(env, ds.SOPInstanceUID) == [_expected(ds, data)]
+    finally:
+        scu.close()
+
+
+@pytest.mark.parametrize("defect", ["close_notify", "abrupt_mid_record"])
+def test_close_mid_pdu_over_tls_stores_nothing(env: Env, defect: str) -> None:
+    scu = BioTLS(env)
+    ds = _image(128)
+    stream = _pdus(scu.cid, _store_cmd(ds, 1), _dataset_bytes(ds), 8192)
+    wire = scu.encrypt(stream[:len(stream) // 2 + 5], (1000,))
+    if defect == "close_notify":
+        scu.raw.sendall(wire)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            scu.tls.unwrap()
+        scu.flush()
+        scu.raw.shutdown(socket.SHUT_WR)
+        # the server ends the connection (it was owed the rest of the PDU)
+        while True:
+            with contextlib.suppress(ConnectionError):
+                if scu.raw.recv(1 << 16):
+                    continue
+            break
+    else:
+        scu.raw.sendall(wire[:-10])  # the last record cut short
+    scu.close()
+    time.sleep(0.3)
+    assert _stored(env, ds.SOPInstanceUID) == []
+    after = BioTLS(env)  # the server goes on over TLS
+    try:
+        ok = _image()
+        data = _dataset_bytes(ok)
+        after.raw.sendall(after.encrypt(_pdus(after.cid, _store_cmd(ok, 1), data, 4099),
+                                        (4099,)))
+        assert after.read_pdu() == _rsp_pdu(after.cid, ok, 1)
+    finally:
+        after.close()
+    assert _stored(env, ok.SOPInstanceUID) == [_expected(ok, data)]
