@@ -4,6 +4,7 @@ object may be in (spare, ``.tmp``, published) is still found by ``read``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,19 @@ def test_failed_spare_write_removes_the_file(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         store.write_spare(pieces())
     assert [p for p in (tmp_path / "objects" / ".spare").iterdir() if p.stat().st_size] == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 525_000, (1 << 20) + 33])
+def test_read_returns_the_whole_file(tmp_path: Path, size: int,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``read`` takes a file in one read of its size (issue 17): every byte, also when the
+    kernel hands it over in short reads."""
+    store = ObjectStore(tmp_path / "objects")
+    store.create()
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    object_id, sync = store.write_spare([data])
+    sync()
+    assert store.read(object_id) == data
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))
+    assert store.read(object_id) == data

@@ -747,3 +747,48 @@ def test_both_send_paths_deliver_the_same_bytes(tmp_path: Path,
     finally:
         service.stop()
         vault.close()
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xC211, 0xFFFF])
+def test_store_status_is_the_dataset_pynetdicom_returns(status: int) -> None:
+    """What ``send_c_store`` returns for an answer read by the DUL thread: equal to the
+    dataset pynetdicom's ``_check_received_status`` builds, read as element or keyword;
+    once (0000,0900) is changed or removed, ``Status`` follows the dataset."""
+    expected = Dataset()
+    expected.Status = status
+    found = sendpath.StoreStatus.of(status)
+    assert found.Status == status and isinstance(found.Status, int)
+    assert found == expected and expected == found
+    assert found[0x00000900].value == status and found.Status == status
+    again = sendpath.StoreStatus.of(status)
+    setattr(again, "Status", 0x0107)  # pydicom's keyword assignment  # noqa: B010
+    assert again.Status == 0x0107 and again[0x00000900].value == 0x0107
+    del again.Status
+    assert "Status" not in again and not hasattr(again, "Status")
+    assert sendpath.StoreStatus.of(status).Status == status  # nothing shared
+
+
+@pytest.mark.parametrize("kind", [C_GET, C_MOVE])
+def test_retrieve_responses_of_one_retrieval_are_pynetdicom_encoding(kind: type) -> None:
+    """The *Pending* responses of a retrieval share their first elements (encoded once):
+    each, and a final status and another request's after them, as pynetdicom encodes."""
+    for msg_id, status, sop_class in ((7, 0xFF00, StudyRootQueryRetrieveInformationModelGet),
+                                      (7, 0xFF00, StudyRootQueryRetrieveInformationModelGet),
+                                      (7, 0x0000, StudyRootQueryRetrieveInformationModelGet),
+                                      (8, 0xFF00, StudyRootQueryRetrieveInformationModelGet),
+                                      (8, 0xFF00, None)):
+        for done in (0, 1, 299, 65535):
+            rsp = kind()
+            rsp.MessageIDBeingRespondedTo, rsp.Status = msg_id, status
+            rsp.AffectedSOPClassUID = sop_class
+            (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+             rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = (
+                65535 - done, done, 0, 1)
+            rsp.Identifier = None
+            assert sendpath.encode_retrieve_rsp(rsp) == _pynetdicom_rsp(rsp)
+    bad = kind()
+    bad.MessageIDBeingRespondedTo, bad.Status = 7, 0xFF00
+    bad.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
+    bad.__dict__["_affected_sop_class_uid"] = "1.02.3"  # not a UID: left to pynetdicom
+    for _ in range(2):
+        assert sendpath.encode_retrieve_rsp(bad) is None
