@@ -390,3 +390,28 @@ class PolicyACSE(ACSE):
             return
         self._pv_service.restrict_contexts(self.assoc, rq.presentation_context_definition_list)
         super()._negotiate_as_acceptor()
+
+    # An A-RELEASE request taken off the DUL queue and not answered yet.
+    _pv_release_taken = False
+
+    def is_release_requested(self) -> bool:
+        """pynetdicom's, except that a release taken off the queue stays requested until
+        it is answered (``send_release(is_response=True)``).
+
+        Why: pynetdicom 3.0's ``ServiceClass._wrap_handler`` asks between a C-FIND's,
+        C-GET's or C-MOVE's answers and, finding a release, takes it and stops the answers;
+        the association loop, the one that answers a release, then never saw it: no
+        A-RELEASE-RP, the peer left waiting and the connection, with its slot of the
+        per-source budget, held until the idle timeout
+        (``tests/test_release_while_pending.py``)."""
+        if self._pv_release_taken:
+            return True
+        if super().is_release_requested():
+            self._pv_release_taken = True
+            return True
+        return False
+
+    def send_release(self, is_response: bool = False) -> None:
+        if is_response:
+            self._pv_release_taken = False
+        super().send_release(is_response)
