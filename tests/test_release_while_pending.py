@@ -104,7 +104,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 def _associate_rq() -> bytes:
     primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"  # type: ignore[assignment]
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = CALLING
     primitive.called_ae_title = AE
     context = PresentationContext()
@@ -115,7 +115,7 @@ def _associate_rq() -> bytes:
     length = MaximumLengthNotification()
     length.maximum_length_received = 16384
     implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.99"  # type: ignore[assignment]
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.99"
     primitive.user_information = [length, implementation]
     return bytes(A_ASSOCIATE_RQ(primitive).encode())
 
@@ -129,7 +129,9 @@ def _find_rq() -> bytes:
     request.MessageID = 1
     request.AffectedSOPClassUID = FIND
     request.Priority = 2
-    request.Identifier = BytesIO(encode(identifier, True, True))
+    encoded = encode(identifier, True, True)
+    assert encoded is not None
+    request.Identifier = BytesIO(encoded)
     message = C_FIND_RQ()
     message.primitive_to_message(request)
     return b"".join(bytes(P_DATA_TF(p).encode()) for p in message.encode_msg(1, 16384))
