@@ -41,7 +41,9 @@ from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacsvault.dicom.storewire import encode_store_rsp, parse_command
+from pacsvault.dicom.part10 import file_meta
+from pacsvault.dicom.server import _taken
+from pacsvault.dicom.storewire import FastStore, StoreReceiver, encode_store_rsp, parse_command
 from tests.harness.served import Served, served_vault
 from tests.helpers import VaultDir, storescu, wait_until
 
@@ -220,6 +222,34 @@ def test_only_plain_store_commands_are_taken() -> None:
     bad_length = bytearray(good)
     bad_length[8:12] = struct.pack("<I", len(good))  # group length that does not match
     assert parse_command(bytes(bad_length)) is None
+
+
+def test_received_pieces_join_into_the_stream_and_let_the_pdus_go() -> None:
+    """The dataset's fragments are kept as views of their PDUs (``storewire._Message``):
+    joined, they are the file meta then the fragments as sent; once taken, no view is
+    left on any PDU (each PDU read is a fresh buffer, freed with its last view)."""
+    command = _store_cmd(CTImageStorage, "1.2.3.4", 5)
+    dataset = bytes(range(256)) * 40
+    pdus = [bytearray(struct.pack(">LBB", 2 + len(command), 1, 0x03) + command)]
+    pieces = [dataset[:1000], dataset[1000:1000], dataset[1000:7000], dataset[7000:]]
+    body = bytearray()
+    for k, piece in enumerate(pieces):  # the last two in one PDU, as two PDVs
+        body += struct.pack(">LBB", 2 + len(piece), 1, 0x02 if k == 3 else 0x00) + piece
+        if k != 2:
+            pdus.append(body)
+            body = bytearray()
+    delivered: list[FastStore] = []
+    receiver = StoreReceiver()
+    for pdu in pdus:
+        with memoryview(pdu) as view:
+            receiver.feed(view, lambda: False, lambda _c, _cmd: ExplicitVRLittleEndian,
+                          lambda _c, _p: True, delivered.append)
+    assert len(delivered) == 1 and not receiver.busy
+    stream = delivered[0].part10
+    assert _taken(stream) == file_meta(CTImageStorage, "1.2.3.4",
+                                       ExplicitVRLittleEndian) + dataset
+    for pdu in pdus:
+        pdu.extend(b"x")  # resizable again: no view of it is left
 
 
 # --- dcmtk storescu ---------------------------------------------------------------------

@@ -44,7 +44,6 @@ importable from here.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import errno
 import fcntl
@@ -75,8 +74,7 @@ from pacsvault.audit.trail_format import (
     TrailKeys,
     TrailUnwritable,
     Verdict,
-    canonical,
-    record_hash,
+    signed_line,
 )
 from pacsvault.audit.trail_queue import DEFER_SECONDS, QueuedAppends
 from pacsvault.audit.trail_refs import grouped_refs, seal, unseal
@@ -253,8 +251,9 @@ class AuditTrail(QueuedAppends):
                 now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
                 time = max(now, last_time) if last_time else now
                 body = trail_tip.repair_body(db, self.instance, tip, seq, time)
-                prev, last_time = self._sign(body), time
-                lines.append(canonical(body) + b"\n")
+                prev, line = self._sign(body)
+                last_time = time
+                lines.append(line + b"\n")
                 seqs.append(seq)
             if repair_only and not lines:
                 return []
@@ -272,8 +271,9 @@ class AuditTrail(QueuedAppends):
                 }
                 if refs:
                     body["refs"] = self._seal(seq, refs)
-                prev, last_time = self._sign(body), time
-                lines.append(canonical(body) + b"\n")
+                prev, line = self._sign(body)
+                last_time = time
+                lines.append(line + b"\n")
                 seqs.append(seq)
             self._write_all(fd, prefix + b"".join(lines), sync=sync)
             self._vouch(lines)
@@ -309,11 +309,10 @@ class AuditTrail(QueuedAppends):
             vouched.clear()
         vouched.update(hashlib.sha256(line[:-1]).digest() for line in lines)
 
-    def _sign(self, body: dict[str, Any]) -> str:
-        """Add ``sig``; returns the record's hash (what the next one chains to)."""
-        digest = record_hash(body)
-        body["sig"] = base64.b64encode(self._keys.signer.sign(bytes.fromhex(digest))).decode()
-        return digest
+    def _sign(self, body: dict[str, Any]) -> tuple[str, bytes]:
+        """Add ``sig``; returns the record's hash (what the next one chains to) and its
+        line without the newline (``trail_format.signed_line``: one encoding)."""
+        return signed_line(body, self._keys.signer.sign)
 
     @staticmethod
     def _write_all(fd: int, data: bytes, *, sync: bool = True) -> None:

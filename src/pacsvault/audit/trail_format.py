@@ -92,6 +92,28 @@ def record_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
+def signed_line(body: dict[str, Any], sign: Callable[[bytes], bytes]) -> tuple[str, bytes]:
+    """Sign ``body`` (no ``sig`` yet): adds ``sig``, returns its hash (``record_hash``,
+    what the next record chains to) and its line, ``canonical`` of the signed body.
+
+    Why: hashing the body and then encoding it again with its signature encoded every
+    record twice (issue 17: once per stored batch). The top-level keys are sorted, so
+    the body is encoded as the keys before ``sig`` and those after it; the hashed bytes
+    and the line are joined from those two encodings, byte for byte ``canonical``'s.
+    """
+    head = {k: v for k, v in body.items() if k < "sig"}
+    tail = {k: v for k, v in body.items() if k > "sig"}
+    if not head or not tail or len(head) + len(tail) != len(body):
+        digest = record_hash(body)
+        body["sig"] = base64.b64encode(sign(bytes.fromhex(digest))).decode()
+        return digest, canonical(body)
+    before, after = canonical(head)[:-1], canonical(tail)[1:]
+    digest = hashlib.sha256(before + b"," + after).hexdigest()
+    sig = base64.b64encode(sign(bytes.fromhex(digest)))
+    body["sig"] = sig.decode()
+    return digest, b"".join((before, b',"sig":"', sig, b'",', after))
+
+
 def parse_line(line: bytes) -> dict[str, Any] | None:
     try:
         body = json.loads(line)

@@ -32,7 +32,8 @@ IDLE_TICK = 0.02
 _HANDLER_FAILED = 0xC211  # pynetdicom's status when the C-STORE handler raises
 
 # (association, command, Part 10 stream, presentation context) -> DIMSE status
-StoreHandler = Callable[[Association, StoreCommand, bytearray, PresentationContext], int]
+StoreHandler = Callable[[Association, StoreCommand, list[bytes | memoryview],
+                         PresentationContext], int]
 
 
 class FastAssociation(Association):

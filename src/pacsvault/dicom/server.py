@@ -82,12 +82,13 @@ _ContextList = ContextList
 _file_meta = file_meta
 
 
-def _taken(stream: bytearray) -> bytes:
-    """The received stream as ``bytes`` (what the parser reads without a copy of its own),
-    the receive buffer emptied at once: otherwise both stay alive until the response is
-    sent, one more full copy of every image in flight (issue 17, peak memory during
-    ingest: a CR is ~10 MB, per association)."""
-    data = bytes(stream)
+def _taken(stream: list[bytes | memoryview]) -> bytes:
+    """The received pieces (``dicom/storewire``) joined into the ``bytes`` the parser reads
+    without a copy of its own, the pieces (and the PDUs they view) let go at once:
+    otherwise both stay alive until the response is sent, one more full copy of every
+    image in flight (issue 17, peak memory during ingest: a CR is ~10 MB, per
+    association)."""
+    data = b"".join(stream)
     stream.clear()
     return data
 
@@ -452,8 +453,8 @@ class DicomService:
         return self._store(event.assoc, lambda: part10(event),
                            request if isinstance(request, C_STORE) else None)
 
-    def store_received(self, assoc: Association, command: StoreCommand, stream: bytearray,
-                       context: PresentationContext) -> int:
+    def store_received(self, assoc: Association, command: StoreCommand,
+                       stream: list[bytes | memoryview], context: PresentationContext) -> int:
         """A C-STORE request on the direct receive path (``dicom/storewire``): the same
         checks, archive call, statuses and records as ``_on_store``."""
         return self._store(assoc, lambda: _taken(stream), command)

@@ -140,14 +140,20 @@ class FastStore:
 
     context_id: int
     command: StoreCommand
-    part10: bytearray = field(repr=False)
+    part10: list[bytes | memoryview] = field(repr=False)  # its pieces, in order
 
 
 @dataclass(slots=True)
 class _Message:
+    """A request being received: the file meta, then each dataset fragment as a view of
+    the PDU it came in (issue 17: appending each fragment to one growing buffer, then
+    copying that buffer into the ``bytes`` the parser reads, copied every image twice;
+    the pieces are joined once, by the store handler: ``dicom/server._taken``). A PDU is
+    a buffer of its own, never reused (``reactor.BulkSocket.read_within``)."""
+
     context_id: int
     command: StoreCommand
-    buffer: bytearray
+    buffer: list[bytes | memoryview]
 
 
 class StoreReceiver:
@@ -206,7 +212,7 @@ class StoreReceiver:
                     raise ProtocolError("command fragment inside a dataset")
                 if context_id != current.context_id:
                     raise ProtocolError("fragment on another presentation context")
-                current.buffer += body[start:offset]
+                current.buffer.append(body[start:offset])
                 if header & 0x02:
                     self._current = None
                     deliver(FastStore(current.context_id, current.command, current.buffer))
@@ -218,5 +224,5 @@ class StoreReceiver:
                 if not to_pynetdicom(context_id, bytes(body[start - 1:offset])):
                     break
                 continue
-            self._current = _Message(context_id, command, bytearray(
-                file_meta(command.sop_class, command.sop_instance, syntax)))
+            self._current = _Message(context_id, command, [
+                file_meta(command.sop_class, command.sop_instance, syntax)])
