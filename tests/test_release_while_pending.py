@@ -203,3 +203,6 @@ def test_the_next_association_is_served_as_usual(env: Env) -> None:
         assert statuses == [0xFF00] * 3 + [0x0000]
         sock.sendall(RELEASE_RQ)
         assert _read_pdu(sock) == RELEASE_RP
+        assert _read_pdu(sock) == b""  # the server closes
+    # ended before the module's server stops (its shutdown aborts what is still running)
+    assert wait_until(lambda: not _association_threads(), 10), _association_threads()
