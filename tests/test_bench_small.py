@@ -149,12 +149,19 @@ def test_wire_ceilings_measured_and_rows_read_against_them(run: Path) -> None:
     HTTP) have figures, and the ingest, C-GET and WADO-RS series rows carry both servers' shares."""
     result = json.loads((run / "results.json").read_text())
     ceilings = result["ceilings"]
+    shaped = {f"store_{s}_{r}" for s in ("plain4", "tls1", "tls4", "fill4")
+              for r in ("dcmtk", "pyn_16k", "pyn_unlimited")}  # each ingest row's own shape
     assert set(ceilings) == {"store_dcmtk", "store_pyn_16k", "store_pyn_unlimited",
-                             "get_pyn_16k", "get_pyn_128k", "get_dcmtk", "web_https", "web_http"}
+                             "get_pyn_16k", "get_pyn_128k", "get_dcmtk", "web_https", "web_http",
+                             *shaped}
     assert all(v > 0 for v in ceilings.values())
     shared = [r for r in result["rows"] if r["pacsvault"].get("fraction_of_ceilings")]
     names = [str(r["workload"]) for r in shared]
     assert any(n.startswith("ingest plain, 1 assoc.") for n in names)
+    for r in shared:  # an ingest row read against the ceilings of its own shape only
+        if str(r["workload"]).startswith(("ingest TLS, 4", "ingest index filler")):
+            assert {k.split("_")[1] for k in r["pacsvault"]["fraction_of_ceilings"]} == (
+                {"tls4"} if "TLS" in str(r["workload"]) else {"fill4"})
     assert any(n.startswith("C-GET study") for n in names)
     assert any(n.startswith("WADO-RS series") for n in names)
     for r in shared:

@@ -20,6 +20,16 @@ compared with, one association, into (or out of) a receiver that does no work of
   instance, to the same ``httpx`` client as the WADO-RS row, over HTTPS (as pacsvault is
   measured) and plain HTTP (as Orthanc is).
 
+The ``store_*`` ceilings above have the shape of the "ingest plain, 1 assoc." row. Every
+other ingest row is read against ceilings of its own shape (``SHAPES``; issue 17's "Done
+when" reads a row against the ceiling rows), the same three receivers fed exactly as that
+row is fed (``bench.ingest.push``: the same ``storescu`` clients, every n-th file to each of
+n associations): ``store_plain4_*`` (4 associations, the main files), ``store_tls1_*`` /
+``store_tls4_*`` (mutual TLS with the same ``storescu`` options as the TLS rows, the bench's
+own PKI that the Orthanc TLS rows use; dcmtk ``storescp`` does TLS in this build) and
+``store_fill4_*`` (the index filler's one-instance 64x64 MR studies, 4 associations). dcmtk
+runs with ``--fork`` there (one process per association, as it would serve 4 clients).
+
 The receivers run in their own processes (``python -m bench.compare.ceilings ...``), like
 a server. At ``--small`` size each ceiling costs well under a second of transfer.
 """
@@ -34,11 +44,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.compare.procs import DCMTK_ENV, Service, dcmtk, free_port, rmtree, wait_port
-from bench.ingest import push
+from bench.ingest import push, tls_args
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MB = 1e6
@@ -64,6 +75,73 @@ SHORT = {"store_dcmtk": "dcmtk", "store_pyn_16k": "pyn 16K", "store_pyn_unlimite
 KINDS = {"store": STORE, "get": GET, "web": WEB}
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How an ingest row feeds its receiver: the ceilings of that row are fed the same way."""
+
+    tls: bool
+    assocs: int
+    files: str  # "main" (the ingest cells' files) or "filler" (the index filler's)
+    label: str  # the ceiling table's "shape" column
+    tag: str  # after the receiver's short name in a row's share column
+
+
+SHAPES = {
+    "store": Shape(False, 1, "main", "plain, 1 assoc., the ingest cells' files", ""),
+    "store_plain4": Shape(False, 4, "main", "plain, 4 assoc. (every 4th file each), the ingest "
+                          "cells' files", "×4"),
+    "store_tls1": Shape(True, 1, "main", "mutual TLS, 1 assoc., the ingest cells' files",
+                        "TLS"),
+    "store_tls4": Shape(True, 4, "main", "mutual TLS, 4 assoc. (every 4th file each), the "
+                        "ingest cells' files", "TLS ×4"),
+    "store_fill4": Shape(False, 4, "filler", "plain, 4 assoc., the index filler's one-instance "
+                         "64x64 MR studies", "filler ×4"),
+}
+RECEIVERS = ("dcmtk", "pyn_16k", "pyn_unlimited")
+_RECEIVER_LABELS = {"dcmtk": "dcmtk storescp --ignore --fork (discards)",
+                    "pyn_16k": LABELS["store_pyn_16k"],
+                    "pyn_unlimited": LABELS["store_pyn_unlimited"]}
+
+
+def store_key(shape: str, receiver: str) -> str:
+    """``store_dcmtk`` for the one-association plain shape (its key before shapes existed),
+    else ``<shape>_<receiver>`` (``store_tls4_pyn_16k``)."""
+    return f"store_{receiver}" if shape == "store" else f"{shape}_{receiver}"
+
+
+SHAPED = tuple(store_key(s, r) for s in SHAPES if s != "store" for r in RECEIVERS)
+for _shape, _s in SHAPES.items():
+    if _shape != "store":
+        KINDS[_shape] = tuple(store_key(_shape, r) for r in RECEIVERS)
+        for _r in RECEIVERS:
+            LABELS[store_key(_shape, _r)] = _RECEIVER_LABELS[_r]
+            SHORT[store_key(_shape, _r)] = f"{SHORT[store_key('store', _r)]} {_s.tag}"
+SHAPE_OF = {store_key(s, r): s for s in SHAPES for r in RECEIVERS}
+OTHER_SHAPES = {**dict.fromkeys(GET, "C-GET of the CT study, 1 assoc., plain"),
+                **dict.fromkeys(WEB, "the CT series as one multipart, 1 connection")}
+
+
+def shape_label(key: str) -> str:
+    """What a ceiling's figure is the shape of (the ceiling table's "shape" column)."""
+    return SHAPES[SHAPE_OF[key]].label if key in SHAPE_OF else OTHER_SHAPES[key]
+
+
+def kind(tls: bool, assocs: int) -> str:
+    """The ``KINDS`` key of an ingest cell of the main files (``Row.ceiling``)."""
+    return next(s for s, sh in SHAPES.items()
+                if sh.files == "main" and sh.tls == tls and sh.assocs == assocs)
+
+
+def images_per_s(ceilings: dict[str, float],
+                 sets: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Each store ceiling in images/s: ``sets`` maps "main"/"filler" to (files, bytes)."""
+    out = {}
+    for k, v in ceilings.items():
+        if (shape := SHAPE_OF.get(k)) and (n_bytes := sets.get(SHAPES[shape].files)):
+            out[k] = v * n_bytes[0] / (n_bytes[1] / MB)
+    return out
+
+
 def _service(args: list[str], log: Path) -> tuple[Service, int]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -73,10 +151,10 @@ def _service(args: list[str], log: Path) -> tuple[Service, int]:
     return svc, port
 
 
-def _storescp(port: int, log: Path) -> Service:
+def _storescp(port: int, log: Path, extra: tuple[str, ...] = ()) -> Service:
     # -dhl: no host lookup; --ignore: receive every PDU, store nothing
-    svc = Service([dcmtk("storescp"), "-dhl", "--ignore", "-aet", CEILING_AE, "+xa", str(port)],
-                  log, env=DCMTK_ENV)
+    svc = Service([dcmtk("storescp"), "-dhl", "--ignore", "-aet", CEILING_AE, "+xa", *extra,
+                   str(port)], log, env=DCMTK_ENV)
     wait_port(port, svc.proc, log)
     return svc
 
@@ -98,6 +176,52 @@ def _store_once(key: str, files: list[Path], work: Path) -> float:
     finally:
         svc.stop()
     return sum(f.stat().st_size for f in files) / secs / MB
+
+
+def _shapes_once(receiver: str, tls: bool, shapes: list[str], files: dict[str, list[Path]],
+                 work: Path, pki: Path) -> dict[str, float]:
+    """One receiver process (plain or TLS), fed each of ``shapes`` in turn: MB/s of each."""
+    logs = work / f"{receiver}-{'tls' if tls else 'plain'}"
+    logs.mkdir(parents=True, exist_ok=True)
+    cli_tls = tls_args(pki / "client.key", pki / "client.crt", pki / "ca.crt") if tls else []
+    if receiver == "dcmtk":
+        port = free_port()
+        srv_tls = (tls_args(pki / "server.key", pki / "server.crt", pki / "ca.crt")
+                   if tls else [])
+        svc = _storescp(port, logs / "server.log", ("--fork", *srv_tls))
+    else:
+        svc, port = _service(["discard", "--max-pdu", "16384" if receiver == "pyn_16k" else "0",
+                              *(["--pki", str(pki)] if tls else [])], logs / "server.log")
+    out: dict[str, float] = {}
+    try:
+        push(port, CEILING_AE, files["main"][:1], 1, cli_tls, logs)  # untimed: imports
+        for shape in shapes:
+            sh = SHAPES[shape]
+            sent = files[sh.files]
+            secs = push(port, CEILING_AE, sent, sh.assocs, cli_tls, logs)
+            out[store_key(shape, receiver)] = sum(f.stat().st_size for f in sent) / secs / MB
+    finally:
+        svc.stop()
+    return out
+
+
+def measure_shapes(work: Path, main_files: list[Path], filler_files: list[Path], rounds: int,
+                   pki: Path) -> dict[str, float]:
+    """Median MB/s of the ceilings of every ingest shape but the first (``SHAPED``) over
+    ``rounds`` rounds, the receivers alternated per round as in ``measure``. One receiver
+    process per transport and round runs its shapes one after the other (a pynetdicom
+    process takes about a second to start). ``pki``: ``bench.ingest.make_peer_pki``'s."""
+    files = {"main": main_files, "filler": filler_files}
+    samples: dict[str, list[float]] = {k: [] for k in SHAPED}
+    for r in range(rounds):
+        for receiver in (RECEIVERS if r % 2 == 0 else RECEIVERS[::-1]):
+            for tls in (False, True):
+                shapes = [s for s, sh in SHAPES.items()
+                          if s != "store" and sh.tls == tls and files[sh.files]]
+                got = _shapes_once(receiver, tls, shapes, files, work / "ceilings", pki)
+                for k, v in got.items():
+                    samples[k].append(v)
+    return {k: float(statistics.median(v)) for k, v in samples.items() if v}
 
 
 def dcmqrscp(files: list[Path], logs: Path, studies: int = 500) -> tuple[Service, int]:
@@ -202,10 +326,13 @@ def measure(work: Path, store_files: list[Path], get_files: list[Path], study: s
     return {k: float(statistics.median(v)) for k, v in samples.items()}
 
 
-def markdown(ceilings: dict[str, float]) -> str:
-    lines = ["| wire ceiling (same run, one association, same files and client) | MB/s |",
-             "|---|---:|"]
-    lines += [f"| {LABELS[k]} | {v:.1f} |" for k, v in ceilings.items()]
+def markdown(ceilings: dict[str, float], images: dict[str, float] | None = None) -> str:
+    """The ceiling table; ``images``: the store ceilings in images/s (``images_per_s``)."""
+    per = images or {}
+    lines = ["| wire ceiling (same run, same files, client and split as the rows it frames) "
+             "| shape | MB/s | images/s |", "|---|---|---:|---:|"]
+    lines += [f"| {LABELS[k]} | {shape_label(k)} | {v:.1f} | "
+              f"{f'{per[k]:.0f}' if k in per else ''} |" for k, v in ceilings.items()]
     return "\n".join(lines)
 
 
@@ -228,14 +355,25 @@ def _syntaxes() -> list[str]:
                                       if t != ExplicitVRLittleEndian)]
 
 
-def serve_discard(port: int, max_pdu: int) -> None:
+def serve_discard(port: int, max_pdu: int, pki: Path | None = None) -> None:
+    """``pki``: behind mutual TLS (TLS 1.2+, a client certificate from the CA required, as
+    dcmtk ``storescp +tls`` and pacsvault's ``--client-cert`` nodes require)."""
+    import ssl
+
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+    ctx = None
+    if pki is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(pki / "server.crt", pki / "server.key")
+        ctx.load_verify_locations(cafile=str(pki / "ca.crt"))
+        ctx.verify_mode = ssl.CERT_REQUIRED
     ae = AE(ae_title=CEILING_AE)
     ae.maximum_pdu_size = max_pdu
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(str(cx.abstract_syntax), _syntaxes())
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[
+    ae.start_server(("127.0.0.1", port), block=True, ssl_context=ctx, evt_handlers=[
         (evt.EVT_C_STORE, lambda _event: 0x0000), (evt.EVT_CONN_OPEN, _no_delay)])
 
 
@@ -351,6 +489,7 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("discard")
     d.add_argument("--max-pdu", type=int, default=16384)
+    d.add_argument("--pki", type=Path)
     d.add_argument("--port", type=int, required=True)
     g = sub.add_parser("get")
     g.add_argument("--files", type=Path, required=True)
@@ -368,7 +507,7 @@ def main(argv: list[str]) -> int:
     q.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "discard":
-        serve_discard(args.port, args.max_pdu)
+        serve_discard(args.port, args.max_pdu, args.pki)
     elif args.cmd == "get":
         serve_get(args.port, args.files)
     elif args.cmd == "web":

@@ -38,8 +38,12 @@ class Row:
     samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in COLUMNS})
     checks: dict[str, str] = field(default_factory=dict)  # server -> "ok ..." / "MISMATCH ..."
     informational: bool = False  # a fact about the servers, not a race (no "ahead")
-    # wire ceilings it is read against (``ceilings.KINDS``: "store" or "get"), or None
+    # wire ceilings it is read against (``ceilings.KINDS``: "store" or an ingest row's other
+    # shape such as "store_tls4", "get", "web"), or None
     ceiling: str | None = None
+    # the row's unit per MB/s of its ceilings (images per MB of its files, for an images/s
+    # row read against MB/s ceilings); None: the ceilings' own unit
+    per_mb: float | None = None
     # the row's own ceilings (``query_ceilings``: a query's answer sent by a bare stack),
     # key -> samples in the row's unit, read with the row's ``stat``
     wire: dict[str, list[float]] = field(default_factory=dict)
@@ -81,7 +85,8 @@ class Row:
             return {k: x for k, v in self.wire.items() if (x := self._stat(v))}
         if not self.ceiling:
             return {}
-        return {k: ceilings[k] for k in KINDS[self.ceiling] if ceilings.get(k)}
+        scale = self.per_mb or 1.0
+        return {k: ceilings[k] * scale for k in KINDS[self.ceiling] if ceilings.get(k)}
 
     def ceiling_shares(self, server: str, ceilings: dict[str, float]) -> dict[str, float]:
         """The server's figure as a fraction of each ceiling (of its speed, for a row
@@ -98,6 +103,7 @@ class Row:
             "workload": self.workload, "metric": self.metric, "stat": self.stat,
             "higher_is_better": self.higher_is_better, "ratio": self.ratio(),
             "pacsvault_ahead": self.ahead(), "limit": self.limit, "checks": self.checks,
+            "ceiling": self.ceiling,
         }
         for s in COLUMNS:
             v = self.samples[s]

@@ -58,6 +58,7 @@ from bench.compare.workloads import (
     qido_body,
     wado,
 )
+from bench.ingest import make_peer_pki
 from pacsvault.cli.common import CommandError
 from pacsvault.cli.workers import AUTO
 from pacsvault.cli.workers import count as worker_count
@@ -81,6 +82,10 @@ class Bench:
         self.small: bool = args.small
         self.size = dataset.SIZES["small" if args.small else args.size]
         self.rounds: int = args.rounds or (1 if self.small else 3)
+        # the other ingest shapes' ceilings: ~2.5 min a round at full size (12 ceilings, the
+        # pynetdicom ones at ~50 MB/s and the filler's 9,569 files), so 2 rounds (both
+        # receiver orders) unless told otherwise
+        self.shape_rounds: int = args.shape_ceiling_rounds or min(self.rounds, 2)
         self.reps: int = args.reps or (4 if self.small else 20)
         self.out: Path = args.out
         self.work = self.out / "work"
@@ -157,7 +162,9 @@ class Bench:
 
     def measure_ceilings(self) -> None:
         """Issue 17, part 3: the wire's ceilings, same run, same files and clients as the
-        ingest (all files, one association) and C-GET (the CT study) rows."""
+        ingest (all files, one association) and C-GET (the CT study) rows; then those of
+        every other ingest row's shape (4 associations, TLS, the filler), each row read
+        against its own shape's."""
         c = self.corpus
         ct = c.of_kind("CT")
         study, series = ct[0].study, ct[0].series
@@ -169,6 +176,25 @@ class Bench:
         log("wire ceilings (MB/s): " + ", ".join(f"{k}={v:.1f}"
                                                  for k, v in self.ceilings.items())
             + f" in {time.perf_counter() - t0:.1f} s")
+        # every other ingest row's shape: 4 associations, TLS 1 and 4, the filler; TLS with
+        # the PKI the Orthanc TLS rows use (made here if this comes first)
+        if not (self.pki / "ca.crt").exists():
+            make_peer_pki(self.pki)
+        t0 = time.perf_counter()
+        shaped = ceilings.measure_shapes(self.work, c.files(c.main), c.files(c.filler),
+                                         self.shape_rounds, self.pki)
+        self.ceilings.update(shaped)
+        log("wire ceilings of the other ingest shapes (MB/s): "
+            + ", ".join(f"{k}={v:.1f}" for k, v in shaped.items())
+            + f" in {time.perf_counter() - t0:.1f} s")
+
+    @property
+    def ceiling_images(self) -> dict[str, float]:
+        """The store ceilings in images/s (the ceiling table's last column)."""
+        c = self.corpus
+        return ceilings.images_per_s(self.ceilings, {
+            "main": (len(c.main), c.main_bytes),
+            "filler": (len(c.filler), sum(i.bytes for i in c.filler))})
 
     def ingest_cells(self) -> None:
         c = self.corpus
@@ -194,7 +220,7 @@ class Bench:
                             n / res.seconds)
                         self.row(f"ingest {cell}", "MB/s", True,
                                  limit="disk_write_fsync_MBps",
-                                 ceiling="store").samples[s].append(
+                                 ceiling=ceilings.kind(tls, nassoc)).samples[s].append(
                             nbytes / res.seconds / MB)
                         self.row(f"peak RSS, ingest {cell}", "MB", False).samples[s].append(
                             res.rss_peak / MB)
@@ -237,7 +263,7 @@ class Bench:
             t.stop()
         rows = (self.row(f"ingest {cell}", "images/s", True),
                 self.row(f"ingest {cell}", "MB/s", True, limit="disk_write_fsync_MBps",
-                         ceiling="store"),
+                         ceiling=ceilings.kind(False, 4)),
                 self.row(f"peak RSS, ingest {cell}", "MB", False))
         for row, value in zip(rows, (len(files) / res.seconds, nbytes / res.seconds / MB,
                                      res.rss_peak / MB), strict=True):
@@ -282,8 +308,11 @@ class Bench:
             loaded_label = f"{len(c.studies(c.main))} studies"
             self.queries(targets, clients, c.main, loaded_label, "query-loaded")
             self.retrieval(targets, clients)
-            fill_row = self.row("ingest index filler (64x64 MR), 4 assoc.", "images/s", True)
+            fill_row = self.row("ingest index filler (64x64 MR), 4 assoc.", "images/s", True,
+                                ceiling="store_fill4")
             if c.filler:
+                # its ceilings are MB/s of the same files: images per MB
+                fill_row.per_mb = len(c.filler) / (sum(i.bytes for i in c.filler) / MB)
                 for s in order(1):
                     with profile.record(targets[s].pid, self.prof_path("ingest-filler"),
                                         self.profiling(s, True)):
@@ -494,19 +523,25 @@ class Bench:
         md = "\n".join([
             f"# pacsvault vs Orthanc ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
             f"size {self.size.name})", "",
-            f"Dataset: {ds}. Rounds: {self.rounds}; query repetitions: {self.reps}. "
+            f"Dataset: {ds}. Rounds: {self.rounds} (wire ceilings of the other ingest "
+            f"shapes: {self.shape_rounds}); query repetitions: {self.reps}. "
             f"Embedded pacsvault rows: `{self.serve_description}`.", "",
             table, "", scaleout.targets_markdown(rows, self.args.scale_out), "",
             report.limits_markdown(self.limits), "",
-            *([ceilings.markdown(self.ceilings), ""] if self.ceilings else []),
+            *([ceilings.markdown(self.ceilings, self.ceiling_images), ""]
+              if self.ceilings else []),
             "Machine: " + "; ".join(f"{k}: {v}" for k, v in mach.items()), ""])
         (self.out / "results.md").write_text(md)
         (self.out / "results.json").write_text(json.dumps({
             "size": self.size.name, "rounds": self.rounds, "reps": self.reps,
+            "shape_ceiling_rounds": self.shape_rounds,
             "pv_workers": {"option": self.pv_workers, "processes": self.pv_processes},
             "dataset": {"instances": len(c.main), "bytes": c.main_bytes,
                         "filler": len(c.filler), "description": ds},
-            "limits": self.limits, "ceilings": self.ceilings, "machine": mach,
+            "limits": self.limits, "ceilings": self.ceilings,
+            "ceilings_images_per_s": self.ceiling_images,
+            "ceiling_shapes": {k: ceilings.shape_label(k) for k in self.ceilings},
+            "machine": mach,
             "rows": [r.to_json(self.limits, self.ceilings) for r in rows]}, indent=1))
         return table
 
@@ -529,6 +564,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, help="output dir (default bench/out/<timestamp>)")
     ap.add_argument("--rounds", type=int, help="ingest/retrieval rounds (default 3, small 1)")
     ap.add_argument("--reps", type=int, help="timed repetitions per query (default 20, small 4)")
+    ap.add_argument("--shape-ceiling-rounds", type=int, metavar="N",
+                    help="rounds of the wire ceilings of the 4-association, TLS and filler "
+                         "ingest shapes (default: --rounds, at most 2)")
     ap.add_argument("--dataset", type=Path, help="dataset dir to reuse (generated if missing)")
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the dataset and the retrieved copies under OUT/data")
