@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from tests import corpus
-from tests.helpers import VaultDir, events, make_vault, pv, start_server, storescu
+from tests.helpers import VaultDir, events, pv, start_server, storescu
+from tests.vault_template import copy_of, template
 
 MODALITY = "MODALITY"
 RESTIC = shutil.which("restic") or "/usr/bin/restic"
@@ -63,14 +64,21 @@ def send_corpus(port: int, files: list[corpus.CorpusFile]) -> None:
 
 
 @pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> VaultDir:
+    """One real ``init`` for the module; each test backs up its own copy of it
+    (tests/vault_template.py): its own vault, repository and restores, as before."""
+    return template(tmp_path_factory.mktemp("template") / "v")
+
+
+@pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> list[corpus.CorpusFile]:
     return corpus.build(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.mark.slow
 def test_restore_onto_new_machine_with_recovery_code_only(
-        tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
-    vault = make_vault(tmp_path / "v")
+        tmp_path: Path, fresh: VaultDir, files: list[corpus.CorpusFile]) -> None:
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     vault.add_node("VIEWER", "--port", "11113", "--roles", "store,query,retrieve")
     repo = tmp_path / "usb" / "pacsvault-backup"
@@ -126,8 +134,8 @@ def test_restore_onto_new_machine_with_recovery_code_only(
         server.stop()
 
 
-def test_wrong_recovery_code_writes_nothing(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path / "v")
+def test_wrong_recovery_code_writes_nothing(tmp_path: Path, fresh: VaultDir) -> None:
+    vault = copy_of(fresh, tmp_path / "v")
     repo = tmp_path / "repo"
     add_target(vault, repo)
     vault.cli("backup", "init")
@@ -150,9 +158,9 @@ def test_wrong_recovery_code_writes_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_corrupted_repository_is_detected_by_verify(tmp_path: Path,
+def test_corrupted_repository_is_detected_by_verify(tmp_path: Path, fresh: VaultDir,
                                                      files: list[corpus.CorpusFile]) -> None:
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     repo = tmp_path / "repo"
     add_target(vault, repo)
@@ -190,9 +198,9 @@ exec {restic} "$@"
 
 
 @pytest.mark.slow
-def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path,
+def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path, fresh: VaultDir,
                                                   files: list[corpus.CorpusFile]) -> None:
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     repo = tmp_path / "repo"
     seen = tmp_path / "seen"
@@ -227,11 +235,11 @@ def test_phi_scan_of_repository_cache_and_staging(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
+def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path, fresh: VaultDir,
                                                     files: list[corpus.CorpusFile]) -> None:
     from pacsvault.backup import runner
 
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     repo = tmp_path / "repo"
     add_target(vault, repo)
@@ -294,11 +302,11 @@ def test_destroyed_key_unreadable_in_older_snapshot(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
+def test_backup_while_storescu_sends_200(tmp_path: Path, fresh: VaultDir) -> None:
     from pacsvault.backup import runner
     from pacsvault.vault import Vault
 
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     repo = tmp_path / "repo"
     add_target(vault, repo)
@@ -352,13 +360,13 @@ def test_backup_while_storescu_sends_200(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
-        tmp_path: Path) -> None:
+        tmp_path: Path, fresh: VaultDir) -> None:
     from pacsvault.backup import state
     from pacsvault.backup.restic import Repository, WrongPassword
     from pacsvault.crypto import keys
     from pacsvault.vault import Layout, update_meta
 
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     repo, away = tmp_path / "repo", tmp_path / "unplugged" / "repo"
     add_target(vault, repo)
     add_target(vault, away, name="offsite")
@@ -422,10 +430,11 @@ def test_older_vault_init_needs_the_recovery_code_and_rotation_adds_the_new_one(
 
 
 @pytest.mark.slow
-def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> None:
+def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path,
+                                                           fresh: VaultDir) -> None:
     from pacsvault.backup import runner
 
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     add_target(vault, tmp_path / "repo")
     vault.set_toml("backup", "keep_daily", "1")
     vault.set_toml("backup", "keep_weekly", "0")
@@ -450,13 +459,13 @@ def test_prune_keeps_the_latest_and_runs_exclude_each_other(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_key_rotation_old_snapshots_with_old_code_new_ones_with_new_code(
-        tmp_path: Path, files: list[corpus.CorpusFile]) -> None:
+        tmp_path: Path, fresh: VaultDir, files: list[corpus.CorpusFile]) -> None:
     from pacsvault.backup import runner
     from pacsvault.backup.restic import Repository, WrongPassword
     from pacsvault.crypto import keys
     from pacsvault.vault import Vault
 
-    vault = make_vault(tmp_path / "v")
+    vault = copy_of(fresh, tmp_path / "v")
     vault.add_node(MODALITY)
     repo = tmp_path / "repo"
     add_target(vault, repo)

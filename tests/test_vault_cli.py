@@ -45,9 +45,10 @@ from tests.helpers import (
     VaultDir,
     events,
     first_run_secrets,
-    make_vault,
     start_server,
 )
+from tests.vault_template import copy_of
+from tests.vault_template import template as vault_template_of
 
 CODE_RE = re.compile(r"^[A-Z2-7]{4}(-[A-Z2-7]{4}){7}$")
 ADMIN_RE = re.compile(r"^[a-z2-9]{5}(-[a-z2-9]{5}){3}$")  # passwords.generate_password
@@ -199,9 +200,27 @@ def serve_once(vault_data: Path, key: Path | None, env: dict[str, str] | None = 
     return run("serve", "--data", vault_data, *key_args, *SERVE_PORTS, env=env, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def vault_template(tmp_path_factory: pytest.TempPathFactory) -> VaultDir:
+    return vault_template_of(tmp_path_factory.mktemp("template") / "vault")
+
+
+@pytest.fixture(scope="module")
+def other_template(tmp_path_factory: pytest.TempPathFactory) -> VaultDir:
+    return vault_template_of(tmp_path_factory.mktemp("template") / "other",
+                             ae_title="OTHERVAULT")
+
+
 @pytest.fixture
-def other_vault(tmp_path: Path) -> VaultDir:
-    return make_vault(tmp_path / "other", ae_title="OTHERVAULT")
+def vault(vault_template: VaultDir, tmp_path: Path) -> VaultDir:
+    """A just-initialized vault of this test's own (a copy of one real ``init``'s: most
+    tests here change its key file or its settings; tests/vault_template.py)."""
+    return copy_of(vault_template, tmp_path / "vault")
+
+
+@pytest.fixture
+def other_vault(other_template: VaultDir, tmp_path: Path) -> VaultDir:
+    return copy_of(other_template, tmp_path / "other")
 
 
 def inproc(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
@@ -226,9 +245,10 @@ def inproc_refused(capsys: pytest.CaptureFixture[str], *args: str | Path,
 
 
 @pytest.fixture(scope="module")
-def shared_vault(tmp_path_factory: pytest.TempPathFactory) -> VaultDir:
+def shared_vault(tmp_path_factory: pytest.TempPathFactory,
+                 vault_template: VaultDir) -> VaultDir:
     """One vault with node MODALITY, for matrices of refusals that must change nothing."""
-    vault = make_vault(tmp_path_factory.mktemp("shared") / "vault")
+    vault = copy_of(vault_template, tmp_path_factory.mktemp("shared") / "vault")
     vault.add_node("MODALITY")
     return vault
 
