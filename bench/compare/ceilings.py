@@ -137,8 +137,9 @@ def images_per_s(ceilings: dict[str, float],
     """Each store ceiling in images/s: ``sets`` maps "main"/"filler" to (files, bytes)."""
     out = {}
     for k, v in ceilings.items():
-        if (shape := SHAPE_OF.get(k)) and (n_bytes := sets.get(SHAPES[shape].files)):
-            out[k] = v * n_bytes[0] / (n_bytes[1] / MB)
+        if (shape := SHAPE_OF.get(k)) and (fed := sets.get(SHAPES[shape].files)):
+            count, size = fed
+            out[k] = v * count / (size / MB)
     return out
 
 
