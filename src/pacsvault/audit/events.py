@@ -78,6 +78,8 @@ class Sink(Protocol):
 class LogSink:
     """Human-readable line per event, for the operator's console or journal."""
 
+    nonblocking = True  # one log line (``Recorder.try_emit``)
+
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("pacsvault.events")
 
@@ -198,6 +200,44 @@ class Recorder:
         self._unavailable(event, failure)
         if is_required:
             raise AuditUnavailable(str(failure)) from failure
+
+    def try_emit(self, event: AuditEvent) -> bool:
+        """``emit`` for a caller that must not wait (an event loop), or False with the
+        event given to no sink. Only when the one durable sink can try without waiting
+        (``try_write``: the trail's ``try_append``) and every other sink says it never
+        waits (``nonblocking``: a log line, the alert queue), and only for a required
+        event (an access: ``emit``'s semantics, ``AuditUnavailable``, are kept). The
+        durable sink is tried first, so that nothing is written twice when the caller
+        falls back to ``emit`` in a worker thread."""
+        if event.code not in ACCESS_CODES or event.action in DEFERRABLE:
+            return False
+        sinks = self._all
+        durable = [s for s in sinks if getattr(s, "durable", False)]
+        others = [s for s in sinks if not getattr(s, "durable", False)]
+        if (len(durable) != 1 or getattr(durable[0], "try_write", None) is None
+                or not all(getattr(s, "nonblocking", False) for s in others)):
+            return False
+        failure: BaseException | None = None
+        try:
+            if not durable[0].try_write(event):  # type: ignore[attr-defined]
+                return False
+        except Exception as exc:
+            self._log.error("event sink %s failed: %s", type(durable[0]).__name__,
+                            type(exc).__name__)
+            failure = exc
+        for sink in others:
+            try:
+                sink.write(event)
+            except Exception as exc:  # a sink must not take the server down
+                self._log.error("event sink %s failed: %s", type(sink).__name__,
+                                type(exc).__name__)
+        if failure is None:
+            if self._down_since is not None:
+                self._down_since = None
+                self._log.warning("the audit trail is writable again")
+            return True
+        self._unavailable(event, failure)
+        raise AuditUnavailable(str(failure)) from failure
 
     def publish(self, event: AuditEvent) -> None:
         """Send an event already made durable elsewhere to the other sinks only."""

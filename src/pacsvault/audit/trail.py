@@ -33,7 +33,9 @@ and one anchor move; each caller still returns only once its own record is durab
 event that is no access (an association accepted) may be *deferred* (``defer``): it
 goes out with the next record written, in the same fsync (a C-FIND association: the
 acceptance and the query record, one commit), and at the latest ``DEFER_SECONDS`` later
-on its own (``flush``; ``close`` flushes too).
+on its own (``flush``; ``close`` flushes too). A caller that must not wait (an event
+loop) uses ``try_append``: the same durable, anchored record, or nothing written at all
+when the trail or the index's write lock is taken.
 
 This module is the appender (locks, the head anchor, key hand-over) and the facade: the
 record format is ``trail_format``, the file's end read back, checked against the anchor
@@ -141,6 +143,10 @@ class AuditTrail(QueuedAppends):
         # running server's watcher (``watch``), which then needs no signature check of
         # them (``trail_verify._ours``); None: not kept (no watcher: CLI commands).
         self.vouched: set[bytes] | None = None
+        # The index connection ``try_append`` holds a write transaction on (taken before
+        # the lines are written), for ``_anchor_quick`` to move the anchor in; set only
+        # while ``_lock`` is held.
+        self._writer: Any = None
         self._init_queue()
 
     # --- writing ----------------------------------------------------------------------
@@ -425,6 +431,82 @@ class AuditTrail(QueuedAppends):
         if not count:
             instances.insert_anchor(conn, self.instance, seq, digest, retry=self.copies)
 
+    def try_append(self, event: AuditEvent) -> int | None:
+        """``append`` for a caller that must not wait (the web service's event loop: a
+        thread hand-off cost a QIDO-RS request ~0.5 ms, issue 17): the record durable and
+        anchored exactly as ``append`` makes it, or None with nothing written when what
+        it needs is taken: the trail (this process's lock or a queued append, another
+        process's file lock), the index's write lock (``BEGIN IMMEDIATE`` without a busy
+        wait, taken before the lines are written), or when the file is not as this
+        process left it (its check reads the index). Embedded index only (a shared index
+        copies each line: None). The caller then ``append``s, in a worker thread."""
+        if not self._embedded or self._engine is None:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        problems: list[str] = []
+        try:
+            left = self._left
+            if left is None or self._queued:
+                return None
+            lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    try:
+                        if trail_tip.file_identity(fd) != left[0]:
+                            return None
+                        return self._append_writing(fd, event, problems)
+                    finally:
+                        os.close(fd)
+                finally:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(lock_fd)
+        finally:
+            self._lock.release()
+            self._notify(problems)
+
+    def _append_writing(self, fd: int, event: AuditEvent, problems: list[str]) -> int | None:
+        """``try_append`` holding the trail: the index's write lock first (no busy wait:
+        None if another connection holds it), then the usual quick append, whose anchor
+        move commits in that transaction (``_anchor_quick``; synchronous=NORMAL as there).
+        The connection goes back to the pool with its busy timeout and FULL, or is
+        discarded."""
+        assert self._engine is not None
+        raw = self._engine.raw_connection()
+        try:
+            driver: Any = raw.driver_connection
+            timeout = driver.execute("PRAGMA busy_timeout").fetchone()[0]
+            driver.execute("PRAGMA busy_timeout=0")
+            try:
+                with _unsynced_commit(driver, raw.invalidate):
+                    try:
+                        driver.execute("BEGIN IMMEDIATE")
+                    except Exception:  # "database is locked": someone else writes
+                        return None
+                    self._writer = driver
+                    try:
+                        seqs = self._append_locked(fd, [(event, self._refs(event, None))],
+                                                   None, problems)
+                    finally:
+                        self._writer = None
+                        if driver.in_transaction:  # the anchor move failed: logged there
+                            driver.rollback()
+                    return seqs[-1]
+            finally:
+                try:
+                    driver.execute(f"PRAGMA busy_timeout={int(timeout)}")
+                except Exception:
+                    raw.invalidate()
+                    raise
+        finally:
+            raw.close()
+
     def _anchor_quick(self, seq: int, digest: str) -> None:
         """``_set_anchor`` in a short transaction of its own on the embedded index, on the
         pool's driver connection without SQLAlchemy's connection and transaction objects
@@ -432,6 +514,13 @@ class AuditTrail(QueuedAppends):
         (no fsync of its own; the lines were fsync'ed first), the connection given back
         with FULL or discarded. No anchor row yet (a new trail): ``_set_anchor``'s insert."""
         assert self._engine is not None
+        writer = self._writer
+        if writer is not None:  # ``try_append``'s transaction, its write lock held
+            if writer.execute(_SET_ANCHOR, (seq, digest, self.instance)).rowcount:
+                writer.commit()
+                return
+            writer.rollback()  # no anchor row: never after an append of this process
+            raise TrailError("the audit anchor row is missing")
         raw = self._engine.raw_connection()
         try:
             driver: Any = raw.driver_connection
@@ -580,6 +669,10 @@ class TrailSink:
 
     def write(self, event: AuditEvent) -> None:
         self._trail.append(event)
+
+    def try_write(self, event: AuditEvent) -> bool:
+        """``write`` without waiting, or False with nothing written (``try_append``)."""
+        return self._trail.try_append(event) is not None
 
     def defer(self, event: AuditEvent) -> None:
         """An event that is no access: written with the next record (``AuditTrail.defer``)."""

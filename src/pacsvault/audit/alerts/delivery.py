@@ -105,6 +105,8 @@ class AlertSink:
     the grouping window, so this one stays silent (its repeats still make follow-ups).
     """
 
+    nonblocking = True  # ``write`` only queues (``Recorder.try_emit``)
+
     def __init__(
         self,
         settings: AlertSettings,
