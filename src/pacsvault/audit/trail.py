@@ -82,6 +82,7 @@ from pacsvault.audit.trail_queue import DEFER_SECONDS, QueuedAppends
 from pacsvault.audit.trail_refs import grouped_refs, seal, unseal
 from pacsvault.audit.trail_retention import seal_before
 from pacsvault.audit.trail_verify import Checkpoint
+from pacsvault.index.db import BUSY_TIMEOUT_MS
 from pacsvault.index.models import AuditHead
 
 __all__ = [
@@ -481,7 +482,6 @@ class AuditTrail(QueuedAppends):
         raw = self._engine.raw_connection()
         try:
             driver: Any = raw.driver_connection
-            timeout = driver.execute("PRAGMA busy_timeout").fetchone()[0]
             driver.execute("PRAGMA busy_timeout=0")
             try:
                 with _unsynced_commit(driver, raw.invalidate):
@@ -500,7 +500,7 @@ class AuditTrail(QueuedAppends):
                     return seqs[-1]
             finally:
                 try:
-                    driver.execute(f"PRAGMA busy_timeout={int(timeout)}")
+                    driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
                 except Exception:
                     raw.invalidate()
                     raise

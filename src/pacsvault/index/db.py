@@ -29,6 +29,10 @@ class IndexOpenError(Exception):
     """The index cannot be opened with this key (message is user-facing)."""
 
 
+# How long a statement waits for another connection's write lock (``_on_connect``).
+BUSY_TIMEOUT_MS = 30000
+
+
 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL + synchronous=FULL: a commit is on disk when it returns, readers never block the
@@ -36,7 +40,7 @@ def _on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     # Keep SQLite's own temporary files in memory: they would be unencrypted on disk.
     cur.execute("PRAGMA temp_store=MEMORY")
     # DICOM matching is case-sensitive (person names use a case-folded column instead);
