@@ -441,8 +441,9 @@ class AuditTrail(QueuedAppends):
         wait, taken before the lines are written), or when the file is not as this
         process left it (its check reads the index). Embedded index only (a shared index
         copies each line: None). The caller then ``append``s, in a worker thread."""
-        if not self._embedded or self._engine is None:
+        if not self._embedded or self._engine is None or self._left is None:
             return None
+        refs = self._refs(event, None)  # (as ``append``: before anything is held)
         if not self._lock.acquire(blocking=False):
             return None
         problems: list[str] = []
@@ -461,7 +462,7 @@ class AuditTrail(QueuedAppends):
                     try:
                         if trail_tip.file_identity(fd) != left[0]:
                             return None
-                        return self._append_writing(fd, event, problems)
+                        return self._append_writing(fd, event, refs, problems)
                     finally:
                         os.close(fd)
                 finally:
@@ -472,7 +473,8 @@ class AuditTrail(QueuedAppends):
             self._lock.release()
             self._notify(problems)
 
-    def _append_writing(self, fd: int, event: AuditEvent, problems: list[str]) -> int | None:
+    def _append_writing(self, fd: int, event: AuditEvent, refs: dict[str, Any],
+                        problems: list[str]) -> int | None:
         """``try_append`` holding the trail: the index's write lock first (no busy wait:
         None if another connection holds it), then the usual quick append, whose anchor
         move commits in that transaction (``_anchor_quick``; synchronous=NORMAL as there).
@@ -491,8 +493,7 @@ class AuditTrail(QueuedAppends):
                         return None
                     self._writer = driver
                     try:
-                        seqs = self._append_locked(fd, [(event, self._refs(event, None))],
-                                                   None, problems)
+                        seqs = self._append_locked(fd, [(event, refs)], None, problems)
                     finally:
                         self._writer = None
                         if driver.in_transaction:  # the anchor move failed: logged there
