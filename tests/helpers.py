@@ -25,6 +25,8 @@ from tests.harness.peers import dcmtk_env as dcmtk_env
 from tests.harness.peers import free_port as free_port
 
 if TYPE_CHECKING:
+    import pytest
+
     from pacsvault.vault import Vault
 
 AE = "PACSVAULT"
@@ -283,3 +285,19 @@ def echoscu(port: int, *, calling: str, called: str = AE, tls: tuple[str, ...] =
         [dcmtk("echoscu"), "-aet", calling, "-aec", called, *tls, "127.0.0.1", str(port)],
         capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
     )
+
+
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None) -> list[int]:
+    """Every ``os.fsync`` from now on, by descriptor (the list is filled as they happen);
+    with ``fail``, each one raises it instead of syncing."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        if fail is not None:
+            raise fail
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    return calls

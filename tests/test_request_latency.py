@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import os
 import ssl
 import threading
 import time
@@ -43,7 +42,7 @@ from pacsvault.index.models import AuditLine
 from pacsvault.vault import Vault, create
 from tests import corpus
 from tests.harness.postgres import PostgresDatabase
-from tests.helpers import VaultDir, make_vault, start_server, wait_until
+from tests.helpers import VaultDir, count_fsyncs, make_vault, start_server, wait_until
 
 LOCAL = "127.0.0.1"
 MODALITY = "MODALITY"
@@ -88,21 +87,6 @@ def _accepted() -> AuditEvent:
                       actor_address=LOCAL, detail={"tls": False})
 
 
-def _count_fsyncs(monkeypatch: pytest.MonkeyPatch,
-                  fail: OSError | None = None) -> list[int]:
-    calls: list[int] = []
-    real = os.fsync
-
-    def counted(fd: int) -> None:
-        calls.append(fd)
-        if fail is not None:
-            raise fail
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counted)
-    return calls
-
-
 def _queued_while_held(trail: AuditTrail, events: list[AuditEvent],
                        append: Callable[[AuditEvent], int]) -> list[int | BaseException]:
     """Start one appender per event while the trail is held, so that they all queue; then
@@ -128,7 +112,7 @@ def _queued_while_held(trail: AuditTrail, events: list[AuditEvent],
 def test_appends_waiting_together_share_one_fsync(env: Env,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     trail = env.opened.audit
-    fsyncs = _count_fsyncs(monkeypatch)
+    fsyncs = count_fsyncs(monkeypatch)
     results = _queued_while_held(trail, [_query(i) for i in range(8)], trail.append)
     seqs = [s for s in results if isinstance(s, int)]
     assert len(seqs) == 8, results
@@ -145,7 +129,7 @@ def test_appends_waiting_together_share_one_fsync(env: Env,
 def test_a_failed_group_write_refuses_every_waiting_append(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     trail = env.opened.audit
-    _count_fsyncs(monkeypatch, fail=OSError(errno.EIO, "I/O error"))
+    count_fsyncs(monkeypatch, fail=OSError(errno.EIO, "I/O error"))
     results = _queued_while_held(trail, [_query(100 + i) for i in range(4)], trail.append)
     assert all(isinstance(r, TrailUnwritable) for r in results), results
     monkeypatch.undo()
@@ -158,7 +142,7 @@ def test_an_acceptance_is_written_at_once_and_durable_with_the_next_record(
     trail, recorder = env.opened.audit, env.opened.recorder
     trail.flush()
     anchored = trail.anchor()
-    fsyncs = _count_fsyncs(monkeypatch)
+    fsyncs = count_fsyncs(monkeypatch)
     recorder.emit(_accepted())
     last = list(trail.records())[-1]
     assert last.action == "dicom.association.accepted"  # readers see it at once

@@ -5,7 +5,6 @@ ahead), and the pooled connection goes back with ``synchronous=FULL`` for everyo
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy import Engine, event
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.vault import Vault
+from tests.helpers import count_fsyncs
 
 
 def _query(n: int) -> AuditEvent:
@@ -36,14 +36,7 @@ def test_anchor_relaxed_record_synced_pool_restored(opened: Vault,
         dbapi_conn.set_trace_callback(seen)
         traced.append(dbapi_conn)
 
-    fsyncs: list[int] = []
-    real = os.fsync
-
-    def counted(fd: int) -> None:
-        fsyncs.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counted)
+    fsyncs = count_fsyncs(monkeypatch)
     event.listen(engine.pool, "checkout", checkout)
     try:
         seqs = [trail.append(_query(i)) for i in range(3)]

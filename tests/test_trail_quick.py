@@ -5,7 +5,6 @@ records, the chain, the fsyncs and the anchor are the ones of the full path."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from sqlalchemy import Engine, event, text
 from pacsvault.audit import AuditEvent, EventCode, Outcome
 from pacsvault.audit.trail import AuditTrail
 from pacsvault.vault import Vault
+from tests.helpers import count_fsyncs
 
 _SAME = ("v", "kind", "action", "outcome", "code", "ae", "address", "user", "message",
          "detail")
@@ -47,17 +47,11 @@ def _written(vault: Vault, full: bool, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(trail, "_embedded", False)
     trail.append(_query(0))  # the tail is this process's from here on
     checkouts: list[int] = []
-    fsyncs: list[int] = []
-    real = os.fsync
-
-    def counted(fd: int) -> None:
-        fsyncs.append(fd)
-        real(fd)
 
     def checkout(*_args: Any) -> None:
         checkouts.append(1)
 
-    monkeypatch.setattr(os, "fsync", counted)
+    fsyncs = count_fsyncs(monkeypatch)
     event.listen(engine.pool, "checkout", checkout)
     per_checkouts, per_fsyncs = [], []
     try:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.audit.trail import AuditTrail, TrailUnwritable
 from pacsvault.vault import Vault
+from tests.helpers import count_fsyncs
 
 
 def _query(n: int) -> AuditEvent:
@@ -65,14 +66,7 @@ def trail(opened: Vault) -> Iterator[AuditTrail]:
 
 def test_try_append_is_an_append_that_did_not_wait(
         opened: Vault, trail: AuditTrail, monkeypatch: pytest.MonkeyPatch) -> None:
-    fsyncs: list[int] = []
-    real = os.fsync
-
-    def counted(fd: int) -> None:
-        fsyncs.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counted)
+    fsyncs = count_fsyncs(monkeypatch)
     seq = trail.try_append(_query(1))
     assert seq is not None
     assert len(fsyncs) == 1  # the lines' fsync (the anchor commits as the quick path's)
