@@ -21,6 +21,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 from pacsvault.dicom import sendpath
+from pacsvault.dicom.patches import reactor_paused_by_sender
 from pacsvault.dicom.storewire import FastStore, StoreCommand, encode_store_rsp
 
 log = logging.getLogger("pacsvault.dicom")
@@ -73,6 +74,8 @@ class FastAssociation(Association):
             self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
+            if reactor_paused_by_sender(self):  # a sender paused it meanwhile: go round
+                continue
 
             context_id, msg = self.dimse.get_msg(block=False)
             if isinstance(msg, FastStore):

@@ -11,7 +11,8 @@ upgrade fails loudly, naming what to re-read (then update the hash).
 Applied here, at the moment each was applied before this module existed:
 
 - ``configure_pynetdicom``: pynetdicom's configuration globals (at import of
-  ``dicom/server``, as the module-level assignments did);
+  ``dicom/server``, as the module-level assignments did), and ``safe_reactor_pause``:
+  ``Association._run_reactor`` replaced by a copy whose pause a sending thread can rely on;
 - ``wrap_service_encode``: the ``encode`` pynetdicom's service classes call, so C-FIND
   answers are encoded from DICOM JSON (``answers.install``, when Q/R is created);
 - ``wrap_store_encode``: the ``encode`` ``Association.send_c_store`` calls, so a
@@ -67,7 +68,7 @@ WRITTEN_FOR = {"pynetdicom": "3.0.", "pydicom": "3.0."}
 # getter. When the test reports a difference: read the upstream change, port it to the
 # pacsvault code named in the comment, then record the new hash.
 UPSTREAM: dict[str, str] = {
-    # assocreactor.FastAssociation._run_reactor: a copy; .run wraps it
+    # assocreactor.FastAssociation._run_reactor and patches._run_reactor: copies; .run wraps it
     "pynetdicom.association.Association._run_reactor":
         "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
     "pynetdicom.association.Association.run":
@@ -220,12 +221,101 @@ def check_versions() -> None:
 
 
 def configure_pynetdicom() -> None:
-    """pynetdicom's configuration globals (idempotent)."""
+    """pynetdicom's configuration globals, and its association loop's pause made safe
+    (``safe_reactor_pause``) (idempotent)."""
     check_versions()
     for name, value in PYNETDICOM_CONFIG.items():
         if not hasattr(_config, name):
             raise UnsupportedLibraryVersion(f"pynetdicom._config.{name} no longer exists")
         setattr(_config, name, value)
+    safe_reactor_pause()
+
+
+def reactor_paused_by_sender(assoc: Any) -> bool:
+    """Called by an association loop right after it passed ``_reactor_checkpoint`` and
+    cleared ``_is_paused``: True when a sender cleared the checkpoint meanwhile, so the loop
+    must not take a message off the DIMSE queue now (it goes round and pauses).
+
+    Why: a thread that sends on an association and waits for the answer
+    (``Association.send_c_store``, a C-MOVE's sub-operations) clears the checkpoint and
+    waits until ``_is_paused`` is True. The loop sets that flag *before* waiting on the
+    checkpoint, so a sender may see it still True from a loop that has just passed the
+    checkpoint, send, and have its own C-STORE-RSP taken by that loop ("Received
+    unexpected C-STORE service message", then the DIMSE timeout: a failed sub-operation;
+    seen under load in CI)."""
+    return not assoc._reactor_checkpoint.is_set()
+
+
+def safe_reactor_pause() -> None:
+    """``Association._run_reactor`` (requestor associations: a C-MOVE's sub-association,
+    sends, echoes) replaced by a copy that checks ``reactor_paused_by_sender`` after the
+    checkpoint; acceptors run ``assocreactor.FastAssociation._run_reactor``, which does the
+    same. Idempotent."""
+    check_versions()
+    from pynetdicom.association import Association
+
+    if getattr(Association._run_reactor, "pv_safe_pause", False):
+        return
+    _run_reactor.pv_safe_pause = True  # type: ignore[attr-defined]
+    _run_reactor.__wrapped__ = Association._run_reactor  # type: ignore[attr-defined]
+    setattr(Association, "_run_reactor", _run_reactor)  # noqa: B010
+
+
+def _run_reactor(self: Any) -> None:  # pynetdicom 3.0.4 Association._run_reactor
+    import time
+
+    from pynetdicom import evt
+    from pynetdicom.association import LOGGER
+
+    self._is_paused = False
+    while not self._kill:
+        time.sleep(0.001)
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        if reactor_paused_by_sender(self):  # (the one change: see that function)
+            continue
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, int(context_id))
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            LOGGER.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            LOGGER.info(log_msg)
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            LOGGER.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
 
 
 def pydicom_settings_applied() -> bool:
