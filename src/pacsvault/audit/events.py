@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class EventCode(enum.Enum):
@@ -128,6 +128,17 @@ def _not_durable(sinks: tuple[Sink, ...]) -> tuple[Sink, ...]:
     return tuple(s for s in sinks if not getattr(s, "durable", False))
 
 
+def _tryable(sinks: tuple[Sink, ...]) -> tuple[Any, tuple[Sink, ...]] | None:
+    """(the durable sink, the others) when ``try_emit`` can use them: one durable sink
+    that tries without waiting (``try_write``), every other one ``nonblocking``."""
+    durable = [s for s in sinks if getattr(s, "durable", False)]
+    others = _not_durable(sinks)
+    if (len(durable) != 1 or getattr(durable[0], "try_write", None) is None
+            or not all(getattr(s, "nonblocking", False) for s in others)):
+        return None
+    return durable[0], others
+
+
 class AuditUnavailable(Exception):
     """The record of an access could not be made durable: the access must be refused."""
 
@@ -148,6 +159,7 @@ class Recorder:
         # stored batch, under the index's write lock).
         self._all: tuple[Sink, ...] = tuple(sinks or ())
         self._published: tuple[Sink, ...] = _not_durable(self._all)
+        self._tryable = _tryable(self._all)
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_critical = 0.0
@@ -157,6 +169,7 @@ class Recorder:
         with self._lock:
             self._all = (*self._all, sink)
             self._published = _not_durable(self._all)
+            self._tryable = _tryable(self._all)
 
     @property
     def available(self) -> bool:
@@ -192,13 +205,19 @@ class Recorder:
                     failure = exc
             else:
                 durable = durable or bool(getattr(sink, "durable", False))
+        self._settle(event, failure, durable=durable, required=is_required)
+
+    def _settle(self, event: AuditEvent, failure: BaseException | None, *, durable: bool,
+                required: bool) -> None:
+        """After the sinks: the trail writable again, or unavailable (raises for a
+        ``required`` event)."""
         if failure is None:
             if durable and self._down_since is not None:
                 self._down_since = None
                 self._log.warning("the audit trail is writable again")
             return
         self._unavailable(event, failure)
-        if is_required:
+        if required:
             raise AuditUnavailable(str(failure)) from failure
 
     def try_emit(self, event: AuditEvent) -> bool:
@@ -209,20 +228,16 @@ class Recorder:
         event (an access: ``emit``'s semantics, ``AuditUnavailable``, are kept). The
         durable sink is tried first, so that nothing is written twice when the caller
         falls back to ``emit`` in a worker thread."""
-        if event.code not in ACCESS_CODES or event.action in DEFERRABLE:
+        tryable = self._tryable
+        if tryable is None or event.code not in ACCESS_CODES or event.action in DEFERRABLE:
             return False
-        sinks = self._all
-        durable = [s for s in sinks if getattr(s, "durable", False)]
-        others = [s for s in sinks if not getattr(s, "durable", False)]
-        if (len(durable) != 1 or getattr(durable[0], "try_write", None) is None
-                or not all(getattr(s, "nonblocking", False) for s in others)):
-            return False
+        durable, others = tryable
         failure: BaseException | None = None
         try:
-            if not durable[0].try_write(event):  # type: ignore[attr-defined]
+            if not durable.try_write(event):
                 return False
         except Exception as exc:
-            self._log.error("event sink %s failed: %s", type(durable[0]).__name__,
+            self._log.error("event sink %s failed: %s", type(durable).__name__,
                             type(exc).__name__)
             failure = exc
         for sink in others:
@@ -231,13 +246,8 @@ class Recorder:
             except Exception as exc:  # a sink must not take the server down
                 self._log.error("event sink %s failed: %s", type(sink).__name__,
                                 type(exc).__name__)
-        if failure is None:
-            if self._down_since is not None:
-                self._down_since = None
-                self._log.warning("the audit trail is writable again")
-            return True
-        self._unavailable(event, failure)
-        raise AuditUnavailable(str(failure)) from failure
+        self._settle(event, failure, durable=True, required=True)
+        return True
 
     def publish(self, event: AuditEvent) -> None:
         """Send an event already made durable elsewhere to the other sinks only."""

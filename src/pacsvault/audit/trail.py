@@ -168,11 +168,16 @@ class AuditTrail(QueuedAppends):
             yield fd
 
     @contextmanager
-    def _file_held(self) -> Iterator[int]:
-        """The file lock and an append descriptor (the caller holds ``_lock``)."""
+    def _file_held(self, *, wait: bool = True) -> Iterator[int]:
+        """The file lock and an append descriptor (the caller holds ``_lock``); with
+        ``wait`` False, -1 instead when another appender holds the lock."""
         lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield -1
+                return
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 yield fd
@@ -451,24 +456,10 @@ class AuditTrail(QueuedAppends):
             left = self._left
             if left is None or self._queued:
                 return None
-            lock_fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                try:
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+            with self._file_held(wait=False) as fd:
+                if fd < 0 or trail_tip.file_identity(fd) != left[0]:
                     return None
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                    try:
-                        if trail_tip.file_identity(fd) != left[0]:
-                            return None
-                        return self._append_writing(fd, event, refs, problems)
-                    finally:
-                        os.close(fd)
-                finally:
-                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(lock_fd)
+                return self._append_writing(fd, event, refs, problems)
         finally:
             self._lock.release()
             self._notify(problems)
