@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pacsvault.dicom import patches
 from tests.harness.backends import backend as backend  # the fixture, for any module
 from tests.harness.components import require
 from tests.harness.postgres import (
@@ -32,6 +33,12 @@ from tests.harness.seaweed import (
 )
 from tests.harness.webhook import Webhook
 from tests.helpers import Server, VaultDir, make_vault, start_server
+
+# The tests' own pynetdicom peers (requestors sending, querying, being rejected) get the
+# fixes pacsvault's requestors run with, in every worker whatever it imported first:
+# upstream's requestor can report a quick rejection as an abort, and its loop can take the
+# answer a sender waits for (``tests/test_request_answer.py``, ``test_reactor_pause.py``).
+patches.configure_pynetdicom()
 
 if TYPE_CHECKING:
     from pacsvault.vault import Vault

@@ -17,6 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsvault.crypto.tls import client_context
+from pacsvault.dicom import patches
 from pacsvault.index.nodes import NodeInfo
 from pacsvault.vault import Vault
 
@@ -35,6 +36,7 @@ def echo(vault: Vault, node: NodeInfo) -> EchoResult:
     if not node.port:
         return EchoResult(False, "no-port")
     settings = vault.settings.dicom
+    patches.configure_pynetdicom()  # a quick rejection read as one, not as an abort
     ae = AE(ae_title=vault.settings.server.ae_title)
     ae.acse_timeout = min(settings.association_timeout, ECHO_TIMEOUT)
     ae.dimse_timeout = min(settings.pdu_timeout, ECHO_TIMEOUT)

@@ -11,8 +11,10 @@ upgrade fails loudly, naming what to re-read (then update the hash).
 Applied here, at the moment each was applied before this module existed:
 
 - ``configure_pynetdicom``: pynetdicom's configuration globals (at import of
-  ``dicom/server``, as the module-level assignments did), and ``safe_reactor_pause``:
-  ``Association._run_reactor`` replaced by a copy whose pause a sending thread can rely on;
+  ``dicom/server``, as the module-level assignments did, and before ``dicom/send`` and
+  ``dicom/echo`` make their AE), ``safe_reactor_pause``: ``Association._run_reactor``
+  replaced by a copy whose pause a sending thread can rely on, and ``safe_request_answer``:
+  ``ACSE._negotiate_as_requestor`` replaced by a copy that reads a peer's quick answer;
 - ``wrap_service_encode``: the ``encode`` pynetdicom's service classes call, so C-FIND
   answers are encoded from DICOM JSON (``answers.install``, when Q/R is created);
 - ``wrap_store_encode``: the ``encode`` ``Association.send_c_store`` calls, so a
@@ -71,6 +73,9 @@ UPSTREAM: dict[str, str] = {
     # assocreactor.FastAssociation._run_reactor and patches._run_reactor: copies; .run wraps it
     "pynetdicom.association.Association._run_reactor":
         "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    # patches._negotiate_as_requestor: a copy
+    "pynetdicom.acse.ACSE._negotiate_as_requestor":
+        "507959152c5896c634fad04f075f213f281840809017c48844f401c66c410a92",
     "pynetdicom.association.Association.run":
         "a161d0cc851c01c404d61fa420cb0e0b2ef6fab260623b65ead501c110eed311",
     # reactor.accelerate rebinds the thread target made here
@@ -221,14 +226,16 @@ def check_versions() -> None:
 
 
 def configure_pynetdicom() -> None:
-    """pynetdicom's configuration globals, and its association loop's pause made safe
-    (``safe_reactor_pause``) (idempotent)."""
+    """pynetdicom's configuration globals, its association loop's pause made safe
+    (``safe_reactor_pause``) and a quick answer to an association request read
+    (``safe_request_answer``) (idempotent)."""
     check_versions()
     for name, value in PYNETDICOM_CONFIG.items():
         if not hasattr(_config, name):
             raise UnsupportedLibraryVersion(f"pynetdicom._config.{name} no longer exists")
         setattr(_config, name, value)
     safe_reactor_pause()
+    safe_request_answer()
 
 
 def reactor_paused_by_sender(assoc: Any) -> bool:
@@ -316,6 +323,146 @@ def _run_reactor(self: Any) -> None:  # pynetdicom 3.0.4 Association._run_reacto
                 self.abort()
             self.kill()
             return
+
+
+def answered_before_checked(dul: Any) -> bool:
+    """Called by a requestor that finds its transport not connected after the connection
+    attempt: True when the peer's answer (an A-ASSOCIATE accept or reject) is already
+    queued for it, i.e. the transport was connected, the answer came and the connection was
+    closed (AE-4 closes it on a rejection) before this thread looked.
+
+    Why: pynetdicom's requestor sends its request, then (in the calling thread) waits for
+    the connection attempt and takes "not connected" as "could not connect": it aborts. A
+    peer that rejects at once (pacsvault refusing an unknown AE title) can answer, and the
+    DUL thread close the connection, before the calling thread is scheduled again: the
+    rejection was then reported as an abort with no answer (a flaky
+    ``test_server_and_cli_append_concurrently`` in CI; ``dicom send`` and ``echo`` would say
+    "connection failed" instead of "rejected" to a user). A failed connection queues an
+    A-P-ABORT instead (AA-4), so it is still an abort."""
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    queued = list(dul.to_user_queue.queue)
+    return bool(queued) and isinstance(queued[0], A_ASSOCIATE)
+
+
+def safe_request_answer() -> None:
+    """``ACSE._negotiate_as_requestor`` replaced by a copy that reads a quick answer
+    (``answered_before_checked``). Idempotent."""
+    check_versions()
+    from pynetdicom.acse import ACSE
+
+    if getattr(ACSE._negotiate_as_requestor, "pv_quick_answer", False):
+        return
+    _negotiate_as_requestor.pv_quick_answer = True  # type: ignore[attr-defined]
+    _negotiate_as_requestor.__wrapped__ = (  # type: ignore[attr-defined]
+        ACSE._negotiate_as_requestor)
+    setattr(ACSE, "_negotiate_as_requestor", _negotiate_as_requestor)  # noqa: B010
+
+
+def _negotiate_as_requestor(self: Any) -> None:  # pynetdicom 3.0.4
+    from pynetdicom import evt
+    from pynetdicom.acse import LOGGER
+    from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
+    from pynetdicom.presentation import negotiate_as_requestor
+
+    if not self.requestor.requested_contexts:
+        LOGGER.error(
+            "One or more requested presentation contexts must be set "
+            "prior to association negotiation"
+        )
+        self.assoc.kill()
+        return
+
+    self.send_request()
+    evt.trigger(self.assoc, evt.EVT_REQUESTED, {})
+
+    socket = self.socket
+    socket._ready.wait()
+
+    # (the one change: see answered_before_checked)
+    if not socket._is_connected and not answered_before_checked(self.dul):
+        self.assoc.abort()
+        return
+
+    rsp = self.dul.receive_pdu(wait=True, timeout=self.acse_timeout)
+
+    if isinstance(rsp, A_ASSOCIATE):
+        self.acceptor.primitive = rsp
+        if rsp.result == 0x00:
+            rq_roles = {
+                uid: (ii.scu_role, ii.scp_role)
+                for uid, ii in self.requestor.role_selection.items()
+            }
+            if rq_roles:
+                for cx in self.requestor.requested_contexts:
+                    try:
+                        (cx.scu_role, cx.scp_role) = rq_roles[cx.abstract_syntax]
+                        cx.scu_role = cx.scu_role or False
+                        cx.scp_role = cx.scp_role or False
+                    except KeyError:
+                        pass
+
+            ac_roles = {
+                uid: (ii.scu_role, ii.scp_role)
+                for uid, ii in self.acceptor.role_selection.items()
+            }
+            negotiated_contexts = negotiate_as_requestor(
+                self.requestor.requested_contexts,
+                rsp.presentation_context_definition_results_list,
+                ac_roles,
+            )
+            self.assoc._accepted_cx = {
+                cx.context_id: cx for cx in negotiated_contexts if cx.result == 0x00
+            }
+            self.assoc._rejected_cx = [
+                cx for cx in negotiated_contexts if cx.result != 0x00
+            ]
+            evt.trigger(self.assoc, evt.EVT_ACCEPTED, {})
+
+            if not self.assoc.accepted_contexts:
+                LOGGER.error("No accepted presentation contexts")
+                self.send_abort(0x02)
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                evt.trigger(self.assoc, evt.EVT_ABORTED, {})
+                self.assoc.kill()
+            else:
+                LOGGER.info("Association Accepted")
+                self.assoc.is_established = True
+                evt.trigger(self.assoc, evt.EVT_ESTABLISHED, {})
+
+        elif hasattr(rsp, "result") and rsp.result in [0x01, 0x02]:
+            LOGGER.error("Association Rejected")
+            LOGGER.error(f"Result: {rsp.result_str}, Source: {rsp.source_str}")
+            LOGGER.error(f"Reason: {rsp.reason_str}")
+            self.assoc.is_rejected = True
+            self.assoc.is_established = False
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.dul.kill_dul()
+        else:
+            LOGGER.error("Received an invalid A-ASSOCIATE response from the peer")
+            LOGGER.error("Aborting Association")
+            self.send_abort(0x02)
+            self.assoc.is_aborted = True
+            self.assoc.is_established = False
+            evt.trigger(self.assoc, evt.EVT_ABORTED, {})
+            self.assoc.kill()
+
+    elif isinstance(rsp, (A_ABORT, A_P_ABORT)):
+        LOGGER.error("Association Aborted")
+        self.assoc.is_established = False
+        self.assoc.is_aborted = True
+        evt.trigger(self.assoc, evt.EVT_ABORTED, {})
+        self.dul.kill_dul()
+    elif rsp is None:
+        LOGGER.error(
+            "ACSE timeout reached while waiting for response to "
+            "association request"
+        )
+        self.assoc.abort()
+    else:
+        self.assoc.is_established = False
+        self.dul.kill_dul()
 
 
 def pydicom_settings_applied() -> bool:

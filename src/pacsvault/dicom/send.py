@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import retrieve, transcode
+from pacsvault.dicom import patches, retrieve, transcode
 from pacsvault.dicomfile import inflate
 from pacsvault.index.models import Instance, Series, Study
 from pacsvault.index.nodes import NodeInfo
@@ -177,6 +177,7 @@ def send(vault: Vault, node_ae: str, items: Sequence[StoredInstance], *, origin:
 def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result: SendResult,
               progress: Progress | None, cancel: threading.Event | None) -> None:
     retrieve.install()  # a Raw leaves as its stored bytes
+    patches.configure_pynetdicom()  # a quick rejection read as one; a safe loop pause
     settings = vault.settings.dicom
     ae = AE(ae_title=vault.settings.server.ae_title)
     ae.acse_timeout = settings.association_timeout
