@@ -12,6 +12,11 @@ of that tree (every 50 ms, as ``bench compare``; PSS counts the pages the proces
 share once: bench/README.md), how the CPU split over the processes, and the 1-minute
 load average when the cell started.
 
+``--ceilings`` adds the wire ceilings of each plain cell's own shape to every round
+(``compare.ceilings``: dcmtk ``storescp --ignore --fork`` and the bare pynetdicom receiver
+at 16 KB and unlimited PDUs, fed by the same ``storescu`` clients) and reports each
+pacsvault variant as a share of them: "Done when" of issue 17 reads a row against those.
+
 Cells (``--cells``): ``plain1``/``plain4``/``tls1``/``tls4`` = the CT slices and small MR
 studies of ``bench compare``'s dataset over 1 or 4 ``storescu`` associations; ``fill4``
 = one-instance MR 64x64 studies (the "index filler": a new study each, a new patient for
@@ -36,16 +41,53 @@ from typing import Any
 
 import psutil
 
-from bench.compare import dataset
+from bench.compare import ceilings, dataset
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.pacsvault_server import PacsvaultTarget
-from bench.compare.procs import RssSampler
+from bench.compare.procs import RssSampler, free_port
 from bench.ingest import push
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = {"plain1": (False, 1, "main"), "plain4": (False, 4, "main"),
          "tls1": (True, 1, "main"), "tls4": (True, 4, "main"), "fill4": (False, 4, "filler")}
+
+
+class CeilingTarget(Target):
+    """A receiver that does no work of its own (``compare.ceilings``), plain only."""
+
+    RECEIVERS = ("pyn_16k", "pyn_unlimited", "dcmtk")
+
+    def __init__(self, root: Path, receiver: str) -> None:
+        super().__init__(root, False)
+        self.name = self.called_ae = ceilings.CEILING_AE
+        self.receiver = receiver
+
+    def start(self) -> None:
+        log = self.root / "server.log"
+        if self.receiver == "dcmtk":
+            self.dicom_port = free_port()
+            self.service = ceilings._storescp(self.dicom_port, log, ("--fork",))
+        else:
+            pdu = "16384" if self.receiver == "pyn_16k" else "0"
+            self.service, self.dicom_port = ceilings._service(["discard", "--max-pdu", pdu],
+                                                              log)
+
+    @property
+    def scu_tls(self) -> list[str]:
+        return []
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.root
+
+    @property
+    def ca_file(self) -> Path:
+        raise NotImplementedError("a ceiling has no HTTPS")
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        return {}
 
 
 def tree_cpu(pid: int) -> dict[int, float]:
@@ -127,6 +169,8 @@ def main() -> None:
     ap.add_argument("--cr", type=int, default=0,
                     help="CR 2048x2500 images (main cells), spread over the sequence")
     ap.add_argument("--no-orthanc", action="store_true")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="the wire ceilings of each plain cell's shape, every round")
     args = ap.parse_args()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +197,8 @@ def main() -> None:
         mixed.insert((k * len(mixed)) // len(crs) + k, item)
     files = {"main": c.files(mixed), "filler": c.files(c.filler)}
     labels = [v[0] for v in variants] + ([] if args.no_orthanc else ["orthanc"])
+    if args.ceilings:
+        labels += list(CeilingTarget.RECEIVERS)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         cell: {label: [] for label in labels} for cell in cells}
     work = out / "work"
@@ -161,11 +207,16 @@ def main() -> None:
             tls, nassoc, which = CELLS[cell]
             order = labels if (r + cells.index(cell)) % 2 == 0 else labels[::-1]
             for label in order:
+                if label in CeilingTarget.RECEIVERS and tls:
+                    continue  # (plain receivers only here: ``bench compare`` has the TLS ones)
                 root = work / f"{cell}-{label}-{r}"
                 shutil.rmtree(root, ignore_errors=True)
                 target: Target
                 if label == "orthanc":
                     target = OrthancTarget(root, tls, work / "orthanc-pki")
+                    target.start()
+                elif label in CeilingTarget.RECEIVERS:
+                    target = CeilingTarget(root, label)
                     target.start()
                 else:
                     _name, workers, src = next(v for v in variants if v[0] == label)
@@ -201,6 +252,20 @@ def main() -> None:
                   f"| {max(x['rss_mb'] for x in runs):.0f} "
                   f"| {max(x.get('pss_mb', 0) for x in runs):.0f} "
                   f"| {', '.join(format(x['load'], '.1f') for x in runs)} |")
+    if args.ceilings:
+        print("\n| cell | server | share of pynetdicom 16 KB / unlimited / dcmtk "
+              "(median images/s over the ceiling's median) |")
+        print("|---|---|---|")
+        for cell, by in results.items():
+            medians = {k: statistics.median(x["images_s"] for x in by[k])
+                       for k in CeilingTarget.RECEIVERS if by.get(k)}
+            if len(medians) < len(CeilingTarget.RECEIVERS):
+                continue
+            for label in (v[0] for v in variants):
+                mine = statistics.median(x["images_s"] for x in by[label])
+                print(f"| {cell} | {label} | " + " / ".join(
+                    f"{100 * mine / medians[k]:.0f} % ({medians[k]:.0f})"
+                    for k in CeilingTarget.RECEIVERS) + " |")
     sys.stdout.flush()
 
 
