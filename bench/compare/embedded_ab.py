@@ -46,6 +46,7 @@ from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.pacsvault_server import PacsvaultTarget
 from bench.compare.procs import RssSampler, free_port
+from bench.compare.query_ceilings import Bare
 from bench.ingest import push
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,41 +54,20 @@ CELLS = {"plain1": (False, 1, "main"), "plain4": (False, 4, "main"),
          "tls1": (True, 1, "main"), "tls4": (True, 4, "main"), "fill4": (False, 4, "filler")}
 
 
-class CeilingTarget(Target):
-    """A receiver that does no work of its own (``compare.ceilings``), plain only."""
+RECEIVERS = ("pyn_16k", "pyn_unlimited", "dcmtk")  # ``--ceilings`` (plain only)
 
-    RECEIVERS = ("pyn_16k", "pyn_unlimited", "dcmtk")
 
-    def __init__(self, root: Path, receiver: str) -> None:
-        super().__init__(root, False)
-        self.name = self.called_ae = ceilings.CEILING_AE
-        self.receiver = receiver
-
-    def start(self) -> None:
-        log = self.root / "server.log"
-        if self.receiver == "dcmtk":
-            self.dicom_port = free_port()
-            self.service = ceilings._storescp(self.dicom_port, log, ("--fork",))
-        else:
-            pdu = "16384" if self.receiver == "pyn_16k" else "0"
-            self.service, self.dicom_port = ceilings._service(["discard", "--max-pdu", pdu],
-                                                              log)
-
-    @property
-    def scu_tls(self) -> list[str]:
-        return []
-
-    @property
-    def storage_dir(self) -> Path:
-        return self.root
-
-    @property
-    def ca_file(self) -> Path:
-        raise NotImplementedError("a ceiling has no HTTPS")
-
-    @property
-    def http_headers(self) -> dict[str, str]:
-        return {}
+def _ceiling(root: Path, receiver: str) -> Bare:
+    """A started receiver that does no work of its own (``compare.ceilings``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "server.log"
+    if receiver == "dcmtk":
+        port = free_port()
+        service = ceilings._storescp(port, log, ("--fork",))
+    else:
+        pdu = "16384" if receiver == "pyn_16k" else "0"
+        service, port = ceilings._service(["discard", "--max-pdu", pdu], log)
+    return Bare(root, service, port)
 
 
 def tree_cpu(pid: int) -> dict[int, float]:
@@ -198,7 +178,7 @@ def main() -> None:
     files = {"main": c.files(mixed), "filler": c.files(c.filler)}
     labels = [v[0] for v in variants] + ([] if args.no_orthanc else ["orthanc"])
     if args.ceilings:
-        labels += list(CeilingTarget.RECEIVERS)
+        labels += list(RECEIVERS)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         cell: {label: [] for label in labels} for cell in cells}
     work = out / "work"
@@ -207,7 +187,7 @@ def main() -> None:
             tls, nassoc, which = CELLS[cell]
             order = labels if (r + cells.index(cell)) % 2 == 0 else labels[::-1]
             for label in order:
-                if label in CeilingTarget.RECEIVERS and tls:
+                if label in RECEIVERS and tls:
                     continue  # (plain receivers only here: ``bench compare`` has the TLS ones)
                 root = work / f"{cell}-{label}-{r}"
                 shutil.rmtree(root, ignore_errors=True)
@@ -215,9 +195,8 @@ def main() -> None:
                 if label == "orthanc":
                     target = OrthancTarget(root, tls, work / "orthanc-pki")
                     target.start()
-                elif label in CeilingTarget.RECEIVERS:
-                    target = CeilingTarget(root, label)
-                    target.start()
+                elif label in RECEIVERS:
+                    target = _ceiling(root, label)
                 else:
                     _name, workers, src = next(v for v in variants if v[0] == label)
                     template = work / f"template-{label}-{'tls' if tls else 'plain'}"
@@ -258,14 +237,14 @@ def main() -> None:
         print("|---|---|---|")
         for cell, by in results.items():
             medians = {k: statistics.median(x["images_s"] for x in by[k])
-                       for k in CeilingTarget.RECEIVERS if by.get(k)}
-            if len(medians) < len(CeilingTarget.RECEIVERS):
+                       for k in RECEIVERS if by.get(k)}
+            if len(medians) < len(RECEIVERS):
                 continue
             for label in (v[0] for v in variants):
                 mine = statistics.median(x["images_s"] for x in by[label])
                 print(f"| {cell} | {label} | " + " / ".join(
                     f"{100 * mine / medians[k]:.0f} % ({medians[k]:.0f})"
-                    for k in CeilingTarget.RECEIVERS) + " |")
+                    for k in RECEIVERS) + " |")
     sys.stdout.flush()
 
 
