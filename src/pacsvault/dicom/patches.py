@@ -341,8 +341,7 @@ def answered_before_checked(dul: Any) -> bool:
     A-P-ABORT instead (AA-4), so it is still an abort."""
     from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-    queued = list(dul.to_user_queue.queue)
-    return bool(queued) and isinstance(queued[0], A_ASSOCIATE)
+    return isinstance(dul.peek_next_pdu(), A_ASSOCIATE)
 
 
 def safe_request_answer() -> None:
