@@ -1,9 +1,10 @@
 """An access's record written from an event loop (issue 17): ``AuditTrail.try_append`` and
-``Recorder.try_emit`` make the record durable and anchored exactly as ``append`` does, or
-write nothing at all when anything they need would make them wait: the trail held by this
-process or by another one, the index's write lock held, a tail that is not this
-process's, a shared index, a sink that could block. The caller then appends in a worker
-thread, so a record is never written twice nor lost."""
+``Recorder.try_emit`` make the record durable exactly as ``append`` does (its anchor moved
+by the next append or the flusher, within ``DEFER_SECONDS``: no index transaction on the
+event loop), or write nothing at all when anything they need would make them wait: the
+trail held by this process or by another one, a tail that is not this process's, a shared
+index, a sink that could block. The caller then appends in a worker thread, so a record is
+never written twice nor lost."""
 
 from __future__ import annotations
 
@@ -64,18 +65,40 @@ def trail(opened: Vault) -> Iterator[AuditTrail]:
     yield trail
 
 
+def _anchored(trail: AuditTrail, seq: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        anchor = trail.anchor()
+        if anchor is not None and anchor[0] == seq:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_try_append_is_an_append_that_did_not_wait(
         opened: Vault, trail: AuditTrail, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(opened)
+    before = trail.anchor()
     fsyncs = count_fsyncs(monkeypatch)
-    seq = trail.try_append(_query(1))
+
+    def no_index() -> None:
+        raise AssertionError("try_append used the index")
+
+    with monkeypatch.context() as patch:  # nothing of the index on the event loop's path
+        patch.setattr(engine, "raw_connection", no_index)
+        patch.setattr(engine, "connect", no_index)
+        patch.setattr(trail, "_flusher_timed", True)  # (the flusher, woken, is not this)
+        seq = trail.try_append(_query(1))
     assert seq is not None
-    assert len(fsyncs) == 1  # the lines' fsync (the anchor commits as the quick path's)
+    assert len(fsyncs) == 1  # the line is durable before the answer leaves
     last = list(trail.records())[-1]
     assert last.seq == seq and last.action == "dicomweb.search"
     assert last.detail["matches"] == 1
     assert last.refs["patients"] == {"PID-TRY": {"study_uids": ["1.2.3"], "sop_uids": []}}
-    anchor = trail.anchor()
-    assert anchor is not None and anchor[0] == seq  # anchored before it returned
+    # the anchor follows within DEFER_SECONDS (the flusher), never ahead of the file
+    assert before is not None and before[0] == seq - 1
+    assert _anchored(trail, seq)
+    assert trail.verify().ok
     seq2 = trail.append(_query(2))  # the next append goes on from it, quick path again
     assert seq2 == seq + 1 and trail.try_append(_query(3)) == seq + 2
     verdict = trail.verify()
@@ -114,11 +137,17 @@ def test_try_append_writes_nothing_when_anything_would_wait(
     finally:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
-    # the index's write lock held by another connection (a store batch of another process)
+    # the index's write lock held by another connection (a store batch of another
+    # process): no longer a reason to wait, the record needs no index transaction
     with engine.connect() as other:
         other.exec_driver_sql("BEGIN IMMEDIATE")
-        refused()
+        start = time.monotonic()
+        held = trail.try_append(_query(8))
+        assert held is not None and time.monotonic() - start < 5
+        assert _searches(trail)[-1] == 8
         other.exec_driver_sql("ROLLBACK")
+    assert _anchored(trail, held)  # moved once the lock was free
+    before = _count(trail)
     assert _pool_settings(engine) == {(30000, 2)}
     # a shared index: every line is copied with the anchor move
     with monkeypatch.context() as patch:
@@ -224,3 +253,41 @@ def test_a_waiting_try_append_does_not_hold_up_another_thread(
         waiter.join(30)
     assert done and trail.try_append(_query(22)) == done[0] + 1
     assert _searches(trail)[-2:] == [20, 22]
+
+
+def test_a_late_anchor_never_moves_back_nor_ahead(opened: Vault, trail: AuditTrail) -> None:
+    """The anchor of a ``try_append`` is moved later: meanwhile another appender (a CLI
+    command, another worker) appends and anchors further; the late move then anchors the
+    file's last record, never the older one, and never a record that is not durable."""
+    with trail._wake:
+        trail._flusher_timed = True  # (keep the flusher asleep: the move is ``flush``'s)
+    mine = trail.try_append(_query(30))
+    assert mine is not None
+    other = AuditTrail(trail.root, trail.keys, opened.sessions, instance=trail.instance)
+    theirs = other.append(_query(31))
+    assert theirs == mine + 1 and trail.anchor()[0] == theirs  # type: ignore[index]
+    trail.flush()  # (it read their tail, checked against the anchor, and anchored it)
+    assert trail.anchor()[0] == theirs  # type: ignore[index]
+    assert trail.try_append(_query(32)) == theirs + 1
+    assert trail.append(_query(33)) == theirs + 2
+    assert trail.anchor()[0] == theirs + 2  # type: ignore[index]
+    assert _searches(trail)[-4:] == [30, 31, 32, 33]
+    assert trail.verify().ok
+
+
+def test_a_crash_before_the_late_anchor_leaves_a_trail_that_verifies(
+        opened: Vault, trail: AuditTrail) -> None:
+    """Killed between the record's fsync and its anchor move: the next start finds the
+    file one record ahead of the anchor (as after a power loss), verifies it, and goes on;
+    the record is there."""
+    with trail._wake:
+        trail._flusher_timed = True
+    seq = trail.try_append(_query(40))
+    assert seq is not None and trail.anchor()[0] == seq - 1  # type: ignore[index]
+    restarted = AuditTrail(trail.root, trail.keys, opened.sessions, instance=trail.instance)
+    verdict = restarted.verify()
+    assert verdict.ok, verdict.problem
+    assert _searches(restarted)[-1] == 40
+    assert restarted.append(_query(41)) == seq + 1
+    assert restarted.anchor()[0] == seq + 1  # type: ignore[index]
+    assert restarted.verify().ok

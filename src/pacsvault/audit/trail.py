@@ -34,8 +34,9 @@ event that is no access (an association accepted) may be *deferred* (``defer``):
 goes out with the next record written, in the same fsync (a C-FIND association: the
 acceptance and the query record, one commit), and at the latest ``DEFER_SECONDS`` later
 on its own (``flush``; ``close`` flushes too). A caller that must not wait (an event
-loop) uses ``try_append``: the same durable, anchored record, or nothing written at all
-when the trail or the index's write lock is taken.
+loop) uses ``try_append``: the same record, fsync'ed before it returns, its anchor moved
+by the next append or within ``DEFER_SECONDS`` (no index transaction on that path), or
+nothing written at all when the trail is taken.
 
 This module is the appender (locks, the head anchor, key hand-over) and the facade: the
 record format is ``trail_format``, the file's end read back, checked against the anchor
@@ -82,7 +83,6 @@ from pacsvault.audit.trail_queue import DEFER_SECONDS, QueuedAppends
 from pacsvault.audit.trail_refs import grouped_refs, seal, unseal
 from pacsvault.audit.trail_retention import seal_before
 from pacsvault.audit.trail_verify import Checkpoint
-from pacsvault.index.db import BUSY_TIMEOUT_MS
 from pacsvault.index.models import AuditHead
 
 __all__ = [
@@ -144,10 +144,6 @@ class AuditTrail(QueuedAppends):
         # running server's watcher (``watch``), which then needs no signature check of
         # them (``trail_verify._ours``); None: not kept (no watcher: CLI commands).
         self.vouched: set[bytes] | None = None
-        # The index connection ``try_append`` holds a write transaction on (taken before
-        # the lines are written), for ``_anchor_quick`` to move the anchor in; set only
-        # while ``_lock`` is held.
-        self._writer: Any = None
         self._init_queue()
 
     # --- writing ----------------------------------------------------------------------
@@ -227,13 +223,15 @@ class AuditTrail(QueuedAppends):
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
         conn: Connection | None, problems: list[str], *, repair_only: bool = False,
-        sync: bool = True,
+        sync: bool = True, anchor: bool = True,
     ) -> list[int]:
         """Write a repair record if the tail is torn, then ``events``; one fsync.
 
         Raises ``TrailUnwritable`` unless every line is written and fsync'ed; the anchor
         moves only after that. ``sync`` False (``defer``): written, neither fsync'ed nor
         anchored; the next synced append (even of no event: ``flush``) covers them.
+        ``anchor`` False (``try_append``, this process's own tail only): fsync'ed, the
+        anchor move left to the next append or ``flush`` (the caller arranges it).
         """
         left, self._left = self._left, None
         here = trail_tip.file_identity(fd)
@@ -294,6 +292,10 @@ class AuditTrail(QueuedAppends):
                               Tip(seq, prev, last_time, None, b"", b"", False))
                 return seqs
             self._synced()  # this fsync covered every line written before it
+            if not anchor and db is None:
+                self._left = (trail_tip.file_identity(fd),
+                              Tip(seq, prev, last_time, None, b"", b"", False))
+                return seqs
             try:
                 if db is None:
                     self._anchor_quick(seq, prev)
@@ -439,19 +441,27 @@ class AuditTrail(QueuedAppends):
 
     def try_append(self, event: AuditEvent) -> int | None:
         """``append`` for a caller that must not wait (the web service's event loop: a
-        thread hand-off cost a QIDO-RS request ~0.5 ms, issue 17): the record durable and
-        anchored exactly as ``append`` makes it, or None with nothing written when what
-        it needs is taken: the trail (this process's lock or a queued append, another
-        process's file lock), the index's write lock (``BEGIN IMMEDIATE`` without a busy
-        wait, taken before the lines are written), or when the file is not as this
-        process left it (its check reads the index). Embedded index only (a shared index
-        copies each line: None). The caller then ``append``s, in a worker thread."""
+        thread hand-off cost a QIDO-RS request ~0.5 ms, issue 17): the record written and
+        fsync'ed before it returns, as ``append`` makes it, or None with nothing written
+        when what it needs is taken: the trail (this process's lock or a queued append,
+        another process's file lock), or when the file is not as this process left it
+        (its check reads the index). Embedded index only (a shared index copies each line
+        with the anchor: None). The caller then ``append``s, in a worker thread.
+
+        Its anchor move (an index transaction, ~0.3-0.5 ms of a QIDO-RS request) is left
+        to the flusher, within ``DEFER_SECONDS``, or to the next append that moves the
+        anchor anyway (a store batch's, a search's in a worker): meanwhile the anchor is
+        behind the trail, the state a power loss already leaves (every reader accepts
+        it; it never names a record that was not synced). The record itself is durable
+        before the answer leaves, as always. No index connection on this path: a store
+        batch holding the index's write lock no longer sends the search to a worker."""
         if not self._embedded or self._engine is None or self._left is None:
             return None
         refs = self._refs(event, None)  # (as ``append``: before anything is held)
         if not self._lock.acquire(blocking=False):
             return None
         problems: list[str] = []
+        start = False
         try:
             left = self._left
             if left is None or self._queued:
@@ -459,45 +469,14 @@ class AuditTrail(QueuedAppends):
             with self._file_held(wait=False) as fd:
                 if fd < 0 or trail_tip.file_identity(fd) != left[0]:
                     return None
-                return self._append_writing(fd, event, refs, problems)
+                seq = self._append_locked(fd, [(event, refs)], None, problems,
+                                          anchor=False)[-1]
+            start = self._settle_later()
         finally:
             self._lock.release()
             self._notify(problems)
-
-    def _append_writing(self, fd: int, event: AuditEvent, refs: dict[str, Any],
-                        problems: list[str]) -> int | None:
-        """``try_append`` holding the trail: the index's write lock first (no busy wait:
-        None if another connection holds it), then the usual quick append, whose anchor
-        move commits in that transaction (``_anchor_quick``; synchronous=NORMAL as there).
-        The connection goes back to the pool with its busy timeout and FULL, or is
-        discarded."""
-        assert self._engine is not None
-        raw = self._engine.raw_connection()
-        try:
-            driver: Any = raw.driver_connection
-            driver.execute("PRAGMA busy_timeout=0")
-            try:
-                with _unsynced_commit(driver, raw.invalidate):
-                    try:
-                        driver.execute("BEGIN IMMEDIATE")
-                    except Exception:  # "database is locked": someone else writes
-                        return None
-                    self._writer = driver
-                    try:
-                        seqs = self._append_locked(fd, [(event, refs)], None, problems)
-                    finally:
-                        self._writer = None
-                        if driver.in_transaction:  # the anchor move failed: logged there
-                            driver.rollback()
-                    return seqs[-1]
-            finally:
-                try:
-                    driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                except Exception:
-                    raw.invalidate()
-                    raise
-        finally:
-            raw.close()
+        self._start_flusher(start)
+        return seq
 
     def _anchor_quick(self, seq: int, digest: str) -> None:
         """``_set_anchor`` in a short transaction of its own on the embedded index, on the
@@ -506,13 +485,6 @@ class AuditTrail(QueuedAppends):
         (no fsync of its own; the lines were fsync'ed first), the connection given back
         with FULL or discarded. No anchor row yet (a new trail): ``_set_anchor``'s insert."""
         assert self._engine is not None
-        writer = self._writer
-        if writer is not None:  # ``try_append``'s transaction, its write lock held
-            if writer.execute(_SET_ANCHOR, (seq, digest, self.instance)).rowcount:
-                writer.commit()
-                return
-            writer.rollback()  # no anchor row: never after an append of this process
-            raise TrailError("the audit anchor row is missing")
         raw = self._engine.raw_connection()
         try:
             driver: Any = raw.driver_connection

@@ -19,6 +19,9 @@ and an event that lets no data leave may wait for the next record.
   it (the next start describes the cut with a ``repair`` record); the anchor never
   names a record that was not synced. An access's record is never deferred, and on a
   shared index (its copy of the lines moves with the anchor) nothing is.
+- **Anchored later** (``AuditTrail.try_append``, an access recorded from the event loop):
+  the record is fsync'ed before it returns, only its anchor move waits, settled the same
+  way (the next append of any process, or the flusher within ``DEFER_SECONDS``).
 
 ``AuditTrail`` mixes this in; the lock order is unchanged (the thread lock ``_lock``, then
 the file lock, then the index).
@@ -71,7 +74,7 @@ class QueuedAppends:
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
         conn: Connection | None, problems: list[str], *, repair_only: bool = False,
-        sync: bool = True,
+        sync: bool = True, anchor: bool = True,
     ) -> list[int]:
         raise NotImplementedError
 
@@ -89,8 +92,9 @@ class QueuedAppends:
         self._queue_lock = threading.Lock()
         self._wake = threading.Condition(self._queue_lock)
         self._queued: list[_Ticket] = []
-        # When the oldest record written without fsync (``defer``) was written, None when
-        # every record of this process is durable. Changed with ``_lock`` held.
+        # When the oldest record written without fsync (``defer``) or without its anchor
+        # move (``try_append``) was written, None when every record of this process is
+        # durable and anchored. Changed with ``_lock`` held.
         self._unsynced_at: float | None = None
         self._flusher: threading.Thread | None = None
         # True while the flusher sleeps until a deadline (not forever): a ``defer`` then
@@ -164,23 +168,35 @@ class QueuedAppends:
                 with self._file_held() as fd:
                     seq = self._append_locked(fd, [(event, refs)], None, problems,
                                               sync=False)[-1]
-                with self._wake:
-                    if self._unsynced_at is None:
-                        self._unsynced_at = time.monotonic()
-                    if self._flusher is None and not self._closed:
-                        self._flusher = threading.Thread(
-                            target=self._flush_loop, name="audit-flush", daemon=True)
-                        start = True
-                    if not self._flusher_timed:
-                        self._wake.notify()
+                start = self._settle_later()
         finally:
             self._notify(problems)
+        self._start_flusher(start)
+        return seq
+
+    def _settle_later(self) -> bool:
+        """(``_lock`` held) What this process wrote is not yet durable and anchored (a
+        ``defer``red record) or not yet anchored (``try_append``): the flusher settles it
+        within ``DEFER_SECONDS`` unless an append does first. True: the caller starts the
+        flusher (``_start_flusher``, once the locks are let go)."""
+        start = False
+        with self._wake:
+            if self._unsynced_at is None:
+                self._unsynced_at = time.monotonic()
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="audit-flush", daemon=True)
+                start = True
+            if not self._flusher_timed:
+                self._wake.notify()
+        return start
+
+    def _start_flusher(self, start: bool) -> None:
         if start:
             assert self._flusher is not None
             self._flusher.start()
         if self._closed:
             self.flush()
-        return seq
 
     def _flush_loop(self) -> None:
         while True:
@@ -203,8 +219,9 @@ class QueuedAppends:
             self.flush()
 
     def flush(self) -> None:
-        """Make the records written by ``defer`` durable now: an append of nothing (one
-        fsync, the anchor moved to the last record). No-op when they are already."""
+        """Make the records written by ``defer`` durable and those of ``try_append``
+        anchored now: an append of nothing (one fsync, the anchor moved to the last
+        record). No-op when they are already."""
         problems: list[str] = []
         try:
             with self._lock:

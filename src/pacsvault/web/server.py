@@ -186,7 +186,7 @@ class _Sniffer(asyncio.Protocol):
 
     From a load balancer (``proxy``), a PROXY header comes first, within the same deadline:
     required (missing or malformed: recorded, closed), its client then given to uvicorn's
-    protocol as the connection's client (``GuardedH11Protocol.pv_client``)."""
+    protocol as the connection's client (``GuardedHttpProtocol.pv_client``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, factory: Any, tls: ssl.SSLContext,
                  timeout: float, proxy: _Proxy | None = None) -> None:
