@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -291,3 +292,24 @@ def test_a_crash_before_the_late_anchor_leaves_a_trail_that_verifies(
     assert restarted.append(_query(41)) == seq + 1
     assert restarted.anchor()[0] == seq + 1  # type: ignore[index]
     assert restarted.verify().ok
+
+
+def test_a_backup_copy_keeps_the_records_anchored_later(
+        opened: Vault, trail: AuditTrail) -> None:
+    """A backup copies the index, then the trail up to the copy's anchor: a search's
+    record not yet anchored (``try_append``) must be in the copy, not left for the next
+    backup. The staging anchors every record first (``backup.staging._anchor_all``)."""
+    from pacsvault.backup import staging
+
+    with trail._wake:
+        trail._flusher_timed = True  # (the flusher asleep: only the staging anchors)
+    seq = trail.try_append(_query(50))
+    assert seq is not None and trail.anchor()[0] == seq - 1  # type: ignore[index]
+    staged = staging._stage(opened)
+    try:
+        assert staged.anchor_seq == seq
+        copied = (staged.root / "audit" / "trail.jsonl").read_bytes().splitlines()
+        assert copied and staging._record_seq(copied[-1] + b"\n") == seq
+    finally:
+        staged.close()
+        shutil.rmtree(staged.root, ignore_errors=True)

@@ -236,6 +236,22 @@ class QueuedAppends:
         finally:
             self._notify(problems)
 
+    def anchor_all(self) -> None:
+        """Make every record the file holds durable and anchored now, whoever wrote it:
+        an append of nothing (one fsync; the tail read and checked first when another
+        process wrote last; the anchor moved to the last record). For a backup's copy of
+        the index, whose anchor decides which records the copy of the trail keeps: without
+        it, records anchored later (``try_append``) or deferred would wait for the next
+        backup. Raises as an append does."""
+        problems: list[str] = []
+        try:
+            with self._lock:
+                with self._file_held() as fd:
+                    self._append_locked(fd, [], None, problems)
+                self._synced()
+        finally:
+            self._notify(problems)
+
     def close(self) -> None:
         """Make what ``defer`` wrote durable and stop the flusher (the vault closes)."""
         with self._wake:
