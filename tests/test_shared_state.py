@@ -332,6 +332,7 @@ def test_a_backup_copy_of_the_index_holds_no_session(pair: Pair, backend: Backen
 
     if backend.is_postgres:
         pytest.skip("the staged copy of the index is the embedded index's (VACUUM INTO)")
+    _user(pair, "copied")  # (a row the copy keeps, whichever tests ran before)
     with pair.a.browser("127.0.0.50") as browser:
         assert browser.get("/login").status_code == 200  # one anonymous session at least
     vault: Vault = pair.a.vault
