@@ -287,12 +287,9 @@ class AuditTrail(QueuedAppends):
                 seqs.append(seq)
             self._write_all(fd, prefix + b"".join(lines), sync=sync)
             self._vouch(lines)
-            if not sync:
-                self._left = (trail_tip.file_identity(fd),
-                              Tip(seq, prev, last_time, None, b"", b"", False))
-                return seqs
-            self._synced()  # this fsync covered every line written before it
-            if not anchor and db is None:
+            if sync:
+                self._synced()  # this fsync covered every line written before it
+            if not (sync and anchor):  # settled later (``flush``, the next append)
                 self._left = (trail_tip.file_identity(fd),
                               Tip(seq, prev, last_time, None, b"", b"", False))
                 return seqs

@@ -220,32 +220,29 @@ class QueuedAppends:
 
     def flush(self) -> None:
         """Make the records written by ``defer`` durable and those of ``try_append``
-        anchored now: an append of nothing (one fsync, the anchor moved to the last
-        record). No-op when they are already."""
-        problems: list[str] = []
+        anchored now (``_settle``). No-op when they are already."""
         try:
-            with self._lock:
-                if self._unsynced_at is None:
-                    return
-                with self._file_held() as fd:
-                    self._append_locked(fd, [], None, problems)
-                self._synced()
+            self._settle(only_ours=True)
         except Exception as exc:  # the next append syncs them, or the start's repair
             log.error("deferred audit records could not be made durable (%s)",
                       type(exc).__name__)
-        finally:
-            self._notify(problems)
 
     def anchor_all(self) -> None:
-        """Make every record the file holds durable and anchored now, whoever wrote it:
-        an append of nothing (one fsync; the tail read and checked first when another
-        process wrote last; the anchor moved to the last record). For a backup's copy of
-        the index, whose anchor decides which records the copy of the trail keeps: without
-        it, records anchored later (``try_append``) or deferred would wait for the next
-        backup. Raises as an append does."""
+        """Make every record the file holds durable and anchored now, whoever wrote it
+        (``_settle``; the tail read and checked first when another process wrote last).
+        For a backup's copy of the index, whose anchor decides which records the copy of
+        the trail keeps: without it, records anchored later (``try_append``) or deferred
+        would wait for the next backup. Raises as an append does."""
+        self._settle(only_ours=False)
+
+    def _settle(self, *, only_ours: bool) -> None:
+        """An append of nothing: one fsync, the anchor moved to the last record. With
+        ``only_ours``, nothing when this process left nothing unsettled."""
         problems: list[str] = []
         try:
             with self._lock:
+                if only_ours and self._unsynced_at is None:
+                    return
                 with self._file_held() as fd:
                     self._append_locked(fd, [], None, problems)
                 self._synced()
