@@ -18,8 +18,9 @@ store; ``ObjectStore`` (these files, the default) and ``storage.s3.S3Store`` (a 
 The archive's fast path stages into **spares** instead (``stage_spare``): empty files
 ``.spare/<id>.part`` created in batches, whose names were made durable by one directory
 fsync for the whole batch; a batch's ids share their ``ab/cd`` directory, made with the
-batch. Writing an object into a spare and fsync'ing that file is then
-enough for it to survive a crash under its name, with no directory fsync per object. Its
+batch, and the next batch is made by a background thread before this one runs out.
+Writing an object into a spare and fsync'ing that file is then enough for it to survive a
+crash under its name, with no directory fsync per object. Its
 publication is a plain rename (``durable=False``): a crash either keeps it or leaves the
 object in ``.spare``, where reads still find it and ``recover`` publishes it (indexed) or
 deletes it (not indexed, or an unused empty spare).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import secrets
 import shutil
@@ -41,10 +43,13 @@ from typing import NoReturn, Protocol
 
 from pacsvault.fsutil import fsync_dir, write_all, write_durably
 
+log = logging.getLogger("pacsvault.storage")
+
 TMP_DIR = ".tmp"
 SPARE_DIR = ".spare"
 _PART = ".part"
 _SPARE_BATCH = 64
+_SPARE_LOW = 48  # the next batch is made in the background below this many left
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -141,6 +146,13 @@ class ObjectStore:
         self._spare = root / SPARE_DIR
         self._spares: list[str] = []
         self._spare_lock = threading.Lock()
+        # A batch of spares being made in the background (``_refill``), and its wake-up for
+        # a store that found none left; ``recover`` bumps the epoch (a batch begun before
+        # it is not handed out).
+        self._refilling = False
+        self._refill_failed = False  # then the next batch is made inline, error and all
+        self._spare_ready = threading.Condition(self._spare_lock)
+        self._spare_epoch = 0
         # ``ab/cd`` directories known to exist, as strings (see ``_names``)
         self._known_dirs: set[str] = set()
         self._root_str = os.fspath(root)
@@ -190,29 +202,81 @@ class ObjectStore:
         return self._spare / f"{object_id}{_PART}"
 
     def _take_spare(self) -> str:
+        """A spare's object id. The next batch is made in the background once fewer than
+        ``_SPARE_LOW`` are left (``_refill``); a store finds none left only when stores
+        outran that batch (it then waits for it), or at first use (it makes one itself).
+
+        Why (issue 17): making a batch creates ``_SPARE_BATCH`` files and fsyncs their
+        directory; under ingest, with the other threads' fsyncs keeping the file system's
+        journal busy, that took ~1 ms per file here, and the store that found the list
+        empty made the batch inline: one association stood still ~60 ms every 64 images
+        (the filler's association threads spent ~18 % of their time there)."""
         with self._spare_lock:
+            while not self._spares and self._refilling:
+                self._spare_ready.wait()
             if not self._spares:
-                fresh = not self._spare.is_dir()
-                self._spare.mkdir(exist_ok=True, mode=0o700)
-                if fresh:
-                    fsync_dir(self.root)
-                # One batch, one ``ab/cd`` directory: its ids share their first four hex
-                # digits (the other 112 bits random), and the directory is made now, once,
-                # so ``publish`` is a plain rename. Issue 17: in a vault with few objects
-                # nearly every object needed a directory of its own (65,536 of them), and a
-                # ``mkdir`` cost this machine ~0.4 ms CPU, a tenth of a small image's store.
-                prefix = secrets.token_hex(2)
-                ids = [prefix + secrets.token_hex(14) for _ in range(_SPARE_BATCH)]
-                home = self._names(ids[0])[0]
-                if home not in self._known_dirs:
-                    Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
-                    self._known_dirs.add(home)  # not fsync'ed: as ``publish(durable=False)``
-                for object_id in ids:
-                    os.close(os.open(self._names(object_id)[2],
-                                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                fsync_dir(self._spare)  # one fsync makes the whole batch's names durable
-                self._spares = ids
-            return self._spares.pop()
+                self._spares = self._new_spares()
+                self._refill_failed = False
+            object_id = self._spares.pop()
+            refill = (len(self._spares) < _SPARE_LOW and not self._refilling
+                      and not self._refill_failed)
+            if refill:
+                self._refilling = True
+                epoch = self._spare_epoch
+        if refill:
+            try:
+                threading.Thread(target=self._refill, args=(epoch,), name="spare-refill",
+                                 daemon=True).start()
+            except BaseException:
+                with self._spare_lock:
+                    self._refilling = False
+                    self._spare_ready.notify_all()
+                raise
+        return object_id
+
+    def _refill(self, epoch: int) -> None:
+        """Make the next batch of spares (``_take_spare``'s background thread). A failure
+        (a full disk...) is left to the store that next finds none left: it makes the
+        batch itself, and gets the error; no other background attempt until then."""
+        made: list[str] = []
+        try:
+            made = self._new_spares()
+        except Exception as exc:  # (the inline attempt reports it to its store)
+            log.warning("spare object files could not be made (%s)", type(exc).__name__)
+        finally:  # whatever happened, a store waiting for this batch is woken
+            with self._spare_lock:
+                self._refilling = False
+                self._refill_failed = not made
+                if made and epoch == self._spare_epoch:
+                    self._spares.extend(made)
+                    made = []
+                self._spare_ready.notify_all()
+        for object_id in made:  # ``recover`` ran meanwhile: not handed out
+            with contextlib.suppress(OSError):
+                os.unlink(self._names(object_id)[2])
+
+    def _new_spares(self) -> list[str]:
+        """A batch of empty spares, their names made durable by one directory fsync."""
+        fresh = not self._spare.is_dir()
+        self._spare.mkdir(exist_ok=True, mode=0o700)
+        if fresh:
+            fsync_dir(self.root)
+        # One batch, one ``ab/cd`` directory: its ids share their first four hex digits
+        # (the other 112 bits random), and the directory is made now, once, so
+        # ``publish`` is a plain rename. Issue 17: in a vault with few objects nearly
+        # every object needed a directory of its own (65,536 of them), and a ``mkdir``
+        # cost this machine ~0.4 ms CPU, a tenth of a small image's store.
+        prefix = secrets.token_hex(2)
+        ids = [prefix + secrets.token_hex(14) for _ in range(_SPARE_BATCH)]
+        home = self._names(ids[0])[0]
+        if home not in self._known_dirs:
+            Path(home).mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._known_dirs.add(home)  # not fsync'ed: as ``publish(durable=False)``
+        for object_id in ids:
+            os.close(os.open(self._names(object_id)[2],
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        fsync_dir(self._spare)  # one fsync makes the whole batch's names durable
+        return ids
 
     def stage_spare(self, pieces: Iterable[bytes]) -> str:
         """Write an object into a spare and fsync it; returns its new object id.
@@ -272,6 +336,7 @@ class ObjectStore:
         published = discarded = 0
         with self._spare_lock:
             self._spares.clear()
+            self._spare_epoch += 1  # a batch in the making is not handed out
         for directory in (self._tmp, self._spare):
             if not directory.is_dir():
                 continue
