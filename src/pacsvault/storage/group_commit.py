@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine
 from pacsvault.audit.events import AuditUnavailable
 from pacsvault.audit.stores import JournalBatch, StoreJournal
 from pacsvault.crypto.keyring import Keyring
+from pacsvault.dicomfile.parse import ParsedInstance
 from pacsvault.index import dialect
 from pacsvault.storage import keychoice, pgrows, rows
 from pacsvault.storage.rows import Pending, StaleChoice, acknowledged, index_one
@@ -72,11 +73,15 @@ class GroupCommit:
     _cache_lock: threading.Lock
     _study_cache: dict[str, tuple[int, uuid.UUID]]
     _series_cache: dict[str, int]
+    _patient_cache: dict[bytes, uuid.UUID]
     _generation: int
     _received: Callable[[Any], Any]
     journal: StoreJournal | None
 
     def _observe(self, generation: int) -> None:
+        raise NotImplementedError
+
+    def _patient_key(self, parsed: ParsedInstance) -> bytes:
         raise NotImplementedError
 
     # --- the queue --------------------------------------------------------------------
@@ -285,6 +290,9 @@ class GroupCommit:
                 series = item.learnt.get("series")
                 if series is not None:
                     self._series_cache[item.parsed.series_uid] = series
+                patient = item.learnt.get("patient")
+                if patient is not None:
+                    self._patient_cache[self._patient_key(item.parsed)] = patient
 
     def _index_one(
         self, conn: Connection, item: Pending, overlay_studies: dict[str, int],

@@ -404,6 +404,11 @@ def _index_sqlite(
         cursor.close()
     item.learnt["study"] = (study_pk, item.key_id) if cached_study is None else None
     item.learnt["series"] = series_pk if cached_series is None else None
+    # A study made here was chosen its key by its patient (theirs, or minted for them and
+    # now written): what a new study of theirs may be encrypted under
+    # (``Archive._patient_cache``). Not from a study found: its patient may be another
+    # (an instance naming a known study under another patient ID).
+    item.learnt["patient"] = item.key_id if new_study else None
 
 
 def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
