@@ -265,8 +265,9 @@ class Archive(GroupCommit):
             # look-up (issue 17: a pooled connection and a read per one-instance study,
             # ~6 % of the filler's GIL time). As for a cached study, the batch checks the
             # removal generation and whether the instance is known already.
+            patient = self._patient_key(parsed)  # (hashed outside the lock)
             with self._cache_lock:
-                known_key = self._patient_cache.get(self._patient_key(parsed))
+                known_key = self._patient_cache.get(patient)
                 seen_at = self._generation
             prepared = ((known_key, seen_at, None) if known_key is not None
                         else self._choose(parsed))

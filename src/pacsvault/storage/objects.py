@@ -20,10 +20,10 @@ The archive's fast path stages into **spares** instead (``stage_spare``): empty 
 fsync for the whole batch; a batch's ids share their ``ab/cd`` directory, made with the
 batch, and the next batch is made by a background thread before this one runs out.
 Writing an object into a spare and fsync'ing that file is then enough for it to survive a
-crash under its name, with no directory fsync per object. Its
-publication is a plain rename (``durable=False``): a crash either keeps it or leaves the
-object in ``.spare``, where reads still find it and ``recover`` publishes it (indexed) or
-deletes it (not indexed, or an unused empty spare).
+crash under its name, with no directory fsync per object. Its publication is a plain
+rename (``durable=False``): a crash either keeps it or leaves the object in ``.spare``,
+where reads still find it and ``recover`` publishes it (indexed) or deletes it (not
+indexed, or an unused empty spare).
 """
 
 from __future__ import annotations
