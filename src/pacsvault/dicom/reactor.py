@@ -9,8 +9,11 @@ ends as soon as there is something to do:
 - the association reactor waits on its DIMSE message queue instead of sleeping;
 - the DUL reactor waits in ``select`` on its socket and on a wake-up pipe that
   ``send_pdu`` writes to, instead of sleeping;
-- the socket reads a PDU with ``recv_into`` a buffer of the PDU's size instead of 4 KiB
-  ``recv`` calls appended one by one.
+- the socket reads a PDU into a buffer of the PDU's size instead of 4 KiB ``recv`` calls
+  appended one by one; bytes that have arrived straight from the descriptor (``readv``),
+  the socket's timeout set only for a read that has to wait, and a socket the wait saw
+  readable not polled again (issue 17: 25 system calls per one-instance study became 11
+  in this thread, each one a point where the GIL may change hands).
 
 The loops are otherwise pynetdicom's own (copied from 3.0, whose version is pinned): same
 checks, same order, same timeouts. What either loop checks besides its queue/socket is
@@ -107,6 +110,7 @@ class WakeableDUL(DULServiceProvider):
     _pv_seen_bytes = False
 
     _pv_waiting = False  # the DUL thread is in (or about to enter) ``_pv_wait``
+    _pv_readable = False  # ``_pv_wait`` saw the socket readable; no PDU read since
     # Held by whoever writes to the socket (``BulkSocket.send``, ``sendpath``); replaced
     # per instance by ``accelerate``
     _pv_write_lock = threading.Lock()
@@ -164,9 +168,22 @@ class WakeableDUL(DULServiceProvider):
             return
         finally:
             self._pv_waiting = False
+        self._pv_readable = sock in ready
         if wake[0] in ready:
             with contextlib.suppress(OSError):
                 os.read(wake[0], 4096)
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's, without its zero-timeout ``select`` when ``_pv_wait`` saw the
+        socket readable and no PDU was read since (only this thread reads it, so it still
+        is): issue 17, one system call (and GIL hand-over) less per PDU."""
+        readable, self._pv_readable = self._pv_readable, False
+        sock = self.socket
+        if (readable and sock is not None and sock._is_connected
+                and self.state_machine.current_state != "Sta13"):
+            self._read_pdu_data()
+            return True
+        return bool(super()._is_transport_event())
 
     def run_reactor(self) -> None:  # pynetdicom 3.0 DULServiceProvider.run_reactor
         self._pv_start = time.monotonic()
@@ -433,10 +450,21 @@ class BulkSocket(AssociationSocket):
         deadline one second later. Raises ``TimeoutError`` when the deadline passes;
         returns fewer bytes only if the peer closed. The socket is left with the idle
         timeout it had.
+
+        Bytes that have arrived already are read straight from a plain socket's descriptor
+        (non-blocking: the socket has a timeout), one system call; only a read that would
+        wait sets the deadline as the socket's timeout. Why (issue 17): through the
+        timeout, each read was four calls (the timeout set and restored, each an
+        ``ioctl``, a ``poll``, the ``recv``), ~16 per stored one-instance study, and each
+        one a point where another thread takes the GIL (~48 thread switches per image
+        with four associations, ``bench/compare/switches``).
         """
         sock = self.socket
         assert sock is not None
         idle = sock.gettimeout()
+        direct = idle is not None and idle > 0 and not isinstance(sock, ssl.SSLSocket)
+        fd = sock.fileno() if direct else -1
+        timed = False
         start = len(prefix)
         want = start + nr_bytes
         buffer = bytearray(start + min(nr_bytes, _GROW_STEP))
@@ -450,15 +478,25 @@ class BulkSocket(AssociationSocket):
                 remaining = deadline + bonus - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError("read deadline")
-                sock.settimeout(remaining)
-                with memoryview(buffer) as view:
-                    n = sock.recv_into(view[got:], min(len(buffer) - got, 1 << 20))
+                with memoryview(buffer) as view, \
+                        view[got:got + min(len(buffer) - got, 1 << 20)] as free:
+                    n = -1
+                    if direct:
+                        try:
+                            n = os.readv(fd, [free])
+                        except BlockingIOError:
+                            n = -1  # nothing yet: wait for it within the deadline
+                    if n < 0:
+                        sock.settimeout(remaining)
+                        timed = True
+                        n = sock.recv_into(free)
                 if not n:
                     break
                 got += n
         finally:
-            with contextlib.suppress(OSError):
-                sock.settimeout(idle)
+            if timed:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(idle)
         if got < len(buffer):
             del buffer[got:]
         return buffer

@@ -37,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
+import socket
 import ssl
 import struct
 import time
@@ -262,11 +264,23 @@ def _send_joined(sock: Any, pieces: list[bytes | memoryview]) -> None:
 def _send_gathered(sock: Any, pieces: list[bytes | memoryview]) -> None:
     """The pieces with ``sendmsg`` (gather writes, ``_IOV`` pieces at most per call),
     resumed where the kernel stopped: the stored bytes go from their buffer to the socket
-    without first being joined into a copy (issue 17)."""
+    without first being joined into a copy (issue 17). A socket with a timeout has a
+    non-blocking descriptor: what the kernel takes at once is written straight to it
+    (``writev``), and only a write that would wait goes through the socket's timeout
+    (which first polls: one more system call, and GIL hand-over, per response)."""
     views = [p for p in pieces if len(p)]  # bytes, or memoryviews of bytes ("B")
+    timeout = sock.gettimeout() if isinstance(sock, socket.socket) else None
+    fd = sock.fileno() if timeout is not None and timeout > 0 else -1
     first = 0
     while first < len(views):
-        sent = sock.sendmsg(views[first:first + _IOV])
+        sent = -1
+        if fd >= 0:
+            try:
+                sent = os.writev(fd, views[first:first + _IOV])
+            except BlockingIOError:
+                sent = -1  # the send buffer is full: wait within the timeout
+        if sent < 0:
+            sent = sock.sendmsg(views[first:first + _IOV])
         while sent:
             size = len(views[first])
             if sent >= size:
