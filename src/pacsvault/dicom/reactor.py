@@ -452,8 +452,8 @@ class BulkSocket(AssociationSocket):
         timeout it had.
 
         Bytes that have arrived already are read straight from a plain socket's descriptor
-        (non-blocking: the socket has a timeout), one system call; only a read that would
-        wait sets the deadline as the socket's timeout. Why (issue 17): through the
+        (``sendpath.direct_fd``), one system call; only a read that would wait sets the
+        deadline as the socket's timeout. Why (issue 17): through the
         timeout, each read was four calls (the timeout set and restored, each an
         ``ioctl``, a ``poll``, the ``recv``), ~16 per stored one-instance study, and each
         one a point where another thread takes the GIL (~48 thread switches per image
@@ -462,8 +462,7 @@ class BulkSocket(AssociationSocket):
         sock = self.socket
         assert sock is not None
         idle = sock.gettimeout()
-        direct = idle is not None and idle > 0 and not isinstance(sock, ssl.SSLSocket)
-        fd = sock.fileno() if direct else -1
+        fd = sendpath.direct_fd(sock)
         timed = False
         start = len(prefix)
         want = start + nr_bytes
@@ -481,7 +480,7 @@ class BulkSocket(AssociationSocket):
                 with memoryview(buffer) as view, \
                         view[got:got + min(len(buffer) - got, 1 << 20)] as free:
                     n = -1
-                    if direct:
+                    if fd >= 0:
                         try:
                             n = os.readv(fd, [free])
                         except BlockingIOError:

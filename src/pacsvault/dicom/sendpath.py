@@ -261,16 +261,26 @@ def _send_joined(sock: Any, pieces: list[bytes | memoryview]) -> None:
         sock.sendall(b"".join(batch))
 
 
+def direct_fd(sock: Any) -> int:
+    """The descriptor of a plain socket with a timeout, else -1: Python keeps such a
+    socket non-blocking at the OS level, so ``readv``/``writev`` on it never wait and skip
+    the ``poll`` (and GIL hand-over) its timeout costs (issue 17). Never a TLS socket's:
+    its bytes must go through the SSL object. Never a blocking one's: it would wait
+    without a deadline."""
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return -1
+    timeout = sock.gettimeout()
+    return sock.fileno() if timeout is not None and timeout > 0 else -1
+
+
 def _send_gathered(sock: Any, pieces: list[bytes | memoryview]) -> None:
     """The pieces with ``sendmsg`` (gather writes, ``_IOV`` pieces at most per call),
     resumed where the kernel stopped: the stored bytes go from their buffer to the socket
-    without first being joined into a copy (issue 17). A socket with a timeout has a
-    non-blocking descriptor: what the kernel takes at once is written straight to it
-    (``writev``), and only a write that would wait goes through the socket's timeout
-    (which first polls: one more system call, and GIL hand-over, per response)."""
+    without first being joined into a copy (issue 17). What the kernel takes at once is
+    written straight to the descriptor (``direct_fd``); only a write that would wait goes
+    through the socket's timeout."""
     views = [p for p in pieces if len(p)]  # bytes, or memoryviews of bytes ("B")
-    timeout = sock.gettimeout() if isinstance(sock, socket.socket) else None
-    fd = sock.fileno() if timeout is not None and timeout > 0 else -1
+    fd = direct_fd(sock)
     first = 0
     while first < len(views):
         sent = -1
