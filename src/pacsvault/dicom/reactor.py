@@ -55,7 +55,7 @@ import threading
 import time
 from typing import Any
 
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -190,9 +190,19 @@ class WakeableDUL(DULServiceProvider):
         guard = self._pv_guard
         raw = getattr(self.socket, "socket", None)
         if guard is not None and raw is not None:
-            # Sends too: a peer that stops reading cannot hold this thread forever.
+            # Sends too: a peer that stops reading cannot hold this thread forever. A TLS
+            # socket's timeout is a fixed slice instead, set once: its reads and writes look
+            # at their own deadlines between slices (``read_within``, ``sendpath.send_tls``)
+            # instead of setting the socket's timeout around each read (issue 17: two
+            # ``ioctl`` calls per read, ~57 per received CT slice). Only this thread reads
+            # and writes a TLS association's socket (``sendpath.write_now``).
+            idle = guard.limits.idle_timeout
             with contextlib.suppress(OSError):
-                raw.settimeout(guard.limits.idle_timeout)
+                if isinstance(raw, ssl.SSLSocket) and isinstance(self.socket, BulkSocket):
+                    self.socket.pv_wait_limit = idle
+                    raw.settimeout(min(sendpath.TLS_SLICE, idle))
+                else:
+                    raw.settimeout(idle)
         self._pv_wake_lock = threading.Lock()
         read_end, write_end = os.pipe()
         os.set_blocking(read_end, False)
@@ -414,15 +424,27 @@ class WakeableDUL(DULServiceProvider):
 
 
 class BulkSocket(AssociationSocket):
+    # Set by ``run_reactor`` on a TLS socket whose timeout it made a short slice: the
+    # longest wait for the peer (the idle timeout) its writes are retried within.
+    pv_wait_limit: float | None = None
+
     def send(self, bytestream: bytes) -> None:
         """pynetdicom's, under the DUL's write lock (``sendpath.write_now`` writes from
         the association thread under it too: never two writers in one stream)."""
         lock = getattr(self.assoc.dul, "_pv_write_lock", None)
-        if lock is None:
-            super().send(bytestream)
-            return
-        with lock:
-            super().send(bytestream)
+        with lock if lock is not None else contextlib.nullcontext():
+            if self.pv_wait_limit is not None:
+                self._pv_send_tls(bytestream)
+            else:
+                super().send(bytestream)
+
+    def _pv_send_tls(self, bytestream: bytes) -> None:
+        """``AssociationSocket.send`` on a sliced TLS socket: same events."""
+        try:
+            sendpath.send_tls(self.socket, bytestream, self.pv_wait_limit)
+            evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+        except Exception:
+            self.event_queue.put("Evt17")  # transport connection closed
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only if the peer closed), straight into one buffer."""
@@ -457,12 +479,16 @@ class BulkSocket(AssociationSocket):
         timeout, each read was four calls (the timeout set and restored, each an
         ``ioctl``, a ``poll``, the ``recv``), ~16 per stored one-instance study, and each
         one a point where another thread takes the GIL (~48 thread switches per image
-        with four associations, ``bench/compare/switches``).
+        with four associations, ``bench/compare/switches``). A TLS socket whose timeout
+        ``run_reactor`` made a short slice is read through that timeout (OpenSSL waits
+        in C, no Python exception per wait), the deadline looked at between slices; only
+        the last slice before it is set to what remains.
         """
         sock = self.socket
         assert sock is not None
         idle = sock.gettimeout()
         fd = sendpath.direct_fd(sock)
+        tls_slice = idle if self.pv_wait_limit is not None else None  # ``run_reactor``'s
         timed = False
         start = len(prefix)
         want = start + nr_bytes
@@ -485,6 +511,14 @@ class BulkSocket(AssociationSocket):
                             n = os.readv(fd, [free])
                         except BlockingIOError:
                             n = -1  # nothing yet: wait for it within the deadline
+                    elif tls_slice is not None:
+                        if remaining < tls_slice:  # the last slice: the deadline's own
+                            sock.settimeout(remaining)
+                            timed = True
+                        try:
+                            n = sock.recv_into(free)
+                        except TimeoutError:
+                            continue  # a slice passed: the deadline decides
                     if n < 0:
                         sock.settimeout(remaining)
                         timed = True

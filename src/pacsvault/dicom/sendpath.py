@@ -58,6 +58,9 @@ _PYNETDICOM_LOG = logging.getLogger("pynetdicom")  # its DEBUG level logs every 
 # False: pynetdicom's send path only (tests compare both).
 ENABLED = True
 BATCH = 1 << 20  # bytes per sendall
+# A reactor's TLS socket's timeout (``send_tls``, ``reactor.BulkSocket.read_within``): how
+# often a wait for the peer looks at its own deadline
+TLS_SLICE = 1.0
 _STATES = frozenset({"Sta6", "Sta8"})  # DT-1 and AR-7: a P-DATA-TF is sent, state unchanged
 _HEADER = struct.Struct(">BBLLBB")  # PDU type, reserved, PDU length, PDV length, context, MCH
 _ELEMENT = struct.Struct("<HHI")
@@ -197,7 +200,7 @@ class WireDUL(DULServiceProvider):
         try:
             with _write_lock(self):
                 if isinstance(raw, ssl.SSLSocket):  # no sendmsg: joined batches
-                    _send_joined(raw, wire.pv_pieces)
+                    _send_joined(raw, wire.pv_pieces, getattr(sock, "pv_wait_limit", None))
                 else:
                     _send_gathered(raw, wire.pv_pieces)
         except Exception as exc:  # as AssociationSocket.send: Evt17, connection closed
@@ -247,18 +250,48 @@ def write_now(dul: Any, wire: Wire) -> bool:
     return True
 
 
-def _send_joined(sock: Any, pieces: list[bytes | memoryview]) -> None:
-    """The pieces in ``BATCH``-byte ``sendall`` calls (a TLS socket has no ``sendmsg``)."""
+def _send_joined(sock: Any, pieces: list[bytes | memoryview], limit: float | None) -> None:
+    """The pieces in ``BATCH``-byte writes (a TLS socket has no ``sendmsg``); ``limit``:
+    see ``send_tls``."""
     batch: list[bytes | memoryview] = []
     size = 0
     for piece in pieces:
         batch.append(piece)
         size += len(piece)
         if size >= BATCH:
-            sock.sendall(b"".join(batch))
+            send_tls(sock, b"".join(batch), limit)
             batch, size = [], 0
     if batch:
-        sock.sendall(b"".join(batch))
+        send_tls(sock, b"".join(batch), limit)
+
+
+def send_tls(sock: Any, data: bytes | bytearray | memoryview, limit: float | None) -> None:
+    """All of ``data`` on a TLS socket. ``limit`` None: ``sendall``, within the socket's
+    timeout. Otherwise the socket's timeout is a short slice (``TLS_SLICE``, set once by
+    ``reactor.run_reactor``): a write that outlasts it is retried with the same bytes
+    (OpenSSL resumes where it stopped) until ``limit`` seconds pass without one write
+    completing, as the idle timeout bounded each ``sendall`` step before. Raises
+    ``TimeoutError`` then.
+
+    Why (issue 17): setting a socket's timeout is a system call (``ioctl``), and reading
+    within a per-PDU deadline set and restored it around each TLS read, ~57 calls per
+    received CT slice; a socket whose timeout is a fixed slice is never set again except
+    in a read's last slice before its deadline."""
+    if limit is None:
+        sock.sendall(data)
+        return
+    with memoryview(data) as whole:
+        view = whole
+        deadline = time.monotonic() + limit
+        while len(view):
+            try:
+                sent = sock.send(view)  # all of it: OpenSSL writes no partial record set
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            view = view[sent:]
+            deadline = time.monotonic() + limit
 
 
 def direct_fd(sock: Any) -> int:
