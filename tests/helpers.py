@@ -7,13 +7,16 @@ first on PATH.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -301,3 +304,25 @@ def count_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None) -
 
     monkeypatch.setattr(os, "fsync", counted)
     return calls
+
+
+@contextlib.contextmanager
+def slow_reader(sock: socket.socket, size: int) -> Iterator[bytearray]:
+    """A thread reading ``size`` bytes from ``sock`` slowly (the sender's buffer fills, its
+    writes have to wait), joined on exit; yields what it got so far (whole after exit)."""
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < size:
+            time.sleep(0.001)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        yield got
+    finally:
+        reader.join(timeout=60)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from pacsvault.dicom.reactor import BulkSocket
+from tests.helpers import slow_reader
 
 IDLE = 30.0
 
@@ -160,22 +161,10 @@ def test_gathered_writes_straight_to_the_descriptor_resume_and_keep_the_order() 
     cuts = [0, 1, 12, 5000, 70_000, 700_001, len(payload)]
     view = memoryview(payload)
     pieces: list[bytes | memoryview] = [view[a:b] for a, b in itertools.pairwise(cuts)]
-    got = bytearray()
-
-    def read() -> None:
-        while len(got) < len(payload):
-            time.sleep(0.001)  # a slow reader: the sender's buffer fills
-            chunk = peer.recv(65536)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    reader = threading.Thread(target=read)
-    reader.start()
     try:
-        sendpath._send_gathered(ours, pieces)
+        with slow_reader(peer, len(payload)) as got:
+            sendpath._send_gathered(ours, pieces)
     finally:
-        reader.join(timeout=30)
         ours.close()
         peer.close()
     assert bytes(got) == payload

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from pacsvault.dicom import sendpath
 from pacsvault.dicom.reactor import BulkSocket
+from tests.helpers import slow_reader
 
 
 class _CountingTLS(ssl.SSLSocket):
@@ -146,22 +147,8 @@ def test_writes_wait_for_a_slow_reader_and_arrive_whole(pair: Pair) -> None:
     _, ours, peer = pair
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payload = bytes(i % 253 for i in range(3 * 1024 * 1024 + 5))
-    got = bytearray()
-
-    def read() -> None:
-        while len(got) < len(payload):
-            time.sleep(0.001)  # slow: the sender's buffer fills, its writes wait
-            chunk = peer.recv(65536)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
+    with slow_reader(peer, len(payload)) as got:
         sendpath._send_joined(ours, [payload[:10], memoryview(payload)[10:]], 5.0)
-    finally:
-        reader.join(timeout=60)
     assert bytes(got) == payload
     assert _CountingTLS.timeouts_set == 0
     assert ours.gettimeout() == sendpath.TLS_SLICE
