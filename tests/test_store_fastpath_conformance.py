@@ -13,6 +13,7 @@ window is negotiated down to one.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 from collections.abc import Iterator
@@ -122,6 +123,21 @@ def _stored(env: Env, sop_uid: str) -> list[bytes]:
     vault = env.vault.open()
     try:
         return [vault.archive.read(item) for item in vault.archive.locate(sop_uid=sop_uid)]
+    finally:
+        vault.close()
+
+
+def _indexed_digest(env: Env, sop_uid: str) -> bytes:
+    """The SHA-256 the index holds for the instance (what a re-send is compared with)."""
+    from sqlalchemy import select
+
+    from pacsvault.index.models import Instance
+
+    vault = env.vault.open()
+    try:
+        with vault.archive._sessions() as session:
+            return bytes(session.execute(select(Instance.sha256)
+                                         .where(Instance.sop_uid == sop_uid)).scalar_one())
     finally:
         vault.close()
 
@@ -267,6 +283,8 @@ def test_dcmtk_storescu_pdu_sizes_store_byte_identical(env: Env, pdu: str | None
         want = _expected(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian,
                          _dataset_part(path))
         assert _stored(env, ds.SOPInstanceUID) == [want]
+        # the index's digest is the stored bytes' own (a re-send is compared with it)
+        assert _indexed_digest(env, ds.SOPInstanceUID) == hashlib.sha256(want).digest()
 
 
 @pytest.mark.slow
@@ -334,6 +352,8 @@ def test_dcmtk_storescu_over_tls_with_client_certificate(env: Env) -> None:
         want = _expected(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian,
                          _dataset_part(path))
         assert _stored(env, ds.SOPInstanceUID) == [want]
+        # the index's digest is the stored bytes' own (a re-send is compared with it)
+        assert _indexed_digest(env, ds.SOPInstanceUID) == hashlib.sha256(want).digest()
 
 
 # --- hand-made PDUs over a pynetdicom association ---------------------------------------
