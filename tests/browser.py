@@ -55,7 +55,10 @@ class ErrorLog:
         text = str(message.text)
         relevant = message.type == "error" or "Content Security Policy" in text
         if relevant and not any(p.search(text) for p in IGNORED):
-            self.entries.append(f"console.{message.type}: {text[:500]}")
+            # where: a failed resource's own URL ("Failed to load resource" names no URL)
+            where = str((getattr(message, "location", None) or {}).get("url", ""))[:200]
+            self.entries.append(f"console.{message.type}: {text[:500]}"
+                                + (f" ({where})" if where else ""))
 
     def clear(self) -> None:
         self.entries.clear()
