@@ -9,24 +9,22 @@ not set while bytes flow.
 
 from __future__ import annotations
 
-import datetime as dt
 import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from pacsvault.crypto.tls import TlsPaths, create_authority
+from pacsvault.crypto.tls_context import client_context, server_context
 from pacsvault.dicom import sendpath
 from pacsvault.dicom.reactor import BulkSocket
 from tests.helpers import slow_reader
+
+_PASSWORD = b"reactor-tls-test"
 
 
 class _CountingTLS(ssl.SSLSocket):
@@ -41,27 +39,13 @@ class _CountingTLS(ssl.SSLSocket):
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts around a throwaway self-signed certificate."""
-    folder: Path = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    """(server, client) contexts as a vault makes them (its CA, its hardened suites, the
+    client presenting the vault's own client certificate: mutual TLS)."""
+    paths = TlsPaths(tmp_path_factory.mktemp("tls") / "tls")
+    create_authority(paths, _PASSWORD, "TEST")
+    server = server_context(paths, _PASSWORD)
     server.sslsocket_class = _CountingTLS
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(folder / "cert.pem")
-    return server, client
+    return server, client_context(paths, _PASSWORD)
 
 
 Pair = tuple[BulkSocket, ssl.SSLSocket, ssl.SSLSocket]
