@@ -14,11 +14,11 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from pacsvault.check import disks
 from pacsvault.storage.objects import ObjectStore
 
 _SIZE = 3 * 1024 * 1024 + 123
@@ -44,16 +44,12 @@ def _resident_pages(path: Path) -> int:
     return sum(byte & 1 for byte in flags.raw)
 
 
-def _file_system(path: Path) -> str:
-    found = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
-                           text=True, check=True)
-    return found.stdout.strip()
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> ObjectStore:
-    if _file_system(tmp_path) == "tmpfs":
-        pytest.skip("tmpfs: the page cache is the file itself")
+    mount = disks.mount_of(str(tmp_path.resolve()),
+                           disks.parse_mountinfo(disks.read("/proc/self/mountinfo")))
+    if mount is not None and mount.fstype in disks.MEMORY_FS:
+        pytest.skip(f"{mount.fstype}: the page cache is the file itself")
     objects = ObjectStore(tmp_path / "objects")
     objects.create()
     return objects
