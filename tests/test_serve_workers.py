@@ -14,6 +14,7 @@ processes); the two first ones are not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -439,4 +441,78 @@ def test_a_protected_key_reaches_restarted_workers_through_the_pipe(vault: Vault
             Path(f"/proc/{restarted}/cmdline").read_text().split("\0")).replace(
                 "--passphrase-fd", "")
     finally:
+        assert server.stop() == 0
+
+
+def _holder(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The worker holding the server side of the connection from ``client_port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if (int(fields[1].rsplit(":", 1)[1], 16) == server_port
+                        and int(fields[2].rsplit(":", 1)[1], 16) == client_port):
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if inodes & {os.readlink(f"/proc/{pid}/fd/{fd}")
+                         for fd in os.listdir(f"/proc/{pid}/fd")}:
+                return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill9_of_the_committing_worker_while_the_other_stores(vault: VaultDir,
+                                                               tmp_path: Path) -> None:
+    """Issue 17 (``storage.commit_link``): worker 0 commits the stores of worker 1. Killed
+    between two stores of an association worker 1 holds, the next stores of that same
+    association are still stored (worker 1 commits them itself until worker 0 is back),
+    nothing acknowledged is lost, the trail verifies."""
+    from pydicom.uid import CTImageStorage
+    from pynetdicom import AE as ClientAE
+
+    files = corpus.synthetic_ct_series(tmp_path / "ct", 36, size=64)
+    server = _start(vault)
+    held: list[Any] = []
+    try:
+        assert wait_until(lambda: (vault.data / "commit.sock").exists(), 30)
+        pids = _worker_pids(vault)
+        ae = ClientAE(ae_title=CALLING)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        ae.add_requested_context(CTImageStorage)
+        on_1 = None
+        for _ in range(16):  # the kernel hands each connection to either worker
+            assoc = ae.associate("127.0.0.1", server.port, ae_title=AE)
+            assert assoc.is_established
+            held.append(assoc)
+            assert assoc.dul.socket is not None and assoc.dul.socket.socket is not None
+            port = int(assoc.dul.socket.socket.getsockname()[1])
+
+            def found(client: int = port) -> bool:
+                return _holder(server.port, client, pids) is not None
+
+            if wait_until(found, 10) and _holder(server.port, port, pids) == pids[1]:
+                on_1 = assoc
+                break
+        assert on_1 is not None, "no association reached worker 1"
+        statuses = [int(on_1.send_c_store(dcmread(f)).Status) for f in files[:12]]
+        os.kill(pids[0], signal.SIGKILL)
+        assert wait_until(lambda: not _alive(pids[0]), 10)
+        statuses += [int(on_1.send_c_store(dcmread(f)).Status) for f in files[12:24]]
+        assert statuses == [0] * 24, [hex(s) for s in statuses]
+        on_1.release()
+        assert wait_until(lambda: (now := _worker_pids(vault))[0] != pids[0]
+                          and _alive(now[0]), 60)
+        # worker 0 is back: the rest through either worker
+        res = storescu(server.port, files[24:], calling=CALLING, timeout=180)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert set(_exported(vault, tmp_path / "export")) == {_sop_uid(f) for f in files}
+        proc = vault.cli("audit", "verify", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.abort()
         assert server.stop() == 0

@@ -30,6 +30,7 @@ from pacsvault.service import bind as binding
 from pacsvault.service import lock as instance_lock
 from pacsvault.service.control import ControlServer
 from pacsvault.service.ports import Listener, PortError, check_free
+from pacsvault.storage.commit_link import CommitClient, CommitServer
 from pacsvault.vault import META_NAME, Layout, Vault, VaultError, upgrade_without_asking
 from pacsvault.web.app import create_app
 
@@ -328,6 +329,17 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
     if not vault.nodes.all() and primary:
         log.warning("no node is registered yet, so every association will be refused; "
                     "register your modality with 'pacsvault node add'")
+    # One committer for every worker on the embedded index (``storage.commit_link``):
+    # worker 0 serves it, the others hand it their stores' rows.
+    linked = role is not None and role.total > 1 and not settings.index.is_postgres
+    committer: CommitServer | None = None
+    if linked and primary:
+        archive = vault.archive
+        committer = CommitServer(vault.layout.root, archive.commit_pending,
+                                 archive.removal_generation)
+        committer.start()
+    elif linked:
+        vault.archive.link = CommitClient(vault.layout.root)
     control: ControlServer | None = None
     if role is None:
         serving.write_state(vault.layout, {"pid": os.getpid(), "bind": bind,
@@ -367,6 +379,8 @@ def _run(vault: Vault, bind: str, ports: tuple[int | None, int | None, int | Non
         if web is not None:
             web.stop()
         service.stop()
+        if committer is not None:  # after this worker's own stores; others fall back
+            committer.stop()
         vault.recorder.emit(
             AuditEvent(action="application.stop", outcome=Outcome.SUCCESS,
                        code=EventCode.APPLICATION_ACTIVITY)

@@ -40,7 +40,7 @@ class ControlError(Exception):
 
 
 @contextlib.contextmanager
-def _short_path(path: Path) -> Iterator[str]:
+def short_path(path: Path) -> Iterator[str]:
     """A Unix socket path is limited to ~108 bytes; a deep data dir is reached through
     ``/proc/self/fd/N/`` of an open directory descriptor instead."""
     if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
@@ -71,7 +71,7 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            with _short_path(self._path) as where:
+            with short_path(self._path) as where:
                 sock.bind(where)
         finally:
             os.umask(old)
@@ -161,7 +161,7 @@ def call(root: Path, command: str, args: dict[str, Any] | None = None,
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        with _short_path(path) as where:
+        with short_path(path) as where:
             sock.connect(where)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()

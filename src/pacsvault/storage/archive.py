@@ -68,6 +68,7 @@ from pacsvault.index.models import Instance, Patient
 from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import keychoice, rows, sameness
+from pacsvault.storage.commit_link import CommitOutcomeUnknown
 from pacsvault.storage.group_commit import GroupCommit
 from pacsvault.storage.objects import ObjectBackend, ObjectStore, Recovery
 from pacsvault.storage.rows import Pending
@@ -297,12 +298,14 @@ class Archive(GroupCommit):
             if known is None:
                 raise
             return known
-        except BaseException:
+        except BaseException as exc:
             # A failed commit may still have committed (a connection lost during COMMIT on
             # a network database): in a bucket the object is left to the orphan sweep,
-            # which deletes it only if no row names it once the grace is over. Local
-            # files (SQLite, no such doubt) are discarded at once, as always.
-            if self.objects.kind != "s3":
+            # which deletes it only if no row names it once the grace is over; likewise
+            # a local file whose committing worker vanished before answering (the next
+            # start's ``recover`` settles it). Other local files (no such doubt) are
+            # discarded at once, as always.
+            if self.objects.kind != "s3" and not isinstance(exc, CommitOutcomeUnknown):
                 self.objects.discard(object_id)
             raise
         if pending.result is not None:  # known already (a re-send, or a race)

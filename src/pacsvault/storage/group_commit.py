@@ -31,6 +31,7 @@ from pacsvault.crypto.keyring import Keyring
 from pacsvault.dicomfile.parse import ParsedInstance
 from pacsvault.index import dialect
 from pacsvault.storage import keychoice, pgrows, rows
+from pacsvault.storage.commit_link import CommitClient
 from pacsvault.storage.rows import Pending, StaleChoice, acknowledged, index_one
 
 _MAX_BATCH = 64
@@ -87,6 +88,9 @@ class GroupCommit:
     # --- the queue --------------------------------------------------------------------
 
     def _init_group_commit(self) -> None:
+        # ``serve --workers N`` on the embedded index, workers other than 0: their stores
+        # are committed by worker 0 (``storage.commit_link``; None: this process commits).
+        self.link: CommitClient | None = None
         self._queue: list[Pending] = []
         lock = threading.RLock()
         self._cond = threading.Condition(lock)
@@ -153,6 +157,9 @@ class GroupCommit:
         two workers on the embedded index, batches taken before that wait were ~1.25
         images each, and every commit waited on the other process's).
         """
+        link = self.link
+        if link is not None and link.commit(pending, self._learn):
+            return  # committed by worker 0 (or its error raised)
         with self._cond:
             self._queue.append(pending)
             if getattr(self._flying, "on", False):  # queued: no longer waited for
@@ -284,15 +291,39 @@ class GroupCommit:
             if self._generation != generation:
                 return
             for item in batch:
-                study = item.learnt.get("study")
-                if study is not None:
-                    self._study_cache[item.parsed.study_uid] = study
-                series = item.learnt.get("series")
-                if series is not None:
-                    self._series_cache[item.parsed.series_uid] = series
-                patient = item.learnt.get("patient")
-                if patient is not None:
-                    self._patient_cache[self._patient_key(item.parsed)] = patient
+                self._keep(item)
+
+    def _keep(self, item: Pending) -> None:
+        """Caller holds ``_cache_lock``: what ``item``'s committed rows taught."""
+        study = item.learnt.get("study")
+        if study is not None:
+            self._study_cache[item.parsed.study_uid] = study
+        series = item.learnt.get("series")
+        if series is not None:
+            self._series_cache[item.parsed.series_uid] = series
+        patient = item.learnt.get("patient")
+        if patient is not None:
+            self._patient_cache[self._patient_key(item.parsed)] = patient
+
+    def _learn(self, item: Pending, generation: int) -> None:
+        """``item`` was committed (or failed) by worker 0's committer (``commit_link``) in
+        a batch that read ``generation``: a removal seen there drops this process's caches
+        too, and what the rows taught is kept as after a commit of this process."""
+        with self._cache_lock:
+            if generation > self._generation:
+                self._observe(generation)
+            if generation == self._generation == item.generation:
+                self._keep(item)
+
+    def removal_generation(self) -> int:
+        """The removal generation the caches hold (``commit_link``'s answers)."""
+        with self._cache_lock:
+            return self._generation
+
+    def commit_pending(self, pending: Pending) -> None:
+        """Worker 0's committer (``commit_link``): another worker's store joins this
+        process's group commit as its own stores do (its object durable already)."""
+        self._commit(pending)
 
     def _index_one(
         self, conn: Connection, item: Pending, overlay_studies: dict[str, int],
