@@ -10,7 +10,9 @@ descriptors: every worker accepts on the same sockets and the kernel gives each
 connection to one of them. Once that start is done the parent replaces its image with the
 lean supervisor (``cli/supervise``: same pid, the lock and sockets kept, ~16 MB instead
 of the ~180 MB the server's import costs), which runs ``Supervisor`` below: so this module
-imports the standard library only. Nothing else passes between them: everything a request depends
+imports the standard library only. Nothing else passes between the parent and the workers
+(between workers: on the embedded index, worker 0 commits the others' stores,
+``storage.commit_link``): everything a request depends
 on is in the index (sessions, sign-in state, the registry, duplicates: "Several
 instances: what is shared"), objects are files named by random ids (each process stages
 into spares of its own, never shared), and the one audit trail is appended under its file

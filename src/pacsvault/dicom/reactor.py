@@ -53,7 +53,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import _config, evt
 from pynetdicom.association import Association
@@ -294,7 +294,7 @@ class WakeableDUL(DULServiceProvider):
         if waiting_for_request:
             # The association thread waits for an A-ASSOCIATE request (for the ACSE
             # timeout): None is "nothing came", it stops now and frees its thread.
-            self.to_user_queue.put(None)
+            cast(Any, self.to_user_queue).put(None)  # (typed without None)
 
     def _pv_closed(self) -> None:
         """The peer closed (a scanner, a TLS probe, a modality giving up): Evt17 for the
@@ -305,7 +305,7 @@ class WakeableDUL(DULServiceProvider):
         waiting_for_request = self.state_machine.current_state == "Sta2"
         self.event_queue.put("Evt17")
         if waiting_for_request:
-            self.to_user_queue.put(None)
+            cast(Any, self.to_user_queue).put(None)  # (typed without None)
 
     def _pv_malformed(self, guard: ConnectionGuard, why: str, associated: bool) -> None:
         if associated:
