@@ -10,7 +10,8 @@ study learnt by worker 1's cache); without a committer worker 1 commits itself; 
 committer failing answers with the failure's own type (the modality's status does not
 depend on which process committed); a committer gone before answering fails the store
 *and keeps its staged object* (the row may have been committed: the next start's
-``recover`` settles it), where any other failure discards it.
+``recover`` settles it), where any other failure discards it; a removal the committer
+has seen empties worker 1's caches through its answer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pacsvault.storage import commit_link
 from pacsvault.storage.archive import StoreStatus
 from pacsvault.storage.commit_link import CommitClient, CommitOutcomeUnknown, CommitServer
 from pacsvault.storage.objects import SPARE_DIR
+from pacsvault.storage.removal import Remover
 from pacsvault.storage.rows import Pending
 from pacsvault.vault import Vault, create
 from tests import corpus
@@ -196,3 +198,35 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
     kept = _spares(second)
     assert len(kept) == 1  # kept: worker 0 may have committed the row naming it
     assert second.objects.read(next(iter(kept))) != raw  # (ciphertext, as always)
+
+
+def test_a_removal_seen_by_the_committer_empties_the_senders_caches(
+        pair: tuple[Vault, Vault], tmp_path: Path) -> None:
+    """Worker 1 learnt a study (its rows and data key) from worker 0's answers; the study
+    is then deleted on worker 0. Worker 1's next instance of that study, chosen from its
+    stale cache, is refused by the committer (its removal generation is old) and the
+    answer's generation empties worker 1's caches, so the store's retry chooses afresh:
+    stored, never indexed under the deleted rows (without the generation in the answer,
+    every retry would be refused the same way)."""
+    first, second = pair
+    server = CommitServer(first.layout.root, first.archive.commit_pending,
+                          first.archive.removal_generation)
+    server.start()
+    second.archive.link = CommitClient(first.layout.root)
+    raws = _raws(tmp_path)[:4]  # four slices of one study
+    study = str(dcmread(tmp_path / "ct" / "ct0000.dcm").StudyInstanceUID)
+    try:
+        for raw in raws[:3]:
+            assert second.archive.store(raw, source_ae="MODALITY").status \
+                is StoreStatus.STORED
+        assert study in second.archive._study_cache
+        remover = Remover(first.engine, first.objects, first.recorder, first.archive)
+        remover.delete("study", study, "sent to the wrong patient", actor="admin-test")
+        assert second.archive.store(raws[3], source_ae="MODALITY").status \
+            is StoreStatus.STORED
+    finally:
+        second.archive.settle()
+        second.archive.link.close()
+        server.stop()
+    found = list(first.archive.locate(study_uid=study))
+    assert [first.archive.read(i) for i in found] == [raws[3]]
