@@ -171,15 +171,14 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
     listener.listen(1)
     taken: list[bytes] = []
 
-    def take_then_die() -> None:  # reads the whole request, then vanishes (kill -9)
+    def take_then_die() -> None:
+        """Reads the request and the "synced" frame (all worker 0 needs to commit), then
+        vanishes (kill -9): the row may or may not have been committed."""
         conn, _ = listener.accept()
         with conn:
-            head = conn.recv(4)
-            size = int.from_bytes(head, "big")
-            body = b""
-            while len(body) < size:
-                body += conn.recv(size - len(body))
-            taken.append(body)
+            for _ in range(2):
+                size = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
+                taken.append(conn.recv(size, socket.MSG_WAITALL))
 
     thread = threading.Thread(target=take_then_die)
     thread.start()
@@ -194,7 +193,7 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
         thread.join(10)
         listener.close()
         second.archive.link.close()
-    assert len(taken) == 1
+    assert len(taken) == 2 and b'"synced":true' in taken[1]
     kept = _spares(second)
     assert len(kept) == 1  # kept: worker 0 may have committed the row naming it
     assert second.objects.read(next(iter(kept))) != raw  # (ciphertext, as always)

@@ -19,8 +19,10 @@ length and a JSON object.
 
 Nothing lost, whatever fails:
 
-- the worker sends only once its object is durable (its fsync returned), so worker 0
-  commits no row whose object a crash could lose;
+- the worker sends the rows as soon as its object is written, then a second frame once
+  the object's fsync returned (``synced``): worker 0 writes the rows and the store record
+  meanwhile, as it does beside its own objects' fsyncs, and commits no row before that
+  frame said its object is durable (a worker gone before it: never committed);
 - no committer to reach (worker 0 starting again, a stale socket): the worker commits
   itself, as before this module (correct, only slower);
 - the committer gone after the request was sent (killed mid-commit): the row may or may
@@ -42,6 +44,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -104,11 +107,12 @@ def _receive(sock: socket.socket) -> dict[str, Any]:
     return value
 
 
-def _request(pending: Pending) -> dict[str, Any]:
+def _request(pending: Pending, syncing: bool) -> dict[str, Any]:
     parsed = asdict(pending.parsed)
     parsed["sha256"] = pending.parsed.sha256.hex()
-    return {"parsed": parsed, "object_id": pending.object_id, "key_id": str(pending.key_id),
-            "source_ae": pending.source_ae, "generation": pending.generation,
+    return {"parsed": parsed, "syncing": syncing, "object_id": pending.object_id,
+            "key_id": str(pending.key_id), "source_ae": pending.source_ae,
+            "generation": pending.generation,
             "actor_address": pending.actor_address, "actor_user": pending.actor_user,
             "new_key": None if pending.new_key is None else pending.new_key.hex()}
 
@@ -131,6 +135,16 @@ _KINDS: tuple[tuple[type[BaseException], str], ...] = (
     (AuditUnavailable, "audit"), (StaleChoice, "stale"), (IntegrityError, "integrity"),
     (DiskFullError, "disk-full"), (OperationalError, "index"), (OSError, "os"),
 )
+
+
+def _synced(conn: socket.socket) -> None:
+    """Worker 0, in its pool: the sending worker's word that the object is durable (its
+    fsync returned), read from the connection; raises otherwise (never committed)."""
+    frame = _receive(conn)
+    if frame.get("synced") is not True:
+        code = frame.get("errno")
+        raise OSError(code if isinstance(code, int) else errnos.EIO,
+                      "the object could not be made durable by the sending worker")
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
@@ -174,6 +188,8 @@ class CommitServer:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopped = False
+        # Reads each request's ``synced`` frame while its commit is under way
+        self._syncs = ThreadPoolExecutor(max_workers=16, thread_name_prefix="commit-sync")
 
     def start(self) -> None:
         self._path.unlink(missing_ok=True)  # a stale socket of a killed worker
@@ -202,6 +218,7 @@ class CommitServer:
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
+        self._syncs.shutdown(wait=False)
         self._path.unlink(missing_ok=True)
 
     def _accept(self) -> None:
@@ -230,7 +247,7 @@ class CommitServer:
                     request = _receive(conn)
                 except (OSError, ValueError):
                     return  # the worker went away (or a frame it should not send)
-                _send(conn, self._handle(request))
+                _send(conn, self._handle(request, conn))
         except OSError:
             return
         finally:
@@ -238,17 +255,24 @@ class CommitServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _handle(self, request: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
+        synced = self._syncs.submit(_synced, conn) if request.get("syncing") else None
         try:
-            pending = _pending(request)
-        except (KeyError, TypeError, ValueError):
-            return {"ok": False, "error": "other", "type": "MalformedRequest", "errno": None}
-        try:
-            self._commit(pending)
-        except Exception as exc:  # answered as its kind; logged by the sender's caller
-            reply = _failure(exc)
-            reply["generation"] = self._generation()
-            return reply
+            try:
+                pending = _pending(request)
+            except (KeyError, TypeError, ValueError):
+                return {"ok": False, "error": "other", "type": "MalformedRequest",
+                        "errno": None}
+            pending.durable = synced  # committed only once the object is durable
+            try:
+                self._commit(pending)
+            except Exception as exc:  # answered as its kind; logged by the sender's caller
+                reply = _failure(exc)
+                reply["generation"] = self._generation()
+                return reply
+        finally:
+            if synced is not None:  # its frame read before the connection's next request
+                synced.exception()
         result = pending.result
         return {"ok": True, "generation": self._generation(),
                 "result": None if result is None else [result.status.value, result.sop_uid,
@@ -308,26 +332,34 @@ class CommitClient:
         """Commit ``pending``'s rows through worker 0: True once they are (``pending``'s
         result and learnt set, ``learn`` told the batch's generation), an exception as
         ``GroupCommit._commit`` raises it, or False with nothing sent (no committer)."""
-        if pending.durable is not None:  # durable before its row can be committed
-            failed = pending.durable.exception()
-            if failed is not None:
-                raise failed
-            pending.durable = None
+        durable = pending.durable  # the object's fsync, if it still runs
+        request = _request(pending, syncing=durable is not None)
         sock = self._connection()
         if sock is None:
             return False
         try:
-            _send(sock, _request(pending))
+            _send(sock, request)
         except OSError:
             sock.close()  # a stale connection (worker 0 restarted): nothing was taken
             sock = self._connection()
             if sock is None:
                 return False
             try:
-                _send(sock, _request(pending))
+                _send(sock, request)
             except OSError:
                 sock.close()
                 return False
+        failed: BaseException | None = None
+        if durable is not None:  # worker 0 writes the rows meanwhile, commits after this
+            failed = durable.exception()
+            try:
+                _send(sock, {"synced": failed is None,
+                             "errno": failed.errno if isinstance(failed, OSError) else None})
+            except OSError:
+                sock.close()  # worker 0 never read "synced": nothing was committed
+                if failed is not None:
+                    raise failed from None
+                raise ConnectionResetError("the committing worker went away") from None
         try:
             reply = _receive(sock)
         except (OSError, ValueError):
@@ -336,6 +368,8 @@ class CommitClient:
                                        "the image may or may not be stored") from None
         with self._lock:
             self._idle.append(sock)
+        if failed is not None:  # never committed: the object's own failure
+            raise failed
         ok = bool(reply.get("ok"))
         pending.learnt = _learnt_in(reply.get("learnt")) if ok else {}
         generation = reply.get("generation")
