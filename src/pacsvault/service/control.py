@@ -53,6 +53,22 @@ def short_path(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
+def listen_private(path: Path, backlog: int) -> socket.socket:
+    """A Unix socket listening at ``path``, 0600 from its creation (a stale one of a
+    killed process replaced): only the vault's user (or root) may connect."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        with short_path(path) as where:
+            sock.bind(where)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    return sock
+
+
 class ControlServer:
     """Serves registered commands, one connection at a time per thread."""
 
@@ -67,16 +83,7 @@ class ControlServer:
         self._handlers[command] = handler
 
     def start(self) -> None:
-        self._path.unlink(missing_ok=True)  # a stale socket of a killed server
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_path(self._path) as where:
-                sock.bind(where)
-        finally:
-            os.umask(old)
-        os.chmod(self._path, 0o600)
-        sock.listen(8)
+        sock = listen_private(self._path, 8)
         sock.settimeout(0.5)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="pacsvault-control",

@@ -53,7 +53,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacsvault.audit.events import AuditUnavailable
 from pacsvault.dicomfile.parse import ParsedInstance
-from pacsvault.service.control import short_path
+from pacsvault.service.control import listen_private, short_path
 from pacsvault.storage.objects import DiskFullError
 from pacsvault.storage.rows import Pending, StaleChoice, StoreResult, StoreStatus
 
@@ -192,17 +192,7 @@ class CommitServer:
         self._syncs = ThreadPoolExecutor(max_workers=16, thread_name_prefix="commit-sync")
 
     def start(self) -> None:
-        self._path.unlink(missing_ok=True)  # a stale socket of a killed worker
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_path(self._path) as where:
-                sock.bind(where)
-        finally:
-            os.umask(old)
-        os.chmod(self._path, 0o600)
-        sock.listen(64)
-        self._sock = sock
+        self._sock = listen_private(self._path, 64)
         threading.Thread(target=self._accept, name="commit-link", daemon=True).start()
 
     def stop(self) -> None:
@@ -334,21 +324,17 @@ class CommitClient:
         ``GroupCommit._commit`` raises it, or False with nothing sent (no committer)."""
         durable = pending.durable  # the object's fsync, if it still runs
         request = _request(pending, syncing=durable is not None)
-        sock = self._connection()
-        if sock is None:
-            return False
-        try:
-            _send(sock, request)
-        except OSError:
-            sock.close()  # a stale connection (worker 0 restarted): nothing was taken
+        for _attempt in range(2):
             sock = self._connection()
             if sock is None:
                 return False
             try:
                 _send(sock, request)
-            except OSError:
+                break
+            except OSError:  # a stale connection (worker 0 restarted): nothing was taken
                 sock.close()
-                return False
+        else:
+            return False
         failed: BaseException | None = None
         if durable is not None:  # worker 0 writes the rows meanwhile, commits after this
             failed = durable.exception()
