@@ -16,6 +16,7 @@ has seen empties worker 1's caches through its answer.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 from collections.abc import Iterator
@@ -27,9 +28,10 @@ from pydicom.uid import generate_uid
 
 from pacsvault.audit.events import AuditUnavailable
 from pacsvault.dicom.status import OUT_OF_RESOURCES, store_failure
+from pacsvault.dicomfile import parse
 from pacsvault.service.control import short_path
 from pacsvault.storage import commit_link
-from pacsvault.storage.archive import StoreStatus
+from pacsvault.storage.archive import StoreResult, StoreStatus
 from pacsvault.storage.commit_link import CommitClient, CommitOutcomeUnknown, CommitServer
 from pacsvault.storage.objects import SPARE_DIR
 from pacsvault.storage.removal import Remover
@@ -229,3 +231,39 @@ def test_a_removal_seen_by_the_committer_empties_the_senders_caches(
         server.stop()
     found = list(first.archive.locate(study_uid=study))
     assert [first.archive.read(i) for i in found] == [raws[3]]
+
+
+def test_a_sender_that_never_says_synced_holds_no_commit(
+        pair: tuple[Vault, Vault], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose object's fsync never returns (a dying disk) sent its rows but never
+    its "synced" frame: past the timeout worker 0 fails that store alone (nothing of it
+    committed), answers, and closes the connection (out of step); its own stores, queued
+    with it, are committed meanwhile."""
+    first, second = pair
+    monkeypatch.setattr(commit_link, "_SYNC_TIMEOUT_S", 0.5)
+    server = CommitServer(first.layout.root, first.archive.commit_pending,
+                          first.archive.removal_generation)
+    server.start()
+    raws = _raws(tmp_path)
+    parsed = parse.parse(raws[-1])
+    chosen = second.archive._choose(parsed)
+    assert not isinstance(chosen, StoreResult)
+    key_id, generation, minted = chosen
+    stuck = Pending(parsed, secrets.token_hex(16), key_id, "MODALITY", generation,
+                    new_key=minted)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with short_path(first.layout.root / commit_link.SOCKET_NAME) as where:
+            sock.connect(where)
+        sock.settimeout(30)
+        commit_link._send(sock, commit_link._request(stuck, syncing=True))
+        mine = first.archive.store(raws[0], source_ae="MODALITY")  # not held by it
+        assert mine.status is StoreStatus.STORED
+        reply = commit_link._receive(sock)
+        assert reply["ok"] is False and reply["type"] == "TimeoutError"
+        assert sock.recv(1) == b""  # closed by worker 0
+    finally:
+        sock.close()
+        server.stop()
+    assert list(first.archive.locate(sop_uid=parsed.sop_uid)) == []
+    assert len(list(first.archive.locate())) == 1

@@ -22,7 +22,9 @@ Nothing lost, whatever fails:
 - the worker sends the rows as soon as its object is written, then a second frame once
   the object's fsync returned (``synced``): worker 0 writes the rows and the store record
   meanwhile, as it does beside its own objects' fsyncs, and commits no row before that
-  frame said its object is durable (a worker gone before it: never committed);
+  frame said its object is durable (a worker gone before it: never committed; a frame
+  that does not come within ``_SYNC_TIMEOUT_S``: that store alone fails, the others of
+  the batch commit, the connection is closed);
 - no committer to reach (worker 0 starting again, a stale socket): the worker commits
   itself, as before this module (correct, only slower);
 - the committer gone after the request was sent (killed mid-commit): the row may or may
@@ -39,12 +41,13 @@ import errno as errnos
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,10 @@ _MAX_FRAME = 64 * 1024 * 1024  # a header's DICOM JSON, with room
 # hold them a while. Past this, the outcome is unknown (the object kept, see the module).
 _REPLY_TIMEOUT_S = 120.0
 _PARSED = tuple(f.name for f in fields(ParsedInstance))
+# A sending worker whose object's fsync does not return (a dying disk) must not hold
+# worker 0's commits, its own stores' included: past this its store fails (not committed)
+# and its connection is closed.
+_SYNC_TIMEOUT_S = 60.0
 
 
 class CommitOutcomeUnknown(OSError):
@@ -140,6 +147,9 @@ _KINDS: tuple[tuple[type[BaseException], str], ...] = (
 def _synced(conn: socket.socket) -> None:
     """Worker 0, in its pool: the sending worker's word that the object is durable (its
     fsync returned), read from the connection; raises otherwise (never committed)."""
+    readable, _, _ = select.select([conn], [], [], _SYNC_TIMEOUT_S)
+    if not readable:
+        raise TimeoutError("the sending worker did not say its object was durable")
     frame = _receive(conn)
     if frame.get("synced") is not True:
         code = frame.get("errno")
@@ -237,7 +247,10 @@ class CommitServer:
                     request = _receive(conn)
                 except (OSError, ValueError):
                     return  # the worker went away (or a frame it should not send)
-                _send(conn, self._handle(request, conn))
+                reply, usable = self._handle(request, conn)
+                _send(conn, reply)
+                if not usable:  # its "synced" frame never came: out of step, closed
+                    return
         except OSError:
             return
         finally:
@@ -245,24 +258,29 @@ class CommitServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _handle(self, request: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
-        synced = self._syncs.submit(_synced, conn) if request.get("syncing") else None
+    def _handle(self, request: dict[str, Any],
+                conn: socket.socket) -> tuple[dict[str, Any], bool]:
+        """The answer to one request, and whether the connection may serve the next (its
+        ``synced`` frame was read: the next frame is a request)."""
         try:
-            try:
-                pending = _pending(request)
-            except (KeyError, TypeError, ValueError):
-                return {"ok": False, "error": "other", "type": "MalformedRequest",
-                        "errno": None}
-            pending.durable = synced  # committed only once the object is durable
-            try:
-                self._commit(pending)
-            except Exception as exc:  # answered as its kind; logged by the sender's caller
-                reply = _failure(exc)
-                reply["generation"] = self._generation()
-                return reply
-        finally:
-            if synced is not None:  # its frame read before the connection's next request
-                synced.exception()
+            synced = self._syncs.submit(_synced, conn) if request.get("syncing") else None
+        except RuntimeError:  # stopping: nothing taken (the sender fails its store)
+            return _failure(RuntimeError()), False
+        reply = self._answer(request, synced)
+        return reply, synced is None or synced.exception() is None
+
+    def _answer(self, request: dict[str, Any], synced: Future[None] | None) -> dict[str, Any]:
+        try:
+            pending = _pending(request)
+        except (KeyError, TypeError, ValueError):
+            return {"ok": False, "error": "other", "type": "MalformedRequest", "errno": None}
+        pending.durable = synced  # committed only once the object is durable
+        try:
+            self._commit(pending)
+        except Exception as exc:  # answered as its kind; logged by the sender's caller
+            reply = _failure(exc)
+            reply["generation"] = self._generation()
+            return reply
         result = pending.result
         return {"ok": True, "generation": self._generation(),
                 "result": None if result is None else [result.status.value, result.sop_uid,
