@@ -16,6 +16,7 @@ has seen empties worker 1's caches through its answer.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import socket
 import threading
@@ -38,6 +39,8 @@ from pacsvault.storage.removal import Remover
 from pacsvault.storage.rows import Pending
 from pacsvault.vault import Vault, create
 from tests import corpus
+
+LOG = logging.getLogger("test_commit_link")
 
 
 @pytest.fixture
@@ -155,7 +158,7 @@ def test_a_committers_failure_keeps_its_type_and_discards_the_object(
     try:
         with pytest.raises(AuditUnavailable) as raised:
             second.archive.store(_raws(tmp_path)[-1], source_ae="MODALITY")
-        assert store_failure(raised.value, commit_link.log).status == OUT_OF_RESOURCES
+        assert store_failure(raised.value, LOG).status == OUT_OF_RESOURCES
     finally:
         second.archive.link.close()
         server.stop()
@@ -190,7 +193,7 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
         with pytest.raises(CommitOutcomeUnknown) as raised:
             second.archive.store(raw, source_ae="MODALITY")
         # the modality is told to retry: "out of resources", not a failure of the object
-        assert store_failure(raised.value, commit_link.log).status == OUT_OF_RESOURCES
+        assert store_failure(raised.value, LOG).status == OUT_OF_RESOURCES
     finally:
         thread.join(10)
         listener.close()

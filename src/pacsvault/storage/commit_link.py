@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import errno as errnos
 import json
-import logging
 import os
 import select
 import socket
@@ -59,8 +58,6 @@ from pacsvault.dicomfile.parse import ParsedInstance
 from pacsvault.service.control import listen_private, short_path
 from pacsvault.storage.objects import DiskFullError
 from pacsvault.storage.rows import Pending, StaleChoice, StoreResult, StoreStatus
-
-log = logging.getLogger("pacsvault.storage")
 
 SOCKET_NAME = "commit.sock"
 _LENGTH = struct.Struct(">I")

@@ -322,7 +322,8 @@ class GroupCommit:
 
     def commit_pending(self, pending: Pending) -> None:
         """Worker 0's committer (``commit_link``): another worker's store joins this
-        process's group commit as its own stores do (its object durable already)."""
+        process's group commit as its own stores do (``pending.durable``: its ``synced``
+        frame, waited for before the commit)."""
         self._commit(pending)
 
     def _index_one(
