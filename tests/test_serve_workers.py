@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -218,29 +219,37 @@ def _push_and_kill(port: int, files: list[Path], kill_after: int,
                    kill: Callable[[], None]) -> tuple[list[Path], int]:
     """One storescu batch; ``kill()`` once ``kill_after`` stores are acknowledged.
 
-    storescu's output is line-buffered (``stdbuf -oL``): into a pipe it is block-buffered
-    otherwise, and the ``kill_after``-th acknowledgement was only read once some twenty
-    files had gone, so a fast enough server had taken the whole batch and closed the
-    association before the kill (CI, 2026-12-05: "no worker holds the association")."""
+    The kill must find the association still open, whatever the machine's load: storescu
+    can be at most one 4 KiB pipe (some 17 files of ``-v`` output, read here unbuffered)
+    ahead of this reader, since its writes block when the pipe is full, and it is stopped
+    (SIGSTOP) from the ``kill_after``-th acknowledgement read until ``kill()`` returned.
+    CI, 2026-12-05 and 2026-12-07: a fast server, or a slow test process, had let the
+    whole batch go and the association close before the kill ("no worker holds the
+    association"); a line-buffered storescu made that rarer, not impossible."""
     line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
     proc = subprocess.Popen(
         [*line_buffered, dcmtk("storescu"), "-v", "-aet", CALLING, "-aec", AE, "127.0.0.1",
          str(port), *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=dcmtk_env(),
     )
     assert proc.stdout is not None
+    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     acked: list[Path] = []
     sending: Path | None = None
     try:
-        for line in proc.stdout:
-            line = line.strip()
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode(errors="replace").strip()
             if line.startswith(SENDING):
                 sending = Path(line[len(SENDING):])
             elif line.startswith(STORED) and sending is not None:
                 acked.append(sending)
                 sending = None
                 if len(acked) == kill_after:
-                    kill()
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    try:
+                        kill()
+                    finally:
+                        os.kill(proc.pid, signal.SIGCONT)
         code = proc.wait(60)
     finally:
         if proc.poll() is None:
