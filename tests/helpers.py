@@ -8,8 +8,10 @@ first on PATH.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,6 +282,28 @@ def storescu(port: int, files: list[Path], *, calling: str, called: str = AE,
          "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, env=dcmtk_env(), timeout=timeout,
     )
+
+
+def storescu_stream(port: int, files: list[Path], *, calling: str,
+                    called: str = AE) -> tuple[subprocess.Popen[bytes], Iterator[str]]:
+    """storescu ``-v`` started on a batch, and its output line by line as it comes.
+
+    For tests that act (kill, stop) after the N-th acknowledgement: storescu can be at
+    most one 4 KiB pipe (some 17 files of ``-v`` output) ahead of the reader, whose
+    unbuffered reads take nothing more than each line, and its output is line-buffered
+    (``stdbuf -oL``). A slow or descheduled test process then holds storescu back too,
+    instead of letting the batch run to its end before the action (CI, 2026-12-05 and
+    2026-12-07)."""
+    line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
+    proc = subprocess.Popen(
+        [*line_buffered, dcmtk("storescu"), "-v", "-aet", calling, "-aec", called,
+         "127.0.0.1", str(port), *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=dcmtk_env(),
+    )
+    assert proc.stdout is not None
+    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    lines = (raw.decode(errors="replace") for raw in iter(proc.stdout.readline, b""))
+    return proc, lines
 
 
 def echoscu(port: int, *, calling: str, called: str = AE, tls: tuple[str, ...] = (),

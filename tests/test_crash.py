@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,14 +16,12 @@ from sqlalchemy import text
 from pacsvault.vault import Vault
 from tests import corpus
 from tests.helpers import (
-    AE,
     VaultDir,
-    dcmtk,
-    dcmtk_env,
     events,
     make_vault,
     start_server,
     storescu,
+    storescu_stream,
 )
 
 pytestmark = pytest.mark.slow
@@ -64,19 +61,14 @@ def _push_and_kill(
 
     Returns the files storescu reported as stored, its whole output and its exit code.
     """
-    proc = subprocess.Popen(
-        [dcmtk("storescu"), "-v", "-aet", CALLING, "-aec", AE, "127.0.0.1", str(port),
-         *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
-    )
-    assert proc.stdout is not None
+    proc, lines = storescu_stream(port, files, calling=CALLING)
     acked: list[Path] = []
     sending: Path | None = None
     output: list[str] = []
     killed = False
     started = time.monotonic()
     try:
-        for line in proc.stdout:
+        for line in lines:
             output.append(line)
             line = line.strip()
             if line.startswith(SENDING):

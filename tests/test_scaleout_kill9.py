@@ -51,6 +51,7 @@ from tests.helpers import (
     first_run_secrets,
     pv,
     start_server,
+    storescu_stream,
 )
 from tests.test_s3_storage import PREFIX, bucket_objects, same_dataset, use_bucket
 
@@ -122,16 +123,12 @@ def _push_and_kill(server: Server, files: list[Path], kill_after: int,
                    delay: float) -> list[Path]:
     """One storescu batch to A, killed ``delay`` s after ``kill_after`` stores are
     acknowledged; the files storescu saw a Success response for."""
-    proc = subprocess.Popen(
-        [dcmtk("storescu"), "-v", "-aet", MODALITY, "-aec", AE, "127.0.0.1",
-         str(server.port), *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
-    assert proc.stdout is not None
+    proc, lines = storescu_stream(server.port, files, calling=MODALITY)
     acked: list[Path] = []
     sending: Path | None = None
     killer = threading.Timer(delay, _kill9, (server,))
     try:
-        for line in proc.stdout:
+        for line in lines:
             line = line.strip()
             if line.startswith(SENDING):
                 sending = Path(line[len(SENDING):])

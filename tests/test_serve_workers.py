@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -46,6 +44,7 @@ from tests.helpers import (
     pv,
     start_server,
     storescu,
+    storescu_stream,
     wait_until,
 )
 from tests.web_helpers import check_security_headers, sign_in
@@ -219,26 +218,17 @@ def _push_and_kill(port: int, files: list[Path], kill_after: int,
                    kill: Callable[[], None]) -> tuple[list[Path], int]:
     """One storescu batch; ``kill()`` once ``kill_after`` stores are acknowledged.
 
-    The kill must find the association still open, whatever the machine's load: storescu
-    can be at most one 4 KiB pipe (some 17 files of ``-v`` output, read here unbuffered)
-    ahead of this reader, since its writes block when the pipe is full, and it is stopped
-    (SIGSTOP) from the ``kill_after``-th acknowledgement read until ``kill()`` returned.
-    CI, 2026-12-05 and 2026-12-07: a fast server, or a slow test process, had let the
-    whole batch go and the association close before the kill ("no worker holds the
-    association"); a line-buffered storescu made that rarer, not impossible."""
-    line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
-    proc = subprocess.Popen(
-        [*line_buffered, dcmtk("storescu"), "-v", "-aet", CALLING, "-aec", AE, "127.0.0.1",
-         str(port), *map(str, files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, env=dcmtk_env(),
-    )
-    assert proc.stdout is not None
-    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    The kill must find the association still open, whatever the machine's load:
+    storescu is held near the reader (``storescu_stream``) and stopped (SIGSTOP) from the
+    ``kill_after``-th acknowledgement read until ``kill()`` returned. CI, 2026-12-05 and
+    2026-12-07: a fast server, or a slow test process, had let the whole batch go and the
+    association close before the kill ("no worker holds the association")."""
+    proc, lines = storescu_stream(port, files, calling=CALLING)
     acked: list[Path] = []
     sending: Path | None = None
     try:
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode(errors="replace").strip()
+        for line in lines:
+            line = line.strip()
             if line.startswith(SENDING):
                 sending = Path(line[len(SENDING):])
             elif line.startswith(STORED) and sending is not None:
