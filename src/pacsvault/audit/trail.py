@@ -40,7 +40,8 @@ nothing written at all when the trail is taken.
 
 This module is the appender (locks, the head anchor, key hand-over) and the facade: the
 record format is ``trail_format``, the file's end read back, checked against the anchor
-and repaired ``trail_tip``, sealed references ``trail_refs``, verification
+and repaired ``trail_tip``, a store batch's record made durable by the index's commit
+(embedded index) ``trail_journal``, sealed references ``trail_refs``, verification
 ``trail_verify``, the retention rewrite ``trail_retention``; their public names are
 importable from here.
 """
@@ -65,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsvault.audit import instances, trail_tip, trail_verify
+from pacsvault.audit import instances, trail_journal, trail_tip, trail_verify
 from pacsvault.audit.events import AuditEvent
 from pacsvault.audit.trail_format import (
     FORMAT,
@@ -144,6 +145,15 @@ class AuditTrail(QueuedAppends):
         # running server's watcher (``watch``), which then needs no signature check of
         # them (``trail_verify._ours``); None: not kept (no watcher: CLI commands).
         self.vouched: set[bytes] | None = None
+        # Issue 17 (``trail_journal``), embedded index: the lines this process wrote since
+        # its last fsync of the file, kept while every line under them is durable
+        # (``_sound``: False once unsynced lines were written on a tail another process
+        # had written); a store batch then journals them in the index instead of an fsync.
+        # ``_journaled``: the last of them committed in the index. (``_lock`` held.)
+        self._unsynced: list[tuple[int, bytes]] = []
+        self._sound = True
+        self._journaled = 0
+        self._journal_upto = 0  # the seq a batch in progress journaled (0: none)
         self._init_queue()
 
     # --- writing ----------------------------------------------------------------------
@@ -223,7 +233,7 @@ class AuditTrail(QueuedAppends):
     def _append_locked(
         self, fd: int, events: list[tuple[AuditEvent, dict[str, Any]]],
         conn: Connection | None, problems: list[str], *, repair_only: bool = False,
-        sync: bool = True, anchor: bool = True,
+        sync: bool = True, anchor: bool = True, journal: bool = False,
     ) -> list[int]:
         """Write a repair record if the tail is torn, then ``events``; one fsync.
 
@@ -232,6 +242,10 @@ class AuditTrail(QueuedAppends):
         anchored; the next synced append (even of no event: ``flush``) covers them.
         ``anchor`` False (``try_append``, this process's own tail only): fsync'ed, the
         anchor move left to the next append or ``flush`` (the caller arranges it).
+        ``journal`` (a store batch's ``conn``, embedded index): when the chain under this
+        tail is durable or journaled (``trail_journal``), no fsync: the lines go into the
+        index in ``conn``'s transaction with the anchor (``_journal_upto``: ``batch`` then
+        has the file fsync'ed later, or at once if that transaction rolls back).
         """
         left, self._left = self._left, None
         here = trail_tip.file_identity(fd)
@@ -245,10 +259,14 @@ class AuditTrail(QueuedAppends):
         # a deferred record (``sync`` False) needs none at all (issue 17: ~0.1-0.2 ms of a
         # C-FIND association's CPU; same lines, same fsync, same anchor).
         quick = mine and conn is None and self._embedded
+        journal = journal and mine and self._sound and self._embedded and conn is not None
         with (nullcontext(None) if quick else self._db(conn)) as db:
             problem = ""
             if not mine:
                 assert db is not None
+                if self._embedded:  # lines a power loss took, put back from the index
+                    tip = self._restore(fd, db, tip)
+                    seq, prev, last_time = tip.seq, tip.chain, tip.time
                 problem = trail_tip.check_head(db, self.instance, self._public, tip)
             if problem:
                 problems.append(problem)
@@ -285,10 +303,18 @@ class AuditTrail(QueuedAppends):
                 last_time = time
                 lines.append(line + b"\n")
                 seqs.append(seq)
-            self._write_all(fd, prefix + b"".join(lines), sync=sync)
+            fsync = sync and not journal
+            self._write_all(fd, prefix + b"".join(lines), sync=fsync)
             self._vouch(lines)
-            if sync:
+            if fsync:
                 self._synced()  # this fsync covered every line written before it
+                self._unsynced.clear()
+                self._sound = True
+                self._journaled = 0
+            elif self._embedded:
+                self._unsynced.extend(zip(seqs, lines, strict=True))
+                if not mine:  # under them, maybe another process's unsynced lines
+                    self._sound = False
             if not (sync and anchor):  # settled later (``flush``, the next append)
                 self._left = (trail_tip.file_identity(fd),
                               Tip(seq, prev, last_time, None, b"", b"", False))
@@ -301,6 +327,12 @@ class AuditTrail(QueuedAppends):
                         instances.copy_lines(db, self.instance,
                                              list(zip(seqs, lines, strict=True)),
                                              self._local_lines)
+                    if journal:  # durable with the commit that moves the anchor
+                        trail_journal.insert(db, self.instance, [
+                            (s, line) for s, line in self._unsynced if s > self._journaled])
+                        self._journal_upto = seq
+                    elif self._embedded:  # synced: the index need not hold them
+                        self._prune(db, seq)
                     self._set_anchor(db, seq, prev)
             except Exception as exc:
                 if conn is not None:
@@ -310,6 +342,60 @@ class AuditTrail(QueuedAppends):
                 log.error("the audit anchor could not be updated (%s)", type(exc).__name__)
         self._left = (trail_tip.file_identity(fd), Tip(seq, prev, last_time, None, b"", b"", False))
         return seqs
+
+    def _restore(self, fd: int, db: Connection, tip: Tip) -> Tip:
+        """Put back the lines the index holds beyond ``tip`` (``trail_journal``: a power
+        loss took the file's unsynced tail), fsync'ed; the file's new tip."""
+        data, count = trail_journal.restore_bytes(db, self.instance, tip)
+        if not count:
+            return tip
+        self._write_all(fd, data)
+        log.warning("audit trail: %d record(s) after record %d put back from the index "
+                    "(the file had lost its unsynced end: a power loss?)", count, tip.seq)
+        return trail_tip.read_tip(self.path, self._anchor)
+
+    def restore(self) -> None:
+        """Put back, before reading the file, the records only the index holds
+        (``trail_journal``); ``audit verify`` calls it, the server's start does it with
+        ``repair``. Nothing to do on a shared index, or when the file is whole; nothing
+        is done to a missing file (verification reports it)."""
+        if not self._embedded or not self.path.exists():
+            return
+        with self._exclusive() as fd, self._db(None) as db:
+            tip = trail_tip.read_tip(self.path, self._anchor)
+            if self._restore(fd, db, tip) is not tip:
+                self._left = None
+
+    def _prune(self, db: Connection, upto: int) -> None:
+        """The journal's lines up to ``upto`` are in the file, fsync'ed (embedded)."""
+        cursor = db.connection.cursor()
+        try:
+            trail_journal.prune(cursor, self.instance, upto)
+        finally:
+            cursor.close()
+
+    def _after_batch(self, fd: int, journaled: int, failed: bool) -> bool:
+        """(``_lock`` held) A store batch's transaction ended. Committed with its lines
+        journaled: they are durable; the flusher fsyncs the file (then they are pruned)
+        within ``DEFER_SECONDS`` unless an append does first; True: start it. Rolled back:
+        the lines stay in the file, fsync'ed now as a batch's record always was (a power
+        loss must not take a line the next records chain to)."""
+        if not journaled:
+            return False
+        if not failed:
+            self._journaled = journaled
+            return self._settle_later()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._sound = False  # the next batch fsyncs its own record (or is refused)
+            log.error("audit trail: fsync after a rolled-back batch failed (%s)",
+                      type(exc).__name__)
+            return False
+        self._unsynced.clear()
+        self._sound = True
+        self._journaled = 0
+        return False
 
     def _vouch(self, lines: list[bytes]) -> None:
         """Remember the lines just written whole (``vouched``), without their newline."""
@@ -358,13 +444,22 @@ class AuditTrail(QueuedAppends):
         transaction as the index rows, so the anchor commits with them.
         """
         writer = BatchWriter(self)
+        start = False
         try:
             with self._exclusive() as fd:
                 writer._fd = fd
-                yield writer
+                self._journal_upto = 0
+                try:
+                    yield writer
+                except BaseException:
+                    self._after_batch(fd, self._journal_upto, failed=True)
+                    raise
+                start = self._after_batch(fd, self._journal_upto, failed=False)
                 writer._fd = None
         finally:
+            self._journal_upto = 0
             self._notify(writer.problems)
+        self._start_flusher(start)
 
     def repair(self) -> Record | None:
         """Describe a torn tail with a signed repair record; None if the tail is whole."""
@@ -487,6 +582,7 @@ class AuditTrail(QueuedAppends):
             driver: Any = raw.driver_connection
             with _unsynced_commit(driver, raw.invalidate):
                 count = driver.execute(_SET_ANCHOR, (seq, digest, self.instance)).rowcount
+                trail_journal.prune(driver, self.instance, seq)
                 if count:
                     driver.commit()
                 else:
@@ -616,7 +712,7 @@ class BatchWriter:
         if self._fd is None:
             raise TrailError("the trail is not held")
         pairs = [(event, self._trail._refs(event, conn)) for event in events]
-        return self._trail._append_locked(self._fd, pairs, conn, self.problems)
+        return self._trail._append_locked(self._fd, pairs, conn, self.problems, journal=True)
 
 
 class TrailSink:

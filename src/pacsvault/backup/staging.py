@@ -116,6 +116,8 @@ def _copy_index(vault: Vault, dest: Path) -> tuple[int, list[str]]:
         for table in _EPHEMERAL_TABLES:
             if table in present:
                 copy.execute(f"DELETE FROM {table}")  # noqa: S608 (names from the code)
+        if "audit_lines" in present:  # (embedded: lines the copied trail holds anyway,
+            copy.execute("DELETE FROM audit_lines")  # ``audit.trail_journal``)
         copy.execute("VACUUM")  # rewrites every page: the old key pages are gone
         row = copy.execute("SELECT seq FROM audit_head WHERE id = 1").fetchone()
         ids = [r[0] for r in copy.execute("SELECT object_id FROM instances")]

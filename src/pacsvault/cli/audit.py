@@ -58,6 +58,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     vault = open_vault(args)
     try:
+        # Records a power loss took from the file's unsynced end are put back from the
+        # index first (``audit.trail_journal``): they were durable, nothing is missing.
+        vault.audit.restore()
         # This instance's file, and on a shared index every instance's chain (issue 16).
         verdict = verify_all(vault.audit)
         vault.recorder.emit(AuditEvent(

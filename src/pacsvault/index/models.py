@@ -273,7 +273,9 @@ class AuditLine(Base):
     """A copy of every record line an instance appended (``audit.instances``), written in
     the transaction that moves that instance's anchor: ``audit verify`` on any instance
     checks every instance's chain from here. The lines are signed and their patient
-    references sealed: nothing readable is added. Empty on an embedded index."""
+    references sealed: nothing readable is added. On an embedded index: the lines a store
+    batch's commit made durable before the trail file's fsync (``audit.trail_journal``),
+    deleted once the file is synced."""
 
     __tablename__ = "audit_lines"
     instance: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -156,6 +156,11 @@ class _Run:
                 "a table another version made?)")
         if self.options.dry_run:
             return self._dry_run()
+        if self.vault.engine.dialect.name == "sqlite":
+            # Records a store batch left journaled in the index (``audit.trail_journal``:
+            # the server was killed before the file's fsync) synced into the file first:
+            # a shared index's ``audit_lines`` holds every line, not a tail.
+            self.vault.audit.anchor_all()
         current = self._start()
         if current.phase == "switch" and self.target.moves_index \
                 and self.target.index_kind == EMBEDDED \
