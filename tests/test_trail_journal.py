@@ -13,7 +13,6 @@ record, as before.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +64,6 @@ def _trail_fsyncs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[int]:
 @pytest.fixture
 def files(tmp_path: Path) -> list[Path]:
     return corpus.synthetic_ct_series(tmp_path / "ct", 4, size=32)
-
-
-@pytest.fixture
-def opened(vault: VaultDir) -> Iterator[Vault]:
-    v = vault.open()
-    try:
-        yield v
-    finally:
-        v.close()
 
 
 def _warm(vault: Vault, path: Path) -> None:
