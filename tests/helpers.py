@@ -314,20 +314,30 @@ def echoscu(port: int, *, calling: str, called: str = AE, tls: tuple[str, ...] =
     )
 
 
-def count_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None) -> list[int]:
+def count_fsyncs(monkeypatch: pytest.MonkeyPatch, fail: OSError | None = None, *,
+                 of: Path | None = None) -> list[int]:
     """Every ``os.fsync`` from now on, by descriptor (the list is filled as they happen);
-    with ``fail``, each one raises it instead of syncing."""
+    with ``fail``, each one raises it instead of syncing; with ``of``, only those of that
+    file are listed."""
     calls: list[int] = []
     real = os.fsync
 
     def counted(fd: int) -> None:
-        calls.append(fd)
+        if of is None or _names(fd, of):
+            calls.append(fd)
         if fail is not None:
             raise fail
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counted)
     return calls
+
+
+def _names(fd: int, path: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
 
 from pacsvault.audit import AuditEvent, EventCode, Outcome, trail_queue
 from pacsvault.audit.trail import AuditTrail
 from pacsvault.vault import Vault
 from tests import corpus
-from tests.helpers import VaultDir
+from tests.helpers import VaultDir, count_fsyncs
 
 
 @pytest.fixture(autouse=True)
@@ -32,33 +31,10 @@ def _no_flusher(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trail_queue, "DEFER_SECONDS", 3600.0)
 
 
-def _engine(vault: Vault) -> Engine:
-    engine = vault.sessions.kw["bind"]
-    assert isinstance(engine, Engine)
-    return engine
-
-
 def _journal(vault: Vault) -> list[tuple[int, bytes]]:
-    with _engine(vault).connect() as conn:
+    with vault.engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT seq, line FROM audit_lines ORDER BY seq").all()
     return [(int(seq), str(line).encode("ascii") + b"\n") for seq, line in rows]
-
-
-def _trail_fsyncs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[int]:
-    """Every ``os.fsync`` of the trail file from now on."""
-    calls: list[int] = []
-    real = os.fsync
-
-    def counted(fd: int) -> None:
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                calls.append(fd)
-        except OSError:
-            pass
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", counted)
-    return calls
 
 
 @pytest.fixture
@@ -88,7 +64,7 @@ def test_a_store_record_is_journaled_in_the_commit_and_pruned_once_synced(
     trail = opened.audit
     _warm(opened, files[0])
     before = trail.path.read_bytes()
-    fsyncs = _trail_fsyncs(monkeypatch, trail.path)
+    fsyncs = count_fsyncs(monkeypatch, of=trail.path)
     for path in files[1:]:
         _store(opened, path)
     assert fsyncs == []  # no fsync of the trail for the stores' records
@@ -167,7 +143,7 @@ def test_a_rolled_back_batch_fsyncs_its_lines(
         opened: Vault, files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     trail = opened.audit
     _warm(opened, files[0])
-    fsyncs = _trail_fsyncs(monkeypatch, trail.path)
+    fsyncs = count_fsyncs(monkeypatch, of=trail.path)
     real = AuditTrail._set_anchor
     failing = [True]
 
@@ -200,7 +176,7 @@ def test_a_tail_another_process_wrote_makes_the_batch_fsync_its_record(
     other = vault.open()
     try:
         other.audit.defer(_event(3))  # another process's line, not fsync'ed
-        fsyncs = _trail_fsyncs(monkeypatch, trail.path)
+        fsyncs = count_fsyncs(monkeypatch, of=trail.path)
         _store(opened, files[1])
         assert len(fsyncs) == 1  # the chain under it was not known durable: fsync'ed
         assert _journal(opened) == []

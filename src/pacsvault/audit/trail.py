@@ -149,7 +149,8 @@ class AuditTrail(QueuedAppends):
         # its last fsync of the file, kept while every line under them is durable
         # (``_sound``: False once unsynced lines were written on a tail another process
         # had written); a store batch then journals them in the index instead of an fsync.
-        # ``_journaled``: the last of them committed in the index. (``_lock`` held.)
+        # ``_journaled``: the last line this process committed in the index and has not
+        # pruned since (0: nothing of this process's to prune). (``_lock`` held.)
         self._unsynced: list[tuple[int, bytes]] = []
         self._sound = True
         self._journaled = 0
@@ -308,9 +309,6 @@ class AuditTrail(QueuedAppends):
             self._vouch(lines)
             if fsync:
                 self._synced()  # this fsync covered every line written before it
-                self._unsynced.clear()
-                self._sound = True
-                self._journaled = 0
             elif self._embedded:
                 self._unsynced.extend(zip(seqs, lines, strict=True))
                 if not mine:  # under them, maybe another process's unsynced lines
@@ -320,8 +318,9 @@ class AuditTrail(QueuedAppends):
                               Tip(seq, prev, last_time, None, b"", b"", False))
                 return seqs
             try:
-                if db is None:
-                    self._anchor_quick(seq, prev)
+                if db is None:  # (prunes what this process journaled, if anything)
+                    self._anchor_quick(seq, prev, prune=self._journaled > 0)
+                    self._journaled = 0
                 else:
                     if self.copies:  # one INSERT per record, in the anchor's transaction
                         instances.copy_lines(db, self.instance,
@@ -331,8 +330,11 @@ class AuditTrail(QueuedAppends):
                         trail_journal.insert(db, self.instance, [
                             (s, line) for s, line in self._unsynced if s > self._journaled])
                         self._journal_upto = seq
-                    elif self._embedded:  # synced: the index need not hold them
-                        self._prune(db, seq)
+                    elif self._embedded:  # synced: the index need not hold them (nor
+                        # what a killed process left there)
+                        trail_journal.prune(db.connection.driver_connection, self.instance,
+                                            seq)
+                        self._journaled = 0
                     self._set_anchor(db, seq, prev)
             except Exception as exc:
                 if conn is not None:
@@ -366,13 +368,14 @@ class AuditTrail(QueuedAppends):
             if self._restore(fd, db, tip) is not tip:
                 self._left = None
 
-    def _prune(self, db: Connection, upto: int) -> None:
-        """The journal's lines up to ``upto`` are in the file, fsync'ed (embedded)."""
-        cursor = db.connection.cursor()
-        try:
-            trail_journal.prune(cursor, self.instance, upto)
-        finally:
-            cursor.close()
+    def _synced(self) -> None:
+        super()._synced()
+        self._lines_durable()
+
+    def _lines_durable(self) -> None:
+        """Every line in the file is fsync'ed: nothing of this process's to journal."""
+        self._unsynced.clear()
+        self._sound = True
 
     def _after_batch(self, fd: int, journaled: int, failed: bool) -> bool:
         """(``_lock`` held) A store batch's transaction ended. Committed with its lines
@@ -392,9 +395,7 @@ class AuditTrail(QueuedAppends):
             log.error("audit trail: fsync after a rolled-back batch failed (%s)",
                       type(exc).__name__)
             return False
-        self._unsynced.clear()
-        self._sound = True
-        self._journaled = 0
+        self._lines_durable()
         return False
 
     def _vouch(self, lines: list[bytes]) -> None:
@@ -570,19 +571,22 @@ class AuditTrail(QueuedAppends):
         self._start_flusher(start)
         return seq
 
-    def _anchor_quick(self, seq: int, digest: str) -> None:
+    def _anchor_quick(self, seq: int, digest: str, *, prune: bool = False) -> None:
         """``_set_anchor`` in a short transaction of its own on the embedded index, on the
         pool's driver connection without SQLAlchemy's connection and transaction objects
         (issue 17: once per access record). As ``_db``: committed with synchronous=NORMAL
         (no fsync of its own; the lines were fsync'ed first), the connection given back
-        with FULL or discarded. No anchor row yet (a new trail): ``_set_anchor``'s insert."""
+        with FULL or discarded. No anchor row yet (a new trail): ``_set_anchor``'s insert.
+        ``prune``: this process journaled lines (``trail_journal``) that the fsync before
+        this covered: forgotten by the index in the same transaction."""
         assert self._engine is not None
         raw = self._engine.raw_connection()
         try:
             driver: Any = raw.driver_connection
             with _unsynced_commit(driver, raw.invalidate):
                 count = driver.execute(_SET_ANCHOR, (seq, digest, self.instance)).rowcount
-                trail_journal.prune(driver, self.instance, seq)
+                if prune:
+                    trail_journal.prune(driver, self.instance, seq)
                 if count:
                     driver.commit()
                 else:

@@ -58,7 +58,7 @@ def insert(conn: Connection, instance: str, lines: Sequence[tuple[int, bytes]]) 
 
 def prune(driver: Any, instance: str, upto: int) -> None:
     """Forget the lines up to ``upto``: the trail file holds them, fsync'ed. ``driver``:
-    a DB-API connection or cursor (the anchor's transaction)."""
+    the DB-API connection of the anchor's transaction."""
     driver.execute(_PRUNE, (instance, upto))
 
 
