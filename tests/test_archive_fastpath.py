@@ -8,6 +8,7 @@ alone; staging leaves nothing behind.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from pacsvault.audit import stores
 from pacsvault.index.models import Instance, Series, Study
 from pacsvault.storage import objects as objects_module
 from pacsvault.storage.archive import Archive, StoreStatus
@@ -297,3 +299,92 @@ def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
     assert sum(isinstance(o, OSError) for o in outcomes) == 1
     assert outcomes.count(StoreStatus.STORED) == 19
     assert vault.archive.counts()["instances"] == 23
+
+
+def test_rows_and_record_are_written_while_the_object_is_staged(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a store of a cached study does not wait for its object's encryption,
+    hash and write before the batch writes its other rows and its store record
+    (``Pending.staged``); its instance row waits for them, and the commit for the
+    object's fsync. Held in its staging until the record is written, the store still
+    commits, with the right digest and object; before, it deadlocked on its own
+    staging (the wait below timed out)."""
+    raws = _series(tmp_path, "p", 2)
+    vault.archive.store(raws[0])  # the study is cached from here on
+    recorded = threading.Event()
+    seen: list[bool] = []
+    real_stage = vault.archive._stage
+    real_write = stores.JournalBatch.write
+
+    def held(raw: bytes, key_id: Any, sop_uid: str) -> Any:
+        seen.append(recorded.wait(5))
+        return real_stage(raw, key_id, sop_uid)
+
+    def write(self: stores.JournalBatch, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real_write(self, *args, **kwargs)
+        finally:
+            recorded.set()
+
+    monkeypatch.setattr(vault.archive, "_stage", held)
+    monkeypatch.setattr(stores.JournalBatch, "write", write)
+    assert vault.archive.store(raws[1]).status is StoreStatus.STORED
+    assert seen == [True]
+    sop_uid = str(dcmread(BytesIO(raws[1])).SOPInstanceUID)
+    with vault.engine.connect() as conn:
+        digest = conn.scalar(select(Instance.sha256).where(Instance.sop_uid == sop_uid))
+    assert bytes(digest) == hashlib.sha256(raws[1]).digest()
+    (found,) = vault.archive.locate(sop_uid=sop_uid)
+    assert vault.archive.read(found) == raws[1]
+    assert vault.archive.store(raws[1]).status is StoreStatus.DUPLICATE
+
+
+def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store whose object could not be written (here its encryption fails, as a full
+    disk's write would) is refused after the batch wrote its other rows and its record:
+    the batch is redone without it, every other store of it is stored, and no object or
+    row of the refused one is left."""
+    study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
+                .StudyInstanceUID)
+    streams = [_series(tmp_path, f"f{k}", 6, study=study if k % 2 else None)
+               for k in range(4)]
+    for raws in streams:
+        vault.archive.store(raws[0])
+    real_stage = vault.archive._stage
+    armed = threading.Lock()
+    refused: list[str] = []
+
+    def failing_once(raw: bytes, key_id: Any, sop_uid: str) -> Any:
+        if armed.acquire(blocking=False):
+            refused.append(sop_uid)
+            time.sleep(0.05)  # the batch's rows and record are written meanwhile
+            raise OSError(errno.ENOSPC, "simulated full disk")
+        return real_stage(raw, key_id, sop_uid)
+
+    monkeypatch.setattr(vault.archive, "_stage", failing_once)
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def push(raws: list[bytes]) -> None:
+        for raw in raws[1:]:
+            try:
+                outcome: object = vault.archive.store(raw).status
+            except OSError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(push, raws) for raws in streams]:
+            f.result()
+    assert len(refused) == 1
+    assert sum(isinstance(o, OSError) for o in outcomes) == 1
+    assert outcomes.count(StoreStatus.STORED) == 19
+    assert vault.archive.counts()["instances"] == 23
+    assert not _visible_elsewhere(vault, refused[0])
+    vault.archive.settle()
+    root = vault.objects.root
+    assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())
+    assert not list((root / ".tmp").iterdir()) if (root / ".tmp").is_dir() else True
+    assert sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size) == 23

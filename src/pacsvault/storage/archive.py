@@ -42,7 +42,6 @@ known UID's answer) lives in ``storage.rows``; reads select through the query en
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import secrets
@@ -85,7 +84,7 @@ _GENERATION = keychoice.GENERATION
 _Chosen = tuple[uuid.UUID, int, bytes | None]
 _STORE_ATTEMPTS = 3
 # A staged object: its id, the SHA-256 of its plaintext, and the fsync still to run
-_Staged = tuple[str, bytes, "Callable[[], None] | None"]
+_Staged = tuple[str, "Callable[[], None] | None"]
 
 
 class Archive(GroupCommit):
@@ -225,7 +224,7 @@ class Archive(GroupCommit):
         when the disk reserve is reached; nothing is written in those cases.
         """
         ds = dicom_parse.read_received(raw)
-        staging: Future[tuple[str, bytes]] | None = None
+        staging: Future[str] | None = None
         durable: Future[None] | None = None
         minted: bytes | None = None
         early = dicom_parse.identity(ds)
@@ -242,7 +241,7 @@ class Archive(GroupCommit):
                 durable = self._workers.submit(self._stage_then_sync, staging, raw,
                                                cached[1], early[0])
         try:
-            parsed = dicom_parse.describe(ds, raw, sha256=b"" if staging else None)
+            parsed = dicom_parse.describe(ds, raw)  # (its SHA-256: beside the staging)
             # The dataset holds its own copy of every value (a CR's pixels: ~10 MB): not
             # kept while the object is staged and the group commit waited for (issue 17,
             # peak memory during ingest).
@@ -256,9 +255,10 @@ class Archive(GroupCommit):
                 self._abandon(staging)
             raise
         if staging is not None:
+            # Not waited for here: the batch writes this store's other rows and its
+            # record while the worker encrypts, hashes and writes (``Pending.staged``).
             assert early is not None and cached is not None
-            object_id, digest = staging.result()
-            parsed = dataclasses.replace(parsed, sha256=digest)
+            object_id = ""
             key_id = cached[1]
         else:
             self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
@@ -276,14 +276,14 @@ class Archive(GroupCommit):
                 return prepared
             key_id, generation, minted = prepared
             if minted is None:
-                object_id, _, sync = self._stage(raw, key_id, parsed.sop_uid)
+                object_id, sync = self._stage(raw, key_id, parsed.sop_uid)
             else:  # a new patient's key: no row to read it from yet
                 object_id, sync = self._write(
                     objfmt.encrypt(raw, minted, key_id, parsed.sop_uid))
             durable = self._workers.submit(sync) if sync is not None else None
         pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user,
-                           new_key=minted, durable=durable)
+                           new_key=minted, durable=durable, staged=staging)
         try:
             try:
                 self._commit(pending)
@@ -292,7 +292,7 @@ class Archive(GroupCommit):
                     self._minted.release(parsed, key_id)
         except IntegrityError:
             # Another process stored the same SOP Instance UID meanwhile.
-            self.objects.discard(object_id)
+            self._drop(pending)
             with self._sessions() as session:
                 known = rows.known(session, parsed)
             if known is None:
@@ -306,11 +306,12 @@ class Archive(GroupCommit):
             # start's ``recover`` settles it). Other local files (no such doubt) are
             # discarded at once, as always.
             if self.objects.kind != "s3" and not isinstance(exc, CommitOutcomeUnknown):
-                self.objects.discard(object_id)
+                self._drop(pending)
             raise
         if pending.result is not None:  # known already (a re-send, or a race)
-            self.objects.discard(object_id)
+            self._drop(pending)
             return pending.result
+        object_id = pending.object_id
         # Durable and indexed: the rename into place is off the response's path (reads
         # find the object staged meanwhile; a crash leaves it to ``recover``). Not in this
         # thread: a rename takes a handle on the file system's journal, which the fsyncs of
@@ -343,28 +344,27 @@ class Archive(GroupCommit):
             future.exception()
 
     def _stage(self, raw: bytes, key_id: uuid.UUID, sop_uid: str) -> _Staged:
-        """Encrypt and stage an object: (object id, SHA-256 of the plaintext, the fsync
-        still to run or None: ``_write``)."""
-        digest = hashlib.sha256(raw).digest()
+        """Encrypt and stage an object: (object id, the fsync still to run or None:
+        ``_write``). Its SHA-256 is the storing thread's (``describe``), computed while
+        this runs in a worker: the object's fsync starts that much sooner (issue 17)."""
         try:
             data_key = self.data_key(key_id)
         except KeyDestroyed:
             # A removal destroyed the patient's key after it was chosen: the choice is
             # stale, and ``store`` chooses again (a new key if the patient is gone).
             raise StaleChoice("the chosen data key was destroyed meanwhile") from None
-        object_id, sync = self._write(objfmt.encrypt(raw, data_key, key_id, sop_uid))
-        return object_id, digest, sync
+        return self._write(objfmt.encrypt(raw, data_key, key_id, sop_uid))
 
-    def _stage_then_sync(self, staged: Future[tuple[str, bytes]], raw: bytes,
-                         key_id: uuid.UUID, sop_uid: str) -> None:
-        """In a worker: ``_stage``, its (object id, digest) handed over through ``staged``
-        as soon as the object is written, then its fsync (this call's own future)."""
+    def _stage_then_sync(self, staged: Future[str], raw: bytes, key_id: uuid.UUID,
+                         sop_uid: str) -> None:
+        """In a worker: ``_stage``, its object id handed over through ``staged`` as soon
+        as the object is written, then its fsync (this call's own future)."""
         try:
-            object_id, digest, sync = self._stage(raw, key_id, sop_uid)
+            object_id, sync = self._stage(raw, key_id, sop_uid)
         except BaseException as exc:
             staged.set_exception(exc)
             raise
-        staged.set_result((object_id, digest))
+        staged.set_result(object_id)
         if sync is not None:
             sync()
 
@@ -376,9 +376,17 @@ class Archive(GroupCommit):
             return self.objects.write_spare(pieces)
         return self.objects.stage_spare(pieces), None
 
-    def _abandon(self, staging: Future[tuple[str, bytes]]) -> None:
+    def _drop(self, pending: Pending) -> None:
+        """The object of a store that indexed nothing: discarded, once written (its
+        staging may still run, or have failed: then there is nothing to discard)."""
+        if pending.staged is not None:
+            self._abandon(pending.staged)
+        else:
+            self.objects.discard(pending.object_id)
+
+    def _abandon(self, staging: Future[str]) -> None:
         try:
-            object_id, _ = staging.result()
+            object_id = staging.result()
         except BaseException:
             return
         self.objects.discard(object_id)
