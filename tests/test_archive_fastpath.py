@@ -333,7 +333,7 @@ def test_rows_and_record_are_written_while_the_object_is_staged(
     sop_uid = str(dcmread(BytesIO(raws[1])).SOPInstanceUID)
     with vault.engine.connect() as conn:
         digest = conn.scalar(select(Instance.sha256).where(Instance.sop_uid == sop_uid))
-    assert bytes(digest) == hashlib.sha256(raws[1]).digest()
+    assert digest is not None and bytes(digest) == hashlib.sha256(raws[1]).digest()
     (found,) = vault.archive.locate(sop_uid=sop_uid)
     assert vault.archive.read(found) == raws[1]
     assert vault.archive.store(raws[1]).status is StoreStatus.DUPLICATE
