@@ -261,25 +261,21 @@ def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
     assert vault.archive.counts()["instances"] == 2
 
 
-def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _four_streams(vault: Vault, tmp_path: Path) -> list[list[bytes]]:
+    """Four series of 6 slices (two of them in one study), each one's first slice stored:
+    their studies are cached, so the rest take the staging worker's path."""
     study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
                 .StudyInstanceUID)
     streams = [_series(tmp_path, f"g{k}", 6, study=study if k % 2 else None)
                for k in range(4)]
     for raws in streams:
         vault.archive.store(raws[0])
-    fsync = os.fsync
-    armed = threading.Lock()
-    failures: list[int] = []
+    return streams
 
-    def failing_once(fd: int) -> None:
-        if "/.spare/" in os.readlink(f"/proc/self/fd/{fd}") and armed.acquire(blocking=False):
-            failures.append(fd)
-            raise OSError(errno.EIO, "simulated I/O error")
-        fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", failing_once)
+def _push_together(vault: Vault, streams: list[list[bytes]]) -> list[object]:
+    """The streams' other slices stored by four threads at once (their stores share group
+    commits): each store's status, or the ``OSError`` it raised."""
     outcomes: list[object] = []
     lock = threading.Lock()
 
@@ -295,6 +291,24 @@ def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
     with ThreadPoolExecutor(4) as pool:
         for f in [pool.submit(push, raws) for raws in streams]:
             f.result()
+    return outcomes
+
+
+def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = _four_streams(vault, tmp_path)
+    fsync = os.fsync
+    armed = threading.Lock()
+    failures: list[int] = []
+
+    def failing_once(fd: int) -> None:
+        if "/.spare/" in os.readlink(f"/proc/self/fd/{fd}") and armed.acquire(blocking=False):
+            failures.append(fd)
+            raise OSError(errno.EIO, "simulated I/O error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_once)
+    outcomes = _push_together(vault, streams)
     assert len(failures) == 1
     assert sum(isinstance(o, OSError) for o in outcomes) == 1
     assert outcomes.count(StoreStatus.STORED) == 19
@@ -345,12 +359,7 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
     disk's write would) is refused after the batch wrote its other rows and its record:
     the batch is redone without it, every other store of it is stored, and no object or
     row of the refused one is left."""
-    study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
-                .StudyInstanceUID)
-    streams = [_series(tmp_path, f"f{k}", 6, study=study if k % 2 else None)
-               for k in range(4)]
-    for raws in streams:
-        vault.archive.store(raws[0])
+    streams = _four_streams(vault, tmp_path)
     real_stage = vault.archive._stage
     armed = threading.Lock()
     refused: list[str] = []
@@ -363,21 +372,7 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
         return real_stage(raw, key_id, sop_uid)
 
     monkeypatch.setattr(vault.archive, "_stage", failing_once)
-    outcomes: list[object] = []
-    lock = threading.Lock()
-
-    def push(raws: list[bytes]) -> None:
-        for raw in raws[1:]:
-            try:
-                outcome: object = vault.archive.store(raw).status
-            except OSError as exc:
-                outcome = exc
-            with lock:
-                outcomes.append(outcome)
-
-    with ThreadPoolExecutor(4) as pool:
-        for f in [pool.submit(push, raws) for raws in streams]:
-            f.result()
+    outcomes = _push_together(vault, streams)
     assert len(refused) == 1
     assert sum(isinstance(o, OSError) for o in outcomes) == 1
     assert outcomes.count(StoreStatus.STORED) == 19
@@ -386,5 +381,5 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
     vault.archive.settle()
     root = vault.objects.root
     assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())
-    assert not list((root / ".tmp").iterdir()) if (root / ".tmp").is_dir() else True
+    assert not (root / ".tmp").is_dir() or not list((root / ".tmp").iterdir())
     assert sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size) == 23
