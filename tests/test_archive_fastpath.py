@@ -23,7 +23,6 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from pacsvault.audit import stores
 from pacsvault.index.models import Instance, Series, Study
 from pacsvault.storage import objects as objects_module
 from pacsvault.storage.archive import Archive, StoreStatus
@@ -315,50 +314,45 @@ def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
     assert vault.archive.counts()["instances"] == 23
 
 
-def test_rows_and_record_are_written_while_the_object_is_staged(
+def test_each_image_is_hashed_once_by_the_storing_thread(
         vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17: a store of a cached study does not wait for its object's encryption,
-    hash and write before the batch writes its other rows and its store record
-    (``Pending.staged``); its instance row waits for them, and the commit for the
-    object's fsync. Held in its staging until the record is written, the store still
-    commits, with the right digest and object; before, it deadlocked on its own
-    staging (the wait below timed out)."""
-    raws = _series(tmp_path, "p", 2)
-    vault.archive.store(raws[0])  # the study is cached from here on
-    recorded = threading.Event()
-    seen: list[bool] = []
-    real_stage = vault.archive._stage
-    real_write = stores.JournalBatch.write
+    """Issue 17: an image's SHA-256 is computed once, by the thread that stores it, while
+    a worker encrypts and writes it (hashing lets the interpreter's lock go): the object's
+    fsync, which the commit waits for, starts sooner. Before, a study already cached had
+    its image hashed in the worker (the storing thread waiting for it), and a new study's
+    image was hashed twice. Both paths; the index's digest is the bytes' SHA-256 and the
+    bytes read back are the ones sent."""
+    raws = _series(tmp_path, "h", 2)
+    real = hashlib.sha256
+    hashed: list[tuple[int, bool]] = []
+    storing = threading.get_ident()
 
-    def held(raw: bytes, key_id: Any, sop_uid: str) -> Any:
-        seen.append(recorded.wait(5))
-        return real_stage(raw, key_id, sop_uid)
+    def counted(data: Any = b"", **kwargs: Any) -> Any:
+        if len(data) >= min(len(r) for r in raws):  # an image's bytes, not a record's
+            hashed.append((len(data), threading.get_ident() == storing))
+        return real(data, **kwargs)
 
-    def write(self: stores.JournalBatch, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return real_write(self, *args, **kwargs)
-        finally:
-            recorded.set()
-
-    monkeypatch.setattr(vault.archive, "_stage", held)
-    monkeypatch.setattr(stores.JournalBatch, "write", write)
-    assert vault.archive.store(raws[1]).status is StoreStatus.STORED
-    assert seen == [True]
-    sop_uid = str(dcmread(BytesIO(raws[1])).SOPInstanceUID)
-    with vault.engine.connect() as conn:
-        digest = conn.scalar(select(Instance.sha256).where(Instance.sop_uid == sop_uid))
-    assert digest is not None and bytes(digest) == hashlib.sha256(raws[1]).digest()
-    (found,) = vault.archive.locate(sop_uid=sop_uid)
-    assert vault.archive.read(found) == raws[1]
-    assert vault.archive.store(raws[1]).status is StoreStatus.DUPLICATE
+    monkeypatch.setattr(hashlib, "sha256", counted)
+    for raw in raws:  # a new study, then the same study, cached
+        hashed.clear()
+        assert vault.archive.store(raw).status is StoreStatus.STORED
+        assert hashed == [(len(raw), True)]
+    monkeypatch.undo()
+    for raw in raws:
+        sop_uid = str(dcmread(BytesIO(raw)).SOPInstanceUID)
+        with vault.engine.connect() as conn:
+            digest = conn.scalar(select(Instance.sha256).where(Instance.sop_uid == sop_uid))
+        assert digest is not None and bytes(digest) == hashlib.sha256(raw).digest()
+        (found,) = vault.archive.locate(sop_uid=sop_uid)
+        assert vault.archive.read(found) == raw
+        assert vault.archive.store(raw).status is StoreStatus.DUPLICATE
 
 
 def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
         vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store whose object could not be written (here its encryption fails, as a full
-    disk's write would) is refused after the batch wrote its other rows and its record:
-    the batch is redone without it, every other store of it is stored, and no object or
-    row of the refused one is left."""
+    """A store whose object could not be written (here its staging fails, as a full
+    disk's write would) is refused alone while four threads store together: every other
+    store is stored, and no object or row of the refused one is left."""
     streams = _four_streams(vault, tmp_path)
     real_stage = vault.archive._stage
     armed = threading.Lock()
@@ -367,7 +361,7 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
     def failing_once(raw: bytes, key_id: Any, sop_uid: str) -> Any:
         if armed.acquire(blocking=False):
             refused.append(sop_uid)
-            time.sleep(0.05)  # the batch's rows and record are written meanwhile
+            time.sleep(0.05)  # the other threads' stores go on meanwhile
             raise OSError(errno.ENOSPC, "simulated full disk")
         return real_stage(raw, key_id, sop_uid)
 

@@ -94,9 +94,8 @@ _REFERENCE: Callable[..., None] = rows._index_general
 
 
 def _general(*args: Any) -> None:
-    """``_index_sqlite``'s arguments, given to the reference path (no ``BatchRows``; the
-    instance row written at once, none deferred)."""
-    _REFERENCE(*args[:8], None)
+    """``_index_sqlite``'s arguments, given to the reference path (no ``BatchRows``)."""
+    _REFERENCE(*args, None)
 
 
 _DUMPS = {

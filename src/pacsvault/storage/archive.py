@@ -83,7 +83,7 @@ _GENERATION = keychoice.GENERATION
 # valid at, and for a patient first seen here the minted (unwrapped) key, else None.
 _Chosen = tuple[uuid.UUID, int, bytes | None]
 _STORE_ATTEMPTS = 3
-# A staged object: its id, the SHA-256 of its plaintext, and the fsync still to run
+# A staged object: its id and the fsync still to run
 _Staged = tuple[str, "Callable[[], None] | None"]
 
 
@@ -233,15 +233,16 @@ class Archive(GroupCommit):
                 cached = self._study_cache.get(early[1])
                 generation = self._generation
             if cached is not None:
-                # The study's data key is known: encrypt and write the object (and hash
-                # it) in a worker while this thread validates and describes it; the worker
-                # then fsyncs it while this thread writes the rows (``durable``).
+                # The study's data key is known: encrypt and write the object in a worker
+                # while this thread hashes, validates and describes it; the worker then
+                # fsyncs it while this thread writes the rows (``durable``).
                 self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
                 staging = Future()
                 durable = self._workers.submit(self._stage_then_sync, staging, raw,
                                                cached[1], early[0])
         try:
-            parsed = dicom_parse.describe(ds, raw)  # (its SHA-256: beside the staging)
+            # Its SHA-256 computed here, beside the staging (hashing lets the worker run).
+            parsed = dicom_parse.describe(ds, raw)
             # The dataset holds its own copy of every value (a CR's pixels: ~10 MB): not
             # kept while the object is staged and the group commit waited for (issue 17,
             # peak memory during ingest).
@@ -255,10 +256,12 @@ class Archive(GroupCommit):
                 self._abandon(staging)
             raise
         if staging is not None:
-            # Not waited for here: the batch writes this store's other rows and its
-            # record while the worker encrypts, hashes and writes (``Pending.staged``).
+            # Written by now, or nearly: its encryption and write ran beside the hash in
+            # ``describe`` (issue 17: before, the worker hashed too and this thread waited
+            # for all of it). Waited for before the group commit, never inside it: no
+            # batch holds the index's write lock on a staging (an S3 PUT, say).
             assert early is not None and cached is not None
-            object_id = ""
+            object_id = staging.result()
             key_id = cached[1]
         else:
             self.objects.check_space(len(raw) + _HEADER_OVERHEAD)
@@ -283,7 +286,7 @@ class Archive(GroupCommit):
             durable = self._workers.submit(sync) if sync is not None else None
         pending = Pending(parsed, object_id, key_id, source_ae, generation,
                            actor_address=actor_address, actor_user=actor_user,
-                           new_key=minted, durable=durable, staged=staging)
+                           new_key=minted, durable=durable)
         try:
             try:
                 self._commit(pending)
@@ -292,7 +295,7 @@ class Archive(GroupCommit):
                     self._minted.release(parsed, key_id)
         except IntegrityError:
             # Another process stored the same SOP Instance UID meanwhile.
-            self._drop(pending)
+            self.objects.discard(object_id)
             with self._sessions() as session:
                 known = rows.known(session, parsed)
             if known is None:
@@ -306,12 +309,11 @@ class Archive(GroupCommit):
             # start's ``recover`` settles it). Other local files (no such doubt) are
             # discarded at once, as always.
             if self.objects.kind != "s3" and not isinstance(exc, CommitOutcomeUnknown):
-                self._drop(pending)
+                self.objects.discard(object_id)
             raise
         if pending.result is not None:  # known already (a re-send, or a race)
-            self._drop(pending)
+            self.objects.discard(object_id)
             return pending.result
-        object_id = pending.object_id
         # Durable and indexed: the rename into place is off the response's path (reads
         # find the object staged meanwhile; a crash leaves it to ``recover``). Not in this
         # thread: a rename takes a handle on the file system's journal, which the fsyncs of
@@ -375,14 +377,6 @@ class Archive(GroupCommit):
         if isinstance(self.objects, ObjectStore):
             return self.objects.write_spare(pieces)
         return self.objects.stage_spare(pieces), None
-
-    def _drop(self, pending: Pending) -> None:
-        """The object of a store that indexed nothing: discarded, once written (its
-        staging may still run, or have failed: then there is nothing to discard)."""
-        if pending.staged is not None:
-            self._abandon(pending.staged)
-        else:
-            self.objects.discard(pending.object_id)
 
     def _abandon(self, staging: Future[str]) -> None:
         try:

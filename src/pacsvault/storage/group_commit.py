@@ -32,13 +32,7 @@ from pacsvault.dicomfile.parse import ParsedInstance
 from pacsvault.index import dialect
 from pacsvault.storage import keychoice, pgrows, rows
 from pacsvault.storage.commit_link import CommitClient
-from pacsvault.storage.rows import (
-    Pending,
-    StaleChoice,
-    acknowledged,
-    index_one,
-    insert_instance,
-)
+from pacsvault.storage.rows import Pending, StaleChoice, acknowledged, index_one
 
 _MAX_BATCH = 64
 # How long a committer waits at most for the stores of this process that are still being
@@ -164,10 +158,8 @@ class GroupCommit:
         images each, and every commit waited on the other process's).
         """
         link = self.link
-        if link is not None:
-            pending.settle()  # (worker 0 is sent the object's id and digest)
-            if link.commit(pending, self._learn):
-                return  # committed by worker 0 (or its error raised)
+        if link is not None and link.commit(pending, self._learn):
+            return  # committed by worker 0 (or its error raised)
         with self._cond:
             self._queue.append(pending)
             if getattr(self._flying, "on", False):  # queued: no longer waited for
@@ -224,8 +216,7 @@ class GroupCommit:
                             with self._journal() as self._record:
                                 self._index_batch([item])
                         except Exception as exc:
-                            if item.error is None or not isinstance(exc, _NotDurable):
-                                item.error = exc  # (a _NotDurable's item holds its cause)
+                            item.error = exc
         except BaseException as exc:
             if batch is None:  # the trail could not be held: what is queued is refused
                 batch = take()
@@ -249,10 +240,6 @@ class GroupCommit:
         (issue 17: see ``_gather``). The first item's latency grows by the rows of those;
         no wait is added here (the queue is only read)."""
         late, self._late = self._late, None
-        # SQLite: the instance rows are written after the record (``rows.insert_instance``),
-        # so that the rows and the record are written while the objects of this batch are
-        # still being encrypted, hashed and written (``Pending.staged``; issue 17).
-        deferred: dict[str, Pending] | None = None
         with self._engine.begin() as conn:
             # The write lock first, then the generation: no removal can commit between
             # this check and the rows below (a deferred transaction would read before
@@ -260,7 +247,6 @@ class GroupCommit:
             if dialect.is_sqlite(conn):
                 dialect.take_write_lock(conn)  # BEGIN IMMEDIATE
                 together = None
-                deferred = {}
             else:  # the lock, then the generation and the batch's known UIDs, in one
                 # round trip; its rows in one more (``pgrows.DriverRows``: psycopg)
                 together = self._batch_rows(conn, batch)
@@ -280,8 +266,7 @@ class GroupCommit:
                     if failed is not None:  # its object is not durable: never indexed
                         item.error = failed
                         continue
-                self._index_one(conn, item, overlay_studies, overlay_series, together,
-                                deferred)
+                self._index_one(conn, item, overlay_studies, overlay_series, together)
                 if late is not None and together is None and item is batch[-1] \
                         and len(batch) < _MAX_BATCH:
                     batch.extend(late(_MAX_BATCH - len(batch)))  # (the loop goes on)
@@ -290,17 +275,6 @@ class GroupCommit:
             record = self._record  # (set by ``_run_batch``, under ``_write_lock``)
             if record is not None:  # durable before the rows commit, or nothing commits
                 record.write(conn, acknowledged(batch))
-            # The instance rows (SQLite), each once its object is written. A staging that
-            # failed rolls the batch back as a failed fsync does (the record may name
-            # it: it may exceed, never lack); a SOP Instance UID indexed meanwhile raises
-            # ``IntegrityError``: the batch is redone one by one (``_run_batch``).
-            for item in (deferred or {}).values():
-                try:
-                    item.settle()
-                except Exception as exc:
-                    item.error = exc
-                    raise _NotDurable("an object of the batch could not be written") from None
-                insert_instance(conn, item, self._received)
             # Issue 17: the objects' fsyncs ran beside the rows and the record's fsync;
             # no row commits before its object is durable. One that failed rolls the
             # batch back (``_run_batch`` then indexes the others one by one; its record
@@ -355,10 +329,9 @@ class GroupCommit:
     def _index_one(
         self, conn: Connection, item: Pending, overlay_studies: dict[str, int],
         overlay_series: dict[str, int], together: rows.BatchRows | None = None,
-        deferred: dict[str, Pending] | None = None,
     ) -> None:
         with self._cache_lock:
             cached_study = self._study_cache.get(item.parsed.study_uid)
             cached_series = self._series_cache.get(item.parsed.series_uid)
         index_one(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
-                  self._received, self._keyring.wrap, together, deferred)
+                  self._received, self._keyring.wrap, together)

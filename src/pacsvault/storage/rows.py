@@ -146,21 +146,6 @@ class Pending:
     # The object's fsync when it runs beside the commit (``ObjectStore.write_spare``):
     # the batch waits for it before its transaction commits (None: durable already).
     durable: Future[None] | None = None
-    # The object's id while a worker still encrypts and writes it
-    # (``Archive._stage_then_sync``); ``object_id`` is a placeholder until ``settle``
-    # (issue 17: the batch's other rows and its record are written meanwhile, instead of
-    # after the staging).
-    staged: Future[str] | None = None
-    series_pk: int = 0  # its series' row, for ``insert_instance``
-
-    def settle(self) -> None:
-        """Wait for the staging (if it still runs) and take its object id; its failure is
-        raised (the object was not written: the store fails)."""
-        staged = self.staged
-        if staged is None:
-            return
-        self.object_id = staged.result()
-        self.staged = None
 
 
 class BatchRows:
@@ -228,28 +213,19 @@ def index_one(
     overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
     cached_series: int | None, received: Callable[[Any], Any],
     wrap: Callable[[uuid.UUID, bytes], bytes], together: BatchRows | None = None,
-    deferred: dict[str, Pending] | None = None,
 ) -> None:
     """Write one instance's rows in the batch's transaction: its study and series found
     (cached, learnt earlier in this batch, or read) or created, the instance row and the
     counters (into ``together`` when given: sent by its ``flush``). ``item.learnt`` gets
     what the archive may cache once this commits; an instance known already gets
-    ``item.result`` instead.
-
-    ``deferred`` (SQLite only; by SOP Instance UID, in order): the item is added there
-    instead of its instance row being written; the caller writes that row later
-    (``insert_instance``: after the batch's record, once the item's staging is over).
-    Every other path settles the staging first."""
-    if deferred is None or together is not None or conn.dialect.name != "sqlite":
-        item.settle()
-        deferred = None
+    ``item.result`` instead."""
     if together is not None and together.direct:
         together.index(item, overlay_studies, overlay_series, cached_study, cached_series,
                        wrap)
         return
     if together is None and conn.dialect.name == "sqlite":
         _index_sqlite(conn, item, overlay_studies, overlay_series, cached_study,
-                      cached_series, received, wrap, deferred)
+                      cached_series, received, wrap)
         return
     _index_general(conn, item, overlay_studies, overlay_series, cached_study, cached_series,
                    received, wrap, together)
@@ -349,7 +325,7 @@ def _index_sqlite(
     conn: Connection, item: Pending, overlay_studies: dict[str, int],
     overlay_series: dict[str, int], cached_study: tuple[int, uuid.UUID] | None,
     cached_series: int | None, received: Callable[[Any], Any],
-    wrap: Callable[[uuid.UUID, bytes], bytes], deferred: dict[str, Pending] | None = None,
+    wrap: Callable[[uuid.UUID, bytes], bytes],
 ) -> None:
     """``index_one`` on the embedded index: the same rows in fewer statements (issue 17,
     the one-instance-study "filler" row, where each image is a new study: 15 statements
@@ -360,10 +336,6 @@ def _index_sqlite(
     rows are exactly ``index_one``'s general path's (``tests/test_store_rows_sqlite.py``
     compares them)."""
     parsed = item.parsed
-    earlier = deferred.get(parsed.sop_uid) if deferred is not None else None
-    if earlier is not None:  # twice in this batch: a re-send of the first, whose row waits
-        item.result = answer(parsed, earlier.parsed.sha256)
-        return
     study_pk = cached_study[0] if cached_study else overlay_studies.get(parsed.study_uid)
     series_pk = cached_series if cached_series else overlay_series.get(parsed.series_uid)
     modalities: str | None = None
@@ -410,13 +382,10 @@ def _index_sqlite(
         series_pk = _RAW_SERIES.run(conn, _series_values(parsed, study_pk, 1))  # + this one
     assert series_pk is not None
     overlay_series[parsed.series_uid] = series_pk
-    item.series_pk = series_pk
-    if deferred is not None:
-        deferred[parsed.sop_uid] = item  # its row once the batch's record is written
-    else:
-        insert_instance(conn, item, received)
+    row = _instance_row(item, series_pk, received)
     cursor = conn.connection.cursor()
     try:
+        cursor.execute(_INSERT_INSTANCE, row)
         if not new_series:
             cursor.execute(_COUNT_SERIES, (series_pk,))
         if new_series and not new_study:
@@ -440,21 +409,6 @@ def _index_sqlite(
     # (``Archive._patient_cache``). Not from a study found: its patient may be another
     # (an instance naming a known study under another patient ID).
     item.learnt["patient"] = item.key_id if new_study else None
-
-
-def insert_instance(conn: Connection, item: Pending, received: Callable[[Any], Any]
-                    ) -> None:
-    """An instance row on the embedded index (``_index_sqlite`` decided everything else:
-    its series is ``item.series_pk``), its staging settled first. A SOP Instance
-    UID indexed meanwhile (another process, or twice in this batch) raises the
-    ``IntegrityError`` that makes the batch redo its items one by one."""
-    item.settle()
-    row = _instance_row(item, item.series_pk, received)
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(_INSERT_INSTANCE, row)
-    finally:
-        cursor.close()
 
 
 def _ensure_key(conn: Connection, key_id: uuid.UUID, key: bytes,
