@@ -326,9 +326,10 @@ def test_each_image_is_hashed_once_by_the_storing_thread(
     real = hashlib.sha256
     hashed: list[tuple[int, bool]] = []
     storing = threading.get_ident()
+    smallest = min(len(r) for r in raws)
 
     def counted(data: Any = b"", **kwargs: Any) -> Any:
-        if len(data) >= min(len(r) for r in raws):  # an image's bytes, not a record's
+        if len(data) >= smallest:  # an image's bytes, not a record's
             hashed.append((len(data), threading.get_ident() == storing))
         return real(data, **kwargs)
 

@@ -322,15 +322,12 @@ def parse(raw: bytes) -> ParsedInstance:
     return describe(read_received(raw), raw)
 
 
-def describe(ds: Dataset | fastparse.Header, raw: bytes, *,
-             sha256: bytes | None = None) -> ParsedInstance:
+def describe(ds: Dataset | fastparse.Header, raw: bytes) -> ParsedInstance:
     """Validate every element of ``read``'s dataset (or ``read_received``'s header) and
-    extract what the index needs.
-
-    ``sha256`` of ``raw`` may be given when the caller computed it already (elsewhere).
-    """
+    extract what the index needs, with the SHA-256 of ``raw`` (computed here, in the
+    caller's thread: hashing lets the interpreter's lock go, issue 17)."""
     if isinstance(ds, fastparse.Header):
-        return _describe_header(ds, raw, sha256)
+        return _describe_header(ds, raw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -354,11 +351,10 @@ def describe(ds: Dataset | fastparse.Header, raw: bytes, *,
         except Exception:
             meta = {}
     return _instance(lambda keyword: _value(ds, keyword),
-                     (sop_class, sop_uid, study_uid, series_uid), meta_ts, meta, raw, sha256)
+                     (sop_class, sop_uid, study_uid, series_uid), meta_ts, meta, raw)
 
 
-def _describe_header(header: fastparse.Header, raw: bytes,
-                     sha256: bytes | None) -> ParsedInstance:
+def _describe_header(header: fastparse.Header, raw: bytes) -> ParsedInstance:
     """``describe`` for a ``fastparse.Header``: the same checks in the same order (the
     walk has checked every length and value, which is where pydicom's path fails first),
     on the same DICOM JSON and values."""
@@ -373,11 +369,11 @@ def _describe_header(header: fastparse.Header, raw: bytes,
     series_uid = uid("SeriesInstanceUID")
     return _instance(lambda keyword: values.get(int(_TAGS[keyword])),
                      (sop_class, sop_uid, study_uid, series_uid), header.syntax, header.meta,
-                     raw, sha256)
+                     raw)
 
 
 def _instance(get: Callable[[str], Any], uids: tuple[str, str, str, str], syntax: str,
-              meta: dict[str, Any], raw: bytes, sha256: bytes | None) -> ParsedInstance:
+              meta: dict[str, Any], raw: bytes) -> ParsedInstance:
     """The checks both ``describe`` paths end with, on the DICOM JSON, then the record:
     ``get`` gives an attribute's top-level value by keyword (None when absent)."""
     mismatch = vr_check.first_mismatch(meta)
@@ -425,6 +421,6 @@ def _instance(get: Callable[[str], Any], uids: tuple[str, str, str, str], syntax
         content_date=text("ContentDate"),
         content_time=text("ContentTime"),
         meta_json=json.dumps(meta, separators=(",", ":")),
-        sha256=sha256 if sha256 is not None else hashlib.sha256(raw).digest(),
+        sha256=hashlib.sha256(raw).digest(),
         size=len(raw),
     )
