@@ -27,7 +27,7 @@ WORKLOADS = [
     "disk footprint", "C-FIND (findscu) name prefix", "C-FIND (findscu) date range",
     "QIDO-RS /studies name prefix", "QIDO-RS /studies date range", "WADO-RS series",
     "WADO-RS single frame (CT", "WADO-RS single frame (CR", "C-GET study",
-    "ingest index filler",
+    "C-MOVE study", "ingest index filler",
 ]
 
 
@@ -99,7 +99,7 @@ def test_every_query_row_has_its_stack_ceilings(run: Path) -> None:
 def test_bench_checks_passed_for_both_servers(run: Path) -> None:
     checked = [r for r in _rows(run) if r["checks"]]
     kinds = {str(r["workload"]).split(" (")[0].split(",")[0] for r in checked}
-    assert {"WADO-RS series", "WADO-RS single frame", "C-GET study"} <= kinds
+    assert {"WADO-RS series", "WADO-RS single frame", "C-GET study", "C-MOVE study"} <= kinds
     assert any(str(r["workload"]).startswith("QIDO-RS") for r in checked)
     assert any(str(r["workload"]).startswith("C-FIND") for r in checked)
     for r in checked:
@@ -124,7 +124,7 @@ def test_retrieved_copies_equal_the_generated_files(run: Path) -> None:
 
     for s in SERVERS:
         got = data / "retrieved" / s
-        for what, want in (("wado", series), ("cget", study)):
+        for what, want in (("wado", series), ("cget", study), ("cmove", study)):
             files = sorted((got / what).iterdir())
             assert len(files) == len(want), (s, what)
             back = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}

@@ -4,8 +4,9 @@
 DIR is a source tree holding ``pacsvault/`` (e.g. ``git archive <commit> src | tar -x``),
 put first on the server's ``PYTHONPATH``; without ``--new`` the installed pacsvault is "new".
 One vault serves both variants in turn (same data, same index), Orthanc holds the same
-files; every round runs C-GET (getscu) of the CT study and WADO-RS of its series against
-each server, the order rotated each round, then the wire ceilings of both (``ceilings``:
+files; every round runs C-GET (getscu) and C-MOVE (movescu to itself) of the CT study and
+WADO-RS of its series against each server, the order rotated each round, then the wire
+ceilings of C-GET and WADO-RS (``ceilings``:
 a bare pynetdicom C-GET SCP from memory to the same getscu at 16 KB PDUs, a bare uvicorn
 multipart from memory over HTTPS, same client). Reported per server: median MB/s and the
 server's CPU seconds per retrieval (``psutil``, user + system), which the load of other
@@ -26,8 +27,8 @@ from bench.compare import ceilings, dataset
 from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.pacsvault_server import PacsvaultTarget
-from bench.compare.procs import rmtree
-from bench.compare.workloads import SERIES_ACCEPT, cget, http_client, ingest, wado
+from bench.compare.procs import free_port, rmtree
+from bench.compare.workloads import SERIES_ACCEPT, cget, cmove, http_client, ingest, wado
 
 MB = 1e6
 
@@ -80,6 +81,9 @@ def main(argv: list[str]) -> int:
     print(f"{len(ct)} CT, {nbytes / MB:.1f} MB", file=sys.stderr)
     pv = PacsvaultTarget(work / "pv", False)
     orth = OrthancTarget(work / "orthanc", False, work / "pki")
+    ports = {"pv": free_port(), "orthanc": free_port()}
+    pv.allow_move(ports["pv"])
+    orth.allow_move(ports["orthanc"])
     variants: dict[str, Path | None] = {"pv-old": args.old.resolve(),
                                         "pv-new": args.new.resolve() if args.new else None}
     _start_pv(pv, variants["pv-new"])
@@ -88,9 +92,10 @@ def main(argv: list[str]) -> int:
     orth.start()
     ingest(orth, files, 4, work / "logs-orthanc")
     names = [*variants, "orthanc"]
-    mbps: dict[str, dict[str, list[float]]] = {n: {"cget": [], "wado": []}
+    kinds = ("cget", "cmove", "wado")
+    mbps: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds}
                                                for n in (*names, "ceiling")}
-    cpu: dict[str, dict[str, list[float]]] = {n: {"cget": [], "wado": []} for n in names}
+    cpu: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in names}
     try:
         for r in range(args.rounds):
             rotated = names[r % len(names):] + names[:r % len(names)]
@@ -105,6 +110,11 @@ def main(argv: list[str]) -> int:
                         res = cget(target, study, work / "cget" / name)
                         cpu[name]["cget"].append(_cpu(target.pid) - c0)
                         mbps[name]["cget"].append(res.nbytes / res.seconds / MB)
+                        c0 = _cpu(target.pid)
+                        res = cmove(target, study, work / "cmove" / name,
+                                    ports["orthanc" if name == "orthanc" else "pv"])
+                        cpu[name]["cmove"].append(_cpu(target.pid) - c0)
+                        mbps[name]["cmove"].append(res.nbytes / res.seconds / MB)
                         c0 = _cpu(target.pid)
                         res = wado(client, target, f"studies/{study}/series/{series}",
                                    SERIES_ACCEPT, False)
@@ -121,23 +131,24 @@ def main(argv: list[str]) -> int:
             mbps["ceiling"]["wado"] += ceilings._web_once("web_https", files, work / "ceilings", 2)
     finally:
         orth.stop()
-    print("| server | C-GET MB/s | C-GET server CPU s | WADO-RS series MB/s | "
-          "WADO-RS server CPU s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| server | C-GET MB/s | C-GET server CPU s | C-MOVE MB/s | C-MOVE server CPU s "
+          "| WADO-RS series MB/s | WADO-RS server CPU s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for n in names:
         m, c = mbps[n], cpu[n]
-        print(f"| {n} | {statistics.median(m['cget']):.1f} | "
-              f"{statistics.median(c['cget']):.2f} | {statistics.median(m['wado']):.1f} | "
-              f"{statistics.median(c['wado']):.2f} |")
+        print(f"| {n} | " + " | ".join(f"{statistics.median(m[k]):.1f} | "
+                                        f"{statistics.median(c[k]):.2f}" for k in kinds) + " |")
     m = mbps["ceiling"]
     print(f"| wire ceiling (bare pynetdicom C-GET SCP / bare uvicorn HTTPS, from memory) | "
-          f"{statistics.median(m['cget']):.1f} | | {statistics.median(m['wado']):.1f} | |")
+          f"{statistics.median(m['cget']):.1f} | | | | {statistics.median(m['wado']):.1f} | |")
     # Same-run shares (issue 17): each pacsvault variant against Orthanc and the ceiling.
     for n in variants:
-        for kind in ("cget", "wado"):
+        for kind in kinds:
             own = statistics.median(mbps[n][kind])
+            ceiling = (f", {own / statistics.median(m[kind]):.2f} of the ceiling"
+                       if m[kind] else "")
             print(f"{n} {kind}: {own / statistics.median(mbps['orthanc'][kind]):.2f} of "
-                  f"Orthanc, {own / statistics.median(m[kind]):.2f} of the ceiling; CPU "
+                  f"Orthanc{ceiling}; CPU "
                   f"{statistics.median(cpu[n][kind]) / statistics.median(cpu['orthanc'][kind]):.1f}"
                   "x Orthanc's")
     return 0

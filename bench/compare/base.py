@@ -26,6 +26,11 @@ class Target(ABC):
     @abstractmethod
     def start(self) -> None: ...
 
+    def allow_move(self, port: int) -> None:
+        """Before ``start``: ``SCU_AE`` at 127.0.0.1:``port`` becomes a C-MOVE destination
+        (``workloads.cmove``); only the loaded servers need it."""
+        raise NotImplementedError(f"{self.name} cannot send by C-MOVE")
+
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop()

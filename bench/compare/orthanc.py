@@ -68,6 +68,7 @@ class OrthancTarget(Target):
         self.password = secrets.token_urlsafe(24)
         self.db = root / "db"
         self.db.mkdir()
+        self.move_port = 0  # ``allow_move``: SCU_AE's port as a C-MOVE destination
         if not (pki / "ca.crt").exists():
             make_peer_pki(pki)
 
@@ -100,9 +101,10 @@ class OrthancTarget(Target):
             "DicomAlwaysAllowGet": False,
             "DicomAlwaysAllowMove": False,
             "DicomModalities": {
-                "benchscu": {"AET": SCU_AE, "Host": "127.0.0.1", "Port": 1,
+                "benchscu": {"AET": SCU_AE, "Host": "127.0.0.1",
+                             "Port": self.move_port or 1,
                              "AllowEcho": True, "AllowFind": True, "AllowGet": True,
-                             "AllowMove": False, "AllowStore": True},
+                             "AllowMove": bool(self.move_port), "AllowStore": True},
             },
             "LimitFindResults": 0,
             "LimitFindInstances": 0,
@@ -118,6 +120,9 @@ class OrthancTarget(Target):
                 "DicomTlsRemoteCertificateRequired": True,
             })
         return cfg
+
+    def allow_move(self, port: int) -> None:
+        self.move_port = port
 
     def start(self) -> None:
         self.dicom_port, self.https_port = free_port(), free_port()

@@ -79,6 +79,10 @@ class PacsvaultTarget(Target):
         path.touch(0o600)
         path.write_text(self.token)
 
+    def allow_move(self, port: int) -> None:
+        pv("node", "set", SCU_AE, "--port", str(port), "--data", self.data,
+           "--key-file", self.key)
+
     def start(self) -> None:
         state = self.data / "serve.json"
         state.unlink(missing_ok=True)

@@ -44,12 +44,13 @@ from bench.compare.base import Target
 from bench.compare.orthanc import OrthancTarget, ensure_installed
 from bench.compare.orthanc import version as orthanc_version
 from bench.compare.pacsvault_server import PacsvaultTarget
-from bench.compare.procs import dcmtk, rmtree
+from bench.compare.procs import dcmtk, free_port, rmtree
 from bench.compare.report import SERVERS, Row
 from bench.compare.workloads import (
     FRAME_ACCEPT,
     SERIES_ACCEPT,
     cget,
+    cmove,
     durability_syscalls,
     findscu,
     http_client,
@@ -289,8 +290,10 @@ class Bench:
     def loaded_phase(self) -> None:
         c = self.corpus
         targets = {s: self.target(s, self.work / "loaded" / s, False) for s in SERVERS}
+        self.move_ports = {s: free_port() for s in SERVERS}  # (``workloads.cmove``)
         try:
-            for t in targets.values():
+            for s, t in targets.items():
+                t.allow_move(self.move_ports[s])
                 t.start()
             probe = c.of_kind("CT")[:50]
             sync_row = self.row(f"fsync-like calls per stored image (strace, {len(probe)} CT)",
@@ -461,6 +464,21 @@ class Bench:
                     ok, what = self.same_instances(parts, study_items, self.keep_dir(s, "cget"))
                     self.check(grow, s, ok, what)
         log("C-GET done")
+        mrow = self.row(f"C-MOVE study (movescu to itself, {len(ct)} CT, {study_mb:.0f} MB)",
+                        "MB/s", True, limit="loopback_tcp_MBps")
+        for rep in range(n_series):
+            for s in order(rep):
+                d = self.work / "cmove" / s
+                with profile.record(targets[s].pid, self.prof_path("cmove"),
+                                    self.profiling(s, rep == 0)):
+                    res = cmove(targets[s], study, d, self.move_ports[s])
+                mrow.samples[s].append(res.nbytes / res.seconds / MB)
+                if rep == 0:
+                    parts = [p.read_bytes() for p in sorted(d.iterdir())]
+                    ok, what = self.same_instances(parts, study_items,
+                                                   self.keep_dir(s, "cmove"))
+                    self.check(mrow, s, ok, what)
+        log("C-MOVE done")
 
     def same_instances(self, parts: list[bytes], want: dict[str, dataset.Item],
                        keep: Path | None) -> tuple[bool, str]:

@@ -147,6 +147,28 @@ def cget(target: Target, study: str, out: Path) -> Retrieved:
     return Retrieved(secs, sum(p.stat().st_size for p in out.iterdir()))
 
 
+def cmove(target: Target, study: str, out: Path, port: int) -> Retrieved:
+    """C-MOVE of one study with dcmtk movescu to itself (``-aem`` its own AE title, its
+    storage SCP on ``port``, files under ``out``), as a viewing workstation asks a PACS to
+    send a study to it: the server opens its own association to that port, which it must
+    know for ``SCU_AE`` (``Target.allow_move``). Plain: Debian's movescu has no TLS."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    cmd = [dcmtk("movescu"), "-S", "-aet", SCU_AE, "-aem", SCU_AE, "-aec", target.called_ae,
+           "--port", str(port), "-k", "QueryRetrieveLevel=STUDY",
+           "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1",
+           str(target.dicom_port)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=1800,
+                          check=False)
+    secs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"movescu from {target.name} rc {proc.returncode}: "
+                           f"{proc.stderr[-1500:]}")
+    return Retrieved(secs, sum(p.stat().st_size for p in out.iterdir()))
+
+
 DURABILITY_CALLS = ("fsync", "fdatasync", "sync_file_range", "sync", "syncfs")
 
 
