@@ -61,6 +61,7 @@ def version() -> str:
 class OrthancTarget(Target):
     name = "orthanc"
     called_ae = "ORTHANC"
+    move_port = 0  # ``allow_move``: SCU_AE's port as a C-MOVE destination (0: none)
 
     def __init__(self, root: Path, tls: bool, pki: Path) -> None:
         super().__init__(root, tls)
@@ -68,7 +69,6 @@ class OrthancTarget(Target):
         self.password = secrets.token_urlsafe(24)
         self.db = root / "db"
         self.db.mkdir()
-        self.move_port = 0  # ``allow_move``: SCU_AE's port as a C-MOVE destination
         if not (pki / "ca.crt").exists():
             make_peer_pki(pki)
 

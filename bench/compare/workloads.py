@@ -14,7 +14,7 @@ import httpx
 import psutil
 
 from bench.compare.base import SCU_AE, Target
-from bench.compare.procs import DCMTK_ENV, RssSampler, dcmtk
+from bench.compare.procs import DCMTK_ENV, RssSampler, Service, dcmtk, wait_port
 from bench.ingest import push
 
 RETURN_KEYS = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
@@ -148,22 +148,30 @@ def cget(target: Target, study: str, out: Path) -> Retrieved:
 
 
 def cmove(target: Target, study: str, out: Path, port: int) -> Retrieved:
-    """C-MOVE of one study with dcmtk movescu to itself (``-aem`` its own AE title, its
-    storage SCP on ``port``, files under ``out``), as a viewing workstation asks a PACS to
-    send a study to it: the server opens its own association to that port, which it must
-    know for ``SCU_AE`` (``Target.allow_move``). Plain: Debian's movescu has no TLS."""
+    """C-MOVE of one study with dcmtk movescu to a workstation: dcmtk ``storescp`` as
+    ``SCU_AE`` on ``port`` (files under ``out``), which the server must know
+    (``Target.allow_move``); timed from movescu's start to its end (the server's last
+    C-MOVE response). Not movescu's own receiver (``--port``): it looks for the server's
+    association only between 1-second waits for the C-MOVE response, ~1 s of every move.
+    Plain: Debian's movescu has no TLS."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
         old.unlink()
-    cmd = [dcmtk("movescu"), "-S", "-aet", SCU_AE, "-aem", SCU_AE, "-aec", target.called_ae,
-           "--port", str(port), "-k", "QueryRetrieveLevel=STUDY",
-           "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1",
-           str(target.dicom_port)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=1800,
-                          check=False)
-    secs = time.perf_counter() - t0
-    if proc.returncode != 0:
+    log = out.parent / f"{out.name}-storescp.log"
+    dest = Service([dcmtk("storescp"), "-dhl", "-aet", SCU_AE, "+xa", "-od", str(out),
+                    str(port)], log, env=DCMTK_ENV)
+    try:
+        wait_port(port, dest.proc, log)
+        cmd = [dcmtk("movescu"), "-S", "-aet", SCU_AE, "-aem", SCU_AE,
+               "-aec", target.called_ae, "-k", "QueryRetrieveLevel=STUDY",
+               "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(target.dicom_port)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV,
+                              timeout=1800, check=False)
+        secs = time.perf_counter() - t0
+    finally:
+        dest.stop()
+    if proc.returncode != 0 or "Failed" in proc.stderr:
         raise RuntimeError(f"movescu from {target.name} rc {proc.returncode}: "
                            f"{proc.stderr[-1500:]}")
     return Retrieved(secs, sum(p.stat().st_size for p in out.iterdir()))

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import findwire, patches, retrieve, status, transcode
+from pacsvault.dicom import findwire, patches, reactor, retrieve, sendpath, status, transcode
 from pacsvault.dicom.answers import Answer, install
 from pacsvault.dicom.assoc import AssocState as _AssocState
 from pacsvault.dicom.assoc import ServiceView
@@ -243,7 +243,11 @@ class QueryRetrieve:
             raise
         results: Counter[str] = Counter()
         link = _Link()
+        # An answer the sub-association's DUL thread read itself (``sendpath.answer``) is
+        # counted by this callback, the others by ``collect``.
+        link.answered = _Counting(results)
 
+        @sendpath.answers_counted
         def collect(sub: evt.Event) -> None:
             if isinstance(sub.message, C_STORE_RSP):
                 results[store_outcome(sub.message)] += 1
@@ -458,6 +462,7 @@ class _Link:
     def __init__(self) -> None:
         self.assoc: Any = None
         self.unreachable = False
+        self.answered: _Counting | None = None  # C-MOVE: counts answers read by its DUL
 
 
 class _Choices:
@@ -512,6 +517,7 @@ def _install_link(ae: Any) -> None:
     could be opened: ``pv_link`` in the yielded kwargs (idempotent per AE; the wrapping
     itself is ``patches.wrap_associate``)."""
     patches.wrap_associate(ae, _associate_with_link)
+    reactor.accelerate_requestors(ae)
 
 
 def _associate_with_link(original: Any, addr: str, port: int, *args: Any,
@@ -522,6 +528,8 @@ def _associate_with_link(original: Any, addr: str, port: int, *args: Any,
         return assoc
     if assoc.is_established:
         link.assoc = assoc
+        if link.answered is not None:
+            assoc.__dict__["_pv_store_answered"] = link.answered
         return assoc
     sock = getattr(assoc.dul, "socket", None)
     if sock is not None:
