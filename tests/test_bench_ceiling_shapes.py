@@ -14,7 +14,7 @@ from bench.compare.report import Row, markdown
 
 # one value per ceiling key (MB/s), distinct so a wrong pick shows
 VALUES = {k: 10.0 * (i + 1) for i, k in enumerate(
-    (*ceilings.STORE, *ceilings.SHAPED, *ceilings.GET, *ceilings.WEB))}
+    (*ceilings.STORE, *ceilings.SHAPED, *ceilings.GET, *ceilings.MOVE, *ceilings.WEB))}
 
 
 def test_every_ingest_shape_has_its_three_receivers_and_the_old_keys_stay() -> None:

@@ -145,15 +145,16 @@ def test_retrieved_copies_equal_the_generated_files(run: Path) -> None:
 def test_wire_ceilings_measured_and_rows_read_against_them(run: Path) -> None:
     """Issue 17, part 3: the same-run ceilings (dcmtk storescp --ignore, bare pynetdicom
     SCPs that discard at 16 KB and unlimited PDUs, a bare pynetdicom C-GET SCP at 16 and
-    128 KB, dcmtk's dcmqrscp C-GET SCP at 16 KB, a bare uvicorn multipart over HTTPS and
-    HTTP) have figures, and the ingest, C-GET and WADO-RS series rows carry both servers' shares."""
+    128 KB, dcmtk's dcmqrscp C-GET and C-MOVE SCP at 16 KB, a bare uvicorn multipart over
+    HTTPS and HTTP) have figures, and the ingest, C-GET, C-MOVE and WADO-RS series rows carry
+    both servers' shares."""
     result = json.loads((run / "results.json").read_text())
     ceilings = result["ceilings"]
     shaped = {f"store_{s}_{r}" for s in ("plain4", "tls1", "tls4", "fill4")
               for r in ("dcmtk", "pyn_16k", "pyn_unlimited")}  # each ingest row's own shape
     assert set(ceilings) == {"store_dcmtk", "store_pyn_16k", "store_pyn_unlimited",
-                             "get_pyn_16k", "get_pyn_128k", "get_dcmtk", "web_https", "web_http",
-                             *shaped}
+                             "get_pyn_16k", "get_pyn_128k", "get_dcmtk", "move_dcmtk",
+                             "web_https", "web_http", *shaped}
     assert all(v > 0 for v in ceilings.values())
     shared = [r for r in result["rows"] if r["pacsvault"].get("fraction_of_ceilings")]
     names = [str(r["workload"]) for r in shared]
@@ -163,6 +164,7 @@ def test_wire_ceilings_measured_and_rows_read_against_them(run: Path) -> None:
             assert {k.split("_")[1] for k in r["pacsvault"]["fraction_of_ceilings"]} == (
                 {"tls4"} if "TLS" in str(r["workload"]) else {"fill4"})
     assert any(n.startswith("C-GET study") for n in names)
+    assert any(n.startswith("C-MOVE study") for n in names)
     assert any(n.startswith("WADO-RS series") for n in names)
     for r in shared:
         assert r["orthanc"]["fraction_of_ceilings"]

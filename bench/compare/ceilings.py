@@ -15,6 +15,8 @@ compared with, one association, into (or out of) a receiver that does no work of
   storage area (files read from the page cache, warmed by an untimed C-GET) to the same
   ``getscu`` at 16 KB PDUs: what a C++ retrieval path without encryption, authentication or
   audit reaches on this wire (the "gap to dcmtk" the issue reads the pynetdicom rows against);
+- ``move_dcmtk``: the same ``dcmqrscp`` moving the study by C-MOVE (``movescu``) to a dcmtk
+  ``storescp`` workstation, as the C-MOVE row is fed (``workloads.cmove``);
 - ``web_https`` / ``web_http``: a bare Starlette app on uvicorn (the stack pacsvault's web
   server is built on) answering the CT series as a multipart from memory, one part per
   instance, to the same ``httpx`` client as the WADO-RS row, over HTTPS (as pacsvault is
@@ -57,6 +59,7 @@ CEILING_AE = "CEILING"
 
 STORE = ("store_dcmtk", "store_pyn_16k", "store_pyn_unlimited")
 GET = ("get_pyn_16k", "get_pyn_128k", "get_dcmtk")
+MOVE = ("move_dcmtk",)
 WEB = ("web_https", "web_http")
 LABELS = {
     "store_dcmtk": "dcmtk storescp --ignore (discards)",
@@ -65,14 +68,17 @@ LABELS = {
     "get_pyn_16k": "bare pynetdicom C-GET SCP from memory -> getscu, PDU 16 KB",
     "get_pyn_128k": "bare pynetdicom C-GET SCP from memory -> getscu, PDU 128 KB",
     "get_dcmtk": "dcmtk dcmqrscp C-GET SCP (its storage, page cache) -> getscu, PDU 16 KB",
+    "move_dcmtk": "dcmtk dcmqrscp C-MOVE SCP (its storage, page cache) -> storescp, "
+                  "PDU 16 KB",
     "web_https": "bare uvicorn/Starlette multipart from memory, HTTPS (same client)",
     "web_http": "bare uvicorn/Starlette multipart from memory, plain HTTP (same client)",
 }
 SHORT = {"store_dcmtk": "dcmtk", "store_pyn_16k": "pyn 16K", "store_pyn_unlimited": "pyn ∞",
          "get_pyn_16k": "pyn 16K", "get_pyn_128k": "pyn 128K", "get_dcmtk": "dcmtk",
+         "move_dcmtk": "dcmtk",
          "web_https": "HTTPS", "web_http": "HTTP"}
-# which ceilings a row is read against: "store" (ingest rows) or "get" (C-GET rows)
-KINDS = {"store": STORE, "get": GET, "web": WEB}
+# which ceilings a row is read against: "store" (ingest rows), "get" (C-GET), "move"
+KINDS = {"store": STORE, "get": GET, "move": MOVE, "web": WEB}
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ for _shape, _s in SHAPES.items():
             SHORT[store_key(_shape, _r)] = f"{SHORT[store_key('store', _r)]} {_s.tag}"
 SHAPE_OF = {store_key(s, r): s for s in SHAPES for r in RECEIVERS}
 OTHER_SHAPES = {**dict.fromkeys(GET, "C-GET of the CT study, 1 assoc., plain"),
+                **dict.fromkeys(MOVE, "C-MOVE of the CT study to a storescp, plain"),
                 **dict.fromkeys(WEB, "the CT series as one multipart, 1 connection")}
 
 
@@ -225,9 +232,11 @@ def measure_shapes(work: Path, main_files: list[Path], filler_files: list[Path],
     return {k: float(statistics.median(v)) for k, v in samples.items() if v}
 
 
-def dcmqrscp(files: list[Path], logs: Path, studies: int = 500) -> tuple[Service, int]:
+def dcmqrscp(files: list[Path], logs: Path, studies: int = 500,
+             move_to: int = 0) -> tuple[Service, int]:
     """dcmqrscp with one storage area (anyone may store, get, find) holding up to
-    ``studies`` studies, filled by storescu (also the ``find_dcmtk`` query ceiling)."""
+    ``studies`` studies, filled by storescu (also the ``find_dcmtk`` query ceiling);
+    ``move_to``: the port of ``BENCHSCU`` on 127.0.0.1 as its C-MOVE destination."""
     area = logs / "area"
     rmtree(area)
     area.mkdir(parents=True)
@@ -235,7 +244,9 @@ def dcmqrscp(files: list[Path], logs: Path, studies: int = 500) -> tuple[Service
     config = logs / "dcmqrscp.cfg"
     config.write_text(
         f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
-        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        "HostTable BEGIN\n"
+        + (f"benchscu = (BENCHSCU, 127.0.0.1, {move_to})\n" if move_to else "")
+        + "HostTable END\nVendorTable BEGIN\nVendorTable END\n"
         f"AETable BEGIN\n{CEILING_AE} {area} RW ({studies}, 1024mb) ANY\nAETable END\n")
     svc = Service([dcmtk("dcmqrscp"), "-c", str(config), "-dhl"],
                   logs / "server.log", env=DCMTK_ENV)
@@ -282,6 +293,26 @@ def _get_once(key: str, files: list[Path], study: str, work: Path) -> float:
     return sum(p.stat().st_size for p in got) / secs / MB
 
 
+def _move_once(files: list[Path], study: str, work: Path) -> float:
+    """``dcmqrscp`` moves the study to a ``storescp`` workstation (``workloads.cmove``)."""
+    from bench.compare.workloads import MoveFrom, cmove
+
+    logs = work / "move_dcmtk"
+    logs.mkdir(parents=True, exist_ok=True)
+    dest = free_port()
+    svc, port = dcmqrscp(files, logs, move_to=dest)
+    try:
+        source = MoveFrom(CEILING_AE, port)
+        cmove(source, study, logs / "received", dest)  # untimed warm-up (page cache)
+        got = cmove(source, study, logs / "received", dest)
+    finally:
+        svc.stop()
+    received = len(list((logs / "received").iterdir()))
+    if received != len(files):
+        raise RuntimeError(f"ceiling move_dcmtk: {received}/{len(files)} files")
+    return got.nbytes / got.seconds / MB
+
+
 def _web_once(key: str, files: list[Path], work: Path, reps: int) -> list[float]:
     import httpx
 
@@ -315,13 +346,14 @@ def _web_once(key: str, files: list[Path], work: Path, reps: int) -> list[float]
 def measure(work: Path, store_files: list[Path], get_files: list[Path], study: str,
             rounds: int, web_files: list[Path], web_reps: int = 3) -> dict[str, float]:
     """Median MB/s of each ceiling over ``rounds`` rounds, the receivers alternated."""
-    samples: dict[str, list[float]] = {k: [] for k in (*STORE, *GET, *WEB)}
+    samples: dict[str, list[float]] = {k: [] for k in (*STORE, *GET, *MOVE, *WEB)}
     for r in range(rounds):
         store = STORE if r % 2 == 0 else STORE[::-1]
         for key in store:
             samples[key].append(_store_once(key, store_files, work / "ceilings"))
         for key in (GET if r % 2 == 0 else GET[::-1]):
             samples[key].append(_get_once(key, get_files, study, work / "ceilings"))
+        samples["move_dcmtk"].append(_move_once(get_files, study, work / "ceilings"))
         for key in (WEB if r % 2 == 0 else WEB[::-1]):
             samples[key] += _web_once(key, web_files, work / "ceilings", web_reps)
     return {k: float(statistics.median(v)) for k, v in samples.items()}

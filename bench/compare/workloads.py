@@ -147,7 +147,16 @@ def cget(target: Target, study: str, out: Path) -> Retrieved:
     return Retrieved(secs, sum(p.stat().st_size for p in out.iterdir()))
 
 
-def cmove(target: Target, study: str, out: Path, port: int) -> Retrieved:
+@dataclass
+class MoveFrom:
+    """What ``cmove`` needs of its source: a server under test, or a wire ceiling's."""
+
+    called_ae: str
+    dicom_port: int
+    name: str = "ceiling"
+
+
+def cmove(target: Target | MoveFrom, study: str, out: Path, port: int) -> Retrieved:
     """C-MOVE of one study with dcmtk movescu to a workstation: dcmtk ``storescp`` as
     ``SCU_AE`` on ``port`` (files under ``out``), which the server must know
     (``Target.allow_move``); timed from movescu's start to its end (the server's last
