@@ -245,3 +245,23 @@ def test_requestors_of_the_server_ae_are_accelerated_once() -> None:
         assert isinstance(sock, reactor.BulkSocket)
     finally:
         sock.close()
+
+
+@pytest.mark.slow
+def test_dicom_send_reads_every_answer_in_its_dul_and_the_bytes_arrive(env: Env) -> None:
+    """``dicom send`` (the CLI, the web's "send to", forwarding) requests its association
+    from an AE of its own: the same waking DUL, every answer read straight into its status
+    (0 before), the objects as stored, the record's counts right."""
+    from pacsvault.dicom import send
+
+    env.dest.received.clear()
+    env.dest.answers.clear()
+    items = [i for study in sorted({v[0] for v in env.stored.values()})
+             for i in send.select(env.vault, study)]
+    before = env.answered[0]
+    result = send.send(env.vault, DEST, items, origin="cli")
+    assert result.ok and result.sent == len(env.stored)
+    assert env.answered[0] - before == len(env.stored)
+    for uid, (_study, syntax, body) in env.stored.items():
+        if syntax != ExplicitVRBigEndian:
+            assert env.dest.received[uid] == (syntax, body)

@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 from pacsvault.audit import AuditEvent, AuditUnavailable, EventCode, Outcome
 from pacsvault.crypto.objects import ObjectFormatError
 from pacsvault.crypto.tls import client_context
-from pacsvault.dicom import patches, retrieve, transcode
+from pacsvault.dicom import patches, reactor, retrieve, transcode
 from pacsvault.dicomfile import inflate
 from pacsvault.index.models import Instance, Series, Study
 from pacsvault.index.nodes import NodeInfo
@@ -184,6 +184,9 @@ def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result:
     ae.dimse_timeout = settings.pdu_timeout
     ae.network_timeout = settings.network_timeout
     ae.connection_timeout = settings.connect_timeout
+    # The association's DUL thread woken by its socket, each plain answer read straight into
+    # its status (issue 17: pynetdicom's polls its socket every 1 ms, once per instance)
+    reactor.accelerate_requestors(ae)
     pairs = {(i.sop_class, i.transfer_syntax) for i in items}
     contexts = [build_context(c, [t]) for c, t in transcode.offered(pairs)][:MAX_CONTEXTS]
     kwargs: dict[str, Any] = {"contexts": contexts, "ae_title": node.ae_title,
@@ -198,6 +201,8 @@ def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result:
         if progress is not None:
             progress(entry)
 
+    # (the status each ``send_c_store`` returns is what counts: nothing to count here)
+    assoc.__dict__["_pv_store_answered"] = _answered
     if not assoc.is_established:
         result.note = "the destination could not be reached or refused the association"
         for n in range(1, len(items) + 1):
@@ -228,6 +233,11 @@ def _transfer(vault: Vault, node: NodeInfo, items: list[StoredInstance], result:
             assoc.release()
     for n in range(len(result.results) + 1, len(items) + 1):
         done(InstanceResult(n, FAILED, reason=result.note or "not sent"))
+
+
+def _answered(_status: int) -> None:
+    """An answer the DUL thread read (``sendpath.answer``): ``_transfer`` reads its status
+    from what ``send_c_store`` returns."""
 
 
 def _read(vault: Vault, item: StoredInstance) -> bytes:
