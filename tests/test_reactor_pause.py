@@ -122,3 +122,29 @@ def test_without_the_fix_the_loop_takes_the_answer(
     monkeypatch.setattr(Association, "_run_reactor", upstream)
     status = _send_while_the_loop_passes_its_checkpoint(scp)
     assert "Status" not in status  # the DIMSE timeout: no answer reached the sender
+
+
+def test_an_idle_requestor_loop_is_paused_so_a_sender_goes_on_at_once(scp: int) -> None:
+    """Issue 17: the requested association's loop spends its 1 ms idle period paused, so a
+    sender (each sub-operation of a C-MOVE) that clears the checkpoint need not poll
+    ``_is_paused`` until the loop's sleep ends; the sends still get their own answers."""
+    patches.configure_pynetdicom()
+    ae = AE(ae_title="PAUSESCU")
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = 5
+    assoc = ae.associate(LOCAL, port=scp, ae_title="PAUSESCP")
+    assert assoc.is_established
+    try:
+        time.sleep(0.05)
+        seen = []
+        for _ in range(200):
+            seen.append(bool(assoc._is_paused))
+            time.sleep(0.0005)
+        # pynetdicom's loop slept with the flag down: seen paused ~never
+        assert sum(seen) >= 0.9 * len(seen), sum(seen)
+        for _ in range(20):
+            status = assoc.send_c_store(_instance())
+            assert status.Status == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -269,19 +269,21 @@ def safe_reactor_pause() -> None:
 
 
 def _run_reactor(self: Any) -> None:  # pynetdicom 3.0.4 Association._run_reactor
+    import time
+
     from pynetdicom import evt
     from pynetdicom.association import LOGGER
 
     self._is_paused = False
-    messages = self.dimse.msg_queue
     while not self._kill:
-        # was: time.sleep(0.001). A sender that clears the checkpoint to pause this loop
-        # (``sendpath.send_c_store``: each sub-operation of a C-MOVE) notifies this
-        # condition: the loop pauses at once instead of after its sleep (issue 17: up to
-        # 1 ms per sub-operation, the sender polling ``_is_paused`` meanwhile).
-        with messages.not_empty:
-            if self._reactor_checkpoint.is_set() and not messages._qsize():
-                messages.not_empty.wait(0.001)
+        if self._reactor_checkpoint.is_set():
+            # pynetdicom's 1 ms period, spent *paused*: a sender (``send_c_store``: each
+            # sub-operation of a C-MOVE) that clears the checkpoint goes on at once instead
+            # of polling ``_is_paused`` until this sleep ends (issue 17: up to 1 ms per
+            # sub-operation). Safe: nothing is taken off the DIMSE queue before the
+            # checkpoint below and ``reactor_paused_by_sender`` are passed.
+            self._is_paused = True
+            time.sleep(0.001)
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False

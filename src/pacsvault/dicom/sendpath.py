@@ -422,8 +422,9 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
 
 
 def pause_now(assoc: Any) -> None:
-    """Wake the association's loop waiting on its DIMSE queue (``patches._run_reactor``,
-    ``assocreactor``) so that it sees the checkpoint just cleared and pauses at once."""
+    """Wake the association's loop waiting on its DIMSE queue (an accepted association's,
+    ``assocreactor``) so that it sees the checkpoint just cleared and pauses at once; a
+    requested association's loop is paused whenever it idles (``patches._run_reactor``)."""
     condition = assoc.dimse.msg_queue.not_empty
     with condition:
         condition.notify_all()
