@@ -48,6 +48,30 @@ def test_bulk_socket_reads_whole_pdus_and_stops_when_the_peer_closes() -> None:
     a.close()
 
 
+def test_bulk_socket_buffer_grows_with_what_arrives_not_with_what_is_announced() -> None:
+    """A peer announcing a 2 GiB PDU and sending 10 bytes: the read returns those 10
+    bytes without reserving the announced size (a C-MOVE's sub-association reads its
+    PDUs here with no budget: the destination's claim alone must cost nothing)."""
+    import tracemalloc
+
+    from pacsvault.dicom.reactor import BulkSocket
+
+    a, b = socket.socketpair()
+    sock = BulkSocket.__new__(BulkSocket)
+    sock.socket = a
+    b.sendall(b"0123456789")
+    b.close()
+    tracemalloc.start()
+    try:
+        got = sock.recv(2 << 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        a.close()
+    assert bytes(got) == b"0123456789"
+    assert peak < 64 << 20, peak
+
+
 def test_accepted_associations_are_event_driven_and_leak_nothing(tmp_path: Path) -> None:
     create(tmp_path / "data", key_file=tmp_path / "key")
     vault = Vault.open(tmp_path / "data", tmp_path / "key")

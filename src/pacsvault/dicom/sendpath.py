@@ -400,7 +400,6 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
     dul = assoc.dul
     # As send_c_store: pause the reactor, send, wait for the response, resume.
     assoc._reactor_checkpoint.clear()
-    pause_now(assoc)
     while not assoc._is_paused:
         time.sleep(0.0001)
     if count is not None:
@@ -419,15 +418,6 @@ def send_c_store(assoc: Any, raw: Any, msg_id: int, priority: int,
         assoc._handle_no_response()
         return Dataset()
     return assoc._check_received_status(rsp)
-
-
-def pause_now(assoc: Any) -> None:
-    """Wake the association's loop waiting on its DIMSE queue (an accepted association's,
-    ``assocreactor``) so that it sees the checkpoint just cleared and pauses at once; a
-    requested association's loop is paused whenever it idles (``patches._run_reactor``)."""
-    condition = assoc.dimse.msg_queue.not_empty
-    with condition:
-        condition.notify_all()
 
 
 _STATUS = Tag(0x00000900)
