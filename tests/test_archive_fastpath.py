@@ -40,9 +40,11 @@ def vault(tmp_path: Path) -> Any:
 
 
 def _series(tmp: Path, name: str, count: int, *, study: str | None = None,
-            modality: str = "CT") -> list[bytes]:
-    """``count`` slices of one new series (in ``study`` if given), as bytes."""
-    files = corpus.synthetic_ct_series(tmp / name, count, size=16)
+            modality: str = "CT", size: int = 16) -> list[bytes]:
+    """``count`` slices of one new series (in ``study`` if given), as bytes; ``size`` x
+    ``size`` pixels (16: ~1 KB, staged and fsync'ed by the storing thread; 256: 128 KB,
+    above ``archive._INLINE_MAX``, by a worker beside the hash and the rows)."""
+    files = corpus.synthetic_ct_series(tmp / name, count, size=size)
     out = []
     series_uid = generate_uid()
     for f in files:
@@ -200,17 +202,23 @@ def test_a_spare_batch_shares_one_directory_made_with_it(tmp_path: Path) -> None
     assert sorted(p.name for p in home.iterdir()) == sorted(f"{i}.pvo" for i in ids)
 
 
-def _new_study_image(tmp: Path, name: str) -> bytes:
-    return _series(tmp, name, 1)[0]
+def _new_study_image(tmp: Path, name: str, size: int = 16) -> bytes:
+    return _series(tmp, name, 1, size=size)[0]
 
 
+# Both ways an object is made durable: a small one staged and fsync'ed by the storing
+# thread itself, a large one by a worker (beside the hash, then beside the rows).
+SIZES = pytest.mark.parametrize("size", [16, 256], ids=["small-inline", "large-worker"])
+
+
+@SIZES
 def test_no_row_commits_before_its_object_is_durable(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17: the object's fsync runs beside the rows and the trail record, and the
-    commit waits for it. Held in its fsync, a store has no committed row and has not
-    returned (no acknowledgement); released, it commits. Both staging paths: a study
-    already cached (the worker) and a new study (the fsync handed to a worker)."""
-    raws = _series(tmp_path, "s", 2)
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """Issue 17: the commit waits for the object's fsync (a large object's runs beside the
+    rows and the trail record; a small one's in the storing thread before it queues).
+    Held in its fsync, a store has no committed row and has not returned (no
+    acknowledgement); released, it commits. For a study already cached and a new study."""
+    raws = _series(tmp_path, "s", 2, size=size)
     vault.archive.store(raws[0])  # the study is cached from here on
     original = objects_module._sync
     reached, release = threading.Event(), threading.Event()
@@ -221,7 +229,7 @@ def test_no_row_commits_before_its_object_is_durable(
         original(fd, path)
 
     monkeypatch.setattr(objects_module, "_sync", held)
-    for raw in (raws[1], _new_study_image(tmp_path, "n")):
+    for raw in (raws[1], _new_study_image(tmp_path, "n", size)):
         reached.clear()
         release.clear()
         sop_uid = str(dcmread(BytesIO(raw)).SOPInstanceUID)
@@ -236,9 +244,10 @@ def test_no_row_commits_before_its_object_is_durable(
         assert _visible_elsewhere(vault, sop_uid)
 
 
+@SIZES
 def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    raws = _series(tmp_path, "e", 2)
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    raws = _series(tmp_path, "e", 2, size=size)
     vault.archive.store(raws[0])
     fsync = os.fsync
 
@@ -248,7 +257,7 @@ def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing)
-    for raw in (raws[1], _new_study_image(tmp_path, "x")):
+    for raw in (raws[1], _new_study_image(tmp_path, "x", size)):
         with pytest.raises(OSError):
             vault.archive.store(raw)
         assert not _visible_elsewhere(vault, str(dcmread(BytesIO(raw)).SOPInstanceUID))
@@ -260,12 +269,13 @@ def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
     assert vault.archive.counts()["instances"] == 2
 
 
-def _four_streams(vault: Vault, tmp_path: Path) -> list[list[bytes]]:
+def _four_streams(vault: Vault, tmp_path: Path, size: int = 16) -> list[list[bytes]]:
     """Four series of 6 slices (two of them in one study), each one's first slice stored:
-    their studies are cached, so the rest take the staging worker's path."""
+    their studies are cached, so the rest take the cached study's path (staged by the
+    storing thread when small, by the staging worker when large)."""
     study = str(dcmread(corpus.synthetic_ct_series(tmp_path / "probe", 1, size=16)[0])
                 .StudyInstanceUID)
-    streams = [_series(tmp_path, f"g{k}", 6, study=study if k % 2 else None)
+    streams = [_series(tmp_path, f"g{k}", 6, study=study if k % 2 else None, size=size)
                for k in range(4)]
     for raws in streams:
         vault.archive.store(raws[0])
@@ -293,9 +303,10 @@ def _push_together(vault: Vault, streams: list[list[bytes]]) -> list[object]:
     return outcomes
 
 
+@SIZES
 def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    streams = _four_streams(vault, tmp_path)
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    streams = _four_streams(vault, tmp_path, size)
     fsync = os.fsync
     armed = threading.Lock()
     failures: list[int] = []
@@ -349,12 +360,13 @@ def test_each_image_is_hashed_once_by_the_storing_thread(
         assert vault.archive.store(raw).status is StoreStatus.DUPLICATE
 
 
+@SIZES
 def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     """A store whose object could not be written (here its staging fails, as a full
     disk's write would) is refused alone while four threads store together: every other
     store is stored, and no object or row of the refused one is left."""
-    streams = _four_streams(vault, tmp_path)
+    streams = _four_streams(vault, tmp_path, size)
     real_stage = vault.archive._stage
     armed = threading.Lock()
     refused: list[str] = []
@@ -378,3 +390,29 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
     assert all(p.stat().st_size == 0 for p in (root / ".spare").iterdir())
     assert not (root / ".tmp").is_dir() or not list((root / ".tmp").iterdir())
     assert sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size) == 23
+
+
+def test_a_small_objects_fsync_is_the_storing_threads_a_large_ones_a_workers(
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: an object of at most ``archive._INLINE_MAX`` bytes is staged and fsync'ed
+    by the thread that stores it (a hand-off to a worker cost more context switches and
+    CPU than the overlap saved: one-instance studies over four associations); a larger
+    one's fsync runs in a worker beside the rows. New study and cached study alike."""
+    from pacsvault.storage import archive as archive_module
+
+    original = objects_module._sync
+    synced_by: list[bool] = []
+    storing = threading.get_ident()
+
+    def recorded(fd: int, path: Path) -> None:
+        synced_by.append(threading.get_ident() == storing)
+        original(fd, path)
+
+    monkeypatch.setattr(objects_module, "_sync", recorded)
+    for size, here in ((16, True), (256, False)):
+        raws = _series(tmp_path, f"t{size}", 2, size=size)
+        assert (len(raws[0]) <= archive_module._INLINE_MAX) is here
+        for raw in raws:  # a new study, then the same study, cached
+            synced_by.clear()
+            assert vault.archive.store(raw).status is StoreStatus.STORED
+            assert synced_by == [here]

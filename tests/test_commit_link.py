@@ -70,6 +70,15 @@ def _raws(tmp_path: Path) -> list[bytes]:
     return raws
 
 
+def _new_patient_image(tmp_path: Path, size: int) -> bytes:
+    """One image of a new study of a new patient, ``size`` x ``size`` pixels."""
+    (path,) = corpus.synthetic_ct_series(tmp_path / f"big{size}", 1, size=size)
+    ds = dcmread(path)
+    ds.PatientID, ds.PatientName = f"PVBIG{size}", "Big^Patient"
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
 def _spares(vault: Vault) -> dict[str, int]:
     """The staged objects (non-empty spares) by id: their sizes."""
     return {p.stem: p.stat().st_size for p in (vault.layout.objects / SPARE_DIR).iterdir()
@@ -166,8 +175,11 @@ def test_a_committers_failure_keeps_its_type_and_discards_the_object(
     assert list(first.archive.locate()) == []
 
 
+@pytest.mark.parametrize("size", [32, 256], ids=["small-synced-first", "large-synced-after"])
 def test_a_committer_gone_before_answering_keeps_the_staged_object(
-        pair: tuple[Vault, Vault], tmp_path: Path) -> None:
+        pair: tuple[Vault, Vault], tmp_path: Path, size: int) -> None:
+    """A small object is fsync'ed before its rows are handed over (one frame, "syncing"
+    false); a large one's fsync runs meanwhile and a second frame says it is durable."""
     _first, second = pair
     path = second.layout.root / commit_link.SOCKET_NAME
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -177,18 +189,20 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
     taken: list[bytes] = []
 
     def take_then_die() -> None:
-        """Reads the request and the "synced" frame (all worker 0 needs to commit), then
-        vanishes (kill -9): the row may or may not have been committed."""
+        """Reads the request and, when it says so, the "synced" frame (all worker 0 needs
+        to commit), then vanishes (kill -9): the row may or may not have been committed."""
         conn, _ = listener.accept()
         with conn:
-            for _ in range(2):
-                size = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
-                taken.append(conn.recv(size, socket.MSG_WAITALL))
+            while True:
+                length = int.from_bytes(conn.recv(4, socket.MSG_WAITALL), "big")
+                taken.append(conn.recv(length, socket.MSG_WAITALL))
+                if b'"syncing":true' not in taken[0] or len(taken) == 2:
+                    return
 
     thread = threading.Thread(target=take_then_die)
     thread.start()
     second.archive.link = CommitClient(second.layout.root)
-    raw = _raws(tmp_path)[-1]
+    raw = _raws(tmp_path)[-1] if size == 32 else _new_patient_image(tmp_path, size)
     try:
         with pytest.raises(CommitOutcomeUnknown) as raised:
             second.archive.store(raw, source_ae="MODALITY")
@@ -198,7 +212,10 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
         thread.join(10)
         listener.close()
         second.archive.link.close()
-    assert len(taken) == 2 and b'"synced":true' in taken[1]
+    if size == 32:
+        assert len(taken) == 1 and b'"syncing":false' in taken[0]
+    else:
+        assert len(taken) == 2 and b'"synced":true' in taken[1]
     kept = _spares(second)
     assert len(kept) == 1  # kept: worker 0 may have committed the row naming it
     assert second.objects.read(next(iter(kept))) != raw  # (ciphertext, as always)

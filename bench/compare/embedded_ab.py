@@ -36,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,63 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def _switches_by_thread(pid: int) -> dict[int, int]:
+    """Context switches (voluntary and not) so far of every thread of ``pid`` and its
+    descendants, by thread id."""
+    out: dict[int, int] = {}
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        try:
+            tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            out[int(task.name)] = sum(
+                int(line.split()[1]) for line in status.splitlines()
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+    return out
+
+
+class SwitchSampler:
+    """Context switches of a server's threads over a run. Why: an image's hand-offs
+    between threads (and the interpreter's lock taken back after each system call) cost
+    CPU in the kernel that no Python profile shows, and the count is far steadier between
+    rounds than images/s on a shared machine. The threads of an association end with it:
+    each is read every 20 ms and its last reading counted (what it did in its last 20 ms
+    is lost)."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._first = _switches_by_thread(pid)
+        self._last = dict(self._first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._last.update(_switches_by_thread(self._pid))
+
+    def __enter__(self) -> SwitchSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last.update(_switches_by_thread(self._pid))
+
+    @property
+    def total(self) -> int:
+        return sum(n - self._first.get(tid, 0) for tid, n in self._last.items())
+
+
 def corpus(out: Path, ct: int, mr_studies: int, filler: int, cr: int = 0) -> dataset.Corpus:
     """``bench compare``'s generator at a size of our own: one CT series, ``cr`` CR
     images (2048x2500, ~10 MB each: what drives a server's peak memory), ``mr_studies``
@@ -124,7 +182,7 @@ def one(target: Target, files: list[Path], nassoc: int,
     push(target.dicom_port, target.called_ae, warm, nassoc, target.scu_tls, logs)
     load = os.getloadavg()[0]
     before = tree_cpu(target.pid)
-    with RssSampler(target.pid) as rss:
+    with RssSampler(target.pid) as rss, SwitchSampler(target.pid) as switched:
         wall = push(target.dicom_port, target.called_ae, timed, nassoc, target.scu_tls, logs)
     after = tree_cpu(target.pid)
     per = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
@@ -132,7 +190,7 @@ def one(target: Target, files: list[Path], nassoc: int,
     n = len(timed)
     return {"images_s": n / wall, "mb_s": sum(f.stat().st_size for f in timed) / wall / 1e6,
             "cpu_ms": 1000 * cpu / n, "rss_mb": rss.peak / 1e6,
-            "pss_mb": rss.pss_peak / 1e6, "load": load,
+            "pss_mb": rss.pss_peak / 1e6, "load": load, "switches": switched.total / n,
             "split": sorted((round(1000 * c / n, 2) for c in per.values()), reverse=True)}
 
 
@@ -211,6 +269,7 @@ def main() -> None:
                          if label != "orthanc" and len(peer) > r else "")
                 print(f"round {r} {cell} {label}: {got['images_s']:.1f} images/s{ratio}, "
                       f"{got['cpu_ms']:.2f} ms CPU/image {got['split']}, "
+                      f"{got['switches']:.1f} switches/image, "
                       f"RSS {got['rss_mb']:.0f} MB, PSS {got['pss_mb']:.0f} MB, "
                       f"load {got['load']:.1f}", flush=True)
                 shutil.rmtree(root, ignore_errors=True)
