@@ -13,7 +13,9 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -207,13 +209,31 @@ def _new_study_image(tmp: Path, name: str, size: int = 16) -> bytes:
 
 
 # Both ways an object is made durable: a small one staged and fsync'ed by the storing
-# thread itself, a large one by a worker (beside the hash, then beside the rows).
-SIZES = pytest.mark.parametrize("size", [16, 256], ids=["small-inline", "large-worker"])
+# thread itself while other stores are under way, else (alone, or large) by a worker
+# beside the hash and the rows (``Archive._inline``).
+SIZES = pytest.mark.parametrize("size,busy", [(16, True), (16, False), (256, True)],
+                                ids=["small-inline", "small-alone-worker", "large-worker"])
+
+
+@contextmanager
+def _others_under_way(archive: Archive, busy: bool) -> Iterator[None]:
+    """As if another small store of this process were on its way (``_arrive``)."""
+    if not busy:
+        yield
+        return
+    with archive._cond:
+        archive._in_flight += 1
+    try:
+        yield
+    finally:
+        with archive._cond:
+            archive._in_flight -= 1
 
 
 @SIZES
 def test_no_row_commits_before_its_object_is_durable(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        busy: bool) -> None:
     """Issue 17: the commit waits for the object's fsync (a large object's runs beside the
     rows and the trail record; a small one's in the storing thread before it queues).
     Held in its fsync, a store has no committed row and has not returned (no
@@ -233,7 +253,7 @@ def test_no_row_commits_before_its_object_is_durable(
         reached.clear()
         release.clear()
         sop_uid = str(dcmread(BytesIO(raw)).SOPInstanceUID)
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool, _others_under_way(vault.archive, busy):
             storing = pool.submit(vault.archive.store, raw)
             assert reached.wait(30)
             time.sleep(0.3)  # time enough to commit, were it not waiting
@@ -246,7 +266,8 @@ def test_no_row_commits_before_its_object_is_durable(
 
 @SIZES
 def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        busy: bool) -> None:
     raws = _series(tmp_path, "e", 2, size=size)
     vault.archive.store(raws[0])
     fsync = os.fsync
@@ -258,7 +279,7 @@ def test_a_failed_object_fsync_refuses_the_store_and_leaves_nothing(
 
     monkeypatch.setattr(os, "fsync", failing)
     for raw in (raws[1], _new_study_image(tmp_path, "x", size)):
-        with pytest.raises(OSError):
+        with pytest.raises(OSError), _others_under_way(vault.archive, busy):
             vault.archive.store(raw)
         assert not _visible_elsewhere(vault, str(dcmread(BytesIO(raw)).SOPInstanceUID))
     monkeypatch.undo()
@@ -305,7 +326,8 @@ def _push_together(vault: Vault, streams: list[list[bytes]]) -> list[object]:
 
 @SIZES
 def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        busy: bool) -> None:
     streams = _four_streams(vault, tmp_path, size)
     fsync = os.fsync
     armed = threading.Lock()
@@ -318,7 +340,8 @@ def test_a_failed_object_fsync_in_a_group_commit_fails_alone(
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_once)
-    outcomes = _push_together(vault, streams)
+    with _others_under_way(vault.archive, busy):
+        outcomes = _push_together(vault, streams)
     assert len(failures) == 1
     assert sum(isinstance(o, OSError) for o in outcomes) == 1
     assert outcomes.count(StoreStatus.STORED) == 19
@@ -362,7 +385,8 @@ def test_each_image_is_hashed_once_by_the_storing_thread(
 
 @SIZES
 def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+        busy: bool) -> None:
     """A store whose object could not be written (here its staging fails, as a full
     disk's write would) is refused alone while four threads store together: every other
     store is stored, and no object or row of the refused one is left."""
@@ -379,7 +403,8 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
         return real_stage(raw, key_id, sop_uid)
 
     monkeypatch.setattr(vault.archive, "_stage", failing_once)
-    outcomes = _push_together(vault, streams)
+    with _others_under_way(vault.archive, busy):
+        outcomes = _push_together(vault, streams)
     assert len(refused) == 1
     assert sum(isinstance(o, OSError) for o in outcomes) == 1
     assert outcomes.count(StoreStatus.STORED) == 19
@@ -392,12 +417,15 @@ def test_a_failed_staging_in_a_group_commit_fails_alone_and_leaves_nothing(
     assert sum(1 for p in root.rglob("*") if p.is_file() and p.stat().st_size) == 23
 
 
+@pytest.mark.parametrize("busy", [True, False], ids=["others-under-way", "alone"])
 def test_a_small_objects_fsync_is_the_storing_threads_a_large_ones_a_workers(
-        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 17: an object of at most ``archive._INLINE_MAX`` bytes is staged and fsync'ed
-    by the thread that stores it (a hand-off to a worker cost more context switches and
-    CPU than the overlap saved: one-instance studies over four associations); a larger
-    one's fsync runs in a worker beside the rows. New study and cached study alike."""
+        vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busy: bool) -> None:
+    """Issue 17: while other stores are under way, an object of at most
+    ``archive._INLINE_MAX`` bytes is staged and fsync'ed by the thread that stores it (a
+    hand-off to a worker cost more context switches and CPU than the overlap saved:
+    one-instance studies over four associations); a larger one's fsync runs in a worker
+    beside the rows, and so does a small one's stored alone (one association: the overlap
+    with the commit is its latency). New study and cached study alike."""
     from pacsvault.storage import archive as archive_module
 
     original = objects_module._sync
@@ -409,10 +437,11 @@ def test_a_small_objects_fsync_is_the_storing_threads_a_large_ones_a_workers(
         original(fd, path)
 
     monkeypatch.setattr(objects_module, "_sync", recorded)
-    for size, here in ((16, True), (256, False)):
+    for size, small in ((16, True), (256, False)):
         raws = _series(tmp_path, f"t{size}", 2, size=size)
-        assert (len(raws[0]) <= archive_module._INLINE_MAX) is here
+        assert (len(raws[0]) <= archive_module._INLINE_MAX) is small
         for raw in raws:  # a new study, then the same study, cached
             synced_by.clear()
-            assert vault.archive.store(raw).status is StoreStatus.STORED
-            assert synced_by == [here]
+            with _others_under_way(vault.archive, busy):
+                assert vault.archive.store(raw).status is StoreStatus.STORED
+            assert synced_by == [small and busy]

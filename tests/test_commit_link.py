@@ -178,8 +178,9 @@ def test_a_committers_failure_keeps_its_type_and_discards_the_object(
 @pytest.mark.parametrize("size", [32, 256], ids=["small-synced-first", "large-synced-after"])
 def test_a_committer_gone_before_answering_keeps_the_staged_object(
         pair: tuple[Vault, Vault], tmp_path: Path, size: int) -> None:
-    """A small object is fsync'ed before its rows are handed over (one frame, "syncing"
-    false); a large one's fsync runs meanwhile and a second frame says it is durable."""
+    """A small object stored while others are under way is fsync'ed before its rows are
+    handed over (one frame, "syncing" false); a large one's fsync runs meanwhile and a
+    second frame says it is durable."""
     _first, second = pair
     path = second.layout.root / commit_link.SOCKET_NAME
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,9 +204,16 @@ def test_a_committer_gone_before_answering_keeps_the_staged_object(
     thread.start()
     second.archive.link = CommitClient(second.layout.root)
     raw = _raws(tmp_path)[-1] if size == 32 else _new_patient_image(tmp_path, size)
+    archive = second.archive
     try:
         with pytest.raises(CommitOutcomeUnknown) as raised:
-            second.archive.store(raw, source_ae="MODALITY")
+            with archive._cond:
+                archive._in_flight += 1  # as if another store were on its way
+            try:
+                archive.store(raw, source_ae="MODALITY")
+            finally:
+                with archive._cond:
+                    archive._in_flight -= 1
         # the modality is told to retry: "out of resources", not a failure of the object
         assert store_failure(raised.value, LOG).status == OUT_OF_RESOURCES
     finally:

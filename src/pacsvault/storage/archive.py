@@ -21,8 +21,8 @@ Speed without weakening that order:
   runs in a worker while the group commit writes the rows and the store record (issue
   17: on one association an image waited for three fsyncs in a row: object, trail,
   index); the transaction commits only once it returned (``Pending.durable``). An
-  object of at most ``_INLINE_MAX`` bytes skips the workers: staged and fsync'ed by the
-  calling thread before it queues;
+  object of at most ``_INLINE_MAX`` bytes skips the workers when other stores are under
+  way (``_inline``): staged and fsync'ed by the calling thread before it queues;
 - a study not cached is looked up by reads only; a new patient's data key is minted in
   memory and its rows are written by the group commit with the instance's
   (``storage.keychoice``: no transaction and no fsync of their own; on PostgreSQL one
@@ -80,15 +80,16 @@ from pacsvault.storage.rows import StoreStatus as StoreStatus  # re-exported
 log = logging.getLogger("pacsvault.storage")
 
 _HEADER_OVERHEAD = 4096
-# An object this small is encrypted, written and fsync'ed by the storing thread itself,
-# never handed to a worker (issue 17, one-instance studies of 64x64 MR over four
-# associations: each hand-off to the ``archive-stage`` pool cost ~5 context switches and
-# the interpreter's lock taken back twice, more than the ~0.1 ms of encryption and the
-# fsync it overlapped; 55 -> 44 switches and -10 % CPU per image, +8-24 % images/s in 3
-# alternated rounds of 3). A larger one still goes to a worker, beside this thread's hash
-# and rows (a 512x512 CT slice: its encryption and fsync are worth overlapping). The
-# same bound as the group commit's gather (``group_commit._GATHER_MAX_BYTES``): a
-# committer waits for a small store's fsync as part of its way to the queue.
+# An object this small, while other stores are under way (``Archive._inline``), is
+# encrypted, written and fsync'ed by the storing thread itself, never handed to a worker
+# (issue 17, one-instance studies of 64x64 MR over four associations: each hand-off to
+# the ``archive-stage`` pool cost ~5 context switches and the interpreter's lock taken
+# back twice, more than the ~0.1 ms of encryption and the fsync it overlapped; 55 -> 45
+# switches and ~-10 % CPU per image). A larger one still goes to a worker, beside this
+# thread's hash and rows (a 512x512 CT slice: its encryption and fsync are worth
+# overlapping). The same bound as the group commit's gather
+# (``group_commit._GATHER_MAX_BYTES``): a committer waits for a small store's fsync as
+# part of its way to the queue.
 _INLINE_MAX = 64 * 1024
 _GENERATION = keychoice.GENERATION
 # The data key chosen for an instance: its id, the removal generation the choice was
@@ -245,7 +246,7 @@ class Archive(GroupCommit):
             with self._cache_lock:
                 cached = self._study_cache.get(early[1])
                 generation = self._generation
-            if cached is not None and len(raw) <= _INLINE_MAX:
+            if cached is not None and self._inline(raw):
                 inline = cached[1]  # staged below, by this thread (``_INLINE_MAX``)
             elif cached is not None:
                 # The study's data key is known: encrypt and write the object in a worker
@@ -305,7 +306,7 @@ class Archive(GroupCommit):
                 else:  # a new patient's key: no row to read it from yet
                     object_id, sync = self._write(
                         objfmt.encrypt(raw, minted, key_id, parsed.sop_uid))
-                if sync is not None and len(raw) <= _INLINE_MAX:
+                if sync is not None and self._inline(raw):
                     sync()  # small: here, not in a worker (``_INLINE_MAX``)
                     sync = None
             except BaseException:
@@ -353,6 +354,14 @@ class Archive(GroupCommit):
             self._publishing.add(publishing)
         publishing.add_done_callback(self._published)
         return StoreResult(StoreStatus.STORED, parsed.sop_uid, parsed.study_uid)
+
+    def _inline(self, raw: bytes) -> bool:
+        """Whether this store stages and fsyncs its object itself (``_INLINE_MAX``): a
+        small one while other stores are on their way or committing. Alone (one
+        association), its fsync still runs in a worker beside the group commit's rows,
+        which it would otherwise precede (its image's latency is the association's
+        pace). Read without the lock: a hint."""
+        return len(raw) <= _INLINE_MAX and (self._in_flight > 1 or self._committing)
 
     def _patient_key(self, parsed: ParsedInstance) -> bytes:
         """The patient cache's key: a keyed hash of the patient's ID and issuer (the salt
