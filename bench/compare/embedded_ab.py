@@ -71,14 +71,18 @@ def _ceiling(root: Path, receiver: str) -> Bare:
     return Bare(root, service, port)
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    """``pid`` and its descendants (none if it is gone)."""
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def tree_cpu(pid: int) -> dict[int, float]:
     """CPU seconds (user + system) of ``pid`` and each of its descendants, by pid."""
     out: dict[int, float] = {}
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return out
-    for p in procs:
+    for p in _tree(pid):
         try:
             t = p.cpu_times()
         except psutil.Error:
@@ -91,11 +95,7 @@ def _switches_by_thread(pid: int) -> dict[int, int]:
     """Context switches (voluntary and not) so far of every thread of ``pid`` and its
     descendants, by thread id."""
     out: dict[int, int] = {}
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return out
-    for p in procs:
+    for p in _tree(pid):
         try:
             tasks = list(Path(f"/proc/{p.pid}/task").iterdir())
         except OSError:
