@@ -70,7 +70,7 @@ from pacsvault.index.query import QueryEngine
 from pacsvault.index.records import StoredInstance as StoredInstance  # re-exported
 from pacsvault.storage import keychoice, rows, sameness
 from pacsvault.storage.commit_link import CommitOutcomeUnknown
-from pacsvault.storage.group_commit import GroupCommit
+from pacsvault.storage.group_commit import _GATHER_MAX_BYTES, GroupCommit
 from pacsvault.storage.objects import ObjectBackend, ObjectStore, Recovery
 from pacsvault.storage.rows import Pending
 from pacsvault.storage.rows import StaleChoice as StaleChoice  # re-exported
@@ -87,10 +87,9 @@ _HEADER_OVERHEAD = 4096
 # back twice, more than the ~0.1 ms of encryption and the fsync it overlapped; 55 -> 45
 # switches and ~-10 % CPU per image). A larger one still goes to a worker, beside this
 # thread's hash and rows (a 512x512 CT slice: its encryption and fsync are worth
-# overlapping). The same bound as the group commit's gather
-# (``group_commit._GATHER_MAX_BYTES``): a committer waits for a small store's fsync as
-# part of its way to the queue.
-_INLINE_MAX = 64 * 1024
+# overlapping). The group commit's own bound for a small store: only those are counted
+# in flight (``_inline`` reads that count) and a committer waits for them, fsync included.
+_INLINE_MAX = _GATHER_MAX_BYTES
 _GENERATION = keychoice.GENERATION
 # The data key chosen for an instance: its id, the removal generation the choice was
 # valid at, and for a patient first seen here the minted (unwrapped) key, else None.
